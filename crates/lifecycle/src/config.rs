@@ -1,0 +1,196 @@
+//! Options shared by every daemon, and the one way a daemon reports bad configuration.
+
+use std::ffi::OsString;
+use std::fmt::Display;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches};
+
+/// Exit status for invalid configuration (the same as clap's usage errors).
+pub const CONFIG_ERROR_EXIT: i32 = 2;
+
+/// Logging, listening and shutdown options common to all daemons.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Log filter: a level (`info`, `debug`) or `tracing` directives (`info,fn_runner=debug`).
+    #[arg(long, env = "FN_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "FN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Address to bind listeners to.
+    #[arg(long, env = "FN_LISTEN_ADDR", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub listen_addr: IpAddr,
+    /// Upper bound for a graceful shutdown (draining in-flight work) after SIGTERM/SIGINT.
+    #[arg(long, env = "FN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl CommonArgs {
+    /// The socket address for a listener on `port`.
+    pub fn listen_on(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.listen_addr, port)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses a humantime duration (`500ms`, `30s`, `2m`).
+///
+/// # Errors
+/// A message saying what a valid value looks like.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as 500ms, 30s or 2m)"))
+}
+
+/// Parses a comma-separated list, dropping empty items and surrounding blanks.
+pub fn parse_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Parses command line and environment into `C`, or exits: `--help`/`--version` print and
+/// exit 0; anything invalid prints one line naming the `FN_*` variable and exits 2.
+pub fn parse_or_exit<C: CommandFactory + FromArgMatches>() -> C {
+    match try_parse_from::<C, _, _>(std::env::args_os()) {
+        Ok(c) => c,
+        Err(ParseOutcome::Exit(e)) => e.exit(),
+        Err(ParseOutcome::Invalid(line)) => exit_config_error(line),
+    }
+}
+
+/// The outcome of a failed parse.
+#[derive(Debug)]
+pub enum ParseOutcome {
+    /// Help or version was asked for: print it and exit 0.
+    Exit(clap::Error),
+    /// A one-line configuration error, naming the variable where there is one.
+    Invalid(String),
+}
+
+/// Like [`parse_or_exit`] but returns the outcome (tests call this with their own args).
+///
+/// # Errors
+/// [`ParseOutcome`] when the arguments do not parse.
+pub fn try_parse_from<C, I, T>(args: I) -> Result<C, ParseOutcome>
+where
+    C: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = C::command();
+    let matches = match cmd.try_get_matches_from_mut(args) {
+        Ok(m) => m,
+        Err(e) => return Err(classify(&cmd, e)),
+    };
+    C::from_arg_matches(&matches).map_err(|e| classify(&cmd, e))
+}
+
+fn classify(cmd: &clap::Command, err: clap::Error) -> ParseOutcome {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return ParseOutcome::Exit(err);
+    }
+    let rendered = err.to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid configuration")
+        .trim_start_matches("error: ")
+        .to_owned();
+    // Name the environment variable behind the offending flag, since operators configure
+    // the daemons through the environment.
+    let var = cmd.get_arguments().find_map(|arg| {
+        let long = arg.get_long()?;
+        let env = arg.get_env()?;
+        first
+            .contains(&format!("--{long} "))
+            .then(|| env.to_string_lossy().into_owned())
+            .or_else(|| {
+                first
+                    .contains(&format!("--{long}'"))
+                    .then(|| env.to_string_lossy().into_owned())
+            })
+    });
+    ParseOutcome::Invalid(match var {
+        Some(var) => format!("{var}: {first}"),
+        None => first,
+    })
+}
+
+/// Prints `error: <err>` on one line and exits with status 2.
+pub fn exit_config_error(err: impl Display) -> ! {
+    let line = err.to_string().replace('\n', " ");
+    eprintln!("error: {line}");
+    std::process::exit(CONFIG_ERROR_EXIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, env = "FN_TEST_PORT_XYZ", default_value_t = 9000)]
+        port: u16,
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli: Cli = try_parse_from(["x"]).expect("defaults");
+        assert_eq!(cli.common.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(cli.common.listen_on(cli.port).to_string(), "0.0.0.0:9000");
+        assert_eq!(cli.common.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let Err(ParseOutcome::Invalid(line)) =
+            try_parse_from::<Cli, _, _>(["x", "--shutdown-timeout", "soon"])
+        else {
+            panic!("expected an invalid-configuration outcome");
+        };
+        assert!(line.starts_with("FN_SHUTDOWN_TIMEOUT: "), "{line}");
+        assert!(!line.contains('\n'));
+
+        let Err(ParseOutcome::Invalid(line)) =
+            try_parse_from::<Cli, _, _>(["x", "--port", "99999"])
+        else {
+            panic!("expected an invalid-configuration outcome");
+        };
+        assert!(line.starts_with("FN_TEST_PORT_XYZ: "), "{line}");
+    }
+
+    #[test]
+    fn help_is_not_an_error() {
+        assert!(matches!(
+            try_parse_from::<Cli, _, _>(["x", "--help"]),
+            Err(ParseOutcome::Exit(_))
+        ));
+    }
+
+    #[test]
+    fn lists_and_durations() {
+        assert_eq!(parse_list(" a:1, ,b:2,"), vec!["a:1", "b:2"]);
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

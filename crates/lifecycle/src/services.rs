@@ -1,0 +1,235 @@
+//! Named services run together and stop together.
+//!
+//! Each service is an async function of a [`CancellationToken`]; it runs until the token is
+//! cancelled and then finishes its in-flight work and returns. [`Services::run`] waits for
+//! the shutdown future (SIGTERM in production, a oneshot in tests). When it fires, or when any
+//! service stops on its own, the health switch goes NOT_SERVING, every token is cancelled,
+//! and the remaining services get the grace period to return.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::Health;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a daemon did not stop cleanly. The process should exit non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service `{name}` failed: {source}")]
+    Failed {
+        name: &'static str,
+        source: BoxError,
+    },
+    #[error("service `{name}` stopped unexpectedly")]
+    StoppedEarly { name: &'static str },
+    #[error("service `{name}` panicked")]
+    Panicked { name: &'static str },
+    #[error("shutdown took longer than {grace:?}; abandoned: {pending}")]
+    Timeout { grace: Duration, pending: String },
+}
+
+/// A set of named services sharing one shutdown.
+#[derive(Debug)]
+pub struct Services {
+    root: CancellationToken,
+    tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
+    names: Vec<&'static str>,
+    health: Option<Health>,
+}
+
+impl Services {
+    /// An empty set under `root`: cancelling `root` from outside also stops everything.
+    pub fn new(root: CancellationToken) -> Self {
+        Services {
+            root,
+            tasks: JoinSet::new(),
+            names: Vec::new(),
+            health: None,
+        }
+    }
+
+    /// The switch flipped to NOT_SERVING as the first step of shutdown.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Starts `service` with its own child token.
+    pub fn spawn<F, Fut, E>(&mut self, name: &'static str, service: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let token = self.root.child_token();
+        let fut = service(token);
+        self.names.push(name);
+        self.tasks
+            .spawn(async move { (name, fut.await.map_err(Into::into)) });
+    }
+
+    /// Runs until `shutdown` completes or a service stops, then shuts everything down
+    /// within `grace`.
+    ///
+    /// # Errors
+    /// The first service failure, a service that stopped before shutdown was asked for, or
+    /// a shutdown that overran `grace`.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> Result<(), ServiceError> {
+        let mut first_error = None;
+        tokio::select! {
+            () = shutdown => {}
+            () = self.root.cancelled() => {}
+            Some(joined) = self.tasks.join_next() => {
+                let err = match joined {
+                    Ok((name, Ok(()))) => ServiceError::StoppedEarly { name },
+                    Ok((name, Err(source))) => ServiceError::Failed { name, source },
+                    Err(e) => ServiceError::Panicked { name: self.panicked_name(&e) },
+                };
+                tracing::error!(error = %err, "stopping all services");
+                first_error = Some(err);
+            }
+        }
+
+        if let Some(health) = &self.health {
+            health.set_not_serving().await;
+        }
+        self.root.cancel();
+        tracing::info!(grace = ?grace, "draining");
+
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                let err = match joined {
+                    Ok((name, Ok(()))) => {
+                        tracing::debug!(service = name, "stopped");
+                        continue;
+                    }
+                    Ok((name, Err(source))) => ServiceError::Failed { name, source },
+                    Err(e) => ServiceError::Panicked {
+                        name: self.panicked_name(&e),
+                    },
+                };
+                tracing::error!(error = %err, "service failed during shutdown");
+                first_error.get_or_insert(err);
+            }
+        })
+        .await;
+
+        if drained.is_err() {
+            self.tasks.abort_all();
+            let err = ServiceError::Timeout {
+                grace,
+                pending: self.pending_names(),
+            };
+            tracing::error!(error = %err, "shutdown overran its bound");
+            return Err(first_error.unwrap_or(err));
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => {
+                tracing::info!("shutdown complete");
+                Ok(())
+            }
+        }
+    }
+
+    fn panicked_name(&self, err: &tokio::task::JoinError) -> &'static str {
+        // JoinSet does not say which task panicked; with one name per task, say "one of".
+        tracing::error!(error = %err, services = ?self.names, "a service task panicked");
+        "unknown (see the log)"
+    }
+
+    fn pending_names(&self) -> String {
+        // Names are not tracked per live task; list all registered services.
+        self.names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn shutdown_cancels_every_service_and_succeeds() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let mut services = Services::new(CancellationToken::new());
+        let flag = stopped.clone();
+        services.spawn("a", move |cancel| async move {
+            cancel.cancelled().await;
+            flag.store(true, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(())
+        });
+        services.spawn("b", |cancel| async move {
+            cancel.cancelled().await;
+            Ok::<_, std::io::Error>(())
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let run = tokio::spawn(services.run(
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        tx.send(()).expect("runner alive");
+        run.await.expect("join").expect("clean shutdown");
+        assert!(stopped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_failing_service_stops_the_others_and_is_named() {
+        let other_stopped = Arc::new(AtomicBool::new(false));
+        let mut services = Services::new(CancellationToken::new());
+        services.spawn("broken", |_cancel| async move {
+            Err::<(), _>(std::io::Error::other("disk on fire"))
+        });
+        let flag = other_stopped.clone();
+        services.spawn("healthy", move |cancel| async move {
+            cancel.cancelled().await;
+            flag.store(true, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(())
+        });
+        let err = services
+            .run(std::future::pending(), Duration::from_secs(5))
+            .await
+            .expect_err("failure propagates");
+        assert_eq!(err.to_string(), "service `broken` failed: disk on fire");
+        assert!(other_stopped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_is_bounded_by_the_grace_period() {
+        let mut services = Services::new(CancellationToken::new());
+        services.spawn("stuck", |_cancel| async move {
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(())
+        });
+        let err = services
+            .run(async {}, Duration::from_secs(3))
+            .await
+            .expect_err("times out");
+        assert!(matches!(err, ServiceError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn health_goes_not_serving_at_shutdown() {
+        let (health, _svc) = Health::new(&[]);
+        health.set_serving().await;
+        assert!(health.is_serving());
+        let services = Services::new(CancellationToken::new()).with_health(health.clone());
+        services
+            .run(async {}, Duration::from_secs(1))
+            .await
+            .expect("nothing to stop");
+        assert!(!health.is_serving());
+    }
+}

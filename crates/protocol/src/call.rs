@@ -1,0 +1,364 @@
+//! [`CallSpec`]: one function call as the daemons see it, validated at the wire edge.
+//!
+//! The LB builds a `CallSpec` from its catalog and the HTTP request and sends it as a wire
+//! [`runner::Call`](crate::runner::Call); the runner turns the wire message back into a
+//! `CallSpec` with [`TryFrom`], which is where untrusted input is checked. Nothing past this
+//! module looks at prost types for a call.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::runner;
+
+/// Longest id, app, function, route or group name accepted.
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest request URL accepted.
+pub const MAX_URL_LEN: usize = 8 * 1024;
+/// Most request headers accepted on one call.
+pub const MAX_HEADERS: usize = 256;
+/// Most config entries accepted on one call.
+pub const MAX_CONFIG_ENTRIES: usize = 256;
+/// Longest call timeout accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A validated function call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallSpec {
+    /// Unique id, echoed to the client as `Fn-Call-Id`.
+    pub id: String,
+    pub app: String,
+    pub function: String,
+    pub route: String,
+    pub method: Method,
+    pub request_url: String,
+    /// The client's request headers.
+    pub headers: HeaderMap,
+    /// Memory the call reserves on a runner.
+    pub memory_mb: u64,
+    /// Whole-call timeout, also expressed as [`CallSpec::deadline`].
+    pub timeout: Duration,
+    /// How long a hot instance of this function may stay idle.
+    pub idle_timeout: Duration,
+    /// Process driver: the command and its arguments, relative to the functions directory.
+    pub command: Vec<String>,
+    /// Docker driver: the container image.
+    pub image: Option<String>,
+    /// Passed to the function as environment variables.
+    pub config: BTreeMap<String, String>,
+    pub lb_group: String,
+    /// Absolute time at which the call is abandoned.
+    pub deadline: SystemTime,
+}
+
+impl CallSpec {
+    /// The identity used for hot-instance reuse and consistent hashing: calls with the same
+    /// key can share an instance.
+    pub fn function_key(&self) -> String {
+        format!("{}/{}", self.app, self.function)
+    }
+
+    /// Time left until the deadline (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Why a wire `Call` was rejected. The call is the client's (the LB's) fault; retrying the
+/// same call elsewhere will fail the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCall {
+    #[error("field `{0}` is missing or empty")]
+    Missing(&'static str),
+    #[error("field `{field}` is too long ({len} > {max})")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn name(field: &'static str, value: String, max: usize) -> Result<String, InvalidCall> {
+    if value.is_empty() {
+        return Err(InvalidCall::Missing(field));
+    }
+    if value.len() > max {
+        return Err(InvalidCall::TooLong {
+            field,
+            len: value.len(),
+            max,
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InvalidCall::Invalid {
+            field,
+            reason: "contains control characters".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidCall {
+    InvalidCall::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Checks an environment variable name: what a POSIX shell would accept.
+fn valid_env_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+impl TryFrom<runner::Call> for CallSpec {
+    type Error = InvalidCall;
+
+    fn try_from(call: runner::Call) -> Result<Self, Self::Error> {
+        let id = name("id", call.id, MAX_NAME_LEN)?;
+        let app = name("app", call.app, MAX_NAME_LEN)?;
+        let function = name("function", call.function, MAX_NAME_LEN)?;
+        let route = if call.route.is_empty() {
+            String::new()
+        } else {
+            name("route", call.route, MAX_NAME_LEN)?
+        };
+        let method = Method::from_bytes(call.method.as_bytes())
+            .map_err(|_| invalid("method", format!("not an HTTP method: {:?}", call.method)))?;
+        let request_url = name("request_url", call.request_url, MAX_URL_LEN)?;
+
+        if call.headers.len() > MAX_HEADERS {
+            return Err(InvalidCall::TooLong {
+                field: "headers",
+                len: call.headers.len(),
+                max: MAX_HEADERS,
+            });
+        }
+        let mut headers = HeaderMap::with_capacity(call.headers.len());
+        for h in call.headers {
+            let hname = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| invalid("headers", format!("bad header name {:?}", h.name)))?;
+            let hvalue = HeaderValue::from_bytes(&h.value)
+                .map_err(|_| invalid("headers", format!("bad value for header {hname}")))?;
+            headers.append(hname, hvalue);
+        }
+
+        if call.memory_mb == 0 {
+            return Err(InvalidCall::Missing("memory_mb"));
+        }
+        if call.timeout_ms == 0 {
+            return Err(InvalidCall::Missing("timeout_ms"));
+        }
+        let timeout = Duration::from_millis(call.timeout_ms);
+        if timeout > MAX_TIMEOUT {
+            return Err(invalid(
+                "timeout_ms",
+                format!("longer than {MAX_TIMEOUT:?}"),
+            ));
+        }
+        let idle_timeout = Duration::from_millis(call.idle_timeout_ms);
+
+        if call.command.is_empty() && call.image.is_empty() {
+            return Err(InvalidCall::Missing("command or image"));
+        }
+        if call.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("command", "contains a NUL byte"));
+        }
+        if call.command.first().is_some_and(String::is_empty) {
+            return Err(invalid("command", "the program name is empty"));
+        }
+        let image = (!call.image.is_empty())
+            .then(|| name("image", call.image, MAX_NAME_LEN))
+            .transpose()?;
+
+        if call.config.len() > MAX_CONFIG_ENTRIES {
+            return Err(InvalidCall::TooLong {
+                field: "config",
+                len: call.config.len(),
+                max: MAX_CONFIG_ENTRIES,
+            });
+        }
+        for (k, v) in &call.config {
+            if !valid_env_name(k) {
+                return Err(invalid(
+                    "config",
+                    format!("{k:?} is not a valid variable name"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "config",
+                    format!("value of {k} contains a NUL byte"),
+                ));
+            }
+        }
+        let lb_group = name("lb_group", call.lb_group, MAX_NAME_LEN)?;
+        if call.deadline_unix_ms == 0 {
+            return Err(InvalidCall::Missing("deadline_unix_ms"));
+        }
+        let deadline = UNIX_EPOCH + Duration::from_millis(call.deadline_unix_ms);
+
+        Ok(CallSpec {
+            id,
+            app,
+            function,
+            route,
+            method,
+            request_url,
+            headers,
+            memory_mb: call.memory_mb,
+            timeout,
+            idle_timeout,
+            command: call.command,
+            image,
+            config: call.config.into_iter().collect(),
+            lb_group,
+            deadline,
+        })
+    }
+}
+
+impl From<&CallSpec> for runner::Call {
+    fn from(spec: &CallSpec) -> Self {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        runner::Call {
+            id: spec.id.clone(),
+            app: spec.app.clone(),
+            function: spec.function.clone(),
+            route: spec.route.clone(),
+            method: spec.method.to_string(),
+            request_url: spec.request_url.clone(),
+            headers: spec
+                .headers
+                .iter()
+                .map(|(k, v)| runner::Header {
+                    name: k.as_str().to_owned(),
+                    value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+            memory_mb: spec.memory_mb,
+            timeout_ms: millis(spec.timeout),
+            idle_timeout_ms: millis(spec.idle_timeout),
+            command: spec.command.clone(),
+            image: spec.image.clone().unwrap_or_default(),
+            config: spec.config.clone().into_iter().collect(),
+            lb_group: spec.lb_group.clone(),
+            deadline_unix_ms: millis(
+                spec.deadline
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn wire() -> runner::Call {
+        runner::Call {
+            id: "01J".into(),
+            app: "demo".into(),
+            function: "echo".into(),
+            route: "/echo".into(),
+            method: "POST".into(),
+            request_url: "http://lb/r/demo/echo?x=1".into(),
+            headers: vec![runner::Header {
+                name: "content-type".into(),
+                value: b"text/plain".to_vec(),
+            }],
+            memory_mb: 128,
+            timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            command: vec!["fn-echo".into()],
+            image: String::new(),
+            config: [("GREETING".to_string(), "hi".to_string())].into(),
+            lb_group: "default".into(),
+            deadline_unix_ms: 1_900_000_000_000,
+        }
+    }
+
+    #[test]
+    fn valid_call_round_trips() {
+        let spec = CallSpec::try_from(wire()).expect("valid call");
+        assert_eq!(spec.function_key(), "demo/echo");
+        assert_eq!(spec.headers["content-type"], "text/plain");
+        let back = runner::Call::from(&spec);
+        assert_eq!(back, wire());
+    }
+
+    #[test]
+    fn rejects_each_broken_field() {
+        let cases: Vec<(fn(&mut runner::Call), &str)> = vec![
+            (|c| c.id.clear(), "id"),
+            (|c| c.app = "a\nb".into(), "app"),
+            (|c| c.method = "GE T".into(), "method"),
+            (|c| c.memory_mb = 0, "memory_mb"),
+            (|c| c.timeout_ms = 0, "timeout_ms"),
+            (|c| c.timeout_ms = 10 * 3600 * 1000, "timeout_ms"),
+            (|c| c.command.clear(), "command or image"),
+            (|c| c.command = vec![String::new()], "command"),
+            (
+                |c| {
+                    c.config.insert("1BAD".into(), "x".into());
+                },
+                "config",
+            ),
+            (|c| c.lb_group.clear(), "lb_group"),
+            (|c| c.deadline_unix_ms = 0, "deadline_unix_ms"),
+            (
+                |c| {
+                    c.headers.push(runner::Header {
+                        name: "bad name".into(),
+                        value: vec![],
+                    })
+                },
+                "headers",
+            ),
+        ];
+        for (breaker, field) in cases {
+            let mut call = wire();
+            breaker(&mut call);
+            let err = CallSpec::try_from(call).expect_err(field);
+            assert!(
+                err.to_string().contains(field),
+                "error {err} should name {field}"
+            );
+        }
+    }
+
+    proptest! {
+        // Any wire call either validates into a spec that converts back losslessly, or is
+        // rejected with an error; it never panics.
+        #[test]
+        fn validation_never_panics_and_round_trips(
+            id in ".{0,300}",
+            app in "[a-z]{0,5}",
+            method in "[A-Z]{0,8}",
+            memory_mb in 0u64..5000,
+            timeout_ms in 0u64..10_000_000,
+            env_key in "[A-Za-z0-9_]{0,6}",
+        ) {
+            let mut call = wire();
+            call.id = id;
+            call.app = app;
+            call.method = method;
+            call.memory_mb = memory_mb;
+            call.timeout_ms = timeout_ms;
+            call.config = [(env_key, "v".to_string())].into();
+            if let Ok(spec) = CallSpec::try_from(call.clone()) {
+                prop_assert!(spec.memory_mb > 0);
+                prop_assert!(!spec.id.is_empty() && spec.id.len() <= MAX_NAME_LEN);
+                prop_assert_eq!(runner::Call::from(&spec), call);
+            }
+        }
+    }
+}

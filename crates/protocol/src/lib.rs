@@ -1,0 +1,25 @@
+//! The wire contract of the dataplane (`proto/`), compiled at build time, plus the domain
+//! types that the daemons use instead of the generated ones.
+//!
+//! Layout:
+//! - [`runner`] / [`poolmanager`]: generated prost messages and tonic clients/servers.
+//! - [`call`]: [`CallSpec`], a validated function call, and its conversion from and to
+//!   the wire `Call`.
+//!
+//! This crate depends on no daemon; daemons meet only through it.
+
+pub mod call;
+
+/// Generated types of `proto/runner.proto` (package `dataplane.runner.v1`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod runner {
+    tonic::include_proto!("dataplane.runner.v1");
+}
+
+/// Generated types of `proto/poolmanager.proto` (package `dataplane.poolmanager.v1`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod poolmanager {
+    tonic::include_proto!("dataplane.poolmanager.v1");
+}
+
+pub use call::{CallSpec, InvalidCall};

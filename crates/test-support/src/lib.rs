@@ -1,0 +1,84 @@
+//! Helpers for service and system tests: per-test certificates and readiness waits.
+//!
+//! Fakes of the dataplane's peers (runner, npm, control plane) live next to the traits they
+//! implement, in their crates' `testing` modules; this crate holds what every test needs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fn_tls::dev::DevCa;
+use fn_tls::{NodeTls, TlsMode};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A CA and one node identity from it, generated for one test.
+#[derive(Debug)]
+pub struct TestPki {
+    pub ca: DevCa,
+    pub node: NodeTls,
+}
+
+impl TestPki {
+    /// A fresh CA and a node certificate for the loopback names.
+    ///
+    /// # Panics
+    /// When certificate generation fails (a broken test environment).
+    pub fn new() -> Self {
+        fn_tls::install_crypto_provider();
+        let ca = DevCa::new("test CA").expect("generate test CA");
+        let node = ca.node_tls(&[]).expect("generate node certificate");
+        TestPki { ca, node }
+    }
+
+    /// The node identity as a daemon would load it.
+    pub fn mode(&self) -> TlsMode {
+        TlsMode::Mutual(self.node.clone())
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Polls the standard gRPC health service at `address` until it reports SERVING for `""`.
+///
+/// # Errors
+/// When it does not within `timeout`; the error carries the last failure seen.
+pub async fn wait_serving(mode: &TlsMode, address: &str, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last = String::from("never answered");
+    let mut pause = Duration::from_millis(5);
+    while start.elapsed() < timeout {
+        match health_status(mode, address).await {
+            Ok(ServingStatus::Serving) => return Ok(()),
+            Ok(other) => last = format!("status {other:?}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    bail!("{address} not SERVING after {timeout:?}: {last}")
+}
+
+/// One health check of service `""` at `address`.
+///
+/// # Errors
+/// When the connection or the RPC fails.
+pub async fn health_status(mode: &TlsMode, address: &str) -> anyhow::Result<ServingStatus> {
+    let channel = fn_tls::grpc_endpoint(mode, address)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .with_context(|| format!("health check of {address}"))?;
+    Ok(reply.into_inner().status())
+}
