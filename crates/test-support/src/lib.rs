@@ -82,3 +82,32 @@ pub async fn health_status(mode: &TlsMode, address: &str) -> anyhow::Result<Serv
         .with_context(|| format!("health check of {address}"))?;
     Ok(reply.into_inner().status())
 }
+
+/// Path of a binary built by `cargo build` in this workspace (`target/<profile>/<name>`).
+/// Service and system tests run the real example functions and daemons from there; `make
+/// test` builds them before the tests run.
+///
+/// # Panics
+/// When the binary has not been built, with the command that builds it.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let dir = bin_dir();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// The directory cargo puts this workspace's binaries in.
+pub fn bin_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("FN_TEST_BIN_DIR") {
+        return dir.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+        std::path::PathBuf::from,
+    );
+    target.join("debug")
+}

@@ -1,0 +1,111 @@
+//! Drivers start function instances and talk to them.
+//!
+//! A [`Driver`] turns an [`InstanceSpec`] into a running [`Instance`]; an instance takes one
+//! call at a time through [`Instance::call`]. Pooling (reuse, idle timeout, eviction),
+//! deadlines and capacity are *not* the driver's business: they live in `pool` and
+//! `engage`. The `process` driver implements the Fn FDK `http-stream` contract.
+
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::Stream;
+use futures::future::BoxFuture;
+use http::{HeaderMap, Method, StatusCode};
+
+/// A stream of body chunks.
+pub type BodyStream<E> = Pin<Box<dyn Stream<Item = Result<Bytes, E>> + Send>>;
+
+/// Everything needed to start an instance; calls with equal specs share instances.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceSpec {
+    pub app: String,
+    pub function: String,
+    /// Command and arguments; the program is resolved inside the functions directory.
+    pub command: Vec<String>,
+    /// Container image (docker driver).
+    pub image: Option<String>,
+    /// Memory limit of the instance.
+    pub memory_mb: u64,
+    /// Function configuration, passed as environment variables.
+    pub config: BTreeMap<String, String>,
+}
+
+/// One request to an instance: the `http-stream` view of a call.
+#[derive(Debug, Clone)]
+pub struct FunctionRequest {
+    pub call_id: String,
+    pub method: Method,
+    pub request_url: String,
+    /// The client's headers, untranslated (the driver adds the `Fn-Http-H-` prefix).
+    pub headers: HeaderMap,
+    pub deadline: SystemTime,
+}
+
+/// An instance's answer: status and client headers (already translated back from
+/// `Fn-Http-Status` / `Fn-Http-H-*`), and the body as it streams.
+pub struct FunctionResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: BodyStream<DriverError>,
+}
+
+impl std::fmt::Debug for FunctionResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What went wrong talking to a function. Each variant maps to a wire `ErrorKind`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DriverError {
+    /// The spec cannot be run here (command outside the functions directory, no command).
+    #[error("invalid function: {0}")]
+    Invalid(String),
+    /// The instance could not be started or did not open its listener in time.
+    #[error("function failed to start: {0}")]
+    Start(String),
+    /// The instance process died.
+    #[error("function crashed: {0}")]
+    Crashed(String),
+    /// The instance answered something that is not a valid http-stream reply.
+    #[error("function error: {0}")]
+    Function(String),
+}
+
+/// A running function instance. One call at a time; the pool guarantees it.
+pub trait Instance: Send + Sync + std::fmt::Debug {
+    /// Sends one call and returns once the response head has arrived; the body streams
+    /// afterwards. `body` is the request body as it arrives from the LB.
+    fn call(
+        &self,
+        request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>>;
+
+    /// Whether the instance is still running (not exited, not killed).
+    fn is_alive(&self) -> bool;
+
+    /// Kills the instance and everything it started. Idempotent.
+    fn kill(&self);
+
+    /// Operating-system process id, where there is one (tests assert reuse with it).
+    fn pid(&self) -> Option<u32>;
+}
+
+/// Starts instances.
+pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts an instance of `spec` and waits until it accepts calls, at most `start_timeout`.
+    fn start(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>>;
+}
