@@ -22,3 +22,41 @@ pub mod signal;
 pub use health::Health;
 pub use services::{ServiceError, Services};
 pub use tokio_util::sync::CancellationToken;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+/// A listener that could not be bound, naming the variable that chose the port.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: cannot listen on {addr}: {source}")]
+pub struct BindError {
+    var: &'static str,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds a TCP listener; the error names `var` (e.g. `FN_GRPC_PORT`).
+///
+/// # Errors
+/// When the address is in use or not available.
+pub async fn bind(
+    addr: SocketAddr,
+    var: &'static str,
+) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { var, addr, source })
+}
+
+/// The process exit status for how a daemon ended: 0 after a clean shutdown, 1 (with the
+/// reason logged) otherwise.
+pub fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "exiting with failure");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
