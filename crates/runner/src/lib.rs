@@ -1,4 +1,21 @@
 //! The pure-runner: admits calls that fit, runs them in hot function instances, streams
 //! the results back over the `Engage` protocol.
+//!
+//! Layout:
+//! - [`engage`]: the `RunnerProtocol` gRPC service (the Engage sequence, Status, drain).
+//! - [`pool`]: the capacity gate and the hot-instance pool (one lock, one source of truth).
+//! - [`driver`]: the `Driver`/`Instance` traits and the `process` driver (Fn `http-stream`).
+//! - [`memory`]: detection of the machine's memory for the default capacity.
+//!
+//! The runner is stateless: everything it needs about a call arrives in the call.
 
 pub mod driver;
+pub mod engage;
+pub mod memory;
+pub mod pool;
+
+#[cfg(test)]
+mod testing;
+
+pub use engage::{EngageConfig, RunnerService};
+pub use pool::{Pool, PoolStats, Refusal};

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use fn_protocol::CallSpec;
 use futures::Stream;
 use futures::future::BoxFuture;
 use http::{HeaderMap, Method, StatusCode};
@@ -32,6 +33,31 @@ pub struct InstanceSpec {
     pub memory_mb: u64,
     /// Function configuration, passed as environment variables.
     pub config: BTreeMap<String, String>,
+}
+
+impl From<&CallSpec> for InstanceSpec {
+    fn from(call: &CallSpec) -> Self {
+        InstanceSpec {
+            app: call.app.clone(),
+            function: call.function.clone(),
+            command: call.command.clone(),
+            image: call.image.clone(),
+            memory_mb: call.memory_mb,
+            config: call.config.clone(),
+        }
+    }
+}
+
+impl From<&CallSpec> for FunctionRequest {
+    fn from(call: &CallSpec) -> Self {
+        FunctionRequest {
+            call_id: call.id.clone(),
+            method: call.method.clone(),
+            request_url: call.request_url.clone(),
+            headers: call.headers.clone(),
+            deadline: call.deadline,
+        }
+    }
 }
 
 /// One request to an instance: the `http-stream` view of a call.
@@ -101,6 +127,18 @@ pub trait Instance: Send + Sync + std::fmt::Debug {
 
 /// Starts instances.
 pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
+    /// Checks, before a call is committed, that this driver can run `spec` at all (for
+    /// example that its command lies inside the functions directory). The default accepts
+    /// everything; drivers that can refuse early should say so here, so that the LB gets a
+    /// clear refusal instead of a committed call that fails to start.
+    ///
+    /// # Errors
+    /// [`DriverError::Invalid`] naming what is wrong.
+    fn check(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let _ = spec;
+        Ok(())
+    }
+
     /// Starts an instance of `spec` and waits until it accepts calls, at most `start_timeout`.
     fn start(
         &self,

@@ -1,0 +1,88 @@
+//! A fake driver for unit tests: instances that echo their request body, counted so tests
+//! can assert starts, reuse and kills. Compiled only for tests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use http::{HeaderMap, StatusCode};
+
+use crate::driver::{
+    BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
+};
+
+/// Counts starts and kills; instances echo.
+#[derive(Debug, Default)]
+pub struct FakeDriver {
+    started: AtomicUsize,
+    killed: Arc<AtomicUsize>,
+    next_pid: AtomicU32,
+}
+
+impl FakeDriver {
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub fn killed(&self) -> usize {
+        self.killed.load(Ordering::SeqCst)
+    }
+}
+
+impl Driver for FakeDriver {
+    fn start(
+        &self,
+        _spec: &InstanceSpec,
+        _call_id: &str,
+        _start_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst) + 1000;
+        let instance = FakeInstance {
+            pid,
+            alive: AtomicBool::new(true),
+            killed: self.killed.clone(),
+        };
+        Box::pin(async move { Ok(Box::new(instance) as Box<dyn Instance>) })
+    }
+}
+
+#[derive(Debug)]
+struct FakeInstance {
+    pid: u32,
+    alive: AtomicBool,
+    killed: Arc<AtomicUsize>,
+}
+
+impl Instance for FakeInstance {
+    fn call(
+        &self,
+        _request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        Box::pin(async move {
+            let body = body.map(|chunk| chunk.map_err(|e| DriverError::Function(e.to_string())));
+            Ok(FunctionResponse {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: Box::pin(body),
+            })
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn kill(&self) {
+        if self.alive.swap(false, Ordering::SeqCst) {
+            self.killed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+}
