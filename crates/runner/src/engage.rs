@@ -401,7 +401,7 @@ async fn execute(
                 while !bytes.is_empty() {
                     let frame = bytes.split_to(bytes.len().min(MAX_FRAME_BYTES));
                     out.send(runner_msg::Body::Data(DataFrame {
-                        data: frame.into(),
+                        data: frame,
                         eof: false,
                     }))
                     .await?;
@@ -416,7 +416,7 @@ async fn execute(
         }
     }
     out.send(runner_msg::Body::Data(DataFrame {
-        data: Vec::new(),
+        data: Bytes::new(),
         eof: true,
     }))
     .await?;
@@ -459,7 +459,7 @@ async fn pump_inbound(
         };
         match (msg.body, &body) {
             (Some(client_msg::Body::Data(frame)), Some(tx)) => {
-                if !frame.data.is_empty() && tx.send(Ok(Bytes::from(frame.data))).await.is_err() {
+                if !frame.data.is_empty() && tx.send(Ok(frame.data)).await.is_err() {
                     // The function stopped reading its body; drop the rest quietly.
                     tracing::debug!("function no longer reads its request body");
                 }

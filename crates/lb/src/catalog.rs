@@ -1,0 +1,420 @@
+//! The function catalog (`FN_FUNCTIONS_FILE`, TOML): which functions exist, where they are
+//! routed and how they run.
+//!
+//! A [`Catalog`] is immutable once loaded; [`CatalogHandle`] publishes the current one and
+//! swaps in a new one on reload (SIGHUP). Calls in flight keep the `Arc<Function>` they
+//! resolved, so a reload never disturbs them. A reload that fails validation keeps the old
+//! catalog and reports why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One function as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    pub app: String,
+    pub name: String,
+    /// Path under `/r/{app}`, starting with `/`.
+    pub route: String,
+    pub command: Vec<String>,
+    pub image: Option<String>,
+    pub memory_mb: u64,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lb_group: String,
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFormat {
+    #[serde(default)]
+    functions: Vec<RawFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    app: String,
+    name: String,
+    route: Option<String>,
+    #[serde(default)]
+    command: Vec<String>,
+    image: Option<String>,
+    memory_mb: Option<u64>,
+    timeout: Option<String>,
+    idle_timeout: Option<String>,
+    lb_group: Option<String>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+}
+
+/// Defaults of DESIGN.md's catalog format.
+pub const DEFAULT_MEMORY_MB: u64 = 128;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_LB_GROUP: &str = "default";
+
+/// A catalog that could not be loaded: names the file, the function and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: function {function}: field `{field}`: {reason}", path.display())]
+    Invalid {
+        path: PathBuf,
+        function: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// A validated set of functions, indexed for lookup.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    by_name: HashMap<(String, String), Arc<Function>>,
+    by_route: HashMap<(String, String), Arc<Function>>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_env_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+impl Catalog {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`CatalogError`] naming the file, and the function and field where one is at fault.
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates catalog `text`; `path` is only used in errors.
+    ///
+    /// # Errors
+    /// [`CatalogError`] naming the file, the function and the field.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, CatalogError> {
+        let file: FileFormat = toml::from_str(text).map_err(|e| CatalogError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().replace('\n', " "),
+        })?;
+        let mut catalog = Catalog::default();
+        for (index, raw) in file.functions.into_iter().enumerate() {
+            let label = if raw.app.is_empty() || raw.name.is_empty() {
+                format!("#{}", index + 1)
+            } else {
+                format!("{}/{}", raw.app, raw.name)
+            };
+            let invalid = |field: &'static str, reason: String| CatalogError::Invalid {
+                path: path.to_owned(),
+                function: label.clone(),
+                field,
+                reason,
+            };
+            let function = validate(raw, &invalid)?;
+            let name_key = (function.app.clone(), function.name.clone());
+            let route_key = (function.app.clone(), function.route.clone());
+            if catalog.by_name.contains_key(&name_key) {
+                return Err(invalid("name", "defined twice".into()));
+            }
+            if let Some(other) = catalog.by_route.get(&route_key) {
+                return Err(invalid(
+                    "route",
+                    format!("{} is already the route of {}", function.route, other.name),
+                ));
+            }
+            let function = Arc::new(function);
+            catalog.by_name.insert(name_key, Arc::clone(&function));
+            catalog.by_route.insert(route_key, function);
+        }
+        Ok(catalog)
+    }
+
+    /// The function routed at `/r/{app}{route}`.
+    pub fn by_route(&self, app: &str, route: &str) -> Option<Arc<Function>> {
+        self.by_route
+            .get(&(app.to_owned(), route.to_owned()))
+            .cloned()
+    }
+
+    /// The function `app/name` (for `/invoke/{app}/{function}`).
+    pub fn by_name(&self, app: &str, name: &str) -> Option<Arc<Function>> {
+        self.by_name
+            .get(&(app.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Number of functions.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether there are no functions.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+fn validate(
+    raw: RawFunction,
+    invalid: &dyn Fn(&'static str, String) -> CatalogError,
+) -> Result<Function, CatalogError> {
+    if !valid_name(&raw.app) {
+        return Err(invalid(
+            "app",
+            format!("{:?} must be 1-128 of [A-Za-z0-9._-]", raw.app),
+        ));
+    }
+    if !valid_name(&raw.name) {
+        return Err(invalid(
+            "name",
+            format!("{:?} must be 1-128 of [A-Za-z0-9._-]", raw.name),
+        ));
+    }
+    let route = raw.route.unwrap_or_else(|| format!("/{}", raw.name));
+    if !route.starts_with('/') || route.len() < 2 || route.contains("//") || route.ends_with('/') {
+        return Err(invalid(
+            "route",
+            format!("{route:?} must start with / and name a path, e.g. \"/echo\""),
+        ));
+    }
+    if route
+        .chars()
+        .any(|c| c.is_control() || c == '?' || c == '#' || c == ' ')
+    {
+        return Err(invalid(
+            "route",
+            format!("{route:?} contains characters not allowed in a path"),
+        ));
+    }
+    if raw.command.is_empty() && raw.image.is_none() {
+        return Err(invalid(
+            "command",
+            "give a command (process driver) or an image (docker driver)".into(),
+        ));
+    }
+    if raw.command.first().is_some_and(String::is_empty) {
+        return Err(invalid("command", "the program name is empty".into()));
+    }
+    let memory_mb = raw.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
+    if memory_mb == 0 {
+        return Err(invalid("memory_mb", "must be at least 1".into()));
+    }
+    let duration = |field: &'static str, value: Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(d) if !d.is_zero() && d <= fn_protocol::call::MAX_TIMEOUT => Ok(d),
+            Ok(_) => Err(invalid(field, format!("{s:?} must be between 1ms and 1h"))),
+            Err(e) => Err(invalid(
+                field,
+                format!("{s:?} is not a duration ({e}); use e.g. 30s"),
+            )),
+        },
+    };
+    let timeout = duration("timeout", raw.timeout, DEFAULT_TIMEOUT)?;
+    let idle_timeout = duration("idle_timeout", raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
+    let lb_group = raw.lb_group.unwrap_or_else(|| DEFAULT_LB_GROUP.to_owned());
+    if !valid_name(&lb_group) {
+        return Err(invalid(
+            "lb_group",
+            format!("{lb_group:?} must be 1-128 of [A-Za-z0-9._-]"),
+        ));
+    }
+    if let Some(key) = raw.config.keys().find(|k| !valid_env_name(k)) {
+        return Err(invalid(
+            "config",
+            format!("{key:?} is not a valid environment variable name"),
+        ));
+    }
+    Ok(Function {
+        app: raw.app,
+        name: raw.name,
+        route,
+        command: raw.command,
+        image: raw.image,
+        memory_mb,
+        timeout,
+        idle_timeout,
+        lb_group,
+        config: raw.config,
+    })
+}
+
+/// The current catalog, swapped atomically on reload.
+#[derive(Debug)]
+pub struct CatalogHandle {
+    path: PathBuf,
+    /// Read on every call, written on reload: readers clone the `Arc` and let go at once.
+    current: RwLock<Arc<Catalog>>,
+}
+
+impl CatalogHandle {
+    /// Loads `path` for the first time.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is invalid.
+    pub fn load(path: impl Into<PathBuf>) -> Result<Self, CatalogError> {
+        let path = path.into();
+        let catalog = Catalog::load(&path)?;
+        Ok(CatalogHandle {
+            path,
+            current: RwLock::new(Arc::new(catalog)),
+        })
+    }
+
+    /// A handle over an already built catalog (tests).
+    pub fn from_catalog(path: impl Into<PathBuf>, catalog: Catalog) -> Self {
+        CatalogHandle {
+            path: path.into(),
+            current: RwLock::new(Arc::new(catalog)),
+        }
+    }
+
+    /// The catalog now.
+    pub fn current(&self) -> Arc<Catalog> {
+        let guard = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(&guard)
+    }
+
+    /// Re-reads the file; on error the old catalog stays.
+    ///
+    /// # Errors
+    /// Why the new file was rejected.
+    pub fn reload(&self) -> Result<usize, CatalogError> {
+        let catalog = Catalog::load(&self.path)?;
+        let count = catalog.len();
+        let mut guard = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = Arc::new(catalog);
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[functions]]
+app = "demo"
+name = "echo"
+route = "/echo"
+command = ["fn-echo"]
+
+[[functions]]
+app = "demo"
+name = "hello"
+command = ["fn-hello"]
+memory_mb = 64
+timeout = "5s"
+idle_timeout = "1m"
+lb_group = "small"
+[functions.config]
+GREETING = "Hi"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Catalog::parse(Path::new("f.toml"), GOOD).expect("valid");
+        assert_eq!(c.len(), 2);
+        let echo = c.by_route("demo", "/echo").expect("routed");
+        assert_eq!(echo.memory_mb, DEFAULT_MEMORY_MB);
+        assert_eq!(echo.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(echo.lb_group, "default");
+        let hello = c.by_name("demo", "hello").expect("named");
+        assert_eq!(hello.route, "/hello", "route defaults to /name");
+        assert_eq!(hello.idle_timeout, Duration::from_secs(60));
+        assert_eq!(hello.config["GREETING"], "Hi");
+        assert!(c.by_route("demo", "/nope").is_none());
+        assert!(c.by_route("other", "/echo").is_none());
+    }
+
+    #[test]
+    fn errors_name_file_function_and_field() {
+        let cases = [
+            ("memory_mb = 0", "function demo/f: field `memory_mb`"),
+            ("timeout = \"soon\"", "function demo/f: field `timeout`"),
+            ("route = \"nope\"", "function demo/f: field `route`"),
+            ("lb_group = \"a b\"", "function demo/f: field `lb_group`"),
+            (
+                "config = { \"1X\" = \"y\" }",
+                "function demo/f: field `config`",
+            ),
+        ];
+        for (line, expected) in cases {
+            let text =
+                format!("[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n{line}\n");
+            let err = Catalog::parse(Path::new("cat.toml"), &text).expect_err(line);
+            let msg = err.to_string();
+            assert!(msg.starts_with("cat.toml: "), "{msg}");
+            assert!(msg.contains(expected), "{msg} should contain {expected}");
+        }
+        let no_command = "[[functions]]\napp = \"demo\"\nname = \"f\"\n";
+        let msg = Catalog::parse(Path::new("c"), no_command)
+            .expect_err("no command")
+            .to_string();
+        assert!(msg.contains("field `command`"), "{msg}");
+        let unknown = "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand=[\"x\"]\nmemory = 1\n";
+        let msg = Catalog::parse(Path::new("c"), unknown)
+            .expect_err("unknown")
+            .to_string();
+        assert!(msg.contains("memory"), "{msg}");
+        let dup = format!(
+            "{GOOD}\n[[functions]]\napp = \"demo\"\nname = \"echo2\"\nroute = \"/echo\"\ncommand = [\"x\"]\n"
+        );
+        let msg = Catalog::parse(Path::new("c"), &dup)
+            .expect_err("dup route")
+            .to_string();
+        assert!(msg.contains("demo/echo2: field `route`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_reload_keeps_the_old_catalog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("functions.toml");
+        std::fs::write(&path, GOOD).expect("write");
+        let handle = CatalogHandle::load(&path).expect("loads");
+        let before = handle.current();
+        std::fs::write(&path, "[[functions]]\napp = 1\n").expect("write");
+        let err = handle.reload().expect_err("bad file");
+        assert!(err.to_string().contains("functions.toml"), "{err}");
+        assert_eq!(handle.current().len(), 2);
+        let extra =
+            format!("{GOOD}\n[[functions]]\napp = \"demo\"\nname = \"new\"\ncommand = [\"x\"]\n");
+        std::fs::write(&path, extra).expect("write");
+        assert_eq!(handle.reload().expect("good file"), 3);
+        assert!(handle.current().by_name("demo", "new").is_some());
+        assert_eq!(
+            before.len(),
+            2,
+            "holders of the old catalog are undisturbed"
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Placement of one call on a runner of its LB group.
+//!
+//! One pass tries the group's runners in the placer's order, skipping placeholders
+//! (unreachable runners, which keep their slot). A refusal moves on to the next runner. When
+//! a pass ends with no commit, the whole list is tried again after a backoff, until the
+//! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline). A committed
+//! call is returned at once and never offered to another runner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fn_nodepool::retry::Backoff;
+use fn_nodepool::{Engaged, RunnerPool};
+use fn_placement::{PlacementKey, Placer};
+use fn_protocol::CallSpec;
+use tokio::time::Instant;
+
+use crate::error::CallError;
+
+/// Placement tunables.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// How long a call may wait for a runner with room.
+    pub placer_timeout: Duration,
+    /// First pause between passes; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            placer_timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(10),
+            retry_max: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A committed call and how it got there.
+#[derive(Debug)]
+pub struct Placed {
+    pub engaged: Engaged,
+    pub attempts: u32,
+    pub waited: Duration,
+}
+
+/// Places calls with a placer over a runner pool.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    pool: Arc<dyn RunnerPool>,
+    placer: Arc<dyn Placer>,
+    config: DispatchConfig,
+}
+
+impl Dispatcher {
+    pub fn new(pool: Arc<dyn RunnerPool>, placer: Arc<dyn Placer>, config: DispatchConfig) -> Self {
+        Dispatcher {
+            pool,
+            placer,
+            config,
+        }
+    }
+
+    /// Finds a runner that commits to `call`.
+    ///
+    /// # Errors
+    /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
+    /// [`CallError::Unrunnable`] when a runner says the call itself is invalid.
+    pub async fn place(&self, call: &CallSpec) -> Result<Placed, CallError> {
+        let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
+        let started = Instant::now();
+        let deadline = started + self.config.placer_timeout.min(call.remaining());
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        let mut attempts = 0u32;
+        let no_capacity = |attempts| CallError::NoCapacity {
+            waited: started.elapsed(),
+            attempts,
+        };
+        loop {
+            let runners = self.pool.runners(&call.lb_group);
+            for idx in self.placer.order(&key, runners.len()) {
+                let Some(runner) = runners.get(idx) else {
+                    continue;
+                };
+                if !runner.is_available() {
+                    continue; // a placeholder never takes a call
+                }
+                attempts += 1;
+                let tried = tokio::time::timeout_at(deadline, runner.try_call(call)).await;
+                match tried {
+                    Err(_) => return Err(no_capacity(attempts)),
+                    Ok(Ok(engaged)) => {
+                        return Ok(Placed {
+                            engaged,
+                            attempts,
+                            waited: started.elapsed(),
+                        });
+                    }
+                    Ok(Err(e)) if e.is_invalid_call() => {
+                        return Err(CallError::Unrunnable(e.to_string()));
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "not placed; trying the next runner"),
+                }
+            }
+            let pause = backoff.next_delay();
+            if Instant::now() + pause >= deadline {
+                return Err(no_capacity(attempts));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Call failures and their HTTP statuses: the lb-agent's one edge mapping.
+//!
+//! Each variant says who is to blame and whether the client may retry: `Retry-After` is
+//! only sent where trying again later can succeed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::front::ResponseBody;
+
+/// Why a call did not produce the function's answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// No function at this path (client).
+    #[error("no function at {0}")]
+    NotFound(String),
+    /// Wrong method on a fixed route (client).
+    #[error("method {method} not allowed on {path}; use {allow}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allow: &'static str,
+    },
+    /// Request body over `FN_MAX_REQUEST_BODY` (client).
+    #[error("request body larger than the limit of {limit} bytes (FN_MAX_REQUEST_BODY)")]
+    TooLarge { limit: u64 },
+    /// The client's request could not be read or is malformed (client).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// No runner took the call before the placer deadline (capacity; retry later).
+    #[error("no runner had room for the call within {waited:?} ({attempts} attempts); retry later")]
+    NoCapacity { waited: Duration, attempts: u32 },
+    /// Every runner considers the call invalid (configuration).
+    #[error("runners refuse this function: {0}")]
+    Unrunnable(String),
+    /// The call passed its timeout (function).
+    #[error("the function did not answer within its timeout of {0:?}")]
+    Timeout(Duration),
+    /// The runner failed after committing the call (function or runner); never re-placed.
+    #[error("the call failed on runner {runner}: {details}")]
+    RunnerFailed { runner: String, details: String },
+    /// The lb-agent is shutting down.
+    #[error("shutting down; retry on another LB")]
+    ShuttingDown,
+}
+
+impl CallError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            CallError::NotFound(_) => StatusCode::NOT_FOUND,
+            CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CallError::NoCapacity { .. } | CallError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            CallError::Unrunnable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            CallError::RunnerFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Seconds after which a retry can succeed, where one can.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            CallError::NoCapacity { .. } | CallError::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The JSON error response: `{"error": {"message": "..."}}`.
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        let mut response = json_error(self.status(), &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let CallError::MethodNotAllowed { allow, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+/// A JSON error body with `status`.
+pub fn json_error(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let body = format!("{{\"error\":{{\"message\":{}}}}}\n", json_string(message));
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Encodes `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_retry_after() {
+        let busy = CallError::NoCapacity {
+            waited: Duration::from_secs(1),
+            attempts: 3,
+        }
+        .to_response();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
+        let timeout = CallError::Timeout(Duration::from_secs(1)).to_response();
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(timeout.headers().get(header::RETRY_AFTER).is_none());
+        assert_eq!(
+            CallError::TooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn json_escapes() {
+        assert_eq!(json_string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    }
+}

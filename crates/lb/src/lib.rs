@@ -1,0 +1,22 @@
+//! The lb-agent: takes HTTP invocations, resolves the function, places the call on a runner
+//! of the function's LB group and streams bodies both ways.
+//!
+//! Layout:
+//! - [`catalog`]: the function catalog (TOML), validated, reloadable.
+//! - [`dispatch`]: placement: walks the placer's order over the group's runners, retrying
+//!   whole passes with backoff until the placer deadline; never re-places a committed call.
+//! - [`invoke`]: one call end to end: capacity accounting, placement, request body out,
+//!   response back.
+//! - [`front`]: the HTTP server (HTTP/1.1 and h2c), routing, `Fn-Call-Id`, JSON errors.
+//! - [`error`]: the one place where call failures become HTTP statuses.
+
+pub mod catalog;
+pub mod dispatch;
+pub mod error;
+pub mod front;
+pub mod invoke;
+
+pub use catalog::{Catalog, CatalogHandle, Function};
+pub use dispatch::{DispatchConfig, Dispatcher};
+pub use front::Front;
+pub use invoke::Invoker;

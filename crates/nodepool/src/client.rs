@@ -1,0 +1,350 @@
+//! [`RunnerClient`]: the LB's connection to one runner.
+//!
+//! One tonic channel per runner address (HTTP/2, so every call is a stream on it), opened
+//! lazily and reconnected by tonic. The client is *available* until a call finds the runner
+//! unreachable (connect failure, transport error, no acknowledgement in time); it then
+//! becomes a placeholder: [`RunnerClient::try_call`] refuses at once, without touching the
+//! network, while a background probe calls `Status` with backoff and makes the client
+//! available again when the runner answers. The placeholder keeps its slot in the runner
+//! list, so consistent hashing keeps every other runner's index.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fn_protocol::CallSpec;
+use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+use fn_protocol::runner::{
+    ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
+};
+use fn_tls::TlsMode;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::retry::Backoff;
+
+/// Timeouts of runner clients.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Bound for opening a connection to a runner.
+    pub connect_timeout: Duration,
+    /// Bound from sending `TryCall` to receiving `CallAcknowledged`; past it the runner is
+    /// treated as unreachable and the call is placed elsewhere.
+    pub ack_timeout: Duration,
+    /// First pause between probes of an unreachable runner; doubles up to `probe_max`.
+    pub probe_initial: Duration,
+    pub probe_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(5),
+            probe_initial: Duration::from_millis(100),
+            probe_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a call was not committed on a runner. Before a commit, every variant is safe to try
+/// on another runner.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TryCallError {
+    #[error("runner {address} refused the call ({reason:?}): {details}")]
+    Refused {
+        address: String,
+        reason: RefusalReason,
+        details: String,
+    },
+    #[error("runner {address} is unavailable (probing until it answers)")]
+    Unavailable { address: String },
+    #[error("runner {address} is unreachable: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("runner {address} broke the protocol before committing: {reason}")]
+    Protocol { address: String, reason: String },
+}
+
+impl TryCallError {
+    /// Whether the runner said the call itself is invalid (so no runner will take it).
+    pub fn is_invalid_call(&self) -> bool {
+        matches!(
+            self,
+            TryCallError::Refused {
+                reason: RefusalReason::Invalid,
+                ..
+            }
+        )
+    }
+}
+
+/// A connection to one runner.
+#[derive(Debug)]
+pub struct RunnerClient {
+    id: String,
+    address: String,
+    client: RunnerProtocolClient<Channel>,
+    config: ClientConfig,
+    available: AtomicBool,
+    /// Set while a probe task runs, so a burst of failures starts only one.
+    probing: AtomicBool,
+    /// Stops the probe when the client is dropped from every list.
+    cancel: CancellationToken,
+}
+
+impl RunnerClient {
+    /// A client for the runner at `address` (`host:port`). Connects lazily.
+    ///
+    /// # Errors
+    /// When the address is not a valid `host:port` or the TLS configuration is rejected.
+    pub fn new(
+        id: impl Into<String>,
+        address: impl Into<String>,
+        tls: &TlsMode,
+        config: ClientConfig,
+    ) -> Result<Arc<Self>, tonic::transport::Error> {
+        let address = address.into();
+        let channel = fn_tls::grpc_endpoint(tls, &address)?
+            .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Arc::new(RunnerClient {
+            id: id.into(),
+            address,
+            client: RunnerProtocolClient::new(channel),
+            config,
+            available: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+        }))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// False while the runner is a placeholder (unreachable, being probed).
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::Acquire)
+    }
+
+    /// Offers `call` to the runner. On commit, the call belongs to this runner: the caller
+    /// streams the body through the returned [`Engaged`] and must never place it again.
+    ///
+    /// # Errors
+    /// [`TryCallError`] when the call was not committed (refused, unreachable, ...).
+    pub async fn try_call(self: &Arc<Self>, call: &CallSpec) -> Result<Engaged, TryCallError> {
+        if !self.is_available() {
+            return Err(TryCallError::Unavailable {
+                address: self.address.clone(),
+            });
+        }
+        let (tx, rx) = mpsc::channel::<ClientMsg>(4);
+        let try_call = ClientMsg {
+            body: Some(client_msg::Body::TryCall(TryCall {
+                call: Some(call.into()),
+            })),
+        };
+        // The channel has room: this cannot wait.
+        if tx.try_send(try_call).is_err() {
+            return Err(self.protocol("request channel closed before TryCall"));
+        }
+        let mut client = self.client.clone();
+        let bound = self.config.connect_timeout + self.config.ack_timeout;
+        let handshake = async {
+            let mut responses = client
+                .engage(ReceiverStream::new(rx))
+                .await
+                .map_err(|status| self.unreachable(&status))?
+                .into_inner();
+            let first = responses
+                .message()
+                .await
+                .map_err(|status| self.unreachable(&status))?;
+            Ok::<_, TryCallError>((first, responses))
+        };
+        let (first, responses) = match tokio::time::timeout(bound, handshake).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(self.mark_down(format!("no acknowledgement within {bound:?}")));
+            }
+        };
+        match first.and_then(|m| m.body) {
+            Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => Ok(Engaged {
+                runner: self.address.clone(),
+                slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
+                sender: tx,
+                responses,
+            }),
+            Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
+                address: self.address.clone(),
+                reason: ack.refusal(),
+                details: ack.details,
+            }),
+            Some(runner_msg::Body::Finished(f)) => {
+                Err(self.protocol(format!("finished before acknowledging: {}", f.details)))
+            }
+            Some(_) => Err(self.protocol("first message was not CallAcknowledged")),
+            None => Err(self.protocol("stream ended without an acknowledgement")),
+        }
+    }
+
+    /// The runner's `Status`, bounded by the connect and ack timeouts.
+    ///
+    /// # Errors
+    /// The gRPC status, or `DeadlineExceeded` when the runner does not answer in time.
+    pub async fn status(&self) -> Result<RunnerStatus, tonic::Status> {
+        let mut client = self.client.clone();
+        let bound = self.config.connect_timeout + self.config.ack_timeout;
+        match tokio::time::timeout(bound, client.status(())).await {
+            Ok(reply) => reply.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "runner {} did not answer Status within {bound:?}",
+                self.address
+            ))),
+        }
+    }
+
+    fn protocol(&self, reason: impl Into<String>) -> TryCallError {
+        TryCallError::Protocol {
+            address: self.address.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unreachable(self: &Arc<Self>, status: &tonic::Status) -> TryCallError {
+        self.mark_down(format!("{}: {}", status.code(), status.message()))
+    }
+
+    /// Turns the client into a placeholder and starts probing the runner.
+    fn mark_down(self: &Arc<Self>, reason: String) -> TryCallError {
+        if self.available.swap(false, Ordering::AcqRel) {
+            tracing::warn!(runner = %self.address, %reason, "runner unreachable; probing until it answers");
+        }
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            let this = Arc::downgrade(self);
+            let cancel = self.cancel.clone();
+            let mut backoff = Backoff::new(self.config.probe_initial, self.config.probe_max);
+            tokio::spawn(async move {
+                loop {
+                    let pause = backoff.next_delay();
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    let Some(client) = this.upgrade() else { return };
+                    match client.status().await {
+                        Ok(_) => {
+                            client.available.store(true, Ordering::Release);
+                            client.probing.store(false, Ordering::Release);
+                            tracing::info!(runner = %client.address, "runner reachable again");
+                            return;
+                        }
+                        Err(status) => {
+                            tracing::debug!(runner = %client.address, error = %status, "probe failed");
+                        }
+                    }
+                }
+            });
+        }
+        TryCallError::Unreachable {
+            address: self.address.clone(),
+            reason,
+        }
+    }
+}
+
+impl Drop for RunnerClient {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A call committed on a runner: the body goes out through it, the result comes back.
+#[derive(Debug)]
+pub struct Engaged {
+    /// Address of the runner that owns the call.
+    pub runner: String,
+    /// The runner's time to reserve capacity.
+    pub slot_latency: Duration,
+    sender: mpsc::Sender<ClientMsg>,
+    responses: Streaming<RunnerMsg>,
+}
+
+/// The runner stopped reading the request body (it finished or failed the call); the
+/// outcome arrives on the response stream.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the runner no longer reads the request body")]
+pub struct BodyClosed;
+
+impl Engaged {
+    /// Sends one chunk of the request body, exactly the bytes given.
+    ///
+    /// # Errors
+    /// [`BodyClosed`] when the runner's side is gone.
+    pub async fn send_data(&self, data: Bytes) -> Result<(), BodyClosed> {
+        self.send(data, false).await
+    }
+
+    /// Ends the request body.
+    ///
+    /// # Errors
+    /// [`BodyClosed`] when the runner's side is gone.
+    pub async fn send_eof(&self) -> Result<(), BodyClosed> {
+        self.send(Bytes::new(), true).await
+    }
+
+    async fn send(&self, data: Bytes, eof: bool) -> Result<(), BodyClosed> {
+        let msg = ClientMsg {
+            body: Some(client_msg::Body::Data(DataFrame { data, eof })),
+        };
+        self.sender.send(msg).await.map_err(|_| BodyClosed)
+    }
+
+    /// A handle that sends body frames independently of reading responses.
+    pub fn body_sender(&self) -> BodySender {
+        BodySender(self.sender.clone())
+    }
+
+    /// Closes the request stream; the runner sees a half-close.
+    pub fn close_request(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        self.sender = closed;
+    }
+
+    /// The next message from the runner; `None` when the stream ended.
+    ///
+    /// # Errors
+    /// The gRPC status when the stream failed (runner died, connection lost).
+    pub async fn next(&mut self) -> Result<Option<RunnerMsg>, tonic::Status> {
+        self.responses.message().await
+    }
+}
+
+/// Sends request body frames of an [`Engaged`] call.
+#[derive(Debug, Clone)]
+pub struct BodySender(mpsc::Sender<ClientMsg>);
+
+impl BodySender {
+    /// Sends one chunk (`eof` marks the last).
+    ///
+    /// # Errors
+    /// [`BodyClosed`] when the runner's side is gone.
+    pub async fn send(&self, data: Bytes, eof: bool) -> Result<(), BodyClosed> {
+        let msg = ClientMsg {
+            body: Some(client_msg::Body::Data(DataFrame { data, eof })),
+        };
+        self.0.send(msg).await.map_err(|_| BodyClosed)
+    }
+}

@@ -1,0 +1,20 @@
+//! The lb-agent's view of the runners.
+//!
+//! - [`client`]: [`RunnerClient`], one per runner address: a tonic channel over mutual TLS,
+//!   the `TryCall` handshake, and an availability flag that turns an unreachable runner into
+//!   a placeholder (it keeps its slot in the list, refuses at once, and is probed with
+//!   backoff until it answers again).
+//! - [`pool`]: the [`RunnerPool`] trait (the runner list of an LB group, in a stable order)
+//!   and the [`StaticPool`] from `FN_RUNNER_ADDRESSES`.
+//! - [`capacity`]: per-LB-group accounting of the memory of calls in flight or waiting, for
+//!   the capacity adverts to the npm.
+//! - [`retry`]: the one place that uses the `backoff` crate.
+
+pub mod capacity;
+pub mod client;
+pub mod pool;
+pub mod retry;
+
+pub use capacity::{CapacityGuard, CapacityTracker};
+pub use client::{ClientConfig, Engaged, RunnerClient, TryCallError};
+pub use pool::{RunnerList, RunnerPool, StaticPool};

@@ -1,0 +1,123 @@
+//! Runner pools: which runners serve an LB group, in an order every LB agrees on.
+
+use std::sync::Arc;
+
+use fn_tls::TlsMode;
+
+use crate::client::{ClientConfig, RunnerClient};
+
+/// The runners of one LB group, in the pool's stable order. Placers index into it, so a
+/// runner that cannot be reached stays in its slot (as a placeholder) rather than leaving.
+pub type RunnerList = Arc<Vec<Arc<RunnerClient>>>;
+
+/// Where the LB finds runners.
+pub trait RunnerPool: Send + Sync + std::fmt::Debug {
+    /// The current runner list of `group` (a cheap snapshot; may be empty).
+    fn runners(&self, group: &str) -> RunnerList;
+}
+
+/// A fixed runner list (`FN_RUNNER_ADDRESSES`) serving every LB group.
+#[derive(Debug)]
+pub struct StaticPool {
+    runners: RunnerList,
+}
+
+/// An address in `FN_RUNNER_ADDRESSES` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("FN_RUNNER_ADDRESSES: invalid runner address {address:?}: {reason} (expected host:port)")]
+pub struct BadAddress {
+    address: String,
+    reason: String,
+}
+
+impl StaticPool {
+    /// One client per address, in the order given.
+    ///
+    /// # Errors
+    /// [`BadAddress`] naming the first address that is not `host:port`.
+    pub fn new(
+        addresses: &[String],
+        tls: &TlsMode,
+        config: &ClientConfig,
+    ) -> Result<Self, BadAddress> {
+        let runners = addresses
+            .iter()
+            .map(|address| {
+                check_host_port(address)?;
+                RunnerClient::new(address.clone(), address.clone(), tls, config.clone()).map_err(
+                    |e| BadAddress {
+                        address: address.clone(),
+                        reason: e.to_string(),
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StaticPool {
+            runners: Arc::new(runners),
+        })
+    }
+}
+
+/// Checks that `address` is `host:port` with a valid port.
+///
+/// # Errors
+/// [`BadAddress`] saying what is wrong.
+pub fn check_host_port(address: &str) -> Result<(), BadAddress> {
+    let bad = |reason: &str| BadAddress {
+        address: address.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("port must be 1-65535"))?;
+    Ok(())
+}
+
+impl RunnerPool for StaticPool {
+    fn runners(&self, _group: &str) -> RunnerList {
+        Arc::clone(&self.runners)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(check_host_port("10.0.0.5:9190").is_ok());
+        assert!(check_host_port("runner-1:9190").is_ok());
+        assert!(check_host_port("[::1]:9190").is_ok());
+        for bad in ["10.0.0.5", ":9190", "host:0", "host:http", "host:70000"] {
+            let err = check_host_port(bad).expect_err(bad);
+            assert!(
+                err.to_string().starts_with("FN_RUNNER_ADDRESSES: "),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn static_pool_keeps_order_for_every_group() {
+        let addresses = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let pool = StaticPool::new(&addresses, &TlsMode::Insecure, &ClientConfig::default())
+            .expect("valid");
+        let a: Vec<_> = pool
+            .runners("a")
+            .iter()
+            .map(|r| r.address().to_owned())
+            .collect();
+        let b: Vec<_> = pool
+            .runners("b")
+            .iter()
+            .map(|r| r.address().to_owned())
+            .collect();
+        assert_eq!(a, addresses);
+        assert_eq!(a, b);
+    }
+}
