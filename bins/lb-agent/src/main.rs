@@ -1,1 +1,132 @@
-fn main() {}
+//! lb-agent: the HTTP front end. Resolves the function of each request from the catalog,
+//! places the call on a runner of the function's LB group, streams bodies both ways.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
+use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::{CancellationToken, Health, Services};
+use fn_nodepool::{CapacityTracker, ClientConfig, StaticPool};
+use fn_placement::PlacerKind;
+use fn_tls::TlsArgs;
+
+/// HTTP front end of the function dataplane.
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// HTTP port for invocations and GET /health.
+    #[arg(long, env = "FN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Function catalog (TOML). SIGHUP reloads it.
+    #[arg(long, env = "FN_FUNCTIONS_FILE")]
+    functions_file: Option<PathBuf>,
+    /// Placement policy: naive (round-robin) or ch (consistent hash).
+    #[arg(long, env = "FN_PLACER", default_value = "ch")]
+    placer: PlacerKind,
+    /// How long a call may wait for a runner with room before 503.
+    #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    placer_timeout: Duration,
+    /// Runners (host:port, comma-separated) serving every LB group.
+    #[arg(long, env = "FN_RUNNER_ADDRESSES", value_delimiter = ',')]
+    runner_addresses: Vec<String>,
+    /// Largest request body accepted, in bytes; larger gets 413.
+    #[arg(long, env = "FN_MAX_REQUEST_BODY", default_value_t = 32 * 1024 * 1024)]
+    max_request_body: u64,
+    /// Bound for connecting to a runner.
+    #[arg(long, env = "FN_RUNNER_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    runner_connect_timeout: Duration,
+    /// Bound for a runner to acknowledge a TryCall before the call moves on.
+    #[arg(long, env = "FN_RUNNER_ACK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    runner_ack_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
+    let Some(functions_file) = &cli.functions_file else {
+        exit_config_error("FN_FUNCTIONS_FILE: required (the function catalog, TOML)")
+    };
+    let catalog = Arc::new(
+        CatalogHandle::load(functions_file)
+            .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTIONS_FILE: {e}"))),
+    );
+    let addresses: Vec<String> = cli
+        .runner_addresses
+        .iter()
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        exit_config_error("FN_RUNNER_ADDRESSES: required (runner host:port list)");
+    }
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+        .unwrap_or_else(|e| exit_config_error(e));
+    fn_tls::install_crypto_provider();
+    fn_tls::warn_if_insecure(&tls);
+
+    let client_config = ClientConfig {
+        connect_timeout: cli.runner_connect_timeout,
+        ack_timeout: cli.runner_ack_timeout,
+        ..ClientConfig::default()
+    };
+    let pool = StaticPool::new(&addresses, &tls, &client_config)
+        .unwrap_or_else(|e| exit_config_error(e));
+    let dispatcher = Dispatcher::new(
+        Arc::new(pool),
+        cli.placer.build(),
+        DispatchConfig {
+            placer_timeout: cli.placer_timeout,
+            ..DispatchConfig::default()
+        },
+    );
+    let capacity = CapacityTracker::new();
+    let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body);
+    let (health, _grpc_health) = Health::new(&[]);
+    let front = Front::new(Arc::clone(&catalog), invoker, health.clone());
+
+    let listener = match fn_lifecycle::bind(cli.common.listen_on(cli.port), "FN_PORT").await {
+        Ok(l) => l,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
+    let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
+    services.spawn("http", move |cancel| front.serve(listener, cancel));
+    services.spawn("catalog-reload", move |cancel| reload_on_sighup(catalog, cancel));
+    health.set_serving().await;
+    tracing::info!(port = cli.port, placer = %cli.placer, runners = addresses.len(), "lb-agent serving");
+
+    let shutdown = async {
+        if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
+            tracing::error!(error = %e, "cannot install signal handlers; shutting down");
+        }
+    };
+    fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
+}
+
+/// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.
+async fn reload_on_sighup(catalog: Arc<CatalogHandle>, cancel: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            received = hup.recv() => {
+                if received.is_none() {
+                    return Ok(());
+                }
+                match catalog.reload() {
+                    Ok(count) => tracing::info!(functions = count, "catalog reloaded"),
+                    Err(e) => tracing::error!(error = %e, "catalog reload rejected; keeping the previous catalog"),
+                }
+            }
+        }
+    }
+}
