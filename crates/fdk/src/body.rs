@@ -1,0 +1,292 @@
+//! Request and response bodies, both streamed.
+//!
+//! [`Body`] is the client's request body as the runner forwards it: chunks arrive as the runner
+//! sends them, nothing is buffered unless the function asks for it ([`Body::bytes`]).
+//! [`ResponseBody`] is what the function answers: whole bytes, any stream of chunks, the request
+//! body itself (an echo), or the receiving half of [`ResponseBody::channel`], whose
+//! [`BodySender`] lets the function write chunks as it produces them. A streamed response goes
+//! out with chunked encoding, each chunk as soon as it is produced.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, stream};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
+
+/// The error type of handlers and of streamed response bodies: anything that is an error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body could not be read (the runner went away or broke the framing).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the request body: {0}")]
+pub struct BodyError(#[source] hyper::Error);
+
+/// The request body of a call: a stream of byte chunks.
+///
+/// Read it chunk by chunk with [`Body::chunk`] (or as a [`Stream`]), all at once with
+/// [`Body::bytes`], or hand it to [`ResponseBody`] to stream it back.
+pub struct Body {
+    inner: BodyInner,
+}
+
+enum BodyInner {
+    /// From the runner, as it arrives.
+    Incoming(Incoming),
+    /// Built in memory (tests); `None` once read.
+    Bytes(Option<Bytes>),
+}
+
+impl Body {
+    pub(crate) fn incoming(incoming: Incoming) -> Self {
+        Self {
+            inner: BodyInner::Incoming(incoming),
+        }
+    }
+
+    /// An empty body.
+    #[must_use]
+    pub fn empty() -> Self {
+        Self::from(Bytes::new())
+    }
+
+    /// The next chunk, or `None` at the end of the body.
+    ///
+    /// # Errors
+    ///
+    /// [`BodyError`] when the body cannot be read; the call is then broken.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, BodyError>> {
+        self.next().await
+    }
+
+    /// Reads the rest of the body into memory.
+    ///
+    /// # Errors
+    ///
+    /// [`BodyError`] when the body cannot be read; the call is then broken.
+    pub async fn bytes(mut self) -> Result<Bytes, BodyError> {
+        let Some(first) = self.chunk().await.transpose()? else {
+            return Ok(Bytes::new());
+        };
+        let Some(second) = self.chunk().await.transpose()? else {
+            return Ok(first);
+        };
+        let mut all = BytesMut::from(first);
+        all.extend_from_slice(&second);
+        while let Some(chunk) = self.chunk().await.transpose()? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all.freeze())
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Self {
+            inner: BodyInner::Bytes(Some(bytes)),
+        }
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(text: &'static str) -> Self {
+        Self::from(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            BodyInner::Incoming(_) => f.write_str("Body(streaming)"),
+            BodyInner::Bytes(bytes) => f.debug_tuple("Body").field(bytes).finish(),
+        }
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match &mut self.inner {
+            BodyInner::Bytes(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(Ok)),
+            BodyInner::Incoming(incoming) => loop {
+                match ready!(Pin::new(&mut *incoming).poll_frame(cx)) {
+                    None => return Poll::Ready(None),
+                    Some(Err(err)) => return Poll::Ready(Some(Err(BodyError(err)))),
+                    // Trailers carry nothing the contract uses; empty chunks carry nothing.
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data))),
+                        Ok(_) | Err(_) => {}
+                    },
+                }
+            },
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
+
+/// The body of a function's response.
+///
+/// Build it from bytes or text (`"hi".into()`, `String`, `Vec<u8>`, [`Bytes`]), from a stream
+/// ([`ResponseBody::stream`]), from the request [`Body`] (streams it back), or as a channel
+/// ([`ResponseBody::channel`]).
+pub struct ResponseBody {
+    inner: ResponseInner,
+}
+
+enum ResponseInner {
+    /// Known in full: sent with a `Content-Length`. `None` once sent.
+    Full(Option<Bytes>),
+    /// Produced over time: sent chunked, each chunk as it comes. An `Err` aborts the response.
+    Stream(ChunkStream),
+}
+
+impl ResponseBody {
+    /// An empty body.
+    #[must_use]
+    pub fn empty() -> Self {
+        Self::from(Bytes::new())
+    }
+
+    /// A body streamed from `chunks`; an `Err` item aborts the response (the runner then sees a
+    /// broken reply, not a short one).
+    pub fn stream<S, E>(chunks: S) -> Self
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        Self {
+            inner: ResponseInner::Stream(Box::pin(chunks.map(|chunk| chunk.map_err(Into::into)))),
+        }
+    }
+
+    /// A body the function writes through the returned [`BodySender`] while the response is
+    /// already going out. At most `buffer` chunks (at least one) wait to be sent; `send` waits
+    /// beyond that. The body ends when the sender is dropped.
+    #[must_use]
+    pub fn channel(buffer: usize) -> (BodySender, Self) {
+        let (tx, mut rx) = mpsc::channel(buffer.max(1));
+        let chunks = stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (BodySender { tx }, Self::stream(chunks))
+    }
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(bytes: Bytes) -> Self {
+        Self {
+            inner: ResponseInner::Full(Some(bytes)),
+        }
+    }
+}
+
+impl From<&'static str> for ResponseBody {
+    fn from(text: &'static str) -> Self {
+        Self::from(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl From<String> for ResponseBody {
+    fn from(text: String) -> Self {
+        Self::from(Bytes::from(text))
+    }
+}
+
+impl From<Vec<u8>> for ResponseBody {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::from(Bytes::from(bytes))
+    }
+}
+
+impl From<Body> for ResponseBody {
+    /// Streams the request body back, chunk by chunk as it arrives.
+    fn from(body: Body) -> Self {
+        match body.inner {
+            BodyInner::Bytes(bytes) => Self::from(bytes.unwrap_or_default()),
+            BodyInner::Incoming(_) => Self::stream(body),
+        }
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            ResponseInner::Full(bytes) => f.debug_tuple("ResponseBody").field(bytes).finish(),
+            ResponseInner::Stream(_) => f.write_str("ResponseBody(streaming)"),
+        }
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            ResponseInner::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            ResponseInner::Stream(chunks) => chunks
+                .as_mut()
+                .poll_next(cx)
+                .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            ResponseInner::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            ResponseInner::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            ResponseInner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ResponseInner::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The response body went away before the function finished writing: the runner closed the
+/// call (client gone, deadline passed). Stop producing output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the response body is closed: the caller went away")]
+pub struct Closed;
+
+/// Writes chunks into a [`ResponseBody::channel`] body.
+#[derive(Debug, Clone)]
+pub struct BodySender {
+    tx: mpsc::Sender<Result<Bytes, BoxError>>,
+}
+
+impl BodySender {
+    /// Sends one chunk, waiting while the channel is full.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] when the response is no longer being sent.
+    pub async fn send(&self, chunk: impl Into<Bytes>) -> Result<(), Closed> {
+        self.tx.send(Ok(chunk.into())).await.map_err(|_| Closed)
+    }
+
+    /// Aborts the response: the runner sees a broken reply instead of a complete one, so a
+    /// failure half-way is not mistaken for a short answer.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] when the response was no longer being sent anyway.
+    pub async fn fail(self, error: impl Into<BoxError>) -> Result<(), Closed> {
+        self.tx.send(Err(error.into())).await.map_err(|_| Closed)
+    }
+}

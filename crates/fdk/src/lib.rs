@@ -1,0 +1,164 @@
+//! A small FDK for writing Fn functions in Rust, speaking the `http-stream` contract — the
+//! contract of the official Fn FDKs (e.g. `fdk` for Python), so a runner cannot tell them apart.
+//!
+//! A function is a handler from a call's [`Context`] and request [`Body`] to a [`Response`]:
+//!
+//! ```no_run
+//! use fn_fdk::{Body, Context, Response};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     fn_fdk::run(|ctx: Context, body: Body| async move {
+//!         let name = body.bytes().await?;
+//!         let name = String::from_utf8_lossy(&name);
+//!         Ok(Response::new(format!("Hello from {}, {name}!\n", ctx.fn_name())))
+//!     })
+//! }
+//! ```
+//!
+//! Bodies stream both ways: read the request with [`Body::chunk`], answer with a stream, the
+//! request body itself, or a channel written while the response is already going out:
+//!
+//! ```no_run
+//! use fn_fdk::{Body, Context, Response, ResponseBody};
+//!
+//! async fn ticks(_ctx: Context, _body: Body) -> Result<Response, fn_fdk::BoxError> {
+//!     let (tx, body) = ResponseBody::channel(4);
+//!     tokio::spawn(async move {
+//!         for n in 0..3 {
+//!             if tx.send(format!("tick {n}\n")).await.is_err() {
+//!                 return; // the caller went away
+//!             }
+//!             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+//!         }
+//!     });
+//!     Ok(Response::new(body))
+//! }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`env`]: the environment a runner starts a function with (`FN_FORMAT`, `FN_LISTENER`, ...),
+//!   validated once.
+//! - [`context`]: one call as the function sees it (call id, deadline, client headers, config).
+//! - [`body`]: streamed request and response bodies.
+//! - [`response`]: status, headers and body of an answer.
+//! - [`headers`]: the `Fn-Http-H-` translation and the contract's header names.
+//! - `server`: socket set-up (private socket, then the `lsnr.sock` link) and `POST /call`.
+//!
+//! # Entry points
+//!
+//! [`run`] for a plain `main` (builds the runtime, stops on SIGTERM/SIGINT, reports startup
+//! errors on stderr), [`serve`] for an async `main`, [`serve_with`] when the environment and the
+//! shutdown come from the caller (tests).
+//!
+//! Decisions where the contract is silent: a handler error or panic answers HTTP 502 (also as
+//! `Fn-Http-Status`) with a one-line body and the FDK keeps serving; the deadline is not
+//! enforced here (the runner kills late instances); requests other than `POST /call` get 404/405.
+
+pub mod body;
+pub mod context;
+pub mod env;
+mod error;
+pub mod headers;
+pub mod response;
+mod server;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub use body::{Body, BodyError, BodySender, BoxError, Closed, ResponseBody};
+pub use bytes::Bytes;
+pub use context::Context;
+pub use env::FnEnv;
+pub use error::Error;
+pub use http;
+pub use response::Response;
+
+/// `Fn-Fdk-Version` of every reply.
+pub const FDK_VERSION: &str = concat!("fdk-rust/", env!("CARGO_PKG_VERSION"));
+
+/// Worker threads of [`run`]'s runtime: an instance handles one call at a time, and a second
+/// thread keeps the socket served while a handler blocks.
+const WORKER_THREADS: usize = 2;
+
+/// Runs a function: reads the environment, builds a runtime, serves calls until SIGTERM or
+/// SIGINT. Startup errors are printed on stderr and give a failure exit code, so a `main` is
+/// `fn main() -> ExitCode { fn_fdk::run(handler) }`.
+pub fn run<F, Fut>(handler: F) -> ExitCode
+where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let result = FnEnv::from_env().and_then(|env| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKER_THREADS)
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?
+            .block_on(async move {
+                let shutdown = termination()?;
+                serve_with(env, handler, shutdown).await
+            })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fn-fdk: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves calls with the process environment until SIGTERM or SIGINT.
+///
+/// # Errors
+///
+/// A bad environment (see [`FnEnv::from_vars`]), a socket that cannot be set up, or signal
+/// handlers that cannot be installed.
+pub async fn serve<F, Fut>(handler: F) -> Result<(), Error>
+where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let env = FnEnv::from_env()?;
+    serve_with(env, handler, termination()?).await
+}
+
+/// Serves calls on `env`'s listener until `shutdown` completes, then lets in-flight calls finish
+/// and removes the socket files. Returns once the socket is gone.
+///
+/// # Errors
+///
+/// [`Error::Socket`] when the socket cannot be set up (stale files that cannot be removed, a
+/// missing directory, ...).
+pub async fn serve_with<F, Fut>(
+    env: FnEnv,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error>
+where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let listener = server::bind(env.listener())?;
+    let shared = Arc::new(server::Shared {
+        handler,
+        env: Arc::new(env),
+    });
+    server::serve(listener, shared, shutdown).await;
+    Ok(())
+}
+
+/// Completes on the first SIGTERM (the runner stopping the instance) or SIGINT.
+fn termination() -> Result<impl Future<Output = ()>, Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,278 @@
+//! The `http-stream` server: the socket dance, and `POST /call` translated both ways.
+//!
+//! Socket: the runner waits for `FN_LISTENER` (`<dir>/lsnr.sock`) to appear and connects to it.
+//! So that it appears only once it accepts, the FDK removes stale files, binds
+//! `<dir>/phony<name>`, makes it world-writable (0666, the runner may run as another user),
+//! starts accepting and only then links `<name>` → `phony<name>` (a relative target, so the
+//! directory may be mounted elsewhere, e.g. in a container). Both files are removed on shutdown.
+//!
+//! Calls: every connection is HTTP/1.1. `POST /call` runs the handler in its own task (a panic
+//! fails the call, not the server) and answers HTTP 200 with the function's status in
+//! `Fn-Http-Status`, its headers as `Fn-Http-H-*` (plus a plain `Content-Type`) and
+//! `Fn-Fdk-Version`; the body streams. A handler `Err` or panic answers HTTP 502 (also in
+//! `Fn-Http-Status`) with a one-line message, and serving goes on. Other paths answer 404, other
+//! methods on `/call` 405.
+//!
+//! Shutdown: when the shutdown future completes the FDK stops accepting, lets in-flight calls
+//! finish (idle connections close at once), and removes its socket files.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+
+use crate::body::{Body, BoxError, ResponseBody};
+use crate::context::Context;
+use crate::env::FnEnv;
+use crate::headers;
+use crate::response::Response;
+use crate::{Error, FDK_VERSION};
+
+/// The only path of the contract.
+const CALL_PATH: &str = "/call";
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every connection task shares.
+pub(crate) struct Shared<F> {
+    pub(crate) handler: F,
+    pub(crate) env: Arc<FnEnv>,
+}
+
+/// The bound socket; dropping it stops accepting and removes both files.
+pub(crate) struct Listener {
+    socket: UnixListener,
+    link: PathBuf,
+    phony: PathBuf,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        for path in [&self.link, &self.phony] {
+            if let Err(err) = remove_if_present(path) {
+                eprintln!("fn-fdk: cannot remove {}: {err}", path.display());
+            }
+        }
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// Binds the private socket beside `link` and links `link` to it. Must run inside a tokio
+/// runtime.
+pub(crate) fn bind(link: &Path) -> Result<Listener, Error> {
+    let socket_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Socket { path, source }
+    };
+    // FnEnv guarantees a file name; the fallback keeps this total.
+    let name = link.file_name().unwrap_or_default();
+    let mut phony_name = std::ffi::OsString::from("phony");
+    phony_name.push(name);
+    let phony = link.with_file_name(&phony_name);
+
+    remove_if_present(link).map_err(socket_error(link))?;
+    remove_if_present(&phony).map_err(socket_error(&phony))?;
+    let socket = UnixListener::bind(&phony).map_err(socket_error(&phony))?;
+    // From here on, dropping `listener` cleans up whatever exists.
+    let listener = Listener {
+        socket,
+        link: link.to_owned(),
+        phony,
+    };
+    std::fs::set_permissions(&listener.phony, std::fs::Permissions::from_mode(0o666))
+        .map_err(socket_error(&listener.phony))?;
+    // The socket is listening since `bind`: connections queue until `serve` accepts them.
+    symlink(&phony_name, link).map_err(socket_error(link))?;
+    Ok(listener)
+}
+
+/// Accepts connections until `shutdown`, then drains them.
+pub(crate) async fn serve<F, Fut>(
+    listener: Listener,
+    shared: Arc<Shared<F>>,
+    shutdown: impl Future<Output = ()>,
+) where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.socket.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, Arc::clone(&shared), stop_rx.clone()));
+                }
+                Err(err) => {
+                    eprintln!("fn-fdk: accepting a connection failed: {err}");
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+    drop(listener);
+    stop_tx.send_replace(true);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<F, Fut>(
+    stream: UnixStream,
+    shared: Arc<Shared<F>>,
+    mut stop: watch::Receiver<bool>,
+) where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(dispatch(&shared, request).await) }
+    });
+    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let stopping = async move {
+        // Ok (told to stop) and Err (the server is gone) both mean stop; the guard on the
+        // value is not `Send`, so it is dropped here rather than carried across an await.
+        drop(stop.wait_for(|stop| *stop).await);
+    };
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stopping => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        eprintln!("fn-fdk: connection from the runner failed: {err}");
+    }
+}
+
+async fn dispatch<F, Fut>(
+    shared: &Shared<F>,
+    request: Request<Incoming>,
+) -> http::Response<ResponseBody>
+where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    if request.uri().path() != CALL_PATH {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: this function serves POST /call only\n",
+        );
+    }
+    if request.method() != Method::POST {
+        let mut response = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use POST /call\n",
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    let (parts, body) = request.into_parts();
+    let context = Context::from_fn_headers(Arc::clone(&shared.env), &parts.headers);
+    let call_id = context.call_id().to_owned();
+    let call = AbortOnDrop(tokio::spawn((shared.handler)(
+        context,
+        Body::incoming(body),
+    )));
+    match call.await {
+        Ok(Ok(response)) => to_wire(response),
+        Ok(Err(err)) => {
+            eprintln!("fn-fdk: call {call_id} failed: {err}");
+            failure(format!("function failed: {err}\n"))
+        }
+        Err(err) => {
+            eprintln!("fn-fdk: call {call_id} failed: {err}");
+            failure(String::from("function failed: the handler panicked\n"))
+        }
+    }
+}
+
+/// The function's answer in wire form.
+fn to_wire(response: Response) -> http::Response<ResponseBody> {
+    let (status, function_headers, body) = response.into_parts();
+    let mut wire = http::Response::new(body);
+    let headers = wire.headers_mut();
+    *headers = headers::to_fn(&function_headers);
+    if let Some(content_type) = function_headers.get(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, content_type.clone());
+    }
+    headers.insert(headers::FN_HTTP_STATUS, HeaderValue::from(status.as_u16()));
+    headers.insert(
+        headers::FN_FDK_VERSION,
+        HeaderValue::from_static(FDK_VERSION),
+    );
+    wire
+}
+
+/// A failed call: HTTP 502, also as the function's status.
+fn failure(message: String) -> http::Response<ResponseBody> {
+    let mut response = plain(StatusCode::BAD_GATEWAY, message);
+    response.headers_mut().insert(
+        headers::FN_HTTP_STATUS,
+        HeaderValue::from(StatusCode::BAD_GATEWAY.as_u16()),
+    );
+    response
+}
+
+fn plain(status: StatusCode, message: impl Into<ResponseBody>) -> http::Response<ResponseBody> {
+    let mut response = http::Response::new(message.into());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        headers::FN_FDK_VERSION,
+        HeaderValue::from_static(FDK_VERSION),
+    );
+    response
+}
+
+/// A spawned handler that is aborted when the call is dropped (the runner hung up).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

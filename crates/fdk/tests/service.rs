@@ -1,0 +1,385 @@
+//! The FDK as a runner sees it: a socket that appears in a directory, and `POST /call` over it.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fn_fdk::http::header::{CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use fn_fdk::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
+use fn_fdk::{Body, BoxError, Context, Error, FnEnv, Response, ResponseBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Bound on every wait, so a broken FDK fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// An FDK server on a socket in its own temporary directory.
+struct Running {
+    _dir: tempfile::TempDir,
+    link: PathBuf,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), Error>>,
+}
+
+fn env_for(link: &Path) -> FnEnv {
+    FnEnv::from_vars([
+        ("FN_FORMAT", "http-stream".to_owned()),
+        ("FN_LISTENER", format!("unix:{}", link.display())),
+        ("FN_APP_NAME", "shop".to_owned()),
+        ("FN_FN_NAME", "cart".to_owned()),
+        ("FN_MEMORY", "128".to_owned()),
+        ("FN_TYPE", "sync".to_owned()),
+        ("COLOUR", "blue".to_owned()),
+    ])
+    .expect("valid environment")
+}
+
+async fn start<F, Fut>(handler: F, prepare: impl FnOnce(&Path)) -> Running
+where
+    F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("lsnr.sock");
+    prepare(dir.path());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(fn_fdk::serve_with(env_for(&link), handler, async {
+        // A dropped sender stops the server too.
+        drop(stopped.await);
+    }));
+    wait_for_socket(&link).await;
+    Running {
+        _dir: dir,
+        link,
+        stop,
+        server,
+    }
+}
+
+/// Polls for the socket the way a runner does: ready once the path resolves to a socket (a
+/// stale regular file left by an earlier instance does not count).
+async fn wait_for_socket(link: &Path) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let is_socket =
+        |path: &Path| std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
+    while !is_socket(link) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not appear",
+            link.display()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn connect<B>(link: &Path) -> SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = UnixStream::connect(link).await.expect("connect to the FDK");
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP/1 handshake");
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            eprintln!("client connection: {err}");
+        }
+    });
+    sender
+}
+
+/// A call the way the runner sends it.
+fn call<B>(body: B) -> Request<B> {
+    Request::post("/call")
+        .header(HOST, "fn")
+        .header("Fn-Call-Id", "01CALL")
+        .header("Fn-Deadline", "2099-01-02T03:04:05Z")
+        .header("Fn-Http-Method", "PUT")
+        .header("Fn-Http-Request-Url", "http://lb:8080/r/shop/cart?x=1")
+        .header("Fn-Intent", "httprequest")
+        .header("Fn-Http-H-Accept", "text/a")
+        .header("Fn-Http-H-Accept", "text/b")
+        .header("Fn-Http-H-Content-Type", "text/plain")
+        .header(CONTENT_TYPE, "text/plain")
+        .body(body)
+        .expect("valid request")
+}
+
+async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    let frame = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("a frame in time")?
+        .expect("a readable frame");
+    Some(frame.into_data().expect("a data frame"))
+}
+
+async fn text(response: hyper::Response<Incoming>) -> String {
+    let bytes = tokio::time::timeout(PATIENCE, response.into_body().collect())
+        .await
+        .expect("the body in time")
+        .expect("a readable body")
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("UTF-8 body")
+}
+
+fn header(name: &'static str) -> HeaderName {
+    HeaderName::from_static(name)
+}
+
+/// Answers 201 with what it saw of the call in `X-*` headers; the body is `first\n`, then —
+/// once the test releases it — the request body.
+fn reporting_handler(
+    release: Arc<Notify>,
+) -> impl Fn(Context, Body) -> std::pin::Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |ctx: Context, mut body: Body| {
+        let release = Arc::clone(&release);
+        Box::pin(async move {
+            let (tx, out) = ResponseBody::channel(1);
+            tokio::spawn(async move {
+                tx.send("first\n").await?;
+                release.notified().await;
+                while let Some(chunk) = body.chunk().await {
+                    tx.send(chunk?).await?;
+                }
+                Ok::<_, BoxError>(())
+            });
+            let mut response = Response::new(out)
+                .with_status(StatusCode::CREATED)
+                .with_header(CONTENT_TYPE, HeaderValue::from_static("application/x-test"));
+            let seen = [
+                ("x-call-id", ctx.call_id().to_owned()),
+                ("x-method", ctx.method().to_owned()),
+                ("x-url", ctx.request_url().to_owned()),
+                ("x-app", format!("{}/{}", ctx.app_name(), ctx.fn_name())),
+                (
+                    "x-colour",
+                    ctx.config("COLOUR").unwrap_or("none").to_owned(),
+                ),
+                ("x-deadline", ctx.deadline().is_some().to_string()),
+                ("x-header-count", ctx.headers().len().to_string()),
+            ];
+            for (name, value) in seen {
+                response = response.with_header(header(name), HeaderValue::try_from(value)?);
+            }
+            for accept in ctx.headers().get_all("accept") {
+                response = response.with_header(header("x-accept"), accept.clone());
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_call_is_translated_both_ways_and_the_response_streams() {
+    let release = Arc::new(Notify::new());
+    let running = start(reporting_handler(Arc::clone(&release)), |_| {}).await;
+    let mut client = connect(&running.link).await;
+
+    let response = client
+        .send_request(call(Full::new(Bytes::from_static(b"payload"))))
+        .await
+        .expect("a response");
+
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the function's status travels in a header"
+    );
+    let headers = response.headers();
+    assert_eq!(headers["fn-http-status"], "201");
+    let version = headers["fn-fdk-version"].to_str().expect("ASCII");
+    assert!(version.starts_with("fdk-rust/"), "{version}");
+    assert_eq!(headers[CONTENT_TYPE], "application/x-test");
+    assert_eq!(headers["fn-http-h-content-type"], "application/x-test");
+    assert_eq!(headers["fn-http-h-x-call-id"], "01CALL");
+    assert_eq!(headers["fn-http-h-x-method"], "PUT");
+    assert_eq!(headers["fn-http-h-x-url"], "http://lb:8080/r/shop/cart?x=1");
+    assert_eq!(headers["fn-http-h-x-app"], "shop/cart");
+    assert_eq!(headers["fn-http-h-x-colour"], "blue");
+    assert_eq!(headers["fn-http-h-x-deadline"], "true");
+    assert_eq!(
+        headers["fn-http-h-x-header-count"], "3",
+        "accept twice, content-type"
+    );
+    let accepts: Vec<_> = headers.get_all("fn-http-h-x-accept").iter().collect();
+    assert_eq!(accepts, ["text/a", "text/b"]);
+    assert!(
+        !headers.contains_key("x-call-id"),
+        "function headers travel prefixed only"
+    );
+    assert_eq!(headers[TRANSFER_ENCODING], "chunked");
+
+    let mut body = response.into_body();
+    assert_eq!(
+        next_chunk(&mut body).await.as_deref(),
+        Some(&b"first\n"[..]),
+        "the first chunk arrives while the function is still writing"
+    );
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = next_chunk(&mut body).await {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"payload");
+
+    running.stop.send(()).expect("server running");
+    running
+        .server
+        .await
+        .expect("server task")
+        .expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_request_body_streams_through_an_echo_while_it_is_being_sent() {
+    let running = start(
+        |_ctx: Context, body: Body| async move { Ok(Response::new(body)) },
+        |_| {},
+    )
+    .await;
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request_body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    }));
+    let mut client = connect(&running.link).await;
+    let responding = tokio::spawn(client.send_request(call(request_body)));
+
+    tx.send(Ok(Frame::data(Bytes::from_static(b"ping"))))
+        .await
+        .expect("request open");
+    let response = tokio::time::timeout(PATIENCE, responding)
+        .await
+        .expect("response head before the request ended")
+        .expect("client task")
+        .expect("a response");
+    assert_eq!(response.headers()["fn-http-status"], "200");
+    let mut body = response.into_body();
+    assert_eq!(next_chunk(&mut body).await.as_deref(), Some(&b"ping"[..]));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"pong"))))
+        .await
+        .expect("request open");
+    assert_eq!(next_chunk(&mut body).await.as_deref(), Some(&b"pong"[..]));
+    drop(tx);
+    assert_eq!(next_chunk(&mut body).await, None);
+}
+
+#[tokio::test]
+async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
+    let running = start(
+        |_ctx: Context, body: Body| async move {
+            match &body.bytes().await?[..] {
+                b"fail" => Err("boom".into()),
+                b"panic" => panic!("handler panicked on purpose"),
+                _ => Ok(Response::new("fine")),
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+
+    for (input, message) in [
+        ("fail", "function failed: boom\n"),
+        ("panic", "function failed: the handler panicked\n"),
+    ] {
+        let response = client
+            .send_request(call(Full::new(Bytes::from_static(input.as_bytes()))))
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{input}");
+        assert_eq!(response.headers()["fn-http-status"], "502", "{input}");
+        assert_eq!(text(response).await, message);
+    }
+
+    let response = client
+        .send_request(call(Full::new(Bytes::from_static(b"ok"))))
+        .await
+        .expect("the same connection still serves");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["fn-http-status"], "200");
+    assert_eq!(text(response).await, "fine");
+
+    let mut wrong_path = call(Empty::<Bytes>::new());
+    *wrong_path.uri_mut() = "/invoke".parse().expect("URI");
+    let mut wrong_method = call(Empty::<Bytes>::new());
+    *wrong_method.method_mut() = Method::GET;
+    let mut client = connect(&running.link).await;
+    for (request, status) in [
+        (wrong_path, StatusCode::NOT_FOUND),
+        (wrong_method, StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let response = client.send_request(request).await.expect("a response");
+        assert_eq!(response.status(), status);
+    }
+}
+
+#[tokio::test]
+async fn the_socket_replaces_stale_files_is_world_writable_and_goes_away_on_shutdown() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move { Ok(Response::new("")) },
+        |dir| {
+            std::fs::write(dir.join("lsnr.sock"), "stale").expect("stale link");
+            std::fs::write(dir.join("phonylsnr.sock"), "stale").expect("stale socket");
+        },
+    )
+    .await;
+    let dir = running.link.parent().expect("socket dir").to_owned();
+    let phony = dir.join("phonylsnr.sock");
+    assert_eq!(
+        std::fs::read_link(&running.link).expect("lsnr.sock is a link"),
+        Path::new("phonylsnr.sock"),
+        "the link target is relative"
+    );
+    let mode = std::fs::metadata(&phony)
+        .expect("phony socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666);
+
+    let mut client = connect(&running.link).await;
+    let response = client
+        .send_request(call(Empty::<Bytes>::new()))
+        .await
+        .expect("a response");
+    assert_eq!(response.headers()["fn-http-status"], "200");
+    assert_eq!(response.headers()["content-length"], "0");
+
+    running.stop.send(()).expect("server running");
+    tokio::time::timeout(PATIENCE, running.server)
+        .await
+        .expect("shutdown in time, an idle connection does not hold it up")
+        .expect("server task")
+        .expect("clean shutdown");
+    assert!(
+        std::fs::symlink_metadata(&running.link).is_err(),
+        "link removed"
+    );
+    assert!(std::fs::symlink_metadata(&phony).is_err(), "socket removed");
+    drop(client);
+}
+
+#[tokio::test]
+async fn a_missing_socket_directory_is_a_startup_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("missing").join("lsnr.sock");
+    let result = fn_fdk::serve_with(
+        env_for(&link),
+        |_ctx: Context, _body: Body| async move { Ok(Response::new("")) },
+        std::future::pending(),
+    )
+    .await;
+    assert!(matches!(result, Err(Error::Socket { .. })), "{result:?}");
+}
