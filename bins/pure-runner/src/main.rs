@@ -1,1 +1,116 @@
-fn main() {}
+//! pure-runner: admits a call only if its memory fits, runs it in a hot function instance
+//! (the Fn FDK `http-stream` contract) and streams the result back to the LB.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::{CancellationToken, Health, Services};
+use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
+use fn_runner::{EngageConfig, Pool, RunnerService};
+use fn_tls::TlsArgs;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Function runner of the dataplane.
+#[derive(Debug, Parser)]
+#[command(name = "pure-runner", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// gRPC port for LBs (RunnerProtocol) and health checks.
+    #[arg(long, env = "FN_GRPC_PORT", default_value_t = 9190)]
+    grpc_port: u16,
+    /// Memory this runner gives to calls, in MB [default: the machine's or cgroup's total].
+    #[arg(long, env = "FN_MAX_MEMORY_MB")]
+    max_memory_mb: Option<u64>,
+    /// The only directory function commands are started from.
+    #[arg(long, env = "FN_FUNCTIONS_DIR")]
+    functions_dir: Option<PathBuf>,
+    /// Where per-instance socket directories are created.
+    #[arg(long, env = "FN_SOCKET_DIR", default_value = "/tmp/fn-runner")]
+    socket_dir: PathBuf,
+    /// User functions run as [default: nobody when the runner runs as root, else the runner's user].
+    #[arg(long, env = "FN_FUNCTION_USER")]
+    function_user: Option<String>,
+    /// Bound for a new instance to open its listener.
+    #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    start_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
+    let Some(functions_dir) = cli.functions_dir.clone() else {
+        exit_config_error("FN_FUNCTIONS_DIR: required (the directory function commands run from)")
+    };
+    let total_mb = match cli.max_memory_mb {
+        Some(0) => exit_config_error("FN_MAX_MEMORY_MB: must be at least 1"),
+        Some(mb) => mb,
+        None => fn_runner::memory::detect_total_mb().unwrap_or_else(|| {
+            exit_config_error("FN_MAX_MEMORY_MB: cannot detect the machine's memory; set it")
+        }),
+    };
+    let user_name = cli.function_user.clone().or_else(|| {
+        nix::unistd::Uid::effective()
+            .is_root()
+            .then(|| "nobody".to_owned())
+    });
+    let function_user = user_name.map(|name| {
+        FunctionUser::lookup(&name)
+            .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTION_USER: {e}")))
+    });
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+        .unwrap_or_else(|e| exit_config_error(e));
+    fn_tls::install_crypto_provider();
+    fn_tls::warn_if_insecure(&tls);
+
+    let driver_config =
+        ProcessDriverConfig::new(functions_dir, &cli.socket_dir).with_function_user(function_user);
+    let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
+    let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
+    let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default());
+
+    let listener =
+        match fn_lifecycle::bind(cli.common.listen_on(cli.grpc_port), "FN_GRPC_PORT").await {
+            Ok(l) => l,
+            Err(e) => return fn_lifecycle::exit_status(Err(e)),
+        };
+    let mut server = match fn_tls::grpc_server(&tls) {
+        Ok(s) => s,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
+    let (health, health_service) = Health::new(&["dataplane.runner.v1.RunnerProtocol"]);
+    let router = server
+        .add_service(health_service)
+        .add_service(runner.clone().into_server());
+
+    let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
+    // On shutdown: refuse new calls as draining, let calls in flight finish, then stop.
+    services.spawn("grpc", move |cancel| {
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            cancel.cancelled().await;
+            runner.drain().await;
+        })
+    });
+    let reaper_pool = Arc::clone(&pool);
+    services.spawn("idle-reaper", move |cancel| {
+        reaper_pool.run_reaper(Duration::from_secs(1), cancel)
+    });
+    health.set_serving().await;
+    tracing::info!(port = cli.grpc_port, total_mb, "pure-runner serving");
+
+    let shutdown = async {
+        if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
+            tracing::error!(error = %e, "cannot install signal handlers; shutting down");
+        }
+    };
+    let result = services.run(shutdown, cli.common.shutdown_timeout).await;
+    pool.kill_idle();
+    fn_lifecycle::exit_status(result)
+}

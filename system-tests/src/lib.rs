@@ -1,0 +1,235 @@
+//! Harness for system tests: start the real binaries (built by `cargo build --workspace
+//! --bins`) on loopback with generated certificates, wait for readiness, talk HTTP and
+//! gRPC to them, stop them with signals.
+//!
+//! Every daemon is killed when its [`Daemon`] handle drops, so a failing test leaves no
+//! process behind.
+
+pub mod http;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fn_tls::{NodeTls, TlsMode};
+use tokio::process::{Child, Command};
+
+/// Certificates on disk for one test, and the matching in-process client identity.
+#[derive(Debug)]
+pub struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// A new CA and node certificate in a temporary directory.
+    ///
+    /// # Errors
+    /// When generation or writing fails.
+    pub fn new() -> anyhow::Result<Self> {
+        fn_tls::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        fn_tls::dev::write_dev_pki(dir.path(), &[])?;
+        Ok(Certs { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `FN_NODE_CERT*` variables pointing at these files.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        vec![
+            ("FN_NODE_CERT".into(), p("node.pem")),
+            ("FN_NODE_CERT_KEY".into(), p("node-key.pem")),
+            ("FN_NODE_CERT_AUTHORITY".into(), p("ca.pem")),
+        ]
+    }
+
+    /// A client identity from the same files.
+    ///
+    /// # Errors
+    /// When the files cannot be read.
+    pub fn client(&self) -> anyhow::Result<TlsMode> {
+        let read = |f: &str| std::fs::read(self.dir.path().join(f)).with_context(|| f.to_owned());
+        Ok(TlsMode::Mutual(NodeTls::from_pem(
+            read("node.pem")?,
+            read("node-key.pem")?,
+            read("ca.pem")?,
+        )))
+    }
+}
+
+/// A free loopback port (bound, then released for the daemon to take).
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A running daemon. Killed on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts binary `bin` from the workspace's target directory with `env` (on top of a
+    /// minimal environment: no inherited `FN_*` variables). Its stderr goes to a log file.
+    ///
+    /// # Errors
+    /// When the binary cannot be started.
+    pub fn spawn(bin: &str, env: &[(String, String)]) -> anyhow::Result<Daemon> {
+        let path = fn_test_support::workspace_bin(bin);
+        let log_dir = tempfile::tempdir()?;
+        let log = log_dir.path().join(format!("{bin}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(&path);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("FN_LOG_LEVEL", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        Ok(Daemon {
+            name: bin.to_owned(),
+            child,
+            log,
+            _log_dir: log_dir,
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon.
+    ///
+    /// # Errors
+    /// When the daemon is gone.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("daemon already exited")?;
+        let pid = i32::try_from(pid).context("pid out of range")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the daemon to exit, at most `bound`.
+    ///
+    /// # Errors
+    /// When it does not exit in time (it is then killed).
+    pub async fn wait_exit(&mut self, bound: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(bound, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                self.child.kill().await?;
+                bail!(
+                    "{} did not exit within {bound:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                )
+            }
+        }
+    }
+
+    /// Waits for the gRPC health service at `address` to report SERVING.
+    ///
+    /// # Errors
+    /// When it does not within `bound`, with the daemon's log.
+    pub async fn wait_grpc_serving(
+        &mut self,
+        tls: &TlsMode,
+        address: &str,
+        bound: Duration,
+    ) -> anyhow::Result<()> {
+        let ready = fn_test_support::wait_serving(tls, address, bound).await;
+        self.check_ready(ready)
+    }
+
+    /// Waits for `GET /health` at `address` to answer 200.
+    ///
+    /// # Errors
+    /// When it does not within `bound`, with the daemon's log.
+    pub async fn wait_http_health(&mut self, address: &str, bound: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < bound {
+            match http::get(address, "/health").await {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => last = format!("status {}", r.status),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("{} exited with {status}; log:\n{}", self.name, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!(
+            "{} /health not 200 after {bound:?}: {last}; log:\n{}",
+            self.name,
+            self.log()
+        )
+    }
+
+    fn check_ready(&mut self, ready: anyhow::Result<()>) -> anyhow::Result<()> {
+        if let Err(e) = ready {
+            let exited = self.child.try_wait().ok().flatten();
+            bail!(
+                "{} not ready ({e:#}); exited: {exited:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `bin` to completion with `env` and returns its exit status and stderr.
+///
+/// # Errors
+/// When it cannot be started or does not exit within 10 s.
+pub async fn run_to_exit(
+    bin: &str,
+    env: &[(String, String)],
+) -> anyhow::Result<(ExitStatus, String)> {
+    let mut daemon = Daemon::spawn(bin, env)?;
+    let status = daemon.wait_exit(Duration::from_secs(10)).await?;
+    Ok((status, daemon.log()))
+}
+
+/// Environment pairs from string slices.
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Helper to merge environment lists (later wins).
+pub fn merge(lists: &[&[(String, String)]]) -> Vec<(String, String)> {
+    let mut map = BTreeMap::new();
+    for list in lists {
+        for (k, v) in *list {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    map.into_iter().collect()
+}

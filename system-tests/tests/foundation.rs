@@ -1,0 +1,168 @@
+//! Foundation: each daemon refuses to start without certificates (exit 2, naming the
+//! variable), serves health over mutual TLS, and exits 0 on SIGTERM within the bound.
+
+use std::time::Duration;
+
+use fn_system_tests::{Certs, Daemon, env, free_port, merge, run_to_exit};
+use nix::sys::signal::Signal;
+
+const READY: Duration = Duration::from_secs(20);
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn every_daemon_without_certificates_exits_2_naming_fn_node_cert() -> anyhow::Result<()> {
+    let functions = tempfile::tempdir()?;
+    let catalog = functions.path().join("functions.toml");
+    std::fs::write(&catalog, "")?;
+    let extra = env(&[
+        ("FN_FUNCTIONS_DIR", &functions.path().display().to_string()),
+        ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
+        ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
+    ]);
+    for bin in ["npm", "pure-runner", "lb-agent"] {
+        let (status, stderr) = run_to_exit(bin, &extra).await?;
+        assert_eq!(status.code(), Some(2), "{bin}: {stderr}");
+        assert!(
+            stderr.contains("FN_NODE_CERT"),
+            "{bin} must name FN_NODE_CERT: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{bin}: one-line error: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_values_exit_2_naming_the_variable() -> anyhow::Result<()> {
+    let certs = Certs::new()?;
+    let (status, stderr) = run_to_exit(
+        "npm",
+        &merge(&[&certs.env(), &env(&[("FN_GRPC_PORT", "http")])]),
+    )
+    .await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("FN_GRPC_PORT"), "{stderr}");
+    let (status, stderr) = run_to_exit(
+        "npm",
+        &env(&[
+            ("FN_NODE_CERT", "/nonexistent/x.pem"),
+            ("FN_NODE_CERT_KEY", "/k"),
+            ("FN_NODE_CERT_AUTHORITY", "/c"),
+        ]),
+    )
+    .await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FN_NODE_CERT: file not found: /nonexistent/x.pem"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+async fn grpc_daemon_serves_health_and_stops_on_sigterm(
+    bin: &str,
+    extra: &[(String, String)],
+) -> anyhow::Result<()> {
+    let certs = Certs::new()?;
+    let port = free_port()?;
+    let address = format!("127.0.0.1:{port}");
+    let vars = merge(&[
+        &certs.env(),
+        extra,
+        &env(&[
+            ("FN_GRPC_PORT", &port.to_string()),
+            ("FN_LISTEN_ADDR", "127.0.0.1"),
+            ("FN_SHUTDOWN_TIMEOUT", "5s"),
+        ]),
+    ]);
+    let mut daemon = Daemon::spawn(bin, &vars)?;
+    daemon
+        .wait_grpc_serving(&certs.client()?, &address, READY)
+        .await?;
+
+    // A client from another CA is refused, and the daemon keeps serving.
+    let other = fn_tls::dev::DevCa::new("other")?;
+    let stranger = fn_tls::TlsMode::Mutual(other.node_tls(&[])?);
+    assert!(
+        fn_test_support::health_status(&stranger, &address)
+            .await
+            .is_err()
+    );
+    assert!(
+        fn_test_support::health_status(&certs.client()?, &address)
+            .await
+            .is_ok()
+    );
+
+    daemon.signal(Signal::SIGTERM)?;
+    let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{bin} exit on SIGTERM; log:\n{}",
+        daemon.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn npm_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow::Result<()> {
+    grpc_daemon_serves_health_and_stops_on_sigterm("npm", &[]).await
+}
+
+#[tokio::test]
+async fn pure_runner_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow::Result<()> {
+    let functions = tempfile::tempdir()?;
+    let sockets = tempfile::tempdir()?;
+    grpc_daemon_serves_health_and_stops_on_sigterm(
+        "pure-runner",
+        &env(&[
+            ("FN_FUNCTIONS_DIR", &functions.path().display().to_string()),
+            ("FN_SOCKET_DIR", &sockets.path().display().to_string()),
+            ("FN_MAX_MEMORY_MB", "512"),
+        ]),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> {
+    let certs = Certs::new()?;
+    let dir = tempfile::tempdir()?;
+    let catalog = dir.path().join("functions.toml");
+    std::fs::write(
+        &catalog,
+        "[[functions]]\napp = \"demo\"\nname = \"echo\"\ncommand = [\"fn-echo\"]\n",
+    )?;
+    let port = free_port()?;
+    let address = format!("127.0.0.1:{port}");
+    let vars = merge(&[
+        &certs.env(),
+        &env(&[
+            ("FN_PORT", &port.to_string()),
+            ("FN_LISTEN_ADDR", "127.0.0.1"),
+            ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
+            ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
+            ("FN_SHUTDOWN_TIMEOUT", "5s"),
+        ]),
+    ]);
+    let mut daemon = Daemon::spawn("lb-agent", &vars)?;
+    daemon.wait_http_health(&address, READY).await?;
+    let reply = fn_system_tests::http::get(&address, "/health").await?;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.header("fn-call-id").is_some(),
+        "every response carries Fn-Call-Id"
+    );
+    let missing = fn_system_tests::http::get(&address, "/r/demo/nope").await?;
+    assert_eq!(missing.status, 404);
+    assert!(missing.text().contains("\"error\""), "{}", missing.text());
+
+    daemon.signal(Signal::SIGTERM)?;
+    let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());
+    Ok(())
+}
