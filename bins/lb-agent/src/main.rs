@@ -78,8 +78,8 @@ async fn main() -> ExitCode {
         ack_timeout: cli.runner_ack_timeout,
         ..ClientConfig::default()
     };
-    let pool = StaticPool::new(&addresses, &tls, &client_config)
-        .unwrap_or_else(|e| exit_config_error(e));
+    let pool =
+        StaticPool::new(&addresses, &tls, &client_config).unwrap_or_else(|e| exit_config_error(e));
     let dispatcher = Dispatcher::new(
         Arc::new(pool),
         cli.placer.build(),
@@ -99,7 +99,9 @@ async fn main() -> ExitCode {
     };
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("http", move |cancel| front.serve(listener, cancel));
-    services.spawn("catalog-reload", move |cancel| reload_on_sighup(catalog, cancel));
+    services.spawn("catalog-reload", move |cancel| {
+        reload_on_sighup(catalog, cancel)
+    });
     health.set_serving().await;
     tracing::info!(port = cli.port, placer = %cli.placer, runners = addresses.len(), "lb-agent serving");
 
@@ -112,7 +114,10 @@ async fn main() -> ExitCode {
 }
 
 /// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.
-async fn reload_on_sighup(catalog: Arc<CatalogHandle>, cancel: CancellationToken) -> std::io::Result<()> {
+async fn reload_on_sighup(
+    catalog: Arc<CatalogHandle>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     loop {
