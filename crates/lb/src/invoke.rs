@@ -82,17 +82,15 @@ impl Invoker {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        if let Some(len) = req
+        let declared_len = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > self.max_request_body {
-                return Err(CallError::TooLarge {
-                    limit: self.max_request_body,
-                });
-            }
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|len| len > self.max_request_body) {
+            return Err(CallError::TooLarge {
+                limit: self.max_request_body,
+            });
         }
         let (parts, body) = req.into_parts();
         let spec = call_spec(&function, call_id, &parts);

@@ -297,7 +297,8 @@ mod tests {
 
     #[test]
     fn rejects_each_broken_field() {
-        let cases: Vec<(fn(&mut runner::Call), &str)> = vec![
+        type Breaker = fn(&mut runner::Call);
+        let cases: Vec<(Breaker, &str)> = vec![
             (|c| c.id.clear(), "id"),
             (|c| c.app = "a\nb".into(), "app"),
             (|c| c.method = "GE T".into(), "method"),

@@ -304,7 +304,9 @@ impl RunnerService {
             deadline,
             execute(reservation, &spec, ReceiverStream::new(body_rx), &out),
         );
-        tokio::pin!(pump, execute);
+        tokio::pin!(pump);
+        // Boxed, not stack-pinned, so that it can be dropped before the outcome is sent.
+        let mut execute = Box::pin(execute);
         let mut pump_done = false;
         let outcome = loop {
             tokio::select! {

@@ -43,10 +43,10 @@ pub fn cgroup_limit_mb(root: &Path, proc_self_cgroup: &str) -> Option<u64> {
             continue;
         };
         // "max" (v2) or a huge number (v1) means unlimited.
-        if let Ok(bytes) = text.trim().parse::<u64>() {
-            if bytes < (1 << 60) {
-                return Some(bytes / (1024 * 1024));
-            }
+        if let Ok(bytes) = text.trim().parse::<u64>()
+            && bytes < (1 << 60)
+        {
+            return Some(bytes / (1024 * 1024));
         }
     }
     None

@@ -231,6 +231,52 @@ impl NodeTls {
     }
 }
 
+/// A tonic server builder for `mode`: mutual TLS, or plaintext with a warning.
+///
+/// # Errors
+/// When tonic rejects the TLS configuration.
+pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder();
+    match mode {
+        TlsMode::Mutual(tls) => builder.tls_config(tls.server_config()),
+        TlsMode::Insecure => Ok(builder),
+    }
+}
+
+/// A tonic client endpoint for `address` (`host:port`) under `mode`.
+///
+/// # Errors
+/// When the address is not a valid URI authority or tonic rejects the TLS configuration.
+pub fn grpc_endpoint(
+    mode: &TlsMode,
+    address: &str,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{}://{address}", mode.scheme()))?;
+    match mode {
+        TlsMode::Mutual(tls) => {
+            let host = endpoint
+                .uri()
+                .host()
+                .unwrap_or(address)
+                .trim_matches(['[', ']']);
+            let config = tls.client_config(host);
+            endpoint.tls_config(config)
+        }
+        TlsMode::Insecure => Ok(endpoint),
+    }
+}
+
+/// Logs the plaintext warning once at start; call from `main` after logging is set up.
+pub fn warn_if_insecure(mode: &TlsMode) {
+    if matches!(mode, TlsMode::Insecure) {
+        tracing::warn!(
+            "FN_INSECURE=true: gRPC runs WITHOUT TLS; peers are not authenticated and traffic \
+             is readable on the network. Never use this outside a local experiment."
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,51 +336,5 @@ mod tests {
         std::fs::write(dir.path().join("node-key.pem"), "not a key").expect("write");
         let err = args(dir.path()).load().expect_err("not pem");
         assert!(err.to_string().starts_with("FN_NODE_CERT_KEY:"), "{err}");
-    }
-}
-
-/// A tonic server builder for `mode`: mutual TLS, or plaintext with a warning.
-///
-/// # Errors
-/// When tonic rejects the TLS configuration.
-pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::transport::Error> {
-    let builder = tonic::transport::Server::builder();
-    match mode {
-        TlsMode::Mutual(tls) => builder.tls_config(tls.server_config()),
-        TlsMode::Insecure => Ok(builder),
-    }
-}
-
-/// A tonic client endpoint for `address` (`host:port`) under `mode`.
-///
-/// # Errors
-/// When the address is not a valid URI authority or tonic rejects the TLS configuration.
-pub fn grpc_endpoint(
-    mode: &TlsMode,
-    address: &str,
-) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{}://{address}", mode.scheme()))?;
-    match mode {
-        TlsMode::Mutual(tls) => {
-            let host = endpoint
-                .uri()
-                .host()
-                .unwrap_or(address)
-                .trim_matches(['[', ']']);
-            let config = tls.client_config(host);
-            endpoint.tls_config(config)
-        }
-        TlsMode::Insecure => Ok(endpoint),
-    }
-}
-
-/// Logs the plaintext warning once at start; call from `main` after logging is set up.
-pub fn warn_if_insecure(mode: &TlsMode) {
-    if matches!(mode, TlsMode::Insecure) {
-        tracing::warn!(
-            "FN_INSECURE=true: gRPC runs WITHOUT TLS; peers are not authenticated and traffic \
-             is readable on the network. Never use this outside a local experiment."
-        );
     }
 }
