@@ -1,0 +1,66 @@
+//! Control planes: where runners come from.
+//!
+//! The npm's control loop only lists, provisions and removes runners through the
+//! [`ControlPlane`] trait; what a runner *is* (an address from a fixed list, a local process,
+//! a container) is each implementation's business:
+//! - [`static_list`]: a fixed list of runner addresses, assigned to groups as demand requires;
+//! - [`process`]: local `pure-runner` processes on free loopback ports (the one-machine
+//!   default, used by `make demo`).
+
+pub mod process;
+pub mod static_list;
+
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+
+/// A runner as a control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerInfo {
+    /// Unique and stable for the runner's life.
+    pub id: String,
+    /// `host:port` of its gRPC endpoint.
+    pub address: String,
+    /// The LB group it serves.
+    pub group: String,
+    /// When it was provisioned; the control loop orders runners by it (oldest first), so
+    /// newly added runners go to the end of LB lists.
+    pub created: SystemTime,
+}
+
+/// A control plane failure. Transient by nature: the control loop retries on its next tick.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// No more runners can be had (static list exhausted, limits reached).
+    #[error("no runner available: {0}")]
+    Exhausted(String),
+    /// Provisioning or removal failed.
+    #[error("control plane operation failed: {0}")]
+    Failed(String),
+}
+
+/// Lists, provisions and removes runners.
+pub trait ControlPlane: Send + Sync + std::fmt::Debug {
+    /// Memory of one runner, in MB.
+    fn runner_memory_mb(&self) -> u64;
+
+    /// Every runner this control plane currently has, in any group.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>>;
+
+    /// Provisions up to `count` new runners for `group` and returns those that are ready
+    /// (answering health). May return fewer than asked.
+    fn provision<'a>(
+        &'a self,
+        group: &'a str,
+        count: usize,
+    ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>>;
+
+    /// Removes a runner (it has drained or overrun its drain time).
+    fn remove<'a>(&'a self, runner: &'a RunnerInfo)
+    -> BoxFuture<'a, Result<(), ControlPlaneError>>;
+
+    /// Releases everything at npm shutdown (the process control plane reaps its children).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}

@@ -1,0 +1,480 @@
+//! The `process` control plane: runners are local `pure-runner` processes, each on a free
+//! loopback port. The one-machine default (`make demo`).
+//!
+//! - Provision: spawn the runner binary with the npm's TLS files, its memory and functions
+//!   directory; report it only once it answers the gRPC health check.
+//! - Remove: SIGTERM (the runner drains), SIGKILL if it has not exited in time.
+//! - Every spawned runner is recorded as a small file in the state directory, so an npm that
+//!   was killed and restarted adopts the runners still alive instead of spawning new ones.
+//! - On npm shutdown every runner is stopped and its record removed.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fn_tls::TlsMode;
+use futures::future::BoxFuture;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::{ControlPlane, ControlPlaneError, RunnerInfo};
+
+/// Settings of the process control plane.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// The `pure-runner` executable (`FN_RUNNER_BINARY`).
+    pub runner_binary: PathBuf,
+    /// Passed to runners as `FN_FUNCTIONS_DIR` (`FN_RUNNER_FUNCTIONS_DIR`).
+    pub functions_dir: PathBuf,
+    /// Records of spawned runners and their logs (`FN_RUNNER_STATE_DIR`).
+    pub state_dir: PathBuf,
+    /// Each runner's `FN_MAX_MEMORY_MB` (`FN_RUNNER_MEMORY_MB`).
+    pub runner_memory_mb: u64,
+    /// Environment giving runners the npm's TLS identity (`FN_NODE_CERT*` or `FN_INSECURE`).
+    pub tls_env: Vec<(String, String)>,
+    /// How the npm itself talks to runners (health checks).
+    pub tls: TlsMode,
+    /// Address runners listen on.
+    pub listen_ip: IpAddr,
+    /// Bound for a new runner to answer health.
+    pub start_timeout: Duration,
+    /// Further environment for runners (log level and format, ...).
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl ProcessConfig {
+    /// Defaults for everything but the paths and TLS.
+    pub fn new(
+        runner_binary: PathBuf,
+        functions_dir: PathBuf,
+        state_dir: PathBuf,
+        tls: TlsMode,
+    ) -> Self {
+        ProcessConfig {
+            runner_binary,
+            functions_dir,
+            state_dir,
+            runner_memory_mb: 1024,
+            tls_env: Vec::new(),
+            tls,
+            listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            start_timeout: Duration::from_secs(15),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// A runner this control plane started (or adopted after a restart).
+#[derive(Debug)]
+struct Spawned {
+    info: RunnerInfo,
+    pid: u32,
+    /// `None` for runners adopted from a previous npm process.
+    child: Option<Child>,
+}
+
+/// Spawns local runner processes.
+#[derive(Debug)]
+pub struct ProcessControlPlane {
+    config: ProcessConfig,
+    runners: Mutex<Vec<Spawned>>,
+}
+
+/// A setup problem of the process control plane (configuration: exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessSetupError {
+    #[error("FN_RUNNER_BINARY: {} is not an executable file", .0.display())]
+    Binary(PathBuf),
+    #[error("FN_RUNNER_FUNCTIONS_DIR: {} is not a directory", .0.display())]
+    FunctionsDir(PathBuf),
+    #[error("FN_RUNNER_STATE_DIR: cannot use {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const RECORD_EXT: &str = "runner";
+
+impl ProcessControlPlane {
+    /// Checks the configuration and adopts runners recorded by a previous npm process that
+    /// are still alive and healthy; stale records are removed.
+    ///
+    /// # Errors
+    /// [`ProcessSetupError`] naming the variable at fault.
+    pub async fn new(config: ProcessConfig) -> Result<Self, ProcessSetupError> {
+        if !config.runner_binary.is_file() {
+            return Err(ProcessSetupError::Binary(config.runner_binary));
+        }
+        if !config.functions_dir.is_dir() {
+            return Err(ProcessSetupError::FunctionsDir(config.functions_dir));
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| {
+            ProcessSetupError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            }
+        })?;
+        let entries =
+            std::fs::read_dir(&config.state_dir).map_err(|source| ProcessSetupError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+        let mut adopted = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(RECORD_EXT) {
+                continue;
+            }
+            match read_record(&path) {
+                Some((info, pid)) if pid_alive(pid) && health(&config.tls, &info.address).await => {
+                    tracing::info!(runner = %info.id, address = %info.address, pid, "adopted a runner from a previous npm process");
+                    adopted.push(Spawned {
+                        info,
+                        pid,
+                        child: None,
+                    });
+                }
+                _ => {
+                    tracing::info!(record = %path.display(), "removing the record of a runner that is gone");
+                    remove_quietly(&path);
+                }
+            }
+        }
+        Ok(ProcessControlPlane {
+            config,
+            runners: Mutex::new(adopted),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Spawned>> {
+        self.runners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join(format!("{id}.{RECORD_EXT}"))
+    }
+
+    async fn spawn_one(&self, group: &str) -> Result<Spawned, ControlPlaneError> {
+        let failed = |what: String| ControlPlaneError::Failed(what);
+        let port =
+            free_port(self.config.listen_ip).map_err(|e| failed(format!("no free port: {e}")))?;
+        let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let address = SocketAddr::new(self.config.listen_ip, port).to_string();
+        let sock_dir = self.config.state_dir.join(&id);
+        let log_path = self.config.state_dir.join(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
+        let log_err = log.try_clone().map_err(|e| failed(e.to_string()))?;
+        let mut cmd = Command::new(&self.config.runner_binary);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("FN_GRPC_PORT", port.to_string())
+            .env("FN_LISTEN_ADDR", self.config.listen_ip.to_string())
+            .env("FN_MAX_MEMORY_MB", self.config.runner_memory_mb.to_string())
+            .env("FN_FUNCTIONS_DIR", &self.config.functions_dir)
+            .env("FN_SOCKET_DIR", &sock_dir)
+            .envs(self.config.tls_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Survives an npm crash on purpose: a restarted npm adopts it.
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            failed(format!(
+                "starting {}: {e}",
+                self.config.runner_binary.display()
+            ))
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| failed("runner exited at once".into()))?;
+        let info = RunnerInfo {
+            id: id.clone(),
+            address: address.clone(),
+            group: group.to_owned(),
+            created: SystemTime::now(),
+        };
+        if let Err(e) = write_record(&self.record_path(&id), &info, pid) {
+            tracing::warn!(error = %e, "cannot record the runner; a restarted npm will not adopt it");
+        }
+
+        // Ready only once it answers health.
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if health(&self.config.tls, &address).await {
+                tracing::info!(runner = %id, %address, pid, group, "runner ready");
+                return Ok(Spawned {
+                    info,
+                    pid,
+                    child: Some(child),
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                remove_quietly(&self.record_path(&id));
+                return Err(failed(format!(
+                    "runner {id} exited with {status} before answering health; see {}",
+                    log_path.display()
+                )));
+            }
+            if started.elapsed() > self.config.start_timeout {
+                stop(pid, Some(&mut child), Duration::from_secs(1)).await;
+                remove_quietly(&self.record_path(&id));
+                return Err(failed(format!(
+                    "runner {id} did not answer health within {:?}; see {}",
+                    self.config.start_timeout,
+                    log_path.display()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+}
+
+impl ControlPlane for ProcessControlPlane {
+    fn runner_memory_mb(&self) -> u64 {
+        self.config.runner_memory_mb
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        let mut runners = self.lock();
+        // Runners that exited are no longer listed.
+        runners.retain_mut(|r| {
+            let exited = match &mut r.child {
+                Some(child) => !matches!(child.try_wait(), Ok(None)),
+                None => !pid_alive(r.pid),
+            };
+            if exited {
+                tracing::warn!(runner = %r.info.id, pid = r.pid, "runner process exited");
+                remove_quietly(
+                    &self
+                        .config
+                        .state_dir
+                        .join(format!("{}.{RECORD_EXT}", r.info.id)),
+                );
+            }
+            !exited
+        });
+        let listed = runners.iter().map(|r| r.info.clone()).collect();
+        Box::pin(async move { Ok(listed) })
+    }
+
+    fn provision<'a>(
+        &'a self,
+        group: &'a str,
+        count: usize,
+    ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        Box::pin(async move {
+            let spawns = (0..count).map(|_| self.spawn_one(group));
+            let results = futures::future::join_all(spawns).await;
+            let mut ready = Vec::new();
+            let mut last_error = None;
+            for result in results {
+                match result {
+                    Ok(spawned) => {
+                        ready.push(spawned.info.clone());
+                        self.lock().push(spawned);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "provisioning a runner failed");
+                        last_error = Some(e);
+                    }
+                }
+            }
+            match (ready.is_empty(), last_error) {
+                (true, Some(e)) => Err(e),
+                _ => Ok(ready),
+            }
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        runner: &'a RunnerInfo,
+    ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
+        Box::pin(async move {
+            let spawned = {
+                let mut runners = self.lock();
+                runners
+                    .iter()
+                    .position(|r| r.info.id == runner.id)
+                    .map(|i| runners.remove(i))
+            };
+            if let Some(mut s) = spawned {
+                stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
+                tracing::info!(runner = %runner.id, pid = s.pid, "runner removed");
+            }
+            remove_quietly(&self.record_path(&runner.id));
+            remove_dir_quietly(&self.config.state_dir.join(&runner.id));
+            Ok(())
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
+            let stops = all.into_iter().map(|mut s| async move {
+                stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
+                remove_quietly(&self.record_path(&s.info.id));
+                remove_dir_quietly(&self.config.state_dir.join(&s.info.id));
+            });
+            futures::future::join_all(stops).await;
+            tracing::info!("all spawned runners stopped");
+        })
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+async fn stop(pid: u32, child: Option<&mut Child>, grace: Duration) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let pid_t = Pid::from_raw(raw);
+    if let Err(e) = kill(pid_t, Signal::SIGTERM) {
+        tracing::debug!(pid, error = %e, "SIGTERM failed; the runner is probably gone");
+    }
+    match child {
+        Some(child) => {
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                tracing::warn!(pid, "runner did not stop within {grace:?}; killing it");
+                if let Err(e) = child.kill().await {
+                    tracing::debug!(pid, error = %e, "kill failed");
+                }
+            }
+        }
+        None => {
+            let deadline = tokio::time::Instant::now() + grace;
+            while pid_alive(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if pid_alive(pid) {
+                tracing::warn!(pid, "runner did not stop within {grace:?}; killing it");
+                if let Err(e) = kill(pid_t, Signal::SIGKILL) {
+                    tracing::debug!(pid, error = %e, "SIGKILL failed");
+                }
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks existence; a zombie still "exists", so look at /proc too.
+    kill(Pid::from_raw(raw), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+async fn health(tls: &TlsMode, address: &str) -> bool {
+    let Ok(endpoint) = fn_tls::grpc_endpoint(tls, address) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+}
+
+fn free_port(ip: IpAddr) -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Record format, one line: `id address group created_unix_ms pid`.
+fn write_record(path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<()> {
+    let created = info
+        .created
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    std::fs::write(
+        path,
+        format!(
+            "{} {} {} {created} {pid}\n",
+            info.id, info.address, info.group
+        ),
+    )
+}
+
+fn read_record(path: &Path) -> Option<(RunnerInfo, u32)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut parts = text.split_whitespace();
+    let id = parts.next()?.to_owned();
+    let address = parts.next()?.to_owned();
+    let group = parts.next()?.to_owned();
+    let created_ms: u64 = parts.next()?.parse().ok()?;
+    let pid: u32 = parts.next()?.parse().ok()?;
+    Some((
+        RunnerInfo {
+            id,
+            address,
+            group,
+            created: UNIX_EPOCH + Duration::from_millis(created_ms),
+        },
+        pid,
+    ))
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove file");
+    }
+}
+
+fn remove_dir_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let info = RunnerInfo {
+            id: "r-1".into(),
+            address: "127.0.0.1:4000".into(),
+            group: "default".into(),
+            created: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        let path = dir.path().join("r-1.runner");
+        write_record(&path, &info, 42).expect("write");
+        assert_eq!(read_record(&path), Some((info, 42)));
+        std::fs::write(&path, "garbage").expect("write");
+        assert_eq!(read_record(&path), None);
+    }
+
+    #[test]
+    fn own_pid_is_alive() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX - 1));
+    }
+}

@@ -1,0 +1,96 @@
+//! Demand per LB group: the sum of the latest capacity adverts of every live LB.
+//!
+//! Each LB reports, per group, the memory of its calls in flight or waiting. The npm keeps
+//! the latest figure of each LB with the time it arrived; an LB silent for longer than the
+//! purge interval is forgotten (it crashed or was partitioned away), and its demand with it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// One LB's latest advert.
+#[derive(Debug, Clone)]
+struct LbAdvert {
+    last_seen: Instant,
+    /// Group → MB.
+    groups: BTreeMap<String, u64>,
+}
+
+/// Latest adverts of all live LBs.
+#[derive(Debug, Default)]
+pub struct DemandBook {
+    lbs: BTreeMap<String, LbAdvert>,
+}
+
+impl DemandBook {
+    /// Records an advert from `lb_id`: it replaces that LB's previous figures.
+    pub fn record(
+        &mut self,
+        lb_id: &str,
+        groups: impl IntoIterator<Item = (String, u64)>,
+        now: Instant,
+    ) {
+        let advert = self.lbs.entry(lb_id.to_owned()).or_insert_with(|| {
+            tracing::info!(lb_id, "new LB advertising capacity");
+            LbAdvert {
+                last_seen: now,
+                groups: BTreeMap::new(),
+            }
+        });
+        advert.last_seen = now;
+        advert.groups = groups.into_iter().collect();
+    }
+
+    /// Forgets LBs not heard from for `purge_after`; returns their ids.
+    pub fn purge(&mut self, now: Instant, purge_after: Duration) -> Vec<String> {
+        let silent: Vec<String> = self
+            .lbs
+            .iter()
+            .filter(|(_, a)| now.duration_since(a.last_seen) > purge_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &silent {
+            self.lbs.remove(id);
+            tracing::warn!(lb_id = %id, silent_for = ?purge_after, "purged an LB that stopped advertising; its demand is dropped");
+        }
+        silent
+    }
+
+    /// Total MB wanted by all live LBs for `group`.
+    pub fn wanted_mb(&self, group: &str) -> u64 {
+        self.lbs.values().filter_map(|a| a.groups.get(group)).sum()
+    }
+
+    /// Every group some live LB has mentioned.
+    pub fn groups(&self) -> impl Iterator<Item = &String> {
+        self.lbs.values().flat_map(|a| a.groups.keys())
+    }
+
+    /// Number of live LBs.
+    pub fn lb_count(&self) -> usize {
+        self.lbs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn sums_live_lbs_and_purges_silent_ones() {
+        let mut book = DemandBook::default();
+        let t0 = Instant::now();
+        book.record("lb1", [("g".into(), 256)], t0);
+        book.record("lb2", [("g".into(), 128), ("h".into(), 64)], t0);
+        assert_eq!(book.wanted_mb("g"), 384);
+        assert_eq!(book.wanted_mb("h"), 64);
+        // lb1 keeps advertising, lb2 goes silent.
+        book.record("lb1", [("g".into(), 512)], t0 + Duration::from_secs(4));
+        let purged = book.purge(t0 + Duration::from_secs(6), Duration::from_secs(5));
+        assert_eq!(purged, vec!["lb2".to_string()]);
+        assert_eq!(book.wanted_mb("g"), 512);
+        assert_eq!(book.wanted_mb("h"), 0);
+        assert_eq!(book.lb_count(), 1);
+    }
+}

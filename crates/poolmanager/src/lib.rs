@@ -1,0 +1,25 @@
+//! The npm (node pool manager): keeps each LB group's runner fleet sized to demand.
+//!
+//! Layout:
+//! - [`demand`]: the latest capacity advert of every live LB, per group; purging of LBs
+//!   that went silent.
+//! - [`predictor`]: the [`Predictor`](predictor::Predictor) trait and the default windowed
+//!   predictor (up at once, down after a quiet window).
+//! - [`control_plane`]: the [`ControlPlane`](control_plane::ControlPlane) trait and the
+//!   `static` and `process` implementations.
+//! - [`manager`]: the control loop (load, purge, scale, drain, remove, publish).
+//! - [`service`]: the gRPC services the LBs call.
+//! - [`probe`]: asking runners how many calls they have in flight.
+
+pub mod control_plane;
+pub mod demand;
+pub mod manager;
+pub mod predictor;
+pub mod probe;
+pub mod service;
+
+#[cfg(test)]
+mod tests;
+
+pub use manager::{ControlLoop, ManagerConfig, Shared};
+pub use service::NpmService;

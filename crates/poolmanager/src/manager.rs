@@ -1,0 +1,406 @@
+//! The control loop: keeps each LB group's runner set sized to its demand.
+//!
+//! One task owns the runner set ([`ControlLoop`]); the gRPC services share only the demand
+//! book (written by adverts) and the published membership (read by `GetLBGroup`), both in
+//! [`Shared`]. Every tick:
+//!
+//! 1. list the control plane's runners: the first successful list loads the runner set
+//!    (nothing is scaled before it, so a restarted npm never provisions twice); later lists
+//!    drop runners the control plane no longer reports;
+//! 2. purge LBs that went silent;
+//! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
+//!    scale up by re-activating draining runners (newest first), then provisioning a
+//!    bounded batch; scale down by moving the newest active runners to draining;
+//! 4. remove draining runners that have no calls in flight, or that overran the maximum
+//!    drain time;
+//! 5. publish each group's active runners, oldest first (a stable order shared by all LBs).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::control_plane::{ControlPlane, RunnerInfo};
+use crate::demand::DemandBook;
+use crate::predictor::{Predictor, WindowPredictor};
+
+/// Scaling knobs (`FN_MIN_RUNNERS`, `FN_MAX_RUNNERS`, ...).
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Runners every known group keeps even with no demand.
+    pub min_runners: usize,
+    /// Most runners per group.
+    pub max_runners: usize,
+    /// How long demand must stay low before runners drain.
+    pub scale_down_delay: Duration,
+    /// A draining runner is removed after this even with calls in flight.
+    pub max_drain_time: Duration,
+    /// An LB silent for this long is forgotten with its demand.
+    pub lb_purge_after: Duration,
+    /// Most runners provisioned per group per tick.
+    pub provision_batch: usize,
+    /// Time between ticks.
+    pub tick: Duration,
+    /// Minimum time a runner stays draining before removal, so that LBs polling the
+    /// membership have dropped it (they poll every 500 ms).
+    pub drain_settle: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            min_runners: 0,
+            max_runners: 10,
+            scale_down_delay: Duration::from_secs(30),
+            max_drain_time: Duration::from_secs(300),
+            lb_purge_after: Duration::from_secs(5),
+            provision_batch: 4,
+            tick: Duration::from_secs(1),
+            drain_settle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How the control loop learns whether a draining runner still has calls.
+pub trait RunnerProbe: Send + Sync + std::fmt::Debug {
+    /// Calls in flight on `runner`.
+    fn calls_in_flight<'a>(&'a self, runner: &'a RunnerInfo) -> BoxFuture<'a, Result<u64, String>>;
+}
+
+/// Each group's active runners, in LB order.
+pub type Membership = BTreeMap<String, Arc<Vec<RunnerInfo>>>;
+
+/// State shared with the gRPC services.
+#[derive(Debug, Default)]
+pub struct Shared {
+    demand: Mutex<DemandBook>,
+    membership: RwLock<Arc<Membership>>,
+}
+
+impl Shared {
+    /// Records an LB's advert.
+    pub fn record_advert(&self, lb_id: &str, groups: Vec<(String, u64)>, now: Instant) {
+        self.demand
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(lb_id, groups, now);
+    }
+
+    /// The active runners of `group` in LB order (empty when unknown).
+    pub fn group(&self, group: &str) -> Arc<Vec<RunnerInfo>> {
+        self.membership().get(group).cloned().unwrap_or_default()
+    }
+
+    /// The whole published membership.
+    pub fn membership(&self) -> Arc<Membership> {
+        Arc::clone(
+            &self
+                .membership
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn publish(&self, membership: Membership) {
+        *self
+            .membership
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(membership);
+    }
+
+    fn with_demand<T>(&self, f: impl FnOnce(&mut DemandBook) -> T) -> T {
+        f(&mut self
+            .demand
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// A runner's place in the life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerState {
+    Active,
+    Draining { since: Instant },
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    info: RunnerInfo,
+    state: RunnerState,
+}
+
+/// The control loop's own state. Owned by one task.
+#[derive(Debug)]
+pub struct ControlLoop {
+    shared: Arc<Shared>,
+    control_plane: Arc<dyn ControlPlane>,
+    probe: Arc<dyn RunnerProbe>,
+    config: ManagerConfig,
+    /// Ordered by (created, id): oldest first.
+    runners: Vec<Entry>,
+    predictors: HashMap<String, WindowPredictor>,
+    loaded: bool,
+}
+
+impl ControlLoop {
+    pub fn new(
+        shared: Arc<Shared>,
+        control_plane: Arc<dyn ControlPlane>,
+        probe: Arc<dyn RunnerProbe>,
+        config: ManagerConfig,
+    ) -> Self {
+        ControlLoop {
+            shared,
+            control_plane,
+            probe,
+            config,
+            runners: Vec::new(),
+            predictors: HashMap::new(),
+            loaded: false,
+        }
+    }
+
+    /// Ticks until cancelled, then asks the control plane to release its runners.
+    ///
+    /// # Errors
+    /// Never; the signature fits the lifecycle's service runner.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut interval = tokio::time::interval(self.config.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.tick() => {}
+            }
+        }
+        self.control_plane.shutdown().await;
+        Ok(())
+    }
+
+    /// The state of every runner the loop knows (tests and logs).
+    pub fn runner_states(&self) -> Vec<(RunnerInfo, RunnerState)> {
+        self.runners
+            .iter()
+            .map(|e| (e.info.clone(), e.state))
+            .collect()
+    }
+
+    /// One pass of the control loop.
+    pub async fn tick(&mut self) {
+        let now = Instant::now();
+        if !self.sync_with_control_plane().await {
+            return;
+        }
+        self.shared
+            .with_demand(|d| d.purge(now, self.config.lb_purge_after));
+        let groups = self.known_groups();
+        for group in &groups {
+            self.scale_group(group, now).await;
+        }
+        self.remove_drained(now).await;
+        self.publish();
+    }
+
+    /// Returns false while the runner set has never been loaded.
+    async fn sync_with_control_plane(&mut self) -> bool {
+        let listed = match self.control_plane.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the control plane's runners");
+                return self.loaded;
+            }
+        };
+        if !self.loaded {
+            tracing::info!(
+                runners = listed.len(),
+                "loaded the runner set from the control plane"
+            );
+            self.loaded = true;
+        }
+        let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
+        self.runners.retain(|e| {
+            let keep = listed_ids.contains(e.info.id.as_str());
+            if !keep {
+                tracing::warn!(runner = %e.info.id, address = %e.info.address, "runner no longer reported by the control plane; dropped");
+            }
+            keep
+        });
+        for info in listed {
+            if !self.runners.iter().any(|e| e.info.id == info.id) {
+                tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner joined");
+                self.runners.push(Entry {
+                    info,
+                    state: RunnerState::Active,
+                });
+            }
+        }
+        self.sort();
+        true
+    }
+
+    fn sort(&mut self) {
+        self.runners
+            .sort_by(|a, b| (a.info.created, &a.info.id).cmp(&(b.info.created, &b.info.id)));
+    }
+
+    fn known_groups(&self) -> BTreeSet<String> {
+        let mut groups: BTreeSet<String> =
+            self.shared.with_demand(|d| d.groups().cloned().collect());
+        groups.extend(self.runners.iter().map(|e| e.info.group.clone()));
+        groups.extend(self.predictors.keys().cloned());
+        if self.config.min_runners > 0 {
+            groups.insert("default".to_owned());
+        }
+        groups
+    }
+
+    async fn scale_group(&mut self, group: &str, now: Instant) {
+        let wanted = self.shared.with_demand(|d| d.wanted_mb(group));
+        let runner_mb = self.control_plane.runner_memory_mb();
+        let window = self.config.scale_down_delay;
+        let predicted = self
+            .predictors
+            .entry(group.to_owned())
+            .or_insert_with(|| WindowPredictor::new(window))
+            .desired(wanted, runner_mb, now);
+        let desired = predicted
+            .max(self.config.min_runners)
+            .min(self.config.max_runners);
+        let active = self.count(group, |s| s == RunnerState::Active);
+
+        if desired > active {
+            let mut short = desired - active;
+            // Newest draining runners first: they are the most recently warmed.
+            for entry in self.runners.iter_mut().rev() {
+                if short == 0 {
+                    break;
+                }
+                if entry.info.group == group && matches!(entry.state, RunnerState::Draining { .. })
+                {
+                    entry.state = RunnerState::Active;
+                    short -= 1;
+                    tracing::info!(runner = %entry.info.id, group, "re-activated a draining runner");
+                }
+            }
+            if short > 0 {
+                let batch = short.min(self.config.provision_batch);
+                tracing::info!(
+                    group,
+                    wanted_mb = wanted,
+                    desired,
+                    active,
+                    provisioning = batch,
+                    "scaling up"
+                );
+                match self.control_plane.provision(group, batch).await {
+                    Ok(new) => {
+                        for info in new {
+                            self.runners.push(Entry {
+                                info,
+                                state: RunnerState::Active,
+                            });
+                        }
+                        self.sort();
+                    }
+                    Err(e) => {
+                        tracing::error!(group, error = %e, "provisioning failed; retrying next tick")
+                    }
+                }
+            }
+        } else if desired < active {
+            let mut excess = active - desired;
+            tracing::info!(
+                group,
+                wanted_mb = wanted,
+                desired,
+                active,
+                draining = excess,
+                "scaling down"
+            );
+            for entry in self.runners.iter_mut().rev() {
+                if excess == 0 {
+                    break;
+                }
+                if entry.info.group == group && entry.state == RunnerState::Active {
+                    entry.state = RunnerState::Draining { since: now };
+                    excess -= 1;
+                    tracing::info!(runner = %entry.info.id, group, "runner draining");
+                }
+            }
+        }
+    }
+
+    fn count(&self, group: &str, pred: impl Fn(RunnerState) -> bool) -> usize {
+        self.runners
+            .iter()
+            .filter(|e| e.info.group == group && pred(e.state))
+            .count()
+    }
+
+    async fn remove_drained(&mut self, now: Instant) {
+        let draining: Vec<(RunnerInfo, Instant)> = self
+            .runners
+            .iter()
+            .filter_map(|e| match e.state {
+                RunnerState::Draining { since } => Some((e.info.clone(), since)),
+                RunnerState::Active => None,
+            })
+            .collect();
+        for (info, since) in draining {
+            let drained_for = now.duration_since(since);
+            if drained_for < self.config.drain_settle {
+                continue;
+            }
+            let overran = drained_for >= self.config.max_drain_time;
+            let idle = !overran
+                && match self.probe.calls_in_flight(&info).await {
+                    Ok(n) => n == 0,
+                    Err(e) => {
+                        tracing::debug!(runner = %info.id, error = %e, "cannot read a draining runner's status");
+                        false
+                    }
+                };
+            if !(idle || overran) {
+                continue;
+            }
+            if overran {
+                tracing::warn!(runner = %info.id, max = ?self.config.max_drain_time, "runner overran the maximum drain time; removing it");
+            }
+            match self.control_plane.remove(&info).await {
+                Ok(()) => {
+                    tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
+                    self.runners.retain(|e| e.info.id != info.id);
+                }
+                Err(e) => {
+                    tracing::error!(runner = %info.id, error = %e, "removing a runner failed; retrying next tick")
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut lists: BTreeMap<String, Vec<RunnerInfo>> = BTreeMap::new();
+        for entry in self
+            .runners
+            .iter()
+            .filter(|e| e.state == RunnerState::Active)
+        {
+            lists
+                .entry(entry.info.group.clone())
+                .or_default()
+                .push(entry.info.clone());
+        }
+        let membership = lists
+            .into_iter()
+            .map(|(group, list)| (group, Arc::new(list)))
+            .collect();
+        self.shared.publish(membership);
+    }
+}

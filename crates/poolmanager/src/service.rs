@@ -1,0 +1,93 @@
+//! The npm's gRPC services: `NodePoolScaler.AdvertiseCapacity` (LB → npm demand) and
+//! `RunnerManager.GetLBGroup` (LB ← npm runner lists). Both only touch [`Shared`].
+
+use std::sync::Arc;
+
+use fn_protocol::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
+use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManagerServer};
+use fn_protocol::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembership, Runner};
+use tonic::{Request, Response, Status};
+
+use crate::manager::Shared;
+
+/// Most groups accepted in one advert.
+pub const MAX_GROUPS_PER_ADVERT: usize = 1024;
+/// Longest LB or group id accepted.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Both npm services over the shared state. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NpmService {
+    shared: Arc<Shared>,
+}
+
+impl NpmService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        NpmService { shared }
+    }
+
+    pub fn scaler_server(self) -> NodePoolScalerServer<Self> {
+        NodePoolScalerServer::new(self)
+    }
+
+    pub fn manager_server(self) -> RunnerManagerServer<Self> {
+        RunnerManagerServer::new(self)
+    }
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{what} must be 1-{MAX_ID_LEN} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl NodePoolScaler for NpmService {
+    async fn advertise_capacity(
+        &self,
+        request: Request<CapacitySnapshotList>,
+    ) -> Result<Response<()>, Status> {
+        let advert = request.into_inner();
+        check_id("lb_id", &advert.lb_id)?;
+        if advert.snapshots.len() > MAX_GROUPS_PER_ADVERT {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_GROUPS_PER_ADVERT} groups per advert"
+            )));
+        }
+        let mut groups = Vec::with_capacity(advert.snapshots.len());
+        for s in advert.snapshots {
+            check_id("group_id", &s.group_id)?;
+            groups.push((s.group_id, s.mem_mb_total));
+        }
+        self.shared
+            .record_advert(&advert.lb_id, groups, tokio::time::Instant::now());
+        Ok(Response::new(()))
+    }
+}
+
+#[tonic::async_trait]
+impl RunnerManager for NpmService {
+    async fn get_lb_group(
+        &self,
+        request: Request<LbGroupId>,
+    ) -> Result<Response<LbGroupMembership>, Status> {
+        let group = request.into_inner().id;
+        check_id("group id", &group)?;
+        let runners = self
+            .shared
+            .group(&group)
+            .iter()
+            .map(|r| Runner {
+                id: r.id.clone(),
+                address: r.address.clone(),
+            })
+            .collect();
+        Ok(Response::new(LbGroupMembership {
+            group_id: group,
+            runners,
+        }))
+    }
+}
