@@ -110,7 +110,14 @@ async fn grpc_daemon_serves_health_and_stops_on_sigterm(
 
 #[tokio::test]
 async fn npm_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow::Result<()> {
-    grpc_daemon_serves_health_and_stops_on_sigterm("npm", &[]).await
+    grpc_daemon_serves_health_and_stops_on_sigterm(
+        "npm",
+        &env(&[
+            ("FN_CONTROL_PLANE", "static"),
+            ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
+        ]),
+    )
+    .await
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use clap::Parser;
 use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::{CancellationToken, Health, Services};
-use fn_nodepool::{CapacityTracker, ClientConfig, StaticPool};
+use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool, StaticPool};
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
 
@@ -34,9 +34,17 @@ struct Cli {
     /// How long a call may wait for a runner with room before 503.
     #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     placer_timeout: Duration,
-    /// Runners (host:port, comma-separated) serving every LB group.
+    /// Runners (host:port, comma-separated) serving every LB group; used when
+    /// FN_NPM_ADDRESS is not set.
     #[arg(long, env = "FN_RUNNER_ADDRESSES", value_delimiter = ',')]
     runner_addresses: Vec<String>,
+    /// The npm (host:port): runner lists per LB group come from it, and capacity adverts go
+    /// to it.
+    #[arg(long, env = "FN_NPM_ADDRESS")]
+    npm_address: Option<String>,
+    /// Time between capacity adverts to the npm.
+    #[arg(long, env = "FN_ADVERTISE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    advertise_interval: Duration,
     /// Largest request body accepted, in bytes; larger gets 413.
     #[arg(long, env = "FN_MAX_REQUEST_BODY", default_value_t = 32 * 1024 * 1024)]
     max_request_body: u64,
@@ -65,8 +73,22 @@ async fn main() -> ExitCode {
         .map(|a| a.trim().to_owned())
         .filter(|a| !a.is_empty())
         .collect();
-    if addresses.is_empty() {
-        exit_config_error("FN_RUNNER_ADDRESSES: required (runner host:port list)");
+    let npm_address = cli
+        .npm_address
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty());
+    if let Some(npm) = npm_address {
+        fn_nodepool::pool::check_host_port(npm).unwrap_or_else(|e| {
+            exit_config_error(
+                e.to_string()
+                    .replace("FN_RUNNER_ADDRESSES", "FN_NPM_ADDRESS"),
+            )
+        });
+    } else if addresses.is_empty() {
+        exit_config_error(
+            "FN_RUNNER_ADDRESSES: required unless FN_NPM_ADDRESS is set (runner host:port list)",
+        );
     }
     fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
@@ -78,17 +100,33 @@ async fn main() -> ExitCode {
         ack_timeout: cli.runner_ack_timeout,
         ..ClientConfig::default()
     };
-    let pool =
-        StaticPool::new(&addresses, &tls, &client_config).unwrap_or_else(|e| exit_config_error(e));
+    let capacity = CapacityTracker::new();
+    let lb_id = uuid::Uuid::new_v4().to_string();
+    let mut background: Vec<NpmTask> = Vec::new();
+    let pool: Arc<dyn RunnerPool> = match npm_address {
+        Some(npm) => {
+            let pool = NpmPool::new(npm, &tls, client_config.clone(), Duration::from_millis(500))
+                .unwrap_or_else(|e| exit_config_error(format!("FN_NPM_ADDRESS: {e}")));
+            let advertiser =
+                Advertiser::new(&lb_id, capacity.clone(), npm, &tls, cli.advertise_interval)
+                    .unwrap_or_else(|e| exit_config_error(format!("FN_NPM_ADDRESS: {e}")));
+            background.push(NpmTask::Pool(pool.clone()));
+            background.push(NpmTask::Advertiser(advertiser));
+            Arc::new(pool)
+        }
+        None => Arc::new(
+            StaticPool::new(&addresses, &tls, &client_config)
+                .unwrap_or_else(|e| exit_config_error(e)),
+        ),
+    };
     let dispatcher = Dispatcher::new(
-        Arc::new(pool),
+        pool,
         cli.placer.build(),
         DispatchConfig {
             placer_timeout: cli.placer_timeout,
             ..DispatchConfig::default()
         },
     );
-    let capacity = CapacityTracker::new();
     let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body);
     let (health, _grpc_health) = Health::new(&[]);
     let front = Front::new(Arc::clone(&catalog), invoker, health.clone());
@@ -102,8 +140,18 @@ async fn main() -> ExitCode {
     services.spawn("catalog-reload", move |cancel| {
         reload_on_sighup(catalog, cancel)
     });
+    for task in background {
+        match task {
+            NpmTask::Pool(pool) => {
+                services.spawn("npm-runner-lists", move |cancel| pool.run(cancel))
+            }
+            NpmTask::Advertiser(a) => {
+                services.spawn("capacity-advertiser", move |cancel| a.run(cancel))
+            }
+        }
+    }
     health.set_serving().await;
-    tracing::info!(port = cli.port, placer = %cli.placer, runners = addresses.len(), "lb-agent serving");
+    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), "lb-agent serving");
 
     let shutdown = async {
         if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
@@ -111,6 +159,12 @@ async fn main() -> ExitCode {
         }
     };
     fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
+}
+
+/// Background work of the npm-fed mode.
+enum NpmTask {
+    Pool(NpmPool),
+    Advertiser(Advertiser),
 }
 
 /// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.

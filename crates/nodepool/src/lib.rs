@@ -8,13 +8,19 @@
 //!   and the [`StaticPool`] from `FN_RUNNER_ADDRESSES`.
 //! - [`capacity`]: per-LB-group accounting of the memory of calls in flight or waiting, for
 //!   the capacity adverts to the npm.
+//! - [`npm_pool`]: the [`NpmPool`], runner lists polled from the npm per LB group.
+//! - [`advertiser`]: the [`Advertiser`], sending the capacity totals to the npm.
 //! - [`retry`]: the one place that uses the `backoff` crate.
 
+pub mod advertiser;
 pub mod capacity;
 pub mod client;
+pub mod npm_pool;
 pub mod pool;
 pub mod retry;
 
+pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
 pub use client::{ClientConfig, Engaged, RunnerClient, TryCallError};
+pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};

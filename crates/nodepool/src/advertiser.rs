@@ -1,0 +1,113 @@
+//! The LB's capacity advertiser: tells the npm, every interval, how much memory each LB
+//! group needs (calls in flight or waiting for a runner).
+//!
+//! It reads the [`CapacityTracker`] and never touches the call path. A group that went idle
+//! is advertised once more at zero and then forgotten. A failed advert is logged and the
+//! next tick tries again; tonic reconnects the channel underneath.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fn_protocol::poolmanager::node_pool_scaler_client::NodePoolScalerClient;
+use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList};
+use fn_tls::TlsMode;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::CapacityTracker;
+
+/// Sends capacity adverts to the npm.
+#[derive(Debug)]
+pub struct Advertiser {
+    lb_id: String,
+    tracker: CapacityTracker,
+    client: NodePoolScalerClient<Channel>,
+    interval: Duration,
+    /// Whether the last advert failed (to log a recovery once, and failures once).
+    failing: bool,
+}
+
+impl Advertiser {
+    /// An advertiser for the npm at `npm_address` (`host:port`).
+    ///
+    /// # Errors
+    /// When the address is invalid or the TLS configuration is rejected.
+    pub fn new(
+        lb_id: impl Into<String>,
+        tracker: CapacityTracker,
+        npm_address: &str,
+        tls: &TlsMode,
+        interval: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = fn_tls::grpc_endpoint(tls, npm_address)?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(interval.max(Duration::from_secs(1)))
+            .connect_lazy();
+        Ok(Advertiser {
+            lb_id: lb_id.into(),
+            tracker,
+            client: NodePoolScalerClient::new(channel),
+            interval,
+            failing: false,
+        })
+    }
+
+    /// Advertises every interval until cancelled, then once more (the final figures).
+    ///
+    /// # Errors
+    /// Never; the signature fits the lifecycle's service runner.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => self.advertise_once().await,
+            }
+        }
+        self.advertise_once().await;
+        Ok(())
+    }
+
+    /// Sends the current totals of every group (including groups that just went to zero).
+    pub async fn advertise_once(&mut self) {
+        // Sent even when empty: an advert is also the LB's heartbeat, so the npm purges
+        // only LBs that are really gone.
+        let totals = self.tracker.snapshot();
+        let ts_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let request = CapacitySnapshotList {
+            ts_unix_ms,
+            lb_id: self.lb_id.clone(),
+            snapshots: totals
+                .iter()
+                .map(|(group, mb)| CapacitySnapshot {
+                    group_id: group.clone(),
+                    mem_mb_total: *mb,
+                })
+                .collect(),
+        };
+        match self.client.advertise_capacity(request).await {
+            Ok(_) => {
+                if self.failing {
+                    tracing::info!("capacity adverts reach the npm again");
+                    self.failing = false;
+                }
+                let zero: Vec<&String> = totals
+                    .iter()
+                    .filter(|(_, mb)| **mb == 0)
+                    .map(|(g, _)| g)
+                    .collect();
+                self.tracker.forget_idle(zero);
+            }
+            Err(status) => {
+                if self.failing {
+                    tracing::debug!(error = %status, "capacity advert failed");
+                } else {
+                    tracing::warn!(error = %status, "capacity advert to the npm failed; retrying every {:?}", self.interval);
+                    self.failing = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The npm-fed runner pool (`FN_NPM_ADDRESS`): each LB group's runner list as the npm
+//! publishes it.
+//!
+//! A group is polled once the LB has seen a call for it (the first lookup registers it and
+//! wakes the poller), then every poll interval. The npm's order is kept, because consistent
+//! hashing depends on every LB having the same list. Clients are reused by address, so a
+//! runner that stays in the list keeps its connection; a runner that leaves the list is
+//! dropped from it, and its connection closes once the calls still streaming on it end.
+//! When the npm cannot be reached, the last known list stays in use.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fn_protocol::poolmanager::LbGroupId;
+use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
+use fn_tls::TlsMode;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::client::{ClientConfig, RunnerClient};
+use crate::pool::{RunnerList, RunnerPool, check_host_port};
+
+/// Runner lists fetched from the npm.
+#[derive(Debug, Clone)]
+pub struct NpmPool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Group → its current list. Read on every placement pass; written by the poller.
+    lists: RwLock<HashMap<String, RunnerList>>,
+    /// Groups to poll.
+    groups: Mutex<BTreeSet<String>>,
+    /// Wakes the poller when a new group is seen.
+    new_group: Notify,
+    tls: TlsMode,
+    client_config: ClientConfig,
+    npm: RunnerManagerClient<Channel>,
+    poll_interval: Duration,
+}
+
+impl NpmPool {
+    /// A pool fed by the npm at `npm_address`. Run [`NpmPool::run`] to keep it fresh.
+    ///
+    /// # Errors
+    /// When the address is invalid or the TLS configuration is rejected.
+    pub fn new(
+        npm_address: &str,
+        tls: &TlsMode,
+        client_config: ClientConfig,
+        poll_interval: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = fn_tls::grpc_endpoint(tls, npm_address)?
+            .connect_timeout(client_config.connect_timeout)
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Ok(NpmPool {
+            inner: Arc::new(Inner {
+                lists: RwLock::new(HashMap::new()),
+                groups: Mutex::new(BTreeSet::new()),
+                new_group: Notify::new(),
+                tls: tls.clone(),
+                client_config,
+                npm: RunnerManagerClient::new(channel),
+                poll_interval,
+            }),
+        })
+    }
+
+    /// Polls the npm for every seen group until cancelled.
+    ///
+    /// # Errors
+    /// Never; the signature fits the lifecycle's service runner.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut failing = false;
+        loop {
+            let groups: Vec<String> = self.inner.lock_groups().iter().cloned().collect();
+            for group in groups {
+                match self.refresh(&group).await {
+                    Ok(()) if failing => {
+                        tracing::info!("runner lists from the npm again");
+                        failing = false;
+                    }
+                    Ok(()) => {}
+                    Err(status) if failing => {
+                        tracing::debug!(group, error = %status, "GetLBGroup failed")
+                    }
+                    Err(status) => {
+                        tracing::warn!(group, error = %status, "cannot get runner lists from the npm; keeping the last known lists");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = self.inner.new_group.notified() => {}
+                () = tokio::time::sleep(self.inner.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Fetches one group's list and swaps it in.
+    async fn refresh(&self, group: &str) -> Result<(), tonic::Status> {
+        let mut npm = self.inner.npm.clone();
+        let membership = npm
+            .get_lb_group(LbGroupId {
+                id: group.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let current = self.runners(group);
+        let by_address: HashMap<&str, &Arc<RunnerClient>> =
+            current.iter().map(|c| (c.address(), c)).collect();
+        let mut next = Vec::with_capacity(membership.runners.len());
+        for runner in membership.runners {
+            if let Some(existing) = by_address.get(runner.address.as_str()) {
+                next.push(Arc::clone(existing));
+                continue;
+            }
+            if let Err(e) = check_host_port(&runner.address) {
+                tracing::warn!(group, error = %e, "npm listed an unusable runner address; skipped");
+                continue;
+            }
+            match RunnerClient::new(
+                runner.id,
+                runner.address.clone(),
+                &self.inner.tls,
+                self.inner.client_config.clone(),
+            ) {
+                Ok(client) => next.push(client),
+                Err(e) => {
+                    tracing::warn!(group, address = %runner.address, error = %e, "cannot create a runner client")
+                }
+            }
+        }
+        let changed = next.len() != current.len()
+            || next
+                .iter()
+                .zip(current.iter())
+                .any(|(a, b)| !Arc::ptr_eq(a, b));
+        if changed {
+            let addresses: Vec<&str> = next.iter().map(|c| c.address()).collect();
+            tracing::info!(group, runners = ?addresses, "runner list changed");
+            self.inner
+                .lists
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(group.to_owned(), Arc::new(next));
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl RunnerPool for NpmPool {
+    fn runners(&self, group: &str) -> RunnerList {
+        if let Some(list) = self
+            .inner
+            .lists
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(group)
+        {
+            return Arc::clone(list);
+        }
+        if self.inner.lock_groups().insert(group.to_owned()) {
+            tracing::info!(group, "new LB group; asking the npm for its runners");
+            self.inner.new_group.notify_one();
+        }
+        Arc::new(Vec::new())
+    }
+}
