@@ -49,9 +49,8 @@ test-system: test-deps
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
 
-demo:
-	@echo "make demo arrives with the npm (issue: npm); until then see README 'Run it by hand'"
-	@exit 1
+demo: build
+	bash deploy/demo.sh
 
 images:
 	@echo "make images arrives with the Deployment work (docker/); not built yet"

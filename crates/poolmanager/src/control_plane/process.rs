@@ -169,7 +169,7 @@ impl ProcessControlPlane {
             free_port(self.config.listen_ip).map_err(|e| failed(format!("no free port: {e}")))?;
         let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let address = SocketAddr::new(self.config.listen_ip, port).to_string();
-        let sock_dir = self.config.state_dir.join(&id);
+        let sock_dir = socket_dir(&id);
         let log_path = self.config.state_dir.join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path)
             .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
@@ -316,7 +316,7 @@ impl ControlPlane for ProcessControlPlane {
                 tracing::info!(runner = %runner.id, pid = s.pid, "runner removed");
             }
             remove_quietly(&self.record_path(&runner.id));
-            remove_dir_quietly(&self.config.state_dir.join(&runner.id));
+            remove_dir_quietly(&socket_dir(&runner.id));
             Ok(())
         })
     }
@@ -327,7 +327,7 @@ impl ControlPlane for ProcessControlPlane {
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
                 remove_quietly(&self.record_path(&s.info.id));
-                remove_dir_quietly(&self.config.state_dir.join(&s.info.id));
+                remove_dir_quietly(&socket_dir(&s.info.id));
             });
             futures::future::join_all(stops).await;
             tracing::info!("all spawned runners stopped");
@@ -364,6 +364,12 @@ async fn stop(pid: u32, child: Option<&mut Child>, grace: Duration) {
             }
         }
     }
+}
+
+/// The runner's `FN_SOCKET_DIR`: short on purpose, since unix socket paths are limited to
+/// 107 bytes and the runner nests instance directories in it.
+fn socket_dir(id: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("fn-{id}"))
 }
 
 fn pid_alive(pid: u32) -> bool {

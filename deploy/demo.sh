@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# `make demo`: the dataplane on this machine. Starts the npm (process control plane: it
+# spawns pure-runner processes as demand requires) and an lb-agent with the example
+# catalog, prints calls to try, and stops everything on Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-target/debug}
+DEMO=${DEMO_DIR:-.demo}
+LB_PORT=${FN_PORT:-8080}
+NPM_PORT=${FN_NPM_PORT:-9120}
+
+for b in lb-agent npm pure-runner fn-certs fn-hello fn-echo fn-sleep fn-crash; do
+  [ -x "$BIN/$b" ] || { echo "demo: $BIN/$b missing; run: cargo build --workspace --bins" >&2; exit 1; }
+done
+
+mkdir -p "$DEMO/functions" "$DEMO/logs"
+"$BIN/fn-certs" --out "$DEMO/certs" --keep >/dev/null
+# Runners start only programs inside their functions directory: give them the examples only.
+cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$DEMO/functions/"
+chmod 0755 "$DEMO" "$DEMO/functions"
+
+export FN_NODE_CERT_AUTHORITY="$PWD/$DEMO/certs/ca.pem"
+export FN_NODE_CERT="$PWD/$DEMO/certs/node.pem"
+export FN_NODE_CERT_KEY="$PWD/$DEMO/certs/node-key.pem"
+export FN_LISTEN_ADDR=127.0.0.1
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "demo: stopping (the npm stops the runners it spawned)..."
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "demo: stopped; logs are in $DEMO/logs"
+}
+trap cleanup INT TERM EXIT
+
+FN_GRPC_PORT=$NPM_PORT \
+FN_CONTROL_PLANE=process \
+FN_RUNNER_BINARY="$PWD/$BIN/pure-runner" \
+FN_RUNNER_FUNCTIONS_DIR="$PWD/$DEMO/functions" \
+FN_RUNNER_STATE_DIR="$PWD/$DEMO/runners" \
+FN_RUNNER_MEMORY_MB=${FN_RUNNER_MEMORY_MB:-512} \
+FN_SCALE_DOWN_DELAY=${FN_SCALE_DOWN_DELAY:-20s} \
+  "$BIN/npm" >"$DEMO/logs/npm.log" 2>&1 &
+pids+=($!)
+
+FN_PORT=$LB_PORT \
+FN_NPM_ADDRESS=127.0.0.1:$NPM_PORT \
+FN_FUNCTIONS_FILE="$PWD/deploy/functions.toml" \
+  "$BIN/lb-agent" >"$DEMO/logs/lb-agent.log" 2>&1 &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$LB_PORT/health" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$LB_PORT/health" >/dev/null || { echo "demo: lb-agent did not come up; see $DEMO/logs" >&2; exit 1; }
+
+cat <<EOT
+
+The dataplane is running: lb-agent on http://127.0.0.1:$LB_PORT, npm on 127.0.0.1:$NPM_PORT.
+No runners yet: the first call makes the npm spawn one (watch $DEMO/logs/npm.log).
+
+  curl -i http://127.0.0.1:$LB_PORT/r/demo/hello -d 'Ada'
+  curl -i http://127.0.0.1:$LB_PORT/r/demo/echo -H 'Content-Type: text/plain' -d 'echo me'
+  curl -i -X POST http://127.0.0.1:$LB_PORT/invoke/demo/sleep -d 1000
+  curl -i http://127.0.0.1:$LB_PORT/r/demo/sleep -d 9000     # 504: past its 5s timeout
+  curl -i http://127.0.0.1:$LB_PORT/r/demo/crash -d x        # 502: the function died
+  for i in \$(seq 20); do curl -s http://127.0.0.1:$LB_PORT/r/demo/sleep -d 2000 & done; wait
+
+Runners drain and stop ${FN_SCALE_DOWN_DELAY:-20s} after the load ends. Ctrl-C stops everything.
+EOT
+wait -n "${pids[@]}" || true
+echo "demo: a daemon exited; see $DEMO/logs" >&2
