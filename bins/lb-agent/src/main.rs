@@ -13,6 +13,7 @@ use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool, StaticPool};
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// HTTP front end of the function dataplane.
 #[derive(Debug, Parser)]
@@ -135,10 +136,13 @@ async fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
+    // The SIGHUP handler is installed here, before health says SERVING: until then SIGHUP's
+    // default action would terminate the process.
+    let hangups = signal(SignalKind::hangup());
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("http", move |cancel| front.serve(listener, cancel));
     services.spawn("catalog-reload", move |cancel| {
-        reload_on_sighup(catalog, cancel)
+        reload_on_sighup(catalog, hangups, cancel)
     });
     for task in background {
         match task {
@@ -170,10 +174,10 @@ enum NpmTask {
 /// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.
 async fn reload_on_sighup(
     catalog: Arc<CatalogHandle>,
+    hangups: std::io::Result<Signal>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
+    let mut hup = hangups?;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),

@@ -303,6 +303,12 @@ impl CallDriver {
                         }
                     }
                 }
+                () = frames.closed() => {
+                    // Hyper dropped the response body: the client went away. Returning drops
+                    // the Engage stream, which makes the runner abort the function.
+                    tracing::info!("client went away during the response; cancelling the call");
+                    return;
+                }
                 () = tokio::time::sleep_until(give_up) => {
                     abort_body(&frames, "the call passed its timeout").await;
                     return;

@@ -3,6 +3,8 @@
 //! Fakes of the dataplane's peers (runner, npm, control plane) live next to the traits they
 //! implement, in their crates' `testing` modules; this crate holds what every test needs.
 
+pub mod fake_runner;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};

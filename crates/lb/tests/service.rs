@@ -1,0 +1,897 @@
+//! Service tests of the lb-agent: the real HTTP front, invoker and dispatcher, in process,
+//! over a [`StaticPool`] of scripted fake runners (tonic servers on loopback with mutual TLS),
+//! driven by a real HTTP/1.1 client.
+//!
+//! Covered: at-most-once after commit (502, no second runner sees the call); 503 with
+//! `Retry-After` when every runner refuses until the placer deadline; a refusal moves the call
+//! to the next runner; an unreachable runner becomes a placeholder without costing later
+//! calls anything; 404 / 405 / 413 as JSON; `Fn-Call-Id` on every response; a client that
+//! goes away cancels the Engage stream.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fn_lb::catalog::Catalog;
+use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
+use fn_lifecycle::{CancellationToken, Health};
+use fn_nodepool::{CapacityTracker, ClientConfig, RunnerPool, StaticPool};
+use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer};
+use fn_test_support::TestPki;
+use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner};
+use http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Body, Frame};
+use hyper_util::rt::TokioIo;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Bound for anything a test waits on.
+const BOUND: Duration = Duration::from_secs(5);
+
+const CATALOG: &str = r#"
+[[functions]]
+app = "demo"
+name = "echo"
+route = "/echo"
+command = ["fn-echo"]
+memory_mb = 128
+timeout = "30s"
+"#;
+
+/// How the LB under test is built.
+struct Options {
+    placer: Arc<dyn Placer>,
+    placer_timeout: Duration,
+    max_request_body: u64,
+    client: ClientConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            placer: Arc::new(NaivePlacer::new()),
+            placer_timeout: Duration::from_secs(10),
+            max_request_body: 1024 * 1024,
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// An LB serving HTTP on loopback; stops when dropped.
+struct Lb {
+    address: String,
+    pool: Arc<StaticPool>,
+    capacity: CapacityTracker,
+    cancel: CancellationToken,
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
+    let addresses: Vec<String> = runners.iter().map(|a| (*a).to_owned()).collect();
+    let pool = Arc::new(StaticPool::new(&addresses, &pki.mode(), &options.client).expect("pool"));
+    let dispatcher = Dispatcher::new(
+        Arc::clone(&pool) as Arc<dyn RunnerPool>,
+        options.placer,
+        DispatchConfig {
+            placer_timeout: options.placer_timeout,
+            ..DispatchConfig::default()
+        },
+    );
+    let capacity = CapacityTracker::new();
+    let invoker = Invoker::new(dispatcher, capacity.clone(), options.max_request_body);
+    let catalog = Catalog::parse(Path::new("test.toml"), CATALOG).expect("catalog");
+    let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
+    let (health, _grpc) = Health::new(&[]);
+    health.set_serving().await;
+    let front = Front::new(catalog, invoker, health);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let cancel = CancellationToken::new();
+    tokio::spawn(front.serve(listener, cancel.clone()));
+    Lb {
+        address,
+        pool,
+        capacity,
+        cancel,
+    }
+}
+
+async fn fakes(pki: &TestPki, behaviours: &[Behaviour]) -> Vec<FakeRunner> {
+    let mut runners = Vec::new();
+    for (i, b) in behaviours.iter().enumerate() {
+        runners.push(
+            FakeRunner::start(&format!("fake-{i}"), &pki.mode(), *b)
+                .await
+                .expect("fake runner"),
+        );
+    }
+    runners
+}
+
+fn addresses(runners: &[FakeRunner]) -> Vec<&str> {
+    runners.iter().map(FakeRunner::address).collect()
+}
+
+/// A response; the body is `Err` when it was cut off.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Result<Bytes, String>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header in {self:?}"))
+    }
+
+    fn call_id(&self) -> &str {
+        self.header("fn-call-id")
+    }
+
+    fn text(&self) -> String {
+        let body = self.body.as_ref().expect("a complete body");
+        String::from_utf8_lossy(body).into_owned()
+    }
+
+    /// Asserts a JSON error body `{"error": {"message": "..."}}` and returns the message.
+    fn json_error(&self) -> String {
+        assert_eq!(
+            self.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            Some(b"application/json".as_slice()),
+            "{self:?}"
+        );
+        let text = self.text();
+        let message = text
+            .trim_end()
+            .strip_prefix("{\"error\":{\"message\":\"")
+            .and_then(|rest| rest.strip_suffix("\"}}"))
+            .unwrap_or_else(|| panic!("not a JSON error body: {text}"));
+        assert!(!message.is_empty());
+        message.to_owned()
+    }
+}
+
+/// Sends `req` on a new connection and reads the whole response, bounded.
+async fn send<B>(address: &str, req: Request<B>) -> Reply
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let response = sender.send_request(req).await.expect("response head");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .map_err(|e| e.to_string());
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    };
+    tokio::time::timeout(BOUND * 2, exchange)
+        .await
+        .expect("the LB answers in time")
+}
+
+fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "lb.test")
+        .body(Full::new(body.into()))
+        .expect("request")
+}
+
+async fn post(lb: &Lb, path: &str, body: impl Into<Bytes>) -> Reply {
+    send(&lb.address, request(Method::POST, path, body)).await
+}
+
+#[tokio::test]
+async fn echo_through_a_fake_runner_is_byte_exact_and_the_runner_sees_the_lbs_call_id() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    // Not a multiple of the frame size, every byte value present.
+    let body: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
+    let mut req = request(Method::POST, "/r/demo/echo", body.clone());
+    req.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/x-test".parse().expect("hv"),
+    );
+    let reply = send(&lb.address, req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body.as_deref().ok(), Some(body.as_slice()));
+    assert_eq!(reply.header("content-type"), "application/x-test");
+    assert_eq!(reply.header("x-fake-runner"), "fake-0");
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].id, reply.call_id(), "Fn-Call-Id is the call's id");
+    assert_eq!(
+        (seen[0].app.as_str(), seen[0].function.as_str()),
+        ("demo", "echo")
+    );
+    assert_eq!(seen[0].memory_mb, 128);
+    assert_eq!(
+        lb.capacity.snapshot().get("default"),
+        Some(&0),
+        "the call's memory is released when it ends"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_failing_after_commit_gives_502_and_no_other_runner_sees_the_call() {
+    for dies in [Behaviour::CommitThenFail, Behaviour::CommitThenHangUp] {
+        let pki = TestPki::new();
+        // Naive order starts at index 0: the dying runner is offered the call first, and the
+        // two healthy runners are next in line if the LB ever (wrongly) re-placed it.
+        let runners = fakes(&pki, &[dies, Behaviour::Echo, Behaviour::Echo]).await;
+        let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+        let reply = post(&lb, "/r/demo/echo", "hello").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{dies:?}: {reply:?}");
+        let message = reply.json_error();
+        assert!(message.contains(runners[0].address()), "{message}");
+        assert!(reply.headers.get(header::RETRY_AFTER).is_none());
+        assert!(runners[0].saw(reply.call_id()), "{dies:?}");
+        assert_eq!(runners[0].seen().len(), 1, "{dies:?}: offered once");
+        for other in &runners[1..] {
+            assert!(
+                other.seen().is_empty(),
+                "{dies:?}: {} saw a committed call: {:?}",
+                other.name(),
+                other.seen()
+            );
+        }
+        assert_eq!(lb.capacity.snapshot().get("default"), Some(&0));
+    }
+}
+
+#[tokio::test]
+async fn a_runner_dying_mid_response_cuts_the_response_and_the_call_is_not_replaced() {
+    let pki = TestPki::new();
+    let runners = fakes(
+        &pki,
+        &[
+            Behaviour::CommitThenDieMidResponse,
+            Behaviour::Echo,
+            Behaviour::Echo,
+        ],
+    )
+    .await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (conn, response) =
+        start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hello")).await;
+    let outcome = async {
+        let response = response.await.expect("task")?;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "only a 200 head can precede a cut"
+        );
+        response.into_body().collect().await.map(|_| ())
+    };
+    let outcome = tokio::time::timeout(BOUND, outcome)
+        .await
+        .expect("the LB ends the response in time");
+    // Whether hyper flushed the head before the cut or not, the client must see a broken
+    // response, never a clean end.
+    assert!(outcome.is_err(), "the response ended cleanly");
+    conn.abort();
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].ending, Ending::Failed);
+    assert!(
+        runners[1].seen().is_empty() && runners[2].seen().is_empty(),
+        "a committed call was offered again"
+    );
+    wait_released(&lb).await;
+}
+
+#[tokio::test]
+async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_after() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Refuse, Behaviour::Refuse]).await;
+    let placer_timeout = Duration::from_millis(300);
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer_timeout,
+            ..Options::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "hello").await;
+    let elapsed = started.elapsed();
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    let retry_after: u64 = reply
+        .header("retry-after")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(retry_after >= 1);
+    reply.json_error();
+    // The deadline was waited out (less a last backoff that would overrun it), not more.
+    assert!(
+        elapsed >= placer_timeout / 2 && elapsed < placer_timeout + Duration::from_secs(2),
+        "answered after {elapsed:?}"
+    );
+    for runner in &runners {
+        let offers = runner
+            .seen()
+            .iter()
+            .filter(|c| c.id == reply.call_id())
+            .count();
+        assert!(
+            offers >= 2,
+            "{}: whole passes are retried; offered {offers} times",
+            runner.name()
+        );
+        assert!(runner.seen().iter().all(|c| c.ending == Ending::Refused));
+    }
+    assert_eq!(lb.capacity.snapshot().get("default"), Some(&0));
+}
+
+#[tokio::test]
+async fn a_refusing_runner_moves_the_call_to_the_next_in_the_placers_order() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo; 4]).await;
+    // With `ch`, the function's home runner refuses: the call walks to the next index.
+    let key = PlacementKey::new("demo", "echo");
+    let home = ConsistentHashPlacer::new()
+        .order(&key, runners.len())
+        .next()
+        .expect("non-empty");
+    let next = (home + 1) % runners.len();
+    runners[home].set_behaviour(Behaviour::Refuse);
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer: Arc::new(ConsistentHashPlacer::new()),
+            ..Options::default()
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let reply = post(&lb, "/r/demo/echo", "hello").await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.text(), "hello");
+        assert_eq!(reply.header("x-fake-runner"), runners[next].name());
+        assert!(
+            runners[home].saw(reply.call_id()),
+            "the home runner is asked first"
+        );
+    }
+    for (i, runner) in runners.iter().enumerate() {
+        if i != home && i != next {
+            assert!(
+                runner.seen().is_empty(),
+                "{}: {:?}",
+                runner.name(),
+                runner.seen()
+            );
+        }
+    }
+    // Once the home runner has room again, the function goes back to it.
+    runners[home].set_behaviour(Behaviour::Echo);
+    let reply = post(&lb, "/r/demo/echo", "back").await;
+    assert_eq!(reply.header("x-fake-runner"), runners[home].name());
+}
+
+#[tokio::test]
+async fn unreachable_runners_become_placeholders_and_calls_succeed_on_the_others_quickly() {
+    let pki = TestPki::new();
+    // A closed port (connection refused) and a port that accepts TCP but never speaks TLS.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_address = silent.local_addr().expect("addr").to_string();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let client = ClientConfig {
+        connect_timeout: Duration::from_millis(200),
+        ack_timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    };
+    let lb = start_lb(
+        &pki,
+        &[&closed, &silent_address, runners[0].address()],
+        Options {
+            client,
+            ..Options::default()
+        },
+    )
+    .await;
+
+    // The first call meets both dead runners (naive starts at index 0) and pays at most
+    // their connect/ack bounds, far below the call's 30 s deadline and the 10 s placer timeout.
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "first").await;
+    let first = started.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "first");
+    assert!(first < Duration::from_secs(2), "first call took {first:?}");
+    let list = lb.pool.runners("default");
+    assert!(!list[0].is_available(), "refused connection: placeholder");
+    assert!(!list[1].is_available(), "no answer in time: placeholder");
+    assert!(list[2].is_available());
+    assert_eq!(list.len(), 3, "placeholders keep their slots");
+
+    // Later calls skip the placeholders without touching the network.
+    for i in 0..6 {
+        let started = Instant::now();
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        let took = started.elapsed();
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.text(), format!("call {i}"));
+        assert!(took < Duration::from_millis(500), "call {i} took {took:?}");
+    }
+    assert_eq!(runners[0].seen().len(), 7);
+    drop(silent);
+}
+
+#[tokio::test]
+async fn unknown_functions_and_paths_get_404_json() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for (method, path) in [
+        (Method::GET, "/r/demo/nope"),
+        (Method::POST, "/r/other/echo"),
+        (Method::POST, "/r/demo/echo/extra"),
+        (Method::POST, "/r/demo"),
+        (Method::POST, "/invoke/demo/nope"),
+        (Method::POST, "/invoke/demo"),
+        (Method::GET, "/"),
+        (Method::GET, "/nothing/here"),
+    ] {
+        let reply = send(&lb.address, request(method.clone(), path, "")).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{method} {path}");
+        let message = reply.json_error();
+        assert!(message.contains(path), "{path}: {message}");
+        reply.call_id();
+    }
+    assert!(runners[0].seen().is_empty());
+}
+
+#[tokio::test]
+async fn invoke_takes_post_only_and_get_gets_405_with_allow() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        let reply = send(
+            &lb.address,
+            request(method.clone(), "/invoke/demo/echo", ""),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(reply.header("allow"), "POST");
+        reply.json_error();
+        reply.call_id();
+    }
+    assert!(runners[0].seen().is_empty(), "rejected before placement");
+    let reply = post(&lb, "/invoke/demo/echo", "by name").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "by name");
+    // A query string does not change the route.
+    let reply = post(&lb, "/r/demo/echo?a=b&c", "query").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "query");
+    // The route form takes any method.
+    let reply = send(&lb.address, request(Method::PUT, "/r/demo/echo", "put")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "put");
+}
+
+#[tokio::test]
+async fn a_content_length_over_the_limit_gets_413_without_reaching_a_runner() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let limit = 1024;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            max_request_body: limit,
+            ..Options::default()
+        },
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", vec![b'x'; limit as usize + 1]).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{reply:?}");
+    assert!(reply.json_error().contains("FN_MAX_REQUEST_BODY"));
+    reply.call_id();
+    assert!(runners[0].seen().is_empty());
+    // Exactly at the limit is fine.
+    let at_limit = vec![b'y'; limit as usize];
+    let reply = post(&lb, "/r/demo/echo", at_limit.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body.as_deref().ok(), Some(at_limit.as_slice()));
+}
+
+/// A streamed request body, sent with chunked encoding.
+type ChunkedBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+/// A request whose body is sent in `chunks`, without a Content-Length (chunked encoding).
+fn chunked(path: &str, chunks: Vec<Bytes>) -> Request<ChunkedBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+    for chunk in chunks {
+        tx.try_send(Ok(Frame::data(chunk)))
+            .expect("room for every chunk");
+    }
+    Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::HOST, "lb.test")
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_chunked_body_growing_over_the_limit_gets_413_and_the_runner_is_cancelled() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let limit = 4096u64;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            max_request_body: limit,
+            ..Options::default()
+        },
+    )
+    .await;
+    let chunks = vec![Bytes::from(vec![b'z'; 1500]); 4]; // 6000 bytes > 4096
+    let reply = send(&lb.address, chunked("/r/demo/echo", chunks)).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{reply:?}");
+    reply.json_error();
+    let id = reply.call_id().to_owned();
+    assert_eq!(
+        runners[0].wait_ended(&id, BOUND).await.expect("ends"),
+        Ending::LbWentAway,
+        "the committed call is cancelled on the runner"
+    );
+    let seen = runners[0].seen();
+    assert!(seen[0].body_bytes <= limit, "{seen:?}");
+    // A chunked body within the limit streams through whole.
+    let chunks = vec![Bytes::from(vec![b'w'; 1000]); 4];
+    let reply = send(&lb.address, chunked("/r/demo/echo", chunks)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.body.as_deref().ok(),
+        Some(vec![b'w'; 4000].as_slice())
+    );
+}
+
+#[tokio::test]
+async fn every_response_carries_a_distinct_fn_call_id() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo, Behaviour::Echo]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer_timeout: Duration::from_millis(100),
+            max_request_body: 10,
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    let mut check = |reply: Reply, status: StatusCode| {
+        assert_eq!(reply.status, status, "{reply:?}");
+        let id = reply.call_id().to_owned();
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        ids.push(id);
+    };
+    check(
+        send(&lb.address, request(Method::GET, "/health", "")).await,
+        StatusCode::OK,
+    );
+    check(post(&lb, "/r/demo/echo", "ok").await, StatusCode::OK);
+    check(post(&lb, "/r/demo/nope", "").await, StatusCode::NOT_FOUND);
+    check(
+        send(&lb.address, request(Method::GET, "/invoke/demo/echo", "")).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    check(
+        send(&lb.address, request(Method::POST, "/health", "")).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    check(
+        post(&lb, "/r/demo/echo", "far too long").await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    );
+    runners[0].set_behaviour(Behaviour::CommitThenFail);
+    runners[1].set_behaviour(Behaviour::CommitThenFail);
+    check(
+        post(&lb, "/r/demo/echo", "x").await,
+        StatusCode::BAD_GATEWAY,
+    );
+    runners[0].set_behaviour(Behaviour::Refuse);
+    runners[1].set_behaviour(Behaviour::Refuse);
+    check(
+        post(&lb, "/r/demo/echo", "x").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "ids repeat: {ids:?}");
+}
+
+/// Starts a request on its own connection; returns the connection task (abort it to make the
+/// client go away) and the response head, once it arrives.
+async fn start_request(
+    address: &str,
+    req: Request<Full<Bytes>>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<hyper::Result<http::Response<hyper::body::Incoming>>>,
+) {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("client connection: {e}");
+        }
+    });
+    let response = tokio::spawn(async move { sender.send_request(req).await });
+    (conn, response)
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_before_the_response_cancels_the_engage_stream() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::CommitThenStall]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (conn, response) =
+        start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hi")).await;
+    let seen = runners[0]
+        .wait_until(BOUND, |seen| !seen.is_empty())
+        .await
+        .expect("the call reaches the runner");
+    conn.abort();
+    response.abort();
+    let ending = runners[0]
+        .wait_ended(&seen[0].id, BOUND)
+        .await
+        .expect("cancelled in time");
+    assert_eq!(ending, Ending::LbWentAway);
+    wait_released(&lb).await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_response_cancels_the_engage_stream() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::AnswerHeadThenStall]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (conn, response) =
+        start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hi")).await;
+    let mut response = tokio::time::timeout(BOUND, response)
+        .await
+        .expect("head in time")
+        .expect("task")
+        .expect("head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let first = tokio::time::timeout(BOUND, response.body_mut().frame())
+        .await
+        .expect("first chunk in time")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(
+        first.into_data().ok().as_deref(),
+        Some(b"partial".as_slice())
+    );
+    let id = runners[0].seen()[0].id.clone();
+    drop(response);
+    conn.abort();
+    // The call's deadline is 30 s: the stream must end because the client left, not later.
+    let ending = runners[0]
+        .wait_ended(&id, BOUND)
+        .await
+        .expect("cancelled in time");
+    assert_eq!(ending, Ending::LbWentAway);
+    wait_released(&lb).await;
+}
+
+/// Waits until the LB has released every call's memory.
+async fn wait_released(lb: &Lb) {
+    let deadline = Instant::now() + BOUND;
+    while lb.capacity.snapshot().get("default").copied().unwrap_or(0) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "capacity not released: {:?}",
+            lb.capacity.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served_like_http1() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let body = vec![7u8; 100_000];
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from(body.clone())))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let id = response
+        .headers()
+        .get("fn-call-id")
+        .expect("Fn-Call-Id")
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let echoed = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(echoed.as_ref(), body.as_slice());
+    assert!(runners[0].saw(&id));
+}
+
+#[tokio::test]
+async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::NeverAcknowledge, Behaviour::Echo]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            client: ClientConfig {
+                connect_timeout: Duration::from_millis(200),
+                ack_timeout: Duration::from_millis(300),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "hi").await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), "fake-1");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "the silent runner was waited for"
+    );
+    // The uncommitted offer is withdrawn: its stream is cancelled, not left open.
+    let id = reply.call_id();
+    assert_eq!(
+        runners[0].wait_ended(id, BOUND).await.expect("ends"),
+        Ending::LbWentAway
+    );
+    assert!(!lb.pool.runners("default")[0].is_available());
+}
+
+#[tokio::test]
+async fn a_placeholder_takes_calls_again_once_its_runner_answers() {
+    let pki = TestPki::new();
+    let address = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let lb = start_lb(
+        &pki,
+        &[&address],
+        Options {
+            placer_timeout: Duration::from_millis(200),
+            client: ClientConfig {
+                connect_timeout: Duration::from_millis(200),
+                ack_timeout: Duration::from_millis(300),
+                probe_initial: Duration::from_millis(20),
+                probe_max: Duration::from_millis(100),
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", "nobody home").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    let client = Arc::clone(&lb.pool.runners("default")[0]);
+    assert!(!client.is_available());
+
+    let runner = FakeRunner::start_on(&address, "back", &pki.mode(), Behaviour::Echo)
+        .await
+        .expect("the port is free again");
+    let deadline = Instant::now() + BOUND;
+    while !client.is_available() {
+        assert!(Instant::now() < deadline, "the probe never saw the runner");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reply = post(&lb, "/r/demo/echo", "welcome back").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "welcome back");
+    assert!(runner.saw(reply.call_id()));
+}
+
+#[tokio::test]
+async fn a_runner_that_goes_away_between_calls_costs_no_call() {
+    let pki = TestPki::new();
+    let mut runners = fakes(&pki, &[Behaviour::Echo, Behaviour::Echo]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            client: ClientConfig {
+                connect_timeout: Duration::from_millis(200),
+                ack_timeout: Duration::from_millis(300),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    // Naive order: the first call goes to runner 0, the second to runner 1; both connected.
+    for expected in ["fake-0", "fake-1"] {
+        let reply = post(&lb, "/r/demo/echo", "warm").await;
+        assert_eq!(reply.header("x-fake-runner"), expected);
+    }
+    drop(runners.remove(0));
+    // Runner 0 is first in line again: its connection is gone, the call goes to runner 1.
+    for i in 0..4 {
+        let started = Instant::now();
+        let reply = post(&lb, "/r/demo/echo", format!("after {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+        assert!(started.elapsed() < Duration::from_secs(2), "call {i}");
+    }
+    assert!(!lb.pool.runners("default")[0].is_available());
+}

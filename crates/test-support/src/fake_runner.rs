@@ -1,0 +1,495 @@
+//! A scripted fake pure-runner: a real tonic `RunnerProtocol` server on loopback (mutual TLS
+//! or plaintext) whose answer to each `TryCall` is chosen by the test.
+//!
+//! Each call takes the next [`Behaviour`] from the runner's script, or its default when the
+//! script is empty. Every `TryCall` is recorded ([`FakeRunner::seen`]), with how its stream
+//! ended ([`Ending`]), so a test can assert, say, that no second runner ever saw a call that
+//! the first one committed, or that a client that went away cancelled the Engage stream.
+//!
+//! What it does not do: run functions, account memory, or validate calls the way the real
+//! runner does (`fn-runner` owns that).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fn_protocol::runner::runner_protocol_server::{RunnerProtocol, RunnerProtocolServer};
+use fn_protocol::runner::{
+    CallAcknowledged, CallFinished, CallResultStart, ClientMsg, DataFrame, ErrorKind, Header,
+    HttpRespMeta, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
+};
+use fn_tls::TlsMode;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Largest data frame the fake sends back (the LB's own frame limit).
+const MAX_FRAME: usize = 1024 * 1024;
+
+/// How the fake answers one `TryCall`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Commit, read the whole request body, then answer 200 with that body, the request's
+    /// `Content-Type` and `X-Echo-*` headers, and `X-Fake-Runner: <name>`.
+    Echo,
+    /// Refuse as busy (`committed = false`).
+    Refuse,
+    /// Commit, then fail the stream with an error status before any result.
+    CommitThenFail,
+    /// Commit, then end the stream cleanly without a result or `CallFinished`.
+    CommitThenHangUp,
+    /// Commit, read the body, send the response head and a first body chunk, then fail the
+    /// stream with an error status.
+    CommitThenDieMidResponse,
+    /// Commit and never answer; waits until the LB goes away.
+    CommitThenStall,
+    /// Never acknowledge the `TryCall`; waits until the LB goes away.
+    NeverAcknowledge,
+    /// Commit, read the body, send the response head and a first body chunk, then wait
+    /// until the LB goes away.
+    AnswerHeadThenStall,
+}
+
+/// How a call's stream ended on the fake's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Still running.
+    Open,
+    /// Refused (not committed).
+    Refused,
+    /// Answered with `CallFinished{success}`.
+    Completed,
+    /// The fake failed it on purpose (error status or hang-up after commit).
+    Failed,
+    /// The LB cancelled the stream (or stopped reading) before the fake was done.
+    LbWentAway,
+    /// The LB broke the Engage sequence.
+    Protocol,
+}
+
+/// One `TryCall` as the fake saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenCall {
+    pub id: String,
+    pub app: String,
+    pub function: String,
+    pub memory_mb: u64,
+    pub behaviour: Behaviour,
+    /// Request body bytes received (only counted while the behaviour reads the body).
+    pub body_bytes: u64,
+    pub ending: Ending,
+}
+
+#[derive(Debug)]
+struct State {
+    name: String,
+    /// `std::sync::Mutex`: every section is a push, pop or clone; never held across an await.
+    default: Mutex<Behaviour>,
+    script: Mutex<VecDeque<Behaviour>>,
+    seen: Mutex<Vec<SeenCall>>,
+    /// Woken whenever `seen` changes, for the `wait_*` helpers.
+    changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl State {
+    fn next_behaviour(&self) -> Behaviour {
+        lock(&self.script)
+            .pop_front()
+            .unwrap_or(*lock(&self.default))
+    }
+
+    fn record(&self, call: SeenCall) -> usize {
+        let mut seen = lock(&self.seen);
+        seen.push(call);
+        self.changed.notify_waiters();
+        seen.len() - 1
+    }
+
+    fn update(&self, index: usize, f: impl FnOnce(&mut SeenCall)) {
+        if let Some(call) = lock(&self.seen).get_mut(index) {
+            f(call);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// A running fake runner. The server stops when this is dropped.
+#[derive(Debug)]
+pub struct FakeRunner {
+    address: String,
+    state: Arc<State>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeRunner {
+    /// Starts a fake runner named `name` on `127.0.0.1:0` answering with `behaviour` unless
+    /// scripted otherwise. It accepts connections as soon as this returns.
+    ///
+    /// # Errors
+    /// When the port cannot be bound or the TLS configuration is rejected.
+    pub async fn start(name: &str, tls: &TlsMode, behaviour: Behaviour) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0", name, tls, behaviour).await
+    }
+
+    /// Like [`FakeRunner::start`], on a given `address` (e.g. one a test found closed, to
+    /// bring a runner "back").
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the TLS configuration is rejected.
+    pub async fn start_on(
+        address: &str,
+        name: &str,
+        tls: &TlsMode,
+        behaviour: Behaviour,
+    ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding a fake runner on {address}"))?;
+        let address = listener.local_addr()?.to_string();
+        let state = Arc::new(State {
+            name: name.to_owned(),
+            default: Mutex::new(behaviour),
+            script: Mutex::new(VecDeque::new()),
+            seen: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+        });
+        let service = RunnerProtocolServer::new(Service {
+            state: Arc::clone(&state),
+        });
+        let mut server = fn_tls::grpc_server(tls).context("fake runner TLS")?;
+        let router = server.add_service(service);
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let shutdown = async {
+                // Either a stop signal or the handle dropped: both mean stop.
+                let _stopped = stopped.await;
+            };
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+            {
+                eprintln!("fake runner stopped with an error: {e}");
+            }
+        });
+        Ok(FakeRunner {
+            address,
+            state,
+            _stop: stop,
+        })
+    }
+
+    /// `host:port` of the server.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The name given at start (sent back as `X-Fake-Runner` by [`Behaviour::Echo`]).
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Changes the default behaviour for calls not covered by the script.
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *lock(&self.state.default) = behaviour;
+    }
+
+    /// Appends behaviours for the next calls, in order; the default applies after them.
+    pub fn script(&self, behaviours: impl IntoIterator<Item = Behaviour>) {
+        lock(&self.state.script).extend(behaviours);
+    }
+
+    /// Every `TryCall` seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<SeenCall> {
+        lock(&self.state.seen).clone()
+    }
+
+    /// Whether a `TryCall` with this call id arrived here.
+    pub fn saw(&self, call_id: &str) -> bool {
+        lock(&self.state.seen).iter().any(|c| c.id == call_id)
+    }
+
+    /// Waits until `done` holds for the recorded calls.
+    ///
+    /// # Errors
+    /// When it does not within `timeout`, with what was seen.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[SeenCall]) -> bool,
+    ) -> anyhow::Result<Vec<SeenCall>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register interest before checking, so a change in between is not missed.
+            let changed = self.state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let seen = lock(&self.state.seen);
+                if done(&seen) {
+                    return Ok(seen.clone());
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                bail!(
+                    "fake runner {}: condition not met within {timeout:?}; seen: {:?}",
+                    self.state.name,
+                    self.seen()
+                );
+            }
+        }
+    }
+
+    /// Waits until the call `call_id` has ended with something other than [`Ending::Open`].
+    ///
+    /// # Errors
+    /// When it does not within `timeout`.
+    pub async fn wait_ended(&self, call_id: &str, timeout: Duration) -> anyhow::Result<Ending> {
+        let seen = self
+            .wait_until(timeout, |seen| {
+                seen.iter()
+                    .any(|c| c.id == call_id && c.ending != Ending::Open)
+            })
+            .await?;
+        seen.iter()
+            .find(|c| c.id == call_id)
+            .map(|c| c.ending)
+            .context("call vanished from the record")
+    }
+}
+
+#[derive(Debug)]
+struct Service {
+    state: Arc<State>,
+}
+
+type EngageStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RunnerMsg, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunnerProtocol for Service {
+    type EngageStream = EngageStream;
+
+    async fn engage(
+        &self,
+        request: Request<Streaming<ClientMsg>>,
+    ) -> Result<Response<Self::EngageStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let state = Arc::clone(&self.state);
+        tokio::spawn(handle_stream(state, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _request: Request<()>) -> Result<Response<RunnerStatus>, Status> {
+        Ok(Response::new(RunnerStatus::default()))
+    }
+}
+
+type Tx = mpsc::Sender<Result<RunnerMsg, Status>>;
+
+/// The LB went away (a send to it failed).
+struct Gone;
+
+async fn send(tx: &Tx, body: runner_msg::Body) -> Result<(), Gone> {
+    tx.send(Ok(RunnerMsg { body: Some(body) }))
+        .await
+        .map_err(|_| Gone)
+}
+
+fn ack(committed: bool) -> runner_msg::Body {
+    runner_msg::Body::Acknowledged(CallAcknowledged {
+        committed,
+        details: if committed {
+            String::new()
+        } else {
+            "fake runner: busy".into()
+        },
+        slot_allocation_latency_us: 1,
+        refusal: if committed {
+            RefusalReason::Unspecified as i32
+        } else {
+            RefusalReason::Busy as i32
+        },
+    })
+}
+
+/// The request body as read by the fake.
+enum Body {
+    Complete(Vec<u8>),
+    LbWentAway,
+    Protocol,
+}
+
+async fn read_body(inbound: &mut Streaming<ClientMsg>, state: &State, index: usize) -> Body {
+    let mut body = Vec::new();
+    loop {
+        match inbound.message().await {
+            Ok(Some(ClientMsg {
+                body: Some(client_msg::Body::Data(frame)),
+            })) => {
+                body.extend_from_slice(&frame.data);
+                let len = body.len() as u64;
+                state.update(index, |c| c.body_bytes = len);
+                if frame.eof {
+                    return Body::Complete(body);
+                }
+            }
+            Ok(Some(_)) => return Body::Protocol,
+            Ok(None) | Err(_) => return Body::LbWentAway,
+        }
+    }
+}
+
+async fn handle_stream(state: Arc<State>, mut inbound: Streaming<ClientMsg>, tx: Tx) {
+    let call = match inbound.message().await {
+        Ok(Some(ClientMsg {
+            body: Some(client_msg::Body::TryCall(t)),
+        })) => t.call.unwrap_or_default(),
+        _ => {
+            let finished = runner_msg::Body::Finished(CallFinished {
+                success: false,
+                details: "fake runner: the first message must be TryCall".into(),
+                kind: ErrorKind::Protocol as i32,
+            });
+            // The LB may be gone already; nothing else to tell it.
+            let _sent = send(&tx, finished).await;
+            return;
+        }
+    };
+    let behaviour = state.next_behaviour();
+    let index = state.record(SeenCall {
+        id: call.id.clone(),
+        app: call.app.clone(),
+        function: call.function.clone(),
+        memory_mb: call.memory_mb,
+        behaviour,
+        body_bytes: 0,
+        ending: Ending::Open,
+    });
+    let ending = run(&state, index, behaviour, &call.headers, &mut inbound, &tx).await;
+    state.update(index, |c| c.ending = ending);
+}
+
+async fn run(
+    state: &State,
+    index: usize,
+    behaviour: Behaviour,
+    request_headers: &[Header],
+    inbound: &mut Streaming<ClientMsg>,
+    tx: &Tx,
+) -> Ending {
+    if behaviour == Behaviour::NeverAcknowledge {
+        stall(inbound, tx).await;
+        return Ending::LbWentAway;
+    }
+    if behaviour == Behaviour::Refuse {
+        return match send(tx, ack(false)).await {
+            Ok(()) => Ending::Refused,
+            Err(Gone) => Ending::LbWentAway,
+        };
+    }
+    if send(tx, ack(true)).await.is_err() {
+        return Ending::LbWentAway;
+    }
+    match behaviour {
+        Behaviour::Refuse | Behaviour::NeverAcknowledge => Ending::Refused,
+        Behaviour::CommitThenFail => {
+            // An error status ends the stream; the dropped inbound half goes with it.
+            match tx.send(Err(Status::unavailable("fake runner died"))).await {
+                Ok(()) => Ending::Failed,
+                Err(_) => Ending::LbWentAway,
+            }
+        }
+        Behaviour::CommitThenHangUp => Ending::Failed, // dropping `tx` ends the stream
+        Behaviour::CommitThenStall => {
+            stall(inbound, tx).await;
+            Ending::LbWentAway
+        }
+        Behaviour::Echo | Behaviour::CommitThenDieMidResponse | Behaviour::AnswerHeadThenStall => {
+            let body = match read_body(inbound, state, index).await {
+                Body::Complete(body) => body,
+                Body::LbWentAway => return Ending::LbWentAway,
+                Body::Protocol => return Ending::Protocol,
+            };
+            let mut headers = vec![Header {
+                name: "x-fake-runner".into(),
+                value: state.name.clone().into_bytes(),
+            }];
+            headers.extend(
+                request_headers
+                    .iter()
+                    .filter(|h| {
+                        let name = h.name.to_ascii_lowercase();
+                        name == "content-type" || name.starts_with("x-echo-")
+                    })
+                    .cloned(),
+            );
+            let start = runner_msg::Body::ResultStart(CallResultStart {
+                http: Some(HttpRespMeta {
+                    status_code: 200,
+                    headers,
+                }),
+            });
+            if send(tx, start).await.is_err() {
+                return Ending::LbWentAway;
+            }
+            if behaviour != Behaviour::Echo {
+                let partial = runner_msg::Body::Data(DataFrame {
+                    data: b"partial".as_slice().into(),
+                    eof: false,
+                });
+                if send(tx, partial).await.is_err() {
+                    return Ending::LbWentAway;
+                }
+            }
+            if behaviour == Behaviour::AnswerHeadThenStall {
+                stall(inbound, tx).await;
+                return Ending::LbWentAway;
+            }
+            if behaviour == Behaviour::CommitThenDieMidResponse {
+                return match tx
+                    .send(Err(Status::unavailable("fake runner died mid-response")))
+                    .await
+                {
+                    Ok(()) => Ending::Failed,
+                    Err(_) => Ending::LbWentAway,
+                };
+            }
+            for chunk in body.chunks(MAX_FRAME) {
+                let frame = runner_msg::Body::Data(DataFrame {
+                    data: chunk.to_vec().into(),
+                    eof: false,
+                });
+                if send(tx, frame).await.is_err() {
+                    return Ending::LbWentAway;
+                }
+            }
+            let eof = runner_msg::Body::Data(DataFrame {
+                data: Vec::new().into(),
+                eof: true,
+            });
+            let finished = runner_msg::Body::Finished(CallFinished {
+                success: true,
+                details: String::new(),
+                kind: ErrorKind::None as i32,
+            });
+            if send(tx, eof).await.is_err() || send(tx, finished).await.is_err() {
+                return Ending::LbWentAway;
+            }
+            Ending::Completed
+        }
+    }
+}
+
+/// Holds the stream open until the LB cancels it or stops listening.
+async fn stall(inbound: &mut Streaming<ClientMsg>, tx: &Tx) {
+    tokio::select! {
+        () = tx.closed() => {}
+        () = async { while let Ok(Some(_)) = inbound.message().await {} } => {}
+    }
+}

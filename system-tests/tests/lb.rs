@@ -1,0 +1,584 @@
+//! The lb-agent with three real pure-runners on loopback over mutual TLS, driven over HTTP:
+//! byte-exact echo up to 8 MiB; 50 concurrent calls; `ch` keeps a function on one runner while
+//! it has room and spills to the next runner in the list when it is full; 404 / 413 / 502 /
+//! 504; SIGHUP adds a function without failing a call in flight.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ::http::Method;
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+use fn_system_tests::http::{self, Reply};
+use fn_system_tests::{Certs, Daemon, env, free_port, merge};
+use nix::sys::signal::Signal;
+
+const READY: Duration = Duration::from_secs(20);
+
+const ECHO: &str = r#"
+[[functions]]
+app = "demo"
+name = "echo"
+route = "/echo"
+command = ["fn-echo"]
+memory_mb = 128
+"#;
+
+const SLEEP: &str = r#"
+[[functions]]
+app = "demo"
+name = "sleep"
+route = "/sleep"
+command = ["fn-sleep"]
+memory_mb = 128
+timeout = "10s"
+"#;
+
+/// fn-sleep with a 1 s timeout, for 504.
+const SLOW: &str = r#"
+[[functions]]
+app = "demo"
+name = "slow"
+route = "/slow"
+command = ["fn-sleep"]
+memory_mb = 64
+timeout = "1s"
+"#;
+
+const CRASH: &str = r#"
+[[functions]]
+app = "demo"
+name = "crash"
+route = "/crash"
+command = ["fn-crash"]
+memory_mb = 64
+"#;
+
+const HELLO: &str = r#"
+[[functions]]
+app = "demo"
+name = "hello"
+route = "/hello"
+command = ["fn-hello"]
+memory_mb = 64
+"#;
+
+struct Runner {
+    daemon: Daemon,
+    address: String,
+    _sockets: tempfile::TempDir,
+}
+
+/// Three pure-runners and an lb-agent in front of them. Everything is killed on drop.
+struct Cluster {
+    certs: Certs,
+    runners: Vec<Runner>,
+    lb: Daemon,
+    /// `host:port` of the lb-agent's HTTP front.
+    http: String,
+    catalog: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup<'a> {
+    runner_memory_mb: u64,
+    placer: &'a str,
+    catalog: String,
+    max_request_body: Option<u64>,
+}
+
+impl Cluster {
+    async fn start(setup: Setup<'_>) -> anyhow::Result<Cluster> {
+        let certs = Certs::new()?;
+        let client = certs.client()?;
+        let dir = tempfile::tempdir()?;
+        let functions_dir = fn_test_support::bin_dir().display().to_string();
+        let mut runners = Vec::new();
+        for _ in 0..3 {
+            let port = free_port()?;
+            let address = format!("127.0.0.1:{port}");
+            // Short paths: unix socket names are limited to about 100 bytes.
+            let sockets = tempfile::Builder::new().prefix("fnst").tempdir_in("/tmp")?;
+            let vars = merge(&[
+                &certs.env(),
+                &env(&[
+                    ("FN_GRPC_PORT", &port.to_string()),
+                    ("FN_LISTEN_ADDR", "127.0.0.1"),
+                    ("FN_FUNCTIONS_DIR", &functions_dir),
+                    ("FN_SOCKET_DIR", &sockets.path().display().to_string()),
+                    ("FN_MAX_MEMORY_MB", &setup.runner_memory_mb.to_string()),
+                    ("FN_SHUTDOWN_TIMEOUT", "2s"),
+                ]),
+            ]);
+            let daemon = Daemon::spawn("pure-runner", &vars)?;
+            runners.push(Runner {
+                daemon,
+                address,
+                _sockets: sockets,
+            });
+        }
+        for runner in &mut runners {
+            let address = runner.address.clone();
+            runner
+                .daemon
+                .wait_grpc_serving(&client, &address, READY)
+                .await?;
+        }
+
+        let catalog = dir.path().join("functions.toml");
+        std::fs::write(&catalog, &setup.catalog)?;
+        let port = free_port()?;
+        let http = format!("127.0.0.1:{port}");
+        let addresses: Vec<&str> = runners.iter().map(|r| r.address.as_str()).collect();
+        let mut vars = merge(&[
+            &certs.env(),
+            &env(&[
+                ("FN_PORT", &port.to_string()),
+                ("FN_LISTEN_ADDR", "127.0.0.1"),
+                ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
+                ("FN_RUNNER_ADDRESSES", &addresses.join(",")),
+                ("FN_PLACER", setup.placer),
+                ("FN_PLACER_TIMEOUT", "10s"),
+                ("FN_SHUTDOWN_TIMEOUT", "2s"),
+            ]),
+        ]);
+        if let Some(max) = setup.max_request_body {
+            vars.push(("FN_MAX_REQUEST_BODY".into(), max.to_string()));
+        }
+        let mut lb = Daemon::spawn("lb-agent", &vars)?;
+        lb.wait_http_health(&http, READY).await?;
+        Ok(Cluster {
+            certs,
+            runners,
+            lb,
+            http,
+            catalog,
+            _dir: dir,
+        })
+    }
+
+    async fn call(&self, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
+        http::request(&self.http, Method::POST, path, &[], body.into()).await
+    }
+
+    /// Index of the runner whose child process `pid` is.
+    fn runner_of(&self, pid: u32) -> anyhow::Result<usize> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("function instance {pid} is gone"))?;
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("stat format")?;
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .context("no ppid")?
+            .parse()?;
+        self.runners
+            .iter()
+            .position(|r| r.daemon.pid() == Some(ppid))
+            .with_context(|| format!("instance {pid} has parent {ppid}, not a runner"))
+    }
+
+    /// Logs of every daemon, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = format!("--- lb-agent\n{}", self.lb.log());
+        for (i, r) in self.runners.iter().enumerate() {
+            out.push_str(&format!("--- runner {i}\n{}", r.daemon.log()));
+        }
+        out
+    }
+
+    /// Calls in flight on each runner, from its `Status`.
+    async fn in_flight(&self) -> anyhow::Result<Vec<u64>> {
+        let tls = self.certs.client()?;
+        let mut counts = Vec::new();
+        for r in &self.runners {
+            let channel = fn_tls::grpc_endpoint(&tls, &r.address)?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            let status = RunnerProtocolClient::new(channel).status(()).await?;
+            counts.push(status.into_inner().calls_in_flight);
+        }
+        Ok(counts)
+    }
+}
+
+fn pid_of(reply: &Reply) -> anyhow::Result<u32> {
+    reply
+        .header("x-fn-pid")
+        .context("no X-Fn-Pid")?
+        .parse()
+        .context("X-Fn-Pid")
+}
+
+/// Deterministic, non-repeating-looking bytes.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn echo_is_byte_exact_up_to_8_mib_and_50_concurrent_calls_succeed() -> anyhow::Result<()> {
+    let cluster = Cluster::start(Setup {
+        runner_memory_mb: 2048,
+        placer: "naive",
+        catalog: ECHO.into(),
+        max_request_body: None,
+    })
+    .await?;
+    for (i, len) in [0usize, 1024, 1024 * 1024, 8 * 1024 * 1024]
+        .into_iter()
+        .enumerate()
+    {
+        let body = pattern(len, i as u32);
+        let reply = http::request(
+            &cluster.http,
+            Method::POST,
+            "/r/demo/echo",
+            &[("content-type", "application/octet-stream")],
+            Bytes::from(body.clone()),
+        )
+        .await?;
+        ensure!(
+            reply.status == 200,
+            "{len} B: status {} {}\n{}",
+            reply.status,
+            reply.text(),
+            cluster.logs()
+        );
+        ensure!(
+            reply.body.len() == len && reply.body[..] == body[..],
+            "{len} B: echo differs (got {} B)",
+            reply.body.len()
+        );
+        ensure!(reply.header("content-type").as_deref() == Some("application/octet-stream"));
+        ensure!(reply.header("fn-call-id").is_some());
+    }
+
+    let calls = (0..50u32).map(|i| {
+        let body = pattern(10 * 1024 + i as usize, 1000 + i);
+        let http = cluster.http.clone();
+        tokio::spawn(async move {
+            let reply = http::request(
+                &http,
+                Method::POST,
+                "/r/demo/echo",
+                &[],
+                Bytes::from(body.clone()),
+            )
+            .await?;
+            ensure!(
+                reply.status == 200,
+                "call {i}: status {} {}",
+                reply.status,
+                reply.text()
+            );
+            ensure!(reply.body[..] == body[..], "call {i}: echo differs");
+            Ok::<_, anyhow::Error>(reply.header("fn-call-id"))
+        })
+    });
+    let mut ids = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        match call? {
+            Ok(id) => ids.push(id.context("no Fn-Call-Id")?),
+            Err(e) => bail!("{e:#}\n{}", cluster.logs()),
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ensure!(ids.len() == 50, "call ids repeat");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ch_keeps_a_function_on_one_runner_while_it_has_room_then_spills_to_the_next()
+-> anyhow::Result<()> {
+    // 256 MB per runner, 128 MB per call: two calls fit on a runner at a time.
+    let cluster = Cluster::start(Setup {
+        runner_memory_mb: 256,
+        placer: "ch",
+        catalog: format!("{ECHO}{SLEEP}"),
+        max_request_body: None,
+    })
+    .await?;
+
+    // Sequential calls: one runner, one hot instance, the same pid every time.
+    let mut pids = Vec::new();
+    for i in 0..5 {
+        let reply = cluster.call("/r/demo/echo", format!("seq {i}")).await?;
+        ensure!(reply.status == 200, "{}\n{}", reply.text(), cluster.logs());
+        pids.push(pid_of(&reply)?);
+    }
+    ensure!(
+        pids.iter().all(|p| *p == pids[0]),
+        "sequential calls moved between instances: {pids:?}"
+    );
+    let mut home = None;
+    for _ in 0..3 {
+        let reply = cluster.call("/r/demo/sleep", "0").await?;
+        ensure!(reply.status == 200, "{}\n{}", reply.text(), cluster.logs());
+        let runner = cluster.runner_of(pid_of(&reply)?)?;
+        ensure!(
+            home.is_none_or(|h| h == runner),
+            "sequential sleep calls on runners {home:?} and {runner}"
+        );
+        home = Some(runner);
+    }
+    let home = home.context("no sleep call")?;
+
+    // Four overlapping calls: the home runner takes two, the next runner in the list the rest.
+    let calls = (0..4).map(|i| {
+        let http = cluster.http.clone();
+        tokio::spawn(async move {
+            let reply = http::request(
+                &http,
+                Method::POST,
+                "/r/demo/sleep",
+                &[],
+                Bytes::from("1500"),
+            )
+            .await?;
+            ensure!(
+                reply.status == 200 && reply.text() == "slept 1500ms",
+                "call {i}: {} {}",
+                reply.status,
+                reply.text()
+            );
+            pid_of(&reply)
+        })
+    });
+    let mut per_runner = [0usize; 3];
+    let mut distinct = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        let pid = call??;
+        per_runner[cluster.runner_of(pid)?] += 1;
+        distinct.push(pid);
+    }
+    distinct.sort_unstable();
+    distinct.dedup();
+    ensure!(
+        distinct.len() == 4,
+        "overlapping calls shared an instance: {distinct:?}"
+    );
+    let next = (home + 1) % 3;
+    let mut expected = [0usize; 3];
+    expected[home] = 2;
+    expected[next] = 2;
+    ensure!(
+        per_runner == expected,
+        "calls per runner {per_runner:?}, expected {expected:?} (home {home})\n{}",
+        cluster.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_functions_404_large_bodies_413_crashes_502_and_timeouts_504() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(Setup {
+        runner_memory_mb: 512,
+        placer: "ch",
+        catalog: format!("{ECHO}{SLOW}{CRASH}"),
+        max_request_body: Some(1024),
+    })
+    .await?;
+    let json_error = |reply: &Reply, status: u16| -> anyhow::Result<()> {
+        ensure!(
+            reply.status == status,
+            "expected {status}, got {} {}",
+            reply.status,
+            reply.text()
+        );
+        ensure!(reply.header("content-type").as_deref() == Some("application/json"));
+        ensure!(
+            reply.text().starts_with("{\"error\":{\"message\":"),
+            "{}",
+            reply.text()
+        );
+        ensure!(reply.header("fn-call-id").is_some());
+        Ok(())
+    };
+
+    json_error(&cluster.call("/r/demo/nope", "").await?, 404)?;
+    json_error(&cluster.call("/invoke/demo/nope", "").await?, 404)?;
+    json_error(&cluster.call("/r/other/echo", "").await?, 404)?;
+
+    json_error(&cluster.call("/r/demo/echo", vec![b'a'; 1025]).await?, 413)?;
+    let at_limit = cluster.call("/r/demo/echo", vec![b'a'; 1024]).await?;
+    ensure!(at_limit.status == 200 && at_limit.body.len() == 1024);
+
+    // A chunked body has no Content-Length; it is cut off once it grows past the limit. The
+    // function reads its whole body before answering, so the LB can still answer 413.
+    let status = chunked_post(&cluster.http, "/r/demo/slow", &[&[b'1'; 800], &[b'2'; 800]]).await?;
+    ensure!(
+        status == 413,
+        "chunked over the limit: {status}\n{}",
+        cluster.logs()
+    );
+    let status = chunked_post(&cluster.http, "/r/demo/slow", &[b"1", b"0"]).await?;
+    ensure!(
+        status == 200,
+        "chunked within the limit: {status}\n{}",
+        cluster.logs()
+    );
+
+    let crashed = cluster.call("/r/demo/crash", "x").await?;
+    json_error(&crashed, 502)?;
+
+    let started = Instant::now();
+    let timed_out = cluster.call("/r/demo/slow", "3000").await?;
+    let took = started.elapsed();
+    json_error(&timed_out, 504)?;
+    ensure!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2900),
+        "504 after {took:?}, the timeout is 1s"
+    );
+    // The function answers normally within its timeout afterwards.
+    let fine = cluster.call("/r/demo/slow", "10").await?;
+    ensure!(
+        fine.status == 200,
+        "{} {}\n{}",
+        fine.status,
+        fine.text(),
+        cluster.logs()
+    );
+    Ok(())
+}
+
+/// Sends a request with a chunked body over a raw connection; returns the response status.
+async fn chunked_post(address: &str, path: &str, chunks: &[&[u8]]) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        for chunk in chunks {
+            request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            request.extend_from_slice(chunk);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        // The LB may answer and close before reading everything; the status is what counts.
+        if let Err(e) = stream.write_all(&request).await {
+            eprintln!("writing the chunked request: {e}");
+        }
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await?;
+            ensure!(n > 0, "connection closed before a status line");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let line = String::from_utf8_lossy(&head).into_owned();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
+        Ok::<_, anyhow::Error>(status)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange).await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Result<()> {
+    let cluster = Cluster::start(Setup {
+        runner_memory_mb: 512,
+        placer: "ch",
+        catalog: SLEEP.into(),
+        max_request_body: None,
+    })
+    .await?;
+    // SIGHUP at once after /health says 200: the handler must already be installed (SIGHUP's
+    // default action terminates the process).
+    cluster.lb.signal(Signal::SIGHUP)?;
+    ensure!(
+        cluster.call("/r/demo/hello", "").await?.status == 404,
+        "{}",
+        cluster.logs()
+    );
+
+    let http = cluster.http.clone();
+    let slow = tokio::spawn(async move {
+        http::request(
+            &http,
+            Method::POST,
+            "/r/demo/sleep",
+            &[],
+            Bytes::from("3000"),
+        )
+        .await
+    });
+    // Wait until the call is running on a runner.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.in_flight().await?.iter().sum::<u64>() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the slow call never started\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    std::fs::write(&cluster.catalog, format!("{SLEEP}{HELLO}"))?;
+    cluster.lb.signal(Signal::SIGHUP)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hello = loop {
+        let reply = cluster.call("/r/demo/hello", "reload").await?;
+        if reply.status == 200 {
+            break reply;
+        }
+        ensure!(
+            reply.status == 404 && Instant::now() < deadline,
+            "hello: {} {}\n{}",
+            reply.status,
+            reply.text(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    ensure!(hello.text() == "Hello, reload!\n", "{}", hello.text());
+    ensure!(
+        !slow.is_finished(),
+        "the slow call should still be in flight during the reload"
+    );
+
+    let slow = slow.await??;
+    ensure!(
+        slow.status == 200 && slow.text() == "slept 3000ms",
+        "call in flight: {} {}\n{}",
+        slow.status,
+        slow.text(),
+        cluster.logs()
+    );
+
+    // A bad catalog is rejected and the current one stays.
+    std::fs::write(&cluster.catalog, "[[functions]]\napp = 1\n")?;
+    cluster.lb.signal(Signal::SIGHUP)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster.lb.log().contains("catalog reload rejected") {
+        ensure!(
+            Instant::now() < deadline,
+            "no rejection logged\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(cluster.call("/r/demo/hello", "").await?.status == 200);
+    ensure!(cluster.call("/r/demo/sleep", "1").await?.status == 200);
+    Ok(())
+}
