@@ -103,7 +103,7 @@ async fn main() -> ExitCode {
     };
     let capacity = CapacityTracker::new();
     let lb_id = uuid::Uuid::new_v4().to_string();
-    let mut background: Vec<NpmTask> = Vec::new();
+    let mut npm_tasks: Option<(NpmPool, Advertiser)> = None;
     let pool: Arc<dyn RunnerPool> = match npm_address {
         Some(npm) => {
             let pool = NpmPool::new(npm, &tls, client_config.clone(), Duration::from_millis(500))
@@ -111,8 +111,7 @@ async fn main() -> ExitCode {
             let advertiser =
                 Advertiser::new(&lb_id, capacity.clone(), npm, &tls, cli.advertise_interval)
                     .unwrap_or_else(|e| exit_config_error(format!("FN_NPM_ADDRESS: {e}")));
-            background.push(NpmTask::Pool(pool.clone()));
-            background.push(NpmTask::Advertiser(advertiser));
+            npm_tasks = Some((pool.clone(), advertiser));
             Arc::new(pool)
         }
         None => Arc::new(
@@ -144,31 +143,18 @@ async fn main() -> ExitCode {
     services.spawn("catalog-reload", move |cancel| {
         reload_on_sighup(catalog, hangups, cancel)
     });
-    for task in background {
-        match task {
-            NpmTask::Pool(pool) => {
-                services.spawn("npm-runner-lists", move |cancel| pool.run(cancel))
-            }
-            NpmTask::Advertiser(a) => {
-                services.spawn("capacity-advertiser", move |cancel| a.run(cancel))
-            }
-        }
+    if let Some((pool, advertiser)) = npm_tasks {
+        services.spawn("npm-runner-lists", move |cancel| pool.run(cancel));
+        services.spawn("capacity-advertiser", move |cancel| advertiser.run(cancel));
     }
+    let shutdown = match fn_lifecycle::signal::shutdown_signal() {
+        Ok(signal) => signal,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
     health.set_serving().await;
     tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), "lb-agent serving");
 
-    let shutdown = async {
-        if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
-            tracing::error!(error = %e, "cannot install signal handlers; shutting down");
-        }
-    };
     fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
-}
-
-/// Background work of the npm-fed mode.
-enum NpmTask {
-    Pool(NpmPool),
-    Advertiser(Advertiser),
 }
 
 /// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.

@@ -144,14 +144,13 @@ async fn main() -> ExitCode {
         )
     });
     services.spawn("control-loop", move |cancel| control.run(cancel));
+    let shutdown = match fn_lifecycle::signal::shutdown_signal() {
+        Ok(signal) => signal,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
     health.set_serving().await;
     tracing::info!(port = cli.grpc_port, control_plane = ?cli.control_plane, "npm serving");
 
-    let shutdown = async {
-        if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
-            tracing::error!(error = %e, "cannot install signal handlers; shutting down");
-        }
-    };
     fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
 }
 

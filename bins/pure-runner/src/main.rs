@@ -102,14 +102,13 @@ async fn main() -> ExitCode {
     services.spawn("idle-reaper", move |cancel| {
         reaper_pool.run_reaper(Duration::from_secs(1), cancel)
     });
+    let shutdown = match fn_lifecycle::signal::shutdown_signal() {
+        Ok(signal) => signal,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
     health.set_serving().await;
     tracing::info!(port = cli.grpc_port, total_mb, "pure-runner serving");
 
-    let shutdown = async {
-        if let Err(e) = fn_lifecycle::signal::shutdown_signal().await {
-            tracing::error!(error = %e, "cannot install signal handlers; shutting down");
-        }
-    };
     let result = services.run(shutdown, cli.common.shutdown_timeout).await;
     pool.kill_idle();
     fn_lifecycle::exit_status(result)

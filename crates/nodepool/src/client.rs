@@ -246,8 +246,10 @@ impl RunnerClient {
                     let Some(client) = this.upgrade() else { return };
                     match client.status().await {
                         Ok(_) => {
-                            client.available.store(true, Ordering::Release);
+                            // Clear `probing` first: a failure right after `available`
+                            // flips must be able to start a new probe.
                             client.probing.store(false, Ordering::Release);
+                            client.available.store(true, Ordering::Release);
                             tracing::info!(runner = %client.address, "runner reachable again");
                             return;
                         }
