@@ -1,1 +1,525 @@
-//! The `process` driver: function instances as child processes on the Fn FDK `http-stream` contract.
+//! The `process` driver: function instances as child processes on the Fn FDK `http-stream`
+//! contract.
+//!
+//! This module owns everything between "start an instance of this spec" and "the instance's
+//! process is gone": resolving the command inside the functions directory, the instance's
+//! private socket directory, the child's environment and user, its memory cgroup, logging its
+//! output, waiting for its listener, the HTTP/1 connection over its unix socket, and killing and
+//! cleaning up. It does *not* decide when to start or kill instances (the pool does), nor which
+//! user functions run as by default (the runner's configuration does).
+//!
+//! Layout:
+//! - this file: [`ProcessDriverConfig`], [`ProcessDriver`] and the start sequence;
+//! - `command`: resolving and vetting the program, [`FunctionUser`];
+//! - `cgroup`: detecting memory-limit support and per-instance memory cgroups;
+//! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
+//! - `http_stream`: the pure header/status translation of the contract;
+//! - `output`: bounded line logging of the function's stdout and stderr.
+//!
+//! Security model (function code is untrusted): the program must be an executable regular file
+//! inside the functions directory (after resolving symlinks); the child gets a cleared
+//! environment, its own process group, and — when a [`FunctionUser`] is configured — an
+//! unprivileged uid/gid (the standard library drops supplementary groups when a root parent sets
+//! a uid). Each instance's socket lives in its own `0700` directory owned by the function user,
+//! under a `0711` socket root, so functions cannot reach each other's sockets.
+
+mod cgroup;
+mod command;
+mod http_stream;
+mod instance;
+mod output;
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
+pub use command::FunctionUser;
+pub use instance::ProcessInstance;
+
+use super::{Driver, DriverError, Instance, InstanceSpec};
+use instance::{Labels, Spawned};
+
+/// The shell that holds a new child until it is in its memory cgroup (see `cgroup`).
+const GATE_SHELL: &str = "/bin/sh";
+
+/// What the gate shell runs: `$0` is the program, `$@` its arguments. If the runner goes
+/// away before opening the gate, `read` sees end-of-file and the program never runs.
+const GATE_SCRIPT: &str = r#"read -r gate && exec "$0" "$@" </dev/null"#;
+
+/// `PATH` of every function: the usual system directories, nothing of the runner's own.
+const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Name of the listener socket inside an instance directory (the FDK symlinks it into place).
+const LISTENER_NAME: &str = "lsnr.sock";
+
+/// Room left in a unix socket path (at most 107 bytes on Linux) after the instance directory,
+/// for the socket name the FDK binds privately before it symlinks `lsnr.sock` to it.
+const FDK_SOCKET_NAME_ROOM: usize = 40;
+
+/// Longest unix socket path on Linux (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Longest instance id this driver makes: `<8 hex digits>-<counter>`.
+const MAX_INSTANCE_ID_LEN: usize = 8 + 1 + 20;
+
+/// Settings of the `process` driver; built by the runner from its `FN_*` configuration.
+#[derive(Debug, Clone)]
+pub struct ProcessDriverConfig {
+    /// `FN_FUNCTIONS_DIR`: the only place programs are started from. A spec's program is
+    /// resolved inside it, and it is the working directory of every function.
+    pub functions_dir: PathBuf,
+    /// Where instance directories (one per instance, holding only its socket) are created.
+    /// Created with mode `0711` if missing, so an unprivileged function user can reach its
+    /// own subdirectory but not list the others. Must be short: unix socket paths are limited
+    /// to 107 bytes.
+    pub socket_root: PathBuf,
+    /// The unprivileged user functions run as; `None` runs them as the runner's own user
+    /// (acceptable only when the runner itself is unprivileged).
+    pub function_user: Option<FunctionUser>,
+    /// How instance memory limits are enforced; see [`MemoryLimits`].
+    pub memory_limits: MemoryLimits,
+}
+
+impl ProcessDriverConfig {
+    /// A config with no function user and memory limits detected on the real cgroup
+    /// filesystem.
+    pub fn new(functions_dir: impl Into<PathBuf>, socket_root: impl Into<PathBuf>) -> Self {
+        ProcessDriverConfig {
+            functions_dir: functions_dir.into(),
+            socket_root: socket_root.into(),
+            function_user: None,
+            memory_limits: MemoryLimits::default(),
+        }
+    }
+
+    /// Sets the user functions run as.
+    #[must_use]
+    pub fn with_function_user(mut self, user: Option<FunctionUser>) -> Self {
+        self.function_user = user;
+        self
+    }
+
+    /// Sets how memory limits are enforced.
+    #[must_use]
+    pub fn with_memory_limits(mut self, limits: MemoryLimits) -> Self {
+        self.memory_limits = limits;
+        self
+    }
+}
+
+/// Why the `process` driver cannot be set up. Configuration errors: nothing to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `FN_FUNCTIONS_DIR` does not name a usable directory.
+    #[error("FN_FUNCTIONS_DIR {}: {reason}", path.display())]
+    FunctionsDir { path: PathBuf, reason: String },
+    /// The socket root (`FN_SOCKET_DIR` of the pure-runner) cannot be created or is unusable.
+    #[error("FN_SOCKET_DIR {}: {reason}", path.display())]
+    SocketRoot { path: PathBuf, reason: String },
+    /// The function user does not exist or cannot be looked up.
+    #[error("function user {name:?}: {reason}")]
+    FunctionUser { name: String, reason: String },
+}
+
+/// Runs function instances as child processes. See the module docs.
+#[derive(Debug)]
+pub struct ProcessDriver {
+    /// Canonical functions directory: programs must resolve to a path under it.
+    functions_dir: PathBuf,
+    socket_root: PathBuf,
+    function_user: Option<FunctionUser>,
+    /// Detected once at construction; never re-probed per instance.
+    memory: MemoryLimitMode,
+    /// The shell that holds a new child until it has joined its memory cgroup; `None` when
+    /// limits are not enforced or there is no shell (then the child joins a moment late).
+    gate: Option<PathBuf>,
+    /// Distinguishes this driver's instance ids from those of an earlier runner that used
+    /// the same socket root (and maybe the same pid).
+    id_prefix: String,
+    next_id: AtomicU64,
+}
+
+impl ProcessDriver {
+    /// Checks the functions directory, creates the socket root and detects memory-limit
+    /// support (logging one warning when limits cannot be enforced).
+    ///
+    /// # Errors
+    /// [`SetupError::FunctionsDir`] when the functions directory does not exist or is not a
+    /// directory; [`SetupError::SocketRoot`] when the socket root cannot be created, is not
+    /// valid UTF-8, or is too long for unix socket paths.
+    pub fn new(config: ProcessDriverConfig) -> Result<Self, SetupError> {
+        let functions_dir =
+            std::fs::canonicalize(&config.functions_dir).map_err(|e| SetupError::FunctionsDir {
+                path: config.functions_dir.clone(),
+                reason: e.to_string(),
+            })?;
+        if !functions_dir.is_dir() {
+            return Err(SetupError::FunctionsDir {
+                path: config.functions_dir,
+                reason: "not a directory".into(),
+            });
+        }
+
+        let socket_root = prepare_socket_root(&config.socket_root, config.function_user)?;
+
+        let memory = cgroup::detect(&config.memory_limits);
+        match &memory {
+            MemoryLimitMode::Unenforced { reason } => tracing::warn!(
+                reason = %reason,
+                "function memory limits cannot be enforced; instances run without a memory limit"
+            ),
+            mode => tracing::info!(mode = %mode, "function memory limits enforced"),
+        }
+
+        let gate = match &memory {
+            MemoryLimitMode::Unenforced { .. } => None,
+            _ => {
+                let gate = command::gate_shell();
+                if gate.is_none() {
+                    tracing::warn!(
+                        shell = GATE_SHELL,
+                        "no shell to hold new functions until they are in their memory cgroup; \
+                         processes a function starts in its first moments escape its limit"
+                    );
+                }
+                gate
+            }
+        };
+
+        let id_prefix = format!("{:08x}", id_seed());
+        Ok(ProcessDriver {
+            functions_dir,
+            socket_root,
+            function_user: config.function_user,
+            memory,
+            gate,
+            id_prefix,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// How memory limits are enforced, as detected by [`ProcessDriver::new`].
+    pub fn memory_limit_mode(&self) -> &MemoryLimitMode {
+        &self.memory
+    }
+
+    /// The canonical functions directory.
+    pub fn functions_dir(&self) -> &Path {
+        &self.functions_dir
+    }
+
+    /// Starts an instance of `spec` and waits until its listener socket appears. Like
+    /// [`Driver::start`], but returns the concrete instance (tests inspect its directory and
+    /// cgroup).
+    ///
+    /// # Errors
+    /// [`DriverError::Invalid`] when the spec cannot run here (see [`Driver::check`]);
+    /// [`DriverError::Start`] when the instance directory, cgroup or process cannot be set
+    /// up, when the process exits before opening its listener, or when it does not open it
+    /// within `start_timeout` (it is then killed).
+    pub async fn start_process(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> Result<ProcessInstance, DriverError> {
+        let program = self.vet(spec)?;
+        let id = format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = self.socket_root.join(&id);
+        let socket = dir.join(LISTENER_NAME);
+        let labels = Labels {
+            app: spec.app.clone(),
+            function: spec.function.clone(),
+            instance: id.clone(),
+            call_id: call_id.to_owned(),
+        };
+
+        self.create_instance_dir(&dir)?;
+        let cgroup = match cgroup::InstanceCgroup::create(&self.memory, &id, spec.memory_mb) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                remove_instance_dir(&dir);
+                return Err(DriverError::Start(e));
+            }
+        };
+
+        let gate = self.gate.as_deref().filter(|_| cgroup.is_some());
+        let mut cmd = self.command(spec, &program, &dir, &socket, gate);
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                remove_instance_dir(&dir);
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove().await;
+                }
+                return Err(DriverError::Start(format!(
+                    "cannot run {}: {e}",
+                    program.display()
+                )));
+            }
+        };
+
+        let held = child.stdin.take();
+        // Joins the cgroup; a failure drops `held`, so a gated child exits without running.
+        let instance = ProcessInstance::spawned(Spawned {
+            child,
+            labels,
+            dir,
+            socket,
+            cgroup,
+        })
+        .map_err(DriverError::Start)?;
+        if let Some(mut held) = held {
+            // In its cgroup now: let the gate exec the program. A failed write means the
+            // child is already gone, which waiting for the listener reports.
+            if let Err(e) = held.write_all(b"go\n").await {
+                tracing::debug!(instance = %instance.id(), error = %e, "cannot open the gate");
+            }
+        }
+        tracing::debug!(
+            instance = %instance.id(),
+            pid = ?instance.pid(),
+            program = %program.display(),
+            "function instance started"
+        );
+
+        wait_for_listener(&instance, start_timeout).await?;
+        Ok(instance)
+    }
+
+    /// Resolves the program and checks the config of `spec`.
+    fn vet(&self, spec: &InstanceSpec) -> Result<PathBuf, DriverError> {
+        let Some(program) = spec.command.first() else {
+            return Err(DriverError::Invalid(format!(
+                "function {}/{} has no command",
+                spec.app, spec.function
+            )));
+        };
+        let program = command::resolve_program(&self.functions_dir, program)?;
+        command::check_config(&spec.config)?;
+        Ok(program)
+    }
+
+    fn create_instance_dir(&self, dir: &Path) -> Result<(), DriverError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                DriverError::Start(format!(
+                    "cannot create instance directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        if let Some(user) = self.function_user
+            && let Err(e) = std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
+        {
+            remove_instance_dir(dir);
+            return Err(DriverError::Start(format!(
+                "cannot give instance directory {} to uid {}: {e}",
+                dir.display(),
+                user.uid
+            )));
+        }
+        Ok(())
+    }
+
+    /// The child's command: the program itself, or — with a `gate` shell — the shell, which
+    /// waits for one line on its stdin and then execs the program with stdin from
+    /// `/dev/null` (same pid, same process group, same user).
+    fn command(
+        &self,
+        spec: &InstanceSpec,
+        program: &Path,
+        dir: &Path,
+        socket: &Path,
+        gate: Option<&Path>,
+    ) -> Command {
+        let mut cmd = match gate {
+            Some(shell) => {
+                let mut cmd = Command::new(shell);
+                cmd.arg("-c").arg(GATE_SCRIPT).arg(program);
+                cmd.stdin(Stdio::piped());
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(program);
+                if let Some(name) = spec.command.first() {
+                    cmd.arg0(name);
+                }
+                cmd.stdin(Stdio::null());
+                cmd
+            }
+        };
+        cmd.args(spec.command.iter().skip(1));
+        cmd.env_clear();
+        // The function's config first, so that the contract's variables below win.
+        cmd.envs(&spec.config);
+        cmd.env("FN_FORMAT", "http-stream")
+            .env("FN_LISTENER", format!("unix:{}", socket.display()))
+            .env("FN_APP_NAME", &spec.app)
+            .env("FN_FN_NAME", &spec.function)
+            .env("FN_MEMORY", spec.memory_mb.to_string())
+            .env("FN_TYPE", "sync")
+            .env("PATH", FUNCTION_PATH)
+            .env("HOME", dir);
+        cmd.current_dir(&self.functions_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(user) = self.function_user {
+            cmd.uid(user.uid).gid(user.gid);
+        }
+        cmd
+    }
+}
+
+impl Driver for ProcessDriver {
+    fn check(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        self.vet(spec).map(|_| ())
+    }
+
+    fn start(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        let spec = spec.clone();
+        let call_id = call_id.to_owned();
+        Box::pin(async move {
+            let instance = self.start_process(&spec, &call_id, start_timeout).await?;
+            Ok(Box::new(instance) as Box<dyn Instance>)
+        })
+    }
+}
+
+/// Polls for the listener socket with short, growing pauses, until it appears, the process
+/// exits, or `start_timeout` passes. There is no event to await for "a file appeared" that
+/// works for symlinks created by another user, so this is a bounded poll; process exit is
+/// awaited as an event.
+async fn wait_for_listener(
+    instance: &ProcessInstance,
+    start_timeout: Duration,
+) -> Result<(), DriverError> {
+    let started = Instant::now();
+    let deadline = started + start_timeout;
+    let mut pause = Duration::from_millis(1);
+    let mut exit = instance.exit_watch();
+    loop {
+        if let Some(status) = exit.borrow().as_ref() {
+            return Err(DriverError::Start(format!(
+                "{} before opening its listener",
+                status
+            )));
+        }
+        if is_socket(instance.socket_path()) {
+            tracing::debug!(
+                instance = %instance.id(),
+                after = ?started.elapsed(),
+                "function listener is up"
+            );
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            instance.kill();
+            return Err(DriverError::Start(format!(
+                "did not open its listener within {start_timeout:?}"
+            )));
+        }
+        tokio::select! {
+            // A closed channel means the reaper is gone; the next turn sees the exit.
+            _ = exit.changed() => {}
+            () = tokio::time::sleep(pause.min(deadline - now)) => {}
+        }
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Creates the socket root (mode `0711` when this creates it), checks it, and returns its
+/// canonical path.
+fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBuf, SetupError> {
+    let fail = |reason: String| SetupError::SocketRoot {
+        path: root.to_path_buf(),
+        reason,
+    };
+    if !root.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(root)
+            .map_err(|e| fail(format!("cannot create: {e}")))?;
+        // The umask may have narrowed the mode; the function user needs the x bit.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| fail(format!("cannot set mode 0711: {e}")))?;
+    }
+    let meta = std::fs::metadata(root).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(fail("not a directory".into()));
+    }
+    let canonical = std::fs::canonicalize(root).map_err(|e| fail(e.to_string()))?;
+    let Some(text) = canonical.to_str() else {
+        return Err(fail("not valid UTF-8".into()));
+    };
+    let room = 1 + MAX_INSTANCE_ID_LEN + 1 + FDK_SOCKET_NAME_ROOM;
+    if text.len() + room > MAX_SOCKET_PATH {
+        return Err(fail(format!(
+            "too long for unix socket paths: {} bytes, at most {} allowed",
+            text.len(),
+            MAX_SOCKET_PATH - room
+        )));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        tracing::warn!(
+            socket_root = %root.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "the socket root is writable by other users; use a directory only the runner writes"
+        );
+    }
+    if user.is_some() && mode & 0o001 == 0 {
+        tracing::warn!(
+            socket_root = %root.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "the function user cannot traverse the socket root; functions will fail to start"
+        );
+    }
+    Ok(canonical)
+}
+
+/// Removes an instance directory and everything in it; a missing directory is fine.
+fn remove_instance_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot remove instance directory"
+        ),
+    }
+}
+
+/// A per-driver value that makes instance ids unlikely to repeat across runner restarts.
+fn id_seed() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+    nanos ^ std::process::id().rotate_left(16)
+}

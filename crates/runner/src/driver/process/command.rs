@@ -1,0 +1,212 @@
+//! Vetting what a spec asks to run: the program (only executables inside the functions
+//! directory) and the config entries that become environment variables; and the
+//! [`FunctionUser`] functions run as. Pure checks on the file system; nothing is started here.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::unistd::{Uid, User};
+
+use super::SetupError;
+use crate::driver::DriverError;
+
+/// The unprivileged user (and group) function processes run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FunctionUser {
+    /// Looks a user up in the system's user database, by name or by numeric uid; the gid
+    /// is the user's primary group.
+    ///
+    /// # Errors
+    /// [`SetupError::FunctionUser`] when there is no such user or the lookup fails.
+    pub fn lookup(name: &str) -> Result<Self, SetupError> {
+        let fail = |reason: String| SetupError::FunctionUser {
+            name: name.to_owned(),
+            reason,
+        };
+        let found = match name.parse::<u32>() {
+            Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+            Err(_) => User::from_name(name),
+        }
+        .map_err(|e| fail(format!("lookup failed: {e}")))?;
+        let user = found.ok_or_else(|| fail("no such user".into()))?;
+        Ok(FunctionUser {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        })
+    }
+}
+
+/// Resolves `program` (a spec's `command[0]`) inside `functions_dir`, which must already be
+/// canonical. Returns the canonical path of the executable.
+///
+/// Rejects absolute paths, `..` components, anything whose canonical path (symlinks
+/// resolved) leaves the functions directory, and anything that is not an executable regular
+/// file. The operator owns the functions directory, so the check-then-exec gap is not a
+/// concern: a function cannot swap files in it.
+///
+/// # Errors
+/// [`DriverError::Invalid`] naming the program and what is wrong with it.
+pub(super) fn resolve_program(functions_dir: &Path, program: &str) -> Result<PathBuf, DriverError> {
+    let invalid = |why: &str| DriverError::Invalid(format!("command {program:?} {why}"));
+    if program.is_empty() {
+        return Err(invalid("is empty"));
+    }
+    if program.contains('\0') {
+        return Err(invalid("contains a NUL byte"));
+    }
+    let relative = Path::new(program);
+    if relative.is_absolute() {
+        return Err(invalid(
+            "is an absolute path; commands are resolved inside the functions directory",
+        ));
+    }
+    if relative
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(invalid(
+            "contains `..`; commands must stay inside the functions directory",
+        ));
+    }
+    let resolved = std::fs::canonicalize(functions_dir.join(relative))
+        .map_err(|e| invalid(&format!("not found in the functions directory: {e}")))?;
+    if !resolved.starts_with(functions_dir) {
+        return Err(invalid("resolves outside the functions directory"));
+    }
+    let meta =
+        std::fs::metadata(&resolved).map_err(|e| invalid(&format!("cannot be inspected: {e}")))?;
+    if !meta.is_file() {
+        return Err(invalid("is not a regular file"));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(invalid("is not executable"));
+    }
+    Ok(resolved)
+}
+
+/// The gate shell ([`super::GATE_SHELL`]) when it is an executable file.
+pub(super) fn gate_shell() -> Option<PathBuf> {
+    let shell = Path::new(super::GATE_SHELL);
+    std::fs::metadata(shell)
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .then(|| shell.to_path_buf())
+}
+
+/// Checks that every config entry can be an environment variable.
+///
+/// # Errors
+/// [`DriverError::Invalid`] naming the first bad key.
+pub(super) fn check_config(config: &BTreeMap<String, String>) -> Result<(), DriverError> {
+    for (key, value) in config {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(DriverError::Invalid(format!(
+                "config key {key:?} cannot be an environment variable name"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(DriverError::Invalid(format!(
+                "config value of {key:?} contains a NUL byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn functions_dir() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("functions");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let exe = dir.join("fn-ok");
+        std::fs::write(&exe, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(dir.join("data.txt"), "x").expect("write");
+        std::fs::create_dir(dir.join("sub")).expect("mkdir");
+        std::fs::write(tmp.path().join("outside"), "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(
+            tmp.path().join("outside"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        symlink(tmp.path().join("outside"), dir.join("escape")).expect("symlink");
+        symlink(&exe, dir.join("alias")).expect("symlink");
+        let canonical = std::fs::canonicalize(&dir).expect("canonicalize");
+        (tmp, canonical)
+    }
+
+    fn invalid(dir: &Path, program: &str) -> String {
+        match resolve_program(dir, program) {
+            Err(DriverError::Invalid(msg)) => msg,
+            other => panic!("{program:?}: expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_executables_inside() {
+        let (_tmp, dir) = functions_dir();
+        assert_eq!(resolve_program(&dir, "fn-ok").ok(), Some(dir.join("fn-ok")));
+        assert_eq!(
+            resolve_program(&dir, "./fn-ok").ok(),
+            Some(dir.join("fn-ok"))
+        );
+        // A symlink that stays inside resolves to its target.
+        assert_eq!(resolve_program(&dir, "alias").ok(), Some(dir.join("fn-ok")));
+    }
+
+    #[test]
+    fn rejects_escapes_and_non_executables() {
+        let (_tmp, dir) = functions_dir();
+        assert!(invalid(&dir, "/bin/sh").contains("absolute"));
+        assert!(invalid(&dir, "../outside").contains(".."));
+        assert!(invalid(&dir, "sub/../fn-ok").contains(".."));
+        assert!(invalid(&dir, "escape").contains("outside the functions directory"));
+        assert!(invalid(&dir, "data.txt").contains("not executable"));
+        assert!(invalid(&dir, "sub").contains("not a regular file"));
+        assert!(invalid(&dir, "missing").contains("not found"));
+        assert!(invalid(&dir, "").contains("empty"));
+    }
+
+    #[test]
+    fn config_keys_must_be_env_names() {
+        let ok = BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())]);
+        assert!(check_config(&ok).is_ok());
+        for bad in ["", "A=B", "A\0"] {
+            let config = BTreeMap::from([(bad.to_owned(), "v".to_owned())]);
+            assert!(
+                matches!(check_config(&config), Err(DriverError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        let config = BTreeMap::from([("K".to_owned(), "a\0b".to_owned())]);
+        assert!(matches!(
+            check_config(&config),
+            Err(DriverError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn looks_up_users_by_name_and_uid() {
+        assert_eq!(
+            FunctionUser::lookup("root").ok(),
+            Some(FunctionUser { uid: 0, gid: 0 })
+        );
+        assert_eq!(
+            FunctionUser::lookup("0").ok(),
+            Some(FunctionUser { uid: 0, gid: 0 })
+        );
+        assert!(matches!(
+            FunctionUser::lookup("no-such-user-here"),
+            Err(SetupError::FunctionUser { .. })
+        ));
+    }
+}

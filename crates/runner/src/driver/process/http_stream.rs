@@ -1,0 +1,352 @@
+//! The pure part of the Fn FDK `http-stream` contract: the headers of `POST /call` and how a
+//! reply's status and headers map back to the client's response. No I/O here.
+//!
+//! Request: `Fn-Call-Id`, `Fn-Deadline` (RFC 3339, UTC, milliseconds), `Fn-Http-Method`,
+//! `Fn-Http-Request-Url`, `Fn-Intent: httprequest`, every client header `X` as
+//! `Fn-Http-H-X` (all values), and the client's `Content-Type` plainly as well.
+//!
+//! Reply: the client status is `Fn-Http-Status`, unless the FDK itself answered 502 or 504
+//! (its own "function failed" / "function timed out"), which pass through; without
+//! `Fn-Http-Status` the reply's status is used. `Fn-Http-H-X` becomes `X`; a plain
+//! `Content-Type` is used when there is no `Fn-Http-H-Content-Type`. Everything else —
+//! other `Fn-*` headers, hop-by-hop and framing headers — is dropped; hop-by-hop and framing
+//! headers are dropped even when prefixed, since they describe a connection, not the
+//! response, and the body is re-framed on its way to the client.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::driver::{DriverError, FunctionRequest};
+
+/// Prefix of translated client headers (header names are lowercase in `http`).
+const FN_HTTP_H: &str = "fn-http-h-";
+const FN_HTTP_STATUS: &str = "fn-http-status";
+
+/// Headers that describe one connection or the message framing, never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// The headers of the `POST /call` for `request`.
+///
+/// # Errors
+/// [`DriverError::Invalid`] when the call id or request URL cannot be a header value.
+pub(super) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, DriverError> {
+    let value = |what: &str, text: &str| {
+        HeaderValue::from_str(text).map_err(|_| {
+            DriverError::Invalid(format!("{what} {text:?} is not a valid header value"))
+        })
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(HOST, HeaderValue::from_static("localhost"));
+    headers.insert("fn-call-id", value("call id", &request.call_id)?);
+    headers.insert(
+        "fn-deadline",
+        value("deadline", &rfc3339_millis(request.deadline))?,
+    );
+    headers.insert("fn-http-method", value("method", request.method.as_str())?);
+    headers.insert(
+        "fn-http-request-url",
+        value("request URL", &request.request_url)?,
+    );
+    headers.insert("fn-intent", HeaderValue::from_static("httprequest"));
+    client_to_fn(&request.headers, &mut headers);
+    Ok(headers)
+}
+
+/// Adds each client header `X` to `out` as `Fn-Http-H-X` (all values, in order), and the
+/// `Content-Type` plainly too. Hop-by-hop headers are left out.
+pub(super) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
+    for name in client.keys() {
+        if is_hop_by_hop(name.as_str()) {
+            continue;
+        }
+        let Ok(prefixed) = HeaderName::from_bytes(format!("{FN_HTTP_H}{name}").as_bytes()) else {
+            // Unreachable for valid names; skipping is the safe answer anyway.
+            continue;
+        };
+        for value in client.get_all(name) {
+            out.append(prefixed.clone(), value.clone());
+        }
+    }
+    for value in client.get_all(CONTENT_TYPE) {
+        out.append(CONTENT_TYPE, value.clone());
+    }
+}
+
+/// The client's headers from a reply's headers.
+pub(super) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
+    let mut client = HeaderMap::new();
+    for name in reply.keys() {
+        let Some(stripped) = name.as_str().strip_prefix(FN_HTTP_H) else {
+            continue;
+        };
+        if is_hop_by_hop(stripped) || stripped == "content-length" {
+            continue;
+        }
+        let Ok(original) = HeaderName::from_bytes(stripped.as_bytes()) else {
+            continue;
+        };
+        for value in reply.get_all(name) {
+            client.append(original.clone(), value.clone());
+        }
+    }
+    if !client.contains_key(CONTENT_TYPE) {
+        for value in reply.get_all(CONTENT_TYPE) {
+            client.append(CONTENT_TYPE, value.clone());
+        }
+    }
+    client
+}
+
+/// The client status of a reply with HTTP status `http` and headers `reply`.
+///
+/// # Errors
+/// A message when `Fn-Http-Status` is present but not a valid status code.
+pub(super) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
+    if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
+        return Ok(http);
+    }
+    let Some(value) = reply.get(FN_HTTP_STATUS) else {
+        return Ok(http);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    match text.parse::<u16>().ok().map(StatusCode::from_u16) {
+        Some(Ok(status)) if status.as_u16() >= 200 => Ok(status),
+        _ => Err(format!("invalid Fn-Http-Status {value:?}")),
+    }
+}
+
+/// `t` as RFC 3339 in UTC with milliseconds: `2026-11-25T16:02:11.123Z`. Times before the
+/// epoch are written as the epoch.
+pub(super) fn rfc3339_millis(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let second_of_day = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    // Shift the epoch to 0000-03-01 so leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+    use proptest::prelude::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        headers
+    }
+
+    fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect()
+    }
+
+    #[test]
+    fn call_headers_carry_the_contract() {
+        let request = FunctionRequest {
+            call_id: "01J-call".into(),
+            method: Method::PUT,
+            request_url: "http://lb/r/demo/echo?x=1".into(),
+            headers: map(&[
+                ("content-type", "text/plain"),
+                ("x-many", "a"),
+                ("x-many", "b"),
+                ("connection", "keep-alive"),
+            ]),
+            deadline: UNIX_EPOCH + Duration::from_millis(1_764_086_531_123),
+        };
+        let headers = call_headers(&request).expect("headers");
+        assert_eq!(values(&headers, "fn-call-id"), ["01J-call"]);
+        assert_eq!(
+            values(&headers, "fn-deadline"),
+            ["2025-11-25T16:02:11.123Z"]
+        );
+        assert_eq!(values(&headers, "fn-http-method"), ["PUT"]);
+        assert_eq!(
+            values(&headers, "fn-http-request-url"),
+            ["http://lb/r/demo/echo?x=1"]
+        );
+        assert_eq!(values(&headers, "fn-intent"), ["httprequest"]);
+        assert_eq!(values(&headers, "fn-http-h-x-many"), ["a", "b"]);
+        assert_eq!(values(&headers, "fn-http-h-content-type"), ["text/plain"]);
+        assert_eq!(values(&headers, "content-type"), ["text/plain"]);
+        assert!(!headers.contains_key("fn-http-h-connection"));
+    }
+
+    #[test]
+    fn call_headers_reject_unsendable_ids() {
+        let request = FunctionRequest {
+            call_id: "bad\nid".into(),
+            method: Method::GET,
+            request_url: "/".into(),
+            headers: HeaderMap::new(),
+            deadline: UNIX_EPOCH,
+        };
+        assert!(matches!(
+            call_headers(&request),
+            Err(DriverError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn reply_headers_map_back() {
+        let reply = map(&[
+            ("fn-http-status", "201"),
+            ("fn-http-h-x-one", "1"),
+            ("fn-http-h-set-cookie", "a=1"),
+            ("fn-http-h-set-cookie", "b=2"),
+            ("fn-http-h-transfer-encoding", "chunked"),
+            ("fn-http-h-content-length", "12"),
+            ("fn-fdk-version", "fdk-python/0.1"),
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),
+            ("content-type", "application/json"),
+            ("date", "now"),
+        ]);
+        let client = fn_to_client(&reply);
+        assert_eq!(values(&client, "x-one"), ["1"]);
+        assert_eq!(values(&client, "set-cookie"), ["a=1", "b=2"]);
+        assert_eq!(values(&client, "content-type"), ["application/json"]);
+        assert_eq!(client.len(), 4, "{client:?}");
+    }
+
+    #[test]
+    fn prefixed_content_type_wins_over_plain() {
+        let reply = map(&[
+            ("fn-http-h-content-type", "text/html"),
+            ("content-type", "text/plain"),
+        ]);
+        assert_eq!(values(&fn_to_client(&reply), "content-type"), ["text/html"]);
+    }
+
+    #[test]
+    fn status_mapping() {
+        let ok = StatusCode::OK;
+        assert_eq!(client_status(ok, &map(&[])), Ok(StatusCode::OK));
+        assert_eq!(
+            client_status(ok, &map(&[("fn-http-status", "404")])),
+            Ok(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            client_status(ok, &map(&[("fn-http-status", " 201 ")])),
+            Ok(StatusCode::CREATED)
+        );
+        for bad in ["abc", "99", "1000", "", "100"] {
+            assert!(
+                client_status(ok, &map(&[("fn-http-status", bad)])).is_err(),
+                "{bad:?}"
+            );
+        }
+        // The FDK's own failure statuses pass through.
+        let failed = map(&[("fn-http-status", "200")]);
+        assert_eq!(
+            client_status(StatusCode::BAD_GATEWAY, &failed),
+            Ok(StatusCode::BAD_GATEWAY)
+        );
+        assert_eq!(
+            client_status(StatusCode::GATEWAY_TIMEOUT, &map(&[])),
+            Ok(StatusCode::GATEWAY_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn formats_deadlines() {
+        let at = |ms: u64| rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(951_868_799_999), "2000-02-29T23:59:59.999Z");
+        assert_eq!(at(1_709_164_800_007), "2024-02-29T00:00:00.007Z");
+        assert_eq!(at(1_735_689_599_000), "2024-12-31T23:59:59.000Z");
+        assert_eq!(at(4_107_542_400_000), "2100-03-01T00:00:00.000Z");
+        assert_eq!(at(253_402_300_799_000), "9999-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        // Hop-by-hop headers are not forwarded, and the client's Content-Length reaches the
+        // function but is never taken from it (the body is re-framed).
+        "[a-z][a-z0-9-]{0,24}".prop_filter("not carried both ways", |name| {
+            !is_hop_by_hop(name) && name != "content-length"
+        })
+    }
+
+    fn header_map() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec((header_name(), "[!-~][ -~]{0,30}"), 0..12).prop_map(|pairs| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+            headers
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn client_headers_round_trip(client in header_map()) {
+            let mut wire = HeaderMap::new();
+            client_to_fn(&client, &mut wire);
+            prop_assert_eq!(fn_to_client(&wire), client);
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! [`ProcessInstance`]: one running function process and the HTTP/1 connection to it.
+//!
+//! A reaper task owns the `Child`: it waits for the process to exit (or for a kill request,
+//! which it carries out while the process is still unreaped, so the process group id cannot
+//! have been reused), publishes the exit status, kills what is left of the process group,
+//! removes the memory cgroup and the instance directory. Everything else reads the exit
+//! status from a `watch` channel, so "has it exited?" is an event, not a poll.
+//!
+//! Calls go over one HTTP/1 connection to the instance's socket, made on the first call and
+//! reused while it stays open; a closed connection is replaced on the next call.
+
+use std::fmt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::cgroup::InstanceCgroup;
+use super::output::{self, Stream as OutputStream};
+use super::{http_stream, remove_instance_dir};
+use crate::driver::{BodyStream, DriverError, FunctionRequest, FunctionResponse, Instance};
+
+/// How long a failed call waits for the process to be reaped before deciding the function
+/// misbehaved rather than died. The exit is awaited as an event; this only bounds the wait.
+const REAP_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a kept connection may take to become ready for the next request before it is
+/// replaced by a new one.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The request body type sent to functions: the LB's chunks as they arrive.
+type CallBody =
+    StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>>>;
+
+/// What identifies an instance in logs.
+#[derive(Debug)]
+pub(super) struct Labels {
+    pub(super) app: String,
+    pub(super) function: String,
+    pub(super) instance: String,
+    /// The call that started the instance.
+    pub(super) call_id: String,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone)]
+pub(super) enum Exit {
+    Status(ExitStatus),
+    /// `wait` itself failed; the process is treated as gone.
+    Unknown(String),
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Status(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => write!(f, "exited with status {code}"),
+                (None, Some(signal)) => match Signal::try_from(signal) {
+                    Ok(name) => write!(f, "killed by signal {signal} ({name})"),
+                    Err(_) => write!(f, "killed by signal {signal}"),
+                },
+                (None, None) => write!(f, "exited ({status})"),
+            },
+            Exit::Unknown(e) => write!(f, "exited (wait failed: {e})"),
+        }
+    }
+}
+
+/// A freshly spawned child and what belongs to it.
+pub(super) struct Spawned {
+    pub(super) child: Child,
+    pub(super) labels: Labels,
+    pub(super) dir: PathBuf,
+    pub(super) socket: PathBuf,
+    pub(super) cgroup: Option<InstanceCgroup>,
+}
+
+/// State shared by the instance handle and its reaper task.
+#[derive(Debug)]
+struct Shared {
+    labels: Arc<Labels>,
+    pid: u32,
+    dir: PathBuf,
+    socket: PathBuf,
+    cgroup: Option<InstanceCgroup>,
+    /// Set by [`Instance::kill`]; the instance is no longer alive from then on.
+    killed: AtomicBool,
+    /// Asks the reaper to kill the process group.
+    kill: CancellationToken,
+    /// `Some` once the process has been reaped.
+    exit: watch::Receiver<Option<Exit>>,
+    /// Cancelled when the reaper has finished cleaning up (cgroup and directory removed).
+    gone: CancellationToken,
+}
+
+/// A function instance running as a child process. Killed when dropped.
+pub struct ProcessInstance {
+    shared: Arc<Shared>,
+    /// The kept connection. An async mutex: it is held across the request's round trip,
+    /// and calls are one at a time anyway.
+    conn: tokio::sync::Mutex<Option<SendRequest<CallBody>>>,
+}
+
+impl fmt::Debug for ProcessInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessInstance")
+            .field("id", &self.shared.labels.instance)
+            .field("pid", &self.shared.pid)
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessInstance {
+    /// Takes over a spawned child: moves it into its cgroup, starts the output loggers and
+    /// the reaper.
+    ///
+    /// # Errors
+    /// A message when the child has no pid (already reaped) or cannot join its cgroup; the
+    /// child is killed and cleaned up then.
+    pub(super) fn spawned(spawned: Spawned) -> Result<Self, String> {
+        let Spawned {
+            mut child,
+            labels,
+            dir,
+            socket,
+            cgroup,
+        } = spawned;
+        let labels = Arc::new(labels);
+        let Some(pid) = child.id() else {
+            remove_instance_dir(&dir);
+            return Err("the process exited before it could be watched".into());
+        };
+        let join_error = cgroup.as_ref().and_then(|cgroup| cgroup.add(pid).err());
+
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(output::log_lines(
+                stdout,
+                OutputStream::Stdout,
+                labels.clone(),
+            ));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(output::log_lines(
+                stderr,
+                OutputStream::Stderr,
+                labels.clone(),
+            ));
+        }
+
+        let (exit_tx, exit) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            labels,
+            pid,
+            dir,
+            socket,
+            cgroup,
+            killed: AtomicBool::new(false),
+            kill: CancellationToken::new(),
+            exit,
+            gone: CancellationToken::new(),
+        });
+        tokio::spawn(reap(child, exit_tx, shared.clone()));
+        let instance = ProcessInstance {
+            shared,
+            conn: tokio::sync::Mutex::new(None),
+        };
+        if let Some(e) = join_error {
+            instance.kill();
+            return Err(e);
+        }
+        Ok(instance)
+    }
+
+    /// The instance id (also the name of its directory and cgroup).
+    pub fn id(&self) -> &str {
+        &self.shared.labels.instance
+    }
+
+    /// The instance's private directory, holding its socket.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The listener socket path (`<dir>/lsnr.sock`).
+    pub fn socket_path(&self) -> &Path {
+        &self.shared.socket
+    }
+
+    /// The instance's memory cgroup, when limits are enforced.
+    pub fn cgroup_dir(&self) -> Option<&Path> {
+        self.shared.cgroup.as_ref().map(InstanceCgroup::dir)
+    }
+
+    /// Waits until the process has been reaped and its cgroup and directory removed.
+    pub async fn wait_gone(&self) {
+        self.shared.gone.cancelled().await;
+    }
+
+    pub(super) fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.shared.exit.clone()
+    }
+
+    /// Classifies a transport failure: `Crashed` when the process has exited (waiting
+    /// briefly for it to be reaped), else `Function`.
+    async fn failure(shared: &Shared, what: &str, error: impl fmt::Display) -> DriverError {
+        let mut exit = shared.exit.clone();
+        let reaped = tokio::time::timeout(REAP_GRACE, exit.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|exit| exit.clone());
+        match reaped {
+            Some(_) if shared.killed.load(Ordering::SeqCst) => {
+                DriverError::Crashed(format!("killed by the runner ({what}: {error})"))
+            }
+            Some(exit) => DriverError::Crashed(exit.to_string()),
+            None => DriverError::Function(format!("{what}: {error}")),
+        }
+    }
+
+    /// The kept connection when it is usable, else a new one.
+    async fn connection<'a>(
+        &self,
+        kept: &'a mut Option<SendRequest<CallBody>>,
+    ) -> Result<&'a mut SendRequest<CallBody>, DriverError> {
+        if let Some(sender) = kept.as_mut() {
+            let ready = !sender.is_closed()
+                && matches!(
+                    tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
+                    Ok(Ok(()))
+                );
+            if !ready {
+                *kept = None;
+            }
+        }
+        if kept.is_none() {
+            let stream = match UnixStream::connect(&self.shared.socket).await {
+                Ok(stream) => stream,
+                Err(e) => return Err(Self::failure(&self.shared, "cannot connect", e).await),
+            };
+            let (sender, connection) = match http1::handshake(TokioIo::new(stream)).await {
+                Ok(pair) => pair,
+                Err(e) => return Err(Self::failure(&self.shared, "handshake failed", e).await),
+            };
+            let instance = self.shared.labels.instance.clone();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%instance, error = %e, "function connection ended");
+                }
+            });
+            *kept = Some(sender);
+        }
+        kept.as_mut()
+            .ok_or_else(|| DriverError::Function("no connection".into()))
+    }
+
+    async fn send(
+        &self,
+        request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> Result<FunctionResponse, DriverError> {
+        if !self.is_alive() {
+            return Err(match self.shared.exit.borrow().as_ref() {
+                Some(exit) if !self.shared.killed.load(Ordering::SeqCst) => {
+                    DriverError::Crashed(exit.to_string())
+                }
+                _ => DriverError::Crashed("the instance was killed".into()),
+            });
+        }
+        let headers = http_stream::call_headers(&request)?;
+        let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
+            Box::pin(body.map(|chunk| chunk.map(Frame::data)));
+        let mut http_request = Request::post("/call")
+            .body(StreamBody::new(frames))
+            .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
+        *http_request.headers_mut() = headers;
+
+        let reply = {
+            let mut kept = self.conn.lock().await;
+            let sender = self.connection(&mut kept).await?;
+            match sender.send_request(http_request).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    *kept = None;
+                    return Err(Self::failure(&self.shared, "call failed", e).await);
+                }
+            }
+        };
+
+        let (head, incoming) = reply.into_parts();
+        let status = http_stream::client_status(head.status, &head.headers)
+            .map_err(DriverError::Function)?;
+        let headers = http_stream::fn_to_client(&head.headers);
+        let shared = self.shared.clone();
+        let body = incoming.into_data_stream().then(move |chunk| {
+            let shared = shared.clone();
+            async move {
+                match chunk {
+                    Ok(bytes) => Ok(bytes),
+                    Err(e) => Err(Self::failure(&shared, "reply broke off", e).await),
+                }
+            }
+        });
+        Ok(FunctionResponse {
+            status,
+            headers,
+            body: Box::pin(body),
+        })
+    }
+}
+
+impl Instance for ProcessInstance {
+    fn call(
+        &self,
+        request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        Box::pin(self.send(request, body))
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.shared.killed.load(Ordering::SeqCst) && self.shared.exit.borrow().is_none()
+    }
+
+    fn kill(&self) {
+        if self.shared.killed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // The reaper signals the group while the leader is unreaped (see `reap`).
+        self.shared.kill.cancel();
+        // The socket goes now, so nothing can connect to a dying instance; the reaper
+        // removes the directory again (a no-op) and the cgroup once the process is gone.
+        remove_instance_dir(&self.shared.dir);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.shared.pid)
+    }
+}
+
+impl Drop for ProcessInstance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Owns the child until it is reaped, then cleans up after it.
+async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Arc<Shared>) {
+    let signal_group = || {
+        // The process group id is the leader's pid (`process_group(0)`).
+        match killpg(Pid::from_raw(shared.pid as i32), Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => tracing::warn!(
+                instance = %shared.labels.instance,
+                error = %e,
+                "cannot kill function process group"
+            ),
+        }
+    };
+    let exit = tokio::select! {
+        status = child.wait() => status,
+        () = shared.kill.cancelled() => {
+            // The leader is not reaped yet, so its pid still names this process group.
+            signal_group();
+            child.wait().await
+        }
+    };
+    let exit = match exit {
+        Ok(status) => Exit::Status(status),
+        Err(e) => Exit::Unknown(e.to_string()),
+    };
+    tracing::debug!(instance = %shared.labels.instance, pid = shared.pid, %exit, "function process ended");
+    exit_tx.send_replace(Some(exit));
+    // The leader exited on its own: kill what it left in its group. Its pid cannot be
+    // reused while any member remains; if none does this finds nothing (ESRCH).
+    signal_group();
+    if let Some(cgroup) = &shared.cgroup {
+        cgroup.remove().await;
+    }
+    remove_instance_dir(&shared.dir);
+    shared.gone.cancel();
+}

@@ -1,0 +1,477 @@
+//! Service tests of the `process` driver against the real example functions (`fn-echo`,
+//! `fn-hello`, `fn-sleep`, `fn-crash`, built by `cargo build --workspace --bins`).
+//!
+//! As root, functions run as `nobody`, so the test directories are made traversable for it.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use fn_runner::driver::process::{
+    FunctionUser, MemoryLimitMode, MemoryLimits, ProcessDriver, ProcessDriverConfig,
+};
+use fn_runner::driver::{
+    BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
+};
+use futures::TryStreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+const START: Duration = Duration::from_secs(10);
+
+struct Fixture {
+    driver: ProcessDriver,
+    sockets: PathBuf,
+    user: Option<FunctionUser>,
+    _tmp: tempfile::TempDir,
+}
+
+fn function_user() -> Option<FunctionUser> {
+    nix::unistd::geteuid()
+        .is_root()
+        .then(|| FunctionUser::lookup("nobody").expect("user nobody"))
+}
+
+/// A temporary directory the function user can traverse.
+fn tempdir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    tmp
+}
+
+fn fixture_with(functions_dir: &Path, memory_limits: MemoryLimits) -> Fixture {
+    let tmp = tempdir();
+    let sockets = tmp.path().join("sockets");
+    let user = function_user();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(functions_dir, &sockets)
+            .with_function_user(user)
+            .with_memory_limits(memory_limits),
+    )
+    .expect("driver");
+    Fixture {
+        driver,
+        sockets,
+        user,
+        _tmp: tmp,
+    }
+}
+
+fn fixture() -> Fixture {
+    // Every example function must be there, or the tests would fail confusingly later.
+    for name in ["fn-echo", "fn-hello", "fn-sleep", "fn-crash"] {
+        fn_test_support::workspace_bin(name);
+    }
+    fixture_with(&fn_test_support::bin_dir(), MemoryLimits::Off)
+}
+
+fn spec(program: &str) -> InstanceSpec {
+    InstanceSpec {
+        app: "demo".into(),
+        function: program.trim_start_matches("fn-").into(),
+        command: vec![program.into()],
+        image: None,
+        memory_mb: 64,
+        config: BTreeMap::new(),
+    }
+}
+
+fn request(headers: HeaderMap) -> FunctionRequest {
+    FunctionRequest {
+        call_id: "test-call".into(),
+        method: Method::POST,
+        request_url: "http://lb.test/r/demo/fn".into(),
+        headers,
+        deadline: SystemTime::now() + Duration::from_secs(30),
+    }
+}
+
+/// `data` as a request body in chunks of at most 64 KiB.
+fn body(data: Bytes) -> BodyStream<std::io::Error> {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..data.len())
+        .step_by(64 * 1024)
+        .map(|at| Ok(data.slice(at..data.len().min(at + 64 * 1024))))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
+}
+
+/// One call; the response body read to its end.
+async fn call(
+    instance: &dyn Instance,
+    headers: HeaderMap,
+    data: impl Into<Bytes>,
+) -> Result<(StatusCode, HeaderMap, Bytes), DriverError> {
+    let FunctionResponse {
+        status,
+        headers,
+        body,
+    } = instance.call(request(headers), body(data.into())).await?;
+    let data = body
+        .try_fold(BytesMut::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await?;
+    Ok((status, headers, data.freeze()))
+}
+
+fn pattern(len: usize) -> Bytes {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect()
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).expect("read_dir").next().is_none()
+}
+
+#[tokio::test]
+async fn echo_is_byte_exact_and_reuses_one_process() {
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start(&spec("fn-echo"), "first-call", START)
+        .await
+        .expect("start");
+    let pid = instance.pid().expect("pid");
+    for size in [0, 1, 64 * 1024, 8 * 1024 * 1024] {
+        let sent = pattern(size);
+        let (status, headers, received) = call(instance.as_ref(), HeaderMap::new(), sent.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{size} B: {e}"));
+        assert_eq!(status, StatusCode::OK, "{size} B");
+        assert_eq!(received.len(), sent.len(), "{size} B");
+        assert!(received == sent, "{size} B: body differs");
+        assert_eq!(header(&headers, "x-fn-pid"), [pid.to_string()], "{size} B");
+    }
+    assert_eq!(instance.pid(), Some(pid));
+    assert!(instance.is_alive());
+}
+
+#[tokio::test]
+async fn headers_translate_both_ways() {
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start(&spec("fn-echo"), "c", START)
+        .await
+        .expect("start");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("application/x-test"),
+    );
+    headers.append("x-echo-multi", HeaderValue::from_static("one"));
+    headers.append("x-echo-multi", HeaderValue::from_static("two"));
+    headers.insert("x-not-echoed", HeaderValue::from_static("nope"));
+    let (status, headers, received) = call(instance.as_ref(), headers, "hi").await.expect("call");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(received, "hi");
+    assert_eq!(header(&headers, "content-type"), ["application/x-test"]);
+    assert_eq!(header(&headers, "x-echo-multi"), ["one", "two"]);
+    assert!(!headers.contains_key("x-not-echoed"));
+    for name in headers.keys() {
+        let name = name.as_str();
+        assert!(!name.starts_with("fn-"), "contract header leaked: {name}");
+        assert!(
+            !["content-length", "transfer-encoding", "connection"].contains(&name),
+            "framing header leaked: {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn config_status_and_user_reach_the_function() {
+    let fx = fixture();
+    let mut hello = spec("fn-hello");
+    hello.config.insert("GREETING".into(), "Howdy".into());
+    let instance = fx
+        .driver
+        .start_process(&hello, "c", START)
+        .await
+        .expect("start");
+    let (status, _, received) = call(&instance, HeaderMap::new(), "Ann")
+        .await
+        .expect("call");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(received, "Howdy, Ann!\n");
+
+    // The instance directory is private to the function (and the runner).
+    let meta = std::fs::metadata(instance.dir()).expect("instance dir");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", instance.pid().expect("pid")))
+        .expect("proc status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line")
+        .to_owned();
+    match fx.user {
+        Some(user) => {
+            assert_eq!(meta.uid(), user.uid);
+            assert!(
+                uid_line
+                    .split_whitespace()
+                    .skip(1)
+                    .all(|uid| uid == user.uid.to_string()),
+                "{uid_line}"
+            );
+        }
+        None => println!("not root: functions run as the test's own user ({uid_line})"),
+    }
+
+    // A function status other than 200 comes from Fn-Http-Status.
+    let sleeper = fx
+        .driver
+        .start(&spec("fn-sleep"), "c", START)
+        .await
+        .expect("start");
+    let (status, _, _) = call(sleeper.as_ref(), HeaderMap::new(), "not a number")
+        .await
+        .expect("call");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn kill_stops_the_instance_and_removes_its_directory() {
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-sleep"), "c", START)
+        .await
+        .expect("start");
+    let pid = instance.pid().expect("pid");
+    assert!(instance.is_alive());
+    assert!(instance.socket_path().exists());
+
+    // Kill while a call is in flight: the call fails at once instead of sleeping on.
+    let started = Instant::now();
+    let (outcome, ()) = tokio::join!(call(&instance, HeaderMap::new(), "30000"), async {
+        instance.kill()
+    });
+    assert!(
+        matches!(outcome, Err(DriverError::Crashed(_))),
+        "{:?}",
+        outcome.map(|(status, _, _)| status)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!instance.is_alive());
+    assert!(!instance.dir().exists(), "socket directory removed by kill");
+    instance.kill(); // idempotent
+
+    instance.wait_gone().await;
+    assert_eq!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None),
+        Err(nix::errno::Errno::ESRCH),
+        "process {pid} is gone"
+    );
+    assert!(is_empty_dir(&fx.sockets));
+    assert!(matches!(
+        call(&instance, HeaderMap::new(), "1").await,
+        Err(DriverError::Crashed(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_crash_mid_call_is_reported_as_crashed() {
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-crash"), "c", START)
+        .await
+        .expect("start");
+    match call(&instance, HeaderMap::new(), "boom").await {
+        Err(DriverError::Crashed(message)) => {
+            assert!(message.contains("exited with status 3"), "{message}")
+        }
+        other => panic!(
+            "expected Crashed, got {:?}",
+            other.map(|(status, _, _)| status)
+        ),
+    }
+    assert!(!instance.is_alive());
+    instance.wait_gone().await;
+    assert!(
+        is_empty_dir(&fx.sockets),
+        "the reaper removed the instance directory"
+    );
+}
+
+#[tokio::test]
+async fn commands_are_confined_to_the_functions_dir() {
+    let functions = script_dir("fn-ok", "#!/bin/sh\nsleep 30\n");
+    let dir = functions.path();
+    std::os::unix::fs::symlink("/bin/sh", dir.join("escape")).expect("symlink");
+    std::fs::write(dir.join("data.txt"), "not a program").expect("write");
+    let fx = fixture_with(dir, MemoryLimits::Off);
+    let cases = [
+        ("/bin/sh", "absolute"),
+        ("../fn-ok", ".."),
+        ("sub/../fn-ok", ".."),
+        ("escape", "outside the functions directory"),
+        ("fn-does-not-exist", "not found"),
+        ("data.txt", "not executable"),
+    ];
+    for (program, why) in cases {
+        let spec = spec(program);
+        match fx.driver.check(&spec) {
+            Err(DriverError::Invalid(message)) => assert!(message.contains(why), "{message}"),
+            other => panic!("check {program:?}: expected Invalid, got {other:?}"),
+        }
+        match fx.driver.start(&spec, "c", START).await {
+            Err(DriverError::Invalid(_)) => {}
+            other => panic!("start {program:?}: expected Invalid, got {other:?}"),
+        }
+    }
+    let mut empty = spec("fn-ok");
+    empty.command.clear();
+    assert!(matches!(
+        fx.driver.check(&empty),
+        Err(DriverError::Invalid(_))
+    ));
+    assert!(fx.driver.check(&spec("fn-ok")).is_ok());
+    assert!(is_empty_dir(&fx.sockets), "nothing was started");
+}
+
+fn script_dir(name: &str, script: &str) -> tempfile::TempDir {
+    let dir = tempdir();
+    let path = dir.path().join(name);
+    std::fs::write(&path, script).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[tokio::test]
+async fn a_function_that_never_listens_fails_to_start_in_time() {
+    let functions = script_dir("fn-mute", "#!/bin/sh\nsleep 30\n");
+    let fx = fixture_with(functions.path(), MemoryLimits::Off);
+    let started = Instant::now();
+    let timeout = Duration::from_millis(500);
+    match fx.driver.start(&spec("fn-mute"), "c", timeout).await {
+        Err(DriverError::Start(message)) => {
+            assert!(message.contains("did not open its listener"), "{message}")
+        }
+        other => panic!("expected Start, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(
+        is_empty_dir(&fx.sockets),
+        "the instance directory was removed"
+    );
+}
+
+#[tokio::test]
+async fn a_function_that_exits_at_start_reports_its_status() {
+    let functions = script_dir("fn-quit", "#!/bin/sh\necho bye >&2\nexit 7\n");
+    let fx = fixture_with(functions.path(), MemoryLimits::Off);
+    match fx.driver.start(&spec("fn-quit"), "c", START).await {
+        Err(DriverError::Start(message)) => {
+            assert!(message.contains("exited with status 7"), "{message}")
+        }
+        other => panic!("expected Start, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn memory_limit_in_the_real_cgroup() {
+    let fx = fixture_with(&fn_test_support::bin_dir(), MemoryLimits::default());
+    let limit_file = match fx.driver.memory_limit_mode() {
+        MemoryLimitMode::V1 { .. } => "memory.limit_in_bytes",
+        MemoryLimitMode::V2 { .. } => "memory.max",
+        MemoryLimitMode::Unenforced { reason } => {
+            println!("SKIPPED: memory limits cannot be enforced here: {reason}");
+            return;
+        }
+    };
+    println!("memory limits: {}", fx.driver.memory_limit_mode());
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-echo"), "c", START)
+        .await
+        .expect("start");
+    let cgroup = instance
+        .cgroup_dir()
+        .expect("instance cgroup")
+        .to_path_buf();
+    let limit = std::fs::read_to_string(cgroup.join(limit_file)).expect("read limit");
+    assert_eq!(limit.trim(), (64u64 * 1024 * 1024).to_string());
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).expect("read procs");
+    let pid = instance.pid().expect("pid").to_string();
+    assert!(
+        procs.lines().any(|p| p.trim() == pid),
+        "{pid} not in {procs:?}"
+    );
+    let (_, _, echoed) = call(&instance, HeaderMap::new(), "in a cgroup")
+        .await
+        .expect("call");
+    assert_eq!(echoed, "in a cgroup");
+
+    instance.kill();
+    instance.wait_gone().await;
+    assert!(!cgroup.exists(), "instance cgroup removed");
+}
+
+#[tokio::test]
+async fn memory_limit_is_enforced_in_the_real_cgroup() {
+    // `tail` keeps the current line in memory, and /dev/zero has no newline: 300 MB cannot
+    // fit in 64 MB, so the kernel kills `tail` and the script exits 9 before listening.
+    let functions = script_dir(
+        "fn-hog",
+        "#!/bin/sh\nhead -c 300000000 /dev/zero | tail >/dev/null || exit 9\nsleep 30\n",
+    );
+    let fx = fixture_with(functions.path(), MemoryLimits::default());
+    if let MemoryLimitMode::Unenforced { reason } = fx.driver.memory_limit_mode() {
+        println!("SKIPPED: memory limits cannot be enforced here: {reason}");
+        return;
+    }
+    match fx
+        .driver
+        .start(&spec("fn-hog"), "c", Duration::from_secs(20))
+        .await
+    {
+        Err(DriverError::Start(message)) => {
+            assert!(message.contains("exited with status 9"), "{message}")
+        }
+        other => panic!("expected Start, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn setup_errors_name_what_is_wrong() {
+    let missing = Path::new("/nonexistent/functions");
+    let err = ProcessDriver::new(ProcessDriverConfig::new(missing, "/tmp/x"))
+        .expect_err("missing functions dir");
+    let message = err.to_string();
+    assert!(message.contains("FN_FUNCTIONS_DIR"), "{message}");
+    assert!(message.contains("/nonexistent/functions"), "{message}");
+
+    let tmp = tempdir();
+    let long = tmp.path().join("s".repeat(80));
+    let err = ProcessDriver::new(
+        ProcessDriverConfig::new(tmp.path(), long).with_memory_limits(MemoryLimits::Off),
+    )
+    .expect_err("socket root too long");
+    assert!(err.to_string().contains("too long"), "{err}");
+
+    let sockets = tmp.path().join("new/sockets");
+    ProcessDriver::new(
+        ProcessDriverConfig::new(tmp.path(), &sockets).with_memory_limits(MemoryLimits::Off),
+    )
+    .expect("driver");
+    let mode = std::fs::metadata(&sockets)
+        .expect("socket root")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o711);
+}
