@@ -447,6 +447,77 @@ async fn memory_limit_is_enforced_in_the_real_cgroup() {
     }
 }
 
+/// The runner half of [`instances_die_with_their_runner`], run in a copy of this test binary:
+/// starts `fn-sleep`, prints its pid and aborts — a runner dying without running any
+/// destructor, as under `SIGKILL`.
+#[tokio::test]
+#[ignore = "helper process of instances_die_with_their_runner"]
+async fn helper_runner_that_dies() {
+    let Some(sockets) = std::env::var_os("FN_TEST_HELPER_SOCKETS") else {
+        return;
+    };
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::bin_dir(), sockets)
+            .with_function_user(function_user())
+            .with_memory_limits(MemoryLimits::Off),
+    )
+    .expect("driver");
+    let instance = driver
+        .start_process(&spec("fn-sleep"), "c", START)
+        .await
+        .expect("start");
+    println!("pid={}", instance.pid().expect("pid"));
+    std::process::abort();
+}
+
+fn is_running(pid: u32) -> bool {
+    // Gone, or a zombie waiting for init to reap it: either way no longer running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+#[test]
+fn instances_die_with_their_runner() {
+    fn_test_support::workspace_bin("fn-sleep");
+    let tmp = tempdir();
+    let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "helper_runner_that_dies",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("FN_TEST_HELPER_SOCKETS", tmp.path().join("s"))
+        .output()
+        .expect("run the helper");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "the helper runner aborts: {stdout}"
+    );
+    let pid: u32 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("pid="))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no pid from the helper: {stdout} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    // The orphan is not our child, so there is no exit to await: poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_running(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "instance {pid} outlived its runner"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[tokio::test]
 async fn setup_errors_name_what_is_wrong() {
     let missing = Path::new("/nonexistent/functions");

@@ -21,7 +21,9 @@
 //! environment, its own process group, and — when a [`FunctionUser`] is configured — an
 //! unprivileged uid/gid (the standard library drops supplementary groups when a root parent sets
 //! a uid). Each instance's socket lives in its own `0700` directory owned by the function user,
-//! under a `0711` socket root, so functions cannot reach each other's sockets.
+//! under a `0711` socket root, so functions cannot reach each other's sockets. Every child
+//! starts under a small `/bin/sh` wrapper (`WRAPPER_SCRIPT`) that holds it until it is in its
+//! memory cgroup and kills its process group if the runner dies.
 
 mod cgroup;
 mod command;
@@ -36,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
@@ -46,12 +47,27 @@ pub use instance::ProcessInstance;
 use super::{Driver, DriverError, Instance, InstanceSpec};
 use instance::{Labels, Spawned};
 
-/// The shell that holds a new child until it is in its memory cgroup (see `cgroup`).
-const GATE_SHELL: &str = "/bin/sh";
+/// The shell that wraps every function process; see [`WRAPPER_SCRIPT`].
+const WRAPPER_SHELL: &str = "/bin/sh";
 
-/// What the gate shell runs: `$0` is the program, `$@` its arguments. If the runner goes
-/// away before opening the gate, `read` sees end-of-file and the program never runs.
-const GATE_SCRIPT: &str = r#"read -r gate && exec "$0" "$@" </dev/null"#;
+/// What the wrapper shell runs (`$0` is the program, `$@` its arguments). Its stdin is a pipe
+/// from the runner, the instance's *lifeline*:
+/// 1. **gate**: it waits for one line, which the runner writes once the process has joined
+///    its memory cgroup, so nothing the function starts escapes the limit (see `cgroup`);
+/// 2. **watchdog**: it leaves a background subshell reading the lifeline, which kills the
+///    whole process group when the lifeline closes — when the runner drops the instance or
+///    dies, even by `SIGKILL` (the kernel closes its end). Without it a crashed runner would
+///    leave its functions running as orphans;
+/// 3. it execs the program with stdin from `/dev/null` and the lifeline closed: same pid,
+///    process group and user, so the program is the instance's process.
+///
+/// If the runner goes away before the gate opens, `read` sees end-of-file and the program
+/// never runs.
+const WRAPPER_SCRIPT: &str = r#"read -r gate || exit 1
+exec 3<&0 </dev/null
+( read -r gone <&3; kill -9 0 ) >/dev/null 2>&1 &
+exec 3<&- "$0" "$@"
+"#;
 
 /// `PATH` of every function: the usual system directories, nothing of the runner's own.
 const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -137,9 +153,9 @@ pub struct ProcessDriver {
     function_user: Option<FunctionUser>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
-    /// The shell that holds a new child until it has joined its memory cgroup; `None` when
-    /// limits are not enforced or there is no shell (then the child joins a moment late).
-    gate: Option<PathBuf>,
+    /// The shell that gates and watches every child ([`WRAPPER_SCRIPT`]); `None` when there
+    /// is no shell (then children start unwrapped).
+    wrapper: Option<PathBuf>,
     /// Distinguishes this driver's instance ids from those of an earlier runner that used
     /// the same socket root (and maybe the same pid).
     id_prefix: String,
@@ -178,20 +194,14 @@ impl ProcessDriver {
             mode => tracing::info!(mode = %mode, "function memory limits enforced"),
         }
 
-        let gate = match &memory {
-            MemoryLimitMode::Unenforced { .. } => None,
-            _ => {
-                let gate = command::gate_shell();
-                if gate.is_none() {
-                    tracing::warn!(
-                        shell = GATE_SHELL,
-                        "no shell to hold new functions until they are in their memory cgroup; \
-                         processes a function starts in its first moments escape its limit"
-                    );
-                }
-                gate
-            }
-        };
+        let wrapper = command::wrapper_shell();
+        if wrapper.is_none() {
+            tracing::warn!(
+                shell = WRAPPER_SHELL,
+                "no shell to wrap functions: they outlive a runner that crashes, and processes \
+                 they start in their first moments escape their memory limit"
+            );
+        }
 
         let id_prefix = format!("{:08x}", id_seed());
         Ok(ProcessDriver {
@@ -199,7 +209,7 @@ impl ProcessDriver {
             socket_root,
             function_user: config.function_user,
             memory,
-            gate,
+            wrapper,
             id_prefix,
             next_id: AtomicU64::new(1),
         })
@@ -254,8 +264,7 @@ impl ProcessDriver {
             }
         };
 
-        let gate = self.gate.as_deref().filter(|_| cgroup.is_some());
-        let mut cmd = self.command(spec, &program, &dir, &socket, gate);
+        let mut cmd = self.command(spec, &program, &dir, &socket, self.wrapper.as_deref());
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -270,23 +279,19 @@ impl ProcessDriver {
             }
         };
 
-        let held = child.stdin.take();
-        // Joins the cgroup; a failure drops `held`, so a gated child exits without running.
-        let instance = ProcessInstance::spawned(Spawned {
+        let lifeline = child.stdin.take();
+        // Joins the cgroup; on failure the lifeline is dropped, so the wrapper exits without
+        // running the program.
+        let mut instance = ProcessInstance::spawned(Spawned {
             child,
             labels,
             dir,
             socket,
             cgroup,
+            lifeline,
         })
         .map_err(DriverError::Start)?;
-        if let Some(mut held) = held {
-            // In its cgroup now: let the gate exec the program. A failed write means the
-            // child is already gone, which waiting for the listener reports.
-            if let Err(e) = held.write_all(b"go\n").await {
-                tracing::debug!(instance = %instance.id(), error = %e, "cannot open the gate");
-            }
-        }
+        instance.open_gate().await;
         tracing::debug!(
             instance = %instance.id(),
             pid = ?instance.pid(),
@@ -334,21 +339,20 @@ impl ProcessDriver {
         Ok(())
     }
 
-    /// The child's command: the program itself, or — with a `gate` shell — the shell, which
-    /// waits for one line on its stdin and then execs the program with stdin from
-    /// `/dev/null` (same pid, same process group, same user).
+    /// The child's command: the `wrapper` shell running [`WRAPPER_SCRIPT`] for the program,
+    /// or the program itself when there is no shell.
     fn command(
         &self,
         spec: &InstanceSpec,
         program: &Path,
         dir: &Path,
         socket: &Path,
-        gate: Option<&Path>,
+        wrapper: Option<&Path>,
     ) -> Command {
-        let mut cmd = match gate {
+        let mut cmd = match wrapper {
             Some(shell) => {
                 let mut cmd = Command::new(shell);
-                cmd.arg("-c").arg(GATE_SCRIPT).arg(program);
+                cmd.arg("-c").arg(WRAPPER_SCRIPT).arg(program);
                 cmd.stdin(Stdio::piped());
                 cmd
             }

@@ -18,12 +18,13 @@
 //! of its pid to `cgroup.procs` right after spawn. A child that runs meanwhile could start
 //! processes that stay outside the limit — and that is not hypothetical: a shell script
 //! forks its first pipeline within that moment. Joining before `exec` needs a `pre_exec` hook
-//! or `clone3(CLONE_INTO_CGROUP)`, both `unsafe`, which this workspace forbids. So the driver
-//! starts a limited child through a *gate*: `/bin/sh -c 'read -r gate && exec "$0" "$@"'`,
-//! which blocks on its stdin until the runner has moved it into the cgroup, then execs the
-//! program (same pid, process group and user). Only where there is no `/bin/sh` does the
-//! child start ungated, and the driver warns once about that remaining race. When the
-//! instance ends, whatever is left in its cgroup is killed and the cgroup removed.
+//! or `clone3(CLONE_INTO_CGROUP)`, both `unsafe`, which this workspace forbids. So every child
+//! starts under a wrapper shell whose first act is to wait for a line on its stdin, which the
+//! runner writes only once the child is in its cgroup; then it execs the program (same pid,
+//! process group and user; see `WRAPPER_SCRIPT` in the parent module). Only where there is no
+//! `/bin/sh` does the child start unwrapped, and the driver warns once about the remaining
+//! race. When the instance ends, whatever is left in its cgroup is killed and the cgroup
+//! removed.
 //!
 //! The cgroupfs root and the membership file are configurable ([`CgroupPaths`]) so tests can
 //! point the driver at a fake cgroupfs made of plain files. Writes to cgroupfs are small
@@ -348,6 +349,32 @@ impl InstanceCgroup {
             }
         }
         tracing::warn!(cgroup = %self.dir.display(), "instance cgroup still busy; left in place");
+    }
+
+    /// [`InstanceCgroup::remove`] on a thread of its own, for when there is no runtime left
+    /// to run it (the runner is shutting down with instances still around).
+    pub(super) fn remove_in_background(&self) {
+        let cgroup = InstanceCgroup {
+            dir: self.dir.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("fn-cgroup-cleanup".into())
+            .spawn(move || {
+                let mut pause = Duration::from_millis(2);
+                for _ in 0..12 {
+                    match std::fs::remove_dir(&cgroup.dir) {
+                        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
+                            cgroup.kill_members();
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_millis(200));
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(cgroup = %self.dir.display(), error = %e, "cannot remove instance cgroup");
+        }
     }
 
     /// Best-effort synchronous removal, for error paths before any process joined.

@@ -90,9 +90,9 @@ pub(super) fn resolve_program(functions_dir: &Path, program: &str) -> Result<Pat
     Ok(resolved)
 }
 
-/// The gate shell ([`super::GATE_SHELL`]) when it is an executable file.
-pub(super) fn gate_shell() -> Option<PathBuf> {
-    let shell = Path::new(super::GATE_SHELL);
+/// The wrapper shell ([`super::WRAPPER_SHELL`]) when it is an executable file.
+pub(super) fn wrapper_shell() -> Option<PathBuf> {
+    let shell = Path::new(super::WRAPPER_SHELL);
     std::fs::metadata(shell)
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .then(|| shell.to_path_buf())

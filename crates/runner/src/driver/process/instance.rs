@@ -4,7 +4,12 @@
 //! which it carries out while the process is still unreaped, so the process group id cannot
 //! have been reused), publishes the exit status, kills what is left of the process group,
 //! removes the memory cgroup and the instance directory. Everything else reads the exit
-//! status from a `watch` channel, so "has it exited?" is an event, not a poll.
+//! status from a `watch` channel, so "has it exited?" is an event, not a poll. If the runtime
+//! drops the reaper first (shutdown), a drop guard does the same cleanup, best effort.
+//!
+//! The instance also holds the wrapper shell's *lifeline* (its stdin pipe): when that closes
+//! — the instance is dropped, or the runner dies — the wrapper's watchdog kills the process
+//! group, so functions never outlive their runner as orphans.
 //!
 //! Calls go over one HTTP/1 connection to the instance's socket, made on the first call and
 //! reused while it stays open; a closed connection is replaced on the next call.
@@ -28,8 +33,9 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::process::Child;
+use tokio::process::{Child, ChildStdin};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +97,8 @@ pub(super) struct Spawned {
     pub(super) dir: PathBuf,
     pub(super) socket: PathBuf,
     pub(super) cgroup: Option<InstanceCgroup>,
+    /// The wrapper shell's stdin (see `WRAPPER_SCRIPT`); `None` for an unwrapped child.
+    pub(super) lifeline: Option<ChildStdin>,
 }
 
 /// State shared by the instance handle and its reaper task.
@@ -117,6 +125,9 @@ pub struct ProcessInstance {
     /// The kept connection. An async mutex: it is held across the request's round trip,
     /// and calls are one at a time anyway.
     conn: tokio::sync::Mutex<Option<SendRequest<CallBody>>>,
+    /// Held for the instance's lifetime: when it closes (the instance is dropped, or the
+    /// runner dies) the wrapper's watchdog kills the process group.
+    lifeline: Option<ChildStdin>,
 }
 
 impl fmt::Debug for ProcessInstance {
@@ -143,6 +154,7 @@ impl ProcessInstance {
             dir,
             socket,
             cgroup,
+            lifeline,
         } = spawned;
         let labels = Arc::new(labels);
         let Some(pid) = child.id() else {
@@ -182,12 +194,23 @@ impl ProcessInstance {
         let instance = ProcessInstance {
             shared,
             conn: tokio::sync::Mutex::new(None),
+            lifeline,
         };
         if let Some(e) = join_error {
             instance.kill();
             return Err(e);
         }
         Ok(instance)
+    }
+
+    /// Lets a wrapped child exec its program (it has joined its cgroup by now). A failed
+    /// write means the child is already gone, which waiting for its listener reports.
+    pub(super) async fn open_gate(&mut self) {
+        if let Some(lifeline) = self.lifeline.as_mut()
+            && let Err(e) = lifeline.write_all(b"go\n").await
+        {
+            tracing::debug!(instance = %self.id(), error = %e, "cannot open the gate");
+        }
     }
 
     /// The instance id (also the name of its directory and cgroup).
@@ -355,6 +378,10 @@ impl Instance for ProcessInstance {
     fn pid(&self) -> Option<u32> {
         Some(self.shared.pid)
     }
+
+    fn wait_gone(&self) -> BoxFuture<'_, ()> {
+        Box::pin(ProcessInstance::wait_gone(self))
+    }
 }
 
 impl Drop for ProcessInstance {
@@ -363,24 +390,53 @@ impl Drop for ProcessInstance {
     }
 }
 
+/// SIGKILLs the instance's process group, whose id is the leader's pid (`process_group(0)`).
+fn signal_group(shared: &Shared) {
+    match killpg(Pid::from_raw(shared.pid as i32), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(
+            instance = %shared.labels.instance,
+            error = %e,
+            "cannot kill function process group"
+        ),
+    }
+}
+
+/// Cleans up when the reaper is dropped before it finished — the runtime is shutting down
+/// with the instance still around. Synchronous and best effort: kill the group, remove the
+/// directory, and leave the cgroup removal (which must wait for the kernel) to a thread.
+struct ReaperAbandoned {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl Drop for ReaperAbandoned {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if self.shared.exit.borrow().is_none() {
+            // Not reaped (the child is dropped with this future), so the pid is still ours.
+            signal_group(&self.shared);
+        }
+        remove_instance_dir(&self.shared.dir);
+        if let Some(cgroup) = &self.shared.cgroup {
+            cgroup.remove_in_background();
+        }
+    }
+}
+
 /// Owns the child until it is reaped, then cleans up after it.
 async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Arc<Shared>) {
-    let signal_group = || {
-        // The process group id is the leader's pid (`process_group(0)`).
-        match killpg(Pid::from_raw(shared.pid as i32), Signal::SIGKILL) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => tracing::warn!(
-                instance = %shared.labels.instance,
-                error = %e,
-                "cannot kill function process group"
-            ),
-        }
+    let mut abandoned = ReaperAbandoned {
+        shared: shared.clone(),
+        finished: false,
     };
     let exit = tokio::select! {
         status = child.wait() => status,
         () = shared.kill.cancelled() => {
             // The leader is not reaped yet, so its pid still names this process group.
-            signal_group();
+            signal_group(&shared);
             child.wait().await
         }
     };
@@ -392,10 +448,11 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Ar
     exit_tx.send_replace(Some(exit));
     // The leader exited on its own: kill what it left in its group. Its pid cannot be
     // reused while any member remains; if none does this finds nothing (ESRCH).
-    signal_group();
+    signal_group(&shared);
     if let Some(cgroup) = &shared.cgroup {
         cgroup.remove().await;
     }
     remove_instance_dir(&shared.dir);
+    abandoned.finished = true;
     shared.gone.cancel();
 }
