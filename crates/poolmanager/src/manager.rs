@@ -10,10 +10,14 @@
 //! 2. purge LBs that went silent;
 //! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
 //!    scale up by re-activating draining runners (newest first), then provisioning a
-//!    bounded batch; scale down by moving the newest active runners to draining;
+//!    bounded batch; scale down by moving the newest active runners to draining. A group's
+//!    predictor starts out holding the runners the group already has, so the runners a
+//!    restarted npm adopts stay until demand has been low for a whole window (the first
+//!    tick comes before the LBs have advertised to the new process);
 //! 4. remove draining runners that have no calls in flight, or that overran the maximum
 //!    drain time;
 //! 5. publish each group's active runners, oldest first (a stable order shared by all LBs).
+//!    Until the first publication the services answer `GetLBGroup` with `UNAVAILABLE`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -68,6 +72,9 @@ impl Default for ManagerConfig {
 pub trait RunnerProbe: Send + Sync + std::fmt::Debug {
     /// Calls in flight on `runner`.
     fn calls_in_flight<'a>(&'a self, runner: &'a RunnerInfo) -> BoxFuture<'a, Result<u64, String>>;
+
+    /// `runner` is gone (removed, or no longer reported): release what was kept for it.
+    fn forget(&self, _runner: &RunnerInfo) {}
 }
 
 /// Each group's active runners, in LB order.
@@ -77,7 +84,10 @@ pub type Membership = BTreeMap<String, Arc<Vec<RunnerInfo>>>;
 #[derive(Debug, Default)]
 pub struct Shared {
     demand: Mutex<DemandBook>,
-    membership: RwLock<Arc<Membership>>,
+    /// `None` until the control loop has loaded the runner set and published it once: until
+    /// then the npm does not know the lists, and an empty answer would make the LBs drop
+    /// every runner they use (the Fn 2018 bug class "an npm error emptied the LB's lists").
+    membership: RwLock<Option<Arc<Membership>>>,
 }
 
 impl Shared {
@@ -89,26 +99,35 @@ impl Shared {
             .record(lb_id, groups, now);
     }
 
-    /// The active runners of `group` in LB order (empty when unknown).
+    /// The active runners of `group` in LB order (empty when unknown or not yet loaded).
     pub fn group(&self, group: &str) -> Arc<Vec<RunnerInfo>> {
         self.membership().get(group).cloned().unwrap_or_default()
     }
 
-    /// The whole published membership.
+    /// The active runners of `group` in LB order, or `None` while the runner set has not
+    /// been loaded from the control plane yet.
+    pub fn published_group(&self, group: &str) -> Option<Arc<Vec<RunnerInfo>>> {
+        self.published()
+            .map(|m| m.get(group).cloned().unwrap_or_default())
+    }
+
+    /// The whole published membership (empty until loaded).
     pub fn membership(&self) -> Arc<Membership> {
-        Arc::clone(
-            &self
-                .membership
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        self.published().unwrap_or_default()
+    }
+
+    fn published(&self) -> Option<Arc<Membership>> {
+        self.membership
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn publish(&self, membership: Membership) {
         *self
             .membership
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(membership);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(membership));
     }
 
     fn with_demand<T>(&self, f: impl FnOnce(&mut DemandBook) -> T) -> T {
@@ -225,10 +244,12 @@ impl ControlLoop {
             self.loaded = true;
         }
         let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
+        let probe = &self.probe;
         self.runners.retain(|e| {
             let keep = listed_ids.contains(e.info.id.as_str());
             if !keep {
                 tracing::warn!(runner = %e.info.id, address = %e.info.address, "runner no longer reported by the control plane; dropped");
+                probe.forget(&e.info);
             }
             keep
         });
@@ -265,15 +286,17 @@ impl ControlLoop {
         let wanted = self.shared.with_demand(|d| d.wanted_mb(group));
         let runner_mb = self.control_plane.runner_memory_mb();
         let window = self.config.scale_down_delay;
+        let active = self.count(group, |s| s == RunnerState::Active);
+        // A group seen for the first time keeps the runners it has (adopted after a
+        // restart) until its demand has been watched for a whole window.
         let predicted = self
             .predictors
             .entry(group.to_owned())
-            .or_insert_with(|| WindowPredictor::new(window))
+            .or_insert_with(|| WindowPredictor::holding(window, active, now))
             .desired(wanted, runner_mb, now);
         let desired = predicted
             .max(self.config.min_runners)
             .min(self.config.max_runners);
-        let active = self.count(group, |s| s == RunnerState::Active);
 
         if desired > active {
             let mut short = desired - active;
@@ -377,6 +400,7 @@ impl ControlLoop {
                 Ok(()) => {
                     tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
                     self.runners.retain(|e| e.info.id != info.id);
+                    self.probe.forget(&info);
                 }
                 Err(e) => {
                     tracing::error!(runner = %info.id, error = %e, "removing a runner failed; retrying next tick")

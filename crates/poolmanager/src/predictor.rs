@@ -37,6 +37,16 @@ impl WindowPredictor {
             samples: VecDeque::new(),
         }
     }
+
+    /// A predictor for a group that already has `current` runners: it holds them for a
+    /// whole window before scaling down, as if they had been needed until `now`. A freshly
+    /// (re)started npm has seen no demand yet; without this it would drain every runner it
+    /// adopted on its first tick, before the LBs had advertised again.
+    pub fn holding(window: Duration, current: usize, now: Instant) -> Self {
+        let mut predictor = Self::new(window);
+        predictor.samples.push_back((now, current));
+        predictor
+    }
 }
 
 impl Predictor for WindowPredictor {
@@ -87,6 +97,16 @@ mod tests {
             "low for a whole window"
         );
         assert_eq!(p.desired(0, 1024, t0 + Duration::from_secs(30)), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holding_keeps_the_current_scale_for_a_window() {
+        let t0 = Instant::now();
+        let mut p = WindowPredictor::holding(Duration::from_secs(10), 3, t0);
+        assert_eq!(p.desired(0, 1024, t0), 3, "no demand seen yet");
+        assert_eq!(p.desired(5000, 1024, t0 + Duration::from_secs(1)), 5);
+        assert_eq!(p.desired(0, 1024, t0 + Duration::from_secs(9)), 5);
+        assert_eq!(p.desired(0, 1024, t0 + Duration::from_secs(12)), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,9 @@ use futures::future::BoxFuture;
 use crate::control_plane::RunnerInfo;
 use crate::manager::RunnerProbe;
 
-/// Asks runners for their status; keeps one client per address.
+/// Asks runners for their status; keeps one client per address, until the runner is
+/// forgotten (the process control plane hands out a new address to every runner it spawns,
+/// so the map would otherwise grow for as long as the npm runs).
 #[derive(Debug)]
 pub struct GrpcProbe {
     tls: TlsMode,
@@ -50,5 +52,35 @@ impl RunnerProbe for GrpcProbe {
                 .map(|s| s.calls_in_flight)
                 .map_err(|s| s.to_string())
         })
+    }
+
+    fn forget(&self, runner: &RunnerInfo) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&runner.address);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn clients_are_kept_per_address_until_forgotten() {
+        let probe = GrpcProbe::new(TlsMode::Insecure);
+        let runner = RunnerInfo {
+            id: "r1".into(),
+            address: "127.0.0.1:1".into(),
+            group: "g".into(),
+            created: SystemTime::now(),
+        };
+        let first = probe.client(&runner.address).expect("client");
+        let again = probe.client(&runner.address).expect("client");
+        assert!(Arc::ptr_eq(&first, &again));
+        probe.forget(&runner);
+        assert!(probe.clients.lock().expect("lock").is_empty());
     }
 }

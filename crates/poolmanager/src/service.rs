@@ -1,5 +1,9 @@
 //! The npm's gRPC services: `NodePoolScaler.AdvertiseCapacity` (LB → npm demand) and
 //! `RunnerManager.GetLBGroup` (LB ← npm runner lists). Both only touch [`Shared`].
+//!
+//! `GetLBGroup` answers `UNAVAILABLE` until the control loop has loaded the runner set from
+//! the control plane: a just-started npm does not know the lists yet, and the LBs keep their
+//! last known list on an error but would drop every runner on an empty answer.
 
 use std::sync::Arc;
 
@@ -76,9 +80,12 @@ impl RunnerManager for NpmService {
     ) -> Result<Response<LbGroupMembership>, Status> {
         let group = request.into_inner().id;
         check_id("group id", &group)?;
-        let runners = self
-            .shared
-            .group(&group)
+        let Some(list) = self.shared.published_group(&group) else {
+            return Err(Status::unavailable(
+                "the npm has not loaded its runner set yet; keep the current list",
+            ));
+        };
+        let runners = list
             .iter()
             .map(|r| Runner {
                 id: r.id.clone(),

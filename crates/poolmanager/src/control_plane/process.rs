@@ -6,7 +6,11 @@
 //! - Remove: SIGTERM (the runner drains), SIGKILL if it has not exited in time.
 //! - Every spawned runner is recorded as a small file in the state directory, so an npm that
 //!   was killed and restarted adopts the runners still alive instead of spawning new ones.
-//! - On npm shutdown every runner is stopped and its record removed.
+//! - On npm shutdown every runner is stopped and its record removed: ready ones, ones still
+//!   starting and ones being removed alike. Each runner is in the table from its spawn to
+//!   the end of its stop, in a [`Phase`], so a control-loop pass cut short by shutdown
+//!   (a provisioning waiting for health, a removal waiting for the exit) leaves nothing
+//!   behind.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -70,13 +74,26 @@ impl ProcessConfig {
     }
 }
 
+/// Where a runner is in its life; only `Ready` runners are listed to the control loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Spawned, not yet answering health.
+    Starting,
+    /// Answering health; listed.
+    Ready,
+    /// Being stopped by `remove`.
+    Stopping,
+}
+
 /// A runner this control plane started (or adopted after a restart).
 #[derive(Debug)]
 struct Spawned {
     info: RunnerInfo,
     pid: u32,
-    /// `None` for runners adopted from a previous npm process.
+    /// `None` for runners adopted from a previous npm process, and while a stop that took
+    /// the handle is waiting for the exit.
     child: Option<Child>,
+    phase: Phase,
 }
 
 /// Spawns local runner processes.
@@ -106,6 +123,12 @@ impl ProcessControlPlane {
     /// Checks the configuration and adopts runners recorded by a previous npm process that
     /// are still alive and healthy; stale records are removed.
     ///
+    /// A recorded runner that is alive but does not answer health within the start timeout
+    /// (it was still starting when the previous npm died, or it hangs) is stopped: dropping
+    /// its record alone would leave it running with nobody to stop it. A process is only
+    /// taken for the recorded runner when its environment carries that runner's socket
+    /// directory, so a reused pid is never signalled.
+    ///
     /// # Errors
     /// [`ProcessSetupError`] naming the variable at fault.
     pub async fn new(config: ProcessConfig) -> Result<Self, ProcessSetupError> {
@@ -126,27 +149,17 @@ impl ProcessControlPlane {
                 path: config.state_dir.clone(),
                 source,
             })?;
-        let mut adopted = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some(RECORD_EXT) {
-                continue;
-            }
-            match read_record(&path) {
-                Some((info, pid)) if pid_alive(pid) && health(&config.tls, &info.address).await => {
-                    tracing::info!(runner = %info.id, address = %info.address, pid, "adopted a runner from a previous npm process");
-                    adopted.push(Spawned {
-                        info,
-                        pid,
-                        child: None,
-                    });
-                }
-                _ => {
-                    tracing::info!(record = %path.display(), "removing the record of a runner that is gone");
-                    remove_quietly(&path);
-                }
-            }
-        }
+        let records: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(RECORD_EXT))
+            .collect();
+        let checks = records.iter().map(|path| adopt(&config, path));
+        let adopted = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         Ok(ProcessControlPlane {
             config,
             runners: Mutex::new(adopted),
@@ -163,7 +176,34 @@ impl ProcessControlPlane {
         self.config.state_dir.join(format!("{id}.{RECORD_EXT}"))
     }
 
-    async fn spawn_one(&self, group: &str) -> Result<Spawned, ControlPlaneError> {
+    /// Drops a runner that is gone from the table, with its record and socket directory.
+    fn forget(&self, id: &str) {
+        self.lock().retain(|r| r.info.id != id);
+        remove_quietly(&self.record_path(id));
+        remove_dir_quietly(&socket_dir(id));
+    }
+
+    /// Stops a runner (SIGTERM, SIGKILL after `grace`), then forgets it. It stays in the
+    /// table as `Stopping` until it has exited, so that a shutdown cutting this short still
+    /// finds it.
+    async fn stop_and_forget(&self, id: &str, grace: Duration) {
+        let taken = {
+            let mut runners = self.lock();
+            runners.iter_mut().find(|r| r.info.id == id).map(|r| {
+                r.phase = Phase::Stopping;
+                (r.pid, r.child.take())
+            })
+        };
+        if let Some((pid, mut child)) = taken {
+            stop(pid, child.as_mut(), grace).await;
+            tracing::info!(runner = %id, pid, "runner stopped");
+        }
+        self.forget(id);
+    }
+
+    /// Spawns one runner and waits until it answers health. The runner is in the table
+    /// (as `Starting`) from its spawn on, so a shutdown that cuts this short stops it.
+    async fn spawn_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
         let failed = |what: String| ControlPlaneError::Failed(what);
         let port =
             free_port(self.config.listen_ip).map_err(|e| failed(format!("no free port: {e}")))?;
@@ -189,7 +229,7 @@ impl ProcessControlPlane {
             .stderr(log_err)
             // Survives an npm crash on purpose: a restarted npm adopts it.
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
+        let child = cmd.spawn().map_err(|e| {
             failed(format!(
                 "starting {}: {e}",
                 self.config.runner_binary.display()
@@ -207,29 +247,47 @@ impl ProcessControlPlane {
         if let Err(e) = write_record(&self.record_path(&id), &info, pid) {
             tracing::warn!(error = %e, "cannot record the runner; a restarted npm will not adopt it");
         }
+        self.lock().push(Spawned {
+            info: info.clone(),
+            pid,
+            child: Some(child),
+            phase: Phase::Starting,
+        });
 
         // Ready only once it answers health.
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {
             if health(&self.config.tls, &address).await {
+                let mut runners = self.lock();
+                let Some(entry) = runners.iter_mut().find(|r| r.info.id == id) else {
+                    return Err(failed(format!("runner {id} was stopped while starting")));
+                };
+                entry.phase = Phase::Ready;
                 tracing::info!(runner = %id, %address, pid, group, "runner ready");
-                return Ok(Spawned {
-                    info,
-                    pid,
-                    child: Some(child),
-                });
+                return Ok(info);
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                remove_quietly(&self.record_path(&id));
+            let exited = {
+                let mut runners = self.lock();
+                match runners.iter_mut().find(|r| r.info.id == id) {
+                    None => return Err(failed(format!("runner {id} was stopped while starting"))),
+                    Some(entry) => match entry.child.as_mut().map(Child::try_wait) {
+                        Some(Ok(Some(status))) => Some(status.to_string()),
+                        Some(Ok(None)) => None,
+                        Some(Err(e)) => Some(format!("an unknown status ({e})")),
+                        None => Some("an unknown status".to_owned()),
+                    },
+                }
+            };
+            if let Some(status) = exited {
+                self.forget(&id);
                 return Err(failed(format!(
                     "runner {id} exited with {status} before answering health; see {}",
                     log_path.display()
                 )));
             }
             if started.elapsed() > self.config.start_timeout {
-                stop(pid, Some(&mut child), Duration::from_secs(1)).await;
-                remove_quietly(&self.record_path(&id));
+                self.stop_and_forget(&id, Duration::from_secs(1)).await;
                 return Err(failed(format!(
                     "runner {id} did not answer health within {:?}; see {}",
                     self.config.start_timeout,
@@ -242,6 +300,62 @@ impl ProcessControlPlane {
     }
 }
 
+/// Adopts the runner recorded at `path` if it is alive and answers health; otherwise stops
+/// it (when it is still our runner) and removes its record and socket directory.
+async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
+    let Some((info, pid)) = read_record(path) else {
+        tracing::warn!(record = %path.display(), "removing an unreadable runner record");
+        remove_quietly(path);
+        return None;
+    };
+    let forget = |what: &str| {
+        tracing::info!(runner = %info.id, pid, "{what}");
+        remove_quietly(path);
+        remove_dir_quietly(&socket_dir(&info.id));
+    };
+    if !pid_alive(pid) || !is_runner_process(pid, &info.id) {
+        forget("removing the record of a runner that is gone");
+        return None;
+    }
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if health(&config.tls, &info.address).await {
+            tracing::info!(runner = %info.id, address = %info.address, pid, "adopted a runner from a previous npm process");
+            return Some(Spawned {
+                info,
+                pid,
+                child: None,
+                phase: Phase::Ready,
+            });
+        }
+        if !pid_alive(pid) {
+            forget("a recorded runner exited before answering health");
+            return None;
+        }
+        if started.elapsed() > config.start_timeout {
+            tracing::warn!(runner = %info.id, pid, timeout = ?config.start_timeout, "a recorded runner does not answer health; stopping it");
+            stop(pid, None, Duration::from_secs(10)).await;
+            forget("stopped a recorded runner that never answered health");
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Whether process `pid` is the runner `id` this control plane spawned: its environment
+/// names the runner's socket directory (which holds the unique id).
+fn is_runner_process(pid: u32, id: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = format!("FN_SOCKET_DIR={}", socket_dir(id).display());
+    environ
+        .split(|b| *b == 0)
+        .any(|var| var == wanted.as_bytes())
+}
+
 impl ControlPlane for ProcessControlPlane {
     fn runner_memory_mb(&self) -> u64 {
         self.config.runner_memory_mb
@@ -249,24 +363,28 @@ impl ControlPlane for ProcessControlPlane {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         let mut runners = self.lock();
-        // Runners that exited are no longer listed.
+        // Ready runners that exited are no longer listed (starting and stopping ones are
+        // watched by the task starting or stopping them).
         runners.retain_mut(|r| {
+            if r.phase != Phase::Ready {
+                return true;
+            }
             let exited = match &mut r.child {
                 Some(child) => !matches!(child.try_wait(), Ok(None)),
                 None => !pid_alive(r.pid),
             };
             if exited {
                 tracing::warn!(runner = %r.info.id, pid = r.pid, "runner process exited");
-                remove_quietly(
-                    &self
-                        .config
-                        .state_dir
-                        .join(format!("{}.{RECORD_EXT}", r.info.id)),
-                );
+                remove_quietly(&self.record_path(&r.info.id));
+                remove_dir_quietly(&socket_dir(&r.info.id));
             }
             !exited
         });
-        let listed = runners.iter().map(|r| r.info.clone()).collect();
+        let listed = runners
+            .iter()
+            .filter(|r| r.phase == Phase::Ready)
+            .map(|r| r.info.clone())
+            .collect();
         Box::pin(async move { Ok(listed) })
     }
 
@@ -282,10 +400,7 @@ impl ControlPlane for ProcessControlPlane {
             let mut last_error = None;
             for result in results {
                 match result {
-                    Ok(spawned) => {
-                        ready.push(spawned.info.clone());
-                        self.lock().push(spawned);
-                    }
+                    Ok(info) => ready.push(info),
                     Err(e) => {
                         tracing::error!(error = %e, "provisioning a runner failed");
                         last_error = Some(e);
@@ -304,25 +419,16 @@ impl ControlPlane for ProcessControlPlane {
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
         Box::pin(async move {
-            let spawned = {
-                let mut runners = self.lock();
-                runners
-                    .iter()
-                    .position(|r| r.info.id == runner.id)
-                    .map(|i| runners.remove(i))
-            };
-            if let Some(mut s) = spawned {
-                stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
-                tracing::info!(runner = %runner.id, pid = s.pid, "runner removed");
-            }
-            remove_quietly(&self.record_path(&runner.id));
-            remove_dir_quietly(&socket_dir(&runner.id));
+            self.stop_and_forget(&runner.id, Duration::from_secs(10))
+                .await;
             Ok(())
         })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // Every phase: a starting runner whose provisioning was cut short, a stopping one
+            // whose removal was, are stopped like the ready ones.
             let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
@@ -476,6 +582,13 @@ mod tests {
         assert_eq!(read_record(&path), Some((info, 42)));
         std::fs::write(&path, "garbage").expect("write");
         assert_eq!(read_record(&path), None);
+    }
+
+    #[test]
+    fn only_a_process_with_the_runners_socket_dir_is_taken_for_it() {
+        // This test process has no FN_SOCKET_DIR of any runner.
+        assert!(!is_runner_process(std::process::id(), "r-1"));
+        assert!(!is_runner_process(u32::MAX - 1, "r-1"));
     }
 
     #[test]

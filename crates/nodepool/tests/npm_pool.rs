@@ -1,0 +1,400 @@
+//! Service tests of the LB's npm plumbing: the [`NpmPool`] and the [`Advertiser`] against a
+//! fake npm (the generated `NodePoolScaler` and `RunnerManager` traits) over mutual TLS.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool};
+use fn_protocol::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
+use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManagerServer};
+use fn_protocol::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembership, Runner};
+use fn_test_support::TestPki;
+use fn_tls::TlsMode;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Bound for anything the tests wait for.
+const BOUND: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+
+/// What the fake npm serves and what it was told. Shared across restarts of the server.
+#[derive(Debug)]
+struct NpmState {
+    lists: Mutex<HashMap<String, Vec<Runner>>>,
+    /// When set, `GetLBGroup` fails with UNAVAILABLE (an npm that answers but is broken).
+    failing: AtomicBool,
+    /// `GetLBGroup` requests answered with an error.
+    failed_polls: AtomicUsize,
+    adverts: mpsc::UnboundedSender<CapacitySnapshotList>,
+}
+
+impl NpmState {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<CapacitySnapshotList>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = NpmState {
+            lists: Mutex::new(HashMap::new()),
+            failing: AtomicBool::new(false),
+            failed_polls: AtomicUsize::new(0),
+            adverts: tx,
+        };
+        (Arc::new(state), rx)
+    }
+
+    fn set(&self, group: &str, addresses: &[&str]) {
+        let runners = addresses
+            .iter()
+            .map(|a| Runner {
+                id: format!("id-{a}"),
+                address: (*a).to_owned(),
+            })
+            .collect();
+        self.lists
+            .lock()
+            .expect("lock")
+            .insert(group.to_owned(), runners);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FakeNpm(Arc<NpmState>);
+
+#[tonic::async_trait]
+impl NodePoolScaler for FakeNpm {
+    async fn advertise_capacity(
+        &self,
+        request: Request<CapacitySnapshotList>,
+    ) -> Result<Response<()>, Status> {
+        // The receiver may be gone at the end of a test; nothing to report then.
+        self.0.adverts.send(request.into_inner()).ok();
+        Ok(Response::new(()))
+    }
+}
+
+#[tonic::async_trait]
+impl RunnerManager for FakeNpm {
+    async fn get_lb_group(
+        &self,
+        request: Request<LbGroupId>,
+    ) -> Result<Response<LbGroupMembership>, Status> {
+        if self.0.failing.load(Ordering::SeqCst) {
+            self.0.failed_polls.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::unavailable("fake npm told to fail"));
+        }
+        let group = request.into_inner().id;
+        let runners = self
+            .0
+            .lists
+            .lock()
+            .expect("lock")
+            .get(&group)
+            .cloned()
+            .unwrap_or_default();
+        Ok(Response::new(LbGroupMembership {
+            group_id: group,
+            runners,
+        }))
+    }
+}
+
+/// A running fake npm server; [`Server::stop`] shuts it down (connections refused after).
+struct Server {
+    address: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `state` on `address` (or a free loopback port).
+    async fn start(tls: &TlsMode, state: &Arc<NpmState>, address: Option<SocketAddr>) -> Server {
+        let listener = tokio::net::TcpListener::bind(
+            address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        )
+        .await
+        .expect("bind fake npm");
+        let address = listener.local_addr().expect("local addr");
+        let cancel = CancellationToken::new();
+        let fake = FakeNpm(Arc::clone(state));
+        let router = fn_tls::grpc_server(tls)
+            .expect("server TLS")
+            .add_service(NodePoolScalerServer::new(fake.clone()))
+            .add_service(RunnerManagerServer::new(fake));
+        let shutdown = cancel.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+                .expect("fake npm serves");
+        });
+        Server {
+            address,
+            cancel,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(BOUND, self.task)
+            .await
+            .expect("fake npm stops in time")
+            .expect("fake npm task");
+    }
+}
+
+fn addresses(pool: &NpmPool, group: &str) -> Vec<String> {
+    pool.runners(group)
+        .iter()
+        .map(|c| c.address().to_owned())
+        .collect()
+}
+
+/// Waits until the pool's list of `group` is `want`.
+async fn wait_for_list(pool: &NpmPool, group: &str, want: &[&str]) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = addresses(pool, group);
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "list of {group} is {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_list() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    // Deliberately not sorted: the pool must keep the npm's order.
+    state.set("g", &["127.0.0.1:7003", "127.0.0.1:7001", "127.0.0.1:7002"]);
+    state.set("other", &["127.0.0.1:7009"]);
+    let server = Server::start(&tls, &state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        &tls,
+        ClientConfig::default(),
+        POLL,
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+
+    // The first lookup of a group registers it and is empty; the poller fills it in.
+    assert!(pool.runners("g").is_empty());
+    wait_for_list(
+        &pool,
+        "g",
+        &["127.0.0.1:7003", "127.0.0.1:7001", "127.0.0.1:7002"],
+    )
+    .await;
+    assert!(
+        addresses(&pool, "other").is_empty(),
+        "a group is only polled once the LB has seen it"
+    );
+    wait_for_list(&pool, "other", &["127.0.0.1:7009"]).await;
+    let before = pool.runners("g");
+    let kept: Vec<_> = before.iter().map(Arc::clone).collect();
+    let removed = Arc::downgrade(&before[1]);
+
+    // 7001 leaves, 7004 joins in the middle: order as the npm says, clients of the runners
+    // that stay are the same objects (same connection).
+    state.set("g", &["127.0.0.1:7003", "127.0.0.1:7004", "127.0.0.1:7002"]);
+    wait_for_list(
+        &pool,
+        "g",
+        &["127.0.0.1:7003", "127.0.0.1:7004", "127.0.0.1:7002"],
+    )
+    .await;
+    let after = pool.runners("g");
+    assert!(Arc::ptr_eq(&after[0], &kept[0]), "7003 reuses its client");
+    assert!(Arc::ptr_eq(&after[2], &kept[2]), "7002 reuses its client");
+    assert_eq!(after[1].id(), "id-127.0.0.1:7004");
+    // The removed runner's client is held only by our old snapshot: the pool let it go.
+    drop(before);
+    drop(kept);
+    assert!(
+        removed.upgrade().is_none(),
+        "the pool still holds the removed runner's client"
+    );
+
+    // An npm that answers with errors: the last known list stays.
+    state.failing.store(true, Ordering::SeqCst);
+    let start = tokio::time::Instant::now();
+    while state.failed_polls.load(Ordering::SeqCst) < 3 {
+        assert!(start.elapsed() < BOUND, "the pool stopped polling");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        addresses(&pool, "g"),
+        ["127.0.0.1:7003", "127.0.0.1:7004", "127.0.0.1:7002"],
+        "an npm error must not change the list"
+    );
+    state.failing.store(false, Ordering::SeqCst);
+
+    // An npm that is gone: the last known list stays, for many poll intervals.
+    let address = server.address;
+    server.stop().await;
+    state.set("g", &[]);
+    tokio::time::sleep(POLL * 8).await;
+    assert_eq!(
+        addresses(&pool, "g"),
+        ["127.0.0.1:7003", "127.0.0.1:7004", "127.0.0.1:7002"],
+        "an unreachable npm must not empty the list"
+    );
+    assert_eq!(addresses(&pool, "other"), ["127.0.0.1:7009"]);
+
+    // The npm comes back on the same address: the pool follows it again.
+    state.set("g", &["127.0.0.1:7002"]);
+    let server = Server::start(&tls, &state, Some(address)).await;
+    wait_for_list(&pool, "g", &["127.0.0.1:7002"]).await;
+    assert!(
+        Arc::ptr_eq(&pool.runners("g")[0], &after[2]),
+        "7002 kept its client across the outage"
+    );
+
+    cancel.cancel();
+    tokio::time::timeout(BOUND, poller)
+        .await
+        .expect("poller stops on cancel")
+        .expect("join")
+        .expect("infallible");
+    server.stop().await;
+}
+
+/// The next advert, within the bound.
+async fn next_advert(
+    rx: &mut mpsc::UnboundedReceiver<CapacitySnapshotList>,
+) -> CapacitySnapshotList {
+    tokio::time::timeout(BOUND, rx.recv())
+        .await
+        .expect("an advert within the bound")
+        .expect("fake npm alive")
+}
+
+fn totals(advert: &CapacitySnapshotList) -> BTreeMap<String, u64> {
+    advert
+        .snapshots
+        .iter()
+        .map(|s| (s.group_id.clone(), s.mem_mb_total))
+        .collect()
+}
+
+/// Reads adverts until one satisfies `done`; every advert read is checked with `each`.
+async fn adverts_until(
+    rx: &mut mpsc::UnboundedReceiver<CapacitySnapshotList>,
+    each: impl Fn(&BTreeMap<String, u64>),
+    done: impl Fn(&BTreeMap<String, u64>) -> bool,
+) {
+    for _ in 0..200 {
+        let advert = next_advert(rx).await;
+        assert_eq!(advert.lb_id, "lb-test");
+        let t = totals(&advert);
+        each(&t);
+        if done(&t) {
+            return;
+        }
+    }
+    panic!("the expected advert never came");
+}
+
+#[tokio::test]
+async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, mut rx) = NpmState::new();
+    let server = Server::start(&tls, &state, None).await;
+    let tracker = CapacityTracker::new();
+    let advertiser = Advertiser::new(
+        "lb-test",
+        tracker.clone(),
+        &server.address.to_string(),
+        &tls,
+        POLL,
+    )
+    .expect("advertiser");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(advertiser.run(cancel.clone()));
+
+    // Idle: adverts keep coming, empty (the LB's heartbeat).
+    for _ in 0..2 {
+        let advert = next_advert(&mut rx).await;
+        assert_eq!(advert.lb_id, "lb-test");
+        assert!(advert.snapshots.is_empty(), "{advert:?}");
+        assert!(advert.ts_unix_ms > 0);
+    }
+
+    let a = tracker.assign("g1", 128);
+    let b = tracker.assign("g1", 256);
+    let c = tracker.assign("g2", 64);
+    adverts_until(
+        &mut rx,
+        |_| {},
+        |t| t.get("g1") == Some(&384) && t.get("g2") == Some(&64),
+    )
+    .await;
+
+    // g2 goes idle: it is advertised at zero (never just dropped), then no longer listed.
+    drop(c);
+    adverts_until(
+        &mut rx,
+        |t| {
+            assert!(
+                t.contains_key("g2"),
+                "g2 dropped without a final zero: {t:?}"
+            )
+        },
+        |t| t.get("g2") == Some(&0),
+    )
+    .await;
+    for _ in 0..2 {
+        let t = totals(&next_advert(&mut rx).await);
+        assert_eq!(t, BTreeMap::from([("g1".to_owned(), 384)]));
+    }
+
+    drop(a);
+    adverts_until(&mut rx, |_| {}, |t| t.get("g1") == Some(&256)).await;
+    drop(b);
+    adverts_until(
+        &mut rx,
+        |t| {
+            assert!(
+                t.contains_key("g1"),
+                "g1 dropped without a final zero: {t:?}"
+            )
+        },
+        |t| t.get("g1") == Some(&0),
+    )
+    .await;
+    // Idle again: heartbeats with no groups.
+    for _ in 0..2 {
+        let advert = next_advert(&mut rx).await;
+        assert!(advert.snapshots.is_empty(), "{advert:?}");
+    }
+
+    // The npm goes away and comes back: adverts resume on the same address.
+    let address = server.address;
+    server.stop().await;
+    while rx.try_recv().is_ok() {}
+    let busy = tracker.assign("g3", 512);
+    tokio::time::sleep(POLL * 4).await;
+    let server = Server::start(&tls, &state, Some(address)).await;
+    adverts_until(&mut rx, |_| {}, |t| t.get("g3") == Some(&512)).await;
+    drop(busy);
+
+    cancel.cancel();
+    tokio::time::timeout(BOUND, task)
+        .await
+        .expect("advertiser stops on cancel")
+        .expect("join")
+        .expect("infallible");
+    server.stop().await;
+}

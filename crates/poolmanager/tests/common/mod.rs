@@ -1,0 +1,126 @@
+//! Fakes behind the npm's traits, shared by its service tests.
+
+#![allow(dead_code)] // Each test file uses a different part.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fn_poolmanager::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
+use fn_poolmanager::manager::RunnerProbe;
+use futures::future::BoxFuture;
+
+pub const RUNNER_MB: u64 = 1024;
+
+/// A control plane that hands out made-up runners and records what it was asked.
+#[derive(Debug, Default)]
+pub struct FakeControlPlane {
+    runners: Mutex<Vec<RunnerInfo>>,
+    provisioned: Mutex<usize>,
+    removed: Mutex<Vec<String>>,
+    next: Mutex<u64>,
+    /// While set, `list` fails (a control plane that cannot be reached).
+    pub list_fails: Mutex<bool>,
+}
+
+impl FakeControlPlane {
+    /// A control plane that already runs `n` runners of `group` (an npm restart).
+    pub fn with_runners(group: &str, n: usize) -> Self {
+        let cp = FakeControlPlane::default();
+        for _ in 0..n {
+            let info = cp.make(group);
+            cp.runners.lock().expect("lock").push(info);
+        }
+        cp
+    }
+
+    fn make(&self, group: &str) -> RunnerInfo {
+        let mut next = self.next.lock().expect("lock");
+        *next += 1;
+        RunnerInfo {
+            id: format!("r{next}"),
+            address: format!("127.0.0.1:{}", 10_000 + *next),
+            group: group.to_owned(),
+            created: UNIX_EPOCH + Duration::from_secs(*next),
+        }
+    }
+
+    pub fn provisioned(&self) -> usize {
+        *self.provisioned.lock().expect("lock")
+    }
+
+    pub fn removed(&self) -> Vec<String> {
+        self.removed.lock().expect("lock").clone()
+    }
+}
+
+impl ControlPlane for FakeControlPlane {
+    fn runner_memory_mb(&self) -> u64 {
+        RUNNER_MB
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        let result = if *self.list_fails.lock().expect("lock") {
+            Err(ControlPlaneError::Failed(
+                "fake control plane is down".into(),
+            ))
+        } else {
+            Ok(self.runners.lock().expect("lock").clone())
+        };
+        Box::pin(async move { result })
+    }
+
+    fn provision<'a>(
+        &'a self,
+        group: &'a str,
+        count: usize,
+    ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        *self.provisioned.lock().expect("lock") += count;
+        let new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
+        self.runners
+            .lock()
+            .expect("lock")
+            .extend(new.iter().cloned());
+        Box::pin(async move { Ok(new) })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        runner: &'a RunnerInfo,
+    ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
+        self.removed.lock().expect("lock").push(runner.id.clone());
+        self.runners
+            .lock()
+            .expect("lock")
+            .retain(|r| r.id != runner.id);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A probe that reports the configured calls in flight (0 unless set).
+#[derive(Debug, Default)]
+pub struct FakeProbe {
+    in_flight: Mutex<HashMap<String, u64>>,
+}
+
+impl FakeProbe {
+    pub fn set(&self, id: &str, n: u64) {
+        self.in_flight
+            .lock()
+            .expect("lock")
+            .insert(id.to_owned(), n);
+    }
+}
+
+impl RunnerProbe for FakeProbe {
+    fn calls_in_flight<'a>(&'a self, runner: &'a RunnerInfo) -> BoxFuture<'a, Result<u64, String>> {
+        let n = self
+            .in_flight
+            .lock()
+            .expect("lock")
+            .get(&runner.id)
+            .copied()
+            .unwrap_or(0);
+        Box::pin(async move { Ok(n) })
+    }
+}

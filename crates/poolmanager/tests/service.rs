@@ -1,0 +1,203 @@
+//! The npm's gRPC services over mutual TLS, driven by a control loop with a fake control
+//! plane: argument checks, unknown groups, and adverts turning into runner lists.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{FakeControlPlane, FakeProbe, RUNNER_MB};
+use fn_poolmanager::service::MAX_GROUPS_PER_ADVERT;
+use fn_poolmanager::{ControlLoop, ManagerConfig, NpmService, Shared};
+use fn_protocol::poolmanager::node_pool_scaler_client::NodePoolScalerClient;
+use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
+use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList, LbGroupId};
+use fn_test_support::TestPki;
+use fn_tls::TlsMode;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Npm {
+    shared: Arc<Shared>,
+    cp: Arc<FakeControlPlane>,
+    control: ControlLoop,
+    scaler: NodePoolScalerClient<Channel>,
+    manager: RunnerManagerClient<Channel>,
+    cancel: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Npm {
+    async fn start() -> Npm {
+        let pki = TestPki::new();
+        let tls: TlsMode = pki.mode();
+        let shared = Arc::new(Shared::default());
+        let service = NpmService::new(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let cancel = CancellationToken::new();
+        let router = fn_tls::grpc_server(&tls)
+            .expect("server TLS")
+            .add_service(service.clone().scaler_server())
+            .add_service(service.manager_server());
+        let shutdown = cancel.clone().cancelled_owned();
+        let server = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    shutdown,
+                )
+                .await
+                .expect("npm serves");
+        });
+        let channel = fn_tls::grpc_endpoint(&tls, &address)
+            .expect("endpoint")
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect over mTLS");
+        let cp = Arc::new(FakeControlPlane::default());
+        let control = ControlLoop::new(
+            Arc::clone(&shared),
+            cp.clone(),
+            Arc::new(FakeProbe::default()),
+            ManagerConfig {
+                provision_batch: 4,
+                ..ManagerConfig::default()
+            },
+        );
+        Npm {
+            shared,
+            cp,
+            control,
+            scaler: NodePoolScalerClient::new(channel.clone()),
+            manager: RunnerManagerClient::new(channel),
+            cancel,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("server stops")
+            .expect("join");
+    }
+
+    async fn get_group(&mut self, group: &str) -> Result<Vec<(String, String)>, tonic::Status> {
+        let reply = self
+            .manager
+            .get_lb_group(LbGroupId { id: group.into() })
+            .await?
+            .into_inner();
+        assert_eq!(reply.group_id, group);
+        Ok(reply
+            .runners
+            .into_iter()
+            .map(|r| (r.id, r.address))
+            .collect())
+    }
+}
+
+fn advert(lb_id: &str, groups: &[(&str, u64)]) -> CapacitySnapshotList {
+    CapacitySnapshotList {
+        ts_unix_ms: 1,
+        lb_id: lb_id.into(),
+        snapshots: groups
+            .iter()
+            .map(|(g, mb)| CapacitySnapshot {
+                group_id: (*g).into(),
+                mem_mb_total: *mb,
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn advertise_capacity_rejects_bad_adverts_with_invalid_argument() {
+    let mut npm = Npm::start().await;
+    let status = npm
+        .scaler
+        .advertise_capacity(advert("", &[("g", 128)]))
+        .await
+        .expect_err("empty lb_id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("lb_id"), "{status:?}");
+
+    let many: Vec<String> = (0..=MAX_GROUPS_PER_ADVERT)
+        .map(|i| format!("g{i}"))
+        .collect();
+    let groups: Vec<(&str, u64)> = many.iter().map(|g| (g.as_str(), 1)).collect();
+    let status = npm
+        .scaler
+        .advertise_capacity(advert("lb1", &groups))
+        .await
+        .expect_err("too many groups");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let status = npm
+        .scaler
+        .advertise_capacity(advert("lb1", &[("", 128)]))
+        .await
+        .expect_err("empty group id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // None of the rejected adverts counted as demand.
+    npm.control.tick().await;
+    assert_eq!(npm.cp.provisioned(), 0);
+    assert!(npm.shared.membership().is_empty());
+    npm.stop().await;
+}
+
+#[tokio::test]
+async fn runner_lists_are_unavailable_until_loaded_then_follow_the_adverts() {
+    let mut npm = Npm::start().await;
+    // Before the control loop has loaded the runner set, the npm does not know the lists:
+    // an empty answer would make the LBs drop their runners.
+    *npm.cp.list_fails.lock().expect("lock") = true;
+    npm.control.tick().await;
+    let status = npm.get_group("g").await.expect_err("not loaded yet");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    *npm.cp.list_fails.lock().expect("lock") = false;
+    npm.control.tick().await;
+    assert_eq!(
+        npm.get_group("unknown").await.expect("unknown group"),
+        [],
+        "an unknown group has no runners"
+    );
+
+    // Two LBs want 3 runners in total: the npm provisions them and lists them oldest first.
+    npm.scaler
+        .advertise_capacity(advert("lb1", &[("g", 2 * RUNNER_MB)]))
+        .await
+        .expect("advert");
+    npm.scaler
+        .advertise_capacity(advert("lb2", &[("g", RUNNER_MB), ("h", 0)]))
+        .await
+        .expect("advert");
+    npm.control.tick().await;
+    let listed = npm.get_group("g").await.expect("g");
+    let ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["r1", "r2", "r3"]);
+    assert!(
+        listed
+            .iter()
+            .all(|(_, address)| address.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(npm.get_group("h").await.expect("h"), []);
+
+    // A control plane outage after loading keeps serving the last lists.
+    *npm.cp.list_fails.lock().expect("lock") = true;
+    npm.control.tick().await;
+    assert_eq!(npm.get_group("g").await.expect("g").len(), 3);
+
+    let status = npm.get_group("").await.expect_err("empty group id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    npm.stop().await;
+}
