@@ -14,6 +14,9 @@ use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// How long the runner waits, after the drain, for its last instances to be cleaned up.
+const INSTANCE_CLEANUP_BOUND: Duration = Duration::from_secs(5);
+
 /// Function runner of the dataplane.
 #[derive(Debug, Parser)]
 #[command(name = "pure-runner", version, about)]
@@ -110,6 +113,13 @@ async fn main() -> ExitCode {
     tracing::info!(port = cli.grpc_port, total_mb, "pure-runner serving");
 
     let result = services.run(shutdown, cli.common.shutdown_timeout).await;
-    pool.kill_idle();
+    // Calls that ended during the drain left their instances hot: kill them and wait for
+    // their clean-up (process group, memory cgroup, socket directory) before exiting.
+    if tokio::time::timeout(INSTANCE_CLEANUP_BOUND, pool.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(bound = ?INSTANCE_CLEANUP_BOUND, "function instances not cleaned up in time");
+    }
     fn_lifecycle::exit_status(result)
 }

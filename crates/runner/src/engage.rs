@@ -21,6 +21,7 @@ use fn_protocol::runner::{
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -31,17 +32,26 @@ use crate::pool::{Pool, Refusal, Reservation};
 /// Largest data frame the runner sends; larger function output is split.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// How long a stream still waiting for its `TryCall` when a drain starts may take to send it.
+const DRAINING_FIRST_MESSAGE_GRACE: Duration = Duration::from_millis(500);
+
 /// Tunables of the Engage service.
 #[derive(Debug, Clone)]
 pub struct EngageConfig {
     /// How long a new stream may take to send its `TryCall`.
     pub first_message_timeout: Duration,
+    /// How long the runner waits for the LB to take the last message of a stream (a
+    /// refusal or `CallFinished`). The call's own messages are bounded by its deadline; this
+    /// bounds what comes after, so an LB that stopped reading cannot hold a stream task —
+    /// and with it a drain — forever.
+    pub final_send_timeout: Duration,
 }
 
 impl Default for EngageConfig {
     fn default() -> Self {
         EngageConfig {
             first_message_timeout: Duration::from_secs(10),
+            final_send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -51,6 +61,10 @@ impl Default for EngageConfig {
 pub struct RunnerService {
     pool: Arc<Pool>,
     tracker: TaskTracker,
+    /// Cancelled when the drain starts, so that streams still waiting for their `TryCall`
+    /// are refused after a short grace instead of holding the drain until their
+    /// first-message timeout.
+    draining: CancellationToken,
     config: EngageConfig,
 }
 
@@ -59,6 +73,7 @@ impl RunnerService {
         RunnerService {
             pool,
             tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
             config,
         }
     }
@@ -68,9 +83,13 @@ impl RunnerService {
         &self.pool
     }
 
-    /// Refuses new calls from now on, then waits until every call in flight has finished.
+    /// Refuses new calls from now on, then waits until every call in flight has finished
+    /// and every stream has ended. A stream that has not sent its `TryCall` yet is refused
+    /// as draining; one whose LB stopped reading is given up on after
+    /// [`EngageConfig::final_send_timeout`].
     pub async fn drain(&self) {
         self.pool.drain();
+        self.draining.cancel();
         tracing::info!(
             in_flight = self.pool.stats().calls_in_flight,
             "draining: refusing new calls"
@@ -99,9 +118,13 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
     ) -> Result<Response<Self::EngageStream>, Status> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
+        let out = Outbound {
+            tx,
+            final_send_timeout: self.config.final_send_timeout,
+        };
         let this = self.clone();
         self.tracker
-            .spawn(async move { this.handle_stream(inbound, Outbound(tx)).await });
+            .spawn(async move { this.handle_stream(inbound, out).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -118,17 +141,36 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
 }
 
 /// The runner's half of the stream. A failed send means the LB went away.
-struct Outbound(mpsc::Sender<Result<RunnerMsg, Status>>);
+struct Outbound {
+    tx: mpsc::Sender<Result<RunnerMsg, Status>>,
+    /// Bound for the stream's last message; see [`EngageConfig::final_send_timeout`].
+    final_send_timeout: Duration,
+}
 
 #[derive(Debug)]
 struct LbGone;
 
 impl Outbound {
     async fn send(&self, body: runner_msg::Body) -> Result<(), LbGone> {
-        self.0
+        self.tx
             .send(Ok(RunnerMsg { body: Some(body) }))
             .await
             .map_err(|_| LbGone)
+    }
+
+    /// Sends the stream's last message, waiting at most `final_send_timeout` for the LB to
+    /// make room for it. An LB that reads nothing for that long is treated as gone.
+    async fn send_last(&self, body: runner_msg::Body) -> Result<(), LbGone> {
+        match tokio::time::timeout(self.final_send_timeout, self.send(body)).await {
+            Ok(sent) => sent,
+            Err(_elapsed) => {
+                tracing::info!(
+                    bound = ?self.final_send_timeout,
+                    "the LB does not read the stream; giving up on its last message"
+                );
+                Err(LbGone)
+            }
+        }
     }
 
     /// Ends the call with `CallFinished`. If the LB is gone there is nobody to tell; the
@@ -139,7 +181,7 @@ impl Outbound {
             details: details.into(),
             kind: kind as i32,
         });
-        if self.send(msg).await.is_err() {
+        if self.send_last(msg).await.is_err() {
             tracing::debug!(?kind, "LB gone before CallFinished");
         }
     }
@@ -153,7 +195,7 @@ impl Outbound {
             slot_allocation_latency_us: 0,
             refusal: reason as i32,
         });
-        if self.send(msg).await.is_err() {
+        if self.send_last(msg).await.is_err() {
             tracing::debug!("LB gone before the refusal");
         }
     }
@@ -203,9 +245,26 @@ enum InboundError {
 
 impl RunnerService {
     async fn handle_stream(self, mut inbound: Streaming<ClientMsg>, out: Outbound) {
-        // 1. The first message must be a TryCall, and must come soon.
-        let first =
-            tokio::time::timeout(self.config.first_message_timeout, inbound.message()).await;
+        // 1. The first message must be a TryCall, and must come soon. Once a drain starts,
+        // a stream gets only a short grace for it (its TryCall is then refused as draining,
+        // as the answer to it), so that a silent stream does not hold the drain.
+        let first_message = self.config.first_message_timeout;
+        let first = tokio::select! {
+            biased;
+            first = tokio::time::timeout(first_message, inbound.message()) => first,
+            () = self.draining.cancelled() => {
+                // `Streaming::message` is cancel-safe: nothing read above is lost.
+                let grace = DRAINING_FIRST_MESSAGE_GRACE;
+                match tokio::time::timeout(grace, inbound.message()).await {
+                    Ok(first) => Ok(first),
+                    Err(_elapsed) => {
+                        let details = Refusal::Draining.to_string();
+                        out.refuse(RefusalReason::Draining, details).await;
+                        return;
+                    }
+                }
+            }
+        };
         let call = match first {
             Err(_) => {
                 out.finish(

@@ -6,8 +6,8 @@
 //!
 //! [`Pool::admit`] is an atomic check-and-reserve under one short lock (never held across an
 //! await): an idle instance of the same [`InstanceSpec`] is reused; otherwise the call's memory
-//! is reserved, evicting idle instances least recently used first when that makes room; if it
-//! still does not fit the call is refused as busy.
+//! is reserved, evicting idle instances least recently used first when that makes room; a call
+//! that would not fit even with every idle instance gone is refused as busy and evicts nothing.
 //!
 //! A [`Reservation`] owns the call's memory and (once started) its instance. Dropping it
 //! releases the memory exactly once on every path — success, error, timeout, cancellation,
@@ -121,9 +121,6 @@ impl Pool {
     /// [`Refusal`] when draining, or when the memory does not fit even after evicting idle
     /// instances.
     pub fn admit(self: &Arc<Self>, spec: InstanceSpec) -> Result<Reservation, Refusal> {
-        if self.draining.load(Ordering::Acquire) {
-            return Err(Refusal::Draining);
-        }
         let needed_mb = spec.memory_mb;
         if needed_mb > self.total_mb {
             return Err(Refusal::TooLarge {
@@ -134,6 +131,11 @@ impl Pool {
         let mut evicted = Vec::new();
         let result = {
             let mut st = self.lock();
+            // Checked under the lock that `wait_idle` reads `calls_in_flight` under: a call
+            // is either admitted before a drain starts (and waited for) or refused.
+            if self.draining.load(Ordering::Acquire) {
+                return Err(Refusal::Draining);
+            }
             if let Some(pos) = st
                 .idle
                 .iter()
@@ -146,7 +148,11 @@ impl Pool {
                 st.busy_instances += 1;
                 Ok(Some(hot.instance))
             } else {
-                while st.committed_mb + st.idle_mb + needed_mb > self.total_mb
+                // Evict only when that makes room: a call that cannot fit even with every
+                // idle instance gone is refused without killing any of them.
+                let fits_after_eviction = st.committed_mb + needed_mb <= self.total_mb;
+                while fits_after_eviction
+                    && st.committed_mb + st.idle_mb + needed_mb > self.total_mb
                     && !st.idle.is_empty()
                 {
                     let old = st.idle.remove(0);
@@ -198,6 +204,8 @@ impl Pool {
 
     /// Stops admitting calls: every later [`Pool::admit`] is refused as draining.
     pub fn drain(&self) {
+        // Under the lock, like the check in `admit`, so no admission straddles the switch.
+        let _st = self.lock();
         self.draining.store(true, Ordering::Release);
     }
 
@@ -234,19 +242,32 @@ impl Pool {
         expired.len()
     }
 
-    /// Kills every idle instance (shutdown).
+    /// Kills every idle instance without waiting for their clean-up.
     pub fn kill_idle(&self) {
-        let idle = {
-            let mut st = self.lock();
-            st.idle_mb = 0;
-            std::mem::take(&mut st.idle)
-        };
-        for old in idle {
+        for old in self.take_idle() {
             old.instance.kill();
         }
     }
 
-    /// Background task: expires idle instances until cancelled, then kills the rest.
+    /// Kills every idle instance and waits until each is gone and cleaned up (see
+    /// [`Instance::wait_gone`]): the last step of a shutdown, after the drain. Bound it with
+    /// a timeout.
+    pub async fn shutdown(&self) {
+        let idle = self.take_idle();
+        for old in &idle {
+            old.instance.kill();
+        }
+        futures::future::join_all(idle.iter().map(|old| old.instance.wait_gone())).await;
+    }
+
+    fn take_idle(&self) -> Vec<IdleInstance> {
+        let mut st = self.lock();
+        st.idle_mb = 0;
+        std::mem::take(&mut st.idle)
+    }
+
+    /// Background task: expires idle instances until cancelled, then kills the rest and
+    /// waits for their clean-up.
     ///
     /// # Errors
     /// Never; the signature fits the lifecycle's service runner.
@@ -263,7 +284,7 @@ impl Pool {
                 _ = interval.tick() => { self.reap_expired(Instant::now()); }
             }
         }
-        self.kill_idle();
+        self.shutdown().await;
         Ok(())
     }
 }
@@ -441,6 +462,22 @@ mod tests {
         assert_eq!(driver.killed(), 1);
         let again = pool.admit(spec("new", 128)).expect("new still hot");
         assert!(again.reused());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_cannot_fit_even_after_eviction_evicts_nothing() {
+        let (pool, driver) = pool(384);
+        let mut idle = pool.admit(spec("idle", 128)).expect("fits");
+        idle.instance("c").await.expect("starts");
+        idle.finish_ok(Duration::from_secs(30));
+        let _busy = pool.admit(spec("busy", 128)).expect("fits");
+        // 128 committed + 128 idle of 384: a 384 MB call cannot fit even with the idle
+        // instance gone, so the hot instance must survive the refusal.
+        let refused = pool.admit(spec("big", 384)).expect_err("does not fit");
+        assert!(matches!(refused, Refusal::Busy { .. }), "{refused}");
+        assert_eq!(driver.killed(), 0, "no instance killed for a refused call");
+        assert_eq!(pool.stats().idle_mb, 128);
+        assert!(pool.admit(spec("idle", 128)).expect("hot").reused());
     }
 
     #[tokio::test]

@@ -123,6 +123,14 @@ pub trait Instance: Send + Sync + std::fmt::Debug {
 
     /// Operating-system process id, where there is one (tests assert reuse with it).
     fn pid(&self) -> Option<u32>;
+
+    /// Completes once the instance is gone and everything it held is released (after
+    /// [`Instance::kill`] or its own exit), so that a runner shutting down can wait for the
+    /// clean-up before it exits. The default completes at once, for instances with nothing
+    /// to clean up.
+    fn wait_gone(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Starts instances.

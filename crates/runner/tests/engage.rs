@@ -1,0 +1,1000 @@
+//! Service tests of the Engage protocol (issue 3, "Done when"): the [`RunnerService`] runs
+//! in-process on `127.0.0.1:0` behind mutual TLS with the real `process` driver and the
+//! example functions (`fn-echo`, `fn-hello`, `fn-sleep`, `fn-crash`, built by `cargo build
+//! --workspace --bins`), and is driven through the generated gRPC client.
+//!
+//! As root, functions run as `nobody` (the runner's default), so every directory they need
+//! is made traversable for it.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+use fn_protocol::runner::{
+    self, CallAcknowledged, CallFinished, ClientMsg, DataFrame, ErrorKind, RefusalReason,
+    RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
+};
+use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
+use fn_runner::{EngageConfig, Pool, RunnerService};
+use fn_test_support::TestPki;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// Bound for any single message from the runner.
+const RECV_BOUND: Duration = Duration::from_secs(20);
+/// Bound for a condition polled through `Status` (capacity released, process gone).
+const SETTLE_BOUND: Duration = Duration::from_secs(5);
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const MEMORY_MB: u64 = 128;
+
+// ---------------------------------------------------------------------------------------
+// Fixture: a runner in-process and a client.
+
+/// A runner serving on loopback, and a client for it. Stops the server and kills idle
+/// instances on drop.
+struct Runner {
+    client: RunnerProtocolClient<Channel>,
+    address: String,
+    pki: TestPki,
+    service: RunnerService,
+    pool: Arc<Pool>,
+    stop: CancellationToken,
+    _sockets: tempfile::TempDir,
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.pool.kill_idle();
+    }
+}
+
+fn function_user() -> Option<FunctionUser> {
+    nix::unistd::geteuid()
+        .is_root()
+        .then(|| FunctionUser::lookup("nobody").expect("user nobody"))
+}
+
+/// A temporary directory the function user can traverse and read.
+fn shared_tempdir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    tmp
+}
+
+/// The example functions' directory, checked to hold every one of them.
+fn examples_dir() -> PathBuf {
+    for name in ["fn-echo", "fn-hello", "fn-sleep", "fn-crash"] {
+        fn_test_support::workspace_bin(name);
+    }
+    fn_test_support::bin_dir()
+}
+
+/// Starts a runner with `total_mb` of capacity running commands from `functions_dir`, and
+/// waits until it answers `Status` over mutual TLS.
+async fn start_runner(total_mb: u64, functions_dir: &Path) -> Runner {
+    start_runner_with(total_mb, functions_dir, EngageConfig::default()).await
+}
+
+async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageConfig) -> Runner {
+    let pki = TestPki::new();
+    let sockets = shared_tempdir();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(functions_dir, sockets.path().join("s"))
+            .with_function_user(function_user()),
+    )
+    .expect("process driver");
+    let pool = Pool::new(Arc::new(driver), total_mb, START_TIMEOUT);
+    let service = RunnerService::new(Arc::clone(&pool), config);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("local address").to_string();
+    let stop = CancellationToken::new();
+    let server = fn_tls::grpc_server(&pki.mode())
+        .expect("tls server")
+        .add_service(service.clone().into_server())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::spawn(server);
+
+    let mut client = connect(&pki, &address).await;
+    // Readiness, and proof that mutual TLS works: an RPC answers.
+    let status = client
+        .status(())
+        .await
+        .expect("Status answers")
+        .into_inner();
+    assert_eq!(status.capacity_total_mb, total_mb);
+    Runner {
+        client,
+        address,
+        pki,
+        service,
+        pool,
+        stop,
+        _sockets: sockets,
+    }
+}
+
+/// A client on a new connection.
+async fn connect(pki: &TestPki, address: &str) -> RunnerProtocolClient<Channel> {
+    let channel = fn_tls::grpc_endpoint(&pki.mode(), address)
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    RunnerProtocolClient::new(channel)
+}
+
+impl Runner {
+    /// Stops the server and waits for the idle instances to be cleaned up (their memory
+    /// cgroups too), so that a passing test leaves nothing behind.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(SETTLE_BOUND, self.pool.shutdown())
+            .await
+            .expect("instances cleaned up");
+    }
+
+    async fn status(&self) -> RunnerStatus {
+        self.client
+            .clone()
+            .status(())
+            .await
+            .expect("Status")
+            .into_inner()
+    }
+
+    /// Polls `Status` until `done` holds, at most [`SETTLE_BOUND`].
+    async fn status_until(&self, what: &str, done: impl Fn(&RunnerStatus) -> bool) -> RunnerStatus {
+        let start = Instant::now();
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                start.elapsed() < SETTLE_BOUND,
+                "{what}: not within {SETTLE_BOUND:?}; last status {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asserts that no capacity is committed and no call is in flight.
+    async fn assert_released(&self) {
+        let s = self.status().await;
+        assert_eq!(
+            (s.capacity_committed_mb, s.calls_in_flight),
+            (0, 0),
+            "capacity released: {s:?}"
+        );
+    }
+
+    async fn open(&self) -> Engage {
+        Engage::open(&self.client).await
+    }
+
+    /// One whole call: `TryCall`, the body in frames, the result read to `CallFinished`.
+    async fn run(&self, call: runner::Call, body: Bytes) -> CallResult {
+        let mut engage = self.open().await;
+        engage.try_call(call).await;
+        let ack = engage.ack().await;
+        assert!(ack.committed, "call refused: {ack:?}");
+        let sender = engage.sender();
+        let feed = tokio::spawn(async move {
+            for frame in frames(&body) {
+                if sender.send(data_msg(frame)).await.is_err() {
+                    break; // the runner ended the call; the result says why
+                }
+            }
+        });
+        let result = engage.result().await;
+        feed.await.expect("body sender");
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One Engage stream, client side.
+
+struct Engage {
+    tx: Option<mpsc::Sender<ClientMsg>>,
+    rx: Streaming<RunnerMsg>,
+}
+
+/// What the runner answered to a committed call.
+#[derive(Debug, Default)]
+struct CallResult {
+    status: Option<u32>,
+    headers: Vec<(String, Vec<u8>)>,
+    body: BytesMut,
+    saw_eof: bool,
+    finished: Option<CallFinished>,
+}
+
+impl CallResult {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn kind(&self) -> ErrorKind {
+        self.finished
+            .as_ref()
+            .map_or(ErrorKind::Unspecified, CallFinished::kind)
+    }
+
+    /// Asserts a successful call answered with `status`.
+    fn assert_ok(&self, status: u32) {
+        let finished = self.finished.as_ref().expect("CallFinished");
+        assert!(
+            finished.success && finished.kind() == ErrorKind::None,
+            "call failed: {finished:?}"
+        );
+        assert_eq!(
+            self.status,
+            Some(status),
+            "status; headers {:?}",
+            self.headers
+        );
+        assert!(self.saw_eof, "the response body ends with an eof frame");
+    }
+
+    fn pid(&self) -> i32 {
+        self.header("x-fn-pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("X-Fn-Pid header in {:?}", self.headers))
+    }
+}
+
+fn data_msg(frame: DataFrame) -> ClientMsg {
+    ClientMsg {
+        body: Some(client_msg::Body::Data(frame)),
+    }
+}
+
+impl Engage {
+    async fn open(client: &RunnerProtocolClient<Channel>) -> Engage {
+        let (tx, rx) = mpsc::channel(16);
+        let response = client
+            .clone()
+            .engage(ReceiverStream::new(rx))
+            .await
+            .expect("Engage stream opens");
+        Engage {
+            tx: Some(tx),
+            rx: response.into_inner(),
+        }
+    }
+
+    fn sender(&self) -> mpsc::Sender<ClientMsg> {
+        self.tx.clone().expect("stream not closed")
+    }
+
+    async fn send(&self, body: client_msg::Body) {
+        self.sender()
+            .send(ClientMsg { body: Some(body) })
+            .await
+            .expect("request stream open");
+    }
+
+    async fn try_call(&self, call: runner::Call) {
+        self.send(client_msg::Body::TryCall(TryCall { call: Some(call) }))
+            .await;
+    }
+
+    async fn data(&self, data: impl Into<Bytes>, eof: bool) {
+        self.send(client_msg::Body::Data(DataFrame {
+            data: data.into(),
+            eof,
+        }))
+        .await;
+    }
+
+    /// The next message from the runner; `None` when its half of the stream ended.
+    async fn recv(&mut self) -> Option<runner_msg::Body> {
+        let msg = tokio::time::timeout(RECV_BOUND, self.rx.message())
+            .await
+            .unwrap_or_else(|_| panic!("no message from the runner within {RECV_BOUND:?}"))
+            .expect("runner stream error");
+        msg.map(|m| m.body.expect("RunnerMsg has a body"))
+    }
+
+    async fn ack(&mut self) -> CallAcknowledged {
+        match self.recv().await {
+            Some(runner_msg::Body::Acknowledged(ack)) => ack,
+            other => panic!("expected CallAcknowledged, got {other:?}"),
+        }
+    }
+
+    /// Reads `CallResultStart`, data frames and `CallFinished`.
+    async fn result(&mut self) -> CallResult {
+        let mut result = CallResult::default();
+        self.result_into(&mut result).await;
+        result
+    }
+
+    async fn result_into(&mut self, result: &mut CallResult) {
+        loop {
+            match self.recv().await {
+                Some(runner_msg::Body::ResultStart(start)) => {
+                    assert!(result.status.is_none(), "a second CallResultStart");
+                    let http = start.http.expect("CallResultStart has http");
+                    result.status = Some(http.status_code);
+                    result.headers = http
+                        .headers
+                        .into_iter()
+                        .map(|h| (h.name, h.value))
+                        .collect();
+                }
+                Some(runner_msg::Body::Data(frame)) => {
+                    assert!(result.status.is_some(), "data before CallResultStart");
+                    assert!(!result.saw_eof, "data after the eof frame");
+                    result.body.extend_from_slice(&frame.data);
+                    result.saw_eof = frame.eof;
+                }
+                Some(runner_msg::Body::Finished(finished)) => {
+                    result.finished = Some(finished);
+                    return;
+                }
+                Some(runner_msg::Body::Acknowledged(ack)) => panic!("a second ack: {ack:?}"),
+                None => panic!("stream ended without CallFinished: {result:?}"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Calls and bodies.
+
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+
+fn unix_ms(t: SystemTime) -> u64 {
+    let since = t.duration_since(UNIX_EPOCH).expect("after the epoch");
+    u64::try_from(since.as_millis()).expect("fits")
+}
+
+/// A valid call of `program` (one of the example functions) with `timeout`.
+fn call(program: &str, timeout: Duration) -> runner::Call {
+    let function = program.trim_start_matches("fn-").to_owned();
+    runner::Call {
+        id: format!("call-{}", NEXT_CALL.fetch_add(1, Ordering::Relaxed)),
+        app: "demo".into(),
+        route: format!("/{function}"),
+        request_url: format!("http://lb.test/r/demo/{function}"),
+        function,
+        method: "POST".into(),
+        headers: Vec::new(),
+        memory_mb: MEMORY_MB,
+        timeout_ms: u64::try_from(timeout.as_millis()).expect("fits"),
+        idle_timeout_ms: 30_000,
+        command: vec![program.into()],
+        image: String::new(),
+        config: HashMap::new(),
+        lb_group: "default".into(),
+        deadline_unix_ms: unix_ms(SystemTime::now() + timeout),
+    }
+}
+
+fn header(name: &str, value: &str) -> runner::Header {
+    runner::Header {
+        name: name.into(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+/// `len` bytes of a pattern that does not repeat with any power-of-two period.
+fn pattern(len: usize) -> Bytes {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// `data` as several frames (at most 1 MiB each, so four or more for large bodies), the last
+/// with `eof`. An empty body is one empty `eof` frame.
+fn frames(data: &Bytes) -> Vec<DataFrame> {
+    if data.is_empty() {
+        return vec![DataFrame {
+            data: Bytes::new(),
+            eof: true,
+        }];
+    }
+    let size = (data.len() / 4).clamp(1, 1024 * 1024);
+    let mut out: Vec<DataFrame> = (0..data.len())
+        .step_by(size)
+        .map(|at| DataFrame {
+            data: data.slice(at..data.len().min(at + size)),
+            eof: false,
+        })
+        .collect();
+    if let Some(last) = out.last_mut() {
+        last.eof = true;
+    }
+    out
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Waits (bounded) until process `pid` no longer exists.
+async fn assert_process_gone(pid: i32) {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            start.elapsed() < SETTLE_BOUND,
+            "process {pid} still alive after {SETTLE_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A valid echo call succeeds with `body` echoed.
+async fn assert_echo_works(runner: &Runner, body: &'static str) {
+    let result = runner
+        .run(call("fn-echo", Duration::from_secs(30)), Bytes::from(body))
+        .await;
+    result.assert_ok(200);
+    assert_eq!(&result.body[..], body.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test]
+async fn echo_is_byte_exact_for_0_1_64k_and_8m_bodies() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    for len in [0, 1, 64 * 1024, 8 * 1024 * 1024] {
+        let body = pattern(len);
+        let mut echo = call("fn-echo", Duration::from_secs(30));
+        echo.headers
+            .push(header("content-type", "application/x-test-bytes"));
+        let result = runner.run(echo, body.clone()).await;
+        result.assert_ok(200);
+        assert_eq!(result.body.len(), len, "echoed length for a {len} B body");
+        assert!(
+            result.body[..] == body[..],
+            "echoed bytes differ for {len} B"
+        );
+        assert_eq!(
+            result.header("content-type").as_deref(),
+            Some("application/x-test-bytes")
+        );
+    }
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_answered_while_it_is_still_being_sent() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    assert!(engage.ack().await.committed);
+
+    let first = pattern(100 * 1024);
+    engage.data(first.clone(), false).await;
+    // The answer starts, and the first part comes back, before the rest is sent.
+    let mut result = CallResult::default();
+    while result.body.len() < first.len() {
+        match engage.recv().await {
+            Some(runner_msg::Body::ResultStart(start)) => {
+                result.status = start.http.map(|h| h.status_code);
+            }
+            Some(runner_msg::Body::Data(frame)) => {
+                assert!(result.status.is_some(), "data before CallResultStart");
+                assert!(!frame.eof, "eof before the request body ended");
+                result.body.extend_from_slice(&frame.data);
+            }
+            other => panic!("expected the echo of the first part, got {other:?}"),
+        }
+    }
+    assert_eq!(result.status, Some(200));
+    assert!(result.body[..] == first[..], "first part echoed exactly");
+
+    let rest = Bytes::from_static(b"and the rest");
+    engage.data(rest.clone(), true).await;
+    engage.result_into(&mut result).await;
+    result.assert_ok(200);
+    assert_eq!(&result.body[first.len()..], &rest[..]);
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn with_room_for_n_calls_n_plus_one_concurrent_calls_commit_n_and_refuse_one_as_busy() {
+    const N: u64 = 3;
+    let runner = start_runner(N * MEMORY_MB, &examples_dir()).await;
+    // Every call holds its stream open (no eof yet), so all N+1 overlap.
+    let attempts = futures::future::join_all((0..=N).map(|_| async {
+        let mut engage = runner.open().await;
+        engage
+            .try_call(call("fn-echo", Duration::from_secs(30)))
+            .await;
+        let ack = engage.ack().await;
+        (engage, ack)
+    }))
+    .await;
+    let (committed, refused): (Vec<_>, Vec<_>) =
+        attempts.into_iter().partition(|(_, ack)| ack.committed);
+    assert_eq!(committed.len() as u64, N, "committed calls");
+    assert_eq!(refused.len(), 1, "refused calls");
+    let busy = &refused[0].1;
+    assert_eq!(busy.refusal(), RefusalReason::Busy, "{busy:?}");
+    assert!(busy.details.contains("busy"), "{busy:?}");
+
+    let s = runner.status().await;
+    assert_eq!(
+        (s.capacity_committed_mb, s.calls_in_flight),
+        (N * MEMORY_MB, N),
+        "{s:?}"
+    );
+
+    for (i, (mut engage, _)) in committed.into_iter().enumerate() {
+        let body = format!("call {i}");
+        engage.data(body.clone(), true).await;
+        let result = engage.result().await;
+        result.assert_ok(200);
+        assert_eq!(&result.body[..], body.as_bytes());
+    }
+    let s = runner.status().await;
+    assert_eq!(
+        (s.capacity_committed_mb, s.calls_in_flight),
+        (0, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.hot_instances, N, "the instances stay hot: {s:?}");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn sleep_past_its_timeout_ends_as_timeout_kills_the_instance_and_releases_capacity() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    // A short call first: it leaves its instance hot and tells us its pid. (The timeout is
+    // not part of what makes instances shareable, so the slow call reuses this instance.)
+    let quick = runner
+        .run(
+            call("fn-sleep", Duration::from_secs(30)),
+            Bytes::from_static(b"1"),
+        )
+        .await;
+    quick.assert_ok(200);
+    let pid = quick.pid();
+    assert!(pid_alive(pid));
+
+    let started = Instant::now();
+    let slow = runner
+        .run(
+            call("fn-sleep", Duration::from_millis(500)),
+            Bytes::from_static(b"5000"),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(slow.kind(), ErrorKind::Timeout, "{slow:?}");
+    assert!(!slow.finished.as_ref().is_some_and(|f| f.success));
+    assert!(
+        took < Duration::from_secs(4),
+        "the timeout ended the call, not the function: {took:?}"
+    );
+    // The instance that ran it (the hot one) is killed, and nothing is left committed.
+    let s = runner.status().await;
+    assert_eq!(
+        (s.capacity_committed_mb, s.calls_in_flight, s.hot_instances),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert_process_gone(pid).await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_that_dies_mid_call_ends_it_as_crashed() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let result = runner
+        .run(
+            call("fn-crash", Duration::from_secs(30)),
+            Bytes::from_static(b"boom"),
+        )
+        .await;
+    assert_eq!(result.kind(), ErrorKind::Crashed, "{result:?}");
+    let s = runner.status().await;
+    assert_eq!(
+        (s.capacity_committed_mb, s.calls_in_flight, s.hot_instances),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert_echo_works(&runner, "still serving").await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_the_stream_mid_call_releases_capacity_and_kills_the_instance() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    assert!(engage.ack().await.committed);
+    engage.data("partial", false).await;
+    // The call is running: its answer has started.
+    let pid = match engage.recv().await {
+        Some(runner_msg::Body::ResultStart(start)) => start
+            .http
+            .expect("http")
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("x-fn-pid"))
+            .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<i32>().ok())
+            .expect("X-Fn-Pid"),
+        other => panic!("expected CallResultStart, got {other:?}"),
+    };
+    assert_eq!(runner.status().await.capacity_committed_mb, MEMORY_MB);
+
+    drop(engage); // the LB cancels the stream: both halves go away without eof
+
+    runner
+        .status_until("capacity released after the cancel", |s| {
+            s.capacity_committed_mb == 0 && s.calls_in_flight == 0
+        })
+        .await;
+    assert_eq!(runner.status().await.hot_instances, 0);
+    assert_process_gone(pid).await;
+    assert_echo_works(&runner, "after a cancel").await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_out_of_order_ends_the_call_as_protocol_error_and_the_next_call_succeeds() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+
+    // A data frame before any TryCall.
+    let mut engage = runner.open().await;
+    engage.data("too early", false).await;
+    match engage.recv().await {
+        Some(runner_msg::Body::Finished(f)) => {
+            assert_eq!(f.kind(), ErrorKind::Protocol, "{f:?}");
+            assert!(!f.success);
+        }
+        other => panic!("expected CallFinished, got {other:?}"),
+    }
+    runner.assert_released().await;
+    assert_echo_works(&runner, "after data first").await;
+
+    // A second TryCall on a committed stream.
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    assert!(engage.ack().await.committed);
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    let result = engage.result().await;
+    assert_eq!(result.kind(), ErrorKind::Protocol, "{result:?}");
+    runner.assert_released().await;
+    assert_echo_works(&runner, "after a second TryCall").await;
+
+    // Data after eof. fn-sleep answers only after sleeping, so the runner reads the stray
+    // frame while the call is still running.
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-sleep", Duration::from_secs(30)))
+        .await;
+    assert!(engage.ack().await.committed);
+    engage.data("3000", true).await;
+    engage.data("stray", false).await;
+    let result = engage.result().await;
+    assert_eq!(result.kind(), ErrorKind::Protocol, "{result:?}");
+    runner.assert_released().await;
+    assert_echo_works(&runner, "after data after eof").await;
+
+    // An empty message.
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    assert!(engage.ack().await.committed);
+    engage
+        .sender()
+        .send(ClientMsg { body: None })
+        .await
+        .expect("send");
+    let result = engage.result().await;
+    assert_eq!(result.kind(), ErrorKind::Protocol, "{result:?}");
+    runner.assert_released().await;
+    assert_echo_works(&runner, "after an empty message").await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_calls_to_one_function_reuse_one_hot_instance() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut pids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let result = runner
+            .run(call("fn-hello", Duration::from_secs(30)), Bytes::from(name))
+            .await;
+        result.assert_ok(200);
+        assert_eq!(&result.body[..], format!("Hello, {name}!\n").as_bytes());
+        pids.push(result.pid());
+    }
+    assert!(
+        pids.iter().all(|p| *p == pids[0]),
+        "one instance served all calls: pids {pids:?}"
+    );
+    assert!(pid_alive(pids[0]), "the instance stays hot");
+    let s = runner.status().await;
+    assert_eq!((s.hot_instances, s.capacity_committed_mb), (1, 0), "{s:?}");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_calls_are_refused_as_invalid_with_a_clear_reason() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let valid = || call("fn-echo", Duration::from_secs(30));
+    type Edit = fn(&mut runner::Call);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("no id", |c| c.id.clear(), "`id`"),
+        ("no app", |c| c.app.clear(), "`app`"),
+        ("no memory", |c| c.memory_mb = 0, "`memory_mb`"),
+        ("no timeout", |c| c.timeout_ms = 0, "`timeout_ms`"),
+        ("no command", |c| c.command.clear(), "`command or image`"),
+        (
+            "bad method",
+            |c| c.method = "NOT A METHOD".into(),
+            "`method`",
+        ),
+        ("parent dir", |c| c.command = vec!["../x".into()], "`..`"),
+        (
+            "absolute path",
+            |c| c.command = vec!["/bin/sh".into()],
+            "absolute path",
+        ),
+        (
+            "escaping path",
+            |c| c.command = vec!["sub/../../../bin/sh".into()],
+            "`..`",
+        ),
+        (
+            "missing program",
+            |c| c.command = vec!["fn-no-such-function".into()],
+            "not found",
+        ),
+        (
+            "too large",
+            |c| c.memory_mb = 1024 * 1024,
+            "more than this runner's total",
+        ),
+        (
+            "deadline passed",
+            |c| c.deadline_unix_ms = 1,
+            "deadline has passed",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let mut bad = valid();
+        edit(&mut bad);
+        let mut engage = runner.open().await;
+        engage.try_call(bad).await;
+        let ack = engage.ack().await;
+        assert!(!ack.committed, "{what}: {ack:?}");
+        assert_eq!(ack.refusal(), RefusalReason::Invalid, "{what}: {ack:?}");
+        assert!(
+            ack.details.contains(expected),
+            "{what}: details {:?} should mention {expected:?}",
+            ack.details
+        );
+    }
+    // A TryCall without a call.
+    let mut engage = runner.open().await;
+    engage
+        .send(client_msg::Body::TryCall(TryCall { call: None }))
+        .await;
+    let ack = engage.ack().await;
+    assert!(!ack.committed);
+    assert_eq!(ack.refusal(), RefusalReason::Invalid, "{ack:?}");
+
+    runner.assert_released().await;
+    assert_eq!(runner.status().await.hot_instances, 0, "nothing started");
+    assert_echo_works(&runner, "valid after invalid").await;
+    runner.stop().await;
+}
+
+/// Where `make test-deps` installs the Python FDK.
+fn python_fdk_path() -> PathBuf {
+    let path = std::env::var_os("FN_TEST_PYTHONPATH")
+        .map_or_else(|| PathBuf::from("/opt/fn-test-python"), PathBuf::from);
+    assert!(
+        path.join("fdk").join("__init__.py").is_file(),
+        "the Python FDK (`fdk` from PyPI) is not installed in {}: run `make test-deps`",
+        path.display()
+    );
+    path
+}
+
+const PYTHON_FUNC: &str = r#"import io
+import json
+
+from fdk import response
+
+
+def handler(ctx, data: io.BytesIO = None):
+    body = data.getvalue().decode("utf-8")
+    answer = {
+        "got": body,
+        "method": ctx.Method(),
+        "x-in": ctx.HTTPHeaders().get("x-in"),
+    }
+    return response.Response(
+        ctx,
+        response_data=json.dumps(answer, sort_keys=True),
+        headers={"Content-Type": "application/json", "X-Python-Fn": "yes"},
+        status_code=201,
+    )
+"#;
+
+/// The command an Fn Python image runs (`fdk func.py handler`), without the image.
+const PYTHON_WRAPPER: &str = r#"#!/bin/sh
+exec /usr/bin/python3 -c 'import sys; from fdk.scripts.fdk import main; sys.argv[0] = "fdk"; main()' "$(dirname "$0")/func.py" handler
+"#;
+
+#[tokio::test]
+async fn an_unmodified_python_fdk_function_runs_with_its_status_headers_and_body() {
+    let fdk = python_fdk_path();
+    let functions = shared_tempdir();
+    std::fs::write(functions.path().join("func.py"), PYTHON_FUNC).expect("write func.py");
+    let wrapper = functions.path().join("py-func");
+    std::fs::write(&wrapper, PYTHON_WRAPPER).expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let runner = start_runner(4 * MEMORY_MB, functions.path()).await;
+
+    let mut py = call("py-func", Duration::from_secs(30));
+    py.function = "python".into();
+    py.headers.push(header("x-in", "from the client"));
+    py.config
+        .insert("PYTHONPATH".into(), fdk.display().to_string());
+    for round in 0..2 {
+        let result = runner
+            .run(py.clone(), Bytes::from_static(b"hello python"))
+            .await;
+        result.assert_ok(201);
+        assert_eq!(
+            String::from_utf8_lossy(&result.body),
+            r#"{"got": "hello python", "method": "POST", "x-in": "from the client"}"#,
+            "round {round}"
+        );
+        assert_eq!(result.header("x-python-fn").as_deref(), Some("yes"));
+        assert_eq!(
+            result.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert!(
+            result
+                .headers
+                .iter()
+                .all(|(n, _)| !n.to_ascii_lowercase().starts_with("fn-")),
+            "no contract headers leak to the client: {:?}",
+            result.headers
+        );
+        py.id = format!("{}-again", py.id);
+        py.deadline_unix_ms = unix_ms(SystemTime::now() + Duration::from_secs(30));
+    }
+    let s = runner.status().await;
+    assert_eq!((s.hot_instances, s.capacity_committed_mb), (1, 0), "{s:?}");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_refuses_new_calls_waits_for_calls_in_flight_and_not_for_silent_streams() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut in_flight = runner.open().await;
+    in_flight
+        .try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    assert!(in_flight.ack().await.committed);
+    in_flight.data("in flight", false).await;
+    // An LB opened a stream but has not sent its TryCall yet.
+    let mut silent = runner.open().await;
+
+    let drain = tokio::spawn({
+        let service = runner.service.clone();
+        async move { service.drain().await }
+    });
+    runner.status_until("draining", |s| s.draining).await;
+
+    let mut late = runner.open().await;
+    late.try_call(call("fn-echo", Duration::from_secs(30)))
+        .await;
+    let ack = late.ack().await;
+    assert!(!ack.committed);
+    assert_eq!(ack.refusal(), RefusalReason::Draining, "{ack:?}");
+    // The silent stream is told at once rather than kept until its first-message timeout.
+    let started = Instant::now();
+    let ack = silent.ack().await;
+    assert!(!ack.committed);
+    assert_eq!(ack.refusal(), RefusalReason::Draining, "{ack:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !drain.is_finished(),
+        "the drain waits for the call in flight"
+    );
+
+    in_flight.data("", true).await;
+    let result = in_flight.result().await;
+    result.assert_ok(200);
+    assert_eq!(&result.body[..], b"in flight");
+    tokio::time::timeout(Duration::from_secs(3), drain)
+        .await
+        .expect("the drain ends once the call in flight has ended")
+        .expect("drain task");
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn an_lb_that_stops_reading_holds_neither_capacity_nor_the_drain() {
+    let config = EngageConfig {
+        final_send_timeout: Duration::from_millis(300),
+        ..EngageConfig::default()
+    };
+    let runner = start_runner_with(4 * MEMORY_MB, &examples_dir(), config).await;
+    // On a connection of its own: the unread stream fills the connection's flow-control
+    // window too, which would stall the `Status` calls below.
+    let stuck_client = connect(&runner.pki, &runner.address).await;
+    let engage = Engage::open(&stuck_client).await;
+    engage
+        .try_call(call("fn-echo", Duration::from_secs(1)))
+        .await;
+    // The LB sends a large body and never reads the echo: every buffer on the way back fills.
+    let sender = engage.sender();
+    let feed = tokio::spawn(async move {
+        for frame in frames(&pattern(16 * 1024 * 1024)) {
+            if sender.send(data_msg(frame)).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The call times out; its capacity is released although the LB reads nothing.
+    runner
+        .status_until("a call in flight", |s| s.calls_in_flight == 1)
+        .await;
+    let start = Instant::now();
+    loop {
+        let s = runner.status().await;
+        if s.calls_in_flight == 0 && s.capacity_committed_mb == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not released: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its stream task gives up on the LB, so a drain completes.
+    tokio::time::timeout(Duration::from_secs(3), runner.service.drain())
+        .await
+        .expect("the drain is not held by an LB that does not read");
+    feed.abort();
+    drop(engage);
+    runner.stop().await;
+}
