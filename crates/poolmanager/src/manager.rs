@@ -376,6 +376,7 @@ impl ControlLoop {
                 RunnerState::Active => None,
             })
             .collect();
+        let mut to_remove = Vec::new();
         for (info, since) in draining {
             let drained_for = now.duration_since(since);
             if drained_for < self.config.drain_settle {
@@ -390,13 +391,25 @@ impl ControlLoop {
                         false
                     }
                 };
-            if !(idle || overran) {
-                continue;
-            }
             if overran {
                 tracing::warn!(runner = %info.id, max = ?self.config.max_drain_time, "runner overran the maximum drain time; removing it");
             }
-            match self.control_plane.remove(&info).await {
+            if idle || overran {
+                to_remove.push(info);
+            }
+        }
+        // Removals run together: a runner that overran its drain time may take its
+        // control plane's stop grace to go, and the others need not wait for it.
+        let control_plane = Arc::clone(&self.control_plane);
+        let removals = to_remove.into_iter().map(|info| {
+            let control_plane = Arc::clone(&control_plane);
+            async move {
+                let result = control_plane.remove(&info).await;
+                (info, result)
+            }
+        });
+        for (info, result) in futures::future::join_all(removals).await {
+            match result {
                 Ok(()) => {
                     tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
                     self.runners.retain(|e| e.info.id != info.id);
