@@ -233,10 +233,15 @@ impl NodeTls {
 
 /// A tonic server builder for `mode`: mutual TLS, or plaintext with a warning.
 ///
+/// HTTP/2 keepalive pings find peers that vanished without closing their connection (a
+/// crashed host, a partition), so their streams end instead of waiting for a deadline.
+///
 /// # Errors
 /// When tonic rejects the TLS configuration.
 pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::transport::Error> {
-    let builder = tonic::transport::Server::builder();
+    let builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
     match mode {
         TlsMode::Mutual(tls) => builder.tls_config(tls.server_config()),
         TlsMode::Insecure => Ok(builder),
