@@ -231,6 +231,13 @@ impl NodeTls {
     }
 }
 
+/// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// HTTP/2 flow-control window of a whole connection. Much larger than a stream's, so that
+/// one call whose reader is slow (a slow HTTP client behind the LB) cannot use up the window
+/// every other call on the connection needs.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
 /// A tonic server builder for `mode`: mutual TLS, or plaintext with a warning.
 ///
 /// HTTP/2 keepalive pings find peers that vanished without closing their connection (a
@@ -241,7 +248,9 @@ impl NodeTls {
 pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::transport::Error> {
     let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     match mode {
         TlsMode::Mutual(tls) => builder.tls_config(tls.server_config()),
         TlsMode::Insecure => Ok(builder),
@@ -257,7 +266,9 @@ pub fn grpc_endpoint(
     address: &str,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{}://{address}", mode.scheme()))?;
+        tonic::transport::Endpoint::from_shared(format!("{}://{address}", mode.scheme()))?
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
     match mode {
         TlsMode::Mutual(tls) => {
             let host = endpoint
