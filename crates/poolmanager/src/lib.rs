@@ -18,8 +18,5 @@ pub mod predictor;
 pub mod probe;
 pub mod service;
 
-#[cfg(test)]
-mod tests;
-
 pub use manager::{ControlLoop, ManagerConfig, Shared};
 pub use service::NpmService;

@@ -1,5 +1,7 @@
-//! Control-loop tests through the crate's public API, with a fake control plane and tokio's
-//! paused clock: what a restarted npm does before the LBs have advertised again.
+//! Control-loop tests through the crate's public API, with a fake control plane and probe
+//! behind the real traits and tokio's paused clock as the controllable time: batch scale-up,
+//! re-activation before provisioning, newest-first drain, LB purge, vanished runners, restart
+//! adoption, no flapping, min/max bounds.
 
 mod common;
 
@@ -96,4 +98,235 @@ async fn adopted_runners_without_demand_drain_after_the_window() {
     removed.sort();
     assert_eq!(removed, ["r1", "r2"]);
     assert_eq!(cp.provisioned(), 0);
+}
+
+struct Harness {
+    shared: Arc<Shared>,
+    cp: Arc<FakeControlPlane>,
+    probe: Arc<FakeProbe>,
+    control: ControlLoop,
+}
+
+fn harness(cp: FakeControlPlane, config: ManagerConfig) -> Harness {
+    let shared = Arc::new(Shared::default());
+    let cp = Arc::new(cp);
+    let probe = Arc::new(FakeProbe::default());
+    let control = ControlLoop::new(shared.clone(), cp.clone(), probe.clone(), config);
+    Harness {
+        shared,
+        cp,
+        probe,
+        control,
+    }
+}
+
+impl Harness {
+    fn advertise(&self, lb: &str, group: &str, runners: u64) {
+        self.shared.record_advert(
+            lb,
+            vec![(group.to_owned(), runners * RUNNER_MB)],
+            Instant::now(),
+        );
+    }
+
+    /// Advances the clock by one tick and runs it.
+    async fn tick(&mut self) {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        self.control.tick().await;
+    }
+
+    fn members(&self, group: &str) -> Vec<String> {
+        self.shared
+            .group(group)
+            .iter()
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    fn draining(&self) -> Vec<String> {
+        draining(&self.control)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scales_up_in_bounded_batches() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    h.advertise("lb1", "g", 5);
+    h.tick().await;
+    assert_eq!(h.members("g").len(), 2, "first batch");
+    h.advertise("lb1", "g", 5);
+    h.tick().await;
+    assert_eq!(h.members("g").len(), 4);
+    h.advertise("lb1", "g", 5);
+    h.tick().await;
+    assert_eq!(
+        h.members("g"),
+        vec!["r1", "r2", "r3", "r4", "r5"],
+        "oldest first"
+    );
+    let batches = h.cp.batches();
+    assert!(batches.iter().all(|n| *n <= 2), "{batches:?}");
+    assert_eq!(h.cp.provisioned(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scales_down_newest_first_after_the_window_and_removes_drained() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 3);
+    // Demand falls to one runner; inside the window nothing drains.
+    for _ in 0..5 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert!(h.draining().is_empty());
+    for _ in 0..7 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(
+        h.members("g"),
+        vec!["r1"],
+        "the newest left the list at once"
+    );
+    // Drained runners (no calls in flight) are removed after the settle time.
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    let mut removed = h.cp.removed();
+    removed.sort();
+    assert_eq!(removed, vec!["r2", "r3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_runners_are_reactivated_newest_first_before_provisioning() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+    }
+    // Keep them busy so they stay draining.
+    for id in ["r1", "r2", "r3"] {
+        h.probe.set(id, 1);
+    }
+    for _ in 0..12 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    let mut draining = h.draining();
+    draining.sort();
+    assert_eq!(draining, vec!["r2", "r3"]);
+    let provisioned_before = h.cp.provisioned();
+
+    h.advertise("lb1", "g", 2);
+    h.tick().await;
+    assert_eq!(
+        h.members("g"),
+        vec!["r1", "r3"],
+        "the newest draining runner came back"
+    );
+    h.advertise("lb1", "g", 3);
+    h.tick().await;
+    assert_eq!(h.members("g"), vec!["r1", "r2", "r3"]);
+    assert_eq!(
+        h.cp.provisioned(),
+        provisioned_before,
+        "no new runners asked for"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_draining_runner_is_removed_after_the_maximum_drain_time() {
+    let mut cfg = config();
+    cfg.max_drain_time = Duration::from_secs(20);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    h.probe.set("r1", 3);
+    for _ in 0..15 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    assert_eq!(h.draining(), vec!["r1"]);
+    assert!(h.cp.removed().is_empty(), "still has calls in flight");
+    for _ in 0..21 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    assert_eq!(h.cp.removed(), vec!["r1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_lb_is_purged_with_its_demand() {
+    let mut cfg = config();
+    cfg.scale_down_delay = Duration::from_secs(1);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 1);
+        h.advertise("lb2", "g", 2);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 3);
+    // lb2 goes silent; lb1 keeps advertising.
+    for _ in 0..8 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 1, "lb2's demand left with it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_the_control_plane_no_longer_lists_is_dropped() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 2);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), vec!["r1", "r2"]);
+    h.cp.vanish("r1");
+    // Still wanted: the loop drops r1 and provisions a replacement.
+    h.advertise("lb1", "g", 2);
+    h.tick().await;
+    assert_eq!(h.members("g"), vec!["r2", "r3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_npm_adopts_running_runners_and_provisions_none() {
+    let mut h = harness(FakeControlPlane::with_runners("g", 3), config());
+    h.advertise("lb1", "g", 3);
+    h.tick().await;
+    assert_eq!(h.members("g"), vec!["r1", "r2", "r3"]);
+    assert_eq!(h.cp.provisioned(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn oscillating_demand_inside_the_window_does_not_flap() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for i in 0..30 {
+        let runners = if i % 2 == 0 { 4 } else { 0 };
+        h.advertise("lb1", "g", runners);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 4);
+    assert!(h.draining().is_empty());
+    assert!(h.cp.removed().is_empty());
+    assert_eq!(h.cp.provisioned(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_and_max_runners_bound_the_group() {
+    let mut cfg = config();
+    cfg.min_runners = 1;
+    cfg.max_runners = 3;
+    cfg.provision_batch = 10;
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    h.tick().await;
+    assert_eq!(h.members("default").len(), 1, "min runners without demand");
+    h.advertise("lb1", "g", 8);
+    h.tick().await;
+    assert_eq!(h.members("g").len(), 3, "capped at max");
 }

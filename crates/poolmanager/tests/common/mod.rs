@@ -16,7 +16,8 @@ pub const RUNNER_MB: u64 = 1024;
 #[derive(Debug, Default)]
 pub struct FakeControlPlane {
     runners: Mutex<Vec<RunnerInfo>>,
-    provisioned: Mutex<usize>,
+    /// Size of every provisioning request, in order.
+    batches: Mutex<Vec<usize>>,
     removed: Mutex<Vec<String>>,
     next: Mutex<u64>,
     /// While set, `list` fails (a control plane that cannot be reached).
@@ -45,8 +46,19 @@ impl FakeControlPlane {
         }
     }
 
+    /// Runners provisioned in all.
     pub fn provisioned(&self) -> usize {
-        *self.provisioned.lock().expect("lock")
+        self.batches.lock().expect("lock").iter().sum()
+    }
+
+    /// Size of every provisioning request, in order.
+    pub fn batches(&self) -> Vec<usize> {
+        self.batches.lock().expect("lock").clone()
+    }
+
+    /// The runner disappears without being removed (its host died).
+    pub fn vanish(&self, id: &str) {
+        self.runners.lock().expect("lock").retain(|r| r.id != id);
     }
 
     pub fn removed(&self) -> Vec<String> {
@@ -75,7 +87,7 @@ impl ControlPlane for FakeControlPlane {
         group: &'a str,
         count: usize,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
-        *self.provisioned.lock().expect("lock") += count;
+        self.batches.lock().expect("lock").push(count);
         let new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
         self.runners
             .lock()
