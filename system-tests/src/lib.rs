@@ -4,8 +4,17 @@
 //!
 //! Every daemon is killed when its [`Daemon`] handle drops, so a failing test leaves no
 //! process behind.
+//!
+//! Layout: [`cluster`] starts an lb-agent with pure-runners (and optionally an npm) and
+//! kills or restarts them; [`netns`] makes a network namespace a runner can be cut off in;
+//! [`load`] sends echo calls checked by hash; [`report`] keeps the ledger of a reliability
+//! suite and prints its summary table; [`http`] is a small HTTP/1.1 client.
 
+pub mod cluster;
 pub mod http;
+pub mod load;
+pub mod netns;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +22,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fn_tls::dev::DevCa;
 use fn_tls::{NodeTls, TlsMode};
 use tokio::process::{Child, Command};
 
@@ -20,6 +30,8 @@ use tokio::process::{Child, Command};
 #[derive(Debug)]
 pub struct Certs {
     dir: tempfile::TempDir,
+    /// Kept so that a test can sign more certificates (an expired one, say) with it.
+    ca: DevCa,
 }
 
 impl Certs {
@@ -28,10 +40,28 @@ impl Certs {
     /// # Errors
     /// When generation or writing fails.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_sans(&[])
+    }
+
+    /// A new CA and a node certificate valid for `sans` (host names or IP addresses) besides
+    /// the loopback names.
+    ///
+    /// # Errors
+    /// When generation or writing fails.
+    pub fn with_sans(sans: &[&str]) -> anyhow::Result<Self> {
         fn_tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        fn_tls::dev::write_dev_pki(dir.path(), &[])?;
-        Ok(Certs { dir })
+        let ca = DevCa::new("fn system-test CA")?;
+        let node = ca.node(sans)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
+        std::fs::write(dir.path().join("node.pem"), &node.cert_pem)?;
+        std::fs::write(dir.path().join("node-key.pem"), &node.key_pem)?;
+        Ok(Certs { dir, ca })
+    }
+
+    /// The CA that signed the node certificate.
+    pub fn ca(&self) -> &DevCa {
+        &self.ca
     }
 
     pub fn dir(&self) -> &Path {
@@ -87,11 +117,31 @@ impl Daemon {
     /// # Errors
     /// When the binary cannot be started.
     pub fn spawn(bin: &str, env: &[(String, String)]) -> anyhow::Result<Daemon> {
+        Self::spawn_in(None, bin, env)
+    }
+
+    /// Like [`Daemon::spawn`], inside network namespace `netns` when given (through `ip
+    /// netns exec`, which execs the binary: the pid is the daemon's own).
+    ///
+    /// # Errors
+    /// When the binary cannot be started.
+    pub fn spawn_in(
+        netns: Option<&str>,
+        bin: &str,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Daemon> {
         let path = fn_test_support::workspace_bin(bin);
         let log_dir = tempfile::tempdir()?;
         let log = log_dir.path().join(format!("{bin}.log"));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(&path);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new(netns::IP);
+                cmd.args(["netns", "exec", ns]).arg(&path);
+                cmd
+            }
+            None => Command::new(&path),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("FN_LOG_LEVEL", "info")

@@ -3,18 +3,14 @@
 //! it has room and spills to the next runner in the list when it is full; 404 / 413 / 502 /
 //! 504; SIGHUP adds a function without failing a call in flight.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ::http::Method;
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+use fn_system_tests::cluster::{Cluster, Setup};
 use fn_system_tests::http::{self, Reply};
-use fn_system_tests::{Certs, Daemon, env, free_port, merge};
 use nix::sys::signal::Signal;
-
-const READY: Duration = Duration::from_secs(20);
 
 const ECHO: &str = r#"
 [[functions]]
@@ -64,150 +60,6 @@ command = ["fn-hello"]
 memory_mb = 64
 "#;
 
-struct Runner {
-    daemon: Daemon,
-    address: String,
-    _sockets: tempfile::TempDir,
-}
-
-/// Three pure-runners and an lb-agent in front of them. Everything is killed on drop.
-struct Cluster {
-    certs: Certs,
-    runners: Vec<Runner>,
-    lb: Daemon,
-    /// `host:port` of the lb-agent's HTTP front.
-    http: String,
-    catalog: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-struct Setup<'a> {
-    runner_memory_mb: u64,
-    placer: &'a str,
-    catalog: String,
-    max_request_body: Option<u64>,
-}
-
-impl Cluster {
-    async fn start(setup: Setup<'_>) -> anyhow::Result<Cluster> {
-        let certs = Certs::new()?;
-        let client = certs.client()?;
-        let dir = tempfile::tempdir()?;
-        let functions_dir = fn_test_support::bin_dir().display().to_string();
-        let mut runners = Vec::new();
-        for _ in 0..3 {
-            let port = free_port()?;
-            let address = format!("127.0.0.1:{port}");
-            // Short paths: unix socket names are limited to about 100 bytes.
-            let sockets = tempfile::Builder::new().prefix("fnst").tempdir_in("/tmp")?;
-            let vars = merge(&[
-                &certs.env(),
-                &env(&[
-                    ("FN_GRPC_PORT", &port.to_string()),
-                    ("FN_LISTEN_ADDR", "127.0.0.1"),
-                    ("FN_FUNCTIONS_DIR", &functions_dir),
-                    ("FN_SOCKET_DIR", &sockets.path().display().to_string()),
-                    ("FN_MAX_MEMORY_MB", &setup.runner_memory_mb.to_string()),
-                    ("FN_SHUTDOWN_TIMEOUT", "2s"),
-                ]),
-            ]);
-            let daemon = Daemon::spawn("pure-runner", &vars)?;
-            runners.push(Runner {
-                daemon,
-                address,
-                _sockets: sockets,
-            });
-        }
-        for runner in &mut runners {
-            let address = runner.address.clone();
-            runner
-                .daemon
-                .wait_grpc_serving(&client, &address, READY)
-                .await?;
-        }
-
-        let catalog = dir.path().join("functions.toml");
-        std::fs::write(&catalog, &setup.catalog)?;
-        let port = free_port()?;
-        let http = format!("127.0.0.1:{port}");
-        let addresses: Vec<&str> = runners.iter().map(|r| r.address.as_str()).collect();
-        let mut vars = merge(&[
-            &certs.env(),
-            &env(&[
-                ("FN_PORT", &port.to_string()),
-                ("FN_LISTEN_ADDR", "127.0.0.1"),
-                ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
-                ("FN_RUNNER_ADDRESSES", &addresses.join(",")),
-                ("FN_PLACER", setup.placer),
-                ("FN_PLACER_TIMEOUT", "10s"),
-                ("FN_SHUTDOWN_TIMEOUT", "2s"),
-            ]),
-        ]);
-        if let Some(max) = setup.max_request_body {
-            vars.push(("FN_MAX_REQUEST_BODY".into(), max.to_string()));
-        }
-        let mut lb = Daemon::spawn("lb-agent", &vars)?;
-        lb.wait_http_health(&http, READY).await?;
-        Ok(Cluster {
-            certs,
-            runners,
-            lb,
-            http,
-            catalog,
-            _dir: dir,
-        })
-    }
-
-    async fn call(&self, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
-        http::request(&self.http, Method::POST, path, &[], body.into()).await
-    }
-
-    /// Index of the runner whose child process `pid` is.
-    fn runner_of(&self, pid: u32) -> anyhow::Result<usize> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("function instance {pid} is gone"))?;
-        // Fields after the parenthesised command name: state, ppid, ...
-        let after = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .context("stat format")?;
-        let ppid: u32 = after
-            .split_whitespace()
-            .nth(1)
-            .context("no ppid")?
-            .parse()?;
-        self.runners
-            .iter()
-            .position(|r| r.daemon.pid() == Some(ppid))
-            .with_context(|| format!("instance {pid} has parent {ppid}, not a runner"))
-    }
-
-    /// Logs of every daemon, for failure messages.
-    fn logs(&self) -> String {
-        let mut out = format!("--- lb-agent\n{}", self.lb.log());
-        for (i, r) in self.runners.iter().enumerate() {
-            out.push_str(&format!("--- runner {i}\n{}", r.daemon.log()));
-        }
-        out
-    }
-
-    /// Calls in flight on each runner, from its `Status`.
-    async fn in_flight(&self) -> anyhow::Result<Vec<u64>> {
-        let tls = self.certs.client()?;
-        let mut counts = Vec::new();
-        for r in &self.runners {
-            let channel = fn_tls::grpc_endpoint(&tls, &r.address)?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
-            let status = RunnerProtocolClient::new(channel).status(()).await?;
-            counts.push(status.into_inner().calls_in_flight);
-        }
-        Ok(counts)
-    }
-}
-
 fn pid_of(reply: &Reply) -> anyhow::Result<u32> {
     reply
         .header("x-fn-pid")
@@ -233,9 +85,10 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 async fn echo_is_byte_exact_up_to_8_mib_and_50_concurrent_calls_succeed() -> anyhow::Result<()> {
     let cluster = Cluster::start(Setup {
         runner_memory_mb: 2048,
-        placer: "naive",
+        placer: "naive".into(),
         catalog: ECHO.into(),
         max_request_body: None,
+        ..Setup::default()
     })
     .await?;
     for (i, len) in [0usize, 1024, 1024 * 1024, 8 * 1024 * 1024]
@@ -308,9 +161,10 @@ async fn ch_keeps_a_function_on_one_runner_while_it_has_room_then_spills_to_the_
     // 256 MB per runner, 128 MB per call: two calls fit on a runner at a time.
     let cluster = Cluster::start(Setup {
         runner_memory_mb: 256,
-        placer: "ch",
+        placer: "ch".into(),
         catalog: format!("{ECHO}{SLEEP}"),
         max_request_body: None,
+        ..Setup::default()
     })
     .await?;
 
@@ -389,9 +243,10 @@ async fn unknown_functions_404_large_bodies_413_crashes_502_and_timeouts_504() -
 {
     let cluster = Cluster::start(Setup {
         runner_memory_mb: 512,
-        placer: "ch",
+        placer: "ch".into(),
         catalog: format!("{ECHO}{SLOW}{CRASH}"),
         max_request_body: Some(1024),
+        ..Setup::default()
     })
     .await?;
     let json_error = |reply: &Reply, status: u16| -> anyhow::Result<()> {
@@ -498,9 +353,10 @@ async fn chunked_post(address: &str, path: &str, chunks: &[&[u8]]) -> anyhow::Re
 async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Result<()> {
     let cluster = Cluster::start(Setup {
         runner_memory_mb: 512,
-        placer: "ch",
+        placer: "ch".into(),
         catalog: SLEEP.into(),
         max_request_body: None,
+        ..Setup::default()
     })
     .await?;
     // SIGHUP at once after /health says 200: the handler must already be installed (SIGHUP's
