@@ -10,6 +10,7 @@ use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_poolmanager::control_plane::ControlPlane;
+use fn_poolmanager::control_plane::docker::{DockerConfig, DockerControlPlane};
 use fn_poolmanager::control_plane::process::{ProcessConfig, ProcessControlPlane};
 use fn_poolmanager::control_plane::static_list::StaticControlPlane;
 use fn_poolmanager::probe::GrpcProbe;
@@ -50,6 +51,27 @@ struct Cli {
         default_value = "/tmp/fn-npm-runners"
     )]
     runner_state_dir: PathBuf,
+    /// docker: the image runner containers are created from.
+    #[arg(
+        long,
+        env = "FN_DOCKER_RUNNER_IMAGE",
+        default_value = "fn-dataplane/pure-runner:latest"
+    )]
+    docker_runner_image: String,
+    /// docker: the network runner containers join [default: the npm container's network].
+    #[arg(long, env = "FN_DOCKER_NETWORK")]
+    docker_network: Option<String>,
+    /// docker: volume (or absolute host path) with the certificates, mounted into runners at
+    /// the directory of FN_NODE_CERT [default: what the npm's container mounts there].
+    #[arg(long, env = "FN_DOCKER_CERTS_VOLUME")]
+    docker_certs_volume: Option<String>,
+    /// docker: this npm's label on its runner containers [default: the network's name].
+    #[arg(long, env = "FN_DOCKER_NPM_ID")]
+    docker_npm_id: Option<String>,
+    /// docker: leave runner containers running at shutdown, for the next npm to adopt.
+    #[arg(long, env = "FN_DOCKER_KEEP_RUNNERS", default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    docker_keep_runners: bool,
     /// Runners every LB group keeps without demand.
     #[arg(long, env = "FN_MIN_RUNNERS", default_value_t = 0)]
     min_runners: usize,
@@ -80,6 +102,8 @@ enum ControlPlaneKind {
     Static,
     /// Local pure-runner processes on loopback ports.
     Process,
+    /// Runner containers through the Docker Engine API (FN_DOCKER_*).
+    Docker,
 }
 
 #[tokio::main]
@@ -211,6 +235,26 @@ async fn build_control_plane(cli: &Cli, tls: &TlsMode) -> Arc<dyn ControlPlane> 
                 ),
             ];
             let cp = ProcessControlPlane::new(config)
+                .await
+                .unwrap_or_else(|e| exit_config_error(e));
+            Arc::new(cp)
+        }
+        ControlPlaneKind::Docker => {
+            let mut config =
+                DockerConfig::new(cli.docker_runner_image.clone(), tls.clone(), &cli.tls);
+            config.network = cli.docker_network.clone();
+            config.certs = cli.docker_certs_volume.clone();
+            config.npm_id = cli.docker_npm_id.clone();
+            config.runner_memory_mb = cli.runner_memory_mb;
+            config.keep_runners = cli.docker_keep_runners;
+            config.extra_env.extend([
+                ("FN_LOG_LEVEL".to_owned(), cli.common.log_level.clone()),
+                (
+                    "FN_LOG_FORMAT".to_owned(),
+                    format!("{:?}", cli.common.log_format).to_lowercase(),
+                ),
+            ]);
+            let cp = DockerControlPlane::connect(config)
                 .await
                 .unwrap_or_else(|e| exit_config_error(e));
             Arc::new(cp)

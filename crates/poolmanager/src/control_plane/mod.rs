@@ -7,6 +7,7 @@
 //! - [`process`]: local `pure-runner` processes on free loopback ports (the one-machine
 //!   default, used by `make demo`).
 
+pub mod docker;
 pub mod process;
 pub mod static_list;
 

@@ -1,0 +1,686 @@
+//! The `docker` control plane: runners are containers of the runner image, started through
+//! the Docker Engine API (bollard) on the network the npm and the LBs share.
+//!
+//! - **Provision**: create and start a container `<npm id>-runner-<random>` from
+//!   `FN_DOCKER_RUNNER_IMAGE` on the network, labelled with its LB group and this npm's id;
+//!   report it only once it answers the gRPC health check at `<name>:9190` (Docker's DNS
+//!   resolves container names on a user-defined network). A runner that exits or stays
+//!   silent past the start timeout is removed, and the error quotes its last output.
+//! - **List**: the containers carrying this npm's label. Running ones are the runner set;
+//!   exited ones are removed. Because the set lives in the engine, not in the npm, a
+//!   restarted npm finds its runners again and never provisions twice.
+//! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove.
+//! - **Shutdown**: removes this npm's runners, so `docker compose down` leaves nothing
+//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt.
+//!
+//! What runners share with the npm is settled once, at start ([`Placement`]): the network
+//! (`FN_DOCKER_NETWORK`, else the one network of the npm's own container), the certificates
+//! (`FN_DOCKER_CERTS_VOLUME`, a volume name or an absolute host path, else whatever the npm's
+//! own container has mounted at the directory of its `FN_NODE_CERT`) — mounted read-only in
+//! every runner at that same directory, so runners get the npm's `FN_NODE_CERT*` paths —
+//! and the npm id in the labels (`FN_DOCKER_NPM_ID`, else the network's name).
+//!
+//! Runner containers are hardened the way the compose file's runners are: read-only root,
+//! a private `/tmp`, all capabilities dropped but those needed to start functions as another
+//! user, `no-new-privileges`, an init process, and a memory limit of the runner's capacity
+//! plus a margin for the runner itself (inside a container the runner cannot create memory
+//! cgroups per function, so this limit is what bounds the functions together).
+
+mod engine;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fn_tls::{TlsArgs, TlsMode};
+use futures::future::BoxFuture;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub use engine::{
+    BollardEngine, Container, ContainerState, Engine, EngineError, RUNNER_CAPABILITIES, SelfView,
+    create_body,
+};
+
+use super::{ControlPlane, ControlPlaneError, RunnerInfo};
+
+/// Label present on every runner container: `runner`.
+pub const LABEL_ROLE: &str = "fn.dataplane.role";
+/// Label naming the npm that owns the container (`FN_DOCKER_NPM_ID`).
+pub const LABEL_NPM: &str = "fn.dataplane.npm";
+/// Label naming the runner's LB group.
+pub const LABEL_GROUP: &str = "fn.dataplane.group";
+/// Label holding the provisioning time in Unix milliseconds (runner order in LB lists).
+pub const LABEL_CREATED: &str = "fn.dataplane.created";
+/// Label holding the runner's gRPC port.
+pub const LABEL_PORT: &str = "fn.dataplane.port";
+
+/// gRPC port of runner containers (each has its own address, so one port fits all).
+pub const RUNNER_PORT: u16 = 9190;
+/// Memory a runner container gets beyond its capacity, for the runner process itself.
+const RUNNER_OVERHEAD_MB: u64 = 128;
+
+/// Where runner containers get the certificates from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertsSource {
+    /// A named volume.
+    Volume(String),
+    /// An absolute path on the Docker host.
+    Bind(String),
+}
+
+/// The npm's TLS files, handed to runners by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The one directory holding all three files (it is mounted into every runner).
+    fn dir(&self) -> Result<PathBuf, DockerSetupError> {
+        let dirs: Vec<Option<&Path>> = [&self.cert, &self.key, &self.ca]
+            .iter()
+            .map(|p| p.parent().filter(|d| d.is_absolute()))
+            .collect();
+        match dirs.as_slice() {
+            [Some(a), Some(b), Some(c)] if a == b && b == c => Ok(a.to_path_buf()),
+            _ => Err(DockerSetupError::Certs(format!(
+                "with FN_CONTROL_PLANE=docker, FN_NODE_CERT, FN_NODE_CERT_KEY and \
+                 FN_NODE_CERT_AUTHORITY must be absolute paths in one directory, which is \
+                 mounted into every runner (got {}, {}, {})",
+                self.cert.display(),
+                self.key.display(),
+                self.ca.display()
+            ))),
+        }
+    }
+}
+
+/// Settings of the docker control plane.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Image runners are created from (`FN_DOCKER_RUNNER_IMAGE`).
+    pub runner_image: String,
+    /// Network runners join (`FN_DOCKER_NETWORK`); `None`: the npm container's network.
+    pub network: Option<String>,
+    /// Volume name or absolute host path holding the certificates
+    /// (`FN_DOCKER_CERTS_VOLUME`); `None`: the npm container's own mount.
+    pub certs: Option<String>,
+    /// Value of the npm label (`FN_DOCKER_NPM_ID`); `None`: the network's name.
+    pub npm_id: Option<String>,
+    /// Each runner's `FN_MAX_MEMORY_MB` (`FN_RUNNER_MEMORY_MB`).
+    pub runner_memory_mb: u64,
+    /// How the npm talks to runners (health checks).
+    pub tls: TlsMode,
+    /// The npm's TLS files, given to runners; `None` with `FN_INSECURE`.
+    pub tls_files: Option<TlsFiles>,
+    /// Further environment for runners (log level and format, server name, ...).
+    pub extra_env: Vec<(String, String)>,
+    /// Leave runners running at npm shutdown (`FN_DOCKER_KEEP_RUNNERS`).
+    pub keep_runners: bool,
+    /// Bound for a new runner to answer health.
+    pub start_timeout: Duration,
+    /// How long a removed runner may take to stop before it is killed.
+    pub stop_grace: Duration,
+}
+
+impl DockerConfig {
+    /// Defaults for everything but the image and TLS. The runners get the npm's TLS files
+    /// (`args`), server name and insecure flag.
+    pub fn new(runner_image: String, tls: TlsMode, args: &TlsArgs) -> Self {
+        let tls_files = match (
+            &args.node_cert,
+            &args.node_cert_key,
+            &args.node_cert_authority,
+        ) {
+            (Some(cert), Some(key), Some(ca)) if !args.insecure => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        };
+        let mut extra_env = Vec::new();
+        if let Some(name) = &args.tls_server_name {
+            // Runners dial nothing, but their health probe (fn-probe) verifies this name.
+            extra_env.push(("FN_TLS_SERVER_NAME".to_owned(), name.clone()));
+        }
+        DockerConfig {
+            runner_image,
+            network: None,
+            certs: None,
+            npm_id: None,
+            runner_memory_mb: 1024,
+            tls,
+            tls_files,
+            extra_env,
+            keep_runners: false,
+            start_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What runners share with the npm, settled at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The network runners join; the npm and the LBs must be on it too.
+    pub network: String,
+    /// The certificates and the directory they are mounted at; `None` with `FN_INSECURE`.
+    pub certs: Option<(CertsSource, String)>,
+    /// Value of the [`LABEL_NPM`] label.
+    pub npm_id: String,
+}
+
+/// A setup problem of the docker control plane (configuration: exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum DockerSetupError {
+    #[error(
+        "FN_CONTROL_PLANE=docker: cannot reach the Docker engine at {0}. Mount the Docker \
+         socket into the npm's container (/var/run/docker.sock) and give the npm's user the \
+         socket's group (compose: group_add), or set DOCKER_HOST=unix://<socket>"
+    )]
+    Engine(String),
+    #[error(
+        "FN_DOCKER_RUNNER_IMAGE: image {0} is not on the Docker engine; build it with \
+         `make images` (or pull it) first"
+    )]
+    Image(String),
+    #[error("FN_DOCKER_NETWORK: {0}")]
+    Network(String),
+    #[error("FN_DOCKER_CERTS_VOLUME: {0}")]
+    Certs(String),
+    #[error("Docker Engine API: {0}")]
+    Api(String),
+}
+
+/// Decides where runners go from the configuration and, for what it leaves open, from the
+/// npm's own container (`own`, when the npm runs in one).
+///
+/// # Errors
+/// [`DockerSetupError`] naming the variable to set.
+pub fn resolve_placement(
+    config: &DockerConfig,
+    own: Option<&SelfView>,
+) -> Result<Placement, DockerSetupError> {
+    let network = match (non_empty(&config.network), own) {
+        (Some(n), _) => n.to_owned(),
+        (None, Some(view)) => match view.networks.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(DockerSetupError::Network(
+                    "required: the npm's container is on no network".into(),
+                ));
+            }
+            many => {
+                return Err(DockerSetupError::Network(format!(
+                    "the npm's container is on several networks ({}); set FN_DOCKER_NETWORK \
+                     to the one the LBs and runners share",
+                    many.join(", ")
+                )));
+            }
+        },
+        (None, None) => {
+            return Err(DockerSetupError::Network(
+                "required: the npm is not in a container it can inspect, so it cannot take \
+                 its own network; set the network the LBs and runners share"
+                    .into(),
+            ));
+        }
+    };
+    let certs = match &config.tls_files {
+        None => None,
+        Some(files) => {
+            let dir = files.dir()?;
+            let source = match non_empty(&config.certs) {
+                Some(s) if s.starts_with('/') => CertsSource::Bind(s.to_owned()),
+                Some(s) => CertsSource::Volume(s.to_owned()),
+                None => own
+                    .and_then(|view| {
+                        view.mounts
+                            .iter()
+                            .find(|(destination, _)| Path::new(destination) == dir)
+                            .map(|(_, source)| source.clone())
+                    })
+                    .ok_or_else(|| {
+                        DockerSetupError::Certs(format!(
+                            "not set, and {} (the directory of FN_NODE_CERT) is not a volume \
+                             or bind mount of the npm's container; set the volume (or absolute \
+                             host path) that holds the certificates",
+                            dir.display()
+                        ))
+                    })?,
+            };
+            Some((source, dir.display().to_string()))
+        }
+    };
+    let npm_id = non_empty(&config.npm_id).unwrap_or(&network).to_owned();
+    Ok(Placement {
+        network,
+        certs,
+        npm_id,
+    })
+}
+
+/// The trimmed value, if there is one.
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A runner container to create: everything the engine needs, decided here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerSpec {
+    pub name: String,
+    pub image: String,
+    pub network: String,
+    /// `KEY=value` pairs.
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// Certificates and the directory to mount them at (read-only).
+    pub certs: Option<(CertsSource, String)>,
+    pub memory_limit_bytes: i64,
+}
+
+/// The container spec of a new runner for `group`.
+pub fn build_spec(
+    config: &DockerConfig,
+    placement: &Placement,
+    group: &str,
+    name: &str,
+    created: SystemTime,
+) -> RunnerSpec {
+    let mut env = vec![
+        format!("FN_GRPC_PORT={RUNNER_PORT}"),
+        format!("FN_MAX_MEMORY_MB={}", config.runner_memory_mb),
+    ];
+    match &config.tls_files {
+        Some(files) => {
+            env.push(format!("FN_NODE_CERT={}", files.cert.display()));
+            env.push(format!("FN_NODE_CERT_KEY={}", files.key.display()));
+            env.push(format!("FN_NODE_CERT_AUTHORITY={}", files.ca.display()));
+        }
+        None => env.push("FN_INSECURE=true".to_owned()),
+    }
+    env.extend(config.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
+    let created_ms = created
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let labels = HashMap::from([
+        (LABEL_ROLE.to_owned(), "runner".to_owned()),
+        (LABEL_NPM.to_owned(), placement.npm_id.clone()),
+        (LABEL_GROUP.to_owned(), group.to_owned()),
+        (LABEL_CREATED.to_owned(), created_ms.to_string()),
+        (LABEL_PORT.to_owned(), RUNNER_PORT.to_string()),
+    ]);
+    let memory_mb = config.runner_memory_mb.saturating_add(RUNNER_OVERHEAD_MB);
+    RunnerSpec {
+        name: name.to_owned(),
+        image: config.runner_image.clone(),
+        network: placement.network.clone(),
+        env,
+        labels,
+        certs: placement.certs.clone(),
+        memory_limit_bytes: i64::try_from(memory_mb.saturating_mul(1024 * 1024))
+            .unwrap_or(i64::MAX),
+    }
+}
+
+/// The runner a listed container is, from its name and labels; `None` when labels are
+/// missing or malformed.
+pub fn runner_info(container: &Container) -> Option<RunnerInfo> {
+    let label = |key: &str| container.labels.get(key);
+    if label(LABEL_ROLE).map(String::as_str) != Some("runner") {
+        return None;
+    }
+    let group = label(LABEL_GROUP)?.clone();
+    let created_ms: u64 = label(LABEL_CREATED)?.parse().ok()?;
+    let port: u16 = label(LABEL_PORT)?.parse().ok()?;
+    Some(RunnerInfo {
+        id: container.name.clone(),
+        address: format!("{}:{port}", container.name),
+        group,
+        created: UNIX_EPOCH + Duration::from_millis(created_ms),
+    })
+}
+
+/// Container names start with the npm id, made DNS-safe (letters, digits, `-`; at most 40).
+fn name_prefix(npm_id: &str) -> String {
+    let cleaned: String = npm_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    let cleaned = cleaned.trim_matches('-');
+    if cleaned.is_empty() {
+        "fn".to_owned()
+    } else {
+        cleaned.to_owned()
+    }
+}
+
+/// Whether a runner answers its health check.
+pub trait ReadyProbe: Send + Sync + std::fmt::Debug {
+    /// True once the runner at `address` (`host:port`) reports SERVING.
+    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool>;
+}
+
+/// The gRPC health check, over the npm's TLS.
+#[derive(Debug)]
+pub struct GrpcHealth {
+    tls: TlsMode,
+}
+
+impl GrpcHealth {
+    pub fn new(tls: TlsMode) -> Self {
+        GrpcHealth { tls }
+    }
+}
+
+impl ReadyProbe for GrpcHealth {
+    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let Ok(endpoint) = fn_tls::grpc_endpoint(&self.tls, address) else {
+                return false;
+            };
+            let Ok(channel) = endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+        })
+    }
+}
+
+/// Runner containers through the Docker Engine API.
+#[derive(Debug)]
+pub struct DockerControlPlane {
+    config: DockerConfig,
+    placement: Placement,
+    engine: Arc<dyn Engine>,
+    ready: Arc<dyn ReadyProbe>,
+}
+
+impl DockerControlPlane {
+    /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
+    /// the network and the certificates volume exist.
+    ///
+    /// # Errors
+    /// [`DockerSetupError`] naming the variable at fault and what to do.
+    pub async fn connect(config: DockerConfig) -> Result<Self, DockerSetupError> {
+        let engine = BollardEngine::connect()
+            .await
+            .map_err(DockerSetupError::Engine)?;
+        match engine.check_image(&config.runner_image).await {
+            Ok(()) => {}
+            Err(EngineError::NotFound(image)) => return Err(DockerSetupError::Image(image)),
+            Err(e) => return Err(DockerSetupError::Api(e.to_string())),
+        }
+        let own = match own_container_id() {
+            Some(id) => match engine.inspect_self(&id).await {
+                Ok(view) => Some(view),
+                Err(e) => {
+                    tracing::info!(hostname = %id, error = %e, "the npm is not in a container it can inspect");
+                    None
+                }
+            },
+            None => None,
+        };
+        let placement = resolve_placement(&config, own.as_ref())?;
+        match engine.check_network(&placement.network).await {
+            Ok(()) => {}
+            Err(EngineError::NotFound(n)) => {
+                return Err(DockerSetupError::Network(format!(
+                    "network {n} does not exist on the Docker engine"
+                )));
+            }
+            Err(e) => return Err(DockerSetupError::Api(e.to_string())),
+        }
+        if let Some((CertsSource::Volume(volume), _)) = &placement.certs {
+            match engine.check_volume(volume).await {
+                Ok(()) => {}
+                Err(EngineError::NotFound(v)) => {
+                    return Err(DockerSetupError::Certs(format!(
+                        "volume {v} does not exist on the Docker engine"
+                    )));
+                }
+                Err(e) => return Err(DockerSetupError::Api(e.to_string())),
+            }
+        }
+        tracing::info!(
+            image = %config.runner_image,
+            network = %placement.network,
+            certs = ?placement.certs,
+            npm_id = %placement.npm_id,
+            "docker control plane ready"
+        );
+        Ok(Self::with_engine(
+            config.clone(),
+            placement,
+            Arc::new(engine),
+            Arc::new(GrpcHealth::new(config.tls)),
+        ))
+    }
+
+    /// A control plane over any [`Engine`] and [`ReadyProbe`] (tests, other engines).
+    pub fn with_engine(
+        config: DockerConfig,
+        placement: Placement,
+        engine: Arc<dyn Engine>,
+        ready: Arc<dyn ReadyProbe>,
+    ) -> Self {
+        DockerControlPlane {
+            config,
+            placement,
+            engine,
+            ready,
+        }
+    }
+
+    /// What runners share with the npm.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    async fn own_containers(&self) -> Result<Vec<Container>, ControlPlaneError> {
+        self.engine
+            .list(LABEL_NPM, &self.placement.npm_id)
+            .await
+            .map_err(|e| ControlPlaneError::Failed(format!("listing runner containers: {e}")))
+    }
+
+    /// Removes a container that will not become a runner; failures are only logged.
+    async fn discard(&self, name: &str) {
+        if let Err(e) = self.engine.remove(name, Duration::ZERO).await {
+            tracing::warn!(container = name, error = %e, "cannot remove a failed runner container; remove it by hand");
+        }
+    }
+
+    async fn provision_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!(
+            "{}-runner-{}",
+            name_prefix(&self.placement.npm_id),
+            &suffix[..12]
+        );
+        let created = SystemTime::now();
+        let spec = build_spec(&self.config, &self.placement, group, &name, created);
+        if let Err(e) = self.engine.run(&spec).await {
+            self.discard(&name).await;
+            return Err(ControlPlaneError::Failed(format!(
+                "starting runner container {name} from {}: {e}",
+                self.config.runner_image
+            )));
+        }
+        let address = format!("{name}:{RUNNER_PORT}");
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if self.ready.ready(&address).await {
+                tracing::info!(runner = %name, %address, group, "runner container ready");
+                return Ok(RunnerInfo {
+                    id: name,
+                    address,
+                    group: group.to_owned(),
+                    created,
+                });
+            }
+            let failure = match self.engine.is_running(&name).await {
+                Ok(false) => Some("exited before answering health".to_owned()),
+                _ if started.elapsed() > self.config.start_timeout => Some(format!(
+                    "did not answer health at {address} within {:?} (is the npm on network {}?)",
+                    self.config.start_timeout, self.placement.network
+                )),
+                _ => None,
+            };
+            if let Some(what) = failure {
+                let output = self.engine.logs_tail(&name, 10).await;
+                self.discard(&name).await;
+                return Err(ControlPlaneError::Failed(format!(
+                    "runner container {name} {what}; its last output: {}",
+                    if output.is_empty() { "(none)" } else { &output }
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// The npm's own container id, if it runs in one: Docker sets the hostname to it.
+fn own_container_id() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+impl ControlPlane for DockerControlPlane {
+    fn runner_memory_mb(&self) -> u64 {
+        self.config.runner_memory_mb
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        Box::pin(async move {
+            let mut runners = Vec::new();
+            for container in self.own_containers().await? {
+                match container.state {
+                    ContainerState::Running => match runner_info(&container) {
+                        Some(info) => runners.push(info),
+                        None => {
+                            tracing::warn!(container = %container.name, "container carries this npm's label but not valid runner labels; ignored")
+                        }
+                    },
+                    ContainerState::Stopped => {
+                        tracing::warn!(container = %container.name, "runner container exited; removing it");
+                        self.discard(&container.name).await;
+                    }
+                    ContainerState::Created => {
+                        // Left over from a provisioning the npm did not finish (it was
+                        // killed between create and start).
+                        let stale = runner_info(&container).is_none_or(|info| {
+                            info.created.elapsed().unwrap_or_default()
+                                > self.config.start_timeout * 2
+                        });
+                        if stale {
+                            tracing::warn!(container = %container.name, "removing a runner container that was never started");
+                            self.discard(&container.name).await;
+                        }
+                    }
+                    ContainerState::Other => {}
+                }
+            }
+            Ok(runners)
+        })
+    }
+
+    fn provision<'a>(
+        &'a self,
+        group: &'a str,
+        count: usize,
+    ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        Box::pin(async move {
+            let results =
+                futures::future::join_all((0..count).map(|_| self.provision_one(group))).await;
+            let mut ready = Vec::new();
+            let mut last_error = None;
+            for result in results {
+                match result {
+                    Ok(info) => ready.push(info),
+                    Err(e) => {
+                        tracing::error!(error = %e, "provisioning a runner container failed");
+                        last_error = Some(e);
+                    }
+                }
+            }
+            match (ready.is_empty(), last_error) {
+                (true, Some(e)) => Err(e),
+                _ => Ok(ready),
+            }
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        runner: &'a RunnerInfo,
+    ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
+        Box::pin(async move {
+            self.engine
+                .remove(&runner.id, self.config.stop_grace)
+                .await
+                .map_err(|e| {
+                    ControlPlaneError::Failed(format!(
+                        "removing runner container {}: {e}",
+                        runner.id
+                    ))
+                })?;
+            tracing::info!(runner = %runner.id, "runner container removed");
+            Ok(())
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let containers = match self.own_containers().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list runner containers at shutdown; they stay");
+                    return;
+                }
+            };
+            if self.config.keep_runners {
+                tracing::info!(
+                    runners = containers.len(),
+                    "FN_DOCKER_KEEP_RUNNERS: leaving the runner containers for the next npm"
+                );
+                return;
+            }
+            let removals = containers.iter().map(|c| async move {
+                if let Err(e) = self.engine.remove(&c.name, self.config.stop_grace).await {
+                    tracing::warn!(container = %c.name, error = %e, "cannot remove a runner container at shutdown");
+                }
+            });
+            futures::future::join_all(removals).await;
+            tracing::info!(
+                runners = containers.len(),
+                "runner containers removed at shutdown"
+            );
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,379 @@
+//! The few Docker Engine operations the docker control plane needs, behind [`Engine`] so the
+//! control plane is tested with an in-memory fake; [`BollardEngine`] is the real one (the
+//! Engine API over the local socket, through bollard).
+//!
+//! This module knows containers, not runners: what a runner container looks like is decided
+//! in the parent module ([`RunnerSpec`]) and only translated here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, Mount, MountType,
+    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, InspectNetworkOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+
+use super::{CertsSource, RunnerSpec};
+
+/// A container as the control plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// Name without the leading `/`.
+    pub name: String,
+    pub state: ContainerState,
+    pub labels: HashMap<String, String>,
+}
+
+/// The states the control plane tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created but never started (a provisioning interrupted between create and start).
+    Created,
+    Running,
+    /// Exited or dead: it will not serve again.
+    Stopped,
+    /// Restarting, paused, being removed, ...: leave it alone this time.
+    Other,
+}
+
+/// An Engine API failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The container (or image, network, volume) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Container operations of the Docker Engine API.
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// Every container (running or not) carrying the label `key=value`.
+    fn list<'a>(
+        &'a self,
+        label_key: &'a str,
+        label_value: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Container>, EngineError>>;
+
+    /// Creates and starts a container.
+    fn run<'a>(&'a self, spec: &'a RunnerSpec) -> BoxFuture<'a, Result<(), EngineError>>;
+
+    /// Whether the container is running.
+    fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>>;
+
+    /// The last `lines` lines of the container's output, for error messages ("" when
+    /// unavailable).
+    fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String>;
+
+    /// Stops the container (SIGTERM, SIGKILL after `grace`) and removes it. A container that
+    /// is already gone is not an error.
+    fn remove<'a>(
+        &'a self,
+        name: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+}
+
+/// The Docker Engine API through bollard.
+#[derive(Debug, Clone)]
+pub struct BollardEngine {
+    docker: Docker,
+}
+
+/// Where the npm's own container is attached, as far as the control plane cares.
+#[derive(Debug, Clone, Default)]
+pub struct SelfView {
+    /// Names of the networks the container is on.
+    pub networks: Vec<String>,
+    /// `(destination, source)` of its volume and bind mounts.
+    pub mounts: Vec<(String, CertsSource)>,
+}
+
+impl BollardEngine {
+    /// Connects to the engine named by `DOCKER_HOST` (a `unix://` socket) or the default
+    /// socket `/var/run/docker.sock`, and settles on an API version both sides speak.
+    ///
+    /// # Errors
+    /// A message saying which socket failed and how.
+    pub async fn connect() -> Result<Self, String> {
+        let socket = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| h.starts_with("unix://"))
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+        let docker = Docker::connect_with_unix(&socket, 60, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| format!("{socket}: {e}"))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| format!("{socket}: {e}"))?;
+        docker.ping().await.map_err(|e| format!("{socket}: {e}"))?;
+        Ok(BollardEngine { docker })
+    }
+
+    /// Networks and mounts of a container (the npm's own, found by its hostname).
+    ///
+    /// # Errors
+    /// When the container cannot be inspected.
+    pub async fn inspect_self(&self, container: &str) -> Result<SelfView, EngineError> {
+        let inspected = self
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| classify(e, container))?;
+        let networks = inspected
+            .network_settings
+            .and_then(|n| n.networks)
+            .map(|n| n.into_keys().collect())
+            .unwrap_or_default();
+        let mounts = inspected
+            .mounts
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                let destination = m.destination?;
+                let source = match m.typ.as_deref() {
+                    Some("volume") => CertsSource::Volume(m.name?),
+                    Some("bind") => CertsSource::Bind(m.source?),
+                    _ => return None,
+                };
+                Some((destination, source))
+            })
+            .collect();
+        Ok(SelfView { networks, mounts })
+    }
+
+    /// Whether an image is present on the engine.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] when it is not; other failures as they come.
+    pub async fn check_image(&self, image: &str) -> Result<(), EngineError> {
+        self.docker
+            .inspect_image(image)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, image))
+    }
+
+    /// Whether a network exists.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] when it does not; other failures as they come.
+    pub async fn check_network(&self, network: &str) -> Result<(), EngineError> {
+        self.docker
+            .inspect_network(network, None::<InspectNetworkOptions>)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, network))
+    }
+
+    /// Whether a volume exists.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] when it does not; other failures as they come.
+    pub async fn check_volume(&self, volume: &str) -> Result<(), EngineError> {
+        self.docker
+            .inspect_volume(volume)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, volume))
+    }
+}
+
+fn classify(e: BollardError, what: &str) -> EngineError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code: 404, ..
+        } => EngineError::NotFound(what.to_owned()),
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => EngineError::Failed(format!("{what}: Docker answered {status_code}: {message}")),
+        other => EngineError::Failed(format!("{what}: {other}")),
+    }
+}
+
+impl Engine for BollardEngine {
+    fn list<'a>(
+        &'a self,
+        label_key: &'a str,
+        label_value: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Container>, EngineError>> {
+        Box::pin(async move {
+            let filters = HashMap::from([("label", vec![format!("{label_key}={label_value}")])]);
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build();
+            let summaries = self
+                .docker
+                .list_containers(Some(options))
+                .await
+                .map_err(|e| classify(e, "listing containers"))?;
+            Ok(summaries
+                .into_iter()
+                .filter_map(|s| {
+                    let name = s.names?.first()?.trim_start_matches('/').to_owned();
+                    let state = match s.state {
+                        Some(ContainerSummaryStateEnum::RUNNING) => ContainerState::Running,
+                        Some(ContainerSummaryStateEnum::CREATED) => ContainerState::Created,
+                        Some(
+                            ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD,
+                        ) => ContainerState::Stopped,
+                        _ => ContainerState::Other,
+                    };
+                    Some(Container {
+                        name,
+                        state,
+                        labels: s.labels.unwrap_or_default(),
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn run<'a>(&'a self, spec: &'a RunnerSpec) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let options = CreateContainerOptionsBuilder::default()
+                .name(&spec.name)
+                .build();
+            self.docker
+                .create_container(Some(options), create_body(spec))
+                .await
+                .map_err(|e| classify(e, &spec.name))?;
+            self.docker
+                .start_container(&spec.name, None)
+                .await
+                .map_err(|e| classify(e, &spec.name))
+        })
+    }
+
+    fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
+        Box::pin(async move {
+            let inspected = self
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+                .await
+                .map_err(|e| classify(e, name))?;
+            Ok(inspected.state.and_then(|s| s.running).unwrap_or(false))
+        })
+    }
+
+    fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String> {
+        Box::pin(async move {
+            let options = LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .tail(&lines.to_string())
+                .build();
+            let chunks: Vec<_> = self.docker.logs(name, Some(options)).collect().await;
+            let mut text = String::new();
+            for chunk in chunks.into_iter().flatten() {
+                text.push_str(&chunk.to_string());
+            }
+            text.trim().to_owned()
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        name: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let seconds = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+            let stop = StopContainerOptionsBuilder::default().t(seconds).build();
+            match self.docker.stop_container(name, Some(stop)).await {
+                // 304: already stopped.
+                Ok(())
+                | Err(BollardError::DockerResponseServerError {
+                    status_code: 304, ..
+                }) => {}
+                Err(e) => match classify(e, name) {
+                    EngineError::NotFound(_) => return Ok(()),
+                    other => {
+                        tracing::warn!(container = name, error = %other, "stopping the container failed; removing it by force")
+                    }
+                },
+            }
+            let remove = RemoveContainerOptionsBuilder::default().force(true).build();
+            match self.docker.remove_container(name, Some(remove)).await {
+                Ok(()) => Ok(()),
+                Err(e) => match classify(e, name) {
+                    EngineError::NotFound(_) => Ok(()),
+                    other => Err(other),
+                },
+            }
+        })
+    }
+}
+
+/// Capabilities a runner keeps: starting functions as another user (setuid/setgid), managing
+/// their private directories (chown, dac_override, fowner) and killing them (kill).
+pub const RUNNER_CAPABILITIES: &[&str] = &[
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+];
+
+/// The Engine API body for a runner container.
+pub fn create_body(spec: &RunnerSpec) -> ContainerCreateBody {
+    let mounts = spec.certs.as_ref().map(|(source, target)| {
+        let (typ, source) = match source {
+            CertsSource::Volume(name) => (MountType::VOLUME, name.clone()),
+            CertsSource::Bind(path) => (MountType::BIND, path.clone()),
+        };
+        vec![Mount {
+            target: Some(target.clone()),
+            source: Some(source),
+            typ: Some(typ),
+            read_only: Some(true),
+            ..Mount::default()
+        }]
+    });
+    let host_config = HostConfig {
+        network_mode: Some(spec.network.clone()),
+        mounts,
+        tmpfs: Some(HashMap::from([("/tmp".to_owned(), "mode=1777".to_owned())])),
+        readonly_rootfs: Some(true),
+        init: Some(true),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(
+            RUNNER_CAPABILITIES
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
+        ),
+        security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+        memory: Some(spec.memory_limit_bytes),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..HostConfig::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        env: Some(spec.env.clone()),
+        labels: Some(spec.labels.clone()),
+        host_config: Some(host_config),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                spec.network.clone(),
+                EndpointSettings::default(),
+            )])),
+        }),
+        ..ContainerCreateBody::default()
+    }
+}

@@ -1,0 +1,426 @@
+//! The docker control plane against an in-memory engine: specs, labels, listing, health
+//! gating, removal, adoption after a restart, shutdown.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bollard::models::MountType;
+
+use super::*;
+
+/// An engine that keeps containers in memory.
+#[derive(Debug, Default)]
+struct FakeEngine {
+    containers: Mutex<Vec<(Container, RunnerSpec)>>,
+    removed: Mutex<Vec<String>>,
+    /// New containers exit at once.
+    exit_on_start: AtomicBool,
+}
+
+impl FakeEngine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Container, RunnerSpec)>> {
+        self.containers.lock().expect("fake engine lock")
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.lock().iter().map(|(c, _)| c.name.clone()).collect()
+    }
+
+    fn spec(&self, name: &str) -> RunnerSpec {
+        self.lock()
+            .iter()
+            .find(|(c, _)| c.name == name)
+            .map(|(_, s)| s.clone())
+            .expect("container exists")
+    }
+
+    /// A container some other party created.
+    fn add(&self, name: &str, state: ContainerState, labels: &[(&str, &str)]) {
+        let container = Container {
+            name: name.to_owned(),
+            state,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let spec = RunnerSpec {
+            name: name.to_owned(),
+            image: "other".into(),
+            network: "other".into(),
+            env: Vec::new(),
+            labels: container.labels.clone(),
+            certs: None,
+            memory_limit_bytes: 0,
+        };
+        self.lock().push((container, spec));
+    }
+}
+
+impl Engine for FakeEngine {
+    fn list<'a>(
+        &'a self,
+        label_key: &'a str,
+        label_value: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Container>, EngineError>> {
+        let listed = self
+            .lock()
+            .iter()
+            .filter(|(c, _)| c.labels.get(label_key).map(String::as_str) == Some(label_value))
+            .map(|(c, _)| c.clone())
+            .collect();
+        Box::pin(async move { Ok(listed) })
+    }
+
+    fn run<'a>(&'a self, spec: &'a RunnerSpec) -> BoxFuture<'a, Result<(), EngineError>> {
+        let state = if self.exit_on_start.load(Ordering::SeqCst) {
+            ContainerState::Stopped
+        } else {
+            ContainerState::Running
+        };
+        self.lock().push((
+            Container {
+                name: spec.name.clone(),
+                state,
+                labels: spec.labels.clone(),
+            },
+            spec.clone(),
+        ));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
+        let state = self
+            .lock()
+            .iter()
+            .find(|(c, _)| c.name == name)
+            .map(|(c, _)| c.state);
+        Box::pin(async move {
+            state
+                .map(|s| s == ContainerState::Running)
+                .ok_or_else(|| EngineError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn logs_tail<'a>(&'a self, _name: &'a str, _lines: usize) -> BoxFuture<'a, String> {
+        Box::pin(async { "error: FN_FUNCTIONS_DIR: required".to_owned() })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        name: &'a str,
+        _grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.lock().retain(|(c, _)| c.name != name);
+        self.removed
+            .lock()
+            .expect("removed lock")
+            .push(name.to_owned());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Runners are ready when `ready` says so.
+#[derive(Debug)]
+struct FakeReady {
+    ready: AtomicBool,
+}
+
+impl ReadyProbe for FakeReady {
+    fn ready<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, bool> {
+        let ready = self.ready.load(Ordering::SeqCst);
+        Box::pin(async move { ready })
+    }
+}
+
+fn tls_files() -> TlsFiles {
+    TlsFiles {
+        cert: "/certs/node.pem".into(),
+        key: "/certs/node-key.pem".into(),
+        ca: "/certs/ca.pem".into(),
+    }
+}
+
+fn config() -> DockerConfig {
+    let mut config = DockerConfig::new(
+        "fn-dataplane/pure-runner:latest".into(),
+        TlsMode::Insecure,
+        &TlsArgs {
+            node_cert: None,
+            node_cert_key: None,
+            node_cert_authority: None,
+            tls_server_name: Some("fn-node".into()),
+            insecure: false,
+        },
+    );
+    config.tls_files = Some(tls_files());
+    config.runner_memory_mb = 512;
+    config
+        .extra_env
+        .push(("FN_LOG_LEVEL".into(), "debug".into()));
+    config
+}
+
+fn placement() -> Placement {
+    Placement {
+        network: "stack_backend".into(),
+        certs: Some((CertsSource::Volume("stack_certs".into()), "/certs".into())),
+        npm_id: "stack_backend".into(),
+    }
+}
+
+fn control_plane(engine: &Arc<FakeEngine>, ready: bool) -> DockerControlPlane {
+    DockerControlPlane::with_engine(
+        config(),
+        placement(),
+        Arc::clone(engine) as Arc<dyn Engine>,
+        Arc::new(FakeReady {
+            ready: AtomicBool::new(ready),
+        }),
+    )
+}
+
+#[test]
+fn spec_carries_labels_env_mount_and_limits() {
+    let created = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    let spec = build_spec(&config(), &placement(), "gpu", "stack-runner-1", created);
+    assert_eq!(spec.image, "fn-dataplane/pure-runner:latest");
+    assert_eq!(spec.network, "stack_backend");
+    assert_eq!(spec.labels[LABEL_ROLE], "runner");
+    assert_eq!(spec.labels[LABEL_NPM], "stack_backend");
+    assert_eq!(spec.labels[LABEL_GROUP], "gpu");
+    assert_eq!(spec.labels[LABEL_CREATED], "1700000000123");
+    assert_eq!(spec.labels[LABEL_PORT], "9190");
+    for expected in [
+        "FN_GRPC_PORT=9190",
+        "FN_MAX_MEMORY_MB=512",
+        "FN_NODE_CERT=/certs/node.pem",
+        "FN_NODE_CERT_KEY=/certs/node-key.pem",
+        "FN_NODE_CERT_AUTHORITY=/certs/ca.pem",
+        "FN_TLS_SERVER_NAME=fn-node",
+        "FN_LOG_LEVEL=debug",
+    ] {
+        assert!(spec.env.iter().any(|e| e == expected), "{expected} missing");
+    }
+    assert_eq!(spec.memory_limit_bytes, (512 + 128) * 1024 * 1024);
+
+    let mut insecure = config();
+    insecure.tls_files = None;
+    let spec = build_spec(&insecure, &placement(), "g", "n", created);
+    assert!(spec.env.iter().any(|e| e == "FN_INSECURE=true"));
+    assert!(!spec.env.iter().any(|e| e.starts_with("FN_NODE_CERT")));
+}
+
+#[test]
+fn create_body_hardens_the_container() {
+    let spec = build_spec(&config(), &placement(), "g", "n", SystemTime::now());
+    let body = create_body(&spec);
+    let host = body.host_config.expect("host config");
+    assert_eq!(host.network_mode.as_deref(), Some("stack_backend"));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert!(
+        host.cap_add
+            .as_ref()
+            .is_some_and(|caps| caps.iter().any(|c| c == "SETUID"))
+    );
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.init, Some(true));
+    assert_eq!(host.memory, Some(spec.memory_limit_bytes));
+    let mounts = host.mounts.expect("mounts");
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
+    assert_eq!(mounts[0].source.as_deref(), Some("stack_certs"));
+    assert_eq!(mounts[0].target.as_deref(), Some("/certs"));
+    assert_eq!(mounts[0].read_only, Some(true));
+    assert!(
+        body.networking_config
+            .and_then(|n| n.endpoints_config)
+            .is_some_and(|e| e.contains_key("stack_backend"))
+    );
+    assert_eq!(body.labels.expect("labels")[LABEL_GROUP], "g");
+}
+
+#[test]
+fn placement_from_configuration_or_own_container() {
+    let own = SelfView {
+        networks: vec!["stack_backend".into()],
+        mounts: vec![
+            (
+                "/var/run/docker.sock".into(),
+                CertsSource::Bind("/var/run/docker.sock".into()),
+            ),
+            ("/certs".into(), CertsSource::Volume("stack_certs".into())),
+        ],
+    };
+    let found = resolve_placement(&config(), Some(&own)).expect("from own container");
+    assert_eq!(found, placement());
+
+    let mut explicit = config();
+    explicit.network = Some("net".into());
+    explicit.certs = Some("/srv/fn/certs".into());
+    explicit.npm_id = Some("npm-a".into());
+    let p = resolve_placement(&explicit, None).expect("explicit");
+    assert_eq!(p.network, "net");
+    assert_eq!(
+        p.certs,
+        Some((CertsSource::Bind("/srv/fn/certs".into()), "/certs".into()))
+    );
+    assert_eq!(p.npm_id, "npm-a");
+
+    let err = resolve_placement(&config(), None).expect_err("no network");
+    assert!(err.to_string().starts_with("FN_DOCKER_NETWORK:"), "{err}");
+    let two = SelfView {
+        networks: vec!["a".into(), "b".into()],
+        mounts: own.mounts.clone(),
+    };
+    let err = resolve_placement(&config(), Some(&two)).expect_err("ambiguous");
+    assert!(err.to_string().contains("several networks (a, b)"), "{err}");
+
+    let no_mount = SelfView {
+        networks: vec!["n".into()],
+        mounts: Vec::new(),
+    };
+    let err = resolve_placement(&config(), Some(&no_mount)).expect_err("no certs");
+    assert!(
+        err.to_string().starts_with("FN_DOCKER_CERTS_VOLUME:"),
+        "{err}"
+    );
+
+    let mut insecure = config();
+    insecure.tls_files = None;
+    let p = resolve_placement(&insecure, Some(&no_mount)).expect("insecure needs no certs");
+    assert_eq!(p.certs, None);
+
+    let mut scattered = config();
+    scattered.tls_files = Some(TlsFiles {
+        ca: "/etc/ca.pem".into(),
+        ..tls_files()
+    });
+    let err = resolve_placement(&scattered, Some(&own)).expect_err("two directories");
+    assert!(err.to_string().contains("in one directory"), "{err}");
+}
+
+#[test]
+fn names_are_dns_safe() {
+    assert_eq!(name_prefix("fn-test_42_backend"), "fn-test-42-backend");
+    assert_eq!(name_prefix("__"), "fn");
+    assert!(name_prefix(&"x".repeat(100)).len() <= 40);
+}
+
+#[tokio::test]
+async fn provisions_ready_runners_and_lists_only_its_own() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true);
+    let runners = cp.provision("default", 2).await.expect("provisioned");
+    assert_eq!(runners.len(), 2);
+    for r in &runners {
+        assert!(r.id.starts_with("stack-backend-runner-"), "{}", r.id);
+        assert_eq!(r.address, format!("{}:9190", r.id));
+        assert_eq!(r.group, "default");
+        assert_eq!(engine.spec(&r.id).labels[LABEL_NPM], "stack_backend");
+    }
+    // Another npm's runner and a container without runner labels are not ours to report.
+    engine.add(
+        "other-runner",
+        ContainerState::Running,
+        &[
+            (LABEL_ROLE, "runner"),
+            (LABEL_NPM, "other"),
+            (LABEL_GROUP, "default"),
+            (LABEL_CREATED, "1"),
+            (LABEL_PORT, "9190"),
+        ],
+    );
+    engine.add(
+        "unlabelled",
+        ContainerState::Running,
+        &[(LABEL_NPM, "stack_backend")],
+    );
+    let mut listed = cp.list().await.expect("list");
+    listed.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut expected = runners.clone();
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    // Creation times round-trip through the label at millisecond precision.
+    let ids = |v: &[RunnerInfo]| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&listed), ids(&expected));
+    assert!(engine.names().contains(&"other-runner".to_owned()));
+}
+
+#[tokio::test]
+async fn a_restarted_npm_finds_its_runners() {
+    let engine = Arc::new(FakeEngine::default());
+    let first = control_plane(&engine, true);
+    let runners = first.provision("default", 1).await.expect("provisioned");
+    drop(first);
+    let second = control_plane(&engine, true);
+    let listed = second.list().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, runners[0].id);
+    assert_eq!(listed[0].group, "default");
+}
+
+#[tokio::test]
+async fn exited_runners_are_removed_not_listed() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true);
+    let runners = cp.provision("default", 1).await.expect("provisioned");
+    engine.lock()[0].0.state = ContainerState::Stopped;
+    assert_eq!(cp.list().await.expect("list"), Vec::new());
+    assert!(engine.names().is_empty());
+    assert_eq!(
+        *engine.removed.lock().expect("lock"),
+        vec![runners[0].id.clone()]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_never_answers_health_is_removed() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, false);
+    let err = cp.provision("default", 1).await.expect_err("never ready");
+    let text = err.to_string();
+    assert!(text.contains("did not answer health"), "{text}");
+    assert!(
+        text.contains("FN_FUNCTIONS_DIR"),
+        "quotes the output: {text}"
+    );
+    assert!(engine.names().is_empty(), "the container is removed");
+}
+
+#[tokio::test]
+async fn a_runner_that_exits_at_start_is_reported_with_its_output() {
+    let engine = Arc::new(FakeEngine::default());
+    engine.exit_on_start.store(true, Ordering::SeqCst);
+    let cp = control_plane(&engine, false);
+    let err = cp.provision("default", 1).await.expect_err("exited");
+    assert!(
+        err.to_string().contains("exited before answering health"),
+        "{err}"
+    );
+    assert!(engine.names().is_empty());
+}
+
+#[tokio::test]
+async fn remove_and_shutdown_remove_containers_unless_kept() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true);
+    let runners = cp.provision("default", 3).await.expect("provisioned");
+    cp.remove(&runners[0]).await.expect("removed");
+    assert_eq!(engine.names().len(), 2);
+
+    let mut keeping = config();
+    keeping.keep_runners = true;
+    let kept = DockerControlPlane::with_engine(
+        keeping,
+        placement(),
+        Arc::clone(&engine) as Arc<dyn Engine>,
+        Arc::new(FakeReady {
+            ready: AtomicBool::new(true),
+        }),
+    );
+    kept.shutdown().await;
+    assert_eq!(engine.names().len(), 2, "kept for the next npm");
+
+    cp.shutdown().await;
+    assert!(engine.names().is_empty());
+}
