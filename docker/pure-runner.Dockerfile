@@ -1,0 +1,19 @@
+# pure-runner with the example functions (fn-hello, fn-echo, fn-sleep, fn-crash) in its
+# FN_FUNCTIONS_DIR. Built by `make images`; also the image the npm's docker control plane
+# provisions runners from.
+FROM scratch
+LABEL fn.dataplane.image=pure-runner
+COPY rootfs/ /
+COPY --chown=10001:10001 certs-root/ /
+COPY bin/pure-runner bin/fn-probe /usr/local/bin/
+COPY functions/ /opt/fn/functions/
+ENV PATH=/usr/local/bin FN_FUNCTIONS_DIR=/opt/fn/functions
+# Root on purpose: function code is untrusted and the runner starts it as `nobody`, which
+# needs setuid/setgid. Root here is a container root with a reduced capability set (see
+# deploy/docker-compose.yml and the docker control plane); the runner reads the
+# certificates through the fn group (see rootfs/etc/group), which `nobody` is not in.
+USER 0:0
+EXPOSE 9190
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/fn-probe", "grpc", "127.0.0.1:9190"]
+ENTRYPOINT ["/usr/local/bin/pure-runner"]

@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""The docker compose deployment, end to end (`make test-compose`; Python 3 stdlib only).
+
+Drives deploy/docker-compose.yml as a user would, on images `make images` built:
+
+1. the static stack (npm + lb-agent + 3 pure-runners): every service turns healthy; the
+   example functions answer through the published LB port (which proves the LB resolves and
+   reaches the runners and the npm by name); the runner serving a function is stopped and
+   calls still succeed;
+2. the autoscale override (deploy/docker-compose.autoscale.yml, FN_CONTROL_PLANE=docker):
+   no runner until there is load; load makes the npm provision a runner container, labelled
+   with its LB group, and calls succeed; a killed and restarted npm adopts that container
+   instead of provisioning another; when the load is gone the container is drained and
+   removed; new load provisions again.
+
+Every wait is bounded. Whatever happens, the stack is torn down (compose down -v plus the
+npm's runner containers by label) and the test fails if any container, network or volume
+of its unique compose project is left behind.
+"""
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "deploy" / "docker-compose.yml"
+AUTOSCALE = ROOT / "deploy" / "docker-compose.autoscale.yml"
+NPM_LABEL = "fn.dataplane.npm"
+
+PROJECT = f"fntest{os.getpid()}{random.randrange(16**4):04x}"
+NETWORK = f"{PROJECT}_backend"  # the npm's network, hence its runner containers' npm label
+
+
+class Failed(Exception):
+    """A failed step; `counted` when check() has already counted and printed it."""
+
+    def __init__(self, what, counted=False):
+        super().__init__(what)
+        self.counted = counted
+
+
+passed = 0
+failed = 0
+
+
+def check(condition, what):
+    global passed, failed
+    if condition:
+        passed += 1
+        print(f"  ok   {what}", flush=True)
+    else:
+        failed += 1
+        print(f"  FAIL {what}", flush=True)
+        raise Failed(what, counted=True)
+
+
+def run(args, timeout=120, env=None, check_rc=True):
+    """Runs a command, bounded; returns stdout. Fails with its output when it fails."""
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise Failed(f"{' '.join(map(str, args))}: no end within {timeout}s")
+    if check_rc and done.returncode != 0:
+        raise Failed(f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def wait_until(what, condition, timeout, interval=0.5):
+    """Polls `condition` until it returns something truthy, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                check(True, what)
+                return value
+        except Exception as e:  # noqa: BLE001 - report the last one
+            last_error = e
+        time.sleep(interval)
+    detail = f" (last error: {last_error})" if last_error else ""
+    check(False, f"{what} within {timeout}s{detail}")
+
+
+def compose_command():
+    if os.environ.get("COMPOSE"):
+        return os.environ["COMPOSE"].split()
+    try:
+        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=20).returncode == 0:
+            return ["docker", "compose"]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return ["docker-compose"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, port, files):
+        self.compose = compose_command()
+        self.port = port
+        self.files = files
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "FN_LB_PUBLISH": f"127.0.0.1:{port}",
+                "FN_IMAGE_PREFIX": os.environ.get("IMAGE_PREFIX", "fn-dataplane"),
+                "FN_IMAGE_TAG": os.environ.get("IMAGE_TAG", "latest"),
+                "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+            }
+        )
+
+    def __call__(self, *args, timeout=180, check_rc=True):
+        cmd = [*self.compose, "-p", PROJECT]
+        for f in self.files:
+            cmd += ["-f", str(f)]
+        return run([*cmd, *args], timeout=timeout, env=self.env, check_rc=check_rc)
+
+    def container(self, service):
+        ids = run(
+            [
+                "docker", "ps", "-aq",
+                "--filter", f"label=com.docker.compose.project={PROJECT}",
+                "--filter", f"label=com.docker.compose.service={service}",
+            ]
+        ).split()
+        if len(ids) != 1:
+            raise Failed(f"expected one container of service {service}, found {ids}")
+        return ids[0]
+
+    def health(self, service):
+        return run(["docker", "inspect", "--format", "{{.State.Health.Status}}", self.container(service)]).strip()
+
+    def call(self, path, body=b"", headers=None, timeout=30):
+        """POSTs to the LB; returns (status, headers, body) for any status."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=body, headers=headers or {}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def lb_healthy(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
+            return False
+
+
+def runner_containers():
+    """Names of the npm's runner containers (docker control plane), any state."""
+    out = run(["docker", "ps", "-a", "--filter", f"label={NPM_LABEL}={NETWORK}", "--format", "{{.Names}}"])
+    return sorted(out.split())
+
+
+def expect_examples(stack, rounds=1):
+    for _ in range(rounds):
+        status, headers, body = stack.call("/r/demo/hello", b"you")
+        check(status == 200 and body.strip() == b"Hello, you!", f"hello -> {status} {body[:60]!r}")
+        check(bool(headers.get("Fn-Call-Id")), "every answer carries Fn-Call-Id")
+        status, headers, body = stack.call("/r/demo/echo", b"echo me", {"Content-Type": "text/plain"})
+        check(
+            status == 200 and body == b"echo me" and headers.get("Content-Type") == "text/plain",
+            f"echo -> {status} {body[:60]!r} {headers.get('Content-Type')}",
+        )
+    status, _, body = stack.call("/r/demo/sleep", b"50")
+    check(status == 200, f"sleep 50ms -> {status} {body[:60]!r}")
+    status, _, body = stack.call("/r/demo/crash", b"")
+    check(status == 502 and b'"error"' in body, f"crash -> {status} {body[:80]!r}")
+
+
+def static_stack(stack):
+    print(f"== static stack (project {PROJECT}, LB on 127.0.0.1:{stack.port})", flush=True)
+    stack("up", "-d")
+    wait_until("the LB answers /health", stack.lb_healthy, 60)
+    for service in ["npm", "lb-agent", "runner-1", "runner-2", "runner-3"]:
+        wait_until(f"{service} is healthy", lambda s=service: stack.health(s) == "healthy", 60)
+    check(
+        run(["docker", "inspect", "--format", "{{.State.ExitCode}}", stack.container("certs")]).strip() == "0",
+        "the certs one-shot exited 0",
+    )
+    check(
+        run(["docker", "inspect", "--format", "{{.Config.User}}", stack.container("lb-agent")]).strip() == "10001:10001",
+        "lb-agent runs as an unprivileged user",
+    )
+    expect_examples(stack)
+
+    # Stop the runner that serves hello (it runs an fn-hello instance), then call again.
+    def processes(service):
+        top = run(["docker", "top", stack.container(service), "-eo", "pid,user,comm"])
+        return [tuple(line.split()[-2:]) for line in top.splitlines()[1:]]
+
+    serving = [r for r in ["runner-1", "runner-2", "runner-3"] if any(c == "fn-hello" for _, c in processes(r))]
+    check(len(serving) >= 1, f"a runner runs fn-hello: {serving}")
+    check(("nobody", "fn-hello") in processes(serving[0]), "functions run as nobody")
+    run(["docker", "stop", "-t", "10", stack.container(serving[0])], timeout=60)
+    print(f"  stopped {serving[0]}", flush=True)
+    expect_examples(stack, rounds=5)
+
+
+def autoscale_stack(stack):
+    print(f"== autoscale stack (FN_CONTROL_PLANE=docker, project {PROJECT})", flush=True)
+    stack("up", "-d")
+    wait_until("the LB answers /health", stack.lb_healthy, 60)
+    wait_until("npm is healthy", lambda: stack.health("npm") == "healthy", 60)
+    static = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                  "--filter", "label=com.docker.compose.service=runner-1"]).split()
+    check(static == [], "the fixed runners are off")
+    check(runner_containers() == [], "no runner container before any load")
+
+    # Load: concurrent calls; the npm provisions a runner container and they succeed.
+    results = []
+    def one():
+        results.append(stack.call("/r/demo/sleep", b"300")[0])
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    check(results == [200] * 4, f"4 concurrent calls under load -> {results}")
+    runners = runner_containers()
+    check(len(runners) >= 1, f"a runner container appeared: {runners}")
+    labels = json.loads(run(["docker", "inspect", "--format", "{{json .Config.Labels}}", runners[0]]))
+    check(labels.get("fn.dataplane.group") == "default", f"labelled with its LB group: {labels}")
+    check(
+        run(["docker", "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}}", runners[0]]).strip()
+        == "true [ALL]",
+        "runner container: read-only root, capabilities dropped",
+    )
+    expect_examples(stack)
+
+    # A killed npm finds its runners again instead of provisioning more.
+    npm = stack.container("npm")
+    run(["docker", "kill", npm])
+    run(["docker", "start", npm])
+    wait_until("the restarted npm is healthy", lambda: stack.health("npm") == "healthy", 60)
+    expect_examples(stack)
+    check(runner_containers() == runners, f"after the npm restart the same runners: {runner_containers()}")
+
+    # No load: drained and removed; new load provisions again.
+    wait_until("idle runner containers are removed", lambda: runner_containers() == [], 90)
+    status, _, body = stack.call("/r/demo/hello", b"again")
+    check(status == 200 and body.strip() == b"Hello, again!", f"hello after scale-down -> {status} {body!r}")
+    check(len(runner_containers()) == 1, f"one runner container again: {runner_containers()}")
+
+
+def leftovers():
+    project = f"label=com.docker.compose.project={PROJECT}"
+    found = []
+    found += run(["docker", "ps", "-aq", "--filter", project]).split()
+    found += run(["docker", "ps", "-aq", "--filter", f"label={NPM_LABEL}={NETWORK}"]).split()
+    found += [n for n in run(["docker", "network", "ls", "--format", "{{.Name}}"]).split() if n.startswith(PROJECT)]
+    found += [v for v in run(["docker", "volume", "ls", "--format", "{{.Name}}"]).split() if v.startswith(PROJECT)]
+    return found
+
+
+def teardown(stack):
+    print(f"== teardown (project {PROJECT})", flush=True)
+    if stack is not None:
+        stack("stop", "-t", "30", "npm", timeout=90, check_rc=False)
+    runners = run(["docker", "ps", "-aq", "--filter", f"label={NPM_LABEL}={NETWORK}"], check_rc=False).split()
+    if runners:
+        run(["docker", "rm", "-f", *runners], check_rc=False)
+    if stack is not None:
+        stack("down", "-v", "--remove-orphans", "-t", "10", timeout=180, check_rc=False)
+    left = leftovers()
+    # Belt and braces: whatever compose could not remove.
+    if left:
+        run(["docker", "rm", "-f", *left], check_rc=False)
+        run(["docker", "network", "rm", *left], check_rc=False)
+        run(["docker", "volume", "rm", *left], check_rc=False)
+    return left
+
+
+def dump_logs(stack):
+    if stack is None:
+        return
+    print("-- compose logs (last 40 lines per service)", flush=True)
+    print(stack("logs", "--no-color", "--tail", "40", timeout=60, check_rc=False), flush=True)
+    for name in runner_containers():
+        print(f"-- {name}", flush=True)
+        print(run(["docker", "logs", "--tail", "40", name], check_rc=False), flush=True)
+
+
+def main():
+    global passed, failed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    port = free_port()
+    stack = None
+    with tempfile.TemporaryDirectory() as tmp:
+        # Test-only settings on top of the user-facing files: scale down soon. Not sooner: a
+        # restarted npm keeps the runners it adopts for one such window before it judges
+        # their demand, and the adoption check must fall inside that window.
+        fast = Path(tmp) / "fast-scale-down.yml"
+        fast.write_text(
+            "services:\n"
+            "  npm:\n"
+            "    environment:\n"
+            '      FN_SCALE_DOWN_DELAY: "20s"\n'
+            '      FN_MAX_DRAIN_TIME: "20s"\n'
+        )
+        try:
+            stack = Stack(port, [BASE])
+            static_stack(stack)
+            stack("down", "-v", "--remove-orphans", "-t", "10")
+            check(leftovers() == [], "the static stack's down -v leaves nothing")
+            stack = Stack(port, [BASE, AUTOSCALE, fast])
+            autoscale_stack(stack)
+        except Failed as e:
+            if not e.counted:
+                failed += 1
+                print(f"  FAIL {e}", flush=True)
+            dump_logs(stack)
+        except (KeyboardInterrupt, SystemExit):
+            failed += 1
+            print("  FAIL interrupted", flush=True)
+        finally:
+            left = teardown(stack)
+            if left:
+                failed += 1
+                print(f"  FAIL left behind after teardown: {left}", flush=True)
+            else:
+                passed += 1
+                print("  ok   teardown left no container, network or volume behind", flush=True)
+    print(f"compose test took {time.monotonic() - started:.0f}s", flush=True)
+    print(f"compose: {passed} passed, {failed} failed", flush=True)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
