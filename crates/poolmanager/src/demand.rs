@@ -42,6 +42,16 @@ impl DemandBook {
         advert.groups = groups.into_iter().collect();
     }
 
+    /// Treats every LB as heard from at `now`. For when the npm itself was not running for a
+    /// while (stopped, starved of CPU): the LBs' silence was the npm's, not theirs, and
+    /// purging them would drop the whole demand and drain runners under load. An LB that
+    /// really died in the meantime is purged one purge interval later.
+    pub fn forgive_silence(&mut self, now: Instant) {
+        for advert in self.lbs.values_mut() {
+            advert.last_seen = advert.last_seen.max(now);
+        }
+    }
+
     /// Forgets LBs not heard from for `purge_after`; returns their ids.
     pub fn purge(&mut self, now: Instant, purge_after: Duration) -> Vec<String> {
         let silent: Vec<String> = self

@@ -7,7 +7,10 @@
 //! 1. list the control plane's runners: the first successful list loads the runner set
 //!    (nothing is scaled before it, so a restarted npm never provisions twice); later lists
 //!    drop runners the control plane no longer reports;
-//! 2. purge LBs that went silent;
+//! 2. purge LBs that went silent — unless the loop itself stalled (the npm was stopped or
+//!    starved for longer than the purge interval): then the LBs' silence was the npm's, so
+//!    they get a fresh purge interval instead of having their demand dropped, which would
+//!    drain runners under load;
 //! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
 //!    scale up by re-activating draining runners (newest first), then provisioning a
 //!    bounded batch; scale down by moving the newest active runners to draining. A group's
@@ -162,6 +165,8 @@ pub struct ControlLoop {
     runners: Vec<Entry>,
     predictors: HashMap<String, WindowPredictor>,
     loaded: bool,
+    /// Start of the previous tick, to notice the loop itself stalling.
+    last_tick: Option<Instant>,
 }
 
 impl ControlLoop {
@@ -179,6 +184,7 @@ impl ControlLoop {
             runners: Vec::new(),
             predictors: HashMap::new(),
             loaded: false,
+            last_tick: None,
         }
     }
 
@@ -214,8 +220,18 @@ impl ControlLoop {
     /// One pass of the control loop.
     pub async fn tick(&mut self) {
         let now = Instant::now();
+        let stalled = self.stalled(now);
         if !self.sync_with_control_plane().await {
             return;
+        }
+        if let Some(gap) = stalled {
+            tracing::warn!(
+                ?gap,
+                purge_after = ?self.config.lb_purge_after,
+                "the control loop did not run for longer than the LB purge interval (npm \
+                 stopped or starved); LBs get a fresh purge interval instead of being purged"
+            );
+            self.shared.with_demand(|d| d.forgive_silence(now));
         }
         self.shared
             .with_demand(|d| d.purge(now, self.config.lb_purge_after));
@@ -225,6 +241,15 @@ impl ControlLoop {
         }
         self.remove_drained(now).await;
         self.publish();
+    }
+
+    /// The time since the previous tick, when it is longer than an LB may stay silent (and
+    /// at least two ticks): the loop was not running, so it cannot tell silent LBs apart.
+    fn stalled(&mut self, now: Instant) -> Option<Duration> {
+        let previous = self.last_tick.replace(now)?;
+        let gap = now.duration_since(previous);
+        let bound = self.config.lb_purge_after.max(self.config.tick * 2);
+        (gap > bound).then_some(gap)
     }
 
     /// Returns false while the runner set has never been loaded.

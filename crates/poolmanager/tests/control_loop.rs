@@ -330,3 +330,42 @@ async fn min_and_max_runners_bound_the_group() {
     h.tick().await;
     assert_eq!(h.members("g").len(), 3, "capped at max");
 }
+
+/// The npm process stopped (SIGSTOP, a long GC-like stall) for longer than the purge
+/// interval: when it runs again, the LBs' silence was its own. It keeps their demand and the
+/// runners (no drain under load), and only forgets an LB that stays silent afterwards.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_npm_does_not_take_its_own_silence_for_the_lbs() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 3);
+
+    // 30 s without a tick and without an advert reaching it.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    h.control.tick().await;
+    assert_eq!(h.members("g").len(), 3, "drained after its own stall");
+    assert!(h.draining().is_empty());
+
+    // The LB advertises again: nothing changes.
+    for _ in 0..12 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+        assert_eq!(h.members("g").len(), 3);
+    }
+
+    // The same stall, but the LB really died meanwhile: it is purged a purge interval after
+    // the stall, and the runners drain after the scale-down window.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    h.control.tick().await;
+    assert_eq!(h.members("g").len(), 3);
+    for _ in 0..20 {
+        h.tick().await;
+    }
+    assert!(
+        h.members("g").is_empty(),
+        "a dead LB's demand stays forever"
+    );
+}
