@@ -7,6 +7,8 @@
 //! response that belongs to another call is caught) while the sender hashes only 8 bytes per
 //! call. Every response body is hashed in full as it streams in.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -305,4 +307,132 @@ fn classify(e: &hyper::Error) -> String {
     } else {
         "request failed".to_owned()
     }
+}
+
+/// Echo calls running in the background: `workers` loops of back-to-back calls on their own
+/// keep-alive connections, until [`Load::stop`] (or `max_per_worker` calls each).
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
+}
+
+/// What a [`Load`] sends.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The LB's `host:port`.
+    pub address: String,
+    /// `POST` path of an echo function.
+    pub path: String,
+    pub workers: usize,
+    pub payloads: Arc<Payloads>,
+    pub seed: u64,
+    /// Bound for one call (past it: `hung`).
+    pub call_bound: Duration,
+    /// A bound on the calls of each worker, so the load ends even if never stopped.
+    pub max_per_worker: u64,
+}
+
+impl Load {
+    pub fn start(spec: LoadSpec) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let tasks = (0..spec.workers)
+            .map(|w| {
+                let stop = Arc::clone(&stop);
+                let ok = Arc::clone(&ok);
+                let spec = spec.clone();
+                tokio::spawn(async move {
+                    let mut rng = Rng::new(spec.seed ^ ((w as u64 + 1) << 40));
+                    let mut client = Client::new(&spec.address);
+                    let mut outcomes = Vec::new();
+                    for i in 0..spec.max_per_worker {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        // Call numbers unique across workers, past the edge sizes.
+                        let call = (w as u64 + 1) * 1_000_000_000 + i;
+                        let (body, hash) = spec.payloads.body(&mut rng, call);
+                        let outcome = client.echo(&spec.path, body, hash, spec.call_bound).await;
+                        if outcome.is_ok() {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        outcomes.push(outcome);
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        Load { stop, ok, tasks }
+    }
+
+    /// Calls that succeeded so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `more` further calls have succeeded, at most `bound`.
+    ///
+    /// # Errors
+    /// When they do not in time.
+    pub async fn wait_ok(&self, more: u64, bound: Duration) -> anyhow::Result<()> {
+        let target = self.ok() + more;
+        let start = Instant::now();
+        while self.ok() < target {
+            anyhow::ensure!(
+                start.elapsed() < bound,
+                "only {} of {target} calls succeeded within {bound:?}",
+                self.ok()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the workers (each finishes its call in flight) and returns every outcome.
+    ///
+    /// # Errors
+    /// When a worker panicked or did not stop within its call bound.
+    pub async fn stop(self) -> anyhow::Result<Vec<Outcome>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(
+                tokio::time::timeout(Duration::from_secs(120), task)
+                    .await
+                    .context("a load worker did not stop")??,
+            );
+        }
+        Ok(all)
+    }
+}
+
+/// Where the lb-agent placed one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub function: String,
+    pub runner: String,
+}
+
+/// Where the lb-agent placed each call: call id → placement, from its JSON log
+/// (`FN_LOG_FORMAT=json`, the `call placed` events).
+pub fn placements(lb_log: &str) -> std::collections::HashMap<String, Placement> {
+    let field = |line: &str, name: &str| {
+        let key = format!("\"{name}\":\"");
+        let start = line.find(&key)? + key.len();
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_owned())
+    };
+    lb_log
+        .lines()
+        .filter(|l| l.contains("\"call placed\""))
+        .filter_map(|l| {
+            let placement = Placement {
+                function: field(l, "function")?,
+                runner: field(l, "runner")?,
+            };
+            Some((field(l, "call_id")?, placement))
+        })
+        .collect()
 }
