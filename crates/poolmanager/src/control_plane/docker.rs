@@ -25,15 +25,19 @@
 //! user, `no-new-privileges`, an init process, and a memory limit of the runner's capacity
 //! plus a margin for the runner itself (inside a container the runner cannot create memory
 //! cgroups per function, so this limit is what bounds the functions together).
+//!
+//! Layout: this file decides what a runner container is and drives its life; `setup`
+//! holds the settings and settles the [`Placement`]; `engine` is the [`Engine`] trait (the
+//! few Engine API calls needed, faked in the tests) and its bollard implementation.
 
 mod engine;
+mod setup;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fn_tls::{TlsArgs, TlsMode};
+use fn_tls::TlsMode;
 use futures::future::BoxFuture;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -42,6 +46,9 @@ use tonic_health::pb::health_client::HealthClient;
 pub use engine::{
     BollardEngine, Container, ContainerState, Engine, EngineError, RUNNER_CAPABILITIES, SelfView,
     create_body,
+};
+pub use setup::{
+    CertsSource, DockerConfig, DockerSetupError, Placement, TlsFiles, resolve_placement,
 };
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
@@ -61,215 +68,6 @@ pub const LABEL_PORT: &str = "fn.dataplane.port";
 pub const RUNNER_PORT: u16 = 9190;
 /// Memory a runner container gets beyond its capacity, for the runner process itself.
 const RUNNER_OVERHEAD_MB: u64 = 128;
-
-/// Where runner containers get the certificates from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertsSource {
-    /// A named volume.
-    Volume(String),
-    /// An absolute path on the Docker host.
-    Bind(String),
-}
-
-/// The npm's TLS files, handed to runners by path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
-
-impl TlsFiles {
-    /// The one directory holding all three files (it is mounted into every runner).
-    fn dir(&self) -> Result<PathBuf, DockerSetupError> {
-        let dirs: Vec<Option<&Path>> = [&self.cert, &self.key, &self.ca]
-            .iter()
-            .map(|p| p.parent().filter(|d| d.is_absolute()))
-            .collect();
-        match dirs.as_slice() {
-            [Some(a), Some(b), Some(c)] if a == b && b == c => Ok(a.to_path_buf()),
-            _ => Err(DockerSetupError::Certs(format!(
-                "with FN_CONTROL_PLANE=docker, FN_NODE_CERT, FN_NODE_CERT_KEY and \
-                 FN_NODE_CERT_AUTHORITY must be absolute paths in one directory, which is \
-                 mounted into every runner (got {}, {}, {})",
-                self.cert.display(),
-                self.key.display(),
-                self.ca.display()
-            ))),
-        }
-    }
-}
-
-/// Settings of the docker control plane.
-#[derive(Debug, Clone)]
-pub struct DockerConfig {
-    /// Image runners are created from (`FN_DOCKER_RUNNER_IMAGE`).
-    pub runner_image: String,
-    /// Network runners join (`FN_DOCKER_NETWORK`); `None`: the npm container's network.
-    pub network: Option<String>,
-    /// Volume name or absolute host path holding the certificates
-    /// (`FN_DOCKER_CERTS_VOLUME`); `None`: the npm container's own mount.
-    pub certs: Option<String>,
-    /// Value of the npm label (`FN_DOCKER_NPM_ID`); `None`: the network's name.
-    pub npm_id: Option<String>,
-    /// Each runner's `FN_MAX_MEMORY_MB` (`FN_RUNNER_MEMORY_MB`).
-    pub runner_memory_mb: u64,
-    /// How the npm talks to runners (health checks).
-    pub tls: TlsMode,
-    /// The npm's TLS files, given to runners; `None` with `FN_INSECURE`.
-    pub tls_files: Option<TlsFiles>,
-    /// Further environment for runners (log level and format, server name, ...).
-    pub extra_env: Vec<(String, String)>,
-    /// Leave runners running at npm shutdown (`FN_DOCKER_KEEP_RUNNERS`).
-    pub keep_runners: bool,
-    /// Bound for a new runner to answer health.
-    pub start_timeout: Duration,
-    /// How long a removed runner may take to stop before it is killed.
-    pub stop_grace: Duration,
-}
-
-impl DockerConfig {
-    /// Defaults for everything but the image and TLS. The runners get the npm's TLS files
-    /// (`args`), server name and insecure flag.
-    pub fn new(runner_image: String, tls: TlsMode, args: &TlsArgs) -> Self {
-        let tls_files = match (
-            &args.node_cert,
-            &args.node_cert_key,
-            &args.node_cert_authority,
-        ) {
-            (Some(cert), Some(key), Some(ca)) if !args.insecure => Some(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
-            }),
-            _ => None,
-        };
-        let mut extra_env = Vec::new();
-        if let Some(name) = &args.tls_server_name {
-            // Runners dial nothing, but their health probe (fn-probe) verifies this name.
-            extra_env.push(("FN_TLS_SERVER_NAME".to_owned(), name.clone()));
-        }
-        DockerConfig {
-            runner_image,
-            network: None,
-            certs: None,
-            npm_id: None,
-            runner_memory_mb: 1024,
-            tls,
-            tls_files,
-            extra_env,
-            keep_runners: false,
-            start_timeout: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(10),
-        }
-    }
-}
-
-/// What runners share with the npm, settled at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    /// The network runners join; the npm and the LBs must be on it too.
-    pub network: String,
-    /// The certificates and the directory they are mounted at; `None` with `FN_INSECURE`.
-    pub certs: Option<(CertsSource, String)>,
-    /// Value of the [`LABEL_NPM`] label.
-    pub npm_id: String,
-}
-
-/// A setup problem of the docker control plane (configuration: exit 2).
-#[derive(Debug, thiserror::Error)]
-pub enum DockerSetupError {
-    #[error(
-        "FN_CONTROL_PLANE=docker: cannot reach the Docker engine at {0}. Mount the Docker \
-         socket into the npm's container (/var/run/docker.sock) and give the npm's user the \
-         socket's group (compose: group_add), or set DOCKER_HOST=unix://<socket>"
-    )]
-    Engine(String),
-    #[error(
-        "FN_DOCKER_RUNNER_IMAGE: image {0} is not on the Docker engine; build it with \
-         `make images` (or pull it) first"
-    )]
-    Image(String),
-    #[error("FN_DOCKER_NETWORK: {0}")]
-    Network(String),
-    #[error("FN_DOCKER_CERTS_VOLUME: {0}")]
-    Certs(String),
-    #[error("Docker Engine API: {0}")]
-    Api(String),
-}
-
-/// Decides where runners go from the configuration and, for what it leaves open, from the
-/// npm's own container (`own`, when the npm runs in one).
-///
-/// # Errors
-/// [`DockerSetupError`] naming the variable to set.
-pub fn resolve_placement(
-    config: &DockerConfig,
-    own: Option<&SelfView>,
-) -> Result<Placement, DockerSetupError> {
-    let network = match (non_empty(&config.network), own) {
-        (Some(n), _) => n.to_owned(),
-        (None, Some(view)) => match view.networks.as_slice() {
-            [one] => one.clone(),
-            [] => {
-                return Err(DockerSetupError::Network(
-                    "required: the npm's container is on no network".into(),
-                ));
-            }
-            many => {
-                return Err(DockerSetupError::Network(format!(
-                    "the npm's container is on several networks ({}); set FN_DOCKER_NETWORK \
-                     to the one the LBs and runners share",
-                    many.join(", ")
-                )));
-            }
-        },
-        (None, None) => {
-            return Err(DockerSetupError::Network(
-                "required: the npm is not in a container it can inspect, so it cannot take \
-                 its own network; set the network the LBs and runners share"
-                    .into(),
-            ));
-        }
-    };
-    let certs = match &config.tls_files {
-        None => None,
-        Some(files) => {
-            let dir = files.dir()?;
-            let source = match non_empty(&config.certs) {
-                Some(s) if s.starts_with('/') => CertsSource::Bind(s.to_owned()),
-                Some(s) => CertsSource::Volume(s.to_owned()),
-                None => own
-                    .and_then(|view| {
-                        view.mounts
-                            .iter()
-                            .find(|(destination, _)| Path::new(destination) == dir)
-                            .map(|(_, source)| source.clone())
-                    })
-                    .ok_or_else(|| {
-                        DockerSetupError::Certs(format!(
-                            "not set, and {} (the directory of FN_NODE_CERT) is not a volume \
-                             or bind mount of the npm's container; set the volume (or absolute \
-                             host path) that holds the certificates",
-                            dir.display()
-                        ))
-                    })?,
-            };
-            Some((source, dir.display().to_string()))
-        }
-    };
-    let npm_id = non_empty(&config.npm_id).unwrap_or(&network).to_owned();
-    Ok(Placement {
-        network,
-        certs,
-        npm_id,
-    })
-}
-
-/// The trimmed value, if there is one.
-fn non_empty(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|s| !s.is_empty())
-}
 
 /// A runner container to create: everything the engine needs, decided here.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bollard::models::MountType;
+use fn_tls::TlsArgs;
 
 use super::*;
 
