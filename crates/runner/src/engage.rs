@@ -158,6 +158,12 @@ impl Outbound {
             .map_err(|_| LbGone)
     }
 
+    /// Resolves when the LB is gone: its stream was cancelled or reset, so nobody will read
+    /// the call's answer.
+    async fn lb_gone(&self) {
+        self.tx.closed().await;
+    }
+
     /// Sends the stream's last message, waiting at most `final_send_timeout` for the LB to
     /// make room for it. An LB that reads nothing for that long is treated as gone.
     async fn send_last(&self, body: runner_msg::Body) -> Result<(), LbGone> {
@@ -379,6 +385,12 @@ impl RunnerService {
                         break None;
                     }
                 },
+                // Once the body is in, nothing is read from the LB any more: its going away
+                // (cancelled call, client gone) shows as the answer's receiver closing.
+                () = out.lb_gone(), if pump_done => {
+                    tracing::info!("LB went away mid-call; aborting the call");
+                    break None;
+                }
                 executed = &mut execute => break match executed {
                     Err(_elapsed) => Some(Outcome::of(
                         ErrorKind::Timeout,
@@ -508,12 +520,13 @@ async fn pump_inbound(
             Err(status) => {
                 let reason = format!("{}: {}", status.code(), status.message());
                 abort_body(body.take(), "the LB stream failed").await;
-                // An oversize or undecodable message is the LB breaking the contract; a
-                // cancelled or reset stream means it is gone.
+                // An oversize (tonic says OUT_OF_RANGE past the decoding limit) or
+                // undecodable message is the LB breaking the contract; a cancelled or reset
+                // stream means it is gone.
                 return Err(match status.code() {
-                    tonic::Code::ResourceExhausted | tonic::Code::Internal => {
-                        InboundError::Protocol(reason)
-                    }
+                    tonic::Code::ResourceExhausted
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::Internal => InboundError::Protocol(reason),
                     _ => InboundError::Gone(reason),
                 });
             }
