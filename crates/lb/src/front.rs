@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,11 @@ pub type ResponseBody = BoxBody<Bytes, BodyError>;
 
 /// The call id header on every response.
 pub const CALL_ID_HEADER: &str = "fn-call-id";
+
+/// How long a client may take to send a request head (HTTP/1.1), and how long an idle
+/// keep-alive connection stays open. Without it a client that trickles its head byte by
+/// byte (slowloris), or opens connections and sends nothing, holds a connection forever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Routes requests to functions.
 #[derive(Debug)]
@@ -161,7 +166,11 @@ impl Front {
         cancel: CancellationToken,
     ) -> Result<(), Infallible> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
