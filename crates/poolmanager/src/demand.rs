@@ -69,7 +69,12 @@ impl DemandBook {
 
     /// Total MB wanted by all live LBs for `group`.
     pub fn wanted_mb(&self, group: &str) -> u64 {
-        self.lbs.values().filter_map(|a| a.groups.get(group)).sum()
+        // Saturating: adverts are input from the network, and two LBs claiming u64::MAX
+        // must not overflow (a panic in debug builds, a wrap to little demand in release).
+        self.lbs
+            .values()
+            .filter_map(|a| a.groups.get(group))
+            .fold(0, |total: u64, mb| total.saturating_add(*mb))
     }
 
     /// Every group some live LB has mentioned.
@@ -86,6 +91,15 @@ impl DemandBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_adverts_saturate_instead_of_overflowing() {
+        let mut book = DemandBook::default();
+        let now = Instant::now();
+        book.record("lb1", [("g".into(), u64::MAX)], now);
+        book.record("lb2", [("g".into(), u64::MAX)], now);
+        assert_eq!(book.wanted_mb("g"), u64::MAX);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn sums_live_lbs_and_purges_silent_ones() {
