@@ -336,6 +336,153 @@ mod tests {
         }
     }
 
+    /// Text of every kind a peer might send: plausible names, arbitrary Unicode (control
+    /// characters included), and lengths around the limits.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-zA-Z0-9/_.-]{0,16}",
+            2 => ".{0,24}",
+            1 => "[a-z]{250,260}",
+            1 => Just(String::new()),
+        ]
+    }
+
+    fn wire_header() -> impl Strategy<Value = runner::Header> {
+        (
+            prop_oneof![4 => "[a-z][a-z0-9-]{0,12}", 1 => ".{0,12}"],
+            prop_oneof![
+                4 => "[ -~]{0,16}".prop_map(String::into_bytes),
+                1 => prop::collection::vec(any::<u8>(), 0..16),
+            ],
+        )
+            .prop_map(|(name, value)| runner::Header { name, value })
+    }
+
+    /// Mostly `valid`, sometimes anything.
+    fn mostly(valid: &'static str) -> impl Strategy<Value = String> {
+        prop_oneof![4 => Just(valid.to_owned()), 1 => text()]
+    }
+
+    /// Any wire call, valid or not: each field is usually a valid value and sometimes
+    /// anything, so both branches of validation are exercised on every field.
+    fn any_wire_call() -> impl Strategy<Value = runner::Call> {
+        let names = (
+            mostly("01J"),
+            mostly("demo"),
+            mostly("echo"),
+            mostly("/echo"),
+            mostly("http://lb/r/demo/echo"),
+            prop_oneof![3 => Just(String::new()), 1 => text()],
+            mostly("default"),
+        );
+        let numbers = (
+            prop_oneof![4 => 1u64..5000, 1 => Just(0u64), 1 => any::<u64>()],
+            prop_oneof![4 => 1u64..=3_600_000, 1 => Just(0u64), 1 => any::<u64>()],
+            any::<u64>(),
+            prop_oneof![4 => 1u64..4_000_000_000_000, 1 => Just(0u64), 1 => any::<u64>()],
+        );
+        let lists = (
+            prop::collection::vec(wire_header(), 0..3),
+            prop_oneof![
+                3 => Just(vec!["fn-echo".to_owned()]),
+                1 => prop::collection::vec(prop_oneof!["[a-z-]{0,8}", ".{0,8}"], 0..3),
+            ],
+            prop::collection::btree_map(
+                prop_oneof![6 => "[A-Z_][A-Z0-9_]{0,6}", 1 => ".{0,6}"],
+                prop_oneof![6 => "[ -~]{0,8}", 1 => ".{0,8}"],
+                0..3,
+            ),
+            prop_oneof![3 => Just("POST".to_owned()), 1 => "[A-Z]{1,8}", 1 => ".{0,6}"],
+        );
+        (names, numbers, lists).prop_map(
+            |(
+                (id, app, function, route, request_url, image, lb_group),
+                (memory_mb, timeout_ms, idle_timeout_ms, deadline_unix_ms),
+                (headers, command, config, method),
+            )| runner::Call {
+                id,
+                app,
+                function,
+                route,
+                method,
+                request_url,
+                headers,
+                memory_mb,
+                timeout_ms,
+                idle_timeout_ms,
+                command,
+                image,
+                config: config.into_iter().collect(),
+                lb_group,
+                deadline_unix_ms,
+            },
+        )
+    }
+
+    fn valid_name(s: &str, max: usize) -> bool {
+        !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+    }
+
+    proptest! {
+        // About one generated call in seven is valid: run enough to cover both branches well.
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        // Whatever a peer sends, validation never panics; what it accepts keeps every
+        // documented bound, and converting it back to the wire and validating again gives
+        // the same spec (no information is lost or invented on the way).
+        #[test]
+        fn any_wire_call_is_rejected_or_accepted_within_the_bounds(call in any_wire_call()) {
+            if let Ok(spec) = CallSpec::try_from(call) {
+                for (field, value, max) in [
+                    ("id", &spec.id, MAX_NAME_LEN),
+                    ("app", &spec.app, MAX_NAME_LEN),
+                    ("function", &spec.function, MAX_NAME_LEN),
+                    ("lb_group", &spec.lb_group, MAX_NAME_LEN),
+                    ("request_url", &spec.request_url, MAX_URL_LEN),
+                ] {
+                    prop_assert!(valid_name(value, max), "{field} {value:?} accepted");
+                }
+                prop_assert!(spec.route.is_empty() || valid_name(&spec.route, MAX_NAME_LEN));
+                prop_assert!(spec.memory_mb > 0);
+                prop_assert!(!spec.timeout.is_zero() && spec.timeout <= MAX_TIMEOUT);
+                prop_assert!(spec.deadline > UNIX_EPOCH);
+                prop_assert!(!spec.command.is_empty() || spec.image.is_some());
+                prop_assert!(spec.command.iter().all(|a| !a.contains('\0')));
+                prop_assert!(spec.command.first().is_none_or(|p| !p.is_empty()));
+                prop_assert!(spec.image.as_ref().is_none_or(|i| valid_name(i, MAX_NAME_LEN)));
+                prop_assert!(spec.headers.len() <= MAX_HEADERS);
+                prop_assert!(spec.config.len() <= MAX_CONFIG_ENTRIES);
+                for (k, v) in &spec.config {
+                    prop_assert!(valid_env_name(k) && !v.contains('\0'), "config {k:?}={v:?}");
+                }
+                let again = CallSpec::try_from(runner::Call::from(&spec));
+                prop_assert_eq!(again, Ok(spec));
+            }
+        }
+
+        // A control character anywhere in a name field is rejected, and the error names the
+        // field.
+        #[test]
+        fn control_characters_in_names_are_rejected_naming_the_field(
+            field in 0usize..5,
+            at in 0usize..8,
+            control in prop_oneof![Just('\n'), Just('\r'), Just('\0'), Just('\u{7f}'), Just('\u{85}')],
+        ) {
+            let mut call = wire();
+            let (name, target): (&str, &mut String) = match field {
+                0 => ("id", &mut call.id),
+                1 => ("app", &mut call.app),
+                2 => ("function", &mut call.function),
+                3 => ("request_url", &mut call.request_url),
+                _ => ("lb_group", &mut call.lb_group),
+            };
+            let at = target.char_indices().nth(at).map_or(target.len(), |(i, _)| i);
+            target.insert(at, control);
+            let err = CallSpec::try_from(call).expect_err("a control character was accepted");
+            prop_assert!(err.to_string().contains(name), "{err} should name {name}");
+        }
+    }
+
     proptest! {
         // Any wire call either validates into a spec that converts back losslessly, or is
         // rejected with an error; it never panics.

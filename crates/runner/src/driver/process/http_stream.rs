@@ -341,6 +341,138 @@ mod tests {
         })
     }
 
+    /// Names a function's reply might carry: prefixed client headers (hop-by-hop and framing
+    /// ones too), other `Fn-*` headers, plain ones.
+    fn reply_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "[a-z][a-z0-9-]{0,12}".prop_map(|n| format!("{FN_HTTP_H}{n}")),
+            2 => prop::sample::select(vec![
+                "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                "content-length", "content-type", "proxy-authenticate", "fn-call-id",
+            ])
+            .prop_map(|n| format!("{FN_HTTP_H}{n}")),
+            1 => "fn-[a-z-]{1,10}",
+            1 => prop::sample::select(vec![
+                "content-type", "content-length", "transfer-encoding", "connection", "date",
+                "fn-http-status",
+            ])
+            .prop_map(str::to_owned),
+            1 => "[a-z][a-z0-9-]{0,12}",
+        ]
+    }
+
+    fn reply_map() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec((reply_name(), "[!-~][ -~]{0,20}"), 0..16).prop_map(|pairs| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+            headers
+        })
+    }
+
+    proptest! {
+        // Whatever headers a function answers with, the client gets exactly the values of
+        // its `Fn-Http-H-X` headers as `X` (in order), never a hop-by-hop or framing header,
+        // and the plain `Content-Type` only when no prefixed one was given.
+        #[test]
+        fn reply_headers_reach_the_client_exactly_as_prefixed(reply in reply_map()) {
+            let client = fn_to_client(&reply);
+            for name in client.keys() {
+                prop_assert!(!is_hop_by_hop(name.as_str()) && name != "content-length", "{name} leaked");
+                let got: Vec<&HeaderValue> = client.get_all(name).iter().collect();
+                let prefixed = format!("{FN_HTTP_H}{name}");
+                let sent: Vec<&HeaderValue> = reply.get_all(prefixed.as_str()).iter().collect();
+                if sent.is_empty() {
+                    prop_assert_eq!(name, &CONTENT_TYPE);
+                    let plain: Vec<&HeaderValue> = reply.get_all(CONTENT_TYPE).iter().collect();
+                    prop_assert_eq!(got, plain);
+                } else {
+                    prop_assert_eq!(got, sent);
+                }
+            }
+            for name in reply.keys() {
+                if let Some(original) = name.as_str().strip_prefix(FN_HTTP_H)
+                    && !is_hop_by_hop(original)
+                    && original != "content-length"
+                {
+                    prop_assert!(client.contains_key(original), "{original} dropped");
+                }
+            }
+        }
+
+        // Any `Fn-Http-Status` either maps to that status (200 and up) or is reported as
+        // invalid; the FDK's own 502/504 always pass through; no header keeps the reply's.
+        #[test]
+        fn fn_http_status_maps_or_is_rejected(
+            value in prop_oneof!["[0-9]{1,4}", " ?[1-9][0-9]{2} ?", "[ -~]{0,6}"],
+            reply_status in prop::sample::select(vec![200u16, 201, 404, 500, 502, 504]),
+            present in any::<bool>(),
+        ) {
+            let http = StatusCode::from_u16(reply_status).expect("valid status");
+            let headers = if present { map(&[(FN_HTTP_STATUS, &value)]) } else { map(&[]) };
+            let result = client_status(http, &headers);
+            if reply_status == 502 || reply_status == 504 || !present {
+                prop_assert_eq!(result, Ok(http));
+            } else {
+                match result {
+                    Ok(status) => {
+                        prop_assert!(status.as_u16() >= 200);
+                        prop_assert_eq!(Ok(status.as_u16()), value.trim().parse::<u16>());
+                    }
+                    Err(e) => prop_assert!(e.contains("Fn-Http-Status")),
+                }
+            }
+        }
+
+        // Client headers can never replace or add to the contract's own headers: a client
+        // header named `Fn-Call-Id` travels as `Fn-Http-H-Fn-Call-Id`.
+        #[test]
+        fn contract_headers_are_the_runners_whatever_the_client_sends(
+            client in prop::collection::vec(
+                (
+                    prop_oneof![
+                        prop::sample::select(vec![
+                            "fn-call-id", "fn-deadline", "fn-http-method", "fn-intent",
+                            "fn-http-request-url", "host",
+                        ]).prop_map(str::to_owned),
+                        "[a-z][a-z0-9-]{0,10}",
+                    ],
+                    "[!-~]{1,10}",
+                ),
+                0..8,
+            ),
+            call_id in "[0-9A-Za-z-]{1,20}",
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &client {
+                headers.append(
+                    HeaderName::from_bytes(name.as_bytes()).expect("token"),
+                    HeaderValue::from_str(value).expect("visible ASCII"),
+                );
+            }
+            let request = FunctionRequest {
+                call_id: call_id.clone(),
+                method: Method::POST,
+                request_url: "http://lb/r/a/b".into(),
+                headers,
+                deadline: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            };
+            let wire = call_headers(&request).expect("valid request");
+            prop_assert_eq!(values(&wire, "fn-call-id"), [call_id.as_str()]);
+            prop_assert_eq!(values(&wire, "fn-intent"), ["httprequest"]);
+            prop_assert_eq!(values(&wire, "fn-http-method"), ["POST"]);
+            prop_assert_eq!(values(&wire, "fn-http-request-url"), ["http://lb/r/a/b"]);
+            prop_assert_eq!(values(&wire, "host"), ["localhost"]);
+            prop_assert_eq!(values(&wire, "fn-deadline").len(), 1);
+        }
+    }
+
     proptest! {
         #[test]
         fn client_headers_round_trip(client in header_map()) {
