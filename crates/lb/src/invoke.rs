@@ -21,6 +21,7 @@ use hyper::body::{Body, Frame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::catalog::Function;
 use crate::dispatch::Dispatcher;
@@ -117,7 +118,12 @@ impl Invoker {
             max_request_body: self.max_request_body,
             _guard: guard,
         };
-        tokio::spawn(driver.run(placed.engaged, body, head_tx, frames_tx));
+        // The driver's log lines belong to the call's span (call id, function, group).
+        tokio::spawn(
+            driver
+                .run(placed.engaged, body, head_tx, frames_tx)
+                .instrument(tracing::Span::current()),
+        );
         let head = head_rx.await.map_err(|_| CallError::RunnerFailed {
             runner: "unknown".into(),
             details: "the call ended without an answer".into(),
