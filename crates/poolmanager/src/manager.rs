@@ -9,8 +9,9 @@
 //!    drop runners the control plane no longer reports;
 //! 2. purge LBs that went silent — unless the loop itself stalled (the npm was stopped or
 //!    starved for longer than the purge interval): then the LBs' silence was the npm's, so
-//!    they get a fresh purge interval instead of having their demand dropped, which would
-//!    drain runners under load;
+//!    they get a fresh purge interval instead of having their demand dropped, and each group
+//!    holds its runners for a scale-down window (the demand of the stalled time was never
+//!    seen), which would otherwise drain runners under load;
 //! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
 //!    scale up by re-activating draining runners (newest first), then provisioning a
 //!    bounded batch; scale down by moving the newest active runners to draining. A group's
@@ -229,9 +230,20 @@ impl ControlLoop {
                 ?gap,
                 purge_after = ?self.config.lb_purge_after,
                 "the control loop did not run for longer than the LB purge interval (npm \
-                 stopped or starved); LBs get a fresh purge interval instead of being purged"
+                 stopped or starved); LBs get a fresh purge interval and groups hold their \
+                 runners for a scale-down window"
             );
             self.shared.with_demand(|d| d.forgive_silence(now));
+            // The demand history of the stalled window was never observed: each group holds
+            // its runners for a scale-down window, as after a restart, instead of acting on
+            // the last (momentary) advert alone.
+            let window = self.config.scale_down_delay;
+            let groups: Vec<String> = self.predictors.keys().cloned().collect();
+            for group in groups {
+                let active = self.count(&group, |s| s == RunnerState::Active);
+                self.predictors
+                    .insert(group, WindowPredictor::holding(window, active, now));
+            }
         }
         self.shared
             .with_demand(|d| d.purge(now, self.config.lb_purge_after));

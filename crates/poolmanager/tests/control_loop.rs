@@ -342,8 +342,13 @@ async fn a_stalled_npm_does_not_take_its_own_silence_for_the_lbs() {
         h.tick().await;
     }
     assert_eq!(h.members("g").len(), 3);
+    // Demand dips for a moment (inside the scale-down window: nothing drains)...
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert_eq!(h.members("g").len(), 3);
 
-    // 30 s without a tick and without an advert reaching it.
+    // ...and then 30 s pass without a tick and without an advert reaching the npm. Its
+    // last advert is that dip; the demand of the 30 s was never seen.
     tokio::time::advance(Duration::from_secs(30)).await;
     h.control.tick().await;
     assert_eq!(h.members("g").len(), 3, "drained after its own stall");
