@@ -139,7 +139,7 @@ impl Cluster {
         let certs = Certs::with_sans(&sans)?;
         let client = certs.client()?;
         let dir = tempfile::tempdir()?;
-        let functions_dir = fn_test_support::bin_dir().display().to_string();
+        let functions_dir = fn_test_support::functions_dir().display().to_string();
         let mut runners = Vec::new();
         for i in 0..setup.runners {
             let port = free_port()?;

@@ -62,8 +62,6 @@ impl Cluster {
 
     /// A cluster whose npm spawns `runner_binary` as its runners.
     async fn start_with(runner_binary: &Path) -> anyhow::Result<Cluster> {
-        let bin_dir = fn_test_support::bin_dir();
-        fn_test_support::workspace_bin("fn-sleep");
         let certs = Certs::new()?;
         let tls = certs.client()?;
         let state_dir = tempfile::tempdir()?;
@@ -83,7 +81,10 @@ impl Cluster {
                 ("FN_LISTEN_ADDR", "127.0.0.1"),
                 ("FN_CONTROL_PLANE", "process"),
                 ("FN_RUNNER_BINARY", &runner_binary.display().to_string()),
-                ("FN_RUNNER_FUNCTIONS_DIR", &bin_dir.display().to_string()),
+                (
+                    "FN_RUNNER_FUNCTIONS_DIR",
+                    &fn_test_support::functions_dir().display().to_string(),
+                ),
                 ("FN_RUNNER_STATE_DIR", &state.display().to_string()),
                 ("FN_RUNNER_MEMORY_MB", "256"),
                 ("FN_MAX_RUNNERS", &MAX_RUNNERS.to_string()),

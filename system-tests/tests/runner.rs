@@ -160,7 +160,7 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_calls_as_draining_and_e
         &env(&[
             (
                 "FN_FUNCTIONS_DIR",
-                &fn_test_support::bin_dir().display().to_string(),
+                &fn_test_support::functions_dir().display().to_string(),
             ),
             (
                 "FN_SOCKET_DIR",

@@ -72,10 +72,7 @@ fn shared_tempdir() -> tempfile::TempDir {
 
 /// The example functions' directory, checked to hold every one of them.
 fn examples_dir() -> PathBuf {
-    for name in ["fn-echo", "fn-hello", "fn-sleep", "fn-crash"] {
-        fn_test_support::workspace_bin(name);
-    }
-    fn_test_support::bin_dir()
+    fn_test_support::functions_dir()
 }
 
 /// Starts a runner with `total_mb` of capacity running commands from `functions_dir`, and

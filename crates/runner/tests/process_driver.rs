@@ -60,10 +60,7 @@ fn fixture_with(functions_dir: &Path, memory_limits: MemoryLimits) -> Fixture {
 
 fn fixture() -> Fixture {
     // Every example function must be there, or the tests would fail confusingly later.
-    for name in ["fn-echo", "fn-hello", "fn-sleep", "fn-crash"] {
-        fn_test_support::workspace_bin(name);
-    }
-    fixture_with(&fn_test_support::bin_dir(), MemoryLimits::Off)
+    fixture_with(&fn_test_support::functions_dir(), MemoryLimits::Off)
 }
 
 fn spec(program: &str) -> InstanceSpec {
@@ -385,7 +382,7 @@ async fn a_function_that_exits_at_start_reports_its_status() {
 
 #[tokio::test]
 async fn memory_limit_in_the_real_cgroup() {
-    let fx = fixture_with(&fn_test_support::bin_dir(), MemoryLimits::default());
+    let fx = fixture_with(&fn_test_support::functions_dir(), MemoryLimits::default());
     let limit_file = match fx.driver.memory_limit_mode() {
         MemoryLimitMode::V1 { .. } => "memory.limit_in_bytes",
         MemoryLimitMode::V2 { .. } => "memory.max",
@@ -457,7 +454,7 @@ async fn helper_runner_that_dies() {
         return;
     };
     let driver = ProcessDriver::new(
-        ProcessDriverConfig::new(fn_test_support::bin_dir(), sockets)
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), sockets)
             .with_function_user(function_user())
             .with_memory_limits(MemoryLimits::Off),
     )

@@ -113,3 +113,51 @@ pub fn bin_dir() -> std::path::PathBuf {
     );
     target.join("debug")
 }
+
+/// The example functions every test may run.
+pub const EXAMPLE_FUNCTIONS: [&str; 4] = ["fn-hello", "fn-echo", "fn-sleep", "fn-crash"];
+
+/// A directory any user can traverse, holding copies of the [`EXAMPLE_FUNCTIONS`]: the
+/// `FN_FUNCTIONS_DIR` for tests.
+///
+/// Functions run as an unprivileged user (`nobody` when the tests run as root), who cannot
+/// reach `target/` when the checkout sits under a private directory (a home directory, a
+/// `mktemp -d`). Copies in the temporary directory always can be reached. They are refreshed
+/// when the built binaries change; concurrent test processes replace them atomically.
+///
+/// # Panics
+/// When an example function is not built or the copies cannot be written.
+pub fn functions_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::PermissionsExt;
+        let source_dir = bin_dir();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        source_dir
+            .canonicalize()
+            .unwrap_or(source_dir)
+            .hash(&mut hasher);
+        let dir = std::env::temp_dir().join(format!("fn-test-functions-{:016x}", hasher.finish()));
+        std::fs::create_dir_all(&dir).expect("create the test functions directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("make the test functions directory traversable");
+        for name in EXAMPLE_FUNCTIONS {
+            let source = workspace_bin(name);
+            let target = dir.join(name);
+            let fresh = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let same_size = std::fs::metadata(&source).map(|m| m.len()).ok()
+                == std::fs::metadata(&target).map(|m| m.len()).ok();
+            if same_size && fresh(&target) >= fresh(&source) {
+                continue;
+            }
+            let partial = dir.join(format!(".{name}.{}", std::process::id()));
+            std::fs::copy(&source, &partial).expect("copy an example function");
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+                .expect("make an example function executable");
+            std::fs::rename(&partial, &target).expect("install an example function");
+        }
+        dir
+    })
+    .clone()
+}
