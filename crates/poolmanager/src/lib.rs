@@ -1,6 +1,7 @@
 //! The npm (node pool manager): keeps each LB group's runner fleet sized to demand.
 //!
 //! Layout:
+//! - [`config`]: the npm's `FN_*` options for the control plane and scaling.
 //! - [`demand`]: the latest capacity advert of every live LB, per group; purging of LBs
 //!   that went silent.
 //! - [`predictor`]: the [`Predictor`](predictor::Predictor) trait and the default windowed
@@ -11,6 +12,7 @@
 //! - [`service`]: the gRPC services the LBs call.
 //! - [`probe`]: asking runners how many calls they have in flight.
 
+pub mod config;
 pub mod control_plane;
 pub mod demand;
 pub mod manager;

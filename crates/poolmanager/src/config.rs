@@ -1,0 +1,349 @@
+//! The npm's `FN_*` options: which control plane supplies runners ([`ControlPlaneArgs`]) and
+//! how the control loop scales ([`ScalingArgs`]), each validated into what the library
+//! runs on before any port is bound.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fn_lifecycle::config::parse_duration;
+use fn_tls::{TlsArgs, TlsMode};
+
+use crate::ManagerConfig;
+use crate::control_plane::ControlPlane;
+use crate::control_plane::docker::{DockerConfig, DockerControlPlane};
+use crate::control_plane::process::{ProcessConfig, ProcessControlPlane};
+use crate::control_plane::static_list::StaticControlPlane;
+
+/// Invalid npm configuration: one line naming the variable and what to do. Exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// `FN_CONTROL_PLANE` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlPlaneKind {
+    /// A fixed list of runner addresses (FN_RUNNER_ADDRESSES).
+    Static,
+    /// Local pure-runner processes on loopback ports.
+    Process,
+    /// Runner containers through the Docker Engine API (FN_DOCKER_*).
+    Docker,
+}
+
+/// Where runners come from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Where runners come from.
+    #[arg(long, env = "FN_CONTROL_PLANE", value_enum, default_value_t = ControlPlaneKind::Process)]
+    pub control_plane: ControlPlaneKind,
+    /// Capacity of one runner in MB (a spawned runner's FN_MAX_MEMORY_MB).
+    #[arg(long, env = "FN_RUNNER_MEMORY_MB", default_value_t = 1024)]
+    pub runner_memory_mb: u64,
+    /// static: the runner addresses (host:port, comma-separated).
+    #[arg(long, env = "FN_RUNNER_ADDRESSES", value_delimiter = ',')]
+    pub runner_addresses: Vec<String>,
+    /// process: the pure-runner executable [default: pure-runner next to this npm].
+    #[arg(long, env = "FN_RUNNER_BINARY")]
+    pub runner_binary: Option<PathBuf>,
+    /// process: the functions directory given to spawned runners (their FN_FUNCTIONS_DIR).
+    #[arg(long, env = "FN_RUNNER_FUNCTIONS_DIR")]
+    pub runner_functions_dir: Option<PathBuf>,
+    /// process: where spawned runners are recorded (for adoption after a restart) and log.
+    #[arg(
+        long,
+        env = "FN_RUNNER_STATE_DIR",
+        default_value = "/tmp/fn-npm-runners"
+    )]
+    pub runner_state_dir: PathBuf,
+    /// docker: the image runner containers are created from.
+    #[arg(
+        long,
+        env = "FN_DOCKER_RUNNER_IMAGE",
+        default_value = "fn-dataplane/pure-runner:latest"
+    )]
+    pub docker_runner_image: String,
+    /// docker: the network runner containers join [default: the npm container's network].
+    #[arg(long, env = "FN_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
+    /// docker: volume (or absolute host path) with the certificates, mounted into runners at
+    /// the directory of FN_NODE_CERT [default: what the npm's container mounts there].
+    #[arg(long, env = "FN_DOCKER_CERTS_VOLUME")]
+    pub docker_certs_volume: Option<String>,
+    /// docker: this npm's label on its runner containers [default: the network's name].
+    #[arg(long, env = "FN_DOCKER_NPM_ID")]
+    pub docker_npm_id: Option<String>,
+    /// docker: leave runner containers running at shutdown, for the next npm to adopt.
+    #[arg(long, env = "FN_DOCKER_KEEP_RUNNERS", default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub docker_keep_runners: bool,
+}
+
+/// How the control loop scales each LB group.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScalingArgs {
+    /// Runners every LB group keeps without demand.
+    #[arg(long, env = "FN_MIN_RUNNERS", default_value_t = 0)]
+    pub min_runners: usize,
+    /// Most runners per LB group.
+    #[arg(long, env = "FN_MAX_RUNNERS", default_value_t = 10)]
+    pub max_runners: usize,
+    /// How long demand must stay low before runners drain.
+    #[arg(long, env = "FN_SCALE_DOWN_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub scale_down_delay: Duration,
+    /// A draining runner is removed after this even with calls in flight.
+    #[arg(long, env = "FN_MAX_DRAIN_TIME", default_value = "5m", value_parser = parse_duration)]
+    pub max_drain_time: Duration,
+    /// An LB silent for this long is forgotten, with its demand.
+    #[arg(long, env = "FN_LB_PURGE_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub lb_purge_after: Duration,
+    /// Most runners provisioned per group per control-loop tick.
+    #[arg(long, env = "FN_PROVISION_BATCH", default_value_t = 4)]
+    pub provision_batch: usize,
+    /// Time between control-loop ticks.
+    #[arg(long, env = "FN_SCALE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub scale_interval: Duration,
+}
+
+impl ScalingArgs {
+    /// The control loop's settings.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable out of range.
+    pub fn manager_config(&self) -> Result<ManagerConfig, ConfigError> {
+        if self.max_runners == 0 || self.min_runners > self.max_runners {
+            return Err(ConfigError(
+                "FN_MAX_RUNNERS: must be at least 1 and at least FN_MIN_RUNNERS".into(),
+            ));
+        }
+        if self.provision_batch == 0 {
+            return Err(ConfigError("FN_PROVISION_BATCH: must be at least 1".into()));
+        }
+        if self.scale_interval.is_zero() {
+            return Err(ConfigError(
+                "FN_SCALE_INTERVAL: must be longer than 0".into(),
+            ));
+        }
+        Ok(ManagerConfig {
+            min_runners: self.min_runners,
+            max_runners: self.max_runners,
+            scale_down_delay: self.scale_down_delay,
+            max_drain_time: self.max_drain_time,
+            lb_purge_after: self.lb_purge_after,
+            provision_batch: self.provision_batch,
+            tick: self.scale_interval,
+            ..ManagerConfig::default()
+        })
+    }
+}
+
+impl ControlPlaneArgs {
+    /// Checks what can be checked without touching anything (exit 2 before any port is
+    /// bound).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.runner_memory_mb == 0 {
+            return Err(ConfigError(
+                "FN_RUNNER_MEMORY_MB: must be at least 1".into(),
+            ));
+        }
+        match self.control_plane {
+            ControlPlaneKind::Static if self.addresses().is_empty() => Err(ConfigError(
+                "FN_RUNNER_ADDRESSES: required with FN_CONTROL_PLANE=static".into(),
+            )),
+            ControlPlaneKind::Process if self.runner_functions_dir.is_none() => Err(ConfigError(
+                "FN_RUNNER_FUNCTIONS_DIR: required with FN_CONTROL_PLANE=process".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.runner_addresses
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// Builds the control plane. `tls_args` are the npm's own TLS options (runners get the
+    /// same files); `runner_env` is passed to every runner (log level and format).
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the control plane cannot be set up (missing runner binary,
+    /// unreachable Docker engine, ...).
+    pub async fn build(
+        &self,
+        tls_args: &TlsArgs,
+        tls: &TlsMode,
+        runner_env: Vec<(String, String)>,
+    ) -> Result<Arc<dyn ControlPlane>, ConfigError> {
+        self.validate()?;
+        let error = |e: &dyn std::fmt::Display| ConfigError(e.to_string());
+        Ok(match self.control_plane {
+            ControlPlaneKind::Static => Arc::new(StaticControlPlane::new(
+                self.addresses(),
+                self.runner_memory_mb,
+            )),
+            ControlPlaneKind::Process => {
+                let functions_dir = self.runner_functions_dir.clone().unwrap_or_default();
+                let runner_binary = self.runner_binary.clone().unwrap_or_else(|| {
+                    std::env::current_exe()
+                        .ok()
+                        .and_then(|exe| exe.parent().map(|dir| dir.join("pure-runner")))
+                        .unwrap_or_else(|| PathBuf::from("pure-runner"))
+                });
+                let mut config = ProcessConfig::new(
+                    runner_binary,
+                    absolute(&functions_dir),
+                    absolute(&self.runner_state_dir),
+                    tls.clone(),
+                );
+                config.runner_memory_mb = self.runner_memory_mb;
+                config.tls_env = tls_env(tls_args);
+                config.extra_env = runner_env;
+                Arc::new(
+                    ProcessControlPlane::new(config)
+                        .await
+                        .map_err(|e| error(&e))?,
+                )
+            }
+            ControlPlaneKind::Docker => {
+                let mut config =
+                    DockerConfig::new(self.docker_runner_image.clone(), tls.clone(), tls_args);
+                config.network = self.docker_network.clone();
+                config.certs = self.docker_certs_volume.clone();
+                config.npm_id = self.docker_npm_id.clone();
+                config.runner_memory_mb = self.runner_memory_mb;
+                config.keep_runners = self.docker_keep_runners;
+                config.extra_env.extend(runner_env);
+                Arc::new(
+                    DockerControlPlane::connect(config)
+                        .await
+                        .map_err(|e| error(&e))?,
+                )
+            }
+        })
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The environment giving spawned runners the npm's own TLS identity.
+fn tls_env(args: &TlsArgs) -> Vec<(String, String)> {
+    if args.insecure {
+        return vec![("FN_INSECURE".to_owned(), "true".to_owned())];
+    }
+    [
+        ("FN_NODE_CERT", &args.node_cert),
+        ("FN_NODE_CERT_KEY", &args.node_cert_key),
+        ("FN_NODE_CERT_AUTHORITY", &args.node_cert_authority),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| {
+        v.as_ref()
+            .map(|p| (k.to_owned(), absolute(p).display().to_string()))
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        control_plane: ControlPlaneArgs,
+        #[command(flatten)]
+        scaling: ScalingArgs,
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut all = vec!["npm"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid_for_the_static_plane_with_addresses() {
+        let cli = parse(&[
+            "--control-plane",
+            "static",
+            "--runner-addresses",
+            "a:1, b:2,",
+        ]);
+        cli.control_plane.validate().expect("valid");
+        assert_eq!(cli.control_plane.addresses(), ["a:1", "b:2"]);
+        let m = cli.scaling.manager_config().expect("valid");
+        assert_eq!(
+            (m.min_runners, m.max_runners, m.provision_batch),
+            (0, 10, 4)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["--control-plane", "static"], "FN_RUNNER_ADDRESSES:"),
+            (&["--control-plane", "process"], "FN_RUNNER_FUNCTIONS_DIR:"),
+            (
+                &["--control-plane", "docker", "--runner-memory-mb", "0"],
+                "FN_RUNNER_MEMORY_MB:",
+            ),
+            (
+                &["--control-plane", "docker", "--max-runners", "0"],
+                "FN_MAX_RUNNERS:",
+            ),
+            (
+                &["--control-plane", "docker", "--provision-batch", "0"],
+                "FN_PROVISION_BATCH:",
+            ),
+        ];
+        for (args, var) in cases {
+            let cli = parse(args);
+            let err = cli
+                .control_plane
+                .validate()
+                .err()
+                .or_else(|| cli.scaling.manager_config().err())
+                .unwrap_or_else(|| panic!("{args:?} must be rejected"));
+            assert!(
+                err.to_string().starts_with(var),
+                "{err} should start with {var}"
+            );
+        }
+    }
+
+    #[test]
+    fn runners_get_the_npm_identity_as_absolute_paths() {
+        let args = TlsArgs {
+            node_cert: Some("certs/node.pem".into()),
+            node_cert_key: Some("/abs/key.pem".into()),
+            node_cert_authority: None,
+            tls_server_name: None,
+            insecure: false,
+        };
+        let env = tls_env(&args);
+        assert_eq!(env.len(), 2);
+        assert!(env[0].1.starts_with('/') && env[0].1.ends_with("certs/node.pem"));
+        assert_eq!(
+            env[1],
+            ("FN_NODE_CERT_KEY".to_owned(), "/abs/key.pem".to_owned())
+        );
+        let insecure = TlsArgs {
+            insecure: true,
+            node_cert: None,
+            ..args
+        };
+        assert_eq!(
+            tls_env(&insecure),
+            [("FN_INSECURE".to_owned(), "true".to_owned())]
+        );
+    }
+}
