@@ -413,21 +413,7 @@ impl ControlPlane for DockerControlPlane {
         Box::pin(async move {
             let results =
                 futures::future::join_all((0..count).map(|_| self.provision_one(group))).await;
-            let mut ready = Vec::new();
-            let mut last_error = None;
-            for result in results {
-                match result {
-                    Ok(info) => ready.push(info),
-                    Err(e) => {
-                        tracing::error!(error = %e, "provisioning a runner container failed");
-                        last_error = Some(e);
-                    }
-                }
-            }
-            match (ready.is_empty(), last_error) {
-                (true, Some(e)) => Err(e),
-                _ => Ok(ready),
-            }
+            super::gather_provisioned(results, "runner container")
         })
     }
 

@@ -65,3 +65,26 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
         Box::pin(async {})
     }
 }
+
+/// Gathers the outcomes of a batch of concurrent provisions: the runners that are ready, or
+/// the last error when none is. Each failure is logged (`what` names the kind of runner).
+pub(crate) fn gather_provisioned(
+    results: Vec<Result<RunnerInfo, ControlPlaneError>>,
+    what: &str,
+) -> Result<Vec<RunnerInfo>, ControlPlaneError> {
+    let mut ready = Vec::new();
+    let mut last_error = None;
+    for result in results {
+        match result {
+            Ok(info) => ready.push(info),
+            Err(e) => {
+                tracing::error!(error = %e, "provisioning a {what} failed");
+                last_error = Some(e);
+            }
+        }
+    }
+    match (ready.is_empty(), last_error) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(ready),
+    }
+}

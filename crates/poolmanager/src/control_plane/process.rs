@@ -396,21 +396,7 @@ impl ControlPlane for ProcessControlPlane {
         Box::pin(async move {
             let spawns = (0..count).map(|_| self.spawn_one(group));
             let results = futures::future::join_all(spawns).await;
-            let mut ready = Vec::new();
-            let mut last_error = None;
-            for result in results {
-                match result {
-                    Ok(info) => ready.push(info),
-                    Err(e) => {
-                        tracing::error!(error = %e, "provisioning a runner failed");
-                        last_error = Some(e);
-                    }
-                }
-            }
-            match (ready.is_empty(), last_error) {
-                (true, Some(e)) => Err(e),
-                _ => Ok(ready),
-            }
+            super::gather_provisioned(results, "runner")
         })
     }
 
