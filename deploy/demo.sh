@@ -14,11 +14,14 @@ for b in lb-agent npm pure-runner fn-certs fn-hello fn-echo fn-sleep fn-crash; d
   [ -x "$BIN/$b" ] || { echo "demo: $BIN/$b missing; run: cargo build --workspace --bins" >&2; exit 1; }
 done
 
-mkdir -p "$DEMO/functions" "$DEMO/logs"
+# Runners start only programs inside their functions directory: give them the examples
+# only, in a directory the unprivileged function user can reach even when this checkout
+# sits under a private one.
+FUNCTIONS=${FN_DEMO_FUNCTIONS_DIR:-${TMPDIR:-/tmp}/fn-demo-$(id -u)/functions}
+mkdir -p "$FUNCTIONS" "$DEMO/logs"
+chmod 0755 "$(dirname "$FUNCTIONS")" "$FUNCTIONS"
+cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$FUNCTIONS/"
 "$BIN/fn-certs" --out "$DEMO/certs" --keep >/dev/null
-# Runners start only programs inside their functions directory: give them the examples only.
-cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$DEMO/functions/"
-chmod 0755 "$DEMO" "$DEMO/functions"
 
 export FN_NODE_CERT_AUTHORITY="$PWD/$DEMO/certs/ca.pem"
 export FN_NODE_CERT="$PWD/$DEMO/certs/node.pem"
@@ -39,7 +42,7 @@ trap cleanup INT TERM EXIT
 FN_GRPC_PORT=$NPM_PORT \
 FN_CONTROL_PLANE=process \
 FN_RUNNER_BINARY="$PWD/$BIN/pure-runner" \
-FN_RUNNER_FUNCTIONS_DIR="$PWD/$DEMO/functions" \
+FN_RUNNER_FUNCTIONS_DIR="$FUNCTIONS" \
 FN_RUNNER_STATE_DIR="$PWD/$DEMO/runners" \
 FN_RUNNER_MEMORY_MB=${FN_RUNNER_MEMORY_MB:-512} \
 FN_SCALE_DOWN_DELAY=${FN_SCALE_DOWN_DELAY:-20s} \

@@ -123,6 +123,11 @@ async fn npm_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow::Result<
 #[tokio::test]
 async fn pure_runner_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     let functions = tempfile::tempdir()?;
+    // The function user must be able to reach the functions directory.
+    std::fs::set_permissions(
+        functions.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let sockets = tempfile::tempdir()?;
     grpc_daemon_serves_health_and_stops_on_sigterm(
         "pure-runner",

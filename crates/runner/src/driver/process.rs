@@ -183,6 +183,13 @@ impl ProcessDriver {
             });
         }
 
+        if let Some(user) = config.function_user {
+            reachable_by(&functions_dir, user).map_err(|reason| SetupError::FunctionsDir {
+                path: config.functions_dir.clone(),
+                reason,
+            })?;
+        }
+
         let socket_root = prepare_socket_root(&config.socket_root, config.function_user)?;
 
         let memory = cgroup::detect(&config.memory_limits);
@@ -526,4 +533,57 @@ fn id_seed() -> u32 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
     nanos ^ std::process::id().rotate_left(16)
+}
+
+/// Checks that `user` can traverse every directory down to `dir` (by the owner, group and
+/// other bits), so that functions are not refused one call at a time with "permission
+/// denied" because the functions directory sits under a private one.
+fn reachable_by(dir: &Path, user: FunctionUser) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors() {
+        let meta = std::fs::metadata(ancestor)
+            .map_err(|e| format!("cannot inspect {}: {e}", ancestor.display()))?;
+        let bit = if meta.uid() == user.uid {
+            0o100
+        } else if meta.gid() == user.gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Err(format!(
+                "the function user (uid {}) cannot reach it: {} is mode {:o}; allow it \
+                 (chmod o+x) or put the functions in a directory it can reach",
+                user.uid,
+                ancestor.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_private_ancestor_makes_the_functions_dir_unreachable() {
+        let outer = tempfile::tempdir().expect("tempdir");
+        let dir = outer.path().join("functions");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let stranger = FunctionUser {
+            uid: 64_999,
+            gid: 64_999,
+        };
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let err = reachable_by(&dir, stranger).expect_err("0700 ancestor");
+        assert!(err.contains("is mode 700"), "{err}");
+        assert!(err.contains(&outer.path().display().to_string()), "{err}");
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        reachable_by(&dir, stranger).expect("traversable");
+    }
 }
