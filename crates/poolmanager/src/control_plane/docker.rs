@@ -39,9 +39,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 pub use engine::{
     BollardEngine, Container, ContainerState, Engine, EngineError, RUNNER_CAPABILITIES, SelfView,
@@ -180,25 +177,7 @@ impl GrpcHealth {
 
 impl ReadyProbe for GrpcHealth {
     fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(async move {
-            let Ok(endpoint) = fn_tls::grpc_endpoint(&self.tls, address) else {
-                return false;
-            };
-            let Ok(channel) = endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await
-            else {
-                return false;
-            };
-            HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
-        })
+        Box::pin(super::answers_health(&self.tls, address))
     }
 }
 

@@ -88,3 +88,28 @@ pub(crate) fn gather_provisioned(
         _ => Ok(ready),
     }
 }
+
+/// Whether the runner at `address` answers the standard gRPC health check with SERVING,
+/// within a short bound. Control planes report a runner only once it does.
+pub(crate) async fn answers_health(tls: &fn_tls::TlsMode, address: &str) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let Ok(endpoint) = fn_tls::grpc_endpoint(tls, address) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+}

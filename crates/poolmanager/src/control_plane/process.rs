@@ -23,9 +23,6 @@ use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
@@ -258,7 +255,7 @@ impl ProcessControlPlane {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {
-            if health(&self.config.tls, &address).await {
+            if super::answers_health(&self.config.tls, &address).await {
                 let mut runners = self.lock();
                 let Some(entry) = runners.iter_mut().find(|r| r.info.id == id) else {
                     return Err(failed(format!("runner {id} was stopped while starting")));
@@ -320,7 +317,7 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(20);
     loop {
-        if health(&config.tls, &info.address).await {
+        if super::answers_health(&config.tls, &info.address).await {
             tracing::info!(runner = %info.id, address = %info.address, pid, "adopted a runner from a previous npm process");
             return Some(Spawned {
                 info,
@@ -473,26 +470,6 @@ fn pid_alive(pid: u32) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false)
-}
-
-async fn health(tls: &TlsMode, address: &str) -> bool {
-    let Ok(endpoint) = fn_tls::grpc_endpoint(tls, address) else {
-        return false;
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
 }
 
 fn free_port(ip: IpAddr) -> std::io::Result<u16> {
