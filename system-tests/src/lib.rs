@@ -283,3 +283,28 @@ pub fn merge(lists: &[&[(String, String)]]) -> Vec<(String, String)> {
     }
     map.into_iter().collect()
 }
+
+/// The ids of the runners the npm at `npm_address` publishes for `group`, in its order.
+///
+/// # Errors
+/// When the npm cannot be reached or answers with an error.
+pub async fn published_runners(
+    tls: &TlsMode,
+    npm_address: &str,
+    group: &str,
+) -> anyhow::Result<Vec<String>> {
+    use fn_protocol::poolmanager::LbGroupId;
+    use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
+    let channel = fn_tls::grpc_endpoint(tls, npm_address)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let reply = RunnerManagerClient::new(channel)
+        .get_lb_group(LbGroupId {
+            id: group.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(reply.runners.into_iter().map(|r| r.id).collect())
+}

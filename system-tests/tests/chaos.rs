@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 use ::http::Method;
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use fn_protocol::poolmanager::LbGroupId;
-use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
 use fn_system_tests::cluster::{Cluster, Setup};
 use fn_system_tests::http;
 use fn_system_tests::load::{Load, LoadSpec, Outcome, Payloads, Rng, placements};
@@ -345,18 +343,7 @@ fn describe(o: &Outcome, on_victim: bool, killed_at: Instant) -> String {
 /// The runner ids the npm publishes for the `default` group.
 async fn published(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
     let npm = cluster.npm.as_ref().context("no npm")?;
-    let channel = fn_tls::grpc_endpoint(&cluster.certs.client()?, &npm.address)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await?;
-    let reply = RunnerManagerClient::new(channel)
-        .get_lb_group(LbGroupId {
-            id: "default".into(),
-        })
-        .await?
-        .into_inner();
-    Ok(reply.runners.into_iter().map(|r| r.id).collect())
+    fn_system_tests::published_runners(&cluster.certs.client()?, &npm.address, "default").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

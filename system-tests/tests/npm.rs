@@ -25,8 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use fn_protocol::poolmanager::LbGroupId;
-use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
 use fn_system_tests::{Certs, Daemon, env, free_port, http, merge};
 use fn_tls::TlsMode;
 use nix::sys::signal::{Signal, kill};
@@ -237,18 +235,7 @@ idle_timeout = "30s"
 
     /// The runner list the npm publishes for the `default` group.
     async fn published(&self) -> anyhow::Result<Vec<String>> {
-        let channel = fn_tls::grpc_endpoint(&self.tls, &self.npm_address)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await?;
-        let reply = RunnerManagerClient::new(channel)
-            .get_lb_group(LbGroupId {
-                id: "default".into(),
-            })
-            .await?
-            .into_inner();
-        Ok(reply.runners.into_iter().map(|r| r.id).collect())
+        fn_system_tests::published_runners(&self.tls, &self.npm_address, "default").await
     }
 
     /// SIGTERMs the lb-agent and expects exit 0.

@@ -326,19 +326,22 @@ mod tests {
         })
     }
 
-    fn header_map() -> impl Strategy<Value = HeaderMap> {
-        prop::collection::vec((header_name(), "[!-~][ -~]{0,30}"), 0..12).prop_map(|pairs| {
-            let mut headers = HeaderMap::new();
-            for (name, value) in pairs {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(&value),
-                ) {
-                    headers.append(name, value);
-                }
+    /// A header map of the pairs that are valid header names and values.
+    fn headers_from(pairs: Vec<(String, String)>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.append(name, value);
             }
-            headers
-        })
+        }
+        headers
+    }
+
+    fn header_map() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec((header_name(), "[!-~][ -~]{0,30}"), 0..12).prop_map(headers_from)
     }
 
     /// Names a function's reply might carry: prefixed client headers (hop-by-hop and framing
@@ -362,18 +365,7 @@ mod tests {
     }
 
     fn reply_map() -> impl Strategy<Value = HeaderMap> {
-        prop::collection::vec((reply_name(), "[!-~][ -~]{0,20}"), 0..16).prop_map(|pairs| {
-            let mut headers = HeaderMap::new();
-            for (name, value) in pairs {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(&value),
-                ) {
-                    headers.append(name, value);
-                }
-            }
-            headers
-        })
+        prop::collection::vec((reply_name(), "[!-~][ -~]{0,20}"), 0..16).prop_map(headers_from)
     }
 
     proptest! {
