@@ -254,18 +254,25 @@ async fn placement_moves_on_within_the_connect_and_ack_timeouts_when_a_runner_is
         }
     }
     report.case("slow calls in flight at the cut", &in_flight);
+    // Two slow calls ran on connected runners and must succeed. The one on the cut-off
+    // runner must end with 502 within the keepalive bound — unless its answer had already
+    // got through when the packets started to drop (a race with the cut, seen once in CI):
+    // then it succeeded too, and only "nothing hung, nothing else failed" can be checked.
     ensure!(
-        in_flight.ok_count() == 2 && statuses.len() == 1,
-        "expected two slow calls to succeed and the one on the cut-off runner to fail: \
-         {:?}\n{}",
+        in_flight.ok_count() + statuses.len() as u64 == 3 && statuses.len() <= 1,
+        "expected the slow calls on connected runners to succeed and at most the one on the \
+         cut-off runner to fail: {:?}\n{}",
         in_flight.errors(),
         cluster.logs()
     );
-    let (status, after) = statuses[0];
-    ensure!(
-        status == 502 && after <= DEAD_CONNECTION_BOUND,
-        "the call on the cut-off connection ended with {status} {after:?} after the cut"
-    );
+    if let Some(&(status, after)) = statuses.first() {
+        ensure!(
+            status == 502 && after <= DEAD_CONNECTION_BOUND,
+            "the call on the cut-off connection ended with {status} {after:?} after the cut"
+        );
+    } else {
+        report.note("the slow call on the cut-off runner answered before the cut took effect");
+    }
 
     // 4. Healed again.
     netns.restore()?;
@@ -275,7 +282,8 @@ async fn placement_moves_on_within_the_connect_and_ack_timeouts_when_a_runner_is
     report.note(format!(
         "connect timeout {CONNECT_TIMEOUT:?}, ack timeout {ACK_TIMEOUT:?}; function timeout 30 \
          s, placer timeout 20 s; runner used again {back:?} and {back_again:?} after healing; \
-         the call in flight on the cut connection ended {status} {after:?} after the cut"
+         the call in flight on the cut connection ended {:?} after the cut",
+        statuses.first()
     ));
     report.publish();
     report.reconcile()?;
