@@ -92,13 +92,15 @@ impl Certs {
     }
 }
 
-/// A free loopback port (bound, then released for the daemon to take).
+/// A free loopback port for a daemon to take, outside the range outgoing connections use
+/// (see [`fn_lifecycle::ports`]).
 ///
 /// # Errors
 /// When no port can be bound.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    Ok(fn_lifecycle::ports::free_port(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    )?)
 }
 
 /// A running daemon. Killed on drop.

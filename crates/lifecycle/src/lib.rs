@@ -9,6 +9,8 @@
 //! - [`services`]: named services run together under one cancellation token, stopped by a
 //!   shutdown future (a signal in production, anything in tests) within a bound.
 //! - [`signal`]: the SIGTERM/SIGINT future for production.
+//! - [`ports`]: a free port for a child process to listen on, without racing outgoing
+//!   connections for it.
 //!
 //! Shutdown order, for every daemon: health NOT_SERVING → services see their token cancelled
 //! and stop accepting → in-flight work drains within `FN_SHUTDOWN_TIMEOUT` → exit 0.
@@ -16,6 +18,7 @@
 pub mod config;
 pub mod health;
 pub mod logging;
+pub mod ports;
 pub mod services;
 pub mod signal;
 

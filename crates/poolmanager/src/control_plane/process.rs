@@ -202,8 +202,8 @@ impl ProcessControlPlane {
     /// (as `Starting`) from its spawn on, so a shutdown that cuts this short stops it.
     async fn spawn_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
         let failed = |what: String| ControlPlaneError::Failed(what);
-        let port =
-            free_port(self.config.listen_ip).map_err(|e| failed(format!("no free port: {e}")))?;
+        let port = fn_lifecycle::ports::free_port(self.config.listen_ip)
+            .map_err(|e| failed(format!("no free port: {e}")))?;
         let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let address = SocketAddr::new(self.config.listen_ip, port).to_string();
         let sock_dir = socket_dir(&id);
@@ -470,11 +470,6 @@ fn pid_alive(pid: u32) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false)
-}
-
-fn free_port(ip: IpAddr) -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Record format, one line: `id address group created_unix_ms pid`.
