@@ -3,8 +3,9 @@
 //! One pass tries the group's runners in the placer's order, skipping placeholders
 //! (unreachable runners, which keep their slot). A refusal moves on to the next runner. When
 //! a pass ends with no commit, the whole list is tried again after a backoff, until the
-//! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline). A committed
-//! call is returned at once and never offered to another runner.
+//! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline); the last pause
+//! is shortened so that a last pass starts just before the deadline. A committed call is
+//! returned at once and never offered to another runner.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,10 @@ use fn_protocol::CallSpec;
 use tokio::time::Instant;
 
 use crate::error::CallError;
+
+/// The last pass starts no later than this before the placer deadline: room for a round
+/// trip to a runner that has capacity.
+const LAST_PASS: Duration = Duration::from_millis(50);
 
 /// Placement tunables.
 #[derive(Debug, Clone)]
@@ -103,11 +108,12 @@ impl Dispatcher {
                     Ok(Err(e)) => tracing::debug!(error = %e, "not placed; trying the next runner"),
                 }
             }
-            let pause = backoff.next_delay();
-            if Instant::now() + pause >= deadline {
+            // The last pass starts just before the deadline rather than one pause early.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left <= LAST_PASS {
                 return Err(no_capacity(attempts));
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)).await;
         }
     }
 }

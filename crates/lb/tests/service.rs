@@ -335,9 +335,10 @@ async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_
         .expect("Retry-After in seconds");
     assert!(retry_after >= 1);
     reply.json_error();
-    // The deadline was waited out (less a last backoff that would overrun it), not more.
+    // The deadline was waited out (the last pass starts just before it), not more.
     assert!(
-        elapsed >= placer_timeout / 2 && elapsed < placer_timeout + Duration::from_secs(2),
+        elapsed >= placer_timeout - Duration::from_millis(100)
+            && elapsed < placer_timeout + Duration::from_secs(2),
         "answered after {elapsed:?}"
     );
     for runner in &runners {
