@@ -797,7 +797,10 @@ async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
             client: ClientConfig {
                 connect_timeout: Duration::from_millis(200),
                 ack_timeout: Duration::from_millis(300),
-                ..ClientConfig::default()
+                // The silent runner answers health, so a probe would soon put it back in
+                // service; none comes while this test looks.
+                probe_initial: Duration::from_secs(60),
+                probe_max: Duration::from_secs(60),
             },
             ..Options::default()
         },
