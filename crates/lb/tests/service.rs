@@ -25,6 +25,7 @@ use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Bound for anything a test waits on.
@@ -64,6 +65,8 @@ struct Lb {
     address: String,
     pool: Arc<StaticPool>,
     capacity: CapacityTracker,
+    /// Where the LB's metrics are registered.
+    registry: Registry,
     cancel: CancellationToken,
 }
 
@@ -85,7 +88,13 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         },
     );
     let capacity = CapacityTracker::new();
-    let invoker = Invoker::new(dispatcher, capacity.clone(), options.max_request_body);
+    let mut registry = Registry::default();
+    let invoker = Invoker::new(
+        dispatcher,
+        capacity.clone(),
+        options.max_request_body,
+        &mut registry,
+    );
     let catalog = Catalog::parse(Path::new("test.toml"), CATALOG).expect("catalog");
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
@@ -101,6 +110,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         address,
         pool,
         capacity,
+        registry,
         cancel,
     }
 }
@@ -457,6 +467,44 @@ async fn unreachable_runners_become_placeholders_and_calls_succeed_on_the_others
     }
     assert_eq!(runners[0].seen().len(), 7);
     drop(silent);
+}
+
+#[tokio::test]
+async fn calls_are_counted_by_outcome_and_timed() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    const CALLS: usize = 3;
+    for i in 0..CALLS {
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    let reply = post(&lb, "/r/demo/nope", "").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let text = fn_lifecycle::metrics::encode(&lb.registry).expect("encodes");
+    assert!(
+        text.contains(&format!(
+            "fn_lb_calls_total{{outcome=\"success\"}} {CALLS}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"not_found\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_call_duration_seconds_count {CALLS}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_placement_seconds_count {CALLS}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_placement_attempts_total {CALLS}\n")),
+        "{text}"
+    );
+    assert!(text.contains("fn_lb_calls_in_flight 0\n"), "{text}");
 }
 
 #[tokio::test]
