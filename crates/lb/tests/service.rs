@@ -6,7 +6,8 @@
 //! `Retry-After` when every runner refuses until the placer deadline; a refusal moves the call
 //! to the next runner; an unreachable runner becomes a placeholder without costing later
 //! calls anything; 404 / 405 / 413 as JSON; `Fn-Call-Id` on every response; a client that
-//! goes away cancels the Engage stream.
+//! goes away cancels the Engage stream; the metrics count each call by how it ended
+//! (success, 404, 503, client gone), its placement attempts and its duration.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -68,6 +69,13 @@ struct Lb {
     /// Where the LB's metrics are registered.
     registry: Registry,
     cancel: CancellationToken,
+}
+
+impl Lb {
+    /// The LB's metrics scrape.
+    fn metrics(&self) -> String {
+        fn_lifecycle::metrics::encode(&self.registry).expect("encodes")
+    }
 }
 
 impl Drop for Lb {
@@ -365,6 +373,17 @@ async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_
         assert!(runner.seen().iter().all(|c| c.ending == Ending::Refused));
     }
     assert_eq!(lb.capacity.snapshot().get("default"), Some(&0));
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"no_capacity\"} 1\n"),
+        "{text}"
+    );
+    let offers: usize = runners.iter().map(|r| r.seen().len()).sum();
+    assert!(
+        text.contains(&format!("fn_lb_placement_attempts_total {offers}\n")),
+        "{offers} offers: {text}"
+    );
+    assert!(text.contains("fn_lb_placement_seconds_count 0\n"), "{text}");
 }
 
 #[tokio::test]
@@ -481,7 +500,7 @@ async fn calls_are_counted_by_outcome_and_timed() {
     }
     let reply = post(&lb, "/r/demo/nope", "").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    let text = fn_lifecycle::metrics::encode(&lb.registry).expect("encodes");
+    let text = lb.metrics();
     assert!(
         text.contains(&format!(
             "fn_lb_calls_total{{outcome=\"success\"}} {CALLS}\n"
@@ -741,6 +760,12 @@ async fn a_client_that_goes_away_before_the_response_cancels_the_engage_stream()
         .expect("cancelled in time");
     assert_eq!(ending, Ending::LbWentAway);
     wait_released(&lb).await;
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"client_gone\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("fn_lb_calls_in_flight 0\n"), "{text}");
 }
 
 #[tokio::test]
