@@ -44,6 +44,9 @@ pub struct Setup {
     pub npm_env: Vec<(String, String)>,
     /// More environment for every runner.
     pub runner_env: Vec<(String, String)>,
+    /// Give every daemon its own `FN_METRICS_PORT` (addresses in [`Cluster::lb_metrics`],
+    /// [`Npm::metrics`] and [`Runner::metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for Setup {
@@ -58,6 +61,7 @@ impl Default for Setup {
             lb_env: Vec::new(),
             npm_env: Vec::new(),
             runner_env: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct Runner {
     daemon: Option<Daemon>,
     /// `host:port` the LB dials.
     pub address: String,
+    /// `host:port` of its metrics endpoint (when [`Setup::metrics`]).
+    pub metrics: Option<String>,
     env: Vec<(String, String)>,
     /// The network namespace it runs in, if any.
     netns: Option<String>,
@@ -103,6 +109,8 @@ pub struct Npm {
     pub daemon: Daemon,
     /// `host:port` of its gRPC services.
     pub address: String,
+    /// `host:port` of its metrics endpoint (when [`Setup::metrics`]).
+    pub metrics: Option<String>,
 }
 
 /// Runners, an lb-agent and maybe an npm. Everything is killed on drop; field order is drop
@@ -114,6 +122,8 @@ pub struct Cluster {
     pub runners: Vec<Runner>,
     /// `host:port` of the lb-agent's HTTP front.
     pub http: String,
+    /// `host:port` of the lb-agent's metrics endpoint (when [`Setup::metrics`]).
+    pub lb_metrics: Option<String>,
     pub catalog: PathBuf,
     pub certs: Certs,
     _dir: tempfile::TempDir,
@@ -149,7 +159,9 @@ impl Cluster {
             };
             // Short paths: unix socket names are limited to about 100 bytes.
             let sockets = tempfile::Builder::new().prefix("fnst").tempdir_in("/tmp")?;
+            let metrics_port = metrics_port(&setup)?;
             let vars = merge(&[
+                &metrics_env(metrics_port),
                 &certs.env(),
                 &env(&[
                     ("FN_GRPC_PORT", &port.to_string()),
@@ -165,6 +177,7 @@ impl Cluster {
             runners.push(Runner {
                 daemon: Some(daemon),
                 address: format!("{host}:{port}"),
+                metrics: metrics_port.map(|p| format!("{host}:{p}")),
                 env: vars,
                 netns: ns,
                 _sockets: sockets,
@@ -182,7 +195,9 @@ impl Cluster {
         let npm = if setup.npm {
             let port = free_port()?;
             let address = format!("127.0.0.1:{port}");
+            let metrics_port = metrics_port(&setup)?;
             let vars = merge(&[
+                &metrics_env(metrics_port),
                 &certs.env(),
                 &env(&[
                     ("FN_GRPC_PORT", &port.to_string()),
@@ -199,7 +214,11 @@ impl Cluster {
             ]);
             let mut daemon = Daemon::spawn("npm", &vars)?;
             daemon.wait_grpc_serving(&client, &address, READY).await?;
-            Some(Npm { daemon, address })
+            Some(Npm {
+                daemon,
+                address,
+                metrics: metrics_port.map(|p| format!("127.0.0.1:{p}")),
+            })
         } else {
             None
         };
@@ -225,7 +244,13 @@ impl Cluster {
         if let Some(max) = setup.max_request_body {
             defaults.push(("FN_MAX_REQUEST_BODY".into(), max.to_string()));
         }
-        let vars = merge(&[&certs.env(), &defaults, &setup.lb_env]);
+        let lb_metrics_port = metrics_port(&setup)?;
+        let vars = merge(&[
+            &metrics_env(lb_metrics_port),
+            &certs.env(),
+            &defaults,
+            &setup.lb_env,
+        ]);
         let mut lb = Daemon::spawn("lb-agent", &vars)?;
         lb.wait_http_health(&http, READY).await?;
         Ok(Cluster {
@@ -233,6 +258,7 @@ impl Cluster {
             npm,
             runners,
             http,
+            lb_metrics: lb_metrics_port.map(|p| format!("127.0.0.1:{p}")),
             catalog,
             certs,
             _dir: dir,
@@ -360,4 +386,16 @@ impl Cluster {
         runner.daemon = Some(daemon);
         Ok(())
     }
+}
+
+/// A metrics port for one daemon, when the setup asks for metrics.
+fn metrics_port(setup: &Setup) -> anyhow::Result<Option<u16>> {
+    setup.metrics.then(free_port).transpose()
+}
+
+/// `FN_METRICS_PORT` for `port`, or nothing.
+fn metrics_env(port: Option<u16>) -> Vec<(String, String)> {
+    port.map(|p| ("FN_METRICS_PORT".to_owned(), p.to_string()))
+        .into_iter()
+        .collect()
 }

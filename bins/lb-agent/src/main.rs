@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool, StaticPool};
 use fn_placement::PlacerKind;
@@ -127,7 +128,8 @@ async fn main() -> ExitCode {
             ..DispatchConfig::default()
         },
     );
-    let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body);
+    let mut registry = Registry::default();
+    let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);
     let (health, _grpc_health) = Health::new(&[]);
     let front = Front::new(Arc::clone(&catalog), invoker, health.clone());
 
@@ -135,11 +137,18 @@ async fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
+    let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
+        Ok(m) => m,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
     // The SIGHUP handler is installed here, before health says SERVING: until then SIGHUP's
     // default action would terminate the process.
     let hangups = signal(SignalKind::hangup());
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("http", move |cancel| front.serve(listener, cancel));
+    if let Some(metrics) = metrics {
+        services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
     services.spawn("catalog-reload", move |cancel| {
         reload_on_sighup(catalog, hangups, cancel)
     });

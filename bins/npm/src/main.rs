@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_or_exit};
+use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_poolmanager::config::{ControlPlaneArgs, ScalingArgs};
 use fn_poolmanager::probe::GrpcProbe;
@@ -80,7 +81,12 @@ async fn main() -> ExitCode {
         .add_service(npm.clone().scaler_server())
         .add_service(npm.manager_server());
     let probe = Arc::new(GrpcProbe::new(tls.clone()));
-    let control = ControlLoop::new(shared, control_plane, probe, manager_config);
+    let mut registry = Registry::default();
+    let control = ControlLoop::new(shared, control_plane, probe, manager_config, &mut registry);
+    let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
+        Ok(m) => m,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
 
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("grpc", move |cancel| {
@@ -90,6 +96,9 @@ async fn main() -> ExitCode {
         )
     });
     services.spawn("control-loop", move |cancel| control.run(cancel));
+    if let Some(metrics) = metrics {
+        services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
     let shutdown = match fn_lifecycle::signal::shutdown_signal() {
         Ok(signal) => signal,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),

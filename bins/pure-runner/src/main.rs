@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
 use fn_runner::{EngageConfig, Pool, RunnerService};
@@ -77,13 +78,18 @@ async fn main() -> ExitCode {
         ProcessDriverConfig::new(functions_dir, &cli.socket_dir).with_function_user(function_user);
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
     let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
-    let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default());
+    let mut registry = Registry::default();
+    let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 
     let listener =
         match fn_lifecycle::bind(cli.common.listen_on(cli.grpc_port), "FN_GRPC_PORT").await {
             Ok(l) => l,
             Err(e) => return fn_lifecycle::exit_status(Err(e)),
         };
+    let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
+        Ok(m) => m,
+        Err(e) => return fn_lifecycle::exit_status(Err(e)),
+    };
     let mut server = match fn_tls::grpc_server(&tls) {
         Ok(s) => s,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
@@ -101,6 +107,9 @@ async fn main() -> ExitCode {
             runner.drain().await;
         })
     });
+    if let Some(metrics) = metrics {
+        services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
     let reaper_pool = Arc::clone(&pool);
     services.spawn("idle-reaper", move |cancel| {
         reaper_pool.run_reaper(Duration::from_secs(1), cancel)

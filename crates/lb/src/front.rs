@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::catalog::{CatalogHandle, Function};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
+use crate::metrics::CallOutcome;
 
 /// Error type of response bodies: a body that fails is cut off.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,6 +74,7 @@ impl Front {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
             Ok(Route::Function(_)) if !self.health.is_serving() => {
+                self.invoker.metrics().refused(CallOutcome::ShuttingDown);
                 CallError::ShuttingDown.to_response()
             }
             Ok(Route::Function(function)) => {
@@ -105,7 +107,10 @@ impl Front {
                     }
                 }
             }
-            Err(e) => e.to_response(),
+            Err(e) => {
+                self.invoker.metrics().refused(CallOutcome::from(&e));
+                e.to_response()
+            }
         };
         if let Ok(value) = HeaderValue::from_str(&call_id) {
             response.headers_mut().insert(CALL_ID_HEADER, value);

@@ -27,6 +27,7 @@ use crate::catalog::Function;
 use crate::dispatch::Dispatcher;
 use crate::error::CallError;
 use crate::front::{BodyError, ResponseBody};
+use crate::metrics::{CallOutcome, CallRecord, LbMetrics};
 
 /// Largest data frame sent to a runner; larger client chunks are split.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -57,15 +58,28 @@ pub struct Invoker {
     dispatcher: Dispatcher,
     capacity: CapacityTracker,
     max_request_body: u64,
+    metrics: LbMetrics,
 }
 
 impl Invoker {
-    pub fn new(dispatcher: Dispatcher, capacity: CapacityTracker, max_request_body: u64) -> Self {
+    /// An invoker whose call metrics ([`LbMetrics`]) are registered in `registry`.
+    pub fn new(
+        dispatcher: Dispatcher,
+        capacity: CapacityTracker,
+        max_request_body: u64,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
         Invoker {
             dispatcher,
             capacity,
             max_request_body,
+            metrics: LbMetrics::register(registry),
         }
+    }
+
+    /// The call metrics, for requests refused before they reach the invoker.
+    pub(crate) fn metrics(&self) -> &LbMetrics {
+        &self.metrics
     }
 
     /// Runs `function` for the client request `req`.
@@ -83,15 +97,17 @@ impl Invoker {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
+        // In flight from here; the record goes with the call to its driver task.
+        let record = self.metrics.call_started();
         let declared_len = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|len| len > self.max_request_body) {
-            return Err(CallError::TooLarge {
+            return Err(record.failed(CallError::TooLarge {
                 limit: self.max_request_body,
-            });
+            }));
         }
         let (parts, body) = req.into_parts();
         let spec = call_spec(&function, call_id, &parts);
@@ -100,7 +116,16 @@ impl Invoker {
 
         // The call counts towards its group's demand from arrival to the last byte.
         let guard = self.capacity.assign(&spec.lb_group, spec.memory_mb);
-        let placed = self.dispatcher.place(&spec).await?;
+        let placed = match self.dispatcher.place(&spec).await {
+            Ok(placed) => placed,
+            Err(err) => {
+                if let CallError::NoCapacity { attempts, .. } = &err {
+                    self.metrics.not_placed(*attempts);
+                }
+                return Err(record.failed(err));
+            }
+        };
+        self.metrics.placed(placed.attempts, placed.waited);
         tracing::info!(
             runner = %placed.engaged.runner,
             attempts = placed.attempts,
@@ -117,6 +142,7 @@ impl Invoker {
             deadline,
             max_request_body: self.max_request_body,
             _guard: guard,
+            record,
         };
         // The driver's log lines belong to the call's span (call id, function, group).
         tokio::spawn(
@@ -196,6 +222,8 @@ struct CallDriver {
     max_request_body: u64,
     /// Released when the call ends, however it ends.
     _guard: CapacityGuard,
+    /// The call's metrics record: finished with the outcome [`CallDriver::drive`] returns.
+    record: CallRecord,
 }
 
 /// Aborts the wrapped task when dropped.
@@ -222,13 +250,32 @@ impl CallDriver {
         }
     }
 
+    /// Drives the call to its end and records how it ended.
     async fn run<B>(
         self,
-        mut engaged: Engaged,
+        engaged: Engaged,
         body: B,
         head_tx: oneshot::Sender<Result<Head, CallError>>,
         frames: FrameTx,
     ) where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let outcome = self.drive(engaged, body, head_tx, &frames).await;
+        self.record.finish(outcome);
+        // Only now does the client's response body end: a client that has read the whole
+        // answer finds the call already counted.
+        drop(frames);
+    }
+
+    async fn drive<B>(
+        &self,
+        mut engaged: Engaged,
+        body: B,
+        head_tx: oneshot::Sender<Result<Head, CallError>>,
+        frames: &FrameTx,
+    ) -> CallOutcome
+    where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
@@ -246,16 +293,16 @@ impl CallDriver {
             head = self.await_head(&mut engaged, &mut pump, &mut pump_done, give_up) => head,
             () = head_tx.closed() => {
                 tracing::info!("client went away before the response; cancelling the call");
-                return;
+                return CallOutcome::ClientGone;
             }
         };
-        let failed = head.is_err();
+        let failed = head.as_ref().err().map(CallOutcome::from);
         if head_tx.send(head).is_err() {
             tracing::info!("client went away before the response; cancelling the call");
-            return;
+            return CallOutcome::ClientGone;
         }
-        if failed {
-            return;
+        if let Some(outcome) = failed {
+            return outcome;
         }
 
         // Phase 2: the response body. Sends block on a slow client but never past the deadline.
@@ -265,24 +312,24 @@ impl CallDriver {
                 pumped = &mut pump.0, if !pump_done => {
                     pump_done = true;
                     if let Ok(Err(e)) = pumped {
-                        let why = match e {
-                            PumpError::TooLarge => format!("request body over the limit of {} bytes", self.max_request_body),
-                            PumpError::Client(e) => format!("reading the request body: {e}"),
+                        let (why, outcome) = match e {
+                            PumpError::TooLarge => (format!("request body over the limit of {} bytes", self.max_request_body), CallOutcome::TooLarge),
+                            PumpError::Client(e) => (format!("reading the request body: {e}"), CallOutcome::BadRequest),
                         };
-                        abort_body(&frames, &why).await;
-                        return;
+                        abort_body(frames, &why).await;
+                        return outcome;
                     }
                 }
                 msg = engaged.next() => {
                     let body_msg = match msg {
                         Ok(Some(m)) => m.body,
                         Ok(None) => {
-                            abort_body(&frames, "the runner ended the stream before CallFinished").await;
-                            return;
+                            abort_body(frames, "the runner ended the stream before CallFinished").await;
+                            return CallOutcome::RunnerFailed;
                         }
                         Err(status) => {
-                            abort_body(&frames, &format!("runner {} failed: {}", self.runner, status.message())).await;
-                            return;
+                            abort_body(frames, &format!("runner {} failed: {}", self.runner, status.message())).await;
+                            return CallOutcome::RunnerFailed;
                         }
                     };
                     match body_msg {
@@ -292,20 +339,20 @@ impl CallDriver {
                                 let sent = tokio::time::timeout_at(give_up, frames.send(Ok(Frame::data(frame.data)))).await;
                                 if !matches!(sent, Ok(Ok(()))) {
                                     tracing::info!("client stopped reading the response; cancelling the call");
-                                    return;
+                                    return CallOutcome::ClientGone;
                                 }
                             }
                         }
-                        Some(runner_msg::Body::Finished(f)) if f.success && eof => return,
+                        Some(runner_msg::Body::Finished(f)) if f.success && eof => return CallOutcome::Success,
                         Some(runner_msg::Body::Finished(f)) => {
                             let err = self.finished_error(&f);
                             tracing::info!(error = %err, "call failed after its response started");
-                            abort_body(&frames, &err.to_string()).await;
-                            return;
+                            abort_body(frames, &err.to_string()).await;
+                            return CallOutcome::from(&err);
                         }
                         _ => {
-                            abort_body(&frames, "protocol error: unexpected message in the response").await;
-                            return;
+                            abort_body(frames, "protocol error: unexpected message in the response").await;
+                            return CallOutcome::RunnerFailed;
                         }
                     }
                 }
@@ -313,11 +360,11 @@ impl CallDriver {
                     // Hyper dropped the response body: the client went away. Returning drops
                     // the Engage stream, which makes the runner abort the function.
                     tracing::info!("client went away during the response; cancelling the call");
-                    return;
+                    return CallOutcome::ClientGone;
                 }
                 () = tokio::time::sleep_until(give_up) => {
-                    abort_body(&frames, "the call passed its timeout").await;
-                    return;
+                    abort_body(frames, "the call passed its timeout").await;
+                    return CallOutcome::Timeout;
                 }
             }
         }

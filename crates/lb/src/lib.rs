@@ -9,14 +9,18 @@
 //!   response back.
 //! - [`front`]: the HTTP server (HTTP/1.1 and h2c), routing, `Fn-Call-Id`, JSON errors.
 //! - [`error`]: the one place where call failures become HTTP statuses.
+//! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
+//!   registered into the registry the binary passes to [`Invoker::new`].
 
 pub mod catalog;
 pub mod dispatch;
 pub mod error;
 pub mod front;
 pub mod invoke;
+pub mod metrics;
 
 pub use catalog::{Catalog, CatalogHandle, Function};
 pub use dispatch::{DispatchConfig, Dispatcher};
 pub use front::Front;
 pub use invoke::Invoker;
+pub use metrics::LbMetrics;

@@ -6,7 +6,8 @@
 //! `Retry-After` when every runner refuses until the placer deadline; a refusal moves the call
 //! to the next runner; an unreachable runner becomes a placeholder without costing later
 //! calls anything; 404 / 405 / 413 as JSON; `Fn-Call-Id` on every response; a client that
-//! goes away cancels the Engage stream.
+//! goes away cancels the Engage stream; the metrics count each call by how it ended
+//! (success, 404, 503, client gone), its placement attempts and its duration.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -25,6 +26,7 @@ use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Bound for anything a test waits on.
@@ -64,7 +66,16 @@ struct Lb {
     address: String,
     pool: Arc<StaticPool>,
     capacity: CapacityTracker,
+    /// Where the LB's metrics are registered.
+    registry: Registry,
     cancel: CancellationToken,
+}
+
+impl Lb {
+    /// The LB's metrics scrape.
+    fn metrics(&self) -> String {
+        fn_lifecycle::metrics::encode(&self.registry).expect("encodes")
+    }
 }
 
 impl Drop for Lb {
@@ -85,7 +96,13 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         },
     );
     let capacity = CapacityTracker::new();
-    let invoker = Invoker::new(dispatcher, capacity.clone(), options.max_request_body);
+    let mut registry = Registry::default();
+    let invoker = Invoker::new(
+        dispatcher,
+        capacity.clone(),
+        options.max_request_body,
+        &mut registry,
+    );
     let catalog = Catalog::parse(Path::new("test.toml"), CATALOG).expect("catalog");
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
@@ -101,6 +118,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         address,
         pool,
         capacity,
+        registry,
         cancel,
     }
 }
@@ -355,6 +373,17 @@ async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_
         assert!(runner.seen().iter().all(|c| c.ending == Ending::Refused));
     }
     assert_eq!(lb.capacity.snapshot().get("default"), Some(&0));
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"no_capacity\"} 1\n"),
+        "{text}"
+    );
+    let offers: usize = runners.iter().map(|r| r.seen().len()).sum();
+    assert!(
+        text.contains(&format!("fn_lb_placement_attempts_total {offers}\n")),
+        "{offers} offers: {text}"
+    );
+    assert!(text.contains("fn_lb_placement_seconds_count 0\n"), "{text}");
 }
 
 #[tokio::test]
@@ -457,6 +486,44 @@ async fn unreachable_runners_become_placeholders_and_calls_succeed_on_the_others
     }
     assert_eq!(runners[0].seen().len(), 7);
     drop(silent);
+}
+
+#[tokio::test]
+async fn calls_are_counted_by_outcome_and_timed() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    const CALLS: usize = 3;
+    for i in 0..CALLS {
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    let reply = post(&lb, "/r/demo/nope", "").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let text = lb.metrics();
+    assert!(
+        text.contains(&format!(
+            "fn_lb_calls_total{{outcome=\"success\"}} {CALLS}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"not_found\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_call_duration_seconds_count {CALLS}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_placement_seconds_count {CALLS}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fn_lb_placement_attempts_total {CALLS}\n")),
+        "{text}"
+    );
+    assert!(text.contains("fn_lb_calls_in_flight 0\n"), "{text}");
 }
 
 #[tokio::test]
@@ -693,6 +760,12 @@ async fn a_client_that_goes_away_before_the_response_cancels_the_engage_stream()
         .expect("cancelled in time");
     assert_eq!(ending, Ending::LbWentAway);
     wait_released(&lb).await;
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"client_gone\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("fn_lb_calls_in_flight 0\n"), "{text}");
 }
 
 #[tokio::test]

@@ -25,6 +25,10 @@ pub struct CommonArgs {
     /// Upper bound for a graceful shutdown (draining in-flight work) after SIGTERM/SIGINT.
     #[arg(long, env = "FN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Port for the Prometheus scrape endpoint (`GET /metrics`, plain HTTP) on the listen
+    /// address. Unset: no metrics listener is opened.
+    #[arg(long, env = "FN_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
 
 impl CommonArgs {
@@ -159,6 +163,19 @@ mod tests {
         assert_eq!(cli.common.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(cli.common.listen_on(cli.port).to_string(), "0.0.0.0:9000");
         assert_eq!(cli.common.log_format, LogFormat::Text);
+        assert_eq!(cli.common.metrics_port, None);
+    }
+
+    #[test]
+    fn a_metrics_port_parses_and_a_bad_one_names_the_variable() {
+        let cli: Cli = try_parse_from(["x", "--metrics-port", "9464"]).expect("valid");
+        assert_eq!(cli.common.metrics_port, Some(9464));
+        let Err(ParseOutcome::Invalid(line)) =
+            try_parse_from::<Cli, _, _>(["x", "--metrics-port", "http"])
+        else {
+            panic!("expected an invalid-configuration outcome");
+        };
+        assert!(line.starts_with("FN_METRICS_PORT: "), "{line}");
     }
 
     #[test]

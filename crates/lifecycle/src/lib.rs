@@ -9,6 +9,8 @@
 //! - [`services`]: named services run together under one cancellation token, stopped by a
 //!   shutdown future (a signal in production, anything in tests) within a bound.
 //! - [`signal`]: the SIGTERM/SIGINT future for production.
+//! - [`metrics`]: the Prometheus scrape endpoint (`GET /metrics` on `FN_METRICS_PORT`) over
+//!   a registry each daemon creates and passes to the code that registers its metrics.
 //! - [`ports`]: a free port for a child process to listen on, without racing outgoing
 //!   connections for it.
 //!
@@ -18,6 +20,7 @@
 pub mod config;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod ports;
 pub mod services;
 pub mod signal;

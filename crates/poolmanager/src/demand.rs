@@ -82,6 +82,14 @@ impl DemandBook {
         self.lbs.values().flat_map(|a| a.groups.keys())
     }
 
+    /// Number of live LBs advertising for `group`.
+    pub fn lbs_in(&self, group: &str) -> usize {
+        self.lbs
+            .values()
+            .filter(|a| a.groups.contains_key(group))
+            .count()
+    }
+
     /// Number of live LBs.
     pub fn lb_count(&self) -> usize {
         self.lbs.len()
@@ -109,6 +117,7 @@ mod tests {
         book.record("lb2", [("g".into(), 128), ("h".into(), 64)], t0);
         assert_eq!(book.wanted_mb("g"), 384);
         assert_eq!(book.wanted_mb("h"), 64);
+        assert_eq!((book.lbs_in("g"), book.lbs_in("h")), (2, 1));
         // lb1 keeps advertising, lb2 goes silent.
         book.record("lb1", [("g".into(), 512)], t0 + Duration::from_secs(4));
         let purged = book.purge(t0 + Duration::from_secs(6), Duration::from_secs(5));

@@ -9,6 +9,9 @@
 //! - [`control_plane`]: the [`ControlPlane`](control_plane::ControlPlane) trait and the
 //!   `static` and `process` implementations.
 //! - [`manager`]: the control loop (load, purge, scale, drain, remove, publish).
+//! - [`metrics`]: the Prometheus metric families (runners, demand, LBs per group;
+//!   provisions, removals, purges), registered into the registry passed to
+//!   [`ControlLoop::new`].
 //! - [`service`]: the gRPC services the LBs call.
 //! - [`probe`]: asking runners how many calls they have in flight.
 
@@ -16,9 +19,11 @@ pub mod config;
 pub mod control_plane;
 pub mod demand;
 pub mod manager;
+pub mod metrics;
 pub mod predictor;
 pub mod probe;
 pub mod service;
 
 pub use manager::{ControlLoop, ManagerConfig, Shared};
+pub use metrics::NpmMetrics;
 pub use service::NpmService;

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control_plane::{ControlPlane, RunnerInfo};
 use crate::demand::DemandBook;
+use crate::metrics::{GroupFigures, NpmMetrics};
 use crate::predictor::{Predictor, WindowPredictor};
 
 /// Scaling knobs (`FN_MIN_RUNNERS`, `FN_MAX_RUNNERS`, ...).
@@ -168,14 +169,17 @@ pub struct ControlLoop {
     loaded: bool,
     /// Start of the previous tick, to notice the loop itself stalling.
     last_tick: Option<Instant>,
+    metrics: NpmMetrics,
 }
 
 impl ControlLoop {
+    /// A control loop whose metrics ([`NpmMetrics`]) are registered in `registry`.
     pub fn new(
         shared: Arc<Shared>,
         control_plane: Arc<dyn ControlPlane>,
         probe: Arc<dyn RunnerProbe>,
         config: ManagerConfig,
+        registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
         ControlLoop {
             shared,
@@ -186,6 +190,7 @@ impl ControlLoop {
             predictors: HashMap::new(),
             loaded: false,
             last_tick: None,
+            metrics: NpmMetrics::register(registry),
         }
     }
 
@@ -245,14 +250,38 @@ impl ControlLoop {
                     .insert(group, WindowPredictor::holding(window, active, now));
             }
         }
-        self.shared
+        let purged = self
+            .shared
             .with_demand(|d| d.purge(now, self.config.lb_purge_after));
+        self.metrics.purged(purged.len());
         let groups = self.known_groups();
         for group in &groups {
             self.scale_group(group, now).await;
         }
         self.remove_drained(now).await;
         self.publish();
+        self.show_figures();
+    }
+
+    /// Updates the per-group gauges.
+    fn show_figures(&self) {
+        let figures: Vec<(String, GroupFigures)> = self
+            .known_groups()
+            .into_iter()
+            .map(|group| {
+                let (wanted_mb, lbs) = self
+                    .shared
+                    .with_demand(|d| (d.wanted_mb(&group), d.lbs_in(&group)));
+                let figures = GroupFigures {
+                    active: self.count(&group, |s| s == RunnerState::Active),
+                    draining: self.count(&group, |s| s != RunnerState::Active),
+                    wanted_mb,
+                    lbs,
+                };
+                (group, figures)
+            })
+            .collect();
+        self.metrics.show(figures);
     }
 
     /// The time since the previous tick, when it is longer than an LB may stay silent (and
@@ -361,6 +390,7 @@ impl ControlLoop {
                 );
                 match self.control_plane.provision(group, batch).await {
                     Ok(new) => {
+                        self.metrics.provisioned(new.len());
                         for info in new {
                             self.runners.push(Entry {
                                 info,
@@ -370,6 +400,7 @@ impl ControlLoop {
                         self.sort();
                     }
                     Err(e) => {
+                        self.metrics.provisioning_failed(batch);
                         tracing::error!(group, error = %e, "provisioning failed; retrying next tick")
                     }
                 }
@@ -449,6 +480,7 @@ impl ControlLoop {
             match result {
                 Ok(()) => {
                     tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
+                    self.metrics.removed();
                     self.runners.retain(|e| e.info.id != info.id);
                     self.probe.forget(&info);
                 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{FakeControlPlane, FakeProbe, RUNNER_MB};
 use fn_poolmanager::manager::RunnerState;
 use fn_poolmanager::{ControlLoop, ManagerConfig, Shared};
+use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 fn config() -> ManagerConfig {
@@ -51,6 +52,7 @@ async fn a_restarted_npm_keeps_adopted_runners_until_demand_stayed_low_for_the_w
         cp.clone(),
         Arc::new(FakeProbe::default()),
         config(),
+        &mut Registry::default(),
     );
 
     // No advert yet: the adopted runners are all published, none drains.
@@ -86,6 +88,7 @@ async fn adopted_runners_without_demand_drain_after_the_window() {
         cp.clone(),
         Arc::new(FakeProbe::default()),
         config(),
+        &mut Registry::default(),
     );
     control.tick().await;
     assert_eq!(members(&shared, "g"), ["r1", "r2"]);
@@ -105,18 +108,28 @@ struct Harness {
     cp: Arc<FakeControlPlane>,
     probe: Arc<FakeProbe>,
     control: ControlLoop,
+    /// Where the control loop's metrics are registered.
+    registry: Registry,
 }
 
 fn harness(cp: FakeControlPlane, config: ManagerConfig) -> Harness {
     let shared = Arc::new(Shared::default());
     let cp = Arc::new(cp);
     let probe = Arc::new(FakeProbe::default());
-    let control = ControlLoop::new(shared.clone(), cp.clone(), probe.clone(), config);
+    let mut registry = Registry::default();
+    let control = ControlLoop::new(
+        shared.clone(),
+        cp.clone(),
+        probe.clone(),
+        config,
+        &mut registry,
+    );
     Harness {
         shared,
         cp,
         probe,
         control,
+        registry,
     }
 }
 
@@ -133,6 +146,17 @@ impl Harness {
     async fn tick(&mut self) {
         tokio::time::advance(Duration::from_secs(1)).await;
         self.control.tick().await;
+    }
+
+    /// Asserts every line in `lines` is in the metrics scrape.
+    fn assert_metrics(&self, lines: &[&str]) {
+        let text = fn_lifecycle::metrics::encode(&self.registry).expect("encodes");
+        for line in lines {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line:?} missing from\n{text}"
+            );
+        }
     }
 
     fn members(&self, group: &str) -> Vec<String> {
@@ -167,6 +191,13 @@ async fn scales_up_in_bounded_batches() {
     let batches = h.cp.batches();
     assert!(batches.iter().all(|n| *n <= 2), "{batches:?}");
     assert_eq!(h.cp.provisioned(), 5);
+    h.assert_metrics(&[
+        "fn_npm_runners{lb_group=\"g\",state=\"active\"} 5",
+        "fn_npm_runners{lb_group=\"g\",state=\"draining\"} 0",
+        &format!("fn_npm_wanted_mb{{lb_group=\"g\"}} {}", 5 * RUNNER_MB),
+        "fn_npm_lbs{lb_group=\"g\"} 1",
+        "fn_npm_provisions_total{result=\"ok\"} 5",
+    ]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -200,6 +231,11 @@ async fn scales_down_newest_first_after_the_window_and_removes_drained() {
     let mut removed = h.cp.removed();
     removed.sort();
     assert_eq!(removed, vec!["r2", "r3"]);
+    h.assert_metrics(&[
+        "fn_npm_runners{lb_group=\"g\",state=\"active\"} 1",
+        "fn_npm_runners{lb_group=\"g\",state=\"draining\"} 0",
+        "fn_npm_removals_total 2",
+    ]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -277,6 +313,7 @@ async fn a_silent_lb_is_purged_with_its_demand() {
         h.tick().await;
     }
     assert_eq!(h.members("g").len(), 1, "lb2's demand left with it");
+    h.assert_metrics(&["fn_npm_lbs_purged_total 1", "fn_npm_lbs{lb_group=\"g\"} 1"]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -69,6 +69,7 @@ impl Npm {
                 provision_batch: 4,
                 ..ManagerConfig::default()
             },
+            &mut prometheus_client::registry::Registry::default(),
         );
         Npm {
             shared,

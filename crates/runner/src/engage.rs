@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::driver::{DriverError, FunctionRequest, InstanceSpec};
+use crate::metrics::RunnerMetrics;
 use crate::pool::{Pool, Refusal, Reservation};
 
 /// Largest data frame the runner sends; larger function output is split.
@@ -66,15 +67,24 @@ pub struct RunnerService {
     /// first-message timeout.
     draining: CancellationToken,
     config: EngageConfig,
+    metrics: RunnerMetrics,
 }
 
 impl RunnerService {
-    pub fn new(pool: Arc<Pool>, config: EngageConfig) -> Self {
+    /// The service over `pool`; its metrics ([`RunnerMetrics`], including the pool's
+    /// figures) are registered in `registry`.
+    pub fn new(
+        pool: Arc<Pool>,
+        config: EngageConfig,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let metrics = RunnerMetrics::register(registry, &pool);
         RunnerService {
             pool,
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             config,
+            metrics,
         }
     }
 
@@ -121,6 +131,7 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
         let out = Outbound {
             tx,
             final_send_timeout: self.config.final_send_timeout,
+            metrics: self.metrics.clone(),
         };
         let this = self.clone();
         self.tracker
@@ -145,6 +156,8 @@ struct Outbound {
     tx: mpsc::Sender<Result<RunnerMsg, Status>>,
     /// Bound for the stream's last message; see [`EngageConfig::final_send_timeout`].
     final_send_timeout: Duration,
+    /// Counts refusals (here, where every refusal passes) and call outcomes.
+    metrics: RunnerMetrics,
 }
 
 #[derive(Debug)]
@@ -195,6 +208,7 @@ impl Outbound {
     /// Answers `CallAcknowledged{committed: false}`.
     async fn refuse(&self, reason: RefusalReason, details: String) {
         tracing::debug!(?reason, %details, "call refused");
+        self.metrics.refused(reason);
         let msg = runner_msg::Body::Acknowledged(CallAcknowledged {
             committed: false,
             details,
@@ -356,7 +370,9 @@ impl RunnerService {
             refusal: RefusalReason::Unspecified as i32,
         });
         if out.send(ack).await.is_err() {
-            return; // LB gone before it learnt of the commit; the reservation drops.
+            // LB gone before it learnt of the commit; the reservation drops.
+            out.metrics.call_ended(None);
+            return;
         }
         tracing::debug!(reused = reservation.reused(), "call committed");
 
@@ -409,6 +425,9 @@ impl RunnerService {
         // Whatever `execute` still holds (a reservation of an aborted call) drops here,
         // killing the instance and releasing the memory, before the LB hears the outcome.
         drop(execute);
+        // Counted before the LB hears the outcome, so what it saw is already in the figures.
+        out.metrics
+            .call_ended(outcome.as_ref().map(|outcome| outcome.kind));
         if let Some(outcome) = outcome {
             match outcome.kind {
                 ErrorKind::None => tracing::debug!("call finished"),

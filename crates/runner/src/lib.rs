@@ -5,6 +5,8 @@
 //! - [`engage`]: the `RunnerProtocol` gRPC service (the Engage sequence, Status, drain).
 //! - [`pool`]: the capacity gate and the hot-instance pool (one lock, one source of truth).
 //! - [`driver`]: the `Driver`/`Instance` traits and the `process` driver (Fn `http-stream`).
+//! - [`metrics`]: the Prometheus metric families (calls by outcome, refusals, memory, hot
+//!   instances), registered into the registry passed to [`RunnerService::new`].
 //! - [`memory`]: detection of the machine's memory for the default capacity.
 //!
 //! The runner is stateless: everything it needs about a call arrives in the call.
@@ -12,10 +14,12 @@
 pub mod driver;
 pub mod engage;
 pub mod memory;
+pub mod metrics;
 pub mod pool;
 
 #[cfg(test)]
 mod testing;
 
 pub use engage::{EngageConfig, RunnerService};
+pub use metrics::RunnerMetrics;
 pub use pool::{Pool, PoolStats, Refusal};

@@ -48,6 +48,8 @@ pub struct PoolStats {
     pub idle_mb: u64,
     pub hot_instances: u64,
     pub draining: bool,
+    /// Instances started since the pool was created.
+    pub instances_started: u64,
 }
 
 struct IdleInstance {
@@ -63,6 +65,7 @@ struct State {
     idle_mb: u64,
     calls_in_flight: u64,
     busy_instances: u64,
+    instances_started: u64,
     /// Idle instances, oldest use first (eviction takes from the front).
     idle: Vec<IdleInstance>,
 }
@@ -199,6 +202,7 @@ impl Pool {
             idle_mb: st.idle_mb,
             hot_instances: st.busy_instances + st.idle.len() as u64,
             draining: self.draining.load(Ordering::Acquire),
+            instances_started: st.instances_started,
         }
     }
 
@@ -326,7 +330,10 @@ impl Reservation {
                 .start(&self.spec, call_id, self.pool.start_timeout)
                 .await?;
             // Count it as busy only once it exists.
-            self.pool.lock().busy_instances += 1;
+            let mut st = self.pool.lock();
+            st.busy_instances += 1;
+            st.instances_started += 1;
+            drop(st);
             self.instance = Some(started);
         }
         match &self.instance {

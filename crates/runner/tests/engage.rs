@@ -22,6 +22,7 @@ use fn_protocol::runner::{
 use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_test_support::TestPki;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +47,8 @@ struct Runner {
     pki: TestPki,
     service: RunnerService,
     pool: Arc<Pool>,
+    /// Where the runner's metrics are registered.
+    registry: Registry,
     stop: CancellationToken,
     _sockets: tempfile::TempDir,
 }
@@ -90,7 +93,8 @@ async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageCo
     )
     .expect("process driver");
     let pool = Pool::new(Arc::new(driver), total_mb, START_TIMEOUT);
-    let service = RunnerService::new(Arc::clone(&pool), config);
+    let mut registry = Registry::default();
+    let service = RunnerService::new(Arc::clone(&pool), config, &mut registry);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -120,6 +124,7 @@ async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageCo
         pki,
         service,
         pool,
+        registry,
         stop,
         _sockets: sockets,
     }
@@ -557,6 +562,19 @@ async fn with_room_for_n_calls_n_plus_one_concurrent_calls_commit_n_and_refuse_o
         "{s:?}"
     );
     assert_eq!(s.hot_instances, N, "the instances stay hot: {s:?}");
+
+    // The metrics tell the same story.
+    let text = fn_lifecycle::metrics::encode(&runner.registry).expect("encodes");
+    for line in [
+        format!("fn_runner_calls_total{{outcome=\"success\"}} {N}\n"),
+        "fn_runner_refusals_total{reason=\"busy\"} 1\n".to_owned(),
+        format!("fn_runner_memory_total_mb {}\n", N * MEMORY_MB),
+        "fn_runner_memory_committed_mb 0\n".to_owned(),
+        format!("fn_runner_hot_instances {N}\n"),
+        format!("fn_runner_instance_starts_total {N}\n"),
+    ] {
+        assert!(text.contains(&line), "{line:?} missing from\n{text}");
+    }
     runner.stop().await;
 }
 

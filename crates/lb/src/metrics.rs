@@ -1,0 +1,286 @@
+//! The lb-agent's Prometheus metric families, registered into the registry `main` passes in.
+//!
+//! Owns the families and the mapping of how a call ended to a small fixed `outcome` label;
+//! does not own the scrape endpoint (`fn_lifecycle::metrics`). No label carries anything a
+//! client chooses (no call ids, no paths): cardinality stays bounded.
+//!
+//! - `fn_lb_calls_total{outcome}`: requests for a function, by how they ended. A request
+//!   refused before it became a call (404, 405, shutting down) is counted here too, but not in
+//!   the duration histogram nor in flight.
+//! - `fn_lb_call_duration_seconds`: arrival to the end of the call (last response byte, or
+//!   the failure).
+//! - `fn_lb_placement_seconds`: arrival at the placer to a runner's commit.
+//! - `fn_lb_placement_attempts_total`: `TryCall`s sent to runners (committed or refused).
+//! - `fn_lb_calls_in_flight`: calls between arrival and their end.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::time::Instant;
+
+use crate::error::CallError;
+
+/// How a request for a function ended: the `outcome` label of `fn_lb_calls_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallOutcome {
+    /// The function's whole answer reached the client.
+    Success,
+    NotFound,
+    MethodNotAllowed,
+    TooLarge,
+    /// The client's request body could not be read.
+    BadRequest,
+    /// No runner had room before the placer deadline (503).
+    NoCapacity,
+    /// The runners refuse the function itself (a catalog problem).
+    Unrunnable,
+    /// The function passed its timeout (504).
+    Timeout,
+    /// The runner or the function failed after the runner committed (502 or a cut-off body).
+    RunnerFailed,
+    /// The client went away before the call ended.
+    ClientGone,
+    /// The lb-agent was shutting down.
+    ShuttingDown,
+}
+
+impl CallOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Success => "success",
+            CallOutcome::NotFound => "not_found",
+            CallOutcome::MethodNotAllowed => "method_not_allowed",
+            CallOutcome::TooLarge => "too_large",
+            CallOutcome::BadRequest => "bad_request",
+            CallOutcome::NoCapacity => "no_capacity",
+            CallOutcome::Unrunnable => "unrunnable",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::RunnerFailed => "runner_failed",
+            CallOutcome::ClientGone => "client_gone",
+            CallOutcome::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl From<&CallError> for CallOutcome {
+    fn from(err: &CallError) -> Self {
+        match err {
+            CallError::NotFound(_) => CallOutcome::NotFound,
+            CallError::MethodNotAllowed { .. } => CallOutcome::MethodNotAllowed,
+            CallError::TooLarge { .. } => CallOutcome::TooLarge,
+            CallError::BadRequest(_) => CallOutcome::BadRequest,
+            CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
+            CallError::Unrunnable(_) => CallOutcome::Unrunnable,
+            CallError::Timeout(_) => CallOutcome::Timeout,
+            CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
+            CallError::ShuttingDown => CallOutcome::ShuttingDown,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// The lb-agent's metric families. Cheap to clone: clones share the same values.
+#[derive(Debug, Clone)]
+pub struct LbMetrics {
+    calls: Family<OutcomeLabel, Counter>,
+    call_duration: Histogram,
+    placement: Histogram,
+    placement_attempts: Counter,
+    in_flight: Gauge,
+}
+
+impl LbMetrics {
+    /// Creates the families and registers them in `registry` (once per registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = LbMetrics {
+            calls: Family::default(),
+            // 5 ms .. about 80 s.
+            call_duration: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 0.5 ms .. about 16 s (FN_PLACER_TIMEOUT is 10 s by default).
+            placement: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            placement_attempts: Counter::default(),
+            in_flight: Gauge::default(),
+        };
+        registry.register(
+            "fn_lb_calls",
+            "Requests for a function, by how they ended",
+            metrics.calls.clone(),
+        );
+        registry.register_with_unit(
+            "fn_lb_call_duration",
+            "Time from a call's arrival to its end",
+            Unit::Seconds,
+            metrics.call_duration.clone(),
+        );
+        registry.register_with_unit(
+            "fn_lb_placement",
+            "Time from a call's arrival at the placer to a runner's commit",
+            Unit::Seconds,
+            metrics.placement.clone(),
+        );
+        registry.register(
+            "fn_lb_placement_attempts",
+            "Calls offered to runners (TryCall), committed or refused",
+            metrics.placement_attempts.clone(),
+        );
+        registry.register(
+            "fn_lb_calls_in_flight",
+            "Calls between their arrival and their end",
+            metrics.in_flight.clone(),
+        );
+        metrics
+    }
+
+    /// Counts a request refused before it became a call (404, 405, shutting down).
+    pub(crate) fn refused(&self, outcome: CallOutcome) {
+        self.count(outcome);
+    }
+
+    /// A call arrived: in flight until the returned record is finished or dropped.
+    pub(crate) fn call_started(&self) -> CallRecord {
+        self.in_flight.inc();
+        CallRecord {
+            metrics: self.clone(),
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// A runner committed after `attempts` offers, `waited` after placement started.
+    pub(crate) fn placed(&self, attempts: u32, waited: Duration) {
+        self.placement_attempts.inc_by(u64::from(attempts));
+        self.placement.observe(waited.as_secs_f64());
+    }
+
+    /// Placement gave up after `attempts` offers.
+    pub(crate) fn not_placed(&self, attempts: u32) {
+        self.placement_attempts.inc_by(u64::from(attempts));
+    }
+
+    fn count(&self, outcome: CallOutcome) {
+        self.calls
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// One call in flight. [`finish`](Self::finish) records how it ended; a record dropped
+/// unfinished belongs to a call whose owner was dropped, which happens when the client's
+/// connection goes away, and counts as `client_gone`.
+#[derive(Debug)]
+pub(crate) struct CallRecord {
+    metrics: LbMetrics,
+    started: Instant,
+    finished: bool,
+}
+
+impl CallRecord {
+    /// Records the call's end with `outcome`.
+    pub(crate) fn finish(mut self, outcome: CallOutcome) {
+        self.record(outcome);
+    }
+
+    /// Records the call's end with the outcome of `err` and hands `err` back.
+    pub(crate) fn failed(self, err: CallError) -> CallError {
+        self.finish(CallOutcome::from(&err));
+        err
+    }
+
+    fn record(&mut self, outcome: CallOutcome) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.metrics.count(outcome);
+        self.metrics
+            .call_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.record(CallOutcome::ClientGone);
+        self.metrics.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(registry: &Registry) -> String {
+        fn_lifecycle::metrics::encode(registry).expect("encodes")
+    }
+
+    #[test]
+    fn outcomes_duration_and_in_flight_are_recorded_once() {
+        let mut registry = Registry::default();
+        let metrics = LbMetrics::register(&mut registry);
+        let a = metrics.call_started();
+        let b = metrics.call_started();
+        assert!(scrape(&registry).contains("\nfn_lb_calls_in_flight 2\n"));
+        a.finish(CallOutcome::Success);
+        drop(b);
+        metrics.refused(CallOutcome::NotFound);
+        let text = scrape(&registry);
+        assert!(text.contains("\nfn_lb_calls_in_flight 0\n"), "{text}");
+        assert!(
+            text.contains("fn_lb_calls_total{outcome=\"success\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fn_lb_calls_total{outcome=\"client_gone\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fn_lb_calls_total{outcome=\"not_found\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fn_lb_call_duration_seconds_count 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn placement_counts_attempts_and_times_commits_only() {
+        let mut registry = Registry::default();
+        let metrics = LbMetrics::register(&mut registry);
+        metrics.placed(2, Duration::from_millis(3));
+        metrics.not_placed(5);
+        let text = scrape(&registry);
+        assert!(
+            text.contains("\nfn_lb_placement_attempts_total 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nfn_lb_placement_seconds_count 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_call_error_has_an_outcome() {
+        let err = CallError::NoCapacity {
+            waited: Duration::from_secs(1),
+            attempts: 1,
+        };
+        assert_eq!(CallOutcome::from(&err).as_str(), "no_capacity");
+        assert_eq!(
+            CallOutcome::from(&CallError::Timeout(Duration::from_secs(1))).as_str(),
+            "timeout"
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! The Prometheus endpoints of the real daemons (`FN_METRICS_PORT`): an lb-agent, an npm
+//! (`static` control plane) and two pure-runners, each with its own metrics port. After a
+//! few calls and one 404, each endpoint is scraped over plain HTTP and its counters must
+//! match what was sent. A metrics port that cannot be bound stops the daemon with one line
+//! naming `FN_METRICS_PORT`.
+
+use std::time::{Duration, Instant};
+
+use ::http::Method;
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use fn_system_tests::cluster::{Cluster, Setup};
+use fn_system_tests::{Certs, env, free_port, http, merge, run_to_exit};
+
+const ECHO: &str = r#"
+[[functions]]
+app = "demo"
+name = "echo"
+route = "/echo"
+command = ["fn-echo"]
+memory_mb = 128
+"#;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrapes `address` and checks the answer is the OpenMetrics text.
+async fn scrape(address: &str) -> anyhow::Result<String> {
+    let reply = http::get(address, "/metrics")
+        .await
+        .with_context(|| format!("scraping {address}"))?;
+    ensure!(reply.status == 200, "{address}: {reply:?}");
+    ensure!(
+        reply.header("content-type").as_deref() == Some(CONTENT_TYPE),
+        "{address}: {reply:?}"
+    );
+    let text = reply.text();
+    ensure!(text.ends_with("# EOF\n"), "{address}: {text}");
+    Ok(text)
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn every_daemon_exposes_its_counters_on_its_metrics_port() -> anyhow::Result<()> {
+    const CALLS: usize = 4;
+    let cluster = Cluster::start(Setup {
+        runners: 2,
+        npm: true,
+        metrics: true,
+        catalog: ECHO.into(),
+        ..Setup::default()
+    })
+    .await?;
+    for i in 0..CALLS {
+        let reply = cluster.call("/r/demo/echo", format!("call {i}")).await?;
+        ensure!(reply.status == 200, "{reply:?}\n{}", cluster.logs());
+    }
+    let reply = cluster.call("/r/demo/nope", "").await?;
+    ensure!(reply.status == 404, "{reply:?}");
+
+    // lb-agent: counted before the answer's end reached the client.
+    let lb = cluster
+        .lb_metrics
+        .as_deref()
+        .context("LB metrics address")?;
+    let text = scrape(lb).await?;
+    let calls = |outcome: &str| {
+        sample(
+            &text,
+            &format!("fn_lb_calls_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    ensure!(calls("success") == Some(CALLS as f64), "{text}");
+    ensure!(calls("not_found") == Some(1.0), "{text}");
+    ensure!(
+        sample(&text, "fn_lb_call_duration_seconds_count") == Some(CALLS as f64),
+        "{text}"
+    );
+    ensure!(
+        sample(&text, "fn_lb_calls_in_flight") == Some(0.0),
+        "{text}"
+    );
+
+    // pure-runners: together they ran every call.
+    let mut ran = 0.0;
+    for runner in &cluster.runners {
+        let address = runner
+            .metrics
+            .as_deref()
+            .context("runner metrics address")?;
+        let text = scrape(address).await?;
+        ran += sample(&text, "fn_runner_calls_total{outcome=\"success\"}").unwrap_or(0.0);
+        ensure!(
+            sample(&text, "fn_runner_memory_total_mb") == Some(512.0),
+            "{text}"
+        );
+        ensure!(
+            sample(&text, "fn_runner_memory_committed_mb") == Some(0.0),
+            "{text}"
+        );
+    }
+    ensure!(
+        ran == CALLS as f64,
+        "runners counted {ran} successful calls"
+    );
+
+    // npm: both runners active in the default group (the gauges follow each tick).
+    let npm = cluster.npm.as_ref().context("npm")?;
+    let address = npm.metrics.as_deref().context("npm metrics address")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(address).await?;
+        let active = sample(
+            &text,
+            "fn_npm_runners{lb_group=\"default\",state=\"active\"}",
+        );
+        let provisioned = sample(&text, "fn_npm_provisions_total{result=\"ok\"}");
+        if active == Some(2.0) && provisioned == Some(2.0) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "npm gauges never settled:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Only GET /metrics is served.
+    let other = http::get(lb, "/").await?;
+    ensure!(other.status == 404, "{other:?}");
+    let post = http::request(lb, Method::POST, "/metrics", &[], Bytes::new()).await?;
+    ensure!(post.status == 405, "{post:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_metrics_port_in_use_stops_the_daemon_naming_fn_metrics_port() -> anyhow::Result<()> {
+    let certs = Certs::new()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken_port = taken.local_addr()?.port();
+    let functions_dir = fn_test_support::functions_dir().display().to_string();
+    let (status, stderr) = run_to_exit(
+        "pure-runner",
+        &merge(&[
+            &certs.env(),
+            &env(&[
+                ("FN_LISTEN_ADDR", "127.0.0.1"),
+                ("FN_GRPC_PORT", &free_port()?.to_string()),
+                ("FN_METRICS_PORT", &taken_port.to_string()),
+                ("FN_FUNCTIONS_DIR", &functions_dir),
+                ("FN_MAX_MEMORY_MB", "256"),
+            ]),
+        ]),
+    )
+    .await?;
+    ensure!(status.code() == Some(1), "{status:?}: {stderr}");
+    ensure!(
+        stderr.contains("error: FN_METRICS_PORT: cannot listen on 127.0.0.1:"),
+        "{stderr}"
+    );
+    drop(taken);
+    Ok(())
+}
