@@ -33,8 +33,10 @@ use sha2::{Digest, Sha256};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
-/// Distinct base payloads (each call makes its own unique body from one).
+/// Distinct base payloads at most (each call makes its own unique body from one).
 const BASES: usize = 256;
+/// Bytes all base payloads may take together (fewer bases for large fixed sizes).
+const BASES_BYTES: usize = 256 * MIB;
 /// Bound for one call; past it the call counts as `hung`.
 const CALL_BOUND: Duration = Duration::from_secs(60);
 /// The body of the hello calls, and what `fn-hello` answers to it.
@@ -212,8 +214,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut rng = Rng::new(seed);
     let mix = args.payload;
-    let payloads = Arc::new(Payloads::new(&mut rng, BASES, &[], |rng| mix.size(rng)));
-    let mean = payloads.sizes().sum::<usize>() / BASES;
+    let bases = (BASES_BYTES / mix.max().max(1)).clamp(1, BASES);
+    let payloads = Arc::new(Payloads::new(&mut rng, bases, &[], |rng| mix.size(rng)));
+    let mean = payloads.sizes().sum::<usize>() / bases;
     let spec = Calls {
         address: cluster.http.clone(),
         path: "/r/load/echo".into(),
