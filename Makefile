@@ -5,6 +5,8 @@
 #   make test-system  system tests only (real binaries on loopback)
 #   make images       container images (see docker/)
 #   make test-compose the docker compose deployment end to end (needs a Docker engine)
+#   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
+#   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
 
 CARGO       ?= cargo
 PYTHON      ?= python3
@@ -14,7 +16,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs images clean \
-        test-compose test-compose-if-docker
+        test-compose test-compose-if-docker bench load
 
 all: build
 
@@ -57,6 +59,18 @@ test-compose-if-docker:
 	else \
 	  echo "SKIPPED test-compose: no Docker engine answers 'docker info' here"; \
 	fi
+
+# Performance (not part of `make test`; see README, Performance). `bench` times the
+# placers; `load` runs fn-load against an lb-agent and pure-runners built in release, e.g.
+# make load LOAD_ARGS='--payload small --calls 50000'.
+LOAD_ARGS ?=
+
+bench:
+	$(CARGO) bench -p fn-placement
+
+load:
+	$(CARGO) build --release --workspace --bins
+	FN_TEST_BIN_DIR=target/release target/release/fn-load $(LOAD_ARGS)
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep

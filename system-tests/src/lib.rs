@@ -7,9 +7,12 @@
 //!
 //! Layout: [`cluster`] starts an lb-agent with pure-runners (and optionally an npm) and
 //! kills or restarts them; [`netns`] makes a network namespace a runner can be cut off in;
-//! [`load`] sends echo calls checked by hash; [`report`] keeps the ledger of a reliability
-//! suite and prints its summary table; [`http`] is a small HTTP/1.1 client.
+//! [`load`] sends echo calls checked by hash; [`calls`] runs a fixed number of them from
+//! concurrent workers, ledgered by payload size (the stress test and the `fn-load` tool);
+//! [`report`] keeps the ledger of a reliability suite and prints its summary table;
+//! [`http`] is a small HTTP/1.1 client.
 
+pub mod calls;
 pub mod cluster;
 pub mod http;
 pub mod load;

@@ -11,17 +11,18 @@
 //! uniform in 256 KiB–1 MiB (about 70 KiB per call on average), and the first calls of every
 //! run carry the edge sizes 0 B, 1 B, 8 B, 9 B, 64 KiB, 1 MiB - 1 and exactly 1 MiB.
 //!
+//! The calls are sent by [`fn_system_tests::calls`], which the `fn-load` tool shares.
+//!
 //! `FN_STRESS_CALLS` scales the run (CI runs the full 20,000); `FN_STRESS_SEED` replays one.
 
-use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use fn_system_tests::calls::{self, Calls, SIZE_CLASSES, mixed_size};
 use fn_system_tests::cluster::{Cluster, Setup};
-use fn_system_tests::load::{Client, Payloads, Rng};
-use fn_system_tests::report::{Ledger, Report};
+use fn_system_tests::load::{Payloads, Rng};
+use fn_system_tests::report::Report;
 
 const DEFAULT_CALLS: u64 = 20_000;
 const CONCURRENCY: usize = 64;
@@ -43,33 +44,6 @@ memory_mb = 64
 timeout = "60s"
 "#;
 
-/// The payload classes of the table, by size.
-const CLASSES: [(&str, usize, usize); 4] = [
-    ("0 B", 0, 0),
-    ("1 B-16 KiB", 1, 16 * 1024),
-    ("16 KiB-256 KiB", 16 * 1024 + 1, 256 * 1024),
-    ("256 KiB-1 MiB", 256 * 1024 + 1, MIB),
-];
-
-fn class_of(len: usize) -> usize {
-    CLASSES
-        .iter()
-        .position(|(_, lo, hi)| (*lo..=*hi).contains(&len))
-        .unwrap_or(CLASSES.len() - 1)
-}
-
-fn size(rng: &mut Rng) -> usize {
-    let roll = rng.range(0, 99);
-    let len = if roll < 70 {
-        rng.log_range(1, 16 * 1024)
-    } else if roll < 92 {
-        rng.log_range(16 * 1024 + 1, 256 * 1024)
-    } else {
-        rng.range(256 * 1024 + 1, MIB as u64)
-    };
-    usize::try_from(len).unwrap_or(MIB)
-}
-
 fn env_u64(name: &str) -> anyhow::Result<Option<u64>> {
     match std::env::var(name) {
         Ok(v) => Ok(Some(
@@ -77,14 +51,6 @@ fn env_u64(name: &str) -> anyhow::Result<Option<u64>> {
         )),
         Err(_) => Ok(None),
     }
-}
-
-/// What one worker saw.
-struct WorkerResult {
-    ledgers: Vec<Ledger>,
-    call_ids: Vec<String>,
-    failures: Vec<String>,
-    bytes: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +69,7 @@ async fn twenty_thousand_echo_calls_reconcile_with_no_error() -> anyhow::Result<
         &mut rng,
         BASES,
         &[0, 1, 8, 9, 64 * 1024, MIB - 1, MIB],
-        size,
+        mixed_size,
     ));
     let mean = payloads.sizes().sum::<usize>() / BASES;
 
@@ -117,78 +83,26 @@ async fn twenty_thousand_echo_calls_reconcile_with_no_error() -> anyhow::Result<
     })
     .await?;
 
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|w| {
-            let next = Arc::clone(&next);
-            let payloads = Arc::clone(&payloads);
-            let address = cluster.http.clone();
-            let mut rng = Rng::new(seed ^ ((w as u64 + 1) << 32));
-            tokio::spawn(async move {
-                let mut result = WorkerResult {
-                    ledgers: vec![Ledger::new(); CLASSES.len()],
-                    call_ids: Vec::new(),
-                    failures: Vec::new(),
-                    bytes: 0,
-                };
-                let mut client = Client::new(&address);
-                loop {
-                    let call = next.fetch_add(1, Ordering::Relaxed);
-                    if call >= calls || started.elapsed() > RUN_BOUND {
-                        break;
-                    }
-                    let (body, hash) = payloads.body(&mut rng, call);
-                    let len = body.len();
-                    let ledger = &mut result.ledgers[class_of(len)];
-                    ledger.sent();
-                    let outcome = client.echo("/r/stress/echo", body, hash, CALL_BOUND).await;
-                    match &outcome.error {
-                        None => {
-                            ledger.ok(outcome.latency);
-                            result.bytes += 2 * len as u64;
-                        }
-                        Some(kind) => {
-                            ledger.error(kind.clone(), outcome.latency);
-                            if result.failures.len() < 5 {
-                                result.failures.push(format!(
-                                    "call {call} ({len} B): {kind}: {}",
-                                    outcome.detail
-                                ));
-                            }
-                        }
-                    }
-                    if let Some(id) = outcome.call_id {
-                        result.call_ids.push(id);
-                    }
-                }
-                result
-            })
-        })
-        .collect();
-
-    let mut by_class = vec![Ledger::new(); CLASSES.len()];
-    let mut ids = HashSet::new();
-    let mut failures = Vec::new();
-    let mut bytes = 0u64;
-    for worker in workers {
-        let result = worker.await.context("a worker panicked")?;
-        for (total, ledger) in by_class.iter_mut().zip(&result.ledgers) {
-            total.merge(ledger);
-        }
-        for id in result.call_ids {
-            ensure!(ids.insert(id.clone()), "call id {id} seen twice");
-        }
-        failures.extend(result.failures);
-        bytes += result.bytes;
-    }
-    let elapsed = started.elapsed();
+    let outcomes = calls::run(Calls {
+        address: cluster.http.clone(),
+        path: "/r/stress/echo".into(),
+        calls,
+        concurrency: CONCURRENCY,
+        payloads,
+        seed,
+        call_bound: CALL_BOUND,
+        run_bound: RUN_BOUND,
+    })
+    .await?;
+    let by_class = &outcomes.by_class;
+    let failures = &outcomes.failures;
+    let elapsed = outcomes.elapsed;
+    let bytes = 2 * outcomes.payload_bytes;
 
     let mut report = Report::new("stress", "echo_ledger");
-    let mut total = Ledger::new();
-    for ((name, _, _), ledger) in CLASSES.iter().zip(&by_class) {
-        report.case(name, ledger);
-        total.merge(ledger);
+    let total = outcomes.total();
+    for (class, ledger) in SIZE_CLASSES.iter().zip(by_class) {
+        report.case(class.name, ledger);
     }
     report.note(format!(
         "{calls} calls, {CONCURRENCY} concurrent, {} base payloads (mean {mean} B), seed {seed}",
@@ -222,15 +136,15 @@ async fn twenty_thousand_echo_calls_reconcile_with_no_error() -> anyhow::Result<
             .join("\n")
     );
     ensure!(
-        ids.len() as u64 == calls,
+        outcomes.call_ids as u64 == calls,
         "{} distinct call ids for {calls} calls",
-        ids.len()
+        outcomes.call_ids
     );
-    for (name, _, _) in CLASSES {
-        let ledger = &by_class[CLASSES.iter().position(|c| c.0 == name).unwrap_or(0)];
+    for (class, ledger) in SIZE_CLASSES.iter().zip(by_class) {
         ensure!(
             calls < 1000 || ledger.sent_count() > 0,
-            "no call of payload class {name}"
+            "no call of payload class {}",
+            class.name
         );
     }
     // Nothing is left running on the runners.
