@@ -12,7 +12,6 @@ use fn_poolmanager::config::{ControlPlaneArgs, ScalingArgs};
 use fn_poolmanager::probe::GrpcProbe;
 use fn_poolmanager::{ControlLoop, NpmService, Shared};
 use fn_tls::TlsArgs;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Node pool manager of the function dataplane.
 #[derive(Debug, Parser)]
@@ -90,10 +89,8 @@ async fn main() -> ExitCode {
 
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("grpc", move |cancel| {
-        router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            cancel.cancelled_owned(),
-        )
+        router
+            .serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), cancel.cancelled_owned())
     });
     services.spawn("control-loop", move |cancel| control.run(cancel));
     if let Some(metrics) = metrics {

@@ -13,7 +13,6 @@ use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// How long the runner waits, after the drain, for its last instances to be cleaned up.
 const INSTANCE_CLEANUP_BOUND: Duration = Duration::from_secs(5);
@@ -102,7 +101,7 @@ async fn main() -> ExitCode {
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     // On shutdown: refuse new calls as draining, let calls in flight finish, then stop.
     services.spawn("grpc", move |cancel| {
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        router.serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), async move {
             cancel.cancelled().await;
             runner.drain().await;
         })

@@ -22,7 +22,7 @@ use fn_protocol::runner::{
 };
 use fn_tls::TlsMode;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest data frame the fake sends back (the LB's own frame limit).
@@ -171,7 +171,7 @@ impl FakeRunner {
                 let _stopped = stopped.await;
             };
             if let Err(e) = router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), shutdown)
                 .await
             {
                 eprintln!("fake runner stopped with an error: {e}");

@@ -257,6 +257,15 @@ pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::tr
     }
 }
 
+/// The connections a [`grpc_server`] accepts on `listener`, with `TCP_NODELAY` set.
+///
+/// A server fed a bare listener stream keeps Nagle's algorithm on: a small response frame
+/// then waits for the peer's delayed ACK (40 ms on Linux) and every call pays it. Measured
+/// with `fn-load` (sequential `hello` calls, release): p50 44 ms without, 1.2 ms with.
+pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// A tonic client endpoint for `address` (`host:port`) under `mode`.
 ///
 /// # Errors
@@ -352,5 +361,24 @@ mod tests {
         std::fs::write(dir.path().join("node-key.pem"), "not a key").expect("write");
         let err = args(dir.path()).load().expect_err("not pem");
         assert!(err.to_string().starts_with("FN_NODE_CERT_KEY:"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn accepted_grpc_connections_have_nodelay_set() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = grpc_incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("nodelay readable"));
     }
 }
