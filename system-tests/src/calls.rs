@@ -191,16 +191,7 @@ pub async fn run(spec: Calls) -> anyhow::Result<Outcomes> {
     })
 }
 
-/// The stress test's size mix, mostly small with a tail up to 1 MiB: 70% log-uniform in
-/// 1 B–16 KiB, 22% log-uniform in 16–256 KiB, 8% uniform in 256 KiB–1 MiB.
-pub fn mixed_size(rng: &mut Rng) -> usize {
-    let roll = rng.range(0, 99);
-    let len = if roll < 70 {
-        rng.log_range(1, 16 * 1024)
-    } else if roll < 92 {
-        rng.log_range(16 * 1024 + 1, 256 * 1024)
-    } else {
-        rng.range(256 * 1024 + 1, MIB as u64)
-    };
-    usize::try_from(len).unwrap_or(MIB)
+/// A size uniform in 0 B–1 MiB, both ends included: the stress test's payloads.
+pub fn uniform_size(rng: &mut Rng) -> usize {
+    usize::try_from(rng.range(0, MIB as u64)).unwrap_or(MIB)
 }

@@ -75,7 +75,7 @@ enum Mix {
 impl Mix {
     fn size(self, rng: &mut Rng) -> usize {
         let (lo, hi) = match self {
-            Mix::Uniform => (0, MIB),
+            Mix::Uniform => return calls::uniform_size(rng),
             Mix::Small => (0, 4 * KIB),
             Mix::Fixed(n) => (n, n),
         };
