@@ -333,6 +333,14 @@ async fn commands_are_confined_to_the_functions_dir() {
         fx.driver.check(&empty),
         Err(DriverError::Invalid(_))
     ));
+    empty.image = Some("fnproject/hello".into());
+    match fx.driver.check(&empty) {
+        Err(DriverError::Invalid(message)) => assert!(
+            message.contains("\"fnproject/hello\"") && message.contains("does not run images"),
+            "{message}"
+        ),
+        other => panic!("image only: expected Invalid, got {other:?}"),
+    }
     assert!(fx.driver.check(&spec("fn-ok")).is_ok());
     assert!(is_empty_dir(&fx.sockets), "nothing was started");
 }

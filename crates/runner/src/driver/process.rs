@@ -313,8 +313,13 @@ impl ProcessDriver {
     /// Resolves the program and checks the config of `spec`.
     fn vet(&self, spec: &InstanceSpec) -> Result<PathBuf, DriverError> {
         let Some(program) = spec.command.first() else {
+            let only_image = spec
+                .image
+                .as_deref()
+                .map(|image| format!(", only the image {image:?}; this runner's process driver does not run images: give the function a command under FN_FUNCTIONS_DIR"))
+                .unwrap_or_default();
             return Err(DriverError::Invalid(format!(
-                "function {}/{} has no command",
+                "function {}/{} has no command{only_image}",
                 spec.app, spec.function
             )));
         };
