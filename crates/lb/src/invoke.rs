@@ -35,6 +35,9 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Time the runner gets past the deadline to report the timeout itself.
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long the trailers may take after `CallFinished` (they come in the same write).
+const FINISH_BOUND: Duration = Duration::from_secs(1);
+
 /// Request headers that describe the connection, not the request: never forwarded.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -261,27 +264,40 @@ impl CallDriver {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        let outcome = self.drive(engaged, body, head_tx, &frames).await;
+        let mut engaged = engaged;
+        let (outcome, runner_finished) = self.drive(&mut engaged, body, head_tx, &frames).await;
         self.record.finish(outcome);
         // Only now does the client's response body end: a client that has read the whole
         // answer finds the call already counted.
         drop(frames);
+        if runner_finished {
+            // Read the runner's trailers, so the stream closes instead of being reset.
+            engaged.finish(FINISH_BOUND).await;
+        }
     }
 
+    /// Drives the call until it ends; returns how it ended and whether the runner ended it
+    /// with `CallFinished` (so that only its trailers are left to read).
     async fn drive<B>(
         &self,
-        mut engaged: Engaged,
+        engaged: &mut Engaged,
         body: B,
         head_tx: oneshot::Sender<Result<Head, CallError>>,
         frames: &FrameTx,
-    ) -> CallOutcome
+    ) -> (CallOutcome, bool)
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
+        let Some(to_runner) = engaged.take_body_sender() else {
+            let err = self.failed("the request body sender was already taken");
+            let outcome = CallOutcome::from(&err);
+            let _unread = head_tx.send(Err(err));
+            return (outcome, false);
+        };
         let mut pump = AbortOnDrop(tokio::spawn(pump_request(
             body,
-            engaged.body_sender(),
+            to_runner,
             self.max_request_body,
         )));
         let mut pump_done = false;
@@ -289,20 +305,22 @@ impl CallDriver {
         let mut head_tx = head_tx;
 
         // Phase 1: until the response head, or until the client gives up waiting.
+        // Set when the runner answers with `CallFinished` instead of a head.
+        let mut head_finished = false;
         let head = tokio::select! {
-            head = self.await_head(&mut engaged, &mut pump, &mut pump_done, give_up) => head,
+            head = self.await_head(engaged, &mut pump, &mut pump_done, &mut head_finished, give_up) => head,
             () = head_tx.closed() => {
                 tracing::info!("client went away before the response; cancelling the call");
-                return CallOutcome::ClientGone;
+                return (CallOutcome::ClientGone, false);
             }
         };
         let failed = head.as_ref().err().map(CallOutcome::from);
         if head_tx.send(head).is_err() {
             tracing::info!("client went away before the response; cancelling the call");
-            return CallOutcome::ClientGone;
+            return (CallOutcome::ClientGone, false);
         }
         if let Some(outcome) = failed {
-            return outcome;
+            return (outcome, head_finished);
         }
 
         // Phase 2: the response body. Sends block on a slow client but never past the deadline.
@@ -317,7 +335,7 @@ impl CallDriver {
                             PumpError::Client(e) => (format!("reading the request body: {e}"), CallOutcome::BadRequest),
                         };
                         abort_body(frames, &why).await;
-                        return outcome;
+                        return (outcome, false);
                     }
                 }
                 msg = engaged.next() => {
@@ -325,11 +343,11 @@ impl CallDriver {
                         Ok(Some(m)) => m.body,
                         Ok(None) => {
                             abort_body(frames, "the runner ended the stream before CallFinished").await;
-                            return CallOutcome::RunnerFailed;
+                            return (CallOutcome::RunnerFailed, false);
                         }
                         Err(status) => {
                             abort_body(frames, &format!("runner {} failed: {}", self.runner, status.message())).await;
-                            return CallOutcome::RunnerFailed;
+                            return (CallOutcome::RunnerFailed, false);
                         }
                     };
                     match body_msg {
@@ -339,20 +357,20 @@ impl CallDriver {
                                 let sent = tokio::time::timeout_at(give_up, frames.send(Ok(Frame::data(frame.data)))).await;
                                 if !matches!(sent, Ok(Ok(()))) {
                                     tracing::info!("client stopped reading the response; cancelling the call");
-                                    return CallOutcome::ClientGone;
+                                    return (CallOutcome::ClientGone, false);
                                 }
                             }
                         }
-                        Some(runner_msg::Body::Finished(f)) if f.success && eof => return CallOutcome::Success,
+                        Some(runner_msg::Body::Finished(f)) if f.success && eof => return (CallOutcome::Success, true),
                         Some(runner_msg::Body::Finished(f)) => {
                             let err = self.finished_error(&f);
                             tracing::info!(error = %err, "call failed after its response started");
                             abort_body(frames, &err.to_string()).await;
-                            return CallOutcome::from(&err);
+                            return (CallOutcome::from(&err), true);
                         }
                         _ => {
                             abort_body(frames, "protocol error: unexpected message in the response").await;
-                            return CallOutcome::RunnerFailed;
+                            return (CallOutcome::RunnerFailed, false);
                         }
                     }
                 }
@@ -360,11 +378,11 @@ impl CallDriver {
                     // Hyper dropped the response body: the client went away. Returning drops
                     // the Engage stream, which makes the runner abort the function.
                     tracing::info!("client went away during the response; cancelling the call");
-                    return CallOutcome::ClientGone;
+                    return (CallOutcome::ClientGone, false);
                 }
                 () = tokio::time::sleep_until(give_up) => {
                     abort_body(frames, "the call passed its timeout").await;
-                    return CallOutcome::Timeout;
+                    return (CallOutcome::Timeout, false);
                 }
             }
         }
@@ -378,6 +396,7 @@ impl CallDriver {
         engaged: &mut Engaged,
         pump: &mut AbortOnDrop<Result<(), PumpError>>,
         pump_done: &mut bool,
+        finished: &mut bool,
         give_up: Instant,
     ) -> Result<Head, CallError> {
         loop {
@@ -407,7 +426,10 @@ impl CallDriver {
                         Some(runner_msg::Body::ResultStart(start)) => {
                             head_of(start.http).map_err(|details| self.failed(details))
                         }
-                        Some(runner_msg::Body::Finished(f)) => Err(self.finished_error(&f)),
+                        Some(runner_msg::Body::Finished(f)) => {
+                            *finished = true;
+                            Err(self.finished_error(&f))
+                        }
                         _ => Err(self.failed("protocol error: expected CallResultStart")),
                     };
                 }

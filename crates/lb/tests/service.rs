@@ -21,7 +21,7 @@ use fn_lifecycle::{CancellationToken, Health};
 use fn_nodepool::{CapacityTracker, ClientConfig, RunnerPool, StaticPool};
 use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer};
 use fn_test_support::TestPki;
-use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner};
+use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner, RequestEnd};
 use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame};
@@ -971,4 +971,65 @@ async fn a_runner_that_goes_away_between_calls_costs_no_call() {
         assert!(started.elapsed() < Duration::from_secs(2), "call {i}");
     }
     assert!(!lb.pool.runners("default")[0].is_available());
+}
+
+/// The soak failure: every finished call's Engage stream was reset by the LB (it dropped the
+/// stream on `CallFinished`, before the trailers). Past h2's queue of 50 remembered resets,
+/// trailers that were already on their way find a forgotten stream and count as a protocol
+/// error of the LB's own; after 1,024 of them h2 tears the whole connection down, failing
+/// every call on it. A call must end its stream cleanly: the request half closed once the
+/// body is sent, the response read to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_calls_end_their_streams_cleanly_and_the_connection_survives_them() {
+    const CALLS: usize = 200;
+    const CONCURRENCY: usize = 16;
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::EchoLateTrailers]).await;
+    let lb = Arc::new(start_lb(&pki, &addresses(&runners), Options::default()).await);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (lb, next) = (Arc::clone(&lb), Arc::clone(&next));
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < CALLS {
+                let reply = post(&lb, "/r/demo/echo", "soak").await;
+                if reply.status != StatusCode::OK || reply.body.as_deref().ok() != Some(b"soak") {
+                    failures.push(format!("{reply:?}"));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.expect("worker"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} calls failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let seen = runners[0]
+        .wait_until(BOUND, |seen| {
+            seen.len() == CALLS && seen.iter().all(|c| c.reset_before_trailers.is_some())
+        })
+        .await
+        .expect("every call ended on the runner");
+    let unclean: Vec<_> = seen
+        .iter()
+        .filter(|c| c.request_end != RequestEnd::Closed || c.reset_before_trailers != Some(false))
+        .collect();
+    assert!(
+        unclean.is_empty(),
+        "{} of {CALLS} streams did not end cleanly, first: {:?}",
+        unclean.len(),
+        unclean.first()
+    );
+    assert_eq!(
+        runners[0].connections(),
+        1,
+        "the LB's connection to the runner was torn down and reopened"
+    );
 }

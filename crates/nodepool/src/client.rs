@@ -184,7 +184,7 @@ impl RunnerClient {
             Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => Ok(Engaged {
                 runner: self.address.clone(),
                 slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
-                sender: tx,
+                sender: Some(tx),
                 responses,
             }),
             Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
@@ -274,13 +274,20 @@ impl Drop for RunnerClient {
 }
 
 /// A call committed on a runner: the body goes out through it, the result comes back.
+///
+/// The stream ends cleanly only when both halves do: the request half when the
+/// [`BodySender`] taken with [`Engaged::take_body_sender`] is dropped after the body's `eof`,
+/// the response half when [`Engaged::next`] has returned `Ok(None)` (the runner's trailers).
+/// Dropping an `Engaged` before that resets the stream (`RST_STREAM`), which is how a call
+/// is cancelled; resetting finished calls as well would make h2 count every late frame of
+/// a forgotten stream against the connection's reset budget and tear the connection down.
 #[derive(Debug)]
 pub struct Engaged {
     /// Address of the runner that owns the call.
     pub runner: String,
     /// The runner's time to reserve capacity.
     pub slot_latency: Duration,
-    sender: mpsc::Sender<ClientMsg>,
+    sender: Option<mpsc::Sender<ClientMsg>>,
     responses: Streaming<RunnerMsg>,
 }
 
@@ -291,38 +298,10 @@ pub struct Engaged {
 pub struct BodyClosed;
 
 impl Engaged {
-    /// Sends one chunk of the request body, exactly the bytes given.
-    ///
-    /// # Errors
-    /// [`BodyClosed`] when the runner's side is gone.
-    pub async fn send_data(&self, data: Bytes) -> Result<(), BodyClosed> {
-        self.send(data, false).await
-    }
-
-    /// Ends the request body.
-    ///
-    /// # Errors
-    /// [`BodyClosed`] when the runner's side is gone.
-    pub async fn send_eof(&self) -> Result<(), BodyClosed> {
-        self.send(Bytes::new(), true).await
-    }
-
-    async fn send(&self, data: Bytes, eof: bool) -> Result<(), BodyClosed> {
-        let msg = ClientMsg {
-            body: Some(client_msg::Body::Data(DataFrame { data, eof })),
-        };
-        self.sender.send(msg).await.map_err(|_| BodyClosed)
-    }
-
-    /// A handle that sends body frames independently of reading responses.
-    pub fn body_sender(&self) -> BodySender {
-        BodySender(self.sender.clone())
-    }
-
-    /// Closes the request stream; the runner sees a half-close.
-    pub fn close_request(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        self.sender = closed;
+    /// The request body's sender. The request half of the stream closes when it is dropped,
+    /// so drop it right after sending `eof`. `None` when it was already taken.
+    pub fn take_body_sender(&mut self) -> Option<BodySender> {
+        self.sender.take().map(BodySender)
     }
 
     /// The next message from the runner; `None` when the stream ended.
@@ -331,6 +310,27 @@ impl Engaged {
     /// The gRPC status when the stream failed (runner died, connection lost).
     pub async fn next(&mut self) -> Result<Option<RunnerMsg>, tonic::Status> {
         self.responses.message().await
+    }
+
+    /// After `CallFinished`: reads the rest of the response stream (the runner's trailers)
+    /// so that the stream closes cleanly rather than being reset. Gives up after `bound`.
+    /// Returns whether the stream ended cleanly; anything else has been logged.
+    pub async fn finish(&mut self, bound: Duration) -> bool {
+        match tokio::time::timeout(bound, self.responses.message()).await {
+            Ok(Ok(None)) => true,
+            Ok(Ok(Some(_))) => {
+                tracing::warn!(runner = %self.runner, "protocol error: a message after CallFinished");
+                false
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(runner = %self.runner, error = %status, "stream failed after CallFinished");
+                false
+            }
+            Err(_elapsed) => {
+                tracing::debug!(runner = %self.runner, ?bound, "no end of stream after CallFinished");
+                false
+            }
+        }
     }
 }
 

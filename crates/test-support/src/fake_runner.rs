@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,11 +23,15 @@ use fn_protocol::runner::{
 };
 use fn_tls::TlsMode;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest data frame the fake sends back (the LB's own frame limit).
 const MAX_FRAME: usize = 1024 * 1024;
+
+/// How long a completed echo call waits for the LB to end its half of the stream.
+const REQUEST_END_BOUND: Duration = Duration::from_secs(5);
 
 /// How the fake answers one `TryCall`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,25 @@ pub enum Behaviour {
     /// Commit, read the body, send the response head and a first body chunk, then wait
     /// until the LB goes away.
     AnswerHeadThenStall,
+    /// Like [`Behaviour::Echo`], but the stream's end (the gRPC trailers) follows
+    /// `CallFinished` only after [`LATE_TRAILERS`], and the fake records whether the LB
+    /// reset the stream in between ([`SeenCall::reset_before_trailers`]) instead of reading
+    /// it to its end.
+    EchoLateTrailers,
+}
+
+/// How long [`Behaviour::EchoLateTrailers`] holds the trailers back.
+pub const LATE_TRAILERS: Duration = Duration::from_millis(20);
+
+/// How the LB ended the request half of a completed call's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestEnd {
+    /// Not known yet, or the behaviour does not wait for it.
+    Unknown,
+    /// Half-closed cleanly (`END_STREAM`) once the body was sent.
+    Closed,
+    /// Reset or broken off instead.
+    Reset,
 }
 
 /// How a call's stream ended on the fake's side.
@@ -80,6 +104,11 @@ pub struct SeenCall {
     /// Request body bytes received (only counted while the behaviour reads the body).
     pub body_bytes: u64,
     pub ending: Ending,
+    /// For completed echo calls: how the LB ended its half of the stream.
+    pub request_end: RequestEnd,
+    /// For [`Behaviour::EchoLateTrailers`]: whether the LB reset the stream after
+    /// `CallFinished` rather than waiting for its end.
+    pub reset_before_trailers: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -91,6 +120,8 @@ struct State {
     seen: Mutex<Vec<SeenCall>>,
     /// Woken whenever `seen` changes, for the `wait_*` helpers.
     changed: Notify,
+    /// TCP connections accepted; one per LB unless a connection was torn down.
+    connections: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,6 +189,7 @@ impl FakeRunner {
             script: Mutex::new(VecDeque::new()),
             seen: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            connections: AtomicU64::new(0),
         });
         let service = RunnerProtocolServer::new(Service {
             state: Arc::clone(&state),
@@ -165,13 +197,20 @@ impl FakeRunner {
         let mut server = fn_tls::grpc_server(tls).context("fake runner TLS")?;
         let router = server.add_service(service);
         let (stop, stopped) = oneshot::channel::<()>();
+        let counted = Arc::clone(&state);
+        let incoming = fn_tls::grpc_incoming(listener).map(move |accepted| {
+            if accepted.is_ok() {
+                counted.connections.fetch_add(1, Ordering::Relaxed);
+            }
+            accepted
+        });
         tokio::spawn(async move {
             let shutdown = async {
                 // Either a stop signal or the handle dropped: both mean stop.
                 let _stopped = stopped.await;
             };
             if let Err(e) = router
-                .serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
             {
                 eprintln!("fake runner stopped with an error: {e}");
@@ -207,6 +246,11 @@ impl FakeRunner {
     /// Every `TryCall` seen so far, in arrival order.
     pub fn seen(&self) -> Vec<SeenCall> {
         lock(&self.state.seen).clone()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// Whether a `TryCall` with this call id arrived here.
@@ -370,6 +414,8 @@ async fn handle_stream(state: Arc<State>, mut inbound: Streaming<ClientMsg>, tx:
         behaviour,
         body_bytes: 0,
         ending: Ending::Open,
+        request_end: RequestEnd::Unknown,
+        reset_before_trailers: None,
     });
     let ending = run(&state, index, behaviour, &call.headers, &mut inbound, &tx).await;
     state.update(index, |c| c.ending = ending);
@@ -410,7 +456,10 @@ async fn run(
             stall(inbound, tx).await;
             Ending::LbWentAway
         }
-        Behaviour::Echo | Behaviour::CommitThenDieMidResponse | Behaviour::AnswerHeadThenStall => {
+        Behaviour::Echo
+        | Behaviour::EchoLateTrailers
+        | Behaviour::CommitThenDieMidResponse
+        | Behaviour::AnswerHeadThenStall => {
             let body = match read_body(inbound, state, index).await {
                 Body::Complete(body) => body,
                 Body::LbWentAway => return Ending::LbWentAway,
@@ -438,7 +487,7 @@ async fn run(
             if send(tx, start).await.is_err() {
                 return Ending::LbWentAway;
             }
-            if behaviour != Behaviour::Echo {
+            if !matches!(behaviour, Behaviour::Echo | Behaviour::EchoLateTrailers) {
                 let partial = runner_msg::Body::Data(DataFrame {
                     data: b"partial".as_slice().into(),
                     eof: false,
@@ -480,6 +529,20 @@ async fn run(
             });
             if send(tx, eof).await.is_err() || send(tx, finished).await.is_err() {
                 return Ending::LbWentAway;
+            }
+            // The LB's half: it should end once the body is sent, not be reset later.
+            let request_end = match tokio::time::timeout(REQUEST_END_BOUND, inbound.message()).await
+            {
+                Ok(Ok(None)) => RequestEnd::Closed,
+                _ => RequestEnd::Reset,
+            };
+            state.update(index, |c| c.request_end = request_end);
+            if behaviour == Behaviour::EchoLateTrailers {
+                // A reset drops the response stream, which closes `tx`.
+                let reset = tokio::time::timeout(LATE_TRAILERS, tx.closed())
+                    .await
+                    .is_ok();
+                state.update(index, |c| c.reset_before_trailers = Some(reset));
             }
             Ending::Completed
         }
