@@ -7,6 +7,8 @@
 #   make test-compose the docker compose deployment end to end (needs a Docker engine)
 #   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
 #   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
+#   make bench-compare release build, then the same function called directly, through nginx
+#                     and through lb-agent -> pure-runner, side by side with oha (BENCH_ARGS=...)
 
 CARGO       ?= cargo
 PYTHON      ?= python3
@@ -16,7 +18,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs images clean \
-        test-compose test-compose-if-docker bench load
+        test-compose test-compose-if-docker bench load bench-compare
 
 all: build
 
@@ -71,6 +73,17 @@ bench:
 load:
 	$(CARGO) build --release --workspace --bins
 	FN_TEST_BIN_DIR=target/release target/release/fn-load $(LOAD_ARGS)
+
+# The lb-agent path against the same function called directly over its unix socket and
+# through nginx (Debian's; installed with apt-get if missing), measured with oha (installed
+# with `cargo install oha` if missing), e.g.
+# make bench-compare BENCH_ARGS='--duration 5s --concurrency 1,64'; BENCH_ARGS='--help' lists
+# the flags. Takes about 3 minutes with the defaults.
+BENCH_ARGS ?=
+
+bench-compare:
+	$(CARGO) build --release --workspace --bins
+	$(PYTHON) system-tests/bench_compare.py --bin-dir target/release $(BENCH_ARGS)
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
