@@ -6,6 +6,10 @@
 //! its base with the last 8 bytes replaced by the call's number, so every body is unique (a
 //! response that belongs to another call is caught) while the sender hashes only 8 bytes per
 //! call. Every response body is hashed in full as it streams in.
+//!
+//! The end of the file holds the pure parts of `fn-load --soak`: duration parsing, `/proc`
+//! status fields, counting the lb-agent log lines that show a runner connection torn down,
+//! and the per-interval tallies.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -435,4 +439,363 @@ pub fn placements(lb_log: &str) -> std::collections::HashMap<String, Placement> 
             Some((field(l, "call_id")?, placement))
         })
         .collect()
+}
+
+// ---- Soak: the pure parts of `fn-load --soak` (parsing, counting, arithmetic) ----------
+
+/// A duration such as `90s`, `10m`, `1h30m` or `500ms` (units `ms`, `s`, `m`/`min`, `h`;
+/// parts add up; spaces between parts allowed).
+///
+/// # Errors
+/// When `s` is empty, a number has no unit, or a unit is unknown.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let usage = || format!("{s:?}: expected a duration such as 90s, 10m, 1h30m or 500ms");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(usage());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().map_err(|_| usage())?;
+        rest = &rest[digits..];
+        let letters = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let part = match &rest[..letters] {
+            "ms" => Duration::from_millis(n),
+            "s" | "sec" | "secs" => Duration::from_secs(n),
+            "m" | "min" | "mins" => Duration::from_secs(n.saturating_mul(60)),
+            "h" | "hr" | "hrs" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(usage()),
+        };
+        total = total.saturating_add(part);
+        rest = rest[letters..].trim_start();
+    }
+    Ok(total)
+}
+
+/// A `kB` field of a `/proc/<pid>/status` text (`VmRSS`, `VmHWM`, ...), in KiB.
+pub fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix(':')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// KiB as MiB with one decimal (`14848` → `14.5`).
+pub fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+/// `line` without ANSI colour sequences (`ESC [ ... letter`).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: `[`, parameters, then a final letter.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a line of the lb-agent's log shows an LB → runner connection torn down or a
+/// runner marked unreachable: `runner unreachable`, h2's `locally-reset streams reached
+/// limit` (logged before it sends GOAWAY), `GOAWAY` / `go away`, `connection error`; case
+/// and colour sequences do not matter.
+pub fn is_teardown_line(line: &str) -> bool {
+    let line = strip_ansi(line).to_ascii_lowercase();
+    [
+        "runner unreachable",
+        "reached limit",
+        "goaway",
+        "go away",
+        "connection error",
+    ]
+    .iter()
+    .any(|needle| line.contains(needle))
+}
+
+/// The lines of `log` that [`is_teardown_line`] matches.
+pub fn teardown_lines(log: &str) -> impl Iterator<Item = &str> {
+    log.lines().filter(|l| is_teardown_line(l))
+}
+
+/// How many lines of `log` [`is_teardown_line`] matches.
+pub fn count_teardowns(log: &str) -> usize {
+    teardown_lines(log).count()
+}
+
+/// Resident set and open file descriptors of one daemon at one moment (`None`: could not
+/// be read, e.g. the process is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcSample {
+    pub rss_kib: Option<u64>,
+    pub fds: Option<usize>,
+}
+
+impl ProcSample {
+    /// `VmRSS` from `/proc/<pid>/status` and the entries of `/proc/<pid>/fd`.
+    pub fn read(pid: Option<u32>) -> ProcSample {
+        let Some(pid) = pid else {
+            return ProcSample::default();
+        };
+        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| status_kib(&s, "VmRSS"));
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(Iterator::count);
+        ProcSample { rss_kib, fds }
+    }
+
+    /// `14.5 MiB 23 fds` (a `?` for what could not be read).
+    pub fn show(&self) -> String {
+        format!(
+            "{} MiB {} fds",
+            self.rss_kib.map_or_else(|| "?".to_owned(), mib),
+            self.fds.map_or_else(|| "?".to_owned(), |n| n.to_string())
+        )
+    }
+}
+
+/// The calls of one soak interval (or of the whole soak, merged): counts, errors by kind and,
+/// for an interval, latencies.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    pub calls: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Payload bytes of the successful calls, one way.
+    pub payload_bytes: u64,
+    /// Latencies of the calls (kept for one interval only: [`Tally::merge`] drops them).
+    pub latencies: Vec<Duration>,
+}
+
+impl Tally {
+    /// One call that ended: `error` is its kind, `None` for success.
+    pub fn record(&mut self, error: Option<&str>, payload: usize, latency: Duration) {
+        self.calls += 1;
+        match error {
+            None => self.payload_bytes += payload as u64,
+            Some(kind) => *self.errors.entry(kind.to_owned()).or_default() += 1,
+        }
+        self.latencies.push(latency);
+    }
+
+    /// Adds `other`'s counts (not its latencies: a soak's total stays small).
+    pub fn merge(&mut self, other: &Tally) {
+        self.calls += other.calls;
+        self.payload_bytes += other.payload_bytes;
+        for (kind, n) in &other.errors {
+            *self.errors.entry(kind.clone()).or_default() += n;
+        }
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// `-` or `http 502: 3, hung: 1`.
+    pub fn errors_by_kind(&self) -> String {
+        if self.errors.is_empty() {
+            return "-".to_owned();
+        }
+        self.errors
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The `q`-quantile latency (nearest rank) of the recorded latencies.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let rank = (q * sorted.len() as f64).ceil() as usize;
+        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+    }
+}
+
+/// `count` per second over `elapsed` (0 for an empty interval).
+pub fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+/// `mm:ss` (or `h:mm:ss` from an hour on) of a soak's elapsed time, to the second.
+pub fn clock(elapsed: Duration) -> String {
+    let s = elapsed.as_secs_f64().round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m:02}:{s:02}")
+    }
+}
+
+/// The change of a daemon's RSS from `from` to `to` KiB: `+1.4 MiB (+9.7%)`, or in KiB
+/// under a MiB: `-12 KiB (-0.1%)`.
+pub fn rss_change(from: u64, to: u64) -> String {
+    let diff = i128::from(to) - i128::from(from);
+    let percent = if from > 0 {
+        diff as f64 / from as f64 * 100.0
+    } else {
+        0.0
+    };
+    if diff.abs() < 1024 {
+        format!("{diff:+} KiB ({percent:+.1}%)")
+    } else {
+        format!("{:+.1} MiB ({percent:+.1}%)", diff as f64 / 1024.0)
+    }
+}
+
+/// The soak's verdict: why it failed (failed calls, teardowns, other `problems` such as a
+/// daemon that went away), or `None` when it passed.
+pub fn soak_failure(errors: u64, teardowns: usize, problems: &[String]) -> Option<String> {
+    let mut why = Vec::new();
+    if errors > 0 {
+        why.push(format!("{errors} calls failed"));
+    }
+    if teardowns > 0 {
+        why.push(format!(
+            "{teardowns} LB log lines show a runner connection torn down or a runner unreachable"
+        ));
+    }
+    why.extend(problems.iter().cloned());
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_humantime() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        for bad in ["", "90", "10x", "s", "1.5m", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    const STATUS: &str = "Name:\tlb-agent\nUmask:\t0022\nState:\tS (sleeping)\n\
+        VmPeak:\t  812344 kB\nVmHWM:\t   16012 kB\nVmRSS:\t   14848 kB\nRssAnon:\t    6400 kB\n\
+        Threads:\t3\n";
+
+    #[test]
+    fn vmrss_is_read_from_a_status_text() {
+        assert_eq!(status_kib(STATUS, "VmRSS"), Some(14848));
+        assert_eq!(status_kib(STATUS, "VmHWM"), Some(16012));
+        // A field whose name starts like another one's is not confused with it.
+        assert_eq!(status_kib(STATUS, "Rss"), None);
+        assert_eq!(status_kib("Name:\tx\n", "VmRSS"), None);
+        assert_eq!(mib(14848), "14.5");
+        assert_eq!(mib(0), "0.0");
+    }
+
+    #[test]
+    fn this_process_has_an_rss_and_open_fds() {
+        let sample = ProcSample::read(Some(std::process::id()));
+        assert!(sample.rss_kib.is_some_and(|k| k > 0), "{sample:?}");
+        assert!(sample.fds.is_some_and(|n| n >= 3), "{sample:?}");
+        assert_eq!(ProcSample::read(None).show(), "? MiB ? fds");
+    }
+
+    #[test]
+    fn teardown_lines_are_counted_among_others() {
+        let log = "\
+2025-01-01T00:00:00Z  INFO lb_agent: listening on 127.0.0.1:8080
+2025-01-01T00:00:01Z  WARN fn_nodepool::client: runner unreachable; probing until it answers runner=127.0.0.1:9000
+2025-01-01T00:00:02Z  WARN fn_lb::invoke: call slow
+2025-01-01T00:00:03Z  WARN h2::proto::streams::streams: locally-reset streams reached limit (1024)
+2025-01-01T00:00:04Z  INFO fn_lb::front: call placed runner=127.0.0.1:9000
+";
+        assert_eq!(count_teardowns(log), 2);
+        assert_eq!(
+            teardown_lines(log)
+                .next()
+                .map(|l| l.contains("unreachable")),
+            Some(true)
+        );
+        assert_eq!(count_teardowns(""), 0);
+        for line in [
+            "DEBUG h2: received GOAWAY",
+            "hyper: Connection Error: broken pipe",
+            "the peer said Go Away",
+        ] {
+            assert!(is_teardown_line(line), "{line}");
+        }
+        assert!(!is_teardown_line("INFO call placed"));
+        // As a terminal-coloured log writes it.
+        let coloured = "\u{1b}[2m2026-11-30T22:51:40Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \
+            \u{1b}[2mfn_nodepool::client\u{1b}[0m\u{1b}[2m:\u{1b}[0m runner \u{1b}[1munreachable\u{1b}[0m";
+        assert!(is_teardown_line(coloured));
+        assert_eq!(
+            strip_ansi(coloured),
+            "2026-11-30T22:51:40Z  WARN fn_nodepool::client: runner unreachable"
+        );
+    }
+
+    #[test]
+    fn interval_arithmetic() {
+        let mut interval = Tally::default();
+        for ms in 1..=98 {
+            interval.record(None, 4096, Duration::from_millis(ms));
+        }
+        interval.record(Some("http 502"), 4096, Duration::from_millis(99));
+        interval.record(Some("hung"), 4096, Duration::from_millis(100));
+        assert_eq!(interval.calls, 100);
+        assert_eq!(interval.error_count(), 2);
+        assert_eq!(interval.payload_bytes, 98 * 4096);
+        assert_eq!(interval.errors_by_kind(), "http 502: 1, hung: 1");
+        assert_eq!(interval.quantile(0.5), Some(Duration::from_millis(50)));
+        assert_eq!(interval.quantile(0.99), Some(Duration::from_millis(99)));
+        assert_eq!(Tally::default().quantile(0.5), None);
+        assert_eq!(Tally::default().errors_by_kind(), "-");
+
+        let mut total = Tally::default();
+        total.merge(&interval);
+        total.merge(&interval);
+        assert_eq!(total.calls, 200);
+        assert_eq!(total.errors.get("hung"), Some(&2));
+        assert!(total.latencies.is_empty(), "the total keeps no latencies");
+
+        assert_eq!(per_second(3000, Duration::from_secs(30)), 100.0);
+        assert_eq!(per_second(5, Duration::ZERO), 0.0);
+        assert_eq!(clock(Duration::from_secs(90)), "01:30");
+        assert_eq!(clock(Duration::from_millis(29_600)), "00:30");
+        assert_eq!(clock(Duration::from_secs(3725)), "1:02:05");
+        assert_eq!(rss_change(10240, 10650), "+410 KiB (+4.0%)");
+        assert_eq!(rss_change(10240, 10240), "+0 KiB (+0.0%)");
+        assert_eq!(rss_change(10240, 10228), "-12 KiB (-0.1%)");
+        assert_eq!(rss_change(10240, 11776), "+1.5 MiB (+15.0%)");
+        assert_eq!(rss_change(2048, 1024), "-1.0 MiB (-50.0%)");
+    }
+
+    #[test]
+    fn the_soak_fails_on_errors_teardowns_or_vanished_daemons() {
+        assert_eq!(soak_failure(0, 0, &[]), None);
+        assert_eq!(soak_failure(3, 0, &[]), Some("3 calls failed".to_owned()));
+        let why = soak_failure(0, 2, &["runner 1 went away".to_owned()]).unwrap_or_default();
+        assert!(why.contains("2 LB log lines"), "{why}");
+        assert!(why.ends_with("; runner 1 went away"), "{why}");
+        let why = soak_failure(1, 0, &[]).unwrap_or_default();
+        assert_eq!(why, "1 calls failed");
+    }
 }

@@ -17,17 +17,39 @@
 //! Run: `make load LOAD_ARGS='--payload small'`, which builds the workspace in release and
 //! runs `FN_TEST_BIN_DIR=target/release target/release/fn-load $(LOAD_ARGS)`.
 //!
+//! Soak mode, `--soak 10m`: no hello or warm-up round and no fixed number of calls; instead
+//! echo calls, `--concurrency` at a time (16 unless given), every answer checked, until the
+//! duration has passed (calls in flight then get at most their usual bound to finish). The
+//! daemons log at `warn` (so that their logs do not grow with every call). Every
+//! `--soak-interval` (60 s unless given) one line: elapsed time, calls completed in the
+//! interval and calls/s, latency p50/p99, errors in the interval by kind, errors so far, the
+//! RSS (`VmRSS`) and open file descriptors of the lb-agent and of each runner, and the
+//! "teardowns": lb-agent log lines so far that show an LB → runner connection torn down or a
+//! runner marked unreachable (see [`load::is_teardown_line`]). Then a summary (totals, RSS of
+//! the first, second and last interval with the change from the second to the last, fds
+//! first and last; the daemons' figures of the last line are taken at the end of the
+//! duration, before the calls in flight drain and the load's connections close). The lines
+//! and the summary are also appended, as they come, to
+//! `target/reliability/load.soak-<case>.txt`. Exits 1 when any call failed, any teardown was
+//! seen or a daemon went away; 0 otherwise.
+//!
 //! The load generator shares the machine with the daemons and the functions: on a small
 //! machine it takes a good part of the CPU, and the figures are those of the whole system.
 
-use std::sync::Arc;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use fn_system_tests::calls::{self, Calls, SIZE_CLASSES};
 use fn_system_tests::cluster::{Cluster, Setup};
-use fn_system_tests::load::{Client, Payloads, Rng};
+use fn_system_tests::load::{
+    self, Client, Payloads, ProcSample, Rng, Tally, clock, count_teardowns, parse_duration,
+    per_second, rss_change, soak_failure, strip_ansi, teardown_lines,
+};
 use fn_system_tests::report::{Ledger, Report};
 use sha2::{Digest, Sha256};
 
@@ -42,6 +64,15 @@ const CALL_BOUND: Duration = Duration::from_secs(60);
 /// The body of the hello calls, and what `fn-hello` answers to it.
 const HELLO_NAME: &str = "Ada";
 const HELLO_ANSWER: &str = "Hello, Ada!\n";
+/// Calls in flight at once unless `--concurrency` says otherwise.
+const CONCURRENCY: usize = 64;
+/// The same for a soak: a steady load, not a saturating one.
+const SOAK_CONCURRENCY: usize = 16;
+/// `FN_LOG_LEVEL` of the daemons of a soak: warnings (runner unreachable, h2's reset limit)
+/// stay, the lb-agent's two info lines per call go.
+const SOAK_LOG_LEVEL: &str = "warn";
+/// Failed calls whose details a soak keeps for its summary.
+const SOAK_FAILURES_KEPT: usize = 10;
 
 const CATALOG: &str = r#"
 [[functions]]
@@ -132,9 +163,10 @@ struct Args {
     /// Echo calls to measure.
     #[arg(long, default_value_t = 20_000)]
     calls: u64,
-    /// Calls in flight at once (one keep-alive connection each).
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    /// Calls in flight at once (one keep-alive connection each) [default: 64; 16 with
+    /// --soak].
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Pure-runners behind the lb-agent.
     #[arg(long, default_value_t = 3)]
     runners: usize,
@@ -156,13 +188,30 @@ struct Args {
     /// Seed of the payloads (printed, to replay a run).
     #[arg(long)]
     seed: Option<u64>,
+    /// Soak: echo calls for this long (`90s`, `10m`, `1h30m`) instead of `--calls`, with a
+    /// line of throughput, errors, RSS, open fds and runner-connection teardowns every
+    /// `--soak-interval`; exits 1 on any failed call or teardown.
+    #[arg(
+        long,
+        value_parser = parse_duration,
+        conflicts_with_all = ["calls", "hello_calls", "warmup"]
+    )]
+    soak: Option<Duration>,
+    /// Soak: time between two lines (`60s`, `10s`, ...).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "soak")]
+    soak_interval: Duration,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(args.calls > 0, "--calls must be at least 1");
-    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let concurrency = args.concurrency.unwrap_or(if args.soak.is_some() {
+        SOAK_CONCURRENCY
+    } else {
+        CONCURRENCY
+    });
+    ensure!(concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.runners > 0, "--runners must be at least 1");
     let bin_dir = fn_test_support::bin_dir();
     for bin in ["lb-agent", "pure-runner", "fn-echo", "fn-hello"] {
@@ -181,6 +230,13 @@ async fn main() -> anyhow::Result<()> {
     };
     eprintln!("fn-load: binaries from {}", bin_dir.display());
     eprintln!("fn-load: load average at start: {}", load_average());
+    if let Some(duration) = args.soak {
+        // The verdict is printed; the cluster is gone by now (exit skips destructors).
+        if !soak(&args, duration, concurrency, seed).await? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
 
     let cluster = Cluster::start(Setup {
         runners: args.runners,
@@ -198,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
         &format!(
             "{}-c{}-r{}-{}",
             args.payload.to_string().replace(' ', "_"),
-            args.concurrency,
+            concurrency,
             args.runners,
             args.placer
         ),
@@ -221,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         address: cluster.http.clone(),
         path: "/r/load/echo".into(),
         calls: args.warmup,
-        concurrency: args.concurrency,
+        concurrency,
         payloads,
         seed: seed ^ 0x5741_524d,
         call_bound: CALL_BOUND,
@@ -254,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
     report.note(format!(
         "{} echo calls ({} payloads, mean {mean} B), {} concurrent, {} runners, placer {}, \
          seed {seed}",
-        args.calls, args.payload, args.concurrency, args.runners, args.placer
+        args.calls, args.payload, concurrency, args.runners, args.placer
     ));
     report.note(format!(
         "echo: {:.1?}: {:.0} calls/s, {:.1} MB/s of payload each way; latency p50 {} p90 {} \
@@ -362,4 +418,323 @@ fn ms(d: Option<Duration>) -> String {
         || "-".to_owned(),
         |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
     )
+}
+
+/// What the soak's workers share with its sampler: the calls of the current interval and the
+/// first failures.
+#[derive(Debug, Default)]
+struct SoakShared {
+    interval: Tally,
+    failures: Vec<String>,
+}
+
+/// One daemon watched by a soak: its name, pid and a sample per interval.
+#[derive(Debug)]
+struct Watched {
+    name: String,
+    pid: Option<u32>,
+    samples: Vec<ProcSample>,
+}
+
+/// The soak's output: each line to stderr and appended to its report file as it comes, so
+/// that an interrupted soak leaves what it saw.
+#[derive(Debug)]
+struct SoakLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl SoakLog {
+    fn create(path: PathBuf) -> SoakLog {
+        let file = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(&path));
+        let file = match file {
+            Ok(file) => Some(file),
+            Err(e) => {
+                eprintln!("fn-load: could not write {}: {e}", path.display());
+                None
+            }
+        };
+        SoakLog { path, file }
+    }
+
+    fn line(&mut self, text: &str) {
+        eprintln!("{text}");
+        if let Some(file) = &mut self.file
+            && writeln!(file, "{text}").is_err()
+        {
+            eprintln!("fn-load: could not append to {}", self.path.display());
+            self.file = None;
+        }
+    }
+}
+
+/// `--soak`: echo calls for `duration`, a line every `--soak-interval`, a summary and the
+/// verdict: false when a call failed, a teardown was seen or a daemon went away.
+///
+/// # Errors
+/// When the cluster does not start or a load worker panicked.
+async fn soak(
+    args: &Args,
+    duration: Duration,
+    concurrency: usize,
+    seed: u64,
+) -> anyhow::Result<bool> {
+    let every = args.soak_interval;
+    ensure!(duration > Duration::ZERO, "--soak must be longer than 0s");
+    ensure!(
+        every >= Duration::from_secs(1),
+        "--soak-interval must be at least 1s"
+    );
+    let quiet = fn_system_tests::env(&[("FN_LOG_LEVEL", SOAK_LOG_LEVEL), ("NO_COLOR", "1")]);
+    let cluster = Cluster::start(Setup {
+        runners: args.runners,
+        runner_memory_mb: args.runner_memory_mb,
+        placer: args.placer.clone(),
+        catalog: CATALOG.into(),
+        max_request_body: Some((args.payload.max() + MIB) as u64),
+        lb_env: quiet.clone(),
+        runner_env: quiet,
+        ..Setup::default()
+    })
+    .await
+    .context("starting the cluster")?;
+
+    let case = format!(
+        "soak-{}-c{concurrency}-r{}-{}",
+        args.payload.to_string().replace(' ', "_"),
+        args.runners,
+        args.placer
+    );
+    let mut out = SoakLog::create(reliability_dir().join(format!("load.{case}.txt")));
+    let mut rng = Rng::new(seed);
+    let mix = args.payload;
+    let bases = (BASES_BYTES / mix.max().max(1)).clamp(1, BASES);
+    let payloads = Arc::new(Payloads::new(&mut rng, bases, &[], |rng| mix.size(rng)));
+    let mean = payloads.sizes().sum::<usize>() / bases;
+    out.line(&format!(
+        "== soak: load / {case} ==\n  {duration:?} of echo calls ({} payloads, mean {mean} B), \
+         {concurrency} concurrent, {} runners, placer {}, seed {seed}, daemons at \
+         FN_LOG_LEVEL={SOAK_LOG_LEVEL}; a line every {every:?}",
+        args.payload, args.runners, args.placer
+    ));
+
+    let mut watched = vec![Watched {
+        name: "lb-agent".to_owned(),
+        pid: cluster.lb.pid(),
+        samples: Vec::new(),
+    }];
+    for (i, runner) in cluster.runners.iter().enumerate() {
+        watched.push(Watched {
+            name: format!("runner {i}"),
+            pid: runner.pid(),
+            samples: Vec::new(),
+        });
+    }
+
+    let shared = Arc::new(Mutex::new(SoakShared::default()));
+    // Set at the deadline, once the daemons have been looked at under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let shared = Arc::clone(&shared);
+            let stop = Arc::clone(&stop);
+            let payloads = Arc::clone(&payloads);
+            let address = cluster.http.clone();
+            let mut rng = Rng::new(seed ^ ((w as u64 + 1) << 32));
+            tokio::spawn(async move {
+                let mut client = Client::new(&address);
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // Unique across workers, so that every body is different.
+                    let call = ((w as u64 + 1) << 40) | n;
+                    n += 1;
+                    let (body, hash) = payloads.body(&mut rng, call);
+                    let len = body.len();
+                    let outcome = client.echo("/r/load/echo", body, hash, CALL_BOUND).await;
+                    let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                    shared
+                        .interval
+                        .record(outcome.error.as_deref(), len, outcome.latency);
+                    if let Some(kind) = &outcome.error
+                        && shared.failures.len() < SOAK_FAILURES_KEPT
+                    {
+                        shared.failures.push(format!(
+                            "[{}] call {call} ({len} B): {kind}: {}",
+                            clock(started.elapsed()),
+                            outcome.detail
+                        ));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut total = Tally::default();
+    let mut last_sample = started;
+    let probe = |watched: &[Watched]| -> Vec<ProcSample> {
+        watched.iter().map(|d| ProcSample::read(d.pid)).collect()
+    };
+    // One line: the calls completed since the last one, the daemons as `procs` found them.
+    let mut sample =
+        |total: &mut Tally, watched: &mut [Watched], procs: Vec<ProcSample>, out: &mut SoakLog| {
+            let now = Instant::now();
+            let interval = std::mem::take(
+                &mut shared
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .interval,
+            );
+            let span = now - last_sample;
+            last_sample = now;
+            total.merge(&interval);
+            let teardowns = count_teardowns(&cluster.lb.log());
+            let daemons: Vec<String> = watched
+                .iter_mut()
+                .zip(procs)
+                .map(|(d, s)| {
+                    d.samples.push(s);
+                    format!("{} {}", d.name, s.show())
+                })
+                .collect();
+            out.line(&format!(
+                "[{}] {} calls, {:.1} calls/s, p50 {} p99 {}; errors {} ({}), total errors {}; {}; \
+             teardowns {teardowns}",
+                clock(now - started),
+                interval.calls,
+                per_second(interval.calls, span),
+                ms(interval.quantile(0.50)),
+                ms(interval.quantile(0.99)),
+                interval.error_count(),
+                interval.errors_by_kind(),
+                total.error_count(),
+                daemons.join("; ")
+            ));
+            teardowns
+        };
+
+    for k in 1u32.. {
+        let tick = started + every.saturating_mul(k);
+        tokio::time::sleep_until(tick.min(deadline).into()).await;
+        if tick >= deadline {
+            break;
+        }
+        let procs = probe(&watched);
+        sample(&mut total, &mut watched, procs, &mut out);
+    }
+    // The daemons as the load left them (once the workers are done, their connections to the
+    // lb-agent are closed and its fds are fewer).
+    let procs = probe(&watched);
+    // No call starts past the deadline; the ones in flight have their bound.
+    stop.store(true, Ordering::SeqCst);
+    let drain = tokio::time::Instant::from_std(deadline + CALL_BOUND + Duration::from_secs(5));
+    let mut stuck = 0usize;
+    for worker in &mut workers {
+        match tokio::time::timeout_at(drain, &mut *worker).await {
+            Ok(joined) => joined.context("a soak worker panicked")?,
+            Err(_) => {
+                worker.abort();
+                stuck += 1;
+            }
+        }
+    }
+    let teardowns = sample(&mut total, &mut watched, procs, &mut out);
+    let elapsed = last_sample - started;
+
+    // The summary.
+    out.line(&format!(
+        "== soak summary: {} calls in {elapsed:.1?}: {:.1} calls/s, {:.2} MB/s of payload \
+         each way",
+        total.calls,
+        per_second(total.calls, elapsed),
+        total.payload_bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
+    ));
+    out.line(&format!(
+        "  errors: {} ({}); teardowns (lb-agent log lines): {teardowns}",
+        total.error_count(),
+        total.errors_by_kind()
+    ));
+    out.line(
+        "  RSS MiB, interval 1 / 2 / last, change from interval 2 to the last; open fds, \
+         interval 1 / last:",
+    );
+    let mut problems = Vec::new();
+    for d in &watched {
+        let rss = |s: Option<&ProcSample>| {
+            s.and_then(|s| s.rss_kib)
+                .map_or_else(|| "?".to_owned(), load::mib)
+        };
+        let fds = |s: Option<&ProcSample>| {
+            s.and_then(|s| s.fds)
+                .map_or_else(|| "?".to_owned(), |n| n.to_string())
+        };
+        let (first, second, last) = (d.samples.first(), d.samples.get(1), d.samples.last());
+        let change = match (second.and_then(|s| s.rss_kib), last.and_then(|s| s.rss_kib)) {
+            _ if d.samples.len() < 3 => "(fewer than 3 intervals)".to_owned(),
+            (Some(from), Some(to)) => rss_change(from, to),
+            _ => "?".to_owned(),
+        };
+        out.line(&format!(
+            "    {:<9} RSS {} / {} / {}  {change}; fds {} / {}",
+            d.name,
+            rss(first),
+            rss(second),
+            rss(last),
+            fds(first),
+            fds(last)
+        ));
+        if d.samples.iter().any(|s| s.rss_kib.is_none()) {
+            problems.push(format!("{} went away", d.name));
+        }
+    }
+    out.line(&format!(
+        "  binaries from {}; load average at the end: {}",
+        fn_test_support::bin_dir().display(),
+        load_average()
+    ));
+    let failures = std::mem::take(
+        &mut shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures,
+    );
+    if !failures.is_empty() {
+        out.line(&format!(
+            "  first failed calls:\n    {}",
+            failures.join("\n    ")
+        ));
+    }
+    if teardowns > 0 {
+        let log = cluster.lb.log();
+        let lines: Vec<String> = teardown_lines(&log).take(10).map(strip_ansi).collect();
+        out.line(&format!(
+            "  teardown lines (first {}):\n    {}",
+            lines.len(),
+            lines.join("\n    ")
+        ));
+    }
+    if stuck > 0 {
+        problems.push(format!("{stuck} load workers stuck past the call bound"));
+    }
+    let verdict = soak_failure(total.error_count(), teardowns, &problems);
+    out.line(&match &verdict {
+        None => "  PASS: no failed call, no teardown".to_owned(),
+        Some(why) => format!("  FAIL: {why}"),
+    });
+    eprintln!("  (also in {})", out.path.display());
+    Ok(verdict.is_none())
+}
+
+/// `target/reliability` next to the binaries' directory, where [`Report::publish`] writes.
+fn reliability_dir() -> PathBuf {
+    let bin_dir = fn_test_support::bin_dir();
+    let target = bin_dir.canonicalize().unwrap_or(bin_dir);
+    target
+        .parent()
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+        .join("reliability")
 }
