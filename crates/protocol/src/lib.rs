@@ -5,9 +5,11 @@
 //! - [`runner`] / [`poolmanager`]: generated prost messages and tonic clients/servers.
 //! - [`call`]: [`CallSpec`], a validated function call, and its conversion from and to
 //!   the wire `Call`.
+//! - [`batch`]: messages gathered into batches that leave in one write.
 //!
 //! This crate depends on no daemon; daemons meet only through it.
 
+pub mod batch;
 pub mod call;
 
 /// Generated types of `proto/runner.proto` (package `dataplane.runner.v1`).

@@ -10,15 +10,17 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fn_protocol::CallSpec;
+use fn_protocol::batch::{Batch, batches, batches_after};
 use fn_protocol::runner::{
     self, CallAcknowledged, CallFinished, CallResultStart, ClientMsg, DataFrame, ErrorKind,
     HttpRespMeta, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
 };
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -130,13 +132,24 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
         let (tx, rx) = mpsc::channel(8);
         let out = Outbound {
             tx,
+            batch: std::sync::Mutex::new(Vec::new()),
+            ack_pending: AtomicBool::new(false),
             final_send_timeout: self.config.final_send_timeout,
             metrics: self.metrics.clone(),
         };
         let this = self.clone();
         self.tracker
             .spawn(async move { this.handle_stream(inbound, out).await });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The response headers go out with the stream's first messages rather than ahead of
+        // them: one write, one wake-up of the LB. An LB sends its TryCall at once, so the
+        // first messages are soon ready; a client that waits for the headers before it
+        // sends anything gets them after a short bound.
+        let mut rx = rx;
+        let stream = match tokio::time::timeout(HEADERS_WAIT, rx.recv()).await {
+            Ok(Some(first)) => batches_after(first, rx),
+            Ok(None) | Err(_) => batches(rx),
+        };
+        Ok(Response::new(Box::pin(stream.map(Ok))))
     }
 
     async fn status(&self, _request: Request<()>) -> Result<Response<RunnerStatus>, Status> {
@@ -151,9 +164,21 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
     }
 }
 
-/// The runner's half of the stream. A failed send means the LB went away.
+/// Largest amount of response body gathered into one batch before it is sent.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// The runner's half of the stream. Messages are *queued* into a batch and go out when the
+/// call would otherwise wait ([`Outbound::flush`]), so what is ready together is written
+/// together. A failed send means the LB went away.
 struct Outbound {
-    tx: mpsc::Sender<Result<RunnerMsg, Status>>,
+    tx: mpsc::Sender<Batch<RunnerMsg>>,
+    /// Messages queued since the last flush. `std::sync::Mutex`: only this call's task
+    /// touches it, never across an await.
+    batch: std::sync::Mutex<Vec<RunnerMsg>>,
+    /// A queued `CallAcknowledged` not yet flushed: when the whole request body came with the
+    /// `TryCall`, the acknowledgement waits (at most [`ACK_COALESCE`]) to leave with the
+    /// answer's first messages.
+    ack_pending: AtomicBool,
     /// Bound for the stream's last message; see [`EngageConfig::final_send_timeout`].
     final_send_timeout: Duration,
     /// Counts refusals (here, where every refusal passes) and call outcomes.
@@ -164,11 +189,60 @@ struct Outbound {
 struct LbGone;
 
 impl Outbound {
-    async fn send(&self, body: runner_msg::Body) -> Result<(), LbGone> {
+    fn batch(&self) -> std::sync::MutexGuard<'_, Vec<RunnerMsg>> {
+        // Pushes and takes only: a panic cannot leave the batch half-updated.
+        self.batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a message to the batch; it goes out with the next flush.
+    fn queue(&self, body: runner_msg::Body) {
+        self.batch().push(RunnerMsg { body: Some(body) });
+    }
+
+    /// Bytes of response body in the batch.
+    fn queued_bytes(&self) -> usize {
+        self.batch()
+            .iter()
+            .map(|m| match &m.body {
+                Some(runner_msg::Body::Data(frame)) => frame.data.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Queues the acknowledgement without sending it: it leaves with the next flush.
+    fn defer_ack(&self, ack: runner_msg::Body) {
+        self.queue(ack);
+        self.ack_pending.store(true, Ordering::Relaxed);
+    }
+
+    fn ack_pending(&self) -> bool {
+        self.ack_pending.load(Ordering::Relaxed)
+    }
+
+    async fn send_batch(&self, last: bool) -> Result<(), LbGone> {
+        let messages = std::mem::take(&mut *self.batch());
+        self.ack_pending.store(false, Ordering::Relaxed);
+        if messages.is_empty() && !last {
+            return Ok(());
+        }
         self.tx
-            .send(Ok(RunnerMsg { body: Some(body) }))
+            .send(Batch { messages, last })
             .await
             .map_err(|_| LbGone)
+    }
+
+    /// Sends what is queued.
+    async fn flush(&self) -> Result<(), LbGone> {
+        self.send_batch(false).await
+    }
+
+    /// Queues `body` and sends the batch.
+    async fn send(&self, body: runner_msg::Body) -> Result<(), LbGone> {
+        self.queue(body);
+        self.flush().await
     }
 
     /// Resolves when the LB is gone: its stream was cancelled or reset, so nobody will read
@@ -177,10 +251,12 @@ impl Outbound {
         self.tx.closed().await;
     }
 
-    /// Sends the stream's last message, waiting at most `final_send_timeout` for the LB to
-    /// make room for it. An LB that reads nothing for that long is treated as gone.
+    /// Sends the stream's last message with whatever is queued, and ends the stream, waiting
+    /// at most `final_send_timeout` for the LB to make room for it. An LB that reads nothing
+    /// for that long is treated as gone.
     async fn send_last(&self, body: runner_msg::Body) -> Result<(), LbGone> {
-        match tokio::time::timeout(self.final_send_timeout, self.send(body)).await {
+        self.queue(body);
+        match tokio::time::timeout(self.final_send_timeout, self.send_batch(true)).await {
             Ok(sent) => sent,
             Err(_elapsed) => {
                 tracing::info!(
@@ -333,7 +409,7 @@ impl RunnerService {
         self.run_call(spec, inbound, out).instrument(span).await;
     }
 
-    async fn run_call(&self, spec: CallSpec, inbound: Streaming<ClientMsg>, out: Outbound) {
+    async fn run_call(&self, spec: CallSpec, mut inbound: Streaming<ClientMsg>, out: Outbound) {
         let instance_spec = InstanceSpec::from(&spec);
         if let Err(e) = self.pool.driver().check(&instance_spec) {
             out.refuse(RefusalReason::Invalid, e.to_string()).await;
@@ -369,7 +445,13 @@ impl RunnerService {
             slot_allocation_latency_us: latency,
             refusal: RefusalReason::Unspecified as i32,
         });
-        if out.send(ack).await.is_err() {
+        // A small body comes with the TryCall: take what has arrived without waiting.
+        let early = read_ready(&mut inbound);
+        if early.eof {
+            // The function has everything it needs: the acknowledgement can leave with the
+            // answer (one write, one wake-up of the LB) unless that takes long.
+            out.defer_ack(ack);
+        } else if out.send(ack).await.is_err() {
             // LB gone before it learnt of the commit; the reservation drops.
             out.metrics.call_ended(None);
             return;
@@ -378,13 +460,14 @@ impl RunnerService {
 
         // 4. Run the call while pumping the request body, under the call's deadline.
         let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-        let pump = pump_inbound(inbound, body_tx);
+        let body = futures::stream::iter(early.chunks.into_iter().map(Ok))
+            .chain(ReceiverStream::new(body_rx));
+        let pump = pump_inbound(inbound, early.trouble, (!early.eof).then_some(body_tx));
         let deadline = tokio::time::Instant::now() + spec.remaining();
+        let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
         let idle_timeout = spec.idle_timeout;
-        let execute = tokio::time::timeout_at(
-            deadline,
-            execute(reservation, &spec, ReceiverStream::new(body_rx), &out),
-        );
+        let execute =
+            tokio::time::timeout_at(deadline, execute(reservation, &spec, Box::pin(body), &out));
         tokio::pin!(pump);
         // Boxed, not stack-pinned, so that it can be dropped before the outcome is sent.
         let mut execute = Box::pin(execute);
@@ -406,6 +489,12 @@ impl RunnerService {
                 () = out.lb_gone(), if pump_done => {
                     tracing::info!("LB went away mid-call; aborting the call");
                     break None;
+                }
+                // The answer is taking long: the acknowledgement goes alone.
+                () = tokio::time::sleep_until(ack_by), if out.ack_pending() => {
+                    if out.flush().await.is_err() {
+                        break None;
+                    }
                 }
                 executed = &mut execute => break match executed {
                     Err(_elapsed) => Some(Outcome::of(
@@ -438,38 +527,41 @@ impl RunnerService {
     }
 }
 
+/// How long a deferred acknowledgement waits for the answer to leave with.
+const ACK_COALESCE: Duration = Duration::from_millis(2);
+
+/// How long the response headers wait for the stream's first messages (a deferred
+/// acknowledgement included) to leave with them.
+const HEADERS_WAIT: Duration = Duration::from_millis(5);
+
 struct Executed {
     reservation: Reservation,
     outcome: Outcome,
 }
 
-/// Starts or reuses the instance, sends the call and streams the answer to the LB.
+/// Starts or reuses the instance, sends the call and streams the answer to the LB. The
+/// answer's messages are queued and flushed only when the function's body makes the call
+/// wait, so a small answer leaves in one write; the last data frame carries `eof` when the
+/// body is known to have ended with it.
 async fn execute(
     mut reservation: Reservation,
     spec: &CallSpec,
-    body: ReceiverStream<Result<Bytes, std::io::Error>>,
+    body: crate::driver::BodyStream<std::io::Error>,
     out: &Outbound,
 ) -> Result<Executed, LbGone> {
+    let failed = |reservation, e: DriverError| {
+        Ok(Executed {
+            reservation,
+            outcome: e.into(),
+        })
+    };
     let instance = match reservation.instance(&spec.id).await {
         Ok(i) => i,
-        Err(e) => {
-            return Ok(Executed {
-                reservation,
-                outcome: e.into(),
-            });
-        }
+        Err(e) => return failed(reservation, e),
     };
-    let response = match instance
-        .call(FunctionRequest::from(spec), Box::pin(body))
-        .await
-    {
+    let response = match instance.call(FunctionRequest::from(spec), body).await {
         Ok(r) => r,
-        Err(e) => {
-            return Ok(Executed {
-                reservation,
-                outcome: e.into(),
-            });
-        }
+        Err(e) => return failed(reservation, e),
     };
     let headers = response
         .headers
@@ -479,55 +571,129 @@ async fn execute(
             value: value.as_bytes().to_vec(),
         })
         .collect();
-    out.send(runner_msg::Body::ResultStart(CallResultStart {
+    out.queue(runner_msg::Body::ResultStart(CallResultStart {
         http: Some(HttpRespMeta {
             status_code: u32::from(response.status.as_u16()),
             headers,
         }),
-    }))
-    .await?;
+    }));
     let mut body = response.body;
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(mut bytes) => {
-                while !bytes.is_empty() {
-                    let frame = bytes.split_to(bytes.len().min(MAX_FRAME_BYTES));
-                    out.send(runner_msg::Body::Data(DataFrame {
-                        data: frame,
-                        eof: false,
-                    }))
-                    .await?;
-                }
-            }
-            Err(e) => {
-                return Ok(Executed {
-                    reservation,
-                    outcome: e.into(),
-                });
-            }
+    let mut next = match next_soon(&mut body).await {
+        Some(item) => item,
+        None => {
+            out.flush().await?;
+            body.next().await
         }
+    };
+    loop {
+        let mut bytes = match next {
+            None => {
+                out.queue(data_frame(Bytes::new(), true));
+                break;
+            }
+            Some(Err(e)) => return failed(reservation, e),
+            Some(Ok(bytes)) => bytes,
+        };
+        // Look ahead without waiting: a body that has already ended lets this chunk carry eof.
+        let after = next_soon(&mut body).await;
+        let ended = matches!(after, Some(None));
+        while !bytes.is_empty() {
+            let frame = bytes.split_to(bytes.len().min(MAX_FRAME_BYTES));
+            out.queue(data_frame(frame, ended && bytes.is_empty()));
+        }
+        if ended {
+            break;
+        }
+        next = match after {
+            Some(item) if out.queued_bytes() < MAX_BATCH_BYTES => item,
+            Some(item) => {
+                out.flush().await?;
+                item
+            }
+            None => {
+                out.flush().await?;
+                body.next().await
+            }
+        };
     }
-    out.send(runner_msg::Body::Data(DataFrame {
-        data: Bytes::new(),
-        eof: true,
-    }))
-    .await?;
     Ok(Executed {
         reservation,
         outcome: Outcome::ok(),
     })
 }
 
-/// Feeds the LB's data frames into the function's request body. Returns `Ok` once the
-/// body is complete and the LB half-closed the stream; errors on a protocol violation or
-/// when the LB goes away. Keeps reading after `eof` to notice both.
+/// The body's next item if it is ready now or once the tasks already woken have run (the
+/// function's connection task decodes what it has read only when it runs); `None` when the
+/// body has to wait for the function.
+async fn next_soon(
+    body: &mut crate::driver::BodyStream<DriverError>,
+) -> Option<Option<Result<Bytes, DriverError>>> {
+    if let Some(item) = body.next().now_or_never() {
+        return Some(item);
+    }
+    tokio::task::yield_now().await;
+    body.next().now_or_never()
+}
+
+fn data_frame(data: Bytes, eof: bool) -> runner_msg::Body {
+    runner_msg::Body::Data(DataFrame { data, eof })
+}
+
+/// Request body frames that had arrived when the call was committed.
+struct Early {
+    chunks: Vec<Bytes>,
+    /// The body is complete: its `eof` is among them.
+    eof: bool,
+    /// Something other than a data frame was read (the stream's end, an error, a wrong
+    /// message): [`pump_inbound`] deals with it first.
+    trouble: Option<Result<Option<ClientMsg>, Status>>,
+}
+
+/// Takes the messages that have already arrived, without waiting, up to the body's `eof`.
+fn read_ready(inbound: &mut Streaming<ClientMsg>) -> Early {
+    let mut early = Early {
+        chunks: Vec::new(),
+        eof: false,
+        trouble: None,
+    };
+    while let Some(read) = inbound.message().now_or_never() {
+        match read {
+            Ok(Some(ClientMsg {
+                body: Some(client_msg::Body::Data(frame)),
+            })) => {
+                if !frame.data.is_empty() {
+                    early.chunks.push(frame.data);
+                }
+                if frame.eof {
+                    early.eof = true;
+                    break;
+                }
+            }
+            other => {
+                early.trouble = Some(other);
+                break;
+            }
+        }
+    }
+    early
+}
+
+/// Feeds the LB's data frames into the function's request body (`None` when the body is
+/// already complete). Returns `Ok` once the body is complete and the LB half-closed the
+/// stream; errors on a protocol violation or when the LB goes away. Keeps reading after
+/// `eof` to notice both. `first` is a message [`read_ready`] already took.
 async fn pump_inbound(
     mut inbound: Streaming<ClientMsg>,
-    body: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut first: Option<Result<Option<ClientMsg>, Status>>,
+    body: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
 ) -> Result<(), InboundError> {
-    let mut body = Some(body);
+    let mut body = body;
     loop {
-        let msg = match inbound.message().await {
+        let read = match first.take() {
+            Some(read) => read,
+            None => inbound.message().await,
+        };
+        let msg = match read {
             Ok(Some(msg)) => msg,
             Ok(None) if body.is_none() => return Ok(()),
             Ok(None) => {

@@ -160,7 +160,14 @@ pub struct ProcessDriver {
     /// the same socket root (and maybe the same pid).
     id_prefix: String,
     next_id: AtomicU64,
+    /// Programs that [`Driver::check`] found valid, so that a call of a function already
+    /// vetted costs no file-system calls. A start vets again and forgets a program that no
+    /// longer passes; the functions directory is the operator's, so nothing else changes it.
+    vetted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Most programs remembered as vetted; past it the memory starts over.
+const MAX_VETTED: usize = 4096;
 
 impl ProcessDriver {
     /// Checks the functions directory, creates the socket root and detects memory-limit
@@ -219,6 +226,7 @@ impl ProcessDriver {
             wrapper,
             id_prefix,
             next_id: AtomicU64::new(1),
+            vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -247,7 +255,15 @@ impl ProcessDriver {
         call_id: &str,
         start_timeout: Duration,
     ) -> Result<ProcessInstance, DriverError> {
-        let program = self.vet(spec)?;
+        let program = match self.vet(spec) {
+            Ok(program) => program,
+            Err(e) => {
+                if let Some(name) = spec.command.first() {
+                    self.vetted_set().remove(name);
+                }
+                return Err(e);
+            }
+        };
         let id = format!(
             "{}-{}",
             self.id_prefix,
@@ -308,6 +324,13 @@ impl ProcessDriver {
 
         wait_for_listener(&instance, start_timeout).await?;
         Ok(instance)
+    }
+
+    fn vetted_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A set of names: a panic elsewhere cannot leave it inconsistent.
+        self.vetted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Resolves the program and checks the config of `spec`.
@@ -403,7 +426,20 @@ impl ProcessDriver {
 
 impl Driver for ProcessDriver {
     fn check(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
-        self.vet(spec).map(|_| ())
+        if let Some(name) = spec.command.first()
+            && self.vetted_set().contains(name)
+        {
+            return command::check_config(&spec.config);
+        }
+        self.vet(spec)?;
+        if let Some(name) = spec.command.first() {
+            let mut vetted = self.vetted_set();
+            if vetted.len() >= MAX_VETTED {
+                vetted.clear();
+            }
+            vetted.insert(name.clone());
+        }
+        Ok(())
     }
 
     fn start(
