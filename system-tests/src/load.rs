@@ -420,7 +420,8 @@ pub struct Placement {
 }
 
 /// Where the lb-agent placed each call: call id → placement, from its JSON log
-/// (`FN_LOG_FORMAT=json`, the `call placed` events).
+/// (`FN_LOG_FORMAT=json`, the `call placed` events, logged at debug level by
+/// `fn_lb::invoke`).
 pub fn placements(lb_log: &str) -> std::collections::HashMap<String, Placement> {
     let field = |line: &str, name: &str| {
         let key = format!("\"{name}\":\"");

@@ -122,7 +122,11 @@ async fn kill_9_one_of_three_runners_under_load() -> anyhow::Result<()> {
         runner_memory_mb: 1024,
         placer: "naive".into(),
         catalog: CATALOG.into(),
-        lb_env: env(&[("FN_LOG_FORMAT", "json")]),
+        // Where each call went is in the debug-level `call placed` events.
+        lb_env: env(&[
+            ("FN_LOG_FORMAT", "json"),
+            ("FN_LOG_LEVEL", "info,fn_lb::invoke=debug"),
+        ]),
         ..Setup::default()
     })
     .await?;

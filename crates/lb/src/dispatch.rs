@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fn_nodepool::retry::Backoff;
-use fn_nodepool::{Engaged, RunnerPool};
+use fn_nodepool::{EarlyBody, Engaged, RunnerPool};
 use fn_placement::{PlacementKey, Placer};
 use fn_protocol::CallSpec;
 use tokio::time::Instant;
@@ -67,12 +67,13 @@ impl Dispatcher {
         }
     }
 
-    /// Finds a runner that commits to `call`.
+    /// Finds a runner that commits to `call`, offering `early` with it (see
+    /// [`fn_nodepool::RunnerClient::try_call`]).
     ///
     /// # Errors
     /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
     /// [`CallError::Unrunnable`] when a runner says the call itself is invalid.
-    pub async fn place(&self, call: &CallSpec) -> Result<Placed, CallError> {
+    pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, CallError> {
         let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
         let started = Instant::now();
         let deadline = started + self.config.placer_timeout.min(call.remaining());
@@ -92,7 +93,7 @@ impl Dispatcher {
                     continue; // a placeholder never takes a call
                 }
                 attempts += 1;
-                let tried = tokio::time::timeout_at(deadline, runner.try_call(call)).await;
+                let tried = tokio::time::timeout_at(deadline, runner.try_call(call, early)).await;
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),
                     Ok(Ok(engaged)) => {

@@ -94,7 +94,7 @@ pub fn json_error(status: StatusCode, message: &str) -> Response<ResponseBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
-            .boxed(),
+            .boxed_unsync(),
     );
     *response.status_mut() = status;
     response.headers_mut().insert(

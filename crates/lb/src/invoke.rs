@@ -1,27 +1,35 @@
 //! One call end to end: capacity accounting, placement, request body out, response back.
 //!
-//! After placement the call is driven by its own task, which owns the committed stream, the
-//! client's request body and the capacity guard. The HTTP handler waits for the response
-//! head; the response body is fed by the task frame by frame. Whoever goes away first ends
-//! the call: a client that disconnects drops the head receiver or the body, which stops the
-//! task, which drops the Engage stream, which makes the runner abort the function.
+//! A call has no task of its own: it runs in the client's connection task, where hyper polls
+//! it. The handler reads what has already arrived of the request body (a small body is then
+//! complete and travels with the `TryCall`: the whole request in one write), places the call,
+//! and waits for the response head while it pumps the rest of the body, if any. The response
+//! body is a [`CallBody`], which reads the runner's messages as hyper asks for frames (and
+//! keeps pumping the request body, for full-duplex calls), so a small answer that arrives in
+//! one read leaves in one write, with no hop between tasks.
+//!
+//! Whoever goes away first ends the call. A client that disconnects makes hyper drop the
+//! handler future or the body, which drops the Engage stream (a reset), which makes the
+//! runner abort the function. A call the runner has finished instead ends its stream
+//! cleanly (see [`Engaged`]). A client that stops reading is cut off by the front's write
+//! stall timeout ([`crate::front::SEND_TIMEOUT`]), which drops the body the same way.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use fn_nodepool::client::{BodySender, Engaged};
+use fn_nodepool::client::{BodySender, EarlyBody, Engaged};
 use fn_nodepool::{CapacityGuard, CapacityTracker};
 use fn_protocol::CallSpec;
-use fn_protocol::runner::{CallFinished, ErrorKind, HttpRespMeta, runner_msg};
-use futures::StreamExt;
+use fn_protocol::runner::{CallFinished, ErrorKind, HttpRespMeta, RunnerMsg, runner_msg};
+use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, BodyStream, StreamBody};
-use hyper::body::{Body, Frame};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tracing::Instrument;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use crate::catalog::Function;
 use crate::dispatch::Dispatcher;
@@ -32,10 +40,15 @@ use crate::metrics::{CallOutcome, CallRecord, LbMetrics};
 /// Largest data frame sent to a runner; larger client chunks are split.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// Most request body bytes read before placement. A body complete within them goes with
+/// the `TryCall`; a longer one streams once a runner has committed.
+pub const EARLY_BODY_MAX: usize = 64 * 1024;
+
 /// Time the runner gets past the deadline to report the timeout itself.
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
-/// How long the trailers may take after `CallFinished` (they come in the same write).
+/// How long the end of a finished call's stream (the runner's trailers) may take when it
+/// did not come with `CallFinished`, as it normally does.
 const FINISH_BOUND: Duration = Duration::from_secs(1);
 
 /// Request headers that describe the connection, not the request: never forwarded.
@@ -100,7 +113,7 @@ impl Invoker {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        // In flight from here; the record goes with the call to its driver task.
+        // In flight from here; the record goes with the call to its response body.
         let record = self.metrics.call_started();
         let declared_len = req
             .headers()
@@ -112,14 +125,17 @@ impl Invoker {
                 limit: self.max_request_body,
             }));
         }
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
         let spec = call_spec(&function, call_id, &parts);
-        let timeout = spec.timeout;
-        let deadline = Instant::now() + timeout;
+        let give_up = Instant::now() + spec.timeout + DEADLINE_GRACE;
 
         // The call counts towards its group's demand from arrival to the last byte.
         let guard = self.capacity.assign(&spec.lb_group, spec.memory_mb);
-        let placed = match self.dispatcher.place(&spec).await {
+        let early = match read_early(&mut body, self.max_request_body) {
+            Ok(early) => early,
+            Err(e) => return Err(record.failed(e.into_call_error(self.max_request_body))),
+        };
+        let placed = match self.dispatcher.place(&spec, &early).await {
             Ok(placed) => placed,
             Err(err) => {
                 if let CallError::NoCapacity { attempts, .. } = &err {
@@ -129,7 +145,7 @@ impl Invoker {
             }
         };
         self.metrics.placed(placed.attempts, placed.waited);
-        tracing::info!(
+        tracing::debug!(
             runner = %placed.engaged.runner,
             attempts = placed.attempts,
             placement_ms = placed.waited.as_millis() as u64,
@@ -137,32 +153,34 @@ impl Invoker {
             "call placed"
         );
 
-        let (head_tx, head_rx) = oneshot::channel();
-        let (frames_tx, frames_rx) = mpsc::channel(8);
-        let driver = CallDriver {
-            runner: placed.engaged.runner.clone(),
-            timeout,
-            deadline,
+        let mut engaged = placed.engaged;
+        // Without a sender the whole body went with the TryCall.
+        let pump = engaged.take_body_sender().map(|to_runner| {
+            Box::pin(pump_request(body, to_runner, early, self.max_request_body)) as Pump
+        });
+        let mut call = CallBody {
+            runner: engaged.runner.clone(),
+            engaged: Some(engaged),
+            pump,
+            timeout: spec.timeout,
+            give_up,
+            timer: None,
             max_request_body: self.max_request_body,
+            record: Some(record),
             _guard: guard,
-            record,
+            eof: false,
+            finished: false,
+            done: false,
         };
-        // The driver's log lines belong to the call's span (call id, function, group).
-        tokio::spawn(
-            driver
-                .run(placed.engaged, body, head_tx, frames_tx)
-                .instrument(tracing::Span::current()),
-        );
-        let head = head_rx.await.map_err(|_| CallError::RunnerFailed {
-            runner: "unknown".into(),
-            details: "the call ended without an answer".into(),
-        })??;
-        let mut response = Response::new(BodyExt::boxed(StreamBody::new(ReceiverStream::new(
-            frames_rx,
-        ))));
-        *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
-        Ok(response)
+        match call.await_head().await {
+            Ok(head) => {
+                let mut response = Response::new(BodyExt::boxed_unsync(call));
+                *response.status_mut() = head.status;
+                *response.headers_mut() = head.headers;
+                Ok(response)
+            }
+            Err(err) => Err(call.fail_head(err)),
+        }
     }
 }
 
@@ -208,37 +226,81 @@ struct Head {
     headers: HeaderMap,
 }
 
-type FrameTx = mpsc::Sender<Result<Frame<Bytes>, BodyError>>;
+/// The request body still to send, as the call's pump.
+type Pump = Pin<Box<dyn Future<Output = Result<(), PumpError>> + Send>>;
 
-/// How the request body pump ended early.
+/// How the request body ended early.
 #[derive(Debug)]
 enum PumpError {
     TooLarge,
     Client(String),
 }
 
-/// Owns one committed call until it ends.
-struct CallDriver {
-    runner: String,
-    timeout: Duration,
-    deadline: Instant,
-    max_request_body: u64,
-    /// Released when the call ends, however it ends.
-    _guard: CapacityGuard,
-    /// The call's metrics record: finished with the outcome [`CallDriver::drive`] returns.
-    record: CallRecord,
-}
+impl PumpError {
+    fn into_call_error(self, limit: u64) -> CallError {
+        match self {
+            PumpError::TooLarge => CallError::TooLarge { limit },
+            PumpError::Client(e) => CallError::BadRequest(format!("reading the request body: {e}")),
+        }
+    }
 
-/// Aborts the wrapped task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
+    fn outcome(&self) -> CallOutcome {
+        match self {
+            PumpError::TooLarge => CallOutcome::TooLarge,
+            PumpError::Client(_) => CallOutcome::BadRequest,
+        }
     }
 }
 
-impl CallDriver {
+/// One committed call from the response head on: the response body hyper sends to the
+/// client. It reads the runner's messages when hyper asks for a frame, pumps what is left of
+/// the request body, and enforces the call's deadline (one timer, armed only when the body
+/// has to wait). Its outcome is recorded before the body's end reaches the client, so a
+/// client that has read the whole answer finds the call already counted; a body dropped
+/// before its end is a client gone, and resets the stream so the runner aborts the call.
+struct CallBody {
+    runner: String,
+    /// `None` once handed to [`close`] at the end.
+    engaged: Option<Engaged>,
+    /// The rest of the request body, while it is being sent.
+    pump: Option<Pump>,
+    timeout: Duration,
+    /// Past this the call is given up (the runner reports its own timeout before).
+    give_up: Instant,
+    /// The deadline's timer, armed the first time the body waits.
+    timer: Option<Pin<Box<Sleep>>>,
+    max_request_body: u64,
+    /// Finished with the call's outcome; dropped unfinished, it counts a client gone.
+    record: Option<CallRecord>,
+    /// Released when the call ends, however it ends.
+    _guard: CapacityGuard,
+    /// The response body's last data frame has arrived.
+    eof: bool,
+    /// The runner sent `CallFinished`: only the stream's end is left.
+    finished: bool,
+    /// The body has ended (cleanly or not); nothing more is read.
+    done: bool,
+}
+
+impl std::fmt::Debug for CallBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallBody")
+            .field("runner", &self.runner)
+            .field("eof", &self.eof)
+            .field("finished", &self.finished)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What woke the call while it waits for the response head.
+enum HeadEvent {
+    Message(Result<Option<RunnerMsg>, tonic::Status>),
+    Pumped(Result<(), PumpError>),
+    Expired,
+}
+
+impl CallBody {
     fn failed(&self, details: impl Into<String>) -> CallError {
         CallError::RunnerFailed {
             runner: self.runner.clone(),
@@ -253,198 +315,214 @@ impl CallDriver {
         }
     }
 
-    /// Drives the call to its end and records how it ended.
-    async fn run<B>(
-        self,
-        engaged: Engaged,
-        body: B,
-        head_tx: oneshot::Sender<Result<Head, CallError>>,
-        frames: FrameTx,
-    ) where
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: std::fmt::Display + Send,
-    {
-        let mut engaged = engaged;
-        let (outcome, runner_finished) = self.drive(&mut engaged, body, head_tx, &frames).await;
-        self.record.finish(outcome);
-        // Only now does the client's response body end: a client that has read the whole
-        // answer finds the call already counted.
-        drop(frames);
-        if runner_finished {
-            // Read the runner's trailers, so the stream closes instead of being reset.
-            engaged.finish(FINISH_BOUND).await;
-        }
-    }
-
-    /// Drives the call until it ends; returns how it ended and whether the runner ended it
-    /// with `CallFinished` (so that only its trailers are left to read).
-    async fn drive<B>(
-        &self,
-        engaged: &mut Engaged,
-        body: B,
-        head_tx: oneshot::Sender<Result<Head, CallError>>,
-        frames: &FrameTx,
-    ) -> (CallOutcome, bool)
-    where
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: std::fmt::Display + Send,
-    {
-        let Some(to_runner) = engaged.take_body_sender() else {
-            let err = self.failed("the request body sender was already taken");
-            let outcome = CallOutcome::from(&err);
-            let _unread = head_tx.send(Err(err));
-            return (outcome, false);
-        };
-        let mut pump = AbortOnDrop(tokio::spawn(pump_request(
-            body,
-            to_runner,
-            self.max_request_body,
-        )));
-        let mut pump_done = false;
-        let give_up = self.deadline + DEADLINE_GRACE;
-        let mut head_tx = head_tx;
-
-        // Phase 1: until the response head, or until the client gives up waiting.
-        // Set when the runner answers with `CallFinished` instead of a head.
-        let mut head_finished = false;
-        let head = tokio::select! {
-            head = self.await_head(engaged, &mut pump, &mut pump_done, &mut head_finished, give_up) => head,
-            () = head_tx.closed() => {
-                tracing::info!("client went away before the response; cancelling the call");
-                return (CallOutcome::ClientGone, false);
-            }
-        };
-        let failed = head.as_ref().err().map(CallOutcome::from);
-        if head_tx.send(head).is_err() {
-            tracing::info!("client went away before the response; cancelling the call");
-            return (CallOutcome::ClientGone, false);
-        }
-        if let Some(outcome) = failed {
-            return (outcome, head_finished);
-        }
-
-        // Phase 2: the response body. Sends block on a slow client but never past the deadline.
-        let mut eof = false;
-        loop {
-            tokio::select! {
-                pumped = &mut pump.0, if !pump_done => {
-                    pump_done = true;
-                    if let Ok(Err(e)) = pumped {
-                        let (why, outcome) = match e {
-                            PumpError::TooLarge => (format!("request body over the limit of {} bytes", self.max_request_body), CallOutcome::TooLarge),
-                            PumpError::Client(e) => (format!("reading the request body: {e}"), CallOutcome::BadRequest),
-                        };
-                        abort_body(frames, &why).await;
-                        return (outcome, false);
-                    }
-                }
-                msg = engaged.next() => {
-                    let body_msg = match msg {
-                        Ok(Some(m)) => m.body,
-                        Ok(None) => {
-                            abort_body(frames, "the runner ended the stream before CallFinished").await;
-                            return (CallOutcome::RunnerFailed, false);
-                        }
-                        Err(status) => {
-                            abort_body(frames, &format!("runner {} failed: {}", self.runner, status.message())).await;
-                            return (CallOutcome::RunnerFailed, false);
-                        }
-                    };
-                    match body_msg {
-                        Some(runner_msg::Body::Data(frame)) if !eof => {
-                            eof = frame.eof;
-                            if !frame.data.is_empty() {
-                                let sent = tokio::time::timeout_at(give_up, frames.send(Ok(Frame::data(frame.data)))).await;
-                                if !matches!(sent, Ok(Ok(()))) {
-                                    tracing::info!("client stopped reading the response; cancelling the call");
-                                    return (CallOutcome::ClientGone, false);
-                                }
-                            }
-                        }
-                        Some(runner_msg::Body::Finished(f)) if f.success && eof => return (CallOutcome::Success, true),
-                        Some(runner_msg::Body::Finished(f)) => {
-                            let err = self.finished_error(&f);
-                            tracing::info!(error = %err, "call failed after its response started");
-                            abort_body(frames, &err.to_string()).await;
-                            return (CallOutcome::from(&err), true);
-                        }
-                        _ => {
-                            abort_body(frames, "protocol error: unexpected message in the response").await;
-                            return (CallOutcome::RunnerFailed, false);
-                        }
-                    }
-                }
-                () = frames.closed() => {
-                    // Hyper dropped the response body: the client went away. Returning drops
-                    // the Engage stream, which makes the runner abort the function.
-                    tracing::info!("client went away during the response; cancelling the call");
-                    return (CallOutcome::ClientGone, false);
-                }
-                () = tokio::time::sleep_until(give_up) => {
-                    abort_body(frames, "the call passed its timeout").await;
-                    return (CallOutcome::Timeout, false);
-                }
-            }
-        }
-    }
-}
-
-impl CallDriver {
     /// Waits for `CallResultStart` while the request body streams out.
-    async fn await_head(
-        &self,
-        engaged: &mut Engaged,
-        pump: &mut AbortOnDrop<Result<(), PumpError>>,
-        pump_done: &mut bool,
-        finished: &mut bool,
-        give_up: Instant,
-    ) -> Result<Head, CallError> {
+    async fn await_head(&mut self) -> Result<Head, CallError> {
         loop {
-            tokio::select! {
-                pumped = &mut pump.0, if !*pump_done => {
-                    *pump_done = true;
-                    match pumped {
-                        Ok(Ok(())) => {}
-                        Ok(Err(PumpError::TooLarge)) => {
-                            return Err(CallError::TooLarge { limit: self.max_request_body });
-                        }
-                        Ok(Err(PumpError::Client(e))) => {
-                            return Err(CallError::BadRequest(format!("reading the request body: {e}")));
-                        }
-                        Err(join) => return Err(self.failed(format!("request body task failed: {join}"))),
+            let Some(engaged) = self.engaged.as_mut() else {
+                return Err(self.failed("the call's stream is gone"));
+            };
+            let pump = &mut self.pump;
+            let pumping = pump.is_some();
+            let event = tokio::select! {
+                biased;
+                msg = engaged.next() => HeadEvent::Message(msg),
+                pumped = async {
+                    match pump.as_mut() {
+                        Some(pump) => pump.as_mut().await,
+                        None => std::future::pending().await,
                     }
+                }, if pumping => HeadEvent::Pumped(pumped),
+                () = tokio::time::sleep_until(self.give_up) => HeadEvent::Expired,
+            };
+            match event {
+                HeadEvent::Pumped(pumped) => {
+                    self.pump = None;
+                    pumped.map_err(|e| e.into_call_error(self.max_request_body))?;
                 }
-                msg = engaged.next() => {
-                    let m = match msg {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return Err(self.failed("the runner ended the stream without a result")),
-                        Err(status) => {
-                            return Err(self.failed(format!("{}: {}", status.code(), status.message())));
-                        }
-                    };
+                HeadEvent::Expired => return Err(CallError::Timeout(self.timeout)),
+                HeadEvent::Message(Ok(Some(m))) => {
                     return match m.body {
                         Some(runner_msg::Body::ResultStart(start)) => {
                             head_of(start.http).map_err(|details| self.failed(details))
                         }
                         Some(runner_msg::Body::Finished(f)) => {
-                            *finished = true;
+                            self.finished = true;
                             Err(self.finished_error(&f))
                         }
                         _ => Err(self.failed("protocol error: expected CallResultStart")),
                     };
                 }
-                () = tokio::time::sleep_until(give_up) => return Err(CallError::Timeout(self.timeout)),
+                HeadEvent::Message(Ok(None)) => {
+                    return Err(self.failed("the runner ended the stream without a result"));
+                }
+                HeadEvent::Message(Err(status)) => {
+                    return Err(self.failed(format!("{}: {}", status.code(), status.message())));
+                }
             }
+        }
+    }
+
+    /// Records a call that failed before its head and hands the error back.
+    fn fail_head(mut self, err: CallError) -> CallError {
+        self.done = true;
+        match self.record.take() {
+            Some(record) => record.failed(err),
+            None => err,
+        }
+    }
+
+    /// Ends the body with `outcome`; `why` cuts the client's response off (hyper ends it
+    /// without its terminator, so the client can tell).
+    fn end(
+        &mut self,
+        outcome: CallOutcome,
+        why: Option<String>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.done = true;
+        self.pump = None;
+        if let Some(record) = self.record.take() {
+            record.finish(outcome);
+        }
+        match why {
+            Some(why) => {
+                tracing::info!(runner = %self.runner, reason = %why, "aborting the response body");
+                Poll::Ready(Some(Err(why.into())))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// The next frame for the client, or what ends the body.
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(pump) = self.pump.as_mut()
+            && let Poll::Ready(pumped) = pump.as_mut().poll(cx)
+        {
+            self.pump = None;
+            if let Err(e) = pumped {
+                let why = match &e {
+                    PumpError::TooLarge => format!(
+                        "request body over the limit of {} bytes",
+                        self.max_request_body
+                    ),
+                    PumpError::Client(e) => format!("reading the request body: {e}"),
+                };
+                return self.end(e.outcome(), Some(why));
+            }
+        }
+        loop {
+            let Some(engaged) = self.engaged.as_mut() else {
+                return self.end(
+                    CallOutcome::RunnerFailed,
+                    Some("the call's stream is gone".into()),
+                );
+            };
+            let msg = match engaged.poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(msg))) => msg,
+                // The stream's end after `CallFinished{success}` and the body's eof.
+                Poll::Ready(None) if self.finished => return self.end(CallOutcome::Success, None),
+                Poll::Ready(None) => {
+                    let why = "the runner ended the stream before CallFinished".to_owned();
+                    return self.end(CallOutcome::RunnerFailed, Some(why));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    let why = format!("runner {} failed: {}", self.runner, status.message());
+                    return self.end(CallOutcome::RunnerFailed, Some(why));
+                }
+            };
+            match msg.body {
+                Some(runner_msg::Body::Data(frame)) if !self.eof && !self.finished => {
+                    self.eof = frame.eof;
+                    if !frame.data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(frame.data))));
+                    }
+                }
+                Some(runner_msg::Body::Finished(f)) if f.success && self.eof && !self.finished => {
+                    // Only the stream's end is left; it normally came with this message.
+                    self.finished = true;
+                }
+                Some(runner_msg::Body::Finished(f)) if !self.finished => {
+                    self.finished = true;
+                    let err = self.finished_error(&f);
+                    tracing::info!(runner = %self.runner, error = %err, "call failed after its response started");
+                    return self.end(CallOutcome::from(&err), Some(err.to_string()));
+                }
+                _ => {
+                    let why = "protocol error: unexpected message in the response".to_owned();
+                    return self.end(CallOutcome::RunnerFailed, Some(why));
+                }
+            }
+        }
+        if self.finished {
+            // The answer is complete; the stream's end is late. Don't hold the client for
+            // it: `close` reads it in the background.
+            return self.end(CallOutcome::Success, None);
+        }
+        let give_up = self.give_up;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(give_up)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return self.end(
+                CallOutcome::Timeout,
+                Some("the call passed its timeout".into()),
+            );
+        }
+        Poll::Pending
+    }
+}
+
+impl Body for CallBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.poll_call(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for CallBody {
+    fn drop(&mut self) {
+        if let Some(engaged) = self.engaged.take() {
+            close(engaged, self.finished);
         }
     }
 }
 
-/// Ends the client's response body with an error: hyper then cuts the response off rather
-/// than ending it cleanly, so a client can tell.
-async fn abort_body(frames: &FrameTx, why: &str) {
-    tracing::info!(reason = why, "aborting the response body");
-    if frames.send(Err(why.to_owned().into())).await.is_err() {
-        tracing::debug!("client already gone");
+/// Lets go of a call's stream. A call the runner finished ends its stream cleanly: the
+/// stream's end is read now if it has arrived, else in the background (bounded). Any other
+/// call is cancelled: dropping the stream resets it, and the runner aborts the function.
+fn close(mut engaged: Engaged, finished: bool) {
+    if !finished {
+        tracing::debug!(runner = %engaged.runner, "cancelling the call's stream");
+        return;
+    }
+    match engaged.next_ready() {
+        Some(Ok(None)) => {}
+        Some(Ok(Some(_))) => {
+            tracing::warn!(runner = %engaged.runner, "protocol error: a message after CallFinished");
+        }
+        Some(Err(status)) => {
+            tracing::debug!(runner = %engaged.runner, error = %status, "stream failed after CallFinished");
+        }
+        None => {
+            tokio::spawn(async move { engaged.finish(FINISH_BOUND).await });
+        }
     }
 }
 
@@ -471,30 +549,83 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
     Ok(Head { status, headers })
 }
 
-/// Streams the client's request body to the runner: exactly the bytes read, split at
-/// [`MAX_FRAME_BYTES`], then `eof`. Stops at `max` bytes.
-async fn pump_request<B>(body: B, to_runner: BodySender, max: u64) -> Result<(), PumpError>
+/// Takes what has already arrived of the request body, without waiting: at most
+/// [`EARLY_BODY_MAX`] bytes, and the whole body when it is complete within them.
+fn read_early<B>(body: &mut B, max: u64) -> Result<EarlyBody, PumpError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut early = EarlyBody::default();
+    let mut total: u64 = 0;
+    loop {
+        if body.is_end_stream() {
+            early.complete = true;
+            break;
+        }
+        if total >= EARLY_BODY_MAX as u64 {
+            break;
+        }
+        match body.frame().now_or_never() {
+            None => break,
+            Some(None) => {
+                early.complete = true;
+                break;
+            }
+            Some(Some(Err(e))) => return Err(PumpError::Client(e.to_string())),
+            Some(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers are not forwarded
+                };
+                total += data.len() as u64;
+                if total > max {
+                    return Err(PumpError::TooLarge);
+                }
+                if !data.is_empty() {
+                    early.chunks.push(data);
+                }
+            }
+        }
+    }
+    Ok(early)
+}
+
+/// Streams the client's request body to the runner: the `early` chunks, then exactly the
+/// bytes read, split at [`MAX_FRAME_BYTES`], then `eof`. Stops at `max` bytes.
+async fn pump_request<B>(
+    mut body: B,
+    to_runner: BodySender,
+    early: EarlyBody,
+    max: u64,
+) -> Result<(), PumpError>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display + Send,
 {
-    let mut frames = BodyStream::new(body);
     let mut total: u64 = 0;
-    while let Some(frame) = frames.next().await {
-        let frame = frame.map_err(|e| PumpError::Client(e.to_string()))?;
-        let Ok(mut data) = frame.into_data() else {
-            continue; // trailers are not forwarded
-        };
-        total += data.len() as u64;
-        if total > max {
-            return Err(PumpError::TooLarge);
+    for chunk in early.chunks {
+        total += chunk.len() as u64;
+        if to_runner.send(chunk, false).await.is_err() {
+            return Ok(()); // the runner answered early or failed: its outcome says which
         }
-        while !data.is_empty() {
-            let chunk = data.split_to(data.len().min(MAX_FRAME_BYTES));
-            if to_runner.send(chunk, false).await.is_err() {
-                // The runner stopped reading (it answered early or failed); the outcome
-                // arrives on the response stream.
-                return Ok(());
+    }
+    if !early.complete {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| PumpError::Client(e.to_string()))?;
+            let Ok(mut data) = frame.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            total += data.len() as u64;
+            if total > max {
+                return Err(PumpError::TooLarge);
+            }
+            while !data.is_empty() {
+                let chunk = data.split_to(data.len().min(MAX_FRAME_BYTES));
+                if to_runner.send(chunk, false).await.is_err() {
+                    // The runner stopped reading (it answered early or failed); the outcome
+                    // arrives on the response stream.
+                    return Ok(());
+                }
             }
         }
     }

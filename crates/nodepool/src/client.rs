@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fn_protocol::CallSpec;
+use fn_protocol::batch::{Batch, batches};
 use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
     ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
 };
 use fn_tls::TlsMode;
+use futures::{FutureExt, Stream};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -139,32 +140,55 @@ impl RunnerClient {
         self.available.load(Ordering::Acquire)
     }
 
-    /// Offers `call` to the runner. On commit, the call belongs to this runner: the caller
-    /// streams the body through the returned [`Engaged`] and must never place it again.
+    /// Offers `call` to the runner, with the request body when `early` holds all of it (the
+    /// runner discards it if it refuses; the caller keeps it for the next runner). On commit,
+    /// the call belongs to this runner: the caller streams the rest of the body, if any,
+    /// through the returned [`Engaged`] and must never place it again.
     ///
     /// # Errors
     /// [`TryCallError`] when the call was not committed (refused, unreachable, ...).
-    pub async fn try_call(self: &Arc<Self>, call: &CallSpec) -> Result<Engaged, TryCallError> {
+    pub async fn try_call(
+        self: &Arc<Self>,
+        call: &CallSpec,
+        early: &EarlyBody,
+    ) -> Result<Engaged, TryCallError> {
         if !self.is_available() {
             return Err(TryCallError::Unavailable {
                 address: self.address.clone(),
             });
         }
-        let (tx, rx) = mpsc::channel::<ClientMsg>(4);
-        let try_call = ClientMsg {
+        let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
+        let mut first = Vec::with_capacity(early.chunks.len() + 2);
+        first.push(ClientMsg {
             body: Some(client_msg::Body::TryCall(TryCall {
                 call: Some(call.into()),
             })),
+        });
+        if early.complete {
+            // The whole call in one write: TryCall, the body, its eof and the request
+            // half's end.
+            first.extend(
+                early
+                    .chunks
+                    .iter()
+                    .map(|chunk| data_msg(chunk.clone(), false)),
+            );
+            first.push(data_msg(Bytes::new(), true));
+        }
+        let batch = Batch {
+            messages: first,
+            last: early.complete,
         };
         // The channel has room: this cannot wait.
-        if tx.try_send(try_call).is_err() {
+        if tx.try_send(batch).is_err() {
             return Err(self.protocol("request channel closed before TryCall"));
         }
+        let sender = (!early.complete).then_some(tx);
         let mut client = self.client.clone();
         let bound = self.config.connect_timeout + self.config.ack_timeout;
         let handshake = async {
             let mut responses = client
-                .engage(ReceiverStream::new(rx))
+                .engage(batches(rx))
                 .await
                 .map_err(|status| self.unreachable(&status))?
                 .into_inner();
@@ -184,7 +208,7 @@ impl RunnerClient {
             Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => Ok(Engaged {
                 runner: self.address.clone(),
                 slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
-                sender: Some(tx),
+                sender: sender.map(BodySender),
                 responses,
             }),
             Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
@@ -287,7 +311,7 @@ pub struct Engaged {
     pub runner: String,
     /// The runner's time to reserve capacity.
     pub slot_latency: Duration,
-    sender: Option<mpsc::Sender<ClientMsg>>,
+    sender: Option<BodySender>,
     responses: Streaming<RunnerMsg>,
 }
 
@@ -298,10 +322,23 @@ pub struct Engaged {
 pub struct BodyClosed;
 
 impl Engaged {
-    /// The request body's sender. The request half of the stream closes when it is dropped,
-    /// so drop it right after sending `eof`. `None` when it was already taken.
+    /// The request body's sender; `None` when it was already taken, or when the whole
+    /// body went with the `TryCall`. Sending `eof` closes the request half of the stream.
     pub fn take_body_sender(&mut self) -> Option<BodySender> {
-        self.sender.take().map(BodySender)
+        self.sender.take()
+    }
+
+    /// The next message from the runner, for callers that poll (a response body).
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<RunnerMsg, tonic::Status>>> {
+        std::pin::Pin::new(&mut self.responses).poll_next(cx)
+    }
+
+    /// The next message if it has already arrived, without waiting.
+    pub fn next_ready(&mut self) -> Option<Result<Option<RunnerMsg>, tonic::Status>> {
+        self.responses.message().now_or_never()
     }
 
     /// The next message from the runner; `None` when the stream ended.
@@ -335,18 +372,33 @@ impl Engaged {
 }
 
 /// Sends request body frames of an [`Engaged`] call.
-#[derive(Debug, Clone)]
-pub struct BodySender(mpsc::Sender<ClientMsg>);
+#[derive(Debug)]
+pub struct BodySender(mpsc::Sender<Batch<ClientMsg>>);
 
 impl BodySender {
-    /// Sends one chunk (`eof` marks the last).
+    /// Sends one chunk; `eof` marks the last and ends the request half of the stream with it.
     ///
     /// # Errors
     /// [`BodyClosed`] when the runner's side is gone.
     pub async fn send(&self, data: Bytes, eof: bool) -> Result<(), BodyClosed> {
-        let msg = ClientMsg {
-            body: Some(client_msg::Body::Data(DataFrame { data, eof })),
+        let batch = Batch {
+            messages: vec![data_msg(data, eof)],
+            last: eof,
         };
-        self.0.send(msg).await.map_err(|_| BodyClosed)
+        self.0.send(batch).await.map_err(|_| BodyClosed)
     }
+}
+
+fn data_msg(data: Bytes, eof: bool) -> ClientMsg {
+    ClientMsg {
+        body: Some(client_msg::Body::Data(DataFrame { data, eof })),
+    }
+}
+
+/// Request body bytes read before placement, without waiting for more.
+#[derive(Debug, Clone, Default)]
+pub struct EarlyBody {
+    pub chunks: Vec<Bytes>,
+    /// The body ends with these chunks: it goes with the `TryCall`.
+    pub complete: bool,
 }

@@ -21,6 +21,6 @@ pub mod retry;
 
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
-pub use client::{ClientConfig, Engaged, RunnerClient, TryCallError};
+pub use client::{ClientConfig, EarlyBody, Engaged, RunnerClient, TryCallError};
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};

@@ -549,10 +549,20 @@ async fn run(
     }
 }
 
-/// Holds the stream open until the LB cancels it or stops listening.
+/// Holds the stream open until the LB cancels it or stops listening. An LB that has sent
+/// its whole request (half-closed) is still there.
 async fn stall(inbound: &mut Streaming<ClientMsg>, tx: &Tx) {
+    let lb_broke_off = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => std::future::pending::<()>().await,
+                Err(_) => return,
+            }
+        }
+    };
     tokio::select! {
         () = tx.closed() => {}
-        () = async { while let Ok(Some(_)) = inbound.message().await {} } => {}
+        () = lb_broke_off => {}
     }
 }
