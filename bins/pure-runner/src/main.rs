@@ -45,11 +45,6 @@ struct Cli {
     start_timeout: Duration,
 }
 
-/// mimalloc: small per-call allocations on many threads are its strength; glibc's malloc
-/// spent a sixth of the LB's CPU under load (`make bench-compare`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
