@@ -99,11 +99,13 @@ async fn grpc_daemon_serves_health_and_stops_on_sigterm(
 
     daemon.signal(Signal::SIGTERM)?;
     let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{bin} exit on SIGTERM; log:\n{}",
-        daemon.log()
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "{bin} exit on SIGTERM; log:\n{log}");
+    // Its stderr is a pipe, not a terminal: plain text, no colour codes.
+    assert!(log.contains("serving"), "{bin} logged nothing: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "{bin} logged ANSI escapes into a pipe:\n{log}"
     );
     Ok(())
 }
