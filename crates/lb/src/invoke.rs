@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fn_nodepool::client::{BodySender, EarlyBody, Engaged};
@@ -217,7 +217,7 @@ fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> C
         image: function.image.clone(),
         config: function.config.clone(),
         lb_group: function.lb_group.clone(),
-        deadline: SystemTime::now() + function.timeout,
+        deadline: std::time::Instant::now() + function.timeout,
     }
 }
 

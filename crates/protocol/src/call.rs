@@ -6,7 +6,7 @@
 //! module looks at prost types for a call.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
@@ -37,7 +37,8 @@ pub struct CallSpec {
     pub headers: HeaderMap,
     /// Memory the call reserves on a runner.
     pub memory_mb: u64,
-    /// Whole-call timeout, also expressed as [`CallSpec::deadline`].
+    /// The call's time budget when this spec was made: the function's timeout at the LB;
+    /// at the runner, the budget the LB had left when it sent the call.
     pub timeout: Duration,
     /// How long a hot instance of this function may stay idle.
     pub idle_timeout: Duration,
@@ -48,8 +49,10 @@ pub struct CallSpec {
     /// Passed to the function as environment variables.
     pub config: BTreeMap<String, String>,
     pub lb_group: String,
-    /// Absolute time at which the call is abandoned.
-    pub deadline: SystemTime,
+    /// When the budget runs out, on this process's own monotonic clock: arrival plus the
+    /// timeout at the LB, receipt plus the budget at the runner. Budgets travel as durations
+    /// (as gRPC's `grpc-timeout` does), so no two machines' clocks ever need to agree.
+    pub deadline: Instant,
 }
 
 impl CallSpec {
@@ -61,9 +64,12 @@ impl CallSpec {
 
     /// Time left until the deadline (zero once passed).
     pub fn remaining(&self) -> Duration {
-        self.deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The deadline as a wall-clock time on this machine's clock (for `Fn-Deadline`).
+    pub fn wall_deadline(&self) -> SystemTime {
+        SystemTime::now() + self.remaining()
     }
 }
 
@@ -155,6 +161,7 @@ impl TryFrom<runner::Call> for CallSpec {
         if call.timeout_ms == 0 {
             return Err(InvalidCall::Missing("timeout_ms"));
         }
+        // The budget left when the LB sent the call; it starts counting now, on this clock.
         let timeout = Duration::from_millis(call.timeout_ms);
         if timeout > MAX_TIMEOUT {
             return Err(invalid(
@@ -199,10 +206,8 @@ impl TryFrom<runner::Call> for CallSpec {
             }
         }
         let lb_group = name("lb_group", call.lb_group, MAX_NAME_LEN)?;
-        if call.deadline_unix_ms == 0 {
-            return Err(InvalidCall::Missing("deadline_unix_ms"));
-        }
-        let deadline = UNIX_EPOCH + Duration::from_millis(call.deadline_unix_ms);
+        // `deadline_unix_ms` is the LB's clock: information only, never a bound here.
+        let deadline = Instant::now() + timeout;
 
         Ok(CallSpec {
             id,
@@ -243,14 +248,19 @@ impl From<&CallSpec> for runner::Call {
                 })
                 .collect(),
             memory_mb: spec.memory_mb,
-            timeout_ms: millis(spec.timeout),
+            // The budget left now, rounded up so that a call with time left is never sent
+            // as one without.
+            timeout_ms: millis(
+                spec.remaining()
+                    .saturating_add(Duration::from_nanos(999_999)),
+            ),
             idle_timeout_ms: millis(spec.idle_timeout),
             command: spec.command.clone(),
             image: spec.image.clone().unwrap_or_default(),
             config: spec.config.clone().into_iter().collect(),
             lb_group: spec.lb_group.clone(),
             deadline_unix_ms: millis(
-                spec.deadline
+                spec.wall_deadline()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or(Duration::ZERO),
             ),
@@ -291,8 +301,50 @@ mod tests {
         let spec = CallSpec::try_from(wire()).expect("valid call");
         assert_eq!(spec.function_key(), "demo/echo");
         assert_eq!(spec.headers["content-type"], "text/plain");
-        let back = runner::Call::from(&spec);
+        let mut back = runner::Call::from(&spec);
+        // The budget sent on is what is left of it: at most what came, barely less.
+        assert!(
+            back.timeout_ms <= 30_000 && back.timeout_ms > 29_000,
+            "{back:?}"
+        );
+        back.timeout_ms = 30_000;
+        // The wall-clock deadline is this machine's own reading of the budget.
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        assert!(
+            back.deadline_unix_ms.abs_diff(now_ms + 30_000) < 1_000,
+            "{back:?}"
+        );
+        back.deadline_unix_ms = wire().deadline_unix_ms;
         assert_eq!(back, wire());
+    }
+
+    /// The LB's clock does not bound the call: a minute behind, a minute ahead, the year
+    /// 2099 or nothing at all, the budget is `timeout_ms` from receipt.
+    #[test]
+    fn the_budget_counts_from_receipt_whatever_the_senders_clock_says() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        for deadline_unix_ms in [now_ms - 60_000, now_ms + 60_000, 4_070_908_800_000, 0] {
+            let mut call = wire();
+            call.timeout_ms = 500;
+            call.deadline_unix_ms = deadline_unix_ms;
+            let spec = CallSpec::try_from(call).expect("valid whatever the clock says");
+            let left = spec.remaining();
+            assert!(
+                left <= Duration::from_millis(500) && left > Duration::from_millis(400),
+                "deadline_unix_ms {deadline_unix_ms}: {left:?} left"
+            );
+            let wall = spec
+                .wall_deadline()
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970");
+            assert!(wall.as_millis().abs_diff(u128::from(now_ms) + 500) < 200);
+        }
     }
 
     #[test]
@@ -314,7 +366,6 @@ mod tests {
                 "config",
             ),
             (|c| c.lb_group.clear(), "lb_group"),
-            (|c| c.deadline_unix_ms = 0, "deadline_unix_ms"),
             (
                 |c| {
                     c.headers.push(runner::Header {
@@ -445,7 +496,7 @@ mod tests {
                 prop_assert!(spec.route.is_empty() || valid_name(&spec.route, MAX_NAME_LEN));
                 prop_assert!(spec.memory_mb > 0);
                 prop_assert!(!spec.timeout.is_zero() && spec.timeout <= MAX_TIMEOUT);
-                prop_assert!(spec.deadline > UNIX_EPOCH);
+                prop_assert!(spec.remaining() <= spec.timeout);
                 prop_assert!(!spec.command.is_empty() || spec.image.is_some());
                 prop_assert!(spec.command.iter().all(|a| !a.contains('\0')));
                 prop_assert!(spec.command.first().is_none_or(|p| !p.is_empty()));
@@ -455,7 +506,14 @@ mod tests {
                 for (k, v) in &spec.config {
                     prop_assert!(valid_env_name(k) && !v.contains('\0'), "config {k:?}={v:?}");
                 }
-                let again = CallSpec::try_from(runner::Call::from(&spec));
+                // The budget shrinks by the time the round trip took; all else is equal.
+                let mut again = CallSpec::try_from(runner::Call::from(&spec));
+                if let Ok(again) = again.as_mut() {
+                    prop_assert!(again.timeout <= spec.timeout);
+                    prop_assert!(spec.timeout - again.timeout < Duration::from_secs(1));
+                    again.timeout = spec.timeout;
+                    again.deadline = spec.deadline;
+                }
                 prop_assert_eq!(again, Ok(spec));
             }
         }
@@ -505,7 +563,14 @@ mod tests {
             if let Ok(spec) = CallSpec::try_from(call.clone()) {
                 prop_assert!(spec.memory_mb > 0);
                 prop_assert!(!spec.id.is_empty() && spec.id.len() <= MAX_NAME_LEN);
-                prop_assert_eq!(runner::Call::from(&spec), call);
+                // The budget and the wall-clock deadline are re-read at sending time: the
+                // budget can only have shrunk (by less than the test's own run time).
+                let mut back = runner::Call::from(&spec);
+                prop_assert!(back.timeout_ms <= call.timeout_ms);
+                prop_assert!(call.timeout_ms - back.timeout_ms < 1_000);
+                back.timeout_ms = call.timeout_ms;
+                back.deadline_unix_ms = call.deadline_unix_ms;
+                prop_assert_eq!(back, call);
             }
         }
     }

@@ -618,6 +618,39 @@ async fn sleep_past_its_timeout_ends_as_timeout_kills_the_instance_and_releases_
     runner.stop().await;
 }
 
+/// The budget is `timeout_ms` from the runner's receipt of the call, whatever the LB's clock
+/// said in `deadline_unix_ms`: a minute behind or ahead, or in 2099, a call with budget left
+/// runs, and a call past its budget ends as a timeout.
+#[tokio::test]
+async fn the_budget_counts_from_receipt_whatever_the_lbs_clock_says() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let now = SystemTime::now();
+    let skews = [
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(60),
+        UNIX_EPOCH + Duration::from_secs(4_070_908_800), // 2099-01-01
+    ];
+    for (i, lb_clock) in skews.into_iter().enumerate() {
+        let mut quick = call("fn-sleep", Duration::from_secs(5));
+        quick.deadline_unix_ms = unix_ms(lb_clock);
+        let result = runner.run(quick, Bytes::from_static(b"1")).await;
+        result.assert_ok(200);
+
+        let mut slow = call("fn-sleep", Duration::from_millis(400));
+        slow.deadline_unix_ms = unix_ms(lb_clock);
+        let started = Instant::now();
+        let result = runner.run(slow, Bytes::from_static(b"3000")).await;
+        let took = started.elapsed();
+        assert_eq!(result.kind(), ErrorKind::Timeout, "skew {i}: {result:?}");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(2500),
+            "skew {i}: the 400 ms budget ended the call after {took:?}"
+        );
+    }
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
 #[tokio::test]
 async fn an_instance_that_dies_mid_call_ends_it_as_crashed() {
     let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
@@ -797,9 +830,9 @@ async fn invalid_calls_are_refused_as_invalid_with_a_clear_reason() {
             "more than this runner's total",
         ),
         (
-            "deadline passed",
-            |c| c.deadline_unix_ms = 1,
-            "deadline has passed",
+            "budget over the maximum",
+            |c| c.timeout_ms = 10 * 3600 * 1000,
+            "timeout_ms",
         ),
     ];
     for (what, edit, expected) in cases {

@@ -55,7 +55,7 @@ impl From<&CallSpec> for FunctionRequest {
             method: call.method.clone(),
             request_url: call.request_url.clone(),
             headers: call.headers.clone(),
-            deadline: call.deadline,
+            deadline: call.wall_deadline(),
         }
     }
 }
