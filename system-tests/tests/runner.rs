@@ -79,25 +79,6 @@ impl Engage {
     }
 }
 
-/// `text` without ANSI escape sequences (the log may be coloured).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// From each log line containing `message`, the word that follows `key`.
 fn logged_values(log: &str, message: &str, key: &str) -> Vec<String> {
     log.lines()
@@ -267,7 +248,8 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_calls_as_draining_and_e
     );
     // The runner leaves nothing of its function instances behind: no process, no memory
     // cgroup (where it enforces memory limits), no socket directory.
-    let log = strip_ansi(&daemon.log());
+    // Plain text: a daemon whose stderr is not a terminal writes no colour codes.
+    let log = daemon.log();
     let instances = logged_values(&log, "function instance started", "instance=");
     anyhow::ensure!(!instances.is_empty(), "no instance in the log:\n{log}");
     let cgroup_parent = logged_values(&log, "function memory limits enforced", " under ")
