@@ -7,11 +7,7 @@
 //! - `GET /health`: 200 while serving, 503 while draining.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,12 +19,12 @@ use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::catalog::{CatalogHandle, Function};
+use crate::client_io::{ClientIo, ClientLimits};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
 use crate::metrics::CallOutcome;
@@ -46,17 +42,14 @@ pub const CALL_ID_HEADER: &str = "fn-call-id";
 /// byte (slowloris), or opens connections and sends nothing, holds a connection forever.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a write to a client may make no progress before the connection is closed (as
-/// nginx's `send_timeout`). A client that stops reading its answer is cut off, which drops
-/// the call's response body and cancels the call on the runner.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Routes requests to functions.
 #[derive(Debug)]
 pub struct Front {
     catalog: Arc<CatalogHandle>,
     invoker: Invoker,
     health: Health,
+    /// Bounds of every client connection below HTTP.
+    limits: ClientLimits,
 }
 
 enum Route {
@@ -66,10 +59,21 @@ enum Route {
 
 impl Front {
     pub fn new(catalog: Arc<CatalogHandle>, invoker: Invoker, health: Health) -> Arc<Self> {
+        Self::with_limits(catalog, invoker, health, ClientLimits::default())
+    }
+
+    /// Like [`Front::new`], with the client connection bounds given.
+    pub fn with_limits(
+        catalog: Arc<CatalogHandle>,
+        invoker: Invoker,
+        health: Health,
+        limits: ClientLimits,
+    ) -> Arc<Self> {
         Arc::new(Front {
             catalog,
             invoker,
             health,
+            limits,
         })
     }
 
@@ -208,7 +212,7 @@ impl Front {
                 let front = Arc::clone(&front);
                 async move { Ok::<_, Infallible>(front.handle(req).await) }
             });
-            let io = TokioIo::new(WriteStallTimeout::new(stream, SEND_TIMEOUT));
+            let io = TokioIo::new(ClientIo::new(stream, self.limits.clone()));
             let conn = builder.serve_connection_with_upgrades(io, service);
             let conn = graceful.watch(conn.into_owned());
             tokio::spawn(async move {
@@ -232,135 +236,4 @@ fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     );
     *response.status_mut() = status;
     response
-}
-
-/// A client connection whose writes fail with `TimedOut` once one has been pending for
-/// `limit` without progress. The timer is armed only while a write is blocked.
-struct WriteStallTimeout<S> {
-    inner: S,
-    limit: Duration,
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<S> WriteStallTimeout<S> {
-    fn new(inner: S, limit: Duration) -> Self {
-        WriteStallTimeout {
-            inner,
-            limit,
-            stalled: None,
-        }
-    }
-
-    /// Passes a write's result through, turning a stall past the limit into an error.
-    fn watch<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.stalled = None;
-            return polled;
-        }
-        let limit = self.limit;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if stalled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client read nothing for {limit:?}"),
-            )));
-        }
-        Poll::Pending
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for WriteStallTimeout<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStallTimeout<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.watch(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.watch(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.watch(cx, polled)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_blocked_past_the_limit_fails() {
-        let (client, _server) = tokio::io::duplex(8);
-        let mut guarded = WriteStallTimeout::new(client, Duration::from_secs(30));
-        guarded.write_all(b"12345678").await.expect("fits the pipe");
-        // Nobody reads: the next write waits, then fails 30 s later.
-        let started = tokio::time::Instant::now();
-        let err = guarded.write_all(b"more").await.expect_err("stalls");
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_secs(30));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
-        let (client, mut server) = tokio::io::duplex(8);
-        let mut guarded = WriteStallTimeout::new(client, Duration::from_secs(30));
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 8];
-            while got.len() < 40 {
-                tokio::time::sleep(Duration::from_secs(20)).await;
-                let n = server.read(&mut buf).await.expect("reads");
-                got.extend_from_slice(&buf[..n]);
-            }
-            got
-        });
-        let started = tokio::time::Instant::now();
-        guarded
-            .write_all(&[7u8; 40])
-            .await
-            .expect("progress every 20 s is enough");
-        assert!(
-            started.elapsed() >= Duration::from_secs(60),
-            "it did wait for the reader"
-        );
-        assert_eq!(reader.await.expect("reader"), vec![7u8; 40]);
-    }
 }

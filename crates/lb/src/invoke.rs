@@ -11,8 +11,8 @@
 //! Whoever goes away first ends the call. A client that disconnects makes hyper drop the
 //! handler future or the body, which drops the Engage stream (a reset), which makes the
 //! runner abort the function. A call the runner has finished instead ends its stream
-//! cleanly (see [`Engaged`]). A client that stops reading is cut off by the front's write
-//! stall timeout ([`crate::front::SEND_TIMEOUT`]), which drops the body the same way.
+//! cleanly (see [`Engaged`]). A client that stops reading is cut off by its connection's
+//! send timeout ([`crate::client_io`]), which drops the body the same way.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -8,11 +8,14 @@
 //! - [`invoke`]: one call end to end: capacity accounting, placement, request body out,
 //!   response back.
 //! - [`front`]: the HTTP server (HTTP/1.1 and h2c), routing, `Fn-Call-Id`, JSON errors.
+//! - [`client_io`]: a client connection below HTTP: the first-byte and send timeouts and the
+//!   lingering close.
 //! - [`error`]: the one place where call failures become HTTP statuses.
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
 //!   registered into the registry the binary passes to [`Invoker::new`].
 
 pub mod catalog;
+pub mod client_io;
 pub mod dispatch;
 pub mod error;
 pub mod front;
@@ -20,6 +23,7 @@ pub mod invoke;
 pub mod metrics;
 
 pub use catalog::{Catalog, CatalogHandle, Function};
+pub use client_io::ClientLimits;
 pub use dispatch::{DispatchConfig, Dispatcher};
 pub use front::Front;
 pub use invoke::Invoker;

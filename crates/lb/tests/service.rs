@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fn_lb::catalog::Catalog;
-use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
+use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::{CancellationToken, Health};
 use fn_nodepool::{CapacityTracker, ClientConfig, RunnerPool, StaticPool};
 use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer};
@@ -48,6 +48,7 @@ struct Options {
     placer_timeout: Duration,
     max_request_body: u64,
     client: ClientConfig,
+    limits: ClientLimits,
 }
 
 impl Default for Options {
@@ -57,6 +58,7 @@ impl Default for Options {
             placer_timeout: Duration::from_secs(10),
             max_request_body: 1024 * 1024,
             client: ClientConfig::default(),
+            limits: ClientLimits::default(),
         }
     }
 }
@@ -107,7 +109,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
     health.set_serving().await;
-    let front = Front::new(catalog, invoker, health);
+    let front = Front::with_limits(catalog, invoker, health, options.limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -1032,4 +1034,82 @@ async fn finished_calls_end_their_streams_cleanly_and_the_connection_survives_th
         1,
         "the LB's connection to the runner was torn down and reopened"
     );
+}
+
+/// A client that writes its whole request body before it reads anything (Python's
+/// `http.client`, `requests`) gets the 413, not a connection reset: the LB answers at once,
+/// then reads and throws away the rest of the body before it closes.
+#[tokio::test]
+async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let body_len = 8 * 1024 * 1024; // 8 x the limit: more than the socket buffers hold
+    let mut stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {body_len}\r\n\r\n"
+    );
+    let exchange = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&vec![b'x'; body_len]).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(BOUND * 2, exchange)
+        .await
+        .expect("in time")
+        .expect("the body is taken in and the answer read, with no reset");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(runners[0].seen().is_empty(), "no runner saw the call");
+}
+
+/// Connections that never send a byte are closed after the first-byte limit (hyper's own
+/// header timer starts only with a request), and the LB keeps serving.
+#[tokio::test]
+async fn connections_that_send_nothing_are_closed_and_calls_go_on() {
+    use tokio::io::AsyncReadExt;
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let limits = ClientLimits {
+        first_byte: Duration::from_millis(300),
+        ..ClientLimits::default()
+    };
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            limits,
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(
+            tokio::net::TcpStream::connect(&lb.address)
+                .await
+                .expect("connect"),
+        );
+    }
+    let started = Instant::now();
+    for stream in &mut silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(BOUND, stream.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)), "closed by the LB: {read:?}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the limit: {:?}",
+        started.elapsed()
+    );
+    let reply = post(&lb, "/r/demo/echo", "still serving").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "still serving");
 }

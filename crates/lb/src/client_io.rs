@@ -1,0 +1,331 @@
+//! A client connection below HTTP: the timers and the close that hyper does not do itself.
+//!
+//! - **First byte from accept.** A new connection must send its first byte within
+//!   [`ClientLimits::first_byte`] of being accepted. hyper's header timer starts only once a
+//!   request begins, so a connection that never sends a byte would otherwise stay open for
+//!   ever (as nginx's `client_header_timeout`, counted from accept).
+//! - **Send timeout.** A write that makes no progress for [`ClientLimits::send_timeout`]
+//!   fails, so a client that stops reading its answer is cut off (nginx's `send_timeout`); the
+//!   call's response body is dropped with the connection, which cancels the call.
+//! - **Lingering close.** When hyper closes a connection it shuts the write side down first,
+//!   then reads and throws away what the client still sends (at most
+//!   [`ClientLimits::linger_bytes`], for at most [`ClientLimits::linger_time`], giving up
+//!   after [`ClientLimits::linger_idle`] without a byte) before the socket closes (nginx's
+//!   lingering close). A client that writes its whole request body before it reads
+//!   (Python's `http.client`, `requests`) then reads the answer, a 413 say, instead of a
+//!   connection reset: closing a socket with unread data makes the kernel send RST, which
+//!   throws away the answer still waiting in the client's receive buffer.
+//!
+//! Each timer is armed only while it can fire: the first-byte timer until the first byte,
+//! the send timer while a write is blocked, the linger timers while closing.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// The bounds of a client connection; see the module docs.
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// From accept to the first byte of the first request.
+    pub first_byte: Duration,
+    /// How long a write may make no progress.
+    pub send_timeout: Duration,
+    /// Most bytes read and discarded while closing.
+    pub linger_bytes: u64,
+    /// Longest time spent closing.
+    pub linger_time: Duration,
+    /// Longest wait for the next byte while closing.
+    pub linger_idle: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            first_byte: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            linger_bytes: 64 * 1024 * 1024,
+            linger_time: Duration::from_secs(30),
+            linger_idle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A client connection with the [`ClientLimits`] applied.
+#[derive(Debug)]
+pub struct ClientIo<S> {
+    inner: S,
+    limits: ClientLimits,
+    /// Armed from accept until the first byte arrives.
+    first_byte: Option<Pin<Box<Sleep>>>,
+    /// Armed while a write is blocked.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Set once the close has begun.
+    linger: Option<Linger>,
+}
+
+#[derive(Debug)]
+struct Linger {
+    /// The write side is shut down; what is left is draining the read side.
+    write_shut: bool,
+    until: Pin<Box<Sleep>>,
+    idle: Pin<Box<Sleep>>,
+    drained: u64,
+}
+
+fn timer(after: Duration) -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(after))
+}
+
+impl<S> ClientIo<S> {
+    /// `inner`, just accepted.
+    pub fn new(inner: S, limits: ClientLimits) -> Self {
+        ClientIo {
+            first_byte: Some(timer(limits.first_byte)),
+            inner,
+            limits,
+            stalled: None,
+            linger: None,
+        }
+    }
+
+    /// Passes a write's result through, turning a stall past the limit into an error.
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limits.send_timeout;
+        let stalled = self.stalled.get_or_insert_with(|| timer(limit));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?}"),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let Some(first_byte) = this.first_byte.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.first_byte = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if first_byte.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no request within {:?} of the connection",
+                        this.limits.first_byte
+                    ),
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch_write(cx, polled)
+    }
+
+    /// Shuts the write side down, then drains the read side within the linger bounds. Never
+    /// fails: a client that has gone leaves nothing to drain.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let limits = &this.limits;
+        let linger = this.linger.get_or_insert_with(|| Linger {
+            write_shut: false,
+            until: timer(limits.linger_time),
+            idle: timer(limits.linger_idle),
+            drained: 0,
+        });
+        if !linger.write_shut {
+            match Pin::new(&mut this.inner).poll_shutdown(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())), // already gone
+                Poll::Ready(Ok(())) => linger.write_shut = true,
+            }
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if linger.drained >= this.limits.linger_bytes {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    linger.drained += buf.filled().len() as u64;
+                    let idle = this.limits.linger_idle;
+                    linger
+                        .idle
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + idle);
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    let expired = linger.until.as_mut().poll(cx).is_ready()
+                        || linger.idle.as_mut().poll(cx).is_ready();
+                    return if expired {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> ClientLimits {
+        ClientLimits::default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_first_byte_limit() {
+        let (server, _client) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(server, limits());
+        let started = tokio::time::Instant::now();
+        let err = io.read(&mut [0u8; 16]).await.expect_err("times out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_first_byte_reads_wait_as_long_as_they_need() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(server, limits());
+        client.write_all(b"G").await.expect("writes");
+        assert_eq!(io.read(&mut [0u8; 16]).await.expect("reads"), 1);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            client.write_all(b"ET").await.expect("writes");
+            client
+        });
+        // hyper's own header and idle timers govern from here; this layer adds none.
+        assert_eq!(io.read(&mut [0u8; 16]).await.expect("reads"), 2);
+        drop(late.await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_past_the_send_timeout_fails() {
+        let (server, mut client) = tokio::io::duplex(8);
+        client.write_all(b"x").await.expect("writes");
+        let mut io = ClientIo::new(server, limits());
+        io.read(&mut [0u8; 1]).await.expect("first byte");
+        io.write_all(b"12345678").await.expect("fits the pipe");
+        let started = tokio::time::Instant::now();
+        let err = io.write_all(b"more").await.expect_err("stalls");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
+        let (server, mut client) = tokio::io::duplex(8);
+        let mut io = ClientIo::new(server, limits());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8];
+            while got.len() < 40 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                let n = client.read(&mut buf).await.expect("reads");
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let started = tokio::time::Instant::now();
+        io.write_all(&[7u8; 40])
+            .await
+            .expect("progress every 20 s is enough");
+        assert!(started.elapsed() >= Duration::from_secs(60));
+        assert_eq!(reader.await.expect("reader"), vec![7u8; 40]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_drains_what_the_client_still_sends_then_ends() {
+        let (server, mut client) = tokio::io::duplex(1024);
+        let mut io = ClientIo::new(server, limits());
+        // The client is still sending a body nobody will read.
+        let sender = tokio::spawn(async move {
+            for _ in 0..100 {
+                client
+                    .write_all(&[1u8; 1000])
+                    .await
+                    .expect("drained, not refused");
+            }
+            let mut answer = Vec::new();
+            client
+                .read_to_end(&mut answer)
+                .await
+                .expect("the answer, then EOF");
+            answer
+        });
+        io.write_all(b"413").await.expect("answer");
+        io.shutdown().await.expect("closes");
+        assert_eq!(sender.await.expect("sender"), b"413");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_gives_up_on_a_client_that_neither_sends_nor_closes() {
+        let (server, _client) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(server, limits());
+        let started = tokio::time::Instant::now();
+        io.shutdown().await.expect("closes");
+        assert_eq!(started.elapsed(), Duration::from_secs(5), "the idle bound");
+    }
+}
