@@ -266,7 +266,7 @@ mod tests {
         let (server, mut client) = tokio::io::duplex(8);
         client.write_all(b"x").await.expect("writes");
         let mut io = ClientIo::new(server, limits());
-        io.read(&mut [0u8; 1]).await.expect("first byte");
+        io.read_exact(&mut [0u8; 1]).await.expect("first byte");
         io.write_all(b"12345678").await.expect("fits the pipe");
         let started = tokio::time::Instant::now();
         let err = io.write_all(b"more").await.expect_err("stalls");
