@@ -64,8 +64,10 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Whether a header goes on between the client and the function: not the hop-by-hop ones
+/// nor `Host`. `Content-Length` does, both ways: the body is forwarded byte for byte.
 fn forwardable(name: &HeaderName) -> bool {
-    !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH && name != header::HOST
+    !HOP_BY_HOP.contains(&name.as_str()) && name != header::HOST
 }
 
 /// Runs calls: accounts capacity, places, streams.
@@ -169,12 +171,29 @@ impl Invoker {
             record: Some(record),
             _guard: guard,
             eof: false,
+            length: None,
+            delivered: 0,
             finished: false,
             done: false,
         };
         match call.await_head().await {
             Ok(head) => {
-                let mut response = Response::new(BodyExt::boxed_unsync(call));
+                call.length = head
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let body = if parts.method == http::Method::HEAD {
+                    // The head is the answer; the function's body is read and dropped, so
+                    // that the call ends as it would for GET (bounded by its deadline).
+                    tokio::spawn(discard(call));
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync()
+                } else {
+                    BodyExt::boxed_unsync(call)
+                };
+                let mut response = Response::new(body);
                 *response.status_mut() = head.status;
                 *response.headers_mut() = head.headers;
                 Ok(response)
@@ -276,6 +295,11 @@ struct CallBody {
     _guard: CapacityGuard,
     /// The response body's last data frame has arrived.
     eof: bool,
+    /// The response's `Content-Length`, when it has one: hyper stops reading the body once
+    /// it has that many bytes.
+    length: Option<u64>,
+    /// Body bytes handed to hyper so far.
+    delivered: u64,
     /// The runner sent `CallFinished`: only the stream's end is left.
     finished: bool,
     /// The body has ended (cleanly or not); nothing more is read.
@@ -434,6 +458,7 @@ impl CallBody {
                 Some(runner_msg::Body::Data(frame)) if !self.eof && !self.finished => {
                     self.eof = frame.eof;
                     if !frame.data.is_empty() {
+                        self.delivered += frame.data.len() as u64;
                         return Poll::Ready(Some(Ok(Frame::data(frame.data))));
                     }
                 }
@@ -498,10 +523,53 @@ impl Body for CallBody {
 
 impl Drop for CallBody {
     fn drop(&mut self) {
-        if let Some(engaged) = self.engaged.take() {
-            close(engaged, self.finished);
+        let Some(engaged) = self.engaged.take() else {
+            return;
+        };
+        match self.record.take() {
+            // hyper stops reading a body framed by its Content-Length at its last byte: the
+            // client has the whole answer, and the runner's `CallFinished` (normally already
+            // here) settles how the call ended.
+            Some(record) if !self.done && (self.eof || self.length == Some(self.delivered)) => {
+                let mut settling = Box::pin(settle(engaged, record));
+                if settling.as_mut().now_or_never().is_none() {
+                    tokio::spawn(settling);
+                }
+            }
+            // Otherwise an unfinished record counts the client as gone when it drops.
+            _ => close(engaged, self.finished),
         }
     }
+}
+
+/// Reads what follows a delivered body (an empty `eof` frame, `CallFinished`, the stream's
+/// end), bounded by [`FINISH_BOUND`], and records the call's outcome.
+async fn settle(mut engaged: Engaged, record: CallRecord) {
+    let next = async {
+        loop {
+            match engaged.next().await {
+                Ok(Some(RunnerMsg {
+                    body: Some(runner_msg::Body::Data(frame)),
+                })) if frame.data.is_empty() => {}
+                other => return other,
+            }
+        }
+    };
+    let outcome = match tokio::time::timeout(FINISH_BOUND, next).await {
+        Ok(Ok(Some(RunnerMsg {
+            body: Some(runner_msg::Body::Finished(f)),
+        }))) if f.success => CallOutcome::Success,
+        Ok(Ok(Some(RunnerMsg {
+            body: Some(runner_msg::Body::Finished(f)),
+        }))) if f.kind() == ErrorKind::Timeout => CallOutcome::Timeout,
+        other => {
+            tracing::info!(runner = %engaged.runner, answer = ?other.map(|m| m.map(|m| m.map(|m| m.body))), "no CallFinished after the body's end");
+            record.finish(CallOutcome::RunnerFailed);
+            return; // dropping the stream resets it
+        }
+    };
+    record.finish(outcome);
+    engaged.finish(FINISH_BOUND).await;
 }
 
 /// Lets go of a call's stream. A call the runner finished ends its stream cleanly: the
@@ -542,11 +610,32 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
             tracing::debug!(header = %h.name, "dropping an invalid response header");
             continue;
         };
+        if name == header::CONTENT_LENGTH {
+            // Framing for the client: one valid length, or none (then chunked).
+            if value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some()
+            {
+                headers.insert(name, value);
+            }
+            continue;
+        }
         if forwardable(&name) {
             headers.append(name, value);
         }
     }
     Ok(Head { status, headers })
+}
+
+/// Reads a call's response body to its end and drops it (a HEAD request's call).
+async fn discard(mut call: CallBody) {
+    while let Some(frame) = call.frame().await {
+        if frame.is_err() {
+            break;
+        }
+    }
 }
 
 /// Takes what has already arrived of the request body, without waiting: at most

@@ -1113,3 +1113,37 @@ async fn connections_that_send_nothing_are_closed_and_calls_go_on() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.text(), "still serving");
 }
+
+/// The function's length reaches the client: a response with a `Content-Length` is sent
+/// with it, not chunked; a HEAD request gets the same head with no body, and its call still
+/// ends normally on the runner.
+#[tokio::test]
+async fn content_length_is_kept_end_to_end_and_head_gets_the_head_alone() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let reply = post(&lb, "/r/demo/echo", vec![b'a'; 5000]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("content-length"), "5000");
+    assert!(
+        !reply.headers.contains_key("transfer-encoding"),
+        "{reply:?}"
+    );
+    assert_eq!(reply.body.as_ref().map(Bytes::len).ok(), Some(5000));
+
+    let head = send(&lb.address, request(Method::HEAD, "/r/demo/echo", "")).await;
+    assert_eq!(head.status, StatusCode::OK, "{head:?}");
+    assert_eq!(head.header("content-length"), "0");
+    assert_eq!(head.body.as_deref().ok(), Some(b"".as_slice()));
+    let id = head.call_id().to_owned();
+    assert_eq!(
+        runners[0].wait_ended(&id, BOUND).await.expect("ends"),
+        Ending::Completed,
+        "the HEAD call ran to its end on the runner"
+    );
+    let seen = runners[0].seen();
+    assert!(
+        seen.iter().all(|c| c.ending == Ending::Completed),
+        "{seen:?}"
+    );
+}

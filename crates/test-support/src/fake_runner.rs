@@ -36,8 +36,9 @@ const REQUEST_END_BOUND: Duration = Duration::from_secs(5);
 /// How the fake answers one `TryCall`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
-    /// Commit, read the whole request body, then answer 200 with that body, the request's
-    /// `Content-Type` and `X-Echo-*` headers, and `X-Fake-Runner: <name>`.
+    /// Commit, read the whole request body, then answer 200 with that body, its
+    /// `Content-Length`, the request's `Content-Type` and `X-Echo-*` headers, and
+    /// `X-Fake-Runner: <name>`.
     Echo,
     /// Refuse as busy (`committed = false`).
     Refuse,
@@ -469,6 +470,13 @@ async fn run(
                 name: "x-fake-runner".into(),
                 value: state.name.clone().into_bytes(),
             }];
+            if matches!(behaviour, Behaviour::Echo | Behaviour::EchoLateTrailers) {
+                // The length of the whole answer, as a function that knows it gives it.
+                headers.push(Header {
+                    name: "content-length".into(),
+                    value: body.len().to_string().into_bytes(),
+                });
+            }
             headers.extend(
                 request_headers
                     .iter()

@@ -8,14 +8,15 @@
 //! Reply: the client status is `Fn-Http-Status`, unless the FDK itself answered 502 or 504
 //! (its own "function failed" / "function timed out"), which pass through; without
 //! `Fn-Http-Status` the reply's status is used. `Fn-Http-H-X` becomes `X`; a plain
-//! `Content-Type` is used when there is no `Fn-Http-H-Content-Type`. Everything else —
-//! other `Fn-*` headers, hop-by-hop and framing headers — is dropped; hop-by-hop and framing
-//! headers are dropped even when prefixed, since they describe a connection, not the
-//! response, and the body is re-framed on its way to the client.
+//! `Content-Type` is used when there is no `Fn-Http-H-Content-Type`, and the reply's own
+//! `Content-Length` (its framing) is kept: the client gets the same length. Everything else —
+//! other `Fn-*` headers, hop-by-hop and other framing headers — is dropped; hop-by-hop and
+//! framing headers are dropped even when prefixed, since they describe a connection, not the
+//! response.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::driver::{DriverError, FunctionRequest};
@@ -69,7 +70,9 @@ pub(super) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, Drive
 }
 
 /// Adds each client header `X` to `out` as `Fn-Http-H-X` (all values, in order), and the
-/// `Content-Type` plainly too. Hop-by-hop headers are left out.
+/// `Content-Type` plainly too. Hop-by-hop headers are left out. A valid client
+/// `Content-Length` also frames the `POST /call` (the body is the client's, byte for byte),
+/// so the function sees a length rather than a chunked body.
 pub(super) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     for name in client.keys() {
         if is_hop_by_hop(name.as_str()) {
@@ -86,9 +89,27 @@ pub(super) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     for value in client.get_all(CONTENT_TYPE) {
         out.append(CONTENT_TYPE, value.clone());
     }
+    if let Some(length) = valid_length(client) {
+        out.insert(CONTENT_LENGTH, length);
+    }
 }
 
-/// The client's headers from a reply's headers.
+/// The one `Content-Length` of `headers` when it is a valid length.
+fn valid_length(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    let valid = values.next().is_none()
+        && value
+            .to_str()
+            .ok()
+            .is_some_and(|v| v.parse::<u64>().is_ok());
+    valid.then(|| value.clone())
+}
+
+/// The client's headers from a reply's headers. The reply's own `Content-Length` (its
+/// framing, which the body forwarded to the client has exactly) is kept, so the client gets
+/// a length whenever the function gave one; a function's `Fn-Http-H-Content-Length` is not
+/// framing and is dropped.
 pub(super) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     let mut client = HeaderMap::new();
     for name in reply.keys() {
@@ -104,6 +125,9 @@ pub(super) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
         for value in reply.get_all(name) {
             client.append(original.clone(), value.clone());
         }
+    }
+    if let Some(length) = valid_length(reply) {
+        client.insert(CONTENT_LENGTH, length);
     }
     if !client.contains_key(CONTENT_TYPE) {
         for value in reply.get_all(CONTENT_TYPE) {
@@ -171,6 +195,7 @@ mod tests {
             request_url: "http://lb/r/demo/echo?x=1".into(),
             headers: map(&[
                 ("content-type", "text/plain"),
+                ("content-length", "11"),
                 ("x-many", "a"),
                 ("x-many", "b"),
                 ("connection", "keep-alive"),
@@ -192,6 +217,9 @@ mod tests {
         assert_eq!(values(&headers, "fn-http-h-x-many"), ["a", "b"]);
         assert_eq!(values(&headers, "fn-http-h-content-type"), ["text/plain"]);
         assert_eq!(values(&headers, "content-type"), ["text/plain"]);
+        // The client's length frames the call too.
+        assert_eq!(values(&headers, "content-length"), ["11"]);
+        assert_eq!(values(&headers, "fn-http-h-content-length"), ["11"]);
         assert!(!headers.contains_key("fn-http-h-connection"));
     }
 
@@ -230,7 +258,9 @@ mod tests {
         assert_eq!(values(&client, "x-one"), ["1"]);
         assert_eq!(values(&client, "set-cookie"), ["a=1", "b=2"]);
         assert_eq!(values(&client, "content-type"), ["application/json"]);
-        assert_eq!(client.len(), 4, "{client:?}");
+        // The reply's framing length, not the function's prefixed header.
+        assert_eq!(values(&client, "content-length"), ["5"]);
+        assert_eq!(client.len(), 5, "{client:?}");
     }
 
     #[test]
@@ -335,18 +365,28 @@ mod tests {
     }
 
     fn reply_map() -> impl Strategy<Value = HeaderMap> {
-        prop::collection::vec((reply_name(), "[!-~][ -~]{0,20}"), 0..16).prop_map(headers_from)
+        let value = prop_oneof![3 => "[!-~][ -~]{0,20}", 1 => "[0-9]{1,6}"];
+        prop::collection::vec((reply_name(), value), 0..16).prop_map(headers_from)
     }
 
     proptest! {
         // Whatever headers a function answers with, the client gets exactly the values of
-        // its `Fn-Http-H-X` headers as `X` (in order), never a hop-by-hop or framing header,
-        // and the plain `Content-Type` only when no prefixed one was given.
+        // its `Fn-Http-H-X` headers as `X` (in order), never a hop-by-hop header, the reply's
+        // own `Content-Length` only when it is one valid length, and the plain
+        // `Content-Type` only when no prefixed one was given.
         #[test]
         fn reply_headers_reach_the_client_exactly_as_prefixed(reply in reply_map()) {
             let client = fn_to_client(&reply);
+            let lengths: Vec<&HeaderValue> = reply.get_all(CONTENT_LENGTH).iter().collect();
+            let valid = lengths.len() == 1
+                && lengths[0].to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
+            let expected = if valid { lengths } else { Vec::new() };
+            prop_assert_eq!(client.get_all(CONTENT_LENGTH).iter().collect::<Vec<_>>(), expected);
             for name in client.keys() {
-                prop_assert!(!is_hop_by_hop(name.as_str()) && name != "content-length", "{name} leaked");
+                prop_assert!(!is_hop_by_hop(name.as_str()), "{name} leaked");
+                if name == CONTENT_LENGTH {
+                    continue;
+                }
                 let got: Vec<&HeaderValue> = client.get_all(name).iter().collect();
                 let prefixed = format!("{FN_HTTP_H}{name}");
                 let sent: Vec<&HeaderValue> = reply.get_all(prefixed.as_str()).iter().collect();
