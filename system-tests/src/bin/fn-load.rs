@@ -238,16 +238,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let cluster = Cluster::start(Setup {
-        runners: args.runners,
-        runner_memory_mb: args.runner_memory_mb,
-        placer: args.placer.clone(),
-        catalog: CATALOG.into(),
-        max_request_body: Some((args.payload.max() + MIB) as u64),
-        ..Setup::default()
-    })
-    .await
-    .context("starting the cluster")?;
+    let cluster = Cluster::start(setup(&args))
+        .await
+        .context("starting the cluster")?;
 
     let mut report = Report::new(
         "load",
@@ -471,6 +464,18 @@ impl SoakLog {
     }
 }
 
+/// The cluster the flags ask for: an lb-agent and `--runners` runners over the catalog.
+fn setup(args: &Args) -> Setup {
+    Setup {
+        runners: args.runners,
+        runner_memory_mb: args.runner_memory_mb,
+        placer: args.placer.clone(),
+        catalog: CATALOG.into(),
+        max_request_body: Some((args.payload.max() + MIB) as u64),
+        ..Setup::default()
+    }
+}
+
 /// `--soak`: echo calls for `duration`, a line every `--soak-interval`, a summary and the
 /// verdict: false when a call failed, a teardown was seen or a daemon went away.
 ///
@@ -490,14 +495,9 @@ async fn soak(
     );
     let quiet = fn_system_tests::env(&[("FN_LOG_LEVEL", SOAK_LOG_LEVEL), ("NO_COLOR", "1")]);
     let cluster = Cluster::start(Setup {
-        runners: args.runners,
-        runner_memory_mb: args.runner_memory_mb,
-        placer: args.placer.clone(),
-        catalog: CATALOG.into(),
-        max_request_body: Some((args.payload.max() + MIB) as u64),
         lb_env: quiet.clone(),
         runner_env: quiet,
-        ..Setup::default()
+        ..setup(args)
     })
     .await
     .context("starting the cluster")?;
