@@ -10,6 +10,7 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use fn_system_tests::cluster::{Cluster, Setup};
 use fn_system_tests::http::{self, Reply};
+use hyper::body::Frame;
 use nix::sys::signal::Signal;
 
 const ECHO: &str = r#"
@@ -354,7 +355,7 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
     let cluster = Cluster::start(Setup {
         runner_memory_mb: 512,
         placer: "ch".into(),
-        catalog: SLEEP.into(),
+        catalog: format!("{SLEEP}{ECHO}"),
         max_request_body: None,
         ..Setup::default()
     })
@@ -368,29 +369,42 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
         cluster.logs()
     );
 
-    let http = cluster.http.clone();
-    let slow = tokio::spawn(async move {
-        http::request(
-            &http,
-            Method::POST,
-            "/r/demo/sleep",
-            &[],
-            Bytes::from("3000"),
-        )
-        .await
+    // A call that stays in flight until this test ends its request body: an event, not a
+    // race against the reload's duration.
+    let (body_tx, mut body_rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let frames = futures::stream::poll_fn(move |cx| {
+        body_rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))))
     });
+    let stream = tokio::net::TcpStream::connect(&cluster.http).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let held = ::http::Request::post("/r/demo/echo")
+        .header("host", cluster.http.as_str())
+        .body(http_body_util::StreamBody::new(frames))?;
+    let held = tokio::spawn(async move {
+        let response = sender.send_request(held).await?;
+        let status = response.status().as_u16();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
+    });
+    body_tx.send(Bytes::from_static(b"held ")).await?;
     // Wait until the call is running on a runner.
     let deadline = Instant::now() + Duration::from_secs(10);
     while cluster.in_flight().await?.iter().sum::<u64>() == 0 {
         ensure!(
             Instant::now() < deadline,
-            "the slow call never started\n{}",
+            "the held call never started\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    std::fs::write(&cluster.catalog, format!("{SLEEP}{HELLO}"))?;
+    std::fs::write(&cluster.catalog, format!("{SLEEP}{ECHO}{HELLO}"))?;
     cluster.lb.signal(Signal::SIGHUP)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let hello = loop {
@@ -409,16 +423,17 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
     };
     ensure!(hello.text() == "Hello, reload!\n", "{}", hello.text());
     ensure!(
-        !slow.is_finished(),
-        "the slow call should still be in flight during the reload"
+        !held.is_finished(),
+        "the held call cannot end before its body does"
     );
 
-    let slow = slow.await??;
+    // Only now does the call in flight since before the reload end.
+    body_tx.send(Bytes::from_static(b"open")).await?;
+    drop(body_tx);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), held).await???;
     ensure!(
-        slow.status == 200 && slow.text() == "slept 3000ms",
-        "call in flight: {} {}\n{}",
-        slow.status,
-        slow.text(),
+        status == 200 && body.as_ref() == b"held open",
+        "call in flight: {status} {body:?}\n{}",
         cluster.logs()
     );
 
