@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-use crate::front::ResponseBody;
+use crate::body::ResponseBody;
 
 /// Why a call did not produce the function's answer.
 #[derive(Debug, Clone, thiserror::Error)]

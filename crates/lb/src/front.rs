@@ -14,7 +14,6 @@ use bytes::Bytes;
 use fn_lifecycle::Health;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,16 +22,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::body::ResponseBody;
 use crate::catalog::{CatalogHandle, Function};
 use crate::client_io::{ClientIo, ClientLimits};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
 use crate::metrics::CallOutcome;
-
-/// Error type of response bodies: a body that fails is cut off.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-/// Every response body.
-pub type ResponseBody = UnsyncBoxBody<Bytes, BodyError>;
 
 /// The call id header on every response.
 pub const CALL_ID_HEADER: &str = "fn-call-id";

@@ -31,10 +31,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::body::{BodyError, ResponseBody};
 use crate::catalog::Function;
 use crate::dispatch::Dispatcher;
 use crate::error::CallError;
-use crate::front::{BodyError, ResponseBody};
 use crate::metrics::{CallOutcome, CallRecord, LbMetrics};
 
 /// Largest data frame sent to a runner; larger client chunks are split.

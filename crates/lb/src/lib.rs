@@ -2,6 +2,7 @@
 //! of the function's LB group and streams bodies both ways.
 //!
 //! Layout:
+//! - [`body`]: the response body type (a leaf every other module may use).
 //! - [`catalog`]: the function catalog (TOML), validated, reloadable.
 //! - [`dispatch`]: placement: walks the placer's order over the group's runners, retrying
 //!   whole passes with backoff until the placer deadline; never re-places a committed call.
@@ -14,6 +15,7 @@
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
 //!   registered into the registry the binary passes to [`Invoker::new`].
 
+pub mod body;
 pub mod catalog;
 pub mod client_io;
 pub mod dispatch;

@@ -45,7 +45,8 @@ pub use command::FunctionUser;
 pub use instance::ProcessInstance;
 
 use super::{Driver, DriverError, Instance, InstanceSpec};
-use instance::{Labels, Spawned};
+use instance::{Spawned, remove_instance_dir};
+use output::Labels;
 
 /// The shell that wraps every function process; see [`WRAPPER_SCRIPT`].
 const WRAPPER_SHELL: &str = "/bin/sh";
@@ -553,19 +554,6 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
         );
     }
     Ok(canonical)
-}
-
-/// Removes an instance directory and everything in it; a missing directory is fine.
-fn remove_instance_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            dir = %dir.display(),
-            error = %e,
-            "cannot remove instance directory"
-        ),
-    }
 }
 
 /// A per-driver value that makes instance ids unlikely to repeat across runner restarts.

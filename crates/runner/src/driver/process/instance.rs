@@ -40,8 +40,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::cgroup::InstanceCgroup;
-use super::output::{self, Stream as OutputStream};
-use super::{http_stream, remove_instance_dir};
+use super::http_stream;
+use super::output::{self, Labels, Stream as OutputStream};
 use crate::driver::{BodyStream, DriverError, FunctionRequest, FunctionResponse, Instance};
 
 /// How long a failed call waits for the process to be reaped before deciding the function
@@ -55,16 +55,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// The request body type sent to functions: the LB's chunks as they arrive.
 type CallBody =
     StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>>>;
-
-/// What identifies an instance in logs.
-#[derive(Debug)]
-pub(super) struct Labels {
-    pub(super) app: String,
-    pub(super) function: String,
-    pub(super) instance: String,
-    /// The call that started the instance.
-    pub(super) call_id: String,
-}
 
 /// How the process ended.
 #[derive(Debug, Clone)]
@@ -455,4 +445,17 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Ar
     remove_instance_dir(&shared.dir);
     abandoned.finished = true;
     shared.gone.cancel();
+}
+
+/// Removes an instance directory and everything in it; a missing directory is fine.
+pub(super) fn remove_instance_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot remove instance directory"
+        ),
+    }
 }

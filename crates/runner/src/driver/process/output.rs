@@ -7,7 +7,15 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-use super::instance::Labels;
+/// What identifies an instance in logs.
+#[derive(Debug)]
+pub(super) struct Labels {
+    pub(super) app: String,
+    pub(super) function: String,
+    pub(super) instance: String,
+    /// The call that started the instance.
+    pub(super) call_id: String,
+}
 
 /// Longest line kept, in bytes; longer lines are truncated.
 pub(super) const MAX_LINE: usize = 4096;
