@@ -16,7 +16,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fn_tls::TlsArgs;
 use futures::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -54,19 +57,8 @@ enum Probe {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime_like(s).ok_or_else(|| format!("{s:?}: expected a duration such as 500ms or 3s"))
-}
-
-/// `500ms` or `3s` (all a probe needs; keeps this binary free of a duration parser).
-fn humantime_like(s: &str) -> Option<Duration> {
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.trim().parse().ok().map(Duration::from_millis);
-    }
-    s.strip_suffix('s')?
-        .trim()
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: expected a duration such as 500ms or 3s ({e})"))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -125,41 +117,31 @@ async fn http(address: &str, path: &str) -> Outcome {
     if !path.starts_with('/') {
         return Err(format!("path {path:?} must start with /"));
     }
-    let mut stream = tokio::net::TcpStream::connect(address)
+    let request = Request::get(path)
+        .header(header::HOST, address)
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("cannot make a request for {path:?} to {address:?}: {e}"))?;
+    let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    // The status line is all a probe needs.
-    let mut head = Vec::with_capacity(256);
-    let mut buf = [0u8; 256];
-    while !head.contains(&b'\n') && head.len() < 4096 {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if n == 0 {
-            break;
+        .map_err(|e| format!("cannot connect: {}", source_chain(&e)))?;
+    // Its errors reach `send_request` too; the task ends with the runtime at the latest.
+    tokio::spawn(connection);
+    // The status is all a probe needs: the body is never read.
+    let response = sender.send_request(request).await.map_err(|e| {
+        if e.is_parse() {
+            format!("not an HTTP answer: {}", source_chain(&e))
+        } else {
+            format!("no answer: {}", source_chain(&e))
         }
-        head.extend_from_slice(&buf[..n]);
+    })?;
+    match response.status() {
+        StatusCode::OK => Ok(()),
+        code => Err(format!("status {}", code.as_u16())),
     }
-    let line = String::from_utf8_lossy(&head);
-    let line = line.lines().next().unwrap_or_default();
-    match status_code(line) {
-        Some(200) => Ok(()),
-        Some(code) => Err(format!("status {code}")),
-        None => Err(format!("not an HTTP answer: {line:?}")),
-    }
-}
-
-/// The status code of an HTTP/1.x status line.
-fn status_code(line: &str) -> Option<u16> {
-    let mut parts = line.split_whitespace();
-    parts.next().filter(|v| v.starts_with("HTTP/1."))?;
-    parts.next()?.parse().ok()
 }
 
 /// An error with its sources, which is where tonic puts the useful part ("dns error", ...).
@@ -178,41 +160,77 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_status_lines() {
-        assert_eq!(status_code("HTTP/1.1 200 OK"), Some(200));
-        assert_eq!(status_code("HTTP/1.0 503 Service Unavailable"), Some(503));
-        assert_eq!(status_code("SSH-2.0-OpenSSH"), None);
-        assert_eq!(status_code(""), None);
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_durations() {
-        assert_eq!(humantime_like("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(humantime_like("3s"), Some(Duration::from_secs(3)));
-        assert_eq!(humantime_like("3"), None);
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        let err = parse_duration("3").expect_err("a bare number has no unit");
+        assert!(
+            err.starts_with("\"3\": expected a duration such as 500ms or 3s"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from(["fn-probe", "--timeout", "500ms", "http", "a:1", "/"])
+            .expect("valid arguments");
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        let err = Cli::try_parse_from(["fn-probe", "--timeout", "soon", "http", "a:1", "/"])
+            .expect_err("a bad timeout is refused");
+        assert!(err.to_string().contains("expected a duration"), "{err}");
     }
 
-    #[tokio::test]
-    async fn http_probe_reads_the_status() {
+    /// A server on 127.0.0.1 giving one raw answer to each of `answers` connections.
+    async fn serve(answers: &'static [&'static str]) -> (String, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let server = tokio::spawn(async move {
-            for answer in ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 503 Nope\r\n\r\n"] {
+            for answer in answers {
                 let (mut s, _) = listener.accept().await.expect("accept");
+                let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _request = s.read(&mut buf).await.expect("read");
+                while !request.ends_with(b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.expect("read");
+                    assert!(n > 0, "request cut short");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let request = String::from_utf8_lossy(&request);
+                assert!(request.starts_with("GET /health HTTP/1.1\r\n"), "{request}");
+                assert!(
+                    request
+                        .to_ascii_lowercase()
+                        .contains(&format!("host: {}\r\n", s.local_addr().expect("addr"))),
+                    "{request}"
+                );
                 s.write_all(answer.as_bytes()).await.expect("write");
             }
         });
+        (address, server)
+    }
+
+    #[tokio::test]
+    async fn http_probe_reads_the_status() {
+        let (address, server) = serve(&[
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 503 Nope\r\ncontent-length: 0\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n",
+        ])
+        .await;
         assert_eq!(http(&address, "/health").await, Ok(()));
         assert_eq!(
             http(&address, "/health").await,
             Err("status 503".to_owned())
         );
+        let err = http(&address, "/health").await.expect_err("not HTTP");
+        assert!(err.starts_with("not an HTTP answer: "), "{err}");
         server.await.expect("server");
-        assert!(http(&address, "health").await.is_err());
+        assert_eq!(
+            http(&address, "health").await,
+            Err("path \"health\" must start with /".to_owned())
+        );
+        // The listener is gone: nothing answers at the address any more.
+        let err = http(&address, "/health").await.expect_err("refused");
+        assert!(err.starts_with("cannot connect: "), "{err}");
     }
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fn_nodepool::retry::Backoff;
+use fn_lifecycle::retry::Backoff;
 use fn_nodepool::{EarlyBody, Engaged, RunnerPool};
 use fn_placement::{PlacementKey, Placer};
 use fn_protocol::CallSpec;

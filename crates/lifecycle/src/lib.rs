@@ -13,6 +13,8 @@
 //!   a registry each daemon creates and passes to the code that registers its metrics.
 //! - [`ports`]: a free port for a child process to listen on, without racing outgoing
 //!   connections for it.
+//! - [`retry`]: [`retry::Backoff`], the growing pause of every retry and poll loop (the one
+//!   place that uses the `backoff` crate).
 //!
 //! Shutdown order, for every daemon: health NOT_SERVING → services see their token cancelled
 //! and stop accepting → in-flight work drains within `FN_SHUTDOWN_TIMEOUT` → exit 0.
@@ -22,6 +24,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
+pub mod retry;
 pub mod services;
 pub mod signal;
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fn_lifecycle::retry::Backoff;
 use fn_protocol::CallSpec;
 use fn_protocol::batch::{Batch, batches};
 use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
@@ -25,8 +26,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
-
-use crate::retry::Backoff;
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]

@@ -10,14 +10,12 @@
 //!   the capacity adverts to the npm.
 //! - [`npm_pool`]: the [`NpmPool`], runner lists polled from the npm per LB group.
 //! - [`advertiser`]: the [`Advertiser`], sending the capacity totals to the npm.
-//! - [`retry`]: the one place that uses the `backoff` crate.
 
 pub mod advertiser;
 pub mod capacity;
 pub mod client;
 pub mod npm_pool;
 pub mod pool;
-pub mod retry;
 
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};

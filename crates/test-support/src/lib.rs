@@ -8,6 +8,7 @@ pub mod fake_runner;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fn_lifecycle::retry::Backoff;
 use fn_tls::dev::DevCa;
 use fn_tls::{NodeTls, TlsMode};
 use tonic_health::pb::HealthCheckRequest;
@@ -52,15 +53,14 @@ impl Default for TestPki {
 pub async fn wait_serving(mode: &TlsMode, address: &str, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut last = String::from("never answered");
-    let mut pause = Duration::from_millis(5);
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
     while start.elapsed() < timeout {
         match health_status(mode, address).await {
             Ok(ServingStatus::Serving) => return Ok(()),
             Ok(other) => last = format!("status {other:?}"),
             Err(e) => last = format!("{e:#}"),
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+        backoff.sleep().await;
     }
     bail!("{address} not SERVING after {timeout:?}: {last}")
 }

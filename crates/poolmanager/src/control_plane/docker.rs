@@ -37,6 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fn_lifecycle::retry::Backoff;
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
 
@@ -303,7 +304,7 @@ impl DockerControlPlane {
         }
         let address = format!("{name}:{RUNNER_PORT}");
         let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             if self.ready.ready(&address).await {
                 tracing::info!(runner = %name, %address, group, "runner container ready");
@@ -330,8 +331,7 @@ impl DockerControlPlane {
                     if output.is_empty() { "(none)" } else { &output }
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            backoff.sleep().await;
         }
     }
 }

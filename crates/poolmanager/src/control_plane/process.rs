@@ -18,6 +18,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fn_lifecycle::retry::Backoff;
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
@@ -253,7 +254,7 @@ impl ProcessControlPlane {
 
         // Ready only once it answers health.
         let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(20);
+        let mut backoff = health_backoff();
         loop {
             if super::answers_health(&self.config.tls, &address).await {
                 let mut runners = self.lock();
@@ -291,8 +292,7 @@ impl ProcessControlPlane {
                     log_path.display()
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            backoff.sleep().await;
         }
     }
 }
@@ -315,7 +315,7 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
         return None;
     }
     let started = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(20);
+    let mut backoff = health_backoff();
     loop {
         if super::answers_health(&config.tls, &info.address).await {
             tracing::info!(runner = %info.id, address = %info.address, pid, "adopted a runner from a previous npm process");
@@ -336,8 +336,7 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
             forget("stopped a recorded runner that never answered health");
             return None;
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(250));
+        backoff.sleep().await;
     }
 }
 
@@ -453,6 +452,11 @@ async fn stop(pid: u32, child: Option<&mut Child>, grace: Duration) {
             }
         }
     }
+}
+
+/// Pauses between health checks of a runner that is starting.
+fn health_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(20), Duration::from_millis(250))
 }
 
 /// The runner's `FN_SOCKET_DIR`: short on purpose, since unix socket paths are limited to

@@ -37,6 +37,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fn_lifecycle::retry::Backoff;
 use futures::future::BoxFuture;
 use tokio::process::Command;
 
@@ -468,7 +469,7 @@ async fn wait_for_listener(
 ) -> Result<(), DriverError> {
     let started = Instant::now();
     let deadline = started + start_timeout;
-    let mut pause = Duration::from_millis(1);
+    let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
     let mut exit = instance.exit_watch();
     loop {
         if let Some(status) = exit.borrow().as_ref() {
@@ -495,9 +496,8 @@ async fn wait_for_listener(
         tokio::select! {
             // A closed channel means the reaper is gone; the next turn sees the exit.
             _ = exit.changed() => {}
-            () = tokio::time::sleep(pause.min(deadline - now)) => {}
+            () = tokio::time::sleep(backoff.next_delay().min(deadline - now)) => {}
         }
-        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -35,6 +35,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fn_lifecycle::retry::Backoff;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -258,6 +259,11 @@ enum Version {
     V2,
 }
 
+/// Pauses between attempts to remove a cgroup the kernel still counts dying tasks in.
+fn removal_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(2), Duration::from_millis(200))
+}
+
 /// One instance's memory cgroup.
 #[derive(Debug)]
 pub(super) struct InstanceCgroup {
@@ -332,15 +338,14 @@ impl InstanceCgroup {
     /// Kills whatever is left in the cgroup (processes that left the instance's process
     /// group) and removes it, retrying briefly while the kernel still counts dying tasks.
     pub(super) async fn remove(&self) {
-        let mut pause = Duration::from_millis(2);
+        let mut backoff = removal_backoff();
         for _ in 0..12 {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => return,
                 Err(e) if e.kind() == ErrorKind::NotFound => return,
                 Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
                     self.kill_members();
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
+                    backoff.sleep().await;
                 }
                 Err(e) => {
                     tracing::warn!(cgroup = %self.dir.display(), error = %e, "cannot remove instance cgroup");
@@ -360,13 +365,12 @@ impl InstanceCgroup {
         let spawned = std::thread::Builder::new()
             .name("fn-cgroup-cleanup".into())
             .spawn(move || {
-                let mut pause = Duration::from_millis(2);
+                let mut backoff = removal_backoff();
                 for _ in 0..12 {
                     match std::fs::remove_dir(&cgroup.dir) {
                         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
                             cgroup.kill_members();
-                            std::thread::sleep(pause);
-                            pause = (pause * 2).min(Duration::from_millis(200));
+                            std::thread::sleep(backoff.next_delay());
                         }
                         _ => return,
                     }

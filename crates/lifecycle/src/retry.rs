@@ -29,6 +29,11 @@ impl Backoff {
         self.0.next_backoff().unwrap_or(self.0.max_interval)
     }
 
+    /// Sleeps for the next pause (the pause of a poll loop on the async runtime).
+    pub async fn sleep(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
+    }
+
     /// Starts over from the initial pause.
     pub fn reset(&mut self) {
         self.0.reset();
@@ -53,5 +58,19 @@ mod tests {
         );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(13));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_waits_the_next_pause() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(100));
+        for _ in 0..3 {
+            let start = tokio::time::Instant::now();
+            b.sleep().await;
+            let slept = start.elapsed();
+            assert!(
+                slept >= Duration::from_millis(70) && slept <= Duration::from_millis(131),
+                "{slept:?}"
+            );
+        }
     }
 }
