@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fn_lb::{CatalogHandle, DispatchConfig, Dispatcher, Front, Invoker};
+use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
@@ -56,6 +56,44 @@ struct Cli {
     /// Bound for a runner to acknowledge a TryCall before the call moves on.
     #[arg(long, env = "FN_RUNNER_ACK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     runner_ack_timeout: Duration,
+    /// Most client connections open at once. At the cap a new connection closes the oldest
+    /// idle one (or is refused when none is idle). Default: three quarters of the open-file
+    /// limit, which lb-agent raises to its hard limit at start.
+    #[arg(long, env = "FN_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// After SIGTERM, how long GET /health answers 503 while calls are still taken, so that
+    /// an upstream balancer stops sending before the listener closes. Then in-flight calls
+    /// get FN_SHUTDOWN_TIMEOUT to finish.
+    #[arg(long, env = "FN_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    drain_delay: Duration,
+}
+
+/// Highest open-file limit asked for (an unlimited hard limit is not a usable soft one).
+const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft open-file limit to the hard one and returns the limit in force: every
+/// client connection costs a descriptor, and the default soft limit (often 1024) is far
+/// below what a front end needs.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit; assuming 1024");
+            return 1024;
+        }
+    };
+    let wanted = hard.min(MAX_OPEN_FILES);
+    if soft >= wanted {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => wanted,
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            soft
+        }
+    }
 }
 
 #[tokio::main]
@@ -96,6 +134,19 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
+    let open_files = raise_open_file_limit();
+    let max_connections = match cli.max_connections {
+        Some(0) => exit_config_error("FN_MAX_CONNECTIONS: must be at least 1"),
+        Some(n) => n,
+        None => fn_lb::connections::default_cap(open_files),
+    };
+    if max_connections as u64 > open_files {
+        tracing::warn!(
+            max_connections,
+            open_files,
+            "FN_MAX_CONNECTIONS is above the open-file limit; accepts will fail before the cap is reached"
+        );
+    }
 
     let client_config = ClientConfig {
         connect_timeout: cli.runner_connect_timeout,
@@ -131,7 +182,11 @@ async fn main() -> ExitCode {
     let mut registry = Registry::default();
     let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);
     let (health, _grpc_health) = Health::new(&[]);
-    let front = Front::new(Arc::clone(&catalog), invoker, health.clone());
+    let limits = ClientLimits {
+        max_connections,
+        ..ClientLimits::default()
+    };
+    let front = Front::with_limits(Arc::clone(&catalog), invoker, health.clone(), limits);
 
     let listener = match fn_lifecycle::bind(cli.common.listen_on(cli.port), "FN_PORT").await {
         Ok(l) => l,
@@ -144,7 +199,9 @@ async fn main() -> ExitCode {
     // The SIGHUP handler is installed here, before health says SERVING: until then SIGHUP's
     // default action would terminate the process.
     let hangups = signal(SignalKind::hangup());
-    let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
+    let mut services = Services::new(CancellationToken::new())
+        .with_health(health.clone())
+        .with_drain_delay(cli.drain_delay);
     services.spawn("http", move |cancel| front.serve(listener, cancel));
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
@@ -161,7 +218,7 @@ async fn main() -> ExitCode {
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
     health.set_serving().await;
-    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), "lb-agent serving");
+    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), max_connections, "lb-agent serving");
 
     fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
 }

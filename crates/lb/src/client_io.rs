@@ -41,6 +41,9 @@ pub struct ClientLimits {
     pub linger_time: Duration,
     /// Longest wait for the next byte while closing.
     pub linger_idle: Duration,
+    /// Most client connections open at once (`FN_MAX_CONNECTIONS`); see
+    /// [`crate::connections`]. lb-agent sizes it from its descriptor limit.
+    pub max_connections: usize,
 }
 
 impl Default for ClientLimits {
@@ -51,6 +54,7 @@ impl Default for ClientLimits {
             linger_bytes: 64 * 1024 * 1024,
             linger_time: Duration::from_secs(30),
             linger_idle: Duration::from_secs(5),
+            max_connections: crate::connections::default_cap(1024),
         }
     }
 }

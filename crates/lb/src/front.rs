@@ -5,16 +5,24 @@
 //! - `ANY /r/{app}/{route...}`: the function bound to that route;
 //! - `POST /invoke/{app}/{function}`: a function by name;
 //! - `GET /health`: 200 while serving, 503 while draining.
+//!
+//! Shutdown comes in two steps. First health goes NOT_SERVING (`GET /health` answers 503)
+//! while calls are still taken, for `FN_DRAIN_DELAY`, so that an upstream balancer notices
+//! before the listener goes away. Then [`Front::serve`] is cancelled: it stops accepting,
+//! refuses new requests on open connections with 503, and waits for the calls in flight.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fn_lifecycle::Health;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -22,9 +30,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::body::BodyError;
 use crate::body::ResponseBody;
 use crate::catalog::{CatalogHandle, Function};
 use crate::client_io::{ClientIo, ClientLimits};
+use crate::connections::{Busy, Connections};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
 use crate::metrics::CallOutcome;
@@ -45,6 +55,12 @@ pub struct Front {
     health: Health,
     /// Bounds of every client connection below HTTP.
     limits: ClientLimits,
+    /// The open client connections, at most `limits.max_connections`.
+    connections: Arc<Connections>,
+    /// Set when [`Front::serve`] is cancelled: new requests are refused from then on.
+    stopping: AtomicBool,
+    /// When the last "connections at the cap" warning was logged (seconds since start).
+    cap_warned_at: AtomicU64,
 }
 
 enum Route {
@@ -68,7 +84,10 @@ impl Front {
             catalog,
             invoker,
             health,
+            connections: Connections::new(limits.max_connections),
             limits,
+            stopping: AtomicBool::new(false),
+            cap_warned_at: AtomicU64::new(0),
         })
     }
 
@@ -82,7 +101,7 @@ impl Front {
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
-            Ok(Route::Function(_)) if !self.health.is_serving() => {
+            Ok(Route::Function(_)) if self.stopping.load(Ordering::Acquire) => {
                 self.invoker.metrics().refused(CallOutcome::ShuttingDown);
                 CallError::ShuttingDown.to_response()
             }
@@ -169,8 +188,8 @@ impl Front {
         Err(not_found())
     }
 
-    /// Serves connections from `listener` until `cancel`, then stops accepting and waits
-    /// for open connections to finish their requests.
+    /// Serves connections from `listener` until `cancel`, then stops accepting, refuses new
+    /// requests and waits for open connections to finish the ones they have.
     ///
     /// # Errors
     /// Never: accept errors are logged and retried.
@@ -185,6 +204,7 @@ impl Front {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
+        let started = std::time::Instant::now();
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -199,27 +219,107 @@ impl Front {
                     continue;
                 }
             };
+            let registered = match self.connections.admit() {
+                Ok(admitted) => {
+                    if admitted.evicted_idle {
+                        self.invoker.metrics().connection_shed("idle_over_cap");
+                    }
+                    admitted.registered
+                }
+                Err(full) => {
+                    self.invoker.metrics().connection_shed("refused_over_cap");
+                    self.warn_at_cap(started, full.cap);
+                    continue; // drops the socket: the client sees the connection close
+                }
+            };
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
             let front = Arc::clone(&self);
+            let registered = Arc::new(registered);
+            let on_conn = Arc::clone(&registered);
             let service = service_fn(move |req: Request<Incoming>| {
                 let front = Arc::clone(&front);
-                async move { Ok::<_, Infallible>(front.handle(req).await) }
+                let busy = on_conn.busy();
+                async move {
+                    if busy.is_closing() {
+                        // The connection is being closed to make room; start nothing on it.
+                        let response = CallError::ShuttingDown.to_response();
+                        return Ok::<_, Infallible>(
+                            response.map(|body| Guarded { body, _busy: busy }),
+                        );
+                    }
+                    let response = front.handle(req).await;
+                    Ok::<_, Infallible>(response.map(|body| Guarded { body, _busy: busy }))
+                }
             });
             let io = TokioIo::new(ClientIo::new(stream, self.limits.clone()));
             let conn = builder.serve_connection_with_upgrades(io, service);
             let conn = graceful.watch(conn.into_owned());
+            self.invoker.metrics().connection_opened();
+            let metrics = self.invoker.metrics().clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tokio::select! {
+                    ended = conn => if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    },
+                    () = registered.evicted() => {
+                        tracing::debug!(%peer, "idle connection closed to make room (FN_MAX_CONNECTIONS)");
+                    }
                 }
+                metrics.connection_closed();
             });
         }
+        self.stopping.store(true, Ordering::Release);
         drop(listener);
         tracing::info!("HTTP front stopped accepting; waiting for open requests");
         graceful.shutdown().await;
         Ok(())
+    }
+
+    /// Logs that connections are refused at the cap, at most once a minute.
+    fn warn_at_cap(&self, started: std::time::Instant, cap: usize) {
+        let now = started.elapsed().as_secs() + 60;
+        let last = self.cap_warned_at.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .cap_warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                max_connections = cap,
+                "client connections at FN_MAX_CONNECTIONS and every one is answering a request; \
+                 refusing new connections (raise FN_MAX_CONNECTIONS and the descriptor limit, or add lb-agents)"
+            );
+        }
+    }
+}
+
+/// A response body that keeps its connection marked busy until the body ends or is dropped,
+/// so that the connection cap never closes a connection in the middle of an answer.
+struct Guarded {
+    body: ResponseBody,
+    _busy: Busy,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`front`]: the HTTP server (HTTP/1.1 and h2c), routing, `Fn-Call-Id`, JSON errors.
 //! - [`client_io`]: a client connection below HTTP: the first-byte and send timeouts and the
 //!   lingering close.
+//! - [`connections`]: the open client connections and their cap (`FN_MAX_CONNECTIONS`),
+//!   which closes the oldest idle connection to make room.
 //! - [`error`]: the one place where call failures become HTTP statuses.
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
 //!   registered into the registry the binary passes to [`Invoker::new`].
@@ -18,6 +20,7 @@
 pub mod body;
 pub mod catalog;
 pub mod client_io;
+pub mod connections;
 pub mod dispatch;
 pub mod error;
 pub mod front;

@@ -97,6 +97,13 @@ pub struct LbMetrics {
     placement: Histogram,
     placement_attempts: Counter,
     in_flight: Gauge,
+    connections: Gauge,
+    connections_shed: Family<ShedLabel, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ShedLabel {
+    reason: &'static str,
 }
 
 impl LbMetrics {
@@ -110,6 +117,8 @@ impl LbMetrics {
             placement: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             placement_attempts: Counter::default(),
             in_flight: Gauge::default(),
+            connections: Gauge::default(),
+            connections_shed: Family::default(),
         };
         registry.register(
             "fn_lb_calls",
@@ -138,7 +147,33 @@ impl LbMetrics {
             "Calls between their arrival and their end",
             metrics.in_flight.clone(),
         );
+        registry.register(
+            "fn_lb_client_connections",
+            "Client connections open",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "fn_lb_client_connections_shed",
+            "Client connections closed or refused at FN_MAX_CONNECTIONS: idle_over_cap (the \
+             oldest idle one, to make room) or refused_over_cap (none was idle)",
+            metrics.connections_shed.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// A connection closed or refused at the cap, for `reason`.
+    pub(crate) fn connection_shed(&self, reason: &'static str) {
+        self.connections_shed
+            .get_or_create(&ShedLabel { reason })
+            .inc();
     }
 
     /// Counts a request refused before it became a call (404, 405, shutting down).

@@ -1147,3 +1147,88 @@ async fn content_length_is_kept_end_to_end_and_head_gets_the_head_alone() {
         "{seen:?}"
     );
 }
+
+/// At `max_connections`, idle sockets make room oldest first, and a connection in the middle
+/// of a call is never the one closed: its call ends whole, and new calls go on.
+#[tokio::test]
+async fn at_the_connection_cap_the_oldest_idle_connections_go_and_busy_ones_stay() {
+    use tokio::io::AsyncReadExt;
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let cap = 4;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            limits: ClientLimits {
+                max_connections: cap,
+                ..ClientLimits::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    // A call whose request body is still arriving: busy for as long as the client holds it.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first half, "))))
+        .await
+        .expect("room");
+    let busy_call = Request::builder()
+        .method(Method::POST)
+        .uri("/r/demo/echo")
+        .header(header::HOST, "lb.test")
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .expect("request");
+    let address = lb.address.clone();
+    let busy = tokio::spawn(async move { send(&address, busy_call).await });
+    runners[0]
+        .wait_until(BOUND, |seen| !seen.is_empty())
+        .await
+        .expect("the busy call reaches the runner");
+
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(
+            tokio::net::TcpStream::connect(&lb.address)
+                .await
+                .expect("connect"),
+        );
+    }
+    // One busy connection plus the three youngest idle ones fit; the 17 oldest idle go.
+    for (i, stream) in idle.iter_mut().enumerate().take(17) {
+        let read = tokio::time::timeout(BOUND, stream.read(&mut [0u8; 16]))
+            .await
+            .unwrap_or_else(|_| panic!("idle socket {i} closed in time"));
+        assert!(matches!(read, Ok(0) | Err(_)), "socket {i}: {read:?}");
+    }
+    for (i, stream) in idle.iter_mut().enumerate().skip(17) {
+        let read =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut [0u8; 16])).await;
+        assert!(
+            read.is_err(),
+            "the younger idle socket {i} stays open: {read:?}"
+        );
+    }
+
+    let reply = post(&lb, "/r/demo/echo", "a new call").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "a new call");
+
+    tx.send(Ok(Frame::data(Bytes::from_static(b"second half"))))
+        .await
+        .expect("the busy call's body is still wanted");
+    drop(tx);
+    let busy = tokio::time::timeout(BOUND * 3, busy)
+        .await
+        .expect("the busy call ends")
+        .expect("task");
+    assert_eq!(busy.status, StatusCode::OK, "{busy:?}");
+    assert_eq!(busy.text(), "first half, second half");
+
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_client_connections_shed_total{reason=\"idle_over_cap\"} 18\n"),
+        "{text}"
+    );
+    assert!(!text.contains("reason=\"refused_over_cap\""), "{text}");
+}

@@ -1,0 +1,267 @@
+//! The open client connections, and the cap on how many there may be (`FN_MAX_CONNECTIONS`).
+//!
+//! Every accepted connection is registered here, with a count of the requests it is
+//! answering. At the cap, a new connection makes room by closing the oldest idle one: a
+//! connection answering no request, whether a keep-alive connection between requests or a
+//! socket that never sent a byte. When every open connection is busy, the new one is refused
+//! instead: closing a connection in the middle of an answer would lose a call. So a flood of
+//! idle sockets cannot use up the descriptors that calls need.
+//!
+//! Closing an idle connection and starting a request on it cannot both win: the closer claims
+//! the connection only while its count is 0, and a request that arrives on a claimed
+//! connection is told so ([`Busy::is_closing`]) and must not start a call.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// Set in a connection's count once it has been claimed for closing.
+const CLOSING: usize = 1 << (usize::BITS - 1);
+
+/// The registry of open client connections; see the module docs.
+#[derive(Debug)]
+pub struct Connections {
+    cap: usize,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    next_id: u64,
+    /// By id, so the oldest comes first.
+    open: BTreeMap<u64, Arc<Conn>>,
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    /// Requests being answered, plus [`CLOSING`] once claimed for closing.
+    busy: AtomicUsize,
+    close: CancellationToken,
+}
+
+/// Every open connection is answering a request, and the cap is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    pub cap: usize,
+}
+
+/// How a connection was admitted.
+#[derive(Debug)]
+pub struct Admitted {
+    pub registered: Registered,
+    /// Whether an idle connection was closed to make room.
+    pub evicted_idle: bool,
+}
+
+impl Connections {
+    /// A registry that holds at most `cap` connections (at least 1).
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Connections {
+            cap: cap.max(1),
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    /// The cap.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // The table stays consistent even if a holder panicked: every change is one call.
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a new connection. At the cap, closes the oldest idle connection first.
+    ///
+    /// # Errors
+    /// [`Full`] when the cap is reached and no open connection is idle.
+    pub fn admit(self: &Arc<Self>) -> Result<Admitted, Full> {
+        let mut table = self.lock();
+        let mut evicted_idle = false;
+        if table.open.len() >= self.cap {
+            let idle = table.open.iter().find_map(|(id, conn)| {
+                conn.busy
+                    .compare_exchange(0, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                    .then_some(*id)
+            });
+            let Some(id) = idle else {
+                return Err(Full { cap: self.cap });
+            };
+            if let Some(conn) = table.open.remove(&id) {
+                conn.close.cancel();
+            }
+            evicted_idle = true;
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        let conn = Arc::new(Conn::default());
+        table.open.insert(id, Arc::clone(&conn));
+        Ok(Admitted {
+            registered: Registered {
+                table: Arc::clone(self),
+                id,
+                conn,
+            },
+            evicted_idle,
+        })
+    }
+}
+
+/// One open connection. Dropping it unregisters the connection.
+#[derive(Debug)]
+pub struct Registered {
+    table: Arc<Connections>,
+    id: u64,
+    conn: Arc<Conn>,
+}
+
+impl Registered {
+    /// Completes when the connection has been chosen to make room for a new one; the
+    /// connection should then be closed.
+    pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
+        self.conn.close.cancelled()
+    }
+
+    /// A request begins on this connection; it is busy until the returned guard drops.
+    pub fn busy(&self) -> Busy {
+        let before = self.conn.busy.fetch_add(1, Ordering::AcqRel);
+        Busy {
+            conn: Arc::clone(&self.conn),
+            closing: before & CLOSING != 0,
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.table.lock().open.remove(&self.id);
+    }
+}
+
+/// A request being answered; see [`Registered::busy`].
+#[derive(Debug)]
+pub struct Busy {
+    conn: Arc<Conn>,
+    closing: bool,
+}
+
+impl Busy {
+    /// Whether the connection was already claimed for closing when this request arrived:
+    /// the request must not start a call, because its connection is about to go.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.conn.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The default cap for a process allowed `open_files` descriptors: three quarters of them,
+/// leaving the rest for connections to runners and the npm, the listeners and accepts in
+/// progress.
+pub fn default_cap(open_files: u64) -> usize {
+    usize::try_from(open_files / 4 * 3)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(table: &Arc<Connections>) -> Registered {
+        table.admit().expect("admitted").registered
+    }
+
+    #[test]
+    fn under_the_cap_nothing_is_closed() {
+        let table = Connections::new(3);
+        let held: Vec<_> = (0..3).map(|_| table.admit().expect("room")).collect();
+        assert!(held.iter().all(|a| !a.evicted_idle));
+        assert!(held.iter().all(|a| !a.registered.conn.close.is_cancelled()));
+        assert_eq!(table.open(), 3);
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room() {
+        let table = Connections::new(3);
+        let oldest = admit(&table);
+        let busy_one = admit(&table);
+        let idle_younger = admit(&table);
+        let _request = busy_one.busy();
+        let earlier_request = oldest.busy();
+        drop(earlier_request); // the oldest is idle again
+
+        let fourth = table.admit().expect("room is made");
+        assert!(fourth.evicted_idle);
+        assert!(oldest.conn.close.is_cancelled(), "the oldest idle one goes");
+        assert!(!busy_one.conn.close.is_cancelled());
+        assert!(!idle_younger.conn.close.is_cancelled());
+        assert_eq!(table.open(), 3);
+
+        let fifth = table.admit().expect("room is made again");
+        assert!(fifth.evicted_idle);
+        assert!(
+            idle_younger.conn.close.is_cancelled(),
+            "then the next idle one"
+        );
+        assert!(!busy_one.conn.close.is_cancelled(), "a busy one never");
+    }
+
+    #[test]
+    fn when_every_connection_is_busy_the_new_one_is_refused() {
+        let table = Connections::new(2);
+        let a = admit(&table);
+        let b = admit(&table);
+        let _on_a = a.busy();
+        let on_b = b.busy();
+        assert_eq!(table.admit().map(|_| ()), Err(Full { cap: 2 }));
+        assert!(!a.conn.close.is_cancelled() && !b.conn.close.is_cancelled());
+        drop(on_b);
+        assert!(table.admit().is_ok(), "room once a request ends");
+        assert!(b.conn.close.is_cancelled());
+    }
+
+    #[test]
+    fn a_request_on_a_connection_claimed_for_closing_is_told_so() {
+        let table = Connections::new(1);
+        let first = admit(&table);
+        let second = admit(&table);
+        let late = first.busy();
+        assert!(late.is_closing());
+        let fresh = second.busy();
+        assert!(!fresh.is_closing());
+    }
+
+    #[test]
+    fn a_closed_connection_leaves_the_table() {
+        let table = Connections::new(2);
+        let a = admit(&table);
+        let _b = admit(&table);
+        drop(a);
+        assert_eq!(table.open(), 1);
+        let c = table.admit().expect("room");
+        assert!(!c.evicted_idle);
+    }
+
+    #[test]
+    fn the_default_cap_leaves_a_quarter_of_the_descriptors() {
+        assert_eq!(default_cap(1024), 768);
+        assert_eq!(default_cap(20_000), 15_000);
+        assert_eq!(default_cap(0), 1);
+    }
+}
