@@ -239,6 +239,8 @@ impl Cluster {
             ("FN_PLACER", &setup.placer),
             ("FN_PLACER_TIMEOUT", "10s"),
             ("FN_SHUTDOWN_TIMEOUT", "2s"),
+            // Tests that stop the LB want it gone at once; the drain delay has its own test.
+            ("FN_DRAIN_DELAY", "0s"),
             ("FN_ADVERTISE_INTERVAL", "200ms"),
         ]);
         if let Some(max) = setup.max_request_body {

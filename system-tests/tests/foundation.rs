@@ -161,6 +161,7 @@ async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> 
             ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
             ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
             ("FN_SHUTDOWN_TIMEOUT", "5s"),
+            ("FN_DRAIN_DELAY", "0s"),
         ]),
     ]);
     let mut daemon = Daemon::spawn("lb-agent", &vars)?;

@@ -1,7 +1,9 @@
 //! The lb-agent with three real pure-runners on loopback over mutual TLS, driven over HTTP:
 //! byte-exact echo up to 8 MiB; 50 concurrent calls; `ch` keeps a function on one runner while
 //! it has room and spills to the next runner in the list when it is full; 404 / 413 / 502 /
-//! 504; SIGHUP adds a function without failing a call in flight.
+//! 504; SIGHUP adds a function without failing a call in flight; SIGTERM keeps serving calls
+//! for the drain delay while `/health` says 503; a flood of idle sockets past
+//! `FN_MAX_CONNECTIONS` does not stop calls.
 
 use std::time::{Duration, Instant};
 
@@ -451,5 +453,145 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
     }
     ensure!(cluster.call("/r/demo/hello", "").await?.status == 200);
     ensure!(cluster.call("/r/demo/sleep", "1").await?.status == 200);
+    Ok(())
+}
+
+/// A rolling restart: on SIGTERM the LB answers `/health` with 503 for `FN_DRAIN_DELAY`
+/// while it still takes new connections and calls, so that an upstream balancer can notice
+/// before anything is refused; then it stops accepting and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_keeps_serving_calls_for_the_drain_delay_while_health_says_503()
+-> anyhow::Result<()> {
+    let delay = Duration::from_secs(3);
+    let mut cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: ECHO.into(),
+        lb_env: vec![
+            ("FN_DRAIN_DELAY".into(), "3s".into()),
+            ("FN_SHUTDOWN_TIMEOUT".into(), "10s".into()),
+        ],
+        ..Setup::default()
+    })
+    .await?;
+    let warm = cluster.call("/r/demo/echo", "warm").await?;
+    ensure!(warm.status == 200, "warm-up: {warm:?}");
+
+    let signalled = Instant::now();
+    cluster.lb.signal(Signal::SIGTERM)?;
+    loop {
+        let health = http::get(&cluster.http, "/health").await?;
+        if health.status == 503 {
+            break;
+        }
+        ensure!(
+            signalled.elapsed() < Duration::from_secs(2),
+            "/health still {} after SIGTERM; log:\n{}",
+            health.status,
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every call is on a new connection, as from a balancer that has not noticed yet.
+    let mut during = 0;
+    while signalled.elapsed() + Duration::from_millis(500) < delay {
+        let body = format!("during the drain delay, call {during}");
+        let reply = cluster.call("/r/demo/echo", body.clone()).await?;
+        ensure!(
+            reply.status == 200 && reply.text() == body,
+            "call {during}, {:?} after SIGTERM: {reply:?}; log:\n{}",
+            signalled.elapsed(),
+            cluster.logs()
+        );
+        let health = http::get(&cluster.http, "/health").await?;
+        ensure!(health.status == 503, "/health during the delay: {health:?}");
+        during += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(during >= 10, "only {during} calls during the delay");
+
+    let status = cluster.lb.wait_exit(Duration::from_secs(15)).await?;
+    ensure!(
+        status.code() == Some(0),
+        "exit {status}; log:\n{}",
+        cluster.logs()
+    );
+    ensure!(
+        signalled.elapsed() >= delay,
+        "exited {:?} after SIGTERM, before the drain delay",
+        signalled.elapsed()
+    );
+    ensure!(
+        tokio::net::TcpStream::connect(&cluster.http).await.is_err(),
+        "the listener is closed after the drain"
+    );
+    Ok(())
+}
+
+/// 5,000 idle sockets against an LB capped at 1,000 connections: the oldest idle ones are
+/// closed to make room, the LB's descriptors stay bounded, and a normal call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_thousand_idle_sockets_do_not_stop_a_call() -> anyhow::Result<()> {
+    let cap = 1000;
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: ECHO.into(),
+        lb_env: vec![("FN_MAX_CONNECTIONS".into(), cap.to_string())],
+        ..Setup::default()
+    })
+    .await?;
+    raise_own_open_file_limit(6000)?;
+    let mut idle = Vec::with_capacity(5000);
+    for i in 0..5000 {
+        let stream = tokio::net::TcpStream::connect(&cluster.http)
+            .await
+            .with_context(|| format!("idle socket {i}"))?;
+        idle.push(stream);
+    }
+    let pid = cluster.lb.pid().context("lb-agent pid")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    ensure!(
+        fds <= cap + 100,
+        "lb-agent holds {fds} descriptors with a cap of {cap} connections"
+    );
+    let reply = cluster.call("/r/demo/echo", "past the idle flood").await?;
+    ensure!(
+        reply.status == 200 && reply.text() == "past the idle flood",
+        "{reply:?}; log:\n{}",
+        cluster.logs()
+    );
+    // The youngest idle sockets are still open: the oldest were the ones closed.
+    let mut newest = idle.pop().context("sockets")?;
+    let read = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::io::AsyncReadExt::read(&mut newest, &mut [0u8; 1]),
+    )
+    .await;
+    ensure!(read.is_err(), "the newest idle socket was closed: {read:?}");
+    let mut oldest = idle.swap_remove(0);
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut oldest, &mut [0u8; 1]),
+    )
+    .await;
+    ensure!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the oldest idle socket is closed: {read:?}"
+    );
+    Ok(())
+}
+
+/// Raises this test process's soft open-file limit to at least `wanted` (within the hard
+/// limit), for tests that hold thousands of sockets.
+fn raise_own_open_file_limit(wanted: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= wanted {
+        return Ok(());
+    }
+    ensure!(
+        hard >= wanted,
+        "this test needs {wanted} open files; the hard limit is {hard}"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, wanted, hard)?;
     Ok(())
 }

@@ -124,6 +124,7 @@ idle_timeout = "30s"
                     ("FN_ADVERTISE_INTERVAL", "200ms"),
                     ("FN_PLACER_TIMEOUT", "15s"),
                     ("FN_SHUTDOWN_TIMEOUT", "5s"),
+                    ("FN_DRAIN_DELAY", "0s"),
                 ]),
             ]),
         )?;

@@ -5,6 +5,11 @@
 //! the shutdown future (SIGTERM in production, a oneshot in tests). When it fires, or when any
 //! service stops on its own, the health switch goes NOT_SERVING, every token is cancelled,
 //! and the remaining services get the grace period to return.
+//!
+//! With a drain delay ([`Services::with_drain_delay`]), a requested shutdown first reports
+//! NOT_SERVING and keeps every service running for the delay, so that upstream balancers see
+//! the health change and stop sending work before the listeners close (Envoy's drain,
+//! Kubernetes' preStop delay). A service that fails cuts the delay short.
 
 use std::future::Future;
 use std::time::Duration;
@@ -39,6 +44,7 @@ pub struct Services {
     tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
     names: Vec<&'static str>,
     health: Option<Health>,
+    drain_delay: Duration,
 }
 
 impl Services {
@@ -49,12 +55,20 @@ impl Services {
             tasks: JoinSet::new(),
             names: Vec::new(),
             health: None,
+            drain_delay: Duration::ZERO,
         }
     }
 
     /// The switch flipped to NOT_SERVING as the first step of shutdown.
     pub fn with_health(mut self, health: Health) -> Self {
         self.health = Some(health);
+        self
+    }
+
+    /// On a requested shutdown, report NOT_SERVING and keep serving for `delay` before the
+    /// services are cancelled.
+    pub fn with_drain_delay(mut self, delay: Duration) -> Self {
+        self.drain_delay = delay;
         self
     }
 
@@ -84,22 +98,27 @@ impl Services {
         grace: Duration,
     ) -> Result<(), ServiceError> {
         let mut first_error = None;
-        tokio::select! {
-            () = shutdown => {}
-            () = self.root.cancelled() => {}
+        let requested = tokio::select! {
+            () = shutdown => true,
+            () = self.root.cancelled() => false,
             Some(joined) = self.tasks.join_next() => {
-                let err = match joined {
-                    Ok((name, Ok(()))) => ServiceError::StoppedEarly { name },
-                    Ok((name, Err(source))) => ServiceError::Failed { name, source },
-                    Err(e) => ServiceError::Panicked { name: self.panicked_name(&e) },
-                };
-                tracing::error!(error = %err, "stopping all services");
-                first_error = Some(err);
+                first_error = Some(self.ended_early(joined));
+                false
             }
-        }
+        };
 
         if let Some(health) = &self.health {
             health.set_not_serving().await;
+        }
+        if requested && !self.drain_delay.is_zero() {
+            tracing::info!(delay = ?self.drain_delay, "reporting NOT_SERVING; still serving until the drain delay ends");
+            tokio::select! {
+                () = tokio::time::sleep(self.drain_delay) => {}
+                () = self.root.cancelled() => {}
+                Some(joined) = self.tasks.join_next() => {
+                    first_error = Some(self.ended_early(joined));
+                }
+            }
         }
         self.root.cancel();
         tracing::info!(grace = ?grace, "draining");
@@ -138,6 +157,22 @@ impl Services {
                 Ok(())
             }
         }
+    }
+
+    /// The error for a service that ended before it was asked to.
+    fn ended_early(
+        &self,
+        joined: Result<(&'static str, Result<(), BoxError>), tokio::task::JoinError>,
+    ) -> ServiceError {
+        let err = match joined {
+            Ok((name, Ok(()))) => ServiceError::StoppedEarly { name },
+            Ok((name, Err(source))) => ServiceError::Failed { name, source },
+            Err(e) => ServiceError::Panicked {
+                name: self.panicked_name(&e),
+            },
+        };
+        tracing::error!(error = %err, "stopping all services");
+        err
     }
 
     fn panicked_name(&self, err: &tokio::task::JoinError) -> &'static str {
@@ -231,5 +266,58 @@ mod tests {
             .await
             .expect("nothing to stop");
         assert!(!health.is_serving());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_drain_delay_services_keep_running_while_health_says_not_serving() {
+        let (health, _svc) = Health::new(&[]);
+        health.set_serving().await;
+        let cancelled_at = Arc::new(std::sync::Mutex::new(None));
+        let mut services = Services::new(CancellationToken::new())
+            .with_health(health.clone())
+            .with_drain_delay(Duration::from_secs(5));
+        let seen = Arc::clone(&cancelled_at);
+        let probe = health.clone();
+        services.spawn("front", move |cancel| async move {
+            cancel.cancelled().await;
+            let not_serving_first = !probe.is_serving();
+            *seen.lock().expect("lock") = Some((tokio::time::Instant::now(), not_serving_first));
+            Ok::<_, std::io::Error>(())
+        });
+        let asked = tokio::time::Instant::now();
+        services
+            .run(async {}, Duration::from_secs(1))
+            .await
+            .expect("clean");
+        let (at, not_serving_first) = cancelled_at.lock().expect("lock").expect("cancelled");
+        assert_eq!(
+            at - asked,
+            Duration::from_secs(5),
+            "cancelled after the delay"
+        );
+        assert!(
+            not_serving_first,
+            "health went NOT_SERVING before the delay"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_failing_during_the_drain_delay_cuts_it_short() {
+        let mut services =
+            Services::new(CancellationToken::new()).with_drain_delay(Duration::from_secs(60));
+        services.spawn("fails-soon", |_cancel| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Err::<(), _>(std::io::Error::other("lost the disk"))
+        });
+        let asked = tokio::time::Instant::now();
+        let err = services
+            .run(async {}, Duration::from_secs(1))
+            .await
+            .expect_err("the failure is reported");
+        assert_eq!(
+            err.to_string(),
+            "service `fails-soon` failed: lost the disk"
+        );
+        assert!(asked.elapsed() < Duration::from_secs(60));
     }
 }
