@@ -444,39 +444,8 @@ pub fn placements(lb_log: &str) -> std::collections::HashMap<String, Placement> 
 
 // ---- Soak: the pure parts of `fn-load --soak` (parsing, counting, arithmetic) ----------
 
-/// A duration such as `90s`, `10m`, `1h30m` or `500ms` (units `ms`, `s`, `m`/`min`, `h`;
-/// parts add up; spaces between parts allowed).
-///
-/// # Errors
-/// When `s` is empty, a number has no unit, or a unit is unknown.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let usage = || format!("{s:?}: expected a duration such as 90s, 10m, 1h30m or 500ms");
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(usage());
-    }
-    let mut total = Duration::ZERO;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let n: u64 = rest[..digits].parse().map_err(|_| usage())?;
-        rest = &rest[digits..];
-        let letters = rest
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(rest.len());
-        let part = match &rest[..letters] {
-            "ms" => Duration::from_millis(n),
-            "s" | "sec" | "secs" => Duration::from_secs(n),
-            "m" | "min" | "mins" => Duration::from_secs(n.saturating_mul(60)),
-            "h" | "hr" | "hrs" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(usage()),
-        };
-        total = total.saturating_add(part);
-        rest = rest[letters..].trim_start();
-    }
-    Ok(total)
-}
+/// A duration such as `90s`, `10m`, `1h30m` or `500ms`: the daemons' own parser (humantime).
+pub use fn_lifecycle::config::parse_duration;
 
 /// A `kB` field of a `/proc/<pid>/status` text (`VmRSS`, `VmHWM`, ...), in KiB.
 pub fn status_kib(status: &str, field: &str) -> Option<u64> {
@@ -681,19 +650,6 @@ pub fn soak_failure(errors: u64, teardowns: usize, problems: &[String]) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_like_humantime() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        for bad in ["", "90", "10x", "s", "1.5m", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
-    }
 
     const STATUS: &str = "Name:\tlb-agent\nUmask:\t0022\nState:\tS (sleeping)\n\
         VmPeak:\t  812344 kB\nVmHWM:\t   16012 kB\nVmRSS:\t   14848 kB\nRssAnon:\t    6400 kB\n\
