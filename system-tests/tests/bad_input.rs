@@ -649,6 +649,7 @@ fn wire_call(id: &str) -> fn_protocol::runner::Call {
         request_url: "http://lb/r/bad/sleep".into(),
         headers: ::http::HeaderMap::new(),
         memory_mb: 64,
+        concurrency: 1,
         timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
         command: vec!["fn-sleep".into()],

@@ -122,6 +122,7 @@ fn sleep_call(id: &str) -> runner::Call {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or_default(),
+        concurrency: 1,
     }
 }
 

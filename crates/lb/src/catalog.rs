@@ -23,6 +23,8 @@ pub struct Function {
     pub command: Vec<String>,
     pub image: Option<String>,
     pub memory_mb: u64,
+    /// Calls one instance takes at once (1: Fn's one call per instance).
+    pub concurrency: u32,
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub lb_group: String,
@@ -46,6 +48,7 @@ struct RawFunction {
     command: Vec<String>,
     image: Option<String>,
     memory_mb: Option<u64>,
+    concurrency: Option<u32>,
     timeout: Option<String>,
     idle_timeout: Option<String>,
     lb_group: Option<String>,
@@ -55,6 +58,7 @@ struct RawFunction {
 
 /// Defaults of DESIGN.md's catalog format.
 pub const DEFAULT_MEMORY_MB: u64 = 128;
+pub const DEFAULT_CONCURRENCY: u32 = 1;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LB_GROUP: &str = "default";
@@ -222,6 +226,14 @@ fn validate(
     if memory_mb == 0 {
         return Err(invalid("memory_mb", "must be at least 1".into()));
     }
+    let concurrency = raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    let max = fn_protocol::call::MAX_CONCURRENCY;
+    if !(1..=max).contains(&concurrency) {
+        return Err(invalid(
+            "concurrency",
+            format!("{concurrency} must be between 1 and {max}"),
+        ));
+    }
     let duration = |field: &'static str, value: Option<String>, default: Duration| match value {
         None => Ok(default),
         Some(s) => match humantime::parse_duration(&s) {
@@ -255,6 +267,7 @@ fn validate(
         command: raw.command,
         image: raw.image,
         memory_mb,
+        concurrency,
         timeout,
         idle_timeout,
         lb_group,
@@ -333,6 +346,7 @@ app = "demo"
 name = "hello"
 command = ["fn-hello"]
 memory_mb = 64
+concurrency = 8
 timeout = "5s"
 idle_timeout = "1m"
 lb_group = "small"
@@ -346,11 +360,13 @@ GREETING = "Hi"
         assert_eq!(c.len(), 2);
         let echo = c.by_route("demo", "/echo").expect("routed");
         assert_eq!(echo.memory_mb, DEFAULT_MEMORY_MB);
+        assert_eq!(echo.concurrency, 1);
         assert_eq!(echo.timeout, DEFAULT_TIMEOUT);
         assert_eq!(echo.lb_group, "default");
         let hello = c.by_name("demo", "hello").expect("named");
         assert_eq!(hello.route, "/hello", "route defaults to /name");
         assert_eq!(hello.idle_timeout, Duration::from_secs(60));
+        assert_eq!(hello.concurrency, 8);
         assert_eq!(hello.config["GREETING"], "Hi");
         assert!(c.by_route("demo", "/nope").is_none());
         assert!(c.by_route("other", "/echo").is_none());
@@ -360,6 +376,8 @@ GREETING = "Hi"
     fn errors_name_file_function_and_field() {
         let cases = [
             ("memory_mb = 0", "function demo/f: field `memory_mb`"),
+            ("concurrency = 0", "function demo/f: field `concurrency`"),
+            ("concurrency = 1001", "function demo/f: field `concurrency`"),
             ("timeout = \"soon\"", "function demo/f: field `timeout`"),
             ("route = \"nope\"", "function demo/f: field `route`"),
             ("lb_group = \"a b\"", "function demo/f: field `lb_group`"),

@@ -131,8 +131,10 @@ impl Invoker {
         let spec = call_spec(&function, call_id, &parts);
         let give_up = Instant::now() + spec.timeout + DEADLINE_GRACE;
 
-        // The call counts towards its group's demand from arrival to the last byte.
-        let guard = self.capacity.assign(&spec.lb_group, spec.memory_mb);
+        // The call counts towards its group's demand from arrival to the last byte, with its
+        // share of an instance: one instance of a function with `concurrency = N` carries N.
+        let share_mb = spec.memory_mb.div_ceil(u64::from(spec.concurrency.max(1)));
+        let guard = self.capacity.assign(&spec.lb_group, share_mb);
         // A small body (declared, at most EARLY_BODY_MAX) is read now if it has arrived, to
         // go with the TryCall. A larger one streams once a runner has committed: holding
         // early chunks of it (slices of hyper's read buffer, which grows for large uploads)
@@ -242,6 +244,7 @@ fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> C
         request_url: format!("http://{host}{path}"),
         headers,
         memory_mb: function.memory_mb,
+        concurrency: function.concurrency,
         timeout: function.timeout,
         idle_timeout: function.idle_timeout,
         command: function.command.clone(),

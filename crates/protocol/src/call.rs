@@ -22,6 +22,8 @@ pub const MAX_HEADERS: usize = 256;
 pub const MAX_CONFIG_ENTRIES: usize = 256;
 /// Longest call timeout accepted.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Most calls one instance may take at once.
+pub const MAX_CONCURRENCY: u32 = 1000;
 
 /// A validated function call.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,8 +37,11 @@ pub struct CallSpec {
     pub request_url: String,
     /// The client's request headers.
     pub headers: HeaderMap,
-    /// Memory the call reserves on a runner.
+    /// Memory of one instance of the function, which the first call on an instance
+    /// reserves on a runner.
     pub memory_mb: u64,
+    /// Calls one instance takes at once (1 ..= [`MAX_CONCURRENCY`]).
+    pub concurrency: u32,
     /// The call's time budget when this spec was made: the function's timeout at the LB;
     /// at the runner, the budget the LB had left when it sent the call.
     pub timeout: Duration,
@@ -170,6 +175,16 @@ impl TryFrom<runner::Call> for CallSpec {
             ));
         }
         let idle_timeout = Duration::from_millis(call.idle_timeout_ms);
+        let concurrency = match call.concurrency {
+            0 => 1,
+            n if n > MAX_CONCURRENCY => {
+                return Err(invalid(
+                    "concurrency",
+                    format!("{n} is more than {MAX_CONCURRENCY}"),
+                ));
+            }
+            n => n,
+        };
 
         if call.command.is_empty() && call.image.is_empty() {
             return Err(InvalidCall::Missing("command or image"));
@@ -218,6 +233,7 @@ impl TryFrom<runner::Call> for CallSpec {
             request_url,
             headers,
             memory_mb: call.memory_mb,
+            concurrency,
             timeout,
             idle_timeout,
             command: call.command,
@@ -264,6 +280,7 @@ impl From<&CallSpec> for runner::Call {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or(Duration::ZERO),
             ),
+            concurrency: spec.concurrency,
         }
     }
 }
@@ -293,7 +310,24 @@ mod tests {
             config: [("GREETING".to_string(), "hi".to_string())].into(),
             lb_group: "default".into(),
             deadline_unix_ms: 1_900_000_000_000,
+            concurrency: 1,
         }
+    }
+
+    #[test]
+    fn concurrency_0_is_one_call_per_instance_and_travels_as_given_otherwise() {
+        let mut call = wire();
+        call.concurrency = 0;
+        let spec = CallSpec::try_from(call).expect("valid");
+        assert_eq!(
+            spec.concurrency, 1,
+            "an LB without the field means Fn's semantics"
+        );
+        let mut call = wire();
+        call.concurrency = 8;
+        let spec = CallSpec::try_from(call).expect("valid");
+        assert_eq!(spec.concurrency, 8);
+        assert_eq!(runner::Call::from(&spec).concurrency, 8);
     }
 
     #[test]
@@ -357,6 +391,7 @@ mod tests {
             (|c| c.memory_mb = 0, "memory_mb"),
             (|c| c.timeout_ms = 0, "timeout_ms"),
             (|c| c.timeout_ms = 10 * 3600 * 1000, "timeout_ms"),
+            (|c| c.concurrency = MAX_CONCURRENCY + 1, "concurrency"),
             (|c| c.command.clear(), "command or image"),
             (|c| c.command = vec![String::new()], "command"),
             (
@@ -431,6 +466,7 @@ mod tests {
             prop_oneof![4 => 1u64..=3_600_000, 1 => Just(0u64), 1 => any::<u64>()],
             any::<u64>(),
             prop_oneof![4 => 1u64..4_000_000_000_000, 1 => Just(0u64), 1 => any::<u64>()],
+            prop_oneof![4 => 0u32..=4, 1 => any::<u32>()],
         );
         let lists = (
             prop::collection::vec(wire_header(), 0..3),
@@ -448,7 +484,7 @@ mod tests {
         (names, numbers, lists).prop_map(
             |(
                 (id, app, function, route, request_url, image, lb_group),
-                (memory_mb, timeout_ms, idle_timeout_ms, deadline_unix_ms),
+                (memory_mb, timeout_ms, idle_timeout_ms, deadline_unix_ms, concurrency),
                 (headers, command, config, method),
             )| runner::Call {
                 id,
@@ -466,6 +502,7 @@ mod tests {
                 config: config.into_iter().collect(),
                 lb_group,
                 deadline_unix_ms,
+                concurrency,
             },
         )
     }
@@ -495,6 +532,7 @@ mod tests {
                 }
                 prop_assert!(spec.route.is_empty() || valid_name(&spec.route, MAX_NAME_LEN));
                 prop_assert!(spec.memory_mb > 0);
+                prop_assert!((1..=MAX_CONCURRENCY).contains(&spec.concurrency));
                 prop_assert!(!spec.timeout.is_zero() && spec.timeout <= MAX_TIMEOUT);
                 prop_assert!(spec.remaining() <= spec.timeout);
                 prop_assert!(!spec.command.is_empty() || spec.image.is_some());

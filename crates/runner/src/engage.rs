@@ -465,7 +465,6 @@ impl RunnerService {
         let pump = pump_inbound(inbound, early.trouble, (!early.eof).then_some(body_tx));
         let deadline = tokio::time::Instant::now() + spec.remaining();
         let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
-        let idle_timeout = spec.idle_timeout;
         let execute =
             tokio::time::timeout_at(deadline, execute(reservation, &spec, Box::pin(body), &out));
         tokio::pin!(pump);
@@ -503,7 +502,7 @@ impl RunnerService {
                     )),
                     Ok(Ok(Executed { reservation, outcome })) => {
                         if outcome.kind == ErrorKind::None {
-                            reservation.finish_ok(idle_timeout);
+                            reservation.finish_ok();
                         }
                         Some(outcome)
                     }

@@ -1,19 +1,27 @@
 //! The capacity gate and the hot-instance pool, as one piece of state.
 //!
-//! Memory is the runner's only admission currency. Two kinds of memory are held:
-//! - *committed*: memory of calls in flight (what `Status` reports and what the npm drains on);
+//! Memory is the runner's only admission currency, counted per instance. Two kinds of memory
+//! are held:
+//! - *committed*: memory of instances running at least one call, and of calls whose instance
+//!   is still starting (what `Status` reports and what the npm drains on);
 //! - *idle*: memory of hot instances waiting for their next call.
 //!
-//! [`Pool::admit`] is an atomic check-and-reserve under one short lock (never held across an
-//! await): an idle instance of the same [`InstanceSpec`] is reused; otherwise the call's memory
-//! is reserved, evicting idle instances least recently used first when that makes room; a call
-//! that would not fit even with every idle instance gone is refused as busy and evicts nothing.
+//! An instance takes up to its function's `concurrency` calls at once (1 by default: Fn's one
+//! call per instance); a call on an instance that is already running costs no memory.
 //!
-//! A [`Reservation`] owns the call's memory and (once started) its instance. Dropping it
-//! releases the memory exactly once on every path — success, error, timeout, cancellation,
-//! panic. By default the instance is killed on drop: only [`Reservation::finish_ok`], called
-//! when a call completed cleanly, returns the instance to the idle set. So an instance whose
-//! call was cut off in an unknown state is never reused.
+//! [`Pool::admit`] is an atomic check-and-reserve under one short lock (never held across an
+//! await): a running instance of the same [`InstanceSpec`] with a free slot is used (busy ones
+//! first, so calls pack onto few instances); otherwise the call's memory is reserved, evicting
+//! idle instances least recently used first when that makes room; a call that would not fit
+//! even with every idle instance gone is refused as busy and evicts nothing.
+//!
+//! A [`Reservation`] holds the call's slot and (once started) its instance. Dropping it
+//! releases the slot exactly once on every path — success, error, timeout, cancellation,
+//! panic. Only [`Reservation::finish_ok`], called when a call completed cleanly, keeps a
+//! one-call instance: one whose call was cut off in an unknown state is killed and never
+//! reused. An instance that takes several calls at once is kept when one of them fails (its
+//! other calls are not to be cut off for it) unless it has died; when its last call ends it
+//! becomes idle like any other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,11 +60,23 @@ pub struct PoolStats {
     pub instances_started: u64,
 }
 
-struct IdleInstance {
+/// A started instance, busy or idle.
+struct HotInstance {
+    id: u64,
     spec: InstanceSpec,
-    instance: Box<dyn Instance>,
+    instance: Arc<dyn Instance>,
+    /// Calls running on it now, at most `spec.concurrency`.
+    calls: u32,
+    /// Takes no more calls; killed when its last call ends.
+    retired: bool,
+    /// When its last call ended (meaningful while idle).
     last_used: Instant,
-    idle_timeout: Duration,
+}
+
+impl HotInstance {
+    fn idle(&self) -> bool {
+        self.calls == 0
+    }
 }
 
 #[derive(Default)]
@@ -64,10 +84,36 @@ struct State {
     committed_mb: u64,
     idle_mb: u64,
     calls_in_flight: u64,
-    busy_instances: u64,
     instances_started: u64,
-    /// Idle instances, oldest use first (eviction takes from the front).
-    idle: Vec<IdleInstance>,
+    next_id: u64,
+    /// Every started instance. A handful per function: scans are cheap.
+    hot: Vec<HotInstance>,
+}
+
+impl State {
+    /// Removes the idle instances `pick` selects; their memory leaves the idle count.
+    fn take_idle_where(&mut self, mut pick: impl FnMut(&HotInstance) -> bool) -> Vec<HotInstance> {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.hot)
+            .into_iter()
+            .partition(|h| h.idle() && pick(h));
+        self.hot = kept;
+        self.idle_mb -= taken.iter().map(|h| h.spec.memory_mb).sum::<u64>();
+        taken
+    }
+
+    /// Removes the least recently used idle instance.
+    fn evict_lru(&mut self) -> Option<HotInstance> {
+        let pos = self
+            .hot
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.idle())
+            .min_by_key(|(_, h)| h.last_used)
+            .map(|(pos, _)| pos)?;
+        let old = self.hot.swap_remove(pos);
+        self.idle_mb -= old.spec.memory_mb;
+        Some(old)
+    }
 }
 
 /// Capacity gate and hot instances of one runner. Shared as `Arc<Pool>`.
@@ -117,8 +163,8 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Atomically reserves memory for a call of `spec`, reusing an idle instance of the same
-    /// spec when there is one.
+    /// Atomically reserves a slot for a call of `spec`: on a running instance of the same
+    /// spec with room for another call, or else memory for a new instance.
     ///
     /// # Errors
     /// [`Refusal`] when draining, or when the memory does not fit even after evicting idle
@@ -134,33 +180,42 @@ impl Pool {
         let mut evicted = Vec::new();
         let result = {
             let mut st = self.lock();
+            let st = &mut *st;
             // Checked under the lock that `wait_idle` reads `calls_in_flight` under: a call
             // is either admitted before a drain starts (and waited for) or refused.
             if self.draining.load(Ordering::Acquire) {
                 return Err(Refusal::Draining);
             }
-            if let Some(pos) = st
-                .idle
-                .iter()
-                .rposition(|i| i.spec == spec && i.instance.is_alive())
-            {
-                let hot = st.idle.remove(pos);
-                st.idle_mb -= needed_mb;
-                st.committed_mb += needed_mb;
+            // Busy instances with room first, then the most recently used idle one.
+            let hot = st
+                .hot
+                .iter_mut()
+                .filter(|h| {
+                    !h.retired
+                        && h.calls < spec.concurrency
+                        && h.spec == spec
+                        && h.instance.is_alive()
+                })
+                .max_by_key(|h| (h.calls > 0, h.last_used));
+            if let Some(hot) = hot {
+                if hot.idle() {
+                    st.idle_mb -= needed_mb;
+                    st.committed_mb += needed_mb;
+                }
+                hot.calls += 1;
                 st.calls_in_flight += 1;
-                st.busy_instances += 1;
-                Ok(Some(hot.instance))
+                Ok(Some((hot.id, Arc::clone(&hot.instance))))
             } else {
                 // Evict only when that makes room: a call that cannot fit even with every
                 // idle instance gone is refused without killing any of them.
                 let fits_after_eviction = st.committed_mb + needed_mb <= self.total_mb;
                 while fits_after_eviction
                     && st.committed_mb + st.idle_mb + needed_mb > self.total_mb
-                    && !st.idle.is_empty()
                 {
-                    let old = st.idle.remove(0);
-                    st.idle_mb -= old.spec.memory_mb;
-                    evicted.push(old);
+                    match st.evict_lru() {
+                        Some(old) => evicted.push(old),
+                        None => break,
+                    }
                 }
                 let used = st.committed_mb + st.idle_mb;
                 if used + needed_mb <= self.total_mb {
@@ -182,13 +237,12 @@ impl Pool {
             old.instance.kill();
         }
         let instance = result?;
-        let reused = instance.is_some();
         Ok(Reservation {
             pool: Arc::clone(self),
+            reused: instance.is_some(),
             spec,
             instance,
-            reused,
-            returned: false,
+            released: false,
         })
     }
 
@@ -200,7 +254,7 @@ impl Pool {
             total_mb: self.total_mb,
             committed_mb: st.committed_mb,
             idle_mb: st.idle_mb,
-            hot_instances: st.busy_instances + st.idle.len() as u64,
+            hot_instances: st.hot.len() as u64,
             draining: self.draining.load(Ordering::Acquire),
             instances_started: st.instances_started,
         }
@@ -229,16 +283,9 @@ impl Pool {
 
     /// Kills idle instances whose idle timeout has passed; returns how many.
     pub fn reap_expired(&self, now: Instant) -> usize {
-        let expired: Vec<IdleInstance> = {
-            let mut st = self.lock();
-            let (expired, keep): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut st.idle).into_iter().partition(|i| {
-                    now.duration_since(i.last_used) >= i.idle_timeout || !i.instance.is_alive()
-                });
-            st.idle = keep;
-            st.idle_mb -= expired.iter().map(|i| i.spec.memory_mb).sum::<u64>();
-            expired
-        };
+        let expired = self.lock().take_idle_where(|h| {
+            now.duration_since(h.last_used) >= h.spec.idle_timeout || !h.instance.is_alive()
+        });
         for old in &expired {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "idle instance expired");
             old.instance.kill();
@@ -248,7 +295,7 @@ impl Pool {
 
     /// Kills every idle instance without waiting for their clean-up.
     pub fn kill_idle(&self) {
-        for old in self.take_idle() {
+        for old in self.lock().take_idle_where(|_| true) {
             old.instance.kill();
         }
     }
@@ -257,17 +304,11 @@ impl Pool {
     /// [`Instance::wait_gone`]): the last step of a shutdown, after the drain. Bound it with
     /// a timeout.
     pub async fn shutdown(&self) {
-        let idle = self.take_idle();
+        let idle = self.lock().take_idle_where(|_| true);
         for old in &idle {
             old.instance.kill();
         }
         futures::future::join_all(idle.iter().map(|old| old.instance.wait_gone())).await;
-    }
-
-    fn take_idle(&self) -> Vec<IdleInstance> {
-        let mut st = self.lock();
-        st.idle_mb = 0;
-        std::mem::take(&mut st.idle)
     }
 
     /// Background task: expires idle instances until cancelled, then kills the rest and
@@ -291,16 +332,56 @@ impl Pool {
         self.shutdown().await;
         Ok(())
     }
+
+    /// Ends one call's hold on the pool; see [`Reservation`].
+    fn release(&self, reservation: &mut Reservation, clean: bool) {
+        let idle_timeout = reservation.spec.idle_timeout;
+        let mut doomed = None;
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            st.calls_in_flight -= 1;
+            let memory_mb = reservation.spec.memory_mb;
+            match reservation.instance.take() {
+                // The instance never started: only the memory was held.
+                None => st.committed_mb -= memory_mb,
+                Some((id, instance)) => {
+                    if let Some(pos) = st.hot.iter().position(|h| h.id == id) {
+                        let hot = &mut st.hot[pos];
+                        hot.calls -= 1;
+                        let cut_off = !clean && reservation.spec.concurrency <= 1;
+                        if cut_off || !instance.is_alive() {
+                            hot.retired = true;
+                        }
+                        if hot.calls == 0 {
+                            st.committed_mb -= memory_mb;
+                            if hot.retired || idle_timeout.is_zero() {
+                                doomed = Some(st.hot.swap_remove(pos));
+                            } else {
+                                hot.last_used = Instant::now();
+                                st.idle_mb += memory_mb;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(old) = doomed {
+            old.instance.kill();
+        }
+        self.call_ended.notify_waiters();
+    }
 }
 
-/// Memory reserved for one call, and the instance that runs it. See the module docs for
-/// the release rules.
+/// One call's hold on the pool: its slot, and the instance that runs it once started. See
+/// the module docs for the release rules.
 pub struct Reservation {
     pool: Arc<Pool>,
     spec: InstanceSpec,
-    instance: Option<Box<dyn Instance>>,
+    /// The instance and its id in the pool, once there is one.
+    instance: Option<(u64, Arc<dyn Instance>)>,
     reused: bool,
-    returned: bool,
+    released: bool,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -313,7 +394,7 @@ impl std::fmt::Debug for Reservation {
 }
 
 impl Reservation {
-    /// Whether the call got an already-hot instance.
+    /// Whether the call got an already-running instance.
     pub fn reused(&self) -> bool {
         self.reused
     }
@@ -324,67 +405,50 @@ impl Reservation {
     /// What the driver reports when the instance cannot start.
     pub async fn instance(&mut self, call_id: &str) -> Result<&dyn Instance, DriverError> {
         if self.instance.is_none() {
-            let started = self
-                .pool
-                .driver
-                .start(&self.spec, call_id, self.pool.start_timeout)
-                .await?;
-            // Count it as busy only once it exists.
+            let started: Arc<dyn Instance> = Arc::from(
+                self.pool
+                    .driver
+                    .start(&self.spec, call_id, self.pool.start_timeout)
+                    .await?,
+            );
+            // In the pool only once it exists; its memory is already committed.
             let mut st = self.pool.lock();
-            st.busy_instances += 1;
+            let id = st.next_id;
+            st.next_id += 1;
             st.instances_started += 1;
+            st.hot.push(HotInstance {
+                id,
+                spec: self.spec.clone(),
+                instance: Arc::clone(&started),
+                calls: 1,
+                retired: false,
+                last_used: Instant::now(),
+            });
             drop(st);
-            self.instance = Some(started);
+            self.instance = Some((id, started));
         }
         match &self.instance {
-            Some(instance) => Ok(instance.as_ref()),
+            Some((_, instance)) => Ok(instance.as_ref()),
             None => Err(DriverError::Start("instance vanished".into())),
         }
     }
 
-    /// The call completed cleanly: keep the instance hot for `idle_timeout`.
-    pub fn finish_ok(mut self, idle_timeout: Duration) {
-        if let Some(instance) = self.instance.take() {
-            if instance.is_alive() && !idle_timeout.is_zero() {
-                let mut st = self.pool.lock();
-                st.committed_mb -= self.spec.memory_mb;
-                st.idle_mb += self.spec.memory_mb;
-                st.calls_in_flight -= 1;
-                st.busy_instances -= 1;
-                st.idle.push(IdleInstance {
-                    spec: self.spec.clone(),
-                    instance,
-                    last_used: Instant::now(),
-                    idle_timeout,
-                });
-                drop(st);
-                self.returned = true;
-                self.pool.call_ended.notify_waiters();
-            } else {
-                self.instance = Some(instance);
-            }
-        }
-        // Otherwise Drop releases the memory and kills the instance.
+    /// The call completed cleanly: the instance stays hot for its spec's idle timeout once
+    /// its last call has ended.
+    pub fn finish_ok(mut self) {
+        self.released = true;
+        let pool = Arc::clone(&self.pool);
+        pool.release(&mut self, true);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.returned {
-            return;
+        if !self.released {
+            self.released = true;
+            let pool = Arc::clone(&self.pool);
+            pool.release(self, false);
         }
-        {
-            let mut st = self.pool.lock();
-            st.committed_mb -= self.spec.memory_mb;
-            st.calls_in_flight -= 1;
-            if self.instance.is_some() {
-                st.busy_instances -= 1;
-            }
-        }
-        if let Some(instance) = self.instance.take() {
-            instance.kill();
-        }
-        self.pool.call_ended.notify_waiters();
     }
 }
 
@@ -400,6 +464,8 @@ mod tests {
             command: vec![function.into()],
             image: None,
             memory_mb,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
             config: Default::default(),
         }
     }
@@ -434,14 +500,14 @@ mod tests {
         let (pool, driver) = pool(256);
         let mut r = pool.admit(spec("f", 128)).expect("fits");
         let pid = r.instance("c1").await.expect("starts").pid();
-        r.finish_ok(Duration::from_secs(30));
+        r.finish_ok();
         let s = pool.stats();
         assert_eq!((s.committed_mb, s.idle_mb, s.hot_instances), (0, 128, 1));
 
         let mut r = pool.admit(spec("f", 128)).expect("fits");
         assert!(r.reused());
         assert_eq!(r.instance("c2").await.expect("hot").pid(), pid);
-        r.finish_ok(Duration::from_secs(30));
+        r.finish_ok();
         assert_eq!(driver.started(), 1);
     }
 
@@ -462,7 +528,7 @@ mod tests {
         for f in ["old", "new"] {
             let mut r = pool.admit(spec(f, 128)).expect("fits");
             r.instance(f).await.expect("starts");
-            r.finish_ok(Duration::from_secs(30));
+            r.finish_ok();
         }
         // A third function needs 128 MB: "old" goes, "new" stays hot.
         let _r = pool.admit(spec("third", 128)).expect("evicts to fit");
@@ -476,7 +542,7 @@ mod tests {
         let (pool, driver) = pool(384);
         let mut idle = pool.admit(spec("idle", 128)).expect("fits");
         idle.instance("c").await.expect("starts");
-        idle.finish_ok(Duration::from_secs(30));
+        idle.finish_ok();
         let _busy = pool.admit(spec("busy", 128)).expect("fits");
         // 128 committed + 128 idle of 384: a 384 MB call cannot fit even with the idle
         // instance gone, so the hot instance must survive the refusal.
@@ -518,9 +584,13 @@ mod tests {
     #[tokio::test]
     async fn idle_timeout_expires_instances() {
         let (pool, driver) = pool(256);
-        let mut r = pool.admit(spec("f", 128)).expect("fits");
+        let short = InstanceSpec {
+            idle_timeout: Duration::from_secs(5),
+            ..spec("f", 128)
+        };
+        let mut r = pool.admit(short).expect("fits");
         r.instance("c").await.expect("starts");
-        r.finish_ok(Duration::from_secs(5));
+        r.finish_ok();
         assert_eq!(pool.reap_expired(Instant::now()), 0);
         assert_eq!(
             pool.reap_expired(Instant::now() + Duration::from_secs(6)),
@@ -528,5 +598,108 @@ mod tests {
         );
         assert_eq!(driver.killed(), 1);
         assert_eq!(pool.stats().idle_mb, 0);
+    }
+
+    fn concurrent(function: &str, memory_mb: u64, concurrency: u32) -> InstanceSpec {
+        InstanceSpec {
+            concurrency,
+            ..spec(function, memory_mb)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_takes_up_to_its_concurrency_and_memory_counts_once() {
+        let (pool, driver) = pool(256);
+        let mut first = pool.admit(concurrent("f", 128, 3)).expect("fits");
+        let pid = first.instance("c1").await.expect("starts").pid();
+        let mut shared = Vec::new();
+        for call in ["c2", "c3"] {
+            let mut r = pool.admit(concurrent("f", 128, 3)).expect("a free slot");
+            assert!(r.reused());
+            assert_eq!(r.instance(call).await.expect("running").pid(), pid);
+            shared.push(r);
+        }
+        let s = pool.stats();
+        assert_eq!(
+            (s.calls_in_flight, s.committed_mb, s.hot_instances),
+            (3, 128, 1),
+            "three calls, one instance's memory"
+        );
+        // The fourth call needs a second instance, and its memory.
+        let mut fourth = pool
+            .admit(concurrent("f", 128, 3))
+            .expect("room for one more");
+        assert!(!fourth.reused());
+        assert_ne!(fourth.instance("c4").await.expect("starts").pid(), pid);
+        assert_eq!(pool.stats().committed_mb, 256);
+        assert!(
+            matches!(
+                pool.admit(concurrent("f", 128, 3)),
+                Ok(r) if r.reused()
+            ),
+            "the second instance has free slots"
+        );
+        assert_eq!(driver.started(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_shared_instance_becomes_idle_when_its_last_call_ends() {
+        let (pool, driver) = pool(256);
+        let mut a = pool.admit(concurrent("f", 128, 2)).expect("fits");
+        a.instance("a").await.expect("starts");
+        let mut b = pool.admit(concurrent("f", 128, 2)).expect("shares");
+        b.instance("b").await.expect("running");
+        a.finish_ok();
+        let s = pool.stats();
+        assert_eq!((s.committed_mb, s.idle_mb), (128, 0), "still busy with b");
+        b.finish_ok();
+        let s = pool.stats();
+        assert_eq!((s.committed_mb, s.idle_mb, s.calls_in_flight), (0, 128, 0));
+        assert!(pool.admit(concurrent("f", 128, 2)).expect("hot").reused());
+        assert_eq!(driver.killed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_does_not_kill_a_shared_instance_but_does_kill_a_one_call_instance() {
+        let (pool, driver) = pool(512);
+        let mut a = pool.admit(concurrent("shared", 128, 2)).expect("fits");
+        a.instance("a").await.expect("starts");
+        let mut b = pool.admit(concurrent("shared", 128, 2)).expect("shares");
+        b.instance("b").await.expect("running");
+        drop(a); // cut off: a timeout, a cancellation
+        assert_eq!(driver.killed(), 0, "b is still running on it");
+        b.finish_ok();
+        assert!(
+            pool.admit(concurrent("shared", 128, 2))
+                .expect("kept")
+                .reused()
+        );
+
+        let mut one = pool.admit(spec("single", 128)).expect("fits");
+        one.instance("x").await.expect("starts");
+        drop(one);
+        assert_eq!(driver.killed(), 1, "a one-call instance cut off is killed");
+    }
+
+    #[tokio::test]
+    async fn a_busy_shared_instance_is_never_evicted() {
+        let (pool, driver) = pool(256);
+        let mut busy = pool.admit(concurrent("busy", 128, 4)).expect("fits");
+        busy.instance("b").await.expect("starts");
+        let mut idle = pool.admit(spec("idle", 128)).expect("fits");
+        idle.instance("i").await.expect("starts");
+        idle.finish_ok();
+        // Another function needs 128 MB: only the idle instance may go.
+        let _other = pool.admit(spec("other", 128)).expect("evicts the idle one");
+        assert_eq!(driver.killed(), 1);
+        assert!(
+            pool.admit(concurrent("busy", 128, 4))
+                .expect("slot")
+                .reused()
+        );
+        assert!(matches!(
+            pool.admit(spec("third", 128)),
+            Err(Refusal::Busy { .. })
+        ));
     }
 }

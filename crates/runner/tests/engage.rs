@@ -391,6 +391,7 @@ fn call(program: &str, timeout: Duration) -> runner::Call {
         config: HashMap::new(),
         lb_group: "default".into(),
         deadline_unix_ms: unix_ms(SystemTime::now() + timeout),
+        concurrency: 1,
     }
 }
 
@@ -767,6 +768,63 @@ async fn a_message_out_of_order_ends_the_call_as_protocol_error_and_the_next_cal
     assert_eq!(result.kind(), ErrorKind::Protocol, "{result:?}");
     runner.assert_released().await;
     assert_echo_works(&runner, "after an empty message").await;
+    runner.stop().await;
+}
+
+/// `concurrency = 4`: one instance's memory holds four calls at once, all on the same
+/// process, each answered byte-exact; a fifth waits for a slot (refused as busy here, with no
+/// memory for a second instance).
+#[tokio::test]
+async fn a_function_with_concurrency_runs_that_many_calls_at_once_on_one_instance() {
+    const N: usize = 4;
+    let runner = start_runner(MEMORY_MB, &examples_dir()).await;
+    let concurrent = |program: &str| runner::Call {
+        concurrency: N as u32,
+        ..call(program, Duration::from_secs(30))
+    };
+    // Warm: the instance exists before the calls arrive together.
+    let warm = runner.run(concurrent("fn-echo"), Bytes::from("warm")).await;
+    warm.assert_ok(200);
+    let pid = warm.pid();
+
+    let mut open = Vec::new();
+    for _ in 0..N {
+        let mut engage = runner.open().await;
+        engage.try_call(concurrent("fn-echo")).await;
+        let ack = engage.ack().await;
+        assert!(ack.committed, "a free slot on the hot instance: {ack:?}");
+        engage.data(pattern(10_000), false).await;
+        open.push(engage);
+    }
+    let s = runner.status().await;
+    assert_eq!(
+        (s.calls_in_flight, s.capacity_committed_mb, s.hot_instances),
+        (N as u64, MEMORY_MB, 1),
+        "{N} calls on one instance's memory: {s:?}"
+    );
+    let mut fifth = runner.open().await;
+    fifth.try_call(concurrent("fn-echo")).await;
+    let refused = fifth.ack().await;
+    assert!(
+        !refused.committed,
+        "no slot and no memory left: {refused:?}"
+    );
+    assert_eq!(refused.refusal(), RefusalReason::Busy);
+
+    // Finish them in reverse order: each is its own exchange with the instance.
+    for (i, mut engage) in open.into_iter().enumerate().rev() {
+        let tail = format!(" and the end of call {i}");
+        engage.data(tail.clone(), true).await;
+        let result = engage.result().await;
+        result.assert_ok(200);
+        assert_eq!(result.pid(), pid, "call {i} ran on the shared instance");
+        let mut expected = BytesMut::from(&pattern(10_000)[..]);
+        expected.extend_from_slice(tail.as_bytes());
+        assert!(result.body[..] == expected[..], "call {i} echoed exactly");
+    }
+    runner.assert_released().await;
+    let s = runner.status().await;
+    assert_eq!(s.hot_instances, 1, "{s:?}");
     runner.stop().await;
 }
 

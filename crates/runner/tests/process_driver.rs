@@ -70,6 +70,8 @@ fn spec(program: &str) -> InstanceSpec {
         command: vec![program.into()],
         image: None,
         memory_mb: 64,
+        concurrency: 1,
+        idle_timeout: Duration::from_secs(30),
         config: BTreeMap::new(),
     }
 }

@@ -1,7 +1,7 @@
 //! Drivers start function instances and talk to them.
 //!
-//! A [`Driver`] turns an [`InstanceSpec`] into a running [`Instance`]; an instance takes one
-//! call at a time through [`Instance::call`]. Pooling (reuse, idle timeout, eviction),
+//! A [`Driver`] turns an [`InstanceSpec`] into a running [`Instance`]; an instance takes up
+//! to its spec's `concurrency` calls at once through [`Instance::call`]. Pooling (reuse, idle timeout, eviction),
 //! deadlines and capacity are *not* the driver's business: they live in `pool` and
 //! `engage`. The `process` driver implements the Fn FDK `http-stream` contract.
 
@@ -31,6 +31,10 @@ pub struct InstanceSpec {
     pub image: Option<String>,
     /// Memory limit of the instance.
     pub memory_mb: u64,
+    /// Calls the instance takes at once (at least 1).
+    pub concurrency: u32,
+    /// How long the instance stays hot without a call.
+    pub idle_timeout: Duration,
     /// Function configuration, passed as environment variables.
     pub config: BTreeMap<String, String>,
 }
@@ -43,6 +47,8 @@ impl From<&CallSpec> for InstanceSpec {
             command: call.command.clone(),
             image: call.image.clone(),
             memory_mb: call.memory_mb,
+            concurrency: call.concurrency,
+            idle_timeout: call.idle_timeout,
             config: call.config.clone(),
         }
     }
@@ -105,7 +111,8 @@ pub enum DriverError {
     Function(String),
 }
 
-/// A running function instance. One call at a time; the pool guarantees it.
+/// A running function instance. It takes at most its spec's `concurrency` calls at once;
+/// the pool guarantees it.
 pub trait Instance: Send + Sync + std::fmt::Debug {
     /// Sends one call and returns once the response head has arrived; the body streams
     /// afterwards. `body` is the request body as it arrives from the LB.

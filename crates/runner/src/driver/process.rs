@@ -314,6 +314,7 @@ impl ProcessDriver {
             socket,
             cgroup,
             lifeline,
+            concurrency: spec.concurrency,
         })
         .map_err(DriverError::Start)?;
         instance.open_gate().await;

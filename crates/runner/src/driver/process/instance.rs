@@ -89,6 +89,8 @@ pub(super) struct Spawned {
     pub(super) cgroup: Option<InstanceCgroup>,
     /// The wrapper shell's stdin (see `WRAPPER_SCRIPT`); `None` for an unwrapped child.
     pub(super) lifeline: Option<ChildStdin>,
+    /// Calls the instance takes at once: it keeps up to this many connections.
+    pub(super) concurrency: u32,
 }
 
 /// State shared by the instance handle and its reaper task.
@@ -112,9 +114,10 @@ struct Shared {
 /// A function instance running as a child process. Killed when dropped.
 pub struct ProcessInstance {
     shared: Arc<Shared>,
-    /// The kept connection. An async mutex: it is held across the request's round trip,
-    /// and calls are one at a time anyway.
-    conn: tokio::sync::Mutex<Option<SendRequest<CallBody>>>,
+    /// Kept connections, one per call the instance may run at once (`concurrency`). A call
+    /// takes one out for its round trip to the response head and puts it back.
+    conns: std::sync::Mutex<Vec<SendRequest<CallBody>>>,
+    concurrency: usize,
     /// Held for the instance's lifetime: when it closes (the instance is dropped, or the
     /// runner dies) the wrapper's watchdog kills the process group.
     lifeline: Option<ChildStdin>,
@@ -145,6 +148,7 @@ impl ProcessInstance {
             socket,
             cgroup,
             lifeline,
+            concurrency,
         } = spawned;
         let labels = Arc::new(labels);
         let Some(pid) = child.id() else {
@@ -183,7 +187,8 @@ impl ProcessInstance {
         tokio::spawn(reap(child, exit_tx, shared.clone()));
         let instance = ProcessInstance {
             shared,
-            conn: tokio::sync::Mutex::new(None),
+            conns: std::sync::Mutex::new(Vec::new()),
+            concurrency: usize::try_from(concurrency.max(1)).unwrap_or(1),
             lifeline,
         };
         if let Some(e) = join_error {
@@ -250,40 +255,56 @@ impl ProcessInstance {
         }
     }
 
-    /// The kept connection when it is usable, else a new one.
-    async fn connection<'a>(
-        &self,
-        kept: &'a mut Option<SendRequest<CallBody>>,
-    ) -> Result<&'a mut SendRequest<CallBody>, DriverError> {
-        if let Some(sender) = kept.as_mut() {
-            let ready = !sender.is_closed()
-                && matches!(
-                    tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
-                    Ok(Ok(()))
-                );
-            if !ready {
-                *kept = None;
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<CallBody>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A kept connection that is free for a call, else a new one. A one-call instance
+    /// waits (briefly) for its one connection to finish the previous answer; an instance
+    /// that takes several calls opens another connection instead of queueing behind one.
+    async fn connection(&self) -> Result<SendRequest<CallBody>, DriverError> {
+        let candidate = {
+            let mut kept = self.kept();
+            kept.retain(|sender| !sender.is_closed());
+            match kept.iter().position(SendRequest::is_ready) {
+                Some(pos) => Some(kept.swap_remove(pos)),
+                None if self.concurrency == 1 => kept.pop(),
+                None => None,
             }
+        };
+        if let Some(mut sender) = candidate
+            && matches!(
+                tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
+                Ok(Ok(()))
+            )
+        {
+            return Ok(sender);
         }
-        if kept.is_none() {
-            let stream = match UnixStream::connect(&self.shared.socket).await {
-                Ok(stream) => stream,
-                Err(e) => return Err(Self::failure(&self.shared, "cannot connect", e).await),
-            };
-            let (sender, connection) = match http1::handshake(TokioIo::new(stream)).await {
-                Ok(pair) => pair,
-                Err(e) => return Err(Self::failure(&self.shared, "handshake failed", e).await),
-            };
-            let instance = self.shared.labels.instance.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%instance, error = %e, "function connection ended");
-                }
-            });
-            *kept = Some(sender);
+        let stream = match UnixStream::connect(&self.shared.socket).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(Self::failure(&self.shared, "cannot connect", e).await),
+        };
+        let (sender, connection) = match http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(e) => return Err(Self::failure(&self.shared, "handshake failed", e).await),
+        };
+        let instance = self.shared.labels.instance.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%instance, error = %e, "function connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Puts a connection back for the next call, unless enough are kept already.
+    fn keep(&self, sender: SendRequest<CallBody>) {
+        let mut kept = self.kept();
+        if kept.len() < self.concurrency {
+            kept.push(sender);
         }
-        kept.as_mut()
-            .ok_or_else(|| DriverError::Function("no connection".into()))
     }
 
     async fn send(
@@ -307,17 +328,12 @@ impl ProcessInstance {
             .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
         *http_request.headers_mut() = headers;
 
-        let reply = {
-            let mut kept = self.conn.lock().await;
-            let sender = self.connection(&mut kept).await?;
-            match sender.send_request(http_request).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    *kept = None;
-                    return Err(Self::failure(&self.shared, "call failed", e).await);
-                }
-            }
+        let mut sender = self.connection().await?;
+        let reply = match sender.send_request(http_request).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(Self::failure(&self.shared, "call failed", e).await),
         };
+        self.keep(sender);
 
         let (head, incoming) = reply.into_parts();
         let status = http_stream::client_status(head.status, &head.headers)
