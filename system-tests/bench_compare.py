@@ -100,6 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="measured rounds per path and concurrency; the best is kept (default 3)")
     p.add_argument("--concurrency", type=parse_concurrency, default=[1, 64],
                    help="comma-separated concurrencies (default 1,64)")
+    p.add_argument("--fn-concurrency", type=int, default=1,
+                   help="the catalog's `concurrency` for the functions behind the LB: calls one "
+                        "instance takes at once (default 1, Fn's one call per instance)")
     p.add_argument("--body-size", type=int, default=1024,
                    help="request body in bytes for the echo rows, random bytes (default 1024)")
     p.add_argument("--big-mib", type=float, default=1.0,
@@ -123,6 +126,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--rounds must be >= 1")
     if args.body_size < 0:
         p.error("--body-size must be >= 0")
+    if not 1 <= args.fn_concurrency <= 1000:
+        p.error("--fn-concurrency must be between 1 and 1000")
     if args.big_rounds is None:
         args.big_rounds = max(1, args.rounds - 1)
     return args
@@ -656,6 +661,7 @@ name = "{name}"
 route = "/{name}"
 command = ["fn-{name}"]
 memory_mb = 64
+concurrency = {self.args.fn_concurrency}
 timeout = "60s"
 idle_timeout = "30m"
 """ for name in ("echo", "hello")))
@@ -1002,6 +1008,8 @@ def main(argv: list[str]) -> int:
       f"concurrency: {args.warmup:g} s warm-up per path, then {args.rounds} rounds of "
       f"{args.duration:g} s alternating direct, nginx, lb; the best round (highest RPS) of each "
       "path is shown.")
+    p(f"  lb: the functions' catalog concurrency is {args.fn_concurrency} (calls one instance "
+      "takes at once; 1 = one instance per concurrent call).")
     p("  RPS = 2xx responses / wall time of the round (oha -z, calls in flight at the end "
       f"{'waited for' if oha.wait_flag else 'aborted'}); p50/p99 from oha; "
       "failed = non-2xx + transport errors.")
