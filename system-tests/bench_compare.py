@@ -103,6 +103,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fn-concurrency", type=int, default=1,
                    help="the catalog's `concurrency` for the functions behind the LB: calls one "
                         "instance takes at once (default 1, Fn's one call per instance)")
+    p.add_argument("--worker-threads", type=int, default=None,
+                   help="FN_WORKER_THREADS of lb-agent and pure-runner (default: unset, so each "
+                        "uses all CPUs)")
     p.add_argument("--body-size", type=int, default=1024,
                    help="request body in bytes for the echo rows, random bytes (default 1024)")
     p.add_argument("--big-mib", type=float, default=1.0,
@@ -126,6 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--rounds must be >= 1")
     if args.body_size < 0:
         p.error("--body-size must be >= 0")
+    if args.worker_threads is not None and args.worker_threads < 1:
+        p.error("--worker-threads must be >= 1")
     if not 1 <= args.fn_concurrency <= 1000:
         p.error("--fn-concurrency must be between 1 and 1000")
     if args.big_rounds is None:
@@ -650,6 +655,7 @@ http {{
             "FN_MAX_MEMORY_MB": "8192",
             "FN_LOG_LEVEL": "warn",
             "FN_SHUTDOWN_TIMEOUT": "3s",
+            **self.threads_env(),
         }), self.logs / "pure-runner.log")
         self.pids["pure-runner"] = runner.pid
 
@@ -674,6 +680,7 @@ idle_timeout = "30m"
             "FN_FUNCTIONS_FILE": str(catalog),
             "FN_LOG_LEVEL": "warn",
             "FN_SHUTDOWN_TIMEOUT": "3s",
+            **self.threads_env(),
         }), self.logs / "lb-agent.log")
         self.pids["lb-agent"] = lb.pid
 
@@ -702,6 +709,11 @@ idle_timeout = "30m"
         wait_for("a first successful call through lb-agent (hello)",
                  first_call("hello", b"Ada", lambda d: d == b"Hello, Ada!\n"), 30, lb,
                  self.logs / "lb-agent.log")
+
+    def threads_env(self) -> dict[str, str]:
+        if self.args.worker_threads is None:
+            return {}
+        return {"FN_WORKER_THREADS": str(self.args.worker_threads)}
 
     def runner_children(self) -> list[int]:
         pids = children_of(self.pids["pure-runner"])
@@ -1009,7 +1021,8 @@ def main(argv: list[str]) -> int:
       f"{args.duration:g} s alternating direct, nginx, lb; the best round (highest RPS) of each "
       "path is shown.")
     p(f"  lb: the functions' catalog concurrency is {args.fn_concurrency} (calls one instance "
-      "takes at once; 1 = one instance per concurrent call).")
+      "takes at once; 1 = one instance per concurrent call); FN_WORKER_THREADS of lb-agent and "
+      f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}.")
     p("  RPS = 2xx responses / wall time of the round (oha -z, calls in flight at the end "
       f"{'waited for' if oha.wait_flag else 'aborted'}); p50/p99 from oha; "
       "failed = non-2xx + transport errors.")

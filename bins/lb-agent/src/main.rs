@@ -96,9 +96,13 @@ fn raise_open_file_limit() -> u64 {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
+    let common = cli.common.clone();
+    fn_lifecycle::run_daemon(&common, daemon(cli))
+}
+
+async fn daemon(cli: Cli) -> ExitCode {
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let Some(functions_file) = &cli.functions_file else {
         exit_config_error("FN_FUNCTIONS_FILE: required (the function catalog, TOML)")

@@ -30,9 +30,13 @@ struct Cli {
     scaling: ScalingArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
+    let common = cli.common.clone();
+    fn_lifecycle::run_daemon(&common, daemon(cli))
+}
+
+async fn daemon(cli: Cli) -> ExitCode {
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let manager_config = cli
         .scaling
@@ -46,14 +50,17 @@ async fn main() -> ExitCode {
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
 
-    // Runners log like their npm.
-    let runner_env = vec![
+    // Runners log like their npm, and use as many worker threads.
+    let mut runner_env = vec![
         ("FN_LOG_LEVEL".to_owned(), cli.common.log_level.clone()),
         (
             "FN_LOG_FORMAT".to_owned(),
             format!("{:?}", cli.common.log_format).to_lowercase(),
         ),
     ];
+    if let Some(threads) = cli.common.worker_threads {
+        runner_env.push(("FN_WORKER_THREADS".to_owned(), threads.to_string()));
+    }
     let control_plane = cli
         .control_plane
         .build(&cli.tls, &tls, runner_env)

@@ -45,9 +45,13 @@ struct Cli {
     start_timeout: Duration,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
+    let common = cli.common.clone();
+    fn_lifecycle::run_daemon(&common, daemon(cli))
+}
+
+async fn daemon(cli: Cli) -> ExitCode {
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let Some(functions_dir) = cli.functions_dir.clone() else {
         exit_config_error("FN_FUNCTIONS_DIR: required (the directory function commands run from)")

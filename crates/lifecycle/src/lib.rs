@@ -57,6 +57,27 @@ pub async fn bind(
         .map_err(|source| BindError { var, addr, source })
 }
 
+/// Runs a daemon's `main` future on a runtime with `FN_WORKER_THREADS` worker threads (the
+/// CPUs available when unset) and returns its exit status; 1 when the runtime cannot be
+/// built.
+pub fn run_daemon(
+    common: &config::CommonArgs,
+    daemon: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = common.worker_threads {
+        builder.worker_threads(threads.get());
+    }
+    match builder.build() {
+        Ok(runtime) => runtime.block_on(daemon),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The process exit status for how a daemon ended: 0 after a clean shutdown, 1 (with the
 /// reason logged) otherwise.
 pub fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {

@@ -290,6 +290,7 @@ mod tests {
             listen_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             shutdown_timeout: Duration::from_secs(1),
             metrics_port: None,
+            worker_threads: None,
         };
         assert!(
             listen(&common, Registry::default())
