@@ -161,6 +161,7 @@ impl Invoker {
             }
         };
         self.metrics.placed(placed.attempts, placed.waited);
+        let committed = Instant::now();
         tracing::debug!(
             runner = %placed.engaged.runner,
             attempts = placed.attempts,
@@ -191,7 +192,17 @@ impl Invoker {
             done: false,
         };
         match call.await_head().await {
-            Ok(head) => {
+            Ok(mut head) => {
+                let exec = committed
+                    .elapsed()
+                    .saturating_sub(head.cold_start.unwrap_or_default());
+                self.metrics
+                    .answered(&spec.app, &spec.function, exec, head.cold_start);
+                if let Ok(value) =
+                    HeaderValue::from_str(&server_timing(placed.waited, head.cold_start, exec))
+                {
+                    head.headers.append(SERVER_TIMING, value);
+                }
                 call.length = head
                     .headers
                     .get(header::CONTENT_LENGTH)
@@ -258,6 +269,8 @@ fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> C
 struct Head {
     status: StatusCode,
     headers: HeaderMap,
+    /// How long the call waited for a new instance; `None` when it ran warm.
+    cold_start: Option<Duration>,
 }
 
 /// The request body still to send, as the call's pump.
@@ -382,7 +395,14 @@ impl CallBody {
                 HeadEvent::Message(Ok(Some(m))) => {
                     return match m.body {
                         Some(runner_msg::Body::ResultStart(start)) => {
-                            head_of(start.http).map_err(|details| self.failed(details))
+                            let cold = (start.cold_start_us > 0)
+                                .then(|| Duration::from_micros(start.cold_start_us));
+                            head_of(start.http)
+                                .map(|head| Head {
+                                    cold_start: cold,
+                                    ..head
+                                })
+                                .map_err(|details| self.failed(details))
                         }
                         Some(runner_msg::Body::Finished(f)) => {
                             self.finished = true;
@@ -609,6 +629,29 @@ fn close(mut engaged: Engaged, finished: bool) {
     }
 }
 
+/// The `Server-Timing` header every answer carries.
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// `placement;dur=<ms>, start;dur=<ms>, exec;dur=<ms>` (W3C Server Timing): the wait for a
+/// runner's commit, the cold start (only when the call started an instance), and the time
+/// from the commit to the function's response head without the cold start. Names no runner.
+fn server_timing(placement: Duration, cold_start: Option<Duration>, exec: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    match cold_start {
+        Some(start) => format!(
+            "placement;dur={:.3}, start;dur={:.3}, exec;dur={:.3}",
+            ms(placement),
+            ms(start),
+            ms(exec)
+        ),
+        None => format!(
+            "placement;dur={:.3}, exec;dur={:.3}",
+            ms(placement),
+            ms(exec)
+        ),
+    }
+}
+
 /// Translates the runner's response head; `Err` when it is unusable.
 fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
     let meta = meta.ok_or("CallResultStart without a status")?;
@@ -641,7 +684,11 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
             headers.append(name, value);
         }
     }
-    Ok(Head { status, headers })
+    Ok(Head {
+        status,
+        headers,
+        cold_start: None,
+    })
 }
 
 /// Reads a call's response body to its end and drops it (a HEAD request's call).

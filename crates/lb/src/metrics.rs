@@ -12,6 +12,11 @@
 //! - `fn_lb_placement_seconds`: arrival at the placer to a runner's commit.
 //! - `fn_lb_placement_attempts_total`: `TryCall`s sent to runners (committed or refused).
 //! - `fn_lb_calls_in_flight`: calls between arrival and their end.
+//! - `fn_lb_execution_seconds`: a runner's commit to the function's response head, without
+//!   the cold start.
+//! - `fn_lb_cold_start_seconds{app,function}` and `fn_lb_cold_starts_total{app,function}`:
+//!   calls that waited for a new instance, and how long (functions come from the catalog, so
+//!   these labels stay bounded too).
 
 use std::time::Duration;
 
@@ -99,6 +104,22 @@ pub struct LbMetrics {
     in_flight: Gauge,
     connections: Gauge,
     connections_shed: Family<ShedLabel, Counter>,
+    execution: Histogram,
+    cold_start: HistogramFamily<FunctionLabel>,
+    cold_starts: Family<FunctionLabel, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FunctionLabel {
+    app: String,
+    function: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn cold_start_histogram() -> Histogram {
+    // 1 ms .. about 32 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -119,6 +140,10 @@ impl LbMetrics {
             in_flight: Gauge::default(),
             connections: Gauge::default(),
             connections_shed: Family::default(),
+            // 0.25 ms .. about 16 s.
+            execution: Histogram::new(exponential_buckets(0.00025, 2.0, 17)),
+            cold_start: Family::new_with_constructor(cold_start_histogram),
+            cold_starts: Family::default(),
         };
         registry.register(
             "fn_lb_calls",
@@ -147,6 +172,23 @@ impl LbMetrics {
             "Calls between their arrival and their end",
             metrics.in_flight.clone(),
         );
+        registry.register_with_unit(
+            "fn_lb_execution",
+            "Time from a runner's commit to the function's response head, cold start excluded",
+            Unit::Seconds,
+            metrics.execution.clone(),
+        );
+        registry.register_with_unit(
+            "fn_lb_cold_start",
+            "Time calls waited for a new instance of their function to start",
+            Unit::Seconds,
+            metrics.cold_start.clone(),
+        );
+        registry.register(
+            "fn_lb_cold_starts",
+            "Calls that started a new instance of their function",
+            metrics.cold_starts.clone(),
+        );
         registry.register(
             "fn_lb_client_connections",
             "Client connections open",
@@ -159,6 +201,28 @@ impl LbMetrics {
             metrics.connections_shed.clone(),
         );
         metrics
+    }
+
+    /// A call's response head arrived: `exec` after the commit, with a cold start of
+    /// `cold_start` if it started an instance.
+    pub(crate) fn answered(
+        &self,
+        app: &str,
+        function: &str,
+        exec: Duration,
+        cold_start: Option<Duration>,
+    ) {
+        self.execution.observe(exec.as_secs_f64());
+        if let Some(cold) = cold_start {
+            let label = FunctionLabel {
+                app: app.to_owned(),
+                function: function.to_owned(),
+            };
+            self.cold_start
+                .get_or_create(&label)
+                .observe(cold.as_secs_f64());
+            self.cold_starts.get_or_create(&label).inc();
+        }
     }
 
     pub(crate) fn connection_opened(&self) {

@@ -1232,3 +1232,49 @@ async fn at_the_connection_cap_the_oldest_idle_connections_go_and_busy_ones_stay
     );
     assert!(!text.contains("reason=\"refused_over_cap\""), "{text}");
 }
+
+/// Every answer carries `Server-Timing` with `placement` and `exec`, and `start` exactly
+/// when the call started an instance (the fake runner reports a cold start for the first call
+/// of each function); the same figures feed the histograms, and no runner name leaks.
+#[tokio::test]
+async fn server_timing_has_start_exactly_when_the_call_started_an_instance() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+
+    let parse = |reply: &Reply| -> Vec<(String, f64)> {
+        reply
+            .header("server-timing")
+            .split(", ")
+            .map(|metric| {
+                let (name, dur) = metric.split_once(";dur=").expect("name;dur=ms");
+                (name.to_owned(), dur.parse::<f64>().expect("milliseconds"))
+            })
+            .collect()
+    };
+    let cold = post(&lb, "/r/demo/echo", "first").await;
+    assert_eq!(cold.status, StatusCode::OK, "{cold:?}");
+    let timings = parse(&cold);
+    let names: Vec<&str> = timings.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["placement", "start", "exec"], "{timings:?}");
+    let start_ms = fn_test_support::fake_runner::FAKE_COLD_START.as_secs_f64() * 1000.0;
+    assert!((timings[1].1 - start_ms).abs() < 0.001, "{timings:?}");
+    assert!(timings.iter().all(|(_, ms)| *ms >= 0.0 && *ms < 10_000.0));
+
+    let warm = post(&lb, "/r/demo/echo", "second").await;
+    let names: Vec<String> = parse(&warm).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["placement", "exec"], "a warm call has no start");
+    assert!(
+        !warm.header("server-timing").contains("fake"),
+        "no runner name goes to the client"
+    );
+
+    let text = lb.metrics();
+    for line in [
+        "fn_lb_cold_starts_total{app=\"demo\",function=\"echo\"} 1\n",
+        "fn_lb_cold_start_seconds_count{app=\"demo\",function=\"echo\"} 1\n",
+        "fn_lb_execution_seconds_count 2\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from\n{text}");
+    }
+}

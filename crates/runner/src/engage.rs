@@ -554,9 +554,19 @@ async fn execute(
             outcome: e.into(),
         })
     };
+    let cold = !reservation.reused();
+    let starting = Instant::now();
     let instance = match reservation.instance(&spec.id).await {
         Ok(i) => i,
         Err(e) => return failed(reservation, e),
+    };
+    // Never 0 for a cold call: 0 means warm on the wire.
+    let cold_start_us = if cold {
+        u64::try_from(starting.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    } else {
+        0
     };
     let response = match instance.call(FunctionRequest::from(spec), body).await {
         Ok(r) => r,
@@ -571,6 +581,7 @@ async fn execute(
         })
         .collect();
     out.queue(runner_msg::Body::ResultStart(CallResultStart {
+        cold_start_us,
         http: Some(HttpRespMeta {
             status_code: u32::from(response.status.as_u16()),
             headers,

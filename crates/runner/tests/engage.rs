@@ -226,6 +226,8 @@ struct CallResult {
     body: BytesMut,
     saw_eof: bool,
     finished: Option<CallFinished>,
+    /// `CallResultStart.cold_start_us`.
+    cold_start_us: u64,
 }
 
 impl CallResult {
@@ -337,6 +339,7 @@ impl Engage {
             match self.recv().await {
                 Some(runner_msg::Body::ResultStart(start)) => {
                     assert!(result.status.is_none(), "a second CallResultStart");
+                    result.cold_start_us = start.cold_start_us;
                     let http = start.http.expect("CallResultStart has http");
                     result.status = Some(http.status_code);
                     result.headers = http
@@ -832,11 +835,19 @@ async fn a_function_with_concurrency_runs_that_many_calls_at_once_on_one_instanc
 async fn repeated_calls_to_one_function_reuse_one_hot_instance() {
     let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
     let mut pids = Vec::new();
-    for name in ["a", "b", "c"] {
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
         let result = runner
             .run(call("fn-hello", Duration::from_secs(30)), Bytes::from(name))
             .await;
         result.assert_ok(200);
+        if i == 0 {
+            assert!(
+                result.cold_start_us > 0,
+                "the first call started the instance"
+            );
+        } else {
+            assert_eq!(result.cold_start_us, 0, "call {i} ran warm");
+        }
         assert_eq!(&result.body[..], format!("Hello, {name}!\n").as_bytes());
         pids.push(result.pid());
     }

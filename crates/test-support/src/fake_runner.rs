@@ -63,6 +63,9 @@ pub enum Behaviour {
     EchoLateTrailers,
 }
 
+/// The cold start a fake runner reports for the first call of each function.
+pub const FAKE_COLD_START: Duration = Duration::from_millis(25);
+
 /// How long [`Behaviour::EchoLateTrailers`] holds the trailers back.
 pub const LATE_TRAILERS: Duration = Duration::from_millis(20);
 
@@ -130,6 +133,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    /// As a real runner reports it: [`FAKE_COLD_START`] for the first call of a function
+    /// this fake has seen, 0 (warm) for the later ones.
+    fn cold_start_us(&self, index: usize) -> u64 {
+        let seen = lock(&self.seen);
+        let Some(call) = seen.get(index) else {
+            return 0;
+        };
+        let first = seen[..index]
+            .iter()
+            .all(|c| c.app != call.app || c.function != call.function);
+        if first {
+            u64::try_from(FAKE_COLD_START.as_micros()).unwrap_or(u64::MAX)
+        } else {
+            0
+        }
+    }
+
     fn next_behaviour(&self) -> Behaviour {
         lock(&self.script)
             .pop_front()
@@ -487,6 +507,7 @@ async fn run(
                     .cloned(),
             );
             let start = runner_msg::Body::ResultStart(CallResultStart {
+                cold_start_us: state.cold_start_us(index),
                 http: Some(HttpRespMeta {
                     status_code: 200,
                     headers,
