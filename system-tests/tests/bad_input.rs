@@ -889,10 +889,10 @@ async fn runner_cases(m: &mut Matrix<'_>) {
         let e = engage(cluster, vec![try_call(Some(c))], false).await?;
         let (reason, details) = e.refusal().with_context(|| format!("not refused: {e:?}"))?;
         ensure!(
-            reason == RefusalReason::Invalid,
+            reason == RefusalReason::TooLarge,
             "refused as {reason:?}: {details}"
         );
-        Ok("refused INVALID".into())
+        Ok("refused TOO_LARGE".into())
     })
     .await;
     m.case("runner: data after eof", async {

@@ -36,6 +36,10 @@ struct Cli {
     /// How long a call may wait for a runner with room before 503.
     #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     placer_timeout: Duration,
+    /// The share of a call's timeout it may spend waiting for a runner (above 0, at most 1):
+    /// past it the call gets 503, so that a 504 always means the function ran too long.
+    #[arg(long, env = "FN_PLACER_WAIT_SHARE", default_value_t = 0.5)]
+    placer_wait_share: f64,
     /// Runners (host:port, comma-separated) serving every LB group; used when
     /// FN_NPM_ADDRESS is not set.
     #[arg(long, env = "FN_RUNNER_ADDRESSES", value_delimiter = ',')]
@@ -138,6 +142,12 @@ async fn daemon(cli: Cli) -> ExitCode {
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
+    if !(cli.placer_wait_share > 0.0 && cli.placer_wait_share <= 1.0) {
+        exit_config_error(format!(
+            "FN_PLACER_WAIT_SHARE: {} must be above 0 and at most 1 (0.5: half the call's timeout)",
+            cli.placer_wait_share
+        ));
+    }
     let open_files = raise_open_file_limit();
     let max_connections = match cli.max_connections {
         Some(0) => exit_config_error("FN_MAX_CONNECTIONS: must be at least 1"),
@@ -180,6 +190,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         cli.placer.build(),
         DispatchConfig {
             placer_timeout: cli.placer_timeout,
+            wait_share: cli.placer_wait_share,
             ..DispatchConfig::default()
         },
     );

@@ -6,6 +6,12 @@
 //! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline); the last pause
 //! is shortened so that a last pass starts just before the deadline. A committed call is
 //! returned at once and never offered to another runner.
+//!
+//! The wait is bounded by the call too: at most a share of its timeout (half by default, as
+//! Fn's slot deadline was), so that a call that waited in vain gets 503 with time to retry,
+//! and a 504 always means that the function itself ran too long. What is left of the budget
+//! goes to the runner. When every runner of the group refuses the call as larger than its
+//! whole memory, no wait can help: the answer is 503 at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +33,8 @@ const LAST_PASS: Duration = Duration::from_millis(50);
 pub struct DispatchConfig {
     /// How long a call may wait for a runner with room.
     pub placer_timeout: Duration,
+    /// The share of a call's timeout it may spend waiting for a runner (0 < share <= 1).
+    pub wait_share: f64,
     /// First pause between passes; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -36,6 +44,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
             placer_timeout: Duration::from_secs(10),
+            wait_share: 0.5,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(500),
         }
@@ -72,11 +81,15 @@ impl Dispatcher {
     ///
     /// # Errors
     /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
+    /// [`CallError::NoRunnerLargeEnough`] when every runner of the group is too small for it;
     /// [`CallError::Unrunnable`] when a runner says the call itself is invalid.
     pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, CallError> {
         let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
         let started = Instant::now();
-        let deadline = started + self.config.placer_timeout.min(call.remaining());
+        let share = call
+            .remaining()
+            .mul_f64(self.config.wait_share.clamp(0.0, 1.0));
+        let deadline = started + self.config.placer_timeout.min(share);
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let mut attempts = 0u32;
         let no_capacity = |attempts| CallError::NoCapacity {
@@ -85,6 +98,7 @@ impl Dispatcher {
         };
         loop {
             let runners = self.pool.runners(&call.lb_group);
+            let (mut asked, mut too_small) = (0u32, 0u32);
             for idx in self.placer.order(&key, runners.len()) {
                 let Some(runner) = runners.get(idx) else {
                     continue;
@@ -93,6 +107,7 @@ impl Dispatcher {
                     continue; // a placeholder never takes a call
                 }
                 attempts += 1;
+                asked += 1;
                 let tried = tokio::time::timeout_at(deadline, runner.try_call(call, early)).await;
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),
@@ -106,8 +121,18 @@ impl Dispatcher {
                     Ok(Err(e)) if e.is_invalid_call() => {
                         return Err(CallError::Unrunnable(e.to_string()));
                     }
+                    Ok(Err(e)) if e.is_too_large() => {
+                        too_small += 1;
+                        tracing::debug!(error = %e, "runner too small for the call; trying the next");
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "not placed; trying the next runner"),
                 }
+            }
+            if asked > 0 && too_small == asked {
+                return Err(CallError::NoRunnerLargeEnough {
+                    memory_mb: call.memory_mb,
+                    group: call.lb_group.clone(),
+                });
             }
             // The last pass starts just before the deadline rather than one pause early.
             let left = deadline.saturating_duration_since(Instant::now());

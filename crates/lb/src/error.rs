@@ -33,6 +33,12 @@ pub enum CallError {
     /// No runner took the call before the placer deadline (capacity; retry later).
     #[error("no runner had room for the call within {waited:?} ({attempts} attempts); retry later")]
     NoCapacity { waited: Duration, attempts: u32 },
+    /// No runner of the group could ever hold the function's memory (configuration).
+    #[error(
+        "the function needs {memory_mb} MB and no runner of LB group {group} has that much \
+         memory in all; lower its memory_mb or give the group larger runners"
+    )]
+    NoRunnerLargeEnough { memory_mb: u64, group: String },
     /// Every runner considers the call invalid (configuration).
     #[error("runners refuse this function: {0}")]
     Unrunnable(String),
@@ -54,9 +60,9 @@ impl CallError {
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            CallError::NoCapacity { .. } | CallError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            CallError::NoCapacity { .. }
+            | CallError::ShuttingDown
+            | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Unrunnable(_) => StatusCode::INTERNAL_SERVER_ERROR,
             CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             CallError::RunnerFailed { .. } => StatusCode::BAD_GATEWAY,

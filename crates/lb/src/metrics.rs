@@ -42,6 +42,8 @@ pub enum CallOutcome {
     BadRequest,
     /// No runner had room before the placer deadline (503).
     NoCapacity,
+    /// No runner of the group is large enough for the function (503 at once).
+    NoRunnerLargeEnough,
     /// The runners refuse the function itself (a catalog problem).
     Unrunnable,
     /// The function passed its timeout (504).
@@ -64,6 +66,7 @@ impl CallOutcome {
             CallOutcome::TooLarge => "too_large",
             CallOutcome::BadRequest => "bad_request",
             CallOutcome::NoCapacity => "no_capacity",
+            CallOutcome::NoRunnerLargeEnough => "no_runner_large_enough",
             CallOutcome::Unrunnable => "unrunnable",
             CallOutcome::Timeout => "timeout",
             CallOutcome::RunnerFailed => "runner_failed",
@@ -81,6 +84,7 @@ impl From<&CallError> for CallOutcome {
             CallError::TooLarge { .. } => CallOutcome::TooLarge,
             CallError::BadRequest(_) => CallOutcome::BadRequest,
             CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
+            CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable(_) => CallOutcome::Unrunnable,
             CallError::Timeout(_) => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,

@@ -40,6 +40,14 @@ route = "/echo"
 command = ["fn-echo"]
 memory_mb = 128
 timeout = "30s"
+
+[[functions]]
+app = "demo"
+name = "quick"
+route = "/quick"
+command = ["fn-echo"]
+memory_mb = 128
+timeout = "2s"
 "#;
 
 /// How the LB under test is built.
@@ -1277,4 +1285,66 @@ async fn server_timing_has_start_exactly_when_the_call_started_an_instance() {
     ] {
         assert!(text.contains(line), "{line:?} missing from\n{text}");
     }
+}
+
+/// A call waits for a runner at most half its own timeout (`wait_share`), then gets 503
+/// with `Retry-After`: a 504 is left to mean that the function ran too long.
+#[tokio::test]
+async fn waiting_for_a_runner_is_bounded_by_half_the_call_s_timeout_and_ends_in_503() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Refuse]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/quick", "x").await; // timeout 2 s, placer timeout 10 s
+    let waited = started.elapsed();
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert_eq!(reply.header("retry-after"), "1");
+    assert!(
+        reply.json_error().contains("no runner had room"),
+        "{reply:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1800),
+        "waited {waited:?}: half of the 2 s timeout, not the placer timeout nor the whole budget"
+    );
+}
+
+/// A function larger than every runner of its group gets 503 at once, saying so; a runner
+/// too small for it does not stop a larger one from taking it.
+#[tokio::test]
+async fn a_function_no_runner_can_hold_gets_503_at_once_and_a_larger_runner_still_takes_it() {
+    let pki = TestPki::new();
+    let small = fakes(
+        &pki,
+        &[Behaviour::RefuseTooLarge, Behaviour::RefuseTooLarge],
+    )
+    .await;
+    let lb = start_lb(&pki, &addresses(&small), Options::default()).await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "big").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "at once, not after the placer timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert!(
+        reply.headers.get("retry-after").is_none(),
+        "retrying cannot help"
+    );
+    let message = reply.json_error();
+    assert!(
+        message.contains("128 MB") && message.contains("default"),
+        "{message}"
+    );
+    assert!(
+        lb.metrics()
+            .contains("fn_lb_calls_total{outcome=\"no_runner_large_enough\"} 1\n")
+    );
+
+    let mixed = fakes(&pki, &[Behaviour::RefuseTooLarge, Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&mixed), Options::default()).await;
+    let reply = post(&lb, "/r/demo/echo", "fits elsewhere").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "fits elsewhere");
 }

@@ -80,6 +80,17 @@ impl TryCallError {
             }
         )
     }
+
+    /// Whether the runner said the call needs more memory than it has in all.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            TryCallError::Refused {
+                reason: RefusalReason::TooLarge,
+                ..
+            }
+        )
+    }
 }
 
 /// A connection to one runner.

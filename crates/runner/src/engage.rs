@@ -432,7 +432,7 @@ impl RunnerService {
                 let reason = match refusal {
                     Refusal::Busy { .. } => RefusalReason::Busy,
                     Refusal::Draining => RefusalReason::Draining,
-                    Refusal::TooLarge { .. } => RefusalReason::Invalid,
+                    Refusal::TooLarge { .. } => RefusalReason::TooLarge,
                 };
                 out.refuse(reason, refusal.to_string()).await;
                 return;

@@ -89,6 +89,7 @@ impl RunnerMetrics {
         let reason = match reason {
             RefusalReason::Busy => "busy",
             RefusalReason::Draining => "draining",
+            RefusalReason::TooLarge => "too_large",
             RefusalReason::Invalid | RefusalReason::Unspecified => "invalid",
         };
         self.refusals.get_or_create(&ReasonLabel { reason }).inc();

@@ -894,11 +894,6 @@ async fn invalid_calls_are_refused_as_invalid_with_a_clear_reason() {
             "not found",
         ),
         (
-            "too large",
-            |c| c.memory_mb = 1024 * 1024,
-            "more than this runner's total",
-        ),
-        (
             "budget over the maximum",
             |c| c.timeout_ms = 10 * 3600 * 1000,
             "timeout_ms",
@@ -918,6 +913,19 @@ async fn invalid_calls_are_refused_as_invalid_with_a_clear_reason() {
             ack.details
         );
     }
+    // More memory than the runner has in all: refused as too large (a larger runner may take
+    // it), not as invalid.
+    let mut too_large = valid();
+    too_large.memory_mb = 1024 * 1024;
+    let mut engage = runner.open().await;
+    engage.try_call(too_large).await;
+    let ack = engage.ack().await;
+    assert!(!ack.committed, "{ack:?}");
+    assert_eq!(ack.refusal(), RefusalReason::TooLarge, "{ack:?}");
+    assert!(
+        ack.details.contains("more than this runner's total"),
+        "{ack:?}"
+    );
     // A TryCall without a call.
     let mut engage = runner.open().await;
     engage

@@ -42,6 +42,8 @@ pub enum Behaviour {
     Echo,
     /// Refuse as busy (`committed = false`).
     Refuse,
+    /// Refuse as too large: the call needs more memory than this runner has in all.
+    RefuseTooLarge,
     /// Commit, then fail the stream with an error status before any result.
     CommitThenFail,
     /// Commit, then end the stream cleanly without a result or `CallFinished`.
@@ -454,6 +456,18 @@ async fn run(
         stall(inbound, tx).await;
         return Ending::LbWentAway;
     }
+    if behaviour == Behaviour::RefuseTooLarge {
+        let refusal = runner_msg::Body::Acknowledged(CallAcknowledged {
+            committed: false,
+            details: "fake runner: call needs more memory than this runner has".into(),
+            slot_allocation_latency_us: 1,
+            refusal: RefusalReason::TooLarge as i32,
+        });
+        return match send(tx, refusal).await {
+            Ok(()) => Ending::Refused,
+            Err(Gone) => Ending::LbWentAway,
+        };
+    }
     if behaviour == Behaviour::Refuse {
         return match send(tx, ack(false)).await {
             Ok(()) => Ending::Refused,
@@ -464,7 +478,9 @@ async fn run(
         return Ending::LbWentAway;
     }
     match behaviour {
-        Behaviour::Refuse | Behaviour::NeverAcknowledge => Ending::Refused,
+        Behaviour::Refuse | Behaviour::RefuseTooLarge | Behaviour::NeverAcknowledge => {
+            Ending::Refused
+        }
         Behaviour::CommitThenFail => {
             // An error status ends the stream; the dropped inbound half goes with it.
             match tx.send(Err(Status::unavailable("fake runner died"))).await {
