@@ -49,9 +49,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most bytes read ahead from one client connection (hyper's read buffer grows to this).
 /// Request bodies leave in chunks of at most this size, and each chunk is held until the
-/// runner's stream takes it: hyper's default (about 400 KiB) cost the LB a quarter of its
-/// memory under 0-1 MiB bodies at 64 connections, for no throughput.
-const CLIENT_READ_BUFFER: usize = 64 * 1024;
+/// runner's stream takes it: hyper's default (about 400 KiB) cost the LB 40% more memory
+/// under 0-1 MiB bodies at 64 connections, for no throughput. It also bounds a request
+/// head: 128 KiB leaves room for a URI just over hyper's 64 KiB limit to get its 414
+/// rather than a 431.
+const CLIENT_READ_BUFFER: usize = 128 * 1024;
 
 /// Routes requests to functions.
 #[derive(Debug)]

@@ -15,6 +15,13 @@
 //! idle instances least recently used first when that makes room; a call that would not fit
 //! even with every idle instance gone is refused as busy and evicts nothing.
 //!
+//! A new instance is in the pool from the moment its memory is reserved, *starting*: calls
+//! that arrive while it starts join it (up to its concurrency) and wait for it instead of
+//! starting instances of their own, so a burst at a cold function with `concurrency = N`
+//! starts one instance per N calls. The start runs in a task of its own, launched by the first
+//! call that needs the instance, so a caller that goes away does not cancel it for the others;
+//! an instance that finishes starting with no call left becomes idle.
+//!
 //! A [`Reservation`] holds the call's slot and (once started) its instance. Dropping it
 //! releases the slot exactly once on every path — success, error, timeout, cancellation,
 //! panic. Only [`Reservation::finish_ok`], called when a call completed cleanly, keeps a
@@ -27,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{Driver, DriverError, Instance, InstanceSpec};
@@ -60,12 +67,26 @@ pub struct PoolStats {
     pub instances_started: u64,
 }
 
-/// A started instance, busy or idle.
+/// How an instance's start ended, for the calls waiting on it.
+type Started = Option<Result<Arc<dyn Instance>, DriverError>>;
+
+/// A pooled instance: starting or running.
+enum Slot {
+    Starting {
+        /// Set once the start has ended.
+        ready: watch::Receiver<Started>,
+        /// Taken by the first call that needs the instance, which launches the start.
+        launch: Option<watch::Sender<Started>>,
+    },
+    Running(Arc<dyn Instance>),
+}
+
+/// An instance in the pool, starting or running, busy or idle.
 struct HotInstance {
     id: u64,
     spec: InstanceSpec,
-    instance: Arc<dyn Instance>,
-    /// Calls running on it now, at most `spec.concurrency`.
+    slot: Slot,
+    /// Calls on it now (running or waiting for it to start), at most `spec.concurrency`.
     calls: u32,
     /// Takes no more calls; killed when its last call ends.
     retired: bool,
@@ -77,6 +98,30 @@ impl HotInstance {
     fn idle(&self) -> bool {
         self.calls == 0
     }
+
+    /// The instance, once it runs.
+    fn running(&self) -> Option<&Arc<dyn Instance>> {
+        match &self.slot {
+            Slot::Running(instance) => Some(instance),
+            Slot::Starting { .. } => None,
+        }
+    }
+
+    /// Idle and running: what eviction and expiry may take.
+    fn idle_running(&self) -> bool {
+        self.idle() && self.running().is_some()
+    }
+
+    /// Can take calls: starting, or running and alive.
+    fn usable(&self) -> bool {
+        !self.retired && self.running().is_none_or(|i| i.is_alive())
+    }
+
+    fn kill(&self) {
+        if let Some(instance) = self.running() {
+            instance.kill();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -86,16 +131,16 @@ struct State {
     calls_in_flight: u64,
     instances_started: u64,
     next_id: u64,
-    /// Every started instance. A handful per function: scans are cheap.
+    /// Every instance, starting or running. A handful per function: scans are cheap.
     hot: Vec<HotInstance>,
 }
 
 impl State {
-    /// Removes the idle instances `pick` selects; their memory leaves the idle count.
+    /// Removes the idle running instances `pick` selects; their memory leaves the idle count.
     fn take_idle_where(&mut self, mut pick: impl FnMut(&HotInstance) -> bool) -> Vec<HotInstance> {
         let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.hot)
             .into_iter()
-            .partition(|h| h.idle() && pick(h));
+            .partition(|h| h.idle_running() && pick(h));
         self.hot = kept;
         self.idle_mb -= taken.iter().map(|h| h.spec.memory_mb).sum::<u64>();
         taken
@@ -107,7 +152,7 @@ impl State {
             .hot
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.idle())
+            .filter(|(_, h)| h.idle_running())
             .min_by_key(|(_, h)| h.last_used)
             .map(|(pos, _)| pos)?;
         let old = self.hot.swap_remove(pos);
@@ -190,12 +235,7 @@ impl Pool {
             let hot = st
                 .hot
                 .iter_mut()
-                .filter(|h| {
-                    !h.retired
-                        && h.calls < spec.concurrency
-                        && h.spec == spec
-                        && h.instance.is_alive()
-                })
+                .filter(|h| h.calls < spec.concurrency && h.spec == spec && h.usable())
                 .max_by_key(|h| (h.calls > 0, h.last_used));
             if let Some(hot) = hot {
                 if hot.idle() {
@@ -204,7 +244,7 @@ impl Pool {
                 }
                 hot.calls += 1;
                 st.calls_in_flight += 1;
-                Ok(Some((hot.id, Arc::clone(&hot.instance))))
+                Ok((hot.id, hot.running().is_some()))
             } else {
                 // Evict only when that makes room: a call that cannot fit even with every
                 // idle instance gone is refused without killing any of them.
@@ -221,7 +261,22 @@ impl Pool {
                 if used + needed_mb <= self.total_mb {
                     st.committed_mb += needed_mb;
                     st.calls_in_flight += 1;
-                    Ok(None)
+                    // In the pool at once, starting, so that calls arriving meanwhile join it.
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    let (launch, ready) = watch::channel(None);
+                    st.hot.push(HotInstance {
+                        id,
+                        spec: spec.clone(),
+                        slot: Slot::Starting {
+                            ready,
+                            launch: Some(launch),
+                        },
+                        calls: 1,
+                        retired: false,
+                        last_used: Instant::now(),
+                    });
+                    Ok((id, false))
                 } else {
                     Err(Refusal::Busy {
                         needed_mb,
@@ -234,14 +289,15 @@ impl Pool {
         // Kill outside the lock: killing sends signals and removes files.
         for old in evicted {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "evicting idle instance for memory");
-            old.instance.kill();
+            old.kill();
         }
-        let instance = result?;
+        let (id, reused) = result?;
         Ok(Reservation {
             pool: Arc::clone(self),
-            reused: instance.is_some(),
+            reused,
             spec,
-            instance,
+            id,
+            instance: None,
             released: false,
         })
     }
@@ -284,11 +340,11 @@ impl Pool {
     /// Kills idle instances whose idle timeout has passed; returns how many.
     pub fn reap_expired(&self, now: Instant) -> usize {
         let expired = self.lock().take_idle_where(|h| {
-            now.duration_since(h.last_used) >= h.spec.idle_timeout || !h.instance.is_alive()
+            now.duration_since(h.last_used) >= h.spec.idle_timeout || !h.usable()
         });
         for old in &expired {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "idle instance expired");
-            old.instance.kill();
+            old.kill();
         }
         expired.len()
     }
@@ -296,7 +352,7 @@ impl Pool {
     /// Kills every idle instance without waiting for their clean-up.
     pub fn kill_idle(&self) {
         for old in self.lock().take_idle_where(|_| true) {
-            old.instance.kill();
+            old.kill();
         }
     }
 
@@ -306,9 +362,14 @@ impl Pool {
     pub async fn shutdown(&self) {
         let idle = self.lock().take_idle_where(|_| true);
         for old in &idle {
-            old.instance.kill();
+            old.kill();
         }
-        futures::future::join_all(idle.iter().map(|old| old.instance.wait_gone())).await;
+        futures::future::join_all(
+            idle.iter()
+                .filter_map(HotInstance::running)
+                .map(|instance| instance.wait_gone()),
+        )
+        .await;
     }
 
     /// Background task: expires idle instances until cancelled, then kills the rest and
@@ -334,52 +395,108 @@ impl Pool {
     }
 
     /// Ends one call's hold on the pool; see [`Reservation`].
-    fn release(&self, reservation: &mut Reservation, clean: bool) {
-        let idle_timeout = reservation.spec.idle_timeout;
+    fn release(&self, reservation: &Reservation, clean: bool) {
+        let memory_mb = reservation.spec.memory_mb;
         let mut doomed = None;
         {
             let mut st = self.lock();
             let st = &mut *st;
             st.calls_in_flight -= 1;
-            let memory_mb = reservation.spec.memory_mb;
-            match reservation.instance.take() {
-                // The instance never started: only the memory was held.
-                None => st.committed_mb -= memory_mb,
-                Some((id, instance)) => {
-                    if let Some(pos) = st.hot.iter().position(|h| h.id == id) {
-                        let hot = &mut st.hot[pos];
-                        hot.calls -= 1;
-                        let cut_off = !clean && reservation.spec.concurrency <= 1;
-                        if cut_off || !instance.is_alive() {
-                            hot.retired = true;
+            if let Some(pos) = st.hot.iter().position(|h| h.id == reservation.id) {
+                let hot = &mut st.hot[pos];
+                hot.calls -= 1;
+                match hot.running() {
+                    // One call per instance, cut off in an unknown state: never reused.
+                    Some(_) if !clean && reservation.spec.concurrency <= 1 => hot.retired = true,
+                    Some(instance) if !instance.is_alive() => hot.retired = true,
+                    _ => {}
+                }
+                if hot.calls == 0 {
+                    st.committed_mb -= memory_mb;
+                    let never_launched = matches!(
+                        hot.slot,
+                        Slot::Starting {
+                            launch: Some(_),
+                            ..
                         }
-                        if hot.calls == 0 {
-                            st.committed_mb -= memory_mb;
-                            if hot.retired || idle_timeout.is_zero() {
-                                doomed = Some(st.hot.swap_remove(pos));
-                            } else {
-                                hot.last_used = Instant::now();
-                                st.idle_mb += memory_mb;
-                            }
-                        }
+                    );
+                    if never_launched
+                        || hot.retired
+                        || (hot.running().is_some() && reservation.spec.idle_timeout.is_zero())
+                    {
+                        doomed = Some(st.hot.swap_remove(pos));
+                    } else {
+                        // Idle; one still starting becomes idle once it runs.
+                        hot.last_used = Instant::now();
+                        st.idle_mb += memory_mb;
                     }
                 }
+            } else {
+                // Its entry is gone (a failed start already removed it): only memory was held.
+                st.committed_mb -= memory_mb;
             }
         }
         if let Some(old) = doomed {
-            old.instance.kill();
+            old.kill();
         }
         self.call_ended.notify_waiters();
     }
+
+    /// The start of instance `id`, in a task of its own: no call's cancellation stops it.
+    /// Publishes the outcome to the calls waiting for it.
+    async fn start_instance(
+        self: Arc<Self>,
+        id: u64,
+        spec: InstanceSpec,
+        call_id: String,
+        launch: watch::Sender<Started>,
+    ) {
+        let started = self
+            .driver
+            .start(&spec, &call_id, self.start_timeout)
+            .await
+            .map(Arc::<dyn Instance>::from);
+        let mut orphan = None;
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            match (st.hot.iter().position(|h| h.id == id), &started) {
+                (Some(pos), Ok(instance)) => {
+                    st.instances_started += 1;
+                    let hot = &mut st.hot[pos];
+                    hot.slot = Slot::Running(Arc::clone(instance));
+                    if hot.idle() {
+                        hot.last_used = Instant::now();
+                    }
+                }
+                (Some(pos), Err(_)) => {
+                    let hot = &mut st.hot[pos];
+                    hot.retired = true;
+                    if hot.idle() {
+                        st.idle_mb -= hot.spec.memory_mb;
+                        st.hot.swap_remove(pos);
+                    }
+                }
+                // Nobody wants it any more (its last call was cut off before it ran).
+                (None, Ok(instance)) => orphan = Some(Arc::clone(instance)),
+                (None, Err(_)) => {}
+            }
+        }
+        if let Some(instance) = orphan {
+            instance.kill();
+        }
+        launch.send_replace(Some(started));
+    }
 }
 
-/// One call's hold on the pool: its slot, and the instance that runs it once started. See
-/// the module docs for the release rules.
+/// One call's hold on the pool: its slot on an instance (starting or running), and the
+/// instance once it runs. See the module docs for the release rules.
 pub struct Reservation {
     pool: Arc<Pool>,
     spec: InstanceSpec,
-    /// The instance and its id in the pool, once there is one.
-    instance: Option<(u64, Arc<dyn Instance>)>,
+    /// The pool entry of the call's instance.
+    id: u64,
+    instance: Option<Arc<dyn Instance>>,
     reused: bool,
     released: bool,
 }
@@ -394,41 +511,56 @@ impl std::fmt::Debug for Reservation {
 }
 
 impl Reservation {
-    /// Whether the call got an already-running instance.
+    /// Whether the call got an instance that was already running (a warm call).
     pub fn reused(&self) -> bool {
         self.reused
     }
 
-    /// The call's instance, started now if the reservation has none.
+    /// The call's instance: at once when it runs, else once its start ends (the first
+    /// call to ask launches the start).
     ///
     /// # Errors
-    /// What the driver reports when the instance cannot start.
+    /// What the driver reported when the instance could not start.
     pub async fn instance(&mut self, call_id: &str) -> Result<&dyn Instance, DriverError> {
         if self.instance.is_none() {
-            let started: Arc<dyn Instance> = Arc::from(
-                self.pool
-                    .driver
-                    .start(&self.spec, call_id, self.pool.start_timeout)
-                    .await?,
-            );
-            // In the pool only once it exists; its memory is already committed.
-            let mut st = self.pool.lock();
-            let id = st.next_id;
-            st.next_id += 1;
-            st.instances_started += 1;
-            st.hot.push(HotInstance {
-                id,
-                spec: self.spec.clone(),
-                instance: Arc::clone(&started),
-                calls: 1,
-                retired: false,
-                last_used: Instant::now(),
-            });
-            drop(st);
-            self.instance = Some((id, started));
+            let (mut ready, launch) = {
+                let mut st = self.pool.lock();
+                let hot = st
+                    .hot
+                    .iter_mut()
+                    .find(|h| h.id == self.id)
+                    .ok_or_else(|| DriverError::Start("the instance is gone".into()))?;
+                match &mut hot.slot {
+                    Slot::Running(instance) => {
+                        self.instance = Some(Arc::clone(instance));
+                        (None, None)
+                    }
+                    Slot::Starting { ready, launch } => (Some(ready.clone()), launch.take()),
+                }
+            };
+            if let Some(launch) = launch {
+                tokio::spawn(Arc::clone(&self.pool).start_instance(
+                    self.id,
+                    self.spec.clone(),
+                    call_id.to_owned(),
+                    launch,
+                ));
+            }
+            if let Some(ready) = ready.as_mut() {
+                let started = ready
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| DriverError::Start("the instance's start was abandoned".into()))?
+                    .clone();
+                match started {
+                    Some(Ok(instance)) => self.instance = Some(instance),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(DriverError::Start("no start outcome".into())),
+                }
+            }
         }
         match &self.instance {
-            Some((_, instance)) => Ok(instance.as_ref()),
+            Some(instance) => Ok(instance.as_ref()),
             None => Err(DriverError::Start("instance vanished".into())),
         }
     }
@@ -438,7 +570,7 @@ impl Reservation {
     pub fn finish_ok(mut self) {
         self.released = true;
         let pool = Arc::clone(&self.pool);
-        pool.release(&mut self, true);
+        pool.release(&self, true);
     }
 }
 
@@ -701,5 +833,84 @@ mod tests {
             pool.admit(spec("third", 128)),
             Err(Refusal::Busy { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn calls_arriving_while_an_instance_starts_join_it_up_to_its_concurrency() {
+        let (pool, driver) = pool(256);
+        // A burst: five calls admitted before any instance runs.
+        let mut burst: Vec<_> = (0..5)
+            .map(|_| pool.admit(concurrent("f", 128, 4)).expect("room"))
+            .collect();
+        assert!(
+            burst.iter().all(|r| !r.reused()),
+            "all cold: nothing ran yet"
+        );
+        assert_eq!(
+            pool.stats().committed_mb,
+            256,
+            "two instances' memory: four calls share the first, the fifth needs another"
+        );
+        let mut pids = Vec::new();
+        for (i, r) in burst.iter_mut().enumerate() {
+            pids.push(r.instance(&format!("c{i}")).await.expect("starts").pid());
+        }
+        assert_eq!(driver.started(), 2, "one start per four calls");
+        assert!(pids[..4].iter().all(|p| *p == pids[0]));
+        assert_ne!(pids[4], pids[0]);
+        for r in burst {
+            r.finish_ok();
+        }
+        let s = pool.stats();
+        assert_eq!((s.committed_mb, s.idle_mb, s.hot_instances), (0, 256, 2));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_before_the_start_does_not_strand_the_others() {
+        let (pool, driver) = pool(256);
+        let first = pool.admit(concurrent("f", 128, 2)).expect("room");
+        let mut second = pool.admit(concurrent("f", 128, 2)).expect("joins");
+        drop(first); // gone before anyone launched the start
+        second
+            .instance("second")
+            .await
+            .expect("the start still happens");
+        assert_eq!(driver.started(), 1);
+        second.finish_ok();
+        assert_eq!(pool.stats().idle_mb, 128);
+
+        // A one-call instance whose call is cut off after it ran is killed, as before.
+        let mut cut = pool.admit(spec("g", 128)).expect("room");
+        cut.instance("cut").await.expect("starts");
+        drop(cut);
+        assert_eq!(driver.killed(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_reaches_every_waiting_call_and_frees_the_memory() {
+        let (pool, driver) = pool(256);
+        driver.fail_starts(true);
+        let mut a = pool.admit(concurrent("f", 128, 3)).expect("room");
+        let mut b = pool.admit(concurrent("f", 128, 3)).expect("joins");
+        let err_a = a.instance("a").await.expect_err("start fails");
+        let err_b = b.instance("b").await.expect_err("the same failure");
+        assert_eq!(err_a.to_string(), err_b.to_string());
+        drop(a);
+        drop(b);
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.committed_mb,
+                s.idle_mb,
+                s.hot_instances,
+                s.calls_in_flight
+            ),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+        driver.fail_starts(false);
+        let mut c = pool.admit(concurrent("f", 128, 3)).expect("room again");
+        assert!(!c.reused(), "the failed instance is not joined");
+        c.instance("c").await.expect("starts now");
     }
 }

@@ -19,6 +19,8 @@ pub struct FakeDriver {
     started: AtomicUsize,
     killed: Arc<AtomicUsize>,
     next_pid: AtomicU32,
+    /// When set, every start fails.
+    failing: AtomicBool,
 }
 
 impl FakeDriver {
@@ -29,6 +31,11 @@ impl FakeDriver {
     pub fn killed(&self) -> usize {
         self.killed.load(Ordering::SeqCst)
     }
+
+    /// Makes every later start fail (or succeed again).
+    pub fn fail_starts(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
 }
 
 impl Driver for FakeDriver {
@@ -38,6 +45,9 @@ impl Driver for FakeDriver {
         _call_id: &str,
         _start_timeout: Duration,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(DriverError::Start("fake driver: start failed".into())) });
+        }
         self.started.fetch_add(1, Ordering::SeqCst);
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst) + 1000;
         let instance = FakeInstance {
