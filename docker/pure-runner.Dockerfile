@@ -8,10 +8,11 @@ COPY --chown=10001:10001 certs-root/ /
 COPY bin/pure-runner bin/fn-probe /usr/local/bin/
 COPY functions/ /opt/fn/functions/
 ENV PATH=/usr/local/bin FN_FUNCTIONS_DIR=/opt/fn/functions
-# Root on purpose: function code is untrusted and the runner starts it as `nobody`, which
-# needs setuid/setgid. Root here is a container root with a reduced capability set (see
-# deploy/docker-compose.yml and the docker control plane); the runner reads the
-# certificates through the fn group (see rootfs/etc/group), which `nobody` is not in.
+# Root on purpose: function code is untrusted and the runner starts each function as a uid
+# of its own (FN_FUNCTION_UIDS, 100000-165535), which needs setuid/setgid. Root here is a
+# container root with a reduced capability set (see deploy/docker-compose.yml and the docker
+# control plane); the runner reads the certificates through the fn group (see
+# rootfs/etc/group), which no function uid is in.
 USER 0:0
 EXPOSE 9190
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \

@@ -212,7 +212,9 @@ def static_stack(stack):
 
     serving = [r for r in ["runner-1", "runner-2", "runner-3"] if any(c == "fn-hello" for _, c in processes(r))]
     check(len(serving) >= 1, f"a runner runs fn-hello: {serving}")
-    check(("nobody", "fn-hello") in processes(serving[0]), "functions run as nobody")
+    users = [user for user, comm in processes(serving[0]) if comm == "fn-hello"]
+    check(all(user.isdigit() and 100000 <= int(user) <= 165535 for user in users),
+          f"functions run as a uid of their own from FN_FUNCTION_UIDS: {users}")
     run(["docker", "stop", "-t", "10", stack.container(serving[0])], timeout=60)
     print(f"  stopped {serving[0]}", flush=True)
     expect_examples(stack, rounds=5)

@@ -595,3 +595,46 @@ fn raise_own_open_file_limit(wanted: u64) -> anyhow::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, wanted, hard)?;
     Ok(())
 }
+
+/// On a root runner (the default configuration) each function runs as a uid of its own from
+/// `FN_FUNCTION_UIDS`, so one tenant cannot read another's environment or signal it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_function_runs_as_a_uid_of_its_own() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: a uid per function needs a root runner");
+        return Ok(());
+    }
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: format!("{ECHO}{HELLO}"),
+        ..Setup::default()
+    })
+    .await?;
+    let mut uids = Vec::new();
+    for path in ["/r/demo/echo", "/r/demo/hello"] {
+        let reply = cluster.call(path, "who").await?;
+        ensure!(reply.status == 200, "{path}: {reply:?}");
+        let pid = pid_of(&reply)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .context("Uid line")?
+            .parse()?;
+        uids.push(uid);
+    }
+    ensure!(uids[0] != uids[1], "two functions share uid {}", uids[0]);
+    ensure!(
+        uids.iter().all(|uid| (100_000..=165_535).contains(uid)),
+        "uids {uids:?} outside FN_FUNCTION_UIDS"
+    );
+    ensure!(
+        cluster.runners[0]
+            .log()
+            .contains("each function runs as a uid of its own"),
+        "{}",
+        cluster.logs()
+    );
+    Ok(())
+}

@@ -10,7 +10,9 @@ use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
-use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
+use fn_runner::driver::process::{
+    FunctionUser, FunctionUsers, ProcessDriver, ProcessDriverConfig, UidRange,
+};
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
 
@@ -37,9 +39,15 @@ struct Cli {
     /// Where per-instance socket directories are created.
     #[arg(long, env = "FN_SOCKET_DIR", default_value = "/tmp/fn-runner")]
     socket_dir: PathBuf,
-    /// User functions run as [default: nobody when the runner runs as root, else the runner's user].
+    /// One user every function runs as, instead of a uid per function: tenants are then not
+    /// isolated from each other [default: unset; a runner that is not root runs functions
+    /// as its own user].
     #[arg(long, env = "FN_FUNCTION_USER")]
     function_user: Option<String>,
+    /// When the runner is root and FN_FUNCTION_USER is unset, each function (app and name)
+    /// runs as a uid and gid of its own from this range, kept for the runner's lifetime.
+    #[arg(long, env = "FN_FUNCTION_UIDS", default_value = "100000-165535", value_parser = UidRange::parse)]
+    function_uids: UidRange,
     /// Bound for a new instance to open its listener.
     #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     start_timeout: Duration,
@@ -63,22 +71,38 @@ async fn daemon(cli: Cli) -> ExitCode {
             exit_config_error("FN_MAX_MEMORY_MB: cannot detect the machine's memory; set it")
         }),
     };
-    let user_name = cli.function_user.clone().or_else(|| {
-        nix::unistd::Uid::effective()
-            .is_root()
-            .then(|| "nobody".to_owned())
-    });
-    let function_user = user_name.map(|name| {
-        FunctionUser::lookup(&name)
-            .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTION_USER: {e}")))
-    });
+    let root = nix::unistd::Uid::effective().is_root();
+    let function_users = match &cli.function_user {
+        Some(name) => FunctionUsers::Shared(
+            FunctionUser::lookup(name)
+                .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTION_USER: {e}"))),
+        ),
+        None if root => FunctionUsers::PerFunction(cli.function_uids),
+        None => FunctionUsers::Runner,
+    };
     fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
+    match function_users {
+        FunctionUsers::PerFunction(range) => tracing::info!(
+            uids = format!("{}-{}", range.first, range.last),
+            "each function runs as a uid of its own"
+        ),
+        FunctionUsers::Shared(user) => tracing::warn!(
+            uid = user.uid,
+            "FN_FUNCTION_USER: every function runs as this one user, so tenants are not \
+             isolated from each other (one can read another's environment and signal it); \
+             unset it on a root runner to give each function a uid of its own"
+        ),
+        FunctionUsers::Runner => tracing::warn!(
+            "the runner is not root: functions run as its own user, isolated neither from \
+             each other nor from the runner"
+        ),
+    }
 
-    let driver_config =
-        ProcessDriverConfig::new(functions_dir, &cli.socket_dir).with_function_user(function_user);
+    let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
+        .with_function_users(function_users);
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
     let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
     let mut registry = Registry::default();

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use fn_runner::driver::process::{
-    FunctionUser, MemoryLimitMode, MemoryLimits, ProcessDriver, ProcessDriverConfig,
+    FunctionUser, FunctionUsers, MemoryLimitMode, MemoryLimits, ProcessDriver, ProcessDriverConfig,
+    UidRange,
 };
 use fn_runner::driver::{
     BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
@@ -552,4 +553,109 @@ async fn setup_errors_name_what_is_wrong() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o711);
+}
+
+/// The real uid of process `pid`, from `/proc`.
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|uid| uid.parse().ok())
+        .expect("a numeric uid")
+}
+
+/// With a uid range (the default on a root runner), each function runs as a uid of its own,
+/// kept for every instance of it; its instance directory and private `TMPDIR` belong to that
+/// uid alone; a function past the end of the range cannot start.
+#[tokio::test]
+async fn each_function_runs_as_a_uid_of_its_own_with_a_private_tmpdir() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: giving functions uids of their own needs root");
+        return;
+    }
+    let tmp = tempdir();
+    let range = UidRange {
+        first: 150_000,
+        last: 150_001,
+    };
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), tmp.path().join("s"))
+            .with_function_users(FunctionUsers::PerFunction(range))
+            .with_memory_limits(MemoryLimits::Off),
+    )
+    .expect("driver");
+    let hello = spec("fn-hello");
+    let other = InstanceSpec {
+        function: "hello-again".into(),
+        ..spec("fn-hello")
+    };
+    let first = driver
+        .start_process(&hello, "a", START)
+        .await
+        .expect("start");
+    let second = driver
+        .start_process(&hello, "b", START)
+        .await
+        .expect("start");
+    let stranger = driver
+        .start_process(&other, "c", START)
+        .await
+        .expect("start");
+    let uid = |i: &dyn Instance| uid_of(i.pid().expect("pid"));
+    assert_eq!(uid(&first), uid(&second), "one function keeps its uid");
+    assert_ne!(uid(&first), uid(&stranger), "two functions never share one");
+    assert!(
+        [uid(&first), uid(&stranger)]
+            .iter()
+            .all(|u| (range.first..=range.last).contains(u))
+    );
+
+    for instance in [&first, &stranger] {
+        let owner = uid(instance);
+        let tmpdir = instance.dir().join("tmp");
+        for dir in [instance.dir(), tmpdir.as_path()] {
+            let meta = std::fs::metadata(dir).expect("instance dir");
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (owner, owner),
+                "{}",
+                dir.display()
+            );
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o700,
+                "{}",
+                dir.display()
+            );
+        }
+        let environ = std::fs::read(format!("/proc/{}/environ", instance.pid().expect("pid")))
+            .expect("environ");
+        let expected = format!("TMPDIR={}", tmpdir.display());
+        assert!(
+            environ
+                .split(|b| *b == 0)
+                .any(|var| var == expected.as_bytes()),
+            "TMPDIR is the instance's own"
+        );
+    }
+    let (status, _, body) = call(&first, HeaderMap::new(), "Ann").await.expect("call");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"Hello, Ann!\n"[..]));
+
+    let third = InstanceSpec {
+        function: "one-too-many".into(),
+        ..spec("fn-hello")
+    };
+    let err = driver
+        .start_process(&third, "d", START)
+        .await
+        .expect_err("the range is used up");
+    assert!(err.to_string().contains("FN_FUNCTION_UIDS"), "{err}");
+    for instance in [first, second, stranger] {
+        instance.kill();
+        instance.wait_gone().await;
+    }
 }

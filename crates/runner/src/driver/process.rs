@@ -42,7 +42,7 @@ use futures::future::BoxFuture;
 use tokio::process::Command;
 
 pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
-pub use command::FunctionUser;
+pub use command::{FunctionUser, FunctionUsers, UidRange};
 pub use instance::ProcessInstance;
 
 use super::{Driver, DriverError, Instance, InstanceSpec};
@@ -76,6 +76,8 @@ const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Name of the listener socket inside an instance directory (the FDK symlinks it into place).
 const LISTENER_NAME: &str = "lsnr.sock";
+/// The function's private `TMPDIR`, inside its instance directory.
+const INSTANCE_TMP: &str = "tmp";
 
 /// Room left in a unix socket path (at most 107 bytes on Linux) after the instance directory,
 /// for the socket name the FDK binds privately before it symlinks `lsnr.sock` to it.
@@ -98,9 +100,8 @@ pub struct ProcessDriverConfig {
     /// own subdirectory but not list the others. Must be short: unix socket paths are limited
     /// to 107 bytes.
     pub socket_root: PathBuf,
-    /// The unprivileged user functions run as; `None` runs them as the runner's own user
-    /// (acceptable only when the runner itself is unprivileged).
-    pub function_user: Option<FunctionUser>,
+    /// Who functions run as; see [`FunctionUsers`].
+    pub function_users: FunctionUsers,
     /// How instance memory limits are enforced; see [`MemoryLimits`].
     pub memory_limits: MemoryLimits,
 }
@@ -112,15 +113,22 @@ impl ProcessDriverConfig {
         ProcessDriverConfig {
             functions_dir: functions_dir.into(),
             socket_root: socket_root.into(),
-            function_user: None,
+            function_users: FunctionUsers::Runner,
             memory_limits: MemoryLimits::default(),
         }
     }
 
-    /// Sets the user functions run as.
+    /// Runs every function as `user` (`None`: as the runner's own user).
     #[must_use]
     pub fn with_function_user(mut self, user: Option<FunctionUser>) -> Self {
-        self.function_user = user;
+        self.function_users = user.map_or(FunctionUsers::Runner, FunctionUsers::Shared);
+        self
+    }
+
+    /// Sets who functions run as.
+    #[must_use]
+    pub fn with_function_users(mut self, users: FunctionUsers) -> Self {
+        self.function_users = users;
         self
     }
 
@@ -152,7 +160,10 @@ pub struct ProcessDriver {
     /// Canonical functions directory: programs must resolve to a path under it.
     functions_dir: PathBuf,
     socket_root: PathBuf,
-    function_user: Option<FunctionUser>,
+    function_users: FunctionUsers,
+    /// With [`FunctionUsers::PerFunction`]: the uid each function got, kept for the
+    /// runner's lifetime.
+    uids: std::sync::Mutex<std::collections::HashMap<(String, String), FunctionUser>>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
     /// The shell that gates and watches every child ([`WRAPPER_SCRIPT`]); `None` when there
@@ -192,14 +203,24 @@ impl ProcessDriver {
             });
         }
 
-        if let Some(user) = config.function_user {
+        // A user every function's uid stands for in the checks: with uids of their own,
+        // functions are neither owner nor group of the directories they must reach.
+        let typical = match config.function_users {
+            FunctionUsers::Runner => None,
+            FunctionUsers::Shared(user) => Some(user),
+            FunctionUsers::PerFunction(range) => Some(FunctionUser {
+                uid: range.first,
+                gid: range.first,
+            }),
+        };
+        if let Some(user) = typical {
             reachable_by(&functions_dir, user).map_err(|reason| SetupError::FunctionsDir {
                 path: config.functions_dir.clone(),
                 reason,
             })?;
         }
 
-        let socket_root = prepare_socket_root(&config.socket_root, config.function_user)?;
+        let socket_root = prepare_socket_root(&config.socket_root, typical)?;
 
         let memory = cgroup::detect(&config.memory_limits);
         match &memory {
@@ -223,7 +244,8 @@ impl ProcessDriver {
         Ok(ProcessDriver {
             functions_dir,
             socket_root,
-            function_user: config.function_user,
+            function_users: config.function_users,
+            uids: std::sync::Mutex::new(std::collections::HashMap::new()),
             memory,
             wrapper,
             id_prefix,
@@ -280,7 +302,8 @@ impl ProcessDriver {
             call_id: call_id.to_owned(),
         };
 
-        self.create_instance_dir(&dir)?;
+        let user = self.user_for(spec)?;
+        self.create_instance_dir(&dir, user)?;
         let cgroup = match cgroup::InstanceCgroup::create(&self.memory, &id, spec.memory_mb) {
             Ok(cgroup) => cgroup,
             Err(e) => {
@@ -289,7 +312,7 @@ impl ProcessDriver {
             }
         };
 
-        let mut cmd = self.command(spec, &program, &dir, &socket, self.wrapper.as_deref());
+        let mut cmd = self.command(spec, &program, &dir, &socket, user);
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -354,25 +377,72 @@ impl ProcessDriver {
         Ok(program)
     }
 
-    fn create_instance_dir(&self, dir: &Path) -> Result<(), DriverError> {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
+    /// The user `spec`'s instances run as: with [`FunctionUsers::PerFunction`], the uid the
+    /// function got, or the next free one.
+    ///
+    /// # Errors
+    /// [`DriverError::Start`] when every uid of the range is taken.
+    fn user_for(&self, spec: &InstanceSpec) -> Result<Option<FunctionUser>, DriverError> {
+        let range = match self.function_users {
+            FunctionUsers::Runner => return Ok(None),
+            FunctionUsers::Shared(user) => return Ok(Some(user)),
+            FunctionUsers::PerFunction(range) => range,
+        };
+        let mut uids = self
+            .uids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (spec.app.clone(), spec.function.clone());
+        if let Some(user) = uids.get(&key) {
+            return Ok(Some(*user));
+        }
+        let taken = u32::try_from(uids.len()).unwrap_or(u32::MAX);
+        let uid = range
+            .first
+            .checked_add(taken)
+            .filter(|uid| *uid <= range.last)
+            .ok_or_else(|| {
                 DriverError::Start(format!(
-                    "cannot create instance directory {}: {e}",
-                    dir.display()
+                    "FN_FUNCTION_UIDS {}-{}: every uid is taken by another function; widen \
+                     the range",
+                    range.first, range.last
                 ))
             })?;
-        if let Some(user) = self.function_user
-            && let Err(e) = std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
-        {
-            remove_instance_dir(dir);
-            return Err(DriverError::Start(format!(
-                "cannot give instance directory {} to uid {}: {e}",
-                dir.display(),
-                user.uid
-            )));
+        let user = FunctionUser { uid, gid: uid };
+        uids.insert(key, user);
+        tracing::info!(app = %spec.app, function = %spec.function, uid, "function gets a uid of its own");
+        Ok(Some(user))
+    }
+
+    /// Creates the instance's private directory (mode 0700) and its `tmp` (the function's
+    /// `TMPDIR`), both owned by `user`; they go with the instance.
+    fn create_instance_dir(
+        &self,
+        dir: &Path,
+        user: Option<FunctionUser>,
+    ) -> Result<(), DriverError> {
+        let tmp = dir.join(INSTANCE_TMP);
+        for path in [dir, tmp.as_path()] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(path)
+                .map_err(|e| {
+                    remove_instance_dir(dir);
+                    DriverError::Start(format!(
+                        "cannot create instance directory {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            if let Some(user) = user
+                && let Err(e) = std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
+            {
+                remove_instance_dir(dir);
+                return Err(DriverError::Start(format!(
+                    "cannot give instance directory {} to uid {}: {e}",
+                    path.display(),
+                    user.uid
+                )));
+            }
         }
         Ok(())
     }
@@ -385,9 +455,9 @@ impl ProcessDriver {
         program: &Path,
         dir: &Path,
         socket: &Path,
-        wrapper: Option<&Path>,
+        user: Option<FunctionUser>,
     ) -> Command {
-        let mut cmd = match wrapper {
+        let mut cmd = match self.wrapper.as_deref() {
             Some(shell) => {
                 let mut cmd = Command::new(shell);
                 cmd.arg("-c").arg(WRAPPER_SCRIPT).arg(program);
@@ -414,13 +484,14 @@ impl ProcessDriver {
             .env("FN_MEMORY", spec.memory_mb.to_string())
             .env("FN_TYPE", "sync")
             .env("PATH", FUNCTION_PATH)
-            .env("HOME", dir);
+            .env("HOME", dir)
+            .env("TMPDIR", dir.join(INSTANCE_TMP));
         cmd.current_dir(&self.functions_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(user) = self.function_user {
+        if let Some(user) = user {
             cmd.uid(user.uid).gid(user.gid);
         }
         cmd

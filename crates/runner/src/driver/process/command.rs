@@ -42,6 +42,65 @@ impl FunctionUser {
     }
 }
 
+/// A range of uids (and the same gids) to give functions one each (`FN_FUNCTION_UIDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// `100000-165535`, as systemd's and container engines' subordinate ranges sit: above
+    /// every ordinary user.
+    pub const DEFAULT: UidRange = UidRange {
+        first: 100_000,
+        last: 165_535,
+    };
+
+    /// Parses `first-last`.
+    ///
+    /// # Errors
+    /// A message saying what a valid range looks like.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let usage = || format!("{text:?}: expected a uid range such as 100000-165535");
+        let (first, last) = text.trim().split_once('-').ok_or_else(usage)?;
+        let first: u32 = first.trim().parse().map_err(|_| usage())?;
+        let last: u32 = last.trim().parse().map_err(|_| usage())?;
+        if first == 0 || last < first || last == u32::MAX {
+            return Err(format!(
+                "{text:?}: the range must be ascending, above 0 and below {}",
+                u32::MAX
+            ));
+        }
+        Ok(UidRange { first, last })
+    }
+
+    /// How many uids the range holds.
+    pub fn len(&self) -> u64 {
+        u64::from(self.last - self.first) + 1
+    }
+
+    /// Never: a range holds at least one uid.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Who functions run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionUsers {
+    /// As the runner's own user (a runner that is not root): functions are not isolated from
+    /// each other, nor from the runner.
+    Runner,
+    /// All as one unprivileged user (`FN_FUNCTION_USER`): the runner is safe from them, but
+    /// they are not isolated from each other.
+    Shared(FunctionUser),
+    /// Each function (app and name) as a uid and gid of its own from the range, kept for the
+    /// runner's lifetime: one function cannot read, signal or trace another's processes or
+    /// files.
+    PerFunction(UidRange),
+}
+
 /// Resolves `program` (a spec's `command[0]`) inside `functions_dir`, which must already be
 /// canonical. Returns the canonical path of the executable.
 ///
