@@ -159,6 +159,11 @@ impl Cluster {
             };
             // Short paths: unix socket names are limited to about 100 bytes.
             let sockets = tempfile::Builder::new().prefix("fnst").tempdir_in("/tmp")?;
+            // Functions reach their own directory in it, and may not list the others.
+            std::fs::set_permissions(
+                sockets.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )?;
             let metrics_port = metrics_port(&setup)?;
             let vars = merge(&[
                 &metrics_env(metrics_port),

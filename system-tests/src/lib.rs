@@ -58,7 +58,11 @@ impl Certs {
         let node = ca.node(sans)?;
         std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
         std::fs::write(dir.path().join("node.pem"), &node.cert_pem)?;
-        std::fs::write(dir.path().join("node-key.pem"), &node.key_pem)?;
+        // Readable by the daemons (root here) only, as an operator keeps a key: functions run
+        // as other users and must not read it.
+        let key = dir.path().join("node-key.pem");
+        std::fs::write(&key, &node.key_pem)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         Ok(Certs { dir, ca })
     }
 

@@ -104,6 +104,16 @@ async fn daemon(cli: Cli) -> ExitCode {
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
         .with_function_users(function_users);
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
+    if let Some(key) = cli.tls.node_cert_key.as_deref()
+        && driver.exposes(key)
+    {
+        tracing::warn!(
+            key = %key.display(),
+            "FN_NODE_CERT_KEY is readable by the users functions run as: any function can read \
+             this runner's private key; make it readable by the runner only (chmod 600, or 640 \
+             with a group no function is in)"
+        );
+    }
     let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
     let mut registry = Registry::default();
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);

@@ -117,8 +117,12 @@ pub fn bin_dir() -> std::path::PathBuf {
 /// The example functions every test may run.
 pub const EXAMPLE_FUNCTIONS: [&str; 4] = ["fn-hello", "fn-echo", "fn-sleep", "fn-crash"];
 
-/// A directory any user can traverse, holding copies of the [`EXAMPLE_FUNCTIONS`]: the
-/// `FN_FUNCTIONS_DIR` for tests.
+/// Functions only the tests run: `fn-hostile` attacks other functions' instances (the
+/// isolation tests). Never in an image.
+pub const TEST_FUNCTIONS: [&str; 1] = ["fn-hostile"];
+
+/// A directory any user can traverse, holding copies of the [`EXAMPLE_FUNCTIONS`] and the
+/// [`TEST_FUNCTIONS`]: the `FN_FUNCTIONS_DIR` for tests.
 ///
 /// Functions run as an unprivileged user (`nobody` when the tests run as root), who cannot
 /// reach `target/` when the checkout sits under a private directory (a home directory, a
@@ -142,7 +146,7 @@ pub fn functions_dir() -> std::path::PathBuf {
         std::fs::create_dir_all(&dir).expect("create the test functions directory");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .expect("make the test functions directory traversable");
-        for name in EXAMPLE_FUNCTIONS {
+        for name in EXAMPLE_FUNCTIONS.iter().chain(&TEST_FUNCTIONS) {
             let source = workspace_bin(name);
             let target = dir.join(name);
             let fresh = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();

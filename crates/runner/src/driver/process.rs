@@ -254,6 +254,22 @@ impl ProcessDriver {
         })
     }
 
+    /// Whether the users functions run as could read the file at `path` (every directory
+    /// above it searchable and the file readable for them, by its mode bits): the pure-runner
+    /// warns at start when its private key is. Always false when functions run as the
+    /// runner's own user, who must read it anyway.
+    pub fn exposes(&self, path: &Path) -> bool {
+        let user = match self.function_users {
+            FunctionUsers::Runner => return false,
+            FunctionUsers::Shared(user) => user,
+            FunctionUsers::PerFunction(range) => FunctionUser {
+                uid: range.first,
+                gid: range.first,
+            },
+        };
+        readable_by(path, user)
+    }
+
     /// How memory limits are enforced, as detected by [`ProcessDriver::new`].
     pub fn memory_limit_mode(&self) -> &MemoryLimitMode {
         &self.memory
@@ -611,6 +627,16 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
         )));
     }
     let mode = meta.permissions().mode();
+    if user.is_some() && mode & 0o004 != 0 {
+        // Left as it is: the directory may be shared (never narrow /tmp's mode, say).
+        tracing::warn!(
+            socket_root = %root.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "the socket root is listable by other users, so functions can see each other's \
+             instance ids; give the runner a directory of its own (it creates a missing one \
+             with mode 0711)"
+        );
+    }
     if mode & 0o022 != 0 {
         tracing::warn!(
             socket_root = %root.display(),
@@ -634,6 +660,32 @@ fn id_seed() -> u32 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
     nanos ^ std::process::id().rotate_left(16)
+}
+
+/// The permission bits that apply to `user` in `meta`'s mode, shifted to the owner's place.
+fn bits_for(meta: &std::fs::Metadata, user: FunctionUser) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    if meta.uid() == user.uid {
+        mode & 0o700
+    } else if meta.gid() == user.gid {
+        (mode & 0o070) << 3
+    } else {
+        (mode & 0o007) << 6
+    }
+}
+
+/// Whether `user` could read the file at `path` by the mode bits of it and its directories.
+fn readable_by(path: &Path, user: FunctionUser) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if bits_for(&meta, user) & 0o400 == 0 {
+        return false;
+    }
+    path.ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| bits_for(&meta, user) & 0o100 != 0))
 }
 
 /// Checks that `user` can traverse every directory down to `dir` (by the owner, group and
@@ -686,5 +738,66 @@ mod tests {
         std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o711))
             .expect("chmod");
         reachable_by(&dir, stranger).expect("traversable");
+    }
+
+    #[test]
+    fn a_key_is_exposed_to_functions_only_when_its_mode_and_every_directory_let_them_read_it() {
+        let outer = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let key = outer.path().join("node-key.pem");
+        std::fs::write(&key, "key").expect("write");
+        let stranger = FunctionUser {
+            uid: 64_999,
+            gid: 64_999,
+        };
+        let mode = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        mode(&key, 0o644);
+        assert!(readable_by(&key, stranger), "0644 in a 0755 directory");
+        mode(&key, 0o640);
+        assert!(
+            !readable_by(&key, stranger),
+            "group-readable, another group"
+        );
+        mode(&key, 0o644);
+        mode(outer.path(), 0o750);
+        assert!(
+            !readable_by(&key, stranger),
+            "the directory is closed to others"
+        );
+        assert!(!readable_by(&outer.path().join("missing"), stranger));
+
+        let driver = |users| ProcessDriver {
+            functions_dir: PathBuf::new(),
+            socket_root: PathBuf::new(),
+            function_users: users,
+            uids: std::sync::Mutex::default(),
+            memory: MemoryLimitMode::Unenforced {
+                reason: "test".into(),
+            },
+            wrapper: None,
+            id_prefix: String::new(),
+            next_id: AtomicU64::new(1),
+            vetted: std::sync::Mutex::default(),
+        };
+        mode(outer.path(), 0o755);
+        assert!(driver(FunctionUsers::PerFunction(UidRange::DEFAULT)).exposes(&key));
+        assert!(driver(FunctionUsers::Shared(stranger)).exposes(&key));
+        assert!(
+            !driver(FunctionUsers::Runner).exposes(&key),
+            "the runner's own user must read it anyway"
+        );
+    }
+
+    #[test]
+    fn uid_ranges_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(UidRange::parse("100000-165535"), Ok(UidRange::DEFAULT));
+        assert_eq!(UidRange::DEFAULT.len(), 65_536);
+        for bad in ["", "100000", "5-1", "0-10", "a-b", "1-4294967295"] {
+            let err = UidRange::parse(bad).expect_err(bad);
+            assert!(err.contains("range"), "{bad:?}: {err}");
+        }
     }
 }

@@ -1,0 +1,77 @@
+//! `fn-hostile`: a function written to attack another function's running instance, for the
+//! isolation tests (`system-tests/tests/isolation.rs`). It is never part of an image.
+//!
+//! The request body names the target, one `key=value` per line: `pid` (the victim's process),
+//! `dir` (its instance directory), `socket` (its listener), `key` (a file the runner keeps
+//! from functions) and `root` (the runner's socket root). The answer has one line per attempt,
+//! `<attempt>: denied (<error>)` or `<attempt>: ALLOWED`.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use fn_fdk::{Body, Context, Response};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn main() -> ExitCode {
+    fn_fdk::run(|_ctx: Context, body: Body| async move {
+        let text = body.bytes().await?;
+        let target: HashMap<String, String> = String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let get = |key: &str| target.get(key).cloned().unwrap_or_default();
+        let pid = Pid::from_raw(get("pid").parse().unwrap_or(0));
+        let mut report = String::new();
+        let mut row = |attempt: &str, outcome: Result<(), String>| {
+            let line = match outcome {
+                Ok(()) => format!("{attempt}: ALLOWED\n"),
+                Err(e) => format!("{attempt}: denied ({e})\n"),
+            };
+            report.push_str(&line);
+        };
+        row(
+            "read its /proc/PID/environ",
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
+        row(
+            "send it SIGTERM",
+            kill(pid, Signal::SIGTERM).map_err(|e| e.to_string()),
+        );
+        row(
+            "ptrace-attach to it",
+            nix::sys::ptrace::attach(pid)
+                .map(|()| {
+                    // Let it go at once: the row already says what matters.
+                    let _detached = nix::sys::ptrace::detach(pid, None);
+                })
+                .map_err(|e| e.to_string()),
+        );
+        row(
+            "connect to its socket",
+            std::os::unix::net::UnixStream::connect(get("socket"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
+        row(
+            "write into its private directory",
+            std::fs::write(format!("{}/pwned", get("dir")), b"x").map_err(|e| e.to_string()),
+        );
+        row(
+            "read the runner's key",
+            std::fs::read(get("key"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
+        row(
+            "list the runner's socket root",
+            std::fs::read_dir(get("root"))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
+        Ok(Response::new(report))
+    })
+}
