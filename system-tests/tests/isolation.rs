@@ -88,6 +88,13 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
         .map(|(_, v)| v)
         .context("the runner's key")?;
 
+    let status = std::fs::read_to_string(format!("/proc/{victim}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
+        "functions run with no_new_privs:\n{status}"
+    );
     let target = format!("pid={victim}\ndir={dir}\nsocket={socket}\nkey={key}\nroot={root}\n");
     let attack = cluster.call("/r/tenant-b/hostile", target).await?;
     ensure!(attack.status == 200, "hostile: {attack:?}");

@@ -56,10 +56,14 @@ struct Cli {
 fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
     let common = cli.common.clone();
-    fn_lifecycle::run_daemon(&common, daemon(cli))
+    // Before any other thread exists, so that every thread (and every function started from
+    // one) inherits it: no exec of a setuid program gives a function more privileges than it
+    // started with. The runner itself only ever drops privileges.
+    let no_new_privs = nix::sys::prctl::set_no_new_privs();
+    fn_lifecycle::run_daemon(&common, daemon(cli, no_new_privs))
 }
 
-async fn daemon(cli: Cli) -> ExitCode {
+async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let Some(functions_dir) = cli.functions_dir.clone() else {
         exit_config_error("FN_FUNCTIONS_DIR: required (the directory function commands run from)")
@@ -99,6 +103,10 @@ async fn daemon(cli: Cli) -> ExitCode {
             "the runner is not root: functions run as its own user, isolated neither from \
              each other nor from the runner"
         ),
+    }
+
+    if let Err(e) = no_new_privs {
+        tracing::warn!(error = %e, "cannot set no_new_privs; functions could gain privileges through setuid programs");
     }
 
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
