@@ -95,6 +95,17 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
             .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
         "functions run with no_new_privs:\n{status}"
     );
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{victim}/fd"))?
+        .filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|link| link.display().to_string())
+        .collect();
+    println!("victim's descriptors: {fds:?}");
+    ensure!(
+        fds.iter()
+            .all(|fd| !fd.starts_with(&cluster.certs.dir().display().to_string())),
+        "a function holds one of the runner's files open: {fds:?}"
+    );
     let target = format!("pid={victim}\ndir={dir}\nsocket={socket}\nkey={key}\nroot={root}\n");
     let attack = cluster.call("/r/tenant-b/hostile", target).await?;
     ensure!(attack.status == 200, "hostile: {attack:?}");
