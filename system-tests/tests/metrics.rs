@@ -129,6 +129,19 @@ async fn every_daemon_exposes_its_counters_on_its_metrics_port() -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Every daemon shows the time left on its certificate (a year, in the test PKI).
+    let mut addresses = vec![lb.to_owned(), address.to_owned()];
+    addresses.extend(cluster.runners.iter().filter_map(|r| r.metrics.clone()));
+    for address in &addresses {
+        let text = scrape(address).await?;
+        let left = sample(&text, "fn_tls_certificate_expiry_seconds")
+            .with_context(|| format!("{address}: no certificate expiry gauge\n{text}"))?;
+        ensure!(
+            (360.0 * 86_400.0..=366.0 * 86_400.0).contains(&left),
+            "{address}: {left} s left on a one-year certificate"
+        );
+    }
+
     // Only GET /metrics is served.
     let other = http::get(lb, "/").await?;
     ensure!(other.status == 404, "{other:?}");

@@ -195,6 +195,8 @@ async fn daemon(cli: Cli) -> ExitCode {
         },
     );
     let mut registry = Registry::default();
+    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+        .unwrap_or_else(|e| exit_config_error(e));
     let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);
     let (health, _grpc_health) = Health::new(&[]);
     let limits = ClientLimits {
@@ -220,6 +222,9 @@ async fn daemon(cli: Cli) -> ExitCode {
     services.spawn("http", move |cancel| front.serve(listener, cancel));
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
+    if let Some(expiry) = cert_expiry {
+        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
     }
     services.spawn("catalog-reload", move |cancel| {
         reload_on_sighup(catalog, hangups, cancel)

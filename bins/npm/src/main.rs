@@ -88,6 +88,8 @@ async fn daemon(cli: Cli) -> ExitCode {
         .add_service(npm.manager_server());
     let probe = Arc::new(GrpcProbe::new(tls.clone()));
     let mut registry = Registry::default();
+    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+        .unwrap_or_else(|e| exit_config_error(e));
     let control = ControlLoop::new(shared, control_plane, probe, manager_config, &mut registry);
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
         Ok(m) => m,
@@ -102,6 +104,9 @@ async fn daemon(cli: Cli) -> ExitCode {
     services.spawn("control-loop", move |cancel| control.run(cancel));
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
+    if let Some(expiry) = cert_expiry {
+        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
     }
     let shutdown = match fn_lifecycle::signal::shutdown_signal() {
         Ok(signal) => signal,

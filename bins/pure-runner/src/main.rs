@@ -124,6 +124,8 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     }
     let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
     let mut registry = Registry::default();
+    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+        .unwrap_or_else(|e| exit_config_error(e));
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 
     let listener =
@@ -154,6 +156,9 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     });
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
+    }
+    if let Some(expiry) = cert_expiry {
+        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
     }
     let reaper_pool = Arc::clone(&pool);
     services.spawn("idle-reaper", move |cancel| {

@@ -80,6 +80,15 @@ impl DevCa {
         self.node_valid(sans, now - Duration::days(1), now + Duration::days(365))
     }
 
+    /// A node certificate that expires `days` days from now (for expiry tests).
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn node_expiring_in(&self, sans: &[&str], days: i64) -> Result<NodeCert, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        self.node_valid(sans, now - Duration::days(1), now + Duration::days(days))
+    }
+
     /// A node certificate whose validity ended yesterday (for rejection tests).
     ///
     /// # Errors

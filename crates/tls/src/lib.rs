@@ -11,6 +11,7 @@
 //! This crate owns no sockets; daemons hand its configs to tonic.
 
 pub mod dev;
+pub mod expiry;
 
 use std::path::{Path, PathBuf};
 

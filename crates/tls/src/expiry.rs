@@ -1,0 +1,208 @@
+//! Certificate expiry made visible: a gauge of the seconds left on this node's certificate
+//! (`fn_tls_certificate_expiry_seconds`, negative once it has expired) on every daemon's
+//! `/metrics`, and a warning in the log once a day from [`WARN_BEFORE`] before the end.
+//!
+//! Alert on the gauge, e.g. `fn_tls_certificate_expiry_seconds < 7 * 86400`: a daemon whose
+//! certificate expires stops talking to the cluster.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio_util::sync::CancellationToken;
+
+use crate::NodeTls;
+
+/// From how long before the end the log warns.
+pub const WARN_BEFORE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the log warns while the end is near.
+pub const WARN_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// How often the gauge is brought up to date.
+const TICK: Duration = Duration::from_secs(60);
+
+/// The end of the validity (`notAfter`) of the first certificate in `pem`.
+///
+/// # Errors
+/// A message when `pem` holds no parsable certificate.
+pub fn not_after(pem: &[u8]) -> Result<SystemTime, String> {
+    let (_, block) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let seconds = cert.validity().not_after.timestamp();
+    let at = u64::try_from(seconds)
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        .unwrap_or(UNIX_EPOCH);
+    Ok(at)
+}
+
+/// Seconds from `now` to `end`; negative once `end` has passed.
+fn seconds_left(end: SystemTime, now: SystemTime) -> f64 {
+    match end.duration_since(now) {
+        Ok(left) => left.as_secs_f64(),
+        Err(past) => -past.duration().as_secs_f64(),
+    }
+}
+
+/// Whether to warn at `now` about a certificate ending at `end`, last warned at `warned`.
+fn should_warn(end: SystemTime, now: SystemTime, warned: Option<SystemTime>) -> bool {
+    let near = end
+        .duration_since(now)
+        .map_or(true, |left| left <= WARN_BEFORE);
+    near && warned.is_none_or(|at| now.duration_since(at).is_ok_and(|gap| gap >= WARN_EVERY))
+}
+
+/// The expiry watch of one daemon's certificate.
+#[derive(Debug, Clone)]
+pub struct CertExpiry {
+    end: SystemTime,
+    gauge: Gauge<f64, AtomicU64>,
+    warned: Arc<std::sync::Mutex<Option<SystemTime>>>,
+}
+
+impl CertExpiry {
+    /// The watch of `tls`'s certificate, registered in `registry` as
+    /// `fn_tls_certificate_expiry_seconds`.
+    ///
+    /// # Errors
+    /// A message when the certificate cannot be parsed.
+    pub fn register(tls: &NodeTls, registry: &mut Registry) -> Result<Self, String> {
+        let expiry = CertExpiry {
+            end: not_after(&tls.cert)?,
+            gauge: Gauge::default(),
+            warned: Arc::default(),
+        };
+        registry.register_with_unit(
+            "fn_tls_certificate_expiry",
+            "Time left until this node's certificate (FN_NODE_CERT) expires; negative once it has",
+            Unit::Seconds,
+            expiry.gauge.clone(),
+        );
+        expiry.check(SystemTime::now());
+        Ok(expiry)
+    }
+
+    /// The watch for a daemon in `mode`: `None` without TLS (`FN_INSECURE`).
+    ///
+    /// # Errors
+    /// A message naming `FN_NODE_CERT` when its certificate cannot be parsed.
+    pub fn for_mode(
+        mode: &crate::TlsMode,
+        registry: &mut Registry,
+    ) -> Result<Option<Self>, String> {
+        match mode {
+            crate::TlsMode::Mutual(tls) => Self::register(tls, registry)
+                .map(Some)
+                .map_err(|e| format!("FN_NODE_CERT: {e}")),
+            crate::TlsMode::Insecure => Ok(None),
+        }
+    }
+
+    /// The end of the certificate's validity.
+    pub fn end(&self) -> SystemTime {
+        self.end
+    }
+
+    /// Brings the gauge up to date and warns when due.
+    fn check(&self, now: SystemTime) {
+        let left = seconds_left(self.end, now);
+        self.gauge.set(left);
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if should_warn(self.end, now, *warned) {
+            *warned = Some(now);
+            let end = humantime::format_rfc3339_seconds(self.end);
+            if left < 0.0 {
+                tracing::error!(%end, "this node's certificate (FN_NODE_CERT) has expired: peers refuse it; replace it");
+            } else {
+                tracing::warn!(%end, days_left = (left / 86_400.0) as u64, "this node's certificate (FN_NODE_CERT) expires soon; replace it");
+            }
+        }
+    }
+
+    /// Background task: updates the gauge every minute until cancelled.
+    ///
+    /// # Errors
+    /// Never; the signature fits the lifecycle's service runner.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                _ = tick.tick() => self.check(SystemTime::now()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::DevCa;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn not_after_is_read_from_the_certificate() {
+        let ca = DevCa::new("expiry test CA").expect("ca");
+        let now = SystemTime::now();
+        let node = ca.node_expiring_in(&[], 3).expect("node");
+        let end = not_after(node.cert_pem.as_bytes()).expect("parses");
+        let left = seconds_left(end, now);
+        assert!(
+            (left - 3.0 * 86_400.0).abs() < 120.0,
+            "about three days left: {left}"
+        );
+        assert!(
+            not_after(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err()
+        );
+        assert!(not_after(b"not pem").is_err());
+    }
+
+    #[test]
+    fn the_gauge_counts_down_and_goes_negative_after_the_end() {
+        let ca = DevCa::new("expiry test CA").expect("ca");
+        let node = ca.node_expiring_in(&[], 10).expect("node");
+        let tls = NodeTls::from_pem(
+            node.cert_pem.into_bytes(),
+            node.key_pem.into_bytes(),
+            ca.cert_pem().as_bytes().to_vec(),
+        );
+        let mut registry = Registry::default();
+        let expiry = CertExpiry::register(&tls, &mut registry).expect("registers");
+        let left = expiry.gauge.get();
+        assert!((left - 10.0 * 86_400.0).abs() < 120.0, "{left}");
+        expiry.check(expiry.end() + DAY);
+        assert!((expiry.gauge.get() + 86_400.0).abs() < 1.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(
+            text.contains("fn_tls_certificate_expiry_seconds "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn warnings_start_seven_days_before_the_end_and_repeat_daily() {
+        let now = SystemTime::now();
+        let end = now + 10 * DAY;
+        assert!(!should_warn(end, now, None), "ten days left");
+        let soon = end - 6 * DAY;
+        assert!(should_warn(end, soon, None), "six days left");
+        assert!(
+            !should_warn(end, soon + DAY / 2, Some(soon)),
+            "not twice a day"
+        );
+        assert!(should_warn(end, soon + DAY, Some(soon)), "the next day");
+        assert!(
+            should_warn(end, end + DAY, Some(end)),
+            "expired, a day later"
+        );
+    }
+}
