@@ -1,7 +1,7 @@
-//! Tenant isolation, tried by a hostile function: `fn-hostile` (tenant B) attacks a running
-//! instance of `fn-hello` (tenant A) on the same real pure-runner, started as root with its
-//! defaults (a uid of its own per function). Every attempt must fail, and the victim must
-//! answer its next call from the same process.
+//! Tenant isolation on a real pure-runner started as root with its defaults: each function
+//! runs as a uid of its own, and `fn-hostile` (tenant B) attacks a running instance of
+//! `fn-hello` (tenant A). Every attempt must fail, and the victim must answer its next call
+//! from the same process.
 //!
 //! Rows not built yet are reported as skipped with the reason, never passed: PID and mount
 //! namespaces, and `FN_FUNCTION_NETWORK=none`.
@@ -25,6 +25,23 @@ app = "tenant-b"
 name = "hostile"
 route = "/hostile"
 command = ["fn-hostile"]
+memory_mb = 64
+"#;
+
+/// Two tenants' functions that say which process answered (`X-Fn-Pid`).
+const TWO_TENANTS: &str = r#"
+[[functions]]
+app = "tenant-a"
+name = "victim"
+route = "/victim"
+command = ["fn-hello"]
+memory_mb = 64
+
+[[functions]]
+app = "tenant-c"
+name = "other"
+route = "/other"
+command = ["fn-echo"]
 memory_mb = 64
 "#;
 
@@ -184,6 +201,49 @@ async fn with_one_shared_user_a_tenant_reads_and_signals_another() -> anyhow::Re
             .log()
             .contains("tenants are not isolated from each other"),
         "the runner says so at start:\n{}",
+        cluster.logs()
+    );
+    Ok(())
+}
+
+/// On a root runner (the default configuration) each function runs as a uid of its own from
+/// `FN_FUNCTION_UIDS`, so one tenant cannot read another's environment or signal it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_function_runs_as_a_uid_of_its_own() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: a uid per function needs a root runner");
+        return Ok(());
+    }
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: TWO_TENANTS.into(),
+        ..Setup::default()
+    })
+    .await?;
+    let mut uids = Vec::new();
+    for path in ["/r/tenant-a/victim", "/r/tenant-c/other"] {
+        let reply = cluster.call(path, "who").await?;
+        ensure!(reply.status == 200, "{path}: {reply:?}");
+        let pid = pid_of(&reply)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .context("Uid line")?
+            .parse()?;
+        uids.push(uid);
+    }
+    ensure!(uids[0] != uids[1], "two functions share uid {}", uids[0]);
+    ensure!(
+        uids.iter().all(|uid| (100_000..=165_535).contains(uid)),
+        "uids {uids:?} outside FN_FUNCTION_UIDS"
+    );
+    ensure!(
+        cluster.runners[0]
+            .log()
+            .contains("each function runs as a uid of its own"),
+        "{}",
         cluster.logs()
     );
     Ok(())
