@@ -60,6 +60,16 @@ impl Cluster {
 
     /// A cluster whose npm spawns `runner_binary` as its runners.
     async fn start_with(runner_binary: &Path) -> anyhow::Result<Cluster> {
+        Self::start_with_intervals(runner_binary, "200ms", "200ms").await
+    }
+
+    /// Like [`Cluster::start_with`], with the npm's `FN_SCALE_INTERVAL` and the LB's
+    /// `FN_ADVERTISE_INTERVAL`.
+    async fn start_with_intervals(
+        runner_binary: &Path,
+        scale_interval: &str,
+        advertise_interval: &str,
+    ) -> anyhow::Result<Cluster> {
         let certs = Certs::new()?;
         let tls = certs.client()?;
         let state_dir = tempfile::tempdir()?;
@@ -87,7 +97,7 @@ impl Cluster {
                 ("FN_RUNNER_MEMORY_MB", "256"),
                 ("FN_MAX_RUNNERS", &MAX_RUNNERS.to_string()),
                 ("FN_SCALE_DOWN_DELAY", SCALE_DOWN_DELAY),
-                ("FN_SCALE_INTERVAL", "200ms"),
+                ("FN_SCALE_INTERVAL", scale_interval),
                 ("FN_LB_PURGE_AFTER", "3s"),
                 ("FN_MAX_DRAIN_TIME", "20s"),
                 ("FN_SHUTDOWN_TIMEOUT", "15s"),
@@ -121,7 +131,7 @@ idle_timeout = "30s"
                     ("FN_LISTEN_ADDR", "127.0.0.1"),
                     ("FN_NPM_ADDRESS", &npm_address),
                     ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
-                    ("FN_ADVERTISE_INTERVAL", "200ms"),
+                    ("FN_ADVERTISE_INTERVAL", advertise_interval),
                     ("FN_PLACER_TIMEOUT", "15s"),
                     ("FN_SHUTDOWN_TIMEOUT", "5s"),
                     ("FN_DRAIN_DELAY", "0s"),
@@ -518,6 +528,29 @@ fn assert_all_ok(statuses: &[u16]) {
         failed.len(),
         statuses.len()
     );
+}
+
+/// Scale from zero is event-driven: with the LB's adverts and the npm's control loop both
+/// 30 s apart, the first call after zero is still answered within seconds. The LB tells the
+/// npm as soon as demand rises from zero, and the npm acts on it at once; waiting for the
+/// ticks would take at least 30 s and end in 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_call_after_zero_waits_for_no_tick() -> anyhow::Result<()> {
+    let cluster =
+        Cluster::start_with_intervals(&fn_test_support::workspace_bin("pure-runner"), "30s", "30s")
+            .await?;
+    assert!(cluster.records()?.is_empty(), "no runners at start");
+    let start = Instant::now();
+    let status = Cluster::call(&cluster.lb_address, 10).await;
+    let took = start.elapsed();
+    eprintln!("first call after zero answered after {took:?}");
+    assert_eq!(status, 200, "npm log:\n{}", cluster.npm.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}: the path waited for a tick\nnpm log:\n{}",
+        cluster.npm.log()
+    );
+    Ok(())
 }
 
 #[tokio::test]

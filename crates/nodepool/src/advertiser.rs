@@ -1,5 +1,6 @@
 //! The LB's capacity advertiser: tells the npm, every interval, how much memory each LB
-//! group needs (calls in flight or waiting for a runner).
+//! group needs (calls in flight or waiting for a runner), and at once when a group's demand
+//! rises from zero, so that scaling from zero waits for no tick.
 //!
 //! It reads the [`CapacityTracker`] and never touches the call path. A group that went idle
 //! is advertised once more at zero and then forgotten. A failed advert is logged and the
@@ -62,6 +63,10 @@ impl Advertiser {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = tick.tick() => self.advertise_once().await,
+                () = self.tracker.risen_from_zero() => {
+                    self.advertise_once().await;
+                    tick.reset();
+                }
             }
         }
         self.advertise_once().await;

@@ -11,6 +11,9 @@ pub struct CapacityTracker {
     /// Group → MB. Groups stay listed at 0 once seen, so the advertiser can send a final
     /// zero; [`CapacityTracker::forget_idle`] removes them afterwards.
     groups: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Woken when a group's demand rises from zero: the advertiser tells the npm at once
+    /// instead of at its next tick (scale from zero without waiting).
+    rose: Arc<tokio::sync::Notify>,
 }
 
 impl CapacityTracker {
@@ -27,12 +30,27 @@ impl CapacityTracker {
 
     /// Assigns `memory_mb` to `group` until the guard drops.
     pub fn assign(&self, group: &str, memory_mb: u64) -> CapacityGuard {
-        *self.lock().entry(group.to_owned()).or_insert(0) += memory_mb;
+        let from_zero = {
+            let mut groups = self.lock();
+            let total = groups.entry(group.to_owned()).or_insert(0);
+            let from_zero = *total == 0 && memory_mb > 0;
+            *total += memory_mb;
+            from_zero
+        };
+        if from_zero {
+            self.rose.notify_one();
+        }
         CapacityGuard {
             tracker: self.clone(),
             group: group.to_owned(),
             memory_mb,
         }
+    }
+
+    /// Completes when a group's demand has risen from zero since the last time this
+    /// completed (one waiter: the advertiser).
+    pub async fn risen_from_zero(&self) {
+        self.rose.notified().await;
     }
 
     /// Current totals of every group seen and not forgotten.
@@ -88,5 +106,28 @@ mod tests {
         assert_eq!(t.snapshot().len(), 1, "g1 still busy, g2 forgotten");
         drop(b);
         assert_eq!(t.snapshot()["g1"], 0);
+    }
+
+    #[tokio::test]
+    async fn demand_rising_from_zero_wakes_the_advertiser_once() {
+        let t = CapacityTracker::new();
+        let soon = std::time::Duration::from_millis(20);
+        let first = t.assign("g", 128);
+        tokio::time::timeout(soon, t.risen_from_zero())
+            .await
+            .expect("from zero: woken");
+        let second = t.assign("g", 128);
+        assert!(
+            tokio::time::timeout(soon, t.risen_from_zero())
+                .await
+                .is_err(),
+            "more demand on a busy group waits for the tick"
+        );
+        drop(first);
+        drop(second);
+        let _again = t.assign("g", 64);
+        tokio::time::timeout(soon, t.risen_from_zero())
+            .await
+            .expect("from zero again: woken");
     }
 }

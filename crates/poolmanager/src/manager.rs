@@ -89,6 +89,9 @@ pub type Membership = BTreeMap<String, Arc<Vec<RunnerInfo>>>;
 #[derive(Debug, Default)]
 pub struct Shared {
     demand: Mutex<DemandBook>,
+    /// Woken when an advert raises a group's demand: the control loop acts at once instead
+    /// of at its next tick (scale from zero without waiting).
+    demand_rose: tokio::sync::Notify,
     /// `None` until the control loop has loaded the runner set and published it once: until
     /// then the npm does not know the lists, and an empty answer would make the LBs drop
     /// every runner they use (the Fn 2018 bug class "an npm error emptied the LB's lists").
@@ -98,10 +101,22 @@ pub struct Shared {
 impl Shared {
     /// Records an LB's advert.
     pub fn record_advert(&self, lb_id: &str, groups: Vec<(String, u64)>, now: Instant) {
-        self.demand
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(lb_id, groups, now);
+        let names: Vec<String> = groups.iter().map(|(g, _)| g.clone()).collect();
+        let rose = {
+            let mut book = self
+                .demand
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before: Vec<u64> = names.iter().map(|g| book.wanted_mb(g)).collect();
+            book.record(lb_id, groups, now);
+            names
+                .iter()
+                .zip(before)
+                .any(|(g, before)| book.wanted_mb(g) > before)
+        };
+        if rose {
+            self.demand_rose.notify_one();
+        }
     }
 
     /// The active runners of `group` in LB order (empty when unknown or not yet loaded).
@@ -205,6 +220,8 @@ impl ControlLoop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = interval.tick() => {}
+                // New demand: act now, not at the next tick.
+                () = self.shared.demand_rose.notified() => interval.reset(),
             }
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -508,5 +525,33 @@ impl ControlLoop {
             .map(|(group, list)| (group, Arc::new(list)))
             .collect();
         self.shared.publish(membership);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_advert_that_raises_demand_wakes_the_control_loop() {
+        let shared = Shared::default();
+        let soon = Duration::from_millis(20);
+        let now = Instant::now();
+        shared.record_advert("lb-1", vec![("g".into(), 128)], now);
+        tokio::time::timeout(soon, shared.demand_rose.notified())
+            .await
+            .expect("new demand: woken");
+        shared.record_advert("lb-1", vec![("g".into(), 128)], now);
+        shared.record_advert("lb-1", vec![("g".into(), 64)], now);
+        assert!(
+            tokio::time::timeout(soon, shared.demand_rose.notified())
+                .await
+                .is_err(),
+            "the same or less demand waits for the tick"
+        );
+        shared.record_advert("lb-2", vec![("g".into(), 64)], now);
+        tokio::time::timeout(soon, shared.demand_rose.notified())
+            .await
+            .expect("another LB's demand adds up: woken");
     }
 }
