@@ -4,7 +4,8 @@ FROM scratch
 LABEL fn.dataplane.image=npm
 COPY rootfs/ /
 # The certificates directory: owned by the fn user and closed to others, so a volume mounted
-# here starts with these permissions and function code (user nobody) cannot read the key.
+# here starts with these permissions and function code (a uid of its own per function, in
+# no group of ours) cannot read the key.
 COPY --chown=10001:10001 certs-root/ /
 COPY bin/npm bin/fn-certs bin/fn-probe /usr/local/bin/
 ENV PATH=/usr/local/bin
