@@ -20,6 +20,18 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The pid of the function instance that answered (its `X-Fn-Pid`; the example
+    /// functions send it).
+    ///
+    /// # Errors
+    /// When the header is missing or not a number.
+    pub fn fn_pid(&self) -> anyhow::Result<u32> {
+        self.header("x-fn-pid")
+            .context("no X-Fn-Pid")?
+            .parse()
+            .context("X-Fn-Pid is not a pid")
+    }
+
     /// A header value as text, if present.
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers

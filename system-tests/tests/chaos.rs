@@ -226,7 +226,7 @@ async fn kill_9_one_of_three_runners_under_load() -> anyhow::Result<()> {
         let reply = cluster.call("/r/chaos/echo", "back?").await?;
         ensure!(reply.status == 200, "{} {}", reply.status, reply.text());
         seen_ids.extend(reply.header("fn-call-id"));
-        let pid: u32 = reply.header("x-fn-pid").context("no X-Fn-Pid")?.parse()?;
+        let pid = reply.fn_pid()?;
         if cluster.runner_of(pid)? == victim {
             break restarted_at.elapsed();
         }

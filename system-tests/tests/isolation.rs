@@ -8,7 +8,6 @@
 
 use anyhow::{Context, ensure};
 use fn_system_tests::cluster::{Cluster, Setup};
-use fn_system_tests::http::Reply;
 
 const CATALOG: &str = r#"
 [[functions]]
@@ -56,12 +55,39 @@ const ATTEMPTS: [&str; 7] = [
     "list the runner's socket root",
 ];
 
-fn pid_of(reply: &Reply) -> anyhow::Result<u32> {
-    reply
-        .header("x-fn-pid")
-        .context("no X-Fn-Pid")?
-        .parse()
-        .context("X-Fn-Pid")
+/// A one-runner cluster serving `catalog`, its runner started as root with `runner_env`;
+/// `None` (the test skips, saying why) when the tests do not run as root.
+async fn root_cluster(
+    catalog: &str,
+    runner_env: &[(&str, &str)],
+    why: &str,
+) -> anyhow::Result<Option<Cluster>> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: {why} needs a root runner");
+        return Ok(None);
+    }
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: catalog.into(),
+        runner_env: runner_env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Setup::default()
+    })
+    .await?;
+    Ok(Some(cluster))
+}
+
+/// The real uid of process `pid` (read as root, by the test).
+fn uid_of(pid: u32) -> anyhow::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .context("Uid line")?
+        .parse()?)
 }
 
 /// `NAME=value` from a process's environment (read as root, by the test).
@@ -76,19 +102,12 @@ fn environ_var(pid: u32, name: &str) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: every row needs a root runner (a uid per function)");
+    let Some(cluster) = root_cluster(CATALOG, &[], "every row (a uid per function)").await? else {
         return Ok(());
-    }
-    let cluster = Cluster::start(Setup {
-        runners: 1,
-        catalog: CATALOG.into(),
-        ..Setup::default()
-    })
-    .await?;
+    };
     let first = cluster.call("/r/tenant-a/victim", "Ann").await?;
     ensure!(first.status == 200, "victim: {first:?}");
-    let victim = pid_of(&first)?;
+    let victim = first.fn_pid()?;
     let dir = environ_var(victim, "HOME")?;
     let socket = environ_var(victim, "FN_LISTENER")?;
     let socket = socket.trim_start_matches("unix:").to_owned();
@@ -158,7 +177,7 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
         "the victim's next call: {again:?}"
     );
     ensure!(
-        pid_of(&again)? == victim,
+        again.fn_pid()? == victim,
         "the victim's instance did not survive"
     );
     ensure!(
@@ -172,20 +191,15 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
 /// what the uid per function prevents, and what the matrix above would catch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_one_shared_user_a_tenant_reads_and_signals_another() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: running functions as another user needs a root runner");
+    let shared_user = [("FN_FUNCTION_USER", "nobody")];
+    let Some(cluster) =
+        root_cluster(CATALOG, &shared_user, "running functions as another user").await?
+    else {
         return Ok(());
-    }
-    let cluster = Cluster::start(Setup {
-        runners: 1,
-        catalog: CATALOG.into(),
-        runner_env: vec![("FN_FUNCTION_USER".into(), "nobody".into())],
-        ..Setup::default()
-    })
-    .await?;
+    };
     let first = cluster.call("/r/tenant-a/victim", "Ann").await?;
     ensure!(first.status == 200, "victim: {first:?}");
-    let victim = pid_of(&first)?;
+    let victim = first.fn_pid()?;
     let attack = cluster
         .call("/r/tenant-b/hostile", format!("pid={victim}\n"))
         .await?;
@@ -210,29 +224,14 @@ async fn with_one_shared_user_a_tenant_reads_and_signals_another() -> anyhow::Re
 /// `FN_FUNCTION_UIDS`, so one tenant cannot read another's environment or signal it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_function_runs_as_a_uid_of_its_own() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: a uid per function needs a root runner");
+    let Some(cluster) = root_cluster(TWO_TENANTS, &[], "a uid per function").await? else {
         return Ok(());
-    }
-    let cluster = Cluster::start(Setup {
-        runners: 1,
-        catalog: TWO_TENANTS.into(),
-        ..Setup::default()
-    })
-    .await?;
+    };
     let mut uids = Vec::new();
     for path in ["/r/tenant-a/victim", "/r/tenant-c/other"] {
         let reply = cluster.call(path, "who").await?;
         ensure!(reply.status == 200, "{path}: {reply:?}");
-        let pid = pid_of(&reply)?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let uid: u32 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().next())
-            .context("Uid line")?
-            .parse()?;
-        uids.push(uid);
+        uids.push(uid_of(reply.fn_pid()?)?);
     }
     ensure!(uids[0] != uids[1], "two functions share uid {}", uids[0]);
     ensure!(

@@ -63,14 +63,6 @@ command = ["fn-hello"]
 memory_mb = 64
 "#;
 
-fn pid_of(reply: &Reply) -> anyhow::Result<u32> {
-    reply
-        .header("x-fn-pid")
-        .context("no X-Fn-Pid")?
-        .parse()
-        .context("X-Fn-Pid")
-}
-
 /// Deterministic, non-repeating-looking bytes.
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -176,7 +168,7 @@ async fn ch_keeps_a_function_on_one_runner_while_it_has_room_then_spills_to_the_
     for i in 0..5 {
         let reply = cluster.call("/r/demo/echo", format!("seq {i}")).await?;
         ensure!(reply.status == 200, "{}\n{}", reply.text(), cluster.logs());
-        pids.push(pid_of(&reply)?);
+        pids.push(reply.fn_pid()?);
     }
     ensure!(
         pids.iter().all(|p| *p == pids[0]),
@@ -186,7 +178,7 @@ async fn ch_keeps_a_function_on_one_runner_while_it_has_room_then_spills_to_the_
     for _ in 0..3 {
         let reply = cluster.call("/r/demo/sleep", "0").await?;
         ensure!(reply.status == 200, "{}\n{}", reply.text(), cluster.logs());
-        let runner = cluster.runner_of(pid_of(&reply)?)?;
+        let runner = cluster.runner_of(reply.fn_pid()?)?;
         ensure!(
             home.is_none_or(|h| h == runner),
             "sequential sleep calls on runners {home:?} and {runner}"
@@ -213,7 +205,7 @@ async fn ch_keeps_a_function_on_one_runner_while_it_has_room_then_spills_to_the_
                 reply.status,
                 reply.text()
             );
-            pid_of(&reply)
+            reply.fn_pid()
         })
     });
     let mut per_runner = [0usize; 3];

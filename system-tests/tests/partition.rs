@@ -80,7 +80,7 @@ async fn echo(cluster: &Cluster, i: usize) -> anyhow::Result<(usize, Duration)> 
         reply.status,
         reply.text()
     );
-    let pid: u32 = reply.header("x-fn-pid").context("no X-Fn-Pid")?.parse()?;
+    let pid = reply.fn_pid()?;
     Ok((cluster.runner_of(pid)?, took))
 }
 
