@@ -17,7 +17,7 @@ PYTHON      ?= python3
 FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
-.PHONY: all build lint fmt test test-unit test-system test-deps demo certs images clean \
+.PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
         test-compose test-compose-if-docker bench load bench-compare
 
 all: build
@@ -87,6 +87,24 @@ bench-compare:
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
+
+# Certificate rotation in the running compose stack (deploy/docker-compose.yml): new files in
+# its certs volume, which every daemon picks up within FN_TLS_RELOAD_INTERVAL, no restart.
+#   make certs-rotate                a new node certificate from the same CA
+#   make certs-rollover STEP=begin   then STEP=switch, then STEP=finish (a CA rollover; let
+#                                    every daemon reload between steps: 10s by default)
+# COMPOSE_PROJECT names the stack when it was started with -p.
+COMPOSE         ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_PROJECT ?=
+COMPOSE_RUN      = $(COMPOSE) $(if $(COMPOSE_PROJECT),-p $(COMPOSE_PROJECT)) -f deploy/docker-compose.yml run --rm certs
+
+certs-rotate:
+	$(COMPOSE_RUN) --rotate
+
+certs-rollover:
+	@case "$(STEP)" in begin|switch|finish) ;; \
+	  *) echo "make certs-rollover: set STEP=begin, then STEP=switch, then STEP=finish" >&2; exit 2;; esac
+	$(COMPOSE_RUN) --ca-rollover $(STEP)
 
 demo: build
 	bash deploy/demo.sh

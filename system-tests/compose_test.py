@@ -5,8 +5,9 @@ Drives deploy/docker-compose.yml as a user would, on images `make images` built:
 
 1. the static stack (npm + lb-agent + 3 pure-runners): every service turns healthy; the
    example functions answer through the published LB port (which proves the LB resolves and
-   reaches the runners and the npm by name); the runner serving a function is stopped and
-   calls still succeed;
+   reaches the runners and the npm by name); the certificates are rotated in the volume and
+   every daemon picks them up without a restart; the runner serving a function is stopped
+   and calls still succeed;
 2. the autoscale override (deploy/docker-compose.autoscale.yml, FN_CONTROL_PLANE=docker):
    no runner until there is load; load makes the npm provision a runner container, labelled
    with its LB group, and calls succeed; a killed and restarted npm adopts that container
@@ -202,6 +203,21 @@ def static_stack(stack):
     check(
         run(["docker", "inspect", "--format", "{{.Config.User}}", stack.container("lb-agent")]).strip() == "10001:10001",
         "lb-agent runs as an unprivileged user",
+    )
+    expect_examples(stack)
+
+    # Certificate rotation without a restart, as `make certs-rotate` runs it: new files in
+    # the certs volume, picked up by every daemon within FN_TLS_RELOAD_INTERVAL (10s).
+    stack("run", "--rm", "certs", "--rotate", timeout=60)
+    for service in ["npm", "lb-agent", "runner-1", "runner-2", "runner-3"]:
+        wait_until(
+            f"{service} uses the rotated certificate without a restart",
+            lambda s=service: "new certificates in use" in stack("logs", "--no-color", s, timeout=30),
+            30,
+        )
+    check(
+        all(stack.health(s) == "healthy" for s in ["npm", "lb-agent", "runner-1", "runner-2", "runner-3"]),
+        "every service stays healthy through the rotation",
     )
     expect_examples(stack)
 

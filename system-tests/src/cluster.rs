@@ -323,8 +323,10 @@ impl Cluster {
         let tls = self.certs.client()?;
         let runner = self.runners.get(i).context("no such runner")?;
         let channel = fn_tls::grpc_endpoint(&tls, &runner.address)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(2))
+            .with(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2))
+            })
             .connect()
             .await?;
         let status = RunnerProtocolClient::new(channel).status(()).await?;

@@ -33,8 +33,8 @@ use tokio::process::{Child, Command};
 #[derive(Debug)]
 pub struct Certs {
     dir: tempfile::TempDir,
-    /// Kept so that a test can sign more certificates (an expired one, say) with it.
-    ca: DevCa,
+    /// The node certificate's extra names, for rotations.
+    sans: Vec<String>,
 }
 
 impl Certs {
@@ -54,21 +54,52 @@ impl Certs {
     pub fn with_sans(sans: &[&str]) -> anyhow::Result<Self> {
         fn_tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        let ca = DevCa::new("fn system-test CA")?;
-        let node = ca.node(sans)?;
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
-        std::fs::write(dir.path().join("node.pem"), &node.cert_pem)?;
-        // Readable by the daemons (root here) only, as an operator keeps a key: functions run
-        // as other users and must not read it.
-        let key = dir.path().join("node-key.pem");
-        std::fs::write(&key, &node.key_pem)?;
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(Certs { dir, ca })
+        // The node key is readable by the daemons (root here) only, as an operator keeps a
+        // key: functions run as other users and must not read it.
+        fn_tls::dev::write_dev_pki(dir.path(), sans)?;
+        let certs = Certs {
+            dir,
+            sans: sans.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        Ok(certs)
     }
 
-    /// The CA that signed the node certificate.
-    pub fn ca(&self) -> &DevCa {
-        &self.ca
+    /// The CA that signs node certificates now.
+    ///
+    /// # Errors
+    /// When its files cannot be read.
+    pub fn ca(&self) -> anyhow::Result<DevCa> {
+        let read = |f: &str| {
+            std::fs::read_to_string(self.dir.path().join(f)).with_context(|| f.to_owned())
+        };
+        Ok(DevCa::from_pem(
+            &read(fn_tls::dev::files::ISSUER)?,
+            &read(fn_tls::dev::files::ISSUER_KEY)?,
+        )?)
+    }
+
+    /// Replaces the node certificate and key in place with new ones from the same CA.
+    ///
+    /// # Errors
+    /// When generation or writing fails.
+    pub fn rotate(&self) -> anyhow::Result<()> {
+        Ok(fn_tls::dev::rotate_node(self.dir.path(), &self.sans())?)
+    }
+
+    /// Runs one step of a CA rollover in place.
+    ///
+    /// # Errors
+    /// When generation or writing fails.
+    pub fn rollover(&self, step: fn_tls::dev::RolloverStep) -> anyhow::Result<()> {
+        Ok(fn_tls::dev::ca_rollover(
+            self.dir.path(),
+            step,
+            &self.sans(),
+        )?)
+    }
+
+    fn sans(&self) -> Vec<&str> {
+        self.sans.iter().map(String::as_str).collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -95,7 +126,7 @@ impl Certs {
             read("node.pem")?,
             read("node-key.pem")?,
             read("ca.pem")?,
-        )))
+        )?))
     }
 }
 
@@ -305,8 +336,10 @@ pub async fn published_runners(
     use fn_protocol::poolmanager::LbGroupId;
     use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
     let channel = fn_tls::grpc_endpoint(tls, npm_address)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+        })
         .connect()
         .await?;
     let reply = RunnerManagerClient::new(channel)

@@ -540,11 +540,20 @@ async fn five_thousand_idle_sockets_do_not_stop_a_call() -> anyhow::Result<()> {
         idle.push(stream);
     }
     let pid = cluster.lb.pid().context("lb-agent pid")?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    ensure!(
-        fds <= cap + 100,
-        "lb-agent holds {fds} descriptors with a cap of {cap} connections"
-    );
+    // Connections the kernel has queued are accepted and shed a moment later (on a busy
+    // machine, some time later): the count must come down to the cap, not stay above it.
+    let start = std::time::Instant::now();
+    loop {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+        if fds <= cap + 100 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "lb-agent holds {fds} descriptors with a cap of {cap} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let reply = cluster.call("/r/demo/echo", "past the idle flood").await?;
     ensure!(
         reply.status == 200 && reply.text() == "past the idle flood",

@@ -33,7 +33,7 @@ const SLEEP_MS: u64 = 1500;
 
 async fn connect(tls: &TlsMode, address: &str) -> anyhow::Result<RunnerProtocolClient<Channel>> {
     let channel = fn_tls::grpc_endpoint(tls, address)?
-        .connect_timeout(Duration::from_secs(5))
+        .with(|e| e.connect_timeout(Duration::from_secs(5)))
         .connect()
         .await?;
     Ok(RunnerProtocolClient::new(channel))

@@ -1,15 +1,21 @@
-//! fn-certs: writes `ca.pem`, `node.pem` and `node-key.pem` for development and demos.
+//! fn-certs: writes `ca.pem`, `node.pem` and `node-key.pem` for development and demos, and
+//! rotates them.
 //!
 //! ```text
-//! fn-certs --out deploy/certs --san npm --san lb-agent
+//! fn-certs --out deploy/certs --san npm --san lb-agent     # a new CA and node certificate
+//! fn-certs --out deploy/certs --rotate                     # a new node certificate, same CA
+//! fn-certs --out deploy/certs --ca-rollover begin          # then switch, then finish
 //! ```
 //! The node certificate is valid for server and client authentication, for `localhost`,
-//! `127.0.0.1`, `::1` and every `--san`. Production deployments bring their own PKI.
+//! `127.0.0.1`, `::1` and every `--san`. The CA's key stays in `issuer-key.pem` (owner-only),
+//! for rotation. Daemons pick up replaced files without a restart (`FN_TLS_RELOAD_INTERVAL`,
+//! or SIGHUP). Production deployments bring their own PKI.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use fn_tls::dev::RolloverStep;
 
 /// Generate a development CA and node certificate for the dataplane's mutual TLS.
 #[derive(Debug, Parser)]
@@ -21,15 +27,33 @@ struct Cli {
     /// Extra DNS name or IP address for the node certificate (repeatable, or comma-separated).
     #[arg(long = "san", env = "FN_CERTS_SANS", value_delimiter = ',')]
     sans: Vec<String>,
-    /// Keep existing files instead of replacing them.
+    /// Keep existing files instead of replacing them (ignored by --rotate and --ca-rollover).
     #[arg(long, env = "FN_CERTS_KEEP", default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
     keep: bool,
+    /// Replace the node certificate and key with new ones from the same CA.
+    #[arg(long, env = "FN_CERTS_ROTATE", default_value_t = false, conflicts_with = "ca_rollover",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    rotate: bool,
+    /// One step of a CA rollover: `begin` (trust old and new CA), `switch` (node certificate
+    /// from the new CA), `finish` (trust the new CA only). Let every daemon reload between
+    /// steps.
+    #[arg(long, env = "FN_CERTS_CA_ROLLOVER", value_enum)]
+    ca_rollover: Option<Step>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Step {
+    Begin,
+    Switch,
+    Finish,
 }
 
 fn main() -> ExitCode {
     let cli: Cli = fn_lifecycle::config::parse_or_exit();
     if cli.keep
+        && !cli.rotate
+        && cli.ca_rollover.is_none()
         && ["ca.pem", "node.pem", "node-key.pem"]
             .iter()
             .all(|f| cli.out.join(f).is_file())
@@ -38,13 +62,38 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
-    match fn_tls::dev::write_dev_pki(&cli.out, &sans) {
-        Ok(()) => {
-            println!(
-                "wrote {dir}/ca.pem, {dir}/node.pem, {dir}/node-key.pem\n\
-                 export FN_NODE_CERT_AUTHORITY={dir}/ca.pem FN_NODE_CERT={dir}/node.pem FN_NODE_CERT_KEY={dir}/node-key.pem",
-                dir = cli.out.display()
-            );
+    let dir = cli.out.display();
+    let done = if cli.rotate {
+        fn_tls::dev::rotate_node(&cli.out, &sans)
+            .map(|()| format!("wrote a new {dir}/node.pem and {dir}/node-key.pem from the same CA"))
+    } else if let Some(step) = cli.ca_rollover {
+        let (step, said) = match step {
+            Step::Begin => (
+                RolloverStep::Begin,
+                "made a new CA; {dir}/ca.pem now trusts the old and the new CA. When every daemon has reloaded, run --ca-rollover switch",
+            ),
+            Step::Switch => (
+                RolloverStep::Switch,
+                "wrote a node certificate from the new CA. When every daemon has reloaded, run --ca-rollover finish",
+            ),
+            Step::Finish => (
+                RolloverStep::Finish,
+                "{dir}/ca.pem now trusts the new CA only; the rollover is done",
+            ),
+        };
+        fn_tls::dev::ca_rollover(&cli.out, step, &sans)
+            .map(|()| said.replace("{dir}", &dir.to_string()))
+    } else {
+        fn_tls::dev::write_dev_pki(&cli.out, &sans).map(|()| {
+            format!(
+                "wrote {dir}/ca.pem, {dir}/node.pem, {dir}/node-key.pem (and the CA in {dir}/issuer*.pem)\n\
+                 export FN_NODE_CERT_AUTHORITY={dir}/ca.pem FN_NODE_CERT={dir}/node.pem FN_NODE_CERT_KEY={dir}/node-key.pem"
+            )
+        })
+    };
+    match done {
+        Ok(said) => {
+            println!("{said}");
             ExitCode::SUCCESS
         }
         Err(e) => {

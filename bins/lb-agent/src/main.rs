@@ -195,7 +195,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         },
     );
     let mut registry = Registry::default();
-    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
     let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);
     let (health, _grpc_health) = Health::new(&[]);
@@ -223,8 +223,8 @@ async fn daemon(cli: Cli) -> ExitCode {
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
     }
-    if let Some(expiry) = cert_expiry {
-        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
+    if let Some(watch) = cert_watch {
+        services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     services.spawn("catalog-reload", move |cancel| {
         reload_on_sighup(catalog, hangups, cancel)

@@ -72,10 +72,11 @@ async fn daemon(cli: Cli) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fn_lifecycle::exit_status(Err(e)),
         };
-    let mut server = match fn_tls::grpc_server(&tls) {
-        Ok(s) => s,
+    let incoming = match fn_tls::grpc_incoming(&tls, listener) {
+        Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
+    let mut server = fn_tls::grpc_server();
     let shared = Arc::new(Shared::default());
     let npm = NpmService::new(Arc::clone(&shared));
     let (health, health_service) = Health::new(&[
@@ -88,7 +89,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         .add_service(npm.manager_server());
     let probe = Arc::new(GrpcProbe::new(tls.clone()));
     let mut registry = Registry::default();
-    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
     let control = ControlLoop::new(shared, control_plane, probe, manager_config, &mut registry);
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
@@ -98,15 +99,14 @@ async fn daemon(cli: Cli) -> ExitCode {
 
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("grpc", move |cancel| {
-        router
-            .serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), cancel.cancelled_owned())
+        router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
     });
     services.spawn("control-loop", move |cancel| control.run(cancel));
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
     }
-    if let Some(expiry) = cert_expiry {
-        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
+    if let Some(watch) = cert_watch {
+        services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     let shutdown = match fn_lifecycle::signal::shutdown_signal() {
         Ok(signal) => signal,

@@ -124,7 +124,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     }
     let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
     let mut registry = Registry::default();
-    let cert_expiry = fn_tls::expiry::CertExpiry::for_mode(&tls, &mut registry)
+    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 
@@ -137,10 +137,11 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let mut server = match fn_tls::grpc_server(&tls) {
-        Ok(s) => s,
+    let incoming = match fn_tls::grpc_incoming(&tls, listener) {
+        Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
+    let mut server = fn_tls::grpc_server();
     let (health, health_service) = Health::new(&["dataplane.runner.v1.RunnerProtocol"]);
     let router = server
         .add_service(health_service)
@@ -149,7 +150,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     // On shutdown: refuse new calls as draining, let calls in flight finish, then stop.
     services.spawn("grpc", move |cancel| {
-        router.serve_with_incoming_shutdown(fn_tls::grpc_incoming(listener), async move {
+        router.serve_with_incoming_shutdown(incoming, async move {
             cancel.cancelled().await;
             runner.drain().await;
         })
@@ -157,8 +158,8 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
     }
-    if let Some(expiry) = cert_expiry {
-        services.spawn("cert-expiry", move |cancel| expiry.run(cancel));
+    if let Some(watch) = cert_watch {
+        services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     let reaper_pool = Arc::clone(&pool);
     services.spawn("idle-reaper", move |cancel| {

@@ -40,8 +40,10 @@ impl Advertiser {
         interval: Duration,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = fn_tls::grpc_endpoint(tls, npm_address)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(interval.max(Duration::from_secs(1)))
+            .with(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .timeout(interval.max(Duration::from_secs(1)))
+            })
             .connect_lazy();
         Ok(Advertiser {
             lb_id: lb_id.into(),

@@ -120,11 +120,13 @@ impl RunnerClient {
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let address = address.into();
         let channel = fn_tls::grpc_endpoint(tls, &address)?
-            .connect_timeout(config.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
+            .with(|e| {
+                e.connect_timeout(config.connect_timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true)
+            })
             .connect_lazy();
         Ok(Arc::new(RunnerClient {
             id: id.into(),

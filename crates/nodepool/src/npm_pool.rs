@@ -54,8 +54,10 @@ impl NpmPool {
         poll_interval: Duration,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = fn_tls::grpc_endpoint(tls, npm_address)?
-            .connect_timeout(client_config.connect_timeout)
-            .timeout(Duration::from_secs(2))
+            .with(|e| {
+                e.connect_timeout(client_config.connect_timeout)
+                    .timeout(Duration::from_secs(2))
+            })
             .connect_lazy();
         Ok(NpmPool {
             inner: Arc::new(Inner {

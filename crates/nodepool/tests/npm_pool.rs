@@ -14,7 +14,6 @@ use fn_protocol::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembershi
 use fn_test_support::TestPki;
 use fn_tls::TlsMode;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -119,14 +118,14 @@ impl Server {
         let address = listener.local_addr().expect("local addr");
         let cancel = CancellationToken::new();
         let fake = FakeNpm(Arc::clone(state));
-        let router = fn_tls::grpc_server(tls)
-            .expect("server TLS")
+        let incoming = fn_tls::grpc_incoming(tls, listener).expect("server TLS");
+        let router = fn_tls::grpc_server()
             .add_service(NodePoolScalerServer::new(fake.clone()))
             .add_service(RunnerManagerServer::new(fake));
         let shutdown = cancel.clone().cancelled_owned();
         let task = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
                 .expect("fake npm serves");
         });

@@ -248,6 +248,10 @@ fn tls_env(args: &TlsArgs) -> Vec<(String, String)> {
         v.as_ref()
             .map(|p| (k.to_owned(), absolute(p).display().to_string()))
     })
+    .chain([(
+        "FN_TLS_RELOAD_INTERVAL".to_owned(),
+        humantime::format_duration(args.tls_reload_interval).to_string(),
+    )])
     .collect()
 }
 
@@ -328,13 +332,19 @@ mod tests {
             node_cert_authority: None,
             tls_server_name: None,
             insecure: false,
+            tls_reload_interval: std::time::Duration::from_secs(3),
         };
         let env = tls_env(&args);
-        assert_eq!(env.len(), 2);
+        assert_eq!(env.len(), 3);
         assert!(env[0].1.starts_with('/') && env[0].1.ends_with("certs/node.pem"));
         assert_eq!(
             env[1],
             ("FN_NODE_CERT_KEY".to_owned(), "/abs/key.pem".to_owned())
+        );
+        assert_eq!(
+            env[2],
+            ("FN_TLS_RELOAD_INTERVAL".to_owned(), "3s".to_owned()),
+            "runners check for rotated certificates as often as the npm"
         );
         let insecure = TlsArgs {
             insecure: true,

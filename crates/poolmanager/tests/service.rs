@@ -40,23 +40,20 @@ impl Npm {
             .expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let cancel = CancellationToken::new();
-        let router = fn_tls::grpc_server(&tls)
-            .expect("server TLS")
+        let incoming = fn_tls::grpc_incoming(&tls, listener).expect("server TLS");
+        let router = fn_tls::grpc_server()
             .add_service(service.clone().scaler_server())
             .add_service(service.manager_server());
         let shutdown = cancel.clone().cancelled_owned();
         let server = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
                 .expect("npm serves");
         });
         let channel = fn_tls::grpc_endpoint(&tls, &address)
             .expect("endpoint")
-            .timeout(Duration::from_secs(5))
+            .with(|e| e.timeout(Duration::from_secs(5)))
             .connect()
             .await
             .expect("connect over mTLS");

@@ -24,7 +24,7 @@ use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_test_support::TestPki;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -101,13 +101,10 @@ async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageCo
         .expect("bind");
     let address = listener.local_addr().expect("local address").to_string();
     let stop = CancellationToken::new();
-    let server = fn_tls::grpc_server(&pki.mode())
-        .expect("tls server")
+    let incoming = fn_tls::grpc_incoming(&pki.mode(), listener).expect("tls server");
+    let server = fn_tls::grpc_server()
         .add_service(service.clone().into_server())
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::spawn(server);
 
     let mut client = connect(&pki, &address).await;
@@ -134,7 +131,7 @@ async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageCo
 async fn connect(pki: &TestPki, address: &str) -> RunnerProtocolClient<Channel> {
     let channel = fn_tls::grpc_endpoint(&pki.mode(), address)
         .expect("endpoint")
-        .connect_timeout(Duration::from_secs(5))
+        .with(|e| e.connect_timeout(Duration::from_secs(5)))
         .connect()
         .await
         .expect("connect");

@@ -217,16 +217,18 @@ impl FakeRunner {
         let service = RunnerProtocolServer::new(Service {
             state: Arc::clone(&state),
         });
-        let mut server = fn_tls::grpc_server(tls).context("fake runner TLS")?;
+        let mut server = fn_tls::grpc_server();
         let router = server.add_service(service);
         let (stop, stopped) = oneshot::channel::<()>();
         let counted = Arc::clone(&state);
-        let incoming = fn_tls::grpc_incoming(listener).map(move |accepted| {
-            if accepted.is_ok() {
-                counted.connections.fetch_add(1, Ordering::Relaxed);
-            }
-            accepted
-        });
+        let incoming = fn_tls::grpc_incoming(tls, listener)
+            .context("fake runner TLS")?
+            .map(move |accepted| {
+                if accepted.is_ok() {
+                    counted.connections.fetch_add(1, Ordering::Relaxed);
+                }
+                accepted
+            });
         tokio::spawn(async move {
             let shutdown = async {
                 // Either a stop signal or the handle dropped: both mean stop.

@@ -71,8 +71,10 @@ pub async fn wait_serving(mode: &TlsMode, address: &str, timeout: Duration) -> a
 /// When the connection or the RPC fails.
 pub async fn health_status(mode: &TlsMode, address: &str) -> anyhow::Result<ServingStatus> {
     let channel = fn_tls::grpc_endpoint(mode, address)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+        })
         .connect()
         .await
         .with_context(|| format!("connecting to {address}"))?;

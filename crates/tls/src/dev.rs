@@ -66,9 +66,27 @@ impl DevCa {
         })
     }
 
+    /// A CA from its certificate and key, PEM encoded (as [`write_dev_pki`] writes them).
+    ///
+    /// # Errors
+    /// When either does not parse.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(DevCa {
+            cert_pem: cert_pem.to_owned(),
+            issuer,
+        })
+    }
+
     /// The CA certificate, PEM encoded.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The CA's private key, PEM encoded. Keep it out of nodes' reach.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// A node certificate for `sans` plus [`DEFAULT_SANS`], valid for a year.
@@ -142,18 +160,21 @@ impl DevCa {
     ///
     /// # Errors
     /// When key generation or signing fails.
-    pub fn node_tls(&self, sans: &[&str]) -> Result<NodeTls, rcgen::Error> {
+    pub fn node_tls(&self, sans: &[&str]) -> Result<NodeTls, DevPkiError> {
         let node = self.node(sans)?;
-        Ok(self.tls_for(&node))
+        self.tls_for(&node)
     }
 
     /// Wraps a node certificate issued by this CA into [`NodeTls`].
-    pub fn tls_for(&self, node: &NodeCert) -> NodeTls {
-        NodeTls::from_pem(
+    ///
+    /// # Errors
+    /// When the material does not parse (not for certificates made here).
+    pub fn tls_for(&self, node: &NodeCert) -> Result<NodeTls, DevPkiError> {
+        Ok(NodeTls::from_pem(
             node.cert_pem.clone().into_bytes(),
             node.key_pem.clone().into_bytes(),
             self.cert_pem.clone().into_bytes(),
-        )
+        )?)
     }
 }
 
@@ -162,33 +183,159 @@ impl DevCa {
 pub enum DevPkiError {
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("loading generated certificates: {0}")]
+    Load(#[from] crate::TlsError),
     #[error("writing {path}: {source}")]
     Write {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "reading {path}: {source} (a directory made by fn-certs before rotation existed has no CA key: make a new one with `fn-certs --out DIR`)"
+    )]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a CA certificate and key made by fn-certs: {source}")]
+    Parse { path: String, source: rcgen::Error },
 }
 
-/// Writes `ca.pem`, `node.pem` and `node-key.pem` into `dir` (created if needed): a new CA
-/// and one node certificate for `sans` plus [`DEFAULT_SANS`]. Point `FN_NODE_CERT_AUTHORITY`,
-/// `FN_NODE_CERT` and `FN_NODE_CERT_KEY` at them.
+/// The files of a development PKI directory.
+pub mod files {
+    /// The CA bundle nodes trust (`FN_NODE_CERT_AUTHORITY`).
+    pub const BUNDLE: &str = "ca.pem";
+    /// The node certificate (`FN_NODE_CERT`).
+    pub const NODE: &str = "node.pem";
+    /// The node key (`FN_NODE_CERT_KEY`).
+    pub const NODE_KEY: &str = "node-key.pem";
+    /// The CA that signs node certificates, and its key (never given to nodes).
+    pub const ISSUER: &str = "issuer.pem";
+    pub const ISSUER_KEY: &str = "issuer-key.pem";
+    /// During a CA rollover: the CA that will sign, and its key.
+    pub const NEXT_ISSUER: &str = "next-issuer.pem";
+    pub const NEXT_ISSUER_KEY: &str = "next-issuer-key.pem";
+}
+
+/// Writes a new development PKI into `dir` (created if needed): a new CA (`issuer.pem`,
+/// `issuer-key.pem`), the bundle nodes trust (`ca.pem`, that CA alone) and one node
+/// certificate (`node.pem`, `node-key.pem`) for `sans` plus [`DEFAULT_SANS`]. Point
+/// `FN_NODE_CERT_AUTHORITY`, `FN_NODE_CERT` and `FN_NODE_CERT_KEY` at the last three.
 ///
 /// # Errors
 /// When generation fails or a file cannot be written.
 pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     let ca = DevCa::new("fn dev CA")?;
+    write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &ca)?;
+    write_file(dir, files::BUNDLE, ca.cert_pem(), false)?;
+    write_node(dir, &ca, sans)
+}
+
+/// Replaces the node certificate and key in `dir` with new ones from the same CA.
+/// Daemons watching the files pick them up without a restart.
+///
+/// # Errors
+/// When the CA's files are missing or unparsable, or a file cannot be written.
+pub fn rotate_node(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
+    let ca = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
+    write_node(dir, &ca, sans)
+}
+
+/// A step of a CA rollover, run in this order with every node reloading in between. No
+/// connection fails at any step: nodes trust both CAs from the first step until the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloverStep {
+    /// A new CA is made; the bundle holds the old and the new CA.
+    Begin,
+    /// Node certificates from the new CA replace the old ones.
+    Switch,
+    /// The new CA becomes the issuer and the old one leaves the bundle.
+    Finish,
+}
+
+/// Runs one step of a CA rollover in `dir`.
+///
+/// # Errors
+/// When a step's inputs are missing (e.g. `Switch` before `Begin`), unparsable, or a file
+/// cannot be written.
+pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), DevPkiError> {
+    match step {
+        RolloverStep::Begin => {
+            let old = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
+            let next = DevCa::new("fn dev CA (next)")?;
+            write_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY, &next)?;
+            let bundle = format!("{}{}", old.cert_pem(), next.cert_pem());
+            write_file(dir, files::BUNDLE, &bundle, false)
+        }
+        RolloverStep::Switch => {
+            let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
+            write_node(dir, &next, sans)
+        }
+        RolloverStep::Finish => {
+            let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
+            write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &next)?;
+            write_file(dir, files::BUNDLE, next.cert_pem(), false)?;
+            for name in [files::NEXT_ISSUER, files::NEXT_ISSUER_KEY] {
+                let path = dir.join(name);
+                std::fs::remove_file(&path).map_err(|source| DevPkiError::Write {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_node(dir: &Path, ca: &DevCa, sans: &[&str]) -> Result<(), DevPkiError> {
     let node = ca.node(sans)?;
-    let write = |name: &str, contents: &str| {
+    // The key first: a reader between the two renames sees a mismatched pair and waits.
+    // Owner-only: functions run as other users and must not read a node's key.
+    write_file(dir, files::NODE_KEY, &node.key_pem, true)?;
+    write_file(dir, files::NODE, &node.cert_pem, false)
+}
+
+fn write_issuer(dir: &Path, cert: &str, key: &str, ca: &DevCa) -> Result<(), DevPkiError> {
+    write_file(dir, key, &ca.key_pem(), true)?;
+    write_file(dir, cert, ca.cert_pem(), false)
+}
+
+fn read_issuer(dir: &Path, cert: &str, key: &str) -> Result<DevCa, DevPkiError> {
+    let read = |name: &str| {
         let path = dir.join(name);
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&path, contents))
-            .map_err(|source| DevPkiError::Write {
-                path: path.display().to_string(),
-                source,
-            })
+        std::fs::read_to_string(&path).map_err(|source| DevPkiError::Read {
+            path: path.display().to_string(),
+            source,
+        })
     };
-    write("ca.pem", ca.cert_pem())?;
-    write("node.pem", &node.cert_pem)?;
-    write("node-key.pem", &node.key_pem)?;
-    Ok(())
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    DevCa::from_pem(&cert_pem, &key_pem).map_err(|source| DevPkiError::Parse {
+        path: dir.join(cert).display().to_string(),
+        source,
+    })
+}
+
+/// Writes `dir/name` whole or not at all (a temporary file renamed over it), so a daemon
+/// reading it never sees half a file. A `secret` is readable by its owner only.
+fn write_file(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevPkiError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(name);
+    let staged = dir.join(format!(".{name}.new"));
+    let fail = |source| DevPkiError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let _stale = std::fs::remove_file(&staged);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&staged)
+        .map_err(fail)?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&staged, &path).map_err(fail)
 }

@@ -6,12 +6,12 @@
 //! certificate expires stops talking to the cluster.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use tokio_util::sync::CancellationToken;
 
 use crate::NodeTls;
 
@@ -19,8 +19,6 @@ use crate::NodeTls;
 pub const WARN_BEFORE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often the log warns while the end is near.
 pub const WARN_EVERY: Duration = Duration::from_secs(24 * 3600);
-/// How often the gauge is brought up to date.
-const TICK: Duration = Duration::from_secs(60);
 
 /// The end of the validity (`notAfter`) of the first certificate in `pem`.
 ///
@@ -55,68 +53,60 @@ fn should_warn(end: SystemTime, now: SystemTime, warned: Option<SystemTime>) -> 
     near && warned.is_none_or(|at| now.duration_since(at).is_ok_and(|gap| gap >= WARN_EVERY))
 }
 
-/// The expiry watch of one daemon's certificate.
+/// The expiry gauge and warnings of one daemon's certificate. It reads the certificate in
+/// use each time, so after a reload it follows the new one; the gauge is computed when it
+/// is scraped, so it is exact to the second.
 #[derive(Debug, Clone)]
 pub struct CertExpiry {
-    end: SystemTime,
-    gauge: Gauge<f64, AtomicU64>,
+    tls: NodeTls,
     warned: Arc<std::sync::Mutex<Option<SystemTime>>>,
 }
 
-impl CertExpiry {
-    /// The watch of `tls`'s certificate, registered in `registry` as
-    /// `fn_tls_certificate_expiry_seconds`.
-    ///
-    /// # Errors
-    /// A message when the certificate cannot be parsed.
-    pub fn register(tls: &NodeTls, registry: &mut Registry) -> Result<Self, String> {
-        let expiry = CertExpiry {
-            end: not_after(&tls.cert)?,
-            gauge: Gauge::default(),
-            warned: Arc::default(),
-        };
-        registry.register_with_unit(
+/// Encodes the gauge at scrape time.
+#[derive(Debug)]
+struct ExpiryCollector(NodeTls);
+
+impl Collector for ExpiryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(seconds_left(self.0.not_after(), SystemTime::now()));
+        gauge.encode(encoder.encode_descriptor(
             "fn_tls_certificate_expiry",
             "Time left until this node's certificate (FN_NODE_CERT) expires; negative once it has",
-            Unit::Seconds,
-            expiry.gauge.clone(),
-        );
+            Some(&Unit::Seconds),
+            gauge.metric_type(),
+        )?)
+    }
+}
+
+impl CertExpiry {
+    /// The gauge of `tls`'s certificate, registered in `registry` as
+    /// `fn_tls_certificate_expiry_seconds`; warns now if the end is near.
+    pub fn register(tls: &NodeTls, registry: &mut Registry) -> Self {
+        registry.register_collector(Box::new(ExpiryCollector(tls.clone())));
+        let expiry = CertExpiry {
+            tls: tls.clone(),
+            warned: Arc::default(),
+        };
         expiry.check(SystemTime::now());
-        Ok(expiry)
+        expiry
     }
 
-    /// The watch for a daemon in `mode`: `None` without TLS (`FN_INSECURE`).
-    ///
-    /// # Errors
-    /// A message naming `FN_NODE_CERT` when its certificate cannot be parsed.
-    pub fn for_mode(
-        mode: &crate::TlsMode,
-        registry: &mut Registry,
-    ) -> Result<Option<Self>, String> {
-        match mode {
-            crate::TlsMode::Mutual(tls) => Self::register(tls, registry)
-                .map(Some)
-                .map_err(|e| format!("FN_NODE_CERT: {e}")),
-            crate::TlsMode::Insecure => Ok(None),
-        }
-    }
-
-    /// The end of the certificate's validity.
+    /// The end of the validity of the certificate in use.
     pub fn end(&self) -> SystemTime {
-        self.end
+        self.tls.not_after()
     }
 
-    /// Brings the gauge up to date and warns when due.
-    fn check(&self, now: SystemTime) {
-        let left = seconds_left(self.end, now);
-        self.gauge.set(left);
+    /// Warns when due.
+    pub(crate) fn check(&self, now: SystemTime) {
+        let end = self.end();
+        let left = seconds_left(end, now);
         let mut warned = self
             .warned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if should_warn(self.end, now, *warned) {
+        if should_warn(end, now, *warned) {
             *warned = Some(now);
-            let end = humantime::format_rfc3339_seconds(self.end);
+            let end = humantime::format_rfc3339_seconds(end);
             if left < 0.0 {
                 tracing::error!(%end, "this node's certificate (FN_NODE_CERT) has expired: peers refuse it; replace it");
             } else {
@@ -125,19 +115,13 @@ impl CertExpiry {
         }
     }
 
-    /// Background task: updates the gauge every minute until cancelled.
-    ///
-    /// # Errors
-    /// Never; the signature fits the lifecycle's service runner.
-    pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                _ = tick.tick() => self.check(SystemTime::now()),
-            }
-        }
+    /// After a reload: warnings about the new certificate start afresh.
+    pub(crate) fn replaced(&self, now: SystemTime) {
+        *self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.check(now);
     }
 }
 
@@ -173,19 +157,30 @@ mod tests {
             node.cert_pem.into_bytes(),
             node.key_pem.into_bytes(),
             ca.cert_pem().as_bytes().to_vec(),
-        );
+        )
+        .expect("valid material");
         let mut registry = Registry::default();
-        let expiry = CertExpiry::register(&tls, &mut registry).expect("registers");
-        let left = expiry.gauge.get();
+        let expiry = CertExpiry::register(&tls, &mut registry);
+        let scrape = |registry: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).expect("encodes");
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix("fn_tls_certificate_expiry_seconds "))
+                .unwrap_or_else(|| panic!("no gauge in {text}"))
+                .parse::<f64>()
+                .expect("a number");
+            (value, text)
+        };
+        let (left, text) = scrape(&registry);
+        let exact = seconds_left(expiry.end(), SystemTime::now());
+        assert!((left - exact).abs() < 1.0, "{left} against {exact}");
         assert!((left - 10.0 * 86_400.0).abs() < 120.0, "{left}");
-        expiry.check(expiry.end() + DAY);
-        assert!((expiry.gauge.get() + 86_400.0).abs() < 1.0);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
         assert!(
-            text.contains("fn_tls_certificate_expiry_seconds "),
+            text.contains("# UNIT fn_tls_certificate_expiry_seconds seconds"),
             "{text}"
         );
+        assert!(seconds_left(expiry.end(), expiry.end() + DAY) + 86_400.0 < 1.0);
     }
 
     #[test]

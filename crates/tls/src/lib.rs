@@ -2,20 +2,32 @@
 //!
 //! - [`TlsArgs`]: the `FN_NODE_CERT*` / `FN_TLS_SERVER_NAME` / `FN_INSECURE` options shared by
 //!   all daemons, validated into a [`TlsMode`] before any port is bound.
-//! - [`NodeTls`]: the loaded PEM material, turned into tonic server configs (client
-//!   certificates required and verified against the CA) and client configs (server verified
-//!   against the CA, with an optional server-name override).
+//! - [`NodeTls`]: the node's certificate, key and CA bundle, checked, and replaceable while
+//!   the daemon runs ([`NodeTls::reload`]); rustls configs that use the current set at each
+//!   handshake ([`NodeTls::server_config`], [`NodeTls::client_config`]).
+//! - [`transport`]: the gRPC sockets: servers accept and clients dial with those configs.
+//! - [`watch`]: reloads the files when they change or on SIGHUP, and keeps the expiry gauge.
 //! - [`dev`]: generation of a development CA and node certificates (rcgen), used by the
 //!   `fn-certs` tool, the demo, compose and tests.
-//!
-//! This crate owns no sockets; daemons hand its configs to tonic.
 
 pub mod dev;
+mod dynamic;
 pub mod expiry;
+mod material;
+pub mod transport;
+pub mod watch;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::crypto::CryptoProvider;
+
+use material::{Check, Material, Origin, Pems};
+pub use transport::{
+    CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, STREAM_WINDOW, grpc_endpoint,
+    grpc_incoming, grpc_server, peer_certificate,
+};
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start, before any
 /// TLS config is used; calling again is harmless.
@@ -43,6 +55,15 @@ pub struct TlsArgs {
     #[arg(long, env = "FN_INSECURE", default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+    /// How often the certificate files are checked for a replacement (SIGHUP checks at
+    /// once); `0s` checks only on SIGHUP.
+    #[arg(long, env = "FN_TLS_RELOAD_INTERVAL", default_value = "10s",
+          value_parser = parse_interval)]
+    pub tls_reload_interval: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 10s, 1m, 0s)"))
 }
 
 /// How a daemon talks gRPC.
@@ -55,11 +76,11 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    /// URI scheme for client endpoints.
-    pub fn scheme(&self) -> &'static str {
+    /// The node material, unless plaintext.
+    pub fn node(&self) -> Option<&NodeTls> {
         match self {
-            TlsMode::Mutual(_) => "https",
-            TlsMode::Insecure => "http",
+            TlsMode::Mutual(tls) => Some(tls),
+            TlsMode::Insecure => None,
         }
     }
 }
@@ -77,11 +98,11 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{var}: {} holds no PEM {what}", path.display())]
-    NotPem {
+    #[error("{var}: {}: {reason}", path.display())]
+    Invalid {
         var: &'static str,
         path: PathBuf,
-        what: &'static str,
+        reason: String,
     },
     #[error("FN_INSECURE=true conflicts with {var}: unset one of them")]
     Conflict { var: &'static str },
@@ -91,8 +112,9 @@ impl TlsArgs {
     /// Validates the options and loads the PEM files.
     ///
     /// # Errors
-    /// A [`TlsError`] naming the variable when a file is missing, unreadable or not PEM, or
-    /// when neither certificates nor `FN_INSECURE` are given.
+    /// A [`TlsError`] naming the variable when a file is missing, unreadable or not usable
+    /// (no PEM, a key that does not match the certificate), or when neither certificates nor
+    /// `FN_INSECURE` are given.
     pub fn load(&self) -> Result<TlsMode, TlsError> {
         let given = [
             ("FN_NODE_CERT", &self.node_cert),
@@ -105,191 +127,163 @@ impl TlsArgs {
             }
             return Ok(TlsMode::Insecure);
         }
-        let mut pems = Vec::with_capacity(3);
+        let mut paths = Vec::with_capacity(3);
         for (var, path) in given {
-            let path = path.as_ref().ok_or(TlsError::Missing { var })?;
-            pems.push(read_pem(var, path)?);
+            paths.push(path.clone().ok_or(TlsError::Missing { var })?);
         }
-        let [cert, key, ca]: [Vec<u8>; 3] = pems.try_into().map_err(|_| TlsError::Missing {
+        let [cert, key, ca]: [PathBuf; 3] = paths.try_into().map_err(|_| TlsError::Missing {
             var: "FN_NODE_CERT",
         })?;
-        check_pem(
-            "FN_NODE_CERT",
-            self.node_cert.as_deref(),
-            &cert,
-            "CERTIFICATE",
-        )?;
-        check_pem(
-            "FN_NODE_CERT_KEY",
-            self.node_cert_key.as_deref(),
-            &key,
-            "PRIVATE KEY",
-        )?;
-        check_pem(
-            "FN_NODE_CERT_AUTHORITY",
-            self.node_cert_authority.as_deref(),
-            &ca,
-            "CERTIFICATE",
-        )?;
-        Ok(TlsMode::Mutual(NodeTls {
-            cert,
-            key,
-            ca,
-            server_name: self.tls_server_name.clone(),
+        let tls = NodeTls::load(Origin::Files { cert, key, ca })?;
+        Ok(TlsMode::Mutual(match &self.tls_server_name {
+            Some(name) => tls.with_server_name(name.clone()),
+            None => tls,
         }))
     }
 }
 
-fn read_pem(var: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            TlsError::NotFound {
-                var,
-                path: path.to_owned(),
-            }
-        } else {
-            TlsError::Unreadable {
-                var,
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })
-}
-
-fn check_pem(
-    var: &'static str,
-    path: Option<&Path>,
-    pem: &[u8],
-    what: &'static str,
-) -> Result<(), TlsError> {
-    let text = String::from_utf8_lossy(pem);
-    let found = text
-        .lines()
-        .any(|l| l.starts_with("-----BEGIN ") && l.contains(what));
-    if found {
-        Ok(())
-    } else {
-        Err(TlsError::NotPem {
-            var,
-            path: path.map(Path::to_owned).unwrap_or_default(),
-            what,
-        })
-    }
-}
-
-/// PEM material of one node: its certificate and key, and the CA it trusts.
+/// A node's TLS material: its certificate and key, and the CA bundle it trusts.
+///
+/// Clones share the material. [`NodeTls::reload`] replaces it for every clone at once: the
+/// rustls configs made from it resolve the certificate and verify peers through the current
+/// set at each handshake, so new connections use new material while open ones keep going.
 #[derive(Clone)]
 pub struct NodeTls {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    ca: Vec<u8>,
+    shared: Arc<Shared>,
     server_name: Option<String>,
+}
+
+struct Shared {
+    current: RwLock<Arc<Material>>,
+    origin: Origin,
+    provider: Arc<CryptoProvider>,
 }
 
 impl std::fmt::Debug for NodeTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
         f.debug_struct("NodeTls")
+            .field("origin", &self.shared.origin)
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
 }
 
+/// The outcome of a [`NodeTls::reload`] that kept going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The files hold what is already in use.
+    Unchanged,
+    /// A new set is in use for new handshakes.
+    Replaced,
+}
+
 impl NodeTls {
     /// Builds node material from PEM bytes (tests and tools; daemons use [`TlsArgs::load`]).
-    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Self {
-        NodeTls {
-            cert,
-            key,
-            ca,
+    ///
+    /// # Errors
+    /// When a PEM does not parse or the key does not match the certificate.
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Result<Self, TlsError> {
+        Self::from_pems(Pems { cert, key, ca }, Origin::Memory)
+    }
+
+    fn load(origin: Origin) -> Result<Self, TlsError> {
+        let pems = origin.read()?.ok_or(TlsError::Missing {
+            var: "FN_NODE_CERT",
+        })?;
+        Self::from_pems(pems, origin)
+    }
+
+    fn from_pems(pems: Pems, origin: Origin) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let material = Material::parse(pems, &origin, &provider, Check::Start)?;
+        Ok(NodeTls {
+            shared: Arc::new(Shared {
+                current: RwLock::new(Arc::new(material)),
+                origin,
+                provider,
+            }),
             server_name: None,
-        }
+        })
     }
 
     /// Sets the name verified in server certificates, whatever address is dialled.
+    #[must_use]
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
         self
     }
 
-    /// Server side: present our certificate, require a client certificate from the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-    }
-
-    /// Client side: verify the server against the CA, present our certificate.
-    /// `host` is the host part of the address dialled, used unless a server name override
-    /// is configured.
-    pub fn client_config(&self, host: &str) -> ClientTlsConfig {
-        let name = self.server_name.as_deref().unwrap_or(host);
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .domain_name(name.to_owned())
-    }
-}
-
-/// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB.
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// HTTP/2 flow-control window of a whole connection. Much larger than a stream's, so that
-/// one call whose reader is slow (a slow HTTP client behind the LB) cannot use up the window
-/// every other call on the connection needs.
-pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
-
-/// A tonic server builder for `mode`: mutual TLS, or plaintext with a warning.
-///
-/// HTTP/2 keepalive pings find peers that vanished without closing their connection (a
-/// crashed host, a partition), so their streams end instead of waiting for a deadline.
-///
-/// # Errors
-/// When tonic rejects the TLS configuration.
-pub fn grpc_server(mode: &TlsMode) -> Result<tonic::transport::Server, tonic::transport::Error> {
-    let builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    match mode {
-        TlsMode::Mutual(tls) => builder.tls_config(tls.server_config()),
-        TlsMode::Insecure => Ok(builder),
-    }
-}
-
-/// The connections a [`grpc_server`] accepts on `listener`, with `TCP_NODELAY` set.
-///
-/// A server fed a bare listener stream keeps Nagle's algorithm on: a small response frame
-/// then waits for the peer's delayed ACK (40 ms on Linux) and every call pays it. Measured
-/// with `fn-load` (sequential `hello` calls, release): p50 44 ms without, 1.2 ms with.
-pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-/// A tonic client endpoint for `address` (`host:port`) under `mode`.
-///
-/// # Errors
-/// When the address is not a valid URI authority or tonic rejects the TLS configuration.
-pub fn grpc_endpoint(
-    mode: &TlsMode,
-    address: &str,
-) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{}://{address}", mode.scheme()))?
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW);
-    match mode {
-        TlsMode::Mutual(tls) => {
-            let host = endpoint
-                .uri()
-                .host()
-                .unwrap_or(address)
-                .trim_matches(['[', ']']);
-            let config = tls.client_config(host);
-            endpoint.tls_config(config)
+    /// Reads the files again and, when they changed, puts the new set in use.
+    ///
+    /// A replacement must parse, its key must match its certificate, the certificate must
+    /// be valid now and chain to the new CA bundle. Otherwise the error names the file and
+    /// the reason, and the set in use stays.
+    ///
+    /// # Errors
+    /// A [`TlsError`] for a file that cannot be read or a set that is rejected. Material
+    /// built from memory has nothing to reload and answers [`Reloaded::Unchanged`].
+    pub fn reload(&self) -> Result<Reloaded, TlsError> {
+        let Some(pems) = self.shared.origin.read()? else {
+            return Ok(Reloaded::Unchanged);
+        };
+        if self.current().pems == pems {
+            return Ok(Reloaded::Unchanged);
         }
-        TlsMode::Insecure => Ok(endpoint),
+        let material = Material::parse(
+            pems,
+            &self.shared.origin,
+            &self.shared.provider,
+            Check::Replacement,
+        )?;
+        *self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(material);
+        Ok(Reloaded::Replaced)
+    }
+
+    /// Whether the files differ from the set in use (a cheap read, no parsing).
+    ///
+    /// # Errors
+    /// When a file cannot be read.
+    pub fn changed_on_disk(&self) -> Result<bool, TlsError> {
+        Ok(self
+            .shared
+            .origin
+            .read()?
+            .is_some_and(|pems| self.current().pems != pems))
+    }
+
+    /// The end of the validity of the certificate in use.
+    pub fn not_after(&self) -> SystemTime {
+        self.current().not_after
+    }
+
+    /// The certificate in use, PEM encoded.
+    pub fn cert_pem(&self) -> Vec<u8> {
+        self.current().pems.cert.clone()
+    }
+
+    /// The certificate in use (the first of its chain), DER encoded.
+    pub fn cert_der(&self) -> Vec<u8> {
+        self.current()
+            .certified
+            .cert
+            .first()
+            .map(|cert| cert.to_vec())
+            .unwrap_or_default()
+    }
+
+    fn current(&self) -> Arc<Material> {
+        Arc::clone(
+            &self
+                .shared
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
@@ -305,6 +299,8 @@ pub fn warn_if_insecure(mode: &TlsMode) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn args(dir: &Path) -> TlsArgs {
@@ -314,6 +310,7 @@ mod tests {
             node_cert_authority: Some(dir.join("ca.pem")),
             tls_server_name: None,
             insecure: false,
+            tls_reload_interval: Duration::from_secs(10),
         }
     }
 
@@ -348,6 +345,7 @@ mod tests {
             node_cert_authority: None,
             tls_server_name: None,
             insecure: true,
+            tls_reload_interval: Duration::ZERO,
         };
         assert!(matches!(plain.load(), Ok(TlsMode::Insecure)));
     }
@@ -371,7 +369,7 @@ mod tests {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        let mut incoming = grpc_incoming(listener);
+        let mut incoming = grpc_incoming(&TlsMode::Insecure, listener).expect("incoming");
         let _client = tokio::net::TcpStream::connect(address)
             .await
             .expect("connect");
@@ -380,6 +378,6 @@ mod tests {
             .await
             .expect("a connection")
             .expect("accepted");
-        assert!(accepted.nodelay().expect("nodelay readable"));
+        assert!(accepted.tcp().nodelay().expect("nodelay readable"));
     }
 }

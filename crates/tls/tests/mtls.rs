@@ -6,7 +6,6 @@ use std::time::Duration;
 use fn_tls::dev::DevCa;
 use fn_tls::{NodeTls, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -26,12 +25,13 @@ async fn start_server(tls: NodeTls) -> Server {
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = fn_tls::grpc_server(&TlsMode::Mutual(tls)).expect("server config");
+    let incoming = fn_tls::grpc_incoming(&TlsMode::Mutual(tls), listener).expect("server config");
+    let mut server = fn_tls::grpc_server();
     let router = server.add_service(service);
     tokio::spawn(async move {
         let _reporter = reporter;
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })
             .await
@@ -46,8 +46,10 @@ async fn start_server(tls: NodeTls) -> Server {
 async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
     let channel = fn_tls::grpc_endpoint(mode, address)
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+        })
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
@@ -114,11 +116,14 @@ async fn certificate_from_another_ca_is_rejected_both_ways() {
 
     // Client cert signed by another CA, but trusting the right CA: server rejects it.
     let foreign = other.node(&[]).expect("foreign node");
-    let client = TlsMode::Mutual(NodeTls::from_pem(
-        foreign.cert_pem.into_bytes(),
-        foreign.key_pem.into_bytes(),
-        ca.cert_pem().as_bytes().to_vec(),
-    ));
+    let client = TlsMode::Mutual(
+        NodeTls::from_pem(
+            foreign.cert_pem.into_bytes(),
+            foreign.key_pem.into_bytes(),
+            ca.cert_pem().as_bytes().to_vec(),
+        )
+        .expect("foreign material parses"),
+    );
     let err = check(&client, &server.address)
         .await
         .expect_err("foreign client");
@@ -145,14 +150,18 @@ async fn expired_certificates_are_rejected() {
     let ca = DevCa::new("ca").expect("ca");
     let server = start_server(ca.node_tls(&[]).expect("node")).await;
     let expired = ca.expired_node(&[]).expect("expired");
-    let client = TlsMode::Mutual(ca.tls_for(&expired));
+    let client = TlsMode::Mutual(ca.tls_for(&expired).expect("material"));
     let err = check(&client, &server.address)
         .await
         .expect_err("expired client certificate");
     assert!(err.contains("CertificateExpired"), "{err}");
 
     // And a server with an expired certificate is not trusted by a valid client.
-    let expired_server = start_server(ca.tls_for(&ca.expired_node(&[]).expect("expired"))).await;
+    let expired_server = start_server(
+        ca.tls_for(&ca.expired_node(&[]).expect("expired"))
+            .expect("material"),
+    )
+    .await;
     let client = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
     let err = check(&client, &expired_server.address)
         .await

@@ -99,8 +99,10 @@ pub(crate) async fn answers_health(tls: &fn_tls::TlsMode, address: &str) -> bool
         return false;
     };
     let Ok(channel) = endpoint
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .timeout(std::time::Duration::from_secs(2))
+        .with(|e| {
+            e.connect_timeout(std::time::Duration::from_secs(1))
+                .timeout(std::time::Duration::from_secs(2))
+        })
         .connect()
         .await
     else {

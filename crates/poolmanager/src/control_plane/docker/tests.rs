@@ -152,6 +152,7 @@ fn config() -> DockerConfig {
             node_cert_authority: None,
             tls_server_name: Some("fn-node".into()),
             insecure: false,
+            tls_reload_interval: std::time::Duration::from_secs(10),
         },
     );
     config.tls_files = Some(tls_files());

@@ -1,0 +1,208 @@
+//! One node's TLS material, parsed and checked: its certificate chain with the matching key,
+//! and verifiers for the CA bundle it trusts.
+//!
+//! A [`Material`] is immutable. Rotation builds a new one from the files and swaps it in
+//! (see [`crate::NodeTls::reload`]); handshakes already under way keep the one they started with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
+
+use crate::TlsError;
+
+/// The PEM bytes of a set, as read; compared to tell whether the files changed.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Pems {
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) ca: Vec<u8>,
+}
+
+/// Where a set came from, for error messages: the files, or memory (tests and tools).
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    },
+    Memory,
+}
+
+impl Origin {
+    fn path(&self, var: &'static str) -> PathBuf {
+        match self {
+            Origin::Files { cert, key, ca } => match var {
+                "FN_NODE_CERT_KEY" => key.clone(),
+                "FN_NODE_CERT_AUTHORITY" => ca.clone(),
+                _ => cert.clone(),
+            },
+            Origin::Memory => PathBuf::from("(in memory)"),
+        }
+    }
+
+    fn invalid(&self, var: &'static str, reason: impl Into<String>) -> TlsError {
+        TlsError::Invalid {
+            var,
+            path: self.path(var),
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads the three files.
+    pub(crate) fn read(&self) -> Result<Option<Pems>, TlsError> {
+        let Origin::Files { cert, key, ca } = self else {
+            return Ok(None);
+        };
+        Ok(Some(Pems {
+            cert: read_file("FN_NODE_CERT", cert)?,
+            key: read_file("FN_NODE_CERT_KEY", key)?,
+            ca: read_file("FN_NODE_CERT_AUTHORITY", ca)?,
+        }))
+    }
+}
+
+pub(crate) fn read_file(var: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            TlsError::NotFound {
+                var,
+                path: path.to_owned(),
+            }
+        } else {
+            TlsError::Unreadable {
+                var,
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
+}
+
+/// A parsed, consistent set.
+pub(crate) struct Material {
+    pub(crate) pems: Pems,
+    /// This node's chain and key, presented as a server and as a client.
+    pub(crate) certified: Arc<CertifiedKey>,
+    /// Verifies clients against the CA bundle (certificates are required).
+    pub(crate) client_verifier: Arc<dyn ClientCertVerifier>,
+    /// Verifies servers against the CA bundle.
+    pub(crate) server_verifier: Arc<WebPkiServerVerifier>,
+    /// The end of the node certificate's validity.
+    pub(crate) not_after: SystemTime,
+}
+
+/// How strictly [`Material::parse`] checks a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// At start: the set must parse and the key must match. An expired certificate is
+    /// accepted (and reported by the expiry watch), so the daemon starts and says why peers
+    /// refuse it.
+    Start,
+    /// A replacement: it must also be valid now and chain to its own CA bundle, or the
+    /// daemon keeps the set it has.
+    Replacement,
+}
+
+impl Material {
+    /// Parses and checks `pems`; errors name the variable, the file and the reason.
+    pub(crate) fn parse(
+        pems: Pems,
+        origin: &Origin,
+        provider: &Arc<CryptoProvider>,
+        check: Check,
+    ) -> Result<Self, TlsError> {
+        let chain =
+            certificates(&pems.cert).map_err(|reason| origin.invalid("FN_NODE_CERT", reason))?;
+        let key = PrivateKeyDer::from_pem_slice(&pems.key).map_err(|e| {
+            origin.invalid(
+                "FN_NODE_CERT_KEY",
+                format!("holds no usable PEM private key ({e})"),
+            )
+        })?;
+        let cas = certificates(&pems.ca)
+            .map_err(|reason| origin.invalid("FN_NODE_CERT_AUTHORITY", reason))?;
+
+        let certified = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
+            let reason = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "does not match the certificate in FN_NODE_CERT ({})",
+                    origin.path("FN_NODE_CERT").display()
+                ),
+                other => format!("unusable private key: {other}"),
+            };
+            origin.invalid("FN_NODE_CERT_KEY", reason)
+        })?;
+
+        let mut roots = RootCertStore::empty();
+        for (i, ca) in cas.into_iter().enumerate() {
+            roots.add(ca).map_err(|e| {
+                origin.invalid(
+                    "FN_NODE_CERT_AUTHORITY",
+                    format!("certificate {} is not a usable CA certificate: {e}", i + 1),
+                )
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(provider))
+                .build()
+                .map_err(|e| origin.invalid("FN_NODE_CERT_AUTHORITY", e.to_string()))?;
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(provider))
+                .build()
+                .map_err(|e| origin.invalid("FN_NODE_CERT_AUTHORITY", e.to_string()))?;
+
+        let not_after = crate::expiry::not_after(&pems.cert)
+            .map_err(|reason| origin.invalid("FN_NODE_CERT", reason))?;
+
+        if check == Check::Replacement {
+            if not_after <= SystemTime::now() {
+                let end = humantime::format_rfc3339_seconds(not_after);
+                return Err(origin.invalid("FN_NODE_CERT", format!("expired at {end}")));
+            }
+            let (end_entity, intermediates) = chain
+                .split_first()
+                .ok_or_else(|| origin.invalid("FN_NODE_CERT", "holds no certificate"))?;
+            client_verifier
+                .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                .map_err(|e| {
+                    origin.invalid(
+                        "FN_NODE_CERT",
+                        format!(
+                            "is not valid under the CA bundle in FN_NODE_CERT_AUTHORITY ({}): {e}",
+                            origin.path("FN_NODE_CERT_AUTHORITY").display()
+                        ),
+                    )
+                })?;
+        }
+
+        Ok(Material {
+            pems,
+            certified: Arc::new(certified),
+            client_verifier,
+            server_verifier,
+            not_after,
+        })
+    }
+}
+
+/// The certificates of a PEM file, at least one.
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unparsable PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM CERTIFICATE".to_owned());
+    }
+    Ok(certs)
+}

@@ -1,0 +1,177 @@
+//! Certificate rotation without a restart: [`CertWatch`] checks the `FN_NODE_CERT*` files
+//! every `FN_TLS_RELOAD_INTERVAL` and at once on SIGHUP, and puts a replacement in use for
+//! new handshakes ([`NodeTls::reload`]). Connections already open keep working.
+//!
+//! A replacement is written as several files, rarely at the same instant: when a change is
+//! seen, the watch waits [`SETTLE`] for the writer to finish before it reads them all. A set
+//! that is still inconsistent after that (a key that does not match, unparsable PEM, an
+//! expired certificate, one that does not chain to the bundle) is rejected with a log line
+//! naming the file and the reason; the daemon keeps the set it has, and a later good
+//! replacement is picked up. The same rejection is logged once, not at every check.
+//!
+//! Metrics: `fn_tls_certificate_reloads_total` (sets put in use),
+//! `fn_tls_certificate_reload_rejections_total` (replacements rejected), and the expiry
+//! gauge of [`crate::expiry`].
+
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::expiry::CertExpiry;
+use crate::{NodeTls, Reloaded, TlsArgs, TlsError, TlsMode};
+
+/// How long a change must rest before the files are read as a set.
+pub const SETTLE: Duration = Duration::from_millis(500);
+/// How often the expiry warning is considered (the gauge is computed when scraped).
+const EXPIRY_TICK: Duration = Duration::from_secs(60);
+
+/// The certificate watch of one daemon.
+#[derive(Debug)]
+pub struct CertWatch {
+    tls: NodeTls,
+    expiry: CertExpiry,
+    interval: Duration,
+    hangups: Option<Signal>,
+    reloads: Counter,
+    rejections: Counter,
+    /// The last rejection logged, so a bad set left in place is logged once.
+    last_rejection: Option<String>,
+}
+
+impl CertWatch {
+    /// The watch for a daemon in `mode`, registered in `registry`: `None` without TLS
+    /// (`FN_INSECURE`). Installs the SIGHUP handler now, so that SIGHUP never terminates
+    /// the daemon once this returns.
+    ///
+    /// # Errors
+    /// When the SIGHUP handler cannot be installed.
+    pub fn for_mode(
+        mode: &TlsMode,
+        args: &TlsArgs,
+        registry: &mut Registry,
+    ) -> Result<Option<Self>, String> {
+        let Some(tls) = mode.node() else {
+            return Ok(None);
+        };
+        let hangups = signal(SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP (certificate reload): {e}"))?;
+        Ok(Some(Self::new(
+            tls.clone(),
+            args.tls_reload_interval,
+            Some(hangups),
+            registry,
+        )))
+    }
+
+    /// A watch of `tls` checking every `interval` (zero: only on SIGHUP), and on each
+    /// `hangups` signal when given.
+    pub fn new(
+        tls: NodeTls,
+        interval: Duration,
+        hangups: Option<Signal>,
+        registry: &mut Registry,
+    ) -> Self {
+        let expiry = CertExpiry::register(&tls, registry);
+        let reloads = Counter::default();
+        let rejections = Counter::default();
+        registry.register(
+            "fn_tls_certificate_reloads",
+            "Certificate sets (FN_NODE_CERT*) put in use after a change on disk",
+            reloads.clone(),
+        );
+        registry.register(
+            "fn_tls_certificate_reload_rejections",
+            "Replacement certificate sets rejected; the set in use was kept",
+            rejections.clone(),
+        );
+        CertWatch {
+            tls,
+            expiry,
+            interval,
+            hangups,
+            reloads,
+            rejections,
+            last_rejection: None,
+        }
+    }
+
+    /// Watches until cancelled.
+    ///
+    /// # Errors
+    /// Never; the signature fits the lifecycle's service runner.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut expiry_tick = tokio::time::interval(EXPIRY_TICK);
+        expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let polling = !self.interval.is_zero();
+        let mut poll = tokio::time::interval(if polling { self.interval } else { EXPIRY_TICK });
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.reset();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                _ = expiry_tick.tick() => self.expiry.check(SystemTime::now()),
+                _ = poll.tick(), if polling => self.poll().await,
+                () = next_hangup(self.hangups.as_mut()) => self.on_hangup(),
+            }
+        }
+    }
+
+    /// A periodic check: reload only when the files changed, after they settle.
+    async fn poll(&mut self) {
+        match self.tls.changed_on_disk() {
+            Ok(false) => {
+                self.last_rejection = None;
+            }
+            Ok(true) => {
+                tokio::time::sleep(SETTLE).await;
+                let outcome = self.tls.reload();
+                self.record(outcome, false);
+            }
+            Err(e) => self.record(Err(e), false),
+        }
+    }
+
+    fn on_hangup(&mut self) {
+        tracing::info!("SIGHUP: checking the certificate files");
+        let outcome = self.tls.reload();
+        self.record(outcome, true);
+    }
+
+    fn record(&mut self, outcome: Result<Reloaded, TlsError>, asked: bool) {
+        match outcome {
+            Ok(Reloaded::Replaced) => {
+                self.last_rejection = None;
+                self.reloads.inc();
+                self.expiry.replaced(SystemTime::now());
+                let not_after = humantime::format_rfc3339_seconds(self.tls.not_after());
+                tracing::info!(%not_after, "new certificates in use for new connections (FN_NODE_CERT, FN_NODE_CERT_KEY, FN_NODE_CERT_AUTHORITY)");
+            }
+            Ok(Reloaded::Unchanged) => {
+                if asked {
+                    tracing::info!("the certificate files are unchanged");
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if asked || self.last_rejection.as_ref() != Some(&message) {
+                    self.rejections.inc();
+                    tracing::error!(error = %message, "certificate replacement rejected; the certificates in use are kept");
+                    self.last_rejection = Some(message);
+                }
+            }
+        }
+    }
+}
+
+/// The next SIGHUP; never without a handler, or once the signal driver is gone.
+async fn next_hangup(hangups: Option<&mut Signal>) {
+    if let Some(signal) = hangups
+        && signal.recv().await.is_some()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
+}

@@ -1,0 +1,377 @@
+//! Certificate rotation end to end: a real tonic server (the standard health service) on
+//! loopback whose certificate files are replaced while it serves, with open channels kept
+//! and new handshakes checked at every step.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fn_tls::dev::{self, DevCa, RolloverStep, files};
+use fn_tls::watch::CertWatch;
+use fn_tls::{NodeTls, Reloaded, TlsArgs, TlsMode};
+use prometheus_client::registry::Registry;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+struct Server {
+    address: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_server(tls: &NodeTls) -> Server {
+    fn_tls::install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming =
+        fn_tls::grpc_incoming(&TlsMode::Mutual(tls.clone()), listener).expect("server config");
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        fn_tls::grpc_server()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+    });
+    Server {
+        address,
+        _stop: stop,
+    }
+}
+
+/// Node material read from the PKI directory `dir`, as a daemon loads it.
+fn from_files(dir: &Path) -> NodeTls {
+    let args = TlsArgs {
+        node_cert: Some(dir.join(files::NODE)),
+        node_cert_key: Some(dir.join(files::NODE_KEY)),
+        node_cert_authority: Some(dir.join(files::BUNDLE)),
+        tls_server_name: None,
+        insecure: false,
+        tls_reload_interval: Duration::ZERO,
+    };
+    match args.load().expect("loads") {
+        TlsMode::Mutual(tls) => tls,
+        TlsMode::Insecure => panic!("mutual TLS expected"),
+    }
+}
+
+/// A copy of the PKI in `dir` as it is now, kept in memory: a client that does not rotate.
+fn snapshot(dir: &Path) -> NodeTls {
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("read");
+    NodeTls::from_pem(
+        read(files::NODE),
+        read(files::NODE_KEY),
+        read(files::BUNDLE),
+    )
+    .expect("material")
+}
+
+async fn channel(client: &NodeTls, address: &str) -> Result<Channel, String> {
+    fn_tls::grpc_endpoint(&TlsMode::Mutual(client.clone()), address)
+        .map_err(|e| e.to_string())?
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+        })
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+async fn health(channel: Channel) -> Result<(), String> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("rpc: {e:?}"))
+}
+
+/// A new connection from `client`, and one health check on it.
+async fn check(client: &NodeTls, address: &str) -> Result<(), String> {
+    health(channel(client, address).await?).await
+}
+
+/// The certificate the server at `address` presents in a new handshake.
+async fn presented(client: &NodeTls, address: &str) -> Vec<u8> {
+    fn_tls::peer_certificate(client, address)
+        .await
+        .expect("handshake")
+}
+
+fn der(pem: &[u8]) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem).expect("pem").to_vec()
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_used_for_new_connections_and_open_ones_keep_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let client = snapshot(dir.path());
+    let open = channel(&client, &server.address).await.expect("connects");
+    health(open.clone()).await.expect("serves");
+    let before = server_tls.cert_pem();
+    assert_eq!(
+        presented(&client, &server.address).await,
+        der(&before),
+        "the first certificate"
+    );
+
+    dev::rotate_node(dir.path(), &[]).expect("rotate");
+    assert_eq!(server_tls.reload().expect("accepted"), Reloaded::Replaced);
+    assert_eq!(server_tls.reload().expect("read"), Reloaded::Unchanged);
+    let after = std::fs::read(dir.path().join(files::NODE)).expect("read");
+    assert_ne!(after, before);
+    assert_eq!(
+        presented(&client, &server.address).await,
+        der(&after),
+        "a new handshake gets the new certificate"
+    );
+    health(open)
+        .await
+        .expect("the connection opened before still works");
+    check(&client, &server.address)
+        .await
+        .expect("and new connections too");
+}
+
+#[tokio::test]
+async fn a_ca_rollover_in_three_steps_fails_no_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let old_ca = std::fs::read_to_string(dir.path().join(files::BUNDLE)).expect("ca");
+    // Server and client both follow the files, as two daemons sharing the volume.
+    let server_tls = from_files(dir.path());
+    let client_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let open = channel(&client_tls, &server.address)
+        .await
+        .expect("connects");
+    let old_only = snapshot(dir.path());
+
+    for step in [
+        RolloverStep::Begin,
+        RolloverStep::Switch,
+        RolloverStep::Finish,
+    ] {
+        dev::ca_rollover(dir.path(), step, &[]).expect("step");
+        // The server reloads first, the client next; a call in between must work too.
+        assert_eq!(
+            server_tls.reload().expect("server"),
+            Reloaded::Replaced,
+            "{step:?}"
+        );
+        check(&client_tls, &server.address)
+            .await
+            .unwrap_or_else(|e| panic!("{step:?}, only the server reloaded: {e}"));
+        assert_eq!(
+            client_tls.reload().expect("client"),
+            Reloaded::Replaced,
+            "{step:?}"
+        );
+        check(&client_tls, &server.address)
+            .await
+            .unwrap_or_else(|e| panic!("{step:?}, both reloaded: {e}"));
+        health(open.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{step:?}: the connection opened before the rollover: {e}"));
+    }
+
+    let new_ca = std::fs::read_to_string(dir.path().join(files::BUNDLE)).expect("ca");
+    assert_ne!(new_ca, old_ca);
+    let issuer = DevCa::from_pem(
+        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("the new CA signs");
+    assert_eq!(issuer.cert_pem(), new_ca, "the new CA is the issuer now");
+    // A client that trusts only the new CA connects.
+    let new_only = issuer.node_tls(&[]).expect("node of the new CA");
+    check(&new_only, &server.address)
+        .await
+        .expect("a client of the new CA");
+    // One that trusts only the old CA refuses the server; the server refuses its certificate.
+    let err = check(&old_only, &server.address)
+        .await
+        .expect_err("the old CA's client");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let old_cert_new_trust = NodeTls::from_pem(
+        std::fs::read(dir.path().join(files::NODE)).expect("node"),
+        std::fs::read(dir.path().join(files::NODE_KEY)).expect("key"),
+        old_ca.into_bytes(),
+    )
+    .expect("material");
+    assert!(
+        check(&old_cert_new_trust, &server.address).await.is_err(),
+        "trusting the old CA alone, the server's new certificate is refused"
+    );
+    assert!(
+        !dir.path().join(files::NEXT_ISSUER).exists(),
+        "finish removes the next CA's files"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_replacement_is_rejected_with_its_file_and_reason_and_the_old_set_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let client = snapshot(dir.path());
+    let original = server_tls.cert_pem();
+    let node = dir.path().join(files::NODE);
+    let key = dir.path().join(files::NODE_KEY);
+    let good_key = std::fs::read(&key).expect("key");
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("ca");
+    let other = DevCa::new("another CA").expect("other");
+
+    let expired = ca.expired_node(&[]).expect("expired");
+    let foreign = other.node(&[]).expect("foreign");
+    /// What is written, which variable the error names, and a part of its reason.
+    type Case<'a> = (&'a str, Vec<u8>, Vec<u8>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "garbage key",
+            original.clone(),
+            b"garbage".to_vec(),
+            "FN_NODE_CERT_KEY",
+            "no usable PEM private key",
+        ),
+        (
+            "a key that does not match",
+            original.clone(),
+            ca.node(&[]).expect("node").key_pem.into_bytes(),
+            "FN_NODE_CERT_KEY",
+            "does not match the certificate",
+        ),
+        (
+            "garbage certificate",
+            b"-----BEGIN CERTIFICATE-----\nnope\n".to_vec(),
+            good_key.clone(),
+            "FN_NODE_CERT",
+            "FN_NODE_CERT",
+        ),
+        (
+            "an expired certificate",
+            expired.cert_pem.into_bytes(),
+            expired.key_pem.into_bytes(),
+            "FN_NODE_CERT",
+            "expired at",
+        ),
+        (
+            "a certificate from another CA",
+            foreign.cert_pem.into_bytes(),
+            foreign.key_pem.into_bytes(),
+            "FN_NODE_CERT",
+            "not valid under the CA bundle",
+        ),
+    ];
+    for (what, cert, new_key, var, reason) in cases {
+        std::fs::write(&node, &cert).expect("write cert");
+        std::fs::write(&key, &new_key).expect("write key");
+        let err = server_tls.reload().expect_err(what).to_string();
+        assert!(err.starts_with(var), "{what}: {err}");
+        assert!(err.contains(reason), "{what}: {err}");
+        let path = if var == "FN_NODE_CERT" { &node } else { &key };
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{what} names the file: {err}"
+        );
+        assert_eq!(server_tls.cert_pem(), original, "{what}: the old set stays");
+        check(&client, &server.address)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: still serving with the old set: {e}"));
+        assert_eq!(presented(&client, &server.address).await, der(&original));
+    }
+
+    dev::rotate_node(dir.path(), &[]).expect("a good replacement");
+    assert_eq!(server_tls.reload().expect("accepted"), Reloaded::Replaced);
+    let good = std::fs::read(&node).expect("read");
+    assert_eq!(presented(&client, &server.address).await, der(&good));
+}
+
+#[tokio::test]
+async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let tls = from_files(dir.path());
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(tls.clone(), Duration::from_millis(100), None, &mut registry);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+
+    // A certificate ending in three days replaces the one-year certificate.
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("ca");
+    let short = ca.node_expiring_in(&[], 3).expect("node");
+    std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
+    std::fs::write(dir.path().join(files::NODE), &short.cert_pem).expect("cert");
+    let end = fn_tls::expiry::not_after(short.cert_pem.as_bytes()).expect("not after");
+
+    let mut text = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        if text.contains("fn_tls_certificate_reloads_total 1") {
+            break;
+        }
+    }
+    assert!(
+        text.contains("fn_tls_certificate_reloads_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fn_tls_certificate_reload_rejections_total 0"),
+        "{text}"
+    );
+    assert_eq!(tls.not_after(), end);
+    let gauge: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fn_tls_certificate_expiry_seconds "))
+        .expect("the gauge")
+        .parse()
+        .expect("a number");
+    let left = end
+        .duration_since(std::time::SystemTime::now())
+        .expect("in the future")
+        .as_secs_f64();
+    assert!(
+        (gauge - left).abs() < 2.0,
+        "the gauge follows the new certificate: {gauge} against {left}"
+    );
+
+    // A bad replacement is counted once, however many checks see it.
+    std::fs::write(dir.path().join(files::NODE_KEY), "garbage").expect("key");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    text.clear();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains("fn_tls_certificate_reload_rejections_total 1"),
+        "{text}"
+    );
+    assert_eq!(tls.not_after(), end, "the good set stays");
+
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+}
