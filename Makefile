@@ -117,7 +117,7 @@ IMAGE_TAG      ?= latest
 IMAGE_TARGET   ?= x86_64-unknown-linux-gnu
 IMAGE_CONTEXT  := target/docker-context
 IMAGE_BIN_DIR  := target/$(IMAGE_TARGET)/release
-IMAGE_DAEMONS  := lb-agent npm pure-runner fn-certs fn-probe
+IMAGE_DAEMONS  := lb-agent npm pure-runner fn-isolate fn-certs fn-probe
 IMAGE_FUNCTIONS := fn-hello fn-echo fn-sleep fn-crash
 IMAGES         := lb-agent npm pure-runner
 

@@ -5,7 +5,7 @@ FROM scratch
 LABEL fn.dataplane.image=pure-runner
 COPY rootfs/ /
 COPY --chown=10001:10001 certs-root/ /
-COPY bin/pure-runner bin/fn-probe /usr/local/bin/
+COPY bin/pure-runner bin/fn-isolate bin/fn-probe /usr/local/bin/
 COPY functions/ /opt/fn/functions/
 ENV PATH=/usr/local/bin FN_FUNCTIONS_DIR=/opt/fn/functions
 # Root on purpose: function code is untrusted and the runner starts each function as a uid

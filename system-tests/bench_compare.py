@@ -106,6 +106,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-threads", type=int, default=None,
                    help="FN_WORKER_THREADS of lb-agent and pure-runner (default: unset, so each "
                         "uses all CPUs)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run lb-agent -> pure-runner with FN_INSECURE=true (plaintext gRPC) to "
+                        "measure what mutual TLS costs; never a deployment setting")
     p.add_argument("--body-size", type=int, default=1024,
                    help="request body in bytes for the echo rows, random bytes (default 1024)")
     p.add_argument("--big-mib", type=float, default=1.0,
@@ -635,6 +638,8 @@ http {{
             "FN_NODE_CERT": str(certs / "node.pem"),
             "FN_NODE_CERT_KEY": str(certs / "node-key.pem"),
         }
+        if self.args.insecure:
+            cert_env = {"FN_INSECURE": "true"}
         functions = self.tmp / "functions"
         functions.mkdir(mode=0o755)
         os.chmod(functions, 0o755)
@@ -1022,7 +1027,8 @@ def main(argv: list[str]) -> int:
       "path is shown.")
     p(f"  lb: the functions' catalog concurrency is {args.fn_concurrency} (calls one instance "
       "takes at once; 1 = one instance per concurrent call); FN_WORKER_THREADS of lb-agent and "
-      f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}.")
+      f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}; gRPC between them: "
+      f"{'PLAINTEXT (--insecure)' if args.insecure else 'mutual TLS'}.")
     p("  RPS = 2xx responses / wall time of the round (oha -z, calls in flight at the end "
       f"{'waited for' if oha.wait_flag else 'aborted'}); p50/p99 from oha; "
       "failed = non-2xx + transport errors.")

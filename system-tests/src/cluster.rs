@@ -175,6 +175,10 @@ impl Cluster {
                     ("FN_SOCKET_DIR", &sockets.path().display().to_string()),
                     ("FN_MAX_MEMORY_MB", &setup.runner_memory_mb.to_string()),
                     ("FN_SHUTDOWN_TIMEOUT", "2s"),
+                    // Tests tell instances apart by the pid functions report (X-Fn-Pid) and
+                    // find them in /proc by it; in a PID namespace of its own every instance
+                    // is pid 2. The isolation tests turn namespaces on.
+                    ("FN_FUNCTION_NAMESPACES", "false"),
                 ]),
                 &setup.runner_env,
             ]);

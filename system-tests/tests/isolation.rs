@@ -1,10 +1,10 @@
-//! Tenant isolation on a real pure-runner started as root with its defaults: each function
-//! runs as a uid of its own, and `fn-hostile` (tenant B) attacks a running instance of
-//! `fn-hello` (tenant A). Every attempt must fail, and the victim must answer its next call
-//! from the same process.
-//!
-//! Rows not built yet are reported as skipped with the reason, never passed: PID and mount
-//! namespaces, and `FN_FUNCTION_NETWORK=none`.
+//! Tenant isolation on a real pure-runner started as root: each function runs as a uid of its
+//! own, and `fn-hostile` (tenant B) attacks a running instance of `fn-hello` (tenant A).
+//! Every attempt must fail, and the victim must answer its next call from the same process.
+//! The matrix runs twice: with the uid alone, and with the namespaces each instance gets by
+//! default (PID, mount, and with `FN_FUNCTION_NETWORK=none` network), where the hostile
+//! function also sees no other process, leaves nothing in the runner's `/tmp` and cannot
+//! reach the runner's gRPC port.
 
 use anyhow::{Context, ensure};
 use fn_system_tests::cluster::{Cluster, Setup};
@@ -157,19 +157,12 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
             "tenant B could {attempt}: {line}\n{report}"
         );
     }
-    for (row, reason) in [
-        (
-            "see only its own processes (PID namespace)",
-            "not built yet",
-        ),
-        ("a private /tmp (mount namespace)", "not built yet"),
-        (
-            "FN_FUNCTION_NETWORK=none: connect to the runner's gRPC port",
-            "not built yet",
-        ),
-    ] {
-        println!("skipped: {row}: {reason}");
-    }
+    // Without namespaces (this cluster turns them off) the rest is open; the test below
+    // closes it.
+    ensure!(
+        report.contains("see the runner's processes: ALLOWED"),
+        "without a PID namespace every process is listed:\n{report}"
+    );
 
     let again = cluster.call("/r/tenant-a/victim", "Ann").await?;
     ensure!(
@@ -244,6 +237,174 @@ async fn each_function_runs_as_a_uid_of_its_own() -> anyhow::Result<()> {
             .contains("each function runs as a uid of its own"),
         "{}",
         cluster.logs()
+    );
+    Ok(())
+}
+
+/// The host pid of the instance of `app` (its function process, running as a function
+/// uid), found in /proc by the test (root): inside its PID namespace its pid is another.
+fn host_pid_of(app: &str) -> anyhow::Result<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let function_uid = uid_of(pid).is_ok_and(|uid| (100_000..=165_535).contains(&uid));
+        if function_uid && environ_var(pid, "FN_APP_NAME").is_ok_and(|a| a == app) {
+            found.push(pid);
+        }
+    }
+    ensure!(found.len() == 1, "instances of {app}: {found:?}");
+    Ok(found[0])
+}
+
+fn namespace(pid: &str, kind: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))?
+        .display()
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner()
+-> anyhow::Result<()> {
+    let namespaces = [
+        ("FN_FUNCTION_NAMESPACES", "true"),
+        ("FN_FUNCTION_NETWORK", "none"),
+    ];
+    // Where this machine cannot make namespaces (a container without CAP_SYS_ADMIN), the
+    // rows are skipped with the reason, never passed.
+    let probe = std::process::Command::new(fn_test_support::workspace_bin("fn-isolate"))
+        .args(["--probe", "--net-none"])
+        .output()?;
+    if !probe.status.success() {
+        println!(
+            "skipped: namespace rows: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        );
+        return Ok(());
+    }
+    let Some(cluster) = root_cluster(CATALOG, &namespaces, "namespaces per instance").await? else {
+        return Ok(());
+    };
+    ensure!(
+        cluster.runners[0]
+            .log()
+            .contains("each function instance runs in PID and mount namespaces of its own"),
+        "{}",
+        cluster.logs()
+    );
+    let first = cluster.call("/r/tenant-a/victim", "Ann").await?;
+    ensure!(first.status == 200, "victim: {first:?}\n{}", cluster.logs());
+    let victim = host_pid_of("tenant-a")?;
+    let inside = first.fn_pid()?;
+    ensure!(
+        inside < 10 && inside != victim,
+        "the function sees itself with a pid of its own namespace, not the host's {victim}: {first:?}"
+    );
+    let runner = cluster.runners[0].pid().context("runner pid")?.to_string();
+    for kind in ["pid", "mnt", "net"] {
+        ensure!(
+            namespace(&victim.to_string(), kind)? != namespace(&runner, kind)?,
+            "the instance shares the runner's {kind} namespace"
+        );
+    }
+    let dir = environ_var(victim, "HOME")?;
+    let socket = environ_var(victim, "FN_LISTENER")?;
+    let socket = socket.trim_start_matches("unix:").to_owned();
+    let root = std::path::Path::new(&dir)
+        .parent()
+        .context("the instance directory has a parent")?
+        .display()
+        .to_string();
+    let key = cluster
+        .certs
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "FN_NODE_CERT_KEY")
+        .map(|(_, v)| v)
+        .context("the runner's key")?;
+    let marker = format!("/tmp/fn-hostile-was-here-{}", std::process::id());
+    let grpc = &cluster.runners[0].address;
+    let target = format!(
+        "pid={victim}\ndir={dir}\nsocket={socket}\nkey={key}\nroot={root}\nmarker={marker}\ngrpc={grpc}\n"
+    );
+    let attack = cluster.call("/r/tenant-b/hostile", target).await?;
+    ensure!(
+        attack.status == 200,
+        "hostile: {attack:?}\n{}",
+        cluster.logs()
+    );
+    let report = attack.text();
+    println!("fn-hostile in its namespaces against {victim} ({dir}):\n{report}");
+    for attempt in ATTEMPTS.into_iter().chain([
+        "see the runner's processes",
+        "connect to the runner's gRPC port",
+    ]) {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(attempt))
+            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
+        ensure!(
+            line.starts_with(&format!("{attempt}: denied")),
+            "tenant B could {attempt}: {line}\n{report}"
+        );
+    }
+    ensure!(
+        !std::path::Path::new(&marker).exists(),
+        "a file the function wrote in its /tmp reached the runner's /tmp"
+    );
+
+    let again = cluster.call("/r/tenant-a/victim", "Ann").await?;
+    ensure!(
+        again.status == 200 && again.text() == "Hello, Ann!\n",
+        "the victim's next call: {again:?}"
+    );
+    ensure!(
+        host_pid_of("tenant-a")? == victim,
+        "the victim's instance did not survive"
+    );
+
+    // A runner killed outright takes its instances' namespaces with it.
+    let mut cluster = cluster;
+    cluster.kill_runner(0).await?;
+    let start = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{victim}")).exists() {
+        ensure!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "instance {victim} outlived its runner"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A closed network the runner cannot give is a configuration error, not a silent open one.
+#[tokio::test]
+async fn function_network_none_without_namespaces_stops_the_runner_at_start() -> anyhow::Result<()>
+{
+    let certs = fn_system_tests::Certs::new()?;
+    let (status, log) = fn_system_tests::run_to_exit(
+        "pure-runner",
+        &fn_system_tests::merge(&[
+            &certs.env(),
+            &fn_system_tests::env(&[
+                ("FN_LISTEN_ADDR", "127.0.0.1"),
+                ("FN_GRPC_PORT", &fn_system_tests::free_port()?.to_string()),
+                (
+                    "FN_FUNCTIONS_DIR",
+                    &fn_test_support::functions_dir().display().to_string(),
+                ),
+                ("FN_MAX_MEMORY_MB", "256"),
+                ("FN_FUNCTION_NETWORK", "none"),
+                ("FN_FUNCTION_NAMESPACES", "false"),
+            ]),
+        ]),
+    )
+    .await?;
+    ensure!(!status.success(), "the runner started: {log}");
+    ensure!(
+        log.contains("FN_FUNCTION_NETWORK=none needs FN_FUNCTION_NAMESPACES=true"),
+        "{log}"
     );
     Ok(())
 }

@@ -154,6 +154,9 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_calls_as_draining_and_e
             ("FN_SHUTDOWN_TIMEOUT", "10s"),
             // Debug: the log names every instance started, for the clean-up check at the end.
             ("FN_LOG_LEVEL", "info,fn_runner=debug"),
+            // The clean-up check finds the function by the pid it reports (X-Fn-Pid), which
+            // in a PID namespace of its own is not its pid on the host.
+            ("FN_FUNCTION_NAMESPACES", "false"),
         ]),
     ]);
     let mut daemon = Daemon::spawn("pure-runner", &vars)?;

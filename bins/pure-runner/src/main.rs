@@ -11,7 +11,7 @@ use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::process::{
-    FunctionUser, FunctionUsers, ProcessDriver, ProcessDriverConfig, UidRange,
+    FunctionUser, FunctionUsers, Isolation, ProcessDriver, ProcessDriverConfig, UidRange,
 };
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
@@ -48,6 +48,19 @@ struct Cli {
     /// runs as a uid and gid of its own from this range, kept for the runner's lifetime.
     #[arg(long, env = "FN_FUNCTION_UIDS", default_value = "100000-165535", value_parser = UidRange::parse)]
     function_uids: UidRange,
+    /// Give each function instance a PID and a mount namespace of its own (it sees only its
+    /// own processes, and a private /tmp), when the runner may make them (root or
+    /// CAP_SYS_ADMIN; otherwise one warning at start).
+    #[arg(long, env = "FN_FUNCTION_NAMESPACES", default_value_t = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    function_namespaces: bool,
+    /// `host`: functions use the runner's network (as Fn's); `none`: each instance gets an
+    /// empty network namespace and reaches nothing but its own socket.
+    #[arg(long, env = "FN_FUNCTION_NETWORK", default_value = "host", value_parser = ["host", "none"])]
+    function_network: String,
+    /// The helper that makes the namespaces [default: fn-isolate next to pure-runner].
+    #[arg(long, env = "FN_ISOLATE_BINARY")]
+    isolate_binary: Option<PathBuf>,
     /// Bound for a new instance to open its listener.
     #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     start_timeout: Duration,
@@ -109,8 +122,12 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         tracing::warn!(error = %e, "cannot set no_new_privs; functions could gain privileges through setuid programs");
     }
 
+    let isolation = isolation(&cli, &function_users)
+        .await
+        .unwrap_or_else(|e| exit_config_error(e));
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
-        .with_function_users(function_users);
+        .with_function_users(function_users)
+        .with_isolation(isolation);
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
     if let Some(key) = cli.tls.node_cert_key.as_deref()
         && driver.exposes(key)
@@ -182,4 +199,66 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         tracing::warn!(bound = ?INSTANCE_CLEANUP_BOUND, "function instances not cleaned up in time");
     }
     fn_lifecycle::exit_status(result)
+}
+
+/// The namespaces instances get: checked once, by starting the helper in probe mode.
+///
+/// # Errors
+/// When `FN_FUNCTION_NETWORK=none` is asked for and cannot be given: functions would reach
+/// the network the operator meant to close.
+async fn isolation(cli: &Cli, users: &FunctionUsers) -> Result<Option<Isolation>, String> {
+    let network_none = cli.function_network == "none";
+    let unavailable = |reason: String| {
+        if network_none {
+            Err(format!("FN_FUNCTION_NETWORK=none: {reason}"))
+        } else {
+            tracing::warn!(%reason, "function instances run without namespaces of their own: they see the runner's processes and share its /tmp");
+            Ok(None)
+        }
+    };
+    if !cli.function_namespaces {
+        if network_none {
+            return Err("FN_FUNCTION_NETWORK=none needs FN_FUNCTION_NAMESPACES=true".into());
+        }
+        tracing::info!(
+            "FN_FUNCTION_NAMESPACES=false: function instances run in the runner's namespaces"
+        );
+        return Ok(None);
+    }
+    if matches!(users, FunctionUsers::Runner) {
+        return unavailable("the runner is not root".into());
+    }
+    let helper = match &cli.isolate_binary {
+        Some(path) => path.clone(),
+        None => match std::env::current_exe() {
+            Ok(exe) => exe.with_file_name("fn-isolate"),
+            Err(e) => return unavailable(format!("cannot find fn-isolate: {e}")),
+        },
+    };
+    let mut probe = tokio::process::Command::new(&helper);
+    probe.arg("--probe");
+    if network_none {
+        probe.arg("--net-none");
+    }
+    match probe.output().await {
+        Ok(out) if out.status.success() => {
+            tracing::info!(
+                network = %cli.function_network,
+                "each function instance runs in PID and mount namespaces of its own"
+            );
+            Ok(Some(Isolation {
+                helper,
+                network_none,
+            }))
+        }
+        Ok(out) => unavailable(format!(
+            "{} --probe: {}",
+            helper.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => unavailable(format!(
+            "cannot run {}: {e} (set FN_ISOLATE_BINARY)",
+            helper.display()
+        )),
+    }
 }

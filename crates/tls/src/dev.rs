@@ -227,7 +227,7 @@ pub mod files {
 pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     let ca = DevCa::new("fn dev CA")?;
     write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &ca)?;
-    write_file(dir, files::BUNDLE, ca.cert_pem(), false)?;
+    write_file(dir, files::BUNDLE, ca.cert_pem(), PUBLIC)?;
     write_node(dir, &ca, sans)
 }
 
@@ -265,7 +265,7 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
             let next = DevCa::new("fn dev CA (next)")?;
             write_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY, &next)?;
             let bundle = format!("{}{}", old.cert_pem(), next.cert_pem());
-            write_file(dir, files::BUNDLE, &bundle, false)
+            write_file(dir, files::BUNDLE, &bundle, PUBLIC)
         }
         RolloverStep::Switch => {
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
@@ -274,7 +274,7 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
         RolloverStep::Finish => {
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
             write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &next)?;
-            write_file(dir, files::BUNDLE, next.cert_pem(), false)?;
+            write_file(dir, files::BUNDLE, next.cert_pem(), PUBLIC)?;
             for name in [files::NEXT_ISSUER, files::NEXT_ISSUER_KEY] {
                 let path = dir.join(name);
                 std::fs::remove_file(&path).map_err(|source| DevPkiError::Write {
@@ -290,14 +290,15 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
 fn write_node(dir: &Path, ca: &DevCa, sans: &[&str]) -> Result<(), DevPkiError> {
     let node = ca.node(sans)?;
     // The key first: a reader between the two renames sees a mismatched pair and waits.
-    // Owner-only: functions run as other users and must not read a node's key.
-    write_file(dir, files::NODE_KEY, &node.key_pem, true)?;
-    write_file(dir, files::NODE, &node.cert_pem, false)
+    // Owner and group only: functions run as other users and must not read a node's key,
+    // and a daemon may read it through its group (as the images do).
+    write_file(dir, files::NODE_KEY, &node.key_pem, KEY)?;
+    write_file(dir, files::NODE, &node.cert_pem, PUBLIC)
 }
 
 fn write_issuer(dir: &Path, cert: &str, key: &str, ca: &DevCa) -> Result<(), DevPkiError> {
-    write_file(dir, key, &ca.key_pem(), true)?;
-    write_file(dir, cert, ca.cert_pem(), false)
+    write_file(dir, key, &ca.key_pem(), SECRET)?;
+    write_file(dir, cert, ca.cert_pem(), PUBLIC)
 }
 
 fn read_issuer(dir: &Path, cert: &str, key: &str) -> Result<DevCa, DevPkiError> {
@@ -315,9 +316,16 @@ fn read_issuer(dir: &Path, cert: &str, key: &str) -> Result<DevCa, DevPkiError> 
     })
 }
 
-/// Writes `dir/name` whole or not at all (a temporary file renamed over it), so a daemon
-/// reading it never sees half a file. A `secret` is readable by its owner only.
-fn write_file(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), DevPkiError> {
+/// Mode of certificates and bundles.
+const PUBLIC: u32 = 0o644;
+/// Mode of a node's key.
+const KEY: u32 = 0o640;
+/// Mode of a CA's key: no daemon reads it.
+const SECRET: u32 = 0o600;
+
+/// Writes `dir/name` with `mode`, whole or not at all (a temporary file renamed over it), so
+/// a daemon reading it never sees half a file.
+fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<(), DevPkiError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join(name);
@@ -331,7 +339,7 @@ fn write_file(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<()
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 })
+        .mode(mode)
         .open(&staged)
         .map_err(fail)?;
     file.write_all(contents.as_bytes())

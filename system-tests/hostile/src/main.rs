@@ -3,8 +3,9 @@
 //!
 //! The request body names the target, one `key=value` per line: `pid` (the victim's process),
 //! `dir` (its instance directory), `socket` (its listener), `key` (a file the runner keeps
-//! from functions) and `root` (the runner's socket root). The answer has one line per attempt,
-//! `<attempt>: denied (<error>)` or `<attempt>: ALLOWED`.
+//! from functions), `root` (the runner's socket root), `marker` (a path under `/tmp` to
+//! leave a file at) and `grpc` (the runner's gRPC `host:port`). The answer has one line per
+//! attempt, `<attempt>: denied (<error>)` or `<attempt>: ALLOWED`.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -71,6 +72,40 @@ fn main() -> ExitCode {
             std::fs::read_dir(get("root"))
                 .map(drop)
                 .map_err(|e| e.to_string()),
+        );
+        row("see the runner's processes", {
+            let pids = std::fs::read_dir("/proc")
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                        .count()
+                })
+                .unwrap_or(0);
+            // Its own namespace holds its first process and this function.
+            if pids > 2 {
+                Ok(())
+            } else {
+                Err(format!("sees {pids} processes"))
+            }
+        });
+        row(
+            "leave a file in /tmp",
+            std::fs::write(get("marker"), b"x").map_err(|e| e.to_string()),
+        );
+        row(
+            "connect to the runner's gRPC port",
+            get("grpc")
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| e.to_string())
+                .and_then(|address| {
+                    std::net::TcpStream::connect_timeout(
+                        &address,
+                        std::time::Duration::from_secs(2),
+                    )
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+                }),
         );
         Ok(Response::new(report))
     })

@@ -104,6 +104,20 @@ pub struct ProcessDriverConfig {
     pub function_users: FunctionUsers,
     /// How instance memory limits are enforced; see [`MemoryLimits`].
     pub memory_limits: MemoryLimits,
+    /// Namespaces of its own for each instance, when the runner may make them.
+    pub isolation: Option<Isolation>,
+}
+
+/// Namespaces for every instance, made by the `fn-isolate` helper (it needs root or
+/// `CAP_SYS_ADMIN`): a PID namespace (the function sees only its own processes), a mount
+/// namespace with a private `/tmp` and `/proc`, and with `network_none` a network namespace
+/// with nothing in it (the function reaches nothing but its own socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// The `fn-isolate` program.
+    pub helper: PathBuf,
+    /// `FN_FUNCTION_NETWORK=none`.
+    pub network_none: bool,
 }
 
 impl ProcessDriverConfig {
@@ -115,7 +129,15 @@ impl ProcessDriverConfig {
             socket_root: socket_root.into(),
             function_users: FunctionUsers::Runner,
             memory_limits: MemoryLimits::default(),
+            isolation: None,
         }
+    }
+
+    /// Starts every instance in namespaces of its own (`None`: in the runner's).
+    #[must_use]
+    pub fn with_isolation(mut self, isolation: Option<Isolation>) -> Self {
+        self.isolation = isolation;
+        self
     }
 
     /// Runs every function as `user` (`None`: as the runner's own user).
@@ -166,6 +188,7 @@ pub struct ProcessDriver {
     uids: std::sync::Mutex<std::collections::HashMap<(String, String), FunctionUser>>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
+    isolation: Option<Isolation>,
     /// The shell that gates and watches every child ([`WRAPPER_SCRIPT`]); `None` when there
     /// is no shell (then children start unwrapped).
     wrapper: Option<PathBuf>,
@@ -247,6 +270,7 @@ impl ProcessDriver {
             function_users: config.function_users,
             uids: std::sync::Mutex::new(std::collections::HashMap::new()),
             memory,
+            isolation: config.isolation,
             wrapper,
             id_prefix,
             next_id: AtomicU64::new(1),
@@ -473,22 +497,41 @@ impl ProcessDriver {
         socket: &Path,
         user: Option<FunctionUser>,
     ) -> Command {
+        // In namespaces, the helper starts as root and runs the program as the user.
+        let isolated = self.isolation.as_ref().zip(user);
+        let start: &Path = isolated.map_or(program, |(isolation, _)| &isolation.helper);
         let mut cmd = match self.wrapper.as_deref() {
             Some(shell) => {
                 let mut cmd = Command::new(shell);
-                cmd.arg("-c").arg(WRAPPER_SCRIPT).arg(program);
+                cmd.arg("-c").arg(WRAPPER_SCRIPT).arg(start);
                 cmd.stdin(Stdio::piped());
                 cmd
             }
             None => {
-                let mut cmd = Command::new(program);
-                if let Some(name) = spec.command.first() {
+                let mut cmd = Command::new(start);
+                if let Some(name) = spec.command.first()
+                    && isolated.is_none()
+                {
                     cmd.arg0(name);
                 }
                 cmd.stdin(Stdio::null());
                 cmd
             }
         };
+        if let Some((isolation, user)) = isolated {
+            cmd.arg("--uid")
+                .arg(user.uid.to_string())
+                .arg("--gid")
+                .arg(user.gid.to_string())
+                .arg("--keep")
+                .arg(dir)
+                .arg("--keep")
+                .arg(&self.functions_dir);
+            if isolation.network_none {
+                cmd.arg("--net-none");
+            }
+            cmd.arg("--").arg(program);
+        }
         cmd.args(spec.command.iter().skip(1));
         cmd.env_clear();
         // The function's config first, so that the contract's variables below win.
@@ -507,7 +550,9 @@ impl ProcessDriver {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(user) = user {
+        if let Some(user) = user
+            && isolated.is_none()
+        {
             cmd.uid(user.uid).gid(user.gid);
         }
         cmd
@@ -777,6 +822,7 @@ mod tests {
             memory: MemoryLimitMode::Unenforced {
                 reason: "test".into(),
             },
+            isolation: None,
             wrapper: None,
             id_prefix: String::new(),
             next_id: AtomicU64::new(1),

@@ -1,0 +1,313 @@
+//! fn-isolate: starts one function instance in namespaces of its own, for pure-runner.
+//!
+//! The runner (root) starts `fn-isolate [--net-none] --uid U --gid G [--keep DIR]... --
+//! PROGRAM ARGS...` in place of the program, with the function's environment, working
+//! directory, output pipes and memory cgroup already set. Not a user-facing tool.
+//!
+//! 1. **Outside** (the runner's child): unshares a PID and a mount namespace, and a network
+//!    namespace with `--net-none` (only loopback, down: the function reaches nothing but its
+//!    own unix socket). Then starts itself again as the first process of the new PID
+//!    namespace, and exits with its status. Its stdin to the inside is a *lifeline*: when the
+//!    outside process dies (the runner killed the instance), the inside sees end-of-file.
+//! 2. **Inside** (PID 1 of the namespace, still root): makes every mount private, mounts a
+//!    `/proc` of the namespace (the function sees only its own processes), and a fresh tmpfs
+//!    on `/tmp` with the `--keep` directories (the instance directory with its socket) bound
+//!    back in. Then it starts the program as `U`:`G` with no supplementary groups, reaps
+//!    every process the namespace leaves behind, and exits with the program's status. When
+//!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
+//!    outside process goes, it exits.
+//!
+//! `fn-isolate --probe [--net-none]` exits 0 when this process may create the namespaces
+//! (root or `CAP_SYS_ADMIN`), so the runner can say at start whether instances get them.
+
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitStatus, waitpid};
+
+/// Exit status when isolation itself fails (as `env` and `nice` use for their own errors).
+const SETUP_FAILED: u8 = 125;
+/// The flag of the inside stage (argument 1).
+const INSIDE: &str = "--inside";
+
+#[derive(Debug, Default)]
+struct Options {
+    probe: bool,
+    net_none: bool,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    keep: Vec<PathBuf>,
+    program: Option<OsString>,
+    args: Vec<OsString>,
+}
+
+fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Options, String> {
+    let mut options = Options::default();
+    while let Some(arg) = argv.next() {
+        let flag = arg.to_string_lossy().into_owned();
+        let mut value = |name: &str| argv.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--probe" => options.probe = true,
+            "--net-none" => options.net_none = true,
+            "--uid" => options.uid = Some(number(&value("--uid")?, "--uid")?),
+            "--gid" => options.gid = Some(number(&value("--gid")?, "--gid")?),
+            "--keep" => options.keep.push(PathBuf::from(value("--keep")?)),
+            "--" => {
+                options.program = argv.next();
+                options.args = argv.collect();
+                break;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if !options.probe && options.program.is_none() {
+        return Err("no program after --".to_owned());
+    }
+    Ok(options)
+}
+
+fn number(value: &OsString, name: &str) -> Result<u32, String> {
+    value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{name}: not a number: {value:?}"))
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args_os().skip(1).peekable();
+    let inside = argv.peek().is_some_and(|a| a == INSIDE);
+    if inside {
+        argv.next();
+    }
+    let options = match parse(argv) {
+        Ok(options) => options,
+        Err(e) => return fail(&e),
+    };
+    if inside {
+        run_inside(&options)
+    } else {
+        run_outside(&options)
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("fn-isolate: {message}");
+    ExitCode::from(SETUP_FAILED)
+}
+
+fn namespaces(options: &Options) -> CloneFlags {
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    if options.net_none {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    flags
+}
+
+fn run_outside(options: &Options) -> ExitCode {
+    if let Err(e) = unshare(namespaces(options)) {
+        return fail(&format!(
+            "cannot create namespaces ({e}): the runner needs root or CAP_SYS_ADMIN"
+        ));
+    }
+    if options.probe {
+        return ExitCode::SUCCESS;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return fail(&format!("cannot find its own program: {e}")),
+    };
+    // The first process started now is PID 1 of the new namespace.
+    let mut inside = match Command::new(exe)
+        .arg(INSIDE)
+        .args(std::env::args_os().skip(1))
+        .stdin(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => return fail(&format!("cannot start the namespace's first process: {e}")),
+    };
+    // Held until this process ends, by exit or by SIGKILL: then the inside sees EOF.
+    let _lifeline = inside.stdin.take();
+    match inside.wait() {
+        Ok(status) => exit_code(status.code(), status.signal()),
+        Err(e) => fail(&format!("waiting for the namespace: {e}")),
+    }
+}
+
+/// The shell's convention: the exit code, or 128 + the signal that ended the process.
+fn exit_code(code: Option<i32>, signal: Option<i32>) -> ExitCode {
+    let value = code.or(signal.map(|s| 128 + s)).unwrap_or(1);
+    ExitCode::from(u8::try_from(value).unwrap_or(1))
+}
+
+fn run_inside(options: &Options) -> ExitCode {
+    // The outside process gone (killed with the instance) means this namespace goes too.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        return fail(&format!("cannot tie the namespace to its parent: {e}"));
+    }
+    std::thread::spawn(|| {
+        let mut byte = [0u8; 1];
+        loop {
+            match std::io::stdin().read(&mut byte) {
+                Ok(0) | Err(_) => std::process::exit(137),
+                Ok(_) => {}
+            }
+        }
+    });
+    if let Err(e) = private_mounts(options) {
+        return fail(&e);
+    }
+    let Some(program) = &options.program else {
+        return fail("no program after --");
+    };
+    let mut command = Command::new(program);
+    command.args(&options.args).stdin(Stdio::null());
+    if let Some(gid) = options.gid {
+        command.gid(gid);
+    }
+    if let Some(uid) = options.uid {
+        // As root, std also drops every supplementary group.
+        command.uid(uid);
+    }
+    let function = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return fail(&format!("cannot start {}: {e}", program.to_string_lossy())),
+    };
+    let function_pid = nix::unistd::Pid::from_raw(i32::try_from(function.id()).unwrap_or(-1));
+    // PID 1 reaps every orphan of the namespace until the function itself ends.
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == function_pid => {
+                return exit_code(Some(code), None);
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == function_pid => {
+                return exit_code(None, Some(signal as i32));
+            }
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return fail(&format!("waiting for the function: {e}")),
+        }
+    }
+}
+
+/// Private mounts: a `/proc` of this namespace, and a fresh `/tmp` holding only the kept
+/// directories.
+fn private_mounts(options: &Options) -> Result<(), String> {
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| format!("cannot make the mounts private: {e}"))?;
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), hardened, none)
+        .map_err(|e| format!("cannot mount /proc for the namespace: {e}"))?;
+    // Kept directories under /tmp are opened before the tmpfs hides them, then bound back.
+    let mut kept = Vec::new();
+    let under_tmp: Vec<&PathBuf> = options
+        .keep
+        .iter()
+        .filter(|d| d.starts_with("/tmp"))
+        .collect();
+    // A directory inside another kept one comes with it.
+    let outermost = under_tmp
+        .iter()
+        .filter(|d| !under_tmp.iter().any(|o| o != *d && d.starts_with(o)));
+    for dir in outermost {
+        let fd = open(
+            dir.as_path(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+        kept.push((dir, fd));
+    }
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(|e| format!("cannot mount a private /tmp: {e}"))?;
+    for (dir, fd) in kept {
+        // Traversable, not listable, as the runner's socket root: an instance finds its own
+        // directory and cannot tell what else the runner keeps.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o711)
+            .create(dir)
+            .map_err(|e| format!("cannot recreate {} in the private /tmp: {e}", dir.display()))?;
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        mount(
+            Some(source.as_str()),
+            dir.as_path(),
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .map_err(|e| format!("cannot bind {} into the private /tmp: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> impl Iterator<Item = OsString> {
+        list.iter()
+            .map(OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn options_are_read_up_to_the_program_and_its_arguments_kept_whole() {
+        let options = parse(args(&[
+            "--uid",
+            "100001",
+            "--gid",
+            "100002",
+            "--keep",
+            "/tmp/a",
+            "--keep",
+            "/srv/f",
+            "--net-none",
+            "--",
+            "/srv/f/fn",
+            "--uid",
+            "x",
+        ]))
+        .expect("valid");
+        assert_eq!(options.uid, Some(100_001));
+        assert_eq!(options.gid, Some(100_002));
+        assert_eq!(
+            options.keep,
+            [PathBuf::from("/tmp/a"), PathBuf::from("/srv/f")]
+        );
+        assert!(options.net_none && !options.probe);
+        assert_eq!(options.program, Some(OsString::from("/srv/f/fn")));
+        assert_eq!(options.args, [OsString::from("--uid"), OsString::from("x")]);
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        let err = parse(args(&["--uid", "root", "--", "p"])).expect_err("not a number");
+        assert!(err.contains("--uid") && err.contains("root"), "{err}");
+        let err = parse(args(&["--bogus"])).expect_err("unknown");
+        assert!(err.contains("--bogus"), "{err}");
+        let err = parse(args(&["--uid", "1"])).expect_err("no program");
+        assert!(err.contains("no program"), "{err}");
+        assert!(
+            parse(args(&["--probe"])).is_ok(),
+            "a probe needs no program"
+        );
+        let err = parse(args(&["--keep"])).expect_err("no value");
+        assert!(err.contains("--keep needs a value"), "{err}");
+    }
+}
