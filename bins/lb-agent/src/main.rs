@@ -11,7 +11,9 @@ use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invo
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
-use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool, StaticPool};
+use fn_nodepool::{
+    Advertiser, CapacityTracker, ClientConfig, EjectionMetrics, NpmPool, RunnerPool, StaticPool,
+};
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -60,6 +62,12 @@ struct Cli {
     /// Bound for a runner to acknowledge a TryCall before the call moves on.
     #[arg(long, env = "FN_RUNNER_ACK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     runner_ack_timeout: Duration,
+    /// Failures in a row (connect, transport, no acknowledgement in time) after which a
+    /// runner is ejected: no calls until its health check passes, first after 5s, doubling
+    /// with each ejection in a row up to 60s.
+    #[arg(long, env = "FN_RUNNER_EJECT_AFTER", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    runner_eject_after: u32,
     /// Most client connections open at once. At the cap a new connection closes the oldest
     /// idle one (or is refused when none is idle). Default: three quarters of the open-file
     /// limit, which lb-agent raises to its hard limit at start.
@@ -162,9 +170,12 @@ async fn daemon(cli: Cli) -> ExitCode {
         );
     }
 
+    let mut registry = Registry::default();
     let client_config = ClientConfig {
         connect_timeout: cli.runner_connect_timeout,
         ack_timeout: cli.runner_ack_timeout,
+        eject_after: cli.runner_eject_after,
+        ejection_metrics: EjectionMetrics::register(&mut registry),
         ..ClientConfig::default()
     };
     let capacity = CapacityTracker::new();
@@ -194,7 +205,6 @@ async fn daemon(cli: Cli) -> ExitCode {
             ..DispatchConfig::default()
         },
     );
-    let mut registry = Registry::default();
     let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
     let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use fn_lb::catalog::Catalog;
 use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::{CancellationToken, Health};
-use fn_nodepool::{CapacityTracker, ClientConfig, RunnerPool, StaticPool};
+use fn_nodepool::{CapacityTracker, ClientConfig, EjectionMetrics, RunnerPool, StaticPool};
 use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer};
 use fn_test_support::TestPki;
 use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner, RequestEnd};
@@ -884,6 +884,7 @@ async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
                 // service; none comes while this test looks.
                 probe_initial: Duration::from_secs(60),
                 probe_max: Duration::from_secs(60),
+                ..ClientConfig::default()
             },
             ..Options::default()
         },
@@ -925,6 +926,7 @@ async fn a_placeholder_takes_calls_again_once_its_runner_answers() {
                 ack_timeout: Duration::from_millis(300),
                 probe_initial: Duration::from_millis(20),
                 probe_max: Duration::from_millis(100),
+                ..ClientConfig::default()
             },
             ..Options::default()
         },
@@ -947,6 +949,100 @@ async fn a_placeholder_takes_calls_again_once_its_runner_answers() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.text(), "welcome back");
     assert!(runner.saw(reply.call_id()));
+}
+
+/// A runner that answers its health check but never acknowledges a call comes back after
+/// every probe, and would cost every other call its ack timeout. After `eject_after`
+/// failures in a row it is ejected: no call touches it until its health check passes, not
+/// before `eject_initial`; then it takes calls again.
+#[tokio::test]
+async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::NeverAcknowledge, Behaviour::Echo]).await;
+    let metrics = EjectionMetrics::default();
+    let eject_initial = Duration::from_millis(1500);
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            client: ClientConfig {
+                connect_timeout: Duration::from_millis(200),
+                ack_timeout: Duration::from_millis(150),
+                probe_initial: Duration::from_millis(10),
+                probe_max: Duration::from_millis(20),
+                eject_after: 3,
+                eject_initial,
+                eject_max: Duration::from_secs(3),
+                ejection_metrics: metrics.clone(),
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let silent = Arc::clone(&lb.pool.runners("default")[0]);
+
+    // Every call succeeds on the healthy runner; the silent one fails the calls offered to
+    // it first, and after each failure its probe soon puts it back.
+    let mut calls = 0;
+    while metrics.ejections() == 0 {
+        calls += 1;
+        assert!(calls <= 30, "not ejected after {calls} calls");
+        let reply = post(&lb, "/r/demo/echo", format!("call {calls}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+        if metrics.ejections() == 0 {
+            // Let the probe bring the silent runner back, so the next offer fails again.
+            let back = Instant::now() + BOUND;
+            while !silent.is_available() && Instant::now() < back {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let ejected_at = Instant::now();
+    assert!(silent.is_ejected() && !silent.is_available());
+    assert_eq!(metrics.ejected(), 1);
+
+    // While ejected: no offer reaches it, and no call waits for it.
+    for i in 0..6 {
+        let started = Instant::now();
+        let reply = post(&lb, "/r/demo/echo", format!("ejected {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "call {i} waited for the ejected runner: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !runners[0].saw(reply.call_id()),
+            "call {i} was offered to it"
+        );
+    }
+
+    // It heals; after the ejection time its health check passes and it takes calls again.
+    runners[0].set_behaviour(Behaviour::Echo);
+    let deadline = Instant::now() + BOUND;
+    while !silent.is_available() {
+        assert!(
+            Instant::now() < deadline,
+            "the ejected runner never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        ejected_at.elapsed() >= eject_initial - Duration::from_millis(100),
+        "back after {:?}, before its ejection ended",
+        ejected_at.elapsed()
+    );
+    assert!(!silent.is_ejected());
+    assert_eq!(metrics.ejected(), 0);
+    let mut reached = false;
+    for i in 0..4 {
+        let reply = post(&lb, "/r/demo/echo", format!("back {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reached |= reply.header("x-fake-runner") == "fake-0";
+    }
+    assert!(reached, "the runner took no call after coming back");
 }
 
 #[tokio::test]

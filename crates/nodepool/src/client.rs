@@ -7,9 +7,17 @@
 //! network, while a background probe calls `Status` with backoff and makes the client
 //! available again when the runner answers. The placeholder keeps its slot in the runner
 //! list, so consistent hashing keeps every other runner's index.
+//!
+//! **Outlier ejection.** A runner that answers its health check but keeps failing calls
+//! (it never acknowledges, its connection breaks) would come back after every probe and
+//! cost the next call again. After [`ClientConfig::eject_after`] failures in a row without
+//! an acknowledged call in between, it is *ejected*: its first health check waits
+//! `eject_initial`, doubled at each ejection in a row up to `eject_max`. An acknowledged
+//! call (committed or refused) ends the streak. Ejections are logged and counted
+//! ([`EjectionMetrics`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +46,15 @@ pub struct ClientConfig {
     /// First pause between probes of an unreachable runner; doubles up to `probe_max`.
     pub probe_initial: Duration,
     pub probe_max: Duration,
+    /// Failures in a row (connect, transport, no acknowledgement in time) that eject a
+    /// runner; see the module docs.
+    pub eject_after: u32,
+    /// How long a first ejection lasts before the runner's health check; doubles with each
+    /// ejection in a row, up to `eject_max`.
+    pub eject_initial: Duration,
+    pub eject_max: Duration,
+    /// Where ejections are counted.
+    pub ejection_metrics: EjectionMetrics,
 }
 
 impl Default for ClientConfig {
@@ -47,7 +64,47 @@ impl Default for ClientConfig {
             ack_timeout: Duration::from_secs(5),
             probe_initial: Duration::from_millis(100),
             probe_max: Duration::from_secs(5),
+            eject_after: 5,
+            eject_initial: Duration::from_secs(5),
+            eject_max: Duration::from_secs(60),
+            ejection_metrics: EjectionMetrics::default(),
         }
+    }
+}
+
+/// `fn_lb_runner_ejections_total` and `fn_lb_runners_ejected`, shared by every client of
+/// an LB (clones share the values).
+#[derive(Debug, Clone, Default)]
+pub struct EjectionMetrics {
+    ejections: prometheus_client::metrics::counter::Counter,
+    ejected: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl EjectionMetrics {
+    /// Metrics registered in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = EjectionMetrics::default();
+        registry.register(
+            "fn_lb_runner_ejections",
+            "Runners ejected after failing calls too many times in a row",
+            metrics.ejections.clone(),
+        );
+        registry.register(
+            "fn_lb_runners_ejected",
+            "Runners ejected now, waiting for their health check",
+            metrics.ejected.clone(),
+        );
+        metrics
+    }
+
+    /// Ejections so far.
+    pub fn ejections(&self) -> u64 {
+        self.ejections.get()
+    }
+
+    /// Runners ejected now.
+    pub fn ejected(&self) -> i64 {
+        self.ejected.get()
     }
 }
 
@@ -103,6 +160,14 @@ pub struct RunnerClient {
     available: AtomicBool,
     /// Set while a probe task runs, so a burst of failures starts only one.
     probing: AtomicBool,
+    /// Failures since the last acknowledged call.
+    failures: AtomicU32,
+    /// Ejections since the last acknowledged call: the next ejection lasts longer.
+    ejections: AtomicU32,
+    /// Set while ejected (counted in `fn_lb_runners_ejected`).
+    ejected: AtomicBool,
+    /// No health check before this while ejected.
+    ejected_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Stops the probe when the client is dropped from every list.
     cancel: CancellationToken,
 }
@@ -135,6 +200,10 @@ impl RunnerClient {
             config,
             available: AtomicBool::new(true),
             probing: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
+            ejected_until: std::sync::Mutex::new(None),
             cancel: CancellationToken::new(),
         }))
     }
@@ -216,7 +285,13 @@ impl RunnerClient {
                 return Err(self.mark_down(format!("no acknowledgement within {bound:?}")));
             }
         };
-        match first.and_then(|m| m.body) {
+        let first = first.and_then(|m| m.body);
+        if matches!(first, Some(runner_msg::Body::Acknowledged(_))) {
+            // The runner answers calls: the streak of failures is over.
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        match first {
             Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => Ok(Engaged {
                 runner: self.address.clone(),
                 slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
@@ -263,9 +338,46 @@ impl RunnerClient {
         self.mark_down(format!("{}: {}", status.code(), status.message()))
     }
 
-    /// Turns the client into a placeholder and starts probing the runner.
+    fn ejected_until(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        // A plain value: a panic elsewhere cannot leave it half-written.
+        self.ejected_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the runner is ejected now (see the module docs).
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    /// How long an ejection lasts after `earlier` ejections in a row.
+    fn ejection_time(&self, earlier: u32) -> Duration {
+        let factor = 2u32.saturating_pow(earlier.min(16));
+        self.config
+            .eject_initial
+            .saturating_mul(factor)
+            .min(self.config.eject_max)
+    }
+
+    /// Turns the client into a placeholder and starts probing the runner; ejects it after
+    /// `eject_after` failures in a row.
     fn mark_down(self: &Arc<Self>, reason: String) -> TryCallError {
-        if self.available.swap(false, Ordering::AcqRel) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let was_available = self.available.swap(false, Ordering::AcqRel);
+        if failures >= self.config.eject_after.max(1) {
+            self.failures.store(0, Ordering::Relaxed);
+            let ejection = self.ejection_time(self.ejections.fetch_add(1, Ordering::Relaxed));
+            *self.ejected_until() = Some(tokio::time::Instant::now() + ejection);
+            let metrics = &self.config.ejection_metrics;
+            metrics.ejections.inc();
+            if !self.ejected.swap(true, Ordering::AcqRel) {
+                metrics.ejected.inc();
+            }
+            tracing::warn!(
+                runner = %self.address, %reason, failures, ejected_for = ?ejection,
+                "runner ejected: its calls failed too many times in a row; it returns after its health check passes"
+            );
+        } else if was_available {
             tracing::warn!(runner = %self.address, %reason, "runner unreachable; probing until it answers");
         }
         if !self.probing.swap(true, Ordering::AcqRel) {
@@ -274,10 +386,15 @@ impl RunnerClient {
             let mut backoff = Backoff::new(self.config.probe_initial, self.config.probe_max);
             tokio::spawn(async move {
                 loop {
-                    let pause = backoff.next_delay();
+                    let mut wake = tokio::time::Instant::now() + backoff.next_delay();
+                    if let Some(client) = this.upgrade()
+                        && let Some(until) = *client.ejected_until()
+                    {
+                        wake = wake.max(until);
+                    }
                     tokio::select! {
                         () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep_until(wake) => {}
                     }
                     let Some(client) = this.upgrade() else { return };
                     match client.status().await {
@@ -285,8 +402,14 @@ impl RunnerClient {
                             // Clear `probing` first: a failure right after `available`
                             // flips must be able to start a new probe.
                             client.probing.store(false, Ordering::Release);
+                            *client.ejected_until() = None;
                             client.available.store(true, Ordering::Release);
-                            tracing::info!(runner = %client.address, "runner reachable again");
+                            if client.ejected.swap(false, Ordering::AcqRel) {
+                                client.config.ejection_metrics.ejected.dec();
+                                tracing::info!(runner = %client.address, "ejected runner passed its health check; back in service");
+                            } else {
+                                tracing::info!(runner = %client.address, "runner reachable again");
+                            }
                             return;
                         }
                         Err(status) => {
@@ -306,6 +429,9 @@ impl RunnerClient {
 impl Drop for RunnerClient {
     fn drop(&mut self) {
         self.cancel.cancel();
+        if self.ejected.load(Ordering::Acquire) {
+            self.config.ejection_metrics.ejected.dec();
+        }
     }
 }
 

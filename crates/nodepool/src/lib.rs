@@ -19,6 +19,6 @@ pub mod pool;
 
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
-pub use client::{ClientConfig, EarlyBody, Engaged, RunnerClient, TryCallError};
+pub use client::{ClientConfig, EarlyBody, EjectionMetrics, Engaged, RunnerClient, TryCallError};
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
