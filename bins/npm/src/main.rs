@@ -78,6 +78,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     };
     let mut server = fn_tls::grpc_server();
     let shared = Arc::new(Shared::default());
+    let watches = Arc::clone(&shared);
     let npm = NpmService::new(Arc::clone(&shared));
     let (health, health_service) = Health::new(&[
         "dataplane.poolmanager.v1.NodePoolScaler",
@@ -99,7 +100,12 @@ async fn daemon(cli: Cli) -> ExitCode {
 
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     services.spawn("grpc", move |cancel| {
-        router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        router.serve_with_incoming_shutdown(incoming, async move {
+            cancel.cancelled().await;
+            // Membership watches never end by themselves: end them, or the graceful
+            // shutdown would wait for them.
+            watches.close_watches();
+        })
     });
     services.spawn("control-loop", move |cancel| control.run(cancel));
     if let Some(metrics) = metrics {

@@ -7,10 +7,19 @@
 //! runner that stays in the list keeps its connection; a runner that leaves the list is
 //! dropped from it, and its connection closes once the calls still streaming on it end.
 //! When the npm cannot be reached, the last known list stays in use.
+//!
+//! The npm also streams a message each time its membership changes (`WatchMembership`):
+//! every group is then fetched at once, so a new runner takes calls as soon as the npm
+//! publishes it. While that stream is up, polling slows to [`WATCHED_POLL_INTERVAL`], a
+//! safety net; without it (an npm that has no such RPC, or a broken stream) polling goes on
+//! at the configured interval.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use fn_lifecycle::retry::Backoff;
 
 use fn_protocol::poolmanager::LbGroupId;
 use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
@@ -21,6 +30,9 @@ use tonic::transport::Channel;
 
 use crate::client::{ClientConfig, RunnerClient};
 use crate::pool::{RunnerList, RunnerPool, check_host_port};
+
+/// The poll interval while the npm's membership watch is up.
+pub const WATCHED_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runner lists fetched from the npm.
 #[derive(Debug, Clone)]
@@ -36,6 +48,12 @@ struct Inner {
     groups: Mutex<BTreeSet<String>>,
     /// Wakes the poller when a new group is seen.
     new_group: Notify,
+    /// Wakes the poller when the npm says its membership changed.
+    membership_changed: Notify,
+    /// Whether the membership watch is up (polling slows down).
+    watching: AtomicBool,
+    /// A channel without a per-request timeout, for the watch stream.
+    watch: RunnerManagerClient<Channel>,
     tls: TlsMode,
     client_config: ClientConfig,
     npm: RunnerManagerClient<Channel>,
@@ -53,10 +71,20 @@ impl NpmPool {
         client_config: ClientConfig,
         poll_interval: Duration,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = fn_tls::grpc_endpoint(tls, npm_address)?
+        let endpoint = fn_tls::grpc_endpoint(tls, npm_address)?;
+        let channel = endpoint
+            .clone()
             .with(|e| {
                 e.connect_timeout(client_config.connect_timeout)
                     .timeout(Duration::from_secs(2))
+            })
+            .connect_lazy();
+        // Keepalive pings find an npm that vanished without closing the stream.
+        let watch_channel = endpoint
+            .with(|e| {
+                e.connect_timeout(client_config.connect_timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
             })
             .connect_lazy();
         Ok(NpmPool {
@@ -64,6 +92,9 @@ impl NpmPool {
                 lists: RwLock::new(HashMap::new()),
                 groups: Mutex::new(BTreeSet::new()),
                 new_group: Notify::new(),
+                membership_changed: Notify::new(),
+                watching: AtomicBool::new(false),
+                watch: RunnerManagerClient::new(watch_channel),
                 tls: tls.clone(),
                 client_config,
                 npm: RunnerManagerClient::new(channel),
@@ -77,6 +108,8 @@ impl NpmPool {
     /// # Errors
     /// Never; the signature fits the lifecycle's service runner.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let watcher = tokio::spawn(Arc::clone(&self.inner).watch(cancel.clone()));
+        let _stop_watching = AbortOnDrop(watcher);
         let mut failing = false;
         loop {
             let groups: Vec<String> = self.inner.lock_groups().iter().cloned().collect();
@@ -96,10 +129,16 @@ impl NpmPool {
                     }
                 }
             }
+            let pause = if self.inner.watching.load(Ordering::Acquire) {
+                WATCHED_POLL_INTERVAL.max(self.inner.poll_interval)
+            } else {
+                self.inner.poll_interval
+            };
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 () = self.inner.new_group.notified() => {}
-                () = tokio::time::sleep(self.inner.poll_interval) => {}
+                () = self.inner.membership_changed.notified() => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -156,7 +195,67 @@ impl NpmPool {
     }
 }
 
+/// Aborts the task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Inner {
+    /// Follows the npm's membership watch until cancelled: each message wakes the poller.
+    /// Reconnects with backoff; stops for good when the npm does not have the RPC.
+    async fn watch(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let mut npm = self.watch.clone();
+            let opened = tokio::select! {
+                () = cancel.cancelled() => return,
+                opened = npm.watch_membership(()) => opened,
+            };
+            match opened {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        let message = tokio::select! {
+                            () = cancel.cancelled() => return,
+                            message = stream.message() => message,
+                        };
+                        match message {
+                            Ok(Some(_)) => {
+                                if !self.watching.swap(true, Ordering::AcqRel) {
+                                    tracing::debug!("following the npm's membership changes");
+                                }
+                                backoff.reset();
+                                self.membership_changed.notify_one();
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(error = %status, "membership watch broke");
+                                break;
+                            }
+                        }
+                    }
+                    self.watching.store(false, Ordering::Release);
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!("the npm has no membership watch; polling runner lists only");
+                    return;
+                }
+                Err(status) => {
+                    tracing::debug!(error = %status, "cannot open the membership watch");
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
     fn lock_groups(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.groups
             .lock()

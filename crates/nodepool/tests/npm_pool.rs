@@ -10,7 +10,9 @@ use std::time::Duration;
 use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool};
 use fn_protocol::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
 use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManagerServer};
-use fn_protocol::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembership, Runner};
+use fn_protocol::poolmanager::{
+    CapacitySnapshotList, LbGroupId, LbGroupMembership, MembershipChanged, Runner,
+};
 use fn_test_support::TestPki;
 use fn_tls::TlsMode;
 use tokio::sync::mpsc;
@@ -30,6 +32,10 @@ struct NpmState {
     /// `GetLBGroup` requests answered with an error.
     failed_polls: AtomicUsize,
     adverts: mpsc::UnboundedSender<CapacitySnapshotList>,
+    /// Bumped by every `set`: what `WatchMembership` streams follow.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// When set, `WatchMembership` answers UNIMPLEMENTED (an npm from before the watch).
+    no_watch: AtomicBool,
 }
 
 impl NpmState {
@@ -40,6 +46,8 @@ impl NpmState {
             failing: AtomicBool::new(false),
             failed_polls: AtomicUsize::new(0),
             adverts: tx,
+            changes: tokio::sync::watch::Sender::new(0),
+            no_watch: AtomicBool::new(false),
         };
         (Arc::new(state), rx)
     }
@@ -56,11 +64,13 @@ impl NpmState {
             .lock()
             .expect("lock")
             .insert(group.to_owned(), runners);
+        self.changes.send_modify(|version| *version += 1);
     }
 }
 
+/// The fake npm: its state, and the token of the server instance (watches end with it).
 #[derive(Debug, Clone)]
-struct FakeNpm(Arc<NpmState>);
+struct FakeNpm(Arc<NpmState>, CancellationToken);
 
 #[tonic::async_trait]
 impl NodePoolScaler for FakeNpm {
@@ -98,6 +108,33 @@ impl RunnerManager for FakeNpm {
             runners,
         }))
     }
+
+    type WatchMembershipStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<MembershipChanged, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_membership(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<Self::WatchMembershipStream>, Status> {
+        if self.0.no_watch.load(Ordering::SeqCst) {
+            return Err(Status::unimplemented("an npm from before the watch"));
+        }
+        let stream = futures::stream::unfold(
+            (true, self.0.changes.subscribe(), self.1.clone()),
+            |(first, mut changes, stop)| async move {
+                if !first {
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        changed = changes.changed() => changed.ok()?,
+                    }
+                }
+                let version = *changes.borrow_and_update();
+                Some((Ok(MembershipChanged { version }), (false, changes, stop)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 /// A running fake npm server; [`Server::stop`] shuts it down (connections refused after).
@@ -117,7 +154,7 @@ impl Server {
         .expect("bind fake npm");
         let address = listener.local_addr().expect("local addr");
         let cancel = CancellationToken::new();
-        let fake = FakeNpm(Arc::clone(state));
+        let fake = FakeNpm(Arc::clone(state), cancel.clone());
         let incoming = fn_tls::grpc_incoming(tls, listener).expect("server TLS");
         let router = fn_tls::grpc_server()
             .add_service(NodePoolScalerServer::new(fake.clone()))
@@ -270,6 +307,71 @@ async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_li
 }
 
 /// The next advert, within the bound.
+/// With polling far too slow to explain it (a minute), a runner the npm publishes reaches
+/// the LB's list at once through the membership watch; an npm without the watch still
+/// works, by polling.
+#[tokio::test]
+async fn a_published_runner_reaches_the_list_at_once_through_the_watch() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    state.set("g", &["127.0.0.1:7101"]);
+    let server = Server::start(&tls, &state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        &tls,
+        ClientConfig::default(),
+        Duration::from_secs(60),
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    assert!(pool.runners("g").is_empty());
+    // A new group is fetched at once (the first lookup wakes the poller).
+    wait_for_list(&pool, "g", &["127.0.0.1:7101"]).await;
+    // Let the watch open: its first message comes at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..3 {
+        let added = format!("127.0.0.1:{}", 7102 + round);
+        let mut want = vec!["127.0.0.1:7101".to_owned(), added.clone()];
+        want.dedup();
+        state.set("g", &["127.0.0.1:7101", &added]);
+        let start = tokio::time::Instant::now();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        wait_for_list(&pool, "g", &want).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "round {round}: the change took {:?}",
+            start.elapsed()
+        );
+    }
+    cancel.cancel();
+    poller.await.expect("poller").expect("ends");
+    server.stop().await;
+
+    // An npm without the watch: the pool polls at its own interval.
+    let (state, _adverts) = NpmState::new();
+    state.no_watch.store(true, Ordering::SeqCst);
+    state.set("g", &["127.0.0.1:7201"]);
+    let server = Server::start(&tls, &state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        &tls,
+        ClientConfig::default(),
+        POLL,
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    assert!(pool.runners("g").is_empty());
+    wait_for_list(&pool, "g", &["127.0.0.1:7201"]).await;
+    state.set("g", &["127.0.0.1:7201", "127.0.0.1:7202"]);
+    wait_for_list(&pool, "g", &["127.0.0.1:7201", "127.0.0.1:7202"]).await;
+    cancel.cancel();
+    poller.await.expect("poller").expect("ends");
+    server.stop().await;
+}
+
 async fn next_advert(
     rx: &mut mpsc::UnboundedReceiver<CapacitySnapshotList>,
 ) -> CapacitySnapshotList {

@@ -96,6 +96,12 @@ pub struct Shared {
     /// then the npm does not know the lists, and an empty answer would make the LBs drop
     /// every runner they use (the Fn 2018 bug class "an npm error emptied the LB's lists").
     membership: RwLock<Option<Arc<Membership>>>,
+    /// The version of the published membership, bumped when it changes; `WatchMembership`
+    /// streams follow it.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Cancelled when the npm stops: membership watches end, so the graceful shutdown does
+    /// not wait for streams that would never end.
+    watches_closed: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -144,10 +150,34 @@ impl Shared {
     }
 
     fn publish(&self, membership: Membership) {
-        *self
-            .membership
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(membership));
+        let changed = {
+            let mut published = self
+                .membership
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let changed = published.as_deref() != Some(&membership);
+            *published = Some(Arc::new(membership));
+            changed
+        };
+        if changed {
+            self.changes.send_modify(|version| *version += 1);
+        }
+    }
+
+    /// Follows the version of the published membership (see `WatchMembership`), and the
+    /// token that ends the watches.
+    pub fn watch_membership(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.changes.subscribe(), self.watches_closed.clone())
+    }
+
+    /// Ends every membership watch (the npm is stopping).
+    pub fn close_watches(&self) {
+        self.watches_closed.cancel();
     }
 
     fn with_demand<T>(&self, f: impl FnOnce(&mut DemandBook) -> T) -> T {

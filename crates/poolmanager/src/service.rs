@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use fn_protocol::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
 use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManagerServer};
-use fn_protocol::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembership, Runner};
+use fn_protocol::poolmanager::{
+    CapacitySnapshotList, LbGroupId, LbGroupMembership, MembershipChanged, Runner,
+};
 use tonic::{Request, Response, Status};
 
 use crate::manager::Shared;
@@ -96,5 +98,32 @@ impl RunnerManager for NpmService {
             group_id: group,
             runners,
         }))
+    }
+
+    type WatchMembershipStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<MembershipChanged, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_membership(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<Self::WatchMembershipStream>, Status> {
+        // The current version at once, then each change; changes published while the LB
+        // was slow to read merge into one message, which is all the LB needs.
+        let (changes, closed) = self.shared.watch_membership();
+        let stream = futures::stream::unfold(
+            (true, changes, closed),
+            |(first, mut changes, closed)| async move {
+                if !first {
+                    tokio::select! {
+                        () = closed.cancelled() => return None,
+                        changed = changes.changed() => changed.ok()?,
+                    }
+                }
+                let version = *changes.borrow_and_update();
+                Some((Ok(MembershipChanged { version }), (false, changes, closed)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -199,3 +199,42 @@ async fn runner_lists_are_unavailable_until_loaded_then_follow_the_adverts() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     npm.stop().await;
 }
+
+#[tokio::test]
+async fn the_membership_watch_says_when_the_published_lists_change_and_ends_on_shutdown() {
+    let mut npm = Npm::start().await;
+    let mut watch = npm
+        .manager
+        .watch_membership(())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("stream").expect("at once");
+    npm.control.tick().await;
+    // Loading the (empty) runner set publishes the lists for the first time.
+    let loaded = watch.message().await.expect("stream").expect("loaded");
+    assert!(loaded.version > first.version, "{loaded:?} after {first:?}");
+
+    // A tick that changes nothing says nothing.
+    npm.control.tick().await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), watch.message()).await;
+    assert!(quiet.is_err(), "a message without a change: {quiet:?}");
+
+    // Demand provisions a runner: the lists change, and the watch says so.
+    npm.scaler
+        .advertise_capacity(advert("lb1", &[("g", RUNNER_MB)]))
+        .await
+        .expect("advert");
+    npm.control.tick().await;
+    let changed = watch.message().await.expect("stream").expect("changed");
+    assert!(changed.version > loaded.version);
+    assert_eq!(npm.get_group("g").await.expect("g").len(), 1);
+
+    // Stopping the npm ends the stream, so its graceful shutdown does not wait for it.
+    npm.shared.close_watches();
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    npm.stop().await;
+}
