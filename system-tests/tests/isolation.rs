@@ -100,6 +100,42 @@ fn environ_var(pid: u32, name: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no {name} in the environment of {pid}"))
 }
 
+/// What `fn-hostile` attacks: the victim's instance directory and socket (from its
+/// environment, read by the test as root), the runner's socket root and key.
+struct Target {
+    dir: String,
+    socket: String,
+    root: String,
+    key: String,
+}
+
+impl Target {
+    fn of(cluster: &Cluster, victim: u32) -> anyhow::Result<Target> {
+        let dir = environ_var(victim, "HOME")?;
+        let socket = environ_var(victim, "FN_LISTENER")?
+            .trim_start_matches("unix:")
+            .to_owned();
+        let root = std::path::Path::new(&dir)
+            .parent()
+            .context("the instance directory has a parent")?
+            .display()
+            .to_string();
+        let key = cluster
+            .certs
+            .env()
+            .into_iter()
+            .find(|(k, _)| k == "FN_NODE_CERT_KEY")
+            .map(|(_, v)| v)
+            .context("the runner's key")?;
+        Ok(Target {
+            dir,
+            socket,
+            root,
+            key,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::Result<()> {
     let Some(cluster) = root_cluster(CATALOG, &[], "every row (a uid per function)").await? else {
@@ -108,21 +144,12 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
     let first = cluster.call("/r/tenant-a/victim", "Ann").await?;
     ensure!(first.status == 200, "victim: {first:?}");
     let victim = first.fn_pid()?;
-    let dir = environ_var(victim, "HOME")?;
-    let socket = environ_var(victim, "FN_LISTENER")?;
-    let socket = socket.trim_start_matches("unix:").to_owned();
-    let root = std::path::Path::new(&dir)
-        .parent()
-        .context("the instance directory has a parent")?
-        .display()
-        .to_string();
-    let key = cluster
-        .certs
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "FN_NODE_CERT_KEY")
-        .map(|(_, v)| v)
-        .context("the runner's key")?;
+    let Target {
+        dir,
+        socket,
+        root,
+        key,
+    } = Target::of(&cluster, victim)?;
 
     let status = std::fs::read_to_string(format!("/proc/{victim}/status"))?;
     ensure!(
@@ -308,21 +335,12 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
             "the instance shares the runner's {kind} namespace"
         );
     }
-    let dir = environ_var(victim, "HOME")?;
-    let socket = environ_var(victim, "FN_LISTENER")?;
-    let socket = socket.trim_start_matches("unix:").to_owned();
-    let root = std::path::Path::new(&dir)
-        .parent()
-        .context("the instance directory has a parent")?
-        .display()
-        .to_string();
-    let key = cluster
-        .certs
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "FN_NODE_CERT_KEY")
-        .map(|(_, v)| v)
-        .context("the runner's key")?;
+    let Target {
+        dir,
+        socket,
+        root,
+        key,
+    } = Target::of(&cluster, victim)?;
     let marker = format!("/tmp/fn-hostile-was-here-{}", std::process::id());
     let grpc = &cluster.runners[0].address;
     let target = format!(

@@ -3,45 +3,14 @@
 
 use std::time::Duration;
 
+mod common;
+use common::start_server;
+
 use fn_tls::dev::DevCa;
 use fn_tls::{NodeTls, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-
-struct Server {
-    address: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start_server(tls: NodeTls) -> Server {
-    fn_tls::install_crypto_provider();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr").to_string();
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming = fn_tls::grpc_incoming(&TlsMode::Mutual(tls), listener).expect("server config");
-    let mut server = fn_tls::grpc_server();
-    let router = server.add_service(service);
-    tokio::spawn(async move {
-        let _reporter = reporter;
-        router
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server runs");
-    });
-    Server {
-        address,
-        _stop: stop,
-    }
-}
 
 async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
     let channel = fn_tls::grpc_endpoint(mode, address)
@@ -65,7 +34,7 @@ async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
 #[tokio::test]
 async fn valid_certificates_succeed() {
     let ca = DevCa::new("ca").expect("ca");
-    let server = start_server(ca.node_tls(&[]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
     let client = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
     check(&client, &server.address)
         .await
@@ -75,7 +44,7 @@ async fn valid_certificates_succeed() {
 #[tokio::test]
 async fn client_without_certificate_is_rejected() {
     let ca = DevCa::new("ca").expect("ca");
-    let server = start_server(ca.node_tls(&[]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
     // Trusts the server, presents nothing.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", server.address))
         .expect("uri")
@@ -112,7 +81,7 @@ async fn client_without_certificate_is_rejected() {
 async fn certificate_from_another_ca_is_rejected_both_ways() {
     let ca = DevCa::new("ca").expect("ca");
     let other = DevCa::new("other").expect("other ca");
-    let server = start_server(ca.node_tls(&[]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
 
     // Client cert signed by another CA, but trusting the right CA: server rejects it.
     let foreign = other.node(&[]).expect("foreign node");
@@ -148,7 +117,7 @@ async fn certificate_from_another_ca_is_rejected_both_ways() {
 #[tokio::test]
 async fn expired_certificates_are_rejected() {
     let ca = DevCa::new("ca").expect("ca");
-    let server = start_server(ca.node_tls(&[]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
     let expired = ca.expired_node(&[]).expect("expired");
     let client = TlsMode::Mutual(ca.tls_for(&expired).expect("material"));
     let err = check(&client, &server.address)
@@ -158,7 +127,7 @@ async fn expired_certificates_are_rejected() {
 
     // And a server with an expired certificate is not trusted by a valid client.
     let expired_server = start_server(
-        ca.tls_for(&ca.expired_node(&[]).expect("expired"))
+        &ca.tls_for(&ca.expired_node(&[]).expect("expired"))
             .expect("material"),
     )
     .await;
@@ -175,7 +144,7 @@ async fn expired_certificates_are_rejected() {
 #[tokio::test]
 async fn plaintext_client_fails_cleanly_and_server_keeps_serving() {
     let ca = DevCa::new("ca").expect("ca");
-    let server = start_server(ca.node_tls(&[]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
 
     // A plaintext gRPC client.
     check(&TlsMode::Insecure, &server.address)
@@ -206,7 +175,7 @@ async fn plaintext_client_fails_cleanly_and_server_keeps_serving() {
 async fn server_name_override_is_used() {
     let ca = DevCa::new("ca").expect("ca");
     // Server cert only for "fn-node" (and the default loopback names).
-    let server = start_server(ca.node_tls(&["fn-node"]).expect("node")).await;
+    let server = start_server(&ca.node_tls(&["fn-node"]).expect("node")).await;
     let good = TlsMode::Mutual(
         ca.node_tls(&[])
             .expect("client")

@@ -5,6 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+use common::start_server;
+
 use fn_tls::dev::{self, DevCa, RolloverStep, files};
 use fn_tls::watch::CertWatch;
 use fn_tls::{NodeTls, Reloaded, TlsArgs, TlsMode};
@@ -14,40 +17,6 @@ use rustls::pki_types::pem::PemObject;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-
-struct Server {
-    address: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start_server(tls: &NodeTls) -> Server {
-    fn_tls::install_crypto_provider();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr").to_string();
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming =
-        fn_tls::grpc_incoming(&TlsMode::Mutual(tls.clone()), listener).expect("server config");
-    tokio::spawn(async move {
-        let _reporter = reporter;
-        fn_tls::grpc_server()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server runs");
-    });
-    Server {
-        address,
-        _stop: stop,
-    }
-}
 
 /// Node material read from the PKI directory `dir`, as a daemon loads it.
 fn from_files(dir: &Path) -> NodeTls {
