@@ -100,6 +100,22 @@ fn environ_var(pid: u32, name: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no {name} in the environment of {pid}"))
 }
 
+/// Checks that `fn-hostile`'s report has a row for each of `attempts`, and that it says
+/// denied.
+fn all_denied<'a>(report: &str, attempts: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+    for attempt in attempts {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(attempt))
+            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
+        ensure!(
+            line.starts_with(&format!("{attempt}: denied")),
+            "tenant B could {attempt}: {line}\n{report}"
+        );
+    }
+    Ok(())
+}
+
 /// What `fn-hostile` attacks: the victim's instance directory and socket (from its
 /// environment, read by the test as root), the runner's socket root and key.
 struct Target {
@@ -174,16 +190,7 @@ async fn a_hostile_function_cannot_reach_another_tenants_instance() -> anyhow::R
     ensure!(attack.status == 200, "hostile: {attack:?}");
     let report = attack.text();
     println!("fn-hostile against {victim} ({dir}):\n{report}");
-    for attempt in ATTEMPTS {
-        let line = report
-            .lines()
-            .find(|l| l.starts_with(attempt))
-            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
-        ensure!(
-            line.starts_with(&format!("{attempt}: denied")),
-            "tenant B could {attempt}: {line}\n{report}"
-        );
-    }
+    all_denied(&report, ATTEMPTS)?;
     // Without namespaces (this cluster turns them off) the rest is open; the test below
     // closes it.
     ensure!(
@@ -354,19 +361,13 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
     );
     let report = attack.text();
     println!("fn-hostile in its namespaces against {victim} ({dir}):\n{report}");
-    for attempt in ATTEMPTS.into_iter().chain([
-        "see the runner's processes",
-        "connect to the runner's gRPC port",
-    ]) {
-        let line = report
-            .lines()
-            .find(|l| l.starts_with(attempt))
-            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
-        ensure!(
-            line.starts_with(&format!("{attempt}: denied")),
-            "tenant B could {attempt}: {line}\n{report}"
-        );
-    }
+    all_denied(
+        &report,
+        ATTEMPTS.into_iter().chain([
+            "see the runner's processes",
+            "connect to the runner's gRPC port",
+        ]),
+    )?;
     ensure!(
         !std::path::Path::new(&marker).exists(),
         "a file the function wrote in its /tmp reached the runner's /tmp"

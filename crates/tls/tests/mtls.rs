@@ -4,32 +4,13 @@
 use std::time::Duration;
 
 mod common;
-use common::start_server;
+use common::{check, start_server};
 
 use fn_tls::dev::DevCa;
 use fn_tls::{NodeTls, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-
-async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
-    let channel = fn_tls::grpc_endpoint(mode, address)
-        .map_err(|e| e.to_string())?
-        .with(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(5))
-        })
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("rpc: {e:?}"))
-}
 
 #[tokio::test]
 async fn valid_certificates_succeed() {

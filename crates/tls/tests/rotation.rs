@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::start_server;
+use common::{health, start_server};
 
 use fn_tls::dev::{self, DevCa, RolloverStep, files};
 use fn_tls::watch::CertWatch;
@@ -15,8 +15,6 @@ use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Node material read from the PKI directory `dir`, as a daemon loads it.
 fn from_files(dir: &Path) -> NodeTls {
@@ -46,30 +44,12 @@ fn snapshot(dir: &Path) -> NodeTls {
 }
 
 async fn channel(client: &NodeTls, address: &str) -> Result<Channel, String> {
-    fn_tls::grpc_endpoint(&TlsMode::Mutual(client.clone()), address)
-        .map_err(|e| e.to_string())?
-        .with(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(5))
-        })
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))
-}
-
-async fn health(channel: Channel) -> Result<(), String> {
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("rpc: {e:?}"))
+    common::channel(&TlsMode::Mutual(client.clone()), address).await
 }
 
 /// A new connection from `client`, and one health check on it.
 async fn check(client: &NodeTls, address: &str) -> Result<(), String> {
-    health(channel(client, address).await?).await
+    common::check(&TlsMode::Mutual(client.clone()), address).await
 }
 
 /// The certificate the server at `address` presents in a new handshake.

@@ -1,7 +1,12 @@
 //! What the TLS tests share: a real tonic server (the standard health service) on loopback
 //! with the crate's own transport.
 
+use std::time::Duration;
+
 use fn_tls::{NodeTls, TlsMode};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A health server; stops when dropped.
 pub struct Server {
@@ -37,4 +42,33 @@ pub async fn start_server(tls: &NodeTls) -> Server {
         address,
         _stop: stop,
     }
+}
+
+/// A channel to `address` under `mode`, connected now.
+pub async fn channel(mode: &TlsMode, address: &str) -> Result<Channel, String> {
+    fn_tls::grpc_endpoint(mode, address)
+        .map_err(|e| e.to_string())?
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+        })
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+/// One health check on `channel`.
+pub async fn health(channel: Channel) -> Result<(), String> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("rpc: {e:?}"))
+}
+
+/// A new connection from `mode`, and one health check on it.
+pub async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
+    health(channel(mode, address).await?).await
 }
