@@ -10,8 +10,8 @@
 //!
 //! The npm also streams a message each time its membership changes (`WatchMembership`):
 //! every group is then fetched at once, so a new runner takes calls as soon as the npm
-//! publishes it. While that stream is up, polling slows to [`WATCHED_POLL_INTERVAL`], a
-//! safety net; without it (an npm that has no such RPC, or a broken stream) polling goes on
+//! publishes it. While that stream is up and fetching works, polling slows to
+//! [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches fail (an npm that has no such RPC, or a broken stream) polling goes on
 //! at the configured interval.
 
 use std::collections::{BTreeSet, HashMap};
@@ -129,7 +129,9 @@ impl NpmPool {
                     }
                 }
             }
-            let pause = if self.inner.watching.load(Ordering::Acquire) {
+            // While the npm answers with errors, keep asking at the configured interval:
+            // a watch that is up says nothing about whether the lists can be fetched.
+            let pause = if self.inner.watching.load(Ordering::Acquire) && !failing {
                 WATCHED_POLL_INTERVAL.max(self.inner.poll_interval)
             } else {
                 self.inner.poll_interval
