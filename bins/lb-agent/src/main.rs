@@ -32,9 +32,15 @@ struct Cli {
     /// Function catalog (TOML). SIGHUP reloads it.
     #[arg(long, env = "FN_FUNCTIONS_FILE")]
     functions_file: Option<PathBuf>,
-    /// Placement policy: naive (round-robin) or ch (consistent hash).
+    /// Placement policy: naive (round-robin), ch (consistent hash) or warm (the ch ring,
+    /// reordered by what the runners report: warm instances first, full runners skipped,
+    /// loads bounded).
     #[arg(long, env = "FN_PLACER", default_value = "ch")]
     placer: PlacerKind,
+    /// The warm placer's ε: a runner may carry up to (1 + ε) times the group's mean calls
+    /// in flight before its excess goes to the next runners of the ring (0 to 10).
+    #[arg(long, env = "FN_PLACER_EPSILON", default_value_t = fn_placement::DEFAULT_EPSILON)]
+    placer_epsilon: f64,
     /// How long a call may wait for a runner with room before 503.
     #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     placer_timeout: Duration,
@@ -156,6 +162,12 @@ async fn daemon(cli: Cli) -> ExitCode {
             cli.placer_wait_share
         ));
     }
+    if !(0.0..=10.0).contains(&cli.placer_epsilon) {
+        exit_config_error(format!(
+            "FN_PLACER_EPSILON: {} must be from 0 to 10 (0.25: a runner may carry 25% more than the mean)",
+            cli.placer_epsilon
+        ));
+    }
     let open_files = raise_open_file_limit();
     let max_connections = match cli.max_connections {
         Some(0) => exit_config_error("FN_MAX_CONNECTIONS: must be at least 1"),
@@ -176,6 +188,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         ack_timeout: cli.runner_ack_timeout,
         eject_after: cli.runner_eject_after,
         ejection_metrics: EjectionMetrics::register(&mut registry),
+        watch_reports: cli.placer == PlacerKind::Warm,
         ..ClientConfig::default()
     };
     let capacity = CapacityTracker::new();
@@ -198,7 +211,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     };
     let dispatcher = Dispatcher::new(
         pool,
-        cli.placer.build(),
+        cli.placer.build_with_epsilon(cli.placer_epsilon),
         DispatchConfig {
             placer_timeout: cli.placer_timeout,
             wait_share: cli.placer_wait_share,

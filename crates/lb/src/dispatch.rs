@@ -12,13 +12,18 @@
 //! and a 504 always means that the function itself ran too long. What is left of the budget
 //! goes to the runner. When every runner of the group refuses the call as larger than its
 //! whole memory, no wait can help: the answer is 503 at once.
+//!
+//! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
+//! at every pass, and may leave runners out; a pass that asked nobody because every runner was
+//! known to be full or draining waits [`REPORT_WAIT`], about one report's time, rather than
+//! the backoff. A commit is counted in the runner's view until its next report.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::retry::Backoff;
 use fn_nodepool::{EarlyBody, Engaged, RunnerPool};
-use fn_placement::{PlacementKey, Placer};
+use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
 use tokio::time::Instant;
 
@@ -27,6 +32,27 @@ use crate::error::CallError;
 /// The last pass starts no later than this before the placer deadline: room for a round
 /// trip to a runner that has capacity.
 const LAST_PASS: Duration = Duration::from_millis(50);
+
+/// The pause after a pass that asked nobody because the reports said no runner could take
+/// the call: about the time until the next report (runners report at most every 20 ms).
+pub const REPORT_WAIT: Duration = Duration::from_millis(20);
+
+/// One pass's runner indices: the placer's ring order, or its ranking from reports.
+enum Pass {
+    Ring(Order),
+    Ranked(std::vec::IntoIter<usize>),
+}
+
+impl Iterator for Pass {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Pass::Ring(order) => order.next(),
+            Pass::Ranked(ranked) => ranked.next(),
+        }
+    }
+}
 
 /// Placement tunables.
 #[derive(Debug, Clone)]
@@ -96,10 +122,23 @@ impl Dispatcher {
             waited: started.elapsed(),
             attempts,
         };
+        let informed = self.placer.uses_reports();
         loop {
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small) = (0u32, 0u32);
-            for idx in self.placer.order(&key, runners.len()) {
+            let pass = if informed {
+                let views: Vec<RunnerView> = runners
+                    .iter()
+                    .map(|r| r.reports().view(&call.app, &call.function, call.memory_mb))
+                    .collect();
+                let ranked = self.placer.rank(&key, &views);
+                Pass::Ranked(ranked.into_iter())
+            } else {
+                Pass::Ring(self.placer.order(&key, runners.len()))
+            };
+            let mut offered = 0usize;
+            for idx in pass {
+                offered += 1;
                 let Some(runner) = runners.get(idx) else {
                     continue;
                 };
@@ -112,6 +151,11 @@ impl Dispatcher {
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),
                     Ok(Ok(engaged)) => {
+                        if informed {
+                            runner
+                                .reports()
+                                .placed(&call.app, &call.function, call.memory_mb);
+                        }
                         return Ok(Placed {
                             engaged,
                             attempts,
@@ -139,7 +183,12 @@ impl Dispatcher {
             if left <= LAST_PASS {
                 return Err(no_capacity(attempts));
             }
-            tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)).await;
+            let pause = if informed && offered < runners.len() && asked == 0 {
+                REPORT_WAIT
+            } else {
+                backoff.next_delay()
+            };
+            tokio::time::sleep(pause.min(left - LAST_PASS)).await;
         }
     }
 }

@@ -19,7 +19,8 @@ use fn_lb::catalog::Catalog;
 use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::{CancellationToken, Health};
 use fn_nodepool::{CapacityTracker, ClientConfig, EjectionMetrics, RunnerPool, StaticPool};
-use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer};
+use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer, WarmPlacer};
+use fn_protocol::runner::{RunnerState, WarmFunction};
 use fn_test_support::TestPki;
 use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner, RequestEnd};
 use http::{HeaderMap, Method, Request, StatusCode, header};
@@ -974,6 +975,7 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
                 eject_initial,
                 eject_max: Duration::from_secs(3),
                 ejection_metrics: metrics.clone(),
+                watch_reports: false,
             },
             ..Options::default()
         },
@@ -1443,4 +1445,188 @@ async fn a_function_no_runner_can_hold_gets_503_at_once_and_a_larger_runner_stil
     let reply = post(&lb, "/r/demo/echo", "fits elsewhere").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.text(), "fits elsewhere");
+}
+
+/// A runner's report as the warm placer tests need it: `free_mb` free of 1024, `in_flight`
+/// calls, and `demo/echo` warm with one idle slot when `warm`.
+fn report(free_mb: u64, in_flight: u64, warm: bool) -> RunnerState {
+    RunnerState {
+        version: 1,
+        capacity_total_mb: 1024,
+        capacity_free_mb: free_mb,
+        calls_in_flight: in_flight,
+        draining: false,
+        warm: if warm {
+            vec![WarmFunction {
+                app: "demo".into(),
+                function: "echo".into(),
+                idle_slots: 1,
+            }]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Three echo fakes in the `ch` ring order of `demo/echo` (the home first), each reporting
+/// what `reports` gives for its ring position, and an LB with the warm placer that has
+/// received every report.
+async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, Lb) {
+    let runners = fakes(pki, &[Behaviour::Echo; 3]).await;
+    let ring: Vec<usize> = ConsistentHashPlacer::new()
+        .order(&PlacementKey::new("demo", "echo"), runners.len())
+        .collect();
+    let mut by_ring: Vec<Option<FakeRunner>> = runners.into_iter().map(Some).collect();
+    let runners: Vec<FakeRunner> = ring
+        .iter()
+        .map(|&i| by_ring[i].take().expect("each index once"))
+        .collect();
+    for (runner, state) in runners.iter().zip(reports) {
+        runner.report_state(state);
+    }
+    // The LB's list is in the original order, so the ring puts `runners[0]` first.
+    let mut listed: Vec<&str> = vec![""; 3];
+    for (pos, &idx) in ring.iter().enumerate() {
+        listed[idx] = runners[pos].address();
+    }
+    let lb = start_lb(
+        pki,
+        &listed,
+        Options {
+            placer: Arc::new(WarmPlacer::new(0.25)),
+            placer_timeout: Duration::from_secs(2),
+            client: ClientConfig {
+                watch_reports: true,
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let deadline = Instant::now() + BOUND;
+    while !lb
+        .pool
+        .runners("default")
+        .iter()
+        .all(|r| r.reports().is_fresh())
+    {
+        assert!(Instant::now() < deadline, "no reports within {BOUND:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (runners, lb)
+}
+
+/// The warm placer takes a runner with a warm instance over the function's cold home, and
+/// asks neither the home nor the runner between.
+#[tokio::test]
+async fn warm_placer_takes_a_warm_runner_over_a_cold_home() {
+    let pki = TestPki::new();
+    let (runners, lb) = warm_lb(
+        &pki,
+        [
+            report(1024, 0, false),
+            report(1024, 0, false),
+            report(1024, 0, true),
+        ],
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", "warm").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), runners[2].name());
+    assert!(runners[0].seen().is_empty() && runners[1].seen().is_empty());
+    assert!(lb.metrics().contains("fn_lb_placement_attempts_total 1\n"));
+}
+
+/// A runner known to be full (no warm instance, no room) is skipped without a `TryCall`;
+/// one known to drain too.
+#[tokio::test]
+async fn warm_placer_skips_full_and_draining_runners_without_asking_them() {
+    let pki = TestPki::new();
+    let draining = RunnerState {
+        draining: true,
+        ..report(1024, 0, true)
+    };
+    let (runners, lb) = warm_lb(
+        &pki,
+        [report(64, 3, false), draining, report(1024, 0, false)],
+    )
+    .await;
+    for i in 0..3 {
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), runners[2].name());
+    }
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+    assert!(runners[1].seen().is_empty(), "{:?}", runners[1].seen());
+    assert!(lb.metrics().contains("fn_lb_placement_attempts_total 3\n"));
+}
+
+/// The home runner keeps its function until its load is over (1 + ε) times the mean; then
+/// the call goes to the next runner of the ring, even though the home is warm.
+#[tokio::test]
+async fn warm_placer_moves_the_homes_excess_load_along_the_ring() {
+    let pki = TestPki::new();
+    // 9 + 0 + 0 calls: one more may bring a runner to ceil(1.25 * 10 / 3) = 5 at most.
+    let (runners, lb) = warm_lb(
+        &pki,
+        [
+            report(1024, 9, true),
+            report(1024, 0, false),
+            report(1024, 0, false),
+        ],
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", "excess").await;
+    assert_eq!(
+        reply.header("x-fake-runner"),
+        runners[1].name(),
+        "{reply:?}"
+    );
+    assert!(runners[0].seen().is_empty());
+
+    // Within the bound, the warm home takes it.
+    runners[0].report_state(report(1024, 2, true));
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let reply = post(&lb, "/r/demo/echo", "home").await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        if reply.header("x-fake-runner") == runners[0].name() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the home never took a call back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// When every runner is known to be full, a call asks nobody and waits; it is placed as soon
+/// as a report shows room, well before the placer timeout.
+#[tokio::test]
+async fn warm_placer_waits_for_a_report_with_room_instead_of_asking_full_runners() {
+    let pki = TestPki::new();
+    let (runners, lb) = warm_lb(
+        &pki,
+        [
+            report(0, 8, false),
+            report(0, 8, false),
+            report(0, 8, false),
+        ],
+    )
+    .await;
+    let address = lb.address.clone();
+    let call = tokio::spawn(async move {
+        send(&address, request(Method::POST, "/r/demo/echo", "patient")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        runners.iter().all(|r| r.seen().is_empty()),
+        "nobody is asked"
+    );
+    runners[1].report_state(report(512, 7, false));
+    let reply = tokio::time::timeout(BOUND, call)
+        .await
+        .expect("placed")
+        .expect("joined");
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), runners[1].name());
+    assert!(runners[0].seen().is_empty() && runners[2].seen().is_empty());
 }

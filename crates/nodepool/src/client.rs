@@ -15,6 +15,11 @@
 //! `eject_initial`, doubled at each ejection in a row up to `eject_max`. An acknowledged
 //! call (committed or refused) ends the streak. Ejections are logged and counted
 //! ([`EjectionMetrics`]).
+//!
+//! **Reports.** With [`ClientConfig::watch_reports`] (the `warm` placer), the client keeps a
+//! `WatchState` stream open to the runner and holds its latest report ([`Reports`]),
+//! reconnecting with the probe's backoff when the stream fails; a runner that does not
+//! implement the RPC is never asked again, and placement treats it as unknown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -34,6 +39,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
+
+use crate::reports::Reports;
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -55,6 +62,8 @@ pub struct ClientConfig {
     pub eject_max: Duration,
     /// Where ejections are counted.
     pub ejection_metrics: EjectionMetrics,
+    /// Keep the runner's `WatchState` reports (see the module docs).
+    pub watch_reports: bool,
 }
 
 impl Default for ClientConfig {
@@ -68,6 +77,7 @@ impl Default for ClientConfig {
             eject_initial: Duration::from_secs(5),
             eject_max: Duration::from_secs(60),
             ejection_metrics: EjectionMetrics::default(),
+            watch_reports: false,
         }
     }
 }
@@ -168,7 +178,9 @@ pub struct RunnerClient {
     ejected: AtomicBool,
     /// No health check before this while ejected.
     ejected_until: std::sync::Mutex<Option<tokio::time::Instant>>,
-    /// Stops the probe when the client is dropped from every list.
+    /// The runner's latest `WatchState` report, when watched.
+    reports: Arc<Reports>,
+    /// Stops the probe and the report watch when the client is dropped from every list.
     cancel: CancellationToken,
 }
 
@@ -193,7 +205,7 @@ impl RunnerClient {
                     .tcp_nodelay(true)
             })
             .connect_lazy();
-        Ok(Arc::new(RunnerClient {
+        let client = Arc::new(RunnerClient {
             id: id.into(),
             address,
             client: RunnerProtocolClient::new(channel),
@@ -204,8 +216,31 @@ impl RunnerClient {
             ejections: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             ejected_until: std::sync::Mutex::new(None),
+            reports: Arc::new(Reports::default()),
             cancel: CancellationToken::new(),
-        }))
+        });
+        if client.config.watch_reports {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(watch_reports(
+                        client.address.clone(),
+                        client.client.clone(),
+                        Arc::clone(&client.reports),
+                        Backoff::new(client.config.probe_initial, client.config.probe_max),
+                        client.cancel.clone(),
+                    ));
+                }
+                Err(_) => {
+                    tracing::warn!(runner = %client.address, "no async runtime: this runner's reports are not watched");
+                }
+            }
+        }
+        Ok(client)
+    }
+
+    /// The runner's latest report (empty unless [`ClientConfig::watch_reports`]).
+    pub fn reports(&self) -> &Reports {
+        &self.reports
     }
 
     pub fn id(&self) -> &str {
@@ -422,6 +457,61 @@ impl RunnerClient {
         TryCallError::Unreachable {
             address: self.address.clone(),
             reason,
+        }
+    }
+}
+
+/// Keeps the runner's `WatchState` stream open and its latest report in `reports`, until
+/// `cancel`; see the module docs.
+async fn watch_reports(
+    address: String,
+    mut client: RunnerProtocolClient<Channel>,
+    reports: Arc<Reports>,
+    mut backoff: Backoff,
+    cancel: CancellationToken,
+) {
+    loop {
+        let opened = tokio::select! {
+            () = cancel.cancelled() => return,
+            opened = client.watch_state(()) => opened,
+        };
+        match opened {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    let next = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        next = stream.message() => next,
+                    };
+                    match next {
+                        Ok(Some(state)) => {
+                            reports.update(state);
+                            backoff.reset();
+                        }
+                        Ok(None) => {
+                            tracing::debug!(runner = %address, "runner ended its report stream");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::debug!(runner = %address, error = %status, "runner report stream failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(runner = %address, "runner sends no reports (an older version): placing on it as ch does");
+                reports.clear();
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(runner = %address, error = %status, "runner report stream not opened");
+            }
+        }
+        reports.clear();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }

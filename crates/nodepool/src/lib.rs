@@ -8,6 +8,7 @@
 //!   and the [`StaticPool`] from `FN_RUNNER_ADDRESSES`.
 //! - [`capacity`]: per-LB-group accounting of the memory of calls in flight or waiting, for
 //!   the capacity adverts to the npm.
+//! - [`reports`]: [`Reports`], what a runner last reported of itself, for the `warm` placer.
 //! - [`npm_pool`]: the [`NpmPool`], runner lists polled from the npm per LB group.
 //! - [`advertiser`]: the [`Advertiser`], sending the capacity totals to the npm.
 
@@ -16,9 +17,11 @@ pub mod capacity;
 pub mod client;
 pub mod npm_pool;
 pub mod pool;
+pub mod reports;
 
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
 pub use client::{ClientConfig, EarlyBody, EjectionMetrics, Engaged, RunnerClient, TryCallError};
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
+pub use reports::Reports;

@@ -1,10 +1,10 @@
-//! [`PlacerKind`]: choosing a policy by name (the lb-agent's `FN_PLACER=naive|ch`).
+//! [`PlacerKind`]: choosing a policy by name (the lb-agent's `FN_PLACER=naive|ch|warm`).
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::{ConsistentHashPlacer, NaivePlacer, Placer};
+use crate::{ConsistentHashPlacer, DEFAULT_EPSILON, NaivePlacer, Placer, WarmPlacer};
 
 /// The placement policies, by the names operators configure them with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -13,25 +13,41 @@ pub enum PlacerKind {
     Naive,
     /// Consistent hashing on the function's identity, `ch`: see [`ConsistentHashPlacer`].
     ConsistentHash,
+    /// The `ch` ring reordered by the runners' reports, `warm`: see [`WarmPlacer`].
+    Warm,
 }
 
 impl PlacerKind {
     /// Every kind, in the order they are listed in messages.
-    pub const ALL: [PlacerKind; 2] = [PlacerKind::Naive, PlacerKind::ConsistentHash];
+    pub const ALL: [PlacerKind; 3] = [
+        PlacerKind::Naive,
+        PlacerKind::ConsistentHash,
+        PlacerKind::Warm,
+    ];
 
-    /// The configuration name: `naive` or `ch`. Also the built placer's [`Placer::name`].
+    /// The configuration name: `naive`, `ch` or `warm`. Also the built placer's
+    /// [`Placer::name`].
     pub fn as_str(self) -> &'static str {
         match self {
             PlacerKind::Naive => "naive",
             PlacerKind::ConsistentHash => "ch",
+            PlacerKind::Warm => "warm",
         }
     }
 
-    /// A fresh placer of this kind, ready to be shared by all calls of an LB.
+    /// A fresh placer of this kind, ready to be shared by all calls of an LB (`warm` with
+    /// [`DEFAULT_EPSILON`]).
     pub fn build(self) -> Arc<dyn Placer> {
+        self.build_with_epsilon(DEFAULT_EPSILON)
+    }
+
+    /// Like [`PlacerKind::build`], with the bounded-load `epsilon` of the `warm` placer (the
+    /// others have none).
+    pub fn build_with_epsilon(self, epsilon: f64) -> Arc<dyn Placer> {
         match self {
             PlacerKind::Naive => Arc::new(NaivePlacer::new()),
             PlacerKind::ConsistentHash => Arc::new(ConsistentHashPlacer::new()),
+            PlacerKind::Warm => Arc::new(WarmPlacer::new(epsilon)),
         }
     }
 }
@@ -45,7 +61,7 @@ impl fmt::Display for PlacerKind {
 impl FromStr for PlacerKind {
     type Err = UnknownPlacer;
 
-    /// Parses the exact names `naive` and `ch`.
+    /// Parses the exact names `naive`, `ch` and `warm`.
     ///
     /// # Errors
     ///
@@ -67,7 +83,7 @@ pub struct UnknownPlacer(
     pub String,
 );
 
-/// The valid names, quoted and comma-separated: `"naive", "ch"`.
+/// The valid names, quoted and comma-separated: `"naive", "ch", "warm"`.
 fn valid_names() -> String {
     PlacerKind::ALL
         .map(|kind| format!("{:?}", kind.as_str()))
@@ -82,6 +98,7 @@ mod tests {
     fn parses_the_configured_names() -> Result<(), UnknownPlacer> {
         assert_eq!("naive".parse::<PlacerKind>()?, PlacerKind::Naive);
         assert_eq!("ch".parse::<PlacerKind>()?, PlacerKind::ConsistentHash);
+        assert_eq!("warm".parse::<PlacerKind>()?, PlacerKind::Warm);
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 //! the placer deadline, answering 503) belongs to the lb-agent; [`select`] shows the same walk
 //! over an in-memory list so the semantics can be tested without I/O.
 //!
-//! # The two policies
+//! # The three policies
 //!
 //! - [`NaivePlacer`] (`FN_PLACER=naive`): round-robin. Every call to [`Placer::order`] starts one
 //!   runner further along and walks the list circularly. The key is ignored, so load spreads
@@ -19,6 +19,11 @@
 //!   and the walk starts there. The same function lands on the same runner (where its containers
 //!   are warm) from every LB, and when a runner is appended only about `1/(n+1)` of the functions
 //!   move — all of them to the new runner.
+//! - [`WarmPlacer`] (`FN_PLACER=warm`): the `ch` ring, reordered per call by what the runners
+//!   report ([`RunnerView`]): runners with a warm instance of the function first, then runners
+//!   with room, skipping runners known to be full or draining, and moving a runner whose load
+//!   is over `(1 + ε)` times the mean behind the others (consistent hashing with bounded
+//!   loads). With no reports it is `ch`.
 //!
 //! # A refusal walks to the next index
 //!
@@ -65,6 +70,7 @@ mod naive;
 mod order;
 #[cfg(test)]
 mod properties;
+mod warm;
 
 use std::fmt;
 
@@ -72,6 +78,7 @@ pub use consistent_hash::{ConsistentHashPlacer, jump_consistent_hash};
 pub use kind::{PlacerKind, UnknownPlacer};
 pub use naive::NaivePlacer;
 pub use order::Order;
+pub use warm::{DEFAULT_EPSILON, RunnerLoad, RunnerView, WarmPlacer};
 
 /// A placement policy: the order in which to try the runners for one pass.
 ///
@@ -83,9 +90,22 @@ pub trait Placer: Send + Sync + fmt::Debug {
     /// refusal the caller moves to the next.
     fn order(&self, key: &PlacementKey, n: usize) -> Order;
 
-    /// The policy's short name, as accepted by [`PlacerKind`]'s `FromStr` (`naive`, `ch`); for logs
-    /// and metrics labels.
+    /// The policy's short name, as accepted by [`PlacerKind`]'s `FromStr` (`naive`, `ch`,
+    /// `warm`); for logs and metrics labels.
     fn name(&self) -> &'static str;
+
+    /// Whether [`Placer::rank`] looks at the views: callers gather them only then.
+    fn uses_reports(&self) -> bool {
+        false
+    }
+
+    /// The runner indices to try for one pass, given what is known of each runner
+    /// (`views[i]` for runner `i`): each index at most once. Unlike [`Placer::order`], it may
+    /// leave out runners known unable to take the call, so it may be empty when every runner
+    /// is; the caller then waits for fresher views. The default ignores the views.
+    fn rank(&self, key: &PlacementKey, views: &[RunnerView]) -> Vec<usize> {
+        self.order(key, views.len()).collect()
+    }
 }
 
 /// What a call is placed by: the identity of the function being called.

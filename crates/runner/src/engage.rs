@@ -18,7 +18,8 @@ use fn_protocol::CallSpec;
 use fn_protocol::batch::{Batch, batches, batches_after};
 use fn_protocol::runner::{
     self, CallAcknowledged, CallFinished, CallResultStart, ClientMsg, DataFrame, ErrorKind,
-    HttpRespMeta, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
+    HttpRespMeta, RefusalReason, RunnerMsg, RunnerState, RunnerStatus, WarmFunction, client_msg,
+    runner_msg,
 };
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -30,7 +31,7 @@ use tracing::Instrument;
 
 use crate::driver::{DriverError, FunctionRequest, InstanceSpec};
 use crate::metrics::RunnerMetrics;
-use crate::pool::{Pool, Refusal, Reservation};
+use crate::pool::{Pool, PoolState, Refusal, Reservation};
 
 /// Largest data frame the runner sends; larger function output is split.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -68,6 +69,9 @@ pub struct RunnerService {
     /// are refused after a short grace instead of holding the drain until their
     /// first-message timeout.
     draining: CancellationToken,
+    /// Cancelled when the drain has ended: `WatchState` streams end with it, so that they do
+    /// not hold the server's graceful shutdown.
+    drained: CancellationToken,
     config: EngageConfig,
     metrics: RunnerMetrics,
 }
@@ -85,6 +89,7 @@ impl RunnerService {
             pool,
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
+            drained: CancellationToken::new(),
             config,
             metrics,
         }
@@ -109,6 +114,7 @@ impl RunnerService {
         self.pool.wait_idle().await;
         self.tracker.close();
         self.tracker.wait().await;
+        self.drained.cancel();
         tracing::info!("drained: no calls in flight");
     }
 
@@ -119,10 +125,76 @@ impl RunnerService {
 }
 
 type EngageStream = Pin<Box<dyn Stream<Item = Result<RunnerMsg, Status>> + Send>>;
+type WatchStateStream = Pin<Box<dyn Stream<Item = Result<RunnerState, Status>> + Send>>;
+
+/// `WatchState` sends at most one report per this long: a burst of calls becomes one report.
+pub const STATE_MIN_GAP: Duration = Duration::from_millis(20);
+/// `WatchState` sends a report at least this often, changed or not, so that an LB can tell a
+/// live report from a stale one.
+pub const STATE_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// One `WatchState` stream: the pool's state after each change, coalesced.
+struct StateWatch {
+    pool: Arc<Pool>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    ended: CancellationToken,
+    first: bool,
+    /// The last report (the drained state) has been sent.
+    finished: bool,
+    last_sent: tokio::time::Instant,
+}
+
+impl StateWatch {
+    /// The next report; after the drain, one last report and then `None`.
+    async fn next(&mut self) -> Option<RunnerState> {
+        if self.finished {
+            return None;
+        }
+        if !self.first {
+            tokio::select! {
+                () = self.ended.cancelled() => {}
+                () = tokio::time::sleep_until(self.last_sent + STATE_MIN_GAP) => {
+                    tokio::select! {
+                        () = self.ended.cancelled() => {}
+                        changed = self.changes.changed() => changed.ok()?,
+                        () = tokio::time::sleep(STATE_HEARTBEAT) => {}
+                    }
+                }
+            }
+        }
+        self.first = false;
+        self.finished = self.ended.is_cancelled();
+        // Marked seen before the state is read: a change after this is reported next time.
+        self.changes.borrow_and_update();
+        self.last_sent = tokio::time::Instant::now();
+        Some(report(self.pool.state()))
+    }
+}
+
+/// The wire form of a pool's state.
+fn report(state: PoolState) -> RunnerState {
+    RunnerState {
+        version: state.version,
+        capacity_total_mb: state.total_mb,
+        capacity_free_mb: state.free_mb,
+        calls_in_flight: state.calls_in_flight,
+        draining: state.draining,
+        warm: state
+            .warm
+            .into_iter()
+            .map(|w| WarmFunction {
+                app: w.app,
+                function: w.function,
+                idle_slots: w.idle_slots,
+            })
+            .collect(),
+    }
+}
 
 #[tonic::async_trait]
 impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
     type EngageStream = EngageStream;
+    type WatchStateStream = WatchStateStream;
 
     async fn engage(
         &self,
@@ -161,6 +233,25 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
             hot_instances: s.hot_instances,
             draining: s.draining,
         }))
+    }
+
+    async fn watch_state(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<Self::WatchStateStream>, Status> {
+        let watch = StateWatch {
+            pool: Arc::clone(&self.pool),
+            changes: self.pool.subscribe(),
+            ended: self.drained.clone(),
+            first: true,
+            finished: false,
+            last_sent: tokio::time::Instant::now(),
+        };
+        let stream = futures::stream::unfold(watch, |mut watch| async move {
+            let state = watch.next().await?;
+            Some((Ok(state), watch))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

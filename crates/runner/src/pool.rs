@@ -67,6 +67,29 @@ pub struct PoolStats {
     pub instances_started: u64,
 }
 
+/// What the pool holds, for placement: the runner's `WatchState` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolState {
+    /// [`Pool::subscribe`]'s version when the state was read.
+    pub version: u64,
+    pub total_mb: u64,
+    /// Memory a new instance can have now: idle instances give theirs up when needed.
+    pub free_mb: u64,
+    pub calls_in_flight: u64,
+    pub draining: bool,
+    /// Per function with a running instance that has room for another call, the calls its
+    /// running instances could take now; by app, then function.
+    pub warm: Vec<WarmFunction>,
+}
+
+/// A function [`PoolState`] holds warm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmFunction {
+    pub app: String,
+    pub function: String,
+    pub idle_slots: u32,
+}
+
 /// How an instance's start ended, for the calls waiting on it.
 type Started = Option<Result<Arc<dyn Instance>, DriverError>>;
 
@@ -172,6 +195,8 @@ pub struct Pool {
     state: Mutex<State>,
     /// Woken whenever a call ends, for [`Pool::wait_idle`].
     call_ended: Notify,
+    /// Bumped after every change of what [`Pool::state`] reports.
+    changes: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -192,7 +217,54 @@ impl Pool {
             draining: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             call_ended: Notify::new(),
+            changes: watch::Sender::new(0),
         })
+    }
+
+    /// Tells [`Pool::subscribe`]rs that the state changed.
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new version after every change of [`Pool::state`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// What the pool holds now, for placement.
+    pub fn state(&self) -> PoolState {
+        let version = *self.changes.borrow();
+        let st = self.lock();
+        let mut warm: Vec<WarmFunction> = Vec::new();
+        for hot in &st.hot {
+            if hot.running().is_none() || !hot.usable() || hot.calls >= hot.spec.concurrency {
+                continue;
+            }
+            let free = hot.spec.concurrency - hot.calls;
+            match warm
+                .iter_mut()
+                .find(|w| w.app == hot.spec.app && w.function == hot.spec.function)
+            {
+                Some(w) => w.idle_slots = w.idle_slots.saturating_add(free),
+                None => warm.push(WarmFunction {
+                    app: hot.spec.app.clone(),
+                    function: hot.spec.function.clone(),
+                    idle_slots: free,
+                }),
+            }
+        }
+        let free_mb = self.total_mb.saturating_sub(st.committed_mb);
+        let calls_in_flight = st.calls_in_flight;
+        drop(st);
+        warm.sort_by(|a, b| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
+        PoolState {
+            version,
+            total_mb: self.total_mb,
+            free_mb,
+            calls_in_flight,
+            draining: self.draining.load(Ordering::Acquire),
+            warm,
+        }
     }
 
     /// The driver behind this pool.
@@ -292,6 +364,7 @@ impl Pool {
             old.kill();
         }
         let (id, reused) = result?;
+        self.changed();
         Ok(Reservation {
             pool: Arc::clone(self),
             reused,
@@ -319,8 +392,11 @@ impl Pool {
     /// Stops admitting calls: every later [`Pool::admit`] is refused as draining.
     pub fn drain(&self) {
         // Under the lock, like the check in `admit`, so no admission straddles the switch.
-        let _st = self.lock();
-        self.draining.store(true, Ordering::Release);
+        {
+            let _st = self.lock();
+            self.draining.store(true, Ordering::Release);
+        }
+        self.changed();
     }
 
     /// Completes when no call is in flight.
@@ -346,13 +422,20 @@ impl Pool {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "idle instance expired");
             old.kill();
         }
+        if !expired.is_empty() {
+            self.changed();
+        }
         expired.len()
     }
 
     /// Kills every idle instance without waiting for their clean-up.
     pub fn kill_idle(&self) {
-        for old in self.lock().take_idle_where(|_| true) {
+        let killed = self.lock().take_idle_where(|_| true);
+        for old in &killed {
             old.kill();
+        }
+        if !killed.is_empty() {
+            self.changed();
         }
     }
 
@@ -364,6 +447,7 @@ impl Pool {
         for old in &idle {
             old.kill();
         }
+        self.changed();
         futures::future::join_all(
             idle.iter()
                 .filter_map(HotInstance::running)
@@ -439,6 +523,7 @@ impl Pool {
         if let Some(old) = doomed {
             old.kill();
         }
+        self.changed();
         self.call_ended.notify_waiters();
     }
 
@@ -485,6 +570,7 @@ impl Pool {
         if let Some(instance) = orphan {
             instance.kill();
         }
+        self.changed();
         launch.send_replace(Some(started));
     }
 }

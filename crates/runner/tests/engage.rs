@@ -1120,3 +1120,73 @@ async fn an_lb_that_stops_reading_holds_neither_capacity_nor_the_drain() {
     drop(engage);
     runner.stop().await;
 }
+
+/// `WatchState` reports at once, then after changes: a call in flight, then its function
+/// warm with an idle slot and its memory free again; and, once the runner drains, the
+/// draining flag, after which the stream ends.
+#[tokio::test]
+async fn watch_state_reports_calls_warm_functions_and_the_drain() {
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut reports = runner
+        .client
+        .clone()
+        .watch_state(())
+        .await
+        .expect("WatchState")
+        .into_inner();
+    let first = next(&mut reports).await.expect("a first report");
+    assert_eq!(
+        (
+            first.capacity_total_mb,
+            first.capacity_free_mb,
+            first.calls_in_flight
+        ),
+        (4 * MEMORY_MB, 4 * MEMORY_MB, 0)
+    );
+    assert!(first.warm.is_empty() && !first.draining, "{first:?}");
+
+    runner
+        .run(call("fn-hello", Duration::from_secs(30)), Bytes::from("x"))
+        .await
+        .assert_ok(200);
+    // Reports come in order; the last one after the call shows it ended and left a warm
+    // instance.
+    let first_version = first.version;
+    let mut last = first;
+    while last.calls_in_flight != 0 || last.warm.is_empty() {
+        last = next(&mut reports).await.expect("more reports");
+        assert!(last.version > first_version);
+    }
+    assert_eq!(
+        last.capacity_free_mb,
+        4 * MEMORY_MB,
+        "an idle instance's memory is free"
+    );
+    assert_eq!(
+        last.warm,
+        vec![runner::WarmFunction {
+            app: "demo".into(),
+            function: "hello".into(),
+            idle_slots: 1,
+        }]
+    );
+
+    runner.service.drain().await;
+    let mut saw_draining = false;
+    while let Some(report) = next(&mut reports).await {
+        saw_draining |= report.draining;
+    }
+    assert!(
+        saw_draining,
+        "the drain was reported before the stream ended"
+    );
+    runner.stop().await;
+}
+
+/// The next `WatchState` report, within [`SETTLE_BOUND`]; `None` when the stream ended.
+async fn next(reports: &mut tonic::Streaming<runner::RunnerState>) -> Option<runner::RunnerState> {
+    tokio::time::timeout(SETTLE_BOUND, reports.message())
+        .await
+        .expect("a report in time")
+        .expect("stream ok")
+}

@@ -7,7 +7,8 @@
 //! the first one committed, or that a client that went away cancelled the Engage stream.
 //!
 //! What it does not do: run functions, account memory, or validate calls the way the real
-//! runner does (`fn-runner` owns that).
+//! runner does (`fn-runner` owns that). Its `WatchState` reports are what the test sets with
+//! [`FakeRunner::report_state`], and nothing until then.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -19,10 +20,10 @@ use anyhow::{Context, bail};
 use fn_protocol::runner::runner_protocol_server::{RunnerProtocol, RunnerProtocolServer};
 use fn_protocol::runner::{
     CallAcknowledged, CallFinished, CallResultStart, ClientMsg, DataFrame, ErrorKind, Header,
-    HttpRespMeta, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
+    HttpRespMeta, RefusalReason, RunnerMsg, RunnerState, RunnerStatus, client_msg, runner_msg,
 };
 use fn_tls::TlsMode;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -128,6 +129,10 @@ struct State {
     changed: Notify,
     /// TCP connections accepted; one per LB unless a connection was torn down.
     connections: AtomicU64,
+    /// What `WatchState` streams report; nothing while `None`.
+    reported: watch::Sender<Option<RunnerState>>,
+    /// Cancelled when the server stops: `WatchState` streams end with it.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -213,6 +218,8 @@ impl FakeRunner {
             seen: Mutex::new(Vec::new()),
             changed: Notify::new(),
             connections: AtomicU64::new(0),
+            reported: watch::Sender::new(None),
+            stopping: tokio_util::sync::CancellationToken::new(),
         });
         let service = RunnerProtocolServer::new(Service {
             state: Arc::clone(&state),
@@ -221,6 +228,7 @@ impl FakeRunner {
         let router = server.add_service(service);
         let (stop, stopped) = oneshot::channel::<()>();
         let counted = Arc::clone(&state);
+        let stopping = state.stopping.clone();
         let incoming = fn_tls::grpc_incoming(tls, listener)
             .context("fake runner TLS")?
             .map(move |accepted| {
@@ -233,6 +241,7 @@ impl FakeRunner {
             let shutdown = async {
                 // Either a stop signal or the handle dropped: both mean stop.
                 let _stopped = stopped.await;
+                stopping.cancel();
             };
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, shutdown)
@@ -271,6 +280,12 @@ impl FakeRunner {
     /// Every `TryCall` seen so far, in arrival order.
     pub fn seen(&self) -> Vec<SeenCall> {
         lock(&self.state.seen).clone()
+    }
+
+    /// Sends `state` on every `WatchState` stream, open or opened later, as a real runner
+    /// reports its pool.
+    pub fn report_state(&self, state: RunnerState) {
+        self.state.reported.send_replace(Some(state));
     }
 
     /// TCP connections accepted so far.
@@ -338,10 +353,13 @@ struct Service {
 }
 
 type EngageStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RunnerMsg, Status>> + Send>>;
+type WatchStateStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<RunnerState, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RunnerProtocol for Service {
     type EngageStream = EngageStream;
+    type WatchStateStream = WatchStateStream;
 
     async fn engage(
         &self,
@@ -356,6 +374,31 @@ impl RunnerProtocol for Service {
 
     async fn status(&self, _request: Request<()>) -> Result<Response<RunnerStatus>, Status> {
         Ok(Response::new(RunnerStatus::default()))
+    }
+
+    async fn watch_state(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<Self::WatchStateStream>, Status> {
+        let mut reported = self.state.reported.subscribe();
+        reported.mark_changed();
+        let stopping = self.state.stopping.clone();
+        let stream = futures::stream::unfold(reported, move |mut reported| {
+            let stopping = stopping.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        () = stopping.cancelled() => return None,
+                        changed = reported.changed() => changed.ok()?,
+                    }
+                    let current = reported.borrow_and_update().clone();
+                    if let Some(state) = current {
+                        return Some((Ok(state), reported));
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -1,0 +1,256 @@
+//! [`WarmPlacer`] (`FN_PLACER=warm`): the `ch` ring, reordered by what the runners report.
+
+use crate::{ConsistentHashPlacer, Order, PlacementKey, Placer};
+
+/// What the caller knows of one runner, for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerView {
+    /// No fresh report: the runner is asked where `ch` would ask it.
+    Unknown,
+    /// A fresh report.
+    Known(RunnerLoad),
+}
+
+/// A runner's report, as it concerns one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunnerLoad {
+    /// A running instance of the call's function has room for the call: no cold start.
+    pub warm: bool,
+    /// A new instance of the call's function fits in the runner's free memory.
+    pub fits: bool,
+    /// The runner takes no new calls.
+    pub draining: bool,
+    /// Calls running on the runner.
+    pub calls_in_flight: u64,
+}
+
+/// Warmth- and load-aware placement over the consistent-hash ring.
+///
+/// The ring order is [`ConsistentHashPlacer`]'s, so a function keeps a home runner and every
+/// LB agrees on it. Within one pass, runners are tried in four tiers, each in ring order:
+/// 1. runners with a warm instance of the function that has room for the call;
+/// 2. runners where a new instance fits, and runners with no fresh report (asked as `ch`
+///    would ask them: missing information never refuses a call);
+/// 3. runners of tiers 1 and 2 whose load is over the bound below;
+///
+/// and runners known to be draining, or to have neither a warm instance nor room, are not
+/// asked at all: the caller waits for the next report instead of collecting a refusal.
+///
+/// **Bounded loads** (Mirrokni, Thorup and Zadimoghaddam, *Consistent Hashing with Bounded
+/// Loads*, 2018): a runner is over the bound when taking the call would put its calls in
+/// flight above `⌈(1 + ε) · (m + 1) / k⌉`, where `m` is the calls in flight on the `k`
+/// runners with a fresh report that are not draining. So a popular function stays on its home
+/// runner until that runner carries more than its share, and only the excess moves on along
+/// the ring: to the next runners, in the same order from every LB.
+#[derive(Debug, Default)]
+pub struct WarmPlacer {
+    ring: ConsistentHashPlacer,
+    epsilon: f64,
+}
+
+/// ε when `FN_PLACER_EPSILON` is not set: a runner may carry 25% more than the mean.
+pub const DEFAULT_EPSILON: f64 = 0.25;
+
+impl WarmPlacer {
+    /// A placer that lets a runner carry up to `(1 + epsilon)` times the mean load
+    /// (negative or non-finite values count as 0).
+    pub fn new(epsilon: f64) -> Self {
+        WarmPlacer {
+            ring: ConsistentHashPlacer::new(),
+            epsilon: if epsilon.is_finite() {
+                epsilon.max(0.0)
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// The ε this placer bounds loads with.
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    /// The most calls in flight a runner may carry after taking one more call, given the
+    /// views; `None` when no runner has a fresh report.
+    fn bound(&self, views: &[RunnerView]) -> Option<u64> {
+        let (runners, calls) = views
+            .iter()
+            .filter_map(|view| match view {
+                RunnerView::Known(load) if !load.draining => Some(load.calls_in_flight),
+                _ => None,
+            })
+            .fold((0u64, 0u64), |(n, sum), calls| {
+                (n + 1, sum.saturating_add(calls))
+            });
+        if runners == 0 {
+            return None;
+        }
+        let mean = (calls as f64 + 1.0) / runners as f64;
+        Some(((1.0 + self.epsilon) * mean).ceil() as u64)
+    }
+}
+
+impl Placer for WarmPlacer {
+    fn order(&self, key: &PlacementKey, n: usize) -> Order {
+        self.ring.order(key, n)
+    }
+
+    fn name(&self) -> &'static str {
+        "warm"
+    }
+
+    fn uses_reports(&self) -> bool {
+        true
+    }
+
+    fn rank(&self, key: &PlacementKey, views: &[RunnerView]) -> Vec<usize> {
+        let bound = self.bound(views);
+        let tier = |view: &RunnerView| -> Option<u8> {
+            let load = match view {
+                RunnerView::Unknown => return Some(1),
+                RunnerView::Known(load) => load,
+            };
+            if load.draining || !(load.warm || load.fits) {
+                return None;
+            }
+            let over = bound.is_some_and(|bound| load.calls_in_flight + 1 > bound);
+            Some(match (over, load.warm) {
+                (false, true) => 0,
+                (false, false) => 1,
+                (true, _) => 2,
+            })
+        };
+        let mut ranked: Vec<(u8, usize)> = self
+            .ring
+            .order(key, views.len())
+            .filter_map(|idx| Some((tier(views.get(idx)?)?, idx)))
+            .collect();
+        // Stable: ring order within a tier.
+        ranked.sort_by_key(|(tier, _)| *tier);
+        ranked.into_iter().map(|(_, idx)| idx).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PlacementKey {
+        PlacementKey::new("app", "fn")
+    }
+
+    fn known(warm: bool, fits: bool, calls_in_flight: u64) -> RunnerView {
+        RunnerView::Known(RunnerLoad {
+            warm,
+            fits,
+            draining: false,
+            calls_in_flight,
+        })
+    }
+
+    /// The ring order of `key()` over `n` runners.
+    fn ring(n: usize) -> Vec<usize> {
+        ConsistentHashPlacer::new().order(&key(), n).collect()
+    }
+
+    #[test]
+    fn without_reports_it_is_the_consistent_hash_order() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        for n in [0, 1, 3, 10] {
+            let views = vec![RunnerView::Unknown; n];
+            assert_eq!(placer.rank(&key(), &views), ring(n), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn a_warm_runner_comes_before_a_cold_home() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(4);
+        let mut views = vec![known(false, true, 1); 4];
+        // The last runner of the ring is the only warm one.
+        views[order[3]] = known(true, true, 1);
+        let ranked = placer.rank(&key(), &views);
+        assert_eq!(ranked[0], order[3]);
+        assert_eq!(&ranked[1..], &order[..3], "then the ring order");
+    }
+
+    #[test]
+    fn full_and_draining_runners_are_not_asked() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(3);
+        let mut views = vec![known(false, true, 0); 3];
+        views[order[0]] = known(false, false, 4); // full, nothing warm
+        views[order[1]] = RunnerView::Known(RunnerLoad {
+            draining: true,
+            warm: true,
+            fits: true,
+            calls_in_flight: 0,
+        });
+        assert_eq!(placer.rank(&key(), &views), vec![order[2]]);
+        // Full but warm: a call still runs there without a new instance.
+        views[order[0]] = known(true, false, 1);
+        assert_eq!(placer.rank(&key(), &views), vec![order[0], order[2]]);
+        // Every runner full: nobody is asked.
+        let all_full = vec![known(false, false, 5); 3];
+        assert!(placer.rank(&key(), &all_full).is_empty());
+    }
+
+    #[test]
+    fn a_runner_without_a_report_is_asked_like_one_with_room() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(3);
+        let mut views = vec![known(false, true, 0); 3];
+        views[order[0]] = RunnerView::Unknown;
+        views[order[2]] = known(true, true, 0);
+        assert_eq!(
+            placer.rank(&key(), &views),
+            vec![order[2], order[0], order[1]]
+        );
+    }
+
+    #[test]
+    fn bounded_load_moves_the_homes_excess_along_the_ring() {
+        let placer = WarmPlacer::new(0.25);
+        let order = ring(3);
+        let mut views = vec![known(false, true, 0); 3];
+        // 6 calls in all: the bound for one more is ceil(1.25 * 7 / 3) = 3.
+        views[order[0]] = known(true, true, 4);
+        views[order[1]] = known(false, true, 1);
+        views[order[2]] = known(false, true, 1);
+        assert_eq!(
+            placer.rank(&key(), &views),
+            vec![order[1], order[2], order[0]],
+            "the home is over the bound: tried last, warm or not"
+        );
+        // At the bound it is still the home.
+        views[order[0]] = known(true, true, 2);
+        assert_eq!(placer.rank(&key(), &views)[0], order[0]);
+    }
+
+    #[test]
+    fn epsilon_is_sane() {
+        assert_eq!(WarmPlacer::new(-1.0).epsilon(), 0.0);
+        assert_eq!(WarmPlacer::new(f64::NAN).epsilon(), 0.0);
+        assert_eq!(WarmPlacer::new(0.5).epsilon(), 0.5);
+    }
+
+    #[test]
+    fn every_index_at_most_once() {
+        let placer = WarmPlacer::new(0.0);
+        let views: Vec<_> = (0..50)
+            .map(|i| match i % 4 {
+                0 => RunnerView::Unknown,
+                1 => known(true, false, i),
+                2 => known(false, true, 50 - i),
+                _ => known(false, false, i),
+            })
+            .collect();
+        let mut ranked = placer.rank(&key(), &views);
+        let asked = ranked.len();
+        ranked.sort_unstable();
+        ranked.dedup();
+        assert_eq!(ranked.len(), asked);
+        let full = (0..50).filter(|i| i % 4 == 3).count();
+        assert_eq!(asked, 50 - full, "the full ones are left out");
+    }
+}
