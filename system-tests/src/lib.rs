@@ -10,14 +10,17 @@
 //! [`load`] sends echo calls checked by hash; [`calls`] runs a fixed number of them from
 //! concurrent workers, ledgered by payload size (the stress test and the `fn-load` tool);
 //! [`report`] keeps the ledger of a reliability suite and prints its summary table;
-//! [`http`] is a small HTTP/1.1 client.
+//! [`http`] is a small HTTP/1.1 client, [`metrics`] reads Prometheus endpoints, [`zipf`] is
+//! the placement workload of `fn-load --workload zipf`.
 
 pub mod calls;
 pub mod cluster;
 pub mod http;
 pub mod load;
+pub mod metrics;
 pub mod netns;
 pub mod report;
+pub mod zipf;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -152,6 +152,8 @@ pub struct Outcome {
     pub call_id: Option<String>,
     /// `X-Fn-Pid` of the response (the function instance), when present.
     pub pid: Option<u32>,
+    /// The response's `Server-Timing` has a `start` entry: the call started an instance.
+    pub cold_start: bool,
     pub started: Instant,
     pub latency: Duration,
 }
@@ -209,6 +211,7 @@ impl Client {
             status: None,
             call_id: None,
             pid: None,
+            cold_start: false,
             started,
             latency: Duration::ZERO,
         };
@@ -264,6 +267,11 @@ impl Client {
         };
         outcome.call_id = header("fn-call-id");
         outcome.pid = header("x-fn-pid").and_then(|p| p.parse().ok());
+        outcome.cold_start = header("server-timing").is_some_and(|timing| {
+            timing
+                .split(',')
+                .any(|metric| metric.trim_start().starts_with("start;"))
+        });
         let mut body = response.into_body();
         let mut hash = Sha256::new();
         let mut received = 0usize;

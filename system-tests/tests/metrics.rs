@@ -10,6 +10,7 @@ use ::http::Method;
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use fn_system_tests::cluster::{Cluster, Setup};
+use fn_system_tests::metrics::sample;
 use fn_system_tests::{Certs, env, free_port, http, merge, run_to_exit};
 
 const ECHO: &str = r#"
@@ -36,12 +37,6 @@ async fn scrape(address: &str) -> anyhow::Result<String> {
     let text = reply.text();
     ensure!(text.ends_with("# EOF\n"), "{address}: {text}");
     Ok(text)
-}
-
-/// The value of the sample `series` (name and labels exactly as exposed), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test]

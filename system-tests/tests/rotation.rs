@@ -32,11 +32,8 @@ const RELOAD_BOUND: Duration = Duration::from_secs(15);
 
 /// The value of the sample `series` in a scrape of `address`.
 async fn sample(address: &str, series: &str) -> anyhow::Result<f64> {
-    let reply = http::get(address, "/metrics").await?;
-    ensure!(reply.status == 200, "{address}: {reply:?}");
-    let text = reply.text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    let text = fn_system_tests::metrics::scrape(address).await?;
+    fn_system_tests::metrics::sample(&text, series)
         .with_context(|| format!("{address}: no {series} in\n{text}"))
 }
 

@@ -51,6 +51,7 @@ use fn_system_tests::load::{
     per_second, rss_change, soak_failure, strip_ansi, teardown_lines,
 };
 use fn_system_tests::report::{Ledger, Report};
+use fn_system_tests::{metrics, zipf};
 use sha2::{Digest, Sha256};
 
 const KIB: usize = 1024;
@@ -73,6 +74,11 @@ const SOAK_CONCURRENCY: usize = 16;
 const SOAK_LOG_LEVEL: &str = "warn";
 /// Failed calls whose details a soak keeps for its summary.
 const SOAK_FAILURES_KEPT: usize = 10;
+
+/// Each runner's memory for the echo workload unless `--runner-memory-mb` says otherwise.
+const ECHO_RUNNER_MEMORY_MB: u64 = 1536;
+/// The same for the zipf workload: room for 12 instances.
+const ZIPF_RUNNER_MEMORY_MB: u64 = 12 * zipf::MEMORY_MB;
 
 const CATALOG: &str = r#"
 [[functions]]
@@ -173,18 +179,36 @@ struct Args {
     /// Payload sizes: `uniform` (0 B-1 MiB), `small` (0-4 KiB), or a fixed size (`64k`).
     #[arg(long, default_value = "uniform", value_parser = parse_mix)]
     payload: Mix,
-    /// The lb-agent's placer.
-    #[arg(long, default_value = "ch", value_parser = ["naive", "ch"])]
+    /// The lb-agent's placer (echo workload).
+    #[arg(long, default_value = "ch", value_parser = ["naive", "ch", "warm"])]
     placer: String,
+    /// `echo` (calls of one echo function, by payload size) or `zipf` (the placement
+    /// workload: `--functions` functions of skewed popularity, run once per placer of
+    /// `--zipf-placers`, each on a fresh cluster).
+    #[arg(long, default_value = "echo", value_parser = ["echo", "zipf"])]
+    workload: String,
+    /// Zipf workload: functions in the catalog (64 MB each).
+    #[arg(long, default_value_t = 100)]
+    functions: usize,
+    /// Zipf workload: the Zipf exponent of the functions other than the hottest.
+    #[arg(long, default_value_t = 1.1)]
+    zipf_s: f64,
+    /// Zipf workload: the share of all calls that go to the hottest function.
+    #[arg(long, default_value_t = 0.4)]
+    hot_share: f64,
+    /// Zipf workload: the placers to compare, comma-separated.
+    #[arg(long, default_value = "ch,naive,warm", value_delimiter = ',')]
+    zipf_placers: Vec<String>,
     /// Sequential `fn-hello` calls measured before the load (0: none).
     #[arg(long, default_value_t = 1000)]
     hello_calls: u64,
     /// Echo calls sent before the measured ones, not counted.
     #[arg(long, default_value_t = 256)]
     warmup: u64,
-    /// Each runner's `FN_MAX_MEMORY_MB` (echo instances take 64 MB each).
-    #[arg(long, default_value_t = 1536)]
-    runner_memory_mb: u64,
+    /// Each runner's `FN_MAX_MEMORY_MB` (instances take 64 MB each) [default: 1536; 768,
+    /// room for 12 instances, with `--workload zipf`].
+    #[arg(long)]
+    runner_memory_mb: Option<u64>,
     /// Seed of the payloads (printed, to replay a run).
     #[arg(long)]
     seed: Option<u64>,
@@ -230,6 +254,9 @@ async fn main() -> anyhow::Result<()> {
     };
     eprintln!("fn-load: binaries from {}", bin_dir.display());
     eprintln!("fn-load: load average at start: {}", load_average());
+    if args.workload == "zipf" {
+        return zipf(&args, concurrency, seed).await;
+    }
     if let Some(duration) = args.soak {
         // The verdict is printed; the cluster is gone by now (exit skips destructors).
         if !soak(&args, duration, concurrency, seed).await? {
@@ -468,7 +495,7 @@ impl SoakLog {
 fn setup(args: &Args) -> Setup {
     Setup {
         runners: args.runners,
-        runner_memory_mb: args.runner_memory_mb,
+        runner_memory_mb: args.runner_memory_mb.unwrap_or(ECHO_RUNNER_MEMORY_MB),
         placer: args.placer.clone(),
         catalog: CATALOG.into(),
         max_request_body: Some((args.payload.max() + MIB) as u64),
@@ -737,4 +764,147 @@ fn reliability_dir() -> PathBuf {
         .parent()
         .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
         .join("reliability")
+}
+
+/// What one placer did on the zipf workload.
+struct ZipfRow {
+    placer: String,
+    outcome: zipf::Outcome,
+    /// Placement attempts that did not commit (refusals, unreachable runners).
+    refusals: f64,
+    /// Instances the runners started.
+    instances_started: f64,
+}
+
+/// `--workload zipf`: the placement workload once per placer, each on a fresh cluster, then
+/// one table. Exits 1 when a call failed.
+///
+/// # Errors
+/// When a cluster does not start or its metrics cannot be read.
+async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> {
+    ensure!(args.functions > 0, "--functions must be at least 1");
+    ensure!(
+        (0.0..=1.0).contains(&args.hot_share),
+        "--hot-share must be from 0 to 1"
+    );
+    let popularity = Arc::new(zipf::Popularity::new(
+        args.functions,
+        args.zipf_s,
+        args.hot_share,
+    ));
+    let memory = args.runner_memory_mb.unwrap_or(ZIPF_RUNNER_MEMORY_MB);
+    let mut rows = Vec::new();
+    for placer in &args.zipf_placers {
+        ensure!(
+            ["naive", "ch", "warm"].contains(&placer.as_str()),
+            "--zipf-placers: unknown placer {placer:?} (naive, ch, warm)"
+        );
+        let quiet = fn_system_tests::env(&[("FN_LOG_LEVEL", SOAK_LOG_LEVEL), ("NO_COLOR", "1")]);
+        let cluster = Cluster::start(Setup {
+            runners: args.runners,
+            runner_memory_mb: memory,
+            placer: placer.clone(),
+            catalog: zipf::catalog(args.functions),
+            metrics: true,
+            lb_env: quiet.clone(),
+            runner_env: quiet,
+            ..Setup::default()
+        })
+        .await
+        .context("starting the cluster")?;
+        let lb_metrics = cluster.lb_metrics.clone().context("LB metrics address")?;
+        let attempts = |text: &str| {
+            metrics::sum(text, "fn_lb_placement_attempts_total")
+                - metrics::sum(text, "fn_lb_placement_seconds_count")
+        };
+        let before = attempts(&metrics::scrape(&lb_metrics).await?);
+        eprintln!(
+            "fn-load: zipf, placer {placer}: {} calls, {concurrency} concurrent",
+            args.calls
+        );
+        let outcome = zipf::run(zipf::Spec {
+            address: cluster.http.clone(),
+            calls: args.calls,
+            concurrency,
+            popularity: Arc::clone(&popularity),
+            seed,
+            call_bound: CALL_BOUND,
+        })
+        .await?;
+        let refusals = attempts(&metrics::scrape(&lb_metrics).await?) - before;
+        let mut instances_started = 0.0;
+        for runner in &cluster.runners {
+            let address = runner
+                .metrics
+                .as_deref()
+                .context("runner metrics address")?;
+            instances_started += metrics::sum(
+                &metrics::scrape(address).await?,
+                "fn_runner_instance_starts_total",
+            );
+        }
+        rows.push(ZipfRow {
+            placer: placer.clone(),
+            outcome,
+            refusals,
+            instances_started,
+        });
+    }
+
+    let mut report = Report::new(
+        "load",
+        &format!(
+            "zipf-f{}-c{concurrency}-r{}-m{memory}",
+            args.functions, args.runners
+        ),
+    );
+    for row in &rows {
+        report.case(&format!("placer {}", row.placer), &row.outcome.ledger);
+    }
+    report.note(format!(
+        "{} calls per placer, {concurrency} concurrent, {} runners of {memory} MB ({} instances \
+         of {} MB each), {} functions: {:.0}% to the hottest, the rest Zipf s = {}; seed {seed}",
+        args.calls,
+        args.runners,
+        memory / zipf::MEMORY_MB,
+        zipf::MEMORY_MB,
+        args.functions,
+        args.hot_share * 100.0,
+        args.zipf_s
+    ));
+    report.note(
+        "| placer | calls/s | cold starts per 1,000 calls | instances started | refusals per call | p50 | p99 | errors |"
+            .to_owned(),
+    );
+    report.note("|---|---:|---:|---:|---:|---:|---:|---:|".to_owned());
+    let mut failed = 0;
+    for row in &rows {
+        let ledger = &row.outcome.ledger;
+        let calls = ledger.sent_count().max(1) as f64;
+        failed += ledger.error_count();
+        report.note(format!(
+            "| {} | {:.0} | {:.1} | {:.0} | {:.3} | {} | {} | {} |",
+            row.placer,
+            ledger.sent_count() as f64 / row.outcome.elapsed.as_secs_f64(),
+            row.outcome.cold_starts as f64 * 1000.0 / calls,
+            row.instances_started,
+            row.refusals / calls,
+            ms(ledger.quantile(0.50)),
+            ms(ledger.quantile(0.99)),
+            ledger.error_count()
+        ));
+    }
+    report.publish();
+    report.reconcile()?;
+    if failed > 0 {
+        let firsts: Vec<_> = rows
+            .iter()
+            .flat_map(|r| r.outcome.failures.clone())
+            .collect();
+        bail!(
+            "{failed} calls failed; first failures:\n{}",
+            firsts.join("\n")
+        );
+    }
+    Ok(())
 }
