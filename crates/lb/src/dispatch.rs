@@ -14,15 +14,17 @@
 //! whole memory, no wait can help: the answer is 503 at once.
 //!
 //! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
-//! at every pass, and may leave runners out; a pass that asked nobody because every runner was
-//! known to be full or draining waits [`REPORT_WAIT`], about one report's time, rather than
-//! the backoff. A commit is counted in the runner's view until its next report.
+//! at every pass, and may leave runners out. A pass that asked nobody because every runner
+//! was known to be full or draining waits for the next report of any runner (at most
+//! [`REPORT_WAIT`]) rather than the backoff. Then, if the call would start an instance by
+//! evicting idle ones, it waits [`COLD_DEFER`] more, so that a call a freed instance is warm
+//! for takes it first. Each offer is counted in the runner's view until its next report.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::retry::Backoff;
-use fn_nodepool::{EarlyBody, Engaged, RunnerPool};
+use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool};
 use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
 use tokio::time::Instant;
@@ -33,9 +35,13 @@ use crate::error::CallError;
 /// trip to a runner that has capacity.
 const LAST_PASS: Duration = Duration::from_millis(50);
 
-/// The pause after a pass that asked nobody because the reports said no runner could take
-/// the call: about the time until the next report (runners report at most every 20 ms).
-pub const REPORT_WAIT: Duration = Duration::from_millis(20);
+/// The longest pause after a pass that asked nobody because the reports said no runner could
+/// take the call; the next report of any runner ends it sooner.
+pub const REPORT_WAIT: Duration = Duration::from_millis(50);
+
+/// How long a waiting call that would start an instance by evicting idle ones lets calls
+/// that those instances are warm for go first.
+pub const COLD_DEFER: Duration = Duration::from_millis(1);
 
 /// One pass's runner indices: the placer's ring order, or its ranking from reports.
 enum Pass {
@@ -64,6 +70,9 @@ pub struct DispatchConfig {
     /// First pause between passes; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Woken by the runners' reports (share it with the runner clients'
+    /// [`fn_nodepool::ClientConfig::report_signal`]).
+    pub report_signal: ReportSignal,
 }
 
 impl Default for DispatchConfig {
@@ -73,6 +82,7 @@ impl Default for DispatchConfig {
             wait_share: 0.5,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(500),
+            report_signal: ReportSignal::default(),
         }
     }
 }
@@ -123,7 +133,15 @@ impl Dispatcher {
             attempts,
         };
         let informed = self.placer.uses_reports();
+        // Set after a pass that found no runner able to take the call: the call is waiting
+        // for room, and when room appears, a cold start it would make by evicting an idle
+        // instance first gives calls that instance is warm for a moment to take it.
+        let mut waiting = false;
         loop {
+            // Armed before the views are read, so that no report in between is missed.
+            let report = self.config.report_signal.next_report();
+            tokio::pin!(report);
+            report.as_mut().enable();
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small) = (0u32, 0u32);
             let pass = if informed {
@@ -132,6 +150,15 @@ impl Dispatcher {
                     .map(|r| r.reports().view(&call.app, &call.function, call.memory_mb))
                     .collect();
                 let ranked = self.placer.rank(&key, &views);
+                let evicts_first = ranked.first().and_then(|&i| views.get(i)).is_some_and(
+                    |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
+                );
+                if waiting && evicts_first {
+                    waiting = false;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(COLD_DEFER.min(left)).await;
+                    continue;
+                }
                 Pass::Ranked(ranked.into_iter())
             } else {
                 Pass::Ring(self.placer.order(&key, runners.len()))
@@ -147,15 +174,19 @@ impl Dispatcher {
                 }
                 attempts += 1;
                 asked += 1;
+                if informed {
+                    // Counted until the runner's next report, refused or not.
+                    runner.reports().offered(
+                        &call.app,
+                        &call.function,
+                        call.memory_mb,
+                        call.concurrency,
+                    );
+                }
                 let tried = tokio::time::timeout_at(deadline, runner.try_call(call, early)).await;
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),
                     Ok(Ok(engaged)) => {
-                        if informed {
-                            runner
-                                .reports()
-                                .placed(&call.app, &call.function, call.memory_mb);
-                        }
                         return Ok(Placed {
                             engaged,
                             attempts,
@@ -183,12 +214,16 @@ impl Dispatcher {
             if left <= LAST_PASS {
                 return Err(no_capacity(attempts));
             }
-            let pause = if informed && offered < runners.len() && asked == 0 {
-                REPORT_WAIT
+            if informed && offered < runners.len() && asked == 0 {
+                // Every runner is known to be unable to take it: wait for the next report.
+                waiting = true;
+                tokio::select! {
+                    () = report => {}
+                    () = tokio::time::sleep(REPORT_WAIT.min(left - LAST_PASS)) => {}
+                }
             } else {
-                backoff.next_delay()
-            };
-            tokio::time::sleep(pause.min(left - LAST_PASS)).await;
+                tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)).await;
+            }
         }
     }
 }

@@ -103,6 +103,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         options.placer,
         DispatchConfig {
             placer_timeout: options.placer_timeout,
+            report_signal: options.client.report_signal.clone(),
             ..DispatchConfig::default()
         },
     );
@@ -975,7 +976,7 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
                 eject_initial,
                 eject_max: Duration::from_secs(3),
                 ejection_metrics: metrics.clone(),
-                watch_reports: false,
+                ..ClientConfig::default()
             },
             ..Options::default()
         },
@@ -1454,6 +1455,7 @@ fn report(free_mb: u64, in_flight: u64, warm: bool) -> RunnerState {
         version: 1,
         capacity_total_mb: 1024,
         capacity_free_mb: free_mb,
+        capacity_idle_mb: 0,
         calls_in_flight: in_flight,
         draining: false,
         warm: if warm {

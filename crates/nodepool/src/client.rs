@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::reports::Reports;
+use crate::reports::{ReportSignal, Reports};
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -64,6 +64,8 @@ pub struct ClientConfig {
     pub ejection_metrics: EjectionMetrics,
     /// Keep the runner's `WatchState` reports (see the module docs).
     pub watch_reports: bool,
+    /// Woken by every report of every client built with this configuration.
+    pub report_signal: ReportSignal,
 }
 
 impl Default for ClientConfig {
@@ -78,6 +80,7 @@ impl Default for ClientConfig {
             eject_max: Duration::from_secs(60),
             ejection_metrics: EjectionMetrics::default(),
             watch_reports: false,
+            report_signal: ReportSignal::default(),
         }
     }
 }
@@ -205,6 +208,7 @@ impl RunnerClient {
                     .tcp_nodelay(true)
             })
             .connect_lazy();
+        let reports = Arc::new(Reports::with_signal(config.report_signal.clone()));
         let client = Arc::new(RunnerClient {
             id: id.into(),
             address,
@@ -216,7 +220,7 @@ impl RunnerClient {
             ejections: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             ejected_until: std::sync::Mutex::new(None),
-            reports: Arc::new(Reports::default()),
+            reports,
             cancel: CancellationToken::new(),
         });
         if client.config.watch_reports {
@@ -477,6 +481,7 @@ async fn watch_reports(
         };
         match opened {
             Ok(stream) => {
+                tracing::debug!(runner = %address, "runner report stream open");
                 let mut stream = stream.into_inner();
                 loop {
                     let next = tokio::select! {

@@ -7,17 +7,22 @@
 //! stalled: it is then ignored, as is the report of a stream that failed. A runner without a
 //! usable report is [`RunnerView::Unknown`], which the placer treats as `ch` does: it asks.
 //!
-//! Between two reports the LB counts the calls it commits on the runner itself
-//! ([`Reports::placed`]), so that a burst of calls arriving together does not all go to the
-//! one warm instance or the last free megabytes that the previous report showed.
+//! Between two reports the LB counts the calls it offers the runner itself
+//! ([`Reports::offered`]), so that a burst of calls arriving together does not all go to the
+//! one warm instance or the last free megabytes that the previous report showed. A refused
+//! offer is not given back: the next report, at most 20 ms later, sets the record straight.
+//!
+//! Every new report wakes the calls waiting for room ([`ReportSignal`]), so that a call
+//! waiting for a runner learns of a freed instance as soon as the LB does.
 //!
 //! [`ClientConfig::watch_reports`]: crate::ClientConfig::watch_reports
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fn_placement::{RunnerLoad, RunnerView};
 use fn_protocol::runner::RunnerState;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A report older than this is ignored: the runner sends one at least every second.
@@ -27,11 +32,27 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3);
 /// far fewer instances than this).
 const MAX_WARM_FUNCTIONS: usize = 65_536;
 
+/// Woken whenever any runner of an LB reports: the calls waiting for room look again.
+/// Clones share the signal.
+#[derive(Debug, Clone, Default)]
+pub struct ReportSignal(Arc<Notify>);
+
+impl ReportSignal {
+    /// Completes at the next report of any runner sharing this signal after it is created
+    /// (or, once [`Notified::enable`]d, after that).
+    ///
+    /// [`Notified::enable`]: tokio::sync::futures::Notified::enable
+    pub fn next_report(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notified()
+    }
+}
+
 /// The latest report of one runner; see the module docs.
 #[derive(Debug, Default)]
 pub struct Reports {
     /// `std::sync::Mutex`: every section is a lookup or a small edit, never an await.
     current: Mutex<Option<Observed>>,
+    signal: ReportSignal,
 }
 
 #[derive(Debug)]
@@ -39,6 +60,8 @@ struct Observed {
     received: Instant,
     total_mb: u64,
     free_mb: u64,
+    /// The part of `free_mb` idle instances hold.
+    idle_mb: u64,
     calls_in_flight: u64,
     draining: bool,
     /// `(app, function, idle slots)`, sorted, for binary search.
@@ -56,6 +79,14 @@ impl Observed {
 }
 
 impl Reports {
+    /// Reports that wake `signal`'s waiters on each update.
+    pub fn with_signal(signal: ReportSignal) -> Self {
+        Reports {
+            current: Mutex::default(),
+            signal,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Option<Observed>> {
         // A plain value replaced or edited in one step: a panic elsewhere cannot tear it.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
@@ -83,10 +114,12 @@ impl Reports {
             received: Instant::now(),
             total_mb: state.capacity_total_mb,
             free_mb: state.capacity_free_mb,
+            idle_mb: state.capacity_idle_mb.min(state.capacity_free_mb),
             calls_in_flight: state.calls_in_flight,
             draining: state.draining,
             warm,
         });
+        self.signal.0.notify_waiters();
     }
 
     /// The stream ended or failed: forgets the report, unless it said the runner drains (a
@@ -116,23 +149,41 @@ impl Reports {
         RunnerView::Known(RunnerLoad {
             warm,
             fits: observed.free_mb >= memory_mb,
+            evicts: observed.free_mb - observed.idle_mb < memory_mb,
             draining: observed.draining,
             calls_in_flight: observed.calls_in_flight,
         })
     }
 
-    /// The runner committed a call of `app`/`function`: until the next report, count it on
-    /// a warm instance if the report showed one with room, else as a new instance's memory.
-    pub fn placed(&self, app: &str, function: &str, memory_mb: u64) {
+    /// A call of `app`/`function` (`memory_mb` per instance, `concurrency` calls per
+    /// instance) is offered to the runner: until the next report, count it on a warm
+    /// instance if the report showed one with room, else as a new instance's memory.
+    pub fn offered(&self, app: &str, function: &str, memory_mb: u64, concurrency: u32) {
         let mut current = self.lock();
         let Some(observed) = current.as_mut() else {
             return;
         };
         observed.calls_in_flight = observed.calls_in_flight.saturating_add(1);
-        match observed.warm_slot(app, function) {
-            Some(slots) if *slots > 0 => *slots -= 1,
-            _ => observed.free_mb = observed.free_mb.saturating_sub(memory_mb),
-        }
+        let (used_mb, evicted_mb) = match observed.warm_slot(app, function) {
+            Some(slots) if *slots > 0 => {
+                *slots -= 1;
+                // A one-call instance with room was idle: its memory is in use now. One that
+                // takes several calls may have been busy already; the report will tell.
+                if concurrency <= 1 {
+                    (memory_mb, memory_mb)
+                } else {
+                    (0, 0)
+                }
+            }
+            // A new instance: free memory first, then what idle instances give up.
+            _ => {
+                let unheld = observed.free_mb - observed.idle_mb;
+                (memory_mb, memory_mb.saturating_sub(unheld))
+            }
+        };
+        observed.free_mb = observed.free_mb.saturating_sub(used_mb);
+        observed.idle_mb = observed.idle_mb.saturating_sub(evicted_mb);
+        observed.idle_mb = observed.idle_mb.min(observed.free_mb);
     }
 
     /// Whether a report younger than [`STALE_AFTER`] is held.
@@ -154,6 +205,7 @@ mod tests {
             version: 1,
             capacity_total_mb: 1024,
             capacity_free_mb: free_mb,
+            capacity_idle_mb: 0,
             calls_in_flight: 2,
             draining: false,
             warm: warm
@@ -193,23 +245,67 @@ mod tests {
     }
 
     #[test]
-    fn calls_placed_between_reports_are_counted() {
+    fn calls_offered_between_reports_are_counted() {
         let reports = Reports::default();
-        reports.update(state(128, &[("a", "f", 1)]));
-        reports.placed("a", "f", 64);
+        // 128 MB free, 64 of them held by the idle instance of a/f.
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(128, &[("a", "f", 1)])
+        });
+        let before = load(reports.view("a", "g", 64));
+        assert!(
+            before.fits && !before.evicts,
+            "64 MB are free without evicting"
+        );
+        reports.offered("a", "f", 64, 1);
         let after_warm = load(reports.view("a", "f", 64));
         assert!(!after_warm.warm, "its one idle slot is taken");
-        assert!(after_warm.fits, "and no memory");
-        assert_eq!(after_warm.calls_in_flight, 3);
-        reports.placed("a", "f", 64);
-        reports.placed("a", "f", 64);
         assert!(
-            !load(reports.view("a", "f", 64)).fits,
-            "two cold starts use it up"
+            after_warm.fits && !after_warm.evicts,
+            "and its memory, not the free 64 MB"
         );
+        assert_eq!(after_warm.calls_in_flight, 3);
+        reports.offered("a", "g", 64, 1);
+        assert!(
+            !load(reports.view("a", "g", 64)).fits,
+            "a cold start uses up the rest"
+        );
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(64, &[])
+        });
+        let evicting = load(reports.view("a", "h", 64));
+        assert!(evicting.fits && evicting.evicts, "only by evicting");
+        reports.offered("a", "h", 64, 1);
+        assert!(!load(reports.view("a", "h", 64)).fits);
         reports.update(state(128, &[("a", "f", 2)]));
         let fresh = load(reports.view("a", "f", 64));
         assert!(fresh.warm && fresh.fits, "a new report replaces the count");
+    }
+
+    #[test]
+    fn a_shared_instance_keeps_its_memory_count() {
+        let reports = Reports::default();
+        reports.update(state(64, &[("a", "f", 4)]));
+        reports.offered("a", "f", 64, 4);
+        let view = load(reports.view("a", "f", 64));
+        assert!(
+            view.warm && view.fits,
+            "three slots and the free memory are left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_report_wakes_the_waiting_calls() {
+        let signal = ReportSignal::default();
+        let reports = Reports::with_signal(signal.clone());
+        let waiting = signal.next_report();
+        tokio::pin!(waiting);
+        waiting.as_mut().enable();
+        reports.update(state(64, &[]));
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken");
     }
 
     #[test]

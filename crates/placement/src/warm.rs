@@ -16,8 +16,12 @@ pub enum RunnerView {
 pub struct RunnerLoad {
     /// A running instance of the call's function has room for the call: no cold start.
     pub warm: bool,
-    /// A new instance of the call's function fits in the runner's free memory.
+    /// A new instance of the call's function fits in the runner's memory, counting what its
+    /// idle instances would give up.
     pub fits: bool,
+    /// It fits only by evicting idle instances (of other functions): their next calls would
+    /// start cold.
+    pub evicts: bool,
     /// The runner takes no new calls.
     pub draining: bool,
     /// Calls running on the runner.
@@ -29,9 +33,10 @@ pub struct RunnerLoad {
 /// The ring order is [`ConsistentHashPlacer`]'s, so a function keeps a home runner and every
 /// LB agrees on it. Within one pass, runners are tried in four tiers, each in ring order:
 /// 1. runners with a warm instance of the function that has room for the call;
-/// 2. runners where a new instance fits, and runners with no fresh report (asked as `ch`
-///    would ask them: missing information never refuses a call);
-/// 3. runners of tiers 1 and 2 whose load is over the bound below;
+/// 2. runners where a new instance fits in free memory, and runners with no fresh report
+///    (asked as `ch` would ask them: missing information never refuses a call);
+/// 3. runners where a new instance fits only by evicting idle instances of other functions;
+/// 4. runners of tiers 1 to 3 whose load is over the bound below;
 ///
 /// and runners known to be draining, or to have neither a warm instance nor room, are not
 /// asked at all: the caller waits for the next report instead of collecting a refusal.
@@ -114,10 +119,11 @@ impl Placer for WarmPlacer {
                 return None;
             }
             let over = bound.is_some_and(|bound| load.calls_in_flight + 1 > bound);
-            Some(match (over, load.warm) {
-                (false, true) => 0,
-                (false, false) => 1,
-                (true, _) => 2,
+            Some(match (over, load.warm, load.evicts) {
+                (false, true, _) => 0,
+                (false, false, false) => 1,
+                (false, false, true) => 2,
+                (true, _, _) => 3,
             })
         };
         let mut ranked: Vec<(u8, usize)> = self
@@ -143,6 +149,7 @@ mod tests {
         RunnerView::Known(RunnerLoad {
             warm,
             fits,
+            evicts: false,
             draining: false,
             calls_in_flight,
         })
@@ -184,6 +191,7 @@ mod tests {
             draining: true,
             warm: true,
             fits: true,
+            evicts: false,
             calls_in_flight: 0,
         });
         assert_eq!(placer.rank(&key(), &views), vec![order[2]]);
@@ -205,6 +213,24 @@ mod tests {
         assert_eq!(
             placer.rank(&key(), &views),
             vec![order[2], order[0], order[1]]
+        );
+    }
+
+    #[test]
+    fn evicting_warm_instances_comes_after_free_memory() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(3);
+        let mut views = vec![known(false, true, 0); 3];
+        views[order[0]] = RunnerView::Known(RunnerLoad {
+            evicts: true,
+            ..RunnerLoad {
+                fits: true,
+                ..RunnerLoad::default()
+            }
+        });
+        assert_eq!(
+            placer.rank(&key(), &views),
+            vec![order[1], order[2], order[0]]
         );
     }
 

@@ -177,6 +177,7 @@ fn report(state: PoolState) -> RunnerState {
         version: state.version,
         capacity_total_mb: state.total_mb,
         capacity_free_mb: state.free_mb,
+        capacity_idle_mb: state.idle_mb,
         calls_in_flight: state.calls_in_flight,
         draining: state.draining,
         warm: state

@@ -75,6 +75,8 @@ pub struct PoolState {
     pub total_mb: u64,
     /// Memory a new instance can have now: idle instances give theirs up when needed.
     pub free_mb: u64,
+    /// The part of `free_mb` that idle instances hold.
+    pub idle_mb: u64,
     pub calls_in_flight: u64,
     pub draining: bool,
     /// Per function with a running instance that has room for another call, the calls its
@@ -254,6 +256,7 @@ impl Pool {
             }
         }
         let free_mb = self.total_mb.saturating_sub(st.committed_mb);
+        let idle_mb = st.idle_mb;
         let calls_in_flight = st.calls_in_flight;
         drop(st);
         warm.sort_by(|a, b| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
@@ -261,6 +264,7 @@ impl Pool {
             version,
             total_mb: self.total_mb,
             free_mb,
+            idle_mb,
             calls_in_flight,
             draining: self.draining.load(Ordering::Acquire),
             warm,
