@@ -130,6 +130,8 @@ pub struct Outcome {
     pub cold_starts: u64,
     /// Calls sent per function.
     pub per_function: Vec<u64>,
+    /// Cold starts per function.
+    pub cold_per_function: Vec<u64>,
     /// The first few failures, for messages.
     pub failures: Vec<String>,
     pub elapsed: Duration,
@@ -152,6 +154,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<Outcome> {
                 let mut ledger = Ledger::new();
                 let mut cold_starts = 0u64;
                 let mut per_function = vec![0u64; spec.popularity.functions()];
+                let mut cold_per_function = vec![0u64; spec.popularity.functions()];
                 let mut failures = Vec::new();
                 let mut client = Client::new(&spec.address);
                 loop {
@@ -167,6 +170,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<Outcome> {
                     ledger.sent();
                     let outcome = client.echo(&path, body, hash, spec.call_bound).await;
                     cold_starts += u64::from(outcome.cold_start);
+                    cold_per_function[function] += u64::from(outcome.cold_start);
                     match &outcome.error {
                         None => ledger.ok(outcome.latency),
                         Some(kind) => {
@@ -180,7 +184,13 @@ pub async fn run(spec: Spec) -> anyhow::Result<Outcome> {
                         }
                     }
                 }
-                (ledger, cold_starts, per_function, failures)
+                (
+                    ledger,
+                    cold_starts,
+                    per_function,
+                    cold_per_function,
+                    failures,
+                )
             })
         })
         .collect();
@@ -188,14 +198,19 @@ pub async fn run(spec: Spec) -> anyhow::Result<Outcome> {
         ledger: Ledger::new(),
         cold_starts: 0,
         per_function: vec![0; spec.popularity.functions()],
+        cold_per_function: vec![0; spec.popularity.functions()],
         failures: Vec::new(),
         elapsed: Duration::ZERO,
     };
     for worker in workers {
-        let (ledger, cold, per_function, failures) = worker.await.context("a worker panicked")?;
+        let (ledger, cold, per_function, cold_per_function, failures) =
+            worker.await.context("a worker panicked")?;
         outcome.ledger.merge(&ledger);
         outcome.cold_starts += cold;
         for (total, n) in outcome.per_function.iter_mut().zip(per_function) {
+            *total += n;
+        }
+        for (total, n) in outcome.cold_per_function.iter_mut().zip(cold_per_function) {
             *total += n;
         }
         outcome.failures.extend(failures);

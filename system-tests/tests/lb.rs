@@ -596,3 +596,69 @@ fn raise_own_open_file_limit(wanted: u64) -> anyhow::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, wanted, hard)?;
     Ok(())
 }
+
+/// `FN_PLACER=warm` on real runners: a function's calls go to its warm instance, a runner
+/// that its reports show full is skipped without being asked (no refusal in the LB's
+/// counters), and a call after the busy ones ends runs warm again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_placer_uses_the_runners_reports_and_never_asks_a_full_runner() -> anyhow::Result<()> {
+    // 256 MB per runner, 128 MB per call: two instances fit on a runner.
+    let cluster = Cluster::start(Setup {
+        runner_memory_mb: 256,
+        placer: "warm".into(),
+        catalog: format!("{ECHO}{SLEEP}"),
+        metrics: true,
+        ..Setup::default()
+    })
+    .await?;
+    let lb_metrics = cluster.lb_metrics.clone().context("LB metrics")?;
+    let call = |body: &'static str| {
+        let http = cluster.http.clone();
+        async move {
+            let reply =
+                http::request(&http, Method::POST, "/r/demo/sleep", &[], Bytes::from(body)).await?;
+            ensure!(reply.status == 200, "{} {}", reply.status, reply.text());
+            anyhow::Ok(reply)
+        }
+    };
+    let cold = |reply: &Reply| {
+        reply
+            .header("server-timing")
+            .is_some_and(|t| t.contains("start;"))
+    };
+
+    let first = call("0").await?;
+    ensure!(cold(&first), "the first call starts an instance");
+    let home = cluster.runner_of(first.fn_pid()?)?;
+    let second = call("0").await?;
+    ensure!(!cold(&second), "the second runs warm");
+    ensure!(second.fn_pid()? == first.fn_pid()?);
+
+    // Two long calls fill the home runner; once its report says so, a third long call goes
+    // elsewhere without asking it.
+    let long = (0..2)
+        .map(|_| tokio::spawn(call("1500")))
+        .collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = tokio::spawn(call("1500"));
+    let mut runners = Vec::new();
+    for task in long.into_iter().chain([third]) {
+        runners.push(cluster.runner_of(task.await??.fn_pid()?)?);
+    }
+    ensure!(
+        runners[..2] == [home, home] && runners[2] != home,
+        "long calls on runners {runners:?}, home {home}"
+    );
+    let after = call("0").await?;
+    ensure!(!cold(&after), "a call after the busy ones ends runs warm");
+
+    let text = fn_system_tests::metrics::scrape(&lb_metrics).await?;
+    let attempts = fn_system_tests::metrics::sum(&text, "fn_lb_placement_attempts_total");
+    let placed = fn_system_tests::metrics::sum(&text, "fn_lb_placement_seconds_count");
+    ensure!(
+        attempts == placed && placed == 6.0,
+        "{attempts} offers for {placed} placed calls: a runner was asked in vain\n{}",
+        cluster.logs()
+    );
+    Ok(())
+}

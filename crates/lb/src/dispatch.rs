@@ -39,6 +39,9 @@ const LAST_PASS: Duration = Duration::from_millis(50);
 /// take the call; the next report of any runner ends it sooner.
 pub const REPORT_WAIT: Duration = Duration::from_millis(50);
 
+/// The longest a call waits for a warm instance (see [`DispatchConfig::warm_wait`]).
+pub const MAX_WARM_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a waiting call that would start an instance by evicting idle ones lets calls
 /// that those instances are warm for go first.
 pub const COLD_DEFER: Duration = Duration::from_millis(1);
@@ -73,6 +76,12 @@ pub struct DispatchConfig {
     /// Woken by the runners' reports (share it with the runner clients'
     /// [`fn_nodepool::ClientConfig::report_signal`]).
     pub report_signal: ReportSignal,
+    /// How long a call may wait for a warm instance, from the moment a new instance could
+    /// start only by evicting idle instances of other functions, when its function has busy
+    /// instances, until the function's own cold starts have been seen; then their moving
+    /// average (waiting never costs much more than starting would), at most
+    /// [`MAX_WARM_WAIT`].
+    pub warm_wait: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -83,6 +92,7 @@ impl Default for DispatchConfig {
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(500),
             report_signal: ReportSignal::default(),
+            warm_wait: Duration::from_millis(25),
         }
     }
 }
@@ -101,6 +111,42 @@ pub struct Dispatcher {
     pool: Arc<dyn RunnerPool>,
     placer: Arc<dyn Placer>,
     config: DispatchConfig,
+    cold_starts: Arc<ColdStarts>,
+}
+
+/// Functions whose cold starts [`ColdStarts`] remembers at most; past it, it starts over.
+const COLD_STARTS_KEPT: usize = 10_000;
+
+/// How long each function's instances take to start, as calls report it: a moving average,
+/// so that a call waits for a warm instance about as long as starting one would take.
+#[derive(Debug, Default)]
+struct ColdStarts {
+    /// `std::sync::Mutex`: a lookup or an insert, never held across an await.
+    by_function: std::sync::Mutex<std::collections::HashMap<PlacementKey, Duration>>,
+}
+
+impl ColdStarts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PlacementKey, Duration>> {
+        // A map of plain values edited in one step: a panic elsewhere cannot tear it.
+        self.by_function
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The expected cold start of `key`'s function; `prior` until one was seen.
+    fn expected(&self, key: &PlacementKey, prior: Duration) -> Duration {
+        self.lock().get(key).copied().unwrap_or(prior)
+    }
+
+    /// Adds a cold start of `key`'s function to its average (a quarter of the weight).
+    fn observe(&self, key: PlacementKey, took: Duration, prior: Duration) {
+        let mut map = self.lock();
+        if map.len() >= COLD_STARTS_KEPT && !map.contains_key(&key) {
+            map.clear();
+        }
+        let average = map.entry(key).or_insert(prior);
+        *average = average.mul_f64(0.75) + took.mul_f64(0.25);
+    }
 }
 
 impl Dispatcher {
@@ -109,6 +155,16 @@ impl Dispatcher {
             pool,
             placer,
             config,
+            cold_starts: Arc::default(),
+        }
+    }
+
+    /// A call of `app`/`function` waited `took` for its new instance to start: how long the
+    /// next calls of the function wait for a warm instance follows it.
+    pub fn observe_cold_start(&self, app: &str, function: &str, took: Duration) {
+        if self.placer.uses_reports() {
+            let key = PlacementKey::new(app, function);
+            self.cold_starts.observe(key, took, self.config.warm_wait);
         }
     }
 
@@ -137,6 +193,8 @@ impl Dispatcher {
         // for room, and when room appears, a cold start it would make by evicting an idle
         // instance first gives calls that instance is warm for a moment to take it.
         let mut waiting = false;
+        // When the call first could have started an instance only by evicting idle ones.
+        let mut evicting_since: Option<Instant> = None;
         loop {
             // Armed before the views are read, so that no report in between is missed.
             let report = self.config.report_signal.next_report();
@@ -153,6 +211,30 @@ impl Dispatcher {
                 let evicts_first = ranked.first().and_then(|&i| views.get(i)).is_some_and(
                     |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
                 );
+                let instances: u32 = views
+                    .iter()
+                    .map(|view| match view {
+                        RunnerView::Known(load) => load.instances,
+                        RunnerView::Unknown => 0,
+                    })
+                    .sum();
+                let warm_until = evicts_first.then(|| {
+                    let since = *evicting_since.get_or_insert_with(Instant::now);
+                    let wait = self.cold_starts.expected(&key, self.config.warm_wait);
+                    (since + wait.min(MAX_WARM_WAIT)).min(deadline)
+                });
+                if let Some(warm_until) = warm_until
+                    && instances > 0
+                    && Instant::now() < warm_until
+                {
+                    // Its function runs elsewhere, busy: one of those instances is likely
+                    // to free up before a new one would have started.
+                    tokio::select! {
+                        () = report => {}
+                        () = tokio::time::sleep_until(warm_until) => {}
+                    }
+                    continue;
+                }
                 if waiting && evicts_first {
                     waiting = false;
                     let left = deadline.saturating_duration_since(Instant::now());

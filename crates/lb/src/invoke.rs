@@ -198,6 +198,10 @@ impl Invoker {
                     .saturating_sub(head.cold_start.unwrap_or_default());
                 self.metrics
                     .answered(&spec.app, &spec.function, exec, head.cold_start);
+                if let Some(took) = head.cold_start {
+                    self.dispatcher
+                        .observe_cold_start(&spec.app, &spec.function, took);
+                }
                 if let Ok(value) =
                     HeaderValue::from_str(&server_timing(placed.waited, head.cold_start, exec))
                 {

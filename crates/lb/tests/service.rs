@@ -1463,6 +1463,7 @@ fn report(free_mb: u64, in_flight: u64, warm: bool) -> RunnerState {
                 app: "demo".into(),
                 function: "echo".into(),
                 idle_slots: 1,
+                instances: 1,
             }]
         } else {
             Vec::new()

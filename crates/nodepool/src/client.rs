@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::reports::{ReportSignal, Reports};
+use crate::reports::{OfferedCall, ReportSignal, Reports};
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -336,6 +336,11 @@ impl RunnerClient {
                 slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
                 sender: sender.map(BodySender),
                 responses,
+                report: self
+                    .config
+                    .watch_reports
+                    .then(|| (Arc::clone(&self.reports), OfferedCall::of(call))),
+                clean: false,
             }),
             Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
                 address: self.address.clone(),
@@ -546,6 +551,19 @@ pub struct Engaged {
     pub slot_latency: Duration,
     sender: Option<BodySender>,
     responses: Streaming<RunnerMsg>,
+    /// Where the call's end is counted until the runner's next report, when reports are
+    /// watched.
+    report: Option<(Arc<Reports>, OfferedCall)>,
+    /// The stream ended cleanly after `CallFinished` ([`Engaged::finish`]).
+    clean: bool,
+}
+
+impl Drop for Engaged {
+    fn drop(&mut self) {
+        if let Some((reports, call)) = self.report.take() {
+            reports.finished(&call, self.clean);
+        }
+    }
 }
 
 /// The runner stopped reading the request body (it finished or failed the call); the
@@ -587,7 +605,10 @@ impl Engaged {
     /// Returns whether the stream ended cleanly; anything else has been logged.
     pub async fn finish(&mut self, bound: Duration) -> bool {
         match tokio::time::timeout(bound, self.responses.message()).await {
-            Ok(Ok(None)) => true,
+            Ok(Ok(None)) => {
+                self.clean = true;
+                true
+            }
             Ok(Ok(Some(_))) => {
                 tracing::warn!(runner = %self.runner, "protocol error: a message after CallFinished");
                 false

@@ -32,6 +32,27 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3);
 /// far fewer instances than this).
 const MAX_WARM_FUNCTIONS: usize = 65_536;
 
+/// A call as [`Reports::finished`] counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedCall {
+    pub app: String,
+    pub function: String,
+    pub memory_mb: u64,
+    pub concurrency: u32,
+}
+
+impl OfferedCall {
+    /// The figures of `call` that reports count.
+    pub fn of(call: &fn_protocol::CallSpec) -> Self {
+        OfferedCall {
+            app: call.app.clone(),
+            function: call.function.clone(),
+            memory_mb: call.memory_mb,
+            concurrency: call.concurrency,
+        }
+    }
+}
+
 /// Woken whenever any runner of an LB reports: the calls waiting for room look again.
 /// Clones share the signal.
 #[derive(Debug, Clone, Default)]
@@ -64,17 +85,26 @@ struct Observed {
     idle_mb: u64,
     calls_in_flight: u64,
     draining: bool,
-    /// `(app, function, idle slots)`, sorted, for binary search.
-    warm: Vec<(String, String, u32)>,
+    /// The functions with running instances, sorted by app and function for binary search.
+    held: Vec<Held>,
+}
+
+/// A function [`Observed`] holds instances of.
+#[derive(Debug)]
+struct Held {
+    app: String,
+    function: String,
+    idle_slots: u32,
+    instances: u32,
 }
 
 impl Observed {
-    fn warm_slot(&mut self, app: &str, function: &str) -> Option<&mut u32> {
+    fn held(&mut self, app: &str, function: &str) -> Option<&mut Held> {
         let idx = self
-            .warm
-            .binary_search_by(|(a, f, _)| (a.as_str(), f.as_str()).cmp(&(app, function)))
+            .held
+            .binary_search_by(|h| (h.app.as_str(), h.function.as_str()).cmp(&(app, function)))
             .ok()?;
-        self.warm.get_mut(idx).map(|(_, _, slots)| slots)
+        self.held.get_mut(idx)
     }
 }
 
@@ -94,19 +124,24 @@ impl Reports {
 
     /// Stores a report received now, replacing the previous one and the calls counted since.
     pub fn update(&self, state: RunnerState) {
-        let mut warm: Vec<_> = state
+        let mut held: Vec<Held> = state
             .warm
             .into_iter()
             .take(MAX_WARM_FUNCTIONS)
-            .filter(|w| w.idle_slots > 0)
-            .map(|w| (w.app, w.function, w.idle_slots))
+            .map(|w| Held {
+                app: w.app,
+                function: w.function,
+                idle_slots: w.idle_slots,
+                instances: w.instances,
+            })
             .collect();
         // The runner sends them sorted; a list that is not is sorted here rather than trusted.
-        warm.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        warm.dedup_by(|b, a| {
-            let same = a.0 == b.0 && a.1 == b.1;
+        held.sort_unstable_by(|a, b| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
+        held.dedup_by(|b, a| {
+            let same = a.app == b.app && a.function == b.function;
             if same {
-                a.2 = a.2.saturating_add(b.2);
+                a.idle_slots = a.idle_slots.saturating_add(b.idle_slots);
+                a.instances = a.instances.saturating_add(b.instances);
             }
             same
         });
@@ -117,7 +152,7 @@ impl Reports {
             idle_mb: state.capacity_idle_mb.min(state.capacity_free_mb),
             calls_in_flight: state.calls_in_flight,
             draining: state.draining,
-            warm,
+            held,
         });
         self.signal.0.notify_waiters();
     }
@@ -143,11 +178,12 @@ impl Reports {
         if observed.received.elapsed() > STALE_AFTER || memory_mb > observed.total_mb {
             return RunnerView::Unknown;
         }
-        let warm = observed
-            .warm_slot(app, function)
-            .is_some_and(|slots| *slots > 0);
+        let (warm, instances) = observed
+            .held(app, function)
+            .map_or((false, 0), |h| (h.idle_slots > 0, h.instances));
         RunnerView::Known(RunnerLoad {
             warm,
+            instances,
             fits: observed.free_mb >= memory_mb,
             evicts: observed.free_mb - observed.idle_mb < memory_mb,
             draining: observed.draining,
@@ -164,9 +200,9 @@ impl Reports {
             return;
         };
         observed.calls_in_flight = observed.calls_in_flight.saturating_add(1);
-        let (used_mb, evicted_mb) = match observed.warm_slot(app, function) {
-            Some(slots) if *slots > 0 => {
-                *slots -= 1;
+        let (used_mb, evicted_mb) = match observed.held(app, function) {
+            Some(held) if held.idle_slots > 0 => {
+                held.idle_slots -= 1;
                 // A one-call instance with room was idle: its memory is in use now. One that
                 // takes several calls may have been busy already; the report will tell.
                 if concurrency <= 1 {
@@ -184,6 +220,47 @@ impl Reports {
         observed.free_mb = observed.free_mb.saturating_sub(used_mb);
         observed.idle_mb = observed.idle_mb.saturating_sub(evicted_mb);
         observed.idle_mb = observed.idle_mb.min(observed.free_mb);
+    }
+
+    /// A call the runner committed has ended, `clean`ly (its stream ended after
+    /// `CallFinished`, so the runner keeps its instance) or not: until the next report, count
+    /// it off the calls in flight and, when clean, count its instance's slot as free again.
+    pub fn finished(&self, call: &OfferedCall, clean: bool) {
+        let mut current = self.lock();
+        let Some(observed) = current.as_mut() else {
+            return;
+        };
+        observed.calls_in_flight = observed.calls_in_flight.saturating_sub(1);
+        if !clean {
+            return;
+        }
+        if call.concurrency <= 1 {
+            // Its instance is idle now: its memory is free again, held by an idle instance.
+            observed.free_mb = observed
+                .free_mb
+                .saturating_add(call.memory_mb)
+                .min(observed.total_mb);
+            observed.idle_mb = observed
+                .idle_mb
+                .saturating_add(call.memory_mb)
+                .min(observed.free_mb);
+        }
+        match observed.held(&call.app, &call.function) {
+            Some(held) => held.idle_slots = held.idle_slots.saturating_add(1),
+            None => {
+                let held = Held {
+                    app: call.app.clone(),
+                    function: call.function.clone(),
+                    idle_slots: 1,
+                    instances: 1,
+                };
+                let at = observed.held.partition_point(|h| {
+                    (h.app.as_str(), h.function.as_str())
+                        < (held.app.as_str(), held.function.as_str())
+                });
+                observed.held.insert(at, held);
+            }
+        }
     }
 
     /// Whether a report younger than [`STALE_AFTER`] is held.
@@ -214,6 +291,7 @@ mod tests {
                     app: (*app).into(),
                     function: (*function).into(),
                     idle_slots: *idle_slots,
+                    instances: 1,
                 })
                 .collect(),
         }
@@ -281,6 +359,32 @@ mod tests {
         reports.update(state(128, &[("a", "f", 2)]));
         let fresh = load(reports.view("a", "f", 64));
         assert!(fresh.warm && fresh.fits, "a new report replaces the count");
+    }
+
+    #[test]
+    fn a_call_that_ends_cleanly_leaves_a_warm_instance_until_the_next_report() {
+        let reports = Reports::default();
+        reports.update(state(0, &[]));
+        let call = OfferedCall {
+            app: "a".into(),
+            function: "f".into(),
+            memory_mb: 64,
+            concurrency: 1,
+        };
+        reports.finished(&call, true);
+        let view = load(reports.view("a", "f", 64));
+        assert!(view.warm && view.fits && view.evicts, "{view:?}");
+        assert_eq!((view.calls_in_flight, view.instances), (1, 1));
+        reports.finished(
+            &OfferedCall {
+                function: "g".into(),
+                ..call
+            },
+            false,
+        );
+        let view = load(reports.view("a", "g", 64));
+        assert!(!view.warm, "a call cut off leaves no instance");
+        assert_eq!(view.calls_in_flight, 0);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum RunnerView {
 pub struct RunnerLoad {
     /// A running instance of the call's function has room for the call: no cold start.
     pub warm: bool,
+    /// Running instances of the call's function, busy or idle.
+    pub instances: u32,
     /// A new instance of the call's function fits in the runner's memory, counting what its
     /// idle instances would give up.
     pub fits: bool,
@@ -31,12 +33,14 @@ pub struct RunnerLoad {
 /// Warmth- and load-aware placement over the consistent-hash ring.
 ///
 /// The ring order is [`ConsistentHashPlacer`]'s, so a function keeps a home runner and every
-/// LB agrees on it. Within one pass, runners are tried in four tiers, each in ring order:
+/// LB agrees on it. Within one pass, runners are tried in five tiers, each in ring order:
 /// 1. runners with a warm instance of the function that has room for the call;
 /// 2. runners where a new instance fits in free memory, and runners with no fresh report
 ///    (asked as `ch` would ask them: missing information never refuses a call);
-/// 3. runners where a new instance fits only by evicting idle instances of other functions;
-/// 4. runners of tiers 1 to 3 whose load is over the bound below;
+/// 3. runners with a warm instance whose load is over the bound below;
+/// 4. runners where a new instance fits only by evicting idle instances of other functions
+///    (their next calls would start cold);
+/// 5. runners where a new instance fits but whose load is over the bound;
 ///
 /// and runners known to be draining, or to have neither a warm instance nor room, are not
 /// asked at all: the caller waits for the next report instead of collecting a refusal.
@@ -44,7 +48,8 @@ pub struct RunnerLoad {
 /// **Bounded loads** (Mirrokni, Thorup and Zadimoghaddam, *Consistent Hashing with Bounded
 /// Loads*, 2018): a runner is over the bound when taking the call would put its calls in
 /// flight above `⌈(1 + ε) · (m + 1) / k⌉`, where `m` is the calls in flight on the `k`
-/// runners with a fresh report that are not draining. So a popular function stays on its home
+/// runners with a fresh report that are not draining (and never below [`MIN_LOAD_BOUND`]).
+/// So a popular function stays on its home
 /// runner until that runner carries more than its share, and only the excess moves on along
 /// the ring: to the next runners, in the same order from every LB.
 #[derive(Debug, Default)]
@@ -52,6 +57,10 @@ pub struct WarmPlacer {
     ring: ConsistentHashPlacer,
     epsilon: f64,
 }
+
+/// No runner is over the bound with fewer calls in flight than this: at loads that small
+/// the bound would only trade a warm instance for a cold start elsewhere.
+pub const MIN_LOAD_BOUND: u64 = 4;
 
 /// ε when `FN_PLACER_EPSILON` is not set: a runner may carry 25% more than the mean.
 pub const DEFAULT_EPSILON: f64 = 0.25;
@@ -91,7 +100,7 @@ impl WarmPlacer {
             return None;
         }
         let mean = (calls as f64 + 1.0) / runners as f64;
-        Some(((1.0 + self.epsilon) * mean).ceil() as u64)
+        Some((((1.0 + self.epsilon) * mean).ceil() as u64).max(MIN_LOAD_BOUND))
     }
 }
 
@@ -122,8 +131,9 @@ impl Placer for WarmPlacer {
             Some(match (over, load.warm, load.evicts) {
                 (false, true, _) => 0,
                 (false, false, false) => 1,
-                (false, false, true) => 2,
-                (true, _, _) => 3,
+                (true, true, _) => 2,
+                (false, false, true) => 3,
+                (true, false, _) => 4,
             })
         };
         let mut ranked: Vec<(u8, usize)> = self
@@ -148,6 +158,7 @@ mod tests {
     fn known(warm: bool, fits: bool, calls_in_flight: u64) -> RunnerView {
         RunnerView::Known(RunnerLoad {
             warm,
+            instances: u32::from(warm),
             fits,
             evicts: false,
             draining: false,
@@ -190,6 +201,7 @@ mod tests {
         views[order[1]] = RunnerView::Known(RunnerLoad {
             draining: true,
             warm: true,
+            instances: 1,
             fits: true,
             evicts: false,
             calls_in_flight: 0,

@@ -187,6 +187,7 @@ fn report(state: PoolState) -> RunnerState {
                 app: w.app,
                 function: w.function,
                 idle_slots: w.idle_slots,
+                instances: w.instances,
             })
             .collect(),
     }

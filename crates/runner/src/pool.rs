@@ -79,8 +79,8 @@ pub struct PoolState {
     pub idle_mb: u64,
     pub calls_in_flight: u64,
     pub draining: bool,
-    /// Per function with a running instance that has room for another call, the calls its
-    /// running instances could take now; by app, then function.
+    /// Per function with a running instance, the calls its running instances could take
+    /// now and how many there are; by app, then function.
     pub warm: Vec<WarmFunction>,
 }
 
@@ -90,6 +90,7 @@ pub struct WarmFunction {
     pub app: String,
     pub function: String,
     pub idle_slots: u32,
+    pub instances: u32,
 }
 
 /// How an instance's start ended, for the calls waiting on it.
@@ -239,19 +240,23 @@ impl Pool {
         let st = self.lock();
         let mut warm: Vec<WarmFunction> = Vec::new();
         for hot in &st.hot {
-            if hot.running().is_none() || !hot.usable() || hot.calls >= hot.spec.concurrency {
+            if hot.running().is_none() || !hot.usable() {
                 continue;
             }
-            let free = hot.spec.concurrency - hot.calls;
+            let free = hot.spec.concurrency.saturating_sub(hot.calls);
             match warm
                 .iter_mut()
                 .find(|w| w.app == hot.spec.app && w.function == hot.spec.function)
             {
-                Some(w) => w.idle_slots = w.idle_slots.saturating_add(free),
+                Some(w) => {
+                    w.idle_slots = w.idle_slots.saturating_add(free);
+                    w.instances = w.instances.saturating_add(1);
+                }
                 None => warm.push(WarmFunction {
                     app: hot.spec.app.clone(),
                     function: hot.spec.function.clone(),
                     idle_slots: free,
+                    instances: 1,
                 }),
             }
         }

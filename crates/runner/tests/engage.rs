@@ -1168,6 +1168,7 @@ async fn watch_state_reports_calls_warm_functions_and_the_drain() {
             app: "demo".into(),
             function: "hello".into(),
             idle_slots: 1,
+            instances: 1,
         }]
     );
 

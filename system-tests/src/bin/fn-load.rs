@@ -774,6 +774,8 @@ struct ZipfRow {
     refusals: f64,
     /// Instances the runners started.
     instances_started: f64,
+    /// Mean cold start as the LB saw it (`Server-Timing` `start`).
+    mean_cold_start: Option<Duration>,
 }
 
 /// `--workload zipf`: the placement workload once per placer, each on a fresh cluster, then
@@ -831,7 +833,12 @@ async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> 
             call_bound: CALL_BOUND,
         })
         .await?;
-        let refusals = attempts(&metrics::scrape(&lb_metrics).await?) - before;
+        let after = metrics::scrape(&lb_metrics).await?;
+        let refusals = attempts(&after) - before;
+        let starts = metrics::sum(&after, "fn_lb_cold_start_seconds_count");
+        let mean_cold_start = (starts > 0.0).then(|| {
+            Duration::from_secs_f64(metrics::sum(&after, "fn_lb_cold_start_seconds_sum") / starts)
+        });
         let mut instances_started = 0.0;
         for runner in &cluster.runners {
             let address = runner
@@ -848,6 +855,7 @@ async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> 
             outcome,
             refusals,
             instances_started,
+            mean_cold_start,
         });
     }
 
@@ -873,20 +881,24 @@ async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> 
         args.zipf_s
     ));
     report.note(
-        "| placer | calls/s | cold starts per 1,000 calls | instances started | refusals per call | p50 | p99 | errors |"
+        "| placer | calls/s | cold starts per 1,000 calls | the hottest's, per 1,000 of its calls | mean cold start | instances started | refusals per call | p50 | p99 | errors |"
             .to_owned(),
     );
-    report.note("|---|---:|---:|---:|---:|---:|---:|---:|".to_owned());
+    report.note("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|".to_owned());
     let mut failed = 0;
     for row in &rows {
         let ledger = &row.outcome.ledger;
         let calls = ledger.sent_count().max(1) as f64;
         failed += ledger.error_count();
+        let hottest = |v: &[u64]| v.first().copied().unwrap_or(0) as f64;
         report.note(format!(
-            "| {} | {:.0} | {:.1} | {:.0} | {:.3} | {} | {} | {} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {} | {:.0} | {:.3} | {} | {} | {} |",
             row.placer,
             ledger.sent_count() as f64 / row.outcome.elapsed.as_secs_f64(),
             row.outcome.cold_starts as f64 * 1000.0 / calls,
+            hottest(&row.outcome.cold_per_function) * 1000.0
+                / hottest(&row.outcome.per_function).max(1.0),
+            ms(row.mean_cold_start),
             row.instances_started,
             row.refusals / calls,
             ms(ledger.quantile(0.50)),
