@@ -36,7 +36,7 @@ struct Cli {
     /// Placement policy: naive (round-robin), ch (consistent hash) or warm (the ch ring,
     /// reordered by what the runners report: warm instances first, full runners skipped,
     /// loads bounded).
-    #[arg(long, env = "FN_PLACER", default_value = "ch")]
+    #[arg(long, env = "FN_PLACER", default_value = "warm")]
     placer: PlacerKind,
     /// The warm placer's ε: a runner may carry up to (1 + ε) times the group's mean calls
     /// in flight before its excess goes to the next runners of the ring (0 to 10).

@@ -180,7 +180,7 @@ struct Args {
     #[arg(long, default_value = "uniform", value_parser = parse_mix)]
     payload: Mix,
     /// The lb-agent's placer (echo workload).
-    #[arg(long, default_value = "ch", value_parser = ["naive", "ch", "warm"])]
+    #[arg(long, default_value = "warm", value_parser = ["naive", "ch", "warm"])]
     placer: String,
     /// `echo` (calls of one echo function, by payload size) or `zipf` (the placement
     /// workload: `--functions` functions of skewed popularity, run once per placer of
