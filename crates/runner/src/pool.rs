@@ -12,8 +12,16 @@
 //! [`Pool::admit`] is an atomic check-and-reserve under one short lock (never held across an
 //! await): a running instance of the same [`InstanceSpec`] with a free slot is used (busy ones
 //! first, so calls pack onto few instances); otherwise the call's memory is reserved, evicting
-//! idle instances least recently used first when that makes room; a call that would not fit
+//! idle instances lowest priority first when that makes room; a call that would not fit
 //! even with every idle instance gone is refused as busy and evicts nothing.
+//!
+//! **Eviction order** is Greedy-Dual with frequency, as FaasCache (Fuerst and Sharma, ASPLOS
+//! 2021) keeps functions warm: each call sets its instance's priority to the pool's clock plus
+//! the calls its function has had while it held instances here, and an eviction takes the
+//! idle instance of lowest priority (the least recently used of equals) and moves the clock
+//! up to it. A function called often keeps its instances through bursts of rare ones, and an
+//! instance no call has used for long still ages out, where least-recently-used evicts the
+//! instance of a popular function that happened to finish first.
 //!
 //! A new instance is in the pool from the moment its memory is reserved, *starting*: calls
 //! that arrive while it starts join it (up to its concurrency) and wait for it instead of
@@ -118,6 +126,10 @@ struct HotInstance {
     retired: bool,
     /// When its last call ended (meaningful while idle).
     last_used: Instant,
+    /// Calls admitted to it.
+    uses: u64,
+    /// Its eviction priority, set at each call: see the module docs.
+    priority: u64,
 }
 
 impl HotInstance {
@@ -157,6 +169,8 @@ struct State {
     calls_in_flight: u64,
     instances_started: u64,
     next_id: u64,
+    /// The eviction clock: the priority of the last instance evicted.
+    clock: u64,
     /// Every instance, starting or running. A handful per function: scans are cheap.
     hot: Vec<HotInstance>,
 }
@@ -172,17 +186,31 @@ impl State {
         taken
     }
 
-    /// Removes the least recently used idle instance.
-    fn evict_lru(&mut self) -> Option<HotInstance> {
+    /// The priority a call of `spec`'s function gives its instance: the clock plus the
+    /// calls of the function while it held instances here, this one included.
+    fn priority(&self, spec: &InstanceSpec) -> u64 {
+        let calls: u64 = self
+            .hot
+            .iter()
+            .filter(|h| h.spec.app == spec.app && h.spec.function == spec.function)
+            .map(|h| h.uses)
+            .sum();
+        self.clock.saturating_add(calls).saturating_add(1)
+    }
+
+    /// Removes the idle instance of lowest priority, the least recently used of equals, and
+    /// moves the clock up to its priority.
+    fn evict_one(&mut self) -> Option<HotInstance> {
         let pos = self
             .hot
             .iter()
             .enumerate()
             .filter(|(_, h)| h.idle_running())
-            .min_by_key(|(_, h)| h.last_used)
+            .min_by_key(|(_, h)| (h.priority, h.last_used))
             .map(|(pos, _)| pos)?;
         let old = self.hot.swap_remove(pos);
         self.idle_mb -= old.spec.memory_mb;
+        self.clock = self.clock.max(old.priority);
         Some(old)
     }
 }
@@ -312,6 +340,7 @@ impl Pool {
             if self.draining.load(Ordering::Acquire) {
                 return Err(Refusal::Draining);
             }
+            let priority = st.priority(&spec);
             // Busy instances with room first, then the most recently used idle one.
             let hot = st
                 .hot
@@ -324,6 +353,8 @@ impl Pool {
                     st.committed_mb += needed_mb;
                 }
                 hot.calls += 1;
+                hot.uses += 1;
+                hot.priority = priority;
                 st.calls_in_flight += 1;
                 Ok((hot.id, hot.running().is_some()))
             } else {
@@ -333,7 +364,7 @@ impl Pool {
                 while fits_after_eviction
                     && st.committed_mb + st.idle_mb + needed_mb > self.total_mb
                 {
-                    match st.evict_lru() {
+                    match st.evict_one() {
                         Some(old) => evicted.push(old),
                         None => break,
                     }
@@ -356,6 +387,9 @@ impl Pool {
                         calls: 1,
                         retired: false,
                         last_used: Instant::now(),
+                        uses: 1,
+                        // Counted after the evictions, which may have moved the clock.
+                        priority: st.priority(&spec),
                     });
                     Ok((id, false))
                 } else {
@@ -762,6 +796,52 @@ mod tests {
         assert_eq!(driver.killed(), 1);
         let again = pool.admit(spec("new", 128)).expect("new still hot");
         assert!(again.reused());
+    }
+
+    #[tokio::test]
+    async fn a_frequently_called_function_keeps_its_instance_over_a_more_recent_rare_one() {
+        let (pool, driver) = pool(256);
+        let run = |f: &'static str| {
+            let pool = Arc::clone(&pool);
+            async move {
+                let mut r = pool.admit(spec(f, 128)).expect("fits");
+                r.instance(f).await.expect("starts");
+                r.finish_ok();
+            }
+        };
+        for _ in 0..5 {
+            run("popular").await;
+        }
+        run("rare").await; // used last
+        // A third function needs 128 MB: least-recently-used would take "popular".
+        run("third").await;
+        assert_eq!(driver.killed(), 1);
+        assert!(pool.admit(spec("popular", 128)).expect("hot").reused());
+        drop(pool);
+    }
+
+    #[tokio::test]
+    async fn an_instance_no_call_uses_ages_out_of_its_priority() {
+        let (pool, driver) = pool(256);
+        let run = |f: &'static str| {
+            let pool = Arc::clone(&pool);
+            async move {
+                let mut r = pool.admit(spec(f, 128)).expect("fits");
+                r.instance(f).await.expect("starts");
+                r.finish_ok();
+            }
+        };
+        for _ in 0..3 {
+            run("once-popular").await;
+        }
+        // One-off functions, one after another, each evicting the other's instance: every
+        // eviction moves the clock up, until the old favourite is the lowest.
+        for f in ["a", "b", "c", "d", "e"] {
+            run(f).await;
+        }
+        assert!(driver.killed() >= 4);
+        let again = pool.admit(spec("once-popular", 128)).expect("fits");
+        assert!(!again.reused(), "it aged out");
     }
 
     #[tokio::test]
