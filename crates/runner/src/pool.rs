@@ -798,46 +798,36 @@ mod tests {
         assert!(again.reused());
     }
 
+    /// One 128 MB call of `function`, from admission to a clean finish.
+    async fn run_once(pool: &Arc<Pool>, function: &str) {
+        let mut r = pool.admit(spec(function, 128)).expect("fits");
+        r.instance(function).await.expect("starts");
+        r.finish_ok();
+    }
+
     #[tokio::test]
     async fn a_frequently_called_function_keeps_its_instance_over_a_more_recent_rare_one() {
         let (pool, driver) = pool(256);
-        let run = |f: &'static str| {
-            let pool = Arc::clone(&pool);
-            async move {
-                let mut r = pool.admit(spec(f, 128)).expect("fits");
-                r.instance(f).await.expect("starts");
-                r.finish_ok();
-            }
-        };
         for _ in 0..5 {
-            run("popular").await;
+            run_once(&pool, "popular").await;
         }
-        run("rare").await; // used last
+        run_once(&pool, "rare").await; // used last
         // A third function needs 128 MB: least-recently-used would take "popular".
-        run("third").await;
+        run_once(&pool, "third").await;
         assert_eq!(driver.killed(), 1);
         assert!(pool.admit(spec("popular", 128)).expect("hot").reused());
-        drop(pool);
     }
 
     #[tokio::test]
     async fn an_instance_no_call_uses_ages_out_of_its_priority() {
         let (pool, driver) = pool(256);
-        let run = |f: &'static str| {
-            let pool = Arc::clone(&pool);
-            async move {
-                let mut r = pool.admit(spec(f, 128)).expect("fits");
-                r.instance(f).await.expect("starts");
-                r.finish_ok();
-            }
-        };
         for _ in 0..3 {
-            run("once-popular").await;
+            run_once(&pool, "once-popular").await;
         }
         // One-off functions, one after another, each evicting the other's instance: every
         // eviction moves the clock up, until the old favourite is the lowest.
         for f in ["a", "b", "c", "d", "e"] {
-            run(f).await;
+            run_once(&pool, f).await;
         }
         assert!(driver.killed() >= 4);
         let again = pool.admit(spec("once-popular", 128)).expect("fits");
