@@ -106,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-threads", type=int, default=None,
                    help="FN_WORKER_THREADS of lb-agent and pure-runner (default: unset, so each "
                         "uses all CPUs)")
+    p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
+                   help="FN_PLACER of lb-agent (default: unset, so the lb-agent's default)")
     p.add_argument("--insecure", action="store_true",
                    help="run lb-agent -> pure-runner with FN_INSECURE=true (plaintext gRPC) to "
                         "measure what mutual TLS costs; never a deployment setting")
@@ -685,6 +687,7 @@ idle_timeout = "30m"
             "FN_FUNCTIONS_FILE": str(catalog),
             "FN_LOG_LEVEL": "warn",
             "FN_SHUTDOWN_TIMEOUT": "3s",
+            **({"FN_PLACER": self.args.placer} if self.args.placer else {}),
             **self.threads_env(),
         }), self.logs / "lb-agent.log")
         self.pids["lb-agent"] = lb.pid
@@ -1028,7 +1031,8 @@ def main(argv: list[str]) -> int:
     p(f"  lb: the functions' catalog concurrency is {args.fn_concurrency} (calls one instance "
       "takes at once; 1 = one instance per concurrent call); FN_WORKER_THREADS of lb-agent and "
       f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}; gRPC between them: "
-      f"{'PLAINTEXT (--insecure)' if args.insecure else 'mutual TLS'}.")
+      f"{'PLAINTEXT (--insecure)' if args.insecure else 'mutual TLS'}; placer: "
+      f"{args.placer or 'the default'}.")
     p("  RPS = 2xx responses / wall time of the round (oha -z, calls in flight at the end "
       f"{'waited for' if oha.wait_flag else 'aborted'}); p50/p99 from oha; "
       "failed = non-2xx + transport errors.")
