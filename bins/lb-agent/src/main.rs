@@ -12,8 +12,8 @@ use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_nodepool::{
-    Advertiser, CapacityTracker, ClientConfig, EjectionMetrics, NpmPool, ReportSignal, RunnerPool,
-    StaticPool,
+    Advertiser, CapacityTracker, ClientConfig, EjectionMetrics, NpmPool, ReportMetrics,
+    ReportSignal, RunnerPool, StaticPool,
 };
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
@@ -192,6 +192,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         ejection_metrics: EjectionMetrics::register(&mut registry),
         watch_reports: cli.placer == PlacerKind::Warm,
         report_signal: report_signal.clone(),
+        report_metrics: ReportMetrics::register(&mut registry),
         ..ClientConfig::default()
     };
     let capacity = CapacityTracker::new();

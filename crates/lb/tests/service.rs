@@ -1487,6 +1487,7 @@ async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, 
     for (runner, state) in runners.iter().zip(reports) {
         runner.report_state(state);
     }
+    let report_metrics = fn_nodepool::ReportMetrics::default();
     // The LB's list is in the original order, so the ring puts `runners[0]` first.
     let mut listed: Vec<&str> = vec![""; 3];
     for (pos, &idx) in ring.iter().enumerate() {
@@ -1500,6 +1501,7 @@ async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, 
             placer_timeout: Duration::from_secs(2),
             client: ClientConfig {
                 watch_reports: true,
+                report_metrics: report_metrics.clone(),
                 ..ClientConfig::default()
             },
             ..Options::default()
@@ -1516,6 +1518,8 @@ async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, 
         assert!(Instant::now() < deadline, "no reports within {BOUND:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert_eq!(report_metrics.streams(), 3, "one report stream per runner");
+    assert!(report_metrics.reports() >= 3);
     (runners, lb)
 }
 

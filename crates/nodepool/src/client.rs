@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::reports::{OfferedCall, ReportSignal, Reports};
+use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports};
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -66,6 +66,8 @@ pub struct ClientConfig {
     pub watch_reports: bool,
     /// Woken by every report of every client built with this configuration.
     pub report_signal: ReportSignal,
+    /// Where reports and report streams are counted.
+    pub report_metrics: ReportMetrics,
 }
 
 impl Default for ClientConfig {
@@ -81,6 +83,7 @@ impl Default for ClientConfig {
             ejection_metrics: EjectionMetrics::default(),
             watch_reports: false,
             report_signal: ReportSignal::default(),
+            report_metrics: ReportMetrics::default(),
         }
     }
 }
@@ -231,6 +234,7 @@ impl RunnerClient {
                         client.client.clone(),
                         Arc::clone(&client.reports),
                         Backoff::new(client.config.probe_initial, client.config.probe_max),
+                        client.config.report_metrics.clone(),
                         client.cancel.clone(),
                     ));
                 }
@@ -477,6 +481,7 @@ async fn watch_reports(
     mut client: RunnerProtocolClient<Channel>,
     reports: Arc<Reports>,
     mut backoff: Backoff,
+    metrics: ReportMetrics,
     cancel: CancellationToken,
 ) {
     loop {
@@ -487,6 +492,7 @@ async fn watch_reports(
         match opened {
             Ok(stream) => {
                 tracing::debug!(runner = %address, "runner report stream open");
+                let _open = metrics.stream_open();
                 let mut stream = stream.into_inner();
                 loop {
                     let next = tokio::select! {
@@ -495,6 +501,7 @@ async fn watch_reports(
                     };
                     match next {
                         Ok(Some(state)) => {
+                            metrics.received();
                             reports.update(state);
                             backoff.reset();
                         }

@@ -32,6 +32,59 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3);
 /// far fewer instances than this).
 const MAX_WARM_FUNCTIONS: usize = 65_536;
 
+/// `fn_lb_runner_reports_total` and `fn_lb_runner_report_streams`, shared by every client
+/// of an LB (clones share the values): whether the `warm` placer hears from the runners.
+#[derive(Debug, Clone, Default)]
+pub struct ReportMetrics {
+    reports: prometheus_client::metrics::counter::Counter,
+    streams: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ReportMetrics {
+    /// Metrics registered in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = ReportMetrics::default();
+        registry.register(
+            "fn_lb_runner_reports",
+            "Reports received from runners (WatchState), for the warm placer",
+            metrics.reports.clone(),
+        );
+        registry.register(
+            "fn_lb_runner_report_streams",
+            "Runners whose report stream (WatchState) is open now",
+            metrics.streams.clone(),
+        );
+        metrics
+    }
+
+    /// Reports received so far.
+    pub fn reports(&self) -> u64 {
+        self.reports.get()
+    }
+
+    /// Report streams open now.
+    pub fn streams(&self) -> i64 {
+        self.streams.get()
+    }
+
+    /// Counts a report.
+    pub(crate) fn received(&self) {
+        self.reports.inc();
+    }
+
+    /// Counts an open stream until the returned guard drops.
+    pub(crate) fn stream_open(&self) -> impl Drop + use<> {
+        struct Open(prometheus_client::metrics::gauge::Gauge);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.streams.inc();
+        Open(self.streams.clone())
+    }
+}
+
 /// A call as [`Reports::finished`] counts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferedCall {
