@@ -46,6 +46,17 @@ pub const MAX_WARM_WAIT: Duration = Duration::from_secs(1);
 /// that those instances are warm for go first.
 pub const COLD_DEFER: Duration = Duration::from_millis(1);
 
+/// What a call does with a pass ranked from reports; see [`Dispatcher::hold`].
+enum Hold {
+    /// Offer the call to the ranked runners now.
+    Offer,
+    /// Wait for the next report, at most until then (never past the placer deadline), for
+    /// a warm instance.
+    ForWarm(Instant),
+    /// Let calls a freed instance is warm for go first, for [`COLD_DEFER`].
+    Defer,
+}
+
 /// One pass's runner indices: the placer's ring order, or its ranking from reports.
 enum Pass {
     Ring(Order),
@@ -159,6 +170,46 @@ impl Dispatcher {
         }
     }
 
+    /// Whether a call whose pass is `ranked` from `views` offers it now, or holds back for a
+    /// warm instance (see the module docs). `waiting`: the call's last pass found no runner
+    /// able to take it; `evicting_since`: when it first could only have started an instance
+    /// by evicting, set here.
+    fn hold(
+        &self,
+        key: &PlacementKey,
+        views: &[RunnerView],
+        ranked: &[usize],
+        waiting: bool,
+        evicting_since: &mut Option<Instant>,
+        deadline: Instant,
+    ) -> Hold {
+        let evicts_first = ranked.first().and_then(|&i| views.get(i)).is_some_and(
+            |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
+        );
+        if !evicts_first {
+            return Hold::Offer;
+        }
+        let since = *evicting_since.get_or_insert_with(Instant::now);
+        let instances: u32 = views
+            .iter()
+            .map(|view| match view {
+                RunnerView::Known(load) => load.instances,
+                RunnerView::Unknown => 0,
+            })
+            .sum();
+        let wait = self.cold_starts.expected(key, self.config.warm_wait);
+        let until = (since + wait.min(MAX_WARM_WAIT)).min(deadline);
+        if instances > 0 && Instant::now() < until {
+            // Its function runs elsewhere, busy: one of those instances is likely to free
+            // up before a new one would have started.
+            Hold::ForWarm(until)
+        } else if waiting {
+            Hold::Defer
+        } else {
+            Hold::Offer
+        }
+    }
+
     /// A call of `app`/`function` waited `took` for its new instance to start: how long the
     /// next calls of the function wait for a warm instance follows it.
     pub fn observe_cold_start(&self, app: &str, function: &str, took: Duration) {
@@ -208,38 +259,29 @@ impl Dispatcher {
                     .map(|r| r.reports().view(&call.app, &call.function, call.memory_mb))
                     .collect();
                 let ranked = self.placer.rank(&key, &views);
-                let evicts_first = ranked.first().and_then(|&i| views.get(i)).is_some_and(
-                    |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
+                let hold = self.hold(
+                    &key,
+                    &views,
+                    &ranked,
+                    waiting,
+                    &mut evicting_since,
+                    deadline,
                 );
-                let instances: u32 = views
-                    .iter()
-                    .map(|view| match view {
-                        RunnerView::Known(load) => load.instances,
-                        RunnerView::Unknown => 0,
-                    })
-                    .sum();
-                let warm_until = evicts_first.then(|| {
-                    let since = *evicting_since.get_or_insert_with(Instant::now);
-                    let wait = self.cold_starts.expected(&key, self.config.warm_wait);
-                    (since + wait.min(MAX_WARM_WAIT)).min(deadline)
-                });
-                if let Some(warm_until) = warm_until
-                    && instances > 0
-                    && Instant::now() < warm_until
-                {
-                    // Its function runs elsewhere, busy: one of those instances is likely
-                    // to free up before a new one would have started.
-                    tokio::select! {
-                        () = report => {}
-                        () = tokio::time::sleep_until(warm_until) => {}
+                match hold {
+                    Hold::Offer => {}
+                    Hold::ForWarm(until) => {
+                        tokio::select! {
+                            () = report => {}
+                            () = tokio::time::sleep_until(until) => {}
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                if waiting && evicts_first {
-                    waiting = false;
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tokio::time::sleep(COLD_DEFER.min(left)).await;
-                    continue;
+                    Hold::Defer => {
+                        waiting = false;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(COLD_DEFER.min(left)).await;
+                        continue;
+                    }
                 }
                 Pass::Ranked(ranked.into_iter())
             } else {

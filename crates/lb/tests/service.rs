@@ -58,6 +58,7 @@ struct Options {
     max_request_body: u64,
     client: ClientConfig,
     limits: ClientLimits,
+    warm_wait: Duration,
 }
 
 impl Default for Options {
@@ -68,6 +69,7 @@ impl Default for Options {
             max_request_body: 1024 * 1024,
             client: ClientConfig::default(),
             limits: ClientLimits::default(),
+            warm_wait: DispatchConfig::default().warm_wait,
         }
     }
 }
@@ -104,6 +106,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         DispatchConfig {
             placer_timeout: options.placer_timeout,
             report_signal: options.client.report_signal.clone(),
+            warm_wait: options.warm_wait,
             ..DispatchConfig::default()
         },
     );
@@ -1475,6 +1478,15 @@ fn report(free_mb: u64, in_flight: u64, warm: bool) -> RunnerState {
 /// what `reports` gives for its ring position, and an LB with the warm placer that has
 /// received every report.
 async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, Lb) {
+    warm_lb_waiting(pki, reports, DispatchConfig::default().warm_wait).await
+}
+
+/// [`warm_lb`] with the dispatcher's `warm_wait`.
+async fn warm_lb_waiting(
+    pki: &TestPki,
+    reports: [RunnerState; 3],
+    warm_wait: Duration,
+) -> (Vec<FakeRunner>, Lb) {
     let runners = fakes(pki, &[Behaviour::Echo; 3]).await;
     let ring: Vec<usize> = ConsistentHashPlacer::new()
         .order(&PlacementKey::new("demo", "echo"), runners.len())
@@ -1498,7 +1510,8 @@ async fn warm_lb(pki: &TestPki, reports: [RunnerState; 3]) -> (Vec<FakeRunner>, 
         &listed,
         Options {
             placer: Arc::new(WarmPlacer::new(0.25)),
-            placer_timeout: Duration::from_secs(2),
+            placer_timeout: Duration::from_secs(5),
+            warm_wait,
             client: ClientConfig {
                 watch_reports: true,
                 report_metrics: report_metrics.clone(),
@@ -1636,4 +1649,63 @@ async fn warm_placer_waits_for_a_report_with_room_instead_of_asking_full_runners
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
     assert!(runners[0].seen().is_empty() && runners[2].seen().is_empty());
+}
+
+/// A call whose function has busy instances, and which could start a new one only by
+/// evicting, waits for one of its own to free up (here: a report showing one warm) instead
+/// of evicting at once; a call of a function with no instance anywhere does not wait.
+#[tokio::test]
+async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
+    let pki = TestPki::new();
+    // Every runner is full of idle instances of other functions (evicting fits), and
+    // runner 1 runs demo/echo's one instance, busy.
+    let full_of_idle = || RunnerState {
+        capacity_idle_mb: 1024,
+        ..report(1024, 0, false)
+    };
+    let busy_echo = RunnerState {
+        calls_in_flight: 1,
+        warm: vec![WarmFunction {
+            app: "demo".into(),
+            function: "echo".into(),
+            idle_slots: 0,
+            instances: 1,
+        }],
+        ..full_of_idle()
+    };
+    let (runners, lb) = warm_lb_waiting(
+        &pki,
+        [full_of_idle(), busy_echo, full_of_idle()],
+        Duration::from_secs(3),
+    )
+    .await;
+
+    let started = Instant::now();
+    let quick = post(&lb, "/r/demo/quick", "no instance anywhere").await;
+    assert_eq!(quick.status, StatusCode::OK, "{quick:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no wait: {:?}",
+        started.elapsed()
+    );
+
+    let address = lb.address.clone();
+    let call = tokio::spawn(async move {
+        send(&address, request(Method::POST, "/r/demo/echo", "patient")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        runners
+            .iter()
+            .all(|r| !r.seen().iter().any(|c| c.function == "echo")),
+        "nobody is asked while its instance is busy"
+    );
+    // Its instance frees up.
+    runners[1].report_state(report(1024, 0, true));
+    let reply = tokio::time::timeout(BOUND, call)
+        .await
+        .expect("placed")
+        .expect("joined");
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), runners[1].name());
 }
