@@ -30,7 +30,8 @@ pub struct Setup {
     pub runners: usize,
     /// Each runner's `FN_MAX_MEMORY_MB`.
     pub runner_memory_mb: u64,
-    /// `FN_PLACER` of the lb-agent.
+    /// `FN_PLACER` of the lb-agent: `warm` unless a test needs another (the lb-agent's own
+    /// default, so that the system tests run what a deployment runs).
     pub placer: String,
     /// The function catalog (TOML).
     pub catalog: String,
@@ -54,7 +55,7 @@ impl Default for Setup {
         Setup {
             runners: 3,
             runner_memory_mb: 512,
-            placer: "ch".into(),
+            placer: "warm".into(),
             catalog: String::new(),
             max_request_body: None,
             npm: false,
