@@ -1632,20 +1632,7 @@ async fn warm_placer_waits_for_a_report_with_room_instead_of_asking_full_runners
         ],
     )
     .await;
-    let address = lb.address.clone();
-    let call = tokio::spawn(async move {
-        send(&address, request(Method::POST, "/r/demo/echo", "patient")).await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        runners.iter().all(|r| r.seen().is_empty()),
-        "nobody is asked"
-    );
-    runners[1].report_state(report(512, 7, false));
-    let reply = tokio::time::timeout(BOUND, call)
-        .await
-        .expect("placed")
-        .expect("joined");
+    let reply = held_call(&lb, &runners, report(512, 7, false)).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
     assert!(runners[0].seen().is_empty() && runners[2].seen().is_empty());
@@ -1689,6 +1676,15 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
         started.elapsed()
     );
 
+    // Its instance frees up.
+    let reply = held_call(&lb, &runners, report(1024, 0, true)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), runners[1].name());
+}
+
+/// A `demo/echo` call that the warm placer holds back: after 300 ms no runner has seen an
+/// echo call; then runner 1 reports `freed`, and the call's reply comes within [`BOUND`].
+async fn held_call(lb: &Lb, runners: &[FakeRunner], freed: RunnerState) -> Reply {
     let address = lb.address.clone();
     let call = tokio::spawn(async move {
         send(&address, request(Method::POST, "/r/demo/echo", "patient")).await
@@ -1698,14 +1694,11 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
         runners
             .iter()
             .all(|r| !r.seen().iter().any(|c| c.function == "echo")),
-        "nobody is asked while its instance is busy"
+        "nobody is asked while the call is held"
     );
-    // Its instance frees up.
-    runners[1].report_state(report(1024, 0, true));
-    let reply = tokio::time::timeout(BOUND, call)
+    runners[1].report_state(freed);
+    tokio::time::timeout(BOUND, call)
         .await
         .expect("placed")
-        .expect("joined");
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    assert_eq!(reply.header("x-fake-runner"), runners[1].name());
+        .expect("joined")
 }
