@@ -7,6 +7,10 @@
 
 pub mod process;
 
+mod http_stream;
+mod output;
+mod socket;
+
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};

@@ -13,8 +13,10 @@
 //! - `command`: resolving and vetting the program, [`FunctionUser`];
 //! - `cgroup`: detecting memory-limit support and per-instance memory cgroups;
 //! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
-//! - `http_stream`: the pure header/status translation of the contract;
-//! - `output`: bounded line logging of the function's stdout and stderr.
+//!
+//! Shared with the other drivers (in `driver`): `socket` (calls over the instance's socket,
+//! waiting for its listener), `http_stream` (the contract's header translation) and `output`
+//! (bounded line logging of the function's stdout and stderr).
 //!
 //! Security model (function code is untrusted): the program must be an executable regular file
 //! inside the functions directory (after resolving symlinks); the child gets a cleared
@@ -27,17 +29,14 @@
 
 mod cgroup;
 mod command;
-mod http_stream;
 mod instance;
-mod output;
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fn_lifecycle::retry::Backoff;
 use futures::future::BoxFuture;
 use tokio::process::Command;
 
@@ -45,9 +44,10 @@ pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
 pub use command::{FunctionUser, FunctionUsers, UidRange};
 pub use instance::ProcessInstance;
 
+use super::output::Labels;
+use super::socket::{remove_instance_dir, wait_for_listener};
 use super::{Driver, DriverError, Instance, InstanceSpec};
-use instance::{Spawned, remove_instance_dir};
-use output::Labels;
+use instance::Spawned;
 
 /// The shell that wraps every function process; see [`WRAPPER_SCRIPT`].
 const WRAPPER_SHELL: &str = "/bin/sh";
@@ -388,7 +388,10 @@ impl ProcessDriver {
             "function instance started"
         );
 
-        wait_for_listener(&instance, start_timeout).await?;
+        if let Err(e) = wait_for_listener(instance.client(), start_timeout).await {
+            instance.kill();
+            return Err(e);
+        }
         Ok(instance)
     }
 
@@ -590,52 +593,6 @@ impl Driver for ProcessDriver {
             Ok(Box::new(instance) as Box<dyn Instance>)
         })
     }
-}
-
-/// Polls for the listener socket with short, growing pauses, until it appears, the process
-/// exits, or `start_timeout` passes. There is no event to await for "a file appeared" that
-/// works for symlinks created by another user, so this is a bounded poll; process exit is
-/// awaited as an event.
-async fn wait_for_listener(
-    instance: &ProcessInstance,
-    start_timeout: Duration,
-) -> Result<(), DriverError> {
-    let started = Instant::now();
-    let deadline = started + start_timeout;
-    let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
-    let mut exit = instance.exit_watch();
-    loop {
-        if let Some(status) = exit.borrow().as_ref() {
-            return Err(DriverError::Start(format!(
-                "{} before opening its listener",
-                status
-            )));
-        }
-        if is_socket(instance.socket_path()) {
-            tracing::debug!(
-                instance = %instance.id(),
-                after = ?started.elapsed(),
-                "function listener is up"
-            );
-            return Ok(());
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            instance.kill();
-            return Err(DriverError::Start(format!(
-                "did not open its listener within {start_timeout:?}"
-            )));
-        }
-        tokio::select! {
-            // A closed channel means the reaper is gone; the next turn sees the exit.
-            _ = exit.changed() => {}
-            () = tokio::time::sleep(backoff.next_delay().min(deadline - now)) => {}
-        }
-    }
-}
-
-fn is_socket(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// Creates the socket root (mode `0711` when this creates it), checks it, and returns its

@@ -11,59 +11,30 @@
 //! — the instance is dropped, or the runner dies — the wrapper's watchdog kills the process
 //! group, so functions never outlive their runner as orphans.
 //!
-//! Calls go over one HTTP/1 connection to the instance's socket, made on the first call and
-//! reused while it stays open; a closed connection is replaced on the next call.
+//! Calls go over the instance's socket through the drivers' shared [`SocketClient`].
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{Stream, StreamExt};
-use http::Request;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::cgroup::InstanceCgroup;
-use super::http_stream;
-use super::output::{self, Labels, Stream as OutputStream};
+use crate::driver::output::{self, Labels, Stream as OutputStream};
+use crate::driver::socket::{Liveness, SocketClient, remove_instance_dir};
 use crate::driver::{BodyStream, DriverError, FunctionRequest, FunctionResponse, Instance};
-
-/// How long a failed call waits for the process to be reaped before deciding the function
-/// misbehaved rather than died. The exit is awaited as an event; this only bounds the wait.
-const REAP_GRACE: Duration = Duration::from_millis(500);
-
-/// How long a kept connection may take to become ready for the next request before it is
-/// replaced by a new one.
-const READY_TIMEOUT: Duration = Duration::from_secs(1);
-/// Most bytes read ahead from a function's connection. Answers leave in chunks of at most
-/// this size and each is held until the LB's stream takes it; hyper's default (about
-/// 400 KiB) multiplies memory by the calls in flight for no throughput (the LB's client
-/// side measured the same).
-const FUNCTION_READ_BUFFER: usize = 64 * 1024;
-
-/// The request body type sent to functions: the LB's chunks as they arrive.
-type CallBody =
-    StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>>>;
 
 /// How the process ended.
 #[derive(Debug, Clone)]
-pub(super) enum Exit {
+enum Exit {
     Status(ExitStatus),
     /// `wait` itself failed; the process is treated as gone.
     Unknown(String),
@@ -104,14 +75,11 @@ struct Shared {
     labels: Arc<Labels>,
     pid: u32,
     dir: PathBuf,
-    socket: PathBuf,
     cgroup: Option<InstanceCgroup>,
-    /// Set by [`Instance::kill`]; the instance is no longer alive from then on.
-    killed: AtomicBool,
+    /// Killed by the runner, and how the process ended once it has been reaped.
+    liveness: Arc<Liveness>,
     /// Asks the reaper to kill the process group.
     kill: CancellationToken,
-    /// `Some` once the process has been reaped.
-    exit: watch::Receiver<Option<Exit>>,
     /// Cancelled when the reaper has finished cleaning up (cgroup and directory removed).
     gone: CancellationToken,
 }
@@ -119,10 +87,7 @@ struct Shared {
 /// A function instance running as a child process. Killed when dropped.
 pub struct ProcessInstance {
     shared: Arc<Shared>,
-    /// Kept connections, one per call the instance may run at once (`concurrency`). A call
-    /// takes one out for its round trip to the response head and puts it back.
-    conns: std::sync::Mutex<Vec<SendRequest<CallBody>>>,
-    concurrency: usize,
+    client: SocketClient,
     /// Held for the instance's lifetime: when it closes (the instance is dropped, or the
     /// runner dies) the wrapper's watchdog kills the process group.
     lifeline: Option<ChildStdin>,
@@ -177,23 +142,25 @@ impl ProcessInstance {
             ));
         }
 
-        let (exit_tx, exit) = watch::channel(None);
+        let (liveness, exit_tx) = Liveness::new();
         let shared = Arc::new(Shared {
-            labels,
+            labels: labels.clone(),
             pid,
             dir,
-            socket,
             cgroup,
-            killed: AtomicBool::new(false),
+            liveness: liveness.clone(),
             kill: CancellationToken::new(),
-            exit,
             gone: CancellationToken::new(),
         });
         tokio::spawn(reap(child, exit_tx, shared.clone()));
         let instance = ProcessInstance {
             shared,
-            conns: std::sync::Mutex::new(Vec::new()),
-            concurrency: usize::try_from(concurrency.max(1)).unwrap_or(1),
+            client: SocketClient::new(
+                socket,
+                labels.instance.as_str().into(),
+                liveness,
+                concurrency,
+            ),
             lifeline,
         };
         if let Some(e) = join_error {
@@ -225,7 +192,7 @@ impl ProcessInstance {
 
     /// The listener socket path (`<dir>/lsnr.sock`).
     pub fn socket_path(&self) -> &Path {
-        &self.shared.socket
+        self.client.socket()
     }
 
     /// The instance's memory cgroup, when limits are enforced.
@@ -238,130 +205,8 @@ impl ProcessInstance {
         self.shared.gone.cancelled().await;
     }
 
-    pub(super) fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
-        self.shared.exit.clone()
-    }
-
-    /// Classifies a transport failure: `Crashed` when the process has exited (waiting
-    /// briefly for it to be reaped), else `Function`.
-    async fn failure(shared: &Shared, what: &str, error: impl fmt::Display) -> DriverError {
-        let mut exit = shared.exit.clone();
-        let reaped = tokio::time::timeout(REAP_GRACE, exit.wait_for(Option::is_some))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|exit| exit.clone());
-        match reaped {
-            Some(_) if shared.killed.load(Ordering::SeqCst) => {
-                DriverError::Crashed(format!("killed by the runner ({what}: {error})"))
-            }
-            Some(exit) => DriverError::Crashed(exit.to_string()),
-            None => DriverError::Function(format!("{what}: {error}")),
-        }
-    }
-
-    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<CallBody>>> {
-        self.conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A kept connection that is free for a call, else a new one. A one-call instance
-    /// waits (briefly) for its one connection to finish the previous answer; an instance
-    /// that takes several calls opens another connection instead of queueing behind one.
-    async fn connection(&self) -> Result<SendRequest<CallBody>, DriverError> {
-        let candidate = {
-            let mut kept = self.kept();
-            kept.retain(|sender| !sender.is_closed());
-            match kept.iter().position(SendRequest::is_ready) {
-                Some(pos) => Some(kept.swap_remove(pos)),
-                None if self.concurrency == 1 => kept.pop(),
-                None => None,
-            }
-        };
-        if let Some(mut sender) = candidate
-            && matches!(
-                tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
-                Ok(Ok(()))
-            )
-        {
-            return Ok(sender);
-        }
-        let stream = match UnixStream::connect(&self.shared.socket).await {
-            Ok(stream) => stream,
-            Err(e) => return Err(Self::failure(&self.shared, "cannot connect", e).await),
-        };
-        let handshake = http1::Builder::new()
-            .max_buf_size(FUNCTION_READ_BUFFER)
-            .handshake(TokioIo::new(stream));
-        let (sender, connection) = match handshake.await {
-            Ok(pair) => pair,
-            Err(e) => return Err(Self::failure(&self.shared, "handshake failed", e).await),
-        };
-        let instance = self.shared.labels.instance.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%instance, error = %e, "function connection ended");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Puts a connection back for the next call, unless enough are kept already.
-    fn keep(&self, sender: SendRequest<CallBody>) {
-        let mut kept = self.kept();
-        if kept.len() < self.concurrency {
-            kept.push(sender);
-        }
-    }
-
-    async fn send(
-        &self,
-        request: FunctionRequest,
-        body: BodyStream<std::io::Error>,
-    ) -> Result<FunctionResponse, DriverError> {
-        if !self.is_alive() {
-            return Err(match self.shared.exit.borrow().as_ref() {
-                Some(exit) if !self.shared.killed.load(Ordering::SeqCst) => {
-                    DriverError::Crashed(exit.to_string())
-                }
-                _ => DriverError::Crashed("the instance was killed".into()),
-            });
-        }
-        let headers = http_stream::call_headers(&request)?;
-        let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
-            Box::pin(body.map(|chunk| chunk.map(Frame::data)));
-        let mut http_request = Request::post("/call")
-            .body(StreamBody::new(frames))
-            .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
-        *http_request.headers_mut() = headers;
-
-        let mut sender = self.connection().await?;
-        let reply = match sender.send_request(http_request).await {
-            Ok(reply) => reply,
-            Err(e) => return Err(Self::failure(&self.shared, "call failed", e).await),
-        };
-        self.keep(sender);
-
-        let (head, incoming) = reply.into_parts();
-        let status = http_stream::client_status(head.status, &head.headers)
-            .map_err(DriverError::Function)?;
-        let headers = http_stream::fn_to_client(&head.headers);
-        let shared = self.shared.clone();
-        let body = incoming.into_data_stream().then(move |chunk| {
-            let shared = shared.clone();
-            async move {
-                match chunk {
-                    Ok(bytes) => Ok(bytes),
-                    Err(e) => Err(Self::failure(&shared, "reply broke off", e).await),
-                }
-            }
-        });
-        Ok(FunctionResponse {
-            status,
-            headers,
-            body: Box::pin(body),
-        })
+    pub(super) fn client(&self) -> &SocketClient {
+        &self.client
     }
 }
 
@@ -371,15 +216,15 @@ impl Instance for ProcessInstance {
         request: FunctionRequest,
         body: BodyStream<std::io::Error>,
     ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
-        Box::pin(self.send(request, body))
+        Box::pin(self.client.send(request, body))
     }
 
     fn is_alive(&self) -> bool {
-        !self.shared.killed.load(Ordering::SeqCst) && self.shared.exit.borrow().is_none()
+        self.shared.liveness.is_alive()
     }
 
     fn kill(&self) {
-        if self.shared.killed.swap(true, Ordering::SeqCst) {
+        if self.shared.liveness.mark_killed() {
             return;
         }
         // The reaper signals the group while the leader is unreaped (see `reap`).
@@ -429,7 +274,7 @@ impl Drop for ReaperAbandoned {
         if self.finished {
             return;
         }
-        if self.shared.exit.borrow().is_none() {
+        if self.shared.liveness.ended().borrow().is_none() {
             // Not reaped (the child is dropped with this future), so the pid is still ours.
             signal_group(&self.shared);
         }
@@ -441,7 +286,7 @@ impl Drop for ReaperAbandoned {
 }
 
 /// Owns the child until it is reaped, then cleans up after it.
-async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Arc<Shared>) {
+async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: Arc<Shared>) {
     let mut abandoned = ReaperAbandoned {
         shared: shared.clone(),
         finished: false,
@@ -459,7 +304,7 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Ar
         Err(e) => Exit::Unknown(e.to_string()),
     };
     tracing::debug!(instance = %shared.labels.instance, pid = shared.pid, %exit, "function process ended");
-    exit_tx.send_replace(Some(exit));
+    exit_tx.send_replace(Some(exit.to_string()));
     // The leader exited on its own: kill what it left in its group. Its pid cannot be
     // reused while any member remains; if none does this finds nothing (ESRCH).
     signal_group(&shared);
@@ -469,17 +314,4 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<Exit>>, shared: Ar
     remove_instance_dir(&shared.dir);
     abandoned.finished = true;
     shared.gone.cancel();
-}
-
-/// Removes an instance directory and everything in it; a missing directory is fine.
-pub(super) fn remove_instance_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            dir = %dir.display(),
-            error = %e,
-            "cannot remove instance directory"
-        ),
-    }
 }

@@ -46,7 +46,7 @@ fn is_hop_by_hop(name: &str) -> bool {
 ///
 /// # Errors
 /// [`DriverError::Invalid`] when the call id or request URL cannot be a header value.
-pub(super) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, DriverError> {
+pub(crate) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, DriverError> {
     let value = |what: &str, text: &str| {
         HeaderValue::from_str(text).map_err(|_| {
             DriverError::Invalid(format!("{what} {text:?} is not a valid header value"))
@@ -73,7 +73,7 @@ pub(super) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, Drive
 /// `Content-Type` plainly too. Hop-by-hop headers are left out. A valid client
 /// `Content-Length` also frames the `POST /call` (the body is the client's, byte for byte),
 /// so the function sees a length rather than a chunked body.
-pub(super) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
+pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     for name in client.keys() {
         if is_hop_by_hop(name.as_str()) {
             continue;
@@ -110,7 +110,7 @@ fn valid_length(headers: &HeaderMap) -> Option<HeaderValue> {
 /// framing, which the body forwarded to the client has exactly) is kept, so the client gets
 /// a length whenever the function gave one; a function's `Fn-Http-H-Content-Length` is not
 /// framing and is dropped.
-pub(super) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
+pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     let mut client = HeaderMap::new();
     for name in reply.keys() {
         let Some(stripped) = name.as_str().strip_prefix(FN_HTTP_H) else {
@@ -141,7 +141,7 @@ pub(super) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
 ///
 /// # Errors
 /// A message when `Fn-Http-Status` is present but not a valid status code.
-pub(super) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
+pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
     if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
         return Ok(http);
     }
@@ -157,7 +157,7 @@ pub(super) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<Statu
 
 /// `t` as RFC 3339 in UTC with milliseconds: `2026-11-25T16:02:11.123Z`. Times before the
 /// epoch are written as the epoch.
-pub(super) fn rfc3339_millis(t: SystemTime) -> String {
+pub(crate) fn rfc3339_millis(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t.max(UNIX_EPOCH)).to_string()
 }
 

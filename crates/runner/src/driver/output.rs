@@ -9,20 +9,20 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// What identifies an instance in logs.
 #[derive(Debug)]
-pub(super) struct Labels {
-    pub(super) app: String,
-    pub(super) function: String,
-    pub(super) instance: String,
+pub(crate) struct Labels {
+    pub(crate) app: String,
+    pub(crate) function: String,
+    pub(crate) instance: String,
     /// The call that started the instance.
-    pub(super) call_id: String,
+    pub(crate) call_id: String,
 }
 
 /// Longest line kept, in bytes; longer lines are truncated.
-pub(super) const MAX_LINE: usize = 4096;
+pub(crate) const MAX_LINE: usize = 4096;
 
 /// Which output stream a line came from.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
@@ -38,7 +38,7 @@ impl Stream {
 
 /// Reads `reader` to its end, logging each line. Ends when the function (and everything it
 /// started that holds the pipe) has exited.
-pub(super) async fn log_lines<R>(reader: R, stream: Stream, labels: Arc<Labels>)
+pub(crate) async fn log_lines<R>(reader: R, stream: Stream, labels: Arc<Labels>)
 where
     R: AsyncRead + Unpin,
 {
@@ -77,14 +77,14 @@ where
 
 /// Splits bytes into lines of at most `max` bytes, keeping no more than that in memory.
 #[derive(Debug)]
-pub(super) struct LineSplitter {
+pub(crate) struct LineSplitter {
     max: usize,
     line: Vec<u8>,
     truncated: bool,
 }
 
 impl LineSplitter {
-    pub(super) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         LineSplitter {
             max,
             line: Vec::new(),
@@ -94,7 +94,7 @@ impl LineSplitter {
 
     /// Feeds `chunk`; calls `emit(line, truncated)` for every completed line (without its
     /// `\n` or `\r\n`).
-    pub(super) fn push(&mut self, mut chunk: &[u8], mut emit: impl FnMut(&[u8], bool)) {
+    pub(crate) fn push(&mut self, mut chunk: &[u8], mut emit: impl FnMut(&[u8], bool)) {
         while let Some(end) = chunk.iter().position(|&b| b == b'\n') {
             self.keep(&chunk[..end]);
             self.emit(&mut emit);
@@ -104,7 +104,7 @@ impl LineSplitter {
     }
 
     /// Emits a last line that had no newline.
-    pub(super) fn finish(&mut self, mut emit: impl FnMut(&[u8], bool)) {
+    pub(crate) fn finish(&mut self, mut emit: impl FnMut(&[u8], bool)) {
         if !self.line.is_empty() || self.truncated {
             self.emit(&mut emit);
         }

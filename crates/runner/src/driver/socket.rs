@@ -1,0 +1,318 @@
+//! The runner's side of an instance's unix socket, shared by every driver: kept HTTP/1
+//! connections that carry `http-stream` calls, waiting for the listener to appear, and telling
+//! "the instance died" from "the function misbehaved" when a call breaks.
+//!
+//! A driver owns its instance's life (a child process, a container) and publishes it here as
+//! [`Liveness`]: whether the runner killed it, and, once it has ended, how. Everything else —
+//! connecting, the request, classifying a broken call — is the same whatever runs the function.
+
+use std::fmt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fn_lifecycle::retry::Backoff;
+use futures::{Stream, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::http_stream;
+use super::{BodyStream, DriverError, FunctionRequest, FunctionResponse};
+
+/// How long a failed call waits for the instance to be seen ended before deciding the
+/// function misbehaved rather than died. The end is awaited as an event; this only bounds
+/// the wait.
+const END_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a kept connection may take to become ready for the next request before it is
+/// replaced by a new one.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most bytes read ahead from a function's connection. Answers leave in chunks of at most
+/// this size and each is held until the LB's stream takes it; hyper's default (about
+/// 400 KiB) multiplies memory by the calls in flight for no throughput (the LB's client
+/// side measured the same).
+const FUNCTION_READ_BUFFER: usize = 64 * 1024;
+
+/// The request body type sent to functions: the LB's chunks as they arrive.
+type CallBody =
+    StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>>>;
+
+/// Whether an instance is still there: set by its driver, read by calls.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    /// Set when the runner kills the instance; it is no longer alive from then on.
+    killed: AtomicBool,
+    /// `Some(how it ended)` once the instance has ended.
+    ended: watch::Receiver<Option<String>>,
+}
+
+impl Liveness {
+    /// A live instance, and the sender its driver reports the end on.
+    pub(crate) fn new() -> (Arc<Self>, watch::Sender<Option<String>>) {
+        let (tx, ended) = watch::channel(None);
+        let liveness = Liveness {
+            killed: AtomicBool::new(false),
+            ended,
+        };
+        (Arc::new(liveness), tx)
+    }
+
+    /// Marks the instance killed by the runner; returns whether it already was.
+    pub(crate) fn mark_killed(&self) -> bool {
+        self.killed.swap(true, Ordering::SeqCst)
+    }
+
+    pub(crate) fn killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.killed() && self.ended.borrow().is_none()
+    }
+
+    /// How the instance ended, once it has.
+    pub(crate) fn ended(&self) -> watch::Receiver<Option<String>> {
+        self.ended.clone()
+    }
+
+    /// The error of a call to an instance that is no longer alive.
+    fn gone(&self) -> DriverError {
+        match self.ended.borrow().as_ref() {
+            Some(end) if !self.killed() => DriverError::Crashed(end.clone()),
+            _ => DriverError::Crashed("the instance was killed".into()),
+        }
+    }
+
+    /// Classifies a transport failure: `Crashed` when the instance has ended (waiting
+    /// briefly for its end to be seen), else `Function`.
+    async fn failure(&self, what: &str, error: impl fmt::Display) -> DriverError {
+        let mut ended = self.ended.clone();
+        let end = tokio::time::timeout(END_GRACE, ended.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|end| end.clone());
+        match end {
+            Some(_) if self.killed() => {
+                DriverError::Crashed(format!("killed by the runner ({what}: {error})"))
+            }
+            Some(end) => DriverError::Crashed(end),
+            None => DriverError::Function(format!("{what}: {error}")),
+        }
+    }
+}
+
+/// Calls to one instance over its listener socket. An instance that takes one call at a time
+/// keeps one connection; one that takes several keeps up to that many.
+pub(crate) struct SocketClient {
+    socket: PathBuf,
+    /// The instance id, for logs.
+    instance: Arc<str>,
+    liveness: Arc<Liveness>,
+    /// Kept connections; a call takes one out for its round trip to the response head and
+    /// puts it back.
+    conns: std::sync::Mutex<Vec<SendRequest<CallBody>>>,
+    concurrency: usize,
+}
+
+impl fmt::Debug for SocketClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketClient")
+            .field("socket", &self.socket)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketClient {
+    pub(crate) fn new(
+        socket: PathBuf,
+        instance: Arc<str>,
+        liveness: Arc<Liveness>,
+        concurrency: u32,
+    ) -> Self {
+        SocketClient {
+            socket,
+            instance,
+            liveness,
+            conns: std::sync::Mutex::new(Vec::new()),
+            concurrency: usize::try_from(concurrency.max(1)).unwrap_or(1),
+        }
+    }
+
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<CallBody>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A kept connection that is free for a call, else a new one. A one-call instance
+    /// waits (briefly) for its one connection to finish the previous answer; an instance
+    /// that takes several calls opens another connection instead of queueing behind one.
+    async fn connection(&self) -> Result<SendRequest<CallBody>, DriverError> {
+        let candidate = {
+            let mut kept = self.kept();
+            kept.retain(|sender| !sender.is_closed());
+            match kept.iter().position(SendRequest::is_ready) {
+                Some(pos) => Some(kept.swap_remove(pos)),
+                None if self.concurrency == 1 => kept.pop(),
+                None => None,
+            }
+        };
+        if let Some(mut sender) = candidate
+            && matches!(
+                tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
+                Ok(Ok(()))
+            )
+        {
+            return Ok(sender);
+        }
+        let stream = match UnixStream::connect(&self.socket).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(self.liveness.failure("cannot connect", e).await),
+        };
+        let handshake = http1::Builder::new()
+            .max_buf_size(FUNCTION_READ_BUFFER)
+            .handshake(TokioIo::new(stream));
+        let (sender, connection) = match handshake.await {
+            Ok(pair) => pair,
+            Err(e) => return Err(self.liveness.failure("handshake failed", e).await),
+        };
+        let instance = self.instance.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%instance, error = %e, "function connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Puts a connection back for the next call, unless enough are kept already.
+    fn keep(&self, sender: SendRequest<CallBody>) {
+        let mut kept = self.kept();
+        if kept.len() < self.concurrency {
+            kept.push(sender);
+        }
+    }
+
+    /// Sends one call and returns once the response head has arrived; the body streams
+    /// afterwards.
+    pub(crate) async fn send(
+        &self,
+        request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> Result<FunctionResponse, DriverError> {
+        if !self.liveness.is_alive() {
+            return Err(self.liveness.gone());
+        }
+        let headers = http_stream::call_headers(&request)?;
+        let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
+            Box::pin(body.map(|chunk| chunk.map(Frame::data)));
+        let mut http_request = Request::post("/call")
+            .body(StreamBody::new(frames))
+            .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
+        *http_request.headers_mut() = headers;
+
+        let mut sender = self.connection().await?;
+        let reply = match sender.send_request(http_request).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.liveness.failure("call failed", e).await),
+        };
+        self.keep(sender);
+
+        let (head, incoming) = reply.into_parts();
+        let status = http_stream::client_status(head.status, &head.headers)
+            .map_err(DriverError::Function)?;
+        let headers = http_stream::fn_to_client(&head.headers);
+        let liveness = self.liveness.clone();
+        let body = incoming.into_data_stream().then(move |chunk| {
+            let liveness = liveness.clone();
+            async move {
+                match chunk {
+                    Ok(bytes) => Ok(bytes),
+                    Err(e) => Err(liveness.failure("reply broke off", e).await),
+                }
+            }
+        });
+        Ok(FunctionResponse {
+            status,
+            headers,
+            body: Box::pin(body),
+        })
+    }
+}
+
+/// Polls for the listener socket with short, growing pauses, until it appears, the instance
+/// ends, or `start_timeout` passes. There is no event to await for "a file appeared" that
+/// works for symlinks created by another user, so this is a bounded poll; the end is awaited
+/// as an event.
+///
+/// # Errors
+/// [`DriverError::Start`] when the instance ended first or the time ran out; the caller kills
+/// the instance then.
+pub(crate) async fn wait_for_listener(
+    client: &SocketClient,
+    start_timeout: Duration,
+) -> Result<(), DriverError> {
+    let started = Instant::now();
+    let deadline = started + start_timeout;
+    let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+    let mut ended = client.liveness.ended();
+    loop {
+        if let Some(end) = ended.borrow().as_ref() {
+            return Err(DriverError::Start(format!(
+                "{end} before opening its listener"
+            )));
+        }
+        if is_socket(&client.socket) {
+            tracing::debug!(
+                instance = %client.instance,
+                after = ?started.elapsed(),
+                "function listener is up"
+            );
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(DriverError::Start(format!(
+                "did not open its listener within {start_timeout:?}"
+            )));
+        }
+        tokio::select! {
+            // A closed channel means the driver's watcher is gone; the next turn sees the end.
+            _ = ended.changed() => {}
+            () = tokio::time::sleep(backoff.next_delay().min(deadline - now)) => {}
+        }
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Removes an instance directory and everything in it; a missing directory is fine.
+pub(crate) fn remove_instance_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot remove instance directory"
+        ),
+    }
+}
