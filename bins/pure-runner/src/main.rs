@@ -10,9 +10,13 @@ use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
+use fn_runner::driver::docker::{
+    ContainerUser, DockerDriver, DockerDriverConfig, DockerMetrics, PullPolicy,
+};
 use fn_runner::driver::process::{
     FunctionUser, FunctionUsers, Isolation, ProcessDriver, ProcessDriverConfig, UidRange,
 };
+use fn_runner::driver::{Driver, Drivers};
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
 
@@ -64,6 +68,31 @@ struct Cli {
     /// Bound for a new instance to open its listener.
     #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     start_timeout: Duration,
+    /// This runner's name on the function containers it starts, so that a restarted runner
+    /// removes what its earlier run left [default: <hostname>-<FN_GRPC_PORT>].
+    #[arg(long, env = "FN_RUNNER_ID")]
+    runner_id: Option<String>,
+    /// Where the docker driver makes each function container's directory (mounted at
+    /// /tmp/iofs in it). A runner in a container needs this path to be the same on the host.
+    #[arg(long, env = "FN_DOCKER_IOFS_DIR", default_value = "/tmp/fn-iofs")]
+    docker_iofs_dir: PathBuf,
+    /// `missing`: pull a function image the engine does not have; `never`: only run images
+    /// already there.
+    #[arg(long, env = "FN_DOCKER_PULL", default_value = "missing", value_parser = PullPolicy::parse)]
+    docker_pull: PullPolicy,
+    /// Bound for one image pull.
+    #[arg(long, env = "FN_DOCKER_PULL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    docker_pull_timeout: Duration,
+    /// Network of function containers: `none` (no network at all), or a network's name.
+    #[arg(long, env = "FN_DOCKER_FUNCTION_NETWORK", default_value = "none")]
+    docker_function_network: String,
+    /// Numeric uid[:gid] function containers run as (never root).
+    #[arg(long, env = "FN_DOCKER_FUNCTION_USER", default_value = "65534:65534", value_parser = ContainerUser::parse)]
+    docker_function_user: ContainerUser,
+    /// Most processes and threads one function container may have.
+    #[arg(long, env = "FN_DOCKER_PIDS_LIMIT", default_value_t = 256,
+          value_parser = clap::value_parser!(i64).range(8..))]
+    docker_pids_limit: i64,
 }
 
 fn main() -> ExitCode {
@@ -139,8 +168,10 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
              with a group no function is in)"
         );
     }
-    let pool = Pool::new(Arc::new(driver), total_mb, cli.start_timeout);
     let mut registry = Registry::default();
+    let docker = docker_driver(&cli, DockerMetrics::register(&mut registry)).await;
+    let drivers = Drivers::new(Arc::new(driver), docker);
+    let pool = Pool::new(Arc::new(drivers), total_mb, cli.start_timeout);
     let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
@@ -199,6 +230,43 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         tracing::warn!(bound = ?INSTANCE_CLEANUP_BOUND, "function instances not cleaned up in time");
     }
     fn_lifecycle::exit_status(result)
+}
+
+/// The docker driver, for functions given as images; or, when no engine answers, why not
+/// (calls of image functions are then refused as invalid with that reason).
+async fn docker_driver(cli: &Cli, metrics: DockerMetrics) -> Result<Arc<dyn Driver>, String> {
+    let runner_id = cli.runner_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "runner".to_owned());
+        format!("{host}-{}", cli.grpc_port)
+    });
+    let mut config = DockerDriverConfig::new(runner_id.clone(), &cli.docker_iofs_dir);
+    config.pull = cli.docker_pull;
+    config.pull_timeout = cli.docker_pull_timeout;
+    config.network.clone_from(&cli.docker_function_network);
+    config.user = cli.docker_function_user;
+    config.pids_limit = cli.docker_pids_limit;
+    match DockerDriver::connect(config, metrics).await {
+        Ok(driver) => {
+            tracing::info!(
+                runner_id,
+                network = %cli.docker_function_network,
+                "docker driver ready: functions given as images run as containers"
+            );
+            Ok(Arc::new(driver))
+        }
+        Err(reason) => {
+            tracing::warn!(
+                %reason,
+                "no Docker engine: functions given as images cannot run on this runner (set \
+                 DOCKER_HOST or mount the engine's socket to run them)"
+            );
+            Err(reason)
+        }
+    }
 }
 
 /// The namespaces instances get: checked once, by starting the helper in probe mode.

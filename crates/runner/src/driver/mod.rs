@@ -3,8 +3,11 @@
 //! A [`Driver`] turns an [`InstanceSpec`] into a running [`Instance`]; an instance takes up
 //! to its spec's `concurrency` calls at once through [`Instance::call`]. Pooling (reuse, idle timeout, eviction),
 //! deadlines and capacity are *not* the driver's business: they live in `pool` and
-//! `engage`. The `process` driver implements the Fn FDK `http-stream` contract.
+//! `engage`. Both drivers implement the Fn FDK `http-stream` contract: `process` runs a
+//! command from the functions directory as a child process, `docker` runs an image as a
+//! container. [`Drivers`] picks one per function: an image and no command is `docker`.
 
+pub mod docker;
 pub mod process;
 
 mod http_stream;
@@ -13,6 +16,7 @@ mod socket;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -165,4 +169,60 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
         call_id: &str,
         start_timeout: Duration,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>>;
+}
+
+/// The runner's drivers: a function with a command runs on the `process` driver, one with
+/// only an image on the `docker` driver, when this runner has one.
+#[derive(Debug)]
+pub struct Drivers {
+    process: Arc<dyn Driver>,
+    /// The docker driver, or why this runner has none (no engine answered at start).
+    docker: Result<Arc<dyn Driver>, String>,
+}
+
+impl Drivers {
+    /// `process` for commands; `docker` for images, or the reason image functions cannot
+    /// run here.
+    pub fn new(process: Arc<dyn Driver>, docker: Result<Arc<dyn Driver>, String>) -> Self {
+        Drivers { process, docker }
+    }
+
+    /// The driver for `spec`.
+    ///
+    /// # Errors
+    /// [`DriverError::Invalid`] for an image function on a runner without a docker driver.
+    fn pick(&self, spec: &InstanceSpec) -> Result<&dyn Driver, DriverError> {
+        if !spec.command.is_empty() || spec.image.is_none() {
+            return Ok(self.process.as_ref());
+        }
+        match &self.docker {
+            Ok(docker) => Ok(docker.as_ref()),
+            Err(reason) => Err(DriverError::Invalid(format!(
+                "function {}/{} runs the image {:?}, but this runner has no Docker engine \
+                 ({reason}): give it one (DOCKER_HOST or the engine's socket), or give the \
+                 function a command",
+                spec.app,
+                spec.function,
+                spec.image.as_deref().unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+impl Driver for Drivers {
+    fn check(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        self.pick(spec)?.check(spec)
+    }
+
+    fn start(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        match self.pick(spec) {
+            Ok(driver) => driver.start(spec, call_id, start_timeout),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
 }

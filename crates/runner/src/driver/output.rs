@@ -44,19 +44,7 @@ where
 {
     let mut reader = BufReader::new(reader);
     let mut lines = LineSplitter::new(MAX_LINE);
-    let emit = |line: &[u8], truncated: bool| {
-        tracing::info!(
-            target: "function",
-            app = %labels.app,
-            function = %labels.function,
-            instance = %labels.instance,
-            call_id = %labels.call_id,
-            stream = stream.as_str(),
-            truncated,
-            "{}",
-            String::from_utf8_lossy(line)
-        );
-    };
+    let emit = |line: &[u8], truncated: bool| log_line(&labels, stream, line, truncated);
     loop {
         let chunk = match reader.fill_buf().await {
             Ok(chunk) => chunk,
@@ -73,6 +61,21 @@ where
         reader.consume(n);
     }
     lines.finish(emit);
+}
+
+/// Logs one line of a function's output.
+pub(crate) fn log_line(labels: &Labels, stream: Stream, line: &[u8], truncated: bool) {
+    tracing::info!(
+        target: "function",
+        app = %labels.app,
+        function = %labels.function,
+        instance = %labels.instance,
+        call_id = %labels.call_id,
+        stream = stream.as_str(),
+        truncated,
+        "{}",
+        String::from_utf8_lossy(line)
+    );
 }
 
 /// Splits bytes into lines of at most `max` bytes, keeping no more than that in memory.

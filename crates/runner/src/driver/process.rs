@@ -41,6 +41,7 @@ use futures::future::BoxFuture;
 use tokio::process::Command;
 
 pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
+pub(crate) use command::check_config;
 pub use command::{FunctionUser, FunctionUsers, UidRange};
 pub use instance::ProcessInstance;
 

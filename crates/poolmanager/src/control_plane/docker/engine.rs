@@ -19,6 +19,8 @@ use bollard::query_parameters::{
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder,
 };
+pub use fn_docker::EngineError;
+use fn_docker::classify;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
@@ -43,16 +45,6 @@ pub enum ContainerState {
     Stopped,
     /// Restarting, paused, being removed, ...: leave it alone this time.
     Other,
-}
-
-/// An Engine API failure.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EngineError {
-    /// The container (or image, network, volume) does not exist.
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Failed(String),
 }
 
 /// Container operations of the Docker Engine API.
@@ -105,18 +97,9 @@ impl BollardEngine {
     /// # Errors
     /// A message saying which socket failed and how.
     pub async fn connect() -> Result<Self, String> {
-        let socket = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| h.starts_with("unix://"))
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
-        let docker = Docker::connect_with_unix(&socket, 60, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| format!("{socket}: {e}"))?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|e| format!("{socket}: {e}"))?;
-        docker.ping().await.map_err(|e| format!("{socket}: {e}"))?;
-        Ok(BollardEngine { docker })
+        Ok(BollardEngine {
+            docker: fn_docker::connect().await?,
+        })
     }
 
     /// Networks and mounts of a container (the npm's own, found by its hostname).
@@ -185,19 +168,6 @@ impl BollardEngine {
             .await
             .map(drop)
             .map_err(|e| classify(e, volume))
-    }
-}
-
-fn classify(e: BollardError, what: &str) -> EngineError {
-    match e {
-        BollardError::DockerResponseServerError {
-            status_code: 404, ..
-        } => EngineError::NotFound(what.to_owned()),
-        BollardError::DockerResponseServerError {
-            status_code,
-            message,
-        } => EngineError::Failed(format!("{what}: Docker answered {status_code}: {message}")),
-        other => EngineError::Failed(format!("{what}: {other}")),
     }
 }
 

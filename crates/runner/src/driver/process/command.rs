@@ -161,7 +161,7 @@ pub(super) fn wrapper_shell() -> Option<PathBuf> {
 ///
 /// # Errors
 /// [`DriverError::Invalid`] naming the first bad key.
-pub(super) fn check_config(config: &BTreeMap<String, String>) -> Result<(), DriverError> {
+pub(crate) fn check_config(config: &BTreeMap<String, String>) -> Result<(), DriverError> {
     for (key, value) in config {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(DriverError::Invalid(format!(

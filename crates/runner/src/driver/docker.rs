@@ -1,0 +1,989 @@
+//! The `docker` driver: function instances as hot containers of the function's image, on the
+//! Fn FDK `http-stream` contract, as the original Fn runner ran them.
+//!
+//! Each instance is one container. The runner makes a private host directory per instance
+//! under its iofs root (`FN_DOCKER_IOFS_DIR`) and bind-mounts it at `/tmp/iofs`; the function
+//! listens on `unix:/tmp/iofs/lsnr.sock` (`FN_LISTENER`) and the runner calls it through the
+//! same socket client as the process driver. The image's entrypoint and cmd run, with the
+//! function's config and the contract's `FN_*` variables as its environment.
+//!
+//! Isolation by default (function code is untrusted): no network (`FN_DOCKER_FUNCTION_NETWORK`,
+//! default `none`), a non-root user (`FN_DOCKER_FUNCTION_USER`, default `65534:65534`), a
+//! read-only root file system with a private tmpfs `/tmp`, every capability dropped,
+//! `no-new-privileges`, a pids limit, a memory limit of the function's `memory_mb` with no
+//! swap, and CPU shares in proportion to memory. Nothing of the runner's is mounted but the
+//! instance's own directory, so the runner's certificates stay out of reach.
+//!
+//! Life and clean-up: a watcher task per container waits for it to stop (or for the runner to
+//! kill it), says how it ended (its exit status, or that the kernel killed it out of memory),
+//! removes the container and the directory. Every container carries labels naming the runner
+//! (`FN_RUNNER_ID`), app, function and instance; a runner that starts removes what an earlier
+//! run of its own (same runner id) left behind, for example after a `SIGKILL`.
+//!
+//! Images are used as they are on the engine; with `FN_DOCKER_PULL=missing` (the default) an
+//! image the engine does not have is pulled once, bounded by `FN_DOCKER_PULL_TIMEOUT`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use fn_docker::{EngineError, classify};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::output::{self, Labels, LineSplitter, MAX_LINE, Stream as OutputStream};
+use super::process::check_config;
+use super::socket::{Liveness, SocketClient, remove_instance_dir, wait_for_listener};
+use super::{
+    BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
+};
+
+/// Where the instance directory appears inside the container (as in Fn).
+const IOFS_MOUNT: &str = "/tmp/iofs";
+/// The listener the function is told to open, inside the container.
+const LISTENER: &str = "unix:/tmp/iofs/lsnr.sock";
+/// Name of the listener socket inside an instance directory.
+const LISTENER_NAME: &str = "lsnr.sock";
+
+/// Label on every function container: `function`.
+pub const LABEL_ROLE: &str = "fn.dataplane.role";
+/// Label naming the runner that owns the container (`FN_RUNNER_ID`).
+pub const LABEL_RUNNER: &str = "fn.dataplane.runner";
+pub const LABEL_APP: &str = "fn.dataplane.app";
+pub const LABEL_FUNCTION: &str = "fn.dataplane.function";
+pub const LABEL_INSTANCE: &str = "fn.dataplane.instance";
+/// Value of [`LABEL_ROLE`] on function containers.
+const ROLE_FUNCTION: &str = "function";
+
+/// Longest container name made (Docker allows more; names stay readable in `docker ps`).
+const MAX_NAME_LEN: usize = 100;
+
+/// How long a container that is being removed may take before the removal is given up (the
+/// next start of this runner removes what is left).
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether images missing from the engine are pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Only images already on the engine run; a missing one is a call error.
+    Never,
+    /// A missing image is pulled once, then used as it is.
+    Missing,
+}
+
+impl PullPolicy {
+    /// Parses `FN_DOCKER_PULL`.
+    ///
+    /// # Errors
+    /// A message listing the accepted values.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "never" => Ok(PullPolicy::Never),
+            "missing" => Ok(PullPolicy::Missing),
+            other => Err(format!("{other:?}: expected never or missing")),
+        }
+    }
+}
+
+/// The numeric user a container runs as (`uid[:gid]`; the gid defaults to the uid). Names
+/// are not accepted: they would be resolved inside each image, and `FROM scratch` images have
+/// no user database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ContainerUser {
+    /// `nobody:nogroup`.
+    pub const DEFAULT: ContainerUser = ContainerUser {
+        uid: 65_534,
+        gid: 65_534,
+    };
+
+    /// Parses `FN_DOCKER_FUNCTION_USER`.
+    ///
+    /// # Errors
+    /// A message saying what is expected; uid 0 is refused (functions never run as root).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (uid, gid) = text.split_once(':').unwrap_or((text, text));
+        let number = |part: &str| {
+            part.parse::<u32>()
+                .map_err(|_| format!("{text:?}: expected a numeric uid[:gid], such as 65534:65534"))
+        };
+        let user = ContainerUser {
+            uid: number(uid)?,
+            gid: number(gid)?,
+        };
+        if user.uid == 0 || user.gid == 0 {
+            return Err(format!(
+                "{text:?}: functions never run as root; give an unprivileged uid:gid"
+            ));
+        }
+        Ok(user)
+    }
+}
+
+/// Settings of the `docker` driver; built by the runner from its `FN_*` configuration.
+#[derive(Debug, Clone)]
+pub struct DockerDriverConfig {
+    /// `FN_RUNNER_ID`: on every container's labels; what a restarted runner cleans up by.
+    pub runner_id: String,
+    /// `FN_DOCKER_IOFS_DIR`: where instance directories are made. When the runner itself runs
+    /// in a container, this path must be the same on the host (the engine mounts host paths).
+    pub iofs_root: PathBuf,
+    /// `FN_DOCKER_PULL`.
+    pub pull: PullPolicy,
+    /// `FN_DOCKER_PULL_TIMEOUT`: how long one pull may take.
+    pub pull_timeout: Duration,
+    /// `FN_DOCKER_FUNCTION_NETWORK`: `none`, or a network the operator names.
+    pub network: String,
+    /// `FN_DOCKER_FUNCTION_USER`.
+    pub user: ContainerUser,
+    /// `FN_DOCKER_PIDS_LIMIT`: most processes (and threads) one container may have.
+    pub pids_limit: i64,
+}
+
+impl DockerDriverConfig {
+    /// The defaults, for `runner_id` with instance directories under `iofs_root`.
+    pub fn new(runner_id: impl Into<String>, iofs_root: impl Into<PathBuf>) -> Self {
+        DockerDriverConfig {
+            runner_id: runner_id.into(),
+            iofs_root: iofs_root.into(),
+            pull: PullPolicy::Missing,
+            pull_timeout: Duration::from_secs(300),
+            network: "none".into(),
+            user: ContainerUser::DEFAULT,
+            pids_limit: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FunctionLabel {
+    app: String,
+    function: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn start_histogram() -> Histogram {
+    // 10 ms .. about 80 s.
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
+/// The driver's metric families: container starts, and how long a container took from
+/// create to an open listener, by function.
+#[derive(Debug, Clone)]
+pub struct DockerMetrics {
+    starts: Family<FunctionLabel, Counter>,
+    start_failures: Family<FunctionLabel, Counter>,
+    start_seconds: HistogramFamily<FunctionLabel>,
+}
+
+impl DockerMetrics {
+    /// Creates the families and registers them in `registry` (once per registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = DockerMetrics {
+            starts: Family::default(),
+            start_failures: Family::default(),
+            start_seconds: Family::new_with_constructor(start_histogram),
+        };
+        registry.register(
+            "fn_runner_container_starts",
+            "Function containers started and answering, by function",
+            metrics.starts.clone(),
+        );
+        registry.register(
+            "fn_runner_container_start_failures",
+            "Function containers that could not be started (pull, create, start or listener), by function",
+            metrics.start_failures.clone(),
+        );
+        registry.register_with_unit(
+            "fn_runner_container_start",
+            "Time from creating a function container to its open listener, by function",
+            Unit::Seconds,
+            metrics.start_seconds.clone(),
+        );
+        metrics
+    }
+
+    fn started(&self, spec: &InstanceSpec, took: Duration) {
+        let label = label(spec);
+        self.start_seconds
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        self.starts.get_or_create(&label).inc();
+    }
+
+    fn failed(&self, spec: &InstanceSpec) {
+        self.start_failures.get_or_create(&label(spec)).inc();
+    }
+}
+
+fn label(spec: &InstanceSpec) -> FunctionLabel {
+    FunctionLabel {
+        app: spec.app.clone(),
+        function: spec.function.clone(),
+    }
+}
+
+/// Runs function instances as containers. See the module docs.
+#[derive(Debug)]
+pub struct DockerDriver {
+    docker: Docker,
+    config: DockerDriverConfig,
+    /// Canonical iofs root.
+    iofs_root: PathBuf,
+    /// Whether instance directories can be given to the container user (the runner is root).
+    chown: bool,
+    metrics: DockerMetrics,
+    /// Distinguishes this run's instance ids from an earlier run's.
+    id_prefix: String,
+    next_id: AtomicU64,
+    /// One pull at a time, so that a burst of cold calls to a new image pulls it once.
+    pulls: tokio::sync::Mutex<()>,
+}
+
+impl DockerDriver {
+    /// Reaches the engine (`DOCKER_HOST`, else the local socket), prepares the iofs root and
+    /// removes what an earlier run of this runner left behind.
+    ///
+    /// # Errors
+    /// A message saying why image functions cannot run here: no engine answers, or the iofs
+    /// root cannot be made.
+    pub async fn connect(
+        config: DockerDriverConfig,
+        metrics: DockerMetrics,
+    ) -> Result<Self, String> {
+        let docker = fn_docker::connect().await?;
+        let iofs_root = prepare_iofs_root(&config.iofs_root)?;
+        let chown = nix::unistd::Uid::effective().is_root();
+        if !chown {
+            tracing::warn!(
+                iofs = %iofs_root.display(),
+                "the runner is not root: instance directories of function containers are \
+                 open to every local user (mode 0777), since they cannot be given to the \
+                 container's user"
+            );
+        }
+        let driver = DockerDriver {
+            docker,
+            config,
+            iofs_root,
+            chown,
+            metrics,
+            id_prefix: format!("{:08x}", id_seed()),
+            next_id: AtomicU64::new(1),
+            pulls: tokio::sync::Mutex::new(()),
+        };
+        driver.remove_leftovers().await;
+        Ok(driver)
+    }
+
+    /// The engine this driver uses (tests inspect containers with it).
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Removes the containers labelled with this runner's id, and every instance directory
+    /// under the iofs root: what an earlier run left when it was killed.
+    async fn remove_leftovers(&self) {
+        let filters = HashMap::from([(
+            "label",
+            vec![format!("{LABEL_RUNNER}={}", self.config.runner_id)],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        match self.docker.list_containers(Some(options)).await {
+            Ok(containers) => {
+                for id in containers.into_iter().filter_map(|c| c.id) {
+                    match remove_container(&self.docker, &id).await {
+                        Ok(()) => tracing::info!(
+                            container = %id,
+                            runner_id = %self.config.runner_id,
+                            "removed a function container an earlier run of this runner left"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %classify(e, "listing containers"), "cannot look for leftover function containers")
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.iofs_root) {
+            for entry in entries.flatten() {
+                remove_instance_dir(&entry.path());
+            }
+        }
+    }
+
+    /// Makes sure `image` is on the engine, pulling it when the policy allows.
+    async fn ensure_image(&self, image: &str) -> Result<(), DriverError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) => match classify(e, image) {
+                EngineError::NotFound(_) => {}
+                EngineError::Failed(e) => {
+                    return Err(DriverError::Start(format!("cannot inspect image {e}")));
+                }
+            },
+        }
+        if self.config.pull == PullPolicy::Never {
+            return Err(DriverError::Start(format!(
+                "image {image:?} is not on the engine and FN_DOCKER_PULL=never: load or build \
+                 it there first"
+            )));
+        }
+        let _one_at_a_time = self.pulls.lock().await;
+        if self.docker.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        tracing::info!(image, "pulling a function image");
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let pull = async {
+            let mut progress = self.docker.create_image(Some(options), None, None);
+            while let Some(item) = progress.next().await {
+                item.map_err(|e| match e {
+                    BollardError::DockerStreamError { error } => error,
+                    other => classify(other, image).to_string(),
+                })?;
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(self.config.pull_timeout, pull).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DriverError::Start(format!(
+                "image {image:?} is not on the engine and pulling it failed: {e}"
+            ))),
+            Err(_) => Err(DriverError::Start(format!(
+                "image {image:?} is not on the engine and pulling it took longer than \
+                 FN_DOCKER_PULL_TIMEOUT ({:?})",
+                self.config.pull_timeout
+            ))),
+        }
+    }
+
+    /// Starts a container of `spec` and waits until its listener is open. Like
+    /// [`Driver::start`], but returns the concrete instance.
+    ///
+    /// # Errors
+    /// [`DriverError::Invalid`] when the spec has no image or a bad config;
+    /// [`DriverError::Start`] when the image cannot be had, the container cannot be created
+    /// or started, or it does not open its listener within `start_timeout` (it is removed).
+    pub async fn start_container(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> Result<DockerInstance, DriverError> {
+        self.check(spec)?;
+        let image = spec.image.as_deref().unwrap_or_default();
+        let result = self
+            .start_checked(spec, image, call_id, start_timeout)
+            .await;
+        if result.is_err() {
+            self.metrics.failed(spec);
+        }
+        result
+    }
+
+    async fn start_checked(
+        &self,
+        spec: &InstanceSpec,
+        image: &str,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> Result<DockerInstance, DriverError> {
+        self.ensure_image(image).await?;
+        let began = Instant::now();
+        let id = format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = self.iofs_root.join(&id);
+        self.create_instance_dir(&dir)?;
+
+        let name = container_name(&spec.app, &spec.function, &id);
+        let body = create_body(&self.config, spec, image, &dir, &id);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let container = match self.docker.create_container(Some(options), body).await {
+            Ok(created) => created.id,
+            Err(e) => {
+                remove_instance_dir(&dir);
+                return Err(DriverError::Start(format!(
+                    "cannot create a container of image {image:?}: {}",
+                    classify(e, &name)
+                )));
+            }
+        };
+        if let Err(e) = self.docker.start_container(&container, None).await {
+            let e = classify(e, &name);
+            if let Err(e) = remove_container(&self.docker, &container).await {
+                tracing::warn!(container = %container, error = %e, "cannot remove a container that did not start");
+            }
+            remove_instance_dir(&dir);
+            return Err(DriverError::Start(format!(
+                "cannot start a container of image {image:?}: {e}"
+            )));
+        }
+
+        let labels = Arc::new(Labels {
+            app: spec.app.clone(),
+            function: spec.function.clone(),
+            instance: id.clone(),
+            call_id: call_id.to_owned(),
+        });
+        let instance = DockerInstance::watch(
+            self.docker.clone(),
+            container,
+            labels,
+            dir,
+            spec.concurrency,
+            spec.memory_mb,
+        );
+        if let Err(e) = wait_for_listener(&instance.client, start_timeout).await {
+            instance.kill();
+            return Err(e);
+        }
+        self.metrics.started(spec, began.elapsed());
+        tracing::debug!(
+            instance = %instance.id(),
+            container = %instance.container(),
+            image,
+            after = ?began.elapsed(),
+            "function container started"
+        );
+        Ok(instance)
+    }
+
+    /// Creates the instance directory: mode 0700 and owned by the container's user when the
+    /// runner is root, else mode 0777 (see [`DockerDriver::connect`]).
+    fn create_instance_dir(&self, dir: &Path) -> Result<(), DriverError> {
+        let fail = |e: std::io::Error| {
+            remove_instance_dir(dir);
+            DriverError::Start(format!(
+                "cannot create instance directory {}: {e}",
+                dir.display()
+            ))
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(fail)?;
+        if self.chown {
+            let user = self.config.user;
+            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(fail)?;
+        } else {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+impl Driver for DockerDriver {
+    fn check(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        if spec.image.as_deref().is_none_or(str::is_empty) {
+            return Err(DriverError::Invalid(format!(
+                "function {}/{} has no image for the docker driver",
+                spec.app, spec.function
+            )));
+        }
+        check_config(&spec.config)
+    }
+
+    fn start(
+        &self,
+        spec: &InstanceSpec,
+        call_id: &str,
+        start_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        let spec = spec.clone();
+        let call_id = call_id.to_owned();
+        Box::pin(async move {
+            let instance = self.start_container(&spec, &call_id, start_timeout).await?;
+            Ok(Box::new(instance) as Box<dyn Instance>)
+        })
+    }
+}
+
+/// State shared by the instance handle and its watcher task.
+#[derive(Debug)]
+struct Shared {
+    liveness: Arc<Liveness>,
+    /// Asks the watcher to remove the container.
+    kill: CancellationToken,
+    /// Cancelled when the container and the directory are gone.
+    gone: CancellationToken,
+    dir: PathBuf,
+}
+
+/// A function instance running as a container. Removed when dropped.
+#[derive(Debug)]
+pub struct DockerInstance {
+    id: String,
+    container: String,
+    shared: Arc<Shared>,
+    client: SocketClient,
+}
+
+impl DockerInstance {
+    /// Takes over a started container: follows its output and starts its watcher.
+    fn watch(
+        docker: Docker,
+        container: String,
+        labels: Arc<Labels>,
+        dir: PathBuf,
+        concurrency: u32,
+        memory_mb: u64,
+    ) -> Self {
+        let (liveness, ended_tx) = Liveness::new();
+        let shared = Arc::new(Shared {
+            liveness: liveness.clone(),
+            kill: CancellationToken::new(),
+            gone: CancellationToken::new(),
+            dir: dir.clone(),
+        });
+        tokio::spawn(follow_output(
+            docker.clone(),
+            container.clone(),
+            labels.clone(),
+        ));
+        tokio::spawn(watch_container(
+            docker,
+            container.clone(),
+            memory_mb,
+            ended_tx,
+            shared.clone(),
+        ));
+        DockerInstance {
+            id: labels.instance.clone(),
+            container,
+            shared,
+            client: SocketClient::new(
+                dir.join(LISTENER_NAME),
+                labels.instance.as_str().into(),
+                liveness,
+                concurrency,
+            ),
+        }
+    }
+
+    /// The instance id (also the name of its directory).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The container's id on the engine.
+    pub fn container(&self) -> &str {
+        &self.container
+    }
+}
+
+impl Instance for DockerInstance {
+    fn call(
+        &self,
+        request: FunctionRequest,
+        body: BodyStream<std::io::Error>,
+    ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        Box::pin(self.client.send(request, body))
+    }
+
+    fn is_alive(&self) -> bool {
+        self.shared.liveness.is_alive()
+    }
+
+    fn kill(&self) {
+        if self.shared.liveness.mark_killed() {
+            return;
+        }
+        self.shared.kill.cancel();
+        // Nothing connects to a dying instance; the watcher removes the directory again.
+        remove_instance_dir(&self.shared.dir);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn wait_gone(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shared.gone.cancelled())
+    }
+}
+
+impl Drop for DockerInstance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits for the container to stop or for the runner to kill it; says how it ended, then
+/// removes the container and the instance directory.
+async fn watch_container(
+    docker: Docker,
+    container: String,
+    memory_mb: u64,
+    ended_tx: watch::Sender<Option<String>>,
+    shared: Arc<Shared>,
+) {
+    let options = WaitContainerOptionsBuilder::default()
+        .condition("not-running")
+        .build();
+    let mut wait = docker.wait_container(&container, Some(options));
+    let ended = tokio::select! {
+        outcome = wait.next() => Some(outcome),
+        () = shared.kill.cancelled() => None,
+    };
+    let ended = match ended {
+        None => "killed by the runner".to_owned(),
+        Some(outcome) => {
+            let code = match outcome {
+                Some(Ok(answer)) => Ok(answer.status_code),
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(format!("the runner lost track of the container: {e}")),
+                None => Err("the runner lost track of the container".to_owned()),
+            };
+            match code {
+                Ok(code) => describe_exit(&docker, &container, code, memory_mb).await,
+                Err(lost) => lost,
+            }
+        }
+    };
+    tracing::debug!(%container, %ended, "function container ended");
+    ended_tx.send_replace(Some(ended));
+    match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&docker, &container)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(%container, error = %e, "cannot remove a function container; the runner's next start removes it")
+        }
+        Err(_) => {
+            tracing::warn!(%container, "removing a function container takes too long; the runner's next start removes it")
+        }
+    }
+    remove_instance_dir(&shared.dir);
+    shared.gone.cancel();
+}
+
+/// How a stopped container ended: killed out of memory, or its exit status.
+async fn describe_exit(docker: &Docker, container: &str, code: i64, memory_mb: u64) -> String {
+    let oom = docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await
+        .ok()
+        .and_then(|c| c.state)
+        .and_then(|s| s.oom_killed)
+        .unwrap_or(false);
+    if oom {
+        format!("killed for using more than its memory limit ({memory_mb} MB)")
+    } else if code > 128 && code < 128 + 65 {
+        format!("killed by signal {}", code - 128)
+    } else {
+        format!("exited with status {code}")
+    }
+}
+
+/// Removes a container by force (killing it if it runs); one already gone is fine.
+async fn remove_container(docker: &Docker, container: &str) -> Result<(), EngineError> {
+    let options = RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    match docker.remove_container(container, Some(options)).await {
+        Ok(()) => Ok(()),
+        Err(e) => match classify(e, container) {
+            EngineError::NotFound(_) => Ok(()),
+            // 409: a removal is already under way.
+            EngineError::Failed(text) if text.contains(" 409: ") => Ok(()),
+            other => Err(other),
+        },
+    }
+}
+
+/// Logs the container's output line by line, as the process driver logs a child's.
+async fn follow_output(docker: Docker, container: String, labels: Arc<Labels>) {
+    let options = LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .build();
+    let mut logs = docker.logs(&container, Some(options));
+    let mut stdout = LineSplitter::new(MAX_LINE);
+    let mut stderr = LineSplitter::new(MAX_LINE);
+    while let Some(Ok(chunk)) = logs.next().await {
+        match chunk {
+            bollard::container::LogOutput::StdErr { message } => {
+                stderr.push(&message, |line, cut| {
+                    output::log_line(&labels, OutputStream::Stderr, line, cut);
+                });
+            }
+            bollard::container::LogOutput::StdOut { message }
+            | bollard::container::LogOutput::Console { message } => {
+                stdout.push(&message, |line, cut| {
+                    output::log_line(&labels, OutputStream::Stdout, line, cut);
+                });
+            }
+            bollard::container::LogOutput::StdIn { .. } => {}
+        }
+    }
+    stdout.finish(|line, cut| output::log_line(&labels, OutputStream::Stdout, line, cut));
+    stderr.finish(|line, cut| output::log_line(&labels, OutputStream::Stderr, line, cut));
+}
+
+/// The Engine API body of an instance's container. See the module docs for what each
+/// setting is for.
+fn create_body(
+    config: &DockerDriverConfig,
+    spec: &InstanceSpec,
+    image: &str,
+    dir: &Path,
+    instance: &str,
+) -> ContainerCreateBody {
+    let memory = i64::try_from(spec.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    let host_config = HostConfig {
+        network_mode: Some(config.network.clone()),
+        binds: Some(vec![format!("{}:{IOFS_MOUNT}", dir.display())]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_owned(),
+            "rw,nosuid,nodev,mode=1777".to_owned(),
+        )])),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+        pids_limit: Some(config.pids_limit),
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        cpu_shares: Some(cpu_shares(spec.memory_mb)),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".to_owned()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), "1m".to_owned()),
+                ("max-file".to_owned(), "2".to_owned()),
+            ])),
+        }),
+        ..HostConfig::default()
+    };
+    let labels = HashMap::from([
+        (LABEL_ROLE.to_owned(), ROLE_FUNCTION.to_owned()),
+        (LABEL_RUNNER.to_owned(), config.runner_id.clone()),
+        (LABEL_APP.to_owned(), spec.app.clone()),
+        (LABEL_FUNCTION.to_owned(), spec.function.clone()),
+        (LABEL_INSTANCE.to_owned(), instance.to_owned()),
+    ]);
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        env: Some(environment(spec)),
+        labels: Some(labels),
+        user: Some(format!("{}:{}", config.user.uid, config.user.gid)),
+        host_config: Some(host_config),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// `KEY=value` pairs: the function's config, then the contract's variables, which win.
+fn environment(spec: &InstanceSpec) -> Vec<String> {
+    let mut env: BTreeMap<&str, String> = spec
+        .config
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    env.insert("FN_FORMAT", "http-stream".into());
+    env.insert("FN_LISTENER", LISTENER.into());
+    env.insert("FN_APP_NAME", spec.app.clone());
+    env.insert("FN_FN_NAME", spec.function.clone());
+    env.insert("FN_MEMORY", spec.memory_mb.to_string());
+    env.insert("FN_TYPE", "sync".into());
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// CPU shares in proportion to memory: 1024 (Docker's default weight) per GiB, at least 2
+/// (the engine's minimum).
+fn cpu_shares(memory_mb: u64) -> i64 {
+    i64::try_from(memory_mb)
+        .unwrap_or(i64::MAX)
+        .clamp(2, 262_144)
+}
+
+/// `fn-<app>-<function>-<instance>`, with what Docker does not allow in names replaced.
+fn container_name(app: &str, function: &str, instance: &str) -> String {
+    let clean = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let mut head = format!("fn-{}-{}", clean(app), clean(function));
+    let room = MAX_NAME_LEN.saturating_sub(instance.len() + 1);
+    if head.len() > room {
+        head.truncate(room);
+    }
+    format!("{head}-{instance}")
+}
+
+/// Creates the iofs root (mode 0711: containers' users reach their own directory, nobody
+/// lists the others) and returns its canonical path.
+fn prepare_iofs_root(root: &Path) -> Result<PathBuf, String> {
+    let fail = |what: &str, e: std::io::Error| {
+        format!("FN_DOCKER_IOFS_DIR {}: {what}: {e}", root.display())
+    };
+    if !root.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(root)
+            .map_err(|e| fail("cannot create", e))?;
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| fail("cannot set mode 0711", e))?;
+    let canonical = std::fs::canonicalize(root).map_err(|e| fail("cannot resolve", e))?;
+    // `<root>/<8 hex>-<counter>/lsnr.sock` must fit a unix socket path (107 bytes).
+    let room = 107 - (1 + 8 + 1 + 20 + 1 + LISTENER_NAME.len());
+    let len = canonical.as_os_str().len();
+    if len > room {
+        return Err(format!(
+            "FN_DOCKER_IOFS_DIR {}: too long for unix socket paths: {len} bytes, at most \
+             {room} allowed",
+            root.display()
+        ));
+    }
+    Ok(canonical)
+}
+
+/// A per-driver value that makes instance ids unlikely to repeat across runner restarts.
+fn id_seed() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            app: "shop".into(),
+            function: "cart/v2".into(),
+            command: Vec::new(),
+            image: Some("shop/cart:2".into()),
+            memory_mb: 128,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: BTreeMap::from([
+                ("DB_URL".to_owned(), "postgres://db".to_owned()),
+                ("FN_LISTENER".to_owned(), "tcp:evil".to_owned()),
+            ]),
+        }
+    }
+
+    #[test]
+    fn the_container_is_isolated_by_default_and_carries_the_runner_and_function_labels() {
+        let config = DockerDriverConfig::new("runner-7", "/tmp/iofs-root");
+        let body = create_body(
+            &config,
+            &spec(),
+            "shop/cart:2",
+            Path::new("/tmp/iofs-root/a-1"),
+            "a-1",
+        );
+        let host = body.host_config.expect("host config");
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert_eq!(host.memory, Some(128 * 1024 * 1024));
+        assert_eq!(host.memory_swap, host.memory, "no swap");
+        assert_eq!(host.pids_limit, Some(256));
+        assert_eq!(
+            host.binds,
+            Some(vec!["/tmp/iofs-root/a-1:/tmp/iofs".to_owned()])
+        );
+        assert!(host.tmpfs.is_some_and(|t| t.contains_key("/tmp")));
+        assert_eq!(body.user.as_deref(), Some("65534:65534"));
+        let labels = body.labels.expect("labels");
+        assert_eq!(
+            labels.get(LABEL_RUNNER).map(String::as_str),
+            Some("runner-7")
+        );
+        assert_eq!(
+            labels.get(LABEL_FUNCTION).map(String::as_str),
+            Some("cart/v2")
+        );
+        assert_eq!(labels.get(LABEL_ROLE).map(String::as_str), Some("function"));
+        let env = body.env.expect("env");
+        assert!(env.contains(&"DB_URL=postgres://db".to_owned()), "{env:?}");
+        assert!(
+            env.contains(&"FN_LISTENER=unix:/tmp/iofs/lsnr.sock".to_owned()),
+            "the contract wins: {env:?}"
+        );
+        assert!(!env.iter().any(|e| e.contains("tcp:evil")), "{env:?}");
+        assert!(env.contains(&"FN_MEMORY=128".to_owned()), "{env:?}");
+    }
+
+    #[test]
+    fn users_are_numeric_and_never_root() {
+        assert_eq!(
+            ContainerUser::parse("65534:65534"),
+            Ok(ContainerUser::DEFAULT)
+        );
+        assert_eq!(
+            ContainerUser::parse("1000"),
+            Ok(ContainerUser {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        for bad in ["nobody", "0", "1000:0", "", "1:2:3"] {
+            assert!(ContainerUser::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(PullPolicy::parse("never"), Ok(PullPolicy::Never));
+        assert!(PullPolicy::parse("always").is_err());
+    }
+
+    #[test]
+    fn names_are_valid_docker_names_and_bounded() {
+        assert_eq!(
+            container_name("shop", "cart/v2", "ab-1"),
+            "fn-shop-cart_v2-ab-1"
+        );
+        let long = container_name(&"a".repeat(300), "f", "abcdef01-12");
+        assert!(long.len() <= MAX_NAME_LEN, "{}", long.len());
+        assert!(long.ends_with("-abcdef01-12"));
+        assert_eq!(cpu_shares(0), 2);
+        assert_eq!(cpu_shares(512), 512);
+    }
+}
