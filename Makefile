@@ -5,6 +5,7 @@
 #   make test-system  system tests only (real binaries on loopback)
 #   make images       container images (see docker/)
 #   make test-compose the docker compose deployment end to end (needs a Docker engine)
+#   make test-docker-driver  image functions on the runner's docker driver (needs an engine)
 #   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
 #   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
 #   make bench-compare release build, then the same function called directly, through nginx
@@ -18,7 +19,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
-        test-compose test-compose-if-docker bench load bench-compare
+        test-compose test-docker-driver test-docker-if-engine bench load bench-compare
 
 all: build
 
@@ -44,7 +45,7 @@ test-deps:
 test: lint test-deps
 	$(CARGO) build --workspace --bins --all-targets
 	$(CARGO) test --workspace --no-fail-fast
-	@$(MAKE) --no-print-directory test-compose-if-docker
+	@$(MAKE) --no-print-directory test-docker-if-engine
 
 test-unit:
 	$(CARGO) test --workspace --lib
@@ -52,14 +53,15 @@ test-unit:
 test-system: test-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p fn-system-tests --no-fail-fast
-	@$(MAKE) --no-print-directory test-compose-if-docker
+	@$(MAKE) --no-print-directory test-docker-if-engine
 
-# test-compose where a Docker engine answers; elsewhere say so and skip.
-test-compose-if-docker:
+# The tests that need a Docker engine (one `make images` for both), where an engine answers;
+# elsewhere say so and skip.
+test-docker-if-engine:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory test-compose; \
+	  $(MAKE) --no-print-directory test-compose test-docker-driver; \
 	else \
-	  echo "SKIPPED test-compose: no Docker engine answers 'docker info' here"; \
+	  echo "SKIPPED test-compose and test-docker-driver: no Docker engine answers 'docker info' here"; \
 	fi
 
 # Performance (not part of `make test`; see README, Performance). `bench` times the
@@ -147,6 +149,20 @@ images:
 # through the LB, a runner stopped, scaling through the docker control plane, teardown.
 test-compose: images
 	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) system-tests/compose_test.py
+
+# The runner's docker driver on this machine's engine (system-tests/tests/docker_driver.rs):
+# the tests build FROM-scratch function images from the static functions of `make images`
+# and fn-hostile (test-only, never in an image), then remove those images.
+TEST_IMAGE_LABEL := fn.dataplane.test-image
+
+test-docker-driver: images
+	RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
+	  $(CARGO) build --release --target $(IMAGE_TARGET) -p fn-hostile
+	$(CARGO) build --workspace --bins
+	FN_TEST_STATIC_BIN_DIR=$(CURDIR)/$(IMAGE_BIN_DIR) $(CARGO) test -p fn-system-tests --test docker_driver -- --ignored; \
+	  status=$$?; \
+	  docker image ls --quiet --filter label=$(TEST_IMAGE_LABEL) | sort -u | xargs -r docker image rm --force >/dev/null; \
+	  exit $$status
 
 clean:
 	$(CARGO) clean

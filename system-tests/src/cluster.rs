@@ -174,6 +174,10 @@ impl Cluster {
                     ("FN_LISTEN_ADDR", &host),
                     ("FN_FUNCTIONS_DIR", &functions_dir),
                     ("FN_SOCKET_DIR", &sockets.path().display().to_string()),
+                    (
+                        "FN_DOCKER_IOFS_DIR",
+                        &sockets.path().join("iofs").display().to_string(),
+                    ),
                     ("FN_MAX_MEMORY_MB", &setup.runner_memory_mb.to_string()),
                     ("FN_SHUTDOWN_TIMEOUT", "2s"),
                     // Tests tell instances apart by the pid functions report (X-Fn-Pid) and
@@ -382,6 +386,24 @@ impl Cluster {
         daemon.signal(Signal::SIGKILL)?;
         daemon.wait_exit(Duration::from_secs(5)).await?;
         Ok(())
+    }
+
+    /// Stops runner `i` with `SIGTERM` (it drains) and waits at most `bound` for it to exit.
+    ///
+    /// # Errors
+    /// When it is not running or does not exit within `bound`.
+    pub async fn stop_runner(
+        &mut self,
+        i: usize,
+        bound: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let runner = self.runners.get_mut(i).context("no such runner")?;
+        let mut daemon = runner
+            .daemon
+            .take()
+            .with_context(|| format!("runner {i} is not running"))?;
+        daemon.signal(Signal::SIGTERM)?;
+        daemon.wait_exit(bound).await
     }
 
     /// Starts runner `i` again, on the same address with the same environment, and waits

@@ -6,6 +6,11 @@
 //! from functions), `root` (the runner's socket root), `marker` (a path under `/tmp` to
 //! leave a file at) and `grpc` (the runner's gRPC `host:port`). The answer has one line per
 //! attempt, `<attempt>: denied (<error>)` or `<attempt>: ALLOWED`.
+//!
+//! It also tries what a function in a container must not be able to do: run as root, write
+//! to the root file system, and see a network interface other than loopback. With
+//! `allocate_mb=N` it first allocates and touches N MiB, to test memory limits (it only
+//! answers when it survives).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -23,6 +28,12 @@ fn main() -> ExitCode {
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect();
         let get = |key: &str| target.get(key).cloned().unwrap_or_default();
+        if let Ok(mb) = get("allocate_mb").parse::<usize>() {
+            let hog = vec![1_u8; mb * 1024 * 1024];
+            // Read it back so that the allocation is neither elided nor left untouched.
+            let sum: usize = hog.iter().step_by(4096).map(|b| usize::from(*b)).sum();
+            return Ok(Response::new(format!("allocated {mb} MiB ({sum} pages)\n")));
+        }
         let pid = Pid::from_raw(get("pid").parse().unwrap_or(0));
         let mut report = String::new();
         let mut row = |attempt: &str, outcome: Result<(), String>| {
@@ -107,6 +118,34 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
                 }),
         );
+        row(
+            "run as root",
+            if nix::unistd::geteuid().is_root() {
+                Ok(())
+            } else {
+                Err(format!("uid {}", nix::unistd::geteuid()))
+            },
+        );
+        row(
+            "write to the root file system",
+            std::fs::write("/fn-hostile-was-here", b"x").map_err(|e| e.to_string()),
+        );
+        row("see a network interface other than loopback", {
+            let interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|name| name != "lo")
+                        .collect()
+                })
+                .unwrap_or_default();
+            if interfaces.is_empty() {
+                Err("only lo".to_owned())
+            } else {
+                Ok(())
+            }
+        });
         Ok(Response::new(report))
     })
 }

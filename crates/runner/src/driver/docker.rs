@@ -304,8 +304,9 @@ impl DockerDriver {
         &self.docker
     }
 
-    /// Removes the containers labelled with this runner's id, and every instance directory
-    /// under the iofs root: what an earlier run left when it was killed.
+    /// Removes the containers labelled with this runner's id, and their instance
+    /// directories: what an earlier run left when it was killed. Other runners' containers
+    /// and directories (they may share the engine and the iofs root) are left alone.
     async fn remove_leftovers(&self) {
         let filters = HashMap::from([(
             "label",
@@ -315,28 +316,36 @@ impl DockerDriver {
             .all(true)
             .filters(&filters)
             .build();
-        match self.docker.list_containers(Some(options)).await {
-            Ok(containers) => {
-                for id in containers.into_iter().filter_map(|c| c.id) {
-                    match remove_container(&self.docker, &id).await {
-                        Ok(()) => tracing::info!(
-                            container = %id,
-                            runner_id = %self.config.runner_id,
-                            "removed a function container an earlier run of this runner left"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
-                        }
-                    }
+        let containers = match self.docker.list_containers(Some(options)).await {
+            Ok(containers) => containers,
+            Err(e) => {
+                tracing::warn!(error = %classify(e, "listing containers"), "cannot look for leftover function containers");
+                return;
+            }
+        };
+        for container in containers {
+            let Some(id) = container.id else { continue };
+            match remove_container(&self.docker, &id).await {
+                Ok(()) => tracing::info!(
+                    container = %id,
+                    runner_id = %self.config.runner_id,
+                    "removed a function container an earlier run of this runner left"
+                ),
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %classify(e, "listing containers"), "cannot look for leftover function containers")
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.iofs_root) {
-            for entry in entries.flatten() {
-                remove_instance_dir(&entry.path());
+            let instance = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_INSTANCE));
+            // An instance id is a file name this driver made; anything else is not followed.
+            if let Some(instance) = instance
+                && !instance.is_empty()
+                && !instance.contains('/')
+                && !instance.starts_with('.')
+            {
+                remove_instance_dir(&self.iofs_root.join(instance));
             }
         }
     }

@@ -1,0 +1,471 @@
+//! The docker driver: functions given as images run as hot containers on a real pure-runner,
+//! called through a real lb-agent, on this machine's Docker engine.
+//!
+//! The images are built here, `FROM scratch`, from the statically linked example functions
+//! (and `fn-hostile`) that `make test-docker-driver` builds first (`FN_TEST_STATIC_BIN_DIR`):
+//! nothing is pulled. Those tests are `#[ignore]`d in a plain `cargo test`, which has neither
+//! the static binaries nor, maybe, an engine; `make test` runs them where an engine answers.
+//! The test without an engine runs everywhere.
+//!
+//! Every container a test makes carries its runner's id (`FN_RUNNER_ID`, unique per test), and
+//! each test checks that none is left when it ends; the images are removed by the make target.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use fn_system_tests::cluster::{Cluster, Setup};
+use fn_system_tests::metrics;
+
+/// Label on the images these tests build (the make target removes them by it).
+const IMAGE_LABEL: &str = "fn.dataplane.test-image";
+
+/// The images, built once per test process: `(catalog name, static binary)`.
+const IMAGES: [(&str, &str); 4] = [
+    ("fn-dataplane-test/echo:latest", "fn-echo"),
+    ("fn-dataplane-test/hello:latest", "fn-hello"),
+    ("fn-dataplane-test/sleep:latest", "fn-sleep"),
+    ("fn-dataplane-test/hostile:latest", "fn-hostile"),
+];
+
+fn static_bin_dir() -> anyhow::Result<PathBuf> {
+    std::env::var_os("FN_TEST_STATIC_BIN_DIR")
+        .map(PathBuf::from)
+        .context(
+            "FN_TEST_STATIC_BIN_DIR is not set: run these tests with `make test-docker-driver`, \
+             which builds the static functions they put in images",
+        )
+}
+
+/// `docker <args>`, bounded; its stdout.
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .with_context(|| format!("docker {}", args.join(" ")))?;
+    ensure!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds the test images once (later calls return the first outcome).
+fn build_images() -> anyhow::Result<()> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let build = || -> anyhow::Result<()> {
+                let bins = static_bin_dir()?;
+                for (image, binary) in IMAGES {
+                    let context = tempfile::tempdir()?;
+                    let source = bins.join(binary);
+                    std::fs::copy(&source, context.path().join("function"))
+                        .with_context(|| format!("{} (a static build)", source.display()))?;
+                    std::fs::write(
+                        context.path().join("Dockerfile"),
+                        format!(
+                            "FROM scratch\nLABEL {IMAGE_LABEL}=1\nCOPY function /function\n\
+                             ENTRYPOINT [\"/function\"]\n"
+                        ),
+                    )?;
+                    let dir = context.path().display().to_string();
+                    docker(&["build", "--quiet", "--tag", image, &dir])?;
+                }
+                Ok(())
+            };
+            build().map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Ids of the containers (running or not) labelled `label=value`.
+fn containers(label: &str, value: &str) -> anyhow::Result<Vec<String>> {
+    let filter = format!("label={label}={value}");
+    Ok(
+        docker(&["ps", "--all", "--quiet", "--no-trunc", "--filter", &filter])?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// The containers of `function` (an app's function name) under runner `runner_id`.
+fn function_containers(runner_id: &str, function: &str) -> anyhow::Result<Vec<String>> {
+    let of_runner = containers("fn.dataplane.runner", runner_id)?;
+    let of_function = containers("fn.dataplane.function", function)?;
+    Ok(of_runner
+        .into_iter()
+        .filter(|id| of_function.contains(id))
+        .collect())
+}
+
+/// A runner id no other test (or earlier run) uses.
+fn runner_id(test: &str) -> String {
+    format!("fntest-{}-{test}", std::process::id())
+}
+
+/// Removes the containers of a runner id when dropped: a test that fails half-way (its
+/// runner killed with the cluster) leaves nothing on the engine.
+struct Leftovers(String);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if let Ok(ids) = containers("fn.dataplane.runner", &self.0)
+            && !ids.is_empty()
+        {
+            let mut args = vec!["rm", "--force", "--volumes"];
+            args.extend(ids.iter().map(String::as_str));
+            if let Err(e) = docker(&args) {
+                eprintln!("cannot remove the test's containers: {e:#}");
+            }
+        }
+    }
+}
+
+/// Stops the cluster's runner with SIGTERM and checks that it leaves no container.
+async fn stop_and_check_clean(cluster: &mut Cluster, id: &str) -> anyhow::Result<()> {
+    let status = cluster.stop_runner(0, Duration::from_secs(20)).await?;
+    ensure!(status.success(), "runner exit on SIGTERM: {status}");
+    let left = containers("fn.dataplane.runner", id)?;
+    ensure!(left.is_empty(), "SIGTERM left containers: {left:?}");
+    Ok(())
+}
+
+const CATALOG: &str = r#"
+[[functions]]
+app = "images"
+name = "echo"
+route = "/echo"
+image = "fn-dataplane-test/echo:latest"
+memory_mb = 64
+
+[[functions]]
+app = "images"
+name = "hello"
+route = "/hello"
+image = "fn-dataplane-test/hello:latest"
+memory_mb = 64
+[functions.config]
+GREETING = "Howdy"
+
+[[functions]]
+app = "images"
+name = "sleep"
+route = "/sleep"
+image = "fn-dataplane-test/sleep:latest"
+memory_mb = 64
+timeout = "2s"
+
+[[functions]]
+app = "images"
+name = "hostile"
+route = "/hostile"
+image = "fn-dataplane-test/hostile:latest"
+memory_mb = 64
+
+[[functions]]
+app = "images"
+name = "missing"
+route = "/missing"
+image = "fn-dataplane-test/does-not-exist:nope"
+memory_mb = 64
+"#;
+
+/// One runner (root, as in CI) with the docker driver under `id`, and an LB in front.
+async fn cluster(id: &str, extra: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+    build_images()?;
+    let mut runner_env = vec![("FN_RUNNER_ID".to_owned(), id.to_owned())];
+    runner_env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    Cluster::start(Setup {
+        runners: 1,
+        runner_memory_mb: 1024,
+        catalog: CATALOG.into(),
+        runner_env,
+        metrics: true,
+        ..Setup::default()
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
+async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> anyhow::Result<()> {
+    let id = runner_id("reuse");
+    let _leftovers = Leftovers(id.clone());
+    let mut cluster = cluster(&id, &[]).await?;
+
+    for size in [0_usize, 1 << 20, 8 << 20] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let reply = cluster.call("/r/images/echo", body.clone()).await?;
+        ensure!(
+            reply.status == 200,
+            "echo of {size} B: {} {}",
+            reply.status,
+            reply.text()
+        );
+        ensure!(
+            reply.body.as_ref() == body.as_slice(),
+            "echo of {size} B came back as {} B, or different",
+            reply.body.len()
+        );
+    }
+
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        let reply = cluster
+            .call("/r/images/hello", format!("caller {i}"))
+            .await?;
+        ensure!(
+            reply.status == 200 && reply.text() == format!("Howdy, caller {i}!\n"),
+            "call {i}: {} {}",
+            reply.status,
+            reply.text()
+        );
+        seen.push(function_containers(&id, "hello")?);
+    }
+    ensure!(
+        seen.iter().all(|ids| ids.len() == 1 && *ids == seen[0]),
+        "20 sequential calls did not all use one container: {seen:?}"
+    );
+
+    let (a, b) = tokio::join!(
+        cluster.call("/r/images/sleep", "1500"),
+        cluster.call("/r/images/sleep", "1500")
+    );
+    for reply in [a?, b?] {
+        ensure!(
+            reply.status == 200,
+            "overlapping sleep: {} {}",
+            reply.status,
+            reply.text()
+        );
+    }
+    let sleepers = function_containers(&id, "sleep")?;
+    ensure!(
+        sleepers.len() == 2,
+        "two overlapping calls used {} containers: {sleepers:?}",
+        sleepers.len()
+    );
+
+    let address = cluster.runners[0]
+        .metrics
+        .clone()
+        .context("runner metrics")?;
+    let text = metrics::scrape(&address).await?;
+    let starts = metrics::sample(
+        &text,
+        r#"fn_runner_container_starts_total{app="images",function="hello"}"#,
+    );
+    ensure!(
+        starts == Some(1.0),
+        "container starts of hello: {starts:?}:\n{text}"
+    );
+    let timed = metrics::sample(
+        &text,
+        r#"fn_runner_container_start_seconds_count{app="images",function="sleep"}"#,
+    );
+    ensure!(
+        timed == Some(2.0),
+        "start durations of sleep: {timed:?}:\n{text}"
+    );
+
+    stop_and_check_clean(&mut cluster, &id).await
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
+async fn containers_are_isolated_limited_and_fail_clearly() -> anyhow::Result<()> {
+    let id = runner_id("limits");
+    let _leftovers = Leftovers(id.clone());
+    let mut cluster = cluster(&id, &[]).await?;
+    let key = cluster
+        .certs
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "FN_NODE_CERT_KEY")
+        .map(|(_, v)| v)
+        .context("the runner's key")?;
+
+    // The runner's own pid: a container must not be able to signal or trace it.
+    let runner = cluster.runners[0].pid().context("the runner's pid")?;
+    let target = format!(
+        "pid={runner}\nkey={key}\ngrpc={}\n",
+        cluster.runners[0].address
+    );
+    let reply = cluster.call("/r/images/hostile", target).await?;
+    ensure!(
+        reply.status == 200,
+        "hostile: {} {}",
+        reply.status,
+        reply.text()
+    );
+    let report = reply.text();
+    for attempt in [
+        "send it SIGTERM",
+        "ptrace-attach to it",
+        "run as root",
+        "write to the root file system",
+        "see a network interface other than loopback",
+        "read the runner's key",
+        "connect to the runner's gRPC port",
+        "see the runner's processes",
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(attempt))
+            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
+        ensure!(
+            line.starts_with(&format!("{attempt}: denied")),
+            "a function container could {attempt}: {line}\n{report}"
+        );
+    }
+    ensure!(
+        report.contains("run as root: denied (uid 65534)"),
+        "not the default user:\n{report}"
+    );
+
+    // Past its 64 MB: the kernel kills it, the call is a 502 that says so.
+    let reply = cluster
+        .call("/r/images/hostile", "allocate_mb=200\n")
+        .await?;
+    ensure!(
+        reply.status == 502 && reply.text().contains("memory"),
+        "allocating past the limit: {} {}",
+        reply.status,
+        reply.text()
+    );
+    let reply = cluster.call("/r/images/hostile", "allocate_mb=8\n").await?;
+    ensure!(
+        reply.status == 200,
+        "the runner serves on after an OOM kill: {} {}",
+        reply.status,
+        reply.text()
+    );
+
+    // Past its 2 s timeout: 504, and the container is removed.
+    let reply = cluster.call("/r/images/sleep", "60000").await?;
+    ensure!(
+        reply.status == 504,
+        "sleep past the timeout: {} {}",
+        reply.status,
+        reply.text()
+    );
+    let start = Instant::now();
+    while !function_containers(&id, "sleep")?.is_empty() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the container of a timed-out call is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An image that exists nowhere: a prompt error that names it.
+    let start = Instant::now();
+    let reply = cluster.call("/r/images/missing", "").await?;
+    ensure!(
+        reply.status >= 500
+            && reply
+                .text()
+                .contains("fn-dataplane-test/does-not-exist:nope"),
+        "a missing image: {} {}",
+        reply.status,
+        reply.text()
+    );
+    ensure!(
+        start.elapsed() < Duration::from_secs(30),
+        "a missing image took {:?}",
+        start.elapsed()
+    );
+
+    stop_and_check_clean(&mut cluster, &id).await
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
+async fn sigterm_leaves_no_container_and_a_restart_after_sigkill_removes_the_orphans()
+-> anyhow::Result<()> {
+    let id = runner_id("cleanup");
+    let _leftovers = Leftovers(id.clone());
+    let mut cluster = cluster(&id, &[]).await?;
+    let hello = || async {
+        let reply = cluster.call("/r/images/hello", "again").await?;
+        ensure!(
+            reply.status == 200,
+            "hello: {} {}",
+            reply.status,
+            reply.text()
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    hello().await?;
+    ensure!(
+        function_containers(&id, "hello")?.len() == 1,
+        "one hot container"
+    );
+
+    cluster.kill_runner(0).await?;
+    let orphans = containers("fn.dataplane.runner", &id)?;
+    ensure!(
+        orphans.len() == 1,
+        "a SIGKILLed runner cannot remove its container, so one is left: {orphans:?}"
+    );
+    cluster.restart_runner(0).await?;
+    ensure!(
+        containers("fn.dataplane.runner", &id)?.is_empty(),
+        "the restarted runner removed its orphans before serving"
+    );
+    let log = cluster.runners[0].log();
+    ensure!(log.contains("an earlier run of this runner left"), "{log}");
+
+    let reply = cluster.call("/r/images/hello", "again").await?;
+    ensure!(
+        reply.status == 200,
+        "after the restart: {} {}",
+        reply.status,
+        reply.text()
+    );
+    ensure!(
+        function_containers(&id, "hello")?.len() == 1,
+        "a new hot container"
+    );
+
+    stop_and_check_clean(&mut cluster, &id).await
+}
+
+#[tokio::test]
+async fn an_image_function_on_a_runner_without_an_engine_is_refused_with_the_reason()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        catalog: CATALOG.into(),
+        runner_env: vec![(
+            "DOCKER_HOST".to_owned(),
+            "unix:///nonexistent/docker.sock".to_owned(),
+        )],
+        ..Setup::default()
+    })
+    .await?;
+    let reply = cluster.call("/r/images/hello", "").await?;
+    let text = reply.text();
+    ensure!(
+        reply.status >= 500 && text.contains("no Docker engine") && text.contains("hello:latest"),
+        "an image function without an engine: {} {text}",
+        reply.status
+    );
+    let log = cluster.runners[0].log();
+    ensure!(
+        log.matches("no Docker engine").count() == 1,
+        "one warning at start:\n{log}"
+    );
+    Ok(())
+}
