@@ -11,7 +11,7 @@ use fn_tls::{TlsArgs, TlsMode};
 
 use crate::ManagerConfig;
 use crate::control_plane::ControlPlane;
-use crate::control_plane::docker::{DockerConfig, DockerControlPlane};
+use crate::control_plane::docker::{DockerConfig, DockerControlPlane, RunnerEngine};
 use crate::control_plane::process::{ProcessConfig, ProcessControlPlane};
 use crate::control_plane::static_list::StaticControlPlane;
 
@@ -77,6 +77,20 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "FN_DOCKER_KEEP_RUNNERS", default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub docker_keep_runners: bool,
+    /// docker: the engine's socket on the host (such as /var/run/docker.sock), given to every
+    /// runner so that it runs functions given as images (its docker driver). Unset: runners
+    /// get no engine and refuse image functions. The socket is root on the host: give it
+    /// only to runners you trust as much as the npm.
+    #[arg(long, env = "FN_DOCKER_RUNNER_ENGINE")]
+    pub docker_runner_engine: Option<String>,
+    /// docker, with FN_DOCKER_RUNNER_ENGINE: the host directory where runners make their
+    /// function containers' directories; mounted into each runner at the same path.
+    #[arg(
+        long,
+        env = "FN_DOCKER_RUNNER_IOFS_DIR",
+        default_value = "/tmp/fn-iofs"
+    )]
+    pub docker_runner_iofs_dir: String,
 }
 
 /// How the control loop scales each LB group.
@@ -218,6 +232,14 @@ impl ControlPlaneArgs {
                 config.npm_id = self.docker_npm_id.clone();
                 config.runner_memory_mb = self.runner_memory_mb;
                 config.keep_runners = self.docker_keep_runners;
+                config.runner_engine = self
+                    .docker_runner_engine
+                    .clone()
+                    .filter(|socket| !socket.is_empty())
+                    .map(|socket| RunnerEngine {
+                        socket,
+                        iofs_dir: self.docker_runner_iofs_dir.clone(),
+                    });
                 config.extra_env.extend(runner_env);
                 Arc::new(
                     DockerControlPlane::connect(config)

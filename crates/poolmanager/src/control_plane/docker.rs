@@ -46,7 +46,8 @@ pub use engine::{
     create_body,
 };
 pub use setup::{
-    CertsSource, DockerConfig, DockerSetupError, Placement, TlsFiles, resolve_placement,
+    CertsSource, DockerConfig, DockerSetupError, Placement, RUNNER_ENGINE_SOCKET, RunnerEngine,
+    TlsFiles, resolve_placement,
 };
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
@@ -78,6 +79,8 @@ pub struct RunnerSpec {
     pub labels: HashMap<String, String>,
     /// Certificates and the directory to mount them at (read-only).
     pub certs: Option<(CertsSource, String)>,
+    /// Host paths bind-mounted read-write: `(host, container)`.
+    pub binds: Vec<(String, String)>,
     pub memory_limit_bytes: i64,
 }
 
@@ -101,6 +104,13 @@ pub fn build_spec(
         }
         None => env.push("FN_INSECURE=true".to_owned()),
     }
+    let mut binds = Vec::new();
+    if let Some(engine) = &config.runner_engine {
+        env.push(format!("DOCKER_HOST=unix://{RUNNER_ENGINE_SOCKET}"));
+        env.push(format!("FN_DOCKER_IOFS_DIR={}", engine.iofs_dir));
+        binds.push((engine.socket.clone(), RUNNER_ENGINE_SOCKET.to_owned()));
+        binds.push((engine.iofs_dir.clone(), engine.iofs_dir.clone()));
+    }
     env.extend(config.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
     let created_ms = created
         .duration_since(UNIX_EPOCH)
@@ -120,6 +130,7 @@ pub fn build_spec(
         env,
         labels,
         certs: placement.certs.clone(),
+        binds,
         memory_limit_bytes: i64::try_from(memory_mb.saturating_mul(1024 * 1024))
             .unwrap_or(i64::MAX),
     }

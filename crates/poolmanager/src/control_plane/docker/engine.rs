@@ -299,22 +299,32 @@ pub const RUNNER_CAPABILITIES: &[&str] = &[
 
 /// The Engine API body for a runner container.
 pub fn create_body(spec: &RunnerSpec) -> ContainerCreateBody {
-    let mounts = spec.certs.as_ref().map(|(source, target)| {
+    let certs = spec.certs.as_ref().map(|(source, target)| {
         let (typ, source) = match source {
             CertsSource::Volume(name) => (MountType::VOLUME, name.clone()),
             CertsSource::Bind(path) => (MountType::BIND, path.clone()),
         };
-        vec![Mount {
+        Mount {
             target: Some(target.clone()),
             source: Some(source),
             typ: Some(typ),
             read_only: Some(true),
             ..Mount::default()
-        }]
+        }
     });
+    let mounts = certs.map(|m| vec![m]);
+    // `Binds`, not bind mounts: the engine creates a missing host directory for a bind, and
+    // the npm (in a container) cannot create host directories itself.
+    let binds: Vec<String> = spec
+        .binds
+        .iter()
+        .map(|(host, target)| format!("{host}:{target}"))
+        .collect();
+    let binds = (!binds.is_empty()).then_some(binds);
     let host_config = HostConfig {
         network_mode: Some(spec.network.clone()),
         mounts,
+        binds,
         tmpfs: Some(HashMap::from([("/tmp".to_owned(), "mode=1777".to_owned())])),
         readonly_rootfs: Some(true),
         init: Some(true),

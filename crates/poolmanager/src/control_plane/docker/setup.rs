@@ -49,6 +49,19 @@ impl TlsFiles {
     }
 }
 
+/// The Docker engine runners get for their docker driver: the engine's socket and a
+/// directory for function containers' sockets, both host paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerEngine {
+    /// Host path of the engine's socket; mounted at [`RUNNER_ENGINE_SOCKET`] in runners.
+    pub socket: String,
+    /// Host directory of function containers' directories; mounted at the same path.
+    pub iofs_dir: String,
+}
+
+/// Where a runner finds the engine it is given.
+pub const RUNNER_ENGINE_SOCKET: &str = "/var/run/docker.sock";
+
 /// Settings of the docker control plane.
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -71,6 +84,8 @@ pub struct DockerConfig {
     pub extra_env: Vec<(String, String)>,
     /// Leave runners running at npm shutdown (`FN_DOCKER_KEEP_RUNNERS`).
     pub keep_runners: bool,
+    /// The engine given to runners for their docker driver (`FN_DOCKER_RUNNER_ENGINE`).
+    pub runner_engine: Option<RunnerEngine>,
     /// Bound for a new runner to answer health.
     pub start_timeout: Duration,
     /// How long a removed runner may take to stop before it is killed.
@@ -108,6 +123,7 @@ impl DockerConfig {
             tls_files,
             extra_env,
             keep_runners: false,
+            runner_engine: None,
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
         }

@@ -52,6 +52,7 @@ impl FakeEngine {
             env: Vec::new(),
             labels: container.labels.clone(),
             certs: None,
+            binds: Vec::new(),
             memory_limit_bytes: 0,
         };
         self.lock().push((container, spec));
@@ -211,6 +212,49 @@ fn spec_carries_labels_env_mount_and_limits() {
     let spec = build_spec(&insecure, &placement(), "g", "n", created);
     assert!(spec.env.iter().any(|e| e == "FN_INSECURE=true"));
     assert!(!spec.env.iter().any(|e| e.starts_with("FN_NODE_CERT")));
+}
+
+#[test]
+fn runners_get_the_engine_only_when_the_operator_gives_it() {
+    let spec = build_spec(&config(), &placement(), "g", "n", SystemTime::now());
+    assert!(
+        spec.binds.is_empty(),
+        "no engine by default: {:?}",
+        spec.binds
+    );
+    assert!(!spec.env.iter().any(|e| e.starts_with("DOCKER_HOST=")));
+
+    let mut with_engine = config();
+    with_engine.runner_engine = Some(RunnerEngine {
+        socket: "/run/docker.sock".into(),
+        iofs_dir: "/srv/fn-iofs".into(),
+    });
+    let spec = build_spec(&with_engine, &placement(), "g", "n", SystemTime::now());
+    assert_eq!(
+        spec.binds,
+        vec![
+            (
+                "/run/docker.sock".to_owned(),
+                RUNNER_ENGINE_SOCKET.to_owned()
+            ),
+            ("/srv/fn-iofs".to_owned(), "/srv/fn-iofs".to_owned()),
+        ]
+    );
+    for expected in [
+        "DOCKER_HOST=unix:///var/run/docker.sock",
+        "FN_DOCKER_IOFS_DIR=/srv/fn-iofs",
+    ] {
+        assert!(spec.env.iter().any(|e| e == expected), "{expected} missing");
+    }
+    let body = create_body(&spec);
+    let binds = body.host_config.and_then(|h| h.binds).expect("binds");
+    assert_eq!(
+        binds,
+        vec![
+            "/run/docker.sock:/var/run/docker.sock".to_owned(),
+            "/srv/fn-iofs:/srv/fn-iofs".to_owned()
+        ]
+    );
 }
 
 #[test]
