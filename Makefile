@@ -8,6 +8,7 @@
 #   make test-docker-driver  image functions on the runner's docker driver (needs an engine)
 #   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
 #   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
+#   make bench-docker  the docker driver beside the process driver: cold start, hot calls
 #   make bench-compare release build, then the same function called directly, through nginx
 #                     and through lb-agent -> pure-runner, side by side with oha (BENCH_ARGS=...)
 
@@ -19,7 +20,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
-        test-compose test-docker-driver test-docker-if-engine bench load bench-compare
+        test-compose test-docker-driver test-docker-if-engine bench-docker bench load bench-compare
 
 all: build
 
@@ -163,6 +164,13 @@ test-docker-driver: images
 	  status=$$?; \
 	  docker image ls --quiet --filter label=$(TEST_IMAGE_LABEL) | sort -u | xargs -r docker image rm --force >/dev/null; \
 	  exit $$status
+
+# The docker driver beside the process driver (cold start, hot-call overhead), on the static
+# binaries of `make images`; not part of `make test`.
+BENCH_DOCKER_ARGS ?=
+
+bench-docker: images
+	$(PYTHON) system-tests/docker_bench.py --bin-dir $(IMAGE_BIN_DIR) $(BENCH_DOCKER_ARGS)
 
 clean:
 	$(CARGO) clean
