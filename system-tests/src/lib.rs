@@ -109,12 +109,17 @@ impl Certs {
         self.dir.path()
     }
 
+    /// The node's private key (`FN_NODE_CERT_KEY`), which functions must not read.
+    pub fn key_path(&self) -> String {
+        self.dir.path().join("node-key.pem").display().to_string()
+    }
+
     /// The `FN_NODE_CERT*` variables pointing at these files.
     pub fn env(&self) -> Vec<(String, String)> {
         let p = |f: &str| self.dir.path().join(f).display().to_string();
         vec![
             ("FN_NODE_CERT".into(), p("node.pem")),
-            ("FN_NODE_CERT_KEY".into(), p("node-key.pem")),
+            ("FN_NODE_CERT_KEY".into(), self.key_path()),
             ("FN_NODE_CERT_AUTHORITY".into(), p("ca.pem")),
         ]
     }

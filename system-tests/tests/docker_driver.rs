@@ -288,13 +288,7 @@ async fn containers_are_isolated_limited_and_fail_clearly() -> anyhow::Result<()
     let id = runner_id("limits");
     let _leftovers = Leftovers(id.clone());
     let mut cluster = cluster(&id, &[]).await?;
-    let key = cluster
-        .certs
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "FN_NODE_CERT_KEY")
-        .map(|(_, v)| v)
-        .context("the runner's key")?;
+    let key = cluster.certs.key_path();
 
     // The runner's own pid: a container must not be able to signal or trace it.
     let runner = cluster.runners[0].pid().context("the runner's pid")?;

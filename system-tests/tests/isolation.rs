@@ -136,13 +136,7 @@ impl Target {
             .context("the instance directory has a parent")?
             .display()
             .to_string();
-        let key = cluster
-            .certs
-            .env()
-            .into_iter()
-            .find(|(k, _)| k == "FN_NODE_CERT_KEY")
-            .map(|(_, v)| v)
-            .context("the runner's key")?;
+        let key = cluster.certs.key_path();
         Ok(Target {
             dir,
             socket,

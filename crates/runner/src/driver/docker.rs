@@ -28,7 +28,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
@@ -291,7 +291,7 @@ impl DockerDriver {
             iofs_root,
             chown,
             metrics,
-            id_prefix: format!("{:08x}", id_seed()),
+            id_prefix: format!("{:08x}", super::id_seed()),
             next_id: AtomicU64::new(1),
             pulls: tokio::sync::Mutex::new(()),
         };
@@ -886,14 +886,6 @@ fn prepare_iofs_root(root: &Path) -> Result<PathBuf, String> {
         ));
     }
     Ok(canonical)
-}
-
-/// A per-driver value that makes instance ids unlikely to repeat across runner restarts.
-fn id_seed() -> u32 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
-    nanos ^ std::process::id().rotate_left(16)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod socket;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fn_protocol::CallSpec;
@@ -169,6 +169,15 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
         call_id: &str,
         start_timeout: Duration,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>>;
+}
+
+/// A per-driver value that makes instance ids unlikely to repeat across runner restarts
+/// (instance directories and containers are named by them).
+fn id_seed() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+    nanos ^ std::process::id().rotate_left(16)
 }
 
 /// The runner's drivers: a function with a command runs on the `process` driver, one with

@@ -35,7 +35,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::process::Command;
@@ -264,7 +264,7 @@ impl ProcessDriver {
             );
         }
 
-        let id_prefix = format!("{:08x}", id_seed());
+        let id_prefix = format!("{:08x}", super::id_seed());
         Ok(ProcessDriver {
             functions_dir,
             socket_root,
@@ -655,14 +655,6 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
         );
     }
     Ok(canonical)
-}
-
-/// A per-driver value that makes instance ids unlikely to repeat across runner restarts.
-fn id_seed() -> u32 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
-    nanos ^ std::process::id().rotate_left(16)
 }
 
 /// The permission bits that apply to `user` in `meta`'s mode, shifted to the owner's place.
