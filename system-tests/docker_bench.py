@@ -124,6 +124,7 @@ idle_timeout = "30m"
             "FN_RUNNER_ADDRESSES": f"127.0.0.1:{grpc}",
             "FN_FUNCTIONS_FILE": str(catalog),
             "FN_LOG_LEVEL": "warn",
+            "FN_DRAIN_DELAY": "0s",
         }), logs / "lb-agent.log")
 
         def health():
