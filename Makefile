@@ -152,11 +152,12 @@ test-compose: images
 	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) system-tests/compose_test.py
 
 # The runner's docker driver on this machine's engine (system-tests/tests/docker_driver.rs):
-# the tests build FROM-scratch function images from the static functions of `make images`
-# and fn-hostile (test-only, never in an image), then remove those images.
+# the tests build FROM-scratch function images from the static functions of `make images`,
+# fn-hostile (test-only, never in an image) and an unmodified Python FDK function (Debian's
+# python3.11 from this machine and the FDK of `make test-deps`), then remove those images.
 TEST_IMAGE_LABEL := fn.dataplane.test-image
 
-test-docker-driver: images
+test-docker-driver: images test-deps
 	RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
 	  $(CARGO) build --release --target $(IMAGE_TARGET) -p fn-hostile
 	$(CARGO) build --workspace --bins

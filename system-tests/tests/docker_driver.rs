@@ -15,9 +15,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ::http::Method;
 use anyhow::{Context, ensure};
+use bytes::Bytes;
 use fn_system_tests::cluster::{Cluster, Setup};
-use fn_system_tests::metrics;
+use fn_system_tests::{http, metrics};
 
 /// Label on the images these tests build (the make target removes them by it).
 const IMAGE_LABEL: &str = "fn.dataplane.test-image";
@@ -82,6 +84,131 @@ fn build_images() -> anyhow::Result<()> {
         })
         .clone()
         .map_err(anyhow::Error::msg)
+}
+
+/// An unmodified Fn Python function (the shape `fn init --runtime python` makes).
+const PYTHON_FUNC: &str = r#"import io
+import json
+
+from fdk import response
+
+
+def handler(ctx, data: io.BytesIO = None):
+    body = data.getvalue().decode("utf-8")
+    answer = {"got": body, "method": ctx.Method(), "x-in": ctx.HTTPHeaders().get("x-in")}
+    return response.Response(
+        ctx,
+        response_data=json.dumps(answer, sort_keys=True),
+        headers={"Content-Type": "application/json", "X-Python-Fn": "yes"},
+        status_code=201,
+    )
+"#;
+
+/// Debian's Python on this machine (the `python3.11-minimal` and `libpython3.11-stdlib`
+/// packages) and what it loads.
+const PYTHON: &str = "/usr/bin/python3.11";
+const PYTHON_STDLIB: &str = "/usr/lib/python3.11";
+const PYTHON_IMAGE: &str = "fn-dataplane-test/python:latest";
+
+/// Copies `path` (following symlinks) to the same path under `root`.
+fn copy_into(root: &std::path::Path, path: &std::path::Path) -> anyhow::Result<()> {
+    let target = root.join(path.strip_prefix("/").unwrap_or(path));
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(path, &target).with_context(|| format!("copying {}", path.display()))?;
+    Ok(())
+}
+
+/// `cp -a src dst` (symlinks kept as they are, modes kept).
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let status = Command::new("cp").arg("-a").arg(src).arg(dst).status()?;
+    ensure!(
+        status.success(),
+        "cp -a {} {}",
+        src.display(),
+        dst.display()
+    );
+    Ok(())
+}
+
+/// The shared libraries `binary` loads, by `ldd`.
+fn shared_libraries(binary: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// A Python function image made on this machine, from nothing pulled: `FROM scratch` with
+/// Debian's Python (its binary, standard library and the libraries they load), the Python FDK
+/// as `pip` installed it from PyPI (`make test-deps`), and [`PYTHON_FUNC`], started the way
+/// Fn's Python images start (`fdk func.py handler`).
+fn build_python_image() -> anyhow::Result<()> {
+    let fdk = PathBuf::from(
+        std::env::var_os("FN_TEST_PYTHONPATH").unwrap_or_else(|| "/opt/fn-test-python".into()),
+    );
+    ensure!(
+        fdk.join("fdk/__init__.py").is_file(),
+        "the Python FDK is not in {}: run `make test-deps`",
+        fdk.display()
+    );
+    ensure!(
+        std::path::Path::new(PYTHON).is_file(),
+        "{PYTHON} (Debian's python3.11-minimal) is not installed"
+    );
+    let context = tempfile::tempdir()?;
+    let root = context.path().join("root");
+    let mut binaries = vec![PathBuf::from(PYTHON)];
+    for dir in [
+        PathBuf::from(PYTHON_STDLIB).join("lib-dynload"),
+        fdk.join("httptools/parser"),
+    ] {
+        for entry in std::fs::read_dir(&dir).with_context(|| dir.display().to_string())? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "so") {
+                binaries.push(path);
+            }
+        }
+    }
+    let mut libraries = std::collections::BTreeSet::new();
+    for binary in &binaries {
+        libraries.extend(shared_libraries(binary)?);
+    }
+    for library in &libraries {
+        copy_into(&root, library)?;
+    }
+    copy_into(&root, std::path::Path::new(PYTHON))?;
+    copy_tree(
+        std::path::Path::new(PYTHON_STDLIB),
+        &root.join(PYTHON_STDLIB.trim_start_matches('/')),
+    )?;
+    for package in ["fdk", "iso8601", "httptools", "pbr"] {
+        copy_tree(&fdk.join(package), &root.join("opt/fdk").join(package))?;
+    }
+    std::fs::create_dir_all(root.join("function"))?;
+    std::fs::write(root.join("function/func.py"), PYTHON_FUNC)?;
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nLABEL {IMAGE_LABEL}=1\nCOPY root/ /\nENV PYTHONPATH=/opt/fdk\n\
+             ENTRYPOINT [\"{PYTHON}\", \"-c\", \"import sys; from fdk.scripts.fdk import main; \
+             sys.argv[0] = 'fdk'; main()\", \"/function/func.py\", \"handler\"]\n"
+        ),
+    )?;
+    let dir = context.path().display().to_string();
+    docker(&["build", "--quiet", "--tag", PYTHON_IMAGE, &dir])?;
+    Ok(())
 }
 
 /// Ids of the containers (running or not) labelled `label=value`.
@@ -168,6 +295,13 @@ name = "hostile"
 route = "/hostile"
 image = "fn-dataplane-test/hostile:latest"
 memory_mb = 64
+
+[[functions]]
+app = "images"
+name = "python"
+route = "/python"
+image = "fn-dataplane-test/python:latest"
+memory_mb = 128
 
 [[functions]]
 app = "images"
@@ -433,6 +567,45 @@ async fn sigterm_leaves_no_container_and_a_restart_after_sigkill_removes_the_orp
         "a new hot container"
     );
 
+    stop_and_check_clean(&mut cluster, &id).await
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
+async fn an_unmodified_python_fdk_function_image_runs() -> anyhow::Result<()> {
+    build_python_image()?;
+    let id = runner_id("python");
+    let _leftovers = Leftovers(id.clone());
+    let mut cluster = cluster(&id, &[]).await?;
+    for round in 0..2 {
+        let reply = http::request(
+            &cluster.http,
+            Method::POST,
+            "/r/images/python",
+            &[("x-in", "from the client")],
+            Bytes::from_static(b"hello python"),
+        )
+        .await?;
+        ensure!(
+            reply.status == 201
+                && reply.text()
+                    == r#"{"got": "hello python", "method": "POST", "x-in": "from the client"}"#,
+            "round {round}: {} {}\n{}",
+            reply.status,
+            reply.text(),
+            cluster.logs()
+        );
+        ensure!(
+            reply.header("x-python-fn").as_deref() == Some("yes")
+                && reply.header("content-type").as_deref() == Some("application/json"),
+            "round {round}: headers {:?}",
+            reply.headers
+        );
+    }
+    ensure!(
+        function_containers(&id, "python")?.len() == 1,
+        "both calls on one hot container"
+    );
     stop_and_check_clean(&mut cluster, &id).await
 }
 
