@@ -3,11 +3,14 @@
 
 Drives deploy/docker-compose.yml as a user would, on images `make images` built:
 
-1. the static stack (npm + lb-agent + 3 pure-runners): every service turns healthy; the
+1. the static stack (npm + lb-agent + 3 pure-runners, with deploy/docker-compose.images.yml so
+   that runners also run functions given as images): every service turns healthy; the
    example functions answer through the published LB port (which proves the LB resolves and
    reaches the runners and the npm by name); the certificates are rotated in the volume and
-   every daemon picks them up without a restart; the runner serving a function is stopped
-   and calls still succeed;
+   every daemon picks them up without a restart; a function given as an image (built here
+   FROM scratch from the static fn-hello) answers from a hardened container, which the
+   runners remove when they stop; the runner serving a function is stopped and calls still
+   succeed;
 2. the autoscale override (deploy/docker-compose.autoscale.yml, FN_CONTROL_PLANE=docker):
    no runner until there is load; load makes the npm provision a runner container, labelled
    with its LB group, and calls succeed; a killed and restarted npm adopts that container
@@ -37,9 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "docker-compose.yml"
 AUTOSCALE = ROOT / "deploy" / "docker-compose.autoscale.yml"
+IMAGES = ROOT / "deploy" / "docker-compose.images.yml"
+STATIC_FUNCTIONS = ROOT / "target" / "docker-context" / "functions"
 NPM_LABEL = "fn.dataplane.npm"
 
 PROJECT = f"fntest{os.getpid()}{random.randrange(16**4):04x}"
+# A function image only this run uses (so its containers are found by `ancestor`).
+FUNCTION_IMAGE = f"{PROJECT}/hello:latest"
 NETWORK = f"{PROJECT}_backend"  # the npm's network, hence its runner containers' npm label
 
 
@@ -114,7 +121,7 @@ def free_port():
 
 
 class Stack:
-    def __init__(self, port, files):
+    def __init__(self, port, files, extra_env=None):
         self.compose = compose_command()
         self.port = port
         self.files = files
@@ -125,6 +132,7 @@ class Stack:
                 "FN_IMAGE_PREFIX": os.environ.get("IMAGE_PREFIX", "fn-dataplane"),
                 "FN_IMAGE_TAG": os.environ.get("IMAGE_TAG", "latest"),
                 "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+                **(extra_env or {}),
             }
         )
 
@@ -205,6 +213,7 @@ def static_stack(stack):
         "lb-agent runs as an unprivileged user",
     )
     expect_examples(stack)
+    image_function(stack)
 
     # Certificate rotation without a restart, as `make certs-rotate` runs it: new files in
     # the certs volume, picked up by every daemon within FN_TLS_RELOAD_INTERVAL (10s).
@@ -234,6 +243,36 @@ def static_stack(stack):
     run(["docker", "stop", "-t", "10", stack.container(serving[0])], timeout=60)
     print(f"  stopped {serving[0]}", flush=True)
     expect_examples(stack, rounds=5)
+
+
+def function_containers():
+    return run(["docker", "ps", "-aq", "--filter", f"ancestor={FUNCTION_IMAGE}"]).split()
+
+
+def image_function(stack):
+    """A catalog function given as an image runs on a runner's docker driver."""
+    for _ in range(3):
+        status, _, body = stack.call("/r/demo/hello-image", b"compose")
+        check(status == 200 and body.strip() == b"Hello, compose!", f"hello-image -> {status} {body[:120]!r}")
+    ids = function_containers()
+    check(len(ids) == 1, f"three calls in a row use one hot function container: {ids}")
+    shape = run(["docker", "inspect", "--format",
+                 "{{.HostConfig.NetworkMode}} {{.Config.User}} {{.HostConfig.ReadonlyRootfs}} "
+                 "{{index .Config.Labels \"fn.dataplane.role\"}}", ids[0]]).split()
+    check(shape == ["none", "65534:65534", "true", "function"],
+          f"the function container has no network, a non-root user, a read-only root: {shape}")
+
+
+def build_function_image(tmp):
+    binary = STATIC_FUNCTIONS / "fn-hello"
+    if not binary.is_file():
+        raise Failed(f"{binary} is missing: run `make images` first")
+    context = Path(tmp) / "image"
+    context.mkdir()
+    (context / "fn-hello").write_bytes(binary.read_bytes())
+    (context / "fn-hello").chmod(0o755)
+    (context / "Dockerfile").write_text('FROM scratch\nCOPY fn-hello /fn-hello\nENTRYPOINT ["/fn-hello"]\n')
+    run(["docker", "build", "--quiet", "--tag", FUNCTION_IMAGE, str(context)])
 
 
 def autoscale_stack(stack):
@@ -287,6 +326,7 @@ def leftovers():
     found = []
     found += run(["docker", "ps", "-aq", "--filter", project]).split()
     found += run(["docker", "ps", "-aq", "--filter", f"label={NPM_LABEL}={NETWORK}"]).split()
+    found += function_containers()
     found += [n for n in run(["docker", "network", "ls", "--format", "{{.Name}}"]).split() if n.startswith(PROJECT)]
     found += [v for v in run(["docker", "volume", "ls", "--format", "{{.Name}}"]).split() if v.startswith(PROJECT)]
     return found
@@ -338,11 +378,29 @@ def main():
             '      FN_SCALE_DOWN_DELAY: "20s"\n'
             '      FN_MAX_DRAIN_TIME: "20s"\n'
         )
+        # The example catalog plus a function given as an image, for the LB of the static stack.
+        catalog = Path(tmp) / "functions.toml"
+        catalog.write_text(
+            (ROOT / "deploy" / "functions.toml").read_text()
+            + f'\n[[functions]]\napp = "demo"\nname = "hello-image"\nroute = "/hello-image"\n'
+            f'image = "{FUNCTION_IMAGE}"\nmemory_mb = 64\n'
+        )
+        catalog.chmod(0o644)
+        with_image = Path(tmp) / "image-catalog.yml"
+        with_image.write_text(
+            "services:\n"
+            "  lb-agent:\n"
+            "    volumes:\n"
+            f"      - {catalog}:/etc/fn/functions.toml:ro\n"
+        )
+        Path(tmp).chmod(0o755)
+        iofs = Path(tempfile.mkdtemp(prefix=f"{PROJECT}-iofs", dir="/tmp"))
         try:
-            stack = Stack(port, [BASE])
+            build_function_image(tmp)
+            stack = Stack(port, [BASE, IMAGES, with_image], {"FN_DOCKER_IOFS_DIR": str(iofs)})
             static_stack(stack)
             stack("down", "-v", "--remove-orphans", "-t", "10")
-            check(leftovers() == [], "the static stack's down -v leaves nothing")
+            check(leftovers() == [], "the static stack's down -v leaves nothing (function containers included)")
             stack = Stack(port, [BASE, AUTOSCALE, fast])
             autoscale_stack(stack)
         except Failed as e:
@@ -355,6 +413,8 @@ def main():
             print("  FAIL interrupted", flush=True)
         finally:
             left = teardown(stack)
+            run(["docker", "image", "rm", "--force", FUNCTION_IMAGE], check_rc=False)
+            subprocess.run(["rm", "-rf", str(iofs)], check=False)
             if left:
                 failed += 1
                 print(f"  FAIL left behind after teardown: {left}", flush=True)
