@@ -15,7 +15,8 @@ Drives deploy/docker-compose.yml as a user would, on images `make images` built:
    no runner until there is load; load makes the npm provision a runner container, labelled
    with its LB group, and calls succeed; a killed and restarted npm adopts that container
    instead of provisioning another; when the load is gone the container is drained and
-   removed; new load provisions again.
+   removed; new load provisions again. With FN_DOCKER_RUNNER_ENGINE the npm gives its runners
+   the engine, and the image function answers there too.
 
 Every wait is bounded. Whatever happens, the stack is torn down (compose down -v plus the
 npm's runner containers by label) and the test fails if any container, network or volume
@@ -305,6 +306,8 @@ def autoscale_stack(stack):
         "runner container: read-only root, capabilities dropped",
     )
     expect_examples(stack)
+    # FN_DOCKER_RUNNER_ENGINE: the npm gave its runners the engine.
+    image_function(stack)
 
     # A killed npm finds its runners again instead of provisioning more.
     npm = stack.container("npm")
@@ -401,7 +404,11 @@ def main():
             static_stack(stack)
             stack("down", "-v", "--remove-orphans", "-t", "10")
             check(leftovers() == [], "the static stack's down -v leaves nothing (function containers included)")
-            stack = Stack(port, [BASE, AUTOSCALE, fast])
+            stack = Stack(
+                port,
+                [BASE, AUTOSCALE, fast, with_image],
+                {"FN_DOCKER_RUNNER_ENGINE": "/var/run/docker.sock", "FN_DOCKER_IOFS_DIR": str(iofs)},
+            )
             autoscale_stack(stack)
         except Failed as e:
             if not e.counted:
