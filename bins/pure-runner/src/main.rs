@@ -20,6 +20,10 @@ use fn_runner::driver::{Driver, Drivers};
 use fn_runner::{EngageConfig, Pool, RunnerService};
 use fn_tls::TlsArgs;
 
+/// How long the runner waits at start for the Docker engine (and the removal of what an
+/// earlier run left) before it serves without the docker driver.
+const DOCKER_SETUP_BOUND: Duration = Duration::from_secs(15);
+
 /// How long the runner waits, after the drain, for its last instances to be cleaned up.
 const INSTANCE_CLEANUP_BOUND: Duration = Duration::from_secs(5);
 
@@ -249,7 +253,14 @@ async fn docker_driver(cli: &Cli, metrics: DockerMetrics) -> Result<Arc<dyn Driv
     config.network.clone_from(&cli.docker_function_network);
     config.user = cli.docker_function_user;
     config.pids_limit = cli.docker_pids_limit;
-    match DockerDriver::connect(config, metrics).await {
+    let connect = tokio::time::timeout(DOCKER_SETUP_BOUND, DockerDriver::connect(config, metrics));
+    let connected = connect.await.unwrap_or_else(|_| {
+        Err(format!(
+            "{}: no answer within {DOCKER_SETUP_BOUND:?}",
+            fn_runner::driver::docker::engine_socket()
+        ))
+    });
+    match connected {
         Ok(driver) => {
             tracing::info!(
                 runner_id,

@@ -80,6 +80,11 @@ const MAX_NAME_LEN: usize = 100;
 /// next start of this runner removes what is left).
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The engine socket the driver uses (`DOCKER_HOST`, else the local socket), for messages.
+pub fn engine_socket() -> String {
+    fn_docker::socket()
+}
+
 /// Whether images missing from the engine are pulled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PullPolicy {
