@@ -15,6 +15,7 @@
 
 pub mod calls;
 pub mod cluster;
+pub mod hostile;
 pub mod http;
 pub mod load;
 pub mod metrics;

@@ -19,6 +19,7 @@ use ::http::Method;
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use fn_system_tests::cluster::{Cluster, Setup};
+use fn_system_tests::hostile::all_denied;
 use fn_system_tests::{http, metrics};
 
 /// Label on the images these tests build (the make target removes them by it).
@@ -438,25 +439,19 @@ async fn containers_are_isolated_limited_and_fail_clearly() -> anyhow::Result<()
         reply.text()
     );
     let report = reply.text();
-    for attempt in [
-        "send it SIGTERM",
-        "ptrace-attach to it",
-        "run as root",
-        "write to the root file system",
-        "see a network interface other than loopback",
-        "read the runner's key",
-        "connect to the runner's gRPC port",
-        "see the runner's processes",
-    ] {
-        let line = report
-            .lines()
-            .find(|l| l.starts_with(attempt))
-            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
-        ensure!(
-            line.starts_with(&format!("{attempt}: denied")),
-            "a function container could {attempt}: {line}\n{report}"
-        );
-    }
+    all_denied(
+        &report,
+        [
+            "send it SIGTERM",
+            "ptrace-attach to it",
+            "run as root",
+            "write to the root file system",
+            "see a network interface other than loopback",
+            "read the runner's key",
+            "connect to the runner's gRPC port",
+            "see the runner's processes",
+        ],
+    )?;
     ensure!(
         report.contains("run as root: denied (uid 65534)"),
         "not the default user:\n{report}"

@@ -8,6 +8,7 @@
 
 use anyhow::{Context, ensure};
 use fn_system_tests::cluster::{Cluster, Setup};
+use fn_system_tests::hostile::all_denied;
 
 const CATALOG: &str = r#"
 [[functions]]
@@ -98,22 +99,6 @@ fn environ_var(pid: u32, name: &str) -> anyhow::Result<String> {
         .find_map(|var| var.strip_prefix(format!("{name}=").as_bytes()))
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .with_context(|| format!("no {name} in the environment of {pid}"))
-}
-
-/// Checks that `fn-hostile`'s report has a row for each of `attempts`, and that it says
-/// denied.
-fn all_denied<'a>(report: &str, attempts: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
-    for attempt in attempts {
-        let line = report
-            .lines()
-            .find(|l| l.starts_with(attempt))
-            .with_context(|| format!("no row for {attempt:?} in\n{report}"))?;
-        ensure!(
-            line.starts_with(&format!("{attempt}: denied")),
-            "tenant B could {attempt}: {line}\n{report}"
-        );
-    }
-    Ok(())
 }
 
 /// What `fn-hostile` attacks: the victim's instance directory and socket (from its
