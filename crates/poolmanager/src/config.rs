@@ -11,7 +11,7 @@ use fn_tls::{TlsArgs, TlsMode};
 
 use crate::ManagerConfig;
 use crate::control_plane::ControlPlane;
-use crate::control_plane::docker::{DockerConfig, DockerControlPlane, RunnerEngine};
+use crate::control_plane::docker::{DockerConfig, DockerControlPlane, RunnerEngine, SwarmConfig};
 use crate::control_plane::process::{ProcessConfig, ProcessControlPlane};
 use crate::control_plane::static_list::StaticControlPlane;
 
@@ -29,6 +29,9 @@ pub enum ControlPlaneKind {
     Process,
     /// Runner containers through the Docker Engine API (FN_DOCKER_*).
     Docker,
+    /// One swarm service per runner through a swarm manager (FN_SWARM_*, and FN_DOCKER_*
+    /// where they apply).
+    Swarm,
 }
 
 /// Where runners come from.
@@ -91,6 +94,20 @@ pub struct ControlPlaneArgs {
         default_value = "/tmp/fn-iofs"
     )]
     pub docker_runner_iofs_dir: String,
+    /// swarm: the image runner services run.
+    #[arg(
+        long,
+        env = "FN_SWARM_RUNNER_IMAGE",
+        default_value = "fn-dataplane/pure-runner:latest"
+    )]
+    pub swarm_runner_image: String,
+    /// swarm: the overlay network runner services join [default: the npm's own].
+    #[arg(long, env = "FN_SWARM_NETWORK")]
+    pub swarm_network: Option<String>,
+    /// swarm: placement constraints of runner services (comma-separated, such as
+    /// node.labels.fn==runner).
+    #[arg(long, env = "FN_SWARM_CONSTRAINTS", value_delimiter = ',')]
+    pub swarm_constraints: Vec<String>,
 }
 
 /// How the control loop scales each LB group.
@@ -224,10 +241,15 @@ impl ControlPlaneArgs {
                         .map_err(|e| error(&e))?,
                 )
             }
-            ControlPlaneKind::Docker => {
-                let mut config =
-                    DockerConfig::new(self.docker_runner_image.clone(), tls.clone(), tls_args);
-                config.network = self.docker_network.clone();
+            ControlPlaneKind::Docker | ControlPlaneKind::Swarm => {
+                let swarm = self.control_plane == ControlPlaneKind::Swarm;
+                let (image, network) = if swarm {
+                    (&self.swarm_runner_image, &self.swarm_network)
+                } else {
+                    (&self.docker_runner_image, &self.docker_network)
+                };
+                let mut config = DockerConfig::new(image.clone(), tls.clone(), tls_args);
+                config.network = network.clone();
                 config.certs = self.docker_certs_volume.clone();
                 config.npm_id = self.docker_npm_id.clone();
                 config.runner_memory_mb = self.runner_memory_mb;
@@ -240,6 +262,14 @@ impl ControlPlaneArgs {
                         socket,
                         iofs_dir: self.docker_runner_iofs_dir.clone(),
                     });
+                config.swarm = swarm.then(|| SwarmConfig {
+                    constraints: self
+                        .swarm_constraints
+                        .iter()
+                        .map(|c| c.trim().to_owned())
+                        .filter(|c| !c.is_empty())
+                        .collect(),
+                });
                 config.extra_env.extend(runner_env);
                 Arc::new(
                     DockerControlPlane::connect(config)

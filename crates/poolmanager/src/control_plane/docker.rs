@@ -32,6 +32,7 @@
 
 mod engine;
 mod setup;
+mod swarm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,8 +48,9 @@ pub use engine::{
 };
 pub use setup::{
     CertsSource, DockerConfig, DockerSetupError, Placement, RUNNER_ENGINE_SOCKET, RunnerEngine,
-    TlsFiles, resolve_placement,
+    SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
+pub use swarm::{SwarmEngine, service_spec};
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
@@ -82,6 +84,11 @@ pub struct RunnerSpec {
     /// Host paths bind-mounted read-write: `(host, container)`.
     pub binds: Vec<(String, String)>,
     pub memory_limit_bytes: i64,
+    /// Swarm placement constraints (swarm only).
+    pub constraints: Vec<String>,
+    /// How long the runner may drain after SIGTERM before it is killed (swarm only: a
+    /// service's tasks get it at creation).
+    pub stop_grace: Duration,
 }
 
 /// The container spec of a new runner for `group`.
@@ -133,6 +140,12 @@ pub fn build_spec(
         binds,
         memory_limit_bytes: i64::try_from(memory_mb.saturating_mul(1024 * 1024))
             .unwrap_or(i64::MAX),
+        constraints: config
+            .swarm
+            .as_ref()
+            .map(|s| s.constraints.clone())
+            .unwrap_or_default(),
+        stop_grace: config.stop_grace,
     }
 }
 
@@ -211,11 +224,25 @@ impl DockerControlPlane {
     pub async fn connect(config: DockerConfig) -> Result<Self, DockerSetupError> {
         let engine = BollardEngine::connect()
             .await
-            .map_err(DockerSetupError::Engine)?;
+            .map_err(|reason| DockerSetupError::Engine {
+                plane: config.plane(),
+                reason,
+            })?;
         match engine.check_image(&config.runner_image).await {
             Ok(()) => {}
-            Err(EngineError::NotFound(image)) => return Err(DockerSetupError::Image(image)),
+            Err(EngineError::NotFound(image)) => {
+                return Err(DockerSetupError::Image {
+                    var: config.image_var(),
+                    image,
+                });
+            }
             Err(e) => return Err(DockerSetupError::Api(e.to_string())),
+        }
+        if config.swarm.is_some() {
+            engine
+                .check_swarm_manager()
+                .await
+                .map_err(DockerSetupError::Swarm)?;
         }
         let own = match own_container_id() {
             Some(id) => match engine.inspect_self(&id).await {
@@ -231,9 +258,10 @@ impl DockerControlPlane {
         match engine.check_network(&placement.network).await {
             Ok(()) => {}
             Err(EngineError::NotFound(n)) => {
-                return Err(DockerSetupError::Network(format!(
-                    "network {n} does not exist on the Docker engine"
-                )));
+                return Err(DockerSetupError::Network {
+                    var: config.network_var(),
+                    message: format!("network {n} does not exist on the Docker engine"),
+                });
             }
             Err(e) => return Err(DockerSetupError::Api(e.to_string())),
         }
@@ -249,16 +277,22 @@ impl DockerControlPlane {
             }
         }
         tracing::info!(
+            plane = config.plane(),
             image = %config.runner_image,
             network = %placement.network,
             certs = ?placement.certs,
             npm_id = %placement.npm_id,
             "docker control plane ready"
         );
+        let engine: Arc<dyn Engine> = if config.swarm.is_some() {
+            Arc::new(SwarmEngine::new(engine))
+        } else {
+            Arc::new(engine)
+        };
         Ok(Self::with_engine(
             config.clone(),
             placement,
-            Arc::new(engine),
+            engine,
             Arc::new(GrpcHealth::new(config.tls)),
         ))
     }

@@ -91,6 +91,42 @@ pub struct SelfView {
 }
 
 impl BollardEngine {
+    /// The engine client, for the swarm engine built on this one.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Checks that this engine is a swarm manager (services can be created through it).
+    ///
+    /// # Errors
+    /// What to do when it is not.
+    pub async fn check_swarm_manager(&self) -> Result<(), String> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| format!("cannot ask the engine about its swarm: {e}"))?;
+        let swarm = info.swarm.unwrap_or_default();
+        let active = swarm
+            .local_node_state
+            .is_some_and(|s| s.to_string() == "active");
+        if !active {
+            return Err(
+                "this Docker engine is not in a swarm; run `docker swarm init` (or join one) \
+                 first"
+                    .into(),
+            );
+        }
+        if swarm.control_available != Some(true) {
+            return Err(
+                "this Docker engine is a swarm worker; the npm must talk to a manager (place \
+                 it on one: deploy.placement.constraints node.role==manager)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Connects to the engine named by `DOCKER_HOST` (a `unix://` socket) or the default
     /// socket `/var/run/docker.sock`, and settles on an API version both sides speak.
     ///
@@ -297,22 +333,27 @@ pub const RUNNER_CAPABILITIES: &[&str] = &[
     "FOWNER",
 ];
 
+/// The read-only mount of the certificates (a volume or a host path), if the spec has one.
+/// Secrets are not a mount: only swarm services have them.
+pub fn certs_mount(spec: &RunnerSpec) -> Option<Mount> {
+    let (source, target) = spec.certs.as_ref()?;
+    let (typ, source) = match source {
+        CertsSource::Volume(name) => (MountType::VOLUME, name.clone()),
+        CertsSource::Bind(path) => (MountType::BIND, path.clone()),
+        CertsSource::Secrets(_) => return None,
+    };
+    Some(Mount {
+        target: Some(target.clone()),
+        source: Some(source),
+        typ: Some(typ),
+        read_only: Some(true),
+        ..Mount::default()
+    })
+}
+
 /// The Engine API body for a runner container.
 pub fn create_body(spec: &RunnerSpec) -> ContainerCreateBody {
-    let certs = spec.certs.as_ref().map(|(source, target)| {
-        let (typ, source) = match source {
-            CertsSource::Volume(name) => (MountType::VOLUME, name.clone()),
-            CertsSource::Bind(path) => (MountType::BIND, path.clone()),
-        };
-        Mount {
-            target: Some(target.clone()),
-            source: Some(source),
-            typ: Some(typ),
-            read_only: Some(true),
-            ..Mount::default()
-        }
-    });
-    let mounts = certs.map(|m| vec![m]);
+    let mounts = certs_mount(spec).map(|m| vec![m]);
     // `Binds`, not bind mounts: the engine creates a missing host directory for a bind, and
     // the npm (in a container) cannot create host directories itself.
     let binds: Vec<String> = spec

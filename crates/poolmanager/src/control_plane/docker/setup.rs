@@ -18,6 +18,20 @@ pub enum CertsSource {
     Volume(String),
     /// An absolute path on the Docker host.
     Bind(String),
+    /// Swarm secrets of these names (swarm only): the npm's own TLS files are secrets in
+    /// `/run/secrets`, and runner services get the same secrets at the same paths.
+    Secrets(Vec<String>),
+}
+
+/// Where swarm mounts secrets in a task's containers.
+pub const SECRETS_DIR: &str = "/run/secrets";
+
+/// Settings only the swarm control plane has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwarmConfig {
+    /// Placement constraints of runner services (`FN_SWARM_CONSTRAINTS`), such as
+    /// `node.labels.fn==runner`.
+    pub constraints: Vec<String>,
 }
 
 /// The npm's TLS files, handed to runners by path.
@@ -29,6 +43,22 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// Whether all three files are swarm secrets (in [`SECRETS_DIR`]).
+    fn in_secrets_dir(&self) -> bool {
+        [&self.cert, &self.key, &self.ca]
+            .iter()
+            .all(|p| p.parent() == Some(Path::new(SECRETS_DIR)))
+    }
+
+    /// The secrets' names: the files' names (swarm's default target).
+    fn secret_names(&self) -> Vec<String> {
+        [&self.cert, &self.key, &self.ca]
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// The one directory holding all three files (it is mounted into every runner).
     fn dir(&self) -> Result<PathBuf, DockerSetupError> {
         let dirs: Vec<Option<&Path>> = [&self.cert, &self.key, &self.ca]
@@ -86,6 +116,8 @@ pub struct DockerConfig {
     pub keep_runners: bool,
     /// The engine given to runners for their docker driver (`FN_DOCKER_RUNNER_ENGINE`).
     pub runner_engine: Option<RunnerEngine>,
+    /// `Some` for `FN_CONTROL_PLANE=swarm`: runners are swarm services, not containers.
+    pub swarm: Option<SwarmConfig>,
     /// Bound for a new runner to answer health.
     pub start_timeout: Duration,
     /// How long a removed runner may take to stop before it is killed.
@@ -124,8 +156,38 @@ impl DockerConfig {
             extra_env,
             keep_runners: false,
             runner_engine: None,
+            swarm: None,
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl DockerConfig {
+    /// `docker` or `swarm`, for messages.
+    pub fn plane(&self) -> &'static str {
+        if self.swarm.is_some() {
+            "swarm"
+        } else {
+            "docker"
+        }
+    }
+
+    /// The variable naming the runner image.
+    pub fn image_var(&self) -> &'static str {
+        if self.swarm.is_some() {
+            "FN_SWARM_RUNNER_IMAGE"
+        } else {
+            "FN_DOCKER_RUNNER_IMAGE"
+        }
+    }
+
+    /// The variable naming the network.
+    pub fn network_var(&self) -> &'static str {
+        if self.swarm.is_some() {
+            "FN_SWARM_NETWORK"
+        } else {
+            "FN_DOCKER_NETWORK"
         }
     }
 }
@@ -145,18 +207,20 @@ pub struct Placement {
 #[derive(Debug, thiserror::Error)]
 pub enum DockerSetupError {
     #[error(
-        "FN_CONTROL_PLANE=docker: cannot reach the Docker engine at {0}. Mount the Docker \
-         socket into the npm's container (/var/run/docker.sock) and give the npm's user the \
-         socket's group (compose: group_add), or set DOCKER_HOST=unix://<socket>"
+        "FN_CONTROL_PLANE={plane}: cannot reach the Docker engine at {reason}. Mount the \
+         Docker socket into the npm's container (/var/run/docker.sock) and give the npm's user \
+         the socket's group (compose: group_add), or set DOCKER_HOST=unix://<socket>"
     )]
-    Engine(String),
+    Engine { plane: &'static str, reason: String },
     #[error(
-        "FN_DOCKER_RUNNER_IMAGE: image {0} is not on the Docker engine; build it with \
-         `make images` (or pull it) first"
+        "{var}: image {image} is not on the Docker engine; build it with `make images` (or \
+         pull it) first"
     )]
-    Image(String),
-    #[error("FN_DOCKER_NETWORK: {0}")]
-    Network(String),
+    Image { var: &'static str, image: String },
+    #[error("{var}: {message}")]
+    Network { var: &'static str, message: String },
+    #[error("FN_CONTROL_PLANE=swarm: {0}")]
+    Swarm(String),
     #[error("FN_DOCKER_CERTS_VOLUME: {0}")]
     Certs(String),
     #[error("Docker Engine API: {0}")]
@@ -172,25 +236,32 @@ pub fn resolve_placement(
     config: &DockerConfig,
     own: Option<&SelfView>,
 ) -> Result<Placement, DockerSetupError> {
+    let var = config.network_var();
+    let network_error = |message: String| DockerSetupError::Network { var, message };
+    // Swarm attaches a task that publishes ports to `ingress` as well: never the runners'.
+    let own_networks: Vec<&String> = own
+        .map(|view| view.networks.iter().filter(|n| *n != "ingress").collect())
+        .unwrap_or_default();
     let network = match (non_empty(&config.network), own) {
         (Some(n), _) => n.to_owned(),
-        (None, Some(view)) => match view.networks.as_slice() {
-            [one] => one.clone(),
+        (None, Some(_)) => match own_networks.as_slice() {
+            [one] => (*one).clone(),
             [] => {
-                return Err(DockerSetupError::Network(
+                return Err(network_error(
                     "required: the npm's container is on no network".into(),
                 ));
             }
             many => {
-                return Err(DockerSetupError::Network(format!(
-                    "the npm's container is on several networks ({}); set FN_DOCKER_NETWORK \
-                     to the one the LBs and runners share",
-                    many.join(", ")
+                let names: Vec<&str> = many.iter().map(|n| n.as_str()).collect();
+                return Err(network_error(format!(
+                    "the npm's container is on several networks ({}); set {var} to the one \
+                     the LBs and runners share",
+                    names.join(", ")
                 )));
             }
         },
         (None, None) => {
-            return Err(DockerSetupError::Network(
+            return Err(network_error(
                 "required: the npm is not in a container it can inspect, so it cannot take \
                  its own network; set the network the LBs and runners share"
                     .into(),
@@ -199,6 +270,10 @@ pub fn resolve_placement(
     };
     let certs = match &config.tls_files {
         None => None,
+        Some(files) if config.swarm.is_some() && files.in_secrets_dir() => Some((
+            CertsSource::Secrets(files.secret_names()),
+            SECRETS_DIR.to_owned(),
+        )),
         Some(files) => {
             let dir = files.dir()?;
             let source = match non_empty(&config.certs) {

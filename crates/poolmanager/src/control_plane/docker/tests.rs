@@ -54,6 +54,8 @@ impl FakeEngine {
             certs: None,
             binds: Vec::new(),
             memory_limit_bytes: 0,
+            constraints: Vec::new(),
+            stop_grace: Duration::ZERO,
         };
         self.lock().push((container, spec));
     }
@@ -315,6 +317,16 @@ fn placement_from_configuration_or_own_container() {
 
     let err = resolve_placement(&config(), None).expect_err("no network");
     assert!(err.to_string().starts_with("FN_DOCKER_NETWORK:"), "{err}");
+    let mut swarm = config();
+    swarm.swarm = Some(SwarmConfig::default());
+    let err = resolve_placement(&swarm, None).expect_err("no network");
+    assert!(err.to_string().starts_with("FN_SWARM_NETWORK:"), "{err}");
+    let published = SelfView {
+        networks: vec!["ingress".into(), "fn_backend".into()],
+        mounts: own.mounts.clone(),
+    };
+    let p = resolve_placement(&swarm, Some(&published)).expect("ingress is never the one");
+    assert_eq!(p.network, "fn_backend");
     let two = SelfView {
         networks: vec!["a".into(), "b".into()],
         mounts: own.mounts.clone(),
@@ -469,4 +481,84 @@ async fn remove_and_shutdown_remove_containers_unless_kept() {
 
     cp.shutdown().await;
     assert!(engine.names().is_empty());
+}
+
+#[test]
+fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constraints() {
+    let mut swarm = config();
+    swarm.swarm = Some(SwarmConfig {
+        constraints: vec!["node.labels.fn==runner".into()],
+    });
+    swarm.tls_files = Some(TlsFiles {
+        cert: "/run/secrets/fn_node.pem".into(),
+        key: "/run/secrets/fn_node-key.pem".into(),
+        ca: "/run/secrets/fn_ca.pem".into(),
+    });
+    let placement = resolve_placement(&swarm, None).expect_err("network still needed");
+    assert!(
+        placement.to_string().contains("FN_SWARM_NETWORK"),
+        "{placement}"
+    );
+    swarm.network = Some("fn_backend".into());
+    let placement = resolve_placement(&swarm, None).expect("secrets need no mount");
+    assert_eq!(
+        placement.certs,
+        Some((
+            CertsSource::Secrets(vec![
+                "fn_node.pem".into(),
+                "fn_node-key.pem".into(),
+                "fn_ca.pem".into()
+            ]),
+            SECRETS_DIR.into()
+        ))
+    );
+    let spec = build_spec(&swarm, &placement, "g", "fn-runner-1", SystemTime::now());
+    let ids = vec!["s1".to_owned(), "s2".to_owned(), "s3".to_owned()];
+    let service = service_spec(&spec, &ids);
+    assert_eq!(service.name.as_deref(), Some("fn-runner-1"));
+    assert_eq!(
+        service.labels.as_ref().map(|l| l[LABEL_GROUP].as_str()),
+        Some("g")
+    );
+    assert_eq!(
+        service
+            .mode
+            .and_then(|m| m.replicated)
+            .and_then(|r| r.replicas),
+        Some(1),
+        "one service per runner"
+    );
+    let task = service.task_template.expect("task");
+    assert_eq!(
+        task.restart_policy.and_then(|r| r.condition),
+        Some(bollard::models::TaskSpecRestartPolicyConditionEnum::ON_FAILURE)
+    );
+    assert_eq!(
+        task.placement.and_then(|p| p.constraints),
+        Some(vec!["node.labels.fn==runner".to_owned()])
+    );
+    assert_eq!(
+        task.networks.expect("networks")[0].target.as_deref(),
+        Some("fn_backend")
+    );
+    let container = task.container_spec.expect("container");
+    let secrets = container.secrets.expect("secrets");
+    assert_eq!(secrets.len(), 3);
+    assert_eq!(secrets[1].secret_id.as_deref(), Some("s2"));
+    let file = secrets[1].file.clone().expect("file");
+    assert_eq!(file.name.as_deref(), Some("fn_node-key.pem"));
+    assert_eq!(
+        file.mode,
+        Some(0o400),
+        "only the runner (root) reads the key"
+    );
+    assert_eq!(container.read_only, Some(true));
+    assert_eq!(container.capability_drop, Some(vec!["ALL".to_owned()]));
+    assert!(
+        container
+            .env
+            .expect("env")
+            .contains(&"FN_NODE_CERT_KEY=/run/secrets/fn_node-key.pem".to_owned())
+    );
+    assert_eq!(container.stop_grace_period, Some(10_000_000_000));
 }
