@@ -160,7 +160,9 @@ TEST_IMAGE_LABEL := fn.dataplane.test-image
 test-docker-driver: images test-deps
 	RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
 	  $(CARGO) build --release --target $(IMAGE_TARGET) -p fn-hostile
-	$(CARGO) build --workspace --bins
+	@# The same build as `make test`'s (so a no-op there): --bins alone would unify features
+	@# differently and rebuild part of the workspace.
+	$(CARGO) build --workspace --bins --all-targets
 	FN_TEST_STATIC_BIN_DIR=$(CURDIR)/$(IMAGE_BIN_DIR) $(CARGO) test -p fn-system-tests --test docker_driver -- --ignored; \
 	  status=$$?; \
 	  docker image ls --quiet --filter label=$(TEST_IMAGE_LABEL) | sort -u | xargs -r docker image rm --force >/dev/null; \

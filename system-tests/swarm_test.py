@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""The swarm deployment, end to end (`make test-swarm`; Python 3 stdlib only).
+
+Deploys deploy/docker-stack.yml as a user would, on images `make images` built, on this
+machine's engine as a single-node swarm, and drives it through the LBs' published port:
+
+- no runner service before any call; the first call makes one (scale from zero) and answers;
+- a burst that needs 3 runners gets 3 runner services, with no failed call;
+- `docker service rm` of a runner service (a lost runner) is noticed: calls go on;
+- a killed npm, restarted by Swarm, adopts the runner services instead of making more;
+- without load the runner services drain and are removed;
+- `docker stack rm` leaves no service or container (the npm removes its runners first).
+
+If the engine is not in a swarm, the test initialises one on 127.0.0.1 and leaves it at the
+end; a swarm that was there is left as it was. The certificate secrets are made here unless
+they exist (then they are left), and removed if made here. Every wait is bounded; whatever
+happens, the stack, its runner services and what the test made are removed.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compose_test as ct  # noqa: E402  (check, run, wait_until and the counters)
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK_FILE = ROOT / "deploy" / "docker-stack.yml"
+STATIC_BIN = ROOT / "target" / "x86_64-unknown-linux-gnu" / "release"
+STACK = f"fnsw{os.getpid()}{random.randrange(16**4):04x}"
+NPM_ID = f"{STACK}_backend"
+SECRETS = {
+    "fn-dataplane-ca.pem": "ca.pem",
+    "fn-dataplane-node.pem": "node.pem",
+    "fn-dataplane-node-key.pem": "node-key.pem",
+}
+check, run, wait_until, Failed = ct.check, ct.run, ct.wait_until, ct.Failed
+
+
+def swarm_state():
+    return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).strip()
+
+
+def runner_services():
+    out = run(["docker", "service", "ls", "--filter", f"label=fn.dataplane.npm={NPM_ID}",
+               "--format", "{{.Name}}"])
+    return sorted(out.split())
+
+
+def stack_leftovers():
+    found = run(["docker", "service", "ls", "-q", "--filter",
+                 f"label=com.docker.stack.namespace={STACK}"]).split()
+    found += run(["docker", "ps", "-aq", "--filter",
+                  f"label=com.docker.stack.namespace={STACK}"]).split()
+    found += run(["docker", "service", "ls", "-q", "--filter",
+                  f"label=fn.dataplane.npm={NPM_ID}"]).split()
+    found += run(["docker", "ps", "-aq", "--filter", f"label=fn.dataplane.npm={NPM_ID}"]).split()
+    return found
+
+
+class Lbs:
+    def __init__(self, port):
+        self.port = port
+
+    def call(self, path, body=b"", timeout=60):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def healthy(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+
+def burst(lbs, calls, path, body):
+    results = []
+    lock = threading.Lock()
+
+    def one():
+        status, _ = lbs.call(path, body)
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def make_secrets(tmp):
+    """Creates the certificate secrets that do not exist; returns those it created."""
+    existing = set(run(["docker", "secret", "ls", "--format", "{{.Name}}"]).split())
+    missing = [name for name in SECRETS if name not in existing]
+    if not missing:
+        return []
+    certs = Path(tmp) / "certs"
+    fn_certs = STATIC_BIN / "fn-certs"
+    if not fn_certs.is_file():
+        raise Failed(f"{fn_certs} is missing: run `make images` first")
+    run([str(fn_certs), "--out", str(certs), "--san", "fn-node"])
+    for name in missing:
+        run(["docker", "secret", "create", name, str(certs / SECRETS[name])])
+    return missing
+
+
+def scenario(lbs):
+    wait_until("the LBs answer /health through the published port", lbs.healthy, 120)
+    wait_until("the npm service runs",
+               lambda: "1/1" in run(["docker", "service", "ls", "--filter", f"name={STACK}_npm",
+                                     "--format", "{{.Replicas}}"]), 60)
+    check(runner_services() == [], "no runner service before any call")
+
+    status, body = lbs.call("/r/demo/hello", b"swarm")
+    check(status == 200 and body.strip() == b"Hello, swarm!",
+          f"scale from zero: the first call answers -> {status} {body[:120]!r}")
+    first = runner_services()
+    check(len(first) == 1, f"the first call made one runner service: {first}")
+    labels = json.loads(run(["docker", "service", "inspect", "--format", "{{json .Spec.Labels}}",
+                             first[0]]))
+    check(labels.get("fn.dataplane.role") == "runner" and labels.get("fn.dataplane.group") == "default",
+          f"the runner service is labelled: {labels}")
+
+    # 6 calls of 3 s at 128 MB on runners of 256 MB: 3 runners.
+    results = burst(lbs, 6, "/r/demo/sleep", b"3000")
+    check(results == [200] * 6, f"a burst needing 3 runners: {sorted(results)}")
+    wait_until("the burst got 3 runner services", lambda: len(runner_services()) == 3, 30)
+
+    # A lost runner: its service removed behind the npm's back.
+    lost = runner_services()[-1]
+    run(["docker", "service", "rm", lost])
+    statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(10)]
+    check(statuses == [200] * 10, f"calls go on after a runner service is removed: {statuses}")
+    wait_until("the npm noticed the lost runner", lambda: lost not in runner_services(), 30)
+
+    # A killed npm is restarted by Swarm and adopts the runner services.
+    before = runner_services()
+    npm = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_npm"]).split()
+    check(len(npm) == 1, f"one npm container: {npm}")
+    run(["docker", "kill", npm[0]])
+    wait_until("Swarm restarted the npm",
+               lambda: (run(["docker", "ps", "-q", "--filter",
+                             f"label=com.docker.swarm.service.name={STACK}_npm"]).split() or [npm[0]])[0] != npm[0],
+               60)
+    statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(5)]
+    check(statuses == [200] * 5, f"calls during the npm restart: {statuses}")
+    time.sleep(3)
+    check(runner_services() == before,
+          f"the restarted npm provisioned nothing new: {before} -> {runner_services()}")
+
+    wait_until("without load the runner services drain and are removed",
+               lambda: runner_services() == [], 150, interval=2)
+
+
+def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    initialised = False
+    created = []
+    port = ct.free_port()
+    env = dict(os.environ)
+    env.update({
+        "FN_LB_PUBLISH": str(port),
+        "FN_IMAGE_PREFIX": os.environ.get("IMAGE_PREFIX", "fn-dataplane"),
+        "FN_IMAGE_TAG": os.environ.get("IMAGE_TAG", "latest"),
+        "FN_RUNNER_MEMORY_MB": "256",
+        "FN_MAX_RUNNERS": "3",
+        "FN_SCALE_DOWN_DELAY": "15s",
+        "FN_MAX_DRAIN_TIME": "20s",
+        "FN_PLACER_TIMEOUT": "60s",
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if swarm_state() != "active":
+                print("== docker swarm init --advertise-addr 127.0.0.1 (left at the end)", flush=True)
+                run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
+                initialised = True
+            created = make_secrets(tmp)
+            print(f"== stack {STACK}, LBs on port {port}", flush=True)
+            subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c",
+                            str(STACK_FILE.name), STACK], cwd=STACK_FILE.parent, env=env,
+                           check=True, capture_output=True, timeout=120)
+            scenario(Lbs(port))
+            run(["docker", "stack", "rm", STACK])
+            wait_until("docker stack rm leaves no service or container",
+                       lambda: stack_leftovers() == [], 120, interval=2)
+        except Failed as e:
+            if not e.counted:
+                ct.failed += 1
+                print(f"  FAIL {e}", flush=True)
+            print(run(["docker", "service", "logs", "--tail", "30", f"{STACK}_npm"], check_rc=False), flush=True)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            ct.failed += 1
+            print(f"  FAIL {e}: {getattr(e, 'stderr', '')}", flush=True)
+        except (KeyboardInterrupt, SystemExit):
+            ct.failed += 1
+            print("  FAIL interrupted", flush=True)
+        finally:
+            run(["docker", "stack", "rm", STACK], check_rc=False)
+            runners = run(["docker", "service", "ls", "-q", "--filter", f"label=fn.dataplane.npm={NPM_ID}"],
+                          check_rc=False).split()
+            if runners:
+                run(["docker", "service", "rm", *runners], check_rc=False)
+            deadline = time.monotonic() + 120
+            while stack_leftovers() and time.monotonic() < deadline:
+                time.sleep(2)
+            # The overlay network goes once its last task has; what is left is removed.
+            for _ in range(30):
+                nets = run(["docker", "network", "ls", "-q", "--filter",
+                            f"label=com.docker.stack.namespace={STACK}"], check_rc=False).split()
+                if not nets:
+                    break
+                run(["docker", "network", "rm", *nets], check_rc=False)
+                time.sleep(1)
+            if created:
+                run(["docker", "secret", "rm", *created], check_rc=False)
+            left = stack_leftovers()
+            if left:
+                ct.failed += 1
+                print(f"  FAIL left behind: {left}", flush=True)
+            if initialised:
+                run(["docker", "swarm", "leave", "--force"], check_rc=False)
+                if swarm_state() != "inactive":
+                    ct.failed += 1
+                    print("  FAIL the swarm this test made is still there", flush=True)
+    print(f"swarm test took {time.monotonic() - started:.0f}s", flush=True)
+    print(f"swarm: {ct.passed} passed, {ct.failed} failed", flush=True)
+    return 0 if ct.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
