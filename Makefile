@@ -6,6 +6,8 @@
 #   make images       container images (see docker/)
 #   make test-compose the docker compose deployment end to end (needs a Docker engine)
 #   make test-docker-driver  image functions on the runner's docker driver (needs an engine)
+#   make test-swarm   deploy/docker-stack.yml on a single-node swarm, end to end (needs an engine)
+#   make stack-up STACK=fn / make stack-down STACK=fn   the dataplane as a swarm stack
 #   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
 #   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
 #   make bench-docker  the docker driver beside the process driver: cold start, hot calls
@@ -20,7 +22,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
-        test-compose test-docker-driver test-docker-if-engine bench-docker bench load bench-compare
+        test-compose test-docker-driver test-swarm stack-up stack-down test-docker-if-engine bench-docker bench load bench-compare
 
 all: build
 
@@ -60,9 +62,9 @@ test-system: test-deps
 # elsewhere say so and skip.
 test-docker-if-engine:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory test-compose test-docker-driver; \
+	  $(MAKE) --no-print-directory test-compose test-docker-driver test-swarm; \
 	else \
-	  echo "SKIPPED test-compose and test-docker-driver: no Docker engine answers 'docker info' here"; \
+	  echo "SKIPPED test-compose, test-docker-driver and test-swarm: no Docker engine answers 'docker info' here"; \
 	fi
 
 # Performance (not part of `make test`; see README, Performance). `bench` times the
@@ -167,6 +169,46 @@ test-docker-driver: images test-deps
 	  status=$$?; \
 	  docker image ls --quiet --filter label=$(TEST_IMAGE_LABEL) | sort -u | xargs -r docker image rm --force >/dev/null; \
 	  exit $$status
+
+# The swarm stack (deploy/docker-stack.yml) end to end on a single-node swarm: initialises
+# swarm when it is inactive and leaves it as it found it (system-tests/swarm_test.py).
+test-swarm: images
+	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) system-tests/swarm_test.py
+
+# The dataplane as a swarm stack: images, the development certificates as swarm secrets
+# (kept when they exist), then `docker stack deploy`. The engine must be a swarm manager
+# (`docker swarm init` once). Images must be on every node (README, "Across machines").
+STACK ?= fn
+STACK_SECRETS := fn-dataplane-ca.pem:ca.pem fn-dataplane-node.pem:node.pem fn-dataplane-node-key.pem:node-key.pem
+
+stack-up: images
+	@[ "$$(docker info --format '{{.Swarm.ControlAvailable}}')" = true ] || \
+	  { echo "make stack-up: this engine is not a swarm manager; run 'docker swarm init' first" >&2; exit 1; }
+	$(IMAGE_BIN_DIR)/fn-certs --out deploy/certs --keep --san fn-node
+	@for pair in $(STACK_SECRETS); do \
+	  name=$${pair%%:*}; file=$${pair#*:}; \
+	  docker secret inspect $$name >/dev/null 2>&1 || docker secret create $$name deploy/certs/$$file >/dev/null && echo "secret $$name"; \
+	done
+	cd deploy && FN_IMAGE_PREFIX=$(IMAGE_PREFIX) FN_IMAGE_TAG=$(IMAGE_TAG) \
+	  docker stack deploy --resolve-image never -c docker-stack.yml $(STACK)
+
+# Takes the stack down and waits (at most 2 minutes) until no service or container of it,
+# nor a runner service of its npm, is left; then removes its network if it is still there.
+stack-down:
+	-docker stack rm $(STACK)
+	@for i in $$(seq 1 60); do \
+	  left=$$(docker service ls -q --filter label=com.docker.stack.namespace=$(STACK); \
+	          docker service ls -q --filter label=fn.dataplane.npm=$(STACK)_backend; \
+	          docker ps -aq --filter label=com.docker.stack.namespace=$(STACK); \
+	          docker ps -aq --filter label=fn.dataplane.npm=$(STACK)_backend); \
+	  [ -z "$$left" ] && break; sleep 2; \
+	done; \
+	[ -z "$$left" ] || { echo "make stack-down: still there after 2 minutes: $$left" >&2; exit 1; }
+	@for i in $$(seq 1 15); do \
+	  nets=$$(docker network ls -q --filter label=com.docker.stack.namespace=$(STACK)); \
+	  [ -z "$$nets" ] && break; docker network rm $$nets >/dev/null 2>&1; sleep 1; \
+	done
+	@echo "stack $(STACK) is down"
 
 # The docker driver beside the process driver (cold start, hot-call overhead), on the static
 # binaries of `make images`; not part of `make test`.

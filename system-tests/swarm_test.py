@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The swarm deployment, end to end (`make test-swarm`; Python 3 stdlib only).
+"""The swarm deployment, end to end (`make test-swarm`, part of `make test` where an engine
+answers; Python 3 stdlib only).
 
 Deploys deploy/docker-stack.yml as a user would, on images `make images` built, on this
 machine's engine as a single-node swarm, and drives it through the LBs' published port:
@@ -44,6 +45,27 @@ SECRETS = {
     "fn-dataplane-node-key.pem": "node-key.pem",
 }
 check, run, wait_until, Failed = ct.check, ct.run, ct.wait_until, ct.Failed
+
+# Seconds each step took, printed at the end (the README quotes them).
+TIMINGS = {}
+
+CATALOG = """
+[[functions]]
+app = "demo"
+name = "hello"
+route = "/hello"
+command = ["fn-hello"]
+memory_mb = 64
+timeout = "60s"
+
+[[functions]]
+app = "demo"
+name = "sleep"
+route = "/sleep"
+command = ["fn-sleep"]
+memory_mb = 128
+timeout = "60s"
+"""
 
 
 def swarm_state():
@@ -128,7 +150,9 @@ def scenario(lbs):
                                      "--format", "{{.Replicas}}"]), 60)
     check(runner_services() == [], "no runner service before any call")
 
+    began = time.monotonic()
     status, body = lbs.call("/r/demo/hello", b"swarm")
+    TIMINGS["scale from zero: first call, runner service made and ready"] = time.monotonic() - began
     check(status == 200 and body.strip() == b"Hello, swarm!",
           f"scale from zero: the first call answers -> {status} {body[:120]!r}")
     first = runner_services()
@@ -139,7 +163,9 @@ def scenario(lbs):
           f"the runner service is labelled: {labels}")
 
     # 6 calls of 3 s at 128 MB on runners of 256 MB: 3 runners.
+    began = time.monotonic()
     results = burst(lbs, 6, "/r/demo/sleep", b"3000")
+    TIMINGS["burst: 6 calls of 3 s needing 2 more runner services, all answered"] = time.monotonic() - began
     check(results == [200] * 6, f"a burst needing 3 runners: {sorted(results)}")
     wait_until("the burst got 3 runner services", lambda: len(runner_services()) == 3, 30)
 
@@ -165,8 +191,10 @@ def scenario(lbs):
     check(runner_services() == before,
           f"the restarted npm provisioned nothing new: {before} -> {runner_services()}")
 
+    began = time.monotonic()
     wait_until("without load the runner services drain and are removed",
                lambda: runner_services() == [], 150, interval=2)
+    TIMINGS["scale to zero after the last call (FN_SCALE_DOWN_DELAY=15s)"] = time.monotonic() - began
 
 
 def main():
@@ -178,6 +206,8 @@ def main():
     env = dict(os.environ)
     env.update({
         "FN_LB_PUBLISH": str(port),
+        # One node: host-mode publishing fits one LB on it.
+        "FN_LB_REPLICAS": "1",
         "FN_IMAGE_PREFIX": os.environ.get("IMAGE_PREFIX", "fn-dataplane"),
         "FN_IMAGE_TAG": os.environ.get("IMAGE_TAG", "latest"),
         "FN_RUNNER_MEMORY_MB": "256",
@@ -193,9 +223,16 @@ def main():
                 run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
                 initialised = True
             created = make_secrets(tmp)
+            # The stack file as it is, beside a catalog whose sleep function may wait for a new
+            # runner service: a call waits for room at most half its timeout, and a runner
+            # service takes about 10 s to come up here.
+            deploy = Path(tmp) / "deploy"
+            deploy.mkdir()
+            (deploy / STACK_FILE.name).write_text(STACK_FILE.read_text())
+            (deploy / "functions.toml").write_text(CATALOG)
             print(f"== stack {STACK}, LBs on port {port}", flush=True)
             subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c",
-                            str(STACK_FILE.name), STACK], cwd=STACK_FILE.parent, env=env,
+                            STACK_FILE.name, STACK], cwd=deploy, env=env,
                            check=True, capture_output=True, timeout=120)
             scenario(Lbs(port))
             run(["docker", "stack", "rm", STACK])
@@ -232,6 +269,11 @@ def main():
             if created:
                 run(["docker", "secret", "rm", *created], check_rc=False)
             left = stack_leftovers()
+            namespace = f"label=com.docker.stack.namespace={STACK}"
+            left += run(["docker", "network", "ls", "-q", "--filter", namespace], check_rc=False).split()
+            left += run(["docker", "config", "ls", "-q", "--filter", namespace], check_rc=False).split()
+            secrets = set(run(["docker", "secret", "ls", "--format", "{{.Name}}"], check_rc=False).split())
+            left += [name for name in created if name in secrets]
             if left:
                 ct.failed += 1
                 print(f"  FAIL left behind: {left}", flush=True)
@@ -240,6 +282,8 @@ def main():
                 if swarm_state() != "inactive":
                     ct.failed += 1
                     print("  FAIL the swarm this test made is still there", flush=True)
+    for what, seconds in TIMINGS.items():
+        print(f"  time {seconds:6.1f} s  {what}", flush=True)
     print(f"swarm test took {time.monotonic() - started:.0f}s", flush=True)
     print(f"swarm: {ct.passed} passed, {ct.failed} failed", flush=True)
     return 0 if ct.failed == 0 else 1

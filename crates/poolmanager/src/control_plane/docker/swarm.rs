@@ -6,8 +6,8 @@
 //! readiness and drain. What differs is here:
 //! - a service restarts its task on failure (`on-failure`), so a runner that crashes, or whose
 //!   node is lost, comes back under the same service, name and place in the LB lists;
-//! - the runner is reached at `<service>:9190`, the service's virtual IP on the overlay
-//!   network;
+//! - the runner is reached at `<service>:9190` on the overlay network, a name that resolves
+//!   to its task (`dnsrr`: no virtual IP, so no IPVS needed in the nodes' kernels);
 //! - the certificates are swarm secrets when the npm's own are (see [`CertsSource::Secrets`]),
 //!   mounted at the same paths and readable by the runner (root in its container) only;
 //! - runner services are placed by `FN_SWARM_CONSTRAINTS`.
@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    Mount, MountType, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
-    TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
-    TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpec, EndpointSpecModeEnum, Mount, MountType, NetworkAttachmentConfig, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
+    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources,
+    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
@@ -198,6 +198,12 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
         mode: Some(ServiceSpecMode {
             replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
             ..ServiceSpecMode::default()
+        }),
+        // The name resolves to the task itself: a virtual IP would need IPVS in every
+        // node's kernel, and one task per service has nothing to balance.
+        endpoint_spec: Some(EndpointSpec {
+            mode: Some(EndpointSpecModeEnum::DNSRR),
+            ..EndpointSpec::default()
         }),
         ..ServiceSpec::default()
     }
