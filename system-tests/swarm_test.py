@@ -9,6 +9,7 @@ machine's engine as a single-node swarm, and drives it through the LBs' publishe
 - a burst that needs 3 runners gets 3 runner services, with no failed call;
 - `docker service rm` of a runner service (a lost runner) is noticed: calls go on;
 - a killed npm, restarted by Swarm, adopts the runner services instead of making more;
+- a killed runner is restarted by Swarm under the same service (its place in the lists);
 - without load the runner services drain and are removed;
 - `docker stack rm` leaves no service or container (the npm removes its runners first).
 
@@ -190,6 +191,19 @@ def scenario(lbs):
     time.sleep(3)
     check(runner_services() == before,
           f"the restarted npm provisioned nothing new: {before} -> {runner_services()}")
+
+    # A runner that crashes: Swarm restarts its task under the same service.
+    crashed = runner_services()[0]
+    victim = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={crashed}"]).split()
+    check(len(victim) == 1, f"one container of {crashed}: {victim}")
+    run(["docker", "kill", victim[0]])
+    wait_until("Swarm restarted the crashed runner's task",
+               lambda: [c for c in run(["docker", "ps", "-q", "--filter",
+                                        f"label=com.docker.swarm.service.name={crashed}"]).split()
+                        if c != victim[0]], 60)
+    check(crashed in runner_services(), "the restarted runner keeps its service, and its place")
+    statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(5)]
+    check(statuses == [200] * 5, f"calls after a runner's task was restarted: {statuses}")
 
     began = time.monotonic()
     wait_until("without load the runner services drain and are removed",

@@ -86,17 +86,16 @@ impl SwarmEngine {
     }
 }
 
-/// A service's state as the control plane sees it, from its tasks: `Running` when one runs;
-/// `Other` while one is on its way (Swarm restarts failed ones).
+/// A service's state as the control plane sees it. The service *is* the runner: it stays
+/// `Running` (listed, in the LBs' lists) while Swarm starts or restarts its task, after a
+/// crash or a node loss, so that it keeps its place; only a service whose task cannot come
+/// up is `Stopped` (the control plane removes it). A task is also "starting" until the
+/// image's health check first passes, well after the runner answers the npm's own probe.
 fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
-    let running = tasks.iter().any(|t| {
-        t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
-            && t.desired_state == Some(TaskState::RUNNING)
-    });
-    if running {
+    if may_come_up(tasks) {
         ContainerState::Running
     } else {
-        ContainerState::Other
+        ContainerState::Stopped
     }
 }
 
@@ -322,20 +321,25 @@ mod tests {
     }
 
     #[test]
-    fn a_service_runs_when_one_task_runs_and_gives_up_only_on_rejection_or_repeated_failure() {
-        use TaskState::{FAILED, PENDING, REJECTED, RUNNING, SHUTDOWN};
+    fn a_service_is_its_runner_until_its_task_is_rejected_or_fails_repeatedly() {
+        use TaskState::{FAILED, PENDING, REJECTED, RUNNING, SHUTDOWN, STARTING};
         assert_eq!(
             service_state(&[task(RUNNING, RUNNING)]),
             ContainerState::Running
         );
         assert_eq!(
-            service_state(&[task(PENDING, RUNNING)]),
-            ContainerState::Other
+            service_state(&[task(STARTING, RUNNING)]),
+            ContainerState::Running,
+            "starting until the image's health check passes"
         );
         assert_eq!(
-            service_state(&[task(RUNNING, SHUTDOWN)]),
-            ContainerState::Other,
-            "a task being stopped is not the runner"
+            service_state(&[task(FAILED, SHUTDOWN), task(PENDING, RUNNING)]),
+            ContainerState::Running,
+            "a runner Swarm restarts keeps its place"
+        );
+        assert_eq!(
+            service_state(&[task(REJECTED, SHUTDOWN)]),
+            ContainerState::Stopped
         );
         assert!(may_come_up(&[task(PENDING, RUNNING)]));
         assert!(may_come_up(&[
