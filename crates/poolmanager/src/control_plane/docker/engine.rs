@@ -275,17 +275,8 @@ impl Engine for BollardEngine {
 
     fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String> {
         Box::pin(async move {
-            let options = LogsOptionsBuilder::default()
-                .stdout(true)
-                .stderr(true)
-                .tail(&lines.to_string())
-                .build();
-            let chunks: Vec<_> = self.docker.logs(name, Some(options)).collect().await;
-            let mut text = String::new();
-            for chunk in chunks.into_iter().flatten() {
-                text.push_str(&chunk.to_string());
-            }
-            text.trim().to_owned()
+            let logs = self.docker.logs(name, Some(tail_options(lines)));
+            collect_logs(logs).await
         })
     }
 
@@ -320,6 +311,27 @@ impl Engine for BollardEngine {
             }
         })
     }
+}
+
+/// The last `lines` lines of both output streams.
+pub(super) fn tail_options(lines: usize) -> bollard::query_parameters::LogsOptions {
+    LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail(&lines.to_string())
+        .build()
+}
+
+/// The text of a logs stream, trimmed; chunks that fail are left out.
+pub(super) async fn collect_logs(
+    logs: impl futures::Stream<Item = Result<bollard::container::LogOutput, BollardError>>,
+) -> String {
+    let chunks: Vec<_> = logs.collect().await;
+    let mut text = String::new();
+    for chunk in chunks.into_iter().flatten() {
+        text.push_str(&chunk.to_string());
+    }
+    text.trim().to_owned()
 }
 
 /// Capabilities a runner keeps: starting functions as another user (setuid/setgid), managing

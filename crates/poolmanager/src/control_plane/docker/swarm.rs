@@ -24,13 +24,11 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
-    LogsOptionsBuilder,
 };
 use fn_docker::{EngineError, classify};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount};
+use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount, collect_logs, tail_options};
 use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec};
 
 /// Failed tasks after which a runner service counts as not coming up (its task keeps being
@@ -259,20 +257,8 @@ impl Engine for SwarmEngine {
 
     fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String> {
         Box::pin(async move {
-            let options = LogsOptionsBuilder::default()
-                .stdout(true)
-                .stderr(true)
-                .tail(&lines.to_string())
-                .build();
-            let chunks: Vec<_> = self
-                .docker()
-                .service_logs(name, Some(options))
-                .collect()
-                .await;
-            let mut text = String::new();
-            for chunk in chunks.into_iter().flatten() {
-                text.push_str(&chunk.to_string());
-            }
+            let logs = self.docker().service_logs(name, Some(tail_options(lines)));
+            let mut text = collect_logs(logs).await;
             // Why tasks were rejected or failed, which the logs do not say.
             if let Ok(tasks) = self.tasks(name).await {
                 for task in tasks {
