@@ -14,7 +14,11 @@
 //!    seen), which would otherwise drain runners under load;
 //! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
 //!    scale up by re-activating draining runners (newest first), then provisioning a
-//!    bounded batch; scale down by moving the newest active runners to draining. A group's
+//!    bounded batch (runners being provisioned count as coming); scale down by moving the
+//!    newest active runners to draining. Provisioning runs beside the loop: a tick waits for
+//!    it at most one tick interval, and what is ready later joins at a later tick, so a slow
+//!    control plane (a swarm service takes seconds to start) stalls neither the other groups
+//!    nor the drains. A group's
 //!    predictor starts out holding the runners the group already has, so the runners a
 //!    restarted npm adopts stay until demand has been low for a whole window (the first
 //!    tick comes before the LBs have advertised to the new process);
@@ -25,13 +29,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::control_plane::{ControlPlane, RunnerInfo};
+use crate::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
 use crate::demand::DemandBook;
 use crate::metrics::{GroupFigures, NpmMetrics};
 use crate::predictor::{Predictor, WindowPredictor};
@@ -201,6 +205,28 @@ struct Entry {
     state: RunnerState,
 }
 
+/// What a provisioning task brings back.
+#[derive(Debug)]
+struct Provisioned {
+    group: String,
+    batch: usize,
+    /// When it was asked for (its entry in [`InFlight::since`]).
+    asked: SystemTime,
+    result: Result<Vec<RunnerInfo>, ControlPlaneError>,
+}
+
+/// Provisioning under way, beside the loop.
+#[derive(Debug, Default)]
+struct InFlight {
+    tasks: tokio::task::JoinSet<Provisioned>,
+    /// Runners asked for and not yet back, per group.
+    runners: HashMap<String, usize>,
+    /// When each batch under way was asked for: a runner the control plane lists that was
+    /// created after the oldest of these may still be starting, and joins when its
+    /// provisioning reports it ready, not from the list.
+    since: Vec<SystemTime>,
+}
+
 /// The control loop's own state. Owned by one task.
 #[derive(Debug)]
 pub struct ControlLoop {
@@ -214,6 +240,7 @@ pub struct ControlLoop {
     loaded: bool,
     /// Start of the previous tick, to notice the loop itself stalling.
     last_tick: Option<Instant>,
+    in_flight: InFlight,
     metrics: NpmMetrics,
 }
 
@@ -235,6 +262,7 @@ impl ControlLoop {
             predictors: HashMap::new(),
             loaded: false,
             last_tick: None,
+            in_flight: InFlight::default(),
             metrics: NpmMetrics::register(registry),
         }
     }
@@ -258,6 +286,8 @@ impl ControlLoop {
                 () = self.tick() => {}
             }
         }
+        // Runners still starting are the control plane's to remove with the others.
+        self.in_flight.tasks.abort_all();
         self.control_plane.shutdown().await;
         Ok(())
     }
@@ -274,6 +304,9 @@ impl ControlLoop {
     pub async fn tick(&mut self) {
         let now = Instant::now();
         let stalled = self.stalled(now);
+        while let Some(done) = self.in_flight.tasks.try_join_next() {
+            self.provisioned(done);
+        }
         if !self.sync_with_control_plane().await {
             return;
         }
@@ -303,8 +336,9 @@ impl ControlLoop {
         self.metrics.purged(purged.len());
         let groups = self.known_groups();
         for group in &groups {
-            self.scale_group(group, now).await;
+            self.scale_group(group, now);
         }
+        self.await_provisioned(now + self.config.tick).await;
         self.remove_drained(now).await;
         self.publish();
         self.show_figures();
@@ -366,7 +400,12 @@ impl ControlLoop {
             }
             keep
         });
+        let starting_since = self.in_flight.since.iter().min().copied();
         for info in listed {
+            if starting_since.is_some_and(|since| info.created >= since) {
+                // Being provisioned: it joins once it answers (see `provisioned`).
+                continue;
+            }
             if !self.runners.iter().any(|e| e.info.id == info.id) {
                 tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner joined");
                 self.runners.push(Entry {
@@ -395,7 +434,7 @@ impl ControlLoop {
         groups
     }
 
-    async fn scale_group(&mut self, group: &str, now: Instant) {
+    fn scale_group(&mut self, group: &str, now: Instant) {
         let wanted = self.shared.with_demand(|d| d.wanted_mb(group));
         let runner_mb = self.control_plane.runner_memory_mb();
         let window = self.config.scale_down_delay;
@@ -411,6 +450,7 @@ impl ControlLoop {
             .max(self.config.min_runners)
             .min(self.config.max_runners);
 
+        let coming = self.in_flight.runners.get(group).copied().unwrap_or(0);
         if desired > active {
             let mut short = desired - active;
             // Newest draining runners first: they are the most recently warmed.
@@ -425,6 +465,7 @@ impl ControlLoop {
                     tracing::info!(runner = %entry.info.id, group, "re-activated a draining runner");
                 }
             }
+            let short = short.saturating_sub(coming);
             if short > 0 {
                 let batch = short.min(self.config.provision_batch);
                 tracing::info!(
@@ -432,25 +473,24 @@ impl ControlLoop {
                     wanted_mb = wanted,
                     desired,
                     active,
+                    coming,
                     provisioning = batch,
                     "scaling up"
                 );
-                match self.control_plane.provision(group, batch).await {
-                    Ok(new) => {
-                        self.metrics.provisioned(new.len());
-                        for info in new {
-                            self.runners.push(Entry {
-                                info,
-                                state: RunnerState::Active,
-                            });
-                        }
-                        self.sort();
+                let control_plane = Arc::clone(&self.control_plane);
+                let group = group.to_owned();
+                let asked = SystemTime::now();
+                *self.in_flight.runners.entry(group.clone()).or_default() += batch;
+                self.in_flight.since.push(asked);
+                self.in_flight.tasks.spawn(async move {
+                    let result = control_plane.provision(&group, batch).await;
+                    Provisioned {
+                        group,
+                        batch,
+                        asked,
+                        result,
                     }
-                    Err(e) => {
-                        self.metrics.provisioning_failed(batch);
-                        tracing::error!(group, error = %e, "provisioning failed; retrying next tick")
-                    }
-                }
+                });
             }
         } else if desired < active {
             let mut excess = active - desired;
@@ -471,6 +511,61 @@ impl ControlLoop {
                     excess -= 1;
                     tracing::info!(runner = %entry.info.id, group, "runner draining");
                 }
+            }
+        }
+    }
+
+    /// Waits for the provisioning under way until `deadline` at most, adding what is ready.
+    async fn await_provisioned(&mut self, deadline: Instant) {
+        while !self.in_flight.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.tasks.join_next()).await {
+                Ok(Some(done)) => self.provisioned(done),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    /// Adds the runners a provisioning task brought back.
+    fn provisioned(&mut self, done: Result<Provisioned, tokio::task::JoinError>) {
+        let Provisioned {
+            group,
+            batch,
+            asked,
+            result,
+        } = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A panic in a control plane (or an abort): what it was for is unknown, so
+                // nothing counts as coming any more; the list shows what it left.
+                tracing::error!(error = %e, "a provisioning task failed");
+                self.in_flight.runners.clear();
+                self.in_flight.since.clear();
+                return;
+            }
+        };
+        if let Some(pos) = self.in_flight.since.iter().position(|t| *t == asked) {
+            self.in_flight.since.swap_remove(pos);
+        }
+        if let Some(coming) = self.in_flight.runners.get_mut(&group) {
+            *coming = coming.saturating_sub(batch);
+        }
+        match result {
+            Ok(new) => {
+                self.metrics.provisioned(new.len());
+                for info in new {
+                    if !self.runners.iter().any(|e| e.info.id == info.id) {
+                        tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner provisioned");
+                        self.runners.push(Entry {
+                            info,
+                            state: RunnerState::Active,
+                        });
+                    }
+                }
+                self.sort();
+            }
+            Err(e) => {
+                self.metrics.provisioning_failed(batch);
+                tracing::error!(%group, error = %e, "provisioning failed; retrying next tick");
             }
         }
     }

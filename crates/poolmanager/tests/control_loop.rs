@@ -173,6 +173,39 @@ impl Harness {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_slow_provisioning_runs_beside_the_loop_and_its_runner_joins_when_ready() {
+    let cp = FakeControlPlane::default();
+    *cp.provision_delay.lock().expect("lock") = Some(Duration::from_secs(5));
+    let mut h = harness(cp, config());
+    h.advertise("lb1", "g", 1);
+    let began = Instant::now();
+    h.tick().await;
+    assert!(
+        began.elapsed() <= Duration::from_secs(2),
+        "a tick waits for a slow start at most one tick interval: {:?}",
+        began.elapsed()
+    );
+    assert!(
+        h.members("g").is_empty(),
+        "a runner still starting is not published, though the control plane lists it"
+    );
+    // Meanwhile another group scales, and the runner coming is not asked for again.
+    *h.cp.provision_delay.lock().expect("lock") = None;
+    h.advertise("lb1", "g", 1);
+    h.advertise("lb2", "other", 1);
+    h.tick().await;
+    assert_eq!(h.members("other").len(), 1, "the other group did not wait");
+    assert!(h.members("g").is_empty());
+    for _ in 0..4 {
+        h.advertise("lb1", "g", 1);
+        h.advertise("lb2", "other", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), vec!["r1"], "joined once ready");
+    assert_eq!(h.cp.batches(), vec![1, 1], "one runner asked for per group");
+}
+
+#[tokio::test(start_paused = true)]
 async fn scales_up_in_bounded_batches() {
     let mut h = harness(FakeControlPlane::default(), config());
     h.advertise("lb1", "g", 5);

@@ -22,6 +22,9 @@ pub struct FakeControlPlane {
     next: Mutex<u64>,
     /// While set, `list` fails (a control plane that cannot be reached).
     pub list_fails: Mutex<bool>,
+    /// When set, a provisioning reports its runners this long after it made them (a swarm
+    /// service starting); meanwhile `list` already shows them, created now.
+    pub provision_delay: Mutex<Option<Duration>>,
 }
 
 impl FakeControlPlane {
@@ -88,12 +91,23 @@ impl ControlPlane for FakeControlPlane {
         count: usize,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         self.batches.lock().expect("lock").push(count);
-        let new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
+        let delay = *self.provision_delay.lock().expect("lock");
+        let mut new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
+        if delay.is_some() {
+            for info in &mut new {
+                info.created = std::time::SystemTime::now();
+            }
+        }
         self.runners
             .lock()
             .expect("lock")
             .extend(new.iter().cloned());
-        Box::pin(async move { Ok(new) })
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(new)
+        })
     }
 
     fn remove<'a>(
