@@ -280,6 +280,11 @@ impl ControlLoop {
                 _ = interval.tick() => {}
                 // New demand: act now, not at the next tick.
                 () = self.shared.demand_rose.notified() => interval.reset(),
+                // A runner came up: publish it now, not at the next tick.
+                Some(done) = self.in_flight.tasks.join_next(), if !self.in_flight.tasks.is_empty() => {
+                    self.provisioned(done);
+                    interval.reset();
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => break,
