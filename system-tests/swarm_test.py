@@ -79,6 +79,13 @@ def runner_services():
     return sorted(out.split())
 
 
+def service_logs(service):
+    """A service's output; the daemons log to stderr."""
+    done = subprocess.run(["docker", "service", "logs", service], capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+    return done.stdout + done.stderr
+
+
 def stack_leftovers():
     found = run(["docker", "service", "ls", "-q", "--filter",
                  f"label=com.docker.stack.namespace={STACK}"]).split()
@@ -150,6 +157,10 @@ def scenario(lbs):
                lambda: "1/1" in run(["docker", "service", "ls", "--filter", f"name={STACK}_npm",
                                      "--format", "{{.Replicas}}"]), 60)
     check(runner_services() == [], "no runner service before any call")
+    # The LBs reach the npm by a name that resolves once its task runs: their first advert
+    # comes a few seconds after the stack is up. Scale from zero is timed from there.
+    wait_until("the LB advertises to the npm",
+               lambda: "new LB advertising capacity" in service_logs(f"{STACK}_npm"), 60)
 
     began = time.monotonic()
     status, body = lbs.call("/r/demo/hello", b"swarm")
@@ -256,7 +267,7 @@ def main():
             if not e.counted:
                 ct.failed += 1
                 print(f"  FAIL {e}", flush=True)
-            print(run(["docker", "service", "logs", "--tail", "30", f"{STACK}_npm"], check_rc=False), flush=True)
+            print("\n".join(service_logs(f"{STACK}_npm").splitlines()[-30:]), flush=True)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             ct.failed += 1
             print(f"  FAIL {e}: {getattr(e, 'stderr', '')}", flush=True)
