@@ -4,7 +4,9 @@
 //! Layout:
 //! - [`engage`]: the `RunnerProtocol` gRPC service (the Engage sequence, Status, drain).
 //! - [`pool`]: the capacity gate and the hot-instance pool (one lock, one source of truth).
-//! - [`driver`]: the `Driver`/`Instance` traits and the `process` driver (Fn `http-stream`).
+//! - [`driver`]: the `Driver`/`Instance` traits, the `process` driver (commands) and the
+//!   `docker` driver (images), both on the Fn `http-stream` contract, and [`driver::Drivers`],
+//!   which picks one per function.
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, refusals, memory, hot
 //!   instances), registered into the registry passed to [`RunnerService::new`].
 //! - [`memory`]: detection of the machine's memory for the default capacity.

@@ -5,7 +5,9 @@
 //! a container) is each implementation's business:
 //! - [`static_list`]: a fixed list of runner addresses, assigned to groups as demand requires;
 //! - [`process`]: local `pure-runner` processes on free loopback ports (the one-machine
-//!   default, used by `make demo`).
+//!   default, used by `make demo`);
+//! - [`docker`]: runner containers on one Docker engine, or (`FN_CONTROL_PLANE=swarm`) one
+//!   swarm service per runner across a swarm's nodes.
 
 pub mod docker;
 pub mod process;
