@@ -79,6 +79,10 @@ def runner_services():
     return sorted(out.split())
 
 
+def networks():
+    return run(["docker", "network", "ls", "--format", "{{.Name}}"], check_rc=False).split()
+
+
 def service_logs(service):
     """A service's output; the daemons log to stderr."""
     done = subprocess.run(["docker", "service", "logs", service], capture_output=True,
@@ -226,6 +230,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     initialised = False
+    had_gwbridge = True
     created = []
     port = ct.free_port()
     env = dict(os.environ)
@@ -245,6 +250,9 @@ def main():
         try:
             if swarm_state() != "active":
                 print("== docker swarm init --advertise-addr 127.0.0.1 (left at the end)", flush=True)
+                # `swarm init` makes the docker_gwbridge network and `swarm leave` keeps it:
+                # remembered, so that a network the test made goes with its swarm.
+                had_gwbridge = "docker_gwbridge" in networks()
                 run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
                 initialised = True
             created = make_secrets(tmp)
@@ -304,6 +312,11 @@ def main():
                 print(f"  FAIL left behind: {left}", flush=True)
             if initialised:
                 run(["docker", "swarm", "leave", "--force"], check_rc=False)
+                if not had_gwbridge:
+                    run(["docker", "network", "rm", "docker_gwbridge"], check_rc=False)
+                    if "docker_gwbridge" in networks():
+                        ct.failed += 1
+                        print("  FAIL the docker_gwbridge network the swarm made is still there", flush=True)
                 if swarm_state() != "inactive":
                     ct.failed += 1
                     print("  FAIL the swarm this test made is still there", flush=True)

@@ -6,6 +6,8 @@
 //! provider in the binaries): `DOCKER_HOST=unix:///path`, else `/var/run/docker.sock`, the
 //! engine's own convention.
 
+use std::collections::HashMap;
+
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 
@@ -64,6 +66,11 @@ pub async fn connect() -> Result<Docker, String> {
         .map_err(|e| format!("{socket}: {e}"))?;
     docker.ping().await.map_err(|e| format!("{socket}: {e}"))?;
     Ok(docker)
+}
+
+/// The Engine API list filter for objects labelled `key=value`.
+pub fn label_filter(key: &str, value: &str) -> HashMap<&'static str, Vec<String>> {
+    HashMap::from([("label", vec![format!("{key}={value}")])])
 }
 
 /// Sorts a bollard error about `what` (a container, image, network or volume name):

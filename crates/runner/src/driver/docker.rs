@@ -313,10 +313,7 @@ impl DockerDriver {
     /// directories: what an earlier run left when it was killed. Other runners' containers
     /// and directories (they may share the engine and the iofs root) are left alone.
     async fn remove_leftovers(&self) {
-        let filters = HashMap::from([(
-            "label",
-            vec![format!("{LABEL_RUNNER}={}", self.config.runner_id)],
-        )]);
+        let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)

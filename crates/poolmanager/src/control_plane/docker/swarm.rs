@@ -213,7 +213,7 @@ impl Engine for SwarmEngine {
         label_value: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Container>, EngineError>> {
         Box::pin(async move {
-            let filters = HashMap::from([("label", vec![format!("{label_key}={label_value}")])]);
+            let filters = fn_docker::label_filter(label_key, label_value);
             let options = ListServicesOptionsBuilder::default()
                 .filters(&filters)
                 .build();
