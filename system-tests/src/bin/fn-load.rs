@@ -224,6 +224,21 @@ struct Args {
     /// Soak: time between two lines (`60s`, `10s`, ...).
     #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "soak")]
     soak_interval: Duration,
+    /// Extra environment of the lb-agent, `KEY=VALUE` (repeatable): to try a setting
+    /// (`--lb-env FN_PLACER_EPSILON=0.5`).
+    #[arg(long = "lb-env", value_parser = parse_env_pair)]
+    lb_env: Vec<(String, String)>,
+    /// Extra environment of each pure-runner, `KEY=VALUE` (repeatable).
+    #[arg(long = "runner-env", value_parser = parse_env_pair)]
+    runner_env: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`, for `--lb-env` and `--runner-env`.
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?}: expected KEY=VALUE")),
+    }
 }
 
 #[tokio::main]
@@ -499,6 +514,8 @@ fn setup(args: &Args) -> Setup {
         placer: args.placer.clone(),
         catalog: CATALOG.into(),
         max_request_body: Some((args.payload.max() + MIB) as u64),
+        lb_env: args.lb_env.clone(),
+        runner_env: args.runner_env.clone(),
         ..Setup::default()
     }
 }
@@ -522,8 +539,8 @@ async fn soak(
     );
     let quiet = fn_system_tests::env(&[("FN_LOG_LEVEL", SOAK_LOG_LEVEL), ("NO_COLOR", "1")]);
     let cluster = Cluster::start(Setup {
-        lb_env: quiet.clone(),
-        runner_env: quiet,
+        lb_env: fn_system_tests::merge(&[&quiet, &args.lb_env]),
+        runner_env: fn_system_tests::merge(&[&quiet, &args.runner_env]),
         ..setup(args)
     })
     .await
@@ -808,8 +825,8 @@ async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> 
             placer: placer.clone(),
             catalog: zipf::catalog(args.functions),
             metrics: true,
-            lb_env: quiet.clone(),
-            runner_env: quiet,
+            lb_env: fn_system_tests::merge(&[&quiet, &args.lb_env]),
+            runner_env: fn_system_tests::merge(&[&quiet, &args.runner_env]),
             ..Setup::default()
         })
         .await
