@@ -783,6 +783,32 @@ fn reliability_dir() -> PathBuf {
         .join("reliability")
 }
 
+/// Cold starts per 1,000 calls by popularity band (`0`, `1-3`, `4-10`, `11-30`, `31-`), with
+/// each band's share of the calls: where cold starts are, for the zipf report.
+fn bands(calls: &[u64], cold: &[u64]) -> String {
+    let total = calls.iter().sum::<u64>().max(1) as f64;
+    [(0, 1), (1, 4), (4, 11), (11, 31), (31, usize::MAX)]
+        .into_iter()
+        .filter(|&(from, _)| from < calls.len())
+        .map(|(from, to)| {
+            let to = to.min(calls.len());
+            let sent: u64 = calls[from..to].iter().sum();
+            let started: u64 = cold.get(from..to).map_or(0, |c| c.iter().sum());
+            let label = match to - from {
+                1 => format!("{from}"),
+                _ if to == calls.len() => format!("{from}-"),
+                _ => format!("{from}-{}", to - 1),
+            };
+            format!(
+                "{label}: {:.0} ({:.0}% of calls)",
+                started as f64 * 1000.0 / sent.max(1) as f64,
+                sent as f64 * 100.0 / total
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What one placer did on the zipf workload.
 struct ZipfRow {
     placer: String,
@@ -921,6 +947,18 @@ async fn zipf(args: &Args, concurrency: usize, seed: u64) -> anyhow::Result<()> 
             ms(ledger.quantile(0.50)),
             ms(ledger.quantile(0.99)),
             ledger.error_count()
+        ));
+    }
+    report.note(
+        "cold starts per 1,000 calls of each popularity band (function indices by rank: 0 is \
+         the hottest, 1.. the Zipf tail), and the band's share of the calls:"
+            .to_owned(),
+    );
+    for row in &rows {
+        report.note(format!(
+            "  {}: {}",
+            row.placer,
+            bands(&row.outcome.per_function, &row.outcome.cold_per_function)
         ));
     }
     report.publish();
