@@ -619,17 +619,8 @@ fn close(mut engaged: Engaged, finished: bool) {
         tracing::debug!(runner = %engaged.runner, "cancelling the call's stream");
         return;
     }
-    match engaged.next_ready() {
-        Some(Ok(None)) => {}
-        Some(Ok(Some(_))) => {
-            tracing::warn!(runner = %engaged.runner, "protocol error: a message after CallFinished");
-        }
-        Some(Err(status)) => {
-            tracing::debug!(runner = %engaged.runner, error = %status, "stream failed after CallFinished");
-        }
-        None => {
-            tokio::spawn(async move { engaged.finish(FINISH_BOUND).await });
-        }
+    if engaged.finish_now().is_none() {
+        tokio::spawn(async move { engaged.finish(FINISH_BOUND).await });
     }
 }
 

@@ -19,7 +19,9 @@ use fn_lb::catalog::Catalog;
 use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::{CancellationToken, Health};
 use fn_nodepool::{CapacityTracker, ClientConfig, EjectionMetrics, RunnerPool, StaticPool};
-use fn_placement::{ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer, WarmPlacer};
+use fn_placement::{
+    ConsistentHashPlacer, NaivePlacer, PlacementKey, Placer, RunnerView, WarmPlacer,
+};
 use fn_protocol::runner::{RunnerState, WarmFunction};
 use fn_test_support::TestPki;
 use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner, RequestEnd};
@@ -1555,6 +1557,51 @@ async fn warm_placer_takes_a_warm_runner_over_a_cold_home() {
     assert_eq!(reply.header("x-fake-runner"), runners[2].name());
     assert!(runners[0].seen().is_empty() && runners[1].seen().is_empty());
     assert!(lb.metrics().contains("fn_lb_placement_attempts_total 1\n"));
+}
+
+/// A call that ends cleanly leaves its instance idle in the LB's view of the runner until
+/// the runner's next report, however the LB read the stream's end (here it comes with the
+/// answer's last message): the next call of the function finds it warm without waiting for
+/// a report. The fake runner reports once, so only the LB's own count can make it warm again.
+#[tokio::test]
+async fn a_call_that_ends_cleanly_leaves_its_instance_warm_in_the_lbs_view() {
+    let pki = TestPki::new();
+    let (runners, lb) = warm_lb(
+        &pki,
+        [
+            report(1024, 0, true),
+            report(1024, 0, false),
+            report(1024, 0, false),
+        ],
+    )
+    .await;
+    let runners_in_pool = lb.pool.runners("default");
+    let home = runners_in_pool
+        .iter()
+        .find(|r| r.address() == runners[0].address())
+        .expect("the home is in the pool");
+    let view = || match home.reports().view("demo", "echo", 64) {
+        RunnerView::Known(load) => load,
+        RunnerView::Unknown => panic!("the home's report is fresh"),
+    };
+    assert!(view().warm);
+    for i in 0..3 {
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), runners[0].name());
+        // The LB counts the call's end when it lets go of the stream, just after the answer.
+        // (Bounded below the 3 s after which the one report goes stale.)
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !(view().warm && view().calls_in_flight == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "call {i}: the ended call is not counted: {:?}",
+                view()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    assert!(runners[1].seen().is_empty() && runners[2].seen().is_empty());
 }
 
 /// A runner known to be full (no warm instance, no room) is skipped without a `TryCall`;

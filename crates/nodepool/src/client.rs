@@ -344,6 +344,7 @@ impl RunnerClient {
                     .config
                     .watch_reports
                     .then(|| (Arc::clone(&self.reports), OfferedCall::of(call))),
+                finished: None,
                 clean: false,
             }),
             Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
@@ -561,14 +562,17 @@ pub struct Engaged {
     /// Where the call's end is counted until the runner's next report, when reports are
     /// watched.
     report: Option<(Arc<Reports>, OfferedCall)>,
-    /// The stream ended cleanly after `CallFinished` ([`Engaged::finish`]).
+    /// The `pool_version` of the runner's `CallFinished{success}`, once seen.
+    finished: Option<u64>,
+    /// The stream ended after a `CallFinished{success}`: the runner keeps the instance.
     clean: bool,
 }
 
 impl Drop for Engaged {
     fn drop(&mut self) {
         if let Some((reports, call)) = self.report.take() {
-            reports.finished(&call, self.clean);
+            let version = self.finished.filter(|_| self.clean);
+            reports.finished(&call, version);
         }
     }
 }
@@ -586,17 +590,28 @@ impl Engaged {
         self.sender.take()
     }
 
+    /// Notes what the runner sent: its `CallFinished{success}`, then the stream's end. Every
+    /// message the caller reads passes here, whichever way it is read.
+    fn observe(&mut self, msg: Option<&Result<RunnerMsg, tonic::Status>>) {
+        match msg {
+            Some(Ok(RunnerMsg {
+                body: Some(runner_msg::Body::Finished(f)),
+            })) if f.success => self.finished = Some(f.pool_version),
+            None => self.clean = self.finished.is_some(),
+            Some(_) => {}
+        }
+    }
+
     /// The next message from the runner, for callers that poll (a response body).
     pub fn poll_next(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<RunnerMsg, tonic::Status>>> {
-        std::pin::Pin::new(&mut self.responses).poll_next(cx)
-    }
-
-    /// The next message if it has already arrived, without waiting.
-    pub fn next_ready(&mut self) -> Option<Result<Option<RunnerMsg>, tonic::Status>> {
-        self.responses.message().now_or_never()
+        let polled = std::pin::Pin::new(&mut self.responses).poll_next(cx);
+        if let std::task::Poll::Ready(msg) = &polled {
+            self.observe(msg.as_ref());
+        }
+        polled
     }
 
     /// The next message from the runner; `None` when the stream ended.
@@ -604,28 +619,41 @@ impl Engaged {
     /// # Errors
     /// The gRPC status when the stream failed (runner died, connection lost).
     pub async fn next(&mut self) -> Result<Option<RunnerMsg>, tonic::Status> {
-        self.responses.message().await
+        let msg = self.responses.message().await.transpose();
+        self.observe(msg.as_ref());
+        msg.transpose()
     }
 
     /// After `CallFinished`: reads the rest of the response stream (the runner's trailers)
     /// so that the stream closes cleanly rather than being reset. Gives up after `bound`.
     /// Returns whether the stream ended cleanly; anything else has been logged.
     pub async fn finish(&mut self, bound: Duration) -> bool {
-        match tokio::time::timeout(bound, self.responses.message()).await {
-            Ok(Ok(None)) => {
-                self.clean = true;
-                true
+        match tokio::time::timeout(bound, self.next()).await {
+            Ok(end) => self.ended(end),
+            Err(_elapsed) => {
+                tracing::debug!(runner = %self.runner, ?bound, "no end of stream after CallFinished");
+                false
             }
-            Ok(Ok(Some(_))) => {
+        }
+    }
+
+    /// [`Engaged::finish`] without waiting: `None` when nothing has arrived yet, else
+    /// whether the stream ended cleanly.
+    pub fn finish_now(&mut self) -> Option<bool> {
+        let end = self.next().now_or_never()?;
+        Some(self.ended(end))
+    }
+
+    /// What followed `CallFinished`: the stream's end is clean, anything else is logged.
+    fn ended(&mut self, end: Result<Option<RunnerMsg>, tonic::Status>) -> bool {
+        match end {
+            Ok(None) => self.clean,
+            Ok(Some(_)) => {
                 tracing::warn!(runner = %self.runner, "protocol error: a message after CallFinished");
                 false
             }
-            Ok(Err(status)) => {
+            Err(status) => {
                 tracing::debug!(runner = %self.runner, error = %status, "stream failed after CallFinished");
-                false
-            }
-            Err(_elapsed) => {
-                tracing::debug!(runner = %self.runner, ?bound, "no end of stream after CallFinished");
                 false
             }
         }

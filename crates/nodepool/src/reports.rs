@@ -11,6 +11,10 @@
 //! ([`Reports::offered`]), so that a burst of calls arriving together does not all go to the
 //! one warm instance or the last free megabytes that the previous report showed. A refused
 //! offer is not given back: the next report, at most 20 ms later, sets the record straight.
+//! It counts the calls that end as well ([`Reports::finished`]): a call whose stream ended
+//! cleanly leaves its instance idle for the next call at once, unless the report already
+//! shows it (reports and call streams carry the runner's pool version) or the runner is
+//! short of memory and evicts, when only its next report can say which instances are left.
 //!
 //! Every new report wakes the calls waiting for room ([`ReportSignal`]), so that a call
 //! waiting for a runner learns of a freed instance as soon as the LB does.
@@ -132,6 +136,10 @@ pub struct Reports {
 #[derive(Debug)]
 struct Observed {
     received: Instant,
+    /// The runner's pool version the report was taken at.
+    version: u64,
+    /// Free memory no idle instance held, as reported.
+    reported_unheld_mb: u64,
     total_mb: u64,
     free_mb: u64,
     /// The part of `free_mb` idle instances hold.
@@ -200,6 +208,10 @@ impl Reports {
         });
         *self.lock() = Some(Observed {
             received: Instant::now(),
+            version: state.version,
+            reported_unheld_mb: state
+                .capacity_free_mb
+                .saturating_sub(state.capacity_idle_mb),
             total_mb: state.capacity_total_mb,
             free_mb: state.capacity_free_mb,
             idle_mb: state.capacity_idle_mb.min(state.capacity_free_mb),
@@ -275,16 +287,33 @@ impl Reports {
         observed.idle_mb = observed.idle_mb.min(observed.free_mb);
     }
 
-    /// A call the runner committed has ended, `clean`ly (its stream ended after
-    /// `CallFinished`, so the runner keeps its instance) or not: until the next report, count
-    /// it off the calls in flight and, when clean, count its instance's slot as free again.
-    pub fn finished(&self, call: &OfferedCall, clean: bool) {
+    /// A call the runner committed has ended: `released` is the runner's pool version once
+    /// the call let go of its instance, when its stream ended cleanly after
+    /// `CallFinished{success}` (the runner keeps the instance), else `None`. Until the next
+    /// report, count the call off the calls in flight and, when released, its instance's slot
+    /// as free again, unless
+    /// - the report held already shows that (a version at least `released`: the report and
+    ///   the call's end travel on different streams, in either order; a version of 0 is a
+    ///   runner that does not say, and the call is counted), or
+    /// - the report said the runner had no free memory that idle instances do not hold: it
+    ///   evicts idle instances for new ones, and its next report (at most 20 ms away) says
+    ///   which are left. Counting them here would promise instances that may be gone, and
+    ///   calls sent for them start cold.
+    pub fn finished(&self, call: &OfferedCall, released: Option<u64>) {
         let mut current = self.lock();
         let Some(observed) = current.as_mut() else {
             return;
         };
+        if released.is_some_and(|v| v != 0 && observed.version >= v) {
+            return;
+        }
+        if observed.reported_unheld_mb < call.memory_mb {
+            // The runner evicts for new instances: which idle instances it keeps is its
+            // choice, so the next report says what is warm, and calls wait for it.
+            return;
+        }
         observed.calls_in_flight = observed.calls_in_flight.saturating_sub(1);
-        if !clean {
+        if released.is_none() {
             return;
         }
         if call.concurrency <= 1 {
@@ -417,27 +446,80 @@ mod tests {
     #[test]
     fn a_call_that_ends_cleanly_leaves_a_warm_instance_until_the_next_report() {
         let reports = Reports::default();
-        reports.update(state(0, &[]));
+        reports.update(state(128, &[]));
         let call = OfferedCall {
             app: "a".into(),
             function: "f".into(),
             memory_mb: 64,
             concurrency: 1,
         };
-        reports.finished(&call, true);
+        // Released at pool version 2, after the report's version 1.
+        reports.finished(&call, Some(2));
         let view = load(reports.view("a", "f", 64));
-        assert!(view.warm && view.fits && view.evicts, "{view:?}");
+        assert!(view.warm && view.fits, "{view:?}");
         assert_eq!((view.calls_in_flight, view.instances), (1, 1));
         reports.finished(
             &OfferedCall {
                 function: "g".into(),
                 ..call
             },
-            false,
+            None,
         );
         let view = load(reports.view("a", "g", 64));
         assert!(!view.warm, "a call cut off leaves no instance");
         assert_eq!(view.calls_in_flight, 0);
+    }
+
+    #[test]
+    fn a_call_end_the_report_already_shows_is_not_counted_twice() {
+        let call = OfferedCall {
+            app: "a".into(),
+            function: "f".into(),
+            memory_mb: 64,
+            concurrency: 1,
+        };
+        // The report (version 5) was taken after the call let go of its instance (version
+        // 4): it shows the instance idle already, once.
+        let reports = Reports::default();
+        reports.update(RunnerState {
+            version: 5,
+            capacity_idle_mb: 64,
+            ..state(128, &[("a", "f", 1)])
+        });
+        reports.finished(&call, Some(4));
+        reports.finished(&call, Some(5));
+        reports.offered("a", "f", 64, 1);
+        let view = load(reports.view("a", "f", 64));
+        assert!(!view.warm, "one idle instance, taken: {view:?}");
+        assert_eq!(view.calls_in_flight, 3, "2 in the report and the offer");
+        // A runner that does not give the version (0): counted, as before versions.
+        reports.finished(&call, Some(0));
+        let view = load(reports.view("a", "f", 64));
+        assert!(view.warm, "{view:?}");
+        assert_eq!(view.calls_in_flight, 2);
+    }
+
+    #[test]
+    fn a_runner_short_of_memory_says_what_is_left_in_its_next_report() {
+        let reports = Reports::default();
+        // 64 MB free, all of it held by an idle instance of a/g: a new instance evicts.
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "g", 1)])
+        });
+        let call = OfferedCall {
+            app: "a".into(),
+            function: "f".into(),
+            memory_mb: 64,
+            concurrency: 1,
+        };
+        reports.finished(&call, Some(2));
+        let view = load(reports.view("a", "f", 64));
+        assert!(
+            !view.warm,
+            "not promised: the runner may evict it: {view:?}"
+        );
+        assert_eq!(view.calls_in_flight, 2, "the next report counts it off");
     }
 
     #[test]

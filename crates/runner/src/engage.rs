@@ -361,13 +361,15 @@ impl Outbound {
         }
     }
 
-    /// Ends the call with `CallFinished`. If the LB is gone there is nobody to tell; the
-    /// outcome is in the log either way.
-    async fn finish(&self, kind: ErrorKind, details: impl Into<String>) {
+    /// Ends the call with `CallFinished`, giving the pool's version once the call has let go
+    /// of its instance (0 for a stream that never had a call). If the LB is gone there is
+    /// nobody to tell; the outcome is in the log either way.
+    async fn finish(&self, kind: ErrorKind, details: impl Into<String>, pool_version: u64) {
         let msg = runner_msg::Body::Finished(CallFinished {
             success: kind == ErrorKind::None,
             details: details.into(),
             kind: kind as i32,
+            pool_version,
         });
         if self.send_last(msg).await.is_err() {
             tracing::debug!(?kind, "LB gone before CallFinished");
@@ -459,6 +461,7 @@ impl RunnerService {
                 out.finish(
                     ErrorKind::Protocol,
                     "no TryCall within the first-message timeout",
+                    0,
                 )
                 .await;
                 return;
@@ -475,6 +478,7 @@ impl RunnerService {
                 out.finish(
                     ErrorKind::Protocol,
                     "protocol error: the first message must be TryCall",
+                    0,
                 )
                 .await;
                 return;
@@ -614,7 +618,10 @@ impl RunnerService {
                 ErrorKind::None => tracing::debug!("call finished"),
                 kind => tracing::info!(?kind, details = %outcome.details, "call failed"),
             }
-            out.finish(outcome.kind, outcome.details).await;
+            // Read now: the reservation was let go of above.
+            let pool_version = self.pool.version();
+            out.finish(outcome.kind, outcome.details, pool_version)
+                .await;
         }
     }
 }

@@ -262,9 +262,13 @@ impl Pool {
         self.changes.subscribe()
     }
 
+    /// The pool's version: grows by one with each change of what [`Pool::state`] reports.
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// What the pool holds now, for placement.
     pub fn state(&self) -> PoolState {
-        let version = *self.changes.borrow();
         let st = self.lock();
         let mut warm: Vec<WarmFunction> = Vec::new();
         for hot in &st.hot {
@@ -292,6 +296,10 @@ impl Pool {
         let idle_mb = st.idle_mb;
         let calls_in_flight = st.calls_in_flight;
         drop(st);
+        // Read after the snapshot: a change that lands in between gives the report a version
+        // newer than its contents, so an LB may count that change late, never twice (see
+        // `CallFinished.pool_version`).
+        let version = self.version();
         warm.sort_by(|a, b| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
         PoolState {
             version,

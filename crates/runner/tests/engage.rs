@@ -1145,18 +1145,30 @@ async fn watch_state_reports_calls_warm_functions_and_the_drain() {
     );
     assert!(first.warm.is_empty() && !first.draining, "{first:?}");
 
-    runner
+    let result = runner
         .run(call("fn-hello", Duration::from_secs(30)), Bytes::from("x"))
-        .await
-        .assert_ok(200);
-    // Reports come in order; the last one after the call shows it ended and left a warm
-    // instance.
+        .await;
+    result.assert_ok(200);
+    // `CallFinished` gives the pool's version once the call let go of its instance: the
+    // first report of at least that version shows the instance idle (an LB counts the call's
+    // end itself only against older reports).
+    let released = result.finished.as_ref().map_or(0, |f| f.pool_version);
+    assert!(
+        released > first.version,
+        "{released} after {}",
+        first.version
+    );
     let first_version = first.version;
     let mut last = first;
-    while last.calls_in_flight != 0 || last.warm.is_empty() {
+    while last.version < released {
         last = next(&mut reports).await.expect("more reports");
         assert!(last.version > first_version);
     }
+    assert!(
+        last.calls_in_flight == 0 && !last.warm.is_empty(),
+        "the report of version {} (call released at {released}): {last:?}",
+        last.version
+    );
     assert_eq!(
         last.capacity_free_mb,
         4 * MEMORY_MB,

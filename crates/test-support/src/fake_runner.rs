@@ -467,6 +467,7 @@ async fn handle_stream(state: Arc<State>, mut inbound: Streaming<ClientMsg>, tx:
                 success: false,
                 details: "fake runner: the first message must be TryCall".into(),
                 kind: ErrorKind::Protocol as i32,
+                pool_version: 0,
             });
             // The LB may be gone already; nothing else to tell it.
             let _sent = send(&tx, finished).await;
@@ -616,6 +617,7 @@ async fn run(
                 success: true,
                 details: String::new(),
                 kind: ErrorKind::None as i32,
+                pool_version: 0,
             });
             if send(tx, eof).await.is_err() || send(tx, finished).await.is_err() {
                 return Ending::LbWentAway;
