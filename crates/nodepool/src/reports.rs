@@ -379,6 +379,16 @@ mod tests {
         }
     }
 
+    /// A one-call-per-instance call of `a/f`, 64 MB.
+    fn call_of_f() -> OfferedCall {
+        OfferedCall {
+            app: "a".into(),
+            function: "f".into(),
+            memory_mb: 64,
+            concurrency: 1,
+        }
+    }
+
     fn load(view: RunnerView) -> RunnerLoad {
         match view {
             RunnerView::Known(load) => load,
@@ -447,12 +457,7 @@ mod tests {
     fn a_call_that_ends_cleanly_leaves_a_warm_instance_until_the_next_report() {
         let reports = Reports::default();
         reports.update(state(128, &[]));
-        let call = OfferedCall {
-            app: "a".into(),
-            function: "f".into(),
-            memory_mb: 64,
-            concurrency: 1,
-        };
+        let call = call_of_f();
         // Released at pool version 2, after the report's version 1.
         reports.finished(&call, Some(2));
         let view = load(reports.view("a", "f", 64));
@@ -472,12 +477,7 @@ mod tests {
 
     #[test]
     fn a_call_end_the_report_already_shows_is_not_counted_twice() {
-        let call = OfferedCall {
-            app: "a".into(),
-            function: "f".into(),
-            memory_mb: 64,
-            concurrency: 1,
-        };
+        let call = call_of_f();
         // The report (version 5) was taken after the call let go of its instance (version
         // 4): it shows the instance idle already, once.
         let reports = Reports::default();
@@ -507,12 +507,7 @@ mod tests {
             capacity_idle_mb: 64,
             ..state(64, &[("a", "g", 1)])
         });
-        let call = OfferedCall {
-            app: "a".into(),
-            function: "f".into(),
-            memory_mb: 64,
-            concurrency: 1,
-        };
+        let call = call_of_f();
         reports.finished(&call, Some(2));
         let view = load(reports.view("a", "f", 64));
         assert!(
