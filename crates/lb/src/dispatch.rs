@@ -298,15 +298,6 @@ impl Dispatcher {
                 }
                 attempts += 1;
                 asked += 1;
-                if informed {
-                    // Counted until the runner's next report, refused or not.
-                    runner.reports().offered(
-                        &call.app,
-                        &call.function,
-                        call.memory_mb,
-                        call.concurrency,
-                    );
-                }
                 let tried = tokio::time::timeout_at(deadline, runner.try_call(call, early)).await;
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),

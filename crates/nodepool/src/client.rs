@@ -281,6 +281,12 @@ impl RunnerClient {
                 address: self.address.clone(),
             });
         }
+        // Counted in the runner's view until a report shows it, or until it is refused or
+        // given up (dropped).
+        let offer = self
+            .config
+            .watch_reports
+            .then(|| self.reports.offer(&OfferedCall::of(call)));
         let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
         let mut first = Vec::with_capacity(early.chunks.len() + 2);
         first.push(ClientMsg {
@@ -335,18 +341,23 @@ impl RunnerClient {
             self.ejections.store(0, Ordering::Relaxed);
         }
         match first {
-            Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => Ok(Engaged {
-                runner: self.address.clone(),
-                slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
-                sender: sender.map(BodySender),
-                responses,
-                report: self
-                    .config
-                    .watch_reports
-                    .then(|| (Arc::clone(&self.reports), OfferedCall::of(call))),
-                finished: None,
-                clean: false,
-            }),
+            Some(runner_msg::Body::Acknowledged(ack)) if ack.committed => {
+                if let Some(offer) = offer {
+                    offer.taken(ack.pool_version);
+                }
+                Ok(Engaged {
+                    runner: self.address.clone(),
+                    slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
+                    sender: sender.map(BodySender),
+                    responses,
+                    report: self
+                        .config
+                        .watch_reports
+                        .then(|| (Arc::clone(&self.reports), OfferedCall::of(call))),
+                    finished: None,
+                    clean: false,
+                })
+            }
             Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
                 address: self.address.clone(),
                 reason: ack.refusal(),

@@ -8,9 +8,14 @@
 //! usable report is [`RunnerView::Unknown`], which the placer treats as `ch` does: it asks.
 //!
 //! Between two reports the LB counts the calls it offers the runner itself
-//! ([`Reports::offered`]), so that a burst of calls arriving together does not all go to the
+//! ([`Reports::offer`]), so that a burst of calls arriving together does not all go to the
 //! one warm instance or the last free megabytes that the previous report showed. A refused
 //! offer is not given back: the next report, at most 20 ms later, sets the record straight.
+//! An offer still on its way, or one the runner took after it took the report (the
+//! acknowledgement carries the runner's pool version), is counted again on top of each new
+//! report until a report shows it: a report and the offers cross on different streams, and a
+//! report that does not show them yet would otherwise promise the same warm instance or
+//! memory twice.
 //! It counts the calls that end as well ([`Reports::finished`]): a call whose stream ended
 //! cleanly leaves its instance idle for the next call at once, unless the report already
 //! shows it (reports and call streams carry the runner's pool version) or the runner is
@@ -129,8 +134,70 @@ impl ReportSignal {
 #[derive(Debug, Default)]
 pub struct Reports {
     /// `std::sync::Mutex`: every section is a lookup or a small edit, never an await.
-    current: Mutex<Option<Observed>>,
+    current: Mutex<Mirror>,
     signal: ReportSignal,
+}
+
+/// The latest report and the offers it may not show yet.
+#[derive(Debug, Default)]
+struct Mirror {
+    observed: Option<Observed>,
+    /// Offers not known to be in a report: on their way, or taken after the report.
+    pending: Vec<PendingOffer>,
+    next_offer: u64,
+}
+
+#[derive(Debug)]
+struct PendingOffer {
+    id: u64,
+    call: OfferedCall,
+    sent: Instant,
+    /// The runner's pool version once it took the call; `None` while unanswered.
+    taken_at: Option<u64>,
+}
+
+/// An offer counted in a runner's view (see [`Reports::offer`]): dropped unanswered or
+/// refused, it is no longer counted on top of new reports; [`Offer::taken`] keeps it counted
+/// until a report shows it.
+#[derive(Debug)]
+pub struct Offer {
+    reports: Arc<Reports>,
+    id: u64,
+    /// Taken: the pending offer is the reports' to drop.
+    taken: bool,
+}
+
+impl Offer {
+    /// The runner took the call; `version`: its pool version right after (0: not given,
+    /// when only the next report can tell).
+    pub fn taken(mut self, version: u64) {
+        self.taken = true;
+        let mut mirror = self.reports.lock();
+        let shown = version == 0
+            || mirror
+                .observed
+                .as_ref()
+                .is_some_and(|observed| observed.version >= version);
+        if let Some(pos) = mirror.pending.iter().position(|p| p.id == self.id) {
+            if shown {
+                mirror.pending.swap_remove(pos);
+            } else if let Some(pending) = mirror.pending.get_mut(pos) {
+                pending.taken_at = Some(version);
+            }
+        }
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        if self.taken {
+            return;
+        }
+        let mut mirror = self.reports.lock();
+        if let Some(pos) = mirror.pending.iter().position(|p| p.id == self.id) {
+            mirror.pending.swap_remove(pos);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -160,6 +227,30 @@ struct Held {
 }
 
 impl Observed {
+    /// Counts `call` on a warm instance if one has room, else as a new instance's memory.
+    fn count_offer(&mut self, call: &OfferedCall) {
+        self.calls_in_flight = self.calls_in_flight.saturating_add(1);
+        let memory_mb = call.memory_mb;
+        let unheld = self.free_mb - self.idle_mb;
+        let (used_mb, evicted_mb) = match self.held(&call.app, &call.function) {
+            Some(held) if held.idle_slots > 0 => {
+                held.idle_slots -= 1;
+                // A one-call instance with room was idle: its memory is in use now. One that
+                // takes several calls may have been busy already; the report will tell.
+                if call.concurrency <= 1 {
+                    (memory_mb, memory_mb)
+                } else {
+                    (0, 0)
+                }
+            }
+            // A new instance: free memory first, then what idle instances give up.
+            _ => (memory_mb, memory_mb.saturating_sub(unheld)),
+        };
+        self.free_mb = self.free_mb.saturating_sub(used_mb);
+        self.idle_mb = self.idle_mb.saturating_sub(evicted_mb);
+        self.idle_mb = self.idle_mb.min(self.free_mb);
+    }
+
     fn held(&mut self, app: &str, function: &str) -> Option<&mut Held> {
         let idx = self
             .held
@@ -178,7 +269,7 @@ impl Reports {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Observed>> {
+    fn lock(&self) -> MutexGuard<'_, Mirror> {
         // A plain value replaced or edited in one step: a panic elsewhere cannot tear it.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -206,7 +297,7 @@ impl Reports {
             }
             same
         });
-        *self.lock() = Some(Observed {
+        let mut observed = Observed {
             received: Instant::now(),
             version: state.version,
             reported_unheld_mb: state
@@ -218,17 +309,30 @@ impl Reports {
             calls_in_flight: state.calls_in_flight,
             draining: state.draining,
             held,
+        };
+        let mut mirror = self.lock();
+        let version = observed.version;
+        mirror.pending.retain(|offer| {
+            offer.sent.elapsed() <= STALE_AFTER && offer.taken_at.is_none_or(|v| v > version)
         });
+        for offer in &mirror.pending {
+            observed.count_offer(&offer.call);
+        }
+        mirror.observed = Some(observed);
+        drop(mirror);
         self.signal.0.notify_waiters();
     }
 
     /// The stream ended or failed: forgets the report, unless it said the runner drains (a
     /// runner never stops draining; that report ages out like any other).
     pub fn clear(&self) {
-        let mut current = self.lock();
-        if !current.as_ref().is_some_and(|o| o.draining) {
-            *current = None;
+        let mut mirror = self.lock();
+        if !mirror.observed.as_ref().is_some_and(|o| o.draining) {
+            mirror.observed = None;
         }
+        // Versions of a runner that restarted start over: what a new stream reports is
+        // taken as it is.
+        mirror.pending.retain(|offer| offer.taken_at.is_none());
     }
 
     /// What the report says of a call of `app`/`function` needing `memory_mb` for a new
@@ -236,8 +340,8 @@ impl Reports {
     /// for a call larger than the runner's whole memory (so that the runner is asked and
     /// says so, and a call no runner can ever hold gets its 503 at once).
     pub fn view(&self, app: &str, function: &str, memory_mb: u64) -> RunnerView {
-        let mut current = self.lock();
-        let Some(observed) = current.as_mut() else {
+        let mut mirror = self.lock();
+        let Some(observed) = mirror.observed.as_mut() else {
             return RunnerView::Unknown;
         };
         if observed.received.elapsed() > STALE_AFTER || memory_mb > observed.total_mb {
@@ -256,35 +360,28 @@ impl Reports {
         })
     }
 
-    /// A call of `app`/`function` (`memory_mb` per instance, `concurrency` calls per
-    /// instance) is offered to the runner: until the next report, count it on a warm
-    /// instance if the report showed one with room, else as a new instance's memory.
-    pub fn offered(&self, app: &str, function: &str, memory_mb: u64, concurrency: u32) {
-        let mut current = self.lock();
-        let Some(observed) = current.as_mut() else {
-            return;
-        };
-        observed.calls_in_flight = observed.calls_in_flight.saturating_add(1);
-        let (used_mb, evicted_mb) = match observed.held(app, function) {
-            Some(held) if held.idle_slots > 0 => {
-                held.idle_slots -= 1;
-                // A one-call instance with room was idle: its memory is in use now. One that
-                // takes several calls may have been busy already; the report will tell.
-                if concurrency <= 1 {
-                    (memory_mb, memory_mb)
-                } else {
-                    (0, 0)
-                }
-            }
-            // A new instance: free memory first, then what idle instances give up.
-            _ => {
-                let unheld = observed.free_mb - observed.idle_mb;
-                (memory_mb, memory_mb.saturating_sub(unheld))
-            }
-        };
-        observed.free_mb = observed.free_mb.saturating_sub(used_mb);
-        observed.idle_mb = observed.idle_mb.saturating_sub(evicted_mb);
-        observed.idle_mb = observed.idle_mb.min(observed.free_mb);
+    /// `call` is offered to the runner: until a report shows it, count it on a warm instance
+    /// if the view shows one with room, else as a new instance's memory. The count holds
+    /// until the next report; the returned [`Offer`] says whether it holds past that (see
+    /// the module docs).
+    pub fn offer(self: &Arc<Self>, call: &OfferedCall) -> Offer {
+        let mut mirror = self.lock();
+        let id = mirror.next_offer;
+        mirror.next_offer = id.wrapping_add(1);
+        if let Some(observed) = mirror.observed.as_mut() {
+            observed.count_offer(call);
+            mirror.pending.push(PendingOffer {
+                id,
+                call: call.clone(),
+                sent: Instant::now(),
+                taken_at: None,
+            });
+        }
+        Offer {
+            reports: Arc::clone(self),
+            id,
+            taken: false,
+        }
     }
 
     /// A call the runner committed has ended: `released` is the runner's pool version once
@@ -300,8 +397,8 @@ impl Reports {
     ///   which are left. Counting them here would promise instances that may be gone, and
     ///   calls sent for them start cold.
     pub fn finished(&self, call: &OfferedCall, released: Option<u64>) {
-        let mut current = self.lock();
-        let Some(observed) = current.as_mut() else {
+        let mut mirror = self.lock();
+        let Some(observed) = mirror.observed.as_mut() else {
             return;
         };
         if released.is_some_and(|v| v != 0 && observed.version >= v) {
@@ -348,6 +445,7 @@ impl Reports {
     /// Whether a report younger than [`STALE_AFTER`] is held.
     pub fn is_fresh(&self) -> bool {
         self.lock()
+            .observed
             .as_ref()
             .is_some_and(|o| o.received.elapsed() <= STALE_AFTER)
     }
@@ -376,6 +474,16 @@ mod tests {
                     instances: 1,
                 })
                 .collect(),
+        }
+    }
+
+    /// A call of `a/<function>`, 64 MB, `concurrency` calls per instance.
+    fn offered_call(function: &str, concurrency: u32) -> OfferedCall {
+        OfferedCall {
+            app: "a".into(),
+            function: function.into(),
+            memory_mb: 64,
+            concurrency,
         }
     }
 
@@ -416,7 +524,7 @@ mod tests {
 
     #[test]
     fn calls_offered_between_reports_are_counted() {
-        let reports = Reports::default();
+        let reports = Arc::new(Reports::default());
         // 128 MB free, 64 of them held by the idle instance of a/f.
         reports.update(RunnerState {
             capacity_idle_mb: 64,
@@ -427,7 +535,7 @@ mod tests {
             before.fits && !before.evicts,
             "64 MB are free without evicting"
         );
-        reports.offered("a", "f", 64, 1);
+        let f = reports.offer(&offered_call("f", 1));
         let after_warm = load(reports.view("a", "f", 64));
         assert!(!after_warm.warm, "its one idle slot is taken");
         assert!(
@@ -435,18 +543,21 @@ mod tests {
             "and its memory, not the free 64 MB"
         );
         assert_eq!(after_warm.calls_in_flight, 3);
-        reports.offered("a", "g", 64, 1);
+        drop(reports.offer(&offered_call("g", 1)));
         assert!(
             !load(reports.view("a", "g", 64)).fits,
             "a cold start uses up the rest"
         );
+        // The runner took the call to a/f at version 2, and reports it.
+        f.taken(2);
         reports.update(RunnerState {
+            version: 2,
             capacity_idle_mb: 64,
             ..state(64, &[])
         });
         let evicting = load(reports.view("a", "h", 64));
         assert!(evicting.fits && evicting.evicts, "only by evicting");
-        reports.offered("a", "h", 64, 1);
+        drop(reports.offer(&offered_call("h", 1)));
         assert!(!load(reports.view("a", "h", 64)).fits);
         reports.update(state(128, &[("a", "f", 2)]));
         let fresh = load(reports.view("a", "f", 64));
@@ -480,7 +591,7 @@ mod tests {
         let call = call_of_f();
         // The report (version 5) was taken after the call let go of its instance (version
         // 4): it shows the instance idle already, once.
-        let reports = Reports::default();
+        let reports = Arc::new(Reports::default());
         reports.update(RunnerState {
             version: 5,
             capacity_idle_mb: 64,
@@ -488,7 +599,7 @@ mod tests {
         });
         reports.finished(&call, Some(4));
         reports.finished(&call, Some(5));
-        reports.offered("a", "f", 64, 1);
+        drop(reports.offer(&call));
         let view = load(reports.view("a", "f", 64));
         assert!(!view.warm, "one idle instance, taken: {view:?}");
         assert_eq!(view.calls_in_flight, 3, "2 in the report and the offer");
@@ -518,10 +629,76 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_a_report_does_not_show_yet_stays_counted() {
+        let reports = Arc::new(Reports::default());
+        // Version 1: one idle instance of a/f.
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        let on_its_way = reports.offer(&call_of_f());
+        // A report taken before the offer arrived still shows the instance idle: the offer
+        // on its way has it.
+        reports.update(RunnerState {
+            version: 2,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        let view = load(reports.view("a", "f", 64));
+        assert!(!view.warm && !view.fits, "promised once: {view:?}");
+        assert_eq!(view.calls_in_flight, 3);
+        // Taken at version 4: a report of version 3 does not show it either.
+        on_its_way.taken(4);
+        reports.update(RunnerState {
+            version: 3,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        assert!(!load(reports.view("a", "f", 64)).warm);
+        // Version 4 shows it: the report alone counts.
+        reports.update(RunnerState {
+            version: 4,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        let view = load(reports.view("a", "f", 64));
+        assert!(view.warm && view.fits, "{view:?}");
+        assert_eq!(view.calls_in_flight, 2);
+    }
+
+    #[test]
+    fn a_refused_or_given_up_offer_is_not_counted_past_the_next_report() {
+        let reports = Arc::new(Reports::default());
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        drop(reports.offer(&call_of_f()));
+        assert!(
+            !load(reports.view("a", "f", 64)).warm,
+            "counted until the next report"
+        );
+        reports.update(RunnerState {
+            version: 2,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        assert!(load(reports.view("a", "f", 64)).warm);
+        // Taken, by a runner that gives no version: the next report decides.
+        reports.offer(&call_of_f()).taken(0);
+        reports.update(RunnerState {
+            version: 3,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        assert!(load(reports.view("a", "f", 64)).warm);
+    }
+
+    #[test]
     fn a_shared_instance_keeps_its_memory_count() {
-        let reports = Reports::default();
+        let reports = Arc::new(Reports::default());
         reports.update(state(64, &[("a", "f", 4)]));
-        reports.offered("a", "f", 64, 4);
+        let _offer = reports.offer(&offered_call("f", 4));
         let view = load(reports.view("a", "f", 64));
         assert!(
             view.warm && view.fits,

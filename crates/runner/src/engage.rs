@@ -385,6 +385,7 @@ impl Outbound {
             details,
             slot_allocation_latency_us: 0,
             refusal: reason as i32,
+            pool_version: 0,
         });
         if self.send_last(msg).await.is_err() {
             tracing::debug!("LB gone before the refusal");
@@ -541,6 +542,7 @@ impl RunnerService {
             details: String::new(),
             slot_allocation_latency_us: latency,
             refusal: RefusalReason::Unspecified as i32,
+            pool_version: self.pool.version(),
         });
         // A small body comes with the TryCall: take what has arrived without waiting.
         let early = read_ready(&mut inbound);

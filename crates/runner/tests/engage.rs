@@ -1145,9 +1145,31 @@ async fn watch_state_reports_calls_warm_functions_and_the_drain() {
     );
     assert!(first.warm.is_empty() && !first.draining, "{first:?}");
 
-    let result = runner
-        .run(call("fn-hello", Duration::from_secs(30)), Bytes::from("x"))
+    // The acknowledgement gives the pool's version once the call was taken: the first
+    // report of at least that version shows it in flight (an LB counts its offer itself on
+    // top of older reports).
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-hello", Duration::from_secs(30)))
         .await;
+    let ack = engage.ack().await;
+    assert!(ack.committed, "{ack:?}");
+    assert!(
+        ack.pool_version > first.version,
+        "taken at {} after {}",
+        ack.pool_version,
+        first.version
+    );
+    let mut taken = next(&mut reports).await.expect("a report of the call");
+    while taken.version < ack.pool_version {
+        taken = next(&mut reports).await.expect("more reports");
+    }
+    assert_eq!(taken.calls_in_flight, 1, "{taken:?}");
+    let sender = engage.sender();
+    for frame in frames(&Bytes::from("x")) {
+        sender.send(data_msg(frame)).await.expect("body");
+    }
+    let result = engage.result().await;
     result.assert_ok(200);
     // `CallFinished` gives the pool's version once the call let go of its instance: the
     // first report of at least that version shows the instance idle (an LB counts the call's

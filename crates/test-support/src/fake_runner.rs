@@ -422,6 +422,7 @@ fn ack(committed: bool) -> runner_msg::Body {
             "fake runner: busy".into()
         },
         slot_allocation_latency_us: 1,
+        pool_version: 0,
         refusal: if committed {
             RefusalReason::Unspecified as i32
         } else {
@@ -508,6 +509,7 @@ async fn run(
             details: "fake runner: call needs more memory than this runner has".into(),
             slot_allocation_latency_us: 1,
             refusal: RefusalReason::TooLarge as i32,
+            pool_version: 0,
         });
         return match send(tx, refusal).await {
             Ok(()) => Ending::Refused,
