@@ -628,39 +628,33 @@ mod tests {
         assert_eq!(view.calls_in_flight, 2, "the next report counts it off");
     }
 
+    /// Report `version`: 64 MB free, all of it held by one idle instance of a/f.
+    fn one_idle_f(version: u64) -> RunnerState {
+        RunnerState {
+            version,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        }
+    }
+
     #[test]
     fn an_offer_a_report_does_not_show_yet_stays_counted() {
         let reports = Arc::new(Reports::default());
         // Version 1: one idle instance of a/f.
-        reports.update(RunnerState {
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(1));
         let on_its_way = reports.offer(&call_of_f());
         // A report taken before the offer arrived still shows the instance idle: the offer
         // on its way has it.
-        reports.update(RunnerState {
-            version: 2,
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(2));
         let view = load(reports.view("a", "f", 64));
         assert!(!view.warm && !view.fits, "promised once: {view:?}");
         assert_eq!(view.calls_in_flight, 3);
         // Taken at version 4: a report of version 3 does not show it either.
         on_its_way.taken(4);
-        reports.update(RunnerState {
-            version: 3,
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(3));
         assert!(!load(reports.view("a", "f", 64)).warm);
         // Version 4 shows it: the report alone counts.
-        reports.update(RunnerState {
-            version: 4,
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(4));
         let view = load(reports.view("a", "f", 64));
         assert!(view.warm && view.fits, "{view:?}");
         assert_eq!(view.calls_in_flight, 2);
@@ -669,28 +663,17 @@ mod tests {
     #[test]
     fn a_refused_or_given_up_offer_is_not_counted_past_the_next_report() {
         let reports = Arc::new(Reports::default());
-        reports.update(RunnerState {
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(1));
         drop(reports.offer(&call_of_f()));
         assert!(
             !load(reports.view("a", "f", 64)).warm,
             "counted until the next report"
         );
-        reports.update(RunnerState {
-            version: 2,
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(2));
         assert!(load(reports.view("a", "f", 64)).warm);
         // Taken, by a runner that gives no version: the next report decides.
         reports.offer(&call_of_f()).taken(0);
-        reports.update(RunnerState {
-            version: 3,
-            capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
-        });
+        reports.update(one_idle_f(3));
         assert!(load(reports.view("a", "f", 64)).warm);
     }
 
