@@ -635,11 +635,14 @@ async fn warm_placer_uses_the_runners_reports_and_never_asks_a_full_runner() -> 
     ensure!(second.fn_pid()? == first.fn_pid()?);
 
     // Two long calls fill the home runner; once its report says so, a third long call goes
-    // elsewhere without asking it.
-    let long = (0..2)
-        .map(|_| tokio::spawn(call("1500")))
-        .collect::<Vec<_>>();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // elsewhere without asking it. The second starts once the first is under way: an offer
+    // not yet acknowledged is counted on top of any report (which may already show it), so
+    // a call placed in the instant between such a report and the acknowledgement may see
+    // the home full and start elsewhere.
+    let mut long = vec![tokio::spawn(call("1500"))];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    long.push(tokio::spawn(call("1500")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let third = tokio::spawn(call("1500"));
     let mut runners = Vec::new();
     for task in long.into_iter().chain([third]) {

@@ -15,7 +15,10 @@
 //! acknowledgement carries the runner's pool version), is counted again on top of each new
 //! report until a report shows it: a report and the offers cross on different streams, and a
 //! report that does not show them yet would otherwise promise the same warm instance or
-//! memory twice.
+//! memory twice. An offer not yet acknowledged is counted on top even of a report that
+//! may already show it; when the acknowledgement says the report did show it, that second
+//! count is taken back (without it, a runner whose pool then stays unchanged would look
+//! fuller than it is until its next report, up to a second later).
 //! It counts the calls that end as well ([`Reports::finished`]): a call whose stream ended
 //! cleanly leaves its instance idle for the next call at once, unless the report already
 //! shows it (reports and call streams carry the runner's pool version) or the runner is
@@ -154,6 +157,16 @@ struct PendingOffer {
     sent: Instant,
     /// The runner's pool version once it took the call; `None` while unanswered.
     taken_at: Option<u64>,
+    /// What counting it changed in the held report, and that report's version.
+    counted: Option<(u64, Counted)>,
+}
+
+/// What [`Observed::count_offer`] changed, to take it back.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    free_mb: u64,
+    idle_mb: u64,
+    idle_slot: bool,
 }
 
 /// An offer counted in a runner's view (see [`Reports::offer`]): dropped unanswered or
@@ -180,7 +193,15 @@ impl Offer {
                 .is_some_and(|observed| observed.version >= version);
         if let Some(pos) = mirror.pending.iter().position(|p| p.id == self.id) {
             if shown {
-                mirror.pending.swap_remove(pos);
+                let offer = mirror.pending.swap_remove(pos);
+                // Counted on top of a report that already shows it (the report came before
+                // the acknowledgement): counted twice, so taken back once.
+                if let (Some((version, counted)), Some(observed)) =
+                    (offer.counted, mirror.observed.as_mut())
+                    && observed.version == version
+                {
+                    observed.uncount_offer(&offer.call, counted);
+                }
             } else if let Some(pending) = mirror.pending.get_mut(pos) {
                 pending.taken_at = Some(version);
             }
@@ -228,13 +249,16 @@ struct Held {
 
 impl Observed {
     /// Counts `call` on a warm instance if one has room, else as a new instance's memory.
-    fn count_offer(&mut self, call: &OfferedCall) {
+    fn count_offer(&mut self, call: &OfferedCall) -> Counted {
         self.calls_in_flight = self.calls_in_flight.saturating_add(1);
         let memory_mb = call.memory_mb;
         let unheld = self.free_mb - self.idle_mb;
+        let (free_before, idle_before) = (self.free_mb, self.idle_mb);
+        let mut idle_slot = false;
         let (used_mb, evicted_mb) = match self.held(&call.app, &call.function) {
             Some(held) if held.idle_slots > 0 => {
                 held.idle_slots -= 1;
+                idle_slot = true;
                 // A one-call instance with room was idle: its memory is in use now. One that
                 // takes several calls may have been busy already; the report will tell.
                 if call.concurrency <= 1 {
@@ -249,6 +273,29 @@ impl Observed {
         self.free_mb = self.free_mb.saturating_sub(used_mb);
         self.idle_mb = self.idle_mb.saturating_sub(evicted_mb);
         self.idle_mb = self.idle_mb.min(self.free_mb);
+        Counted {
+            free_mb: free_before - self.free_mb,
+            idle_mb: idle_before - self.idle_mb,
+            idle_slot,
+        }
+    }
+
+    /// Takes back what [`Observed::count_offer`] counted for `call`.
+    fn uncount_offer(&mut self, call: &OfferedCall, counted: Counted) {
+        self.calls_in_flight = self.calls_in_flight.saturating_sub(1);
+        self.free_mb = self
+            .free_mb
+            .saturating_add(counted.free_mb)
+            .min(self.total_mb);
+        self.idle_mb = self
+            .idle_mb
+            .saturating_add(counted.idle_mb)
+            .min(self.free_mb);
+        if counted.idle_slot
+            && let Some(held) = self.held(&call.app, &call.function)
+        {
+            held.idle_slots = held.idle_slots.saturating_add(1);
+        }
     }
 
     fn held(&mut self, app: &str, function: &str) -> Option<&mut Held> {
@@ -315,8 +362,8 @@ impl Reports {
         mirror.pending.retain(|offer| {
             offer.sent.elapsed() <= STALE_AFTER && offer.taken_at.is_none_or(|v| v > version)
         });
-        for offer in &mirror.pending {
-            observed.count_offer(&offer.call);
+        for offer in &mut mirror.pending {
+            offer.counted = Some((version, observed.count_offer(&offer.call)));
         }
         mirror.observed = Some(observed);
         drop(mirror);
@@ -369,12 +416,13 @@ impl Reports {
         let id = mirror.next_offer;
         mirror.next_offer = id.wrapping_add(1);
         if let Some(observed) = mirror.observed.as_mut() {
-            observed.count_offer(call);
+            let counted = (observed.version, observed.count_offer(call));
             mirror.pending.push(PendingOffer {
                 id,
                 call: call.clone(),
                 sent: Instant::now(),
                 taken_at: None,
+                counted: Some(counted),
             });
         }
         Offer {
@@ -658,6 +706,34 @@ mod tests {
         let view = load(reports.view("a", "f", 64));
         assert!(view.warm && view.fits, "{view:?}");
         assert_eq!(view.calls_in_flight, 2);
+    }
+
+    #[test]
+    fn a_report_that_shows_an_offer_before_its_acknowledgement_counts_it_once_after_the_ack() {
+        let reports = Arc::new(Reports::default());
+        // Version 1: two idle instances of a/f, 128 MB free (all held by them).
+        reports.update(RunnerState {
+            capacity_idle_mb: 128,
+            ..state(128, &[("a", "f", 2)])
+        });
+        let offer = reports.offer(&call_of_f());
+        // Version 2, taken after the runner took the call: one idle instance left. Until the
+        // acknowledgement the LB cannot tell, and counts the offer on top.
+        reports.update(RunnerState {
+            version: 2,
+            calls_in_flight: 3,
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "f", 1)])
+        });
+        assert!(
+            !load(reports.view("a", "f", 64)).warm,
+            "counted twice for now"
+        );
+        // The acknowledgement says version 2 shows it: counted once, one instance idle.
+        offer.taken(2);
+        let view = load(reports.view("a", "f", 64));
+        assert!(view.warm && view.fits, "{view:?}");
+        assert_eq!(view.calls_in_flight, 3);
     }
 
     #[test]
