@@ -280,17 +280,16 @@ impl Observed {
         }
     }
 
+    /// `free_mb` more is free, `idle_mb` of it held by idle instances.
+    fn free_again(&mut self, free_mb: u64, idle_mb: u64) {
+        self.free_mb = self.free_mb.saturating_add(free_mb).min(self.total_mb);
+        self.idle_mb = self.idle_mb.saturating_add(idle_mb).min(self.free_mb);
+    }
+
     /// Takes back what [`Observed::count_offer`] counted for `call`.
     fn uncount_offer(&mut self, call: &OfferedCall, counted: Counted) {
         self.calls_in_flight = self.calls_in_flight.saturating_sub(1);
-        self.free_mb = self
-            .free_mb
-            .saturating_add(counted.free_mb)
-            .min(self.total_mb);
-        self.idle_mb = self
-            .idle_mb
-            .saturating_add(counted.idle_mb)
-            .min(self.free_mb);
+        self.free_again(counted.free_mb, counted.idle_mb);
         if counted.idle_slot
             && let Some(held) = self.held(&call.app, &call.function)
         {
@@ -463,14 +462,7 @@ impl Reports {
         }
         if call.concurrency <= 1 {
             // Its instance is idle now: its memory is free again, held by an idle instance.
-            observed.free_mb = observed
-                .free_mb
-                .saturating_add(call.memory_mb)
-                .min(observed.total_mb);
-            observed.idle_mb = observed
-                .idle_mb
-                .saturating_add(call.memory_mb)
-                .min(observed.free_mb);
+            observed.free_again(call.memory_mb, call.memory_mb);
         }
         match observed.held(&call.app, &call.function) {
             Some(held) => held.idle_slots = held.idle_slots.saturating_add(1),
