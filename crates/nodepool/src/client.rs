@@ -283,10 +283,8 @@ impl RunnerClient {
         }
         // Counted in the runner's view until a report shows it, or until it is refused or
         // given up (dropped).
-        let offer = self
-            .config
-            .watch_reports
-            .then(|| self.reports.offer(&OfferedCall::of(call)));
+        let offered = self.config.watch_reports.then(|| OfferedCall::of(call));
+        let offer = offered.as_ref().map(|c| self.reports.offer(c));
         let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
         let mut first = Vec::with_capacity(early.chunks.len() + 2);
         first.push(ClientMsg {
@@ -350,10 +348,7 @@ impl RunnerClient {
                     slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
                     sender: sender.map(BodySender),
                     responses,
-                    report: self
-                        .config
-                        .watch_reports
-                        .then(|| (Arc::clone(&self.reports), OfferedCall::of(call))),
+                    report: offered.map(|c| (Arc::clone(&self.reports), c)),
                     finished: None,
                     clean: false,
                 })
