@@ -18,7 +18,11 @@
 //! memory twice. An offer not yet acknowledged is counted on top even of a report that
 //! may already show it; when the acknowledgement says the report did show it, that second
 //! count is taken back (without it, a runner whose pool then stays unchanged would look
-//! fuller than it is until its next report, up to a second later).
+//! fuller than it is until its next report, up to a second later). For a runner short of
+//! memory the take-back waits for its next report, at most [`LATE_TAKE_BACK`]: such a runner
+//! evicts for new instances, and a call that waits that long for room finds a warm instance
+//! more often than one sent at once to start an instance (fewer cold starts on the Zipf
+//! workload, see the README).
 //! It counts the calls that end as well ([`Reports::finished`]): a call whose stream ended
 //! cleanly leaves its instance idle for the next call at once, unless the report already
 //! shows it (reports and call streams carry the runner's pool version) or the runner is
@@ -39,6 +43,11 @@ use tokio::time::Instant;
 
 /// A report older than this is ignored: the runner sends one at least every second.
 pub const STALE_AFTER: Duration = Duration::from_secs(3);
+
+/// The longest a second count of an offer is kept for a runner short of memory: two of its
+/// report gaps, so that a runner whose pool then stays unchanged does not look full until
+/// its next heartbeat.
+pub const LATE_TAKE_BACK: Duration = Duration::from_millis(40);
 
 /// Most functions a report may list; the rest of a larger list is ignored (a runner holds
 /// far fewer instances than this).
@@ -147,7 +156,18 @@ struct Mirror {
     observed: Option<Observed>,
     /// Offers not known to be in a report: on their way, or taken after the report.
     pending: Vec<PendingOffer>,
+    /// Second counts of offers the held report already showed, kept for a runner short of
+    /// memory until the next report or until they are due (see [`Offer::taken`]).
+    late: Vec<LateTakeBack>,
     next_offer: u64,
+}
+
+/// A second count of an offer, taken back when due unless a new report comes first.
+#[derive(Debug)]
+struct LateTakeBack {
+    due: Instant,
+    call: OfferedCall,
+    counted: Counted,
 }
 
 #[derive(Debug)]
@@ -200,7 +220,19 @@ impl Offer {
                     (offer.counted, mirror.observed.as_mut())
                     && observed.version == version
                 {
-                    observed.uncount_offer(&offer.call, counted);
+                    if observed.reported_unheld_mb < offer.call.memory_mb {
+                        // Short of memory, the runner evicts for new instances, and its next
+                        // report (at most 20 ms away) says which are left: until then, a
+                        // call that finds no room waits for it and more often finds a warm
+                        // instance than one that starts an instance at once.
+                        mirror.late.push(LateTakeBack {
+                            due: Instant::now() + LATE_TAKE_BACK,
+                            call: offer.call,
+                            counted,
+                        });
+                    } else {
+                        observed.uncount_offer(&offer.call, counted);
+                    }
                 }
             } else if let Some(pending) = mirror.pending.get_mut(pos) {
                 pending.taken_at = Some(version);
@@ -365,6 +397,7 @@ impl Reports {
             offer.counted = Some((version, observed.count_offer(&offer.call)));
         }
         mirror.observed = Some(observed);
+        mirror.late.clear();
         drop(mirror);
         self.signal.0.notify_waiters();
     }
@@ -379,6 +412,7 @@ impl Reports {
         // Versions of a runner that restarted start over: what a new stream reports is
         // taken as it is.
         mirror.pending.retain(|offer| offer.taken_at.is_none());
+        mirror.late.clear();
     }
 
     /// What the report says of a call of `app`/`function` needing `memory_mb` for a new
@@ -387,9 +421,20 @@ impl Reports {
     /// says so, and a call no runner can ever hold gets its 503 at once).
     pub fn view(&self, app: &str, function: &str, memory_mb: u64) -> RunnerView {
         let mut mirror = self.lock();
-        let Some(observed) = mirror.observed.as_mut() else {
+        let Mirror { observed, late, .. } = &mut *mirror;
+        let Some(observed) = observed.as_mut() else {
             return RunnerView::Unknown;
         };
+        if !late.is_empty() {
+            let now = Instant::now();
+            late.retain(|l| {
+                let due = l.due <= now;
+                if due {
+                    observed.uncount_offer(&l.call, l.counted);
+                }
+                !due
+            });
+        }
         if observed.received.elapsed() > STALE_AFTER || memory_mb > observed.total_mb {
             return RunnerView::Unknown;
         }
@@ -703,10 +748,10 @@ mod tests {
     #[test]
     fn a_report_that_shows_an_offer_before_its_acknowledgement_counts_it_once_after_the_ack() {
         let reports = Arc::new(Reports::default());
-        // Version 1: two idle instances of a/f, 128 MB free (all held by them).
+        // Version 1: two idle instances of a/f, 256 MB free (128 held by them).
         reports.update(RunnerState {
             capacity_idle_mb: 128,
-            ..state(128, &[("a", "f", 2)])
+            ..state(256, &[("a", "f", 2)])
         });
         let offer = reports.offer(&call_of_f());
         // Version 2, taken after the runner took the call: one idle instance left. Until the
@@ -715,7 +760,7 @@ mod tests {
             version: 2,
             calls_in_flight: 3,
             capacity_idle_mb: 64,
-            ..state(64, &[("a", "f", 1)])
+            ..state(192, &[("a", "f", 1)])
         });
         assert!(
             !load(reports.view("a", "f", 64)).warm,
@@ -726,6 +771,45 @@ mod tests {
         let view = load(reports.view("a", "f", 64));
         assert!(view.warm && view.fits, "{view:?}");
         assert_eq!(view.calls_in_flight, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runner_short_of_memory_keeps_a_second_count_until_its_next_report_or_briefly() {
+        let reports = Arc::new(Reports::default());
+        // Version 1: two idle instances of a/f hold all the free memory.
+        let two_idle = RunnerState {
+            capacity_idle_mb: 128,
+            ..state(128, &[("a", "f", 2)])
+        };
+        // Version 2, the offer taken: one idle instance left.
+        let one_idle = RunnerState {
+            version: 2,
+            calls_in_flight: 3,
+            ..one_idle_f(2)
+        };
+        for next_report in [true, false] {
+            reports.update(two_idle.clone());
+            let offer = reports.offer(&call_of_f());
+            reports.update(one_idle.clone());
+            offer.taken(2);
+            let view = load(reports.view("a", "f", 64));
+            assert!(
+                !view.warm && !view.fits,
+                "counted twice until the next report: {view:?}"
+            );
+            assert_eq!(view.calls_in_flight, 4);
+            if next_report {
+                reports.update(RunnerState {
+                    version: 3,
+                    ..one_idle.clone()
+                });
+            } else {
+                tokio::time::advance(LATE_TAKE_BACK).await;
+            }
+            let view = load(reports.view("a", "f", 64));
+            assert!(view.warm && view.fits, "{view:?}");
+            assert_eq!(view.calls_in_flight, 3);
+        }
     }
 
     #[test]
