@@ -244,6 +244,34 @@ fn parse_env_pair(text: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tokio::select! {
+        result = run(args) => result,
+        signal = stop_signal() => {
+            // `run` is dropped by now, and with it the cluster it started: its daemons are
+            // killed on drop (exiting from the signal's default action would skip that).
+            bail!("stopped by {signal}; the cluster's daemons were stopped")
+        }
+    }
+}
+
+/// The first SIGINT, SIGTERM or SIGHUP; never, when they cannot be caught.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.calls > 0, "--calls must be at least 1");
     let concurrency = args.concurrency.unwrap_or(if args.soak.is_some() {
         SOAK_CONCURRENCY
