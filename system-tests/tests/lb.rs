@@ -286,6 +286,12 @@ async fn unknown_functions_404_large_bodies_413_crashes_502_and_timeouts_504() -
 
     let crashed = cluster.call("/r/demo/crash", "x").await?;
     json_error(&crashed, 502)?;
+    // The client learns what failed, not where: runner addresses are the operator's.
+    let told = crashed.text();
+    ensure!(
+        !told.contains("127.0.0.1"),
+        "the 502 names a runner: {told}"
+    );
 
     let started = Instant::now();
     let timed_out = cluster.call("/r/demo/slow", "3000").await?;

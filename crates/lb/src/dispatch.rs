@@ -309,7 +309,11 @@ impl Dispatcher {
                         });
                     }
                     Ok(Err(e)) if e.is_invalid_call() => {
-                        return Err(CallError::Unrunnable(e.to_string()));
+                        let (runner, details) = e.refusal().unwrap_or_default();
+                        return Err(CallError::Unrunnable {
+                            runner: runner.to_owned(),
+                            details: details.to_owned(),
+                        });
                     }
                     Ok(Err(e)) if e.is_too_large() => {
                         too_small += 1;

@@ -39,9 +39,9 @@ pub enum CallError {
          memory in all; lower its memory_mb or give the group larger runners"
     )]
     NoRunnerLargeEnough { memory_mb: u64, group: String },
-    /// Every runner considers the call invalid (configuration).
-    #[error("runners refuse this function: {0}")]
-    Unrunnable(String),
+    /// A runner says the call itself is invalid, so none will run it (configuration).
+    #[error("runner {runner} refuses this function: {details}")]
+    Unrunnable { runner: String, details: String },
     /// The call passed its timeout (function).
     #[error("the function did not answer within its timeout of {0:?}")]
     Timeout(Duration),
@@ -63,7 +63,7 @@ impl CallError {
             CallError::NoCapacity { .. }
             | CallError::ShuttingDown
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Unrunnable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CallError::Unrunnable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             CallError::RunnerFailed { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -77,9 +77,23 @@ impl CallError {
         }
     }
 
+    /// What the client is told: the `Display` text (what the LB logs), less the runner's
+    /// address, which is the operator's to know and not the caller's.
+    pub fn client_message(&self) -> String {
+        match self {
+            CallError::Unrunnable { details, .. } => {
+                format!("runners refuse this function: {details}")
+            }
+            CallError::RunnerFailed { details, .. } => {
+                format!("the call failed after a runner took it: {details}")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The JSON error response: `{"error": {"message": "..."}}`.
     pub fn to_response(&self) -> Response<ResponseBody> {
-        let mut response = json_error(self.status(), &self.to_string());
+        let mut response = json_error(self.status(), &self.client_message());
         if let Some(secs) = self.retry_after() {
             response
                 .headers_mut()
@@ -149,6 +163,36 @@ mod tests {
             CallError::TooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_is_not_told_the_runners_address() {
+        let failures = [
+            CallError::RunnerFailed {
+                runner: "10.0.0.7:9190".into(),
+                details: "Crashed: exit status 3".into(),
+            },
+            CallError::Unrunnable {
+                runner: "10.0.0.7:9190".into(),
+                details: "command not found".into(),
+            },
+        ];
+        for failure in failures {
+            assert!(failure.to_string().contains("10.0.0.7:9190"), "logged");
+            let body = failure
+                .to_response()
+                .into_body()
+                .collect()
+                .await
+                .expect("an in-memory body")
+                .to_bytes();
+            let body = String::from_utf8_lossy(&body);
+            assert!(!body.contains("10.0.0.7"), "{body}");
+            assert!(
+                body.contains("Crashed: exit status 3") || body.contains("command not found"),
+                "{body}"
+            );
+        }
     }
 
     #[test]

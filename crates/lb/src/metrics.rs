@@ -85,7 +85,7 @@ impl From<&CallError> for CallOutcome {
             CallError::BadRequest(_) => CallOutcome::BadRequest,
             CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
-            CallError::Unrunnable(_) => CallOutcome::Unrunnable,
+            CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
             CallError::Timeout(_) => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
             CallError::ShuttingDown => CallOutcome::ShuttingDown,

@@ -154,6 +154,17 @@ impl TryCallError {
         )
     }
 
+    /// The runner's address and what it said of a refused call; `None` for the other
+    /// failures.
+    pub fn refusal(&self) -> Option<(&str, &str)> {
+        match self {
+            TryCallError::Refused {
+                address, details, ..
+            } => Some((address, details)),
+            _ => None,
+        }
+    }
+
     /// Whether the runner said the call needs more memory than it has in all.
     pub fn is_too_large(&self) -> bool {
         matches!(
