@@ -6,10 +6,12 @@
 //!   the daemon runs ([`NodeTls::reload`]); rustls configs that use the current set at each
 //!   handshake ([`NodeTls::server_config`], [`NodeTls::client_config`]).
 //! - [`transport`]: the gRPC sockets: servers accept and clients dial with those configs.
+//! - [`cork`]: the writer under their HTTP/2 that lets a call's frames leave in one write.
 //! - [`watch`]: reloads the files when they change or on SIGHUP, and keeps the expiry gauge.
 //! - [`dev`]: generation of a development CA and node certificates (rcgen), used by the
 //!   `fn-certs` tool, the demo, compose and tests.
 
+pub mod cork;
 pub mod dev;
 mod dynamic;
 pub mod expiry;

@@ -17,6 +17,7 @@ use tonic::codegen::Service;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::cork::Corked;
 use crate::{NodeTls, TlsMode};
 
 /// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB.
@@ -93,7 +94,7 @@ async fn accept_loop(
             tracing::debug!(%peer, error = %e, "gRPC connection: TCP_NODELAY not set");
         }
         let Some(acceptor) = acceptor.clone() else {
-            if queue.send(GrpcConn::Plain(tcp)).await.is_err() {
+            if queue.send(GrpcConn::Plain(Corked::new(tcp))).await.is_err() {
                 return;
             }
             continue;
@@ -103,7 +104,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let _server_gone = queue.send(GrpcConn::Tls(Box::new(tls))).await;
+                    let _server_gone = queue.send(GrpcConn::Tls(Box::new(Corked::new(tls)))).await;
                 }
                 Ok(Err(e)) => refusals.log(peer, &e.to_string()),
                 Err(_) => refusals.log(peer, &format!("not finished within {HANDSHAKE_TIMEOUT:?}")),
@@ -155,21 +156,22 @@ impl tokio_stream::Stream for GrpcIncoming {
     }
 }
 
-/// One accepted gRPC connection.
+/// One accepted gRPC connection. Its writes are [`Corked`]: what the server's tasks have
+/// ready at one moment leaves in one write.
 #[derive(Debug)]
 pub enum GrpcConn {
     /// Plaintext (`FN_INSECURE`).
-    Plain(TcpStream),
+    Plain(Corked<TcpStream>),
     /// After a successful mutual TLS handshake.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<Corked<tokio_rustls::server::TlsStream<TcpStream>>>),
 }
 
 impl GrpcConn {
     /// The TCP socket underneath.
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            GrpcConn::Plain(tcp) => tcp,
-            GrpcConn::Tls(tls) => tls.get_ref().0,
+            GrpcConn::Plain(tcp) => tcp.get_ref(),
+            GrpcConn::Tls(tls) => tls.get_ref().get_ref().0,
         }
     }
 }
@@ -281,7 +283,7 @@ impl GrpcEndpoint {
             Some(tls) => self
                 .endpoint
                 .connect_with_connector_lazy(Dialer(tls.clone())),
-            None => self.endpoint.connect_lazy(),
+            None => self.endpoint.connect_with_connector_lazy(PlainDialer),
         }
     }
 
@@ -296,17 +298,55 @@ impl GrpcEndpoint {
                     .connect_with_connector(Dialer(tls.clone()))
                     .await
             }
-            None => self.endpoint.connect().await,
+            None => self.endpoint.connect_with_connector(PlainDialer).await,
         }
     }
 }
 
-/// Dials a server over TCP and does the TLS handshake with the current material.
+/// Dials a server over plaintext TCP (`FN_INSECURE`), with the writes [`Corked`] as under
+/// TLS.
+#[derive(Clone, Copy)]
+struct PlainDialer;
+
+impl Service<Uri> for PlainDialer {
+    type Response = TokioIo<Corked<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            let (host, port) = host_port(&uri)?;
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(Corked::new(tcp)))
+        })
+    }
+}
+
+/// The host (without IPv6 brackets) and port a gRPC URI dials.
+fn host_port(uri: &Uri) -> std::io::Result<(&str, u16)> {
+    let invalid = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| invalid("no host"))?
+        .trim_matches(['[', ']']);
+    let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
+    Ok((host, port))
+}
+
+/// Dials a server over TCP and does the TLS handshake with the current material. The
+/// connection's writes are [`Corked`].
 #[derive(Clone)]
 struct Dialer(NodeTls);
 
 impl Service<Uri> for Dialer {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = TokioIo<Corked<tokio_rustls::client::TlsStream<TcpStream>>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -317,22 +357,20 @@ impl Service<Uri> for Dialer {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = self.0.clone();
         Box::pin(async move {
-            let invalid = |what: &str| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
-            };
-            let host = uri
-                .host()
-                .ok_or_else(|| invalid("no host"))?
-                .trim_matches(['[', ']']);
-            let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
+            let (host, port) = host_port(&uri)?;
             let name =
                 rustls::pki_types::ServerName::try_from(tls.server_name_for(host).to_owned())
-                    .map_err(|e| invalid(&format!("not a valid TLS server name: {e}")))?;
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("{uri}: not a valid TLS server name: {e}"),
+                        )
+                    })?;
             let config = tls.client_config().map_err(std::io::Error::other)?;
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
             let stream = TlsConnector::from(config).connect(name, tcp).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(Corked::new(stream)))
         })
     }
 }
@@ -347,7 +385,7 @@ pub async fn peer_certificate(tls: &NodeTls, address: &str) -> std::io::Result<V
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{address}: {e}"))
     })?;
     let stream = Dialer(tls.clone()).call(uri).await?;
-    let (_, session) = stream.inner().get_ref();
+    let (_, session) = stream.inner().get_ref().get_ref();
     session
         .peer_certificates()
         .and_then(|chain| chain.first())
