@@ -215,13 +215,15 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
         self.tracker
             .spawn(async move { this.handle_stream(inbound, out).await });
         // The response headers go out with the stream's first messages rather than ahead of
-        // them: one write, one wake-up of the LB. An LB sends its TryCall at once, so the
-        // first messages are soon ready; a client that waits for the headers before it
-        // sends anything gets them after a short bound.
+        // them: one write, one wake-up of the LB. The stream's task sends its first batch
+        // soon: an empty one at once when the TryCall did not come with the stream's headers
+        // (a client may wait for ours before it sends), else the acknowledgement within
+        // `ACK_COALESCE`, or a refusal. No timer here: one set on every call costs the
+        // runtime a wake-up of its I/O driver (an `eventfd` write, seen with strace).
         let mut rx = rx;
-        let stream = match tokio::time::timeout(HEADERS_WAIT, rx.recv()).await {
-            Ok(Some(first)) => batches_after(first, rx),
-            Ok(None) | Err(_) => batches(rx),
+        let stream = match rx.recv().await {
+            Some(first) => batches_after(first, rx),
+            None => batches(rx),
         };
         Ok(Response::new(Box::pin(stream.map(Ok))))
     }
@@ -287,6 +289,16 @@ impl Outbound {
         self.batch
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends an empty first batch: the stream's response headers go now, alone.
+    fn open(&self) {
+        // Nothing was sent yet, so the channel has room; if the receiver is gone, so is the
+        // LB, and the first read of its stream says so.
+        let _ = self.tx.try_send(Batch {
+            messages: Vec::new(),
+            last: false,
+        });
     }
 
     /// Adds a message to the batch; it goes out with the next flush.
@@ -441,18 +453,28 @@ impl RunnerService {
         // a stream gets only a short grace for it (its TryCall is then refused as draining,
         // as the answer to it), so that a silent stream does not hold the drain.
         let first_message = self.config.first_message_timeout;
-        let first = tokio::select! {
-            biased;
-            first = tokio::time::timeout(first_message, inbound.message()) => first,
-            () = self.draining.cancelled() => {
-                // `Streaming::message` is cancel-safe: nothing read above is lost.
-                let grace = DRAINING_FIRST_MESSAGE_GRACE;
-                match tokio::time::timeout(grace, inbound.message()).await {
-                    Ok(first) => Ok(first),
-                    Err(_elapsed) => {
-                        let details = Refusal::Draining.to_string();
-                        out.refuse(RefusalReason::Draining, details).await;
-                        return;
+        // An LB's TryCall comes in the same write as the stream's headers. When it has not
+        // arrived, the response headers go now, alone (see `engage`).
+        let arrived = inbound.message().now_or_never();
+        if arrived.is_none() {
+            out.open();
+        }
+        let first = if let Some(first) = arrived {
+            Ok(first)
+        } else {
+            tokio::select! {
+                biased;
+                first = tokio::time::timeout(first_message, inbound.message()) => first,
+                () = self.draining.cancelled() => {
+                    // `Streaming::message` is cancel-safe: nothing read above is lost.
+                    let grace = DRAINING_FIRST_MESSAGE_GRACE;
+                    match tokio::time::timeout(grace, inbound.message()).await {
+                        Ok(first) => Ok(first),
+                        Err(_elapsed) => {
+                            let details = Refusal::Draining.to_string();
+                            out.refuse(RefusalReason::Draining, details).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -631,10 +653,6 @@ impl RunnerService {
 /// How long a deferred acknowledgement waits for the answer to leave with.
 const ACK_COALESCE: Duration = Duration::from_millis(2);
 
-/// How long the response headers wait for the stream's first messages (a deferred
-/// acknowledgement included) to leave with them.
-const HEADERS_WAIT: Duration = Duration::from_millis(5);
-
 struct Executed {
     reservation: Reservation,
     outcome: Outcome,
@@ -743,8 +761,26 @@ async fn next_soon(
     if let Some(item) = body.next().now_or_never() {
         return Some(item);
     }
-    tokio::task::yield_now().await;
+    yield_to_woken().await;
     body.next().now_or_never()
+}
+
+/// Lets the tasks already woken run before this one goes on. Unlike
+/// `tokio::task::yield_now`, it does not make the runtime poll its I/O driver first (one
+/// `epoll_wait` returning nothing per call, seen with strace): what [`next_soon`] waits for
+/// is a task's turn with data it has already read, not new I/O.
+async fn yield_to_woken() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        // Rescheduled behind the tasks already in the run queue.
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 fn data_frame(data: Bytes, eof: bool) -> runner_msg::Body {
