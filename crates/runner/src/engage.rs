@@ -455,13 +455,10 @@ impl RunnerService {
         let first_message = self.config.first_message_timeout;
         // An LB's TryCall comes in the same write as the stream's headers. When it has not
         // arrived, the response headers go now, alone (see `engage`).
-        let arrived = inbound.message().now_or_never();
-        if arrived.is_none() {
-            out.open();
-        }
-        let first = if let Some(first) = arrived {
+        let first = if let Some(first) = inbound.message().now_or_never() {
             Ok(first)
         } else {
+            out.open();
             tokio::select! {
                 biased;
                 first = tokio::time::timeout(first_message, inbound.message()) => first,

@@ -320,9 +320,7 @@ impl Service<Uri> for PlainDialer {
     fn call(&mut self, uri: Uri) -> Self::Future {
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
-            let tcp = TcpStream::connect((host, port)).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(Corked::new(tcp)))
+            Ok(TokioIo::new(Corked::new(connect_tcp(host, port).await?)))
         })
     }
 }
@@ -338,6 +336,14 @@ fn host_port(uri: &Uri) -> std::io::Result<(&str, u16)> {
         .trim_matches(['[', ']']);
     let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
     Ok((host, port))
+}
+
+/// A TCP connection to `host:port` with `TCP_NODELAY` set (small frames must not wait for
+/// the peer's delayed ACK).
+async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// Dials a server over TCP and does the TLS handshake with the current material. The
@@ -367,8 +373,7 @@ impl Service<Uri> for Dialer {
                         )
                     })?;
             let config = tls.client_config().map_err(std::io::Error::other)?;
-            let tcp = TcpStream::connect((host, port)).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = connect_tcp(host, port).await?;
             let stream = TlsConnector::from(config).connect(name, tcp).await?;
             Ok(TokioIo::new(Corked::new(stream)))
         })
