@@ -373,9 +373,11 @@ async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> an
         "20 sequential calls did not all use one container: {seen:?}"
     );
 
+    // Each call starts a container and then sleeps, all within the function's 2 s timeout:
+    // 800 ms leaves a cold start 1.2 s (1.5 s left 0.5 s, too little for a busy engine).
     let (a, b) = tokio::join!(
-        cluster.call("/r/images/sleep", "1500"),
-        cluster.call("/r/images/sleep", "1500")
+        cluster.call("/r/images/sleep", "800"),
+        cluster.call("/r/images/sleep", "800")
     );
     for reply in [a?, b?] {
         ensure!(
