@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fn_lifecycle::Health;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -37,6 +37,7 @@ use crate::client_io::{ClientIo, ClientLimits};
 use crate::connections::{Busy, Connections};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
+use crate::leftover;
 use crate::metrics::CallOutcome;
 
 /// The call id header on every response.
@@ -258,7 +259,15 @@ impl Front {
                             response.map(|body| Guarded { body, _busy: busy }),
                         );
                     }
-                    let response = front.handle(req).await;
+                    let (parts, body) = req.into_parts();
+                    let (body, leftover) = leftover::track(body, parts.version, &parts.headers);
+                    let mut response = front.handle(Request::from_parts(parts, body)).await;
+                    if leftover.closes_connection() {
+                        // Answered with the body unread, and it will not be read: say so.
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
                     Ok::<_, Infallible>(response.map(|body| Guarded { body, _busy: busy }))
                 }
             });

@@ -13,6 +13,8 @@
 //!   lingering close.
 //! - [`connections`]: the open client connections and their cap (`FN_MAX_CONNECTIONS`),
 //!   which closes the oldest idle connection to make room.
+//! - [`leftover`]: the rest of a request body answered before it was read, read and
+//!   dropped so that the client's connection stays usable.
 //! - [`error`]: the one place where call failures become HTTP statuses.
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
 //!   registered into the registry the binary passes to [`Invoker::new`].
@@ -25,6 +27,7 @@ pub mod dispatch;
 pub mod error;
 pub mod front;
 pub mod invoke;
+pub mod leftover;
 pub mod metrics;
 
 pub use catalog::{Catalog, CatalogHandle, Function};

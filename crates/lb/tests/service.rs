@@ -1185,6 +1185,162 @@ async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413()
     assert!(runners[0].seen().is_empty(), "no runner saw the call");
 }
 
+/// Sends the requests one after the other on one keep-alive connection; the replies, or
+/// why one failed.
+async fn on_one_connection(
+    address: &str,
+    requests: Vec<Request<Full<Bytes>>>,
+) -> Vec<Result<Reply, String>> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut replies = Vec::new();
+        for req in requests {
+            let reply = async {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("not reusable: {e}"))?;
+                let response = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("no response: {e}"))?;
+                let status = response.status();
+                let headers = response.headers().clone();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(http_body_util::Collected::to_bytes)
+                    .map_err(|e| e.to_string());
+                Ok(Reply {
+                    status,
+                    headers,
+                    body,
+                })
+            };
+            replies.push(reply.await);
+        }
+        replies
+    };
+    tokio::time::timeout(BOUND * 2, exchange)
+        .await
+        .expect("the LB answers in time")
+}
+
+/// An answer that comes before the request body was read (a 404, a 413 from the declared
+/// length, a function that ignores its input) leaves the connection usable: the LB reads
+/// and drops the rest of the body after the answer, so a keep-alive client's next request
+/// on the same connection is served instead of finding it closed.
+#[tokio::test]
+async fn answers_before_the_body_is_read_keep_the_connection_for_the_next_request() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let big = || vec![b'b'; 1024 * 1024];
+    let mut over = request(Method::POST, "/r/demo/echo", vec![b'o'; 2 * 1024 * 1024]);
+    over.headers_mut()
+        .insert(header::CONTENT_LENGTH, (2 * 1024 * 1024).into());
+    let replies = on_one_connection(
+        &lb.address,
+        vec![
+            request(Method::POST, "/r/demo/nope", big()),
+            request(Method::POST, "/r/demo/echo", "after a 404"),
+            over,
+            request(Method::POST, "/r/demo/echo", "after a 413"),
+        ],
+    )
+    .await;
+    let statuses: Vec<_> = replies
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.status.as_u16()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [Ok(404), Ok(200), Ok(413), Ok(200)],
+        "{replies:?}"
+    );
+    let texts: Vec<_> = replies
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.status == StatusCode::OK)
+        .map(Reply::text)
+        .collect();
+    assert_eq!(texts, ["after a 404", "after a 413"]);
+    for reply in replies.iter().flatten() {
+        assert!(
+            reply.headers.get(header::CONNECTION).is_none(),
+            "drained, not closed: {reply:?}"
+        );
+    }
+
+    // A function that answers without reading its 1 MiB input: the same.
+    runners[0].script([Behaviour::AnswerUnread, Behaviour::AnswerUnread]);
+    let replies = on_one_connection(
+        &lb.address,
+        vec![
+            request(Method::POST, "/r/demo/echo", big()),
+            request(Method::POST, "/r/demo/echo", big()),
+            request(Method::POST, "/r/demo/echo", "read"),
+        ],
+    )
+    .await;
+    let texts: Vec<_> = replies
+        .iter()
+        .map(|r| r.as_ref().map(Reply::text).map_err(String::clone))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            Ok("unread".to_owned()),
+            Ok("unread".into()),
+            Ok("read".into())
+        ]
+    );
+}
+
+/// A body declared longer than the LB will read after an early answer gets
+/// `Connection: close` on that answer: the client learns not to reuse the connection, and
+/// still reads the answer (the lingering close).
+#[tokio::test]
+async fn an_early_answer_to_a_body_too_long_to_drain_says_connection_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let declared = fn_lb::leftover::DRAIN_BYTES + 1;
+    for path in ["/r/demo/nope", "/r/demo/echo"] {
+        let mut stream = tokio::net::TcpStream::connect(&lb.address)
+            .await
+            .expect("connect");
+        let head =
+            format!("POST {path} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {declared}\r\n\r\n");
+        let exchange = async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&[b'x'; 64 * 1024]).await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(BOUND * 2, exchange)
+            .await
+            .expect("in time")
+            .expect("the answer, then the connection's end");
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(
+            text.starts_with("http/1.1 404") || text.starts_with("http/1.1 413"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nconnection: close\r\n"), "{path}: {text}");
+    }
+    assert!(runners[0].seen().is_empty(), "no runner saw either call");
+}
+
 /// Connections that never send a byte are closed after the first-byte limit (hyper's own
 /// header timer starts only with a request), and the LB keeps serving.
 #[tokio::test]

@@ -64,6 +64,9 @@ pub enum Behaviour {
     /// reset the stream in between ([`SeenCall::reset_before_trailers`]) instead of reading
     /// it to its end.
     EchoLateTrailers,
+    /// Commit and answer 200 `unread` at once, without reading the request body (a function
+    /// that ignores its input).
+    AnswerUnread,
 }
 
 /// The cold start a fake runner reports for the first call of each function.
@@ -537,6 +540,36 @@ async fn run(
             }
         }
         Behaviour::CommitThenHangUp => Ending::Failed, // dropping `tx` ends the stream
+        Behaviour::AnswerUnread => {
+            let answer = [
+                runner_msg::Body::ResultStart(CallResultStart {
+                    cold_start_us: state.cold_start_us(index),
+                    http: Some(HttpRespMeta {
+                        status_code: 200,
+                        headers: vec![Header {
+                            name: "content-length".into(),
+                            value: b"6".to_vec(),
+                        }],
+                    }),
+                }),
+                runner_msg::Body::Data(DataFrame {
+                    data: b"unread".as_slice().into(),
+                    eof: true,
+                }),
+                runner_msg::Body::Finished(CallFinished {
+                    success: true,
+                    details: String::new(),
+                    kind: ErrorKind::None as i32,
+                    pool_version: 0,
+                }),
+            ];
+            for msg in answer {
+                if send(tx, msg).await.is_err() {
+                    return Ending::LbWentAway;
+                }
+            }
+            Ending::Completed
+        }
         Behaviour::CommitThenStall => {
             stall(inbound, tx).await;
             Ending::LbWentAway
