@@ -33,8 +33,8 @@ pub struct Body {
 }
 
 enum BodyInner {
-    /// From the runner, as it arrives.
-    Incoming(Incoming),
+    /// From the runner, as it arrives; `None` once read to its end.
+    Incoming(Option<Incoming>),
     /// Built in memory (tests); `None` once read.
     Bytes(Option<Bytes>),
 }
@@ -42,7 +42,7 @@ enum BodyInner {
 impl Body {
     pub(crate) fn incoming(incoming: Incoming) -> Self {
         Self {
-            inner: BodyInner::Incoming(incoming),
+            inner: BodyInner::Incoming(Some(incoming)),
         }
     }
 
@@ -82,6 +82,35 @@ impl Body {
     }
 }
 
+/// A body the function did not read to its end is read to its end in the background and
+/// thrown away, so that the runner's connection stays open for the next call. hyper closes a
+/// connection whose request body was left unread, without saying so in the answer, and the
+/// runner, still writing that body, could see the call fail ("error writing a body to
+/// connection") or its next call meet a closed connection. Go's `net/http` server does the
+/// same for bodies of up to 256 KiB; here the whole body is read: it comes from the runner,
+/// bounded by the LB's `FN_MAX_REQUEST_BODY`, and ends with the call.
+impl Drop for Body {
+    fn drop(&mut self) {
+        let BodyInner::Incoming(incoming) = &mut self.inner else {
+            return;
+        };
+        let Some(mut incoming) = incoming.take() else {
+            return;
+        };
+        if incoming.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                while let Some(Ok(_)) =
+                    std::future::poll_fn(|cx| Pin::new(&mut incoming).poll_frame(cx)).await
+                {
+                }
+            });
+        }
+    }
+}
+
 impl From<Bytes> for Body {
     fn from(bytes: Bytes) -> Self {
         Self {
@@ -111,10 +140,17 @@ impl Stream for Body {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match &mut self.inner {
             BodyInner::Bytes(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(Ok)),
-            BodyInner::Incoming(incoming) => loop {
+            BodyInner::Incoming(None) => Poll::Ready(None),
+            BodyInner::Incoming(Some(incoming)) => loop {
                 match ready!(Pin::new(&mut *incoming).poll_frame(cx)) {
-                    None => return Poll::Ready(None),
-                    Some(Err(err)) => return Poll::Ready(Some(Err(BodyError(err)))),
+                    None => {
+                        self.inner = BodyInner::Incoming(None);
+                        return Poll::Ready(None);
+                    }
+                    Some(Err(err)) => {
+                        self.inner = BodyInner::Incoming(None);
+                        return Poll::Ready(Some(Err(BodyError(err))));
+                    }
                     // Trailers carry nothing the contract uses; empty chunks carry nothing.
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data))),
@@ -202,9 +238,9 @@ impl From<Vec<u8>> for ResponseBody {
 
 impl From<Body> for ResponseBody {
     /// Streams the request body back, chunk by chunk as it arrives.
-    fn from(body: Body) -> Self {
-        match body.inner {
-            BodyInner::Bytes(bytes) => Self::from(bytes.unwrap_or_default()),
+    fn from(mut body: Body) -> Self {
+        match &mut body.inner {
+            BodyInner::Bytes(bytes) => Self::from(bytes.take().unwrap_or_default()),
             BodyInner::Incoming(_) => Self::stream(body),
         }
     }

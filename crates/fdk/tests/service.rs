@@ -276,6 +276,57 @@ async fn a_request_body_streams_through_an_echo_while_it_is_being_sent() {
     assert_eq!(next_chunk(&mut body).await, None);
 }
 
+/// A handler that answers without reading its input leaves the connection usable: the FDK
+/// reads the rest of the body after the answer, while the runner is still sending it, and
+/// the next call on the same connection is served. (hyper would otherwise close the
+/// connection, and the runner, still writing the body, could see the call fail.)
+#[tokio::test]
+async fn a_body_the_handler_leaves_unread_is_read_and_the_connection_serves_the_next_call() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move { Ok(Response::new("ignored")) },
+        |_| {},
+    )
+    .await;
+    type Feed = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+    let streamed = || {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        }));
+        (body, tx)
+    };
+    let send = |tx: Feed, len: usize| async move {
+        for _ in 0..len / (64 * 1024) {
+            tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))))
+                .await
+                .map_err(|_| "the request body is no longer read")?;
+        }
+        Ok::<_, &str>(())
+    };
+    let mut client = connect(&running.link).await;
+    for call_no in 0..3 {
+        tokio::time::timeout(PATIENCE, client.ready())
+            .await
+            .expect("in time")
+            .unwrap_or_else(|e| panic!("call {call_no}: the connection is gone: {e}"));
+        let (body, tx) = streamed();
+        let responding = tokio::spawn(client.send_request(call(body)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("request open");
+        let response = tokio::time::timeout(PATIENCE, responding)
+            .await
+            .expect("the answer before the body ends")
+            .expect("client task")
+            .expect("a response");
+        assert_eq!(text(response).await, "ignored", "call {call_no}");
+        // The answer is in; the rest of the body (1 MiB) still goes, then its end.
+        send(tx, 1024 * 1024)
+            .await
+            .unwrap_or_else(|e| panic!("call {call_no}: {e}"));
+    }
+}
+
 #[tokio::test]
 async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
     let running = start(
