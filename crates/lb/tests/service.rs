@@ -205,6 +205,23 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    on_one_connection(address, vec![req])
+        .await
+        .pop()
+        .expect("one reply")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends the requests one after the other on one keep-alive connection; the replies, or
+/// why one failed.
+async fn on_one_connection<B>(
+    address: &str,
+    requests: Vec<Request<B>>,
+) -> Vec<Result<Reply, String>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(address)
             .await
@@ -213,20 +230,34 @@ where
             .await
             .expect("handshake");
         tokio::spawn(conn);
-        let response = sender.send_request(req).await.expect("response head");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(http_body_util::Collected::to_bytes)
-            .map_err(|e| e.to_string());
-        Reply {
-            status,
-            headers,
-            body,
+        let mut replies = Vec::new();
+        for req in requests {
+            let reply = async {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("not reusable: {e}"))?;
+                let response = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("no response: {e}"))?;
+                let status = response.status();
+                let headers = response.headers().clone();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(http_body_util::Collected::to_bytes)
+                    .map_err(|e| e.to_string());
+                Ok(Reply {
+                    status,
+                    headers,
+                    body,
+                })
+            };
+            replies.push(reply.await);
         }
+        replies
     };
     tokio::time::timeout(BOUND * 2, exchange)
         .await
@@ -1153,25 +1184,18 @@ async fn finished_calls_end_their_streams_cleanly_and_the_connection_survives_th
     );
 }
 
-/// A client that writes its whole request body before it reads anything (Python's
-/// `http.client`, `requests`) gets the 413, not a connection reset: the LB answers at once,
-/// then reads and throws away the rest of the body before it closes.
-#[tokio::test]
-async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413() {
+/// POSTs to `path` over a raw connection, declaring `declared` body bytes and writing
+/// `sent` of them before it reads; the whole answer, read to the connection's end, bounded.
+async fn raw_post(address: &str, path: &str, declared: usize, sent: usize) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = TestPki::new();
-    let runners = fakes(&pki, &[Behaviour::Echo]).await;
-    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
-    let body_len = 8 * 1024 * 1024; // 8 x the limit: more than the socket buffers hold
-    let mut stream = tokio::net::TcpStream::connect(&lb.address)
+    let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
-    let head = format!(
-        "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {body_len}\r\n\r\n"
-    );
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {declared}\r\n\r\n");
     let exchange = async {
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&vec![b'x'; body_len]).await?;
+        stream.write_all(&vec![b'x'; sent]).await?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await?;
         Ok::<_, std::io::Error>(answer)
@@ -1180,57 +1204,21 @@ async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413()
         .await
         .expect("in time")
         .expect("the body is taken in and the answer read, with no reset");
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    assert!(runners[0].seen().is_empty(), "no runner saw the call");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// Sends the requests one after the other on one keep-alive connection; the replies, or
-/// why one failed.
-async fn on_one_connection(
-    address: &str,
-    requests: Vec<Request<Full<Bytes>>>,
-) -> Vec<Result<Reply, String>> {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        let mut replies = Vec::new();
-        for req in requests {
-            let reply = async {
-                sender
-                    .ready()
-                    .await
-                    .map_err(|e| format!("not reusable: {e}"))?;
-                let response = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("no response: {e}"))?;
-                let status = response.status();
-                let headers = response.headers().clone();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(http_body_util::Collected::to_bytes)
-                    .map_err(|e| e.to_string());
-                Ok(Reply {
-                    status,
-                    headers,
-                    body,
-                })
-            };
-            replies.push(reply.await);
-        }
-        replies
-    };
-    tokio::time::timeout(BOUND * 2, exchange)
-        .await
-        .expect("the LB answers in time")
+/// A client that writes its whole request body before it reads anything (Python's
+/// `http.client`, `requests`) gets the 413, not a connection reset: the LB answers at once,
+/// then reads and throws away the rest of the body before it closes.
+#[tokio::test]
+async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let body_len = 8 * 1024 * 1024; // 8 x the limit: more than the socket buffers hold
+    let text = raw_post(&lb.address, "/r/demo/echo", body_len, body_len).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(runners[0].seen().is_empty(), "no runner saw the call");
 }
 
 /// An answer that comes before the request body was read (a 404, a 413 from the declared
@@ -1309,29 +1297,14 @@ async fn answers_before_the_body_is_read_keep_the_connection_for_the_next_reques
 /// still reads the answer (the lingering close).
 #[tokio::test]
 async fn an_early_answer_to_a_body_too_long_to_drain_says_connection_close() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::Echo]).await;
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
-    let declared = fn_lb::leftover::DRAIN_BYTES + 1;
+    let declared = fn_lb::leftover::DRAIN_BYTES as usize + 1;
     for path in ["/r/demo/nope", "/r/demo/echo"] {
-        let mut stream = tokio::net::TcpStream::connect(&lb.address)
+        let text = raw_post(&lb.address, path, declared, 64 * 1024)
             .await
-            .expect("connect");
-        let head =
-            format!("POST {path} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {declared}\r\n\r\n");
-        let exchange = async {
-            stream.write_all(head.as_bytes()).await?;
-            stream.write_all(&[b'x'; 64 * 1024]).await?;
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer)
-        };
-        let answer = tokio::time::timeout(BOUND * 2, exchange)
-            .await
-            .expect("in time")
-            .expect("the answer, then the connection's end");
-        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            .to_ascii_lowercase();
         assert!(
             text.starts_with("http/1.1 404") || text.starts_with("http/1.1 413"),
             "{text}"
