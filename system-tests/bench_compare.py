@@ -1070,8 +1070,10 @@ def main(argv: list[str]) -> int:
         worker_hwm = [vm_hwm_kib(p) for p in workers]
         rss["nginx workers (max)"] = max((w for w in worker_hwm if w), default=None)
         rss["fn-echo (direct, one process)"] = vm_hwm_kib(bench.pids["direct-echo"])
-        # The functions themselves, not the fn-isolate processes that start them.
-        inst = [vm_hwm_kib(p) for p in bench.runner_children() if comm(p) != "fn-isolate"]
+        # The functions themselves, not what fn-isolate runs beside each (itself twice, and
+        # a shell that kills the instance when the runner dies).
+        inst = [vm_hwm_kib(p) for p in bench.runner_children()
+                if comm(p) not in ("fn-isolate", "sh")]
         inst = [x for x in inst if x]
         rss["fn instances under the runner (max)"] = max(inst, default=None)
         n_instances = len(inst)
@@ -1176,7 +1178,7 @@ def main(argv: list[str]) -> int:
     p(table(["c", "path", "lb-agent", "pure-runner", "nginx (all procs)",
              "fn-echo (all instances)"], rows, right={0, 2, 3, 4, 5}))
     p(f"  (clock tick {1e6 / CLK_TCK:.0f} µs; fn-echo under lb = sum over every process below the runner "
-      "(the functions and their fn-isolate parents); pure-runner = its own pid only)")
+      "(the functions and the fn-isolate processes beside them); pure-runner = its own pid only)")
     p("")
 
     if syscalls:
