@@ -115,6 +115,38 @@ fn call<B>(body: B) -> Request<B> {
         .expect("valid request")
 }
 
+/// Feeds a [`streamed`] request body; dropping it ends the body.
+type Feed = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+type Streamed = StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+
+/// A request body the test sends chunk by chunk.
+fn streamed() -> (Streamed, Feed) {
+    let (tx, rx) = mpsc::channel(1);
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    });
+    (StreamBody::new(futures::StreamExt::boxed(chunks)), tx)
+}
+
+/// Starts a call whose body streams, sends `first`, and waits for the answer's head, which
+/// must come before the body ends; the head and what feeds the rest of the body.
+async fn head_after(
+    client: &mut SendRequest<Streamed>,
+    first: &'static [u8],
+) -> (hyper::Response<Incoming>, Feed) {
+    let (body, tx) = streamed();
+    let responding = tokio::spawn(client.send_request(call(body)));
+    tx.send(Ok(Frame::data(Bytes::from_static(first))))
+        .await
+        .expect("request open");
+    let response = tokio::time::timeout(PATIENCE, responding)
+        .await
+        .expect("response head before the request ended")
+        .expect("client task")
+        .expect("a response");
+    (response, tx)
+}
+
 async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
     let frame = tokio::time::timeout(PATIENCE, body.frame())
         .await
@@ -250,21 +282,8 @@ async fn a_request_body_streams_through_an_echo_while_it_is_being_sent() {
         |_| {},
     )
     .await;
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let request_body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|frame| (frame, rx))
-    }));
     let mut client = connect(&running.link).await;
-    let responding = tokio::spawn(client.send_request(call(request_body)));
-
-    tx.send(Ok(Frame::data(Bytes::from_static(b"ping"))))
-        .await
-        .expect("request open");
-    let response = tokio::time::timeout(PATIENCE, responding)
-        .await
-        .expect("response head before the request ended")
-        .expect("client task")
-        .expect("a response");
+    let (response, tx) = head_after(&mut client, b"ping").await;
     assert_eq!(response.headers()["fn-http-status"], "200");
     let mut body = response.into_body();
     assert_eq!(next_chunk(&mut body).await.as_deref(), Some(&b"ping"[..]));
@@ -287,14 +306,6 @@ async fn a_body_the_handler_leaves_unread_is_read_and_the_connection_serves_the_
         |_| {},
     )
     .await;
-    type Feed = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
-    let streamed = || {
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-        let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|frame| (frame, rx))
-        }));
-        (body, tx)
-    };
     let send = |tx: Feed, len: usize| async move {
         for _ in 0..len / (64 * 1024) {
             tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))))
@@ -309,16 +320,7 @@ async fn a_body_the_handler_leaves_unread_is_read_and_the_connection_serves_the_
             .await
             .expect("in time")
             .unwrap_or_else(|e| panic!("call {call_no}: the connection is gone: {e}"));
-        let (body, tx) = streamed();
-        let responding = tokio::spawn(client.send_request(call(body)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
-            .await
-            .expect("request open");
-        let response = tokio::time::timeout(PATIENCE, responding)
-            .await
-            .expect("the answer before the body ends")
-            .expect("client task")
-            .expect("a response");
+        let (response, tx) = head_after(&mut client, b"first").await;
         assert_eq!(text(response).await, "ignored", "call {call_no}");
         // The answer is in; the rest of the body (1 MiB) still goes, then its end.
         send(tx, 1024 * 1024)
