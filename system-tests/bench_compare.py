@@ -1179,6 +1179,18 @@ def main(argv: list[str]) -> int:
              "fn-echo (all instances)"], rows, right={0, 2, 3, 4, 5}))
     p(f"  (clock tick {1e6 / CLK_TCK:.0f} µs; fn-echo under lb = sum over every process below the runner "
       "(the functions and the fn-isolate processes beside them); pure-runner = its own pid only)")
+    # This VM's cost per call moves by 2x between hours; ratios to nginx in the same run
+    # are what compares across runs.
+    for c, per in results.items():
+        lb_cpu, runner_cpu = median_cpu(per["lb"], "lb-agent"), median_cpu(per["lb"], "pure-runner")
+        ratios = []
+        for path in ("nginx", "nginx2"):
+            proxy = median_cpu(per[path], "nginx") if path in per else None
+            if proxy and lb_cpu is not None and runner_cpu is not None:
+                ratios.append(f"x {path}'s: lb-agent {lb_cpu / proxy:.2f}, pure-runner "
+                              f"{runner_cpu / proxy:.2f}, both {(lb_cpu + runner_cpu) / proxy:.2f}")
+        if ratios:
+            p(f"  c={c} CPU per call " + "; ".join(ratios))
     p("")
 
     if syscalls:
