@@ -220,15 +220,22 @@ mod tests {
         (Version::HTTP_11, HeaderMap::new())
     }
 
-    #[tokio::test]
-    async fn a_body_dropped_before_its_end_is_read_to_its_end_in_the_background() {
+    /// A body of an HTTP/1.1 request with `headers`, tracked, with a first chunk read from
+    /// it (so it has been asked for); the body, its leftover and its feed.
+    async fn tracked_after_a_chunk(headers: &HeaderMap) -> (Tracked<Chunks>, Leftover, Feed) {
         let (body, tx) = request_body();
-        let (version, headers) = http1();
-        let (mut tracked, leftover) = track(body, version, &headers);
+        let (mut tracked, leftover) = track(body, Version::HTTP_11, headers);
         tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
             .await
             .expect("alive");
         assert!(tracked.frame().await.is_some());
+        (tracked, leftover, tx)
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_is_read_to_its_end_in_the_background() {
+        let (version, headers) = http1();
+        let (tracked, leftover, tx) = tracked_after_a_chunk(&headers).await;
         drop(tracked); // answered without reading the rest
         assert!(!leftover.closes_connection());
         // Someone keeps reading: the whole megabyte goes, then the body's end.
@@ -292,12 +299,7 @@ mod tests {
         );
         assert!(tx.is_closed(), "not read");
 
-        let (body, tx) = request_body();
-        let (mut tracked, leftover) = track(body, version, &headers);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"asked"))))
-            .await
-            .expect("alive");
-        assert!(tracked.frame().await.is_some());
+        let (tracked, leftover, tx) = tracked_after_a_chunk(&headers).await;
         drop(tracked);
         assert!(!leftover.closes_connection(), "asked for: drained");
         assert_eq!(feed(tx, 256 * 1024).await, 256 * 1024);
