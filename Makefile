@@ -22,7 +22,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
-        test-compose test-docker-driver test-swarm stack-up stack-down test-docker-if-engine bench-docker bench load bench-compare
+        test-compose test-docker-driver test-swarm stack-up stack-down test-docker-if-engine bench-docker bench load bench-compare bench-instructions
 
 all: build
 
@@ -89,6 +89,16 @@ BENCH_ARGS ?=
 bench-compare:
 	$(CARGO) build --release --workspace --bins
 	$(PYTHON) system-tests/bench_compare.py --bin-dir target/release $(BENCH_ARGS)
+
+# User-space instructions per call of lb-agent, pure-runner and nginx, counted by callgrind
+# (valgrind; installed with apt-get if missing): figures that do not move with the machine's
+# load, for before/after comparisons. INSTR_ARGS='--bin-dir before --bin-dir after' compares
+# two builds in one run; INSTR_ARGS='--help' lists the flags. About a minute per build.
+INSTR_ARGS ?=
+
+bench-instructions:
+	$(CARGO) build --release --workspace --bins
+	$(PYTHON) system-tests/bench_instructions.py $(INSTR_ARGS)
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
