@@ -212,8 +212,10 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
             metrics: self.metrics.clone(),
         };
         let this = self.clone();
+        // Boxed: the stream's future is some 9 KB, which spawning would copy several times
+        // over (into the task, then again when its output replaces it).
         self.tracker
-            .spawn(async move { this.handle_stream(inbound, out).await });
+            .spawn(Box::pin(this.handle_stream(inbound, out)));
         // The response headers go out with the stream's first messages rather than ahead of
         // them: one write, one wake-up of the LB. The stream's task sends its first batch
         // soon: an empty one at once when the TryCall did not come with the stream's headers
