@@ -10,8 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // Body chunks as `bytes::Bytes`: frames move between hyper and tonic without copies.
+        // Body chunks and header values as `bytes::Bytes`: decoded as slices of the received
+        // buffer, so frames move between hyper and tonic, and header values into `http`'s
+        // `HeaderValue`, without copies.
         .bytes(".dataplane.runner.v1.DataFrame")
+        .bytes(".dataplane.runner.v1.Header")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -832,7 +832,7 @@ async fn runner_cases(m: &mut Matrix<'_>) {
         let mut c = call(1);
         c.headers.push(fn_protocol::runner::Header {
             name: "bad name\n".into(),
-            value: b"v".to_vec(),
+            value: "v".into(),
         });
         expect_refused(
             &engage(cluster, vec![try_call(Some(c))], false).await?,

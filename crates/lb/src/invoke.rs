@@ -660,7 +660,8 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
     for h in meta.headers {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
+            // A slice of the runner's message: no copy.
+            HeaderValue::from_maybe_shared(h.value),
         ) else {
             tracing::debug!(header = %h.name, "dropping an invalid response header");
             continue;

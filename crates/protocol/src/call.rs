@@ -155,7 +155,8 @@ impl TryFrom<runner::Call> for CallSpec {
         for h in call.headers {
             let hname = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| invalid("headers", format!("bad header name {:?}", h.name)))?;
-            let hvalue = HeaderValue::from_bytes(&h.value)
+            // A slice of the received message: no copy.
+            let hvalue = HeaderValue::from_maybe_shared(h.value)
                 .map_err(|_| invalid("headers", format!("bad value for header {hname}")))?;
             headers.append(hname, hvalue);
         }
@@ -245,6 +246,23 @@ impl TryFrom<runner::Call> for CallSpec {
     }
 }
 
+/// `headers` for the wire, in order. The values share one buffer: one allocation for all of
+/// them, and encoding one (which clones it) counts a reference instead of allocating.
+pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
+    let total = headers.values().map(HeaderValue::len).sum();
+    let mut values = bytes::BytesMut::with_capacity(total);
+    headers
+        .iter()
+        .map(|(name, value)| {
+            values.extend_from_slice(value.as_bytes());
+            runner::Header {
+                name: name.as_str().to_owned(),
+                value: values.split().freeze(),
+            }
+        })
+        .collect()
+}
+
 impl From<&CallSpec> for runner::Call {
     fn from(spec: &CallSpec) -> Self {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -255,14 +273,7 @@ impl From<&CallSpec> for runner::Call {
             route: spec.route.clone(),
             method: spec.method.to_string(),
             request_url: spec.request_url.clone(),
-            headers: spec
-                .headers
-                .iter()
-                .map(|(k, v)| runner::Header {
-                    name: k.as_str().to_owned(),
-                    value: v.as_bytes().to_vec(),
-                })
-                .collect(),
+            headers: wire_headers(&spec.headers),
             memory_mb: spec.memory_mb,
             // The budget left now, rounded up so that a call with time left is never sent
             // as one without.
@@ -300,7 +311,7 @@ mod tests {
             request_url: "http://lb/r/demo/echo?x=1".into(),
             headers: vec![runner::Header {
                 name: "content-type".into(),
-                value: b"text/plain".to_vec(),
+                value: "text/plain".into(),
             }],
             memory_mb: 128,
             timeout_ms: 30_000,
@@ -328,6 +339,33 @@ mod tests {
         let spec = CallSpec::try_from(call).expect("valid");
         assert_eq!(spec.concurrency, 8);
         assert_eq!(runner::Call::from(&spec).concurrency, 8);
+    }
+
+    #[test]
+    fn wire_headers_carry_every_value_in_order_and_back() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-many", HeaderValue::from_static("a"));
+        headers.append("content-type", HeaderValue::from_static("text/plain"));
+        headers.append("x-many", HeaderValue::from_static(""));
+        headers.append("x-many", HeaderValue::from_static("ccc"));
+        let wired = wire_headers(&headers);
+        let got: Vec<(&str, &[u8])> = wired
+            .iter()
+            .map(|h| (h.name.as_str(), &h.value[..]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x-many", &b"a"[..]),
+                ("x-many", &b""[..]),
+                ("x-many", &b"ccc"[..]),
+                ("content-type", &b"text/plain"[..]),
+            ]
+        );
+        let mut call = wire();
+        call.headers = wired;
+        let spec = CallSpec::try_from(call).expect("valid");
+        assert_eq!(spec.headers, headers);
     }
 
     #[test]
@@ -405,7 +443,7 @@ mod tests {
                 |c| {
                     c.headers.push(runner::Header {
                         name: "bad name".into(),
-                        value: vec![],
+                        value: bytes::Bytes::new(),
                     })
                 },
                 "headers",
@@ -441,7 +479,10 @@ mod tests {
                 1 => prop::collection::vec(any::<u8>(), 0..16),
             ],
         )
-            .prop_map(|(name, value)| runner::Header { name, value })
+            .prop_map(|(name, value)| runner::Header {
+                name,
+                value: value.into(),
+            })
     }
 
     /// Mostly `valid`, sometimes anything.

@@ -691,14 +691,7 @@ async fn execute(
         Ok(r) => r,
         Err(e) => return failed(reservation, e),
     };
-    let headers = response
-        .headers
-        .iter()
-        .map(|(name, value)| runner::Header {
-            name: name.as_str().to_owned(),
-            value: value.as_bytes().to_vec(),
-        })
-        .collect();
+    let headers = fn_protocol::call::wire_headers(&response.headers);
     out.queue(runner_msg::Body::ResultStart(CallResultStart {
         cold_start_us,
         http: Some(HttpRespMeta {

@@ -342,7 +342,7 @@ impl Engage {
                     result.headers = http
                         .headers
                         .into_iter()
-                        .map(|h| (h.name, h.value))
+                        .map(|h| (h.name, h.value.to_vec()))
                         .collect();
                 }
                 Some(runner_msg::Body::Data(frame)) => {
@@ -398,7 +398,7 @@ fn call(program: &str, timeout: Duration) -> runner::Call {
 fn header(name: &str, value: &str) -> runner::Header {
     runner::Header {
         name: name.into(),
-        value: value.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec().into(),
     }
 }
 

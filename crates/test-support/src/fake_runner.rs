@@ -548,7 +548,7 @@ async fn run(
                         status_code: 200,
                         headers: vec![Header {
                             name: "content-length".into(),
-                            value: b"6".to_vec(),
+                            value: "6".into(),
                         }],
                     }),
                 }),
@@ -585,13 +585,13 @@ async fn run(
             };
             let mut headers = vec![Header {
                 name: "x-fake-runner".into(),
-                value: state.name.clone().into_bytes(),
+                value: state.name.clone().into(),
             }];
             if matches!(behaviour, Behaviour::Echo | Behaviour::EchoLateTrailers) {
                 // The length of the whole answer, as a function that knows it gives it.
                 headers.push(Header {
                     name: "content-length".into(),
-                    value: body.len().to_string().into_bytes(),
+                    value: body.len().to_string().into(),
                 });
             }
             headers.extend(
