@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fn_lifecycle::retry::Backoff;
 use fn_protocol::CallSpec;
-use fn_protocol::batch::{Batch, batches};
+use fn_protocol::batch::{self, Batch};
 use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
     ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
@@ -296,16 +296,15 @@ impl RunnerClient {
         // given up (dropped).
         let offered = self.config.watch_reports.then(|| OfferedCall::of(call));
         let offer = offered.as_ref().map(|c| self.reports.offer(c));
-        let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
         let mut first = Vec::with_capacity(early.chunks.len() + 2);
         first.push(ClientMsg {
             body: Some(client_msg::Body::TryCall(TryCall {
                 call: Some(call.into()),
             })),
         });
-        if early.complete {
+        let (requests, sender) = if early.complete {
             // The whole call in one write: TryCall, the body, its eof and the request
-            // half's end.
+            // half's end; no channel for more.
             first.extend(
                 early
                     .chunks
@@ -313,21 +312,20 @@ impl RunnerClient {
                     .map(|chunk| data_msg(chunk.clone(), false)),
             );
             first.push(data_msg(Bytes::new(), true));
-        }
-        let batch = Batch {
-            messages: first,
-            last: early.complete,
+            (batch::only(first), None)
+        } else {
+            let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
+            let first = Batch {
+                messages: first,
+                last: false,
+            };
+            (batch::batches_after(first, rx), Some(tx))
         };
-        // The channel has room: this cannot wait.
-        if tx.try_send(batch).is_err() {
-            return Err(self.protocol("request channel closed before TryCall"));
-        }
-        let sender = (!early.complete).then_some(tx);
         let mut client = self.client.clone();
         let bound = self.config.connect_timeout + self.config.ack_timeout;
         let handshake = async {
             let mut responses = client
-                .engage(batches(rx))
+                .engage(requests)
                 .await
                 .map_err(|status| self.unreachable(&status))?
                 .into_inner();

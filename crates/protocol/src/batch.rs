@@ -29,7 +29,7 @@ pub struct Batch<T> {
 /// marked `last` (or when every sender is gone).
 pub fn batches<T>(rx: mpsc::Receiver<Batch<T>>) -> Batches<T> {
     Batches {
-        rx,
+        rx: Some(rx),
         current: Vec::new().into_iter(),
         ended: false,
     }
@@ -38,16 +38,26 @@ pub fn batches<T>(rx: mpsc::Receiver<Batch<T>>) -> Batches<T> {
 /// Like [`batches`], starting with `first` (a batch already taken from `rx`).
 pub fn batches_after<T>(first: Batch<T>, rx: mpsc::Receiver<Batch<T>>) -> Batches<T> {
     Batches {
-        rx,
+        rx: Some(rx),
         current: first.messages.into_iter(),
         ended: first.last,
+    }
+}
+
+/// A stream of just `messages`, known whole in advance: no channel behind it.
+pub fn only<T>(messages: Vec<T>) -> Batches<T> {
+    Batches {
+        rx: None,
+        current: messages.into_iter(),
+        ended: true,
     }
 }
 
 /// The stream [`batches`] returns.
 #[derive(Debug)]
 pub struct Batches<T> {
-    rx: mpsc::Receiver<Batch<T>>,
+    /// Where the next batches come from; `None` for [`only`].
+    rx: Option<mpsc::Receiver<Batch<T>>>,
     /// What is left of the batch being read.
     current: std::vec::IntoIter<T>,
     /// The batch being read is the last.
@@ -65,10 +75,10 @@ impl<T> Stream for Batches<T> {
             if let Some(message) = this.current.next() {
                 return Poll::Ready(Some(message));
             }
-            if this.ended {
+            let Some(rx) = this.rx.as_mut().filter(|_| !this.ended) else {
                 return Poll::Ready(None);
-            }
-            match this.rx.poll_recv(cx) {
+            };
+            match rx.poll_recv(cx) {
                 Poll::Ready(Some(batch)) => {
                     this.current = batch.messages.into_iter();
                     this.ended = batch.last;
@@ -114,6 +124,15 @@ mod tests {
         // Ended by `last`, with the sender still alive.
         assert_eq!(stream.next().now_or_never(), Some(None));
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn only_is_its_messages_then_the_end_at_once() {
+        let mut stream = only(vec!["TryCall", "data", "eof"]);
+        let ready: Vec<_> = (0..4)
+            .map(|_| stream.next().now_or_never().expect("never waits"))
+            .collect();
+        assert_eq!(ready, [Some("TryCall"), Some("data"), Some("eof"), None]);
     }
 
     #[tokio::test]

@@ -579,14 +579,18 @@ impl RunnerService {
         tracing::debug!(reused = reservation.reused(), "call committed");
 
         // 4. Run the call while pumping the request body, under the call's deadline.
-        let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-        let body = futures::stream::iter(early.chunks.into_iter().map(Ok))
-            .chain(ReceiverStream::new(body_rx));
-        let pump = pump_inbound(inbound, early.trouble, (!early.eof).then_some(body_tx));
+        // A body that came whole with the TryCall needs no channel for the rest.
+        let arrived = futures::stream::iter(early.chunks.into_iter().map(Ok));
+        let (body, body_tx): (crate::driver::BodyStream<std::io::Error>, _) = if early.eof {
+            (Box::pin(arrived), None)
+        } else {
+            let (tx, rx) = mpsc::channel(4);
+            (Box::pin(arrived.chain(ReceiverStream::new(rx))), Some(tx))
+        };
+        let pump = pump_inbound(inbound, early.trouble, body_tx);
         let deadline = tokio::time::Instant::now() + spec.remaining();
         let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
-        let execute =
-            tokio::time::timeout_at(deadline, execute(reservation, &spec, Box::pin(body), &out));
+        let execute = tokio::time::timeout_at(deadline, execute(reservation, &spec, body, &out));
         tokio::pin!(pump);
         // Boxed, not stack-pinned, so that it can be dropped before the outcome is sent.
         let mut execute = Box::pin(execute);
