@@ -529,8 +529,7 @@ class Bench:
         self.certs = self.tmp / "certs"
         self.paths = ["direct", "nginx", *(["nginx2"] if args.nginx_two_hop else []), "lb"]
         self.nginx_conf_text = ""
-        # "off" runs nginx as one process (bench_instructions.py, whose callgrind cannot
-        # reach forked workers).
+        # "off" runs nginx as one process (bench_instructions.py reads one count).
         self.nginx_master = "on"
         # Multiplies the start-up timeouts (bench_instructions.py runs everything under
         # valgrind, some 50 times slower).

@@ -8,11 +8,12 @@ CPU time per call (what `make bench-compare` reports) moves by a factor of two b
 VM's quiet and busy hours, so a change worth 5% cannot be seen in it. An instruction count
 does not move: valgrind's callgrind counts every instruction a process executes in user
 space, whatever else the machine is doing. This script runs lb-agent, pure-runner and nginx
-under callgrind, sends the same calls through each path at c=1 (oha, 1 KiB POSTs to fn-echo),
-zeroes the counters after a warm-up and reads them after the measured calls:
+under callgrind and sends the same calls through each path at c=1 (oha, 1 KiB POSTs to
+fn-echo), twice: a run with the warm-up calls only and one with the measured calls after
+them. The difference of the two counts, over the measured calls, is the figure:
 
-  nginx    oha -> nginx -> fn-echo's socket (nginx as one process, `master_process off`:
-           callgrind_control cannot reach forked workers);
+  nginx    oha -> nginx -> fn-echo's socket (nginx as one process, `master_process off`,
+           as lb-agent is one);
   nginx2   oha -> nginx -> mutual TLS -> nginx -> the same socket (the dataplane's shape);
   lb       oha -> lb-agent -> mutual TLS gRPC -> pure-runner -> fn-echo (each daemon counted).
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=2000,
                    help="measured calls per path, at c=1 (default 2000)")
     p.add_argument("--warmup-calls", type=int, default=300,
-                   help="calls per path before the counters are zeroed (default 300)")
+                   help="calls per path before the measured ones, in both runs (default 300)")
     p.add_argument("--body-size", type=int, default=1024,
                    help="request body in bytes, random (default 1024)")
     p.add_argument("--bin-dir", type=Path, action="append", default=None,
