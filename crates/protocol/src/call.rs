@@ -152,11 +152,16 @@ impl TryFrom<runner::Call> for CallSpec {
             });
         }
         let mut headers = HeaderMap::with_capacity(call.headers.len());
+        // The values are copied into one buffer of their own: as slices of the received
+        // message they would hold the whole receive buffer (and any body that came with the
+        // call) for as long as the call runs.
+        let mut values =
+            bytes::BytesMut::with_capacity(call.headers.iter().map(|h| h.value.len()).sum());
         for h in call.headers {
             let hname = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| invalid("headers", format!("bad header name {:?}", h.name)))?;
-            // A slice of the received message: no copy.
-            let hvalue = HeaderValue::from_maybe_shared(h.value)
+            values.extend_from_slice(&h.value);
+            let hvalue = HeaderValue::from_maybe_shared(values.split().freeze())
                 .map_err(|_| invalid("headers", format!("bad value for header {hname}")))?;
             headers.append(hname, hvalue);
         }
@@ -366,6 +371,22 @@ mod tests {
         call.headers = wired;
         let spec = CallSpec::try_from(call).expect("valid");
         assert_eq!(spec.headers, headers);
+    }
+
+    #[test]
+    fn a_spec_holds_no_slice_of_the_message_it_came_in() {
+        let message = bytes::Bytes::from(vec![b'v'; 64 * 1024]);
+        let mut call = wire();
+        call.headers = vec![runner::Header {
+            name: "x-big".into(),
+            value: message.slice(..16),
+        }];
+        let spec = CallSpec::try_from(call).expect("valid");
+        assert_eq!(spec.headers["x-big"].as_bytes(), &message[..16]);
+        assert!(
+            message.is_unique(),
+            "the spec keeps the whole received buffer alive"
+        );
     }
 
     #[test]
