@@ -10,9 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // Body chunks and header values as `bytes::Bytes`: decoded as slices of the received
-        // buffer, so frames move between hyper and tonic, and header values into `http`'s
-        // `HeaderValue`, without copies.
+        // Body chunks and header values as `bytes::Bytes`, decoded as slices of the received
+        // buffer: frames move between hyper and tonic without copies, and so do the response
+        // head's values into the LB's `HeaderValue`s (`call::wire_headers` on the way out).
         .bytes(".dataplane.runner.v1.DataFrame")
         .bytes(".dataplane.runner.v1.Header")
         .compile_fds(fds)?;

@@ -155,13 +155,11 @@ impl TryFrom<runner::Call> for CallSpec {
         // The values are copied into one buffer of their own: as slices of the received
         // message they would hold the whole receive buffer (and any body that came with the
         // call) for as long as the call runs.
-        let mut values =
-            bytes::BytesMut::with_capacity(call.headers.iter().map(|h| h.value.len()).sum());
+        let mut copy = packer(call.headers.iter().map(|h| h.value.len()).sum());
         for h in call.headers {
             let hname = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| invalid("headers", format!("bad header name {:?}", h.name)))?;
-            values.extend_from_slice(&h.value);
-            let hvalue = HeaderValue::from_maybe_shared(values.split().freeze())
+            let hvalue = HeaderValue::from_maybe_shared(copy(&h.value))
                 .map_err(|_| invalid("headers", format!("bad value for header {hname}")))?;
             headers.append(hname, hvalue);
         }
@@ -251,19 +249,25 @@ impl TryFrom<runner::Call> for CallSpec {
     }
 }
 
-/// `headers` for the wire, in order. The values share one buffer: one allocation for all of
-/// them, and encoding one (which clones it) counts a reference instead of allocating.
+/// Copies values, `total` bytes in all, into one buffer, handing each out as its own `Bytes`:
+/// one allocation for all of them, and clones that count a reference instead of allocating.
+fn packer(total: usize) -> impl FnMut(&[u8]) -> bytes::Bytes {
+    let mut buffer = bytes::BytesMut::with_capacity(total);
+    move |value| {
+        buffer.extend_from_slice(value);
+        buffer.split().freeze()
+    }
+}
+
+/// `headers` for the wire, in order, their values in one buffer (see [`packer`]: encoding a
+/// value clones it).
 pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
-    let total = headers.values().map(HeaderValue::len).sum();
-    let mut values = bytes::BytesMut::with_capacity(total);
+    let mut copy = packer(headers.values().map(HeaderValue::len).sum());
     headers
         .iter()
-        .map(|(name, value)| {
-            values.extend_from_slice(value.as_bytes());
-            runner::Header {
-                name: name.as_str().to_owned(),
-                value: values.split().freeze(),
-            }
+        .map(|(name, value)| runner::Header {
+            name: name.as_str().to_owned(),
+            value: copy(value.as_bytes()),
         })
         .collect()
 }
