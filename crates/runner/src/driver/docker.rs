@@ -51,7 +51,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::output::{self, Labels, LineSplitter, MAX_LINE, Stream as OutputStream};
 use super::process::check_config;
-use super::socket::{Liveness, SocketClient, remove_instance_dir, wait_for_listener};
+use super::socket::{
+    CONTAINER_END_GRACE, Liveness, SocketClient, remove_instance_dir, wait_for_listener,
+};
 use super::{
     BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
 };
@@ -574,7 +576,7 @@ impl DockerInstance {
         concurrency: u32,
         memory_mb: u64,
     ) -> Self {
-        let (liveness, ended_tx) = Liveness::new();
+        let (liveness, ended_tx) = Liveness::new(CONTAINER_END_GRACE);
         let shared = Arc::new(Shared {
             liveness: liveness.clone(),
             kill: CancellationToken::new(),

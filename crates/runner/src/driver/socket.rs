@@ -28,10 +28,16 @@ use tokio::sync::watch;
 use super::http_stream;
 use super::{BodyStream, DriverError, FunctionRequest, FunctionResponse};
 
-/// How long a failed call waits for the instance to be seen ended before deciding the
-/// function misbehaved rather than died. The end is awaited as an event; this only bounds
-/// the wait.
-const END_GRACE: Duration = Duration::from_millis(500);
+/// How long a failed call to a child process waits for the process to be seen ended before
+/// deciding the function misbehaved rather than died. The end is awaited as an event (the
+/// reaper sees it at once); this only bounds the wait.
+pub(crate) const PROCESS_END_GRACE: Duration = Duration::from_millis(500);
+
+/// The same for a container. Its end is seen through the engine (the wait stream, then an
+/// inspect for the OOM flag), which on a busy engine took more than 500 ms after the
+/// container's socket closed: the call was then reported as the function's misbehaviour
+/// instead of an OOM kill. Only a failing call waits this long.
+pub(crate) const CONTAINER_END_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a kept connection may take to become ready for the next request before it is
 /// replaced by a new one.
@@ -54,15 +60,19 @@ pub(crate) struct Liveness {
     killed: AtomicBool,
     /// `Some(how it ended)` once the instance has ended.
     ended: watch::Receiver<Option<String>>,
+    /// How long a broken call waits to see the end before blaming the function.
+    end_grace: Duration,
 }
 
 impl Liveness {
-    /// A live instance, and the sender its driver reports the end on.
-    pub(crate) fn new() -> (Arc<Self>, watch::Sender<Option<String>>) {
+    /// A live instance, and the sender its driver reports the end on. `end_grace` bounds how
+    /// long a broken call waits for the driver to report the end.
+    pub(crate) fn new(end_grace: Duration) -> (Arc<Self>, watch::Sender<Option<String>>) {
         let (tx, ended) = watch::channel(None);
         let liveness = Liveness {
             killed: AtomicBool::new(false),
             ended,
+            end_grace,
         };
         (Arc::new(liveness), tx)
     }
@@ -97,7 +107,7 @@ impl Liveness {
     /// briefly for its end to be seen), else `Function`.
     async fn failure(&self, what: &str, error: impl fmt::Display) -> DriverError {
         let mut ended = self.ended.clone();
-        let end = tokio::time::timeout(END_GRACE, ended.wait_for(Option::is_some))
+        let end = tokio::time::timeout(self.end_grace, ended.wait_for(Option::is_some))
             .await
             .ok()
             .and_then(Result::ok)

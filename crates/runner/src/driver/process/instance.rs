@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cgroup::InstanceCgroup;
 use crate::driver::output::{self, Labels, Stream as OutputStream};
-use crate::driver::socket::{Liveness, SocketClient, remove_instance_dir};
+use crate::driver::socket::{Liveness, PROCESS_END_GRACE, SocketClient, remove_instance_dir};
 use crate::driver::{BodyStream, DriverError, FunctionRequest, FunctionResponse, Instance};
 
 /// How the process ended.
@@ -142,7 +142,7 @@ impl ProcessInstance {
             ));
         }
 
-        let (liveness, exit_tx) = Liveness::new();
+        let (liveness, exit_tx) = Liveness::new(PROCESS_END_GRACE);
         let shared = Arc::new(Shared {
             labels: labels.clone(),
             pid,
