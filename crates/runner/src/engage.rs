@@ -212,10 +212,12 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
             metrics: self.metrics.clone(),
         };
         let this = self.clone();
-        // Boxed: the stream's future is some 9 KB, which spawning would copy several times
-        // over (into the task, then again when its output replaces it).
-        self.tracker
-            .spawn(Box::pin(this.handle_stream(inbound, out)));
+        // Boxed: the stream's future is some 20 KB, which spawning would copy several times
+        // over (into the task, then again when its output replaces it). Written into a box
+        // allocated first, it is built in place: `Box::pin(future)` builds it on the stack
+        // and copies it (8,500 of 185,000 instructions per call, callgrind).
+        let task = Box::write(Box::new_uninit(), this.handle_stream(inbound, out));
+        self.tracker.spawn(Box::into_pin(task));
         // The response headers go out with the stream's first messages rather than ahead of
         // them: one write, one wake-up of the LB. The stream's task sends its first batch
         // soon: an empty one at once when the TryCall did not come with the stream's headers
