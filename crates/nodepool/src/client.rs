@@ -33,12 +33,12 @@ use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
     ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
 };
+use fn_tls::DirectChannel;
 use fn_tls::TlsMode;
 use futures::{FutureExt, Stream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports};
 
@@ -182,7 +182,7 @@ impl TryCallError {
 pub struct RunnerClient {
     id: String,
     address: String,
-    client: RunnerProtocolClient<Channel>,
+    client: RunnerProtocolClient<DirectChannel>,
     config: ClientConfig,
     available: AtomicBool,
     /// Set while a probe task runs, so a burst of failures starts only one.
@@ -205,28 +205,22 @@ impl RunnerClient {
     /// A client for the runner at `address` (`host:port`). Connects lazily.
     ///
     /// # Errors
-    /// When the address is not a valid `host:port` or the TLS configuration is rejected.
+    /// When the address is not a valid `host:port`.
     pub fn new(
         id: impl Into<String>,
         address: impl Into<String>,
         tls: &TlsMode,
         config: ClientConfig,
-    ) -> Result<Arc<Self>, tonic::transport::Error> {
+    ) -> Result<Arc<Self>, tonic::codegen::http::uri::InvalidUri> {
         let address = address.into();
-        let channel = fn_tls::grpc_endpoint(tls, &address)?
-            .with(|e| {
-                e.connect_timeout(config.connect_timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .keep_alive_while_idle(true)
-                    .tcp_nodelay(true)
-            })
-            .connect_lazy();
+        // Straight to hyper's HTTP/2 connection: tonic's `Channel` would put a buffer task
+        // in the way of every call (see `DirectChannel`).
+        let channel = DirectChannel::new(tls, &address, config.connect_timeout)?;
         let reports = Arc::new(Reports::with_signal(config.report_signal.clone()));
         let client = Arc::new(RunnerClient {
             id: id.into(),
             address,
-            client: RunnerProtocolClient::new(channel),
+            client: RunnerProtocolClient::with_origin(channel.clone(), channel.origin()),
             config,
             available: AtomicBool::new(true),
             probing: AtomicBool::new(false),
@@ -494,7 +488,7 @@ impl RunnerClient {
 /// `cancel`; see the module docs.
 async fn watch_reports(
     address: String,
-    mut client: RunnerProtocolClient<Channel>,
+    mut client: RunnerProtocolClient<DirectChannel>,
     reports: Arc<Reports>,
     mut backoff: Backoff,
     metrics: ReportMetrics,

@@ -11,6 +11,7 @@
 //! - [`dev`]: generation of a development CA and node certificates (rcgen), used by the
 //!   `fn-certs` tool, the demo, compose and tests.
 
+mod channel;
 pub mod cork;
 pub mod dev;
 mod dynamic;
@@ -25,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 
+pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
 pub use transport::{
     CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, STREAM_WINDOW, grpc_endpoint,

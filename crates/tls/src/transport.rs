@@ -30,6 +30,11 @@ pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// How long a peer has to finish the TLS handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often an idle HTTP/2 connection pings its peer, and how long the answer may take
+/// before the connection is given up (both ends of every gRPC hop).
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepted connections waiting for the server to take them.
 const ACCEPT_QUEUE: usize = 64;
 
@@ -40,8 +45,8 @@ const ACCEPT_QUEUE: usize = 64;
 /// crashed host, a partition), so their streams end instead of waiting for a deadline.
 pub fn grpc_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
 }
@@ -306,7 +311,7 @@ impl GrpcEndpoint {
 /// Dials a server over plaintext TCP (`FN_INSECURE`), with the writes [`Corked`] as under
 /// TLS.
 #[derive(Clone, Copy)]
-struct PlainDialer;
+pub(crate) struct PlainDialer;
 
 impl Service<Uri> for PlainDialer {
     type Response = TokioIo<Corked<TcpStream>>;
@@ -349,7 +354,7 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
 /// Dials a server over TCP and does the TLS handshake with the current material. The
 /// connection's writes are [`Corked`].
 #[derive(Clone)]
-struct Dialer(NodeTls);
+pub(crate) struct Dialer(pub(crate) NodeTls);
 
 impl Service<Uri> for Dialer {
     type Response = TokioIo<Corked<tokio_rustls::client::TlsStream<TcpStream>>>;

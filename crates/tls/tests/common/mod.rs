@@ -16,10 +16,13 @@ pub struct Server {
 
 /// Serves gRPC health, SERVING, with mutual TLS from `tls`.
 pub async fn start_server(tls: &NodeTls) -> Server {
+    start_server_at(tls, "127.0.0.1:0").await
+}
+
+/// [`start_server`] on `address` (`127.0.0.1:0` for any free port).
+pub async fn start_server_at(tls: &NodeTls, address: &str) -> Server {
     fn_tls::install_crypto_provider();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter

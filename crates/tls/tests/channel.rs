@@ -1,0 +1,97 @@
+//! `DirectChannel` against a real tonic server: it dials on first use, redials once the
+//! server has gone and come back, and a dial that cannot finish fails within the connect
+//! timeout with an error that names the server.
+
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{start_server, start_server_at};
+
+use fn_tls::dev::DevCa;
+use fn_tls::{DirectChannel, TlsMode};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn health(channel: &DirectChannel) -> Result<(), tonic::Status> {
+    HealthClient::with_origin(channel.clone(), channel.origin())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn dials_on_first_use_and_again_after_the_server_restarts() {
+    let ca = DevCa::new("ca").expect("ca");
+    let node = ca.node_tls(&[]).expect("node");
+    let server = start_server(&node).await;
+    let address = server.address.clone();
+    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
+    let channel =
+        DirectChannel::new(&mode, &address, Duration::from_secs(5)).expect("a valid address");
+    health(&channel).await.expect("first call dials");
+    health(&channel)
+        .await
+        .expect("second call on the same connection");
+
+    drop(server);
+    let start = Instant::now();
+    while health(&channel).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "calls still succeed after the server stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let down = health(&channel).await.expect_err("nobody listens");
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    assert!(down.message().contains(&address), "{down:?}");
+
+    let _server = start_server_at(&node, &address).await;
+    health(&channel)
+        .await
+        .expect("the next call after the restart dials a new connection");
+}
+
+#[tokio::test]
+async fn a_dial_that_cannot_finish_fails_within_the_connect_timeout() {
+    let ca = DevCa::new("ca").expect("ca");
+    // Accepts connections and never answers: the TLS handshake cannot finish.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
+    let channel =
+        DirectChannel::new(&mode, &address, Duration::from_millis(300)).expect("a valid address");
+    let start = Instant::now();
+    let err = health(&channel).await.expect_err("no handshake");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(&address) && err.message().contains("no connection within"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn an_address_that_is_no_uri_authority_is_refused() {
+    let err = DirectChannel::new(
+        &TlsMode::Insecure,
+        "no spaces allowed:1",
+        Duration::from_secs(1),
+    )
+    .expect_err("not an authority");
+    assert!(!err.to_string().is_empty());
+}
