@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{start_server, start_server_at};
+use common::{check, start_server, start_server_at};
 
 use fn_tls::dev::DevCa;
 use fn_tls::{DirectChannel, TlsMode};
@@ -49,6 +49,9 @@ async fn dials_on_first_use_and_again_after_the_server_restarts() {
     assert!(down.message().contains(&address), "{down:?}");
 
     let _server = start_server_at(&node, &address).await;
+    check(&mode, &address)
+        .await
+        .expect("the restarted server serves a new tonic channel");
     health(&channel)
         .await
         .expect("the next call after the restart dials a new connection");
