@@ -62,22 +62,25 @@ test-system: test-deps
 # elsewhere say so and skip.
 test-docker-if-engine:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory test-compose test-docker-driver test-swarm; \
+	  $(MAKE) --no-print-directory IMAGE_PROFILE=release test-compose test-docker-driver test-swarm; \
 	else \
 	  echo "SKIPPED test-compose, test-docker-driver and test-swarm: no Docker engine answers 'docker info' here"; \
 	fi
 
 # Performance (not part of `make test`; see README, Performance). `bench` times the
 # placers; `load` runs fn-load against an lb-agent and pure-runners built in release, e.g.
-# make load LOAD_ARGS='--payload small --calls 50000'.
+# make load LOAD_ARGS='--payload small --calls 50000'. They measure the build that ships:
+# the `dist` profile (release with thin LTO, Cargo.toml); BENCH_PROFILE=release for a
+# quicker build.
 LOAD_ARGS ?=
+BENCH_PROFILE ?= dist
 
 bench:
 	$(CARGO) bench -p fn-placement
 
 load:
-	$(CARGO) build --release --workspace --bins
-	FN_TEST_BIN_DIR=target/release target/release/fn-load $(LOAD_ARGS)
+	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins
+	FN_TEST_BIN_DIR=target/$(BENCH_PROFILE) target/$(BENCH_PROFILE)/fn-load $(LOAD_ARGS)
 
 # The lb-agent path against the same function called directly over its unix socket and
 # through nginx (Debian's; installed with apt-get if missing), measured with oha (installed
@@ -87,8 +90,8 @@ load:
 BENCH_ARGS ?=
 
 bench-compare:
-	$(CARGO) build --release --workspace --bins
-	$(PYTHON) system-tests/bench_compare.py --bin-dir target/release $(BENCH_ARGS)
+	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins
+	$(PYTHON) system-tests/bench_compare.py --bin-dir target/$(BENCH_PROFILE) $(BENCH_ARGS)
 
 # User-space instructions per call of lb-agent, pure-runner and nginx, counted by callgrind
 # (valgrind; installed with apt-get if missing): figures that do not move with the machine's
@@ -97,8 +100,8 @@ bench-compare:
 INSTR_ARGS ?=
 
 bench-instructions:
-	$(CARGO) build --release --workspace --bins
-	$(PYTHON) system-tests/bench_instructions.py $(INSTR_ARGS)
+	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins
+	$(PYTHON) system-tests/bench_instructions.py $(if $(findstring --bin-dir,$(INSTR_ARGS)),,--bin-dir target/$(BENCH_PROFILE)) $(INSTR_ARGS)
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
@@ -124,22 +127,25 @@ certs-rollover:
 demo: build
 	bash deploy/demo.sh
 
-# Container images (docker/*.Dockerfile), built from this machine alone: one release build
-# of the binaries the images hold, statically linked (glibc, crt-static) so they run `FROM
+# Container images (docker/*.Dockerfile), built from this machine alone: one build (profile
+# IMAGE_PROFILE) of the binaries the images hold, statically linked (glibc, crt-static) so they run `FROM
 # scratch`; then a build context with them and a small rootfs (docker/rootfs + /tmp).
 IMAGE_PREFIX   ?= fn-dataplane
 IMAGE_TAG      ?= latest
 IMAGE_TARGET   ?= x86_64-unknown-linux-gnu
 IMAGE_CONTEXT  := target/docker-context
-IMAGE_BIN_DIR  := target/$(IMAGE_TARGET)/release
+# `dist` (release with thin LTO) is what ships; `make test` builds its images in `release`,
+# the same code in half the build time.
+IMAGE_PROFILE  ?= dist
+IMAGE_BIN_DIR  := target/$(IMAGE_TARGET)/$(IMAGE_PROFILE)
 IMAGE_DAEMONS  := lb-agent npm pure-runner fn-isolate fn-certs fn-probe
 IMAGE_FUNCTIONS := fn-hello fn-echo fn-sleep fn-crash
 IMAGES         := lb-agent npm pure-runner
 
 images:
 	@command -v docker >/dev/null || { echo "make images: docker not found (the Docker CLI and a running engine are needed)" >&2; exit 1; }
-	RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
-	  $(CARGO) build --release --target $(IMAGE_TARGET) $(addprefix -p ,$(IMAGE_DAEMONS) $(IMAGE_FUNCTIONS))
+	RUSTFLAGS='-C target-feature=+crt-static' \
+	  $(CARGO) build --profile $(IMAGE_PROFILE) --config 'profile.$(IMAGE_PROFILE).strip="symbols"' --target $(IMAGE_TARGET) $(addprefix -p ,$(IMAGE_DAEMONS) $(IMAGE_FUNCTIONS))
 	rm -rf $(IMAGE_CONTEXT)
 	mkdir -p $(IMAGE_CONTEXT)/bin $(IMAGE_CONTEXT)/functions $(IMAGE_CONTEXT)/certs-root/certs
 	cp -R docker/rootfs $(IMAGE_CONTEXT)/rootfs
@@ -170,8 +176,8 @@ test-compose: images
 TEST_IMAGE_LABEL := fn.dataplane.test-image
 
 test-docker-driver: images test-deps
-	RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
-	  $(CARGO) build --release --target $(IMAGE_TARGET) -p fn-hostile
+	RUSTFLAGS='-C target-feature=+crt-static' \
+	  $(CARGO) build --profile $(IMAGE_PROFILE) --config 'profile.$(IMAGE_PROFILE).strip="symbols"' --target $(IMAGE_TARGET) -p fn-hostile
 	@# The same build as `make test`'s (so a no-op there): --bins alone would unify features
 	@# differently and rebuild part of the workspace.
 	$(CARGO) build --workspace --bins --all-targets

@@ -129,9 +129,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nginx-workers", default="auto",
                    help="nginx worker_processes (default auto = one per CPU, like tokio's "
                         "default worker threads in lb-agent)")
-    p.add_argument("--bin-dir", type=Path, default=REPO / "target" / "release",
+    p.add_argument("--bin-dir", type=Path, default=REPO / "target" / "dist",
                    help="where lb-agent, pure-runner, fn-certs, fn-echo, fn-hello are "
-                        "(default target/release)")
+                        "(default target/dist: the shipped build, see Cargo.toml)")
     p.add_argument("--json-out", type=Path, default=None, help="also write all figures as JSON")
     p.add_argument("--keep-tmp", action="store_true",
                    help="keep the temp directory (logs, configs) instead of removing it")
@@ -1018,7 +1018,7 @@ def main(argv: list[str]) -> int:
 
     for b in ("lb-agent", "pure-runner", "fn-certs", "fn-echo", "fn-hello"):
         if not (args.bin_dir / b).is_file():
-            raise BenchError(f"{args.bin_dir / b} missing: run cargo build --release --workspace --bins")
+            raise BenchError(f"{args.bin_dir / b} missing: run cargo build --profile dist --workspace --bins")
     oha = Oha.detect(find_oha())
     nginx = find_nginx()
     strace = None if args.no_strace else find_strace()

@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="request body in bytes, random (default 1024)")
     p.add_argument("--bin-dir", type=Path, action="append", default=None,
                    help="a build to measure (repeatable: one lb row per build; default "
-                        "target/release)")
+                        "target/dist)")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="FN_WORKER_THREADS of both daemons (default 1)")
     p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
@@ -68,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.calls < 1 or args.warmup_calls < 0:
         p.error("--calls must be >= 1 and --warmup-calls >= 0")
-    args.bin_dir = args.bin_dir or [bc.REPO / "target" / "release"]
+    args.bin_dir = args.bin_dir or [bc.REPO / "target" / "dist"]
     return args
 
 
@@ -172,8 +172,8 @@ def main(argv: list[str]) -> int:
     for d in args.bin_dir:
         for b in ("lb-agent", "pure-runner", "fn-certs", "fn-echo", "fn-hello"):
             if not (d / b).is_file():
-                raise bc.BenchError(f"{d / b} missing: run cargo build --release --workspace "
-                                    f"--bins")
+                raise bc.BenchError(f"{d / b} missing: run cargo build --profile dist "
+                                    f"--workspace --bins")
     oha = bc.Oha.detect(bc.find_oha())
     nginx = None if args.no_nginx else bc.find_nginx()
     tmp = Path(tempfile.mkdtemp(prefix="fn-instr-", dir="/tmp"))

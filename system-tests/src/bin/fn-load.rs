@@ -14,8 +14,9 @@
 //! RSS (`VmHWM`) of the lb-agent and of each runner, and writes the table to
 //! `target/reliability/load.<case>.txt`. Exits 1 when a call failed.
 //!
-//! Run: `make load LOAD_ARGS='--payload small'`, which builds the workspace in release and
-//! runs `FN_TEST_BIN_DIR=target/release target/release/fn-load $(LOAD_ARGS)`.
+//! Run: `make load LOAD_ARGS='--payload small'`, which builds the workspace in the `dist`
+//! profile (release with thin LTO) and runs `FN_TEST_BIN_DIR=target/dist target/dist/fn-load
+//! $(LOAD_ARGS)`.
 //!
 //! Soak mode, `--soak 10m`: no hello or warm-up round and no fixed number of calls; instead
 //! echo calls, `--concurrency` at a time (16 unless given), every answer checked, until the
