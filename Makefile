@@ -9,9 +9,9 @@
 #   make test-swarm   deploy/docker-stack.yml on a single-node swarm, end to end (needs an engine)
 #   make stack-up STACK=fn / make stack-down STACK=fn   the dataplane as a swarm stack
 #   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
-#   make load         release build, then fn-load drives a local cluster (LOAD_ARGS=...)
+#   make load         dist build (release + thin LTO), then fn-load drives a local cluster (LOAD_ARGS=...)
 #   make bench-docker  the docker driver beside the process driver: cold start, hot calls
-#   make bench-compare release build, then the same function called directly, through nginx
+#   make bench-compare dist build, then the same function called directly, through nginx
 #                     and through lb-agent -> pure-runner, side by side with oha (BENCH_ARGS=...)
 
 CARGO       ?= cargo
