@@ -99,6 +99,7 @@ bench-compare:
 # two builds in one run; INSTR_ARGS='--help' lists the flags. About a minute per build.
 INSTR_ARGS ?=
 
+# The build just made is measured unless INSTR_ARGS names builds of its own.
 bench-instructions:
 	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins
 	$(PYTHON) system-tests/bench_instructions.py $(if $(findstring --bin-dir,$(INSTR_ARGS)),,--bin-dir target/$(BENCH_PROFILE)) $(INSTR_ARGS)
@@ -128,8 +129,9 @@ demo: build
 	bash deploy/demo.sh
 
 # Container images (docker/*.Dockerfile), built from this machine alone: one build (profile
-# IMAGE_PROFILE) of the binaries the images hold, statically linked (glibc, crt-static) so they run `FROM
-# scratch`; then a build context with them and a small rootfs (docker/rootfs + /tmp).
+# IMAGE_PROFILE) of the binaries the images hold, statically linked (glibc, crt-static) so
+# they run `FROM scratch`; then a build context with them and a small rootfs (docker/rootfs
+# + /tmp).
 IMAGE_PREFIX   ?= fn-dataplane
 IMAGE_TAG      ?= latest
 IMAGE_TARGET   ?= x86_64-unknown-linux-gnu

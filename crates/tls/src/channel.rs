@@ -94,13 +94,10 @@ impl Inner {
         current.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    /// The open connection's handle, dialling a new connection when there is none.
-    async fn sender(&self) -> Result<http2::SendRequest<Body>, Status> {
-        if let Some(sender) = self.open() {
-            return Ok(sender);
-        }
+    /// A new connection's handle, for a call that found none open: dials unless another
+    /// call did while this one waited for its turn.
+    async fn dial(&self) -> Result<http2::SendRequest<Body>, Status> {
         let _dialling = self.dialling.lock().await;
-        // Another call may have dialled while this one waited.
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
@@ -177,7 +174,7 @@ impl Service<http::Request<Body>> for DirectChannel {
         match inner.open() {
             Some(sender) => Box::pin(send(sender, request, inner)),
             None => Box::pin(async move {
-                let sender = Box::pin(inner.sender()).await?;
+                let sender = Box::pin(inner.dial()).await?;
                 send(sender, request, inner).await
             }),
         }
