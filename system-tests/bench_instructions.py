@@ -65,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
                    help="FN_PLACER of lb-agent (default: the lb-agent's default)")
     p.add_argument("--no-nginx", action="store_true", help="measure the lb rows only")
+    p.add_argument("--keep-profiles", type=Path, default=None, metavar="DIR",
+                   help="keep each process's callgrind files in DIR (<path>-<process>-"
+                        "warmup.out and -measured.out; the calls are their difference): "
+                        "read them with callgrind_annotate")
     args = p.parse_args(argv)
     if args.calls < 1 or args.warmup_calls < 0:
         p.error("--calls must be >= 1 and --warmup-calls >= 0")
@@ -118,6 +122,16 @@ class Callgrind:
             raise bc.BenchError(f"{path}: no summary line")
         return int(m.group(1))
 
+    def keep(self, name: str, pid: int, dest: Path) -> None:
+        """Copies the callgrind file of the process `pid` started as `name` to `dest`."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.out / f"{name}.{pid}", dest)
+
+
+def slug(label: str) -> str:
+    """A file name part from a row label such as `lb (target/dist)`."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+
 
 def stop_gracefully(timeout: float = 90) -> None:
     """SIGTERM to everything started, then waits: under valgrind a clean exit takes a while,
@@ -161,6 +175,11 @@ def measure(label: str, start, counted: dict[str, str], body: Path,
             stop_gracefully()
             shutil.rmtree(bench.tmp, ignore_errors=True)
         totals.append({shown: args.cg.total(counted[shown], pid) for shown, pid in pids.items()})
+        if args.keep_profiles:
+            run = "measured" if calls else "warmup"
+            for shown, pid in pids.items():
+                args.cg.keep(counted[shown], pid,
+                             args.keep_profiles / f"{slug(label)}-{shown}-{run}.out")
     return {shown: (totals[1][shown] - totals[0][shown]) / args.calls for shown in counted}
 
 

@@ -85,8 +85,12 @@ pub enum CatalogError {
 /// A validated set of functions, indexed for lookup.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    by_name: HashMap<(String, String), Arc<Function>>,
-    by_route: HashMap<(String, String), Arc<Function>>,
+    /// app → name → function. Nested rather than keyed by `(app, name)`, so that a lookup
+    /// (one per call) borrows the request's strings instead of allocating a key.
+    by_name: HashMap<String, HashMap<String, Arc<Function>>>,
+    /// app → route → function.
+    by_route: HashMap<String, HashMap<String, Arc<Function>>>,
+    len: usize,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -138,46 +142,49 @@ impl Catalog {
                 reason,
             };
             let function = validate(raw, &invalid)?;
-            let name_key = (function.app.clone(), function.name.clone());
-            let route_key = (function.app.clone(), function.route.clone());
-            if catalog.by_name.contains_key(&name_key) {
+            if catalog.by_name(&function.app, &function.name).is_some() {
                 return Err(invalid("name", "defined twice".into()));
             }
-            if let Some(other) = catalog.by_route.get(&route_key) {
+            if let Some(other) = catalog.by_route(&function.app, &function.route) {
                 return Err(invalid(
                     "route",
                     format!("{} is already the route of {}", function.route, other.name),
                 ));
             }
             let function = Arc::new(function);
-            catalog.by_name.insert(name_key, Arc::clone(&function));
-            catalog.by_route.insert(route_key, function);
+            catalog
+                .by_name
+                .entry(function.app.clone())
+                .or_default()
+                .insert(function.name.clone(), Arc::clone(&function));
+            catalog
+                .by_route
+                .entry(function.app.clone())
+                .or_default()
+                .insert(function.route.clone(), function);
+            catalog.len += 1;
         }
         Ok(catalog)
     }
 
     /// The function routed at `/r/{app}{route}`.
     pub fn by_route(&self, app: &str, route: &str) -> Option<Arc<Function>> {
-        self.by_route
-            .get(&(app.to_owned(), route.to_owned()))
-            .cloned()
+        self.by_route.get(app)?.get(route).cloned()
     }
 
     /// The function `app/name` (for `/invoke/{app}/{function}`).
     pub fn by_name(&self, app: &str, name: &str) -> Option<Arc<Function>> {
-        self.by_name
-            .get(&(app.to_owned(), name.to_owned()))
-            .cloned()
+        self.by_name.get(app)?.get(name).cloned()
     }
 
     /// Number of functions.
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.len
     }
 
     /// Whether there are no functions.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.len == 0
     }
 }
 

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 #[derive(Debug, Clone, Default)]
 pub struct CapacityTracker {
     /// Group → MB. Groups stay listed at 0 once seen, so the advertiser can send a final
-    /// zero; [`CapacityTracker::forget_idle`] removes them afterwards.
-    groups: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// zero; [`CapacityTracker::forget_idle`] removes them afterwards. `Arc<str>` keys: a
+    /// call's guard shares its group's name instead of copying it.
+    groups: Arc<Mutex<BTreeMap<Arc<str>, u64>>>,
     /// Woken when a group's demand rises from zero: the advertiser tells the npm at once
     /// instead of at its next tick (scale from zero without waiting).
     rose: Arc<tokio::sync::Notify>,
@@ -21,7 +22,7 @@ impl CapacityTracker {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, u64>> {
         // Updates are single map operations; a poisoned lock still holds consistent data.
         self.groups
             .lock()
@@ -30,19 +31,24 @@ impl CapacityTracker {
 
     /// Assigns `memory_mb` to `group` until the guard drops.
     pub fn assign(&self, group: &str, memory_mb: u64) -> CapacityGuard {
-        let from_zero = {
+        let (group, from_zero) = {
             let mut groups = self.lock();
-            let total = groups.entry(group.to_owned()).or_insert(0);
+            // Looked up first: only a group's first call allocates its name.
+            let group = match groups.get_key_value(group) {
+                Some((name, _)) => Arc::clone(name),
+                None => Arc::from(group),
+            };
+            let total = groups.entry(Arc::clone(&group)).or_insert(0);
             let from_zero = *total == 0 && memory_mb > 0;
             *total += memory_mb;
-            from_zero
+            (group, from_zero)
         };
         if from_zero {
             self.rose.notify_one();
         }
         CapacityGuard {
             tracker: self.clone(),
-            group: group.to_owned(),
+            group,
             memory_mb,
         }
     }
@@ -55,15 +61,18 @@ impl CapacityTracker {
 
     /// Current totals of every group seen and not forgotten.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.lock().clone()
+        self.lock()
+            .iter()
+            .map(|(group, mb)| (group.to_string(), *mb))
+            .collect()
     }
 
     /// Removes the groups in `groups` whose total is still zero.
     pub fn forget_idle<'a>(&self, groups: impl IntoIterator<Item = &'a String>) {
         let mut map = self.lock();
         for g in groups {
-            if map.get(g) == Some(&0) {
-                map.remove(g);
+            if map.get(g.as_str()) == Some(&0) {
+                map.remove(g.as_str());
             }
         }
     }
@@ -73,7 +82,7 @@ impl CapacityTracker {
 #[derive(Debug)]
 pub struct CapacityGuard {
     tracker: CapacityTracker,
-    group: String,
+    group: Arc<str>,
     memory_mb: u64,
 }
 
