@@ -380,6 +380,30 @@ GREETING = "Hi"
     }
 
     #[test]
+    fn a_name_or_route_defined_twice_in_one_app_is_refused() {
+        let one = |app: &str, name: &str, route: &str| {
+            format!(
+                "[[functions]]\napp = \"{app}\"\nname = \"{name}\"\nroute = \"{route}\"\ncommand = [\"x\"]\n"
+            )
+        };
+        let twice_named = one("demo", "f", "/a") + &one("demo", "f", "/b");
+        let err = Catalog::parse(Path::new("c.toml"), &twice_named).expect_err("name twice");
+        assert!(err.to_string().contains("field `name`"), "{err}");
+        let twice_routed = one("demo", "f", "/a") + &one("demo", "g", "/a");
+        let err = Catalog::parse(Path::new("c.toml"), &twice_routed).expect_err("route twice");
+        assert!(
+            err.to_string().contains("/a is already the route of f"),
+            "{err}"
+        );
+        // The same name and route in another app is another function.
+        let two_apps = one("demo", "f", "/a") + &one("other", "f", "/a");
+        let c = Catalog::parse(Path::new("c.toml"), &two_apps).expect("two apps");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.by_route("other", "/a").expect("routed").app, "other");
+        assert_eq!(c.by_name("demo", "f").expect("named").app, "demo");
+    }
+
+    #[test]
     fn errors_name_file_function_and_field() {
         let cases = [
             ("memory_mb = 0", "function demo/f: field `memory_mb`"),
