@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // head's values into the LB's `HeaderValue`s (`call::wire_headers` on the way out).
         .bytes(".dataplane.runner.v1.DataFrame")
         .bytes(".dataplane.runner.v1.Header")
+        // The config as `CallSpec` holds it: converting is a move at the runner and a clone at
+        // the LB, with no rehashing, and it encodes in a stable order.
+        .btree_map(".dataplane.runner.v1.Call.config")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -242,7 +242,7 @@ impl TryFrom<runner::Call> for CallSpec {
             idle_timeout,
             command: call.command,
             image,
-            config: call.config.into_iter().collect(),
+            config: call.config,
             lb_group,
             deadline,
         })
@@ -293,7 +293,7 @@ impl From<&CallSpec> for runner::Call {
             idle_timeout_ms: millis(spec.idle_timeout),
             command: spec.command.clone(),
             image: spec.image.clone().unwrap_or_default(),
-            config: spec.config.clone().into_iter().collect(),
+            config: spec.config.clone(),
             lb_group: spec.lb_group.clone(),
             deadline_unix_ms: millis(
                 spec.wall_deadline()

@@ -6,7 +6,7 @@
 //! As root, functions run as `nobody` (the runner's default), so every directory they need
 //! is made traversable for it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -388,7 +388,7 @@ fn call(program: &str, timeout: Duration) -> runner::Call {
         idle_timeout_ms: 30_000,
         command: vec![program.into()],
         image: String::new(),
-        config: HashMap::new(),
+        config: BTreeMap::new(),
         lb_group: "default".into(),
         deadline_unix_ms: unix_ms(SystemTime::now() + timeout),
         concurrency: 1,
