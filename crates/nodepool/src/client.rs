@@ -1,12 +1,12 @@
 //! [`RunnerClient`]: the LB's connection to one runner.
 //!
-//! One tonic channel per runner address (HTTP/2, so every call is a stream on it), opened
-//! lazily and reconnected by tonic. The client is *available* until a call finds the runner
-//! unreachable (connect failure, transport error, no acknowledgement in time); it then
-//! becomes a placeholder: [`RunnerClient::try_call`] refuses at once, without touching the
-//! network, while a background probe calls `Status` with backoff and makes the client
-//! available again when the runner answers. The placeholder keeps its slot in the runner
-//! list, so consistent hashing keeps every other runner's index.
+//! One HTTP/2 connection per runner address ([`DirectChannel`]: every call is a stream on
+//! it), dialled on first use and again once it has closed. The client is *available* until a
+//! call finds the runner unreachable (connect failure, transport error, no acknowledgement in
+//! time); it then becomes a placeholder: [`RunnerClient::try_call`] refuses at once, without
+//! touching the network, while a background probe calls `Status` with backoff and makes the
+//! client available again when the runner answers. The placeholder keeps its slot in the
+//! runner list, so consistent hashing keeps every other runner's index.
 //!
 //! **Outlier ejection.** A runner that answers its health check but keeps failing calls
 //! (it never acknowledges, its connection breaks) would come back after every probe and

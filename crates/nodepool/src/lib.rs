@@ -1,6 +1,6 @@
 //! The lb-agent's view of the runners.
 //!
-//! - [`client`]: [`RunnerClient`], one per runner address: a tonic channel over mutual TLS,
+//! - [`client`]: [`RunnerClient`], one per runner address: one HTTP/2 connection over mutual TLS,
 //!   the `TryCall` handshake, and an availability flag that turns an unreachable runner into
 //!   a placeholder (it keeps its slot in the list, refuses at once, and is probed with
 //!   backoff until it answers again).
