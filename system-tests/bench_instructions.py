@@ -69,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="keep each process's callgrind files in DIR (<path>-<process>-"
                         "warmup.out and -measured.out; the calls are their difference): "
                         "read them with callgrind_annotate")
+    p.add_argument("--top", type=int, default=0, metavar="N",
+                   help="also print, per process, the N functions with the most instructions "
+                        "of their own per call (the difference of the two runs' profiles)")
     args = p.parse_args(argv)
     if args.calls < 1 or args.warmup_calls < 0:
         p.error("--calls must be >= 1 and --warmup-calls >= 0")
@@ -128,6 +131,47 @@ class Callgrind:
         shutil.copyfile(self.out / f"{name}.{pid}", dest)
 
 
+def self_costs(path: Path) -> dict[str, int]:
+    """Instructions of each function's own code (callees excluded) in a callgrind file
+    written with `--dump-instr=no --dump-line=no`: cost lines follow `fn=` lines; the cost
+    line after a `calls=` line is the call's inclusive cost, which is not the caller's own."""
+    names: dict[str, str] = {}
+    costs: dict[str, int] = {}
+    fn = ""
+    after_call = False
+
+    def name(spec: str) -> str:
+        # Compressed names: "(12) name" defines id 12, "(12)" refers to it.
+        m = re.match(r"\((\d+)\)(?:\s+(.*))?$", spec)
+        if not m:
+            return spec
+        if m.group(2) is not None:
+            names[m.group(1)] = m.group(2)
+        return names.get(m.group(1), spec)
+
+    with path.open(errors="replace") as f:
+        for line in f:
+            if line.startswith("fn="):
+                fn = name(line[3:].strip())
+            elif line.startswith("cfn="):
+                name(line[4:].strip())
+            elif line.startswith("calls="):
+                after_call = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                parts = line.split()
+                if len(parts) >= 2 and not after_call:
+                    costs[fn] = costs.get(fn, 0) + int(parts[1])
+                after_call = False
+    return costs
+
+
+def top_functions(warmup: Path, measured: Path, calls: int, n: int) -> list[tuple[str, float]]:
+    """The `n` functions with the most own instructions per call: measured minus warm-up."""
+    a, b = self_costs(measured), self_costs(warmup)
+    per_call = {f: (a.get(f, 0) - b.get(f, 0)) / calls for f in a.keys() | b.keys()}
+    return sorted(per_call.items(), key=lambda kv: -kv[1])[:n]
+
+
 def slug(label: str) -> str:
     """A file name part from a row label such as `lb (target/dist)`."""
     return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
@@ -158,6 +202,7 @@ def measure(label: str, start, counted: dict[str, str], body: Path,
     its wrapper's name: lb-agent, pure-runner or nginx).
     """
     totals = []
+    files: list[dict[str, Path]] = []
     for calls in (0, args.calls):
         bench, target = start()
         try:
@@ -175,11 +220,16 @@ def measure(label: str, start, counted: dict[str, str], body: Path,
             stop_gracefully()
             shutil.rmtree(bench.tmp, ignore_errors=True)
         totals.append({shown: args.cg.total(counted[shown], pid) for shown, pid in pids.items()})
+        files.append({shown: args.cg.out / f"{counted[shown]}.{pid}" for shown, pid in pids.items()})
         if args.keep_profiles:
             run = "measured" if calls else "warmup"
             for shown, pid in pids.items():
                 args.cg.keep(counted[shown], pid,
                              args.keep_profiles / f"{slug(label)}-{shown}-{run}.out")
+    if args.top:
+        for shown in counted:
+            args.tops.append((label, shown, top_functions(files[0][shown], files[1][shown],
+                                                          args.calls, args.top)))
     return {shown: (totals[1][shown] - totals[0][shown]) / args.calls for shown in counted}
 
 
@@ -198,6 +248,7 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fn-instr-", dir="/tmp"))
     os.chmod(tmp, 0o755)
     args.cg = Callgrind(valgrind, tmp / "callgrind")
+    args.tops = []
     body = tmp / "body.bin"
     body.write_bytes(random.Random(0xF17).randbytes(args.body_size))
     rows: list[tuple[str, str, float]] = []
@@ -278,6 +329,15 @@ def main(argv: list[str]) -> int:
     out.append(bc.table(headers, table_rows, right={2, 3, 4}))
     out.append("  (user space only: the kernel's share of each call is not counted; the "
                "functions run natively and are not counted)")
+    per_process = {(path, proc): v for path, proc, v in rows}
+    for label, process, top in args.tops:
+        total = per_process.get((label, process))
+        out.append("")
+        out.append(f"{label}, {process}: the {len(top)} functions with the most instructions "
+                   f"of their own per call")
+        out.append(bc.table(["instructions/call", "share", "function"],
+                            [[f"{v:,.0f}", f"{100 * v / total:.1f}%" if total else "-", f[:110]]
+                             for f, v in top], right={0, 1}))
     print("\n".join(out))
     return 0
 
