@@ -4,9 +4,9 @@
 /// jemalloc rather than glibc's malloc: a call makes about a hundred allocations here, many
 /// of them a few KiB (task cells, codec and header buffers), which glibc serves from its
 /// slower general bins. User-space instructions per call fell 10% with it (174,576 → 156,315,
-/// `make bench-instructions`); peak RSS under 0–1 MiB bodies at c=64 rose from about 31 to
-/// about 41 MiB (`fn-load --payload uniform`). The lb-agent keeps glibc's: there the same
-/// swap cost 20 MB of peak RSS against its 64 MiB target (README, Performance).
+/// `make bench-instructions`). One arena for all threads (`.cargo/config.toml`, as for the
+/// lb-agent): with jemalloc's default of four per CPU, peak RSS under 0–1 MiB bodies at c=64
+/// was 37–41 MiB, with one 32–35 (`fn-load --payload uniform`; glibc's: about 31).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
