@@ -105,7 +105,13 @@ fn name(field: &'static str, value: String, max: usize) -> Result<String, Invali
             max,
         });
     }
-    if value.chars().any(char::is_control) {
+    // ASCII (nearly every name) needs no UTF-8 decoding: its controls are its C0 and DEL.
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err(InvalidCall::Invalid {
             field,
             reason: "contains control characters".into(),

@@ -530,7 +530,7 @@ impl RunnerService {
         self.run_call(spec, inbound, out).instrument(span).await;
     }
 
-    async fn run_call(&self, spec: CallSpec, mut inbound: Streaming<ClientMsg>, out: Outbound) {
+    async fn run_call(&self, mut spec: CallSpec, mut inbound: Streaming<ClientMsg>, out: Outbound) {
         let instance_spec = InstanceSpec::from(&spec);
         if let Err(e) = self.pool.driver().check(&instance_spec) {
             out.refuse(RefusalReason::Invalid, e.to_string()).await;
@@ -592,7 +592,9 @@ impl RunnerService {
         let pump = pump_inbound(inbound, early.trouble, body_tx);
         let deadline = tokio::time::Instant::now() + spec.remaining();
         let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
-        let execute = tokio::time::timeout_at(deadline, execute(reservation, &spec, body, &out));
+        let timeout = spec.timeout;
+        let execute =
+            tokio::time::timeout_at(deadline, execute(reservation, &mut spec, body, &out));
         tokio::pin!(pump);
         // Boxed, not stack-pinned, so that it can be dropped before the outcome is sent.
         let mut execute = Box::pin(execute);
@@ -624,7 +626,7 @@ impl RunnerService {
                 executed = &mut execute => break match executed {
                     Err(_elapsed) => Some(Outcome::of(
                         ErrorKind::Timeout,
-                        format!("call exceeded its timeout of {:?}", spec.timeout),
+                        format!("call exceeded its timeout of {timeout:?}"),
                     )),
                     Ok(Ok(Executed { reservation, outcome })) => {
                         if outcome.kind == ErrorKind::None {
@@ -669,7 +671,7 @@ struct Executed {
 /// body is known to have ended with it.
 async fn execute(
     mut reservation: Reservation,
-    spec: &CallSpec,
+    spec: &mut CallSpec,
     body: crate::driver::BodyStream<std::io::Error>,
     out: &Outbound,
 ) -> Result<Executed, LbGone> {
@@ -693,7 +695,7 @@ async fn execute(
     } else {
         0
     };
-    let response = match instance.call(FunctionRequest::from(spec), body).await {
+    let response = match instance.call(FunctionRequest::take_from(spec), body).await {
         Ok(r) => r,
         Err(e) => return failed(reservation, e),
     };

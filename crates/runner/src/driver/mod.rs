@@ -62,13 +62,15 @@ impl From<&CallSpec> for InstanceSpec {
     }
 }
 
-impl From<&CallSpec> for FunctionRequest {
-    fn from(call: &CallSpec) -> Self {
+impl FunctionRequest {
+    /// The request for `call`, taking its headers and request URL: nothing reads them after
+    /// the call has been sent, and a copy of the header map costs an allocation per call.
+    pub fn take_from(call: &mut CallSpec) -> Self {
         FunctionRequest {
             call_id: call.id.clone(),
             method: call.method.clone(),
-            request_url: call.request_url.clone(),
-            headers: call.headers.clone(),
+            request_url: std::mem::take(&mut call.request_url),
+            headers: std::mem::take(&mut call.headers),
             deadline: call.wall_deadline(),
         }
     }
