@@ -222,7 +222,7 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_calls_as_draining_and_e
                 pid = http
                     .headers
                     .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("x-fn-pid"))
+                    .find(|h| h.name.eq_ignore_ascii_case(b"x-fn-pid"))
                     .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<i32>().ok());
             }
             Some(runner_msg::Body::Data(frame)) => body.extend_from_slice(&frame.data),

@@ -659,11 +659,11 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
     let mut headers = HeaderMap::with_capacity(meta.headers.len());
     for h in meta.headers {
         let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderName::from_bytes(&h.name),
             // A slice of the runner's message: no copy.
             HeaderValue::from_maybe_shared(h.value),
         ) else {
-            tracing::debug!(header = %h.name, "dropping an invalid response header");
+            tracing::debug!(header = %String::from_utf8_lossy(&h.name), "dropping an invalid response header");
             continue;
         };
         if name == header::CONTENT_LENGTH {

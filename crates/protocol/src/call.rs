@@ -163,8 +163,10 @@ impl TryFrom<runner::Call> for CallSpec {
         // call) for as long as the call runs.
         let mut copy = packer(call.headers.iter().map(|h| h.value.len()).sum());
         for h in call.headers {
-            let hname = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| invalid("headers", format!("bad header name {:?}", h.name)))?;
+            let hname = HeaderName::from_bytes(&h.name).map_err(|_| {
+                let shown = String::from_utf8_lossy(&h.name);
+                invalid("headers", format!("bad header name {shown:?}"))
+            })?;
             let hvalue = HeaderValue::from_maybe_shared(copy(&h.value))
                 .map_err(|_| invalid("headers", format!("bad value for header {hname}")))?;
             headers.append(hname, hvalue);
@@ -265,14 +267,15 @@ fn packer(total: usize) -> impl FnMut(&[u8]) -> bytes::Bytes {
     }
 }
 
-/// `headers` for the wire, in order, their values in one buffer (see [`packer`]: encoding a
+/// `headers` for the wire, in order, their names and values in one buffer (see [`packer`]: encoding a
 /// value clones it).
 pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
-    let mut copy = packer(headers.values().map(HeaderValue::len).sum());
+    let names: usize = headers.iter().map(|(name, _)| name.as_str().len()).sum();
+    let mut copy = packer(names + headers.values().map(HeaderValue::len).sum::<usize>());
     headers
         .iter()
         .map(|(name, value)| runner::Header {
-            name: name.as_str().to_owned(),
+            name: copy(name.as_str().as_bytes()),
             value: copy(value.as_bytes()),
         })
         .collect()
@@ -364,17 +367,14 @@ mod tests {
         headers.append("x-many", HeaderValue::from_static(""));
         headers.append("x-many", HeaderValue::from_static("ccc"));
         let wired = wire_headers(&headers);
-        let got: Vec<(&str, &[u8])> = wired
-            .iter()
-            .map(|h| (h.name.as_str(), &h.value[..]))
-            .collect();
+        let got: Vec<(&[u8], &[u8])> = wired.iter().map(|h| (&h.name[..], &h.value[..])).collect();
         assert_eq!(
             got,
             [
-                ("x-many", &b"a"[..]),
-                ("x-many", &b""[..]),
-                ("x-many", &b"ccc"[..]),
-                ("content-type", &b"text/plain"[..]),
+                (&b"x-many"[..], &b"a"[..]),
+                (&b"x-many"[..], &b""[..]),
+                (&b"x-many"[..], &b"ccc"[..]),
+                (&b"content-type"[..], &b"text/plain"[..]),
             ]
         );
         let mut call = wire();
@@ -504,14 +504,18 @@ mod tests {
 
     fn wire_header() -> impl Strategy<Value = runner::Header> {
         (
-            prop_oneof![4 => "[a-z][a-z0-9-]{0,12}", 1 => ".{0,12}"],
+            prop_oneof![
+                4 => "[a-z][a-z0-9-]{0,12}".prop_map(String::into_bytes),
+                1 => ".{0,12}".prop_map(String::into_bytes),
+                1 => prop::collection::vec(any::<u8>(), 0..12),
+            ],
             prop_oneof![
                 4 => "[ -~]{0,16}".prop_map(String::into_bytes),
                 1 => prop::collection::vec(any::<u8>(), 0..16),
             ],
         )
             .prop_map(|(name, value)| runner::Header {
-                name,
+                name: name.into(),
                 value: value.into(),
             })
     }

@@ -342,7 +342,12 @@ impl Engage {
                     result.headers = http
                         .headers
                         .into_iter()
-                        .map(|h| (h.name, h.value.to_vec()))
+                        .map(|h| {
+                            (
+                                String::from_utf8_lossy(&h.name).into_owned(),
+                                h.value.to_vec(),
+                            )
+                        })
                         .collect();
                 }
                 Some(runner_msg::Body::Data(frame)) => {
@@ -397,7 +402,7 @@ fn call(program: &str, timeout: Duration) -> runner::Call {
 
 fn header(name: &str, value: &str) -> runner::Header {
     runner::Header {
-        name: name.into(),
+        name: name.as_bytes().to_vec().into(),
         value: value.as_bytes().to_vec().into(),
     }
 }
@@ -688,7 +693,7 @@ async fn cancelling_the_stream_mid_call_releases_capacity_and_kills_the_instance
             .expect("http")
             .headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("x-fn-pid"))
+            .find(|h| h.name.eq_ignore_ascii_case(b"x-fn-pid"))
             .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<i32>().ok())
             .expect("X-Fn-Pid"),
         other => panic!("expected CallResultStart, got {other:?}"),

@@ -599,7 +599,7 @@ async fn run(
                     .iter()
                     .filter(|h| {
                         let name = h.name.to_ascii_lowercase();
-                        name == "content-type" || name.starts_with("x-echo-")
+                        name == b"content-type" || name.starts_with(b"x-echo-")
                     })
                     .cloned(),
             );
