@@ -267,8 +267,8 @@ fn packer(total: usize) -> impl FnMut(&[u8]) -> bytes::Bytes {
     }
 }
 
-/// `headers` for the wire, in order, their names and values in one buffer (see [`packer`]: encoding a
-/// value clones it).
+/// `headers` for the wire, in order, their names and values in one buffer (see [`packer`]:
+/// encoding a value clones it).
 pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
     let names: usize = headers.iter().map(|(name, _)| name.as_str().len()).sum();
     let mut copy = packer(names + headers.values().map(HeaderValue::len).sum::<usize>());
