@@ -23,7 +23,7 @@ use tonic::codegen::Service;
 use tonic::transport::Uri;
 
 use crate::transport::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PlainDialer};
-use crate::{CONNECTION_WINDOW, NodeTls, STREAM_WINDOW, TlsMode};
+use crate::{CONNECTION_WINDOW, MAX_FRAME_SIZE, NodeTls, STREAM_WINDOW, TlsMode};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -141,6 +141,7 @@ impl Inner {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)

@@ -27,6 +27,15 @@ pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// every other call on the connection needs.
 pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
+/// Largest HTTP/2 frame either end of a gRPC connection accepts, so the largest the other
+/// sends (h2's default is 16 KiB). A body chunk (up to 128 KiB from a client, 64 KiB from a
+/// function) then crosses as one DATA frame: one write, one TLS flight and one wake-up of
+/// the peer instead of eight. A frame of another call waits behind it for at most 256 KiB
+/// (tens of microseconds on loopback). Measured on the 1 MiB bench-compare row against
+/// 16 KiB: 12% less CPU per call in each daemon, 6% more calls per second (README,
+/// Performance, session 17).
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
 /// How long a peer has to finish the TLS handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +58,7 @@ pub fn grpc_server() -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(Some(MAX_FRAME_SIZE))
 }
 
 /// The connections a [`grpc_server`] serves on `listener`: with `TCP_NODELAY` set and, under
