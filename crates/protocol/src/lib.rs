@@ -6,11 +6,13 @@
 //! - [`call`]: [`CallSpec`], a validated function call, and its conversion from and to
 //!   the wire `Call`.
 //! - [`batch`]: messages gathered into batches that leave in one write.
+//! - [`framing`]: gRPC's message framing for the Engage stream, without copying body chunks.
 //!
 //! This crate depends on no daemon; daemons meet only through it.
 
 pub mod batch;
 pub mod call;
+pub mod framing;
 
 /// Generated types of `proto/runner.proto` (package `dataplane.runner.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
