@@ -28,17 +28,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use fn_lifecycle::retry::Backoff;
 use fn_protocol::CallSpec;
-use fn_protocol::batch::{self, Batch};
+use fn_protocol::batch::{self, Batch, Batches};
+use fn_protocol::framing::{self, Decoded, ENGAGE_PATH, EncodeBody, Head};
 use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
     ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
 };
 use fn_tls::DirectChannel;
 use fn_tls::TlsMode;
-use futures::{FutureExt, Stream};
+use futures::{FutureExt, Stream, StreamExt};
+use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
+use tonic::codegen::Service;
 
 use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports};
 
@@ -183,6 +185,10 @@ pub struct RunnerClient {
     id: String,
     address: String,
     client: RunnerProtocolClient<DirectChannel>,
+    /// The connection under `client`, for Engage (see [`RunnerClient::engage`]).
+    channel: DirectChannel,
+    /// `http://host:port/<Engage's path>`.
+    engage_uri: http::Uri,
     config: ClientConfig,
     available: AtomicBool,
     /// Set while a probe task runs, so a burst of failures starts only one.
@@ -217,10 +223,13 @@ impl RunnerClient {
         // in the way of every call (see `DirectChannel`).
         let channel = DirectChannel::new(tls, &address, config.connect_timeout)?;
         let reports = Arc::new(Reports::with_signal(config.report_signal.clone()));
+        let engage_uri = format!("http://{address}{ENGAGE_PATH}").parse()?;
         let client = Arc::new(RunnerClient {
             id: id.into(),
             address,
             client: RunnerProtocolClient::with_origin(channel.clone(), channel.origin()),
+            channel,
+            engage_uri,
             config,
             available: AtomicBool::new(true),
             probing: AtomicBool::new(false),
@@ -315,17 +324,16 @@ impl RunnerClient {
             };
             (batch::batches_after(first, rx), Some(tx))
         };
-        let mut client = self.client.clone();
         let bound = self.config.connect_timeout + self.config.ack_timeout;
         let handshake = async {
-            let mut responses = client
+            let mut responses = self
                 .engage(requests)
                 .await
-                .map_err(|status| self.unreachable(&status))?
-                .into_inner();
+                .map_err(|status| self.unreachable(&status))?;
             let first = responses
-                .message()
+                .next()
                 .await
+                .transpose()
                 .map_err(|status| self.unreachable(&status))?;
             Ok::<_, TryCallError>((first, responses))
         };
@@ -383,6 +391,32 @@ impl RunnerClient {
                 self.address
             ))),
         }
+    }
+
+    /// Opens the Engage stream with `requests` as its request half, in
+    /// [`fn_protocol::framing`]'s framing rather than tonic's codec: the same bytes on the
+    /// wire, without copying the body's chunks at either end of the LB.
+    async fn engage(
+        &self,
+        requests: Batches<ClientMsg>,
+    ) -> Result<Decoded<RunnerMsg, Incoming>, tonic::Status> {
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(self.engage_uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(tonic::body::Body::new(EncodeBody::new(requests)))
+            .map_err(|e| {
+                tonic::Status::internal(format!("cannot build the Engage request: {e}"))
+            })?;
+        let response = self.channel.clone().call(request).await?;
+        let (head, body) = response.into_parts();
+        Ok(
+            match framing::check_response_head(head.status, &head.headers)? {
+                Head::Stream => Decoded::response(body),
+                Head::TrailersOnly => Decoded::empty(body),
+            },
+        )
     }
 
     fn protocol(&self, reason: impl Into<String>) -> TryCallError {
@@ -567,7 +601,7 @@ pub struct Engaged {
     /// The runner's time to reserve capacity.
     pub slot_latency: Duration,
     sender: Option<BodySender>,
-    responses: Streaming<RunnerMsg>,
+    responses: Decoded<RunnerMsg, Incoming>,
     /// Where the call's end is counted until the runner's next report, when reports are
     /// watched.
     report: Option<(Arc<Reports>, OfferedCall)>,
@@ -628,7 +662,7 @@ impl Engaged {
     /// # Errors
     /// The gRPC status when the stream failed (runner died, connection lost).
     pub async fn next(&mut self) -> Result<Option<RunnerMsg>, tonic::Status> {
-        let msg = self.responses.message().await.transpose();
+        let msg = self.responses.next().await;
         self.observe(msg.as_ref());
         msg.transpose()
     }

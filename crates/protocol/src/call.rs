@@ -1,7 +1,7 @@
 //! [`CallSpec`]: one function call as the daemons see it, validated at the wire edge.
 //!
 //! The LB builds a `CallSpec` from its catalog and the HTTP request and sends it as a wire
-//! [`runner::Call`](crate::runner::Call); the runner turns the wire message back into a
+//! [`crate::runner::Call`]; the runner turns the wire message back into a
 //! `CallSpec` with [`TryFrom`], which is where untrusted input is checked. Nothing past this
 //! module looks at prost types for a call.
 
@@ -267,7 +267,7 @@ fn packer(total: usize) -> impl FnMut(&[u8]) -> bytes::Bytes {
     }
 }
 
-/// `headers` for the wire, in order, their names and values in one buffer (see [`packer`]:
+/// `headers` for the wire, in order, their names and values in one buffer (see `packer`:
 /// encoding a value clones it).
 pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
     let names: usize = headers.iter().map(|(name, _)| name.as_str().len()).sum();

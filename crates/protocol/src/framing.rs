@@ -32,6 +32,10 @@ use tonic::{Code, Status};
 
 use crate::runner::{ClientMsg, DataFrame, RunnerMsg, client_msg, runner_msg};
 
+/// The Engage method's HTTP/2 path (`/<package>.<service>/<method>`), for the client and
+/// the server that frame its stream with this module.
+pub const ENGAGE_PATH: &str = "/dataplane.runner.v1.RunnerProtocol/Engage";
+
 /// Largest message accepted, as tonic's default receive limit.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -142,14 +146,29 @@ pub struct EncodeBody<S> {
     ready: VecDeque<Bytes>,
     /// Encoded bytes not yet in a frame.
     buf: BytesMut,
+    /// Sent after the last message, when set.
+    trailers: Option<HeaderMap>,
 }
 
 impl<S> EncodeBody<S> {
+    /// A request body (a client's): it ends with the last message.
     pub fn new(source: S) -> Self {
         EncodeBody {
             source: Some(source),
             ready: VecDeque::new(),
             buf: BytesMut::new(),
+            trailers: None,
+        }
+    }
+
+    /// A response body (a server's): after the last message, trailers with an OK
+    /// `grpc-status`.
+    pub fn with_ok_trailers(source: S) -> Self {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        EncodeBody {
+            trailers: Some(trailers),
+            ..EncodeBody::new(source)
         }
     }
 
@@ -217,13 +236,18 @@ where
         this.seal();
         match this.ready.pop_front() {
             Some(frame) => Poll::Ready(Some(Ok(Frame::data(frame)))),
-            None if this.source.is_none() => Poll::Ready(None),
+            None if this.source.is_none() => {
+                Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
             None => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.source.is_none() && self.ready.is_empty() && self.buf.is_empty()
+        self.source.is_none()
+            && self.ready.is_empty()
+            && self.buf.is_empty()
+            && self.trailers.is_none()
     }
 }
 
@@ -282,28 +306,42 @@ pub struct Decoded<M, B> {
     /// Length of the message being received, once its header is in.
     message_len: Option<usize>,
     done: bool,
+    /// A response's body must end with trailers that carry its status; a request's body
+    /// ends without them.
+    trailers_required: bool,
     max_message: usize,
     _message: PhantomData<fn() -> M>,
 }
 
 impl<M, B> Decoded<M, B> {
-    /// The messages of `body`, the body of a response whose head [`check_response_head`]
-    /// accepted (for [`Head::TrailersOnly`], use [`Decoded::empty`]).
-    pub fn new(body: B) -> Self {
+    /// The messages of a response's `body`, once [`check_response_head`] accepted its head
+    /// (for [`Head::TrailersOnly`], use [`Decoded::empty`]). The stream ends OK only with
+    /// trailers that say so.
+    pub fn response(body: B) -> Self {
         Decoded {
             body,
             chunks: VecDeque::new(),
             buffered: 0,
             message_len: None,
             done: false,
+            trailers_required: true,
             max_message: MAX_MESSAGE_BYTES,
             _message: PhantomData,
         }
     }
 
+    /// The messages of a request's `body` (a server's side of a stream): the client's end
+    /// of the body ends the stream OK.
+    pub fn request(body: B) -> Self {
+        Decoded {
+            trailers_required: false,
+            ..Decoded::response(body)
+        }
+    }
+
     /// A stream with no messages, that ends OK.
     pub fn empty(body: B) -> Self {
-        let mut decoded = Decoded::new(body);
+        let mut decoded = Decoded::response(body);
         decoded.done = true;
         decoded
     }
@@ -384,6 +422,9 @@ impl<M, B> Decoded<M, B> {
                 "the stream ended inside a message ({} bytes of it received)",
                 self.buffered
             )));
+        }
+        if !self.trailers_required {
+            return Ok(());
         }
         match trailers.and_then(Status::from_header_map) {
             Some(status) if status.code() == Code::Ok => Ok(()),
@@ -509,7 +550,8 @@ mod tests {
         frames
     }
 
-    type TestBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Status>>>>;
+    type TestBody =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Status>>>>;
 
     /// A received body: `wire` cut at `cuts`, then `trailers` when given.
     fn body_of(wire: &[u8], cuts: &[usize], trailers: Option<HeaderMap>) -> TestBody {
@@ -541,7 +583,18 @@ mod tests {
     }
 
     async fn decode_all<M: prost::Message + Default>(body: TestBody) -> Vec<Result<M, Status>> {
-        Decoded::<M, _>::new(body).collect().await
+        Decoded::<M, _>::response(body).collect().await
+    }
+
+    #[test]
+    fn the_engage_path_is_the_generated_services() {
+        assert_eq!(
+            ENGAGE_PATH,
+            format!(
+                "/{}/Engage",
+                crate::runner::runner_protocol_server::SERVICE_NAME
+            )
+        );
     }
 
     #[test]
@@ -557,7 +610,9 @@ mod tests {
             },
         ]));
         assert!(
-            frames.iter().any(|f| f.as_ptr() == chunk.as_ptr() && f.len() == chunk.len()),
+            frames
+                .iter()
+                .any(|f| f.as_ptr() == chunk.as_ptr() && f.len() == chunk.len()),
             "the chunk is one of the frames, the same memory"
         );
         assert_eq!(frames.len(), 3, "TryCall and headers, the chunk, the eof");
@@ -587,7 +642,7 @@ mod tests {
             Ok::<_, Status>(Frame::data(wire.clone())),
             Ok(Frame::trailers(ok_trailers())),
         ]));
-        let got: Vec<Result<RunnerMsg, Status>> = block_on(Decoded::new(body).collect());
+        let got: Vec<Result<RunnerMsg, Status>> = block_on(Decoded::response(body).collect());
         assert_eq!(got.len(), 1);
         let Ok(RunnerMsg {
             body: Some(runner_msg::Body::Data(frame)),
@@ -596,11 +651,16 @@ mod tests {
             panic!("a data message: {got:?}");
         };
         assert_eq!(frame.data.len(), 10_000);
-        assert!(range.contains(&(frame.data.as_ptr() as usize)), "not copied");
+        assert!(
+            range.contains(&(frame.data.as_ptr() as usize)),
+            "not copied"
+        );
     }
 
     fn status_of(results: &[Result<ClientMsg, Status>]) -> Option<Code> {
-        results.iter().find_map(|r| r.as_ref().err().map(Status::code))
+        results
+            .iter()
+            .find_map(|r| r.as_ref().err().map(Status::code))
     }
 
     #[test]
@@ -610,6 +670,20 @@ mod tests {
         assert_eq!(got.len(), 2, "the message, then the error: {got:?}");
         assert!(got[0].is_ok());
         assert_eq!(status_of(&got), Some(Code::Unknown));
+    }
+
+    #[test]
+    fn a_request_body_ends_ok_without_trailers() {
+        let messages = vec![try_call("c1"), data(b"body".to_vec(), true)];
+        let wire = tonic_wire(&messages);
+        let got: Vec<Result<ClientMsg, Status>> =
+            block_on(Decoded::request(body_of(&wire, &[7], None)).collect());
+        let got: Result<Vec<ClientMsg>, Status> = got.into_iter().collect();
+        assert_eq!(got.map_err(|s| s.code()), Ok(messages));
+        // Cut short, it is still an error.
+        let got: Vec<Result<ClientMsg, Status>> =
+            block_on(Decoded::request(body_of(&wire[..wire.len() - 1], &[], None)).collect());
+        assert_eq!(status_of(&got), Some(Code::Internal));
     }
 
     #[test]
@@ -669,7 +743,10 @@ mod tests {
     #[test]
     fn response_heads() {
         let mut ok = HeaderMap::new();
-        assert_eq!(check_response_head(StatusCode::OK, &ok).ok(), Some(Head::Stream));
+        assert_eq!(
+            check_response_head(StatusCode::OK, &ok).ok(),
+            Some(Head::Stream)
+        );
         ok.insert("grpc-status", http::HeaderValue::from_static("0"));
         assert_eq!(
             check_response_head(StatusCode::OK, &ok).ok(),
@@ -687,8 +764,7 @@ mod tests {
             Err(Code::Unavailable)
         );
         assert_eq!(
-            check_response_head(StatusCode::IM_A_TEAPOT, &HeaderMap::new())
-                .map_err(|s| s.code()),
+            check_response_head(StatusCode::IM_A_TEAPOT, &HeaderMap::new()).map_err(|s| s.code()),
             Err(Code::Unknown)
         );
     }
@@ -698,7 +774,12 @@ mod tests {
             "[a-z0-9]{0,12}".prop_map(|id| try_call(&id)),
             // Lengths around the own-frame threshold and the varint steps.
             (
-                prop_oneof![0usize..200, 4000usize..4200, 16_300usize..16_500, 70_000usize..70_100],
+                prop_oneof![
+                    0usize..200,
+                    4000usize..4200,
+                    16_300usize..16_500,
+                    70_000usize..70_100
+                ],
                 any::<bool>(),
                 any::<u8>()
             )
@@ -724,6 +805,19 @@ mod tests {
             let got: Result<Vec<ClientMsg>, Status> = got.into_iter().collect();
             prop_assert_eq!(got.map_err(|s| s.code()), Ok(messages));
         }
+    }
+
+    #[test]
+    fn a_response_body_ends_with_ok_trailers_and_reads_back_whole() {
+        let messages = vec![try_call("c1"), data(vec![3u8; 9000], true)];
+        let body = EncodeBody::with_ok_trailers(futures::stream::iter(messages.clone()));
+        let got: Vec<Result<ClientMsg, Status>> = block_on(Decoded::response(body).collect());
+        let got: Result<Vec<ClientMsg>, Status> = got.into_iter().collect();
+        assert_eq!(got.map_err(|s| s.code()), Ok(messages));
+        // Without trailers, the same body is a stream that never said how it ended.
+        let body = EncodeBody::new(futures::stream::iter(vec![try_call("c1")]));
+        let got: Vec<Result<ClientMsg, Status>> = block_on(Decoded::response(body).collect());
+        assert_eq!(status_of(&got), Some(Code::Unknown));
     }
 
     #[test]

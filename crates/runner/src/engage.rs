@@ -7,7 +7,12 @@
 //! stream that breaks off or a message too large all end that stream with a clear
 //! `CallFinished{kind: PROTOCOL}` (or nothing, when the LB is gone) and never disturb other
 //! streams.
+//!
+//! The service is served by [`RunnerServer`]: tonic's generated server for every method but
+//! `Engage`, whose stream it frames itself with [`fn_protocol::framing`] (the same bytes on
+//! the wire; body chunks are not copied on their way through).
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fn_protocol::CallSpec;
-use fn_protocol::batch::{Batch, batches, batches_after};
+use fn_protocol::batch::{Batch, Batches, batches, batches_after};
+use fn_protocol::framing::{Decoded, ENGAGE_PATH, EncodeBody};
 use fn_protocol::runner::{
     self, CallAcknowledged, CallFinished, CallResultStart, ClientMsg, DataFrame, ErrorKind,
     HttpRespMeta, RefusalReason, RunnerMsg, RunnerState, RunnerStatus, WarmFunction, client_msg,
@@ -26,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -118,9 +125,103 @@ impl RunnerService {
         tracing::info!("drained: no calls in flight");
     }
 
-    /// The tonic server for this service.
-    pub fn into_server(self) -> runner::runner_protocol_server::RunnerProtocolServer<Self> {
-        runner::runner_protocol_server::RunnerProtocolServer::new(self)
+    /// The gRPC server for this service (see the module docs).
+    pub fn into_server(self) -> RunnerServer {
+        RunnerServer {
+            generated: runner::runner_protocol_server::RunnerProtocolServer::new(self.clone()),
+            service: self,
+        }
+    }
+
+    /// Starts the task of an Engage stream whose LB half is `inbound`; returns the
+    /// runner's half once its first batch is ready.
+    async fn open_stream<S: Inbound>(&self, inbound: S) -> Batches<RunnerMsg> {
+        let (tx, rx) = mpsc::channel(8);
+        let out = Outbound {
+            tx,
+            batch: std::sync::Mutex::new(Vec::new()),
+            ack_pending: AtomicBool::new(false),
+            final_send_timeout: self.config.final_send_timeout,
+            metrics: self.metrics.clone(),
+        };
+        let this = self.clone();
+        // Boxed: the stream's future is some 20 KB, which spawning would copy several times
+        // over (into the task, then again when its output replaces it). Written into a box
+        // allocated first, it is built in place: `Box::pin(future)` builds it on the stack
+        // and copies it (8,500 of 185,000 instructions per call, callgrind).
+        let task = Box::write(Box::new_uninit(), this.handle_stream(inbound, out));
+        self.tracker.spawn(Box::into_pin(task));
+        // The response headers go out with the stream's first messages rather than ahead of
+        // them: one write, one wake-up of the LB. The stream's task sends its first batch
+        // soon: an empty one at once when the TryCall did not come with the stream's headers
+        // (a client may wait for ours before it sends), else the acknowledgement within
+        // `ACK_COALESCE`, or a refusal. No timer here: one set on every call costs the
+        // runtime a wake-up of its I/O driver (an `eventfd` write, seen with strace).
+        let mut rx = rx;
+        match rx.recv().await {
+            Some(first) => batches_after(first, rx),
+            None => batches(rx),
+        }
+    }
+}
+
+/// The LB's half of an Engage stream: decoded by tonic (the generated server's
+/// `Streaming`) or by [`fn_protocol::framing`] ([`RunnerServer`]'s route).
+trait Inbound: Stream<Item = Result<ClientMsg, Status>> + Unpin + Send + 'static {}
+
+impl<S: Stream<Item = Result<ClientMsg, Status>> + Unpin + Send + 'static> Inbound for S {}
+
+/// The next message of `inbound`; `Ok(None)` when it ended. Cancel-safe.
+async fn message<S: Inbound>(inbound: &mut S) -> Result<Option<ClientMsg>, Status> {
+    inbound.next().await.transpose()
+}
+
+/// The runner's gRPC service: tonic's generated server, but for `Engage`, which is framed
+/// by [`fn_protocol::framing`] (see the module docs). Mount it with `add_service`.
+#[derive(Clone)]
+pub struct RunnerServer {
+    service: RunnerService,
+    generated: runner::runner_protocol_server::RunnerProtocolServer<RunnerService>,
+}
+
+impl std::fmt::Debug for RunnerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerServer").finish_non_exhaustive()
+    }
+}
+
+impl NamedService for RunnerServer {
+    const NAME: &'static str = runner::runner_protocol_server::SERVICE_NAME;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RunnerServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != ENGAGE_PATH {
+            return self.generated.call(request);
+        }
+        let service = self.service.clone();
+        Box::pin(async move {
+            let inbound = Decoded::<ClientMsg, _>::request(request.into_body());
+            let stream = service.open_stream(inbound).await;
+            let mut response =
+                http::Response::new(tonic::body::Body::new(EncodeBody::with_ok_trailers(stream)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok(response)
+        })
     }
 }
 
@@ -202,33 +303,7 @@ impl runner::runner_protocol_server::RunnerProtocol for RunnerService {
         &self,
         request: Request<Streaming<ClientMsg>>,
     ) -> Result<Response<Self::EngageStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(8);
-        let out = Outbound {
-            tx,
-            batch: std::sync::Mutex::new(Vec::new()),
-            ack_pending: AtomicBool::new(false),
-            final_send_timeout: self.config.final_send_timeout,
-            metrics: self.metrics.clone(),
-        };
-        let this = self.clone();
-        // Boxed: the stream's future is some 20 KB, which spawning would copy several times
-        // over (into the task, then again when its output replaces it). Written into a box
-        // allocated first, it is built in place: `Box::pin(future)` builds it on the stack
-        // and copies it (8,500 of 185,000 instructions per call, callgrind).
-        let task = Box::write(Box::new_uninit(), this.handle_stream(inbound, out));
-        self.tracker.spawn(Box::into_pin(task));
-        // The response headers go out with the stream's first messages rather than ahead of
-        // them: one write, one wake-up of the LB. The stream's task sends its first batch
-        // soon: an empty one at once when the TryCall did not come with the stream's headers
-        // (a client may wait for ours before it sends), else the acknowledgement within
-        // `ACK_COALESCE`, or a refusal. No timer here: one set on every call costs the
-        // runtime a wake-up of its I/O driver (an `eventfd` write, seen with strace).
-        let mut rx = rx;
-        let stream = match rx.recv().await {
-            Some(first) => batches_after(first, rx),
-            None => batches(rx),
-        };
+        let stream = self.open_stream(request.into_inner()).await;
         Ok(Response::new(Box::pin(stream.map(Ok))))
     }
 
@@ -452,24 +527,24 @@ enum InboundError {
 }
 
 impl RunnerService {
-    async fn handle_stream(self, mut inbound: Streaming<ClientMsg>, out: Outbound) {
+    async fn handle_stream<S: Inbound>(self, mut inbound: S, out: Outbound) {
         // 1. The first message must be a TryCall, and must come soon. Once a drain starts,
         // a stream gets only a short grace for it (its TryCall is then refused as draining,
         // as the answer to it), so that a silent stream does not hold the drain.
         let first_message = self.config.first_message_timeout;
         // An LB's TryCall comes in the same write as the stream's headers. When it has not
         // arrived, the response headers go now, alone (see `engage`).
-        let first = if let Some(first) = inbound.message().now_or_never() {
+        let first = if let Some(first) = message(&mut inbound).now_or_never() {
             Ok(first)
         } else {
             out.open();
             tokio::select! {
                 biased;
-                first = tokio::time::timeout(first_message, inbound.message()) => first,
+                first = tokio::time::timeout(first_message, message(&mut inbound)) => first,
                 () = self.draining.cancelled() => {
-                    // `Streaming::message` is cancel-safe: nothing read above is lost.
+                    // `message` is cancel-safe: nothing read above is lost.
                     let grace = DRAINING_FIRST_MESSAGE_GRACE;
-                    match tokio::time::timeout(grace, inbound.message()).await {
+                    match tokio::time::timeout(grace, message(&mut inbound)).await {
                         Ok(first) => Ok(first),
                         Err(_elapsed) => {
                             let details = Refusal::Draining.to_string();
@@ -530,7 +605,7 @@ impl RunnerService {
         self.run_call(spec, inbound, out).instrument(span).await;
     }
 
-    async fn run_call(&self, mut spec: CallSpec, mut inbound: Streaming<ClientMsg>, out: Outbound) {
+    async fn run_call<S: Inbound>(&self, mut spec: CallSpec, mut inbound: S, out: Outbound) {
         let instance_spec = InstanceSpec::from(&spec);
         if let Err(e) = self.pool.driver().check(&instance_spec) {
             out.refuse(RefusalReason::Invalid, e.to_string()).await;
@@ -798,13 +873,13 @@ struct Early {
 }
 
 /// Takes the messages that have already arrived, without waiting, up to the body's `eof`.
-fn read_ready(inbound: &mut Streaming<ClientMsg>) -> Early {
+fn read_ready<S: Inbound>(inbound: &mut S) -> Early {
     let mut early = Early {
         chunks: Vec::new(),
         eof: false,
         trouble: None,
     };
-    while let Some(read) = inbound.message().now_or_never() {
+    while let Some(read) = message(inbound).now_or_never() {
         match read {
             Ok(Some(ClientMsg {
                 body: Some(client_msg::Body::Data(frame)),
@@ -830,8 +905,8 @@ fn read_ready(inbound: &mut Streaming<ClientMsg>) -> Early {
 /// already complete). Returns `Ok` once the body is complete and the LB half-closed the
 /// stream; errors on a protocol violation or when the LB goes away. Keeps reading after
 /// `eof` to notice both. `first` is a message [`read_ready`] already took.
-async fn pump_inbound(
-    mut inbound: Streaming<ClientMsg>,
+async fn pump_inbound<S: Inbound>(
+    mut inbound: S,
     mut first: Option<Result<Option<ClientMsg>, Status>>,
     body: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
 ) -> Result<(), InboundError> {
@@ -839,7 +914,7 @@ async fn pump_inbound(
     loop {
         let read = match first.take() {
             Some(read) => read,
-            None => inbound.message().await,
+            None => message(&mut inbound).await,
         };
         let msg = match read {
             Ok(Some(msg)) => msg,

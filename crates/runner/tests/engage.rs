@@ -463,6 +463,46 @@ async fn assert_echo_works(runner: &Runner, body: &'static str) {
 // ---------------------------------------------------------------------------------------
 // Tests.
 
+/// As the LB sends a call whose body it has whole: the `TryCall`, the body and its `eof` in
+/// one go, and the request half of the stream ends with them. The call runs to its end and
+/// the runner's half then ends cleanly too (OK trailers, no reset).
+#[tokio::test]
+async fn a_call_sent_whole_with_its_request_half_closed_runs_to_its_end() {
+    let runner = start_runner(MEMORY_MB, &examples_dir()).await;
+    for len in [0, 5, 100 * 1024] {
+        let body = pattern(len);
+        let mut messages = vec![ClientMsg {
+            body: Some(client_msg::Body::TryCall(TryCall {
+                call: Some(call("fn-echo", Duration::from_secs(30))),
+            })),
+        }];
+        messages.extend(frames(&body).into_iter().map(data_msg));
+        let rx = runner
+            .client
+            .clone()
+            .engage(futures::stream::iter(messages))
+            .await
+            .expect("Engage stream opens")
+            .into_inner();
+        let mut engage = Engage { tx: None, rx };
+        let ack = engage.ack().await;
+        assert!(ack.committed, "call refused: {ack:?}");
+        let mut result = CallResult::default();
+        engage.result_into(&mut result).await;
+        result.assert_ok(200);
+        assert!(
+            result.body[..] == body[..],
+            "echoed bytes of a {len} B body"
+        );
+        assert!(
+            engage.recv().await.is_none(),
+            "the stream ends cleanly after CallFinished"
+        );
+    }
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
 #[tokio::test]
 async fn echo_is_byte_exact_for_0_1_64k_and_8m_bodies() {
     let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
