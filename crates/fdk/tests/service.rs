@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fn_fdk::http::header::{CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use fn_fdk::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use fn_fdk::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use fn_fdk::{Body, BoxError, Context, Error, FnEnv, Response, ResponseBody};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -293,6 +293,56 @@ async fn a_request_body_streams_through_an_echo_while_it_is_being_sent() {
     assert_eq!(next_chunk(&mut body).await.as_deref(), Some(&b"pong"[..]));
     drop(tx);
     assert_eq!(next_chunk(&mut body).await, None);
+}
+
+/// `Body::bytes` gathers a body that arrives in many chunks, whole and in order, whether it
+/// declared its length (`Content-Length`, set aside at once) or not (chunked, grown as it
+/// comes), and a declared length above what it sets aside at once.
+#[tokio::test]
+async fn a_body_in_many_chunks_is_read_whole_with_or_without_its_length() {
+    let running = start(
+        |_ctx: Context, body: Body| async move {
+            let all = body.bytes().await?;
+            let sum: u64 = all.iter().map(|&b| u64::from(b)).sum();
+            Ok(Response::new(format!("{} {sum}", all.len())))
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    for (declared, total) in [(false, 1 << 20), (true, 1 << 20), (true, (17 << 20) + 3)] {
+        let (body, tx) = streamed();
+        let mut request = call(body);
+        if declared {
+            request
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(total));
+        }
+        let responding = tokio::spawn(client.send_request(request));
+        let (mut sent, mut sum, mut size) = (0usize, 0u64, 1usize);
+        while sent < total {
+            let len = size.min(total - sent);
+            let chunk: Vec<u8> = (sent..sent + len).map(|i| (i % 251) as u8).collect();
+            sum += chunk.iter().map(|&b| u64::from(b)).sum::<u64>();
+            tx.send(Ok(Frame::data(Bytes::from(chunk))))
+                .await
+                .expect("request open");
+            sent += len;
+            size = size * 3 % 70_001 + 1;
+        }
+        drop(tx);
+        let response = tokio::time::timeout(PATIENCE, responding)
+            .await
+            .expect("an answer in time")
+            .expect("client task")
+            .expect("a response");
+        assert_eq!(response.headers()["fn-http-status"], "200");
+        assert_eq!(
+            text(response).await,
+            format!("{total} {sum}"),
+            "declared length: {declared}"
+        );
+    }
 }
 
 /// A handler that answers without reading its input leaves the connection usable: the FDK
