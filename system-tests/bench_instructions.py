@@ -18,7 +18,7 @@ them. The difference of the two counts, over the measured calls, is the figure:
   lb       oha -> lb-agent -> mutual TLS gRPC -> pure-runner -> fn-echo (each daemon counted).
 
 The functions run natively and are not counted; neither is the kernel (syscalls, wake-ups),
-which is about half of each daemon's CPU time (see README, Performance). Several --bin-dir
+which is about half of each daemon's CPU time (see docs/performance-log.md). Several --bin-dir
 give one lb row each, for a before/after comparison in one run.
 
 Under callgrind a daemon runs some 50 times slower, so timers fire where at full speed they

@@ -48,9 +48,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// 400 KiB) multiplies memory by the calls in flight for no throughput (the LB's client
 /// side measured the same). 256 KiB, the gRPC connections' largest frame: a large answer
 /// crosses to the LB one read per frame, and the function, whose socket holds about
-/// 208 KiB, is drained in one read where it took up to four. Against 64 KiB, per 1 MiB call: 3%
-/// fewer instructions in each daemon and 10% fewer wake-ups of the function; the runner's
-/// peak RSS under 0–1 MiB bodies at c=64 rose from about 30 to 40 MB (README → Performance).
+/// 208 KiB, is drained in one read where it took up to four. Against 64 KiB, per 1 MiB
+/// call: 3% fewer instructions in each daemon and 10% fewer wake-ups of the function; the
+/// runner's peak RSS under 0–1 MiB bodies at c=64 rose from about 30 to 40 MB
+/// (docs/performance-log.md, session 18).
 const FUNCTION_READ_BUFFER: usize = 256 * 1024;
 
 /// The request body type sent to functions: the LB's chunks as they arrive.
