@@ -6,7 +6,8 @@
 /// fell 9.6% with it (152,735 → 138,044, `make bench-instructions`), nearly all of it
 /// `malloc` and `free`. With jemalloc's default of four arenas per CPU the peak RSS under
 /// 0–1 MiB bodies rose from about 60 to about 70 MB against the 64 MiB target; with one arena
-/// it is where glibc's was (58–64 MB, `fn-load --payload uniform`). docs/performance-log.md, session 16.
+/// it is where glibc's was (58–64 MB, `fn-load --payload uniform`). docs/performance-log.md,
+/// session 16.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
