@@ -203,3 +203,87 @@ impl ServerCertVerifier for ClientSide {
         self.0.current().server_verifier.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rustls::{CipherSuite, ClientConnection, ServerConnection};
+
+    use super::*;
+    use crate::dev::DevCa;
+
+    /// Shakes hands in memory; answers the suite each side settled on.
+    fn negotiate(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> (CipherSuite, CipherSuite) {
+        let name = ServerName::try_from("localhost").expect("server name");
+        let mut client = ClientConnection::new(client, name).expect("client connection");
+        let mut server = ServerConnection::new(server).expect("server connection");
+        for _flight in 0..8 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).expect("client writes");
+            }
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                server.read_tls(&mut rest).expect("server reads");
+            }
+            server.process_new_packets().expect("server accepts");
+            wire.clear();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("server writes");
+            }
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                client.read_tls(&mut rest).expect("client reads");
+            }
+            client.process_new_packets().expect("client accepts");
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking(), "client finished its handshake");
+        assert!(!server.is_handshaking(), "server finished its handshake");
+        let suite = |s: Option<rustls::SupportedCipherSuite>| s.expect("a suite").suite();
+        (
+            suite(client.negotiated_cipher_suite()),
+            suite(server.negotiated_cipher_suite()),
+        )
+    }
+
+    #[test]
+    fn nodes_agree_on_aes_128_gcm() {
+        let ca = DevCa::new("ca").expect("ca");
+        let server = ca.node_tls(&[]).expect("server node");
+        let client = ca.node_tls(&[]).expect("client node");
+        let agreed = negotiate(
+            client.client_config().expect("client config"),
+            server.server_config().expect("server config"),
+        );
+        let aes_128 = CipherSuite::TLS13_AES_128_GCM_SHA256;
+        assert_eq!(agreed, (aes_128, aes_128));
+    }
+
+    #[test]
+    fn a_peer_that_prefers_aes_256_still_gets_it() {
+        // A node built before AES-128 went first, dialling a new one mid rolling restart.
+        let ca = DevCa::new("ca").expect("ca");
+        let server = ca.node_tls(&[]).expect("server node");
+        let old = Arc::new(ClientSide(ca.node_tls(&[]).expect("client node")));
+        let mut old_client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&old) as Arc<dyn ServerCertVerifier>)
+        .with_client_cert_resolver(old);
+        old_client.alpn_protocols = vec![H2.to_vec()];
+        let agreed = negotiate(
+            Arc::new(old_client),
+            server.server_config().expect("server config"),
+        );
+        let aes_256 = CipherSuite::TLS13_AES_256_GCM_SHA384;
+        assert_eq!(agreed, (aes_256, aes_256));
+    }
+}
