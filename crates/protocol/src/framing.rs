@@ -11,9 +11,10 @@
 //!   DATA frame of its own, behind the few bytes of protobuf header that precede it, and is
 //!   never copied; other messages are encoded by prost, those that are ready together into
 //!   one frame (so that they leave in one write, as [`crate::batch`] intends).
-//! - [`Decoded`]: the messages of a received HTTP body. A message that arrived in one DATA
-//!   frame (the usual case: frames carry up to 256 KiB) is decoded as a slice of that frame,
-//!   so its chunk is not copied; one spread over several frames is gathered first.
+//! - [`Decoded`]: the messages of a received HTTP body, decoded from the DATA frames that
+//!   hold them as they came: a chunk that arrived in frames of its own (as [`EncodeBody`]
+//!   sends it) or inside one frame is a slice of that frame, not a copy. Only a chunk cut
+//!   across frames by the sender's flow control is gathered.
 //!
 //! Everything received is checked as tonic checks it: compressed or oversize messages, a
 //! body that ends inside a message, and a stream that ends without `grpc-status` are errors
@@ -24,7 +25,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::Stream;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
@@ -346,41 +347,33 @@ impl<M, B> Decoded<M, B> {
         decoded
     }
 
-    /// The next `n` buffered bytes (`n <= self.buffered`): a slice of the first chunk when
-    /// it holds them all, else gathered into one buffer.
-    fn take(&mut self, n: usize) -> Bytes {
+    /// The next `n` buffered bytes (`n <= self.buffered`), as the slices of the received
+    /// frames that hold them: nothing is copied.
+    fn take(&mut self, n: usize) -> Received {
         self.buffered -= n;
-        if let Some(front) = self.chunks.front_mut()
-            && front.len() >= n
-        {
-            let taken = front.split_to(n);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-            return taken;
-        }
-        let mut gathered = BytesMut::with_capacity(n);
-        while gathered.len() < n {
+        let mut received = Received::default();
+        while received.remaining() < n {
             let Some(mut front) = self.chunks.pop_front() else {
                 break;
             };
-            let want = n - gathered.len();
+            let want = n - received.remaining();
             if front.len() > want {
-                gathered.put_slice(&front.split_to(want));
+                received.push(front.split_to(want));
                 self.chunks.push_front(front);
             } else {
-                gathered.put_slice(&front);
+                received.push(front);
             }
         }
-        gathered.freeze()
+        received
     }
 
     /// The next whole message's bytes, when they are all buffered.
-    fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
+    fn next_message(&mut self) -> Result<Option<Received>, Status> {
         let len = match self.message_len {
             Some(len) => len,
             None if self.buffered >= HEADER_BYTES => {
-                let header = self.take(HEADER_BYTES);
+                let mut header = [0; HEADER_BYTES];
+                self.take(HEADER_BYTES).copy_to_slice(&mut header);
                 let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 match header[0] {
@@ -431,6 +424,81 @@ impl<M, B> Decoded<M, B> {
             Some(status) => Err(status),
             None => Err(Status::unknown("the stream ended without a grpc-status")),
         }
+    }
+}
+
+/// A received message's bytes: the slices of the frames that hold it, in order.
+///
+/// prost reads a message's keys and lengths across slices, and takes a `bytes` field that
+/// lies within one slice as a slice of it ([`Buf::copy_to_bytes`]). The sender puts each
+/// long body chunk in a frame of its own ([`EncodeBody`]), so a chunk arrives as one or a
+/// few frames of its own and is handed on without being copied, though its message starts
+/// in the frame before and ends in the frame after.
+#[derive(Debug, Default)]
+struct Received {
+    /// The slice being read; empty only when everything is read.
+    first: Bytes,
+    /// The slices after it; none empty.
+    rest: VecDeque<Bytes>,
+    rest_len: usize,
+}
+
+impl Received {
+    fn push(&mut self, part: Bytes) {
+        if self.first.is_empty() {
+            self.first = part;
+        } else if !part.is_empty() {
+            self.rest_len += part.len();
+            self.rest.push_back(part);
+        }
+    }
+
+    /// After `first` is used up: the next slice becomes `first`.
+    fn refill(&mut self) {
+        if self.first.is_empty()
+            && let Some(next) = self.rest.pop_front()
+        {
+            self.rest_len -= next.len();
+            self.first = next;
+        }
+    }
+}
+
+impl Buf for Received {
+    fn remaining(&self) -> usize {
+        self.first.len() + self.rest_len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        &self.first
+    }
+
+    /// Past the end, stops at the end (prost checks lengths against [`Buf::remaining`]
+    /// before it advances, so this does not happen; received bytes must not panic).
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 && !self.first.is_empty() {
+            let step = cnt.min(self.first.len());
+            self.first.advance(step);
+            cnt -= step;
+            self.refill();
+        }
+    }
+
+    /// Within the current slice, a slice of it; across slices, gathered (at most `len`:
+    /// what remains).
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        if self.first.len() >= len {
+            let taken = self.first.split_to(len);
+            self.refill();
+            return taken;
+        }
+        let mut gathered = BytesMut::with_capacity(len.min(self.remaining()));
+        while gathered.len() < len && !self.first.is_empty() {
+            let step = (len - gathered.len()).min(self.first.len());
+            gathered.put_slice(&self.first.split_to(step));
+            self.refill();
+        }
+        gathered.freeze()
     }
 }
 
@@ -619,6 +687,37 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_sent_as_its_own_frame_is_received_without_a_copy() {
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        let sent = ClientMsg {
+            body: Some(client_msg::Body::Data(DataFrame {
+                data: chunk.clone(),
+                eof: true,
+            })),
+        };
+        let frames = block_on(frames_of(vec![try_call("c1"), sent.clone()]));
+        // The message starts in the frame before the chunk and ends in the one after.
+        assert_eq!(frames.len(), 3);
+        let body = StreamBody::new(futures::stream::iter(
+            frames.into_iter().map(|f| Ok::<_, Status>(Frame::data(f))),
+        ));
+        let got: Vec<Result<ClientMsg, Status>> = block_on(Decoded::request(body).collect());
+        assert_eq!(got.len(), 2, "{got:?}");
+        let Ok(received) = &got[1] else {
+            panic!("the data message: {got:?}");
+        };
+        assert_eq!(received, &sent);
+        let Some(client_msg::Body::Data(frame)) = &received.body else {
+            panic!("a data message: {received:?}");
+        };
+        assert_eq!(
+            frame.data.as_ptr(),
+            chunk.as_ptr(),
+            "the sent chunk's memory"
+        );
+    }
+
+    #[test]
     fn short_messages_ready_together_share_one_frame() {
         let frames = block_on(frames_of(vec![
             try_call("c1"),
@@ -789,6 +888,33 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Read as one buffer would be, however the bytes are sliced and read; reading past
+        /// the end stops there.
+        #[test]
+        fn received_slices_read_as_one_buffer(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..6),
+            steps in proptest::collection::vec((0usize..60, any::<bool>()), 0..12),
+        ) {
+            let whole: Vec<u8> = parts.concat();
+            let mut received = Received::default();
+            for part in parts {
+                received.push(Bytes::from(part));
+            }
+            let mut at = 0;
+            for (step, copy) in steps {
+                prop_assert_eq!(received.remaining(), whole.len() - at);
+                prop_assert_eq!(received.chunk().is_empty(), at == whole.len());
+                let end = (at + step).min(whole.len());
+                if copy {
+                    prop_assert_eq!(&received.copy_to_bytes(step)[..], &whole[at..end]);
+                } else {
+                    received.advance(step);
+                }
+                at = end;
+            }
+            prop_assert_eq!(received.remaining(), whole.len() - at);
+        }
 
         /// Byte for byte what tonic's codec sends, so that a peer on tonic reads it; and read
         /// back whole, however the bytes are cut into frames on the way.
