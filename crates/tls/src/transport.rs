@@ -36,6 +36,20 @@ pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// Performance, session 17).
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
+/// Most bytes of sealed TLS records a connection holds before they are written (rustls's
+/// default is 64 KiB). tokio-rustls seals what fits under this and then writes it, so a
+/// DATA frame of [`MAX_FRAME_SIZE`] went out in four `writev`s, and the peer was woken four
+/// times; under twice the frame it leaves in one. Records are held only until the socket
+/// takes them, so a connection holds this much only while its peer reads slower than it
+/// is sent to.
+pub const TLS_SEND_BUFFER: usize = 2 * MAX_FRAME_SIZE as usize;
+
+/// Lets `connection` hold [`TLS_SEND_BUFFER`] of sealed records, so that a whole DATA
+/// frame is sealed before it is written.
+fn hold_a_frame<Side>(connection: &mut rustls::ConnectionCommon<Side>) {
+    connection.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
 /// How long a peer has to finish the TLS handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,7 +132,8 @@ async fn accept_loop(
         let refusals = std::sync::Arc::clone(&refusals);
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
+                Ok(Ok(mut tls)) => {
+                    hold_a_frame(tls.get_mut().1);
                     let _server_gone = queue.send(GrpcConn::Tls(Box::new(Corked::new(tls)))).await;
                 }
                 Ok(Err(e)) => refusals.log(peer, &e.to_string()),
@@ -389,7 +404,8 @@ impl Service<Uri> for Dialer {
                     })?;
             let config = tls.client_config().map_err(std::io::Error::other)?;
             let tcp = connect_tcp(host, port).await?;
-            let stream = TlsConnector::from(config).connect(name, tcp).await?;
+            let mut stream = TlsConnector::from(config).connect(name, tcp).await?;
+            hold_a_frame(stream.get_mut().1);
             Ok(TokioIo::new(Corked::new(stream)))
         })
     }
@@ -411,4 +427,121 @@ pub async fn peer_certificate(tls: &NodeTls, address: &str) -> std::io::Result<V
         .and_then(|chain| chain.first())
         .map(|cert| cert.to_vec())
         .ok_or_else(|| std::io::Error::other(format!("{address} presented no certificate")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::dev::DevCa;
+
+    /// One end of an in-memory pipe that counts the writes that reached it, each vectored
+    /// write as one (as `writev` is one syscall).
+    struct Counted {
+        pipe: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.pipe).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = Pin::new(&mut self.pipe).poll_write(cx, buf);
+            if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            written
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            // The pipe is larger than anything the test sends, so it takes all of it.
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.pipe).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.pipe).poll_shutdown(cx)
+        }
+    }
+
+    /// Sends one DATA frame's worth of bytes from a dialled node to an accepting one, over
+    /// TLS; answers how many writes it took, and checks the bytes arrived intact.
+    async fn writes_for_one_frame(hold: bool) -> usize {
+        let ca = DevCa::new("ca").expect("ca");
+        let client = ca.node_tls(&[]).expect("client node");
+        let server = ca.node_tls(&[]).expect("server node");
+        let (near, far) = tokio::io::duplex(8 * MAX_FRAME_SIZE as usize);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let near = Counted {
+            pipe: near,
+            writes: Arc::clone(&writes),
+        };
+        let name = ServerName::try_from("localhost").expect("server name");
+        let connector = TlsConnector::from(client.client_config().expect("client config"));
+        let acceptor = TlsAcceptor::from(server.server_config().expect("server config"));
+        let (dialled, accepted) = tokio::join!(connector.connect(name, near), acceptor.accept(far));
+        let mut dialled = dialled.expect("client handshake");
+        let mut accepted = accepted.expect("server handshake");
+        if hold {
+            hold_a_frame(dialled.get_mut().1);
+        }
+
+        let frame: Vec<u8> = (0..MAX_FRAME_SIZE).map(|i| (i % 251) as u8).collect();
+        writes.store(0, Ordering::Relaxed);
+        dialled.write_all(&frame).await.expect("write a frame");
+        dialled.flush().await.expect("flush");
+        let sent = writes.load(Ordering::Relaxed);
+
+        let mut received = vec![0; frame.len()];
+        accepted
+            .read_exact(&mut received)
+            .await
+            .expect("read the frame");
+        assert!(received == frame, "the frame arrives byte for byte");
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_whole_frame_leaves_in_one_write() {
+        assert_eq!(writes_for_one_frame(true).await, 1);
+    }
+
+    #[tokio::test]
+    async fn rustls_alone_splits_a_frame_into_several_writes() {
+        // What hold_a_frame changes: rustls's own 64 KiB limit writes a frame in parts.
+        let writes = writes_for_one_frame(false).await;
+        assert!(writes >= 4, "{writes} writes for a 256 KiB frame");
+    }
 }
