@@ -212,6 +212,19 @@ mod tests {
     use crate::dev::DevCa;
 
     /// Shakes hands in memory; answers the suite each side settled on.
+    /// Moves every TLS record `from` has to send into `to`, which then processes them.
+    fn deliver<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("peer writes");
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).expect("peer reads");
+        }
+        to.process_new_packets().expect("peer accepts the flight");
+    }
+
     fn negotiate(
         client: Arc<rustls::ClientConfig>,
         server: Arc<rustls::ServerConfig>,
@@ -220,24 +233,8 @@ mod tests {
         let mut client = ClientConnection::new(client, name).expect("client connection");
         let mut server = ServerConnection::new(server).expect("server connection");
         for _flight in 0..8 {
-            let mut wire = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut wire).expect("client writes");
-            }
-            let mut rest = &wire[..];
-            while !rest.is_empty() {
-                server.read_tls(&mut rest).expect("server reads");
-            }
-            server.process_new_packets().expect("server accepts");
-            wire.clear();
-            while server.wants_write() {
-                server.write_tls(&mut wire).expect("server writes");
-            }
-            let mut rest = &wire[..];
-            while !rest.is_empty() {
-                client.read_tls(&mut rest).expect("client reads");
-            }
-            client.process_new_packets().expect("client accepts");
+            deliver(&mut client, &mut server);
+            deliver(&mut server, &mut client);
             if !client.is_handshaking() && !server.is_handshaking() {
                 break;
             }
