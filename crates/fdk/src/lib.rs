@@ -78,9 +78,14 @@ pub use response::Response;
 /// `Fn-Fdk-Version` of every reply.
 pub const FDK_VERSION: &str = concat!("fdk-rust/", env!("CARGO_PKG_VERSION"));
 
-/// Worker threads of [`run`]'s runtime: an instance handles one call at a time, and a second
-/// thread keeps the socket served while a handler blocks.
-const WORKER_THREADS: usize = 2;
+/// Worker threads of [`run`]'s runtime. An instance takes one call at a time unless its
+/// catalog entry sets `concurrency`, and with an instance per concurrent call every thread is
+/// one more for the kernel to schedule: a second worker was woken by each call to look for
+/// work and found none (fn-echo's CPU per call through the runner fell by about a third
+/// without it, docs/performance-log.md). A multi-threaded runtime all the same, so that
+/// `block_in_place` works in handlers; CPU-heavy work belongs in `spawn_blocking`, whose
+/// threads are not counted here.
+const WORKER_THREADS: usize = 1;
 
 /// Runs a function: reads the environment, builds a runtime, serves calls until SIGTERM or
 /// SIGINT. Startup errors are printed on stderr and give a failure exit code, so a `main` is

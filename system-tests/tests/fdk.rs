@@ -1,0 +1,95 @@
+//! The FDK's `run` as a runner starts it: a function process (`fn-echo`) with the contract's
+//! environment serves `POST /call` on its socket from one worker thread, and on SIGTERM takes
+//! the socket away and exits 0.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use fn_system_tests::{Daemon, env};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
+use tokio::net::UnixStream;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_socket())
+}
+
+/// Threads of process `pid` (its `/proc/PID/task` entries).
+fn threads_of(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+/// One `POST /call` as the runner sends it; the status and body of the answer.
+async fn call(socket: &Path, body: &'static str) -> anyhow::Result<(u16, Bytes)> {
+    let stream = UnixStream::connect(socket).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::post("/call")
+        .header(http::header::HOST, "fn")
+        .header("Fn-Call-Id", "01FDKRUN")
+        .header("Fn-Deadline", "2099-01-02T03:04:05Z")
+        .header("Fn-Http-Method", "POST")
+        .header("Fn-Http-Request-Url", "http://lb/r/app/echo")
+        .header("Fn-Intent", "httprequest")
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
+}
+
+#[tokio::test]
+async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("lsnr.sock");
+    let mut function = Daemon::spawn(
+        "fn-echo",
+        &env(&[
+            ("FN_FORMAT", "http-stream"),
+            ("FN_LISTENER", &format!("unix:{}", socket.display())),
+            ("FN_APP_NAME", "app"),
+            ("FN_FN_NAME", "echo"),
+            ("FN_MEMORY", "64"),
+            ("FN_TYPE", "sync"),
+        ]),
+    )?;
+    let pid = function.pid().context("fn-echo has a pid")?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !is_socket(&socket) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not appear; log:\n{}",
+            socket.display(),
+            function.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for body in ["ping", "pong"] {
+        let (status, answer) = call(&socket, body).await?;
+        assert_eq!(status, 200, "log:\n{}", function.log());
+        assert_eq!(answer, body.as_bytes());
+    }
+    // The thread that called `run` and one worker: an instance that takes one call at a time
+    // has no use for a second worker, which every call would wake (with an instance per
+    // concurrent call, that is a thread per call more to schedule).
+    assert_eq!(
+        threads_of(pid)?,
+        2,
+        "fn-echo's threads: the main thread and one runtime worker"
+    );
+
+    function.signal(Signal::SIGTERM)?;
+    let status = function.wait_exit(PATIENCE).await?;
+    assert_eq!(status.code(), Some(0), "log:\n{}", function.log());
+    assert!(!socket.exists(), "the socket outlived the function");
+    Ok(())
+}
