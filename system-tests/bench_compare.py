@@ -123,6 +123,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="add a path of the dataplane's shape built from nginx: nginx -> mutual "
                         "TLS -> nginx -> the same socket (what two proxy hops with mTLS "
                         "between them cost, next to the lb path)")
+    p.add_argument("--pin-daemons", action="store_true",
+                   help="a diagnostic of the kernel's placement, never a deployment setting: "
+                        "before each lb round, pin lb-agent's threads to the first CPU and "
+                        "pure-runner's to the second, and let the function processes run on "
+                        "every CPU (instances started during a round stay on the runner's CPU "
+                        "until the next)")
     p.add_argument("--no-strace", action="store_true", help="skip the syscall rounds")
     p.add_argument("--strace-calls", type=int, default=5000,
                    help="calls per syscall-counting round (default 5000)")
@@ -146,6 +152,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--fn-concurrency must be between 1 and 1000")
     if args.big_rounds is None:
         args.big_rounds = max(1, args.rounds - 1)
+    if args.pin_daemons and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin-daemons needs at least two CPUs")
     return args
 
 
@@ -318,6 +326,39 @@ def cpu_delta_us(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of every CPU together, from the first line of /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def runq_wait_ns(pid: int) -> int:
+    """Nanoseconds the threads of `pid` have spent runnable but waiting for a CPU (the second
+    field of /proc/PID/task/TID/schedstat), summed; threads that ended are not counted."""
+    total = 0
+    try:
+        tasks = list(os.scandir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+    for t in tasks:
+        try:
+            total += int(Path(t.path, "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def wait_snapshot(groups: dict) -> dict[str, dict[int, int]]:
+    return {name: {pid: runq_wait_ns(pid) for pid in pids_fn()} for name, pids_fn in groups.items()}
+
+
+def wait_delta_us(before: dict, after: dict) -> dict[str, float]:
+    """Run-queue wait µs per group between two snapshots (a pid new in `after` counts from 0)."""
+    return {name: sum(max(0, ns - before.get(name, {}).get(pid, 0))
+                      for pid, ns in per_after.items()) / 1000
+            for name, per_after in after.items()}
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -441,6 +482,10 @@ class RoundResult:
     p99_ms: float | None
     resp_bytes: float | None
     cpu_us_per_call: dict
+    # Share of both CPUs' time that was idle during the round (the whole machine).
+    idle_share: float | None = None
+    # µs per call each process group spent runnable but waiting for a CPU.
+    wait_us_per_call: dict = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -838,14 +883,40 @@ idle_timeout = "30m"
             if proc.poll() is not None:
                 raise BenchError(f"{name} (pid {proc.pid}) exited with {proc.returncode}")
 
+    def pin_daemons(self) -> None:
+        """--pin-daemons: lb-agent's threads on one CPU, pure-runner's on another, the functions
+        (which inherit the runner's affinity when it starts them) back on every CPU."""
+        cpus = sorted(os.sched_getaffinity(0))
+        placement = [("lb-agent", {cpus[0]}), ("pure-runner", {cpus[1]})]
+        placement += [(pid, set(cpus)) for pid in descendants_of(self.pids["pure-runner"])]
+        for who, mask in placement:
+            pid = self.pids[who] if isinstance(who, str) else who
+            try:
+                tids = [int(t.name) for t in os.scandir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, mask)
+                except OSError:
+                    pass  # the thread ended in between
+
     def measured_round(self, target: Target, fn: str, concurrency: int, body: Path,
                        duration: float) -> RoundResult:
         self.check_alive()
+        if self.args.pin_daemons and target.path == "lb":
+            self.pin_daemons()
         groups = self.cpu_groups(target.path, fn)
-        before = cpu_snapshot(groups)
+        before, waits_before, jiffies_before = cpu_snapshot(groups), wait_snapshot(groups), \
+            machine_jiffies()
         raw = run_oha(self.oha, target, concurrency, body, duration=duration)
-        after = cpu_snapshot(groups)
+        after, waits_after, jiffies_after = cpu_snapshot(groups), wait_snapshot(groups), \
+            machine_jiffies()
         res = summarize(raw, target, concurrency, cpu_delta_us(before, after))
+        idle, total = (a - b for a, b in zip(jiffies_after, jiffies_before))
+        res.idle_share = idle / total if total > 0 else None
+        res.wait_us_per_call = {k: (v / res.ok if res.ok else None)
+                                for k, v in wait_delta_us(waits_before, waits_after).items()}
         log(f"  {target.path:6} c={concurrency:<3} {res.rps:9.0f} rps  p50 "
             f"{fmt_ms(res.p50_ms)} ms  p99 {fmt_ms(res.p99_ms)} ms  failed {res.failed}")
         return res
@@ -856,6 +927,8 @@ idle_timeout = "30m"
         order = self.paths
         log(f"{label} c={concurrency}: warm-up {self.args.warmup:g}s per path")
         for p in order:
+            if self.args.pin_daemons and p == "lb":
+                self.pin_daemons()
             raw = run_oha(self.oha, targets[p], concurrency, body, duration=self.args.warmup)
             w = summarize(raw, targets[p], concurrency, {})
             if w.failed:
@@ -952,9 +1025,13 @@ def best(rounds: list[RoundResult]) -> RoundResult:
     return max(rounds, key=lambda r: r.rps)
 
 
-def median_cpu(rounds: list[RoundResult], key: str) -> float | None:
-    vals = [r.cpu_us_per_call.get(key) for r in rounds if r.cpu_us_per_call.get(key) is not None]
+def median_of(rounds: list[RoundResult], get) -> float | None:
+    vals = [v for v in (get(r) for r in rounds) if v is not None]
     return statistics.median(vals) if vals else None
+
+
+def median_cpu(rounds: list[RoundResult], key: str) -> float | None:
+    return median_of(rounds, lambda r: r.cpu_us_per_call.get(key))
 
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
@@ -1119,7 +1196,10 @@ def main(argv: list[str]) -> int:
       "takes at once; 1 = one instance per concurrent call); FN_WORKER_THREADS of lb-agent and "
       f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}; gRPC between them: "
       f"{'PLAINTEXT (--insecure)' if args.insecure else 'mutual TLS'}; placer: "
-      f"{args.placer or 'the default'}.")
+      f"{args.placer or 'the default'}."
+      + (" --pin-daemons: lb-agent's threads pinned to one CPU, pure-runner's to another, "
+         "before each lb round (a diagnostic, never a deployment setting)."
+         if args.pin_daemons else ""))
     p("  RPS = 2xx responses / wall time of the round (oha -z, calls in flight at the end "
       f"{'waited for' if oha.wait_flag else 'aborted'}); p50/p99 from oha; "
       "failed = non-2xx + transport errors.")
@@ -1197,6 +1277,23 @@ def main(argv: list[str]) -> int:
                               f"{runner_cpu / proxy:.2f}, both {(lb_cpu + runner_cpu) / proxy:.2f}")
         if ratios:
             p(f"  c={c} CPU per call " + "; ".join(ratios))
+    p("")
+
+    p("Idle CPUs and run-queue waits (median over the rounds): the machine's idle share of "
+      "both CPUs during a round, and µs per call that each path's processes spent runnable "
+      "but waiting for a CPU (schedstat, summed over threads)")
+    rows = []
+    for c, per in results.items():
+        for path in bench.paths:
+            groups = sorted({k for r in per[path] for k in r.wait_us_per_call})
+            waits = ", ".join(
+                f"{g} {fmt_num(median_of(per[path], lambda r: r.wait_us_per_call.get(g)), 1)}"
+                for g in groups)
+            idle = median_of(per[path], lambda r: r.idle_share)
+            rows.append([str(c), path, "-" if idle is None else f"{100 * idle:.1f}", waits or "-"])
+    p(table(["c", "path", "idle %", "run-queue wait µs per call"], rows, right={0, 2}))
+    p("  (a busy path with CPUs idle while its processes wait to run is limited by where the "
+      "kernel places them, not by the CPU its work needs)")
     p("")
 
     if syscalls:
