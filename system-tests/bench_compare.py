@@ -304,26 +304,9 @@ def vm_hwm_kib(pid: int) -> int | None:
 Groups = dict[str, "callable"]
 
 
-def cpu_snapshot(groups: dict) -> dict[str, dict[int, int]]:
-    snap = {}
-    for name, pids_fn in groups.items():
-        per = {}
-        for pid in pids_fn():
-            st = proc_stat(pid)
-            if st:
-                per[pid] = st[0]
-        snap[name] = per
-    return snap
-
-
-def cpu_delta_us(before: dict, after: dict) -> dict[str, float]:
-    """CPU µs per group between two snapshots (a pid new in `after` counts from 0)."""
-    out = {}
-    for name, per_after in after.items():
-        per_before = before.get(name, {})
-        ticks = sum(max(0, t - per_before.get(pid, 0)) for pid, t in per_after.items())
-        out[name] = ticks * 1e6 / CLK_TCK
-    return out
+def cpu_ticks(pid: int) -> int | None:
+    st = proc_stat(pid)
+    return st[0] if st else None
 
 
 def machine_jiffies() -> tuple[int, int]:
@@ -332,14 +315,14 @@ def machine_jiffies() -> tuple[int, int]:
     return fields[3] + fields[4], sum(fields[:8])
 
 
-def runq_wait_ns(pid: int) -> int:
+def runq_wait_ns(pid: int) -> int | None:
     """Nanoseconds the threads of `pid` have spent runnable but waiting for a CPU (the second
     field of /proc/PID/task/TID/schedstat), summed; threads that ended are not counted."""
-    total = 0
     try:
         tasks = list(os.scandir(f"/proc/{pid}/task"))
     except OSError:
-        return 0
+        return None
+    total = 0
     for t in tasks:
         try:
             total += int(Path(t.path, "schedstat").read_text().split()[1])
@@ -348,15 +331,17 @@ def runq_wait_ns(pid: int) -> int:
     return total
 
 
-def wait_snapshot(groups: dict) -> dict[str, dict[int, int]]:
-    return {name: {pid: runq_wait_ns(pid) for pid in pids_fn()} for name, pids_fn in groups.items()}
+def snapshot(groups: dict, read) -> dict[str, dict[int, int]]:
+    """`read(pid)` (a counter) of every process of every group; processes gone are left out."""
+    return {name: {pid: v for pid in pids_fn() if (v := read(pid)) is not None}
+            for name, pids_fn in groups.items()}
 
 
-def wait_delta_us(before: dict, after: dict) -> dict[str, float]:
-    """Run-queue wait µs per group between two snapshots (a pid new in `after` counts from 0)."""
-    return {name: sum(max(0, ns - before.get(name, {}).get(pid, 0))
-                      for pid, ns in per_after.items()) / 1000
-            for name, per_after in after.items()}
+def growth(before: dict, after: dict) -> dict[str, int]:
+    """How much each group's counters grew between two snapshots (a pid new in `after` counts
+    from 0)."""
+    return {name: sum(max(0, v - before.get(name, {}).get(pid, 0)) for pid, v in per.items())
+            for name, per in after.items()}
 
 
 # ---------------------------------------------------------------------------- processes
@@ -907,16 +892,16 @@ idle_timeout = "30m"
         if self.args.pin_daemons and target.path == "lb":
             self.pin_daemons()
         groups = self.cpu_groups(target.path, fn)
-        before, waits_before, jiffies_before = cpu_snapshot(groups), wait_snapshot(groups), \
+        ticks, waits, jiffies = snapshot(groups, cpu_ticks), snapshot(groups, runq_wait_ns), \
             machine_jiffies()
         raw = run_oha(self.oha, target, concurrency, body, duration=duration)
-        after, waits_after, jiffies_after = cpu_snapshot(groups), wait_snapshot(groups), \
-            machine_jiffies()
-        res = summarize(raw, target, concurrency, cpu_delta_us(before, after))
-        idle, total = (a - b for a, b in zip(jiffies_after, jiffies_before))
+        cpu_us = {k: v * 1e6 / CLK_TCK for k, v in growth(ticks, snapshot(groups, cpu_ticks)).items()}
+        wait_ns = growth(waits, snapshot(groups, runq_wait_ns))
+        idle, total = (a - b for a, b in zip(machine_jiffies(), jiffies))
+        res = summarize(raw, target, concurrency, cpu_us)
         res.idle_share = idle / total if total > 0 else None
-        res.wait_us_per_call = {k: (v / res.ok if res.ok else None)
-                                for k, v in wait_delta_us(waits_before, waits_after).items()}
+        res.wait_us_per_call = {k: (v / 1000 / res.ok if res.ok else None)
+                                for k, v in wait_ns.items()}
         log(f"  {target.path:6} c={concurrency:<3} {res.rps:9.0f} rps  p50 "
             f"{fmt_ms(res.p50_ms)} ms  p99 {fmt_ms(res.p99_ms)} ms  failed {res.failed}")
         return res

@@ -81,10 +81,10 @@ pub const FDK_VERSION: &str = concat!("fdk-rust/", env!("CARGO_PKG_VERSION"));
 /// Worker threads of [`run`]'s runtime. An instance takes one call at a time unless its
 /// catalog entry sets `concurrency`, and with an instance per concurrent call every thread is
 /// one more for the kernel to schedule: a second worker was woken by each call to look for
-/// work and found none (fn-echo's CPU per call through the runner fell by about a third
-/// without it, docs/performance-log.md). A multi-threaded runtime all the same, so that
-/// `block_in_place` works in handlers; CPU-heavy work belongs in `spawn_blocking`, whose
-/// threads are not counted here.
+/// work and found none (without it, fn-echo's CPU per call through the runner fell by 40% at
+/// c=1 and 17% at c=64; docs/performance-log.md, session 22). A multi-threaded runtime all
+/// the same, so that `block_in_place` works in handlers; CPU-heavy work belongs in
+/// `spawn_blocking`, whose threads are not counted here.
 const WORKER_THREADS: usize = 1;
 
 /// Runs a function: reads the environment, builds a runtime, serves calls until SIGTERM or

@@ -211,7 +211,6 @@ mod tests {
     use super::*;
     use crate::dev::DevCa;
 
-    /// Shakes hands in memory; answers the suite each side settled on.
     /// Moves every TLS record `from` has to send into `to`, which then processes them.
     fn deliver<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
         let mut wire = Vec::new();
@@ -225,6 +224,7 @@ mod tests {
         to.process_new_packets().expect("peer accepts the flight");
     }
 
+    /// Shakes hands in memory; answers the suite each side settled on.
     fn negotiate(
         client: Arc<rustls::ClientConfig>,
         server: Arc<rustls::ServerConfig>,
