@@ -8,7 +8,7 @@
 #   make test-docker-driver  image functions on the runner's docker driver (needs an engine)
 #   make test-swarm   deploy/docker-stack.yml on a single-node swarm, end to end (needs an engine)
 #   make stack-up STACK=fn / make stack-down STACK=fn   the dataplane as a swarm stack
-#   make bench        placer micro-benchmarks (cargo bench -p fn-placement)
+#   make bench        micro-benchmarks: placers, the runner's pool (cargo bench)
 #   make load         dist build (release + thin LTO), then fn-load drives a local cluster (LOAD_ARGS=...)
 #   make bench-docker  the docker driver beside the process driver: cold start, hot calls
 #   make bench-compare dist build, then the same function called directly, through nginx
@@ -68,7 +68,7 @@ test-docker-if-engine:
 	fi
 
 # Performance (not part of `make test`; see README, Performance). `bench` times the
-# placers; `load` runs fn-load against an lb-agent and pure-runners built in release, e.g.
+# placers and the runner's pool; `load` runs fn-load against an lb-agent and pure-runners built in release, e.g.
 # make load LOAD_ARGS='--payload small --calls 50000'. They measure the build that ships:
 # the `dist` profile (release with thin LTO, Cargo.toml); BENCH_PROFILE=release for a
 # quicker build.
@@ -77,6 +77,7 @@ BENCH_PROFILE ?= dist
 
 bench:
 	$(CARGO) bench -p fn-placement
+	$(CARGO) bench -p fn-runner --bench pool
 
 load:
 	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins

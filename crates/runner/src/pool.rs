@@ -118,7 +118,10 @@ enum Slot {
 /// An instance in the pool, starting or running, busy or idle.
 struct HotInstance {
     id: u64,
-    spec: InstanceSpec,
+    /// Shared by every instance of an equal spec, so that a scan compares it once per call.
+    spec: Arc<InstanceSpec>,
+    /// Hashes of the spec, compared before the spec itself.
+    key: SpecKey,
     slot: Slot,
     /// Calls on it now (running or waiting for it to start), at most `spec.concurrency`.
     calls: u32,
@@ -132,7 +135,41 @@ struct HotInstance {
     priority: u64,
 }
 
+/// Hashes of an [`InstanceSpec`]: a scan of the pool compares these first, so instances of
+/// other functions cost one comparison each. Equal specs have equal keys; equal keys are
+/// confirmed by comparing the specs. The spec's key leaves out its command and configuration
+/// (hashing them cost more than the scan saves): versions of one function that differ only
+/// there are told apart by that comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SpecKey {
+    /// Of the app and function: what the eviction priority counts by.
+    function: u64,
+    /// Of the whole spec: what instances are shared by.
+    spec: u64,
+}
+
+impl SpecKey {
+    fn of(spec: &InstanceSpec) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (&spec.app, &spec.function).hash(&mut h);
+        let function = h.finish();
+        (spec.memory_mb, spec.concurrency, spec.idle_timeout).hash(&mut h);
+        SpecKey {
+            function,
+            spec: h.finish(),
+        }
+    }
+}
+
 impl HotInstance {
+    /// Whether this instance runs `spec`'s function (not necessarily the same spec).
+    fn same_function(&self, key: SpecKey, spec: &InstanceSpec) -> bool {
+        self.key.function == key.function
+            && self.spec.app == spec.app
+            && self.spec.function == spec.function
+    }
+
     fn idle(&self) -> bool {
         self.calls == 0
     }
@@ -171,7 +208,10 @@ struct State {
     next_id: u64,
     /// The eviction clock: the priority of the last instance evicted.
     clock: u64,
-    /// Every instance, starting or running. A handful per function: scans are cheap.
+    /// Every instance, starting or running: one per call in flight for a function without
+    /// `concurrency`. Scanned once per admission ([`State::find`]), where an instance of
+    /// another function costs one comparison of hashes and one of the call's own spec the
+    /// comparison of an `Arc` (`cargo bench -p fn-runner --bench pool`).
     hot: Vec<HotInstance>,
 }
 
@@ -188,14 +228,52 @@ impl State {
 
     /// The priority a call of `spec`'s function gives its instance: the clock plus the
     /// calls of the function while it held instances here, this one included.
-    fn priority(&self, spec: &InstanceSpec) -> u64 {
+    fn priority(&self, key: SpecKey, spec: &InstanceSpec) -> u64 {
         let calls: u64 = self
             .hot
             .iter()
-            .filter(|h| h.spec.app == spec.app && h.spec.function == spec.function)
+            .filter(|h| h.same_function(key, spec))
             .map(|h| h.uses)
             .sum();
         self.clock.saturating_add(calls).saturating_add(1)
+    }
+
+    /// One pass over the pool for a call of `spec`: the instance to join (busy ones with room
+    /// first, then the most recently used idle one), the spec as the pool already shares it,
+    /// and the calls `spec`'s function has had here.
+    fn find(&self, key: SpecKey, spec: &InstanceSpec) -> Found {
+        let mut found = Found {
+            join: None,
+            shared: None,
+            function_uses: 0,
+        };
+        let mut best = (false, None);
+        for (pos, h) in self.hot.iter().enumerate() {
+            if h.key.function != key.function {
+                continue;
+            }
+            // Compared once per distinct `Arc`: instances of one spec share theirs.
+            let same_spec = h.key.spec == key.spec
+                && match &found.shared {
+                    Some(shared) if Arc::ptr_eq(shared, &h.spec) => true,
+                    _ => *h.spec == *spec,
+                };
+            if same_spec {
+                found.shared.get_or_insert_with(|| Arc::clone(&h.spec));
+                found.function_uses += h.uses;
+                if h.calls < spec.concurrency {
+                    // The last of equals, as `Iterator::max_by_key` picks.
+                    let rank = (h.calls > 0, Some(h.last_used));
+                    if rank >= best && h.usable() {
+                        best = rank;
+                        found.join = Some(pos);
+                    }
+                }
+            } else if h.same_function(key, spec) {
+                found.function_uses += h.uses;
+            }
+        }
+        found
     }
 
     /// Removes the idle instance of lowest priority, the least recently used of equals, and
@@ -213,6 +291,16 @@ impl State {
         self.clock = self.clock.max(old.priority);
         Some(old)
     }
+}
+
+/// What [`State::find`] found for a call.
+struct Found {
+    /// Where the instance the call joins is in `hot`.
+    join: Option<usize>,
+    /// An instance's `Arc` of a spec equal to the call's, for a new instance to share.
+    shared: Option<Arc<InstanceSpec>>,
+    /// Calls of the call's function on the instances here (for its eviction priority).
+    function_uses: u64,
 }
 
 /// Capacity gate and hot instances of one runner. Shared as `Arc<Pool>`.
@@ -348,14 +436,13 @@ impl Pool {
             if self.draining.load(Ordering::Acquire) {
                 return Err(Refusal::Draining);
             }
-            let priority = st.priority(&spec);
-            // Busy instances with room first, then the most recently used idle one.
-            let hot = st
-                .hot
-                .iter_mut()
-                .filter(|h| h.calls < spec.concurrency && h.spec == spec && h.usable())
-                .max_by_key(|h| (h.calls > 0, h.last_used));
-            if let Some(hot) = hot {
+            let key = SpecKey::of(&spec);
+            let found = st.find(key, &spec);
+            let priority = st
+                .clock
+                .saturating_add(found.function_uses)
+                .saturating_add(1);
+            if let Some(hot) = found.join.map(|pos| &mut st.hot[pos]) {
                 if hot.idle() {
                     st.idle_mb -= needed_mb;
                     st.committed_mb += needed_mb;
@@ -385,9 +472,16 @@ impl Pool {
                     let id = st.next_id;
                     st.next_id += 1;
                     let (launch, ready) = watch::channel(None);
+                    // Counted after the evictions, which may have moved the clock.
+                    let priority = if evicted.is_empty() {
+                        priority
+                    } else {
+                        st.priority(key, &spec)
+                    };
                     st.hot.push(HotInstance {
                         id,
-                        spec: spec.clone(),
+                        spec: found.shared.unwrap_or_else(|| Arc::new(spec.clone())),
+                        key,
                         slot: Slot::Starting {
                             ready,
                             launch: Some(launch),
@@ -396,8 +490,7 @@ impl Pool {
                         retired: false,
                         last_used: Instant::now(),
                         uses: 1,
-                        // Counted after the evictions, which may have moved the clock.
-                        priority: st.priority(&spec),
+                        priority,
                     });
                     Ok((id, false))
                 } else {
@@ -824,6 +917,61 @@ mod tests {
         run_once(&pool, "third").await;
         assert_eq!(driver.killed(), 1);
         assert!(pool.admit(spec("popular", 128)).expect("hot").reused());
+    }
+
+    /// `function` at 128 MB with one configuration entry: versions of one function that
+    /// the pool's hash of a spec does not tell apart.
+    fn version(function: &str, greeting: &str) -> InstanceSpec {
+        InstanceSpec {
+            config: [("GREETING".to_owned(), greeting.to_owned())].into(),
+            ..spec(function, 128)
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_of_a_function_that_differ_only_in_configuration_get_their_own_instances() {
+        let (pool, driver) = pool(512);
+        let mut r = pool.admit(version("f", "hello")).expect("fits");
+        let hello = r.instance("c1").await.expect("starts").pid();
+        r.finish_ok();
+        let mut r = pool.admit(version("f", "bonjour")).expect("fits");
+        assert!(
+            !r.reused(),
+            "an instance of another configuration is not shared"
+        );
+        let bonjour = r.instance("c2").await.expect("starts").pid();
+        r.finish_ok();
+        assert_ne!(hello, bonjour);
+        for (greeting, pid) in [("hello", hello), ("bonjour", bonjour), ("hello", hello)] {
+            let mut r = pool.admit(version("f", greeting)).expect("fits");
+            assert!(r.reused(), "{greeting}");
+            assert_eq!(
+                r.instance("c3").await.expect("hot").pid(),
+                pid,
+                "{greeting}"
+            );
+            r.finish_ok();
+        }
+        assert_eq!(driver.started(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_function_s_priority_counts_the_calls_of_all_its_versions() {
+        let (pool, driver) = pool(384);
+        for _ in 0..3 {
+            let mut r = pool.admit(version("popular", "v1")).expect("fits");
+            r.instance("c").await.expect("starts");
+            r.finish_ok();
+        }
+        let mut r = pool.admit(version("popular", "v2")).expect("fits");
+        r.instance("c").await.expect("starts");
+        r.finish_ok();
+        run_once(&pool, "rare").await; // used last, as few calls as v2 on its own
+        // The pool is full; a third function evicts the lowest priority: "rare", since v2's
+        // instance counts v1's three calls too.
+        run_once(&pool, "third").await;
+        assert_eq!(driver.killed(), 1);
+        assert!(pool.admit(version("popular", "v2")).expect("hot").reused());
     }
 
     #[tokio::test]
