@@ -106,7 +106,11 @@ impl Front {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        let call_id = uuid::Uuid::new_v4().to_string();
+        // The hyphenated form without the formatter's machinery (a tenth of its cost).
+        let call_id = uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .to_owned();
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -169,12 +173,13 @@ impl Front {
         }
         let not_found = || CallError::NotFound(path.to_owned());
         if let Some(rest) = path.strip_prefix("/r/") {
-            let (app, route) = rest.split_once('/').ok_or_else(not_found)?;
-            let route = format!("/{route}");
+            let (app, _) = rest.split_once('/').ok_or_else(not_found)?;
+            // The route with its leading slash, as the catalog spells it: a slice of the path.
+            let route = &rest[app.len()..];
             return self
                 .catalog
                 .current()
-                .by_route(app, &route)
+                .by_route(app, route)
                 .map(Route::Function)
                 .ok_or_else(not_found);
         }

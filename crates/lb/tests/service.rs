@@ -297,6 +297,14 @@ async fn echo_through_a_fake_runner_is_byte_exact_and_the_runner_sees_the_lbs_ca
     let seen = runners[0].seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].id, reply.call_id(), "Fn-Call-Id is the call's id");
+    let id = uuid::Uuid::parse_str(reply.call_id()).expect("the call id is a UUID");
+    assert_eq!(
+        id.hyphenated().to_string(),
+        reply.call_id(),
+        "in its lower-case hyphenated form"
+    );
+    assert_eq!(id.get_version_num(), 4, "a random one");
+    assert_eq!(seen[0].request_url, "http://lb.test/r/demo/echo");
     assert_eq!(
         (seen[0].app.as_str(), seen[0].function.as_str()),
         ("demo", "echo")

@@ -109,6 +109,8 @@ pub struct SeenCall {
     pub id: String,
     pub app: String,
     pub function: String,
+    /// The URL the client asked for, as the LB spelled it.
+    pub request_url: String,
     pub memory_mb: u64,
     pub behaviour: Behaviour,
     /// Request body bytes received (only counted while the behaviour reads the body).
@@ -483,6 +485,7 @@ async fn handle_stream(state: Arc<State>, mut inbound: Streaming<ClientMsg>, tx:
         id: call.id.clone(),
         app: call.app.clone(),
         function: call.function.clone(),
+        request_url: call.request_url.clone(),
         memory_mb: call.memory_mb,
         behaviour,
         body_bytes: 0,
