@@ -51,6 +51,16 @@ const FRAME_TARGET: usize = 32 * 1024;
 /// The gRPC message header: compression flag and length.
 const HEADER_BYTES: usize = 5;
 
+/// The most a data message takes around its chunk: the gRPC header, then the `body`
+/// field's key and length, the chunk's key and length (varints of at most five bytes for
+/// a length under 4 GiB) and `eof`'s key and value.
+const DATA_OVERHEAD: usize = HEADER_BYTES + 1 + 5 + 1 + 5 + 2;
+
+/// When the encoding buffer must grow, it grows by at least this much, so that a small
+/// call's messages (its head, a body shorter than [`OWN_FRAME_MIN`], its end) are encoded
+/// into one allocation rather than grown into, one reallocation per field.
+const ENCODE_RESERVE: usize = 2 * OWN_FRAME_MIN;
+
 /// Protobuf wire types used in the keys written here.
 const WIRE_VARINT: u8 = 0;
 const WIRE_LEN: u8 = 2;
@@ -180,9 +190,23 @@ impl<S> EncodeBody<S> {
         }
     }
 
+    /// Room for `needed` more bytes, in one allocation of at least [`ENCODE_RESERVE`] when
+    /// the buffer has to grow.
+    fn reserve(&mut self, needed: usize) {
+        if self.buf.capacity() - self.buf.len() < needed {
+            self.buf.reserve(needed.max(ENCODE_RESERVE));
+        }
+    }
+
     fn encode<M: DataMessage>(&mut self, message: M) -> Result<(), Status> {
         match message.into_data() {
             Ok((data, eof)) => {
+                let copied = if data.len() < OWN_FRAME_MIN {
+                    data.len()
+                } else {
+                    0
+                };
+                self.reserve(DATA_OVERHEAD + copied);
                 if let Some(chunk) = encode_data(M::DATA_FIELD, data, eof, &mut self.buf)? {
                     self.seal();
                     self.ready.push_back(chunk);
@@ -192,7 +216,9 @@ impl<S> EncodeBody<S> {
                 }
             }
             Err(message) => {
-                put_header(&mut self.buf, message.encoded_len())?;
+                let len = message.encoded_len();
+                self.reserve(HEADER_BYTES + len);
+                put_header(&mut self.buf, len)?;
                 message
                     .encode(&mut self.buf)
                     .map_err(|e| Status::internal(format!("cannot encode a message: {e}")))?;
@@ -725,6 +751,24 @@ mod tests {
             data(Vec::new(), true),
         ]));
         assert_eq!(frames.len(), 1);
+    }
+
+    #[test]
+    fn a_small_calls_messages_are_encoded_into_one_allocation() {
+        let mut body = EncodeBody::new(futures::stream::empty::<ClientMsg>());
+        body.encode(try_call("c1")).expect("encodes");
+        let start = body.buf.as_ptr();
+        // The longest chunk still copied into the shared frame, then the body's end.
+        body.encode(data(vec![5u8; OWN_FRAME_MIN - 1], false))
+            .expect("encodes");
+        body.encode(data(Vec::new(), true)).expect("encodes");
+        assert_eq!(body.buf.as_ptr(), start, "the buffer was not reallocated");
+        let expected = tonic_wire(&[
+            try_call("c1"),
+            data(vec![5u8; OWN_FRAME_MIN - 1], false),
+            data(Vec::new(), true),
+        ]);
+        assert_eq!(&body.buf[..], &expected[..]);
     }
 
     #[test]
