@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fn_lifecycle::Health;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -41,7 +41,7 @@ use crate::leftover;
 use crate::metrics::CallOutcome;
 
 /// The call id header on every response.
-pub const CALL_ID_HEADER: &str = "fn-call-id";
+pub const CALL_ID_HEADER: HeaderName = HeaderName::from_static("fn-call-id");
 
 /// How long a client may take to send a request head (HTTP/1.1), and how long an idle
 /// keep-alive connection stays open. Without it a client that trickles its head byte by

@@ -668,7 +668,9 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())
         .ok_or_else(|| format!("invalid status {} from the function", meta.status_code))?;
-    let mut headers = HeaderMap::with_capacity(meta.headers.len());
+    // Room for the two the lb-agent adds, `Server-Timing` and `Fn-Call-Id`: a full map
+    // would grow (rehash) for them.
+    let mut headers = HeaderMap::with_capacity(meta.headers.len() + 2);
     for h in meta.headers {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&h.name),
