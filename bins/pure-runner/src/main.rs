@@ -26,7 +26,7 @@ use fn_runner::driver::process::{
     FunctionUser, FunctionUsers, Isolation, ProcessDriver, ProcessDriverConfig, UidRange,
 };
 use fn_runner::driver::{Driver, Drivers};
-use fn_runner::{EngageConfig, Pool, RunnerService};
+use fn_runner::{EngageConfig, EngageFirst, Pool, RunnerService};
 use fn_tls::TlsArgs;
 
 /// How long the runner waits at start for the Docker engine (and the removal of what an
@@ -202,7 +202,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let mut server = fn_tls::grpc_server();
+    let mut server = fn_tls::grpc_server().layer(EngageFirst::new(runner.clone().into_server()));
     let (health, health_service) = Health::new(&["dataplane.runner.v1.RunnerProtocol"]);
     let router = server
         .add_service(health_service)

@@ -22,6 +22,6 @@ pub mod pool;
 #[cfg(test)]
 mod testing;
 
-pub use engage::{EngageConfig, RunnerService};
+pub use engage::{EngageConfig, EngageFirst, RunnerService};
 pub use metrics::RunnerMetrics;
 pub use pool::{Pool, PoolStats, Refusal};

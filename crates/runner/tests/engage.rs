@@ -20,7 +20,7 @@ use fn_protocol::runner::{
     RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
 };
 use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
-use fn_runner::{EngageConfig, Pool, RunnerService};
+use fn_runner::{EngageConfig, EngageFirst, Pool, RunnerService};
 use fn_test_support::TestPki;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
@@ -102,7 +102,9 @@ async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageCo
     let address = listener.local_addr().expect("local address").to_string();
     let stop = CancellationToken::new();
     let incoming = fn_tls::grpc_incoming(&pki.mode(), listener).expect("tls server");
+    // As the pure-runner serves it: Engage ahead of the router.
     let server = fn_tls::grpc_server()
+        .layer(EngageFirst::new(service.clone().into_server()))
         .add_service(service.clone().into_server())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::spawn(server);
