@@ -61,6 +61,7 @@ struct Options {
     client: ClientConfig,
     limits: ClientLimits,
     warm_wait: Duration,
+    catalog: String,
 }
 
 impl Default for Options {
@@ -72,6 +73,7 @@ impl Default for Options {
             client: ClientConfig::default(),
             limits: ClientLimits::default(),
             warm_wait: DispatchConfig::default().warm_wait,
+            catalog: CATALOG.to_owned(),
         }
     }
 }
@@ -120,7 +122,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         options.max_request_body,
         &mut registry,
     );
-    let catalog = Catalog::parse(Path::new("test.toml"), CATALOG).expect("catalog");
+    let catalog = Catalog::parse(Path::new("test.toml"), &options.catalog).expect("catalog");
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
     health.set_serving().await;
@@ -314,6 +316,42 @@ async fn echo_through_a_fake_runner_is_byte_exact_and_the_runner_sees_the_lbs_ca
         lb.capacity.snapshot().get("default"),
         Some(&0),
         "the call's memory is released when it ends"
+    );
+}
+
+// A function whose config makes the message offering a call larger than any runner accepts
+// (4 MiB): the LB says so without sending it, and a runner never sees it. The function next
+// to it is served as before.
+#[tokio::test]
+async fn a_call_too_large_to_offer_gets_500_naming_the_config_and_reaches_no_runner() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let big = "x".repeat(fn_protocol::framing::MAX_MESSAGE_BYTES);
+    let catalog = format!(
+        "{CATALOG}\n[[functions]]\napp = \"demo\"\nname = \"big\"\nroute = \"/big\"\n\
+         command = [\"fn-echo\"]\nmemory_mb = 128\ntimeout = \"30s\"\n\
+         [functions.config]\nBIG = \"{big}\"\n"
+    );
+    let options = Options {
+        catalog,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    let reply = post(&lb, "/r/demo/big", "hello").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    let text = String::from_utf8_lossy(reply.body.as_deref().expect("a whole body"));
+    assert!(
+        text.contains("over the 4194304 a runner accepts: shorten the function's config"),
+        "{text}"
+    );
+    assert!(runners[0].seen().is_empty(), "no runner saw the call");
+    let reply = post(&lb, "/r/demo/echo", "hello").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(runners[0].seen().len(), 1);
+    assert_eq!(
+        lb.capacity.snapshot().get("default"),
+        Some(&0),
+        "the refused call's memory was released"
     );
 }
 

@@ -32,7 +32,7 @@ use fn_protocol::batch::{self, Batch, Batches};
 use fn_protocol::framing::{self, Decoded, ENGAGE_PATH, EncodeBody, Head};
 use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
-    ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
+    ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
 };
 use fn_tls::DirectChannel;
 use fn_tls::TlsMode;
@@ -142,6 +142,10 @@ pub enum TryCallError {
     Unreachable { address: String, reason: String },
     #[error("runner {address} broke the protocol before committing: {reason}")]
     Protocol { address: String, reason: String },
+    /// The call cannot be offered to any runner (its opening message is larger than runners
+    /// accept); found before anything was sent.
+    #[error("the call cannot be sent to runner {address}: {reason}")]
+    Unsendable { address: String, reason: String },
 }
 
 impl TryCallError {
@@ -152,7 +156,7 @@ impl TryCallError {
             TryCallError::Refused {
                 reason: RefusalReason::Invalid,
                 ..
-            }
+            } | TryCallError::Unsendable { .. }
         )
     }
 
@@ -162,6 +166,10 @@ impl TryCallError {
         match self {
             TryCallError::Refused {
                 address, details, ..
+            }
+            | TryCallError::Unsendable {
+                address,
+                reason: details,
             } => Some((address, details)),
             _ => None,
         }
@@ -299,15 +307,12 @@ impl RunnerClient {
         // given up (dropped).
         let offered = self.config.watch_reports.then(|| OfferedCall::of(call));
         let offer = offered.as_ref().map(|c| self.reports.offer(c));
-        let mut first = Vec::with_capacity(early.chunks.len() + 2);
-        first.push(ClientMsg {
-            body: Some(client_msg::Body::TryCall(TryCall {
-                call: Some(call.into()),
-            })),
-        });
+        // The stream opens with the TryCall, which the request body encodes first; then the
+        // body's messages.
         let (requests, sender) = if early.complete {
             // The whole call in one write: TryCall, the body, its eof and the request
             // half's end; no channel for more.
+            let mut first = Vec::with_capacity(early.chunks.len() + 1);
             first.extend(
                 early
                     .chunks
@@ -318,12 +323,14 @@ impl RunnerClient {
             (batch::only(first), None)
         } else {
             let (tx, rx) = mpsc::channel::<Batch<ClientMsg>>(4);
-            let first = Batch {
-                messages: first,
-                last: false,
-            };
-            (batch::batches_after(first, rx), Some(tx))
+            (batch::batches(rx), Some(tx))
         };
+        let requests = EncodeBody::opening_with(call, requests).map_err(|status| {
+            TryCallError::Unsendable {
+                address: self.address.clone(),
+                reason: status.message().to_owned(),
+            }
+        })?;
         let bound = self.config.connect_timeout + self.config.ack_timeout;
         let handshake = async {
             let mut responses = self
@@ -398,14 +405,14 @@ impl RunnerClient {
     /// wire, without copying the body's chunks at either end of the LB.
     async fn engage(
         &self,
-        requests: Batches<ClientMsg>,
+        requests: EncodeBody<Batches<ClientMsg>>,
     ) -> Result<Decoded<RunnerMsg, Incoming>, tonic::Status> {
         let request = http::Request::builder()
             .method(http::Method::POST)
             .uri(self.engage_uri.clone())
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
-            .body(tonic::body::Body::new(EncodeBody::new(requests)))
+            .body(tonic::body::Body::new(requests))
             .map_err(|e| {
                 tonic::Status::internal(format!("cannot build the Engage request: {e}"))
             })?;

@@ -281,36 +281,59 @@ pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
         .collect()
 }
 
-impl From<&CallSpec> for runner::Call {
-    fn from(spec: &CallSpec) -> Self {
+/// What a call is sent with that depends on the moment it leaves: the budget left and the
+/// deadline on this machine's wall clock, from one reading of the monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SendTimes {
+    pub(crate) timeout_ms: u64,
+    pub(crate) deadline_unix_ms: u64,
+}
+
+impl SendTimes {
+    pub(crate) fn now(spec: &CallSpec) -> Self {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        runner::Call {
-            id: spec.id.clone(),
-            app: spec.app.clone(),
-            function: spec.function.clone(),
-            route: spec.route.clone(),
-            method: spec.method.to_string(),
-            request_url: spec.request_url.clone(),
-            headers: wire_headers(&spec.headers),
-            memory_mb: spec.memory_mb,
-            // The budget left now, rounded up so that a call with time left is never sent
-            // as one without.
-            timeout_ms: millis(
-                spec.remaining()
-                    .saturating_add(Duration::from_nanos(999_999)),
-            ),
-            idle_timeout_ms: millis(spec.idle_timeout),
-            command: spec.command.clone(),
-            image: spec.image.clone().unwrap_or_default(),
-            config: spec.config.clone(),
-            lb_group: spec.lb_group.clone(),
+        let left = spec.remaining();
+        SendTimes {
+            // Rounded up, so that a call with time left is never sent as one without.
+            timeout_ms: millis(left.saturating_add(Duration::from_nanos(999_999))),
             deadline_unix_ms: millis(
-                spec.wall_deadline()
+                (SystemTime::now() + left)
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or(Duration::ZERO),
             ),
-            concurrency: spec.concurrency,
         }
+    }
+}
+
+/// The wire `Call` of `spec`, sent at `times`.
+pub(crate) fn wire_call(spec: &CallSpec, times: SendTimes) -> runner::Call {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    runner::Call {
+        id: spec.id.clone(),
+        app: spec.app.clone(),
+        function: spec.function.clone(),
+        route: spec.route.clone(),
+        method: spec.method.to_string(),
+        request_url: spec.request_url.clone(),
+        headers: wire_headers(&spec.headers),
+        memory_mb: spec.memory_mb,
+        timeout_ms: times.timeout_ms,
+        idle_timeout_ms: millis(spec.idle_timeout),
+        command: spec.command.clone(),
+        image: spec.image.clone().unwrap_or_default(),
+        config: spec.config.clone(),
+        lb_group: spec.lb_group.clone(),
+        deadline_unix_ms: times.deadline_unix_ms,
+        concurrency: spec.concurrency,
+    }
+}
+
+/// The wire `Call` of a spec sent now. The LB does not build one: it encodes the spec
+/// straight into the stream ([`crate::framing::EncodeBody::opening_with`]), to the same
+/// bytes as prost's encoding of this.
+impl From<&CallSpec> for runner::Call {
+    fn from(spec: &CallSpec) -> Self {
+        wire_call(spec, SendTimes::now(spec))
     }
 }
 
@@ -629,6 +652,23 @@ mod tests {
                     again.deadline = spec.deadline;
                 }
                 prop_assert_eq!(again, Ok(spec));
+            }
+        }
+
+        // Whatever call is accepted, the LB's encoding of the message that opens its stream
+        // is byte for byte prost's encoding of the same call (the same moment's times).
+        #[test]
+        fn any_accepted_call_opens_its_stream_as_prost_encodes_it(
+            call in any_wire_call(),
+            timeout_ms in any::<u64>(),
+            deadline_unix_ms in any::<u64>(),
+        ) {
+            if let Ok(spec) = CallSpec::try_from(call) {
+                let times = SendTimes { timeout_ms, deadline_unix_ms };
+                prop_assert_eq!(
+                    crate::opening::tests::opening(&spec, times),
+                    crate::opening::tests::prost_opening(&spec, times)
+                );
             }
         }
 

@@ -31,6 +31,8 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use tonic::{Code, Status};
 
+use crate::call::{CallSpec, SendTimes};
+use crate::opening::Opening;
 use crate::runner::{ClientMsg, DataFrame, RunnerMsg, client_msg, runner_msg};
 
 /// The Engage method's HTTP/2 path (`/<package>.<service>/<method>`), for the client and
@@ -170,6 +172,29 @@ impl<S> EncodeBody<S> {
             buf: BytesMut::new(),
             trailers: None,
         }
+    }
+
+    /// A client's request body that opens with the `TryCall` of `call`, then the messages
+    /// of `source`. The `TryCall` is encoded straight from the spec (see [`crate::opening`]),
+    /// with the budget the call has left now.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the message is larger than a runner accepts
+    /// ([`MAX_MESSAGE_BYTES`]): no runner can take the call.
+    pub fn opening_with(call: &CallSpec, source: S) -> Result<Self, Status> {
+        let mut body = EncodeBody::new(source);
+        let opening = Opening::new(call, SendTimes::now(call));
+        let len = opening.len();
+        if len > MAX_MESSAGE_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the call's TryCall message is {len} bytes, over the {MAX_MESSAGE_BYTES} a \
+                 runner accepts: shorten the function's config or the request's headers"
+            )));
+        }
+        body.reserve(HEADER_BYTES + len);
+        put_header(&mut body.buf, len)?;
+        opening.encode(&mut body.buf);
+        Ok(body)
     }
 
     /// A response body (a server's): after the last message, trailers with an OK

@@ -6,13 +6,15 @@
 //! - [`call`]: [`CallSpec`], a validated function call, and its conversion from and to
 //!   the wire `Call`.
 //! - [`batch`]: messages gathered into batches that leave in one write.
-//! - [`framing`]: gRPC's message framing for the Engage stream, without copying body chunks.
+//! - [`framing`]: gRPC's message framing for the Engage stream, without copying body chunks,
+//!   and (`opening`) the message that opens it, encoded straight from a [`CallSpec`].
 //!
 //! This crate depends on no daemon; daemons meet only through it.
 
 pub mod batch;
 pub mod call;
 pub mod framing;
+mod opening;
 
 /// Generated types of `proto/runner.proto` (package `dataplane.runner.v1`).
 #[allow(missing_debug_implementations, clippy::all)]
