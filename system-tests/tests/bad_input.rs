@@ -666,7 +666,7 @@ fn wire_call(id: &str) -> fn_protocol::runner::Call {
 
 fn try_call(call: Option<fn_protocol::runner::Call>) -> ClientMsg {
     ClientMsg {
-        body: Some(client_msg::Body::TryCall(TryCall { call })),
+        body: Some(client_msg::Body::TryCall(Box::new(TryCall { call }))),
     }
 }
 

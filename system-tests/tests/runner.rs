@@ -67,7 +67,9 @@ impl Engage {
 
     async fn try_call(&mut self, call: runner::Call) -> anyhow::Result<CallAcknowledged> {
         let sent = self
-            .send(client_msg::Body::TryCall(TryCall { call: Some(call) }))
+            .send(client_msg::Body::TryCall(Box::new(TryCall {
+                call: Some(call),
+            })))
             .await;
         // A runner may answer and close its side before reading the TryCall; its answer
         // is what counts, so read it even when the send failed.

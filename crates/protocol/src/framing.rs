@@ -636,14 +636,26 @@ mod tests {
 
     fn try_call(id: &str) -> ClientMsg {
         ClientMsg {
-            body: Some(client_msg::Body::TryCall(TryCall {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
                 call: Some(Call {
                     id: id.to_owned(),
                     memory_mb: 128,
                     ..Call::default()
                 }),
-            })),
+            }))),
         }
+    }
+
+    // The stream's one TryCall is boxed (build.rs), so the messages that carry the body,
+    // moved through channels and encoders one by one, are not the size of a whole `Call`.
+    #[test]
+    fn a_client_message_is_about_the_size_of_its_data_frame() {
+        let (msg, frame) = (size_of::<ClientMsg>(), size_of::<DataFrame>());
+        assert!(msg <= 2 * frame, "ClientMsg {msg} bytes, DataFrame {frame}");
+        assert!(
+            size_of::<Call>() > 4 * frame,
+            "the Call it no longer holds inline"
+        );
     }
 
     /// What tonic's codec sends for `messages`: each prost-encoded behind its header.

@@ -247,9 +247,9 @@ pub(crate) mod tests {
     /// What prost encodes for the same call sent at `times`.
     pub(crate) fn prost_opening(spec: &CallSpec, times: SendTimes) -> Vec<u8> {
         ClientMsg {
-            body: Some(client_msg::Body::TryCall(TryCall {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
                 call: Some(crate::call::wire_call(spec, times)),
-            })),
+            }))),
         }
         .encode_to_vec()
     }
@@ -302,9 +302,10 @@ pub(crate) mod tests {
         let spec = spec();
         assert_eq!(opening(&spec, times), prost_opening(&spec, times));
         let decoded = ClientMsg::decode(opening(&spec, times).as_slice()).expect("decodes");
-        let Some(client_msg::Body::TryCall(TryCall { call: Some(call) })) = decoded.body else {
+        let Some(client_msg::Body::TryCall(try_call)) = decoded.body else {
             panic!("not a TryCall: {decoded:?}");
         };
+        let call = try_call.call.expect("a call");
         assert_eq!(call, crate::call::wire_call(&spec, times));
         assert_eq!(call.concurrency, 16);
         assert_eq!(call.command, ["fn-echo", "", "--flag"]);

@@ -298,8 +298,10 @@ impl Engage {
     }
 
     async fn try_call(&self, call: runner::Call) {
-        self.send(client_msg::Body::TryCall(TryCall { call: Some(call) }))
-            .await;
+        self.send(client_msg::Body::TryCall(Box::new(TryCall {
+            call: Some(call),
+        })))
+        .await;
     }
 
     async fn data(&self, data: impl Into<Bytes>, eof: bool) {
@@ -474,9 +476,9 @@ async fn a_call_sent_whole_with_its_request_half_closed_runs_to_its_end() {
     for len in [0, 5, 100 * 1024] {
         let body = pattern(len);
         let mut messages = vec![ClientMsg {
-            body: Some(client_msg::Body::TryCall(TryCall {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
                 call: Some(call("fn-echo", Duration::from_secs(30))),
-            })),
+            }))),
         }];
         messages.extend(frames(&body).into_iter().map(data_msg));
         let rx = runner
@@ -973,7 +975,7 @@ async fn invalid_calls_are_refused_as_invalid_with_a_clear_reason() {
     // A TryCall without a call.
     let mut engage = runner.open().await;
     engage
-        .send(client_msg::Body::TryCall(TryCall { call: None }))
+        .send(client_msg::Body::TryCall(Box::new(TryCall { call: None })))
         .await;
     let ack = engage.ack().await;
     assert!(!ack.committed);
