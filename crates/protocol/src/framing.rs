@@ -175,7 +175,7 @@ impl<S> EncodeBody<S> {
     }
 
     /// A client's request body that opens with the `TryCall` of `call`, then the messages
-    /// of `source`. The `TryCall` is encoded straight from the spec (see [`crate::opening`]),
+    /// of `source`. The `TryCall` is encoded straight from the spec (the module `opening`),
     /// with the budget the call has left now.
     ///
     /// # Errors
