@@ -281,6 +281,11 @@ pub fn wire_headers(headers: &HeaderMap) -> Vec<runner::Header> {
         .collect()
 }
 
+/// `d` in whole milliseconds, as the wire's durations and times are (saturating).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// What a call is sent with that depends on the moment it leaves: the budget left and the
 /// deadline on this machine's wall clock, from one reading of the monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +296,6 @@ pub(crate) struct SendTimes {
 
 impl SendTimes {
     pub(crate) fn now(spec: &CallSpec) -> Self {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let left = spec.remaining();
         SendTimes {
             // Rounded up, so that a call with time left is never sent as one without.
@@ -307,7 +311,6 @@ impl SendTimes {
 
 /// The wire `Call` of `spec`, sent at `times`.
 pub(crate) fn wire_call(spec: &CallSpec, times: SendTimes) -> runner::Call {
-    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     runner::Call {
         id: spec.id.clone(),
         app: spec.app.clone(),

@@ -14,7 +14,7 @@
 
 use bytes::BufMut;
 
-use crate::call::{CallSpec, SendTimes};
+use crate::call::{CallSpec, SendTimes, millis};
 
 /// Field numbers of `proto/runner.proto`.
 mod field {
@@ -138,7 +138,6 @@ fn pair_message(s: &mut impl Sink, field: u32, first: &[u8], second: &[u8]) {
 }
 
 fn call(s: &mut impl Sink, spec: &CallSpec, times: SendTimes) {
-    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     text(s, field::ID, spec.id.as_bytes());
     text(s, field::APP, spec.app.as_bytes());
     text(s, field::FUNCTION, spec.function.as_bytes());
