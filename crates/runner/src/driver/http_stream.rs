@@ -121,38 +121,60 @@ pub(crate) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, Drive
 /// `Content-Type` plainly too. Hop-by-hop headers are left out. A valid client
 /// `Content-Length` also frames the `POST /call` (the body is the client's, byte for byte),
 /// so the function sees a length rather than a chunked body.
+///
+/// One pass over the client's values: `HeaderMap::iter` yields a name's values together and
+/// in order, so each name is translated once and no value is looked up again.
 pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     let mut scratch = String::new();
-    for name in client.keys() {
-        if is_hop_by_hop(name.as_str()) {
-            continue;
+    let mut length = OneLength::default();
+    let mut last: Option<&HeaderName> = None;
+    let mut target: Option<HeaderName> = None;
+    for (name, value) in client {
+        if last != Some(name) {
+            last = Some(name);
+            // `None` for hop-by-hop names, and (unreachable for valid names) for a name
+            // that cannot be prefixed: skipping is the safe answer either way.
+            target = if is_hop_by_hop(name.as_str()) {
+                None
+            } else {
+                prefixed(name, &mut scratch)
+            };
         }
-        let Some(prefixed) = prefixed(name, &mut scratch) else {
-            // Unreachable for valid names; skipping is the safe answer anyway.
-            continue;
-        };
-        for value in client.get_all(name) {
-            out.append(prefixed.clone(), value.clone());
+        let Some(target) = &target else { continue };
+        out.append(target.clone(), value.clone());
+        if name == CONTENT_TYPE {
+            out.append(CONTENT_TYPE, value.clone());
+        } else if name == CONTENT_LENGTH {
+            length.see(value);
         }
     }
-    for value in client.get_all(CONTENT_TYPE) {
-        out.append(CONTENT_TYPE, value.clone());
-    }
-    if let Some(length) = valid_length(client) {
+    if let Some(length) = length.valid() {
         out.insert(CONTENT_LENGTH, length);
     }
 }
 
-/// The one `Content-Length` of `headers` when it is a valid length.
-fn valid_length(headers: &HeaderMap) -> Option<HeaderValue> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    let valid = values.next().is_none()
-        && value
-            .to_str()
-            .ok()
-            .is_some_and(|v| v.parse::<u64>().is_ok());
-    valid.then(|| value.clone())
+/// The `Content-Length` of a message whose values are seen one at a time: valid only when
+/// there is exactly one and it is a length.
+#[derive(Default)]
+struct OneLength<'a> {
+    first: Option<&'a HeaderValue>,
+    more: bool,
+}
+
+impl<'a> OneLength<'a> {
+    fn see(&mut self, value: &'a HeaderValue) {
+        if self.first.is_some() {
+            self.more = true;
+        } else {
+            self.first = Some(value);
+        }
+    }
+
+    fn valid(&self) -> Option<HeaderValue> {
+        let value = self.first.filter(|_| !self.more)?;
+        let valid = value.to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
+        valid.then(|| value.clone())
+    }
 }
 
 /// The client's headers from a reply's headers. The reply's own `Content-Length` (its
@@ -161,24 +183,31 @@ fn valid_length(headers: &HeaderMap) -> Option<HeaderValue> {
 /// framing and is dropped.
 pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     let mut client = HeaderMap::new();
-    for name in reply.keys() {
-        let Some(stripped) = name.as_str().strip_prefix(FN_HTTP_H) else {
-            continue;
-        };
-        if is_hop_by_hop(stripped) || stripped == "content-length" {
-            continue;
+    let mut length = OneLength::default();
+    let mut plain_type = false;
+    let mut last: Option<&HeaderName> = None;
+    let mut original: Option<HeaderName> = None;
+    for (name, value) in reply {
+        if last != Some(name) {
+            last = Some(name);
+            original = name
+                .as_str()
+                .strip_prefix(FN_HTTP_H)
+                .filter(|stripped| !is_hop_by_hop(stripped) && *stripped != "content-length")
+                .and_then(|stripped| HeaderName::from_bytes(stripped.as_bytes()).ok());
         }
-        let Ok(original) = HeaderName::from_bytes(stripped.as_bytes()) else {
-            continue;
-        };
-        for value in reply.get_all(name) {
+        if let Some(original) = &original {
             client.append(original.clone(), value.clone());
+        } else if name == CONTENT_LENGTH {
+            length.see(value);
+        } else if name == CONTENT_TYPE {
+            plain_type = true;
         }
     }
-    if let Some(length) = valid_length(reply) {
+    if let Some(length) = length.valid() {
         client.insert(CONTENT_LENGTH, length);
     }
-    if !client.contains_key(CONTENT_TYPE) {
+    if plain_type && !client.contains_key(CONTENT_TYPE) {
         for value in reply.get_all(CONTENT_TYPE) {
             client.append(CONTENT_TYPE, value.clone());
         }
@@ -270,6 +299,23 @@ mod tests {
         assert_eq!(values(&headers, "content-length"), ["11"]);
         assert_eq!(values(&headers, "fn-http-h-content-length"), ["11"]);
         assert!(!headers.contains_key("fn-http-h-connection"));
+    }
+
+    #[test]
+    fn only_one_valid_client_length_frames_the_call() {
+        let framing = |pairs: &[(&str, &str)]| {
+            let mut out = HeaderMap::new();
+            client_to_fn(&map(pairs), &mut out);
+            let prefixed = values(&out, "fn-http-h-content-length").len();
+            (values(&out, "content-length").join(","), prefixed)
+        };
+        assert_eq!(framing(&[("content-length", "7")]), ("7".into(), 1));
+        assert_eq!(
+            framing(&[("content-length", "7"), ("content-length", "7")]),
+            (String::new(), 2)
+        );
+        assert_eq!(framing(&[("content-length", "seven")]), (String::new(), 1));
+        assert_eq!(framing(&[("x-other", "7")]), (String::new(), 0));
     }
 
     #[test]
