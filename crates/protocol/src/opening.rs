@@ -69,6 +69,11 @@ trait Sink {
     fn open(&mut self, field: u32, len: usize);
     fn bytes(&mut self, bytes: &[u8]);
     fn varint(&mut self, field: u32, value: u64);
+    /// A sub-message of `len` bytes behind its key and length; `visit` visits its fields.
+    fn message(&mut self, field: u32, len: usize, visit: impl FnOnce(&mut Self)) {
+        self.open(field, len);
+        visit(self);
+    }
 }
 
 /// Counts the bytes a visit would write.
@@ -84,6 +89,11 @@ impl Sink for Measure {
     }
     fn varint(&mut self, field: u32, value: u64) {
         self.0 += varint_len(key(field, WIRE_VARINT)) + varint_len(value);
+    }
+    fn message(&mut self, field: u32, len: usize, _: impl FnOnce(&mut Self)) {
+        // Its length is already known: no second visit.
+        self.open(field, len);
+        self.0 += len;
     }
 }
 
@@ -129,12 +139,12 @@ fn pair(s: &mut impl Sink, first: &[u8], second: &[u8]) {
     text(s, field::SECOND, second);
 }
 
-/// A sub-message of two length-delimited fields, behind its key and length.
-fn pair_message(s: &mut impl Sink, field: u32, first: &[u8], second: &[u8]) {
+/// A sub-message of two length-delimited fields, behind its key and length: measured once,
+/// then visited only to be written.
+fn pair_message<S: Sink>(s: &mut S, field: u32, first: &[u8], second: &[u8]) {
     let mut len = Measure::default();
     pair(&mut len, first, second);
-    s.open(field, len.0);
-    pair(s, first, second);
+    s.message(field, len.0, |s| pair(s, first, second));
 }
 
 fn call(s: &mut impl Sink, spec: &CallSpec, times: SendTimes) {
