@@ -13,6 +13,8 @@
 #   make bench-docker  the docker driver beside the process driver: cold start, hot calls
 #   make bench-compare dist build, then the same function called directly, through nginx
 #                     and through lb-agent -> pure-runner, side by side with oha (BENCH_ARGS=...)
+#   make bench-ab AB_ARGS='--bin-dir BEFORE --bin-dir AFTER'   two builds' lb paths in one run,
+#                     rounds alternating next to nginx: before/after a performance change
 
 CARGO       ?= cargo
 PYTHON      ?= python3
@@ -22,7 +24,7 @@ FN_TEST_PYTHONPATH ?= /opt/fn-test-python
 export FN_TEST_PYTHONPATH
 
 .PHONY: all build lint fmt test test-unit test-system test-deps demo certs certs-rotate certs-rollover images clean \
-        test-compose test-docker-driver test-swarm stack-up stack-down test-docker-if-engine bench-docker bench load bench-compare bench-instructions
+        test-compose test-docker-driver test-swarm stack-up stack-down test-docker-if-engine bench-docker bench load bench-compare bench-instructions bench-ab
 
 all: build
 
@@ -104,6 +106,18 @@ INSTR_ARGS ?=
 bench-instructions:
 	$(CARGO) build --profile $(BENCH_PROFILE) --workspace --bins
 	$(PYTHON) system-tests/bench_instructions.py $(if $(findstring --bin-dir,$(INSTR_ARGS)),,--bin-dir target/$(BENCH_PROFILE)) $(INSTR_ARGS)
+
+# Builds of lb-agent and pure-runner side by side in one run: each build its own stack, their
+# rounds alternating (A B, B A, ...) next to an nginx round each, and each build's RPS and CPU
+# per call as a ratio to the first build's in the same round, with the spread over the rounds.
+# Copy each build's target/dist binaries to a directory of its own and name them, e.g.
+# make bench-ab AB_ARGS='--bin-dir /tmp/before --bin-dir /tmp/after'; the same directory
+# twice gives this machine's spread for a build against itself. AB_ARGS='--help' lists the
+# flags. About 2 minutes with the defaults and two builds.
+AB_ARGS ?=
+
+bench-ab:
+	$(PYTHON) system-tests/bench_ab.py $(AB_ARGS)
 
 certs:
 	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
