@@ -60,15 +60,16 @@ pub async fn bind(
 /// Runs a daemon's `main` future on a runtime with `FN_WORKER_THREADS` worker threads (the
 /// CPUs available when unset) and returns its exit status; 1 when the runtime cannot be
 /// built.
+///
+/// With one thread the runtime is tokio's current-thread one: the daemon's own thread runs
+/// every task, where a multi-thread runtime of one worker keeps a second thread for them and
+/// pays for a scheduler built to share work between threads (a LIFO slot, an injection
+/// queue, idle and search bookkeeping) on every wake-up.
 pub fn run_daemon(
     common: &config::CommonArgs,
     daemon: impl std::future::Future<Output = ExitCode>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(threads) = common.worker_threads {
-        builder.worker_threads(threads.get());
-    }
+    let mut builder = runtime_builder(common.worker_threads);
     match builder.build() {
         Ok(runtime) => runtime.block_on(daemon),
         Err(e) => {
@@ -76,6 +77,22 @@ pub fn run_daemon(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime for `FN_WORKER_THREADS`: current-thread for 1, else multi-thread with that
+/// many workers (the CPUs available when unset).
+fn runtime_builder(threads: Option<std::num::NonZeroUsize>) -> tokio::runtime::Builder {
+    let mut builder = match threads {
+        Some(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.get());
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
+    builder
 }
 
 /// The process exit status for how a daemon ended: 0 after a clean shutdown, 1 (with the
@@ -88,5 +105,51 @@ pub fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_builder;
+    use std::num::NonZeroUsize;
+    use tokio::runtime::RuntimeFlavor;
+
+    fn built(threads: Option<usize>) -> tokio::runtime::Runtime {
+        runtime_builder(threads.and_then(NonZeroUsize::new))
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn one_worker_thread_is_the_daemon_s_own_thread() {
+        let runtime = built(Some(1));
+        assert_eq!(
+            runtime.handle().runtime_flavor(),
+            RuntimeFlavor::CurrentThread
+        );
+        // Timers and I/O are enabled as on the multi-thread runtime.
+        let slept = runtime.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.is_ok()
+        });
+        assert!(slept);
+        // A spawned task runs on the thread that runs the daemon.
+        let here = std::thread::current().id();
+        let there = runtime
+            .block_on(async { tokio::spawn(async { std::thread::current().id() }).await })
+            .expect("task");
+        assert_eq!(here, there);
+    }
+
+    #[test]
+    fn more_threads_or_none_given_make_a_multi_thread_runtime() {
+        let two = built(Some(2));
+        assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(two.metrics().num_workers(), 2);
+        let default = built(None);
+        assert_eq!(
+            default.handle().runtime_flavor(),
+            RuntimeFlavor::MultiThread
+        );
     }
 }
