@@ -285,12 +285,7 @@ def main(argv: list[str]) -> int:
     out: list[str] = []
     p = out.append
     p("== bench-ab: builds of lb-agent -> pure-runner side by side, next to nginx ==")
-    p(f"command      {command}")
-    p(f"machine      {facts['nproc']} CPUs ({facts['cpu_model']}), {facts['memory']}, "
-      f"kernel {facts['kernel']}")
-    la = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
-    p(f"load average {la(facts['loadavg_start'])} at start, {la(load_end)} at end "
-      f"(run took {elapsed:.0f} s)")
+    out.extend(bc.run_facts(command, facts, load_end, elapsed))
     p(f"tools        {oha.version}; nginx from {nginx}")
     for s in stacks:
         p(f"build {s.label}      {s.bench.bin} ({bc.bin_facts(s.bench.bin)})")

@@ -1108,6 +1108,18 @@ def machine_facts() -> dict:
     }
 
 
+def run_facts(command: str, facts: dict, load_end: tuple, elapsed: float) -> list[str]:
+    """A report's first lines: the command, the machine, its load (bench_ab.py's too)."""
+    la = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
+    return [
+        f"command      {command}",
+        f"machine      {facts['nproc']} CPUs ({facts['cpu_model']}), {facts['memory']}, "
+        f"kernel {facts['kernel']}",
+        f"load average {la(facts['loadavg_start'])} at start, {la(load_end)} at end "
+        f"(run took {elapsed:.0f} s; the load generator shares the same CPUs)",
+    ]
+
+
 def git_facts() -> str:
     head = run_quiet(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
     dirty = run_quiet(["git", "-C", str(REPO), "status", "--porcelain", "--", "crates", "bins",
@@ -1216,12 +1228,7 @@ def main(argv: list[str]) -> int:
     out = []
     p = out.append
     p("== bench-compare: direct fn vs nginx vs lb-agent -> pure-runner ==")
-    p(f"command      {command}")
-    p(f"machine      {facts['nproc']} CPUs ({facts['cpu_model']}), {facts['memory']}, "
-      f"kernel {facts['kernel']}")
-    la = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
-    p(f"load average {la(facts['loadavg_start'])} at start, {la(load_end)} at end "
-      f"(run took {elapsed:.0f} s; the load generator shares the same CPUs)")
+    out.extend(run_facts(command, facts, load_end, elapsed))
     p(f"tools        {oha.version}; nginx {nginx_version}; "
       f"{strace_version or 'strace: not used'}")
     p(f"binaries     {args.bin_dir} ({bin_facts(args.bin_dir)}); git {git_facts()}")
