@@ -19,6 +19,12 @@ the same directory twice to see this machine's spread for a build against itself
 
 The direct path and nginx use the first build's fn-echo and fn-hello; each lb stack runs
 its own build's functions.
+
+`--together` adds a path to every round of the echo rows: all the stacks at once, each
+taking an equal share of the concurrency from a load generator of its own, their RPS summed.
+Given one build several times, it measures what one lb-agent and one pure-runner leave of
+the machine unused: N independent single-threaded pairs against one pair at the same total
+concurrency (a diagnostic of the design, not a deployment shape).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import signal
 import statistics
 import string
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the catalog's `concurrency` behind every lb stack (default 1)")
     p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
                    help="FN_PLACER of every lb-agent (default: the lb-agent's default)")
+    p.add_argument("--together", action="store_true",
+                   help="also run every stack at once in each round of the echo rows whose "
+                        "concurrency splits evenly over them, each at an equal share, RPS "
+                        "summed (see above)")
     p.add_argument("--json-out", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--keep-tmp", action="store_true",
                    help="keep the temp directories (logs, configs)")
@@ -84,7 +95,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--body-size and --big-mib must be >= 0")
     if args.worker_threads < 1:
         p.error("--worker-threads must be >= 1")
+    if args.together and not any(splits(c, len(args.bin_dir)) for c in args.concurrency):
+        p.error(f"--together splits a concurrency evenly over the {len(args.bin_dir)} stacks: "
+                "give at least one concurrency that is a multiple of that")
     return args
+
+
+def splits(concurrency: int, stacks: int) -> bool:
+    """Whether --together can give each of `stacks` an equal share of `concurrency`."""
+    return concurrency % stacks == 0
 
 
 def order_of(builds: list[str], round_index: int) -> list[str]:
@@ -139,9 +158,57 @@ class Stack:
         return bc.Target("lb", f"http://127.0.0.1:{self.bench.lb_port}/r/bench/{fn}")
 
 
+def together_round(stacks: list[Stack], fn: str, concurrency: int, body: Path,
+                   duration: float) -> bc.RoundResult:
+    """Every stack at once, each at its share of `concurrency` from its own oha; one result
+    with the RPS and calls summed and CPU per call weighted by each stack's calls (no
+    latency percentiles: separate runs' cannot be merged)."""
+    share = concurrency // len(stacks)
+    results: list[bc.RoundResult | None] = [None] * len(stacks)
+    failures: list[BaseException] = []
+
+    def run(i: int, stack: Stack) -> None:
+        try:
+            results[i] = stack.bench.measured_round(stack.lb_target(fn), fn, share, body,
+                                                    duration)
+        except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(stacks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    done = [r for r in results if r is not None]
+    ok = sum(r.ok for r in done)
+
+    def per_call(key: str) -> float | None:
+        parts = [(r.cpu_us_per_call.get(key), r.ok) for r in done]
+        if not ok or any(v is None for v, _ in parts):
+            return None
+        return sum(v * n for v, n in parts) / ok
+
+    kinds: dict = {}
+    for r in done:
+        for k, v in r.error_kinds.items():
+            kinds[k] = kinds.get(k, 0) + v
+    idle = [r.idle_share for r in done if r.idle_share is not None]
+    return bc.RoundResult(
+        path="together", concurrency=concurrency, ok=ok, non2xx=sum(r.non2xx for r in done),
+        errors=sum(r.errors for r in done), error_kinds=kinds,
+        seconds=max(r.seconds for r in done), rps=sum(r.rps for r in done), p50_ms=None,
+        p99_ms=None, resp_bytes=done[0].resp_bytes,
+        cpu_us_per_call={k: per_call(k) for k in done[0].cpu_us_per_call},
+        idle_share=statistics.mean(idle) if idle else None)
+
+
 def run_rows(stacks: list[Stack], socks: dict, fn: str, concurrency: int, body: Path,
-             args: argparse.Namespace, label: str) -> dict[str, list[bc.RoundResult]]:
-    """Warm-up, then `args.rounds` rounds of nginx and every build; results by path/label."""
+             args: argparse.Namespace, label: str,
+             together: bool = False) -> dict[str, list[bc.RoundResult]]:
+    """Warm-up, then `args.rounds` rounds of nginx and every build (and all builds at once,
+    when `together`); results by path/label."""
     base = stacks[0].bench
     nginx = base.targets(fn, socks)["nginx"]
     by_label = {s.label: s for s in stacks}
@@ -152,6 +219,8 @@ def run_rows(stacks: list[Stack], socks: dict, fn: str, concurrency: int, body: 
         if w.failed:
             bc.log(f"  warm-up {name}: {w.failed} failed calls {w.error_kinds}")
     results: dict[str, list[bc.RoundResult]] = {"nginx": [], **{s.label: [] for s in stacks}}
+    if together:
+        results["together"] = []
     for r in range(args.rounds):
         order = order_of([s.label for s in stacks], r)
         bc.log(f"{label} c={concurrency}: round {r + 1}/{args.rounds} (nginx, {', '.join(order)})")
@@ -161,6 +230,10 @@ def run_rows(stacks: list[Stack], socks: dict, fn: str, concurrency: int, body: 
             bc.log(f"  ({name} = {stack.bench.bin})")
             results[name].append(stack.bench.measured_round(stack.lb_target(fn), fn, concurrency,
                                                             body, args.duration))
+        if together:
+            bc.log(f"  (all {len(stacks)} stacks at once, c={concurrency // len(stacks)} each)")
+            results["together"].append(together_round(stacks, fn, concurrency, body,
+                                                      args.duration))
     return results
 
 
@@ -220,7 +293,34 @@ def report_rows(p, title: str, results: dict[str, list[bc.RoundResult]], labels:
       "faster; a median inside the other builds' spread, or inside a build's spread against "
       "itself, is not a difference)")
     p("")
+    if "together" in results:
+        figures["together"] = report_together(p, results, labels)
     return figures
+
+
+def report_together(p, results: dict[str, list[bc.RoundResult]], labels: list[str]) -> dict:
+    """The --together rows: all stacks at once against the first alone, round by round."""
+    together, base, nginx = results["together"], results[labels[0]], results["nginx"]
+    n = len(labels)
+    rows = [[str(i + 1), bc.fmt_num(t.rps, 1), bc.fmt_num(a.rps, 1),
+             bc.fmt_num(t.rps / a.rps if a.rps else None, 3),
+             bc.fmt_num(100 * t.idle_share if t.idle_share is not None else None, 1),
+             bc.fmt_num(100 * a.idle_share if a.idle_share is not None else None, 1),
+             str(t.failed)]
+            for i, (t, a) in enumerate(zip(together, base))]
+    p(f"All {n} stacks at once (each at 1/{n} of the concurrency) against {labels[0]} alone")
+    p(bc.table(["round", "together RPS", f"{labels[0]} RPS", f"together/{labels[0]}",
+                "idle % together", f"idle % {labels[0]}", "failed"], rows,
+               right=set(range(7))))
+    rps = ratio_stats(paired(together, base, lambda r: r.rps))
+    cpu = ratio_stats(paired(together, base, both_cpu))
+    lb_nginx = ratio_stats(paired(together, nginx, lambda r: r.rps))
+    more = sum(1 for x in paired(together, base, lambda r: r.rps) if x > 1)
+    p(f"  together/{labels[0]} RPS {fmt_stats(rps)}, {more} of {len(together)} rounds more; "
+      f"together/nginx {fmt_stats(lb_nginx)}; both daemons' CPU per call together/"
+      f"{labels[0]} {fmt_stats(cpu)}")
+    p("")
+    return {"rps": rps, "cpu_both": cpu, "over_nginx": lb_nginx, "rounds_more": more}
 
 
 def main(argv: list[str]) -> int:
@@ -263,7 +363,8 @@ def main(argv: list[str]) -> int:
             bc.log(f"lb stack {s.label}: {s.bench.bin}")
             s.bench.start_lb()
 
-        echo = {c: run_rows(stacks, socks, "echo", c, body, args, "echo")
+        echo = {c: run_rows(stacks, socks, "echo", c, body, args, "echo",
+                            args.together and splits(c, len(stacks)))
                 for c in args.concurrency}
         big_rows = (run_rows(stacks, socks, "hello", bc.BIG_CONCURRENCY, big, args,
                              f"big {args.big_mib:g} MiB via fn-hello") if args.big_mib else None)
@@ -294,7 +395,10 @@ def main(argv: list[str]) -> int:
       f"{args.duration:g} s per path: nginx, then the builds, their order reversed every other "
       f"round. FN_WORKER_THREADS={args.worker_threads}, catalog concurrency "
       f"{args.fn_concurrency}, mutual TLS, placer {args.placer or 'default'}; every lb stack "
-      "has its own runner and function instances.")
+      "has its own runner and function instances." + (
+          f" --together: every round of an echo row whose concurrency splits evenly ends "
+          f"with all {len(stacks)} stacks at once, each at an equal share of it."
+          if args.together else ""))
     p("")
     figures = {}
     for c, results in echo.items():
