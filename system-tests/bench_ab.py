@@ -147,6 +147,7 @@ class Stack:
         self.label = label
         bench_args = bc.parse_args([
             "--bin-dir", str(bin_dir), "--no-strace", "--big-mib", "0",
+            "--concurrency", ",".join(str(c) for c in args.concurrency),
             "--worker-threads", str(args.worker_threads),
             "--fn-concurrency", str(args.fn_concurrency),
             "--duration", f"{args.duration}s", "--warmup", f"{args.warmup}s",

@@ -53,6 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FAR_DEADLINE = "2099-12-31T23:59:59.000Z"
 BIG_CONCURRENCY = 8
+# The catalog's memory_mb for the bench functions, and the least FN_MAX_MEMORY_MB of a runner.
+FN_MEMORY_MB = 64
+MIN_RUNNER_MEMORY_MB = 8192
 # Paths served by the nginx this script starts (one process group for CPU figures).
 NGINX_PATHS = ("nginx", "nginx2", "nginx2p")
 # The two-hop nginx paths, compared with one hop and with the lb path.
@@ -792,7 +795,7 @@ http {{
             "FN_LISTEN_ADDR": "127.0.0.1",
             "FN_FUNCTIONS_DIR": str(functions),
             "FN_SOCKET_DIR": str(sockets),
-            "FN_MAX_MEMORY_MB": "8192",
+            "FN_MAX_MEMORY_MB": str(self.runner_memory_mb()),
             "FN_LOG_LEVEL": "warn",
             "FN_SHUTDOWN_TIMEOUT": "3s",
             **self.threads_env(),
@@ -806,7 +809,7 @@ app = "bench"
 name = "{name}"
 route = "/{name}"
 command = ["fn-{name}"]
-memory_mb = 64
+memory_mb = {FN_MEMORY_MB}
 concurrency = {self.args.fn_concurrency}
 timeout = "60s"
 idle_timeout = "30m"
@@ -851,6 +854,13 @@ idle_timeout = "30m"
         wait_for("a first successful call through lb-agent (hello)",
                  first_call("hello", b"Ada", lambda d: d == b"Hello, Ada!\n"), 30 * self.slow, lb,
                  self.logs / "lb-agent.log")
+
+    def runner_memory_mb(self) -> int:
+        """Room for an instance per call at the largest concurrency and in the big row, so
+        that no row's calls wait for a runner with room (8192 MB held 128 one-call
+        instances, so a c=256 row measured waiting, not the call path)."""
+        return max(MIN_RUNNER_MEMORY_MB,
+                   FN_MEMORY_MB * (max(self.args.concurrency) + BIG_CONCURRENCY))
 
     def threads_env(self) -> dict[str, str]:
         if self.args.worker_threads is None:
