@@ -194,11 +194,14 @@ impl Daemon {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("FN_LOG_LEVEL", "info");
-        // The daemons' runtime follows the test run's `FN_WORKER_THREADS` when it is set
-        // (`FN_WORKER_THREADS=1 make test-system` runs them on the current-thread runtime
-        // the compose stack uses); a test's own setting wins.
-        if let Some(threads) = std::env::var_os("FN_WORKER_THREADS") {
-            cmd.env("FN_WORKER_THREADS", threads);
+        // The daemons' runtime follows the test run's `FN_WORKER_THREADS` and `FN_SHARDS`
+        // when set (`FN_WORKER_THREADS=1 make test-system` runs them on the current-thread
+        // runtime the compose stack uses, `FN_SHARDS=2` on two shards); a test's own
+        // setting wins.
+        for var in ["FN_WORKER_THREADS", "FN_SHARDS"] {
+            if let Some(value) = std::env::var_os(var) {
+                cmd.env(var, value);
+            }
         }
         cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())

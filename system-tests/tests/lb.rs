@@ -671,3 +671,112 @@ async fn warm_placer_uses_the_runners_reports_and_never_asks_a_full_runner() -> 
     );
     Ok(())
 }
+
+/// The voluntary context switches of `pid`'s thread named `name`, if it has one: each is
+/// the thread going to sleep for work, so a thread that served calls has many.
+fn thread_switches(pid: u32, name: &str) -> anyhow::Result<Option<u64>> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        if std::fs::read_to_string(dir.join("comm"))?.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status"))?;
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .context("no voluntary_ctxt_switches")?
+            .trim()
+            .parse()?;
+        return Ok(Some(switches));
+    }
+    Ok(None)
+}
+
+/// `FN_SHARDS=2` on the lb-agent and the runner: each has a second shard thread, calls on
+/// many client connections all succeed byte for byte with both shards of both daemons
+/// serving some of them, and SIGTERM still drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_shards_in_each_daemon_serve_calls_on_both() -> anyhow::Result<()> {
+    let sharded = vec![
+        ("FN_SHARDS".to_owned(), "2".to_owned()),
+        ("FN_WORKER_THREADS".to_owned(), "1".to_owned()),
+    ];
+    let mut cluster = Cluster::start(Setup {
+        runners: 1,
+        runner_memory_mb: 4096,
+        placer: "naive".into(),
+        catalog: ECHO.into(),
+        lb_env: sharded.clone(),
+        runner_env: sharded,
+        ..Setup::default()
+    })
+    .await?;
+    let lb_pid = cluster.lb.pid().context("lb-agent pid")?;
+    let runner_pid = cluster.runners[0].pid().context("runner pid")?;
+    let before = (
+        thread_switches(lb_pid, "fn-shard-1")?.context("no fn-shard-1 thread in the lb-agent")?,
+        thread_switches(runner_pid, "fn-shard-1")?.context("no fn-shard-1 thread in the runner")?,
+    );
+    ensure!(
+        thread_switches(lb_pid, "fn-shard-2")?.is_none(),
+        "a third shard"
+    );
+
+    // Rounds of concurrent calls: the client opens several connections, which the lb-agent
+    // hands to its shards in turn; each lb shard dials the runner, whose shards take them
+    // in turn.
+    for round in 0..4u32 {
+        let calls = (0..32u32).map(|i| {
+            let body = pattern(4096 + i as usize, round * 100 + i);
+            let http = cluster.http.clone();
+            tokio::spawn(async move {
+                let reply = http::request(
+                    &http,
+                    Method::POST,
+                    "/r/demo/echo",
+                    &[],
+                    Bytes::from(body.clone()),
+                )
+                .await?;
+                ensure!(
+                    reply.status == 200,
+                    "call {round}/{i}: {} {}",
+                    reply.status,
+                    reply.text()
+                );
+                ensure!(reply.body[..] == body[..], "call {round}/{i}: echo differs");
+                Ok::<_, anyhow::Error>(())
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            if let Err(e) = call? {
+                bail!("{e:#}\n{}", cluster.logs());
+            }
+        }
+    }
+    let after = (
+        thread_switches(lb_pid, "fn-shard-1")?.context("lb-agent's fn-shard-1 gone")?,
+        thread_switches(runner_pid, "fn-shard-1")?.context("runner's fn-shard-1 gone")?,
+    );
+    // An idle shard sleeps once; one that served calls sleeps at least once per call it
+    // saw arrive.
+    ensure!(
+        after.0 >= before.0 + 10 && after.1 >= before.1 + 10,
+        "a second shard did not serve calls: lb-agent {before:?} -> {after:?} (lb, runner)"
+    );
+
+    cluster.lb.signal(Signal::SIGTERM)?;
+    let status = cluster.lb.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(
+        status.success(),
+        "lb-agent exited with {status}\n{}",
+        cluster.logs()
+    );
+    let status = cluster.stop_runner(0, Duration::from_secs(20)).await?;
+    ensure!(
+        status.success(),
+        "runner exited with {status}\n{}",
+        cluster.logs()
+    );
+    Ok(())
+}

@@ -257,7 +257,14 @@ async fn daemon(cli: Cli) -> ExitCode {
     let mut services = Services::new(CancellationToken::new())
         .with_health(health.clone())
         .with_drain_delay(cli.drain_delay);
-    services.spawn("http", move |cancel| front.serve(listener, cancel));
+    let shards = match fn_lifecycle::shards::Shards::start(cli.common.shards.into()) {
+        Ok(shards) => Arc::new(shards),
+        Err(e) => exit_config_error(format!("FN_SHARDS: cannot start a shard: {e}")),
+    };
+    let http_shards = Arc::clone(&shards);
+    services.spawn("http", move |cancel| {
+        front.serve_sharded(listener, Some(http_shards), cancel)
+    });
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
     }
@@ -278,7 +285,10 @@ async fn daemon(cli: Cli) -> ExitCode {
     health.set_serving().await;
     tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), max_connections, "lb-agent serving");
 
-    fn_lifecycle::exit_status(services.run(shutdown, cli.common.shutdown_timeout).await)
+    let result = services.run(shutdown, cli.common.shutdown_timeout).await;
+    // The shards stop once every service has: connections on them drained first.
+    drop(shards);
+    fn_lifecycle::exit_status(result)
 }
 
 /// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.

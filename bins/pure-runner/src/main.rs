@@ -18,6 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
+use fn_lifecycle::shards::Shards;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::docker::{
     ContainerUser, DockerDriver, DockerDriverConfig, DockerMetrics, PullPolicy,
@@ -198,7 +199,11 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let incoming = match fn_tls::grpc_incoming(&tls, listener) {
+    let shards = match Shards::start(cli.common.shards.into()) {
+        Ok(shards) => Arc::new(shards),
+        Err(e) => exit_config_error(format!("FN_SHARDS: cannot start a shard: {e}")),
+    };
+    let incoming = match fn_tls::grpc_incoming_sharded(&tls, listener, Some(Arc::clone(&shards))) {
         Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
@@ -210,11 +215,29 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
 
     let mut services = Services::new(CancellationToken::new()).with_health(health.clone());
     // On shutdown: refuse new calls as draining, let calls in flight finish, then stop.
-    services.spawn("grpc", move |cancel| {
-        router.serve_with_incoming_shutdown(incoming, async move {
-            cancel.cancelled().await;
-            runner.drain().await;
-        })
+    // A server per shard, each on its shard's thread. On shutdown: refuse new calls as
+    // draining, let calls in flight finish (one drain for all), then stop every server.
+    let grpc_shards = Arc::clone(&shards);
+    services.spawn("grpc", move |cancel| async move {
+        let drained = CancellationToken::new();
+        let mut servers = tokio::task::JoinSet::new();
+        for (shard, incoming) in incoming.into_iter().enumerate() {
+            let drained = drained.clone();
+            let serve = router
+                .clone()
+                .serve_with_incoming_shutdown(incoming, drained.cancelled_owned());
+            servers.spawn_on(serve, grpc_shards.handle(shard));
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            Some(ended) = servers.join_next() => return server_ended(ended, false),
+        }
+        runner.drain().await;
+        drained.cancel();
+        while let Some(ended) = servers.join_next().await {
+            server_ended(ended, true)?;
+        }
+        Ok(())
     });
     if let Some(metrics) = metrics {
         services.spawn("metrics", move |cancel| metrics.serve(cancel));
@@ -242,6 +265,8 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     {
         tracing::warn!(bound = ?INSTANCE_CLEANUP_BOUND, "function instances not cleaned up in time");
     }
+    // Only now: instances started by calls on other shards were cleaned up by their tasks.
+    drop(shards);
     fn_lifecycle::exit_status(result)
 }
 
@@ -347,6 +372,22 @@ async fn isolation(cli: &Cli, users: &FunctionUsers) -> Result<Option<Isolation>
         Err(e) => unavailable(format!(
             "cannot run {}: {e} (set FN_ISOLATE_BINARY)",
             helper.display()
+        )),
+    }
+}
+
+/// What a shard's gRPC server ending means: nothing after shutdown when it ended cleanly,
+/// an error otherwise (its own, a panic, or ending before shutdown was asked for).
+fn server_ended(
+    ended: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+    shutting_down: bool,
+) -> Result<(), String> {
+    match ended {
+        Ok(Ok(())) if shutting_down => Ok(()),
+        Ok(Ok(())) => Err("the gRPC server stopped before shutdown".to_owned()),
+        Ok(Err(e)) => Err(format!("the gRPC server failed: {e}")),
+        Err(e) => Err(format!(
+            "a shard's gRPC server panicked or was cancelled: {e}"
         )),
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fn_lifecycle::Health;
+use fn_lifecycle::shards::Shards;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -213,6 +214,23 @@ impl Front {
         listener: TcpListener,
         cancel: CancellationToken,
     ) -> Result<(), Infallible> {
+        self.serve_sharded(listener, None, cancel).await
+    }
+
+    /// [`Front::serve`], each connection served by one of `shards`, the one with the fewest
+    /// open (`FN_SHARDS`):
+    /// its socket moves to that shard's runtime, so the connection, its calls and the runner
+    /// connections they use stay on that shard's thread. The accept loop runs where this
+    /// future runs. `None` (or one shard) serves every connection here.
+    ///
+    /// # Errors
+    /// Never: accept errors are logged and retried.
+    pub async fn serve_sharded(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shards: Option<Arc<Shards>>,
+        cancel: CancellationToken,
+    ) -> Result<(), Infallible> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -277,22 +295,41 @@ impl Front {
                     Ok::<_, Infallible>(response.map(|body| Guarded { body, _busy: busy }))
                 }
             });
-            let io = TokioIo::new(ClientIo::new(stream, self.limits.clone()));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            let conn = graceful.watch(conn.into_owned());
-            self.invoker.metrics().connection_opened();
-            let metrics = self.invoker.metrics().clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    ended = conn => if let Err(e) = ended {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    },
-                    () = registered.evicted() => {
-                        tracing::debug!(%peer, "idle connection closed to make room (FN_MAX_CONNECTIONS)");
+            // The shard that serves it, and that shard's runtime when it is not this one.
+            let (shard, elsewhere, load) = match shards.as_deref().map(Shards::assign) {
+                Some((shard, runtime, load)) => {
+                    let here = shard == fn_lifecycle::shards::current();
+                    (shard, (!here).then_some(runtime), Some(load))
+                }
+                None => (0, None, None),
+            };
+            let client = Client {
+                peer,
+                builder: builder.clone(),
+                limits: self.limits.clone(),
+                graceful: graceful.watcher(),
+                registered,
+                metrics: self.invoker.metrics().clone(),
+                load,
+            };
+            match elsewhere {
+                Some(runtime) => {
+                    // Registered with the accepting runtime's driver until moved: its events
+                    // must wake the shard that serves it, not this one.
+                    match stream.into_std() {
+                        Ok(stream) => drop(runtime.spawn(async move {
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => client.serve(stream, service).await,
+                                Err(e) => tracing::debug!(%peer, shard, error = %e, "connection lost moving to its shard"),
+                            }
+                        })),
+                        Err(e) => {
+                            tracing::debug!(%peer, shard, error = %e, "connection lost moving to its shard");
+                        }
                     }
                 }
-                metrics.connection_closed();
-            });
+                None => drop(tokio::spawn(client.serve(stream, service))),
+            }
         }
         self.stopping.store(true, Ordering::Release);
         drop(listener);
@@ -317,6 +354,59 @@ impl Front {
                  refusing new connections (raise FN_MAX_CONNECTIONS and the descriptor limit, or add lb-agents)"
             );
         }
+    }
+}
+
+/// One accepted client connection and what serving it needs, wherever it is served.
+struct Client {
+    peer: std::net::SocketAddr,
+    builder: auto::Builder<TokioExecutor>,
+    limits: ClientLimits,
+    graceful: hyper_util::server::graceful::Watcher,
+    registered: Arc<crate::connections::Registered>,
+    metrics: crate::metrics::LbMetrics,
+    /// Under `FN_SHARDS`: counts the connection on its shard while it is served.
+    load: Option<fn_lifecycle::shards::ShardLoad>,
+}
+
+impl Client {
+    /// Serves the connection until it ends, the server's graceful shutdown has ended it, or
+    /// the connection cap closed it to make room.
+    async fn serve<S>(self, stream: tokio::net::TcpStream, service: S)
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Guarded>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Client {
+            peer,
+            builder,
+            limits,
+            graceful,
+            registered,
+            metrics,
+            load: _load,
+        } = self;
+        let io = TokioIo::new(ClientIo::new(stream, limits));
+        let conn = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned(),
+        );
+        metrics.connection_opened();
+        tokio::select! {
+            ended = conn => if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            () = registered.evicted() => {
+                tracing::debug!(%peer, "idle connection closed to make room (FN_MAX_CONNECTIONS)");
+            }
+        }
+        metrics.connection_closed();
     }
 }
 

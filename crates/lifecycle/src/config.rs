@@ -34,9 +34,33 @@ pub struct CommonArgs {
     /// faster: a call's wake-ups then stay on one thread instead of crossing between cores.
     #[arg(long, env = "FN_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+    /// lb-agent and pure-runner: shards, each a thread with its own runtime, every connection
+    /// served by one of them (see `fn_lifecycle::shards`). Where one thread per daemon
+    /// leaves CPUs idle under many calls at once, one shard per CPU fills them. Each shard
+    /// is one thread, so FN_WORKER_THREADS must then be unset or 1.
+    #[arg(long, env = "FN_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=crate::shards::MAX_SHARDS as i64))]
+    pub shards: u16,
 }
 
 impl CommonArgs {
+    /// The worker threads of the daemon's main runtime: `FN_WORKER_THREADS`, or 1 (a
+    /// current-thread runtime, shard 0) when `FN_SHARDS` is above 1.
+    ///
+    /// # Errors
+    /// When both ask for more than one thread: a shard is one thread.
+    pub fn runtime_threads(&self) -> Result<Option<std::num::NonZeroUsize>, String> {
+        match self.worker_threads {
+            Some(n) if self.shards > 1 && n.get() > 1 => Err(format!(
+                "FN_SHARDS: each of the {} shards is one thread; leave FN_WORKER_THREADS \
+                 unset or set it to 1 (it is {n})",
+                self.shards
+            )),
+            _ if self.shards > 1 => Ok(std::num::NonZeroUsize::new(1)),
+            threads => Ok(threads),
+        }
+    }
+
     /// The socket address for a listener on `port`.
     pub fn listen_on(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.listen_addr, port)
@@ -199,6 +223,33 @@ mod tests {
             panic!("expected an invalid-configuration outcome");
         };
         assert!(line.starts_with("FN_TEST_PORT_XYZ: "), "{line}");
+    }
+
+    #[test]
+    fn shards_are_one_thread_each() {
+        let threads = |args: &[&str]| {
+            let cli: Cli = try_parse_from(args.iter().copied()).expect("valid");
+            cli.common.runtime_threads().map(|t| t.map(|n| n.get()))
+        };
+        assert_eq!(threads(&["x"]), Ok(None));
+        assert_eq!(threads(&["x", "--worker-threads", "3"]), Ok(Some(3)));
+        assert_eq!(threads(&["x", "--shards", "2"]), Ok(Some(1)));
+        assert_eq!(
+            threads(&["x", "--shards", "2", "--worker-threads", "1"]),
+            Ok(Some(1))
+        );
+        let Err(line) = threads(&["x", "--shards", "2", "--worker-threads", "2"]) else {
+            panic!("two threads per shard accepted");
+        };
+        assert!(line.starts_with("FN_SHARDS: "), "{line}");
+        for bad in ["0", "257", "two"] {
+            let Err(ParseOutcome::Invalid(line)) =
+                try_parse_from::<Cli, _, _>(["x", "--shards", bad])
+            else {
+                panic!("FN_SHARDS={bad} accepted");
+            };
+            assert!(line.starts_with("FN_SHARDS: "), "{line}");
+        }
     }
 
     #[test]

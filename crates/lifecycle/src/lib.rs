@@ -15,6 +15,7 @@
 //!   connections for it.
 //! - [`retry`]: [`retry::Backoff`], the growing pause of every retry and poll loop (the one
 //!   place that uses the `backoff` crate).
+//! - [`shards`]: `FN_SHARDS`, a daemon's connections spread over current-thread runtimes.
 //!
 //! Shutdown order, for every daemon: health NOT_SERVING → services see their token cancelled
 //! and stop accepting → in-flight work drains within `FN_SHUTDOWN_TIMEOUT` → exit 0.
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod ports;
 pub mod retry;
 pub mod services;
+pub mod shards;
 pub mod signal;
 
 pub use health::Health;
@@ -69,7 +71,11 @@ pub fn run_daemon(
     common: &config::CommonArgs,
     daemon: impl std::future::Future<Output = ExitCode>,
 ) -> ExitCode {
-    let mut builder = runtime_builder(common.worker_threads);
+    let threads = match common.runtime_threads() {
+        Ok(threads) => threads,
+        Err(e) => config::exit_config_error(e),
+    };
+    let mut builder = runtime_builder(threads);
     match builder.build() {
         Ok(runtime) => runtime.block_on(daemon),
         Err(e) => {

@@ -291,6 +291,7 @@ mod tests {
             shutdown_timeout: Duration::from_secs(1),
             metrics_port: None,
             worker_threads: None,
+            shards: 1,
         };
         assert!(
             listen(&common, Registry::default())

@@ -133,6 +133,9 @@ struct HotInstance {
     uses: u64,
     /// Its eviction priority, set at each call: see the module docs.
     priority: u64,
+    /// The shard whose call started it (`FN_SHARDS`): its first connection lives there, and
+    /// calls on that shard prefer it among equals.
+    shard: usize,
 }
 
 /// Hashes of an [`InstanceSpec`]: a scan of the pool compares these first, so instances of
@@ -247,7 +250,8 @@ impl State {
             shared: None,
             function_uses: 0,
         };
-        let mut best = (false, None);
+        let mut best = (false, false, None);
+        let here = fn_lifecycle::shards::current();
         for (pos, h) in self.hot.iter().enumerate() {
             if h.key.function != key.function {
                 continue;
@@ -263,7 +267,7 @@ impl State {
                 found.function_uses += h.uses;
                 if h.calls < spec.concurrency {
                     // The last of equals, as `Iterator::max_by_key` picks.
-                    let rank = (h.calls > 0, Some(h.last_used));
+                    let rank = (h.calls > 0, h.shard == here, Some(h.last_used));
                     if rank >= best && h.usable() {
                         best = rank;
                         found.join = Some(pos);
@@ -491,6 +495,7 @@ impl Pool {
                         last_used: Instant::now(),
                         uses: 1,
                         priority,
+                        shard: fn_lifecycle::shards::current(),
                     });
                     Ok((id, false))
                 } else {

@@ -7,7 +7,8 @@
 //! some 8,000 instructions per call (callgrind) for a queue the runner never needs: hyper's
 //! own dispatch already queues requests for the connection task. This channel keeps the
 //! rest of what the LB used from tonic's: it dials lazily, redials when the connection has
-//! closed, bounds the dial, and pings the peer as the servers do.
+//! closed, bounds the dial, and pings the peer as the servers do. Under `FN_SHARDS` it keeps
+//! one connection per shard.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,8 +42,10 @@ struct Inner {
     /// The node material under mutual TLS; `None` dials plaintext (`FN_INSECURE`).
     tls: Option<NodeTls>,
     connect_timeout: Duration,
-    /// The connection's request handle while it is open.
-    current: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The connection's request handle while it is open, one connection per shard
+    /// (`FN_SHARDS`; index 0 without shards): each is dialled on, and driven by, the shard
+    /// whose call found none, so a shard's calls never wake another shard's thread.
+    current: Mutex<Vec<Option<http2::SendRequest<Body>>>>,
     /// Held while dialling: calls that find no connection wait for one dial, not each
     /// their own.
     dialling: tokio::sync::Mutex<()>,
@@ -74,7 +77,7 @@ impl DirectChannel {
                 origin,
                 tls: mode.node().cloned(),
                 connect_timeout,
-                current: Mutex::new(None),
+                current: Mutex::new(Vec::new()),
                 dialling: tokio::sync::Mutex::new(()),
             }),
         })
@@ -88,10 +91,14 @@ impl DirectChannel {
 }
 
 impl Inner {
-    /// The open connection's handle, if there is one.
+    /// The calling shard's open connection's handle, if there is one.
     fn open(&self) -> Option<http2::SendRequest<Body>> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
+        current
+            .get(fn_lifecycle::shards::current())
+            .and_then(Option::as_ref)
+            .filter(|s| !s.is_closed())
+            .cloned()
     }
 
     /// A new connection's handle, for a call that found none open: dials unless another
@@ -116,7 +123,14 @@ impl Inner {
                 )));
             }
         };
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+        {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            let shard = fn_lifecycle::shards::current();
+            if current.len() <= shard {
+                current.resize_with(shard + 1, || None);
+            }
+            current[shard] = Some(sender.clone());
+        }
         Ok(sender)
     }
 

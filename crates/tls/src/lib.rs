@@ -30,7 +30,7 @@ pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
 pub use transport::{
     CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, MAX_FRAME_SIZE, STREAM_WINDOW,
-    grpc_endpoint, grpc_incoming, grpc_server, peer_certificate,
+    grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,
 };
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start, before any

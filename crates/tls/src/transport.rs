@@ -5,9 +5,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use fn_lifecycle::shards::{ShardLoad, Shards};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -89,24 +91,53 @@ pub fn grpc_server() -> tonic::transport::Server {
 /// # Errors
 /// When the crypto provider cannot make a server config (not with ring).
 pub fn grpc_incoming(mode: &TlsMode, listener: TcpListener) -> Result<GrpcIncoming, rustls::Error> {
+    let mut incoming = grpc_incoming_sharded(mode, listener, None)?;
+    Ok(incoming.remove(0))
+}
+
+/// [`grpc_incoming`] for a server per shard (`FN_SHARDS`): one stream per shard, in the
+/// shards' order. A connection's socket moves
+/// to its shard's runtime before the TLS handshake, so the handshake, the connection and
+/// the calls on it run on that shard's thread; serve stream `i` on shard `i`. A connection
+/// goes to the shard with the fewest open ([`Shards::assign`]). `None` (or one shard) gives
+/// one stream, served where this is called.
+///
+/// # Errors
+/// When the crypto provider cannot make a server config (not with ring).
+pub fn grpc_incoming_sharded(
+    mode: &TlsMode,
+    listener: TcpListener,
+    shards: Option<Arc<Shards>>,
+) -> Result<Vec<GrpcIncoming>, rustls::Error> {
     let acceptor = match mode {
         TlsMode::Mutual(tls) => Some(TlsAcceptor::from(tls.server_config()?)),
         TlsMode::Insecure => None,
     };
-    let (queue, accepted) = mpsc::channel(ACCEPT_QUEUE);
-    tokio::spawn(accept_loop(listener, acceptor, queue));
-    Ok(GrpcIncoming { accepted })
+    let count = shards.as_ref().map_or(1, |s| s.len());
+    let (queues, incoming) = (0..count)
+        .map(|_| {
+            let (queue, accepted) = mpsc::channel(ACCEPT_QUEUE);
+            (queue, GrpcIncoming { accepted })
+        })
+        .unzip();
+    tokio::spawn(accept_loop(listener, acceptor, queues, shards));
+    Ok(incoming)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<TlsAcceptor>,
-    queue: mpsc::Sender<GrpcConn>,
+    queues: Vec<mpsc::Sender<GrpcConn>>,
+    shards: Option<Arc<Shards>>,
 ) {
-    let refusals = std::sync::Arc::new(RefusalLog::default());
+    let refusals = Arc::new(RefusalLog::default());
+    // Every server stops together (one shutdown): the first one gone ends the loop.
+    let Some(first) = queues.first().cloned() else {
+        return;
+    };
     loop {
         let accepted = tokio::select! {
-            () = queue.closed() => return,
+            () = first.closed() => return,
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
@@ -122,24 +153,75 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "gRPC connection: TCP_NODELAY not set");
         }
-        let Some(acceptor) = acceptor.clone() else {
-            if queue.send(GrpcConn::Plain(Corked::new(tcp))).await.is_err() {
-                return;
+        // The shard that serves it, and its runtime when that is not this one.
+        let (shard, elsewhere, load) = match &shards {
+            Some(shards) => {
+                let (shard, runtime, load) = shards.assign();
+                let here = shard == fn_lifecycle::shards::current();
+                (shard, (!here).then(|| runtime.clone()), Some(load))
             }
+            None => (0, None, None),
+        };
+        let admit = Admit {
+            peer,
+            acceptor: acceptor.clone(),
+            queue: queues[shard].clone(),
+            refusals: Arc::clone(&refusals),
+            load,
+        };
+        let Some(runtime) = elsewhere else {
+            tokio::spawn(admit.run(tcp));
             continue;
         };
-        let queue = queue.clone();
-        let refusals = std::sync::Arc::clone(&refusals);
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(mut tls)) => {
-                    hold_a_frame(tls.get_mut().1);
-                    let _server_gone = queue.send(GrpcConn::Tls(Box::new(Corked::new(tls)))).await;
+        // Registered with this runtime's driver until moved: its events must wake the shard
+        // that serves it.
+        match tcp.into_std() {
+            Ok(tcp) => drop(runtime.spawn(async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => admit.run(tcp).await,
+                    Err(e) => tracing::debug!(%peer, shard, error = %e, "gRPC connection lost moving to its shard"),
                 }
-                Ok(Err(e)) => refusals.log(peer, &e.to_string()),
-                Err(_) => refusals.log(peer, &format!("not finished within {HANDSHAKE_TIMEOUT:?}")),
+            })),
+            Err(e) => tracing::debug!(%peer, shard, error = %e, "gRPC connection lost moving to its shard"),
+        }
+    }
+}
+
+/// An accepted connection on its way to its server: the TLS handshake (under mutual TLS),
+/// then the server's queue.
+struct Admit {
+    peer: std::net::SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    queue: mpsc::Sender<GrpcConn>,
+    refusals: Arc<RefusalLog>,
+    load: Option<ShardLoad>,
+}
+
+impl Admit {
+    async fn run(self, tcp: TcpStream) {
+        let Some(acceptor) = self.acceptor else {
+            let conn = GrpcConn {
+                io: Io::Plain(Corked::new(tcp)),
+                _load: self.load,
+            };
+            let _server_gone = self.queue.send(conn).await;
+            return;
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(mut tls)) => {
+                hold_a_frame(tls.get_mut().1);
+                let conn = GrpcConn {
+                    io: Io::Tls(Box::new(Corked::new(tls))),
+                    _load: self.load,
+                };
+                let _server_gone = self.queue.send(conn).await;
             }
-        });
+            Ok(Err(e)) => self.refusals.log(self.peer, &e.to_string()),
+            Err(_) => self.refusals.log(
+                self.peer,
+                &format!("not finished within {HANDSHAKE_TIMEOUT:?}"),
+            ),
+        }
     }
 }
 
@@ -189,7 +271,14 @@ impl tokio_stream::Stream for GrpcIncoming {
 /// One accepted gRPC connection. Its writes are [`Corked`]: what the server's tasks have
 /// ready at one moment leaves in one write.
 #[derive(Debug)]
-pub enum GrpcConn {
+pub struct GrpcConn {
+    io: Io,
+    /// Under `FN_SHARDS`: counts the connection on its shard while it is open.
+    _load: Option<ShardLoad>,
+}
+
+#[derive(Debug)]
+enum Io {
     /// Plaintext (`FN_INSECURE`).
     Plain(Corked<TcpStream>),
     /// After a successful mutual TLS handshake.
@@ -199,9 +288,9 @@ pub enum GrpcConn {
 impl GrpcConn {
     /// The TCP socket underneath.
     pub fn tcp(&self) -> &TcpStream {
-        match self {
-            GrpcConn::Plain(tcp) => tcp.get_ref(),
-            GrpcConn::Tls(tls) => tls.get_ref().get_ref().0,
+        match &self.io {
+            Io::Plain(tcp) => tcp.get_ref(),
+            Io::Tls(tls) => tls.get_ref().get_ref().0,
         }
     }
 }
@@ -220,9 +309,9 @@ impl AsyncRead for GrpcConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            GrpcConn::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -233,9 +322,9 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            GrpcConn::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            GrpcConn::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -244,30 +333,30 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            GrpcConn::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
-            GrpcConn::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            GrpcConn::Plain(tcp) => tcp.is_write_vectored(),
-            GrpcConn::Tls(tls) => tls.is_write_vectored(),
+        match &self.io {
+            Io::Plain(tcp) => tcp.is_write_vectored(),
+            Io::Tls(tls) => tls.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            GrpcConn::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            GrpcConn::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            GrpcConn::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -128,15 +128,17 @@ impl Liveness {
 }
 
 /// Calls to one instance over its listener socket. An instance that takes one call at a time
-/// keeps one connection; one that takes several keeps up to that many.
+/// keeps one connection; one that takes several keeps up to that many. Under `FN_SHARDS`
+/// each shard keeps its own (a connection is driven by the shard that opened it, and a call
+/// on another would cross threads at every step).
 pub(crate) struct SocketClient {
     socket: PathBuf,
     /// The instance id, for logs.
     instance: Arc<str>,
     liveness: Arc<Liveness>,
-    /// Kept connections; a call takes one out for its round trip to the response head and
-    /// puts it back.
-    conns: std::sync::Mutex<Vec<SendRequest<CallBody>>>,
+    /// Kept connections with the shard each lives on; a call takes one of its shard's out
+    /// for its round trip to the response head and puts it back.
+    conns: std::sync::Mutex<Vec<(usize, SendRequest<CallBody>)>>,
     concurrency: usize,
 }
 
@@ -169,7 +171,7 @@ impl SocketClient {
         &self.socket
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<CallBody>>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<(usize, SendRequest<CallBody>)>> {
         self.conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -180,11 +182,15 @@ impl SocketClient {
     /// that takes several calls opens another connection instead of queueing behind one.
     async fn connection(&self) -> Result<SendRequest<CallBody>, DriverError> {
         let candidate = {
+            let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
-            kept.retain(|sender| !sender.is_closed());
-            match kept.iter().position(SendRequest::is_ready) {
-                Some(pos) => Some(kept.swap_remove(pos)),
-                None if self.concurrency == 1 => kept.pop(),
+            kept.retain(|(_, sender)| !sender.is_closed());
+            match kept.iter().position(|(s, c)| *s == here && c.is_ready()) {
+                Some(pos) => Some(kept.swap_remove(pos).1),
+                None if self.concurrency == 1 => kept
+                    .iter()
+                    .position(|(s, _)| *s == here)
+                    .map(|pos| kept.swap_remove(pos).1),
                 None => None,
             }
         };
@@ -218,9 +224,10 @@ impl SocketClient {
 
     /// Puts a connection back for the next call, unless enough are kept already.
     fn keep(&self, sender: SendRequest<CallBody>) {
+        let here = fn_lifecycle::shards::current();
         let mut kept = self.kept();
-        if kept.len() < self.concurrency {
-            kept.push(sender);
+        if kept.iter().filter(|(s, _)| *s == here).count() < self.concurrency {
+            kept.push((here, sender));
         }
     }
 
