@@ -63,6 +63,46 @@ command = ["fn-hello"]
 memory_mb = 64
 "#;
 
+/// `count` echo calls at once, call `i` with a body of `len + i` bytes from seed `seed + i`:
+/// each must answer 200 with its body back byte for byte. Their `Fn-Call-Id`s, in order.
+async fn concurrent_echoes(
+    cluster: &Cluster,
+    count: u32,
+    len: usize,
+    seed: u32,
+) -> anyhow::Result<Vec<Option<String>>> {
+    let calls = (0..count).map(|i| {
+        let body = pattern(len + i as usize, seed + i);
+        let http = cluster.http.clone();
+        tokio::spawn(async move {
+            let reply = http::request(
+                &http,
+                Method::POST,
+                "/r/demo/echo",
+                &[],
+                Bytes::from(body.clone()),
+            )
+            .await?;
+            ensure!(
+                reply.status == 200,
+                "call {i}: status {} {}",
+                reply.status,
+                reply.text()
+            );
+            ensure!(reply.body[..] == body[..], "call {i}: echo differs");
+            Ok::<_, anyhow::Error>(reply.header("fn-call-id"))
+        })
+    });
+    let mut ids = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        match call? {
+            Ok(id) => ids.push(id),
+            Err(e) => bail!("{e:#}\n{}", cluster.logs()),
+        }
+    }
+    Ok(ids)
+}
+
 /// Deterministic, non-repeating-looking bytes.
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -115,34 +155,9 @@ async fn echo_is_byte_exact_up_to_8_mib_and_50_concurrent_calls_succeed() -> any
         ensure!(reply.header("fn-call-id").is_some());
     }
 
-    let calls = (0..50u32).map(|i| {
-        let body = pattern(10 * 1024 + i as usize, 1000 + i);
-        let http = cluster.http.clone();
-        tokio::spawn(async move {
-            let reply = http::request(
-                &http,
-                Method::POST,
-                "/r/demo/echo",
-                &[],
-                Bytes::from(body.clone()),
-            )
-            .await?;
-            ensure!(
-                reply.status == 200,
-                "call {i}: status {} {}",
-                reply.status,
-                reply.text()
-            );
-            ensure!(reply.body[..] == body[..], "call {i}: echo differs");
-            Ok::<_, anyhow::Error>(reply.header("fn-call-id"))
-        })
-    });
     let mut ids = Vec::new();
-    for call in futures::future::join_all(calls).await {
-        match call? {
-            Ok(id) => ids.push(id.context("no Fn-Call-Id")?),
-            Err(e) => bail!("{e:#}\n{}", cluster.logs()),
-        }
+    for id in concurrent_echoes(&cluster, 50, 10 * 1024, 1000).await? {
+        ids.push(id.context("no Fn-Call-Id")?);
     }
     ids.sort();
     ids.dedup();
@@ -726,33 +741,7 @@ async fn two_shards_in_each_daemon_serve_calls_on_both() -> anyhow::Result<()> {
     // hands to its shards in turn; each lb shard dials the runner, whose shards take them
     // in turn.
     for round in 0..4u32 {
-        let calls = (0..32u32).map(|i| {
-            let body = pattern(4096 + i as usize, round * 100 + i);
-            let http = cluster.http.clone();
-            tokio::spawn(async move {
-                let reply = http::request(
-                    &http,
-                    Method::POST,
-                    "/r/demo/echo",
-                    &[],
-                    Bytes::from(body.clone()),
-                )
-                .await?;
-                ensure!(
-                    reply.status == 200,
-                    "call {round}/{i}: {} {}",
-                    reply.status,
-                    reply.text()
-                );
-                ensure!(reply.body[..] == body[..], "call {round}/{i}: echo differs");
-                Ok::<_, anyhow::Error>(())
-            })
-        });
-        for call in futures::future::join_all(calls).await {
-            if let Err(e) = call? {
-                bail!("{e:#}\n{}", cluster.logs());
-            }
-        }
+        concurrent_echoes(&cluster, 32, 4096, round * 100).await?;
     }
     let after = (
         thread_switches(lb_pid, "fn-shard-1")?.context("lb-agent's fn-shard-1 gone")?,
