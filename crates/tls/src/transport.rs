@@ -96,11 +96,10 @@ pub fn grpc_incoming(mode: &TlsMode, listener: TcpListener) -> Result<GrpcIncomi
 }
 
 /// [`grpc_incoming`] for a server per shard (`FN_SHARDS`): one stream per shard, in the
-/// shards' order. A connection's socket moves
-/// to its shard's runtime before the TLS handshake, so the handshake, the connection and
-/// the calls on it run on that shard's thread; serve stream `i` on shard `i`. A connection
-/// goes to the shard with the fewest open ([`Shards::assign`]). `None` (or one shard) gives
-/// one stream, served where this is called.
+/// shards' order; serve stream `i` on shard `i`. A connection goes to the shard with the
+/// fewest open ([`Shards::assign`]) and its socket moves to that shard's runtime before the
+/// TLS handshake, so the handshake, the connection and the calls on it run on that shard's
+/// thread. `None` (or one shard) gives one stream, served where this is called.
 ///
 /// # Errors
 /// When the crypto provider cannot make a server config (not with ring).
