@@ -25,6 +25,9 @@ taking an equal share of the concurrency from a load generator of its own, their
 Given one build several times, it measures what one lb-agent and one pure-runner leave of
 the machine unused: N independent single-threaded pairs against one pair at the same total
 concurrency (a diagnostic of the design, not a deployment shape).
+
+`--shards 1,2` sets FN_SHARDS per stack, so the same build given twice measures what shards
+change, with no wrapper script around the binaries.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-threads", type=int, default=1,
                    help="FN_WORKER_THREADS of every lb-agent and pure-runner (default 1, as "
                         "the compose stack sets it)")
+    p.add_argument("--shards", type=bc.parse_concurrency, default=[1],
+                   help="FN_SHARDS of the stacks' lb-agent and pure-runner, comma-separated in "
+                        "the order of --bin-dir, or one value for all (default 1); the same "
+                        "build twice with --shards 1,2 measures what shards change")
     p.add_argument("--fn-concurrency", type=int, default=1,
                    help="the catalog's `concurrency` behind every lb stack (default 1)")
     p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
@@ -95,6 +102,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--body-size and --big-mib must be >= 0")
     if args.worker_threads < 1:
         p.error("--worker-threads must be >= 1")
+    if len(args.shards) == 1:
+        args.shards = args.shards * len(args.bin_dir)
+    if len(args.shards) != len(args.bin_dir):
+        p.error(f"--shards gives {len(args.shards)} values for {len(args.bin_dir)} builds: "
+                "give one per --bin-dir, or one for all")
+    if max(args.shards) > 256:
+        p.error("--shards values must be between 1 and 256")
+    if max(args.shards) > 1 and args.worker_threads != 1:
+        p.error("--shards above 1 needs --worker-threads 1 (each shard is one thread)")
     if args.together and not any(splits(c, len(args.bin_dir)) for c in args.concurrency):
         p.error(f"--together splits a concurrency evenly over the {len(args.bin_dir)} stacks: "
                 "give at least one concurrency that is a multiple of that")
@@ -142,13 +158,14 @@ def fmt_stats(s: tuple[float, float, float] | None) -> str:
 class Stack:
     """One build's lb-agent and pure-runner (and, for the first, direct functions and nginx)."""
 
-    def __init__(self, label: str, bin_dir: Path, args: argparse.Namespace, oha: bc.Oha,
-                 nginx: str):
+    def __init__(self, label: str, bin_dir: Path, shards: int, args: argparse.Namespace,
+                 oha: bc.Oha, nginx: str):
         self.label = label
+        self.shards = shards
         bench_args = bc.parse_args([
             "--bin-dir", str(bin_dir), "--no-strace", "--big-mib", "0",
             "--concurrency", ",".join(str(c) for c in args.concurrency),
-            "--worker-threads", str(args.worker_threads),
+            "--worker-threads", str(args.worker_threads), "--shards", str(shards),
             "--fn-concurrency", str(args.fn_concurrency),
             "--duration", f"{args.duration}s", "--warmup", f"{args.warmup}s",
             *(["--placer", args.placer] if args.placer else []),
@@ -338,7 +355,8 @@ def main(argv: list[str]) -> int:
     oha = bc.Oha.detect(bc.find_oha())
     nginx = bc.find_nginx()
     labels = list(LABELS[:len(args.bin_dir)])
-    stacks = [Stack(k, d, args, oha, nginx) for k, d in zip(labels, args.bin_dir)]
+    stacks = [Stack(k, d, n, args, oha, nginx)
+              for k, d, n in zip(labels, args.bin_dir, args.shards)]
     t_start = time.monotonic()
     rss: dict[str, dict[str, int | None]] = {}
     try:
@@ -390,7 +408,8 @@ def main(argv: list[str]) -> int:
     out.extend(bc.run_facts(command, facts, load_end, elapsed))
     p(f"tools        {oha.version}; nginx from {nginx}")
     for s in stacks:
-        p(f"build {s.label}      {s.bench.bin} ({bc.bin_facts(s.bench.bin)})")
+        p(f"build {s.label}      {s.bench.bin} ({bc.bin_facts(s.bench.bin)}), "
+          f"FN_SHARDS={s.shards}")
     p(f"method       echo rows: POST of {args.body_size} random bytes to fn-echo; per "
       f"concurrency {args.warmup:g} s warm-up per path, then {args.rounds} rounds of "
       f"{args.duration:g} s per path: nginx, then the builds, their order reversed every other "
@@ -418,6 +437,7 @@ def main(argv: list[str]) -> int:
         args.json_out.write_text(json.dumps({
             "command": command, "machine": facts, "elapsed_s": elapsed,
             "builds": {s.label: str(s.bench.bin) for s in stacks},
+            "shards": {s.label: s.shards for s in stacks},
             "figures": figures, "peak_rss_kib": rss,
             "rounds": {f"echo c={c}": {k: [r.__dict__ for r in v] for k, v in res.items()}
                        for c, res in echo.items()},

@@ -117,6 +117,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-threads", type=int, default=None,
                    help="FN_WORKER_THREADS of lb-agent and pure-runner (default: unset, so each "
                         "uses all CPUs)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="FN_SHARDS of lb-agent and pure-runner: event-loop threads, each "
+                        "serving its share of the connections (default: unset, so one; more "
+                        "than one needs --worker-threads 1)")
     p.add_argument("--placer", choices=["warm", "ch", "naive"], default=None,
                    help="FN_PLACER of lb-agent (default: unset, so the lb-agent's default)")
     p.add_argument("--insecure", action="store_true",
@@ -160,6 +164,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--body-size must be >= 0")
     if args.worker_threads is not None and args.worker_threads < 1:
         p.error("--worker-threads must be >= 1")
+    if args.shards is not None and not 1 <= args.shards <= 256:
+        p.error("--shards must be between 1 and 256")
+    if (args.shards or 1) > 1 and args.worker_threads != 1:
+        p.error("--shards above 1 needs --worker-threads 1 (each shard is one thread)")
     if not 1 <= args.fn_concurrency <= 1000:
         p.error("--fn-concurrency must be between 1 and 1000")
     if args.big_rounds is None:
@@ -863,9 +871,13 @@ idle_timeout = "30m"
                    FN_MEMORY_MB * (max(self.args.concurrency) + BIG_CONCURRENCY))
 
     def threads_env(self) -> dict[str, str]:
-        if self.args.worker_threads is None:
-            return {}
-        return {"FN_WORKER_THREADS": str(self.args.worker_threads)}
+        """FN_WORKER_THREADS and FN_SHARDS of both daemons, those the flags set."""
+        env = {}
+        if self.args.worker_threads is not None:
+            env["FN_WORKER_THREADS"] = str(self.args.worker_threads)
+        if self.args.shards is not None:
+            env["FN_SHARDS"] = str(self.args.shards)
+        return env
 
     def runner_children(self) -> list[int]:
         # Function instances run under fn-isolate (fn-isolate -> fn-isolate -> function):
@@ -1250,7 +1262,8 @@ def main(argv: list[str]) -> int:
       "path is shown.")
     p(f"  lb: the functions' catalog concurrency is {args.fn_concurrency} (calls one instance "
       "takes at once; 1 = one instance per concurrent call); FN_WORKER_THREADS of lb-agent and "
-      f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}; gRPC between them: "
+      f"pure-runner: {args.worker_threads or 'unset (all CPUs)'}; FN_SHARDS: "
+      f"{args.shards or 'unset (one)'}; gRPC between them: "
       f"{'PLAINTEXT (--insecure)' if args.insecure else 'mutual TLS'}; placer: "
       f"{args.placer or 'the default'}."
       + (" --pin-daemons: lb-agent's threads pinned to one CPU, pure-runner's to another, "
