@@ -283,7 +283,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
     health.set_serving().await;
-    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), max_connections, "lb-agent serving");
+    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), max_connections, shards = cli.common.shards, "lb-agent serving");
 
     let result = services.run(shutdown, cli.common.shutdown_timeout).await;
     // The shards stop once every service has: connections on them drained first.

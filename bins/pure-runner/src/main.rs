@@ -254,7 +254,12 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
     health.set_serving().await;
-    tracing::info!(port = cli.grpc_port, total_mb, "pure-runner serving");
+    tracing::info!(
+        port = cli.grpc_port,
+        total_mb,
+        shards = cli.common.shards,
+        "pure-runner serving"
+    );
 
     let result = services.run(shutdown, cli.common.shutdown_timeout).await;
     // Calls that ended during the drain left their instances hot: kill them and wait for

@@ -35,11 +35,11 @@ pub struct CommonArgs {
     #[arg(long, env = "FN_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
     /// lb-agent and pure-runner: shards, each a thread with its own runtime, every connection
-    /// served by one of them (see `fn_lifecycle::shards`). Where one thread per daemon
-    /// leaves CPUs idle under many calls at once, one shard per CPU fills them. Each shard
-    /// is one thread, so FN_WORKER_THREADS must then be unset or 1.
-    #[arg(long, env = "FN_SHARDS", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=crate::shards::MAX_SHARDS as i64))]
+    /// served by one of them (see `fn_lifecycle::shards`), 1 to 256, or `auto` for one per
+    /// CPU this process may use. Where one thread per daemon leaves CPUs idle under many
+    /// calls at once, one shard per CPU fills them. Each shard is one thread, so
+    /// FN_WORKER_THREADS must then be unset or 1.
+    #[arg(long, env = "FN_SHARDS", default_value = "1", value_parser = parse_shards)]
     pub shards: u16,
 }
 
@@ -65,6 +65,28 @@ impl CommonArgs {
     pub fn listen_on(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.listen_addr, port)
     }
+}
+
+/// `FN_SHARDS`: a count from 1 to [`MAX_SHARDS`](crate::shards::MAX_SHARDS), or `auto`.
+fn parse_shards(text: &str) -> Result<u16, String> {
+    let max = crate::shards::MAX_SHARDS;
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(auto_shards());
+    }
+    match text.trim().parse::<u16>() {
+        Ok(n) if (1..=max).contains(&usize::from(n)) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of shards: give 1 to {max}, or auto (one per CPU)"
+        )),
+    }
+}
+
+/// `FN_SHARDS=auto`: one shard per CPU this process may use (its affinity and its cgroup's
+/// CPU quota, as the standard library counts them), at most
+/// [`MAX_SHARDS`](crate::shards::MAX_SHARDS); 1 when that cannot be read.
+pub fn auto_shards() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u16::try_from(cpus.min(crate::shards::MAX_SHARDS)).unwrap_or(1)
 }
 
 /// Log output format.
@@ -242,13 +264,19 @@ mod tests {
             panic!("two threads per shard accepted");
         };
         assert!(line.starts_with("FN_SHARDS: "), "{line}");
-        for bad in ["0", "257", "two"] {
-            let Err(ParseOutcome::Invalid(line)) =
-                try_parse_from::<Cli, _, _>(["x", "--shards", bad])
-            else {
+        let cli: Cli = try_parse_from(["x", "--shards", "auto"]).expect("auto");
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(usize::from(cli.common.shards), cpus.min(256));
+        assert_eq!(super::auto_shards(), cli.common.shards);
+        let cli: Cli = try_parse_from(["x", "--shards", "AUTO"]).expect("any case");
+        assert_eq!(usize::from(cli.common.shards), cpus.min(256));
+        for bad in ["0", "257", "two", "-1", ""] {
+            let arg = format!("--shards={bad}");
+            let Err(ParseOutcome::Invalid(line)) = try_parse_from::<Cli, _, _>(["x", &arg]) else {
                 panic!("FN_SHARDS={bad} accepted");
             };
             assert!(line.starts_with("FN_SHARDS: "), "{line}");
+            assert!(line.contains("1 to 256, or auto"), "{line}");
         }
     }
 
