@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 BIN=${BIN:-target/debug}
 DEMO=${DEMO_DIR:-.demo}
+# Absolute from here on: the daemons get these paths, and BIN=/x or DEMO_DIR=/y may be given.
+case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
+case $DEMO in /*) ;; *) DEMO=$PWD/$DEMO ;; esac
 LB_PORT=${FN_PORT:-8080}
 NPM_PORT=${FN_NPM_PORT:-9120}
 
@@ -23,9 +26,9 @@ chmod 0755 "$(dirname "$FUNCTIONS")" "$FUNCTIONS"
 cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$FUNCTIONS/"
 "$BIN/fn-certs" --out "$DEMO/certs" --keep >/dev/null
 
-export FN_NODE_CERT_AUTHORITY="$PWD/$DEMO/certs/ca.pem"
-export FN_NODE_CERT="$PWD/$DEMO/certs/node.pem"
-export FN_NODE_CERT_KEY="$PWD/$DEMO/certs/node-key.pem"
+export FN_NODE_CERT_AUTHORITY="$DEMO/certs/ca.pem"
+export FN_NODE_CERT="$DEMO/certs/node.pem"
+export FN_NODE_CERT_KEY="$DEMO/certs/node-key.pem"
 export FN_LISTEN_ADDR=127.0.0.1
 # Every daemon shares this machine's cores: one worker thread each is faster here.
 export FN_WORKER_THREADS=1
@@ -43,9 +46,9 @@ trap cleanup INT TERM EXIT
 
 FN_GRPC_PORT=$NPM_PORT \
 FN_CONTROL_PLANE=process \
-FN_RUNNER_BINARY="$PWD/$BIN/pure-runner" \
+FN_RUNNER_BINARY="$BIN/pure-runner" \
 FN_RUNNER_FUNCTIONS_DIR="$FUNCTIONS" \
-FN_RUNNER_STATE_DIR="$PWD/$DEMO/runners" \
+FN_RUNNER_STATE_DIR="$DEMO/runners" \
 FN_RUNNER_MEMORY_MB=${FN_RUNNER_MEMORY_MB:-512} \
 FN_SCALE_DOWN_DELAY=${FN_SCALE_DOWN_DELAY:-20s} \
   "$BIN/npm" >"$DEMO/logs/npm.log" 2>&1 &
