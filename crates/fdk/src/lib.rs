@@ -117,6 +117,12 @@ where
 
 /// Serves calls with the process environment until SIGTERM or SIGINT.
 ///
+/// On a runtime of the caller's choosing: a function whose handlers never call
+/// `block_in_place` may run it on a current-thread runtime (`#[tokio::main(flavor =
+/// "current_thread")]`), which [`run`] does not use for that reason. Measured with fn-echo
+/// behind a runner, one instance per call: 4% less CPU per call at c=1, 10% at c=64
+/// (docs/performance-log.md, session 29).
+///
 /// # Errors
 ///
 /// A bad environment (see [`FnEnv::from_vars`]), a socket that cannot be set up, or signal
