@@ -84,7 +84,7 @@ fn parse_shards(text: &str) -> Result<u16, String> {
 /// `FN_SHARDS=auto`: one shard per CPU this process may use (its affinity and its cgroup's
 /// CPU quota, as the standard library counts them), at most
 /// [`MAX_SHARDS`](crate::shards::MAX_SHARDS); 1 when that cannot be read.
-pub fn auto_shards() -> u16 {
+fn auto_shards() -> u16 {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     u16::try_from(cpus.min(crate::shards::MAX_SHARDS)).unwrap_or(1)
 }
