@@ -507,6 +507,46 @@ async fn a_call_sent_whole_with_its_request_half_closed_runs_to_its_end() {
     runner.stop().await;
 }
 
+/// A call sent whole has its acknowledgement held to leave with the answer, but only for a
+/// moment: an answer that takes long finds the acknowledgement already at the LB.
+#[tokio::test]
+async fn a_call_sent_whole_is_acknowledged_while_a_slow_function_still_runs() {
+    let runner = start_runner(MEMORY_MB, &examples_dir()).await;
+    let messages = vec![
+        ClientMsg {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
+                call: Some(call("fn-sleep", Duration::from_secs(30))),
+            }))),
+        },
+        data_msg(DataFrame {
+            data: Bytes::from_static(b"1500"),
+            eof: true,
+        }),
+    ];
+    let rx = runner
+        .client
+        .clone()
+        .engage(futures::stream::iter(messages))
+        .await
+        .expect("Engage stream opens")
+        .into_inner();
+    let mut engage = Engage { tx: None, rx };
+    let ack = engage.ack().await;
+    let acknowledged = Instant::now();
+    assert!(ack.committed, "call refused: {ack:?}");
+    let mut result = CallResult::default();
+    engage.result_into(&mut result).await;
+    result.assert_ok(200);
+    let answer_after = acknowledged.elapsed();
+    assert!(
+        answer_after >= Duration::from_millis(1000),
+        "the acknowledgement came {answer_after:?} before the answer of a 1.5 s call: \
+         it waited for the answer"
+    );
+    runner.assert_released().await;
+    runner.stop().await;
+}
+
 #[tokio::test]
 async fn echo_is_byte_exact_for_0_1_64k_and_8m_bodies() {
     let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
