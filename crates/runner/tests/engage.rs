@@ -189,6 +189,25 @@ impl Runner {
         Engage::open(&self.client).await
     }
 
+    /// A stream that sends `call` and its body's `frames` in one go, as the LB sends a call
+    /// whose body it has whole, and ends its request half with them.
+    async fn open_whole(&self, call: runner::Call, frames: Vec<DataFrame>) -> Engage {
+        let mut messages = vec![ClientMsg {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
+                call: Some(call),
+            }))),
+        }];
+        messages.extend(frames.into_iter().map(data_msg));
+        let rx = self
+            .client
+            .clone()
+            .engage(futures::stream::iter(messages))
+            .await
+            .expect("Engage stream opens")
+            .into_inner();
+        Engage { tx: None, rx }
+    }
+
     /// One whole call: `TryCall`, the body in frames, the result read to `CallFinished`.
     async fn run(&self, call: runner::Call, body: Bytes) -> CallResult {
         let mut engage = self.open().await;
@@ -475,20 +494,9 @@ async fn a_call_sent_whole_with_its_request_half_closed_runs_to_its_end() {
     let runner = start_runner(MEMORY_MB, &examples_dir()).await;
     for len in [0, 5, 100 * 1024] {
         let body = pattern(len);
-        let mut messages = vec![ClientMsg {
-            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
-                call: Some(call("fn-echo", Duration::from_secs(30))),
-            }))),
-        }];
-        messages.extend(frames(&body).into_iter().map(data_msg));
-        let rx = runner
-            .client
-            .clone()
-            .engage(futures::stream::iter(messages))
-            .await
-            .expect("Engage stream opens")
-            .into_inner();
-        let mut engage = Engage { tx: None, rx };
+        let mut engage = runner
+            .open_whole(call("fn-echo", Duration::from_secs(30)), frames(&body))
+            .await;
         let ack = engage.ack().await;
         assert!(ack.committed, "call refused: {ack:?}");
         let mut result = CallResult::default();
@@ -512,25 +520,12 @@ async fn a_call_sent_whole_with_its_request_half_closed_runs_to_its_end() {
 #[tokio::test]
 async fn a_call_sent_whole_is_acknowledged_while_a_slow_function_still_runs() {
     let runner = start_runner(MEMORY_MB, &examples_dir()).await;
-    let messages = vec![
-        ClientMsg {
-            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
-                call: Some(call("fn-sleep", Duration::from_secs(30))),
-            }))),
-        },
-        data_msg(DataFrame {
-            data: Bytes::from_static(b"1500"),
-            eof: true,
-        }),
-    ];
-    let rx = runner
-        .client
-        .clone()
-        .engage(futures::stream::iter(messages))
-        .await
-        .expect("Engage stream opens")
-        .into_inner();
-    let mut engage = Engage { tx: None, rx };
+    let mut engage = runner
+        .open_whole(
+            call("fn-sleep", Duration::from_secs(30)),
+            frames(&Bytes::from_static(b"1500")),
+        )
+        .await;
     let ack = engage.ack().await;
     let acknowledged = Instant::now();
     assert!(ack.committed, "call refused: {ack:?}");
