@@ -14,6 +14,9 @@ generator (oha), side by side in one run:
           TLS, the same certificates) -> nginx -> the same fn-echo socket.
   nginx2p (with --nginx-two-hop-plain) the same two nginx hops with plain HTTP/1.1 between
           them: what a second hop costs with no TLS at all.
+  nginxd  (with --nginx-defaults) the nginx path with nginx's own defaults for buffering
+          bodies and answers, as a site with only proxy_pass and keepalive has them (the
+          nginx path sets them for large bodies: see NGINX_BODY_TUNING).
 
 For each concurrency: a warm-up per path (not counted), then --rounds rounds that alternate
 the paths (direct, nginx, lb, direct, ...); the best round (highest RPS) of each path is
@@ -57,9 +60,18 @@ BIG_CONCURRENCY = 8
 FN_MEMORY_MB = 64
 MIN_RUNNER_MEMORY_MB = 8192
 # Paths served by the nginx this script starts (one process group for CPU figures).
-NGINX_PATHS = ("nginx", "nginx2", "nginx2p")
-# The two-hop nginx paths, compared with one hop and with the lb path.
-TWO_HOP_PATHS = ("nginx2", "nginx2p")
+NGINX_PATHS = ("nginx", "nginx2", "nginx2p", "nginxd")
+# The nginx paths besides the first, each compared with it and with the lb path.
+OTHER_NGINX_PATHS = ("nginx2", "nginx2p", "nginxd")
+# What the nginx path (and the two-hop paths) set for large bodies, where nginx's defaults
+# (8 KiB of request body and 8 x 4 KiB of answer in memory) write a 1 MiB call's body and
+# answer to temp files: the request body streamed upstream as it comes, the answer held in
+# memory. nginxd keeps the defaults.
+NGINX_BODY_TUNING = """        client_body_buffer_size 1m;
+        proxy_request_buffering off;
+        proxy_buffering on;
+        proxy_buffers 16 64k;
+        proxy_buffer_size 16k;"""
 
 # Processes this script started (Popen), stopped in reverse order on exit.
 STARTED: list[tuple[str, subprocess.Popen]] = []
@@ -139,6 +151,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nginx-two-hop-plain", action="store_true",
                    help="add two nginx hops with plain HTTP/1.1 between them (nginx -> nginx -> "
                         "the same socket): what a second hop costs before any TLS")
+    p.add_argument("--nginx-defaults", action="store_true",
+                   help="add the nginx path with nginx's own defaults for buffering bodies and "
+                        "answers (the request body read whole before it goes upstream, to a "
+                        "temp file beyond 8 KiB; answers beyond 8 x 4 KiB to temp files), as a "
+                        "site with only proxy_pass and keepalive has them")
     p.add_argument("--pin-daemons", action="store_true",
                    help="a diagnostic of the kernel's placement, never a deployment setting: "
                         "before each lb round, pin lb-agent's threads to the first CPU and "
@@ -576,10 +593,12 @@ class Bench:
         self.nginx_port = 0
         self.nginx2_port = 0
         self.nginx2p_port = 0
+        self.nginxd_port = 0
         self.lb_port = 0
         self.certs = self.tmp / "certs"
         self.paths = ["direct", "nginx", *(["nginx2"] if args.nginx_two_hop else []),
-                      *(["nginx2p"] if args.nginx_two_hop_plain else []), "lb"]
+                      *(["nginx2p"] if args.nginx_two_hop_plain else []),
+                      *(["nginxd"] if args.nginx_defaults else []), "lb"]
         self.nginx_conf_text = ""
         # "off" runs nginx as one process (bench_instructions.py reads one count).
         self.nginx_master = "on"
@@ -659,6 +678,7 @@ class Bench:
     }}
     server {{
         listen 127.0.0.1:{front_port} reuseport;
+{NGINX_BODY_TUNING}
         location /r/bench/ {{
             proxy_pass {scheme}://back_{scheme};{proxy_tls}
             proxy_set_header Connection "";
@@ -666,10 +686,24 @@ class Bench:
     }}
     server {{
         listen 127.0.0.1:{back_port}{" ssl" if back_tls else ""} reuseport;{back_tls}
+{NGINX_BODY_TUNING}
 {locations}
     }}"""
 
         two_hop = ""
+        defaults = ""
+        if self.args.nginx_defaults:
+            # The same locations with nginx's compiled-in buffering (client_max_body_size
+            # aside, raised for every server so that --big-mib above 1 is not refused), and
+            # errors logged at nginx's default level: at `warn` every large call would log
+            # that its body and its answer went through temp files.
+            self.nginxd_port = free_port()
+            defaults = f"""
+    server {{
+        listen 127.0.0.1:{self.nginxd_port} reuseport;
+        error_log {d}/error.log error;
+{locations}
+    }}"""
         c = self.certs
         if self.args.nginx_two_hop:
             # The dataplane's shape: a front proxy, mutual TLS (the same certificates as
@@ -709,12 +743,7 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 60s;
     client_max_body_size 64m;
-    client_body_buffer_size 1m;
     proxy_http_version 1.1;
-    proxy_request_buffering off;
-    proxy_buffering on;
-    proxy_buffers 16 64k;
-    proxy_buffer_size 16k;
     upstream fn_echo {{
         server unix:{echo_sock};
         keepalive 64;
@@ -727,8 +756,9 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{self.nginx_port} reuseport;
+{NGINX_BODY_TUNING}
 {locations}
-    }}{two_hop}
+    }}{two_hop}{defaults}
 }}
 """
         self.nginx_conf_text = conf
@@ -750,7 +780,9 @@ http {{
             return True
 
         wait_for("nginx to answer", up, 10 * self.slow, proc, d / "error.log")
-        for port, shape in ((self.nginx2_port, "mTLS"), (self.nginx2p_port, "HTTP/1.1")):
+        for port, shape in ((self.nginx2_port, "nginx -> mTLS -> nginx"),
+                            (self.nginx2p_port, "nginx -> HTTP/1.1 -> nginx"),
+                            (self.nginxd_port, "nginx with its default buffering")):
             if not port:
                 continue
 
@@ -759,12 +791,10 @@ http {{
                     http.client.HTTPConnection("127.0.0.1", port, timeout=5 * self.slow),
                     "POST", "/r/bench/echo", b"ping", {"Content-Type": "text/plain"})
                 if status != 200 or body != b"ping":
-                    raise BenchError(f"nginx -> {shape} -> nginx -> fn-echo answered {status} "
-                                     f"{body[:200]!r}")
+                    raise BenchError(f"{shape} -> fn-echo answered {status} {body[:200]!r}")
                 return True
 
-            wait_for(f"nginx two-hop ({shape}) to answer", up2, 10 * self.slow, proc,
-                     d / "error.log")
+            wait_for(f"{shape} to answer", up2, 10 * self.slow, proc, d / "error.log")
 
     def nginx_pids(self) -> list[int]:
         master = self.pids["nginx"]
@@ -895,6 +925,7 @@ idle_timeout = "30m"
             "nginx": Target("nginx", f"http://127.0.0.1:{self.nginx_port}/r/bench/{fn}"),
             "nginx2": Target("nginx2", f"http://127.0.0.1:{self.nginx2_port}/r/bench/{fn}"),
             "nginx2p": Target("nginx2p", f"http://127.0.0.1:{self.nginx2p_port}/r/bench/{fn}"),
+            "nginxd": Target("nginxd", f"http://127.0.0.1:{self.nginxd_port}/r/bench/{fn}"),
             "lb": Target("lb", f"http://127.0.0.1:{self.lb_port}/r/bench/{fn}"),
         }
 
@@ -1290,6 +1321,10 @@ def main(argv: list[str]) -> int:
     if args.nginx_two_hop_plain:
         p("  nginx2p: the same two nginx servers with plain HTTP/1.1 between them (upstream "
           "keepalive 64): a second hop with no TLS.")
+    if args.nginx_defaults:
+        p("  nginxd: the nginx path with nginx's compiled-in buffering of bodies and answers "
+          "(client_body_buffer_size, proxy_request_buffering on, proxy_buffers and "
+          "proxy_buffer_size unset), as a site with only proxy_pass and keepalive has them.")
     p("")
 
     p("Throughput and latency, echo rows (best round per path)")
@@ -1307,12 +1342,12 @@ def main(argv: list[str]) -> int:
     for c, per in results.items():
         d, n, l_ = (best(per[k]) for k in ("direct", "nginx", "lb"))
         ratio = lambda a, b_: f"{a.rps / b_.rps:.2f}" if b_.rps else "-"  # noqa: E731
-        two = [ratio(best(per[k]), n) for k in TWO_HOP_PATHS if k in per]
+        two = [ratio(best(per[k]), n) for k in OTHER_NGINX_PATHS if k in per]
         rows.append([str(c), ratio(l_, d), ratio(l_, n), ratio(n, d), *two])
     p("RPS ratios")
-    two_head = [f"{k}/nginx" for k in TWO_HOP_PATHS if k in bench.paths]
+    two_head = [f"{k}/nginx" for k in OTHER_NGINX_PATHS if k in bench.paths]
     p(table(["c", "lb/direct", "lb/nginx", "nginx/direct", *two_head], rows,
-            right={0, 1, 2, 3, 4, 5}))
+            right=set(range(4 + len(two_head)))))
     if 1 in results:
         d, n, l_ = (best(results[1][k]) for k in ("direct", "nginx", "lb"))
         if None not in (d.p50_ms, n.p50_ms, l_.p50_ms):
@@ -1410,7 +1445,7 @@ def main(argv: list[str]) -> int:
         d_ = best(big_results["direct"])
         if n_.mib_s and d_.mib_s:  # type: ignore[attr-defined]
             p(f"  lb/nginx {l_.mib_s / n_.mib_s:.2f}; lb/direct {l_.mib_s / d_.mib_s:.2f}")  # type: ignore[attr-defined]
-            for k in TWO_HOP_PATHS:
+            for k in OTHER_NGINX_PATHS:
                 if k in big_results:
                     n2 = best(big_results[k])
                     p(f"  {k}/nginx {n2.mib_s / n_.mib_s:.2f}; lb/{k} "  # type: ignore[attr-defined]
