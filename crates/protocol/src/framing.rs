@@ -309,7 +309,7 @@ where
 /// The call's status when the response is an error: a `grpc-status` other than OK in the
 /// head (a trailers-only response) or an HTTP status other than 200.
 pub fn check_response_head(status: StatusCode, headers: &HeaderMap) -> Result<Head, Status> {
-    if let Some(grpc) = Status::from_header_map(headers) {
+    if let Some(grpc) = grpc_status(headers) {
         return if grpc.code() == Code::Ok {
             Ok(Head::TrailersOnly)
         } else {
@@ -320,6 +320,20 @@ pub fn check_response_head(status: StatusCode, headers: &HeaderMap) -> Result<He
         return Err(status_of_http(status));
     }
     Ok(Head::Stream)
+}
+
+/// The `grpc-status` (and `grpc-message`) in `headers`, if any, without the
+/// `grpc-status-details-bin` the peer may have sent: tonic's
+/// [`Status::from_header_map`] panics when that value is not valid base64, and nothing
+/// here reads the details. The map is copied only when the header is there.
+fn grpc_status(headers: &HeaderMap) -> Option<Status> {
+    const DETAILS: &str = "grpc-status-details-bin";
+    if !headers.contains_key(DETAILS) {
+        return Status::from_header_map(headers);
+    }
+    let mut without = headers.clone();
+    without.remove(DETAILS);
+    Status::from_header_map(&without)
 }
 
 /// A response head that is not an error.
@@ -470,7 +484,7 @@ impl<M, B> Decoded<M, B> {
         if !self.trailers_required {
             return Ok(());
         }
-        match trailers.and_then(Status::from_header_map) {
+        match trailers.and_then(grpc_status) {
             Some(status) if status.code() == Code::Ok => Ok(()),
             Some(status) => Err(status),
             None => Err(Status::unknown("the stream ended without a grpc-status")),
@@ -947,6 +961,35 @@ mod tests {
             check_response_head(StatusCode::IM_A_TEAPOT, &HeaderMap::new()).map_err(|s| s.code()),
             Err(Code::Unknown)
         );
+    }
+
+    #[test]
+    fn status_details_that_are_not_base64_do_not_panic_and_the_status_stands() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("13"));
+        t.insert("grpc-message", http::HeaderValue::from_static("broken"));
+        t.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("!!!"),
+        );
+        // In a trailers-only head...
+        let err = check_response_head(StatusCode::OK, &t).expect_err("an error status");
+        assert_eq!((err.code(), err.message()), (Code::Internal, "broken"));
+        // ...and in the trailers that end a stream.
+        let wire = tonic_wire(&[try_call("c1")]);
+        let got = block_on(decode_all::<ClientMsg>(body_of(&wire, &[2], Some(t))));
+        assert_eq!(got.len(), 2, "the message, then the status: {got:?}");
+        assert!(got[0].is_ok());
+        assert_eq!(status_of(&got), Some(Code::Internal));
+        // An OK status with such details still ends the stream cleanly.
+        let mut ok = ok_trailers();
+        ok.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("@@"),
+        );
+        let got = block_on(decode_all::<ClientMsg>(body_of(&wire, &[], Some(ok))));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].is_ok());
     }
 
     fn arb_client_msg() -> impl Strategy<Value = ClientMsg> {
