@@ -186,7 +186,15 @@ impl TryFrom<runner::Call> for CallSpec {
                 format!("longer than {MAX_TIMEOUT:?}"),
             ));
         }
+        // An instance idle this long is stopped; the catalog allows at most an hour, and a
+        // longer one would hold the instance's memory as good as for ever.
         let idle_timeout = Duration::from_millis(call.idle_timeout_ms);
+        if idle_timeout > MAX_TIMEOUT {
+            return Err(invalid(
+                "idle_timeout_ms",
+                format!("longer than {MAX_TIMEOUT:?}"),
+            ));
+        }
         let concurrency = match call.concurrency {
             0 => 1,
             n if n > MAX_CONCURRENCY => {
@@ -298,8 +306,11 @@ impl SendTimes {
     pub(crate) fn now(spec: &CallSpec) -> Self {
         let left = spec.remaining();
         SendTimes {
-            // Rounded up, so that a call with time left is never sent as one without.
-            timeout_ms: millis(left.saturating_add(Duration::from_nanos(999_999))),
+            // Rounded up, so that a call with time left is never sent as one without; and at
+            // least 1 ms, since 0 on the wire means "missing": a call whose time ran out
+            // on the way then times out at the runner (504) rather than being refused as
+            // malformed.
+            timeout_ms: millis(left.saturating_add(Duration::from_nanos(999_999))).max(1),
             deadline_unix_ms: millis(
                 (SystemTime::now() + left)
                     .duration_since(UNIX_EPOCH)
@@ -450,6 +461,21 @@ mod tests {
         assert_eq!(back, wire());
     }
 
+    /// A call whose budget ran out before it was sent goes out with the least budget the
+    /// wire can carry, so the runner times it out rather than refusing it as malformed.
+    #[test]
+    fn a_call_sent_with_no_time_left_carries_one_millisecond() {
+        let mut spec = CallSpec::try_from(wire()).expect("valid");
+        spec.deadline = Instant::now()
+            .checked_sub(Duration::from_millis(5))
+            .unwrap_or_else(Instant::now);
+        assert_eq!(spec.remaining(), Duration::ZERO);
+        let sent = runner::Call::from(&spec);
+        assert_eq!(sent.timeout_ms, 1);
+        let received = CallSpec::try_from(sent).expect("still a valid call");
+        assert!(received.timeout <= Duration::from_millis(1));
+    }
+
     /// The LB's clock does not bound the call: a minute behind, a minute ahead, the year
     /// 2099 or nothing at all, the budget is `timeout_ms` from receipt.
     #[test]
@@ -486,6 +512,7 @@ mod tests {
             (|c| c.memory_mb = 0, "memory_mb"),
             (|c| c.timeout_ms = 0, "timeout_ms"),
             (|c| c.timeout_ms = 10 * 3600 * 1000, "timeout_ms"),
+            (|c| c.idle_timeout_ms = u64::MAX, "idle_timeout_ms"),
             (|c| c.concurrency = MAX_CONCURRENCY + 1, "concurrency"),
             (|c| c.command.clear(), "command or image"),
             (|c| c.command = vec![String::new()], "command"),
@@ -566,7 +593,7 @@ mod tests {
         let numbers = (
             prop_oneof![4 => 1u64..5000, 1 => Just(0u64), 1 => any::<u64>()],
             prop_oneof![4 => 1u64..=3_600_000, 1 => Just(0u64), 1 => any::<u64>()],
-            any::<u64>(),
+            prop_oneof![4 => 0u64..=3_600_000, 1 => any::<u64>()],
             prop_oneof![4 => 1u64..4_000_000_000_000, 1 => Just(0u64), 1 => any::<u64>()],
             prop_oneof![4 => 0u32..=4, 1 => any::<u32>()],
         );
@@ -637,6 +664,7 @@ mod tests {
                 prop_assert!((1..=MAX_CONCURRENCY).contains(&spec.concurrency));
                 prop_assert!(!spec.timeout.is_zero() && spec.timeout <= MAX_TIMEOUT);
                 prop_assert!(spec.remaining() <= spec.timeout);
+                prop_assert!(spec.idle_timeout <= MAX_TIMEOUT);
                 prop_assert!(!spec.command.is_empty() || spec.image.is_some());
                 prop_assert!(spec.command.iter().all(|a| !a.contains('\0')));
                 prop_assert!(spec.command.first().is_none_or(|p| !p.is_empty()));
