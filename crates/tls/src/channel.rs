@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioTimer;
@@ -49,6 +49,10 @@ struct Inner {
     /// Held while dialling: calls that find no connection wait for one dial, not each
     /// their own.
     dialling: tokio::sync::Mutex<()>,
+    /// The last dial that failed, and when it ended: a call that waited for that dial
+    /// fails with its error rather than dialling again (one after another, waiting calls
+    /// would otherwise each spend a whole connect timeout on a server that does not answer).
+    failed: Mutex<Option<(Instant, Status)>>,
 }
 
 impl std::fmt::Debug for DirectChannel {
@@ -79,6 +83,7 @@ impl DirectChannel {
                 connect_timeout,
                 current: Mutex::new(Vec::new()),
                 dialling: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(None),
             }),
         })
     }
@@ -104,25 +109,34 @@ impl Inner {
     /// A new connection's handle, for a call that found none open: dials unless another
     /// call did while this one waited for its turn.
     async fn dial(&self) -> Result<http2::SendRequest<Body>, Status> {
+        let asked = Instant::now();
         let _dialling = self.dialling.lock().await;
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        let sender = match tokio::time::timeout(self.connect_timeout, self.connect()).await {
-            Ok(Ok(sender)) => sender,
-            Ok(Err(e)) => {
-                return Err(Status::unavailable(format!(
-                    "cannot connect to {}: {e}",
-                    self.origin
-                )));
-            }
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "cannot connect to {}: no connection within {:?}",
-                    self.origin, self.connect_timeout
-                )));
-            }
+        if let Some((_, status)) = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(ended, _)| *ended >= asked)
+        {
+            return Err(status.clone());
+        }
+        let dialled = match tokio::time::timeout(self.connect_timeout, self.connect()).await {
+            Ok(Ok(sender)) => Ok(sender),
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.origin)),
+            Err(_) => Err(format!(
+                "cannot connect to {}: no connection within {:?}",
+                self.origin, self.connect_timeout
+            )),
         };
+        let sender = dialled.map_err(|message| {
+            let status = Status::unavailable(message);
+            *self.failed.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((Instant::now(), status.clone()));
+            status
+        })?;
         {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             let shard = fn_lifecycle::shards::current();

@@ -88,6 +88,50 @@ async fn a_dial_that_cannot_finish_fails_within_the_connect_timeout() {
     );
 }
 
+/// Calls waiting for the same dial share its failure: four calls to a server that never
+/// answers fail after one connect timeout, not one after another in four.
+#[tokio::test]
+async fn calls_waiting_for_a_dial_that_fails_fail_with_it() {
+    let ca = DevCa::new("ca").expect("ca");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
+    let timeout = Duration::from_millis(500);
+    let channel = DirectChannel::new(&mode, &address, timeout).expect("a valid address");
+    let start = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(async move { health(&channel).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call
+            .await
+            .expect("the call's task")
+            .expect_err("no handshake");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("no connection within"), "{err:?}");
+    }
+    let took = start.elapsed();
+    assert!(
+        took < 3 * timeout,
+        "four waiting calls took {took:?}, each dialling in turn"
+    );
+    // A call that comes after the failure dials again, rather than reusing it.
+    let start = Instant::now();
+    health(&channel).await.expect_err("still no handshake");
+    assert!(start.elapsed() >= timeout, "took {:?}", start.elapsed());
+}
+
 #[test]
 fn an_address_that_is_no_uri_authority_is_refused() {
     let err = DirectChannel::new(
