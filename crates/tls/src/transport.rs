@@ -52,7 +52,10 @@ fn hold_a_frame<Side>(connection: &mut rustls::ConnectionCommon<Side>) {
     connection.set_buffer_limit(Some(TLS_SEND_BUFFER));
 }
 
-/// How long a peer has to finish the TLS handshake after connecting.
+/// How long a peer has, from connecting, to finish the TLS handshake and send the first
+/// bytes of HTTP/2 (its preface): hyper waits for the preface without a limit of its own,
+/// and a connection that never sends it would stay open, and hold up a graceful shutdown,
+/// for ever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often an idle HTTP/2 connection pings its peer, and how long the answer may take
@@ -84,8 +87,8 @@ pub fn grpc_server() -> tonic::transport::Server {
 /// then waits for the peer's delayed ACK (40 ms on Linux) and every call pays it. Measured
 /// with `fn-load` (sequential `hello` calls, release): p50 44 ms without, 1.2 ms with.
 ///
-/// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`], so a peer that
-/// connects and says nothing holds up no one. A failed handshake is logged with the peer's
+/// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`] up to the first bytes
+/// of HTTP/2, so a peer that connects and says nothing holds up no one for longer. A failed handshake is logged with the peer's
 /// address and the reason (an unknown CA, an expired certificate, no certificate).
 ///
 /// # Errors
@@ -139,6 +142,7 @@ async fn accept_loop(
             () = first.closed() => return,
             accepted = listener.accept() => accepted,
         };
+        let accepted_at = tokio::time::Instant::now();
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -163,6 +167,7 @@ async fn accept_loop(
         };
         let admit = Admit {
             peer,
+            deadline: accepted_at + HANDSHAKE_TIMEOUT,
             acceptor: acceptor.clone(),
             queue: queues[shard].clone(),
             refusals: Arc::clone(&refusals),
@@ -190,6 +195,8 @@ async fn accept_loop(
 /// then the server's queue.
 struct Admit {
     peer: std::net::SocketAddr,
+    /// When the TLS handshake and the first bytes of HTTP/2 must be in.
+    deadline: tokio::time::Instant,
     acceptor: Option<TlsAcceptor>,
     queue: mpsc::Sender<GrpcConn>,
     refusals: Arc<RefusalLog>,
@@ -201,16 +208,19 @@ impl Admit {
         let Some(acceptor) = self.acceptor else {
             let conn = GrpcConn {
                 io: Io::Plain(Corked::new(tcp)),
+                first_read: Some(Box::pin(tokio::time::sleep_until(self.deadline))),
                 _load: self.load,
             };
             let _server_gone = self.queue.send(conn).await;
             return;
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let first_read = Box::pin(tokio::time::sleep_until(self.deadline));
+        match tokio::time::timeout_at(self.deadline, acceptor.accept(tcp)).await {
             Ok(Ok(mut tls)) => {
                 hold_a_frame(tls.get_mut().1);
                 let conn = GrpcConn {
                     io: Io::Tls(Box::new(Corked::new(tls))),
+                    first_read: Some(first_read),
                     _load: self.load,
                 };
                 let _server_gone = self.queue.send(conn).await;
@@ -272,6 +282,8 @@ impl tokio_stream::Stream for GrpcIncoming {
 #[derive(Debug)]
 pub struct GrpcConn {
     io: Io,
+    /// Armed until the first bytes arrive: the rest of [`HANDSHAKE_TIMEOUT`].
+    first_read: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Under `FN_SHARDS`: counts the connection on its shard while it is open.
     _load: Option<ShardLoad>,
 }
@@ -308,9 +320,28 @@ impl AsyncRead for GrpcConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.io {
             Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
             Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        };
+        let Some(first_read) = this.first_read.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.first_read = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if first_read.as_mut().poll(cx).is_ready() => {
+                this.first_read = None;
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no HTTP/2 preface within {HANDSHAKE_TIMEOUT:?} of connecting"),
+                )))
+            }
+            other => other,
         }
     }
 }
@@ -619,6 +650,59 @@ mod tests {
             .expect("read the frame");
         assert!(received == frame, "the frame arrives byte for byte");
         sent
+    }
+
+    /// The first accepted connection of a plaintext [`grpc_incoming`], and the peer's end.
+    async fn accepted_plain() -> (GrpcConn, TcpStream) {
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = grpc_incoming(&TlsMode::Insecure, listener).expect("incoming");
+        let peer = TcpStream::connect(address).await.expect("connect");
+        let conn = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        (conn, peer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sends_its_preface_is_closed_at_the_handshake_limit() {
+        let (mut conn, _peer) = accepted_plain().await;
+        let started = tokio::time::Instant::now();
+        let err = tokio::time::timeout(2 * HANDSHAKE_TIMEOUT, conn.read(&mut [0u8; 24]))
+            .await
+            .expect("the connection is given up on, not left waiting")
+            .expect_err("times out");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("preface"), "{err}");
+        assert!(
+            started.elapsed() <= HANDSHAKE_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_its_first_bytes_a_connection_waits_as_long_as_it_needs() {
+        let (mut conn, mut peer) = accepted_plain().await;
+        peer.write_all(b"PRI").await.expect("write");
+        let mut got = [0u8; 3];
+        conn.read_exact(&mut got).await.expect("the first bytes");
+        assert_eq!(&got, b"PRI");
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(10 * HANDSHAKE_TIMEOUT).await;
+            peer.write_all(b" * HTTP").await.expect("write");
+            peer
+        });
+        let mut more = [0u8; 7];
+        conn.read_exact(&mut more)
+            .await
+            .expect("no limit after the preface");
+        assert_eq!(&more, b" * HTTP");
+        drop(late.await);
     }
 
     #[tokio::test]
