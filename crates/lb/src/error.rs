@@ -30,6 +30,13 @@ pub enum CallError {
     /// The client's request could not be read or is malformed (client).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request URL (`http://` + host + path and query) is longer than a runner takes
+    /// (client).
+    #[error("request URL of {len} bytes is longer than the limit of {max}")]
+    UriTooLong { len: usize, max: usize },
+    /// More request headers than a runner takes (client).
+    #[error("{count} request headers are more than the limit of {max}")]
+    TooManyHeaders { count: usize, max: usize },
     /// No runner took the call before the placer deadline (capacity; retry later).
     #[error("no runner had room for the call within {waited:?} ({attempts} attempts); retry later")]
     NoCapacity { waited: Duration, attempts: u32 },
@@ -60,6 +67,8 @@ impl CallError {
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            CallError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::NoCapacity { .. }
             | CallError::ShuttingDown
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,

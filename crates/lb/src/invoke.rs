@@ -24,6 +24,7 @@ use bytes::Bytes;
 use fn_nodepool::client::{BodySender, EarlyBody, Engaged};
 use fn_nodepool::{CapacityGuard, CapacityTracker};
 use fn_protocol::CallSpec;
+use fn_protocol::call::{MAX_HEADERS, MAX_URL_LEN};
 use fn_protocol::runner::{CallFinished, ErrorKind, HttpRespMeta, RunnerMsg, runner_msg};
 use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
@@ -128,7 +129,10 @@ impl Invoker {
             }));
         }
         let (parts, mut body) = req.into_parts();
-        let spec = call_spec(&function, call_id, &parts);
+        let spec = match call_spec(&function, call_id, &parts) {
+            Ok(spec) => spec,
+            Err(e) => return Err(record.failed(e)),
+        };
         let give_up = Instant::now() + spec.timeout + DEADLINE_GRACE;
 
         // The call counts towards its group's demand from arrival to the last byte, with its
@@ -234,7 +238,17 @@ impl Invoker {
 }
 
 /// Builds the wire call from the catalog entry and the client's request.
-fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> CallSpec {
+///
+/// # Errors
+/// What a runner would refuse in the client's request, as the client's error rather than
+/// the function's: a request URL over [`MAX_URL_LEN`] (414), more headers than
+/// [`MAX_HEADERS`] (431), a `Host` with control characters (400; a tab passes HTTP's own
+/// checks).
+fn call_spec(
+    function: &Function,
+    id: String,
+    parts: &http::request::Parts,
+) -> Result<CallSpec, CallError> {
     let host = parts
         .headers
         .get(header::HOST)
@@ -245,13 +259,31 @@ fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> C
         .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
+    if host.bytes().any(|b| b.is_ascii_control()) {
+        return Err(CallError::BadRequest(
+            "the Host header holds control characters".into(),
+        ));
+    }
+    let url_len = "http://".len() + host.len() + path.len();
+    if url_len > MAX_URL_LEN {
+        return Err(CallError::UriTooLong {
+            len: url_len,
+            max: MAX_URL_LEN,
+        });
+    }
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
         if forwardable(name) {
             headers.append(name.clone(), value.clone());
         }
     }
-    CallSpec {
+    if headers.len() > MAX_HEADERS {
+        return Err(CallError::TooManyHeaders {
+            count: headers.len(),
+            max: MAX_HEADERS,
+        });
+    }
+    Ok(CallSpec {
         id,
         app: function.app.clone(),
         function: function.name.clone(),
@@ -268,7 +300,7 @@ fn call_spec(function: &Function, id: String, parts: &http::request::Parts) -> C
         config: function.config.clone(),
         lb_group: function.lb_group.clone(),
         deadline: std::time::Instant::now() + function.timeout,
-    }
+    })
 }
 
 struct Head {

@@ -82,7 +82,9 @@ impl From<&CallError> for CallOutcome {
             CallError::NotFound(_) => CallOutcome::NotFound,
             CallError::MethodNotAllowed { .. } => CallOutcome::MethodNotAllowed,
             CallError::TooLarge { .. } => CallOutcome::TooLarge,
-            CallError::BadRequest(_) => CallOutcome::BadRequest,
+            CallError::BadRequest(_)
+            | CallError::UriTooLong { .. }
+            | CallError::TooManyHeaders { .. } => CallOutcome::BadRequest,
             CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,

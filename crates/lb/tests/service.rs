@@ -25,7 +25,7 @@ use fn_placement::{
 use fn_protocol::runner::{RunnerState, WarmFunction};
 use fn_test_support::TestPki;
 use fn_test_support::fake_runner::{Behaviour, Ending, FakeRunner, RequestEnd};
-use http::{HeaderMap, Method, Request, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame};
 use hyper_util::rt::TokioIo;
@@ -703,6 +703,64 @@ async fn a_content_length_over_the_limit_gets_413_without_reaching_a_runner() {
     let reply = post(&lb, "/r/demo/echo", at_limit.clone()).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.body.as_deref().ok(), Some(at_limit.as_slice()));
+}
+
+/// What a runner would refuse in a client's request is the client's error (4xx), found
+/// before placement, not the function's (500 "runners refuse this function").
+#[tokio::test]
+async fn requests_beyond_what_a_runner_takes_get_4xx_without_reaching_a_runner() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let max = fn_protocol::call::MAX_URL_LEN;
+    let prefix = "http://lb.test/r/demo/echo?q=";
+    let path_at = |len: usize| format!("/r/demo/echo?q={}", "x".repeat(len - prefix.len()));
+
+    let reply = post(&lb, &path_at(max + 1), "").await;
+    assert_eq!(reply.status, StatusCode::URI_TOO_LONG, "{reply:?}");
+    assert!(reply.json_error().contains("request URL"), "{reply:?}");
+    reply.call_id();
+
+    let mut tabbed = request(Method::POST, "/r/demo/echo", "");
+    tabbed
+        .headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("lb\ttest"));
+    let reply = send(&lb.address, tabbed).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
+    assert!(reply.json_error().contains("Host"), "{reply:?}");
+
+    // 300 headers: HTTP/1.1 stops at 100, so over h2.
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut many = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address));
+    for i in 0..300 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    let many = many.body(Full::new(Bytes::new())).expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(many))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert!(runners[0].seen().is_empty(), "no runner saw any of them");
+
+    // At the limit, the call goes through.
+    let reply = post(&lb, &path_at(max), "at the limit").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body.as_deref().ok(), Some(b"at the limit".as_slice()));
 }
 
 /// A streamed request body, sent with chunked encoding.
