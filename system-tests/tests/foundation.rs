@@ -35,6 +35,21 @@ async fn every_daemon_without_certificates_exits_2_naming_fn_node_cert() -> anyh
     Ok(())
 }
 
+/// `FN_SHARDS` is the lb-agent's and the runner's: npm, which has no shards, starts as it
+/// would without it (here it gets as far as its certificates), rather than refusing a
+/// worker-thread count that only conflicts with shards it does not have.
+#[tokio::test]
+async fn npm_ignores_fn_shards() -> anyhow::Result<()> {
+    let extra = env(&[("FN_SHARDS", "2"), ("FN_WORKER_THREADS", "4")]);
+    let (status, stderr) = run_to_exit("npm", &extra).await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FN_NODE_CERT") && !stderr.contains("FN_SHARDS"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn invalid_values_exit_2_naming_the_variable() -> anyhow::Result<()> {
     let certs = Certs::new()?;

@@ -32,7 +32,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    let common = cli.common.clone();
+    let mut common = cli.common.clone();
+    // npm serves no calls and has no shards: an `FN_SHARDS` meant for the lb-agent and the
+    // runner (an env block shared by the stack's services) leaves its runtime as it is.
+    common.shards = 1;
     fn_lifecycle::run_daemon(&common, daemon(cli))
 }
 
