@@ -266,6 +266,21 @@ where
         .expect("the LB answers in time")
 }
 
+/// An HTTP/2 (prior knowledge) connection to `address`, driven by a task of its own.
+async fn h2c(address: &str) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
@@ -730,16 +745,7 @@ async fn requests_beyond_what_a_runner_takes_get_4xx_without_reaching_a_runner()
     assert!(reply.json_error().contains("Host"), "{reply:?}");
 
     // 300 headers: HTTP/1.1 stops at 100, so over h2.
-    let stream = tokio::net::TcpStream::connect(&lb.address)
-        .await
-        .expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = h2c(&lb.address).await;
     let mut many = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/r/demo/echo", lb.address));
@@ -977,16 +983,7 @@ async fn h2c_prior_knowledge_is_served_like_http1() {
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::Echo]).await;
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
-    let stream = tokio::net::TcpStream::connect(&lb.address)
-        .await
-        .expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = h2c(&lb.address).await;
     let body = vec![7u8; 100_000];
     let req = Request::builder()
         .method(Method::POST)

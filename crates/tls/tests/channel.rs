@@ -57,20 +57,26 @@ async fn dials_on_first_use_and_again_after_the_server_restarts() {
         .expect("the next call after the restart dials a new connection");
 }
 
-#[tokio::test]
-async fn a_dial_that_cannot_finish_fails_within_the_connect_timeout() {
-    let ca = DevCa::new("ca").expect("ca");
-    // Accepts connections and never answers: the TLS handshake cannot finish.
+/// The address of a server that accepts connections and never answers: no TLS handshake
+/// with it can finish. It runs until the test's runtime ends.
+async fn silent_server() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    let _silent = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
             held.push(socket);
         }
     });
+    address
+}
+
+#[tokio::test]
+async fn a_dial_that_cannot_finish_fails_within_the_connect_timeout() {
+    let ca = DevCa::new("ca").expect("ca");
+    let address = silent_server().await;
     let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
     let channel =
         DirectChannel::new(&mode, &address, Duration::from_millis(300)).expect("a valid address");
@@ -93,16 +99,7 @@ async fn a_dial_that_cannot_finish_fails_within_the_connect_timeout() {
 #[tokio::test]
 async fn calls_waiting_for_a_dial_that_fails_fail_with_it() {
     let ca = DevCa::new("ca").expect("ca");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr").to_string();
-    let _silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let address = silent_server().await;
     let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
     let timeout = Duration::from_millis(500);
     let channel = DirectChannel::new(&mode, &address, timeout).expect("a valid address");
