@@ -88,8 +88,9 @@ pub fn grpc_server() -> tonic::transport::Server {
 /// with `fn-load` (sequential `hello` calls, release): p50 44 ms without, 1.2 ms with.
 ///
 /// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`] up to the first bytes
-/// of HTTP/2, so a peer that connects and says nothing holds up no one for longer. A failed handshake is logged with the peer's
-/// address and the reason (an unknown CA, an expired certificate, no certificate).
+/// of HTTP/2, so a peer that connects and says nothing holds up no one for longer than
+/// that. A failed handshake is logged with the peer's address and the reason (an unknown
+/// CA, an expired certificate, no certificate).
 ///
 /// # Errors
 /// When the crypto provider cannot make a server config (not with ring).
