@@ -14,12 +14,13 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fn_lifecycle::Health;
+use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::shards::Shards;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -69,8 +70,10 @@ pub struct Front {
     connections: Arc<Connections>,
     /// Set when [`Front::serve`] is cancelled: new requests are refused from then on.
     stopping: AtomicBool,
-    /// When the last "connections at the cap" warning was logged (seconds since start).
-    cap_warned_at: AtomicU64,
+    /// "Connections at the cap" warnings: one a minute.
+    cap_warnings: Throttle,
+    /// Failed `accept`s (out of descriptors): one warning a second.
+    accept_warnings: Throttle,
 }
 
 enum Route {
@@ -97,7 +100,8 @@ impl Front {
             connections: Connections::new(limits.max_connections),
             limits,
             stopping: AtomicBool::new(false),
-            cap_warned_at: AtomicU64::new(0),
+            cap_warnings: Throttle::new(Duration::from_secs(60)),
+            accept_warnings: Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -238,7 +242,6 @@ impl Front {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(CLIENT_READ_BUFFER);
-        let started = std::time::Instant::now();
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -248,7 +251,10 @@ impl Front {
                 Ok(pair) => pair,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
+                    match self.accept_warnings.admit() {
+                        Some(held_back) => tracing::warn!(error = %e, held_back, "accept failed"),
+                        None => tracing::debug!(error = %e, "accept failed"),
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -262,7 +268,7 @@ impl Front {
                 }
                 Err(full) => {
                     self.invoker.metrics().connection_shed("refused_over_cap");
-                    self.warn_at_cap(started, full.cap);
+                    self.warn_at_cap(full.cap);
                     continue; // drops the socket: the client sees the connection close
                 }
             };
@@ -339,17 +345,11 @@ impl Front {
     }
 
     /// Logs that connections are refused at the cap, at most once a minute.
-    fn warn_at_cap(&self, started: std::time::Instant, cap: usize) {
-        let now = started.elapsed().as_secs() + 60;
-        let last = self.cap_warned_at.load(Ordering::Relaxed);
-        if now >= last + 60
-            && self
-                .cap_warned_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+    fn warn_at_cap(&self, cap: usize) {
+        if let Some(held_back) = self.cap_warnings.admit() {
             tracing::warn!(
                 max_connections = cap,
+                held_back,
                 "client connections at FN_MAX_CONNECTIONS and every one is answering a request; \
                  refusing new connections (raise FN_MAX_CONNECTIONS and the descriptor limit, or add lb-agents)"
             );

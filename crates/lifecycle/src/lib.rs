@@ -3,7 +3,7 @@
 //! - [`config`]: options shared by all daemons (logging, listen address, shutdown bound) and
 //!   [`config::parse_or_exit`], which turns any configuration error into one line naming the
 //!   `FN_*` variable and exit status 2.
-//! - [`logging`]: `tracing` subscriber setup, text or JSON.
+//! - [`logging`]: `tracing` subscriber setup, text or JSON, and a throttle for repeated warnings.
 //! - [`health`]: one readiness switch feeding both the standard gRPC health service and the
 //!   lb-agent's `GET /health`.
 //! - [`services`]: named services run together under one cancellation token, stopped by a

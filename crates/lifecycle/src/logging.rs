@@ -1,4 +1,7 @@
-//! `tracing` subscriber setup.
+//! `tracing` subscriber setup, and [`Throttle`] for warnings that can repeat in a loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
@@ -45,10 +48,89 @@ fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> b
     stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
+/// Lets a warning that a peer or the system can repeat many times a second (a refused
+/// handshake, a failing `accept`) through at most once per interval, so it stays visible
+/// without flooding the log. The occurrences in between are counted, and the next warning
+/// says how many there were; log them at DEBUG.
+#[derive(Debug)]
+pub struct Throttle {
+    interval: Duration,
+    origin: Instant,
+    /// Milliseconds after `origin` before which no warning is let through.
+    next_ms: AtomicU64,
+    /// Occurrences held back since the last warning.
+    held: AtomicU64,
+}
+
+impl Throttle {
+    /// A throttle letting one warning through per `interval`; the first one passes at once.
+    #[must_use]
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            origin: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to warn about this occurrence: `Some(n)` when it is the first of its interval,
+    /// with `n` the occurrences held back since the last warning; `None` (log it at DEBUG)
+    /// otherwise.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Option<u64> {
+        let now_ms = millis(now.saturating_duration_since(self.origin));
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let through = now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(millis(self.interval)),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if through {
+            Some(self.held.swap(0, Ordering::Relaxed))
+        } else {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn a_throttle_lets_one_warning_through_per_interval_and_counts_the_rest() {
+        let throttle = Throttle::new(Duration::from_secs(1));
+        let start = throttle.origin;
+        assert_eq!(throttle.admit_at(start), Some(0), "the first passes");
+        assert_eq!(throttle.admit_at(start + Duration::from_millis(10)), None);
+        assert_eq!(throttle.admit_at(start + Duration::from_millis(999)), None);
+        assert_eq!(
+            throttle.admit_at(start + Duration::from_millis(1000)),
+            Some(2),
+            "one interval on, with the two held back"
+        );
+        assert_eq!(throttle.admit_at(start + Duration::from_millis(1500)), None);
+        assert_eq!(
+            throttle.admit_at(start + Duration::from_secs(60)),
+            Some(1),
+            "a quiet spell lets the next one through"
+        );
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

@@ -91,6 +91,7 @@ impl MetricsEndpoint {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
+        let accept_warnings = crate::logging::Throttle::new(Duration::from_secs(1));
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -99,7 +100,12 @@ impl MetricsEndpoint {
             let (stream, peer) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
+                    match accept_warnings.admit() {
+                        Some(held_back) => {
+                            tracing::warn!(error = %e, held_back, "metrics: accept failed")
+                        }
+                        None => tracing::debug!(error = %e, "metrics: accept failed"),
+                    }
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         () = tokio::time::sleep(Duration::from_millis(50)) => continue,

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::shards::{ShardLoad, Shards};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::codegen::Service;
 use tonic::transport::server::{Connected, TcpConnectInfo};
@@ -66,6 +67,15 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepted connections waiting for the server to take them.
 const ACCEPT_QUEUE: usize = 64;
 
+/// Most accepted connections a gRPC listener holds before they are served: in their TLS
+/// handshake, or waiting for the server to take them. Beyond it a new connection is closed
+/// at once. A peer that connects and sends nothing holds its place for at most
+/// [`HANDSHAKE_TIMEOUT`], so without a limit a few hundred such connections a second
+/// would use up the process's descriptors, which the running calls and their function
+/// instances need. Peers open one connection each (or one per shard), so honest ones
+/// stay far below it.
+pub const MAX_HANDSHAKING: usize = 256;
+
 /// A tonic server builder with the dataplane's HTTP/2 settings. Feed it
 /// [`grpc_incoming`], which does the TLS.
 ///
@@ -89,7 +99,7 @@ pub fn grpc_server() -> tonic::transport::Server {
 ///
 /// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`] up to the first bytes
 /// of HTTP/2, so a peer that connects and says nothing holds up no one for longer than
-/// that. A failed handshake is logged with the peer's address and the reason (an unknown
+/// that, and at most [`MAX_HANDSHAKING`] at once. A failed handshake is logged with the peer's address and the reason (an unknown
 /// CA, an expired certificate, no certificate).
 ///
 /// # Errors
@@ -112,6 +122,16 @@ pub fn grpc_incoming_sharded(
     listener: TcpListener,
     shards: Option<Arc<Shards>>,
 ) -> Result<Vec<GrpcIncoming>, rustls::Error> {
+    incoming_limited(mode, listener, shards, MAX_HANDSHAKING)
+}
+
+/// [`grpc_incoming_sharded`] holding at most `limit` connections before they are served.
+fn incoming_limited(
+    mode: &TlsMode,
+    listener: TcpListener,
+    shards: Option<Arc<Shards>>,
+    limit: usize,
+) -> Result<Vec<GrpcIncoming>, rustls::Error> {
     let acceptor = match mode {
         TlsMode::Mutual(tls) => Some(TlsAcceptor::from(tls.server_config()?)),
         TlsMode::Insecure => None,
@@ -123,7 +143,8 @@ pub fn grpc_incoming_sharded(
             (queue, GrpcIncoming { accepted })
         })
         .unzip();
-    tokio::spawn(accept_loop(listener, acceptor, queues, shards));
+    let handshaking = Arc::new(Semaphore::new(limit));
+    tokio::spawn(accept_loop(listener, acceptor, queues, shards, handshaking));
     Ok(incoming)
 }
 
@@ -132,8 +153,9 @@ async fn accept_loop(
     acceptor: Option<TlsAcceptor>,
     queues: Vec<mpsc::Sender<GrpcConn>>,
     shards: Option<Arc<Shards>>,
+    handshaking: Arc<Semaphore>,
 ) {
-    let refusals = Arc::new(RefusalLog::default());
+    let warnings = Arc::new(Warnings::default());
     // Every server stops together (one shutdown): the first one gone ends the loop.
     let Some(first) = queues.first().cloned() else {
         return;
@@ -149,10 +171,14 @@ async fn accept_loop(
             Err(e) => {
                 // Out of descriptors, or a connection reset before it was taken: the
                 // listener itself is fine. Pause so a persistent EMFILE does not spin.
-                tracing::warn!(error = %e, "gRPC listener: accepting a connection failed");
+                warnings.accept_failed(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(place) = Arc::clone(&handshaking).try_acquire_owned() else {
+            warnings.crowded(peer);
+            continue; // drops the socket: the peer sees the connection close
         };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "gRPC connection: TCP_NODELAY not set");
@@ -171,8 +197,9 @@ async fn accept_loop(
             deadline: accepted_at + HANDSHAKE_TIMEOUT,
             acceptor: acceptor.clone(),
             queue: queues[shard].clone(),
-            refusals: Arc::clone(&refusals),
+            warnings: Arc::clone(&warnings),
             load,
+            _place: place,
         };
         let Some(runtime) = elsewhere else {
             tokio::spawn(admit.run(tcp));
@@ -200,8 +227,10 @@ struct Admit {
     deadline: tokio::time::Instant,
     acceptor: Option<TlsAcceptor>,
     queue: mpsc::Sender<GrpcConn>,
-    refusals: Arc<RefusalLog>,
+    warnings: Arc<Warnings>,
     load: Option<ShardLoad>,
+    /// Its place among the [`MAX_HANDSHAKING`], given up once the server has it.
+    _place: OwnedSemaphorePermit,
 }
 
 impl Admit {
@@ -226,8 +255,8 @@ impl Admit {
                 };
                 let _server_gone = self.queue.send(conn).await;
             }
-            Ok(Err(e)) => self.refusals.log(self.peer, &e.to_string()),
-            Err(_) => self.refusals.log(
+            Ok(Err(e)) => self.warnings.refused(self.peer, &e.to_string()),
+            Err(_) => self.warnings.refused(
                 self.peer,
                 &format!("not finished within {HANDSHAKE_TIMEOUT:?}"),
             ),
@@ -235,31 +264,53 @@ impl Admit {
     }
 }
 
-/// Logs refused handshakes: at most one a second at WARN (a peer with the wrong CA after a
-/// botched rotation is worth seeing), the rest at DEBUG, so a peer retrying in a loop or a
-/// port scanner cannot flood the log.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    /// Seconds since the Unix epoch of the last WARN.
-    last_warned: std::sync::atomic::AtomicU64,
+/// The accept loop's warnings, each let through at most once a second and the rest logged
+/// at DEBUG, so that a peer retrying in a loop, a port scanner or a persistent `EMFILE`
+/// cannot flood the log. A refused handshake is still worth seeing at WARN: a peer with the
+/// wrong CA after a botched rotation, say.
+#[derive(Debug)]
+struct Warnings {
+    refused: Throttle,
+    accept_failed: Throttle,
+    crowded: Throttle,
 }
 
-impl RefusalLog {
-    fn log(&self, peer: std::net::SocketAddr, reason: &str) {
-        use std::sync::atomic::Ordering;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_warned.load(Ordering::Relaxed);
-        let warn = last != now
-            && self
-                .last_warned
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        if warn {
-            tracing::warn!(%peer, error = %reason, "gRPC connection refused: TLS handshake failed");
-        } else {
-            tracing::debug!(%peer, error = %reason, "gRPC connection refused: TLS handshake failed");
+impl Default for Warnings {
+    fn default() -> Self {
+        let second = Duration::from_secs(1);
+        Self {
+            refused: Throttle::new(second),
+            accept_failed: Throttle::new(second),
+            crowded: Throttle::new(second),
+        }
+    }
+}
+
+impl Warnings {
+    fn refused(&self, peer: std::net::SocketAddr, reason: &str) {
+        let message = "gRPC connection refused: TLS handshake failed";
+        match self.refused.admit() {
+            Some(held_back) => tracing::warn!(%peer, error = %reason, held_back, "{message}"),
+            None => tracing::debug!(%peer, error = %reason, "{message}"),
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error) {
+        let message = "gRPC listener: accepting a connection failed";
+        match self.accept_failed.admit() {
+            Some(held_back) => tracing::warn!(%error, held_back, "{message}"),
+            None => tracing::debug!(%error, "{message}"),
+        }
+    }
+
+    fn crowded(&self, peer: std::net::SocketAddr) {
+        let message = "gRPC connection refused: too many connections are still in their TLS \
+                       handshake (a peer opening connections and sending nothing?)";
+        match self.crowded.admit() {
+            Some(held_back) => {
+                tracing::warn!(%peer, limit = MAX_HANDSHAKING, held_back, "{message}")
+            }
+            None => tracing::debug!(%peer, limit = MAX_HANDSHAKING, "{message}"),
         }
     }
 }
@@ -535,12 +586,20 @@ impl Service<Uri> for Dialer {
 /// with `tls`: what a peer connecting now would see, e.g. to check that a rotation took.
 ///
 /// # Errors
-/// When the connection or the handshake fails (the server is not trusted, or refuses us).
+/// When the connection or the handshake fails (the server is not trusted, or refuses us),
+/// or is not done within [`HANDSHAKE_TIMEOUT`].
 pub async fn peer_certificate(tls: &NodeTls, address: &str) -> std::io::Result<Vec<u8>> {
     let uri: Uri = format!("http://{address}").parse().map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{address}: {e}"))
     })?;
-    let stream = Dialer(tls.clone()).call(uri).await?;
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, Dialer(tls.clone()).call(uri))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{address}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            )
+        })??;
     let (_, session) = stream.inner().get_ref().get_ref();
     session
         .peer_certificates()
@@ -684,6 +743,42 @@ mod tests {
             started.elapsed()
         );
         assert!(started.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_handshake_limit_are_closed_at_once() {
+        let tls = DevCa::new("test").expect("ca").node_tls(&[]).expect("node");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mode = TlsMode::Mutual(tls.clone());
+        let _incoming = incoming_limited(&mode, listener, None, 2).expect("incoming");
+        // Two peers that connect and say nothing take both places, for up to
+        // HANDSHAKE_TIMEOUT (10 s).
+        let silent = TcpStream::connect(address).await.expect("connect");
+        let _second = TcpStream::connect(address).await.expect("connect");
+        let mut third = TcpStream::connect(address).await.expect("connect");
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut [0u8; 1]))
+            .await
+            .expect("the third is closed at once, not after the handshake limit");
+        assert!(
+            matches!(&read, Ok(0)) || read.is_err(),
+            "closed, not answered: {read:?}"
+        );
+        // A place given up (the peer left) is a place for the next.
+        drop(silent);
+        let mut handshakes = 0;
+        let cert = loop {
+            handshakes += 1;
+            match peer_certificate(&tls, &address.to_string()).await {
+                Ok(cert) => break cert,
+                Err(e) if handshakes < 50 => {
+                    tracing::debug!(error = %e, "not yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("no handshake after a place was given up: {e}"),
+            }
+        };
+        assert!(!cert.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
