@@ -97,34 +97,6 @@ struct Cli {
     drain_delay: Duration,
 }
 
-/// Highest open-file limit asked for (an unlimited hard limit is not a usable soft one).
-const MAX_OPEN_FILES: u64 = 1 << 20;
-
-/// Raises the soft open-file limit to the hard one and returns the limit in force: every
-/// client connection costs a descriptor, and the default soft limit (often 1024) is far
-/// below what a front end needs.
-fn raise_open_file_limit() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok(limits) => limits,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the open-file limit; assuming 1024");
-            return 1024;
-        }
-    };
-    let wanted = hard.min(MAX_OPEN_FILES);
-    if soft >= wanted {
-        return soft;
-    }
-    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
-        Ok(()) => wanted,
-        Err(e) => {
-            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-            soft
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
     let common = cli.common.clone();
@@ -179,7 +151,7 @@ async fn daemon(cli: Cli) -> ExitCode {
             cli.placer_epsilon
         ));
     }
-    let open_files = raise_open_file_limit();
+    let open_files = fn_lifecycle::limits::raise_open_file_limit().in_force;
     let max_connections = match cli.max_connections {
         Some(0) => exit_config_error("FN_MAX_CONNECTIONS: must be at least 1"),
         Some(n) => n,
@@ -259,7 +231,13 @@ async fn daemon(cli: Cli) -> ExitCode {
         .with_drain_delay(cli.drain_delay);
     let shards = match fn_lifecycle::shards::Shards::start(cli.common.shards.into()) {
         Ok(shards) => Arc::new(shards),
-        Err(e) => exit_config_error(format!("FN_SHARDS: cannot start a shard: {e}")),
+        // Out of threads, not a bad setting: the status says failure, not configuration.
+        Err(e) => {
+            return fn_lifecycle::exit_status(Err(format!(
+                "FN_SHARDS: cannot start a shard's thread: {e} (lower FN_SHARDS, or raise the \
+                 process's thread limit)"
+            )));
+        }
     };
     let http_shards = Arc::clone(&shards);
     services.spawn("http", move |cancel| {

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
 
 async fn daemon(cli: Cli) -> ExitCode {
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
+    // A connection from every lb-agent and to every runner, each a descriptor.
+    let open_files = fn_lifecycle::limits::raise_open_file_limit();
+    tracing::debug!(open_files = open_files.in_force, "open-file limit");
     let manager_config = cli
         .scaling
         .manager_config()

@@ -168,9 +168,14 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     let isolation = isolation(&cli, &function_users)
         .await
         .unwrap_or_else(|e| exit_config_error(e));
+    // Each instance holds a few descriptors (its socket, its output pipes, its lifeline), and
+    // each lb-agent a connection; functions get back the limit the runner was given.
+    let open_files = fn_lifecycle::limits::raise_open_file_limit();
+    tracing::debug!(open_files = open_files.in_force, "open-file limit");
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
         .with_function_users(function_users)
-        .with_isolation(isolation);
+        .with_isolation(isolation)
+        .with_function_open_files(open_files.raised().then_some(open_files.inherited));
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
     if let Some(key) = cli.tls.node_cert_key.as_deref()
         && driver.exposes(key)
@@ -201,7 +206,13 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     };
     let shards = match Shards::start(cli.common.shards.into()) {
         Ok(shards) => Arc::new(shards),
-        Err(e) => exit_config_error(format!("FN_SHARDS: cannot start a shard: {e}")),
+        // Out of threads, not a bad setting: the status says failure, not configuration.
+        Err(e) => {
+            return fn_lifecycle::exit_status(Err(format!(
+                "FN_SHARDS: cannot start a shard's thread: {e} (lower FN_SHARDS, or raise the \
+                 process's thread limit)"
+            )));
+        }
     };
     let incoming = match fn_tls::grpc_incoming_sharded(&tls, listener, Some(Arc::clone(&shards))) {
         Ok(incoming) => incoming,

@@ -9,6 +9,7 @@
 //! - [`services`]: named services run together under one cancellation token, stopped by a
 //!   shutdown future (a signal in production, anything in tests) within a bound.
 //! - [`signal`]: the SIGTERM/SIGINT future for production.
+//! - [`limits`]: the open-file limit, raised at start, and the one children should get back.
 //! - [`metrics`]: the Prometheus scrape endpoint (`GET /metrics` on `FN_METRICS_PORT`) over
 //!   a registry each daemon creates and passes to the code that registers its metrics.
 //! - [`ports`]: a free port for a child process to listen on, without racing outgoing
@@ -22,6 +23,7 @@
 
 pub mod config;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod ports;

@@ -239,6 +239,51 @@ async fn config_status_and_user_reach_the_function() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// The soft "Max open files" of process `pid`.
+fn open_file_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("proc limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|soft| soft.parse().ok())
+        .unwrap_or_else(|| panic!("no soft limit in {line:?}"))
+}
+
+#[tokio::test]
+async fn functions_get_the_open_file_limit_they_are_given() {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    // Below the test's own, so that an instance showing it shows it was set.
+    let given = soft.min(4096) - 1;
+    let tmp = tempdir();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), tmp.path().join("sockets"))
+            .with_function_user(function_user())
+            .with_memory_limits(MemoryLimits::Off)
+            .with_function_open_files(Some(given)),
+    )
+    .expect("driver");
+    let limited = driver
+        .start_process(&spec("fn-hello"), "c", START)
+        .await
+        .expect("start");
+    let (status, _, _) = call(&limited, HeaderMap::new(), "Ann").await.expect("call");
+    assert_eq!(status, StatusCode::OK, "the function runs under the limit");
+    assert_eq!(open_file_limit(limited.pid().expect("pid")), given);
+
+    // Without one, a function has the runner's.
+    let fx = fixture();
+    let inheriting = fx
+        .driver
+        .start_process(&spec("fn-hello"), "c", START)
+        .await
+        .expect("start");
+    assert_eq!(open_file_limit(inheriting.pid().expect("pid")), soft);
+}
+
 #[tokio::test]
 async fn kill_stops_the_instance_and_removes_its_directory() {
     let fx = fixture();

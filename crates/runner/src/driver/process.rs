@@ -72,6 +72,16 @@ exec 3<&0 </dev/null
 exec 3<&- "$0" "$@"
 "#;
 
+/// [`WRAPPER_SCRIPT`], first lowering the soft open-file limit to `open_files` when set.
+/// Lowering a soft limit cannot be refused, so a failure is a broken shell: the instance
+/// does not start.
+fn wrapper_script(open_files: Option<u64>) -> String {
+    match open_files {
+        Some(limit) => format!("ulimit -S -n {limit} || exit 1\n{WRAPPER_SCRIPT}"),
+        None => WRAPPER_SCRIPT.to_owned(),
+    }
+}
+
 /// `PATH` of every function: the usual system directories, nothing of the runner's own.
 const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -107,6 +117,11 @@ pub struct ProcessDriverConfig {
     pub memory_limits: MemoryLimits,
     /// Namespaces of its own for each instance, when the runner may make them.
     pub isolation: Option<Isolation>,
+    /// The soft open-file limit every function gets, when it should be lower than the
+    /// runner's: the limit the runner started with, before it raised its own. `None`:
+    /// functions inherit the runner's. Set by the wrapper shell, so a runner without one
+    /// (no `/bin/sh`) leaves functions with its own.
+    pub function_open_files: Option<u64>,
 }
 
 /// Namespaces for every instance, made by the `fn-isolate` helper (it needs root or
@@ -131,6 +146,7 @@ impl ProcessDriverConfig {
             function_users: FunctionUsers::Runner,
             memory_limits: MemoryLimits::default(),
             isolation: None,
+            function_open_files: None,
         }
     }
 
@@ -152,6 +168,13 @@ impl ProcessDriverConfig {
     #[must_use]
     pub fn with_function_users(mut self, users: FunctionUsers) -> Self {
         self.function_users = users;
+        self
+    }
+
+    /// Gives every function the soft open-file limit `limit` (`None`: the runner's own).
+    #[must_use]
+    pub fn with_function_open_files(mut self, limit: Option<u64>) -> Self {
+        self.function_open_files = limit;
         self
     }
 
@@ -193,6 +216,9 @@ pub struct ProcessDriver {
     /// The shell that gates and watches every child ([`WRAPPER_SCRIPT`]); `None` when there
     /// is no shell (then children start unwrapped).
     wrapper: Option<PathBuf>,
+    /// What the wrapper runs: [`WRAPPER_SCRIPT`], after setting the functions' open-file
+    /// limit when there is one to set.
+    wrapper_script: String,
     /// Distinguishes this driver's instance ids from those of an earlier runner that used
     /// the same socket root (and maybe the same pid).
     id_prefix: String,
@@ -273,6 +299,7 @@ impl ProcessDriver {
             memory,
             isolation: config.isolation,
             wrapper,
+            wrapper_script: wrapper_script(config.function_open_files),
             id_prefix,
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -507,7 +534,7 @@ impl ProcessDriver {
         let mut cmd = match self.wrapper.as_deref() {
             Some(shell) => {
                 let mut cmd = Command::new(shell);
-                cmd.arg("-c").arg(WRAPPER_SCRIPT).arg(start);
+                cmd.arg("-c").arg(&self.wrapper_script).arg(start);
                 cmd.stdin(Stdio::piped());
                 cmd
             }
@@ -774,6 +801,7 @@ mod tests {
             },
             isolation: None,
             wrapper: None,
+            wrapper_script: WRAPPER_SCRIPT.to_owned(),
             id_prefix: String::new(),
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::default(),
