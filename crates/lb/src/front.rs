@@ -173,13 +173,22 @@ impl Front {
                 _ => Err(CallError::MethodNotAllowed {
                     method: req.method().to_string(),
                     path: path.to_owned(),
-                    allow: "GET",
+                    allow: "GET, HEAD",
                 }),
             };
         }
         let not_found = || CallError::NotFound(path.to_owned());
         if let Some(rest) = path.strip_prefix("/r/") {
             let (app, _) = rest.split_once('/').ok_or_else(not_found)?;
+            if req.method() == Method::CONNECT {
+                // A 2xx answer to CONNECT turns the connection into a tunnel: hyper would
+                // send no body, or no answer at all.
+                return Err(CallError::MethodNotAllowed {
+                    method: req.method().to_string(),
+                    path: path.to_owned(),
+                    allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+                });
+            }
             // The route with its leading slash, as the catalog spells it: a slice of the path.
             let route = &rest[app.len()..];
             return self

@@ -217,9 +217,16 @@ impl Invoker {
                     .get(header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok());
-                let body = if parts.method == http::Method::HEAD {
-                    // The head is the answer; the function's body is read and dropped, so
-                    // that the call ends as it would for GET (bounded by its deadline).
+                let bodiless = parts.method == http::Method::HEAD
+                    || matches!(
+                        head.status,
+                        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                    );
+                let body = if bodiless {
+                    // The head is the answer (HEAD, 204, 304: hyper sends no body and would
+                    // drop this one unread, cancelling the call); the function's body is read
+                    // and dropped, so that the call ends as it would for GET (bounded by its
+                    // deadline).
                     tokio::spawn(discard(call));
                     http_body_util::Empty::new()
                         .map_err(|never| match never {})
@@ -700,6 +707,21 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())
         .ok_or_else(|| format!("invalid status {} from the function", meta.status_code))?;
+    if status.is_informational() {
+        // hyper would send a bare 1xx (or an empty 500 in its place) and close.
+        return Err(format!(
+            "status {} from the function: an informational status cannot be a call's answer",
+            status.as_u16()
+        ));
+    }
+    if meta.headers.len() > MAX_HEADERS {
+        // As many as a request may carry; a map this size is also far below http's limit,
+        // past which building it would panic.
+        return Err(format!(
+            "{} response headers from the function; at most {MAX_HEADERS}",
+            meta.headers.len()
+        ));
+    }
     // Room for the two the lb-agent adds, `Server-Timing` and `Fn-Call-Id`: a full map
     // would grow (rehash) for them.
     let mut headers = HeaderMap::with_capacity(meta.headers.len() + 2);

@@ -688,10 +688,46 @@ async fn invoke_takes_post_only_and_get_gets_405_with_allow() {
     let reply = post(&lb, "/r/demo/echo?a=b&c", "query").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "query");
-    // The route form takes any method.
+    // The route form takes any method...
     let reply = send(&lb.address, request(Method::PUT, "/r/demo/echo", "put")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "put");
+    // ...but CONNECT, whose 2xx answer would make the connection a tunnel.
+    let head = raw_head(
+        &lb.address,
+        "CONNECT /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.contains("allow: GET, HEAD, POST"), "{head}");
+    let seen = runners[0].seen().len();
+    assert_eq!(seen, 3, "CONNECT reached no runner");
+    let reply = post(&lb, "/health", "").await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), "GET, HEAD");
+}
+
+/// Writes `request` on a new connection; the response head that comes back, bounded.
+async fn raw_head(address: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    tokio::time::timeout(BOUND, exchange)
+        .await
+        .expect("the LB answers in time")
 }
 
 #[tokio::test]
@@ -1492,6 +1528,76 @@ async fn content_length_is_kept_end_to_end_and_head_gets_the_head_alone() {
     assert!(
         seen.iter().all(|c| c.ending == Ending::Completed),
         "{seen:?}"
+    );
+}
+
+/// A POST of `body` to the echo function asking the fake runner for `header: value`.
+fn asking(header: &'static str, value: &str, body: &'static str) -> Request<Full<Bytes>> {
+    let mut req = request(Method::POST, "/r/demo/echo", body);
+    req.headers_mut().insert(
+        header,
+        http::HeaderValue::from_str(value).expect("header value"),
+    );
+    req
+}
+
+#[tokio::test]
+async fn answers_that_cannot_go_to_a_client_get_502_and_the_lb_keeps_serving() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for (header, value, named) in [
+        ("x-fake-status", "101", "status 101"),
+        ("x-fake-status", "103", "status 103"),
+        // Past http's HeaderMap limit (32,768): building the map would panic.
+        (
+            "x-fake-headers",
+            "40000",
+            "response headers from the function; at most 256",
+        ),
+    ] {
+        let reply = send(&lb.address, asking(header, value, "x")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_GATEWAY,
+            "{header}: {value}: {reply:?}"
+        );
+        let message = reply.json_error();
+        assert!(message.contains(named), "{message}");
+    }
+    // Headers within the bound still go through (90: the test's client takes 100).
+    let reply = send(&lb.address, asking("x-fake-headers", "90", "x")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.headers.get_all("x-filler").iter().count(), 90);
+    assert_eq!(post(&lb, "/r/demo/echo", "on").await.text(), "on");
+}
+
+/// hyper sends no body with a 204 or a 304 and drops the one it is given unread: the call
+/// must still end as a finished call, not be cancelled on the runner.
+#[tokio::test]
+async fn a_204_or_304_answer_ends_its_call_cleanly_on_the_runner() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::EchoLateTrailers]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+        let reply = send(&lb.address, asking("x-fake-status", status.as_str(), "")).await;
+        assert_eq!(reply.status, status, "{reply:?}");
+        assert_eq!(reply.body.as_deref().ok(), Some(b"".as_slice()));
+        let id = reply.call_id().to_owned();
+        assert_eq!(
+            runners[0].wait_ended(&id, BOUND).await.expect("ends"),
+            Ending::Completed
+        );
+    }
+    let seen = runners[0]
+        .wait_until(BOUND, |seen| {
+            seen.len() == 2 && seen.iter().all(|c| c.reset_before_trailers.is_some())
+        })
+        .await
+        .expect("both calls ended on the runner");
+    assert!(
+        seen.iter().all(|c| c.reset_before_trailers == Some(false)),
+        "the LB reset a finished call's stream: {seen:?}"
     );
 }
 

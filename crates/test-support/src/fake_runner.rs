@@ -39,7 +39,9 @@ const REQUEST_END_BOUND: Duration = Duration::from_secs(5);
 pub enum Behaviour {
     /// Commit, read the whole request body, then answer 200 with that body, its
     /// `Content-Length`, the request's `Content-Type` and `X-Echo-*` headers, and
-    /// `X-Fake-Runner: <name>`.
+    /// `X-Fake-Runner: <name>`. A request's `X-Fake-Status: <code>` sets the status (any
+    /// number, as a misbehaving runner might send), and `X-Fake-Headers: <n>` adds `n`
+    /// headers `X-Filler: a`.
     Echo,
     /// Refuse as busy (`committed = false`).
     Refuse,
@@ -590,7 +592,17 @@ async fn run(
                 name: "x-fake-runner".into(),
                 value: state.name.clone().into(),
             }];
-            if matches!(behaviour, Behaviour::Echo | Behaviour::EchoLateTrailers) {
+            let asked = |name: &[u8]| {
+                request_headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<u32>().ok())
+            };
+            let status_code = asked(b"x-fake-status").unwrap_or(200);
+            // A 204 or a 304 says nothing of a length, as a function that answers one would.
+            if matches!(behaviour, Behaviour::Echo | Behaviour::EchoLateTrailers)
+                && !matches!(status_code, 204 | 304)
+            {
                 // The length of the whole answer, as a function that knows it gives it.
                 headers.push(Header {
                     name: "content-length".into(),
@@ -606,10 +618,16 @@ async fn run(
                     })
                     .cloned(),
             );
+            let filler = Header {
+                name: "x-filler".into(),
+                value: "a".into(),
+            };
+            let fillers = asked(b"x-fake-headers").unwrap_or(0) as usize;
+            headers.extend(std::iter::repeat_n(filler, fillers));
             let start = runner_msg::Body::ResultStart(CallResultStart {
                 cold_start_us: state.cold_start_us(index),
                 http: Some(HttpRespMeta {
-                    status_code: 200,
+                    status_code,
                     headers,
                 }),
             });
