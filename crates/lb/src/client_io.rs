@@ -22,11 +22,14 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+
+use crate::connections::Registered;
 
 /// The bounds of a client connection; see the module docs.
 #[derive(Debug, Clone)]
@@ -70,6 +73,9 @@ pub struct ClientIo<S> {
     stalled: Option<Pin<Box<Sleep>>>,
     /// Set once the close has begun.
     linger: Option<Linger>,
+    /// Told of every completed flush, so that a request whose answer has left stops
+    /// keeping the connection busy ([`crate::connections`]).
+    registered: Option<Arc<Registered>>,
 }
 
 #[derive(Debug)]
@@ -94,7 +100,15 @@ impl<S> ClientIo<S> {
             limits,
             stalled: None,
             linger: None,
+            registered: None,
         }
+    }
+
+    /// Tells `registered` of every completed flush.
+    #[must_use]
+    pub fn reporting_flushes(mut self, registered: Arc<Registered>) -> Self {
+        self.registered = Some(registered);
+        self
     }
 
     /// Passes a write's result through, turning a stall past the limit into an error.
@@ -178,6 +192,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        // hyper flushes its socket only once its own buffer is empty: all it was given has
+        // been written.
+        if let (Poll::Ready(Ok(())), Some(registered)) = (&polled, &this.registered) {
+            registered.flushed();
+        }
         this.watch_write(cx, polled)
     }
 

@@ -7,6 +7,11 @@
 //! instead: closing a connection in the middle of an answer would lose a call. So a flood of
 //! idle sockets cannot use up the descriptors that calls need.
 //!
+//! A request counts until its answer has left: its [`Busy`] is released at the connection's
+//! first flush after the answer's body ended ([`Registered::flushed`], called by the
+//! connection's I/O), not when hyper took the body's last frame, since up to a buffer of the
+//! answer can still be waiting for a slow client then.
+//!
 //! Closing an idle connection and starting a request on it cannot both win: the closer claims
 //! the connection only while its count is 0, and a request that arrives on a claimed
 //! connection is told so ([`Busy::is_closing`]) and must not start a call.
@@ -38,6 +43,8 @@ struct Table {
 struct Conn {
     /// Requests being answered, plus [`CLOSING`] once claimed for closing.
     busy: AtomicUsize,
+    /// Of `busy`, the requests whose answers have ended but may not have been flushed.
+    unflushed: AtomicUsize,
     close: CancellationToken,
 }
 
@@ -143,6 +150,18 @@ impl Registered {
     }
 }
 
+impl Registered {
+    /// Everything written so far has left (a flush completed): requests whose answers ended
+    /// before it no longer keep the connection busy.
+    pub fn flushed(&self) {
+        if self.conn.unflushed.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let ended = self.conn.unflushed.swap(0, Ordering::AcqRel);
+        self.conn.busy.fetch_sub(ended, Ordering::AcqRel);
+    }
+}
+
 impl Drop for Registered {
     fn drop(&mut self) {
         self.table.lock().open.remove(&self.id);
@@ -165,8 +184,10 @@ impl Busy {
 }
 
 impl Drop for Busy {
+    /// The answer has ended, but what hyper has not yet written is still the request's: the
+    /// connection stays busy until [`Registered::flushed`].
     fn drop(&mut self) {
-        self.conn.busy.fetch_sub(1, Ordering::AcqRel);
+        self.conn.unflushed.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -204,7 +225,8 @@ mod tests {
         let idle_younger = admit(&table);
         let _request = busy_one.busy();
         let earlier_request = oldest.busy();
-        drop(earlier_request); // the oldest is idle again
+        drop(earlier_request);
+        oldest.flushed(); // the oldest is idle again
 
         let fourth = table.admit().expect("room is made");
         assert!(fourth.evicted_idle);
@@ -232,7 +254,11 @@ mod tests {
         assert_eq!(table.admit().map(|_| ()), Err(Full { cap: 2 }));
         assert!(!a.conn.close.is_cancelled() && !b.conn.close.is_cancelled());
         drop(on_b);
-        assert!(table.admit().is_ok(), "room once a request ends");
+        b.flushed();
+        assert!(
+            table.admit().is_ok(),
+            "room once a request's answer has left"
+        );
         assert!(b.conn.close.is_cancelled());
     }
 
@@ -245,6 +271,22 @@ mod tests {
         assert!(late.is_closing());
         let fresh = second.busy();
         assert!(!fresh.is_closing());
+    }
+
+    #[test]
+    fn an_ended_answer_keeps_its_connection_until_a_flush() {
+        let table = Connections::new(1);
+        let a = admit(&table);
+        let two = (a.busy(), a.busy());
+        drop(two);
+        assert_eq!(
+            table.admit().map(|_| ()),
+            Err(Full { cap: 1 }),
+            "answers not yet flushed"
+        );
+        a.flushed();
+        assert!(table.admit().is_ok(), "both released by one flush");
+        assert!(a.conn.close.is_cancelled());
     }
 
     #[test]

@@ -400,7 +400,8 @@ impl Client {
             metrics,
             load: _load,
         } = self;
-        let io = TokioIo::new(ClientIo::new(stream, limits));
+        let io =
+            TokioIo::new(ClientIo::new(stream, limits).reporting_flushes(Arc::clone(&registered)));
         let conn = graceful.watch(
             builder
                 .serve_connection_with_upgrades(io, service)
@@ -419,8 +420,9 @@ impl Client {
     }
 }
 
-/// A response body that keeps its connection marked busy until the body ends or is dropped,
-/// so that the connection cap never closes a connection in the middle of an answer.
+/// A response body that keeps its connection marked busy until the body ends or is dropped
+/// and what hyper took of it has been flushed, so that the connection cap never closes a
+/// connection in the middle of an answer.
 struct Guarded {
     body: ResponseBody,
     _busy: Busy,
@@ -454,4 +456,108 @@ fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     );
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A body of one frame that says when it has been dropped.
+    struct Watched {
+        frame: Option<Bytes>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Body for Watched {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            Poll::Ready(self.frame.take().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Release);
+        }
+    }
+
+    /// hyper drops a body once it has taken its last frame, while up to its write buffer of
+    /// it still waits for a slow client: the connection must stay busy until that has left.
+    #[tokio::test]
+    async fn a_connection_stays_busy_until_its_answer_has_left() {
+        const ANSWER: usize = 64 * 1024;
+        let table = Connections::new(1);
+        let registered = Arc::new(table.admit().expect("room").registered);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let io = TokioIo::new(
+            ClientIo::new(server, ClientLimits::default())
+                .reporting_flushes(Arc::clone(&registered)),
+        );
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (on_conn, body_dropped) = (Arc::clone(&registered), Arc::clone(&dropped));
+        let service = service_fn(move |_req: Request<Incoming>| {
+            let body = Watched {
+                frame: Some(Bytes::from(vec![7u8; ANSWER])),
+                dropped: Arc::clone(&body_dropped),
+            };
+            let busy = on_conn.busy();
+            async move {
+                Ok::<_, Infallible>(Response::new(Guarded {
+                    body: body.boxed_unsync(),
+                    _busy: busy,
+                }))
+            }
+        });
+        let served = tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .max_buf_size(CLIENT_READ_BUFFER)
+                .serve_connection(io, service),
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: lb.test\r\n\r\n")
+            .await
+            .expect("request");
+        for _ in 0..500 {
+            if dropped.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(dropped.load(Ordering::Acquire), "hyper took the whole body");
+        assert!(
+            table.admit().is_err(),
+            "the answer has not left: the connection is not idle"
+        );
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        while !received.ends_with(&[7u8; 64]) || received.len() < ANSWER {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("the answer comes")
+                .expect("read");
+            assert!(n > 0, "cut off after {} bytes", received.len());
+            received.extend_from_slice(&buf[..n]);
+        }
+        // The server's flush follows its last write: give it its turn.
+        let mut admitted = table.admit();
+        for _ in 0..500 {
+            if admitted.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            admitted = table.admit();
+        }
+        let admitted = admitted.expect("idle once the answer has left");
+        assert!(admitted.evicted_idle);
+        drop(served);
+    }
 }
