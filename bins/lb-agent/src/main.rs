@@ -73,6 +73,10 @@ struct Cli {
     /// Largest request body accepted, in bytes; larger gets 413.
     #[arg(long, env = "FN_MAX_REQUEST_BODY", default_value_t = 32 * 1024 * 1024)]
     max_request_body: u64,
+    /// Longest pause in a request body still arriving; past it the call ends with 408 (and
+    /// the function's work with it).
+    #[arg(long, env = "FN_CLIENT_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    client_body_timeout: Duration,
     /// Bound for connecting to a runner.
     #[arg(long, env = "FN_RUNNER_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     runner_connect_timeout: Duration,
@@ -207,7 +211,13 @@ async fn daemon(cli: Cli) -> ExitCode {
     );
     let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
         .unwrap_or_else(|e| exit_config_error(e));
-    let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry);
+    if cli.client_body_timeout.is_zero() {
+        exit_config_error(
+            "FN_CLIENT_BODY_TIMEOUT: must be more than 0 (30s: a body may pause 30 s)",
+        );
+    }
+    let invoker = Invoker::new(dispatcher, capacity, cli.max_request_body, &mut registry)
+        .with_body_idle_timeout(cli.client_body_timeout);
     let (health, _grpc_health) = Health::new(&[]);
     let limits = ClientLimits {
         max_connections,

@@ -34,6 +34,11 @@ pub enum CallError {
     /// (client).
     #[error("request URL of {len} bytes is longer than the limit of {max}")]
     UriTooLong { len: usize, max: usize },
+    /// The client stopped sending its request body before its end (client).
+    #[error(
+        "the request body stalled: nothing arrived for {0:?}; send the body without pauses that long"
+    )]
+    BodyStalled(Duration),
     /// More request headers than a runner takes (client).
     #[error("{count} request headers are more than the limit of {max}")]
     TooManyHeaders { count: usize, max: usize },
@@ -67,6 +72,7 @@ impl CallError {
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CallError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             CallError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::NoCapacity { .. }

@@ -77,6 +77,8 @@ pub struct Invoker {
     dispatcher: Dispatcher,
     capacity: CapacityTracker,
     max_request_body: u64,
+    /// Longest pause in a request body still arriving ([`BODY_IDLE_TIMEOUT`] by default).
+    body_idle_timeout: Duration,
     metrics: LbMetrics,
 }
 
@@ -92,8 +94,17 @@ impl Invoker {
             dispatcher,
             capacity,
             max_request_body,
+            body_idle_timeout: BODY_IDLE_TIMEOUT,
             metrics: LbMetrics::register(registry),
         }
+    }
+
+    /// Sets the longest pause in a request body that is still arriving
+    /// (`FN_CLIENT_BODY_TIMEOUT`); past it the call ends with 408.
+    #[must_use]
+    pub fn with_body_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.body_idle_timeout = timeout;
+        self
     }
 
     /// The call metrics, for requests refused before they reach the invoker.
@@ -177,7 +188,11 @@ impl Invoker {
         let mut engaged = placed.engaged;
         // Without a sender the whole body went with the TryCall.
         let pump = engaged.take_body_sender().map(|to_runner| {
-            Box::pin(pump_request(body, to_runner, early, self.max_request_body)) as Pump
+            let limits = PumpLimits {
+                max: self.max_request_body,
+                idle: self.body_idle_timeout,
+            };
+            Box::pin(pump_request(body, to_runner, early, limits)) as Pump
         });
         let mut call = CallBody {
             runner: engaged.runner.clone(),
@@ -325,20 +340,39 @@ type Pump = Pin<Box<dyn Future<Output = Result<(), PumpError>> + Send>>;
 enum PumpError {
     TooLarge,
     Client(String),
+    /// Nothing arrived for this long.
+    Stalled(Duration),
 }
+
+/// The bounds of a request body's pump.
+#[derive(Debug, Clone, Copy)]
+struct PumpLimits {
+    /// Most bytes.
+    max: u64,
+    /// Longest pause.
+    idle: Duration,
+}
+
+/// Default longest pause in a request body that is still arriving (`FN_CLIENT_BODY_TIMEOUT`,
+/// as nginx's `client_body_timeout`):
+/// a client that stops sending would otherwise hold its call, and the function's instance,
+/// until the call's own timeout, and be answered as if the function were slow. Time spent
+/// waiting for the runner to take what has arrived does not count.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl PumpError {
     fn into_call_error(self, limit: u64) -> CallError {
         match self {
             PumpError::TooLarge => CallError::TooLarge { limit },
             PumpError::Client(e) => CallError::BadRequest(format!("reading the request body: {e}")),
+            PumpError::Stalled(idle) => CallError::BodyStalled(idle),
         }
     }
 
     fn outcome(&self) -> CallOutcome {
         match self {
             PumpError::TooLarge => CallOutcome::TooLarge,
-            PumpError::Client(_) => CallOutcome::BadRequest,
+            PumpError::Client(_) | PumpError::Stalled(_) => CallOutcome::BadRequest,
         }
     }
 }
@@ -508,6 +542,7 @@ impl CallBody {
                         self.max_request_body
                     ),
                     PumpError::Client(e) => format!("reading the request body: {e}"),
+                    PumpError::Stalled(idle) => format!("the request body stalled for {idle:?}"),
                 };
                 return self.end(e.outcome(), Some(why));
             }
@@ -813,7 +848,7 @@ async fn pump_request<B>(
     mut body: B,
     to_runner: BodySender,
     early: EarlyBody,
-    max: u64,
+    limits: PumpLimits,
 ) -> Result<(), PumpError>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -827,13 +862,29 @@ where
         }
     }
     if !early.complete {
-        while let Some(frame) = body.frame().await {
+        // Armed once per pause allowed, not per frame: when it fires it checks when the
+        // body last moved, and sleeps again for what is left.
+        let mut moved = tokio::time::Instant::now();
+        let mut stall = Box::pin(tokio::time::sleep_until(moved + limits.idle));
+        loop {
+            let frame = tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                () = stall.as_mut() => {
+                    if moved.elapsed() >= limits.idle {
+                        return Err(PumpError::Stalled(limits.idle));
+                    }
+                    stall.as_mut().reset(moved + limits.idle);
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| PumpError::Client(e.to_string()))?;
             let Ok(mut data) = frame.into_data() else {
                 continue; // trailers are not forwarded
             };
             total += data.len() as u64;
-            if total > max {
+            if total > limits.max {
                 return Err(PumpError::TooLarge);
             }
             while !data.is_empty() {
@@ -844,6 +895,7 @@ where
                     return Ok(());
                 }
             }
+            moved = tokio::time::Instant::now();
         }
     }
     if to_runner.send(Bytes::new(), true).await.is_err() {

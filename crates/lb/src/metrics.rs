@@ -84,7 +84,8 @@ impl From<&CallError> for CallOutcome {
             CallError::TooLarge { .. } => CallOutcome::TooLarge,
             CallError::BadRequest(_)
             | CallError::UriTooLong { .. }
-            | CallError::TooManyHeaders { .. } => CallOutcome::BadRequest,
+            | CallError::TooManyHeaders { .. }
+            | CallError::BodyStalled(_) => CallOutcome::BadRequest,
             CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,

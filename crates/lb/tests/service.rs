@@ -62,6 +62,7 @@ struct Options {
     limits: ClientLimits,
     warm_wait: Duration,
     catalog: String,
+    body_idle_timeout: Duration,
 }
 
 impl Default for Options {
@@ -74,6 +75,7 @@ impl Default for Options {
             limits: ClientLimits::default(),
             warm_wait: DispatchConfig::default().warm_wait,
             catalog: CATALOG.to_owned(),
+            body_idle_timeout: fn_lb::invoke::BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -121,7 +123,8 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         capacity.clone(),
         options.max_request_body,
         &mut registry,
-    );
+    )
+    .with_body_idle_timeout(options.body_idle_timeout);
     let catalog = Catalog::parse(Path::new("test.toml"), &options.catalog).expect("catalog");
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
@@ -856,6 +859,74 @@ async fn a_chunked_body_growing_over_the_limit_gets_413_and_the_runner_is_cancel
     assert_eq!(
         reply.body.as_deref().ok(),
         Some(vec![b'w'; 4000].as_slice())
+    );
+}
+
+/// A chunked POST to the echo function whose body the returned sender feeds.
+fn fed(
+    path: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    Request<ChunkedBody>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::HOST, "lb.test")
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .expect("request");
+    (tx, req)
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_gets_408_and_a_slow_steady_one_goes_through() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let options = Options {
+        body_idle_timeout: IDLE,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+
+    // Six bytes a third of the limit apart: twice the limit in all, no pause as long.
+    let (tx, req) = fed("/r/demo/echo");
+    let feeding = tokio::spawn(async move {
+        for i in 0..6 {
+            let chunk = Bytes::from(i.to_string());
+            tx.send(Ok(Frame::data(chunk))).await.expect("send");
+            tokio::time::sleep(IDLE / 3).await;
+        }
+    });
+    let reply = send(&lb.address, req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "012345");
+    feeding.await.expect("fed");
+
+    // One byte, then nothing (the sender stays open).
+    let (tx, req) = fed("/r/demo/echo");
+    tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let reply = send(&lb.address, req).await;
+    assert_eq!(reply.status, StatusCode::REQUEST_TIMEOUT, "{reply:?}");
+    let message = reply.json_error();
+    assert!(message.contains("stalled"), "{message}");
+    assert!(started.elapsed() >= IDLE, "{:?}", started.elapsed());
+    drop(tx);
+    let seen = runners[0]
+        .wait_until(BOUND, |seen| {
+            seen.len() == 2 && seen.iter().all(|c| c.ending != Ending::Open)
+        })
+        .await
+        .expect("both calls ended on the runner");
+    assert_eq!(seen[1].ending, Ending::LbWentAway, "{seen:?}");
+    assert!(
+        lb.metrics().contains(r#"outcome="bad_request""#),
+        "{}",
+        lb.metrics()
     );
 }
 
