@@ -44,6 +44,11 @@ pub struct ClientLimits {
     pub linger_time: Duration,
     /// Longest wait for the next byte while closing.
     pub linger_idle: Duration,
+    /// HTTP/2: how often a connection's client is pinged, and how long its answer may take
+    /// before the connection is closed. A client that vanished without closing (a crashed
+    /// host, a partition) is then found even when no answer is being written to it, which
+    /// HTTP/1's idle timeout does for HTTP/1.
+    pub ping: Duration,
     /// Most client connections open at once (`FN_MAX_CONNECTIONS`); see
     /// [`crate::connections`]. lb-agent sizes it from its descriptor limit.
     pub max_connections: usize,
@@ -57,6 +62,7 @@ impl Default for ClientLimits {
             linger_bytes: 64 * 1024 * 1024,
             linger_time: Duration::from_secs(30),
             linger_idle: Duration::from_secs(5),
+            ping: Duration::from_secs(10),
             max_connections: crate::connections::default_cap(1024),
         }
     }

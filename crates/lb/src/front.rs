@@ -251,6 +251,11 @@ impl Front {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(CLIENT_READ_BUFFER);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.limits.ping)
+            .keep_alive_timeout(self.limits.ping);
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,

@@ -1121,6 +1121,81 @@ async fn h2c_prior_knowledge_is_served_like_http1() {
 }
 
 #[tokio::test]
+async fn an_h2_client_that_answers_no_ping_is_closed_and_a_huge_h2_head_reaches_no_runner() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let limits = ClientLimits {
+        ping: Duration::from_millis(200),
+        ..ClientLimits::default()
+    };
+    let options = Options {
+        limits,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+
+    // The preface and an empty SETTINGS frame, then silence: no ping is answered.
+    let mut silent = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let started = Instant::now();
+    let closed = tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // SETTINGS, PING, GOAWAY
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after {BOUND:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    // A head of 300 KiB reaches no runner (hyper's h2 takes 16 KiB). HPACK sends a repeated
+    // header as a one-byte reference, so its block on the wire is small.
+    let mut sender = h2c(&lb.address).await;
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"big")))
+        .expect("request");
+    let value = HeaderValue::from_str(&"a".repeat(3000)).expect("value");
+    for _ in 0..100 {
+        req.headers_mut().append("x-big", value.clone());
+    }
+    let answered = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time");
+    if let Ok(response) = &answered {
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{response:?}"
+        );
+    }
+    assert!(runners[0].seen().is_empty(), "no call for the huge head");
+    // A client that answers pings stays, and its calls go through.
+    let mut sender = h2c(&lb.address).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"pinged")))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("the connection is still open");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::NeverAcknowledge, Behaviour::Echo]).await;
