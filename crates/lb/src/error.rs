@@ -63,6 +63,12 @@ pub enum CallError {
     /// The lb-agent is shutting down.
     #[error("shutting down; retry on another LB")]
     ShuttingDown,
+    /// The request arrived on a connection being closed to make room for new ones.
+    #[error(
+        "this connection is being closed to make room for new ones (FN_MAX_CONNECTIONS); \
+         retry on a new connection"
+    )]
+    ConnectionClosing,
 }
 
 impl CallError {
@@ -77,6 +83,7 @@ impl CallError {
             CallError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::NoCapacity { .. }
             | CallError::ShuttingDown
+            | CallError::ConnectionClosing
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Unrunnable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -87,7 +94,9 @@ impl CallError {
     /// Seconds after which a retry can succeed, where one can.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            CallError::NoCapacity { .. } | CallError::ShuttingDown => Some(1),
+            CallError::NoCapacity { .. }
+            | CallError::ShuttingDown
+            | CallError::ConnectionClosing => Some(1),
             _ => None,
         }
     }

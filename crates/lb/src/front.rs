@@ -298,7 +298,7 @@ impl Front {
                 async move {
                     if busy.is_closing() {
                         // The connection is being closed to make room; start nothing on it.
-                        let response = CallError::ShuttingDown.to_response();
+                        let response = CallError::ConnectionClosing.to_response();
                         return Ok::<_, Infallible>(
                             response.map(|body| Guarded { body, _busy: busy }),
                         );

@@ -227,16 +227,19 @@ impl Invoker {
                 {
                     head.headers.append(SERVER_TIMING, value);
                 }
-                call.length = head
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok());
                 let bodiless = parts.method == http::Method::HEAD
                     || matches!(
                         head.status,
                         StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
                     );
+                // The length of the body the client gets: none after a bodiless head, whose
+                // Content-Length describes a body that is not sent.
+                call.length = head
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .filter(|_| !bodiless)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
                 let body = if bodiless {
                     // The head is the answer (HEAD, 204, 304: hyper sends no body and would
                     // drop this one unread, cancelling the call); the function's body is read
@@ -571,8 +574,19 @@ impl CallBody {
             match msg.body {
                 Some(runner_msg::Body::Data(frame)) if !self.eof && !self.finished => {
                     self.eof = frame.eof;
+                    self.delivered += frame.data.len() as u64;
+                    if let Some(length) = self.length
+                        && (self.delivered > length || self.eof && self.delivered < length)
+                    {
+                        // hyper would cut the client's answer off at either; say why.
+                        let why = format!(
+                            "the answer's body ({}{} bytes) does not match its Content-Length of {length}",
+                            if self.eof { "" } else { "at least " },
+                            self.delivered
+                        );
+                        return self.end(CallOutcome::RunnerFailed, Some(why));
+                    }
                     if !frame.data.is_empty() {
-                        self.delivered += frame.data.len() as u64;
                         return Poll::Ready(Some(Ok(Frame::data(frame.data))));
                     }
                 }

@@ -91,7 +91,7 @@ impl From<&CallError> for CallOutcome {
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
             CallError::Timeout(_) => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
-            CallError::ShuttingDown => CallOutcome::ShuttingDown,
+            CallError::ShuttingDown | CallError::ConnectionClosing => CallOutcome::ShuttingDown,
         }
     }
 }

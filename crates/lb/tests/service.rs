@@ -1718,6 +1718,36 @@ async fn answers_that_cannot_go_to_a_client_get_502_and_the_lb_keeps_serving() {
     assert_eq!(post(&lb, "/r/demo/echo", "on").await.text(), "on");
 }
 
+#[tokio::test]
+async fn an_answer_whose_body_does_not_match_its_content_length_is_a_runner_failure() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    // Short of its length, then longer than it: the client's answer is cut either way.
+    // (Over it, the head may not have left yet: then there is no answer at all.)
+    for claimed in ["10", "1"] {
+        let request = asking("x-fake-length", claimed, "abc");
+        let replies = on_one_connection(&lb.address, vec![request]).await;
+        match &replies[..] {
+            [Ok(reply)] => {
+                assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+                assert!(reply.body.is_err(), "claimed {claimed}: {reply:?}");
+            }
+            [Err(no_answer)] => assert!(no_answer.contains("closed"), "{no_answer}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let metrics = lb.metrics();
+    let failed = metrics
+        .lines()
+        .find(|l| l.contains(r#"outcome="runner_failed""#) && l.starts_with("fn_lb_calls_total"))
+        .unwrap_or_else(|| panic!("no runner_failed count in {metrics}"));
+    assert!(failed.ends_with(" 2"), "{failed}");
+    // A HEAD's Content-Length describes a body that is not sent: that is no mismatch.
+    let head = send(&lb.address, request(Method::HEAD, "/r/demo/echo", "")).await;
+    assert_eq!(head.status, StatusCode::OK, "{head:?}");
+}
+
 /// hyper sends no body with a 204 or a 304 and drops the one it is given unread: the call
 /// must still end as a finished call, not be cancelled on the runner.
 #[tokio::test]

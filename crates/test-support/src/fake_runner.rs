@@ -40,8 +40,9 @@ pub enum Behaviour {
     /// Commit, read the whole request body, then answer 200 with that body, its
     /// `Content-Length`, the request's `Content-Type` and `X-Echo-*` headers, and
     /// `X-Fake-Runner: <name>`. A request's `X-Fake-Status: <code>` sets the status (any
-    /// number, as a misbehaving runner might send), and `X-Fake-Headers: <n>` adds `n`
-    /// headers `X-Filler: a`.
+    /// number, as a misbehaving runner might send), `X-Fake-Headers: <n>` adds `n` headers
+    /// `X-Filler: a`, and `X-Fake-Length: <n>` claims a `Content-Length` of `n` whatever the
+    /// body's.
     Echo,
     /// Refuse as busy (`committed = false`).
     Refuse,
@@ -604,9 +605,10 @@ async fn run(
                 && !matches!(status_code, 204 | 304)
             {
                 // The length of the whole answer, as a function that knows it gives it.
+                let length = asked(b"x-fake-length").map_or(body.len(), |n| n as usize);
                 headers.push(Header {
                     name: "content-length".into(),
-                    value: body.len().to_string().into(),
+                    value: length.to_string().into(),
                 });
             }
             headers.extend(
