@@ -218,8 +218,16 @@ pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
 /// The client status of a reply with HTTP status `http` and headers `reply`.
 ///
 /// # Errors
-/// A message when `Fn-Http-Status` is present but not a valid status code.
+/// A message when the reply's status is informational (1xx), or `Fn-Http-Status` is
+/// present but not a valid status code.
 pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
+    if http.is_informational() {
+        // hyper hands a 101 back as a reply with no body; no client can be given it.
+        return Err(format!(
+            "status {} from the function: an informational status cannot be an answer",
+            http.as_u16()
+        ));
+    }
     if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
         return Ok(http);
     }
@@ -385,6 +393,13 @@ mod tests {
     fn status_mapping() {
         let ok = StatusCode::OK;
         assert_eq!(client_status(ok, &map(&[])), Ok(StatusCode::OK));
+        assert!(
+            client_status(
+                StatusCode::SWITCHING_PROTOCOLS,
+                &map(&[("fn-http-status", "200")])
+            )
+            .is_err()
+        );
         assert_eq!(
             client_status(ok, &map(&[("fn-http-status", "404")])),
             Ok(StatusCode::NOT_FOUND)

@@ -259,7 +259,18 @@ impl SocketClient {
         let (head, incoming) = reply.into_parts();
         let status = http_stream::client_status(head.status, &head.headers)
             .map_err(DriverError::Function)?;
-        let headers = http_stream::fn_to_client(&head.headers);
+        let mut headers = http_stream::fn_to_client(&head.headers);
+        // The length hyper decoded, not the header: a reply with both Transfer-Encoding and
+        // Content-Length is framed by the first, and a 204 or 304 has no body whatever its
+        // Content-Length says.
+        match hyper::body::Body::size_hint(&incoming).exact() {
+            Some(length) => {
+                headers.insert(http::header::CONTENT_LENGTH, length.into());
+            }
+            None => {
+                headers.remove(http::header::CONTENT_LENGTH);
+            }
+        }
         let liveness = self.liveness.clone();
         let body = incoming.into_data_stream().then(move |chunk| {
             let liveness = liveness.clone();
@@ -336,5 +347,84 @@ pub(crate) fn remove_instance_dir(dir: &Path) {
             error = %e,
             "cannot remove instance directory"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Sends a call to a function that answers `reply` on its socket; the client's status,
+    /// `Content-Length` and body.
+    async fn answered(reply: &'static str) -> (http::StatusCode, Option<String>, Bytes) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the request head");
+                got.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(reply.as_bytes()).await.expect("reply");
+            // Held open, so the body ends by its framing.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        let request = FunctionRequest {
+            call_id: "c".into(),
+            method: http::Method::POST,
+            request_url: "http://lb.test/r/app/fn".into(),
+            headers: http::HeaderMap::new(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
+        };
+        let response = client
+            .send(request, Box::pin(futures::stream::empty()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let length = response
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let body: Vec<Bytes> =
+            tokio::time::timeout(Duration::from_secs(3), response.body.collect::<Vec<_>>())
+                .await
+                .expect("the body ends by its framing")
+                .into_iter()
+                .map(|chunk| chunk.unwrap_or_else(|e| panic!("{e}")))
+                .collect();
+        (response.status, length, body.concat().into())
+    }
+
+    #[tokio::test]
+    async fn the_client_gets_the_length_of_the_body_it_gets() {
+        let (status, length, body) = answered(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n\
+             a\r\n0123456789\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(&body[..], b"0123456789");
+        assert_eq!(length, None, "chunked framing: no length to claim");
+
+        let (status, length, body) = answered(
+            "HTTP/1.1 304 Not Modified\r\nfn-http-status: 200\r\ncontent-length: 10\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert!(body.is_empty());
+        assert_eq!(length.as_deref(), Some("0"));
+
+        let (_, length, body) = answered("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc").await;
+        assert_eq!(
+            (length.as_deref(), &body[..]),
+            (Some("3"), b"abc".as_slice())
+        );
     }
 }
