@@ -202,7 +202,7 @@ impl SocketClient {
         {
             return Ok(sender);
         }
-        let stream = match UnixStream::connect(&self.socket).await {
+        let stream = match self.connect().await {
             Ok(stream) => stream,
             Err(e) => return Err(self.liveness.failure("cannot connect", e).await),
         };
@@ -220,6 +220,15 @@ impl SocketClient {
             }
         });
         Ok(sender)
+    }
+
+    /// Connects to the instance's listener as [`open_listener`] finds it: never to a socket
+    /// outside the instance's directory that the function points its listener at.
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        use std::os::fd::AsRawFd;
+        let listener = open_listener(&self.socket)?;
+        // Through the descriptor, so that a link swapped in since cannot redirect it.
+        UnixStream::connect(format!("/proc/self/fd/{}", listener.as_raw_fd())).await
     }
 
     /// Puts a connection back for the next call, unless enough are kept already.
@@ -311,13 +320,20 @@ pub(crate) async fn wait_for_listener(
                 "{end} before opening its listener"
             )));
         }
-        if is_socket(&client.socket) {
-            tracing::debug!(
-                instance = %client.instance,
-                after = ?started.elapsed(),
-                "function listener is up"
-            );
-            return Ok(());
+        match open_listener(&client.socket) {
+            Ok(_) => {
+                tracing::debug!(
+                    instance = %client.instance,
+                    after = ?started.elapsed(),
+                    "function listener is up"
+                );
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(DriverError::Start(e.to_string()));
+            }
+            // Not there yet, or not a socket yet.
+            Err(_) => {}
         }
         let now = Instant::now();
         if now >= deadline {
@@ -333,8 +349,45 @@ pub(crate) async fn wait_for_listener(
     }
 }
 
-fn is_socket(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+/// The socket an instance listens on, opened as a path (`O_PATH`) without following links.
+/// The FDK contract lets `lsnr.sock` be a link to the socket the function bound, and FDKs
+/// make it a link to a sibling (`phony*.sock`): a link to a bare name in the same directory is
+/// followed, any other is refused (`PermissionDenied`). The runner reaches every instance's
+/// directory, so following a function's link elsewhere would let it send its calls to
+/// another function's instance, or to any socket on the host.
+fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut target = socket.to_path_buf();
+    if std::fs::symlink_metadata(socket)?.file_type().is_symlink() {
+        let link = std::fs::read_link(socket)?;
+        let mut parts = link.components();
+        match (parts.next(), parts.next(), socket.parent()) {
+            (Some(std::path::Component::Normal(name)), None, Some(dir)) => target = dir.join(name),
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} links to {}: a listener must be a socket in the instance's own \
+                         directory",
+                        socket.display(),
+                        link.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(&target)?;
+    if file.metadata()?.file_type().is_socket() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", target.display()),
+        ))
+    }
 }
 
 /// Removes an instance directory and everything in it; a missing directory is fine.
@@ -361,33 +414,8 @@ mod tests {
     async fn answered(reply: &'static str) -> (http::StatusCode, Option<String>, Bytes) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("fn.sock");
-        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await.expect("accept");
-            let mut buf = vec![0u8; 4096];
-            let mut got = Vec::new();
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = conn.read(&mut buf).await.expect("read");
-                assert!(n > 0, "the request head");
-                got.extend_from_slice(&buf[..n]);
-            }
-            conn.write_all(reply.as_bytes()).await.expect("reply");
-            // Held open, so the body ends by its framing.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        });
-        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
-        let client = SocketClient::new(path, "test".into(), liveness, 1);
-        let request = FunctionRequest {
-            call_id: "c".into(),
-            method: http::Method::POST,
-            request_url: "http://lb.test/r/app/fn".into(),
-            headers: http::HeaderMap::new(),
-            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
-        };
-        let response = client
-            .send(request, Box::pin(futures::stream::empty()))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        serve(&path, reply);
+        let response = call(path).await.unwrap_or_else(|e| panic!("{e}"));
         let length = response
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -400,6 +428,86 @@ mod tests {
                 .map(|chunk| chunk.unwrap_or_else(|e| panic!("{e}")))
                 .collect();
         (response.status, length, body.concat().into())
+    }
+
+    /// A function listening at `path` that answers every call with `reply`, then holds the
+    /// connection open (so a body ends by its framing).
+    fn serve(path: &Path, reply: &'static str) {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if conn.write_all(reply.as_bytes()).await.is_ok() {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                });
+            }
+        });
+    }
+
+    /// One call, with no body, to the listener at `path`.
+    async fn call(path: PathBuf) -> Result<FunctionResponse, DriverError> {
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        let request = FunctionRequest {
+            call_id: "c".into(),
+            method: http::Method::POST,
+            request_url: "http://lb.test/r/app/fn".into(),
+            headers: http::HeaderMap::new(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
+        };
+        wait_for_listener(&client, Duration::from_secs(2)).await?;
+        client
+            .send(request, Box::pin(futures::stream::empty()))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_listener_linked_outside_its_instance_directory_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (mine, theirs) = (root.path().join("a"), root.path().join("b"));
+        std::fs::create_dir(&mine).expect("a");
+        std::fs::create_dir(&theirs).expect("b");
+        // Another instance's socket, and a link to it as this instance's listener.
+        serve(
+            &theirs.join("real.sock"),
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\ntheir",
+        );
+        for link in [theirs.join("real.sock"), PathBuf::from("../b/real.sock")] {
+            let listener = mine.join("lsnr.sock");
+            let _ = std::fs::remove_file(&listener);
+            std::os::unix::fs::symlink(&link, &listener).expect("symlink");
+            let started = Instant::now();
+            let err = match call(listener).await {
+                Ok(_) => panic!("a call through {} reached the other socket", link.display()),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains("own directory"), "{err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "refused at once"
+            );
+        }
+        // As FDKs do it: a link to a sibling socket.
+        serve(
+            &mine.join("phony.sock"),
+            "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmine",
+        );
+        let listener = mine.join("lsnr.sock");
+        std::fs::remove_file(&listener).expect("unlink");
+        std::os::unix::fs::symlink("phony.sock", &listener).expect("symlink");
+        let response = call(listener).await.unwrap_or_else(|e| panic!("{e}"));
+        let body: Vec<_> = response.body.collect().await;
+        assert_eq!(body.len(), 1);
+        assert!(matches!(&body[0], Ok(b) if &b[..] == b"mine"), "{body:?}");
     }
 
     #[tokio::test]
