@@ -40,7 +40,7 @@ impl CapacityTracker {
             };
             let total = groups.entry(Arc::clone(&group)).or_insert(0);
             let from_zero = *total == 0 && memory_mb > 0;
-            *total += memory_mb;
+            *total = total.saturating_add(memory_mb);
             (group, from_zero)
         };
         if from_zero {
@@ -115,6 +115,17 @@ mod tests {
         assert_eq!(t.snapshot().len(), 1, "g1 still busy, g2 forgotten");
         drop(b);
         assert_eq!(t.snapshot()["g1"], 0);
+    }
+
+    #[test]
+    fn huge_demand_saturates_instead_of_overflowing() {
+        let t = CapacityTracker::new();
+        let huge = t.assign("g", u64::MAX);
+        let one = t.assign("g", 1);
+        assert_eq!(t.snapshot()["g"], u64::MAX);
+        drop(huge);
+        drop(one);
+        assert_eq!(t.snapshot()["g"], 0);
     }
 
     #[tokio::test]

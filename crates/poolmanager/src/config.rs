@@ -150,6 +150,13 @@ impl ScalingArgs {
         if self.provision_batch == 0 {
             return Err(ConfigError("FN_PROVISION_BATCH: must be at least 1".into()));
         }
+        if self.lb_purge_after.is_zero() {
+            return Err(ConfigError(
+                "FN_LB_PURGE_AFTER: must be longer than 0 (an LB would be forgotten as soon as it \
+                 advertised)"
+                    .into(),
+            ));
+        }
         if self.scale_interval.is_zero() {
             return Err(ConfigError(
                 "FN_SCALE_INTERVAL: must be longer than 0".into(),
@@ -345,7 +352,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 6] = [
             (&["--control-plane", "static"], "FN_RUNNER_ADDRESSES:"),
             (&["--control-plane", "process"], "FN_RUNNER_FUNCTIONS_DIR:"),
             (
@@ -359,6 +366,10 @@ mod tests {
             (
                 &["--control-plane", "docker", "--provision-batch", "0"],
                 "FN_PROVISION_BATCH:",
+            ),
+            (
+                &["--control-plane", "docker", "--lb-purge-after", "0s"],
+                "FN_LB_PURGE_AFTER:",
             ),
         ];
         for (args, var) in cases {
