@@ -58,6 +58,22 @@ const FUNCTION_READ_BUFFER: usize = 256 * 1024;
 type CallBody =
     StreamBody<Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>>>;
 
+/// A kept connection: the shard it lives on, its sender and its task.
+type Kept = (usize, SendRequest<CallBody>, Arc<ConnectionTask>);
+
+/// A function connection's task, aborted once neither the kept sender nor a call's answer
+/// holds it. Letting go of hyper's sender does not end a connection whose request body is
+/// still being written: a function that answers without reading all of its body leaves the
+/// task waiting on a full socket until the instance ends, one connection per such call.
+#[derive(Debug)]
+struct ConnectionTask(tokio::task::AbortHandle);
+
+impl Drop for ConnectionTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Whether an instance is still there: set by its driver, read by calls.
 #[derive(Debug)]
 pub(crate) struct Liveness {
@@ -138,7 +154,7 @@ pub(crate) struct SocketClient {
     liveness: Arc<Liveness>,
     /// Kept connections with the shard each lives on; a call takes one of its shard's out
     /// for its round trip to the response head and puts it back.
-    conns: std::sync::Mutex<Vec<(usize, SendRequest<CallBody>)>>,
+    conns: std::sync::Mutex<Vec<Kept>>,
     concurrency: usize,
 }
 
@@ -171,7 +187,7 @@ impl SocketClient {
         &self.socket
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<(usize, SendRequest<CallBody>)>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
         self.conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -180,28 +196,32 @@ impl SocketClient {
     /// A kept connection that is free for a call, else a new one. A one-call instance
     /// waits (briefly) for its one connection to finish the previous answer; an instance
     /// that takes several calls opens another connection instead of queueing behind one.
-    async fn connection(&self) -> Result<SendRequest<CallBody>, DriverError> {
+    async fn connection(
+        &self,
+    ) -> Result<(SendRequest<CallBody>, Arc<ConnectionTask>), DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
-            kept.retain(|(_, sender)| !sender.is_closed());
-            match kept.iter().position(|(s, c)| *s == here && c.is_ready()) {
-                Some(pos) => Some(kept.swap_remove(pos).1),
+            kept.retain(|(_, sender, _)| !sender.is_closed());
+            match kept.iter().position(|(s, c, _)| *s == here && c.is_ready()) {
+                Some(pos) => Some(kept.swap_remove(pos)),
                 None if self.concurrency == 1 => kept
                     .iter()
-                    .position(|(s, _)| *s == here)
-                    .map(|pos| kept.swap_remove(pos).1),
+                    .position(|(s, _, _)| *s == here)
+                    .map(|pos| kept.swap_remove(pos)),
                 None => None,
             }
         };
-        if let Some(mut sender) = candidate
+        if let Some((_, mut sender, task)) = candidate
             && matches!(
                 tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
                 Ok(Ok(()))
             )
         {
-            return Ok(sender);
+            return Ok((sender, task));
         }
+        // A connection that did not become ready is dropped here, and with it its task
+        // unless a call's answer still holds it.
         let stream = match self.connect().await {
             Ok(stream) => stream,
             Err(e) => return Err(self.liveness.failure("cannot connect", e).await),
@@ -214,12 +234,12 @@ impl SocketClient {
             Err(e) => return Err(self.liveness.failure("handshake failed", e).await),
         };
         let instance = self.instance.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%instance, error = %e, "function connection ended");
             }
         });
-        Ok(sender)
+        Ok((sender, Arc::new(ConnectionTask(task.abort_handle()))))
     }
 
     /// Connects to the instance's listener as [`open_listener`] finds it: never to a socket
@@ -232,11 +252,11 @@ impl SocketClient {
     }
 
     /// Puts a connection back for the next call, unless enough are kept already.
-    fn keep(&self, sender: SendRequest<CallBody>) {
+    fn keep(&self, sender: SendRequest<CallBody>, task: Arc<ConnectionTask>) {
         let here = fn_lifecycle::shards::current();
         let mut kept = self.kept();
-        if kept.iter().filter(|(s, _)| *s == here).count() < self.concurrency {
-            kept.push((here, sender));
+        if kept.iter().filter(|(s, _, _)| *s == here).count() < self.concurrency {
+            kept.push((here, sender, task));
         }
     }
 
@@ -258,12 +278,12 @@ impl SocketClient {
             .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
         *http_request.headers_mut() = headers;
 
-        let mut sender = self.connection().await?;
+        let (mut sender, task) = self.connection().await?;
         let reply = match sender.send_request(http_request).await {
             Ok(reply) => reply,
             Err(e) => return Err(self.liveness.failure("call failed", e).await),
         };
-        self.keep(sender);
+        self.keep(sender, task.clone());
 
         let (head, incoming) = reply.into_parts();
         let status = http_stream::client_status(head.status, &head.headers)
@@ -282,6 +302,8 @@ impl SocketClient {
         }
         let liveness = self.liveness.clone();
         let body = incoming.into_data_stream().then(move |chunk| {
+            // The answer holds its connection until it is dropped.
+            let _connection = &task;
             let liveness = liveness.clone();
             async move {
                 match chunk {
@@ -468,6 +490,72 @@ mod tests {
         client
             .send(request, Box::pin(futures::stream::empty()))
             .await
+    }
+
+    /// A request body that never ends.
+    fn endless_body() -> BodyStream<std::io::Error> {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        Box::pin(futures::stream::repeat_with(move || Ok(chunk.clone())))
+    }
+
+    #[tokio::test]
+    async fn a_function_that_answers_without_reading_its_body_keeps_no_connection_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        // Answers each call once its head is in, reads nothing more, and hands the
+        // connection to the test.
+        let (answered_tx, mut answered) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 1];
+                while !got.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => got.push(buf[0]),
+                    }
+                }
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if conn.write_all(reply).await.is_err() || answered_tx.send(conn).is_err() {
+                    return;
+                }
+            }
+        });
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        let request = || FunctionRequest {
+            call_id: "c".into(),
+            method: http::Method::POST,
+            request_url: "http://lb.test/r/app/fn".into(),
+            headers: http::HeaderMap::new(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
+        };
+        for _ in 0..2 {
+            let response = client
+                .send(request(), endless_body())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let body: Vec<_> = response.body.collect().await;
+            assert!(matches!(&body[..], [Ok(b)] if &b[..] == b"ok"), "{body:?}");
+        }
+        // The second call found the first connection still writing its body and took a new
+        // one: the first must be closed, not left writing until the instance ends.
+        let mut first = answered.recv().await.expect("first connection");
+        let _second = answered.recv().await.expect("second connection");
+        let mut buf = vec![0u8; 64 * 1024];
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut total = 0usize;
+            loop {
+                match first.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await
+        .expect("the first connection is closed, not kept writing an endless body");
+        assert!(drained > 0, "the body had started");
     }
 
     #[tokio::test]
