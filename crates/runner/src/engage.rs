@@ -29,7 +29,6 @@ use fn_protocol::runner::{
 };
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
@@ -741,8 +740,8 @@ impl RunnerService {
         let (body, body_tx): (crate::driver::BodyStream<std::io::Error>, _) = if early.eof {
             (Box::pin(arrived), None)
         } else {
-            let (tx, rx) = mpsc::channel(4);
-            (Box::pin(arrived.chain(ReceiverStream::new(rx))), Some(tx))
+            let (feed, fed) = body_feed();
+            (Box::pin(arrived.chain(fed)), Some(feed))
         };
         let pump = pump_inbound(inbound, early.trouble, body_tx);
         let deadline = tokio::time::Instant::now() + spec.remaining();
@@ -981,6 +980,83 @@ fn read_ready<S: Inbound>(inbound: &mut S) -> Early {
     early
 }
 
+/// The pump's end of a call's request body: [`FedBody`] is the function's. The body ends
+/// cleanly only through [`BodyFeed::complete`]; a feed dropped before it (the call ended
+/// first, the LB went away, the pump was dropped) ends the body with an error, so a body cut
+/// short never reaches the function as complete (over chunked encoding a clean end is the
+/// terminating chunk).
+struct BodyFeed {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    complete: Arc<AtomicBool>,
+}
+
+impl BodyFeed {
+    async fn send(&self, data: Bytes) -> Result<(), ()> {
+        self.tx.send(Ok(data)).await.map_err(drop)
+    }
+
+    /// The body's `eof` arrived: the body ends cleanly once the chunks before it are taken.
+    fn complete(self) {
+        self.complete.store(true, Ordering::Release);
+    }
+
+    /// Makes the body fail with `why`. Never waits: if the body buffer is full, dropping the
+    /// feed fails the body all the same, with a less specific reason.
+    fn abort(self, why: &str) {
+        let err = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why.to_owned());
+        if self.tx.try_send(Err(err)).is_err() {
+            tracing::debug!("request body buffer full or closed; dropping it instead");
+        }
+    }
+}
+
+/// A call's request body as its [`BodyFeed`] sends it.
+struct FedBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    complete: Arc<AtomicBool>,
+    ended: bool,
+}
+
+fn body_feed() -> (BodyFeed, FedBody) {
+    let (tx, rx) = mpsc::channel(4);
+    let complete = Arc::new(AtomicBool::new(false));
+    let feed = BodyFeed {
+        tx,
+        complete: complete.clone(),
+    };
+    let fed = FedBody {
+        rx,
+        complete,
+        ended: false,
+    };
+    (feed, fed)
+}
+
+impl Stream for FedBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let item = match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(data)) => return std::task::Poll::Ready(Some(Ok(data))),
+            Some(Err(e)) => Some(Err(e)),
+            // Every sender is gone: the flag was set, if at all, before the last one went.
+            None if self.complete.load(Ordering::Acquire) => None,
+            None => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the request body was cut short: the call ended before the body's eof",
+            ))),
+        };
+        self.ended = true;
+        std::task::Poll::Ready(item)
+    }
+}
+
 /// Feeds the LB's data frames into the function's request body (`None` when the body is
 /// already complete). Returns `Ok` once the body is complete and the LB half-closed the
 /// stream; errors on a protocol violation or when the LB goes away. Keeps reading after
@@ -988,9 +1064,14 @@ fn read_ready<S: Inbound>(inbound: &mut S) -> Early {
 async fn pump_inbound<S: Inbound>(
     mut inbound: S,
     mut first: Option<Result<Option<ClientMsg>, Status>>,
-    body: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+    body: Option<BodyFeed>,
 ) -> Result<(), InboundError> {
     let mut body = body;
+    let abort_body = |body: Option<BodyFeed>, why: &str| {
+        if let Some(feed) = body {
+            feed.abort(why);
+        }
+    };
     loop {
         let read = match first.take() {
             Some(read) => read,
@@ -1000,14 +1081,14 @@ async fn pump_inbound<S: Inbound>(
             Ok(Some(msg)) => msg,
             Ok(None) if body.is_none() => return Ok(()),
             Ok(None) => {
-                abort_body(body.take(), "the LB ended the stream before the body's eof").await;
+                abort_body(body.take(), "the LB ended the stream before the body's eof");
                 return Err(InboundError::Gone(
                     "stream ended before the request body's eof".into(),
                 ));
             }
             Err(status) => {
                 let reason = format!("{}: {}", status.code(), status.message());
-                abort_body(body.take(), "the LB stream failed").await;
+                abort_body(body.take(), "the LB stream failed");
                 // An oversize (tonic says OUT_OF_RANGE past the decoding limit) or
                 // undecodable message is the LB breaking the contract; a cancelled or reset
                 // stream means it is gone.
@@ -1020,40 +1101,30 @@ async fn pump_inbound<S: Inbound>(
             }
         };
         match (msg.body, &body) {
-            (Some(client_msg::Body::Data(frame)), Some(tx)) => {
-                if !frame.data.is_empty() && tx.send(Ok(frame.data)).await.is_err() {
+            (Some(client_msg::Body::Data(frame)), Some(feed)) => {
+                if !frame.data.is_empty() && feed.send(frame.data).await.is_err() {
                     // The function stopped reading its body; drop the rest quietly.
                     tracing::debug!("function no longer reads its request body");
                 }
-                if frame.eof {
-                    body = None; // closes the function's request body
+                if frame.eof
+                    && let Some(feed) = body.take()
+                {
+                    feed.complete(); // ends the function's request body
                 }
             }
             (Some(client_msg::Body::Data(_)), None) => {
                 return Err(InboundError::Protocol("data frame after eof".into()));
             }
             (Some(client_msg::Body::TryCall(_)), _) => {
-                abort_body(body.take(), "protocol error").await;
+                abort_body(body.take(), "protocol error");
                 return Err(InboundError::Protocol(
                     "a second TryCall on one stream".into(),
                 ));
             }
             (None, _) => {
-                abort_body(body.take(), "protocol error").await;
+                abort_body(body.take(), "protocol error");
                 return Err(InboundError::Protocol("an empty message".into()));
             }
-        }
-    }
-}
-
-/// Makes the function's request body fail rather than end cleanly. Never waits: if the
-/// body buffer is full, dropping the sender (which the call then sees as a truncated body
-/// failing in the driver) is as good.
-async fn abort_body(body: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>, why: &str) {
-    if let Some(tx) = body {
-        let err = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why.to_owned());
-        if tx.try_send(Err(err)).is_err() {
-            tracing::debug!("request body buffer full or closed; dropping it instead");
         }
     }
 }

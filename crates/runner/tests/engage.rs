@@ -20,6 +20,9 @@ use fn_protocol::runner::{
     RunnerMsg, RunnerStatus, TryCall, client_msg, runner_msg,
 };
 use fn_runner::driver::process::{FunctionUser, ProcessDriver, ProcessDriverConfig};
+use fn_runner::driver::{
+    BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
+};
 use fn_runner::{EngageConfig, EngageFirst, Pool, RunnerService};
 use fn_test_support::TestPki;
 use prometheus_client::registry::Registry;
@@ -85,14 +88,24 @@ async fn start_runner(total_mb: u64, functions_dir: &Path) -> Runner {
 }
 
 async fn start_runner_with(total_mb: u64, functions_dir: &Path, config: EngageConfig) -> Runner {
-    let pki = TestPki::new();
     let sockets = shared_tempdir();
     let driver = ProcessDriver::new(
         ProcessDriverConfig::new(functions_dir, sockets.path().join("s"))
             .with_function_user(function_user()),
     )
     .expect("process driver");
-    let pool = Pool::new(Arc::new(driver), total_mb, START_TIMEOUT);
+    start_runner_on(Arc::new(driver), sockets, total_mb, config).await
+}
+
+/// A runner whose instances `driver` starts; `sockets` lives as long as the runner.
+async fn start_runner_on(
+    driver: Arc<dyn Driver>,
+    sockets: tempfile::TempDir,
+    total_mb: u64,
+    config: EngageConfig,
+) -> Runner {
+    let pki = TestPki::new();
+    let pool = Pool::new(driver, total_mb, START_TIMEOUT);
     let mut registry = Registry::default();
     let service = RunnerService::new(Arc::clone(&pool), config, &mut registry);
 
@@ -1308,4 +1321,131 @@ async fn next(reports: &mut tonic::Streaming<runner::RunnerState>) -> Option<run
         .await
         .expect("a report in time")
         .expect("stream ok")
+}
+
+// ---------------------------------------------------------------------------------------
+// A function that answers before it has read its body.
+
+/// Starts instances that answer `early` at once, then read their request body in the
+/// background and report how it ended: `Ok(bytes)` for a clean end, `Err` for a failure.
+/// A call with `x-read-first` has its body read before the answer.
+#[derive(Debug)]
+struct EarlyAnswer {
+    ends: mpsc::UnboundedSender<Result<usize, String>>,
+}
+
+#[derive(Debug)]
+struct EarlyInstance {
+    ends: mpsc::UnboundedSender<Result<usize, String>>,
+}
+
+impl Driver for EarlyAnswer {
+    fn start(
+        &self,
+        _spec: &InstanceSpec,
+        _call_id: &str,
+        _start_timeout: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        let instance = EarlyInstance {
+            ends: self.ends.clone(),
+        };
+        Box::pin(async move { Ok(Box::new(instance) as Box<dyn Instance>) })
+    }
+}
+
+impl Instance for EarlyInstance {
+    fn call(
+        &self,
+        request: FunctionRequest,
+        mut body: BodyStream<std::io::Error>,
+    ) -> futures::future::BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        let ends = self.ends.clone();
+        let read_body = async move {
+            let mut read = 0;
+            let end = loop {
+                match futures::StreamExt::next(&mut body).await {
+                    Some(Ok(chunk)) => read += chunk.len(),
+                    Some(Err(e)) => break Err(e.to_string()),
+                    None => break Ok(read),
+                }
+            };
+            let _ = ends.send(end);
+        };
+        let read_first = request.headers.contains_key("x-read-first");
+        Box::pin(async move {
+            if read_first {
+                read_body.await;
+            } else {
+                tokio::spawn(read_body);
+            }
+            Ok(FunctionResponse {
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                body: Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"early"))])),
+            })
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+
+    fn kill(&self) {}
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn a_body_cut_short_by_an_early_answer_never_reaches_the_function_as_complete() {
+    let (ends, mut ended) = mpsc::unbounded_channel();
+    let runner = start_runner_on(
+        Arc::new(EarlyAnswer { ends }),
+        shared_tempdir(),
+        1024,
+        EngageConfig::default(),
+    )
+    .await;
+
+    // The body's first half arrives, the function answers, the call ends: what the function
+    // goes on reading must fail, not end as if the body were whole.
+    let mut engage = runner.open().await;
+    engage
+        .try_call(call("fn-early", Duration::from_secs(10)))
+        .await;
+    // The call may be over before this arrives: the stream is closed then.
+    let first_half = data_msg(DataFrame {
+        data: pattern(1000),
+        eof: false,
+    });
+    let _ = engage.sender().send(first_half).await;
+    assert!(engage.ack().await.committed);
+    let result = engage.result().await;
+    result.assert_ok(200);
+    assert_eq!(&result.body[..], b"early");
+    let end = tokio::time::timeout(SETTLE_BOUND, ended.recv())
+        .await
+        .expect("the function's body ends")
+        .expect("reported");
+    match end {
+        Err(e) => assert!(e.contains("cut short"), "{e}"),
+        Ok(read) => panic!("a body cut short after {read} bytes ended cleanly"),
+    }
+
+    // A whole body read before the answer still ends cleanly.
+    let mut engage = runner.open().await;
+    let mut read_first = call("fn-early", Duration::from_secs(10));
+    read_first.headers.push(header("x-read-first", "1"));
+    engage.try_call(read_first).await;
+    assert!(engage.ack().await.committed);
+    engage.data(pattern(1000), false).await;
+    engage.data(pattern(24), true).await;
+    engage.result().await.assert_ok(200);
+    let end = tokio::time::timeout(SETTLE_BOUND, ended.recv())
+        .await
+        .expect("the function's body ends")
+        .expect("reported");
+    assert!(matches!(end, Ok(1024)), "{end:?}");
+    runner.stop().await;
 }
