@@ -2055,6 +2055,24 @@ async fn warm_lb_waiting(
     (runners, lb)
 }
 
+/// A report stream that stays open but sends nothing (the fakes report only changes) is
+/// opened again once a report would be stale, so the runner's report is fresh again without
+/// the runner changing anything, and offers do not pile up on a report that never comes.
+#[tokio::test]
+async fn a_silent_report_stream_is_opened_again() {
+    let pki = TestPki::new();
+    let (_runners, lb) = warm_lb(&pki, std::array::from_fn(|_| report(1024, 0, false))).await;
+    // Reopened at STALE_AFTER, answered with the current report at once.
+    tokio::time::sleep(fn_nodepool::STALE_AFTER + Duration::from_millis(1500)).await;
+    for runner in lb.pool.runners("default").iter() {
+        assert!(
+            runner.reports().is_fresh(),
+            "{}: the silent stream was not opened again",
+            runner.address()
+        );
+    }
+}
+
 /// The warm placer takes a runner with a warm instance over the function's cold home, and
 /// asks neither the home nor the runner between.
 #[tokio::test]

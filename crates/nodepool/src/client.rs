@@ -18,7 +18,8 @@
 //!
 //! **Reports.** With [`ClientConfig::watch_reports`] (the `warm` placer), the client keeps a
 //! `WatchState` stream open to the runner and holds its latest report ([`Reports`]),
-//! reconnecting with the probe's backoff when the stream fails; a runner that does not
+//! reconnecting with the probe's backoff when the stream fails or stays silent past
+//! [`STALE_AFTER`](crate::reports::STALE_AFTER); a runner that does not
 //! implement the RPC is never asked again, and placement treats it as unknown.
 
 use std::sync::Arc;
@@ -42,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service;
 
-use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports};
+use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -546,9 +547,15 @@ async fn watch_reports(
                 let _open = metrics.stream_open();
                 let mut stream = stream.into_inner();
                 loop {
+                    // A runner reports at least once a second: a stream silent for longer
+                    // than a report stays fresh has stalled, and is opened anew.
                     let next = tokio::select! {
                         () = cancel.cancelled() => return,
-                        next = stream.message() => next,
+                        next = tokio::time::timeout(STALE_AFTER, stream.message()) => next,
+                    };
+                    let Ok(next) = next else {
+                        tracing::debug!(runner = %address, silent_for = ?STALE_AFTER, "runner report stream silent; opening it again");
+                        break;
                     };
                     match next {
                         Ok(Some(state)) => {

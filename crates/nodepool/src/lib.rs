@@ -24,4 +24,4 @@ pub use capacity::{CapacityGuard, CapacityTracker};
 pub use client::{ClientConfig, EarlyBody, EjectionMetrics, Engaged, RunnerClient, TryCallError};
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
-pub use reports::{OfferedCall, ReportMetrics, ReportSignal, Reports};
+pub use reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};

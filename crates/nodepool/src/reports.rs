@@ -459,7 +459,13 @@ impl Reports {
         let mut mirror = self.lock();
         let id = mirror.next_offer;
         mirror.next_offer = id.wrapping_add(1);
-        if let Some(observed) = mirror.observed.as_mut() {
+        // A stale report places nothing, and offers counted on it would pile up until a
+        // report came.
+        if let Some(observed) = mirror
+            .observed
+            .as_mut()
+            .filter(|o| o.received.elapsed() <= STALE_AFTER)
+        {
             let counted = (observed.version, observed.count_offer(call));
             mirror.pending.push(PendingOffer {
                 id,
@@ -810,6 +816,19 @@ mod tests {
             assert!(view.warm && view.fits, "{view:?}");
             assert_eq!(view.calls_in_flight, 3);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offers_on_a_stale_report_are_not_kept() {
+        let reports = Arc::new(Reports::default());
+        reports.update(one_idle_f(1));
+        tokio::time::advance(STALE_AFTER + Duration::from_millis(1)).await;
+        // Taken after the report, which never comes: kept until a report shows them.
+        for _ in 0..1000 {
+            reports.offer(&call_of_f()).taken(2);
+        }
+        assert_eq!(reports.lock().pending.len(), 0);
+        assert_eq!(reports.view("a", "f", 64), RunnerView::Unknown);
     }
 
     #[test]
