@@ -40,6 +40,9 @@ use crate::demand::DemandBook;
 use crate::metrics::{GroupFigures, NpmMetrics};
 use crate::predictor::{Predictor, WindowPredictor};
 
+/// Longest wait for a draining runner's status in one tick.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Scaling knobs (`FN_MIN_RUNNERS`, `FN_MAX_RUNNERS`, ...).
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -591,21 +594,38 @@ impl ControlLoop {
                 RunnerState::Active => None,
             })
             .collect();
-        let mut to_remove = Vec::new();
-        for (info, since) in draining {
+        // Probed together, each for at most PROBE_TIMEOUT: a runner that does not answer
+        // stays draining until the next tick, and does not hold up the tick (a tick that
+        // overran the LB purge interval would look like the npm's own stall).
+        let probes = draining.into_iter().filter_map(|(info, since)| {
             let drained_for = now.duration_since(since);
             if drained_for < self.config.drain_settle {
-                continue;
+                return None;
             }
             let overran = drained_for >= self.config.max_drain_time;
-            let idle = !overran
-                && match self.probe.calls_in_flight(&info).await {
-                    Ok(n) => n == 0,
-                    Err(e) => {
+            let probe = &self.probe;
+            Some(async move {
+                if overran {
+                    return (info, true, true);
+                }
+                let idle = match tokio::time::timeout(PROBE_TIMEOUT, probe.calls_in_flight(&info))
+                    .await
+                {
+                    Ok(Ok(n)) => n == 0,
+                    Ok(Err(e)) => {
                         tracing::debug!(runner = %info.id, error = %e, "cannot read a draining runner's status");
                         false
                     }
+                    Err(_) => {
+                        tracing::debug!(runner = %info.id, timeout = ?PROBE_TIMEOUT, "a draining runner's status did not come in time");
+                        false
+                    }
                 };
+                (info, idle, false)
+            })
+        });
+        let mut to_remove = Vec::new();
+        for (info, idle, overran) in futures::future::join_all(probes).await {
             if overran {
                 tracing::warn!(runner = %info.id, max = ?self.config.max_drain_time, "runner overran the maximum drain time; removing it");
             }

@@ -329,6 +329,34 @@ async fn busy_draining_runner_is_removed_after_the_maximum_drain_time() {
     assert_eq!(h.cp.removed(), vec!["r1"]);
 }
 
+/// A draining runner whose status never comes holds neither the tick nor the other drains:
+/// probes run together, each bounded, and the wedged runner is asked again next tick.
+#[tokio::test(start_paused = true)]
+async fn a_draining_runner_that_does_not_answer_holds_up_neither_the_tick_nor_the_others() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 4);
+        h.tick().await;
+    }
+    for id in ["r2", "r3", "r4"] {
+        h.probe.wedge(id);
+    }
+    // All four drain after the window; each tick past the settle time probes them.
+    for _ in 0..16 {
+        h.advertise("lb1", "g", 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3), h.control.tick())
+            .await
+            .expect("a tick is not held up by runners that do not answer");
+        assert!(started.elapsed() <= Duration::from_millis(2100));
+    }
+    assert_eq!(h.cp.removed(), ["r1"]);
+    let mut draining = h.draining();
+    draining.sort();
+    assert_eq!(draining, ["r2", "r3", "r4"], "asked again each tick");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_lb_is_purged_with_its_demand() {
     let mut cfg = config();

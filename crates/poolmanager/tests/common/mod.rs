@@ -123,10 +123,12 @@ impl ControlPlane for FakeControlPlane {
     }
 }
 
-/// A probe that reports the configured calls in flight (0 unless set).
+/// A probe that reports the configured calls in flight (0 unless set); a wedged runner
+/// never answers.
 #[derive(Debug, Default)]
 pub struct FakeProbe {
     in_flight: Mutex<HashMap<String, u64>>,
+    wedged: Mutex<Vec<String>>,
 }
 
 impl FakeProbe {
@@ -136,10 +138,18 @@ impl FakeProbe {
             .expect("lock")
             .insert(id.to_owned(), n);
     }
+
+    /// `id`'s status never comes.
+    pub fn wedge(&self, id: &str) {
+        self.wedged.lock().expect("lock").push(id.to_owned());
+    }
 }
 
 impl RunnerProbe for FakeProbe {
     fn calls_in_flight<'a>(&'a self, runner: &'a RunnerInfo) -> BoxFuture<'a, Result<u64, String>> {
+        if self.wedged.lock().expect("lock").contains(&runner.id) {
+            return Box::pin(std::future::pending());
+        }
         let n = self
             .in_flight
             .lock()
