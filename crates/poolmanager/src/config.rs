@@ -113,9 +113,12 @@ pub struct ControlPlaneArgs {
 /// How the control loop scales each LB group.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScalingArgs {
-    /// Runners every LB group keeps without demand.
+    /// Runners `default` and every retained LB group keep without demand.
     #[arg(long, env = "FN_MIN_RUNNERS", default_value_t = 0)]
     pub min_runners: usize,
+    /// A group no LB has advertised for this long keeps no FN_MIN_RUNNERS and is forgotten.
+    #[arg(long, env = "FN_GROUP_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub group_retention: Duration,
     /// Most runners per LB group.
     #[arg(long, env = "FN_MAX_RUNNERS", default_value_t = 10)]
     pub max_runners: usize,
@@ -164,6 +167,7 @@ impl ScalingArgs {
         }
         Ok(ManagerConfig {
             min_runners: self.min_runners,
+            group_retention: self.group_retention,
             max_runners: self.max_runners,
             scale_down_delay: self.scale_down_delay,
             max_drain_time: self.max_drain_time,

@@ -3,11 +3,24 @@
 //! Each LB reports, per group, the memory of its calls in flight or waiting. The npm keeps
 //! the latest figure of each LB with the time it arrived; an LB silent for longer than the
 //! purge interval is forgotten (it crashed or was partitioned away), and its demand with it.
+//!
+//! It also keeps when each group was last advertised (at zero too): a group is *retained*
+//! for the group retention after that, and only a retained group (or `default`) keeps
+//! `FN_MIN_RUNNERS` without demand. An LB advertises a group only while it has calls for it,
+//! so a group that went idle is still retained; one no LB has named for the retention (a
+//! group taken out of the catalog, a name an LB sent by mistake) is forgotten, with its
+//! runners and figures, instead of being kept for ever.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fn_lifecycle::logging::Throttle;
 use tokio::time::Instant;
+
+/// Most groups retained at once. Past it a new group's demand still counts while LBs
+/// advertise it, but it is not retained (no `FN_MIN_RUNNERS` for it); real deployments have
+/// a handful of groups, and names are input from the network.
+pub const MAX_RETAINED_GROUPS: usize = 4096;
 
 /// One LB's latest advert.
 #[derive(Debug, Clone)]
@@ -17,10 +30,24 @@ struct LbAdvert {
     groups: BTreeMap<String, u64>,
 }
 
-/// Latest adverts of all live LBs.
-#[derive(Debug, Default)]
+/// Latest adverts of all live LBs, and when each group was last advertised.
+#[derive(Debug)]
 pub struct DemandBook {
     lbs: BTreeMap<String, LbAdvert>,
+    /// Group → when an LB last advertised it.
+    advertised: BTreeMap<String, Instant>,
+    /// Warns when a new group finds [`MAX_RETAINED_GROUPS`] reached.
+    full: Throttle,
+}
+
+impl Default for DemandBook {
+    fn default() -> Self {
+        DemandBook {
+            lbs: BTreeMap::new(),
+            advertised: BTreeMap::new(),
+            full: Throttle::new(Duration::from_secs(60)),
+        }
+    }
 }
 
 impl DemandBook {
@@ -40,6 +67,53 @@ impl DemandBook {
         });
         advert.last_seen = now;
         advert.groups = groups.into_iter().collect();
+        let names: Vec<String> = advert.groups.keys().cloned().collect();
+        self.retain_groups(names, now);
+    }
+
+    /// Retains `groups` as if advertised at `now` (a restarted npm does so for the groups of
+    /// the runners it adopts).
+    pub fn retain_groups(&mut self, groups: impl IntoIterator<Item = String>, now: Instant) {
+        for group in groups {
+            if let Some(seen) = self.advertised.get_mut(&group) {
+                *seen = (*seen).max(now);
+            } else if self.advertised.len() < MAX_RETAINED_GROUPS {
+                self.advertised.insert(group, now);
+            } else if let Some(held_back) = self.full.admit() {
+                tracing::warn!(
+                    group,
+                    max = MAX_RETAINED_GROUPS,
+                    held_back,
+                    "too many LB groups to retain; this one keeps no FN_MIN_RUNNERS"
+                );
+            } else {
+                tracing::debug!(group, "too many LB groups to retain");
+            }
+        }
+    }
+
+    /// Forgets groups no LB advertised for `retention`; returns them.
+    pub fn forget_groups(&mut self, now: Instant, retention: Duration) -> Vec<String> {
+        let stale: Vec<String> = self
+            .advertised
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > retention)
+            .map(|(group, _)| group.clone())
+            .collect();
+        for group in &stale {
+            self.advertised.remove(group);
+        }
+        stale
+    }
+
+    /// Whether an LB advertised `group` within the retention.
+    pub fn is_retained(&self, group: &str) -> bool {
+        self.advertised.contains_key(group)
+    }
+
+    /// The groups an LB advertised within the retention.
+    pub fn retained_groups(&self) -> impl Iterator<Item = &String> {
+        self.advertised.keys()
     }
 
     /// Treats every LB as heard from at `now`. For when the npm itself was not running for a
@@ -49,6 +123,9 @@ impl DemandBook {
     pub fn forgive_silence(&mut self, now: Instant) {
         for advert in self.lbs.values_mut() {
             advert.last_seen = advert.last_seen.max(now);
+        }
+        for seen in self.advertised.values_mut() {
+            *seen = (*seen).max(now);
         }
     }
 
@@ -125,5 +202,30 @@ mod tests {
         assert_eq!(book.wanted_mb("g"), 512);
         assert_eq!(book.wanted_mb("h"), 0);
         assert_eq!(book.lb_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_is_retained_until_no_lb_advertised_it_for_the_retention() {
+        let mut book = DemandBook::default();
+        let t0 = Instant::now();
+        let retention = Duration::from_secs(60);
+        book.record("lb1", [("g".into(), 0), ("h".into(), 64)], t0);
+        book.record("lb1", [("h".into(), 64)], t0 + Duration::from_secs(50));
+        assert!(
+            book.forget_groups(t0 + Duration::from_secs(60), retention)
+                .is_empty()
+        );
+        assert_eq!(
+            book.forget_groups(t0 + Duration::from_secs(61), retention),
+            ["g"]
+        );
+        assert!(!book.is_retained("g") && book.is_retained("h"));
+        // The cap: a new name past it counts its demand but is not retained.
+        let names = (0..MAX_RETAINED_GROUPS).map(|i| format!("x{i}"));
+        book.retain_groups(names, t0);
+        book.record("lb2", [("late".into(), 64)], t0);
+        assert!(!book.is_retained("late"));
+        assert_eq!(book.wanted_mb("late"), 64);
+        assert_eq!(book.retained_groups().count(), MAX_RETAINED_GROUPS);
     }
 }

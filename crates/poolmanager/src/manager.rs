@@ -40,14 +40,20 @@ use crate::demand::DemandBook;
 use crate::metrics::{GroupFigures, NpmMetrics};
 use crate::predictor::{Predictor, WindowPredictor};
 
+/// The group of functions that name none; it keeps `min_runners` whatever LBs advertise.
+const DEFAULT_GROUP: &str = "default";
+
 /// Longest wait for a draining runner's status in one tick.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Scaling knobs (`FN_MIN_RUNNERS`, `FN_MAX_RUNNERS`, ...).
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// Runners every known group keeps even with no demand.
+    /// Runners `default` and every retained group keep even with no demand.
     pub min_runners: usize,
+    /// A group no LB has advertised for this long is no longer retained: it keeps no
+    /// `min_runners`, and once its runners are gone it is forgotten.
+    pub group_retention: Duration,
     /// Most runners per group.
     pub max_runners: usize,
     /// How long demand must stay low before runners drain.
@@ -69,6 +75,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
             min_runners: 0,
+            group_retention: Duration::from_secs(24 * 60 * 60),
             max_runners: 10,
             scale_down_delay: Duration::from_secs(30),
             max_drain_time: Duration::from_secs(300),
@@ -338,11 +345,20 @@ impl ControlLoop {
                     .insert(group, WindowPredictor::holding(window, active, now));
             }
         }
-        let purged = self
-            .shared
-            .with_demand(|d| d.purge(now, self.config.lb_purge_after));
+        let retention = self.config.group_retention;
+        let (purged, forgotten) = self.shared.with_demand(|d| {
+            (
+                d.purge(now, self.config.lb_purge_after),
+                d.forget_groups(now, retention),
+            )
+        });
         self.metrics.purged(purged.len());
+        for group in forgotten {
+            tracing::info!(%group, ?retention, "no LB advertised this group for the retention; it keeps no minimum of runners");
+        }
         let groups = self.known_groups();
+        // A group with no demand, no retention, no runners and none coming is forgotten.
+        self.predictors.retain(|group, _| groups.contains(group));
         for group in &groups {
             self.scale_group(group, now);
         }
@@ -397,6 +413,11 @@ impl ControlLoop {
                 "loaded the runner set from the control plane"
             );
             self.loaded = true;
+            // The groups of adopted runners are retained as if just advertised: a restart
+            // must not take their minimum away before the LBs advertise again.
+            let groups: BTreeSet<String> = listed.iter().map(|r| r.group.clone()).collect();
+            let now = Instant::now();
+            self.shared.with_demand(|d| d.retain_groups(groups, now));
         }
         let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
         let probe = &self.probe;
@@ -431,15 +452,34 @@ impl ControlLoop {
             .sort_by(|a, b| (a.info.created, &a.info.id).cmp(&(b.info.created, &b.info.id)));
     }
 
+    /// The groups to scale: those live LBs advertise or that are retained, those with
+    /// runners or runners coming, and `default` when it keeps a minimum.
     fn known_groups(&self) -> BTreeSet<String> {
-        let mut groups: BTreeSet<String> =
-            self.shared.with_demand(|d| d.groups().cloned().collect());
+        let mut groups: BTreeSet<String> = self
+            .shared
+            .with_demand(|d| d.groups().chain(d.retained_groups()).cloned().collect());
         groups.extend(self.runners.iter().map(|e| e.info.group.clone()));
-        groups.extend(self.predictors.keys().cloned());
+        groups.extend(
+            self.in_flight
+                .runners
+                .iter()
+                .filter(|(_, coming)| **coming > 0)
+                .map(|(group, _)| group.clone()),
+        );
         if self.config.min_runners > 0 {
-            groups.insert("default".to_owned());
+            groups.insert(DEFAULT_GROUP.to_owned());
         }
         groups
+    }
+
+    /// The runners `group` keeps without demand: `min_runners` for `default` and the
+    /// retained groups, none for the others.
+    fn floor(&self, group: &str) -> usize {
+        if group == DEFAULT_GROUP || self.shared.with_demand(|d| d.is_retained(group)) {
+            self.config.min_runners
+        } else {
+            0
+        }
     }
 
     fn scale_group(&mut self, group: &str, now: Instant) {
@@ -455,7 +495,7 @@ impl ControlLoop {
             .or_insert_with(|| WindowPredictor::holding(window, active, now))
             .desired(wanted, runner_mb, now);
         let desired = predicted
-            .max(self.config.min_runners)
+            .max(self.floor(group))
             .min(self.config.max_runners);
 
         let coming = self.in_flight.runners.get(group).copied().unwrap_or(0);
@@ -556,6 +596,9 @@ impl ControlLoop {
         }
         if let Some(coming) = self.in_flight.runners.get_mut(&group) {
             *coming = coming.saturating_sub(batch);
+            if *coming == 0 {
+                self.in_flight.runners.remove(&group);
+            }
         }
         match result {
             Ok(new) => {

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 fn config() -> ManagerConfig {
     ManagerConfig {
         min_runners: 0,
+        group_retention: Duration::from_secs(120),
         max_runners: 10,
         scale_down_delay: Duration::from_secs(10),
         max_drain_time: Duration::from_secs(60),
@@ -427,6 +428,46 @@ async fn min_and_max_runners_bound_the_group() {
     h.advertise("lb1", "g", 8);
     h.tick().await;
     assert_eq!(h.members("g").len(), 3, "capped at max");
+}
+
+/// A group an LB named once (at zero demand) keeps the minimum only for the retention: then
+/// its runner drains and goes, and the group is forgotten with its figures. `default` keeps
+/// its minimum, and a group an LB keeps advertising keeps its own.
+#[tokio::test(start_paused = true)]
+async fn a_group_no_lb_advertises_for_the_retention_keeps_no_minimum_and_is_forgotten() {
+    let mut cfg = config();
+    cfg.min_runners = 1;
+    cfg.group_retention = Duration::from_secs(30);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    h.advertise("lb1", "bogus", 0);
+    h.tick().await;
+    for _ in 0..29 {
+        h.advertise("lb1", "busy", 1);
+        h.tick().await;
+    }
+    assert_eq!(
+        h.members("bogus").len(),
+        1,
+        "retained: it keeps the minimum"
+    );
+    for _ in 0..20 {
+        h.advertise("lb1", "busy", 1);
+        h.tick().await;
+    }
+    assert!(h.members("bogus").is_empty());
+    assert_eq!(h.members("default").len(), 1);
+    assert_eq!(h.members("busy").len(), 1);
+    assert_eq!(
+        h.cp.removed().len(),
+        1,
+        "the bogus group's runner is removed"
+    );
+    let text = fn_lifecycle::metrics::encode(&h.registry).expect("encodes");
+    assert!(
+        !text.contains("bogus"),
+        "figures of a forgotten group:\n{text}"
+    );
+    h.assert_metrics(&["fn_npm_runners{lb_group=\"busy\",state=\"active\"} 1"]);
 }
 
 /// The npm process stopped (SIGSTOP, a long GC-like stall) for longer than the purge
