@@ -122,6 +122,9 @@ pub struct ScalingArgs {
     /// Most runners per LB group.
     #[arg(long, env = "FN_MAX_RUNNERS", default_value_t = 10)]
     pub max_runners: usize,
+    /// Most runners in all LB groups together.
+    #[arg(long, env = "FN_MAX_TOTAL_RUNNERS", default_value_t = 100)]
+    pub max_total_runners: usize,
     /// How long demand must stay low before runners drain.
     #[arg(long, env = "FN_SCALE_DOWN_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub scale_down_delay: Duration,
@@ -150,6 +153,11 @@ impl ScalingArgs {
                 "FN_MAX_RUNNERS: must be at least 1 and at least FN_MIN_RUNNERS".into(),
             ));
         }
+        if self.max_total_runners < self.max_runners {
+            return Err(ConfigError(
+                "FN_MAX_TOTAL_RUNNERS: must be at least FN_MAX_RUNNERS".into(),
+            ));
+        }
         if self.provision_batch == 0 {
             return Err(ConfigError("FN_PROVISION_BATCH: must be at least 1".into()));
         }
@@ -169,6 +177,7 @@ impl ScalingArgs {
             min_runners: self.min_runners,
             group_retention: self.group_retention,
             max_runners: self.max_runners,
+            max_total_runners: self.max_total_runners,
             scale_down_delay: self.scale_down_delay,
             max_drain_time: self.max_drain_time,
             lb_purge_after: self.lb_purge_after,
@@ -356,7 +365,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 7] = [
             (&["--control-plane", "static"], "FN_RUNNER_ADDRESSES:"),
             (&["--control-plane", "process"], "FN_RUNNER_FUNCTIONS_DIR:"),
             (
@@ -374,6 +383,10 @@ mod tests {
             (
                 &["--control-plane", "docker", "--lb-purge-after", "0s"],
                 "FN_LB_PURGE_AFTER:",
+            ),
+            (
+                &["--control-plane", "docker", "--max-total-runners", "9"],
+                "FN_MAX_TOTAL_RUNNERS:",
             ),
         ];
         for (args, var) in cases {

@@ -35,6 +35,8 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use fn_lifecycle::logging::Throttle;
+
 use crate::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
 use crate::demand::DemandBook;
 use crate::metrics::{GroupFigures, NpmMetrics};
@@ -56,6 +58,9 @@ pub struct ManagerConfig {
     pub group_retention: Duration,
     /// Most runners per group.
     pub max_runners: usize,
+    /// Most runners in all groups together, draining ones and those being provisioned
+    /// included.
+    pub max_total_runners: usize,
     /// How long demand must stay low before runners drain.
     pub scale_down_delay: Duration,
     /// A draining runner is removed after this even with calls in flight.
@@ -77,6 +82,7 @@ impl Default for ManagerConfig {
             min_runners: 0,
             group_retention: Duration::from_secs(24 * 60 * 60),
             max_runners: 10,
+            max_total_runners: 100,
             scale_down_delay: Duration::from_secs(30),
             max_drain_time: Duration::from_secs(300),
             lb_purge_after: Duration::from_secs(5),
@@ -252,6 +258,8 @@ pub struct ControlLoop {
     last_tick: Option<Instant>,
     in_flight: InFlight,
     metrics: NpmMetrics,
+    /// Warns when `max_total_runners` keeps a group short.
+    at_total_cap: Throttle,
 }
 
 impl ControlLoop {
@@ -274,6 +282,7 @@ impl ControlLoop {
             last_tick: None,
             in_flight: InFlight::default(),
             metrics: NpmMetrics::register(registry),
+            at_total_cap: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -514,6 +523,29 @@ impl ControlLoop {
                 }
             }
             let short = short.saturating_sub(coming);
+            // Runners of every group count, draining ones (they still run) and those
+            // coming: the cap bounds what the control plane runs.
+            let all_coming: usize = self.in_flight.runners.values().sum();
+            let room = self
+                .config
+                .max_total_runners
+                .saturating_sub(self.runners.len() + all_coming);
+            if short > room {
+                let held_back = self.at_total_cap.admit();
+                let max_total = self.config.max_total_runners;
+                match held_back {
+                    Some(held_back) => tracing::warn!(
+                        group,
+                        short,
+                        room,
+                        max_total,
+                        held_back,
+                        "FN_MAX_TOTAL_RUNNERS reached: the group gets fewer runners than its demand asks for"
+                    ),
+                    None => tracing::debug!(group, short, room, "FN_MAX_TOTAL_RUNNERS reached"),
+                }
+            }
+            let short = short.min(room);
             if short > 0 {
                 let batch = short.min(self.config.provision_batch);
                 tracing::info!(

@@ -19,6 +19,7 @@ fn config() -> ManagerConfig {
         min_runners: 0,
         group_retention: Duration::from_secs(120),
         max_runners: 10,
+        max_total_runners: 100,
         scale_down_delay: Duration::from_secs(10),
         max_drain_time: Duration::from_secs(60),
         lb_purge_after: Duration::from_secs(5),
@@ -468,6 +469,31 @@ async fn a_group_no_lb_advertises_for_the_retention_keeps_no_minimum_and_is_forg
         "figures of a forgotten group:\n{text}"
     );
     h.assert_metrics(&["fn_npm_runners{lb_group=\"busy\",state=\"active\"} 1"]);
+}
+
+/// Demand in many groups gets no more runners in all than `max_total_runners`: the groups
+/// first in order get room first, and a group gets what others leave when they drain.
+#[tokio::test(start_paused = true)]
+async fn the_total_cap_bounds_runners_across_groups() {
+    let mut cfg = config();
+    cfg.max_total_runners = 5;
+    cfg.provision_batch = 10;
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    let huge: Vec<(String, u64)> = (0..50).map(|i| (format!("g{i:02}"), u64::MAX)).collect();
+    for _ in 0..3 {
+        h.shared.record_advert("lb1", huge.clone(), Instant::now());
+        h.tick().await;
+    }
+    assert_eq!(h.cp.provisioned(), 5, "{:?}", h.cp.batches());
+    assert_eq!(h.members("g00").len(), 5, "the first group gets the room");
+    // The demand moves to one other group: it gets the runners g00 gives up.
+    for _ in 0..16 {
+        h.advertise("lb1", "g07", 2);
+        h.tick().await;
+    }
+    assert!(h.members("g00").is_empty());
+    assert_eq!(h.members("g07").len(), 2);
+    assert!(h.cp.provisioned() <= 7);
 }
 
 /// The npm process stopped (SIGSTOP, a long GC-like stall) for longer than the purge
