@@ -45,6 +45,11 @@ use crate::predictor::{Predictor, WindowPredictor};
 /// The group of functions that name none; it keeps `min_runners` whatever LBs advertise.
 const DEFAULT_GROUP: &str = "default";
 
+/// Least time between the starts of two ticks, whatever wakes the loop (at most the tick
+/// interval): an LB whose adverts keep raising its demand (alternating 0 and 1) would
+/// otherwise run a tick, and a control-plane list, per advert.
+const MIN_TICK_GAP: Duration = Duration::from_millis(200);
+
 /// Longest wait for a draining runner's status in one tick.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -303,6 +308,13 @@ impl ControlLoop {
                 Some(done) = self.in_flight.tasks.join_next(), if !self.in_flight.tasks.is_empty() => {
                     self.provisioned(done);
                     interval.reset();
+                }
+            }
+            if let Some(last) = self.last_tick {
+                let earliest = last + MIN_TICK_GAP.min(self.config.tick);
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep_until(earliest) => {}
                 }
             }
             tokio::select! {

@@ -496,6 +496,42 @@ async fn the_total_cap_bounds_runners_across_groups() {
     assert!(h.cp.provisioned() <= 7);
 }
 
+/// An LB whose adverts keep raising its demand (0, 1, 0, 1, ...) wakes the loop each time,
+/// but ticks (each a control-plane list) stay at least 200 ms apart; a first rise is still
+/// acted on at once.
+#[tokio::test(start_paused = true)]
+async fn adverts_that_keep_raising_demand_do_not_run_ticks_back_to_back() {
+    let shared = Arc::new(Shared::default());
+    let cp = Arc::new(FakeControlPlane::default());
+    let control = ControlLoop::new(
+        Arc::clone(&shared),
+        cp.clone(),
+        Arc::new(FakeProbe::default()),
+        config(),
+        &mut Registry::default(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(control.run(cancel.clone()));
+    // The first tick, at once, and one advert raising demand from zero a second later.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = cp.lists();
+    shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(cp.lists(), before + 1, "a rise is acted on at once");
+    assert_eq!(members(&shared, "g").len(), 1);
+    // One second of adverts every 10 ms, each a rise from zero.
+    let before = cp.lists();
+    for _ in 0..100 {
+        shared.record_advert("lb1", vec![("g".into(), 0)], Instant::now());
+        shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ticks = cp.lists() - before;
+    assert!(ticks <= 6, "{ticks} ticks in one second of rising adverts");
+    cancel.cancel();
+    loop_task.await.expect("the loop ends").expect("infallible");
+}
+
 /// The npm process stopped (SIGSTOP, a long GC-like stall) for longer than the purge
 /// interval: when it runs again, the LBs' silence was its own. It keeps their demand and the
 /// runners (no drain under load), and only forgets an LB that stays silent afterwards.

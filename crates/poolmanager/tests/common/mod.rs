@@ -20,6 +20,8 @@ pub struct FakeControlPlane {
     batches: Mutex<Vec<usize>>,
     removed: Mutex<Vec<String>>,
     next: Mutex<u64>,
+    /// Calls of `list`.
+    lists: Mutex<usize>,
     /// While set, `list` fails (a control plane that cannot be reached).
     pub list_fails: Mutex<bool>,
     /// When set, a provisioning reports its runners this long after it made them (a swarm
@@ -67,6 +69,11 @@ impl FakeControlPlane {
     pub fn removed(&self) -> Vec<String> {
         self.removed.lock().expect("lock").clone()
     }
+
+    /// Calls of `list` so far (one per control-loop tick).
+    pub fn lists(&self) -> usize {
+        *self.lists.lock().expect("lock")
+    }
 }
 
 impl ControlPlane for FakeControlPlane {
@@ -75,6 +82,7 @@ impl ControlPlane for FakeControlPlane {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
+        *self.lists.lock().expect("lock") += 1;
         let result = if *self.list_fails.lock().expect("lock") {
             Err(ControlPlaneError::Failed(
                 "fake control plane is down".into(),
