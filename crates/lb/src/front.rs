@@ -265,10 +265,7 @@ impl Front {
                 Ok(pair) => pair,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly, keep serving.
-                    match self.accept_warnings.admit() {
-                        Some(held_back) => tracing::warn!(error = %e, held_back, "accept failed"),
-                        None => tracing::debug!(error = %e, "accept failed"),
-                    }
+                    fn_lifecycle::warn_throttled!(self.accept_warnings, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -360,14 +357,12 @@ impl Front {
 
     /// Logs that connections are refused at the cap, at most once a minute.
     fn warn_at_cap(&self, cap: usize) {
-        if let Some(held_back) = self.cap_warnings.admit() {
-            tracing::warn!(
-                max_connections = cap,
-                held_back,
-                "client connections at FN_MAX_CONNECTIONS and every one is answering a request; \
-                 refusing new connections (raise FN_MAX_CONNECTIONS and the descriptor limit, or add lb-agents)"
-            );
-        }
+        fn_lifecycle::warn_throttled!(
+            self.cap_warnings,
+            max_connections = cap,
+            "client connections at FN_MAX_CONNECTIONS and every one is answering a request; \
+             refusing new connections (raise FN_MAX_CONNECTIONS and the descriptor limit, or add lb-agents)"
+        );
     }
 }
 

@@ -103,6 +103,25 @@ impl Throttle {
     }
 }
 
+/// Logs a warning through a [`Throttle`]: at WARN with `held_back` when the throttle lets
+/// it through, else at DEBUG. The arguments after the throttle are `tracing`'s fields and
+/// message.
+///
+/// ```
+/// # let throttle = fn_lifecycle::logging::Throttle::new(std::time::Duration::from_secs(1));
+/// # let error = "EMFILE";
+/// fn_lifecycle::warn_throttled!(throttle, %error, "accept failed");
+/// ```
+#[macro_export]
+macro_rules! warn_throttled {
+    ($throttle:expr, $($fields_and_message:tt)+) => {
+        match $throttle.admit() {
+            Some(held_back) => ::tracing::warn!(held_back, $($fields_and_message)+),
+            None => ::tracing::debug!($($fields_and_message)+),
+        }
+    };
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

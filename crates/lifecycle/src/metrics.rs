@@ -100,12 +100,7 @@ impl MetricsEndpoint {
             let (stream, peer) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    match accept_warnings.admit() {
-                        Some(held_back) => {
-                            tracing::warn!(error = %e, held_back, "metrics: accept failed")
-                        }
-                        None => tracing::debug!(error = %e, "metrics: accept failed"),
-                    }
+                    crate::warn_throttled!(accept_warnings, error = %e, "metrics: accept failed");
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         () = tokio::time::sleep(Duration::from_millis(50)) => continue,

@@ -79,15 +79,13 @@ impl DemandBook {
                 *seen = (*seen).max(now);
             } else if self.advertised.len() < MAX_RETAINED_GROUPS {
                 self.advertised.insert(group, now);
-            } else if let Some(held_back) = self.full.admit() {
-                tracing::warn!(
+            } else {
+                fn_lifecycle::warn_throttled!(
+                    self.full,
                     group,
                     max = MAX_RETAINED_GROUPS,
-                    held_back,
                     "too many LB groups to retain; this one keeps no FN_MIN_RUNNERS"
                 );
-            } else {
-                tracing::debug!(group, "too many LB groups to retain");
             }
         }
     }

@@ -543,19 +543,15 @@ impl ControlLoop {
                 .max_total_runners
                 .saturating_sub(self.runners.len() + all_coming);
             if short > room {
-                let held_back = self.at_total_cap.admit();
                 let max_total = self.config.max_total_runners;
-                match held_back {
-                    Some(held_back) => tracing::warn!(
-                        group,
-                        short,
-                        room,
-                        max_total,
-                        held_back,
-                        "FN_MAX_TOTAL_RUNNERS reached: the group gets fewer runners than its demand asks for"
-                    ),
-                    None => tracing::debug!(group, short, room, "FN_MAX_TOTAL_RUNNERS reached"),
-                }
+                fn_lifecycle::warn_throttled!(
+                    self.at_total_cap,
+                    group,
+                    short,
+                    room,
+                    max_total,
+                    "FN_MAX_TOTAL_RUNNERS reached: the group gets fewer runners than its demand asks for"
+                );
             }
             let short = short.min(room);
             if short > 0 {

@@ -289,29 +289,18 @@ impl Default for Warnings {
 impl Warnings {
     fn refused(&self, peer: std::net::SocketAddr, reason: &str) {
         let message = "gRPC connection refused: TLS handshake failed";
-        match self.refused.admit() {
-            Some(held_back) => tracing::warn!(%peer, error = %reason, held_back, "{message}"),
-            None => tracing::debug!(%peer, error = %reason, "{message}"),
-        }
+        fn_lifecycle::warn_throttled!(self.refused, %peer, error = %reason, "{message}");
     }
 
     fn accept_failed(&self, error: &std::io::Error) {
         let message = "gRPC listener: accepting a connection failed";
-        match self.accept_failed.admit() {
-            Some(held_back) => tracing::warn!(%error, held_back, "{message}"),
-            None => tracing::debug!(%error, "{message}"),
-        }
+        fn_lifecycle::warn_throttled!(self.accept_failed, %error, "{message}");
     }
 
     fn crowded(&self, peer: std::net::SocketAddr) {
         let message = "gRPC connection refused: too many connections are still in their TLS \
                        handshake (a peer opening connections and sending nothing?)";
-        match self.crowded.admit() {
-            Some(held_back) => {
-                tracing::warn!(%peer, limit = MAX_HANDSHAKING, held_back, "{message}")
-            }
-            None => tracing::debug!(%peer, limit = MAX_HANDSHAKING, "{message}"),
-        }
+        fn_lifecycle::warn_throttled!(self.crowded, %peer, limit = MAX_HANDSHAKING, "{message}");
     }
 }
 
