@@ -16,19 +16,33 @@
 //!   connection reset: closing a socket with unread data makes the kernel send RST, which
 //!   throws away the answer still waiting in the client's receive buffer.
 //!
+//! - **Send timeout per HTTP/2 stream** ([`stream_send_timeout`]). An HTTP/2 client
+//!   throttles each stream with its flow-control window, and one that never opens a
+//!   stream's window blocks no write on the connection: the send timer above never fires.
+//!   hyper then stops polling that answer's body, so nothing the body holds (the call, its
+//!   capacity, the buffered answer) is ever let go, not even at the call's deadline, whose
+//!   timer lives in the body. A stream whose body has a frame taken and is then not asked
+//!   for the next within the send timeout is given up: its body is dropped, which ends the
+//!   call as a client gone.
+//!
 //! Each timer is armed only while it can fire: the first-byte timer until the first byte,
 //! the send timer while a write is blocked, the linger timers while closing.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
+use crate::body::{BodyError, ResponseBody};
 use crate::connections::Registered;
 
 /// The bounds of a client connection; see the module docs.
@@ -91,6 +105,140 @@ struct Linger {
     until: Pin<Box<Sleep>>,
     idle: Pin<Box<Sleep>>,
     drained: u64,
+}
+
+/// `body` as the answer of an HTTP/2 stream, given up when hyper, having taken a frame of
+/// it, asks for none for `limit` (see the module docs). Costs a task per stream, aborted
+/// with the body.
+pub fn stream_send_timeout(body: ResponseBody, limit: Duration) -> ResponseBody {
+    let shared = Arc::new(StreamShared {
+        body: Mutex::new(Some(body)),
+        started: Instant::now(),
+        waiting_since: AtomicU64::new(NOT_WAITING),
+    });
+    let watchdog = tokio::spawn(watch_stream(Arc::downgrade(&shared), limit));
+    StreamTimed {
+        shared,
+        watchdog: watchdog.abort_handle(),
+        limit,
+        given_up: false,
+    }
+    .boxed_unsync()
+}
+
+/// `StreamShared::waiting_since` when hyper is not expected to ask for a frame.
+const NOT_WAITING: u64 = u64::MAX;
+
+struct StreamShared {
+    /// `None` once the watchdog gave the stream up.
+    body: Mutex<Option<ResponseBody>>,
+    started: Instant,
+    /// Milliseconds after `started` at which the body last handed hyper a frame, while
+    /// hyper has not asked for the next one yet; [`NOT_WAITING`] otherwise.
+    waiting_since: AtomicU64,
+}
+
+impl StreamShared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(NOT_WAITING - 1)
+    }
+}
+
+struct StreamTimed {
+    shared: Arc<StreamShared>,
+    watchdog: tokio::task::AbortHandle,
+    limit: Duration,
+    /// The give-up was reported to hyper: nothing more to say.
+    given_up: bool,
+}
+
+impl Drop for StreamTimed {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
+impl Body for StreamTimed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let mut body = this
+            .shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(inner) = body.as_mut() else {
+            if std::mem::replace(&mut this.given_up, true) {
+                return Poll::Ready(None);
+            }
+            let limit = this.limit;
+            return Poll::Ready(Some(Err(format!(
+                "the client took no data of this stream for {limit:?}"
+            )
+            .into())));
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        let waiting = match &polled {
+            Poll::Ready(Some(Ok(_))) => this.shared.now_ms(),
+            _ => NOT_WAITING,
+        };
+        this.shared.waiting_since.store(waiting, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(Body::size_hint)
+            .unwrap_or_default()
+    }
+}
+
+/// Gives the stream up once it has waited `limit` for hyper to take its next frame.
+async fn watch_stream(shared: Weak<StreamShared>, limit: Duration) {
+    let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    let mut next_look = limit;
+    loop {
+        tokio::time::sleep(next_look).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let since = shared.waiting_since.load(Ordering::Relaxed);
+        let waited = shared.now_ms().saturating_sub(since);
+        if since == NOT_WAITING || waited < limit_ms {
+            next_look = Duration::from_millis(limit_ms.saturating_sub(waited).max(1)).min(limit);
+            continue;
+        }
+        tracing::debug!(
+            ?limit,
+            "an HTTP/2 client took no data of a stream for the send timeout; giving its call up"
+        );
+        // Dropped outside the lock: a call's body lets go of its runner stream when dropped.
+        let body = shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(body);
+        return;
+    }
 }
 
 fn timer(after: Duration) -> Pin<Box<Sleep>> {

@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::body::BodyError;
 use crate::body::ResponseBody;
 use crate::catalog::{CatalogHandle, Function};
-use crate::client_io::{ClientIo, ClientLimits};
+use crate::client_io::{ClientIo, ClientLimits, stream_send_timeout};
 use crate::connections::{Busy, Connections};
 use crate::error::{CallError, json_error};
 use crate::invoke::Invoker;
@@ -301,8 +301,13 @@ impl Front {
                         );
                     }
                     let (parts, body) = req.into_parts();
-                    let (body, leftover) = leftover::track(body, parts.version, &parts.headers);
+                    let version = parts.version;
+                    let (body, leftover) = leftover::track(body, version, &parts.headers);
                     let mut response = front.handle(Request::from_parts(parts, body)).await;
+                    if version == http::Version::HTTP_2 {
+                        let limit = front.limits.send_timeout;
+                        response = response.map(|body| stream_send_timeout(body, limit));
+                    }
                     if leftover.closes_connection() {
                         // Answered with the body unread, and it will not be read: say so.
                         response

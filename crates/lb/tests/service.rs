@@ -1195,6 +1195,108 @@ async fn an_h2_client_that_answers_no_ping_is_closed_and_a_huge_h2_head_reaches_
     assert_eq!(response.status(), StatusCode::OK);
 }
 
+/// An HTTP/2 client that never opens a stream's flow-control window gets the answer's head
+/// and no byte of its body: hyper stops polling the body, and without a send timeout of its
+/// own the call held its capacity (and the runner's stream) until the client went away.
+#[tokio::test]
+async fn an_h2_stream_whose_window_stays_shut_is_given_up_after_the_send_timeout() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let limits = ClientLimits {
+        send_timeout: Duration::from_millis(500),
+        ..ClientLimits::default()
+    };
+    let options = Options {
+        limits,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"held")))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("the head needs no window");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        lb.capacity.snapshot().get("default"),
+        Some(&128),
+        "in flight"
+    );
+    let deadline = Instant::now() + BOUND;
+    while lb
+        .capacity
+        .snapshot()
+        .get("default")
+        .is_some_and(|mb| *mb > 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the call still holds its capacity after {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The connection itself stays usable.
+    drop(response);
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("http://{}/health", lb.address))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let health = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("the connection still serves");
+    assert_eq!(health.status(), StatusCode::OK);
+
+    // An answer waiting for the function, not for the client, is not given up.
+    let runners = fakes(&pki, &[Behaviour::AnswerHeadThenStall]).await;
+    let options = Options {
+        limits: ClientLimits {
+            send_timeout: Duration::from_millis(500),
+            ..ClientLimits::default()
+        },
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    let mut sender = h2c(&lb.address).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"slow")))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("head");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(BOUND, body.frame())
+        .await
+        .expect("in time")
+        .expect("a first chunk")
+        .expect("no error");
+    assert!(first.is_data());
+    let next = tokio::time::timeout(Duration::from_millis(1500), body.frame()).await;
+    assert!(
+        next.is_err(),
+        "the answer was cut while the function worked: {next:?}"
+    );
+    assert_eq!(lb.capacity.snapshot().get("default"), Some(&128));
+}
+
 #[tokio::test]
 async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
     let pki = TestPki::new();
