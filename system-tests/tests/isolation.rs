@@ -310,6 +310,21 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
     ensure!(first.status == 200, "victim: {first:?}\n{}", cluster.logs());
     let victim = host_pid_of("tenant-a")?;
     let inside = first.fn_pid()?;
+    // The config reaches the program under its own name, and the root stages before it
+    // (fn-isolate, PID 1 of the namespace) only under the prefix the loader never reads.
+    ensure!(environ_var(victim, "DATABASE_PASSWORD")? == "tenant-a-secret");
+    let status = std::fs::read_to_string(format!("/proc/{victim}/status"))?;
+    let helper: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .context("PPid")?
+        .trim()
+        .parse()?;
+    ensure!(
+        uid_of(helper)? == 0 && environ_var(helper, "DATABASE_PASSWORD").is_err(),
+        "the root helper {helper} holds the tenant's config under its own name"
+    );
+    ensure!(environ_var(helper, "FN_ISOLATE_CONFIG_DATABASE_PASSWORD")? == "tenant-a-secret");
     ensure!(
         inside < 10 && inside != victim,
         "the function sees itself with a pid of its own namespace, not the host's {victim}: {first:?}"

@@ -17,6 +17,12 @@
 //!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
 //!    outside process goes, it exits.
 //!
+//! The function's config comes in variables named `FN_ISOLATE_CONFIG_<name>` (the runner's
+//! `ISOLATED_CONFIG_PREFIX`): this process and the shell before it run as root, and must not
+//! read a tenant's `LD_PRELOAD` or the like. Only the program gets them, under their own
+//! names; a variable the runner sets itself (the FDK contract's) wins over a config entry of
+//! the same name.
+//!
 //! `fn-isolate --probe [--net-none]` exits 0 when this process may create the namespaces
 //! (root or `CAP_SYS_ADMIN`), so the runner can say at start whether instances get them.
 
@@ -39,6 +45,27 @@ use nix::sys::wait::{WaitStatus, waitpid};
 const SETUP_FAILED: u8 = 125;
 /// The flag of the inside stage (argument 1).
 const INSIDE: &str = "--inside";
+/// The prefix the runner gives the function's config (`ISOLATED_CONFIG_PREFIX`).
+const CONFIG_PREFIX: &str = "FN_ISOLATE_CONFIG_";
+
+/// The program's environment from this process's: the variables the runner set, and the
+/// config under its own names where the runner set no variable of that name.
+fn program_env(vars: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut plain = Vec::with_capacity(vars.len());
+    let mut config = Vec::new();
+    for (name, value) in vars {
+        match name.as_bytes().strip_prefix(CONFIG_PREFIX.as_bytes()) {
+            Some(stripped) => {
+                config.push((std::ffi::OsStr::from_bytes(stripped).to_owned(), value))
+            }
+            None => plain.push((name, value)),
+        }
+    }
+    config.retain(|(name, _)| !name.is_empty() && !plain.iter().any(|(set, _)| set == name));
+    plain.extend(config);
+    plain
+}
 
 #[derive(Debug, Default)]
 struct Options {
@@ -171,7 +198,11 @@ fn run_inside(options: &Options) -> ExitCode {
         return fail("no program after --");
     };
     let mut command = Command::new(program);
-    command.args(&options.args).stdin(Stdio::null());
+    command
+        .args(&options.args)
+        .stdin(Stdio::null())
+        .env_clear()
+        .envs(program_env(std::env::vars_os().collect()));
     if let Some(gid) = options.gid {
         command.gid(gid);
     }
@@ -293,6 +324,33 @@ mod tests {
         assert!(options.net_none && !options.probe);
         assert_eq!(options.program, Some(OsString::from("/srv/f/fn")));
         assert_eq!(options.args, [OsString::from("--uid"), OsString::from("x")]);
+    }
+
+    #[test]
+    fn the_config_gets_its_names_back_and_the_runners_variables_win() {
+        let vars = [
+            ("PATH", "/usr/bin"),
+            ("FN_ISOLATE_CONFIG_LD_PRELOAD", "x.so"),
+            ("FN_ISOLATE_CONFIG_PATH", "/evil"),
+            ("FN_ISOLATE_CONFIG_FN_ISOLATE_CONFIG_A", "b"),
+            ("FN_ISOLATE_CONFIG_", "empty name"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .to_vec();
+        let mut env = program_env(vars);
+        env.sort();
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_string_lossy().into(), v.to_string_lossy().into()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("FN_ISOLATE_CONFIG_A".into(), "b".into()),
+                ("LD_PRELOAD".into(), "x.so".into()),
+                ("PATH".into(), "/usr/bin".into()),
+            ]
+        );
     }
 
     #[test]

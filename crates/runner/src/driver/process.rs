@@ -50,6 +50,10 @@ use super::socket::{remove_instance_dir, wait_for_listener};
 use super::{Driver, DriverError, Instance, InstanceSpec};
 use instance::Spawned;
 
+/// In namespaces, the prefix of the function's config variables until `fn-isolate` starts
+/// the program (its `CONFIG_PREFIX`); see [`ProcessDriver::command`].
+pub const ISOLATED_CONFIG_PREFIX: &str = "FN_ISOLATE_CONFIG_";
+
 /// The shell that wraps every function process; see [`WRAPPER_SCRIPT`].
 const WRAPPER_SHELL: &str = "/bin/sh";
 
@@ -565,8 +569,19 @@ impl ProcessDriver {
         }
         cmd.args(spec.command.iter().skip(1));
         cmd.env_clear();
-        // The function's config first, so that the contract's variables below win.
-        cmd.envs(&spec.config);
+        // The function's config first, so that the contract's variables below win. In
+        // namespaces the wrapper shell and the helper run as root until the helper starts
+        // the program: there the config goes under ISOLATED_CONFIG_PREFIX, so that the
+        // dynamic loader and the shell read none of it (a tenant's `LD_PRELOAD` would run
+        // its code as root), and the helper gives it back its names for the program alone.
+        match isolated {
+            Some(_) => cmd.envs(
+                spec.config
+                    .iter()
+                    .map(|(name, value)| (format!("{ISOLATED_CONFIG_PREFIX}{name}"), value)),
+            ),
+            None => cmd.envs(&spec.config),
+        };
         cmd.env("FN_FORMAT", "http-stream")
             .env("FN_LISTENER", format!("unix:{}", socket.display()))
             .env("FN_APP_NAME", &spec.app)
@@ -813,6 +828,77 @@ mod tests {
             !driver(FunctionUsers::Runner).exposes(&key),
             "the runner's own user must read it anyway"
         );
+    }
+
+    /// In namespaces the wrapper shell and `fn-isolate` run as root: none of the tenant's
+    /// config may reach them under its own name (`LD_PRELOAD` would run as root).
+    #[test]
+    fn in_namespaces_the_config_reaches_the_root_stages_only_under_the_prefix() {
+        let user = FunctionUser {
+            uid: 64_999,
+            gid: 64_999,
+        };
+        let driver = |isolation| ProcessDriver {
+            functions_dir: PathBuf::from("/srv/f"),
+            socket_root: PathBuf::new(),
+            function_users: FunctionUsers::Shared(user),
+            uids: std::sync::Mutex::default(),
+            memory: MemoryLimitMode::Unenforced {
+                reason: "test".into(),
+            },
+            isolation,
+            wrapper: Some(PathBuf::from(WRAPPER_SHELL)),
+            wrapper_script: WRAPPER_SCRIPT.to_owned(),
+            id_prefix: String::new(),
+            next_id: AtomicU64::new(1),
+            vetted: std::sync::Mutex::default(),
+        };
+        let spec = InstanceSpec {
+            app: "a".into(),
+            function: "f".into(),
+            command: vec!["fn".into()],
+            image: None,
+            memory_mb: 64,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: [("LD_PRELOAD".to_owned(), "/dev/shm/x.so".to_owned())].into(),
+        };
+        let envs = |isolation| {
+            let cmd = driver(isolation).command(
+                &spec,
+                Path::new("/srv/f/fn"),
+                Path::new("/tmp/i"),
+                Path::new("/tmp/i/s"),
+                Some(user),
+            );
+            cmd.as_std()
+                .get_envs()
+                .map(|(k, v)| {
+                    (
+                        k.to_string_lossy().into_owned(),
+                        v.map(|v| v.to_os_string()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let isolated = envs(Some(Isolation {
+            helper: PathBuf::from("/bin/fn-isolate"),
+            network_none: false,
+        }));
+        assert!(
+            !isolated.iter().any(|(k, _)| k == "LD_PRELOAD"),
+            "{isolated:?}"
+        );
+        assert!(
+            isolated
+                .iter()
+                .any(|(k, v)| k == "FN_ISOLATE_CONFIG_LD_PRELOAD"
+                    && v.as_deref() == Some("/dev/shm/x.so".as_ref())),
+            "{isolated:?}"
+        );
+        // Without namespaces the shell already runs as the function's user.
+        let plain = envs(None);
+        assert!(plain.iter().any(|(k, _)| k == "LD_PRELOAD"), "{plain:?}");
     }
 
     #[test]
