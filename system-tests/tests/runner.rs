@@ -271,8 +271,9 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_calls_as_draining_and_e
             );
         }
         let dir = sockets.path().join("s").join(id);
+        let aside = sockets.path().join("s").join(format!("{id}.removing"));
         anyhow::ensure!(
-            !dir.exists(),
+            !dir.exists() && !aside.exists(),
             "instance {id}: {} left behind",
             dir.display()
         );

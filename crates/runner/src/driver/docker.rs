@@ -699,7 +699,7 @@ async fn watch_container(
             tracing::warn!(%container, "removing a function container takes too long; the runner's next start removes it")
         }
     }
-    remove_instance_dir(&shared.dir);
+    let _ = remove_instance_dir(&shared.dir).await;
     shared.gone.cancel();
 }
 

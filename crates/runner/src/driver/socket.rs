@@ -412,17 +412,54 @@ fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
-/// Removes an instance directory and everything in it; a missing directory is fine.
-pub(crate) fn remove_instance_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            dir = %dir.display(),
-            error = %e,
-            "cannot remove instance directory"
-        ),
+/// Stack of the threads that remove instance directories. `remove_dir_all` descends one
+/// frame per level, and the tree is the function's (its `TMPDIR` is in it): 20,000 levels
+/// overflowed a 2 MiB worker stack and aborted the runner. The stack is reserved, not
+/// used, until a tree that deep comes; a deeper one than it holds runs out of descriptors
+/// first (one per level), which is an error, not a crash.
+const REMOVAL_STACK: usize = 512 * 1024 * 1024;
+
+/// Removes an instance directory and everything in it; a missing directory is fine. The
+/// directory leaves its place at once (renamed aside, so nothing can connect to the socket
+/// in it), and its tree is removed on a thread of its own, never on the runtime (a wide
+/// or deep tree took seconds). The returned receiver completes when the tree is gone;
+/// dropping it leaves the removal to finish in the background.
+pub(crate) fn remove_instance_dir(dir: &Path) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, removed) = tokio::sync::oneshot::channel();
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".removing");
+    let target = match std::fs::rename(dir, &aside) {
+        Ok(()) => PathBuf::from(aside),
+        // Already set aside (a kill, then the reaper): what the process wrote into it while
+        // it was dying is removed now.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && Path::new(&aside).exists() => {
+            PathBuf::from(aside)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = done.send(());
+            return removed;
+        }
+        Err(_) => dir.to_path_buf(),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("fn-remove-dir".into())
+        .stack_size(REMOVAL_STACK)
+        .spawn(move || {
+            match std::fs::remove_dir_all(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(
+                    dir = %target.display(),
+                    error = %e,
+                    "cannot remove instance directory"
+                ),
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot start removing an instance directory; it is left in place");
     }
+    removed
 }
 
 #[cfg(test)]
@@ -490,6 +527,41 @@ mod tests {
         client
             .send(request, Box::pin(futures::stream::empty()))
             .await
+    }
+
+    #[tokio::test]
+    async fn a_directory_tree_deeper_than_a_worker_stack_is_removed_without_a_crash() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("instance");
+        std::fs::create_dir(&dir).expect("mkdir");
+        // 18,000 levels, as a function can make in its TMPDIR in well under a second, or
+        // fewer where the descriptor limit is lower (the removal holds one per level; past
+        // the limit it fails, it does not crash).
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .expect("getrlimit");
+        let depth = soft.saturating_sub(500).min(18_000);
+        let made = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os, sys\nos.chdir(sys.argv[1])\nfor _ in range(int(sys.argv[2])):\n    os.mkdir('d')\n    os.chdir('d')",
+            ])
+            .arg(&dir)
+            .arg(depth.to_string())
+            .status()
+            .expect("python3");
+        assert!(made.success());
+        let removed = remove_instance_dir(&dir);
+        assert!(!dir.exists(), "out of its place at once");
+        tokio::time::timeout(Duration::from_secs(60), removed)
+            .await
+            .expect("removed in time")
+            .expect("reported");
+        assert!(
+            std::fs::read_dir(&root).expect("read").next().is_none(),
+            "nothing left"
+        );
+        // A missing directory is fine.
+        remove_instance_dir(&dir).await.expect("reported");
     }
 
     /// A request body that never ends.

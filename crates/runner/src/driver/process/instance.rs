@@ -311,7 +311,8 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
     if let Some(cgroup) = &shared.cgroup {
         cgroup.remove().await;
     }
-    remove_instance_dir(&shared.dir);
+    // Gone means gone: a runner shutting down waits for this.
+    let _ = remove_instance_dir(&shared.dir).await;
     abandoned.finished = true;
     shared.gone.cancel();
 }
