@@ -330,11 +330,31 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         "the function sees itself with a pid of its own namespace, not the host's {victim}: {first:?}"
     );
     let runner = cluster.runners[0].pid().context("runner pid")?.to_string();
-    for kind in ["pid", "mnt", "net"] {
+    for kind in ["pid", "mnt", "net", "ipc"] {
         ensure!(
             namespace(&victim.to_string(), kind)? != namespace(&runner, kind)?,
             "the instance shares the runner's {kind} namespace"
         );
+    }
+    // Shared memory and /var/tmp are the instance's own, gone with it: a file system of
+    // their own (a device number the runner's do not have).
+    let device = |pid: &str, dir: &str| -> anyhow::Result<Option<String>> {
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+        Ok(mounts
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(dir))
+            .last()
+            .and_then(|l| l.split(' ').nth(2))
+            .map(str::to_owned))
+    };
+    for dir in ["/dev/shm", "/var/tmp"] {
+        if std::path::Path::new(dir).is_dir() {
+            let theirs = device(&victim.to_string(), dir)?;
+            ensure!(
+                theirs.is_some() && theirs != device(&runner, dir)?,
+                "{dir} is not a file system of the instance's own ({theirs:?})"
+            );
+        }
     }
     let Target {
         dir,

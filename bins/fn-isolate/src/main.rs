@@ -133,7 +133,8 @@ fn fail(message: &str) -> ExitCode {
 }
 
 fn namespaces(options: &Options) -> CloneFlags {
-    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    // IPC: System V objects and POSIX message queues are the instance's own, gone with it.
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC;
     if options.net_none {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -267,6 +268,23 @@ fn private_mounts(options: &Options) -> Result<(), String> {
         Some("mode=1777"),
     )
     .map_err(|e| format!("cannot mount a private /tmp: {e}"))?;
+    // The other places every process may write: without their own they were shared by every
+    // tenant (a channel between them) and outlived the instance, holding memory that no
+    // limit counted once it was gone.
+    for shared in ["/dev/shm", "/var/tmp"] {
+        let path = std::path::Path::new(shared);
+        if !path.is_dir() || options.keep.iter().any(|d| d.starts_with(path)) {
+            continue;
+        }
+        mount(
+            Some("tmpfs"),
+            shared,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )
+        .map_err(|e| format!("cannot mount a private {shared}: {e}"))?;
+    }
     for (dir, fd) in kept {
         // Traversable, not listable, as the runner's socket root: an instance finds its own
         // directory and cannot tell what else the runner keeps.
