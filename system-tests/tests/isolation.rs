@@ -342,8 +342,7 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
         Ok(mounts
             .lines()
-            .filter(|l| l.split(' ').nth(4) == Some(dir))
-            .last()
+            .rfind(|l| l.split(' ').nth(4) == Some(dir))
             .and_then(|l| l.split(' ').nth(2))
             .map(str::to_owned))
     };

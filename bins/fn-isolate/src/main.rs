@@ -4,7 +4,7 @@
 //! PROGRAM ARGS...` in place of the program, with the function's environment, working
 //! directory, output pipes and memory cgroup already set. Not a user-facing tool.
 //!
-//! 1. **Outside** (the runner's child): unshares a PID and a mount namespace, and a network
+//! 1. **Outside** (the runner's child): unshares a PID, a mount and an IPC namespace, and a network
 //!    namespace with `--net-none` (only loopback, down: the function reaches nothing but its
 //!    own unix socket). Then starts itself again as the first process of the new PID
 //!    namespace, and exits with its status. Its stdin to the inside is a *lifeline*: when the
@@ -12,7 +12,8 @@
 //! 2. **Inside** (PID 1 of the namespace, still root): makes every mount private, mounts a
 //!    `/proc` of the namespace (the function sees only its own processes), and a fresh tmpfs
 //!    on `/tmp` with the `--keep` directories (the instance directory with its socket) bound
-//!    back in. Then it starts the program as `U`:`G` with no supplementary groups, reaps
+//!    back in, and fresh ones on `/dev/shm` and `/var/tmp` (with the IPC namespace, nothing
+//!    there is shared with other tenants or outlives the instance). Then it starts the program as `U`:`G` with no supplementary groups, reaps
 //!    every process the namespace leaves behind, and exits with the program's status. When
 //!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
 //!    outside process goes, it exits.
