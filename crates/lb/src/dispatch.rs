@@ -190,13 +190,14 @@ impl Dispatcher {
             return Hold::Offer;
         }
         let since = *evicting_since.get_or_insert_with(Instant::now);
+        // Runners' reports: saturating, as any sum of figures from the network.
         let instances: u32 = views
             .iter()
             .map(|view| match view {
                 RunnerView::Known(load) => load.instances,
                 RunnerView::Unknown => 0,
             })
-            .sum();
+            .fold(0, u32::saturating_add);
         let wait = self.cold_starts.expected(key, self.config.warm_wait);
         let until = (since + wait.min(MAX_WARM_WAIT)).min(deadline);
         if instances > 0 && Instant::now() < until {

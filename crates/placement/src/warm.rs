@@ -127,7 +127,8 @@ impl Placer for WarmPlacer {
             if load.draining || !(load.warm || load.fits) {
                 return None;
             }
-            let over = bound.is_some_and(|bound| load.calls_in_flight + 1 > bound);
+            // Reported by the runner: saturating, so a report of u64::MAX ranks it last.
+            let over = bound.is_some_and(|bound| load.calls_in_flight.saturating_add(1) > bound);
             Some(match (over, load.warm, load.evicts) {
                 (false, true, _) => 0,
                 (false, false, false) => 1,
@@ -190,6 +191,16 @@ mod tests {
         let ranked = placer.rank(&key(), &views);
         assert_eq!(ranked[0], order[3]);
         assert_eq!(&ranked[1..], &order[..3], "then the ring order");
+    }
+
+    #[test]
+    fn a_runner_reporting_a_huge_load_is_ranked_last_not_first() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(3);
+        let mut views = vec![known(true, true, 1); 3];
+        views[order[0]] = known(true, true, u64::MAX);
+        let ranked = placer.rank(&key(), &views);
+        assert_eq!(ranked.last(), Some(&order[0]), "{ranked:?}");
     }
 
     #[test]
