@@ -80,6 +80,13 @@ pub enum CatalogError {
         field: &'static str,
         reason: String,
     },
+    #[error(
+        "{}: lists no functions where the catalog has {current}; kept the current catalog (a \
+         file caught while being rewritten? replace it by renaming a complete file over it; to \
+         take every function away, restart the lb-agent)",
+        path.display()
+    )]
+    Emptied { path: PathBuf, current: usize },
 }
 
 /// A validated set of functions, indexed for lookup.
@@ -321,7 +328,9 @@ impl CatalogHandle {
         Arc::clone(&guard)
     }
 
-    /// Re-reads the file; on error the old catalog stays.
+    /// Re-reads the file; on error the old catalog stays. A file with no functions does
+    /// not replace a catalog that has some: an empty file is far more often one caught while
+    /// it is being rewritten than an intent to answer every call 404.
     ///
     /// # Errors
     /// Why the new file was rejected.
@@ -332,6 +341,12 @@ impl CatalogHandle {
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if count == 0 && guard.len() > 0 {
+            return Err(CatalogError::Emptied {
+                path: self.path.clone(),
+                current: guard.len(),
+            });
+        }
         *guard = Arc::new(catalog);
         Ok(count)
     }
@@ -454,6 +469,11 @@ GREETING = "Hi"
         std::fs::write(&path, "[[functions]]\napp = 1\n").expect("write");
         let err = handle.reload().expect_err("bad file");
         assert!(err.to_string().contains("functions.toml"), "{err}");
+        assert_eq!(handle.current().len(), 2);
+        // A file caught empty while being rewritten.
+        std::fs::write(&path, "").expect("write");
+        let err = handle.reload().expect_err("empty file");
+        assert!(err.to_string().contains("lists no functions"), "{err}");
         assert_eq!(handle.current().len(), 2);
         let extra =
             format!("{GOOD}\n[[functions]]\napp = \"demo\"\nname = \"new\"\ncommand = [\"x\"]\n");
