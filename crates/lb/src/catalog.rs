@@ -341,7 +341,7 @@ impl CatalogHandle {
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if count == 0 && guard.len() > 0 {
+        if count == 0 && !guard.is_empty() {
             return Err(CatalogError::Emptied {
                 path: self.path.clone(),
                 current: guard.len(),
