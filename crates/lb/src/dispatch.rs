@@ -323,7 +323,9 @@ impl Dispatcher {
                     Ok(Err(e)) => tracing::debug!(error = %e, "not placed; trying the next runner"),
                 }
             }
-            if asked > 0 && too_small == asked {
+            // Only when every runner of the group said so: one that could not be asked
+            // (unreachable for a moment, or full as the warm placer sees it) may be large.
+            if asked > 0 && usize::try_from(too_small).is_ok_and(|n| n == runners.len()) {
                 return Err(CallError::NoRunnerLargeEnough {
                     memory_mb: call.memory_mb,
                     group: call.lb_group.clone(),

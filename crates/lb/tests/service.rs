@@ -2070,6 +2070,25 @@ async fn a_function_no_runner_can_hold_gets_503_at_once_and_a_larger_runner_stil
     let reply = post(&lb, "/r/demo/echo", "fits elsewhere").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.text(), "fits elsewhere");
+
+    // A runner that cannot be asked may be the large one: the small one's refusal alone is
+    // not "no runner large enough", and the call waits for room as any other.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let small = fakes(&pki, &[Behaviour::RefuseTooLarge]).await;
+    let options = Options {
+        placer_timeout: Duration::from_millis(500),
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &[closed.as_str(), small[0].address()], options).await;
+    let reply = post(&lb, "/r/demo/echo", "big").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert!(
+        reply.headers.get("retry-after").is_some(),
+        "no capacity now, not never: {reply:?}"
+    );
 }
 
 /// A runner's report as the warm placer tests need it: `free_mb` free of 1024, `in_flight`
