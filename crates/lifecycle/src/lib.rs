@@ -22,6 +22,7 @@
 //! and stop accepting → in-flight work drains within `FN_SHUTDOWN_TIMEOUT` → exit 0.
 
 pub mod config;
+pub mod fs;
 pub mod health;
 pub mod limits;
 pub mod logging;

@@ -415,7 +415,8 @@ impl ControlPlane for ProcessControlPlane {
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
                 remove_quietly(&self.record_path(&s.info.id));
-                remove_dir_quietly(&socket_dir(&s.info.id));
+                // Waited for: the npm exits next, and would leave the rest behind.
+                let _ = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id)).await;
             });
             futures::future::join_all(stops).await;
             tracing::info!("all spawned runners stopped");
@@ -518,12 +519,10 @@ fn remove_quietly(path: &Path) {
     }
 }
 
+/// Removes a runner's directory (its socket directory holds its functions' instance
+/// directories, trees a function may have made deep) off the runtime, in the background.
 fn remove_dir_quietly(path: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
-    }
+    drop(fn_lifecycle::fs::remove_tree(path.to_path_buf()));
 }
 
 #[cfg(test)]

@@ -412,20 +412,12 @@ fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
-/// Stack of the threads that remove instance directories. `remove_dir_all` descends one
-/// frame per level, and the tree is the function's (its `TMPDIR` is in it): 20,000 levels
-/// overflowed a 2 MiB worker stack and aborted the runner. The stack is reserved, not
-/// used, until a tree that deep comes; a deeper one than it holds runs out of descriptors
-/// first (one per level), which is an error, not a crash.
-const REMOVAL_STACK: usize = 512 * 1024 * 1024;
-
 /// Removes an instance directory and everything in it; a missing directory is fine. The
 /// directory leaves its place at once (renamed aside, so nothing can connect to the socket
 /// in it), and its tree is removed on a thread of its own, never on the runtime (a wide
 /// or deep tree took seconds). The returned receiver completes when the tree is gone;
 /// dropping it leaves the removal to finish in the background.
 pub(crate) fn remove_instance_dir(dir: &Path) -> tokio::sync::oneshot::Receiver<()> {
-    let (done, removed) = tokio::sync::oneshot::channel();
     let mut aside = dir.as_os_str().to_owned();
     aside.push(".removing");
     let target = match std::fs::rename(dir, &aside) {
@@ -436,30 +428,13 @@ pub(crate) fn remove_instance_dir(dir: &Path) -> tokio::sync::oneshot::Receiver<
             PathBuf::from(aside)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (done, removed) = tokio::sync::oneshot::channel();
             let _ = done.send(());
             return removed;
         }
         Err(_) => dir.to_path_buf(),
     };
-    let spawned = std::thread::Builder::new()
-        .name("fn-remove-dir".into())
-        .stack_size(REMOVAL_STACK)
-        .spawn(move || {
-            match std::fs::remove_dir_all(&target) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(
-                    dir = %target.display(),
-                    error = %e,
-                    "cannot remove instance directory"
-                ),
-            }
-            let _ = done.send(());
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot start removing an instance directory; it is left in place");
-    }
-    removed
+    fn_lifecycle::fs::remove_tree(target)
 }
 
 #[cfg(test)]
