@@ -376,9 +376,17 @@ impl DockerDriver {
             return Ok(());
         }
         tracing::info!(image, "pulling a function image");
-        let options = CreateImageOptionsBuilder::default()
-            .from_image(image)
-            .build();
+        // A reference with neither tag nor digest pulls `latest`, as `docker pull` does: the
+        // Engine API pulls every tag of the repository for a bare name.
+        let options = match untagged(image) {
+            true => CreateImageOptionsBuilder::default()
+                .from_image(image)
+                .tag("latest")
+                .build(),
+            false => CreateImageOptionsBuilder::default()
+                .from_image(image)
+                .build(),
+        };
         let pull = async {
             let mut progress = self.docker.create_image(Some(options), None, None);
             while let Some(item) = progress.next().await {
@@ -892,9 +900,30 @@ fn prepare_iofs_root(root: &Path) -> Result<PathBuf, String> {
     Ok(canonical)
 }
 
+/// Whether an image reference names neither a tag nor a digest (`repo`, `host:5000/repo`).
+fn untagged(image: &str) -> bool {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    !last.contains(':') && !image.contains('@')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reference_without_tag_or_digest_is_untagged() {
+        for image in ["repo", "org/repo", "host:5000/org/repo"] {
+            assert!(untagged(image), "{image}");
+        }
+        for image in [
+            "repo:1",
+            "host:5000/repo:1",
+            "repo@sha256:abc",
+            "host:5000/r@sha256:abc",
+        ] {
+            assert!(!untagged(image), "{image}");
+        }
+    }
 
     fn spec() -> InstanceSpec {
         InstanceSpec {
