@@ -139,6 +139,10 @@ struct StreamShared {
 }
 
 impl StreamShared {
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<ResponseBody>> {
+        self.body.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(NOT_WAITING - 1)
     }
@@ -167,11 +171,7 @@ impl Body for StreamTimed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let mut body = this
-            .shared
-            .body
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut body = this.shared.body();
         let Some(inner) = body.as_mut() else {
             if std::mem::replace(&mut this.given_up, true) {
                 return Poll::Ready(None);
@@ -192,19 +192,12 @@ impl Body for StreamTimed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared
-            .body
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_none_or(Body::is_end_stream)
+        self.shared.body().as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         self.shared
-            .body
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .body()
             .as_ref()
             .map(Body::size_hint)
             .unwrap_or_default()
@@ -231,11 +224,7 @@ async fn watch_stream(shared: Weak<StreamShared>, limit: Duration) {
             "an HTTP/2 client took no data of a stream for the send timeout; giving its call up"
         );
         // Dropped outside the lock: a call's body lets go of its runner stream when dropped.
-        let body = shared
-            .body
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let body = shared.body().take();
         drop(body);
         return;
     }
