@@ -76,6 +76,11 @@ struct Cli {
     /// empty network namespace and reaches nothing but its own socket.
     #[arg(long, env = "FN_FUNCTION_NETWORK", default_value = "host", value_parser = ["host", "none"])]
     function_network: String,
+    /// Most processes and threads one function instance may have, its wrapper shell and
+    /// namespace helper included (0: no limit). Enforced with the pids cgroup controller.
+    #[arg(long, env = "FN_FUNCTION_PIDS_LIMIT", default_value_t = fn_runner::driver::process::DEFAULT_PIDS_LIMIT,
+          value_parser = parse_pids_limit)]
+    function_pids_limit: u32,
     /// The helper that makes the namespaces [default: fn-isolate next to pure-runner].
     #[arg(long, env = "FN_ISOLATE_BINARY")]
     isolate_binary: Option<PathBuf>,
@@ -107,6 +112,22 @@ struct Cli {
     #[arg(long, env = "FN_DOCKER_PIDS_LIMIT", default_value_t = 256,
           value_parser = clap::value_parser!(i64).range(8..))]
     docker_pids_limit: i64,
+}
+
+/// `FN_FUNCTION_PIDS_LIMIT`: 0 (no limit) or at least 8, room for the wrapper shell, its
+/// watchdog, the namespace helper and a function's first few processes.
+fn parse_pids_limit(text: &str) -> Result<u32, String> {
+    let limit: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of processes (0 for no limit)"))?;
+    if (1..8).contains(&limit) {
+        return Err(format!(
+            "{limit} is too few: an instance's wrapper shell, its watchdog and the namespace \
+             helper take up to 4 of them; give at least 8, or 0 for no limit"
+        ));
+    }
+    Ok(limit)
 }
 
 fn main() -> ExitCode {
@@ -175,7 +196,8 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
         .with_function_users(function_users)
         .with_isolation(isolation)
-        .with_function_open_files(open_files.raised().then_some(open_files.inherited));
+        .with_function_open_files(open_files.raised().then_some(open_files.inherited))
+        .with_pids_limit(cli.function_pids_limit);
     let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
     if let Some(key) = cli.tls.node_cert_key.as_deref()
         && driver.exposes(key)
@@ -405,5 +427,22 @@ fn server_ended(
         Err(e) => Err(format!(
             "a shard's gRPC server panicked or was cancelled: {e}"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pids_limit;
+
+    #[test]
+    fn a_pids_limit_is_zero_or_room_for_the_wrapper() {
+        assert_eq!(parse_pids_limit("0"), Ok(0));
+        assert_eq!(parse_pids_limit("8"), Ok(8));
+        assert_eq!(parse_pids_limit(" 4096 "), Ok(4096));
+        let few = parse_pids_limit("3").expect_err("too few");
+        assert!(few.contains("at least 8"), "{few}");
+        let junk = parse_pids_limit("lots").expect_err("not a number");
+        assert!(junk.contains("not a number"), "{junk}");
+        assert!(parse_pids_limit("-1").is_err());
     }
 }

@@ -458,10 +458,8 @@ async fn memory_limit_in_the_real_cgroup() {
         .start_process(&spec("fn-echo"), "c", START)
         .await
         .expect("start");
-    let cgroup = instance
-        .cgroup_dir()
-        .expect("instance cgroup")
-        .to_path_buf();
+    let cgroups = instance.cgroup_dirs().to_vec();
+    let cgroup = cgroups.first().expect("instance cgroup").clone();
     let limit = std::fs::read_to_string(cgroup.join(limit_file)).expect("read limit");
     assert_eq!(limit.trim(), (64u64 * 1024 * 1024).to_string());
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).expect("read procs");
@@ -477,7 +475,72 @@ async fn memory_limit_in_the_real_cgroup() {
 
     instance.kill();
     instance.wait_gone().await;
-    assert!(!cgroup.exists(), "instance cgroup removed");
+    for cgroup in cgroups {
+        assert!(
+            !cgroup.exists(),
+            "instance cgroup {} removed",
+            cgroup.display()
+        );
+    }
+}
+
+/// Pids of live processes whose command line is exactly `args`.
+fn processes_running(args: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_held_to_the_pids_limit_and_what_left_the_group_dies_with_it() {
+    // Up to 200 processes that each leave the instance's process group (`setsid`), so only
+    // the cgroup still knows them; a refused fork ends the subshell with an error.
+    let functions = script_dir(
+        "fn-forks",
+        "#!/bin/sh\n\
+         ( i=0; while [ $i -lt 200 ]; do setsid sleep 3617 & i=$((i+1)); done ) 2>/dev/null\n\
+         [ $? -eq 0 ] && exit 8\n\
+         exit 9\n",
+    );
+    let tmp = tempdir();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(functions.path(), tmp.path().join("sockets"))
+            .with_function_user(function_user())
+            .with_pids_limit(16),
+    )
+    .expect("driver");
+    if let MemoryLimitMode::Unenforced { reason } = driver.pids_limit_mode() {
+        println!("SKIPPED: pids limits cannot be enforced here: {reason}");
+        return;
+    }
+    match driver
+        .start(&spec("fn-forks"), "c", Duration::from_secs(20))
+        .await
+    {
+        Err(DriverError::Start(message)) => assert!(
+            message.contains("exited with status 9"),
+            "every fork was allowed: {message}"
+        ),
+        other => panic!("expected Start, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_running(&["sleep", "3617"]);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes that left the process group outlived their instance: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

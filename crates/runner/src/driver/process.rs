@@ -3,7 +3,7 @@
 //!
 //! This module owns everything between "start an instance of this spec" and "the instance's
 //! process is gone": resolving the command inside the functions directory, the instance's
-//! private socket directory, the child's environment and user, its memory cgroup, logging its
+//! private socket directory, the child's environment and user, its cgroups, logging its
 //! output, waiting for its listener, the HTTP/1 connection over its unix socket, and killing and
 //! cleaning up. It does *not* decide when to start or kill instances (the pool does), nor which
 //! user functions run as by default (the runner's configuration does).
@@ -11,7 +11,7 @@
 //! Layout:
 //! - this file: [`ProcessDriverConfig`], [`ProcessDriver`] and the start sequence;
 //! - `command`: resolving and vetting the program, [`FunctionUser`];
-//! - `cgroup`: detecting memory-limit support and per-instance memory cgroups;
+//! - `cgroup`: detecting cgroup support and per-instance memory and pids cgroups;
 //! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
 //!
 //! Shared with the other drivers (in `driver`): `socket` (calls over the instance's socket,
@@ -25,7 +25,7 @@
 //! a uid). Each instance's socket lives in its own `0700` directory owned by the function user,
 //! under a `0711` socket root, so functions cannot reach each other's sockets. Every child
 //! starts under a small `/bin/sh` wrapper (`WRAPPER_SCRIPT`) that holds it until it is in its
-//! memory cgroup and kills its process group if the runner dies.
+//! cgroups and kills its process group if the runner dies.
 
 mod cgroup;
 mod command;
@@ -40,7 +40,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::process::Command;
 
-pub use cgroup::{CgroupPaths, MemoryLimitMode, MemoryLimits};
+pub use cgroup::{CgroupMode, CgroupPaths, MemoryLimitMode, MemoryLimits, PidsLimitMode};
 pub(crate) use command::check_config;
 pub use command::{FunctionUser, FunctionUsers, UidRange};
 pub use instance::ProcessInstance;
@@ -60,7 +60,7 @@ const WRAPPER_SHELL: &str = "/bin/sh";
 /// What the wrapper shell runs (`$0` is the program, `$@` its arguments). Its stdin is a pipe
 /// from the runner, the instance's *lifeline*:
 /// 1. **gate**: it waits for one line, which the runner writes once the process has joined
-///    its memory cgroup, so nothing the function starts escapes the limit (see `cgroup`);
+///    its cgroups, so nothing the function starts escapes the limits (see `cgroup`);
 /// 2. **watchdog**: it leaves a background subshell reading the lifeline, which kills the
 ///    whole process group when the lifeline closes — when the runner drops the instance or
 ///    dies, even by `SIGKILL` (the kernel closes its end). Without it a crashed runner would
@@ -104,6 +104,10 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Longest instance id this driver makes: `<8 hex digits>-<counter>`.
 const MAX_INSTANCE_ID_LEN: usize = 8 + 1 + 20;
 
+/// Most processes and threads of one instance unless configured: the docker driver's
+/// default too (`FN_DOCKER_PIDS_LIMIT`).
+pub const DEFAULT_PIDS_LIMIT: u32 = 256;
+
 /// Settings of the `process` driver; built by the runner from its `FN_*` configuration.
 #[derive(Debug, Clone)]
 pub struct ProcessDriverConfig {
@@ -117,8 +121,11 @@ pub struct ProcessDriverConfig {
     pub socket_root: PathBuf,
     /// Who functions run as; see [`FunctionUsers`].
     pub function_users: FunctionUsers,
-    /// How instance memory limits are enforced; see [`MemoryLimits`].
+    /// How instance memory and process limits are enforced; see [`MemoryLimits`].
     pub memory_limits: MemoryLimits,
+    /// `FN_FUNCTION_PIDS_LIMIT`: most processes and threads one instance may have, wrapper
+    /// and helper included (0: no limit). Enforced through the pids cgroup controller.
+    pub pids_limit: u32,
     /// Namespaces of its own for each instance, when the runner may make them.
     pub isolation: Option<Isolation>,
     /// The soft open-file limit every function gets, when it should be lower than the
@@ -149,9 +156,17 @@ impl ProcessDriverConfig {
             socket_root: socket_root.into(),
             function_users: FunctionUsers::Runner,
             memory_limits: MemoryLimits::default(),
+            pids_limit: DEFAULT_PIDS_LIMIT,
             isolation: None,
             function_open_files: None,
         }
+    }
+
+    /// Limits every instance to `limit` processes and threads (0: no limit).
+    #[must_use]
+    pub fn with_pids_limit(mut self, limit: u32) -> Self {
+        self.pids_limit = limit;
+        self
     }
 
     /// Starts every instance in namespaces of its own (`None`: in the runner's).
@@ -216,6 +231,10 @@ pub struct ProcessDriver {
     uids: std::sync::Mutex<std::collections::HashMap<(String, String), FunctionUser>>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
+    /// Likewise, for the pids limit.
+    pids: PidsLimitMode,
+    /// The pids limit of every instance (0: none).
+    pids_limit: u32,
     isolation: Option<Isolation>,
     /// The shell that gates and watches every child ([`WRAPPER_SCRIPT`]); `None` when there
     /// is no shell (then children start unwrapped).
@@ -276,13 +295,31 @@ impl ProcessDriver {
 
         let socket_root = prepare_socket_root(&config.socket_root, typical)?;
 
-        let memory = cgroup::detect(&config.memory_limits);
+        let memory = cgroup::detect(&config.memory_limits, cgroup::Controller::Memory);
         match &memory {
             MemoryLimitMode::Unenforced { reason } => tracing::warn!(
                 reason = %reason,
                 "function memory limits cannot be enforced; instances run without a memory limit"
             ),
             mode => tracing::info!(mode = %mode, "function memory limits enforced"),
+        }
+        let pids = if config.pids_limit == 0 {
+            PidsLimitMode::Unenforced {
+                reason: "FN_FUNCTION_PIDS_LIMIT is 0".into(),
+            }
+        } else {
+            cgroup::detect(&config.memory_limits, cgroup::Controller::Pids)
+        };
+        match &pids {
+            PidsLimitMode::Unenforced { reason } if config.pids_limit > 0 => tracing::warn!(
+                reason = %reason,
+                "function process limits cannot be enforced: one function can take every pid \
+                 of the host"
+            ),
+            PidsLimitMode::Unenforced { .. } => {}
+            mode => {
+                tracing::info!(mode = %mode, limit = config.pids_limit, "function process limits enforced")
+            }
         }
 
         let wrapper = command::wrapper_shell();
@@ -301,6 +338,8 @@ impl ProcessDriver {
             function_users: config.function_users,
             uids: std::sync::Mutex::new(std::collections::HashMap::new()),
             memory,
+            pids,
+            pids_limit: config.pids_limit,
             isolation: config.isolation,
             wrapper,
             wrapper_script: wrapper_script(config.function_open_files),
@@ -329,6 +368,11 @@ impl ProcessDriver {
     /// How memory limits are enforced, as detected by [`ProcessDriver::new`].
     pub fn memory_limit_mode(&self) -> &MemoryLimitMode {
         &self.memory
+    }
+
+    /// How the pids limit is enforced, as detected at construction.
+    pub fn pids_limit_mode(&self) -> &PidsLimitMode {
+        &self.pids
     }
 
     /// The canonical functions directory.
@@ -376,7 +420,13 @@ impl ProcessDriver {
 
         let user = self.user_for(spec)?;
         self.create_instance_dir(&dir, user)?;
-        let cgroup = match cgroup::InstanceCgroup::create(&self.memory, &id, spec.memory_mb) {
+        let cgroup = match cgroup::InstanceCgroup::create(
+            &self.memory,
+            &self.pids,
+            &id,
+            spec.memory_mb,
+            self.pids_limit,
+        ) {
             Ok(cgroup) => cgroup,
             Err(e) => {
                 remove_instance_dir(&dir);
@@ -814,6 +864,10 @@ mod tests {
             memory: MemoryLimitMode::Unenforced {
                 reason: "test".into(),
             },
+            pids: PidsLimitMode::Unenforced {
+                reason: "test".into(),
+            },
+            pids_limit: 0,
             isolation: None,
             wrapper: None,
             wrapper_script: WRAPPER_SCRIPT.to_owned(),
@@ -846,6 +900,10 @@ mod tests {
             memory: MemoryLimitMode::Unenforced {
                 reason: "test".into(),
             },
+            pids: PidsLimitMode::Unenforced {
+                reason: "test".into(),
+            },
+            pids_limit: 0,
             isolation,
             wrapper: Some(PathBuf::from(WRAPPER_SHELL)),
             wrapper_script: WRAPPER_SCRIPT.to_owned(),

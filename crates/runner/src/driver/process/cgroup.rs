@@ -1,30 +1,36 @@
-//! Memory limits for function instances through memory cgroups.
+//! Memory and process-count limits for function instances through cgroups.
 //!
-//! At driver construction [`detect`] decides, once, how limits are enforced:
+//! At driver construction [`detect`] decides, once per controller (`memory`, `pids`), how
+//! its limit is enforced:
 //! - **cgroup v2**: the runner's own cgroup (the `0::<path>` line of `/proc/self/cgroup`) on
 //!   the unified hierarchy (`<root>` itself, or `<root>/unified` on hybrid systems) offers the
-//!   `memory` controller, and it can be enabled for children (`+memory` in
+//!   controller, and it can be enabled for children (`+memory`, `+pids` in
 //!   `cgroup.subtree_control`). Because v2 forbids processes in a cgroup whose children use
 //!   controllers, when enabling fails with `EBUSY` the runner moves itself into a `runner`
 //!   leaf below its own cgroup first (the usual pattern for a delegated cgroup, e.g. systemd
-//!   `Delegate=yes` or a container's cgroup namespace). Instances get `memory.max` and
-//!   `memory.swap.max = 0`.
-//! - **cgroup v1**: `<root>/memory/<own memory path>/` accepts new sub-cgroups. Instances get
-//!   `memory.limit_in_bytes` and, where swap accounting exists, the same
-//!   `memory.memsw.limit_in_bytes` (so swap does not extend the limit).
-//! - otherwise limits are **unenforced**; the driver logs one warning at start.
+//!   `Delegate=yes` or a container's cgroup namespace). Instances get `memory.max`,
+//!   `memory.swap.max = 0` and `pids.max`, all in one cgroup.
+//! - **cgroup v1**: `<root>/<controller>/<own path of that hierarchy>/` accepts new
+//!   sub-cgroups. Instances get `memory.limit_in_bytes` and, where swap accounting exists,
+//!   the same `memory.memsw.limit_in_bytes` (so swap does not extend the limit), and
+//!   `pids.max` in a cgroup of the pids hierarchy.
+//! - otherwise that limit is **unenforced**; the driver logs one warning at start.
 //!
-//! Each instance gets its own cgroup `<parent>/<instance id>`; the child joins it by a write
-//! of its pid to `cgroup.procs` right after spawn. A child that runs meanwhile could start
-//! processes that stay outside the limit — and that is not hypothetical: a shell script
-//! forks its first pipeline within that moment. Joining before `exec` needs a `pre_exec` hook
-//! or `clone3(CLONE_INTO_CGROUP)`, both `unsafe`, which this workspace forbids. So every child
-//! starts under a wrapper shell whose first act is to wait for a line on its stdin, which the
-//! runner writes only once the child is in its cgroup; then it execs the program (same pid,
-//! process group and user; see `WRAPPER_SCRIPT` in the parent module). Only where there is no
-//! `/bin/sh` does the child start unwrapped, and the driver warns once about the remaining
-//! race. When the instance ends, whatever is left in its cgroup is killed and the cgroup
-//! removed.
+//! The pids limit counts processes and threads: without it one function's fork bomb takes
+//! every pid of the host, and the runner and every other tenant with it.
+//!
+//! Each instance gets its own cgroup `<parent>/<instance id>` (one per v1 hierarchy); the
+//! child joins it by a write of its pid to `cgroup.procs` right after spawn. A child that
+//! runs meanwhile could start processes that stay outside the limit — and that is not
+//! hypothetical: a shell script forks its first pipeline within that moment. Joining before
+//! `exec` needs a `pre_exec` hook or `clone3(CLONE_INTO_CGROUP)`, both `unsafe`, which this
+//! workspace forbids. So every child starts under a wrapper shell whose first act is to wait
+//! for a line on its stdin, which the runner writes only once the child is in its cgroup;
+//! then it execs the program (same pid, process group and user; see `WRAPPER_SCRIPT` in the
+//! parent module). Only where there is no `/bin/sh` does the child start unwrapped, and the
+//! driver warns once about the remaining race. When the instance ends, whatever is left in
+//! its cgroup is killed (`cgroup.kill` where the kernel has it: a process that left the
+//! instance's process group with `setsid` goes too) and the cgroup removed.
 //!
 //! The cgroupfs root and the membership file are configurable ([`CgroupPaths`]) so tests can
 //! point the driver at a fake cgroupfs made of plain files. Writes to cgroupfs are small
@@ -39,10 +45,11 @@ use fn_lifecycle::retry::Backoff;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// How the driver should limit instance memory.
+/// How the driver should limit instance memory and processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryLimits {
-    /// Never limit (for example where another layer enforces memory).
+    /// No cgroups: neither memory nor the number of processes is limited (for example where
+    /// another layer enforces them).
     Off,
     /// Detect cgroup support at these paths and enforce limits when possible.
     Cgroup(CgroupPaths),
@@ -58,7 +65,7 @@ impl Default for MemoryLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupPaths {
     /// The cgroupfs mount root (`/sys/fs/cgroup`): the v2 hierarchy is the root itself or
-    /// `unified/` below it; the v1 memory hierarchy is `memory/` below it.
+    /// `unified/` below it; the v1 hierarchies are `memory/` and `pids/` below it.
     pub root: PathBuf,
     /// The file naming the runner's own cgroups (`/proc/self/cgroup`), in its format.
     pub membership: PathBuf,
@@ -73,36 +80,69 @@ impl Default for CgroupPaths {
     }
 }
 
-/// How memory limits are enforced, as detected once when the driver is built.
+/// The cgroup controllers the driver limits instances with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Controller {
+    /// `memory.max` (v2) or `memory.limit_in_bytes` (v1).
+    Memory,
+    /// `pids.max`: processes and threads.
+    Pids,
+}
+
+impl Controller {
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+        }
+    }
+}
+
+/// How one limit (memory, or the number of processes) is enforced, as detected once when
+/// the driver is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryLimitMode {
+pub enum CgroupMode {
     /// cgroup v2: instance cgroups are created under `parent`.
     V2 { parent: PathBuf },
-    /// cgroup v1 memory controller: instance cgroups are created under `parent`.
+    /// cgroup v1, the controller's own hierarchy: instance cgroups are created under `parent`.
     V1 { parent: PathBuf },
     /// Not enforced; `reason` says why (also logged once at start).
     Unenforced { reason: String },
 }
 
-impl fmt::Display for MemoryLimitMode {
+/// How instance memory limits are enforced.
+pub type MemoryLimitMode = CgroupMode;
+
+/// How the most processes an instance may have is enforced.
+pub type PidsLimitMode = CgroupMode;
+
+impl fmt::Display for CgroupMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MemoryLimitMode::V2 { parent } => write!(f, "cgroup v2 under {}", parent.display()),
-            MemoryLimitMode::V1 { parent } => {
-                write!(f, "cgroup v1 memory under {}", parent.display())
-            }
-            MemoryLimitMode::Unenforced { reason } => write!(f, "not enforced: {reason}"),
+            CgroupMode::V2 { parent } => write!(f, "cgroup v2 under {}", parent.display()),
+            CgroupMode::V1 { parent } => write!(f, "cgroup v1 under {}", parent.display()),
+            CgroupMode::Unenforced { reason } => write!(f, "not enforced: {reason}"),
         }
     }
 }
 
-/// Decides how memory limits are enforced. Never fails: anything unusable degrades to
-/// [`MemoryLimitMode::Unenforced`] with the reasons collected.
-pub(super) fn detect(limits: &MemoryLimits) -> MemoryLimitMode {
+impl CgroupMode {
+    fn parent(&self) -> Option<(&Path, Version)> {
+        match self {
+            CgroupMode::V2 { parent } => Some((parent, Version::V2)),
+            CgroupMode::V1 { parent } => Some((parent, Version::V1)),
+            CgroupMode::Unenforced { .. } => None,
+        }
+    }
+}
+
+/// Decides how `controller`'s limit is enforced. Never fails: anything unusable degrades to
+/// [`CgroupMode::Unenforced`] with the reasons collected.
+pub(super) fn detect(limits: &MemoryLimits, controller: Controller) -> CgroupMode {
     let paths = match limits {
         MemoryLimits::Off => {
-            return MemoryLimitMode::Unenforced {
-                reason: "memory limits are switched off".into(),
+            return CgroupMode::Unenforced {
+                reason: "cgroup limits are switched off".into(),
             };
         }
         MemoryLimits::Cgroup(paths) => paths,
@@ -110,20 +150,24 @@ pub(super) fn detect(limits: &MemoryLimits) -> MemoryLimitMode {
     let membership = match std::fs::read_to_string(&paths.membership) {
         Ok(text) => Membership::parse(&text),
         Err(e) => {
-            return MemoryLimitMode::Unenforced {
+            return CgroupMode::Unenforced {
                 reason: format!("cannot read {}: {e}", paths.membership.display()),
             };
         }
     };
-    let v2 = match try_v2(&paths.root, membership.unified.as_deref()) {
-        Ok(parent) => return MemoryLimitMode::V2 { parent },
+    let v2 = match try_v2(&paths.root, membership.unified.as_deref(), controller) {
+        Ok(parent) => return CgroupMode::V2 { parent },
         Err(reason) => reason,
     };
-    let v1 = match try_v1(&paths.root, membership.memory.as_deref()) {
-        Ok(parent) => return MemoryLimitMode::V1 { parent },
+    let own_v1 = match controller {
+        Controller::Memory => membership.memory.as_deref(),
+        Controller::Pids => membership.pids.as_deref(),
+    };
+    let v1 = match try_v1(&paths.root, own_v1, controller) {
+        Ok(parent) => return CgroupMode::V1 { parent },
         Err(reason) => reason,
     };
-    MemoryLimitMode::Unenforced {
+    CgroupMode::Unenforced {
         reason: format!("cgroup v2: {v2}; cgroup v1: {v1}"),
     }
 }
@@ -135,6 +179,8 @@ struct Membership {
     unified: Option<String>,
     /// The v1 path of the hierarchy that has the memory controller.
     memory: Option<String>,
+    /// The v1 path of the hierarchy that has the pids controller.
+    pids: Option<String>,
 }
 
 impl Membership {
@@ -149,8 +195,14 @@ impl Membership {
             };
             if id == "0" && controllers.is_empty() {
                 found.unified = Some(path.to_owned());
-            } else if controllers.split(',').any(|c| c == "memory") {
-                found.memory = Some(path.to_owned());
+            } else {
+                for controller in controllers.split(',') {
+                    match controller {
+                        "memory" => found.memory = Some(path.to_owned()),
+                        "pids" => found.pids = Some(path.to_owned()),
+                        _ => {}
+                    }
+                }
             }
         }
         found
@@ -169,7 +221,7 @@ fn below(base: &Path, own: &str) -> Result<PathBuf, String> {
     Ok(base.join(relative))
 }
 
-fn try_v2(root: &Path, own: Option<&str>) -> Result<PathBuf, String> {
+fn try_v2(root: &Path, own: Option<&str>, controller: Controller) -> Result<PathBuf, String> {
     let own = own.ok_or("the runner is in no v2 cgroup")?;
     let unified = [root.to_path_buf(), root.join("unified")]
         .into_iter()
@@ -177,29 +229,32 @@ fn try_v2(root: &Path, own: Option<&str>) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no cgroup2 hierarchy at {}", root.display()))?;
     let parent = below(&unified, own)?;
     let controllers = read(&parent.join("cgroup.controllers"))?;
-    if !has_word(&controllers, "memory") {
+    if !has_word(&controllers, controller.name()) {
         return Err(format!(
-            "the memory controller is not available in {} (controllers: {:?})",
+            "the {} controller is not available in {} (controllers: {:?})",
+            controller.name(),
             parent.display(),
             controllers.trim()
         ));
     }
-    enable_memory_for_children(&parent)?;
+    enable_for_children(&parent, controller)?;
     probe(&parent)?;
     Ok(parent)
 }
 
-fn enable_memory_for_children(parent: &Path) -> Result<(), String> {
+fn enable_for_children(parent: &Path, controller: Controller) -> Result<(), String> {
+    let name = controller.name();
     let subtree = parent.join("cgroup.subtree_control");
-    if has_word(&read(&subtree)?, "memory") {
+    if has_word(&read(&subtree)?, name) {
         return Ok(());
     }
-    match std::fs::write(&subtree, "+memory") {
+    let enable = format!("+{name}");
+    match std::fs::write(&subtree, &enable) {
         Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {}
         Err(e) => {
             return Err(format!(
-                "cannot enable memory in {}: {e}",
+                "cannot enable {name} in {}: {e}",
                 subtree.display()
             ));
         }
@@ -213,20 +268,21 @@ fn enable_memory_for_children(parent: &Path) -> Result<(), String> {
     }
     std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
         .map_err(|e| format!("cannot move the runner into {}: {e}", leaf.display()))?;
-    std::fs::write(&subtree, "+memory").map_err(|e| {
+    std::fs::write(&subtree, &enable).map_err(|e| {
         format!(
-            "cannot enable memory in {} even with the runner in a leaf (other processes \
+            "cannot enable {name} in {} even with the runner in a leaf (other processes \
              share its cgroup?): {e}",
             subtree.display()
         )
     })?;
-    tracing::info!(leaf = %leaf.display(), "moved the runner into a leaf cgroup to delegate memory limits");
+    tracing::info!(leaf = %leaf.display(), controller = name, "moved the runner into a leaf cgroup to delegate limits");
     Ok(())
 }
 
-fn try_v1(root: &Path, own: Option<&str>) -> Result<PathBuf, String> {
-    let own = own.ok_or("the runner is in no v1 memory cgroup")?;
-    let parent = below(&root.join("memory"), own)?;
+fn try_v1(root: &Path, own: Option<&str>, controller: Controller) -> Result<PathBuf, String> {
+    let name = controller.name();
+    let own = own.ok_or_else(|| format!("the runner is in no v1 {name} cgroup"))?;
+    let parent = below(&root.join(name), own)?;
     if !parent.is_dir() {
         return Err(format!("{} is not a directory", parent.display()));
     }
@@ -264,37 +320,54 @@ fn removal_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(2), Duration::from_millis(200))
 }
 
-/// One instance's memory cgroup.
+/// One instance's cgroups: one on v2, one per hierarchy (memory, pids) on v1.
 #[derive(Debug)]
 pub(super) struct InstanceCgroup {
-    dir: PathBuf,
+    /// The instance's cgroup directories, the memory one first when there is one.
+    dirs: Vec<PathBuf>,
 }
 
 impl InstanceCgroup {
-    /// Creates the cgroup of instance `id` with a limit of `memory_mb`. `None` when limits
-    /// are unenforced or `memory_mb` is 0 (no limit asked for).
+    /// Creates the cgroups of instance `id`, with a limit of `memory_mb` (0: none asked for)
+    /// and of `pids_max` processes (0: none). `None` when neither limit is asked for or can
+    /// be enforced.
     ///
     /// # Errors
-    /// A message when the cgroup cannot be created or the limit cannot be written (the
-    /// half-made cgroup is removed).
+    /// A message when a cgroup cannot be created or a limit cannot be written (what was
+    /// made is removed).
     pub(super) fn create(
-        mode: &MemoryLimitMode,
+        memory: &CgroupMode,
+        pids: &CgroupMode,
         id: &str,
         memory_mb: u64,
+        pids_max: u32,
     ) -> Result<Option<Self>, String> {
-        let (parent, version) = match mode {
-            MemoryLimitMode::V2 { parent } => (parent, Version::V2),
-            MemoryLimitMode::V1 { parent } => (parent, Version::V1),
-            MemoryLimitMode::Unenforced { .. } => return Ok(None),
+        let mut cgroup = InstanceCgroup { dirs: Vec::new() };
+        let made = cgroup
+            .limit_memory(memory, id, memory_mb)
+            .and_then(|()| match pids.parent() {
+                Some((parent, _)) if pids_max > 0 => {
+                    let dir = cgroup.join(parent, id)?;
+                    write_limit(&dir, "pids.max", &pids_max.to_string())
+                }
+                _ => Ok(()),
+            });
+        if let Err(e) = made {
+            cgroup.remove_now();
+            return Err(e);
+        }
+        Ok((!cgroup.dirs.is_empty()).then_some(cgroup))
+    }
+
+    fn limit_memory(&mut self, mode: &CgroupMode, id: &str, memory_mb: u64) -> Result<(), String> {
+        let Some((parent, version)) = mode.parent() else {
+            return Ok(());
         };
         if memory_mb == 0 {
-            return Ok(None);
+            return Ok(());
         }
         let bytes = memory_mb.saturating_mul(1024 * 1024).to_string();
-        let dir = parent.join(id);
-        std::fs::create_dir(&dir)
-            .map_err(|e| format!("cannot create memory cgroup {}: {e}", dir.display()))?;
-        let cgroup = InstanceCgroup { dir };
+        let dir = self.join(parent, id)?;
         let (limit, swap, swap_value) = match version {
             Version::V2 => ("memory.max", "memory.swap.max", "0"),
             Version::V1 => (
@@ -303,101 +376,136 @@ impl InstanceCgroup {
                 bytes.as_str(),
             ),
         };
-        if let Err(e) = std::fs::write(cgroup.dir.join(limit), &bytes) {
-            cgroup.remove_now();
-            return Err(format!(
-                "cannot set {limit} in {}: {e}",
-                cgroup.dir.display()
-            ));
-        }
+        write_limit(&dir, limit, &bytes)?;
         // Only where swap accounting exists; without it there is nothing to limit.
-        let swap = cgroup.dir.join(swap);
+        let swap = dir.join(swap);
         if swap.exists()
             && let Err(e) = std::fs::write(&swap, swap_value)
         {
             tracing::debug!(file = %swap.display(), error = %e, "cannot limit swap");
         }
-        Ok(Some(cgroup))
+        Ok(())
     }
 
-    /// Moves process `pid` into this cgroup.
+    /// The instance's cgroup `<parent>/<id>`, created unless it already is (on v2 both
+    /// limits share one).
+    fn join(&mut self, parent: &Path, id: &str) -> Result<PathBuf, String> {
+        let dir = parent.join(id);
+        if !self.dirs.contains(&dir) {
+            std::fs::create_dir(&dir)
+                .map_err(|e| format!("cannot create cgroup {}: {e}", dir.display()))?;
+            self.dirs.push(dir.clone());
+        }
+        Ok(dir)
+    }
+
+    /// Moves process `pid` into the instance's cgroups.
     ///
     /// # Errors
-    /// When `cgroup.procs` cannot be written.
+    /// When a `cgroup.procs` cannot be written.
     pub(super) fn add(&self, pid: u32) -> Result<(), String> {
-        let procs = self.dir.join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string())
-            .map_err(|e| format!("cannot add pid {pid} to {}: {e}", procs.display()))
+        for dir in &self.dirs {
+            let procs = dir.join("cgroup.procs");
+            std::fs::write(&procs, pid.to_string())
+                .map_err(|e| format!("cannot add pid {pid} to {}: {e}", procs.display()))?;
+        }
+        Ok(())
     }
 
-    /// The cgroup's directory.
-    pub(super) fn dir(&self) -> &Path {
-        &self.dir
+    /// The cgroup directories, the memory one first when there is one.
+    pub(super) fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
     }
 
-    /// Kills whatever is left in the cgroup (processes that left the instance's process
-    /// group) and removes it, retrying briefly while the kernel still counts dying tasks.
+    /// Kills whatever is left in the cgroups (processes that left the instance's process
+    /// group) and removes them, retrying briefly while the kernel still counts dying tasks.
     pub(super) async fn remove(&self) {
-        let mut backoff = removal_backoff();
-        for _ in 0..12 {
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if e.kind() == ErrorKind::NotFound => return,
-                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-                    self.kill_members();
-                    backoff.sleep().await;
+        for dir in &self.dirs {
+            let mut backoff = removal_backoff();
+            let mut removed = false;
+            for _ in 0..12 {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => removed = true,
+                    Err(e) if e.kind() == ErrorKind::NotFound => removed = true,
+                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
+                        kill_members(dir);
+                        backoff.sleep().await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");
+                        removed = true;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(cgroup = %self.dir.display(), error = %e, "cannot remove instance cgroup");
-                    return;
-                }
+                break;
+            }
+            if !removed {
+                tracing::warn!(cgroup = %dir.display(), "instance cgroup still busy; left in place");
             }
         }
-        tracing::warn!(cgroup = %self.dir.display(), "instance cgroup still busy; left in place");
     }
 
     /// [`InstanceCgroup::remove`] on a thread of its own, for when there is no runtime left
     /// to run it (the runner is shutting down with instances still around).
     pub(super) fn remove_in_background(&self) {
-        let cgroup = InstanceCgroup {
-            dir: self.dir.clone(),
-        };
+        let dirs = self.dirs.clone();
         let spawned = std::thread::Builder::new()
             .name("fn-cgroup-cleanup".into())
             .spawn(move || {
-                let mut backoff = removal_backoff();
-                for _ in 0..12 {
-                    match std::fs::remove_dir(&cgroup.dir) {
-                        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-                            cgroup.kill_members();
-                            std::thread::sleep(backoff.next_delay());
+                for dir in dirs {
+                    let mut backoff = removal_backoff();
+                    for _ in 0..12 {
+                        match std::fs::remove_dir(&dir) {
+                            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
+                                kill_members(&dir);
+                                std::thread::sleep(backoff.next_delay());
+                            }
+                            _ => break,
                         }
-                        _ => return,
                     }
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(cgroup = %self.dir.display(), error = %e, "cannot remove instance cgroup");
+            tracing::warn!(cgroups = ?self.dirs, error = %e, "cannot remove instance cgroups");
         }
     }
 
     /// Best-effort synchronous removal, for error paths before any process joined.
     fn remove_now(&self) {
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
-            tracing::debug!(cgroup = %self.dir.display(), error = %e, "cannot remove instance cgroup");
+        for dir in &self.dirs {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");
+            }
         }
     }
+}
 
-    fn kill_members(&self) {
-        let procs = self.dir.join("cgroup.procs");
-        let Ok(text) = std::fs::read_to_string(&procs) else {
-            return;
-        };
-        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // ESRCH: already gone. Nothing else is expected for our own children.
-            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGKILL) {
-                tracing::debug!(pid, error = %e, "cannot kill process left in instance cgroup");
+fn write_limit(dir: &Path, file: &str, value: &str) -> Result<(), String> {
+    std::fs::write(dir.join(file), value)
+        .map_err(|e| format!("cannot set {file} in {}: {e}", dir.display()))
+}
+
+/// Kills every process in cgroup `dir`: through `cgroup.kill` where the kernel has it (v2,
+/// 5.14 on: atomic, so a process forking meanwhile cannot slip out), otherwise one
+/// `SIGKILL` per listed process (each round of the caller's retries catches what forked
+/// since; the pids limit bounds how many there can be).
+fn kill_members(dir: &Path) {
+    let kill_file = dir.join("cgroup.kill");
+    if kill_file.is_file() {
+        match std::fs::write(&kill_file, "1") {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "cgroup.kill failed; killing one by one");
             }
+        }
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // ESRCH: already gone. Nothing else is expected for our own children.
+        if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGKILL) {
+            tracing::debug!(pid, error = %e, "cannot kill process left in instance cgroup");
         }
     }
 }
@@ -421,7 +529,14 @@ mod tests {
         std::fs::create_dir_all(dir).expect("mkdir");
     }
 
-    const HYBRID: &str = "9:name=systemd:/\n4:memory:/runners/r1\n1:cpu,cpuacct:/\n0::/\n";
+    const HYBRID: &str =
+        "9:name=systemd:/\n8:pids:/runners/p1\n4:memory:/runners/r1\n1:cpu,cpuacct:/\n0::/\n";
+
+    fn unenforced() -> CgroupMode {
+        CgroupMode::Unenforced {
+            reason: "test".into(),
+        }
+    }
 
     #[test]
     fn parses_membership() {
@@ -429,14 +544,16 @@ mod tests {
             Membership::parse(HYBRID),
             Membership {
                 unified: Some("/".into()),
-                memory: Some("/runners/r1".into())
+                memory: Some("/runners/r1".into()),
+                pids: Some("/runners/p1".into()),
             }
         );
         assert_eq!(
             Membership::parse("0::/system.slice/runner.service\n"),
             Membership {
                 unified: Some("/system.slice/runner.service".into()),
-                memory: None
+                memory: None,
+                pids: None,
             }
         );
         assert_eq!(Membership::parse("garbage\n"), Membership::default());
@@ -450,7 +567,7 @@ mod tests {
         std::fs::write(paths.root.join("unified/cgroup.controllers"), "hugetlb\n").expect("write");
         let parent = paths.root.join("memory/runners/r1");
         mkdirs(&parent);
-        let mode = detect(&MemoryLimits::Cgroup(paths.clone()));
+        let mode = detect(&MemoryLimits::Cgroup(paths.clone()), Controller::Memory);
         assert_eq!(
             mode,
             MemoryLimitMode::V1 {
@@ -460,10 +577,10 @@ mod tests {
         // The probe cleaned up after itself.
         assert_eq!(std::fs::read_dir(&parent).expect("read_dir").count(), 0);
 
-        let cgroup = InstanceCgroup::create(&mode, "inst-1", 128)
+        let cgroup = InstanceCgroup::create(&mode, &unenforced(), "inst-1", 128, 64)
             .expect("create")
             .expect("enforced");
-        assert_eq!(cgroup.dir(), parent.join("inst-1"));
+        assert_eq!(cgroup.dirs(), [parent.join("inst-1")]);
         assert_eq!(
             std::fs::read_to_string(parent.join("inst-1/memory.limit_in_bytes")).expect("read"),
             (128u64 * 1024 * 1024).to_string()
@@ -489,24 +606,31 @@ mod tests {
         mkdirs(&parent);
         std::fs::write(parent.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
         std::fs::write(parent.join("cgroup.subtree_control"), "").expect("write");
-        let mode = detect(&MemoryLimits::Cgroup(paths));
+        let limits = MemoryLimits::Cgroup(paths);
+        let mode = detect(&limits, Controller::Memory);
         assert_eq!(
             mode,
             MemoryLimitMode::V2 {
                 parent: parent.clone()
             }
         );
-        assert_eq!(
-            std::fs::read_to_string(parent.join("cgroup.subtree_control")).expect("read"),
-            "+memory"
-        );
+        let subtree = parent.join("cgroup.subtree_control");
+        assert_eq!(std::fs::read_to_string(&subtree).expect("read"), "+memory");
+        let pids = detect(&limits, Controller::Pids);
+        assert_eq!(pids, mode, "both limits in one v2 cgroup");
+        assert_eq!(std::fs::read_to_string(&subtree).expect("read"), "+pids");
 
-        let cgroup = InstanceCgroup::create(&mode, "inst-3", 256)
+        let cgroup = InstanceCgroup::create(&mode, &pids, "inst-3", 256, 100)
             .expect("create")
             .expect("enforced");
+        assert_eq!(cgroup.dirs(), [parent.join("inst-3")]);
         assert_eq!(
             std::fs::read_to_string(parent.join("inst-3/memory.max")).expect("read"),
             (256u64 * 1024 * 1024).to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(parent.join("inst-3/pids.max")).expect("read"),
+            "100"
         );
         cgroup.add(7).expect("add");
         assert_eq!(
@@ -519,7 +643,7 @@ mod tests {
     fn v2_without_memory_controller_and_no_v1_is_unenforced() {
         let (_tmp, paths) = fake("0::/\n");
         std::fs::write(paths.root.join("cgroup.controllers"), "cpu pids\n").expect("write");
-        match detect(&MemoryLimits::Cgroup(paths)) {
+        match detect(&MemoryLimits::Cgroup(paths), Controller::Memory) {
             MemoryLimitMode::Unenforced { reason } => {
                 assert!(
                     reason.contains("memory controller is not available"),
@@ -538,11 +662,11 @@ mod tests {
             membership: PathBuf::from("/nonexistent/cgroup"),
         };
         assert!(matches!(
-            detect(&MemoryLimits::Cgroup(paths)),
+            detect(&MemoryLimits::Cgroup(paths), Controller::Pids),
             MemoryLimitMode::Unenforced { .. }
         ));
         assert!(matches!(
-            detect(&MemoryLimits::Off),
+            detect(&MemoryLimits::Off, Controller::Memory),
             MemoryLimitMode::Unenforced { .. }
         ));
     }
@@ -553,10 +677,54 @@ mod tests {
             parent: PathBuf::from("/nonexistent"),
         };
         assert!(
-            InstanceCgroup::create(&mode, "x", 0)
+            InstanceCgroup::create(&mode, &mode, "x", 0, 0)
                 .expect("no-op")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn v1_limits_processes_in_the_pids_hierarchy() {
+        let (_tmp, paths) = fake(HYBRID);
+        let memory_parent = paths.root.join("memory/runners/r1");
+        let pids_parent = paths.root.join("pids/runners/p1");
+        mkdirs(&memory_parent);
+        mkdirs(&pids_parent);
+        let limits = MemoryLimits::Cgroup(paths);
+        let memory = detect(&limits, Controller::Memory);
+        let pids = detect(&limits, Controller::Pids);
+        assert_eq!(
+            pids,
+            PidsLimitMode::V1 {
+                parent: pids_parent.clone()
+            }
+        );
+
+        let cgroup = InstanceCgroup::create(&memory, &pids, "inst-2", 128, 64)
+            .expect("create")
+            .expect("enforced");
+        assert_eq!(
+            cgroup.dirs(),
+            [memory_parent.join("inst-2"), pids_parent.join("inst-2")]
+        );
+        assert_eq!(
+            std::fs::read_to_string(pids_parent.join("inst-2/pids.max")).expect("read"),
+            "64"
+        );
+        cgroup.add(99).expect("add");
+        for dir in cgroup.dirs() {
+            assert_eq!(
+                std::fs::read_to_string(dir.join("cgroup.procs")).expect("read"),
+                "99"
+            );
+        }
+
+        // No memory asked for: the process limit still gets its cgroup.
+        let only_pids = InstanceCgroup::create(&memory, &pids, "inst-4", 0, 32)
+            .expect("create")
+            .expect("enforced");
+        assert_eq!(only_pids.dirs(), [pids_parent.join("inst-4")]);
+        assert!(!memory_parent.join("inst-4").exists());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A reaper task owns the `Child`: it waits for the process to exit (or for a kill request,
 //! which it carries out while the process is still unreaped, so the process group id cannot
 //! have been reused), publishes the exit status, kills what is left of the process group,
-//! removes the memory cgroup and the instance directory. Everything else reads the exit
+//! removes the cgroups and the instance directory. Everything else reads the exit
 //! status from a `watch` channel, so "has it exited?" is an event, not a poll. If the runtime
 //! drops the reaper first (shutdown), a drop guard does the same cleanup, best effort.
 //!
@@ -195,9 +195,13 @@ impl ProcessInstance {
         self.client.socket()
     }
 
-    /// The instance's memory cgroup, when limits are enforced.
-    pub fn cgroup_dir(&self) -> Option<&Path> {
-        self.shared.cgroup.as_ref().map(InstanceCgroup::dir)
+    /// The instance's cgroups (the memory one first, when it has one): one on cgroup v2, one
+    /// per hierarchy on v1; none when no limit is enforced.
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        self.shared
+            .cgroup
+            .as_ref()
+            .map_or(&[], InstanceCgroup::dirs)
     }
 
     /// Waits until the process has been reaped and its cgroup and directory removed.
