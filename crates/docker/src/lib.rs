@@ -68,6 +68,11 @@ pub async fn connect() -> Result<Docker, String> {
     Ok(docker)
 }
 
+/// Label on every function container a runner's docker driver starts, naming that runner
+/// (its `FN_RUNNER_ID`): the runner's own leftover sweep and the npm's sweep after a runner
+/// container is gone both find its function containers by it.
+pub const LABEL_RUNNER: &str = "fn.dataplane.runner";
+
 /// The Engine API list filter for objects labelled `key=value`.
 pub fn label_filter(key: &str, value: &str) -> HashMap<&'static str, Vec<String>> {
     HashMap::from([("label", vec![format!("{key}={value}")])])

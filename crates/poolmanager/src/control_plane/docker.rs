@@ -10,6 +10,15 @@
 //!   exited ones are removed. Because the set lives in the engine, not in the npm, a
 //!   restarted npm finds its runners again and never provisions twice.
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove.
+//! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
+//!   function containers labelled with its `FN_RUNNER_ID`, which the npm sets to the
+//!   runner's container (or service) name. A runner removes its own when it drains; when it
+//!   could not (it crashed, or was killed), the npm removes what is left under its name once
+//!   the runner container is gone: after removing it, after finding it exited, and at
+//!   shutdown. On swarm the npm does not sweep (a deleted service's task still drains after
+//!   the npm's call returns, and its containers are on its node's engine, not the
+//!   manager's); a service's restarted task keeps the service's name as its id, so the new
+//!   runner removes its predecessor's at start.
 //! - **Shutdown**: removes this npm's runners, so `docker compose down` leaves nothing
 //!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt.
 //!
@@ -67,6 +76,10 @@ pub const LABEL_PORT: &str = "fn.dataplane.port";
 
 /// gRPC port of runner containers (each has its own address, so one port fits all).
 pub const RUNNER_PORT: u16 = 9190;
+/// How long a runner may drain when the npm itself shuts down: inside the npm's own
+/// shutdown bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default), with time left to remove the
+/// containers and what they left.
+const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
 /// Memory a runner container gets beyond its capacity, for the runner process itself.
 const RUNNER_OVERHEAD_MB: u64 = 128;
 
@@ -102,6 +115,8 @@ pub fn build_spec(
     let mut env = vec![
         format!("FN_GRPC_PORT={RUNNER_PORT}"),
         format!("FN_MAX_MEMORY_MB={}", config.runner_memory_mb),
+        // What its function containers are labelled with: the name the npm knows it by.
+        format!("FN_RUNNER_ID={name}"),
     ];
     match &config.tls_files {
         Some(files) => {
@@ -213,6 +228,9 @@ pub struct DockerControlPlane {
     placement: Placement,
     engine: Arc<dyn Engine>,
     ready: Arc<dyn ReadyProbe>,
+    /// The engine runners start function containers on, when they were given one: the
+    /// npm removes there what a runner that is gone left.
+    functions: Option<Arc<dyn Engine>>,
 }
 
 impl DockerControlPlane {
@@ -284,17 +302,31 @@ impl DockerControlPlane {
             npm_id = %placement.npm_id,
             "docker control plane ready"
         );
+        let functions: Option<Arc<dyn Engine>> = (config.runner_engine.is_some()
+            && config.swarm.is_none())
+        .then(|| Arc::new(engine.clone()) as Arc<dyn Engine>);
         let engine: Arc<dyn Engine> = if config.swarm.is_some() {
             Arc::new(SwarmEngine::new(engine))
         } else {
             Arc::new(engine)
         };
-        Ok(Self::with_engine(
+        let plane = Self::with_engine(
             config.clone(),
             placement,
             engine,
             Arc::new(GrpcHealth::new(config.tls)),
-        ))
+        );
+        Ok(match functions {
+            Some(functions) => plane.with_function_engine(functions),
+            None => plane,
+        })
+    }
+
+    /// Removes, through `engine`, the function containers of runners that are gone.
+    #[must_use]
+    pub fn with_function_engine(mut self, engine: Arc<dyn Engine>) -> Self {
+        self.functions = Some(engine);
+        self
     }
 
     /// A control plane over any [`Engine`] and [`ReadyProbe`] (tests, other engines).
@@ -309,6 +341,7 @@ impl DockerControlPlane {
             placement,
             engine,
             ready,
+            functions: None,
         }
     }
 
@@ -329,6 +362,29 @@ impl DockerControlPlane {
         if let Err(e) = self.engine.remove(name, Duration::ZERO).await {
             tracing::warn!(container = name, error = %e, "cannot remove a failed runner container; remove it by hand");
         }
+    }
+
+    /// Removes the function containers runner `runner` left (it crashed, or was killed
+    /// while it drained); none when it removed its own. Failures are only logged: the next
+    /// removal of a runner tries again for its own.
+    async fn remove_function_containers(&self, runner: &str) {
+        let Some(engine) = &self.functions else {
+            return;
+        };
+        let containers = match engine.list(fn_docker::LABEL_RUNNER, runner).await {
+            Ok(containers) => containers,
+            Err(e) => {
+                tracing::warn!(runner, error = %e, "cannot look for the function containers of a runner that is gone");
+                return;
+            }
+        };
+        let removals = containers.iter().map(|c| async move {
+            match engine.remove(&c.name, Duration::ZERO).await {
+                Ok(()) => tracing::info!(runner, container = %c.name, "removed a function container its runner left"),
+                Err(e) => tracing::warn!(runner, container = %c.name, error = %e, "cannot remove a function container its runner left"),
+            }
+        });
+        futures::future::join_all(removals).await;
     }
 
     async fn provision_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
@@ -409,6 +465,7 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Stopped => {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
                         self.discard(&container.name).await;
+                        self.remove_function_containers(&container.name).await;
                     }
                     ContainerState::Created => {
                         // Left over from a provisioning the npm did not finish (it was
@@ -456,6 +513,7 @@ impl ControlPlane for DockerControlPlane {
                     ))
                 })?;
             tracing::info!(runner = %runner.id, "runner container removed");
+            self.remove_function_containers(&runner.id).await;
             Ok(())
         })
     }
@@ -477,8 +535,12 @@ impl ControlPlane for DockerControlPlane {
                 return;
             }
             let removals = containers.iter().map(|c| async move {
-                if let Err(e) = self.engine.remove(&c.name, self.config.stop_grace).await {
-                    tracing::warn!(container = %c.name, error = %e, "cannot remove a runner container at shutdown");
+                let grace = self.config.stop_grace.min(SHUTDOWN_STOP_GRACE);
+                match self.engine.remove(&c.name, grace).await {
+                    Ok(()) => self.remove_function_containers(&c.name).await,
+                    Err(e) => {
+                        tracing::warn!(container = %c.name, error = %e, "cannot remove a runner container at shutdown");
+                    }
                 }
             });
             futures::future::join_all(removals).await;

@@ -68,7 +68,7 @@ const LISTENER_NAME: &str = "lsnr.sock";
 /// Label on every function container: `function`.
 pub const LABEL_ROLE: &str = "fn.dataplane.role";
 /// Label naming the runner that owns the container (`FN_RUNNER_ID`).
-pub const LABEL_RUNNER: &str = "fn.dataplane.runner";
+pub const LABEL_RUNNER: &str = fn_docker::LABEL_RUNNER;
 pub const LABEL_APP: &str = "fn.dataplane.app";
 pub const LABEL_FUNCTION: &str = "fn.dataplane.function";
 pub const LABEL_INSTANCE: &str = "fn.dataplane.instance";

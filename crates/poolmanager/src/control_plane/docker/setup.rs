@@ -120,7 +120,9 @@ pub struct DockerConfig {
     pub swarm: Option<SwarmConfig>,
     /// Bound for a new runner to answer health.
     pub start_timeout: Duration,
-    /// How long a removed runner may take to stop before it is killed.
+    /// How long a removed runner may take to stop before it is killed: its drain
+    /// (`FN_SHUTDOWN_TIMEOUT`, 30 s) and the clean-up of its instances (up to 5 s), with a
+    /// margin. A runner killed sooner leaves its function containers to the npm's sweep.
     pub stop_grace: Duration,
 }
 
@@ -158,7 +160,7 @@ impl DockerConfig {
             runner_engine: None,
             swarm: None,
             start_timeout: Duration::from_secs(30),
-            stop_grace: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(40),
         }
     }
 }

@@ -204,6 +204,7 @@ fn spec_carries_labels_env_mount_and_limits() {
         "FN_NODE_CERT_AUTHORITY=/certs/ca.pem",
         "FN_TLS_SERVER_NAME=fn-node",
         "FN_LOG_LEVEL=debug",
+        "FN_RUNNER_ID=stack-runner-1",
     ] {
         assert!(spec.env.iter().any(|e| e == expected), "{expected} missing");
     }
@@ -483,6 +484,70 @@ async fn remove_and_shutdown_remove_containers_unless_kept() {
     assert!(engine.names().is_empty());
 }
 
+#[tokio::test]
+async fn the_function_containers_a_runner_left_go_once_it_is_gone() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
+    let runners = cp.provision("default", 3).await.expect("provisioned");
+    let function = |n: usize, runner: &str| {
+        engine.add(
+            &format!("fn-{runner}-{n}"),
+            ContainerState::Running,
+            &[
+                (fn_docker::LABEL_RUNNER, runner),
+                ("fn.dataplane.role", "function"),
+            ],
+        );
+    };
+    for runner in &runners {
+        function(1, &runner.id);
+        function(2, &runner.id);
+    }
+    let functions_of = |runner: &str| {
+        engine
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("fn-{runner}-")))
+            .count()
+    };
+
+    // Removed (killed while it drained): what it left goes after it.
+    cp.remove(&runners[0]).await.expect("removed");
+    assert_eq!(functions_of(&runners[0].id), 0);
+    assert_eq!(functions_of(&runners[1].id), 2, "another runner's stay");
+
+    // Found exited (it crashed): removed with what it left.
+    engine
+        .lock()
+        .iter_mut()
+        .find(|(c, _)| c.name == runners[1].id)
+        .expect("runner container")
+        .0
+        .state = ContainerState::Stopped;
+    let listed = cp.list().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(functions_of(&runners[1].id), 0);
+    assert_eq!(functions_of(&runners[2].id), 2, "a running runner's stay");
+
+    // Shutdown: the last runner and what it left.
+    cp.shutdown().await;
+    assert!(engine.names().is_empty(), "{:?}", engine.names());
+}
+
+#[tokio::test]
+async fn without_a_function_engine_the_npm_touches_no_function_container() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true);
+    let runners = cp.provision("default", 1).await.expect("provisioned");
+    engine.add(
+        "fn-left",
+        ContainerState::Running,
+        &[(fn_docker::LABEL_RUNNER, &runners[0].id)],
+    );
+    cp.remove(&runners[0]).await.expect("removed");
+    assert_eq!(engine.names(), vec!["fn-left".to_owned()]);
+}
+
 #[test]
 fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constraints() {
     let mut swarm = config();
@@ -560,5 +625,5 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
             .expect("env")
             .contains(&"FN_NODE_CERT_KEY=/run/secrets/fn_node-key.pem".to_owned())
     );
-    assert_eq!(container.stop_grace_period, Some(10_000_000_000));
+    assert_eq!(container.stop_grace_period, Some(40_000_000_000));
 }
