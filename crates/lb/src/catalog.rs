@@ -233,8 +233,35 @@ fn validate(
             "give a command (process driver) or an image (docker driver)".into(),
         ));
     }
-    if raw.command.first().is_some_and(String::is_empty) {
-        return Err(invalid("command", "the program name is empty".into()));
+    if raw.image.as_deref() == Some("") {
+        return Err(invalid(
+            "image",
+            "is empty; leave it out to use the command".into(),
+        ));
+    }
+    // What a runner would refuse on every call of this function, refused here once.
+    let definition = fn_protocol::call::Definition {
+        route: &route,
+        command: &raw.command,
+        image: raw.image.as_deref(),
+        config: &raw.config,
+    };
+    if let Err(e) = definition.check() {
+        use fn_protocol::call::InvalidCall;
+        let (field, reason) = match e {
+            InvalidCall::Missing(field) => (field, "is missing or empty".to_owned()),
+            InvalidCall::TooLong { field, len, max } => (
+                field,
+                format!("is too long: {len} where at most {max} is accepted"),
+            ),
+            InvalidCall::Invalid { field, reason } => (field, reason),
+        };
+        let field = if field == "command or image" {
+            "command"
+        } else {
+            field
+        };
+        return Err(invalid(field, reason));
     }
     let memory_mb = raw.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
     if memory_mb == 0 {

@@ -921,6 +921,63 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Catalog;
+    use std::path::Path;
+
+    /// What the catalog takes at its limits, a runner takes on every call; one step past a
+    /// limit, the catalog refuses it at load instead of every call failing with 500.
+    #[test]
+    fn a_function_the_catalog_accepts_is_a_call_the_runner_accepts() {
+        let config: String = (0..fn_protocol::call::MAX_CONFIG_ENTRIES)
+            .map(|i| format!("K{i} = \"v{i} \\t tab\"\n"))
+            .collect();
+        let entry = |route: &str, image: &str, config: &str| {
+            format!(
+                "[[functions]]\napp = \"a\"\nname = \"f\"\nroute = \"{route}\"\n\
+                 command = [\"fn-x\", \"--flag=\\u00e9\"]\nimage = \"{image}\"\n\
+                 [functions.config]\n{config}"
+            )
+        };
+        let longest_route = format!("/{}", "r".repeat(fn_protocol::call::MAX_NAME_LEN - 1));
+        let longest_image = format!("reg.example/{}:1", "i".repeat(256 - 14));
+        let text = entry(&longest_route, &longest_image, &config);
+        let catalog = Catalog::parse(Path::new("c.toml"), &text).expect("at the limits");
+        let function = catalog.by_name("a", "f").expect("function");
+        let request = http::Request::post("http://lb.test/r/a/x?q=1")
+            .body(())
+            .expect("request");
+        let (parts, ()) = request.into_parts();
+        let spec = call_spec(&function, "01J0000000000000000000000".into(), &parts).expect("spec");
+        let wire = fn_protocol::runner::Call::from(&spec);
+        let received = CallSpec::try_from(wire).expect("the runner takes it");
+        assert_eq!(received.route, longest_route);
+        assert_eq!(received.image.as_deref(), Some(longest_image.as_str()));
+        assert_eq!(received.config.len(), fn_protocol::call::MAX_CONFIG_ENTRIES);
+
+        let one_more = format!("{config}K_EXTRA = \"x\"\n");
+        let past = [
+            (
+                entry(&format!("{longest_route}r"), "img", ""),
+                "field `route`",
+            ),
+            (
+                entry("/x", &format!("{longest_image}1"), ""),
+                "field `image`",
+            ),
+            (entry("/x", "", ""), "field `image`"),
+            (entry("/x", "img", &one_more), "field `config`"),
+            (entry("/x", "img", "K = \"a\\u0000b\"\n"), "field `config`"),
+            (
+                entry("/x", "img", "").replace("--flag=", "--fl\\u0000ag="),
+                "field `command`",
+            ),
+            (entry("/x", "im\\u0007g", ""), "field `image`"),
+        ];
+        for (text, field) in past {
+            let err = Catalog::parse(Path::new("c.toml"), &text).expect_err(field);
+            assert!(err.to_string().contains(field), "{err} should name {field}");
+        }
+    }
 
     #[test]
     fn server_timing_spells_milliseconds_to_the_microsecond() {

@@ -95,6 +95,11 @@ pub enum InvalidCall {
 }
 
 fn name(field: &'static str, value: String, max: usize) -> Result<String, InvalidCall> {
+    check_name(field, &value, max)?;
+    Ok(value)
+}
+
+fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), InvalidCall> {
     if value.is_empty() {
         return Err(InvalidCall::Missing(field));
     }
@@ -117,7 +122,66 @@ fn name(field: &'static str, value: String, max: usize) -> Result<String, Invali
             reason: "contains control characters".into(),
         });
     }
-    Ok(value)
+    Ok(())
+}
+
+/// The parts of a call that come from its function's definition, as the catalog holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct Definition<'a> {
+    /// Empty: the function has no route (called by name only).
+    pub route: &'a str,
+    pub command: &'a [String],
+    pub image: Option<&'a str>,
+    pub config: &'a BTreeMap<String, String>,
+}
+
+impl Definition<'_> {
+    /// Checks a function's definition as a runner checks every call of it: the LB's catalog
+    /// refuses at load what every runner would refuse on every call (each call would fail).
+    ///
+    /// # Errors
+    /// The field at fault and why.
+    pub fn check(&self) -> Result<(), InvalidCall> {
+        if !self.route.is_empty() {
+            check_name("route", self.route, MAX_NAME_LEN)?;
+        }
+        if self.command.is_empty() && self.image.is_none_or(str::is_empty) {
+            return Err(InvalidCall::Missing("command or image"));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("command", "contains a NUL byte"));
+        }
+        if self.command.first().is_some_and(String::is_empty) {
+            return Err(invalid("command", "the program name is empty"));
+        }
+        if let Some(image) = self.image
+            && !image.is_empty()
+        {
+            check_name("image", image, MAX_NAME_LEN)?;
+        }
+        if self.config.len() > MAX_CONFIG_ENTRIES {
+            return Err(InvalidCall::TooLong {
+                field: "config",
+                len: self.config.len(),
+                max: MAX_CONFIG_ENTRIES,
+            });
+        }
+        for (k, v) in self.config {
+            if !valid_env_name(k) {
+                return Err(invalid(
+                    "config",
+                    format!("{k:?} is not a valid variable name"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "config",
+                    format!("value of {k} contains a NUL byte"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidCall {
@@ -141,11 +205,13 @@ impl TryFrom<runner::Call> for CallSpec {
         let id = name("id", call.id, MAX_NAME_LEN)?;
         let app = name("app", call.app, MAX_NAME_LEN)?;
         let function = name("function", call.function, MAX_NAME_LEN)?;
-        let route = if call.route.is_empty() {
-            String::new()
-        } else {
-            name("route", call.route, MAX_NAME_LEN)?
-        };
+        Definition {
+            route: &call.route,
+            command: &call.command,
+            image: Some(call.image.as_str()),
+            config: &call.config,
+        }
+        .check()?;
         let method = Method::from_bytes(call.method.as_bytes())
             .map_err(|_| invalid("method", format!("not an HTTP method: {:?}", call.method)))?;
         let request_url = name("request_url", call.request_url, MAX_URL_LEN)?;
@@ -206,40 +272,7 @@ impl TryFrom<runner::Call> for CallSpec {
             n => n,
         };
 
-        if call.command.is_empty() && call.image.is_empty() {
-            return Err(InvalidCall::Missing("command or image"));
-        }
-        if call.command.iter().any(|a| a.contains('\0')) {
-            return Err(invalid("command", "contains a NUL byte"));
-        }
-        if call.command.first().is_some_and(String::is_empty) {
-            return Err(invalid("command", "the program name is empty"));
-        }
-        let image = (!call.image.is_empty())
-            .then(|| name("image", call.image, MAX_NAME_LEN))
-            .transpose()?;
-
-        if call.config.len() > MAX_CONFIG_ENTRIES {
-            return Err(InvalidCall::TooLong {
-                field: "config",
-                len: call.config.len(),
-                max: MAX_CONFIG_ENTRIES,
-            });
-        }
-        for (k, v) in &call.config {
-            if !valid_env_name(k) {
-                return Err(invalid(
-                    "config",
-                    format!("{k:?} is not a valid variable name"),
-                ));
-            }
-            if v.contains('\0') {
-                return Err(invalid(
-                    "config",
-                    format!("value of {k} contains a NUL byte"),
-                ));
-            }
-        }
+        let image = (!call.image.is_empty()).then_some(call.image);
         let lb_group = name("lb_group", call.lb_group, MAX_NAME_LEN)?;
         // `deadline_unix_ms` is the LB's clock: information only, never a bound here.
         let deadline = Instant::now() + timeout;
@@ -248,7 +281,7 @@ impl TryFrom<runner::Call> for CallSpec {
             id,
             app,
             function,
-            route,
+            route: call.route,
             method,
             request_url,
             headers,
