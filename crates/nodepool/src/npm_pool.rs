@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::retry::Backoff;
 
 use fn_protocol::poolmanager::LbGroupId;
@@ -33,6 +34,12 @@ use crate::pool::{RunnerList, RunnerPool, check_host_port};
 
 /// The poll interval while the npm's membership watch is up.
 pub const WATCHED_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Most runners of one group the LB takes from the npm's list (the first ones, in the npm's
+/// order, so every LB keeps the same). The npm caps all its runners at
+/// `FN_MAX_TOTAL_RUNNERS` (100 by default); a longer list is a broken or hostile npm, and
+/// each runner costs a client and, once called, a connection.
+pub const MAX_RUNNERS_PER_GROUP: usize = 1024;
 
 /// Runner lists fetched from the npm.
 #[derive(Debug, Clone)]
@@ -58,6 +65,8 @@ struct Inner {
     client_config: ClientConfig,
     npm: RunnerManagerClient<Channel>,
     poll_interval: Duration,
+    /// Warnings about runner lists the LB does not take as they are (a minute apart).
+    list_warnings: Throttle,
 }
 
 impl NpmPool {
@@ -99,6 +108,7 @@ impl NpmPool {
                 client_config,
                 npm: RunnerManagerClient::new(channel),
                 poll_interval,
+                list_warnings: Throttle::new(Duration::from_secs(60)),
             }),
         })
     }
@@ -110,28 +120,30 @@ impl NpmPool {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
         let watcher = tokio::spawn(Arc::clone(&self.inner).watch(cancel.clone()));
         let _stop_watching = AbortOnDrop(watcher);
-        let mut failing = false;
+        // The groups whose last fetch failed: each is warned about once, when it starts
+        // failing, and told about again when it is back, however the others fare.
+        let mut failing: BTreeSet<String> = BTreeSet::new();
         loop {
             let groups: Vec<String> = self.inner.lock_groups().iter().cloned().collect();
             for group in groups {
                 match self.refresh(&group).await {
-                    Ok(()) if failing => {
-                        tracing::info!("runner lists from the npm again");
-                        failing = false;
+                    Ok(()) => {
+                        if failing.remove(&group) {
+                            tracing::info!(group, "runner list from the npm again");
+                        }
                     }
-                    Ok(()) => {}
-                    Err(status) if failing => {
+                    Err(status) if failing.contains(&group) => {
                         tracing::debug!(group, error = %status, "GetLBGroup failed")
                     }
                     Err(status) => {
-                        tracing::warn!(group, error = %status, "cannot get runner lists from the npm; keeping the last known lists");
-                        failing = true;
+                        tracing::warn!(group, error = %status, "cannot get the group's runner list from the npm; keeping the last known list");
+                        failing.insert(group);
                     }
                 }
             }
             // While the npm answers with errors, keep asking at the configured interval:
             // a watch that is up says nothing about whether the lists can be fetched.
-            let pause = if self.inner.watching.load(Ordering::Acquire) && !failing {
+            let pause = if self.inner.watching.load(Ordering::Acquire) && failing.is_empty() {
                 WATCHED_POLL_INTERVAL.max(self.inner.poll_interval)
             } else {
                 self.inner.poll_interval
@@ -157,8 +169,30 @@ impl NpmPool {
         let current = self.runners(group);
         let by_address: HashMap<&str, &Arc<RunnerClient>> =
             current.iter().map(|c| (c.address(), c)).collect();
-        let mut next = Vec::with_capacity(membership.runners.len());
-        for runner in membership.runners {
+        let listed = membership.runners.len();
+        if listed > MAX_RUNNERS_PER_GROUP {
+            fn_lifecycle::warn_throttled!(
+                self.inner.list_warnings,
+                group,
+                listed,
+                kept = MAX_RUNNERS_PER_GROUP,
+                "the npm lists more runners for the group than an LB takes; using the first ones"
+            );
+        }
+        let mut next = Vec::with_capacity(listed.min(MAX_RUNNERS_PER_GROUP));
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for runner in membership.runners.into_iter().take(MAX_RUNNERS_PER_GROUP) {
+            // One runner, one place in the list: a second entry for an address would give
+            // it a second share of the calls and of the hash ring.
+            if !seen.insert(runner.address.clone()) {
+                fn_lifecycle::warn_throttled!(
+                    self.inner.list_warnings,
+                    group,
+                    address = %runner.address,
+                    "the npm lists a runner address twice; the second entry is skipped"
+                );
+                continue;
+            }
             if let Some(existing) = by_address.get(runner.address.as_str()) {
                 next.push(Arc::clone(existing));
                 continue;

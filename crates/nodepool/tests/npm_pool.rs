@@ -306,6 +306,59 @@ async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_li
     server.stop().await;
 }
 
+/// An npm's list is untrusted input: a runner listed twice takes one place (not two shares
+/// of the calls and of the hash ring), and a list longer than an LB takes is cut to its
+/// first runners, in the npm's order (so every LB keeps the same ones).
+#[tokio::test]
+async fn a_runner_listed_twice_takes_one_place_and_a_huge_list_is_cut() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    state.set(
+        "dup",
+        &[
+            "127.0.0.1:7002",
+            "127.0.0.1:7001",
+            "127.0.0.1:7002",
+            "127.0.0.1:7003",
+        ],
+    );
+    let huge: Vec<String> = (0..fn_nodepool::npm_pool::MAX_RUNNERS_PER_GROUP + 500)
+        .map(|i| format!("127.0.0.{}:{}", 1 + i / 50_000, 10_000 + i % 50_000))
+        .collect();
+    let huge_refs: Vec<&str> = huge.iter().map(String::as_str).collect();
+    state.set("huge", &huge_refs);
+    let server = Server::start(&tls, &state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        &tls,
+        ClientConfig::default(),
+        POLL,
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+
+    assert!(pool.runners("dup").is_empty());
+    wait_for_list(
+        &pool,
+        "dup",
+        &["127.0.0.1:7002", "127.0.0.1:7001", "127.0.0.1:7003"],
+    )
+    .await;
+    assert!(pool.runners("huge").is_empty());
+    let kept = &huge_refs[..fn_nodepool::npm_pool::MAX_RUNNERS_PER_GROUP];
+    wait_for_list(&pool, "huge", kept).await;
+
+    cancel.cancel();
+    tokio::time::timeout(BOUND, poller)
+        .await
+        .expect("poller stops on cancel")
+        .expect("join")
+        .expect("infallible");
+    server.stop().await;
+}
+
 /// The next advert, within the bound.
 /// With polling far too slow to explain it (a minute), a runner the npm publishes reaches
 /// the LB's list at once through the membership watch; an npm without the watch still
