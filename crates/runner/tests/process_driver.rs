@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -322,6 +323,58 @@ async fn kill_stops_the_instance_and_removes_its_directory() {
         call(&instance, HeaderMap::new(), "1").await,
         Err(DriverError::Crashed(_))
     ));
+}
+
+/// Records the `call_id` of every event of target `function` (a function's output).
+struct CallIds(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CallIds {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Visit(Option<String>);
+        impl tracing::field::Visit for Visit {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "call_id" {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+        }
+        if event.metadata().target() == "function" {
+            let mut visit = Visit(None);
+            event.record(&mut visit);
+            self.0
+                .lock()
+                .expect("lock")
+                .push(visit.0.unwrap_or_default());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hot_instance_logs_its_output_under_the_call_it_is_taking() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(CallIds(Arc::clone(&seen)));
+    // The test's runtime has one thread: the instance's output task logs on it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-crash"), "the-call-that-started-it", START)
+        .await
+        .expect("start");
+    // fn-crash writes "crashing" to stderr when it takes a call.
+    let _ = call(&instance, HeaderMap::new(), "boom").await;
+    instance.wait_gone().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().expect("lock").is_empty() {
+        assert!(Instant::now() < deadline, "no output logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*seen.lock().expect("lock"), ["test-call"]);
 }
 
 #[tokio::test]

@@ -475,12 +475,12 @@ impl DockerDriver {
             )));
         }
 
-        let labels = Arc::new(Labels {
-            app: spec.app.clone(),
-            function: spec.function.clone(),
-            instance: id.clone(),
-            call_id: call_id.to_owned(),
-        });
+        let labels = Arc::new(Labels::new(
+            spec.app.clone(),
+            spec.function.clone(),
+            id.clone(),
+            call_id,
+        ));
         let instance = DockerInstance::watch(
             self.docker.clone(),
             container,
@@ -572,6 +572,8 @@ pub struct DockerInstance {
     container: String,
     shared: Arc<Shared>,
     client: SocketClient,
+    /// What its output is logged under.
+    labels: Arc<Labels>,
 }
 
 impl DockerInstance {
@@ -613,6 +615,7 @@ impl DockerInstance {
                 liveness,
                 concurrency,
             ),
+            labels,
         }
     }
 
@@ -633,6 +636,7 @@ impl Instance for DockerInstance {
         request: FunctionRequest,
         body: BodyStream<std::io::Error>,
     ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        self.labels.took_call(&request.call_id);
         Box::pin(self.client.send(request, body))
     }
 
@@ -774,6 +778,7 @@ async fn follow_output(docker: Docker, container: String, labels: Arc<Labels>) {
     }
     stdout.finish(|line, cut| output::log_line(&labels, OutputStream::Stdout, line, cut));
     stderr.finish(|line, cut| output::log_line(&labels, OutputStream::Stderr, line, cut));
+    labels.flush_dropped();
 }
 
 /// The Engine API body of an instance's container. See the module docs for what each

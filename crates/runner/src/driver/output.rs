@@ -1,20 +1,141 @@
 //! Logging a function's stdout and stderr: read line by line in a background task and
 //! emitted as `tracing` events with target `function`. Lines are cut at [`MAX_LINE`] bytes
 //! (the rest of the line is skipped) so that a function cannot make the runner buffer
-//! without bound.
+//! without bound, and at most [`MAX_LINES_PER_SECOND`] lines of one instance are logged in a
+//! second (the rest are counted, and the count logged), so that one function cannot flood
+//! the runner's log, its disk and its CPU with it. Output keeps being read either way: a
+//! function is never blocked on a full pipe.
+//!
+//! Each line carries the id of the call the instance took last (the one that started it,
+//! until it takes another): with one call at a time, the call the line belongs to.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-/// What identifies an instance in logs.
+/// Most lines of one instance's output logged in a second (both streams together).
+pub(crate) const MAX_LINES_PER_SECOND: u32 = 1000;
+
+/// What identifies an instance in logs, and the budget its output is logged within.
 #[derive(Debug)]
 pub(crate) struct Labels {
     pub(crate) app: String,
     pub(crate) function: String,
     pub(crate) instance: String,
-    /// The call that started the instance.
-    pub(crate) call_id: String,
+    /// The call the instance took last; at first, the call that started it.
+    call_id: Mutex<String>,
+    budget: Mutex<LineBudget>,
+}
+
+impl Labels {
+    pub(crate) fn new(app: String, function: String, instance: String, call_id: &str) -> Self {
+        Labels {
+            app,
+            function,
+            instance,
+            call_id: Mutex::new(call_id.to_owned()),
+            budget: Mutex::new(LineBudget::new(MAX_LINES_PER_SECOND, Instant::now())),
+        }
+    }
+
+    /// Notes that the instance takes call `call_id`: its output is logged under it from now.
+    pub(crate) fn took_call(&self, call_id: &str) {
+        // Written in place: the allocation is kept (ids are all of a length).
+        let mut current = self.call_id.lock().unwrap_or_else(PoisonError::into_inner);
+        current.clear();
+        current.push_str(call_id);
+    }
+
+    /// Whether one more line may be logged now; logs how many were dropped before it.
+    fn admit(&self) -> bool {
+        let verdict = self
+            .budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(Instant::now());
+        match verdict {
+            Verdict::Log { dropped } => {
+                if dropped > 0 {
+                    self.log_dropped(dropped);
+                }
+                true
+            }
+            Verdict::Drop => false,
+        }
+    }
+
+    /// Logs the count of lines still held back (the output has ended).
+    pub(crate) fn flush_dropped(&self) {
+        let dropped = self
+            .budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_dropped();
+        if dropped > 0 {
+            self.log_dropped(dropped);
+        }
+    }
+
+    fn log_dropped(&self, dropped: u64) {
+        tracing::warn!(
+            app = %self.app,
+            function = %self.function,
+            instance = %self.instance,
+            dropped,
+            limit = MAX_LINES_PER_SECOND,
+            "function output over the limit of lines per second; lines dropped"
+        );
+    }
+}
+
+/// Lines allowed per one-second window; what is over it is counted.
+#[derive(Debug)]
+struct LineBudget {
+    limit: u32,
+    window_start: Instant,
+    in_window: u32,
+    dropped: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Log the line; `dropped` lines were dropped since the last one logged.
+    Log {
+        dropped: u64,
+    },
+    Drop,
+}
+
+impl LineBudget {
+    fn new(limit: u32, now: Instant) -> Self {
+        LineBudget {
+            limit,
+            window_start: now,
+            in_window: 0,
+            dropped: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Verdict {
+        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        if self.in_window < self.limit {
+            self.in_window += 1;
+            Verdict::Log {
+                dropped: self.take_dropped(),
+            }
+        } else {
+            self.dropped += 1;
+            Verdict::Drop
+        }
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
 }
 
 /// Longest line kept, in bytes; longer lines are truncated.
@@ -61,16 +182,25 @@ where
         reader.consume(n);
     }
     lines.finish(emit);
+    labels.flush_dropped();
 }
 
-/// Logs one line of a function's output.
+/// Logs one line of a function's output, within the instance's budget.
 pub(crate) fn log_line(labels: &Labels, stream: Stream, line: &[u8], truncated: bool) {
+    if !labels.admit() {
+        return;
+    }
+    let call_id = labels
+        .call_id
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     tracing::info!(
         target: "function",
         app = %labels.app,
         function = %labels.function,
         instance = %labels.instance,
-        call_id = %labels.call_id,
+        call_id = %call_id,
         stream = stream.as_str(),
         truncated,
         "{}",
@@ -158,6 +288,102 @@ mod tests {
         );
         assert!(split(100, &[b""]).is_empty());
         assert_eq!(split(100, &[b"a\n"]), [("a".to_owned(), false)]);
+    }
+
+    #[test]
+    fn a_second_takes_the_limit_of_lines_and_the_rest_are_counted() {
+        let start = Instant::now();
+        let mut budget = LineBudget::new(3, start);
+        for _ in 0..3 {
+            assert_eq!(budget.admit(start), Verdict::Log { dropped: 0 });
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                budget.admit(start + Duration::from_millis(500)),
+                Verdict::Drop
+            );
+        }
+        // The next second: the first line logged tells how many were dropped.
+        let next = start + Duration::from_millis(1000);
+        assert_eq!(budget.admit(next), Verdict::Log { dropped: 5 });
+        assert_eq!(budget.admit(next), Verdict::Log { dropped: 0 });
+        assert_eq!(budget.admit(next), Verdict::Log { dropped: 0 });
+        assert_eq!(budget.admit(next), Verdict::Drop);
+        assert_eq!(
+            budget.take_dropped(),
+            1,
+            "what the end of the output reports"
+        );
+        assert_eq!(budget.take_dropped(), 0);
+    }
+
+    /// Counts the events of target `function` and sums the `dropped` fields of the others.
+    #[derive(Default)]
+    struct Tally {
+        lines: std::sync::atomic::AtomicU64,
+        dropped: std::sync::atomic::AtomicU64,
+    }
+
+    struct TallyLayer(Arc<Tally>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TallyLayer {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Dropped(u64);
+            impl tracing::field::Visit for Dropped {
+                fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                    if field.name() == "dropped" {
+                        self.0 = value;
+                    }
+                }
+                fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+            }
+            use std::sync::atomic::Ordering::Relaxed;
+            if event.metadata().target() == "function" {
+                self.0.lines.fetch_add(1, Relaxed);
+            } else {
+                let mut dropped = Dropped(0);
+                event.record(&mut dropped);
+                self.0.dropped.fetch_add(dropped.0, Relaxed);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_is_logged_up_to_the_limit_and_the_rest_counted() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tracing_subscriber::layer::SubscriberExt;
+        let tally = Arc::new(Tally::default());
+        let subscriber = tracing_subscriber::registry().with(TallyLayer(Arc::clone(&tally)));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let written = 3 * u64::from(MAX_LINES_PER_SECOND);
+        let text: Vec<u8> = (0..written)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let labels = Arc::new(Labels::new("a".into(), "f".into(), "i-1".into(), "c"));
+        log_lines(&text[..], Stream::Stdout, labels).await;
+        let (lines, dropped) = (tally.lines.load(Relaxed), tally.dropped.load(Relaxed));
+        assert_eq!(lines + dropped, written, "every line logged or counted");
+        // Within a second, or two on a slow machine: at most two windows' worth logged.
+        assert!(
+            lines <= 2 * u64::from(MAX_LINES_PER_SECOND),
+            "{lines} logged"
+        );
+        assert!(
+            dropped >= u64::from(MAX_LINES_PER_SECOND),
+            "{dropped} dropped"
+        );
+    }
+
+    #[test]
+    fn output_is_logged_under_the_call_the_instance_took_last() {
+        let labels = Labels::new("a".into(), "f".into(), "i-1".into(), "call-1");
+        assert_eq!(*labels.call_id.lock().expect("lock"), "call-1");
+        labels.took_call("call-2");
+        assert_eq!(*labels.call_id.lock().expect("lock"), "call-2");
     }
 
     #[test]

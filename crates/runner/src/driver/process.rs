@@ -411,12 +411,7 @@ impl ProcessDriver {
         );
         let dir = self.socket_root.join(&id);
         let socket = dir.join(LISTENER_NAME);
-        let labels = Labels {
-            app: spec.app.clone(),
-            function: spec.function.clone(),
-            instance: id.clone(),
-            call_id: call_id.to_owned(),
-        };
+        let labels = Labels::new(spec.app.clone(), spec.function.clone(), id.clone(), call_id);
 
         let user = self.user_for(spec)?;
         self.create_instance_dir(&dir, user)?;

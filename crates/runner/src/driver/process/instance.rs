@@ -220,6 +220,7 @@ impl Instance for ProcessInstance {
         request: FunctionRequest,
         body: BodyStream<std::io::Error>,
     ) -> BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        self.shared.labels.took_call(&request.call_id);
         Box::pin(self.client.send(request, body))
     }
 
