@@ -5,7 +5,9 @@
 //! a pass ends with no commit, the whole list is tried again after a backoff, until the
 //! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline); the last pause
 //! is shortened so that a last pass starts just before the deadline. A committed call is
-//! returned at once and never offered to another runner.
+//! returned at once and never offered to another runner. One offer waits for its runner's
+//! acknowledgement at most half of the wait left (see [`attempt_bound`]): a runner that
+//! accepts calls and never acknowledges them is marked down and the next one asked.
 //!
 //! The wait is bounded by the call too: at most a share of its timeout (half by default, as
 //! Fn's slot deadline was), so that a call that waited in vain gets 503 with time to retry,
@@ -34,6 +36,19 @@ use crate::error::CallError;
 /// The last pass starts no later than this before the placer deadline: room for a round
 /// trip to a runner that has capacity.
 const LAST_PASS: Duration = Duration::from_millis(50);
+
+/// The shortest wait for one runner's acknowledgement while the placer deadline allows it
+/// (see [`attempt_bound`]); a runner acknowledges in about a millisecond.
+const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// How long one offer may wait for its runner's acknowledgement when `left` is the wait
+/// left: half of it (at least [`MIN_ATTEMPT`], at most all of it), so that a runner that
+/// accepts the call and never acknowledges it leaves time for the next runner. The
+/// client's own bound (connect and acknowledgement timeouts, 7 s) still holds when it is
+/// shorter. An offer given up so is not committed; its runner is marked down.
+fn attempt_bound(left: Duration) -> Duration {
+    (left / 2).max(MIN_ATTEMPT.min(left))
+}
 
 /// The longest pause after a pass that asked nobody because the reports said no runner could
 /// take the call; the next report of any runner ends it sooner.
@@ -299,7 +314,10 @@ impl Dispatcher {
                 }
                 attempts += 1;
                 asked += 1;
-                let tried = tokio::time::timeout_at(deadline, runner.try_call(call, early)).await;
+                let bound = attempt_bound(deadline.saturating_duration_since(Instant::now()));
+                let tried =
+                    tokio::time::timeout_at(deadline, runner.try_call_within(call, early, bound))
+                        .await;
                 match tried {
                     Err(_) => return Err(no_capacity(attempts)),
                     Ok(Ok(engaged)) => {
@@ -347,5 +365,19 @@ impl Dispatcher {
                 tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offer_waits_half_the_wait_left_within_the_floor_and_the_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(attempt_bound(ms(2_000)), ms(1_000));
+        assert_eq!(attempt_bound(ms(300)), ms(200), "the floor");
+        assert_eq!(attempt_bound(ms(120)), ms(120), "never past the deadline");
+        assert_eq!(attempt_bound(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -1337,6 +1337,50 @@ async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
     assert!(!lb.pool.runners("default")[0].is_available());
 }
 
+/// With a placer deadline shorter than the client's own connect and acknowledgement bound
+/// (7 s), a runner that accepts the call and never acknowledges it used to take the whole
+/// wait: 503, the next runner never asked, the silent one never marked down. An attempt
+/// now gets at most half of the wait left.
+#[tokio::test]
+async fn a_silent_runner_takes_half_the_wait_not_all_of_it_and_the_call_moves_on() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::NeverAcknowledge, Behaviour::Echo]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer_timeout: Duration::from_secs(2),
+            client: ClientConfig {
+                probe_initial: Duration::from_secs(60),
+                probe_max: Duration::from_secs(60),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "hi").await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-fake-runner"), "fake-1");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        "took {took:?}"
+    );
+    assert_eq!(
+        runners[0]
+            .wait_ended(reply.call_id(), BOUND)
+            .await
+            .expect("ends"),
+        Ending::LbWentAway
+    );
+    assert!(
+        !lb.pool.runners("default")[0].is_available(),
+        "the silent runner is probed, not offered the next call"
+    );
+}
+
 #[tokio::test]
 async fn a_placeholder_takes_calls_again_once_its_runner_answers() {
     let pki = TestPki::new();

@@ -299,6 +299,24 @@ impl RunnerClient {
         call: &CallSpec,
         early: &EarlyBody,
     ) -> Result<Engaged, TryCallError> {
+        let bound = self.config.connect_timeout + self.config.ack_timeout;
+        self.try_call_within(call, early, bound).await
+    }
+
+    /// [`RunnerClient::try_call`], waiting at most `bound` (and never longer than the
+    /// connect and acknowledgement timeouts together) for the runner's acknowledgement. A
+    /// runner that gives none in time is marked down, as one that cannot be reached: the
+    /// call was not committed, and its stream is reset, so the caller may offer it to
+    /// another runner.
+    ///
+    /// # Errors
+    /// As [`RunnerClient::try_call`].
+    pub async fn try_call_within(
+        self: &Arc<Self>,
+        call: &CallSpec,
+        early: &EarlyBody,
+        bound: Duration,
+    ) -> Result<Engaged, TryCallError> {
         if !self.is_available() {
             return Err(TryCallError::Unavailable {
                 address: self.address.clone(),
@@ -332,7 +350,7 @@ impl RunnerClient {
                 reason: status.message().to_owned(),
             }
         })?;
-        let bound = self.config.connect_timeout + self.config.ack_timeout;
+        let bound = bound.min(self.config.connect_timeout + self.config.ack_timeout);
         let handshake = async {
             let mut responses = self
                 .engage(requests)
