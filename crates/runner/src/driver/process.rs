@@ -228,7 +228,7 @@ pub struct ProcessDriver {
     function_users: FunctionUsers,
     /// With [`FunctionUsers::PerFunction`]: the uid each function got, kept for the
     /// runner's lifetime.
-    uids: std::sync::Mutex<std::collections::HashMap<(String, String), FunctionUser>>,
+    uids: std::sync::Mutex<command::UidTable>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
     /// Likewise, for the pids limit.
@@ -336,7 +336,7 @@ impl ProcessDriver {
             functions_dir,
             socket_root,
             function_users: config.function_users,
-            uids: std::sync::Mutex::new(std::collections::HashMap::new()),
+            uids: std::sync::Mutex::default(),
             memory,
             pids,
             pids_limit: config.pids_limit,
@@ -508,29 +508,14 @@ impl ProcessDriver {
             FunctionUsers::Shared(user) => return Ok(Some(user)),
             FunctionUsers::PerFunction(range) => range,
         };
-        let mut uids = self
+        let (user, new) = self
             .uids
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (spec.app.clone(), spec.function.clone());
-        if let Some(user) = uids.get(&key) {
-            return Ok(Some(*user));
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .user_for(range, &spec.app, &spec.function)?;
+        if new {
+            tracing::info!(app = %spec.app, function = %spec.function, uid = user.uid, "function gets a uid of its own");
         }
-        let taken = u32::try_from(uids.len()).unwrap_or(u32::MAX);
-        let uid = range
-            .first
-            .checked_add(taken)
-            .filter(|uid| *uid <= range.last)
-            .ok_or_else(|| {
-                DriverError::Start(format!(
-                    "FN_FUNCTION_UIDS {}-{}: every uid is taken by another function; widen \
-                     the range",
-                    range.first, range.last
-                ))
-            })?;
-        let user = FunctionUser { uid, gid: uid };
-        uids.insert(key, user);
-        tracing::info!(app = %spec.app, function = %spec.function, uid, "function gets a uid of its own");
         Ok(Some(user))
     }
 
