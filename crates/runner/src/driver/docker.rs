@@ -75,6 +75,32 @@ pub const LABEL_INSTANCE: &str = "fn.dataplane.instance";
 /// Value of [`LABEL_ROLE`] on function containers.
 const ROLE_FUNCTION: &str = "function";
 
+/// A lock per image being pulled: calls for one image wait for its one pull; calls for
+/// another image do not wait behind it (one lock for all made a call for a small image wait
+/// out a large one's pull, up to `FN_DOCKER_PULL_TIMEOUT`). An entry lives while someone
+/// holds its lock or waits for it.
+#[derive(Debug, Default)]
+struct PullLocks {
+    by_image: std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl PullLocks {
+    /// The lock of `image`.
+    fn of(&self, image: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut by_image = self
+            .by_image
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(lock) = by_image.get(image).and_then(std::sync::Weak::upgrade) {
+            return lock;
+        }
+        by_image.retain(|_, lock| lock.strong_count() > 0);
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        by_image.insert(image.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+}
+
 /// Longest container name made (Docker allows more; names stay readable in `docker ps`).
 const MAX_NAME_LEN: usize = 100;
 
@@ -266,8 +292,9 @@ pub struct DockerDriver {
     /// Distinguishes this run's instance ids from an earlier run's.
     id_prefix: String,
     next_id: AtomicU64,
-    /// One pull at a time, so that a burst of cold calls to a new image pulls it once.
-    pulls: tokio::sync::Mutex<()>,
+    /// One pull at a time per image, so that a burst of cold calls to a new image pulls it
+    /// once, while other images' pulls go on.
+    pulls: PullLocks,
 }
 
 impl DockerDriver {
@@ -300,7 +327,7 @@ impl DockerDriver {
             metrics,
             id_prefix: format!("{:08x}", super::id_seed()),
             next_id: AtomicU64::new(1),
-            pulls: tokio::sync::Mutex::new(()),
+            pulls: PullLocks::default(),
         };
         driver.remove_leftovers().await;
         Ok(driver)
@@ -371,7 +398,8 @@ impl DockerDriver {
                  it there first"
             )));
         }
-        let _one_at_a_time = self.pulls.lock().await;
+        let lock = self.pulls.of(image);
+        let _one_at_a_time = lock.lock().await;
         if self.docker.inspect_image(image).await.is_ok() {
             return Ok(());
         }
@@ -914,6 +942,25 @@ fn untagged(image: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_pull_holds_up_calls_for_its_image_only() {
+        let locks = PullLocks::default();
+        let a = locks.of("a:1");
+        let pulling_a = a.lock().await;
+        assert!(
+            Arc::ptr_eq(&a, &locks.of("a:1")),
+            "a second call for the image waits for the same pull"
+        );
+        assert!(a.try_lock().is_err());
+        let b = locks.of("b:1");
+        assert!(b.try_lock().is_ok(), "another image is not held up");
+        drop(pulling_a);
+        drop((a, b));
+        // Nobody holds either: a new lock, and the old entries are gone.
+        let _c = locks.of("c:1");
+        assert_eq!(locks.by_image.lock().expect("lock").len(), 1);
+    }
 
     #[test]
     fn a_reference_without_tag_or_digest_is_untagged() {
