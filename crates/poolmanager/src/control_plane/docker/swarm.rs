@@ -97,10 +97,15 @@ fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
     }
 }
 
-/// Whether a service's runner may still come up: no task was rejected (no image on the
-/// node, a constraint no node meets, a missing secret) and not too many failed.
+/// Whether a service's runner is up or may still come up: a task of it runs, or none was
+/// rejected (no image on the node, a constraint no node meets, a missing secret) and not
+/// too many failed. Swarm keeps a service's old tasks (five by default), so failures long
+/// past do not count against a runner that serves now.
 fn may_come_up(tasks: &[bollard::models::Task]) -> bool {
     let state = |t: &bollard::models::Task| t.status.as_ref().and_then(|s| s.state);
+    if tasks.iter().any(|t| state(t) == Some(TaskState::RUNNING)) {
+        return true;
+    }
     let rejected = tasks.iter().any(|t| state(t) == Some(TaskState::REJECTED));
     let failed = tasks
         .iter()
@@ -226,7 +231,12 @@ impl Engine for SwarmEngine {
             for service in services {
                 let Some(spec) = service.spec else { continue };
                 let Some(name) = spec.name else { continue };
-                let tasks = self.tasks(&name).await?;
+                let tasks = match self.tasks(&name).await {
+                    Ok(tasks) => tasks,
+                    // Removed since it was listed (by this npm draining it, or by hand).
+                    Err(EngineError::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
+                };
                 found.push(Container {
                     name,
                     state: service_state(&tasks),
@@ -338,5 +348,16 @@ mod tests {
             task(FAILED, SHUTDOWN),
             task(FAILED, SHUTDOWN)
         ]));
+        // Old failures, a task serving now: the runner is up.
+        assert_eq!(
+            service_state(&[
+                task(FAILED, SHUTDOWN),
+                task(REJECTED, SHUTDOWN),
+                task(FAILED, SHUTDOWN),
+                task(FAILED, SHUTDOWN),
+                task(RUNNING, RUNNING)
+            ]),
+            ContainerState::Running
+        );
     }
 }
