@@ -193,7 +193,7 @@ impl ProcessControlPlane {
             })
         };
         if let Some((pid, mut child)) = taken {
-            stop(pid, child.as_mut(), grace).await;
+            stop(pid, id, child.as_mut(), grace).await;
             tracing::info!(runner = %id, pid, "runner stopped");
         }
         self.forget(id);
@@ -326,13 +326,13 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
                 phase: Phase::Ready,
             });
         }
-        if !pid_alive(pid) {
+        if !is_runner_process(pid, &info.id) {
             forget("a recorded runner exited before answering health");
             return None;
         }
         if started.elapsed() > config.start_timeout {
             tracing::warn!(runner = %info.id, pid, timeout = ?config.start_timeout, "a recorded runner does not answer health; stopping it");
-            stop(pid, None, Duration::from_secs(10)).await;
+            stop(pid, &info.id, None, Duration::from_secs(10)).await;
             forget("stopped a recorded runner that never answered health");
             return None;
         }
@@ -367,7 +367,8 @@ impl ControlPlane for ProcessControlPlane {
             }
             let exited = match &mut r.child {
                 Some(child) => !matches!(child.try_wait(), Ok(None)),
-                None => !pid_alive(r.pid),
+                // Adopted: not our child, and its pid may be another process's by now.
+                None => !is_runner_process(r.pid, &r.info.id),
             };
             if exited {
                 tracing::warn!(runner = %r.info.id, pid = r.pid, "runner process exited");
@@ -413,7 +414,7 @@ impl ControlPlane for ProcessControlPlane {
             // whose removal was, are stopped like the ready ones.
             let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
             let stops = all.into_iter().map(|mut s| async move {
-                stop(s.pid, s.child.as_mut(), Duration::from_secs(10)).await;
+                stop(s.pid, &s.info.id, s.child.as_mut(), Duration::from_secs(10)).await;
                 remove_quietly(&self.record_path(&s.info.id));
                 // Waited for: the npm exits next, and would leave the rest behind.
                 let _ = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id)).await;
@@ -424,10 +425,15 @@ impl ControlPlane for ProcessControlPlane {
     }
 }
 
-/// SIGTERM, wait up to `grace`, then SIGKILL.
-async fn stop(pid: u32, child: Option<&mut Child>, grace: Duration) {
+/// SIGTERM, wait up to `grace`, then SIGKILL. A runner adopted from an earlier npm (no
+/// `child`) is signalled only while its pid is still runner `id`'s (see
+/// [`is_runner_process`]): once it has exited, the pid may be another process's.
+async fn stop(pid: u32, id: &str, child: Option<&mut Child>, grace: Duration) {
     let Ok(raw) = i32::try_from(pid) else { return };
     let pid_t = Pid::from_raw(raw);
+    if child.is_none() && !is_runner_process(pid, id) {
+        return;
+    }
     if let Err(e) = kill(pid_t, Signal::SIGTERM) {
         tracing::debug!(pid, error = %e, "SIGTERM failed; the runner is probably gone");
     }
@@ -442,10 +448,10 @@ async fn stop(pid: u32, child: Option<&mut Child>, grace: Duration) {
         }
         None => {
             let deadline = tokio::time::Instant::now() + grace;
-            while pid_alive(pid) && tokio::time::Instant::now() < deadline {
+            while is_runner_process(pid, id) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if pid_alive(pid) {
+            if is_runner_process(pid, id) {
                 tracing::warn!(pid, "runner did not stop within {grace:?}; killing it");
                 if let Err(e) = kill(pid_t, Signal::SIGKILL) {
                     tracing::debug!(pid, error = %e, "SIGKILL failed");
@@ -550,6 +556,43 @@ mod tests {
         // This test process has no FN_SOCKET_DIR of any runner.
         assert!(!is_runner_process(std::process::id(), "r-1"));
         assert!(!is_runner_process(u32::MAX - 1, "r-1"));
+    }
+
+    /// An adopted runner's pid that now belongs to another process is never signalled; the
+    /// runner itself is stopped.
+    #[tokio::test]
+    async fn stopping_an_adopted_runner_signals_its_pid_only_while_it_is_that_runner() {
+        let spawn = |env: Option<(&str, String)>| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("30");
+            if let Some((key, value)) = env {
+                command.env(key, value);
+            }
+            command.spawn().expect("spawn sleep")
+        };
+        // A process that took the pid of runner r-gone after it exited.
+        let mut stranger = spawn(None);
+        stop(stranger.id(), "r-gone", None, Duration::from_millis(200)).await;
+        assert!(
+            matches!(stranger.try_wait(), Ok(None)),
+            "another process was signalled"
+        );
+        stranger.kill().expect("kill");
+        stranger.wait().expect("reap");
+
+        // The runner itself (its environment names its socket directory).
+        let dir = socket_dir("r-adopted").display().to_string();
+        let mut runner = spawn(Some(("FN_SOCKET_DIR", dir)));
+        let pid = runner.id();
+        let stopping = tokio::spawn(async move {
+            stop(pid, "r-adopted", None, Duration::from_secs(5)).await;
+        });
+        let status = tokio::task::spawn_blocking(move || runner.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert!(!status.success(), "stopped by a signal: {status:?}");
+        stopping.await.expect("stop returns");
     }
 
     #[test]
