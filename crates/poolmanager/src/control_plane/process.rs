@@ -584,6 +584,12 @@ mod tests {
         let dir = socket_dir("r-adopted").display().to_string();
         let mut runner = spawn(Some(("FN_SOCKET_DIR", dir)));
         let pid = runner.id();
+        // Until it has exec'd, the child's environment is still this process's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_runner_process(pid, "r-adopted") {
+            assert!(std::time::Instant::now() < deadline, "the runner never exec'd");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let stopping = tokio::spawn(async move {
             stop(pid, "r-adopted", None, Duration::from_secs(5)).await;
         });
