@@ -545,10 +545,15 @@ async fn sigterm_leaves_no_container_and_a_restart_after_sigkill_removes_the_orp
         "a SIGKILLed runner cannot remove its container, so one is left: {orphans:?}"
     );
     cluster.restart_runner(0).await?;
-    ensure!(
-        containers("fn.dataplane.runner", &id)?.is_empty(),
-        "the restarted runner removed its orphans before serving"
-    );
+    // Listed before it serves, removed in the background (its start is not held up).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !containers("fn.dataplane.runner", &id)?.is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the restarted runner did not remove its orphans"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let log = cluster.runners[0].log();
     ensure!(log.contains("an earlier run of this runner left"), "{log}");
 

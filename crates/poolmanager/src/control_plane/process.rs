@@ -587,7 +587,10 @@ mod tests {
         // Until it has exec'd, the child's environment is still this process's.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !is_runner_process(pid, "r-adopted") {
-            assert!(std::time::Instant::now() < deadline, "the runner never exec'd");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the runner never exec'd"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let stopping = tokio::spawn(async move {

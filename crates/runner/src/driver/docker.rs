@@ -340,7 +340,10 @@ impl DockerDriver {
 
     /// Removes the containers labelled with this runner's id, and their instance
     /// directories: what an earlier run left when it was killed. Other runners' containers
-    /// and directories (they may share the engine and the iofs root) are left alone.
+    /// and directories (they may share the engine and the iofs root) are left alone. They
+    /// are listed now, before this run starts any, and removed in the background: many
+    /// leftovers must not hold up the runner's start (it waits a bounded time for the
+    /// engine, then serves without image functions).
     async fn remove_leftovers(&self) {
         let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
         let options = ListContainersOptionsBuilder::default()
@@ -354,31 +357,19 @@ impl DockerDriver {
                 return;
             }
         };
-        for container in containers {
-            let Some(id) = container.id else { continue };
-            match remove_container(&self.docker, &id).await {
-                Ok(()) => tracing::info!(
-                    container = %id,
-                    runner_id = %self.config.runner_id,
-                    "removed a function container an earlier run of this runner left"
-                ),
-                Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
-                }
-            }
-            let instance = container
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(LABEL_INSTANCE));
-            // An instance id is a file name this driver made; anything else is not followed.
-            if let Some(instance) = instance
-                && !instance.is_empty()
-                && !instance.contains('/')
-                && !instance.starts_with('.')
-            {
-                remove_instance_dir(&self.iofs_root.join(instance));
-            }
+        if containers.is_empty() {
+            return;
         }
+        let docker = self.docker.clone();
+        let iofs_root = self.iofs_root.clone();
+        let runner_id = self.config.runner_id.clone();
+        tokio::spawn(async move {
+            let removals = containers.into_iter().map(|container| {
+                let (docker, iofs_root, runner_id) = (&docker, &iofs_root, &runner_id);
+                async move { remove_leftover(docker, iofs_root, runner_id, container).await }
+            });
+            futures::future::join_all(removals).await;
+        });
     }
 
     /// Makes sure `image` is on the engine, pulling it when the policy allows.
@@ -762,6 +753,38 @@ async fn describe_exit(docker: &Docker, container: &str, code: i64, memory_mb: u
 }
 
 /// Removes a container by force (killing it if it runs); one already gone is fine.
+/// Removes one container an earlier run of this runner left, and its instance directory.
+async fn remove_leftover(
+    docker: &Docker,
+    iofs_root: &Path,
+    runner_id: &str,
+    container: bollard::models::ContainerSummary,
+) {
+    let Some(id) = container.id else { return };
+    match remove_container(docker, &id).await {
+        Ok(()) => tracing::info!(
+            container = %id,
+            runner_id,
+            "removed a function container an earlier run of this runner left"
+        ),
+        Err(e) => {
+            tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
+        }
+    }
+    let instance = container
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_INSTANCE));
+    // An instance id is a file name this driver made; anything else is not followed.
+    if let Some(instance) = instance
+        && !instance.is_empty()
+        && !instance.contains('/')
+        && !instance.starts_with('.')
+    {
+        remove_instance_dir(&iofs_root.join(instance));
+    }
+}
+
 async fn remove_container(docker: &Docker, container: &str) -> Result<(), EngineError> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
