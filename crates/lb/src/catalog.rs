@@ -227,6 +227,17 @@ fn validate(
             format!("{route:?} contains characters not allowed in a path"),
         ));
     }
+    // The LB matches the path as the client sent it, and a client percent-encodes anything
+    // but ASCII: such a route could never be called.
+    if !route.is_ascii() || route.contains('%') {
+        return Err(invalid(
+            "route",
+            format!(
+                "{route:?} must be ASCII without '%': clients percent-encode other characters, \
+                 and paths are matched as sent"
+            ),
+        ));
+    }
     if raw.command.is_empty() && raw.image.is_none() {
         return Err(invalid(
             "command",
@@ -453,6 +464,8 @@ GREETING = "Hi"
             ("concurrency = 1001", "function demo/f: field `concurrency`"),
             ("timeout = \"soon\"", "function demo/f: field `timeout`"),
             ("route = \"nope\"", "function demo/f: field `route`"),
+            ("route = \"/caf\\u00e9\"", "function demo/f: field `route`"),
+            ("route = \"/a%20b\"", "function demo/f: field `route`"),
             ("lb_group = \"a b\"", "function demo/f: field `lb_group`"),
             (
                 "config = { \"1X\" = \"y\" }",

@@ -111,12 +111,7 @@ impl Front {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        // The hyphenated form by the UUID's own encoder: `to_string` goes through the
-        // formatter, which cost more than the rest of the id (session 24).
-        let call_id = uuid::Uuid::new_v4()
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer())
-            .to_owned();
+        let call_id = new_call_id();
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -159,9 +154,7 @@ impl Front {
                 e.to_response()
             }
         };
-        if let Ok(value) = HeaderValue::from_str(&call_id) {
-            response.headers_mut().insert(CALL_ID_HEADER, value);
-        }
+        stamp_call_id(&mut response, &call_id);
         response
     }
 
@@ -295,7 +288,10 @@ impl Front {
                 async move {
                     if busy.is_closing() {
                         // The connection is being closed to make room; start nothing on it.
-                        let response = CallError::ConnectionClosing.to_response();
+                        let error = CallError::ConnectionClosing;
+                        front.invoker.metrics().refused(CallOutcome::from(&error));
+                        let mut response = error.to_response();
+                        stamp_call_id(&mut response, &new_call_id());
                         return Ok::<_, Infallible>(
                             response.map(|body| Guarded { body, _busy: busy }),
                         );
@@ -308,7 +304,7 @@ impl Front {
                         let limit = front.limits.send_timeout;
                         response = response.map(|body| stream_send_timeout(body, limit));
                     }
-                    if leftover.closes_connection() {
+                    if leftover.closes_after(response.status()) {
                         // Answered with the body unread, and it will not be read: say so.
                         response
                             .headers_mut()
@@ -450,6 +446,22 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A new call id: a UUID in its hyphenated form, by the UUID's own encoder (`to_string`
+/// goes through the formatter, which cost more than the rest of the id; session 24).
+fn new_call_id() -> String {
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
+}
+
+/// Gives `response` its `Fn-Call-Id`.
+fn stamp_call_id<B>(response: &mut Response<B>, call_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(call_id) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
     }
 }
 

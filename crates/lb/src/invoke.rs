@@ -274,11 +274,21 @@ fn call_spec(
     id: String,
     parts: &http::request::Parts,
 ) -> Result<CallSpec, CallError> {
+    // The request target's authority when it has one (absolute form, HTTP/2's
+    // `:authority`), which a Host header must not override (RFC 9112, 3.2.2); else Host.
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(CallError::BadRequest(
+            "more than one Host header (RFC 9112, 3.2)".into(),
+        ));
+    }
     let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str))
+        .uri
+        .authority()
+        // Without the userinfo a client may have put there.
+        .and_then(|a| a.as_str().rsplit('@').next())
+        .or_else(|| first_host.and_then(|h| h.to_str().ok()))
         .unwrap_or("localhost");
     let path = parts
         .uri
@@ -296,9 +306,19 @@ fn call_spec(
             max: MAX_URL_LEN,
         });
     }
+    // Headers the client's `Connection` names are about its connection to the LB, not for
+    // the function (RFC 9110, 7.6.1).
+    let nominated: Vec<HeaderName> = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
-        if forwardable(name) {
+        if forwardable(name) && !nominated.contains(name) {
             headers.append(name.clone(), value.clone());
         }
     }

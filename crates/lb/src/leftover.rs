@@ -17,14 +17,17 @@
 //! yet: one declared longer than [`DRAIN_BYTES`], and one whose client sent
 //! `Expect: 100-continue` and was never asked for it (reading it would send a
 //! `100 Continue` after the final answer). The lingering close in [`crate::client_io`]
-//! still lets such a client read its answer.
+//! still lets such a client read its answer. An answer that leaves while more than
+//! [`DRAIN_BYTES`] of its body are still to come, a 408, or a 413 to a body of unknown
+//! length, says `Connection: close` too ([`Leftover::closes_after`]): the connection would
+//! close after it all the same.
 //!
 //! HTTP/1.x only: HTTP/2 ends a request stream the server no longer reads with a
 //! `RST_STREAM`, and the connection carries on.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,15 +44,49 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// What became of a [`Tracked`] body, for its answer.
 #[derive(Debug, Clone, Default)]
 pub struct Leftover {
+    state: Arc<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// HTTP/1.x: a body left unread costs the connection (HTTP/2 resets the stream).
+    http1: bool,
     /// Dropped unread where it cannot be drained: the connection will close.
-    closes: Arc<AtomicBool>,
+    closes: AtomicBool,
+    /// Read to its end or failed.
+    finished: AtomicBool,
+    /// The least the body still holds (its declared length less what was read; 0 for a
+    /// chunked body).
+    remaining: AtomicU64,
+    /// Chunked: how much is left cannot be known.
+    unknown_length: AtomicBool,
 }
 
 impl Leftover {
     /// Whether the body was dropped without being read and its connection will close after
     /// the answer (which should then say `Connection: close`).
     pub fn closes_connection(&self) -> bool {
-        self.closes.load(Ordering::Acquire)
+        self.state.closes.load(Ordering::Acquire)
+    }
+
+    /// Whether an answer with `status` that leaves now should say `Connection: close`,
+    /// because the connection will close after it: the body was dropped where it cannot be
+    /// drained; or it is not read to its end yet and more than [`DRAIN_BYTES`] of it are still
+    /// to come (an early answer: whether the function reads the rest is not known yet, and
+    /// the drain would give up on it); or the answer is a 408 (the body stalled: a drain
+    /// would wait in vain) or a 413 to a body of unknown length (it went on past the limit).
+    pub fn closes_after(&self, status: http::StatusCode) -> bool {
+        let state = &self.state;
+        if state.closes.load(Ordering::Acquire) {
+            return true;
+        }
+        if !state.http1 || state.finished.load(Ordering::Acquire) {
+            return false;
+        }
+        state.remaining.load(Ordering::Acquire) > DRAIN_BYTES
+            || status == http::StatusCode::REQUEST_TIMEOUT
+            || (status == http::StatusCode::PAYLOAD_TOO_LARGE
+                && state.unknown_length.load(Ordering::Acquire))
     }
 }
 
@@ -81,7 +118,15 @@ where
     B::Data: Send,
     B::Error: Send,
 {
-    let leftover = Leftover::default();
+    let hint = body.size_hint();
+    let leftover = Leftover {
+        state: Arc::new(State {
+            http1: version <= Version::HTTP_11,
+            remaining: AtomicU64::new(hint.lower()),
+            unknown_length: AtomicBool::new(hint.exact().is_none()),
+            ..State::default()
+        }),
+    };
     let expects_continue = headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -114,9 +159,19 @@ where
             return Poll::Ready(None);
         };
         this.polled = true;
-        let polled = Pin::new(body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            this.finished = true;
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => {
+                this.finished = true;
+                this.leftover.state.finished.store(true, Ordering::Release);
+            }
+            Poll::Ready(Some(Ok(_))) if this.http1 => {
+                let state = &this.leftover.state;
+                state
+                    .remaining
+                    .store(body.size_hint().lower(), Ordering::Release);
+            }
+            _ => {}
         }
         polled
     }
@@ -150,7 +205,7 @@ where
             Ok(runtime) if !unasked && !too_long => {
                 runtime.spawn(drain(body));
             }
-            _ => self.leftover.closes.store(true, Ordering::Release),
+            _ => self.leftover.state.closes.store(true, Ordering::Release),
         }
     }
 }

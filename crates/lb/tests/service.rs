@@ -2449,3 +2449,180 @@ async fn held_call(lb: &Lb, runners: &[FakeRunner], freed: RunnerState) -> Reply
         .expect("placed")
         .expect("joined")
 }
+
+/// Reads what the LB sends on one raw connection after writing `request`: everything until
+/// it closes (`<EOF>` is appended then) or `wait` has passed.
+async fn raw_exchange(address: &str, request: Vec<u8>, wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    // Written in the background: the LB may answer (and close) before it has all of it.
+    let writing = tokio::spawn(async move {
+        for chunk in request.chunks(64 * 1024) {
+            if writer.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(BOUND).await;
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    got.extend_from_slice(b"<EOF>");
+                    break;
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    writing.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The head of the first answer in `text`, lower-cased.
+fn first_head(text: &str) -> String {
+    text.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn chunked_bytes(total: usize) -> Vec<u8> {
+    let chunk = vec![b'c'; 64 * 1024];
+    let mut out = Vec::new();
+    for _ in 0..total.div_ceil(chunk.len()) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// An answer after which the connection closes says so: a 413 to a chunked body that went
+/// past the limit, a 408 to a body that stalled, and an early answer to a body of more
+/// than the LB drains. Before, each went out as keep-alive, and a client's next request on
+/// the connection found it closed.
+#[tokio::test]
+async fn answers_after_which_the_connection_closes_say_connection_close() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo, Behaviour::AnswerUnread]).await;
+    let next = "GET /health HTTP/1.1\r\nHost: lb.test\r\n\r\n";
+
+    // 413: 8 MiB of chunks against a 1 MiB limit.
+    let lb = start_lb(&pki, &addresses(&runners[..1]), Options::default()).await;
+    let mut request =
+        b"POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    request.extend(chunked_bytes(8 * 1024 * 1024));
+    request.extend_from_slice(next.as_bytes());
+    let text = raw_exchange(&lb.address, request, BOUND).await;
+    let head = first_head(&text);
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+
+    // 408: 1,000 bytes of 200,000, then nothing.
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners[..1]),
+        Options {
+            body_idle_timeout: Duration::from_millis(300),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut request =
+        b"POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 200000\r\n\r\n".to_vec();
+    request.extend(vec![b'a'; 1000]);
+    let text = raw_exchange(&lb.address, request, BOUND).await;
+    let head = first_head(&text);
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+
+    // An early answer to 16 MiB the function does not read.
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners[1..]),
+        Options {
+            max_request_body: 64 * 1024 * 1024,
+            ..Options::default()
+        },
+    )
+    .await;
+    let len = 16 * 1024 * 1024;
+    let mut request =
+        format!("POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {len}\r\n\r\n")
+            .into_bytes();
+    request.extend(vec![b'u'; len]);
+    request.extend_from_slice(next.as_bytes());
+    let text = raw_exchange(&lb.address, request, BOUND).await;
+    let head = first_head(&text);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+
+    // A small body the function does not read is drained: the connection stays, and the
+    // answer says nothing of closing.
+    let mut request =
+        b"POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    request.extend(vec![b'u'; 100_000]);
+    request.extend_from_slice(next.as_bytes());
+    let text = raw_exchange(&lb.address, request, Duration::from_secs(3)).await;
+    let head = first_head(&text);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert!(
+        text.contains("ok\n"),
+        "the next request is answered: {text}"
+    );
+}
+
+#[tokio::test]
+async fn headers_the_clients_connection_header_names_do_not_reach_the_function() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let mut req = request(Method::POST, "/r/demo/echo", "x");
+    let headers = req.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("keep-alive, X-Echo-Secret"),
+    );
+    headers.insert("x-echo-secret", HeaderValue::from_static("hop"));
+    headers.insert("x-echo-other", HeaderValue::from_static("end to end"));
+    let reply = send(&lb.address, req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.header("x-echo-other"), "end to end");
+    assert!(
+        reply.headers.get("x-echo-secret").is_none(),
+        "a connection-nominated header reached the function: {reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_host_headers_get_400_and_an_absolute_target_names_the_host() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let head = raw_head(
+        &lb.address,
+        "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nHost: other.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+    let head = raw_head(
+        &lb.address,
+        "POST http://abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].request_url, "http://abs.test/r/demo/echo");
+}
