@@ -4,6 +4,7 @@
 //! ```text
 //! fn-certs --out deploy/certs --san npm --san lb-agent     # a new CA and node certificate
 //! fn-certs --out deploy/certs --rotate                     # a new node certificate, same CA
+//!                                                          # (and names, unless --san)
 //! fn-certs --out deploy/certs --ca-rollover begin          # then switch, then finish
 //! ```
 //! The node certificate is valid for server and client authentication, for `localhost`,
@@ -31,7 +32,13 @@ struct Cli {
     #[arg(long, env = "FN_CERTS_KEEP", default_value_t = false,
           value_parser = clap::builder::BoolishValueParser::new())]
     keep: bool,
-    /// Replace the node certificate and key with new ones from the same CA.
+    /// Replace an existing CA (and so cut off every daemon that trusts only the old one).
+    /// Without it, an existing CA is never replaced: use --rotate, --ca-rollover or --keep.
+    #[arg(long, env = "FN_CERTS_FORCE", default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    force: bool,
+    /// Replace the node certificate and key with new ones from the same CA (for the --san
+    /// names given, or else the names of the certificate replaced).
     #[arg(long, env = "FN_CERTS_ROTATE", default_value_t = false, conflicts_with = "ca_rollover",
           value_parser = clap::builder::BoolishValueParser::new())]
     rotate: bool,
@@ -60,6 +67,16 @@ fn main() -> ExitCode {
     {
         println!("keeping the certificates in {}", cli.out.display());
         return ExitCode::SUCCESS;
+    }
+    let issuer_key = cli.out.join("issuer-key.pem");
+    if !cli.rotate && cli.ca_rollover.is_none() && !cli.force && issuer_key.exists() {
+        eprintln!(
+            "error: {}: a CA is already there; replacing it cuts off every daemon that trusts \
+             it. Use --rotate for a new node certificate, --ca-rollover to change the CA without \
+             an outage, --keep to keep the files, or --force to replace them all the same",
+            issuer_key.display()
+        );
+        return ExitCode::FAILURE;
     }
     let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
     let dir = cli.out.display();

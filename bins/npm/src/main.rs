@@ -55,6 +55,12 @@ async fn daemon(cli: Cli) -> ExitCode {
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
+    let mut registry = Registry::default();
+    // Now, before the control plane's setup (a Docker engine may take seconds): from here on
+    // a SIGHUP (a certificate rotation's hook) reloads certificates instead of killing the
+    // npm.
+    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
+        .unwrap_or_else(|e| exit_config_error(e));
 
     // Runners log like their npm, and use as many worker threads.
     let mut runner_env = vec![
@@ -95,9 +101,6 @@ async fn daemon(cli: Cli) -> ExitCode {
         .add_service(npm.clone().scaler_server())
         .add_service(npm.manager_server());
     let probe = Arc::new(GrpcProbe::new(tls.clone()));
-    let mut registry = Registry::default();
-    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
-        .unwrap_or_else(|e| exit_config_error(e));
     let control = ControlLoop::new(shared, control_plane, probe, manager_config, &mut registry);
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
         Ok(m) => m,

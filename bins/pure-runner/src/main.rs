@@ -165,6 +165,12 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
+    let mut registry = Registry::default();
+    // Now, before the slow parts of the start (namespaces, the Docker engine): from here on
+    // a SIGHUP (a certificate rotation's hook) reloads certificates instead of killing the
+    // runner.
+    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
+        .unwrap_or_else(|e| exit_config_error(e));
     match function_users {
         FunctionUsers::PerFunction(range) => tracing::info!(
             uids = format!("{}-{}", range.first, range.last),
@@ -209,12 +215,9 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
              with a group no function is in)"
         );
     }
-    let mut registry = Registry::default();
     let docker = docker_driver(&cli, DockerMetrics::register(&mut registry)).await;
     let drivers = Drivers::new(Arc::new(driver), docker);
     let pool = Pool::new(Arc::new(drivers), total_mb, cli.start_timeout);
-    let cert_watch = fn_tls::watch::CertWatch::for_mode(&tls, &cli.tls, &mut registry)
-        .unwrap_or_else(|e| exit_config_error(e));
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 
     let listener =

@@ -13,6 +13,9 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
 use crate::NodeTls;
 
 /// Names every dev node certificate carries, so loopback tests and the demo verify.
@@ -116,11 +119,57 @@ impl DevCa {
         self.node_valid(sans, now - Duration::days(30), now - Duration::days(1))
     }
 
+    /// A node certificate whose validity starts `days` from now (tests of clock skew).
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn node_valid_from(&self, sans: &[&str], days: i64) -> Result<NodeCert, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        self.node_valid(
+            sans,
+            now + Duration::days(days),
+            now + Duration::days(days + 365),
+        )
+    }
+
+    /// A node certificate for client authentication only (tests: no daemon can serve with
+    /// it).
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn client_only_node(&self, sans: &[&str]) -> Result<NodeCert, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        self.node_with(
+            sans,
+            now - Duration::days(1),
+            now + Duration::days(365),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
     fn node_valid(
         &self,
         sans: &[&str],
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
+    ) -> Result<NodeCert, rcgen::Error> {
+        self.node_with(
+            sans,
+            not_before,
+            not_after,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn node_with(
+        &self,
+        sans: &[&str],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        usages: Vec<ExtendedKeyUsagePurpose>,
     ) -> Result<NodeCert, rcgen::Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -138,10 +187,7 @@ impl DevCa {
                 Err(_) => n.to_owned().try_into().map(SanType::DnsName),
             })
             .collect::<Result<_, _>>()?;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -231,14 +277,35 @@ pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     write_node(dir, &ca, sans)
 }
 
-/// Replaces the node certificate and key in `dir` with new ones from the same CA.
-/// Daemons watching the files pick them up without a restart.
+/// Replaces the node certificate and key in `dir` with new ones from the same CA, for
+/// `sans` (none: the names of the certificate it replaces, so that peers dialling the
+/// node by them still accept it). Daemons watching the files pick them up without a
+/// restart.
 ///
 /// # Errors
 /// When the CA's files are missing or unparsable, or a file cannot be written.
 pub fn rotate_node(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     let ca = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
-    write_node(dir, &ca, sans)
+    let names = names_or_current(dir, sans);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    write_node(dir, &ca, &names)
+}
+
+/// `sans`, or when there are none the names of the node certificate now in `dir` (none
+/// when it cannot be read: the defaults then).
+fn names_or_current(dir: &Path, sans: &[&str]) -> Vec<String> {
+    if !sans.is_empty() {
+        return sans.iter().map(|s| (*s).to_owned()).collect();
+    }
+    let Ok(pem) = std::fs::read(dir.join(files::NODE)) else {
+        return Vec::new();
+    };
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(&pem).next() else {
+        return Vec::new();
+    };
+    crate::expiry::Validity::of(&der)
+        .map(|v| v.names)
+        .unwrap_or_default()
 }
 
 /// A step of a CA rollover, run in this order with every node reloading in between. No
@@ -269,7 +336,9 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
         }
         RolloverStep::Switch => {
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
-            write_node(dir, &next, sans)
+            let names = names_or_current(dir, sans);
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            write_node(dir, &next, &names)
         }
         RolloverStep::Finish => {
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;

@@ -20,21 +20,72 @@ pub const WARN_BEFORE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often the log warns while the end is near.
 pub const WARN_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-/// The end of the validity (`notAfter`) of the first certificate in `pem`.
+/// The end of the validity (`notAfter`) of the first certificate in `pem` (blocks of other
+/// kinds, a key before it say, are skipped, as rustls skips them).
 ///
 /// # Errors
 /// A message when `pem` holds no parsable certificate.
 pub fn not_after(pem: &[u8]) -> Result<SystemTime, String> {
-    let (_, block) =
-        x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
-    let cert = block
-        .parse_x509()
-        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    let seconds = cert.validity().not_after.timestamp();
-    let at = u64::try_from(seconds)
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-        .unwrap_or(UNIX_EPOCH);
-    Ok(at)
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let first = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or("not a PEM certificate: no CERTIFICATE block")?
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    Ok(Validity::of(&first)?.not_after)
+}
+
+/// When a certificate is valid, and the names it is valid for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Its subject alternative names, DNS names and IP addresses, as text.
+    pub names: Vec<String>,
+}
+
+impl Validity {
+    /// Reads them from a DER certificate.
+    ///
+    /// # Errors
+    /// A message when `der` is not a parsable X.509 certificate.
+    pub fn of(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        let at = |seconds: i64| {
+            u64::try_from(seconds)
+                .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+                .unwrap_or(UNIX_EPOCH)
+        };
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => {
+                        names.push((*dns).to_owned());
+                    }
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                        let ip = match bytes.len() {
+                            4 => <[u8; 4]>::try_from(*bytes)
+                                .ok()
+                                .map(|b| std::net::IpAddr::from(b).to_string()),
+                            16 => <[u8; 16]>::try_from(*bytes)
+                                .ok()
+                                .map(|b| std::net::IpAddr::from(b).to_string()),
+                            _ => None,
+                        };
+                        names.extend(ip);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Validity {
+            not_before: at(cert.validity().not_before.timestamp()),
+            not_after: at(cert.validity().not_after.timestamp()),
+            names,
+        })
+    }
 }
 
 /// Seconds from `now` to `end`; negative once `end` has passed.

@@ -268,6 +268,22 @@ impl NodeTls {
             &self.shared.provider,
             Check::Replacement,
         )?;
+        let current = self.current();
+        let dropped: Vec<&String> = current
+            .names
+            .iter()
+            .filter(|name| !material.names.contains(name))
+            .collect();
+        if !dropped.is_empty() {
+            // Put in use all the same (dropping a name can be meant), but peers that dial
+            // this node by such a name will refuse it from now on.
+            tracing::warn!(
+                ?dropped,
+                names = ?material.names,
+                "the new node certificate lacks names the one in use has: peers that dial \
+                 this node by them will refuse it"
+            );
+        }
         *self
             .shared
             .current

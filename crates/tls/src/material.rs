@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -99,6 +100,8 @@ pub(crate) struct Material {
     pub(crate) server_verifier: Arc<WebPkiServerVerifier>,
     /// The end of the node certificate's validity.
     pub(crate) not_after: SystemTime,
+    /// The names the node certificate is valid for.
+    pub(crate) names: Vec<String>,
 }
 
 /// How strictly [`Material::parse`] checks a set.
@@ -162,28 +165,74 @@ impl Material {
                 .build()
                 .map_err(|e| origin.invalid("FN_NODE_CERT_AUTHORITY", e.to_string()))?;
 
-        let not_after = crate::expiry::not_after(&pems.cert)
+        let (end_entity, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| origin.invalid("FN_NODE_CERT", "holds no certificate"))?;
+        let validity = crate::expiry::Validity::of(end_entity)
             .map_err(|reason| origin.invalid("FN_NODE_CERT", reason))?;
+        let not_after = validity.not_after;
+        let now = SystemTime::now();
+        let early = validity.not_before > now;
 
-        if check == Check::Replacement {
-            if not_after <= SystemTime::now() {
-                let end = humantime::format_rfc3339_seconds(not_after);
-                return Err(origin.invalid("FN_NODE_CERT", format!("expired at {end}")));
-            }
-            let (end_entity, intermediates) = chain
-                .split_first()
-                .ok_or_else(|| origin.invalid("FN_NODE_CERT", "holds no certificate"))?;
-            client_verifier
-                .verify_client_cert(end_entity, intermediates, UnixTime::now())
-                .map_err(|e| {
-                    origin.invalid(
+        match check {
+            Check::Start if early => tracing::warn!(
+                cert = %origin.path("FN_NODE_CERT").display(),
+                not_before = %humantime::format_rfc3339_seconds(validity.not_before),
+                "the node certificate is not valid yet: peers refuse it until then (is this \
+                 host's clock, or its issuer's, wrong?)"
+            ),
+            Check::Start => {}
+            Check::Replacement => {
+                if not_after <= now {
+                    let end = humantime::format_rfc3339_seconds(not_after);
+                    return Err(origin.invalid("FN_NODE_CERT", format!("expired at {end}")));
+                }
+                if early {
+                    let start = humantime::format_rfc3339_seconds(validity.not_before);
+                    return Err(origin.invalid(
                         "FN_NODE_CERT",
                         format!(
-                            "is not valid under the CA bundle in FN_NODE_CERT_AUTHORITY ({}): {e}",
-                            origin.path("FN_NODE_CERT_AUTHORITY").display()
+                            "not valid until {start}: is this host's clock, or its issuer's, \
+                             wrong? (it is tried again at the next check)"
                         ),
+                    ));
+                }
+                client_verifier
+                    .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                    .map_err(|e| {
+                        origin.invalid(
+                            "FN_NODE_CERT",
+                            format!(
+                                "is not valid under the CA bundle in FN_NODE_CERT_AUTHORITY ({}): {e}",
+                                origin.path("FN_NODE_CERT_AUTHORITY").display()
+                            ),
+                        )
+                    })?;
+                // Every daemon serves with it too: a certificate a peer cannot accept from a
+                // server (no serverAuth usage, say) would refuse every inbound connection.
+                let name = validity.names.first().ok_or_else(|| {
+                    origin.invalid(
+                        "FN_NODE_CERT",
+                        "names no DNS name or IP address (subjectAltName): peers cannot verify it",
                     )
                 })?;
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| origin.invalid("FN_NODE_CERT", format!("name {name:?}: {e}")))?;
+                server_verifier
+                    .verify_server_cert(
+                        end_entity,
+                        intermediates,
+                        &server_name,
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .map_err(|e| {
+                        origin.invalid(
+                            "FN_NODE_CERT",
+                            format!("cannot serve as a server certificate for {name}: {e}"),
+                        )
+                    })?;
+            }
         }
 
         Ok(Material {
@@ -192,6 +241,7 @@ impl Material {
             client_verifier,
             server_verifier,
             not_after,
+            names: validity.names,
         })
     }
 }

@@ -193,6 +193,8 @@ async fn a_bad_replacement_is_rejected_with_its_file_and_reason_and_the_old_set_
 
     let expired = ca.expired_node(&[]).expect("expired");
     let foreign = other.node(&[]).expect("foreign");
+    let client_only = ca.client_only_node(&[]).expect("client only");
+    let early = ca.node_valid_from(&[], 2).expect("not yet valid");
     /// What is written, which variable the error names, and a part of its reason.
     type Case<'a> = (&'a str, Vec<u8>, Vec<u8>, &'a str, &'a str);
     let cases: Vec<Case> = vec![
@@ -230,6 +232,20 @@ async fn a_bad_replacement_is_rejected_with_its_file_and_reason_and_the_old_set_
             foreign.key_pem.into_bytes(),
             "FN_NODE_CERT",
             "not valid under the CA bundle",
+        ),
+        (
+            "a certificate no server may present (clientAuth only)",
+            client_only.cert_pem.into_bytes(),
+            client_only.key_pem.into_bytes(),
+            "FN_NODE_CERT",
+            "cannot serve as a server certificate",
+        ),
+        (
+            "a certificate not valid yet (a clock ahead at the issuer)",
+            early.cert_pem.into_bytes(),
+            early.key_pem.into_bytes(),
+            "FN_NODE_CERT",
+            "clock",
         ),
     ];
     for (what, cert, new_key, var, reason) in cases {
@@ -323,4 +339,53 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
 
     cancel.cancel();
     task.await.expect("joins").expect("ends");
+}
+
+/// A rotation without `--san` keeps the names of the certificate it replaces (it issued
+/// one for the defaults alone, which every peer dialling the node by name refused); a
+/// file holding the key before the certificate loads.
+#[test]
+fn a_rotation_keeps_the_names_and_a_key_first_file_loads() {
+    let names = |dir: &Path| {
+        let pem = std::fs::read(dir.join(files::NODE)).expect("node");
+        let der = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .expect("a certificate")
+            .expect("parses");
+        fn_tls::expiry::Validity::of(&der).expect("validity").names
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &["npm", "runner-1"]).expect("pki");
+    let before = names(dir.path());
+    assert!(before.contains(&"npm".to_owned()), "{before:?}");
+    dev::rotate_node(dir.path(), &[]).expect("rotate");
+    assert_eq!(names(dir.path()), before, "rotate without names");
+    dev::ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("begin");
+    dev::ca_rollover(dir.path(), RolloverStep::Switch, &[]).expect("switch");
+    assert_eq!(names(dir.path()), before, "switch without names");
+    dev::rotate_node(dir.path(), &["lb"]).expect("rotate with a name");
+    assert!(names(dir.path()).contains(&"lb".to_owned()));
+    assert!(
+        !names(dir.path()).contains(&"npm".to_owned()),
+        "the names given win"
+    );
+
+    // One file with the key first, then the certificate, as both FN_NODE_CERT and
+    // FN_NODE_CERT_KEY.
+    let combined = dir.path().join("combined.pem");
+    let mut both = std::fs::read(dir.path().join(files::NODE_KEY)).expect("key");
+    both.extend(std::fs::read(dir.path().join(files::NODE)).expect("cert"));
+    std::fs::write(&combined, both).expect("write");
+    let args = TlsArgs {
+        node_cert: Some(combined.clone()),
+        node_cert_key: Some(combined),
+        node_cert_authority: Some(dir.path().join(files::BUNDLE)),
+        tls_server_name: None,
+        insecure: false,
+        tls_reload_interval: Duration::ZERO,
+    };
+    assert!(
+        matches!(args.load(), Ok(TlsMode::Mutual(_))),
+        "a key-first file loads"
+    );
 }

@@ -1,0 +1,46 @@
+//! fn-certs as an operator runs it: an existing CA is never replaced by accident.
+
+use std::process::Command;
+
+fn fn_certs(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fn-certs"))
+        .args(args)
+        .env_remove("FN_CERTS_DIR")
+        .env_remove("FN_CERTS_SANS")
+        .env_remove("FN_CERTS_KEEP")
+        .env_remove("FN_CERTS_FORCE")
+        .output()
+        .expect("runs fn-certs")
+}
+
+#[test]
+fn an_existing_ca_is_replaced_only_with_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8");
+    assert!(fn_certs(&["--out", out, "--san", "npm"]).status.success());
+    let ca = std::fs::read(dir.path().join("ca.pem")).expect("ca");
+
+    let again = fn_certs(&["--out", out]);
+    assert!(!again.status.success(), "an existing CA was replaced");
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains("--rotate") && said.contains("--force"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).expect("ca"), ca);
+
+    assert!(fn_certs(&["--out", out, "--keep"]).status.success());
+    assert!(fn_certs(&["--out", out, "--rotate"]).status.success());
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.pem")).expect("ca"),
+        ca,
+        "same CA"
+    );
+
+    assert!(fn_certs(&["--out", out, "--force"]).status.success());
+    assert_ne!(
+        std::fs::read(dir.path().join("ca.pem")).expect("ca"),
+        ca,
+        "a new CA"
+    );
+}
