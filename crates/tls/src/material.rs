@@ -210,28 +210,33 @@ impl Material {
                     })?;
                 // Every daemon serves with it too: a certificate a peer cannot accept from a
                 // server (no serverAuth usage, say) would refuse every inbound connection.
-                let name = validity.names.first().ok_or_else(|| {
-                    origin.invalid(
-                        "FN_NODE_CERT",
-                        "names no DNS name or IP address (subjectAltName): peers cannot verify it",
-                    )
-                })?;
-                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-                    .map_err(|e| origin.invalid("FN_NODE_CERT", format!("name {name:?}: {e}")))?;
-                server_verifier
-                    .verify_server_cert(
-                        end_entity,
-                        intermediates,
-                        &server_name,
-                        &[],
-                        UnixTime::now(),
-                    )
-                    .map_err(|e| {
-                        origin.invalid(
-                            "FN_NODE_CERT",
-                            format!("cannot serve as a server certificate for {name}: {e}"),
+                // Checked for the first name a client could dial (a wildcard's stands for
+                // one of its names); with none, there is nothing to check it for here.
+                let dialled = validity.names.iter().find_map(|name| {
+                    let name = match name.strip_prefix("*.") {
+                        Some(rest) => format!("fn-check.{rest}"),
+                        None => name.clone(),
+                    };
+                    rustls::pki_types::ServerName::try_from(name.clone())
+                        .ok()
+                        .map(|server| (name, server))
+                });
+                if let Some((name, server_name)) = dialled {
+                    server_verifier
+                        .verify_server_cert(
+                            end_entity,
+                            intermediates,
+                            &server_name,
+                            &[],
+                            UnixTime::now(),
                         )
-                    })?;
+                        .map_err(|e| {
+                            origin.invalid(
+                                "FN_NODE_CERT",
+                                format!("cannot serve as a server certificate for {name}: {e}"),
+                            )
+                        })?;
+                }
             }
         }
 
