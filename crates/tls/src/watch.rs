@@ -127,7 +127,14 @@ impl CertWatch {
             }
             Ok(true) => {
                 tokio::time::sleep(SETTLE).await;
-                let outcome = self.tls.reload();
+                let mut outcome = self.tls.reload();
+                if outcome.is_err() {
+                    // Caught between a writer's files (a key renamed into place before its
+                    // certificate, or a writer slower than the settling time): one more look
+                    // before a good rotation is logged and counted as rejected.
+                    tokio::time::sleep(SETTLE).await;
+                    outcome = self.tls.reload();
+                }
                 self.record(outcome, false);
             }
             Err(e) => self.record(Err(e), false),

@@ -328,7 +328,7 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
 
     // A bad replacement is counted once, however many checks see it.
     std::fs::write(dir.path().join(files::NODE_KEY), "garbage").expect("key");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     text.clear();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(
@@ -388,4 +388,44 @@ fn a_rotation_keeps_the_names_and_a_key_first_file_loads() {
         matches!(args.load(), Ok(TlsMode::Mutual(_))),
         "a key-first file loads"
     );
+}
+
+/// A writer that renames the key into place, then the certificate a while later: the watch
+/// that reads between the two takes one more look before it logs and counts a rejection
+/// (a good rotation set off alerts on the rejection counter).
+#[tokio::test(start_paused = true)]
+async fn a_rotation_read_between_its_two_files_is_not_counted_as_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let tls = from_files(dir.path());
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(tls.clone(), Duration::from_secs(1), None, &mut registry);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("ca");
+    let next = ca.node(&[]).expect("node");
+
+    // The key now; the watch looks at 1 s and reads at 1.5 s, before the certificate.
+    std::fs::write(dir.path().join(files::NODE_KEY), &next.key_pem).expect("key");
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    std::fs::write(dir.path().join(files::NODE), &next.cert_pem).expect("cert");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains("fn_tls_certificate_reload_rejections_total 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fn_tls_certificate_reloads_total 1"),
+        "{text}"
+    );
+    assert_eq!(tls.cert_pem(), next.cert_pem.into_bytes());
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
 }
