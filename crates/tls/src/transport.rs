@@ -76,6 +76,12 @@ const ACCEPT_QUEUE: usize = 64;
 /// stay far below it.
 pub const MAX_HANDSHAKING: usize = 256;
 
+/// Most of the [`MAX_HANDSHAKING`] places one peer address may hold, so that one host
+/// opening connections and sending nothing cannot lock every other peer out (an lb-agent
+/// reconnecting to a restarted runner, say): a quarter, far above what an honest peer
+/// opens at once.
+pub const MAX_HANDSHAKING_PER_PEER: usize = MAX_HANDSHAKING / 4;
+
 /// A tonic server builder with the dataplane's HTTP/2 settings. Feed it
 /// [`grpc_incoming`], which does the TLS.
 ///
@@ -122,15 +128,23 @@ pub fn grpc_incoming_sharded(
     listener: TcpListener,
     shards: Option<Arc<Shards>>,
 ) -> Result<Vec<GrpcIncoming>, rustls::Error> {
-    incoming_limited(mode, listener, shards, MAX_HANDSHAKING)
+    incoming_limited(
+        mode,
+        listener,
+        shards,
+        MAX_HANDSHAKING,
+        MAX_HANDSHAKING_PER_PEER,
+    )
 }
 
-/// [`grpc_incoming_sharded`] holding at most `limit` connections before they are served.
+/// [`grpc_incoming_sharded`] holding at most `limit` connections before they are served,
+/// at most `per_peer` of them from one address.
 fn incoming_limited(
     mode: &TlsMode,
     listener: TcpListener,
     shards: Option<Arc<Shards>>,
     limit: usize,
+    per_peer: usize,
 ) -> Result<Vec<GrpcIncoming>, rustls::Error> {
     let acceptor = match mode {
         TlsMode::Mutual(tls) => Some(TlsAcceptor::from(tls.server_config()?)),
@@ -143,7 +157,13 @@ fn incoming_limited(
             (queue, GrpcIncoming { accepted })
         })
         .unzip();
-    let handshaking = Arc::new(Semaphore::new(limit));
+    let handshaking = Handshaking {
+        all: Arc::new(Semaphore::new(limit)),
+        per_peer: Arc::new(PerPeer {
+            limit: per_peer,
+            counts: std::sync::Mutex::default(),
+        }),
+    };
     tokio::spawn(accept_loop(listener, acceptor, queues, shards, handshaking));
     Ok(incoming)
 }
@@ -153,7 +173,7 @@ async fn accept_loop(
     acceptor: Option<TlsAcceptor>,
     queues: Vec<mpsc::Sender<GrpcConn>>,
     shards: Option<Arc<Shards>>,
-    handshaking: Arc<Semaphore>,
+    handshaking: Handshaking,
 ) {
     let warnings = Arc::new(Warnings::default());
     // Every server stops together (one shutdown): the first one gone ends the loop.
@@ -176,9 +196,13 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(place) = Arc::clone(&handshaking).try_acquire_owned() else {
-            warnings.crowded(peer);
+        let Some(peer_place) = handshaking.per_peer.claim(peer.ip()) else {
+            warnings.crowded_by(peer);
             continue; // drops the socket: the peer sees the connection close
+        };
+        let Ok(place) = Arc::clone(&handshaking.all).try_acquire_owned() else {
+            warnings.crowded(peer);
+            continue;
         };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "gRPC connection: TCP_NODELAY not set");
@@ -200,6 +224,7 @@ async fn accept_loop(
             warnings: Arc::clone(&warnings),
             load,
             _place: place,
+            _peer_place: peer_place,
         };
         let Some(runtime) = elsewhere else {
             tokio::spawn(admit.run(tcp));
@@ -231,6 +256,64 @@ struct Admit {
     load: Option<ShardLoad>,
     /// Its place among the [`MAX_HANDSHAKING`], given up once the server has it.
     _place: OwnedSemaphorePermit,
+    /// Its place among its address's [`MAX_HANDSHAKING_PER_PEER`].
+    _peer_place: PeerPlace,
+}
+
+/// The places of connections not yet served.
+struct Handshaking {
+    all: Arc<Semaphore>,
+    per_peer: Arc<PerPeer>,
+}
+
+/// Places per peer address.
+#[derive(Debug)]
+struct PerPeer {
+    limit: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl PerPeer {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for a connection from `ip`, unless it holds its limit already.
+    fn claim(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerPlace> {
+        let mut counts = self.lock();
+        let held = counts.entry(ip).or_insert(0);
+        if *held >= self.limit {
+            return None;
+        }
+        *held += 1;
+        Some(PeerPlace {
+            per_peer: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One connection's place among its address's; given back when dropped.
+#[derive(Debug)]
+struct PeerPlace {
+    per_peer: Arc<PerPeer>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut counts = self.per_peer.lock();
+        if let Some(held) = counts.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Admit {
@@ -295,6 +378,12 @@ impl Warnings {
     fn accept_failed(&self, error: &std::io::Error) {
         let message = "gRPC listener: accepting a connection failed";
         fn_lifecycle::warn_throttled!(self.accept_failed, %error, "{message}");
+    }
+
+    fn crowded_by(&self, peer: std::net::SocketAddr) {
+        let message = "gRPC connection refused: this address has too many connections still in \
+                       their TLS handshake (a peer opening connections and sending nothing?)";
+        fn_lifecycle::warn_throttled!(self.crowded, %peer, limit = MAX_HANDSHAKING_PER_PEER, "{message}");
     }
 
     fn crowded(&self, peer: std::net::SocketAddr) {
@@ -740,7 +829,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let mode = TlsMode::Mutual(tls.clone());
-        let _incoming = incoming_limited(&mode, listener, None, 2).expect("incoming");
+        let _incoming = incoming_limited(&mode, listener, None, 2, 2).expect("incoming");
         // Two peers that connect and say nothing take both places, for up to
         // HANDSHAKE_TIMEOUT (10 s).
         let silent = TcpStream::connect(address).await.expect("connect");
@@ -768,6 +857,41 @@ mod tests {
             }
         };
         assert!(!cert.is_empty());
+    }
+
+    /// One address that holds its share of the places with silent connections leaves the
+    /// others theirs.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_handshake_place() {
+        let tls = DevCa::new("test").expect("ca").node_tls(&[]).expect("node");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mode = TlsMode::Mutual(tls);
+        let _incoming = incoming_limited(&mode, listener, None, 8, 2).expect("incoming");
+        let from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(std::net::SocketAddr::from((ip, 0)))
+                .expect("bind a loopback address");
+            socket.connect(address).await.expect("connect")
+        };
+        // Closed at once, or held (waiting for its handshake).
+        let closed_at_once = |mut conn: TcpStream| async move {
+            match tokio::time::timeout(Duration::from_millis(500), conn.read(&mut [0u8; 1])).await {
+                Ok(read) => matches!(read, Ok(0) | Err(_)),
+                Err(_) => false,
+            }
+        };
+        let _first = from([127, 0, 0, 1]).await;
+        let _second = from([127, 0, 0, 1]).await;
+        assert!(
+            closed_at_once(from([127, 0, 0, 1]).await).await,
+            "a third from the same address is refused"
+        );
+        assert!(
+            !closed_at_once(from([127, 0, 0, 2]).await).await,
+            "another address still gets a place"
+        );
     }
 
     #[tokio::test(start_paused = true)]
