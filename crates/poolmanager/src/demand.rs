@@ -22,6 +22,36 @@ use tokio::time::Instant;
 /// a handful of groups, and names are input from the network.
 pub const MAX_RETAINED_GROUPS: usize = 4096;
 
+/// Most groups live LBs may have demand in at once. Past it, a new name in an advert is
+/// left out of it (with a warning): each live group costs every tick and four metric series.
+pub const MAX_LIVE_GROUPS: usize = 4096;
+
+/// Most live LBs. An advert from a new LB id past it is refused: ids are input from the
+/// network, and one peer sending each advert under a new id would otherwise grow the book
+/// (and each tick's work) without bound. Real deployments have a few LBs.
+pub const MAX_LBS: usize = 1024;
+
+/// Why an advert was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdvertRefused {
+    #[error(
+        "the npm keeps at most {MAX_LBS} live LBs and has as many; an LB silent for \
+         FN_LB_PURGE_AFTER frees its place (does each advert carry a new lb_id?)"
+    )]
+    TooManyLbs,
+}
+
+/// What live LBs want of one group, kept up to date as adverts come and LBs go, so that a
+/// lookup does not walk every LB.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupTotal {
+    /// The sum of the LBs' figures: wide enough never to overflow (each is a `u64`, and
+    /// there are at most [`MAX_LBS`] of them).
+    mb: u128,
+    /// Live LBs that name the group.
+    lbs: usize,
+}
+
 /// One LB's latest advert.
 #[derive(Debug, Clone)]
 struct LbAdvert {
@@ -34,41 +64,94 @@ struct LbAdvert {
 #[derive(Debug)]
 pub struct DemandBook {
     lbs: BTreeMap<String, LbAdvert>,
+    /// Group → the sum of the live LBs' figures for it (groups no live LB names are left
+    /// out).
+    totals: BTreeMap<String, GroupTotal>,
     /// Group → when an LB last advertised it.
     advertised: BTreeMap<String, Instant>,
     /// Warns when a new group finds [`MAX_RETAINED_GROUPS`] reached.
     full: Throttle,
+    /// Warns when a new group finds [`MAX_LIVE_GROUPS`] reached.
+    too_many_live: Throttle,
 }
 
 impl Default for DemandBook {
     fn default() -> Self {
         DemandBook {
             lbs: BTreeMap::new(),
+            totals: BTreeMap::new(),
             advertised: BTreeMap::new(),
             full: Throttle::new(Duration::from_secs(60)),
+            too_many_live: Throttle::new(Duration::from_secs(60)),
         }
     }
 }
 
 impl DemandBook {
     /// Records an advert from `lb_id`: it replaces that LB's previous figures.
+    ///
+    /// # Errors
+    /// [`AdvertRefused::TooManyLbs`] for a new LB when [`MAX_LBS`] are live.
     pub fn record(
         &mut self,
         lb_id: &str,
         groups: impl IntoIterator<Item = (String, u64)>,
         now: Instant,
-    ) {
-        let advert = self.lbs.entry(lb_id.to_owned()).or_insert_with(|| {
+    ) -> Result<(), AdvertRefused> {
+        if !self.lbs.contains_key(lb_id) && self.lbs.len() >= MAX_LBS {
+            return Err(AdvertRefused::TooManyLbs);
+        }
+        let previous = self.lbs.remove(lb_id);
+        if previous.is_none() {
             tracing::info!(lb_id, "new LB advertising capacity");
+        }
+        if let Some(previous) = &previous {
+            self.subtract(&previous.groups);
+        }
+        let mut figures = BTreeMap::new();
+        for (group, mb) in groups {
+            if !self.totals.contains_key(&group) && self.totals.len() >= MAX_LIVE_GROUPS {
+                fn_lifecycle::warn_throttled!(
+                    self.too_many_live,
+                    lb_id,
+                    %group,
+                    max = MAX_LIVE_GROUPS,
+                    "too many LB groups with demand; this one's is left out"
+                );
+                continue;
+            }
+            let total = self.totals.entry(group.clone()).or_default();
+            // A group named twice in one advert: the last figure stands.
+            if let Some(before) = figures.insert(group, mb) {
+                total.mb -= u128::from(before);
+            } else {
+                total.lbs += 1;
+            }
+            total.mb += u128::from(mb);
+        }
+        let names: Vec<String> = figures.keys().cloned().collect();
+        self.lbs.insert(
+            lb_id.to_owned(),
             LbAdvert {
                 last_seen: now,
-                groups: BTreeMap::new(),
-            }
-        });
-        advert.last_seen = now;
-        advert.groups = groups.into_iter().collect();
-        let names: Vec<String> = advert.groups.keys().cloned().collect();
+                groups: figures,
+            },
+        );
         self.retain_groups(names, now);
+        Ok(())
+    }
+
+    /// Takes an LB's figures out of the totals.
+    fn subtract(&mut self, groups: &BTreeMap<String, u64>) {
+        for (group, mb) in groups {
+            if let Some(total) = self.totals.get_mut(group) {
+                total.mb = total.mb.saturating_sub(u128::from(*mb));
+                total.lbs = total.lbs.saturating_sub(1);
+                if total.lbs == 0 {
+                    self.totals.remove(group);
+                }
+            }
+        }
     }
 
     /// Retains `groups` as if advertised at `now` (a restarted npm does so for the groups of
@@ -136,7 +219,9 @@ impl DemandBook {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &silent {
-            self.lbs.remove(id);
+            if let Some(advert) = self.lbs.remove(id) {
+                self.subtract(&advert.groups);
+            }
             tracing::warn!(lb_id = %id, silent_for = ?purge_after, "purged an LB that stopped advertising; its demand is dropped");
         }
         silent
@@ -145,24 +230,20 @@ impl DemandBook {
     /// Total MB wanted by all live LBs for `group`.
     pub fn wanted_mb(&self, group: &str) -> u64 {
         // Saturating: adverts are input from the network, and two LBs claiming u64::MAX
-        // must not overflow (a panic in debug builds, a wrap to little demand in release).
-        self.lbs
-            .values()
-            .filter_map(|a| a.groups.get(group))
-            .fold(0, |total: u64, mb| total.saturating_add(*mb))
+        // must not wrap to little demand.
+        self.totals
+            .get(group)
+            .map_or(0, |t| u64::try_from(t.mb).unwrap_or(u64::MAX))
     }
 
     /// Every group some live LB has mentioned.
     pub fn groups(&self) -> impl Iterator<Item = &String> {
-        self.lbs.values().flat_map(|a| a.groups.keys())
+        self.totals.keys()
     }
 
     /// Number of live LBs advertising for `group`.
     pub fn lbs_in(&self, group: &str) -> usize {
-        self.lbs
-            .values()
-            .filter(|a| a.groups.contains_key(group))
-            .count()
+        self.totals.get(group).map_or(0, |t| t.lbs)
     }
 
     /// Number of live LBs.
@@ -176,11 +257,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn live_groups_are_capped_and_totals_follow_adverts_and_purges() {
+        let mut book = DemandBook::default();
+        let now = Instant::now();
+        let many = (0..MAX_LIVE_GROUPS).map(|i| (format!("g{i}"), 1));
+        book.record("lb1", many, now).expect("recorded");
+        book.record("lb2", [("g0".into(), 2), ("new".into(), 5)], now)
+            .expect("recorded");
+        assert_eq!(book.wanted_mb("g0"), 3);
+        assert_eq!(book.lbs_in("g0"), 2);
+        assert_eq!(
+            book.wanted_mb("new"),
+            0,
+            "past the cap, a new name is left out"
+        );
+        assert_eq!(book.groups().count(), MAX_LIVE_GROUPS);
+        // lb1's next advert names fewer groups: room for the new one.
+        book.record("lb1", [("g0".into(), 1)], now)
+            .expect("recorded");
+        assert_eq!(book.groups().count(), 1);
+        book.record("lb2", [("g0".into(), 2), ("new".into(), 5)], now)
+            .expect("recorded");
+        assert_eq!(book.wanted_mb("new"), 5);
+        assert_eq!(
+            book.purge(now + Duration::from_secs(10), Duration::from_secs(5))
+                .len(),
+            2
+        );
+        assert_eq!(
+            book.groups().count(),
+            0,
+            "a purged LB's figures leave the totals"
+        );
+        assert_eq!(book.wanted_mb("g0"), 0);
+    }
+
+    #[test]
     fn huge_adverts_saturate_instead_of_overflowing() {
         let mut book = DemandBook::default();
         let now = Instant::now();
-        book.record("lb1", [("g".into(), u64::MAX)], now);
-        book.record("lb2", [("g".into(), u64::MAX)], now);
+        book.record("lb1", [("g".into(), u64::MAX)], now)
+            .expect("recorded");
+        book.record("lb2", [("g".into(), u64::MAX)], now)
+            .expect("recorded");
         assert_eq!(book.wanted_mb("g"), u64::MAX);
     }
 
@@ -188,13 +307,16 @@ mod tests {
     async fn sums_live_lbs_and_purges_silent_ones() {
         let mut book = DemandBook::default();
         let t0 = Instant::now();
-        book.record("lb1", [("g".into(), 256)], t0);
-        book.record("lb2", [("g".into(), 128), ("h".into(), 64)], t0);
+        book.record("lb1", [("g".into(), 256)], t0)
+            .expect("recorded");
+        book.record("lb2", [("g".into(), 128), ("h".into(), 64)], t0)
+            .expect("recorded");
         assert_eq!(book.wanted_mb("g"), 384);
         assert_eq!(book.wanted_mb("h"), 64);
         assert_eq!((book.lbs_in("g"), book.lbs_in("h")), (2, 1));
         // lb1 keeps advertising, lb2 goes silent.
-        book.record("lb1", [("g".into(), 512)], t0 + Duration::from_secs(4));
+        book.record("lb1", [("g".into(), 512)], t0 + Duration::from_secs(4))
+            .expect("recorded");
         let purged = book.purge(t0 + Duration::from_secs(6), Duration::from_secs(5));
         assert_eq!(purged, vec!["lb2".to_string()]);
         assert_eq!(book.wanted_mb("g"), 512);
@@ -207,8 +329,10 @@ mod tests {
         let mut book = DemandBook::default();
         let t0 = Instant::now();
         let retention = Duration::from_secs(60);
-        book.record("lb1", [("g".into(), 0), ("h".into(), 64)], t0);
-        book.record("lb1", [("h".into(), 64)], t0 + Duration::from_secs(50));
+        book.record("lb1", [("g".into(), 0), ("h".into(), 64)], t0)
+            .expect("recorded");
+        book.record("lb1", [("h".into(), 64)], t0 + Duration::from_secs(50))
+            .expect("recorded");
         assert!(
             book.forget_groups(t0 + Duration::from_secs(60), retention)
                 .is_empty()
@@ -221,7 +345,8 @@ mod tests {
         // The cap: a new name past it counts its demand but is not retained.
         let names = (0..MAX_RETAINED_GROUPS).map(|i| format!("x{i}"));
         book.retain_groups(names, t0);
-        book.record("lb2", [("late".into(), 64)], t0);
+        book.record("lb2", [("late".into(), 64)], t0)
+            .expect("recorded");
         assert!(!book.is_retained("late"));
         assert_eq!(book.wanted_mb("late"), 64);
         assert_eq!(book.retained_groups().count(), MAX_RETAINED_GROUPS);

@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -131,7 +131,15 @@ pub struct Shared {
 
 impl Shared {
     /// Records an LB's advert.
-    pub fn record_advert(&self, lb_id: &str, groups: Vec<(String, u64)>, now: Instant) {
+    ///
+    /// # Errors
+    /// When the advert is refused (see [`crate::demand::AdvertRefused`]).
+    pub fn record_advert(
+        &self,
+        lb_id: &str,
+        groups: Vec<(String, u64)>,
+        now: Instant,
+    ) -> Result<(), crate::demand::AdvertRefused> {
         let names: Vec<String> = groups.iter().map(|(g, _)| g.clone()).collect();
         let rose = {
             let mut book = self
@@ -139,7 +147,7 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let before: Vec<u64> = names.iter().map(|g| book.wanted_mb(g)).collect();
-            book.record(lb_id, groups, now);
+            book.record(lb_id, groups, now)?;
             names
                 .iter()
                 .zip(before)
@@ -148,6 +156,7 @@ impl Shared {
         if rose {
             self.demand_rose.notify_one();
         }
+        Ok(())
     }
 
     /// The active runners of `group` in LB order (empty when unknown or not yet loaded).
@@ -213,6 +222,13 @@ impl Shared {
     }
 }
 
+/// `t` cut to the whole millisecond.
+fn floor_millis(t: SystemTime) -> SystemTime {
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let millis = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+    UNIX_EPOCH + Duration::from_millis(millis)
+}
+
 /// A runner's place in the life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerState {
@@ -259,8 +275,15 @@ pub struct ControlLoop {
     runners: Vec<Entry>,
     predictors: HashMap<String, WindowPredictor>,
     loaded: bool,
-    /// Start of the previous tick, to notice the loop itself stalling.
+    /// Start of the previous tick, to keep ticks apart.
     last_tick: Option<Instant>,
+    /// End of the previous tick, to notice the loop itself stalling (not running between
+    /// ticks, as opposed to a tick that took long over its own work).
+    last_tick_end: Option<Instant>,
+    /// Removals under way, beside the loop (a busy runner may take its stop grace to go).
+    removing: tokio::task::JoinSet<(RunnerInfo, Result<(), ControlPlaneError>)>,
+    /// The runners in `removing`.
+    removing_ids: std::collections::HashSet<String>,
     in_flight: InFlight,
     metrics: NpmMetrics,
     /// Warns when `max_total_runners` keeps a group short.
@@ -285,6 +308,9 @@ impl ControlLoop {
             predictors: HashMap::new(),
             loaded: false,
             last_tick: None,
+            last_tick_end: None,
+            removing: tokio::task::JoinSet::new(),
+            removing_ids: std::collections::HashSet::new(),
             in_flight: InFlight::default(),
             metrics: NpmMetrics::register(registry),
             at_total_cap: Throttle::new(Duration::from_secs(60)),
@@ -322,8 +348,10 @@ impl ControlLoop {
                 () = self.tick() => {}
             }
         }
-        // Runners still starting are the control plane's to remove with the others.
+        // Runners still starting, or being removed, are the control plane's to remove with
+        // the others.
         self.in_flight.tasks.abort_all();
+        self.removing.abort_all();
         self.control_plane.shutdown().await;
         Ok(())
     }
@@ -340,10 +368,15 @@ impl ControlLoop {
     pub async fn tick(&mut self) {
         let now = Instant::now();
         let stalled = self.stalled(now);
+        self.last_tick = Some(now);
         while let Some(done) = self.in_flight.tasks.try_join_next() {
             self.provisioned(done);
         }
+        while let Some(done) = self.removing.try_join_next() {
+            self.removed(done);
+        }
         if !self.sync_with_control_plane().await {
+            self.last_tick_end = Some(Instant::now());
             return;
         }
         if let Some(gap) = stalled {
@@ -386,7 +419,16 @@ impl ControlLoop {
         self.await_provisioned(now + self.config.tick).await;
         self.remove_drained(now).await;
         self.publish();
+        // A drain's settling time runs from when the LBs were told, not from the tick's
+        // start (the awaits above can take a tick and the probes' bound).
+        let published = Instant::now();
+        for entry in &mut self.runners {
+            if entry.state == (RunnerState::Draining { since: now }) {
+                entry.state = RunnerState::Draining { since: published };
+            }
+        }
         self.show_figures();
+        self.last_tick_end = Some(Instant::now());
     }
 
     /// Updates the per-group gauges.
@@ -410,11 +452,13 @@ impl ControlLoop {
         self.metrics.show(figures);
     }
 
-    /// The time since the previous tick, when it is longer than an LB may stay silent (and
-    /// at least two ticks): the loop was not running, so it cannot tell silent LBs apart.
+    /// The time since the previous tick ended, when it is longer than an LB may stay silent
+    /// (and at least two ticks): the loop was not running, so it cannot tell silent LBs
+    /// apart. A tick that took long over its own work (a slow control plane) is no stall:
+    /// adverts went on being recorded meanwhile.
     fn stalled(&mut self, now: Instant) -> Option<Duration> {
-        let previous = self.last_tick.replace(now)?;
-        let gap = now.duration_since(previous);
+        let previous = self.last_tick_end?;
+        let gap = now.saturating_duration_since(previous);
         let bound = self.config.lb_purge_after.max(self.config.tick * 2);
         (gap > bound).then_some(gap)
     }
@@ -442,15 +486,22 @@ impl ControlLoop {
         }
         let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
         let probe = &self.probe;
+        let removing = &self.removing_ids;
         self.runners.retain(|e| {
             let keep = listed_ids.contains(e.info.id.as_str());
             if !keep {
-                tracing::warn!(runner = %e.info.id, address = %e.info.address, "runner no longer reported by the control plane; dropped");
+                if !removing.contains(&e.info.id) {
+                    tracing::warn!(runner = %e.info.id, address = %e.info.address, "runner no longer reported by the control plane; dropped");
+                }
                 probe.forget(&e.info);
             }
             keep
         });
-        let starting_since = self.in_flight.since.iter().min().copied();
+        // In whole milliseconds, as the docker and swarm planes label `created`: compared
+        // at full precision, a runner created a moment after it was asked for looked older
+        // than the request (its label cut to the millisecond) and was published before it
+        // answered health.
+        let starting_since = self.in_flight.since.iter().min().copied().map(floor_millis);
         for info in listed {
             if starting_since.is_some_and(|since| info.created >= since) {
                 // Being provisioned: it joins once it answers (see `provisioned`).
@@ -672,6 +723,7 @@ impl ControlLoop {
         let draining: Vec<(RunnerInfo, Instant)> = self
             .runners
             .iter()
+            .filter(|e| !self.removing_ids.contains(&e.info.id))
             .filter_map(|e| match e.state {
                 RunnerState::Draining { since } => Some((e.info.clone(), since)),
                 RunnerState::Active => None,
@@ -716,27 +768,44 @@ impl ControlLoop {
                 to_remove.push(info);
             }
         }
-        // Removals run together: a runner that overran its drain time may take its
-        // control plane's stop grace to go, and the others need not wait for it.
-        let control_plane = Arc::clone(&self.control_plane);
-        let removals = to_remove.into_iter().map(|info| {
-            let control_plane = Arc::clone(&control_plane);
-            async move {
+        // Removals run beside the loop: a runner that overran its drain time may take its
+        // control plane's stop grace to go (tens of seconds), and meanwhile other groups
+        // scale and the runner lists are published. Each is taken in at a later tick.
+        for info in to_remove {
+            self.removing_ids.insert(info.id.clone());
+            let control_plane = Arc::clone(&self.control_plane);
+            self.removing.spawn(async move {
                 let result = control_plane.remove(&info).await;
                 (info, result)
+            });
+        }
+    }
+
+    /// Takes in a removal that ended.
+    fn removed(
+        &mut self,
+        done: Result<(RunnerInfo, Result<(), ControlPlaneError>), tokio::task::JoinError>,
+    ) {
+        let (info, result) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // A panic in a control plane: which runner is unknown, so each is asked
+                // again (a removal of a runner already gone succeeds).
+                tracing::error!(error = %e, "a removal task failed");
+                self.removing_ids.clear();
+                return;
             }
-        });
-        for (info, result) in futures::future::join_all(removals).await {
-            match result {
-                Ok(()) => {
-                    tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
-                    self.metrics.removed();
-                    self.runners.retain(|e| e.info.id != info.id);
-                    self.probe.forget(&info);
-                }
-                Err(e) => {
-                    tracing::error!(runner = %info.id, error = %e, "removing a runner failed; retrying next tick")
-                }
+        };
+        self.removing_ids.remove(&info.id);
+        match result {
+            Ok(()) => {
+                tracing::info!(runner = %info.id, group = %info.group, "drained runner removed");
+                self.metrics.removed();
+                self.runners.retain(|e| e.info.id != info.id);
+                self.probe.forget(&info);
+            }
+            Err(e) => {
+                tracing::error!(runner = %info.id, error = %e, "removing a runner failed; retrying next tick")
             }
         }
     }
@@ -770,19 +839,27 @@ mod tests {
         let shared = Shared::default();
         let soon = Duration::from_millis(20);
         let now = Instant::now();
-        shared.record_advert("lb-1", vec![("g".into(), 128)], now);
+        shared
+            .record_advert("lb-1", vec![("g".into(), 128)], now)
+            .expect("recorded");
         tokio::time::timeout(soon, shared.demand_rose.notified())
             .await
             .expect("new demand: woken");
-        shared.record_advert("lb-1", vec![("g".into(), 128)], now);
-        shared.record_advert("lb-1", vec![("g".into(), 64)], now);
+        shared
+            .record_advert("lb-1", vec![("g".into(), 128)], now)
+            .expect("recorded");
+        shared
+            .record_advert("lb-1", vec![("g".into(), 64)], now)
+            .expect("recorded");
         assert!(
             tokio::time::timeout(soon, shared.demand_rose.notified())
                 .await
                 .is_err(),
             "the same or less demand waits for the tick"
         );
-        shared.record_advert("lb-2", vec![("g".into(), 64)], now);
+        shared
+            .record_advert("lb-2", vec![("g".into(), 64)], now)
+            .expect("recorded");
         tokio::time::timeout(soon, shared.demand_rose.notified())
             .await
             .expect("another LB's demand adds up: woken");

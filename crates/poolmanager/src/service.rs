@@ -69,7 +69,8 @@ impl NodePoolScaler for NpmService {
             groups.push((s.group_id, s.mem_mb_total));
         }
         self.shared
-            .record_advert(&advert.lb_id, groups, tokio::time::Instant::now());
+            .record_advert(&advert.lb_id, groups, tokio::time::Instant::now())
+            .map_err(|refused| Status::resource_exhausted(refused.to_string()))?;
         Ok(Response::new(()))
     }
 }

@@ -65,7 +65,9 @@ async fn a_restarted_npm_keeps_adopted_runners_until_demand_stayed_low_for_the_w
     // The LB comes back and needs one runner: inside the window nothing drains.
     for _ in 0..8 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+        shared
+            .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+            .expect("recorded");
         control.tick().await;
         assert_eq!(members(&shared, "g"), ["r1", "r2", "r3"]);
         assert!(draining(&control).is_empty());
@@ -73,7 +75,9 @@ async fn a_restarted_npm_keeps_adopted_runners_until_demand_stayed_low_for_the_w
     // Past the window the newest two drain.
     for _ in 0..4 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+        shared
+            .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+            .expect("recorded");
         control.tick().await;
     }
     assert_eq!(members(&shared, "g"), ["r1"]);
@@ -137,11 +141,13 @@ fn harness(cp: FakeControlPlane, config: ManagerConfig) -> Harness {
 
 impl Harness {
     fn advertise(&self, lb: &str, group: &str, runners: u64) {
-        self.shared.record_advert(
-            lb,
-            vec![(group.to_owned(), runners * RUNNER_MB)],
-            Instant::now(),
-        );
+        self.shared
+            .record_advert(
+                lb,
+                vec![(group.to_owned(), runners * RUNNER_MB)],
+                Instant::now(),
+            )
+            .expect("recorded");
     }
 
     /// Advances the clock by one tick and runs it.
@@ -481,7 +487,9 @@ async fn the_total_cap_bounds_runners_across_groups() {
     let mut h = harness(FakeControlPlane::default(), cfg);
     let huge: Vec<(String, u64)> = (0..50).map(|i| (format!("g{i:02}"), u64::MAX)).collect();
     for _ in 0..3 {
-        h.shared.record_advert("lb1", huge.clone(), Instant::now());
+        h.shared
+            .record_advert("lb1", huge.clone(), Instant::now())
+            .expect("recorded");
         h.tick().await;
     }
     assert_eq!(h.cp.provisioned(), 5, "{:?}", h.cp.batches());
@@ -515,15 +523,21 @@ async fn adverts_that_keep_raising_demand_do_not_run_ticks_back_to_back() {
     // The first tick, at once, and one advert raising demand from zero a second later.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = cp.lists();
-    shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+    shared
+        .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+        .expect("recorded");
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(cp.lists(), before + 1, "a rise is acted on at once");
     assert_eq!(members(&shared, "g").len(), 1);
     // One second of adverts every 10 ms, each a rise from zero.
     let before = cp.lists();
     for _ in 0..100 {
-        shared.record_advert("lb1", vec![("g".into(), 0)], Instant::now());
-        shared.record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now());
+        shared
+            .record_advert("lb1", vec![("g".into(), 0)], Instant::now())
+            .expect("recorded");
+        shared
+            .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+            .expect("recorded");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let ticks = cp.lists() - before;
@@ -574,4 +588,76 @@ async fn a_stalled_npm_does_not_take_its_own_silence_for_the_lbs() {
         h.members("g").is_empty(),
         "a dead LB's demand stays forever"
     );
+}
+
+/// A removal that takes the runner's whole stop grace (a busy runner that overran its
+/// drain) runs beside the loop: another group's new demand is served at the next tick, not
+/// after the removal; and the slow tick is not taken for the npm's own stall (a dead LB is
+/// still purged).
+#[tokio::test(start_paused = true)]
+async fn a_slow_removal_holds_up_neither_other_groups_nor_the_purge_of_dead_lbs() {
+    let mut cfg = config();
+    cfg.max_drain_time = Duration::from_secs(5);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    h.probe.set("r1", 3);
+    *h.cp.remove_delay.lock().expect("lock") = Some(Duration::from_secs(30));
+    // Demand for g goes; r1 drains, overruns its drain time, and its removal starts.
+    for _ in 0..20 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    assert_eq!(h.draining(), vec!["r1"]);
+    assert!(h.cp.removed().is_empty(), "the removal is still under way");
+
+    // Another group's demand, from another LB: served at the next tick.
+    h.advertise("lb2", "other", 1);
+    let began = Instant::now();
+    h.tick().await;
+    assert!(
+        began.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(h.members("other").len(), 1);
+
+    // lb2 dies; lb1 goes on. lb2 is purged after the purge interval, removal or not.
+    for _ in 0..8 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    let text = fn_lifecycle::metrics::encode(&h.registry).expect("encodes");
+    assert!(text.contains("fn_npm_lbs_purged_total 1\n"), "{text}");
+
+    // The removal ends at last, and is taken in.
+    for _ in 0..25 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    assert_eq!(h.cp.removed(), vec!["r1"]);
+    assert!(
+        !h.draining().contains(&"r1".to_owned()),
+        "{:?}",
+        h.draining()
+    );
+}
+
+/// LB ids are input from the network: past the cap of live LBs, a new one's adverts are
+/// refused (the book, and each tick's work, stay bounded); one already known goes on.
+#[tokio::test(start_paused = true)]
+async fn adverts_under_more_lb_ids_than_the_cap_are_refused() {
+    let shared = Shared::default();
+    for i in 0..fn_poolmanager::demand::MAX_LBS {
+        shared
+            .record_advert(&format!("lb{i}"), vec![("g".into(), 1)], Instant::now())
+            .expect("under the cap");
+    }
+    let refused = shared
+        .record_advert("one-more", vec![("g".into(), 1)], Instant::now())
+        .expect_err("over the cap");
+    assert_eq!(refused, fn_poolmanager::demand::AdvertRefused::TooManyLbs);
+    shared
+        .record_advert("lb0", vec![("g".into(), 5)], Instant::now())
+        .expect("a known LB");
 }

@@ -27,6 +27,8 @@ pub struct FakeControlPlane {
     /// When set, a provisioning reports its runners this long after it made them (a swarm
     /// service starting); meanwhile `list` already shows them, created now.
     pub provision_delay: Mutex<Option<Duration>>,
+    /// When set, a removal takes this long (a busy runner given its stop grace).
+    pub remove_delay: Mutex<Option<Duration>>,
 }
 
 impl FakeControlPlane {
@@ -102,8 +104,13 @@ impl ControlPlane for FakeControlPlane {
         let delay = *self.provision_delay.lock().expect("lock");
         let mut new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
         if delay.is_some() {
+            // Stamped as the docker and swarm planes stamp it: a label in milliseconds.
+            let now = std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let millis = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
             for info in &mut new {
-                info.created = std::time::SystemTime::now();
+                info.created = UNIX_EPOCH + Duration::from_millis(millis);
             }
         }
         self.runners
@@ -122,12 +129,18 @@ impl ControlPlane for FakeControlPlane {
         &'a self,
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
-        self.removed.lock().expect("lock").push(runner.id.clone());
-        self.runners
-            .lock()
-            .expect("lock")
-            .retain(|r| r.id != runner.id);
-        Box::pin(async { Ok(()) })
+        let delay = *self.remove_delay.lock().expect("lock");
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            self.removed.lock().expect("lock").push(runner.id.clone());
+            self.runners
+                .lock()
+                .expect("lock")
+                .retain(|r| r.id != runner.id);
+            Ok(())
+        })
     }
 }
 
