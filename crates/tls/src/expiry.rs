@@ -1,6 +1,8 @@
 //! Certificate expiry made visible: a gauge of the seconds left on this node's certificate
-//! (`fn_tls_certificate_expiry_seconds`, negative once it has expired) on every daemon's
-//! `/metrics`, and a warning in the log once a day from [`WARN_BEFORE`] before the end.
+//! (`fn_tls_certificate_expiry_seconds`, negative once it has expired) and on the CA
+//! bundle's first certificate to expire (`fn_tls_ca_expiry_seconds`) on every daemon's
+//! `/metrics`, and a warning in the log once a day from [`WARN_BEFORE`] before the node
+//! certificate's end.
 //!
 //! Alert on the gauge, e.g. `fn_tls_certificate_expiry_seconds < 7 * 86400`: a daemon whose
 //! certificate expires stops talking to the cluster.
@@ -119,12 +121,21 @@ struct ExpiryCollector(NodeTls);
 
 impl Collector for ExpiryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let gauge = ConstGauge::new(seconds_left(self.0.not_after(), SystemTime::now()));
+        let now = SystemTime::now();
+        let gauge = ConstGauge::new(seconds_left(self.0.not_after(), now));
         gauge.encode(encoder.encode_descriptor(
             "fn_tls_certificate_expiry",
             "Time left until this node's certificate (FN_NODE_CERT) expires; negative once it has",
             Some(&Unit::Seconds),
             gauge.metric_type(),
+        )?)?;
+        let ca = ConstGauge::new(seconds_left(self.0.ca_not_after(), now));
+        ca.encode(encoder.encode_descriptor(
+            "fn_tls_ca_expiry",
+            "Time left until the first CA certificate of FN_NODE_CERT_AUTHORITY expires (no \
+             peer verifies under it after that); negative once it has",
+            Some(&Unit::Seconds),
+            ca.metric_type(),
         )?)
     }
 }
@@ -231,6 +242,14 @@ mod tests {
             text.contains("# UNIT fn_tls_certificate_expiry_seconds seconds"),
             "{text}"
         );
+        // The CA: valid until ten years from now.
+        let ca_left: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fn_tls_ca_expiry_seconds "))
+            .expect("the CA gauge")
+            .parse()
+            .expect("a number");
+        assert!((ca_left - 3650.0 * 86_400.0).abs() < 120.0, "{ca_left}");
         assert!(seconds_left(expiry.end(), expiry.end() + DAY) + 86_400.0 < 1.0);
     }
 

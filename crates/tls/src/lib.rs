@@ -309,6 +309,11 @@ impl NodeTls {
         self.current().not_after
     }
 
+    /// The end of the validity of the first certificate of the CA bundle in use to expire.
+    pub fn ca_not_after(&self) -> SystemTime {
+        self.current().ca_not_after
+    }
+
     /// The certificate in use, PEM encoded.
     pub fn cert_pem(&self) -> Vec<u8> {
         self.current().pems.cert.clone()

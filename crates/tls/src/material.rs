@@ -102,6 +102,8 @@ pub(crate) struct Material {
     pub(crate) not_after: SystemTime,
     /// The names the node certificate is valid for.
     pub(crate) names: Vec<String>,
+    /// The end of the validity of the CA bundle's first certificate to expire.
+    pub(crate) ca_not_after: SystemTime,
 }
 
 /// How strictly [`Material::parse`] checks a set.
@@ -146,6 +148,12 @@ impl Material {
             origin.invalid("FN_NODE_CERT_KEY", reason)
         })?;
 
+        let ca_not_after = cas
+            .iter()
+            .filter_map(|ca| crate::expiry::Validity::of(ca).ok())
+            .map(|v| v.not_after)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut roots = RootCertStore::empty();
         for (i, ca) in cas.into_iter().enumerate() {
             roots.add(ca).map_err(|e| {
@@ -246,6 +254,7 @@ impl Material {
             client_verifier,
             server_verifier,
             not_after,
+            ca_not_after,
             names: validity.names,
         })
     }
