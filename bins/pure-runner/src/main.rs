@@ -204,19 +204,30 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         .with_isolation(isolation)
         .with_function_open_files(open_files.raised().then_some(open_files.inherited))
         .with_pids_limit(cli.function_pids_limit);
-    let driver = ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e));
-    if let Some(key) = cli.tls.node_cert_key.as_deref()
-        && driver.exposes(key)
-    {
-        tracing::warn!(
-            key = %key.display(),
-            "FN_NODE_CERT_KEY is readable by the users functions run as: any function can read \
-             this runner's private key; make it readable by the runner only (chmod 600, or 640 \
-             with a group no function is in)"
-        );
-    }
+    let driver =
+        Arc::new(ProcessDriver::new(driver_config).unwrap_or_else(|e| exit_config_error(e)));
+    // Checked at start and after every certificate reload: a rotated key may be written
+    // with other modes than the one it replaces.
+    let cert_watch = match cli.tls.node_cert_key.clone() {
+        Some(key) => {
+            let driver = Arc::clone(&driver);
+            let check_key = move || {
+                if driver.exposes(&key) {
+                    tracing::warn!(
+                        key = %key.display(),
+                        "FN_NODE_CERT_KEY is readable by the users functions run as: any \
+                         function can read this runner's private key; make it readable by the \
+                         runner only (chmod 600, or 640 with a group no function is in)"
+                    );
+                }
+            };
+            check_key();
+            cert_watch.map(|watch| watch.on_replaced(check_key))
+        }
+        None => cert_watch,
+    };
     let docker = docker_driver(&cli, DockerMetrics::register(&mut registry)).await;
-    let drivers = Drivers::new(Arc::new(driver), docker);
+    let drivers = Drivers::new(driver, docker);
     let pool = Pool::new(Arc::new(drivers), total_mb, cli.start_timeout);
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 

@@ -29,7 +29,6 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 const EXPIRY_TICK: Duration = Duration::from_secs(60);
 
 /// The certificate watch of one daemon.
-#[derive(Debug)]
 pub struct CertWatch {
     tls: NodeTls,
     expiry: CertExpiry,
@@ -39,6 +38,16 @@ pub struct CertWatch {
     rejections: Counter,
     /// The last rejection logged, so a bad set left in place is logged once.
     last_rejection: Option<String>,
+    /// Run after each new set is put in use.
+    on_replaced: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for CertWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertWatch")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertWatch {
@@ -95,7 +104,16 @@ impl CertWatch {
             reloads,
             rejections,
             last_rejection: None,
+            on_replaced: None,
         }
+    }
+
+    /// Runs `check` after each new set of certificates is put in use (a daemon's own checks
+    /// of the new files, say).
+    #[must_use]
+    pub fn on_replaced(mut self, check: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_replaced = Some(Box::new(check));
+        self
     }
 
     /// Watches until cancelled.
@@ -155,6 +173,9 @@ impl CertWatch {
                 self.expiry.replaced(SystemTime::now());
                 let not_after = humantime::format_rfc3339_seconds(self.tls.not_after());
                 tracing::info!(%not_after, "new certificates in use for new connections (FN_NODE_CERT, FN_NODE_CERT_KEY, FN_NODE_CERT_AUTHORITY)");
+                if let Some(check) = &self.on_replaced {
+                    check();
+                }
             }
             Ok(Reloaded::Unchanged) => {
                 if asked {

@@ -278,7 +278,12 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
     dev::write_dev_pki(dir.path(), &[]).expect("pki");
     let tls = from_files(dir.path());
     let mut registry = Registry::default();
-    let watch = CertWatch::new(tls.clone(), Duration::from_millis(100), None, &mut registry);
+    let checks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&checks);
+    let watch = CertWatch::new(tls.clone(), Duration::from_millis(100), None, &mut registry)
+        .on_replaced(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(watch.run(cancel.clone()));
 
@@ -311,6 +316,11 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
         "{text}"
     );
     assert_eq!(tls.not_after(), end);
+    assert_eq!(
+        checks.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the daemon's own check ran after the reload"
+    );
     let gauge: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("fn_tls_certificate_expiry_seconds "))
