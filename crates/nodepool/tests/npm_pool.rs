@@ -205,6 +205,42 @@ async fn wait_for_list(pool: &NpmPool, group: &str, want: &[&str]) {
     }
 }
 
+/// A fake npm serving `state`, and a pool polling it every [`POLL`].
+async fn start_pool(
+    tls: &TlsMode,
+    state: &Arc<NpmState>,
+) -> (
+    Server,
+    NpmPool,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    let server = Server::start(tls, state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        tls,
+        ClientConfig::default(),
+        POLL,
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    (server, pool, cancel, poller)
+}
+
+/// Stops a pool's poller, which must end at once.
+async fn stop_pool(
+    cancel: CancellationToken,
+    poller: tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    cancel.cancel();
+    tokio::time::timeout(BOUND, poller)
+        .await
+        .expect("poller stops on cancel")
+        .expect("join")
+        .expect("infallible");
+}
+
 #[tokio::test]
 async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_list() {
     let pki = TestPki::new();
@@ -213,16 +249,7 @@ async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_li
     // Deliberately not sorted: the pool must keep the npm's order.
     state.set("g", &["127.0.0.1:7003", "127.0.0.1:7001", "127.0.0.1:7002"]);
     state.set("other", &["127.0.0.1:7009"]);
-    let server = Server::start(&tls, &state, None).await;
-    let pool = NpmPool::new(
-        &server.address.to_string(),
-        &tls,
-        ClientConfig::default(),
-        POLL,
-    )
-    .expect("pool");
-    let cancel = CancellationToken::new();
-    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
 
     // The first lookup of a group registers it and is empty; the poller fills it in.
     assert!(pool.runners("g").is_empty());
@@ -297,12 +324,7 @@ async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_li
         "7002 kept its client across the outage"
     );
 
-    cancel.cancel();
-    tokio::time::timeout(BOUND, poller)
-        .await
-        .expect("poller stops on cancel")
-        .expect("join")
-        .expect("infallible");
+    stop_pool(cancel, poller).await;
     server.stop().await;
 }
 
@@ -328,16 +350,7 @@ async fn a_runner_listed_twice_takes_one_place_and_a_huge_list_is_cut() {
         .collect();
     let huge_refs: Vec<&str> = huge.iter().map(String::as_str).collect();
     state.set("huge", &huge_refs);
-    let server = Server::start(&tls, &state, None).await;
-    let pool = NpmPool::new(
-        &server.address.to_string(),
-        &tls,
-        ClientConfig::default(),
-        POLL,
-    )
-    .expect("pool");
-    let cancel = CancellationToken::new();
-    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
 
     assert!(pool.runners("dup").is_empty());
     wait_for_list(
@@ -350,16 +363,10 @@ async fn a_runner_listed_twice_takes_one_place_and_a_huge_list_is_cut() {
     let kept = &huge_refs[..fn_nodepool::npm_pool::MAX_RUNNERS_PER_GROUP];
     wait_for_list(&pool, "huge", kept).await;
 
-    cancel.cancel();
-    tokio::time::timeout(BOUND, poller)
-        .await
-        .expect("poller stops on cancel")
-        .expect("join")
-        .expect("infallible");
+    stop_pool(cancel, poller).await;
     server.stop().await;
 }
 
-/// The next advert, within the bound.
 /// With polling far too slow to explain it (a minute), a runner the npm publishes reaches
 /// the LB's list at once through the membership watch; an npm without the watch still
 /// works, by polling.
@@ -406,16 +413,7 @@ async fn a_published_runner_reaches_the_list_at_once_through_the_watch() {
     let (state, _adverts) = NpmState::new();
     state.no_watch.store(true, Ordering::SeqCst);
     state.set("g", &["127.0.0.1:7201"]);
-    let server = Server::start(&tls, &state, None).await;
-    let pool = NpmPool::new(
-        &server.address.to_string(),
-        &tls,
-        ClientConfig::default(),
-        POLL,
-    )
-    .expect("pool");
-    let cancel = CancellationToken::new();
-    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
     assert!(pool.runners("g").is_empty());
     wait_for_list(&pool, "g", &["127.0.0.1:7201"]).await;
     state.set("g", &["127.0.0.1:7201", "127.0.0.1:7202"]);
