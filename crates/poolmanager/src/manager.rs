@@ -262,6 +262,23 @@ struct InFlight {
     /// created after the oldest of these may still be starting, and joins when its
     /// provisioning reports it ready, not from the list.
     since: Vec<SystemTime>,
+    /// What each task was asked for, so that a task that panics takes back only its own.
+    asked: HashMap<tokio::task::Id, (String, usize, SystemTime)>,
+}
+
+impl InFlight {
+    /// Takes back what a batch of `batch` runners for `group`, asked at `asked`, counted.
+    fn settle(&mut self, group: &str, batch: usize, asked: SystemTime) {
+        if let Some(pos) = self.since.iter().position(|t| *t == asked) {
+            self.since.swap_remove(pos);
+        }
+        if let Some(coming) = self.runners.get_mut(group) {
+            *coming = coming.saturating_sub(batch);
+            if *coming == 0 {
+                self.runners.remove(group);
+            }
+        }
+    }
 }
 
 /// The control loop's own state. Owned by one task.
@@ -331,7 +348,7 @@ impl ControlLoop {
                 // New demand: act now, not at the next tick.
                 () = self.shared.demand_rose.notified() => interval.reset(),
                 // A runner came up: publish it now, not at the next tick.
-                Some(done) = self.in_flight.tasks.join_next(), if !self.in_flight.tasks.is_empty() => {
+                Some(done) = self.in_flight.tasks.join_next_with_id(), if !self.in_flight.tasks.is_empty() => {
                     self.provisioned(done);
                     interval.reset();
                 }
@@ -369,7 +386,7 @@ impl ControlLoop {
         let now = Instant::now();
         let stalled = self.stalled(now);
         self.last_tick = Some(now);
-        while let Some(done) = self.in_flight.tasks.try_join_next() {
+        while let Some(done) = self.in_flight.tasks.try_join_next_with_id() {
             self.provisioned(done);
         }
         while let Some(done) = self.removing.try_join_next() {
@@ -621,15 +638,21 @@ impl ControlLoop {
                 let asked = SystemTime::now();
                 *self.in_flight.runners.entry(group.clone()).or_default() += batch;
                 self.in_flight.since.push(asked);
-                self.in_flight.tasks.spawn(async move {
-                    let result = control_plane.provision(&group, batch).await;
-                    Provisioned {
-                        group,
-                        batch,
-                        asked,
-                        result,
+                let task = self.in_flight.tasks.spawn({
+                    let group = group.clone();
+                    async move {
+                        let result = control_plane.provision(&group, batch).await;
+                        Provisioned {
+                            group,
+                            batch,
+                            asked,
+                            result,
+                        }
                     }
                 });
+                self.in_flight
+                    .asked
+                    .insert(task.id(), (group, batch, asked));
             }
         } else if desired < active {
             let mut excess = active - desired;
@@ -657,7 +680,8 @@ impl ControlLoop {
     /// Waits for the provisioning under way until `deadline` at most, adding what is ready.
     async fn await_provisioned(&mut self, deadline: Instant) {
         while !self.in_flight.tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.tasks.join_next()).await {
+            match tokio::time::timeout_at(deadline, self.in_flight.tasks.join_next_with_id()).await
+            {
                 Ok(Some(done)) => self.provisioned(done),
                 Ok(None) | Err(_) => break,
             }
@@ -665,32 +689,31 @@ impl ControlLoop {
     }
 
     /// Adds the runners a provisioning task brought back.
-    fn provisioned(&mut self, done: Result<Provisioned, tokio::task::JoinError>) {
+    fn provisioned(
+        &mut self,
+        done: Result<(tokio::task::Id, Provisioned), tokio::task::JoinError>,
+    ) {
         let Provisioned {
             group,
             batch,
             asked,
             result,
         } = match done {
-            Ok(done) => done,
+            Ok((id, done)) => {
+                self.in_flight.asked.remove(&id);
+                done
+            }
             Err(e) => {
-                // A panic in a control plane (or an abort): what it was for is unknown, so
-                // nothing counts as coming any more; the list shows what it left.
+                // A panic in a control plane (or an abort): that task's runners no longer
+                // count as coming (the list shows what it left); the others' still do.
                 tracing::error!(error = %e, "a provisioning task failed");
-                self.in_flight.runners.clear();
-                self.in_flight.since.clear();
+                if let Some((group, batch, asked)) = self.in_flight.asked.remove(&e.id()) {
+                    self.in_flight.settle(&group, batch, asked);
+                }
                 return;
             }
         };
-        if let Some(pos) = self.in_flight.since.iter().position(|t| *t == asked) {
-            self.in_flight.since.swap_remove(pos);
-        }
-        if let Some(coming) = self.in_flight.runners.get_mut(&group) {
-            *coming = coming.saturating_sub(batch);
-            if *coming == 0 {
-                self.in_flight.runners.remove(&group);
-            }
-        }
+        self.in_flight.settle(&group, batch, asked);
         match result {
             Ok(new) => {
                 self.metrics.provisioned(new.len());

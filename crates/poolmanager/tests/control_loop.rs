@@ -661,3 +661,33 @@ async fn adverts_under_more_lb_ids_than_the_cap_are_refused() {
         .record_advert("lb0", vec![("g".into(), 5)], Instant::now())
         .expect("a known LB");
 }
+
+/// A provisioning task that panics takes back only what it was asked for: another group's
+/// runner still starting goes on counting as coming (not asked for again) and as starting
+/// (not published before its provisioning reports it ready).
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_that_panics_leaves_the_others_counted() {
+    let cp = FakeControlPlane::default();
+    *cp.provision_delay.lock().expect("lock") = Some(Duration::from_secs(5));
+    let mut h = harness(cp, config());
+    h.advertise("lb1", "slow", 1);
+    h.tick().await;
+    assert_eq!(h.cp.provisioned(), 1);
+    *h.cp.panics_for.lock().expect("lock") = Some("boom".into());
+    h.advertise("lb2", "boom", 1);
+    h.tick().await;
+    *h.cp.panics_for.lock().expect("lock") = None;
+    h.advertise("lb1", "slow", 1);
+    h.tick().await;
+    assert_eq!(
+        h.cp.runners_of("slow"),
+        1,
+        "the slow group's runner was asked for again: {:?}",
+        h.cp.batches()
+    );
+    assert!(
+        h.members("slow").is_empty(),
+        "published while still starting: {:?}",
+        h.members("slow")
+    );
+}

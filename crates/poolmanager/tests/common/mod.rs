@@ -29,6 +29,8 @@ pub struct FakeControlPlane {
     pub provision_delay: Mutex<Option<Duration>>,
     /// When set, a removal takes this long (a busy runner given its stop grace).
     pub remove_delay: Mutex<Option<Duration>>,
+    /// A provisioning for this group panics (a control plane's bug).
+    pub panics_for: Mutex<Option<String>>,
 }
 
 impl FakeControlPlane {
@@ -68,6 +70,16 @@ impl FakeControlPlane {
         self.runners.lock().expect("lock").retain(|r| r.id != id);
     }
 
+    /// Runners of `group` the control plane has, starting or running.
+    pub fn runners_of(&self, group: &str) -> usize {
+        self.runners
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.group == group)
+            .count()
+    }
+
     pub fn removed(&self) -> Vec<String> {
         self.removed.lock().expect("lock").clone()
     }
@@ -101,6 +113,7 @@ impl ControlPlane for FakeControlPlane {
         count: usize,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         self.batches.lock().expect("lock").push(count);
+        let panics = self.panics_for.lock().expect("lock").as_deref() == Some(group);
         let delay = *self.provision_delay.lock().expect("lock");
         let mut new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
         if delay.is_some() {
@@ -118,6 +131,7 @@ impl ControlPlane for FakeControlPlane {
             .expect("lock")
             .extend(new.iter().cloned());
         Box::pin(async move {
+            assert!(!panics, "the fake control plane was told to panic");
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
