@@ -227,14 +227,14 @@ fn validate(
             format!("{route:?} contains characters not allowed in a path"),
         ));
     }
-    // The LB matches the path as the client sent it, and a client percent-encodes anything
-    // but ASCII: such a route could never be called.
+    // A client percent-encodes anything but ASCII, and the LB decodes only the escapes of
+    // unreserved characters before matching: such a route could never be called.
     if !route.is_ascii() || route.contains('%') {
         return Err(invalid(
             "route",
             format!(
                 "{route:?} must be ASCII without '%': clients percent-encode other characters, \
-                 and paths are matched as sent"
+                 and paths are matched with only unreserved characters decoded"
             ),
         ));
     }

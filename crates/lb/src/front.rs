@@ -159,7 +159,8 @@ impl Front {
     }
 
     fn route<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
-        let path = req.uri().path();
+        let normalized = decode_unreserved(req.uri().path());
+        let path = normalized.as_ref();
         if path == "/health" {
             return match *req.method() {
                 Method::GET | Method::HEAD => Ok(Route::Health),
@@ -449,6 +450,35 @@ impl Body for Guarded {
     }
 }
 
+/// `path` with percent-encoded unreserved characters (letters, digits, `-`, `.`, `_`,
+/// `~`) decoded, which RFC 3986 (6.2.2.2) makes equivalent to their encoded form: a client
+/// that encodes them reaches the same function. Every other escape is kept (`%2F` is not a
+/// path separator). Borrowed, at no cost, when the path holds no `%`.
+fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+            && (byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~'))
+        {
+            out.push(char::from(byte));
+            i += 3;
+            continue;
+        }
+        // Copied a character at a time: `path` is a URI's, so ASCII, but never split one.
+        let len = path[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&path[i..i + len]);
+        i += len;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A new call id: a UUID in its hyphenated form, by the UUID's own encoder (`to_string`
 /// goes through the formatter, which cost more than the rest of the id; session 24).
 fn new_call_id() -> String {
@@ -482,6 +512,23 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn escaped_unreserved_characters_are_decoded_and_others_kept() {
+        assert!(matches!(
+            decode_unreserved("/r/demo/echo"),
+            std::borrow::Cow::Borrowed("/r/demo/echo")
+        ));
+        assert_eq!(decode_unreserved("/r/demo/%65ch%6F"), "/r/demo/echo");
+        assert_eq!(
+            decode_unreserved("/invoke/de%6do/a%2Db%7E"),
+            "/invoke/demo/a-b~"
+        );
+        // Reserved and malformed escapes stay as they are.
+        assert_eq!(decode_unreserved("/r/demo/a%2Fb%20c"), "/r/demo/a%2Fb%20c");
+        assert_eq!(decode_unreserved("/r/x%zz%4"), "/r/x%zz%4");
+        assert_eq!(decode_unreserved("%"), "%");
+    }
 
     /// A body of one frame that says when it has been dropped.
     struct Watched {

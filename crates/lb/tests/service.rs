@@ -2605,7 +2605,7 @@ async fn headers_the_clients_connection_header_names_do_not_reach_the_function()
 }
 
 #[tokio::test]
-async fn two_host_headers_get_400_and_an_absolute_target_names_the_host() {
+async fn two_host_headers_get_400_an_absolute_target_names_the_host_and_escapes_route() {
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::Echo]).await;
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
@@ -2625,4 +2625,13 @@ async fn two_host_headers_get_400_and_an_absolute_target_names_the_host() {
     let seen = runners[0].seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].request_url, "http://abs.test/r/demo/echo");
+    // Escaped unreserved characters reach the same function (RFC 3986, 6.2.2.2).
+    for path in ["/invoke/demo/ech%6F", "/r/demo/%65cho"] {
+        let head = raw_head(
+            &lb.address,
+            &format!("POST {path} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    }
 }
