@@ -73,7 +73,15 @@ pub struct DemandBook {
     full: Throttle,
     /// Warns when a new group finds [`MAX_LIVE_GROUPS`] reached.
     too_many_live: Throttle,
+    /// LBs purged in the last [`RETURN_WINDOW`], to notice one that comes back at once.
+    purged: BTreeMap<String, Instant>,
+    /// Warns when a purged LB advertises again at once.
+    came_back: Throttle,
 }
+
+/// An LB purged as silent that advertises again within this was not dead: its adverts come
+/// further apart than the purge interval allows.
+const RETURN_WINDOW: Duration = Duration::from_secs(60);
 
 impl Default for DemandBook {
     fn default() -> Self {
@@ -83,6 +91,8 @@ impl Default for DemandBook {
             advertised: BTreeMap::new(),
             full: Throttle::new(Duration::from_secs(60)),
             too_many_live: Throttle::new(Duration::from_secs(60)),
+            purged: BTreeMap::new(),
+            came_back: Throttle::new(Duration::from_secs(60)),
         }
     }
 }
@@ -103,7 +113,17 @@ impl DemandBook {
         }
         let previous = self.lbs.remove(lb_id);
         if previous.is_none() {
-            tracing::info!(lb_id, "new LB advertising capacity");
+            match self.purged.remove(lb_id) {
+                Some(purged) => fn_lifecycle::warn_throttled!(
+                    self.came_back,
+                    lb_id,
+                    back_after = ?now.saturating_duration_since(purged),
+                    "an LB purged as silent advertises again: its adverts come further apart \
+                     than FN_LB_PURGE_AFTER allows (keep the LBs' FN_ADVERTISE_INTERVAL well \
+                     under it), and its demand comes and goes"
+                ),
+                None => tracing::info!(lb_id, "new LB advertising capacity"),
+            }
         }
         if let Some(previous) = &previous {
             self.subtract(&previous.groups);
@@ -218,9 +238,14 @@ impl DemandBook {
             .filter(|(_, a)| now.duration_since(a.last_seen) > purge_after)
             .map(|(id, _)| id.clone())
             .collect();
+        self.purged
+            .retain(|_, at| now.saturating_duration_since(*at) <= RETURN_WINDOW);
         for id in &silent {
             if let Some(advert) = self.lbs.remove(id) {
                 self.subtract(&advert.groups);
+            }
+            if self.purged.len() < MAX_LBS {
+                self.purged.insert(id.clone(), now);
             }
             tracing::warn!(lb_id = %id, silent_for = ?purge_after, "purged an LB that stopped advertising; its demand is dropped");
         }
@@ -319,9 +344,23 @@ mod tests {
             .expect("recorded");
         let purged = book.purge(t0 + Duration::from_secs(6), Duration::from_secs(5));
         assert_eq!(purged, vec!["lb2".to_string()]);
+        assert!(
+            book.purged.contains_key("lb2"),
+            "remembered, to notice it coming back"
+        );
         assert_eq!(book.wanted_mb("g"), 512);
         assert_eq!(book.wanted_mb("h"), 0);
         assert_eq!(book.lb_count(), 1);
+        // It comes back (its adverts were further apart than the purge interval): taken in
+        // again, and no longer remembered as purged; one purged long ago is forgotten.
+        book.record("lb2", [("h".into(), 64)], t0 + Duration::from_secs(7))
+            .expect("recorded");
+        assert!(!book.purged.contains_key("lb2"));
+        assert_eq!(book.wanted_mb("h"), 64);
+        book.purge(t0 + Duration::from_secs(20), Duration::from_secs(5));
+        assert_eq!(book.purged.len(), 2);
+        book.purge(t0 + Duration::from_secs(100), Duration::from_secs(5));
+        assert!(book.purged.is_empty(), "{:?}", book.purged);
     }
 
     #[tokio::test(start_paused = true)]
