@@ -120,7 +120,7 @@ bench-ab:
 	$(PYTHON) system-tests/bench_ab.py $(AB_ARGS)
 
 certs:
-	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep
+	$(CARGO) run --quiet -p fn-certs -- --out deploy/certs --keep --san fn-node
 
 # Certificate rotation in the running compose stack (deploy/docker-compose.yml): new files in
 # its certs volume, which every daemon picks up within FN_TLS_RELOAD_INTERVAL, no restart.
@@ -220,7 +220,8 @@ stack-up: images
 	$(IMAGE_BIN_DIR)/fn-certs --out deploy/certs --keep --san fn-node
 	@for pair in $(STACK_SECRETS); do \
 	  name=$${pair%%:*}; file=$${pair#*:}; \
-	  docker secret inspect $$name >/dev/null 2>&1 || docker secret create $$name deploy/certs/$$file >/dev/null && echo "secret $$name"; \
+	  docker secret inspect $$name >/dev/null 2>&1 || \
+	    { docker secret create $$name deploy/certs/$$file >/dev/null && echo "created secret $$name"; }; \
 	done
 	cd deploy && FN_IMAGE_PREFIX=$(IMAGE_PREFIX) FN_IMAGE_TAG=$(IMAGE_TAG) \
 	  docker stack deploy --resolve-image never -c docker-stack.yml $(STACK)

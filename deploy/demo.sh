@@ -62,10 +62,21 @@ FN_FUNCTIONS_FILE="${FN_DEMO_FUNCTIONS_FILE:-$PWD/deploy/functions.toml}" \
   "$BIN/lb-agent" >"$DEMO/logs/lb-agent.log" 2>&1 &
 pids+=($!)
 
+# Both daemons must still run: with the port taken (a compose stack publishes 8080 too), the
+# lb-agent exits and /health would be another LB's answer.
+alive() {
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done
+}
 for _ in $(seq 1 100); do
+  alive || break
   curl -fsS "http://127.0.0.1:$LB_PORT/health" >/dev/null 2>&1 && break
   sleep 0.1
 done
+if ! alive; then
+  echo "demo: a daemon exited at start (a port in use? set FN_PORT or FN_NPM_PORT); see $DEMO/logs" >&2
+  tail -n 3 "$DEMO/logs/lb-agent.log" "$DEMO/logs/npm.log" >&2 || true
+  exit 1
+fi
 curl -fsS "http://127.0.0.1:$LB_PORT/health" >/dev/null || { echo "demo: lb-agent did not come up; see $DEMO/logs" >&2; exit 1; }
 
 cat <<EOT
@@ -84,3 +95,4 @@ Runners drain and stop ${FN_SCALE_DOWN_DELAY:-20s} after the load ends. Ctrl-C s
 EOT
 wait -n "${pids[@]}" || true
 echo "demo: a daemon exited; see $DEMO/logs" >&2
+exit 1

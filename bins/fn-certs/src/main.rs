@@ -56,6 +56,23 @@ enum Step {
     Finish,
 }
 
+/// The names of `wanted` the certificate at `node` lacks (all of them when it cannot be read).
+fn missing_names(node: &std::path::Path, wanted: &[String]) -> Vec<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let names = std::fs::read(node)
+        .ok()
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).next()?.ok())
+        .and_then(|der| fn_tls::expiry::Validity::of(&der).ok())
+        .map(|v| v.names)
+        .unwrap_or_default();
+    wanted
+        .iter()
+        .filter(|name| !names.contains(name))
+        .cloned()
+        .collect()
+}
+
 fn main() -> ExitCode {
     let cli: Cli = fn_lifecycle::config::parse_or_exit();
     if cli.keep
@@ -65,6 +82,21 @@ fn main() -> ExitCode {
             .iter()
             .all(|f| cli.out.join(f).is_file())
     {
+        // Kept only if they serve: a certificate without a name asked for would be refused by
+        // every peer that dials the node by it.
+        let missing = missing_names(&cli.out.join("node.pem"), &cli.sans);
+        if !missing.is_empty() {
+            eprintln!(
+                "error: {}/node.pem lacks {}: peers dialling by it would refuse it. Run \
+                 `fn-certs --out {} --rotate --san {}` for a new node certificate from the same \
+                 CA, or remove the directory",
+                cli.out.display(),
+                missing.join(", "),
+                cli.out.display(),
+                cli.sans.join(" --san ")
+            );
+            return ExitCode::FAILURE;
+        }
         println!("keeping the certificates in {}", cli.out.display());
         return ExitCode::SUCCESS;
     }

@@ -44,3 +44,28 @@ fn an_existing_ca_is_replaced_only_with_force() {
         "a new CA"
     );
 }
+
+#[test]
+fn kept_certificates_must_carry_the_names_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8");
+    assert!(fn_certs(&["--out", out]).status.success());
+    let kept = fn_certs(&["--out", out, "--keep", "--san", "fn-node"]);
+    assert!(!kept.status.success(), "kept a certificate without fn-node");
+    let said = String::from_utf8_lossy(&kept.stderr);
+    assert!(
+        said.contains("lacks fn-node") && said.contains("--rotate"),
+        "{said}"
+    );
+    assert!(
+        fn_certs(&["--out", out, "--rotate", "--san", "fn-node"])
+            .status
+            .success()
+    );
+    assert!(
+        fn_certs(&["--out", out, "--keep", "--san", "fn-node"])
+            .status
+            .success()
+    );
+    assert!(fn_certs(&["--out", out, "--keep"]).status.success());
+}

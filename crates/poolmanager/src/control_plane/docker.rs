@@ -80,6 +80,10 @@ pub const RUNNER_PORT: u16 = 9190;
 /// shutdown bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default), with time left to remove the
 /// containers and what they left.
 const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
+/// Most processes and threads of one runner container, its functions' included: inside a
+/// container the runner cannot limit each function's (the cgroup file system is read-only
+/// there), so this bounds them together, and no fork bomb takes the host's pids.
+pub const RUNNER_PIDS_LIMIT: i64 = 4096;
 /// Memory a runner container gets beyond its capacity, for the runner process itself.
 const RUNNER_OVERHEAD_MB: u64 = 128;
 

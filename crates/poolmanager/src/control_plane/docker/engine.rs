@@ -390,6 +390,7 @@ pub fn create_body(spec: &RunnerSpec) -> ContainerCreateBody {
         ),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
         memory: Some(spec.memory_limit_bytes),
+        pids_limit: Some(super::RUNNER_PIDS_LIMIT),
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,

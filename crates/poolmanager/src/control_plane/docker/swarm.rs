@@ -174,6 +174,7 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
         resources: Some(TaskSpecResources {
             limits: Some(bollard::models::Limit {
                 memory_bytes: Some(spec.memory_limit_bytes),
+                pids: Some(super::RUNNER_PIDS_LIMIT),
                 ..bollard::models::Limit::default()
             }),
             ..TaskSpecResources::default()

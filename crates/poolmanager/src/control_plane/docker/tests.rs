@@ -275,6 +275,11 @@ fn create_body_hardens_the_container() {
     assert_eq!(host.readonly_rootfs, Some(true));
     assert_eq!(host.init, Some(true));
     assert_eq!(host.memory, Some(spec.memory_limit_bytes));
+    assert_eq!(
+        host.pids_limit,
+        Some(RUNNER_PIDS_LIMIT),
+        "no fork bomb takes the host"
+    );
     let mounts = host.mounts.expect("mounts");
     assert_eq!(mounts.len(), 1);
     assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
@@ -594,6 +599,13 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
         "one service per runner"
     );
     let task = service.task_template.expect("task");
+    assert_eq!(
+        task.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.pids),
+        Some(RUNNER_PIDS_LIMIT)
+    );
     assert_eq!(
         task.restart_policy.and_then(|r| r.condition),
         Some(bollard::models::TaskSpecRestartPolicyConditionEnum::ON_FAILURE)
