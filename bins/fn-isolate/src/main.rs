@@ -25,7 +25,9 @@
 //! the same name.
 //!
 //! `fn-isolate --probe [--net-none]` exits 0 when this process may create the namespaces
-//! (root or `CAP_SYS_ADMIN`), so the runner can say at start whether instances get them.
+//! (root or `CAP_SYS_ADMIN`) and make an instance's mounts in them (a container's AppArmor
+//! profile or masked `/proc` paths refuse those where the namespaces alone are allowed), so
+//! the runner can say at start whether instances get them.
 
 use std::ffi::OsString;
 use std::io::Read as _;
@@ -148,9 +150,6 @@ fn run_outside(options: &Options) -> ExitCode {
             "cannot create namespaces ({e}): the runner needs root or CAP_SYS_ADMIN"
         ));
     }
-    if options.probe {
-        return ExitCode::SUCCESS;
-    }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => return fail(&format!("cannot find its own program: {e}")),
@@ -195,6 +194,11 @@ fn run_inside(options: &Options) -> ExitCode {
     });
     if let Err(e) = private_mounts(options) {
         return fail(&e);
+    }
+    // A probe tries what every instance does, the mounts too (a container's AppArmor profile
+    // or masked /proc paths refuse them where the namespaces alone are allowed), and no more.
+    if options.probe {
+        return ExitCode::SUCCESS;
     }
     let Some(program) = &options.program else {
         return fail("no program after --");
