@@ -1297,6 +1297,20 @@ async fn an_h2_stream_whose_window_stays_shut_is_given_up_after_the_send_timeout
     assert_eq!(lb.capacity.snapshot().get("default"), Some(&128));
 }
 
+/// The silent first runner of `lb`'s list was left: the uncommitted offer of `reply`'s call
+/// is withdrawn (its stream cancelled, not left open), and the runner is probed, not
+/// offered the next call.
+async fn silent_runner_was_left(lb: &Lb, silent: &FakeRunner, reply: &Reply) {
+    assert_eq!(
+        silent
+            .wait_ended(reply.call_id(), BOUND)
+            .await
+            .expect("ends"),
+        Ending::LbWentAway
+    );
+    assert!(!lb.pool.runners("default")[0].is_available());
+}
+
 #[tokio::test]
 async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
     let pki = TestPki::new();
@@ -1328,13 +1342,7 @@ async fn a_runner_that_never_acknowledges_is_left_after_the_ack_timeout() {
         took >= Duration::from_millis(300),
         "the silent runner was waited for"
     );
-    // The uncommitted offer is withdrawn: its stream is cancelled, not left open.
-    let id = reply.call_id();
-    assert_eq!(
-        runners[0].wait_ended(id, BOUND).await.expect("ends"),
-        Ending::LbWentAway
-    );
-    assert!(!lb.pool.runners("default")[0].is_available());
+    silent_runner_was_left(&lb, &runners[0], &reply).await;
 }
 
 /// With a placer deadline shorter than the client's own connect and acknowledgement bound
@@ -1368,17 +1376,7 @@ async fn a_silent_runner_takes_half_the_wait_not_all_of_it_and_the_call_moves_on
         took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
         "took {took:?}"
     );
-    assert_eq!(
-        runners[0]
-            .wait_ended(reply.call_id(), BOUND)
-            .await
-            .expect("ends"),
-        Ending::LbWentAway
-    );
-    assert!(
-        !lb.pool.runners("default")[0].is_available(),
-        "the silent runner is probed, not offered the next call"
-    );
+    silent_runner_was_left(&lb, &runners[0], &reply).await;
 }
 
 #[tokio::test]

@@ -786,6 +786,33 @@ fn reachable_by(dir: &Path, user: FunctionUser) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver built without touching the machine (no checks, no cgroup detection).
+    fn unprobed_driver(
+        functions_dir: PathBuf,
+        function_users: FunctionUsers,
+        isolation: Option<Isolation>,
+        wrapper: Option<PathBuf>,
+    ) -> ProcessDriver {
+        let unenforced = || CgroupMode::Unenforced {
+            reason: "test".into(),
+        };
+        ProcessDriver {
+            functions_dir,
+            socket_root: PathBuf::new(),
+            function_users,
+            uids: std::sync::Mutex::default(),
+            memory: unenforced(),
+            pids: unenforced(),
+            pids_limit: 0,
+            isolation,
+            wrapper,
+            wrapper_script: WRAPPER_SCRIPT.to_owned(),
+            id_prefix: String::new(),
+            next_id: AtomicU64::new(1),
+            vetted: std::sync::Mutex::default(),
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -836,25 +863,7 @@ mod tests {
         );
         assert!(!readable_by(&outer.path().join("missing"), stranger));
 
-        let driver = |users| ProcessDriver {
-            functions_dir: PathBuf::new(),
-            socket_root: PathBuf::new(),
-            function_users: users,
-            uids: std::sync::Mutex::default(),
-            memory: MemoryLimitMode::Unenforced {
-                reason: "test".into(),
-            },
-            pids: PidsLimitMode::Unenforced {
-                reason: "test".into(),
-            },
-            pids_limit: 0,
-            isolation: None,
-            wrapper: None,
-            wrapper_script: WRAPPER_SCRIPT.to_owned(),
-            id_prefix: String::new(),
-            next_id: AtomicU64::new(1),
-            vetted: std::sync::Mutex::default(),
-        };
+        let driver = |users| unprobed_driver(PathBuf::new(), users, None, None);
         mode(outer.path(), 0o755);
         assert!(driver(FunctionUsers::PerFunction(UidRange::DEFAULT)).exposes(&key));
         assert!(driver(FunctionUsers::Shared(stranger)).exposes(&key));
@@ -872,24 +881,13 @@ mod tests {
             uid: 64_999,
             gid: 64_999,
         };
-        let driver = |isolation| ProcessDriver {
-            functions_dir: PathBuf::from("/srv/f"),
-            socket_root: PathBuf::new(),
-            function_users: FunctionUsers::Shared(user),
-            uids: std::sync::Mutex::default(),
-            memory: MemoryLimitMode::Unenforced {
-                reason: "test".into(),
-            },
-            pids: PidsLimitMode::Unenforced {
-                reason: "test".into(),
-            },
-            pids_limit: 0,
-            isolation,
-            wrapper: Some(PathBuf::from(WRAPPER_SHELL)),
-            wrapper_script: WRAPPER_SCRIPT.to_owned(),
-            id_prefix: String::new(),
-            next_id: AtomicU64::new(1),
-            vetted: std::sync::Mutex::default(),
+        let driver = |isolation| {
+            unprobed_driver(
+                PathBuf::from("/srv/f"),
+                FunctionUsers::Shared(user),
+                isolation,
+                Some(PathBuf::from(WRAPPER_SHELL)),
+            )
         };
         let spec = InstanceSpec {
             app: "a".into(),
