@@ -2,10 +2,11 @@
 //! and two pure-runners share one certificate directory, as a compose stack shares its
 //! volume. Under steady load through the LB, the node certificate is replaced, then the CA
 //! is rolled over in three steps, each daemon reloading on its own (`FN_TLS_RELOAD_INTERVAL`).
-//! No call may fail; after the rollover a client of the new CA alone is served by every gRPC
-//! daemon and a client of the old CA alone is refused. A bad replacement is rejected and
-//! logged while service goes on, and a later good one is picked up. The expiry gauge of
-//! every daemon matches the certificate's notAfter to the second. SIGHUP reloads at once.
+//! No call may fail, and each daemon retires the connections opened under the old CA; after
+//! the rollover a client of the new CA alone is served by every gRPC daemon and a client of
+//! the old CA alone is refused. A bad replacement is rejected and logged while service goes
+//! on, and a later good one is picked up. The expiry gauge of every daemon matches the
+//! certificate's notAfter to the second. SIGHUP reloads at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,6 +256,16 @@ async fn certificates_rotate_and_the_ca_rolls_over_under_load_with_no_failed_cal
     );
     ensure!(ok > 40, "too few calls to mean anything: {ok}");
     gauges_match(&cluster).await?;
+    // Every connection opened before the switch carried the old CA's certificates: each
+    // daemon retired its own (the LB moved its calls off them, no call failed).
+    for (name, address) in metrics_of(&cluster)? {
+        let retired = sample(&address, "fn_tls_connections_retired_total").await?;
+        ensure!(
+            retired >= 1.0,
+            "{name} retired no connection of the old CA\n{}",
+            cluster.logs()
+        );
+    }
 
     // After the rollover: a client of the new CA alone is served by every gRPC daemon; one
     // of the old CA alone is refused by each.

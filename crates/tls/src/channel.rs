@@ -23,6 +23,7 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::transport::Uri;
 
+use crate::open::Entry;
 use crate::transport::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PlainDialer};
 use crate::{CONNECTION_WINDOW, MAX_FRAME_SIZE, NodeTls, STREAM_WINDOW, TlsMode};
 
@@ -45,7 +46,7 @@ struct Inner {
     /// The connection's request handle while it is open, one connection per shard
     /// (`FN_SHARDS`; index 0 without shards): each is dialled on, and driven by, the shard
     /// whose call found none, so a shard's calls never wake another shard's thread.
-    current: Mutex<Vec<Option<http2::SendRequest<Body>>>>,
+    current: Mutex<Vec<Option<Connection>>>,
     /// Held while dialling: calls that find no connection wait for one dial, not each
     /// their own.
     dialling: tokio::sync::Mutex<()>,
@@ -53,6 +54,21 @@ struct Inner {
     /// fails with its error rather than dialling again (one after another, waiting calls
     /// would otherwise each spend a whole connect timeout on a server that does not answer).
     failed: Mutex<Option<(Instant, Status)>>,
+}
+
+/// An open connection of the channel.
+struct Connection {
+    sender: http2::SendRequest<Body>,
+    /// Under mutual TLS: set once the server's certificate no longer verifies, when the
+    /// connection takes no new calls ([`NodeTls::recheck_connections`]).
+    retirement: Option<Arc<Entry>>,
+}
+
+impl Connection {
+    /// Whether new calls may go on it.
+    fn takes_calls(&self) -> bool {
+        !self.sender.is_closed() && !self.retirement.as_ref().is_some_and(|r| r.is_retired())
+    }
 }
 
 impl std::fmt::Debug for DirectChannel {
@@ -96,14 +112,14 @@ impl DirectChannel {
 }
 
 impl Inner {
-    /// The calling shard's open connection's handle, if there is one.
+    /// The calling shard's open connection's handle, if there is one that takes calls.
     fn open(&self) -> Option<http2::SendRequest<Body>> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         current
             .get(fn_lifecycle::shards::current())
             .and_then(Option::as_ref)
-            .filter(|s| !s.is_closed())
-            .cloned()
+            .filter(|c| c.takes_calls())
+            .map(|c| c.sender.clone())
     }
 
     /// A new connection's handle, for a call that found none open: dials unless another
@@ -131,7 +147,7 @@ impl Inner {
                 self.origin, self.connect_timeout
             )),
         };
-        let sender = dialled.map_err(|message| {
+        let connection = dialled.map_err(|message| {
             let status = Status::unavailable(message);
             *self.failed.lock().unwrap_or_else(PoisonError::into_inner) =
                 Some((Instant::now(), status.clone()));
@@ -143,20 +159,28 @@ impl Inner {
             if current.len() <= shard {
                 current.resize_with(shard + 1, || None);
             }
-            current[shard] = Some(sender.clone());
+            let sender = connection.sender.clone();
+            current[shard] = Some(connection);
+            Ok(sender)
         }
-        Ok(sender)
     }
 
     /// Dials (TCP, then the TLS handshake under mutual TLS) and sets up HTTP/2.
-    async fn connect(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+    async fn connect(&self) -> Result<Connection, BoxError> {
         let origin = self.origin.clone();
         match &self.tls {
             Some(tls) => {
-                self.handshake(Dialer(tls.clone()).call(origin).await?)
-                    .await
+                let io = Dialer(tls.clone()).call(origin).await?;
+                let retirement = io.inner().retirement();
+                Ok(Connection {
+                    sender: self.handshake(io).await?,
+                    retirement,
+                })
             }
-            None => self.handshake(PlainDialer.call(origin).await?).await,
+            None => Ok(Connection {
+                sender: self.handshake(PlainDialer.call(origin).await?).await?,
+                retirement: None,
+            }),
         }
     }
 

@@ -3,7 +3,8 @@
 //! The server side resolves its certificate and verifies clients through [`ServerSide`]; the
 //! client side presents its certificate and verifies servers through [`ClientSide`]. Both
 //! take the set in use when the handshake runs, so a reload needs no new config, listener or
-//! channel, and connections already open are not touched.
+//! channel, and connections already open are not touched (they are checked again apart:
+//! [`NodeTls::recheck_connections`]).
 //!
 //! Session resumption is off on both sides: a resumed session would skip verification
 //! against the current CA bundle, and the dataplane's gRPC connections are long-lived, so

@@ -6,6 +6,8 @@
 //!   the daemon runs ([`NodeTls::reload`]); rustls configs that use the current set at each
 //!   handshake ([`NodeTls::server_config`], [`NodeTls::client_config`]).
 //! - [`transport`]: the gRPC sockets: servers accept and clients dial with those configs.
+//! - `open`: the connections open under a [`NodeTls`], verified again when trust changes
+//!   ([`NodeTls::recheck_connections`]).
 //! - [`cork`]: the writer under their HTTP/2 that lets a call's frames leave in one write.
 //! - [`watch`]: reloads the files when they change or on SIGHUP, and keeps the expiry gauge.
 //! - [`dev`]: generation of a development CA and node certificates (rcgen), used by the
@@ -17,6 +19,7 @@ pub mod dev;
 mod dynamic;
 pub mod expiry;
 mod material;
+mod open;
 pub mod transport;
 pub mod watch;
 
@@ -28,6 +31,7 @@ use rustls::crypto::CryptoProvider;
 
 pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
+pub use open::{RETIRE_GRACE, Recheck};
 pub use transport::{
     CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, MAX_FRAME_SIZE, STREAM_WINDOW,
     grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,
@@ -178,7 +182,8 @@ impl TlsArgs {
 ///
 /// Clones share the material. [`NodeTls::reload`] replaces it for every clone at once: the
 /// rustls configs made from it resolve the certificate and verify peers through the current
-/// set at each handshake, so new connections use new material while open ones keep going.
+/// set at each handshake, so new connections use new material while open ones keep going
+/// as long as their peer still verifies ([`NodeTls::recheck_connections`]).
 #[derive(Clone)]
 pub struct NodeTls {
     shared: Arc<Shared>,
@@ -189,6 +194,8 @@ struct Shared {
     current: RwLock<Arc<Material>>,
     origin: Origin,
     provider: Arc<CryptoProvider>,
+    /// The connections open under this material, for [`NodeTls::recheck_connections`].
+    open: Arc<open::OpenConnections>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -234,6 +241,7 @@ impl NodeTls {
                 current: RwLock::new(Arc::new(material)),
                 origin,
                 provider,
+                open: Arc::default(),
             }),
             server_name: None,
         })
@@ -290,6 +298,18 @@ impl NodeTls {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(material);
         Ok(Reloaded::Replaced)
+    }
+
+    /// Verifies again the peer of every connection open under this material, against the
+    /// set in use at `now`: one that no longer verifies is retired (it takes no new calls
+    /// from a [`DirectChannel`]) and, `grace` later, at a later check, shut down (the
+    /// `open` module's docs say why).
+    pub fn recheck_connections(&self, now: SystemTime, grace: Duration) -> Recheck {
+        self.shared.open.recheck(&self.current(), now, grace)
+    }
+
+    pub(crate) fn open_connections(&self) -> &Arc<open::OpenConnections> {
+        &self.shared.open
     }
 
     /// Whether the files differ from the set in use (a cheap read, no parsing).

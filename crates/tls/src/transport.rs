@@ -21,6 +21,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::cork::Corked;
+use crate::open::{OpenConnections, Peer, Registration};
 use crate::{NodeTls, TlsMode};
 
 /// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB.
@@ -147,7 +148,10 @@ fn incoming_limited(
     per_peer: usize,
 ) -> Result<Vec<GrpcIncoming>, rustls::Error> {
     let acceptor = match mode {
-        TlsMode::Mutual(tls) => Some(TlsAcceptor::from(tls.server_config()?)),
+        TlsMode::Mutual(tls) => Some(Acceptor {
+            tls: TlsAcceptor::from(tls.server_config()?),
+            open: Arc::clone(tls.open_connections()),
+        }),
         TlsMode::Insecure => None,
     };
     let count = shards.as_ref().map_or(1, |s| s.len());
@@ -168,9 +172,17 @@ fn incoming_limited(
     Ok(incoming)
 }
 
+/// The TLS side of a listener: the handshake, and where accepted connections are
+/// registered to be checked again ([`NodeTls::recheck_connections`]).
+#[derive(Clone)]
+struct Acceptor {
+    tls: TlsAcceptor,
+    open: Arc<OpenConnections>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Option<Acceptor>,
     queues: Vec<mpsc::Sender<GrpcConn>>,
     shards: Option<Arc<Shards>>,
     handshaking: Handshaking,
@@ -250,7 +262,7 @@ struct Admit {
     peer: std::net::SocketAddr,
     /// When the TLS handshake and the first bytes of HTTP/2 must be in.
     deadline: tokio::time::Instant,
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Option<Acceptor>,
     queue: mpsc::Sender<GrpcConn>,
     warnings: Arc<Warnings>,
     load: Option<ShardLoad>,
@@ -323,18 +335,24 @@ impl Admit {
                 io: Io::Plain(Corked::new(tcp)),
                 first_read: Some(Box::pin(tokio::time::sleep_until(self.deadline))),
                 _load: self.load,
+                _open: None,
             };
             let _server_gone = self.queue.send(conn).await;
             return;
         };
         let first_read = Box::pin(tokio::time::sleep_until(self.deadline));
-        match tokio::time::timeout_at(self.deadline, acceptor.accept(tcp)).await {
+        match tokio::time::timeout_at(self.deadline, acceptor.tls.accept(tcp)).await {
             Ok(Ok(mut tls)) => {
                 hold_a_frame(tls.get_mut().1);
+                let (tcp, session) = tls.get_ref();
+                let open = acceptor
+                    .open
+                    .register(tcp, Peer::Client, session.peer_certificates());
                 let conn = GrpcConn {
                     io: Io::Tls(Box::new(Corked::new(tls))),
                     first_read: Some(first_read),
                     _load: self.load,
+                    _open: open,
                 };
                 let _server_gone = self.queue.send(conn).await;
             }
@@ -416,6 +434,8 @@ pub struct GrpcConn {
     first_read: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Under `FN_SHARDS`: counts the connection on its shard while it is open.
     _load: Option<ShardLoad>,
+    /// Under mutual TLS: its place among the connections checked again when trust changes.
+    _open: Option<Registration>,
 }
 
 #[derive(Debug)]
@@ -631,7 +651,7 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
 pub(crate) struct Dialer(pub(crate) NodeTls);
 
 impl Service<Uri> for Dialer {
-    type Response = TokioIo<Corked<tokio_rustls::client::TlsStream<TcpStream>>>;
+    type Response = TokioIo<Dialled<Corked<tokio_rustls::client::TlsStream<TcpStream>>>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -653,10 +673,79 @@ impl Service<Uri> for Dialer {
                     })?;
             let config = tls.client_config().map_err(std::io::Error::other)?;
             let tcp = connect_tcp(host, port).await?;
-            let mut stream = TlsConnector::from(config).connect(name, tcp).await?;
+            let mut stream = TlsConnector::from(config)
+                .connect(name.clone(), tcp)
+                .await?;
             hold_a_frame(stream.get_mut().1);
-            Ok(TokioIo::new(Corked::new(stream)))
+            let (tcp, session) = stream.get_ref();
+            let open = tls.open_connections().register(
+                tcp,
+                Peer::Server {
+                    name,
+                    presented: Arc::clone(&tls.current().certified),
+                },
+                session.peer_certificates(),
+            );
+            Ok(TokioIo::new(Dialled {
+                io: Corked::new(stream),
+                open,
+            }))
         })
+    }
+}
+
+/// A dialled connection's I/O, holding its place among the connections checked again when
+/// trust changes ([`NodeTls::recheck_connections`]) for as long as the connection lives.
+#[derive(Debug)]
+pub(crate) struct Dialled<T> {
+    io: T,
+    open: Option<Registration>,
+}
+
+impl<T> Dialled<T> {
+    /// What tells whether the connection has been retired (its peer no longer verifies).
+    pub(crate) fn retirement(&self) -> Option<Arc<crate::open::Entry>> {
+        self.open.as_ref().map(Registration::entry)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Dialled<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Dialled<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -678,7 +767,7 @@ pub async fn peer_certificate(tls: &NodeTls, address: &str) -> std::io::Result<V
                 format!("{address}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
             )
         })??;
-    let (_, session) = stream.inner().get_ref().get_ref();
+    let (_, session) = stream.inner().io.get_ref().get_ref();
     session
         .peer_certificates()
         .and_then(|chain| chain.first())

@@ -1,6 +1,7 @@
 //! Certificate rotation without a restart: [`CertWatch`] checks the `FN_NODE_CERT*` files
 //! every `FN_TLS_RELOAD_INTERVAL` and at once on SIGHUP, and puts a replacement in use for
-//! new handshakes ([`NodeTls::reload`]). Connections already open keep working.
+//! new handshakes ([`NodeTls::reload`]). Connections already open keep working while their
+//! peer verifies (below).
 //!
 //! A replacement is written as several files, rarely at the same instant: when a change is
 //! seen, the watch waits [`SETTLE`] for the writer to finish before it reads them all. A set
@@ -9,9 +10,14 @@
 //! naming the file and the reason; the daemon keeps the set it has, and a later good
 //! replacement is picked up. The same rejection is logged once, not at every check.
 //!
+//! Connections opened before a change are checked again ([`NodeTls::recheck_connections`]):
+//! after each new set is put in use, and every minute (certificates expire). One whose peer
+//! no longer verifies is retired, and closed [`RETIRE_GRACE`] later.
+//!
 //! Metrics: `fn_tls_certificate_reloads_total` (sets put in use),
-//! `fn_tls_certificate_reload_rejections_total` (replacements rejected), and the expiry
-//! gauge of [`crate::expiry`].
+//! `fn_tls_certificate_reload_rejections_total` (replacements rejected),
+//! `fn_tls_connections_retired_total` (open connections whose peer stopped verifying), and
+//! the expiry gauge of [`crate::expiry`].
 
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +27,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::expiry::CertExpiry;
-use crate::{NodeTls, Reloaded, TlsArgs, TlsError, TlsMode};
+use crate::{NodeTls, RETIRE_GRACE, Recheck, Reloaded, TlsArgs, TlsError, TlsMode};
 
 /// How long a change must rest before the files are read as a set.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -36,6 +42,11 @@ pub struct CertWatch {
     hangups: Option<Signal>,
     reloads: Counter,
     rejections: Counter,
+    retired: Counter,
+    /// How long a retired connection is kept for its calls.
+    grace: Duration,
+    /// When the next retired connection is to be closed.
+    next_close: Option<tokio::time::Instant>,
     /// The last rejection logged, so a bad set left in place is logged once.
     last_rejection: Option<String>,
     /// Run after each new set is put in use.
@@ -86,6 +97,13 @@ impl CertWatch {
         let expiry = CertExpiry::register(&tls, registry);
         let reloads = Counter::default();
         let rejections = Counter::default();
+        let retired = Counter::default();
+        registry.register(
+            "fn_tls_connections_retired",
+            "Open gRPC connections retired because their peer's certificate no longer verifies \
+             (its CA left the bundle, or it expired); each is closed after a grace",
+            retired.clone(),
+        );
         registry.register(
             "fn_tls_certificate_reloads",
             "Certificate sets (FN_NODE_CERT*) put in use after a change on disk",
@@ -103,6 +121,9 @@ impl CertWatch {
             hangups,
             reloads,
             rejections,
+            retired,
+            grace: RETIRE_GRACE,
+            next_close: None,
             last_rejection: None,
             on_replaced: None,
         }
@@ -113,6 +134,13 @@ impl CertWatch {
     #[must_use]
     pub fn on_replaced(mut self, check: impl Fn() + Send + Sync + 'static) -> Self {
         self.on_replaced = Some(Box::new(check));
+        self
+    }
+
+    /// How long a retired connection is kept for its calls ([`RETIRE_GRACE`] unless set).
+    #[must_use]
+    pub fn retire_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
         self
     }
 
@@ -130,7 +158,11 @@ impl CertWatch {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                _ = expiry_tick.tick() => self.expiry.check(SystemTime::now()),
+                _ = expiry_tick.tick() => {
+                    self.expiry.check(SystemTime::now());
+                    self.recheck();
+                }
+                () = close_due(self.next_close) => self.recheck(),
                 _ = poll.tick(), if polling => self.poll().await,
                 () = next_hangup(self.hangups.as_mut()) => self.on_hangup(),
             }
@@ -159,6 +191,17 @@ impl CertWatch {
         }
     }
 
+    /// Checks the open connections' peers again; see [`NodeTls::recheck_connections`].
+    fn recheck(&mut self) {
+        let Recheck {
+            retired,
+            next_close,
+            ..
+        } = self.tls.recheck_connections(SystemTime::now(), self.grace);
+        self.retired.inc_by(retired as u64);
+        self.next_close = next_close;
+    }
+
     fn on_hangup(&mut self) {
         tracing::info!("SIGHUP: checking the certificate files");
         let outcome = self.tls.reload();
@@ -176,6 +219,7 @@ impl CertWatch {
                 if let Some(check) = &self.on_replaced {
                     check();
                 }
+                self.recheck();
             }
             Ok(Reloaded::Unchanged) => {
                 if asked {
@@ -191,6 +235,14 @@ impl CertWatch {
                 }
             }
         }
+    }
+}
+
+/// When the next retired connection is to be closed; never without one.
+async fn close_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,21 +5,10 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{check, start_server, start_server_at};
+use common::{check, direct_health as health, start_server, start_server_at};
 
 use fn_tls::dev::DevCa;
 use fn_tls::{DirectChannel, TlsMode};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
-
-async fn health(channel: &DirectChannel) -> Result<(), tonic::Status> {
-    HealthClient::with_origin(channel.clone(), channel.origin())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(|_| ())
-}
 
 #[tokio::test]
 async fn dials_on_first_use_and_again_after_the_server_restarts() {

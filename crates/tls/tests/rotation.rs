@@ -3,14 +3,14 @@
 //! and new handshakes checked at every step.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 mod common;
 use common::{health, start_server};
 
 use fn_tls::dev::{self, DevCa, RolloverStep, files};
 use fn_tls::watch::CertWatch;
-use fn_tls::{NodeTls, Reloaded, TlsArgs, TlsMode};
+use fn_tls::{DirectChannel, NodeTls, Reloaded, TlsArgs, TlsMode};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -436,6 +436,222 @@ async fn a_rotation_read_between_its_two_files_is_not_counted_as_rejected() {
         "{text}"
     );
     assert_eq!(tls.cert_pem(), next.cert_pem.into_bytes());
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+}
+
+/// The connections of a CA rollover's client that did not follow it (its certificate is
+/// the old CA's): once the server trusts the new CA alone, a check retires them; calls go
+/// on during the grace, and the next check after it closes them at the socket, so neither
+/// a tonic channel nor a [`DirectChannel`] on them carries another call (before, both did
+/// until a restart).
+#[tokio::test]
+async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let left_behind = snapshot(dir.path());
+    let server = start_server(&server_tls).await;
+    let open = channel(&left_behind, &server.address)
+        .await
+        .expect("connects");
+    let direct = DirectChannel::new(
+        &TlsMode::Mutual(left_behind.clone()),
+        &server.address,
+        Duration::from_secs(5),
+    )
+    .expect("address");
+    common::direct_health(&direct).await.expect("direct call");
+    health(open.clone()).await.expect("tonic call");
+    let now = SystemTime::now();
+    let kept = server_tls.recheck_connections(now, Duration::ZERO);
+    assert_eq!(
+        (kept.open, kept.retired, kept.closed),
+        (2, 0, 0),
+        "{kept:?}"
+    );
+
+    for step in [
+        RolloverStep::Begin,
+        RolloverStep::Switch,
+        RolloverStep::Finish,
+    ] {
+        dev::ca_rollover(dir.path(), step, &[]).expect("step");
+        assert_eq!(server_tls.reload().expect("server"), Reloaded::Replaced);
+    }
+    let retired = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    assert_eq!(
+        (retired.open, retired.retired, retired.closed),
+        (2, 2, 0),
+        "{retired:?}"
+    );
+    health(open.clone())
+        .await
+        .expect("a retired connection serves its grace");
+
+    let closed = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    assert_eq!(closed.closed, 2, "{closed:?}");
+    let refused = health(open)
+        .await
+        .expect_err("the tonic channel's connection is closed");
+    assert!(refused.contains("rpc"), "{refused}");
+    let refused = common::direct_health(&direct)
+        .await
+        .expect_err("the DirectChannel's connection is closed");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let left = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    assert_eq!(
+        left.open, 0,
+        "no connection of the old CA's client is left: {left:?}"
+    );
+}
+
+/// A client whose CA bundle no longer holds its server's issuer retires the connection; a
+/// [`DirectChannel`] then puts the next call on a new connection (new certificates at both
+/// ends), and the retired one, idle, closes on its own long before its grace ends (before,
+/// the channel kept calling on it).
+#[tokio::test]
+async fn a_direct_channel_moves_off_a_retired_connection_at_once() {
+    moves_off_a_retired_connection(false).await;
+}
+
+/// The same when the channel connected between the server's switch to the new CA and its
+/// own: the server's certificate on it verifies to the end, but the one the client
+/// presented does not, so the server retires the connection, and the client, which trusts
+/// the same bundle, moves off it without waiting to be cut off.
+#[tokio::test]
+async fn a_direct_channel_moves_off_a_connection_where_its_own_certificate_is_no_longer_trusted() {
+    moves_off_a_retired_connection(true).await;
+}
+
+async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let client_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let direct = DirectChannel::new(
+        &TlsMode::Mutual(client_tls.clone()),
+        &server.address,
+        Duration::from_secs(5),
+    )
+    .expect("address");
+    if !connect_after_the_servers_switch {
+        common::direct_health(&direct).await.expect("first call");
+    }
+    for step in [
+        RolloverStep::Begin,
+        RolloverStep::Switch,
+        RolloverStep::Finish,
+    ] {
+        dev::ca_rollover(dir.path(), step, &[]).expect("step");
+        assert_eq!(server_tls.reload().expect("server"), Reloaded::Replaced);
+        if connect_after_the_servers_switch && step == RolloverStep::Switch {
+            common::direct_health(&direct).await.expect("first call");
+        }
+        assert_eq!(client_tls.reload().expect("client"), Reloaded::Replaced);
+    }
+    let grace = Duration::from_secs(600);
+    let retired = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!((retired.open, retired.retired), (1, 1), "{retired:?}");
+    common::direct_health(&direct)
+        .await
+        .expect("the next call goes on a new connection");
+    // The server sees the new connection, and no retired one for long: the channel
+    // dropped the old one, and hyper closes a connection no one holds once it is idle.
+    let start = std::time::Instant::now();
+    loop {
+        let open = server_tls.recheck_connections(SystemTime::now(), grace);
+        if open.open == 1 && open.next_close.is_none() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the retired connection, idle, is still open: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    common::direct_health(&direct)
+        .await
+        .expect("calls go on on the new connection");
+}
+
+/// An open connection is checked at the time of the check: its peer's certificate expired,
+/// it is retired; the clock back (a time of day put right), it is kept.
+#[tokio::test]
+async fn a_connection_whose_peer_certificate_expires_is_retired() {
+    let ca = DevCa::new("ca").expect("ca");
+    let server_tls = ca.node_tls(&[]).expect("server");
+    let client_tls = ca
+        .tls_for(&ca.node_expiring_in(&[], 2).expect("short"))
+        .expect("client");
+    let server = start_server(&server_tls).await;
+    let open = channel(&client_tls, &server.address)
+        .await
+        .expect("connects");
+    health(open.clone()).await.expect("call");
+    let now = SystemTime::now();
+    let grace = Duration::from_secs(600);
+    let today = server_tls.recheck_connections(now, grace);
+    assert_eq!((today.open, today.retired), (1, 0), "{today:?}");
+    let in_three_days = now + Duration::from_secs(3 * 86_400);
+    let later = server_tls.recheck_connections(in_three_days, grace);
+    assert_eq!((later.retired, later.closed), (1, 0), "{later:?}");
+    assert!(later.next_close.is_some(), "{later:?}");
+    let back = server_tls.recheck_connections(now, grace);
+    assert_eq!(
+        (back.restored, back.retired, back.next_close),
+        (1, 0, None),
+        "{back:?}"
+    );
+    health(open).await.expect("the kept connection serves");
+}
+
+/// The watch checks the open connections after it puts a new set in use, and closes a
+/// retired one when its grace ends, without another reload; the metric counts it.
+#[tokio::test]
+async fn the_watch_retires_and_closes_what_a_new_ca_bundle_no_longer_trusts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let left_behind = snapshot(dir.path());
+    let server = start_server(&server_tls).await;
+    let open = channel(&left_behind, &server.address)
+        .await
+        .expect("connects");
+    health(open.clone()).await.expect("call");
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(
+        server_tls.clone(),
+        Duration::from_millis(100),
+        None,
+        &mut registry,
+    )
+    .retire_grace(Duration::from_millis(300));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+
+    for step in [
+        RolloverStep::Begin,
+        RolloverStep::Switch,
+        RolloverStep::Finish,
+    ] {
+        dev::ca_rollover(dir.path(), step, &[]).expect("step");
+    }
+    let start = std::time::Instant::now();
+    while health(open.clone()).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the connection of a client the server no longer trusts still carries calls"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains("fn_tls_connections_retired_total 1"),
+        "{text}"
+    );
     cancel.cancel();
     task.await.expect("joins").expect("ends");
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fn_tls::{NodeTls, TlsMode};
+use fn_tls::{DirectChannel, NodeTls, TlsMode};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -74,4 +74,15 @@ pub async fn health(channel: Channel) -> Result<(), String> {
 /// A new connection from `mode`, and one health check on it.
 pub async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
     health(channel(mode, address).await?).await
+}
+
+/// One health check on a [`DirectChannel`].
+#[allow(dead_code)] // not every test file calls it
+pub async fn direct_health(channel: &DirectChannel) -> Result<(), tonic::Status> {
+    HealthClient::with_origin(channel.clone(), channel.origin())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
 }

@@ -1,0 +1,263 @@
+//! The mutually authenticated connections open under one [`NodeTls`], so that they can be
+//! checked again after the handshake that let them in.
+//!
+//! A handshake verifies the peer's certificate once. Without a second look, a connection
+//! opened before the CA bundle dropped its peer's issuer (the last step of a CA rollover, or
+//! a CA withdrawn after a compromise), or before its peer's certificate expired, would keep
+//! carrying calls for as long as it stays open, which on the dataplane's long-lived gRPC
+//! connections is until a restart. [`NodeTls::recheck_connections`] verifies each open
+//! connection's peer chain again, as its handshake did, against the bundle in use now; one
+//! that fails is retired: a [`crate::DirectChannel`] stops giving it new calls at once and
+//! dials a new connection, and after a grace (for the calls on it to finish) its socket is
+//! shut down, which ends it at both ends whatever its peer does. A connection whose peer
+//! verifies again before then (the old bundle put back) is kept.
+//!
+//! [`crate::watch::CertWatch`] runs the check after each new set is put in use, every minute
+//! (certificates expire), and when a grace ends.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::material::Material;
+
+/// How long a retired connection stays open for the calls already on it.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(60);
+
+/// The open connections of one [`NodeTls`](crate::NodeTls) (shared by its clones).
+#[derive(Debug, Default)]
+pub(crate) struct OpenConnections {
+    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    next_id: AtomicU64,
+}
+
+/// Which end of the connection this node is, so which check its peer's chain passed.
+#[derive(Debug)]
+pub(crate) enum Peer {
+    /// This node accepted it: the peer is a client.
+    Client,
+    /// This node dialled it: the peer is a server, verified for this name; this node
+    /// presented `presented`.
+    Server {
+        name: ServerName<'static>,
+        presented: Arc<CertifiedKey>,
+    },
+}
+
+/// One open connection.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    address: SocketAddr,
+    peer: Peer,
+    /// The chain the peer presented, end entity first.
+    chain: Vec<CertificateDer<'static>>,
+    /// A second descriptor of the connection's socket, to shut it down from outside the
+    /// task that drives it. Closed with the entry, when the connection ends.
+    socket: std::net::TcpStream,
+    retired: AtomicBool,
+    /// Set once the socket has been shut down.
+    shut: AtomicBool,
+    /// When a retired connection is shut down.
+    close_at: Mutex<Option<Instant>>,
+}
+
+impl Entry {
+    /// Whether the peer no longer verifies: the connection should take no new calls.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Why the connection should take no more calls under `material` at `now`, if so: its
+    /// peer's chain does not verify. On a connection this node dialled, also when the
+    /// certificate it presented does not verify under the bundle while the one in use now
+    /// does: the peer, which trusts the same bundle, is about to retire the connection (or
+    /// did), and a new one would present the certificate it trusts.
+    fn fails(&self, material: &Material, now: UnixTime) -> Option<rustls::Error> {
+        let (end_entity, intermediates) = self.chain.split_first()?;
+        match &self.peer {
+            Peer::Client => material
+                .client_verifier
+                .verify_client_cert(end_entity, intermediates, now)
+                .err(),
+            Peer::Server { name, presented } => {
+                if let Err(e) = material.server_verifier.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    name,
+                    &[],
+                    now,
+                ) {
+                    return Some(e);
+                }
+                if Arc::ptr_eq(presented, &material.certified) {
+                    return None;
+                }
+                let refusal = |key: &CertifiedKey| {
+                    key.cert.split_first().and_then(|(cert, intermediates)| {
+                        material
+                            .client_verifier
+                            .verify_client_cert(cert, intermediates, now)
+                            .err()
+                    })
+                };
+                if refusal(&material.certified).is_some() {
+                    return None; // a new connection would fare no better
+                }
+                refusal(presented).map(|e| {
+                    rustls::Error::General(format!(
+                        "the certificate this node presented on it is no longer trusted \
+                             ({e}); the one in use now is"
+                    ))
+                })
+            }
+        }
+    }
+
+    fn close_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.close_at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A connection's place in its [`OpenConnections`]; the connection's I/O holds it, so it
+/// leaves when the connection ends.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    open: Arc<OpenConnections>,
+    id: u64,
+    entry: Arc<Entry>,
+}
+
+impl Registration {
+    /// The entry, for a channel to see when its connection is retired.
+    pub(crate) fn entry(&self) -> Arc<Entry> {
+        Arc::clone(&self.entry)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.open.lock().remove(&self.id);
+    }
+}
+
+/// What one [`NodeTls::recheck_connections`](crate::NodeTls::recheck_connections) found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recheck {
+    /// Connections open.
+    pub open: usize,
+    /// Connections retired by this check.
+    pub retired: usize,
+    /// Retired connections shut down by this check, their grace over.
+    pub closed: usize,
+    /// Retired connections kept because their peer verifies again.
+    pub restored: usize,
+    /// When the next retired connection's grace ends.
+    pub next_close: Option<Instant>,
+}
+
+impl OpenConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers the connection on `tcp`, whose peer at `address` presented `chain`. `None`
+    /// (with a debug line) when the socket cannot be duplicated or the peer presented
+    /// nothing, neither of which happens after a successful mutual handshake: such a
+    /// connection is served, and not checked again.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        tcp: &TcpStream,
+        peer: Peer,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> Option<Registration> {
+        let address = tcp.peer_addr().ok()?;
+        let chain = chain.filter(|c| !c.is_empty())?.to_vec();
+        let socket = match tcp.as_fd().try_clone_to_owned() {
+            Ok(fd) => std::net::TcpStream::from(fd),
+            Err(e) => {
+                tracing::debug!(peer = %address, error = %e, "gRPC connection: not checked again later (its socket cannot be duplicated)");
+                return None;
+            }
+        };
+        let entry = Arc::new(Entry {
+            address,
+            peer,
+            chain,
+            socket,
+            retired: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
+            close_at: Mutex::new(None),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, Arc::clone(&entry));
+        Some(Registration {
+            open: Arc::clone(self),
+            id,
+            entry,
+        })
+    }
+
+    /// Checks every open connection's peer under `material` at `now`; see the module docs.
+    pub(crate) fn recheck(&self, material: &Material, now: SystemTime, grace: Duration) -> Recheck {
+        let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        let now = UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let instant = Instant::now();
+        let mut outcome = Recheck {
+            open: entries.len(),
+            ..Recheck::default()
+        };
+        for entry in entries {
+            let failure = entry.fails(material, now);
+            let mut close_at = entry.close_at();
+            match (failure, *close_at) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    *close_at = None;
+                    entry.retired.store(false, Ordering::Release);
+                    outcome.restored += 1;
+                    tracing::info!(peer = %entry.address, "a retired gRPC connection's peer verifies again: the connection is kept");
+                }
+                (Some(reason), None) => {
+                    *close_at = Some(instant + grace);
+                    entry.retired.store(true, Ordering::Release);
+                    outcome.retired += 1;
+                    tracing::warn!(
+                        peer = %entry.address, error = %reason, ?grace,
+                        "gRPC connection retired: its peer's certificate no longer verifies \
+                         under the certificates in use (a CA removed from \
+                         FN_NODE_CERT_AUTHORITY, or the peer's certificate expired); it takes \
+                         no new calls and is closed when the grace ends"
+                    );
+                }
+                (Some(_), Some(at)) if at <= instant => {
+                    if !entry.shut.swap(true, Ordering::AcqRel) {
+                        if let Err(e) = entry.socket.shutdown(Shutdown::Both) {
+                            tracing::debug!(peer = %entry.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
+                        }
+                        outcome.closed += 1;
+                        tracing::warn!(peer = %entry.address, "retired gRPC connection closed: its grace is over");
+                    }
+                }
+                (Some(_), Some(_)) => {}
+            }
+            if let Some(at) = *close_at
+                && at > instant
+            {
+                outcome.next_close = Some(outcome.next_close.map_or(at, |n| n.min(at)));
+            }
+        }
+        outcome
+    }
+}
