@@ -37,12 +37,25 @@ fn an_existing_ca_is_replaced_only_with_force() {
         "same CA"
     );
 
+    // A rollover begun and abandoned: --force ends it with the CA it replaces, so a later
+    // switch cannot issue from a CA no bundle holds.
+    assert!(
+        fn_certs(&["--out", out, "--ca-rollover", "begin"])
+            .status
+            .success()
+    );
+    assert!(dir.path().join("next-issuer-key.pem").exists());
     assert!(fn_certs(&["--out", out, "--force"]).status.success());
     assert_ne!(
         std::fs::read(dir.path().join("ca.pem")).expect("ca"),
         ca,
         "a new CA"
     );
+    for stale in ["next-issuer.pem", "next-issuer-key.pem"] {
+        assert!(!dir.path().join(stale).exists(), "{stale} left behind");
+    }
+    let switch = fn_certs(&["--out", out, "--ca-rollover", "switch"]);
+    assert!(!switch.status.success(), "switched to the abandoned CA");
 }
 
 #[test]

@@ -274,7 +274,27 @@ pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     let ca = DevCa::new("fn dev CA")?;
     write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &ca)?;
     write_file(dir, files::BUNDLE, ca.cert_pem(), PUBLIC)?;
-    write_node(dir, &ca, sans)
+    write_node(dir, &ca, sans)?;
+    // A rollover begun under the CA just replaced is over: its next CA is in no bundle, and
+    // a later `switch` or `finish` with it would cut every node off.
+    remove_next_issuer(dir)
+}
+
+/// Removes the next CA's files of a rollover, if there are any.
+fn remove_next_issuer(dir: &Path) -> Result<(), DevPkiError> {
+    for name in [files::NEXT_ISSUER, files::NEXT_ISSUER_KEY] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DevPkiError::Write {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Replaces the node certificate and key in `dir` with new ones from the same CA, for
@@ -309,7 +329,8 @@ fn names_or_current(dir: &Path, sans: &[&str]) -> Vec<String> {
 }
 
 /// A step of a CA rollover, run in this order with every node reloading in between. No
-/// connection fails at any step: nodes trust both CAs from the first step until the last.
+/// handshake fails at any step: nodes trust both CAs from the first step until the last
+/// (connections opened before `Switch` are retired at `Finish`: [`NodeTls::recheck_connections`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RolloverStep {
     /// A new CA is made; the bundle holds the old and the new CA.
@@ -344,14 +365,7 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
             write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &next)?;
             write_file(dir, files::BUNDLE, next.cert_pem(), PUBLIC)?;
-            for name in [files::NEXT_ISSUER, files::NEXT_ISSUER_KEY] {
-                let path = dir.join(name);
-                std::fs::remove_file(&path).map_err(|source| DevPkiError::Write {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            }
-            Ok(())
+            remove_next_issuer(dir)
         }
     }
 }
