@@ -6,10 +6,11 @@
 //! is advertised once more at zero and then forgotten. A failed advert is logged and the
 //! next tick tries again; tonic reconnects the channel underneath.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_protocol::poolmanager::node_pool_scaler_client::NodePoolScalerClient;
-use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList};
+use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList, MAX_GROUPS_PER_ADVERT};
 use fn_tls::TlsMode;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -25,6 +26,8 @@ pub struct Advertiser {
     interval: Duration,
     /// Whether the last advert failed (to log a recovery once, and failures once).
     failing: bool,
+    /// Whether the last advert left groups out (to warn once, and say when it stops).
+    cut: bool,
 }
 
 impl Advertiser {
@@ -51,6 +54,7 @@ impl Advertiser {
             client: NodePoolScalerClient::new(channel),
             interval,
             failing: false,
+            cut: false,
         })
     }
 
@@ -75,11 +79,40 @@ impl Advertiser {
         Ok(())
     }
 
+    /// `totals`, or when there are more groups than one advert may carry
+    /// ([`MAX_GROUPS_PER_ADVERT`]; the npm refuses a longer one whole), those with the most
+    /// demand, in name order among equals. The rest count as zero at the npm until they
+    /// fit; the groups just gone idle are among them, and are sent when there is room.
+    fn within_the_npms_limit(&mut self, totals: BTreeMap<String, u64>) -> Vec<(String, u64)> {
+        let groups = totals.len();
+        let mut totals: Vec<(String, u64)> = totals.into_iter().collect();
+        if groups <= MAX_GROUPS_PER_ADVERT {
+            if self.cut {
+                tracing::info!(groups, "capacity adverts carry every group's demand again");
+                self.cut = false;
+            }
+            return totals;
+        }
+        // Stable: name order among equal demands.
+        totals.sort_by(|a, b| b.1.cmp(&a.1));
+        totals.truncate(MAX_GROUPS_PER_ADVERT);
+        if !self.cut {
+            tracing::warn!(
+                groups,
+                sent = MAX_GROUPS_PER_ADVERT,
+                "more LB groups have demand than one capacity advert carries: the npm is told \
+                 those with the most, and scales the others as if idle"
+            );
+            self.cut = true;
+        }
+        totals
+    }
+
     /// Sends the current totals of every group (including groups that just went to zero).
     pub async fn advertise_once(&mut self) {
         // Sent even when empty: an advert is also the LB's heartbeat, so the npm purges
         // only LBs that are really gone.
-        let totals = self.tracker.snapshot();
+        let totals = self.within_the_npms_limit(self.tracker.snapshot());
         let ts_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -102,7 +135,7 @@ impl Advertiser {
                 }
                 let zero: Vec<&String> = totals
                     .iter()
-                    .filter(|(_, mb)| **mb == 0)
+                    .filter(|(_, mb)| *mb == 0)
                     .map(|(g, _)| g)
                     .collect();
                 self.tracker.forget_idle(zero);

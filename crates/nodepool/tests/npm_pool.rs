@@ -550,3 +550,61 @@ async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
         .expect("infallible");
     server.stop().await;
 }
+
+/// An LB with demand in more groups than one advert may carry sends those with the most
+/// (the npm refuses a longer advert whole, so before every group went unadvertised), and
+/// every group once they fit again.
+#[tokio::test]
+async fn an_advert_over_the_npms_limit_carries_the_groups_with_the_most_demand() {
+    use fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, mut rx) = NpmState::new();
+    let server = Server::start(&tls, &state, None).await;
+    let tracker = CapacityTracker::new();
+    // Ten more groups than fit: "big-*" at 2 MB (the ten with the most), "small-*" at 1.
+    let mut guards: Vec<_> = (0..10)
+        .map(|i| tracker.assign(&format!("big-{i}"), 2))
+        .collect();
+    let mut small: Vec<_> = (0..MAX_GROUPS_PER_ADVERT)
+        .map(|i| tracker.assign(&format!("small-{i:04}"), 1))
+        .collect();
+    let advertiser = Advertiser::new(
+        "lb-test",
+        tracker.clone(),
+        &server.address.to_string(),
+        &tls,
+        POLL,
+    )
+    .expect("advertiser");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(advertiser.run(cancel.clone()));
+
+    let cut = totals(&next_advert(&mut rx).await);
+    assert_eq!(cut.len(), MAX_GROUPS_PER_ADVERT);
+    assert!(
+        (0..10).all(|i| cut.get(&format!("big-{i}")) == Some(&2)),
+        "{cut:?}"
+    );
+    // Among equals, name order: the last ten small groups are the ones left out.
+    let left_out: Vec<String> = (0..MAX_GROUPS_PER_ADVERT)
+        .map(|i| format!("small-{i:04}"))
+        .filter(|g| !cut.contains_key(g))
+        .collect();
+    let expected: Vec<String> = (MAX_GROUPS_PER_ADVERT - 10..MAX_GROUPS_PER_ADVERT)
+        .map(|i| format!("small-{i:04}"))
+        .collect();
+    assert_eq!(left_out, expected);
+
+    // Twenty small groups go idle: everything fits again, the last ten small ones too.
+    small.truncate(MAX_GROUPS_PER_ADVERT - 20);
+    adverts_until(
+        &mut rx,
+        |_| {},
+        |t| t.get(&format!("small-{:04}", MAX_GROUPS_PER_ADVERT - 1)) == Some(&0),
+    )
+    .await;
+    guards.clear();
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+}

@@ -16,8 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::manager::Shared;
 
-/// Most groups accepted in one advert.
-pub const MAX_GROUPS_PER_ADVERT: usize = 1024;
+pub use fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
 /// Longest LB or group id accepted.
 pub const MAX_ID_LEN: usize = 256;
 

@@ -26,6 +26,10 @@ pub mod runner {
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod poolmanager {
     tonic::include_proto!("dataplane.poolmanager.v1");
+
+    /// Most groups an npm accepts in one `AdvertiseCapacity`. An advert replaces the LB's
+    /// previous one, so an LB with demand in more groups sends those with the most.
+    pub const MAX_GROUPS_PER_ADVERT: usize = 1024;
 }
 
 pub use call::{CallSpec, InvalidCall};

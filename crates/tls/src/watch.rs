@@ -164,26 +164,26 @@ impl CertWatch {
                 }
                 () = close_due(self.next_close) => self.recheck(),
                 _ = poll.tick(), if polling => self.poll().await,
-                () = next_hangup(self.hangups.as_mut()) => self.on_hangup(),
+                () = next_hangup(self.hangups.as_mut()) => self.on_hangup().await,
             }
         }
     }
 
     /// A periodic check: reload only when the files changed, after they settle.
     async fn poll(&mut self) {
-        match self.tls.changed_on_disk() {
+        match off_thread(&self.tls, NodeTls::changed_on_disk).await {
             Ok(false) => {
                 self.last_rejection = None;
             }
             Ok(true) => {
                 tokio::time::sleep(SETTLE).await;
-                let mut outcome = self.tls.reload();
+                let mut outcome = off_thread(&self.tls, NodeTls::reload).await;
                 if outcome.is_err() {
                     // Caught between a writer's files (a key renamed into place before its
                     // certificate, or a writer slower than the settling time): one more look
                     // before a good rotation is logged and counted as rejected.
                     tokio::time::sleep(SETTLE).await;
-                    outcome = self.tls.reload();
+                    outcome = off_thread(&self.tls, NodeTls::reload).await;
                 }
                 self.record(outcome, false);
             }
@@ -202,9 +202,9 @@ impl CertWatch {
         self.next_close = next_close;
     }
 
-    fn on_hangup(&mut self) {
+    async fn on_hangup(&mut self) {
         tracing::info!("SIGHUP: checking the certificate files");
-        let outcome = self.tls.reload();
+        let outcome = off_thread(&self.tls, NodeTls::reload).await;
         self.record(outcome, true);
     }
 
@@ -235,6 +235,17 @@ impl CertWatch {
                 }
             }
         }
+    }
+}
+
+/// `read` of `tls` on the blocking pool: file reads (a slow network volume, a secrets
+/// mount) must not hold up a runtime thread, which on a sharded daemon carries calls. Run
+/// here when the pool is gone (the runtime shutting down).
+async fn off_thread<T: Send + 'static>(tls: &NodeTls, read: fn(&NodeTls) -> T) -> T {
+    let moved = tls.clone();
+    match tokio::task::spawn_blocking(move || read(&moved)).await {
+        Ok(value) => value,
+        Err(_) => read(tls),
     }
 }
 
