@@ -10,5 +10,5 @@ ENV PATH=/usr/local/bin
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-  CMD ["/usr/local/bin/fn-probe", "http", "127.0.0.1:8080", "/health"]
+  CMD ["/usr/local/bin/fn-probe", "http", "127.0.0.1:8080", "/health", "--port-env", "FN_PORT"]
 ENTRYPOINT ["/usr/local/bin/lb-agent"]

@@ -14,5 +14,5 @@ ENV PATH=/usr/local/bin
 USER 10001:10001
 EXPOSE 9120
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-  CMD ["/usr/local/bin/fn-probe", "grpc", "127.0.0.1:9120"]
+  CMD ["/usr/local/bin/fn-probe", "grpc", "127.0.0.1:9120", "--port-env", "FN_GRPC_PORT"]
 ENTRYPOINT ["/usr/local/bin/npm"]

@@ -16,5 +16,5 @@ ENV PATH=/usr/local/bin FN_FUNCTIONS_DIR=/opt/fn/functions
 USER 0:0
 EXPOSE 9190
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-  CMD ["/usr/local/bin/fn-probe", "grpc", "127.0.0.1:9190"]
+  CMD ["/usr/local/bin/fn-probe", "grpc", "127.0.0.1:9190", "--port-env", "FN_GRPC_PORT"]
 ENTRYPOINT ["/usr/local/bin/pure-runner"]

@@ -4,6 +4,8 @@
 //! ```text
 //! fn-probe grpc <host:port> [--service NAME]   # grpc.health.v1 Check: SERVING → exit 0
 //! fn-probe http <host:port> <path>             # GET <path>: status 200 → exit 0
+//! fn-probe grpc 127.0.0.1:9190 --port-env FN_GRPC_PORT   # the port of the daemon's own
+//!                                                         # variable, when it is set
 //! ```
 //! Anything else exits 1 with a one-line reason on stderr; bad arguments exit 2. The gRPC
 //! probe speaks mutual TLS with the daemons' own `FN_NODE_CERT*` / `FN_TLS_SERVER_NAME`
@@ -31,6 +33,11 @@ struct Cli {
     /// Bound for the whole probe (connect, handshake, answer).
     #[arg(long, global = true, default_value = "3s", value_parser = parse_duration)]
     timeout: Duration,
+    /// An environment variable (the daemon's own, e.g. FN_GRPC_PORT) whose value, when set,
+    /// replaces the address's port: an image's health check then follows a port changed
+    /// in the container's environment.
+    #[arg(long, global = true, value_name = "VAR")]
+    port_env: Option<String>,
     #[command(subcommand)]
     probe: Probe,
 }
@@ -64,18 +71,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let given = match &cli.probe {
+        Probe::Grpc { address, .. } | Probe::Http { address, .. } => address,
+    };
+    let address = match &cli.port_env {
+        Some(var) => match with_port_from(given, var, std::env::var(var).ok()) {
+            Ok(address) => address,
+            Err(reason) => {
+                eprintln!("fn-probe: {reason}");
+                return ExitCode::from(2);
+            }
+        },
+        None => given.clone(),
+    };
+    let address = address.as_str();
     let (what, probe) = match &cli.probe {
-        Probe::Grpc {
-            address,
-            service,
-            tls,
-        } => (
+        Probe::Grpc { service, tls, .. } => (
             format!("grpc {address}"),
             grpc(address, service, tls).boxed(),
         ),
-        Probe::Http { address, path } => {
-            (format!("http {address}{path}"), http(address, path).boxed())
-        }
+        Probe::Http { path, .. } => (format!("http {address}{path}"), http(address, path).boxed()),
     };
     let outcome = tokio::time::timeout(cli.timeout, probe)
         .await
@@ -87,6 +102,24 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `address` (`host:port`) with its port replaced by `value`, the value of `var`, when
+/// that is set and not empty.
+fn with_port_from(address: &str, var: &str, value: Option<String>) -> Result<String, String> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(address.to_owned());
+    };
+    let port: u16 = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{var}: {value:?} is not a port (1-65535)"))?;
+    let (host, _) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?}: expected host:port"))?;
+    Ok(format!("{host}:{port}"))
 }
 
 /// Healthy, or why not.
@@ -177,6 +210,42 @@ mod tests {
         let err = Cli::try_parse_from(["fn-probe", "--timeout", "soon", "http", "a:1", "/"])
             .expect_err("a bad timeout is refused");
         assert!(err.to_string().contains("expected a duration"), "{err}");
+    }
+
+    #[test]
+    fn the_port_comes_from_the_named_variable_when_it_is_set() {
+        let from = |address: &str, value: Option<&str>| {
+            with_port_from(address, "FN_GRPC_PORT", value.map(str::to_owned))
+        };
+        assert_eq!(from("127.0.0.1:9190", None), Ok("127.0.0.1:9190".into()));
+        assert_eq!(
+            from("127.0.0.1:9190", Some("")),
+            Ok("127.0.0.1:9190".into())
+        );
+        assert_eq!(
+            from("127.0.0.1:9190", Some("9300")),
+            Ok("127.0.0.1:9300".into())
+        );
+        assert_eq!(from("[::1]:9190", Some("9300")), Ok("[::1]:9300".into()));
+        assert_eq!(
+            from("127.0.0.1:9190", Some("http")),
+            Err("FN_GRPC_PORT: \"http\" is not a port (1-65535)".into())
+        );
+        assert!(from("127.0.0.1:9190", Some("0")).is_err());
+        assert!(from("127.0.0.1:9190", Some("70000")).is_err());
+        assert_eq!(
+            from("localhost", Some("9300")),
+            Err("\"localhost\": expected host:port".into())
+        );
+        let cli = Cli::try_parse_from([
+            "fn-probe",
+            "grpc",
+            "127.0.0.1:9190",
+            "--port-env",
+            "FN_GRPC_PORT",
+        ])
+        .expect("valid arguments");
+        assert_eq!(cli.port_env.as_deref(), Some("FN_GRPC_PORT"));
     }
 
     /// A server on 127.0.0.1 giving one raw answer to each of `answers` connections.
