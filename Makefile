@@ -223,7 +223,10 @@ stack-up: images
 	  docker secret inspect $$name >/dev/null 2>&1 || \
 	    { docker secret create $$name deploy/certs/$$file >/dev/null && echo "created secret $$name"; }; \
 	done
+	@# One LB per node, two at most unless FN_LB_REPLICAS says otherwise: on a single node a
+	@# second replica would stay pending for ever (max_replicas_per_node: 1).
 	cd deploy && FN_IMAGE_PREFIX=$(IMAGE_PREFIX) FN_IMAGE_TAG=$(IMAGE_TAG) \
+	  FN_LB_REPLICAS=$${FN_LB_REPLICAS:-$$(n=$$(docker node ls --format '{{.Status}} {{.Availability}}' | grep -c '^Ready Active'); [ "$$n" -ge 2 ] && echo 2 || echo 1)} \
 	  docker stack deploy --resolve-image never -c docker-stack.yml $(STACK)
 
 # Takes the stack down and waits (at most 2 minutes) until no service or container of it,
