@@ -218,7 +218,14 @@ impl OpenConnections {
             open: entries.len(),
             ..Recheck::default()
         };
+        // The first of each kind, for the summary: a rollover retires every connection of
+        // a daemon at once, and one line says it.
+        let mut first_retired: Option<(SocketAddr, rustls::Error)> = None;
+        let mut first_closed: Option<SocketAddr> = None;
         for entry in entries {
+            if entry.shut.load(Ordering::Acquire) {
+                continue; // closed, on its way out of the registry
+            }
             let failure = entry.fails(material, now);
             let mut close_at = entry.close_at();
             match (failure, *close_at) {
@@ -233,22 +240,17 @@ impl OpenConnections {
                     *close_at = Some(instant + grace);
                     entry.retired.store(true, Ordering::Release);
                     outcome.retired += 1;
-                    tracing::warn!(
-                        peer = %entry.address, error = %reason, ?grace,
-                        "gRPC connection retired: its peer's certificate no longer verifies \
-                         under the certificates in use (a CA removed from \
-                         FN_NODE_CERT_AUTHORITY, or the peer's certificate expired); it takes \
-                         no new calls and is closed when the grace ends"
-                    );
+                    tracing::info!(peer = %entry.address, error = %reason, "gRPC connection retired");
+                    first_retired.get_or_insert((entry.address, reason));
                 }
                 (Some(_), Some(at)) if at <= instant => {
-                    if !entry.shut.swap(true, Ordering::AcqRel) {
-                        if let Err(e) = entry.socket.shutdown(Shutdown::Both) {
-                            tracing::debug!(peer = %entry.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
-                        }
-                        outcome.closed += 1;
-                        tracing::warn!(peer = %entry.address, "retired gRPC connection closed: its grace is over");
+                    entry.shut.store(true, Ordering::Release);
+                    if let Err(e) = entry.socket.shutdown(Shutdown::Both) {
+                        tracing::debug!(peer = %entry.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
                     }
+                    outcome.closed += 1;
+                    tracing::info!(peer = %entry.address, "retired gRPC connection closed");
+                    first_closed.get_or_insert(entry.address);
                 }
                 (Some(_), Some(_)) => {}
             }
@@ -257,6 +259,21 @@ impl OpenConnections {
             {
                 outcome.next_close = Some(outcome.next_close.map_or(at, |n| n.min(at)));
             }
+        }
+        if let Some((peer, reason)) = first_retired {
+            tracing::warn!(
+                retired = outcome.retired, first = %peer, error = %reason, ?grace,
+                "gRPC connections retired: their peer's certificate no longer verifies under \
+                 the certificates in use (a CA removed from FN_NODE_CERT_AUTHORITY, or the \
+                 peer's certificate expired); those this node dialled take no new calls, and \
+                 all are closed when the grace ends"
+            );
+        }
+        if let Some(peer) = first_closed {
+            tracing::warn!(
+                closed = outcome.closed, first = %peer,
+                "retired gRPC connections closed, their grace over: calls still on them fail"
+            );
         }
         outcome
     }
