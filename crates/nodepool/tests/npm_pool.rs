@@ -458,6 +458,28 @@ async fn adverts_until(
     panic!("the expected advert never came");
 }
 
+/// Starts an advertiser of `tracker`'s totals, as "lb-test", to the fake npm `server`.
+fn advertise(
+    tracker: &CapacityTracker,
+    server: &Server,
+    tls: &TlsMode,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    let advertiser = Advertiser::new(
+        "lb-test",
+        tracker.clone(),
+        &server.address.to_string(),
+        tls,
+        POLL,
+    )
+    .expect("advertiser");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(advertiser.run(cancel.clone()));
+    (cancel, task)
+}
+
 #[tokio::test]
 async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
     let pki = TestPki::new();
@@ -465,16 +487,7 @@ async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
     let (state, mut rx) = NpmState::new();
     let server = Server::start(&tls, &state, None).await;
     let tracker = CapacityTracker::new();
-    let advertiser = Advertiser::new(
-        "lb-test",
-        tracker.clone(),
-        &server.address.to_string(),
-        &tls,
-        POLL,
-    )
-    .expect("advertiser");
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(advertiser.run(cancel.clone()));
+    let (cancel, task) = advertise(&tracker, &server, &tls);
 
     // Idle: adverts keep coming, empty (the LB's heartbeat).
     for _ in 0..2 {
@@ -569,16 +582,7 @@ async fn an_advert_over_the_npms_limit_carries_the_groups_with_the_most_demand()
     let mut small: Vec<_> = (0..MAX_GROUPS_PER_ADVERT)
         .map(|i| tracker.assign(&format!("small-{i:04}"), 1))
         .collect();
-    let advertiser = Advertiser::new(
-        "lb-test",
-        tracker.clone(),
-        &server.address.to_string(),
-        &tls,
-        POLL,
-    )
-    .expect("advertiser");
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(advertiser.run(cancel.clone()));
+    let (cancel, task) = advertise(&tracker, &server, &tls);
 
     let cut = totals(&next_advert(&mut rx).await);
     assert_eq!(cut.len(), MAX_GROUPS_PER_ADVERT);

@@ -440,6 +440,48 @@ async fn a_rotation_read_between_its_two_files_is_not_counted_as_rejected() {
     task.await.expect("joins").expect("ends");
 }
 
+/// A server that follows the files of a new PKI, and a client that keeps the PKI's first
+/// certificates (one that does not follow a rollover), with a tonic channel to the server.
+struct LeftBehind {
+    dir: tempfile::TempDir,
+    server_tls: NodeTls,
+    left_behind: NodeTls,
+    server: common::Server,
+    open: Channel,
+}
+
+impl LeftBehind {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        dev::write_dev_pki(dir.path(), &[]).expect("pki");
+        let server_tls = from_files(dir.path());
+        let left_behind = snapshot(dir.path());
+        let server = start_server(&server_tls).await;
+        let open = channel(&left_behind, &server.address)
+            .await
+            .expect("connects");
+        LeftBehind {
+            dir,
+            server_tls,
+            left_behind,
+            server,
+            open,
+        }
+    }
+}
+
+/// Runs the three steps of a CA rollover in `dir`, `after` each.
+fn roll_over(dir: &Path, after: impl Fn(RolloverStep)) {
+    for step in [
+        RolloverStep::Begin,
+        RolloverStep::Switch,
+        RolloverStep::Finish,
+    ] {
+        dev::ca_rollover(dir, step, &[]).expect("step");
+        after(step);
+    }
+}
+
 /// The connections of a CA rollover's client that did not follow it (its certificate is
 /// the old CA's): once the server trusts the new CA alone, a check retires them; calls go
 /// on during the grace, and the next check after it closes them at the socket, so neither
@@ -447,14 +489,13 @@ async fn a_rotation_read_between_its_two_files_is_not_counted_as_rejected() {
 /// until a restart).
 #[tokio::test]
 async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    dev::write_dev_pki(dir.path(), &[]).expect("pki");
-    let server_tls = from_files(dir.path());
-    let left_behind = snapshot(dir.path());
-    let server = start_server(&server_tls).await;
-    let open = channel(&left_behind, &server.address)
-        .await
-        .expect("connects");
+    let LeftBehind {
+        dir,
+        server_tls,
+        left_behind,
+        server,
+        open,
+    } = LeftBehind::start().await;
     let direct = DirectChannel::new(
         &TlsMode::Mutual(left_behind.clone()),
         &server.address,
@@ -471,14 +512,9 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
         "{kept:?}"
     );
 
-    for step in [
-        RolloverStep::Begin,
-        RolloverStep::Switch,
-        RolloverStep::Finish,
-    ] {
-        dev::ca_rollover(dir.path(), step, &[]).expect("step");
+    roll_over(dir.path(), |_| {
         assert_eq!(server_tls.reload().expect("server"), Reloaded::Replaced);
-    }
+    });
     let retired = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
     assert_eq!(
         (retired.open, retired.retired, retired.closed),
@@ -611,14 +647,13 @@ async fn a_connection_whose_peer_certificate_expires_is_retired() {
 /// retired one when its grace ends, without another reload; the metric counts it.
 #[tokio::test]
 async fn the_watch_retires_and_closes_what_a_new_ca_bundle_no_longer_trusts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    dev::write_dev_pki(dir.path(), &[]).expect("pki");
-    let server_tls = from_files(dir.path());
-    let left_behind = snapshot(dir.path());
-    let server = start_server(&server_tls).await;
-    let open = channel(&left_behind, &server.address)
-        .await
-        .expect("connects");
+    let LeftBehind {
+        dir,
+        server_tls,
+        server: _server,
+        open,
+        ..
+    } = LeftBehind::start().await;
     health(open.clone()).await.expect("call");
     let mut registry = Registry::default();
     let watch = CertWatch::new(
@@ -631,13 +666,7 @@ async fn the_watch_retires_and_closes_what_a_new_ca_bundle_no_longer_trusts() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(watch.run(cancel.clone()));
 
-    for step in [
-        RolloverStep::Begin,
-        RolloverStep::Switch,
-        RolloverStep::Finish,
-    ] {
-        dev::ca_rollover(dir.path(), step, &[]).expect("step");
-    }
+    roll_over(dir.path(), |_| {});
     let start = std::time::Instant::now();
     while health(open.clone()).await.is_ok() {
         assert!(
