@@ -94,7 +94,7 @@ impl Advertiser {
             return totals;
         }
         // Stable: name order among equal demands.
-        totals.sort_by(|a, b| b.1.cmp(&a.1));
+        totals.sort_by_key(|(_, mb)| std::cmp::Reverse(*mb));
         totals.truncate(MAX_GROUPS_PER_ADVERT);
         if !self.cut {
             tracing::warn!(
