@@ -9,6 +9,10 @@
 //! acknowledgement at most half of the wait left (see [`attempt_bound`]): a runner that
 //! accepts calls and never acknowledges them is marked down and the next one asked.
 //!
+//! A runner that refuses the call as invalid is passed over like a busy one: the reason may
+//! be its own (no container engine, a command missing from its functions directory). The
+//! answer is 500 when every runner of the group said so in one pass.
+//!
 //! The wait is bounded by the call too: at most a share of its timeout (half by default, as
 //! Fn's slot deadline was), so that a call that waited in vain gets 503 with time to retry,
 //! and a 504 always means that the function itself ran too long. What is left of the budget
@@ -38,14 +42,16 @@ use crate::error::CallError;
 const LAST_PASS: Duration = Duration::from_millis(50);
 
 /// The shortest wait for one runner's acknowledgement while the placer deadline allows it
-/// (see [`attempt_bound`]); a runner acknowledges in about a millisecond.
-const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+/// (see [`attempt_bound`]); a runner acknowledges in about a millisecond. A shorter wait
+/// that passes in silence does not mark the runner down.
+const MIN_ATTEMPT: Duration = fn_nodepool::FAIR_ACK_WAIT;
 
 /// How long one offer may wait for its runner's acknowledgement when `left` is the wait
 /// left: half of it (at least [`MIN_ATTEMPT`], at most all of it), so that a runner that
 /// accepts the call and never acknowledges it leaves time for the next runner. The
 /// client's own bound (connect and acknowledgement timeouts, 7 s) still holds when it is
-/// shorter. An offer given up so is not committed; its runner is marked down.
+/// shorter. An offer given up so is not committed; its runner is marked down when it had
+/// at least [`MIN_ATTEMPT`].
 fn attempt_bound(left: Duration) -> Duration {
     (left / 2).max(MIN_ATTEMPT.min(left))
 }
@@ -268,7 +274,9 @@ impl Dispatcher {
             tokio::pin!(report);
             report.as_mut().enable();
             let runners = self.pool.runners(&call.lb_group);
-            let (mut asked, mut too_small) = (0u32, 0u32);
+            let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
+            // The pass's last refusal as invalid: the answer if every runner said so.
+            let mut refused_as_invalid: Option<CallError> = None;
             let pass = if informed {
                 let views: Vec<RunnerView> = runners
                     .iter()
@@ -328,8 +336,10 @@ impl Dispatcher {
                         });
                     }
                     Ok(Err(e)) if e.is_invalid_call() => {
+                        invalid += 1;
+                        tracing::debug!(error = %e, "runner refused the call as invalid; trying the next");
                         let (runner, details) = e.refusal().unwrap_or_default();
-                        return Err(CallError::Unrunnable {
+                        refused_as_invalid = Some(CallError::Unrunnable {
                             runner: runner.to_owned(),
                             details: details.to_owned(),
                         });
@@ -343,11 +353,18 @@ impl Dispatcher {
             }
             // Only when every runner of the group said so: one that could not be asked
             // (unreachable for a moment, or full as the warm placer sees it) may be large.
-            if asked > 0 && usize::try_from(too_small).is_ok_and(|n| n == runners.len()) {
+            let everyone =
+                |n: u32| asked > 0 && usize::try_from(n).is_ok_and(|n| n == runners.len());
+            if everyone(too_small) {
                 return Err(CallError::NoRunnerLargeEnough {
                     memory_mb: call.memory_mb,
                     group: call.lb_group.clone(),
                 });
+            }
+            if everyone(invalid)
+                && let Some(unrunnable) = refused_as_invalid.take()
+            {
+                return Err(unrunnable);
             }
             // The last pass starts just before the deadline rather than one pause early.
             let left = deadline.saturating_duration_since(Instant::now());

@@ -1516,6 +1516,81 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
     assert!(reached, "the runner took no call after coming back");
 }
 
+/// Offers that fail together when a runner goes down count as one failure: a burst of calls
+/// to a runner that stopped acknowledging does not eject it (before, each concurrent offer
+/// counted, and one incident ejected it, doubling its next ejection each time).
+#[tokio::test]
+async fn offers_failing_together_count_once_towards_ejection() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::NeverAcknowledge]).await;
+    let metrics = EjectionMetrics::default();
+    let lb = Arc::new(
+        start_lb(
+            &pki,
+            &addresses(&runners),
+            Options {
+                placer_timeout: Duration::from_millis(1500),
+                client: ClientConfig {
+                    connect_timeout: Duration::from_millis(200),
+                    ack_timeout: Duration::from_millis(300),
+                    // The probe stays away for the test: one round of offers only.
+                    probe_initial: Duration::from_secs(30),
+                    probe_max: Duration::from_secs(30),
+                    eject_after: 3,
+                    ejection_metrics: metrics.clone(),
+                    ..ClientConfig::default()
+                },
+                ..Options::default()
+            },
+        )
+        .await,
+    );
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let lb = Arc::clone(&lb);
+            tokio::spawn(async move { post(&lb, "/r/demo/echo", format!("burst {i}")).await })
+        })
+        .collect();
+    for call in calls {
+        let reply = call.await.expect("call task");
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    }
+    assert!(
+        runners[0].seen().len() >= 3,
+        "fewer than eject_after offers reached the runner: the test proves nothing"
+    );
+    let silent = Arc::clone(&lb.pool.runners("default")[0]);
+    assert!(!silent.is_available(), "marked down");
+    assert_eq!(metrics.ejections(), 0, "one incident ejected the runner");
+    assert!(!silent.is_ejected());
+}
+
+/// An offer whose wait was cut short by the call's own (less than 200 ms left) and passed
+/// in silence gives up without marking the runner down: the call's budget ran out, not the
+/// runner's chance to answer (before, a function with a short timeout took runners down).
+#[tokio::test]
+async fn an_offer_cut_short_by_the_calls_wait_does_not_mark_the_runner_down() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::NeverAcknowledge]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer_timeout: Duration::from_millis(150),
+            ..Options::default()
+        },
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", "short").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert_eq!(runners[0].seen().len(), 1, "offered once");
+    let silent = Arc::clone(&lb.pool.runners("default")[0]);
+    assert!(
+        silent.is_available(),
+        "marked down for the call's short wait"
+    );
+}
+
 #[tokio::test]
 async fn a_runner_that_goes_away_between_calls_costs_no_call() {
     let pki = TestPki::new();
@@ -2130,6 +2205,41 @@ async fn a_function_no_runner_can_hold_gets_503_at_once_and_a_larger_runner_stil
     assert!(
         reply.headers.get("retry-after").is_some(),
         "no capacity now, not never: {reply:?}"
+    );
+}
+
+/// A runner that refuses a call as invalid for a reason of its own (no container engine)
+/// does not fail the call: the next runner takes it. Only when every runner of the group
+/// refuses it so is the answer 500 at once, with the runner's reason (before, the first
+/// such refusal was the answer).
+#[tokio::test]
+async fn one_runners_invalid_refusal_moves_the_call_on_and_everyones_is_a_500() {
+    let pki = TestPki::new();
+    let mixed = fakes(&pki, &[Behaviour::RefuseInvalid, Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&mixed), Options::default()).await;
+    for i in 0..4 {
+        let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+    }
+    assert!(
+        !mixed[0].seen().is_empty(),
+        "the refusing runner was never asked: the test proves nothing"
+    );
+
+    let refusing = fakes(&pki, &[Behaviour::RefuseInvalid, Behaviour::RefuseInvalid]).await;
+    let lb = start_lb(&pki, &addresses(&refusing), Options::default()).await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "nowhere").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "at once, not after the placer timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    assert!(
+        reply.json_error().contains("no container engine"),
+        "{reply:?}"
     );
 }
 

@@ -11,7 +11,8 @@
 //! **Outlier ejection.** A runner that answers its health check but keeps failing calls
 //! (it never acknowledges, its connection breaks) would come back after every probe and
 //! cost the next call again. After [`ClientConfig::eject_after`] failures in a row without
-//! an acknowledged call in between, it is *ejected*: its first health check waits
+//! an acknowledged call in between (the offers that fail together when it goes down count
+//! as one), it is *ejected*: its first health check waits
 //! `eject_initial`, doubled at each ejection in a row up to `eject_max`. An acknowledged
 //! call (committed or refused) ends the streak. Ejections are logged and counted
 //! ([`EjectionMetrics`]).
@@ -44,6 +45,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service;
 
 use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};
+
+/// The shortest wait for an acknowledgement that, passed in silence, marks the runner down
+/// (a runner acknowledges in about a millisecond). An offer given a shorter bound (the
+/// call's own wait was nearly over) is given up without blaming the runner.
+pub const FAIR_ACK_WAIT: Duration = Duration::from_millis(200);
 
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
@@ -143,6 +149,10 @@ pub enum TryCallError {
     Unreachable { address: String, reason: String },
     #[error("runner {address} broke the protocol before committing: {reason}")]
     Protocol { address: String, reason: String },
+    /// The offer's bound, cut short by the call's own wait, passed before the runner
+    /// answered; the runner is not blamed (see [`FAIR_ACK_WAIT`]).
+    #[error("gave up on runner {address} after {bound:?}: the call's wait was over")]
+    GaveUp { address: String, bound: Duration },
     /// The call cannot be offered to any runner (its opening message is larger than runners
     /// accept); found before anything was sent.
     #[error("the call cannot be sent to runner {address}: {reason}")]
@@ -305,9 +315,9 @@ impl RunnerClient {
 
     /// [`RunnerClient::try_call`], waiting at most `bound` (and never longer than the
     /// connect and acknowledgement timeouts together) for the runner's acknowledgement. A
-    /// runner that gives none in time is marked down, as one that cannot be reached: the
-    /// call was not committed, and its stream is reset, so the caller may offer it to
-    /// another runner.
+    /// runner that gives none in time is marked down, as one that cannot be reached, unless
+    /// `bound` was under [`FAIR_ACK_WAIT`]: the call was not committed, and its stream is
+    /// reset, so the caller may offer it to another runner.
     ///
     /// # Errors
     /// As [`RunnerClient::try_call`].
@@ -365,6 +375,13 @@ impl RunnerClient {
         };
         let (first, responses) = match tokio::time::timeout(bound, handshake).await {
             Ok(result) => result?,
+            Err(_) if bound < FAIR_ACK_WAIT => {
+                // The call's wait ran out, not the runner's fair chance to answer.
+                return Err(TryCallError::GaveUp {
+                    address: self.address.clone(),
+                    bound,
+                });
+            }
             Err(_) => {
                 return Err(self.mark_down(format!("no acknowledgement within {bound:?}")));
             }
@@ -480,8 +497,15 @@ impl RunnerClient {
     /// Turns the client into a placeholder and starts probing the runner; ejects it after
     /// `eject_after` failures in a row.
     fn mark_down(self: &Arc<Self>, reason: String) -> TryCallError {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let was_available = self.available.swap(false, Ordering::AcqRel);
+        // One incident fails every offer in flight on the runner together (calls queued
+        // behind one failed dial, say): only the one that took the runner down counts, so
+        // the streak counts the times it went down, not how busy it was then.
+        let failures = if was_available {
+            self.failures.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        };
         if failures >= self.config.eject_after.max(1) {
             self.failures.store(0, Ordering::Relaxed);
             let ejection = self.ejection_time(self.ejections.fetch_add(1, Ordering::Relaxed));
@@ -505,14 +529,20 @@ impl RunnerClient {
             tokio::spawn(async move {
                 loop {
                     let mut wake = tokio::time::Instant::now() + backoff.next_delay();
-                    if let Some(client) = this.upgrade()
-                        && let Some(until) = *client.ejected_until()
-                    {
-                        wake = wake.max(until);
-                    }
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep_until(wake) => {}
+                    loop {
+                        // Read again after each sleep: an ejection may have begun during it.
+                        if let Some(client) = this.upgrade()
+                            && let Some(until) = *client.ejected_until()
+                        {
+                            wake = wake.max(until);
+                        }
+                        if tokio::time::Instant::now() >= wake {
+                            break;
+                        }
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep_until(wake) => {}
+                        }
                     }
                     let Some(client) = this.upgrade() else { return };
                     match client.status().await {

@@ -21,7 +21,9 @@ pub mod reports;
 
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
-pub use client::{ClientConfig, EarlyBody, EjectionMetrics, Engaged, RunnerClient, TryCallError};
+pub use client::{
+    ClientConfig, EarlyBody, EjectionMetrics, Engaged, FAIR_ACK_WAIT, RunnerClient, TryCallError,
+};
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
 pub use reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};

@@ -48,6 +48,8 @@ pub enum Behaviour {
     Refuse,
     /// Refuse as too large: the call needs more memory than this runner has in all.
     RefuseTooLarge,
+    /// Refuse as invalid, for a reason of this runner's own (it has no container engine).
+    RefuseInvalid,
     /// Commit, then fail the stream with an error status before any result.
     CommitThenFail,
     /// Commit, then end the stream cleanly without a result or `CallFinished`.
@@ -512,12 +514,22 @@ async fn run(
         stall(inbound, tx).await;
         return Ending::LbWentAway;
     }
-    if behaviour == Behaviour::RefuseTooLarge {
+    if let Some((reason, details)) = match behaviour {
+        Behaviour::RefuseTooLarge => Some((
+            RefusalReason::TooLarge,
+            "fake runner: call needs more memory than this runner has",
+        )),
+        Behaviour::RefuseInvalid => Some((
+            RefusalReason::Invalid,
+            "fake runner: this runner has no container engine",
+        )),
+        _ => None,
+    } {
         let refusal = runner_msg::Body::Acknowledged(CallAcknowledged {
             committed: false,
-            details: "fake runner: call needs more memory than this runner has".into(),
+            details: details.into(),
             slot_allocation_latency_us: 1,
-            refusal: RefusalReason::TooLarge as i32,
+            refusal: reason as i32,
             pool_version: 0,
         });
         return match send(tx, refusal).await {
@@ -535,9 +547,10 @@ async fn run(
         return Ending::LbWentAway;
     }
     match behaviour {
-        Behaviour::Refuse | Behaviour::RefuseTooLarge | Behaviour::NeverAcknowledge => {
-            Ending::Refused
-        }
+        Behaviour::Refuse
+        | Behaviour::RefuseTooLarge
+        | Behaviour::RefuseInvalid
+        | Behaviour::NeverAcknowledge => Ending::Refused,
         Behaviour::CommitThenFail => {
             // An error status ends the stream; the dropped inbound half goes with it.
             match tx.send(Err(Status::unavailable("fake runner died"))).await {
