@@ -31,7 +31,9 @@ pub struct BadAddress {
 }
 
 impl StaticPool {
-    /// One client per address, in the order given.
+    /// One client per address, in the order given; an address given again is left out
+    /// (with a warning), as the npm's lists do: it would take two places on the hash ring
+    /// and two shares of the calls, and split its state between two clients.
     ///
     /// # Errors
     /// [`BadAddress`] naming the first address that is not `host:port`.
@@ -40,8 +42,16 @@ impl StaticPool {
         tls: &TlsMode,
         config: &ClientConfig,
     ) -> Result<Self, BadAddress> {
+        let mut seen = std::collections::HashSet::new();
         let runners = addresses
             .iter()
+            .filter(|address| {
+                let first = seen.insert(address.as_str());
+                if !first {
+                    tracing::warn!(runner = %address, "FN_RUNNER_ADDRESSES lists this runner more than once; it is used once");
+                }
+                first
+            })
             .map(|address| {
                 check_host_port(address)?;
                 RunnerClient::new(address.clone(), address.clone(), tls, config.clone()).map_err(
@@ -100,6 +110,21 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_address_given_twice_takes_one_place() {
+        let addresses: Vec<String> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:1"]
+            .map(String::from)
+            .into();
+        let pool = StaticPool::new(&addresses, &TlsMode::Insecure, &ClientConfig::default())
+            .expect("valid");
+        let listed: Vec<_> = pool
+            .runners("a")
+            .iter()
+            .map(|r| r.address().to_owned())
+            .collect();
+        assert_eq!(listed, ["127.0.0.1:1", "127.0.0.1:2"]);
     }
 
     #[tokio::test]

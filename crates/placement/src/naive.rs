@@ -2,22 +2,36 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::{Order, PlacementKey, Placer};
+use crate::{ConsistentHashPlacer, Order, PlacementKey, Placer};
 
-/// Round-robin placement (`FN_PLACER=naive`): each call to [`Placer::order`] starts one runner
-/// further along than the previous one and walks the list circularly from there. The key is
-/// ignored.
+/// Round-robin placement (`FN_PLACER=naive`): each call to [`Placer::order`] for a function
+/// starts one runner further along than the previous one for it, and walks the list
+/// circularly from there.
 ///
-/// Spreads calls evenly over the runners regardless of which function they belong to, at the
-/// cost of warm containers: a function's calls visit every runner in turn.
-#[derive(Debug, Default)]
+/// Spreads each function's calls evenly over the runners, at the cost of warm containers: a
+/// function's calls visit every runner in turn. The rotation is kept per function (in one of
+/// [`ROTATIONS`], by the key's hash), not once for the LB: with one rotation, calls of two
+/// functions (or groups) in turn over two runners each always started on the same runner.
+#[derive(Debug)]
 pub struct NaivePlacer {
-    /// How many orders have been handed out; the next pass starts at `next % n`.
+    /// How many orders have been handed out for the functions of each slot; a pass starts
+    /// at `next % n`.
     ///
-    /// An atomic rather than a mutex: the placer is shared by all in-flight calls and only needs
-    /// a roughly fair start, so `Relaxed` increments suffice (no other memory is published through
-    /// it). It wraps at `usize::MAX`, which only skews one pass in 2^64.
-    next: AtomicUsize,
+    /// Atomics rather than a mutex: the placer is shared by all in-flight calls and only needs
+    /// a roughly fair start, so `Relaxed` increments suffice (no other memory is published
+    /// through them). Each wraps at `usize::MAX`, which only skews one pass in 2^64.
+    next: [AtomicUsize; ROTATIONS],
+}
+
+/// Rotations a [`NaivePlacer`] keeps; functions whose keys hash to the same one share it.
+pub const ROTATIONS: usize = 64;
+
+impl Default for NaivePlacer {
+    fn default() -> Self {
+        NaivePlacer {
+            next: std::array::from_fn(|_| AtomicUsize::new(0)),
+        }
+    }
 }
 
 impl NaivePlacer {
@@ -28,12 +42,14 @@ impl NaivePlacer {
 }
 
 impl Placer for NaivePlacer {
-    fn order(&self, _key: &PlacementKey, n: usize) -> Order {
+    fn order(&self, key: &PlacementKey, n: usize) -> Order {
         if n == 0 {
             // Nothing to place on; do not advance the rotation for an empty list.
             return Order::circular(0, 0);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let slot = usize::try_from(ConsistentHashPlacer::hash_key(key) % ROTATIONS as u64)
+            .unwrap_or_default();
+        let start = self.next[slot].fetch_add(1, Ordering::Relaxed);
         Order::circular(start, n)
     }
 
@@ -57,6 +73,30 @@ mod tests {
             seen.iter().all(|&s| s),
             "not every runner was yielded: {seen:?}"
         );
+    }
+
+    /// Calls of two functions in turn over two runners: each function's calls start on
+    /// each runner equally often (with one rotation for all, one function's always started
+    /// on runner 0 and the other's on runner 1).
+    #[test]
+    fn functions_called_in_turn_each_rotate_over_every_runner() {
+        let placer = NaivePlacer::new();
+        let slot = |key: &PlacementKey| ConsistentHashPlacer::hash_key(key) % ROTATIONS as u64;
+        let a = PlacementKey::new("app", "a");
+        let Some(b) = (0..1000)
+            .map(|i| PlacementKey::new("app", format!("b{i}")))
+            .find(|b| slot(b) != slot(&a))
+        else {
+            panic!("no key in another rotation among 1000");
+        };
+        let mut firsts = [[0usize; 2]; 2];
+        for _ in 0..50 {
+            for (i, key) in [&a, &b].into_iter().enumerate() {
+                let first = placer.order(key, 2).next().unwrap_or(usize::MAX);
+                firsts[i][first] += 1;
+            }
+        }
+        assert_eq!(firsts, [[25, 25], [25, 25]]);
     }
 
     #[test]
@@ -87,17 +127,6 @@ mod tests {
             .collect();
         assert_eq!(firsts, vec![0, 1, 2, 3, 0, 1]);
         assert_eq!(placer.order(&key, 4).collect::<Vec<_>>(), vec![2, 3, 0, 1]);
-    }
-
-    #[test]
-    fn the_key_does_not_matter() {
-        let a = NaivePlacer::new();
-        let b = NaivePlacer::new();
-        for i in 0..10 {
-            let ka = PlacementKey::new("app", format!("fn-{i}"));
-            let kb = PlacementKey::new("other", "x");
-            assert!(a.order(&ka, 5).eq(b.order(&kb, 5)));
-        }
     }
 
     #[test]
