@@ -296,6 +296,29 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         );
         return Ok(());
     }
+    // The functions in a directory two levels under /tmp, as `make demo` has them: the
+    // private /tmp hides the host's, and the working directory (the functions directory)
+    // must not lead back to the host's directory above it.
+    let above = tempfile::Builder::new()
+        .prefix("fn-isolated")
+        .tempdir_in("/tmp")?;
+    let functions = above.path().join("functions");
+    std::fs::create_dir(&functions)?;
+    for dir in [above.path(), functions.as_path()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    for program in ["fn-hello", "fn-hostile"] {
+        std::fs::copy(
+            fn_test_support::functions_dir().join(program),
+            functions.join(program),
+        )?;
+    }
+    let functions_dir = functions.display().to_string();
+    let namespaces = [
+        namespaces[0],
+        namespaces[1],
+        ("FN_FUNCTIONS_DIR", functions_dir.as_str()),
+    ];
     let Some(cluster) = root_cluster(CATALOG, &namespaces, "namespaces per instance").await? else {
         return Ok(());
     };
@@ -346,7 +369,7 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
             .and_then(|l| l.split(' ').nth(2))
             .map(str::to_owned))
     };
-    for dir in ["/dev/shm", "/var/tmp"] {
+    for dir in ["/dev/shm", "/var/tmp", "/run/lock", "/dev/mqueue"] {
         if std::path::Path::new(dir).is_dir() {
             let theirs = device(&victim.to_string(), dir)?;
             ensure!(
@@ -355,6 +378,19 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
             );
         }
     }
+    // The function's working directory is entered in its own tree: `..` of it is on the
+    // private /tmp, not the host's directory above the functions (the inherited one was).
+    use std::os::unix::fs::MetadataExt as _;
+    let cwd = std::fs::read_link(format!("/proc/{victim}/cwd"))?;
+    ensure!(cwd == functions, "working directory {}", cwd.display());
+    let theirs = std::fs::metadata(format!("/proc/{victim}/cwd/.."))?;
+    let host = std::fs::metadata(above.path())?;
+    ensure!(
+        (theirs.dev(), theirs.ino()) != (host.dev(), host.ino()),
+        "the function's working directory {} leads to the host's {}",
+        cwd.display(),
+        above.path().display()
+    );
     let Target {
         dir,
         socket,

@@ -12,8 +12,11 @@
 //! 2. **Inside** (PID 1 of the namespace, still root): makes every mount private, mounts a
 //!    `/proc` of the namespace (the function sees only its own processes), and a fresh tmpfs
 //!    on `/tmp` with the `--keep` directories (the instance directory with its socket) bound
-//!    back in, and fresh ones on `/dev/shm` and `/var/tmp` (with the IPC namespace, nothing
-//!    there is shared with other tenants or outlives the instance). Then it starts the program as `U`:`G` with no supplementary groups, reaps
+//!    back in, and fresh ones on `/var/tmp`, `/dev/shm` and `/run/lock` and the IPC
+//!    namespace's own `/dev/mqueue` (kept directories under them bound back too: nothing
+//!    there is shared with other tenants or outlives the instance). It enters its working
+//!    directory again in the new tree. Then it starts the program as `U`:`G` (required, never
+//!    0) with no supplementary groups, reaps
 //!    every process the namespace leaves behind, and exits with the program's status. When
 //!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
 //!    outside process goes, it exits.
@@ -100,8 +103,18 @@ fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Options, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if !options.probe && options.program.is_none() {
-        return Err("no program after --".to_owned());
+    if !options.probe {
+        if options.program.is_none() {
+            return Err("no program after --".to_owned());
+        }
+        // Root in the namespaces could undo them (unmount the private /tmp, say).
+        for (name, id) in [("--uid", options.uid), ("--gid", options.gid)] {
+            match id {
+                None => return Err(format!("{name} is required: a function never runs as root")),
+                Some(0) => return Err(format!("{name} 0: a function never runs as root")),
+                Some(_) => {}
+            }
+        }
     }
     Ok(options)
 }
@@ -209,12 +222,10 @@ fn run_inside(options: &Options) -> ExitCode {
         .stdin(Stdio::null())
         .env_clear()
         .envs(program_env(std::env::vars_os().collect()));
-    if let Some(gid) = options.gid {
-        command.gid(gid);
-    }
-    if let Some(uid) = options.uid {
-        // As root, std also drops every supplementary group.
-        command.uid(uid);
+    // Both set (checked when the options were read); as root, std also drops every
+    // supplementary group.
+    if let (Some(uid), Some(gid)) = (options.uid, options.gid) {
+        command.uid(uid).gid(gid);
     }
     let function = match command.spawn() {
         Ok(child) => child,
@@ -236,27 +247,47 @@ fn run_inside(options: &Options) -> ExitCode {
     }
 }
 
-/// Private mounts: a `/proc` of this namespace, and a fresh `/tmp` holding only the kept
-/// directories.
+/// The places every process may write, each given a file system of the instance's own:
+/// without, they were shared by every tenant (a channel between them) and outlived the
+/// instance, holding memory no limit counted once it was gone. `/tmp` always; the others
+/// where the host has them. `/dev/mqueue` gets the IPC namespace's own queues.
+const PRIVATE_PLACES: [(&str, &str, Option<&str>); 5] = [
+    ("/tmp", "tmpfs", Some("mode=1777")),
+    ("/var/tmp", "tmpfs", Some("mode=1777")),
+    ("/dev/shm", "tmpfs", Some("mode=1777")),
+    ("/run/lock", "tmpfs", Some("mode=1777")),
+    ("/dev/mqueue", "mqueue", None),
+];
+
+/// Private mounts: a `/proc` of this namespace, and a fresh file system on each of
+/// [`PRIVATE_PLACES`] holding only the kept directories under it; then the working
+/// directory entered again, in the new tree (the one inherited was the host's, and its
+/// `..` led out of the private `/tmp`).
 fn private_mounts(options: &Options) -> Result<(), String> {
     let none: Option<&str> = None;
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| format!("cannot make the mounts private: {e}"))?;
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), hardened, none)
         .map_err(|e| format!("cannot mount /proc for the namespace: {e}"))?;
-    // Kept directories under /tmp are opened before the tmpfs hides them, then bound back.
-    let mut kept = Vec::new();
-    let under_tmp: Vec<&PathBuf> = options
+    let places: Vec<_> = PRIVATE_PLACES
+        .into_iter()
+        .filter(|(path, ..)| *path == "/tmp" || std::path::Path::new(path).is_dir())
+        .collect();
+    // Kept directories under those places are opened before the new file systems hide
+    // them, then bound back. A directory inside another kept one comes with it.
+    let hidden: Vec<&PathBuf> = options
         .keep
         .iter()
-        .filter(|d| d.starts_with("/tmp"))
+        .filter(|d| places.iter().any(|(path, ..)| d.starts_with(path)))
         .collect();
-    // A directory inside another kept one comes with it.
-    let outermost = under_tmp
+    let mut kept = Vec::new();
+    for dir in hidden
         .iter()
-        .filter(|d| !under_tmp.iter().any(|o| o != *d && d.starts_with(o)));
-    for dir in outermost {
+        .filter(|d| !hidden.iter().any(|o| o != *d && d.starts_with(o)))
+    {
         let fd = open(
             dir.as_path(),
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -265,37 +296,25 @@ fn private_mounts(options: &Options) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
         kept.push((dir, fd));
     }
-    mount(
-        Some("tmpfs"),
-        "/tmp",
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(|e| format!("cannot mount a private /tmp: {e}"))?;
-    // The other places every process may write: without their own they were shared by every
-    // tenant (a channel between them) and outlived the instance, holding memory that no
-    // limit counted once it was gone.
-    for shared in ["/dev/shm", "/var/tmp"] {
-        let path = std::path::Path::new(shared);
-        if !path.is_dir() || options.keep.iter().any(|d| d.starts_with(path)) {
-            continue;
-        }
-        mount(
-            Some("tmpfs"),
-            shared,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        )
-        .map_err(|e| format!("cannot mount a private {shared}: {e}"))?;
+    for (path, fstype, data) in places {
+        let flags = match fstype {
+            "mqueue" => hardened,
+            _ => MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        };
+        mount(Some(fstype), path, Some(fstype), flags, data)
+            .map_err(|e| format!("cannot mount a private {path}: {e}"))?;
     }
     for (dir, fd) in kept {
         // Traversable, not listable, as the runner's socket root: an instance finds its own
         // directory and cannot tell what else the runner keeps.
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o711)
             .create(dir)
-            .map_err(|e| format!("cannot recreate {} in the private /tmp: {e}", dir.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot recreate {} in its private place: {e}",
+                    dir.display()
+                )
+            })?;
         let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
         mount(
             Some(source.as_str()),
@@ -304,9 +323,19 @@ fn private_mounts(options: &Options) -> Result<(), String> {
             MsFlags::MS_BIND,
             none,
         )
-        .map_err(|e| format!("cannot bind {} into the private /tmp: {e}", dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot bind {} back into its private place: {e}",
+                dir.display()
+            )
+        })?;
     }
-    Ok(())
+    std::env::set_current_dir(&cwd).map_err(|e| {
+        format!(
+            "cannot enter the working directory {} in the namespace (keep it with --keep): {e}",
+            cwd.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -390,5 +419,19 @@ mod tests {
         );
         let err = parse(args(&["--keep"])).expect_err("no value");
         assert!(err.contains("--keep needs a value"), "{err}");
+    }
+
+    /// Root in the namespaces could undo them: a program runs as a user given, never 0.
+    #[test]
+    fn a_program_never_runs_as_root() {
+        let err = parse(args(&["--gid", "5", "--", "p"])).expect_err("no uid");
+        assert!(err.contains("--uid is required"), "{err}");
+        let err = parse(args(&["--uid", "5", "--", "p"])).expect_err("no gid");
+        assert!(err.contains("--gid is required"), "{err}");
+        let err = parse(args(&["--uid", "0", "--gid", "5", "--", "p"])).expect_err("root");
+        assert!(err.contains("--uid 0"), "{err}");
+        let err = parse(args(&["--uid", "5", "--gid", "0", "--", "p"])).expect_err("root");
+        assert!(err.contains("--gid 0"), "{err}");
+        assert!(parse(args(&["--uid", "5", "--gid", "5", "--", "p"])).is_ok());
     }
 }

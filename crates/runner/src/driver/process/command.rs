@@ -23,7 +23,8 @@ impl FunctionUser {
     /// is the user's primary group.
     ///
     /// # Errors
-    /// [`SetupError::FunctionUser`] when there is no such user or the lookup fails.
+    /// [`SetupError::FunctionUser`] when there is no such user, the lookup fails, or the
+    /// user is root (uid or primary group 0).
     pub fn lookup(name: &str) -> Result<Self, SetupError> {
         let fail = |reason: String| SetupError::FunctionUser {
             name: name.to_owned(),
@@ -35,6 +36,14 @@ impl FunctionUser {
         }
         .map_err(|e| fail(format!("lookup failed: {e}")))?;
         let user = found.ok_or_else(|| fail("no such user".into()))?;
+        if user.uid.is_root() || user.gid.as_raw() == 0 {
+            // Root in a function's namespaces could undo them, and outside them it is the
+            // runner's equal: functions always run unprivileged.
+            return Err(fail(
+                "functions never run as root (uid or primary group 0): name an unprivileged user"
+                    .into(),
+            ));
+        }
         Ok(FunctionUser {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
@@ -359,15 +368,17 @@ mod tests {
     }
 
     #[test]
-    fn looks_up_users_by_name_and_uid() {
+    fn looks_up_users_by_name_and_uid_and_never_root() {
+        let nobody = FunctionUser::lookup("nobody").expect("user nobody");
+        assert_ne!(nobody.uid, 0);
         assert_eq!(
-            FunctionUser::lookup("root").ok(),
-            Some(FunctionUser { uid: 0, gid: 0 })
+            FunctionUser::lookup(&nobody.uid.to_string()).ok(),
+            Some(nobody)
         );
-        assert_eq!(
-            FunctionUser::lookup("0").ok(),
-            Some(FunctionUser { uid: 0, gid: 0 })
-        );
+        for root in ["root", "0"] {
+            let err = FunctionUser::lookup(root).expect_err("root refused");
+            assert!(err.to_string().contains("never run as root"), "{err}");
+        }
         assert!(matches!(
             FunctionUser::lookup("no-such-user-here"),
             Err(SetupError::FunctionUser { .. })
