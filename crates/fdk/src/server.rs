@@ -143,6 +143,11 @@ pub(crate) async fn serve<F, Fut>(
     while connections.join_next().await.is_some() {}
 }
 
+/// Most header lines a call from the runner may carry: the runner passes up to 256 of the
+/// client's (as `Fn-Http-H-*`) and a few of the contract's; hyper's default of 100 refused
+/// calls with more than about 93 client headers with 431, which no Fn FDK does.
+const MAX_REQUEST_HEADERS: usize = 512;
+
 async fn serve_connection<F, Fut>(
     stream: UnixStream,
     shared: Arc<Shared<F>>,
@@ -155,7 +160,9 @@ async fn serve_connection<F, Fut>(
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(dispatch(&shared, request).await) }
     });
-    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let connection = http1::Builder::new()
+        .max_headers(MAX_REQUEST_HEADERS)
+        .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let stopping = async move {
         // Ok (told to stop) and Err (the server is gone) both mean stop; the guard on the

@@ -21,6 +21,10 @@ use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
+
+/// Most header lines a function's answer may carry: the LB passes up to
+/// `fn_protocol::call::MAX_HEADERS` (256) on to the client, and the contract adds a few.
+const FUNCTION_RESPONSE_HEADERS: usize = 512;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -228,6 +232,8 @@ impl SocketClient {
         };
         let handshake = http1::Builder::new()
             .max_buf_size(FUNCTION_READ_BUFFER)
+            // The LB passes up to 256 response headers on; hyper's default is 100.
+            .max_headers(FUNCTION_RESPONSE_HEADERS)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
