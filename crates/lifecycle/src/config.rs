@@ -182,9 +182,16 @@ fn classify(cmd: &clap::Command, err: clap::Error) -> ParseOutcome {
                     .then(|| env.to_string_lossy().into_owned())
             })
     });
+    // clap puts the values a setting takes on a line of its own, which is not kept.
+    let valid = match err.get(clap::error::ContextKind::ValidValue) {
+        Some(clap::error::ContextValue::Strings(values)) if !values.is_empty() => {
+            format!(" (one of: {})", values.join(", "))
+        }
+        _ => String::new(),
+    };
     ParseOutcome::Invalid(match var {
-        Some(var) => format!("{var}: {first}"),
-        None => first,
+        Some(var) => format!("{var}: {first}{valid}"),
+        None => format!("{first}{valid}"),
     })
 }
 
@@ -206,6 +213,20 @@ mod tests {
         common: CommonArgs,
         #[arg(long, env = "FN_TEST_PORT_XYZ", default_value_t = 9000)]
         port: u16,
+    }
+
+    #[test]
+    fn a_bad_choice_names_the_variable_and_the_choices() {
+        let parsed: Result<Cli, _> = try_parse_from(["x", "--log-format", "yaml"]);
+        let Err(ParseOutcome::Invalid(message)) = parsed else {
+            panic!("yaml is no log format");
+        };
+        assert!(
+            message.starts_with("FN_LOG_FORMAT: ")
+                && message.contains("'yaml'")
+                && message.ends_with("(one of: text, json)"),
+            "{message}"
+        );
     }
 
     #[test]

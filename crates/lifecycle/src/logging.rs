@@ -22,10 +22,7 @@ pub struct LogLevelError {
 /// # Errors
 /// When `level` is not a valid filter. A second call in one process is ignored.
 pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
-    let filter = EnvFilter::try_new(level).map_err(|e| LogLevelError {
-        filter: level.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let filter = filter(level)?;
     let colour = use_colour(
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         std::env::var_os("NO_COLOR").as_deref(),
@@ -40,6 +37,29 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     Ok(())
+}
+
+/// The filter `level` names. A directive without `=` must be a level: `EnvFilter` reads any
+/// other bare word as a target to trace, so `warning` or `inf0` turned every log line off,
+/// errors included, without a word.
+fn filter(level: &str) -> Result<EnvFilter, LogLevelError> {
+    let invalid = |reason: String| LogLevelError {
+        filter: level.to_owned(),
+        reason,
+    };
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=')
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(invalid(format!(
+                "{directive:?} is not a level (off, error, warn, info, debug, trace) nor \
+                 target=level"
+            )));
+        }
+    }
+    EnvFilter::try_new(level).map_err(|e| invalid(e.to_string()))
 }
 
 /// Whether log lines get ANSI colours: only on a terminal, and never when `NO_COLOR` is set
@@ -130,6 +150,20 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn a_level_that_is_no_level_is_refused_not_read_as_a_target() {
+        for good in ["info", "WARN", "debug,h2=info", "fn_lb=trace", "off"] {
+            assert!(filter(good).is_ok(), "{good}");
+        }
+        for typo in ["warning", "inf0", "information", "info,warnn"] {
+            let err = filter(typo).expect_err(typo).to_string();
+            assert!(
+                err.starts_with("FN_LOG_LEVEL: invalid filter") && err.contains("is not a level"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn a_throttle_lets_one_warning_through_per_interval_and_counts_the_rest() {
