@@ -476,10 +476,18 @@ impl DockerDriver {
         let container = match self.docker.create_container(Some(options), body).await {
             Ok(created) => created.id,
             Err(e) => {
+                // No answer (a timeout, a broken connection) may hide a container the engine
+                // made all the same: remove it by name. An answer means there is none.
+                if !matches!(e, BollardError::DockerResponseServerError { .. })
+                    && let Err(e) = remove_container(&self.docker, &name).await
+                {
+                    tracing::warn!(container = %name, error = %e, "cannot remove a container whose creation got no answer; the runner's next start removes it");
+                }
                 remove_instance_dir(&dir);
+                // A 404 here is the image's (gone since it was checked), not the container's.
                 return Err(DriverError::Start(format!(
                     "cannot create a container of image {image:?}: {}",
-                    classify(e, &name)
+                    classify(e, image)
                 )));
             }
         };
@@ -928,17 +936,43 @@ fn container_name(app: &str, function: &str, instance: &str) -> String {
 }
 
 /// Creates the iofs root (mode 0711: containers' users reach their own directory, nobody
-/// lists the others) and returns its canonical path.
+/// lists the others) and returns its canonical path. One that exists must be a directory
+/// of the runner's own user, not a symlink: instance directories are made and handed to
+/// function users in it by path, and whoever owns it could swap one for a link to any
+/// directory between the two steps (and have it chowned, and mounted into a container).
 fn prepare_iofs_root(root: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt as _;
     let fail = |what: &str, e: std::io::Error| {
         format!("FN_DOCKER_IOFS_DIR {}: {what}: {e}", root.display())
     };
-    if !root.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(root)
-            .map_err(|e| fail("cannot create", e))?;
+    match std::fs::symlink_metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(root)
+                .map_err(|e| fail("cannot create", e))?;
+        }
+        Err(e) => return Err(fail("cannot read", e)),
+        Ok(meta) => {
+            let own = nix::unistd::geteuid().as_raw();
+            if !meta.is_dir() {
+                return Err(format!(
+                    "FN_DOCKER_IOFS_DIR {}: not a directory (a symlink?): point it at a \
+                     directory of the runner's own",
+                    root.display()
+                ));
+            }
+            if meta.uid() != own {
+                return Err(format!(
+                    "FN_DOCKER_IOFS_DIR {}: owned by uid {}, not the runner's ({own}): \
+                     another user could swap the instance directories made in it; remove it \
+                     or point FN_DOCKER_IOFS_DIR at a directory of the runner's own",
+                    root.display(),
+                    meta.uid()
+                ));
+            }
+        }
     }
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
         .map_err(|e| fail("cannot set mode 0711", e))?;
@@ -983,6 +1017,38 @@ mod tests {
         // Nobody holds either: a new lock, and the old entries are gone.
         let _c = locks.of("c:1");
         assert_eq!(locks.by_image.lock().expect("lock").len(), 1);
+    }
+
+    /// Instance directories are made and chowned by path in the iofs root: one another user
+    /// owns, or a symlink, is refused (whoever owns it could swap an instance directory for
+    /// a link to any directory); a missing one is made; one of the runner's own gets 0711.
+    #[test]
+    fn the_iofs_root_must_be_a_directory_of_the_runners_own() {
+        use std::os::unix::fs::MetadataExt as _;
+        let base = tempfile::tempdir().expect("tempdir");
+        let made = base.path().join("iofs");
+        let canonical = prepare_iofs_root(&made).expect("made");
+        assert_eq!(canonical, std::fs::canonicalize(&made).expect("exists"));
+        let mode = std::fs::metadata(&made).expect("meta").mode() & 0o7777;
+        assert_eq!(mode, 0o711);
+
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        prepare_iofs_root(&made).expect("its own, loosened: tightened again");
+        let mode = std::fs::metadata(&made).expect("meta").mode() & 0o7777;
+        assert_eq!(mode, 0o711);
+
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&made, &link).expect("symlink");
+        let err = prepare_iofs_root(&link).expect_err("a symlink");
+        assert!(err.contains("not a directory"), "{err}");
+
+        if nix::unistd::geteuid().is_root() {
+            let theirs = base.path().join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            let err = prepare_iofs_root(&theirs).expect_err("another user's");
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
     }
 
     #[test]
