@@ -81,12 +81,41 @@ const ROLE_FUNCTION: &str = "function";
 /// holds its lock or waits for it.
 #[derive(Debug, Default)]
 struct PullLocks {
-    by_image: std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    by_image: std::sync::Mutex<HashMap<String, std::sync::Weak<PullLock>>>,
+}
+
+/// One image's pull lock, holding how its last pull failed, and when.
+type PullLock = tokio::sync::Mutex<Option<(Instant, String)>>;
+
+/// Runs `pull` under `lock`: one pull of an image at a time, and the callers that waited
+/// for a pull that failed get its error instead of pulling again one after another (twenty
+/// calls for an image on a registry that does not answer took twenty pull timeouts). The
+/// wait for the lock is bounded by `wait`.
+async fn pull_once<Fut>(
+    lock: &PullLock,
+    wait: Duration,
+    pull: impl FnOnce() -> Fut,
+) -> Result<(), String>
+where
+    Fut: Future<Output = Result<(), String>>,
+{
+    let asked = Instant::now();
+    let mut last = tokio::time::timeout(wait, lock.lock())
+        .await
+        .map_err(|_| format!("another pull of the image took longer than {wait:?}"))?;
+    if let Some((ended, error)) = last.as_ref()
+        && *ended >= asked
+    {
+        return Err(error.clone());
+    }
+    let outcome = pull().await;
+    *last = outcome.as_ref().err().map(|e| (Instant::now(), e.clone()));
+    outcome
 }
 
 impl PullLocks {
     /// The lock of `image`.
-    fn of(&self, image: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn of(&self, image: &str) -> Arc<PullLock> {
         let mut by_image = self
             .by_image
             .lock()
@@ -95,7 +124,7 @@ impl PullLocks {
             return lock;
         }
         by_image.retain(|_, lock| lock.strong_count() > 0);
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let lock = Arc::new(tokio::sync::Mutex::new(None));
         by_image.insert(image.to_owned(), Arc::downgrade(&lock));
         lock
     }
@@ -390,7 +419,13 @@ impl DockerDriver {
             )));
         }
         let lock = self.pulls.of(image);
-        let _one_at_a_time = lock.lock().await;
+        pull_once(&lock, self.config.pull_timeout, || self.pull(image))
+            .await
+            .map_err(DriverError::Start)
+    }
+
+    /// Pulls `image` unless it arrived meanwhile; the error says what failed.
+    async fn pull(&self, image: &str) -> Result<(), String> {
         if self.docker.inspect_image(image).await.is_ok() {
             return Ok(());
         }
@@ -418,14 +453,14 @@ impl DockerDriver {
         };
         match tokio::time::timeout(self.config.pull_timeout, pull).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(DriverError::Start(format!(
+            Ok(Err(e)) => Err(format!(
                 "image {image:?} is not on the engine and pulling it failed: {e}"
-            ))),
-            Err(_) => Err(DriverError::Start(format!(
+            )),
+            Err(_) => Err(format!(
                 "image {image:?} is not on the engine and pulling it took longer than \
                  FN_DOCKER_PULL_TIMEOUT ({:?})",
                 self.config.pull_timeout
-            ))),
+            )),
         }
     }
 
@@ -999,6 +1034,47 @@ fn untagged(image: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Calls that waited for a pull that failed get its error: the image is pulled once,
+    /// not once per waiting call; a call that comes after tries again; the wait for another
+    /// call's pull is bounded.
+    #[tokio::test]
+    async fn callers_that_waited_for_a_failed_pull_share_its_error() {
+        let lock = PullLock::new(None);
+        let pulls = std::sync::atomic::AtomicUsize::new(0);
+        let failing = || async {
+            pulls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<(), _>("registry says no".to_owned())
+        };
+        let wait = Duration::from_secs(5);
+        let outcomes =
+            futures::future::join_all((0..5).map(|_| pull_once(&lock, wait, failing))).await;
+        assert_eq!(
+            pulls.load(Ordering::SeqCst),
+            1,
+            "pulled once for five callers"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| o.as_ref().err().map(String::as_str) == Some("registry says no")),
+            "{outcomes:?}"
+        );
+        assert!(pull_once(&lock, wait, failing).await.is_err());
+        assert_eq!(pulls.load(Ordering::SeqCst), 2, "a later call tries again");
+        assert_eq!(pull_once(&lock, wait, || async { Ok(()) }).await, Ok(()));
+
+        let held = lock.lock().await;
+        let err = pull_once(&lock, Duration::from_millis(20), || async { Ok(()) })
+            .await
+            .expect_err("the lock is held");
+        assert!(
+            err.contains("another pull of the image took longer"),
+            "{err}"
+        );
+        drop(held);
+    }
 
     #[tokio::test]
     async fn a_pull_holds_up_calls_for_its_image_only() {
