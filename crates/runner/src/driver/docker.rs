@@ -133,9 +133,11 @@ impl PullLocks {
 /// Longest container name made (Docker allows more; names stay readable in `docker ps`).
 const MAX_NAME_LEN: usize = 100;
 
-/// How long a container that is being removed may take before the removal is given up (the
-/// next start of this runner removes what is left).
+/// How long one removal of a container may take before it is tried again.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// First and longest pause between removals of a container the engine failed to remove.
+const REMOVE_RETRY: Duration = Duration::from_secs(1);
+const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The engine socket the driver uses (`DOCKER_HOST`, else the local socket), for messages.
 pub fn engine_socket() -> String {
@@ -764,14 +766,28 @@ async fn watch_container(
     };
     tracing::debug!(%container, %ended, "function container ended");
     ended_tx.send_replace(Some(ended));
-    match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&docker, &container)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(%container, error = %e, "cannot remove a function container; the runner's next start removes it")
+    // Until the engine says it is gone: a removal that failed once (the engine restarting,
+    // a 500) left the container running, untracked, until the runner's next start.
+    let mut backoff = fn_lifecycle::retry::Backoff::new(REMOVE_RETRY, REMOVE_RETRY_MAX);
+    let mut warned = false;
+    loop {
+        let failure =
+            match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&docker, &container)).await
+            {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {REMOVE_TIMEOUT:?}"),
+            };
+        if warned {
+            tracing::debug!(%container, error = %failure, "cannot remove a function container yet");
+        } else {
+            tracing::warn!(%container, error = %failure, "cannot remove a function container; retrying until the engine does");
+            warned = true;
         }
-        Err(_) => {
-            tracing::warn!(%container, "removing a function container takes too long; the runner's next start removes it")
-        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    if warned {
+        tracing::info!(%container, "function container removed after all");
     }
     let _ = remove_instance_dir(&shared.dir).await;
     shared.gone.cancel();
