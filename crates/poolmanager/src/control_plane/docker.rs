@@ -354,11 +354,20 @@ impl DockerControlPlane {
         &self.placement
     }
 
+    /// The runner containers this npm made: its label and the runner role. A function
+    /// container can carry this npm's label too (the engine merges an image's labels into
+    /// its containers', and the driver sets only its own keys): without the role it was
+    /// taken for a broken runner, and removed.
     async fn own_containers(&self) -> Result<Vec<Container>, ControlPlaneError> {
-        self.engine
+        let listed = self
+            .engine
             .list(LABEL_NPM, &self.placement.npm_id)
             .await
-            .map_err(|e| ControlPlaneError::Failed(format!("listing runner containers: {e}")))
+            .map_err(|e| ControlPlaneError::Failed(format!("listing runner containers: {e}")))?;
+        Ok(listed
+            .into_iter()
+            .filter(|c| c.labels.get(LABEL_ROLE).map(String::as_str) == Some("runner"))
+            .collect())
     }
 
     /// Removes a container that will not become a runner; failures are only logged.

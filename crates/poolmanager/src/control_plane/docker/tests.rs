@@ -539,6 +539,30 @@ async fn the_function_containers_a_runner_left_go_once_it_is_gone() {
     assert!(engine.names().is_empty(), "{:?}", engine.names());
 }
 
+/// An image labelled with this npm's id (the engine merges an image's labels into its
+/// containers') makes a function container that carries it: the npm neither lists it as a
+/// runner nor removes it, created or running, nor at shutdown.
+#[tokio::test]
+async fn a_function_container_carrying_the_npms_label_is_no_runner() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true);
+    let npm_id = placement().npm_id;
+    for (name, state) in [
+        ("fn-created", ContainerState::Created),
+        ("fn-running", ContainerState::Running),
+        ("fn-exited", ContainerState::Stopped),
+    ] {
+        engine.add(
+            name,
+            state,
+            &[(LABEL_NPM, npm_id.as_str()), (LABEL_ROLE, "function")],
+        );
+    }
+    assert!(cp.list().await.expect("list").is_empty());
+    cp.shutdown().await;
+    assert_eq!(engine.names().len(), 3, "{:?}", engine.names());
+}
+
 #[tokio::test]
 async fn without_a_function_engine_the_npm_touches_no_function_container() {
     let engine = Arc::new(FakeEngine::default());
