@@ -69,11 +69,25 @@ fn build_images() -> anyhow::Result<()> {
                     let source = bins.join(binary);
                     std::fs::copy(&source, context.path().join("function"))
                         .with_context(|| format!("{} (a static build)", source.display()))?;
+                    // A directory anyone may write: only the read-only root file system
+                    // keeps a function from writing there. In a tar file, because COPY
+                    // makes a directory 0755 whatever its mode, and ADD keeps the archive's.
+                    let writable = context.path().join("writable");
+                    std::fs::create_dir(&writable)?;
+                    std::fs::set_permissions(
+                        &writable,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+                    )?;
+                    let tar = std::process::Command::new("tar")
+                        .args(["-cf", "writable.tar", "writable"])
+                        .current_dir(context.path())
+                        .status()?;
+                    anyhow::ensure!(tar.success(), "tar of the writable directory: {tar}");
                     std::fs::write(
                         context.path().join("Dockerfile"),
                         format!(
                             "FROM scratch\nLABEL {IMAGE_LABEL}=1\nCOPY function /function\n\
-                             ENTRYPOINT [\"/function\"]\n"
+                             ADD writable.tar /\nENTRYPOINT [\"/function\"]\n"
                         ),
                     )?;
                     let dir = context.path().display().to_string();
@@ -457,6 +471,10 @@ async fn containers_are_isolated_limited_and_fail_clearly() -> anyhow::Result<()
     ensure!(
         report.contains("run as root: denied (uid 65534)"),
         "not the default user:\n{report}"
+    );
+    ensure!(
+        report.contains("write to the root file system: denied (Read-only file system"),
+        "the write was refused for another reason than a read-only root:\n{report}"
     );
 
     // Past its 64 MB: the kernel kills it, the call is a 502 that says so.

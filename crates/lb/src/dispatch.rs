@@ -275,6 +275,7 @@ impl Dispatcher {
             report.as_mut().enable();
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
+            let mut unavailable = 0usize;
             // The pass's last refusal as invalid: the answer if every runner said so.
             let mut refused_as_invalid: Option<CallError> = None;
             let pass = if informed {
@@ -318,6 +319,7 @@ impl Dispatcher {
                     continue;
                 };
                 if !runner.is_available() {
+                    unavailable += 1;
                     continue; // a placeholder never takes a call
                 }
                 attempts += 1;
@@ -369,6 +371,17 @@ impl Dispatcher {
             // The last pass starts just before the deadline rather than one pause early.
             let left = deadline.saturating_duration_since(Instant::now());
             if left <= LAST_PASS {
+                if unavailable == runners.len() {
+                    // Not a matter of room: say so, the operator has runners to look at.
+                    return Err(CallError::NoRunnerReachable {
+                        group: call.lb_group.clone(),
+                        why: match runners.len() {
+                            0 => "it has none".to_owned(),
+                            n => format!("all {n} of its runners are unreachable or ejected"),
+                        },
+                        waited: started.elapsed(),
+                    });
+                }
                 return Err(no_capacity(attempts));
             }
             if informed && offered < runners.len() && asked == 0 {

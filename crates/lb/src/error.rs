@@ -45,6 +45,14 @@ pub enum CallError {
     /// No runner took the call before the placer deadline (capacity; retry later).
     #[error("no runner had room for the call within {waited:?} ({attempts} attempts); retry later")]
     NoCapacity { waited: Duration, attempts: u32 },
+    /// When the placer deadline came, no runner of the group could be asked: it has none,
+    /// or every one is unreachable or ejected (runners or the network; retry later).
+    #[error("no runner of LB group {group} is reachable after {waited:?}: {why}; retry later")]
+    NoRunnerReachable {
+        group: String,
+        why: String,
+        waited: Duration,
+    },
     /// No runner of the group could ever hold the function's memory (configuration).
     #[error(
         "the function needs {memory_mb} MB and no runner of LB group {group} has that much \
@@ -82,6 +90,7 @@ impl CallError {
             CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             CallError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::NoCapacity { .. }
+            | CallError::NoRunnerReachable { .. }
             | CallError::ShuttingDown
             | CallError::ConnectionClosing
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,6 +104,7 @@ impl CallError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             CallError::NoCapacity { .. }
+            | CallError::NoRunnerReachable { .. }
             | CallError::ShuttingDown
             | CallError::ConnectionClosing => Some(1),
             _ => None,

@@ -169,8 +169,10 @@ impl Invoker {
         let placed = match self.dispatcher.place(&spec, &early).await {
             Ok(placed) => placed,
             Err(err) => {
-                if let CallError::NoCapacity { attempts, .. } = &err {
-                    self.metrics.not_placed(*attempts);
+                match &err {
+                    CallError::NoCapacity { attempts, .. } => self.metrics.not_placed(*attempts),
+                    CallError::NoRunnerReachable { .. } => self.metrics.not_placed(0),
+                    _ => {}
                 }
                 return Err(record.failed(err));
             }

@@ -42,6 +42,8 @@ pub enum CallOutcome {
     BadRequest,
     /// No runner had room before the placer deadline (503).
     NoCapacity,
+    /// 503: the group has no runner, or none could be asked.
+    NoRunnerReachable,
     /// No runner of the group is large enough for the function (503 at once).
     NoRunnerLargeEnough,
     /// The runners refuse the function itself (a catalog problem).
@@ -66,6 +68,7 @@ impl CallOutcome {
             CallOutcome::TooLarge => "too_large",
             CallOutcome::BadRequest => "bad_request",
             CallOutcome::NoCapacity => "no_capacity",
+            CallOutcome::NoRunnerReachable => "no_runner_reachable",
             CallOutcome::NoRunnerLargeEnough => "no_runner_large_enough",
             CallOutcome::Unrunnable => "unrunnable",
             CallOutcome::Timeout => "timeout",
@@ -87,6 +90,7 @@ impl From<&CallError> for CallOutcome {
             | CallError::TooManyHeaders { .. }
             | CallError::BodyStalled(_) => CallOutcome::BadRequest,
             CallError::NoCapacity { .. } => CallOutcome::NoCapacity,
+            CallError::NoRunnerReachable { .. } => CallOutcome::NoRunnerReachable,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
             CallError::Timeout(_) => CallOutcome::Timeout,

@@ -446,6 +446,42 @@ async fn a_runner_dying_mid_response_cuts_the_response_and_the_call_is_not_repla
     wait_released(&lb).await;
 }
 
+/// A 503 says why: a group whose runners are all unreachable is not told "no room" (which
+/// sends operators after capacity), and neither is one with no runner at all.
+#[tokio::test]
+async fn a_group_with_no_reachable_runner_gets_a_503_that_says_so() {
+    let pki = TestPki::new();
+    let closed = |_| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let addresses: Vec<String> = (0..2).map(closed).collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let options = || Options {
+        placer_timeout: Duration::from_millis(600),
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses, options()).await;
+    let reply = post(&lb, "/r/demo/echo", "anyone").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert!(reply.headers.get("retry-after").is_some(), "{reply:?}");
+    let message = reply.json_error();
+    assert!(
+        message.contains("no runner of LB group default is reachable")
+            && message.contains("all 2 of its runners are unreachable or ejected"),
+        "{message}"
+    );
+    assert!(
+        lb.metrics()
+            .contains("fn_lb_calls_total{outcome=\"no_runner_reachable\"} 1\n")
+    );
+
+    let empty = start_lb(&pki, &[], options()).await;
+    let reply = post(&empty, "/r/demo/echo", "anyone").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert!(reply.json_error().contains("it has none"), "{reply:?}");
+}
+
 #[tokio::test]
 async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_after() {
     let pki = TestPki::new();

@@ -126,9 +126,17 @@ fn main() -> ExitCode {
                 Err(format!("uid {}", nix::unistd::geteuid()))
             },
         );
+        // Into a directory anyone may write where the image has one (the test images do),
+        // so that only a read-only root file system can refuse it; else into `/`.
+        let writable = std::path::Path::new("/writable");
+        let planted = if writable.is_dir() {
+            writable.join("fn-hostile-was-here")
+        } else {
+            std::path::PathBuf::from("/fn-hostile-was-here")
+        };
         row(
             "write to the root file system",
-            std::fs::write("/fn-hostile-was-here", b"x").map_err(|e| e.to_string()),
+            std::fs::write(planted, b"x").map_err(|e| e.to_string()),
         );
         row("see a network interface other than loopback", {
             let interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
