@@ -196,3 +196,50 @@ async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> 
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());
     Ok(())
 }
+
+/// A second signal during the drain ends the daemon at once (before, it did nothing, and a
+/// 60 s drain delay could only be cut short with SIGKILL).
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
+    let certs = Certs::new()?;
+    let dir = tempfile::tempdir()?;
+    let catalog = dir.path().join("functions.toml");
+    std::fs::write(
+        &catalog,
+        "[[functions]]\napp = \"demo\"\nname = \"echo\"\ncommand = [\"fn-echo\"]\n",
+    )?;
+    let port = free_port()?;
+    let address = format!("127.0.0.1:{port}");
+    let vars = merge(&[
+        &certs.env(),
+        &env(&[
+            ("FN_PORT", &port.to_string()),
+            ("FN_LISTEN_ADDR", "127.0.0.1"),
+            ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
+            ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
+            ("FN_DRAIN_DELAY", "60s"),
+        ]),
+    ]);
+    let mut daemon = Daemon::spawn("lb-agent", &vars)?;
+    daemon.wait_http_health(&address, READY).await?;
+    daemon.signal(Signal::SIGTERM)?;
+    // Draining: health says 503 for the drain delay.
+    let start = std::time::Instant::now();
+    while fn_system_tests::http::get(&address, "/health")
+        .await?
+        .status
+        != 503
+    {
+        anyhow::ensure!(start.elapsed() < READY, "never reported draining");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    daemon.signal(Signal::SIGINT)?;
+    let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
+    assert_eq!(status.code(), Some(130), "log:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("second shutdown signal"),
+        "log:\n{}",
+        daemon.log()
+    );
+    Ok(())
+}
