@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Health;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// What a service's task returns: its name and how it ended.
+type Ended = (&'static str, Result<(), BoxError>);
 
 /// Why a daemon did not stop cleanly. The process should exit non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +43,9 @@ pub enum ServiceError {
 #[derive(Debug)]
 pub struct Services {
     root: CancellationToken,
-    tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
-    names: Vec<&'static str>,
+    tasks: JoinSet<Ended>,
+    /// The name of each service still running, by its task.
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
     health: Option<Health>,
     drain_delay: Duration,
 }
@@ -53,7 +56,7 @@ impl Services {
         Services {
             root,
             tasks: JoinSet::new(),
-            names: Vec::new(),
+            names: std::collections::HashMap::new(),
             health: None,
             drain_delay: Duration::ZERO,
         }
@@ -81,9 +84,10 @@ impl Services {
     {
         let token = self.root.child_token();
         let fut = service(token);
-        self.names.push(name);
-        self.tasks
+        let task = self
+            .tasks
             .spawn(async move { (name, fut.await.map_err(Into::into)) });
+        self.names.insert(task.id(), name);
     }
 
     /// Runs until `shutdown` completes or a service stops, then shuts everything down
@@ -101,7 +105,7 @@ impl Services {
         let requested = tokio::select! {
             () = shutdown => true,
             () = self.root.cancelled() => false,
-            Some(joined) = self.tasks.join_next() => {
+            Some(joined) = self.tasks.join_next_with_id() => {
                 first_error = Some(self.ended_early(joined));
                 false
             }
@@ -115,7 +119,7 @@ impl Services {
             tokio::select! {
                 () = tokio::time::sleep(self.drain_delay) => {}
                 () = self.root.cancelled() => {}
-                Some(joined) = self.tasks.join_next() => {
+                Some(joined) = self.tasks.join_next_with_id() => {
                     first_error = Some(self.ended_early(joined));
                 }
             }
@@ -124,13 +128,17 @@ impl Services {
         tracing::info!(grace = ?grace, "draining");
 
         let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = self.tasks.join_next().await {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
                 let err = match joined {
-                    Ok((name, Ok(()))) => {
+                    Ok((id, (name, Ok(())))) => {
+                        self.names.remove(&id);
                         tracing::debug!(service = name, "stopped");
                         continue;
                     }
-                    Ok((name, Err(source))) => ServiceError::Failed { name, source },
+                    Ok((id, (name, Err(source)))) => {
+                        self.names.remove(&id);
+                        ServiceError::Failed { name, source }
+                    }
                     Err(e) => ServiceError::Panicked {
                         name: self.panicked_name(&e),
                     },
@@ -161,12 +169,17 @@ impl Services {
 
     /// The error for a service that ended before it was asked to.
     fn ended_early(
-        &self,
-        joined: Result<(&'static str, Result<(), BoxError>), tokio::task::JoinError>,
+        &mut self,
+        joined: Result<(tokio::task::Id, Ended), tokio::task::JoinError>,
     ) -> ServiceError {
         let err = match joined {
-            Ok((name, Ok(()))) => ServiceError::StoppedEarly { name },
-            Ok((name, Err(source))) => ServiceError::Failed { name, source },
+            Ok((id, (name, ended))) => {
+                self.names.remove(&id);
+                match ended {
+                    Ok(()) => ServiceError::StoppedEarly { name },
+                    Err(source) => ServiceError::Failed { name, source },
+                }
+            }
             Err(e) => ServiceError::Panicked {
                 name: self.panicked_name(&e),
             },
@@ -175,15 +188,19 @@ impl Services {
         err
     }
 
-    fn panicked_name(&self, err: &tokio::task::JoinError) -> &'static str {
-        // JoinSet does not say which task panicked; with one name per task, say "one of".
-        tracing::error!(error = %err, services = ?self.names, "a service task panicked");
-        "unknown (see the log)"
+    /// The name of the service whose task ended with `err`, no longer running.
+    fn panicked_name(&mut self, err: &tokio::task::JoinError) -> &'static str {
+        tracing::error!(error = %err, "a service task panicked");
+        self.names
+            .remove(&err.id())
+            .unwrap_or("unknown (see the log)")
     }
 
+    /// The services still running, in name order.
     fn pending_names(&self) -> String {
-        // Names are not tracked per live task; list all registered services.
-        self.names.join(", ")
+        let mut pending: Vec<&str> = self.names.values().copied().collect();
+        pending.sort_unstable();
+        pending.join(", ")
     }
 }
 
@@ -241,11 +258,19 @@ mod tests {
         assert!(other_stopped.load(Ordering::SeqCst));
     }
 
+    /// The error names the services that did not stop, not every one started; a panic
+    /// names its service.
     #[tokio::test(start_paused = true)]
-    async fn shutdown_is_bounded_by_the_grace_period() {
+    async fn shutdown_is_bounded_by_the_grace_period_and_names_what_is_left() {
         let mut services = Services::new(CancellationToken::new());
-        services.spawn("stuck", |_cancel| async move {
-            std::future::pending::<()>().await;
+        for name in ["stuck", "also-stuck"] {
+            services.spawn(name, |_cancel| async move {
+                std::future::pending::<()>().await;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+        services.spawn("prompt", |cancel| async move {
+            cancel.cancelled().await;
             Ok::<_, std::io::Error>(())
         });
         let err = services
@@ -253,6 +278,26 @@ mod tests {
             .await
             .expect_err("times out");
         assert!(matches!(err, ServiceError::Timeout { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "shutdown took longer than 3s; abandoned: also-stuck, stuck"
+        );
+
+        let mut services = Services::new(CancellationToken::new());
+        services.spawn("steady", |cancel| async move {
+            cancel.cancelled().await;
+            Ok::<_, std::io::Error>(())
+        });
+        services.spawn("fragile", |_cancel| async move {
+            panic!("a bug");
+            #[allow(unreachable_code)]
+            Ok::<_, std::io::Error>(())
+        });
+        let err = services
+            .run(std::future::pending(), Duration::from_secs(3))
+            .await
+            .expect_err("the panic ends it");
+        assert_eq!(err.to_string(), "service `fragile` panicked");
     }
 
     #[tokio::test]
