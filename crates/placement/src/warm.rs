@@ -257,23 +257,30 @@ mod tests {
         );
     }
 
+    /// Loads above [`MIN_LOAD_BOUND`], at the bound and one past it, for two values of ε:
+    /// the home stays first while taking the call keeps it at `⌈(1 + ε)(m + 1)/k⌉`, and goes
+    /// last (warm or not) one call later. An ε ignored, or `>=` for `>`, fails a row.
     #[test]
     fn bounded_load_moves_the_homes_excess_along_the_ring() {
-        let placer = WarmPlacer::new(0.25);
         let order = ring(3);
-        let mut views = vec![known(false, true, 0); 3];
-        // 6 calls in all: the bound for one more is ceil(1.25 * 7 / 3) = 3.
-        views[order[0]] = known(true, true, 4);
-        views[order[1]] = known(false, true, 1);
-        views[order[2]] = known(false, true, 1);
-        assert_eq!(
-            placer.rank(&key(), &views),
-            vec![order[1], order[2], order[0]],
-            "the home is over the bound: tried last, warm or not"
-        );
-        // At the bound it is still the home.
-        views[order[0]] = known(true, true, 2);
-        assert_eq!(placer.rank(&key(), &views)[0], order[0]);
+        // (ε, the home's calls, whether it is over): the others carry 10 each.
+        for (epsilon, home, over) in [
+            (0.25, 14, false), // m = 34: bound ⌈1.25 · 35/3⌉ = 15, and 14 + 1 = 15
+            (0.25, 15, true),  // m = 35: bound ⌈1.25 · 36/3⌉ = 15, and 16 > 15
+            (0.5, 20, false),  // m = 40: bound ⌈1.5 · 41/3⌉ = 21, and 21
+            (0.5, 21, true),   // m = 41: bound ⌈1.5 · 42/3⌉ = 21, and 22 > 21
+        ] {
+            let placer = WarmPlacer::new(epsilon);
+            let mut views = vec![known(false, true, 10); 3];
+            views[order[0]] = known(true, true, home);
+            let ranked = placer.rank(&key(), &views);
+            let expected = if over {
+                vec![order[1], order[2], order[0]]
+            } else {
+                vec![order[0], order[1], order[2]]
+            };
+            assert_eq!(ranked, expected, "ε {epsilon}, home at {home}");
+        }
     }
 
     #[test]
