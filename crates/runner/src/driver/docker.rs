@@ -827,7 +827,9 @@ async fn remove_leftover(
             "removed a function container an earlier run of this runner left"
         ),
         Err(e) => {
-            tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container")
+            // Its directory stays too: the container may still run, and its socket with it.
+            tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container; the runner's next start tries again");
+            return;
         }
     }
     let instance = container
