@@ -320,10 +320,16 @@ fn tls_env(args: &TlsArgs) -> Vec<(String, String)> {
         v.as_ref()
             .map(|p| (k.to_owned(), absolute(p).display().to_string()))
     })
-    .chain([(
-        "FN_TLS_RELOAD_INTERVAL".to_owned(),
-        humantime::format_duration(args.tls_reload_interval).to_string(),
-    )])
+    .chain([
+        (
+            "FN_TLS_RELOAD_INTERVAL".to_owned(),
+            humantime::format_duration(args.tls_reload_interval).to_string(),
+        ),
+        (
+            "FN_TLS_RETIRE_GRACE".to_owned(),
+            humantime::format_duration(args.tls_retire_grace).to_string(),
+        ),
+    ])
     .collect()
 }
 
@@ -413,9 +419,10 @@ mod tests {
             tls_server_name: None,
             insecure: false,
             tls_reload_interval: std::time::Duration::from_secs(3),
+            tls_retire_grace: std::time::Duration::from_secs(120),
         };
         let env = tls_env(&args);
-        assert_eq!(env.len(), 3);
+        assert_eq!(env.len(), 4);
         assert!(env[0].1.starts_with('/') && env[0].1.ends_with("certs/node.pem"));
         assert_eq!(
             env[1],
@@ -426,6 +433,7 @@ mod tests {
             ("FN_TLS_RELOAD_INTERVAL".to_owned(), "3s".to_owned()),
             "runners check for rotated certificates as often as the npm"
         );
+        assert_eq!(env[3], ("FN_TLS_RETIRE_GRACE".to_owned(), "2m".to_owned()));
         let insecure = TlsArgs {
             insecure: true,
             node_cert: None,

@@ -50,7 +50,19 @@ impl NodeTls {
     /// # Errors
     /// When the crypto provider supports none of the default protocol versions (not with ring).
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-        let side = Arc::new(ClientSide(self.clone()));
+        self.client_config_recording(None)
+    }
+
+    /// [`NodeTls::client_config`] for one dial, recording in `presented` the certificate
+    /// the handshake presents (a reload during the handshake may put another in use).
+    pub(crate) fn client_config_recording(
+        &self,
+        presented: Option<Arc<std::sync::OnceLock<Arc<CertifiedKey>>>>,
+    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let side = Arc::new(ClientSide {
+            tls: self.clone(),
+            presented,
+        });
         let mut config =
             rustls::ClientConfig::builder_with_provider(Arc::clone(&self.shared.provider))
                 .with_safe_default_protocol_versions()?
@@ -136,11 +148,15 @@ impl ClientCertVerifier for ServerSide {
 }
 
 /// The client's view of the current material.
-struct ClientSide(NodeTls);
+struct ClientSide {
+    tls: NodeTls,
+    /// Where a dial records the certificate it presented.
+    presented: Option<Arc<std::sync::OnceLock<Arc<CertifiedKey>>>>,
+}
 
 impl std::fmt::Debug for ClientSide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ClientSide").field(&self.0).finish()
+        f.debug_tuple("ClientSide").field(&self.tls).finish()
     }
 }
 
@@ -150,7 +166,11 @@ impl ResolvesClientCert for ClientSide {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.0.current().certified))
+        let certified = Arc::clone(&self.tls.current().certified);
+        if let Some(presented) = &self.presented {
+            let _first_only = presented.set(Arc::clone(&certified));
+        }
+        Some(certified)
     }
 
     fn has_certs(&self) -> bool {
@@ -167,7 +187,7 @@ impl ServerCertVerifier for ClientSide {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.current().server_verifier.verify_server_cert(
+        self.tls.current().server_verifier.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -182,7 +202,7 @@ impl ServerCertVerifier for ClientSide {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
+        self.tls
             .current()
             .server_verifier
             .verify_tls12_signature(message, cert, dss)
@@ -194,14 +214,17 @@ impl ServerCertVerifier for ClientSide {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
+        self.tls
             .current()
             .server_verifier
             .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current().server_verifier.supported_verify_schemes()
+        self.tls
+            .current()
+            .server_verifier
+            .supported_verify_schemes()
     }
 }
 
@@ -267,7 +290,10 @@ mod tests {
         // A node built before AES-128 went first, dialling a new one mid rolling restart.
         let ca = DevCa::new("ca").expect("ca");
         let server = ca.node_tls(&[]).expect("server node");
-        let old = Arc::new(ClientSide(ca.node_tls(&[]).expect("client node")));
+        let old = Arc::new(ClientSide {
+            tls: ca.node_tls(&[]).expect("client node"),
+            presented: None,
+        });
         let mut old_client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -31,7 +31,7 @@ use rustls::crypto::CryptoProvider;
 
 pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
-pub use open::{RETIRE_GRACE, Recheck};
+pub use open::{RENEW_AHEAD, RETIRE_GRACE, Recheck};
 pub use transport::{
     CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, MAX_FRAME_SIZE, STREAM_WINDOW,
     grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,
@@ -96,6 +96,11 @@ pub struct TlsArgs {
     #[arg(long, env = "FN_TLS_RELOAD_INTERVAL", default_value = "10s",
           value_parser = parse_interval)]
     pub tls_reload_interval: Duration,
+    /// How long a connection whose peer no longer verifies (its CA left the bundle, or its
+    /// certificate expired) is kept for the calls on it before it is closed.
+    #[arg(long, env = "FN_TLS_RETIRE_GRACE", default_value = "10m",
+          value_parser = parse_interval)]
+    pub tls_retire_grace: Duration,
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -384,6 +389,7 @@ mod tests {
             tls_server_name: None,
             insecure: false,
             tls_reload_interval: Duration::from_secs(10),
+            tls_retire_grace: RETIRE_GRACE,
         }
     }
 
@@ -419,6 +425,7 @@ mod tests {
             tls_server_name: None,
             insecure: true,
             tls_reload_interval: Duration::ZERO,
+            tls_retire_grace: RETIRE_GRACE,
         };
         assert!(matches!(plain.load(), Ok(TlsMode::Insecure)));
     }

@@ -12,6 +12,12 @@
 //! shut down, which ends it at both ends whatever its peer does. A connection whose peer
 //! verifies again before then (the old bundle put back) is kept.
 //!
+//! A connection this node dialled is also moved off, without being closed, while its peer
+//! is still trusted: when the certificate it presented has been replaced, and when the
+//! peer's expires within [`RENEW_AHEAD`]. It drains and closes once idle, so that in a
+//! rotation done in its steps (renewals ahead of expiry; a CA rollover's switch before its
+//! finish) the connections the grace would cut are already gone.
+//!
 //! [`crate::watch::CertWatch`] runs the check after each new set is put in use, every minute
 //! (certificates expire), and when a grace ends.
 
@@ -30,8 +36,14 @@ use tokio::time::Instant;
 
 use crate::material::Material;
 
-/// How long a retired connection stays open for the calls already on it.
-pub const RETIRE_GRACE: Duration = Duration::from_secs(60);
+/// How long a retired connection stays open for the calls already on it, unless
+/// `FN_TLS_RETIRE_GRACE` says otherwise.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(600);
+
+/// A connection this node dialled takes no new calls once its peer's certificate expires
+/// within this (the longest call, an hour, and as much again): a new connection finds the
+/// peer's renewed certificate, and the old one drains before the old certificate ends.
+pub const RENEW_AHEAD: Duration = Duration::from_secs(2 * 3600);
 
 /// The open connections of one [`NodeTls`](crate::NodeTls) (shared by its clones).
 #[derive(Debug, Default)]
@@ -60,9 +72,13 @@ pub(crate) struct Entry {
     peer: Peer,
     /// The chain the peer presented, end entity first.
     chain: Vec<CertificateDer<'static>>,
+    /// When the peer's certificate ends, when it could be read.
+    peer_not_after: Option<SystemTime>,
     /// A second descriptor of the connection's socket, to shut it down from outside the
-    /// task that drives it. Closed with the entry, when the connection ends.
-    socket: std::net::TcpStream,
+    /// task that drives it. Closed when the connection ends (its [`Registration`] drops),
+    /// not with the entry, which a channel may hold longer: the socket would stay open
+    /// (in CLOSE_WAIT, its FIN never sent) for as long.
+    socket: Mutex<Option<std::net::TcpStream>>,
     retired: AtomicBool,
     /// Set once the socket has been shut down.
     shut: AtomicBool,
@@ -122,6 +138,25 @@ impl Entry {
         }
     }
 
+    /// Why a connection this node dialled, though still trusted, should take no new calls:
+    /// the certificate it presented has been replaced (a new connection presents the new
+    /// one, which the peer will still trust when the old one's CA has left the bundle), or
+    /// the peer's expires within [`RENEW_AHEAD`]. The connection then drains and closes
+    /// once idle, before anything would close it with calls on it.
+    fn stale(&self, material: &Material, now: SystemTime) -> Option<&'static str> {
+        let Peer::Server { presented, .. } = &self.peer else {
+            return None;
+        };
+        if presented.cert.first() != material.certified.cert.first() {
+            return Some("the certificate this node presented on it has been replaced");
+        }
+        let ends_soon = self.peer_not_after.is_some_and(|end| {
+            end.duration_since(now)
+                .map_or(true, |left| left < RENEW_AHEAD)
+        });
+        ends_soon.then_some("the peer's certificate expires soon")
+    }
+
     fn close_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.close_at.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -146,6 +181,13 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.open.lock().remove(&self.id);
+        drop(
+            self.entry
+                .socket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
     }
 }
 
@@ -160,6 +202,9 @@ pub struct Recheck {
     pub closed: usize,
     /// Retired connections kept because their peer verifies again.
     pub restored: usize,
+    /// Connections this node dialled that take no new calls though their peer is still
+    /// trusted (see `RENEW_AHEAD`): they drain, and close once idle.
+    pub moved: usize,
     /// When the next retired connection's grace ends.
     pub next_close: Option<Instant>,
 }
@@ -181,6 +226,10 @@ impl OpenConnections {
     ) -> Option<Registration> {
         let address = tcp.peer_addr().ok()?;
         let chain = chain.filter(|c| !c.is_empty())?.to_vec();
+        let peer_not_after = chain
+            .first()
+            .and_then(|end_entity| crate::expiry::Validity::of(end_entity).ok())
+            .map(|validity| validity.not_after);
         let socket = match tcp.as_fd().try_clone_to_owned() {
             Ok(fd) => std::net::TcpStream::from(fd),
             Err(e) => {
@@ -192,7 +241,8 @@ impl OpenConnections {
             address,
             peer,
             chain,
-            socket,
+            peer_not_after,
+            socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
             shut: AtomicBool::new(false),
             close_at: Mutex::new(None),
@@ -209,6 +259,7 @@ impl OpenConnections {
     /// Checks every open connection's peer under `material` at `now`; see the module docs.
     pub(crate) fn recheck(&self, material: &Material, now: SystemTime, grace: Duration) -> Recheck {
         let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        let wall = now;
         let now = UnixTime::since_unix_epoch(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
@@ -229,7 +280,15 @@ impl OpenConnections {
             let failure = entry.fails(material, now);
             let mut close_at = entry.close_at();
             match (failure, *close_at) {
-                (None, None) => {}
+                (None, None) => {
+                    if !entry.is_retired()
+                        && let Some(why) = entry.stale(material, wall)
+                    {
+                        entry.retired.store(true, Ordering::Release);
+                        outcome.moved += 1;
+                        tracing::debug!(peer = %entry.address, why, "gRPC connection: new calls go on a new connection");
+                    }
+                }
                 (None, Some(_)) => {
                     *close_at = None;
                     entry.retired.store(false, Ordering::Release);
@@ -245,7 +304,8 @@ impl OpenConnections {
                 }
                 (Some(_), Some(at)) if at <= instant => {
                     entry.shut.store(true, Ordering::Release);
-                    if let Err(e) = entry.socket.shutdown(Shutdown::Both) {
+                    let socket = entry.socket.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(Err(e)) = socket.as_ref().map(|s| s.shutdown(Shutdown::Both)) {
                         tracing::debug!(peer = %entry.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
                     }
                     outcome.closed += 1;
@@ -265,8 +325,8 @@ impl OpenConnections {
                 retired = outcome.retired, first = %peer, error = %reason, ?grace,
                 "gRPC connections retired: their peer's certificate no longer verifies under \
                  the certificates in use (a CA removed from FN_NODE_CERT_AUTHORITY, or the \
-                 peer's certificate expired); those this node dialled take no new calls, and \
-                 all are closed when the grace ends"
+                 peer's certificate expired); an lb-agent moves its calls to runners off them \
+                 at once, and all are closed when the grace ends"
             );
         }
         if let Some(peer) = first_closed {

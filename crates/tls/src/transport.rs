@@ -671,7 +671,10 @@ impl Service<Uri> for Dialer {
                             format!("{uri}: not a valid TLS server name: {e}"),
                         )
                     })?;
-            let config = tls.client_config().map_err(std::io::Error::other)?;
+            let presented = Arc::new(std::sync::OnceLock::new());
+            let config = tls
+                .client_config_recording(Some(Arc::clone(&presented)))
+                .map_err(std::io::Error::other)?;
             let tcp = connect_tcp(host, port).await?;
             let mut stream = TlsConnector::from(config)
                 .connect(name.clone(), tcp)
@@ -682,7 +685,10 @@ impl Service<Uri> for Dialer {
                 tcp,
                 Peer::Server {
                     name,
-                    presented: Arc::clone(&tls.current().certified),
+                    presented: presented
+                        .get()
+                        .cloned()
+                        .unwrap_or_else(|| Arc::clone(&tls.current().certified)),
                 },
                 session.peer_certificates(),
             );

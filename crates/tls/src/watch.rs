@@ -78,12 +78,15 @@ impl CertWatch {
         };
         let hangups = signal(SignalKind::hangup())
             .map_err(|e| format!("cannot handle SIGHUP (certificate reload): {e}"))?;
-        Ok(Some(Self::new(
-            tls.clone(),
-            args.tls_reload_interval,
-            Some(hangups),
-            registry,
-        )))
+        Ok(Some(
+            Self::new(
+                tls.clone(),
+                args.tls_reload_interval,
+                Some(hangups),
+                registry,
+            )
+            .retire_grace(args.tls_retire_grace),
+        ))
     }
 
     /// A watch of `tls` checking every `interval` (zero: only on SIGHUP), and on each
@@ -160,9 +163,9 @@ impl CertWatch {
                 () = cancel.cancelled() => return Ok(()),
                 _ = expiry_tick.tick() => {
                     self.expiry.check(SystemTime::now());
-                    self.recheck();
+                    self.recheck().await;
                 }
-                () = close_due(self.next_close) => self.recheck(),
+                () = close_due(self.next_close) => self.recheck().await,
                 _ = poll.tick(), if polling => self.poll().await,
                 () = next_hangup(self.hangups.as_mut()) => self.on_hangup().await,
             }
@@ -185,19 +188,29 @@ impl CertWatch {
                     tokio::time::sleep(SETTLE).await;
                     outcome = off_thread(&self.tls, NodeTls::reload).await;
                 }
-                self.record(outcome, false);
+                self.record(outcome, false).await;
             }
-            Err(e) => self.record(Err(e), false),
+            Err(e) => self.record(Err(e), false).await,
         }
     }
 
-    /// Checks the open connections' peers again; see [`NodeTls::recheck_connections`].
-    fn recheck(&mut self) {
+    /// Checks the open connections' peers again, on the blocking pool (a signature check
+    /// per connection: thousands of them must not hold up a runtime thread); see
+    /// [`NodeTls::recheck_connections`].
+    async fn recheck(&mut self) {
+        let (tls, grace) = (self.tls.clone(), self.grace);
+        let check = move || tls.recheck_connections(SystemTime::now(), grace);
         let Recheck {
             retired,
             next_close,
             ..
-        } = self.tls.recheck_connections(SystemTime::now(), self.grace);
+        } = match tokio::task::spawn_blocking(check).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "checking the open connections failed");
+                return;
+            }
+        };
         self.retired.inc_by(retired as u64);
         self.next_close = next_close;
     }
@@ -205,10 +218,10 @@ impl CertWatch {
     async fn on_hangup(&mut self) {
         tracing::info!("SIGHUP: checking the certificate files");
         let outcome = off_thread(&self.tls, NodeTls::reload).await;
-        self.record(outcome, true);
+        self.record(outcome, true).await;
     }
 
-    fn record(&mut self, outcome: Result<Reloaded, TlsError>, asked: bool) {
+    async fn record(&mut self, outcome: Result<Reloaded, TlsError>, asked: bool) {
         match outcome {
             Ok(Reloaded::Replaced) => {
                 self.last_rejection = None;
@@ -219,7 +232,7 @@ impl CertWatch {
                 if let Some(check) = &self.on_replaced {
                     check();
                 }
-                self.recheck();
+                self.recheck().await;
             }
             Ok(Reloaded::Unchanged) => {
                 if asked {

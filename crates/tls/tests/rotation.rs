@@ -25,6 +25,7 @@ fn from_files(dir: &Path) -> NodeTls {
         tls_server_name: None,
         insecure: false,
         tls_reload_interval: Duration::ZERO,
+        tls_retire_grace: fn_tls::RETIRE_GRACE,
     };
     match args.load().expect("loads") {
         TlsMode::Mutual(tls) => tls,
@@ -393,6 +394,7 @@ fn a_rotation_keeps_the_names_and_a_key_first_file_loads() {
         tls_server_name: None,
         insecure: false,
         tls_reload_interval: Duration::ZERO,
+        tls_retire_grace: fn_tls::RETIRE_GRACE,
     };
     assert!(
         matches!(args.load(), Ok(TlsMode::Mutual(_))),
@@ -610,6 +612,88 @@ async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) 
     common::direct_health(&direct)
         .await
         .expect("calls go on on the new connection");
+}
+
+/// A connection a [`DirectChannel`] dialled takes no new calls, though still trusted, once
+/// the certificate it presented is replaced (a rotation): the next call goes on a new
+/// connection with the new certificate, and the old one, idle, closes on its own; nothing
+/// is closed by force. So when a rollover's last step removes the old CA, no connection
+/// that carries its certificates is left to cut.
+#[tokio::test]
+async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is_rotated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let client_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let direct = DirectChannel::new(
+        &TlsMode::Mutual(client_tls.clone()),
+        &server.address,
+        Duration::from_secs(5),
+    )
+    .expect("address");
+    common::direct_health(&direct).await.expect("first call");
+    let grace = Duration::from_secs(600);
+    let unchanged = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!((unchanged.open, unchanged.moved), (1, 0), "{unchanged:?}");
+
+    dev::rotate_node(dir.path(), &[]).expect("rotate");
+    assert_eq!(client_tls.reload().expect("client"), Reloaded::Replaced);
+    let moved = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!(
+        (moved.open, moved.moved, moved.retired, moved.next_close),
+        (1, 1, 0, None),
+        "{moved:?}"
+    );
+    common::direct_health(&direct)
+        .await
+        .expect("the next call goes on a new connection");
+    let start = std::time::Instant::now();
+    loop {
+        let seen = server_tls.recheck_connections(SystemTime::now(), grace);
+        if seen.open == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the old connection, idle, is still open: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The new connection presents the new certificate: nothing more to move.
+    let settled = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!((settled.open, settled.moved), (1, 0), "{settled:?}");
+}
+
+/// A dialled connection whose server's certificate ends within `RENEW_AHEAD` takes no new
+/// calls (a new connection finds the renewed one), long before the end would close it.
+#[tokio::test]
+async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_calls() {
+    let ca = DevCa::new("ca").expect("ca");
+    let server_tls = ca
+        .tls_for(&ca.node_expiring_in(&["localhost"], 2).expect("short"))
+        .expect("server");
+    let client_tls = ca.node_tls(&[]).expect("client");
+    let server = start_server(&server_tls).await;
+    let direct = DirectChannel::new(
+        &TlsMode::Mutual(client_tls.clone()),
+        &server.address,
+        Duration::from_secs(5),
+    )
+    .expect("address");
+    common::direct_health(&direct).await.expect("call");
+    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
+    let grace = Duration::from_secs(600);
+    let early = end - fn_tls::RENEW_AHEAD - Duration::from_secs(60);
+    let kept = client_tls.recheck_connections(early, grace);
+    assert_eq!((kept.open, kept.moved), (1, 0), "{kept:?}");
+    let late = end - fn_tls::RENEW_AHEAD + Duration::from_secs(60);
+    let moved = client_tls.recheck_connections(late, grace);
+    assert_eq!(
+        (moved.moved, moved.retired, moved.next_close),
+        (1, 0, None),
+        "{moved:?}"
+    );
 }
 
 /// An open connection is checked at the time of the check: its peer's certificate expired,

@@ -156,6 +156,7 @@ fn config() -> DockerConfig {
             tls_server_name: Some("fn-node".into()),
             insecure: false,
             tls_reload_interval: std::time::Duration::from_secs(10),
+            tls_retire_grace: fn_tls::RETIRE_GRACE,
         },
     );
     config.tls_files = Some(tls_files());
