@@ -11,7 +11,8 @@
 //!
 //! A runner that refuses the call as invalid is passed over like a busy one: the reason may
 //! be its own (no container engine, a command missing from its functions directory). The
-//! answer is 500 when every runner of the group said so in one pass.
+//! answer is 500 when every runner of the group said so in one pass, or at the deadline when
+//! no runner refused the call for want of room (the others unreachable, say).
 //!
 //! The wait is bounded by the call too: at most a share of its timeout (half by default, as
 //! Fn's slot deadline was), so that a call that waited in vain gets 503 with time to retry,
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::retry::Backoff;
-use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool};
+use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool, TryCallError};
 use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
 use tokio::time::Instant;
@@ -262,6 +263,12 @@ impl Dispatcher {
             attempts,
         };
         let informed = self.placer.uses_reports();
+        // The last refusal of the call as invalid, and whether any runner refused it for
+        // want of room (or was known to be full): at the deadline, a call only runners that
+        // refuse it as invalid (or cannot be reached) looked at gets their answer, not "no
+        // room".
+        let mut refused_as_invalid: Option<CallError> = None;
+        let mut refused_for_room = false;
         // Set after a pass that found no runner able to take the call: the call is waiting
         // for room, and when room appears, a cold start it would make by evicting an idle
         // instance first gives calls that instance is warm for a moment to take it.
@@ -276,8 +283,6 @@ impl Dispatcher {
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
             let mut unavailable = 0usize;
-            // The pass's last refusal as invalid: the answer if every runner said so.
-            let mut refused_as_invalid: Option<CallError> = None;
             let pass = if informed {
                 let views: Vec<RunnerView> = runners
                     .iter()
@@ -337,6 +342,13 @@ impl Dispatcher {
                             waited: started.elapsed(),
                         });
                     }
+                    Ok(Err(TryCallError::Unsendable { address, reason })) => {
+                        // The call's own: no runner can take it.
+                        return Err(CallError::Unrunnable {
+                            runner: address,
+                            details: reason,
+                        });
+                    }
                     Ok(Err(e)) if e.is_invalid_call() => {
                         invalid += 1;
                         tracing::debug!(error = %e, "runner refused the call as invalid; trying the next");
@@ -350,7 +362,10 @@ impl Dispatcher {
                         too_small += 1;
                         tracing::debug!(error = %e, "runner too small for the call; trying the next");
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "not placed; trying the next runner"),
+                    Ok(Err(e)) => {
+                        refused_for_room |= matches!(e, TryCallError::Refused { .. });
+                        tracing::debug!(error = %e, "not placed; trying the next runner");
+                    }
                 }
             }
             // Only when every runner of the group said so: one that could not be asked
@@ -368,9 +383,17 @@ impl Dispatcher {
             {
                 return Err(unrunnable);
             }
+            if informed && offered < runners.len() {
+                refused_for_room = true; // the reports said some were full
+            }
             // The last pass starts just before the deadline rather than one pause early.
             let left = deadline.saturating_duration_since(Instant::now());
             if left <= LAST_PASS {
+                if let Some(unrunnable) = refused_as_invalid.take()
+                    && !refused_for_room
+                {
+                    return Err(unrunnable);
+                }
                 if unavailable == runners.len() {
                     // Not a matter of room: say so, the operator has runners to look at.
                     return Err(CallError::NoRunnerReachable {

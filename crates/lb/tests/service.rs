@@ -1604,6 +1604,7 @@ async fn offers_failing_together_count_once_towards_ejection() {
 /// An offer whose wait was cut short by the call's own (less than 200 ms left) and passed
 /// in silence gives up without marking the runner down: the call's budget ran out, not the
 /// runner's chance to answer (before, a function with a short timeout took runners down).
+/// Several in a row do.
 #[tokio::test]
 async fn an_offer_cut_short_by_the_calls_wait_does_not_mark_the_runner_down() {
     let pki = TestPki::new();
@@ -1624,6 +1625,16 @@ async fn an_offer_cut_short_by_the_calls_wait_does_not_mark_the_runner_down() {
     assert!(
         silent.is_available(),
         "marked down for the call's short wait"
+    );
+    // But a runner that answers none of several short offers in a row is down: with only
+    // short calls, nothing else would find it out.
+    for _ in 1..fn_nodepool::SHORT_OFFERS_DOWN {
+        let reply = post(&lb, "/r/demo/echo", "short").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    }
+    assert!(
+        !silent.is_available(),
+        "silent to every short offer, still up"
     );
 }
 
@@ -2272,6 +2283,29 @@ async fn one_runners_invalid_refusal_moves_the_call_on_and_everyones_is_a_500() 
         "at once, not after the placer timeout: {:?}",
         started.elapsed()
     );
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    assert!(
+        reply.json_error().contains("no container engine"),
+        "{reply:?}"
+    );
+
+    // One refuses it as invalid, the other cannot be reached: no runner refused it for want
+    // of room, so the answer at the deadline is the refusal, not "no room".
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let refusing = fakes(&pki, &[Behaviour::RefuseInvalid]).await;
+    let lb = start_lb(
+        &pki,
+        &[refusing[0].address(), closed.as_str()],
+        Options {
+            placer_timeout: Duration::from_millis(500),
+            ..Options::default()
+        },
+    )
+    .await;
+    let reply = post(&lb, "/r/demo/echo", "nowhere").await;
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
     assert!(
         reply.json_error().contains("no container engine"),

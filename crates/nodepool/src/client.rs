@@ -51,6 +51,9 @@ use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AF
 /// call's own wait was nearly over) is given up without blaming the runner.
 pub const FAIR_ACK_WAIT: Duration = Duration::from_millis(200);
 
+/// Offers under [`FAIR_ACK_WAIT`] given up in a row that mark a runner down.
+pub const SHORT_OFFERS_DOWN: u32 = 3;
+
 /// Timeouts of runner clients.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -214,6 +217,9 @@ pub struct RunnerClient {
     probing: AtomicBool,
     /// Failures since the last acknowledged call.
     failures: AtomicU32,
+    /// Offers given up in a row without an acknowledgement, each under [`FAIR_ACK_WAIT`]:
+    /// a runner that answers none of [`SHORT_OFFERS_DOWN`] is marked down all the same.
+    gave_up: AtomicU32,
     /// Ejections since the last acknowledged call: the next ejection lasts longer.
     ejections: AtomicU32,
     /// Set while ejected (counted in `fn_lb_runners_ejected`).
@@ -253,6 +259,7 @@ impl RunnerClient {
             available: AtomicBool::new(true),
             probing: AtomicBool::new(false),
             failures: AtomicU32::new(0),
+            gave_up: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             ejected_until: std::sync::Mutex::new(None),
@@ -360,6 +367,8 @@ impl RunnerClient {
                 reason: status.message().to_owned(),
             }
         })?;
+        // Fair or not as the caller gave it: the client's own bound may be shorter.
+        let fair = bound >= FAIR_ACK_WAIT;
         let bound = bound.min(self.config.connect_timeout + self.config.ack_timeout);
         let handshake = async {
             let mut responses = self
@@ -375,8 +384,16 @@ impl RunnerClient {
         };
         let (first, responses) = match tokio::time::timeout(bound, handshake).await {
             Ok(result) => result?,
-            Err(_) if bound < FAIR_ACK_WAIT => {
-                // The call's wait ran out, not the runner's fair chance to answer.
+            Err(_) if !fair => {
+                // The call's wait ran out, not the runner's fair chance to answer; but a
+                // runner that answers none of several such offers is down all the same (a
+                // group of short calls only would never find it out).
+                if self.gave_up.fetch_add(1, Ordering::Relaxed) + 1 >= SHORT_OFFERS_DOWN {
+                    self.gave_up.store(0, Ordering::Relaxed);
+                    return Err(self.mark_down(format!(
+                        "no acknowledgement to {SHORT_OFFERS_DOWN} short offers in a row"
+                    )));
+                }
                 return Err(TryCallError::GaveUp {
                     address: self.address.clone(),
                     bound,
@@ -390,6 +407,7 @@ impl RunnerClient {
         if matches!(first, Some(runner_msg::Body::Acknowledged(_))) {
             // The runner answers calls: the streak of failures is over.
             self.failures.store(0, Ordering::Relaxed);
+            self.gave_up.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
         }
         match first {

@@ -22,7 +22,8 @@ pub mod reports;
 pub use advertiser::Advertiser;
 pub use capacity::{CapacityGuard, CapacityTracker};
 pub use client::{
-    ClientConfig, EarlyBody, EjectionMetrics, Engaged, FAIR_ACK_WAIT, RunnerClient, TryCallError,
+    ClientConfig, EarlyBody, EjectionMetrics, Engaged, FAIR_ACK_WAIT, RunnerClient,
+    SHORT_OFFERS_DOWN, TryCallError,
 };
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
