@@ -330,6 +330,11 @@ fn private_mounts(options: &Options) -> Result<(), String> {
             )
         })?;
     }
+    if options.probe {
+        // The runner's own working directory may be hidden (under /tmp, say); an
+        // instance's, its functions directory, is kept.
+        return Ok(());
+    }
     std::env::set_current_dir(&cwd).map_err(|e| {
         format!(
             "cannot enter the working directory {} in the namespace (keep it with --keep): {e}",

@@ -998,14 +998,18 @@ fn prepare_iofs_root(root: &Path) -> Result<PathBuf, String> {
     let fail = |what: &str, e: std::io::Error| {
         format!("FN_DOCKER_IOFS_DIR {}: {what}: {e}", root.display())
     };
-    match std::fs::symlink_metadata(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o711)
-                .create(root)
-                .map_err(|e| fail("cannot create", e))?;
+    if let Err(e) = std::fs::symlink_metadata(root) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(fail("cannot read", e));
         }
+        // Made here, or by someone else since the look above: checked below either way.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(root)
+            .map_err(|e| fail("cannot create", e))?;
+    }
+    match std::fs::symlink_metadata(root) {
         Err(e) => return Err(fail("cannot read", e)),
         Ok(meta) => {
             let own = nix::unistd::geteuid().as_raw();
