@@ -145,8 +145,9 @@ pub(crate) async fn serve<F, Fut>(
 
 /// Most header lines a call from the runner may carry: the runner passes up to 256 of the
 /// client's (as `Fn-Http-H-*`) and a few of the contract's; hyper's default of 100 refused
-/// calls with more than about 93 client headers with 431, which no Fn FDK does.
-const MAX_REQUEST_HEADERS: usize = 512;
+/// calls with more than about 93 client headers with 431, which no Fn FDK does. hyper sets
+/// up this many slots for every request it parses (once set, on the heap), so no more.
+const MAX_REQUEST_HEADERS: usize = 300;
 
 async fn serve_connection<F, Fut>(
     stream: UnixStream,
