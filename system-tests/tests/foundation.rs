@@ -157,8 +157,11 @@ async fn pure_runner_serves_health_over_mtls_and_exits_0_on_sigterm() -> anyhow:
     .await
 }
 
-#[tokio::test]
-async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> {
+/// An lb-agent with one function (`demo/echo`) and a runner no one listens at, started
+/// with `extra` settings and healthy; its address, and the files it reads (kept alive).
+async fn lb_agent(
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Daemon, String, (Certs, tempfile::TempDir))> {
     let certs = Certs::new()?;
     let dir = tempfile::tempdir()?;
     let catalog = dir.path().join("functions.toml");
@@ -175,12 +178,18 @@ async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> 
             ("FN_LISTEN_ADDR", "127.0.0.1"),
             ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
             ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
-            ("FN_SHUTDOWN_TIMEOUT", "5s"),
-            ("FN_DRAIN_DELAY", "0s"),
         ]),
+        &env(extra),
     ]);
     let mut daemon = Daemon::spawn("lb-agent", &vars)?;
     daemon.wait_http_health(&address, READY).await?;
+    Ok((daemon, address, (certs, dir)))
+}
+
+#[tokio::test]
+async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> {
+    let (mut daemon, address, _files) =
+        lb_agent(&[("FN_SHUTDOWN_TIMEOUT", "5s"), ("FN_DRAIN_DELAY", "0s")]).await?;
     let reply = fn_system_tests::http::get(&address, "/health").await?;
     assert_eq!(reply.status, 200);
     assert!(
@@ -201,27 +210,7 @@ async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> 
 /// 60 s drain delay could only be cut short with SIGKILL).
 #[tokio::test]
 async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
-    let certs = Certs::new()?;
-    let dir = tempfile::tempdir()?;
-    let catalog = dir.path().join("functions.toml");
-    std::fs::write(
-        &catalog,
-        "[[functions]]\napp = \"demo\"\nname = \"echo\"\ncommand = [\"fn-echo\"]\n",
-    )?;
-    let port = free_port()?;
-    let address = format!("127.0.0.1:{port}");
-    let vars = merge(&[
-        &certs.env(),
-        &env(&[
-            ("FN_PORT", &port.to_string()),
-            ("FN_LISTEN_ADDR", "127.0.0.1"),
-            ("FN_FUNCTIONS_FILE", &catalog.display().to_string()),
-            ("FN_RUNNER_ADDRESSES", "127.0.0.1:1"),
-            ("FN_DRAIN_DELAY", "60s"),
-        ]),
-    ]);
-    let mut daemon = Daemon::spawn("lb-agent", &vars)?;
-    daemon.wait_http_health(&address, READY).await?;
+    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "60s")]).await?;
     daemon.signal(Signal::SIGTERM)?;
     // Draining: health says 503 for the drain delay.
     let start = std::time::Instant::now();

@@ -66,6 +66,17 @@ where
 
 /// Polls for the socket the way a runner does: ready once the path resolves to a socket (a
 /// stale regular file left by an earlier instance does not count).
+impl Running {
+    /// Stops the server and checks that it shut down cleanly.
+    async fn stop_cleanly(self) {
+        self.stop.send(()).expect("server running");
+        self.server
+            .await
+            .expect("server task")
+            .expect("clean shutdown");
+    }
+}
+
 async fn wait_for_socket(link: &Path) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let is_socket =
@@ -267,12 +278,7 @@ async fn a_call_is_translated_both_ways_and_the_response_streams() {
     }
     assert_eq!(rest, b"payload");
 
-    running.stop.send(()).expect("server running");
-    running
-        .server
-        .await
-        .expect("server task")
-        .expect("clean shutdown");
+    running.stop_cleanly().await;
 }
 
 /// A call carrying as many client headers as the dataplane passes (256) is served: hyper's
@@ -297,12 +303,7 @@ async fn a_call_with_every_header_the_runner_passes_is_served() {
         "256",
         "accept twice, content-type and 253 more"
     );
-    running.stop.send(()).expect("server running");
-    running
-        .server
-        .await
-        .expect("server task")
-        .expect("clean shutdown");
+    running.stop_cleanly().await;
 }
 
 #[tokio::test]

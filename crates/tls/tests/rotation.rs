@@ -442,6 +442,16 @@ async fn a_rotation_read_between_its_two_files_is_not_counted_as_rejected() {
     task.await.expect("joins").expect("ends");
 }
 
+/// A [`DirectChannel`] from `client` to `address`.
+fn direct_channel(client: &NodeTls, address: &str) -> DirectChannel {
+    DirectChannel::new(
+        &TlsMode::Mutual(client.clone()),
+        address,
+        Duration::from_secs(5),
+    )
+    .expect("address")
+}
+
 /// A server that follows the files of a new PKI, and a client that keeps the PKI's first
 /// certificates (one that does not follow a rollover), with a tonic channel to the server.
 struct LeftBehind {
@@ -498,12 +508,7 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
         server,
         open,
     } = LeftBehind::start().await;
-    let direct = DirectChannel::new(
-        &TlsMode::Mutual(left_behind.clone()),
-        &server.address,
-        Duration::from_secs(5),
-    )
-    .expect("address");
+    let direct = direct_channel(&left_behind, &server.address);
     common::direct_health(&direct).await.expect("direct call");
     health(open.clone()).await.expect("tonic call");
     let now = SystemTime::now();
@@ -568,12 +573,7 @@ async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) 
     let server_tls = from_files(dir.path());
     let client_tls = from_files(dir.path());
     let server = start_server(&server_tls).await;
-    let direct = DirectChannel::new(
-        &TlsMode::Mutual(client_tls.clone()),
-        &server.address,
-        Duration::from_secs(5),
-    )
-    .expect("address");
+    let direct = direct_channel(&client_tls, &server.address);
     if !connect_after_the_servers_switch {
         common::direct_health(&direct).await.expect("first call");
     }
@@ -626,12 +626,7 @@ async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is
     let server_tls = from_files(dir.path());
     let client_tls = from_files(dir.path());
     let server = start_server(&server_tls).await;
-    let direct = DirectChannel::new(
-        &TlsMode::Mutual(client_tls.clone()),
-        &server.address,
-        Duration::from_secs(5),
-    )
-    .expect("address");
+    let direct = direct_channel(&client_tls, &server.address);
     common::direct_health(&direct).await.expect("first call");
     let grace = Duration::from_secs(600);
     let unchanged = client_tls.recheck_connections(SystemTime::now(), grace);
@@ -675,12 +670,7 @@ async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_c
         .expect("server");
     let client_tls = ca.node_tls(&[]).expect("client");
     let server = start_server(&server_tls).await;
-    let direct = DirectChannel::new(
-        &TlsMode::Mutual(client_tls.clone()),
-        &server.address,
-        Duration::from_secs(5),
-    )
-    .expect("address");
+    let direct = direct_channel(&client_tls, &server.address);
     common::direct_health(&direct).await.expect("call");
     let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
     let grace = Duration::from_secs(600);
