@@ -452,6 +452,22 @@ fn direct_channel(client: &NodeTls, address: &str) -> DirectChannel {
     .expect("address")
 }
 
+/// Waits (at most 10 s) until `server_tls` holds one connection, and no retired one.
+async fn the_old_connection_closes(server_tls: &NodeTls) {
+    let start = std::time::Instant::now();
+    loop {
+        let seen = server_tls.recheck_connections(SystemTime::now(), Duration::from_secs(600));
+        if seen.open == 1 && seen.next_close.is_none() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the old connection, idle, is still open: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A server that follows the files of a new PKI, and a client that keeps the PKI's first
 /// certificates (one that does not follow a rollover), with a tonic channel to the server.
 struct LeftBehind {
@@ -597,18 +613,7 @@ async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) 
         .expect("the next call goes on a new connection");
     // The server sees the new connection, and no retired one for long: the channel
     // dropped the old one, and hyper closes a connection no one holds once it is idle.
-    let start = std::time::Instant::now();
-    loop {
-        let open = server_tls.recheck_connections(SystemTime::now(), grace);
-        if open.open == 1 && open.next_close.is_none() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the retired connection, idle, is still open: {open:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    the_old_connection_closes(&server_tls).await;
     common::direct_health(&direct)
         .await
         .expect("calls go on on the new connection");
@@ -643,18 +648,7 @@ async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is
     common::direct_health(&direct)
         .await
         .expect("the next call goes on a new connection");
-    let start = std::time::Instant::now();
-    loop {
-        let seen = server_tls.recheck_connections(SystemTime::now(), grace);
-        if seen.open == 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the old connection, idle, is still open: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    the_old_connection_closes(&server_tls).await;
     // The new connection presents the new certificate: nothing more to move.
     let settled = client_tls.recheck_connections(SystemTime::now(), grace);
     assert_eq!((settled.open, settled.moved), (1, 0), "{settled:?}");
