@@ -93,3 +93,50 @@ async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
     assert!(!socket.exists(), "the socket outlived the function");
     Ok(())
 }
+
+/// A second signal while a call is still running ends the function at once (the first waits
+/// for the call; before, the second did nothing, and only SIGKILL stopped a hung handler).
+#[tokio::test]
+async fn a_second_signal_ends_a_function_whose_call_is_still_running() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("lsnr.sock");
+    let mut function = Daemon::spawn(
+        "fn-sleep",
+        &env(&[
+            ("FN_FORMAT", "http-stream"),
+            ("FN_LISTENER", &format!("unix:{}", socket.display())),
+            ("FN_APP_NAME", "app"),
+            ("FN_FN_NAME", "sleep"),
+            ("FN_MEMORY", "64"),
+            ("FN_TYPE", "sync"),
+        ]),
+    )?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !is_socket(&socket) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not appear; log:\n{}",
+            socket.display(),
+            function.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let long = {
+        let socket = socket.clone();
+        tokio::spawn(async move { call(&socket, "60000").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    function.signal(Signal::SIGTERM)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        function
+            .pid()
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
+        "the first signal did not wait for the call"
+    );
+    function.signal(Signal::SIGINT)?;
+    let status = function.wait_exit(Duration::from_secs(5)).await?;
+    assert_eq!(status.code(), Some(130), "log:\n{}", function.log());
+    long.abort();
+    Ok(())
+}

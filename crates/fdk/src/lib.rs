@@ -161,7 +161,10 @@ where
     Ok(())
 }
 
-/// Completes on the first SIGTERM (the runner stopping the instance) or SIGINT.
+/// Completes on the first SIGTERM (the runner stopping the instance) or SIGINT. A second
+/// one while the calls in flight finish ends the process at once, with 128 + the signal (the
+/// handlers stay installed: without this, only SIGKILL stopped a function whose handler
+/// hangs).
 fn termination() -> Result<impl Future<Output = ()>, Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
@@ -171,5 +174,12 @@ fn termination() -> Result<impl Future<Output = ()>, Error> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        tokio::spawn(async move {
+            let number = tokio::select! {
+                _ = term.recv() => 15,
+                _ = int.recv() => 2,
+            };
+            std::process::exit(128 + number);
+        });
     })
 }
