@@ -514,11 +514,18 @@ impl DockerDriver {
             Ok(created) => created.id,
             Err(e) => {
                 // No answer (a timeout, a broken connection) may hide a container the engine
-                // made all the same: remove it by name. An answer means there is none.
-                if !matches!(e, BollardError::DockerResponseServerError { .. })
-                    && let Err(e) = remove_container(&self.docker, &name).await
-                {
-                    tracing::warn!(container = %name, error = %e, "cannot remove a container whose creation got no answer; the runner's next start removes it");
+                // makes all the same, perhaps after a removal would find none: remove it by
+                // name now and a few times more, in the background. An answer means none.
+                if !matches!(e, BollardError::DockerResponseServerError { .. }) {
+                    let (docker, name) = (self.docker.clone(), name.clone());
+                    tokio::spawn(async move {
+                        for pause in [0, 5, 30, 120] {
+                            tokio::time::sleep(Duration::from_secs(pause)).await;
+                            if let Err(e) = remove_container(&docker, &name).await {
+                                tracing::warn!(container = %name, error = %e, "cannot remove a container whose creation got no answer; the runner's next start removes it");
+                            }
+                        }
+                    });
                 }
                 remove_instance_dir(&dir);
                 // A 404 here is the image's (gone since it was checked), not the container's.
