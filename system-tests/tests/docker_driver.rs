@@ -346,6 +346,57 @@ async fn cluster(id: &str, extra: &[(&str, &str)]) -> anyhow::Result<Cluster> {
     .await
 }
 
+/// A runner whose engine did not answer at start (one slow to come up with its host) runs
+/// image functions once it does, without a restart: the engine's socket appears at the
+/// runner's `DOCKER_HOST` only after the runner started (before, image functions were
+/// refused until a restart).
+#[tokio::test]
+#[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
+async fn an_engine_that_answers_after_the_runner_started_is_taken_up() -> anyhow::Result<()> {
+    let id = runner_id("late");
+    let _leftovers = Leftovers(id.clone());
+    let dir = tempfile::tempdir()?;
+    let late = dir.path().join("docker.sock");
+    let host = format!("unix://{}", late.display());
+    let cluster = cluster(&id, &[("DOCKER_HOST", host.as_str())]).await?;
+    let refused = cluster.call("/r/images/hello", "early").await?;
+    ensure!(
+        refused.status >= 500 && refused.text().contains("no Docker engine"),
+        "before the engine answers: {} {}",
+        refused.status,
+        refused.text()
+    );
+    let engine = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
+    std::os::unix::fs::symlink(engine, &late)?;
+    let start = std::time::Instant::now();
+    loop {
+        let reply = cluster.call("/r/images/hello", "late").await?;
+        if reply.status == 200 {
+            ensure!(reply.text() == "Howdy, late!\n", "{}", reply.text());
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "image functions still refused a minute after the engine answered: {} {}\n{}",
+            reply.status,
+            reply.text(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        cluster.runners[0]
+            .log()
+            .contains("a Docker engine answers now"),
+        "{}",
+        cluster.logs()
+    );
+    Ok(())
+}
+
 #[tokio::test]
 #[ignore = "needs a Docker engine and the static functions: run by `make test-docker-driver`"]
 async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> anyhow::Result<()> {

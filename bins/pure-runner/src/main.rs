@@ -18,6 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
 use fn_lifecycle::metrics::Registry;
+use fn_lifecycle::retry::Backoff;
 use fn_lifecycle::shards::Shards;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::docker::{
@@ -26,7 +27,7 @@ use fn_runner::driver::docker::{
 use fn_runner::driver::process::{
     FunctionUser, FunctionUsers, Isolation, ProcessDriver, ProcessDriverConfig, UidRange,
 };
-use fn_runner::driver::{Driver, Drivers};
+use fn_runner::driver::{DockerSlot, Driver, Drivers};
 use fn_runner::{EngageConfig, EngageFirst, Pool, RunnerService};
 use fn_tls::TlsArgs;
 
@@ -226,8 +227,11 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         }
         None => cert_watch,
     };
-    let docker = docker_driver(&cli, DockerMetrics::register(&mut registry)).await;
+    let docker_metrics = DockerMetrics::register(&mut registry);
+    let docker = docker_driver(&cli, docker_metrics.clone()).await;
+    let docker_missing = docker.is_err();
     let drivers = Drivers::new(driver, docker);
+    let docker_slot = drivers.docker_slot();
     let pool = Pool::new(Arc::new(drivers), total_mb, cli.start_timeout);
     let runner = RunnerService::new(Arc::clone(&pool), EngageConfig::default(), &mut registry);
 
@@ -296,6 +300,12 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     services.spawn("idle-reaper", move |cancel| {
         reaper_pool.run_reaper(Duration::from_secs(1), cancel)
     });
+    if docker_missing {
+        let config = docker_config(&cli);
+        services.spawn("docker-engine", move |cancel| {
+            docker_later(config, docker_metrics, docker_slot, cancel)
+        });
+    }
     let shutdown = match fn_lifecycle::signal::shutdown_signal() {
         Ok(signal) => signal,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
@@ -325,6 +335,31 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
 /// The docker driver, for functions given as images; or, when no engine answers, why not
 /// (calls of image functions are then refused as invalid with that reason).
 async fn docker_driver(cli: &Cli, metrics: DockerMetrics) -> Result<Arc<dyn Driver>, String> {
+    let config = docker_config(cli);
+    let (runner_id, network) = (config.runner_id.clone(), config.network.clone());
+    match connect_docker(config, metrics).await {
+        Ok(driver) => {
+            tracing::info!(
+                runner_id,
+                %network,
+                "docker driver ready: functions given as images run as containers"
+            );
+            Ok(driver)
+        }
+        Err(reason) => {
+            tracing::warn!(
+                %reason,
+                "no Docker engine: functions given as images cannot run on this runner (set \
+                 DOCKER_HOST or mount the engine's socket to run them); trying again now \
+                 and then"
+            );
+            Err(reason)
+        }
+    }
+}
+
+/// The docker driver's settings, from the runner's.
+fn docker_config(cli: &Cli) -> DockerDriverConfig {
     let runner_id = cli.runner_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -333,37 +368,66 @@ async fn docker_driver(cli: &Cli, metrics: DockerMetrics) -> Result<Arc<dyn Driv
             .unwrap_or_else(|| "runner".to_owned());
         format!("{host}-{}", cli.grpc_port)
     });
-    let mut config = DockerDriverConfig::new(runner_id.clone(), &cli.docker_iofs_dir);
+    let mut config = DockerDriverConfig::new(runner_id, &cli.docker_iofs_dir);
     config.pull = cli.docker_pull;
     config.pull_timeout = cli.docker_pull_timeout;
     config.network.clone_from(&cli.docker_function_network);
     config.user = cli.docker_function_user;
     config.pids_limit = cli.docker_pids_limit;
+    config
+}
+
+/// Connects the docker driver, within [`DOCKER_SETUP_BOUND`].
+async fn connect_docker(
+    config: DockerDriverConfig,
+    metrics: DockerMetrics,
+) -> Result<Arc<dyn Driver>, String> {
     let connect = tokio::time::timeout(DOCKER_SETUP_BOUND, DockerDriver::connect(config, metrics));
-    let connected = connect.await.unwrap_or_else(|_| {
-        Err(format!(
+    match connect.await {
+        Ok(Ok(driver)) => Ok(Arc::new(driver)),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err(format!(
             "{}: no answer within {DOCKER_SETUP_BOUND:?}",
             fn_runner::driver::docker::engine_socket()
-        ))
-    });
-    match connected {
-        Ok(driver) => {
-            tracing::info!(
-                runner_id,
-                network = %cli.docker_function_network,
-                "docker driver ready: functions given as images run as containers"
-            );
-            Ok(Arc::new(driver))
+        )),
+    }
+}
+
+/// For a runner whose engine did not answer at start (one slow to come up with its host):
+/// tries again, 10 s apart at first and at most 5 minutes, and puts the driver in use once
+/// it answers. Runs until the runner stops.
+async fn docker_later(
+    config: DockerDriverConfig,
+    metrics: DockerMetrics,
+    slot: Arc<DockerSlot>,
+    cancel: CancellationToken,
+) -> Result<(), std::convert::Infallible> {
+    let mut backoff = Backoff::new(Duration::from_secs(10), Duration::from_secs(300));
+    while !slot.is_filled() {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        Err(reason) => {
-            tracing::warn!(
-                %reason,
-                "no Docker engine: functions given as images cannot run on this runner (set \
-                 DOCKER_HOST or mount the engine's socket to run them)"
-            );
-            Err(reason)
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            attempt = connect_docker(config.clone(), metrics.clone()) => attempt,
+        };
+        match attempt {
+            Ok(driver) => {
+                slot.fill(driver);
+                tracing::info!(
+                    runner_id = config.runner_id,
+                    "a Docker engine answers now: functions given as images run as containers"
+                );
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "the Docker engine still does not answer");
+                slot.missing(reason);
+            }
         }
     }
+    cancel.cancelled().await;
+    Ok(())
 }
 
 /// The namespaces instances get: checked once, by starting the helper in probe mode.

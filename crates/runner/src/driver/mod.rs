@@ -187,15 +187,58 @@ fn id_seed() -> u32 {
 #[derive(Debug)]
 pub struct Drivers {
     process: Arc<dyn Driver>,
-    /// The docker driver, or why this runner has none (no engine answered at start).
-    docker: Result<Arc<dyn Driver>, String>,
+    docker: Arc<DockerSlot>,
+}
+
+/// Where the docker driver goes once an engine answers: at start, or later (an engine slow
+/// to come up with its host must not leave the runner without one until it restarts).
+#[derive(Debug, Default)]
+pub struct DockerSlot {
+    driver: std::sync::OnceLock<Arc<dyn Driver>>,
+    /// Why there is none yet.
+    missing: std::sync::Mutex<String>,
+}
+
+impl DockerSlot {
+    /// Puts `driver` in use for image functions from now on; `false` when one already is.
+    pub fn fill(&self, driver: Arc<dyn Driver>) -> bool {
+        self.driver.set(driver).is_ok()
+    }
+
+    /// Whether a docker driver is in use.
+    pub fn is_filled(&self) -> bool {
+        self.driver.get().is_some()
+    }
+
+    /// Records why there is no docker driver (the last failed attempt).
+    pub fn missing(&self, reason: String) {
+        *self
+            .missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
 }
 
 impl Drivers {
     /// `process` for commands; `docker` for images, or the reason image functions cannot
-    /// run here.
+    /// run here (yet: see [`Drivers::docker_slot`]).
     pub fn new(process: Arc<dyn Driver>, docker: Result<Arc<dyn Driver>, String>) -> Self {
-        Drivers { process, docker }
+        let slot = DockerSlot::default();
+        match docker {
+            Ok(driver) => {
+                slot.fill(driver);
+            }
+            Err(reason) => slot.missing(reason),
+        }
+        Drivers {
+            process,
+            docker: Arc::new(slot),
+        }
+    }
+
+    /// The slot a docker driver connected later goes in.
+    pub fn docker_slot(&self) -> Arc<DockerSlot> {
+        Arc::clone(&self.docker)
     }
 
     /// The driver for `spec`.
@@ -206,15 +249,19 @@ impl Drivers {
         if !spec.command.is_empty() || spec.image.is_none() {
             return Ok(self.process.as_ref());
         }
-        match &self.docker {
-            Ok(docker) => Ok(docker.as_ref()),
-            Err(reason) => Err(DriverError::Invalid(format!(
+        match self.docker.driver.get() {
+            Some(docker) => Ok(docker.as_ref()),
+            None => Err(DriverError::Invalid(format!(
                 "function {}/{} runs the image {:?}, but this runner has no Docker engine \
-                 ({reason}): give it one (DOCKER_HOST or the engine's socket), or give the \
+                 ({}): give it one (DOCKER_HOST or the engine's socket), or give the \
                  function a command",
                 spec.app,
                 spec.function,
-                spec.image.as_deref().unwrap_or_default()
+                spec.image.as_deref().unwrap_or_default(),
+                self.docker
+                    .missing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
             ))),
         }
     }
@@ -235,5 +282,52 @@ impl Driver for Drivers {
             Ok(driver) => driver.start(spec, call_id, start_timeout),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeDriver;
+
+    fn image_spec() -> InstanceSpec {
+        InstanceSpec {
+            app: "app".into(),
+            function: "img".into(),
+            command: Vec::new(),
+            image: Some("repo/img:1".into()),
+            memory_mb: 64,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: BTreeMap::new(),
+        }
+    }
+
+    /// A runner whose engine did not answer at start refuses image functions, saying why,
+    /// until a driver connected later fills the slot; then they run on it (before, only a
+    /// restart gave it one).
+    #[tokio::test]
+    async fn image_functions_run_once_a_docker_driver_arrives_later() {
+        let process = Arc::new(FakeDriver::default());
+        let drivers = Drivers::new(process.clone(), Err("no answer within 15s".into()));
+        let refused = drivers
+            .start(&image_spec(), "call-1", Duration::from_secs(1))
+            .await
+            .expect_err("no docker driver yet");
+        assert!(
+            matches!(&refused, DriverError::Invalid(m) if m.contains("no answer within 15s")),
+            "{refused:?}"
+        );
+        let slot = drivers.docker_slot();
+        assert!(!slot.is_filled());
+        let docker = Arc::new(FakeDriver::default());
+        assert!(slot.fill(docker.clone()));
+        assert!(!slot.fill(Arc::new(FakeDriver::default())), "filled once");
+        drivers
+            .start(&image_spec(), "call-2", Duration::from_secs(1))
+            .await
+            .expect("the late driver runs it");
+        assert_eq!(docker.started(), 1);
+        assert_eq!(process.started(), 0);
     }
 }
