@@ -45,23 +45,22 @@ async fn call(socket: &Path, body: &'static str) -> anyhow::Result<(u16, Bytes)>
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
-#[tokio::test]
-async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
--> anyhow::Result<()> {
+/// The function `binary` started as a runner starts it, its socket `lsnr.sock` in the
+/// returned directory, once the socket is there.
+async fn function_started(binary: &str, name: &str) -> anyhow::Result<(tempfile::TempDir, Daemon)> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("lsnr.sock");
-    let mut function = Daemon::spawn(
-        "fn-echo",
+    let function = Daemon::spawn(
+        binary,
         &env(&[
             ("FN_FORMAT", "http-stream"),
             ("FN_LISTENER", &format!("unix:{}", socket.display())),
             ("FN_APP_NAME", "app"),
-            ("FN_FN_NAME", "echo"),
+            ("FN_FN_NAME", name),
             ("FN_MEMORY", "64"),
             ("FN_TYPE", "sync"),
         ]),
     )?;
-    let pid = function.pid().context("fn-echo has a pid")?;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !is_socket(&socket) {
         ensure!(
@@ -72,6 +71,15 @@ async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok((dir, function))
+}
+
+#[tokio::test]
+async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
+-> anyhow::Result<()> {
+    let (dir, mut function) = function_started("fn-echo", "echo").await?;
+    let socket = dir.path().join("lsnr.sock");
+    let pid = function.pid().context("fn-echo has a pid")?;
 
     for body in ["ping", "pong"] {
         let (status, answer) = call(&socket, body).await?;
@@ -98,29 +106,8 @@ async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
 /// for the call; before, the second did nothing, and only SIGKILL stopped a hung handler).
 #[tokio::test]
 async fn a_second_signal_ends_a_function_whose_call_is_still_running() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+    let (dir, mut function) = function_started("fn-sleep", "sleep").await?;
     let socket = dir.path().join("lsnr.sock");
-    let mut function = Daemon::spawn(
-        "fn-sleep",
-        &env(&[
-            ("FN_FORMAT", "http-stream"),
-            ("FN_LISTENER", &format!("unix:{}", socket.display())),
-            ("FN_APP_NAME", "app"),
-            ("FN_FN_NAME", "sleep"),
-            ("FN_MEMORY", "64"),
-            ("FN_TYPE", "sync"),
-        ]),
-    )?;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !is_socket(&socket) {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{} did not appear; log:\n{}",
-            socket.display(),
-            function.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let long = {
         let socket = socket.clone();
         tokio::spawn(async move { call(&socket, "60000").await })
