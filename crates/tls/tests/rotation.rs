@@ -100,13 +100,8 @@ async fn a_rotated_certificate_is_used_for_new_connections_and_open_ones_keep_wo
 
 #[tokio::test]
 async fn a_ca_rollover_in_three_steps_fails_no_connection() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let (dir, server_tls, client_tls, server) = both_following().await;
     let old_ca = std::fs::read_to_string(dir.path().join(files::BUNDLE)).expect("ca");
-    // Server and client both follow the files, as two daemons sharing the volume.
-    let server_tls = from_files(dir.path());
-    let client_tls = from_files(dir.path());
-    let server = start_server(&server_tls).await;
     let open = channel(&client_tls, &server.address)
         .await
         .expect("connects");
@@ -468,6 +463,17 @@ async fn the_old_connection_closes(server_tls: &NodeTls) {
     }
 }
 
+/// A new PKI in a temporary directory, and a server and a client that both follow its
+/// files, as two daemons sharing the volume; the server serving.
+async fn both_following() -> (tempfile::TempDir, NodeTls, NodeTls, common::Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = from_files(dir.path());
+    let client_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    (dir, server_tls, client_tls, server)
+}
+
 /// A server that follows the files of a new PKI, and a client that keeps the PKI's first
 /// certificates (one that does not follow a rollover), with a tonic channel to the server.
 struct LeftBehind {
@@ -584,11 +590,7 @@ async fn a_direct_channel_moves_off_a_connection_where_its_own_certificate_is_no
 }
 
 async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    dev::write_dev_pki(dir.path(), &[]).expect("pki");
-    let server_tls = from_files(dir.path());
-    let client_tls = from_files(dir.path());
-    let server = start_server(&server_tls).await;
+    let (dir, server_tls, client_tls, server) = both_following().await;
     let direct = direct_channel(&client_tls, &server.address);
     if !connect_after_the_servers_switch {
         common::direct_health(&direct).await.expect("first call");
@@ -626,11 +628,7 @@ async fn moves_off_a_retired_connection(connect_after_the_servers_switch: bool) 
 /// that carries its certificates is left to cut.
 #[tokio::test]
 async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is_rotated() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    dev::write_dev_pki(dir.path(), &[]).expect("pki");
-    let server_tls = from_files(dir.path());
-    let client_tls = from_files(dir.path());
-    let server = start_server(&server_tls).await;
+    let (dir, server_tls, client_tls, server) = both_following().await;
     let direct = direct_channel(&client_tls, &server.address);
     common::direct_health(&direct).await.expect("first call");
     let grace = Duration::from_secs(600);
