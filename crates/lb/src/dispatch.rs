@@ -22,8 +22,9 @@
 //!
 //! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
 //! at every pass, and may leave runners out. A pass that asked nobody because every runner
-//! was known to be full or draining waits for the next report of any runner (at most
-//! [`REPORT_WAIT`]) rather than the backoff. Then, if the call would start an instance by
+//! was known to be full or draining waits for the next report of any runner, or for a call
+//! of its function to end and leave its instance idle (one waiting call per instance, the
+//! longest waiting first), at most [`REPORT_WAIT`], rather than the backoff. Then, if the call would start an instance by
 //! evicting idle ones, it waits [`COLD_DEFER`] more, so that a call a freed instance is warm
 //! for takes it first. Each offer is counted in the runner's view until its next report.
 
@@ -275,9 +276,10 @@ impl Dispatcher {
         let mut waiting = false;
         // When the call first could have started an instance only by evicting idle ones.
         let mut evicting_since: Option<Instant> = None;
+        let signal = &self.config.report_signal;
         loop {
             // Armed before the views are read, so that no report in between is missed.
-            let report = self.config.report_signal.next_report();
+            let report = signal.next_report();
             tokio::pin!(report);
             report.as_mut().enable();
             let runners = self.pool.runners(&call.lb_group);
@@ -302,6 +304,7 @@ impl Dispatcher {
                     Hold::ForWarm(until) => {
                         tokio::select! {
                             () = report => {}
+                            () = signal.released(&call.app, &call.function) => {}
                             () = tokio::time::sleep_until(until) => {}
                         }
                         continue;
@@ -412,6 +415,7 @@ impl Dispatcher {
                 waiting = true;
                 tokio::select! {
                     () = report => {}
+                    () = signal.released(&call.app, &call.function) => {}
                     () = tokio::time::sleep(REPORT_WAIT.min(left - LAST_PASS)) => {}
                 }
             } else {

@@ -2607,6 +2607,72 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
 }
 
+/// A runner full of busy instances is short of memory: when one of its calls ends, a call of
+/// the same function waiting for room takes the instance at once, without waiting for the
+/// runner's next report (the fakes report only once, so here none comes before the report
+/// goes stale). Before, every waiting call waited for that report: a runner carried one call
+/// per instance per report.
+#[tokio::test]
+async fn a_waiting_call_takes_the_instance_its_functions_ended_call_left_without_a_report() {
+    let pki = TestPki::new();
+    // The home: its only memory held by an idle instance of demo/echo (a new instance would
+    // evict). The others: full, nothing warm.
+    let home = RunnerState {
+        capacity_idle_mb: 64,
+        ..report(64, 0, true)
+    };
+    let (runners, lb) = warm_lb(&pki, [home, report(0, 8, false), report(0, 8, false)]).await;
+    let reports_taken = Instant::now();
+    // As a real runner: the call's acknowledgement and end carry pool versions the report
+    // does not show, so the LB keeps counting the call until its end.
+    runners[0].give_pool_versions();
+
+    // The first call takes the idle instance and holds it while its body streams.
+    let (feed, first) = fed("/r/demo/echo");
+    let address = lb.address.clone();
+    let first = tokio::spawn(async move { send(&address, first).await });
+    feed.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+        .await
+        .expect("fed");
+    let deadline = Instant::now() + BOUND;
+    while runners[0].seen().is_empty() {
+        assert!(Instant::now() < deadline, "the first call was not placed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    // The second waits: every runner is known to be full.
+    let address = lb.address.clone();
+    let second = tokio::spawn(async move {
+        send(&address, request(Method::POST, "/r/demo/echo", "second")).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked: usize = runners.iter().map(|r| r.seen().len()).sum();
+    assert_eq!(asked, 1, "nobody is asked while the call waits");
+
+    // The first call ends: its instance is idle, and the waiting call takes it.
+    feed.send(Ok(Frame::data(Bytes::from_static(b"done"))))
+        .await
+        .expect("fed");
+    drop(feed);
+    let first = tokio::time::timeout(BOUND, first)
+        .await
+        .expect("answered")
+        .expect("joined");
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let second = tokio::time::timeout(BOUND, second)
+        .await
+        .expect("answered")
+        .expect("joined");
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert_eq!(second.header("x-fake-runner"), runners[0].name());
+    assert!(
+        reports_taken.elapsed() < fn_nodepool::STALE_AFTER,
+        "placed only once the reports went stale, after {:?}",
+        reports_taken.elapsed()
+    );
+    assert!(runners[1].seen().is_empty() && runners[2].seen().is_empty());
+}
+
 /// A `demo/echo` call that the warm placer holds back: after 300 ms no runner has seen an
 /// echo call; then runner 1 reports `freed`, and the call's reply comes within [`BOUND`].
 async fn held_call(lb: &Lb, runners: &[FakeRunner], freed: RunnerState) -> Reply {

@@ -127,10 +127,30 @@ impl OfferedCall {
     }
 }
 
-/// Woken whenever any runner of an LB reports: the calls waiting for room look again.
-/// Clones share the signal.
+/// Woken whenever any runner of an LB reports: the calls waiting for room look again; and
+/// when a call ends and leaves its instance idle: one call waiting for that function looks
+/// again. Clones share the signal.
 #[derive(Debug, Clone, Default)]
-pub struct ReportSignal(Arc<Notify>);
+pub struct ReportSignal(Arc<Signals>);
+
+/// Shards of [`ReportSignal::released`]: functions sharing one wake each other's waiters
+/// now and then, which costs that waiter a look and the instance a wait for the next report.
+const RELEASE_SHARDS: usize = 64;
+
+#[derive(Debug)]
+struct Signals {
+    report: Notify,
+    released: [Notify; RELEASE_SHARDS],
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            report: Notify::new(),
+            released: std::array::from_fn(|_| Notify::new()),
+        }
+    }
+}
 
 impl ReportSignal {
     /// Completes at the next report of any runner sharing this signal after it is created
@@ -138,7 +158,31 @@ impl ReportSignal {
     ///
     /// [`Notified::enable`]: tokio::sync::futures::Notified::enable
     pub fn next_report(&self) -> tokio::sync::futures::Notified<'_> {
-        self.0.notified()
+        self.0.report.notified()
+    }
+
+    /// Completes when a call of `app`/`function` ends and leaves its instance idle, one
+    /// waiter per instance, the longest waiting first. An instance left idle while nobody
+    /// waited completes the next waiter at once (it looks again for nothing, or finds the
+    /// instance), so a wait begun after the look that found no room misses none.
+    pub fn released(&self, app: &str, function: &str) -> tokio::sync::futures::Notified<'_> {
+        self.released_shard(app, function).notified()
+    }
+
+    fn released_shard(&self, app: &str, function: &str) -> &Notify {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (app, function).hash(&mut hasher);
+        // In range, and lossless: a remainder of a division by the shards' count.
+        &self.0.released[(hasher.finish() % RELEASE_SHARDS as u64) as usize]
+    }
+
+    fn report(&self) {
+        self.0.report.notify_waiters();
+    }
+
+    fn release(&self, app: &str, function: &str) {
+        self.released_shard(app, function).notify_one();
     }
 }
 
@@ -187,6 +231,8 @@ struct Counted {
     free_mb: u64,
     idle_mb: u64,
     idle_slot: bool,
+    /// The slot was one of [`Held::ended_slots`].
+    ended_slot: bool,
 }
 
 /// An offer counted in a runner's view (see [`Reports::offer`]): dropped unanswered or
@@ -277,6 +323,10 @@ struct Held {
     function: String,
     idle_slots: u32,
     instances: u32,
+    /// Of `idle_slots`, those of one-call instances whose calls ended while the runner was
+    /// short of memory: warm for this function, but their memory is not counted free (see
+    /// [`Reports::finished`]).
+    ended_slots: u32,
 }
 
 impl Observed {
@@ -286,14 +336,19 @@ impl Observed {
         let memory_mb = call.memory_mb;
         let unheld = self.free_mb - self.idle_mb;
         let (free_before, idle_before) = (self.free_mb, self.idle_mb);
-        let mut idle_slot = false;
+        let (mut idle_slot, mut ended_slot) = (false, false);
         let (used_mb, evicted_mb) = match self.held(&call.app, &call.function) {
             Some(held) if held.idle_slots > 0 => {
                 held.idle_slots -= 1;
                 idle_slot = true;
                 // A one-call instance with room was idle: its memory is in use now. One that
-                // takes several calls may have been busy already; the report will tell.
-                if call.concurrency <= 1 {
+                // takes several calls may have been busy already; the report will tell. One
+                // whose memory was never counted free takes none.
+                if held.ended_slots > 0 {
+                    held.ended_slots -= 1;
+                    ended_slot = true;
+                    (0, 0)
+                } else if call.concurrency <= 1 {
                     (memory_mb, memory_mb)
                 } else {
                     (0, 0)
@@ -309,6 +364,7 @@ impl Observed {
             free_mb: free_before - self.free_mb,
             idle_mb: idle_before - self.idle_mb,
             idle_slot,
+            ended_slot,
         }
     }
 
@@ -326,6 +382,9 @@ impl Observed {
             && let Some(held) = self.held(&call.app, &call.function)
         {
             held.idle_slots = held.idle_slots.saturating_add(1);
+            if counted.ended_slot {
+                held.ended_slots = held.ended_slots.saturating_add(1);
+            }
         }
     }
 
@@ -363,6 +422,7 @@ impl Reports {
                 function: w.function,
                 idle_slots: w.idle_slots,
                 instances: w.instances,
+                ended_slots: 0,
             })
             .collect();
         // The runner sends them sorted; a list that is not is sorted here rather than trusted.
@@ -399,7 +459,7 @@ impl Reports {
         mirror.observed = Some(observed);
         mirror.late.clear();
         drop(mirror);
-        self.signal.0.notify_waiters();
+        self.signal.report();
     }
 
     /// The stream ended or failed: forgets the report, unless it said the runner drains (a
@@ -486,14 +546,19 @@ impl Reports {
     /// the call let go of its instance, when its stream ended cleanly after
     /// `CallFinished{success}` (the runner keeps the instance), else `None`. Until the next
     /// report, count the call off the calls in flight and, when released, its instance's slot
-    /// as free again, unless
-    /// - the report held already shows that (a version at least `released`: the report and
-    ///   the call's end travel on different streams, in either order; a version of 0 is a
-    ///   runner that does not say, and the call is counted), or
-    /// - the report said the runner had no free memory that idle instances do not hold: it
-    ///   evicts idle instances for new ones, and its next report (at most 20 ms away) says
-    ///   which are left. Counting them here would promise instances that may be gone, and
-    ///   calls sent for them start cold.
+    /// as free again, and wake one call of the function waiting for room
+    /// ([`ReportSignal::released`]), unless the report held already shows that (a version
+    /// at least `released`: the report and the call's end travel on different streams, in
+    /// either order; a version of 0 is a runner that does not say, and the call is counted).
+    ///
+    /// When the report said the runner had no free memory that idle instances do not hold,
+    /// the runner evicts idle instances for new ones, and only its next report (at most
+    /// 20 ms away) says which are left: the instance is counted warm for calls of its own
+    /// function, which the runner gives it before it evicts for anything, but its memory is
+    /// not counted free. Counted free, calls of other functions would be sent to start
+    /// instances in it, and the function's next calls would start cold; not counted at all,
+    /// the calls waiting for the function would wait for that report, and a runner full of
+    /// busy instances would carry one call per instance per report.
     pub fn finished(&self, call: &OfferedCall, released: Option<u64>) {
         let mut mirror = self.lock();
         let Some(observed) = mirror.observed.as_mut() else {
@@ -502,27 +567,29 @@ impl Reports {
         if released.is_some_and(|v| v != 0 && observed.version >= v) {
             return;
         }
-        if observed.reported_unheld_mb < call.memory_mb {
-            // The runner evicts for new instances: which idle instances it keeps is its
-            // choice, so the next report says what is warm, and calls wait for it.
-            return;
-        }
         observed.calls_in_flight = observed.calls_in_flight.saturating_sub(1);
         if released.is_none() {
             return;
         }
-        if call.concurrency <= 1 {
+        let one_call = call.concurrency <= 1;
+        let short = observed.reported_unheld_mb < call.memory_mb;
+        if one_call && !short {
             // Its instance is idle now: its memory is free again, held by an idle instance.
             observed.free_again(call.memory_mb, call.memory_mb);
         }
+        let ended = u32::from(one_call && short);
         match observed.held(&call.app, &call.function) {
-            Some(held) => held.idle_slots = held.idle_slots.saturating_add(1),
+            Some(held) => {
+                held.idle_slots = held.idle_slots.saturating_add(1);
+                held.ended_slots = held.ended_slots.saturating_add(ended);
+            }
             None => {
                 let held = Held {
                     app: call.app.clone(),
                     function: call.function.clone(),
                     idle_slots: 1,
                     instances: 1,
+                    ended_slots: ended,
                 };
                 let at = observed.held.partition_point(|h| {
                     (h.app.as_str(), h.function.as_str())
@@ -531,6 +598,8 @@ impl Reports {
                 observed.held.insert(at, held);
             }
         }
+        drop(mirror);
+        self.signal.release(&call.app, &call.function);
     }
 
     /// Whether a report younger than [`STALE_AFTER`] is held.
@@ -545,6 +614,7 @@ impl Reports {
 #[cfg(test)]
 mod tests {
     use fn_protocol::runner::WarmFunction;
+    use futures::FutureExt as _;
 
     use super::*;
 
@@ -702,8 +772,8 @@ mod tests {
     }
 
     #[test]
-    fn a_runner_short_of_memory_says_what_is_left_in_its_next_report() {
-        let reports = Reports::default();
+    fn a_runner_short_of_memory_keeps_an_ended_calls_instance_for_its_own_function() {
+        let reports = Arc::new(Reports::default());
         // 64 MB free, all of it held by an idle instance of a/g: a new instance evicts.
         reports.update(RunnerState {
             capacity_idle_mb: 64,
@@ -712,11 +782,56 @@ mod tests {
         let call = call_of_f();
         reports.finished(&call, Some(2));
         let view = load(reports.view("a", "f", 64));
+        assert!(view.warm, "warm for its own function: {view:?}");
+        assert_eq!(view.calls_in_flight, 1);
+        // Its memory is not counted free: a call of another function still evicts a/g's.
+        let other = load(reports.view("a", "h", 64));
+        assert!(other.fits && other.evicts, "{other:?}");
+        assert!(!load(reports.view("a", "h", 128)).fits);
+        // A call of a/f takes it without taking memory the view never counted free.
+        let _offer = reports.offer(&call);
+        let view = load(reports.view("a", "f", 64));
+        assert!(!view.warm, "taken: {view:?}");
+        assert_eq!(view.calls_in_flight, 2);
+        let other = load(reports.view("a", "h", 64));
+        assert!(other.fits && other.evicts, "{other:?}");
+        // The next report says what is left.
+        reports.update(RunnerState {
+            capacity_idle_mb: 64,
+            ..state(64, &[("a", "g", 1)])
+        });
+        assert!(!load(reports.view("a", "f", 64)).warm);
+    }
+
+    #[tokio::test]
+    async fn an_ended_call_wakes_one_call_waiting_for_its_function() {
+        let signal = ReportSignal::default();
+        let reports = Reports::with_signal(signal.clone());
+        reports.update(state(0, &[("a", "f", 0)]));
+        let first = signal.released("a", "f");
+        let second = signal.released("a", "f");
+        tokio::pin!(first, second);
+        first.as_mut().enable();
+        second.as_mut().enable();
+        let bound = Duration::from_secs(5);
+        // A call cut off leaves no instance and wakes nobody.
+        reports.finished(&call_of_f(), None);
+        assert!(first.as_mut().now_or_never().is_none());
+        reports.finished(&call_of_f(), Some(2));
+        tokio::time::timeout(bound, first)
+            .await
+            .expect("the first woken");
         assert!(
-            !view.warm,
-            "not promised: the runner may evict it: {view:?}"
+            second.as_mut().now_or_never().is_none(),
+            "one instance, one call"
         );
-        assert_eq!(view.calls_in_flight, 2, "the next report counts it off");
+        reports.finished(&call_of_f(), Some(3));
+        tokio::time::timeout(bound, second).await.expect("woken");
+        // One left idle while nobody waited wakes the next call to wait, at once.
+        reports.finished(&call_of_f(), Some(4));
+        tokio::time::timeout(bound, signal.released("a", "f"))
+            .await
+            .expect("woken");
     }
 
     /// Report `version`: 64 MB free, all of it held by one idle instance of a/f.

@@ -143,6 +143,9 @@ struct State {
     reported: watch::Sender<Option<RunnerState>>,
     /// Cancelled when the server stops: `WatchState` streams end with it.
     stopping: tokio_util::sync::CancellationToken,
+    /// The pool version the last commit or finish gave; 0 while the fake gives none (see
+    /// [`FakeRunner::give_pool_versions`]).
+    pool_version: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +153,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    /// The pool version a commit or a finish now gives: the next one, once the fake gives
+    /// versions, else 0 (a runner that does not say).
+    fn next_pool_version(&self) -> u64 {
+        let mut current = self.pool_version.load(Ordering::Acquire);
+        while current != 0 {
+            match self.pool_version.compare_exchange(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return current + 1,
+                Err(now) => current = now,
+            }
+        }
+        0
+    }
+
     /// As a real runner reports it: [`FAKE_COLD_START`] for the first call of a function
     /// this fake has seen, 0 (warm) for the later ones.
     fn cold_start_us(&self, index: usize) -> u64 {
@@ -230,6 +251,7 @@ impl FakeRunner {
             connections: AtomicU64::new(0),
             reported: watch::Sender::new(None),
             stopping: tokio_util::sync::CancellationToken::new(),
+            pool_version: AtomicU64::new(0),
         });
         let service = RunnerProtocolServer::new(Service {
             state: Arc::clone(&state),
@@ -296,6 +318,22 @@ impl FakeRunner {
     /// reports its pool.
     pub fn report_state(&self, state: RunnerState) {
         self.state.reported.send_replace(Some(state));
+    }
+
+    /// From now on, each committed call's acknowledgement and each `CallFinished{success}`
+    /// carry the next pool version after the last report's (at least 1), as a runner's do
+    /// when its pool changes and no new report has reached the LB; before, they carry 0 (a
+    /// runner that does not say).
+    pub fn give_pool_versions(&self) {
+        let reported = self
+            .state
+            .reported
+            .borrow()
+            .as_ref()
+            .map_or(0, |state| state.version);
+        self.state
+            .pool_version
+            .store(reported.max(1), Ordering::Release);
     }
 
     /// TCP connections accepted so far.
@@ -423,7 +461,7 @@ async fn send(tx: &Tx, body: runner_msg::Body) -> Result<(), Gone> {
         .map_err(|_| Gone)
 }
 
-fn ack(committed: bool) -> runner_msg::Body {
+fn ack(committed: bool, pool_version: u64) -> runner_msg::Body {
     runner_msg::Body::Acknowledged(CallAcknowledged {
         committed,
         details: if committed {
@@ -432,7 +470,7 @@ fn ack(committed: bool) -> runner_msg::Body {
             "fake runner: busy".into()
         },
         slot_allocation_latency_us: 1,
-        pool_version: 0,
+        pool_version,
         refusal: if committed {
             RefusalReason::Unspecified as i32
         } else {
@@ -538,12 +576,15 @@ async fn run(
         };
     }
     if behaviour == Behaviour::Refuse {
-        return match send(tx, ack(false)).await {
+        return match send(tx, ack(false, 0)).await {
             Ok(()) => Ending::Refused,
             Err(Gone) => Ending::LbWentAway,
         };
     }
-    if send(tx, ack(true)).await.is_err() {
+    if send(tx, ack(true, state.next_pool_version()))
+        .await
+        .is_err()
+    {
         return Ending::LbWentAway;
     }
     match behaviour {
@@ -579,7 +620,7 @@ async fn run(
                     success: true,
                     details: String::new(),
                     kind: ErrorKind::None as i32,
-                    pool_version: 0,
+                    pool_version: state.next_pool_version(),
                 }),
             ];
             for msg in answer {
@@ -688,7 +729,7 @@ async fn run(
                 success: true,
                 details: String::new(),
                 kind: ErrorKind::None as i32,
-                pool_version: 0,
+                pool_version: state.next_pool_version(),
             });
             if send(tx, eof).await.is_err() || send(tx, finished).await.is_err() {
                 return Ending::LbWentAway;
