@@ -22,8 +22,8 @@ use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_nodepool::{
-    Advertiser, CapacityTracker, ClientConfig, EjectionMetrics, NpmPool, ReportMetrics,
-    ReportSignal, RunnerPool, StaticPool,
+    Advertiser, CapacityTracker, ClientConfig, EjectionMetrics, NpmPool, ReportMetrics, RunnerPool,
+    StaticPool,
 };
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
@@ -170,14 +170,12 @@ async fn daemon(cli: Cli) -> ExitCode {
     }
 
     let mut registry = Registry::default();
-    let report_signal = ReportSignal::default();
     let client_config = ClientConfig {
         connect_timeout: cli.runner_connect_timeout,
         ack_timeout: cli.runner_ack_timeout,
         eject_after: cli.runner_eject_after,
         ejection_metrics: EjectionMetrics::register(&mut registry),
         watch_reports: cli.placer == PlacerKind::Warm,
-        report_signal: report_signal.clone(),
         report_metrics: ReportMetrics::register(&mut registry),
         ..ClientConfig::default()
     };
@@ -205,7 +203,6 @@ async fn daemon(cli: Cli) -> ExitCode {
         DispatchConfig {
             placer_timeout: cli.placer_timeout,
             wait_share: cli.placer_wait_share,
-            report_signal,
             ..DispatchConfig::default()
         },
     );

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::retry::Backoff;
-use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool, TryCallError};
+use fn_nodepool::{EarlyBody, Engaged, RunnerPool, TryCallError};
 use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
 use tokio::time::Instant;
@@ -107,9 +107,6 @@ pub struct DispatchConfig {
     /// First pause between passes; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
-    /// Woken by the runners' reports (share it with the runner clients'
-    /// [`fn_nodepool::ClientConfig::report_signal`]).
-    pub report_signal: ReportSignal,
     /// How long a call may wait for a warm instance, from the moment a new instance could
     /// start only by evicting idle instances of other functions, when its function has busy
     /// instances, until the function's own cold starts have been seen; then their moving
@@ -125,7 +122,6 @@ impl Default for DispatchConfig {
             wait_share: 0.5,
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(500),
-            report_signal: ReportSignal::default(),
             warm_wait: Duration::from_millis(25),
         }
     }
@@ -276,7 +272,7 @@ impl Dispatcher {
         let mut waiting = false;
         // When the call first could have started an instance only by evicting idle ones.
         let mut evicting_since: Option<Instant> = None;
-        let signal = &self.config.report_signal;
+        let signal = self.pool.report_signal(&call.lb_group);
         loop {
             // Armed before the views are read, so that no report in between is missed.
             let report = signal.next_report();

@@ -111,7 +111,6 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         options.placer,
         DispatchConfig {
             placer_timeout: options.placer_timeout,
-            report_signal: options.client.report_signal.clone(),
             warm_wait: options.warm_wait,
             ..DispatchConfig::default()
         },

@@ -76,7 +76,10 @@ pub struct ClientConfig {
     pub ejection_metrics: EjectionMetrics,
     /// Keep the runner's `WatchState` reports (see the module docs).
     pub watch_reports: bool,
-    /// Woken by every report of every client built with this configuration.
+    /// Woken by every report of every client built with this configuration, and by the
+    /// ends of their calls. A pool gives each LB group its own ([`RunnerPool::report_signal`]).
+    ///
+    /// [`RunnerPool::report_signal`]: crate::RunnerPool::report_signal
     pub report_signal: ReportSignal,
     /// Where reports and report streams are counted.
     pub report_metrics: ReportMetrics,

@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 
 use crate::client::{ClientConfig, RunnerClient};
 use crate::pool::{RunnerList, RunnerPool, check_host_port};
+use crate::reports::ReportSignal;
 
 /// The poll interval while the npm's membership watch is up.
 pub const WATCHED_POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -51,6 +52,9 @@ pub struct NpmPool {
 struct Inner {
     /// Group → its current list. Read on every placement pass; written by the poller.
     lists: RwLock<HashMap<String, RunnerList>>,
+    /// Group → what its runners' clients wake: a report of one group's runner wakes no
+    /// call waiting in another.
+    signals: Mutex<HashMap<String, ReportSignal>>,
     /// Groups to poll.
     groups: Mutex<BTreeSet<String>>,
     /// Wakes the poller when a new group is seen.
@@ -99,6 +103,7 @@ impl NpmPool {
         Ok(NpmPool {
             inner: Arc::new(Inner {
                 lists: RwLock::new(HashMap::new()),
+                signals: Mutex::new(HashMap::new()),
                 groups: Mutex::new(BTreeSet::new()),
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
@@ -201,12 +206,11 @@ impl NpmPool {
                 tracing::warn!(group, error = %e, "npm listed an unusable runner address; skipped");
                 continue;
             }
-            match RunnerClient::new(
-                runner.id,
-                runner.address.clone(),
-                &self.inner.tls,
-                self.inner.client_config.clone(),
-            ) {
+            let config = ClientConfig {
+                report_signal: self.report_signal(group),
+                ..self.inner.client_config.clone()
+            };
+            match RunnerClient::new(runner.id, runner.address.clone(), &self.inner.tls, config) {
                 Ok(client) => next.push(client),
                 Err(e) => {
                     tracing::warn!(group, address = %runner.address, error = %e, "cannot create a runner client")
@@ -315,5 +319,17 @@ impl RunnerPool for NpmPool {
             self.inner.new_group.notify_one();
         }
         Arc::new(Vec::new())
+    }
+
+    fn report_signal(&self, group: &str) -> ReportSignal {
+        let mut signals = self
+            .inner
+            .signals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(signal) = signals.get(group) {
+            return signal.clone();
+        }
+        signals.entry(group.to_owned()).or_default().clone()
     }
 }

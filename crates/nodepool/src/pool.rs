@@ -5,6 +5,7 @@ use std::sync::Arc;
 use fn_tls::TlsMode;
 
 use crate::client::{ClientConfig, RunnerClient};
+use crate::reports::ReportSignal;
 
 /// The runners of one LB group, in the pool's stable order. Placers index into it, so a
 /// runner that cannot be reached stays in its slot (as a placeholder) rather than leaving.
@@ -14,12 +15,18 @@ pub type RunnerList = Arc<Vec<Arc<RunnerClient>>>;
 pub trait RunnerPool: Send + Sync + std::fmt::Debug {
     /// The current runner list of `group` (a cheap snapshot; may be empty).
     fn runners(&self, group: &str) -> RunnerList;
+
+    /// Woken by the reports of `group`'s runners and by the ends of their calls (see
+    /// [`ReportSignal`]): what a call waiting for room in `group` waits on.
+    fn report_signal(&self, group: &str) -> ReportSignal;
 }
 
 /// A fixed runner list (`FN_RUNNER_ADDRESSES`) serving every LB group.
 #[derive(Debug)]
 pub struct StaticPool {
     runners: RunnerList,
+    /// Every group has the same runners: one signal.
+    signal: ReportSignal,
 }
 
 /// An address in `FN_RUNNER_ADDRESSES` that cannot be used.
@@ -64,6 +71,7 @@ impl StaticPool {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(StaticPool {
             runners: Arc::new(runners),
+            signal: config.report_signal.clone(),
         })
     }
 }
@@ -91,6 +99,10 @@ pub fn check_host_port(address: &str) -> Result<(), BadAddress> {
 impl RunnerPool for StaticPool {
     fn runners(&self, _group: &str) -> RunnerList {
         Arc::clone(&self.runners)
+    }
+
+    fn report_signal(&self, _group: &str) -> ReportSignal {
+        self.signal.clone()
     }
 }
 

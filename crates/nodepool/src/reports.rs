@@ -28,8 +28,10 @@
 //! shows it (reports and call streams carry the runner's pool version) or the runner is
 //! short of memory and evicts, when only its next report can say which instances are left.
 //!
-//! Every new report wakes the calls waiting for room ([`ReportSignal`]), so that a call
-//! waiting for a runner learns of a freed instance as soon as the LB does.
+//! Every new report wakes the calls waiting for room in the runner's LB group
+//! ([`ReportSignal`]), and every call end that leaves an instance idle wakes one call of its
+//! function waiting there, so that a call waiting for a runner learns of a freed instance as
+//! soon as the LB does.
 //!
 //! [`ClientConfig::watch_reports`]: crate::ClientConfig::watch_reports
 
@@ -127,7 +129,7 @@ impl OfferedCall {
     }
 }
 
-/// Woken whenever any runner of an LB reports: the calls waiting for room look again; and
+/// Woken whenever a runner of an LB group reports: the calls waiting for room look again; and
 /// when a call ends and leaves its instance idle: one call waiting for that function looks
 /// again. Clones share the signal.
 #[derive(Debug, Clone, Default)]

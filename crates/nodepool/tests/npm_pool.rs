@@ -13,8 +13,10 @@ use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManag
 use fn_protocol::poolmanager::{
     CapacitySnapshotList, LbGroupId, LbGroupMembership, MembershipChanged, Runner,
 };
+use fn_protocol::runner::RunnerState;
 use fn_test_support::TestPki;
 use fn_tls::TlsMode;
+use futures::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -322,6 +324,46 @@ async fn npm_pool_keeps_order_reuses_clients_drops_removed_and_keeps_the_last_li
     assert!(
         Arc::ptr_eq(&pool.runners("g")[0], &after[2]),
         "7002 kept its client across the outage"
+    );
+
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
+/// Each group's runners wake the calls waiting in that group only: a report of one group's
+/// runner wakes no call waiting for room in another (with one signal for the LB, every
+/// report woke every waiting call of every group).
+#[tokio::test]
+async fn a_report_wakes_only_the_calls_waiting_in_its_group() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    state.set("g", &["127.0.0.1:7001"]);
+    state.set("other", &["127.0.0.1:7002"]);
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
+    assert!(pool.runners("g").is_empty() && pool.runners("other").is_empty());
+    wait_for_list(&pool, "g", &["127.0.0.1:7001"]).await;
+    wait_for_list(&pool, "other", &["127.0.0.1:7002"]).await;
+
+    let g = pool.report_signal("g");
+    let other = pool.report_signal("other");
+    let in_g = g.next_report();
+    let in_other = other.next_report();
+    tokio::pin!(in_g, in_other);
+    in_g.as_mut().enable();
+    in_other.as_mut().enable();
+    pool.runners("g")[0].reports().update(RunnerState {
+        version: 1,
+        capacity_total_mb: 1024,
+        capacity_free_mb: 1024,
+        ..RunnerState::default()
+    });
+    tokio::time::timeout(BOUND, in_g)
+        .await
+        .expect("the group's own call is woken");
+    assert!(
+        in_other.as_mut().now_or_never().is_none(),
+        "a call of another group is woken"
     );
 
     stop_pool(cancel, poller).await;
