@@ -20,6 +20,11 @@
 //! goes to the runner. When every runner of the group refuses the call as larger than its
 //! whole memory, no wait can help: the answer is 503 at once.
 //!
+//! The pause between two passes ends early when a call of the function ends on a runner of
+//! the group and leaves its instance idle: one paused call is woken per instance, the
+//! longest waiting first, so that a full group serves its waiting calls as instances free
+//! up rather than as their backoffs run out.
+//!
 //! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
 //! at every pass, and may leave runners out. A pass that asked nobody because every runner
 //! was known to be full or draining waits for the next report of any runner, or for a call
@@ -415,7 +420,12 @@ impl Dispatcher {
                     () = tokio::time::sleep(REPORT_WAIT.min(left - LAST_PASS)) => {}
                 }
             } else {
-                tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)).await;
+                // Refused for want of room, say: a call of its function ending on a runner
+                // of the group leaves an instance it may take.
+                tokio::select! {
+                    () = signal.released(&call.app, &call.function) => {}
+                    () = tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)) => {}
+                }
             }
         }
     }

@@ -63,6 +63,8 @@ struct Options {
     warm_wait: Duration,
     catalog: String,
     body_idle_timeout: Duration,
+    /// The first pause between two passes of a call no runner took.
+    retry_initial: Duration,
 }
 
 impl Default for Options {
@@ -76,6 +78,7 @@ impl Default for Options {
             warm_wait: DispatchConfig::default().warm_wait,
             catalog: CATALOG.to_owned(),
             body_idle_timeout: fn_lb::invoke::BODY_IDLE_TIMEOUT,
+            retry_initial: DispatchConfig::default().retry_initial,
         }
     }
 }
@@ -112,6 +115,10 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         DispatchConfig {
             placer_timeout: options.placer_timeout,
             warm_wait: options.warm_wait,
+            retry_initial: options.retry_initial,
+            retry_max: options
+                .retry_initial
+                .max(DispatchConfig::default().retry_max),
             ..DispatchConfig::default()
         },
     );
@@ -2604,6 +2611,67 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     let reply = held_call(&lb, &runners, report(1024, 0, true)).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
+}
+
+/// With a placer that keeps no reports (`naive`), a call refused for want of room pauses
+/// before it asks again; a call of its function ending on a runner of the group ends the
+/// pause, and the paused call asks again at once rather than when its backoff runs out.
+#[tokio::test]
+async fn a_paused_call_asks_again_as_soon_as_a_call_of_its_function_ends() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    // A pause of 2.1 s at least (3 s less the backoff's jitter).
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            retry_initial: Duration::from_secs(3),
+            ..Options::default()
+        },
+    )
+    .await;
+    // The first call is served; the second refused once, then served.
+    runners[0].script([Behaviour::Echo, Behaviour::Refuse]);
+    let (feed, first) = fed("/r/demo/echo");
+    let address = lb.address.clone();
+    let first = tokio::spawn(async move { send(&address, first).await });
+    feed.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+        .await
+        .expect("fed");
+    runners[0]
+        .wait_until(BOUND, |seen| !seen.is_empty())
+        .await
+        .expect("the first call placed");
+    let address = lb.address.clone();
+    let second = tokio::spawn(async move {
+        send(&address, request(Method::POST, "/r/demo/echo", "second")).await
+    });
+    runners[0]
+        .wait_until(BOUND, |seen| seen.len() == 2)
+        .await
+        .expect("the second call refused");
+    let refused = Instant::now();
+
+    feed.send(Ok(Frame::data(Bytes::from_static(b"done"))))
+        .await
+        .expect("fed");
+    drop(feed);
+    let first = tokio::time::timeout(BOUND, first)
+        .await
+        .expect("answered")
+        .expect("joined");
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let second = tokio::time::timeout(BOUND, second)
+        .await
+        .expect("answered")
+        .expect("joined");
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert_eq!(runners[0].seen().len(), 3, "{:?}", runners[0].seen());
+    assert!(
+        refused.elapsed() < Duration::from_millis(1500),
+        "asked again only when its pause ran out, {:?} after the refusal",
+        refused.elapsed()
+    );
 }
 
 /// A runner full of busy instances is short of memory: when one of its calls ends, a call of

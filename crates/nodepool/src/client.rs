@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service;
 
-use crate::reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};
+use crate::reports::{OfferedCall, Releaser, ReportMetrics, ReportSignal, Reports, STALE_AFTER};
 
 /// The shortest wait for an acknowledgement that, passed in silence, marks the runner down
 /// (a runner acknowledges in about a millisecond). An offer given a shorter bound (the
@@ -423,6 +423,9 @@ impl RunnerClient {
                     slot_latency: Duration::from_micros(ack.slot_allocation_latency_us),
                     sender: sender.map(BodySender),
                     responses,
+                    release: offered
+                        .is_none()
+                        .then(|| self.reports.signal().releaser(&call.app, &call.function)),
                     report: offered.map(|c| (Arc::clone(&self.reports), c)),
                     finished: None,
                     clean: false,
@@ -688,6 +691,10 @@ pub struct Engaged {
     /// Where the call's end is counted until the runner's next report, when reports are
     /// watched.
     report: Option<(Arc<Reports>, OfferedCall)>,
+    /// When reports are not watched: what wakes a call of the function waiting for room
+    /// (with a `ch` or `naive` placer, one pausing between passes) once this call leaves its
+    /// instance idle.
+    release: Option<Releaser>,
     /// The `pool_version` of the runner's `CallFinished{success}`, once seen.
     finished: Option<u64>,
     /// The stream ended after a `CallFinished{success}`: the runner keeps the instance.
@@ -696,9 +703,14 @@ pub struct Engaged {
 
 impl Drop for Engaged {
     fn drop(&mut self) {
+        let version = self.finished.filter(|_| self.clean);
         if let Some((reports, call)) = self.report.take() {
-            let version = self.finished.filter(|_| self.clean);
             reports.finished(&call, version);
+        }
+        if let Some(release) = self.release.take()
+            && version.is_some()
+        {
+            release.release();
         }
     }
 }

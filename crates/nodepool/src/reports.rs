@@ -172,11 +172,16 @@ impl ReportSignal {
     }
 
     fn released_shard(&self, app: &str, function: &str) -> &Notify {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut hasher = std::hash::DefaultHasher::new();
-        (app, function).hash(&mut hasher);
-        // In range, and lossless: a remainder of a division by the shards' count.
-        &self.0.released[(hasher.finish() % RELEASE_SHARDS as u64) as usize]
+        &self.0.released[shard_of(app, function)]
+    }
+
+    /// What wakes one call of `app`/`function` waiting for room when a call of it ends
+    /// without [`Reports::finished`] (a client that does not keep reports).
+    pub(crate) fn releaser(&self, app: &str, function: &str) -> Releaser {
+        Releaser {
+            signals: Arc::clone(&self.0),
+            shard: shard_of(app, function),
+        }
     }
 
     fn report(&self) {
@@ -185,6 +190,30 @@ impl ReportSignal {
 
     fn release(&self, app: &str, function: &str) {
         self.released_shard(app, function).notify_one();
+    }
+}
+
+fn shard_of(app: &str, function: &str) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (app, function).hash(&mut hasher);
+    // In range, and lossless: a remainder of a division by the shards' count.
+    (hasher.finish() % RELEASE_SHARDS as u64) as usize
+}
+
+/// See [`ReportSignal::releaser`].
+#[derive(Debug)]
+pub(crate) struct Releaser {
+    signals: Arc<Signals>,
+    shard: usize,
+}
+
+impl Releaser {
+    /// The call left its instance idle: one call of its function waiting for room looks again.
+    pub(crate) fn release(self) {
+        if let Some(shard) = self.signals.released.get(self.shard) {
+            shard.notify_one();
+        }
     }
 }
 
@@ -411,6 +440,11 @@ impl Reports {
     fn lock(&self) -> MutexGuard<'_, Mirror> {
         // A plain value replaced or edited in one step: a panic elsewhere cannot tear it.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What this runner's reports and call ends wake.
+    pub(crate) fn signal(&self) -> &ReportSignal {
+        &self.signal
     }
 
     /// Stores a report received now, replacing the previous one and the calls counted since.
