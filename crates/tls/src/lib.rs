@@ -31,7 +31,7 @@ use rustls::crypto::CryptoProvider;
 
 pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
-pub use open::{RENEW_AHEAD, RETIRE_GRACE, Recheck};
+pub use open::{CONTROL_GRACE, RENEW_AHEAD, RETIRE_GRACE, Recheck};
 pub use transport::{
     CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, MAX_FRAME_SIZE, STREAM_WINDOW,
     grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,

@@ -10,7 +10,9 @@
 //! that fails is retired: a [`crate::DirectChannel`] stops giving it new calls at once and
 //! dials a new connection, and after a grace (for the calls on it to finish) its socket is
 //! shut down, which ends it at both ends whatever its peer does. A connection whose peer
-//! verifies again before then (the old bundle put back) is kept.
+//! verifies again before then (the old bundle put back) is kept. A connection this node
+//! dialled for a channel that does not move its calls off (tonic's: the control plane's
+//! calls and watches, which dial again) gets [`CONTROL_GRACE`], not the grace.
 //!
 //! A connection this node dialled is also moved off, without being closed, while its peer
 //! is still trusted: when the certificate it presented has been replaced, and when the
@@ -39,6 +41,11 @@ use crate::material::Material;
 /// How long a retired connection stays open for the calls already on it, unless
 /// `FN_TLS_RETIRE_GRACE` says otherwise.
 pub const RETIRE_GRACE: Duration = Duration::from_secs(600);
+
+/// The grace of a retired connection this node dialled for a channel that does not move its
+/// calls off (tonic's): the bound of a control-plane call (2 s), and time for its peer's
+/// own check to see it.
+pub const CONTROL_GRACE: Duration = Duration::from_secs(2);
 
 /// A connection this node dialled takes no new calls once its peer's certificate expires
 /// within this (the longest call, an hour, and as much again): a new connection finds the
@@ -80,6 +87,12 @@ pub(crate) struct Entry {
     /// (in CLOSE_WAIT, its FIN never sent) for as long.
     socket: Mutex<Option<std::net::TcpStream>>,
     retired: AtomicBool,
+    /// The channel on a dialled connection moves its new calls off it when it is retired
+    /// (a [`crate::DirectChannel`] does), so the calls on it keep the grace. A dialled
+    /// connection whose channel does not (tonic's, for the control plane's short calls and
+    /// watches, which dial again) is shut down [`CONTROL_GRACE`] after it is retired: it
+    /// would otherwise carry new calls to a peer no longer trusted until the grace ends.
+    follows: AtomicBool,
     /// Set once the socket has been shut down.
     shut: AtomicBool,
     /// When a retired connection is shut down.
@@ -90,6 +103,30 @@ impl Entry {
     /// Whether the peer no longer verifies: the connection should take no new calls.
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// The caller moves its new calls off the connection once [`Entry::is_retired`] says
+    /// so: the calls on it get the grace.
+    pub(crate) fn followed(&self) {
+        self.follows.store(true, Ordering::Release);
+    }
+
+    /// Shut down [`CONTROL_GRACE`] after it is retired rather than after the grace: a
+    /// dialled connection whose channel does not move its calls off.
+    fn closes_soon_when_retired(&self) -> bool {
+        matches!(self.peer, Peer::Server { .. }) && !self.follows.load(Ordering::Acquire)
+    }
+
+    /// Shuts the socket down, ending the connection at both ends; false when it was already.
+    fn shut_down(&self) -> bool {
+        if self.shut.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(Err(e)) = socket.as_ref().map(|s| s.shutdown(Shutdown::Both)) {
+            tracing::debug!(peer = %self.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
+        }
+        true
     }
 
     /// Why the connection should take no more calls under `material` at `now`, if so: its
@@ -244,6 +281,7 @@ impl OpenConnections {
             peer_not_after,
             socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
+            follows: AtomicBool::new(false),
             shut: AtomicBool::new(false),
             close_at: Mutex::new(None),
         });
@@ -279,6 +317,7 @@ impl OpenConnections {
             }
             let failure = entry.fails(material, now);
             let mut close_at = entry.close_at();
+            let mut shut = false;
             match (failure, *close_at) {
                 (None, None) => {
                     if !entry.is_retired()
@@ -296,23 +335,23 @@ impl OpenConnections {
                     tracing::info!(peer = %entry.address, "a retired gRPC connection's peer verifies again: the connection is kept");
                 }
                 (Some(reason), None) => {
-                    *close_at = Some(instant + grace);
                     entry.retired.store(true, Ordering::Release);
                     outcome.retired += 1;
                     tracing::info!(peer = %entry.address, error = %reason, "gRPC connection retired");
                     first_retired.get_or_insert((entry.address, reason));
+                    let grace = if entry.closes_soon_when_retired() {
+                        grace.min(CONTROL_GRACE)
+                    } else {
+                        grace
+                    };
+                    *close_at = Some(instant + grace);
                 }
-                (Some(_), Some(at)) if at <= instant => {
-                    entry.shut.store(true, Ordering::Release);
-                    let socket = entry.socket.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let Some(Err(e)) = socket.as_ref().map(|s| s.shutdown(Shutdown::Both)) {
-                        tracing::debug!(peer = %entry.address, error = %e, "retired gRPC connection: shutdown failed (it has closed)");
-                    }
-                    outcome.closed += 1;
-                    tracing::info!(peer = %entry.address, "retired gRPC connection closed");
-                    first_closed.get_or_insert(entry.address);
-                }
-                (Some(_), Some(_)) => {}
+                (Some(_), Some(at)) => shut = at <= instant,
+            }
+            if shut && entry.shut_down() {
+                outcome.closed += 1;
+                tracing::info!(peer = %entry.address, "retired gRPC connection closed");
+                first_closed.get_or_insert(entry.address);
             }
             if let Some(at) = *close_at
                 && at > instant
@@ -326,7 +365,8 @@ impl OpenConnections {
                 "gRPC connections retired: their peer's certificate no longer verifies under \
                  the certificates in use (a CA removed from FN_NODE_CERT_AUTHORITY, or the \
                  peer's certificate expired); an lb-agent moves its calls to runners off them \
-                 at once, and all are closed when the grace ends"
+                 at once, those dialled for control-plane calls are closed 2 s later, and \
+                 the rest when the grace ends"
             );
         }
         if let Some(peer) = first_closed {

@@ -709,9 +709,13 @@ pub(crate) struct Dialled<T> {
 }
 
 impl<T> Dialled<T> {
-    /// What tells whether the connection has been retired (its peer no longer verifies).
+    /// What tells whether the connection has been retired (its peer no longer verifies),
+    /// for a channel that moves its new calls off a retired connection: the calls on it
+    /// then get the grace (see [`crate::open::Entry::followed`]).
     pub(crate) fn retirement(&self) -> Option<Arc<crate::open::Entry>> {
-        self.open.as_ref().map(Registration::entry)
+        let entry = self.open.as_ref().map(Registration::entry)?;
+        entry.followed();
+        Some(entry)
     }
 }
 

@@ -678,6 +678,64 @@ async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_c
     );
 }
 
+/// A tonic channel does not move its calls off a retired connection (a [`DirectChannel`]
+/// does): the connection dialled for it is shut down `CONTROL_GRACE` (2 s) after its
+/// server no longer verifies, not after the grace, and the channel dials again for its next
+/// call rather than go on calling a server no longer trusted. The DirectChannel's
+/// connection keeps the grace for the calls on it.
+#[tokio::test]
+async fn a_tonic_channels_connection_is_closed_soon_after_its_server_no_longer_verifies() {
+    let ca = DevCa::new("ca").expect("ca");
+    let server_tls = ca
+        .tls_for(&ca.node_expiring_in(&["localhost"], 2).expect("short"))
+        .expect("server");
+    let client_tls = ca.node_tls(&[]).expect("client");
+    let server = start_server(&server_tls).await;
+    let open = channel(&client_tls, &server.address)
+        .await
+        .expect("connects");
+    health(open.clone()).await.expect("tonic call");
+    let direct = direct_channel(&client_tls, &server.address);
+    common::direct_health(&direct).await.expect("direct call");
+    let grace = Duration::from_secs(600);
+    let now = SystemTime::now();
+    let both = server_tls.recheck_connections(now, grace);
+    assert_eq!(both.open, 2, "{both:?}");
+
+    // Checked as of after the server's certificate ends.
+    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
+    let expired = end + Duration::from_secs(60);
+    let retired = client_tls.recheck_connections(expired, grace);
+    assert_eq!(
+        (retired.open, retired.retired, retired.closed),
+        (2, 2, 0),
+        "{retired:?}"
+    );
+    let soon = retired.next_close.expect("a close is due");
+    assert!(
+        soon <= tokio::time::Instant::now() + fn_tls::CONTROL_GRACE,
+        "{retired:?}"
+    );
+    tokio::time::sleep_until(soon).await;
+    let closed = client_tls.recheck_connections(expired, grace);
+    assert_eq!((closed.open, closed.closed), (2, 1), "{closed:?}");
+    assert!(
+        closed.next_close.is_some(),
+        "the DirectChannel's grace: {closed:?}"
+    );
+    let start = std::time::Instant::now();
+    while server_tls.recheck_connections(now, grace).open != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the tonic channel's connection is still open at the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // At the real time the server verifies: the channel's next call dials again.
+    health(open).await.expect("a new connection");
+    assert_eq!(server_tls.recheck_connections(now, grace).open, 2);
+}
+
 /// An open connection is checked at the time of the check: its peer's certificate expired,
 /// it is retired; the clock back (a time of day put right), it is kept.
 #[tokio::test]
