@@ -20,26 +20,26 @@
 //! goes to the runner. When every runner of the group refuses the call as larger than its
 //! whole memory, no wait can help: the answer is 503 at once.
 //!
-//! The pause between two passes ends early when a call of the function ends on a runner of
-//! the group and leaves its instance idle: one paused call is woken per instance, the
-//! longest waiting first, so that a full group serves its waiting calls as instances free
-//! up rather than as their backoffs run out.
+//! The pause between two passes ends early at a report of a runner of the group, or when a
+//! call of the function ends on one and leaves its instance idle (one paused call is woken
+//! per instance, exactly by function), so that a full group serves its waiting calls as
+//! instances free up rather than as their backoffs run out.
 //!
 //! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
 //! at every pass, and may leave runners out. A pass that asked nobody because every runner
-//! was known to be full or draining waits for the next report of any runner, or for a call
-//! of its function to end and leave its instance idle (one waiting call per instance, the
-//! longest waiting first), at most [`REPORT_WAIT`], rather than the backoff. Then, if the call would start an instance by
-//! evicting idle ones, it waits [`COLD_DEFER`] more, so that a call a freed instance is warm
+//! was known to be full or draining waits the same way, at most [`REPORT_WAIT`], rather
+//! than the backoff. Then, if the call would start an instance by evicting idle ones, it waits [`COLD_DEFER`] more, so that a call a freed instance is warm
 //! for takes it first. Each offer is counted in the runner's view until its next report.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::retry::Backoff;
-use fn_nodepool::{EarlyBody, Engaged, RunnerPool, TryCallError};
+use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool, TryCallError, Waiting};
 use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use crate::error::CallError;
@@ -100,6 +100,35 @@ impl Iterator for Pass {
             Pass::Ranked(ranked) => ranked.next(),
         }
     }
+}
+
+/// Waits for the next report of a runner of the call's group (`report`), for a call of its
+/// function to end and leave an instance idle (`armed`, or from now on when the call was
+/// not waiting yet), or until `until`. Returns the call's new place among the waiting
+/// calls, if it took one.
+async fn wait_for_room(
+    signal: &ReportSignal,
+    call: &CallSpec,
+    report: Pin<&mut Notified<'_>>,
+    armed: Pin<&mut Option<Notified<'_>>>,
+    until: Instant,
+) -> Option<Waiting> {
+    let fresh = armed
+        .is_none()
+        .then(|| signal.waiting(&call.app, &call.function));
+    let released = async {
+        match (armed.as_pin_mut(), &fresh) {
+            (Some(armed), _) => armed.await,
+            (None, Some(fresh)) => fresh.released().await,
+            (None, None) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = report => {}
+        () = released => {}
+        () = tokio::time::sleep_until(until) => {}
+    }
+    fresh
 }
 
 /// Placement tunables.
@@ -278,11 +307,24 @@ impl Dispatcher {
         // When the call first could have started an instance only by evicting idle ones.
         let mut evicting_since: Option<Instant> = None;
         let signal = self.pool.report_signal(&call.lb_group);
+        // The call's place among those waiting for an instance of its function, from its
+        // first wait on (`parked` until the next pass takes it up).
+        let mut queued: Option<Waiting> = None;
+        let mut parked: Option<Waiting> = None;
         loop {
-            // Armed before the views are read, so that no report in between is missed.
+            if queued.is_none() {
+                queued = parked.take();
+            }
+            // Armed before the views are read, so that no report or ended call in between
+            // is missed.
             let report = signal.next_report();
             tokio::pin!(report);
             report.as_mut().enable();
+            let armed = queued.as_ref().map(Waiting::released);
+            tokio::pin!(armed);
+            if let Some(armed) = armed.as_mut().as_pin_mut() {
+                armed.enable();
+            }
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
             let mut unavailable = 0usize;
@@ -303,11 +345,7 @@ impl Dispatcher {
                 match hold {
                     Hold::Offer => {}
                     Hold::ForWarm(until) => {
-                        tokio::select! {
-                            () = report => {}
-                            () = signal.released(&call.app, &call.function) => {}
-                            () = tokio::time::sleep_until(until) => {}
-                        }
+                        parked = wait_for_room(&signal, call, report, armed, until).await;
                         continue;
                     }
                     Hold::Defer => {
@@ -414,18 +452,13 @@ impl Dispatcher {
             if informed && offered < runners.len() && asked == 0 {
                 // Every runner is known to be unable to take it: wait for the next report.
                 waiting = true;
-                tokio::select! {
-                    () = report => {}
-                    () = signal.released(&call.app, &call.function) => {}
-                    () = tokio::time::sleep(REPORT_WAIT.min(left - LAST_PASS)) => {}
-                }
+                let until = Instant::now() + REPORT_WAIT.min(left - LAST_PASS);
+                parked = wait_for_room(&signal, call, report, armed, until).await;
             } else {
-                // Refused for want of room, say: a call of its function ending on a runner
-                // of the group leaves an instance it may take.
-                tokio::select! {
-                    () = signal.released(&call.app, &call.function) => {}
-                    () = tokio::time::sleep(backoff.next_delay().min(left - LAST_PASS)) => {}
-                }
+                // Refused for want of room, say: a report, or a call of its function ending
+                // on a runner of the group, may show an instance it can take.
+                let until = Instant::now() + backoff.next_delay().min(left - LAST_PASS);
+                parked = wait_for_room(&signal, call, report, armed, until).await;
             }
         }
     }

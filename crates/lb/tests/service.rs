@@ -2721,6 +2721,7 @@ async fn a_waiting_call_takes_the_instance_its_functions_ended_call_left_without
         .await
         .expect("fed");
     drop(feed);
+    let ended = Instant::now();
     let first = tokio::time::timeout(BOUND, first)
         .await
         .expect("answered")
@@ -2732,9 +2733,11 @@ async fn a_waiting_call_takes_the_instance_its_functions_ended_call_left_without
         .expect("joined");
     assert_eq!(second.status, StatusCode::OK, "{second:?}");
     assert_eq!(second.header("x-fake-runner"), runners[0].name());
+    // Before, only the report going stale (3 s after it came) let the call go.
     assert!(
-        reports_taken.elapsed() < fn_nodepool::STALE_AFTER,
-        "placed only once the reports went stale, after {:?}",
+        ended.elapsed() < Duration::from_secs(1),
+        "placed {:?} after the first call's end ({:?} after the reports came)",
+        ended.elapsed(),
         reports_taken.elapsed()
     );
     assert!(runners[1].seen().is_empty() && runners[2].seen().is_empty());

@@ -27,4 +27,4 @@ pub use client::{
 };
 pub use npm_pool::NpmPool;
 pub use pool::{RunnerList, RunnerPool, StaticPool};
-pub use reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER};
+pub use reports::{OfferedCall, ReportMetrics, ReportSignal, Reports, STALE_AFTER, Waiting};

@@ -35,7 +35,9 @@
 //!
 //! [`ClientConfig::watch_reports`]: crate::ClientConfig::watch_reports
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use fn_placement::{RunnerLoad, RunnerView};
@@ -130,28 +132,48 @@ impl OfferedCall {
 }
 
 /// Woken whenever a runner of an LB group reports: the calls waiting for room look again; and
-/// when a call ends and leaves its instance idle: one call waiting for that function looks
-/// again. Clones share the signal.
+/// when a call ends and leaves its instance idle: one call of that function waiting for room
+/// looks again ([`ReportSignal::waiting`]). Clones share the signal.
 #[derive(Debug, Clone, Default)]
 pub struct ReportSignal(Arc<Signals>);
 
-/// Shards of [`ReportSignal::released`]: functions sharing one wake each other's waiters
-/// now and then, which costs that waiter a look and the instance a wait for the next report.
-const RELEASE_SHARDS: usize = 64;
-
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Signals {
     report: Notify,
-    released: [Notify; RELEASE_SHARDS],
+    /// A function's key ([`function_key`]) → what wakes its waiting calls, while a call
+    /// holds a [`Waiting`] for it.
+    released: Mutex<HashMap<u64, Weak<Notify>>>,
+    /// Entries in `released`: a call's end skips the lock while no call waits.
+    waiting: AtomicUsize,
 }
 
-impl Default for Signals {
-    fn default() -> Self {
-        Signals {
-            report: Notify::new(),
-            released: std::array::from_fn(|_| Notify::new()),
+impl Signals {
+    fn lock_released(&self) -> MutexGuard<'_, HashMap<u64, Weak<Notify>>> {
+        // Entries are inserted or removed in one step: a panic elsewhere cannot tear it.
+        self.released.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes one call waiting for an instance of the function `key`, or the next one to
+    /// wait if none waits now.
+    fn release(&self, key: u64) {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            // Nobody waits: a call that begins to wait looks again first, and finds it.
+            return;
+        }
+        let notify = self.lock_released().get(&key).and_then(Weak::upgrade);
+        if let Some(notify) = notify {
+            notify.notify_one();
         }
     }
+}
+
+/// A function's key among the waiting calls: 64 bits of SipHash, so two functions share
+/// one only by a collision that costs a woken call one look.
+fn function_key(app: &str, function: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (app, function).hash(&mut hasher);
+    hasher.finish()
 }
 
 impl ReportSignal {
@@ -163,16 +185,26 @@ impl ReportSignal {
         self.0.report.notified()
     }
 
-    /// Completes when a call of `app`/`function` ends and leaves its instance idle, one
-    /// waiter per instance, the longest waiting first. An instance left idle while nobody
-    /// waited completes the next waiter at once (it looks again for nothing, or finds the
-    /// instance), so a wait begun after the look that found no room misses none.
-    pub fn released(&self, app: &str, function: &str) -> tokio::sync::futures::Notified<'_> {
-        self.released_shard(app, function).notified()
-    }
-
-    fn released_shard(&self, app: &str, function: &str) -> &Notify {
-        &self.0.released[shard_of(app, function)]
+    /// A call of `app`/`function` waits for room: while it holds the returned [`Waiting`],
+    /// each call of the function that ends and leaves its instance idle wakes one such call.
+    /// Ends before this are not replayed: look at the runners again once it is held.
+    pub fn waiting(&self, app: &str, function: &str) -> Waiting {
+        let key = function_key(app, function);
+        let mut released = self.0.lock_released();
+        let notify = match released.get(&key).and_then(Weak::upgrade) {
+            Some(notify) => notify,
+            None => {
+                let notify = Arc::new(Notify::new());
+                released.insert(key, Arc::downgrade(&notify));
+                self.0.waiting.store(released.len(), Ordering::Release);
+                notify
+            }
+        };
+        Waiting {
+            signals: Arc::clone(&self.0),
+            key,
+            notify,
+        }
     }
 
     /// What wakes one call of `app`/`function` waiting for room when a call of it ends
@@ -180,7 +212,7 @@ impl ReportSignal {
     pub(crate) fn releaser(&self, app: &str, function: &str) -> Releaser {
         Releaser {
             signals: Arc::clone(&self.0),
-            shard: shard_of(app, function),
+            key: function_key(app, function),
         }
     }
 
@@ -189,31 +221,59 @@ impl ReportSignal {
     }
 
     fn release(&self, app: &str, function: &str) {
-        self.released_shard(app, function).notify_one();
+        self.0.release(function_key(app, function));
     }
 }
 
-fn shard_of(app: &str, function: &str) -> usize {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::hash::DefaultHasher::new();
-    (app, function).hash(&mut hasher);
-    // In range, and lossless: a remainder of a division by the shards' count.
-    (hasher.finish() % RELEASE_SHARDS as u64) as usize
+/// A call's place among the calls waiting for an instance of its function (see
+/// [`ReportSignal::waiting`]).
+#[derive(Debug)]
+pub struct Waiting {
+    signals: Arc<Signals>,
+    key: u64,
+    notify: Arc<Notify>,
+}
+
+impl Waiting {
+    /// Completes when a call of the function ends and leaves its instance idle: one waiter
+    /// per instance, the first armed ([`Notified::enable`]) first. One that ended while none
+    /// was armed completes the next at once.
+    ///
+    /// [`Notified::enable`]: tokio::sync::futures::Notified::enable
+    pub fn released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut released = self.signals.lock_released();
+        // The last call waiting for the function: its entry goes. (New holders are made
+        // only under this lock, so the count cannot rise meanwhile.)
+        if Arc::strong_count(&self.notify) == 1
+            && released
+                .get(&self.key)
+                .is_some_and(|weak| weak.ptr_eq(&Arc::downgrade(&self.notify)))
+        {
+            released.remove(&self.key);
+            self.signals
+                .waiting
+                .store(released.len(), Ordering::Release);
+        }
+    }
 }
 
 /// See [`ReportSignal::releaser`].
 #[derive(Debug)]
 pub(crate) struct Releaser {
     signals: Arc<Signals>,
-    shard: usize,
+    key: u64,
 }
 
 impl Releaser {
     /// The call left its instance idle: one call of its function waiting for room looks again.
     pub(crate) fn release(self) {
-        if let Some(shard) = self.signals.released.get(self.shard) {
-            shard.notify_one();
-        }
+        self.signals.release(self.key);
     }
 }
 
@@ -634,8 +694,11 @@ impl Reports {
                 observed.held.insert(at, held);
             }
         }
+        let draining = observed.draining;
         drop(mirror);
-        self.signal.release(&call.app, &call.function);
+        if !draining {
+            self.signal.release(&call.app, &call.function);
+        }
     }
 
     /// Whether a report younger than [`STALE_AFTER`] is held.
@@ -844,30 +907,56 @@ mod tests {
         let signal = ReportSignal::default();
         let reports = Reports::with_signal(signal.clone());
         reports.update(state(0, &[("a", "f", 0)]));
-        let first = signal.released("a", "f");
-        let second = signal.released("a", "f");
-        tokio::pin!(first, second);
-        first.as_mut().enable();
-        second.as_mut().enable();
-        let bound = Duration::from_secs(5);
-        // A call cut off leaves no instance and wakes nobody.
-        reports.finished(&call_of_f(), None);
-        assert!(first.as_mut().now_or_never().is_none());
-        reports.finished(&call_of_f(), Some(2));
-        tokio::time::timeout(bound, first)
-            .await
-            .expect("the first woken");
-        assert!(
-            second.as_mut().now_or_never().is_none(),
-            "one instance, one call"
-        );
-        reports.finished(&call_of_f(), Some(3));
-        tokio::time::timeout(bound, second).await.expect("woken");
-        // One left idle while nobody waited wakes the next call to wait, at once.
-        reports.finished(&call_of_f(), Some(4));
-        tokio::time::timeout(bound, signal.released("a", "f"))
-            .await
-            .expect("woken");
+        let (first_waiting, second_waiting) = (signal.waiting("a", "f"), signal.waiting("a", "f"));
+        let other_waiting = signal.waiting("a", "g");
+        {
+            let first = first_waiting.released();
+            let second = second_waiting.released();
+            let other = other_waiting.released();
+            tokio::pin!(first, second, other);
+            first.as_mut().enable();
+            second.as_mut().enable();
+            other.as_mut().enable();
+            let bound = Duration::from_secs(5);
+            // A call cut off leaves no instance and wakes nobody.
+            reports.finished(&call_of_f(), None);
+            assert!(first.as_mut().now_or_never().is_none());
+            reports.finished(&call_of_f(), Some(2));
+            tokio::time::timeout(bound, first)
+                .await
+                .expect("the first woken");
+            assert!(
+                second.as_mut().now_or_never().is_none(),
+                "one instance, one call"
+            );
+            assert!(
+                other.as_mut().now_or_never().is_none(),
+                "a call of another function"
+            );
+            reports.finished(&call_of_f(), Some(3));
+            tokio::time::timeout(bound, second).await.expect("woken");
+            // One left idle while a call waits but is not armed wakes its next wait at once.
+            reports.finished(&call_of_f(), Some(4));
+            tokio::time::timeout(bound, first_waiting.released())
+                .await
+                .expect("woken");
+        }
+        // Once no call waits for the function, an end is not kept for a later one: that
+        // call looks at the runners after it takes its place.
+        drop((first_waiting, second_waiting));
+        reports.finished(&call_of_f(), Some(5));
+        let later = signal.waiting("a", "f");
+        assert!(later.released().now_or_never().is_none());
+        // A draining runner's ends wake nobody: it takes no new call.
+        reports.update(RunnerState {
+            draining: true,
+            ..state(0, &[("a", "f", 0)])
+        });
+        let armed = later.released();
+        tokio::pin!(armed);
+        armed.as_mut().enable();
+        reports.finished(&call_of_f(), Some(6));
+        assert!(armed.as_mut().now_or_never().is_none());
     }
 
     /// Report `version`: 64 MB free, all of it held by one idle instance of a/f.
