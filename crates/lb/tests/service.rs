@@ -2613,6 +2613,56 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
 }
 
+/// A `demo/echo` call placed on a runner whose body stays open until [`HeldCall::end`].
+struct HeldCall {
+    feed: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    reply: tokio::task::JoinHandle<Reply>,
+}
+
+impl HeldCall {
+    /// Starts it and waits until `runner` has seen it.
+    async fn start(lb: &Lb, runner: &FakeRunner) -> Self {
+        let (feed, req) = fed("/r/demo/echo");
+        let address = lb.address.clone();
+        let reply = tokio::spawn(async move { send(&address, req).await });
+        feed.send(Ok(Frame::data(Bytes::from_static(b"held "))))
+            .await
+            .expect("fed");
+        runner
+            .wait_until(BOUND, |seen| !seen.is_empty())
+            .await
+            .expect("the held call placed");
+        HeldCall { feed, reply }
+    }
+
+    /// Ends its body; returns when it ended, once it is answered 200.
+    async fn end(self) -> Instant {
+        self.feed
+            .send(Ok(Frame::data(Bytes::from_static(b"done"))))
+            .await
+            .expect("fed");
+        drop(self.feed);
+        let ended = Instant::now();
+        let reply = answer(self.reply).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        ended
+    }
+}
+
+/// A `demo/echo` POST of `body`, in the background.
+fn spawn_post(lb: &Lb, body: &'static str) -> tokio::task::JoinHandle<Reply> {
+    let address = lb.address.clone();
+    tokio::spawn(async move { send(&address, request(Method::POST, "/r/demo/echo", body)).await })
+}
+
+/// The reply of a call in the background, within [`BOUND`].
+async fn answer(call: tokio::task::JoinHandle<Reply>) -> Reply {
+    tokio::time::timeout(BOUND, call)
+        .await
+        .expect("answered")
+        .expect("joined")
+}
+
 /// With a placer that keeps no reports (`naive`), a call refused for want of room pauses
 /// before it asks again; a call of its function ending on a runner of the group ends the
 /// pause, and the paused call asks again at once rather than when its backoff runs out.
@@ -2632,39 +2682,16 @@ async fn a_paused_call_asks_again_as_soon_as_a_call_of_its_function_ends() {
     .await;
     // The first call is served; the second refused once, then served.
     runners[0].script([Behaviour::Echo, Behaviour::Refuse]);
-    let (feed, first) = fed("/r/demo/echo");
-    let address = lb.address.clone();
-    let first = tokio::spawn(async move { send(&address, first).await });
-    feed.send(Ok(Frame::data(Bytes::from_static(b"first "))))
-        .await
-        .expect("fed");
-    runners[0]
-        .wait_until(BOUND, |seen| !seen.is_empty())
-        .await
-        .expect("the first call placed");
-    let address = lb.address.clone();
-    let second = tokio::spawn(async move {
-        send(&address, request(Method::POST, "/r/demo/echo", "second")).await
-    });
+    let first = HeldCall::start(&lb, &runners[0]).await;
+    let second = spawn_post(&lb, "second");
     runners[0]
         .wait_until(BOUND, |seen| seen.len() == 2)
         .await
         .expect("the second call refused");
     let refused = Instant::now();
 
-    feed.send(Ok(Frame::data(Bytes::from_static(b"done"))))
-        .await
-        .expect("fed");
-    drop(feed);
-    let first = tokio::time::timeout(BOUND, first)
-        .await
-        .expect("answered")
-        .expect("joined");
-    assert_eq!(first.status, StatusCode::OK, "{first:?}");
-    let second = tokio::time::timeout(BOUND, second)
-        .await
-        .expect("answered")
-        .expect("joined");
+    first.end().await;
+    let second = answer(second).await;
     assert_eq!(second.status, StatusCode::OK, "{second:?}");
     assert_eq!(runners[0].seen().len(), 3, "{:?}", runners[0].seen());
     assert!(
@@ -2695,42 +2722,17 @@ async fn a_waiting_call_takes_the_instance_its_functions_ended_call_left_without
     runners[0].give_pool_versions();
 
     // The first call takes the idle instance and holds it while its body streams.
-    let (feed, first) = fed("/r/demo/echo");
-    let address = lb.address.clone();
-    let first = tokio::spawn(async move { send(&address, first).await });
-    feed.send(Ok(Frame::data(Bytes::from_static(b"first "))))
-        .await
-        .expect("fed");
-    let deadline = Instant::now() + BOUND;
-    while runners[0].seen().is_empty() {
-        assert!(Instant::now() < deadline, "the first call was not placed");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let first = HeldCall::start(&lb, &runners[0]).await;
 
     // The second waits: every runner is known to be full.
-    let address = lb.address.clone();
-    let second = tokio::spawn(async move {
-        send(&address, request(Method::POST, "/r/demo/echo", "second")).await
-    });
+    let second = spawn_post(&lb, "second");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let asked: usize = runners.iter().map(|r| r.seen().len()).sum();
     assert_eq!(asked, 1, "nobody is asked while the call waits");
 
     // The first call ends: its instance is idle, and the waiting call takes it.
-    feed.send(Ok(Frame::data(Bytes::from_static(b"done"))))
-        .await
-        .expect("fed");
-    drop(feed);
-    let ended = Instant::now();
-    let first = tokio::time::timeout(BOUND, first)
-        .await
-        .expect("answered")
-        .expect("joined");
-    assert_eq!(first.status, StatusCode::OK, "{first:?}");
-    let second = tokio::time::timeout(BOUND, second)
-        .await
-        .expect("answered")
-        .expect("joined");
+    let ended = first.end().await;
+    let second = answer(second).await;
     assert_eq!(second.status, StatusCode::OK, "{second:?}");
     assert_eq!(second.header("x-fake-runner"), runners[0].name());
     // Before, only the report going stale (3 s after it came) let the call go.

@@ -652,19 +652,26 @@ async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is
     assert_eq!((settled.open, settled.moved), (1, 0), "{settled:?}");
 }
 
-/// A dialled connection whose server's certificate ends within `RENEW_AHEAD` takes no new
-/// calls (a new connection finds the renewed one), long before the end would close it.
-#[tokio::test]
-async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_calls() {
+/// A server whose certificate ends in two days, serving, and a client of its CA; and when
+/// the server's certificate ends.
+async fn short_lived_server() -> (NodeTls, NodeTls, common::Server, SystemTime) {
     let ca = DevCa::new("ca").expect("ca");
     let server_tls = ca
         .tls_for(&ca.node_expiring_in(&["localhost"], 2).expect("short"))
         .expect("server");
     let client_tls = ca.node_tls(&[]).expect("client");
     let server = start_server(&server_tls).await;
+    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
+    (server_tls, client_tls, server, end)
+}
+
+/// A dialled connection whose server's certificate ends within `RENEW_AHEAD` takes no new
+/// calls (a new connection finds the renewed one), long before the end would close it.
+#[tokio::test]
+async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_calls() {
+    let (_server_tls, client_tls, server, end) = short_lived_server().await;
     let direct = direct_channel(&client_tls, &server.address);
     common::direct_health(&direct).await.expect("call");
-    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
     let grace = Duration::from_secs(600);
     let early = end - fn_tls::RENEW_AHEAD - Duration::from_secs(60);
     let kept = client_tls.recheck_connections(early, grace);
@@ -685,12 +692,7 @@ async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_c
 /// connection keeps the grace for the calls on it.
 #[tokio::test]
 async fn a_tonic_channels_connection_is_closed_soon_after_its_server_no_longer_verifies() {
-    let ca = DevCa::new("ca").expect("ca");
-    let server_tls = ca
-        .tls_for(&ca.node_expiring_in(&["localhost"], 2).expect("short"))
-        .expect("server");
-    let client_tls = ca.node_tls(&[]).expect("client");
-    let server = start_server(&server_tls).await;
+    let (server_tls, client_tls, server, end) = short_lived_server().await;
     let open = channel(&client_tls, &server.address)
         .await
         .expect("connects");
@@ -703,7 +705,6 @@ async fn a_tonic_channels_connection_is_closed_soon_after_its_server_no_longer_v
     assert_eq!(both.open, 2, "{both:?}");
 
     // Checked as of after the server's certificate ends.
-    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
     let expired = end + Duration::from_secs(60);
     let retired = client_tls.recheck_connections(expired, grace);
     assert_eq!(
