@@ -103,32 +103,22 @@ impl Iterator for Pass {
 }
 
 /// Waits for the next report of a runner of the call's group (`report`), for a call of its
-/// function to end and leave an instance idle (`armed`, or from now on when the call was
-/// not waiting yet), or until `until`. Returns the call's new place among the waiting
-/// calls, if it took one.
+/// function to end and leave an instance idle (once the call holds its place among the
+/// waiting calls, `queued`, which it takes at its first wait: an end while it was not
+/// waiting on it is kept for it), or until `until`.
 async fn wait_for_room(
     signal: &ReportSignal,
     call: &CallSpec,
     report: Pin<&mut Notified<'_>>,
-    armed: Pin<&mut Option<Notified<'_>>>,
+    queued: &mut Option<Waiting>,
     until: Instant,
-) -> Option<Waiting> {
-    let fresh = armed
-        .is_none()
-        .then(|| signal.waiting(&call.app, &call.function));
-    let released = async {
-        match (armed.as_pin_mut(), &fresh) {
-            (Some(armed), _) => armed.await,
-            (None, Some(fresh)) => fresh.released().await,
-            (None, None) => std::future::pending().await,
-        }
-    };
+) {
+    let waiting = queued.get_or_insert_with(|| signal.waiting(&call.app, &call.function));
     tokio::select! {
         () = report => {}
-        () = released => {}
+        () = waiting.released() => {}
         () = tokio::time::sleep_until(until) => {}
     }
-    fresh
 }
 
 /// Placement tunables.
@@ -308,23 +298,14 @@ impl Dispatcher {
         let mut evicting_since: Option<Instant> = None;
         let signal = self.pool.report_signal(&call.lb_group);
         // The call's place among those waiting for an instance of its function, from its
-        // first wait on (`parked` until the next pass takes it up).
+        // first wait on.
         let mut queued: Option<Waiting> = None;
-        let mut parked: Option<Waiting> = None;
         loop {
-            if queued.is_none() {
-                queued = parked.take();
-            }
-            // Armed before the views are read, so that no report or ended call in between
-            // is missed.
+            // Armed before the views are read, so that no report in between is missed. (An
+            // ended call in between leaves its wake-up for the call's next wait.)
             let report = signal.next_report();
             tokio::pin!(report);
             report.as_mut().enable();
-            let armed = queued.as_ref().map(Waiting::released);
-            tokio::pin!(armed);
-            if let Some(armed) = armed.as_mut().as_pin_mut() {
-                armed.enable();
-            }
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
             let mut unavailable = 0usize;
@@ -345,7 +326,7 @@ impl Dispatcher {
                 match hold {
                     Hold::Offer => {}
                     Hold::ForWarm(until) => {
-                        parked = wait_for_room(&signal, call, report, armed, until).await;
+                        wait_for_room(&signal, call, report, &mut queued, until).await;
                         continue;
                     }
                     Hold::Defer => {
@@ -453,12 +434,12 @@ impl Dispatcher {
                 // Every runner is known to be unable to take it: wait for the next report.
                 waiting = true;
                 let until = Instant::now() + REPORT_WAIT.min(left - LAST_PASS);
-                parked = wait_for_room(&signal, call, report, armed, until).await;
+                wait_for_room(&signal, call, report, &mut queued, until).await;
             } else {
                 // Refused for want of room, say: a report, or a call of its function ending
                 // on a runner of the group, may show an instance it can take.
                 let until = Instant::now() + backoff.next_delay().min(left - LAST_PASS);
-                parked = wait_for_room(&signal, call, report, armed, until).await;
+                wait_for_room(&signal, call, report, &mut queued, until).await;
             }
         }
     }
