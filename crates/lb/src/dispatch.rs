@@ -22,7 +22,7 @@
 //!
 //! The pause between two passes ends early at a report of a runner of the group, or when a
 //! call of the function ends on one and leaves its instance idle (one paused call is woken
-//! per instance, exactly by function), so that a full group serves its waiting calls as
+//! per instance, by function), so that a full group serves its waiting calls as
 //! instances free up rather than as their backoffs run out.
 //!
 //! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
@@ -436,10 +436,14 @@ impl Dispatcher {
                 let until = Instant::now() + REPORT_WAIT.min(left - LAST_PASS);
                 wait_for_room(&signal, call, report, &mut queued, until).await;
             } else {
-                // Refused for want of room, say: a report, or a call of its function ending
-                // on a runner of the group, may show an instance it can take.
+                // Refused for want of room, say: a call of its function ending on a runner of
+                // the group, or a report that follows the refusals, may show an instance it
+                // can take. (Not the reports during the offers, which any group with calls
+                // in flight has: the pause would end at once.)
                 let until = Instant::now() + backoff.next_delay().min(left - LAST_PASS);
-                wait_for_room(&signal, call, report, &mut queued, until).await;
+                let after = signal.next_report();
+                tokio::pin!(after);
+                wait_for_room(&signal, call, after, &mut queued, until).await;
             }
         }
     }

@@ -54,7 +54,7 @@ struct Inner {
     lists: RwLock<HashMap<String, RunnerList>>,
     /// Group → what its runners' clients wake: a report of one group's runner wakes no
     /// call waiting in another.
-    signals: Mutex<HashMap<String, ReportSignal>>,
+    signals: RwLock<HashMap<String, ReportSignal>>,
     /// Groups to poll.
     groups: Mutex<BTreeSet<String>>,
     /// Wakes the poller when a new group is seen.
@@ -103,7 +103,7 @@ impl NpmPool {
         Ok(NpmPool {
             inner: Arc::new(Inner {
                 lists: RwLock::new(HashMap::new()),
-                signals: Mutex::new(HashMap::new()),
+                signals: RwLock::new(HashMap::new()),
                 groups: Mutex::new(BTreeSet::new()),
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
@@ -322,14 +322,20 @@ impl RunnerPool for NpmPool {
     }
 
     fn report_signal(&self, group: &str) -> ReportSignal {
-        let mut signals = self
-            .inner
-            .signals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(signal) = signals.get(group) {
+        // Read on every call: shared, and written once per group.
+        let signals = &self.inner.signals;
+        if let Some(signal) = signals
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(group)
+        {
             return signal.clone();
         }
-        signals.entry(group.to_owned()).or_default().clone()
+        signals
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(group.to_owned())
+            .or_default()
+            .clone()
     }
 }

@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fn_placement::{RunnerLoad, RunnerView};
@@ -140,28 +140,30 @@ pub struct ReportSignal(Arc<Signals>);
 #[derive(Debug, Default)]
 struct Signals {
     report: Notify,
-    /// A function's key ([`function_key`]) → what wakes its waiting calls, while a call
-    /// holds a [`Waiting`] for it.
-    released: Mutex<HashMap<u64, Weak<Notify>>>,
+    /// A function's key ([`function_key`]) → what wakes its waiting calls, and how many
+    /// [`Waiting`]s hold it; the entry goes with the last.
+    released: Mutex<HashMap<u64, (Arc<Notify>, usize)>>,
     /// Entries in `released`: a call's end skips the lock while no call waits.
     waiting: AtomicUsize,
 }
 
 impl Signals {
-    fn lock_released(&self) -> MutexGuard<'_, HashMap<u64, Weak<Notify>>> {
+    fn lock_released(&self) -> MutexGuard<'_, HashMap<u64, (Arc<Notify>, usize)>> {
         // Entries are inserted or removed in one step: a panic elsewhere cannot tear it.
         self.released.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Wakes one call waiting for an instance of the function `key`, or the next one to
-    /// wait if none waits now.
+    /// Whether some call waits for an instance of some function. When none does, an end
+    /// is not kept: a call's first wait begins after the pass that found no room, and an
+    /// end between the two (microseconds) leaves it to its next report or pause.
+    fn anyone_waits(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) != 0
+    }
+
+    /// Wakes one call waiting for an instance of the function `key`, or, while all of them
+    /// are between two waits, the next one to wait.
     fn release(&self, key: u64) {
-        if self.waiting.load(Ordering::Acquire) == 0 {
-            // Nobody waits: a call that begins to wait looks again first, and finds it.
-            return;
-        }
-        let notify = self.lock_released().get(&key).and_then(Weak::upgrade);
-        if let Some(notify) = notify {
+        if let Some((notify, _)) = self.lock_released().get(&key) {
             notify.notify_one();
         }
     }
@@ -196,15 +198,11 @@ impl ReportSignal {
     pub fn waiting(&self, app: &str, function: &str) -> Waiting {
         let key = function_key(app, function);
         let mut released = self.0.lock_released();
-        let notify = match released.get(&key).and_then(Weak::upgrade) {
-            Some(notify) => notify,
-            None => {
-                let notify = Arc::new(Notify::new());
-                released.insert(key, Arc::downgrade(&notify));
-                self.0.waiting.store(released.len(), Ordering::Release);
-                notify
-            }
-        };
+        let (notify, holders) = released.entry(key).or_insert_with(|| (Arc::default(), 0));
+        *holders += 1;
+        let notify = Arc::clone(notify);
+        self.0.waiting.store(released.len(), Ordering::Release);
+        drop(released);
         Waiting {
             signals: Arc::clone(&self.0),
             key,
@@ -226,7 +224,7 @@ impl ReportSignal {
     }
 
     fn release(&self, app: &str, function: &str) {
-        if self.0.waiting.load(Ordering::Acquire) != 0 {
+        if self.0.anyone_waits() {
             self.0.release(function_key(app, function));
         }
     }
@@ -255,13 +253,11 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         let mut released = self.signals.lock_released();
-        // The last call waiting for the function: its entry goes. (New holders are made
-        // only under this lock, so the count cannot rise meanwhile.)
-        if Arc::strong_count(&self.notify) == 1
-            && released
-                .get(&self.key)
-                .is_some_and(|weak| weak.ptr_eq(&Arc::downgrade(&self.notify)))
-        {
+        let last = released.get_mut(&self.key).is_some_and(|(_, holders)| {
+            *holders = holders.saturating_sub(1);
+            *holders == 0
+        });
+        if last {
             released.remove(&self.key);
             self.signals
                 .waiting
@@ -280,7 +276,9 @@ pub(crate) struct Releaser {
 impl Releaser {
     /// The call left its instance idle: one call of its function waiting for room looks again.
     pub(crate) fn release(self) {
-        self.signals.release(self.key);
+        if self.signals.anyone_waits() {
+            self.signals.release(self.key);
+        }
     }
 }
 
@@ -966,6 +964,9 @@ mod tests {
         // Once no call waits for the function, an end is not kept for a later one: that
         // call looks at the runners after it takes its place.
         drop((first_waiting, second_waiting));
+        assert_eq!(signal.0.lock_released().len(), 1, "a/g waits still");
+        drop(other_waiting);
+        assert!(!signal.0.anyone_waits() && signal.0.lock_released().is_empty());
         reports.finished(&call_of_f(), Some(5));
         let later = signal.waiting("a", "f");
         assert!(later.released().now_or_never().is_none());

@@ -170,7 +170,12 @@ impl Inner {
         let origin = self.origin.clone();
         match &self.tls {
             Some(tls) => {
-                let io = Dialer(tls.clone()).call(origin).await?;
+                // This channel moves its calls off a retired connection.
+                let mut dialer = Dialer {
+                    tls: tls.clone(),
+                    follows: true,
+                };
+                let io = dialer.call(origin).await?;
                 let retirement = io.inner().retirement();
                 Ok(Connection {
                     sender: self.handshake(io).await?,

@@ -69,6 +69,12 @@ pub(crate) enum Peer {
     Server {
         name: ServerName<'static>,
         presented: Arc<CertifiedKey>,
+        /// The channel on it moves its new calls off it when it is retired (a
+        /// [`crate::DirectChannel`] does), so the calls on it keep the grace. One whose
+        /// channel does not (tonic's, for the control plane's short calls and watches,
+        /// which dial again) is shut down [`CONTROL_GRACE`] after it is retired: it would
+        /// otherwise carry new calls to a peer no longer trusted until the grace ends.
+        follows: bool,
     },
 }
 
@@ -87,12 +93,6 @@ pub(crate) struct Entry {
     /// (in CLOSE_WAIT, its FIN never sent) for as long.
     socket: Mutex<Option<std::net::TcpStream>>,
     retired: AtomicBool,
-    /// The channel on a dialled connection moves its new calls off it when it is retired
-    /// (a [`crate::DirectChannel`] does), so the calls on it keep the grace. A dialled
-    /// connection whose channel does not (tonic's, for the control plane's short calls and
-    /// watches, which dial again) is shut down [`CONTROL_GRACE`] after it is retired: it
-    /// would otherwise carry new calls to a peer no longer trusted until the grace ends.
-    follows: AtomicBool,
     /// Set once the socket has been shut down.
     shut: AtomicBool,
     /// When a retired connection is shut down.
@@ -105,16 +105,10 @@ impl Entry {
         self.retired.load(Ordering::Acquire)
     }
 
-    /// The caller moves its new calls off the connection once [`Entry::is_retired`] says
-    /// so: the calls on it get the grace.
-    pub(crate) fn followed(&self) {
-        self.follows.store(true, Ordering::Release);
-    }
-
     /// Shut down [`CONTROL_GRACE`] after it is retired rather than after the grace: a
     /// dialled connection whose channel does not move its calls off.
     fn closes_soon_when_retired(&self) -> bool {
-        matches!(self.peer, Peer::Server { .. }) && !self.follows.load(Ordering::Acquire)
+        matches!(self.peer, Peer::Server { follows: false, .. })
     }
 
     /// Shuts the socket down, ending the connection at both ends; false when it was already.
@@ -141,7 +135,9 @@ impl Entry {
                 .client_verifier
                 .verify_client_cert(end_entity, intermediates, now)
                 .err(),
-            Peer::Server { name, presented } => {
+            Peer::Server {
+                name, presented, ..
+            } => {
                 if let Err(e) = material.server_verifier.verify_server_cert(
                     end_entity,
                     intermediates,
@@ -281,7 +277,6 @@ impl OpenConnections {
             peer_not_after,
             socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
-            follows: AtomicBool::new(false),
             shut: AtomicBool::new(false),
             close_at: Mutex::new(None),
         });

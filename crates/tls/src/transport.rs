@@ -579,9 +579,7 @@ impl GrpcEndpoint {
     /// A channel that connects on first use and reconnects when the connection drops.
     pub fn connect_lazy(&self) -> Channel {
         match &self.tls {
-            Some(tls) => self
-                .endpoint
-                .connect_with_connector_lazy(Dialer(tls.clone())),
+            Some(tls) => self.endpoint.connect_with_connector_lazy(Dialer::new(tls)),
             None => self.endpoint.connect_with_connector_lazy(PlainDialer),
         }
     }
@@ -592,11 +590,7 @@ impl GrpcEndpoint {
     /// When the connection or the TLS handshake fails.
     pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
         match &self.tls {
-            Some(tls) => {
-                self.endpoint
-                    .connect_with_connector(Dialer(tls.clone()))
-                    .await
-            }
+            Some(tls) => self.endpoint.connect_with_connector(Dialer::new(tls)).await,
             None => self.endpoint.connect_with_connector(PlainDialer).await,
         }
     }
@@ -648,7 +642,22 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
 /// Dials a server over TCP and does the TLS handshake with the current material. The
 /// connection's writes are [`Corked`].
 #[derive(Clone)]
-pub(crate) struct Dialer(pub(crate) NodeTls);
+pub(crate) struct Dialer {
+    pub(crate) tls: NodeTls,
+    /// The channel moves its new calls off a retired connection (see
+    /// [`crate::open::Peer::Server`]).
+    pub(crate) follows: bool,
+}
+
+impl Dialer {
+    /// For a channel that does not move off a retired connection (tonic's).
+    pub(crate) fn new(tls: &NodeTls) -> Self {
+        Dialer {
+            tls: tls.clone(),
+            follows: false,
+        }
+    }
+}
 
 impl Service<Uri> for Dialer {
     type Response = TokioIo<Dialled<Corked<tokio_rustls::client::TlsStream<TcpStream>>>>;
@@ -660,7 +669,8 @@ impl Service<Uri> for Dialer {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.0.clone();
+        let tls = self.tls.clone();
+        let follows = self.follows;
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
             let name =
@@ -689,6 +699,7 @@ impl Service<Uri> for Dialer {
                         .get()
                         .cloned()
                         .unwrap_or_else(|| Arc::clone(&tls.current().certified)),
+                    follows,
                 },
                 session.peer_certificates(),
             );
@@ -709,13 +720,9 @@ pub(crate) struct Dialled<T> {
 }
 
 impl<T> Dialled<T> {
-    /// What tells whether the connection has been retired (its peer no longer verifies),
-    /// for a channel that moves its new calls off a retired connection: the calls on it
-    /// then get the grace (see [`crate::open::Entry::followed`]).
+    /// What tells whether the connection has been retired (its peer no longer verifies).
     pub(crate) fn retirement(&self) -> Option<Arc<crate::open::Entry>> {
-        let entry = self.open.as_ref().map(Registration::entry)?;
-        entry.followed();
-        Some(entry)
+        self.open.as_ref().map(Registration::entry)
     }
 }
 
@@ -769,7 +776,7 @@ pub async fn peer_certificate(tls: &NodeTls, address: &str) -> std::io::Result<V
     let uri: Uri = format!("http://{address}").parse().map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{address}: {e}"))
     })?;
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, Dialer(tls.clone()).call(uri))
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, Dialer::new(tls).call(uri))
         .await
         .map_err(|_| {
             std::io::Error::new(
