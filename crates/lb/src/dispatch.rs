@@ -25,11 +25,12 @@
 //! per instance, by function), so that a full group serves its waiting calls as
 //! instances free up rather than as their backoffs run out.
 //!
-//! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call
-//! at every pass, and may leave runners out. A pass that asked nobody because every runner
-//! was known to be full or draining waits the same way, at most [`REPORT_WAIT`], rather
-//! than the backoff. Then, if the call would start an instance by evicting idle ones, it waits [`COLD_DEFER`] more, so that a call a freed instance is warm
-//! for takes it first. Each offer is counted in the runner's view until its next report.
+//! A placer that uses the runners' reports (`warm`) gets a view of each runner for this call at
+//! every pass, and may leave runners out. A pass that asked nobody because every runner was
+//! known to be full or draining waits the same way, at most [`REPORT_WAIT`], rather than the
+//! backoff. Then, if the call would start an instance by evicting idle ones, it waits
+//! [`COLD_DEFER`] more, so that a call a freed instance is warm for takes it first. Each offer
+//! is counted in the runner's view until its next report.
 
 use std::pin::Pin;
 use std::sync::Arc;
