@@ -27,7 +27,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::Stream;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use http_body::{Body, Frame};
 use tonic::{Code, Status};
 
@@ -201,7 +201,7 @@ impl<S> EncodeBody<S> {
     /// `grpc-status`.
     pub fn with_ok_trailers(source: S) -> Self {
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
         EncodeBody {
             trailers: Some(trailers),
             ..EncodeBody::new(source)
@@ -303,6 +303,9 @@ where
     }
 }
 
+/// A constant, not a string: a lookup or an insertion by `&str` parses the name first.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// What a gRPC response's head says before its body is read.
 ///
 /// # Errors
@@ -327,7 +330,13 @@ pub fn check_response_head(status: StatusCode, headers: &HeaderMap) -> Result<He
 /// [`Status::from_header_map`] panics when that value is not valid base64, and nothing
 /// here reads the details. The map is copied only when the header is there.
 fn grpc_status(headers: &HeaderMap) -> Option<Status> {
-    const DETAILS: &str = "grpc-status-details-bin";
+    const DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
+    let code = headers.get(GRPC_STATUS)?;
+    // Every call that ends well: tonic's parse would copy the whole map for the status's
+    // other headers, which nothing here reads.
+    if code.as_bytes() == b"0" {
+        return Some(Status::new(Code::Ok, ""));
+    }
     if !headers.contains_key(DETAILS) {
         return Status::from_header_map(headers);
     }

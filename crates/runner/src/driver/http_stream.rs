@@ -25,7 +25,6 @@ use crate::driver::{DriverError, FunctionRequest};
 
 /// Prefix of translated client headers (header names are lowercase in `http`).
 const FN_HTTP_H: &str = "fn-http-h-";
-const FN_HTTP_STATUS: &str = "fn-http-status";
 
 // The contract's names, made once: a name that is not one of `http`'s standard headers is
 // otherwise parsed and allocated every time it is used (a tenth of the runner's
@@ -35,6 +34,7 @@ static FN_DEADLINE: HeaderName = HeaderName::from_static("fn-deadline");
 static FN_HTTP_METHOD: HeaderName = HeaderName::from_static("fn-http-method");
 static FN_HTTP_REQUEST_URL: HeaderName = HeaderName::from_static("fn-http-request-url");
 static FN_INTENT: HeaderName = HeaderName::from_static("fn-intent");
+static FN_HTTP_STATUS: HeaderName = HeaderName::from_static("fn-http-status");
 
 /// `Fn-Http-H-X` of the client headers most calls carry.
 static PREFIXED_COMMON: [(HeaderName, HeaderName); 6] = [
@@ -231,7 +231,7 @@ pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<Statu
     if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
         return Ok(http);
     }
-    let Some(value) = reply.get(FN_HTTP_STATUS) else {
+    let Some(value) = reply.get(&FN_HTTP_STATUS) else {
         return Ok(http);
     };
     let text = value.to_str().unwrap_or_default().trim();
@@ -541,7 +541,7 @@ mod tests {
             present in any::<bool>(),
         ) {
             let http = StatusCode::from_u16(reply_status).expect("valid status");
-            let headers = if present { map(&[(FN_HTTP_STATUS, &value)]) } else { map(&[]) };
+            let headers = if present { map(&[(FN_HTTP_STATUS.as_str(), &value)]) } else { map(&[]) };
             let result = client_status(http, &headers);
             if reply_status == 502 || reply_status == 504 || !present {
                 prop_assert_eq!(result, Ok(http));
