@@ -765,9 +765,10 @@ impl RunnerService {
                         break None;
                     }
                 },
-                // Once the body is in, nothing is read from the LB any more: its going away
-                // (cancelled call, client gone) shows as the answer's receiver closing.
-                () = out.lb_gone(), if pump_done => {
+                // The LB's going away (cancelled call, client gone) shows as the answer's
+                // receiver closing. Not only once the body is in: a pump waiting for the
+                // function to take the body it has reads nothing from the LB meanwhile.
+                () = out.lb_gone() => {
                     tracing::info!("LB went away mid-call; aborting the call");
                     break None;
                 }

@@ -188,14 +188,16 @@ impl Runner {
         }
     }
 
-    /// Asserts that no capacity is committed and no call is in flight.
+    /// Asserts that no call is in flight and, within [`SETTLE_BOUND`], no capacity is
+    /// committed: an instance whose start a call launched before it ended holds its memory
+    /// until the start ends.
     async fn assert_released(&self) {
         let s = self.status().await;
-        assert_eq!(
-            (s.capacity_committed_mb, s.calls_in_flight),
-            (0, 0),
-            "capacity released: {s:?}"
-        );
+        assert_eq!(s.calls_in_flight, 0, "no call in flight: {s:?}");
+        self.status_until("capacity released", |s| {
+            (s.capacity_committed_mb, s.calls_in_flight) == (0, 0)
+        })
+        .await;
     }
 
     async fn open(&self) -> Engage {
@@ -1328,7 +1330,8 @@ async fn next(reports: &mut tonic::Streaming<runner::RunnerState>) -> Option<run
 
 /// Starts instances that answer `early` at once, then read their request body in the
 /// background and report how it ended: `Ok(bytes)` for a clean end, `Err` for a failure.
-/// A call with `x-read-first` has its body read before the answer.
+/// A call with `x-read-first` has its body read before the answer; a call with `x-hold`
+/// reads nothing and never answers, and reports `Err("dropped")` when the runner drops it.
 #[derive(Debug)]
 struct EarlyAnswer {
     ends: mpsc::UnboundedSender<Result<usize, String>>,
@@ -1372,6 +1375,13 @@ impl Instance for EarlyInstance {
             let _ = ends.send(end);
         };
         let read_first = request.headers.contains_key("x-read-first");
+        if request.headers.contains_key("x-hold") {
+            let dropped = DropReport(self.ends.clone());
+            return Box::pin(async move {
+                let _held = (dropped, read_body);
+                std::future::pending().await
+            });
+        }
         Box::pin(async move {
             if read_first {
                 read_body.await;
@@ -1395,6 +1405,52 @@ impl Instance for EarlyInstance {
     fn pid(&self) -> Option<u32> {
         None
     }
+}
+
+/// Sends `Err("dropped")` when dropped.
+struct DropReport(mpsc::UnboundedSender<Result<usize, String>>);
+
+impl Drop for DropReport {
+    fn drop(&mut self) {
+        let _ = self.0.send(Err("dropped".into()));
+    }
+}
+
+#[tokio::test]
+async fn an_lb_that_cancels_while_the_function_leaves_its_body_unread_ends_the_call() {
+    let (ends, mut ended) = mpsc::unbounded_channel();
+    let runner = start_runner_on(
+        Arc::new(EarlyAnswer { ends }),
+        shared_tempdir(),
+        1024,
+        EngageConfig::default(),
+    )
+    .await;
+    let mut engage = runner.open().await;
+    let mut held = call("fn-held", Duration::from_secs(30));
+    held.headers.push(header("x-hold", "1"));
+    engage.try_call(held).await;
+    assert!(engage.ack().await.committed);
+    // More than the runner buffers for a function that reads nothing: its pump waits.
+    for _ in 0..16 {
+        engage.data(pattern(1000), false).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(runner.status().await.calls_in_flight, 1);
+
+    drop(engage); // the LB cancels: before, the call held its memory until its deadline
+
+    runner
+        .status_until("capacity released after the cancel", |s| {
+            s.capacity_committed_mb == 0 && s.calls_in_flight == 0
+        })
+        .await;
+    let end = tokio::time::timeout(SETTLE_BOUND, ended.recv()).await;
+    assert!(
+        matches!(&end, Ok(Some(Err(e))) if e == "dropped"),
+        "the function's call was not dropped: {end:?}"
+    );
+    runner.stop().await;
 }
 
 #[tokio::test]
