@@ -2,9 +2,11 @@
 //!
 //! Memory is the runner's only admission currency, counted per instance. Two kinds of memory
 //! are held:
-//! - *committed*: memory of instances running at least one call, and of calls whose instance
-//!   is still starting (what `Status` reports and what the npm drains on);
-//! - *idle*: memory of hot instances waiting for their next call.
+//! - *committed*: memory of instances running at least one call, and of instances still
+//!   starting, with or without a call left waiting (what `Status` reports and what the npm
+//!   drains on);
+//! - *idle*: memory of running instances waiting for their next call: what eviction can
+//!   take back.
 //!
 //! An instance takes up to its function's `concurrency` calls at once (1 by default: Fn's one
 //! call per instance); a call on an instance that is already running costs no memory.
@@ -38,10 +40,12 @@
 //! other calls are not to be cut off for it) unless it has died; when its last call ends it
 //! becomes idle like any other.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -447,7 +451,8 @@ impl Pool {
                 .saturating_add(found.function_uses)
                 .saturating_add(1);
             if let Some(hot) = found.join.map(|pos| &mut st.hot[pos]) {
-                if hot.idle() {
+                // A starting instance's memory is committed, with or without calls.
+                if hot.idle_running() {
                     st.idle_mb -= needed_mb;
                     st.committed_mb += needed_mb;
                 }
@@ -645,7 +650,6 @@ impl Pool {
                     _ => {}
                 }
                 if hot.calls == 0 {
-                    st.committed_mb -= memory_mb;
                     let never_launched = matches!(
                         hot.slot,
                         Slot::Starting {
@@ -657,11 +661,16 @@ impl Pool {
                         || hot.retired
                         || (hot.running().is_some() && reservation.spec.idle_timeout.is_zero())
                     {
+                        st.committed_mb -= memory_mb;
                         doomed = Some(st.hot.swap_remove(pos));
-                    } else {
-                        // Idle; one still starting becomes idle once it runs.
+                    } else if hot.running().is_some() {
                         hot.last_used = Instant::now();
+                        st.committed_mb -= memory_mb;
                         st.idle_mb += memory_mb;
+                    } else {
+                        // Still starting: its memory stays committed (no eviction can take
+                        // it back) until the start ends and it runs idle, or fails.
+                        hot.last_used = Instant::now();
                     }
                 }
             } else {
@@ -685,10 +694,20 @@ impl Pool {
         call_id: String,
         launch: watch::Sender<Started>,
     ) {
-        let started = self
-            .driver
-            .start(&spec, &call_id, self.start_timeout)
+        // A driver that panics fails this start, not every later call of the function (which
+        // would join an entry whose start never ends) nor the memory it holds.
+        let started = AssertUnwindSafe(self.driver.start(&spec, &call_id, self.start_timeout))
+            .catch_unwind()
             .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(app = %spec.app, function = %spec.function, panic = %what, "the driver panicked while starting an instance");
+                Err(DriverError::Start(format!("the driver panicked: {what}")))
+            })
             .map(Arc::<dyn Instance>::from);
         let mut orphan = None;
         {
@@ -700,14 +719,18 @@ impl Pool {
                     let hot = &mut st.hot[pos];
                     hot.slot = Slot::Running(Arc::clone(instance));
                     if hot.idle() {
+                        // Its calls left while it started: now it is idle memory.
                         hot.last_used = Instant::now();
+                        let memory_mb = hot.spec.memory_mb;
+                        st.committed_mb -= memory_mb;
+                        st.idle_mb += memory_mb;
                     }
                 }
                 (Some(pos), Err(_)) => {
                     let hot = &mut st.hot[pos];
                     hot.retired = true;
                     if hot.idle() {
-                        st.idle_mb -= hot.spec.memory_mb;
+                        st.committed_mb -= hot.spec.memory_mb;
                         st.hot.swap_remove(pos);
                     }
                 }
@@ -1210,6 +1233,89 @@ mod tests {
         cut.instance("cut").await.expect("starts");
         drop(cut);
         assert_eq!(driver.killed(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_start_its_calls_left_holds_its_memory_and_evicts_nothing_in_vain() {
+        let (pool, driver) = pool(256);
+        run_once(&pool, "b").await; // idle, running: 128 MB eviction can take
+        let mut a = pool.admit(spec("a", 128)).expect("room");
+        // Its start is launched (a task of its own, not yet run), then its caller leaves.
+        assert!(a.instance("a").now_or_never().is_none());
+        drop(a);
+        let s = pool.stats();
+        assert_eq!(
+            (s.committed_mb, s.idle_mb),
+            (128, 128),
+            "the start is committed"
+        );
+        assert_eq!(pool.state().free_mb, 128, "the start's memory is not free");
+        // Before: counted as idle, so this call evicted b, found no room, and was refused.
+        let refused = pool
+            .admit(spec("c", 256))
+            .expect_err("no room while a starts");
+        assert!(matches!(refused, Refusal::Busy { .. }), "{refused}");
+        assert_eq!(
+            driver.killed(),
+            0,
+            "nothing evicted for a call that was refused"
+        );
+        // Once it runs, it is idle memory like any other, and eviction can take both.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pool.stats().committed_mb != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the start ends");
+        assert_eq!(pool.stats().idle_mb, 256);
+        let _c = pool.admit(spec("c", 256)).expect("room once both are idle");
+        assert_eq!(driver.killed(), 2);
+    }
+
+    /// Starts that panic.
+    #[derive(Debug)]
+    struct PanickingDriver;
+
+    impl Driver for PanickingDriver {
+        fn start(
+            &self,
+            _spec: &InstanceSpec,
+            _call_id: &str,
+            _start_timeout: Duration,
+        ) -> futures::future::BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+            Box::pin(async { panic!("a driver bug") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_driver_that_panics_fails_that_start_only() {
+        let pool = Pool::new(Arc::new(PanickingDriver), 256, Duration::from_secs(1));
+        for call in ["first", "second"] {
+            let mut r = pool.admit(spec("f", 128)).expect("room");
+            // Before: the second call joined the first's entry, whose start never ended.
+            assert!(!r.reused(), "{call}: a new start, not the panicked one");
+            let error = r.instance(call).await.expect_err("the start panics");
+            assert!(
+                error
+                    .to_string()
+                    .contains("the driver panicked: a driver bug"),
+                "{call}: {error}"
+            );
+        }
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.committed_mb,
+                s.idle_mb,
+                s.hot_instances,
+                s.calls_in_flight
+            ),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+        pool.admit(spec("g", 256))
+            .expect("all the memory is free again");
     }
 
     #[tokio::test]
