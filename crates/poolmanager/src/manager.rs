@@ -590,12 +590,16 @@ impl ControlLoop {
         let coming = self.in_flight.runners.get(group).copied().unwrap_or(0);
         if desired > active {
             let mut short = desired - active;
-            // Newest draining runners first: they are the most recently warmed.
+            // Newest draining runners first: they are the most recently warmed. Not one whose
+            // removal has begun: it is stopping, and would leave the group short (counted
+            // active, nothing provisioned) when it goes.
             for entry in self.runners.iter_mut().rev() {
                 if short == 0 {
                     break;
                 }
-                if entry.info.group == group && matches!(entry.state, RunnerState::Draining { .. })
+                if entry.info.group == group
+                    && matches!(entry.state, RunnerState::Draining { .. })
+                    && !self.removing_ids.contains(&entry.info.id)
                 {
                     entry.state = RunnerState::Active;
                     short -= 1;

@@ -643,6 +643,34 @@ async fn a_slow_removal_holds_up_neither_other_groups_nor_the_purge_of_dead_lbs(
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_runner_whose_removal_has_begun_is_not_reactivated_when_demand_returns() {
+    let mut cfg = config();
+    cfg.max_drain_time = Duration::from_secs(5);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert_eq!(h.members("g"), vec!["r1"]);
+    *h.cp.remove_delay.lock().expect("lock") = Some(Duration::from_secs(30));
+    // Demand goes; r1 drains, is idle, and its (slow) removal begins.
+    for _ in 0..20 {
+        h.advertise("lb1", "g", 0);
+        h.tick().await;
+    }
+    assert_eq!(h.draining(), vec!["r1"]);
+    assert!(h.cp.removed().is_empty(), "the removal is still under way");
+    let provisioned = h.cp.provisioned();
+
+    // Demand returns while r1 stops: a new runner, not r1 (before: r1 was published again,
+    // counted active, and nothing was provisioned until its removal took it away).
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.cp.provisioned(), provisioned + 1);
+    assert_eq!(h.members("g"), vec!["r2"]);
+}
+
 /// LB ids are input from the network: past the cap of live LBs, a new one's adverts are
 /// refused (the book, and each tick's work, stay bounded); one already known goes on.
 #[tokio::test(start_paused = true)]
