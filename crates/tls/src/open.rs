@@ -340,6 +340,8 @@ impl OpenConnections {
                         grace
                     };
                     *close_at = Some(instant + grace);
+                    // No grace (FN_TLS_RETIRE_GRACE=0s): closed now, not at the next check.
+                    shut = grace.is_zero();
                 }
                 (Some(_), Some(at)) => shut = at <= instant,
             }

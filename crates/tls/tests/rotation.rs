@@ -544,7 +544,8 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
     roll_over(dir.path(), |_| {
         assert_eq!(server_tls.reload().expect("server"), Reloaded::Replaced);
     });
-    let retired = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    let grace = Duration::from_millis(200);
+    let retired = server_tls.recheck_connections(SystemTime::now(), grace);
     assert_eq!(
         (retired.open, retired.retired, retired.closed),
         (2, 2, 0),
@@ -554,7 +555,8 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
         .await
         .expect("a retired connection serves its grace");
 
-    let closed = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    tokio::time::sleep(grace).await;
+    let closed = server_tls.recheck_connections(SystemTime::now(), grace);
     assert_eq!(closed.closed, 2, "{closed:?}");
     let refused = health(open)
         .await
@@ -569,6 +571,37 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
         left.open, 0,
         "no connection of the old CA's client is left: {left:?}"
     );
+}
+
+/// With no grace (`FN_TLS_RETIRE_GRACE=0s`) a retired connection is closed by the check
+/// that retires it (before: at the next check, up to a minute later, serving calls meanwhile).
+#[tokio::test]
+async fn with_no_grace_a_retired_connection_is_closed_at_once() {
+    let LeftBehind {
+        dir,
+        server_tls,
+        left_behind: _left_behind,
+        server: _server,
+        open,
+    } = LeftBehind::start().await;
+    health(open.clone()).await.expect("tonic call");
+    roll_over(dir.path(), |_| {
+        assert_eq!(server_tls.reload().expect("server"), Reloaded::Replaced);
+    });
+    let retired = server_tls.recheck_connections(SystemTime::now(), Duration::ZERO);
+    assert_eq!(
+        (
+            retired.open,
+            retired.retired,
+            retired.closed,
+            retired.next_close
+        ),
+        (1, 1, 1, None),
+        "{retired:?}"
+    );
+    health(open)
+        .await
+        .expect_err("the retired connection is closed");
 }
 
 /// A client whose CA bundle no longer holds its server's issuer retires the connection; a
