@@ -63,8 +63,8 @@ impl std::fmt::Debug for CertWatch {
 
 impl CertWatch {
     /// The watch for a daemon in `mode`, registered in `registry`: `None` without TLS
-    /// (`FN_INSECURE`). Installs the SIGHUP handler now, so that SIGHUP never terminates
-    /// the daemon once this returns.
+    /// (`FN_INSECURE`). Installs the SIGHUP handler now, in either mode, so that SIGHUP
+    /// never terminates the daemon once this returns (without TLS it does nothing).
     ///
     /// # Errors
     /// When the SIGHUP handler cannot be installed.
@@ -73,11 +73,12 @@ impl CertWatch {
         args: &TlsArgs,
         registry: &mut Registry,
     ) -> Result<Option<Self>, String> {
-        let Some(tls) = mode.node() else {
-            return Ok(None);
-        };
         let hangups = signal(SignalKind::hangup())
             .map_err(|e| format!("cannot handle SIGHUP (certificate reload): {e}"))?;
+        let Some(tls) = mode.node() else {
+            // tokio keeps its handler installed once registered: later SIGHUPs are ignored.
+            return Ok(None);
+        };
         Ok(Some(
             Self::new(
                 tls.clone(),
