@@ -103,7 +103,9 @@ fn should_warn(end: SystemTime, now: SystemTime, warned: Option<SystemTime>) -> 
     let near = end
         .duration_since(now)
         .map_or(true, |left| left <= WARN_BEFORE);
-    near && warned.is_none_or(|at| now.duration_since(at).is_ok_and(|gap| gap >= WARN_EVERY))
+    // A clock stepped back behind the last warning warns again, rather than staying quiet
+    // until it has caught up.
+    near && warned.is_none_or(|at| now.duration_since(at).map_or(true, |gap| gap >= WARN_EVERY))
 }
 
 /// The expiry gauge and warnings of one daemon's certificate. It reads the certificate in
@@ -268,6 +270,10 @@ mod tests {
         assert!(
             should_warn(end, end + DAY, Some(end)),
             "expired, a day later"
+        );
+        assert!(
+            should_warn(end, soon - DAY, Some(soon)),
+            "the clock stepped back a day behind the last warning"
         );
     }
 }

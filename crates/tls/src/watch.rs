@@ -175,7 +175,14 @@ impl CertWatch {
 
     /// A periodic check: reload only when the files changed, after they settle.
     async fn poll(&mut self) {
-        match off_thread(&self.tls, NodeTls::changed_on_disk).await {
+        let mut changed = off_thread(&self.tls, NodeTls::changed_on_disk).await;
+        if changed.is_err() {
+            // A file caught between a writer's removal and its replacement (tools that
+            // delete, then create): one more look before it is logged and counted.
+            tokio::time::sleep(SETTLE).await;
+            changed = off_thread(&self.tls, NodeTls::changed_on_disk).await;
+        }
+        match changed {
             Ok(false) => {
                 self.last_rejection = None;
             }

@@ -347,6 +347,53 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
     task.await.expect("joins").expect("ends");
 }
 
+/// A rotation that deletes a file before it writes the new one is not a rejection: the
+/// watch looks again before it counts (before, a check in between logged an error).
+#[tokio::test]
+async fn a_file_replaced_by_delete_then_create_is_not_a_rejection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let tls = from_files(dir.path());
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(tls.clone(), Duration::from_millis(50), None, &mut registry);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("ca");
+    let short = ca.node_expiring_in(&[], 3).expect("node");
+    let end = fn_tls::expiry::not_after(short.cert_pem.as_bytes()).expect("not after");
+    std::fs::remove_file(dir.path().join(files::NODE)).expect("delete");
+    // Several checks see the certificate missing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
+    std::fs::write(dir.path().join(files::NODE), &short.cert_pem).expect("cert");
+
+    let mut text = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        if text.contains("fn_tls_certificate_reloads_total 1") {
+            break;
+        }
+    }
+    assert!(
+        text.contains("fn_tls_certificate_reloads_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fn_tls_certificate_reload_rejections_total 0"),
+        "{text}"
+    );
+    assert_eq!(tls.not_after(), end);
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+}
+
 /// A rotation without `--san` keeps the names of the certificate it replaces (it issued
 /// one for the defaults alone, which every peer dialling the node by name refused); a
 /// file holding the key before the certificate loads.
