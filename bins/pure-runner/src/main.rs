@@ -86,7 +86,7 @@ struct Cli {
     #[arg(long, env = "FN_ISOLATE_BINARY")]
     isolate_binary: Option<PathBuf>,
     /// Bound for a new instance to open its listener.
-    #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FN_START_TIMEOUT", default_value = "10s", value_parser = parse_start_timeout)]
     start_timeout: Duration,
     /// This runner's name on the function containers it starts, so that a restarted runner
     /// removes what its earlier run left [default: <hostname>-<FN_GRPC_PORT>].
@@ -117,6 +117,23 @@ struct Cli {
 
 /// `FN_FUNCTION_PIDS_LIMIT`: 0 (no limit) or at least 8, room for the wrapper shell, its
 /// watchdog, the namespace helper and a function's first few processes.
+/// Bounds of `FN_START_TIMEOUT`: below the first, no instance would start (each call,
+/// already committed, would fail); the second keeps a deadline computed from it in range.
+const START_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(600));
+
+fn parse_start_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    let (min, max) = START_TIMEOUT_RANGE;
+    if timeout < min || timeout > max {
+        return Err(format!(
+            "{text:?} is out of range: give between {min:?} and {max:?} for a new instance to \
+             open its socket"
+        ));
+    }
+    Ok(timeout)
+}
+
 fn parse_pids_limit(text: &str) -> Result<u32, String> {
     let limit: u32 = text
         .trim()
@@ -510,7 +527,26 @@ fn server_ended(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_pids_limit;
+    use super::{parse_pids_limit, parse_start_timeout};
+
+    #[test]
+    fn a_start_timeout_leaves_an_instance_time_to_start() {
+        assert_eq!(
+            parse_start_timeout("10s"),
+            Ok(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_start_timeout("100ms"),
+            Ok(std::time::Duration::from_millis(100))
+        );
+        for bad in ["0s", "50ms", "11m", "18446744073709551615s"] {
+            let e = parse_start_timeout(bad).expect_err(bad);
+            assert!(
+                e.contains("out of range") || e.contains("expected a duration"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn a_pids_limit_is_zero_or_room_for_the_wrapper() {

@@ -168,6 +168,14 @@ impl ScalingArgs {
                     .into(),
             ));
         }
+        let drain_settle = ManagerConfig::default().drain_settle;
+        if self.max_drain_time < drain_settle {
+            return Err(ConfigError(format!(
+                "FN_MAX_DRAIN_TIME: must be at least {drain_settle:?} (a draining runner is \
+                 given that long for the LBs to take it off their lists; shorter, every \
+                 drained runner would be removed with its calls still running)"
+            )));
+        }
         if self.scale_interval.is_zero() {
             return Err(ConfigError(
                 "FN_SCALE_INTERVAL: must be longer than 0".into(),
@@ -188,6 +196,30 @@ impl ScalingArgs {
     }
 }
 
+/// Each of the static plane's addresses is `host:port`, and none comes twice (a second
+/// copy would be a slot no runner ever fills, and an LB skips an address without a port).
+fn check_addresses(addresses: &[String]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for address in addresses {
+        let port = address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .filter(|port| *port != 0);
+        if port.is_none() {
+            return Err(ConfigError(format!(
+                "FN_RUNNER_ADDRESSES: {address:?} is not host:port (for example runner-1:9190)"
+            )));
+        }
+        if !seen.insert(address) {
+            return Err(ConfigError(format!(
+                "FN_RUNNER_ADDRESSES: {address:?} is listed twice"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl ControlPlaneArgs {
     /// Checks what can be checked without touching anything (exit 2 before any port is
     /// bound).
@@ -204,6 +236,7 @@ impl ControlPlaneArgs {
             ControlPlaneKind::Static if self.addresses().is_empty() => Err(ConfigError(
                 "FN_RUNNER_ADDRESSES: required with FN_CONTROL_PLANE=static".into(),
             )),
+            ControlPlaneKind::Static => check_addresses(&self.addresses()),
             ControlPlaneKind::Process if self.runner_functions_dir.is_none() => Err(ConfigError(
                 "FN_RUNNER_FUNCTIONS_DIR: required with FN_CONTROL_PLANE=process".into(),
             )),
@@ -371,7 +404,23 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 11] = [
+            (
+                &["--control-plane", "static", "--runner-addresses", "a:1,a:1"],
+                "FN_RUNNER_ADDRESSES: \"a:1\" is listed twice",
+            ),
+            (
+                &["--control-plane", "static", "--runner-addresses", "a:1,b"],
+                "FN_RUNNER_ADDRESSES: \"b\" is not host:port",
+            ),
+            (
+                &["--control-plane", "static", "--runner-addresses", ":9190"],
+                "FN_RUNNER_ADDRESSES: \":9190\" is not host:port",
+            ),
+            (
+                &["--control-plane", "docker", "--max-drain-time", "1s"],
+                "FN_MAX_DRAIN_TIME: must be at least 2s",
+            ),
             (&["--control-plane", "static"], "FN_RUNNER_ADDRESSES:"),
             (&["--control-plane", "process"], "FN_RUNNER_FUNCTIONS_DIR:"),
             (
