@@ -485,6 +485,18 @@ GREETING = "Hi"
             .expect_err("no command")
             .to_string();
         assert!(msg.contains("field `command`"), "{msg}");
+        // Every runner refuses these on every call: refused here, once.
+        for program in ["/usr/bin/python3", "../x", "a/../../x"] {
+            let outside =
+                format!("[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"{program}\"]\n");
+            let msg = Catalog::parse(Path::new("c"), &outside)
+                .expect_err(program)
+                .to_string();
+            assert!(
+                msg.contains("field `command`") && msg.contains("functions directory"),
+                "{msg}"
+            );
+        }
         let unknown = "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand=[\"x\"]\nmemory = 1\n";
         let msg = Catalog::parse(Path::new("c"), unknown)
             .expect_err("unknown")

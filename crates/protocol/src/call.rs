@@ -151,8 +151,21 @@ impl Definition<'_> {
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(invalid("command", "contains a NUL byte"));
         }
-        if self.command.first().is_some_and(String::is_empty) {
-            return Err(invalid("command", "the program name is empty"));
+        if let Some(program) = self.command.first() {
+            if program.is_empty() {
+                return Err(invalid("command", "the program name is empty"));
+            }
+            // A runner resolves the program inside its functions directory and refuses any
+            // other path on every call.
+            if program.starts_with('/') || program.split('/').any(|part| part == "..") {
+                return Err(invalid(
+                    "command",
+                    format!(
+                        "{program:?} is not inside the functions directory: give a path \
+                         relative to it, without `..`"
+                    ),
+                ));
+            }
         }
         if let Some(image) = self.image
             && !image.is_empty()
@@ -549,6 +562,8 @@ mod tests {
             (|c| c.concurrency = MAX_CONCURRENCY + 1, "concurrency"),
             (|c| c.command.clear(), "command or image"),
             (|c| c.command = vec![String::new()], "command"),
+            (|c| c.command = vec!["/usr/bin/env".into()], "command"),
+            (|c| c.command = vec!["bin/../../x".into()], "command"),
             (
                 |c| {
                     c.config.insert("1BAD".into(), "x".into());
@@ -701,6 +716,8 @@ mod tests {
                 prop_assert!(!spec.command.is_empty() || spec.image.is_some());
                 prop_assert!(spec.command.iter().all(|a| !a.contains('\0')));
                 prop_assert!(spec.command.first().is_none_or(|p| !p.is_empty()));
+                prop_assert!(spec.command.first().is_none_or(|p| !p.starts_with('/')
+                    && !p.split('/').any(|part| part == "..")));
                 prop_assert!(spec.image.as_ref().is_none_or(|i| valid_name(i, MAX_NAME_LEN)));
                 prop_assert!(spec.headers.len() <= MAX_HEADERS);
                 prop_assert!(spec.config.len() <= MAX_CONFIG_ENTRIES);
