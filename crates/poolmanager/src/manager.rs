@@ -127,6 +127,12 @@ pub struct Shared {
     /// Cancelled when the npm stops: membership watches end, so the graceful shutdown does
     /// not wait for streams that would never end.
     watches_closed: tokio_util::sync::CancellationToken,
+    /// Until when, after the runner set was loaded, a group absent from the membership is
+    /// answered as not known yet rather than as empty: a restarted npm whose control plane
+    /// keeps no record of its groups (`static`) learns them again from the LBs' adverts,
+    /// and until every LB has advertised and a tick has assigned runners for it, an empty
+    /// answer would make each LB drop every runner it uses.
+    relearning_until: std::sync::OnceLock<Instant>,
 }
 
 impl Shared {
@@ -166,9 +172,24 @@ impl Shared {
 
     /// The active runners of `group` in LB order, or `None` while the runner set has not
     /// been loaded from the control plane yet.
+    ///
+    /// `None` also for a group absent from the membership while the npm relearns its
+    /// groups after the runner set was loaded (see `relearning_until`).
     pub fn published_group(&self, group: &str) -> Option<Arc<Vec<RunnerInfo>>> {
-        self.published()
-            .map(|m| m.get(group).cloned().unwrap_or_default())
+        let membership = self.published()?;
+        if let Some(list) = membership.get(group) {
+            return Some(Arc::clone(list));
+        }
+        let relearning = self
+            .relearning_until
+            .get()
+            .is_some_and(|until| Instant::now() < *until);
+        (!relearning).then(Arc::default)
+    }
+
+    /// Whether the runner set has been loaded and published.
+    pub fn is_loaded(&self) -> bool {
+        self.published().is_some()
     }
 
     /// The whole published membership (empty until loaded).
@@ -495,6 +516,10 @@ impl ControlLoop {
                 "loaded the runner set from the control plane"
             );
             self.loaded = true;
+            // Every live LB advertises within the purge interval; a tick later its groups
+            // have runners again.
+            let relearn = self.config.lb_purge_after + self.config.tick * 2;
+            let _ = self.shared.relearning_until.set(Instant::now() + relearn);
             // The groups of adopted runners are retained as if just advertised: a restart
             // must not take their minimum away before the LBs advertise again.
             let groups: BTreeSet<String> = listed.iter().map(|r| r.group.clone()).collect();

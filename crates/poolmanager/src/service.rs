@@ -3,7 +3,9 @@
 //!
 //! `GetLBGroup` answers `UNAVAILABLE` until the control loop has loaded the runner set from
 //! the control plane: a just-started npm does not know the lists yet, and the LBs keep their
-//! last known list on an error but would drop every runner on an empty answer.
+//! last known list on an error but would drop every runner on an empty answer. For the same
+//! reason a group absent from the membership is answered `UNAVAILABLE` while a restarted
+//! npm relearns its groups from the adverts (see `Shared::published_group`).
 
 use std::sync::Arc;
 
@@ -83,9 +85,12 @@ impl RunnerManager for NpmService {
         let group = request.into_inner().id;
         check_id("group id", &group)?;
         let Some(list) = self.shared.published_group(&group) else {
-            return Err(Status::unavailable(
-                "the npm has not loaded its runner set yet; keep the current list",
-            ));
+            return Err(Status::unavailable(if self.shared.is_loaded() {
+                "the npm (re)started and is relearning its groups from the LBs' adverts; \
+                 keep the current list"
+            } else {
+                "the npm has not loaded its runner set yet; keep the current list"
+            }));
         };
         let runners = list
             .iter()

@@ -671,6 +671,31 @@ async fn a_runner_whose_removal_has_begun_is_not_reactivated_when_demand_returns
     assert_eq!(h.members("g"), vec!["r2"]);
 }
 
+/// A restarted npm whose control plane keeps no record of the groups (`static`) answers a
+/// group it has not relearnt as not known yet, so that an LB keeps its list (before: empty,
+/// and every LB dropped every runner until the adverts and a tick assigned them again).
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_a_group_not_yet_relearnt_is_not_answered_empty() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    h.tick().await; // loaded: nothing listed, no advert yet
+    assert!(
+        h.shared.published_group("g").is_none(),
+        "g is not known yet: the LB keeps its list"
+    );
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    let relearnt = h.shared.published_group("g").expect("g has runners again");
+    assert_eq!(relearnt.len(), 1);
+    assert!(h.shared.published_group("other").is_none());
+    // Past the LBs' purge interval and two ticks, a group nobody advertised is empty.
+    for _ in 0..7 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    let other = h.shared.published_group("other").expect("answered");
+    assert!(other.is_empty());
+}
+
 /// LB ids are input from the network: past the cap of live LBs, a new one's adverts are
 /// refused (the book, and each tick's work, stay bounded); one already known goes on.
 #[tokio::test(start_paused = true)]

@@ -64,6 +64,9 @@ impl Npm {
             Arc::new(FakeProbe::default()),
             ManagerConfig {
                 provision_batch: 4,
+                // Short, so that the relearning after the load ends within a test.
+                lb_purge_after: RELEARNING / 2,
+                tick: RELEARNING / 4,
                 ..ManagerConfig::default()
             },
             &mut prometheus_client::registry::Registry::default(),
@@ -152,6 +155,10 @@ async fn advertise_capacity_rejects_bad_adverts_with_invalid_argument() {
     npm.stop().await;
 }
 
+/// How long the npm of these tests relearns its groups after loading: its purge interval
+/// and two ticks.
+const RELEARNING: Duration = Duration::from_millis(400);
+
 #[tokio::test]
 async fn runner_lists_are_unavailable_until_loaded_then_follow_the_adverts() {
     let mut npm = Npm::start().await;
@@ -164,11 +171,13 @@ async fn runner_lists_are_unavailable_until_loaded_then_follow_the_adverts() {
 
     *npm.cp.list_fails.lock().expect("lock") = false;
     npm.control.tick().await;
-    assert_eq!(
-        npm.get_group("unknown").await.expect("unknown group"),
-        [],
-        "an unknown group has no runners"
-    );
+    let loaded = tokio::time::Instant::now();
+    let status = npm
+        .get_group("unknown")
+        .await
+        .expect_err("not relearnt from the adverts yet");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("relearning"), "{status:?}");
 
     // Two LBs want 3 runners in total: the npm provisions them and lists them oldest first.
     npm.scaler
@@ -188,7 +197,13 @@ async fn runner_lists_are_unavailable_until_loaded_then_follow_the_adverts() {
             .iter()
             .all(|(_, address)| address.starts_with("127.0.0.1:"))
     );
+    tokio::time::sleep_until(loaded + RELEARNING).await;
     assert_eq!(npm.get_group("h").await.expect("h"), []);
+    assert_eq!(
+        npm.get_group("unknown").await.expect("unknown group"),
+        [],
+        "once relearnt, an unknown group has no runners"
+    );
 
     // A control plane outage after loading keeps serving the last lists.
     *npm.cp.list_fails.lock().expect("lock") = true;
