@@ -285,6 +285,21 @@ struct InFlight {
     since: Vec<SystemTime>,
     /// What each task was asked for, so that a task that panics takes back only its own.
     asked: HashMap<tokio::task::Id, (String, usize, SystemTime)>,
+    /// Groups whose last provisioning failed whole: how many times in a row, and not before
+    /// when to ask again (a runner that cannot start is not asked for every tick).
+    failing: HashMap<String, (u32, Instant)>,
+}
+
+/// The first pause after a failed provisioning; it doubles with each failure in a row.
+const PROVISION_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between provisionings of a group that keep failing.
+const PROVISION_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The pause after `failures` failed provisionings in a row.
+fn provision_pause(failures: u32) -> Duration {
+    PROVISION_RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(PROVISION_RETRY_MAX)
 }
 
 impl InFlight {
@@ -651,7 +666,14 @@ impl ControlLoop {
                 );
             }
             let short = short.min(room);
-            if short > 0 {
+            let paused = self
+                .in_flight
+                .failing
+                .get(group)
+                .is_some_and(|(_, not_before)| now < *not_before);
+            if short > 0 && paused {
+                tracing::debug!(group, short, "provisioning paused after failures");
+            } else if short > 0 {
                 let batch = short.min(self.config.provision_batch);
                 tracing::info!(
                     group,
@@ -745,7 +767,13 @@ impl ControlLoop {
         self.in_flight.settle(&group, batch, asked);
         match result {
             Ok(new) => {
+                self.in_flight.failing.remove(&group);
                 self.metrics.provisioned(new.len());
+                // The rest of the batch failed (each logged by the control plane).
+                let failed = batch.saturating_sub(new.len());
+                if failed > 0 {
+                    self.metrics.provisioning_failed(failed);
+                }
                 for info in new {
                     if !self.runners.iter().any(|e| e.info.id == info.id) {
                         tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner provisioned");
@@ -759,7 +787,16 @@ impl ControlLoop {
             }
             Err(e) => {
                 self.metrics.provisioning_failed(batch);
-                tracing::error!(%group, error = %e, "provisioning failed; retrying next tick");
+                let failures = self
+                    .in_flight
+                    .failing
+                    .get(&group)
+                    .map_or(1, |(n, _)| n.saturating_add(1));
+                let pause = provision_pause(failures);
+                tracing::error!(%group, error = %e, failures, ?pause, "provisioning failed; asking again after the pause");
+                self.in_flight
+                    .failing
+                    .insert(group, (failures, Instant::now() + pause));
             }
         }
     }

@@ -696,6 +696,43 @@ async fn after_a_restart_a_group_not_yet_relearnt_is_not_answered_empty() {
     assert!(other.is_empty());
 }
 
+/// A provisioning that keeps failing is asked for again after pauses that double (1 s up
+/// to a minute), not at every tick; the first that succeeds ends the pauses.
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_that_keeps_failing_is_retried_with_growing_pauses() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    *h.cp.provision_fails.lock().expect("lock") = true;
+    let mut asked_at = Vec::new();
+    for second in 0..40 {
+        h.advertise("lb1", "g", 1);
+        let before = h.cp.batches().len();
+        h.tick().await;
+        if h.cp.batches().len() > before {
+            asked_at.push(second);
+        }
+    }
+    // Before: asked at every one of the 40 ticks.
+    let gaps: Vec<i32> = asked_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(asked_at.len() <= 7, "asked at {asked_at:?}");
+    assert!(
+        gaps.windows(2).all(|g| g[1] >= g[0]),
+        "pauses grow: {gaps:?}"
+    );
+    assert!(gaps.last().is_some_and(|g| *g >= 8), "{gaps:?}");
+    h.assert_metrics(&[&format!(
+        "fn_npm_provisions_total{{result=\"failed\"}} {}",
+        asked_at.len()
+    )]);
+
+    // The control plane recovers: after the pause under way, the group gets its runner.
+    *h.cp.provision_fails.lock().expect("lock") = false;
+    for _ in 0..70 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), vec!["r1"]);
+}
+
 /// LB ids are input from the network: past the cap of live LBs, a new one's adverts are
 /// refused (the book, and each tick's work, stay bounded); one already known goes on.
 #[tokio::test(start_paused = true)]

@@ -31,6 +31,8 @@ pub struct FakeControlPlane {
     pub remove_delay: Mutex<Option<Duration>>,
     /// A provisioning for this group panics (a control plane's bug).
     pub panics_for: Mutex<Option<String>>,
+    /// While set, every provisioning fails and makes nothing (a runner that cannot start).
+    pub provision_fails: Mutex<bool>,
 }
 
 impl FakeControlPlane {
@@ -113,6 +115,13 @@ impl ControlPlane for FakeControlPlane {
         count: usize,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         self.batches.lock().expect("lock").push(count);
+        if *self.provision_fails.lock().expect("lock") {
+            return Box::pin(async {
+                Err(ControlPlaneError::Failed(
+                    "the runner exited at start".into(),
+                ))
+            });
+        }
         let panics = self.panics_for.lock().expect("lock").as_deref() == Some(group);
         let delay = *self.provision_delay.lock().expect("lock");
         let mut new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
