@@ -110,6 +110,21 @@ impl DevCa {
         self.node_valid(sans, now - Duration::days(1), now + Duration::days(days))
     }
 
+    /// A node certificate valid from `age` ago until `left` from now (tests of short-lived
+    /// certificates).
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn node_valid_around_now(
+        &self,
+        sans: &[&str],
+        age: std::time::Duration,
+        left: std::time::Duration,
+    ) -> Result<NodeCert, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        self.node_valid(sans, now - age, now + left)
+    }
+
     /// A node certificate whose validity ended yesterday (for rejection tests).
     ///
     /// # Errors

@@ -16,7 +16,8 @@
 //!
 //! A connection this node dialled is also moved off, without being closed, while its peer
 //! is still trusted: when the certificate it presented has been replaced, and when the
-//! peer's expires within [`RENEW_AHEAD`]. It drains and closes once idle, so that in a
+//! peer's expires within [`RENEW_AHEAD`] (or a third of its lifetime, when shorter). It
+//! drains and closes once idle, so that in a
 //! rotation done in its steps (renewals ahead of expiry; a CA rollover's switch before its
 //! finish) the connections the grace would cut are already gone.
 //!
@@ -86,7 +87,11 @@ pub(crate) struct Entry {
     /// The chain the peer presented, end entity first.
     chain: Vec<CertificateDer<'static>>,
     /// When the peer's certificate ends, when it could be read.
-    peer_not_after: Option<SystemTime>,
+    /// When the peer's certificate ends, and how long before that a dialled connection to
+    /// it takes no new calls: [`RENEW_AHEAD`], or a third of the certificate's lifetime when
+    /// that is shorter (certificates living an hour, renewed at half their life, would
+    /// otherwise send every connection to a new one at each check, a minute apart).
+    peer_end: Option<(SystemTime, Duration)>,
     /// A second descriptor of the connection's socket, to shut it down from outside the
     /// task that drives it. Closed when the connection ends (its [`Registration`] drops),
     /// not with the entry, which a channel may hold longer: the socket would stay open
@@ -183,10 +188,9 @@ impl Entry {
         if presented.cert.first() != material.certified.cert.first() {
             return Some("the certificate this node presented on it has been replaced");
         }
-        let ends_soon = self.peer_not_after.is_some_and(|end| {
-            end.duration_since(now)
-                .map_or(true, |left| left < RENEW_AHEAD)
-        });
+        let ends_soon = self
+            .peer_end
+            .is_some_and(|(end, ahead)| end.duration_since(now).map_or(true, |left| left < ahead));
         ends_soon.then_some("the peer's certificate expires soon")
     }
 
@@ -259,10 +263,16 @@ impl OpenConnections {
     ) -> Option<Registration> {
         let address = tcp.peer_addr().ok()?;
         let chain = chain.filter(|c| !c.is_empty())?.to_vec();
-        let peer_not_after = chain
+        let peer_end = chain
             .first()
             .and_then(|end_entity| crate::expiry::Validity::of(end_entity).ok())
-            .map(|validity| validity.not_after);
+            .map(|validity| {
+                let lifetime = validity
+                    .not_after
+                    .duration_since(validity.not_before)
+                    .unwrap_or_default();
+                (validity.not_after, RENEW_AHEAD.min(lifetime / 3))
+            });
         let socket = match tcp.as_fd().try_clone_to_owned() {
             Ok(fd) => std::net::TcpStream::from(fd),
             Err(e) => {
@@ -274,7 +284,7 @@ impl OpenConnections {
             address,
             peer,
             chain,
-            peer_not_after,
+            peer_end,
             socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
             shut: AtomicBool::new(false),

@@ -765,6 +765,33 @@ async fn a_dialled_connection_whose_servers_certificate_ends_soon_takes_no_new_c
     );
 }
 
+/// A server whose certificates live an hour (renewed at half their life): a dialled
+/// connection moves off only in the last third of the certificate's life, not at every
+/// check (before: always within `RENEW_AHEAD`, so a new connection each minute, for ever).
+#[tokio::test]
+async fn a_short_lived_servers_connection_moves_off_only_in_the_last_third_of_its_life() {
+    let ca = DevCa::new("ca").expect("ca");
+    let cert = ca
+        .node_valid_around_now(
+            &["localhost"],
+            Duration::from_secs(10 * 60),
+            Duration::from_secs(50 * 60),
+        )
+        .expect("an hour-long certificate");
+    let server_tls = ca.tls_for(&cert).expect("server");
+    let client_tls = ca.node_tls(&[]).expect("client");
+    let server = start_server(&server_tls).await;
+    let end = fn_tls::expiry::not_after(server_tls.cert_pem().as_slice()).expect("not after");
+    let direct = direct_channel(&client_tls, &server.address);
+    common::direct_health(&direct).await.expect("call");
+    let grace = Duration::from_secs(600);
+    let kept = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!((kept.open, kept.moved), (1, 0), "{kept:?}");
+    let late = end - Duration::from_secs(19 * 60);
+    let moved = client_tls.recheck_connections(late, grace);
+    assert_eq!((moved.moved, moved.retired), (1, 0), "{moved:?}");
+}
+
 /// A tonic channel does not move its calls off a retired connection (a [`DirectChannel`]
 /// does): the connection dialled for it is shut down `CONTROL_GRACE` (2 s) after its
 /// server no longer verifies, not after the grace, and the channel dials again for its next
