@@ -9,10 +9,11 @@
 //! - `fn_runner_calls_total{outcome}`: committed calls by how they ended (`success`,
 //!   `timeout`, `function_error`, `crashed`, `start_failed`, `protocol`, `internal`,
 //!   `lb_went_away`).
-//! - `fn_runner_refusals_total{reason}`: calls not committed (`busy`, `draining`, `invalid`).
+//! - `fn_runner_refusals_total{reason}`: calls not committed (`busy`, `draining`,
+//!   `too_large`, `invalid`).
 //! - `fn_runner_memory_total_mb`, `fn_runner_memory_committed_mb`: capacity and the memory of
-//!   calls in flight.
-//! - `fn_runner_hot_instances`: function instances alive (busy or idle).
+//!   calls in flight and of instances starting.
+//! - `fn_runner_hot_instances`: function instances in the pool: starting, busy or idle.
 //! - `fn_runner_instance_starts_total`: function instances started.
 
 use std::sync::Arc;
@@ -118,7 +119,7 @@ impl Collector for PoolCollector {
             ),
             (
                 "fn_runner_hot_instances",
-                "Function instances alive, busy or idle",
+                "Function instances in the pool: starting, busy or idle",
                 stats.hot_instances,
             ),
         ];
