@@ -1273,6 +1273,21 @@ mod tests {
         assert_eq!(driver.killed(), 2);
     }
 
+    /// Asserts that `pool` holds no memory, instance or call.
+    fn assert_holds_nothing(pool: &Pool) {
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.committed_mb,
+                s.idle_mb,
+                s.hot_instances,
+                s.calls_in_flight
+            ),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+    }
+
     /// Starts that panic.
     #[derive(Debug)]
     struct PanickingDriver;
@@ -1303,17 +1318,7 @@ mod tests {
                 "{call}: {error}"
             );
         }
-        let s = pool.stats();
-        assert_eq!(
-            (
-                s.committed_mb,
-                s.idle_mb,
-                s.hot_instances,
-                s.calls_in_flight
-            ),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+        assert_holds_nothing(&pool);
         pool.admit(spec("g", 256))
             .expect("all the memory is free again");
     }
@@ -1329,17 +1334,7 @@ mod tests {
         assert_eq!(err_a.to_string(), err_b.to_string());
         drop(a);
         drop(b);
-        let s = pool.stats();
-        assert_eq!(
-            (
-                s.committed_mb,
-                s.idle_mb,
-                s.hot_instances,
-                s.calls_in_flight
-            ),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+        assert_holds_nothing(&pool);
         driver.fail_starts(false);
         let mut c = pool.admit(concurrent("f", 128, 3)).expect("room again");
         assert!(!c.reused(), "the failed instance is not joined");

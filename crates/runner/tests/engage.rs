@@ -1407,6 +1407,19 @@ impl Instance for EarlyInstance {
     }
 }
 
+/// A runner whose instances are [`EarlyAnswer`]'s, and the receiver of what they report.
+async fn early_answer_runner() -> (Runner, mpsc::UnboundedReceiver<Result<usize, String>>) {
+    let (ends, ended) = mpsc::unbounded_channel();
+    let runner = start_runner_on(
+        Arc::new(EarlyAnswer { ends }),
+        shared_tempdir(),
+        1024,
+        EngageConfig::default(),
+    )
+    .await;
+    (runner, ended)
+}
+
 /// Sends `Err("dropped")` when dropped.
 struct DropReport(mpsc::UnboundedSender<Result<usize, String>>);
 
@@ -1418,14 +1431,7 @@ impl Drop for DropReport {
 
 #[tokio::test]
 async fn an_lb_that_cancels_while_the_function_leaves_its_body_unread_ends_the_call() {
-    let (ends, mut ended) = mpsc::unbounded_channel();
-    let runner = start_runner_on(
-        Arc::new(EarlyAnswer { ends }),
-        shared_tempdir(),
-        1024,
-        EngageConfig::default(),
-    )
-    .await;
+    let (runner, mut ended) = early_answer_runner().await;
     let mut engage = runner.open().await;
     let mut held = call("fn-held", Duration::from_secs(30));
     held.headers.push(header("x-hold", "1"));
@@ -1455,14 +1461,7 @@ async fn an_lb_that_cancels_while_the_function_leaves_its_body_unread_ends_the_c
 
 #[tokio::test]
 async fn a_body_cut_short_by_an_early_answer_never_reaches_the_function_as_complete() {
-    let (ends, mut ended) = mpsc::unbounded_channel();
-    let runner = start_runner_on(
-        Arc::new(EarlyAnswer { ends }),
-        shared_tempdir(),
-        1024,
-        EngageConfig::default(),
-    )
-    .await;
+    let (runner, mut ended) = early_answer_runner().await;
 
     // The body's first half arrives, the function answers, the call ends: what the function
     // goes on reading must fail, not end as if the body were whole.

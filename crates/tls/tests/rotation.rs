@@ -268,6 +268,31 @@ async fn a_bad_replacement_is_rejected_with_its_file_and_reason_and_the_old_set_
     assert_eq!(presented(&client, &server.address).await, der(&good));
 }
 
+/// A node certificate ending in three days, from the dev CA whose files are in `dir`.
+fn expiring_in_three_days(dir: &Path) -> dev::NodeCert {
+    let ca = DevCa::from_pem(
+        &std::fs::read_to_string(dir.join(files::ISSUER)).expect("issuer"),
+        &std::fs::read_to_string(dir.join(files::ISSUER_KEY)).expect("issuer key"),
+    )
+    .expect("ca");
+    ca.node_expiring_in(&[], 3).expect("node")
+}
+
+/// The scrape of `registry` once it holds `line` (asserted, within 5 s).
+async fn scrape_once(registry: &Registry, line: &str) -> String {
+    let mut text = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        if text.contains(line) {
+            break;
+        }
+    }
+    assert!(text.contains(line), "{line:?} not in\n{text}");
+    text
+}
+
 #[tokio::test]
 async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -284,29 +309,12 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
     let task = tokio::spawn(watch.run(cancel.clone()));
 
     // A certificate ending in three days replaces the one-year certificate.
-    let ca = DevCa::from_pem(
-        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
-        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
-    )
-    .expect("ca");
-    let short = ca.node_expiring_in(&[], 3).expect("node");
+    let short = expiring_in_three_days(dir.path());
     std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
     std::fs::write(dir.path().join(files::NODE), &short.cert_pem).expect("cert");
     let end = fn_tls::expiry::not_after(short.cert_pem.as_bytes()).expect("not after");
 
-    let mut text = String::new();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        text.clear();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        if text.contains("fn_tls_certificate_reloads_total 1") {
-            break;
-        }
-    }
-    assert!(
-        text.contains("fn_tls_certificate_reloads_total 1"),
-        "{text}"
-    );
+    let mut text = scrape_once(&registry, "fn_tls_certificate_reloads_total 1").await;
     assert!(
         text.contains("fn_tls_certificate_reload_rejections_total 0"),
         "{text}"
@@ -359,12 +367,7 @@ async fn a_file_replaced_by_delete_then_create_is_not_a_rejection() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(watch.run(cancel.clone()));
 
-    let ca = DevCa::from_pem(
-        &std::fs::read_to_string(dir.path().join(files::ISSUER)).expect("issuer"),
-        &std::fs::read_to_string(dir.path().join(files::ISSUER_KEY)).expect("issuer key"),
-    )
-    .expect("ca");
-    let short = ca.node_expiring_in(&[], 3).expect("node");
+    let short = expiring_in_three_days(dir.path());
     let end = fn_tls::expiry::not_after(short.cert_pem.as_bytes()).expect("not after");
     std::fs::remove_file(dir.path().join(files::NODE)).expect("delete");
     // Several checks see the certificate missing.
@@ -372,19 +375,7 @@ async fn a_file_replaced_by_delete_then_create_is_not_a_rejection() {
     std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
     std::fs::write(dir.path().join(files::NODE), &short.cert_pem).expect("cert");
 
-    let mut text = String::new();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        text.clear();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        if text.contains("fn_tls_certificate_reloads_total 1") {
-            break;
-        }
-    }
-    assert!(
-        text.contains("fn_tls_certificate_reloads_total 1"),
-        "{text}"
-    );
+    let mut text = scrape_once(&registry, "fn_tls_certificate_reloads_total 1").await;
     assert!(
         text.contains("fn_tls_certificate_reload_rejections_total 0"),
         "{text}"
