@@ -375,7 +375,7 @@ async fn a_file_replaced_by_delete_then_create_is_not_a_rejection() {
     std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
     std::fs::write(dir.path().join(files::NODE), &short.cert_pem).expect("cert");
 
-    let mut text = scrape_once(&registry, "fn_tls_certificate_reloads_total 1").await;
+    let text = scrape_once(&registry, "fn_tls_certificate_reloads_total 1").await;
     assert!(
         text.contains("fn_tls_certificate_reload_rejections_total 0"),
         "{text}"
