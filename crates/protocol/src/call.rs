@@ -157,12 +157,20 @@ impl Definition<'_> {
             }
             // A runner resolves the program inside its functions directory and refuses any
             // other path on every call.
-            if program.starts_with('/') || program.split('/').any(|part| part == "..") {
+            if program.starts_with('/') {
                 return Err(invalid(
                     "command",
                     format!(
-                        "{program:?} is not inside the functions directory: give a path \
-                         relative to it, without `..`"
+                        "{program:?} is an absolute path; give a path relative to the \
+                         functions directory"
+                    ),
+                ));
+            }
+            if program.split('/').any(|part| part == "..") {
+                return Err(invalid(
+                    "command",
+                    format!(
+                        "{program:?} contains `..`; it must stay inside the functions directory"
                     ),
                 ));
             }
