@@ -17,9 +17,9 @@
 //! A connection this node dialled is also moved off, without being closed, while its peer
 //! is still trusted: when the certificate it presented has been replaced, and when the
 //! peer's expires within [`RENEW_AHEAD`] (or a third of its lifetime, when shorter). It
-//! drains and closes once idle, so that in a
-//! rotation done in its steps (renewals ahead of expiry; a CA rollover's switch before its
-//! finish) the connections the grace would cut are already gone.
+//! drains and closes once idle, so that in a rotation done in its steps (renewals ahead of
+//! expiry; a CA rollover's switch before its finish) the connections the grace would cut
+//! are already gone.
 //!
 //! [`crate::watch::CertWatch`] runs the check after each new set is put in use, every minute
 //! (certificates expire), and when a grace ends.
