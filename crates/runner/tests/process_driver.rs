@@ -501,7 +501,9 @@ async fn memory_limit_in_the_real_cgroup() {
         MemoryLimitMode::V1 { .. } => "memory.limit_in_bytes",
         MemoryLimitMode::V2 { .. } => "memory.max",
         MemoryLimitMode::Unenforced { reason } => {
-            println!("SKIPPED: memory limits cannot be enforced here: {reason}");
+            fn_test_support::skip_or_fail(&format!(
+                "memory limits cannot be enforced here: {reason}"
+            ));
             return;
         }
     };
@@ -569,7 +571,7 @@ async fn a_fork_bomb_is_held_to_the_pids_limit_and_what_left_the_group_dies_with
     )
     .expect("driver");
     if let MemoryLimitMode::Unenforced { reason } = driver.pids_limit_mode() {
-        println!("SKIPPED: pids limits cannot be enforced here: {reason}");
+        fn_test_support::skip_or_fail(&format!("pids limits cannot be enforced here: {reason}"));
         return;
     }
     match driver
@@ -606,7 +608,7 @@ async fn memory_limit_is_enforced_in_the_real_cgroup() {
     );
     let fx = fixture_with(functions.path(), MemoryLimits::default());
     if let MemoryLimitMode::Unenforced { reason } = fx.driver.memory_limit_mode() {
-        println!("SKIPPED: memory limits cannot be enforced here: {reason}");
+        fn_test_support::skip_or_fail(&format!("memory limits cannot be enforced here: {reason}"));
         return;
     }
     match fx
@@ -740,7 +742,7 @@ fn uid_of(pid: u32) -> u32 {
 #[tokio::test]
 async fn each_function_runs_as_a_uid_of_its_own_with_a_private_tmpdir() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: giving functions uids of their own needs root");
+        fn_test_support::skip_or_fail("giving functions uids of their own needs root");
         return;
     }
     let tmp = tempdir();
