@@ -106,6 +106,8 @@ async fn a_ca_rollover_in_three_steps_fails_no_connection() {
         .await
         .expect("connects");
     let old_only = snapshot(dir.path());
+    let old_node = std::fs::read(dir.path().join(files::NODE)).expect("node");
+    let old_node_key = std::fs::read(dir.path().join(files::NODE_KEY)).expect("key");
 
     for step in [
         RolloverStep::Begin,
@@ -148,11 +150,19 @@ async fn a_ca_rollover_in_three_steps_fails_no_connection() {
     check(&new_only, &server.address)
         .await
         .expect("a client of the new CA");
-    // One that trusts only the old CA refuses the server; the server refuses its certificate.
+    // One that trusts only the old CA refuses the server.
     let err = check(&old_only, &server.address)
         .await
         .expect_err("the old CA's client");
     assert!(err.contains("UnknownIssuer"), "{err}");
+    // A certificate of the old CA is refused by the server, even from a client that trusts
+    // the new CA (so that only the server can be the one refusing).
+    let old_cert_new_ca =
+        NodeTls::from_pem(old_node, old_node_key, new_ca.clone().into_bytes()).expect("material");
+    let err = check(&old_cert_new_ca, &server.address)
+        .await
+        .expect_err("a certificate of the old CA, after the rollover");
+    assert!(err.contains("UnknownCA"), "the server refuses it: {err}");
     let old_cert_new_trust = NodeTls::from_pem(
         std::fs::read(dir.path().join(files::NODE)).expect("node"),
         std::fs::read(dir.path().join(files::NODE_KEY)).expect("key"),
