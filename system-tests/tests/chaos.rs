@@ -299,7 +299,6 @@ async fn kill_9_one_of_three_runners_under_load() -> anyhow::Result<()> {
          on the same address, used again after {back:?}"
     ));
     report.publish();
-    report.reconcile()?;
     if !failures.is_empty() {
         bail!(
             "{} calls failed that should not have:\n{}\n{}",
@@ -428,7 +427,6 @@ async fn npm_stopped_for_30_s_under_load_no_call_fails() -> anyhow::Result<()> {
         lists.iter().map(Vec::len).collect::<Vec<_>>()
     ));
     report.publish();
-    report.reconcile()?;
     ensure!(
         failures.is_empty(),
         "{} calls failed around the npm stop:\n{}\n{}",

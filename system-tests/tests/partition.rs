@@ -286,7 +286,6 @@ async fn placement_moves_on_within_the_connect_and_ack_timeouts_when_a_runner_is
         statuses.first()
     ));
     report.publish();
-    report.reconcile()?;
     drop(cluster);
     drop(netns);
     Ok(())
