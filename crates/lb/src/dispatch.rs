@@ -160,6 +160,13 @@ pub struct Placed {
     pub waited: Duration,
 }
 
+/// A call no runner committed to: why, and how many runners were asked on the way.
+#[derive(Debug)]
+pub struct NotPlaced {
+    pub error: CallError,
+    pub attempts: u32,
+}
+
 /// Places calls with a placer over a runner pool.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
@@ -270,8 +277,22 @@ impl Dispatcher {
     /// # Errors
     /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
     /// [`CallError::NoRunnerLargeEnough`] when every runner of the group is too small for it;
-    /// [`CallError::Unrunnable`] when a runner says the call itself is invalid.
-    pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, CallError> {
+    /// [`CallError::Unrunnable`] when a runner says the call itself is invalid;
+    /// [`CallError::NoRunnerReachable`] when none could be asked. Each with the runners
+    /// asked (`TryCall`s sent) on the way.
+    pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, NotPlaced> {
+        let mut attempts = 0u32;
+        let placed = self.offer(call, early, &mut attempts).await;
+        placed.map_err(|error| NotPlaced { error, attempts })
+    }
+
+    /// [`Dispatcher::place`], counting each runner asked in `attempts`.
+    async fn offer(
+        &self,
+        call: &CallSpec,
+        early: &EarlyBody,
+        attempts: &mut u32,
+    ) -> Result<Placed, CallError> {
         let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
         let started = Instant::now();
         let share = call
@@ -279,7 +300,6 @@ impl Dispatcher {
             .mul_f64(self.config.wait_share.clamp(0.0, 1.0));
         let deadline = started + self.config.placer_timeout.min(share);
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
-        let mut attempts = 0u32;
         let no_capacity = |attempts| CallError::NoCapacity {
             waited: started.elapsed(),
             attempts,
@@ -351,18 +371,18 @@ impl Dispatcher {
                     unavailable += 1;
                     continue; // a placeholder never takes a call
                 }
-                attempts += 1;
+                *attempts += 1;
                 asked += 1;
                 let bound = attempt_bound(deadline.saturating_duration_since(Instant::now()));
                 let tried =
                     tokio::time::timeout_at(deadline, runner.try_call_within(call, early, bound))
                         .await;
                 match tried {
-                    Err(_) => return Err(no_capacity(attempts)),
+                    Err(_) => return Err(no_capacity(*attempts)),
                     Ok(Ok(engaged)) => {
                         return Ok(Placed {
                             engaged,
-                            attempts,
+                            attempts: *attempts,
                             waited: started.elapsed(),
                         });
                     }
@@ -429,7 +449,7 @@ impl Dispatcher {
                         waited: started.elapsed(),
                     });
                 }
-                return Err(no_capacity(attempts));
+                return Err(no_capacity(*attempts));
             }
             if informed && offered < runners.len() && asked == 0 {
                 // Every runner is known to be unable to take it: wait for the next report.

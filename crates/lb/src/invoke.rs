@@ -34,7 +34,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyError, ResponseBody};
 use crate::catalog::Function;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, NotPlaced};
 use crate::error::CallError;
 use crate::metrics::{CallOutcome, CallRecord, LbMetrics};
 
@@ -168,13 +168,11 @@ impl Invoker {
         };
         let placed = match self.dispatcher.place(&spec, &early).await {
             Ok(placed) => placed,
-            Err(err) => {
-                match &err {
-                    CallError::NoCapacity { attempts, .. } => self.metrics.not_placed(*attempts),
-                    CallError::NoRunnerReachable { .. } => self.metrics.not_placed(0),
-                    _ => {}
-                }
-                return Err(record.failed(err));
+            Err(NotPlaced { error, attempts }) => {
+                // Every TryCall counts, whatever the call's end: refusals as invalid or too
+                // large included.
+                self.metrics.not_placed(attempts);
+                return Err(record.failed(error));
             }
         };
         self.metrics.placed(placed.attempts, placed.waited);
@@ -953,11 +951,16 @@ mod tests {
         let config: String = (0..fn_protocol::call::MAX_CONFIG_ENTRIES)
             .map(|i| format!("K{i} = \"v{i} \\t tab\"\n"))
             .collect();
+        // A function given as an image, or (image "-") as a command: one or the other.
         let entry = |route: &str, image: &str, config: &str| {
+            let source = if image == "-" {
+                "command = [\"fn-x\", \"--flag=\\u00e9\"]".to_owned()
+            } else {
+                format!("image = \"{image}\"")
+            };
             format!(
                 "[[functions]]\napp = \"a\"\nname = \"f\"\nroute = \"{route}\"\n\
-                 command = [\"fn-x\", \"--flag=\\u00e9\"]\nimage = \"{image}\"\n\
-                 [functions.config]\n{config}"
+                 {source}\n[functions.config]\n{config}"
             )
         };
         let longest_route = format!("/{}", "r".repeat(fn_protocol::call::MAX_NAME_LEN - 1));
@@ -975,6 +978,13 @@ mod tests {
         assert_eq!(received.route, longest_route);
         assert_eq!(received.image.as_deref(), Some(longest_image.as_str()));
         assert_eq!(received.config.len(), fn_protocol::call::MAX_CONFIG_ENTRIES);
+        let catalog = Catalog::parse(Path::new("c.toml"), &entry("/y", "-", &config))
+            .expect("a command at the limits");
+        let function = catalog.by_name("a", "f").expect("function");
+        let spec = call_spec(&function, "01J0000000000000000000001".into(), &parts).expect("spec");
+        let received = CallSpec::try_from(fn_protocol::runner::Call::from(&spec))
+            .expect("the runner takes it");
+        assert_eq!(received.command, ["fn-x", "--flag=\u{e9}"]);
 
         let one_more = format!("{config}K_EXTRA = \"x\"\n");
         let past = [
@@ -990,7 +1000,7 @@ mod tests {
             (entry("/x", "img", &one_more), "field `config`"),
             (entry("/x", "img", "K = \"a\\u0000b\"\n"), "field `config`"),
             (
-                entry("/x", "img", "").replace("--flag=", "--fl\\u0000ag="),
+                entry("/x", "-", "").replace("--flag=", "--fl\\u0000ag="),
                 "field `command`",
             ),
             (entry("/x", "im\\u0007g", ""), "field `image`"),

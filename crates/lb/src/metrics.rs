@@ -56,6 +56,9 @@ pub enum CallOutcome {
     ClientGone,
     /// The lb-agent was shutting down.
     ShuttingDown,
+    /// 503: the request came on a client connection being closed to make room at
+    /// `FN_MAX_CONNECTIONS`.
+    ConnectionShed,
 }
 
 impl CallOutcome {
@@ -75,6 +78,7 @@ impl CallOutcome {
             CallOutcome::RunnerFailed => "runner_failed",
             CallOutcome::ClientGone => "client_gone",
             CallOutcome::ShuttingDown => "shutting_down",
+            CallOutcome::ConnectionShed => "connection_shed",
         }
     }
 }
@@ -95,7 +99,8 @@ impl From<&CallError> for CallOutcome {
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
             CallError::Timeout(_) => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
-            CallError::ShuttingDown | CallError::ConnectionClosing => CallOutcome::ShuttingDown,
+            CallError::ShuttingDown => CallOutcome::ShuttingDown,
+            CallError::ConnectionClosing => CallOutcome::ConnectionShed,
         }
     }
 }
@@ -391,6 +396,15 @@ mod tests {
         assert_eq!(
             CallOutcome::from(&CallError::Timeout(Duration::from_secs(1))).as_str(),
             "timeout"
+        );
+        // A request refused on a connection closed to make room is not a shutdown.
+        assert_eq!(
+            CallOutcome::from(&CallError::ConnectionClosing).as_str(),
+            "connection_shed"
+        );
+        assert_eq!(
+            CallOutcome::from(&CallError::ShuttingDown).as_str(),
+            "shutting_down"
         );
     }
 }

@@ -2230,9 +2230,15 @@ async fn a_function_no_runner_can_hold_gets_503_at_once_and_a_larger_runner_stil
         message.contains("128 MB") && message.contains("default"),
         "{message}"
     );
+    let text = lb.metrics();
     assert!(
-        lb.metrics()
-            .contains("fn_lb_calls_total{outcome=\"no_runner_large_enough\"} 1\n")
+        text.contains("fn_lb_calls_total{outcome=\"no_runner_large_enough\"} 1\n"),
+        "{text}"
+    );
+    // Both runners were offered the call: the refusals count as attempts.
+    assert!(
+        text.contains("\nfn_lb_placement_attempts_total 2\n"),
+        "{text}"
     );
 
     let mixed = fakes(&pki, &[Behaviour::RefuseTooLarge, Behaviour::Echo]).await;
@@ -2293,6 +2299,12 @@ async fn one_runners_invalid_refusal_moves_the_call_on_and_everyones_is_a_500() 
     assert!(
         reply.json_error().contains("no container engine"),
         "{reply:?}"
+    );
+    let text = lb.metrics();
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"unrunnable\"} 1\n")
+            && text.contains("\nfn_lb_placement_attempts_total 2\n"),
+        "both refusals count as attempts: {text}"
     );
 
     // One refuses it as invalid, the other cannot be reached: no runner refused it for want
