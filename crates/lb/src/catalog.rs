@@ -250,6 +250,15 @@ fn validate(
             "is empty; leave it out to use the command".into(),
         ));
     }
+    if raw.image.is_some() && !raw.command.is_empty() {
+        // A runner would run the command and never the image.
+        return Err(invalid(
+            "image",
+            "is given with a command: give one of them (a command runs as a process, an \
+             image as a container)"
+                .into(),
+        ));
+    }
     // What a runner would refuse on every call of this function, refused here once.
     let definition = fn_protocol::call::Definition {
         route: &route,
@@ -471,6 +480,8 @@ GREETING = "Hi"
                 "config = { \"1X\" = \"y\" }",
                 "function demo/f: field `config`",
             ),
+            // Beside the command: the runner would never run it.
+            ("image = \"acme/echo:1\"", "function demo/f: field `image`"),
         ];
         for (line, expected) in cases {
             let text =
