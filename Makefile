@@ -149,7 +149,9 @@ demo: build
 # + /tmp).
 IMAGE_PREFIX   ?= fn-dataplane
 IMAGE_TAG      ?= latest
-IMAGE_TARGET   ?= x86_64-unknown-linux-gnu
+# The images are for this machine's architecture (x86_64 or aarch64; its Rust target must
+# be installed).
+IMAGE_TARGET   ?= $(shell uname -m)-unknown-linux-gnu
 IMAGE_CONTEXT  := target/docker-context
 # `dist` (release with thin LTO) is what ships; `make test` builds its images in `release`,
 # the same code in half the build time.

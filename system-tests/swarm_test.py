@@ -21,6 +21,7 @@ happens, the stack, its runner services and what the test made are removed.
 
 import json
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -37,7 +38,7 @@ import compose_test as ct  # noqa: E402  (check, run, wait_until and the counter
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_FILE = ROOT / "deploy" / "docker-stack.yml"
-STATIC_BIN = ROOT / "target" / "x86_64-unknown-linux-gnu" / "release"
+STATIC_BIN = ROOT / "target" / f"{platform.machine()}-unknown-linux-gnu" / "release"
 STACK = f"fnsw{os.getpid()}{random.randrange(16**4):04x}"
 NPM_ID = f"{STACK}_backend"
 SECRETS = {
