@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
-use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::config::{
+    CommonArgs, duration_at_least, exit_config_error, parse_duration, parse_or_exit,
+};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_nodepool::{
@@ -52,8 +54,9 @@ struct Cli {
     /// in flight before its excess goes to the next runners of the ring (0 to 10).
     #[arg(long, env = "FN_PLACER_EPSILON", default_value_t = fn_placement::DEFAULT_EPSILON)]
     placer_epsilon: f64,
-    /// How long a call may wait for a runner with room before 503.
-    #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// How long a call may wait for a runner with room before 503 (at least 100ms).
+    #[arg(long, env = "FN_PLACER_TIMEOUT", default_value = "10s",
+          value_parser = duration_at_least(MIN_NETWORK_WAIT, "a runner must have time to answer an offer"))]
     placer_timeout: Duration,
     /// The share of a call's timeout it may spend waiting for a runner (above 0, at most 1):
     /// past it the call gets 503, so that a 504 always means the function ran too long.
@@ -67,8 +70,9 @@ struct Cli {
     /// to it.
     #[arg(long, env = "FN_NPM_ADDRESS")]
     npm_address: Option<String>,
-    /// Time between capacity adverts to the npm.
-    #[arg(long, env = "FN_ADVERTISE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// Time between capacity adverts to the npm (at least 100ms).
+    #[arg(long, env = "FN_ADVERTISE_INTERVAL", default_value = "1s",
+          value_parser = duration_at_least(MIN_NETWORK_WAIT, "adverts go at this interval"))]
     advertise_interval: Duration,
     /// Largest request body accepted, in bytes; larger gets 413.
     #[arg(long, env = "FN_MAX_REQUEST_BODY", default_value_t = 32 * 1024 * 1024)]
@@ -77,11 +81,13 @@ struct Cli {
     /// the function's work with it).
     #[arg(long, env = "FN_CLIENT_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     client_body_timeout: Duration,
-    /// Bound for connecting to a runner.
-    #[arg(long, env = "FN_RUNNER_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    /// Bound for connecting to a runner, or to the npm (at least 100ms).
+    #[arg(long, env = "FN_RUNNER_CONNECT_TIMEOUT", default_value = "2s",
+          value_parser = duration_at_least(MIN_NETWORK_WAIT, "a connection and its TLS handshake take time"))]
     runner_connect_timeout: Duration,
-    /// Bound for a runner to acknowledge a TryCall before the call moves on.
-    #[arg(long, env = "FN_RUNNER_ACK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// Bound for a runner to acknowledge a TryCall before the call moves on (at least 100ms).
+    #[arg(long, env = "FN_RUNNER_ACK_TIMEOUT", default_value = "5s",
+          value_parser = duration_at_least(MIN_NETWORK_WAIT, "a runner must have time to answer an offer"))]
     runner_ack_timeout: Duration,
     /// Failures in a row (connect, transport, no acknowledgement in time) after which a
     /// runner is ejected: no calls until its health check passes, first after 5s, doubling
@@ -100,6 +106,10 @@ struct Cli {
     #[arg(long, env = "FN_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
     drain_delay: Duration,
 }
+
+/// The least a wait on a peer may be set to: below it a healthy runner or npm on a busy
+/// machine could not answer in time, and every call or advert would fail.
+const MIN_NETWORK_WAIT: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
@@ -301,6 +311,42 @@ async fn reload_on_sighup(
 
 #[cfg(test)]
 mod tests {
+    use super::Cli;
+    use fn_lifecycle::config::{ParseOutcome, try_parse_from};
+
+    /// Waits no peer could meet (every call or advert would fail, or a zero interval would
+    /// panic the advertiser) and lengths that would overflow a deadline are refused at start,
+    /// naming the variable.
+    #[test]
+    fn waits_too_short_or_too_long_name_the_variable() {
+        let cases = [
+            ("--placer-timeout", "0s", "FN_PLACER_TIMEOUT"),
+            ("--advertise-interval", "0s", "FN_ADVERTISE_INTERVAL"),
+            (
+                "--runner-connect-timeout",
+                "0s",
+                "FN_RUNNER_CONNECT_TIMEOUT",
+            ),
+            ("--runner-ack-timeout", "50ms", "FN_RUNNER_ACK_TIMEOUT"),
+            (
+                "--client-body-timeout",
+                "18446744073709551615s",
+                "FN_CLIENT_BODY_TIMEOUT",
+            ),
+            ("--drain-delay", "200y", "FN_DRAIN_DELAY"),
+        ];
+        for (flag, value, var) in cases {
+            let parsed = try_parse_from::<Cli, _, _>(["lb-agent", flag, value]);
+            let Err(ParseOutcome::Invalid(line)) = parsed else {
+                panic!("{flag} {value} was accepted");
+            };
+            assert!(line.starts_with(&format!("{var}: ")), "{line}");
+        }
+        let cli = try_parse_from::<Cli, _, _>(["lb-agent", "--runner-ack-timeout", "100ms"])
+            .unwrap_or_else(|_| panic!("100ms is enough"));
+        assert_eq!(cli.runner_ack_timeout.as_millis(), 100);
+    }
+
     /// The one-arena setting is compiled into jemalloc by `.cargo/config.toml`; a build that
     /// misses it (another cargo configuration, a vendored build) would run with eight arenas
     /// on two CPUs and miss the RSS target unnoticed.

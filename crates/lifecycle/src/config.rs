@@ -96,13 +96,51 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses a humantime duration (`500ms`, `30s`, `2m`).
+/// The longest duration any setting takes: far past any sensible value, and short enough
+/// that a deadline made from it (`Instant::now() + d`, or the sum of two settings) cannot
+/// overflow and panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // humantime's year
+
+/// Parses a humantime duration (`500ms`, `30s`, `2m`) of at most [`MAX_DURATION`].
 ///
 /// # Errors
 /// A message saying what a valid value looks like.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (expected a duration such as 500ms, 30s or 2m)"))
+    let duration = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as 500ms, 30s or 2m)"))?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{s:?} is longer than 100 years, the most any setting takes"
+        ));
+    }
+    Ok(duration)
+}
+
+/// A parser of durations (as [`parse_duration`]) of at least `min`, for a setting below
+/// which nothing would work; `why` says what needs the time.
+pub fn duration_at_least(
+    min: Duration,
+    why: &'static str,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let duration = parse_duration(s)?;
+        if duration < min {
+            return Err(format!("{s:?} is below {min:?}: {why}"));
+        }
+        Ok(duration)
+    }
+}
+
+/// A value that must say something: blank is refused rather than passed on (an empty
+/// network name, say, means the engine's default to Docker, not "none").
+///
+/// # Errors
+/// When `s` is empty or only blanks.
+pub fn non_blank(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("is empty; give a value or leave the variable unset".to_owned());
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses a comma-separated list, dropping empty items and surrounding blanks.
@@ -248,6 +286,23 @@ mod tests {
             panic!("expected an invalid-configuration outcome");
         };
         assert!(line.starts_with("FN_METRICS_PORT: "), "{line}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("100y").map(|d| d <= MAX_DURATION), Ok(true));
+        for huge in ["18446744073709551615s", "101y"] {
+            let err = parse_duration(huge).expect_err(huge);
+            assert!(err.contains("100 years"), "{err}");
+        }
+        let at_least = duration_at_least(Duration::from_millis(100), "a dial takes time");
+        assert_eq!(at_least("100ms"), Ok(Duration::from_millis(100)));
+        let err = at_least("0s").expect_err("0s");
+        assert!(err.contains("below 100ms: a dial takes time"), "{err}");
+        assert!(at_least("soon").is_err());
+        assert_eq!(non_blank("none"), Ok("none".to_owned()));
+        assert!(non_blank(" ").is_err() && non_blank("").is_err());
     }
 
     #[test]
