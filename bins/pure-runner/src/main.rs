@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fn_lifecycle::config::{CommonArgs, exit_config_error, parse_duration, parse_or_exit};
+use fn_lifecycle::config::{
+    CommonArgs, exit_config_error, non_blank, parse_duration, parse_or_exit,
+};
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::retry::Backoff;
 use fn_lifecycle::shards::Shards;
@@ -90,7 +92,7 @@ struct Cli {
     start_timeout: Duration,
     /// This runner's name on the function containers it starts, so that a restarted runner
     /// removes what its earlier run left [default: <hostname>-<FN_GRPC_PORT>].
-    #[arg(long, env = "FN_RUNNER_ID")]
+    #[arg(long, env = "FN_RUNNER_ID", value_parser = non_blank)]
     runner_id: Option<String>,
     /// Where the docker driver makes each function container's directory (mounted at
     /// /tmp/iofs in it). A runner in a container needs this path to be the same on the host.
@@ -104,7 +106,7 @@ struct Cli {
     #[arg(long, env = "FN_DOCKER_PULL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     docker_pull_timeout: Duration,
     /// Network of function containers: `none` (no network at all), or a network's name.
-    #[arg(long, env = "FN_DOCKER_FUNCTION_NETWORK", default_value = "none")]
+    #[arg(long, env = "FN_DOCKER_FUNCTION_NETWORK", default_value = "none", value_parser = non_blank)]
     docker_function_network: String,
     /// Numeric uid[:gid] function containers run as (never root).
     #[arg(long, env = "FN_DOCKER_FUNCTION_USER", default_value = "65534:65534", value_parser = ContainerUser::parse)]
@@ -117,6 +119,24 @@ struct Cli {
 
 /// `FN_FUNCTION_PIDS_LIMIT`: 0 (no limit) or at least 8, room for the wrapper shell, its
 /// watchdog, the namespace helper and a function's first few processes.
+/// `FN_FUNCTION_USER` as a runner running as `runner` can use it: another user (or group)
+/// only when it is root, since every start would fail otherwise.
+fn check_function_user(
+    name: &str,
+    user: FunctionUser,
+    runner: FunctionUser,
+    root: bool,
+) -> Result<(), String> {
+    if root || user == runner {
+        return Ok(());
+    }
+    Err(format!(
+        "FN_FUNCTION_USER: {name} is another user (or group) than the runner's, and the runner \
+         is not root, so it cannot run functions as {name}; unset it (functions then run as \
+         the runner's user) or run the runner as root"
+    ))
+}
+
 /// Bounds of `FN_START_TIMEOUT`: below the first, no instance would start (each call,
 /// already committed, would fail); the second keeps a deadline computed from it in range.
 const START_TIMEOUT_RANGE: (Duration, Duration) =
@@ -172,10 +192,16 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     };
     let root = nix::unistd::Uid::effective().is_root();
     let function_users = match &cli.function_user {
-        Some(name) => FunctionUsers::Shared(
-            FunctionUser::lookup(name)
-                .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTION_USER: {e}"))),
-        ),
+        Some(name) => {
+            let user = FunctionUser::lookup(name)
+                .unwrap_or_else(|e| exit_config_error(format!("FN_FUNCTION_USER: {e}")));
+            let runner = FunctionUser {
+                uid: nix::unistd::Uid::effective().as_raw(),
+                gid: nix::unistd::Gid::effective().as_raw(),
+            };
+            check_function_user(name, user, runner, root).unwrap_or_else(|e| exit_config_error(e));
+            FunctionUsers::Shared(user)
+        }
         None if root => FunctionUsers::PerFunction(cli.function_uids),
         None => FunctionUsers::Runner,
     };
@@ -527,7 +553,46 @@ fn server_ended(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_pids_limit, parse_start_timeout};
+    use super::{Cli, FunctionUser, check_function_user, parse_pids_limit, parse_start_timeout};
+    use fn_lifecycle::config::{ParseOutcome, try_parse_from};
+
+    #[test]
+    fn a_non_root_runner_refuses_a_function_user_it_cannot_become() {
+        let me = FunctionUser {
+            uid: 1000,
+            gid: 1000,
+        };
+        let nobody = FunctionUser {
+            uid: 65534,
+            gid: 65534,
+        };
+        assert_eq!(check_function_user("me", me, me, false), Ok(()));
+        assert_eq!(check_function_user("nobody", nobody, me, true), Ok(()));
+        let err = check_function_user("nobody", nobody, me, false).expect_err("not root");
+        assert!(
+            err.starts_with("FN_FUNCTION_USER: nobody is another user"),
+            "{err}"
+        );
+        let other_group = FunctionUser { uid: 1000, gid: 0 };
+        assert!(check_function_user("g", other_group, me, false).is_err());
+    }
+
+    /// An empty network would put function containers on the engine's default network
+    /// (Docker reads "" as `default`), and an empty runner id would match every container
+    /// of every runner given one: both are refused, naming the variable.
+    #[test]
+    fn blank_docker_settings_are_refused() {
+        for (flag, var) in [
+            ("--docker-function-network", "FN_DOCKER_FUNCTION_NETWORK"),
+            ("--runner-id", "FN_RUNNER_ID"),
+        ] {
+            let parsed = try_parse_from::<Cli, _, _>(["pure-runner", flag, " "]);
+            let Err(ParseOutcome::Invalid(line)) = parsed else {
+                panic!("{flag} blank was accepted");
+            };
+            assert!(line.starts_with(&format!("{var}: ")), "{line}");
+        }
+    }
 
     #[test]
     fn a_start_timeout_leaves_an_instance_time_to_start() {
@@ -542,7 +607,9 @@ mod tests {
         for bad in ["0s", "50ms", "11m", "18446744073709551615s"] {
             let e = parse_start_timeout(bad).expect_err(bad);
             assert!(
-                e.contains("out of range") || e.contains("expected a duration"),
+                e.contains("out of range")
+                    || e.contains("expected a duration")
+                    || e.contains("100 years"),
                 "{bad}: {e}"
             );
         }
