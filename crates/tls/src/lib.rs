@@ -85,7 +85,7 @@ pub struct TlsArgs {
     #[arg(long, env = "FN_NODE_CERT_AUTHORITY")]
     pub node_cert_authority: Option<PathBuf>,
     /// Server name to verify in peers' certificates instead of the host in their address.
-    #[arg(long, env = "FN_TLS_SERVER_NAME")]
+    #[arg(long, env = "FN_TLS_SERVER_NAME", value_parser = parse_server_name)]
     pub tls_server_name: Option<String>,
     /// Use plaintext gRPC instead of mutual TLS. For local experiments only.
     #[arg(long, env = "FN_INSECURE", default_value_t = false,
@@ -103,8 +103,24 @@ pub struct TlsArgs {
     pub tls_retire_grace: Duration,
 }
 
+/// A name every dial can verify a peer's certificate against: checked at start, not at each
+/// connection (where an empty or malformed name failed every one).
+fn parse_server_name(s: &str) -> Result<String, String> {
+    rustls::pki_types::ServerName::try_from(s)
+        .map_err(|e| format!("{s:?} is not a DNS name or an IP address ({e})"))?;
+    Ok(s.to_owned())
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 10s, 1m, 0s)"))
+    let interval =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 10s, 1m, 0s)"))?;
+    if interval > fn_lifecycle::config::MAX_DURATION {
+        // A retirement's deadline is the instant it was seen plus the grace.
+        return Err(format!(
+            "{s:?} is longer than 100 years, the most any setting takes"
+        ));
+    }
+    Ok(interval)
 }
 
 /// How a daemon talks gRPC.
@@ -402,6 +418,19 @@ mod tests {
             err.to_string().starts_with("FN_NODE_CERT: required"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_server_name_and_the_intervals_are_checked_at_start() {
+        assert_eq!(parse_server_name("fn-node"), Ok("fn-node".to_owned()));
+        assert_eq!(parse_server_name("10.0.0.7"), Ok("10.0.0.7".to_owned()));
+        for bad in ["", "fn node", "-"] {
+            let err = parse_server_name(bad).expect_err(bad);
+            assert!(err.contains("not a DNS name or an IP address"), "{err}");
+        }
+        assert_eq!(parse_interval("0s"), Ok(Duration::ZERO));
+        let err = parse_interval("18446744073709551615s").expect_err("overflows a deadline");
+        assert!(err.contains("100 years"), "{err}");
     }
 
     #[test]
