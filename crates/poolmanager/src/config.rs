@@ -181,6 +181,16 @@ impl ScalingArgs {
                 "FN_SCALE_INTERVAL: must be longer than 0".into(),
             ));
         }
+        // The time a (re)started npm takes to hear its LBs again: a shorter retention would
+        // forget groups (and their FN_MIN_RUNNERS) before their LBs could advertise them.
+        let relearn = self.lb_purge_after + self.scale_interval * 2;
+        if self.group_retention < relearn {
+            return Err(ConfigError(format!(
+                "FN_GROUP_RETENTION: must be at least FN_LB_PURGE_AFTER + 2 x \
+                 FN_SCALE_INTERVAL ({relearn:?}), the time LBs take to be heard again after an \
+                 npm restart; shorter, groups would be forgotten with their FN_MIN_RUNNERS"
+            )));
+        }
         Ok(ManagerConfig {
             min_runners: self.min_runners,
             group_retention: self.group_retention,
@@ -404,7 +414,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let cases: [(&[&str], &str); 11] = [
+        let cases: [(&[&str], &str); 12] = [
             (
                 &["--control-plane", "static", "--runner-addresses", "a:1,a:1"],
                 "FN_RUNNER_ADDRESSES: \"a:1\" is listed twice",
@@ -442,6 +452,10 @@ mod tests {
             (
                 &["--control-plane", "docker", "--max-total-runners", "9"],
                 "FN_MAX_TOTAL_RUNNERS:",
+            ),
+            (
+                &["--control-plane", "docker", "--group-retention", "6s"],
+                "FN_GROUP_RETENTION: must be at least FN_LB_PURGE_AFTER + 2 x FN_SCALE_INTERVAL (7s)",
             ),
         ];
         for (args, var) in cases {

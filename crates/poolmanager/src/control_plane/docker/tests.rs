@@ -156,7 +156,7 @@ fn config() -> DockerConfig {
             tls_server_name: Some("fn-node".into()),
             insecure: false,
             tls_reload_interval: std::time::Duration::from_secs(10),
-            tls_retire_grace: fn_tls::RETIRE_GRACE,
+            tls_retire_grace: std::time::Duration::from_secs(3600),
         },
     );
     config.tls_files = Some(tls_files());
@@ -206,6 +206,9 @@ fn spec_carries_labels_env_mount_and_limits() {
         "FN_TLS_SERVER_NAME=fn-node",
         "FN_LOG_LEVEL=debug",
         "FN_RUNNER_ID=stack-runner-1",
+        // The npm's, as on the process plane.
+        "FN_TLS_RELOAD_INTERVAL=10s",
+        "FN_TLS_RETIRE_GRACE=1h",
     ] {
         assert!(spec.env.iter().any(|e| e == expected), "{expected} missing");
     }
