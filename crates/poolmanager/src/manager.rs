@@ -50,6 +50,11 @@ const DEFAULT_GROUP: &str = "default";
 /// otherwise run a tick, and a control-plane list, per advert.
 const MIN_TICK_GAP: Duration = Duration::from_millis(200);
 
+/// Longest wait for the control plane's list in one tick: an engine that hangs on it (a
+/// `docker ps` that never answers) must not hold every tick for its own timeout, with
+/// new runners unpublished and drained ones not removed meanwhile.
+pub const LIST_BOUND: Duration = Duration::from_secs(10);
+
 /// Longest wait for a draining runner's status in one tick.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -518,10 +523,14 @@ impl ControlLoop {
 
     /// Returns false while the runner set has never been loaded.
     async fn sync_with_control_plane(&mut self) -> bool {
-        let listed = match self.control_plane.list().await {
-            Ok(l) => l,
-            Err(e) => {
+        let listed = match tokio::time::timeout(LIST_BOUND, self.control_plane.list()).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot list the control plane's runners");
+                return self.loaded;
+            }
+            Err(_) => {
+                tracing::warn!(bound = ?LIST_BOUND, "the control plane did not list its runners in time; the tick goes on with the runners known");
                 return self.loaded;
             }
         };

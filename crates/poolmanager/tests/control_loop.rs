@@ -781,3 +781,27 @@ async fn a_provisioning_that_panics_leaves_the_others_counted() {
         h.members("slow")
     );
 }
+
+/// A control plane whose list never answers (an engine that hangs on `docker ps`) holds a
+/// tick for at most the list's bound, and the ticks go on with the runners known: one
+/// provisioned meanwhile is published, and nothing known is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_list_that_hangs_holds_a_tick_only_for_its_bound() {
+    let mut h = harness(FakeControlPlane::with_runners("g", 1), config());
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert_eq!(h.members("g"), vec!["r1"]);
+
+    *h.cp.list_hangs.lock().expect("lock") = true;
+    let bound = fn_poolmanager::manager::LIST_BOUND + Duration::from_secs(1);
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 2);
+        let started = Instant::now();
+        tokio::time::timeout(bound, h.tick())
+            .await
+            .expect("the tick ends within the list's bound");
+        assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+    }
+    assert_eq!(h.cp.provisioned(), 1, "the second runner was asked for");
+    assert_eq!(h.members("g"), vec!["r1", "r2"]);
+}

@@ -24,6 +24,8 @@ pub struct FakeControlPlane {
     lists: Mutex<usize>,
     /// While set, `list` fails (a control plane that cannot be reached).
     pub list_fails: Mutex<bool>,
+    /// While set, `list` never answers (an engine that hangs).
+    pub list_hangs: Mutex<bool>,
     /// When set, a provisioning reports its runners this long after it made them (a swarm
     /// service starting); meanwhile `list` already shows them, created now.
     pub provision_delay: Mutex<Option<Duration>>,
@@ -99,6 +101,9 @@ impl ControlPlane for FakeControlPlane {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         *self.lists.lock().expect("lock") += 1;
+        if *self.list_hangs.lock().expect("lock") {
+            return Box::pin(std::future::pending());
+        }
         let result = if *self.list_fails.lock().expect("lock") {
             Err(ControlPlaneError::Failed(
                 "fake control plane is down".into(),
