@@ -43,7 +43,7 @@ mod engine;
 mod setup;
 mod swarm;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -235,6 +235,42 @@ pub struct DockerControlPlane {
     /// The engine runners start function containers on, when they were given one: the
     /// npm removes there what a runner that is gone left.
     functions: Option<Arc<dyn Engine>>,
+    /// Runners being provisioned: one that stops while it starts is its provisioner's to
+    /// report (with its output) and remove, not `list`'s.
+    starting: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// Longest wait for a failed runner's last output, for the error: an engine may hang on a
+/// logs request (swarm's `service logs` is known to), and the provisioning must end.
+const LOGS_BOUND: Duration = Duration::from_secs(5);
+
+/// Takes a name off [`DockerControlPlane::starting`] when its provisioning ends, however
+/// it ends.
+struct Starting {
+    set: Arc<std::sync::Mutex<HashSet<String>>>,
+    name: String,
+}
+
+impl Starting {
+    fn new(set: &Arc<std::sync::Mutex<HashSet<String>>>, name: &str) -> Self {
+        lock(set).insert(name.to_owned());
+        Starting {
+            set: Arc::clone(set),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.name);
+    }
+}
+
+fn lock(set: &std::sync::Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    // The set holds names only: one a panicking holder left is still right.
+    set.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl DockerControlPlane {
@@ -346,6 +382,7 @@ impl DockerControlPlane {
             engine,
             ready,
             functions: None,
+            starting: Arc::default(),
         }
     }
 
@@ -409,6 +446,7 @@ impl DockerControlPlane {
         );
         let created = SystemTime::now();
         let spec = build_spec(&self.config, &self.placement, group, &name, created);
+        let _starting = Starting::new(&self.starting, &name);
         if let Err(e) = self.engine.run(&spec).await {
             self.discard(&name).await;
             return Err(ControlPlaneError::Failed(format!(
@@ -431,6 +469,9 @@ impl DockerControlPlane {
             }
             let failure = match self.engine.is_running(&name).await {
                 Ok(false) => Some("exited before answering health".to_owned()),
+                Err(EngineError::NotFound(_)) => {
+                    Some("was removed while it started (by hand, or by another npm)".to_owned())
+                }
                 _ if started.elapsed() > self.config.start_timeout => Some(format!(
                     "did not answer health at {address} within {:?} (is the npm on network {}?)",
                     self.config.start_timeout, self.placement.network
@@ -438,7 +479,9 @@ impl DockerControlPlane {
                 _ => None,
             };
             if let Some(what) = failure {
-                let output = self.engine.logs_tail(&name, 10).await;
+                let output = tokio::time::timeout(LOGS_BOUND, self.engine.logs_tail(&name, 10))
+                    .await
+                    .unwrap_or_else(|_| format!("(the engine gave none within {LOGS_BOUND:?})"));
                 self.discard(&name).await;
                 return Err(ControlPlaneError::Failed(format!(
                     "runner container {name} {what}; its last output: {}",
@@ -475,6 +518,9 @@ impl ControlPlane for DockerControlPlane {
                             tracing::warn!(container = %container.name, "container carries this npm's label but not valid runner labels; ignored")
                         }
                     },
+                    ContainerState::Stopped if lock(&self.starting).contains(&container.name) => {
+                        // Its provisioner reports why, with its output, and removes it.
+                    }
                     ContainerState::Stopped => {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
                         self.discard(&container.name).await;

@@ -16,6 +16,8 @@ struct FakeEngine {
     removed: Mutex<Vec<String>>,
     /// New containers exit at once.
     exit_on_start: AtomicBool,
+    /// A logs request never answers (swarm's `service logs` can hang).
+    logs_hang: AtomicBool,
 }
 
 impl FakeEngine {
@@ -107,6 +109,9 @@ impl Engine for FakeEngine {
     }
 
     fn logs_tail<'a>(&'a self, _name: &'a str, _lines: usize) -> BoxFuture<'a, String> {
+        if self.logs_hang.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         Box::pin(async { "error: FN_FUNCTIONS_DIR: required".to_owned() })
     }
 
@@ -666,4 +671,96 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
             .contains(&"FN_NODE_CERT_KEY=/run/secrets/fn_node-key.pem".to_owned())
     );
     assert_eq!(container.stop_grace_period, Some(40_000_000_000));
+}
+
+/// A health probe that says "not yet" once it is let go, so that a test can act while a
+/// provisioning waits in it.
+#[derive(Debug, Default)]
+struct GatedReady {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl ReadyProbe for GatedReady {
+    fn ready<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            self.release.notified().await;
+            false
+        })
+    }
+}
+
+/// A runner that stops while it starts is left by `list` to its provisioner, which reports
+/// that it exited, with its output, at once (before, the tick's list removed it, and the
+/// provisioning waited out the start timeout and blamed the network, the output lost).
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_stops_while_starting_is_its_provisioners_to_report() {
+    let engine = Arc::new(FakeEngine::default());
+    engine.exit_on_start.store(true, Ordering::SeqCst);
+    let ready = Arc::new(GatedReady::default());
+    let cp = Arc::new(DockerControlPlane::with_engine(
+        config(),
+        placement(),
+        Arc::clone(&engine) as Arc<dyn Engine>,
+        Arc::clone(&ready) as Arc<dyn ReadyProbe>,
+    ));
+    let provisioning = tokio::spawn({
+        let cp = Arc::clone(&cp);
+        async move { cp.provision("default", 1).await }
+    });
+    ready.entered.notified().await;
+    let listed = cp.list().await.expect("lists");
+    assert!(listed.is_empty());
+    assert_eq!(
+        engine.names().len(),
+        1,
+        "list left the starting runner alone"
+    );
+    ready.release.notify_one();
+    let started = tokio::time::Instant::now();
+    let err = provisioning
+        .await
+        .expect("task")
+        .expect_err("the runner exited");
+    let err = err.to_string();
+    assert!(
+        err.contains("exited before answering health")
+            && err.contains("FN_FUNCTIONS_DIR: required"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(engine.names().is_empty(), "the provisioner removed it");
+    // Once its provisioning is over, a stopped runner is list's to remove again.
+    engine.add(
+        "stack-backend-runner-old",
+        ContainerState::Stopped,
+        &[(LABEL_ROLE, "runner"), (LABEL_NPM, "stack_backend")],
+    );
+    cp.list().await.expect("lists");
+    assert!(engine.names().is_empty());
+}
+
+/// An engine that never gives a failed runner's output does not hold its provisioning (and
+/// with it the group's scale-up) for ever: the error says the output did not come, and the
+/// container is removed.
+#[tokio::test(start_paused = true)]
+async fn a_logs_request_that_hangs_does_not_hold_a_failed_provisioning() {
+    let engine = Arc::new(FakeEngine::default());
+    engine.exit_on_start.store(true, Ordering::SeqCst);
+    engine.logs_hang.store(true, Ordering::SeqCst);
+    let cp = control_plane(&engine, false);
+    let err = tokio::time::timeout(LOGS_BOUND * 2, cp.provision("default", 1))
+        .await
+        .expect("the provisioning ends")
+        .expect_err("the runner exited");
+    assert!(
+        err.to_string().contains("the engine gave none within 5s"),
+        "{err}"
+    );
+    assert!(engine.names().is_empty());
 }
