@@ -133,6 +133,8 @@ class Stack:
                 "FN_IMAGE_PREFIX": os.environ.get("IMAGE_PREFIX", "fn-dataplane"),
                 "FN_IMAGE_TAG": os.environ.get("IMAGE_TAG", "latest"),
                 "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+                # For the files' own use (the runners' ids); `-p` alone is not one in 1.x.
+                "COMPOSE_PROJECT_NAME": PROJECT,
                 **(extra_env or {}),
             }
         )
@@ -262,6 +264,12 @@ def image_function(stack):
                  "{{index .Config.Labels \"fn.dataplane.role\"}}", ids[0]]).split()
     check(shape == ["none", "65534:65534", "true", "function"],
           f"the function container has no network, a non-root user, a read-only root: {shape}")
+    # Labelled with a runner id of this stack alone: a runner of another stack on this
+    # engine, starting, removes only the containers labelled with its own id.
+    owner = run(["docker", "inspect", "--format", "{{index .Config.Labels \"fn.dataplane.runner\"}}",
+                 ids[0]]).strip()
+    check(owner.startswith(f"{PROJECT}-runner-"),
+          f"the function container's runner id belongs to this stack ({PROJECT}): {owner!r}")
 
 
 def build_function_image(tmp):

@@ -818,7 +818,6 @@ async fn describe_exit(docker: &Docker, container: &str, code: i64, memory_mb: u
     }
 }
 
-/// Removes a container by force (killing it if it runs); one already gone is fine.
 /// Removes one container an earlier run of this runner left, and its instance directory.
 async fn remove_leftover(
     docker: &Docker,
@@ -853,6 +852,7 @@ async fn remove_leftover(
     }
 }
 
+/// Removes a container by force (killing it if it runs); one already gone is fine.
 async fn remove_container(docker: &Docker, container: &str) -> Result<(), EngineError> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
