@@ -280,7 +280,11 @@ impl Daemon {
         let start = std::time::Instant::now();
         let mut last = String::new();
         while start.elapsed() < bound {
-            match http::get(address, "/health").await {
+            // Each check within what is left (at most 2 s): an LB that accepts and never
+            // answers (a deadlock) must fail here, not hang the test.
+            let left = bound.saturating_sub(start.elapsed());
+            let check = left.clamp(Duration::from_millis(100), Duration::from_secs(2));
+            match http::get_within(address, "/health", check).await {
                 Ok(r) if r.status == 200 => return Ok(()),
                 Ok(r) => last = format!("status {}", r.status),
                 Err(e) => last = format!("{e:#}"),

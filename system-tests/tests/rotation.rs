@@ -30,6 +30,8 @@ memory_mb = 64
 
 /// Bound for every daemon to pick up a change.
 const RELOAD_BOUND: Duration = Duration::from_secs(15);
+/// Calls one load worker makes at most (a rotation takes seconds; this is minutes of calls).
+const MAX_CALLS_PER_WORKER: u64 = 20_000;
 
 /// The value of the sample `series` in a scrape of `address`.
 async fn sample(address: &str, series: &str) -> anyhow::Result<f64> {
@@ -64,7 +66,8 @@ impl Load {
                 );
                 tokio::spawn(async move {
                     let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
+                    // Bounded in count as well as by `stop`: the loop ends whatever happens.
+                    while !stop.load(Ordering::Relaxed) && i < MAX_CALLS_PER_WORKER {
                         let body = format!("worker {w} call {i}");
                         i += 1;
                         let reply = http::request(
@@ -102,21 +105,27 @@ impl Load {
     }
 
     /// Stops the loops; returns (succeeded, failed, the first failure).
-    async fn stop(self) -> (u64, u64, Option<String>) {
+    ///
+    /// # Errors
+    /// When a worker panicked or did not stop within one call's bound.
+    async fn stop(self) -> anyhow::Result<(u64, u64, Option<String>)> {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
-            let _ = task.await;
+            tokio::time::timeout(http::REQUEST_BOUND + Duration::from_secs(5), task)
+                .await
+                .context("a load worker did not stop")?
+                .context("a load worker panicked")?;
         }
         let first = self
             .first_failure
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        (
+        Ok((
             self.ok.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
             first,
-        )
+        ))
     }
 }
 
@@ -247,7 +256,7 @@ async fn certificates_rotate_and_the_ca_rolls_over_under_load_with_no_failed_cal
         presents_the_files(&cluster, &what).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let (ok, failed, first) = load.stop().await;
+    let (ok, failed, first) = load.stop().await?;
     ensure!(
         failed == 0,
         "{failed} of {} calls failed during rotation; the first: {first:?}\n{}",
