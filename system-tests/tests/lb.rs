@@ -520,7 +520,8 @@ async fn sigterm_keeps_serving_calls_for_the_drain_delay_while_health_says_503()
         during += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ensure!(during >= 10, "only {during} calls during the delay");
+    // Several, not a rate: each is a new connection and a health check on a loaded machine.
+    ensure!(during >= 3, "only {during} calls during the delay");
 
     let status = cluster.lb.wait_exit(Duration::from_secs(15)).await?;
     ensure!(
@@ -661,8 +662,10 @@ async fn warm_placer_uses_the_runners_reports_and_never_asks_a_full_runner() -> 
     // a call placed in the instant between such a report and the acknowledgement may see
     // the home full and start elsewhere.
     let mut long = vec![tokio::spawn(call("1500"))];
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    in_flight_at(&cluster, home, 1).await?;
     long.push(tokio::spawn(call("1500")));
+    in_flight_at(&cluster, home, 2).await?;
+    // Time for the report that shows it full to reach the LB.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let third = tokio::spawn(call("1500"));
     let mut runners = Vec::new();
@@ -768,4 +771,20 @@ async fn two_shards_in_each_daemon_serve_calls_on_both() -> anyhow::Result<()> {
         cluster.logs()
     );
     Ok(())
+}
+
+/// Waits (at most 10 s) until runner `i` has `n` calls in flight.
+async fn in_flight_at(cluster: &Cluster, i: usize, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = cluster.status(i).await?.calls_in_flight;
+        if now == n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "runner {i} has {now} calls in flight, not {n}, after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -28,8 +28,10 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 /// `tonic-health`; `fn_test_support::health_status` returns its enum).
 const SERVING: i32 = 1;
 const NOT_SERVING: i32 = 2;
-/// How long the call in flight runs: long enough for the checks made during the drain.
-const SLEEP_MS: u64 = 1500;
+/// How long the call in flight runs: long enough for the checks made during the drain
+/// (health polled over new TLS connections, two Engage streams, a new connection and two
+/// Status calls), with room for a loaded machine.
+const SLEEP_MS: u64 = 5000;
 
 async fn connect(tls: &TlsMode, address: &str) -> anyhow::Result<RunnerProtocolClient<Channel>> {
     let channel = fn_tls::grpc_endpoint(tls, address)?

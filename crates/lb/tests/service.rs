@@ -634,16 +634,27 @@ async fn unreachable_runners_become_placeholders_and_calls_succeed_on_the_others
     assert!(list[2].is_available());
     assert_eq!(list.len(), 3, "placeholders keep their slots");
 
-    // Later calls skip the placeholders without touching the network.
+    // Later calls skip the placeholders without offering them anything: each is offered to
+    // the live runner alone, once (a timing bound here would be a throughput target on a
+    // loaded machine).
+    let attempts = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("fn_lb_placement_attempts_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no attempts counter in {text}"))
+    };
+    let before = attempts(lb.metrics());
     for i in 0..6 {
-        let started = Instant::now();
         let reply = post(&lb, "/r/demo/echo", format!("call {i}")).await;
-        let took = started.elapsed();
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
         assert_eq!(reply.text(), format!("call {i}"));
-        assert!(took < Duration::from_millis(500), "call {i} took {took:?}");
     }
     assert_eq!(runners[0].seen().len(), 7);
+    assert_eq!(
+        attempts(lb.metrics()) - before,
+        6,
+        "a call was offered to a placeholder"
+    );
     drop(silent);
 }
 
@@ -1515,17 +1526,11 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
     assert!(silent.is_ejected() && !silent.is_available());
     assert_eq!(metrics.ejected(), 1);
 
-    // While ejected: no offer reaches it, and no call waits for it.
+    // While ejected: no offer reaches it (so no call waits for its acknowledgement).
     for i in 0..6 {
-        let started = Instant::now();
         let reply = post(&lb, "/r/demo/echo", format!("ejected {i}")).await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
         assert_eq!(reply.header("x-fake-runner"), "fake-1");
-        assert!(
-            started.elapsed() < Duration::from_millis(150),
-            "call {i} waited for the ejected runner: {:?}",
-            started.elapsed()
-        );
         assert!(
             !runners[0].saw(reply.call_id()),
             "call {i} was offered to it"
