@@ -536,7 +536,7 @@ fn assert_all_ok(statuses: &[u16]) {
 /// ticks would take at least 30 s and end in 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_first_call_after_zero_waits_for_no_tick() -> anyhow::Result<()> {
-    let cluster =
+    let mut cluster =
         Cluster::start_with_intervals(&fn_test_support::workspace_bin("pure-runner"), "30s", "30s")
             .await?;
     assert!(cluster.records()?.is_empty(), "no runners at start");
@@ -550,7 +550,7 @@ async fn the_first_call_after_zero_waits_for_no_tick() -> anyhow::Result<()> {
         "took {took:?}: the path waited for a tick\nnpm log:\n{}",
         cluster.npm.log()
     );
-    Ok(())
+    cluster.stop_npm().await
 }
 
 #[tokio::test]
