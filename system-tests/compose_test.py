@@ -268,7 +268,8 @@ def image_function(stack):
     # engine, starting, removes only the containers labelled with its own id.
     owner = run(["docker", "inspect", "--format", "{{index .Config.Labels \"fn.dataplane.runner\"}}",
                  ids[0]]).strip()
-    check(owner.startswith(f"{PROJECT}-runner-"),
+    # (`<project>-runner-<n>` in the static stack, the npm's `<project>-backend-runner-...`.)
+    check(owner.startswith(f"{PROJECT}-"),
           f"the function container's runner id belongs to this stack ({PROJECT}): {owner!r}")
 
 
