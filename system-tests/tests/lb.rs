@@ -372,6 +372,7 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
         placer: "ch".into(),
         catalog: format!("{SLEEP}{ECHO}"),
         max_request_body: None,
+        metrics: true,
         ..Setup::default()
     })
     .await?;
@@ -466,6 +467,11 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
     }
     ensure!(cluster.call("/r/demo/hello", "").await?.status == 200);
     ensure!(cluster.call("/r/demo/sleep", "1").await?.status == 200);
+    // Counted, for what sends the SIGHUP to see.
+    let text = fn_system_tests::metrics::scrape(&cluster.lb_metrics.clone().context("LB metrics")?)
+        .await?;
+    let rejected = fn_system_tests::metrics::sum(&text, "fn_lb_catalog_reload_rejections_total");
+    ensure!(rejected == 1.0, "{rejected} rejections counted:\n{text}");
     Ok(())
 }
 

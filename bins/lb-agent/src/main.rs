@@ -29,6 +29,7 @@ use fn_nodepool::{
 };
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
+use prometheus_client::metrics::counter::Counter;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// HTTP front end of the function dataplane.
@@ -236,6 +237,12 @@ async fn daemon(cli: Cli) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
+    let reload_rejections = Counter::default();
+    registry.register(
+        "fn_lb_catalog_reload_rejections",
+        "Catalog reloads (SIGHUP) rejected for a bad file; the previous catalog stays",
+        reload_rejections.clone(),
+    );
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
         Ok(m) => m,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
@@ -267,7 +274,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     services.spawn("catalog-reload", move |cancel| {
-        reload_on_sighup(catalog, hangups, cancel)
+        reload_on_sighup(catalog, hangups, reload_rejections, cancel)
     });
     if let Some((pool, advertiser)) = npm_tasks {
         services.spawn("npm-runner-lists", move |cancel| pool.run(cancel));
@@ -286,10 +293,12 @@ async fn daemon(cli: Cli) -> ExitCode {
     fn_lifecycle::exit_status(result)
 }
 
-/// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog.
+/// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog, and is counted in
+/// `rejections`.
 async fn reload_on_sighup(
     catalog: Arc<CatalogHandle>,
     hangups: std::io::Result<Signal>,
+    rejections: Counter,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let mut hup = hangups?;
@@ -302,7 +311,10 @@ async fn reload_on_sighup(
                 }
                 match catalog.reload() {
                     Ok(count) => tracing::info!(functions = count, "catalog reloaded"),
-                    Err(e) => tracing::error!(error = %e, "catalog reload rejected; keeping the previous catalog"),
+                    Err(e) => {
+                        rejections.inc();
+                        tracing::error!(error = %e, "catalog reload rejected; keeping the previous catalog");
+                    }
                 }
             }
         }

@@ -133,7 +133,7 @@ impl Catalog {
     pub fn parse(path: &Path, text: &str) -> Result<Self, CatalogError> {
         let file: FileFormat = toml::from_str(text).map_err(|e| CatalogError::Parse {
             path: path.to_owned(),
-            message: e.to_string().replace('\n', " "),
+            message: parse_error(text, &e),
         })?;
         let mut catalog = Catalog::default();
         for (index, raw) in file.functions.into_iter().enumerate() {
@@ -399,6 +399,22 @@ impl CatalogHandle {
     }
 }
 
+/// A TOML error as a line for the log: where (line and column) and what, without the
+/// offending line itself, which toml's own text quotes and which may hold a function's
+/// secrets (a password in `config` with a bad escape, say).
+fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML error at line {line}, column {column}: {what}")
+        }
+        None => format!("TOML error: {what}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +536,29 @@ GREETING = "Hi"
             .expect_err("dup route")
             .to_string();
         assert!(msg.contains("demo/echo2: field `route`"), "{msg}");
+    }
+
+    /// A syntax or type error names the line and what is wrong, never the line's text: a
+    /// function's config may hold secrets, and the error goes to the log.
+    #[test]
+    fn a_toml_error_does_not_quote_the_file() {
+        let broken = [
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
+             [functions.config]\nDB_PASSWORD = \"s3cr3t\\q\"\n",
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
+             config = { API_KEY = \"s3cr3t\", PORT = 8080 }\n",
+        ];
+        for text in broken {
+            let msg = Catalog::parse(Path::new("cat.toml"), text)
+                .expect_err(text)
+                .to_string();
+            assert!(!msg.contains("s3cr3t"), "{msg}");
+            assert!(msg.starts_with("cat.toml: TOML error at line "), "{msg}");
+        }
+        let msg = Catalog::parse(Path::new("c"), "[[functions]]\napp = \n")
+            .expect_err("no value")
+            .to_string();
+        assert!(msg.contains("line 2, column 7"), "{msg}");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use fn_lifecycle::retry::Backoff;
 use fn_nodepool::{EarlyBody, Engaged, ReportSignal, RunnerPool, TryCallError, Waiting};
 use fn_placement::{Order, PlacementKey, Placer, RunnerView};
 use fn_protocol::CallSpec;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
@@ -160,13 +161,6 @@ pub struct Placed {
     pub waited: Duration,
 }
 
-/// A call no runner committed to: why, and how many runners were asked on the way.
-#[derive(Debug)]
-pub struct NotPlaced {
-    pub error: CallError,
-    pub attempts: u32,
-}
-
 /// Places calls with a placer over a runner pool.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
@@ -174,6 +168,8 @@ pub struct Dispatcher {
     placer: Arc<dyn Placer>,
     config: DispatchConfig,
     cold_starts: Arc<ColdStarts>,
+    /// `TryCall`s sent (a counter of the caller's metrics, or of none).
+    attempts: Counter,
 }
 
 /// Functions whose cold starts [`ColdStarts`] remembers at most; past it, it starts over.
@@ -218,7 +214,17 @@ impl Dispatcher {
             placer,
             config,
             cold_starts: Arc::default(),
+            attempts: Counter::default(),
         }
+    }
+
+    /// Counts every `TryCall` sent in `attempts` (`fn_lb_placement_attempts_total`), as it
+    /// is sent: a call whose client leaves while it is being placed has its offers counted
+    /// too.
+    #[must_use]
+    pub fn count_attempts_in(mut self, attempts: Counter) -> Self {
+        self.attempts = attempts;
+        self
     }
 
     /// Whether a call whose pass is `ranked` from `views` offers it now, or holds back for a
@@ -278,21 +284,9 @@ impl Dispatcher {
     /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
     /// [`CallError::NoRunnerLargeEnough`] when every runner of the group is too small for it;
     /// [`CallError::Unrunnable`] when a runner says the call itself is invalid;
-    /// [`CallError::NoRunnerReachable`] when none could be asked. Each with the runners
-    /// asked (`TryCall`s sent) on the way.
-    pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, NotPlaced> {
-        let mut attempts = 0u32;
-        let placed = self.offer(call, early, &mut attempts).await;
-        placed.map_err(|error| NotPlaced { error, attempts })
-    }
-
-    /// [`Dispatcher::place`], counting each runner asked in `attempts`.
-    async fn offer(
-        &self,
-        call: &CallSpec,
-        early: &EarlyBody,
-        attempts: &mut u32,
-    ) -> Result<Placed, CallError> {
+    /// [`CallError::NoRunnerReachable`] when none could be asked. Each `TryCall` sent is
+    /// counted at once (see [`Dispatcher::count_attempts_in`]), whatever the call's end.
+    pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, CallError> {
         let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
         let started = Instant::now();
         let share = call
@@ -300,6 +294,7 @@ impl Dispatcher {
             .mul_f64(self.config.wait_share.clamp(0.0, 1.0));
         let deadline = started + self.config.placer_timeout.min(share);
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        let mut attempts = 0u32;
         let no_capacity = |attempts| CallError::NoCapacity {
             waited: started.elapsed(),
             attempts,
@@ -371,18 +366,19 @@ impl Dispatcher {
                     unavailable += 1;
                     continue; // a placeholder never takes a call
                 }
-                *attempts += 1;
+                attempts += 1;
                 asked += 1;
+                self.attempts.inc();
                 let bound = attempt_bound(deadline.saturating_duration_since(Instant::now()));
                 let tried =
                     tokio::time::timeout_at(deadline, runner.try_call_within(call, early, bound))
                         .await;
                 match tried {
-                    Err(_) => return Err(no_capacity(*attempts)),
+                    Err(_) => return Err(no_capacity(attempts)),
                     Ok(Ok(engaged)) => {
                         return Ok(Placed {
                             engaged,
-                            attempts: *attempts,
+                            attempts,
                             waited: started.elapsed(),
                         });
                     }
@@ -449,7 +445,7 @@ impl Dispatcher {
                         waited: started.elapsed(),
                     });
                 }
-                return Err(no_capacity(*attempts));
+                return Err(no_capacity(attempts));
             }
             if informed && offered < runners.len() && asked == 0 {
                 // Every runner is known to be unable to take it: wait for the next report.

@@ -100,6 +100,20 @@ impl CallError {
         }
     }
 
+    /// The client's own doing (a request too large or malformed, a body that stalled): its
+    /// answer says so, and a metric counts it; the log keeps it at debug level, where a
+    /// client sending such requests by the thousand cannot fill it.
+    pub fn is_clients(&self) -> bool {
+        matches!(
+            self,
+            CallError::TooLarge { .. }
+                | CallError::BadRequest(_)
+                | CallError::UriTooLong { .. }
+                | CallError::TooManyHeaders { .. }
+                | CallError::BodyStalled(_)
+        )
+    }
+
     /// Seconds after which a retry can succeed, where one can.
     fn retry_after(&self) -> Option<u64> {
         match self {
@@ -180,6 +194,19 @@ fn json_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_clients_own_errors_are_the_clients() {
+        assert!(CallError::TooLarge { limit: 1 }.is_clients());
+        assert!(CallError::BodyStalled(Duration::from_secs(1)).is_clients());
+        assert!(!CallError::Timeout(Duration::from_secs(1)).is_clients());
+        assert!(!CallError::ShuttingDown.is_clients());
+        let failed = CallError::RunnerFailed {
+            runner: "r".into(),
+            details: "d".into(),
+        };
+        assert!(!failed.is_clients());
+    }
 
     #[test]
     fn statuses_and_retry_after() {

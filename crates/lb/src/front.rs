@@ -144,7 +144,13 @@ impl Front {
                         response
                     }
                     Err(e) => {
-                        tracing::info!(status = e.status().as_u16(), error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "call failed");
+                        let (status, elapsed_ms) =
+                            (e.status().as_u16(), started.elapsed().as_millis() as u64);
+                        if e.is_clients() {
+                            tracing::debug!(status, error = %e, elapsed_ms, "call refused");
+                        } else {
+                            tracing::info!(status, error = %e, elapsed_ms, "call failed");
+                        }
                         e.to_response()
                     }
                 }

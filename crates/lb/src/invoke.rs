@@ -31,10 +31,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
 
 use crate::body::{BodyError, ResponseBody};
 use crate::catalog::Function;
-use crate::dispatch::{Dispatcher, NotPlaced};
+use crate::dispatch::Dispatcher;
 use crate::error::CallError;
 use crate::metrics::{CallOutcome, CallRecord, LbMetrics};
 
@@ -90,12 +91,13 @@ impl Invoker {
         max_request_body: u64,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
+        let metrics = LbMetrics::register(registry);
         Invoker {
-            dispatcher,
+            dispatcher: dispatcher.count_attempts_in(metrics.placement_attempts()),
             capacity,
             max_request_body,
             body_idle_timeout: BODY_IDLE_TIMEOUT,
-            metrics: LbMetrics::register(registry),
+            metrics,
         }
     }
 
@@ -168,14 +170,9 @@ impl Invoker {
         };
         let placed = match self.dispatcher.place(&spec, &early).await {
             Ok(placed) => placed,
-            Err(NotPlaced { error, attempts }) => {
-                // Every TryCall counts, whatever the call's end: refusals as invalid or too
-                // large included.
-                self.metrics.not_placed(attempts);
-                return Err(record.failed(error));
-            }
+            Err(err) => return Err(record.failed(err)),
         };
-        self.metrics.placed(placed.attempts, placed.waited);
+        self.metrics.placed(placed.waited);
         let committed = Instant::now();
         tracing::debug!(
             runner = %placed.engaged.runner,
@@ -209,6 +206,7 @@ impl Invoker {
             delivered: 0,
             finished: false,
             done: false,
+            span: tracing::Span::current(),
         };
         match call.await_head().await {
             Ok(mut head) => {
@@ -433,6 +431,9 @@ struct CallBody {
     finished: bool,
     /// The body has ended (cleanly or not); nothing more is read.
     done: bool,
+    /// The call's span (call id, app, function): hyper polls the body outside it, so what
+    /// is logged from here on enters it.
+    span: tracing::Span,
 }
 
 impl std::fmt::Debug for CallBody {
@@ -545,7 +546,8 @@ impl CallBody {
         }
         match why {
             Some(why) => {
-                tracing::info!(runner = %self.runner, reason = %why, "aborting the response body");
+                let _call = self.span.enter();
+                tracing::info!(runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
                 Poll::Ready(Some(Err(why.into())))
             }
             None => Poll::Ready(None),
@@ -617,7 +619,6 @@ impl CallBody {
                 Some(runner_msg::Body::Finished(f)) if !self.finished => {
                     self.finished = true;
                     let err = self.finished_error(&f);
-                    tracing::info!(runner = %self.runner, error = %err, "call failed after its response started");
                     return self.end(CallOutcome::from(&err), Some(err.to_string()));
                 }
                 _ => {
@@ -679,13 +680,16 @@ impl Drop for CallBody {
             // client has the whole answer, and the runner's `CallFinished` (normally already
             // here) settles how the call ended.
             Some(record) if !self.done && (self.eof || self.length == Some(self.delivered)) => {
-                let mut settling = Box::pin(settle(engaged, record));
+                let mut settling = Box::pin(settle(engaged, record).instrument(self.span.clone()));
                 if settling.as_mut().now_or_never().is_none() {
                     tokio::spawn(settling);
                 }
             }
             // Otherwise an unfinished record counts the client as gone when it drops.
-            _ => close(engaged, self.finished),
+            _ => {
+                let _call = self.span.enter();
+                close(engaged, self.finished);
+            }
         }
     }
 }

@@ -271,15 +271,14 @@ impl LbMetrics {
         }
     }
 
-    /// A runner committed after `attempts` offers, `waited` after placement started.
-    pub(crate) fn placed(&self, attempts: u32, waited: Duration) {
-        self.placement_attempts.inc_by(u64::from(attempts));
+    /// A runner committed `waited` after placement started.
+    pub(crate) fn placed(&self, waited: Duration) {
         self.placement.observe(waited.as_secs_f64());
     }
 
-    /// Placement gave up after `attempts` offers.
-    pub(crate) fn not_placed(&self, attempts: u32) {
-        self.placement_attempts.inc_by(u64::from(attempts));
+    /// The counter of `TryCall`s sent, for the dispatcher to count each as it goes.
+    pub(crate) fn placement_attempts(&self) -> Counter {
+        self.placement_attempts.clone()
     }
 
     fn count(&self, outcome: CallOutcome) {
@@ -373,8 +372,8 @@ mod tests {
     fn placement_counts_attempts_and_times_commits_only() {
         let mut registry = Registry::default();
         let metrics = LbMetrics::register(&mut registry);
-        metrics.placed(2, Duration::from_millis(3));
-        metrics.not_placed(5);
+        metrics.placed(Duration::from_millis(3));
+        metrics.placement_attempts().inc_by(7);
         let text = scrape(&registry);
         assert!(
             text.contains("\nfn_lb_placement_attempts_total 7\n"),

@@ -411,6 +411,67 @@ async fn a_runner_failing_after_commit_gives_502_and_no_other_runner_sees_the_ca
     }
 }
 
+/// A call that fails once its answer has started is logged once, under its call id (the
+/// client holds that id in `Fn-Call-Id`); the body is polled outside the call's span.
+#[tokio::test]
+async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
+    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let captured = Arc::clone(&captured);
+        move || Capture(Arc::clone(&captured))
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // This test's runtime has one thread: the LB's tasks log on it.
+    let _subscriber = tracing::subscriber::set_default(subscriber);
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::CommitThenDieMidResponse]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (conn, response) =
+        start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hello")).await;
+    // Whether hyper flushed the head before the cut or not, the answer is broken.
+    let outcome = async {
+        let response = response.await.expect("task")?;
+        response.into_body().collect().await.map(|_| ())
+    };
+    let outcome = tokio::time::timeout(BOUND, outcome)
+        .await
+        .expect("the LB ends the response in time");
+    assert!(outcome.is_err(), "the answer is cut off");
+    conn.abort();
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 1);
+    let call_id = seen[0].id.clone();
+    let text = String::from_utf8_lossy(&captured.lock().expect("lock")).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("call failed after its response started"))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once:\n{text}");
+    assert!(
+        lines[0].contains(&format!("call_id={call_id}")),
+        "under the call's id {call_id}: {}",
+        lines[0]
+    );
+}
+
+/// A log sink for [`a_call_cut_off_mid_response_is_logged_once_under_its_call_id`].
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_runner_dying_mid_response_cuts_the_response_and_the_call_is_not_replaced() {
     let pki = TestPki::new();
@@ -1089,6 +1150,41 @@ async fn a_client_that_goes_away_before_the_response_cancels_the_engage_stream()
         "{text}"
     );
     assert!(text.contains("fn_lb_calls_in_flight 0\n"), "{text}");
+}
+
+/// The offers made for a call whose client leaves while it waits for room are counted
+/// (`fn_lb_placement_attempts_total` is counted as each offer goes, not when placement
+/// returns, which such a call never does).
+#[tokio::test]
+async fn offers_for_a_call_whose_client_leaves_during_placement_are_counted() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Refuse]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (conn, response) =
+        start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hi")).await;
+    runners[0]
+        .wait_until(BOUND, |seen| seen.len() >= 2)
+        .await
+        .expect("the call is offered and refused twice");
+    conn.abort();
+    response.abort();
+    wait_released(&lb).await;
+    let offered = runners[0].seen().len() as u64;
+    let text = lb.metrics();
+    let counted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fn_lb_placement_attempts_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no attempts counter in {text}"));
+    // One more where the client left just as an offer went out, before the runner had it.
+    assert!(
+        counted == offered || counted == offered + 1,
+        "{counted} counted for {offered} offers the runner saw"
+    );
+    assert!(
+        text.contains("fn_lb_calls_total{outcome=\"client_gone\"} 1\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
