@@ -769,6 +769,7 @@ impl ControlLoop {
                 tracing::error!(error = %e, "a provisioning task failed");
                 if let Some((group, batch, asked)) = self.in_flight.asked.remove(&e.id()) {
                     self.in_flight.settle(&group, batch, asked);
+                    self.metrics.provisioning_failed(batch);
                 }
                 return;
             }

@@ -780,6 +780,8 @@ async fn a_provisioning_that_panics_leaves_the_others_counted() {
         "published while still starting: {:?}",
         h.members("slow")
     );
+    // The panicked batch counts as failed provisions.
+    h.assert_metrics(&["fn_npm_provisions_total{result=\"failed\"} 1"]);
 }
 
 /// A control plane whose list never answers (an engine that hangs on `docker ps`) holds a
