@@ -363,17 +363,26 @@ fn tls_env(args: &TlsArgs) -> Vec<(String, String)> {
         v.as_ref()
             .map(|p| (k.to_owned(), absolute(p).display().to_string()))
     })
-    .chain([
-        (
+    .chain(runner_tls_timing(args))
+    .collect()
+}
+
+/// The npm's certificate check interval and retirement grace, for the runners it starts.
+/// An interval of 0 (check only on SIGHUP) is not passed on: nothing sends the runners a
+/// SIGHUP, so they keep their own default and still see rotated files.
+pub(crate) fn runner_tls_timing(args: &TlsArgs) -> Vec<(String, String)> {
+    let mut env = Vec::with_capacity(2);
+    if !args.tls_reload_interval.is_zero() {
+        env.push((
             "FN_TLS_RELOAD_INTERVAL".to_owned(),
             humantime::format_duration(args.tls_reload_interval).to_string(),
-        ),
-        (
-            "FN_TLS_RETIRE_GRACE".to_owned(),
-            humantime::format_duration(args.tls_retire_grace).to_string(),
-        ),
-    ])
-    .collect()
+        ));
+    }
+    env.push((
+        "FN_TLS_RETIRE_GRACE".to_owned(),
+        humantime::format_duration(args.tls_retire_grace).to_string(),
+    ));
+    env
 }
 
 #[cfg(test)]
@@ -497,6 +506,17 @@ mod tests {
             "runners check for rotated certificates as often as the npm"
         );
         assert_eq!(env[3], ("FN_TLS_RETIRE_GRACE".to_owned(), "2m".to_owned()));
+        // An npm that checks only on SIGHUP: nothing signals its runners, which keep their
+        // own interval.
+        let on_sighup = TlsArgs {
+            tls_reload_interval: std::time::Duration::ZERO,
+            ..args.clone()
+        };
+        assert!(
+            !tls_env(&on_sighup)
+                .iter()
+                .any(|(k, _)| k == "FN_TLS_RELOAD_INTERVAL")
+        );
         let insecure = TlsArgs {
             insecure: true,
             node_cert: None,

@@ -240,9 +240,10 @@ pub struct DockerControlPlane {
     starting: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
-/// Longest wait for a failed runner's last output, for the error: an engine may hang on a
-/// logs request (swarm's `service logs` is known to), and the provisioning must end.
-const LOGS_BOUND: Duration = Duration::from_secs(5);
+/// Longest wait for a failed runner's last output, for the error: the engines bound the
+/// logs themselves ([`engine::LOGS_BOUND`]) and swarm's then asks for the tasks' errors;
+/// this is the backstop, so that the provisioning ends whatever the engine does.
+const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
 
 /// Takes a name off [`DockerControlPlane::starting`] when its provisioning ends, however
 /// it ends.
@@ -479,9 +480,12 @@ impl DockerControlPlane {
                 _ => None,
             };
             if let Some(what) = failure {
-                let output = tokio::time::timeout(LOGS_BOUND, self.engine.logs_tail(&name, 10))
-                    .await
-                    .unwrap_or_else(|_| format!("(the engine gave none within {LOGS_BOUND:?})"));
+                let output =
+                    tokio::time::timeout(FAILURE_OUTPUT_BOUND, self.engine.logs_tail(&name, 10))
+                        .await
+                        .unwrap_or_else(|_| {
+                            format!("(the engine gave none within {FAILURE_OUTPUT_BOUND:?})")
+                        });
                 self.discard(&name).await;
                 return Err(ControlPlaneError::Failed(format!(
                     "runner container {name} {what}; its last output: {}",
@@ -523,8 +527,11 @@ impl ControlPlane for DockerControlPlane {
                     }
                     ContainerState::Stopped => {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
-                        self.discard(&container.name).await;
+                        // Its function containers first: a list cut short in between (the
+                        // tick bounds it) finds the runner again next time and goes on,
+                        // where the other order would leave them behind for good.
                         self.remove_function_containers(&container.name).await;
+                        self.discard(&container.name).await;
                     }
                     ContainerState::Created => {
                         // Left over from a provisioning the npm did not finish (it was

@@ -322,11 +322,18 @@ pub(super) fn tail_options(lines: usize) -> bollard::query_parameters::LogsOptio
         .build()
 }
 
-/// The text of a logs stream, trimmed; chunks that fail are left out.
+/// Longest wait for a container's or service's last output: an engine may hang on a logs
+/// request (swarm's `service logs` is known to), and what asked must go on.
+pub(super) const LOGS_BOUND: Duration = Duration::from_secs(5);
+
+/// The text of a logs stream, trimmed; chunks that fail are left out. Bounded by
+/// [`LOGS_BOUND`].
 pub(super) async fn collect_logs(
     logs: impl futures::Stream<Item = Result<bollard::container::LogOutput, BollardError>>,
 ) -> String {
-    let chunks: Vec<_> = logs.collect().await;
+    let Ok(chunks) = tokio::time::timeout(LOGS_BOUND, logs.collect::<Vec<_>>()).await else {
+        return format!("(no output within {LOGS_BOUND:?})");
+    };
     let mut text = String::new();
     for chunk in chunks.into_iter().flatten() {
         text.push_str(&chunk.to_string());

@@ -144,16 +144,7 @@ impl DockerConfig {
         };
         // Runners follow the npm's certificate checks and retirement, as on the process
         // plane: a call on a retired LB connection lives as long as the npm's grace says.
-        let mut extra_env = vec![
-            (
-                "FN_TLS_RELOAD_INTERVAL".to_owned(),
-                humantime::format_duration(args.tls_reload_interval).to_string(),
-            ),
-            (
-                "FN_TLS_RETIRE_GRACE".to_owned(),
-                humantime::format_duration(args.tls_retire_grace).to_string(),
-            ),
-        ];
+        let mut extra_env = crate::config::runner_tls_timing(args);
         if let Some(name) = &args.tls_server_name {
             // Runners dial nothing, but their health probe (fn-probe) verifies this name.
             extra_env.push(("FN_TLS_SERVER_NAME".to_owned(), name.clone()));

@@ -26,10 +26,14 @@ use bollard::query_parameters::{
     ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
 };
 use fn_docker::{EngineError, classify};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount, collect_logs, tail_options};
 use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec};
+
+/// Task lists asked for at once while listing the runner services.
+const TASK_QUERIES_AT_ONCE: usize = 8;
 
 /// Failed tasks after which a runner service counts as not coming up (its task keeps being
 /// restarted by Swarm; the control plane gives up on it after its start timeout anyway).
@@ -228,11 +232,21 @@ impl Engine for SwarmEngine {
                 .list_services(Some(options))
                 .await
                 .map_err(|e| classify(e, "listing services"))?;
+            // Each service's tasks are a request of their own: a few at a time, so that a
+            // swarm of many runners is listed within the control loop's bound.
+            let named = services.into_iter().filter_map(|service| {
+                let spec = service.spec?;
+                Some((spec.name?, spec.labels.unwrap_or_default()))
+            });
+            let mut listed = futures::stream::iter(named)
+                .map(|(name, labels)| async move {
+                    let tasks = self.tasks(&name).await;
+                    (name, labels, tasks)
+                })
+                .buffered(TASK_QUERIES_AT_ONCE);
             let mut found = Vec::new();
-            for service in services {
-                let Some(spec) = service.spec else { continue };
-                let Some(name) = spec.name else { continue };
-                let tasks = match self.tasks(&name).await {
+            while let Some((name, labels, tasks)) = listed.next().await {
+                let tasks = match tasks {
                     Ok(tasks) => tasks,
                     // Removed since it was listed (by this npm draining it, or by hand).
                     Err(EngineError::NotFound(_)) => continue,
@@ -241,7 +255,7 @@ impl Engine for SwarmEngine {
                 found.push(Container {
                     name,
                     state: service_state(&tasks),
-                    labels: spec.labels.unwrap_or_default(),
+                    labels,
                 });
             }
             Ok(found)

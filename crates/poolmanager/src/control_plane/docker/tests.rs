@@ -18,6 +18,8 @@ struct FakeEngine {
     exit_on_start: AtomicBool,
     /// A logs request never answers (swarm's `service logs` can hang).
     logs_hang: AtomicBool,
+    /// Removing a container whose name starts with `fn-` (a function's) never answers.
+    function_removal_hangs: AtomicBool,
 }
 
 impl FakeEngine {
@@ -120,6 +122,9 @@ impl Engine for FakeEngine {
         name: &'a str,
         _grace: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
+        if name.starts_with("fn-") && self.function_removal_hangs.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         self.lock().retain(|(c, _)| c.name != name);
         self.removed
             .lock()
@@ -754,13 +759,61 @@ async fn a_logs_request_that_hangs_does_not_hold_a_failed_provisioning() {
     engine.exit_on_start.store(true, Ordering::SeqCst);
     engine.logs_hang.store(true, Ordering::SeqCst);
     let cp = control_plane(&engine, false);
-    let err = tokio::time::timeout(LOGS_BOUND * 2, cp.provision("default", 1))
+    let err = tokio::time::timeout(FAILURE_OUTPUT_BOUND * 2, cp.provision("default", 1))
         .await
         .expect("the provisioning ends")
         .expect_err("the runner exited");
     assert!(
-        err.to_string().contains("the engine gave none within 5s"),
+        err.to_string().contains("the engine gave none within 15s"),
         "{err}"
     );
     assert!(engine.names().is_empty());
+}
+
+/// A list cut short while it cleans up after an exited runner (the control loop bounds
+/// each list) leaves nothing behind for good: the next list finds the runner again and
+/// removes what it left.
+#[tokio::test(start_paused = true)]
+async fn a_cleanup_cut_short_is_finished_by_the_next_list() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
+    let runner = cp
+        .provision("default", 1)
+        .await
+        .expect("provisioned")
+        .remove(0);
+    engine.add(
+        &format!("fn-{}-1", runner.id),
+        ContainerState::Running,
+        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
+    );
+    engine
+        .lock()
+        .iter_mut()
+        .find(|(c, _)| c.name == runner.id)
+        .expect("runner container")
+        .0
+        .state = ContainerState::Stopped;
+    engine.function_removal_hangs.store(true, Ordering::SeqCst);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), cp.list())
+            .await
+            .is_err(),
+        "the list is cut short"
+    );
+    engine.function_removal_hangs.store(false, Ordering::SeqCst);
+    cp.list().await.expect("lists");
+    assert!(engine.names().is_empty(), "left: {:?}", engine.names());
+}
+
+/// A logs stream that never ends (swarm's `service logs` can hang) gives way after the
+/// bound, so that swarm's tail still goes on to ask for the tasks' errors.
+#[tokio::test(start_paused = true)]
+async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
+    let logs =
+        futures::stream::pending::<Result<bollard::container::LogOutput, bollard::errors::Error>>();
+    let text = tokio::time::timeout(engine::LOGS_BOUND * 2, engine::collect_logs(logs))
+        .await
+        .expect("bounded");
+    assert_eq!(text, "(no output within 5s)");
 }
