@@ -208,7 +208,7 @@ test-docker-driver: images test-deps
 # The swarm stack (deploy/docker-stack.yml) end to end on a single-node swarm: initialises
 # swarm when it is inactive and leaves it as it found it (system-tests/swarm_test.py).
 test-swarm: images
-	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) system-tests/swarm_test.py
+	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) IMAGE_PROFILE=$(IMAGE_PROFILE) $(PYTHON) system-tests/swarm_test.py
 
 # The dataplane as a swarm stack: images, the development certificates as swarm secrets
 # (kept when they exist), then `docker stack deploy`. The engine must be a swarm manager

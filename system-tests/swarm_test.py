@@ -38,7 +38,9 @@ import compose_test as ct  # noqa: E402  (check, run, wait_until and the counter
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_FILE = ROOT / "deploy" / "docker-stack.yml"
-STATIC_BIN = ROOT / "target" / f"{platform.machine()}-unknown-linux-gnu" / "release"
+# Where `make images` put the static binaries: its IMAGE_PROFILE (dist unless told).
+STATIC_BIN = (ROOT / "target" / f"{platform.machine()}-unknown-linux-gnu"
+              / os.environ.get("IMAGE_PROFILE", "dist"))
 STACK = f"fnsw{os.getpid()}{random.randrange(16**4):04x}"
 NPM_ID = f"{STACK}_backend"
 SECRETS = {

@@ -117,8 +117,6 @@ struct Cli {
     docker_pids_limit: i64,
 }
 
-/// `FN_FUNCTION_PIDS_LIMIT`: 0 (no limit) or at least 8, room for the wrapper shell, its
-/// watchdog, the namespace helper and a function's first few processes.
 /// `FN_FUNCTION_USER` as a runner running as `runner` can use it: another user (or group)
 /// only when it is root, since every start would fail otherwise.
 fn check_function_user(
@@ -154,6 +152,8 @@ fn parse_start_timeout(text: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
+/// `FN_FUNCTION_PIDS_LIMIT`: 0 (no limit) or at least 8, room for the wrapper shell, its
+/// watchdog, the namespace helper and a function's first few processes.
 fn parse_pids_limit(text: &str) -> Result<u32, String> {
     let limit: u32 = text
         .trim()
