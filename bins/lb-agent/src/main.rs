@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
+use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker, LbMetrics};
 use fn_lifecycle::config::{
     CommonArgs, duration_at_least, exit_config_error, parse_duration, parse_or_exit,
 };
@@ -231,6 +231,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         max_connections,
         ..ClientLimits::default()
     };
+    let lb_metrics = invoker.metrics().clone();
     let front = Front::with_limits(Arc::clone(&catalog), invoker, health.clone(), limits);
 
     let listener = match fn_lifecycle::bind(cli.common.listen_on(cli.port), "FN_PORT").await {
@@ -274,7 +275,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     services.spawn("catalog-reload", move |cancel| {
-        reload_on_sighup(catalog, hangups, reload_rejections, cancel)
+        reload_on_sighup(catalog, hangups, lb_metrics, reload_rejections, cancel)
     });
     if let Some((pool, advertiser)) = npm_tasks {
         services.spawn("npm-runner-lists", move |cancel| pool.run(cancel));
@@ -293,11 +294,12 @@ async fn daemon(cli: Cli) -> ExitCode {
     fn_lifecycle::exit_status(result)
 }
 
-/// Reloads the catalog on every SIGHUP; a bad file keeps the old catalog, and is counted in
-/// `rejections`.
+/// Reloads the catalog on every SIGHUP, and drops the metrics series of functions no
+/// longer in it; a bad file keeps the old catalog, and is counted in `rejections`.
 async fn reload_on_sighup(
     catalog: Arc<CatalogHandle>,
     hangups: std::io::Result<Signal>,
+    metrics: LbMetrics,
     rejections: Counter,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
@@ -310,7 +312,11 @@ async fn reload_on_sighup(
                     return Ok(());
                 }
                 match catalog.reload() {
-                    Ok(count) => tracing::info!(functions = count, "catalog reloaded"),
+                    Ok(count) => {
+                        tracing::info!(functions = count, "catalog reloaded");
+                        let current = catalog.current();
+                        metrics.forget_functions(|app, name| current.by_name(app, name).is_some());
+                    }
                     Err(e) => {
                         rejections.inc();
                         tracing::error!(error = %e, "catalog reload rejected; keeping the previous catalog");

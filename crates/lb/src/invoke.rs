@@ -110,7 +110,7 @@ impl Invoker {
     }
 
     /// The call metrics, for requests refused before they reach the invoker.
-    pub(crate) fn metrics(&self) -> &LbMetrics {
+    pub fn metrics(&self) -> &LbMetrics {
         &self.metrics
     }
 

@@ -18,6 +18,8 @@
 //!   calls that waited for a new instance, and how long (functions come from the catalog, so
 //!   these labels stay bounded too).
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -123,6 +125,9 @@ pub struct LbMetrics {
     execution: Histogram,
     cold_start: HistogramFamily<FunctionLabel>,
     cold_starts: Family<FunctionLabel, Counter>,
+    /// The functions the per-function families have series for, so that those of functions
+    /// gone from the catalog can be removed (a family cannot be listed).
+    functions: Arc<Mutex<HashSet<FunctionLabel>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -160,6 +165,7 @@ impl LbMetrics {
             execution: Histogram::new(exponential_buckets(0.00025, 2.0, 17)),
             cold_start: Family::new_with_constructor(cold_start_histogram),
             cold_starts: Family::default(),
+            functions: Arc::default(),
         };
         registry.register(
             "fn_lb_calls",
@@ -238,7 +244,22 @@ impl LbMetrics {
                 .get_or_create(&label)
                 .observe(cold.as_secs_f64());
             self.cold_starts.get_or_create(&label).inc();
+            lock(&self.functions).insert(label);
         }
+    }
+
+    /// Removes the per-function series of every function `keep` says no to (after a catalog
+    /// reload: those gone from it), so that an lb-agent's series follow its catalog rather
+    /// than every function it ever had.
+    pub fn forget_functions(&self, keep: impl Fn(&str, &str) -> bool) {
+        lock(&self.functions).retain(|label| {
+            let kept = keep(&label.app, &label.function);
+            if !kept {
+                self.cold_start.remove(label);
+                self.cold_starts.remove(label);
+            }
+            kept
+        });
     }
 
     pub(crate) fn connection_opened(&self) {
@@ -330,6 +351,11 @@ impl Drop for CallRecord {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A set of names: one a panicking holder left is still right.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +407,27 @@ mod tests {
         );
         assert!(
             text.contains("\nfn_lb_placement_seconds_count 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_series_of_functions_gone_from_the_catalog_are_removed() {
+        let mut registry = Registry::default();
+        let metrics = LbMetrics::register(&mut registry);
+        for function in ["gone", "kept"] {
+            metrics.answered(
+                "a",
+                function,
+                Duration::from_millis(1),
+                Some(Duration::from_millis(5)),
+            );
+        }
+        metrics.forget_functions(|app, function| app == "a" && function == "kept");
+        let text = scrape(&registry);
+        assert!(!text.contains("function=\"gone\""), "{text}");
+        assert!(
+            text.contains("fn_lb_cold_starts_total{app=\"a\",function=\"kept\"} 1\n"),
             "{text}"
         );
     }
