@@ -636,6 +636,8 @@ impl RunnerService {
         };
         let call = match first {
             Err(_) => {
+                out.metrics.refused_without_a_call();
+                tracing::debug!("no TryCall within the first-message timeout");
                 out.finish(
                     ErrorKind::Protocol,
                     "no TryCall within the first-message timeout",
@@ -653,6 +655,8 @@ impl RunnerService {
                 body: Some(client_msg::Body::TryCall(try_call)),
             }))) => try_call.call,
             Ok(Ok(Some(_))) => {
+                out.metrics.refused_without_a_call();
+                tracing::debug!("an Engage stream opened with another message than TryCall");
                 out.finish(
                     ErrorKind::Protocol,
                     "protocol error: the first message must be TryCall",

@@ -10,7 +10,8 @@
 //!   `timeout`, `function_error`, `crashed`, `start_failed`, `protocol`, `internal`,
 //!   `lb_went_away`).
 //! - `fn_runner_refusals_total{reason}`: calls not committed (`busy`, `draining`,
-//!   `too_large`, `invalid`).
+//!   `too_large`, `invalid`, and `protocol`: an Engage stream that did not open with a
+//!   `TryCall`, or not in time).
 //! - `fn_runner_memory_total_mb`, `fn_runner_memory_committed_mb`: capacity and the memory of
 //!   calls in flight and of instances starting.
 //! - `fn_runner_hot_instances`: function instances in the pool: starting, busy or idle.
@@ -94,6 +95,14 @@ impl RunnerMetrics {
             RefusalReason::Invalid | RefusalReason::Unspecified => "invalid",
         };
         self.refusals.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// An Engage stream did not open with a `TryCall` (or not in time): no call to commit or
+    /// refuse, but an LB breaking the contract, which the operator should see.
+    pub(crate) fn refused_without_a_call(&self) {
+        self.refusals
+            .get_or_create(&ReasonLabel { reason: "protocol" })
+            .inc();
     }
 }
 

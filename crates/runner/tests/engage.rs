@@ -823,6 +823,12 @@ async fn a_message_out_of_order_ends_the_call_as_protocol_error_and_the_next_cal
     }
     runner.assert_released().await;
     assert_echo_works(&runner, "after data first").await;
+    // Counted, though no call was committed or refused.
+    let text = fn_lifecycle::metrics::encode(&runner.registry).expect("encodes");
+    assert!(
+        text.contains("fn_runner_refusals_total{reason=\"protocol\"} 1\n"),
+        "{text}"
+    );
 
     // A second TryCall on a committed stream.
     let mut engage = runner.open().await;
