@@ -1038,6 +1038,7 @@ fn advert(lb: &str, groups: &[(&str, u64)]) -> CapacitySnapshotList {
     CapacitySnapshotList {
         ts_unix_ms: 0,
         lb_id: lb.into(),
+        leaving: false,
         snapshots: groups
             .iter()
             .map(|(g, mb)| CapacitySnapshot {

@@ -68,14 +68,15 @@ impl Advertiser {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = tick.tick() => self.advertise_once().await,
+                _ = tick.tick() => self.advertise(false).await,
                 () = self.tracker.risen_from_zero() => {
-                    self.advertise_once().await;
+                    self.advertise(false).await;
                     tick.reset();
                 }
             }
         }
-        self.advertise_once().await;
+        // Marked as the last: the npm forgets this LB now, not as one gone silent.
+        self.advertise(true).await;
         Ok(())
     }
 
@@ -110,6 +111,11 @@ impl Advertiser {
 
     /// Sends the current totals of every group (including groups that just went to zero).
     pub async fn advertise_once(&mut self) {
+        self.advertise(false).await;
+    }
+
+    /// One advert; `leaving` marks it as this LB's last.
+    async fn advertise(&mut self, leaving: bool) {
         // Sent even when empty: an advert is also the LB's heartbeat, so the npm purges
         // only LBs that are really gone.
         let totals = self.within_the_npms_limit(self.tracker.snapshot());
@@ -126,6 +132,7 @@ impl Advertiser {
                     mem_mb_total: *mb,
                 })
                 .collect(),
+            leaving,
         };
         match self.client.advertise_capacity(request).await {
             Ok(_) => {

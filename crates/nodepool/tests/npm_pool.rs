@@ -597,12 +597,23 @@ async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
     adverts_until(&mut rx, |_| {}, |t| t.get("g3") == Some(&512)).await;
     drop(busy);
 
+    // Stopped, it sends a last advert that says so, and only then.
+    assert!(!next_advert(&mut rx).await.leaving);
+    while rx.try_recv().is_ok() {}
     cancel.cancel();
     tokio::time::timeout(BOUND, task)
         .await
         .expect("advertiser stops on cancel")
         .expect("join")
         .expect("infallible");
+    let mut last = next_advert(&mut rx).await;
+    while let Ok(later) = rx.try_recv() {
+        last = later;
+    }
+    assert!(
+        last.leaving,
+        "the last advert says the LB is leaving: {last:?}"
+    );
     server.stop().await;
 }
 

@@ -230,6 +230,17 @@ impl DemandBook {
         }
     }
 
+    /// Forgets the LB `lb_id`, which said it is leaving (its last advert), with its demand;
+    /// unlike a purge, nothing to warn of. Returns whether it was known.
+    pub fn leave(&mut self, lb_id: &str) -> bool {
+        let Some(advert) = self.lbs.remove(lb_id) else {
+            return false;
+        };
+        self.subtract(&advert.groups);
+        tracing::info!(lb_id, "an LB left (its last advert); its demand is dropped");
+        true
+    }
+
     /// Forgets LBs not heard from for `purge_after`; returns their ids.
     pub fn purge(&mut self, now: Instant, purge_after: Duration) -> Vec<String> {
         let silent: Vec<String> = self
@@ -280,6 +291,25 @@ impl DemandBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_lb_that_leaves_takes_its_demand_and_is_no_purge() {
+        let mut book = DemandBook::default();
+        let now = Instant::now();
+        book.record("lb1", [("g".into(), 3)], now)
+            .expect("recorded");
+        book.record("lb2", [("g".into(), 2)], now)
+            .expect("recorded");
+        assert!(book.leave("lb1"));
+        assert_eq!(book.wanted_mb("g"), 2, "lb1's demand left with it");
+        assert!(!book.leave("lb1"), "once");
+        // Nothing left to purge for it later, and it is no purged LB coming back.
+        assert_eq!(
+            book.purge(now + Duration::from_secs(10), Duration::from_secs(5)),
+            ["lb2"]
+        );
+        assert!(!book.purged.contains_key("lb1"));
+    }
 
     #[test]
     fn live_groups_are_capped_and_totals_follow_adverts_and_purges() {

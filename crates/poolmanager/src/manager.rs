@@ -170,6 +170,13 @@ impl Shared {
         Ok(())
     }
 
+    /// The LB `lb_id` sent its last advert: it is forgotten now, with its demand.
+    pub fn lb_left(&self, lb_id: &str) {
+        self.with_demand(|d| {
+            d.leave(lb_id);
+        });
+    }
+
     /// The active runners of `group` in LB order (empty when unknown or not yet loaded).
     pub fn group(&self, group: &str) -> Arc<Vec<RunnerInfo>> {
         self.membership().get(group).cloned().unwrap_or_default()

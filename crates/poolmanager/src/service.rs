@@ -59,6 +59,11 @@ impl NodePoolScaler for NpmService {
     ) -> Result<Response<()>, Status> {
         let advert = request.into_inner();
         check_id("lb_id", &advert.lb_id)?;
+        if advert.leaving {
+            // Its last advert: whatever it still counts is going away with it.
+            self.shared.lb_left(&advert.lb_id);
+            return Ok(Response::new(()));
+        }
         if advert.snapshots.len() > MAX_GROUPS_PER_ADVERT {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_GROUPS_PER_ADVERT} groups per advert"

@@ -109,6 +109,7 @@ fn advert(lb_id: &str, groups: &[(&str, u64)]) -> CapacitySnapshotList {
     CapacitySnapshotList {
         ts_unix_ms: 1,
         lb_id: lb_id.into(),
+        leaving: false,
         snapshots: groups
             .iter()
             .map(|(g, mb)| CapacitySnapshot {
@@ -251,5 +252,27 @@ async fn the_membership_watch_says_when_the_published_lists_change_and_ends_on_s
         .await
         .expect("the stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
+    npm.stop().await;
+}
+
+/// An LB's last advert (it is shutting down) takes its demand away at once, whatever
+/// figures it carries, rather than leaving them to be purged as a silent LB's.
+#[tokio::test]
+async fn an_lb_that_says_it_is_leaving_takes_its_demand_away_at_once() {
+    let mut npm = Npm::start().await;
+    npm.control.tick().await;
+    npm.scaler
+        .advertise_capacity(advert("lb1", &[("g", RUNNER_MB)]))
+        .await
+        .expect("advert");
+    let mut last = advert("lb1", &[("g", RUNNER_MB)]);
+    last.leaving = true;
+    npm.scaler.advertise_capacity(last).await.expect("advert");
+    npm.control.tick().await;
+    assert_eq!(
+        npm.cp.provisioned(),
+        0,
+        "no demand is left to provision for"
+    );
     npm.stop().await;
 }
