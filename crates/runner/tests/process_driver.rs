@@ -721,6 +721,25 @@ async fn setup_errors_name_what_is_wrong() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o711);
+
+    // Another user's directory, or a link: refused, saying why.
+    if nix::unistd::geteuid().is_root() {
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let err = ProcessDriver::new(
+            ProcessDriverConfig::new(tmp.path(), &theirs).with_memory_limits(MemoryLimits::Off),
+        )
+        .expect_err("another user's socket root");
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    }
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&sockets, &link).expect("symlink");
+    let err = ProcessDriver::new(
+        ProcessDriverConfig::new(tmp.path(), &link).with_memory_limits(MemoryLimits::Off),
+    )
+    .expect_err("a link");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
 }
 
 /// The real uid of process `pid`, from `/proc`.

@@ -521,6 +521,12 @@ impl ProcessDriver {
 
     /// Creates the instance's private directory (mode 0700) and its `tmp` (the function's
     /// `TMPDIR`), both owned by `user`; they go with the instance.
+    ///
+    /// Both are made first and given away after, `tmp` before the directory holding it:
+    /// once the directory is the user's, the user's code (another instance of the function)
+    /// could swap `tmp` for a link, and a root `chown` by path would follow it to any file.
+    /// Until its own `chown` the directory is root's, mode 0700, and nobody else can enter
+    /// it; `lchown` follows no link either way.
     fn create_instance_dir(
         &self,
         dir: &Path,
@@ -538,15 +544,17 @@ impl ProcessDriver {
                         path.display()
                     ))
                 })?;
-            if let Some(user) = user
-                && let Err(e) = std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
-            {
-                remove_instance_dir(dir);
-                return Err(DriverError::Start(format!(
-                    "cannot give instance directory {} to uid {}: {e}",
-                    path.display(),
-                    user.uid
-                )));
+        }
+        if let Some(user) = user {
+            for path in [tmp.as_path(), dir] {
+                if let Err(e) = std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)) {
+                    remove_instance_dir(dir);
+                    return Err(DriverError::Start(format!(
+                        "cannot give instance directory {} to uid {}: {e}",
+                        path.display(),
+                        user.uid
+                    )));
+                }
             }
         }
         Ok(())
@@ -685,9 +693,29 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| fail(format!("cannot set mode 0711: {e}")))?;
     }
-    let meta = std::fs::metadata(root).map_err(|e| fail(e.to_string()))?;
+    // Not through a link, and the runner's own: whoever owns the directory the instance
+    // directories are made in can rename one and put a link in its place before the runner
+    // gives it to the function's user, or put a socket of their own where calls go.
+    let meta = std::fs::symlink_metadata(root).map_err(|e| fail(e.to_string()))?;
+    if meta.file_type().is_symlink() {
+        return Err(fail(
+            "is a symbolic link: point FN_SOCKET_DIR at the directory itself".into(),
+        ));
+    }
     if !meta.is_dir() {
         return Err(fail("not a directory".into()));
+    }
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let own = nix::unistd::geteuid().as_raw();
+        if meta.uid() != own {
+            return Err(fail(format!(
+                "owned by uid {}, not the runner's ({own}): another user could swap the \
+                 instance directories made in it; remove it (the runner makes it) or point \
+                 FN_SOCKET_DIR at a directory of the runner's own",
+                meta.uid()
+            )));
+        }
     }
     let canonical = std::fs::canonicalize(root).map_err(|e| fail(e.to_string()))?;
     let Some(text) = canonical.to_str() else {
