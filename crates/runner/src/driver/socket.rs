@@ -417,6 +417,20 @@ fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
+/// Takes an instance directory out of its place (renamed aside, as [`remove_instance_dir`]
+/// does), so that nothing can connect to the socket in it, and leaves the removal of its
+/// tree to whoever removes the instance (once its process is gone): a single remover, where
+/// two on one tree raced (one finding the top empty while the other moved entries up).
+pub(crate) fn set_instance_dir_aside(dir: &Path) {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".removing");
+    if let Err(e) = std::fs::rename(dir, &aside)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot set an instance directory aside; it is removed with the instance");
+    }
+}
+
 /// Removes an instance directory and everything in it; a missing directory is fine. The
 /// directory leaves its place at once (renamed aside, so nothing can connect to the socket
 /// in it), and its tree is removed on a thread of its own, never on the runtime (a wide

@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::cgroup::InstanceCgroup;
 use crate::driver::output::{self, Labels, Stream as OutputStream};
-use crate::driver::socket::{Liveness, PROCESS_END_GRACE, SocketClient, remove_instance_dir};
+use crate::driver::socket::{
+    Liveness, PROCESS_END_GRACE, SocketClient, remove_instance_dir, set_instance_dir_aside,
+};
 use crate::driver::{BodyStream, DriverError, FunctionRequest, FunctionResponse, Instance};
 
 /// How the process ended.
@@ -235,8 +237,9 @@ impl Instance for ProcessInstance {
         // The reaper signals the group while the leader is unreaped (see `reap`).
         self.shared.kill.cancel();
         // The socket goes now, so nothing can connect to a dying instance; the reaper
-        // removes the directory again (a no-op) and the cgroup once the process is gone.
-        remove_instance_dir(&self.shared.dir);
+        // removes the directory (and what the process wrote into it while dying) and the
+        // cgroup once the process is gone.
+        set_instance_dir_aside(&self.shared.dir);
     }
 
     fn pid(&self) -> Option<u32> {
