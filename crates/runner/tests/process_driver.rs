@@ -377,6 +377,83 @@ async fn a_hot_instance_logs_its_output_under_the_call_it_is_taking() {
     assert_eq!(*seen.lock().expect("lock"), ["test-call"]);
 }
 
+/// Records the text of every function output line (events of target `function`).
+struct OutputLines(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OutputLines {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Visit(String);
+        impl tracing::field::Visit for Visit {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if event.metadata().target() == "function" {
+            let mut visit = Visit(String::new());
+            event.record(&mut visit);
+            self.0.lock().expect("lock").push(visit.0);
+        }
+    }
+}
+
+/// A tenant's `LD_PRELOAD` reaches its program, but not the wrapper shell that runs before
+/// the instance is in its cgroups: the dynamic loader (which says so on stderr for a
+/// library it cannot find) reads it once, for the program, not also for the shell.
+#[tokio::test]
+async fn a_tenants_loader_variables_reach_the_program_not_the_shell_before_the_gate() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(OutputLines(Arc::clone(&lines)));
+    // The test's runtime has one thread: the instance's output task logs on it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fx = fixture();
+    let mut echo = spec("fn-echo");
+    echo.config.insert(
+        "LD_PRELOAD".into(),
+        "/nonexistent/fn-test-preload.so".into(),
+    );
+    let instance = fx
+        .driver
+        .start_process(&echo, "c", START)
+        .await
+        .expect("start");
+    let (status, _, body) = call(&instance, HeaderMap::new(), "hi")
+        .await
+        .expect("the program runs");
+    assert_eq!((status, body.as_ref()), (StatusCode::OK, b"hi".as_slice()));
+    let mentions = || {
+        lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains("fn-test-preload.so"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mentions() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the program never saw LD_PRELOAD"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        mentions(),
+        1,
+        "read for the program alone: {:?}",
+        lines.lock().expect("lock")
+    );
+    instance.kill();
+    instance.wait_gone().await;
+}
+
 #[tokio::test]
 async fn a_crash_mid_call_is_reported_as_crashed() {
     let fx = fixture();

@@ -71,6 +71,8 @@ const WRAPPER_SHELL: &str = "/bin/sh";
 /// If the runner goes away before the gate opens, `read` sees end-of-file and the program
 /// never runs.
 const WRAPPER_SCRIPT: &str = r#"read -r gate || exit 1
+for n in $FN_RESTORE_CONFIG; do eval "export $n=\"\${FN_ISOLATE_CONFIG_$n}\"; unset FN_ISOLATE_CONFIG_$n"; done
+unset FN_RESTORE_CONFIG
 exec 3<&0 </dev/null
 ( read -r gone <&3; kill -9 0 ) >/dev/null 2>&1 &
 exec 3<&- "$0" "$@"
@@ -84,6 +86,14 @@ fn wrapper_script(open_files: Option<u64>) -> String {
         Some(limit) => format!("ulimit -S -n {limit} || exit 1\n{WRAPPER_SCRIPT}"),
         None => WRAPPER_SCRIPT.to_owned(),
     }
+}
+
+/// Whether a config variable is one the dynamic loader (`LD_*`) or a shell (`BASH_ENV`,
+/// `ENV`) reads as the wrapper shell starts, before its gate. Only plain names: the wrapper
+/// restores them with `eval`, and the loader reads no other kind.
+fn read_before_the_gate(name: &str) -> bool {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    plain && (name.starts_with("LD_") || name == "BASH_ENV" || name == "ENV")
 }
 
 /// `PATH` of every function: the usual system directories, nothing of the runner's own.
@@ -612,14 +622,39 @@ impl ProcessDriver {
         // the program: there the config goes under ISOLATED_CONFIG_PREFIX, so that the
         // dynamic loader and the shell read none of it (a tenant's `LD_PRELOAD` would run
         // its code as root), and the helper gives it back its names for the program alone.
+        //
+        // Without namespaces the shell runs as the user, but before the gate, that is before
+        // the process is in its cgroups: config the dynamic loader or the shell reads at
+        // once (`LD_PRELOAD`, `BASH_ENV`, ...) would run tenant code outside the limits, and
+        // what it forked would stay outside them. Those few go under the prefix too, and the
+        // wrapper gives them back their names after the gate (`FN_RESTORE_CONFIG` lists them;
+        // set after the config, so a tenant's own value cannot add to it).
         match isolated {
-            Some(_) => cmd.envs(
-                spec.config
+            Some(_) => {
+                cmd.envs(
+                    spec.config
+                        .iter()
+                        .map(|(name, value)| (format!("{ISOLATED_CONFIG_PREFIX}{name}"), value)),
+                );
+            }
+            None if self.wrapper.is_some() => {
+                let (deferred, direct): (Vec<_>, Vec<_>) = spec
+                    .config
                     .iter()
-                    .map(|(name, value)| (format!("{ISOLATED_CONFIG_PREFIX}{name}"), value)),
-            ),
-            None => cmd.envs(&spec.config),
-        };
+                    .partition(|(name, _)| read_before_the_gate(name));
+                cmd.envs(direct);
+                let mut restore = String::new();
+                for (name, value) in deferred {
+                    cmd.env(format!("{ISOLATED_CONFIG_PREFIX}{name}"), value);
+                    restore.push_str(name);
+                    restore.push(' ');
+                }
+                cmd.env("FN_RESTORE_CONFIG", restore.trim_end());
+            }
+            None => {
+                cmd.envs(&spec.config);
+            }
+        }
         cmd.env("FN_FORMAT", "http-stream")
             .env("FN_LISTENER", format!("unix:{}", socket.display()))
             .env("FN_APP_NAME", &spec.app)
@@ -960,9 +995,46 @@ mod tests {
                     && v.as_deref() == Some("/dev/shm/x.so".as_ref())),
             "{isolated:?}"
         );
-        // Without namespaces the shell already runs as the function's user.
+        // Without namespaces the shell runs as the function's user, but before its gate
+        // (outside the cgroups): what the loader reads goes under the prefix too, and the
+        // wrapper restores it after the gate.
         let plain = envs(None);
-        assert!(plain.iter().any(|(k, _)| k == "LD_PRELOAD"), "{plain:?}");
+        assert!(!plain.iter().any(|(k, _)| k == "LD_PRELOAD"), "{plain:?}");
+        assert!(
+            plain
+                .iter()
+                .any(|(k, v)| k == "FN_RESTORE_CONFIG"
+                    && v.as_deref() == Some("LD_PRELOAD".as_ref())),
+            "{plain:?}"
+        );
+        assert!(
+            plain
+                .iter()
+                .any(|(k, _)| k == "FN_ISOLATE_CONFIG_LD_PRELOAD"),
+            "{plain:?}"
+        );
+    }
+
+    #[test]
+    fn only_plain_loader_and_shell_names_wait_for_the_gate() {
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "LD_AUDIT",
+            "BASH_ENV",
+            "ENV",
+        ] {
+            assert!(read_before_the_gate(name), "{name}");
+        }
+        for name in [
+            "PATH_X",
+            "LD_X;rm -rf",
+            "ld_preload",
+            "ENVIRONMENT",
+            "LD_A B",
+        ] {
+            assert!(!read_before_the_gate(name), "{name}");
+        }
     }
 
     #[test]
