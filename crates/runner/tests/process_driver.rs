@@ -325,30 +325,34 @@ async fn kill_stops_the_instance_and_removes_its_directory() {
     ));
 }
 
-/// Records the `call_id` of every event of target `function` (a function's output).
-struct CallIds(Arc<std::sync::Mutex<Vec<String>>>);
+/// Records one field (`call_id`, or `message`: the line itself) of every event of target
+/// `function`: a function's output.
+struct FunctionOutput {
+    field: &'static str,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CallIds {
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FunctionOutput {
     fn on_event(
         &self,
         event: &tracing::Event<'_>,
         _ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
-        struct Visit(Option<String>);
+        struct Visit(&'static str, Option<String>);
         impl tracing::field::Visit for Visit {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "call_id" {
-                    self.0 = Some(format!("{value:?}"));
+                if field.name() == self.0 {
+                    self.1 = Some(format!("{value:?}"));
                 }
             }
         }
         if event.metadata().target() == "function" {
-            let mut visit = Visit(None);
+            let mut visit = Visit(self.field, None);
             event.record(&mut visit);
-            self.0
+            self.seen
                 .lock()
                 .expect("lock")
-                .push(visit.0.unwrap_or_default());
+                .push(visit.1.unwrap_or_default());
         }
     }
 }
@@ -357,7 +361,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CallIds {
 async fn a_hot_instance_logs_its_output_under_the_call_it_is_taking() {
     use tracing_subscriber::layer::SubscriberExt;
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(CallIds(Arc::clone(&seen)));
+    let subscriber = tracing_subscriber::registry().with(FunctionOutput {
+        field: "call_id",
+        seen: Arc::clone(&seen),
+    });
     // The test's runtime has one thread: the instance's output task logs on it.
     let _guard = tracing::subscriber::set_default(subscriber);
     let fx = fixture();
@@ -377,31 +384,6 @@ async fn a_hot_instance_logs_its_output_under_the_call_it_is_taking() {
     assert_eq!(*seen.lock().expect("lock"), ["test-call"]);
 }
 
-/// Records the text of every function output line (events of target `function`).
-struct OutputLines(Arc<std::sync::Mutex<Vec<String>>>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OutputLines {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        struct Visit(String);
-        impl tracing::field::Visit for Visit {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{value:?}");
-                }
-            }
-        }
-        if event.metadata().target() == "function" {
-            let mut visit = Visit(String::new());
-            event.record(&mut visit);
-            self.0.lock().expect("lock").push(visit.0);
-        }
-    }
-}
-
 /// A tenant's `LD_PRELOAD` reaches its program, but not the wrapper shell that runs before
 /// the instance is in its cgroups: the dynamic loader (which says so on stderr for a
 /// library it cannot find) reads it once, for the program, not also for the shell.
@@ -409,7 +391,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OutputLines {
 async fn a_tenants_loader_variables_reach_the_program_not_the_shell_before_the_gate() {
     use tracing_subscriber::layer::SubscriberExt;
     let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(OutputLines(Arc::clone(&lines)));
+    let subscriber = tracing_subscriber::registry().with(FunctionOutput {
+        field: "message",
+        seen: Arc::clone(&lines),
+    });
     // The test's runtime has one thread: the instance's output task logs on it.
     let _guard = tracing::subscriber::set_default(subscriber);
     let fx = fixture();
