@@ -31,7 +31,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
-use tracing::Instrument;
 
 use crate::body::{BodyError, ResponseBody};
 use crate::catalog::Function;
@@ -206,7 +205,7 @@ impl Invoker {
             delivered: 0,
             finished: false,
             done: false,
-            span: tracing::Span::current(),
+            call_id: spec.id.clone(),
         };
         match call.await_head().await {
             Ok(mut head) => {
@@ -431,9 +430,9 @@ struct CallBody {
     finished: bool,
     /// The body has ended (cleanly or not); nothing more is read.
     done: bool,
-    /// The call's span (call id, app, function): hyper polls the body outside it, so what
-    /// is logged from here on enters it.
-    span: tracing::Span,
+    /// The call's id, for what is logged from here on: hyper polls the body outside the
+    /// call's span.
+    call_id: String,
 }
 
 impl std::fmt::Debug for CallBody {
@@ -546,8 +545,7 @@ impl CallBody {
         }
         match why {
             Some(why) => {
-                let _call = self.span.enter();
-                tracing::info!(runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
+                tracing::info!(call_id = %self.call_id, runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
                 Poll::Ready(Some(Err(why.into())))
             }
             None => Poll::Ready(None),
@@ -680,23 +678,21 @@ impl Drop for CallBody {
             // client has the whole answer, and the runner's `CallFinished` (normally already
             // here) settles how the call ended.
             Some(record) if !self.done && (self.eof || self.length == Some(self.delivered)) => {
-                let mut settling = Box::pin(settle(engaged, record).instrument(self.span.clone()));
+                let call_id = std::mem::take(&mut self.call_id);
+                let mut settling = Box::pin(settle(engaged, record, call_id));
                 if settling.as_mut().now_or_never().is_none() {
                     tokio::spawn(settling);
                 }
             }
             // Otherwise an unfinished record counts the client as gone when it drops.
-            _ => {
-                let _call = self.span.enter();
-                close(engaged, self.finished);
-            }
+            _ => close(engaged, self.finished, &self.call_id),
         }
     }
 }
 
 /// Reads what follows a delivered body (an empty `eof` frame, `CallFinished`, the stream's
 /// end), bounded by [`FINISH_BOUND`], and records the call's outcome.
-async fn settle(mut engaged: Engaged, record: CallRecord) {
+async fn settle(mut engaged: Engaged, record: CallRecord, call_id: String) {
     let next = async {
         loop {
             match engaged.next().await {
@@ -715,7 +711,7 @@ async fn settle(mut engaged: Engaged, record: CallRecord) {
             body: Some(runner_msg::Body::Finished(f)),
         }))) if f.kind() == ErrorKind::Timeout => CallOutcome::Timeout,
         other => {
-            tracing::info!(runner = %engaged.runner, answer = ?other.map(|m| m.map(|m| m.map(|m| m.body))), "no CallFinished after the body's end");
+            tracing::info!(call_id, runner = %engaged.runner, answer = ?other.map(|m| m.map(|m| m.map(|m| m.body))), "no CallFinished after the body's end");
             record.finish(CallOutcome::RunnerFailed);
             return; // dropping the stream resets it
         }
@@ -727,9 +723,9 @@ async fn settle(mut engaged: Engaged, record: CallRecord) {
 /// Lets go of a call's stream. A call the runner finished ends its stream cleanly: the
 /// stream's end is read now if it has arrived, else in the background (bounded). Any other
 /// call is cancelled: dropping the stream resets it, and the runner aborts the function.
-fn close(mut engaged: Engaged, finished: bool) {
+fn close(mut engaged: Engaged, finished: bool, call_id: &str) {
     if !finished {
-        tracing::debug!(runner = %engaged.runner, "cancelling the call's stream");
+        tracing::debug!(call_id, runner = %engaged.runner, "cancelling the call's stream");
         return;
     }
     if engaged.finish_now().is_none() {

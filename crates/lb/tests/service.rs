@@ -411,8 +411,9 @@ async fn a_runner_failing_after_commit_gives_502_and_no_other_runner_sees_the_ca
     }
 }
 
-/// A call that fails once its answer has started is logged once, under its call id (the
-/// client holds that id in `Fn-Call-Id`); the body is polled outside the call's span.
+/// A call that fails once its answer has started is logged once, with its call id (the
+/// client holds that id in `Fn-Call-Id`): the body is polled outside the call's span, so the
+/// line names the id itself.
 #[tokio::test]
 async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
     let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
@@ -430,10 +431,10 @@ async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::CommitThenDieMidResponse]).await;
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
-    // tracing caches whether a span is wanted when a thread first meets it; another test's
-    // thread meeting the call span just as this test's subscriber came in may have cached
-    // "never" for every thread (tracing-core registers the callsite, then reads the
-    // subscribers). Worked out again now, with this subscriber in place.
+    // tracing caches whether an event is wanted when a thread first meets it; another test's
+    // thread meeting it just as this test's subscriber came in may have cached "never" for
+    // every thread (tracing-core registers the callsite, then reads the subscribers).
+    // Worked out again now, with this subscriber in place.
     tracing::callsite::rebuild_interest_cache();
     let (conn, response) =
         start_request(&lb.address, request(Method::POST, "/r/demo/echo", "hello")).await;
