@@ -129,8 +129,12 @@ fn header(headers: &HeaderMap, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Nothing in `dir`, a socket root, but the runner's lock on it.
 fn is_empty_dir(dir: &Path) -> bool {
-    std::fs::read_dir(dir).expect("read_dir").next().is_none()
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .flatten()
+        .all(|entry| entry.file_name() == ".runner.lock")
 }
 
 #[tokio::test]
@@ -907,4 +911,48 @@ async fn each_function_runs_as_a_uid_of_its_own_with_a_private_tmpdir() {
         instance.kill();
         instance.wait_gone().await;
     }
+}
+
+/// What an earlier run left in its socket root (killed with SIGKILL: instance directories
+/// and ones set aside for removal) is removed when a runner takes the root again; anything
+/// else there stays, and a root another live runner holds is not swept.
+#[tokio::test]
+async fn a_runner_sweeps_what_an_earlier_run_left_in_its_socket_root() {
+    let tmp = tempdir();
+    let sockets = tmp.path().join("sockets");
+    std::fs::create_dir(&sockets).expect("mkdir");
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let left = [
+        sockets.join("deadbeef-1"),
+        sockets.join("deadbeef-2.removing"),
+    ];
+    for dir in &left {
+        std::fs::create_dir_all(dir.join("tmp")).expect("mkdir");
+        std::fs::write(dir.join("tmp/x"), "data").expect("write");
+    }
+    std::fs::create_dir(sockets.join("not-ours")).expect("mkdir");
+    let driver = |root: &Path| {
+        ProcessDriver::new(
+            ProcessDriverConfig::new(fn_test_support::functions_dir(), root)
+                .with_memory_limits(MemoryLimits::Off),
+        )
+        .expect("driver")
+    };
+    let first = driver(&sockets);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left.iter().any(|d| d.exists()) {
+        assert!(Instant::now() < deadline, "leftovers not swept: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        sockets.join("not-ours").is_dir(),
+        "only instance directories go"
+    );
+
+    // Held by a live runner: another one on the same root sweeps nothing.
+    std::fs::create_dir(&left[0]).expect("mkdir");
+    let second = driver(&sockets);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(left[0].is_dir(), "swept a root another runner holds");
+    drop((first, second));
 }

@@ -255,6 +255,9 @@ pub struct ProcessDriver {
     /// Distinguishes this driver's instance ids from those of an earlier runner that used
     /// the same socket root (and maybe the same pid).
     id_prefix: String,
+    /// The socket root's lock, held for the driver's life when it got it (see
+    /// [`claim_socket_root`]).
+    _root_lock: Option<nix::fcntl::Flock<std::fs::File>>,
     next_id: AtomicU64,
     /// Programs that [`Driver::check`] found valid, so that a call of a function already
     /// vetted costs no file-system calls. A start vets again and forgets a program that no
@@ -304,6 +307,10 @@ impl ProcessDriver {
         }
 
         let socket_root = prepare_socket_root(&config.socket_root, typical)?;
+        let root_lock = claim_socket_root(&socket_root);
+        if root_lock.is_some() {
+            sweep_leftovers(&socket_root);
+        }
 
         let memory = cgroup::detect(&config.memory_limits, cgroup::Controller::Memory);
         match &memory {
@@ -356,6 +363,7 @@ impl ProcessDriver {
             id_prefix,
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
+            _root_lock: root_lock,
         })
     }
 
@@ -792,6 +800,70 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
     Ok(canonical)
 }
 
+/// The lock file in a socket root: held by the one runner that sweeps it.
+const ROOT_LOCK: &str = ".runner.lock";
+
+/// Takes the socket root's lock (an `flock` on [`ROOT_LOCK`], which the kernel lets go when
+/// the runner dies, even by SIGKILL). `None` when another live runner holds it, or it
+/// cannot be had: then this runner shares the root and must not sweep it.
+fn claim_socket_root(root: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = root.join(ROOT_LOCK);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(lock = %path.display(), error = %e, "cannot open the socket root's lock; what an earlier run left there is not swept");
+            return None;
+        }
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Some(locked),
+        Err((_, errno)) => {
+            tracing::info!(socket_root = %root.display(), %errno, "another runner uses this socket root; what an earlier run left in it is not swept");
+            None
+        }
+    }
+}
+
+/// Removes what an earlier run of a runner left in the socket root it now holds alone
+/// (killed with SIGKILL, or past its shutdown timeout): instance directories (`<8 hex>-<n>`)
+/// and those set aside for removal. In the background: a tenant's `TMPDIR` may be large.
+fn sweep_leftovers(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let is_dir = entry
+            .file_type()
+            .is_ok_and(|t| t.is_dir() && !t.is_symlink());
+        if is_dir && is_instance_dir_name(name) {
+            tracing::info!(dir = %entry.path().display(), "removing an instance directory an earlier run left");
+            drop(fn_lifecycle::fs::remove_tree(entry.path()));
+        }
+    }
+}
+
+/// `<8 hex>-<digits>`, with or without `.removing`: the names of instance directories.
+fn is_instance_dir_name(name: &str) -> bool {
+    let base = name.strip_suffix(".removing").unwrap_or(name);
+    let Some((prefix, number)) = base.split_once('-') else {
+        return false;
+    };
+    prefix.len() == 8
+        && prefix.bytes().all(|b| b.is_ascii_hexdigit())
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The permission bits that apply to `user` in `meta`'s mode, shifted to the owner's place.
 fn bits_for(meta: &std::fs::Metadata, user: FunctionUser) -> u32 {
     use std::os::unix::fs::MetadataExt;
@@ -874,6 +946,7 @@ mod tests {
             id_prefix: String::new(),
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::default(),
+            _root_lock: None,
         }
     }
     use std::os::unix::fs::PermissionsExt;
@@ -1013,6 +1086,23 @@ mod tests {
                 .any(|(k, _)| k == "FN_ISOLATE_CONFIG_LD_PRELOAD"),
             "{plain:?}"
         );
+    }
+
+    #[test]
+    fn only_instance_directory_names_are_swept() {
+        for name in ["deadbeef-1", "0123abcd-42.removing"] {
+            assert!(is_instance_dir_name(name), "{name}");
+        }
+        for name in [
+            "deadbeef-",
+            "deadbeef-x",
+            "deadbee-1",
+            "not-ours",
+            ".runner.lock",
+            "deadbeefX-1",
+        ] {
+            assert!(!is_instance_dir_name(name), "{name}");
+        }
     }
 
     #[test]
