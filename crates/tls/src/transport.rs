@@ -24,12 +24,21 @@ use crate::cork::Corked;
 use crate::open::{OpenConnections, Peer, Registration};
 use crate::{NodeTls, TlsMode};
 
-/// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB.
+/// HTTP/2 flow-control window of one stream (one call). Body frames are up to 1 MiB. This
+/// is what one call whose bytes nobody reads holds at the receiving end: an answer at the
+/// lb-agent while its HTTP client reads slowly, a request at the runner while its function
+/// ignores its input.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// HTTP/2 flow-control window of a whole connection. Much larger than a stream's, so that
-/// one call whose reader is slow (a slow HTTP client behind the LB) cannot use up the window
-/// every other call on the connection needs.
-pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// HTTP/2 flow-control window of a whole connection: HTTP/2's largest (2 GiB − 1), so the
+/// streams of one connection never run it down between them. Bytes a stream holds unread
+/// count against both windows; with 64 MiB, 32 calls with slow readers stopped every other
+/// call on the connection (their acknowledgements, `Status` answers and reports are data
+/// too), and the runner read as down. Now that takes 1,024 such calls on one connection,
+/// each holding a whole stream window (2 GiB). What bounds the memory slow readers hold is
+/// [`STREAM_WINDOW`] per call, times the calls a daemon takes (`FN_MAX_CONNECTIONS` at the
+/// lb-agent, memory admission at the runner); a connection's window only stopped the other
+/// calls sooner.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Largest HTTP/2 frame either end of a gRPC connection accepts, so the largest the other
 /// sends (h2's default is 16 KiB). A body chunk (up to 128 KiB from a client, 64 KiB from a
