@@ -327,6 +327,20 @@ pub fn check_response_head(status: StatusCode, headers: &HeaderMap) -> Result<He
 
 /// The `grpc-status` (and `grpc-message`) in `headers`, if any, without the
 /// `grpc-status-details-bin` the peer may have sent: tonic's
+/// The status of a stream that broke under its messages (reset, or its connection lost):
+/// `Cancelled` or `DeadlineExceeded` as they came, anything else `Unavailable`. tonic gives an
+/// HTTP/2 reset such as `INTERNAL_ERROR` (or `NO_ERROR`) the code `Internal`, which is also
+/// the code of a message that breaks the framing here; a reader tells a peer that went away
+/// from one that broke the contract by the code, so a broken stream never takes
+/// `Internal`, `OutOfRange` or `ResourceExhausted`.
+fn broken_stream(error: Box<dyn std::error::Error + Send + Sync>) -> Status {
+    let status = Status::from_error(error);
+    match status.code() {
+        Code::Cancelled | Code::DeadlineExceeded => status,
+        _ => Status::unavailable(format!("the stream broke: {}", status.message())),
+    }
+}
+
 /// [`Status::from_header_map`] panics when that value is not valid base64, and nothing
 /// here reads the details. The map is copied only when the header is there.
 fn grpc_status(headers: &HeaderMap) -> Option<Status> {
@@ -618,7 +632,7 @@ where
                 },
                 Some(Err(e)) => {
                     this.fail();
-                    Err(Status::from_error(e.into()))
+                    Err(broken_stream(e.into()))
                 }
                 None => this.end(None),
             };
@@ -864,6 +878,25 @@ mod tests {
         results
             .iter()
             .find_map(|r| r.as_ref().err().map(Status::code))
+    }
+
+    #[test]
+    fn a_stream_reset_under_its_messages_is_no_breach_of_the_framing() {
+        let wire = tonic_wire(&[try_call("c1")]);
+        let frames: Vec<Result<Frame<Bytes>, h2::Error>> = vec![
+            Ok(Frame::data(Bytes::from(wire))),
+            Err(h2::Error::from(h2::Reason::INTERNAL_ERROR)),
+        ];
+        let body = StreamBody::new(futures::stream::iter(frames));
+        let got: Vec<Result<ClientMsg, Status>> =
+            block_on(Decoded::<ClientMsg, _>::request(body).collect());
+        assert_eq!(got.len(), 2, "the message, then the error: {got:?}");
+        assert!(got[0].is_ok());
+        let Some(Err(status)) = got.last() else {
+            panic!("no error: {got:?}");
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("broke"), "{status:?}");
     }
 
     #[test]

@@ -180,7 +180,10 @@ fn the_connection_window_outlasts_every_stream_window_a_slow_reader_can_hold() {
     // A stall needs the whole connection window held unread; that takes more calls than a
     // runner's connection carries.
     let streams = u64::from(CONNECTION_WINDOW) / u64::from(STREAM_WINDOW);
-    assert!(streams >= 1000, "only {streams} unread calls fill a connection");
+    assert!(
+        streams >= 1000,
+        "only {streams} unread calls fill a connection"
+    );
 }
 
 #[tokio::test]
