@@ -403,7 +403,7 @@ impl CatalogHandle {
 /// offending line itself, which toml's own text quotes and which may hold a function's
 /// secrets (a password in `config` with a bad escape, say).
 fn parse_error(text: &str, e: &toml::de::Error) -> String {
-    let what = e.message().trim().replace('\n', " ");
+    let what = without_values(&e.message().trim().replace('\n', " "));
     match e.span() {
         Some(span) => {
             let before = text.get(..span.start).unwrap_or(text);
@@ -413,6 +413,48 @@ fn parse_error(text: &str, e: &toml::de::Error) -> String {
         }
         None => format!("TOML error: {what}"),
     }
+}
+
+/// A deserializer's message without the value it found: serde names it (``invalid type:
+/// integer `12345678`, expected a string``, `invalid value: string "s3cr3t"`, ``unknown
+/// variant `x` ``), and a value in a catalog may be a secret. What was expected stays: it
+/// comes from the catalog's schema, not from the file.
+fn without_values(message: &str) -> String {
+    const NAMING_A_VALUE: [&str; 3] = ["invalid type:", "invalid value:", "unknown variant"];
+    if !NAMING_A_VALUE.iter().any(|p| message.starts_with(p)) {
+        return message.to_owned();
+    }
+    let (found, expected) = match message.find(", expected") {
+        Some(at) => message.split_at(at),
+        None => (message, ""),
+    };
+    let mut kept = String::with_capacity(message.len());
+    let mut chars = found.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' => {
+                // To the closing backtick.
+                for c in chars.by_ref() {
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                // A quoted string as `{:?}` writes it: to the first unescaped quote.
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+            }
+            c => kept.push(c),
+        }
+    }
+    format!("{}{expected}", kept.trim_end())
 }
 
 #[cfg(test)]
@@ -547,12 +589,20 @@ GREETING = "Hi"
              [functions.config]\nDB_PASSWORD = \"s3cr3t\\q\"\n",
             "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
              config = { API_KEY = \"s3cr3t\", PORT = 8080 }\n",
+            // A value of the wrong type: serde's message names it.
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
+             config = { PIN = 98765432 }\n",
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = \"x --token=s3cr3t\"\n",
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
+             memory_mb = \"s3cr3t \\\" s3cr3t\"\n",
         ];
         for text in broken {
             let msg = Catalog::parse(Path::new("cat.toml"), text)
                 .expect_err(text)
                 .to_string();
             assert!(!msg.contains("s3cr3t"), "{msg}");
+            assert!(!msg.contains("98765432"), "{msg}");
+            assert!(msg.contains("expected"), "what was expected stays: {msg}");
             assert!(msg.starts_with("cat.toml: TOML error at line "), "{msg}");
         }
         let msg = Catalog::parse(Path::new("c"), "[[functions]]\napp = \n")
