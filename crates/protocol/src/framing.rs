@@ -325,8 +325,6 @@ pub fn check_response_head(status: StatusCode, headers: &HeaderMap) -> Result<He
     Ok(Head::Stream)
 }
 
-/// The `grpc-status` (and `grpc-message`) in `headers`, if any, without the
-/// `grpc-status-details-bin` the peer may have sent: tonic's
 /// The status of a stream that broke under its messages (reset, or its connection lost):
 /// `Cancelled` or `DeadlineExceeded` as they came, anything else `Unavailable`. tonic gives an
 /// HTTP/2 reset such as `INTERNAL_ERROR` (or `NO_ERROR`) the code `Internal`, which is also
@@ -341,6 +339,8 @@ fn broken_stream(error: Box<dyn std::error::Error + Send + Sync>) -> Status {
     }
 }
 
+/// The `grpc-status` (and `grpc-message`) in `headers`, if any, without the
+/// `grpc-status-details-bin` the peer may have sent: tonic's
 /// [`Status::from_header_map`] panics when that value is not valid base64, and nothing
 /// here reads the details. The map is copied only when the header is there.
 fn grpc_status(headers: &HeaderMap) -> Option<Status> {
