@@ -25,7 +25,10 @@ use tonic::transport::Uri;
 
 use crate::open::Entry;
 use crate::transport::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PlainDialer};
-use crate::{CONNECTION_WINDOW, MAX_FRAME_SIZE, NodeTls, STREAM_WINDOW, TlsMode};
+use crate::{
+    CONNECTION_WINDOW, LOCAL_ERROR_RESETS, MAX_FRAME_SIZE, NodeTls, RESET_STREAMS_REMEMBERED,
+    STREAM_WINDOW, TlsMode,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -199,6 +202,8 @@ impl Inner {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+            .max_local_error_reset_streams(LOCAL_ERROR_RESETS)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)

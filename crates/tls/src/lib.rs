@@ -33,8 +33,9 @@ pub use channel::DirectChannel;
 use material::{Check, Material, Origin, Pems};
 pub use open::{CONTROL_GRACE, RENEW_AHEAD, RETIRE_GRACE, Recheck};
 pub use transport::{
-    CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, MAX_FRAME_SIZE, STREAM_WINDOW,
-    grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,
+    CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, LOCAL_ERROR_RESETS, MAX_FRAME_SIZE,
+    RESET_STREAMS_REMEMBERED, STREAM_WINDOW, grpc_endpoint, grpc_incoming, grpc_incoming_sharded,
+    grpc_server, peer_certificate,
 };
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start, before any

@@ -40,6 +40,21 @@ pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// calls sooner.
 pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
+/// Streams a client connection remembers after resetting them (h2's default is 50), so that
+/// the frames a peer had already sent for them are dropped quietly. A call cancelled when
+/// its client leaves is a reset; a burst of more than 50 (a load generator stopping, a
+/// proxy dropping its connections) left the rest forgotten, and h2 answers a frame for a
+/// forgotten stream with a reset of its own.
+pub const RESET_STREAMS_REMEMBERED: usize = 1024;
+
+/// How many resets of its own (answers to a peer's frames h2 holds to be in error, such as
+/// one for a forgotten stream) an HTTP/2 connection sends before it closes itself: no
+/// limit. h2 sets 1,024 for the whole life of a connection, never counting down, as a guard
+/// against a hostile peer; between daemons that proved who they are (mutual TLS) it only
+/// closed, every so many cancellation bursts, a connection carrying every call between an
+/// LB and a runner, and all those calls with it.
+pub const LOCAL_ERROR_RESETS: Option<usize> = None;
+
 /// Largest HTTP/2 frame either end of a gRPC connection accepts, so the largest the other
 /// sends (h2's default is 16 KiB). A body chunk (up to 128 KiB from a client, 64 KiB from a
 /// function) then crosses as one DATA frame: one write, one TLS flight and one wake-up of
@@ -104,6 +119,7 @@ pub fn grpc_server() -> tonic::transport::Server {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(Some(MAX_FRAME_SIZE))
+        .http2_max_local_error_reset_streams(LOCAL_ERROR_RESETS)
 }
 
 /// The connections a [`grpc_server`] serves on `listener`: with `TCP_NODELAY` set and, under
@@ -570,7 +586,9 @@ pub fn grpc_endpoint(
     // Always http: under TLS the connector below does the handshake, and tonic must not.
     let endpoint = Endpoint::from_shared(format!("http://{address}"))?
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+        .http2_max_local_error_reset_streams(LOCAL_ERROR_RESETS);
     Ok(GrpcEndpoint {
         endpoint,
         tls: mode.node().cloned(),

@@ -3,9 +3,12 @@
 //! behind the LB, a function that ignores its input) hold at most their own stream's window,
 //! and never the connection's, so every other call on the connection keeps moving.
 //!
+//! Also: calls cancelled in bursts, while their answers are still arriving, do not tear the
+//! connection down (h2 counts each frame that arrives for a stream it has already forgotten).
+//!
 //! The server here is a raw service on the real transport: `Big` answers 3 MiB, more than a
-//! stream's window; `Hold` answers and never reads its request; `Echo` reads its request,
-//! then answers with it.
+//! stream's window; `Drip` answers a small frame every millisecond until reset; `Hold`
+//! answers and never reads its request; `Echo` reads its request, then answers with it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -70,6 +73,17 @@ impl Service<http::Request<Body>> for Flood {
         Box::pin(async move {
             let body = match request.uri().path() {
                 "/flood.Flood/Big" => large_body(sent),
+                "/flood.Flood/Drip" => {
+                    // A small frame every millisecond until the stream is reset.
+                    let ticks = futures::stream::unfold((), |()| async {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        Some((
+                            Ok::<_, tonic::Status>(Frame::data(Bytes::from_static(b"drip"))),
+                            (),
+                        ))
+                    });
+                    Body::new(StreamBody::new(ticks))
+                }
                 "/flood.Flood/Hold" => {
                     // The request stays unread for as long as the answer is open.
                     let unread = request.into_body();
@@ -233,4 +247,61 @@ async fn requests_nobody_reads_do_not_stall_the_other_calls_on_the_connection() 
     let answer = echo(&setup.channel).await.expect("the echo is answered");
     assert_eq!(answer, Bytes::from_static(b"ping"));
     drop(held);
+}
+
+#[tokio::test]
+async fn calls_cancelled_in_bursts_while_their_answers_arrive_leave_the_connection_up() {
+    let setup = setup().await;
+    // A call open throughout, on the same connection: it ends only if the connection does.
+    let mut channel = setup.channel.clone();
+    let witness = tokio::time::timeout(
+        BOUND,
+        channel.call(request(&setup.channel, "Drip", Body::empty())),
+    )
+    .await
+    .expect("a head within the bound")
+    .expect("a head");
+    let mut witness = witness.into_body();
+    // h2 remembers 50 reset streams for a second and, by default, closes the connection
+    // after 1,024 frames for streams it has forgotten: 12 bursts of 200 give it ample.
+    for burst in 0..12 {
+        let calls = (0..200).map(|_| {
+            let mut channel = setup.channel.clone();
+            let call = channel.call(request(&setup.channel, "Drip", Body::empty()));
+            async move {
+                let response = tokio::time::timeout(BOUND, call)
+                    .await
+                    .map_err(|_| format!("no head within {BOUND:?}"))?
+                    .map_err(|e| format!("the connection failed: {e}"))?;
+                let mut body = response.into_body();
+                // Its answer is arriving.
+                match tokio::time::timeout(BOUND, body.frame()).await {
+                    Ok(Some(Ok(_))) => Ok(body),
+                    other => Err(format!("no first frame: {other:?}")),
+                }
+            }
+        });
+        let bodies: Vec<_> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("burst {burst}: {e}"));
+        // Every call of the burst cancelled at once.
+        drop(bodies);
+        // The witness keeps receiving.
+        let next = tokio::time::timeout(BOUND, witness.frame()).await;
+        assert!(
+            matches!(next, Ok(Some(Ok(_)))),
+            "burst {burst}: the call beside the cancelled ones ended: {next:?}"
+        );
+    }
+    // Its frames still arrive after the last burst has been answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..50 {
+        let next = tokio::time::timeout(BOUND, witness.frame()).await;
+        assert!(
+            matches!(next, Ok(Some(Ok(_)))),
+            "the call beside the cancelled ones ended: {next:?}"
+        );
+    }
 }
