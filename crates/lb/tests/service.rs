@@ -2548,6 +2548,39 @@ async fn a_silent_report_stream_is_opened_again() {
     }
 }
 
+/// A runner that never answers the opening of its report stream (its connection alive, its
+/// service stuck) is asked again once a report would be stale, and its reports reach the LB
+/// from the stream opened then.
+#[tokio::test]
+async fn a_report_stream_whose_opening_is_never_answered_is_asked_again() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    runners[0].hold_report_opens(1);
+    runners[0].report_state(report(1024, 0, false));
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer: Arc::new(WarmPlacer::new(0.25)),
+            client: ClientConfig {
+                watch_reports: true,
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    // Asked again at STALE_AFTER, then after the first pause of the probe's backoff.
+    let deadline = Instant::now() + fn_nodepool::STALE_AFTER + BOUND;
+    while !lb.pool.runners("default")[0].reports().is_fresh() {
+        assert!(
+            Instant::now() < deadline,
+            "no report: the unanswered opening was not given up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The warm placer takes a runner with a warm instance over the function's cold home, and
 /// asks neither the home nor the runner between.
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_protocol::poolmanager::node_pool_scaler_client::NodePoolScalerClient;
 use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList, MAX_GROUPS_PER_ADVERT};
-use fn_tls::TlsMode;
+use fn_tls::{TlsMode, WithoutStatusDetails};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -22,7 +22,7 @@ use crate::CapacityTracker;
 pub struct Advertiser {
     lb_id: String,
     tracker: CapacityTracker,
-    client: NodePoolScalerClient<Channel>,
+    client: NodePoolScalerClient<WithoutStatusDetails<Channel>>,
     interval: Duration,
     /// Whether the last advert failed (to log a recovery once, and failures once).
     failing: bool,
@@ -51,7 +51,7 @@ impl Advertiser {
         Ok(Advertiser {
             lb_id: lb_id.into(),
             tracker,
-            client: NodePoolScalerClient::new(channel),
+            client: NodePoolScalerClient::new(WithoutStatusDetails(channel)),
             interval,
             failing: false,
             cut: false,

@@ -36,8 +36,8 @@ use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use fn_protocol::runner::{
     ClientMsg, DataFrame, RefusalReason, RunnerMsg, RunnerStatus, client_msg, runner_msg,
 };
-use fn_tls::DirectChannel;
 use fn_tls::TlsMode;
+use fn_tls::{DirectChannel, WithoutStatusDetails};
 use futures::{FutureExt, Stream, StreamExt};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
@@ -209,7 +209,8 @@ impl TryCallError {
 pub struct RunnerClient {
     id: String,
     address: String,
-    client: RunnerProtocolClient<DirectChannel>,
+    /// `Status` and `WatchState` (see [`WithoutStatusDetails`]).
+    client: RunnerProtocolClient<WithoutStatusDetails<DirectChannel>>,
     /// The connection under `client`, for Engage (see [`RunnerClient::engage`]).
     channel: DirectChannel,
     /// `http://host:port/<Engage's path>`.
@@ -255,7 +256,10 @@ impl RunnerClient {
         let client = Arc::new(RunnerClient {
             id: id.into(),
             address,
-            client: RunnerProtocolClient::with_origin(channel.clone(), channel.origin()),
+            client: RunnerProtocolClient::with_origin(
+                WithoutStatusDetails(channel.clone()),
+                channel.origin(),
+            ),
             channel,
             engage_uri,
             config,
@@ -602,17 +606,23 @@ impl RunnerClient {
 /// `cancel`; see the module docs.
 async fn watch_reports(
     address: String,
-    mut client: RunnerProtocolClient<DirectChannel>,
+    mut client: RunnerProtocolClient<WithoutStatusDetails<DirectChannel>>,
     reports: Arc<Reports>,
     mut backoff: Backoff,
     metrics: ReportMetrics,
     cancel: CancellationToken,
 ) {
     loop {
+        // A runner that answers pings but never the RPC is asked again after the backoff.
         let opened = tokio::select! {
             () = cancel.cancelled() => return,
-            opened = client.watch_state(()) => opened,
+            opened = tokio::time::timeout(STALE_AFTER, client.watch_state(())) => opened,
         };
+        let opened = opened.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {STALE_AFTER:?}"
+            )))
+        });
         match opened {
             Ok(stream) => {
                 tracing::debug!(runner = %address, "runner report stream open");

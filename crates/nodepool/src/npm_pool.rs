@@ -24,7 +24,7 @@ use fn_lifecycle::retry::Backoff;
 
 use fn_protocol::poolmanager::LbGroupId;
 use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
-use fn_tls::TlsMode;
+use fn_tls::{TlsMode, WithoutStatusDetails};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -64,10 +64,10 @@ struct Inner {
     /// Whether the membership watch is up (polling slows down).
     watching: AtomicBool,
     /// A channel without a per-request timeout, for the watch stream.
-    watch: RunnerManagerClient<Channel>,
+    watch: RunnerManagerClient<WithoutStatusDetails<Channel>>,
     tls: TlsMode,
     client_config: ClientConfig,
-    npm: RunnerManagerClient<Channel>,
+    npm: RunnerManagerClient<WithoutStatusDetails<Channel>>,
     poll_interval: Duration,
     /// Warnings about runner lists the LB does not take as they are (a minute apart).
     list_warnings: Throttle,
@@ -108,10 +108,10 @@ impl NpmPool {
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
                 watching: AtomicBool::new(false),
-                watch: RunnerManagerClient::new(watch_channel),
+                watch: RunnerManagerClient::new(WithoutStatusDetails(watch_channel)),
                 tls: tls.clone(),
                 client_config,
-                npm: RunnerManagerClient::new(channel),
+                npm: RunnerManagerClient::new(WithoutStatusDetails(channel)),
                 poll_interval,
                 list_warnings: Throttle::new(Duration::from_secs(60)),
             }),

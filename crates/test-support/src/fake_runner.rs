@@ -146,6 +146,9 @@ struct State {
     /// The pool version the last commit or finish gave; 0 while the fake gives none (see
     /// [`FakeRunner::give_pool_versions`]).
     pool_version: AtomicU64,
+    /// `WatchState` calls still to be left without an answer (not even the response head)
+    /// until the server stops; see [`FakeRunner::hold_report_opens`].
+    held_report_opens: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,6 +255,7 @@ impl FakeRunner {
             reported: watch::Sender::new(None),
             stopping: tokio_util::sync::CancellationToken::new(),
             pool_version: AtomicU64::new(0),
+            held_report_opens: AtomicU64::new(0),
         });
         let service = RunnerProtocolServer::new(Service {
             state: Arc::clone(&state),
@@ -318,6 +322,12 @@ impl FakeRunner {
     /// reports its pool.
     pub fn report_state(&self, state: RunnerState) {
         self.state.reported.send_replace(Some(state));
+    }
+
+    /// Leaves the next `opens` `WatchState` calls unanswered, head and all, as a runner
+    /// whose connection answers pings but whose service is stuck would.
+    pub fn hold_report_opens(&self, opens: u64) {
+        self.state.held_report_opens.store(opens, Ordering::Release);
     }
 
     /// From now on, each committed call's acknowledgement and each `CallFinished{success}`
@@ -428,6 +438,15 @@ impl RunnerProtocol for Service {
         &self,
         _request: Request<()>,
     ) -> Result<Response<Self::WatchStateStream>, Status> {
+        let held = self.state.held_report_opens.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |left| left.checked_sub(1),
+        );
+        if held.is_ok() {
+            self.state.stopping.cancelled().await;
+            return Err(Status::unavailable("fake runner: stopping"));
+        }
         let mut reported = self.state.reported.subscribe();
         reported.mark_changed();
         let stopping = self.state.stopping.clone();

@@ -15,6 +15,7 @@
 
 mod channel;
 pub mod cork;
+mod details;
 pub mod dev;
 mod dynamic;
 pub mod expiry;
@@ -30,6 +31,7 @@ use std::time::{Duration, SystemTime};
 use rustls::crypto::CryptoProvider;
 
 pub use channel::DirectChannel;
+pub use details::{StrippedBody, WithoutStatusDetails};
 use material::{Check, Material, Origin, Pems};
 pub use open::{CONTROL_GRACE, RENEW_AHEAD, RETIRE_GRACE, Recheck};
 pub use transport::{

@@ -110,7 +110,7 @@ pub(crate) async fn answers_health(tls: &fn_tls::TlsMode, address: &str) -> bool
     else {
         return false;
     };
-    HealthClient::new(channel)
+    HealthClient::new(fn_tls::WithoutStatusDetails(channel))
         .check(HealthCheckRequest {
             service: String::new(),
         })
