@@ -1665,6 +1665,57 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
     assert!(reached, "the runner took no call after coming back");
 }
 
+/// A runner that ends every call's stream without acknowledging it (its call service broken,
+/// its health check passing) is ejected like one that never answers, instead of being
+/// offered every call first for as long as it runs.
+#[tokio::test]
+async fn a_runner_that_hangs_up_on_every_offer_is_ejected() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::HangUpUnacknowledged, Behaviour::Echo]).await;
+    let metrics = EjectionMetrics::default();
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            client: ClientConfig {
+                probe_initial: Duration::from_millis(10),
+                probe_max: Duration::from_millis(20),
+                eject_after: 3,
+                eject_initial: Duration::from_secs(30),
+                eject_max: Duration::from_secs(30),
+                ejection_metrics: metrics.clone(),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let broken = Arc::clone(&lb.pool.runners("default")[0]);
+    let mut calls = 0;
+    while metrics.ejections() == 0 {
+        calls += 1;
+        assert!(calls <= 30, "not ejected after {calls} calls");
+        let reply = post(&lb, "/r/demo/echo", format!("call {calls}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+        if metrics.ejections() == 0 {
+            // Let the probe bring it back, so the next offer goes to it again.
+            let back = Instant::now() + BOUND;
+            while !broken.is_available() && Instant::now() < back {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    assert!(broken.is_ejected());
+    let offered = runners[0].seen().len();
+    assert_eq!(offered, 3, "ejected after eject_after offers");
+    for i in 0..4 {
+        let reply = post(&lb, "/r/demo/echo", format!("ejected {i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    assert_eq!(runners[0].seen().len(), offered, "offered while ejected");
+}
+
 /// Offers that fail together when a runner goes down count as one failure: a burst of calls
 /// to a runner that stopped acknowledging does not eject it (before, each concurrent offer
 /// counted, and one incident ejected it, doubling its next ejection each time).

@@ -441,11 +441,22 @@ impl RunnerClient {
                 details: ack.details,
             }),
             Some(runner_msg::Body::Finished(f)) => {
-                Err(self.protocol(format!("finished before acknowledging: {}", f.details)))
+                Err(self.unanswered(format!("finished before acknowledging: {}", f.details)))
             }
-            Some(_) => Err(self.protocol("first message was not CallAcknowledged")),
-            None => Err(self.protocol("stream ended without an acknowledgement")),
+            Some(_) => Err(self.unanswered("first message was not CallAcknowledged")),
+            None => Err(self.unanswered("stream ended without an acknowledgement")),
         }
+    }
+
+    /// An offer the runner answered with something other than an acknowledgement: a
+    /// protocol breach, and a failure like no answer at all. The runner is marked down
+    /// (its probe brings it back) and the failure counts towards its ejection; otherwise a
+    /// runner whose health check passes but whose call service is broken would cost every
+    /// call a round trip for as long as it ran.
+    fn unanswered(self: &Arc<Self>, reason: impl Into<String>) -> TryCallError {
+        let reason = reason.into();
+        let _down = self.mark_down(format!("protocol: {reason}"));
+        self.protocol(reason)
     }
 
     /// The runner's `Status`, bounded by the connect and ack timeouts.

@@ -61,6 +61,9 @@ pub enum Behaviour {
     CommitThenStall,
     /// Never acknowledge the `TryCall`; waits until the LB goes away.
     NeverAcknowledge,
+    /// End the stream cleanly at once, without acknowledging the `TryCall` (a runner whose
+    /// call service is broken while its health check answers).
+    HangUpUnacknowledged,
     /// Commit, read the body, send the response head and a first body chunk, then wait
     /// until the LB goes away.
     AnswerHeadThenStall,
@@ -571,6 +574,9 @@ async fn run(
         stall(inbound, tx).await;
         return Ending::LbWentAway;
     }
+    if behaviour == Behaviour::HangUpUnacknowledged {
+        return Ending::Protocol;
+    }
     if let Some((reason, details)) = match behaviour {
         Behaviour::RefuseTooLarge => Some((
             RefusalReason::TooLarge,
@@ -610,7 +616,8 @@ async fn run(
         Behaviour::Refuse
         | Behaviour::RefuseTooLarge
         | Behaviour::RefuseInvalid
-        | Behaviour::NeverAcknowledge => Ending::Refused,
+        | Behaviour::NeverAcknowledge
+        | Behaviour::HangUpUnacknowledged => Ending::Refused,
         Behaviour::CommitThenFail => {
             // An error status ends the stream; the dropped inbound half goes with it.
             match tx.send(Err(Status::unavailable("fake runner died"))).await {
