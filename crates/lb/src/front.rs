@@ -58,6 +58,22 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// rather than a 431.
 const CLIENT_READ_BUFFER: usize = 128 * 1024;
 
+/// HTTP/2 flow-control window of one client stream (one call's request body): hyper's
+/// default. It is what a call whose body is not being read (placement still waiting, a
+/// function that ignores its input) holds at the LB.
+pub const CLIENT_STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Most calls one HTTP/2 client connection carries at once: hyper's default, made explicit
+/// because [`CLIENT_CONNECTION_WINDOW`] is reckoned from it.
+pub const CLIENT_MAX_STREAMS: u32 = 200;
+
+/// HTTP/2 flow-control window of a whole client connection: room for every stream's window
+/// at once. With hyper's default (1 MiB, one stream's), one call whose body was not being
+/// read stopped the uploads of every other call on the connection (an h2c proxy's calls
+/// from many users, say), and they ended in 408. Memory is bounded per call, as over
+/// HTTP/1.1, by the stream's window.
+pub const CLIENT_CONNECTION_WINDOW: u32 = CLIENT_STREAM_WINDOW * CLIENT_MAX_STREAMS;
+
 /// Routes requests to functions.
 #[derive(Debug)]
 pub struct Front {
@@ -255,7 +271,10 @@ impl Front {
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(self.limits.ping)
-            .keep_alive_timeout(self.limits.ping);
+            .keep_alive_timeout(self.limits.ping)
+            .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+            .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
+            .max_concurrent_streams(CLIENT_MAX_STREAMS);
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,

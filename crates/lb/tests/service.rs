@@ -1275,6 +1275,95 @@ async fn h2c_prior_knowledge_is_served_like_http1() {
     assert!(runners[0].saw(&id));
 }
 
+/// Over HTTP/2, a call whose body is not being read (here: while its placement waits for
+/// an acknowledgement) holds only its own stream's window: the client's other calls on the
+/// connection still send their bodies and are answered. The connection's window was
+/// hyper's default, the size of one stream's, so one such call stopped every upload beside
+/// it.
+#[tokio::test]
+async fn an_h2_call_whose_body_is_not_read_does_not_stop_the_others_on_its_connection() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    runners[0].script([Behaviour::NeverAcknowledge]);
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            max_request_body: 16 * 1024 * 1024,
+            // The first call stays in placement for the whole test.
+            placer_timeout: Duration::from_secs(30),
+            client: ClientConfig {
+                ack_timeout: Duration::from_secs(30),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&taken);
+    let chunks = (0..16).map(move |_| {
+        counter.fetch_add(256 * 1024, std::sync::atomic::Ordering::Relaxed);
+        Ok::<_, Infallible>(Frame::data(Bytes::from(vec![1u8; 256 * 1024])))
+    });
+    let waiting = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .header(header::CONTENT_LENGTH, 16 * 256 * 1024)
+        .body(http_body_util::Either::Left(StreamBody::new(
+            futures::stream::iter(chunks),
+        )))
+        .expect("request");
+    let held = tokio::spawn(sender.send_request(waiting));
+    let deadline = Instant::now() + BOUND;
+    while runners[0].seen().is_empty() {
+        assert!(Instant::now() < deadline, "the first call was not offered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its body has filled its stream's window at the LB (hyper's client reads ahead).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let far = taken.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (1024 * 1024..16 * 256 * 1024).contains(&far),
+        "the first body went {far} bytes"
+    );
+    // More than the rest of a connection window the size of a stream's.
+    let body = vec![7u8; 300_000];
+    let other = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(http_body_util::Either::Right(Full::new(Bytes::from(
+            body.clone(),
+        ))))
+        .expect("request");
+    let answer = async {
+        let response = sender.send_request(other).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    };
+    let echoed = tokio::time::timeout(BOUND, answer)
+        .await
+        .expect("the second call's body stalled behind the first's");
+    assert_eq!(echoed.as_ref(), body.as_slice());
+    assert!(!held.is_finished(), "the first call ended");
+    held.abort();
+}
+
 #[tokio::test]
 async fn an_h2_client_that_answers_no_ping_is_closed_and_a_huge_h2_head_reaches_no_runner() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
