@@ -280,22 +280,24 @@ fn call_spec(
             "more than one Host header (RFC 9112, 3.2)".into(),
         ));
     }
-    let host = parts
-        .uri
-        .authority()
+    let host = match parts.uri.authority() {
         // Without the userinfo a client may have put there.
-        .and_then(|a| a.as_str().rsplit('@').next())
-        .or_else(|| first_host.and_then(|h| h.to_str().ok()))
-        .unwrap_or("localhost");
+        Some(authority) => authority.as_str().rsplit('@').next().unwrap_or_default(),
+        None => match first_host {
+            Some(value) => host_of(value)?,
+            // HTTP/1.0 needs no Host; HTTP/2 without `:authority` is left to its `Host`.
+            None if parts.version == http::Version::HTTP_11 => {
+                return Err(CallError::BadRequest(
+                    "no Host header: an HTTP/1.1 request must name its host (RFC 9112, 3.2)".into(),
+                ));
+            }
+            None => "localhost",
+        },
+    };
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
-    if host.bytes().any(|b| b.is_ascii_control()) {
-        return Err(CallError::BadRequest(
-            "the Host header holds control characters".into(),
-        ));
-    }
     let url_len = "http://".len() + host.len() + path.len();
     if url_len > MAX_URL_LEN {
         return Err(CallError::UriTooLong {
@@ -874,6 +876,20 @@ where
         }
     }
     Ok(early)
+}
+
+/// The host a `Host` header names, as the function's request URL will carry it: a host and
+/// an optional port (RFC 9110, 7.2), nothing else. A value holding `/`, `?`, `#`, `@` or
+/// spaces would otherwise reshape that URL (`Host: x/admin?a=` made the function see the
+/// path `/admin`), so it is refused with 400, as RFC 9112 (3.2) asks for an invalid Host.
+fn host_of(value: &HeaderValue) -> Result<&str, CallError> {
+    let invalid = || CallError::BadRequest("the Host header is not a host and port".into());
+    let host = value.to_str().map_err(|_| invalid())?;
+    let authority: http::uri::Authority = host.parse().map_err(|_| invalid())?;
+    if host.is_empty() || host.contains('@') || authority.as_str() != host {
+        return Err(invalid());
+    }
+    Ok(host)
 }
 
 /// Streams the client's request body to the runner: the `early` chunks, then exactly the

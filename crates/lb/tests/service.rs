@@ -3219,6 +3219,57 @@ async fn headers_the_clients_connection_header_names_do_not_reach_the_function()
     );
 }
 
+/// The `Host` header becomes part of the URL the function sees, so it must be a host and
+/// an optional port: one that would reshape the URL (`x/admin?a=` made the path `/admin`),
+/// or none at all on HTTP/1.1, gets 400 and reaches no runner (RFC 9112, 3.2).
+#[tokio::test]
+async fn a_host_that_is_no_host_or_none_on_http11_gets_400() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for host in [
+        "Host: x/admin?a=\r\n",
+        "Host: x#y\r\n",
+        "Host: user@x\r\n",
+        "Host: a b\r\n",
+        "Host: \r\n",
+        "",
+    ] {
+        let head = raw_head(
+            &lb.address,
+            &format!("POST /r/demo/echo HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{host:?}: {head}");
+    }
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+    // A host with a port, and HTTP/1.0 without a Host, are served.
+    let head = raw_head(
+        &lb.address,
+        "POST /r/demo/echo?q=1 HTTP/1.1\r\nHost: lb.test:8080\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head = raw_head(
+        &lb.address,
+        "POST /r/demo/echo HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let urls: Vec<String> = runners[0]
+        .seen()
+        .into_iter()
+        .map(|c| c.request_url)
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "http://lb.test:8080/r/demo/echo?q=1",
+            "http://localhost/r/demo/echo"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn two_host_headers_get_400_an_absolute_target_names_the_host_and_escapes_route() {
     let pki = TestPki::new();
