@@ -23,7 +23,11 @@
 //!   capacity, the buffered answer) is ever let go, not even at the call's deadline, whose
 //!   timer lives in the body. A stream whose body has a frame taken and is then not asked
 //!   for the next within the send timeout is given up: its body is dropped, which ends the
-//!   call as a client gone.
+//!   call as a client gone. hyper, though, holds the frame it took until the window opens
+//!   and asks the body for nothing meanwhile, so it never learns of it and never resets the
+//!   stream: the stream, its frame and the connection's place stay. A stream still held a
+//!   send timeout after it was given up closes its connection (as the send timer above
+//!   closes an HTTP/1.1 one), with the calls still on it.
 //!
 //! Each timer is armed only while it can fire: the first-byte timer until the first byte,
 //! the send timer while a write is blocked, the linger timers while closing.
@@ -33,8 +37,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -110,13 +116,17 @@ struct Linger {
 /// `body` as the answer of an HTTP/2 stream, given up when hyper, having taken a frame of
 /// it, asks for none for `limit` (see the module docs). Costs a task per stream, aborted
 /// with the body.
-pub fn stream_send_timeout(body: ResponseBody, limit: Duration) -> ResponseBody {
+pub fn stream_send_timeout(
+    body: ResponseBody,
+    limit: Duration,
+    stuck: CancellationToken,
+) -> ResponseBody {
     let shared = Arc::new(StreamShared {
         body: Mutex::new(Some(body)),
         started: Instant::now(),
         waiting_since: AtomicU64::new(NOT_WAITING),
     });
-    let watchdog = tokio::spawn(watch_stream(Arc::downgrade(&shared), limit));
+    let watchdog = tokio::spawn(watch_stream(Arc::downgrade(&shared), limit, stuck));
     StreamTimed {
         shared,
         watchdog: watchdog.abort_handle(),
@@ -204,13 +214,14 @@ impl Body for StreamTimed {
     }
 }
 
-/// Gives the stream up once it has waited `limit` for hyper to take its next frame.
-async fn watch_stream(shared: Weak<StreamShared>, limit: Duration) {
+/// Gives the stream up once it has waited `limit` for hyper to take its next frame; cancels
+/// `stuck` (its connection is to close) if hyper still holds it `limit` after that.
+async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: CancellationToken) {
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     let mut next_look = limit;
     loop {
         tokio::time::sleep(next_look).await;
-        let Some(shared) = shared.upgrade() else {
+        let Some(shared) = weak.upgrade() else {
             return;
         };
         let since = shared.waiting_since.load(Ordering::Relaxed);
@@ -226,7 +237,19 @@ async fn watch_stream(shared: Weak<StreamShared>, limit: Duration) {
         // Dropped outside the lock: a call's body lets go of its runner stream when dropped.
         let body = shared.body().take();
         drop(body);
-        return;
+        drop(shared);
+        break;
+    }
+    // Were hyper to ask the body for a frame, it would get the error, reset the stream and
+    // drop it, and this task with it. Still here after `limit`: hyper holds a frame for a
+    // window the client keeps shut (see the module docs).
+    tokio::time::sleep(limit).await;
+    if weak.strong_count() > 0 {
+        tracing::debug!(
+            ?limit,
+            "an HTTP/2 client kept a given-up stream's window shut; closing its connection"
+        );
+        stuck.cancel();
     }
 }
 

@@ -46,6 +46,9 @@ struct Conn {
     /// Of `busy`, the requests whose answers have ended but may not have been flushed.
     unflushed: AtomicUsize,
     close: CancellationToken,
+    /// Cancelled when an HTTP/2 stream of the connection is stuck (see
+    /// [`crate::client_io::stream_send_timeout`]): the connection is to be closed.
+    stuck: CancellationToken,
 }
 
 /// Every open connection is answering a request, and the cap is reached.
@@ -138,6 +141,17 @@ impl Registered {
     /// connection should then be closed.
     pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
         self.conn.close.cancelled()
+    }
+
+    /// Cancel it to have the connection closed, with whatever it is answering: an HTTP/2
+    /// stream that its client keeps stuck holds the connection otherwise.
+    pub fn stuck(&self) -> CancellationToken {
+        self.conn.stuck.clone()
+    }
+
+    /// Completes once [`Registered::stuck`]'s token is cancelled.
+    pub fn stuck_closes(&self) -> WaitForCancellationFuture<'_> {
+        self.conn.stuck.cancelled()
     }
 
     /// A request begins on this connection; it is busy until the returned guard drops.

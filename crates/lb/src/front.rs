@@ -311,6 +311,7 @@ impl Front {
             let service = service_fn(move |req: Request<Incoming>| {
                 let front = Arc::clone(&front);
                 let busy = on_conn.busy();
+                let stuck = on_conn.stuck();
                 async move {
                     if busy.is_closing() {
                         // The connection is being closed to make room; start nothing on it.
@@ -328,7 +329,7 @@ impl Front {
                     let mut response = front.handle(Request::from_parts(parts, body)).await;
                     if version == http::Version::HTTP_2 {
                         let limit = front.limits.send_timeout;
-                        response = response.map(|body| stream_send_timeout(body, limit));
+                        response = response.map(|body| stream_send_timeout(body, limit, stuck));
                     }
                     if leftover.closes_after(response.status()) {
                         // Answered with the body unread, and it will not be read: say so.
@@ -441,6 +442,9 @@ impl Client {
             },
             () = registered.evicted() => {
                 tracing::debug!(%peer, "idle connection closed to make room (FN_MAX_CONNECTIONS)");
+            }
+            () = registered.stuck_closes() => {
+                tracing::info!(%peer, "HTTP/2 connection closed: its client kept a stream's window shut past twice the send timeout");
             }
         }
         metrics.connection_closed();

@@ -1541,6 +1541,57 @@ async fn an_h2_stream_whose_window_stays_shut_is_given_up_after_the_send_timeout
     assert_eq!(lb.capacity.snapshot().get("default"), Some(&128));
 }
 
+/// hyper holds the frame it took from a given-up stream's body until the client opens the
+/// window, and asks for nothing meanwhile, so it never resets the stream: a client that
+/// keeps it shut (and answers pings) would hold the stream and its connection for ever.
+/// A send timeout after the give-up, the connection is closed.
+#[tokio::test]
+async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let send_timeout = Duration::from_millis(500);
+    let options = Options {
+        limits: ClientLimits {
+            send_timeout,
+            ..ClientLimits::default()
+        },
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let started = Instant::now();
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"held")))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("the head needs no window");
+    assert_eq!(response.status(), StatusCode::OK);
+    // The client's connection task ends when the LB closes the connection.
+    let ended = tokio::time::timeout(BOUND, conn)
+        .await
+        .expect("the connection was not closed");
+    assert!(ended.is_ok(), "{ended:?}");
+    assert!(
+        started.elapsed() >= 2 * send_timeout,
+        "closed after {:?}, before the stream was given up and held a send timeout more",
+        started.elapsed()
+    );
+    drop(response);
+}
+
 /// The silent first runner of `lb`'s list was left: the uncommitted offer of `reply`'s call
 /// is withdrawn (its stream cancelled, not left open), and the runner is probed, not
 /// offered the next call.
