@@ -203,10 +203,9 @@ impl DevCa {
             })
             .collect::<Result<_, _>>()?;
         params.extended_key_usages = usages;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // Signing only: the key is ECDSA P-256, which signs handshakes and encrypts nothing,
+        // and RFC 8813 forbids keyEncipherment on such a key (strict verifiers refuse it).
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
         params.not_after = not_after;
         let key = KeyPair::generate()?;
@@ -444,4 +443,28 @@ fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<(), D
         .and_then(|()| file.sync_all())
         .map_err(fail)?;
     std::fs::rename(&staged, &path).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_certificate_may_only_sign() {
+        let ca = DevCa::new("test CA").expect("ca");
+        let node = ca.node(&["fn-node"]).expect("node");
+        let der = CertificateDer::from_pem_slice(node.cert_pem.as_bytes()).expect("pem");
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        let usage = cert
+            .key_usage()
+            .expect("parsable key usage")
+            .expect("a key usage extension")
+            .value;
+        assert!(usage.digital_signature(), "{usage}");
+        assert!(
+            !usage.key_encipherment(),
+            "keyEncipherment on an ECDSA key (RFC 8813): {usage}"
+        );
+        assert_eq!(usage.flags, 1, "digitalSignature alone: {usage}");
+    }
 }
