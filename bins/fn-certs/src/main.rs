@@ -25,8 +25,10 @@ struct Cli {
     /// Directory to write ca.pem, node.pem and node-key.pem into (created if missing).
     #[arg(long, env = "FN_CERTS_DIR", default_value = "deploy/certs")]
     out: PathBuf,
-    /// Extra DNS name or IP address for the node certificate (repeatable, or comma-separated).
-    #[arg(long = "san", env = "FN_CERTS_SANS", value_delimiter = ',')]
+    /// Extra DNS name or IP address for the node certificate (repeatable, or comma-separated;
+    /// blanks around a name are ignored).
+    #[arg(long = "san", env = "FN_CERTS_SANS", value_delimiter = ',',
+          value_parser = fn_tls::dev::parse_san)]
     sans: Vec<String>,
     /// Keep existing files instead of replacing them (ignored by --rotate and --ca-rollover).
     #[arg(long, env = "FN_CERTS_KEEP", default_value_t = false,
@@ -68,7 +70,7 @@ fn missing_names(node: &std::path::Path, wanted: &[String]) -> Vec<String> {
         .unwrap_or_default();
     wanted
         .iter()
-        .filter(|name| !names.contains(name))
+        .filter(|name| !names.iter().any(|n| fn_tls::dev::same_name(n, name)))
         .cloned()
         .collect()
 }

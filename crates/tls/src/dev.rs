@@ -21,6 +21,65 @@ use crate::NodeTls;
 /// Names every dev node certificate carries, so loopback tests and the demo verify.
 pub const DEFAULT_SANS: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
+/// A name for a node certificate, as an operator types it, in the form the certificate
+/// carries: surrounding blanks trimmed (`FN_CERTS_SANS="fn-node, npm"`), an IP address in
+/// its canonical form (`2001:db8::1` for `2001:0db8::1`, as it reads back from a
+/// certificate), a DNS name in lower case without its trailing dot (webpki ignores a name
+/// with one). A name no client could dial is refused here, once, rather than written into a
+/// certificate every peer then quietly fails to match.
+///
+/// # Errors
+/// A message naming the input and what is wrong with it.
+pub fn parse_san(input: &str) -> Result<String, String> {
+    let name = input.trim();
+    if name.is_empty() {
+        return Err(format!(
+            "{input:?}: an empty name (a stray comma?): give DNS names or IP addresses"
+        ));
+    }
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    // A wildcard stands for one label of the name after it, which must be a name itself.
+    let (wildcard, dns) = match name.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", name),
+    };
+    match rustls::pki_types::ServerName::try_from(dns) {
+        Ok(rustls::pki_types::ServerName::DnsName(dns)) => {
+            Ok(format!("{wildcard}{}", dns.as_ref().to_ascii_lowercase()))
+        }
+        Ok(_) | Err(_) => Err(format!(
+            "{input:?} is not a DNS name or an IP address: use letters, digits, '-' and '.' \
+             (e.g. fn-node, runner-1.internal, 10.0.0.7, 2001:db8::1)"
+        )),
+    }
+}
+
+/// Whether two names from [`parse_san`] or a certificate are the same name: addresses as
+/// addresses (`::1` is `0:0::1`), DNS names without regard to case.
+pub fn same_name(a: &str, b: &str) -> bool {
+    match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+        (Ok(a), Ok(b)) => a == b,
+        (Err(_), Err(_)) => a
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(b.trim_end_matches('.')),
+        _ => false,
+    }
+}
+
+/// `sans` through [`parse_san`], without the repeats.
+fn parse_sans(sans: &[&str]) -> Result<Vec<String>, DevPkiError> {
+    let mut names: Vec<String> = Vec::with_capacity(sans.len());
+    for san in sans {
+        let name = parse_san(san).map_err(DevPkiError::Name)?;
+        if !names.iter().any(|n| same_name(n, &name)) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
 /// A development certificate authority.
 pub struct DevCa {
     cert_pem: String,
@@ -194,7 +253,11 @@ impl DevCa {
         );
         params.distinguished_name = dn;
         let mut names: Vec<&str> = DEFAULT_SANS.to_vec();
-        names.extend(sans.iter().copied().filter(|s| !DEFAULT_SANS.contains(s)));
+        for san in sans {
+            if !names.iter().any(|n| same_name(n, san)) {
+                names.push(san);
+            }
+        }
         params.subject_alt_names = names
             .into_iter()
             .map(|n| match n.parse::<IpAddr>() {
@@ -259,6 +322,8 @@ pub enum DevPkiError {
     },
     #[error("{path}: not a CA certificate and key made by fn-certs: {source}")]
     Parse { path: String, source: rcgen::Error },
+    #[error("{0}")]
+    Name(String),
 }
 
 /// The files of a development PKI directory.
@@ -285,6 +350,9 @@ pub mod files {
 /// # Errors
 /// When generation fails or a file cannot be written.
 pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
+    let sans = parse_sans(sans)?;
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    let sans = sans.as_slice();
     let ca = DevCa::new("fn dev CA")?;
     write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &ca)?;
     write_file(dir, files::BUNDLE, ca.cert_pem(), PUBLIC)?;
@@ -320,17 +388,22 @@ fn remove_next_issuer(dir: &Path) -> Result<(), DevPkiError> {
 /// When the CA's files are missing or unparsable, or a file cannot be written.
 pub fn rotate_node(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
     let ca = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
-    let names = names_or_current(dir, sans);
+    let names = names_or_current(dir, sans)?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     write_node(dir, &ca, &names)
 }
 
 /// `sans`, or when there are none the names of the node certificate now in `dir` (none
 /// when it cannot be read: the defaults then).
-fn names_or_current(dir: &Path, sans: &[&str]) -> Vec<String> {
+fn names_or_current(dir: &Path, sans: &[&str]) -> Result<Vec<String>, DevPkiError> {
     if !sans.is_empty() {
-        return sans.iter().map(|s| (*s).to_owned()).collect();
+        return parse_sans(sans);
     }
+    Ok(current_names(dir))
+}
+
+/// The names of the node certificate in `dir` (none when it cannot be read).
+fn current_names(dir: &Path) -> Vec<String> {
     let Ok(pem) = std::fs::read(dir.join(files::NODE)) else {
         return Vec::new();
     };
@@ -371,7 +444,7 @@ pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), 
         }
         RolloverStep::Switch => {
             let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
-            let names = names_or_current(dir, sans);
+            let names = names_or_current(dir, sans)?;
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             write_node(dir, &next, &names)
         }
@@ -448,6 +521,51 @@ fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<(), D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_trimmed_canonical_and_checked() {
+        for (input, want) in [
+            (" npm", "npm"),
+            ("fn-node \t", "fn-node"),
+            ("Fn-Node.", "fn-node"),
+            ("2001:0db8::1", "2001:db8::1"),
+            (" 10.0.0.7 ", "10.0.0.7"),
+            ("*.fn.internal", "*.fn.internal"),
+        ] {
+            assert_eq!(parse_san(input).as_deref(), Ok(want), "{input:?}");
+        }
+        for bad in ["", "  ", "fn node", "-npm", "a..b", "*.", "npm/1"] {
+            let err = parse_san(bad).expect_err(bad);
+            assert!(
+                err.contains("empty name") || err.contains("not a DNS name or an IP address"),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(same_name("2001:db8::1", "2001:0db8:0::1"));
+        assert!(same_name("fn-node", "FN-NODE."));
+        assert!(!same_name("::1", "localhost"));
+    }
+
+    #[test]
+    fn a_certificate_carries_the_names_as_given_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_dev_pki(dir.path(), &["fn-node", " npm", "2001:0db8::1", "0:0::1"]).expect("pki");
+        let names = current_names(dir.path());
+        assert_eq!(
+            names,
+            [
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "fn-node",
+                "npm",
+                "2001:db8::1"
+            ],
+            "no blank, no repeated ::1, IPv6 as an address"
+        );
+        let err = write_dev_pki(dir.path(), &["fn-node", ""]).expect_err("an empty name");
+        assert!(err.to_string().contains("empty name"), "{err}");
+    }
 
     #[test]
     fn a_node_certificate_may_only_sign() {
