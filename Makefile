@@ -166,12 +166,13 @@ images:
 	RUSTFLAGS='-C target-feature=+crt-static' \
 	  $(CARGO) build --profile $(IMAGE_PROFILE) --config 'profile.$(IMAGE_PROFILE).strip="symbols"' --target $(IMAGE_TARGET) $(addprefix -p ,$(IMAGE_DAEMONS) $(IMAGE_FUNCTIONS))
 	rm -rf $(IMAGE_CONTEXT)
-	mkdir -p $(IMAGE_CONTEXT)/bin $(IMAGE_CONTEXT)/functions $(IMAGE_CONTEXT)/certs-root/certs
+	mkdir -p $(IMAGE_CONTEXT)/bin $(IMAGE_CONTEXT)/functions $(IMAGE_CONTEXT)/certs-root/certs $(IMAGE_CONTEXT)/issuer-root/issuer
 	cp -R docker/rootfs $(IMAGE_CONTEXT)/rootfs
 	chmod 0755 $(IMAGE_CONTEXT)/rootfs $(IMAGE_CONTEXT)/rootfs/etc
 	chmod 0644 $(IMAGE_CONTEXT)/rootfs/etc/passwd $(IMAGE_CONTEXT)/rootfs/etc/group
 	mkdir -m 1777 $(IMAGE_CONTEXT)/rootfs/tmp
 	chmod 0750 $(IMAGE_CONTEXT)/certs-root/certs
+	chmod 0700 $(IMAGE_CONTEXT)/issuer-root/issuer
 	install -m 0755 $(addprefix $(IMAGE_BIN_DIR)/,$(IMAGE_DAEMONS)) $(IMAGE_CONTEXT)/bin/
 	install -m 0755 $(addprefix $(IMAGE_BIN_DIR)/,$(IMAGE_FUNCTIONS)) $(IMAGE_CONTEXT)/functions/
 	@for image in $(IMAGES); do \

@@ -7,6 +7,9 @@ COPY rootfs/ /
 # here starts with these permissions and function code (a uid of its own per function, in
 # no group of ours) cannot read the key.
 COPY --chown=10001:10001 certs-root/ /
+# The CA's directory, for the `certs` service alone (compose mounts the `issuer` volume here):
+# owner-only, so the volume starts that way.
+COPY --chown=10001:10001 issuer-root/ /
 COPY bin/npm bin/fn-certs bin/fn-probe /usr/local/bin/
 ENV PATH=/usr/local/bin
 # Unprivileged. With FN_CONTROL_PLANE=docker it also needs the Docker socket's group

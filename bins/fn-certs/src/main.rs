@@ -9,7 +9,8 @@
 //! ```
 //! The node certificate is valid for server and client authentication, for `localhost`,
 //! `127.0.0.1`, `::1` and every `--san`. The CA's key stays in `issuer-key.pem` (owner-only),
-//! for rotation. Daemons pick up replaced files without a restart (`FN_TLS_RELOAD_INTERVAL`,
+//! for rotation, in `--issuer-dir`: a directory no daemon mounts, since whoever reads that key
+//! can pose as any node (it defaults to `--out`, for a single machine's demo). Daemons pick up replaced files without a restart (`FN_TLS_RELOAD_INTERVAL`,
 //! or SIGHUP). Production deployments bring their own PKI.
 
 use std::path::PathBuf;
@@ -25,6 +26,11 @@ struct Cli {
     /// Directory to write ca.pem, node.pem and node-key.pem into (created if missing).
     #[arg(long, env = "FN_CERTS_DIR", default_value = "deploy/certs")]
     out: PathBuf,
+    /// Directory for the CA's certificate and key, issuer.pem and issuer-key.pem (created if
+    /// missing; default: --out). Give the daemons --out and not this one: its key makes
+    /// certificates every node trusts. CA files found in --out are moved here.
+    #[arg(long, env = "FN_CERTS_ISSUER_DIR")]
+    issuer_dir: Option<PathBuf>,
     /// Extra DNS name or IP address for the node certificate (repeatable, or comma-separated;
     /// blanks around a name are ignored).
     #[arg(long = "san", env = "FN_CERTS_SANS", value_delimiter = ',',
@@ -77,6 +83,23 @@ fn missing_names(node: &std::path::Path, wanted: &[String]) -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli: Cli = fn_lifecycle::config::parse_or_exit();
+    let dirs = fn_tls::dev::Dirs {
+        nodes: &cli.out,
+        issuer: cli.issuer_dir.as_deref().unwrap_or(&cli.out),
+    };
+    match fn_tls::dev::move_issuer_out_of_nodes(dirs) {
+        Ok(moved) if !moved.is_empty() => println!(
+            "moved {} from {} to {}: no daemon needs them",
+            moved.join(", "),
+            dirs.nodes.display(),
+            dirs.issuer.display()
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: moving the CA's files to --issuer-dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if cli.keep
         && !cli.rotate
         && cli.ca_rollover.is_none()
@@ -102,7 +125,7 @@ fn main() -> ExitCode {
         println!("keeping the certificates in {}", cli.out.display());
         return ExitCode::SUCCESS;
     }
-    let issuer_key = cli.out.join("issuer-key.pem");
+    let issuer_key = dirs.issuer_key();
     if !cli.rotate && cli.ca_rollover.is_none() && !cli.force && issuer_key.exists() {
         eprintln!(
             "error: {}: a CA is already there; replacing it cuts off every daemon that trusts \
@@ -115,7 +138,7 @@ fn main() -> ExitCode {
     let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
     let dir = cli.out.display();
     let done = if cli.rotate {
-        fn_tls::dev::rotate_node(&cli.out, &sans)
+        fn_tls::dev::rotate_node_in(dirs, &sans)
             .map(|()| format!("wrote a new {dir}/node.pem and {dir}/node-key.pem from the same CA"))
     } else if let Some(step) = cli.ca_rollover {
         let (step, said) = match step {
@@ -132,13 +155,14 @@ fn main() -> ExitCode {
                 "{dir}/ca.pem now trusts the new CA only; the rollover is done",
             ),
         };
-        fn_tls::dev::ca_rollover(&cli.out, step, &sans)
+        fn_tls::dev::ca_rollover_in(dirs, step, &sans)
             .map(|()| said.replace("{dir}", &dir.to_string()))
     } else {
-        fn_tls::dev::write_dev_pki(&cli.out, &sans).map(|()| {
+        fn_tls::dev::write_dev_pki_in(dirs, &sans).map(|()| {
             format!(
-                "wrote {dir}/ca.pem, {dir}/node.pem, {dir}/node-key.pem (and the CA in {dir}/issuer*.pem)\n\
-                 export FN_NODE_CERT_AUTHORITY={dir}/ca.pem FN_NODE_CERT={dir}/node.pem FN_NODE_CERT_KEY={dir}/node-key.pem"
+                "wrote {dir}/ca.pem, {dir}/node.pem, {dir}/node-key.pem (and the CA in {}/issuer*.pem)\n\
+                 export FN_NODE_CERT_AUTHORITY={dir}/ca.pem FN_NODE_CERT={dir}/node.pem FN_NODE_CERT_KEY={dir}/node-key.pem",
+                dirs.issuer.display()
             )
         })
     };

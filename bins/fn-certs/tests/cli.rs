@@ -129,3 +129,102 @@ fn names_are_trimmed_compared_as_addresses_and_checked() {
         );
     }
 }
+
+/// The files in `dir`, sorted.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("readable")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_ca_key_stays_out_of_the_directory_the_daemons_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = tempfile::tempdir().expect("tempdir");
+    let (nodes, issuer) = (root.path().join("certs"), root.path().join("issuer"));
+    let (out, issuer_dir) = (
+        nodes.to_str().expect("utf-8"),
+        issuer.to_str().expect("utf-8"),
+    );
+    let env = [("FN_CERTS_ISSUER_DIR", issuer_dir)];
+    let node_files = ["ca.pem", "node-key.pem", "node.pem"];
+
+    assert!(fn_certs_with(&["--out", out], &env).status.success());
+    assert_eq!(listing(&nodes), node_files);
+    assert_eq!(listing(&issuer), ["issuer-key.pem", "issuer.pem"]);
+    let mode = std::fs::metadata(issuer.join("issuer-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the CA's key is its owner's alone");
+
+    // Rotation and a whole rollover find the CA there, and leave nothing of it in --out.
+    let ca = std::fs::read(nodes.join("ca.pem")).expect("ca");
+    assert!(
+        fn_certs_with(&["--out", out, "--rotate"], &env)
+            .status
+            .success()
+    );
+    assert_eq!(std::fs::read(nodes.join("ca.pem")).expect("ca"), ca);
+    for step in ["begin", "switch", "finish"] {
+        let done = fn_certs_with(&["--out", out, "--ca-rollover", step], &env);
+        assert!(done.status.success(), "{step}: {done:?}");
+        assert_eq!(listing(&nodes), node_files, "after {step}");
+    }
+    assert_ne!(std::fs::read(nodes.join("ca.pem")).expect("ca"), ca);
+
+    // Without it, the CA is not found: the CA's files are not in --out.
+    let rotate = fn_certs(&["--out", out, "--rotate"]);
+    assert!(!rotate.status.success());
+    assert!(String::from_utf8_lossy(&rotate.stderr).contains("--issuer-dir"));
+}
+
+#[test]
+fn a_ca_written_with_the_node_files_moves_to_the_issuer_dir() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (nodes, issuer) = (root.path().join("certs"), root.path().join("issuer"));
+    let (out, issuer_dir) = (
+        nodes.to_str().expect("utf-8"),
+        issuer.to_str().expect("utf-8"),
+    );
+    // As fn-certs wrote it before --issuer-dir, a rollover under way.
+    assert!(fn_certs(&["--out", out]).status.success());
+    assert!(
+        fn_certs(&["--out", out, "--ca-rollover", "begin"])
+            .status
+            .success()
+    );
+    let key = std::fs::read(nodes.join("issuer-key.pem")).expect("key");
+
+    let kept = fn_certs(&["--out", out, "--issuer-dir", issuer_dir, "--keep"]);
+    assert!(kept.status.success(), "{kept:?}");
+    assert!(String::from_utf8_lossy(&kept.stdout).contains("moved"));
+    assert_eq!(listing(&nodes), ["ca.pem", "node-key.pem", "node.pem"]);
+    assert_eq!(
+        listing(&issuer),
+        [
+            "issuer-key.pem",
+            "issuer.pem",
+            "next-issuer-key.pem",
+            "next-issuer.pem"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(issuer.join("issuer-key.pem")).expect("key"),
+        key
+    );
+    for step in ["switch", "finish"] {
+        let done = fn_certs(&[
+            "--out",
+            out,
+            "--issuer-dir",
+            issuer_dir,
+            "--ca-rollover",
+            step,
+        ]);
+        assert!(done.status.success(), "{step}: {done:?}");
+    }
+}

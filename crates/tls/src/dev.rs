@@ -314,7 +314,7 @@ pub enum DevPkiError {
         source: std::io::Error,
     },
     #[error(
-        "reading {path}: {source} (a directory made by fn-certs before rotation existed has no CA key: make a new one with `fn-certs --out DIR`)"
+        "reading {path}: {source} (the CA's files are in --issuer-dir, the --out directory unless given; a directory made by fn-certs before rotation existed has no CA key: make a new one with `fn-certs --out DIR --force`)"
     )]
     Read {
         path: String,
@@ -342,24 +342,112 @@ pub mod files {
     pub const NEXT_ISSUER_KEY: &str = "next-issuer-key.pem";
 }
 
+/// Where a development PKI lives.
+///
+/// The CA's key signs certificates every node trusts, so whoever reads it can pose as any
+/// node. The node files are mounted into every daemon (an internet-facing lb-agent among
+/// them, as the same user that owns the CA's key), so the CA's files belong in a directory
+/// of their own that only `fn-certs` sees; [`Dirs::one`] keeps them together for tests and
+/// a single machine's demo.
+#[derive(Debug, Clone, Copy)]
+pub struct Dirs<'a> {
+    /// `ca.pem`, `node.pem`, `node-key.pem`: what the daemons read.
+    pub nodes: &'a Path,
+    /// `issuer.pem`, `issuer-key.pem` and, during a CA rollover, `next-issuer*.pem`.
+    pub issuer: &'a Path,
+}
+
+impl<'a> Dirs<'a> {
+    /// Everything in `dir`.
+    pub fn one(dir: &'a Path) -> Self {
+        Dirs {
+            nodes: dir,
+            issuer: dir,
+        }
+    }
+
+    /// The CA's key, [`files::ISSUER_KEY`] in [`Dirs::issuer`].
+    pub fn issuer_key(&self) -> std::path::PathBuf {
+        self.issuer.join(files::ISSUER_KEY)
+    }
+}
+
 /// Writes a new development PKI into `dir` (created if needed): a new CA (`issuer.pem`,
 /// `issuer-key.pem`), the bundle nodes trust (`ca.pem`, that CA alone) and one node
 /// certificate (`node.pem`, `node-key.pem`) for `sans` plus [`DEFAULT_SANS`]. Point
 /// `FN_NODE_CERT_AUTHORITY`, `FN_NODE_CERT` and `FN_NODE_CERT_KEY` at the last three.
 ///
 /// # Errors
-/// When generation fails or a file cannot be written.
+/// When a name is not a DNS name or an IP address, generation fails or a file cannot be
+/// written.
 pub fn write_dev_pki(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
+    write_dev_pki_in(Dirs::one(dir), sans)
+}
+
+/// [`write_dev_pki`], with the CA's files in `dirs.issuer`.
+///
+/// # Errors
+/// As [`write_dev_pki`].
+pub fn write_dev_pki_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> {
     let sans = parse_sans(sans)?;
     let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
-    let sans = sans.as_slice();
     let ca = DevCa::new("fn dev CA")?;
-    write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &ca)?;
-    write_file(dir, files::BUNDLE, ca.cert_pem(), PUBLIC)?;
-    write_node(dir, &ca, sans)?;
+    write_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY, &ca)?;
+    write_file(dirs.nodes, files::BUNDLE, ca.cert_pem(), PUBLIC)?;
+    write_node(dirs.nodes, &ca, &sans)?;
     // A rollover begun under the CA just replaced is over: its next CA is in no bundle, and
     // a later `switch` or `finish` with it would cut every node off.
-    remove_next_issuer(dir)
+    remove_next_issuer(dirs.issuer)
+}
+
+/// Moves the CA's files from `dirs.nodes`, where fn-certs wrote them before it had
+/// `--issuer-dir`, into `dirs.issuer` when that has none, so that a stack made before
+/// keeps its CA and no longer hands its key to every daemon. Returns the files moved.
+///
+/// # Errors
+/// When a file cannot be read, written or removed.
+pub fn move_issuer_out_of_nodes(dirs: Dirs<'_>) -> Result<Vec<String>, DevPkiError> {
+    let mut moved = Vec::new();
+    if dirs.nodes == dirs.issuer {
+        return Ok(moved);
+    }
+    let issuer_files = [
+        (files::ISSUER, PUBLIC),
+        (files::ISSUER_KEY, SECRET),
+        (files::NEXT_ISSUER, PUBLIC),
+        (files::NEXT_ISSUER_KEY, SECRET),
+    ];
+    // All or none: a CA from one directory and its key from the other would not match.
+    if issuer_files
+        .iter()
+        .any(|(name, _)| dirs.issuer.join(name).exists())
+    {
+        return Ok(moved);
+    }
+    for (name, mode) in issuer_files {
+        let from = dirs.nodes.join(name);
+        let contents = match std::fs::read_to_string(&from) {
+            Ok(contents) => contents,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(DevPkiError::Read {
+                    path: from.display().to_string(),
+                    source,
+                });
+            }
+        };
+        write_file(dirs.issuer, name, &contents, mode)?;
+        moved.push(name.to_owned());
+    }
+    // Removed only once all are in their new place: a failure half-way loses nothing.
+    for name in &moved {
+        let from = dirs.nodes.join(name);
+        std::fs::remove_file(&from).map_err(|source| DevPkiError::Write {
+            path: from.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(moved)
 }
 
 /// Removes the next CA's files of a rollover, if there are any.
@@ -387,10 +475,18 @@ fn remove_next_issuer(dir: &Path) -> Result<(), DevPkiError> {
 /// # Errors
 /// When the CA's files are missing or unparsable, or a file cannot be written.
 pub fn rotate_node(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
-    let ca = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
-    let names = names_or_current(dir, sans)?;
+    rotate_node_in(Dirs::one(dir), sans)
+}
+
+/// [`rotate_node`], with the CA's files in `dirs.issuer`.
+///
+/// # Errors
+/// As [`rotate_node`].
+pub fn rotate_node_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> {
+    let ca = read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)?;
+    let names = names_or_current(dirs.nodes, sans)?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    write_node(dir, &ca, &names)
+    write_node(dirs.nodes, &ca, &names)
 }
 
 /// `sans`, or when there are none the names of the node certificate now in `dir` (none
@@ -434,25 +530,38 @@ pub enum RolloverStep {
 /// When a step's inputs are missing (e.g. `Switch` before `Begin`), unparsable, or a file
 /// cannot be written.
 pub fn ca_rollover(dir: &Path, step: RolloverStep, sans: &[&str]) -> Result<(), DevPkiError> {
+    ca_rollover_in(Dirs::one(dir), step, sans)
+}
+
+/// [`ca_rollover`], with the CA's files in `dirs.issuer`.
+///
+/// # Errors
+/// As [`ca_rollover`].
+pub fn ca_rollover_in(
+    dirs: Dirs<'_>,
+    step: RolloverStep,
+    sans: &[&str],
+) -> Result<(), DevPkiError> {
+    let Dirs { nodes, issuer } = dirs;
     match step {
         RolloverStep::Begin => {
-            let old = read_issuer(dir, files::ISSUER, files::ISSUER_KEY)?;
+            let old = read_issuer(issuer, files::ISSUER, files::ISSUER_KEY)?;
             let next = DevCa::new("fn dev CA (next)")?;
-            write_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY, &next)?;
+            write_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY, &next)?;
             let bundle = format!("{}{}", old.cert_pem(), next.cert_pem());
-            write_file(dir, files::BUNDLE, &bundle, PUBLIC)
+            write_file(nodes, files::BUNDLE, &bundle, PUBLIC)
         }
         RolloverStep::Switch => {
-            let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
-            let names = names_or_current(dir, sans)?;
+            let next = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
+            let names = names_or_current(nodes, sans)?;
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            write_node(dir, &next, &names)
+            write_node(nodes, &next, &names)
         }
         RolloverStep::Finish => {
-            let next = read_issuer(dir, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
-            write_issuer(dir, files::ISSUER, files::ISSUER_KEY, &next)?;
-            write_file(dir, files::BUNDLE, next.cert_pem(), PUBLIC)?;
-            remove_next_issuer(dir)
+            let next = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
+            write_issuer(issuer, files::ISSUER, files::ISSUER_KEY, &next)?;
+            write_file(nodes, files::BUNDLE, next.cert_pem(), PUBLIC)?;
+            remove_next_issuer(issuer)
         }
     }
 }
