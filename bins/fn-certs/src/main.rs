@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fn_tls::dev::RolloverStep;
+use fn_tls::dev::{Dirs, RolloverStep, files};
 
 /// Generate a development CA and node certificate for the dataplane's mutual TLS.
 #[derive(Debug, Parser)]
@@ -81,9 +81,73 @@ fn missing_names(node: &std::path::Path, wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Before a new CA is made: `Ok(Some(what was done))` when `--keep` kept the files there,
+/// `Err(why not, and what to do)` when they must not be replaced, `Ok(None)` to make it. An
+/// operator's own `ca.pem` and node files count as much as a CA of ours: replacing them cuts
+/// off every daemon that trusts that CA.
+fn keep_or_refuse(cli: &Cli, dirs: Dirs<'_>) -> Result<Option<String>, String> {
+    let node_files = [files::BUNDLE, files::NODE, files::NODE_KEY];
+    let (present, absent): (Vec<&str>, Vec<&str>) = node_files
+        .iter()
+        .partition(|f| dirs.nodes.join(f).is_file());
+    let issuer_key = dirs.issuer_key();
+    if cli.keep && absent.is_empty() {
+        // Kept only if they serve: a certificate without a name asked for would be refused by
+        // every peer that dials the node by it.
+        let missing = missing_names(&dirs.nodes.join(files::NODE), &cli.sans);
+        if !missing.is_empty() {
+            return Err(format!(
+                "{}/node.pem lacks {}: peers dialling by it would refuse it. Run \
+                 `fn-certs --out {} --rotate --san {}` for a new node certificate from the same \
+                 CA, or remove the directory",
+                dirs.nodes.display(),
+                missing.join(", "),
+                dirs.nodes.display(),
+                cli.sans.join(" --san ")
+            ));
+        }
+        return Ok(Some(format!(
+            "keeping the certificates in {}",
+            dirs.nodes.display()
+        )));
+    }
+    let mut there: Vec<String> = present
+        .iter()
+        .map(|f| dirs.nodes.join(f).display().to_string())
+        .collect();
+    if issuer_key.exists() {
+        there.push(issuer_key.display().to_string());
+    }
+    if cli.force || there.is_empty() {
+        return Ok(None);
+    }
+    if cli.keep {
+        let rotate = if present.contains(&files::BUNDLE) && issuer_key.exists() {
+            "run --rotate for a new node certificate and key from the same CA, "
+        } else {
+            ""
+        };
+        return Err(format!(
+            "--keep: {} missing in {}, so there is no whole set to keep ({} there). Put \
+             {} back, {rotate}or use --force for a new CA and node certificate (it cuts off \
+             every daemon that trusts the CA there)",
+            absent.join(", "),
+            dirs.nodes.display(),
+            there.join(", "),
+            if absent.len() == 1 { "it" } else { "them" },
+        ));
+    }
+    Err(format!(
+        "{} already there: a new CA would replace them and cut off every daemon that trusts \
+         the one there. Use --rotate for a new node certificate, --ca-rollover to change the CA \
+         without an outage, --keep to keep the files, or --force to replace them all the same",
+        there.join(", ")
+    ))
+}
+
 fn main() -> ExitCode {
     let cli: Cli = fn_lifecycle::config::parse_or_exit();
-    let dirs = fn_tls::dev::Dirs {
+    let dirs = Dirs {
         nodes: &cli.out,
         issuer: cli.issuer_dir.as_deref().unwrap_or(&cli.out),
     };
@@ -100,40 +164,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if cli.keep
-        && !cli.rotate
-        && cli.ca_rollover.is_none()
-        && ["ca.pem", "node.pem", "node-key.pem"]
-            .iter()
-            .all(|f| cli.out.join(f).is_file())
-    {
-        // Kept only if they serve: a certificate without a name asked for would be refused by
-        // every peer that dials the node by it.
-        let missing = missing_names(&cli.out.join("node.pem"), &cli.sans);
-        if !missing.is_empty() {
-            eprintln!(
-                "error: {}/node.pem lacks {}: peers dialling by it would refuse it. Run \
-                 `fn-certs --out {} --rotate --san {}` for a new node certificate from the same \
-                 CA, or remove the directory",
-                cli.out.display(),
-                missing.join(", "),
-                cli.out.display(),
-                cli.sans.join(" --san ")
-            );
-            return ExitCode::FAILURE;
+    if !cli.rotate && cli.ca_rollover.is_none() {
+        match keep_or_refuse(&cli, dirs) {
+            Ok(None) => {}
+            Ok(Some(said)) => {
+                println!("{said}");
+                return ExitCode::SUCCESS;
+            }
+            Err(said) => {
+                eprintln!("error: {said}");
+                return ExitCode::FAILURE;
+            }
         }
-        println!("keeping the certificates in {}", cli.out.display());
-        return ExitCode::SUCCESS;
-    }
-    let issuer_key = dirs.issuer_key();
-    if !cli.rotate && cli.ca_rollover.is_none() && !cli.force && issuer_key.exists() {
-        eprintln!(
-            "error: {}: a CA is already there; replacing it cuts off every daemon that trusts \
-             it. Use --rotate for a new node certificate, --ca-rollover to change the CA without \
-             an outage, --keep to keep the files, or --force to replace them all the same",
-            issuer_key.display()
-        );
-        return ExitCode::FAILURE;
     }
     let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
     let dir = cli.out.display();

@@ -228,3 +228,42 @@ fn a_ca_written_with_the_node_files_moves_to_the_issuer_dir() {
         assert!(done.status.success(), "{step}: {done:?}");
     }
 }
+
+#[test]
+fn node_files_without_a_ca_of_ours_are_replaced_only_with_force() {
+    // An operator's own set: ca.pem, node.pem and node-key.pem, no issuer-key.pem.
+    let made = tempfile::tempdir().expect("tempdir");
+    let issuer = tempfile::tempdir().expect("tempdir");
+    let out = made.path().to_str().expect("utf-8");
+    let issuer_dir = issuer.path().to_str().expect("utf-8");
+    assert!(
+        fn_certs(&["--out", out, "--issuer-dir", issuer_dir])
+            .status
+            .success()
+    );
+    drop(issuer);
+    let ca = std::fs::read(made.path().join("ca.pem")).expect("ca");
+
+    let again = fn_certs(&["--out", out]);
+    assert!(!again.status.success(), "an operator's set was replaced");
+    let said = String::from_utf8_lossy(&again.stderr);
+    for named in ["ca.pem", "node.pem", "node-key.pem", "--force", "--keep"] {
+        assert!(said.contains(named), "{named}: {said}");
+    }
+    assert_eq!(std::fs::read(made.path().join("ca.pem")).expect("ca"), ca);
+
+    // One file gone: --keep has no whole set, and says so rather than suggest --keep.
+    std::fs::remove_file(made.path().join("node-key.pem")).expect("rm");
+    let kept = fn_certs(&["--out", out, "--keep"]);
+    assert!(!kept.status.success(), "kept half a set");
+    let said = String::from_utf8_lossy(&kept.stderr);
+    assert!(
+        said.contains("node-key.pem missing") && said.contains("--force"),
+        "{said}"
+    );
+    assert!(!said.contains("--keep to keep"), "{said}");
+    assert_eq!(std::fs::read(made.path().join("ca.pem")).expect("ca"), ca);
+
+    assert!(fn_certs(&["--out", out, "--force"]).status.success());
+    assert_ne!(std::fs::read(made.path().join("ca.pem")).expect("ca"), ca);
+}
