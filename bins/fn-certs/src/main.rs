@@ -92,8 +92,26 @@ fn keep_or_refuse(cli: &Cli, dirs: Dirs<'_>) -> Result<Option<String>, String> {
         .partition(|f| dirs.nodes.join(f).is_file());
     let issuer_key = dirs.issuer_key();
     if cli.keep && absent.is_empty() {
-        // Kept only if they serve: a certificate without a name asked for would be refused by
-        // every peer that dials the node by it.
+        // Kept only if they serve: peers refuse a certificate expired, mismatched or from
+        // another CA, and one a year old (all of them are) stops a stack that keeps it.
+        if let Some(why) = fn_tls::dev::kept_needs_renewal(dirs.nodes).map_err(|e| e.to_string())? {
+            if !issuer_key.exists() {
+                return Err(format!(
+                    "--keep: {why}. The CA's key to renew it, {}, is not there: put it back \
+                     (--issuer-dir names its directory) and run again, or use --force for a new \
+                     CA and node certificate (every daemon must then get the new ca.pem)",
+                    issuer_key.display()
+                ));
+            }
+            let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
+            fn_tls::dev::renew_node_in(dirs, &sans).map_err(|e| e.to_string())?;
+            let dir = dirs.nodes.display();
+            return Ok(Some(format!(
+                "renewed {dir}/node.pem and {dir}/node-key.pem from the same CA: {why}"
+            )));
+        }
+        // A certificate without a name asked for would be refused by every peer that dials
+        // the node by it.
         let missing = missing_names(&dirs.nodes.join(files::NODE), &cli.sans);
         if !missing.is_empty() {
             return Err(format!(

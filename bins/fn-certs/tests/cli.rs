@@ -267,3 +267,137 @@ fn node_files_without_a_ca_of_ours_are_replaced_only_with_force() {
     assert!(fn_certs(&["--out", out, "--force"]).status.success());
     assert_ne!(std::fs::read(made.path().join("ca.pem")).expect("ca"), ca);
 }
+
+/// A PKI made by fn-certs in `root`/certs with its CA in `root`/issuer, for `fn-node`.
+fn made_in(root: &std::path::Path) -> (String, String, fn_tls::dev::DevCa) {
+    let (nodes, issuer) = (root.join("certs"), root.join("issuer"));
+    let (out, issuer_dir) = (
+        nodes.to_str().expect("utf-8").to_owned(),
+        issuer.to_str().expect("utf-8").to_owned(),
+    );
+    let made = fn_certs(&[
+        "--out",
+        &out,
+        "--issuer-dir",
+        &issuer_dir,
+        "--san",
+        "fn-node",
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    let read = |f: &str| std::fs::read_to_string(issuer.join(f)).expect("issuer file");
+    let ca = fn_tls::dev::DevCa::from_pem(&read("issuer.pem"), &read("issuer-key.pem"))
+        .expect("the CA fn-certs wrote");
+    (out, issuer_dir, ca)
+}
+
+/// Whether the files in `dir` make a set peers accept, valid for more than 300 days and for
+/// `fn-node`: the key matches, and the certificate verifies under `ca.pem` as a client's.
+fn serves_for_a_while(dir: &std::path::Path) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("file");
+    let Ok(tls) = fn_tls::NodeTls::from_pem(read("node.pem"), read("node-key.pem"), read("ca.pem"))
+    else {
+        return false;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read("ca.pem")) {
+        roots.add(ca.expect("a CA")).expect("usable CA");
+    }
+    let provider = std::sync::Arc::new(fn_tls::crypto_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .expect("verifier");
+    let node = CertificateDer::from_pem_slice(&read("node.pem")).expect("node");
+    let year = std::time::SystemTime::now() + std::time::Duration::from_secs(300 * 24 * 3600);
+    verifier
+        .verify_client_cert(&node, &[], UnixTime::now())
+        .is_ok()
+        && tls.not_after() > year
+        && names(dir).iter().any(|n| n == "fn-node")
+}
+
+/// A node certificate and key, PEM encoded, made from the CA and another one.
+type BadSet = fn(&fn_tls::dev::DevCa, &fn_tls::dev::DevCa) -> (String, String);
+
+#[test]
+fn keep_renews_a_node_certificate_peers_would_refuse_or_soon_will() {
+    let other_ca = fn_tls::dev::DevCa::new("another CA").expect("ca");
+    let cases: [(&str, BadSet); 4] = [
+        ("expired", |ca, _| {
+            let n = ca.expired_node(&["fn-node"]).expect("node");
+            (n.cert_pem, n.key_pem)
+        }),
+        ("within 30 days", |ca, _| {
+            let n = ca.node_expiring_in(&["fn-node"], 10).expect("node");
+            (n.cert_pem, n.key_pem)
+        }),
+        ("does not match", |ca, _| {
+            let (a, b) = (
+                ca.node(&["fn-node"]).expect("a"),
+                ca.node(&["fn-node"]).expect("b"),
+            );
+            (a.cert_pem, b.key_pem)
+        }),
+        ("not valid under the CA bundle", |_, other| {
+            let n = other.node(&["fn-node"]).expect("node");
+            (n.cert_pem, n.key_pem)
+        }),
+    ];
+    for (why, bad) in cases {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (out, issuer_dir, ca) = made_in(root.path());
+        let nodes = root.path().join("certs");
+        let bundle = std::fs::read(nodes.join("ca.pem")).expect("ca");
+        let (cert, key) = bad(&ca, &other_ca);
+        std::fs::write(nodes.join("node.pem"), cert).expect("write");
+        std::fs::write(nodes.join("node-key.pem"), key).expect("write");
+        assert!(!serves_for_a_while(&nodes), "{why}: the broken set serves");
+
+        let kept = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+        assert!(kept.status.success(), "{why}: {kept:?}");
+        let said = String::from_utf8_lossy(&kept.stdout);
+        assert!(
+            said.contains("renewed") && said.contains(why),
+            "{why}: {said}"
+        );
+        assert!(serves_for_a_while(&nodes), "{why}: not renewed");
+        assert_eq!(
+            std::fs::read(nodes.join("ca.pem")).expect("ca"),
+            bundle,
+            "{why}: same CA"
+        );
+    }
+}
+
+#[test]
+fn keep_without_the_ca_key_refuses_a_certificate_it_cannot_renew() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (out, issuer_dir, ca) = made_in(root.path());
+    let nodes = root.path().join("certs");
+    let node = std::fs::read(nodes.join("node.pem")).expect("node");
+
+    // A good one is kept as it is.
+    let kept = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+    assert!(
+        String::from_utf8_lossy(&kept.stdout).contains("keeping"),
+        "{kept:?}"
+    );
+    assert_eq!(std::fs::read(nodes.join("node.pem")).expect("node"), node);
+
+    let expired = ca.expired_node(&["fn-node"]).expect("node");
+    std::fs::write(nodes.join("node.pem"), &expired.cert_pem).expect("write");
+    std::fs::write(nodes.join("node-key.pem"), &expired.key_pem).expect("write");
+    std::fs::remove_dir_all(root.path().join("issuer")).expect("rm");
+    let kept = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+    assert!(!kept.status.success(), "kept an expired certificate");
+    let said = String::from_utf8_lossy(&kept.stderr);
+    for named in ["expired", "issuer-key.pem", "--force"] {
+        assert!(said.contains(named), "{named}: {said}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(nodes.join("node.pem")).expect("node"),
+        expired.cert_pem
+    );
+}

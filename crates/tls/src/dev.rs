@@ -324,6 +324,14 @@ pub enum DevPkiError {
     Parse { path: String, source: rcgen::Error },
     #[error("{0}")]
     Name(String),
+    #[error(
+        "a node certificate from {issuer} would not verify under {bundle} ({reason}): that bundle does not hold this CA. Bring node files from the bundle's CA, or replace them all with `fn-certs --force`"
+    )]
+    Unverified {
+        issuer: String,
+        bundle: String,
+        reason: String,
+    },
 }
 
 /// The files of a development PKI directory.
@@ -566,8 +574,92 @@ pub fn ca_rollover_in(
     }
 }
 
+/// How long before its end `fn-certs --keep` renews a node certificate. Node certificates
+/// last a year and a stack's `certs` step runs at each start: a month's margin renews one
+/// at a restart well before peers refuse it, rather than keeping it until they do.
+pub const RENEW_WITHIN: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Why the node certificate in `dir` must be renewed before it is kept, or `None` when it
+/// serves as it is. It is checked as a daemon checks a replacement (valid now, its key
+/// matching, chaining to the bundle in `ca.pem`, usable by a server) and must stay valid
+/// for [`RENEW_WITHIN`] more.
+///
+/// # Errors
+/// When a file cannot be read.
+pub fn kept_needs_renewal(dir: &Path) -> Result<Option<String>, DevPkiError> {
+    use crate::material::{Check, Material, Origin};
+    let cert = dir.join(files::NODE);
+    let origin = Origin::Files {
+        cert: cert.clone(),
+        key: dir.join(files::NODE_KEY),
+        ca: dir.join(files::BUNDLE),
+    };
+    let Some(pems) = origin.read()? else {
+        return Ok(None);
+    };
+    let provider = std::sync::Arc::new(crate::crypto_provider());
+    let material = match Material::parse(pems, &origin, &provider, Check::Replacement) {
+        Ok(material) => material,
+        Err(e) => return Ok(Some(e.to_string())),
+    };
+    let left = material
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Ok((left < RENEW_WITHIN).then(|| {
+        format!(
+            "{}: expires at {}, within {} days",
+            cert.display(),
+            humantime::format_rfc3339_seconds(material.not_after),
+            RENEW_WITHIN.as_secs() / (24 * 3600)
+        )
+    }))
+}
+
+/// Replaces the node certificate and key in `dirs.nodes` with new ones from the CA in
+/// `dirs.issuer`, for the names of the certificate replaced and `sans`, as `--keep` does
+/// for one that [`kept_needs_renewal`]. Nothing is written unless the new certificate
+/// verifies under the bundle in `ca.pem`: a bundle of another CA would refuse it too.
+///
+/// # Errors
+/// When a name is invalid, the CA's files or the bundle cannot be read, the new
+/// certificate does not verify under the bundle, or a file cannot be written.
+pub fn renew_node_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> {
+    use crate::material::{Check, Material, Origin, Pems};
+    let ca = read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)?;
+    let mut names = current_names(dirs.nodes);
+    for name in parse_sans(sans)? {
+        if !names.iter().any(|n| same_name(n, &name)) {
+            names.push(name);
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let node = ca.node(&names)?;
+    let bundle = dirs.nodes.join(files::BUNDLE);
+    let pems = Pems {
+        cert: node.cert_pem.clone().into_bytes(),
+        key: node.key_pem.clone().into_bytes(),
+        ca: std::fs::read(&bundle).map_err(|source| DevPkiError::Read {
+            path: bundle.display().to_string(),
+            source,
+        })?,
+    };
+    let provider = std::sync::Arc::new(crate::crypto_provider());
+    Material::parse(pems, &Origin::Memory, &provider, Check::Replacement).map_err(|e| {
+        DevPkiError::Unverified {
+            issuer: dirs.issuer.join(files::ISSUER).display().to_string(),
+            bundle: bundle.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    write_node_cert(dirs.nodes, &node)
+}
+
 fn write_node(dir: &Path, ca: &DevCa, sans: &[&str]) -> Result<(), DevPkiError> {
-    let node = ca.node(sans)?;
+    write_node_cert(dir, &ca.node(sans)?)
+}
+
+fn write_node_cert(dir: &Path, node: &NodeCert) -> Result<(), DevPkiError> {
     // The key first: a reader between the two renames sees a mismatched pair and waits.
     // Owner and group only: functions run as other users and must not read a node's key,
     // and a daemon may read it through its group (as the images do).
