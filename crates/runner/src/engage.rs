@@ -51,9 +51,10 @@ pub struct EngageConfig {
     /// How long a new stream may take to send its `TryCall`.
     pub first_message_timeout: Duration,
     /// How long the runner waits for the LB to take the last message of a stream (a
-    /// refusal or `CallFinished`). The call's own messages are bounded by its deadline; this
-    /// bounds what comes after, so an LB that stopped reading cannot hold a stream task —
-    /// and with it a drain — forever.
+    /// refusal or `CallFinished`) when the place kept for it is gone (it is kept from the
+    /// stream's start, so this is a backstop). The call's own messages are bounded by its
+    /// deadline; this bounds what comes after, so an LB that stopped reading cannot hold a
+    /// stream task — and with it a drain — forever.
     pub final_send_timeout: Duration,
 }
 
@@ -136,13 +137,7 @@ impl RunnerService {
     /// runner's half once its first batch is ready.
     async fn open_stream<S: Inbound>(&self, inbound: S) -> Batches<RunnerMsg> {
         let (tx, rx) = mpsc::channel(8);
-        let out = Outbound {
-            tx,
-            batch: std::sync::Mutex::new(Vec::new()),
-            ack_pending: AtomicBool::new(false),
-            final_send_timeout: self.config.final_send_timeout,
-            metrics: self.metrics.clone(),
-        };
+        let out = Outbound::new(tx, self.config.final_send_timeout, self.metrics.clone());
         let this = self.clone();
         // Boxed: the stream's future is some 20 KB, which spawning would copy several times
         // over (into the task, then again when its output replaces it). Written into a box
@@ -425,6 +420,13 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// together. A failed send means the LB went away.
 struct Outbound {
     tx: mpsc::Sender<Batch<RunnerMsg>>,
+    /// A place in the channel kept for the stream's last message from the start, so that it
+    /// never waits behind the answer: a client reading a large answer slowly (or pausing
+    /// near its end) frees a place only as it reads a batch, and the last message, given up
+    /// after `final_send_timeout`, lost the answer's tail, its `eof` and `CallFinished`
+    /// while the LB still read. What the channel holds then waits for the LB, whose own
+    /// send timeout (or its connection's keepalive) ends a stream nobody reads.
+    last_slot: std::sync::Mutex<Option<mpsc::OwnedPermit<Batch<RunnerMsg>>>>,
     /// Messages queued since the last flush. `std::sync::Mutex`: only this call's task
     /// touches it, never across an await.
     batch: std::sync::Mutex<Vec<RunnerMsg>>,
@@ -442,6 +444,24 @@ struct Outbound {
 struct LbGone;
 
 impl Outbound {
+    /// The runner's half of a stream whose batches go into `tx`, still empty.
+    fn new(
+        tx: mpsc::Sender<Batch<RunnerMsg>>,
+        final_send_timeout: Duration,
+        metrics: RunnerMetrics,
+    ) -> Self {
+        Outbound {
+            // A fresh channel has room: the reservation fails only if it has no receiver,
+            // and then `send_last` finds the LB gone anyway.
+            last_slot: std::sync::Mutex::new(tx.clone().try_reserve_owned().ok()),
+            tx,
+            batch: std::sync::Mutex::new(Vec::new()),
+            ack_pending: AtomicBool::new(false),
+            final_send_timeout,
+            metrics,
+        }
+    }
+
     fn batch(&self) -> std::sync::MutexGuard<'_, Vec<RunnerMsg>> {
         // Pushes and takes only: a panic cannot leave the batch half-updated.
         self.batch
@@ -514,11 +534,28 @@ impl Outbound {
         self.tx.closed().await;
     }
 
-    /// Sends the stream's last message with whatever is queued, and ends the stream, waiting
-    /// at most `final_send_timeout` for the LB to make room for it. An LB that reads nothing
-    /// for that long is treated as gone.
+    /// Sends the stream's last message with whatever is queued, and ends the stream: into the
+    /// place kept for it (see `last_slot`), else waiting at most `final_send_timeout` for
+    /// the LB to make room. An LB that reads nothing for that long is treated as gone.
     async fn send_last(&self, body: runner_msg::Body) -> Result<(), LbGone> {
         self.queue(body);
+        let kept = self
+            .last_slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(slot) = kept {
+            if self.tx.is_closed() {
+                return Err(LbGone);
+            }
+            let messages = std::mem::take(&mut *self.batch());
+            self.ack_pending.store(false, Ordering::Relaxed);
+            drop(slot.send(Batch {
+                messages,
+                last: true,
+            }));
+            return Ok(());
+        }
         match tokio::time::timeout(self.final_send_timeout, self.send_batch(true)).await {
             Ok(sent) => sent,
             Err(_elapsed) => {
@@ -1210,5 +1247,58 @@ mod tests {
             let _ = layered.call(request(path)).await;
         }
         assert_eq!(router.0.load(Ordering::SeqCst), 3, "everything else did");
+    }
+
+    /// However full the answer has made the channel (a client reading slowly), the stream's
+    /// last message goes at once into the place kept for it, and nothing is lost.
+    #[tokio::test]
+    async fn the_last_message_never_waits_behind_the_answer() {
+        let pool = Pool::new(
+            Arc::new(FakeDriver::default()),
+            1024,
+            Duration::from_secs(1),
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = RunnerMetrics::register(&mut registry, &pool);
+        let (tx, mut rx) = mpsc::channel(8);
+        let out = Outbound::new(tx, Duration::from_secs(30), metrics);
+        // Answer batches until the channel takes no more (nobody reads it).
+        let mut sent = 0;
+        loop {
+            out.queue(runner_msg::Body::Data(DataFrame {
+                data: Bytes::from(vec![7u8; 1024]),
+                eof: false,
+            }));
+            match tokio::time::timeout(Duration::from_millis(50), out.flush()).await {
+                Ok(Ok(())) => sent += 1,
+                Ok(Err(LbGone)) => panic!("the receiver is here"),
+                Err(_full) => break,
+            }
+        }
+        assert!(sent >= 1, "no answer batch went");
+        // The tail and CallFinished: at once, although no batch was read.
+        out.queue(runner_msg::Body::Data(DataFrame {
+            data: Bytes::from_static(b"tail"),
+            eof: true,
+        }));
+        tokio::time::timeout(Duration::from_secs(1), out.finish(ErrorKind::None, "", 0))
+            .await
+            .expect("the last message waited for room");
+        drop(out);
+        let mut batches = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            batches.push(batch);
+        }
+        assert_eq!(batches.len(), sent + 1, "every answer batch, then the last");
+        let last = batches.last().expect("a last batch");
+        assert!(last.last);
+        assert!(
+            matches!(
+                last.messages.last().and_then(|m| m.body.as_ref()),
+                Some(runner_msg::Body::Finished(f)) if f.success
+            ),
+            "{:?}",
+            last.messages
+        );
     }
 }
