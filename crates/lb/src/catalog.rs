@@ -101,7 +101,8 @@ pub struct Catalog {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
+    // `.` and `..` as a path segment (`/invoke/<app>/<name>`) are removed by clients.
+    !matches!(s, "" | "." | "..")
         && s.len() <= 128
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -202,13 +203,16 @@ fn validate(
     if !valid_name(&raw.app) {
         return Err(invalid(
             "app",
-            format!("{:?} must be 1-128 of [A-Za-z0-9._-]", raw.app),
+            format!("{:?} must be 1-128 of [A-Za-z0-9._-], not . or ..", raw.app),
         ));
     }
     if !valid_name(&raw.name) {
         return Err(invalid(
             "name",
-            format!("{:?} must be 1-128 of [A-Za-z0-9._-]", raw.name),
+            format!(
+                "{:?} must be 1-128 of [A-Za-z0-9._-], not . or ..",
+                raw.name
+            ),
         ));
     }
     let route = raw.route.unwrap_or_else(|| format!("/{}", raw.name));
@@ -225,6 +229,25 @@ fn validate(
         return Err(invalid(
             "route",
             format!("{route:?} contains characters not allowed in a path"),
+        ));
+    }
+    // Clients resolve dot segments before they send a path (RFC 3986, 5.2.4): `/a/../b`
+    // arrives as `/b`, so such a route could never be called as written.
+    if route
+        .split('/')
+        .any(|segment| matches!(segment, "." | ".."))
+    {
+        return Err(invalid(
+            "route",
+            format!("{route:?} has a . or .. segment, which clients remove before they send it"),
+        ));
+    }
+    // Bytes an HTTP request target may not carry raw (`<`, `>`, a backtick...): a request
+    // for the route would be refused before it reached the catalog.
+    if route.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(invalid(
+            "route",
+            format!("{route:?} contains characters a request target may not carry"),
         ));
     }
     // A client percent-encodes anything but ASCII, and the LB decodes only the escapes of
@@ -533,6 +556,11 @@ GREETING = "Hi"
             ("route = \"nope\"", "function demo/f: field `route`"),
             ("route = \"/caf\\u00e9\"", "function demo/f: field `route`"),
             ("route = \"/a%20b\"", "function demo/f: field `route`"),
+            // Clients remove dot segments before sending; hyper refuses `<` raw.
+            ("route = \"/a/../b\"", "function demo/f: field `route`"),
+            ("route = \"/a/.\"", "function demo/f: field `route`"),
+            ("route = \"/a<b\"", "function demo/f: field `route`"),
+            ("route = \"/a`b\"", "function demo/f: field `route`"),
             ("lb_group = \"a b\"", "function demo/f: field `lb_group`"),
             (
                 "config = { \"1X\" = \"y\" }",
@@ -548,6 +576,14 @@ GREETING = "Hi"
             let msg = err.to_string();
             assert!(msg.starts_with("cat.toml: "), "{msg}");
             assert!(msg.contains(expected), "{msg} should contain {expected}");
+        }
+        for (app, name) in [("..", "f"), ("demo", "."), ("demo", "..")] {
+            let text =
+                format!("[[functions]]\napp = \"{app}\"\nname = \"{name}\"\ncommand = [\"x\"]\n");
+            let msg = Catalog::parse(Path::new("c"), &text)
+                .expect_err(&text)
+                .to_string();
+            assert!(msg.contains("must be 1-128 of"), "{msg}");
         }
         let no_command = "[[functions]]\napp = \"demo\"\nname = \"f\"\n";
         let msg = Catalog::parse(Path::new("c"), no_command)
