@@ -22,6 +22,14 @@ done
 # sits under a private one.
 FUNCTIONS=${FN_DEMO_FUNCTIONS_DIR:-${TMPDIR:-/tmp}/fn-demo-$(id -u)/functions}
 mkdir -p "$FUNCTIONS" "$DEMO/logs"
+# Under a shared /tmp another user may have made these first, and could then swap the
+# programs the runners start: use them only if they are this user's.
+for dir in "$(dirname "$FUNCTIONS")" "$FUNCTIONS"; do
+  if [ "$(stat -c %u "$dir")" != "$(id -u)" ] || [ -L "$dir" ]; then
+    echo "demo: $dir belongs to another user (or is a link); remove it or set FN_DEMO_FUNCTIONS_DIR" >&2
+    exit 1
+  fi
+done
 chmod 0755 "$(dirname "$FUNCTIONS")" "$FUNCTIONS"
 cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$FUNCTIONS/"
 "$BIN/fn-certs" --out "$DEMO/certs" --keep >/dev/null
