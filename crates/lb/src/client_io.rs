@@ -3,7 +3,10 @@
 //! - **First byte from accept.** A new connection must send its first byte within
 //!   [`ClientLimits::first_byte`] of being accepted. hyper's header timer starts only once a
 //!   request begins, so a connection that never sends a byte would otherwise stay open for
-//!   ever (as nginx's `client_header_timeout`, counted from accept).
+//!   ever (as nginx's `client_header_timeout`, counted from accept). Bytes that begin the
+//!   HTTP/2 preface (`PRI * HTTP/2.0...`) do not count until it is whole: hyper waits for
+//!   the rest of it to choose the protocol, with no timer of its own, so a client that sent
+//!   `P` and nothing more held its connection for ever.
 //! - **Send timeout.** A write that makes no progress for [`ClientLimits::send_timeout`]
 //!   fails, so a client that stops reading its answer is cut off (nginx's `send_timeout`); the
 //!   call's response body is dropped with the connection, which cancels the call.
@@ -37,16 +40,15 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyError, ResponseBody};
 use crate::connections::Registered;
@@ -93,8 +95,11 @@ impl Default for ClientLimits {
 pub struct ClientIo<S> {
     inner: S,
     limits: ClientLimits,
-    /// Armed from accept until the first byte arrives.
+    /// Armed from accept until the first byte arrives that is not part of the HTTP/2
+    /// preface, or the preface is whole.
     first_byte: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the HTTP/2 preface read so far, while the first timer is armed.
+    preface_read: usize,
     /// Armed while a write is blocked.
     stalled: Option<Pin<Box<Sleep>>>,
     /// Set once the close has begun.
@@ -132,9 +137,18 @@ pub fn stream_send_timeout(
         watchdog: watchdog.abort_handle(),
         limit,
         given_up: false,
+        rest: Bytes::new(),
     }
     .boxed_unsync()
 }
+
+/// Most bytes handed to hyper at once on an HTTP/2 stream. The send timeout runs from one
+/// frame handed over until hyper asks for the next, which it does once its send buffer has
+/// room again: with a runner's 1 MiB frames whole, a client reading steadily below some
+/// 35 KB/s was cut off as if it read nothing. In pieces of 64 KiB, the timeout fires only
+/// when the client takes less than that in the whole timeout, as over HTTP/1.1 where any
+/// progress counts.
+const STREAM_PIECE: usize = 64 * 1024;
 
 /// `StreamShared::waiting_since` when hyper is not expected to ask for a frame.
 const NOT_WAITING: u64 = u64::MAX;
@@ -164,6 +178,8 @@ struct StreamTimed {
     limit: Duration,
     /// The give-up was reported to hyper: nothing more to say.
     given_up: bool,
+    /// What is left of a data frame larger than [`STREAM_PIECE`], handed to hyper next.
+    rest: Bytes,
 }
 
 impl Drop for StreamTimed {
@@ -192,7 +208,22 @@ impl Body for StreamTimed {
             )
             .into())));
         };
-        let polled = Pin::new(inner).poll_frame(cx);
+        let polled = if this.rest.is_empty() {
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) if data.len() > STREAM_PIECE => {
+                        this.rest = data.split_off(STREAM_PIECE);
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            }
+        } else {
+            let piece = this.rest.split_to(this.rest.len().min(STREAM_PIECE));
+            Poll::Ready(Some(Ok(Frame::data(piece))))
+        };
         let waiting = match &polled {
             Poll::Ready(Some(Ok(_))) => this.shared.now_ms(),
             _ => NOT_WAITING,
@@ -202,15 +233,24 @@ impl Body for StreamTimed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared.body().as_ref().is_none_or(Body::is_end_stream)
+        self.rest.is_empty() && self.shared.body().as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.shared
+        let mut hint = self
+            .shared
             .body()
             .as_ref()
             .map(Body::size_hint)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let rest = self.rest.len() as u64;
+        if rest > 0 {
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(rest));
+            }
+            hint.set_lower(hint.lower().saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -253,6 +293,9 @@ async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: Cancella
     }
 }
 
+/// What an HTTP/2 client sends first (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 fn timer(after: Duration) -> Pin<Box<Sleep>> {
     Box::pin(tokio::time::sleep(after))
 }
@@ -262,6 +305,7 @@ impl<S> ClientIo<S> {
     pub fn new(inner: S, limits: ClientLimits) -> Self {
         ClientIo {
             first_byte: Some(timer(limits.first_byte)),
+            preface_read: 0,
             inner,
             limits,
             stalled: None,
@@ -313,7 +357,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         };
         match polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.first_byte = None;
+                let read = &buf.filled()[before..];
+                let rest = H2_PREFACE.get(this.preface_read..).unwrap_or_default();
+                if read.len() < rest.len() && rest.starts_with(read) {
+                    // Still a part of the preface: hyper waits for the rest, untimed.
+                    this.preface_read += read.len();
+                } else {
+                    this.first_byte = None;
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending if first_byte.as_mut().poll(cx).is_ready() => {
@@ -432,6 +483,37 @@ mod tests {
         let err = io.read(&mut [0u8; 16]).await.expect_err("times out");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_part_of_the_http2_preface_does_not_stop_the_first_byte_limit() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut io = ClientIo::new(server, limits());
+        let started = tokio::time::Instant::now();
+        client.write_all(b"PRI * HTTP").await.expect("writes");
+        assert_eq!(io.read(&mut [0u8; 16]).await.expect("reads"), 10);
+        let err = tokio::time::timeout(Duration::from_secs(60), io.read(&mut [0u8; 16]))
+            .await
+            .expect("the read ends at the first-byte limit")
+            .expect_err("times out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        // The whole preface, or a byte that is not part of it, ends this layer's timing.
+        for first in [H2_PREFACE, b"PRI * HTTX"] {
+            let (server, mut client) = tokio::io::duplex(64);
+            let mut io = ClientIo::new(server, limits());
+            client.write_all(first).await.expect("writes");
+            let mut read = vec![0u8; first.len()];
+            io.read_exact(&mut read).await.expect("reads");
+            let late = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                client.write_all(b"x").await.expect("writes");
+                client
+            });
+            assert_eq!(io.read(&mut [0u8; 16]).await.expect("reads"), 1);
+            drop(late.await);
+        }
     }
 
     #[tokio::test(start_paused = true)]

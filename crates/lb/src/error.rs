@@ -39,6 +39,14 @@ pub enum CallError {
         "the request body stalled: nothing arrived for {0:?}; send the body without pauses that long"
     )]
     BodyStalled(Duration),
+    /// A transfer coding other than `chunked` (`gzip, chunked`): hyper takes the chunking
+    /// off, and the rest would reach the function still encoded with nothing to say so
+    /// (client; RFC 9112, 6.1).
+    #[error(
+        "transfer coding {0:?} is not supported; send the body with chunked alone, or name its \
+         encoding in Content-Encoding"
+    )]
+    UnsupportedTransferCoding(String),
     /// More request headers than a runner takes (client).
     #[error("{count} request headers are more than the limit of {max}")]
     TooManyHeaders { count: usize, max: usize },
@@ -86,6 +94,7 @@ impl CallError {
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CallError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             CallError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             CallError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -108,6 +117,7 @@ impl CallError {
             self,
             CallError::TooLarge { .. }
                 | CallError::BadRequest(_)
+                | CallError::UnsupportedTransferCoding(_)
                 | CallError::UriTooLong { .. }
                 | CallError::TooManyHeaders { .. }
                 | CallError::BodyStalled(_)

@@ -1541,6 +1541,62 @@ async fn an_h2_stream_whose_window_stays_shut_is_given_up_after_the_send_timeout
     assert_eq!(lb.capacity.snapshot().get("default"), Some(&128));
 }
 
+/// An HTTP/2 client reading a large answer slowly but steadily is not taken for one that
+/// reads nothing: the send timeout counts from each piece of at most 64 KiB handed to
+/// hyper, where it counted from each of the runner's frames (up to 1 MiB), whose draining
+/// alone took longer than the timeout at such a rate.
+#[tokio::test]
+async fn an_h2_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let options = Options {
+        limits: ClientLimits {
+            send_timeout: Duration::from_millis(500),
+            ..ClientLimits::default()
+        },
+        max_request_body: 4 * 1024 * 1024,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let body: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from(body.clone())))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut answer = response.into_body();
+    let mut got = Vec::new();
+    // About 16 KiB every 25 ms: some 650 KB/s, a 1 MiB frame's worth in over a second.
+    while let Some(frame) = tokio::time::timeout(BOUND, answer.frame())
+        .await
+        .expect("a frame in time")
+    {
+        let frame = frame.expect("the answer was not cut off");
+        if let Ok(data) = frame.into_data() {
+            got.extend_from_slice(&data);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "the echo is exact");
+}
+
 /// hyper holds the frame it took from a given-up stream's body until the client opens the
 /// window, and asks for nothing meanwhile, so it never resets the stream: a client that
 /// keeps it shut (and answers pings) would hold the stream and its connection for ever.
@@ -3268,6 +3324,34 @@ async fn headers_the_clients_connection_header_names_do_not_reach_the_function()
         reply.headers.get("x-echo-secret").is_none(),
         "a connection-nominated header reached the function: {reply:?}"
     );
+}
+
+/// hyper takes the chunking off a `gzip, chunked` body and nothing else: the function would
+/// get gzip with nothing to say so. A transfer coding other than `chunked` gets 501 and
+/// reaches no runner (RFC 9112, 6.1); `chunked` alone is served.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for coding in ["gzip, chunked", "GZIP,chunked", "x-custom, chunked"] {
+        let head = raw_head(
+            &lb.address,
+            &format!(
+                "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 501"), "{coding}: {head}");
+    }
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+    let head = raw_head(
+        &lb.address,
+        "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(runners[0].seen().len(), 1);
 }
 
 /// The `Host` header becomes part of the URL the function sees, so it must be a host and
