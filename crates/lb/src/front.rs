@@ -26,6 +26,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, heade
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -308,7 +309,10 @@ impl Front {
             let front = Arc::clone(&self);
             let registered = Arc::new(registered);
             let on_conn = Arc::clone(&registered);
-            let service = service_fn(move |req: Request<Incoming>| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                if let Some(upgrade) = req.extensions_mut().remove::<OnUpgrade>() {
+                    tokio::spawn(close_after_upgrade(upgrade));
+                }
                 let front = Arc::clone(&front);
                 let busy = on_conn.busy();
                 let stuck = on_conn.stuck();
@@ -448,6 +452,24 @@ impl Client {
             }
         }
         metrics.connection_closed();
+    }
+}
+
+/// Shuts down, with the lingering close, a connection hyper hands over at its end.
+///
+/// hyper takes a request with `Upgrade:` (`curl --http2` sends `Upgrade: h2c`) or a CONNECT
+/// as one that may take the connection over, and at the connection's end hands the socket
+/// to whoever holds the request's [`OnUpgrade`] instead of shutting it down. The LB upgrades
+/// to nothing, so the socket was dropped unshut: the lingering close never ran, and a
+/// client still sending its body (a 413, a 404) got a reset instead of the answer.
+async fn close_after_upgrade(upgrade: OnUpgrade) {
+    use tokio::io::AsyncWriteExt;
+    // An error: the connection ended otherwise (hyper shut it down itself), nothing to do.
+    if let Ok(upgraded) = upgrade.await {
+        let mut io = TokioIo::new(upgraded);
+        if let Err(e) = io.shutdown().await {
+            tracing::debug!(error = %e, "closing a connection after an Upgrade request");
+        }
     }
 }
 

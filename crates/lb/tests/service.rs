@@ -2103,12 +2103,24 @@ async fn finished_calls_end_their_streams_cleanly_and_the_connection_survives_th
 /// POSTs to `path` over a raw connection, declaring `declared` body bytes and writing
 /// `sent` of them before it reads; the whole answer, read to the connection's end, bounded.
 async fn raw_post(address: &str, path: &str, declared: usize, sent: usize) -> String {
+    raw_post_with(address, path, "", declared, sent).await
+}
+
+/// [`raw_post`] with `extra` header lines (each ending in CRLF).
+async fn raw_post_with(
+    address: &str,
+    path: &str,
+    extra: &str,
+    declared: usize,
+    sent: usize,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
-    let head =
-        format!("POST {path} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: {declared}\r\n\r\n");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: lb.test\r\n{extra}Content-Length: {declared}\r\n\r\n"
+    );
     let exchange = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&vec![b'x'; sent]).await?;
@@ -2133,6 +2145,22 @@ async fn a_client_that_sends_its_whole_oversize_body_first_still_reads_the_413()
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
     let body_len = 8 * 1024 * 1024; // 8 x the limit: more than the socket buffers hold
     let text = raw_post(&lb.address, "/r/demo/echo", body_len, body_len).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(runners[0].seen().is_empty(), "no runner saw the call");
+}
+
+/// The same from a client that also asks for an upgrade (`curl --http2` sends `Upgrade:
+/// h2c`): hyper hands such a connection over at its end instead of shutting it down, and
+/// the LB now shuts it down itself, with the lingering close.
+#[tokio::test]
+async fn a_client_asking_for_an_upgrade_that_sends_its_whole_oversize_body_first_still_reads_the_413()
+ {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let body_len = 8 * 1024 * 1024;
+    let upgrade = "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+    let text = raw_post_with(&lb.address, "/r/demo/echo", upgrade, body_len, body_len).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(runners[0].seen().is_empty(), "no runner saw the call");
 }
