@@ -447,7 +447,8 @@ fn without_values(message: &str) -> String {
     if !NAMING_A_VALUE.iter().any(|p| message.starts_with(p)) {
         return message.to_owned();
     }
-    let (found, expected) = match message.find(", expected") {
+    // serde's own "expected" comes last: a value holding the words cannot move the split.
+    let (found, expected) = match message.rfind(", expected") {
         Some(at) => message.split_at(at),
         None => (message, ""),
     };
@@ -629,6 +630,8 @@ GREETING = "Hi"
             "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
              config = { PIN = 98765432 }\n",
             "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = \"x --token=s3cr3t\"\n",
+            "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
+             memory_mb = \"x, expected s3cr3t\"\n",
             "[[functions]]\napp = \"demo\"\nname = \"f\"\ncommand = [\"x\"]\n\
              memory_mb = \"s3cr3t \\\" s3cr3t\"\n",
         ];

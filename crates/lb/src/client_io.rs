@@ -30,7 +30,9 @@
 //!   and asks the body for nothing meanwhile, so it never learns of it and never resets the
 //!   stream: the stream, its frame and the connection's place stay. A stream still held a
 //!   send timeout after it was given up closes its connection (as the send timer above
-//!   closes an HTTP/1.1 one), with the calls still on it.
+//!   closes an HTTP/1.1 one): new requests on it are refused (503, `Retry-After`), and it
+//!   closes once its other calls have ended (hyper offers no GOAWAY for one connection
+//!   from outside it).
 //!
 //! Each timer is armed only while it can fire: the first-byte timer until the first byte,
 //! the send timer while a write is blocked, the linger timers while closing.

@@ -154,6 +154,25 @@ impl Registered {
         self.conn.stuck.cancelled()
     }
 
+    /// From now on every request that arrives on the connection is told it is closing
+    /// ([`Busy::is_closing`]) and starts no call.
+    pub fn refuse_new_requests(&self) {
+        self.conn.busy.fetch_or(CLOSING, Ordering::AcqRel);
+    }
+
+    /// Completes once at most one request of the connection is still being answered (the
+    /// stuck stream's), polling: a rare path, taken once per stuck connection.
+    pub async fn only_stuck_left(&self) {
+        loop {
+            let busy = self.conn.busy.load(Ordering::Acquire) & !CLOSING;
+            let ended = self.conn.unflushed.load(Ordering::Acquire);
+            if busy.saturating_sub(ended) <= 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// A request begins on this connection; it is busy until the returned guard drops.
     pub fn busy(&self) -> Busy {
         let before = self.conn.busy.fetch_add(1, Ordering::AcqRel);

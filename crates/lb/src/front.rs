@@ -59,20 +59,21 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// rather than a 431.
 const CLIENT_READ_BUFFER: usize = 128 * 1024;
 
-/// HTTP/2 flow-control window of one client stream (one call's request body): hyper's
-/// default. It is what a call whose body is not being read (placement still waiting, a
-/// function that ignores its input) holds at the LB.
-pub const CLIENT_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of one client stream (one call's request body): what a call
+/// whose body is not being read (placement still waiting, a function that ignores its
+/// input) holds at the LB. A quarter of hyper's default, so that a connection's worth
+/// ([`CLIENT_CONNECTION_WINDOW`]) stays small; an HTTP/1.1 connection holds at most its read
+/// buffer (128 KiB).
+pub const CLIENT_STREAM_WINDOW: u32 = 256 * 1024;
 
-/// Most calls one HTTP/2 client connection carries at once: hyper's default, made explicit
-/// because [`CLIENT_CONNECTION_WINDOW`] is reckoned from it.
-pub const CLIENT_MAX_STREAMS: u32 = 200;
+/// Most calls one HTTP/2 client connection carries at once (hyper's default is 200).
+pub const CLIENT_MAX_STREAMS: u32 = 100;
 
 /// HTTP/2 flow-control window of a whole client connection: room for every stream's window
-/// at once. With hyper's default (1 MiB, one stream's), one call whose body was not being
-/// read stopped the uploads of every other call on the connection (an h2c proxy's calls
-/// from many users, say), and they ended in 408. Memory is bounded per call, as over
-/// HTTP/1.1, by the stream's window.
+/// at once (25 MiB), the most request bytes one connection can leave unread at the LB. With
+/// hyper's default (1 MiB, one stream's), one call whose body was not being read stopped
+/// the uploads of every other call on the connection (an h2c proxy's calls from many users,
+/// say), and they ended in 408.
 pub const CLIENT_CONNECTION_WINDOW: u32 = CLIENT_STREAM_WINDOW * CLIENT_MAX_STREAMS;
 
 /// Routes requests to functions.
@@ -447,7 +448,13 @@ impl Client {
             () = registered.evicted() => {
                 tracing::debug!(%peer, "idle connection closed to make room (FN_MAX_CONNECTIONS)");
             }
-            () = registered.stuck_closes() => {
+            () = async {
+                registered.stuck_closes().await;
+                tracing::info!(%peer, "an HTTP/2 client kept a given-up stream's window shut; \
+                    refusing new requests on its connection and closing it once its other calls end");
+                registered.refuse_new_requests();
+                registered.only_stuck_left().await;
+            } => {
                 tracing::info!(%peer, "HTTP/2 connection closed: its client kept a stream's window shut past twice the send timeout");
             }
         }

@@ -1334,7 +1334,7 @@ async fn an_h2_call_whose_body_is_not_read_does_not_stop_the_others_on_its_conne
     tokio::time::sleep(Duration::from_millis(300)).await;
     let far = taken.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        (1024 * 1024..16 * 256 * 1024).contains(&far),
+        (256 * 1024..16 * 256 * 1024).contains(&far),
         "the first body went {far} bytes"
     );
     // More than the rest of a connection window the size of a stream's.
@@ -1600,7 +1600,8 @@ async fn an_h2_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it(
 /// hyper holds the frame it took from a given-up stream's body until the client opens the
 /// window, and asks for nothing meanwhile, so it never resets the stream: a client that
 /// keeps it shut (and answers pings) would hold the stream and its connection for ever.
-/// A send timeout after the give-up, the connection is closed.
+/// A send timeout after the give-up, the connection refuses new requests (503) and closes
+/// once its other calls have ended; a call beside the stuck one still completes.
 #[tokio::test]
 async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
     let pki = TestPki::new();
@@ -1611,31 +1612,103 @@ async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
             send_timeout,
             ..ClientLimits::default()
         },
+        max_request_body: 4 * 1024 * 1024,
         ..Options::default()
     };
     let lb = start_lb(&pki, &addresses(&runners), options).await;
     let stream = tokio::net::TcpStream::connect(&lb.address)
         .await
         .expect("connect");
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
+            .initial_stream_window_size(64 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
             .handshake(TokioIo::new(stream))
             .await
             .expect("h2 handshake");
     let started = Instant::now();
     let conn = tokio::spawn(conn);
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}/r/demo/echo", lb.address))
-        .body(Full::new(Bytes::from_static(b"held")))
-        .expect("request");
-    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+    let post = |body: http_body_util::Either<
+        Full<Bytes>,
+        StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>,
+    >| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/r/demo/echo", lb.address))
+            .body(body)
+            .expect("request")
+    };
+    // The stuck call: an answer of 1 MiB whose body this client never reads.
+    let stuck = tokio::time::timeout(
+        BOUND,
+        sender
+            .clone()
+            .send_request(post(http_body_util::Either::Left(Full::new(Bytes::from(
+                vec![1u8; 1024 * 1024],
+            ))))),
+    )
+    .await
+    .expect("in time")
+    .expect("head");
+    assert_eq!(stuck.status(), StatusCode::OK);
+    // A call beside it whose body arrives over 3 s, read in full.
+    let (feed, chunks) = tokio::sync::mpsc::channel(4);
+    let healthy = tokio::spawn(
+        sender
+            .clone()
+            .send_request(post(http_body_util::Either::Right(StreamBody::new(
+                ReceiverStream::new(chunks),
+            )))),
+    );
+    let feeder = tokio::spawn(async move {
+        for _ in 0..15 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if feed
+                .send(Ok(Frame::data(Bytes::from_static(b"0123456789"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Once the stuck stream is found, new requests on the connection are refused.
+    let mut refused = false;
+    while !feeder.is_finished() {
+        let health = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/r/demo/echo", lb.address))
+            .body(http_body_util::Either::Left(Full::new(Bytes::from_static(
+                b"probe",
+            ))))
+            .expect("request");
+        let reply = tokio::time::timeout(BOUND, sender.clone().send_request(health))
+            .await
+            .expect("in time")
+            .expect("an answer");
+        if reply.status() == StatusCode::SERVICE_UNAVAILABLE {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "no request was refused while the stuck stream was held"
+    );
+    let response = tokio::time::timeout(BOUND, healthy)
         .await
         .expect("in time")
-        .expect("the head needs no window");
+        .expect("task")
+        .expect("the call beside the stuck one was answered");
     assert_eq!(response.status(), StatusCode::OK);
-    // The client's connection task ends when the LB closes the connection.
+    let echoed = tokio::time::timeout(BOUND, response.into_body().collect())
+        .await
+        .expect("in time")
+        .expect("the call beside the stuck one was not cut off")
+        .to_bytes();
+    assert_eq!(echoed.len(), 150);
+    // Then the connection closes: the client's connection task ends.
     let ended = tokio::time::timeout(BOUND, conn)
         .await
         .expect("the connection was not closed");
@@ -1645,7 +1718,7 @@ async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
         "closed after {:?}, before the stream was given up and held a send timeout more",
         started.elapsed()
     );
-    drop(response);
+    drop(stuck);
 }
 
 /// The silent first runner of `lb`'s list was left: the uncommitted offer of `reply`'s call

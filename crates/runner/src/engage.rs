@@ -108,9 +108,10 @@ impl RunnerService {
     }
 
     /// Refuses new calls from now on, then waits until every call in flight has finished
-    /// and every stream has ended. A stream that has not sent its `TryCall` yet is refused
-    /// as draining; one whose LB stopped reading is given up on after
-    /// [`EngageConfig::final_send_timeout`].
+    /// and every stream's task has ended. A stream that has not sent its `TryCall` yet is
+    /// refused as draining; a stream's last message never waits for its LB (a place in its
+    /// channel is kept for it), so an LB that stopped reading holds no stream task. What the
+    /// channel still holds for such an LB is the server's to end (its own graceful stop).
     pub async fn drain(&self) {
         self.pool.drain();
         self.draining.cancel();

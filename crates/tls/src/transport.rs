@@ -35,9 +35,9 @@ pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// call on the connection (their acknowledgements, `Status` answers and reports are data
 /// too), and the runner read as down. Now that takes 1,024 such calls on one connection,
 /// each holding a whole stream window (2 GiB). What bounds the memory slow readers hold is
-/// [`STREAM_WINDOW`] per call, times the calls a daemon takes (`FN_MAX_CONNECTIONS` at the
-/// lb-agent, memory admission at the runner); a connection's window only stopped the other
-/// calls sooner.
+/// [`STREAM_WINDOW`] per call (plus what each end has in hand: a frame, a few queued),
+/// times the calls a daemon takes; a connection's window only stopped the other calls
+/// sooner.
 pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Streams a client connection remembers after resetting them (h2's default is 50), so that
