@@ -91,10 +91,38 @@ fn keep_or_refuse(cli: &Cli, dirs: Dirs<'_>) -> Result<Option<String>, String> {
         .iter()
         .partition(|f| dirs.nodes.join(f).is_file());
     let issuer_key = dirs.issuer_key();
+    let issuer_cert = dirs.issuer.join(files::ISSUER);
+    if cli.keep && present.is_empty() && issuer_key.exists() && issuer_cert.is_file() {
+        // The node files are gone (their volume removed) but the CA is here: new node
+        // files from it, so every daemon that trusts it keeps doing so.
+        std::fs::copy(&issuer_cert, dirs.nodes.join(files::BUNDLE))
+            .map_err(|e| format!("{}: cannot copy the CA: {e}", issuer_cert.display()))?;
+        let sans: Vec<&str> = cli.sans.iter().map(String::as_str).collect();
+        fn_tls::dev::renew_node_in(dirs, &sans).map_err(|e| e.to_string())?;
+        return Ok(Some(format!(
+            "wrote ca.pem, node.pem and node-key.pem in {} from the CA in {}",
+            dirs.nodes.display(),
+            dirs.issuer.display()
+        )));
+    }
     if cli.keep && absent.is_empty() {
         // Kept only if they serve: peers refuse a certificate expired, mismatched or from
         // another CA, and one a year old (all of them are) stops a stack that keeps it.
-        if let Some(why) = fn_tls::dev::kept_needs_renewal(dirs.nodes).map_err(|e| e.to_string())? {
+        let renewal = fn_tls::dev::kept_needs_renewal(dirs.nodes).map_err(|e| e.to_string())?;
+        if let Some(fn_tls::dev::Renewal::Soon(why)) = &renewal
+            && !issuer_key.exists()
+        {
+            // Still accepted: an operator's own set (renewed by their PKI) is theirs to renew.
+            eprintln!(
+                "fn-certs: warning: {why}; no CA key here ({}) to renew it: renew it before then",
+                issuer_key.display()
+            );
+            return Ok(Some(format!(
+                "keeping the certificates in {}",
+                dirs.nodes.display()
+            )));
+        }
+        if let Some(why) = renewal {
             if !issuer_key.exists() {
                 return Err(format!(
                     "--keep: {why}. The CA's key to renew it, {}, is not there: put it back \

@@ -401,3 +401,56 @@ fn keep_without_the_ca_key_refuses_a_certificate_it_cannot_renew() {
         expired.cert_pem
     );
 }
+
+/// A node certificate peers still accept, but that ends within 30 days, with no CA key to
+/// renew it (an operator's own, short-lived set): kept, with a warning, and the stack starts.
+#[test]
+fn keep_without_the_ca_key_keeps_a_certificate_that_ends_soon_and_warns() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (out, issuer_dir, ca) = made_in(root.path());
+    let nodes = root.path().join("certs");
+    let soon = ca.node_expiring_in(&["fn-node"], 10).expect("node");
+    std::fs::write(nodes.join("node.pem"), &soon.cert_pem).expect("write");
+    std::fs::write(nodes.join("node-key.pem"), &soon.key_pem).expect("write");
+    std::fs::remove_dir_all(root.path().join("issuer")).expect("rm");
+    let kept = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+    assert!(kept.status.success(), "{kept:?}");
+    let warned = String::from_utf8_lossy(&kept.stderr);
+    assert!(
+        warned.contains("warning") && warned.contains("within 30 days"),
+        "{warned}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(nodes.join("node.pem")).expect("node"),
+        soon.cert_pem
+    );
+}
+
+/// The node files gone (their volume removed), the CA still there: `--keep` writes new node
+/// files from it, so every daemon that trusts the CA still trusts the node.
+#[test]
+fn keep_writes_node_files_from_the_ca_when_they_are_gone() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (out, issuer_dir, _ca) = made_in(root.path());
+    let nodes = root.path().join("certs");
+    let bundle = std::fs::read(nodes.join("ca.pem")).expect("ca");
+    for file in ["ca.pem", "node.pem", "node-key.pem"] {
+        std::fs::remove_file(nodes.join(file)).expect("rm");
+    }
+    let kept = fn_certs(&[
+        "--out",
+        &out,
+        "--issuer-dir",
+        &issuer_dir,
+        "--keep",
+        "--san",
+        "fn-node",
+    ]);
+    assert!(kept.status.success(), "{kept:?}");
+    assert!(serves_for_a_while(&nodes), "no usable set written");
+    assert_eq!(
+        std::fs::read(nodes.join("ca.pem")).expect("ca"),
+        bundle,
+        "same CA"
+    );
+}

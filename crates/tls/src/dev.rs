@@ -586,7 +586,7 @@ pub const RENEW_WITHIN: std::time::Duration = std::time::Duration::from_secs(30 
 ///
 /// # Errors
 /// When a file cannot be read.
-pub fn kept_needs_renewal(dir: &Path) -> Result<Option<String>, DevPkiError> {
+pub fn kept_needs_renewal(dir: &Path) -> Result<Option<Renewal>, DevPkiError> {
     use crate::material::{Check, Material, Origin};
     let cert = dir.join(files::NODE);
     let origin = Origin::Files {
@@ -600,20 +600,37 @@ pub fn kept_needs_renewal(dir: &Path) -> Result<Option<String>, DevPkiError> {
     let provider = std::sync::Arc::new(crate::crypto_provider());
     let material = match Material::parse(pems, &origin, &provider, Check::Replacement) {
         Ok(material) => material,
-        Err(e) => return Ok(Some(e.to_string())),
+        Err(e) => return Ok(Some(Renewal::Refused(e.to_string()))),
     };
     let left = material
         .not_after
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     Ok((left < RENEW_WITHIN).then(|| {
-        format!(
+        Renewal::Soon(format!(
             "{}: expires at {}, within {} days",
             cert.display(),
             humantime::format_rfc3339_seconds(material.not_after),
             RENEW_WITHIN.as_secs() / (24 * 3600)
-        )
+        ))
     }))
+}
+
+/// Why a kept node certificate should be renewed ([`kept_needs_renewal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Peers refuse it now (expired, key not matching, not from the CA in `ca.pem`).
+    Refused(String),
+    /// Peers accept it, but not for long.
+    Soon(String),
+}
+
+impl std::fmt::Display for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Renewal::Refused(why) | Renewal::Soon(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Replaces the node certificate and key in `dirs.nodes` with new ones from the CA in
