@@ -1597,6 +1597,12 @@ async fn an_h2_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it(
     assert!(got == body, "the echo is exact");
 }
 
+/// A request body given whole, or fed a frame at a time.
+type FullOrFed = http_body_util::Either<
+    Full<Bytes>,
+    StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>,
+>;
+
 /// hyper holds the frame it took from a given-up stream's body until the client opens the
 /// window, and asks for nothing meanwhile, so it never resets the stream: a client that
 /// keeps it shut (and answers pings) would hold the stream and its connection for ever.
@@ -1628,10 +1634,7 @@ async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
             .expect("h2 handshake");
     let started = Instant::now();
     let conn = tokio::spawn(conn);
-    let post = |body: http_body_util::Either<
-        Full<Bytes>,
-        StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>,
-    >| {
+    let post = |body: FullOrFed| {
         Request::builder()
             .method(Method::POST)
             .uri(format!("http://{}/r/demo/echo", lb.address))
