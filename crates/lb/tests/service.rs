@@ -1881,21 +1881,7 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
 
     // Every call succeeds on the healthy runner; the silent one fails the calls offered to
     // it first, and after each failure its probe soon puts it back.
-    let mut calls = 0;
-    while metrics.ejections() == 0 {
-        calls += 1;
-        assert!(calls <= 30, "not ejected after {calls} calls");
-        let reply = post(&lb, "/r/demo/echo", format!("call {calls}")).await;
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert_eq!(reply.header("x-fake-runner"), "fake-1");
-        if metrics.ejections() == 0 {
-            // Let the probe bring the silent runner back, so the next offer fails again.
-            let back = Instant::now() + BOUND;
-            while !silent.is_available() && Instant::now() < back {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    call_until_ejected(&lb, &silent, &metrics).await;
     let ejected_at = Instant::now();
     assert!(silent.is_ejected() && !silent.is_available());
     assert_eq!(metrics.ejected(), 1);
@@ -1937,6 +1923,30 @@ async fn a_runner_failing_calls_in_a_row_is_ejected_gets_no_calls_and_comes_back
     assert!(reached, "the runner took no call after coming back");
 }
 
+/// Calls `lb` until `failing` (the first runner; `fake-1` is healthy) is ejected: each call
+/// succeeds on `fake-1`, and after each failure the probe is let bring `failing` back, so
+/// the next offer goes to it again.
+async fn call_until_ejected(
+    lb: &Lb,
+    failing: &fn_nodepool::RunnerClient,
+    metrics: &EjectionMetrics,
+) {
+    let mut calls = 0;
+    while metrics.ejections() == 0 {
+        calls += 1;
+        assert!(calls <= 30, "not ejected after {calls} calls");
+        let reply = post(lb, "/r/demo/echo", format!("call {calls}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.header("x-fake-runner"), "fake-1");
+        if metrics.ejections() == 0 {
+            let back = Instant::now() + BOUND;
+            while !failing.is_available() && Instant::now() < back {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
 /// A runner that ends every call's stream without acknowledging it (its call service broken,
 /// its health check passing) is ejected like one that never answers, instead of being
 /// offered every call first for as long as it runs.
@@ -1963,21 +1973,7 @@ async fn a_runner_that_hangs_up_on_every_offer_is_ejected() {
     )
     .await;
     let broken = Arc::clone(&lb.pool.runners("default")[0]);
-    let mut calls = 0;
-    while metrics.ejections() == 0 {
-        calls += 1;
-        assert!(calls <= 30, "not ejected after {calls} calls");
-        let reply = post(&lb, "/r/demo/echo", format!("call {calls}")).await;
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert_eq!(reply.header("x-fake-runner"), "fake-1");
-        if metrics.ejections() == 0 {
-            // Let the probe bring it back, so the next offer goes to it again.
-            let back = Instant::now() + BOUND;
-            while !broken.is_available() && Instant::now() < back {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    call_until_ejected(&lb, &broken, &metrics).await;
     assert!(broken.is_ejected());
     let offered = runners[0].seen().len();
     assert_eq!(offered, 3, "ejected after eject_after offers");

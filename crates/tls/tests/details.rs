@@ -8,8 +8,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fn_tls::dev::DevCa;
-use fn_tls::{DirectChannel, TlsMode, WithoutStatusDetails};
+mod common;
+
+use fn_tls::WithoutStatusDetails;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tonic::body::Body;
@@ -74,25 +75,7 @@ impl Service<http::Request<Body>> for BadDetails {
 }
 
 async fn check(in_trailers: bool) -> tonic::Status {
-    fn_tls::install_crypto_provider();
-    let ca = DevCa::new("ca").expect("ca");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr").to_string();
-    let incoming = fn_tls::grpc_incoming(
-        &TlsMode::Mutual(ca.node_tls(&[]).expect("server")),
-        listener,
-    )
-    .expect("server config");
-    tokio::spawn(
-        fn_tls::grpc_server()
-            .add_service(BadDetails { in_trailers })
-            .serve_with_incoming(incoming),
-    );
-    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
-    let channel =
-        DirectChannel::new(&mode, &address, Duration::from_secs(5)).expect("a valid address");
+    let channel = common::direct_to(|server| server.add_service(BadDetails { in_trailers })).await;
     let origin = channel.origin();
     let mut client = HealthClient::with_origin(WithoutStatusDetails(channel), origin);
     // In a task of its own, as the LB's probe is: a panic shows as a join error.

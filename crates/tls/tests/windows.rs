@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::Bytes;
-use fn_tls::dev::DevCa;
-use fn_tls::{CONNECTION_WINDOW, DirectChannel, STREAM_WINDOW, TlsMode};
+use fn_tls::{CONNECTION_WINDOW, DirectChannel, STREAM_WINDOW};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use tonic::body::Body;
@@ -105,43 +106,15 @@ impl Service<http::Request<Body>> for Flood {
 struct Setup {
     channel: DirectChannel,
     sent: Arc<AtomicU64>,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn setup() -> Setup {
-    fn_tls::install_crypto_provider();
-    let ca = DevCa::new("ca").expect("ca");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr").to_string();
-    let incoming = fn_tls::grpc_incoming(
-        &TlsMode::Mutual(ca.node_tls(&[]).expect("server")),
-        listener,
-    )
-    .expect("server config");
     let sent = Arc::new(AtomicU64::new(0));
     let service = Flood {
         sent: Arc::clone(&sent),
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        fn_tls::grpc_server()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server runs");
-    });
-    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
-    let channel =
-        DirectChannel::new(&mode, &address, Duration::from_secs(5)).expect("a valid address");
-    Setup {
-        channel,
-        sent,
-        _stop: stop,
-    }
+    let channel = common::direct_to(|server| server.add_service(service)).await;
+    Setup { channel, sent }
 }
 
 fn request(channel: &DirectChannel, method: &str, body: Body) -> http::Request<Body> {

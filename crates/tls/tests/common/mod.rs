@@ -1,5 +1,6 @@
 //! What the TLS tests share: a real tonic server (the standard health service) on loopback
-//! with the crate's own transport.
+//! with the crate's own transport. Each test file uses part of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -77,7 +78,6 @@ pub async fn check(mode: &TlsMode, address: &str) -> Result<(), String> {
 }
 
 /// One health check on a [`DirectChannel`].
-#[allow(dead_code)] // not every test file calls it
 pub async fn direct_health(channel: &DirectChannel) -> Result<(), tonic::Status> {
     HealthClient::with_origin(channel.clone(), channel.origin())
         .check(HealthCheckRequest {
@@ -85,4 +85,27 @@ pub async fn direct_health(channel: &DirectChannel) -> Result<(), tonic::Status>
         })
         .await
         .map(|_| ())
+}
+
+/// A server of `route`'s services (`route` adds them to the builder) with mutual TLS on
+/// loopback, and a [`DirectChannel`] to it from another node of the same CA. The server
+/// stops with the test's runtime.
+pub async fn direct_to(
+    route: impl FnOnce(&mut tonic::transport::Server) -> tonic::transport::server::Router,
+) -> DirectChannel {
+    fn_tls::install_crypto_provider();
+    let ca = fn_tls::dev::DevCa::new("ca").expect("ca");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let incoming = fn_tls::grpc_incoming(
+        &TlsMode::Mutual(ca.node_tls(&[]).expect("server")),
+        listener,
+    )
+    .expect("server config");
+    let router = route(&mut fn_tls::grpc_server());
+    tokio::spawn(router.serve_with_incoming(incoming));
+    let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
+    DirectChannel::new(&mode, &address, Duration::from_secs(5)).expect("a valid address")
 }
