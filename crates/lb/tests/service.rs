@@ -290,6 +290,37 @@ async fn h2c(address: &str) -> hyper::client::conn::http2::SendRequest<Full<Byte
     sender
 }
 
+/// [`h2c`] with the client's own flow-control windows (`None`: hyper's), and the task that
+/// drives the connection (it ends when the connection does).
+async fn h2c_windows<B>(
+    address: &str,
+    stream_window: u32,
+    connection_window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let mut builder =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.initial_stream_window_size(stream_window);
+    if let Some(window) = connection_window {
+        builder.initial_connection_window_size(window);
+    }
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
 fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
@@ -1455,16 +1486,7 @@ async fn an_h2_stream_whose_window_stays_shut_is_given_up_after_the_send_timeout
         ..Options::default()
     };
     let lb = start_lb(&pki, &addresses(&runners), options).await;
-    let stream = tokio::net::TcpStream::connect(&lb.address)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake(TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c_windows(&lb.address, 0, None).await;
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/r/demo/echo", lb.address))
@@ -1558,17 +1580,7 @@ async fn an_h2_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it(
         ..Options::default()
     };
     let lb = start_lb(&pki, &addresses(&runners), options).await;
-    let stream = tokio::net::TcpStream::connect(&lb.address)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .initial_connection_window_size(16 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c_windows(&lb.address, 16 * 1024, Some(16 * 1024)).await;
     let body: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let req = Request::builder()
         .method(Method::POST)
@@ -1622,18 +1634,8 @@ async fn an_h2_stream_kept_shut_after_it_was_given_up_closes_its_connection() {
         ..Options::default()
     };
     let lb = start_lb(&pki, &addresses(&runners), options).await;
-    let stream = tokio::net::TcpStream::connect(&lb.address)
-        .await
-        .expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(64 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
     let started = Instant::now();
-    let conn = tokio::spawn(conn);
+    let (sender, conn) = h2c_windows(&lb.address, 64 * 1024, Some(16 * 1024 * 1024)).await;
     let post = |body: FullOrFed| {
         Request::builder()
             .method(Method::POST)
