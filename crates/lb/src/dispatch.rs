@@ -366,30 +366,35 @@ impl Dispatcher {
                     unavailable += 1;
                     continue; // a placeholder never takes a call
                 }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(no_capacity(attempts));
+                }
                 attempts += 1;
                 asked += 1;
                 self.attempts.inc();
-                let bound = attempt_bound(deadline.saturating_duration_since(Instant::now()));
-                let tried =
-                    tokio::time::timeout_at(deadline, runner.try_call_within(call, early, bound))
-                        .await;
+                // Bounded by the offer itself, never past the deadline; not cut from outside
+                // as well, or an offer given up at the deadline would not be counted against
+                // a runner that answers no short offer (the two timers fire in either order).
+                let tried = runner
+                    .try_call_within(call, early, attempt_bound(left))
+                    .await;
                 match tried {
-                    Err(_) => return Err(no_capacity(attempts)),
-                    Ok(Ok(engaged)) => {
+                    Ok(engaged) => {
                         return Ok(Placed {
                             engaged,
                             attempts,
                             waited: started.elapsed(),
                         });
                     }
-                    Ok(Err(TryCallError::Unsendable { address, reason })) => {
+                    Err(TryCallError::Unsendable { address, reason }) => {
                         // The call's own: no runner can take it.
                         return Err(CallError::Unrunnable {
                             runner: address,
                             details: reason,
                         });
                     }
-                    Ok(Err(e)) if e.is_invalid_call() => {
+                    Err(e) if e.is_invalid_call() => {
                         invalid += 1;
                         tracing::debug!(error = %e, "runner refused the call as invalid; trying the next");
                         let (runner, details) = e.refusal().unwrap_or_default();
@@ -398,11 +403,11 @@ impl Dispatcher {
                             details: details.to_owned(),
                         });
                     }
-                    Ok(Err(e)) if e.is_too_large() => {
+                    Err(e) if e.is_too_large() => {
                         too_small += 1;
                         tracing::debug!(error = %e, "runner too small for the call; trying the next");
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         refused_for_room |= matches!(e, TryCallError::Refused { .. });
                         tracing::debug!(error = %e, "not placed; trying the next runner");
                     }
