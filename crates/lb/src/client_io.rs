@@ -50,10 +50,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyError, ResponseBody};
-use crate::connections::Registered;
+use crate::connections::{Registered, Stuck};
 
 /// The bounds of a client connection; see the module docs.
 #[derive(Debug, Clone)]
@@ -123,11 +122,7 @@ struct Linger {
 /// `body` as the answer of an HTTP/2 stream, given up when hyper, having taken a frame of
 /// it, asks for none for `limit` (see the module docs). Costs a task per stream, aborted
 /// with the body.
-pub fn stream_send_timeout(
-    body: ResponseBody,
-    limit: Duration,
-    stuck: CancellationToken,
-) -> ResponseBody {
+pub fn stream_send_timeout(body: ResponseBody, limit: Duration, stuck: Stuck) -> ResponseBody {
     let shared = Arc::new(StreamShared {
         body: Mutex::new(Some(body)),
         started: Instant::now(),
@@ -256,9 +251,10 @@ impl Body for StreamTimed {
     }
 }
 
-/// Gives the stream up once it has waited `limit` for hyper to take its next frame; cancels
-/// `stuck` (its connection is to close) if hyper still holds it `limit` after that.
-async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: CancellationToken) {
+/// Gives the stream up once it has waited `limit` for hyper to take its next frame; reports
+/// it `stuck` (its connection is to close) if hyper still holds it `limit` after that, until
+/// the body is dropped (which aborts this task).
+async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: Stuck) {
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     let mut next_look = limit;
     loop {
@@ -291,7 +287,9 @@ async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: Cancella
             ?limit,
             "an HTTP/2 client kept a given-up stream's window shut; closing its connection"
         );
-        stuck.cancel();
+        let _held = stuck.hold();
+        drop(weak);
+        std::future::pending::<()>().await;
     }
 }
 

@@ -49,6 +49,8 @@ struct Conn {
     /// Cancelled when an HTTP/2 stream of the connection is stuck (see
     /// [`crate::client_io::stream_send_timeout`]): the connection is to be closed.
     stuck: CancellationToken,
+    /// Of `busy`, the streams found stuck that hyper still holds.
+    stuck_streams: AtomicUsize,
 }
 
 /// Every open connection is answering a request, and the cap is reached.
@@ -143,13 +145,16 @@ impl Registered {
         self.conn.close.cancelled()
     }
 
-    /// Cancel it to have the connection closed, with whatever it is answering: an HTTP/2
-    /// stream that its client keeps stuck holds the connection otherwise.
-    pub fn stuck(&self) -> CancellationToken {
-        self.conn.stuck.clone()
+    /// What an HTTP/2 stream of the connection that its client keeps stuck reports, to
+    /// have the connection closed once its other requests have ended: a stuck stream holds
+    /// the connection otherwise.
+    pub fn stuck(&self) -> Stuck {
+        Stuck {
+            conn: Arc::clone(&self.conn),
+        }
     }
 
-    /// Completes once [`Registered::stuck`]'s token is cancelled.
+    /// Completes once a stream has reported itself stuck ([`Stuck::hold`]).
     pub fn stuck_closes(&self) -> WaitForCancellationFuture<'_> {
         self.conn.stuck.cancelled()
     }
@@ -160,13 +165,14 @@ impl Registered {
         self.conn.busy.fetch_or(CLOSING, Ordering::AcqRel);
     }
 
-    /// Completes once at most one request of the connection is still being answered (the
-    /// stuck stream's), polling: a rare path, taken once per stuck connection.
+    /// Completes once the only requests of the connection still being answered are stuck
+    /// streams, polling: a rare path, taken once per stuck connection.
     pub async fn only_stuck_left(&self) {
         loop {
             let busy = self.conn.busy.load(Ordering::Acquire) & !CLOSING;
             let ended = self.conn.unflushed.load(Ordering::Acquire);
-            if busy.saturating_sub(ended) <= 1 {
+            let stuck = self.conn.stuck_streams.load(Ordering::Acquire);
+            if busy.saturating_sub(ended) <= stuck {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -180,6 +186,37 @@ impl Registered {
             conn: Arc::clone(&self.conn),
             closing: before & CLOSING != 0,
         }
+    }
+}
+
+/// Reports the HTTP/2 streams of one connection that are stuck; see [`Registered::stuck`].
+#[derive(Debug, Clone)]
+pub struct Stuck {
+    conn: Arc<Conn>,
+}
+
+impl Stuck {
+    /// A stream was given up and hyper still holds it, for a window its client keeps shut:
+    /// the connection is to close once its other requests have ended. The stream counts as
+    /// stuck until the returned guard drops (when hyper lets the stream go).
+    pub fn hold(&self) -> StuckStream {
+        self.conn.stuck_streams.fetch_add(1, Ordering::AcqRel);
+        self.conn.stuck.cancel();
+        StuckStream {
+            conn: Arc::clone(&self.conn),
+        }
+    }
+}
+
+/// One stuck stream; see [`Stuck::hold`].
+#[derive(Debug)]
+pub struct StuckStream {
+    conn: Arc<Conn>,
+}
+
+impl Drop for StuckStream {
+    fn drop(&mut self) {
+        self.conn.stuck_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
