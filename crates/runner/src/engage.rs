@@ -643,6 +643,21 @@ enum InboundError {
     Gone(String),
 }
 
+impl InboundError {
+    /// What an error reading the LB's stream means: an oversize (tonic says `OUT_OF_RANGE`
+    /// past the decoding limit) or undecodable message is the LB breaking the contract; a
+    /// cancelled or reset stream means it is gone.
+    fn of(status: &Status) -> Self {
+        let reason = format!("{}: {}", status.code(), status.message());
+        match status.code() {
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal => {
+                InboundError::Protocol(reason)
+            }
+            _ => InboundError::Gone(reason),
+        }
+    }
+}
+
 impl RunnerService {
     async fn handle_stream<S: Inbound>(self, mut inbound: S, out: Outbound) {
         // 1. The first message must be a TryCall, and must come soon. Once a drain starts,
@@ -684,10 +699,21 @@ impl RunnerService {
                 .await;
                 return;
             }
-            Ok(Err(status)) => {
-                tracing::debug!(error = %status, "engage stream failed before TryCall");
-                return;
-            }
+            Ok(Err(status)) => match InboundError::of(&status) {
+                InboundError::Protocol(reason) => {
+                    // Said to the LB, not only dropped: it would otherwise see a stream
+                    // ended without an answer, and no cause.
+                    out.metrics.refused_without_a_call();
+                    tracing::debug!(error = %reason, "an Engage stream's first message is unreadable");
+                    out.finish(ErrorKind::Protocol, format!("protocol error: {reason}"), 0)
+                        .await;
+                    return;
+                }
+                InboundError::Gone(reason) => {
+                    tracing::debug!(error = %reason, "engage stream failed before TryCall");
+                    return;
+                }
+            },
             Ok(Ok(None)) => return,
             Ok(Ok(Some(ClientMsg {
                 body: Some(client_msg::Body::TryCall(try_call)),
@@ -789,6 +815,7 @@ impl RunnerService {
         let deadline = tokio::time::Instant::now() + spec.remaining();
         let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
         let timeout = spec.timeout;
+        let timed_out = reservation.timed_out();
         let execute =
             tokio::time::timeout_at(deadline, execute(reservation, &mut spec, body, &out));
         tokio::pin!(pump);
@@ -821,10 +848,13 @@ impl RunnerService {
                     }
                 }
                 executed = &mut execute => break match executed {
-                    Err(_elapsed) => Some(Outcome::of(
-                        ErrorKind::Timeout,
-                        format!("call exceeded its timeout of {timeout:?}"),
-                    )),
+                    Err(_elapsed) => {
+                        timed_out.mark();
+                        Some(Outcome::of(
+                            ErrorKind::Timeout,
+                            format!("call exceeded its timeout of {timeout:?}"),
+                        ))
+                    }
                     Ok(Ok(Executed { reservation, outcome })) => {
                         if outcome.kind == ErrorKind::None {
                             reservation.finish_ok();
@@ -1130,17 +1160,8 @@ async fn pump_inbound<S: Inbound>(
                 ));
             }
             Err(status) => {
-                let reason = format!("{}: {}", status.code(), status.message());
                 abort_body(body.take(), "the LB stream failed");
-                // An oversize (tonic says OUT_OF_RANGE past the decoding limit) or
-                // undecodable message is the LB breaking the contract; a cancelled or reset
-                // stream means it is gone.
-                return Err(match status.code() {
-                    tonic::Code::ResourceExhausted
-                    | tonic::Code::OutOfRange
-                    | tonic::Code::Internal => InboundError::Protocol(reason),
-                    _ => InboundError::Gone(reason),
-                });
+                return Err(InboundError::of(&status));
             }
         };
         match (msg.body, &body) {

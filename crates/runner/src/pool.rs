@@ -526,6 +526,7 @@ impl Pool {
             id,
             instance: None,
             released: false,
+            timed_out: TimedOut::default(),
         })
     }
 
@@ -644,8 +645,15 @@ impl Pool {
                 let hot = &mut st.hot[pos];
                 hot.calls -= 1;
                 match hot.running() {
-                    // One call per instance, cut off in an unknown state: never reused.
-                    Some(_) if !clean && reservation.spec.concurrency <= 1 => hot.retired = true,
+                    // One call per instance, cut off in an unknown state, or any call past its
+                    // deadline (the function may still be at it): never reused.
+                    Some(_)
+                        if !clean
+                            && (reservation.spec.concurrency <= 1
+                                || reservation.timed_out.is_marked()) =>
+                    {
+                        hot.retired = true;
+                    }
                     Some(instance) if !instance.is_alive() => hot.retired = true,
                     _ => {}
                 }
@@ -757,6 +765,23 @@ pub struct Reservation {
     instance: Option<Arc<dyn Instance>>,
     reused: bool,
     released: bool,
+    /// Set when the call ran past its deadline: see [`Reservation::timed_out`].
+    timed_out: TimedOut,
+}
+
+/// Marks a call that ran past its deadline; see [`Reservation::timed_out`].
+#[derive(Debug, Clone, Default)]
+pub struct TimedOut(Arc<AtomicBool>);
+
+impl TimedOut {
+    /// The call ran past its deadline; its reservation is (about to be) dropped.
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for Reservation {
@@ -772,6 +797,14 @@ impl Reservation {
     /// Whether the call got an instance that was already running (a warm call).
     pub fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// Marked when the call ran past its deadline, before the reservation drops: its
+    /// instance is then retired whatever its concurrency (one that takes several calls is
+    /// otherwise kept after a call cut off), since the function may still be working on the
+    /// call; it takes no new calls and is killed once its other calls have ended.
+    pub fn timed_out(&self) -> TimedOut {
+        self.timed_out.clone()
     }
 
     /// The call's instance: at once when it runs, else once its start ends (the first
@@ -1160,6 +1193,22 @@ mod tests {
         one.instance("x").await.expect("starts");
         drop(one);
         assert_eq!(driver.killed(), 1, "a one-call instance cut off is killed");
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_retires_a_shared_instance_once_its_other_calls_end() {
+        let (pool, driver) = pool(512);
+        let mut a = pool.admit(concurrent("shared", 128, 3)).expect("fits");
+        a.instance("a").await.expect("starts");
+        let mut b = pool.admit(concurrent("shared", 128, 3)).expect("shares");
+        b.instance("b").await.expect("running");
+        a.timed_out().mark();
+        drop(a);
+        assert_eq!(driver.killed(), 0, "b is still running on it");
+        let fresh = pool.admit(concurrent("shared", 128, 3)).expect("fits");
+        assert!(!fresh.reused(), "a new call joined the retired instance");
+        b.finish_ok();
+        assert_eq!(driver.killed(), 1, "killed once its last call ended");
     }
 
     #[tokio::test]

@@ -876,6 +876,57 @@ async fn a_message_out_of_order_ends_the_call_as_protocol_error_and_the_next_cal
     runner.stop().await;
 }
 
+/// A first message that is no protobuf at all gets a `CallFinished` of kind `Protocol`
+/// naming it, not a stream ended without a word (the LB would see no cause).
+#[tokio::test]
+async fn an_undecodable_first_message_is_answered_as_a_protocol_error() {
+    use tonic::codegen::Service as _;
+    let runner = start_runner(4 * MEMORY_MB, &examples_dir()).await;
+    let mut channel = fn_tls::grpc_endpoint(&runner.pki.mode(), &runner.address)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    // One gRPC frame of three bytes: field 31 with a wire type that does not exist.
+    let frame = Bytes::from_static(&[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let request = http::Request::post(format!(
+        "http://{}{}",
+        runner.address,
+        fn_protocol::framing::ENGAGE_PATH
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(tonic::body::Body::new(http_body_util::Full::new(frame)))
+    .expect("a valid request");
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .expect("ready");
+    let response = tokio::time::timeout(RECV_BOUND, channel.call(request))
+        .await
+        .expect("answered in time")
+        .expect("an answer");
+    let mut messages =
+        fn_protocol::framing::Decoded::<RunnerMsg, _>::response(response.into_body());
+    let first = tokio::time::timeout(RECV_BOUND, futures::StreamExt::next(&mut messages))
+        .await
+        .expect("answered in time");
+    match first.map(|m| m.map(|m| m.body)) {
+        Some(Ok(Some(runner_msg::Body::Finished(f)))) => {
+            assert_eq!(f.kind(), ErrorKind::Protocol, "{f:?}");
+            assert!(f.details.contains("cannot decode"), "{f:?}");
+            assert!(!f.success);
+        }
+        other => panic!("expected CallFinished, got {other:?}"),
+    }
+    let text = fn_lifecycle::metrics::encode(&runner.registry).expect("encodes");
+    assert!(
+        text.contains("fn_runner_refusals_total{reason=\"protocol\"} 1\n"),
+        "{text}"
+    );
+    assert_echo_works(&runner, "after an undecodable message").await;
+    runner.stop().await;
+}
+
 /// `concurrency = 4`: one instance's memory holds four calls at once, all on the same
 /// process, each answered byte-exact; a fifth waits for a slot (refused as busy here, with no
 /// memory for a second instance).
@@ -930,6 +981,29 @@ async fn a_function_with_concurrency_runs_that_many_calls_at_once_on_one_instanc
     runner.assert_released().await;
     let s = runner.status().await;
     assert_eq!(s.hot_instances, 1, "{s:?}");
+    runner.stop().await;
+}
+
+/// A call past its deadline on an instance that takes several calls at once: the function
+/// may still be at it, so the instance takes no new call and goes once its calls have ended
+/// (here at once: it had no other).
+#[tokio::test]
+async fn a_timed_out_call_retires_its_shared_instance() {
+    let runner = start_runner(2 * MEMORY_MB, &examples_dir()).await;
+    let shared = || runner::Call {
+        concurrency: 2,
+        ..call("fn-sleep", Duration::from_secs(1))
+    };
+    let warm = runner.run(shared(), Bytes::from("10")).await;
+    warm.assert_ok(200);
+    let pid = warm.pid();
+    let late = runner.run(shared(), Bytes::from("5000")).await;
+    assert_eq!(late.kind(), ErrorKind::Timeout, "{late:?}");
+    assert_process_gone(pid).await;
+    let next = runner.run(shared(), Bytes::from("10")).await;
+    next.assert_ok(200);
+    assert_ne!(next.pid(), pid, "a new call ran on the retired instance");
+    runner.assert_released().await;
     runner.stop().await;
 }
 
