@@ -435,11 +435,21 @@ impl RunnerClient {
                     clean: false,
                 })
             }
-            Some(runner_msg::Body::Acknowledged(ack)) => Err(TryCallError::Refused {
-                address: self.address.clone(),
-                reason: ack.refusal(),
-                details: ack.details,
-            }),
+            Some(runner_msg::Body::Acknowledged(ack)) => {
+                if let Some(offer) = offer
+                    && matches!(
+                        ack.refusal(),
+                        RefusalReason::TooLarge | RefusalReason::Invalid
+                    )
+                {
+                    offer.refused_as_unfit();
+                }
+                Err(TryCallError::Refused {
+                    address: self.address.clone(),
+                    reason: ack.refusal(),
+                    details: ack.details,
+                })
+            }
             Some(runner_msg::Body::Finished(f)) => {
                 Err(self.unanswered(format!("finished before acknowledging: {}", f.details)))
             }

@@ -9,8 +9,13 @@
 //!
 //! Between two reports the LB counts the calls it offers the runner itself
 //! ([`Reports::offer`]), so that a burst of calls arriving together does not all go to the
-//! one warm instance or the last free megabytes that the previous report showed. A refused
-//! offer is not given back: the next report, at most 20 ms later, sets the record straight.
+//! one warm instance or the last free megabytes that the previous report showed. An offer
+//! refused as busy is not given back: the runner is fuller than its report said, and the
+//! next report, at most 20 ms later, sets the record straight. One refused for what the call
+//! is (too large for the runner, invalid there) is given back at once
+//! ([`Offer::refused_as_unfit`]): the runner's pool did not change, so no report may come
+//! before its heartbeat, a second later, and until then the runner would look full to every
+//! other call.
 //! An offer still on its way, or one the runner took after it took the report (the
 //! acknowledgement carries the runner's pool version), is counted again on top of each new
 //! report until a report shows it: a report and the offers cross on different streams, and a
@@ -343,6 +348,22 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// The runner refused the call for what it is (too large for it, invalid there): its
+    /// pool did not change, so the count is taken back from the report it was counted on
+    /// (see the module docs).
+    pub fn refused_as_unfit(self) {
+        let mut mirror = self.reports.lock();
+        if let Some(pos) = mirror.pending.iter().position(|p| p.id == self.id) {
+            let offer = mirror.pending.swap_remove(pos);
+            if let (Some((version, counted)), Some(observed)) =
+                (offer.counted, mirror.observed.as_mut())
+                && observed.version == version
+            {
+                observed.uncount_offer(&offer.call, counted);
+            }
+        }
+    }
+
     /// The runner took the call; `version`: its pool version right after (0: not given,
     /// when only the next report can tell).
     pub fn taken(mut self, version: u64) {
@@ -1108,6 +1129,40 @@ mod tests {
         // Taken, by a runner that gives no version: the next report decides.
         reports.offer(&call_of_f()).taken(0);
         reports.update(one_idle_f(3));
+        assert!(load(reports.view("a", "f", 64)).warm);
+    }
+
+    #[test]
+    fn an_offer_refused_as_unfit_is_taken_back_at_once() {
+        let reports = Arc::new(Reports::default());
+        reports.update(one_idle_f(1));
+        let before = load(reports.view("a", "f", 64));
+        reports.offer(&call_of_f()).refused_as_unfit();
+        assert_eq!(load(reports.view("a", "f", 64)), before);
+        // A call larger than the whole runner, refused as too large: without the take-back,
+        // the runner would look full to every call until its next report.
+        let large = OfferedCall {
+            memory_mb: 4096,
+            ..call_of_f()
+        };
+        let offered = reports.offer(&large);
+        assert!(
+            !load(reports.view("a", "g", 64)).fits,
+            "counted while offered"
+        );
+        offered.refused_as_unfit();
+        let other = load(reports.view("a", "g", 64));
+        assert!(other.fits, "{other:?}");
+        assert_eq!(other.calls_in_flight, before.calls_in_flight);
+        // An offer still on its way is counted again on a newer report, and taken back
+        // from that one.
+        let late = reports.offer(&call_of_f());
+        reports.update(one_idle_f(2));
+        assert!(
+            !load(reports.view("a", "f", 64)).warm,
+            "counted on the new report"
+        );
+        late.refused_as_unfit();
         assert!(load(reports.view("a", "f", 64)).warm);
     }
 
