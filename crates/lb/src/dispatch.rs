@@ -46,6 +46,11 @@ use tokio::time::Instant;
 
 use crate::error::CallError;
 
+/// The least wait an offer is made with: less is no chance for a runner to answer (it may
+/// hold its acknowledgement 2 ms for the answer to leave with, and there is the round trip),
+/// and an offer given up unanswered counts against the runner (see [`attempt_bound`]).
+const MIN_OFFER: Duration = Duration::from_millis(10);
+
 /// The last pass starts no later than this before the placer deadline: room for a round
 /// trip to a runner that has capacity.
 const LAST_PASS: Duration = Duration::from_millis(50);
@@ -367,8 +372,8 @@ impl Dispatcher {
                     continue; // a placeholder never takes a call
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(no_capacity(attempts));
+                if left < MIN_OFFER {
+                    break; // the deadline has come: what follows the pass answers the call
                 }
                 attempts += 1;
                 asked += 1;
