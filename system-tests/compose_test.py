@@ -295,6 +295,11 @@ def autoscale_stack(stack):
     check(static == [], "the fixed runners are off")
     check(runner_containers() == [], "no runner container before any load")
 
+    # The first call scales from zero. A call waits for a runner for half its timeout at
+    # most: hello's 30 s leave 15 s for a container to be created, started and found healthy
+    # on a busy engine, where sleep's 5 s would leave 2.5 s.
+    status, _, body = stack.call("/r/demo/hello", b"first")
+    check(status == 200, f"the first call, from zero runners -> {status} {body!r}")
     # Load: concurrent calls; the npm provisions a runner container and they succeed.
     results = []
     def one():

@@ -166,8 +166,9 @@ async fn kill_9_one_of_three_runners_under_load() -> anyhow::Result<()> {
         .position(|r| r.address == victim_address)
         .context("placed on an unknown runner")?;
 
-    let killed_at = Instant::now();
     cluster.kill_runner(victim).await?;
+    // Once it is dead: a call that started while the kill was under way was on the victim.
+    let killed_at = Instant::now();
     // The load goes on with two runners.
     load.wait_ok(300, Duration::from_secs(30)).await?;
 

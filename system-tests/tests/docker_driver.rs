@@ -306,6 +306,14 @@ timeout = "2s"
 
 [[functions]]
 app = "images"
+name = "overlap"
+route = "/overlap"
+image = "fn-dataplane-test/sleep:latest"
+memory_mb = 64
+timeout = "30s"
+
+[[functions]]
+app = "images"
 name = "hostile"
 route = "/hostile"
 image = "fn-dataplane-test/hostile:latest"
@@ -438,11 +446,12 @@ async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> an
         "20 sequential calls did not all use one container: {seen:?}"
     );
 
-    // Each call starts a container and then sleeps, all within the function's 2 s timeout:
-    // 800 ms leaves a cold start 1.2 s (1.5 s left 0.5 s, too little for a busy engine).
+    // Each call starts a container and then sleeps; the cold start counts against the
+    // call's timeout, so the function has 30 s (with 2 s, two container starts at once on a
+    // busy engine took too long). `sleep`'s 2 s are for the 504 below.
     let (a, b) = tokio::join!(
-        cluster.call("/r/images/sleep", "800"),
-        cluster.call("/r/images/sleep", "800")
+        cluster.call("/r/images/overlap", "800"),
+        cluster.call("/r/images/overlap", "800")
     );
     for reply in [a?, b?] {
         ensure!(
@@ -452,7 +461,7 @@ async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> an
             reply.text()
         );
     }
-    let sleepers = function_containers(&id, "sleep")?;
+    let sleepers = function_containers(&id, "overlap")?;
     ensure!(
         sleepers.len() == 2,
         "two overlapping calls used {} containers: {sleepers:?}",
@@ -474,11 +483,11 @@ async fn image_functions_answer_byte_exact_and_hot_containers_are_reused() -> an
     );
     let timed = metrics::sample(
         &text,
-        r#"fn_runner_container_start_seconds_count{app="images",function="sleep"}"#,
+        r#"fn_runner_container_start_seconds_count{app="images",function="overlap"}"#,
     );
     ensure!(
         timed == Some(2.0),
-        "start durations of sleep: {timed:?}:\n{text}"
+        "start durations of overlap: {timed:?}:\n{text}"
     );
 
     stop_and_check_clean(&mut cluster, &id).await

@@ -108,6 +108,10 @@ async fn a_function_on_run_serves_from_one_worker_thread_and_leaves_on_sigterm()
 async fn a_second_signal_ends_a_function_whose_call_is_still_running() -> anyhow::Result<()> {
     let (dir, mut function) = function_started("fn-sleep", "sleep").await?;
     let socket = dir.path().join("lsnr.sock");
+    // A call answered first: the function serves (its start on a busy machine is not left
+    // to the pause below), so the long call is in flight when the first signal comes.
+    let (status, _) = call(&socket, "0").await?;
+    ensure!(status == 200, "the first call: {status}");
     let long = {
         let socket = socket.clone();
         tokio::spawn(async move { call(&socket, "60000").await })

@@ -255,21 +255,52 @@ async fn each_function_runs_as_a_uid_of_its_own() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The host pid of the instance of `app` (its function process, running as a function
-/// uid), found in /proc by the test (root): inside its PID namespace its pid is another.
-fn host_pid_of(app: &str) -> anyhow::Result<u32> {
+/// The host pid of the instance of `app` that `runner` started (its function process,
+/// running as a function uid), found in /proc by the test (root): inside its PID namespace
+/// its pid is another. Only the runner's descendants count: other tests of this binary run
+/// instances of the same app names.
+fn host_pid_of(runner: u32, app: &str) -> anyhow::Result<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let function_uid = uid_of(pid).is_ok_and(|uid| (100_000..=165_535).contains(&uid));
-        if function_uid && environ_var(pid, "FN_APP_NAME").is_ok_and(|a| a == app) {
+        if function_uid
+            && environ_var(pid, "FN_APP_NAME").is_ok_and(|a| a == app)
+            && descends_from(pid, runner)
+        {
             found.push(pid);
         }
     }
     ensure!(found.len() == 1, "instances of {app}: {found:?}");
     Ok(found[0])
+}
+
+/// Whether `ancestor` is `pid`'s parent, or its parent's, and so on (host pids).
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    // A chain of parents is short; the bound only guards against a /proc read racing exits.
+    for _ in 0..64 {
+        let Some(parent) = parent_of(pid) else {
+            return false;
+        };
+        if parent == ancestor {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        pid = parent;
+    }
+    false
+}
+
+/// `pid`'s parent, from /proc/PID/stat (the field after the command, which may hold spaces
+/// and parentheses, so read from the last `)`).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn namespace(pid: &str, kind: &str) -> anyhow::Result<String> {
@@ -332,7 +363,8 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
     );
     let first = cluster.call("/r/tenant-a/victim", "Ann").await?;
     ensure!(first.status == 200, "victim: {first:?}\n{}", cluster.logs());
-    let victim = host_pid_of("tenant-a")?;
+    let runner_pid = cluster.runners[0].pid().context("the runner's pid")?;
+    let victim = host_pid_of(runner_pid, "tenant-a")?;
     let inside = first.fn_pid()?;
     // The config reaches the program under its own name, and the root stages before it
     // (fn-isolate, PID 1 of the namespace) only under the prefix the loader never reads.
@@ -429,7 +461,7 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         "the victim's next call: {again:?}"
     );
     ensure!(
-        host_pid_of("tenant-a")? == victim,
+        host_pid_of(runner_pid, "tenant-a")? == victim,
         "the victim's instance did not survive"
     );
 

@@ -481,12 +481,12 @@ async fn sighup_adds_a_function_without_failing_a_call_in_flight() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_keeps_serving_calls_for_the_drain_delay_while_health_says_503()
 -> anyhow::Result<()> {
-    let delay = Duration::from_secs(3);
+    let delay = Duration::from_secs(4);
     let mut cluster = Cluster::start(Setup {
         runners: 1,
         catalog: ECHO.into(),
         lb_env: vec![
-            ("FN_DRAIN_DELAY".into(), "3s".into()),
+            ("FN_DRAIN_DELAY".into(), "4s".into()),
             ("FN_SHUTDOWN_TIMEOUT".into(), "10s".into()),
         ],
         ..Setup::default()
@@ -510,9 +510,11 @@ async fn sigterm_keeps_serving_calls_for_the_drain_delay_while_health_says_503()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Every call is on a new connection, as from a balancer that has not noticed yet.
+    // Every call is on a new connection, as from a balancer that has not noticed yet. None
+    // starts in the second half of the delay: a call and a health check on a loaded machine
+    // must end before it does.
     let mut during = 0;
-    while signalled.elapsed() + Duration::from_millis(500) < delay {
+    while signalled.elapsed() < delay / 2 {
         let body = format!("during the drain delay, call {during}");
         let reply = cluster.call("/r/demo/echo", body.clone()).await?;
         ensure!(
