@@ -815,7 +815,7 @@ impl RunnerService {
         let deadline = tokio::time::Instant::now() + spec.remaining();
         let ack_by = tokio::time::Instant::now() + ACK_COALESCE;
         let timeout = spec.timeout;
-        let timed_out = reservation.timed_out();
+        let entry = reservation.entry();
         let execute =
             tokio::time::timeout_at(deadline, execute(reservation, &mut spec, body, &out));
         tokio::pin!(pump);
@@ -849,7 +849,8 @@ impl RunnerService {
                 }
                 executed = &mut execute => break match executed {
                     Err(_elapsed) => {
-                        timed_out.mark();
+                        // Before the reservation drops with `execute`.
+                        self.pool.retire(entry);
                         Some(Outcome::of(
                             ErrorKind::Timeout,
                             format!("call exceeded its timeout of {timeout:?}"),

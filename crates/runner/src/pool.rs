@@ -526,7 +526,6 @@ impl Pool {
             id,
             instance: None,
             released: false,
-            timed_out: TimedOut::default(),
         })
     }
 
@@ -633,6 +632,20 @@ impl Pool {
         Ok(())
     }
 
+    /// A call on `entry`'s instance ran past its deadline while the instance ran (before
+    /// its reservation drops): the function may still be at the call, so the instance takes
+    /// no new calls, whatever its concurrency (one that takes several is otherwise kept when
+    /// a call is cut off), and is killed once its calls have ended. A call that timed out
+    /// while its instance was still starting never reached the function: nothing changes.
+    pub fn retire(&self, entry: EntryId) {
+        let mut st = self.lock();
+        if let Some(hot) = st.hot.iter_mut().find(|h| h.id == entry.0)
+            && hot.running().is_some()
+        {
+            hot.retired = true;
+        }
+    }
+
     /// Ends one call's hold on the pool; see [`Reservation`].
     fn release(&self, reservation: &Reservation, clean: bool) {
         let memory_mb = reservation.spec.memory_mb;
@@ -645,15 +658,8 @@ impl Pool {
                 let hot = &mut st.hot[pos];
                 hot.calls -= 1;
                 match hot.running() {
-                    // One call per instance, cut off in an unknown state, or any call past its
-                    // deadline (the function may still be at it): never reused.
-                    Some(_)
-                        if !clean
-                            && (reservation.spec.concurrency <= 1
-                                || reservation.timed_out.is_marked()) =>
-                    {
-                        hot.retired = true;
-                    }
+                    // One call per instance, cut off in an unknown state: never reused.
+                    Some(_) if !clean && reservation.spec.concurrency <= 1 => hot.retired = true,
                     Some(instance) if !instance.is_alive() => hot.retired = true,
                     _ => {}
                 }
@@ -765,24 +771,11 @@ pub struct Reservation {
     instance: Option<Arc<dyn Instance>>,
     reused: bool,
     released: bool,
-    /// Set when the call ran past its deadline: see [`Reservation::timed_out`].
-    timed_out: TimedOut,
 }
 
-/// Marks a call that ran past its deadline; see [`Reservation::timed_out`].
-#[derive(Debug, Clone, Default)]
-pub struct TimedOut(Arc<AtomicBool>);
-
-impl TimedOut {
-    /// The call ran past its deadline; its reservation is (about to be) dropped.
-    pub fn mark(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-
-    fn is_marked(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
+/// Which pool entry a call holds a slot on; see [`Pool::retire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryId(u64);
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -799,12 +792,9 @@ impl Reservation {
         self.reused
     }
 
-    /// Marked when the call ran past its deadline, before the reservation drops: its
-    /// instance is then retired whatever its concurrency (one that takes several calls is
-    /// otherwise kept after a call cut off), since the function may still be working on the
-    /// call; it takes no new calls and is killed once its other calls have ended.
-    pub fn timed_out(&self) -> TimedOut {
-        self.timed_out.clone()
+    /// The pool entry of the call's instance, for [`Pool::retire`].
+    pub fn entry(&self) -> EntryId {
+        EntryId(self.id)
     }
 
     /// The call's instance: at once when it runs, else once its start ends (the first
@@ -1202,7 +1192,7 @@ mod tests {
         a.instance("a").await.expect("starts");
         let mut b = pool.admit(concurrent("shared", 128, 3)).expect("shares");
         b.instance("b").await.expect("running");
-        a.timed_out().mark();
+        pool.retire(a.entry());
         drop(a);
         assert_eq!(driver.killed(), 0, "b is still running on it");
         let fresh = pool.admit(concurrent("shared", 128, 3)).expect("fits");
