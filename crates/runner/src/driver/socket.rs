@@ -157,8 +157,9 @@ pub(crate) struct SocketClient {
     /// The instance id, for logs.
     instance: Arc<str>,
     liveness: Arc<Liveness>,
-    /// Kept connections with the shard each lives on; a call takes one of its shard's out
-    /// for its round trip to the response head and puts it back.
+    /// Kept connections with the shard each lives on, at most `concurrency`; a call takes
+    /// one out (its own shard's first) for its round trip to the response head and puts it
+    /// back.
     conns: std::sync::Mutex<Vec<Kept>>,
     concurrency: usize,
 }
@@ -201,29 +202,34 @@ impl SocketClient {
     /// A kept connection that is free for a call, else a new one. A one-call instance
     /// waits (briefly) for its one connection to finish the previous answer; an instance
     /// that takes several calls opens another connection instead of queueing behind one.
-    async fn connection(
-        &self,
-    ) -> Result<(SendRequest<CallBody>, Arc<ConnectionTask>), DriverError> {
+    ///
+    /// This shard's connections come first; another shard's (whose every step then crosses
+    /// threads) before a new one, so that an instance never has more connections than it
+    /// takes calls: an FDK that serves one connection at a time (fdk-java, fdk-ruby) never
+    /// answers a second while the first is open, and the call on it would time out.
+    async fn connection(&self) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
             kept.retain(|(_, sender, _)| !sender.is_closed());
-            match kept.iter().position(|(s, c, _)| *s == here && c.is_ready()) {
-                Some(pos) => Some(kept.swap_remove(pos)),
-                None if self.concurrency == 1 => kept
-                    .iter()
-                    .position(|(s, _, _)| *s == here)
-                    .map(|pos| kept.swap_remove(pos)),
-                None => None,
-            }
+            let ready = |only_here: bool| {
+                kept.iter()
+                    .position(|(s, c, _)| (!only_here || *s == here) && c.is_ready())
+            };
+            let pick = ready(true).or_else(|| ready(false)).or_else(|| {
+                // A one-call instance's one connection, still finishing an answer.
+                (self.concurrency == 1 && !kept.is_empty())
+                    .then(|| kept.iter().position(|(s, _, _)| *s == here).unwrap_or(0))
+            });
+            pick.map(|pos| kept.swap_remove(pos))
         };
-        if let Some((_, mut sender, task)) = candidate
+        if let Some((shard, mut sender, task)) = candidate
             && matches!(
                 tokio::time::timeout(READY_TIMEOUT, sender.ready()).await,
                 Ok(Ok(()))
             )
         {
-            return Ok((sender, task));
+            return Ok((shard, sender, task));
         }
         // A connection that did not become ready is dropped here, and with it its task
         // unless a call's answer still holds it.
@@ -244,7 +250,11 @@ impl SocketClient {
                 tracing::debug!(%instance, error = %e, "function connection ended");
             }
         });
-        Ok((sender, Arc::new(ConnectionTask(task.abort_handle()))))
+        Ok((
+            fn_lifecycle::shards::current(),
+            sender,
+            Arc::new(ConnectionTask(task.abort_handle())),
+        ))
     }
 
     /// Connects to the instance's listener as [`open_listener`] finds it: never to a socket
@@ -256,12 +266,12 @@ impl SocketClient {
         UnixStream::connect(format!("/proc/self/fd/{}", listener.as_raw_fd())).await
     }
 
-    /// Puts a connection back for the next call, unless enough are kept already.
-    fn keep(&self, sender: SendRequest<CallBody>, task: Arc<ConnectionTask>) {
-        let here = fn_lifecycle::shards::current();
+    /// Puts a connection (living on `shard`) back for the next call, unless the instance
+    /// keeps as many as it takes calls already, over every shard.
+    fn keep(&self, shard: usize, sender: SendRequest<CallBody>, task: Arc<ConnectionTask>) {
         let mut kept = self.kept();
-        if kept.iter().filter(|(s, _, _)| *s == here).count() < self.concurrency {
-            kept.push((here, sender, task));
+        if kept.len() < self.concurrency {
+            kept.push((shard, sender, task));
         }
     }
 
@@ -283,12 +293,12 @@ impl SocketClient {
             .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
         *http_request.headers_mut() = headers;
 
-        let (mut sender, task) = self.connection().await?;
+        let (shard, mut sender, task) = self.connection().await?;
         let reply = match sender.send_request(http_request).await {
             Ok(reply) => reply,
             Err(e) => return Err(self.liveness.failure("call failed", e).await),
         };
-        self.keep(sender, task.clone());
+        self.keep(shard, sender, task.clone());
 
         let (head, incoming) = reply.into_parts();
         let status = http_stream::client_status(head.status, &head.headers)
@@ -521,6 +531,85 @@ mod tests {
         client
             .send(request, Box::pin(futures::stream::empty()))
             .await
+    }
+
+    /// A function that serves calls on its connections, one after another on each, each
+    /// answered `200 ok`; counts the connections it accepted.
+    fn serve_counting(path: &Path) -> Arc<std::sync::atomic::AtomicUsize> {
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let listener = tokio::net::UnixListener::bind(path).expect("bind");
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    loop {
+                        // A head, then the empty chunked body's last chunk.
+                        let end = loop {
+                            if let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n")
+                                && let Some(at) =
+                                    got[head + 4..].windows(5).position(|w| w == b"0\r\n\r\n")
+                            {
+                                break head + 4 + at + 5;
+                            }
+                            match conn.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        got.drain(..end);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if conn.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        accepted
+    }
+
+    /// Under `FN_SHARDS`, a call on another shard than the one-call instance's kept
+    /// connection takes that connection rather than opening a second: an FDK that serves one
+    /// connection at a time (fdk-java, fdk-ruby) would never answer it.
+    #[tokio::test]
+    async fn a_one_call_instance_keeps_one_connection_over_every_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        let accepted = serve_counting(&path);
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = Arc::new(SocketClient::new(path, "test".into(), liveness, 1));
+        wait_for_listener(&client, Duration::from_secs(2))
+            .await
+            .expect("listening");
+        let request = || FunctionRequest {
+            call_id: "c".into(),
+            method: http::Method::POST,
+            request_url: "http://lb.test/r/app/fn".into(),
+            headers: http::HeaderMap::new(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
+        };
+        let one = |client: Arc<SocketClient>, request: FunctionRequest| async move {
+            let response = client
+                .send(request, Box::pin(futures::stream::empty()))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let body: Vec<_> = response.body.collect().await;
+            assert_eq!(response.status, http::StatusCode::OK);
+            body.len()
+        };
+        let shards = fn_lifecycle::shards::Shards::start(2).expect("shards");
+        // On this thread (shard 0), then on shard 1, then here again.
+        one(Arc::clone(&client), request()).await;
+        let elsewhere = shards.handle(1).spawn(one(Arc::clone(&client), request()));
+        tokio::time::timeout(Duration::from_secs(5), elsewhere)
+            .await
+            .expect("answered on the kept connection")
+            .expect("the call on shard 1");
+        one(Arc::clone(&client), request()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "connections opened");
     }
 
     #[tokio::test]
