@@ -252,16 +252,19 @@ impl Dispatcher {
             return Hold::Offer;
         }
         let since = *evicting_since.get_or_insert_with(Instant::now);
-        // Runners' reports: saturating, as any sum of figures from the network.
+        // Runners' reports: saturating, as any sum of figures from the network. A draining
+        // runner's instances free up for nobody: its calls' ends wake no waiting call.
         let instances: u32 = views
             .iter()
             .map(|view| match view {
-                RunnerView::Known(load) => load.instances,
-                RunnerView::Unknown => 0,
+                RunnerView::Known(load) if !load.draining => load.instances,
+                RunnerView::Known(_) | RunnerView::Unknown => 0,
             })
             .fold(0, u32::saturating_add);
         let wait = self.cold_starts.expected(key, self.config.warm_wait);
-        let until = (since + wait.min(MAX_WARM_WAIT)).min(deadline);
+        // Never into the last pass's time: a wait to the deadline left no offer.
+        let last_pass = deadline.checked_sub(LAST_PASS).unwrap_or(deadline);
+        let until = (since + wait.min(MAX_WARM_WAIT)).min(last_pass);
         if instances > 0 && Instant::now() < until {
             // Its function runs elsewhere, busy: one of those instances is likely to free
             // up before a new one would have started.

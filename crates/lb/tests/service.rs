@@ -3162,6 +3162,44 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
 }
 
+/// A call whose warm wait would last to its placement deadline (a short function timeout, a
+/// long expected cold start) ends the wait a last pass early and is offered: it waited to
+/// the deadline and got 503 with every runner able to take it by evicting.
+#[tokio::test]
+async fn warm_placer_ends_a_warm_wait_in_time_for_a_last_offer() {
+    let pki = TestPki::new();
+    let full_of_idle = || RunnerState {
+        capacity_idle_mb: 1024,
+        ..report(1024, 0, false)
+    };
+    let busy_quick = RunnerState {
+        calls_in_flight: 1,
+        warm: vec![WarmFunction {
+            app: "demo".into(),
+            function: "quick".into(),
+            idle_slots: 0,
+            instances: 1,
+        }],
+        ..full_of_idle()
+    };
+    let (_runners, lb) = warm_lb_waiting(
+        &pki,
+        [full_of_idle(), busy_quick, full_of_idle()],
+        Duration::from_secs(3),
+    )
+    .await;
+    lb.dial_runners().await;
+    // demo/quick: a 2 s timeout, so 1 s to be placed, all of which its warm wait would take.
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/quick", "placed at last").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "it did not wait for a warm instance first: {:?}",
+        started.elapsed()
+    );
+}
+
 /// A `demo/echo` call placed on a runner whose body stays open until [`HeldCall::end`].
 struct HeldCall {
     feed: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
