@@ -215,29 +215,34 @@ pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     client
 }
 
-/// The client status of a reply with HTTP status `http` and headers `reply`.
+/// The client status of a reply with HTTP status `http` and headers `reply`, as Fn's agent
+/// holds an FDK to it: 200 is the FDK's answer, with the function's status in
+/// `Fn-Http-Status` (200 without it); 502 (the function failed) and 504 (the FDK saw the
+/// deadline pass) go to the client as they are; any other status is the FDK failing.
 ///
 /// # Errors
-/// A message when the reply's status is informational (1xx), or `Fn-Http-Status` is
-/// present but not a valid status code.
+/// A message when the reply's status is another than 200, 502 or 504, or `Fn-Http-Status`
+/// is present but not a status from 200 to 599.
 pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
-    if http.is_informational() {
-        // hyper hands a 101 back as a reply with no body; no client can be given it.
-        return Err(format!(
-            "status {} from the function: an informational status cannot be an answer",
-            http.as_u16()
-        ));
-    }
     if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
         return Ok(http);
+    }
+    if http != StatusCode::OK {
+        return Err(format!(
+            "the function's FDK answered HTTP status {}: the http-stream contract allows 200 \
+             (with the function's status in Fn-Http-Status), 502 and 504",
+            http.as_u16()
+        ));
     }
     let Some(value) = reply.get(&FN_HTTP_STATUS) else {
         return Ok(http);
     };
     let text = value.to_str().unwrap_or_default().trim();
     match text.parse::<u16>().ok().map(StatusCode::from_u16) {
-        Some(Ok(status)) if status.as_u16() >= 200 => Ok(status),
-        _ => Err(format!("invalid Fn-Http-Status {value:?}")),
+        Some(Ok(status)) if (200..600).contains(&status.as_u16()) => Ok(status),
+        _ => Err(format!(
+            "invalid Fn-Http-Status {value:?}: a status from 200 to 599"
+        )),
     }
 }
 
@@ -408,7 +413,7 @@ mod tests {
             client_status(ok, &map(&[("fn-http-status", " 201 ")])),
             Ok(StatusCode::CREATED)
         );
-        for bad in ["abc", "99", "1000", "", "100"] {
+        for bad in ["abc", "99", "1000", "", "100", "600", "799"] {
             assert!(
                 client_status(ok, &map(&[("fn-http-status", bad)])).is_err(),
                 "{bad:?}"
@@ -424,6 +429,13 @@ mod tests {
             client_status(StatusCode::GATEWAY_TIMEOUT, &map(&[])),
             Ok(StatusCode::GATEWAY_TIMEOUT)
         );
+        // Any other HTTP status is the FDK failing, whatever Fn-Http-Status says (fdk-java
+        // answers 500 when it fails after the function's headers were added).
+        for other in [201, 404, 500, 503] {
+            let http = StatusCode::from_u16(other).expect("a status");
+            let error = client_status(http, &failed).expect_err("not in the contract");
+            assert!(error.contains(&other.to_string()), "{error}");
+        }
     }
 
     #[test]
@@ -532,8 +544,9 @@ mod tests {
             }
         }
 
-        // Any `Fn-Http-Status` either maps to that status (200 and up) or is reported as
-        // invalid; the FDK's own 502/504 always pass through; no header keeps the reply's.
+        // Any `Fn-Http-Status` on a 200 either maps to that status (200 to 599) or is
+        // reported as invalid; the FDK's own 502/504 always pass through; any other reply
+        // status is an FDK failure; no header keeps the reply's 200.
         #[test]
         fn fn_http_status_maps_or_is_rejected(
             value in prop_oneof!["[0-9]{1,4}", " ?[1-9][0-9]{2} ?", "[ -~]{0,6}"],
@@ -543,12 +556,14 @@ mod tests {
             let http = StatusCode::from_u16(reply_status).expect("valid status");
             let headers = if present { map(&[(FN_HTTP_STATUS.as_str(), &value)]) } else { map(&[]) };
             let result = client_status(http, &headers);
-            if reply_status == 502 || reply_status == 504 || !present {
+            if reply_status == 502 || reply_status == 504 || (reply_status == 200 && !present) {
                 prop_assert_eq!(result, Ok(http));
+            } else if reply_status != 200 {
+                prop_assert!(result.is_err());
             } else {
                 match result {
                     Ok(status) => {
-                        prop_assert!(status.as_u16() >= 200);
+                        prop_assert!((200..600).contains(&status.as_u16()));
                         prop_assert_eq!(Ok(status.as_u16()), value.trim().parse::<u16>());
                     }
                     Err(e) => prop_assert!(e.contains("Fn-Http-Status")),

@@ -761,13 +761,19 @@ mod tests {
         assert_eq!(&body[..], b"0123456789");
         assert_eq!(length, None, "chunked framing: no length to claim");
 
-        let (status, length, body) = answered(
+        // A 304 from the FDK itself (no body, whatever its length says) is outside the
+        // contract: refused, not passed on as the function's 200.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        serve(
+            &path,
             "HTTP/1.1 304 Not Modified\r\nfn-http-status: 200\r\ncontent-length: 10\r\n\r\n",
-        )
-        .await;
-        assert_eq!(status, http::StatusCode::OK);
-        assert!(body.is_empty());
-        assert_eq!(length.as_deref(), Some("0"));
+        );
+        match call(path).await {
+            Err(DriverError::Function(message)) => assert!(message.contains("304"), "{message}"),
+            Err(e) => panic!("{e}"),
+            Ok(response) => panic!("passed on as {}", response.status),
+        }
 
         let (_, length, body) = answered("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc").await;
         assert_eq!(
