@@ -17,7 +17,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT,
+    ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, USER_AGENT,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -122,11 +122,16 @@ pub(crate) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, Drive
 /// `Content-Length` also frames the `POST /call` (the body is the client's, byte for byte),
 /// so the function sees a length rather than a chunked body.
 ///
+/// Several `Cookie` fields (HTTP/2 sends each cookie as one, RFC 9113 8.2.3) become one,
+/// joined with `; `, as the HTTP/1.1 request to the function needs: FDKs read one `Cookie`
+/// header and would see one cookie.
+///
 /// One pass over the client's values: `HeaderMap::iter` yields a name's values together and
 /// in order, so each name is translated once and no value is looked up again.
 pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     let mut scratch = String::new();
     let mut length = OneLength::default();
+    let mut cookies: Vec<&HeaderValue> = Vec::new();
     let mut last: Option<&HeaderName> = None;
     let mut target: Option<HeaderName> = None;
     for (name, value) in client {
@@ -141,6 +146,10 @@ pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
             };
         }
         let Some(target) = &target else { continue };
+        if name == COOKIE {
+            cookies.push(value);
+            continue;
+        }
         out.append(target.clone(), value.clone());
         if name == CONTENT_TYPE {
             out.append(CONTENT_TYPE, value.clone());
@@ -150,6 +159,24 @@ pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     }
     if let Some(length) = length.valid() {
         out.insert(CONTENT_LENGTH, length);
+    }
+    let cookie = match cookies.as_slice() {
+        [] => None,
+        [one] => Some((*one).clone()),
+        many => {
+            let mut joined = Vec::with_capacity(many.iter().map(|v| v.len() + 2).sum());
+            for (i, value) in many.iter().enumerate() {
+                if i > 0 {
+                    joined.extend_from_slice(b"; ");
+                }
+                joined.extend_from_slice(value.as_bytes());
+            }
+            // Valid values joined by valid bytes: always valid.
+            HeaderValue::from_bytes(&joined).ok()
+        }
+    };
+    if let (Some(cookie), Some(name)) = (cookie, prefixed(&COOKIE, &mut scratch)) {
+        out.insert(name, cookie);
     }
 }
 
@@ -383,6 +410,23 @@ mod tests {
         // The reply's framing length, not the function's prefixed header.
         assert_eq!(values(&client, "content-length"), ["5"]);
         assert_eq!(client.len(), 5, "{client:?}");
+    }
+
+    #[test]
+    fn cookie_fields_reach_the_function_as_one_header() {
+        let mut out = HeaderMap::new();
+        client_to_fn(
+            &map(&[("cookie", "a=1"), ("x-other", "o"), ("cookie", "b=2; c=3")]),
+            &mut out,
+        );
+        assert_eq!(values(&out, "fn-http-h-cookie"), ["a=1; b=2; c=3"]);
+        assert_eq!(values(&out, "fn-http-h-x-other"), ["o"]);
+        let mut out = HeaderMap::new();
+        client_to_fn(&map(&[("cookie", "only=1")]), &mut out);
+        assert_eq!(values(&out, "fn-http-h-cookie"), ["only=1"]);
+        let mut out = HeaderMap::new();
+        client_to_fn(&map(&[("x-other", "o")]), &mut out);
+        assert!(!out.contains_key("fn-http-h-cookie"));
     }
 
     #[test]
