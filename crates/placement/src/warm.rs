@@ -100,7 +100,10 @@ impl WarmPlacer {
             return None;
         }
         let mean = (calls as f64 + 1.0) / runners as f64;
-        Some((((1.0 + self.epsilon) * mean).ceil() as u64).max(MIN_LOAD_BOUND))
+        // ⌈(1 + ε) · mean⌉, where a product that should be whole may come out a rounding
+        // error above it (1.1 × 50 is 55.000000000000007): that error is taken off first.
+        let raw = (1.0 + self.epsilon) * mean;
+        Some(((raw - raw * 1e-12).ceil() as u64).max(MIN_LOAD_BOUND))
     }
 }
 
@@ -154,6 +157,21 @@ mod tests {
 
     fn key() -> PlacementKey {
         PlacementKey::new("app", "fn")
+    }
+
+    #[test]
+    fn the_load_bound_is_exact_where_floating_point_is_not() {
+        // ε = 0.1, 49 calls on one runner, one more coming: ⌈1.1 × 50⌉ = 55, not 56.
+        let placer = WarmPlacer::new(0.1);
+        assert_eq!(placer.bound(&[known(false, true, 49)]), Some(55));
+        // And a bound that is not whole still rounds up: ⌈1.1 × 51⌉ = ⌈56.1⌉ = 57.
+        assert_eq!(placer.bound(&[known(false, true, 50)]), Some(57));
+        // 0.25 over two runners with 10 calls: ⌈1.25 × 5.5⌉ = ⌈6.875⌉ = 7.
+        let placer = WarmPlacer::new(0.25);
+        assert_eq!(
+            placer.bound(&[known(false, true, 4), known(false, true, 6)]),
+            Some(7)
+        );
     }
 
     fn known(warm: bool, fits: bool, calls_in_flight: u64) -> RunnerView {
