@@ -230,6 +230,9 @@ impl NpmPool {
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(group.to_owned(), Arc::new(next));
+            // Calls waiting for room look at the new list now, not at their next retry
+            // (a runner from zero, under any placer).
+            self.report_signal(group).report();
         }
         Ok(())
     }

@@ -190,7 +190,8 @@ fn function_key(app: &str, function: &str) -> u64 {
 
 impl ReportSignal {
     /// Completes at the next report of any runner sharing this signal after it is created
-    /// (or, once [`Notified::enable`]d, after that).
+    /// (or, once [`Notified::enable`]d, after that), or the next change of the group's
+    /// runner list.
     ///
     /// [`Notified::enable`]: tokio::sync::futures::Notified::enable
     pub fn next_report(&self) -> tokio::sync::futures::Notified<'_> {
@@ -224,7 +225,9 @@ impl ReportSignal {
         }
     }
 
-    fn report(&self) {
+    /// Wakes every call waiting for a report: a runner reported, or the group's runner
+    /// list changed (a new runner may have room, whatever the placer).
+    pub(crate) fn report(&self) {
         self.0.report.notify_waiters();
     }
 

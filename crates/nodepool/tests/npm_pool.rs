@@ -370,6 +370,30 @@ async fn a_report_wakes_only_the_calls_waiting_in_its_group() {
     server.stop().await;
 }
 
+/// A call waiting for room learns of a new runner in its group when the list changes, not
+/// at its next retry (under `ch` or `naive` no runner reports).
+#[tokio::test]
+async fn a_new_runner_in_the_list_wakes_the_calls_waiting_in_its_group() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    state.set("g", &[]);
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
+    assert!(pool.runners("g").is_empty());
+    let g = pool.report_signal("g");
+    let woken = g.next_report();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    state.set("g", &["127.0.0.1:7001"]);
+    wait_for_list(&pool, "g", &["127.0.0.1:7001"]).await;
+    assert!(
+        woken.as_mut().now_or_never().is_some(),
+        "the waiting call was not woken by the new list"
+    );
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
 /// An npm's list is untrusted input: a runner listed twice takes one place (not two shares
 /// of the calls and of the hash ring), and a list longer than an LB takes is cut to its
 /// first runners, in the npm's order (so every LB keeps the same ones).
