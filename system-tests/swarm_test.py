@@ -193,15 +193,14 @@ def scenario(lbs):
     run(["docker", "service", "rm", lost])
     statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(10)]
     check(statuses == [200] * 10, f"calls go on after a runner service is removed: {statuses}")
-    dropped = "runner no longer reported by the control plane; dropped"
-    wait_until("the npm noticed the lost runner", lambda: dropped in service_logs(f"{STACK}_npm"), 30)
-    # It may start a replacement while the burst's demand is still in its window: the list
-    # the restarted npm must keep is the one that has settled (unchanged over three ticks).
+    # The npm may start a replacement while the burst's demand is still in its window (the
+    # service exists from the start of its provisioning, a tick after the loss): the list
+    # the restarted npm must not add to is one that has settled, unchanged over two ticks.
     def settled():
         seen = runner_services()
-        time.sleep(3)
-        return seen if runner_services() == seen else None
-    before = wait_until("the runner services settle after the loss", settled, 60)
+        time.sleep(2)
+        return (seen,) if runner_services() == seen else None
+    before = wait_until("the runner services settle after the loss", settled, 30)[0]
 
     # A killed npm is restarted by Swarm and adopts the runner services.
     npm = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_npm"]).split()
@@ -214,8 +213,10 @@ def scenario(lbs):
     statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(5)]
     check(statuses == [200] * 5, f"calls during the npm restart: {statuses}")
     time.sleep(3)
-    check(runner_services() == before,
-          f"the restarted npm provisioned nothing new: {before} -> {runner_services()}")
+    # Nothing new; one of them may be draining away by now (the burst's demand has passed).
+    after = runner_services()
+    check(not [s for s in after if s not in before],
+          f"the restarted npm provisioned nothing new: {before} -> {after}")
 
     # A runner that crashes: Swarm restarts its task under the same service.
     crashed = runner_services()[0]
