@@ -516,17 +516,22 @@ mod tests {
         });
     }
 
-    /// One call, with no body, to the listener at `path`.
-    async fn call(path: PathBuf) -> Result<FunctionResponse, DriverError> {
-        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
-        let client = SocketClient::new(path, "test".into(), liveness, 1);
-        let request = FunctionRequest {
+    /// A call as the runner sends one, due in 10 s.
+    fn request() -> FunctionRequest {
+        FunctionRequest {
             call_id: "c".into(),
             method: http::Method::POST,
             request_url: "http://lb.test/r/app/fn".into(),
             headers: http::HeaderMap::new(),
             deadline: std::time::SystemTime::now() + Duration::from_secs(10),
-        };
+        }
+    }
+
+    /// One call, with no body, to the listener at `path`.
+    async fn call(path: PathBuf) -> Result<FunctionResponse, DriverError> {
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        let request = request();
         wait_for_listener(&client, Duration::from_secs(2)).await?;
         client
             .send(request, Box::pin(futures::stream::empty()))
@@ -584,13 +589,6 @@ mod tests {
         wait_for_listener(&client, Duration::from_secs(2))
             .await
             .expect("listening");
-        let request = || FunctionRequest {
-            call_id: "c".into(),
-            method: http::Method::POST,
-            request_url: "http://lb.test/r/app/fn".into(),
-            headers: http::HeaderMap::new(),
-            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
-        };
         let one = |client: Arc<SocketClient>, request: FunctionRequest| async move {
             let response = client
                 .send(request, Box::pin(futures::stream::empty()))
@@ -676,13 +674,6 @@ mod tests {
         });
         let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
         let client = SocketClient::new(path, "test".into(), liveness, 1);
-        let request = || FunctionRequest {
-            call_id: "c".into(),
-            method: http::Method::POST,
-            request_url: "http://lb.test/r/app/fn".into(),
-            headers: http::HeaderMap::new(),
-            deadline: std::time::SystemTime::now() + Duration::from_secs(10),
-        };
         for _ in 0..2 {
             let response = client
                 .send(request(), endless_body())
