@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyError, ResponseBody};
-use crate::connections::{Registered, Stuck};
+use crate::connections::{Registered, Stuck, StuckStream};
 
 /// The bounds of a client connection; see the module docs.
 #[derive(Debug, Clone)]
@@ -125,6 +125,7 @@ struct Linger {
 pub fn stream_send_timeout(body: ResponseBody, limit: Duration, stuck: Stuck) -> ResponseBody {
     let shared = Arc::new(StreamShared {
         body: Mutex::new(Some(body)),
+        held: Mutex::new(None),
         started: Instant::now(),
         waiting_since: AtomicU64::new(NOT_WAITING),
     });
@@ -153,6 +154,10 @@ const NOT_WAITING: u64 = u64::MAX;
 struct StreamShared {
     /// `None` once the watchdog gave the stream up.
     body: Mutex<Option<ResponseBody>>,
+    /// Set once the given-up stream is found still held: counts it stuck until the stream
+    /// is dropped, at once with its body (not later, with the watchdog's abort), so that the
+    /// count never stays up after the stream's `Busy` is released.
+    held: Mutex<Option<StuckStream>>,
     started: Instant,
     /// Milliseconds after `started` at which the body last handed hyper a frame, while
     /// hyper has not asked for the next one yet; [`NOT_WAITING`] otherwise.
@@ -253,7 +258,7 @@ impl Body for StreamTimed {
 
 /// Gives the stream up once it has waited `limit` for hyper to take its next frame; reports
 /// it `stuck` (its connection is to close) if hyper still holds it `limit` after that, until
-/// the body is dropped (which aborts this task).
+/// the stream is dropped.
 async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: Stuck) {
     let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     let mut next_look = limit;
@@ -282,14 +287,12 @@ async fn watch_stream(weak: Weak<StreamShared>, limit: Duration, stuck: Stuck) {
     // drop it, and this task with it. Still here after `limit`: hyper holds a frame for a
     // window the client keeps shut (see the module docs).
     tokio::time::sleep(limit).await;
-    if weak.strong_count() > 0 {
+    if let Some(shared) = weak.upgrade() {
         tracing::debug!(
             ?limit,
             "an HTTP/2 client kept a given-up stream's window shut; closing its connection"
         );
-        let _held = stuck.hold();
-        drop(weak);
-        std::future::pending::<()>().await;
+        *shared.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(stuck.hold());
     }
 }
 

@@ -318,18 +318,24 @@ impl Front {
                 let busy = on_conn.busy();
                 let stuck = on_conn.stuck();
                 async move {
+                    let version = req.version();
                     if busy.is_closing() {
                         // The connection is being closed to make room; start nothing on it.
                         let error = CallError::ConnectionClosing;
                         front.invoker.metrics().refused(CallOutcome::from(&error));
                         let mut response = error.to_response();
                         stamp_call_id(&mut response, &new_call_id());
+                        if version == http::Version::HTTP_2 {
+                            // Given up like any answer the client does not take: a refusal
+                            // held for a shut window would keep a closing connection open.
+                            let limit = front.limits.send_timeout;
+                            response = response.map(|body| stream_send_timeout(body, limit, stuck));
+                        }
                         return Ok::<_, Infallible>(
                             response.map(|body| Guarded { body, _busy: busy }),
                         );
                     }
                     let (parts, body) = req.into_parts();
-                    let version = parts.version;
                     let (body, leftover) = leftover::track(body, version, &parts.headers);
                     let mut response = front.handle(Request::from_parts(parts, body)).await;
                     if version == http::Version::HTTP_2 {
