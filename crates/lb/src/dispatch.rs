@@ -46,9 +46,10 @@ use tokio::time::Instant;
 
 use crate::error::CallError;
 
-/// The least wait an offer is made with: less is no chance for a runner to answer (it may
-/// hold its acknowledgement 2 ms for the answer to leave with, and there is the round trip),
-/// and an offer given up unanswered counts against the runner (see [`attempt_bound`]).
+/// The least wait an offer after a call's first is made with: less is no chance for a
+/// runner to answer (it may hold its acknowledgement 2 ms for the answer to leave with, and
+/// there is the round trip), and an offer given up unanswered counts against the runner
+/// (see [`attempt_bound`]).
 const MIN_OFFER: Duration = Duration::from_millis(10);
 
 /// The last pass starts no later than this before the placer deadline: room for a round
@@ -375,7 +376,9 @@ impl Dispatcher {
                     continue; // a placeholder never takes a call
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left < MIN_OFFER {
+                // The call's first offer goes whatever is left (a function with a timeout
+                // of a few milliseconds has no more to wait); later ones need a chance.
+                if left.is_zero() || (left < MIN_OFFER && attempts > 0) {
                     break; // the deadline has come: what follows the pass answers the call
                 }
                 attempts += 1;
