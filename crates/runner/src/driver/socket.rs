@@ -157,9 +157,8 @@ pub(crate) struct SocketClient {
     /// The instance id, for logs.
     instance: Arc<str>,
     liveness: Arc<Liveness>,
-    /// Kept connections with the shard each lives on, at most `concurrency`; a call takes
-    /// one out (its own shard's first) for its round trip to the response head and puts it
-    /// back.
+    /// Kept connections with the shard each lives on (see [`SocketClient::connection`]); a
+    /// call takes one out for its round trip to the response head and puts it back.
     conns: std::sync::Mutex<Vec<Kept>>,
     concurrency: usize,
 }
@@ -203,24 +202,23 @@ impl SocketClient {
     /// waits (briefly) for its one connection to finish the previous answer; an instance
     /// that takes several calls opens another connection instead of queueing behind one.
     ///
-    /// This shard's connections come first; another shard's (whose every step then crosses
-    /// threads) before a new one, so that an instance never has more connections than it
-    /// takes calls: an FDK that serves one connection at a time (fdk-java, fdk-ruby) never
-    /// answers a second while the first is open, and the call on it would time out.
+    /// Under `FN_SHARDS`, a one-call instance's one connection serves calls of every shard
+    /// (each step of a call on another shard than the connection's crosses threads): an FDK
+    /// that serves one connection at a time (fdk-java, fdk-ruby) never answers a second
+    /// while the first is open, and the call on it would time out. An instance that takes
+    /// several calls serves concurrent connections (the README requires it), so each shard
+    /// keeps its own.
     async fn connection(&self) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
             kept.retain(|(_, sender, _)| !sender.is_closed());
-            let ready = |only_here: bool| {
-                kept.iter()
-                    .position(|(s, c, _)| (!only_here || *s == here) && c.is_ready())
+            let pick = if self.concurrency == 1 {
+                // Its one connection (ready, or still finishing an answer), on any shard.
+                (!kept.is_empty()).then_some(0)
+            } else {
+                kept.iter().position(|(s, c, _)| *s == here && c.is_ready())
             };
-            let pick = ready(true).or_else(|| ready(false)).or_else(|| {
-                // A one-call instance's one connection, still finishing an answer.
-                (self.concurrency == 1 && !kept.is_empty())
-                    .then(|| kept.iter().position(|(s, _, _)| *s == here).unwrap_or(0))
-            });
             pick.map(|pos| kept.swap_remove(pos))
         };
         if let Some((shard, mut sender, task)) = candidate
@@ -267,10 +265,16 @@ impl SocketClient {
     }
 
     /// Puts a connection (living on `shard`) back for the next call, unless the instance
-    /// keeps as many as it takes calls already, over every shard.
+    /// keeps as many as it takes calls already: a one-call instance one over every shard,
+    /// another as many on each shard.
     fn keep(&self, shard: usize, sender: SendRequest<CallBody>, task: Arc<ConnectionTask>) {
         let mut kept = self.kept();
-        if kept.len() < self.concurrency {
+        let on_shard = if self.concurrency == 1 {
+            kept.len()
+        } else {
+            kept.iter().filter(|(s, _, _)| *s == shard).count()
+        };
+        if on_shard < self.concurrency {
             kept.push((shard, sender, task));
         }
     }
