@@ -363,6 +363,9 @@ impl Offer {
                 && observed.version == version
             {
                 observed.uncount_offer(&offer.call, counted);
+                drop(mirror);
+                // Calls that saw the runner full while it was counted look again.
+                self.reports.signal.report();
             }
         }
     }
@@ -1137,11 +1140,19 @@ mod tests {
 
     #[test]
     fn an_offer_refused_as_unfit_is_taken_back_at_once() {
-        let reports = Arc::new(Reports::default());
+        let signal = ReportSignal::default();
+        let reports = Arc::new(Reports::with_signal(signal.clone()));
         reports.update(one_idle_f(1));
         let before = load(reports.view("a", "f", 64));
+        let woken = signal.next_report();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         reports.offer(&call_of_f()).refused_as_unfit();
         assert_eq!(load(reports.view("a", "f", 64)), before);
+        assert!(
+            woken.as_mut().now_or_never().is_some(),
+            "calls waiting for room are told"
+        );
         // A call larger than the whole runner, refused as too large: without the take-back,
         // the runner would look full to every call until its next report.
         let large = OfferedCall {
