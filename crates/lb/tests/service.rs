@@ -3118,6 +3118,29 @@ async fn warm_placer_waits_for_a_report_with_room_instead_of_asking_full_runners
     assert!(runners[0].seen().is_empty() && runners[2].seen().is_empty());
 }
 
+/// A runner's report: its memory all held by idle instances of other functions (a new
+/// instance fits by evicting).
+fn full_of_idle() -> RunnerState {
+    RunnerState {
+        capacity_idle_mb: 1024,
+        ..report(1024, 0, false)
+    }
+}
+
+/// [`full_of_idle`], and running one instance of `demo/<function>`, busy.
+fn busy_one(function: &str) -> RunnerState {
+    RunnerState {
+        calls_in_flight: 1,
+        warm: vec![WarmFunction {
+            app: "demo".into(),
+            function: function.into(),
+            idle_slots: 0,
+            instances: 1,
+        }],
+        ..full_of_idle()
+    }
+}
+
 /// A call whose function has busy instances, and which could start a new one only by
 /// evicting, waits for one of its own to free up (here: a report showing one warm) instead
 /// of evicting at once; a call of a function with no instance anywhere does not wait.
@@ -3126,20 +3149,7 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     let pki = TestPki::new();
     // Every runner is full of idle instances of other functions (evicting fits), and
     // runner 1 runs demo/echo's one instance, busy.
-    let full_of_idle = || RunnerState {
-        capacity_idle_mb: 1024,
-        ..report(1024, 0, false)
-    };
-    let busy_echo = RunnerState {
-        calls_in_flight: 1,
-        warm: vec![WarmFunction {
-            app: "demo".into(),
-            function: "echo".into(),
-            idle_slots: 0,
-            instances: 1,
-        }],
-        ..full_of_idle()
-    };
+    let busy_echo = busy_one("echo");
     let (runners, lb) = warm_lb_waiting(
         &pki,
         [full_of_idle(), busy_echo, full_of_idle()],
@@ -3168,20 +3178,7 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
 #[tokio::test]
 async fn warm_placer_ends_a_warm_wait_in_time_for_a_last_offer() {
     let pki = TestPki::new();
-    let full_of_idle = || RunnerState {
-        capacity_idle_mb: 1024,
-        ..report(1024, 0, false)
-    };
-    let busy_quick = RunnerState {
-        calls_in_flight: 1,
-        warm: vec![WarmFunction {
-            app: "demo".into(),
-            function: "quick".into(),
-            idle_slots: 0,
-            instances: 1,
-        }],
-        ..full_of_idle()
-    };
+    let busy_quick = busy_one("quick");
     let (_runners, lb) = warm_lb_waiting(
         &pki,
         [full_of_idle(), busy_quick, full_of_idle()],
