@@ -259,7 +259,7 @@ impl Dispatcher {
             .iter()
             .map(|view| match view {
                 RunnerView::Known(load) if !load.draining => load.instances,
-                RunnerView::Known(_) | RunnerView::Unknown => 0,
+                RunnerView::Known(_) | RunnerView::Unknown | RunnerView::TooSmall => 0,
             })
             .fold(0, u32::saturating_add);
         let wait = self.cold_starts.expected(key, self.config.warm_wait);
@@ -335,9 +335,18 @@ impl Dispatcher {
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
             let mut unavailable = 0usize;
             let pass = if informed {
+                // A runner marked down or ejected takes no call whatever it reports: its
+                // load is no part of the group's (the load bound), and its busy instances
+                // free up for nobody (the warm wait). It is skipped below, as with `ch`.
                 let views: Vec<RunnerView> = runners
                     .iter()
-                    .map(|r| r.reports().view(&call.app, &call.function, call.memory_mb))
+                    .map(|r| {
+                        if r.is_available() {
+                            r.reports().view(&call.app, &call.function, call.memory_mb)
+                        } else {
+                            RunnerView::Unknown
+                        }
+                    })
                     .collect();
                 let ranked = self.placer.rank(&key, &views);
                 let hold = self.hold(

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fn_lb::catalog::Catalog;
+use fn_lb::dispatch::MAX_WARM_WAIT;
 use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker};
 use fn_lifecycle::{CancellationToken, Health};
 use fn_nodepool::{CapacityTracker, ClientConfig, EjectionMetrics, RunnerPool, StaticPool};
@@ -2871,6 +2872,16 @@ async fn warm_lb_waiting(
     reports: [RunnerState; 3],
     warm_wait: Duration,
 ) -> (Vec<FakeRunner>, Lb) {
+    warm_lb_with(pki, reports, warm_wait, ClientConfig::default()).await
+}
+
+/// [`warm_lb_waiting`] with runner clients configured as `client` (its reports watched).
+async fn warm_lb_with(
+    pki: &TestPki,
+    reports: [RunnerState; 3],
+    warm_wait: Duration,
+    client: ClientConfig,
+) -> (Vec<FakeRunner>, Lb) {
     let runners = fakes(pki, &[Behaviour::Echo; 3]).await;
     let ring: Vec<usize> = ConsistentHashPlacer::new()
         .order(&PlacementKey::new("demo", "echo"), runners.len())
@@ -2899,7 +2910,7 @@ async fn warm_lb_waiting(
             client: ClientConfig {
                 watch_reports: true,
                 report_metrics: report_metrics.clone(),
-                ..ClientConfig::default()
+                ..client
             },
             ..Options::default()
         },
@@ -3015,7 +3026,7 @@ async fn a_call_that_ends_cleanly_leaves_its_instance_warm_in_the_lbs_view() {
         .expect("the home is in the pool");
     let view = || match home.reports().view("demo", "echo", 64) {
         RunnerView::Known(load) => load,
-        RunnerView::Unknown => panic!("the home's report is fresh"),
+        RunnerView::Unknown | RunnerView::TooSmall => panic!("the home's report is fresh"),
     };
     assert!(view().warm);
     for i in 0..3 {
@@ -3170,6 +3181,62 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     let reply = held_call(&lb, &runners, report(1024, 0, true)).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
+}
+
+/// A runner ejected (or marked down) takes no call whatever its reports say: a call does not
+/// wait for its busy instances to free up, and is placed at once where it fits by evicting
+/// (it waited the whole warm wait before, [`MAX_WARM_WAIT`] here).
+#[tokio::test]
+async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
+    let pki = TestPki::new();
+    // Runner 1 runs demo/echo's one instance, busy, and an idle demo/quick, so that a quick
+    // call asks it first; it hangs up on every offer, and one failure ejects it.
+    let busy_echo_idle_quick = RunnerState {
+        warm: vec![
+            busy_one("echo").warm[0].clone(),
+            WarmFunction {
+                app: "demo".into(),
+                function: "quick".into(),
+                idle_slots: 1,
+                instances: 1,
+            },
+        ],
+        ..busy_one("echo")
+    };
+    let (runners, lb) = warm_lb_with(
+        &pki,
+        [full_of_idle(), busy_echo_idle_quick, full_of_idle()],
+        Duration::from_secs(3),
+        ClientConfig {
+            eject_after: 1,
+            eject_initial: Duration::from_secs(30),
+            eject_max: Duration::from_secs(30),
+            ..ClientConfig::default()
+        },
+    )
+    .await;
+    lb.dial_runners().await;
+    runners[1].set_behaviour(Behaviour::HangUpUnacknowledged);
+    let ejecting = post(&lb, "/r/demo/quick", "asks runner 1 first").await;
+    assert_eq!(ejecting.status, StatusCode::OK, "{ejecting:?}");
+    assert_ne!(ejecting.header("x-fake-runner"), runners[1].name());
+    let ejected = lb
+        .pool
+        .runners("default")
+        .iter()
+        .find(|r| r.address() == runners[1].address())
+        .map(|r| r.is_ejected());
+    assert_eq!(ejected, Some(true), "runner 1 was not ejected");
+
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "no wait").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_ne!(reply.header("x-fake-runner"), runners[1].name());
+    assert!(
+        started.elapsed() < MAX_WARM_WAIT / 2,
+        "it waited for the ejected runner's instance: {:?}",
+        started.elapsed()
+    );
 }
 
 /// A call whose warm wait would last to its placement deadline (a short function timeout, a

@@ -605,8 +605,9 @@ impl Reports {
 
     /// What the report says of a call of `app`/`function` needing `memory_mb` for a new
     /// instance; [`RunnerView::Unknown`] without a report younger than [`STALE_AFTER`], and
-    /// for a call larger than the runner's whole memory (so that the runner is asked and
-    /// says so, and a call no runner can ever hold gets its 503 at once).
+    /// [`RunnerView::TooSmall`] for a call larger than the runner's whole memory (asked
+    /// last, so that the runner says so, and a call no runner can ever hold gets its 503 at
+    /// once).
     pub fn view(&self, app: &str, function: &str, memory_mb: u64) -> RunnerView {
         let mut mirror = self.lock();
         let Mirror { observed, late, .. } = &mut *mirror;
@@ -623,8 +624,11 @@ impl Reports {
                 !due
             });
         }
-        if observed.received.elapsed() > STALE_AFTER || memory_mb > observed.total_mb {
+        if observed.received.elapsed() > STALE_AFTER {
             return RunnerView::Unknown;
+        }
+        if memory_mb > observed.total_mb {
+            return RunnerView::TooSmall;
         }
         let (warm, instances) = observed
             .held(app, function)
@@ -792,7 +796,7 @@ mod tests {
     fn load(view: RunnerView) -> RunnerLoad {
         match view {
             RunnerView::Known(load) => load,
-            RunnerView::Unknown => panic!("expected a known view"),
+            RunnerView::Unknown | RunnerView::TooSmall => panic!("expected a known view"),
         }
     }
 
@@ -1210,7 +1214,7 @@ mod tests {
         let reports = Reports::default();
         reports.update(state(0, &[]));
         assert!(!load(reports.view("a", "f", 1024)).fits);
-        assert_eq!(reports.view("a", "f", 1025), RunnerView::Unknown);
+        assert_eq!(reports.view("a", "f", 1025), RunnerView::TooSmall);
     }
 
     #[test]

@@ -7,6 +7,10 @@ use crate::{ConsistentHashPlacer, Order, PlacementKey, Placer};
 pub enum RunnerView {
     /// No fresh report: the runner is asked where `ch` would ask it.
     Unknown,
+    /// A fresh report says the runner's whole memory is smaller than the call needs: it is
+    /// asked last (it refuses, and a group whose every runner refuses so answers at once
+    /// that none is large enough), never before a runner that may take the call.
+    TooSmall,
     /// A fresh report.
     Known(RunnerLoad),
 }
@@ -41,6 +45,7 @@ pub struct RunnerLoad {
 /// 4. runners where a new instance fits only by evicting idle instances of other functions
 ///    (their next calls would start cold);
 /// 5. runners where a new instance fits but whose load is over the bound;
+/// 6. runners reported to be smaller in all than the call needs ([`RunnerView::TooSmall`]);
 ///
 /// and runners known to be draining, or to have neither a warm instance nor room, are not
 /// asked at all: the caller waits for the next report instead of collecting a refusal.
@@ -125,6 +130,7 @@ impl Placer for WarmPlacer {
         let tier = |view: &RunnerView| -> Option<u8> {
             let load = match view {
                 RunnerView::Unknown => return Some(1),
+                RunnerView::TooSmall => return Some(5),
                 RunnerView::Known(load) => load,
             };
             if load.draining || !(load.warm || load.fits) {
@@ -255,6 +261,29 @@ mod tests {
             placer.rank(&key(), &views),
             vec![order[2], order[0], order[1]]
         );
+    }
+
+    #[test]
+    fn a_runner_too_small_for_the_call_is_asked_after_every_other() {
+        let placer = WarmPlacer::new(DEFAULT_EPSILON);
+        let order = ring(4);
+        let mut views = vec![known(false, true, 0); 4];
+        views[order[0]] = RunnerView::TooSmall;
+        // Over the bound and evicting: still before the one that cannot hold the call.
+        views[order[1]] = RunnerView::Known(RunnerLoad {
+            fits: true,
+            evicts: true,
+            calls_in_flight: 100,
+            ..RunnerLoad::default()
+        });
+        views[order[3]] = RunnerView::Unknown;
+        assert_eq!(
+            placer.rank(&key(), &views),
+            vec![order[2], order[3], order[1], order[0]]
+        );
+        // A group of runners all too small: each is still asked (and says so).
+        let all_small = vec![RunnerView::TooSmall; 3];
+        assert_eq!(placer.rank(&key(), &all_small), ring(3));
     }
 
     #[test]
