@@ -2520,9 +2520,15 @@ async fn an_answer_whose_body_does_not_match_its_content_length_is_a_runner_fail
         .find(|l| l.contains(r#"outcome="runner_failed""#) && l.starts_with("fn_lb_calls_total"))
         .unwrap_or_else(|| panic!("no runner_failed count in {metrics}"));
     assert!(failed.ends_with(" 2"), "{failed}");
-    // A HEAD's Content-Length describes a body that is not sent: that is no mismatch.
-    let head = send(&lb.address, request(Method::HEAD, "/r/demo/echo", "")).await;
+    // A HEAD's Content-Length describes a body that is not sent: that is no mismatch, and
+    // the client gets it as the function gave it.
+    let mut head = request(Method::HEAD, "/r/demo/echo", "");
+    head.headers_mut()
+        .insert("x-fake-length", HeaderValue::from_static("1234"));
+    let head = send(&lb.address, head).await;
     assert_eq!(head.status, StatusCode::OK, "{head:?}");
+    assert_eq!(head.header("content-length"), "1234");
+    assert_eq!(head.body.as_deref().ok(), Some(b"".as_slice()));
 }
 
 /// hyper sends no body with a 204 or a 304 and drops the one it is given unread: the call

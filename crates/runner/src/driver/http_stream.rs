@@ -242,6 +242,18 @@ pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     client
 }
 
+/// The `Content-Length` of an answer without a body (to a HEAD, or a 304): the length of the
+/// body a GET would have had, which only the function knows and gives as
+/// `Fn-Http-H-Content-Length` (the FDK frames its empty body with 0); `None` when it gave
+/// none, or not one valid length.
+pub(crate) fn declared_length(reply: &HeaderMap) -> Option<HeaderValue> {
+    let mut length = OneLength::default();
+    for value in reply.get_all(&PREFIXED_COMMON[1].1) {
+        length.see(value);
+    }
+    length.valid()
+}
+
 /// The client status of a reply with HTTP status `http` and headers `reply`, as Fn's agent
 /// holds an FDK to it: 200 is the FDK's answer, with the function's status in
 /// `Fn-Http-Status` (200 without it); 502 (the function failed) and 504 (the FDK saw the

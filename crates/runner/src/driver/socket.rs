@@ -290,6 +290,7 @@ impl SocketClient {
             return Err(self.liveness.gone());
         }
         let headers = http_stream::call_headers(&request)?;
+        let method = request.method;
         let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
             Box::pin(body.map(|chunk| chunk.map(Frame::data)));
         let mut http_request = Request::post("/call")
@@ -309,11 +310,21 @@ impl SocketClient {
             .map_err(DriverError::Function)?;
         let mut headers = http_stream::fn_to_client(&head.headers);
         // The length hyper decoded, not the header: a reply with both Transfer-Encoding and
-        // Content-Length is framed by the first, and a 204 or 304 has no body whatever its
-        // Content-Length says.
-        match hyper::body::Body::size_hint(&incoming).exact() {
+        // Content-Length is framed by the first. An answer the client gets no body with
+        // says what the function says a GET's body would have been (RFC 9110 8.6), and a
+        // 204 says nothing.
+        let length = if method == http::Method::HEAD || status == http::StatusCode::NOT_MODIFIED {
+            http_stream::declared_length(&head.headers)
+        } else if status == http::StatusCode::NO_CONTENT {
+            None
+        } else {
+            hyper::body::Body::size_hint(&incoming)
+                .exact()
+                .map(http::HeaderValue::from)
+        };
+        match length {
             Some(length) => {
-                headers.insert(http::header::CONTENT_LENGTH, length.into());
+                headers.insert(http::header::CONTENT_LENGTH, length);
             }
             None => {
                 headers.remove(http::header::CONTENT_LENGTH);
@@ -533,9 +544,16 @@ mod tests {
 
     /// One call, with no body, to the listener at `path`.
     async fn call(path: PathBuf) -> Result<FunctionResponse, DriverError> {
+        call_as(path, request()).await
+    }
+
+    /// `request`, with no body, to the listener at `path`.
+    async fn call_as(
+        path: PathBuf,
+        request: FunctionRequest,
+    ) -> Result<FunctionResponse, DriverError> {
         let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
         let client = SocketClient::new(path, "test".into(), liveness, 1);
-        let request = request();
         wait_for_listener(&client, Duration::from_secs(2)).await?;
         client
             .send(request, Box::pin(futures::stream::empty()))
@@ -775,5 +793,58 @@ mod tests {
             (length.as_deref(), &body[..]),
             (Some("3"), b"abc".as_slice())
         );
+    }
+
+    /// The length the client gets with an answer that has no body: what the function says
+    /// a GET's body would be, for a HEAD or a 304; nothing for a 204, or when the function
+    /// says nothing (the FDK's empty framing is not the length of anything).
+    #[tokio::test]
+    async fn an_answer_without_a_body_has_the_length_the_function_declares() {
+        let head = FunctionRequest {
+            method: http::Method::HEAD,
+            ..request()
+        };
+        for (method, reply, expected) in [
+            (
+                &head,
+                "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1234\r\ncontent-length: 0\r\n\r\n",
+                Some("1234"),
+            ),
+            (&head, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
+            (
+                &request(),
+                "HTTP/1.1 200 OK\r\nfn-http-status: 304\r\nfn-http-h-content-length: 99\r\ncontent-length: 0\r\n\r\n",
+                Some("99"),
+            ),
+            (
+                &request(),
+                "HTTP/1.1 200 OK\r\nfn-http-status: 204\r\nfn-http-h-content-length: 5\r\ncontent-length: 0\r\n\r\n",
+                None,
+            ),
+            // Two lengths that disagree: none.
+            (
+                &head,
+                "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1\r\nfn-http-h-content-length: 2\r\ncontent-length: 0\r\n\r\n",
+                None,
+            ),
+            // A GET's own framing still counts.
+            (
+                &request(),
+                "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1234\r\ncontent-length: 2\r\n\r\nok",
+                Some("2"),
+            ),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("fn.sock");
+            serve(&path, reply);
+            let response = call_as(path, method.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let length = response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            assert_eq!(length.as_deref(), expected, "{} {reply:?}", method.method);
+        }
     }
 }
