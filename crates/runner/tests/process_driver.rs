@@ -192,6 +192,55 @@ async fn headers_translate_both_ways() {
     }
 }
 
+/// The variable `name` of process `pid`'s environment.
+fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let prefix = format!("{name}=");
+    environ
+        .split(|b| *b == 0)
+        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+/// A function's config `PATH` replaces the default one (as under the docker driver, where
+/// config replaces the image's), while the contract's variables are the runner's whatever
+/// the config says.
+#[tokio::test]
+async fn a_config_path_replaces_the_default_and_the_contract_is_the_runners() {
+    let fx = fixture();
+    let mut hello = spec("fn-hello");
+    hello
+        .config
+        .insert("PATH".into(), "/opt/fn-test/bin:/usr/bin:/bin".into());
+    hello.config.insert("FN_LISTENER".into(), "tcp:evil".into());
+    let plain = spec("fn-hello");
+    let with_path = fx
+        .driver
+        .start_process(&hello, "p", START)
+        .await
+        .expect("start");
+    let without = fx
+        .driver
+        .start_process(&plain, "q", START)
+        .await
+        .expect("start");
+    for instance in [&with_path, &without] {
+        let (status, _, body) = call(instance, HeaderMap::new(), "Ann").await.expect("call");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"Hello, Ann!\n"[..]));
+    }
+    let pid = |i: &dyn Instance| i.pid().expect("pid");
+    assert_eq!(
+        environ_var(pid(&with_path), "PATH").as_deref(),
+        Some("/opt/fn-test/bin:/usr/bin:/bin")
+    );
+    assert_eq!(
+        environ_var(pid(&without), "PATH").as_deref(),
+        Some("/usr/local/bin:/usr/bin:/bin")
+    );
+    let listener = environ_var(pid(&with_path), "FN_LISTENER").expect("FN_LISTENER");
+    assert!(listener.starts_with("unix:"), "{listener}");
+}
+
 #[tokio::test]
 async fn config_status_and_user_reach_the_function() {
     let fx = fixture();

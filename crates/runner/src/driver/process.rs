@@ -96,7 +96,8 @@ fn read_before_the_gate(name: &str) -> bool {
     plain && (name.starts_with("LD_") || name == "BASH_ENV" || name == "ENV")
 }
 
-/// `PATH` of every function: the usual system directories, nothing of the runner's own.
+/// `PATH` of every function that sets none in its config: the usual system directories,
+/// nothing of the runner's own.
 const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Name of the listener socket inside an instance directory (the FDK symlinks it into place).
@@ -663,13 +664,18 @@ impl ProcessDriver {
                 cmd.envs(&spec.config);
             }
         }
+        // A default the function's config may replace, as an image's `ENV` is under the
+        // docker driver (the program and the wrapper are started by their full paths, and
+        // under namespaces the config's PATH reaches the program alone, as the rest does).
+        if !spec.config.contains_key("PATH") {
+            cmd.env("PATH", FUNCTION_PATH);
+        }
         cmd.env("FN_FORMAT", "http-stream")
             .env("FN_LISTENER", format!("unix:{}", socket.display()))
             .env("FN_APP_NAME", &spec.app)
             .env("FN_FN_NAME", &spec.function)
             .env("FN_MEMORY", spec.memory_mb.to_string())
             .env("FN_TYPE", "sync")
-            .env("PATH", FUNCTION_PATH)
             .env("HOME", dir)
             .env("TMPDIR", dir.join(INSTANCE_TMP));
         cmd.current_dir(&self.functions_dir)
