@@ -233,20 +233,20 @@ impl Dispatcher {
         self
     }
 
-    /// Whether a call whose pass is `ranked` from `views` offers it now, or holds back for a
-    /// warm instance (see the module docs). `waiting`: the call's last pass found no runner
-    /// able to take it; `evicting_since`: when it first could only have started an instance
-    /// by evicting, set here.
+    /// Whether a call whose pass would first offer it to the runner seen as `first` (of
+    /// `views`) offers it now, or holds back for a warm instance (see the module docs).
+    /// `waiting`: the call's last pass found no runner able to take it; `evicting_since`:
+    /// when it first could only have started an instance by evicting, set here.
     fn hold(
         &self,
         key: &PlacementKey,
         views: &[RunnerView],
-        ranked: &[usize],
+        first: Option<&RunnerView>,
         waiting: bool,
         evicting_since: &mut Option<Instant>,
         deadline: Instant,
     ) -> Hold {
-        let evicts_first = ranked.first().and_then(|&i| views.get(i)).is_some_and(
+        let evicts_first = first.is_some_and(
             |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
         );
         if !evicts_first {
@@ -349,14 +349,13 @@ impl Dispatcher {
                     })
                     .collect();
                 let ranked = self.placer.rank(&key, &views);
-                let hold = self.hold(
-                    &key,
-                    &views,
-                    &ranked,
-                    waiting,
-                    &mut evicting_since,
-                    deadline,
-                );
+                // The first runner the pass would offer the call to: one marked down is
+                // skipped (it ranks where a runner without a report does).
+                let first = ranked
+                    .iter()
+                    .find(|&&i| runners.get(i).is_some_and(|r| r.is_available()))
+                    .and_then(|&i| views.get(i));
+                let hold = self.hold(&key, &views, first, waiting, &mut evicting_since, deadline);
                 match hold {
                     Hold::Offer => {}
                     Hold::ForWarm(until) => {

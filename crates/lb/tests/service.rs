@@ -3189,29 +3189,23 @@ async fn warm_placer_waits_for_a_busy_functions_instance_rather_than_evict() {
     assert_eq!(reply.header("x-fake-runner"), runners[1].name());
 }
 
-/// A runner ejected (or marked down) takes no call whatever its reports say: a call does not
-/// wait for its busy instances to free up, and is placed at once where it fits by evicting
-/// (it waited the whole warm wait before, [`MAX_WARM_WAIT`] here).
-#[tokio::test]
-async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
-    let pki = TestPki::new();
-    // Runner 1 runs demo/echo's one instance, busy, and an idle demo/quick, so that a quick
-    // call asks it first; it hangs up on every offer, and one failure ejects it.
-    let busy_echo_idle_quick = RunnerState {
-        warm: vec![
-            busy_one("echo").warm[0].clone(),
-            WarmFunction {
-                app: "demo".into(),
-                function: "quick".into(),
-                idle_slots: 1,
-                instances: 1,
-            },
-        ],
-        ..busy_one("echo")
-    };
+/// [`warm_lb_waiting`] with a 3 s warm wait, and runner `ejected` ejected while its report
+/// stays fresh: it reports an idle `demo/quick` besides `reports[ejected]`, so that a quick
+/// call asks it first, and it hangs up on that offer (one failure ejects).
+async fn warm_lb_ejecting(
+    pki: &TestPki,
+    mut reports: [RunnerState; 3],
+    ejected: usize,
+) -> (Vec<FakeRunner>, Lb) {
+    reports[ejected].warm.push(WarmFunction {
+        app: "demo".into(),
+        function: "quick".into(),
+        idle_slots: 1,
+        instances: 1,
+    });
     let (runners, lb) = warm_lb_with(
-        &pki,
-        [full_of_idle(), busy_echo_idle_quick, full_of_idle()],
+        pki,
+        reports,
         Duration::from_secs(3),
         ClientConfig {
             eject_after: 1,
@@ -3222,18 +3216,31 @@ async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
     )
     .await;
     lb.dial_runners().await;
-    runners[1].set_behaviour(Behaviour::HangUpUnacknowledged);
-    let ejecting = post(&lb, "/r/demo/quick", "asks runner 1 first").await;
+    runners[ejected].set_behaviour(Behaviour::HangUpUnacknowledged);
+    let ejecting = post(&lb, "/r/demo/quick", "asks the ejected runner first").await;
     assert_eq!(ejecting.status, StatusCode::OK, "{ejecting:?}");
-    assert_ne!(ejecting.header("x-fake-runner"), runners[1].name());
-    let ejected = lb
+    assert_ne!(ejecting.header("x-fake-runner"), runners[ejected].name());
+    let client = lb
         .pool
         .runners("default")
         .iter()
-        .find(|r| r.address() == runners[1].address())
-        .map(|r| r.is_ejected());
-    assert_eq!(ejected, Some(true), "runner 1 was not ejected");
+        .find(|r| r.address() == runners[ejected].address())
+        .map(Arc::clone)
+        .expect("listed");
+    assert!(client.is_ejected(), "runner {ejected} was not ejected");
+    assert!(client.reports().is_fresh(), "its report stays fresh");
+    (runners, lb)
+}
 
+/// A runner ejected (or marked down) takes no call whatever its reports say: a call does not
+/// wait for its busy instances to free up, and is placed at once where it fits by evicting
+/// (it waited the whole warm wait before, [`MAX_WARM_WAIT`] here).
+#[tokio::test]
+async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
+    let pki = TestPki::new();
+    // Runner 1 runs demo/echo's one instance, busy.
+    let (runners, lb) =
+        warm_lb_ejecting(&pki, [full_of_idle(), busy_one("echo"), full_of_idle()], 1).await;
     let started = Instant::now();
     let reply = post(&lb, "/r/demo/echo", "no wait").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
@@ -3241,6 +3248,26 @@ async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
     assert!(
         started.elapsed() < MAX_WARM_WAIT / 2,
         "it waited for the ejected runner's instance: {:?}",
+        started.elapsed()
+    );
+}
+
+/// An ejected runner, which ranks where a runner without a report does, is not the one a
+/// call's warm wait looks at: the call still waits for its function's busy instance on a
+/// runner that takes calls rather than evict at once.
+#[tokio::test]
+async fn warm_placer_still_waits_for_a_warm_instance_beside_an_ejected_runner() {
+    let pki = TestPki::new();
+    // Runner 1 runs demo/echo's one instance, busy; runner 0, the ring's first, is ejected.
+    let (runners, lb) =
+        warm_lb_ejecting(&pki, [full_of_idle(), busy_one("echo"), full_of_idle()], 0).await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "waits").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_ne!(reply.header("x-fake-runner"), runners[0].name());
+    assert!(
+        started.elapsed() >= MAX_WARM_WAIT / 2,
+        "it evicted at once: {:?}",
         started.elapsed()
     );
 }

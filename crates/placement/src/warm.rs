@@ -37,7 +37,7 @@ pub struct RunnerLoad {
 /// Warmth- and load-aware placement over the consistent-hash ring.
 ///
 /// The ring order is [`ConsistentHashPlacer`]'s, so a function keeps a home runner and every
-/// LB agrees on it. Within one pass, runners are tried in five tiers, each in ring order:
+/// LB agrees on it. Within one pass, runners are tried in six tiers, each in ring order:
 /// 1. runners with a warm instance of the function that has room for the call;
 /// 2. runners where a new instance fits in free memory, and runners with no fresh report
 ///    (asked as `ch` would ask them: missing information never refuses a call);
