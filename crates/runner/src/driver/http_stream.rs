@@ -242,7 +242,7 @@ pub(crate) fn fn_to_client(reply: &HeaderMap) -> HeaderMap {
     client
 }
 
-/// The `Content-Length` of an answer without a body (to a HEAD, or a 304): the length of the
+/// The `Content-Length` the function declares for an answer to a HEAD: the length of the
 /// body a GET would have had, which only the function knows and gives as
 /// `Fn-Http-H-Content-Length` (the FDK frames its empty body with 0); `None` when it gave
 /// none, or not one valid length.

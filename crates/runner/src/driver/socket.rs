@@ -310,17 +310,21 @@ impl SocketClient {
             .map_err(DriverError::Function)?;
         let mut headers = http_stream::fn_to_client(&head.headers);
         // The length hyper decoded, not the header: a reply with both Transfer-Encoding and
-        // Content-Length is framed by the first. An answer the client gets no body with
-        // says what the function says a GET's body would have been (RFC 9110 8.6), and a
-        // 204 says nothing.
-        let length = if method == http::Method::HEAD || status == http::StatusCode::NOT_MODIFIED {
-            http_stream::declared_length(&head.headers)
-        } else if status == http::StatusCode::NO_CONTENT {
-            None
-        } else {
+        // Content-Length is framed by the first. A 204 has none (RFC 9110 8.6). The answer
+        // to a HEAD (whose body the client does not get) has the length the function
+        // declares a GET's body would have, if it declares one: an FDK frames that HEAD's
+        // empty body with 0; one that answers a HEAD as a GET frames the GET's body.
+        let framed = || {
             hyper::body::Body::size_hint(&incoming)
                 .exact()
                 .map(http::HeaderValue::from)
+        };
+        let length = if status == http::StatusCode::NO_CONTENT {
+            None
+        } else if method == http::Method::HEAD {
+            http_stream::declared_length(&head.headers).or_else(framed)
+        } else {
+            framed()
         };
         match length {
             Some(length) => {
@@ -795,11 +799,11 @@ mod tests {
         );
     }
 
-    /// The length the client gets with an answer that has no body: what the function says
-    /// a GET's body would be, for a HEAD or a 304; nothing for a 204, or when the function
-    /// says nothing (the FDK's empty framing is not the length of anything).
+    /// The length the client gets with an answer to a HEAD: what the function declares a
+    /// GET's body would be, else the FDK's framing (an FDK that answers a HEAD as a GET);
+    /// nothing with a 204, whatever the method.
     #[tokio::test]
-    async fn an_answer_without_a_body_has_the_length_the_function_declares() {
+    async fn an_answer_to_a_head_has_the_length_the_function_declares() {
         let head = FunctionRequest {
             method: http::Method::HEAD,
             ..request()
@@ -810,24 +814,34 @@ mod tests {
                 "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1234\r\ncontent-length: 0\r\n\r\n",
                 Some("1234"),
             ),
-            (&head, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
+            // The GET's body, framed: its length.
             (
-                &request(),
-                "HTTP/1.1 200 OK\r\nfn-http-status: 304\r\nfn-http-h-content-length: 99\r\ncontent-length: 0\r\n\r\n",
-                Some("99"),
+                &head,
+                "HTTP/1.1 200 OK\r\ncontent-length: 14\r\n\r\nHello, World!\n",
+                Some("14"),
+            ),
+            (
+                &head,
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Some("0"),
+            ),
+            (
+                &head,
+                "HTTP/1.1 200 OK\r\nfn-http-status: 204\r\nfn-http-h-content-length: 5\r\ncontent-length: 0\r\n\r\n",
+                None,
             ),
             (
                 &request(),
                 "HTTP/1.1 200 OK\r\nfn-http-status: 204\r\nfn-http-h-content-length: 5\r\ncontent-length: 0\r\n\r\n",
                 None,
             ),
-            // Two lengths that disagree: none.
+            // Two lengths that disagree: the framing's.
             (
                 &head,
                 "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1\r\nfn-http-h-content-length: 2\r\ncontent-length: 0\r\n\r\n",
-                None,
+                Some("0"),
             ),
-            // A GET's own framing still counts.
+            // A GET's own framing, whatever the function declares.
             (
                 &request(),
                 "HTTP/1.1 200 OK\r\nfn-http-h-content-length: 1234\r\ncontent-length: 2\r\n\r\nok",
