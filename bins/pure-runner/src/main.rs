@@ -507,6 +507,12 @@ async fn isolation(cli: &Cli, users: &FunctionUsers) -> Result<Option<Isolation>
             Err(e) => return unavailable(format!("cannot find fn-isolate: {e}")),
         },
     };
+    // Started by its full path: instances run with a PATH of their own (a function's config
+    // may set it), not the runner's.
+    let helper = match full_path(&helper, std::env::var_os("PATH")) {
+        Ok(helper) => helper,
+        Err(e) => return unavailable(format!("FN_ISOLATE_BINARY: {e}")),
+    };
     let mut probe = tokio::process::Command::new(&helper);
     probe.arg("--probe");
     if network_none {
@@ -535,6 +541,27 @@ async fn isolation(cli: &Cli, users: &FunctionUsers) -> Result<Option<Isolation>
     }
 }
 
+/// `program` as a full path: a bare name is looked up in the directories of `path` (as a
+/// shell would), a relative path from the working directory.
+///
+/// # Errors
+/// When no such file is found.
+fn full_path(
+    program: &std::path::Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
+    let found = if program.components().count() == 1 && !program.is_absolute() {
+        path.iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+            .ok_or_else(|| format!("{} not found on PATH", program.display()))?
+    } else {
+        program.to_path_buf()
+    };
+    std::fs::canonicalize(&found).map_err(|e| format!("{}: {e}", found.display()))
+}
+
 /// What a shard's gRPC server ending means: nothing after shutdown when it ended cleanly,
 /// an error otherwise (its own, a panic, or ending before shutdown was asked for).
 fn server_ended(
@@ -553,8 +580,26 @@ fn server_ended(
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, FunctionUser, check_function_user, parse_pids_limit, parse_start_timeout};
+    use super::{
+        Cli, FunctionUser, check_function_user, full_path, parse_pids_limit, parse_start_timeout,
+    };
     use fn_lifecycle::config::{ParseOutcome, try_parse_from};
+
+    #[test]
+    fn the_isolation_helper_is_found_by_its_full_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        std::fs::write(bin.join("fn-isolate"), b"").expect("helper");
+        let full = std::fs::canonicalize(bin.join("fn-isolate")).expect("canonical");
+        let path = std::env::join_paths([dir.path().join("none"), bin.clone()]).expect("PATH");
+        let bare = std::path::Path::new("fn-isolate");
+        assert_eq!(full_path(bare, Some(path.clone())), Ok(full.clone()));
+        assert_eq!(full_path(&bin.join("fn-isolate"), None), Ok(full));
+        let missing = full_path(std::path::Path::new("fn-nothing"), Some(path));
+        assert_eq!(missing, Err("fn-nothing not found on PATH".to_owned()));
+        assert!(full_path(bare, None).is_err(), "no PATH, no lookup");
+    }
 
     #[test]
     fn a_non_root_runner_refuses_a_function_user_it_cannot_become() {
