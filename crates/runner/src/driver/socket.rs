@@ -79,6 +79,19 @@ impl Drop for ConnectionTask {
     }
 }
 
+/// How long before a call's deadline a broken call stops waiting to see whether its
+/// instance ended: the call's own timeout must not fire first, or a crash would be reported
+/// as a timeout (a container's end can take seconds to be seen).
+const CLASSIFIED_BEFORE_DEADLINE: Duration = Duration::from_millis(20);
+
+/// When a failure of a call with `deadline` is classified at the latest.
+fn classify_by(deadline: std::time::SystemTime) -> tokio::time::Instant {
+    let left = deadline
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + left.saturating_sub(CLASSIFIED_BEFORE_DEADLINE)
+}
+
 /// Whether an instance is still there: set by its driver, read by calls.
 #[derive(Debug)]
 pub(crate) struct Liveness {
@@ -130,10 +143,16 @@ impl Liveness {
     }
 
     /// Classifies a transport failure: `Crashed` when the instance has ended (waiting
-    /// briefly for its end to be seen), else `Function`.
-    async fn failure(&self, what: &str, error: impl fmt::Display) -> DriverError {
+    /// briefly for its end to be seen, never past `by`), else `Function`.
+    async fn failure(
+        &self,
+        what: &str,
+        error: impl fmt::Display,
+        by: tokio::time::Instant,
+    ) -> DriverError {
         let mut ended = self.ended.clone();
-        let end = tokio::time::timeout(self.end_grace, ended.wait_for(Option::is_some))
+        let until = by.min(tokio::time::Instant::now() + self.end_grace);
+        let end = tokio::time::timeout_at(until, ended.wait_for(Option::is_some))
             .await
             .ok()
             .and_then(Result::ok)
@@ -207,8 +226,8 @@ impl SocketClient {
     /// that serves one connection at a time (fdk-java, fdk-ruby) never answers a second
     /// while the first is open, and the call on it would time out. An instance that takes
     /// several calls serves concurrent connections (the README requires it), so each shard
-    /// keeps its own.
-    async fn connection(&self) -> Result<Kept, DriverError> {
+    /// keeps its own. A failure is classified by `by` (see [`Liveness::failure`]).
+    async fn connection(&self, by: tokio::time::Instant) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
@@ -233,14 +252,14 @@ impl SocketClient {
         // unless a call's answer still holds it.
         let stream = match self.connect().await {
             Ok(stream) => stream,
-            Err(e) => return Err(self.liveness.failure("cannot connect", e).await),
+            Err(e) => return Err(self.liveness.failure("cannot connect", e, by).await),
         };
         let handshake = http1::Builder::new()
             .max_buf_size(FUNCTION_READ_BUFFER)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
-            Err(e) => return Err(self.liveness.failure("handshake failed", e).await),
+            Err(e) => return Err(self.liveness.failure("handshake failed", e, by).await),
         };
         let instance = self.instance.clone();
         let task = tokio::spawn(async move {
@@ -291,6 +310,7 @@ impl SocketClient {
         }
         let headers = http_stream::call_headers(&request)?;
         let method = request.method;
+        let by = classify_by(request.deadline);
         let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
             Box::pin(body.map(|chunk| chunk.map(Frame::data)));
         let mut http_request = Request::post("/call")
@@ -298,10 +318,10 @@ impl SocketClient {
             .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
         *http_request.headers_mut() = headers;
 
-        let (shard, mut sender, task) = self.connection().await?;
+        let (shard, mut sender, task) = self.connection(by).await?;
         let reply = match sender.send_request(http_request).await {
             Ok(reply) => reply,
-            Err(e) => return Err(self.liveness.failure("call failed", e).await),
+            Err(e) => return Err(self.liveness.failure("call failed", e, by).await),
         };
         self.keep(shard, sender, task.clone());
 
@@ -342,7 +362,7 @@ impl SocketClient {
             async move {
                 match chunk {
                     Ok(bytes) => Ok(bytes),
-                    Err(e) => Err(liveness.failure("reply broke off", e).await),
+                    Err(e) => Err(liveness.failure("reply broke off", e, by).await),
                 }
             }
         });
@@ -796,6 +816,50 @@ mod tests {
         assert_eq!(
             (length.as_deref(), &body[..]),
             (Some("3"), b"abc".as_slice())
+        );
+    }
+
+    /// A call whose connection breaks while its instance's end is not seen (a container's
+    /// end can take seconds to show) is answered as the function's failure before the
+    /// call's deadline, not left to time out: a crash is never reported as a timeout.
+    #[tokio::test]
+    async fn a_broken_call_is_classified_before_its_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        // A function that reads the call's head and hangs up without an answer.
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                drop(conn);
+            }
+        });
+        // Its end would be waited for 30 s; the call has 500 ms.
+        let (liveness, _ended) = Liveness::new(Duration::from_secs(30));
+        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        wait_for_listener(&client, Duration::from_secs(2))
+            .await
+            .expect("listening");
+        let request = FunctionRequest {
+            deadline: std::time::SystemTime::now() + Duration::from_millis(500),
+            ..request()
+        };
+        let started = Instant::now();
+        let sent = client
+            .send(request, Box::pin(futures::stream::empty()))
+            .await;
+        match sent {
+            Err(DriverError::Function(message)) => {
+                assert!(message.contains("call failed"), "{message}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(response) => panic!("answered {}", response.status),
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "classified after the deadline: {:?}",
+            started.elapsed()
         );
     }
 
