@@ -324,6 +324,9 @@ pub enum DevPkiError {
     Parse { path: String, source: rcgen::Error },
     #[error("{0}")]
     Name(String),
+    /// A CA rollover step run out of its order, which would leave nodes untrusted.
+    #[error("{0}")]
+    Rollover(String),
     #[error(
         "a node certificate from {issuer} would not verify under {bundle} ({reason}): that bundle does not hold this CA. Bring node files from the bundle's CA, or replace them all with `fn-certs --force`"
     )]
@@ -551,8 +554,19 @@ pub fn ca_rollover_in(
     sans: &[&str],
 ) -> Result<(), DevPkiError> {
     let Dirs { nodes, issuer } = dirs;
+    let node = nodes.join(files::NODE);
     match step {
         RolloverStep::Begin => {
+            // A second begin after the switch would drop the CA the node certificates
+            // now come from out of every bundle.
+            if let Ok(next) = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)
+                && node_is_from(nodes, next.cert_pem())?
+            {
+                return Err(DevPkiError::Rollover(format!(
+                    "{} is already from the rollover's new CA (its switch ran): run --ca-rollover finish once every daemon has reloaded; a new CA now would leave it untrusted",
+                    node.display()
+                )));
+            }
             let old = read_issuer(issuer, files::ISSUER, files::ISSUER_KEY)?;
             let next = DevCa::new("fn dev CA (next)")?;
             write_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY, &next)?;
@@ -567,11 +581,48 @@ pub fn ca_rollover_in(
         }
         RolloverStep::Finish => {
             let next = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
+            // The bundle about to be written trusts the new CA alone.
+            if !node_is_from(nodes, next.cert_pem())? {
+                return Err(DevPkiError::Rollover(format!(
+                    "{} is not from the rollover's new CA: run --ca-rollover switch, and let every daemon reload, before finish; finishing now would leave every node untrusted",
+                    node.display()
+                )));
+            }
             write_issuer(issuer, files::ISSUER, files::ISSUER_KEY, &next)?;
             write_file(nodes, files::BUNDLE, next.cert_pem(), PUBLIC)?;
             remove_next_issuer(issuer)
         }
     }
+}
+
+/// Whether the node certificate in `dir` (with its key) verifies under the CA `ca_pem`
+/// alone; false when there is none.
+///
+/// # Errors
+/// When a file is there but cannot be read.
+fn node_is_from(dir: &Path, ca_pem: &str) -> Result<bool, DevPkiError> {
+    use crate::material::{Check, Material, Origin, Pems};
+    let read = |name: &str| {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DevPkiError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    };
+    let (Some(cert), Some(key)) = (read(files::NODE)?, read(files::NODE_KEY)?) else {
+        return Ok(false);
+    };
+    let pems = Pems {
+        cert,
+        key,
+        ca: ca_pem.as_bytes().to_vec(),
+    };
+    let provider = std::sync::Arc::new(crate::crypto_provider());
+    Ok(Material::parse(pems, &Origin::Memory, &provider, Check::Replacement).is_ok())
 }
 
 /// How long before its end `fn-certs --keep` renews a node certificate. Node certificates
@@ -762,6 +813,49 @@ mod tests {
         assert!(same_name("2001:db8::1", "2001:0db8:0::1"));
         assert!(same_name("fn-node", "FN-NODE."));
         assert!(!same_name("::1", "localhost"));
+    }
+
+    /// The files of a PKI directory, by name.
+    fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|entry| {
+                let entry = entry.expect("entry");
+                let name = entry.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(entry.path()).expect("read"))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// A rollover step run out of its order, which would leave the node certificate
+    /// untrusted (a finish before the switch; a begin after it), is refused and changes
+    /// nothing; in order, each step goes, and a new rollover may begin after the finish.
+    #[test]
+    fn rollover_steps_out_of_order_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_dev_pki(dir.path(), &[]).expect("pki");
+        let out_of_order = |step| {
+            let before = contents(dir.path());
+            let refused = ca_rollover(dir.path(), step, &[]);
+            assert!(
+                matches!(refused, Err(DevPkiError::Rollover(_))),
+                "{step:?}: {refused:?}"
+            );
+            assert_eq!(contents(dir.path()), before, "{step:?} changed files");
+            refused.err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("begin");
+        let early = out_of_order(RolloverStep::Finish);
+        assert!(early.contains("run --ca-rollover switch"), "{early}");
+        ca_rollover(dir.path(), RolloverStep::Switch, &[]).expect("switch");
+        let again = out_of_order(RolloverStep::Begin);
+        assert!(again.contains("run --ca-rollover finish"), "{again}");
+        ca_rollover(dir.path(), RolloverStep::Finish, &[]).expect("finish");
+        ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("the next rollover");
+        // A begin again before any switch only replaces the CA nobody uses yet.
+        ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("begin again");
     }
 
     #[test]
