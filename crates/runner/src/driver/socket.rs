@@ -97,6 +97,10 @@ fn classify_by(deadline: std::time::SystemTime) -> tokio::time::Instant {
 pub(crate) struct Liveness {
     /// Set when the runner kills the instance; it is no longer alive from then on.
     killed: AtomicBool,
+    /// Set when a call broke and the instance's end was not seen before the call's
+    /// deadline: whether it still serves is not known, so it takes no more calls (as an
+    /// instance whose call timed out takes none) and goes once its calls have ended.
+    suspect: AtomicBool,
     /// `Some(how it ended)` once the instance has ended.
     ended: watch::Receiver<Option<String>>,
     /// How long a broken call waits to see the end before blaming the function.
@@ -110,6 +114,7 @@ impl Liveness {
         let (tx, ended) = watch::channel(None);
         let liveness = Liveness {
             killed: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
             ended,
             end_grace,
         };
@@ -126,7 +131,7 @@ impl Liveness {
     }
 
     pub(crate) fn is_alive(&self) -> bool {
-        !self.killed() && self.ended.borrow().is_none()
+        !self.killed() && !self.suspect.load(Ordering::SeqCst) && self.ended.borrow().is_none()
     }
 
     /// How the instance ended, once it has.
@@ -142,21 +147,27 @@ impl Liveness {
         }
     }
 
-    /// Classifies a transport failure: `Crashed` when the instance has ended (waiting
-    /// briefly for its end to be seen, never past `by`), else `Function`.
+    /// Classifies a transport failure of a call with `deadline`: `Crashed` when the
+    /// instance has ended (waiting briefly for its end to be seen, never past
+    /// [`CLASSIFIED_BEFORE_DEADLINE`] before the deadline), else `Function`; an instance
+    /// whose end was still unseen at that point is suspect from then on.
     async fn failure(
         &self,
         what: &str,
         error: impl fmt::Display,
-        by: tokio::time::Instant,
+        deadline: std::time::SystemTime,
     ) -> DriverError {
         let mut ended = self.ended.clone();
-        let until = by.min(tokio::time::Instant::now() + self.end_grace);
-        let end = tokio::time::timeout_at(until, ended.wait_for(Option::is_some))
+        let grace = tokio::time::Instant::now() + self.end_grace;
+        let by = classify_by(deadline);
+        let end = tokio::time::timeout_at(by.min(grace), ended.wait_for(Option::is_some))
             .await
             .ok()
             .and_then(Result::ok)
             .and_then(|end| end.clone());
+        if end.is_none() && by < grace {
+            self.suspect.store(true, Ordering::SeqCst);
+        }
         match end {
             Some(_) if self.killed() => {
                 DriverError::Crashed(format!("killed by the runner ({what}: {error})"))
@@ -226,8 +237,9 @@ impl SocketClient {
     /// that serves one connection at a time (fdk-java, fdk-ruby) never answers a second
     /// while the first is open, and the call on it would time out. An instance that takes
     /// several calls serves concurrent connections (the README requires it), so each shard
-    /// keeps its own. A failure is classified by `by` (see [`Liveness::failure`]).
-    async fn connection(&self, by: tokio::time::Instant) -> Result<Kept, DriverError> {
+    /// keeps its own. A failure is classified before the call's `deadline` (see
+    /// [`Liveness::failure`]).
+    async fn connection(&self, by: std::time::SystemTime) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
@@ -310,7 +322,7 @@ impl SocketClient {
         }
         let headers = http_stream::call_headers(&request)?;
         let method = request.method;
-        let by = classify_by(request.deadline);
+        let by = request.deadline;
         let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
             Box::pin(body.map(|chunk| chunk.map(Frame::data)));
         let mut http_request = Request::post("/call")
@@ -835,32 +847,39 @@ mod tests {
                 drop(conn);
             }
         });
-        // Its end would be waited for 30 s; the call has 500 ms.
+        // Its end would be waited for 30 s; the call has 500 ms, and is bounded by its
+        // deadline as the runner bounds it (which polls the call before its timer).
         let (liveness, _ended) = Liveness::new(Duration::from_secs(30));
-        let client = SocketClient::new(path, "test".into(), liveness, 1);
+        let client = SocketClient::new(path, "test".into(), Arc::clone(&liveness), 1);
         wait_for_listener(&client, Duration::from_secs(2))
             .await
             .expect("listening");
+        let budget = Duration::from_millis(500);
         let request = FunctionRequest {
-            deadline: std::time::SystemTime::now() + Duration::from_millis(500),
+            deadline: std::time::SystemTime::now() + budget,
             ..request()
         };
         let started = Instant::now();
-        let sent = client
-            .send(request, Box::pin(futures::stream::empty()))
-            .await;
+        let sent = tokio::time::timeout_at(
+            tokio::time::Instant::now() + budget,
+            client.send(request, Box::pin(futures::stream::empty())),
+        )
+        .await;
         match sent {
-            Err(DriverError::Function(message)) => {
+            Ok(Err(DriverError::Function(message))) => {
                 assert!(message.contains("call failed"), "{message}");
             }
-            Err(e) => panic!("{e}"),
-            Ok(response) => panic!("answered {}", response.status),
+            Ok(Err(e)) => panic!("{e}"),
+            Ok(Ok(response)) => panic!("answered {}", response.status),
+            Err(_) => panic!("not classified before the deadline: a timeout"),
         }
         assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "classified after the deadline: {:?}",
+            started.elapsed() >= budget - Duration::from_millis(100),
+            "it did not wait for the instance's end: {:?}",
             started.elapsed()
         );
+        // Whether it still serves is not known: it takes no more calls.
+        assert!(!liveness.is_alive(), "a suspect instance kept taking calls");
     }
 
     /// The length the client gets with an answer to a HEAD: what the function declares a
