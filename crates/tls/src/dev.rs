@@ -558,14 +558,26 @@ pub fn ca_rollover_in(
     match step {
         RolloverStep::Begin => {
             // A second begin after the switch would drop the CA the node certificates
-            // now come from out of every bundle.
-            if let Ok(next) = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)
-                && node_is_from(nodes, next.cert_pem())?
-            {
-                return Err(DevPkiError::Rollover(format!(
-                    "{} is already from the rollover's new CA (its switch ran): run --ca-rollover finish once every daemon has reloaded; a new CA now would leave it untrusted",
-                    node.display()
-                )));
+            // now come from out of every bundle. (The next CA's certificate is enough to
+            // tell: its key may be unreadable here, the node's key missing.)
+            let pending = issuer.join(files::NEXT_ISSUER);
+            match std::fs::read_to_string(&pending) {
+                Ok(next) => {
+                    if node.exists() && node_verifies_under(nodes, &next)?.is_ok() {
+                        return Err(DevPkiError::Rollover(format!(
+                            "{} is already from the rollover's new CA ({}; its switch ran): run --ca-rollover finish once every daemon has reloaded; a new CA now would leave it untrusted",
+                            node.display(),
+                            pending.display()
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DevPkiError::Read {
+                        path: pending.display().to_string(),
+                        source,
+                    });
+                }
             }
             let old = read_issuer(issuer, files::ISSUER, files::ISSUER_KEY)?;
             let next = DevCa::new("fn dev CA (next)")?;
@@ -582,9 +594,9 @@ pub fn ca_rollover_in(
         RolloverStep::Finish => {
             let next = read_issuer(issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY)?;
             // The bundle about to be written trusts the new CA alone.
-            if !node_is_from(nodes, next.cert_pem())? {
+            if let Err(reason) = node_verifies_under(nodes, next.cert_pem())? {
                 return Err(DevPkiError::Rollover(format!(
-                    "{} is not from the rollover's new CA: run --ca-rollover switch, and let every daemon reload, before finish; finishing now would leave every node untrusted",
+                    "{} does not verify under the rollover's new CA ({reason}): run --ca-rollover switch, and let every daemon reload, before finish; finishing now would leave every node untrusted",
                     node.display()
                 )));
             }
@@ -595,34 +607,18 @@ pub fn ca_rollover_in(
     }
 }
 
-/// Whether the node certificate in `dir` (with its key) verifies under the CA `ca_pem`
-/// alone; false when there is none.
+/// Whether the node certificate in `dir` verifies now under the CA `ca_pem` alone (its key
+/// is not needed for that), and why not, when it does not.
 ///
 /// # Errors
-/// When a file is there but cannot be read.
-fn node_is_from(dir: &Path, ca_pem: &str) -> Result<bool, DevPkiError> {
-    use crate::material::{Check, Material, Origin, Pems};
-    let read = |name: &str| {
-        let path = dir.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(DevPkiError::Read {
-                path: path.display().to_string(),
-                source,
-            }),
-        }
-    };
-    let (Some(cert), Some(key)) = (read(files::NODE)?, read(files::NODE_KEY)?) else {
-        return Ok(false);
-    };
-    let pems = Pems {
-        cert,
-        key,
-        ca: ca_pem.as_bytes().to_vec(),
-    };
-    let provider = std::sync::Arc::new(crate::crypto_provider());
-    Ok(Material::parse(pems, &Origin::Memory, &provider, Check::Replacement).is_ok())
+/// When the certificate cannot be read.
+fn node_verifies_under(dir: &Path, ca_pem: &str) -> Result<Result<(), String>, DevPkiError> {
+    let path = dir.join(files::NODE);
+    let cert = std::fs::read(&path).map_err(|source| DevPkiError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(crate::material::verifies_under(&cert, ca_pem.as_bytes()))
 }
 
 /// How long before its end `fn-certs --keep` renews a node certificate. Node certificates
@@ -848,10 +844,23 @@ mod tests {
         };
         ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("begin");
         let early = out_of_order(RolloverStep::Finish);
-        assert!(early.contains("run --ca-rollover switch"), "{early}");
+        assert!(
+            early.contains("run --ca-rollover switch") && early.contains("does not verify"),
+            "{early}"
+        );
         ca_rollover(dir.path(), RolloverStep::Switch, &[]).expect("switch");
         let again = out_of_order(RolloverStep::Begin);
         assert!(again.contains("run --ca-rollover finish"), "{again}");
+        // Told by the certificates alone: without the node's key, and with the next CA's
+        // key unreadable, a begin is refused all the same.
+        let key = std::fs::read(dir.path().join(files::NODE_KEY)).expect("key");
+        std::fs::remove_file(dir.path().join(files::NODE_KEY)).expect("no key");
+        let next_key = dir.path().join(files::NEXT_ISSUER_KEY);
+        let next_key_pem = std::fs::read(&next_key).expect("next key");
+        std::fs::write(&next_key, b"garbage").expect("spoil");
+        out_of_order(RolloverStep::Begin);
+        std::fs::write(dir.path().join(files::NODE_KEY), key).expect("key back");
+        std::fs::write(&next_key, next_key_pem).expect("next key back");
         ca_rollover(dir.path(), RolloverStep::Finish, &[]).expect("finish");
         ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("the next rollover");
         // A begin again before any switch only replaces the CA nobody uses yet.

@@ -261,6 +261,26 @@ impl Material {
 }
 
 /// The certificates of a PEM file, at least one.
+/// Whether the certificate chain `cert_pem` verifies now under the CAs of `ca_pem` alone
+/// (no key needed); why not, when it does not.
+pub(crate) fn verifies_under(cert_pem: &[u8], ca_pem: &[u8]) -> Result<(), String> {
+    let chain = certificates(cert_pem)?;
+    let (end_entity, intermediates) = chain.split_first().ok_or("holds no certificate")?;
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(ca_pem)? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    let provider = Arc::new(crate::crypto_provider());
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| e.to_string())?
+        .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
