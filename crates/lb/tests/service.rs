@@ -3232,44 +3232,44 @@ async fn warm_lb_ejecting(
     (runners, lb)
 }
 
+/// How long a `demo/echo` call takes, answered by another runner than [`warm_lb_ejecting`]'s
+/// ejected one, when runner 1 runs demo/echo's one instance, busy, and every runner fits a
+/// new instance only by evicting.
+async fn echo_beside_ejected(ejected: usize) -> Duration {
+    let pki = TestPki::new();
+    let (runners, lb) = warm_lb_ejecting(
+        &pki,
+        [full_of_idle(), busy_one("echo"), full_of_idle()],
+        ejected,
+    )
+    .await;
+    let started = Instant::now();
+    let reply = post(&lb, "/r/demo/echo", "beside an ejected runner").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_ne!(reply.header("x-fake-runner"), runners[ejected].name());
+    started.elapsed()
+}
+
 /// A runner ejected (or marked down) takes no call whatever its reports say: a call does not
 /// wait for its busy instances to free up, and is placed at once where it fits by evicting
 /// (it waited the whole warm wait before, [`MAX_WARM_WAIT`] here).
 #[tokio::test]
 async fn warm_placer_waits_for_no_instance_of_an_ejected_runner() {
-    let pki = TestPki::new();
-    // Runner 1 runs demo/echo's one instance, busy.
-    let (runners, lb) =
-        warm_lb_ejecting(&pki, [full_of_idle(), busy_one("echo"), full_of_idle()], 1).await;
-    let started = Instant::now();
-    let reply = post(&lb, "/r/demo/echo", "no wait").await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    assert_ne!(reply.header("x-fake-runner"), runners[1].name());
+    let took = echo_beside_ejected(1).await;
     assert!(
-        started.elapsed() < MAX_WARM_WAIT / 2,
-        "it waited for the ejected runner's instance: {:?}",
-        started.elapsed()
+        took < MAX_WARM_WAIT / 2,
+        "it waited for the ejected runner's instance: {took:?}"
     );
 }
 
 /// An ejected runner, which ranks where a runner without a report does, is not the one a
 /// call's warm wait looks at: the call still waits for its function's busy instance on a
-/// runner that takes calls rather than evict at once.
+/// runner that takes calls (runner 1; the ejected one is the ring's first) rather than
+/// evict at once.
 #[tokio::test]
 async fn warm_placer_still_waits_for_a_warm_instance_beside_an_ejected_runner() {
-    let pki = TestPki::new();
-    // Runner 1 runs demo/echo's one instance, busy; runner 0, the ring's first, is ejected.
-    let (runners, lb) =
-        warm_lb_ejecting(&pki, [full_of_idle(), busy_one("echo"), full_of_idle()], 0).await;
-    let started = Instant::now();
-    let reply = post(&lb, "/r/demo/echo", "waits").await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    assert_ne!(reply.header("x-fake-runner"), runners[0].name());
-    assert!(
-        started.elapsed() >= MAX_WARM_WAIT / 2,
-        "it evicted at once: {:?}",
-        started.elapsed()
-    );
+    let took = echo_beside_ejected(0).await;
+    assert!(took >= MAX_WARM_WAIT / 2, "it evicted at once: {took:?}");
 }
 
 /// A call whose warm wait would last to its placement deadline (a short function timeout, a
