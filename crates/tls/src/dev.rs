@@ -494,10 +494,27 @@ pub fn rotate_node(dir: &Path, sans: &[&str]) -> Result<(), DevPkiError> {
 /// # Errors
 /// As [`rotate_node`].
 pub fn rotate_node_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> {
-    let ca = read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)?;
+    let ca = signing_ca(dirs)?;
     let names = names_or_current(dirs.nodes, sans)?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     write_node(dirs.nodes, &ca, &names)
+}
+
+/// The CA new node certificates come from: the rollover's new CA once the node
+/// certificate is from it (its switch ran; one from the old CA would be cut off at its
+/// finish), else the issuer.
+///
+/// # Errors
+/// When the CA's files cannot be read.
+fn signing_ca(dirs: Dirs<'_>) -> Result<DevCa, DevPkiError> {
+    let pending = dirs.issuer.join(files::NEXT_ISSUER);
+    if let Ok(next) = std::fs::read_to_string(&pending)
+        && dirs.nodes.join(files::NODE).exists()
+        && node_verifies_under(dirs.nodes, &next)?.is_ok()
+    {
+        return read_issuer(dirs.issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY);
+    }
+    read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)
 }
 
 /// `sans`, or when there are none the names of the node certificate now in `dir` (none
@@ -690,7 +707,7 @@ impl std::fmt::Display for Renewal {
 /// certificate does not verify under the bundle, or a file cannot be written.
 pub fn renew_node_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> {
     use crate::material::{Check, Material, Origin, Pems};
-    let ca = read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)?;
+    let ca = signing_ca(dirs)?;
     let mut names = current_names(dirs.nodes);
     for name in parse_sans(sans)? {
         if !names.iter().any(|n| same_name(n, &name)) {
@@ -861,6 +878,14 @@ mod tests {
         out_of_order(RolloverStep::Begin);
         std::fs::write(dir.path().join(files::NODE_KEY), key).expect("key back");
         std::fs::write(&next_key, next_key_pem).expect("next key back");
+        // A rotation between the switch and the finish stays with the new CA: one from the
+        // old would be cut off at the finish (which would then be refused).
+        rotate_node(dir.path(), &[]).expect("rotate");
+        let next = std::fs::read_to_string(dir.path().join(files::NEXT_ISSUER)).expect("next");
+        assert_eq!(
+            node_verifies_under(dir.path(), &next).expect("read"),
+            Ok(())
+        );
         ca_rollover(dir.path(), RolloverStep::Finish, &[]).expect("finish");
         ca_rollover(dir.path(), RolloverStep::Begin, &[]).expect("the next rollover");
         // A begin again before any switch only replaces the CA nobody uses yet.
