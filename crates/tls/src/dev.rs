@@ -507,14 +507,31 @@ pub fn rotate_node_in(dirs: Dirs<'_>, sans: &[&str]) -> Result<(), DevPkiError> 
 /// # Errors
 /// When the CA's files cannot be read.
 fn signing_ca(dirs: Dirs<'_>) -> Result<DevCa, DevPkiError> {
-    let pending = dirs.issuer.join(files::NEXT_ISSUER);
-    if let Ok(next) = std::fs::read_to_string(&pending)
-        && dirs.nodes.join(files::NODE).exists()
-        && node_verifies_under(dirs.nodes, &next)?.is_ok()
-    {
+    if switched(dirs)? {
         return read_issuer(dirs.issuer, files::NEXT_ISSUER, files::NEXT_ISSUER_KEY);
     }
     read_issuer(dirs.issuer, files::ISSUER, files::ISSUER_KEY)
+}
+
+/// Whether a CA rollover is under way and past its switch: the node certificate verifies
+/// under the rollover's new CA. Told from certificates alone (the new CA's key may be
+/// unreadable here, the node's key missing).
+///
+/// # Errors
+/// When the new CA's certificate is there but cannot be read.
+fn switched(dirs: Dirs<'_>) -> Result<bool, DevPkiError> {
+    let pending = dirs.issuer.join(files::NEXT_ISSUER);
+    let next = match std::fs::read_to_string(&pending) {
+        Ok(next) => next,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(DevPkiError::Read {
+                path: pending.display().to_string(),
+                source,
+            });
+        }
+    };
+    Ok(dirs.nodes.join(files::NODE).exists() && node_verifies_under(dirs.nodes, &next)?.is_ok())
 }
 
 /// `sans`, or when there are none the names of the node certificate now in `dir` (none
@@ -575,26 +592,13 @@ pub fn ca_rollover_in(
     match step {
         RolloverStep::Begin => {
             // A second begin after the switch would drop the CA the node certificates
-            // now come from out of every bundle. (The next CA's certificate is enough to
-            // tell: its key may be unreadable here, the node's key missing.)
-            let pending = issuer.join(files::NEXT_ISSUER);
-            match std::fs::read_to_string(&pending) {
-                Ok(next) => {
-                    if node.exists() && node_verifies_under(nodes, &next)?.is_ok() {
-                        return Err(DevPkiError::Rollover(format!(
-                            "{} is already from the rollover's new CA ({}; its switch ran): run --ca-rollover finish once every daemon has reloaded; a new CA now would leave it untrusted",
-                            node.display(),
-                            pending.display()
-                        )));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DevPkiError::Read {
-                        path: pending.display().to_string(),
-                        source,
-                    });
-                }
+            // now come from out of every bundle.
+            if switched(dirs)? {
+                return Err(DevPkiError::Rollover(format!(
+                    "{} is already from the rollover's new CA ({}; its switch ran): run --ca-rollover finish once every daemon has reloaded; a new CA now would leave it untrusted",
+                    node.display(),
+                    issuer.join(files::NEXT_ISSUER).display()
+                )));
             }
             let old = read_issuer(issuer, files::ISSUER, files::ISSUER_KEY)?;
             let next = DevCa::new("fn dev CA (next)")?;

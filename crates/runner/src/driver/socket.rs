@@ -239,7 +239,7 @@ impl SocketClient {
     /// several calls serves concurrent connections (the README requires it), so each shard
     /// keeps its own. A failure is classified before the call's `deadline` (see
     /// [`Liveness::failure`]).
-    async fn connection(&self, by: std::time::SystemTime) -> Result<Kept, DriverError> {
+    async fn connection(&self, deadline: std::time::SystemTime) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
@@ -264,14 +264,14 @@ impl SocketClient {
         // unless a call's answer still holds it.
         let stream = match self.connect().await {
             Ok(stream) => stream,
-            Err(e) => return Err(self.liveness.failure("cannot connect", e, by).await),
+            Err(e) => return Err(self.liveness.failure("cannot connect", e, deadline).await),
         };
         let handshake = http1::Builder::new()
             .max_buf_size(FUNCTION_READ_BUFFER)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
-            Err(e) => return Err(self.liveness.failure("handshake failed", e, by).await),
+            Err(e) => return Err(self.liveness.failure("handshake failed", e, deadline).await),
         };
         let instance = self.instance.clone();
         let task = tokio::spawn(async move {
@@ -322,7 +322,7 @@ impl SocketClient {
         }
         let headers = http_stream::call_headers(&request)?;
         let method = request.method;
-        let by = request.deadline;
+        let deadline = request.deadline;
         let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
             Box::pin(body.map(|chunk| chunk.map(Frame::data)));
         let mut http_request = Request::post("/call")
@@ -330,10 +330,10 @@ impl SocketClient {
             .map_err(|e| DriverError::Invalid(format!("cannot build the call request: {e}")))?;
         *http_request.headers_mut() = headers;
 
-        let (shard, mut sender, task) = self.connection(by).await?;
+        let (shard, mut sender, task) = self.connection(deadline).await?;
         let reply = match sender.send_request(http_request).await {
             Ok(reply) => reply,
-            Err(e) => return Err(self.liveness.failure("call failed", e, by).await),
+            Err(e) => return Err(self.liveness.failure("call failed", e, deadline).await),
         };
         self.keep(shard, sender, task.clone());
 
@@ -374,7 +374,7 @@ impl SocketClient {
             async move {
                 match chunk {
                     Ok(bytes) => Ok(bytes),
-                    Err(e) => Err(liveness.failure("reply broke off", e, by).await),
+                    Err(e) => Err(liveness.failure("reply broke off", e, deadline).await),
                 }
             }
         });
