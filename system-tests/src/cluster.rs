@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 
 use crate::http::{self, Reply};
 use crate::netns::Netns;
-use crate::{Certs, Daemon, env, free_port, merge};
+use crate::{Certs, Daemon, Stderr, env, free_port, merge};
 
 /// Bound for a daemon to become ready.
 pub const READY: Duration = Duration::from_secs(20);
@@ -48,6 +48,8 @@ pub struct Setup {
     /// Give every daemon its own `FN_METRICS_PORT` (addresses in [`Cluster::lb_metrics`],
     /// [`Npm::metrics`] and [`Runner::metrics`]).
     pub metrics: bool,
+    /// Where the lb-agent's stderr goes.
+    pub lb_stderr: Stderr,
 }
 
 impl Default for Setup {
@@ -63,6 +65,7 @@ impl Default for Setup {
             npm_env: Vec::new(),
             runner_env: Vec::new(),
             metrics: false,
+            lb_stderr: Stderr::Log,
         }
     }
 }
@@ -267,7 +270,7 @@ impl Cluster {
             &defaults,
             &setup.lb_env,
         ]);
-        let mut lb = Daemon::spawn("lb-agent", &vars)?;
+        let mut lb = Daemon::spawn_with(None, "lb-agent", &vars, setup.lb_stderr)?;
         lb.wait_http_health(&http, READY).await?;
         Ok(Cluster {
             lb,

@@ -150,6 +150,17 @@ pub fn free_port() -> anyhow::Result<u16> {
     )?)
 }
 
+/// Where a daemon's stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stderr {
+    /// A log file ([`Daemon::log`]).
+    #[default]
+    Log,
+    /// A pipe nobody reads, which fills as a stalled log driver's does ([`Daemon::log`] is
+    /// then empty).
+    Unread,
+}
+
 /// A running daemon. Killed on drop.
 #[derive(Debug)]
 pub struct Daemon {
@@ -179,6 +190,19 @@ impl Daemon {
         bin: &str,
         env: &[(String, String)],
     ) -> anyhow::Result<Daemon> {
+        Self::spawn_with(netns, bin, env, Stderr::Log)
+    }
+
+    /// Like [`Daemon::spawn_in`], with its stderr going where `stderr` says.
+    ///
+    /// # Errors
+    /// When the binary cannot be started.
+    pub fn spawn_with(
+        netns: Option<&str>,
+        bin: &str,
+        env: &[(String, String)],
+        stderr: Stderr,
+    ) -> anyhow::Result<Daemon> {
         let path = fn_test_support::workspace_bin(bin);
         let log_dir = tempfile::tempdir()?;
         let log = log_dir.path().join(format!("{bin}.log"));
@@ -206,7 +230,11 @@ impl Daemon {
         cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
+            .stderr(match stderr {
+                Stderr::Log => Stdio::from(log_file),
+                // The read end stays in the child handle, never read.
+                Stderr::Unread => Stdio::piped(),
+            })
             .kill_on_drop(true);
         let child = cmd
             .spawn()

@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use bytes::Bytes;
 use fn_system_tests::cluster::{Cluster, Setup};
 use fn_system_tests::metrics::sample;
-use fn_system_tests::{Certs, env, free_port, http, merge, run_to_exit};
+use fn_system_tests::{Certs, Stderr, env, free_port, http, merge, run_to_exit};
 
 const ECHO: &str = r#"
 [[functions]]
@@ -142,6 +142,65 @@ async fn every_daemon_exposes_its_counters_on_its_metrics_port() -> anyhow::Resu
     ensure!(other.status == 404, "{other:?}");
     let post = http::request(lb, Method::POST, "/metrics", &[], Bytes::new()).await?;
     ensure!(post.status == 405, "{post:?}");
+    Ok(())
+}
+
+/// An lb-agent whose stderr nobody reads (a log driver that stalls, a pipe into a pager
+/// left waiting) keeps answering calls: once its log lines fill the pipe, and then its
+/// queue, further lines are dropped and counted in `fn_log_lines_dropped_total`. Written
+/// in place, a line blocked the thread that logged it, and every call on that thread.
+#[tokio::test]
+async fn an_lb_whose_stderr_nobody_reads_keeps_answering_and_counts_the_lines_dropped()
+-> anyhow::Result<()> {
+    // At DEBUG every call logs several lines (the call's own, hyper's, h2's frames): the
+    // pipe's 64 KiB fill within tens of calls, the queue's 8,192 lines within some hundreds.
+    const MOST_CALLS: usize = 5000;
+    const CALL_BOUND: Duration = Duration::from_secs(10);
+    let cluster = Cluster::start(Setup {
+        runners: 1,
+        metrics: true,
+        catalog: ECHO.into(),
+        lb_env: env(&[("FN_LOG_LEVEL", "debug")]),
+        lb_stderr: Stderr::Unread,
+        ..Setup::default()
+    })
+    .await?;
+    let metrics = cluster
+        .lb_metrics
+        .clone()
+        .context("lb-agent metrics port")?;
+    let started = Instant::now();
+    let mut dropped = 0.0;
+    let mut calls = 0;
+    while dropped == 0.0 {
+        ensure!(
+            calls < MOST_CALLS && started.elapsed() < Duration::from_secs(120),
+            "{calls} calls in {:?} and no log line dropped: is stderr read after all?",
+            started.elapsed()
+        );
+        for _ in 0..50 {
+            let reply = tokio::time::timeout(CALL_BOUND, cluster.call("/r/demo/echo", "x"))
+                .await
+                .with_context(|| {
+                    format!("call {calls} not answered within {CALL_BOUND:?}: stopped by its log?")
+                })??;
+            ensure!(reply.status == 200, "call {calls}: {reply:?}");
+            calls += 1;
+        }
+        dropped = sample(&scrape(&metrics).await?, "fn_log_lines_dropped_total").unwrap_or(0.0);
+    }
+    // Still serving with its queue full.
+    for _ in 0..50 {
+        let reply = tokio::time::timeout(CALL_BOUND, cluster.call("/r/demo/echo", "x"))
+            .await
+            .context("a call with the log queue full")??;
+        ensure!(reply.status == 200, "{reply:?}");
+    }
+    let later = sample(&scrape(&metrics).await?, "fn_log_lines_dropped_total").unwrap_or(0.0);
+    ensure!(
+        later > dropped,
+        "dropped {dropped}, then {later}: not counted"
+    );
     Ok(())
 }
 

@@ -51,11 +51,12 @@ async fn daemon(cli: Cli) -> ExitCode {
     cli.control_plane
         .validate()
         .unwrap_or_else(|e| exit_config_error(e));
-    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+    let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
     let mut registry = Registry::default();
+    fn_lifecycle::logging::register_metrics(&mut registry);
     // Now, before the control plane's setup (a Docker engine may take seconds): from here on
     // a SIGHUP (a certificate rotation's hook) reloads certificates instead of killing the
     // npm.

@@ -205,11 +205,12 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         None if root => FunctionUsers::PerFunction(cli.function_uids),
         None => FunctionUsers::Runner,
     };
-    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+    let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
     let mut registry = Registry::default();
+    fn_lifecycle::logging::register_metrics(&mut registry);
     // Now, before the slow parts of the start (namespaces, the Docker engine): from here on
     // a SIGHUP (a certificate rotation's hook) reloads certificates instead of killing the
     // runner.

@@ -80,7 +80,13 @@ pub fn run_daemon(
     };
     let mut builder = runtime_builder(threads);
     match builder.build() {
-        Ok(runtime) => runtime.block_on(daemon),
+        Ok(runtime) => {
+            let code = runtime.block_on(daemon);
+            // What its tasks logged as the runtime ended them, then the lines still queued.
+            drop(runtime);
+            logging::flush();
+            code
+        }
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
             ExitCode::FAILURE

@@ -1,8 +1,21 @@
 //! `tracing` subscriber setup, and [`Throttle`] for warnings that can repeat in a loop.
+//!
+//! Log lines go to stderr through a thread of their own ([`tracing_appender::non_blocking`]):
+//! a thread that logs only queues its line. Written in place, a line blocked the thread
+//! whenever stderr did (a pipe nobody reads, a container engine's log driver that stalls,
+//! a terminal held with Ctrl-S), and with it every call on that thread's runtime. When
+//! [`BUFFERED_LINES`] are waiting, further lines are dropped and counted
+//! (`fn_log_lines_dropped_total`, [`register_metrics`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::registry::Registry;
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -15,28 +28,106 @@ pub struct LogLevelError {
     reason: String,
 }
 
-/// Installs the global subscriber, writing to stderr: coloured only when stderr is a
-/// terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so logs redirected to a
-/// file or collected by a container engine carry no escape codes.
+/// Most log lines waiting for stderr before new ones are dropped: at a few hundred bytes a
+/// line, a few MiB.
+pub const BUFFERED_LINES: usize = 8192;
+
+/// The writer thread's guard, taken by [`flush`]: dropping it writes what is queued.
+static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Lines dropped because [`BUFFERED_LINES`] were waiting.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Installs the global subscriber, writing to stderr through a writer thread: coloured only
+/// when stderr is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so
+/// logs redirected to a file or collected by a container engine carry no escape codes.
+/// Keep what it returns until the process ends: dropping it writes the lines still queued
+/// (as [`flush`] does, which a path ending in `std::process::exit` calls).
 ///
 /// # Errors
 /// When `level` is not a valid filter. A second call in one process is ignored.
-pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
+pub fn init(level: &str, format: LogFormat) -> Result<Flush, LogLevelError> {
     let filter = filter(level)?;
     let colour = use_colour(
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         std::env::var_os("NO_COLOR").as_deref(),
     );
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .lossy(true)
+        .thread_name("fn-log")
+        // A write per line, as before: one line is never split between two writes, which
+        // a panic's message on the same stderr could come between.
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    // try_init fails only when a subscriber is already set (tests); keep that one.
-    let _already_set = match format {
+        .with_writer(writer);
+    // try_init fails only when a subscriber is already set (tests); keep that one, and
+    // its writer.
+    let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    Ok(())
+    if installed.is_ok() {
+        let _first = DROPPED.set(dropped);
+        if let Ok(mut writer) = WRITER.lock() {
+            *writer = Some(guard);
+        }
+    }
+    Ok(Flush(()))
+}
+
+/// Writes the log lines still queued, waiting at most about a second for a stalled stderr.
+/// Lines logged after it are dropped. For a path that ends the process with
+/// `std::process::exit`, which runs no destructor.
+pub fn flush() {
+    let guard = WRITER.lock().ok().and_then(|mut writer| writer.take());
+    drop(guard);
+}
+
+/// What [`init`] returns: [`flush`] when dropped.
+#[derive(Debug)]
+#[must_use = "dropping it ends the logging: keep it until the process ends"]
+pub struct Flush(());
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Registers `fn_log_lines_dropped_total`: log lines dropped because stderr was not taking
+/// them (see [`BUFFERED_LINES`]).
+pub fn register_metrics(registry: &mut Registry) {
+    registry.register_collector(Box::new(DroppedLines));
+}
+
+/// Log lines dropped so far.
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+#[derive(Debug)]
+struct DroppedLines;
+
+impl Collector for DroppedLines {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(dropped_lines());
+        let help = format!(
+            "Log lines dropped because stderr was not taking them (a pipe nobody reads, a log \
+             driver that stalls) while {BUFFERED_LINES} were waiting"
+        );
+        counter.encode(encoder.encode_descriptor(
+            "fn_log_lines_dropped",
+            &help,
+            None,
+            counter.metric_type(),
+        )?)
+    }
 }
 
 /// The filter `level` names. A directive without `=` must be a level: `EnvFilter` reads any
