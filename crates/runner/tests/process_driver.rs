@@ -203,16 +203,19 @@ fn environ_var(pid: u32, name: &str) -> Option<String> {
 }
 
 /// A function's config `PATH` replaces the default one (as under the docker driver, where
-/// config replaces the image's), while the contract's variables are the runner's whatever
-/// the config says.
+/// config replaces the image's), and so do its `FN_APP_ID` and `FN_FN_ID` (else the app's
+/// name and `app/name`), while the contract's variables are the runner's whatever the config
+/// says.
 #[tokio::test]
-async fn a_config_path_replaces_the_default_and_the_contract_is_the_runners() {
+async fn a_config_path_and_ids_replace_the_defaults_and_the_contract_is_the_runners() {
     let fx = fixture();
     let mut hello = spec("fn-hello");
     hello
         .config
         .insert("PATH".into(), "/opt/fn-test/bin:/usr/bin:/bin".into());
     hello.config.insert("FN_LISTENER".into(), "tcp:evil".into());
+    // Fn's ids: an Fn deployment's own, from config, else the names.
+    hello.config.insert("FN_APP_ID".into(), "01HAPPID".into());
     let plain = spec("fn-hello");
     let with_path = fx
         .driver
@@ -239,6 +242,16 @@ async fn a_config_path_replaces_the_default_and_the_contract_is_the_runners() {
     );
     let listener = environ_var(pid(&with_path), "FN_LISTENER").expect("FN_LISTENER");
     assert!(listener.starts_with("unix:"), "{listener}");
+    let ids = |i: &dyn Instance| {
+        (
+            environ_var(pid(i), "FN_APP_ID").expect("FN_APP_ID"),
+            environ_var(pid(i), "FN_FN_ID").expect("FN_FN_ID"),
+        )
+    };
+    let app = &plain.app;
+    let named = format!("{app}/{}", plain.function);
+    assert_eq!(ids(&with_path), ("01HAPPID".to_owned(), named.clone()));
+    assert_eq!(ids(&without), (app.clone(), named));
 }
 
 #[tokio::test]

@@ -963,6 +963,9 @@ fn environment(spec: &InstanceSpec) -> Vec<String> {
     env.insert("FN_FN_NAME", spec.function.clone());
     env.insert("FN_MEMORY", spec.memory_mb.to_string());
     env.insert("FN_TYPE", "sync".into());
+    for (name, value) in spec.default_ids() {
+        env.insert(name, value);
+    }
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
@@ -1063,6 +1066,50 @@ fn untagged(image: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The container's environment: the config, then the contract's variables, which win;
+    /// Fn's ids default to the app's name and `app/name` unless the config sets them.
+    #[test]
+    fn the_environment_is_the_config_under_the_contract_with_the_ids() {
+        let spec = |config: &[(&str, &str)]| InstanceSpec {
+            app: "shop".into(),
+            function: "cart".into(),
+            command: Vec::new(),
+            image: Some("cart:1".into()),
+            memory_mb: 128,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: config
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let plain = environment(&spec(&[("GREETING", "hi")]));
+        for var in [
+            "GREETING=hi",
+            "FN_APP_NAME=shop",
+            "FN_FN_NAME=cart",
+            "FN_APP_ID=shop",
+            "FN_FN_ID=shop/cart",
+            "FN_FORMAT=http-stream",
+            "FN_MEMORY=128",
+        ] {
+            assert!(plain.iter().any(|v| v == var), "{var} in {plain:?}");
+        }
+        let set = environment(&spec(&[
+            ("FN_APP_ID", "01HAPP"),
+            ("FN_FN_ID", "01HFN"),
+            ("FN_FN_NAME", "other"),
+        ]));
+        for var in ["FN_APP_ID=01HAPP", "FN_FN_ID=01HFN", "FN_FN_NAME=cart"] {
+            assert!(set.iter().any(|v| v == var), "{var} in {set:?}");
+        }
+        assert_eq!(
+            set.iter().filter(|v| v.starts_with("FN_FN_ID=")).count(),
+            1,
+            "{set:?}"
+        );
+    }
 
     /// Calls that waited for a pull that failed get its error: the image is pulled once,
     /// not once per waiting call; a call that comes after tries again; the wait for another

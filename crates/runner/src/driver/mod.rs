@@ -47,6 +47,21 @@ pub struct InstanceSpec {
     pub config: BTreeMap<String, String>,
 }
 
+impl InstanceSpec {
+    /// Fn's `FN_APP_ID` and `FN_FN_ID` (the FDKs' context gives them to the function as its
+    /// app's and its own id) that the function's config does not set. The catalog names a
+    /// function by its app and name: the ids are the app's name and `app/name`, unique as Fn's
+    /// are, unless the config sets them (to carry over an Fn deployment's own ids).
+    pub(crate) fn default_ids(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        [
+            ("FN_APP_ID", self.app.clone()),
+            ("FN_FN_ID", format!("{}/{}", self.app, self.function)),
+        ]
+        .into_iter()
+        .filter(|(name, _)| !self.config.contains_key(*name))
+    }
+}
+
 impl From<&CallSpec> for InstanceSpec {
     fn from(call: &CallSpec) -> Self {
         InstanceSpec {

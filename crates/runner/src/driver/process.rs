@@ -670,6 +670,7 @@ impl ProcessDriver {
         if !spec.config.contains_key("PATH") {
             cmd.env("PATH", FUNCTION_PATH);
         }
+        cmd.envs(spec.default_ids());
         cmd.env("FN_FORMAT", "http-stream")
             .env("FN_LISTENER", format!("unix:{}", socket.display()))
             .env("FN_APP_NAME", &spec.app)
