@@ -100,14 +100,6 @@ pub struct Catalog {
     len: usize,
 }
 
-fn valid_name(s: &str) -> bool {
-    // `.` and `..` as a path segment (`/invoke/<app>/<name>`) are removed by clients.
-    !matches!(s, "" | "." | "..")
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 fn valid_env_name(key: &str) -> bool {
     let mut chars = key.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
@@ -200,13 +192,13 @@ fn validate(
     raw: RawFunction,
     invalid: &dyn Fn(&'static str, String) -> CatalogError,
 ) -> Result<Function, CatalogError> {
-    if !valid_name(&raw.app) {
+    if !fn_protocol::valid_name(&raw.app) {
         return Err(invalid(
             "app",
             format!("{:?} must be 1-128 of [A-Za-z0-9._-], not . or ..", raw.app),
         ));
     }
-    if !valid_name(&raw.name) {
+    if !fn_protocol::valid_name(&raw.name) {
         return Err(invalid(
             "name",
             format!(
@@ -332,7 +324,7 @@ fn validate(
     let timeout = duration("timeout", raw.timeout, DEFAULT_TIMEOUT)?;
     let idle_timeout = duration("idle_timeout", raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
     let lb_group = raw.lb_group.unwrap_or_else(|| DEFAULT_LB_GROUP.to_owned());
-    if !valid_name(&lb_group) {
+    if !fn_protocol::valid_name(&lb_group) {
         return Err(invalid(
             "lb_group",
             format!("{lb_group:?} must be 1-128 of [A-Za-z0-9._-]"),

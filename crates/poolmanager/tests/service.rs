@@ -148,6 +148,24 @@ async fn advertise_capacity_rejects_bad_adverts_with_invalid_argument() {
         .await
         .expect_err("empty group id");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Named as an LB catalog names them: a blank, a control character or a name no
+    // catalog accepts is refused (the process control plane's records split on blanks).
+    let long = "g".repeat(129);
+    for bad in ["a b", "g\n", "..", "grüße", long.as_str()] {
+        let status = npm
+            .scaler
+            .advertise_capacity(advert("lb1", &[(bad, 128)]))
+            .await
+            .expect_err(bad);
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+        assert!(status.message().contains("group id"), "{status:?}");
+        let status = npm
+            .manager
+            .get_lb_group(LbGroupId { id: bad.to_owned() })
+            .await
+            .expect_err(bad);
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+    }
 
     // None of the rejected adverts counted as demand.
     npm.control.tick().await;

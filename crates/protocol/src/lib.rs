@@ -33,3 +33,19 @@ pub mod poolmanager {
 }
 
 pub use call::{CallSpec, InvalidCall};
+
+/// Most bytes of a name ([`valid_name`]).
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Whether `name` may name an app, a function or an LB group: 1 to [`MAX_NAME_LEN`] of
+/// `[A-Za-z0-9._-]`, and not `.` or `..` (path segments that clients remove from
+/// `/invoke/<app>/<name>`). The catalog holds its names to it, and the npm every group an
+/// advert names (its process control plane keeps a runner's group in a record of
+/// blank-separated fields).
+pub fn valid_name(name: &str) -> bool {
+    !matches!(name, "" | "." | "..")
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
