@@ -174,17 +174,26 @@ impl ProcessControlPlane {
         self.config.state_dir.join(format!("{id}.{RECORD_EXT}"))
     }
 
-    /// Drops a runner that is gone from the table, with its record and socket directory.
-    fn forget(&self, id: &str) {
+    /// Where a runner's stdout and stderr go: its own log and its functions' output.
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join(format!("{id}.log"))
+    }
+
+    /// Drops a runner that is gone from the table, with its record and socket directory,
+    /// and its log unless it is to be kept.
+    fn forget(&self, id: &str, log: RunnerLog) {
         self.lock().retain(|r| r.info.id != id);
         remove_quietly(&self.record_path(id));
         remove_dir_quietly(&socket_dir(id));
+        if log == RunnerLog::Remove {
+            remove_quietly(&self.log_path(id));
+        }
     }
 
     /// Stops a runner (SIGTERM, SIGKILL after `grace`), then forgets it. It stays in the
     /// table as `Stopping` until it has exited, so that a shutdown cutting this short still
     /// finds it.
-    async fn stop_and_forget(&self, id: &str, grace: Duration) {
+    async fn stop_and_forget(&self, id: &str, grace: Duration, log: RunnerLog) {
         let taken = {
             let mut runners = self.lock();
             runners.iter_mut().find(|r| r.info.id == id).map(|r| {
@@ -196,7 +205,7 @@ impl ProcessControlPlane {
             stop(pid, id, child.as_mut(), grace).await;
             tracing::info!(runner = %id, pid, "runner stopped");
         }
-        self.forget(id);
+        self.forget(id, log);
     }
 
     /// Spawns one runner and waits until it answers health. The runner is in the table
@@ -208,7 +217,7 @@ impl ProcessControlPlane {
         let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let address = SocketAddr::new(self.config.listen_ip, port).to_string();
         let sock_dir = socket_dir(&id);
-        let log_path = self.config.state_dir.join(format!("{id}.log"));
+        let log_path = self.log_path(&id);
         let log = std::fs::File::create(&log_path)
             .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
         let log_err = log.try_clone().map_err(|e| failed(e.to_string()))?;
@@ -278,14 +287,15 @@ impl ProcessControlPlane {
                 }
             };
             if let Some(status) = exited {
-                self.forget(&id);
+                self.forget(&id, RunnerLog::Keep);
                 return Err(failed(format!(
                     "runner {id} exited with {status} before answering health; see {}",
                     log_path.display()
                 )));
             }
             if started.elapsed() > self.config.start_timeout {
-                self.stop_and_forget(&id, Duration::from_secs(1)).await;
+                self.stop_and_forget(&id, Duration::from_secs(1), RunnerLog::Keep)
+                    .await;
                 return Err(failed(format!(
                     "runner {id} did not answer health within {:?}; see {}",
                     self.config.start_timeout,
@@ -295,6 +305,17 @@ impl ProcessControlPlane {
             backoff.sleep().await;
         }
     }
+}
+
+/// What becomes of a runner's log when the runner is forgotten. A runner stopped as asked
+/// (removed after its drain, or at shutdown) takes its log with it: kept, the logs of every
+/// runner a long-running npm ever scaled up (with every line its functions wrote) filled
+/// `FN_RUNNER_STATE_DIR`. One that failed to start, or ended on its own, keeps it for the
+/// operator (the error or warning names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunnerLog {
+    Keep,
+    Remove,
 }
 
 /// Adopts the runner recorded at `path` if it is alive and answers health; otherwise stops
@@ -371,7 +392,8 @@ impl ControlPlane for ProcessControlPlane {
                 None => !is_runner_process(r.pid, &r.info.id),
             };
             if exited {
-                tracing::warn!(runner = %r.info.id, pid = r.pid, "runner process exited");
+                let log = self.log_path(&r.info.id);
+                tracing::warn!(runner = %r.info.id, pid = r.pid, log = %log.display(), "runner process exited");
                 remove_quietly(&self.record_path(&r.info.id));
                 remove_dir_quietly(&socket_dir(&r.info.id));
             }
@@ -402,7 +424,7 @@ impl ControlPlane for ProcessControlPlane {
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
         Box::pin(async move {
-            self.stop_and_forget(&runner.id, Duration::from_secs(10))
+            self.stop_and_forget(&runner.id, Duration::from_secs(10), RunnerLog::Remove)
                 .await;
             Ok(())
         })
@@ -416,6 +438,7 @@ impl ControlPlane for ProcessControlPlane {
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, &s.info.id, s.child.as_mut(), Duration::from_secs(10)).await;
                 remove_quietly(&self.record_path(&s.info.id));
+                remove_quietly(&self.log_path(&s.info.id));
                 // Waited for: the npm exits next, and would leave the rest behind.
                 let _ = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id)).await;
             });
