@@ -16,9 +16,10 @@
 //!    scale up by re-activating draining runners (newest first), then provisioning a
 //!    bounded batch (runners being provisioned count as coming); scale down by moving the
 //!    newest active runners to draining. Provisioning runs beside the loop: a tick waits for
-//!    it at most one tick interval, and what is ready later joins at a later tick, so a slow
-//!    control plane (a swarm service takes seconds to start) stalls neither the other groups
-//!    nor the drains. A group's
+//!    it at most one tick interval, and each runner that is ready later joins at a later
+//!    tick, when the control plane lists it (none lists a runner before it answers), not
+//!    with the slowest of its batch; so a slow control plane (a swarm service takes seconds
+//!    to start) stalls neither the other groups nor the drains. A group's
 //!    predictor starts out holding the runners the group already has, so the runners a
 //!    restarted npm adopts stay until demand has been low for a whole window (the first
 //!    tick comes before the LBs have advertised to the new process);
@@ -29,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -255,13 +256,6 @@ impl Shared {
     }
 }
 
-/// `t` cut to the whole millisecond.
-fn floor_millis(t: SystemTime) -> SystemTime {
-    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let millis = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
-    UNIX_EPOCH + Duration::from_millis(millis)
-}
-
 /// A runner's place in the life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerState {
@@ -280,8 +274,6 @@ struct Entry {
 struct Provisioned {
     group: String,
     batch: usize,
-    /// When it was asked for (its entry in [`InFlight::since`]).
-    asked: SystemTime,
     result: Result<Vec<RunnerInfo>, ControlPlaneError>,
 }
 
@@ -291,12 +283,8 @@ struct InFlight {
     tasks: tokio::task::JoinSet<Provisioned>,
     /// Runners asked for and not yet back, per group.
     runners: HashMap<String, usize>,
-    /// When each batch under way was asked for: a runner the control plane lists that was
-    /// created after the oldest of these may still be starting, and joins when its
-    /// provisioning reports it ready, not from the list.
-    since: Vec<SystemTime>,
     /// What each task was asked for, so that a task that panics takes back only its own.
-    asked: HashMap<tokio::task::Id, (String, usize, SystemTime)>,
+    asked: HashMap<tokio::task::Id, (String, usize)>,
     /// Groups whose last provisioning failed whole: how many times in a row, and not before
     /// when to ask again (a runner that cannot start is not asked for every tick).
     failing: HashMap<String, (u32, Instant)>,
@@ -315,11 +303,8 @@ fn provision_pause(failures: u32) -> Duration {
 }
 
 impl InFlight {
-    /// Takes back what a batch of `batch` runners for `group`, asked at `asked`, counted.
-    fn settle(&mut self, group: &str, batch: usize, asked: SystemTime) {
-        if let Some(pos) = self.since.iter().position(|t| *t == asked) {
-            self.since.swap_remove(pos);
-        }
+    /// Takes back what a batch of `batch` runners for `group` counted.
+    fn settle(&mut self, group: &str, batch: usize) {
         if let Some(coming) = self.runners.get_mut(group) {
             *coming = coming.saturating_sub(batch);
             if *coming == 0 {
@@ -476,8 +461,13 @@ impl ControlLoop {
             tracing::info!(%group, ?retention, "no LB advertised this group for the retention; it keeps no minimum of runners");
         }
         let groups = self.known_groups();
-        // A group with no demand, no retention, no runners and none coming is forgotten.
+        // A group with no demand, no retention, no runners and none coming is forgotten,
+        // with its failed provisionings (a group name comes from the network: kept, they
+        // would add up for as long as the npm runs).
         self.predictors.retain(|group, _| groups.contains(group));
+        self.in_flight
+            .failing
+            .retain(|group, _| groups.contains(group));
         for group in &groups {
             self.scale_group(group, now);
         }
@@ -570,16 +560,9 @@ impl ControlLoop {
             }
             keep
         });
-        // In whole milliseconds, as the docker and swarm planes label `created`: compared
-        // at full precision, a runner created a moment after it was asked for looked older
-        // than the request (its label cut to the millisecond) and was published before it
-        // answered health.
-        let starting_since = self.in_flight.since.iter().min().copied().map(floor_millis);
+        // A runner being provisioned is not listed before it answers (the control plane's
+        // contract): each joins when it is ready, not when the slowest of its batch is.
         for info in listed {
-            if starting_since.is_some_and(|since| info.created >= since) {
-                // Being provisioned: it joins once it answers (see `provisioned`).
-                continue;
-            }
             if !self.runners.iter().any(|e| e.info.id == info.id) {
                 tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner joined");
                 self.runners.push(Entry {
@@ -702,9 +685,7 @@ impl ControlLoop {
                 );
                 let control_plane = Arc::clone(&self.control_plane);
                 let group = group.to_owned();
-                let asked = SystemTime::now();
                 *self.in_flight.runners.entry(group.clone()).or_default() += batch;
-                self.in_flight.since.push(asked);
                 let task = self.in_flight.tasks.spawn({
                     let group = group.clone();
                     async move {
@@ -712,14 +693,11 @@ impl ControlLoop {
                         Provisioned {
                             group,
                             batch,
-                            asked,
                             result,
                         }
                     }
                 });
-                self.in_flight
-                    .asked
-                    .insert(task.id(), (group, batch, asked));
+                self.in_flight.asked.insert(task.id(), (group, batch));
             }
         } else if desired < active {
             let mut excess = active - desired;
@@ -763,7 +741,6 @@ impl ControlLoop {
         let Provisioned {
             group,
             batch,
-            asked,
             result,
         } = match done {
             Ok((id, done)) => {
@@ -774,14 +751,14 @@ impl ControlLoop {
                 // A panic in a control plane (or an abort): that task's runners no longer
                 // count as coming (the list shows what it left); the others' still do.
                 tracing::error!(error = %e, "a provisioning task failed");
-                if let Some((group, batch, asked)) = self.in_flight.asked.remove(&e.id()) {
-                    self.in_flight.settle(&group, batch, asked);
+                if let Some((group, batch)) = self.in_flight.asked.remove(&e.id()) {
+                    self.in_flight.settle(&group, batch);
                     self.metrics.provisioning_failed(batch);
                 }
                 return;
             }
         };
-        self.in_flight.settle(&group, batch, asked);
+        self.in_flight.settle(&group, batch);
         match result {
             Ok(new) => {
                 self.in_flight.failing.remove(&group);

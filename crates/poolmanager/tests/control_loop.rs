@@ -195,7 +195,7 @@ async fn a_slow_provisioning_runs_beside_the_loop_and_its_runner_joins_when_read
     );
     assert!(
         h.members("g").is_empty(),
-        "a runner still starting is not published, though the control plane lists it"
+        "a runner still starting is not published"
     );
     // Meanwhile another group scales, and the runner coming is not asked for again.
     *h.cp.provision_delay.lock().expect("lock") = None;
@@ -211,6 +211,45 @@ async fn a_slow_provisioning_runs_beside_the_loop_and_its_runner_joins_when_read
     }
     assert_eq!(h.members("g"), vec!["r1"], "joined once ready");
     assert_eq!(h.cp.batches(), vec![1, 1], "one runner asked for per group");
+}
+
+/// Each runner of a batch joins once it is ready, not once the slowest of its batch is: a
+/// runner the control plane lists (it answers) is published at the next tick while another
+/// of its batch still starts. The npm held every runner created after the oldest batch under
+/// way until that batch came back (up to the start timeout, 15 to 30 s), comparing wall
+/// clocks to tell.
+#[tokio::test(start_paused = true)]
+async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
+    let cp = FakeControlPlane::default();
+    *cp.provision_stagger.lock().expect("lock") = Some(Duration::from_secs(10));
+    let mut h = harness(cp, config());
+    let asked = Instant::now();
+    while h.members("g").is_empty() {
+        assert!(asked.elapsed() < Duration::from_secs(40), "never published");
+        h.advertise("lb1", "g", 2);
+        h.tick().await;
+    }
+    assert_eq!(
+        h.members("g"),
+        vec!["r1"],
+        "the first runner (ready after 10 s) waited for the second (20 s): {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    while h.members("g").len() < 2 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(40),
+            "the second never joined"
+        );
+        h.advertise("lb1", "g", 2);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), vec!["r1", "r2"]);
+    assert_eq!(h.cp.batches(), vec![2], "nothing asked for twice meanwhile");
 }
 
 #[tokio::test(start_paused = true)]
@@ -731,6 +770,38 @@ async fn a_provisioning_that_keeps_failing_is_retried_with_growing_pauses() {
         h.tick().await;
     }
     assert_eq!(h.members("g"), vec!["r1"]);
+}
+
+/// A group whose provisionings kept failing and that was then forgotten (no demand for the
+/// retention) starts afresh when it comes back: its runner is asked for at once, not after
+/// the pause its failures had reached. Group names come from the network; what the npm
+/// kept of each failing group was never let go.
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_group_leaves_no_provisioning_pause_behind() {
+    let mut cfg = config();
+    cfg.group_retention = Duration::from_secs(2);
+    let mut h = harness(FakeControlPlane::default(), cfg);
+    *h.cp.provision_fails.lock().expect("lock") = true;
+    for _ in 0..20 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    // Its pause is 16 s by now; the group goes (no demand for the retention).
+    for _ in 0..5 {
+        h.advertise("lb1", "other", 0);
+        h.tick().await;
+    }
+    *h.cp.provision_fails.lock().expect("lock") = false;
+    let before = h.cp.batches().len();
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert!(
+        h.cp.batches().len() > before,
+        "not asked for: the forgotten group's pause still held"
+    );
+    assert_eq!(h.members("g").len(), 1);
 }
 
 /// LB ids are input from the network: past the cap of live LBs, a new one's adverts are

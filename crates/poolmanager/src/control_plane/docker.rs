@@ -516,6 +516,9 @@ impl ControlPlane for DockerControlPlane {
             let mut runners = Vec::new();
             for container in self.own_containers().await? {
                 match container.state {
+                    ContainerState::Running if lock(&self.starting).contains(&container.name) => {
+                        // Its provisioning reports it once it answers health.
+                    }
                     ContainerState::Running => match runner_info(&container) {
                         Some(info) => runners.push(info),
                         None => {

@@ -47,7 +47,9 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     /// Memory of one runner, in MB.
     fn runner_memory_mb(&self) -> u64;
 
-    /// Every runner this control plane currently has, in any group.
+    /// Every runner this control plane currently has, in any group, but for runners whose
+    /// provisioning is under way and that have not answered yet: the npm publishes what is
+    /// listed, and a runner the LBs are given before it serves refuses their calls.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
     /// Provisions up to `count` new runners for `group` and returns those that are ready

@@ -27,8 +27,13 @@ pub struct FakeControlPlane {
     /// While set, `list` never answers (an engine that hangs).
     pub list_hangs: Mutex<bool>,
     /// When set, a provisioning reports its runners this long after it made them (a swarm
-    /// service starting); meanwhile `list` already shows them, created now.
+    /// service starting); `list` shows none before (the control planes' contract).
     pub provision_delay: Mutex<Option<Duration>>,
+    /// When set, the runners of one provisioning are ready one after another, this long
+    /// apart, each listed as it is; the provisioning reports them all with the last.
+    pub provision_stagger: Mutex<Option<Duration>>,
+    /// Runners made and not ready yet: not listed.
+    starting: Mutex<Vec<RunnerInfo>>,
     /// When set, a removal takes this long (a busy runner given its stop grace).
     pub remove_delay: Mutex<Option<Duration>>,
     /// A provisioning for this group panics (a control plane's bug).
@@ -76,12 +81,23 @@ impl FakeControlPlane {
 
     /// Runners of `group` the control plane has, starting or running.
     pub fn runners_of(&self, group: &str) -> usize {
-        self.runners
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|r| r.group == group)
-            .count()
+        let of_group = |list: &Mutex<Vec<RunnerInfo>>| {
+            list.lock()
+                .expect("lock")
+                .iter()
+                .filter(|r| r.group == group)
+                .count()
+        };
+        of_group(&self.runners) + of_group(&self.starting)
+    }
+
+    /// A runner made by a provisioning is ready: listed from now on.
+    fn ready(&self, id: &str) {
+        let mut starting = self.starting.lock().expect("lock");
+        if let Some(pos) = starting.iter().position(|r| r.id == id) {
+            let info = starting.remove(pos);
+            self.runners.lock().expect("lock").push(info);
+        }
     }
 
     pub fn removed(&self) -> Vec<String> {
@@ -129,9 +145,10 @@ impl ControlPlane for FakeControlPlane {
         }
         let panics = self.panics_for.lock().expect("lock").as_deref() == Some(group);
         let delay = *self.provision_delay.lock().expect("lock");
+        let stagger = *self.provision_stagger.lock().expect("lock");
         let mut new: Vec<RunnerInfo> = (0..count).map(|_| self.make(group)).collect();
-        if delay.is_some() {
-            // Stamped as the docker and swarm planes stamp it: a label in milliseconds.
+        if delay.is_some() || stagger.is_some() {
+            // Stamped as the docker and swarm planes stamp it: now, in whole milliseconds.
             let now = std::time::SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
@@ -140,7 +157,7 @@ impl ControlPlane for FakeControlPlane {
                 info.created = UNIX_EPOCH + Duration::from_millis(millis);
             }
         }
-        self.runners
+        self.starting
             .lock()
             .expect("lock")
             .extend(new.iter().cloned());
@@ -148,6 +165,12 @@ impl ControlPlane for FakeControlPlane {
             assert!(!panics, "the fake control plane was told to panic");
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
+            }
+            for info in &new {
+                if let Some(stagger) = stagger {
+                    tokio::time::sleep(stagger).await;
+                }
+                self.ready(&info.id);
             }
             Ok(new)
         })
