@@ -85,6 +85,7 @@ fn request(headers: HeaderMap) -> FunctionRequest {
         request_url: "http://lb.test/r/demo/fn".into(),
         headers,
         deadline: SystemTime::now() + Duration::from_secs(30),
+        deadline_at: std::time::Instant::now() + Duration::from_secs(30),
     }
 }
 

@@ -331,6 +331,7 @@ mod tests {
                 ("connection", "keep-alive"),
             ]),
             deadline: UNIX_EPOCH + Duration::from_millis(1_764_086_531_123),
+            deadline_at: std::time::Instant::now(),
         };
         let headers = call_headers(&request).expect("headers");
         assert_eq!(values(&headers, "fn-call-id"), ["01J-call"]);
@@ -392,6 +393,7 @@ mod tests {
             request_url: "/".into(),
             headers: HeaderMap::new(),
             deadline: UNIX_EPOCH,
+            deadline_at: std::time::Instant::now(),
         };
         assert!(matches!(
             call_headers(&request),
@@ -659,6 +661,7 @@ mod tests {
                 request_url: "http://lb/r/a/b".into(),
                 headers,
                 deadline: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                deadline_at: std::time::Instant::now(),
             };
             let wire = call_headers(&request).expect("valid request");
             prop_assert_eq!(values(&wire, "fn-call-id"), [call_id.as_str()]);

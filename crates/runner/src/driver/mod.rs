@@ -87,6 +87,7 @@ impl FunctionRequest {
             request_url: std::mem::take(&mut call.request_url),
             headers: std::mem::take(&mut call.headers),
             deadline: call.wall_deadline(),
+            deadline_at: call.deadline,
         }
     }
 }
@@ -99,7 +100,11 @@ pub struct FunctionRequest {
     pub request_url: String,
     /// The client's headers, untranslated (the driver adds the `Fn-Http-H-` prefix).
     pub headers: HeaderMap,
+    /// The call's deadline on this machine's wall clock, for the function (`Fn-Deadline`).
     pub deadline: SystemTime,
+    /// The same deadline on the monotonic clock: what bounds the runner's own waits (a wall
+    /// clock stepped meanwhile moves the other).
+    pub deadline_at: std::time::Instant,
 }
 
 /// An instance's answer: status and client headers (already translated back from

@@ -85,11 +85,11 @@ impl Drop for ConnectionTask {
 const CLASSIFIED_BEFORE_DEADLINE: Duration = Duration::from_millis(20);
 
 /// When a failure of a call with `deadline` is classified at the latest.
-fn classify_by(deadline: std::time::SystemTime) -> tokio::time::Instant {
-    let left = deadline
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    tokio::time::Instant::now() + left.saturating_sub(CLASSIFIED_BEFORE_DEADLINE)
+fn classify_by(deadline: Instant) -> tokio::time::Instant {
+    let by = deadline
+        .checked_sub(CLASSIFIED_BEFORE_DEADLINE)
+        .unwrap_or(deadline);
+    tokio::time::Instant::from_std(by)
 }
 
 /// Whether an instance is still there: set by its driver, read by calls.
@@ -155,7 +155,7 @@ impl Liveness {
         &self,
         what: &str,
         error: impl fmt::Display,
-        deadline: std::time::SystemTime,
+        deadline: Instant,
     ) -> DriverError {
         let mut ended = self.ended.clone();
         let grace = tokio::time::Instant::now() + self.end_grace;
@@ -239,7 +239,7 @@ impl SocketClient {
     /// several calls serves concurrent connections (the README requires it), so each shard
     /// keeps its own. A failure is classified before the call's `deadline` (see
     /// [`Liveness::failure`]).
-    async fn connection(&self, deadline: std::time::SystemTime) -> Result<Kept, DriverError> {
+    async fn connection(&self, deadline: Instant) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
             let mut kept = self.kept();
@@ -322,7 +322,7 @@ impl SocketClient {
         }
         let headers = http_stream::call_headers(&request)?;
         let method = request.method;
-        let deadline = request.deadline;
+        let deadline = request.deadline_at;
         let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send>> =
             Box::pin(body.map(|chunk| chunk.map(Frame::data)));
         let mut http_request = Request::post("/call")
@@ -575,6 +575,7 @@ mod tests {
             request_url: "http://lb.test/r/app/fn".into(),
             headers: http::HeaderMap::new(),
             deadline: std::time::SystemTime::now() + Duration::from_secs(10),
+            deadline_at: Instant::now() + Duration::from_secs(10),
         }
     }
 
@@ -855,8 +856,11 @@ mod tests {
             .await
             .expect("listening");
         let budget = Duration::from_millis(500);
+        // On the wall clock the call is due in an hour (a clock stepped back since the call
+        // came): the monotonic deadline bounds the wait, not the wall clock.
         let request = FunctionRequest {
-            deadline: std::time::SystemTime::now() + budget,
+            deadline: std::time::SystemTime::now() + Duration::from_secs(3600),
+            deadline_at: Instant::now() + budget,
             ..request()
         };
         let started = Instant::now();
