@@ -23,7 +23,7 @@
 //! Images are used as they are on the engine; with `FN_DOCKER_PULL=missing` (the default) an
 //! image the engine does not have is pulled once, bounded by `FN_DOCKER_PULL_TIMEOUT`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,7 +52,8 @@ use tokio_util::sync::CancellationToken;
 use super::output::{self, Labels, LineSplitter, MAX_LINE, Stream as OutputStream};
 use super::process::check_config;
 use super::socket::{
-    CONTAINER_END_GRACE, Liveness, SocketClient, remove_instance_dir, wait_for_listener,
+    CONTAINER_END_GRACE, Liveness, SocketClient, remove_instance_dir, set_instance_dir_aside,
+    wait_for_listener,
 };
 use super::{
     BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
@@ -326,6 +327,8 @@ pub struct DockerDriver {
     /// One pull at a time per image, so that a burst of cold calls to a new image pulls it
     /// once, while other images' pulls go on.
     pulls: PullLocks,
+    /// The engine's warnings about containers it made, each logged once.
+    warned: std::sync::Mutex<HashSet<String>>,
 }
 
 impl DockerDriver {
@@ -359,6 +362,7 @@ impl DockerDriver {
             id_prefix: format!("{:08x}", super::id_seed()),
             next_id: AtomicU64::new(1),
             pulls: PullLocks::default(),
+            warned: std::sync::Mutex::default(),
         };
         driver.remove_leftovers().await;
         Ok(driver)
@@ -511,21 +515,21 @@ impl DockerDriver {
         let body = create_body(&self.config, spec, image, &dir, &id);
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let container = match self.docker.create_container(Some(options), body).await {
-            Ok(created) => created.id,
+            Ok(created) => {
+                self.engine_warned(&created.warnings, image);
+                created.id
+            }
             Err(e) => {
                 // No answer (a timeout, a broken connection) may hide a container the engine
                 // makes all the same, perhaps after a removal would find none: remove it by
                 // name now and a few times more, in the background. An answer means none.
                 if !matches!(e, BollardError::DockerResponseServerError { .. }) {
-                    let (docker, name) = (self.docker.clone(), name.clone());
-                    tokio::spawn(async move {
-                        for pause in [0, 5, 30, 120] {
-                            tokio::time::sleep(Duration::from_secs(pause)).await;
-                            if let Err(e) = remove_container(&docker, &name).await {
-                                tracing::warn!(container = %name, error = %e, "cannot remove a container whose creation got no answer; the runner's next start removes it");
-                            }
-                        }
-                    });
+                    remove_in_background(
+                        self.docker.clone(),
+                        name.clone(),
+                        true,
+                        "a container whose creation got no answer",
+                    );
                 }
                 remove_instance_dir(&dir);
                 // A 404 here is the image's (gone since it was checked), not the container's.
@@ -537,9 +541,14 @@ impl DockerDriver {
         };
         if let Err(e) = self.docker.start_container(&container, None).await {
             let e = classify(e, &name);
-            if let Err(e) = remove_container(&self.docker, &container).await {
-                tracing::warn!(container = %container, error = %e, "cannot remove a container that did not start");
-            }
+            // Retried: an engine too slow to start it may be too slow to remove it at once,
+            // and a container left running would hold memory the pool no longer counts.
+            remove_in_background(
+                self.docker.clone(),
+                container,
+                false,
+                "a container that did not start",
+            );
             remove_instance_dir(&dir);
             return Err(DriverError::Start(format!(
                 "cannot start a container of image {image:?}: {e}"
@@ -596,6 +605,23 @@ impl DockerDriver {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(fail)?;
         }
         Ok(())
+    }
+}
+
+impl DockerDriver {
+    /// Logs, once each, what the engine said about a container it made: it drops limits the
+    /// host cannot enforce ("PIDs limit discarded", "Memory limited without swap") and says
+    /// so only there, so that functions would otherwise run without them unknown.
+    fn engine_warned(&self, warnings: &[String], image: &str) {
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for warning in warnings {
+            if warned.len() < 64 && warned.insert(warning.clone()) {
+                tracing::warn!(%image, warning = %warning, "the Docker engine changed a function container's settings: function containers run without what it dropped (said once)");
+            }
+        }
     }
 }
 
@@ -720,8 +746,10 @@ impl Instance for DockerInstance {
             return;
         }
         self.shared.kill.cancel();
-        // Nothing connects to a dying instance; the watcher removes the directory again.
-        remove_instance_dir(&self.shared.dir);
+        // Nothing connects to a dying instance; the watcher removes the directory once the
+        // container is gone (removed now, while the function can still write into it, its
+        // tree had two removers).
+        set_instance_dir_aside(&self.shared.dir);
     }
 
     fn pid(&self) -> Option<u32> {
@@ -781,7 +809,13 @@ async fn watch_container(
         let failure =
             match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&docker, &container)).await
             {
-                Ok(Ok(())) => break,
+                Ok(Ok(Removal::Gone)) => break,
+                // An earlier attempt given up on may still be at it, and may fail: asked
+                // again until the engine says the container is gone.
+                Ok(Ok(Removal::UnderWay)) => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {REMOVE_TIMEOUT:?}"),
             };
@@ -827,7 +861,7 @@ async fn remove_leftover(
 ) {
     let Some(id) = container.id else { return };
     match remove_container(docker, &id).await {
-        Ok(()) => tracing::info!(
+        Ok(_) => tracing::info!(
             container = %id,
             runner_id,
             "removed a function container an earlier run of this runner left"
@@ -852,21 +886,48 @@ async fn remove_leftover(
     }
 }
 
+/// What a removal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// The container is gone (now, or it already was).
+    Gone,
+    /// Another removal of it is under way (the engine's 409), which may yet fail.
+    UnderWay,
+}
+
 /// Removes a container by force (killing it if it runs); one already gone is fine.
-async fn remove_container(docker: &Docker, container: &str) -> Result<(), EngineError> {
+async fn remove_container(docker: &Docker, container: &str) -> Result<Removal, EngineError> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
         .v(true)
         .build();
     match docker.remove_container(container, Some(options)).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Removal::Gone),
         Err(e) => match classify(e, container) {
-            EngineError::NotFound(_) => Ok(()),
-            // 409: a removal is already under way.
-            EngineError::Failed(text) if text.contains(" 409: ") => Ok(()),
+            EngineError::NotFound(_) => Ok(Removal::Gone),
+            EngineError::Failed(text) if text.contains(" 409: ") => Ok(Removal::UnderWay),
             other => Err(other),
         },
     }
+}
+
+/// Removes container `name` in the background until the engine says it is gone, at pauses
+/// of 0, 5, 30 and 120 s (the runner's next start removes one still there after them).
+/// `every` keeps removing after a success: a creation that got no answer may make the
+/// container after a removal found none.
+fn remove_in_background(docker: Docker, name: String, every: bool, what: &'static str) {
+    tokio::spawn(async move {
+        for pause in [0, 5, 30, 120] {
+            tokio::time::sleep(Duration::from_secs(pause)).await;
+            match remove_container(&docker, &name).await {
+                Ok(Removal::Gone) if !every => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(container = %name, error = %e, "cannot remove {what}; retrying, and the runner's next start removes it");
+                }
+            }
+        }
+    });
 }
 
 /// Logs the container's output line by line, as the process driver logs a child's.
