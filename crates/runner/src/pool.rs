@@ -42,7 +42,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -198,12 +198,6 @@ impl HotInstance {
     fn usable(&self) -> bool {
         !self.retired && self.running().is_none_or(|i| i.is_alive())
     }
-
-    fn kill(&self) {
-        if let Some(instance) = self.running() {
-            instance.kill();
-        }
-    }
 }
 
 #[derive(Default)]
@@ -324,6 +318,9 @@ pub struct Pool {
     call_ended: Notify,
     /// Bumped after every change of what [`Pool::state`] reports.
     changes: watch::Sender<u64>,
+    /// Instances killed and not seen gone yet (a container's removal, a cgroup's, under
+    /// way), for [`Pool::shutdown`] to wait for.
+    dying: Mutex<Vec<Arc<dyn Instance>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -345,7 +342,26 @@ impl Pool {
             state: Mutex::new(State::default()),
             call_ended: Notify::new(),
             changes: watch::Sender::new(0),
+            dying: Mutex::default(),
         })
+    }
+
+    /// Kills `instance` and keeps it until it is gone, for [`Pool::shutdown`]. A killed
+    /// container is removed by a task of the driver's: a runner that exited before it ran
+    /// left the container running.
+    fn bury(&self, instance: &Arc<dyn Instance>) {
+        instance.kill();
+        let mut dying = self.dying.lock().unwrap_or_else(PoisonError::into_inner);
+        // Those gone by now leave: the list holds clean-ups under way only.
+        dying.retain(|i| i.wait_gone().now_or_never().is_none());
+        dying.push(Arc::clone(instance));
+    }
+
+    /// [`Pool::bury`] for an instance of the pool, once it runs.
+    fn bury_hot(&self, hot: &HotInstance) {
+        if let Some(instance) = hot.running() {
+            self.bury(instance);
+        }
     }
 
     /// Tells [`Pool::subscribe`]rs that the state changed.
@@ -515,7 +531,7 @@ impl Pool {
         // Kill outside the lock: killing sends signals and removes files.
         for old in evicted {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "evicting idle instance for memory");
-            old.kill();
+            self.bury_hot(&old);
         }
         let (id, reused) = result?;
         self.changed();
@@ -574,7 +590,7 @@ impl Pool {
         });
         for old in &expired {
             tracing::debug!(app = %old.spec.app, function = %old.spec.function, "idle instance expired");
-            old.kill();
+            self.bury_hot(old);
         }
         if !expired.is_empty() {
             self.changed();
@@ -586,28 +602,34 @@ impl Pool {
     pub fn kill_idle(&self) {
         let killed = self.lock().take_idle_where(|_| true);
         for old in &killed {
-            old.kill();
+            self.bury_hot(old);
         }
         if !killed.is_empty() {
             self.changed();
         }
     }
 
-    /// Kills every idle instance and waits until each is gone and cleaned up (see
-    /// [`Instance::wait_gone`]): the last step of a shutdown, after the drain. Bound it with
-    /// a timeout.
+    /// Kills every instance and waits until each is gone and cleaned up (see
+    /// [`Instance::wait_gone`]), with those killed before and not gone yet: the last step of
+    /// a shutdown, after the drain (an instance still busy then had its calls cut off by the
+    /// drain's bound). Bound it with a timeout.
     pub async fn shutdown(&self) {
         let idle = self.lock().take_idle_where(|_| true);
         for old in &idle {
-            old.kill();
+            self.bury_hot(old);
+        }
+        let busy: Vec<Arc<dyn Instance>> = self
+            .lock()
+            .hot
+            .iter()
+            .filter_map(|h| h.running().cloned())
+            .collect();
+        for instance in &busy {
+            self.bury(instance);
         }
         self.changed();
-        futures::future::join_all(
-            idle.iter()
-                .filter_map(HotInstance::running)
-                .map(|instance| instance.wait_gone()),
-        )
-        .await;
+        let dying = std::mem::take(&mut *self.dying.lock().unwrap_or_else(PoisonError::into_inner));
+        futures::future::join_all(dying.iter().map(|instance| instance.wait_gone())).await;
     }
 
     /// Background task: expires idle instances until cancelled, then kills the rest and
@@ -693,7 +715,7 @@ impl Pool {
             }
         }
         if let Some(old) = doomed {
-            old.kill();
+            self.bury_hot(&old);
         }
         self.changed();
         self.call_ended.notify_waiters();
@@ -754,7 +776,7 @@ impl Pool {
             }
         }
         if let Some(instance) = orphan {
-            instance.kill();
+            self.bury(&instance);
         }
         self.changed();
         launch.send_replace(Some(started));
@@ -922,6 +944,33 @@ mod tests {
         assert_eq!(r.instance("c2").await.expect("hot").pid(), pid);
         r.finish_ok();
         assert_eq!(driver.started(), 1);
+    }
+
+    /// Shutdown waits for the clean-up of every instance killed and not gone yet: one whose
+    /// call failed just before (a container's removal takes the engine a while) and one
+    /// still busy when the drain's bound ran out. It waited for the idle ones only, and the
+    /// runner exited with their containers running.
+    #[tokio::test]
+    async fn shutdown_waits_for_every_instance_being_removed() {
+        let (pool, driver) = pool(512);
+        driver.end_after_kill(Duration::from_millis(200));
+        let mut failed = pool.admit(spec("f", 128)).expect("fits");
+        failed.instance("c1").await.expect("starts");
+        drop(failed); // cut off: its instance is killed, its removal under way
+        let mut idle = pool.admit(spec("g", 128)).expect("fits");
+        idle.instance("c2").await.expect("starts");
+        idle.finish_ok();
+        let mut busy = pool.admit(spec("h", 128)).expect("fits");
+        busy.instance("c3").await.expect("starts");
+        assert_eq!(driver.killed(), 1);
+        pool.shutdown().await;
+        assert_eq!(driver.killed(), 3, "the idle and the busy one killed too");
+        assert_eq!(
+            driver.gone(),
+            3,
+            "shutdown returned before every removal ended"
+        );
+        drop(busy);
     }
 
     #[tokio::test]
