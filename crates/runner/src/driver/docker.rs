@@ -9,7 +9,8 @@
 //!
 //! Isolation by default (function code is untrusted): no network (`FN_DOCKER_FUNCTION_NETWORK`,
 //! default `none`), a non-root user (`FN_DOCKER_FUNCTION_USER`, default `65534:65534`), a
-//! read-only root file system with a private tmpfs `/tmp`, every capability dropped,
+//! read-only root file system with a private tmpfs `/tmp` (and one over each volume the image
+//! declares), every capability dropped,
 //! `no-new-privileges`, a pids limit, a memory limit of the function's `memory_mb` with no
 //! swap, and CPU shares in proportion to memory. Nothing of the runner's is mounted but the
 //! instance's own directory, so the runner's certificates stay out of reach.
@@ -408,9 +409,11 @@ impl DockerDriver {
     }
 
     /// Makes sure `image` is on the engine, pulling it when the policy allows.
-    async fn ensure_image(&self, image: &str) -> Result<(), DriverError> {
+    /// Makes sure `image` is on the engine (pulling it as `FN_DOCKER_PULL` says) and returns
+    /// the volumes it declares.
+    async fn ensure_image(&self, image: &str) -> Result<Vec<String>, DriverError> {
         match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(inspected) => return Ok(declared_volumes(inspected)),
             Err(e) => match classify(e, image) {
                 EngineError::NotFound(_) => {}
                 EngineError::Failed(e) => {
@@ -427,7 +430,14 @@ impl DockerDriver {
         let lock = self.pulls.of(image);
         pull_once(&lock, self.config.pull_timeout, || self.pull(image))
             .await
-            .map_err(DriverError::Start)
+            .map_err(DriverError::Start)?;
+        match self.docker.inspect_image(image).await {
+            Ok(inspected) => Ok(declared_volumes(inspected)),
+            Err(e) => Err(DriverError::Start(format!(
+                "cannot inspect image {image:?} after its pull: {}",
+                classify(e, image)
+            ))),
+        }
     }
 
     /// Pulls `image` unless it arrived meanwhile; the error says what failed.
@@ -501,7 +511,7 @@ impl DockerDriver {
         call_id: &str,
         start_timeout: Duration,
     ) -> Result<DockerInstance, DriverError> {
-        self.ensure_image(image).await?;
+        let volumes = self.ensure_image(image).await?;
         let began = Instant::now();
         let id = format!(
             "{}-{}",
@@ -512,7 +522,7 @@ impl DockerDriver {
         self.create_instance_dir(&dir)?;
 
         let name = container_name(&spec.app, &spec.function, &id);
-        let body = create_body(&self.config, spec, image, &dir, &id);
+        let body = create_body(&self.config, spec, image, &dir, &id, &volumes);
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let container = match self.docker.create_container(Some(options), body).await {
             Ok(created) => {
@@ -961,24 +971,43 @@ async fn follow_output(docker: Docker, container: String, labels: Arc<Labels>) {
     labels.flush_dropped();
 }
 
+/// The volumes an image declares (`VOLUME` in its Dockerfile).
+fn declared_volumes(image: bollard::models::ImageInspect) -> Vec<String> {
+    image
+        .config
+        .and_then(|config| config.volumes)
+        .unwrap_or_default()
+}
+
+/// What a container's tmpfs mounts get: written to, they count in its memory limit.
+const TMPFS_OPTIONS: &str = "rw,nosuid,nodev,mode=1777";
+
 /// The Engine API body of an instance's container. See the module docs for what each
-/// setting is for.
+/// setting is for. `volumes`, those the image declares, get a tmpfs each, as `/tmp` does:
+/// the engine would make each an anonymous volume on its own disk, writable whatever the
+/// read-only root says, with no limit and counted nowhere.
 fn create_body(
     config: &DockerDriverConfig,
     spec: &InstanceSpec,
     image: &str,
     dir: &Path,
     instance: &str,
+    volumes: &[String],
 ) -> ContainerCreateBody {
     let memory = i64::try_from(spec.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    let mut tmpfs = HashMap::from([("/tmp".to_owned(), TMPFS_OPTIONS.to_owned())]);
+    for volume in volumes {
+        // The instance directory's own mount point is the bind's.
+        let path = volume.trim_end_matches('/');
+        if path.starts_with('/') && path != IOFS_MOUNT {
+            tmpfs.insert(path.to_owned(), TMPFS_OPTIONS.to_owned());
+        }
+    }
     let host_config = HostConfig {
         network_mode: Some(config.network.clone()),
         binds: Some(vec![format!("{}:{IOFS_MOUNT}", dir.display())]),
         readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([(
-            "/tmp".to_owned(),
-            "rw,nosuid,nodev,mode=1777".to_owned(),
-        )])),
+        tmpfs: Some(tmpfs),
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
         pids_limit: Some(config.pids_limit),
@@ -1304,6 +1333,11 @@ mod tests {
             "shop/cart:2",
             Path::new("/tmp/iofs-root/a-1"),
             "a-1",
+            &[
+                "/data".to_owned(),
+                "/var/cache/app/".to_owned(),
+                IOFS_MOUNT.to_owned(),
+            ],
         );
         let host = body.host_config.expect("host config");
         assert_eq!(host.network_mode.as_deref(), Some("none"));
@@ -1320,7 +1354,13 @@ mod tests {
             host.binds,
             Some(vec!["/tmp/iofs-root/a-1:/tmp/iofs".to_owned()])
         );
-        assert!(host.tmpfs.is_some_and(|t| t.contains_key("/tmp")));
+        // The image's volumes are memory, as /tmp is, not the engine's disk; the instance
+        // directory's mount point stays the bind's.
+        let tmpfs = host.tmpfs.expect("tmpfs");
+        let mut mounted: Vec<&str> = tmpfs.keys().map(String::as_str).collect();
+        mounted.sort_unstable();
+        assert_eq!(mounted, ["/data", "/tmp", "/var/cache/app"]);
+        assert!(tmpfs.values().all(|o| o == TMPFS_OPTIONS));
         assert_eq!(body.user.as_deref(), Some("65534:65534"));
         let labels = body.labels.expect("labels");
         assert_eq!(
