@@ -604,10 +604,10 @@ impl DockerDriver {
                 dir.display()
             ))
         };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(fail)?;
+        make_in_root(&self.config.iofs_root, &self.iofs_root, dir).map_err(|e| match e {
+            InRoot::Io(e) => fail(e),
+            InRoot::Root(why) => DriverError::Start(why),
+        })?;
         if self.chown {
             let user = self.config.user;
             std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(fail)?;
@@ -971,6 +971,38 @@ async fn follow_output(docker: Docker, container: String, labels: Arc<Labels>) {
     labels.flush_dropped();
 }
 
+/// Why an instance directory was not made.
+#[derive(Debug)]
+enum InRoot {
+    Io(std::io::Error),
+    /// The iofs root was gone and could not be made again as it was at start.
+    Root(String),
+}
+
+/// Makes instance directory `dir` in the iofs root (`root`, canonical; `configured`, as
+/// `FN_DOCKER_IOFS_DIR` names it). A root that has gone since the runner started (a `/tmp`
+/// cleaner removes a directory left empty long enough) is made again, checked as at start,
+/// rather than failing every later start of an image function.
+fn make_in_root(configured: &Path, root: &Path, dir: &Path) -> Result<(), InRoot> {
+    let make = || std::fs::DirBuilder::new().mode(0o700).create(dir);
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !root.exists() => {
+            let again = prepare_iofs_root(configured).map_err(InRoot::Root)?;
+            if again != root {
+                return Err(InRoot::Root(format!(
+                    "FN_DOCKER_IOFS_DIR {}: now {}, not {} as at start; restart the runner",
+                    configured.display(),
+                    again.display(),
+                    root.display()
+                )));
+            }
+            tracing::warn!(iofs = %root.display(), "the iofs root was removed while the runner ran (a /tmp cleaner?); made again");
+            make().map_err(InRoot::Io)
+        }
+        made => made.map_err(InRoot::Io),
+    }
+}
+
 /// The volumes an image declares (`VOLUME` in its Dockerfile).
 fn declared_volumes(image: bollard::models::ImageInspect) -> Vec<String> {
     image
@@ -1291,6 +1323,23 @@ mod tests {
             let err = prepare_iofs_root(&theirs).expect_err("another user's");
             assert!(err.contains("owned by uid 65534"), "{err}");
         }
+    }
+
+    /// An iofs root removed while the runner runs (a `/tmp` cleaner) is made again, checked
+    /// as at start, for the next instance: every start of an image function failed with "No
+    /// such file or directory" until the runner restarted.
+    #[test]
+    fn an_iofs_root_removed_meanwhile_is_made_again() {
+        use std::os::unix::fs::MetadataExt as _;
+        let base = tempfile::tempdir().expect("tempdir");
+        let configured = base.path().join("iofs");
+        let root = prepare_iofs_root(&configured).expect("made");
+        make_in_root(&configured, &root, &root.join("a-1")).expect("an instance directory");
+        std::fs::remove_dir_all(&root).expect("cleaned away");
+        make_in_root(&configured, &root, &root.join("a-2")).expect("made again");
+        assert!(root.join("a-2").is_dir());
+        let mode = std::fs::metadata(&root).expect("meta").mode() & 0o7777;
+        assert_eq!(mode, 0o711, "checked and tightened as at start");
     }
 
     #[test]
