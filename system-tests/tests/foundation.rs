@@ -74,6 +74,28 @@ async fn invalid_values_exit_2_naming_the_variable() -> anyhow::Result<()> {
         stderr.contains("FN_NODE_CERT: file not found: /nonexistent/x.pem"),
         "{stderr}"
     );
+    // Function containers given a uid from FN_FUNCTION_UIDS, where each function of the
+    // process driver gets its own (a root runner's).
+    if nix::unistd::geteuid().is_root() {
+        let (status, stderr) = run_to_exit(
+            "pure-runner",
+            &merge(&[
+                &certs.env(),
+                &env(&[
+                    ("FN_FUNCTION_UIDS", "100000-165535"),
+                    ("FN_DOCKER_FUNCTION_USER", "100001"),
+                    ("FN_FUNCTIONS_DIR", "/tmp"),
+                    ("FN_MAX_MEMORY_MB", "256"),
+                ]),
+            ]),
+        )
+        .await?;
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("FN_DOCKER_FUNCTION_USER: uid 100001 is in FN_FUNCTION_UIDS"),
+            "{stderr}"
+        );
+    }
     Ok(())
 }
 

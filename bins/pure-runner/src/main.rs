@@ -205,8 +205,29 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
         None if root => FunctionUsers::PerFunction(cli.function_uids),
         None => FunctionUsers::Runner,
     };
+    // Function containers as a uid a function of the process driver may run as: that
+    // function could enter the containers' instance directories and call them.
+    let docker_uid = cli.docker_function_user.uid;
+    let shared_with_containers = function_users.may_run_as(docker_uid);
+    if shared_with_containers && matches!(function_users, FunctionUsers::PerFunction(_)) {
+        exit_config_error(format!(
+            "FN_DOCKER_FUNCTION_USER: uid {docker_uid} is in FN_FUNCTION_UIDS, where each \
+             function of the process driver gets a uid of its own: such a function could enter \
+             function containers' instance directories and call them; give containers a uid \
+             outside the range"
+        ));
+    }
     let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
+    if shared_with_containers {
+        // FN_FUNCTION_USER already leaves tenants unisolated from each other; say that
+        // image functions are in the same case.
+        tracing::warn!(
+            uid = docker_uid,
+            "FN_FUNCTION_USER and FN_DOCKER_FUNCTION_USER are the same user: functions of the \
+             process driver can reach function containers' instance directories"
+        );
+    }
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
     let mut registry = Registry::default();

@@ -110,6 +110,17 @@ pub enum FunctionUsers {
     PerFunction(UidRange),
 }
 
+impl FunctionUsers {
+    /// Whether a function of the process driver may run as `uid`.
+    pub fn may_run_as(&self, uid: u32) -> bool {
+        match self {
+            FunctionUsers::Runner => false,
+            FunctionUsers::Shared(user) => user.uid == uid,
+            FunctionUsers::PerFunction(range) => (range.first..=range.last).contains(&uid),
+        }
+    }
+}
+
 /// The uid of each function, with [`FunctionUsers::PerFunction`]: where a function's name
 /// hashes to in the range (SipHash with fixed keys, so the same uid on every runner and
 /// after every restart), or the next free uid after it when another function of this run
@@ -383,5 +394,21 @@ mod tests {
             FunctionUser::lookup("no-such-user-here"),
             Err(SetupError::FunctionUser { .. })
         ));
+    }
+
+    #[test]
+    fn the_users_functions_may_run_as() {
+        let range = UidRange::parse("100000-100009").expect("range");
+        assert!(FunctionUsers::PerFunction(range).may_run_as(100_000));
+        assert!(FunctionUsers::PerFunction(range).may_run_as(100_009));
+        assert!(!FunctionUsers::PerFunction(range).may_run_as(100_010));
+        assert!(!FunctionUsers::PerFunction(range).may_run_as(65534));
+        let nobody = FunctionUser {
+            uid: 65534,
+            gid: 65534,
+        };
+        assert!(FunctionUsers::Shared(nobody).may_run_as(65534));
+        assert!(!FunctionUsers::Shared(nobody).may_run_as(0));
+        assert!(!FunctionUsers::Runner.may_run_as(65534));
     }
 }
