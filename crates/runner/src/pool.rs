@@ -609,10 +609,27 @@ impl Pool {
         }
     }
 
+    /// Kills every idle instance and waits until each is gone and cleaned up (see
+    /// [`Instance::wait_gone`]): what the reaper does as the drain begins. Calls in flight go
+    /// on; [`Pool::shutdown`] takes what they leave.
+    pub async fn stop_idle(&self) {
+        let idle = self.lock().take_idle_where(|_| true);
+        for old in &idle {
+            self.bury_hot(old);
+        }
+        self.changed();
+        futures::future::join_all(
+            idle.iter()
+                .filter_map(HotInstance::running)
+                .map(|instance| instance.wait_gone()),
+        )
+        .await;
+    }
+
     /// Kills every instance and waits until each is gone and cleaned up (see
     /// [`Instance::wait_gone`]), with those killed before and not gone yet: the last step of
-    /// a shutdown, after the drain (an instance still busy then had its calls cut off by the
-    /// drain's bound). Bound it with a timeout.
+    /// a shutdown, once the drain has ended (an instance still busy then had its calls cut
+    /// off by the drain's bound). Bound it with a timeout.
     pub async fn shutdown(&self) {
         let idle = self.lock().take_idle_where(|_| true);
         for old in &idle {
@@ -632,8 +649,8 @@ impl Pool {
         futures::future::join_all(dying.iter().map(|instance| instance.wait_gone())).await;
     }
 
-    /// Background task: expires idle instances until cancelled, then kills the rest and
-    /// waits for their clean-up.
+    /// Background task: expires idle instances until cancelled (the drain begins), then
+    /// kills the idle ones and waits for their clean-up; busy ones finish their calls.
     ///
     /// # Errors
     /// Never; the signature fits the lifecycle's service runner.
@@ -650,7 +667,7 @@ impl Pool {
                 _ = interval.tick() => { self.reap_expired(Instant::now()); }
             }
         }
-        self.shutdown().await;
+        self.stop_idle().await;
         Ok(())
     }
 
@@ -971,6 +988,31 @@ mod tests {
             "shutdown returned before every removal ended"
         );
         drop(busy);
+    }
+
+    /// The reaper stops as the drain begins: it kills idle instances, never one whose call
+    /// is still running (the drain lets calls in flight finish).
+    #[tokio::test]
+    async fn the_reaper_stopping_for_the_drain_leaves_calls_in_flight_alone() {
+        let (pool, driver) = pool(256);
+        let mut idle = pool.admit(spec("f", 128)).expect("fits");
+        idle.instance("c1").await.expect("starts");
+        idle.finish_ok();
+        let mut busy = pool.admit(spec("g", 128)).expect("fits");
+        busy.instance("c2").await.expect("starts");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        Arc::clone(&pool)
+            .run_reaper(Duration::from_secs(60), cancel)
+            .await
+            .expect("never fails");
+        assert_eq!(driver.killed(), 1, "the idle one only");
+        busy.finish_ok();
+        assert_eq!(
+            pool.stats().hot_instances,
+            1,
+            "the busy one finished its call"
+        );
     }
 
     #[tokio::test]
