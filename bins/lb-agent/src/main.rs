@@ -150,7 +150,7 @@ async fn daemon(cli: Cli) -> ExitCode {
             "FN_RUNNER_ADDRESSES: required unless FN_NPM_ADDRESS is set (runner host:port list)",
         );
     }
-    let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);

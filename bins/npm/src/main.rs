@@ -51,7 +51,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     cli.control_plane
         .validate()
         .unwrap_or_else(|e| exit_config_error(e));
-    let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);

@@ -217,7 +217,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
              outside the range"
         ));
     }
-    let _logs = fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     if shared_with_containers {
         // FN_FUNCTION_USER already leaves tenants unisolated from each other; say that

@@ -25,6 +25,7 @@ pub mod config;
 pub mod fs;
 pub mod health;
 pub mod limits;
+mod log_queue;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
@@ -117,6 +118,8 @@ pub fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "exiting with failure");
+            // The log's lines first, then this one.
+            logging::flush();
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }

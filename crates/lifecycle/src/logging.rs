@@ -1,24 +1,25 @@
 //! `tracing` subscriber setup, and [`Throttle`] for warnings that can repeat in a loop.
 //!
-//! Log lines go to stderr through a thread of their own ([`tracing_appender::non_blocking`]):
-//! a thread that logs only queues its line. Written in place, a line blocked the thread
-//! whenever stderr did (a pipe nobody reads, a container engine's log driver that stalls,
-//! a terminal held with Ctrl-S), and with it every call on that thread's runtime. When
-//! [`BUFFERED_LINES`] are waiting, further lines are dropped and counted
+//! Log lines go to stderr through a thread of their own (`log_queue`): a thread that logs
+//! only queues its line. Written in place, a line blocked the thread whenever stderr did (a
+//! pipe nobody reads, a container engine's log driver that stalls, a terminal held with
+//! Ctrl-S), and with it every call on that thread's runtime. When [`BUFFERED_LINES`] lines
+//! or [`BUFFERED_BYTES`] bytes are waiting, further lines are dropped and counted
 //! (`fn_log_lines_dropped_total`, [`register_metrics`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Registry;
-use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::config::LogFormat;
+use crate::log_queue::{Queue, QueueWriter};
 
 /// Error for an unusable `FN_LOG_LEVEL`.
 #[derive(Debug, thiserror::Error)]
@@ -28,73 +29,64 @@ pub struct LogLevelError {
     reason: String,
 }
 
-/// Most log lines waiting for stderr before new ones are dropped: at a few hundred bytes a
-/// line, a few MiB.
+/// Most log lines waiting for stderr before new ones are dropped.
 pub const BUFFERED_LINES: usize = 8192;
 
-/// The writer thread's guard, taken by [`flush`]: dropping it writes what is queued.
-static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+/// Most bytes of log lines waiting for stderr before new ones are dropped (a function's
+/// output is logged, up to 4 KiB a line before escaping).
+pub const BUFFERED_BYTES: usize = 4 * 1024 * 1024;
 
-/// Lines dropped because [`BUFFERED_LINES`] were waiting.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// How long [`flush`] waits for a stderr that does not take the lines.
+const FLUSH_BOUND: Duration = Duration::from_secs(1);
+
+/// The process's queue of log lines, once [`init`] has installed it.
+static QUEUE: OnceLock<Arc<Queue>> = OnceLock::new();
 
 /// Installs the global subscriber, writing to stderr through a writer thread: coloured only
 /// when stderr is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so
-/// logs redirected to a file or collected by a container engine carry no escape codes.
-/// Keep what it returns until the process ends: dropping it writes the lines still queued
-/// (as [`flush`] does, which a path ending in `std::process::exit` calls).
+/// logs redirected to a file or collected by a container engine carry no escape codes. A
+/// path that ends the process calls [`flush`] first.
 ///
 /// # Errors
 /// When `level` is not a valid filter. A second call in one process is ignored.
-pub fn init(level: &str, format: LogFormat) -> Result<Flush, LogLevelError> {
+pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
     let filter = filter(level)?;
     let colour = use_colour(
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(BUFFERED_LINES)
-        .lossy(true)
-        .thread_name("fn-log")
-        // A write per line, as before: one line is never split between two writes, which
-        // a panic's message on the same stderr could come between.
-        .finish(std::io::stderr());
-    let dropped = writer.error_counter();
+    let queue = Queue::start(Box::new(std::io::stderr()), BUFFERED_LINES, BUFFERED_BYTES);
+    let writer = match &queue {
+        Ok(queue) => BoxMakeWriter::new(QueueWriter(Arc::clone(queue))),
+        // No thread to be had: written in place, as before.
+        Err(_) => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(writer);
-    // try_init fails only when a subscriber is already set (tests); keep that one, and
-    // its writer.
+    // try_init fails only when a subscriber is already set (tests); keep that one.
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    if installed.is_ok() {
-        let _first = DROPPED.set(dropped);
-        if let Ok(mut writer) = WRITER.lock() {
-            *writer = Some(guard);
+    match queue {
+        Ok(queue) if installed.is_ok() => {
+            let _first = QUEUE.set(queue);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "no thread for writing log lines: they are written in place")
         }
     }
-    Ok(Flush(()))
+    Ok(())
 }
 
-/// Writes the log lines still queued, waiting at most about a second for a stalled stderr.
-/// Lines logged after it are dropped. For a path that ends the process with
-/// `std::process::exit`, which runs no destructor.
+/// Waits until the log lines queued so far are written, at most a second (a stderr that
+/// does not take them leaves them). For the paths that end the process.
 pub fn flush() {
-    let guard = WRITER.lock().ok().and_then(|mut writer| writer.take());
-    drop(guard);
-}
-
-/// What [`init`] returns: [`flush`] when dropped.
-#[derive(Debug)]
-#[must_use = "dropping it ends the logging: keep it until the process ends"]
-pub struct Flush(());
-
-impl Drop for Flush {
-    fn drop(&mut self) {
-        flush();
+    if let Some(queue) = QUEUE.get() {
+        queue.flush(FLUSH_BOUND);
     }
 }
 
@@ -106,9 +98,7 @@ pub fn register_metrics(registry: &mut Registry) {
 
 /// Log lines dropped so far.
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    QUEUE.get().map_or(0, |queue| queue.dropped())
 }
 
 #[derive(Debug)]
@@ -119,7 +109,8 @@ impl Collector for DroppedLines {
         let counter = ConstCounter::new(dropped_lines());
         let help = format!(
             "Log lines dropped because stderr was not taking them (a pipe nobody reads, a log \
-             driver that stalls) while {BUFFERED_LINES} were waiting"
+             driver that stalls) while {BUFFERED_LINES} lines or {BUFFERED_BYTES} bytes were \
+             waiting"
         );
         counter.encode(encoder.encode_descriptor(
             "fn_log_lines_dropped",
