@@ -54,10 +54,10 @@ fn check_id(what: &str, id: &str) -> Result<(), Status> {
 /// A group is named as in the catalog: the LBs name no other, and the process control
 /// plane writes it in a record of blank-separated fields (a group with a blank in it left
 /// its runners unadoptable after an npm crash).
-fn check_group(group: &str) -> Result<(), Status> {
+fn check_group(what: &str, group: &str) -> Result<(), Status> {
     if !fn_protocol::valid_name(group) {
         return Err(Status::invalid_argument(format!(
-            "group id {:?} must be 1-{} of [A-Za-z0-9._-], as an LB catalog's lb_group",
+            "{what} {:?} must be 1-{} of [A-Za-z0-9._-], as an LB catalog's lb_group",
             group.chars().take(64).collect::<String>(),
             fn_protocol::MAX_NAME_LEN
         )));
@@ -85,7 +85,7 @@ impl NodePoolScaler for NpmService {
         }
         let mut groups = Vec::with_capacity(advert.snapshots.len());
         for s in advert.snapshots {
-            check_group(&s.group_id)?;
+            check_group("group_id", &s.group_id)?;
             groups.push((s.group_id, s.mem_mb_total));
         }
         self.shared
@@ -102,7 +102,7 @@ impl RunnerManager for NpmService {
         request: Request<LbGroupId>,
     ) -> Result<Response<LbGroupMembership>, Status> {
         let group = request.into_inner().id;
-        check_group(&group)?;
+        check_group("group id", &group)?;
         let Some(list) = self.shared.published_group(&group) else {
             return Err(Status::unavailable(if self.shared.is_loaded() {
                 "the npm (re)started and is relearning its groups from the LBs' adverts; \

@@ -158,7 +158,7 @@ async fn advertise_capacity_rejects_bad_adverts_with_invalid_argument() {
             .await
             .expect_err(bad);
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
-        assert!(status.message().contains("group id"), "{status:?}");
+        assert!(status.message().contains("group_id"), "{status:?}");
         let status = npm
             .manager
             .get_lb_group(LbGroupId { id: bad.to_owned() })
