@@ -285,6 +285,9 @@ struct InFlight {
     runners: HashMap<String, usize>,
     /// What each task was asked for, so that a task that panics takes back only its own.
     asked: HashMap<tokio::task::Id, (String, usize)>,
+    /// Runners that joined from the list before their provisioning came back, with their
+    /// group: they count as active, and no longer as coming.
+    joined_early: HashMap<String, String>,
     /// Groups whose last provisioning failed whole: how many times in a row, and not before
     /// when to ask again (a runner that cannot start is not asked for every tick).
     failing: HashMap<String, (u32, Instant)>,
@@ -309,7 +312,25 @@ impl InFlight {
             *coming = coming.saturating_sub(batch);
             if *coming == 0 {
                 self.runners.remove(group);
+                // None of the group's is coming: any still noted joined with a batch that
+                // did not say so (it panicked).
+                self.joined_early.retain(|_, g| g != group);
             }
+        }
+    }
+
+    /// A listed runner of `group` joined: one of the group's coming runners, if any are, no
+    /// longer counts as coming (it counted twice until its batch came back, and the group
+    /// was asked for that many fewer).
+    fn joined(&mut self, group: &str, id: &str) {
+        if let Some(coming) = self.runners.get_mut(group)
+            && *coming > 0
+        {
+            *coming -= 1;
+            if *coming == 0 {
+                self.runners.remove(group);
+            }
+            self.joined_early.insert(id.to_owned(), group.to_owned());
         }
     }
 }
@@ -565,6 +586,7 @@ impl ControlLoop {
         for info in listed {
             if !self.runners.iter().any(|e| e.info.id == info.id) {
                 tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner joined");
+                self.in_flight.joined(&info.group, &info.id);
                 self.runners.push(Entry {
                     info,
                     state: RunnerState::Active,
@@ -758,7 +780,15 @@ impl ControlLoop {
                 return;
             }
         };
-        self.in_flight.settle(&group, batch);
+        // Those of the batch that joined from the list were taken off as they did.
+        let early = match &result {
+            Ok(new) => new
+                .iter()
+                .filter(|info| self.in_flight.joined_early.remove(&info.id).is_some())
+                .count(),
+            Err(_) => 0,
+        };
+        self.in_flight.settle(&group, batch.saturating_sub(early));
         match result {
             Ok(new) => {
                 self.in_flight.failing.remove(&group);

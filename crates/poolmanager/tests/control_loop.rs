@@ -252,6 +252,42 @@ async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
     assert_eq!(h.cp.batches(), vec![2], "nothing asked for twice meanwhile");
 }
 
+/// A runner that joined before its batch came back counts as active, and no longer as
+/// coming: the group is asked for what it still lacks. Counted twice, it was asked for one
+/// fewer until its batch came back.
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_joined_early_is_not_counted_as_coming_too() {
+    let cp = FakeControlPlane::default();
+    *cp.provision_stagger.lock().expect("lock") = Some(Duration::from_secs(10));
+    let mut h = harness(cp, config());
+    let asked = Instant::now();
+    while h.members("g").is_empty() {
+        assert!(asked.elapsed() < Duration::from_secs(40), "never published");
+        h.advertise("lb1", "g", 2);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), vec!["r1"]);
+    // Demand for four now: one active, one coming, two to ask for (a batch's most).
+    h.advertise("lb1", "g", 4);
+    h.tick().await;
+    assert_eq!(h.cp.batches(), vec![2, 2], "asked for what the group lacks");
+    while h.members("g").len() < 4 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(90),
+            "{:?}",
+            h.members("g")
+        );
+        h.advertise("lb1", "g", 4);
+        h.tick().await;
+    }
+    assert_eq!(
+        h.cp.provisioned(),
+        4,
+        "none asked for twice: {:?}",
+        h.cp.batches()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn scales_up_in_bounded_batches() {
     let mut h = harness(FakeControlPlane::default(), config());
