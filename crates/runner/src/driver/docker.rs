@@ -822,10 +822,7 @@ async fn watch_container(
                 Ok(Ok(Removal::Gone)) => break,
                 // An earlier attempt given up on may still be at it, and may fail: asked
                 // again until the engine says the container is gone.
-                Ok(Ok(Removal::UnderWay)) => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
+                Ok(Ok(Removal::UnderWay)) => "the engine says a removal is under way".to_owned(),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {REMOVE_TIMEOUT:?}"),
             };
@@ -871,11 +868,16 @@ async fn remove_leftover(
 ) {
     let Some(id) = container.id else { return };
     match remove_container(docker, &id).await {
-        Ok(_) => tracing::info!(
+        Ok(Removal::Gone) => tracing::info!(
             container = %id,
             runner_id,
             "removed a function container an earlier run of this runner left"
         ),
+        Ok(Removal::UnderWay) => {
+            // Its directory stays until the container is gone, as below.
+            tracing::info!(container = %id, "a leftover function container is being removed by the engine already; its directory goes at the runner's next start");
+            return;
+        }
         Err(e) => {
             // Its directory stays too: the container may still run, and its socket with it.
             tracing::warn!(container = %id, error = %e, "cannot remove a leftover function container; the runner's next start tries again");
