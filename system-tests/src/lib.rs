@@ -257,6 +257,21 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the daemon logs `text` within `bound`: its lines reach the log file from a
+    /// thread of their own, a moment after the event they tell of.
+    pub async fn logs_within(&self, text: &str, bound: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if self.log().contains(text) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends `signal` to the daemon.
     ///
     /// # Errors

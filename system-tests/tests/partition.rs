@@ -181,7 +181,10 @@ async fn placement_moves_on_within_the_connect_and_ack_timeouts_when_a_runner_is
         cluster.lb.log()
     );
     ensure!(
-        cluster.lb.log().contains("runner unreachable"),
+        cluster
+            .lb
+            .logs_within("runner unreachable", Duration::from_secs(2))
+            .await,
         "the LB never tried the cut-off runner\n{}",
         cluster.lb.log()
     );

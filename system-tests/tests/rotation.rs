@@ -430,7 +430,9 @@ async fn sighup_reloads_the_certificates_of_npm_and_runner_at_once() -> anyhow::
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(
-            daemon.log().contains("new certificates in use"),
+            daemon
+                .logs_within("new certificates in use", Duration::from_secs(2))
+                .await,
             "{bin} logs the reload\n{}",
             daemon.log()
         );
