@@ -236,9 +236,11 @@ fn classify(cmd: &clap::Command, err: clap::Error) -> ParseOutcome {
 /// Prints `error: <err>` on one line and exits with status 2.
 pub fn exit_config_error(err: impl Display) -> ! {
     let line = err.to_string().replace('\n', " ");
-    // What was logged before it (a warning about the same settings) first.
-    crate::logging::flush();
-    eprintln!("error: {line}");
+    // What was logged before it (a warning about the same settings) first; a stderr that
+    // takes nothing would hold this line, and the exit, for ever.
+    if crate::logging::flush() {
+        eprintln!("error: {line}");
+    }
     std::process::exit(CONFIG_ERROR_EXIT)
 }
 

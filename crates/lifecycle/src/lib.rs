@@ -82,11 +82,13 @@ pub fn run_daemon(
     let mut builder = runtime_builder(threads);
     match builder.build() {
         Ok(runtime) => {
-            let code = runtime.block_on(daemon);
-            // What its tasks logged as the runtime ended them, then the lines still queued.
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(daemon)));
+            // What its tasks logged as the runtime ended them, then the lines still queued
+            // (those before a panic too).
             drop(runtime);
             logging::flush();
-            code
+            ran.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         }
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -118,9 +120,11 @@ pub fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "exiting with failure");
-            // The log's lines first, then this one.
-            logging::flush();
-            eprintln!("error: {err}");
+            // The log's lines first, then this one; a stderr that takes nothing would hold
+            // it, and the exit, for ever (the log has the error).
+            if logging::flush() {
+                eprintln!("error: {err}");
+            }
             ExitCode::FAILURE
         }
     }

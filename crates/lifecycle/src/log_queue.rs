@@ -102,8 +102,8 @@ impl Queue {
     }
 
     /// Waits until the lines queued before it are written, at most `bound` (a stderr that
-    /// does not take them leaves them queued).
-    pub(crate) fn flush(&self, bound: Duration) {
+    /// does not take them leaves them queued); whether they were.
+    pub(crate) fn flush(&self, bound: Duration) -> bool {
         let deadline = Instant::now() + bound;
         let (done_tx, done_rx) = sync_channel(1);
         let mut msg = Msg::Flushed(done_tx);
@@ -114,10 +114,12 @@ impl Queue {
                     msg = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
-        let _ = done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        done_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 }
 
@@ -174,7 +176,7 @@ mod tests {
                 .write_all(format!("line {i}\n").as_bytes())
                 .expect("queued");
         }
-        queue.flush(Duration::from_secs(5));
+        assert!(queue.flush(Duration::from_secs(5)), "flushed");
         let written = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("text");
         let expected: String = (0..500).map(|i| format!("line {i}\n")).collect();
         assert_eq!(written, expected);
@@ -201,7 +203,10 @@ mod tests {
         );
         assert!(queue.dropped() > 1000, "dropped {}", queue.dropped());
         let flushing = Instant::now();
-        queue.flush(Duration::from_millis(200));
+        assert!(
+            !queue.flush(Duration::from_millis(200)),
+            "not written: stalled"
+        );
         assert!(flushing.elapsed() < Duration::from_secs(2));
         drop(reader);
     }

@@ -83,11 +83,10 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
 }
 
 /// Waits until the log lines queued so far are written, at most a second (a stderr that
-/// does not take them leaves them). For the paths that end the process.
-pub fn flush() {
-    if let Some(queue) = QUEUE.get() {
-        queue.flush(FLUSH_BOUND);
-    }
+/// does not take them leaves them). For the paths that end the process: `false` when stderr
+/// did not take them, and a line written to it directly would block for ever.
+pub fn flush() -> bool {
+    QUEUE.get().is_none_or(|queue| queue.flush(FLUSH_BOUND))
 }
 
 /// Registers `fn_log_lines_dropped_total`: log lines dropped because stderr was not taking

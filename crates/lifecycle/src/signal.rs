@@ -31,7 +31,7 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
                 signal = name,
                 "second shutdown signal: exiting now, without finishing the drain"
             );
-            crate::logging::flush();
+            let _written = crate::logging::flush();
             std::process::exit(128 + number);
         });
     })

@@ -330,6 +330,7 @@ impl InFlight {
             if *coming == 0 {
                 self.runners.remove(group);
             }
+            // Kept until its batch comes back, which then takes off only the others.
             self.joined_early.insert(id.to_owned(), group.to_owned());
         }
     }

@@ -9,8 +9,7 @@
 //!
 //! Isolation by default (function code is untrusted): no network (`FN_DOCKER_FUNCTION_NETWORK`,
 //! default `none`), a non-root user (`FN_DOCKER_FUNCTION_USER`, default `65534:65534`), a
-//! read-only root file system with a private tmpfs `/tmp` (and one over each volume the image
-//! declares), every capability dropped,
+//! read-only root file system with a private tmpfs `/tmp`, every capability dropped,
 //! `no-new-privileges`, a pids limit, a memory limit of the function's `memory_mb` with no
 //! swap, and CPU shares in proportion to memory. Nothing of the runner's is mounted but the
 //! instance's own directory, so the runner's certificates stay out of reach.
@@ -409,11 +408,9 @@ impl DockerDriver {
     }
 
     /// Makes sure `image` is on the engine, pulling it when the policy allows.
-    /// Makes sure `image` is on the engine (pulling it as `FN_DOCKER_PULL` says) and returns
-    /// the volumes it declares.
-    async fn ensure_image(&self, image: &str) -> Result<Vec<String>, DriverError> {
+    async fn ensure_image(&self, image: &str) -> Result<(), DriverError> {
         match self.docker.inspect_image(image).await {
-            Ok(inspected) => return Ok(declared_volumes(inspected)),
+            Ok(_) => return Ok(()),
             Err(e) => match classify(e, image) {
                 EngineError::NotFound(_) => {}
                 EngineError::Failed(e) => {
@@ -430,14 +427,7 @@ impl DockerDriver {
         let lock = self.pulls.of(image);
         pull_once(&lock, self.config.pull_timeout, || self.pull(image))
             .await
-            .map_err(DriverError::Start)?;
-        match self.docker.inspect_image(image).await {
-            Ok(inspected) => Ok(declared_volumes(inspected)),
-            Err(e) => Err(DriverError::Start(format!(
-                "cannot inspect image {image:?} after its pull: {}",
-                classify(e, image)
-            ))),
-        }
+            .map_err(DriverError::Start)
     }
 
     /// Pulls `image` unless it arrived meanwhile; the error says what failed.
@@ -511,7 +501,7 @@ impl DockerDriver {
         call_id: &str,
         start_timeout: Duration,
     ) -> Result<DockerInstance, DriverError> {
-        let volumes = self.ensure_image(image).await?;
+        self.ensure_image(image).await?;
         let began = Instant::now();
         let id = format!(
             "{}-{}",
@@ -522,7 +512,7 @@ impl DockerDriver {
         self.create_instance_dir(&dir)?;
 
         let name = container_name(&spec.app, &spec.function, &id);
-        let body = create_body(&self.config, spec, image, &dir, &id, &volumes);
+        let body = create_body(&self.config, spec, image, &dir, &id);
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let container = match self.docker.create_container(Some(options), body).await {
             Ok(created) => {
@@ -867,15 +857,25 @@ async fn remove_leftover(
     container: bollard::models::ContainerSummary,
 ) {
     let Some(id) = container.id else { return };
-    match remove_container(docker, &id).await {
+    // A removal the engine has under way (the earlier run's, cut short) is waited for: once
+    // it is done the container is no longer listed, and its directory would stay for ever.
+    let mut removal = remove_container(docker, &id).await;
+    for pause in [1, 5, 30, 120] {
+        if !matches!(removal, Ok(Removal::UnderWay)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        removal = remove_container(docker, &id).await;
+    }
+    match removal {
         Ok(Removal::Gone) => tracing::info!(
             container = %id,
             runner_id,
             "removed a function container an earlier run of this runner left"
         ),
         Ok(Removal::UnderWay) => {
-            // Its directory stays until the container is gone, as below.
-            tracing::info!(container = %id, "a leftover function container is being removed by the engine already; its directory goes at the runner's next start");
+            // Its directory stays: the container may still run, and its socket with it.
+            tracing::warn!(container = %id, "a leftover function container is still being removed by the engine after 2.5 minutes; its directory stays");
             return;
         }
         Err(e) => {
@@ -1001,47 +1001,42 @@ fn make_in_root(configured: &Path, root: &Path, dir: &Path) -> Result<(), InRoot
             tracing::warn!(iofs = %root.display(), "the iofs root was removed while the runner ran (a /tmp cleaner?); made again");
             make().map_err(InRoot::Io)
         }
+        // The root is there but was removed (a bind of a host directory that a cleaner on
+        // the host removed): nothing can be made in it any more.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::metadata(root)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0) =>
+        {
+            Err(InRoot::Root(format!(
+                "FN_DOCKER_IOFS_DIR {}: removed while the runner ran (a bind of a host \
+                 directory a cleaner removed?): keep the directory out of the cleaner's reach \
+                 and restart the runner",
+                configured.display()
+            )))
+        }
         made => made.map_err(InRoot::Io),
     }
 }
 
-/// The volumes an image declares (`VOLUME` in its Dockerfile).
-fn declared_volumes(image: bollard::models::ImageInspect) -> Vec<String> {
-    image
-        .config
-        .and_then(|config| config.volumes)
-        .unwrap_or_default()
-}
-
-/// What a container's tmpfs mounts get: written to, they count in its memory limit.
-const TMPFS_OPTIONS: &str = "rw,nosuid,nodev,mode=1777";
-
 /// The Engine API body of an instance's container. See the module docs for what each
-/// setting is for. `volumes`, those the image declares, get a tmpfs each, as `/tmp` does:
-/// the engine would make each an anonymous volume on its own disk, writable whatever the
-/// read-only root says, with no limit and counted nowhere.
+/// setting is for.
 fn create_body(
     config: &DockerDriverConfig,
     spec: &InstanceSpec,
     image: &str,
     dir: &Path,
     instance: &str,
-    volumes: &[String],
 ) -> ContainerCreateBody {
     let memory = i64::try_from(spec.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
-    let mut tmpfs = HashMap::from([("/tmp".to_owned(), TMPFS_OPTIONS.to_owned())]);
-    for volume in volumes {
-        // The instance directory's own mount point is the bind's.
-        let path = volume.trim_end_matches('/');
-        if path.starts_with('/') && path != IOFS_MOUNT {
-            tmpfs.insert(path.to_owned(), TMPFS_OPTIONS.to_owned());
-        }
-    }
     let host_config = HostConfig {
         network_mode: Some(config.network.clone()),
         binds: Some(vec![format!("{}:{IOFS_MOUNT}", dir.display())]),
         readonly_rootfs: Some(true),
-        tmpfs: Some(tmpfs),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_owned(),
+            "rw,nosuid,nodev,mode=1777".to_owned(),
+        )])),
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
         pids_limit: Some(config.pids_limit),
@@ -1384,11 +1379,6 @@ mod tests {
             "shop/cart:2",
             Path::new("/tmp/iofs-root/a-1"),
             "a-1",
-            &[
-                "/data".to_owned(),
-                "/var/cache/app/".to_owned(),
-                IOFS_MOUNT.to_owned(),
-            ],
         );
         let host = body.host_config.expect("host config");
         assert_eq!(host.network_mode.as_deref(), Some("none"));
@@ -1405,13 +1395,7 @@ mod tests {
             host.binds,
             Some(vec!["/tmp/iofs-root/a-1:/tmp/iofs".to_owned()])
         );
-        // The image's volumes are memory, as /tmp is, not the engine's disk; the instance
-        // directory's mount point stays the bind's.
-        let tmpfs = host.tmpfs.expect("tmpfs");
-        let mut mounted: Vec<&str> = tmpfs.keys().map(String::as_str).collect();
-        mounted.sort_unstable();
-        assert_eq!(mounted, ["/data", "/tmp", "/var/cache/app"]);
-        assert!(tmpfs.values().all(|o| o == TMPFS_OPTIONS));
+        assert!(host.tmpfs.is_some_and(|t| t.contains_key("/tmp")));
         assert_eq!(body.user.as_deref(), Some("65534:65534"));
         let labels = body.labels.expect("labels");
         assert_eq!(
