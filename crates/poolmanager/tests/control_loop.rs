@@ -218,8 +218,9 @@ async fn a_slow_provisioning_runs_beside_the_loop_and_its_runner_joins_when_read
 /// of its batch still starts. The npm held every runner created after the oldest batch under
 /// way until that batch came back (up to the start timeout, 15 to 30 s), comparing wall
 /// clocks to tell.
-#[tokio::test(start_paused = true)]
-async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
+/// A group `g` with demand for two runners whose batch's runners are ready 10 s apart,
+/// ticked until the first is published; with when the demand began.
+async fn first_of_a_staggered_batch_published() -> (Harness, Instant) {
     let cp = FakeControlPlane::default();
     *cp.provision_stagger.lock().expect("lock") = Some(Duration::from_secs(10));
     let mut h = harness(cp, config());
@@ -229,6 +230,12 @@ async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
         h.advertise("lb1", "g", 2);
         h.tick().await;
     }
+    (h, asked)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
+    let (mut h, asked) = first_of_a_staggered_batch_published().await;
     assert_eq!(
         h.members("g"),
         vec!["r1"],
@@ -257,15 +264,7 @@ async fn a_runner_ready_before_the_rest_of_its_batch_joins_at_once() {
 /// fewer until its batch came back.
 #[tokio::test(start_paused = true)]
 async fn a_runner_that_joined_early_is_not_counted_as_coming_too() {
-    let cp = FakeControlPlane::default();
-    *cp.provision_stagger.lock().expect("lock") = Some(Duration::from_secs(10));
-    let mut h = harness(cp, config());
-    let asked = Instant::now();
-    while h.members("g").is_empty() {
-        assert!(asked.elapsed() < Duration::from_secs(40), "never published");
-        h.advertise("lb1", "g", 2);
-        h.tick().await;
-    }
+    let (mut h, asked) = first_of_a_staggered_batch_published().await;
     assert_eq!(h.members("g"), vec!["r1"]);
     // Demand for four now: one active, one coming, two to ask for (a batch's most).
     h.advertise("lb1", "g", 4);
