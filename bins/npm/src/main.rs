@@ -89,7 +89,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let mut server = fn_tls::grpc_server();
+    let mut server = fn_poolmanager::service::grpc_server();
     let shared = Arc::new(Shared::default());
     let watches = Arc::clone(&shared);
     let npm = NpmService::new(Arc::clone(&shared));

@@ -31,6 +31,12 @@ pub const MAX_LIVE_GROUPS: usize = 4096;
 /// (and each tick's work) without bound. Real deployments have a few LBs.
 pub const MAX_LBS: usize = 1024;
 
+/// Most figures (one per LB and group it names) all live LBs hold together. [`MAX_LBS`]
+/// LBs each naming a full advert's groups would otherwise hold about a million, some
+/// hundreds of MB, from one peer sending adverts under fresh ids; 64 LBs naming a whole
+/// advert's worth each fit, and real deployments have a few LBs and a handful of groups.
+pub const MAX_FIGURES: usize = 64 * fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
+
 /// Why an advert was not recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdvertRefused {
@@ -39,6 +45,12 @@ pub enum AdvertRefused {
          FN_LB_PURGE_AFTER frees its place (does each advert carry a new lb_id?)"
     )]
     TooManyLbs,
+    #[error(
+        "the npm keeps at most {MAX_FIGURES} group figures from all live LBs together, and \
+         this advert's {groups} would pass it; an LB silent for FN_LB_PURGE_AFTER frees its \
+         figures (do the LBs each advertise thousands of groups, or adverts carry new lb_ids?)"
+    )]
+    TooManyFigures { groups: usize },
 }
 
 /// What live LBs want of one group, kept up to date as adverts come and LBs go, so that a
@@ -64,6 +76,9 @@ struct LbAdvert {
 #[derive(Debug)]
 pub struct DemandBook {
     lbs: BTreeMap<String, LbAdvert>,
+    /// Figures the live LBs hold together (the sum of their adverts' groups), at most
+    /// [`MAX_FIGURES`].
+    figures: usize,
     /// Group → the sum of the live LBs' figures for it (groups no live LB names are left
     /// out).
     totals: BTreeMap<String, GroupTotal>,
@@ -87,6 +102,7 @@ impl Default for DemandBook {
     fn default() -> Self {
         DemandBook {
             lbs: BTreeMap::new(),
+            figures: 0,
             totals: BTreeMap::new(),
             advertised: BTreeMap::new(),
             full: Throttle::new(Duration::from_secs(60)),
@@ -101,15 +117,26 @@ impl DemandBook {
     /// Records an advert from `lb_id`: it replaces that LB's previous figures.
     ///
     /// # Errors
-    /// [`AdvertRefused::TooManyLbs`] for a new LB when [`MAX_LBS`] are live.
+    /// [`AdvertRefused::TooManyLbs`] for a new LB when [`MAX_LBS`] are live, and
+    /// [`AdvertRefused::TooManyFigures`] when the advert would take the live LBs' figures
+    /// past [`MAX_FIGURES`]. A refused advert changes nothing: the LB's previous figures
+    /// stand until it is purged.
     pub fn record(
         &mut self,
         lb_id: &str,
         groups: impl IntoIterator<Item = (String, u64)>,
         now: Instant,
     ) -> Result<(), AdvertRefused> {
-        if !self.lbs.contains_key(lb_id) && self.lbs.len() >= MAX_LBS {
+        let held = self.lbs.get(lb_id).map(|a| a.groups.len());
+        if held.is_none() && self.lbs.len() >= MAX_LBS {
             return Err(AdvertRefused::TooManyLbs);
+        }
+        // A group named twice in one advert: the last figure stands.
+        let groups: BTreeMap<String, u64> = groups.into_iter().collect();
+        if self.figures.saturating_sub(held.unwrap_or(0)) + groups.len() > MAX_FIGURES {
+            return Err(AdvertRefused::TooManyFigures {
+                groups: groups.len(),
+            });
         }
         let previous = self.lbs.remove(lb_id);
         if previous.is_none() {
@@ -141,14 +168,11 @@ impl DemandBook {
                 continue;
             }
             let total = self.totals.entry(group.clone()).or_default();
-            // A group named twice in one advert: the last figure stands.
-            if let Some(before) = figures.insert(group, mb) {
-                total.mb -= u128::from(before);
-            } else {
-                total.lbs += 1;
-            }
+            total.lbs += 1;
             total.mb += u128::from(mb);
+            figures.insert(group, mb);
         }
+        self.figures += figures.len();
         let names: Vec<String> = figures.keys().cloned().collect();
         self.lbs.insert(
             lb_id.to_owned(),
@@ -163,6 +187,7 @@ impl DemandBook {
 
     /// Takes an LB's figures out of the totals.
     fn subtract(&mut self, groups: &BTreeMap<String, u64>) {
+        self.figures = self.figures.saturating_sub(groups.len());
         for (group, mb) in groups {
             if let Some(total) = self.totals.get_mut(group) {
                 total.mb = total.mb.saturating_sub(u128::from(*mb));
@@ -291,6 +316,7 @@ impl DemandBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
 
     #[test]
     fn an_lb_that_leaves_takes_its_demand_and_is_no_purge() {
@@ -345,6 +371,54 @@ mod tests {
             "a purged LB's figures leave the totals"
         );
         assert_eq!(book.wanted_mb("g0"), 0);
+    }
+
+    #[test]
+    fn the_live_lbs_figures_are_bounded_together_and_a_refused_advert_changes_nothing() {
+        let mut book = DemandBook::default();
+        let now = Instant::now();
+        let full = || (0..MAX_GROUPS_PER_ADVERT).map(|i| (format!("g{i}"), 1));
+        let lbs = MAX_FIGURES / MAX_GROUPS_PER_ADVERT;
+        for lb in 0..lbs {
+            book.record(&format!("lb{lb}"), full(), now)
+                .expect("within the bound");
+        }
+        assert_eq!(book.figures, MAX_FIGURES);
+        let refused = book
+            .record("one-more", [("g0".into(), 7)], now)
+            .expect_err("past the bound");
+        assert_eq!(refused, AdvertRefused::TooManyFigures { groups: 1 });
+        assert!(
+            refused.to_string().contains("FN_LB_PURGE_AFTER"),
+            "{refused}"
+        );
+        assert_eq!(book.lb_count(), lbs, "the refused LB is not taken in");
+        assert_eq!(book.wanted_mb("g0"), lbs as u64, "nor its figure");
+        // A live LB may keep advertising as many groups as it holds, or fewer.
+        book.record("lb0", full(), now)
+            .expect("its own figures replaced");
+        book.record("lb0", [("g0".into(), 1)], now).expect("fewer");
+        assert_eq!(book.figures, MAX_FIGURES - MAX_GROUPS_PER_ADVERT + 1);
+        book.record("one-more", [("g0".into(), 7)], now)
+            .expect("room again");
+        // An LB that leaves or is purged frees its figures.
+        assert!(book.leave("lb1"));
+        assert_eq!(book.figures, MAX_FIGURES - 2 * MAX_GROUPS_PER_ADVERT + 2);
+        book.purge(now + Duration::from_secs(10), Duration::from_secs(5));
+        assert_eq!(book.figures, 0);
+        assert_eq!(book.groups().count(), 0);
+    }
+
+    #[test]
+    fn a_group_named_twice_in_one_advert_counts_once_with_its_last_figure() {
+        let mut book = DemandBook::default();
+        let now = Instant::now();
+        book.record("lb1", [("g".into(), 3), ("g".into(), 5)], now)
+            .expect("recorded");
+        assert_eq!(
+            (book.wanted_mb("g"), book.lbs_in("g"), book.figures),
+            (5, 1, 1)
+        );
     }
 
     #[test]

@@ -22,6 +22,19 @@ pub use fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
 /// Longest LB id accepted (a group is named as in the catalog: [`fn_protocol::valid_name`]).
 pub const MAX_ID_LEN: usize = 256;
 
+/// Most streams one connection may have open on the npm at once. An LB holds one
+/// membership watch and asks one thing at a time beside it, so a handful is all it uses;
+/// without a limit one peer could hold any number of watches, each a task and a receiver.
+/// A peer past it waits for one of its streams to end (HTTP/2's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`), as it does at any HTTP/2 server.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// The npm's gRPC server: the dataplane's HTTP/2 settings ([`fn_tls::grpc_server`]) with
+/// [`MAX_STREAMS_PER_CONNECTION`]. Feed it [`fn_tls::grpc_incoming`].
+pub fn grpc_server() -> tonic::transport::Server {
+    fn_tls::grpc_server().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+}
+
 /// Both npm services over the shared state. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct NpmService {

@@ -41,7 +41,7 @@ impl Npm {
         let address = listener.local_addr().expect("addr").to_string();
         let cancel = CancellationToken::new();
         let incoming = fn_tls::grpc_incoming(&tls, listener).expect("server TLS");
-        let router = fn_tls::grpc_server()
+        let router = fn_poolmanager::service::grpc_server()
             .add_service(service.clone().scaler_server())
             .add_service(service.manager_server());
         let shutdown = cancel.clone().cancelled_owned();
@@ -270,6 +270,39 @@ async fn the_membership_watch_says_when_the_published_lists_change_and_ends_on_s
         .await
         .expect("the stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
+    npm.stop().await;
+}
+
+/// One connection holds at most `MAX_STREAMS_PER_CONNECTION` streams at once: one more
+/// membership watch waits until one of them ends, and then opens.
+#[tokio::test]
+async fn one_connection_holds_a_bounded_number_of_streams_and_the_next_waits_its_turn() {
+    use fn_poolmanager::service::MAX_STREAMS_PER_CONNECTION;
+    let npm = Npm::start().await;
+    let mut watches = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_CONNECTION {
+        let mut manager = npm.manager.clone();
+        let mut watch = manager
+            .watch_membership(())
+            .await
+            .expect("watch")
+            .into_inner();
+        watch.message().await.expect("stream").expect("at once");
+        watches.push(watch);
+    }
+    let mut manager = npm.manager.clone();
+    let mut one_more = Box::pin(manager.watch_membership(()));
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut one_more).await;
+    assert!(waited.is_err(), "opened past the limit: {waited:?}");
+    drop(watches.pop());
+    let mut opened = tokio::time::timeout(Duration::from_secs(5), one_more)
+        .await
+        .expect("opens once a stream ended")
+        .expect("watch")
+        .into_inner();
+    opened.message().await.expect("stream").expect("at once");
+    npm.shared.close_watches();
+    drop((watches, opened));
     npm.stop().await;
 }
 
