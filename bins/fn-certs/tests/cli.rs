@@ -454,3 +454,40 @@ fn keep_writes_node_files_from_the_ca_when_they_are_gone() {
         "same CA"
     );
 }
+
+/// A CA in its last year: the node certificate `--keep` renews from it ends with it, not a
+/// year on (no peer would verify it after the CA's end), and fn-certs says to roll the CA
+/// over. A CA with years left is not warned of.
+#[test]
+fn a_ca_near_its_end_is_warned_of_and_outlived_by_no_node_certificate() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (out, issuer_dir, _ca) = made_in(root.path());
+    let fresh = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+    assert!(fresh.status.success(), "{fresh:?}");
+    let said = String::from_utf8_lossy(&fresh.stderr);
+    assert!(!said.contains("warning"), "{said}");
+
+    let ending = fn_tls::dev::DevCa::expiring_in("a CA in its last year", 100).expect("ca");
+    let (nodes, issuer) = (root.path().join("certs"), root.path().join("issuer"));
+    std::fs::write(issuer.join("issuer.pem"), ending.cert_pem()).expect("write");
+    std::fs::write(issuer.join("issuer-key.pem"), ending.key_pem()).expect("write");
+    std::fs::write(nodes.join("ca.pem"), ending.cert_pem()).expect("write");
+    let kept = fn_certs(&["--out", &out, "--issuer-dir", &issuer_dir, "--keep"]);
+    assert!(kept.status.success(), "{kept:?}");
+    let warned = String::from_utf8_lossy(&kept.stderr);
+    assert!(
+        warned.contains("warning")
+            && warned.contains("--ca-rollover begin")
+            && warned.contains("in 99 days"),
+        "{warned}"
+    );
+    let read = |f: &str| std::fs::read(nodes.join(f)).expect("file");
+    let node = fn_tls::NodeTls::from_pem(read("node.pem"), read("node-key.pem"), read("ca.pem"))
+        .expect("a set peers accept, renewed from the CA");
+    let ca_end = fn_tls::expiry::not_after(ending.cert_pem().as_bytes()).expect("ca end");
+    assert!(
+        node.not_after() <= ca_end,
+        "the node certificate outlives its CA: {:?} after {ca_end:?}",
+        node.not_after()
+    );
+}
