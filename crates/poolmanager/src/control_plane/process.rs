@@ -27,6 +27,24 @@ use tokio::process::{Child, Command};
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
+/// How long a runner may drain when the npm itself shuts down before it is killed: inside
+/// the npm's own shutdown bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default), with time left to
+/// remove what the runners leave (as the docker control plane does).
+pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Each runner's `FN_SHUTDOWN_TIMEOUT`: its drain, then the clean-up of its instances (at
+/// most 5 s: memory cgroups, socket directories) and a second's margin end inside
+/// [`SHUTDOWN_STOP_GRACE`]. With a runner's own default (30 s) the npm killed it mid-drain,
+/// so its calls failed without a word and its instances' cgroups were left behind. A
+/// runner the npm removes has drained first (its calls ended), so this does not shorten a
+/// scale-down.
+pub const RUNNER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(14);
+
+const _: () = assert!(
+    RUNNER_SHUTDOWN_TIMEOUT.as_secs() + 5 + 1 <= SHUTDOWN_STOP_GRACE.as_secs(),
+    "a runner's drain and clean-up must end before the npm kills it"
+);
+
 /// Settings of the process control plane.
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
@@ -208,6 +226,26 @@ impl ProcessControlPlane {
         self.forget(id, log);
     }
 
+    /// The command that starts a runner on `port` with its function sockets under
+    /// `sock_dir`: nothing of the npm's own environment but `PATH`.
+    fn runner_command(&self, port: u16, sock_dir: &Path) -> Command {
+        let mut cmd = Command::new(&self.config.runner_binary);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("FN_GRPC_PORT", port.to_string())
+            .env("FN_LISTEN_ADDR", self.config.listen_ip.to_string())
+            .env("FN_MAX_MEMORY_MB", self.config.runner_memory_mb.to_string())
+            .env("FN_FUNCTIONS_DIR", &self.config.functions_dir)
+            .env("FN_SOCKET_DIR", sock_dir)
+            .env(
+                "FN_SHUTDOWN_TIMEOUT",
+                format!("{}s", RUNNER_SHUTDOWN_TIMEOUT.as_secs()),
+            )
+            .envs(self.config.tls_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
     /// Spawns one runner and waits until it answers health. The runner is in the table
     /// (as `Starting`) from its spawn on, so a shutdown that cuts this short stops it.
     async fn spawn_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
@@ -221,17 +259,8 @@ impl ProcessControlPlane {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
         let log_err = log.try_clone().map_err(|e| failed(e.to_string()))?;
-        let mut cmd = Command::new(&self.config.runner_binary);
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("FN_GRPC_PORT", port.to_string())
-            .env("FN_LISTEN_ADDR", self.config.listen_ip.to_string())
-            .env("FN_MAX_MEMORY_MB", self.config.runner_memory_mb.to_string())
-            .env("FN_FUNCTIONS_DIR", &self.config.functions_dir)
-            .env("FN_SOCKET_DIR", &sock_dir)
-            .envs(self.config.tls_env.iter().map(|(k, v)| (k, v)))
-            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+        let mut cmd = self.runner_command(port, &sock_dir);
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             // Survives an npm crash on purpose: a restarted npm adopts it.
@@ -436,7 +465,7 @@ impl ControlPlane for ProcessControlPlane {
             // whose removal was, are stopped like the ready ones.
             let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
             let stops = all.into_iter().map(|mut s| async move {
-                stop(s.pid, &s.info.id, s.child.as_mut(), Duration::from_secs(10)).await;
+                stop(s.pid, &s.info.id, s.child.as_mut(), SHUTDOWN_STOP_GRACE).await;
                 remove_quietly(&self.record_path(&s.info.id));
                 remove_quietly(&self.log_path(&s.info.id));
                 // Waited for: the npm exits next, and would leave the rest behind.
@@ -557,6 +586,35 @@ fn remove_dir_quietly(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runner is told to finish its drain and its clean-up before the npm's shutdown
+    /// kills it, beside what the npm passes on (its log settings).
+    #[tokio::test]
+    async fn a_runner_is_told_a_drain_that_ends_before_the_npm_kills_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = dir.path().join("pure-runner");
+        std::fs::write(&binary, "").expect("write");
+        let mut config = ProcessConfig::new(
+            binary,
+            dir.path().to_owned(),
+            dir.path().join("state"),
+            TlsMode::Insecure,
+        );
+        config.extra_env = vec![("FN_LOG_LEVEL".into(), "debug".into())];
+        let plane = ProcessControlPlane::new(config).await.expect("plane");
+        let command = plane.runner_command(4000, Path::new("/run/fn-r-1"));
+        let env: std::collections::HashMap<String, String> = command
+            .as_std()
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+            .collect();
+        let told = fn_lifecycle::config::parse_duration(&env["FN_SHUTDOWN_TIMEOUT"])
+            .expect("a duration the runner reads");
+        assert_eq!(told, RUNNER_SHUTDOWN_TIMEOUT);
+        assert!(told + Duration::from_secs(5) < SHUTDOWN_STOP_GRACE);
+        assert_eq!(env["FN_LOG_LEVEL"], "debug");
+        assert_eq!(env["FN_SOCKET_DIR"], "/run/fn-r-1");
+    }
 
     #[test]
     fn records_round_trip() {
