@@ -41,7 +41,7 @@ pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
 pub const RUNNER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(14);
 
 const _: () = assert!(
-    RUNNER_SHUTDOWN_TIMEOUT.as_secs() + 5 + 1 <= SHUTDOWN_STOP_GRACE.as_secs(),
+    RUNNER_SHUTDOWN_TIMEOUT.as_secs() + 5 < SHUTDOWN_STOP_GRACE.as_secs(),
     "a runner's drain and clean-up must end before the npm kills it"
 );
 
