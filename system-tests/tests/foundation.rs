@@ -234,27 +234,47 @@ async fn lb_agent_answers_health_and_exits_0_on_sigterm() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A second signal during the drain ends the daemon at once (before, it did nothing, and a
-/// 60 s drain delay could only be cut short with SIGKILL).
-#[tokio::test]
-async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
-    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "60s")]).await?;
+/// Signals `daemon` (an lb-agent listening at `address`) with SIGTERM and waits until its
+/// health says it is draining.
+async fn draining(daemon: &fn_system_tests::Daemon, address: &str) -> anyhow::Result<()> {
     daemon.signal(Signal::SIGTERM)?;
-    // Draining: health says 503 for the drain delay.
     let start = std::time::Instant::now();
-    while fn_system_tests::http::get(&address, "/health")
-        .await?
-        .status
-        != 503
-    {
+    while fn_system_tests::http::get(address, "/health").await?.status != 503 {
         anyhow::ensure!(start.elapsed() < READY, "never reported draining");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// A second Ctrl-C (SIGINT) during the drain ends the daemon at once (before, it did
+/// nothing, and a 60 s drain delay could only be cut short with SIGKILL).
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
+    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "60s")]).await?;
+    draining(&daemon, &address).await?;
     daemon.signal(Signal::SIGINT)?;
     let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
     assert_eq!(status.code(), Some(130), "log:\n{}", daemon.log());
     assert!(
         daemon.log().contains("second shutdown signal"),
+        "log:\n{}",
+        daemon.log()
+    );
+    Ok(())
+}
+
+/// SIGTERM again during the drain is the same stop delivered twice (a terminal's Ctrl-C or
+/// a service manager signals the whole group, then a script or the npm signals again), not
+/// an operator's second signal: the drain goes on and the daemon exits cleanly.
+#[tokio::test]
+async fn sigterm_again_during_the_drain_keeps_draining() -> anyhow::Result<()> {
+    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "1s")]).await?;
+    draining(&daemon, &address).await?;
+    daemon.signal(Signal::SIGTERM)?;
+    let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("still draining") && daemon.log().contains("shutdown complete"),
         "log:\n{}",
         daemon.log()
     );
