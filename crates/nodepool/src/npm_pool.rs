@@ -92,13 +92,10 @@ impl NpmPool {
                     .timeout(Duration::from_secs(2))
             })
             .connect_lazy();
-        // Keepalive pings find an npm that vanished without closing the stream.
+        // The endpoint's keepalive pings find an npm that vanished without closing the
+        // stream (or a list call's connection).
         let watch_channel = endpoint
-            .with(|e| {
-                e.connect_timeout(client_config.connect_timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-            })
+            .with(|e| e.connect_timeout(client_config.connect_timeout))
             .connect_lazy();
         Ok(NpmPool {
             inner: Arc::new(Inner {

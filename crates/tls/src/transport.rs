@@ -575,7 +575,12 @@ pub struct GrpcEndpoint {
 }
 
 /// A client endpoint for `address` (`host:port`) under `mode`, with the dataplane's HTTP/2
-/// windows.
+/// windows and keepalive.
+///
+/// The keepalive pings run while the connection is idle too: a unary call's timeout is far
+/// shorter than the interval, so pings for calls in flight alone never fire, and a
+/// connection whose peer went silent (its host gone, a partition: no FIN, no RST) lasted
+/// until TCP gave up retransmitting, about 15 minutes, every call on it timing out.
 ///
 /// # Errors
 /// When the address is not a valid URI authority.
@@ -588,7 +593,10 @@ pub fn grpc_endpoint(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
-        .http2_max_local_error_reset_streams(LOCAL_ERROR_RESETS);
+        .http2_max_local_error_reset_streams(LOCAL_ERROR_RESETS)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     Ok(GrpcEndpoint {
         endpoint,
         tls: mode.node().cloned(),
