@@ -133,7 +133,7 @@ async fn grpc(address: &str, service: &str, tls: &TlsArgs) -> Outcome {
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect: {}", source_chain(&e)))?;
+        .map_err(|e| format!("cannot connect: {}", fn_lifecycle::logging::error_chain(&e)))?;
     let reply = HealthClient::new(fn_tls::WithoutStatusDetails(channel))
         .check(HealthCheckRequest {
             service: service.to_owned(),
@@ -160,33 +160,24 @@ async fn http(address: &str, path: &str) -> Outcome {
         .map_err(|e| format!("cannot connect: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("cannot connect: {}", source_chain(&e)))?;
+        .map_err(|e| format!("cannot connect: {}", fn_lifecycle::logging::error_chain(&e)))?;
     // Its errors reach `send_request` too; the task ends with the runtime at the latest.
     tokio::spawn(connection);
     // The status is all a probe needs: the body is never read.
     let response = sender.send_request(request).await.map_err(|e| {
         if e.is_parse() {
-            format!("not an HTTP answer: {}", source_chain(&e))
+            format!(
+                "not an HTTP answer: {}",
+                fn_lifecycle::logging::error_chain(&e)
+            )
         } else {
-            format!("no answer: {}", source_chain(&e))
+            format!("no answer: {}", fn_lifecycle::logging::error_chain(&e))
         }
     })?;
     match response.status() {
         StatusCode::OK => Ok(()),
         code => Err(format!("status {}", code.as_u16())),
     }
-}
-
-/// An error with its sources, which is where tonic puts the useful part ("dns error", ...).
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -223,6 +223,23 @@ macro_rules! warn_throttled {
     };
 }
 
+/// `error` with the errors it came from, `outer: inner: innermost`, each said once: hyper's
+/// and tonic's own text is short ("connection error"), and the cause an operator needs
+/// ("received fatal alert: UnknownCA", "connection refused") is in a source.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -231,6 +248,24 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection error")]
+        struct Outer(#[source] std::io::Error);
+        let alert = std::io::Error::other("received fatal alert: UnknownCA");
+        assert_eq!(
+            error_chain(&Outer(alert)),
+            "connection error: received fatal alert: UnknownCA"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot dial: {0}")]
+        struct SaysItsSource(#[source] std::io::Error);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = error_chain(&SaysItsSource(refused));
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+    }
 
     #[test]
     fn a_level_that_is_no_level_is_refused_not_read_as_a_target() {

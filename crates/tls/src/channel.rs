@@ -144,7 +144,11 @@ impl Inner {
         }
         let dialled = match tokio::time::timeout(self.connect_timeout, self.connect()).await {
             Ok(Ok(sender)) => Ok(sender),
-            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.origin)),
+            Ok(Err(e)) => Err(format!(
+                "cannot connect to {}: {}",
+                self.origin,
+                fn_lifecycle::logging::error_chain(e.as_ref())
+            )),
             Err(_) => Err(format!(
                 "cannot connect to {}: no connection within {:?}",
                 self.origin, self.connect_timeout
@@ -212,7 +216,8 @@ impl Inner {
         let origin = self.origin.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(%origin, error = %e, "gRPC connection ended with an error");
+                let error = fn_lifecycle::logging::error_chain(&e);
+                tracing::debug!(%origin, error, "gRPC connection ended with an error");
             }
         });
         Ok(sender)
@@ -249,10 +254,10 @@ async fn send(
     request: http::Request<Body>,
     inner: Arc<Inner>,
 ) -> Result<http::Response<hyper::body::Incoming>, Status> {
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| Status::unavailable(format!("call to {} failed: {e}", inner.origin)))
+    sender.send_request(request).await.map_err(|e| {
+        let error = fn_lifecycle::logging::error_chain(&e);
+        Status::unavailable(format!("call to {} failed: {error}", inner.origin))
+    })
 }
 
 /// Runs hyper's connection-side futures (one per request body) as tasks, each boxed first:

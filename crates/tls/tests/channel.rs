@@ -118,6 +118,37 @@ async fn calls_waiting_for_a_dial_that_fails_fail_with_it() {
     assert!(start.elapsed() >= timeout, "took {:?}", start.elapsed());
 }
 
+/// A server that refuses this node's certificate (its CA is not in the server's bundle)
+/// says so only after the client's side of the TLS handshake has finished, in an alert on
+/// the first read: the call's error carries that cause, not only hyper's "connection
+/// error", which read as a runner that was down.
+#[tokio::test]
+async fn a_refused_certificate_is_named_in_the_calls_error() {
+    let ca = DevCa::new("the server's CA").expect("ca");
+    let server = start_server(&ca.node_tls(&[]).expect("node")).await;
+    let stranger = DevCa::new("another CA").expect("ca");
+    let node = stranger.node(&[]).expect("node");
+    // The client trusts the server's CA, but presents a certificate from another.
+    let client = fn_tls::NodeTls::from_pem(
+        node.cert_pem.into_bytes(),
+        node.key_pem.into_bytes(),
+        ca.cert_pem().as_bytes().to_vec(),
+    )
+    .expect("client material");
+    let channel = DirectChannel::new(
+        &TlsMode::Mutual(client),
+        &server.address,
+        Duration::from_secs(5),
+    )
+    .expect("a valid address");
+    let err = health(&channel).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(&server.address) && err.message().contains("alert"),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn an_address_that_is_no_uri_authority_is_refused() {
     let err = DirectChannel::new(
