@@ -474,6 +474,85 @@ mod tests {
         assert!(err.to_string().starts_with("FN_NODE_CERT_KEY:"), "{err}");
     }
 
+    /// Logged lines of `run`, at INFO and above.
+    fn logged(run: impl FnOnce()) -> String {
+        #[derive(Clone)]
+        struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Capture(std::sync::Arc::default());
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // Another test's thread may have cached "never" for a callsite as this
+            // subscriber came in.
+            tracing::callsite::rebuild_interest_cache();
+            run();
+        });
+        let text = captured
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// A node certificate from another CA than its own bundle's (the wrong `ca.pem`
+    /// mounted) is loaded, as before, but said at start: every refusal from a peer would
+    /// otherwise read as the peer's fault.
+    #[test]
+    fn a_certificate_its_own_bundle_does_not_trust_is_warned_of_at_start() {
+        let (good, wrong) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        dev::write_dev_pki(good.path(), &["localhost"]).expect("write pki");
+        dev::write_dev_pki(wrong.path(), &["localhost"]).expect("write pki");
+        let said = logged(|| {
+            args(good.path()).load().expect("loads");
+        });
+        assert!(!said.contains("not valid under"), "{said}");
+        std::fs::copy(wrong.path().join("ca.pem"), good.path().join("ca.pem")).expect("copy");
+        let said = logged(|| {
+            let mode = args(good.path()).load().expect("still loads");
+            assert!(matches!(mode, TlsMode::Mutual(_)));
+        });
+        assert!(
+            said.contains("WARN") && said.contains("not valid under this node's own CA bundle"),
+            "{said}"
+        );
+    }
+
+    /// A certificate that is PEM but no certificate inside is the certificate file's fault,
+    /// not the key's (the key and certificate are compared by parsing the certificate).
+    #[test]
+    fn an_unparsable_certificate_is_blamed_on_the_certificate_not_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        dev::write_dev_pki(dir.path(), &["localhost"]).expect("write pki");
+        std::fs::write(
+            dir.path().join("node.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let err = args(dir.path()).load().expect_err("no certificate inside");
+        assert!(err.to_string().starts_with("FN_NODE_CERT:"), "{err}");
+        assert!(err.to_string().contains("node.pem"), "{err}");
+    }
+
     #[tokio::test]
     async fn accepted_grpc_connections_have_nodelay_set() {
         use tokio_stream::StreamExt as _;

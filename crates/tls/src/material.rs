@@ -137,16 +137,32 @@ impl Material {
         let cas = certificates(&pems.ca)
             .map_err(|reason| origin.invalid("FN_NODE_CERT_AUTHORITY", reason))?;
 
-        let certified = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
-            let reason = match e {
-                rustls::Error::InconsistentKeys(_) => format!(
-                    "does not match the certificate in FN_NODE_CERT ({})",
-                    origin.path("FN_NODE_CERT").display()
-                ),
-                other => format!("unusable private key: {other}"),
-            };
-            origin.invalid("FN_NODE_CERT_KEY", reason)
+        // The key first, on its own: what fails here is the key file's. What fails in the
+        // comparison that follows, but a mismatch, is the certificate's (a certificate the
+        // verifier cannot parse, say), and was blamed on the key.
+        let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
+            origin.invalid("FN_NODE_CERT_KEY", format!("unusable private key: {e}"))
         })?;
+        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        match certified.keys_match() {
+            // A key that cannot tell its public half: nothing to compare (as rustls's own
+            // `CertifiedKey::from_der`).
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(rustls::Error::InconsistentKeys(_)) => {
+                return Err(origin.invalid(
+                    "FN_NODE_CERT_KEY",
+                    format!(
+                        "does not match the certificate in FN_NODE_CERT ({})",
+                        origin.path("FN_NODE_CERT").display()
+                    ),
+                ));
+            }
+            Err(other) => {
+                return Err(
+                    origin.invalid("FN_NODE_CERT", format!("unusable certificate: {other}"))
+                );
+            }
+        }
 
         let ca_not_after = cas
             .iter()
@@ -189,6 +205,23 @@ impl Material {
                 "the node certificate is not valid yet: peers refuse it until then (is this \
                  host's clock, or its issuer's, wrong?)"
             ),
+            Check::Start if not_after > now => {
+                // Loaded all the same (as an expired certificate is, to be replaced while
+                // the daemon runs), but said: peers with this bundle refuse the node, and it
+                // refuses them, and each refusal otherwise read as a fault of the peer.
+                if let Err(e) =
+                    client_verifier.verify_client_cert(end_entity, intermediates, UnixTime::now())
+                {
+                    tracing::warn!(
+                        cert = %origin.path("FN_NODE_CERT").display(),
+                        ca = %origin.path("FN_NODE_CERT_AUTHORITY").display(),
+                        error = %e,
+                        "the node certificate is not valid under this node's own CA bundle: \
+                         peers with the same bundle refuse it (is the right ca.pem mounted, or \
+                         the certificate from another CA?)"
+                    );
+                }
+            }
             Check::Start => {}
             Check::Replacement => {
                 if not_after <= now {
