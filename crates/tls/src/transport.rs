@@ -101,7 +101,8 @@ const ACCEPT_QUEUE: usize = 64;
 /// stay far below it.
 pub const MAX_HANDSHAKING: usize = 256;
 
-/// Most of the [`MAX_HANDSHAKING`] places one peer address may hold, so that one host
+/// Most of the [`MAX_HANDSHAKING`] places one peer host may hold (one IPv4 address, or one
+/// IPv6 /64, which a single host commonly holds whole), so that one host
 /// opening connections and sending nothing cannot lock every other peer out (an lb-agent
 /// reconnecting to a restarted runner, say): a quarter, far above what an honest peer
 /// opens at once.
@@ -321,6 +322,7 @@ impl PerPeer {
 
     /// A place for a connection from `ip`, unless it holds its limit already.
     fn claim(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerPlace> {
+        let ip = peer_host(ip);
         let mut counts = self.lock();
         let held = counts.entry(ip).or_insert(0);
         if *held >= self.limit {
@@ -331,6 +333,19 @@ impl PerPeer {
             per_peer: Arc::clone(self),
             ip,
         })
+    }
+}
+
+/// The address that stands for one host in [`PerPeer`]: an IPv6 address's /64 (one host
+/// commonly holds a whole /64, and could otherwise take a new address for every connection
+/// and the per-peer limit with it), an IPv4-mapped address as its IPv4 address.
+fn peer_host(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
     }
 }
 
@@ -837,6 +852,41 @@ mod tests {
 
     use super::*;
     use crate::dev::DevCa;
+
+    /// One host's addresses share its places: an IPv6 host's whole /64, an IPv4-mapped
+    /// address with its IPv4 address; other hosts keep theirs.
+    #[test]
+    fn one_hosts_addresses_share_its_handshake_places() {
+        let per_peer = Arc::new(PerPeer {
+            limit: 2,
+            counts: std::sync::Mutex::default(),
+        });
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+        let first = per_peer.claim(ip("2001:db8::1")).expect("a place");
+        let second = per_peer.claim(ip("2001:db8::ffff:2")).expect("a place");
+        assert!(
+            per_peer.claim(ip("2001:db8::3")).is_none(),
+            "the /64 is full"
+        );
+        assert!(
+            per_peer.claim(ip("2001:db8:0:1::1")).is_some(),
+            "another /64"
+        );
+        drop(first);
+        assert!(
+            per_peer.claim(ip("2001:db8::4")).is_some(),
+            "a place given back"
+        );
+        drop(second);
+        let v4 = per_peer.claim(ip("10.0.0.7")).expect("a place");
+        let mapped = per_peer.claim(ip("::ffff:10.0.0.7")).expect("a place");
+        assert!(
+            per_peer.claim(ip("10.0.0.7")).is_none(),
+            "mapped is the same host"
+        );
+        assert!(per_peer.claim(ip("10.0.0.8")).is_some(), "another host");
+        drop((v4, mapped));
+    }
 
     /// One end of an in-memory pipe that counts the writes that reached it, each vectored
     /// write as one (as `writev` is one syscall).
