@@ -87,6 +87,9 @@ pub const FDK_VERSION: &str = concat!("fdk-rust/", env!("CARGO_PKG_VERSION"));
 /// `spawn_blocking`, whose threads are not counted here.
 const WORKER_THREADS: usize = 1;
 
+/// How long [`run`], once the calls have ended, waits for blocking work handlers left.
+const BLOCKING_LEFT_BOUND: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs a function: reads the environment, builds a runtime, serves calls until SIGTERM or
 /// SIGINT. Startup errors are printed on stderr and give a failure exit code, so a `main` is
 /// `fn main() -> ExitCode { fn_fdk::run(handler) }`.
@@ -96,15 +99,21 @@ where
     Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
 {
     let result = FnEnv::from_env().and_then(|env| {
-        tokio::runtime::Builder::new_multi_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             .enable_all()
             .build()
-            .map_err(Error::Runtime)?
-            .block_on(async move {
-                let shutdown = termination()?;
-                serve_with(env, handler, shutdown).await
-            })
+            .map_err(Error::Runtime)?;
+        let served = runtime.block_on(async move {
+            let shutdown = termination()?;
+            serve_with(env, handler, shutdown).await
+        });
+        // The calls have ended; blocking work a handler left behind (a `spawn_blocking` it
+        // stopped waiting for at its deadline) is not waited for: dropping the runtime
+        // would wait for it without a bound, with the signal handlers still installed and
+        // so a second signal swallowed.
+        runtime.shutdown_timeout(BLOCKING_LEFT_BOUND);
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

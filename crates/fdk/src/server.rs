@@ -159,7 +159,7 @@ async fn serve_connection<F, Fut>(
 {
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(dispatch(&shared, request).await) }
+        async move { Ok::<_, Infallible>(dispatch(shared, request).await) }
     });
     let connection = http1::Builder::new()
         .max_headers(MAX_REQUEST_HEADERS)
@@ -183,7 +183,7 @@ async fn serve_connection<F, Fut>(
 }
 
 async fn dispatch<F, Fut>(
-    shared: &Shared<F>,
+    shared: Arc<Shared<F>>,
     request: Request<Incoming>,
 ) -> http::Response<ResponseBody>
 where
@@ -209,10 +209,13 @@ where
     let (parts, body) = request.into_parts();
     let context = Context::from_fn_headers(Arc::clone(&shared.env), &parts.headers);
     let call_id = context.call_id().to_owned();
-    let call = AbortOnDrop(tokio::spawn((shared.handler)(
-        context,
-        Body::incoming(body),
-    )));
+    // The handler is called inside the task: a panic in its synchronous part (before the
+    // future it returns) is then the task's too, and answered 502 like one in the future,
+    // rather than unwinding through the connection and breaking it.
+    let body = Body::incoming(body);
+    let call = AbortOnDrop(tokio::spawn(async move {
+        (shared.handler)(context, body).await
+    }));
     match call.await {
         Ok(Ok(response)) => to_wire(response),
         Ok(Err(err)) => {

@@ -410,6 +410,48 @@ async fn a_body_the_handler_leaves_unread_is_read_and_the_connection_serves_the_
     }
 }
 
+/// A handler that panics when it is called, before it returns its future (an `unwrap` of
+/// a missing config value, say), answers 502 like one whose future panics, and the
+/// connection serves the next call: it broke the connection, and the runner saw the call
+/// fail with no answer, then retired the instance.
+#[tokio::test]
+async fn a_handler_that_panics_before_its_future_answers_502_and_serving_goes_on() {
+    let running = start(
+        |ctx: Context, _body: Body| {
+            assert!(
+                ctx.call_id() != "panic-now",
+                "handler panicked on purpose, before its future"
+            );
+            async move { Ok(Response::new("fine")) }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let mut request = call(Full::new(Bytes::from_static(b"x")));
+    request
+        .headers_mut()
+        .insert("fn-call-id", http::HeaderValue::from_static("panic-now"));
+    let response = client
+        .send_request(request)
+        .await
+        .expect("a response, not a broken connection");
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        text(response).await,
+        "function failed: the handler panicked\n"
+    );
+    tokio::time::timeout(PATIENCE, client.ready())
+        .await
+        .expect("in time")
+        .expect("the same connection still serves");
+    let response = client
+        .send_request(call(Full::new(Bytes::from_static(b"ok"))))
+        .await
+        .expect("the same connection still serves");
+    assert_eq!(text(response).await, "fine");
+}
+
 #[tokio::test]
 async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
     let running = start(
