@@ -2,7 +2,7 @@
 //! (`fn_tls_certificate_expiry_seconds`, negative once it has expired) and on the CA
 //! bundle's first certificate to expire (`fn_tls_ca_expiry_seconds`) on every daemon's
 //! `/metrics`, and a warning in the log once a day from [`WARN_BEFORE`] before the node
-//! certificate's end, or a CA's when that comes first.
+//! certificate's end.
 //!
 //! Alert on the gauge, e.g. `fn_tls_certificate_expiry_seconds < 7 * 86400`: a daemon whose
 //! certificate expires stops talking to the cluster.
@@ -108,41 +108,6 @@ fn should_warn(end: SystemTime, now: SystemTime, warned: Option<SystemTime>) -> 
     near && warned.is_none_or(|at| now.duration_since(at).map_or(true, |gap| gap >= WARN_EVERY))
 }
 
-/// What [`CertExpiry`] warns of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Due {
-    NodeSoon,
-    NodeExpired,
-    CaSoon,
-    CaExpired,
-}
-
-/// The warning due at `now`, with the end it is about: of the node's certificate ending at
-/// `node_end` or the bundle's CA ending at `ca_end`, whichever ends first.
-fn due(
-    node_end: SystemTime,
-    ca_end: SystemTime,
-    now: SystemTime,
-    warned: Option<SystemTime>,
-) -> Option<(Due, SystemTime)> {
-    let (end, of_the_ca) = if ca_end < node_end {
-        (ca_end, true)
-    } else {
-        (node_end, false)
-    };
-    if !should_warn(end, now, warned) {
-        return None;
-    }
-    let expired = end <= now;
-    let due = match (of_the_ca, expired) {
-        (true, true) => Due::CaExpired,
-        (true, false) => Due::CaSoon,
-        (false, true) => Due::NodeExpired,
-        (false, false) => Due::NodeSoon,
-    };
-    Some((due, end))
-}
-
 /// The expiry gauge and warnings of one daemon's certificate. It reads the certificate in
 /// use each time, so after a reload it follows the new one; the gauge is computed when it
 /// is scraped, so it is exact to the second.
@@ -195,32 +160,21 @@ impl CertExpiry {
         self.tls.not_after()
     }
 
-    /// Warns when due, of whichever ends first: this node's certificate, or a CA of the
-    /// bundle (after which no peer's certificate it signed verifies, usually this node's
-    /// own too).
+    /// Warns when due.
     pub(crate) fn check(&self, now: SystemTime) {
+        let end = self.end();
+        let left = seconds_left(end, now);
         let mut warned = self
             .warned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some((due, end)) = due(self.end(), self.tls.ca_not_after(), now, *warned) else {
-            return;
-        };
-        *warned = Some(now);
-        let days_left = (seconds_left(end, now).max(0.0) / 86_400.0) as u64;
-        let end = humantime::format_rfc3339_seconds(end);
-        match due {
-            Due::CaExpired => {
-                tracing::error!(%end, "a CA of FN_NODE_CERT_AUTHORITY has expired: certificates it signed are refused by every peer; replace it and the certificates it signed")
-            }
-            Due::CaSoon => {
-                tracing::warn!(%end, days_left, "a CA of FN_NODE_CERT_AUTHORITY expires soon, and with it every certificate it signed: roll it over (fn-certs --ca-rollover begin, switch, finish)")
-            }
-            Due::NodeExpired => {
-                tracing::error!(%end, "this node's certificate (FN_NODE_CERT) has expired: peers refuse it; replace it")
-            }
-            Due::NodeSoon => {
-                tracing::warn!(%end, days_left, "this node's certificate (FN_NODE_CERT) expires soon; replace it")
+        if should_warn(end, now, *warned) {
+            *warned = Some(now);
+            let end = humantime::format_rfc3339_seconds(end);
+            if left < 0.0 {
+                tracing::error!(%end, "this node's certificate (FN_NODE_CERT) has expired: peers refuse it; replace it");
+            } else {
+                tracing::warn!(%end, days_left = (left / 86_400.0) as u64, "this node's certificate (FN_NODE_CERT) expires soon; replace it");
             }
         }
     }
@@ -299,26 +253,6 @@ mod tests {
             .expect("a number");
         assert!((ca_left - 3650.0 * 86_400.0).abs() < 120.0, "{ca_left}");
         assert!(seconds_left(expiry.end(), expiry.end() + DAY) + 86_400.0 < 1.0);
-    }
-
-    /// A CA that ends before the node's certificate is what is warned of: after it, peers
-    /// refuse what it signed however long that lasts.
-    #[test]
-    fn the_warning_is_of_whichever_ends_first_the_node_certificate_or_a_ca() {
-        let now = SystemTime::now();
-        let (near, far) = (now + 3 * DAY, now + 300 * DAY);
-        assert_eq!(due(far, near, now, None), Some((Due::CaSoon, near)));
-        assert_eq!(due(near, far, now, None), Some((Due::NodeSoon, near)));
-        assert_eq!(
-            due(far, now - DAY, now, None),
-            Some((Due::CaExpired, now - DAY))
-        );
-        assert_eq!(
-            due(now - DAY, far, now, None),
-            Some((Due::NodeExpired, now - DAY))
-        );
-        assert_eq!(due(far, far, now, None), None, "both far off");
-        assert_eq!(due(far, near, now, Some(now)), None, "once a day");
     }
 
     #[test]
