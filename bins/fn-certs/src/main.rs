@@ -81,15 +81,6 @@ fn missing_names(node: &std::path::Path, wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Warns of a CA in the bundle the daemons trust that ends within a year: node certificates
-/// from it end with it (they are cut short to its end), so every node stops at once unless a
-/// rollover comes first. Run at every stack start (`--keep`), so the warning comes early.
-fn warn_of_the_ca_end(dirs: Dirs<'_>) {
-    for line in fn_tls::dev::ca_ends_within(dirs.nodes, fn_tls::dev::CA_WARN_WITHIN) {
-        eprintln!("fn-certs: warning: {line}");
-    }
-}
-
 /// Before a new CA is made: `Ok(Some(what was done))` when `--keep` kept the files there,
 /// `Err(why not, and what to do)` when they must not be replaced, `Ok(None)` to make it. An
 /// operator's own `ca.pem` and node files count as much as a CA of ours: replacing them cuts
@@ -224,7 +215,6 @@ fn main() -> ExitCode {
             Ok(None) => {}
             Ok(Some(said)) => {
                 println!("{said}");
-                warn_of_the_ca_end(dirs);
                 return ExitCode::SUCCESS;
             }
             Err(said) => {
@@ -267,7 +257,6 @@ fn main() -> ExitCode {
     match done {
         Ok(said) => {
             println!("{said}");
-            warn_of_the_ca_end(dirs);
             ExitCode::SUCCESS
         }
         Err(e) => {

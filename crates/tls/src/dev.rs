@@ -24,8 +24,7 @@ pub const DEFAULT_SANS: &[&str] = &["localhost", "127.0.0.1", "::1"];
 /// A name for a node certificate, as an operator types it, in the form the certificate
 /// carries: surrounding blanks trimmed (`FN_CERTS_SANS="fn-node, npm"`), an IP address in
 /// its canonical form (`2001:db8::1` for `2001:0db8::1`, as it reads back from a
-/// certificate; `10.0.0.7` for the IPv4-mapped `::ffff:10.0.0.7`, since a peer dialling the
-/// address matches its four bytes, not the mapped sixteen), a DNS name in lower case without its trailing dot (webpki ignores a name
+/// certificate), a DNS name in lower case without its trailing dot (webpki ignores a name
 /// with one). A name no client could dial is refused here, once, rather than written into a
 /// certificate every peer then quietly fails to match.
 ///
@@ -39,7 +38,7 @@ pub fn parse_san(input: &str) -> Result<String, String> {
         ));
     }
     if let Ok(ip) = name.parse::<IpAddr>() {
-        return Ok(ip.to_canonical().to_string());
+        return Ok(ip.to_string());
     }
     // A wildcard stands for one label of the name after it, which must be a name itself.
     let (wildcard, dns) = match name.strip_prefix("*.") {
@@ -58,11 +57,10 @@ pub fn parse_san(input: &str) -> Result<String, String> {
 }
 
 /// Whether two names from [`parse_san`] or a certificate are the same name: addresses as
-/// addresses (`::1` is `0:0::1`, `::ffff:10.0.0.7` is `10.0.0.7`), DNS names without regard
-/// to case.
+/// addresses (`::1` is `0:0::1`), DNS names without regard to case.
 pub fn same_name(a: &str, b: &str) -> bool {
     match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
-        (Ok(a), Ok(b)) => a.to_canonical() == b.to_canonical(),
+        (Ok(a), Ok(b)) => a == b,
         (Err(_), Err(_)) => a
             .trim_end_matches('.')
             .eq_ignore_ascii_case(b.trim_end_matches('.')),
@@ -86,9 +84,6 @@ fn parse_sans(sans: &[&str]) -> Result<Vec<String>, DevPkiError> {
 pub struct DevCa {
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
-    /// When the CA's own certificate ends (`None` when it could not be read): no node
-    /// certificate it signs is made to outlive it, since no peer verifies one after that.
-    ends: Option<OffsetDateTime>,
 }
 
 impl std::fmt::Debug for DevCa {
@@ -116,14 +111,6 @@ impl DevCa {
     /// # Errors
     /// When key generation or signing fails.
     pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
-        Self::expiring_in(common_name, 3650)
-    }
-
-    /// A new CA, valid from yesterday for `days` days (for tests of a CA near its end).
-    ///
-    /// # Errors
-    /// When key generation or signing fails.
-    pub fn expiring_in(common_name: &str, days: i64) -> Result<Self, rcgen::Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -132,14 +119,12 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(days);
+        params.not_after = now + Duration::days(3650);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
-        let ends = Some(params.not_after);
         Ok(DevCa {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
-            ends,
         })
     }
 
@@ -150,13 +135,9 @@ impl DevCa {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, rcgen::Error> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        let ends = crate::expiry::not_after(cert_pem.as_bytes())
-            .ok()
-            .map(OffsetDateTime::from);
         Ok(DevCa {
             cert_pem: cert_pem.to_owned(),
             issuer,
-            ends,
         })
     }
 
@@ -170,16 +151,13 @@ impl DevCa {
         self.issuer.key().serialize_pem()
     }
 
-    /// A node certificate for `sans` plus [`DEFAULT_SANS`], valid for a year, or until the
-    /// CA's own end when that comes sooner ([`ca_ends_within`] warns of it).
+    /// A node certificate for `sans` plus [`DEFAULT_SANS`], valid for a year.
     ///
     /// # Errors
     /// When key generation or signing fails.
     pub fn node(&self, sans: &[&str]) -> Result<NodeCert, rcgen::Error> {
         let now = OffsetDateTime::now_utc();
-        let year = now + Duration::days(365);
-        let end = self.ends.map_or(year, |ends| year.min(ends));
-        self.node_valid(sans, now - Duration::days(1), end)
+        self.node_valid(sans, now - Duration::days(1), now + Duration::days(365))
     }
 
     /// A node certificate that expires `days` days from now (for expiry tests).
@@ -283,7 +261,7 @@ impl DevCa {
         params.subject_alt_names = names
             .into_iter()
             .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip.to_canonical())),
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => n.to_owned().try_into().map(SanType::DnsName),
             })
             .collect::<Result<_, _>>()?;
@@ -706,43 +684,6 @@ pub fn kept_needs_renewal(dir: &Path) -> Result<Option<Renewal>, DevPkiError> {
     }))
 }
 
-/// How long before a CA's end `fn-certs` warns of it: a node certificate lasts a year, so
-/// one signed within the CA's last year ends with the CA, and every node stops at once.
-pub const CA_WARN_WITHIN: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
-
-/// A line for each CA certificate in `ca.pem` in `dir` that ends within `within` (or has
-/// ended): no peer verifies a node certificate under it after that, however long the node
-/// certificate itself lasts. Empty when the bundle cannot be read (its own checks say why).
-pub fn ca_ends_within(dir: &Path, within: std::time::Duration) -> Vec<String> {
-    let bundle = dir.join(files::BUNDLE);
-    let Ok(pem) = std::fs::read(&bundle) else {
-        return Vec::new();
-    };
-    let now = std::time::SystemTime::now();
-    CertificateDer::pem_slice_iter(&pem)
-        .filter_map(Result::ok)
-        .filter_map(|der| crate::expiry::Validity::of(&der).ok())
-        .filter_map(|validity| {
-            let end = humantime::format_rfc3339_seconds(validity.not_after);
-            match validity.not_after.duration_since(now) {
-                Err(_) => Some(format!(
-                    "{}: a CA in it ended at {end}: no peer verifies the node certificates it \
-                     signed; make a new CA (fn-certs --force) and give every daemon its ca.pem",
-                    bundle.display()
-                )),
-                Ok(left) if left < within => Some(format!(
-                    "{}: a CA in it ends at {end}, in {} days, and every node certificate it \
-                     signed stops with it: run `fn-certs --ca-rollover begin` (then switch and \
-                     finish) before then, or finish the rollover under way",
-                    bundle.display(),
-                    left.as_secs() / (24 * 3600)
-                )),
-                Ok(_) => None,
-            }
-        })
-        .collect()
-}
-
 /// Why a kept node certificate should be renewed ([`kept_needs_renewal`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Renewal {
@@ -875,7 +816,6 @@ mod tests {
             ("Fn-Node.", "fn-node"),
             ("2001:0db8::1", "2001:db8::1"),
             (" 10.0.0.7 ", "10.0.0.7"),
-            ("::ffff:10.0.0.7", "10.0.0.7"),
             ("*.fn.internal", "*.fn.internal"),
         ] {
             assert_eq!(parse_san(input).as_deref(), Ok(want), "{input:?}");
@@ -890,22 +830,6 @@ mod tests {
         assert!(same_name("2001:db8::1", "2001:0db8:0::1"));
         assert!(same_name("fn-node", "FN-NODE."));
         assert!(!same_name("::1", "localhost"));
-        assert!(same_name("::ffff:10.0.0.7", "10.0.0.7"));
-        assert!(!same_name("::ffff:10.0.0.7", "10.0.0.8"));
-    }
-
-    /// A peer dialling 10.0.0.9 matches the certificate's four-byte address; an
-    /// IPv4-mapped one (sixteen bytes) would not match it.
-    #[test]
-    fn an_ipv4_mapped_address_is_written_as_its_ipv4_address() {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let ca = DevCa::new("mapped test CA").expect("ca");
-        let node = ca.node(&["::ffff:10.0.0.9"]).expect("node");
-        let der = CertificateDer::from_pem_slice(node.cert_pem.as_bytes()).expect("pem");
-        let names = crate::expiry::Validity::of(&der).expect("parses").names;
-        assert!(names.iter().any(|n| n == "10.0.0.9"), "{names:?}");
-        assert!(!names.iter().any(|n| n.contains("ffff")), "{names:?}");
     }
 
     /// The files of a PKI directory, by name.
