@@ -134,8 +134,9 @@ impl Collector for ExpiryCollector {
         let ca = ConstGauge::new(seconds_left(self.0.ca_not_after(), now));
         ca.encode(encoder.encode_descriptor(
             "fn_tls_ca_expiry",
-            "Time left until the first CA certificate of FN_NODE_CERT_AUTHORITY expires (no \
-             peer verifies under it after that); negative once it has",
+            "Time left until the first CA certificate of FN_NODE_CERT_AUTHORITY expires; \
+             negative once it has (the daemons, on rustls, ignore a CA's dates; other TLS \
+             clients may check them)",
             Some(&Unit::Seconds),
             ca.metric_type(),
         )?)
