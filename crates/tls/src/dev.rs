@@ -258,13 +258,23 @@ impl DevCa {
                 names.push(san);
             }
         }
-        params.subject_alt_names = names
-            .into_iter()
-            .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n.to_owned().try_into().map(SanType::DnsName),
-            })
-            .collect::<Result<_, _>>()?;
+        let mut sans: Vec<SanType> = Vec::with_capacity(names.len() + 1);
+        for name in names {
+            match name.parse::<IpAddr>() {
+                Ok(ip) => {
+                    // An IPv4-mapped address (`::ffff:10.0.0.7`) goes in both forms: a peer
+                    // matches the address it dials byte for byte, and one dials the node's
+                    // IPv4 address as four bytes.
+                    for ip in [ip, ip.to_canonical()] {
+                        if !sans.contains(&SanType::IpAddress(ip)) {
+                            sans.push(SanType::IpAddress(ip));
+                        }
+                    }
+                }
+                Err(_) => sans.push(SanType::DnsName(name.to_owned().try_into()?)),
+            }
+        }
+        params.subject_alt_names = sans;
         params.extended_key_usages = usages;
         // Signing only: the key is ECDSA P-256, which signs handshakes and encrypts nothing,
         // and RFC 8813 forbids keyEncipherment on such a key (strict verifiers refuse it).
@@ -830,6 +840,23 @@ mod tests {
         assert!(same_name("2001:db8::1", "2001:0db8:0::1"));
         assert!(same_name("fn-node", "FN-NODE."));
         assert!(!same_name("::1", "localhost"));
+        // A peer matches addresses byte for byte: the mapped form is another name.
+        assert!(!same_name("::ffff:10.0.0.7", "10.0.0.7"));
+    }
+
+    /// A node asked for an IPv4-mapped address is valid for it and for the IPv4 address
+    /// (four bytes), which a peer dialling the node's IPv4 address matches.
+    #[test]
+    fn an_ipv4_mapped_address_is_written_in_both_forms() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let ca = DevCa::new("mapped test CA").expect("ca");
+        let node = ca.node(&["::ffff:10.0.0.9"]).expect("node");
+        let der = CertificateDer::from_pem_slice(node.cert_pem.as_bytes()).expect("pem");
+        let names = crate::expiry::Validity::of(&der).expect("parses").names;
+        for want in ["10.0.0.9", "::ffff:10.0.0.9"] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
     }
 
     /// The files of a PKI directory, by name.
