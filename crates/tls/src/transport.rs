@@ -101,8 +101,7 @@ const ACCEPT_QUEUE: usize = 64;
 /// stay far below it.
 pub const MAX_HANDSHAKING: usize = 256;
 
-/// Most of the [`MAX_HANDSHAKING`] places one peer host may hold (one IPv4 address, or one
-/// IPv6 /64, which a single host commonly holds whole), so that one host
+/// Most of the [`MAX_HANDSHAKING`] places one peer address may hold, so that one host
 /// opening connections and sending nothing cannot lock every other peer out (an lb-agent
 /// reconnecting to a restarted runner, say): a quarter, far above what an honest peer
 /// opens at once.
@@ -336,17 +335,12 @@ impl PerPeer {
     }
 }
 
-/// The address that stands for one host in [`PerPeer`]: an IPv6 address's /64 (one host
-/// commonly holds a whole /64, and could otherwise take a new address for every connection
-/// and the per-peer limit with it), an IPv4-mapped address as its IPv4 address.
+/// The address that stands for one peer in [`PerPeer`]: an IPv4-mapped address as its IPv4
+/// address. An IPv6 address stands for itself, not its /64: a container network or a
+/// Kubernetes node gives all its hosts one /64, so counting per /64 would put every LB of a
+/// node under one limit.
 fn peer_host(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
-        }
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// One connection's place among its address's; given back when dropped.
@@ -853,39 +847,28 @@ mod tests {
     use super::*;
     use crate::dev::DevCa;
 
-    /// One host's addresses share its places: an IPv6 host's whole /64, an IPv4-mapped
-    /// address with its IPv4 address; other hosts keep theirs.
+    /// An address's places are its own, an IPv4-mapped address's those of its IPv4 address.
     #[test]
-    fn one_hosts_addresses_share_its_handshake_places() {
+    fn an_addresss_handshake_places_are_its_own_and_mapped_is_ipv4() {
         let per_peer = Arc::new(PerPeer {
             limit: 2,
             counts: std::sync::Mutex::default(),
         });
         let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
-        let first = per_peer.claim(ip("2001:db8::1")).expect("a place");
-        let second = per_peer.claim(ip("2001:db8::ffff:2")).expect("a place");
-        assert!(
-            per_peer.claim(ip("2001:db8::3")).is_none(),
-            "the /64 is full"
-        );
-        assert!(
-            per_peer.claim(ip("2001:db8:0:1::1")).is_some(),
-            "another /64"
-        );
-        drop(first);
-        assert!(
-            per_peer.claim(ip("2001:db8::4")).is_some(),
-            "a place given back"
-        );
-        drop(second);
         let v4 = per_peer.claim(ip("10.0.0.7")).expect("a place");
         let mapped = per_peer.claim(ip("::ffff:10.0.0.7")).expect("a place");
         assert!(
             per_peer.claim(ip("10.0.0.7")).is_none(),
-            "mapped is the same host"
+            "mapped is the same peer"
         );
-        assert!(per_peer.claim(ip("10.0.0.8")).is_some(), "another host");
-        drop((v4, mapped));
+        assert!(per_peer.claim(ip("10.0.0.8")).is_some(), "another peer");
+        assert!(per_peer.claim(ip("2001:db8::1")).is_some(), "an IPv6 peer");
+        drop(v4);
+        assert!(
+            per_peer.claim(ip("10.0.0.7")).is_some(),
+            "a place given back"
+        );
+        drop(mapped);
     }
 
     /// One end of an in-memory pipe that counts the writes that reached it, each vectored
