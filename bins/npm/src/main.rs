@@ -76,7 +76,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     }
     let control_plane = cli
         .control_plane
-        .build(&cli.tls, &tls, runner_env)
+        .build(&cli.tls, &tls, runner_env, cli.common.shutdown_timeout)
         .await
         .unwrap_or_else(|e| exit_config_error(e));
 

@@ -263,7 +263,9 @@ impl ControlPlaneArgs {
     }
 
     /// Builds the control plane. `tls_args` are the npm's own TLS options (runners get the
-    /// same files); `runner_env` is passed to every runner (log level and format).
+    /// same files); `runner_env` is passed to every runner (log level and format);
+    /// `shutdown_bound` is the npm's own `FN_SHUTDOWN_TIMEOUT`, within which its runners are
+    /// stopped when it stops.
     ///
     /// # Errors
     /// [`ConfigError`] when the control plane cannot be set up (missing runner binary,
@@ -273,7 +275,9 @@ impl ControlPlaneArgs {
         tls_args: &TlsArgs,
         tls: &TlsMode,
         runner_env: Vec<(String, String)>,
+        shutdown_bound: std::time::Duration,
     ) -> Result<Arc<dyn ControlPlane>, ConfigError> {
+        let stop_grace = crate::control_plane::shutdown_stop_grace(shutdown_bound);
         self.validate()?;
         let error = |e: &dyn std::fmt::Display| ConfigError(e.to_string());
         Ok(match self.control_plane {
@@ -298,6 +302,7 @@ impl ControlPlaneArgs {
                 config.runner_memory_mb = self.runner_memory_mb;
                 config.tls_env = tls_env(tls_args);
                 config.extra_env = runner_env;
+                config.stop_grace = stop_grace;
                 Arc::new(
                     ProcessControlPlane::new(config)
                         .await
@@ -334,6 +339,7 @@ impl ControlPlaneArgs {
                         .collect(),
                 });
                 config.extra_env.extend(runner_env);
+                config.shutdown_grace = stop_grace;
                 Arc::new(
                     DockerControlPlane::connect(config)
                         .await

@@ -76,10 +76,6 @@ pub const LABEL_PORT: &str = "fn.dataplane.port";
 
 /// gRPC port of runner containers (each has its own address, so one port fits all).
 pub const RUNNER_PORT: u16 = 9190;
-/// How long a runner may drain when the npm itself shuts down: inside the npm's own
-/// shutdown bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default), with time left to remove the
-/// containers and what they left.
-const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
 /// Most processes and threads of one runner container, its functions' included: inside a
 /// container the runner cannot limit each function's (the cgroup file system is read-only
 /// there), so this bounds them together, and no fork bomb takes the host's pids.
@@ -604,7 +600,7 @@ impl ControlPlane for DockerControlPlane {
                 return;
             }
             let removals = containers.iter().map(|c| async move {
-                let grace = self.config.stop_grace.min(SHUTDOWN_STOP_GRACE);
+                let grace = self.config.stop_grace.min(self.config.shutdown_grace);
                 match self.engine.remove(&c.name, grace).await {
                     Ok(()) => self.remove_function_containers(&c.name).await,
                     Err(e) => {

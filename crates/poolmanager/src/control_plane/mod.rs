@@ -9,6 +9,26 @@
 //! - [`docker`]: runner containers on one Docker engine, or (`FN_CONTROL_PLANE=swarm`) one
 //!   swarm service per runner across a swarm's nodes.
 
+use std::time::Duration;
+
+/// How long a runner may drain at the npm's own shutdown before it is killed, at most: the
+/// rest of the npm's bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default) removes what the
+/// runners leave.
+pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// What of the npm's shutdown bound a control plane keeps for itself after its runners'
+/// stop grace (removing records, containers, directories).
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// The runners' stop grace at the npm's shutdown for an npm whose own bound is
+/// `npm_bound`: [`SHUTDOWN_STOP_GRACE`], or less when the bound leaves less (at least a
+/// second), so that the npm's shutdown ends within its bound.
+pub fn shutdown_stop_grace(npm_bound: Duration) -> Duration {
+    SHUTDOWN_STOP_GRACE
+        .min(npm_bound.saturating_sub(SHUTDOWN_MARGIN))
+        .max(Duration::from_secs(1))
+}
+
 pub mod docker;
 pub mod process;
 pub mod static_list;

@@ -27,23 +27,9 @@ use tokio::process::{Child, Command};
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
-/// How long a runner may drain when the npm itself shuts down before it is killed: inside
-/// the npm's own shutdown bound (`FN_SHUTDOWN_TIMEOUT`, 30 s by default), with time left to
-/// remove what the runners leave (as the docker control plane does).
-pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
-
-/// Each runner's `FN_SHUTDOWN_TIMEOUT`: its drain, then the clean-up of its instances (at
-/// most 5 s: memory cgroups, socket directories) and a second's margin end inside
-/// [`SHUTDOWN_STOP_GRACE`]. With a runner's own default (30 s) the npm killed it mid-drain,
-/// so its calls failed without a word and its instances' cgroups were left behind. A
-/// runner the npm removes has drained first (its calls ended), so this does not shorten a
-/// scale-down.
-pub const RUNNER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(14);
-
-const _: () = assert!(
-    RUNNER_SHUTDOWN_TIMEOUT.as_secs() + 5 < SHUTDOWN_STOP_GRACE.as_secs(),
-    "a runner's drain and clean-up must end before the npm kills it"
-);
+/// What a runner needs after its drain, before the npm's stop grace runs out: the clean-up
+/// of its instances (at most 5 s: memory cgroups, socket directories) and a second.
+const RUNNER_CLEANUP: Duration = Duration::from_secs(6);
 
 /// Settings of the process control plane.
 #[derive(Debug, Clone)]
@@ -66,6 +52,22 @@ pub struct ProcessConfig {
     pub start_timeout: Duration,
     /// Further environment for runners (log level and format, ...).
     pub extra_env: Vec<(String, String)>,
+    /// How long a runner may drain at the npm's shutdown before it is killed
+    /// ([`super::shutdown_stop_grace`] of the npm's own bound).
+    pub stop_grace: Duration,
+}
+
+impl ProcessConfig {
+    /// Each runner's `FN_SHUTDOWN_TIMEOUT`: its drain, then the clean-up of its instances,
+    /// end inside [`ProcessConfig::stop_grace`]. With a runner's own default (30 s) the npm
+    /// killed it mid-drain, so its calls failed without a word and its instances' cgroups
+    /// were left behind. A runner the npm removes has drained first (its calls ended), so
+    /// this does not shorten a scale-down.
+    pub fn runner_shutdown_timeout(&self) -> Duration {
+        self.stop_grace
+            .saturating_sub(RUNNER_CLEANUP)
+            .max(Duration::from_secs(1))
+    }
 }
 
 impl ProcessConfig {
@@ -86,6 +88,7 @@ impl ProcessConfig {
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             start_timeout: Duration::from_secs(15),
             extra_env: Vec::new(),
+            stop_grace: super::SHUTDOWN_STOP_GRACE,
         }
     }
 }
@@ -239,7 +242,7 @@ impl ProcessControlPlane {
             .env("FN_SOCKET_DIR", sock_dir)
             .env(
                 "FN_SHUTDOWN_TIMEOUT",
-                format!("{}s", RUNNER_SHUTDOWN_TIMEOUT.as_secs()),
+                format!("{}s", self.config.runner_shutdown_timeout().as_secs()),
             )
             .envs(self.config.tls_env.iter().map(|(k, v)| (k, v)))
             .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)));
@@ -465,7 +468,7 @@ impl ControlPlane for ProcessControlPlane {
             // whose removal was, are stopped like the ready ones.
             let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
             let stops = all.into_iter().map(|mut s| async move {
-                stop(s.pid, &s.info.id, s.child.as_mut(), SHUTDOWN_STOP_GRACE).await;
+                stop(s.pid, &s.info.id, s.child.as_mut(), self.config.stop_grace).await;
                 remove_quietly(&self.record_path(&s.info.id));
                 remove_quietly(&self.log_path(&s.info.id));
                 // Waited for: the npm exits next, and would leave the rest behind.
@@ -588,32 +591,41 @@ mod tests {
     use super::*;
 
     /// A runner is told to finish its drain and its clean-up before the npm's shutdown
-    /// kills it, beside what the npm passes on (its log settings).
+    /// kills it, beside what the npm passes on (its log settings), for the default bound
+    /// and for a short one.
     #[tokio::test]
     async fn a_runner_is_told_a_drain_that_ends_before_the_npm_kills_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = dir.path().join("pure-runner");
         std::fs::write(&binary, "").expect("write");
-        let mut config = ProcessConfig::new(
-            binary,
-            dir.path().to_owned(),
-            dir.path().join("state"),
-            TlsMode::Insecure,
-        );
-        config.extra_env = vec![("FN_LOG_LEVEL".into(), "debug".into())];
-        let plane = ProcessControlPlane::new(config).await.expect("plane");
-        let command = plane.runner_command(4000, Path::new("/run/fn-r-1"));
-        let env: std::collections::HashMap<String, String> = command
-            .as_std()
-            .get_envs()
-            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
-            .collect();
-        let told = fn_lifecycle::config::parse_duration(&env["FN_SHUTDOWN_TIMEOUT"])
-            .expect("a duration the runner reads");
-        assert_eq!(told, RUNNER_SHUTDOWN_TIMEOUT);
-        assert!(told + Duration::from_secs(5) < SHUTDOWN_STOP_GRACE);
-        assert_eq!(env["FN_LOG_LEVEL"], "debug");
-        assert_eq!(env["FN_SOCKET_DIR"], "/run/fn-r-1");
+        for npm_bound in [Duration::from_secs(30), Duration::from_secs(15)] {
+            let mut config = ProcessConfig::new(
+                binary.clone(),
+                dir.path().to_owned(),
+                dir.path().join("state"),
+                TlsMode::Insecure,
+            );
+            config.extra_env = vec![("FN_LOG_LEVEL".into(), "debug".into())];
+            config.stop_grace = super::super::shutdown_stop_grace(npm_bound);
+            let grace = config.stop_grace;
+            assert!(grace < npm_bound, "{grace:?} for {npm_bound:?}");
+            let plane = ProcessControlPlane::new(config).await.expect("plane");
+            let command = plane.runner_command(4000, Path::new("/run/fn-r-1"));
+            let env: std::collections::HashMap<String, String> = command
+                .as_std()
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+                .collect();
+            let told = fn_lifecycle::config::parse_duration(&env["FN_SHUTDOWN_TIMEOUT"])
+                .expect("a duration the runner reads");
+            // The runner's own bound on its instances' clean-up is 5 s.
+            assert!(
+                told + Duration::from_secs(5) < grace,
+                "{told:?} for a grace of {grace:?}"
+            );
+            assert_eq!(env["FN_LOG_LEVEL"], "debug");
+            assert_eq!(env["FN_SOCKET_DIR"], "/run/fn-r-1");
+        }
     }
 
     #[test]

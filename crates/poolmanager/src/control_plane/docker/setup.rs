@@ -124,6 +124,9 @@ pub struct DockerConfig {
     /// (`FN_SHUTDOWN_TIMEOUT`, 30 s) and the clean-up of its instances (up to 5 s), with a
     /// margin. A runner killed sooner leaves its function containers to the npm's sweep.
     pub stop_grace: Duration,
+    /// How long a runner may drain at the npm's own shutdown before it is removed
+    /// ([`super::super::shutdown_stop_grace`] of the npm's bound).
+    pub shutdown_grace: Duration,
 }
 
 impl DockerConfig {
@@ -163,6 +166,7 @@ impl DockerConfig {
             swarm: None,
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(40),
+            shutdown_grace: super::super::SHUTDOWN_STOP_GRACE,
         }
     }
 }
