@@ -157,7 +157,14 @@ async fn serve_connection<F, Fut>(
     F: Fn(Context, Body) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
 {
+    // Whether a request came on the connection: one whose first request never arrived
+    // whole (a head begun and not finished) is closed at a stop rather than waited for;
+    // hyper closes a connection at a graceful shutdown only between requests, and the FDK
+    // sets no header timer, so it waited for that head for ever.
+    let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let marks = Arc::clone(&used);
     let service = service_fn(move |request| {
+        marks.store(true, std::sync::atomic::Ordering::Relaxed);
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(dispatch(shared, request).await) }
     });
@@ -173,6 +180,9 @@ async fn serve_connection<F, Fut>(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = stopping => {
+            if !used.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             connection.as_mut().graceful_shutdown();
             connection.await
         }

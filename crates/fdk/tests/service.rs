@@ -502,6 +502,33 @@ async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
     }
 }
 
+/// A connection whose first request head never ends does not hold up a stop: hyper waits
+/// for the rest of the head for ever (the FDK sets no header timer), and a graceful
+/// shutdown closes a connection only between requests.
+#[tokio::test]
+async fn a_connection_that_never_sent_a_whole_request_does_not_hold_up_the_stop() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move { Ok(Response::new("")) },
+        |_| {},
+    )
+    .await;
+    let mut silent = tokio::net::UnixStream::connect(&running.link)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut silent, b"POST /call HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("a head begun");
+    // Served by now: the connection's task is waiting for the rest of the head.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.stop.send(()).expect("server running");
+    tokio::time::timeout(PATIENCE, running.server)
+        .await
+        .expect("shutdown in time, a half-sent head does not hold it up")
+        .expect("server task")
+        .expect("clean shutdown");
+    drop(silent);
+}
+
 #[tokio::test]
 async fn the_socket_replaces_stale_files_is_world_writable_and_goes_away_on_shutdown() {
     let running = start(
