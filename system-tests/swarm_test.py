@@ -218,6 +218,22 @@ def scenario(lbs):
     check(not [s for s in after if s not in before],
           f"the restarted npm provisioned nothing new: {before} -> {after}")
 
+    # An update of the npm's service (a rolling restart: its task stopped gracefully, a new
+    # one started) leaves the runner services to the new task, which adopts them.
+    kept = runner_services()
+    check(kept != [], f"runner services before the npm's update: {kept}")
+    old_npm = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_npm"]).split()
+    run(["docker", "service", "update", "--detach=false", "--force", f"{STACK}_npm"])
+    wait_until("the updated npm's new task runs",
+               lambda: [c for c in run(["docker", "ps", "-q", "--filter",
+                                        f"label=com.docker.swarm.service.name={STACK}_npm"]).split()
+                        if c not in old_npm], 60)
+    statuses = [lbs.call("/r/demo/hello", b"again")[0] for _ in range(5)]
+    check(statuses == [200] * 5, f"calls after the npm's update: {statuses}")
+    after = runner_services()
+    check([s for s in kept if s in after] != [] and not [s for s in after if s not in kept],
+          f"the npm's update kept its runner services, and the new task adopted them: {kept} -> {after}")
+
     # A runner that crashes: Swarm restarts its task under the same service.
     crashed = runner_services()[0]
     victim = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={crashed}"]).split()

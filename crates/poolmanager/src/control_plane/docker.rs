@@ -234,6 +234,9 @@ pub struct DockerControlPlane {
     /// Runners being provisioned: one that stops while it starts is its provisioner's to
     /// report (with its output) and remove, not `list`'s.
     starting: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
+    /// update, its task restarted or moved), the runners stay for its next task.
+    own_service: Option<String>,
 }
 
 /// Longest wait for a failed runner's last output, for the error: the engines bound the
@@ -347,12 +350,18 @@ impl DockerControlPlane {
         } else {
             Arc::new(engine)
         };
+        let own_service = config
+            .swarm
+            .as_ref()
+            .and(own.as_ref())
+            .and_then(|view| view.service_id.clone());
         let plane = Self::with_engine(
             config.clone(),
             placement,
             engine,
             Arc::new(GrpcHealth::new(config.tls)),
-        );
+        )
+        .with_own_service(own_service);
         Ok(match functions {
             Some(functions) => plane.with_function_engine(functions),
             None => plane,
@@ -380,7 +389,16 @@ impl DockerControlPlane {
             ready,
             functions: None,
             starting: Arc::default(),
+            own_service: None,
         }
+    }
+
+    /// Under swarm: the npm's own service, whose runners outlive a task of it that stops
+    /// while the service stays (see [`ControlPlane::shutdown`]).
+    #[must_use]
+    pub fn with_own_service(mut self, service: Option<String>) -> Self {
+        self.own_service = service;
+        self
     }
 
     /// What runners share with the npm.
@@ -596,6 +614,21 @@ impl ControlPlane for DockerControlPlane {
                 tracing::info!(
                     runners = containers.len(),
                     "FN_DOCKER_KEEP_RUNNERS: leaving the runner containers for the next npm"
+                );
+                return;
+            }
+            // A task of the npm's service that stops while the service stays (a rolling
+            // update, a restart, a node drained) is followed by another, which adopts the
+            // runners: removing them cut every call and started the groups from zero.
+            // `docker stack rm` removes the service first, and then the runners go.
+            if let Some(service) = &self.own_service
+                && self.engine.service_exists(service).await == Some(true)
+            {
+                tracing::info!(
+                    runners = containers.len(),
+                    service = %service,
+                    "the npm's service is still there (an update or a restart of its task): \
+                     leaving the runner services for its next task"
                 );
                 return;
             }

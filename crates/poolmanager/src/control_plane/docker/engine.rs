@@ -73,6 +73,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         name: &'a str,
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
+
+    /// Whether the swarm service `id` still exists: `None` where the engine has no services
+    /// (a plain engine) or cannot tell.
+    fn service_exists<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(async { None })
+    }
 }
 
 /// The Docker Engine API through bollard.
@@ -81,6 +87,9 @@ pub struct BollardEngine {
     docker: Docker,
 }
 
+/// The label Swarm puts on a task's container: the id of its service.
+const SWARM_SERVICE_ID_LABEL: &str = "com.docker.swarm.service.id";
+
 /// Where the npm's own container is attached, as far as the control plane cares.
 #[derive(Debug, Clone, Default)]
 pub struct SelfView {
@@ -88,6 +97,8 @@ pub struct SelfView {
     pub networks: Vec<String>,
     /// `(destination, source)` of its volume and bind mounts.
     pub mounts: Vec<(String, CertsSource)>,
+    /// The swarm service whose task the container is, if it is one.
+    pub service_id: Option<String>,
 }
 
 impl BollardEngine {
@@ -148,6 +159,12 @@ impl BollardEngine {
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .map_err(|e| classify(e, container))?;
+        let service_id = inspected
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .and_then(|labels| labels.get(SWARM_SERVICE_ID_LABEL))
+            .cloned();
         let networks = inspected
             .network_settings
             .and_then(|n| n.networks)
@@ -167,7 +184,11 @@ impl BollardEngine {
                 Some((destination, source))
             })
             .collect();
-        Ok(SelfView { networks, mounts })
+        Ok(SelfView {
+            networks,
+            mounts,
+            service_id,
+        })
     }
 
     /// Whether an image is present on the engine.

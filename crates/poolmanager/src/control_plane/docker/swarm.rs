@@ -217,6 +217,24 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
 }
 
 impl Engine for SwarmEngine {
+    fn service_exists<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(async move {
+            match self
+                .docker()
+                .inspect_service(id, None::<bollard::query_parameters::InspectServiceOptions>)
+                .await
+                .map_err(|e| classify(e, id))
+            {
+                Ok(_) => Some(true),
+                Err(EngineError::NotFound(_)) => Some(false),
+                Err(e) => {
+                    tracing::warn!(service = id, error = %e, "cannot tell whether the npm's own service is still there");
+                    None
+                }
+            }
+        })
+    }
+
     fn list<'a>(
         &'a self,
         label_key: &'a str,

@@ -20,6 +20,8 @@ struct FakeEngine {
     logs_hang: AtomicBool,
     /// Removing a container whose name starts with `fn-` (a function's) never answers.
     function_removal_hangs: AtomicBool,
+    /// What `service_exists` answers.
+    service: Mutex<Option<bool>>,
 }
 
 impl FakeEngine {
@@ -66,6 +68,11 @@ impl FakeEngine {
 }
 
 impl Engine for FakeEngine {
+    fn service_exists<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Option<bool>> {
+        let answer = *self.service.lock().expect("fake engine lock");
+        Box::pin(async move { answer })
+    }
+
     fn list<'a>(
         &'a self,
         label_key: &'a str,
@@ -319,6 +326,7 @@ fn placement_from_configuration_or_own_container() {
             ),
             ("/certs".into(), CertsSource::Volume("stack_certs".into())),
         ],
+        service_id: None,
     };
     let found = resolve_placement(&config(), Some(&own)).expect("from own container");
     assert_eq!(found, placement());
@@ -344,12 +352,14 @@ fn placement_from_configuration_or_own_container() {
     let published = SelfView {
         networks: vec!["ingress".into(), "fn_backend".into()],
         mounts: own.mounts.clone(),
+        service_id: Some("npm-service-id".into()),
     };
     let p = resolve_placement(&swarm, Some(&published)).expect("ingress is never the one");
     assert_eq!(p.network, "fn_backend");
     let two = SelfView {
         networks: vec!["a".into(), "b".into()],
         mounts: own.mounts.clone(),
+        service_id: Some("npm-service-id".into()),
     };
     let err = resolve_placement(&config(), Some(&two)).expect_err("ambiguous");
     assert!(err.to_string().contains("several networks (a, b)"), "{err}");
@@ -357,6 +367,7 @@ fn placement_from_configuration_or_own_container() {
     let no_mount = SelfView {
         networks: vec!["n".into()],
         mounts: Vec::new(),
+        service_id: None,
     };
     let err = resolve_placement(&config(), Some(&no_mount)).expect_err("no certs");
     assert!(
@@ -499,6 +510,33 @@ async fn remove_and_shutdown_remove_containers_unless_kept() {
     kept.shutdown().await;
     assert_eq!(engine.names().len(), 2, "kept for the next npm");
 
+    cp.shutdown().await;
+    assert!(engine.names().is_empty());
+}
+
+/// Under swarm, an npm whose service is still there when it stops (a rolling update, its
+/// task restarted) leaves the runners for its next task; one whose service is gone
+/// (`docker stack rm`), or that cannot tell, removes them.
+#[tokio::test]
+async fn an_npm_whose_service_stays_leaves_its_runners_to_its_next_task() {
+    for (service, kept) in [(Some(true), true), (Some(false), false), (None, false)] {
+        let engine = Arc::new(FakeEngine::default());
+        *engine.service.lock().expect("lock") = service;
+        let cp = control_plane(&engine, true).with_own_service(Some("npm-service-id".into()));
+        cp.provision("default", 2).await.expect("provisioned");
+        cp.shutdown().await;
+        let left = engine.names().len();
+        assert_eq!(
+            left,
+            if kept { 2 } else { 0 },
+            "service exists: {service:?}"
+        );
+    }
+    // Not under swarm (no service of its own): the runners go whatever the engine says.
+    let engine = Arc::new(FakeEngine::default());
+    *engine.service.lock().expect("lock") = Some(true);
+    let cp = control_plane(&engine, true);
+    cp.provision("default", 1).await.expect("provisioned");
     cp.shutdown().await;
     assert!(engine.names().is_empty());
 }
