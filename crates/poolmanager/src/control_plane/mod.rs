@@ -21,8 +21,9 @@ pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
 /// The runners' stop grace at the npm's shutdown for an npm whose own bound is
-/// `npm_bound`: [`SHUTDOWN_STOP_GRACE`], or less when the bound leaves less (at least a
-/// second), so that the npm's shutdown ends within its bound.
+/// `npm_bound`: [`SHUTDOWN_STOP_GRACE`], or the bound less 5 s when that is shorter, so that
+/// the npm's shutdown ends within its bound; never under a second, so a bound of 6 s or
+/// less (an npm told not to wait) may end before its runners are seen gone.
 pub fn shutdown_stop_grace(npm_bound: Duration) -> Duration {
     SHUTDOWN_STOP_GRACE
         .min(npm_bound.saturating_sub(SHUTDOWN_MARGIN))

@@ -59,7 +59,8 @@ pub struct ProcessConfig {
 
 impl ProcessConfig {
     /// Each runner's `FN_SHUTDOWN_TIMEOUT`: its drain, then the clean-up of its instances,
-    /// end inside [`ProcessConfig::stop_grace`]. With a runner's own default (30 s) the npm
+    /// end inside [`ProcessConfig::stop_grace`] (when the grace is over 7 s: under that, the
+    /// runner is told a second and may be killed during its clean-up). With a runner's own default (30 s) the npm
     /// killed it mid-drain, so its calls failed without a word and its instances' cgroups
     /// were left behind. A runner the npm removes has drained first (its calls ended), so
     /// this does not shorten a scale-down.
