@@ -553,6 +553,43 @@ async fn the_first_call_after_zero_waits_for_no_tick() -> anyhow::Result<()> {
     cluster.stop_npm().await
 }
 
+/// A service manager that stops the npm's whole group (systemd's `KillMode=control-group`,
+/// a terminal's Ctrl-C) signals each runner, and then the npm stopping its runners signals
+/// them again: a call in flight still finishes. Before, a runner took the npm's SIGTERM for
+/// an operator's second signal and exited at once, cutting the call.
+#[tokio::test]
+async fn a_call_in_flight_finishes_when_the_npm_and_its_runners_are_stopped_together()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    // A first call spawns a runner and warms it; the second is the one in flight.
+    assert_all_ok(&cluster.burst(1, 0).await);
+    let records = cluster.records()?;
+    ensure!(!records.is_empty(), "no runner after a call");
+    let in_flight = tokio::spawn(Cluster::call_owned(cluster.lb_address.clone(), 3000));
+    // Started at the function by now (the call's instance is warm).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for record in &records {
+        let pid = i32::try_from(record.pid).context("pid")?;
+        kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    }
+    cluster.npm.signal(Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(20), in_flight)
+        .await
+        .context("the call in flight never ended")??;
+    assert_eq!(status, 200, "npm log:\n{}", cluster.npm.log());
+    let exited = cluster.npm.wait_exit(SHUTDOWN_BOUND).await?;
+    ensure!(
+        exited.success(),
+        "npm exited with {exited}; log:\n{}",
+        cluster.npm.log()
+    );
+    cluster
+        .reaper
+        .assert_none_left(Duration::from_secs(5))
+        .await?;
+    cluster.stop_lb().await
+}
+
 #[tokio::test]
 async fn calls_with_no_runners_at_start_get_runners_spawned_and_all_succeed() -> anyhow::Result<()>
 {
