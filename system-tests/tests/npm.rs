@@ -357,6 +357,42 @@ fn read_records(state: &Path) -> anyhow::Result<Vec<Record>> {
     Ok(out)
 }
 
+/// The addresses of the runners recorded in `state` (`id address group created pid`).
+fn runner_addresses(state: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(state)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) == Some("runner")
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(address) = text.split_whitespace().nth(1)
+        {
+            out.push(address.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The calls in flight on the runners at `addresses`, from their `Status`.
+async fn calls_in_flight(tls: &TlsMode, addresses: &[String]) -> anyhow::Result<u64> {
+    use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+    let mut total = 0;
+    for address in addresses {
+        let channel = fn_tls::grpc_endpoint(tls, address)?
+            .with(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2))
+            })
+            .connect()
+            .await?;
+        total += RunnerProtocolClient::new(channel)
+            .status(())
+            .await?
+            .into_inner()
+            .calls_in_flight;
+    }
+    Ok(total)
+}
+
 fn ids(records: &[Record]) -> BTreeSet<String> {
     records.iter().map(|r| r.id.clone()).collect()
 }
@@ -565,12 +601,31 @@ async fn a_call_in_flight_finishes_when_the_npm_and_its_runners_are_stopped_toge
     assert_all_ok(&cluster.burst(1, 0).await);
     let records = cluster.records()?;
     ensure!(!records.is_empty(), "no runner after a call");
+    let addresses = runner_addresses(&cluster.reaper.state)?;
     let in_flight = tokio::spawn(Cluster::call_owned(cluster.lb_address.clone(), 3000));
-    // Started at the function by now (the call's instance is warm).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The call is at a runner (not still on its way, to be refused by a draining one).
+    let start = Instant::now();
+    while calls_in_flight(&cluster.tls, &addresses).await? == 0 {
+        ensure!(start.elapsed() < READY, "the call never reached a runner");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for record in &records {
         let pid = i32::try_from(record.pid).context("pid")?;
         kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    }
+    // Each runner has taken the first signal (tokio merges deliveries it has not read yet,
+    // and the npm's must come as a second one).
+    for record in &records {
+        let log = cluster.reaper.state.join(format!("{}.log", record.id));
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("shutdown requested")) {
+            ensure!(
+                start.elapsed() < READY,
+                "{} never began its shutdown",
+                record.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     cluster.npm.signal(Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(20), in_flight)
