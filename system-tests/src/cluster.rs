@@ -13,7 +13,6 @@ use ::http::Method;
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use fn_protocol::runner::RunnerStatus;
-use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
 use nix::sys::signal::Signal;
 
 use crate::http::{self, Reply};
@@ -334,15 +333,7 @@ impl Cluster {
     pub async fn status(&self, i: usize) -> anyhow::Result<RunnerStatus> {
         let tls = self.certs.client()?;
         let runner = self.runners.get(i).context("no such runner")?;
-        let channel = fn_tls::grpc_endpoint(&tls, &runner.address)?
-            .with(|e| {
-                e.connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(2))
-            })
-            .connect()
-            .await?;
-        let status = RunnerProtocolClient::new(channel).status(()).await?;
-        Ok(status.into_inner())
+        crate::runner_status(&tls, &runner.address).await
     }
 
     /// Calls in flight on each runner, from its `Status`.

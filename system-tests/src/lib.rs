@@ -389,6 +389,39 @@ pub fn merge(lists: &[&[(String, String)]]) -> Vec<(String, String)> {
     map.into_iter().collect()
 }
 
+/// A gRPC channel to a daemon at `address`, connected now, each call bounded by 2 s.
+///
+/// # Errors
+/// When it cannot be connected within 2 s.
+pub async fn grpc_channel(
+    tls: &TlsMode,
+    address: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(fn_tls::grpc_endpoint(tls, address)?
+        .with(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+        })
+        .connect()
+        .await?)
+}
+
+/// The `Status` of the runner at `address`.
+///
+/// # Errors
+/// When it does not answer within 2 s.
+pub async fn runner_status(
+    tls: &TlsMode,
+    address: &str,
+) -> anyhow::Result<fn_protocol::runner::RunnerStatus> {
+    use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
+    let channel = grpc_channel(tls, address).await?;
+    Ok(RunnerProtocolClient::new(channel)
+        .status(())
+        .await?
+        .into_inner())
+}
+
 /// The ids of the runners the npm at `npm_address` publishes for `group`, in its order.
 ///
 /// # Errors
@@ -400,14 +433,7 @@ pub async fn published_runners(
 ) -> anyhow::Result<Vec<String>> {
     use fn_protocol::poolmanager::LbGroupId;
     use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
-    let channel = fn_tls::grpc_endpoint(tls, npm_address)?
-        .with(|e| {
-            e.connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(2))
-        })
-        .connect()
-        .await?;
-    let reply = RunnerManagerClient::new(channel)
+    let reply = RunnerManagerClient::new(grpc_channel(tls, npm_address).await?)
         .get_lb_group(LbGroupId {
             id: group.to_owned(),
         })

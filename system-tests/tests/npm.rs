@@ -374,20 +374,10 @@ fn runner_addresses(state: &Path) -> anyhow::Result<Vec<String>> {
 
 /// The calls in flight on the runners at `addresses`, from their `Status`.
 async fn calls_in_flight(tls: &TlsMode, addresses: &[String]) -> anyhow::Result<u64> {
-    use fn_protocol::runner::runner_protocol_client::RunnerProtocolClient;
     let mut total = 0;
     for address in addresses {
-        let channel = fn_tls::grpc_endpoint(tls, address)?
-            .with(|e| {
-                e.connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(2))
-            })
-            .connect()
-            .await?;
-        total += RunnerProtocolClient::new(channel)
-            .status(())
+        total += fn_system_tests::runner_status(tls, address)
             .await?
-            .into_inner()
             .calls_in_flight;
     }
     Ok(total)
