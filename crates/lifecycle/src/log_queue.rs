@@ -83,7 +83,7 @@ impl Queue {
     }
 
     /// Queues `line`, or drops and counts it when the queue is full.
-    fn push(&self, line: &[u8]) {
+    pub(crate) fn push(&self, line: &[u8]) {
         let len = line.len();
         if self.bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
             self.bytes.fetch_sub(len, Ordering::AcqRel);

@@ -45,17 +45,46 @@ static QUEUE: OnceLock<Arc<Queue>> = OnceLock::new();
 /// Installs the global subscriber, writing to stderr through a writer thread: coloured only
 /// when stderr is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so
 /// logs redirected to a file or collected by a container engine carry no escape codes. A
-/// path that ends the process calls [`flush`] first.
+/// path that ends the process calls [`flush`] first. A panic's message goes through the same
+/// queue ([`init_writing_to`]).
 ///
 /// # Errors
 /// When `level` is not a valid filter. A second call in one process is ignored.
 pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
-    let filter = filter(level)?;
     let colour = use_colour(
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let queue = Queue::start(Box::new(std::io::stderr()), BUFFERED_LINES, BUFFERED_BYTES);
+    install(level, format, Box::new(std::io::stderr()), colour)
+}
+
+/// [`init`], writing to `out` without colour instead of stderr: for a process whose log goes
+/// elsewhere, and for tests of what reaches the log.
+///
+/// Also replaces the panic hook: the standard one writes a panic's message to stderr in
+/// place, so a panicking task on a runtime thread would block that thread, and every call
+/// on it, for as long as stderr does. The message now takes its turn in the queue after the
+/// lines before it, and the panicking thread waits at most a second for it to be written (a
+/// panic that ends the process is then not lost).
+///
+/// # Errors
+/// When `level` is not a valid filter. A second call in one process is ignored.
+pub fn init_writing_to(
+    level: &str,
+    format: LogFormat,
+    out: Box<dyn std::io::Write + Send>,
+) -> Result<(), LogLevelError> {
+    install(level, format, out, false)
+}
+
+fn install(
+    level: &str,
+    format: LogFormat,
+    out: Box<dyn std::io::Write + Send>,
+    colour: bool,
+) -> Result<(), LogLevelError> {
+    let filter = filter(level)?;
+    let queue = Queue::start(out, BUFFERED_LINES, BUFFERED_BYTES);
     let writer = match &queue {
         Ok(queue) => BoxMakeWriter::new(QueueWriter(Arc::clone(queue))),
         // No thread to be had: written in place, as before.
@@ -72,7 +101,9 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
     };
     match queue {
         Ok(queue) if installed.is_ok() => {
-            let _first = QUEUE.set(queue);
+            if QUEUE.set(queue).is_ok() {
+                std::panic::set_hook(Box::new(queue_panic));
+            }
         }
         Ok(_) => {}
         Err(e) => {
@@ -80,6 +111,33 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LogLevelError> {
         }
     }
     Ok(())
+}
+
+/// The panic hook: the standard hook's text (thread, place, message and, as
+/// `RUST_BACKTRACE` asks, a backtrace) queued as one line, then a bounded wait for it to be
+/// written.
+fn queue_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let Some(queue) = QUEUE.get() else {
+        return;
+    };
+    queue.push(panic_text(info).as_bytes());
+    queue.flush(FLUSH_BOUND);
+}
+
+fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    use std::fmt::Write as _;
+    let thread = std::thread::current();
+    let mut text = format!("thread '{}' panicked", thread.name().unwrap_or("<unnamed>"));
+    if let Some(place) = info.location() {
+        let _ = write!(text, " at {place}");
+    }
+    let message = info.payload_as_str().unwrap_or("Box<dyn Any>");
+    let _ = writeln!(text, ":\n{message}");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        let _ = writeln!(text, "stack backtrace:\n{backtrace}");
+    }
+    text
 }
 
 /// Waits until the log lines queued so far are written, at most a second (a stderr that
