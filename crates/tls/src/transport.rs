@@ -107,6 +107,11 @@ pub const MAX_HANDSHAKING: usize = 256;
 /// opens at once.
 pub const MAX_HANDSHAKING_PER_PEER: usize = MAX_HANDSHAKING / 4;
 
+/// Of the [`MAX_HANDSHAKING`] places, how many only an address holding none may take: the
+/// per-address share alone let four addresses hold them all, and an LB reconnecting from a
+/// fifth was refused until one of their connections timed out.
+pub const HANDSHAKING_RESERVE: usize = MAX_HANDSHAKING / 8;
+
 /// A tonic server builder with the dataplane's HTTP/2 settings. Feed it
 /// [`grpc_incoming`], which does the TLS.
 ///
@@ -164,7 +169,8 @@ pub fn grpc_incoming_sharded(
 }
 
 /// [`grpc_incoming_sharded`] holding at most `limit` connections before they are served,
-/// at most `per_peer` of them from one address.
+/// at most `per_peer` of them from one address, the last `limit / 8` of them (see
+/// [`HANDSHAKING_RESERVE`]) for addresses that hold none.
 fn incoming_limited(
     mode: &TlsMode,
     listener: TcpListener,
@@ -188,6 +194,7 @@ fn incoming_limited(
         .unzip();
     let handshaking = Handshaking {
         all: Arc::new(Semaphore::new(limit)),
+        reserve: limit / 8,
         per_peer: Arc::new(PerPeer {
             limit: per_peer,
             counts: std::sync::Mutex::default(),
@@ -237,6 +244,11 @@ async fn accept_loop(
             warnings.crowded_by(peer);
             continue; // drops the socket: the peer sees the connection close
         };
+        // Only this task takes places, so the count can only grow until the next check.
+        if !peer_place.first && handshaking.all.available_permits() <= handshaking.reserve {
+            warnings.crowded(peer);
+            continue;
+        }
         let Ok(place) = Arc::clone(&handshaking.all).try_acquire_owned() else {
             warnings.crowded(peer);
             continue;
@@ -300,6 +312,8 @@ struct Admit {
 /// The places of connections not yet served.
 struct Handshaking {
     all: Arc<Semaphore>,
+    /// The last places of `all`, for a connection from an address holding none.
+    reserve: usize,
     per_peer: Arc<PerPeer>,
 }
 
@@ -331,6 +345,7 @@ impl PerPeer {
         Some(PeerPlace {
             per_peer: Arc::clone(self),
             ip,
+            first: *held == 1,
         })
     }
 }
@@ -348,6 +363,8 @@ fn peer_host(ip: std::net::IpAddr) -> std::net::IpAddr {
 struct PeerPlace {
     per_peer: Arc<PerPeer>,
     ip: std::net::IpAddr,
+    /// Whether its address held no other place when it was claimed.
+    first: bool,
 }
 
 impl Drop for PeerPlace {
@@ -1065,6 +1082,47 @@ mod tests {
         assert!(
             !closed_within(from([127, 0, 0, 2]).await, Duration::from_millis(500)).await,
             "another address still gets a place"
+        );
+    }
+
+    /// Addresses that share out every place but the reserve leave it to an address holding
+    /// none: two holding four each of eight places cannot lock a third out.
+    #[tokio::test]
+    async fn the_last_handshake_places_are_for_addresses_holding_none() {
+        let tls = DevCa::new("test").expect("ca").node_tls(&[]).expect("node");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mode = TlsMode::Mutual(tls);
+        // Eight places, four per address, one (8 / 8) in reserve.
+        let _incoming = incoming_limited(&mode, listener, None, 8, 4).expect("incoming");
+        let from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(std::net::SocketAddr::from((ip, 0)))
+                .expect("bind a loopback address");
+            socket.connect(address).await.expect("connect")
+        };
+        let closed_within = |mut conn: TcpStream, within: Duration| async move {
+            match tokio::time::timeout(within, conn.read(&mut [0u8; 1])).await {
+                Ok(read) => matches!(read, Ok(0) | Err(_)),
+                Err(_) => false,
+            }
+        };
+        // Accepted in the order they connect: seven places taken, the reserve left.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(from([127, 0, 0, 1]).await);
+        }
+        for _ in 0..3 {
+            held.push(from([127, 0, 0, 2]).await);
+        }
+        assert!(
+            closed_within(from([127, 0, 0, 2]).await, Duration::from_secs(5)).await,
+            "an address holding places is refused the reserve"
+        );
+        assert!(
+            !closed_within(from([127, 0, 0, 3]).await, Duration::from_millis(500)).await,
+            "an address holding none gets the last place"
         );
     }
 
