@@ -121,6 +121,9 @@ struct Spawned {
 pub struct ProcessControlPlane {
     config: ProcessConfig,
     runners: Mutex<Vec<Spawned>>,
+    /// The state directory's lock, held for the plane's life: a second npm on the same
+    /// directory would adopt this one's runners, or kill them as unhealthy.
+    _state_lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// A setup problem of the process control plane (configuration: exit 2).
@@ -135,6 +138,20 @@ pub enum ProcessSetupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The directory is not this npm's alone: its records name directories the npm removes
+    /// and processes it signals, so whoever can write them could steer it.
+    #[error(
+        "FN_RUNNER_STATE_DIR: {} {reason}: the npm keeps runner records there and acts on \
+         them; remove it or choose a directory of the npm's user that no one else can write",
+        path.display()
+    )]
+    StateDirUnsafe { path: PathBuf, reason: String },
+    #[error(
+        "FN_RUNNER_STATE_DIR: {} is in use by another npm: give each npm a state directory of \
+         its own",
+        .0.display()
+    )]
+    StateDirInUse(PathBuf),
 }
 
 const RECORD_EXT: &str = "runner";
@@ -158,12 +175,7 @@ impl ProcessControlPlane {
         if !config.functions_dir.is_dir() {
             return Err(ProcessSetupError::FunctionsDir(config.functions_dir));
         }
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| {
-            ProcessSetupError::StateDir {
-                path: config.state_dir.clone(),
-                source,
-            }
-        })?;
+        let state_lock = prepare_state_dir(&config.state_dir)?;
         let entries =
             std::fs::read_dir(&config.state_dir).map_err(|source| ProcessSetupError::StateDir {
                 path: config.state_dir.clone(),
@@ -183,6 +195,7 @@ impl ProcessControlPlane {
         Ok(ProcessControlPlane {
             config,
             runners: Mutex::new(adopted),
+            _state_lock: state_lock,
         })
     }
 
@@ -260,8 +273,16 @@ impl ProcessControlPlane {
         let address = SocketAddr::new(self.config.listen_ip, port).to_string();
         let sock_dir = socket_dir(&id);
         let log_path = self.log_path(&id);
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
+        // Its functions' output is in it: for the npm's user alone.
+        let log = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true),
+            0o600,
+        )
+        .open(&log_path)
+        .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
         let log_err = log.try_clone().map_err(|e| failed(e.to_string()))?;
         let mut cmd = self.runner_command(port, &sock_dir);
         cmd.stdin(Stdio::null())
@@ -457,7 +478,9 @@ impl ControlPlane for ProcessControlPlane {
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
         Box::pin(async move {
-            self.stop_and_forget(&runner.id, Duration::from_secs(10), RunnerLog::Remove)
+            // The grace its drain was sized for: a runner still draining (past
+            // FN_MAX_DRAIN_TIME) ends its calls and cleans up its instances within it.
+            self.stop_and_forget(&runner.id, self.config.stop_grace, RunnerLog::Remove)
                 .await;
             Ok(())
         })
@@ -558,6 +581,9 @@ fn read_record(path: &Path) -> Option<(RunnerInfo, u32)> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut parts = text.split_whitespace();
     let id = parts.next()?.to_owned();
+    if !is_runner_id(&id) {
+        return None;
+    }
     let address = parts.next()?.to_owned();
     let group = parts.next()?.to_owned();
     let created_ms: u64 = parts.next()?.parse().ok()?;
@@ -571,6 +597,63 @@ fn read_record(path: &Path) -> Option<(RunnerInfo, u32)> {
         },
         pid,
     ))
+}
+
+/// Whether `id` is one this plane makes (`r-` and 12 hex digits). A record's id names the
+/// socket directory the npm removes when the runner is gone: one such as `r/../../home/x`
+/// must not be taken.
+fn is_runner_id(id: &str) -> bool {
+    id.strip_prefix("r-")
+        .is_some_and(|hex| hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Makes the state directory (mode 0700) when missing, checks that it is the npm user's
+/// alone (a directory, not a link, owned by the npm's user, writable by no one else: another
+/// user who made `/tmp/fn-npm-runners` first could plant records), and locks it.
+fn prepare_state_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ProcessSetupError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let io = |source| ProcessSetupError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    let unsafe_dir = |reason: String| ProcessSetupError::StateDirUnsafe {
+        path: path.to_path_buf(),
+        reason,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io)?;
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory (a link?)".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by the npm's (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by other users (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join(".lock"))
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => ProcessSetupError::StateDirInUse(path.to_path_buf()),
+            other => io(std::io::Error::from(other)),
+        },
+    )
 }
 
 fn remove_quietly(path: &Path) {
@@ -590,6 +673,119 @@ fn remove_dir_quietly(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plane's configuration over `state_dir`, with a runner binary that is never run.
+    fn config_over(dir: &Path, state_dir: PathBuf) -> ProcessConfig {
+        let binary = dir.join("pure-runner");
+        std::fs::write(&binary, "").expect("write");
+        ProcessConfig::new(binary, dir.to_owned(), state_dir, TlsMode::Insecure)
+    }
+
+    /// A record planted with an id that is no runner's cannot make the npm remove the
+    /// directory it names: the record is dropped as unreadable.
+    #[tokio::test]
+    async fn a_record_whose_id_is_no_runners_removes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Where a runner's socket directory would be, `<tmp>/fn-<id>`, for an id with a
+        // slash in it.
+        let victim_parent = tempfile::Builder::new()
+            .prefix("fn-")
+            .tempdir_in(std::env::temp_dir())
+            .expect("tempdir");
+        let victim = victim_parent.path().join("victim");
+        std::fs::create_dir(&victim).expect("mkdir");
+        std::fs::write(victim.join("data"), "keep").expect("write");
+        let suffix = victim_parent
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("fn-"))
+            .expect("fn- prefix");
+        assert_eq!(socket_dir(&format!("{suffix}/victim")), victim);
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("mkdir");
+        let record = state.join("planted.runner");
+        std::fs::write(
+            &record,
+            format!("{suffix}/victim 127.0.0.1:1 default 0 4000000\n"),
+        )
+        .expect("write");
+        let plane = ProcessControlPlane::new(config_over(dir.path(), state))
+            .await
+            .expect("plane");
+        // Removals run in the background.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            victim.join("data").exists(),
+            "the planted id's directory was removed"
+        );
+        assert!(!record.exists(), "the planted record stays");
+        assert!(plane.lock().is_empty());
+        assert!(is_runner_id("r-0123456789ab"));
+        for bad in [
+            "r-0123456789a",
+            "r-0123456789abc",
+            "r-../../etc/x",
+            "x-0123456789ab",
+        ] {
+            assert!(!is_runner_id(bad), "{bad}");
+        }
+    }
+
+    /// The state directory must be the npm user's alone, and one npm's at a time.
+    #[tokio::test]
+    async fn a_state_directory_others_can_write_or_another_npm_holds_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let Err(err) = ProcessControlPlane::new(config_over(dir.path(), open)).await else {
+            panic!("a world-writable state directory was taken");
+        };
+        let text = err.to_string();
+        assert!(
+            text.starts_with("FN_RUNNER_STATE_DIR: ") && text.contains("writable by other users"),
+            "{text}"
+        );
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
+        let Err(err) = ProcessControlPlane::new(config_over(dir.path(), link)).await else {
+            panic!("a link was taken for the state directory");
+        };
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None)
+                .expect("chown");
+            let Err(err) = ProcessControlPlane::new(config_over(dir.path(), theirs)).await else {
+                panic!("another user's state directory was taken");
+            };
+            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
+
+        let state = dir.path().join("state");
+        let first = ProcessControlPlane::new(config_over(dir.path(), state.clone()))
+            .await
+            .expect("the first npm");
+        let made = std::fs::metadata(&state)
+            .expect("made")
+            .permissions()
+            .mode();
+        assert_eq!(made & 0o777, 0o700, "{made:o}");
+        let Err(err) = ProcessControlPlane::new(config_over(dir.path(), state.clone())).await
+        else {
+            panic!("a second npm took the same state directory");
+        };
+        assert!(err.to_string().contains("in use by another npm"), "{err}");
+        drop(first);
+        ProcessControlPlane::new(config_over(dir.path(), state))
+            .await
+            .expect("free once the first is gone");
+    }
 
     /// A runner is told to finish its drain and its clean-up before the npm's shutdown
     /// kills it, beside what the npm passes on (its log settings), for the default bound
@@ -633,12 +829,12 @@ mod tests {
     fn records_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let info = RunnerInfo {
-            id: "r-1".into(),
+            id: "r-00000000abcd".into(),
             address: "127.0.0.1:4000".into(),
             group: "default".into(),
             created: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
         };
-        let path = dir.path().join("r-1.runner");
+        let path = dir.path().join("r-00000000abcd.runner");
         write_record(&path, &info, 42).expect("write");
         assert_eq!(read_record(&path), Some((info, 42)));
         std::fs::write(&path, "garbage").expect("write");
