@@ -99,6 +99,36 @@ async fn invalid_values_exit_2_naming_the_variable() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What loading the certificates warns of reaches the log: every daemon loaded them before
+/// its log was set up, so a node certificate its own CA bundle does not trust (the wrong
+/// `ca.pem` mounted) started without a word. Each daemon here stops at a later setting.
+#[tokio::test]
+async fn a_node_certificate_its_own_bundle_does_not_trust_is_warned_of_at_start()
+-> anyhow::Result<()> {
+    let ours = Certs::new()?;
+    let other = Certs::new()?;
+    let mut vars = ours.env();
+    for (name, value) in &mut vars {
+        if name == "FN_NODE_CERT_AUTHORITY" {
+            *value = other.dir().join("ca.pem").display().to_string();
+        }
+    }
+    for bin in ["lb-agent", "pure-runner", "npm"] {
+        // Each stops at a setting it reads after its certificates.
+        let stop = match bin {
+            "npm" => env(&[("FN_MAX_RUNNERS", "0")]),
+            _ => Vec::new(),
+        };
+        let (status, stderr) = run_to_exit(bin, &merge(&[&vars, &stop])).await?;
+        assert_eq!(status.code(), Some(2), "{bin}: {stderr}");
+        assert!(
+            stderr.contains("not valid under this node's own CA bundle"),
+            "{bin}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
 async fn grpc_daemon_serves_health_and_stops_on_sigterm(
     bin: &str,
     extra: &[(String, String)],

@@ -119,6 +119,10 @@ fn main() -> ExitCode {
 }
 
 async fn daemon(cli: Cli) -> ExitCode {
+    // First: what loading the configuration warns of (a node certificate its own CA bundle
+    // does not trust, one not valid yet) is logged.
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+        .unwrap_or_else(|e| exit_config_error(e));
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let Some(functions_file) = &cli.functions_file else {
         exit_config_error("FN_FUNCTIONS_FILE: required (the function catalog, TOML)")
@@ -150,8 +154,6 @@ async fn daemon(cli: Cli) -> ExitCode {
             "FN_RUNNER_ADDRESSES: required unless FN_NPM_ADDRESS is set (runner host:port list)",
         );
     }
-    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
-        .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);
     if !(cli.placer_wait_share > 0.0 && cli.placer_wait_share <= 1.0) {

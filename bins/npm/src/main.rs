@@ -40,6 +40,10 @@ fn main() -> ExitCode {
 }
 
 async fn daemon(cli: Cli) -> ExitCode {
+    // First: what loading the configuration warns of (a node certificate its own CA bundle
+    // does not trust, one not valid yet) is logged.
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+        .unwrap_or_else(|e| exit_config_error(e));
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     // A connection from every lb-agent and to every runner, each a descriptor.
     let open_files = fn_lifecycle::limits::raise_open_file_limit();
@@ -50,8 +54,6 @@ async fn daemon(cli: Cli) -> ExitCode {
         .unwrap_or_else(|e| exit_config_error(e));
     cli.control_plane
         .validate()
-        .unwrap_or_else(|e| exit_config_error(e));
-    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
         .unwrap_or_else(|e| exit_config_error(e));
     fn_tls::install_crypto_provider();
     fn_tls::warn_if_insecure(&tls);

@@ -179,6 +179,10 @@ fn main() -> ExitCode {
 }
 
 async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
+    // First: what loading the configuration warns of (a node certificate its own CA bundle
+    // does not trust, one not valid yet) is logged.
+    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
+        .unwrap_or_else(|e| exit_config_error(e));
     let tls = cli.tls.load().unwrap_or_else(|e| exit_config_error(e));
     let Some(functions_dir) = cli.functions_dir.clone() else {
         exit_config_error("FN_FUNCTIONS_DIR: required (the directory function commands run from)")
@@ -217,8 +221,6 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
              outside the range"
         ));
     }
-    fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
-        .unwrap_or_else(|e| exit_config_error(e));
     if shared_with_containers {
         // FN_FUNCTION_USER already leaves tenants unisolated from each other; say that
         // image functions are in the same case.
