@@ -509,3 +509,64 @@ async fn function_network_none_without_namespaces_stops_the_runner_at_start() ->
     );
     Ok(())
 }
+
+/// Under a narrow umask (an operator's 027 or 077) the directories fn-isolate makes in the
+/// private `/tmp` to bind an instance's directory back stay traversable: they were made
+/// 0711 less the umask, and the function could not reach its own directory (every call
+/// "did not open its listener").
+#[test]
+fn under_a_narrow_umask_the_function_reaches_its_own_directory() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        fn_test_support::skip_or_fail("fn-isolate's private mounts need root");
+        return Ok(());
+    }
+    let isolate = fn_test_support::workspace_bin("fn-isolate");
+    let probe = std::process::Command::new(&isolate)
+        .arg("--probe")
+        .output()?;
+    if !probe.status.success() {
+        fn_test_support::skip_or_fail(&format!(
+            "namespaces: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+        return Ok(());
+    }
+    let root = tempfile::Builder::new()
+        .prefix("fn-umask")
+        .tempdir_in("/tmp")?;
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    let instance = root.path().join("runner").join("instance");
+    std::fs::create_dir_all(&instance)?;
+    std::fs::set_permissions(
+        root.path().join("runner"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    std::fs::write(instance.join("f"), "its own")?;
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let nogroup = nix::unistd::Gid::from_raw(65534);
+    for path in [instance.clone(), instance.join("f")] {
+        nix::unistd::chown(&path, Some(nobody), Some(nogroup))?;
+    }
+    for umask in ["027", "077"] {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask}; exec \"$0\" --uid 65534 --gid 65534 --keep \"$1\" -- /bin/cat \"$1/f\""
+            ))
+            .arg(&isolate)
+            .arg(&instance)
+            .current_dir("/")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success() && out.stdout == b"its own",
+            "umask {umask}: {:?} {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -35,8 +35,9 @@
 use std::ffi::OsString;
 use std::io::Read as _;
 use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use nix::errno::Errno;
@@ -296,7 +297,7 @@ fn private_mounts(options: &Options) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
         kept.push((dir, fd));
     }
-    for (path, fstype, data) in places {
+    for &(path, fstype, data) in &places {
         let flags = match fstype {
             "mqueue" => hardened,
             _ => MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -315,6 +316,19 @@ fn private_mounts(options: &Options) -> Result<(), String> {
                     dir.display()
                 )
             })?;
+        // The umask narrowed that mode (027 made them 0710, and the function could not reach
+        // its own directory): set it on each directory made in the fresh mount.
+        let place = places
+            .iter()
+            .map(|(path, ..)| Path::new(path))
+            .find(|path| dir.starts_with(path));
+        for made in dir
+            .ancestors()
+            .take_while(|a| place.is_some_and(|place| *a != place && a.starts_with(place)))
+        {
+            std::fs::set_permissions(made, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| format!("cannot open {} to the function: {e}", made.display()))?;
+        }
         let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
         mount(
             Some(source.as_str()),
