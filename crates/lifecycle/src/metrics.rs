@@ -37,6 +37,13 @@ pub const PATH: &str = "/metrics";
 /// How long a scraper may take to send its request head, and how long an idle keep-alive
 /// connection stays open: a silent client must not hold a connection forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most scrapes served at once; a connection beyond them is closed at once. A scraper
+/// opens one at a time, and every connection costs a descriptor the daemon's calls need.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may last, its one scrape included (connections are not kept
+/// alive: a scrape is one request). A client that stops reading its answer held its
+/// connection for ever (hyper's HTTP/1 server has no write timeout).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for scrapes under way: a scraper that sends half a request or
 /// stops reading its answer must not hold the daemon's exit up to its shutdown bound.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
@@ -46,6 +53,9 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 pub struct MetricsEndpoint {
     listener: TcpListener,
     registry: Arc<Registry>,
+    /// [`MAX_CONNECTIONS`] and [`CONNECTION_LIFETIME`], but in tests.
+    max_connections: usize,
+    lifetime: Duration,
 }
 
 /// Binds `FN_LISTEN_ADDR:FN_METRICS_PORT` when `FN_METRICS_PORT` is set; `None` when it is
@@ -61,10 +71,7 @@ pub async fn listen(
         return Ok(None);
     };
     let listener = crate::bind(common.listen_on(port), "FN_METRICS_PORT").await?;
-    Ok(Some(MetricsEndpoint {
-        listener,
-        registry: Arc::new(registry),
-    }))
+    Ok(Some(MetricsEndpoint::new(listener, registry)))
 }
 
 impl MetricsEndpoint {
@@ -73,6 +80,8 @@ impl MetricsEndpoint {
         MetricsEndpoint {
             listener,
             registry: Arc::new(registry),
+            max_connections: MAX_CONNECTIONS,
+            lifetime: CONNECTION_LIFETIME,
         }
     }
 
@@ -93,8 +102,12 @@ impl MetricsEndpoint {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(false);
         let accept_warnings = crate::logging::Throttle::new(Duration::from_secs(1));
+        let crowded_warnings = crate::logging::Throttle::new(Duration::from_secs(10));
+        let places = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let lifetime = self.lifetime;
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -110,6 +123,15 @@ impl MetricsEndpoint {
                     }
                 }
             };
+            let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+                crate::warn_throttled!(
+                    crowded_warnings,
+                    %peer,
+                    limit = self.max_connections,
+                    "metrics: connection refused, too many open at once"
+                );
+                continue; // drops the socket
+            };
             let registry = Arc::clone(&self.registry);
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = respond(&registry, &req);
@@ -117,9 +139,16 @@ impl MetricsEndpoint {
             });
             let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+                match tokio::time::timeout(lifetime, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "metrics connection closed: it outlasted its bound")
+                    }
                 }
+                drop(place);
             });
         }
         drop(self.listener);
@@ -276,6 +305,56 @@ mod tests {
             assert!(response.starts_with("HTTP/1.1 405"), "{method}: {response}");
             assert!(response.contains("allow: GET, HEAD"), "{response}");
         }
+        cancel.cancel();
+    }
+
+    /// Whether the server closes `stream` within `within`.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Connections beyond the limit are closed at once; a connection is closed at the end
+    /// of its lifetime whatever it is doing (here, sending nothing: before, until hyper's
+    /// header timeout; with an answer it does not read, for ever).
+    #[tokio::test]
+    async fn connections_are_bounded_in_number_and_in_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut endpoint = MetricsEndpoint::new(listener, Registry::default());
+        endpoint.max_connections = 2;
+        endpoint.lifetime = Duration::from_millis(600);
+        let address = endpoint.local_addr().expect("address");
+        let cancel = CancellationToken::new();
+        tokio::spawn(endpoint.serve(cancel.clone()));
+        let connect = || async {
+            tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect")
+        };
+        let started = tokio::time::Instant::now();
+        let mut first = connect().await;
+        let mut second = connect().await;
+        let mut third = connect().await;
+        assert!(
+            closed_within(&mut third, Duration::from_millis(400)).await,
+            "a third connection is closed at once"
+        );
+        assert!(
+            closed_within(&mut first, Duration::from_secs(3)).await,
+            "closed at the end of its lifetime"
+        );
+        assert!(closed_within(&mut second, Duration::from_secs(3)).await);
+        let lasted = started.elapsed();
+        assert!(
+            lasted >= Duration::from_millis(500) && lasted < HEADER_READ_TIMEOUT,
+            "{lasted:?}"
+        );
+        // Places given back: a scrape is served.
+        let answer = raw(address, "GET", "/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         cancel.cancel();
     }
 
