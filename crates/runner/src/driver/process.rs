@@ -88,12 +88,34 @@ fn wrapper_script(open_files: Option<u64>) -> String {
     }
 }
 
-/// Whether a config variable is one the dynamic loader (`LD_*`) or a shell (`BASH_ENV`,
-/// `ENV`) reads as the wrapper shell starts, before its gate. Only plain names: the wrapper
+/// Whether a config variable is one the dynamic loader (`LD_*`) or a shell reads as the
+/// wrapper shell starts, before its gate: `ENV` and, where `/bin/sh` is bash (RHEL, Fedora,
+/// Arch), `BASH_ENV`, and `SHELLOPTS` with `PS4` (`xtrace` runs what `PS4` expands), with
+/// the rest of what bash imports to change how it runs. Only plain names: the wrapper
 /// restores them with `eval`, and the loader reads no other kind.
 fn read_before_the_gate(name: &str) -> bool {
     let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    plain && (name.starts_with("LD_") || name == "BASH_ENV" || name == "ENV")
+    plain
+        && (name.starts_with("LD_")
+            || matches!(
+                name,
+                "BASH_ENV"
+                    | "ENV"
+                    | "SHELLOPTS"
+                    | "BASHOPTS"
+                    | "PS4"
+                    | "BASH_XTRACEFD"
+                    | "POSIXLY_CORRECT"
+                    | "IFS"
+            ))
+}
+
+/// Whether a config name is a bash function import (`BASH_FUNC_<name>%%`): where `/bin/sh`
+/// is bash, the wrapper shell would define it as it starts (one named `read` replaces the
+/// gate's `read`), so tenant code would run before the instance joins its cgroups. Such a
+/// name cannot be given back after the gate; a config holding one is refused.
+fn shell_function_import(name: &str) -> bool {
+    name.starts_with("BASH_FUNC_")
 }
 
 /// `PATH` of every function that sets none in its config: the usual system directories,
@@ -512,8 +534,27 @@ impl ProcessDriver {
             )));
         };
         let program = command::resolve_program(&self.functions_dir, program)?;
-        command::check_config(&spec.config)?;
+        self.check_config(&spec.config)?;
         Ok(program)
+    }
+
+    /// Checks that every config entry can be an environment variable and, where the wrapper
+    /// shell runs with the config outside namespaces, that none is a shell function import.
+    fn check_config(
+        &self,
+        config: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
+        command::check_config(config)?;
+        if self.wrapper.is_some()
+            && self.isolation.is_none()
+            && let Some(name) = config.keys().find(|name| shell_function_import(name))
+        {
+            return Err(DriverError::Invalid(format!(
+                "config key {name:?} is a shell function import, which the wrapper shell \
+                 (bash as /bin/sh) would run before the instance is in its cgroups: remove it"
+            )));
+        }
+        Ok(())
     }
 
     /// The user `spec`'s instances run as: with [`FunctionUsers::PerFunction`], the uid the
@@ -698,7 +739,7 @@ impl Driver for ProcessDriver {
         if let Some(name) = spec.command.first()
             && self.vetted_set().contains(name)
         {
-            return command::check_config(&spec.config);
+            return self.check_config(&spec.config);
         }
         self.vet(spec)?;
         if let Some(name) = spec.command.first() {
@@ -1095,6 +1136,100 @@ mod tests {
         );
     }
 
+    /// Where `/bin/sh` is bash, what it reads as it starts (`SHELLOPTS=xtrace` with a `PS4`
+    /// that runs a command) waits for the gate; a function import, which cannot be given
+    /// back after it, is refused.
+    #[tokio::test]
+    async fn bash_as_the_wrapper_shell_runs_no_tenant_code_before_the_gate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let wrapped = unprobed_driver(
+            dir.path().to_owned(),
+            FunctionUsers::Runner,
+            None,
+            Some(PathBuf::from(WRAPPER_SHELL)),
+        );
+        let import = config(&[("BASH_FUNC_read%%", "() { touch /tmp/x; }")]);
+        let Err(DriverError::Invalid(said)) = wrapped.check_config(&import) else {
+            panic!("a function import was taken");
+        };
+        assert!(said.contains("BASH_FUNC_read%%"), "{said}");
+        let isolated = unprobed_driver(
+            dir.path().to_owned(),
+            FunctionUsers::Runner,
+            Some(Isolation {
+                helper: PathBuf::from("/bin/fn-isolate"),
+                network_none: false,
+            }),
+            Some(PathBuf::from(WRAPPER_SHELL)),
+        );
+        assert!(
+            isolated.check_config(&import).is_ok(),
+            "in namespaces all the config waits under the prefix"
+        );
+
+        let Some(bash) = ["/bin/bash", "/usr/bin/bash"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+        else {
+            return; // no bash here: nothing more to try
+        };
+        // bash named `sh` runs in POSIX mode, as it does as /bin/sh. As root it ignores a
+        // PS4 from its environment: a root runner's functions run as another user.
+        let sh = dir.path().join("sh");
+        std::fs::copy(bash, &sh).expect("copy bash");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let marker = dir.path().join("ran-before-the-gate");
+        let (users, user) = if nix::unistd::geteuid().is_root() {
+            let nobody = FunctionUser {
+                uid: 65534,
+                gid: 65534,
+            };
+            (FunctionUsers::Shared(nobody), Some(nobody))
+        } else {
+            (FunctionUsers::Runner, None)
+        };
+        let driver = unprobed_driver(dir.path().to_owned(), users, None, Some(sh));
+        let spec = InstanceSpec {
+            app: "a".into(),
+            function: "f".into(),
+            command: vec!["true".into()],
+            image: None,
+            memory_mb: 64,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: config(&[
+                ("SHELLOPTS", "xtrace"),
+                ("PS4", &format!("$(touch {})", marker.display())),
+            ]),
+        };
+        let mut child = driver
+            .command(
+                &spec,
+                Path::new("/bin/true"),
+                dir.path(),
+                &dir.path().join("s"),
+                user,
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let early = marker.exists();
+        // The gate never opens: end-of-file ends the wrapper.
+        drop(child.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        assert!(!early, "tenant code ran before the gate");
+    }
+
     #[test]
     fn only_instance_directory_names_are_swept() {
         for name in ["deadbeef-1", "0123abcd-42.removing"] {
@@ -1120,6 +1255,9 @@ mod tests {
             "LD_AUDIT",
             "BASH_ENV",
             "ENV",
+            "SHELLOPTS",
+            "PS4",
+            "BASHOPTS",
         ] {
             assert!(read_before_the_gate(name), "{name}");
         }
