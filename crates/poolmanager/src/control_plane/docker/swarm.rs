@@ -13,7 +13,7 @@
 //! - runner services are placed by `FN_SWARM_CONSTRAINTS`.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::models::{
@@ -35,9 +35,21 @@ use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec};
 /// Task lists asked for at once while listing the runner services.
 const TASK_QUERIES_AT_ONCE: usize = 8;
 
-/// Failed tasks after which a runner service counts as not coming up (its task keeps being
-/// restarted by Swarm; the control plane gives up on it after its start timeout anyway).
+/// Failed tasks in a row, none of which ran (see [`RAN_FOR`]), after which a runner service
+/// counts as not coming up: Swarm would restart its task for ever (the restart policy sets no
+/// attempts limit), and a runner in a crash loop would keep its place in the LBs' lists.
 const FAILED_TASKS_GIVE_UP: usize = 3;
+
+/// How long a task that ended must have lasted, from its creation to its last update, to be
+/// taken for one that ran (started and served) rather than one of a crash loop. A task does
+/// not record whether it reached `running`: one that failed while starting and one that
+/// crashed after hours both end `failed`, and a crash loop's tasks do reach `running` for a
+/// moment. A loop's task lasts the restart delay (1 s), scheduling, attaching the overlay
+/// network, starting and crashing: the test swarm takes 11 s from asking for a service to
+/// its runner answering health, and a runner that serves answered within the control plane's
+/// start timeout (30 s by default). Both times are the manager's (a task's status timestamp
+/// is its node's clock).
+const RAN_FOR: Duration = Duration::from_secs(60);
 
 /// Runner services through a swarm manager's Engine API.
 #[derive(Debug, Clone)]
@@ -101,21 +113,78 @@ fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
     }
 }
 
-/// Whether a service's runner is up or may still come up: a task of it runs, or none was
-/// rejected (no image on the node, a constraint no node meets, a missing secret) and not
-/// too many failed. Swarm keeps a service's old tasks (five by default), so failures long
-/// past do not count against a runner that serves now.
+/// Whether a service's runner is up or may still come up, from the tasks Swarm keeps of it
+/// (five by default, in no useful order):
+/// - a task Swarm means to run (desired state `ready` or `running`) that runs: up. A task
+///   still reported `running` but meant to shut down never counts: when its node is lost
+///   Swarm replaces it and keeps reporting it `running` until the node returns, or for 24 h;
+/// - no task Swarm means to run: down (it restarts none after a clean exit, `on-failure`);
+/// - otherwise, newest first, the tasks that ended since the newest that ran (one reported
+///   `running`, or one that ended after [`RAN_FOR`]) decide: a rejected one (no image on
+///   the node, a missing secret; Swarm rejects what fails before the container starts), or
+///   [`FAILED_TASKS_GIVE_UP`] failed ones, mean down. A rejection or crashes before a task
+///   that ran are past: the runner served since, and Swarm restarts it under the same
+///   service.
+///
+/// A task that ended within [`RAN_FOR`] of its creation is taken for one that never served:
+/// its failure counts, and one that was shut down or completed that fast is passed over, so
+/// that a crash loop is told even if something stopped one of its tasks. A task whose times
+/// are missing or unreadable counts the same way, and one without a readable creation time
+/// sorts as the oldest.
 fn may_come_up(tasks: &[bollard::models::Task]) -> bool {
+    use TaskState::{FAILED, REJECTED, RUNNING};
     let state = |t: &bollard::models::Task| t.status.as_ref().and_then(|s| s.state);
-    if tasks.iter().any(|t| state(t) == Some(TaskState::RUNNING)) {
+    let meant_to_run = |t: &bollard::models::Task| t.desired_state.is_some_and(|d| d <= RUNNING);
+    if tasks
+        .iter()
+        .any(|t| meant_to_run(t) && state(t) == Some(RUNNING))
+    {
         return true;
     }
-    let rejected = tasks.iter().any(|t| state(t) == Some(TaskState::REJECTED));
-    let failed = tasks
-        .iter()
-        .filter(|t| state(t) == Some(TaskState::FAILED))
-        .count();
-    !rejected && failed < FAILED_TASKS_GIVE_UP
+    if !tasks.is_empty() && !tasks.iter().any(meant_to_run) {
+        return false;
+    }
+    // Newest first. The times are RFC 3339 with as many fraction digits as needed (Go drops
+    // trailing zeros), so they are parsed rather than compared as text.
+    let mut newest_first: Vec<_> = tasks.iter().collect();
+    newest_first.sort_by_key(|t| std::cmp::Reverse(task_time(t.created_at.as_ref())));
+    let mut failed = 0;
+    for task in newest_first {
+        match state(task) {
+            // Ran, and is not meant to run any more (its node was lost, or Swarm is stopping
+            // it): what failed before it is past.
+            Some(RUNNING) => return true,
+            Some(REJECTED) => return false,
+            Some(s) if s > RUNNING && ran(task) => return true,
+            Some(FAILED) => {
+                failed += 1;
+                if failed >= FAILED_TASKS_GIVE_UP {
+                    return false;
+                }
+            }
+            // Not started yet, or stopped by Swarm before it served.
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Whether a task that ended lasted [`RAN_FOR`] from its creation to its last update.
+fn ran(task: &bollard::models::Task) -> bool {
+    match (
+        task_time(task.created_at.as_ref()),
+        task_time(task.updated_at.as_ref()),
+    ) {
+        (Some(created), Some(updated)) => updated
+            .duration_since(created)
+            .is_ok_and(|lasted| lasted >= RAN_FOR),
+        _ => false,
+    }
+}
+
+/// A task's time as the Engine API gives it (RFC 3339 in UTC).
+fn task_time(date: Option<&String>) -> Option<SystemTime> {
+    humantime::parse_rfc3339(date?).ok()
 }
 
 /// The service spec of a runner. `secret_ids` are the ids of the certificate secrets, in
@@ -336,10 +405,20 @@ impl Engine for SwarmEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use TaskState::{COMPLETE, FAILED, PENDING, READY, REJECTED, RUNNING, SHUTDOWN, STARTING};
     use bollard::models::{Task, TaskStatus};
+    use std::time::UNIX_EPOCH;
 
-    fn task(state: TaskState, desired: TaskState) -> Task {
+    /// A task created `created` seconds into the test and last updated `lasted` seconds
+    /// after that, the times written as the Engine API writes them.
+    fn task(created: u64, lasted: u64, state: TaskState, desired: TaskState) -> Task {
+        let at = |secs: u64| {
+            let time = UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs);
+            humantime::format_rfc3339_nanos(time).to_string()
+        };
         Task {
+            created_at: Some(at(created)),
+            updated_at: Some(at(created + lasted)),
             status: Some(TaskStatus {
                 state: Some(state),
                 ..TaskStatus::default()
@@ -351,46 +430,155 @@ mod tests {
 
     #[test]
     fn a_service_is_its_runner_until_its_task_is_rejected_or_fails_repeatedly() {
-        use TaskState::{FAILED, PENDING, REJECTED, RUNNING, SHUTDOWN, STARTING};
         assert_eq!(
-            service_state(&[task(RUNNING, RUNNING)]),
+            service_state(&[task(0, 0, RUNNING, RUNNING)]),
             ContainerState::Running
         );
         assert_eq!(
-            service_state(&[task(STARTING, RUNNING)]),
+            service_state(&[task(0, 0, STARTING, RUNNING)]),
             ContainerState::Running,
             "starting until the image's health check passes"
         );
         assert_eq!(
-            service_state(&[task(FAILED, SHUTDOWN), task(PENDING, RUNNING)]),
+            service_state(&[task(0, 5, FAILED, SHUTDOWN), task(5, 0, PENDING, RUNNING)]),
             ContainerState::Running,
             "a runner Swarm restarts keeps its place"
         );
         assert_eq!(
-            service_state(&[task(REJECTED, SHUTDOWN)]),
-            ContainerState::Stopped
+            service_state(&[task(0, 5, REJECTED, SHUTDOWN), task(5, 0, PENDING, READY)]),
+            ContainerState::Stopped,
+            "a fresh rejection"
         );
-        assert!(may_come_up(&[task(PENDING, RUNNING)]));
-        assert!(may_come_up(&[
-            task(FAILED, SHUTDOWN),
-            task(PENDING, RUNNING)
-        ]));
-        assert!(!may_come_up(&[task(REJECTED, SHUTDOWN)]));
+        assert!(may_come_up(&[]), "Swarm has not made the first task yet");
+        assert!(may_come_up(&[task(0, 0, PENDING, RUNNING)]));
         assert!(!may_come_up(&[
-            task(FAILED, SHUTDOWN),
-            task(FAILED, SHUTDOWN),
-            task(FAILED, SHUTDOWN)
+            task(0, 5, FAILED, SHUTDOWN),
+            task(5, 5, FAILED, SHUTDOWN),
+            task(10, 5, FAILED, SHUTDOWN),
+            task(15, 0, PENDING, READY)
         ]));
         // Old failures, a task serving now: the runner is up.
         assert_eq!(
             service_state(&[
-                task(FAILED, SHUTDOWN),
-                task(REJECTED, SHUTDOWN),
-                task(FAILED, SHUTDOWN),
-                task(FAILED, SHUTDOWN),
-                task(RUNNING, RUNNING)
+                task(0, 5, FAILED, SHUTDOWN),
+                task(5, 5, REJECTED, SHUTDOWN),
+                task(10, 5, FAILED, SHUTDOWN),
+                task(15, 5, FAILED, SHUTDOWN),
+                task(20, 0, RUNNING, RUNNING)
             ]),
             ContainerState::Running
+        );
+    }
+
+    #[test]
+    fn a_task_left_running_on_a_lost_node_does_not_keep_a_rejected_service_up() {
+        // The node went down an hour in; Swarm still reports its task running, and every
+        // node left rejects the replacement (no image there).
+        let lost = task(0, 3_600, RUNNING, SHUTDOWN);
+        assert_eq!(
+            service_state(&[
+                task(3_602, 1, REJECTED, SHUTDOWN),
+                lost.clone(),
+                task(3_603, 0, PENDING, READY),
+                task(3_600, 2, REJECTED, SHUTDOWN),
+            ]),
+            ContainerState::Stopped
+        );
+        assert!(
+            may_come_up(&[lost, task(3_600, 0, PENDING, RUNNING)]),
+            "until the replacement is rejected, it may come up"
+        );
+    }
+
+    #[test]
+    fn crashes_before_a_task_that_ran_are_past() {
+        // Three crashes over the runner's life, each after hours of serving; the fourth
+        // task served for a day, then crashed; Swarm is restarting it.
+        let life = [
+            task(0, 7_200, FAILED, SHUTDOWN),
+            task(7_201, 20_000, FAILED, SHUTDOWN),
+            task(27_202, 9_000, FAILED, SHUTDOWN),
+            task(36_203, 86_400, FAILED, SHUTDOWN),
+        ];
+        let mut tasks = vec![task(122_604, 0, PENDING, RUNNING)];
+        tasks.extend(life.iter().cloned());
+        assert_eq!(service_state(&tasks), ContainerState::Running);
+
+        // A crash loop in its first minutes: three short-lived failures in a row.
+        let looping = [
+            task(0, 8, FAILED, SHUTDOWN),
+            task(8, 9, FAILED, SHUTDOWN),
+            task(17, 8, FAILED, SHUTDOWN),
+            task(25, 0, PENDING, READY),
+        ];
+        assert_eq!(service_state(&looping), ContainerState::Stopped);
+
+        // The same crashes before a task that served for a day, and one since: up, until
+        // the crashes since make a loop of their own.
+        let served = task(100_000, 86_400, FAILED, SHUTDOWN);
+        let mut tasks = looping[..3].to_vec();
+        tasks.extend([
+            served.clone(),
+            task(186_401, 8, FAILED, SHUTDOWN),
+            task(186_409, 0, PENDING, READY),
+        ]);
+        assert_eq!(service_state(&tasks), ContainerState::Running);
+        let tasks = [
+            served,
+            task(186_401, 8, FAILED, SHUTDOWN),
+            task(186_409, 8, FAILED, SHUTDOWN),
+            task(186_417, 9, FAILED, SHUTDOWN),
+            task(186_426, 0, PENDING, READY),
+        ];
+        assert_eq!(
+            service_state(&tasks),
+            ContainerState::Stopped,
+            "three short-lived failures since the task that ran"
+        );
+    }
+
+    #[test]
+    fn a_rejection_long_past_does_not_count() {
+        // Rejected on a node without the image, then served for two hours on another; the
+        // creation times are a second apart less half a second, which the text alone
+        // would order the wrong way (Go writes no trailing zeros: `01Z` after `01.5Z`).
+        let at = |time: &str| Some(time.to_owned());
+        let rejected = Task {
+            created_at: at("2024-05-01T10:00:01Z"),
+            updated_at: at("2024-05-01T10:00:01.4Z"),
+            ..task(0, 0, REJECTED, SHUTDOWN)
+        };
+        let served = Task {
+            created_at: at("2024-05-01T10:00:01.5Z"),
+            updated_at: at("2024-05-01T12:00:01.5Z"),
+            ..task(0, 0, FAILED, SHUTDOWN)
+        };
+        let restarting = Task {
+            created_at: at("2024-05-01T12:00:01.6Z"),
+            updated_at: at("2024-05-01T12:00:01.6Z"),
+            ..task(0, 0, PENDING, READY)
+        };
+        assert_eq!(
+            service_state(&[restarting, rejected, served]),
+            ContainerState::Running
+        );
+    }
+
+    #[test]
+    fn a_service_swarm_restarts_nothing_of_is_stopped() {
+        // The runner exited cleanly (stopped by hand on its node): `on-failure` does not
+        // restart it.
+        assert_eq!(
+            service_state(&[task(0, 600, COMPLETE, SHUTDOWN)]),
+            ContainerState::Stopped
+        );
+        assert_eq!(
+            service_state(&[
+                task(0, 600, COMPLETE, SHUTDOWN),
+                task(600, 5, FAILED, RUNNING)
+            ]),
+            ContainerState::Running,
+            "a failure Swarm has yet to act on: it restarts the task"
         );
     }
 }
