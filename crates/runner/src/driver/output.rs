@@ -3,8 +3,10 @@
 //! (the rest of the line is skipped) so that a function cannot make the runner buffer
 //! without bound, and at most [`MAX_LINES_PER_SECOND`] lines of one instance are logged in a
 //! second (the rest are counted, and the count logged), so that one function cannot flood
-//! the runner's log, its disk and its CPU with it. Output keeps being read either way: a
-//! function is never blocked on a full pipe.
+//! the runner's log, its disk and its CPU with it. Output keeps being read either way, up to
+//! [`MAX_BYTES_PER_SECOND`] of a stream: beyond it, reading pauses until the second is over,
+//! and a function that floods its output waits on its own full pipe. Read and dropped, a
+//! flood took about half a core of the thread that serves the runner's calls.
 //!
 //! Each line carries the id of the call the instance took last (the one that started it,
 //! until it takes another): with one call at a time, the call the line belongs to.
@@ -16,6 +18,12 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// Most lines of one instance's output logged in a second (both streams together).
 pub(crate) const MAX_LINES_PER_SECOND: u32 = 1000;
+
+/// Most bytes of one output stream read in a second: [`MAX_LINES_PER_SECOND`] lines of
+/// 1 KiB. A function that writes more loses most of it to the line budget anyway; the bound
+/// keeps the cost of reading and splitting what is dropped (a flood of empty lines is a
+/// million lines a megabyte) to a small share of the runner's thread.
+pub(crate) const MAX_BYTES_PER_SECOND: usize = 1024 * 1024;
 
 /// What identifies an instance in logs, and the budget its output is logged within.
 #[derive(Debug)]
@@ -166,6 +174,8 @@ where
     let mut reader = BufReader::new(reader);
     let mut lines = LineSplitter::new(MAX_LINE);
     let emit = |line: &[u8], truncated: bool| log_line(&labels, stream, line, truncated);
+    let mut window = tokio::time::Instant::now();
+    let mut read_in_window = 0usize;
     loop {
         let chunk = match reader.fill_buf().await {
             Ok(chunk) => chunk,
@@ -180,6 +190,16 @@ where
         let n = chunk.len();
         lines.push(chunk, emit);
         reader.consume(n);
+        read_in_window += n;
+        let now = tokio::time::Instant::now();
+        if now >= window + Duration::from_secs(1) {
+            window = now;
+            read_in_window = 0;
+        } else if read_in_window > MAX_BYTES_PER_SECOND {
+            window += Duration::from_secs(1);
+            tokio::time::sleep_until(window).await;
+            read_in_window = 0;
+        }
     }
     lines.finish(emit);
     labels.flush_dropped();
@@ -350,6 +370,45 @@ mod tests {
                 self.0.dropped.fetch_add(dropped.0, Relaxed);
             }
         }
+    }
+
+    /// A function that writes without end is read at most [`MAX_BYTES_PER_SECOND`] a
+    /// second (before, as fast as the runner's thread could go).
+    #[tokio::test]
+    async fn a_flood_of_output_is_read_at_a_bounded_rate() {
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Counted<R>(R, Arc<std::sync::atomic::AtomicUsize>);
+        impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let before = buf.filled().len();
+                let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+                let read = buf.filled().len() - before;
+                self.1.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+                polled
+            }
+        }
+        // A subscriber of its own, as the tally test beside it has: the first to reach a
+        // callsite with none caches it as disabled, and the tally's lines went unseen.
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::registry().with(TallyLayer(Arc::default())),
+        );
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flood = Counted(tokio::io::repeat(b'\n'), Arc::clone(&read));
+        let labels = Arc::new(Labels::new("a".into(), "f".into(), "i".into(), "c"));
+        let reading = tokio::spawn(log_lines(flood, Stream::Stdout, labels));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        reading.abort();
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        // Two windows begun in 1.5 s, each read to its bound and one buffer more.
+        assert!(
+            read <= 2 * (MAX_BYTES_PER_SECOND + 64 * 1024),
+            "{read} bytes read in 1.5 s"
+        );
+        assert!(read >= 64 * 1024, "{read} bytes read in 1.5 s: it is read");
     }
 
     #[tokio::test]
