@@ -234,14 +234,6 @@ fn validate(
             format!("{route:?} has a . or .. segment, which clients remove before they send it"),
         ));
     }
-    // Bytes an HTTP request target may not carry raw (`<`, `>`, a backtick...): a request
-    // for the route would be refused before it reached the catalog.
-    if route.parse::<http::uri::PathAndQuery>().is_err() {
-        return Err(invalid(
-            "route",
-            format!("{route:?} contains characters a request target may not carry"),
-        ));
-    }
     // A client percent-encodes anything but ASCII, and the LB decodes only the escapes of
     // unreserved characters before matching: such a route could never be called.
     if !route.is_ascii() || route.contains('%') {
@@ -250,6 +242,18 @@ fn validate(
             format!(
                 "{route:?} must be ASCII without '%': clients percent-encode other characters, \
                  and paths are matched with only unreserved characters decoded"
+            ),
+        ));
+    }
+    // Only what a path carries raw (RFC 3986 `pchar` and `/`): a request target may not
+    // carry `<` or a backtick, and browsers and HTTP libraries percent-encode `"`, `{`, `}`,
+    // `|`, `\` and `^` (which `http` lets through), so such a route is called by no client.
+    if let Some(bad) = route.chars().find(|&c| !is_path_char(c)) {
+        return Err(invalid(
+            "route",
+            format!(
+                "{route:?} contains {bad:?}, which clients percent-encode or may not send: use \
+                 letters, digits, / and -._~!$&'()*+,;=:@"
             ),
         ));
     }
@@ -473,6 +477,11 @@ fn without_values(message: &str) -> String {
     format!("{}{expected}", kept.trim_end())
 }
 
+/// Whether `c` may stand in a route: an RFC 3986 `pchar` other than a percent-escape, or `/`.
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,6 +563,12 @@ GREETING = "Hi"
             ("route = \"/a/.\"", "function demo/f: field `route`"),
             ("route = \"/a<b\"", "function demo/f: field `route`"),
             ("route = \"/a`b\"", "function demo/f: field `route`"),
+            ("route = \"/a{b}\"", "function demo/f: field `route`"),
+            ("route = \"/a|b\"", "function demo/f: field `route`"),
+            ("route = \"/a^b\"", "function demo/f: field `route`"),
+            ("route = \"/a\\\"b\"", "function demo/f: field `route`"),
+            ("route = \"/a\\\\b\"", "function demo/f: field `route`"),
+            ("route = \"/a?b\"", "function demo/f: field `route`"),
             ("lb_group = \"a b\"", "function demo/f: field `lb_group`"),
             (
                 "config = { \"1X\" = \"y\" }",
