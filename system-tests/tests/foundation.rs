@@ -60,6 +60,17 @@ async fn invalid_values_exit_2_naming_the_variable() -> anyhow::Result<()> {
     .await?;
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("FN_GRPC_PORT"), "{stderr}");
+    // Port 0 would be a port the kernel picks, which no peer could find.
+    for (bin, var) in [
+        ("lb-agent", "FN_PORT"),
+        ("pure-runner", "FN_GRPC_PORT"),
+        ("npm", "FN_GRPC_PORT"),
+    ] {
+        let (status, stderr) =
+            run_to_exit(bin, &merge(&[&certs.env(), &env(&[(var, "0")])])).await?;
+        assert_eq!(status.code(), Some(2), "{bin}: {stderr}");
+        assert!(stderr.contains(&format!("{var}: ")), "{bin}: {stderr}");
+    }
     let (status, stderr) = run_to_exit(
         "npm",
         &env(&[

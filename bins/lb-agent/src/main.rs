@@ -41,7 +41,7 @@ struct Cli {
     #[command(flatten)]
     tls: TlsArgs,
     /// HTTP port for invocations and GET /health.
-    #[arg(long, env = "FN_PORT", default_value_t = 8080)]
+    #[arg(long, env = "FN_PORT", default_value_t = 8080, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// Function catalog (TOML). SIGHUP reloads it.
     #[arg(long, env = "FN_FUNCTIONS_FILE")]
@@ -149,6 +149,12 @@ async fn daemon(cli: Cli) -> ExitCode {
                     .replace("FN_RUNNER_ADDRESSES", "FN_NPM_ADDRESS"),
             )
         });
+        if !addresses.is_empty() {
+            tracing::warn!(
+                "FN_RUNNER_ADDRESSES is not used: FN_NPM_ADDRESS is set, and the npm's lists \
+                 are the runners (unset one of them)"
+            );
+        }
     } else if addresses.is_empty() {
         exit_config_error(
             "FN_RUNNER_ADDRESSES: required unless FN_NPM_ADDRESS is set (runner host:port list)",
@@ -289,7 +295,9 @@ async fn daemon(cli: Cli) -> ExitCode {
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
     health.set_serving().await;
-    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = addresses.len(), max_connections, shards = cli.common.shards, "lb-agent serving");
+    // With the npm, its lists are the runners; a static list given too is not used.
+    let static_runners = npm_address.is_none().then_some(addresses.len());
+    tracing::info!(port = cli.port, placer = %cli.placer, lb_id = %lb_id, npm = ?npm_address, runners = ?static_runners, max_connections, shards = cli.common.shards, "lb-agent serving");
 
     let result = services.run(shutdown, cli.common.shutdown_timeout).await;
     // The shards stop once every service has: connections on them drained first.

@@ -22,7 +22,7 @@ struct Cli {
     #[command(flatten)]
     tls: TlsArgs,
     /// gRPC port for the LBs (NodePoolScaler, RunnerManager) and health checks.
-    #[arg(long, env = "FN_GRPC_PORT", default_value_t = 9120)]
+    #[arg(long, env = "FN_GRPC_PORT", default_value_t = 9120, value_parser = clap::value_parser!(u16).range(1..))]
     grpc_port: u16,
     #[command(flatten)]
     control_plane: ControlPlaneArgs,

@@ -49,7 +49,7 @@ struct Cli {
     #[command(flatten)]
     tls: TlsArgs,
     /// gRPC port for LBs (RunnerProtocol) and health checks.
-    #[arg(long, env = "FN_GRPC_PORT", default_value_t = 9190)]
+    #[arg(long, env = "FN_GRPC_PORT", default_value_t = 9190, value_parser = clap::value_parser!(u16).range(1..))]
     grpc_port: u16,
     /// Memory this runner gives to calls, in MB [default: the machine's or cgroup's total].
     #[arg(long, env = "FN_MAX_MEMORY_MB")]

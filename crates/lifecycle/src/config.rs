@@ -27,7 +27,7 @@ pub struct CommonArgs {
     pub shutdown_timeout: Duration,
     /// Port for the Prometheus scrape endpoint (`GET /metrics`, plain HTTP) on the listen
     /// address. Unset: no metrics listener is opened.
-    #[arg(long, env = "FN_METRICS_PORT")]
+    #[arg(long, env = "FN_METRICS_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub metrics_port: Option<u16>,
     /// Threads that run the daemon's work [default: the CPUs this process may use]. Where
     /// daemons share a few cores (an lb-agent and a runner on one small machine), 1 each is
@@ -288,6 +288,13 @@ mod tests {
             try_parse_from::<Cli, _, _>(["x", "--metrics-port", "http"])
         else {
             panic!("expected an invalid-configuration outcome");
+        };
+        assert!(line.starts_with("FN_METRICS_PORT: "), "{line}");
+        // Port 0 would listen on a port the kernel picks, which no one could find.
+        let Err(ParseOutcome::Invalid(line)) =
+            try_parse_from::<Cli, _, _>(["x", "--metrics-port", "0"])
+        else {
+            panic!("port 0 accepted");
         };
         assert!(line.starts_with("FN_METRICS_PORT: "), "{line}");
     }
