@@ -93,6 +93,19 @@ pub fn classify(e: BollardError, what: &str) -> EngineError {
     }
 }
 
+/// Sorts a bollard error of an action on `what` whose 404 is about something else it needs
+/// (creating or starting a container: its image, network or volume), as a failure that
+/// keeps the engine's message ("No such image: ...").
+pub fn classify_action(e: BollardError, what: &str) -> EngineError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => EngineError::Failed(format!("{what}: Docker answered {status_code}: {message}")),
+        other => EngineError::Failed(format!("{what}: {other}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +131,14 @@ mod tests {
             text.contains("409") && text.contains("name in use") && text.contains("fn-a"),
             "{text}"
         );
+        // Creating a container whose image is gone: the engine says which.
+        let no_image = BollardError::DockerResponseServerError {
+            status_code: 404,
+            message: "No such image: nope:1".into(),
+        };
+        let EngineError::Failed(text) = classify_action(no_image, "fn-a") else {
+            panic!("a 404 of a create is not the container missing");
+        };
+        assert!(text.contains("No such image: nope:1"), "{text}");
     }
 }

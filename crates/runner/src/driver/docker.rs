@@ -540,7 +540,8 @@ impl DockerDriver {
             }
         };
         if let Err(e) = self.docker.start_container(&container, None).await {
-            let e = classify(e, &name);
+            // A 404 here is of something the container needs (the engine says which).
+            let e = fn_docker::classify_action(e, &name);
             // Retried: an engine too slow to start it may be too slow to remove it at once,
             // and a container left running would hold memory the pool no longer counts.
             remove_in_background(

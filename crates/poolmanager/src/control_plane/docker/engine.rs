@@ -272,14 +272,15 @@ impl Engine for BollardEngine {
             let options = CreateContainerOptionsBuilder::default()
                 .name(&spec.name)
                 .build();
+            // A 404 here is of the image, network or volume (the engine says which).
             self.docker
                 .create_container(Some(options), create_body(spec))
                 .await
-                .map_err(|e| classify(e, &spec.name))?;
+                .map_err(|e| fn_docker::classify_action(e, &spec.name))?;
             self.docker
                 .start_container(&spec.name, None)
                 .await
-                .map_err(|e| classify(e, &spec.name))
+                .map_err(|e| fn_docker::classify_action(e, &spec.name))
         })
     }
 

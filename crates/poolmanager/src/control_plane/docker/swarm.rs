@@ -359,7 +359,7 @@ impl Engine for SwarmEngine {
                 .create_service(service_spec(spec, &secret_ids), None)
                 .await
                 .map(drop)
-                .map_err(|e| classify(e, &spec.name))
+                .map_err(|e| fn_docker::classify_action(e, &spec.name))
         })
     }
 
