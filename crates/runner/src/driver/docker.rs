@@ -262,7 +262,15 @@ pub struct DockerMetrics {
     starts: Family<FunctionLabel, Counter>,
     start_failures: Family<FunctionLabel, Counter>,
     start_seconds: HistogramFamily<FunctionLabel>,
+    /// The functions with series of their own, at most [`MAX_FUNCTION_SERIES`].
+    labelled: Arc<std::sync::Mutex<std::collections::HashSet<FunctionLabel>>>,
 }
+
+/// Most functions with series of their own in the container metrics; the starts of others
+/// are counted under app and function `_other`. The names come from the calls the LBs send
+/// (every function of the catalog over the runner's life, or names made up by a peer with
+/// a node certificate), and a series is never removed.
+const MAX_FUNCTION_SERIES: usize = 1024;
 
 impl DockerMetrics {
     /// Creates the families and registers them in `registry` (once per registry).
@@ -271,6 +279,7 @@ impl DockerMetrics {
             starts: Family::default(),
             start_failures: Family::default(),
             start_seconds: Family::new_with_constructor(start_histogram),
+            labelled: Arc::default(),
         };
         registry.register(
             "fn_runner_container_starts",
@@ -292,7 +301,7 @@ impl DockerMetrics {
     }
 
     fn started(&self, spec: &InstanceSpec, took: Duration) {
-        let label = label(spec);
+        let label = self.label(spec);
         self.start_seconds
             .get_or_create(&label)
             .observe(took.as_secs_f64());
@@ -300,14 +309,30 @@ impl DockerMetrics {
     }
 
     fn failed(&self, spec: &InstanceSpec) {
-        self.start_failures.get_or_create(&label(spec)).inc();
+        self.start_failures.get_or_create(&self.label(spec)).inc();
     }
-}
 
-fn label(spec: &InstanceSpec) -> FunctionLabel {
-    FunctionLabel {
-        app: spec.app.clone(),
-        function: spec.function.clone(),
+    /// The function's label, or `_other` once [`MAX_FUNCTION_SERIES`] functions have one.
+    fn label(&self, spec: &InstanceSpec) -> FunctionLabel {
+        let label = FunctionLabel {
+            app: spec.app.clone(),
+            function: spec.function.clone(),
+        };
+        let mut labelled = self
+            .labelled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if labelled.contains(&label) {
+            return label;
+        }
+        if labelled.len() < MAX_FUNCTION_SERIES {
+            labelled.insert(label.clone());
+            return label;
+        }
+        FunctionLabel {
+            app: "_other".into(),
+            function: "_other".into(),
+        }
     }
 }
 
@@ -1186,6 +1211,44 @@ fn untagged(image: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past [`MAX_FUNCTION_SERIES`] functions, starts are counted under `_other`: the
+    /// series stay bounded however many names the calls bring.
+    #[test]
+    fn container_metrics_hold_a_bounded_number_of_functions() {
+        let mut registry = Registry::default();
+        let metrics = DockerMetrics::register(&mut registry);
+        let spec = |name: String| InstanceSpec {
+            app: "a".into(),
+            function: name,
+            command: Vec::new(),
+            image: Some("i:1".into()),
+            memory_mb: 64,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: std::collections::BTreeMap::new(),
+        };
+        for i in 0..MAX_FUNCTION_SERIES + 500 {
+            metrics.failed(&spec(format!("f{i}")));
+        }
+        metrics.failed(&spec("f0".into()));
+        let text = fn_lifecycle::metrics::encode(&registry).expect("encoded");
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("fn_runner_container_start_failures_total{"))
+            .count();
+        assert_eq!(series, MAX_FUNCTION_SERIES + 1, "one for the rest");
+        assert!(
+            text.contains(
+                r#"fn_runner_container_start_failures_total{app="_other",function="_other"} 500"#
+            ),
+            "the rest counted together"
+        );
+        assert!(
+            text.contains(r#"fn_runner_container_start_failures_total{app="a",function="f0"} 2"#),
+            "a function with a series keeps it"
+        );
+    }
 
     /// The container's environment: the config, then the contract's variables, which win;
     /// Fn's ids default to the app's name and `app/name` unless the config sets them.
