@@ -286,6 +286,9 @@ pub struct ProcessDriver {
     /// vetted costs no file-system calls. A start vets again and forgets a program that no
     /// longer passes; the functions directory is the operator's, so nothing else changes it.
     vetted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The socket root's device and inode as last checked (see
+    /// [`ProcessDriver::check_socket_root`]).
+    root_seen: std::sync::Mutex<Option<(u64, u64, u32, u32)>>,
 }
 
 /// Most programs remembered as vetted; past it the memory starts over.
@@ -312,16 +315,7 @@ impl ProcessDriver {
             });
         }
 
-        // A user every function's uid stands for in the checks: with uids of their own,
-        // functions are neither owner nor group of the directories they must reach.
-        let typical = match config.function_users {
-            FunctionUsers::Runner => None,
-            FunctionUsers::Shared(user) => Some(user),
-            FunctionUsers::PerFunction(range) => Some(FunctionUser {
-                uid: range.first,
-                gid: range.first,
-            }),
-        };
+        let typical = typical_user(config.function_users);
         if let Some(user) = typical {
             reachable_by(&functions_dir, user).map_err(|reason| SetupError::FunctionsDir {
                 path: config.functions_dir.clone(),
@@ -330,6 +324,7 @@ impl ProcessDriver {
         }
 
         let socket_root = prepare_socket_root(&config.socket_root, typical)?;
+        let root_seen = std::sync::Mutex::new(dir_identity(&socket_root));
         let root_lock = claim_socket_root(&socket_root);
         if root_lock.is_some() {
             sweep_leftovers(&socket_root);
@@ -387,6 +382,7 @@ impl ProcessDriver {
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
             _root_lock: root_lock,
+            root_seen,
         })
     }
 
@@ -455,6 +451,7 @@ impl ProcessDriver {
         let labels = Labels::new(spec.app.clone(), spec.function.clone(), id.clone(), call_id);
 
         let user = self.user_for(spec)?;
+        self.check_socket_root()?;
         self.create_instance_dir(&dir, user)?;
         let cgroup = match cgroup::InstanceCgroup::create(
             &self.memory,
@@ -620,6 +617,31 @@ impl ProcessDriver {
         Ok(())
     }
 
+    /// Checks, before an instance directory is made in it, that the socket root is still the
+    /// directory checked at start. One removed while the runner runs (a /tmp cleaner) failed
+    /// every start until a restart; one made again by another user (in a shared /tmp) would
+    /// be a directory they could swap instance directories in. Either way it is prepared and
+    /// checked again as at start: made anew, or refused when it is not the runner's own.
+    fn check_socket_root(&self) -> Result<(), DriverError> {
+        let mut seen = self
+            .root_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = dir_identity(&self.socket_root);
+        if now.is_some() && now == *seen {
+            return Ok(());
+        }
+        prepare_socket_root(&self.socket_root, typical_user(self.function_users))
+            .map_err(|e| DriverError::Start(format!("{e} (it changed while the runner ran)")))?;
+        tracing::warn!(
+            socket_root = %self.socket_root.display(),
+            "the socket root was removed or replaced while the runner ran (a /tmp cleaner?): \
+             made again and checked"
+        );
+        *seen = dir_identity(&self.socket_root);
+        Ok(())
+    }
+
     /// The child's command: the `wrapper` shell running [`WRAPPER_SCRIPT`] for the program,
     /// or the program itself when there is no shell.
     fn command(
@@ -769,6 +791,29 @@ impl Driver for ProcessDriver {
 
 /// Creates the socket root (mode `0711` when this creates it), checks it, and returns its
 /// canonical path.
+/// A user every function's uid stands for in the checks: with uids of their own, functions
+/// are neither owner nor group of the directories they must reach.
+fn typical_user(users: FunctionUsers) -> Option<FunctionUser> {
+    match users {
+        FunctionUsers::Runner => None,
+        FunctionUsers::Shared(user) => Some(user),
+        FunctionUsers::PerFunction(range) => Some(FunctionUser {
+            uid: range.first,
+            gid: range.first,
+        }),
+    }
+}
+
+/// The device, inode, owner and mode of the directory at `path` (not followed if a link);
+/// `None` when there is none. With its owner and mode: an inode number is soon used again.
+fn dir_identity(path: &Path) -> Option<(u64, u64, u32, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_dir)
+        .map(|meta| (meta.dev(), meta.ino(), meta.uid(), meta.mode()))
+}
+
 fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBuf, SetupError> {
     let fail = |reason: String| SetupError::SocketRoot {
         path: root.to_path_buf(),
@@ -995,6 +1040,7 @@ mod tests {
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::default(),
             _root_lock: None,
+            root_seen: std::sync::Mutex::default(),
         }
     }
     use std::os::unix::fs::PermissionsExt;
@@ -1228,6 +1274,32 @@ mod tests {
         drop(child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         assert!(!early, "tenant code ran before the gate");
+    }
+
+    /// A socket root removed while the runner runs is made again at the next start; one
+    /// another user made in its place is refused.
+    #[test]
+    fn a_socket_root_removed_or_replaced_is_prepared_again() {
+        let outer = tempfile::tempdir().expect("tempdir");
+        let root = outer.path().join("sockets");
+        let mut driver =
+            unprobed_driver(outer.path().to_owned(), FunctionUsers::Runner, None, None);
+        driver.socket_root = prepare_socket_root(&root, None).expect("prepared");
+        *driver.root_seen.lock().expect("lock") = dir_identity(&driver.socket_root);
+        driver.check_socket_root().expect("unchanged");
+        std::fs::remove_dir(&root).expect("a cleaner removes it");
+        driver.check_socket_root().expect("made again");
+        assert!(root.is_dir());
+        if nix::unistd::geteuid().is_root() {
+            std::fs::remove_dir(&root).expect("removed");
+            std::fs::create_dir(&root).expect("another user's");
+            nix::unistd::chown(&root, Some(nix::unistd::Uid::from_raw(65534)), None)
+                .expect("chown");
+            let Err(DriverError::Start(said)) = driver.check_socket_root() else {
+                panic!("another user's socket root was taken");
+            };
+            assert!(said.contains("owned by uid 65534"), "{said}");
+        }
     }
 
     #[test]
