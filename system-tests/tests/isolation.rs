@@ -113,10 +113,14 @@ struct Target {
 
 impl Target {
     fn of(cluster: &Cluster, victim: u32) -> anyhow::Result<Target> {
-        let dir = environ_var(victim, "HOME")?;
         let socket = environ_var(victim, "FN_LISTENER")?
             .trim_start_matches("unix:")
             .to_owned();
+        let dir = std::path::Path::new(&socket)
+            .parent()
+            .context("the socket is in the instance directory")?
+            .display()
+            .to_string();
         let root = std::path::Path::new(&dir)
             .parent()
             .context("the instance directory has a parent")?

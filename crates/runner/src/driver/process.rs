@@ -739,9 +739,15 @@ impl ProcessDriver {
             .env("FN_APP_NAME", &spec.app)
             .env("FN_FN_NAME", &spec.function)
             .env("FN_MEMORY", spec.memory_mb.to_string())
-            .env("FN_TYPE", "sync")
-            .env("HOME", dir)
-            .env("TMPDIR", dir.join(INSTANCE_TMP));
+            .env("FN_TYPE", "sync");
+        // In namespaces `/tmp` is the instance's own tmpfs, whose pages count in its memory
+        // limit; the instance directory is the host's, bound in, where what a function
+        // writes went to the host's disk without a bound.
+        if isolated.is_some() {
+            cmd.env("HOME", "/tmp").env("TMPDIR", "/tmp");
+        } else {
+            cmd.env("HOME", dir).env("TMPDIR", dir.join(INSTANCE_TMP));
+        }
         cmd.current_dir(&self.functions_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1180,6 +1186,18 @@ mod tests {
                 .any(|(k, _)| k == "FN_ISOLATE_CONFIG_LD_PRELOAD"),
             "{plain:?}"
         );
+        // A temporary directory that counts in the instance's memory limit in namespaces
+        // (its own tmpfs `/tmp`); without them, the instance directory's.
+        let var = |envs: &[(String, Option<std::ffi::OsString>)], name: &str| {
+            envs.iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.clone())
+        };
+        for name in ["HOME", "TMPDIR"] {
+            assert_eq!(var(&isolated, name), Some("/tmp".into()), "{name}");
+        }
+        assert_eq!(var(&plain, "HOME"), Some("/tmp/i".into()));
+        assert_eq!(var(&plain, "TMPDIR"), Some("/tmp/i/tmp".into()));
     }
 
     /// Where `/bin/sh` is bash, what it reads as it starts (`SHELLOPTS=xtrace` with a `PS4`
