@@ -66,9 +66,15 @@ struct Cli {
     #[arg(long, env = "FN_FUNCTION_USER")]
     function_user: Option<String>,
     /// When the runner is root and FN_FUNCTION_USER is unset, each function (app and name)
-    /// runs as a uid and gid of its own from this range, kept for the runner's lifetime.
+    /// runs as a uid and gid of its own from this range, kept in FN_FUNCTION_UID_TABLE.
     #[arg(long, env = "FN_FUNCTION_UIDS", default_value = "100000-165535", value_parser = UidRange::parse)]
     function_uids: UidRange,
+    /// The host's table of the uid each function got from FN_FUNCTION_UIDS, shared by every
+    /// runner of the host: a uid is never given to two functions while it lasts. Its
+    /// directory and the file must be root's and writable by nobody else (the runner makes
+    /// them, 0700 and 0600). In /run by default, cleared at reboot like /tmp.
+    #[arg(long, env = "FN_FUNCTION_UID_TABLE", default_value = fn_runner::driver::process::DEFAULT_UID_TABLE)]
+    function_uid_table: PathBuf,
     /// Give each function instance a PID and a mount namespace of its own (it sees only its
     /// own processes, and a private /tmp), when the runner may make them (root or
     /// CAP_SYS_ADMIN; otherwise one warning at start).
@@ -242,6 +248,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     match function_users {
         FunctionUsers::PerFunction(range) => tracing::info!(
             uids = format!("{}-{}", range.first, range.last),
+            table = %cli.function_uid_table.display(),
             "each function runs as a uid of its own"
         ),
         FunctionUsers::Shared(user) => tracing::warn!(
@@ -269,6 +276,7 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
     tracing::debug!(open_files = open_files.in_force, "open-file limit");
     let driver_config = ProcessDriverConfig::new(functions_dir, &cli.socket_dir)
         .with_function_users(function_users)
+        .with_uid_table(&cli.function_uid_table)
         .with_isolation(isolation)
         .with_function_open_files(open_files.raised().then_some(open_files.inherited))
         .with_pids_limit(cli.function_pids_limit);

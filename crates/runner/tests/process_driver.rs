@@ -871,6 +871,36 @@ async fn setup_errors_name_what_is_wrong() {
     assert!(err.to_string().contains("symbolic link"), "{err}");
 }
 
+/// A table of function uids that others could write is refused at start (its writer could
+/// give one tenant's uid to another), and so is a uid per function without a table.
+#[test]
+fn an_unsafe_or_missing_uid_table_is_refused_at_start() {
+    let tmp = tempdir();
+    let table = tmp.path().join("uids/function-uids");
+    let config = |table: Option<&Path>| {
+        let config =
+            ProcessDriverConfig::new(fn_test_support::functions_dir(), tmp.path().join("s"))
+                .with_function_users(FunctionUsers::PerFunction(UidRange {
+                    first: 150_000,
+                    last: 150_009,
+                }))
+                .with_memory_limits(MemoryLimits::Off);
+        match table {
+            Some(path) => config.with_uid_table(path),
+            None => config,
+        }
+    };
+    ProcessDriver::new(config(Some(&table))).expect("driver");
+    std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let err = ProcessDriver::new(config(Some(&table))).expect_err("a 0666 table");
+    let message = err.to_string();
+    assert!(message.contains("FN_FUNCTION_UID_TABLE"), "{message}");
+    assert!(message.contains("writable by other users"), "{message}");
+
+    let err = ProcessDriver::new(config(None)).expect_err("no table");
+    assert!(err.to_string().contains("FN_FUNCTION_UID_TABLE"), "{err}");
+}
+
 /// The real uid of process `pid`, from `/proc`.
 fn uid_of(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -901,6 +931,7 @@ async fn each_function_runs_as_a_uid_of_its_own_with_a_private_tmpdir() {
     let driver = ProcessDriver::new(
         ProcessDriverConfig::new(fn_test_support::functions_dir(), tmp.path().join("s"))
             .with_function_users(FunctionUsers::PerFunction(range))
+            .with_uid_table(tmp.path().join("uids/function-uids"))
             .with_memory_limits(MemoryLimits::Off),
     )
     .expect("driver");

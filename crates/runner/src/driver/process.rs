@@ -11,6 +11,7 @@
 //! Layout:
 //! - this file: [`ProcessDriverConfig`], [`ProcessDriver`] and the start sequence;
 //! - `command`: resolving and vetting the program, [`FunctionUser`];
+//! - `uids`: the host's table of function uids (`FN_FUNCTION_UID_TABLE`);
 //! - `cgroup`: detecting cgroup support and per-instance memory and pids cgroups;
 //! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
 //!
@@ -30,6 +31,7 @@
 mod cgroup;
 mod command;
 mod instance;
+mod uids;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -44,6 +46,7 @@ pub use cgroup::{CgroupMode, CgroupPaths, MemoryLimitMode, MemoryLimits, PidsLim
 pub(crate) use command::check_config;
 pub use command::{FunctionUser, FunctionUsers, UidRange};
 pub use instance::ProcessInstance;
+pub use uids::DEFAULT_UID_TABLE;
 
 use super::output::Labels;
 use super::socket::{remove_instance_dir, wait_for_listener};
@@ -154,6 +157,10 @@ pub struct ProcessDriverConfig {
     pub socket_root: PathBuf,
     /// Who functions run as; see [`FunctionUsers`].
     pub function_users: FunctionUsers,
+    /// `FN_FUNCTION_UID_TABLE`: the host's table of the uid each function got, shared by
+    /// every runner of the host. Required with [`FunctionUsers::PerFunction`] (no default
+    /// here, so that a test cannot write the host's); unused otherwise.
+    pub uid_table: Option<PathBuf>,
     /// How instance memory and process limits are enforced; see [`MemoryLimits`].
     pub memory_limits: MemoryLimits,
     /// `FN_FUNCTION_PIDS_LIMIT`: most processes and threads one instance may have, wrapper
@@ -188,6 +195,7 @@ impl ProcessDriverConfig {
             functions_dir: functions_dir.into(),
             socket_root: socket_root.into(),
             function_users: FunctionUsers::Runner,
+            uid_table: None,
             memory_limits: MemoryLimits::default(),
             pids_limit: DEFAULT_PIDS_LIMIT,
             isolation: None,
@@ -223,6 +231,14 @@ impl ProcessDriverConfig {
         self
     }
 
+    /// Keeps the uid of each function in the table file at `path` (with
+    /// [`FunctionUsers::PerFunction`]).
+    #[must_use]
+    pub fn with_uid_table(mut self, path: impl Into<PathBuf>) -> Self {
+        self.uid_table = Some(path.into());
+        self
+    }
+
     /// Gives every function the soft open-file limit `limit` (`None`: the runner's own).
     #[must_use]
     pub fn with_function_open_files(mut self, limit: Option<u64>) -> Self {
@@ -250,6 +266,15 @@ pub enum SetupError {
     /// The function user does not exist or cannot be looked up.
     #[error("function user {name:?}: {reason}")]
     FunctionUser { name: String, reason: String },
+    /// The table of function uids is missing, cannot be made, or others could write it.
+    #[error("FN_FUNCTION_UID_TABLE {}: {reason}", path.display())]
+    UidTable { path: PathBuf, reason: String },
+    /// A uid per function, and no table to keep them in.
+    #[error(
+        "FN_FUNCTION_UID_TABLE: required with a uid per function (FN_FUNCTION_UIDS); set it \
+         to a file only root writes"
+    )]
+    UidTableUnset,
 }
 
 /// Runs function instances as child processes. See the module docs.
@@ -259,9 +284,8 @@ pub struct ProcessDriver {
     functions_dir: PathBuf,
     socket_root: PathBuf,
     function_users: FunctionUsers,
-    /// With [`FunctionUsers::PerFunction`]: the uid each function got, kept for the
-    /// runner's lifetime.
-    uids: std::sync::Mutex<command::UidTable>,
+    /// With [`FunctionUsers::PerFunction`]: the host's table of the uid each function got.
+    uids: Option<uids::UidTable>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
     /// Likewise, for the pids limit.
@@ -323,6 +347,17 @@ impl ProcessDriver {
             })?;
         }
 
+        // Before anything is made: a table others could write is a configuration error.
+        let uids = match (config.function_users, &config.uid_table) {
+            (FunctionUsers::PerFunction(range), Some(path)) => {
+                Some(uids::UidTable::open(path, range)?)
+            }
+            (FunctionUsers::PerFunction(_), None) => {
+                return Err(SetupError::UidTableUnset);
+            }
+            _ => None,
+        };
+
         let socket_root = prepare_socket_root(&config.socket_root, typical)?;
         let root_seen = std::sync::Mutex::new(dir_identity(&socket_root));
         let root_lock = claim_socket_root(&socket_root);
@@ -371,7 +406,7 @@ impl ProcessDriver {
             functions_dir,
             socket_root,
             function_users: config.function_users,
-            uids: std::sync::Mutex::default(),
+            uids,
             memory,
             pids,
             pids_limit: config.pids_limit,
@@ -555,21 +590,24 @@ impl ProcessDriver {
     }
 
     /// The user `spec`'s instances run as: with [`FunctionUsers::PerFunction`], the uid the
-    /// function got, or the next free one.
+    /// function holds in the host's table, or a free one given to it now.
     ///
     /// # Errors
-    /// [`DriverError::Start`] when every uid of the range is taken.
+    /// [`DriverError::Start`] when every uid of the range is held or the table cannot be
+    /// read or written.
     fn user_for(&self, spec: &InstanceSpec) -> Result<Option<FunctionUser>, DriverError> {
-        let range = match self.function_users {
+        match self.function_users {
             FunctionUsers::Runner => return Ok(None),
             FunctionUsers::Shared(user) => return Ok(Some(user)),
-            FunctionUsers::PerFunction(range) => range,
+            FunctionUsers::PerFunction(_) => {}
+        }
+        // `new` made sure of a table with a uid per function.
+        let Some(uids) = &self.uids else {
+            return Err(DriverError::Start(
+                "FN_FUNCTION_UID_TABLE: no table of function uids".into(),
+            ));
         };
-        let (user, new) = self
-            .uids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .user_for(range, &spec.app, &spec.function)?;
+        let (user, new) = uids.user_for(&spec.app, &spec.function)?;
         if new {
             tracing::info!(app = %spec.app, function = %spec.function, uid = user.uid, "function gets a uid of its own");
         }
@@ -1035,7 +1073,7 @@ mod tests {
             functions_dir,
             socket_root: PathBuf::new(),
             function_users,
-            uids: std::sync::Mutex::default(),
+            uids: None,
             memory: unenforced(),
             pids: unenforced(),
             pids_limit: 0,

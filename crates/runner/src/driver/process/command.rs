@@ -104,9 +104,10 @@ pub enum FunctionUsers {
     /// All as one unprivileged user (`FN_FUNCTION_USER`): the runner is safe from them, but
     /// they are not isolated from each other.
     Shared(FunctionUser),
-    /// Each function (app and name) as a uid and gid of its own from the range, kept for the
-    /// runner's lifetime: one function cannot read, signal or trace another's processes or
-    /// files. See [`UidTable`] for which uid a function gets.
+    /// Each function (app and name) as a uid and gid of its own from the range, kept in the
+    /// host's table (`FN_FUNCTION_UID_TABLE`, shared by every runner of the host): one
+    /// function cannot read, signal or trace another's processes or files. See the `uids`
+    /// module for which uid a function gets.
     PerFunction(UidRange),
 }
 
@@ -119,66 +120,6 @@ impl FunctionUsers {
             FunctionUsers::PerFunction(range) => (range.first..=range.last).contains(&uid),
         }
     }
-}
-
-/// The uid of each function, with [`FunctionUsers::PerFunction`]: where a function's name
-/// hashes to in the range (SipHash with fixed keys, so the same uid on every runner and
-/// after every restart), or the next free uid after it when another function of this run
-/// holds that one. Handing uids out in call order, as before, gave each uid to another
-/// function after a restart, with whatever the previous holder left behind under it.
-#[derive(Debug, Default)]
-pub(super) struct UidTable {
-    by_function: std::collections::HashMap<(String, String), FunctionUser>,
-    taken: std::collections::HashSet<u32>,
-}
-
-impl UidTable {
-    /// The uid of `app`/`function`, given one from `range` on its first call.
-    ///
-    /// # Errors
-    /// When every uid of the range is taken by another function.
-    pub(super) fn user_for(
-        &mut self,
-        range: UidRange,
-        app: &str,
-        function: &str,
-    ) -> Result<(FunctionUser, bool), DriverError> {
-        if let Some(user) = self.by_function.get(&(app.to_owned(), function.to_owned())) {
-            return Ok((*user, false));
-        }
-        let len = range.len();
-        let home = home_offset(app, function, len);
-        let free = (0..len)
-            .map(|step| (home + step) % len)
-            .filter_map(|offset| u32::try_from(offset).ok())
-            .map(|offset| range.first + offset)
-            .find(|uid| !self.taken.contains(uid))
-            .ok_or_else(|| {
-                DriverError::Start(format!(
-                    "FN_FUNCTION_UIDS {}-{}: every uid is taken by another function; widen \
-                     the range",
-                    range.first, range.last
-                ))
-            })?;
-        let user = FunctionUser {
-            uid: free,
-            gid: free,
-        };
-        self.taken.insert(free);
-        self.by_function
-            .insert((app.to_owned(), function.to_owned()), user);
-        Ok((user, true))
-    }
-}
-
-/// Where `app`/`function` hashes to in a range of `len` uids.
-fn home_offset(app: &str, function: &str, len: u64) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = siphasher::sip::SipHasher13::new_with_keys(0, 0);
-    hasher.write(app.as_bytes());
-    hasher.write_u8(0);
-    hasher.write(function.as_bytes());
-    hasher.finish() % len
 }
 
 /// Resolves `program` (a spec's `command[0]`) inside `functions_dir`, which must already be
@@ -255,51 +196,6 @@ pub(crate) fn check_config(config: &BTreeMap<String, String>) -> Result<(), Driv
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod uid_tests {
-    use super::*;
-
-    #[test]
-    fn a_function_gets_the_same_uid_whatever_the_order_of_calls() {
-        let range = UidRange::DEFAULT;
-        let mut first = UidTable::default();
-        let mut second = UidTable::default();
-        let names: Vec<String> = (0..50).map(|i| format!("fn-{i}")).collect();
-        let a: Vec<u32> = names
-            .iter()
-            .map(|n| first.user_for(range, "app", n).expect("uid").0.uid)
-            .collect();
-        // Another run, with the calls in the opposite order.
-        let mut b: Vec<u32> = names
-            .iter()
-            .rev()
-            .map(|n| second.user_for(range, "app", n).expect("uid").0.uid)
-            .collect();
-        b.reverse();
-        assert_eq!(a, b);
-        assert!(a.iter().all(|uid| (range.first..=range.last).contains(uid)));
-        let distinct: std::collections::HashSet<_> = a.iter().collect();
-        assert_eq!(distinct.len(), a.len(), "one uid per function");
-        // Asking again gives the same uid, and says it is not new.
-        let (again, new) = first.user_for(range, "app", "fn-7").expect("uid");
-        assert_eq!((again.uid, new), (a[7], false));
-    }
-
-    #[test]
-    fn a_uid_another_function_holds_is_skipped_and_a_full_range_is_an_error() {
-        let range = UidRange {
-            first: 1000,
-            last: 1001,
-        };
-        let mut table = UidTable::default();
-        let x = table.user_for(range, "a", "x").expect("uid").0.uid;
-        let y = table.user_for(range, "a", "y").expect("uid").0.uid;
-        assert_ne!(x, y);
-        let err = table.user_for(range, "a", "z").expect_err("full");
-        assert!(err.to_string().contains("widen the range"), "{err}");
-    }
 }
 
 #[cfg(test)]
