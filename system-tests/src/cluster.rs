@@ -153,6 +153,14 @@ impl Cluster {
         let client = certs.client()?;
         let dir = tempfile::tempdir()?;
         let functions_dir = fn_test_support::functions_dir().display().to_string();
+        // One table of function uids for the cluster's runners, as for the runners of one
+        // host; kept across a runner's restart.
+        let uid_table = dir
+            .path()
+            .join("uids")
+            .join("function-uids")
+            .display()
+            .to_string();
         let mut runners = Vec::new();
         for i in 0..setup.runners {
             let port = free_port()?;
@@ -182,6 +190,7 @@ impl Cluster {
                     ),
                     ("FN_MAX_MEMORY_MB", &setup.runner_memory_mb.to_string()),
                     ("FN_SHUTDOWN_TIMEOUT", "2s"),
+                    ("FN_FUNCTION_UID_TABLE", &uid_table),
                     // Tests tell instances apart by the pid functions report (X-Fn-Pid) and
                     // find them in /proc by it; in a PID namespace of its own every instance
                     // is pid 2. The isolation tests turn namespaces on.

@@ -173,6 +173,8 @@ pub struct Daemon {
 impl Daemon {
     /// Starts binary `bin` from the workspace's target directory with `env` (on top of a
     /// minimal environment: no inherited `FN_*` variables). Its stderr goes to a log file.
+    /// A `pure-runner` gets a table of function uids (`FN_FUNCTION_UID_TABLE`) of its own,
+    /// next to its log, unless `env` names one.
     ///
     /// # Errors
     /// When the binary cannot be started.
@@ -226,6 +228,16 @@ impl Daemon {
             if let Some(value) = std::env::var_os(var) {
                 cmd.env(var, value);
             }
+        }
+        if bin == "pure-runner" {
+            // As root, a runner keeps the uid of each function in the host's table, in /run
+            // unless told: one of the daemon's own, so that a test leaves nothing there and
+            // shares nothing with another. A test's own setting wins (a cluster's runners
+            // share one, as runners of a host do).
+            cmd.env(
+                "FN_FUNCTION_UID_TABLE",
+                log_dir.path().join("uids").join("function-uids"),
+            );
         }
         cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())

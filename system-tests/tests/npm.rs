@@ -50,6 +50,8 @@ struct Cluster {
     tls: TlsMode,
     _catalog_dir: tempfile::TempDir,
     _state_dir: tempfile::TempDir,
+    /// The runner executable the npm starts, and the runners' table of function uids.
+    _runner_dir: tempfile::TempDir,
     _certs: Certs,
 }
 
@@ -74,6 +76,8 @@ impl Cluster {
         let tls = certs.client()?;
         let state_dir = tempfile::tempdir()?;
         let state = state_dir.path().to_path_buf();
+        let runner_dir = tempfile::tempdir()?;
+        let runner_binary = with_uid_table(runner_dir.path(), runner_binary)?;
         let reaper = Reaper {
             state: state.clone(),
             certs: certs.dir().display().to_string(),
@@ -149,6 +153,7 @@ idle_timeout = "30s"
             tls,
             _catalog_dir: catalog_dir,
             _state_dir: state_dir,
+            _runner_dir: runner_dir,
             _certs: certs,
         })
     }
@@ -824,6 +829,26 @@ async fn npm_killed_during_load_lb_keeps_serving_and_a_restarted_npm_adopts_the_
 
     cluster.stop_lb().await?;
     cluster.stop_npm().await
+}
+
+/// `runner_binary` with a table of function uids in `dir` (`FN_FUNCTION_UID_TABLE`): the
+/// npm gives its runners none of the test's environment, and the default is the host's, in
+/// /run. The npm's runners share it, as runners of one host do.
+fn with_uid_table(dir: &Path, runner_binary: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("runner");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh
+FN_FUNCTION_UID_TABLE='{}'
+export FN_FUNCTION_UID_TABLE
+exec '{}' \"$@\"\n",
+            dir.join("uids").join("function-uids").display(),
+            runner_binary.display()
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 /// A runner executable that waits a second before it becomes the real `pure-runner` (same
