@@ -8,6 +8,10 @@ COPY --chown=10001:10001 certs-root/ /
 COPY bin/pure-runner bin/fn-isolate bin/fn-probe /usr/local/bin/
 COPY functions/ /opt/fn/functions/
 ENV PATH=/usr/local/bin FN_FUNCTIONS_DIR=/opt/fn/functions
+# The table of function uids (FN_FUNCTION_UID_TABLE) in the container's /tmp, a tmpfs (the
+# root is read-only, /run absent): every runner container has its own, as it has its own PID
+# namespace and files, and a restarted container a new one.
+ENV FN_FUNCTION_UID_TABLE=/tmp/fn-runner-uids/function-uids
 # Root on purpose: function code is untrusted and the runner starts each function as a uid
 # of its own (FN_FUNCTION_UIDS, 100000-165535), which needs setuid/setgid. Root here is a
 # container root with a reduced capability set (see deploy/docker-compose.yml and the docker
