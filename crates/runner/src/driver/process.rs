@@ -350,6 +350,14 @@ impl ProcessDriver {
         // Before anything is made: a table others could write is a configuration error.
         let uids = match (config.function_users, &config.uid_table) {
             (FunctionUsers::PerFunction(range), Some(path)) => {
+                for clash in command::uids_in_use(range, &command::HostIds::read()) {
+                    tracing::warn!(
+                        range = format!("{}-{}", range.first, range.last),
+                        "FN_FUNCTION_UIDS overlaps {clash}: a function given such a uid could \
+                         signal its processes and use its files; choose a range nothing else \
+                         on the host uses"
+                    );
+                }
                 Some(uids::UidTable::open(path, range)?)
             }
             (FunctionUsers::PerFunction(_), None) => {

@@ -95,6 +95,62 @@ impl UidRange {
     }
 }
 
+/// The host's account and subordinate id files, as text (empty where unreadable).
+#[derive(Debug, Default)]
+pub(crate) struct HostIds {
+    pub(crate) passwd: String,
+    pub(crate) subuid: String,
+    pub(crate) subgid: String,
+}
+
+impl HostIds {
+    pub(crate) fn read() -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        HostIds {
+            passwd: read("/etc/passwd"),
+            subuid: read("/etc/subuid"),
+            subgid: read("/etc/subgid"),
+        }
+    }
+}
+
+/// What on the host already uses ids of `range`: accounts (`/etc/passwd`) and subordinate
+/// ranges (`/etc/subuid`, `/etc/subgid`; `useradd` hands out 100000-165535 first, the
+/// default range), each said in a few words.
+pub(crate) fn uids_in_use(range: UidRange, host: &HostIds) -> Vec<String> {
+    let within = |first: u64, count: u64| {
+        let last = first.saturating_add(count.saturating_sub(1));
+        count > 0 && first <= u64::from(range.last) && last >= u64::from(range.first)
+    };
+    let mut found = Vec::new();
+    for line in host.passwd.lines() {
+        let mut fields = line.split(':');
+        if let (Some(name), Some(_), Some(uid)) = (fields.next(), fields.next(), fields.next())
+            && let Ok(uid) = uid.parse::<u64>()
+            && within(uid, 1)
+        {
+            found.push(format!("the account {name} (uid {uid})"));
+        }
+    }
+    for (file, text) in [("/etc/subuid", &host.subuid), ("/etc/subgid", &host.subgid)] {
+        for line in text.lines() {
+            let mut fields = line.split(':');
+            if let (Some(owner), Some(first), Some(count)) =
+                (fields.next(), fields.next(), fields.next())
+                && let (Ok(first), Ok(count)) =
+                    (first.trim().parse::<u64>(), count.trim().parse::<u64>())
+                && within(first, count)
+            {
+                found.push(format!(
+                    "{owner}'s subordinate ids {first}-{} in {file}",
+                    first.saturating_add(count - 1)
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// Who functions run as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FunctionUsers {
@@ -201,6 +257,24 @@ pub(crate) fn check_config(config: &BTreeMap<String, String>) -> Result<(), Driv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_the_host_already_uses_in_the_range_are_named() {
+        let host = HostIds {
+            passwd: "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n\
+                     svc:x:120000:120000::/:/bin/false\n"
+                .into(),
+            subuid: "alice:100000:65536\nbob:165536:65536\n".into(),
+            subgid: "garbage\nalice:100000:65536\n".into(),
+        };
+        let found = uids_in_use(UidRange::DEFAULT, &host);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("svc (uid 120000)"), "{found:?}");
+        assert!(found[1].contains("alice's subordinate ids 100000-165535 in /etc/subuid"));
+        assert!(found[2].contains("/etc/subgid"));
+        let clear = UidRange::parse("300000-365535").expect("range");
+        assert!(uids_in_use(clear, &host).is_empty());
+    }
     use std::os::unix::fs::symlink;
 
     fn functions_dir() -> (tempfile::TempDir, PathBuf) {
