@@ -92,24 +92,19 @@ fn wrapper_script(open_files: Option<u64>) -> String {
 }
 
 /// Whether a config variable is one the dynamic loader (`LD_*`) or a shell reads as the
-/// wrapper shell starts, before its gate: `ENV` and, where `/bin/sh` is bash (RHEL, Fedora,
-/// Arch), `BASH_ENV`, and `SHELLOPTS` with `PS4` (`xtrace` runs what `PS4` expands), with
-/// the rest of what bash imports to change how it runs. Only plain names: the wrapper
-/// restores them with `eval`, and the loader reads no other kind.
+/// wrapper shell starts, before its gate, to run code or change how it runs: `ENV` and,
+/// where `/bin/sh` is bash (RHEL, Fedora, Arch), `BASH_ENV`, `PS4` (with `SHELLOPTS=xtrace`
+/// bash runs what it expands), `BASH_XTRACEFD`, `POSIXLY_CORRECT` and `IFS`. Only plain
+/// names: the wrapper restores them with `eval`, and the loader reads no other kind.
+/// `SHELLOPTS` and `BASHOPTS` are not among them: bash makes them read-only, so the
+/// restore would fail and end the wrapper; with `PS4` held back, they run nothing.
 fn read_before_the_gate(name: &str) -> bool {
     let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     plain
         && (name.starts_with("LD_")
             || matches!(
                 name,
-                "BASH_ENV"
-                    | "ENV"
-                    | "SHELLOPTS"
-                    | "BASHOPTS"
-                    | "PS4"
-                    | "BASH_XTRACEFD"
-                    | "POSIXLY_CORRECT"
-                    | "IFS"
+                "BASH_ENV" | "ENV" | "PS4" | "BASH_XTRACEFD" | "POSIXLY_CORRECT" | "IFS"
             ))
 }
 
@@ -1338,6 +1333,49 @@ mod tests {
         drop(child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         assert!(!early, "tenant code ran before the gate");
+
+        // Through the gate, the program gets every name of its config: those bash makes
+        // read-only (`SHELLOPTS`) as they came, the ones held back restored.
+        let spec = InstanceSpec {
+            config: config(&[
+                ("SHELLOPTS", "errexit"),
+                ("BASHOPTS", "extglob"),
+                ("PS4", "+ "),
+                ("IFS", ":"),
+            ]),
+            ..spec
+        };
+        let mut child = driver
+            .command(
+                &spec,
+                Path::new("/usr/bin/env"),
+                dir.path(),
+                &dir.path().join("s"),
+                user,
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut gate = child.stdin.take().expect("the lifeline");
+        tokio::io::AsyncWriteExt::write_all(&mut gate, b"open\n")
+            .await
+            .expect("open the gate");
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("in time")
+            .expect("output");
+        drop(gate);
+        let env = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{:?}: {env} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for var in ["SHELLOPTS=", "PS4=+ ", "IFS=:"] {
+            assert!(env.lines().any(|l| l.starts_with(var)), "{var} in {env}");
+        }
     }
 
     /// A socket root removed while the runner runs is made again at the next start; one
@@ -1391,9 +1429,8 @@ mod tests {
             "LD_AUDIT",
             "BASH_ENV",
             "ENV",
-            "SHELLOPTS",
             "PS4",
-            "BASHOPTS",
+            "IFS",
         ] {
             assert!(read_before_the_gate(name), "{name}");
         }
