@@ -82,18 +82,31 @@ impl Queue {
         }
     }
 
-    /// Queues `line`, or drops and counts it when the queue is full.
-    pub(crate) fn push(&self, line: &[u8]) {
+    /// Queues `line`, or drops and counts it when the queue is full; whether it was queued.
+    pub(crate) fn push(&self, line: &[u8]) -> bool {
         let len = line.len();
         if self.bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
             self.bytes.fetch_sub(len, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         if self.tx.try_send(Msg::Line(line.to_vec())).is_err() {
             self.bytes.fetch_sub(len, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
+        true
+    }
+
+    /// Queues `line` past the byte bound (a panic's message, once a flush has made room in
+    /// the channel); whether it was queued.
+    pub(crate) fn push_past_the_bound(&self, line: &[u8]) -> bool {
+        self.bytes.fetch_add(line.len(), Ordering::AcqRel);
+        if self.tx.try_send(Msg::Line(line.to_vec())).is_err() {
+            self.bytes.fetch_sub(line.len(), Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
     /// Lines dropped so far.
@@ -129,7 +142,7 @@ pub(crate) struct QueueWriter(pub(crate) Arc<Queue>);
 
 impl Write for QueueWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.push(buf);
+        let _queued = self.0.push(buf);
         Ok(buf.len())
     }
 

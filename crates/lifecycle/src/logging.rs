@@ -114,14 +114,22 @@ fn install(
 }
 
 /// The panic hook: the standard hook's text (thread, place, message and, as
-/// `RUST_BACKTRACE` asks, a backtrace) queued as one line, then a bounded wait for it to be
-/// written.
+/// `RUST_LIB_BACKTRACE` or `RUST_BACKTRACE` ask, a backtrace) queued as one line, then a
+/// bounded wait for it to be written.
 fn queue_panic(info: &std::panic::PanicHookInfo<'_>) {
     let Some(queue) = QUEUE.get() else {
         return;
     };
-    queue.push(panic_text(info).as_bytes());
-    queue.flush(FLUSH_BOUND);
+    let text = panic_text(info);
+    if queue.push(text.as_bytes()) {
+        queue.flush(FLUSH_BOUND);
+        return;
+    }
+    // The queue was full: once what it held is written, the message goes next, past the
+    // bound (if stderr took nothing, nothing would take it).
+    if queue.flush(FLUSH_BOUND) && queue.push_past_the_bound(text.as_bytes()) {
+        queue.flush(FLUSH_BOUND);
+    }
 }
 
 fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
@@ -135,7 +143,11 @@ fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
     let _ = writeln!(text, ":\n{message}");
     let backtrace = std::backtrace::Backtrace::capture();
     if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-        let _ = writeln!(text, "stack backtrace:\n{backtrace}");
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v == "full") {
+            let _ = writeln!(text, "stack backtrace:\n{backtrace:#}");
+        } else {
+            let _ = writeln!(text, "stack backtrace:\n{backtrace}");
+        }
     }
     text
 }
