@@ -13,10 +13,12 @@ fn a_panic_while_the_log_queue_is_full_is_written_once_there_is_room() {
     let (mut reader, out) = std::io::pipe().expect("pipe");
     fn_lifecycle::logging::init_writing_to("info", LogFormat::Text, Box::new(out))
         .expect("a valid level");
-    // More than the queue holds (4 MiB) while nothing reads the pipe.
-    let line = "x".repeat(64 * 1024);
-    for _ in 0..100 {
-        tracing::info!(line, "filler");
+    // A line the pipe cannot hold stalls the writer; then more lines than the queue holds
+    // (8,192), each small, so that the panic's message would fit its bytes but not its
+    // count.
+    tracing::info!(line = "x".repeat(128 * 1024), "stall");
+    for i in 0..9_000 {
+        tracing::info!(i, "filler");
     }
     assert!(
         fn_lifecycle::logging::dropped_lines() > 0,
@@ -43,6 +45,8 @@ fn a_panic_while_the_log_queue_is_full_is_written_once_there_is_room() {
         String::from_utf8_lossy(&text).into_owned()
     });
     assert!(panicked.join().is_err(), "the thread panicked");
+    // Room in the queue for the last line, which ends the reading.
+    assert!(fn_lifecycle::logging::flush(), "the queue written out");
     tracing::info!("after");
     assert!(fn_lifecycle::logging::flush(), "written once read");
     let text = reading.join().expect("reader");
