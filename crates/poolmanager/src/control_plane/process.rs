@@ -637,10 +637,20 @@ fn prepare_state_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Pr
         )));
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "is writable by other users (mode {:o})",
-            meta.mode() & 0o7777
-        )));
+        // The npm's own, made under a umask of 002 by an earlier npm (or by hand): narrowed,
+        // since removing it would lose the records of runners still running.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            unsafe_dir(format!(
+                "is writable by other users (mode {:o}) and cannot be made 0700: {e}",
+                meta.mode() & 0o7777
+            ))
+        })?;
+        tracing::warn!(
+            state_dir = %path.display(),
+            mode = format!("{:o}", meta.mode() & 0o7777),
+            "FN_RUNNER_STATE_DIR was writable by other users: made 0700"
+        );
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -704,6 +714,8 @@ mod tests {
         assert_eq!(socket_dir(&format!("{suffix}/victim")), victim);
         let state = dir.path().join("state");
         std::fs::create_dir(&state).expect("mkdir");
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod");
         let record = state.join("planted.runner");
         std::fs::write(
             &record,
@@ -737,17 +749,19 @@ mod tests {
     async fn a_state_directory_others_can_write_or_another_npm_holds_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
+        // The npm's own, writable by others (an earlier npm under umask 002): narrowed.
         let open = dir.path().join("open");
         std::fs::create_dir(&open).expect("mkdir");
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let Err(err) = ProcessControlPlane::new(config_over(dir.path(), open)).await else {
-            panic!("a world-writable state directory was taken");
-        };
-        let text = err.to_string();
-        assert!(
-            text.starts_with("FN_RUNNER_STATE_DIR: ") && text.contains("writable by other users"),
-            "{text}"
-        );
+        let plane = ProcessControlPlane::new(config_over(dir.path(), open.clone()))
+            .await
+            .expect("its own directory, narrowed");
+        drop(plane);
+        let mode = std::fs::metadata(&open)
+            .expect("there")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
 
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
