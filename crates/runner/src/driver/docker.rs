@@ -978,7 +978,10 @@ async fn follow_output(docker: Docker, container: String, labels: Arc<Labels>) {
     let mut logs = docker.logs(&container, Some(options));
     let mut stdout = LineSplitter::new(MAX_LINE);
     let mut stderr = LineSplitter::new(MAX_LINE);
+    // Both streams come in one: the bound is on the two together.
+    let mut rate = output::ReadRate::new();
     while let Some(Ok(chunk)) = logs.next().await {
+        rate.read(chunk.as_ref().len()).await;
         match chunk {
             bollard::container::LogOutput::StdErr { message } => {
                 stderr.push(&message, |line, cut| {

@@ -174,8 +174,7 @@ where
     let mut reader = BufReader::new(reader);
     let mut lines = LineSplitter::new(MAX_LINE);
     let emit = |line: &[u8], truncated: bool| log_line(&labels, stream, line, truncated);
-    let mut window = tokio::time::Instant::now();
-    let mut read_in_window = 0usize;
+    let mut rate = ReadRate::new();
     loop {
         let chunk = match reader.fill_buf().await {
             Ok(chunk) => chunk,
@@ -190,19 +189,41 @@ where
         let n = chunk.len();
         lines.push(chunk, emit);
         reader.consume(n);
-        read_in_window += n;
-        let now = tokio::time::Instant::now();
-        if now >= window + Duration::from_secs(1) {
-            window = now;
-            read_in_window = 0;
-        } else if read_in_window > MAX_BYTES_PER_SECOND {
-            window += Duration::from_secs(1);
-            tokio::time::sleep_until(window).await;
-            read_in_window = 0;
-        }
+        rate.read(n).await;
     }
     lines.finish(emit);
     labels.flush_dropped();
+}
+
+/// The bytes of an output read in the current second: past [`MAX_BYTES_PER_SECOND`], the
+/// reader waits for the next.
+#[derive(Debug)]
+pub(crate) struct ReadRate {
+    window: tokio::time::Instant,
+    read: usize,
+}
+
+impl ReadRate {
+    pub(crate) fn new() -> Self {
+        ReadRate {
+            window: tokio::time::Instant::now(),
+            read: 0,
+        }
+    }
+
+    /// Notes `n` bytes read; returns once more may be read.
+    pub(crate) async fn read(&mut self, n: usize) {
+        self.read += n;
+        let now = tokio::time::Instant::now();
+        if now >= self.window + Duration::from_secs(1) {
+            self.window = now;
+            self.read = 0;
+        } else if self.read > MAX_BYTES_PER_SECOND {
+            self.window += Duration::from_secs(1);
+            tokio::time::sleep_until(self.window).await;
+            self.read = 0;
+        }
+    }
 }
 
 /// Logs one line of a function's output, within the instance's budget.
