@@ -40,6 +40,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most scrapes served at once; a connection beyond them is closed at once. A scraper
 /// opens one at a time, and every connection costs a descriptor the daemon's calls need.
 const MAX_CONNECTIONS: usize = 32;
+/// Most of them from one address: one host opening connections and sending nothing (each
+/// held up to the header timeout) cannot keep the scrapers out.
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 8;
 /// How long a connection may last, its one scrape included (connections are not kept
 /// alive: a scrape is one request). A client that stops reading its answer held its
 /// connection for ever (hyper's HTTP/1 server has no write timeout).
@@ -53,8 +56,10 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 pub struct MetricsEndpoint {
     listener: TcpListener,
     registry: Arc<Registry>,
-    /// [`MAX_CONNECTIONS`] and [`CONNECTION_LIFETIME`], but in tests.
+    /// [`MAX_CONNECTIONS`], [`MAX_CONNECTIONS_PER_ADDRESS`] and [`CONNECTION_LIFETIME`],
+    /// but in tests.
     max_connections: usize,
+    max_per_address: usize,
     lifetime: Duration,
 }
 
@@ -81,6 +86,7 @@ impl MetricsEndpoint {
             listener,
             registry: Arc::new(registry),
             max_connections: MAX_CONNECTIONS,
+            max_per_address: MAX_CONNECTIONS_PER_ADDRESS,
             lifetime: CONNECTION_LIFETIME,
         }
     }
@@ -107,6 +113,7 @@ impl MetricsEndpoint {
         let accept_warnings = crate::logging::Throttle::new(Duration::from_secs(1));
         let crowded_warnings = crate::logging::Throttle::new(Duration::from_secs(10));
         let places = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let per_address = Arc::new(PerAddress::default());
         let lifetime = self.lifetime;
         loop {
             let accepted = tokio::select! {
@@ -122,6 +129,15 @@ impl MetricsEndpoint {
                         () = tokio::time::sleep(Duration::from_millis(50)) => continue,
                     }
                 }
+            };
+            let Some(address_place) = per_address.claim(peer.ip(), self.max_per_address) else {
+                crate::warn_throttled!(
+                    crowded_warnings,
+                    %peer,
+                    limit = self.max_per_address,
+                    "metrics: connection refused, too many open from this address"
+                );
+                continue;
             };
             let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
                 crate::warn_throttled!(
@@ -148,7 +164,7 @@ impl MetricsEndpoint {
                         tracing::debug!(%peer, "metrics connection closed: it outlasted its bound")
                     }
                 }
-                drop(place);
+                drop((place, address_place));
             });
         }
         drop(self.listener);
@@ -161,6 +177,48 @@ impl MetricsEndpoint {
             );
         }
         Ok(())
+    }
+}
+
+/// Open connections per peer address.
+#[derive(Debug, Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for a connection from `ip`, unless it holds `limit` already.
+    fn claim(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<AddressPlace> {
+        let ip = ip.to_canonical();
+        let mut counts = self.lock();
+        let held = counts.entry(ip).or_insert(0);
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        Some(AddressPlace(Arc::clone(self), ip))
+    }
+}
+
+/// One connection's place among its address's; given back when dropped.
+#[derive(Debug)]
+struct AddressPlace(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        let mut counts = self.0.lock();
+        if let Some(held) = counts.get_mut(&self.1) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -355,6 +413,38 @@ mod tests {
         // Places given back: a scrape is served.
         let answer = raw(address, "GET", "/metrics").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        cancel.cancel();
+    }
+
+    /// One address holding its share of connections leaves the others theirs.
+    #[tokio::test]
+    async fn one_address_cannot_hold_every_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut endpoint = MetricsEndpoint::new(listener, Registry::default());
+        endpoint.max_connections = 8;
+        endpoint.max_per_address = 2;
+        let address = endpoint.local_addr().expect("address");
+        let cancel = CancellationToken::new();
+        tokio::spawn(endpoint.serve(cancel.clone()));
+        let from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(std::net::SocketAddr::from((ip, 0)))
+                .expect("bind a loopback address");
+            socket.connect(address).await.expect("connect")
+        };
+        let _first = from([127, 0, 0, 2]).await;
+        let _second = from([127, 0, 0, 2]).await;
+        let mut third = from([127, 0, 0, 2]).await;
+        assert!(
+            closed_within(&mut third, Duration::from_secs(2)).await,
+            "a third from one address is closed"
+        );
+        let answer = raw(address, "GET", "/metrics").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "another address is served: {answer}"
+        );
         cancel.cancel();
     }
 
