@@ -516,8 +516,10 @@ impl Body for Guarded {
 
 /// `path` with percent-encoded unreserved characters (letters, digits, `-`, `.`, `_`,
 /// `~`) decoded, which RFC 3986 (6.2.2.2) makes equivalent to their encoded form: a client
-/// that encodes them reaches the same function. Every other escape is kept (`%2F` is not a
-/// path separator). Borrowed, at no cost, when the path holds no `%`.
+/// that encodes them reaches the same function. So are `|` and `^`, which a route may hold
+/// and are no delimiter: curl and browsers send them raw, Python's `requests` encodes them.
+/// Every other escape is kept (`%2F` is not a path separator). Borrowed, at no cost, when
+/// the path holds no `%`.
 fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains('%') {
         return std::borrow::Cow::Borrowed(path);
@@ -529,7 +531,8 @@ fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
         if bytes[i] == b'%'
             && let Some(hex) = path.get(i + 1..i + 3)
             && let Ok(byte) = u8::from_str_radix(hex, 16)
-            && (byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~'))
+            && (byte.is_ascii_alphanumeric()
+                || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'|' | b'^'))
         {
             out.push(char::from(byte));
             i += 3;
@@ -590,6 +593,10 @@ mod tests {
         );
         // Reserved and malformed escapes stay as they are.
         assert_eq!(decode_unreserved("/r/demo/a%2Fb%20c"), "/r/demo/a%2Fb%20c");
+        assert_eq!(
+            decode_unreserved("/r/demo/a%7Cb%5Ec%5B"),
+            "/r/demo/a|b^c%5B"
+        );
         assert_eq!(decode_unreserved("/r/x%zz%4"), "/r/x%zz%4");
         assert_eq!(decode_unreserved("%"), "%");
     }
