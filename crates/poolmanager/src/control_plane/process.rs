@@ -652,12 +652,16 @@ fn prepare_state_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Pr
             "FN_RUNNER_STATE_DIR was writable by other users: made 0700"
         );
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.join(".lock"))
-        .map_err(io)?;
+    // Not through a link one could have planted while the directory was open to others.
+    let file = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+        nix::libc::O_NOFOLLOW,
+    )
+    .open(path.join(".lock"))
+    .map_err(io)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| match errno {
             nix::errno::Errno::EWOULDBLOCK => ProcessSetupError::StateDirInUse(path.to_path_buf()),

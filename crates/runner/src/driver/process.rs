@@ -299,7 +299,8 @@ pub struct ProcessDriver {
     id_prefix: String,
     /// The socket root's lock, held for the driver's life when it got it (see
     /// [`claim_socket_root`]).
-    _root_lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    /// Taken again when the root is made again (see [`ProcessDriver::check_socket_root`]).
+    root_lock: std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
     next_id: AtomicU64,
     /// Programs that [`Driver::check`] found valid, so that a call of a function already
     /// vetted costs no file-system calls. A start vets again and forgets a program that no
@@ -419,7 +420,7 @@ impl ProcessDriver {
             id_prefix,
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
-            _root_lock: root_lock,
+            root_lock: std::sync::Mutex::new(root_lock),
             root_seen,
         })
     }
@@ -680,6 +681,14 @@ impl ProcessDriver {
              made again and checked"
         );
         *seen = dir_identity(&self.socket_root);
+        // The lock was on the old directory: without one in the new, another runner starting
+        // on this root would take it and sweep this one's instance directories away.
+        // Nothing is swept here: the new directory holds this runner's instances only.
+        let claimed = claim_socket_root(&self.socket_root);
+        *self
+            .root_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = claimed;
         Ok(())
     }
 
@@ -1086,7 +1095,7 @@ mod tests {
             id_prefix: String::new(),
             next_id: AtomicU64::new(1),
             vetted: std::sync::Mutex::default(),
-            _root_lock: None,
+            root_lock: std::sync::Mutex::default(),
             root_seen: std::sync::Mutex::default(),
         }
     }
@@ -1389,11 +1398,16 @@ mod tests {
         driver.socket_root = prepare_socket_root(&root, None).expect("prepared");
         *driver.root_seen.lock().expect("lock") = dir_identity(&driver.socket_root);
         driver.check_socket_root().expect("unchanged");
-        std::fs::remove_dir(&root).expect("a cleaner removes it");
+        std::fs::remove_dir_all(&root).expect("a cleaner removes it");
         driver.check_socket_root().expect("made again");
         assert!(root.is_dir());
+        // Its lock taken again: another runner on this root would not sweep it.
+        assert!(
+            claim_socket_root(&root).is_none(),
+            "the made-again root's lock is held"
+        );
         if nix::unistd::geteuid().is_root() {
-            std::fs::remove_dir(&root).expect("removed");
+            std::fs::remove_dir_all(&root).expect("removed");
             std::fs::create_dir(&root).expect("another user's");
             nix::unistd::chown(&root, Some(nix::unistd::Uid::from_raw(65534)), None)
                 .expect("chown");

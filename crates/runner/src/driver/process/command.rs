@@ -99,6 +99,7 @@ impl UidRange {
 #[derive(Debug, Default)]
 pub(crate) struct HostIds {
     pub(crate) passwd: String,
+    pub(crate) group: String,
     pub(crate) subuid: String,
     pub(crate) subgid: String,
 }
@@ -108,15 +109,17 @@ impl HostIds {
         let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
         HostIds {
             passwd: read("/etc/passwd"),
+            group: read("/etc/group"),
             subuid: read("/etc/subuid"),
             subgid: read("/etc/subgid"),
         }
     }
 }
 
-/// What on the host already uses ids of `range`: accounts (`/etc/passwd`) and subordinate
-/// ranges (`/etc/subuid`, `/etc/subgid`; `useradd` hands out 100000-165535 first, the
-/// default range), each said in a few words.
+/// What on the host already uses ids of `range` (a function's gid is its uid): accounts and
+/// their primary groups (`/etc/passwd`), groups (`/etc/group`) and subordinate ranges
+/// (`/etc/subuid`, `/etc/subgid`; `useradd` hands out 100000-165535 first, the default
+/// range), each said in a few words.
 pub(crate) fn uids_in_use(range: UidRange, host: &HostIds) -> Vec<String> {
     let within = |first: u64, count: u64| {
         let last = first.saturating_add(count.saturating_sub(1));
@@ -125,11 +128,28 @@ pub(crate) fn uids_in_use(range: UidRange, host: &HostIds) -> Vec<String> {
     let mut found = Vec::new();
     for line in host.passwd.lines() {
         let mut fields = line.split(':');
-        if let (Some(name), Some(_), Some(uid)) = (fields.next(), fields.next(), fields.next())
-            && let Ok(uid) = uid.parse::<u64>()
+        let (Some(name), Some(_), Some(uid), gid) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let Ok(uid) = uid.parse::<u64>()
             && within(uid, 1)
         {
             found.push(format!("the account {name} (uid {uid})"));
+        } else if let Some(Ok(gid)) = gid.map(str::parse::<u64>)
+            && within(gid, 1)
+        {
+            found.push(format!("the primary group of account {name} (gid {gid})"));
+        }
+    }
+    for line in host.group.lines() {
+        let mut fields = line.split(':');
+        if let (Some(name), Some(_), Some(gid)) = (fields.next(), fields.next(), fields.next())
+            && let Ok(gid) = gid.parse::<u64>()
+            && within(gid, 1)
+        {
+            found.push(format!("the group {name} (gid {gid})"));
         }
     }
     for (file, text) in [("/etc/subuid", &host.subuid), ("/etc/subgid", &host.subgid)] {
@@ -264,14 +284,19 @@ mod tests {
             passwd: "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n\
                      svc:x:120000:120000::/:/bin/false\n"
                 .into(),
+            group: "root:x:0:\nshared:x:150000:alice\n".into(),
             subuid: "alice:100000:65536\nbob:165536:65536\n".into(),
             subgid: "garbage\nalice:100000:65536\n".into(),
         };
         let found = uids_in_use(UidRange::DEFAULT, &host);
-        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found.len(), 4, "{found:?}");
         assert!(found[0].contains("svc (uid 120000)"), "{found:?}");
-        assert!(found[1].contains("alice's subordinate ids 100000-165535 in /etc/subuid"));
-        assert!(found[2].contains("/etc/subgid"));
+        assert!(
+            found[1].contains("the group shared (gid 150000)"),
+            "{found:?}"
+        );
+        assert!(found[2].contains("alice's subordinate ids 100000-165535 in /etc/subuid"));
+        assert!(found[3].contains("/etc/subgid"));
         let clear = UidRange::parse("300000-365535").expect("range");
         assert!(uids_in_use(clear, &host).is_empty());
     }

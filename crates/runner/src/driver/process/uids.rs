@@ -65,8 +65,22 @@ impl UidTable {
         match std::fs::symlink_metadata(dir) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The directories above it as any (0755): made 0700 as well, a missing
+                // `/tmp` would keep functions from the socket root under it.
+                if let Some(parent) = dir.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(parent)
+                        .map_err(|e| {
+                            fail(format!(
+                                "cannot create {}: {e}; create it or point \
+                                 FN_FUNCTION_UID_TABLE at a writable directory",
+                                parent.display()
+                            ))
+                        })?;
+                }
                 std::fs::DirBuilder::new()
-                    .recursive(true)
                     .mode(0o700)
                     .create(dir)
                     .map_err(|e| {
@@ -528,6 +542,19 @@ mod tests {
             );
         }
         assert_eq!(std::fs::read_to_string(&path).expect("table"), "");
+    }
+
+    #[test]
+    fn missing_directories_above_the_table_are_made_reachable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = tmp.path().join("above/table/function-uids");
+        UidTable::open(&path, SMALL).expect("made");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").mode() & 0o777;
+        // As a missing `/tmp` above the socket root would be: functions must pass through.
+        assert_eq!(mode(&tmp.path().join("above")) & 0o011, 0o011);
+        assert_eq!(mode(&tmp.path().join("above/table")), 0o700);
     }
 
     #[test]
