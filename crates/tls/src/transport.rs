@@ -1050,6 +1050,24 @@ mod tests {
         assert!(!cert.is_empty());
     }
 
+    /// A connection to `address` from the loopback address `ip`.
+    async fn connect_from(ip: [u8; 4], address: std::net::SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from((ip, 0)))
+            .expect("bind a loopback address");
+        socket.connect(address).await.expect("connect")
+    }
+
+    /// Whether the server closes `conn` within `within`, rather than holding it (waiting
+    /// for its handshake) that long.
+    async fn closed_within(mut conn: TcpStream, within: Duration) -> bool {
+        match tokio::time::timeout(within, conn.read(&mut [0u8; 1])).await {
+            Ok(read) => matches!(read, Ok(0) | Err(_)),
+            Err(_) => false,
+        }
+    }
+
     /// One address that holds its share of the places with silent connections leaves the
     /// others theirs.
     #[tokio::test]
@@ -1059,20 +1077,7 @@ mod tests {
         let address = listener.local_addr().expect("address");
         let mode = TlsMode::Mutual(tls);
         let _incoming = incoming_limited(&mode, listener, None, 8, 2).expect("incoming");
-        let from = |ip: [u8; 4]| async move {
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket
-                .bind(std::net::SocketAddr::from((ip, 0)))
-                .expect("bind a loopback address");
-            socket.connect(address).await.expect("connect")
-        };
-        // Closed within `within`, or held (waiting for its handshake) that long.
-        let closed_within = |mut conn: TcpStream, within: Duration| async move {
-            match tokio::time::timeout(within, conn.read(&mut [0u8; 1])).await {
-                Ok(read) => matches!(read, Ok(0) | Err(_)),
-                Err(_) => false,
-            }
-        };
+        let from = |ip: [u8; 4]| connect_from(ip, address);
         let _first = from([127, 0, 0, 1]).await;
         let _second = from([127, 0, 0, 1]).await;
         assert!(
@@ -1095,19 +1100,7 @@ mod tests {
         let mode = TlsMode::Mutual(tls);
         // Eight places, four per address, one (8 / 8) in reserve.
         let _incoming = incoming_limited(&mode, listener, None, 8, 4).expect("incoming");
-        let from = |ip: [u8; 4]| async move {
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket
-                .bind(std::net::SocketAddr::from((ip, 0)))
-                .expect("bind a loopback address");
-            socket.connect(address).await.expect("connect")
-        };
-        let closed_within = |mut conn: TcpStream, within: Duration| async move {
-            match tokio::time::timeout(within, conn.read(&mut [0u8; 1])).await {
-                Ok(read) => matches!(read, Ok(0) | Err(_)),
-                Err(_) => false,
-            }
-        };
+        let from = |ip: [u8; 4]| connect_from(ip, address);
         // Accepted in the order they connect: seven places taken, the reserve left.
         let mut held = Vec::new();
         for _ in 0..4 {
