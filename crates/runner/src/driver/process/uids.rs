@@ -80,16 +80,19 @@ impl UidTable {
                             ))
                         })?;
                 }
-                std::fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|e| {
-                        fail(format!(
+                // Another runner of the host starting at the same moment may make it first:
+                // then it is checked below as one found.
+                match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(fail(format!(
                             "cannot create {}: {e}; create it (mode 0700, the runner's) or \
                              point FN_FUNCTION_UID_TABLE at a writable directory",
                             dir.display()
-                        ))
-                    })?;
+                        )));
+                    }
+                }
             }
             Err(e) => return Err(fail(format!("cannot inspect {}: {e}", dir.display()))),
         }
@@ -555,6 +558,24 @@ mod tests {
         // As a missing `/tmp` above the socket root would be: functions must pass through.
         assert_eq!(mode(&tmp.path().join("above")) & 0o011, 0o011);
         assert_eq!(mode(&tmp.path().join("above/table")), 0o700);
+        // Runners of a host starting together: each makes the directory or finds it made.
+        let path = tmp.path().join("together/function-uids");
+        let ready = std::sync::Barrier::new(8);
+        let opened: Vec<bool> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        ready.wait();
+                        UidTable::open(&path, SMALL).is_ok()
+                    })
+                })
+                .collect();
+            starts
+                .into_iter()
+                .map(|start| start.join().unwrap_or(false))
+                .collect()
+        });
+        assert!(opened.iter().all(|ok| *ok), "{opened:?}");
     }
 
     #[test]
