@@ -235,13 +235,13 @@ fn validate(
         ));
     }
     // A client percent-encodes anything but ASCII, and the LB decodes only the escapes of
-    // unreserved characters before matching: such a route could never be called.
+    // the characters a route may hold before matching: such a route could never be called.
     if !route.is_ascii() || route.contains('%') {
         return Err(invalid(
             "route",
             format!(
                 "{route:?} must be ASCII without '%': clients percent-encode other characters, \
-                 and paths are matched with only unreserved characters decoded"
+                 and paths are matched with only the escapes of route characters decoded"
             ),
         ));
     }
@@ -480,7 +480,8 @@ fn without_values(message: &str) -> String {
 
 /// Whether `c` may stand in a route: an RFC 3986 `pchar` other than a percent-escape, `/`,
 /// or one of `|^[]`, which browsers and curl send raw (the WHATWG URL standard leaves them).
-fn is_path_char(c: char) -> bool {
+/// The front decodes the escape of every one but `/` before it matches a path.
+pub(crate) fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/|^[]".contains(c)
 }
 

@@ -183,7 +183,7 @@ impl Front {
     }
 
     fn route<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
-        let normalized = decode_unreserved(req.uri().path());
+        let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();
         if path == "/health" {
             return match *req.method() {
@@ -514,13 +514,15 @@ impl Body for Guarded {
     }
 }
 
-/// `path` with percent-encoded unreserved characters (letters, digits, `-`, `.`, `_`,
-/// `~`) decoded, which RFC 3986 (6.2.2.2) makes equivalent to their encoded form: a client
-/// that encodes them reaches the same function. So are `|` and `^`, which a route may hold
-/// and are no delimiter: curl and browsers send them raw, Python's `requests` encodes them.
-/// Every other escape is kept (`%2F` is not a path separator). Borrowed, at no cost, when
-/// the path holds no `%`.
-fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
+/// `path` with the escapes of every character a route may hold but `/` decoded: a client
+/// that encodes one reaches the same function as one that sends it raw. Clients differ: curl
+/// and browsers send `|^[]` raw, Python's `requests` encodes `|` and `^`, Go's
+/// `url.PathEscape` encodes `[]`, `;` and `,`. For unreserved characters RFC 3986
+/// (6.2.2.2) makes the two forms equivalent; for the others nothing else can tell them apart
+/// here, since a route holds no `%` and a path is matched only against routes. Every other
+/// escape is kept: `%2F` is not a path separator. Borrowed, at no cost, when the path holds
+/// no `%`.
+fn decode_route_escapes(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains('%') {
         return std::borrow::Cow::Borrowed(path);
     }
@@ -531,8 +533,8 @@ fn decode_unreserved(path: &str) -> std::borrow::Cow<'_, str> {
         if bytes[i] == b'%'
             && let Some(hex) = path.get(i + 1..i + 3)
             && let Ok(byte) = u8::from_str_radix(hex, 16)
-            && (byte.is_ascii_alphanumeric()
-                || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'|' | b'^'))
+            && byte != b'/'
+            && crate::catalog::is_path_char(char::from(byte))
         {
             out.push(char::from(byte));
             i += 3;
@@ -581,24 +583,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escaped_unreserved_characters_are_decoded_and_others_kept() {
+    fn escapes_of_route_characters_are_decoded_and_others_kept() {
         assert!(matches!(
-            decode_unreserved("/r/demo/echo"),
+            decode_route_escapes("/r/demo/echo"),
             std::borrow::Cow::Borrowed("/r/demo/echo")
         ));
-        assert_eq!(decode_unreserved("/r/demo/%65ch%6F"), "/r/demo/echo");
+        assert_eq!(decode_route_escapes("/r/demo/%65ch%6F"), "/r/demo/echo");
         assert_eq!(
-            decode_unreserved("/invoke/de%6do/a%2Db%7E"),
+            decode_route_escapes("/invoke/de%6do/a%2Db%7E"),
             "/invoke/demo/a-b~"
         );
         // Reserved and malformed escapes stay as they are.
-        assert_eq!(decode_unreserved("/r/demo/a%2Fb%20c"), "/r/demo/a%2Fb%20c");
         assert_eq!(
-            decode_unreserved("/r/demo/a%7Cb%5Ec%5B"),
-            "/r/demo/a|b^c%5B"
+            decode_route_escapes("/r/demo/a%2Fb%20c"),
+            "/r/demo/a%2Fb%20c"
         );
-        assert_eq!(decode_unreserved("/r/x%zz%4"), "/r/x%zz%4");
-        assert_eq!(decode_unreserved("%"), "%");
+        assert_eq!(
+            decode_route_escapes("/r/demo/a%7Cb%5Ec%5B%5d%24%40%3a"),
+            "/r/demo/a|b^c[]$@:"
+        );
+        // Nor what a route may not hold: `%`, `?`, `#`, `"`, non-ASCII.
+        assert_eq!(
+            decode_route_escapes("/r/demo/%25%3F%23%22%C3%A9"),
+            "/r/demo/%25%3F%23%22%C3%A9"
+        );
+        assert_eq!(decode_route_escapes("/r/x%zz%4"), "/r/x%zz%4");
+        assert_eq!(decode_route_escapes("%"), "%");
     }
 
     /// A body of one frame that says when it has been dropped.
