@@ -267,7 +267,9 @@ pub struct DockerMetrics {
 }
 
 /// Most functions with series of their own in the container metrics; the starts of others
-/// are counted under app and function `_other`. The names come from the calls the LBs send
+/// are counted together, with app and function empty: no call names one so (a name of
+/// `_other`, the first choice, could be a function's), and Prometheus reads an empty
+/// label as one not set. The names come from the calls the LBs send
 /// (every function of the catalog over the runner's life, or names made up by a peer with
 /// a node certificate), and a series is never removed.
 const MAX_FUNCTION_SERIES: usize = 1024;
@@ -312,7 +314,8 @@ impl DockerMetrics {
         self.start_failures.get_or_create(&self.label(spec)).inc();
     }
 
-    /// The function's label, or `_other` once [`MAX_FUNCTION_SERIES`] functions have one.
+    /// The function's label, or the empty one once [`MAX_FUNCTION_SERIES`] functions have
+    /// one.
     fn label(&self, spec: &InstanceSpec) -> FunctionLabel {
         let label = FunctionLabel {
             app: spec.app.clone(),
@@ -330,8 +333,8 @@ impl DockerMetrics {
             return label;
         }
         FunctionLabel {
-            app: "_other".into(),
-            function: "_other".into(),
+            app: String::new(),
+            function: String::new(),
         }
     }
 }
@@ -1215,8 +1218,9 @@ fn untagged(image: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// Past [`MAX_FUNCTION_SERIES`] functions, starts are counted under `_other`: the
-    /// series stay bounded however many names the calls bring.
+    /// Past [`MAX_FUNCTION_SERIES`] functions, starts are counted under empty names: the
+    /// series stay bounded however many names the calls bring, and a function named
+    /// `_other` keeps a series of its own.
     #[test]
     fn container_metrics_hold_a_bounded_number_of_functions() {
         let mut registry = Registry::default();
@@ -1231,9 +1235,15 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             config: std::collections::BTreeMap::new(),
         };
+        let other = |name: &str| InstanceSpec {
+            app: "_other".into(),
+            ..spec(name.into())
+        };
+        metrics.failed(&other("_other"));
         for i in 0..MAX_FUNCTION_SERIES + 500 {
             metrics.failed(&spec(format!("f{i}")));
         }
+        metrics.failed(&other("_other"));
         metrics.failed(&spec("f0".into()));
         let text = fn_lifecycle::metrics::encode(&registry).expect("encoded");
         let series = text
@@ -1242,10 +1252,14 @@ mod tests {
             .count();
         assert_eq!(series, MAX_FUNCTION_SERIES + 1, "one for the rest");
         assert!(
-            text.contains(
-                r#"fn_runner_container_start_failures_total{app="_other",function="_other"} 500"#
-            ),
+            text.contains(r#"fn_runner_container_start_failures_total{app="",function=""} 501"#),
             "the rest counted together"
+        );
+        assert!(
+            text.contains(
+                r#"fn_runner_container_start_failures_total{app="_other",function="_other"} 2"#
+            ),
+            "a function named _other counted alone"
         );
         assert!(
             text.contains(r#"fn_runner_container_start_failures_total{app="a",function="f0"} 2"#),
