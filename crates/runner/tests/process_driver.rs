@@ -901,6 +901,85 @@ fn an_unsafe_or_missing_uid_table_is_refused_at_start() {
     assert!(err.to_string().contains("FN_FUNCTION_UID_TABLE"), "{err}");
 }
 
+/// A first start that finds the host's uid table locked by a process that does not let go
+/// (a stalled runner of the host) fails once the start timeout passes, naming the table,
+/// and the runtime thread serves other tasks meanwhile: the lock is waited for on a
+/// blocking thread.
+#[test]
+fn a_uid_table_held_locked_fails_the_start_in_time_and_blocks_no_runtime_thread() {
+    if !nix::unistd::geteuid().is_root() {
+        fn_test_support::skip_or_fail("giving functions uids of their own needs root");
+        return;
+    }
+    let tmp = tempdir();
+    let table = tmp.path().join("uids/function-uids");
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), tmp.path().join("s"))
+            .with_function_users(FunctionUsers::PerFunction(UidRange {
+                first: 150_000,
+                last: 150_009,
+            }))
+            .with_uid_table(&table)
+            .with_memory_limits(MemoryLimits::Off),
+    )
+    .expect("driver");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(&table)
+        .expect("table");
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| errno)
+        .expect("lock");
+
+    // On a runtime of one thread, in a thread of its own: a start that blocked the runtime
+    // thread would stop the ticker, and the test would fail here rather than hang.
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let ticker = tokio::spawn({
+                let ticks = Arc::clone(&ticks);
+                async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+            let started = Instant::now();
+            let result = driver
+                .start_process(&spec("fn-hello"), "a", Duration::from_millis(500))
+                .await;
+            ticker.abort();
+            drop(done.send((
+                result.map(|_| ()),
+                started.elapsed(),
+                ticks.load(std::sync::atomic::Ordering::Relaxed),
+            )));
+        });
+    });
+    let outcome = outcome.recv_timeout(Duration::from_secs(10));
+    drop(held);
+    let (result, took, ticks) = outcome.expect("the start ended within 10 s");
+    let Err(DriverError::Start(said)) = result else {
+        panic!("a start with the uid table locked: {result:?}");
+    };
+    assert!(
+        said.contains("FN_FUNCTION_UID_TABLE") && said.contains("still locked"),
+        "{said}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        ticks >= 5,
+        "the runtime thread served other tasks {ticks} times"
+    );
+}
+
 /// The real uid of process `pid`, from `/proc`.
 fn uid_of(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

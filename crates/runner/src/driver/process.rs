@@ -36,6 +36,7 @@ mod uids;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -280,7 +281,7 @@ pub struct ProcessDriver {
     socket_root: PathBuf,
     function_users: FunctionUsers,
     /// With [`FunctionUsers::PerFunction`]: the host's table of the uid each function got.
-    uids: Option<uids::UidTable>,
+    uids: Option<Arc<uids::UidTable>>,
     /// Detected once at construction; never re-probed per instance.
     memory: MemoryLimitMode,
     /// Likewise, for the pids limit.
@@ -300,7 +301,7 @@ pub struct ProcessDriver {
     /// The socket root's lock, held for the driver's life when it got it (see
     /// [`claim_socket_root`]).
     /// Taken again when the root is made again (see [`ProcessDriver::check_socket_root`]).
-    root_lock: std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
+    root_lock: std::sync::Mutex<Option<RootClaim>>,
     next_id: AtomicU64,
     /// Programs that [`Driver::check`] found valid, so that a call of a function already
     /// vetted costs no file-system calls. A start vets again and forgets a program that no
@@ -354,7 +355,7 @@ impl ProcessDriver {
                          on the host uses"
                     );
                 }
-                Some(uids::UidTable::open(path, range)?)
+                Some(Arc::new(uids::UidTable::open(path, range)?))
             }
             (FunctionUsers::PerFunction(_), None) => {
                 return Err(SetupError::UidTableUnset);
@@ -489,7 +490,7 @@ impl ProcessDriver {
         let socket = dir.join(LISTENER_NAME);
         let labels = Labels::new(spec.app.clone(), spec.function.clone(), id.clone(), call_id);
 
-        let user = self.user_for(spec)?;
+        let user = self.user_for(spec, start_timeout).await?;
         self.check_socket_root()?;
         self.create_instance_dir(&dir, user)?;
         let cgroup = match cgroup::InstanceCgroup::create(
@@ -596,10 +597,19 @@ impl ProcessDriver {
     /// The user `spec`'s instances run as: with [`FunctionUsers::PerFunction`], the uid the
     /// function holds in the host's table, or a free one given to it now.
     ///
+    /// A function this runner has started before costs a map lookup. Its first start reads
+    /// the table under an `flock` other runners of the host take too: on a blocking thread,
+    /// so that a holder that stalls (a frozen runner, a table on a network file system)
+    /// holds no runtime thread, and for at most `within`.
+    ///
     /// # Errors
-    /// [`DriverError::Start`] when every uid of the range is held or the table cannot be
-    /// read or written.
-    fn user_for(&self, spec: &InstanceSpec) -> Result<Option<FunctionUser>, DriverError> {
+    /// [`DriverError::Start`] when every uid of the range is held, the table cannot be read
+    /// or written, or it stays locked for `within`.
+    async fn user_for(
+        &self,
+        spec: &InstanceSpec,
+        within: Duration,
+    ) -> Result<Option<FunctionUser>, DriverError> {
         match self.function_users {
             FunctionUsers::Runner => return Ok(None),
             FunctionUsers::Shared(user) => return Ok(Some(user)),
@@ -611,7 +621,26 @@ impl ProcessDriver {
                 "FN_FUNCTION_UID_TABLE: no table of function uids".into(),
             ));
         };
-        let (user, new) = uids.user_for(&spec.app, &spec.function)?;
+        if let Some(user) = uids.known(&spec.app, &spec.function) {
+            return Ok(Some(user));
+        }
+        let (table, app, function) = (Arc::clone(uids), spec.app.clone(), spec.function.clone());
+        let lookup = tokio::task::spawn_blocking(move || table.user_for(&app, &function));
+        let (user, new) = match tokio::time::timeout(within, lookup).await {
+            Ok(Ok(found)) => found?,
+            Ok(Err(e)) => {
+                return Err(DriverError::Start(format!(
+                    "FN_FUNCTION_UID_TABLE: the lookup failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(DriverError::Start(format!(
+                    "FN_FUNCTION_UID_TABLE {}: still locked by another process after {within:?} \
+                     (a stalled runner of this host, or a table on a network file system?)",
+                    uids.path().display()
+                )));
+            }
+        };
         if new {
             tracing::info!(app = %spec.app, function = %spec.function, uid = user.uid, "function gets a uid of its own");
         }
@@ -949,36 +978,68 @@ fn prepare_socket_root(root: &Path, user: Option<FunctionUser>) -> Result<PathBu
     Ok(canonical)
 }
 
-/// The lock file in a socket root: held by the one runner that sweeps it.
+/// The lock file in a socket root, which runners before the directory's own lock took
+/// alone: still taken beside it, so that neither kind of runner sweeps the other's
+/// instances while both share a root during an upgrade.
 const ROOT_LOCK: &str = ".runner.lock";
 
-/// Takes the socket root's lock (an `flock` on [`ROOT_LOCK`], which the kernel lets go when
-/// the runner dies, even by SIGKILL). `None` when another live runner holds it, or it
-/// cannot be had: then this runner shares the root and must not sweep it.
-fn claim_socket_root(root: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+/// The socket root's claim: an `flock` on the directory itself, and one on [`ROOT_LOCK`] in
+/// it. The kernel lets both go when the runner dies, even by SIGKILL.
+///
+/// The directory's lock is the one that counts: a file nobody writes, `.runner.lock` ages
+/// out under a `/tmp` cleaner (systemd-tmpfiles removes files unchanged for 10 days) while
+/// its runner holds it, and a runner started later on the root would make a new one, take
+/// it, and sweep the first runner's live instances. A directory in use is not removed: a
+/// cleaner that removes an idle, empty root removes nothing of a runner's but the root
+/// itself, which [`ProcessDriver::check_socket_root`] makes and claims again.
+#[derive(Debug)]
+struct RootClaim {
+    _dir: nix::fcntl::Flock<std::fs::File>,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the socket root's locks ([`RootClaim`]). `None` when another live runner holds
+/// either, or they cannot be had: then this runner shares the root and must not sweep it.
+fn claim_socket_root(root: &Path) -> Option<RootClaim> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let path = root.join(ROOT_LOCK);
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&path)
-    {
-        Ok(file) => file,
-        Err(e) => {
-            tracing::warn!(lock = %path.display(), error = %e, "cannot open the socket root's lock; what an earlier run left there is not swept");
-            return None;
+    let lock = |path: &Path, file: std::io::Result<std::fs::File>| {
+        let file = match file {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!(lock = %path.display(), error = %e, "cannot open the socket root's lock; what an earlier run left there is not swept");
+                return None;
+            }
+        };
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => Some(locked),
+            Err((_, errno)) => {
+                tracing::info!(socket_root = %root.display(), %errno, "another runner uses this socket root; what an earlier run left in it is not swept");
+                None
+            }
         }
     };
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => Some(locked),
-        Err((_, errno)) => {
-            tracing::info!(socket_root = %root.display(), %errno, "another runner uses this socket root; what an earlier run left in it is not swept");
-            None
-        }
-    }
+    let dir = lock(
+        root,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+            .open(root),
+    )?;
+    let path = root.join(ROOT_LOCK);
+    let file = lock(
+        &path,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path),
+    )?;
+    Some(RootClaim {
+        _dir: dir,
+        _file: file,
+    })
 }
 
 /// Removes what an earlier run of a runner left in the socket root it now holds alone
@@ -1385,6 +1446,24 @@ mod tests {
         for var in ["SHELLOPTS=", "PS4=+ ", "IFS=:"] {
             assert!(env.lines().any(|l| l.starts_with(var)), "{var} in {env}");
         }
+    }
+
+    /// The socket root's claim holds when a `/tmp` cleaner removes `.runner.lock` (a file
+    /// nobody writes ages out): a runner started later on the root does not take it.
+    #[test]
+    fn a_socket_root_stays_claimed_when_its_lock_file_is_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let held = claim_socket_root(root.path()).expect("the first runner claims it");
+        std::fs::remove_file(root.path().join(ROOT_LOCK)).expect("a cleaner removes the file");
+        assert!(
+            claim_socket_root(root.path()).is_none(),
+            "a second runner claimed a root the first holds"
+        );
+        drop(held);
+        assert!(
+            claim_socket_root(root.path()).is_some(),
+            "a root nobody holds is claimed"
+        );
     }
 
     /// A socket root removed while the runner runs is made again at the next start; one

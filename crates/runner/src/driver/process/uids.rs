@@ -139,8 +139,8 @@ impl UidTable {
         app: &str,
         function: &str,
     ) -> Result<(FunctionUser, bool), DriverError> {
-        if let Some(uid) = self.known(app, function) {
-            return Ok((user(uid), false));
+        if let Some(known) = self.known(app, function) {
+            return Ok((known, false));
         }
         for name in [app, function] {
             if !recordable(name) {
@@ -201,8 +201,15 @@ impl UidTable {
         Ok((user(uid), true))
     }
 
-    fn known(&self, app: &str, function: &str) -> Option<u32> {
-        self.known_map().get(app)?.get(function).copied()
+    /// The user of `app`/`function` when this runner has read it already: no file-system
+    /// call.
+    pub(super) fn known(&self, app: &str, function: &str) -> Option<FunctionUser> {
+        self.known_map().get(app)?.get(function).copied().map(user)
+    }
+
+    /// The table file's path.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
     }
 
     fn known_map(&self) -> std::sync::MutexGuard<'_, ByFunction> {
