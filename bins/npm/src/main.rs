@@ -50,7 +50,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     tracing::debug!(open_files = open_files.in_force, "open-file limit");
     let manager_config = cli
         .scaling
-        .manager_config()
+        .manager_config(cli.common.shutdown_timeout)
         .unwrap_or_else(|e| exit_config_error(e));
     cli.control_plane
         .validate()

@@ -143,11 +143,12 @@ pub struct ScalingArgs {
 }
 
 impl ScalingArgs {
-    /// The control loop's settings.
+    /// The control loop's settings; `shutdown_bound` is the npm's own
+    /// `FN_SHUTDOWN_TIMEOUT`, within which its provisionings stop when it stops.
     ///
     /// # Errors
     /// [`ConfigError`] naming the variable out of range.
-    pub fn manager_config(&self) -> Result<ManagerConfig, ConfigError> {
+    pub fn manager_config(&self, shutdown_bound: Duration) -> Result<ManagerConfig, ConfigError> {
         if self.max_runners == 0 || self.min_runners > self.max_runners {
             return Err(ConfigError(
                 "FN_MAX_RUNNERS: must be at least 1 and at least FN_MIN_RUNNERS".into(),
@@ -201,6 +202,7 @@ impl ScalingArgs {
             lb_purge_after: self.lb_purge_after,
             provision_batch: self.provision_batch,
             tick: self.scale_interval,
+            provisioning_stop_bound: crate::manager::provisioning_stop_bound(shutdown_bound),
             ..ManagerConfig::default()
         })
     }
@@ -420,11 +422,32 @@ mod tests {
         ]);
         cli.control_plane.validate().expect("valid");
         assert_eq!(cli.control_plane.addresses(), ["a:1", "b:2"]);
-        let m = cli.scaling.manager_config().expect("valid");
+        let m = cli
+            .scaling
+            .manager_config(Duration::from_secs(30))
+            .expect("valid");
         assert_eq!(
             (m.min_runners, m.max_runners, m.provision_batch),
             (0, 10, 4)
         );
+        // Provisionings stop within their bound, and leave the control plane's shutdown at
+        // least as long after its runners' stop grace.
+        assert_eq!(m.provisioning_stop_bound, Duration::from_millis(2500));
+        for npm_bound in [2, 6, 10, 20, 30, 120].map(Duration::from_secs) {
+            let wait = cli
+                .scaling
+                .manager_config(npm_bound)
+                .expect("valid")
+                .provisioning_stop_bound;
+            let grace = crate::control_plane::shutdown_stop_grace(npm_bound);
+            assert!(
+                wait * 2 <= npm_bound.saturating_sub(grace),
+                "{wait:?} for {npm_bound:?}"
+            );
+            if npm_bound >= Duration::from_secs(6) {
+                assert_eq!(wait, Duration::from_millis(2500), "for {npm_bound:?}");
+            }
+        }
     }
 
     #[test]
@@ -479,7 +502,7 @@ mod tests {
                 .control_plane
                 .validate()
                 .err()
-                .or_else(|| cli.scaling.manager_config().err())
+                .or_else(|| cli.scaling.manager_config(Duration::from_secs(30)).err())
                 .unwrap_or_else(|| panic!("{args:?} must be rejected"));
             assert!(
                 err.to_string().starts_with(var),

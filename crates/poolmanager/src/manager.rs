@@ -85,6 +85,25 @@ pub struct ManagerConfig {
     /// Minimum time a runner stays draining before removal, so that LBs polling the
     /// membership have dropped it (they poll every 500 ms).
     pub drain_settle: Duration,
+    /// Longest wait, at the npm's shutdown, for the provisionings under way to stop before
+    /// the control plane removes the runners: see [`provisioning_stop_bound`].
+    pub provisioning_stop_bound: Duration,
+}
+
+/// The longest an npm waits at its shutdown for a provisioning to stop: it stops at once
+/// unless it is inside a request to the engine (a container or a service being created),
+/// which takes a second or less.
+pub const PROVISIONING_STOP_BOUND: Duration = Duration::from_millis(2500);
+
+/// The wait for provisionings to stop at the shutdown of an npm whose own bound is
+/// `npm_bound` (`FN_SHUTDOWN_TIMEOUT`): [`PROVISIONING_STOP_BOUND`], but at most half of what
+/// the bound leaves beyond the runners' stop grace (at least 5 s for a bound of 6 s or
+/// more: see [`crate::control_plane::shutdown_stop_grace`]), so that the control plane's
+/// shutdown that follows keeps the other half.
+pub fn provisioning_stop_bound(npm_bound: Duration) -> Duration {
+    let beyond_grace =
+        npm_bound.saturating_sub(crate::control_plane::shutdown_stop_grace(npm_bound));
+    PROVISIONING_STOP_BOUND.min(beyond_grace / 2)
 }
 
 impl Default for ManagerConfig {
@@ -100,6 +119,7 @@ impl Default for ManagerConfig {
             provision_batch: 4,
             tick: Duration::from_secs(1),
             drain_settle: Duration::from_secs(2),
+            provisioning_stop_bound: PROVISIONING_STOP_BOUND,
         }
     }
 }
@@ -357,6 +377,9 @@ pub struct ControlLoop {
     /// The runners in `removing`.
     removing_ids: std::collections::HashSet<String>,
     in_flight: InFlight,
+    /// Cancelled when the loop stops: provisionings end at their next safe point (see
+    /// [`ControlPlane::provision`]).
+    provisioning: CancellationToken,
     metrics: NpmMetrics,
     /// Warns when `max_total_runners` keeps a group short.
     at_total_cap: Throttle,
@@ -384,6 +407,7 @@ impl ControlLoop {
             removing: tokio::task::JoinSet::new(),
             removing_ids: std::collections::HashSet::new(),
             in_flight: InFlight::default(),
+            provisioning: CancellationToken::new(),
             metrics: NpmMetrics::register(registry),
             at_total_cap: Throttle::new(Duration::from_secs(60)),
         }
@@ -420,12 +444,56 @@ impl ControlLoop {
                 () = self.tick() => {}
             }
         }
-        // Runners still starting, or being removed, are the control plane's to remove with
-        // the others.
-        self.in_flight.tasks.abort_all();
+        // Runners being removed are the control plane's to remove with the others (a
+        // removal cut short leaves its runner listed). Provisionings are not cut short: one
+        // inside an engine request would make its runner after the shutdown's list, and
+        // leave it behind; they stop at their next safe point.
         self.removing.abort_all();
+        self.stop_provisioning().await;
         self.control_plane.shutdown().await;
         Ok(())
+    }
+
+    /// Stops the provisionings under way and waits, at most `provisioning_stop_bound`, for
+    /// them to end, so that every runner they made is the control plane's shutdown's to
+    /// remove. Those still running at the bound (an engine that does not answer) are
+    /// dropped, and logged: a runner such a request makes later is left behind.
+    async fn stop_provisioning(&mut self) {
+        self.provisioning.cancel();
+        if self.in_flight.tasks.is_empty() {
+            return;
+        }
+        let bound = self.config.provisioning_stop_bound;
+        let stopped = tokio::time::timeout(bound, async {
+            while let Some(done) = self.in_flight.tasks.join_next_with_id().await {
+                let (id, outcome) = match done {
+                    Ok((id, done)) => (id, done.result.map(|new| new.len())),
+                    Err(e) => (e.id(), Err(ControlPlaneError::Failed(e.to_string()))),
+                };
+                let (group, batch) = self.in_flight.asked.remove(&id).unwrap_or_default();
+                match outcome {
+                    Ok(ready) => tracing::debug!(%group, batch, ready, "a provisioning ended at shutdown"),
+                    Err(e) => tracing::debug!(%group, batch, error = %e, "a provisioning stopped at shutdown"),
+                }
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            let left: Vec<String> = self
+                .in_flight
+                .asked
+                .values()
+                .map(|(group, batch)| format!("{batch} of {group}"))
+                .collect();
+            tracing::error!(
+                ?bound,
+                provisionings = ?left,
+                "provisionings still waiting on the control plane at shutdown; dropped: a \
+                 runner the engine makes for them now is left behind (list the runners \
+                 carrying the npm's label and remove them by hand)"
+            );
+            self.in_flight.tasks.abort_all();
+        }
     }
 
     /// The state of every runner the loop knows (tests and logs).
@@ -711,8 +779,9 @@ impl ControlLoop {
                 *self.in_flight.runners.entry(group.clone()).or_default() += batch;
                 let task = self.in_flight.tasks.spawn({
                     let group = group.clone();
+                    let cancel = self.provisioning.clone();
                     async move {
-                        let result = control_plane.provision(&group, batch).await;
+                        let result = control_plane.provision(&group, batch, &cancel).await;
                         Provisioned {
                             group,
                             batch,

@@ -26,6 +26,7 @@ fn config() -> ManagerConfig {
         provision_batch: 2,
         tick: Duration::from_secs(1),
         drain_settle: Duration::from_secs(2),
+        provisioning_stop_bound: fn_poolmanager::manager::PROVISIONING_STOP_BOUND,
     }
 }
 
@@ -912,4 +913,84 @@ async fn a_list_that_hangs_holds_a_tick_only_for_its_bound() {
     }
     assert_eq!(h.cp.provisioned(), 1, "the second runner was asked for");
     assert_eq!(h.members("g"), vec!["r1", "r2"]);
+}
+
+/// A control loop over `cp` running beside the test, with demand for one runner of `g`
+/// advertised; returns once the runner's provisioning is under way.
+async fn running_with_a_provisioning(
+    cp: &Arc<FakeControlPlane>,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    let shared = Arc::new(Shared::default());
+    let control = ControlLoop::new(
+        Arc::clone(&shared),
+        cp.clone(),
+        Arc::new(FakeProbe::default()),
+        config(),
+        &mut Registry::default(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(control.run(cancel.clone()));
+    shared
+        .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+        .expect("recorded");
+    while cp.batches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (cancel, loop_task)
+}
+
+/// At the npm's shutdown a provisioning under way is stopped, not dropped, and the control
+/// plane's shutdown (which removes the runners) comes only once it has ended: a provisioning
+/// dropped inside an engine request made its runner after the shutdown had listed what to
+/// remove, and the runner was left behind.
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_provisionings_stop_before_the_control_plane_removes_its_runners() {
+    let cp = Arc::new(FakeControlPlane::default());
+    // A runner that takes a minute to come up.
+    *cp.provision_delay.lock().expect("lock") = Some(Duration::from_secs(60));
+    let (cancel, loop_task) = running_with_a_provisioning(&cp).await;
+    assert_eq!(cp.provisionings(), 1);
+    let stopping = Instant::now();
+    cancel.cancel();
+    loop_task.await.expect("the loop ends").expect("infallible");
+    assert_eq!(cp.stopped(), 1, "the provisioning was stopped, not dropped");
+    assert_eq!(
+        cp.provisionings_at_shutdown(),
+        Some(0),
+        "the control plane's shutdown waited for it"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "stopped at its wait, not after it: {:?}",
+        stopping.elapsed()
+    );
+}
+
+/// A provisioning that does not stop (an engine that never answers the request making its
+/// runner) holds the npm's shutdown for the bound only: the control plane's shutdown follows.
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_that_does_not_stop_holds_the_shutdown_only_for_its_bound() {
+    let cp = Arc::new(FakeControlPlane::default());
+    *cp.provision_hangs.lock().expect("lock") = true;
+    let (cancel, loop_task) = running_with_a_provisioning(&cp).await;
+    let stopping = Instant::now();
+    cancel.cancel();
+    let bound = fn_poolmanager::manager::PROVISIONING_STOP_BOUND;
+    tokio::time::timeout(bound * 2, loop_task)
+        .await
+        .expect("the shutdown ends after the bound")
+        .expect("the loop ends")
+        .expect("infallible");
+    assert!(
+        stopping.elapsed() >= bound,
+        "it was waited for: {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        cp.provisionings_at_shutdown().is_some(),
+        "the control plane's shutdown came"
+    );
 }

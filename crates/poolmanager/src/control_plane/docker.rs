@@ -20,7 +20,11 @@
 //!   manager's); a service's restarted task keeps the service's name as its id, so the new
 //!   runner removes its predecessor's at start.
 //! - **Shutdown**: removes this npm's runners, so `docker compose down` leaves nothing
-//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt.
+//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt. Those
+//!   still starting are among them: a provisioning stops when the npm does (it is
+//!   cancelled, see [`ControlPlane::provision`]) only where it waits, never inside the
+//!   request that creates the container (or service), and the control loop waits for it
+//!   before the shutdown lists what to remove.
 //!
 //! What runners share with the npm is settled once, at start ([`Placement`]): the network
 //! (`FN_DOCKER_NETWORK`, else the one network of the npm's own container), the certificates
@@ -50,6 +54,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fn_lifecycle::retry::Backoff;
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 pub use engine::{
     BollardEngine, Container, ContainerState, Engine, EngineError, RUNNER_CAPABILITIES, SelfView,
@@ -452,7 +457,18 @@ impl DockerControlPlane {
         futures::future::join_all(removals).await;
     }
 
-    async fn provision_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
+    /// Makes one runner and waits until it answers health. Cut by `cancel` only where it
+    /// waits (for health, between probes, for a failed runner's output), never inside the
+    /// request that makes the container (or service): what it made is then in the engine,
+    /// listed by [`ControlPlane::shutdown`], or removed here.
+    async fn provision_one(
+        &self,
+        group: &str,
+        cancel: &CancellationToken,
+    ) -> Result<RunnerInfo, ControlPlaneError> {
+        if cancel.is_cancelled() {
+            return Err(ControlPlaneError::Cancelled);
+        }
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let name = format!(
             "{}-runner-{}",
@@ -473,7 +489,12 @@ impl DockerControlPlane {
         let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
-            if self.ready.ready(&address).await {
+            // Until it answers, the runner is not the control loop's: at shutdown it is left
+            // in the engine, for the shutdown to remove with the others.
+            let Some(ready) = cancel.run_until_cancelled(self.ready.ready(&address)).await else {
+                return Err(ControlPlaneError::Cancelled);
+            };
+            if ready {
                 tracing::info!(runner = %name, %address, group, "runner container ready");
                 return Ok(RunnerInfo {
                     id: name,
@@ -494,19 +515,23 @@ impl DockerControlPlane {
                 _ => None,
             };
             if let Some(what) = failure {
-                let output =
-                    tokio::time::timeout(FAILURE_OUTPUT_BOUND, self.engine.logs_tail(&name, 10))
-                        .await
-                        .unwrap_or_else(|_| {
-                            format!("(the engine gave none within {FAILURE_OUTPUT_BOUND:?})")
-                        });
+                let tail =
+                    tokio::time::timeout(FAILURE_OUTPUT_BOUND, self.engine.logs_tail(&name, 10));
+                let Some(output) = cancel.run_until_cancelled(tail).await else {
+                    return Err(ControlPlaneError::Cancelled);
+                };
+                let output = output.unwrap_or_else(|_| {
+                    format!("(the engine gave none within {FAILURE_OUTPUT_BOUND:?})")
+                });
                 self.discard(&name).await;
                 return Err(ControlPlaneError::Failed(format!(
                     "runner container {name} {what}; its last output: {}",
                     if output.is_empty() { "(none)" } else { &output }
                 )));
             }
-            backoff.sleep().await;
+            if cancel.run_until_cancelled(backoff.sleep()).await.is_none() {
+                return Err(ControlPlaneError::Cancelled);
+            }
         }
     }
 }
@@ -573,10 +598,12 @@ impl ControlPlane for DockerControlPlane {
         &'a self,
         group: &'a str,
         count: usize,
+        cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
             let results =
-                futures::future::join_all((0..count).map(|_| self.provision_one(group))).await;
+                futures::future::join_all((0..count).map(|_| self.provision_one(group, cancel)))
+                    .await;
             super::gather_provisioned(results, "runner container")
         })
     }

@@ -16,8 +16,10 @@ use std::time::Duration;
 /// runners leave.
 pub const SHUTDOWN_STOP_GRACE: Duration = Duration::from_secs(20);
 
-/// What of the npm's shutdown bound a control plane keeps for itself after its runners'
-/// stop grace (removing records, containers, directories).
+/// What of the npm's shutdown bound is kept beyond its runners' stop grace: for the
+/// provisionings under way to stop first (at most half of it, see
+/// [`crate::manager::provisioning_stop_bound`]), and for the control plane's own work
+/// around the runners' stop (listing, removing records, containers, directories).
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
 /// The runners' stop grace at the npm's shutdown for an npm whose own bound is
@@ -37,6 +39,7 @@ pub mod static_list;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 /// A runner as a control plane knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +64,10 @@ pub enum ControlPlaneError {
     /// Provisioning or removal failed.
     #[error("control plane operation failed: {0}")]
     Failed(String),
+    /// The npm is stopping: the provisioning ended before its runner was ready (the
+    /// control plane's shutdown removes what it made).
+    #[error("provisioning stopped: the npm is shutting down")]
+    Cancelled,
 }
 
 /// Lists, provisions and removes runners.
@@ -75,10 +82,20 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
 
     /// Provisions up to `count` new runners for `group` and returns those that are ready
     /// (answering health). May return fewer than asked.
+    ///
+    /// `cancel` is cancelled when the npm stops. The provisioning then ends at its next safe
+    /// point, between requests to the engine or while it waits for a runner to come up, with
+    /// [`ControlPlaneError::Cancelled`] for the runners not ready yet. Every runner it made
+    /// is then where [`ControlPlane::shutdown`] finds it (or it removed it itself): the
+    /// control loop waits for its provisionings to end before the shutdown, instead of
+    /// dropping them, because a request the engine has taken (a container or service
+    /// created) makes its runner even when nobody waits for the answer, and after the
+    /// shutdown's list it would be left behind.
     fn provision<'a>(
         &'a self,
         group: &'a str,
         count: usize,
+        cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
     /// Removes a runner (it has drained or overrun its drain time).
@@ -102,6 +119,7 @@ pub(crate) fn gather_provisioned(
     for result in results {
         match result {
             Ok(info) => ready.push(info),
+            Err(e @ ControlPlaneError::Cancelled) => last_error = Some(e),
             Err(e) => {
                 tracing::error!(error = %e, "provisioning a {what} failed");
                 last_error = Some(e);

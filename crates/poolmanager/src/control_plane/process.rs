@@ -10,7 +10,8 @@
 //!   starting and ones being removed alike. Each runner is in the table from its spawn to
 //!   the end of its stop, in a [`Phase`], so a control-loop pass cut short by shutdown
 //!   (a provisioning waiting for health, a removal waiting for the exit) leaves nothing
-//!   behind.
+//!   behind. A provisioning cancelled at shutdown ends its wait for health at once and
+//!   spawns nothing more.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
@@ -264,8 +266,16 @@ impl ProcessControlPlane {
     }
 
     /// Spawns one runner and waits until it answers health. The runner is in the table
-    /// (as `Starting`) from its spawn on, so a shutdown that cuts this short stops it.
-    async fn spawn_one(&self, group: &str) -> Result<RunnerInfo, ControlPlaneError> {
+    /// (as `Starting`) from its spawn on, so a shutdown that cuts this short stops it;
+    /// `cancel` ends the wait for health, and a spawn asked for after it is not made.
+    async fn spawn_one(
+        &self,
+        group: &str,
+        cancel: &CancellationToken,
+    ) -> Result<RunnerInfo, ControlPlaneError> {
+        if cancel.is_cancelled() {
+            return Err(ControlPlaneError::Cancelled);
+        }
         let failed = |what: String| ControlPlaneError::Failed(what);
         let port = fn_lifecycle::ports::free_port(self.config.listen_ip)
             .map_err(|e| failed(format!("no free port: {e}")))?;
@@ -319,7 +329,13 @@ impl ProcessControlPlane {
         let started = tokio::time::Instant::now();
         let mut backoff = health_backoff();
         loop {
-            if super::answers_health(&self.config.tls, &address).await {
+            let Some(healthy) = cancel
+                .run_until_cancelled(super::answers_health(&self.config.tls, &address))
+                .await
+            else {
+                return Err(ControlPlaneError::Cancelled);
+            };
+            if healthy {
                 let mut runners = self.lock();
                 let Some(entry) = runners.iter_mut().find(|r| r.info.id == id) else {
                     return Err(failed(format!("runner {id} was stopped while starting")));
@@ -356,7 +372,9 @@ impl ProcessControlPlane {
                     log_path.display()
                 )));
             }
-            backoff.sleep().await;
+            if cancel.run_until_cancelled(backoff.sleep()).await.is_none() {
+                return Err(ControlPlaneError::Cancelled);
+            }
         }
     }
 }
@@ -465,9 +483,10 @@ impl ControlPlane for ProcessControlPlane {
         &'a self,
         group: &'a str,
         count: usize,
+        cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
-            let spawns = (0..count).map(|_| self.spawn_one(group));
+            let spawns = (0..count).map(|_| self.spawn_one(group, cancel));
             let results = futures::future::join_all(spawns).await;
             super::gather_provisioned(results, "runner")
         })
@@ -910,6 +929,58 @@ mod tests {
             .expect("wait");
         assert!(!status.success(), "stopped by a signal: {status:?}");
         stopping.await.expect("stop returns");
+    }
+
+    /// A provisioning waiting for its runner to answer health stops at once when cancelled
+    /// (the npm is stopping), instead of waiting out the start timeout; the runner stays in
+    /// the table, unlisted, and the shutdown stops it.
+    #[tokio::test]
+    async fn a_provisioning_cancelled_while_its_runner_starts_leaves_it_to_the_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A runner that never answers health.
+        let binary = dir.path().join("pure-runner");
+        std::fs::write(&binary, "#!/bin/sh\nexec sleep 30\n").expect("write");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let state = dir.path().join("state");
+        let config = ProcessConfig::new(
+            binary,
+            dir.path().to_owned(),
+            state.clone(),
+            TlsMode::Insecure,
+        );
+        let plane = std::sync::Arc::new(ProcessControlPlane::new(config).await.expect("plane"));
+        let cancel = CancellationToken::new();
+        let provisioning = tokio::spawn({
+            let (plane, cancel) = (std::sync::Arc::clone(&plane), cancel.clone());
+            async move { plane.provision("g", 1, &cancel).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(2), provisioning)
+            .await
+            .expect("stopped at once")
+            .expect("task");
+        assert!(
+            matches!(result, Err(ControlPlaneError::Cancelled)),
+            "{result:?}"
+        );
+        assert!(plane.list().await.expect("lists").is_empty());
+        let records: Vec<PathBuf> = std::fs::read_dir(&state)
+            .expect("state dir")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(RECORD_EXT))
+            .collect();
+        let [record] = records.as_slice() else {
+            panic!("one runner recorded: {records:?}");
+        };
+        let (_, pid) = read_record(record).expect("a runner's record");
+        assert!(pid_alive(pid), "the runner is still starting");
+
+        plane.shutdown().await;
+        assert!(!pid_alive(pid), "the shutdown stopped the runner");
+        assert!(!record.exists());
     }
 
     #[test]

@@ -48,6 +48,8 @@ impl ControlPlane for StaticControlPlane {
         &'a self,
         group: &'a str,
         count: usize,
+        // Nothing to wait for: the addresses are assigned at once.
+        _cancel: &'a tokio_util::sync::CancellationToken,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         let mut slots = self.lock();
         let mut out = Vec::new();
@@ -93,15 +95,22 @@ mod tests {
     #[tokio::test]
     async fn hands_out_each_address_once() {
         let cp = StaticControlPlane::new(vec!["a:1".into(), "b:1".into()], 512);
-        let got = cp.provision("g", 5).await.expect("two free");
+        let got = cp
+            .provision("g", 5, &tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("two free");
         assert_eq!(got.len(), 2);
         assert!(matches!(
-            cp.provision("g", 1).await,
+            cp.provision("g", 1, &tokio_util::sync::CancellationToken::new())
+                .await,
             Err(ControlPlaneError::Exhausted(_))
         ));
         assert_eq!(cp.list().await.expect("list").len(), 2);
         cp.remove(&got[0]).await.expect("remove");
-        let again = cp.provision("h", 1).await.expect("one free again");
+        let again = cp
+            .provision("h", 1, &tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("one free again");
         assert_eq!(again[0].address, "a:1");
         assert_eq!(again[0].group, "h");
     }

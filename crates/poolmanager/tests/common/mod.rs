@@ -9,6 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fn_poolmanager::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
 use fn_poolmanager::manager::RunnerProbe;
 use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 pub const RUNNER_MB: u64 = 1024;
 
@@ -40,6 +41,14 @@ pub struct FakeControlPlane {
     pub panics_for: Mutex<Option<String>>,
     /// While set, every provisioning fails and makes nothing (a runner that cannot start).
     pub provision_fails: Mutex<bool>,
+    /// While set, a provisioning never ends, cancelled or not (an engine that does not
+    /// answer the request that makes its runner).
+    pub provision_hangs: Mutex<bool>,
+    /// Provisionings under way, and their stops at the npm's shutdown.
+    provisionings: Mutex<usize>,
+    stopped: Mutex<usize>,
+    /// Provisionings under way when `shutdown` was called, if it was.
+    at_shutdown: Mutex<Option<usize>>,
 }
 
 impl FakeControlPlane {
@@ -104,6 +113,22 @@ impl FakeControlPlane {
         self.removed.lock().expect("lock").clone()
     }
 
+    /// Provisionings under way (not ended, nor stopped by cancellation).
+    pub fn provisionings(&self) -> usize {
+        *self.provisionings.lock().expect("lock")
+    }
+
+    /// Provisionings that ended because they were cancelled.
+    pub fn stopped(&self) -> usize {
+        *self.stopped.lock().expect("lock")
+    }
+
+    /// Provisionings under way when the npm's shutdown reached the control plane, if it
+    /// did.
+    pub fn provisionings_at_shutdown(&self) -> Option<usize> {
+        *self.at_shutdown.lock().expect("lock")
+    }
+
     /// Calls of `list` so far (one per control-loop tick).
     pub fn lists(&self) -> usize {
         *self.lists.lock().expect("lock")
@@ -134,8 +159,12 @@ impl ControlPlane for FakeControlPlane {
         &'a self,
         group: &'a str,
         count: usize,
+        cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         self.batches.lock().expect("lock").push(count);
+        if *self.provision_hangs.lock().expect("lock") {
+            return Box::pin(std::future::pending());
+        }
         if *self.provision_fails.lock().expect("lock") {
             return Box::pin(async {
                 Err(ControlPlaneError::Failed(
@@ -161,16 +190,27 @@ impl ControlPlane for FakeControlPlane {
             .lock()
             .expect("lock")
             .extend(new.iter().cloned());
+        *self.provisionings.lock().expect("lock") += 1;
         Box::pin(async move {
             assert!(!panics, "the fake control plane was told to panic");
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-            for info in &new {
-                if let Some(stagger) = stagger {
-                    tokio::time::sleep(stagger).await;
+            // Its waits end at cancellation, as the real planes' do; what it made stays
+            // made (starting, not listed).
+            let waits = async {
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
                 }
-                self.ready(&info.id);
+                for info in &new {
+                    if let Some(stagger) = stagger {
+                        tokio::time::sleep(stagger).await;
+                    }
+                    self.ready(&info.id);
+                }
+            };
+            let done = cancel.run_until_cancelled(waits).await;
+            *self.provisionings.lock().expect("lock") -= 1;
+            if done.is_none() {
+                *self.stopped.lock().expect("lock") += 1;
+                return Err(ControlPlaneError::Cancelled);
             }
             Ok(new)
         })
@@ -192,6 +232,11 @@ impl ControlPlane for FakeControlPlane {
                 .retain(|r| r.id != runner.id);
             Ok(())
         })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        *self.at_shutdown.lock().expect("lock") = Some(self.provisionings());
+        Box::pin(async {})
     }
 }
 

@@ -12,7 +12,14 @@ use super::*;
 /// An engine that keeps containers in memory.
 #[derive(Debug, Default)]
 struct FakeEngine {
-    containers: Mutex<Vec<(Container, RunnerSpec)>>,
+    /// Shared with the requests it holds (see `held_runs`).
+    containers: Arc<Mutex<Vec<(Container, RunnerSpec)>>>,
+    /// When set, a container is made only once a permit is added: the request is the
+    /// engine's from the call on, and it makes the container even if the caller stopped
+    /// waiting for the answer.
+    held_runs: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// A held request came in.
+    run_held: tokio::sync::Notify,
     removed: Mutex<Vec<String>>,
     /// New containers exit at once.
     exit_on_start: AtomicBool,
@@ -93,15 +100,29 @@ impl Engine for FakeEngine {
         } else {
             ContainerState::Running
         };
-        self.lock().push((
+        let made = (
             Container {
                 name: spec.name.clone(),
                 state,
                 labels: spec.labels.clone(),
             },
             spec.clone(),
-        ));
-        Box::pin(async { Ok(()) })
+        );
+        let Some(gate) = self.held_runs.lock().expect("fake engine lock").clone() else {
+            self.lock().push(made);
+            return Box::pin(async { Ok(()) });
+        };
+        // The engine's own work, which goes on whether the caller waits or not.
+        let containers = Arc::clone(&self.containers);
+        let engine_side = tokio::spawn(async move {
+            let _permit = gate.acquire().await.expect("gate open");
+            containers.lock().expect("fake engine lock").push(made);
+        });
+        self.run_held.notify_one();
+        Box::pin(async move {
+            engine_side.await.expect("the engine's side");
+            Ok(())
+        })
     }
 
     fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
@@ -400,7 +421,10 @@ fn names_are_dns_safe() {
 async fn provisions_ready_runners_and_lists_only_its_own() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true);
-    let runners = cp.provision("default", 2).await.expect("provisioned");
+    let runners = cp
+        .provision("default", 2, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     assert_eq!(runners.len(), 2);
     for r in &runners {
         assert!(r.id.starts_with("stack-backend-runner-"), "{}", r.id);
@@ -439,7 +463,10 @@ async fn provisions_ready_runners_and_lists_only_its_own() {
 async fn a_restarted_npm_finds_its_runners() {
     let engine = Arc::new(FakeEngine::default());
     let first = control_plane(&engine, true);
-    let runners = first.provision("default", 1).await.expect("provisioned");
+    let runners = first
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     drop(first);
     let second = control_plane(&engine, true);
     let listed = second.list().await.expect("list");
@@ -452,7 +479,10 @@ async fn a_restarted_npm_finds_its_runners() {
 async fn exited_runners_are_removed_not_listed() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true);
-    let runners = cp.provision("default", 1).await.expect("provisioned");
+    let runners = cp
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     engine.lock()[0].0.state = ContainerState::Stopped;
     assert_eq!(cp.list().await.expect("list"), Vec::new());
     assert!(engine.names().is_empty());
@@ -466,7 +496,10 @@ async fn exited_runners_are_removed_not_listed() {
 async fn a_runner_that_never_answers_health_is_removed() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, false);
-    let err = cp.provision("default", 1).await.expect_err("never ready");
+    let err = cp
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect_err("never ready");
     let text = err.to_string();
     assert!(text.contains("did not answer health"), "{text}");
     assert!(
@@ -481,7 +514,10 @@ async fn a_runner_that_exits_at_start_is_reported_with_its_output() {
     let engine = Arc::new(FakeEngine::default());
     engine.exit_on_start.store(true, Ordering::SeqCst);
     let cp = control_plane(&engine, false);
-    let err = cp.provision("default", 1).await.expect_err("exited");
+    let err = cp
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect_err("exited");
     assert!(
         err.to_string().contains("exited before answering health"),
         "{err}"
@@ -493,7 +529,10 @@ async fn a_runner_that_exits_at_start_is_reported_with_its_output() {
 async fn remove_and_shutdown_remove_containers_unless_kept() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true);
-    let runners = cp.provision("default", 3).await.expect("provisioned");
+    let runners = cp
+        .provision("default", 3, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     cp.remove(&runners[0]).await.expect("removed");
     assert_eq!(engine.names().len(), 2);
 
@@ -523,7 +562,9 @@ async fn an_npm_whose_service_stays_leaves_its_runners_to_its_next_task() {
         let engine = Arc::new(FakeEngine::default());
         *engine.service.lock().expect("lock") = service;
         let cp = control_plane(&engine, true).with_own_service(Some("npm-service-id".into()));
-        cp.provision("default", 2).await.expect("provisioned");
+        cp.provision("default", 2, &CancellationToken::new())
+            .await
+            .expect("provisioned");
         cp.shutdown().await;
         let left = engine.names().len();
         assert_eq!(
@@ -536,7 +577,9 @@ async fn an_npm_whose_service_stays_leaves_its_runners_to_its_next_task() {
     let engine = Arc::new(FakeEngine::default());
     *engine.service.lock().expect("lock") = Some(true);
     let cp = control_plane(&engine, true);
-    cp.provision("default", 1).await.expect("provisioned");
+    cp.provision("default", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     cp.shutdown().await;
     assert!(engine.names().is_empty());
 }
@@ -545,7 +588,10 @@ async fn an_npm_whose_service_stays_leaves_its_runners_to_its_next_task() {
 async fn the_function_containers_a_runner_left_go_once_it_is_gone() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
-    let runners = cp.provision("default", 3).await.expect("provisioned");
+    let runners = cp
+        .provision("default", 3, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     let function = |n: usize, runner: &str| {
         engine.add(
             &format!("fn-{runner}-{n}"),
@@ -619,7 +665,10 @@ async fn a_function_container_carrying_the_npms_label_is_no_runner() {
 async fn without_a_function_engine_the_npm_touches_no_function_container() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true);
-    let runners = cp.provision("default", 1).await.expect("provisioned");
+    let runners = cp
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned");
     engine.add(
         "fn-left",
         ContainerState::Running,
@@ -750,7 +799,7 @@ async fn a_runner_that_stops_while_starting_is_its_provisioners_to_report() {
     ));
     let provisioning = tokio::spawn({
         let cp = Arc::clone(&cp);
-        async move { cp.provision("default", 1).await }
+        async move { cp.provision("default", 1, &CancellationToken::new()).await }
     });
     ready.entered.notified().await;
     let listed = cp.list().await.expect("lists");
@@ -797,10 +846,13 @@ async fn a_logs_request_that_hangs_does_not_hold_a_failed_provisioning() {
     engine.exit_on_start.store(true, Ordering::SeqCst);
     engine.logs_hang.store(true, Ordering::SeqCst);
     let cp = control_plane(&engine, false);
-    let err = tokio::time::timeout(FAILURE_OUTPUT_BOUND * 2, cp.provision("default", 1))
-        .await
-        .expect("the provisioning ends")
-        .expect_err("the runner exited");
+    let err = tokio::time::timeout(
+        FAILURE_OUTPUT_BOUND * 2,
+        cp.provision("default", 1, &CancellationToken::new()),
+    )
+    .await
+    .expect("the provisioning ends")
+    .expect_err("the runner exited");
     assert!(
         err.to_string().contains("the engine gave none within 15s"),
         "{err}"
@@ -816,7 +868,7 @@ async fn a_cleanup_cut_short_is_finished_by_the_next_list() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
     let runner = cp
-        .provision("default", 1)
+        .provision("default", 1, &CancellationToken::new())
         .await
         .expect("provisioned")
         .remove(0);
@@ -855,3 +907,5 @@ async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
         .expect("bounded");
     assert_eq!(text, "(no output within 5s)");
 }
+
+mod shutdown;
