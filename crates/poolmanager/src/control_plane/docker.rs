@@ -351,7 +351,7 @@ impl DockerControlPlane {
             && config.swarm.is_none())
         .then(|| Arc::new(engine.clone()) as Arc<dyn Engine>);
         let engine: Arc<dyn Engine> = if config.swarm.is_some() {
-            Arc::new(SwarmEngine::new(engine))
+            Arc::new(SwarmEngine::new(engine, config.start_timeout))
         } else {
             Arc::new(engine)
         };

@@ -55,11 +55,18 @@ const RAN_FOR: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct SwarmEngine {
     engine: BollardEngine,
+    /// How long a task may wait for a node that can take it (see [`unplaced`]).
+    place_within: Duration,
 }
 
 impl SwarmEngine {
-    pub fn new(engine: BollardEngine) -> Self {
-        SwarmEngine { engine }
+    /// Runner services through `engine`; a service whose task no node has taken within
+    /// `place_within` (the plane's start timeout) counts as not coming up.
+    pub fn new(engine: BollardEngine, place_within: Duration) -> Self {
+        SwarmEngine {
+            engine,
+            place_within,
+        }
     }
 
     fn docker(&self) -> &Docker {
@@ -100,13 +107,17 @@ impl SwarmEngine {
     }
 }
 
-/// A service's state as the control plane sees it. The service *is* the runner: it stays
-/// `Running` (listed, in the LBs' lists) while Swarm starts or restarts its task, after a
-/// crash or a node loss, so that it keeps its place; only a service whose task cannot come
+/// A service's state as the control plane sees it at `now`. The service *is* the runner: it
+/// stays `Running` (listed, in the LBs' lists) while Swarm starts or restarts its task, after
+/// a crash or a node loss, so that it keeps its place; only a service whose task cannot come
 /// up is `Stopped` (the control plane removes it). A task is also "starting" until the
 /// image's health check first passes, well after the runner answers the npm's own probe.
-fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
-    if may_come_up(tasks) {
+fn service_state(
+    tasks: &[bollard::models::Task],
+    now: SystemTime,
+    place_within: Duration,
+) -> ContainerState {
+    if may_come_up(tasks, now, place_within) {
         ContainerState::Running
     } else {
         ContainerState::Stopped
@@ -119,6 +130,10 @@ fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
 ///   still reported `running` but meant to shut down never counts: when its node is lost
 ///   Swarm replaces it and keeps reporting it `running` until the node returns, or for 24 h;
 /// - no task Swarm means to run: down (it restarts none after a clean exit, `on-failure`);
+/// - a task Swarm means to run that no node has taken for `place_within` (see [`unplaced`]):
+///   down, even while the task it replaces is still reported `running` on a lost node.
+///   Swarm never gives up on such a task: it stays `pending` for ever, and the runner would
+///   stay in the LBs' lists with it;
 /// - otherwise, newest first, the tasks that ended since the newest that ran (one reported
 ///   `running`, or one that ended after [`RAN_FOR`]) decide: a rejected one (no image on
 ///   the node, a missing secret; Swarm rejects what fails before the container starts), or
@@ -131,17 +146,18 @@ fn service_state(tasks: &[bollard::models::Task]) -> ContainerState {
 /// that a crash loop is told even if something stopped one of its tasks. A task whose times
 /// are missing or unreadable counts the same way, and one without a readable creation time
 /// sorts as the oldest.
-fn may_come_up(tasks: &[bollard::models::Task]) -> bool {
+fn may_come_up(tasks: &[bollard::models::Task], now: SystemTime, place_within: Duration) -> bool {
     use TaskState::{FAILED, REJECTED, RUNNING};
-    let state = |t: &bollard::models::Task| t.status.as_ref().and_then(|s| s.state);
-    let meant_to_run = |t: &bollard::models::Task| t.desired_state.is_some_and(|d| d <= RUNNING);
     if tasks
         .iter()
-        .any(|t| meant_to_run(t) && state(t) == Some(RUNNING))
+        .any(|t| meant_to_run(t) && task_state(t) == Some(RUNNING))
     {
         return true;
     }
     if !tasks.is_empty() && !tasks.iter().any(meant_to_run) {
+        return false;
+    }
+    if unplaced(tasks, now, place_within).is_some() {
         return false;
     }
     // Newest first. The times are RFC 3339 with as many fraction digits as needed (Go drops
@@ -150,7 +166,7 @@ fn may_come_up(tasks: &[bollard::models::Task]) -> bool {
     newest_first.sort_by_key(|t| std::cmp::Reverse(task_time(t.created_at.as_ref())));
     let mut failed = 0;
     for task in newest_first {
-        match state(task) {
+        match task_state(task) {
             // Ran, and is not meant to run any more (its node was lost, or Swarm is stopping
             // it): what failed before it is past.
             Some(RUNNING) => return true,
@@ -167,6 +183,45 @@ fn may_come_up(tasks: &[bollard::models::Task]) -> bool {
         }
     }
     true
+}
+
+/// A task's state, when the Engine API gave one.
+fn task_state(task: &bollard::models::Task) -> Option<TaskState> {
+    task.status.as_ref().and_then(|s| s.state)
+}
+
+/// Whether Swarm means to run `task` (desired state `ready` or `running`).
+fn meant_to_run(task: &bollard::models::Task) -> bool {
+    task.desired_state.is_some_and(|d| d <= TaskState::RUNNING)
+}
+
+/// A task Swarm means to run and has given to no node (`new`, `allocated` or `pending`)
+/// although it was made more than `place_within` before `now`, and says why (`no suitable
+/// node (...)`: no node meets the constraints or has the memory; Swarm writes it after a
+/// scheduling pass that found none): with its reason and how long it has waited.
+///
+/// Swarm never rejects such a task; it waits for a node for ever. The time is the manager's
+/// (its creation) against the npm's clock; the reason keeps a task that a skewed clock
+/// makes look old from counting before Swarm has found no node for it.
+fn unplaced(
+    tasks: &[bollard::models::Task],
+    now: SystemTime,
+    place_within: Duration,
+) -> Option<(&str, Duration)> {
+    tasks.iter().find_map(|task| {
+        if !meant_to_run(task) || task_state(task).is_none_or(|s| s > TaskState::PENDING) {
+            return None;
+        }
+        let reason = task
+            .status
+            .as_ref()
+            .and_then(|s| s.err.as_deref())
+            .filter(|err| !err.trim().is_empty())?;
+        let waited = now
+            .duration_since(task_time(task.created_at.as_ref())?)
+            .ok()?;
+        (waited > place_within).then_some((reason, waited))
+    })
 }
 
 /// Whether a task that ended lasted [`RAN_FOR`] from its creation to its last update.
@@ -332,6 +387,7 @@ impl Engine for SwarmEngine {
                 })
                 .buffered(TASK_QUERIES_AT_ONCE);
             let mut found = Vec::new();
+            let now = SystemTime::now();
             while let Some((name, labels, tasks)) = listed.next().await {
                 let tasks = match tasks {
                     Ok(tasks) => tasks,
@@ -339,9 +395,23 @@ impl Engine for SwarmEngine {
                     Err(EngineError::NotFound(_)) => continue,
                     Err(e) => return Err(e),
                 };
+                let state = service_state(&tasks, now, self.place_within);
+                if state == ContainerState::Stopped
+                    && let Some((reason, waited)) = unplaced(&tasks, now, self.place_within)
+                {
+                    tracing::warn!(
+                        service = %name,
+                        task_error = reason,
+                        waited = ?Duration::from_secs(waited.as_secs()),
+                        bound = ?self.place_within,
+                        "no node takes the runner service's task (check FN_SWARM_CONSTRAINTS, \
+                         the nodes' free memory and their availability); it is not coming up, \
+                         and the service goes"
+                    );
+                }
                 found.push(Container {
                     name,
-                    state: service_state(&tasks),
+                    state,
                     labels,
                 });
             }
@@ -364,7 +434,10 @@ impl Engine for SwarmEngine {
     }
 
     fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
-        Box::pin(async move { Ok(may_come_up(&self.tasks(name).await?)) })
+        Box::pin(async move {
+            let tasks = self.tasks(name).await?;
+            Ok(may_come_up(&tasks, SystemTime::now(), self.place_within))
+        })
     }
 
     fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String> {
@@ -405,20 +478,38 @@ impl Engine for SwarmEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use TaskState::{COMPLETE, FAILED, PENDING, READY, REJECTED, RUNNING, SHUTDOWN, STARTING};
+    use TaskState::{
+        COMPLETE, FAILED, PENDING, PREPARING, READY, REJECTED, RUNNING, SHUTDOWN, STARTING,
+    };
     use bollard::models::{Task, TaskStatus};
     use std::time::UNIX_EPOCH;
+
+    /// The bound tasks are placed within (the plane's default start timeout).
+    const PLACE_WITHIN: Duration = Duration::from_secs(30);
+
+    /// `secs` seconds into the test.
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    /// The state of a service with `tasks` long after they were made: only a task that says
+    /// why no node took it counts as waiting too long.
+    fn state(tasks: &[Task]) -> ContainerState {
+        service_state(tasks, at(10_000_000), PLACE_WITHIN)
+    }
+
+    /// [`may_come_up`], as [`state`] asks it.
+    fn comes_up(tasks: &[Task]) -> bool {
+        may_come_up(tasks, at(10_000_000), PLACE_WITHIN)
+    }
 
     /// A task created `created` seconds into the test and last updated `lasted` seconds
     /// after that, the times written as the Engine API writes them.
     fn task(created: u64, lasted: u64, state: TaskState, desired: TaskState) -> Task {
-        let at = |secs: u64| {
-            let time = UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs);
-            humantime::format_rfc3339_nanos(time).to_string()
-        };
+        let stamp = |secs: u64| humantime::format_rfc3339_nanos(at(secs)).to_string();
         Task {
-            created_at: Some(at(created)),
-            updated_at: Some(at(created + lasted)),
+            created_at: Some(stamp(created)),
+            updated_at: Some(stamp(created + lasted)),
             status: Some(TaskStatus {
                 state: Some(state),
                 ..TaskStatus::default()
@@ -431,27 +522,27 @@ mod tests {
     #[test]
     fn a_service_is_its_runner_until_its_task_is_rejected_or_fails_repeatedly() {
         assert_eq!(
-            service_state(&[task(0, 0, RUNNING, RUNNING)]),
+            state(&[task(0, 0, RUNNING, RUNNING)]),
             ContainerState::Running
         );
         assert_eq!(
-            service_state(&[task(0, 0, STARTING, RUNNING)]),
+            state(&[task(0, 0, STARTING, RUNNING)]),
             ContainerState::Running,
             "starting until the image's health check passes"
         );
         assert_eq!(
-            service_state(&[task(0, 5, FAILED, SHUTDOWN), task(5, 0, PENDING, RUNNING)]),
+            state(&[task(0, 5, FAILED, SHUTDOWN), task(5, 0, PENDING, RUNNING)]),
             ContainerState::Running,
             "a runner Swarm restarts keeps its place"
         );
         assert_eq!(
-            service_state(&[task(0, 5, REJECTED, SHUTDOWN), task(5, 0, PENDING, READY)]),
+            state(&[task(0, 5, REJECTED, SHUTDOWN), task(5, 0, PENDING, READY)]),
             ContainerState::Stopped,
             "a fresh rejection"
         );
-        assert!(may_come_up(&[]), "Swarm has not made the first task yet");
-        assert!(may_come_up(&[task(0, 0, PENDING, RUNNING)]));
-        assert!(!may_come_up(&[
+        assert!(comes_up(&[]), "Swarm has not made the first task yet");
+        assert!(comes_up(&[task(0, 0, PENDING, RUNNING)]));
+        assert!(!comes_up(&[
             task(0, 5, FAILED, SHUTDOWN),
             task(5, 5, FAILED, SHUTDOWN),
             task(10, 5, FAILED, SHUTDOWN),
@@ -459,7 +550,7 @@ mod tests {
         ]));
         // Old failures, a task serving now: the runner is up.
         assert_eq!(
-            service_state(&[
+            state(&[
                 task(0, 5, FAILED, SHUTDOWN),
                 task(5, 5, REJECTED, SHUTDOWN),
                 task(10, 5, FAILED, SHUTDOWN),
@@ -476,7 +567,7 @@ mod tests {
         // node left rejects the replacement (no image there).
         let lost = task(0, 3_600, RUNNING, SHUTDOWN);
         assert_eq!(
-            service_state(&[
+            state(&[
                 task(3_602, 1, REJECTED, SHUTDOWN),
                 lost.clone(),
                 task(3_603, 0, PENDING, READY),
@@ -485,7 +576,7 @@ mod tests {
             ContainerState::Stopped
         );
         assert!(
-            may_come_up(&[lost, task(3_600, 0, PENDING, RUNNING)]),
+            comes_up(&[lost, task(3_600, 0, PENDING, RUNNING)]),
             "until the replacement is rejected, it may come up"
         );
     }
@@ -502,7 +593,7 @@ mod tests {
         ];
         let mut tasks = vec![task(122_604, 0, PENDING, RUNNING)];
         tasks.extend(life.iter().cloned());
-        assert_eq!(service_state(&tasks), ContainerState::Running);
+        assert_eq!(state(&tasks), ContainerState::Running);
 
         // A crash loop in its first minutes: three short-lived failures in a row.
         let looping = [
@@ -511,7 +602,7 @@ mod tests {
             task(17, 8, FAILED, SHUTDOWN),
             task(25, 0, PENDING, READY),
         ];
-        assert_eq!(service_state(&looping), ContainerState::Stopped);
+        assert_eq!(state(&looping), ContainerState::Stopped);
 
         // The same crashes before a task that served for a day, and one since: up, until
         // the crashes since make a loop of their own.
@@ -522,7 +613,7 @@ mod tests {
             task(186_401, 8, FAILED, SHUTDOWN),
             task(186_409, 0, PENDING, READY),
         ]);
-        assert_eq!(service_state(&tasks), ContainerState::Running);
+        assert_eq!(state(&tasks), ContainerState::Running);
         let tasks = [
             served,
             task(186_401, 8, FAILED, SHUTDOWN),
@@ -531,7 +622,7 @@ mod tests {
             task(186_426, 0, PENDING, READY),
         ];
         assert_eq!(
-            service_state(&tasks),
+            state(&tasks),
             ContainerState::Stopped,
             "three short-lived failures since the task that ran"
         );
@@ -559,7 +650,75 @@ mod tests {
             ..task(0, 0, PENDING, READY)
         };
         assert_eq!(
-            service_state(&[restarting, rejected, served]),
+            state(&[restarting, rejected, served]),
+            ContainerState::Running
+        );
+    }
+
+    /// A task made `created` seconds into the test that no node can take: Swarm keeps it
+    /// `pending`, meant to run, and says why.
+    fn unplaceable(created: u64) -> Task {
+        let mut task = task(created, 0, PENDING, RUNNING);
+        if let Some(status) = task.status.as_mut() {
+            status.err = Some(
+                "no suitable node (scheduling constraints not satisfied on 2 nodes; \
+                 insufficient resources on 1 node)"
+                    .to_owned(),
+            );
+        }
+        task
+    }
+
+    #[test]
+    fn a_task_no_node_takes_within_the_bound_is_not_coming_up() {
+        // The runner's node was lost an hour in; Swarm still reports its task running, and
+        // no node left can take the replacement.
+        let lost = task(0, 3_600, RUNNING, SHUTDOWN);
+        let tasks = [lost.clone(), unplaceable(3_605)];
+        let verdict = |secs| service_state(&tasks, at(secs), PLACE_WITHIN);
+        assert_eq!(
+            verdict(3_620),
+            ContainerState::Running,
+            "a node may free up within the bound"
+        );
+        assert_eq!(verdict(3_636), ContainerState::Stopped, "waited 31 s");
+        let (reason, waited) = unplaced(&tasks, at(3_636), PLACE_WITHIN).expect("unplaced");
+        assert!(reason.starts_with("no suitable node ("), "{reason}");
+        assert_eq!(waited, Duration::from_secs(31));
+
+        // A new runner whose first task no node takes: the same.
+        assert_eq!(
+            service_state(&[unplaceable(0)], at(31), PLACE_WITHIN),
+            ContainerState::Stopped
+        );
+
+        // Not counted: a task Swarm has not tried to place yet (no reason: the npm's clock
+        // may be ahead of the manager's), one a node took (it may pull its image for
+        // minutes), one Swarm no longer means to run, and a replacement while another task
+        // meant to run runs.
+        assert_eq!(
+            service_state(
+                &[lost.clone(), task(3_605, 0, PENDING, RUNNING)],
+                at(9_999),
+                PLACE_WITHIN
+            ),
+            ContainerState::Running
+        );
+        let mut preparing = unplaceable(3_605);
+        preparing.status.as_mut().expect("status").state = Some(PREPARING);
+        assert_eq!(
+            service_state(&[lost.clone(), preparing], at(9_999), PLACE_WITHIN),
+            ContainerState::Running
+        );
+        let mut dropped = unplaceable(0);
+        dropped.desired_state = Some(SHUTDOWN);
+        assert!(unplaced(&[dropped], at(9_999), PLACE_WITHIN).is_none());
+        assert_eq!(
+            service_state(
+                &[unplaceable(0), task(5, 0, RUNNING, RUNNING)],
+                at(9_999),
+                PLACE_WITHIN
+            ),
             ContainerState::Running
         );
     }
@@ -569,11 +728,11 @@ mod tests {
         // The runner exited cleanly (stopped by hand on its node): `on-failure` does not
         // restart it.
         assert_eq!(
-            service_state(&[task(0, 600, COMPLETE, SHUTDOWN)]),
+            state(&[task(0, 600, COMPLETE, SHUTDOWN)]),
             ContainerState::Stopped
         );
         assert_eq!(
-            service_state(&[
+            state(&[
                 task(0, 600, COMPLETE, SHUTDOWN),
                 task(600, 5, FAILED, RUNNING)
             ]),
