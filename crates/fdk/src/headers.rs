@@ -3,7 +3,8 @@
 //!
 //! Between the runner and the FDK, every header of the client's request and of the function's
 //! response travels as `Fn-Http-H-<name>`, so that it cannot be confused with the contract's own
-//! headers (`Fn-Call-Id`, `Fn-Http-Status`, ...). [`to_fn`] adds that prefix and [`from_fn`]
+//! headers (`Fn-Call-Id`, `Fn-Http-Status`, ...). [`to_fn`] adds that prefix (to a name that
+//! lacks it: one already in wire form goes as it is, as with Fn's Go FDK) and [`from_fn`]
 //! removes it. Header names are case-insensitive: [`http::HeaderName`] stores them in lower
 //! case, so `FN-HTTP-H-Foo`, `fn-http-h-foo` and `Fn-Http-H-FOO` are the same header. A header
 //! with several values keeps all of them, in order.
@@ -33,11 +34,19 @@ pub const FN_FDK_VERSION: HeaderName = HeaderName::from_static("fn-fdk-version")
 
 /// Puts every header into its wire form: `X` becomes `Fn-Http-H-X`, all values kept in order.
 ///
+/// A header already named `Fn-Http-H-X` (in any case) goes as it is, as Fn's Go FDK sends it:
+/// prefixed again, it reached the client as `Fn-Http-H-X` rather than `X`. Its values join
+/// those of a plain `X`, if the same answer has one too.
+///
 /// A name too long to carry the prefix (beyond [`http::HeaderName`]'s limit) is left out.
 #[must_use]
 pub fn to_fn(headers: &HeaderMap) -> HeaderMap {
     let mut wire = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
+        if name.as_str().starts_with(PREFIX) {
+            wire.append(name.clone(), value.clone());
+            continue;
+        }
         let mut prefixed = String::with_capacity(PREFIX.len() + name.as_str().len());
         prefixed.push_str(PREFIX);
         prefixed.push_str(name.as_str());
@@ -117,6 +126,32 @@ mod tests {
         assert!(!headers.contains_key(FN_CALL_ID));
     }
 
+    /// fdk-go's `encapHeaders` passes a header that already carries the prefix; prefixing it
+    /// again sent `Fn-Http-H-Fn-Http-H-X`, which the runner gave the client as `Fn-Http-H-X`.
+    #[test]
+    fn to_fn_leaves_headers_already_in_wire_form_as_they_are() {
+        let headers = map(&[
+            ("Fn-Http-H-X-Trace", "t1"),
+            ("FN-HTTP-H-Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("X-Plain", "p"),
+        ]);
+        let wire = to_fn(&headers);
+        assert_eq!(wire.len(), 4);
+        assert_eq!(wire["fn-http-h-x-trace"], "t1");
+        assert_eq!(wire["fn-http-h-x-plain"], "p");
+        let cookies: Vec<_> = wire.get_all("fn-http-h-set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert!(
+            wire.keys()
+                .all(|name| !name.as_str().starts_with("fn-http-h-fn-http-h-")),
+            "{wire:?}"
+        );
+        let client = from_fn(&wire);
+        assert_eq!(client["x-trace"], "t1");
+        assert_eq!(client.get_all(SET_COOKIE).iter().count(), 2);
+    }
+
     #[test]
     fn names_too_long_for_the_prefix_are_left_out() {
         let long = "a".repeat(u16::MAX as usize - 2);
@@ -150,13 +185,29 @@ mod tests {
         })
     }
 
+    /// `headers` as the client gets them: every name without the prefix, if it has one.
+    fn unprefixed(headers: &HeaderMap) -> HeaderMap {
+        let mut plain = HeaderMap::new();
+        for (name, value) in headers {
+            let name = name.as_str();
+            let name = name.strip_prefix(PREFIX).unwrap_or(name);
+            plain.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+                value.clone(),
+            );
+        }
+        plain
+    }
+
     proptest! {
+        /// The client gets back every header, under its name without the prefix (which a
+        /// header already in wire form loses once, not twice).
         #[test]
         fn from_fn_undoes_to_fn(headers in header_map()) {
             let wire = to_fn(&headers);
             prop_assert_eq!(wire.len(), headers.len());
             prop_assert!(wire.keys().all(|name| name.as_str().starts_with(PREFIX)));
-            prop_assert_eq!(from_fn(&wire), headers);
+            prop_assert_eq!(from_fn(&wire), unprefixed(&headers));
         }
 
         #[test]
@@ -168,7 +219,7 @@ mod tests {
             wire.insert(FN_CALL_ID, HeaderValue::from_str(&call_id).expect("ASCII"));
             wire.insert(FN_INTENT, HeaderValue::from_static("httprequest"));
             wire.append(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            prop_assert_eq!(from_fn(&wire), headers);
+            prop_assert_eq!(from_fn(&wire), unprefixed(&headers));
         }
     }
 }

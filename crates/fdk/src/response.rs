@@ -1,7 +1,8 @@
 //! What a function answers: status, headers and a body.
 //!
 //! The FDK carries these to the runner in the contract's wire form (see [`crate::headers`]);
-//! a function never writes `Fn-*` headers itself.
+//! a function writes its headers plainly. One it names `Fn-Http-H-X` all the same goes as it
+//! is (as with Fn's Go FDK) and reaches the client as `X`.
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 

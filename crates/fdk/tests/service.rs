@@ -281,6 +281,34 @@ async fn a_call_is_translated_both_ways_and_the_response_streams() {
     running.stop_cleanly().await;
 }
 
+/// A header the handler already names `Fn-Http-H-X` goes as it is, as fdk-go sends it, and
+/// so reaches the client as `X` (prefixed again, the client got `Fn-Http-H-X`).
+#[tokio::test]
+async fn a_header_already_in_wire_form_is_not_prefixed_again() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move {
+            Ok(Response::new("")
+                .with_header(header("fn-http-h-x-trace"), HeaderValue::from_static("t1"))
+                .with_header(header("x-plain"), HeaderValue::from_static("p")))
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let response = client
+        .send_request(call(Empty::<Bytes>::new()))
+        .await
+        .expect("a response");
+    let headers = response.headers();
+    assert_eq!(headers["fn-http-h-x-trace"], "t1");
+    assert_eq!(headers["fn-http-h-x-plain"], "p");
+    assert!(
+        !headers.contains_key("fn-http-h-fn-http-h-x-trace"),
+        "{headers:?}"
+    );
+    running.stop_cleanly().await;
+}
+
 /// A call carrying as many client headers as the dataplane passes (256) is served: hyper's
 /// default limit of 100 header lines refused one with about 93 with 431.
 #[tokio::test]
