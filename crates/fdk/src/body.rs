@@ -8,6 +8,7 @@
 //! out with chunked encoding, each chunk as soon as it is produced.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -15,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, stream};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 
 /// The error type of handlers and of streamed response bodies: anything that is an error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -191,6 +193,18 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
 /// ([`ResponseBody::channel`]).
 pub struct ResponseBody {
     inner: ResponseInner,
+    /// For a body still streaming at the call's deadline: it is stopped then, and broken off
+    /// a little later, as the status already sent cannot say the answer is cut short. Set by
+    /// the server.
+    cutoff: Option<Cutoff>,
+}
+
+/// When a streamed body is stopped, and when it is broken off.
+struct Cutoff {
+    /// Fires at the deadline, then, armed again, when the answer is broken off.
+    timer: Pin<Box<Sleep>>,
+    /// When the answer is broken off; `None` once the timer is armed for it.
+    break_at: Option<Instant>,
 }
 
 enum ResponseInner {
@@ -198,6 +212,9 @@ enum ResponseInner {
     Full(Option<Bytes>),
     /// Produced over time: sent chunked, each chunk as it comes. An `Err` aborts the response.
     Stream(ChunkStream),
+    /// A stream stopped at the call's deadline: nothing more comes, and the body does not end
+    /// (which would tell the runner the answer is complete) until it is broken off.
+    Stopped,
 }
 
 impl ResponseBody {
@@ -216,6 +233,7 @@ impl ResponseBody {
     {
         Self {
             inner: ResponseInner::Stream(Box::pin(chunks.map(|chunk| chunk.map_err(Into::into)))),
+            cutoff: None,
         }
     }
 
@@ -228,12 +246,32 @@ impl ResponseBody {
         let chunks = stream::poll_fn(move |cx| rx.poll_recv(cx));
         (BodySender { tx }, Self::stream(chunks))
     }
+
+    /// Stops a streamed body at `stop_at` if it has not ended by then (its stream is dropped,
+    /// so a [`BodySender`] sees [`Closed`]), and breaks it off at `break_at`: its next frame
+    /// is then an error, which aborts the answer, so that the runner sees it incomplete
+    /// rather than complete and short. A body known in full is complete and is left alone.
+    pub(crate) fn until(mut self, stop_at: Instant, break_at: Instant) -> Self {
+        if matches!(self.inner, ResponseInner::Stream(_)) {
+            self.cutoff = Some(Cutoff {
+                timer: Box::pin(tokio::time::sleep_until(stop_at)),
+                break_at: Some(break_at),
+            });
+        }
+        self
+    }
 }
+
+/// What breaks off a response body still streaming at the call's deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the call's deadline passed before the answer ended; the answer is broken off")]
+pub(crate) struct DeadlinePassed;
 
 impl From<Bytes> for ResponseBody {
     fn from(bytes: Bytes) -> Self {
         Self {
             inner: ResponseInner::Full(Some(bytes)),
+            cutoff: None,
         }
     }
 }
@@ -271,6 +309,7 @@ impl fmt::Debug for ResponseBody {
         match &self.inner {
             ResponseInner::Full(bytes) => f.debug_tuple("ResponseBody").field(bytes).finish(),
             ResponseInner::Stream(_) => f.write_str("ResponseBody(streaming)"),
+            ResponseInner::Stopped => f.write_str("ResponseBody(stopped)"),
         }
     }
 }
@@ -280,10 +319,21 @@ impl HttpBody for ResponseBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.inner {
+        let this = self.get_mut();
+        if let Some(cutoff) = &mut this.cutoff {
+            while cutoff.timer.as_mut().poll(cx).is_ready() {
+                let Some(break_at) = cutoff.break_at.take() else {
+                    return Poll::Ready(Some(Err(Box::new(DeadlinePassed))));
+                };
+                // The deadline: the stream is dropped, and its writer with it.
+                this.inner = ResponseInner::Stopped;
+                cutoff.timer.as_mut().reset(break_at);
+            }
+        }
+        match &mut this.inner {
             ResponseInner::Full(bytes) => Poll::Ready(
                 bytes
                     .take()
@@ -294,13 +344,15 @@ impl HttpBody for ResponseBody {
                 .as_mut()
                 .poll_next(cx)
                 .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
+            // The cutoff's timer wakes the body when it is to be broken off.
+            ResponseInner::Stopped => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             ResponseInner::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            ResponseInner::Stream(_) => false,
+            ResponseInner::Stream(_) | ResponseInner::Stopped => false,
         }
     }
 
@@ -309,7 +361,7 @@ impl HttpBody for ResponseBody {
             ResponseInner::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ResponseInner::Stream(_) => SizeHint::default(),
+            ResponseInner::Stream(_) | ResponseInner::Stopped => SizeHint::default(),
         }
     }
 }

@@ -3,7 +3,9 @@
 //! The runner describes each call in the headers of its `POST /call`: `Fn-Call-Id`,
 //! `Fn-Deadline`, `Fn-Http-Method`, `Fn-Http-Request-Url`, and the client's headers as
 //! `Fn-Http-H-<name>`. [`Context`] gives them back in plain form, beside the function's
-//! environment. It does not enforce the deadline: the runner kills an instance that overruns it.
+//! environment. The FDK enforces the deadline (see the crate's docs, "Deadline"): a handler
+//! still running at [`Context::deadline`] is stopped; [`Context::remaining`] tells it how long
+//! it has, to bound work it does outside its own future (spawned tasks, blocking threads).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -73,7 +75,8 @@ impl Context {
         &self.call_id
     }
 
-    /// `Fn-Deadline`: when the runner gives up on the call; `None` if absent or not RFC 3339.
+    /// `Fn-Deadline`: when the runner gives up on the call, and the FDK stops the handler;
+    /// `None` if absent or not RFC 3339 (the call then has no limit in the FDK).
     #[must_use]
     pub fn deadline(&self) -> Option<SystemTime> {
         self.deadline

@@ -51,9 +51,36 @@
 //! errors on stderr), [`serve`] for an async `main`, [`serve_with`] when the environment and the
 //! shutdown come from the caller (tests).
 //!
+//! # Deadline
+//!
+//! Each call comes with a deadline (`Fn-Deadline`, see [`Context::deadline`]), and the FDK
+//! holds the handler to it, as Fn's Go FDK cancels its handler's `context.Context` then:
+//!
+//! - a handler still running at the deadline is stopped: its future is dropped (at its next
+//!   `.await`: a handler that computes without awaiting cannot be stopped, and should use
+//!   `spawn_blocking` and check [`Context::remaining`]);
+//! - a call that comes with its deadline already past does not reach the handler;
+//! - an answer already under way (its status and headers sent) whose body still streams at
+//!   the deadline is stopped too (a [`BodySender`] gets [`Closed`]);
+//! - a call without `Fn-Deadline`, or with one that is not RFC 3339, has no limit here (the
+//!   latter is reported on stderr).
+//!
+//! The runner cuts the call off at the same deadline, and its timeout is what the client
+//! sees. The FDK answers only if the runner has not done so a moment (250 ms) after the
+//! deadline: HTTP 504, also as `Fn-Http-Status`, with a one-line body, or, for an answer
+//! already under way, by breaking it off (the connection closed mid-body), so that it shows
+//! as incomplete rather than complete and short. Were the FDK to answer at the deadline
+//! itself, its 504 and the runner's timeout would race, and which one the client got (and
+//! whether the call counted as timed out) would be chance.
+//!
+//! Tasks a handler spawns are its own and are not stopped: bound them with
+//! [`Context::remaining`], or stop when a [`BodySender`] reports [`Closed`].
+//!
 //! Decisions where the contract is silent: a handler error or panic answers HTTP 502 (also as
-//! `Fn-Http-Status`) with a one-line body and the FDK keeps serving; the deadline is not
-//! enforced here (the runner kills late instances); requests other than `POST /call` get 404/405.
+//! `Fn-Http-Status`) with a one-line body and the FDK keeps serving; the 504 above (Fn's Go FDK
+//! sends what a late handler writes once its context is cancelled; 504 is the status the
+//! runner's own timeout gives the client, and one it passes from an FDK as it is); requests
+//! other than `POST /call` get 404/405.
 
 pub mod body;
 pub mod context;

@@ -13,6 +13,13 @@
 //! `Fn-Http-Status`) with a one-line message, and serving goes on. Other paths answer 404, other
 //! methods on `/call` 405.
 //!
+//! Deadline: a handler still running at the call's `Fn-Deadline` is aborted (its future
+//! dropped), and a call whose deadline has passed when it comes does not reach the handler;
+//! both answer 504 (also in `Fn-Http-Status`), [`RUNNER_FIRST`] after the deadline, unless the
+//! runner has cut the call off by then. An answer whose head has gone and whose body still
+//! streams at the deadline is stopped then and broken off as late (the connection is closed
+//! mid-body), so the runner sees it incomplete. Without a readable deadline, no limit.
+//!
 //! Shutdown: when the shutdown future completes the FDK stops accepting, lets in-flight calls
 //! finish (idle connections close at once), and removes its socket files.
 
@@ -24,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::header::{ALLOW, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, StatusCode};
@@ -35,6 +42,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::body::{Body, BoxError, ResponseBody};
 use crate::context::Context;
@@ -219,15 +227,38 @@ where
     let (parts, body) = request.into_parts();
     let context = Context::from_fn_headers(Arc::clone(&shared.env), &parts.headers);
     let call_id = context.call_id().to_owned();
+    // Dropped unread (a call already late), the body is read to its end in the background.
+    let body = Body::incoming(body);
+    let deadline = match Limit::of(&context, &parts.headers) {
+        Limit::Passed(deadline) => {
+            eprintln!("fn-fdk: call {call_id} came after its deadline; the handler is not called");
+            tokio::time::sleep_until(runner_first(deadline)).await;
+            return timed_out();
+        }
+        Limit::None => None,
+        Limit::At(deadline) => Some(deadline),
+    };
     // The handler is called inside the task: a panic in its synchronous part (before the
     // future it returns) is then the task's too, and answered 502 like one in the future,
     // rather than unwinding through the connection and breaking it.
-    let body = Body::incoming(body);
     let call = AbortOnDrop(tokio::spawn(async move {
         (shared.handler)(context, body).await
     }));
-    match call.await {
-        Ok(Ok(response)) => to_wire(response),
+    let finished = match deadline {
+        None => call.await,
+        // At the deadline the handler's task is aborted as `call` drops: its future is
+        // dropped at its next await, which is how Rust cancels.
+        Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+            Ok(finished) => finished,
+            Err(_) => {
+                eprintln!("fn-fdk: call {call_id} ran past its deadline; the handler is stopped");
+                tokio::time::sleep_until(runner_first(deadline)).await;
+                return timed_out();
+            }
+        },
+    };
+    match finished {
+        Ok(Ok(response)) => to_wire(response, deadline),
         Ok(Err(err)) => {
             eprintln!("fn-fdk: call {call_id} failed: {err}");
             failure(format!("function failed: {err}\n"))
@@ -239,9 +270,70 @@ where
     }
 }
 
-/// The function's answer in wire form.
-fn to_wire(response: Response) -> http::Response<ResponseBody> {
+/// How long after a call's deadline the FDK, having stopped the handler at the deadline,
+/// answers 504 (or breaks off an answer still streaming). The runner cuts the call off at the
+/// same deadline, and its timeout is to be what the client sees: its own 504, the call
+/// counted as timed out, the instance retired. Answering at the same instant would race it
+/// (the two clocks agree to a millisecond): which of the two the client got, and whether the
+/// call counted as timed out, would be chance. A runner that does not cut calls off gets the
+/// FDK's answer this much after the deadline.
+const RUNNER_FIRST: Duration = Duration::from_millis(250);
+
+/// When the FDK answers a call stopped at `deadline`.
+fn runner_first(deadline: Instant) -> Instant {
+    deadline.checked_add(RUNNER_FIRST).unwrap_or(deadline)
+}
+
+/// How long a call may run, on tokio's clock.
+enum Limit {
+    /// No deadline: the call came without `Fn-Deadline`, or with one that is not RFC 3339.
+    None,
+    /// The deadline, already past when the call came.
+    Passed(Instant),
+    /// The deadline: the handler is stopped then, and a body still streaming too.
+    At(Instant),
+}
+
+impl Limit {
+    /// The limit of the call `context` describes, read at its arrival. The wall-clock
+    /// deadline becomes a time on tokio's (monotonic) clock once, so that a wall clock set
+    /// back or forth during the call does not move it. An unreadable `Fn-Deadline` is
+    /// reported on stderr and, as with Fn's Go FDK, leaves the call without a limit (the
+    /// runner still bounds it).
+    fn of(context: &Context, wire: &http::HeaderMap) -> Self {
+        let now = Instant::now();
+        match context
+            .deadline()
+            .map(|at| at.duration_since(SystemTime::now()))
+        {
+            Some(Ok(left)) if !left.is_zero() => {
+                // Beyond tokio's clock (a deadline thousands of years ahead): no limit.
+                now.checked_add(left).map_or(Self::None, Self::At)
+            }
+            Some(Ok(_)) => Self::Passed(now),
+            Some(Err(late)) => Self::Passed(now.checked_sub(late.duration()).unwrap_or(now)),
+            None => {
+                if let Some(value) = wire.get(headers::FN_DEADLINE) {
+                    eprintln!(
+                        "fn-fdk: call {}: Fn-Deadline {value:?} is not an RFC 3339 time; the \
+                         call runs without a deadline",
+                        context.call_id()
+                    );
+                }
+                Self::None
+            }
+        }
+    }
+}
+
+/// The function's answer in wire form; a body still streaming at `deadline` is stopped then
+/// and broken off [`RUNNER_FIRST`] later.
+fn to_wire(response: Response, deadline: Option<Instant>) -> http::Response<ResponseBody> {
     let (status, function_headers, body) = response.into_parts();
+    let body = match deadline {
+        Some(deadline) => body.until(deadline, runner_first(deadline)),
+        None => body,
+    };
     let mut wire = http::Response::new(body);
     let headers = wire.headers_mut();
     *headers = headers::to_fn(&function_headers);
@@ -262,6 +354,20 @@ fn failure(message: String) -> http::Response<ResponseBody> {
     response.headers_mut().insert(
         headers::FN_HTTP_STATUS,
         HeaderValue::from(StatusCode::BAD_GATEWAY.as_u16()),
+    );
+    response
+}
+
+/// A call stopped at its deadline (or that came after it): HTTP 504, also as the function's
+/// status, which the runner gives the client as it is.
+fn timed_out() -> http::Response<ResponseBody> {
+    let mut response = plain(
+        StatusCode::GATEWAY_TIMEOUT,
+        "function timed out: the call's deadline passed\n",
+    );
+    response.headers_mut().insert(
+        headers::FN_HTTP_STATUS,
+        HeaderValue::from(StatusCode::GATEWAY_TIMEOUT.as_u16()),
     );
     response
 }

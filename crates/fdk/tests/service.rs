@@ -480,6 +480,229 @@ async fn a_handler_that_panics_before_its_future_answers_502_and_serving_goes_on
     assert_eq!(text(response).await, "fine");
 }
 
+/// `call(body)` with `Fn-Deadline` set to `deadline` (none when `None`).
+fn call_with_deadline<B>(body: B, deadline: Option<&str>) -> Request<B> {
+    let mut request = call(body);
+    request.headers_mut().remove("fn-deadline");
+    if let Some(deadline) = deadline {
+        request.headers_mut().insert(
+            "fn-deadline",
+            HeaderValue::from_str(deadline).expect("a header value"),
+        );
+    }
+    request
+}
+
+/// `Fn-Deadline` `after` from now, as the runner writes it.
+fn deadline_in(after: Duration) -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now() + after).to_string()
+}
+
+/// Tells, when dropped, that the handler holding it has been stopped (or has ended).
+struct Dropped(Option<oneshot::Sender<()>>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take()
+            && tx.send(()).is_err()
+        {
+            eprintln!("the test no longer waits for the handler's end");
+        }
+    }
+}
+
+/// A handler still at work at its deadline is stopped then (its future dropped), and the
+/// call answers 504 a moment later (a runner cutting the call off at the deadline would have
+/// answered first); the connection serves the next call. The handler ran on until its end,
+/// or until the runner hung up.
+#[tokio::test]
+async fn a_handler_still_running_at_its_deadline_is_stopped_and_the_call_answers_504() {
+    let (stopped_tx, mut stopped) = oneshot::channel();
+    let stopped_tx = Arc::new(std::sync::Mutex::new(Some(stopped_tx)));
+    let running = start(
+        move |_ctx: Context, body: Body| {
+            let guard = Dropped(stopped_tx.lock().expect("not poisoned").take());
+            async move {
+                let guard = guard;
+                if &body.bytes().await?[..] == b"slow" {
+                    tokio::time::sleep(PATIENCE * 2).await;
+                }
+                drop(guard);
+                Ok(Response::new("in time"))
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let started = std::time::Instant::now();
+    let request = call_with_deadline(
+        Full::new(Bytes::from_static(b"slow")),
+        Some(&deadline_in(Duration::from_millis(200))),
+    );
+    let response = tokio::time::timeout(PATIENCE, client.send_request(request))
+        .await
+        .expect("an answer at the deadline, not the handler's end")
+        .expect("a response");
+    let answered = started.elapsed();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(response.headers()["fn-http-status"], "504");
+    assert_eq!(
+        text(response).await,
+        "function timed out: the call's deadline passed\n"
+    );
+    assert!(
+        answered >= Duration::from_millis(350),
+        "the runner's moment after the deadline was left to it: {answered:?}"
+    );
+    assert_eq!(
+        stopped.try_recv(),
+        Ok(()),
+        "the handler was stopped at the deadline, before the answer"
+    );
+
+    tokio::time::timeout(PATIENCE, client.ready())
+        .await
+        .expect("in time")
+        .expect("the same connection still serves");
+    let request = call_with_deadline(
+        Full::new(Bytes::from_static(b"quick")),
+        Some(&deadline_in(Duration::from_secs(60))),
+    );
+    let response = client.send_request(request).await.expect("a response");
+    assert_eq!(response.headers()["fn-http-status"], "200");
+    assert_eq!(text(response).await, "in time");
+    running.stop_cleanly().await;
+}
+
+/// A call that comes after its deadline answers 504 at once, and the handler is not called.
+#[tokio::test]
+async fn a_call_that_comes_after_its_deadline_answers_504_without_the_handler() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let running = start(
+        move |_ctx: Context, _body: Body| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok(Response::new("called")) }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    for (past, body) in [
+        ("2001-01-01T00:00:00Z", &b""[..]),
+        ("2020-05-06T07:08:09.5+02:00", b"unread"),
+    ] {
+        let request = call_with_deadline(Full::new(Bytes::from_static(body)), Some(past));
+        let response = client.send_request(request).await.expect("a response");
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{past}");
+        assert_eq!(response.headers()["fn-http-status"], "504", "{past}");
+        text(response).await;
+        tokio::time::timeout(PATIENCE, client.ready())
+            .await
+            .expect("in time")
+            .expect("the same connection still serves");
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    running.stop_cleanly().await;
+}
+
+/// A call without `Fn-Deadline`, or with one that is not RFC 3339, has no limit in the FDK
+/// (as in fdk-go): a handler that takes a while answers.
+#[tokio::test]
+async fn a_call_without_a_readable_deadline_runs_without_a_limit() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Ok(Response::new("done"))
+        },
+        |_| {},
+    )
+    .await;
+    let calls = [None, Some("soon"), Some("2001-01-01 00:00:00")].map(|deadline| {
+        let link = running.link.clone();
+        tokio::spawn(async move {
+            let mut client = connect(&link).await;
+            let request = call_with_deadline(Empty::<Bytes>::new(), deadline);
+            let response = client.send_request(request).await.expect("a response");
+            (
+                deadline,
+                response.headers()["fn-http-status"].clone(),
+                text(response).await,
+            )
+        })
+    });
+    for call in calls {
+        let (deadline, status, body) = call.await.expect("client task");
+        assert_eq!(
+            (status.to_str().expect("ASCII"), body.as_str()),
+            ("200", "done"),
+            "{deadline:?}"
+        );
+    }
+    running.stop_cleanly().await;
+}
+
+/// An answer whose head went in time but whose body still streams at the deadline is stopped
+/// then (its writer sees `Closed`) and broken off a moment later: the runner sees a broken
+/// reply, not a complete short one. The body streamed on for as long as the writer wrote.
+#[tokio::test]
+async fn an_answer_still_streaming_at_the_deadline_is_broken_off() {
+    let (closed_tx, mut closed) = oneshot::channel();
+    let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
+    let running = start(
+        move |_ctx: Context, _body: Body| {
+            let closed_tx = closed_tx.lock().expect("not poisoned").take();
+            async move {
+                let (tx, out) = ResponseBody::channel(1);
+                tokio::spawn(async move {
+                    while tx.send("tick\n").await.is_ok() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if let Some(closed_tx) = closed_tx
+                        && closed_tx.send(()).is_err()
+                    {
+                        eprintln!("the test no longer waits for the writer's end");
+                    }
+                });
+                Ok(Response::new(out))
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let request = call_with_deadline(
+        Empty::<Bytes>::new(),
+        Some(&deadline_in(Duration::from_millis(200))),
+    );
+    let response = client.send_request(request).await.expect("a response");
+    assert_eq!(response.headers()["fn-http-status"], "200");
+    let mut body = response.into_body();
+    assert_eq!(next_chunk(&mut body).await.as_deref(), Some(&b"tick\n"[..]));
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => break Err(err),
+                None => break Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("the answer ends at the deadline");
+    assert!(
+        ended.is_err(),
+        "the answer is broken off, not ended cleanly"
+    );
+    assert_eq!(
+        closed.try_recv(),
+        Ok(()),
+        "the writer saw Closed at the deadline, before the answer was broken off"
+    );
+    running.stop_cleanly().await;
+}
+
 #[tokio::test]
 async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
     let running = start(
@@ -613,4 +836,35 @@ async fn a_missing_socket_directory_is_a_startup_error() {
     )
     .await;
     assert!(matches!(result, Err(Error::Socket { .. })), "{result:?}");
+}
+
+/// A runner that hangs up mid-call (as it does at the deadline) stops the handler at once.
+#[tokio::test]
+async fn a_runner_that_hangs_up_stops_the_handler() {
+    let (stopped_tx, stopped) = oneshot::channel();
+    let stopped_tx = Arc::new(std::sync::Mutex::new(Some(stopped_tx)));
+    let running = start(
+        move |_ctx: Context, body: Body| {
+            let guard = Dropped(stopped_tx.lock().expect("not poisoned").take());
+            async move {
+                let _guard = guard;
+                body.bytes().await?;
+                tokio::time::sleep(PATIENCE * 2).await;
+                Ok(Response::new("too late"))
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let request = call_with_deadline(Full::new(Bytes::from_static(b"slow")), None);
+    let answer =
+        tokio::time::timeout(Duration::from_millis(100), client.send_request(request)).await;
+    assert!(answer.is_err(), "no answer yet");
+    drop(client);
+    tokio::time::timeout(PATIENCE, stopped)
+        .await
+        .expect("the handler stopped in time")
+        .expect("the guard sent its word");
+    running.stop_cleanly().await;
 }
