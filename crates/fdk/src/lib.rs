@@ -66,7 +66,7 @@
 //!   latter is reported on stderr).
 //!
 //! The runner cuts the call off at the same deadline, and its timeout is what the client
-//! sees. The FDK answers only if the runner has not done so a moment (250 ms) after the
+//! sees. The FDK answers only if the runner has not done so a second after the
 //! deadline: HTTP 504, also as `Fn-Http-Status`, with a one-line body, or, for an answer
 //! already under way, by breaking it off (the connection closed mid-body), so that it shows
 //! as incomplete rather than complete and short. Were the FDK to answer at the deadline
