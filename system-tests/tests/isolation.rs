@@ -3,8 +3,8 @@
 //! Every attempt must fail, and the victim must answer its next call from the same process.
 //! The matrix runs twice: with the uid alone, and with the namespaces each instance gets by
 //! default (PID, mount, and with `FN_FUNCTION_NETWORK=none` network), where the hostile
-//! function also sees no other process, leaves nothing in the runner's `/tmp` and cannot
-//! reach the runner's gRPC port.
+//! function also sees no other process, leaves nothing in the runner's `/tmp`, cannot
+//! reach the runner's gRPC port, and its instance directory is a tmpfs of its own.
 
 use anyhow::{Context, ensure};
 use fn_system_tests::cluster::{Cluster, Setup};
@@ -469,6 +469,13 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         "the victim's instance did not survive"
     );
 
+    // The instance's directory is a tmpfs of its own (what it writes there is memory,
+    // charged to it), mounted on the runner's side.
+    ensure!(
+        mount_type(&dir)?.as_deref() == Some("tmpfs"),
+        "{dir} is not a tmpfs"
+    );
+
     // A runner killed outright takes its instances' namespaces with it.
     let mut cluster = cluster;
     cluster.kill_runner(0).await?;
@@ -480,7 +487,37 @@ async fn in_namespaces_a_hostile_function_sees_and_reaches_nothing_of_the_runner
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // Their directories stay mounted until a runner takes the socket root again, and
+    // sweeps them: unmounted, then removed.
+    ensure!(
+        mount_type(&dir)?.is_some(),
+        "{dir}: unmounted by a killed runner?"
+    );
+    cluster.restart_runner(0).await?;
+    let start = std::time::Instant::now();
+    while mount_type(&dir)?.is_some() || std::path::Path::new(&dir).exists() {
+        ensure!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{dir} left by the killed runner is still there (mounted: {:?})\n{}",
+            mount_type(&dir)?,
+            cluster.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     Ok(())
+}
+
+/// The type of the file system mounted on `dir` in the test's (the host's) mount namespace,
+/// if one is.
+fn mount_type(dir: &str) -> anyhow::Result<Option<String>> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mounts.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let after = fields.iter().position(|f| *f == "-")?;
+        (fields.get(4) == Some(&dir))
+            .then(|| fields.get(after + 1).map(|t| (*t).to_owned()))
+            .flatten()
+    }))
 }
 
 /// A closed network the runner cannot give is a configuration error, not a silent open one.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use fn_runner::driver::process::{
-    FunctionUser, FunctionUsers, MemoryLimitMode, MemoryLimits, ProcessDriver, ProcessDriverConfig,
-    UidRange,
+    FunctionUser, FunctionUsers, Isolation, MemoryLimitMode, MemoryLimits, ProcessDriver,
+    ProcessDriverConfig, UidRange,
 };
 use fn_runner::driver::{
     BodyStream, Driver, DriverError, FunctionRequest, FunctionResponse, Instance, InstanceSpec,
@@ -1128,4 +1128,192 @@ async fn a_runner_sweeps_what_an_earlier_run_left_in_its_socket_root() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(left[0].is_dir(), "swept a root another runner holds");
     drop((first, second));
+}
+
+/// The mount on `dir` in the test's (the runner's) mount namespace, if any: its file system
+/// type and its options, from `/proc/self/mountinfo`.
+fn mount_on(dir: &Path) -> Option<(String, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mounts.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let after = fields.iter().position(|f| *f == "-")?;
+        if Path::new(fields.get(4)?) != dir {
+            return None;
+        }
+        Some((
+            (*fields.get(after + 1)?).to_owned(),
+            (*fields.get(after + 3)?).to_owned(),
+        ))
+    })
+}
+
+/// A root runner whose instances run in namespaces (`fn-isolate`) as `nobody`; `None` where
+/// this machine cannot make them and skips are allowed.
+fn isolated_fixture() -> Option<Fixture> {
+    if !nix::unistd::geteuid().is_root() {
+        fn_test_support::skip_or_fail("namespaces per instance need a root runner");
+        return None;
+    }
+    let helper = fn_test_support::workspace_bin("fn-isolate");
+    let probe = std::process::Command::new(&helper)
+        .arg("--probe")
+        .output()
+        .expect("fn-isolate --probe");
+    if !probe.status.success() {
+        fn_test_support::skip_or_fail(&format!(
+            "namespaces: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+        return None;
+    }
+    let tmp = tempdir();
+    let sockets = tmp.path().join("sockets");
+    let user = function_user();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), &sockets)
+            .with_function_user(user)
+            .with_memory_limits(MemoryLimits::Off)
+            .with_isolation(Some(Isolation {
+                helper,
+                network_none: false,
+            })),
+    )
+    .expect("driver");
+    Some(Fixture {
+        driver,
+        sockets,
+        user,
+        _tmp: tmp,
+    })
+}
+
+/// In namespaces an instance's directory is a tmpfs of its own, the size of its memory:
+/// what the function writes there (beside its socket) stops with ENOSPC at its memory limit
+/// and never reaches the host's disk under the socket root; the function still binds and
+/// serves its socket there; the tmpfs goes with the instance, at its kill already.
+#[tokio::test]
+async fn in_namespaces_what_a_function_writes_into_its_directory_is_bounded_by_its_memory() {
+    let Some(fx) = isolated_fixture() else {
+        return;
+    };
+    let hostile = InstanceSpec {
+        memory_mb: 16,
+        ..spec("fn-hostile")
+    };
+    let instance = fx
+        .driver
+        .start_process(&hostile, "c", START)
+        .await
+        .expect("start");
+    let (status, _, answer) = call(&instance, HeaderMap::new(), "fill_mb=64")
+        .await
+        .expect("call");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let wrote: u64 = answer
+        .strip_prefix("wrote ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert!(
+        wrote <= 16 && answer.contains("No space left on device"),
+        "the function wrote past its 16 MiB: {answer}"
+    );
+    let fill = std::fs::metadata(instance.dir().join("fill")).expect("the function's file");
+    let root = std::fs::metadata(&fx.sockets).expect("socket root");
+    assert!(fill.len() <= 16 * 1024 * 1024, "{} bytes", fill.len());
+    assert_ne!(
+        fill.dev(),
+        root.dev(),
+        "written on the socket root's file system"
+    );
+    let (fstype, options) = mount_on(instance.dir()).expect("a mount on the instance directory");
+    assert_eq!(fstype, "tmpfs");
+    let user = fx.user.expect("root runs functions as nobody");
+    for option in [
+        "size=16384k".to_owned(),
+        "nr_inodes=4096".to_owned(),
+        "mode=700".to_owned(),
+        format!("uid={}", user.uid),
+    ] {
+        assert!(
+            options.split(',').any(|o| o == option),
+            "{option} in {options}"
+        );
+    }
+
+    let hello = fx
+        .driver
+        .start_process(&spec("fn-hello"), "d", START)
+        .await
+        .expect("start");
+    let (status, _, body) = call(&hello, HeaderMap::new(), "Ann").await.expect("call");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"Hello, Ann!\n"[..]));
+    // The mount namespace of an instance started later holds no copy of the first one's
+    // tmpfs (hidden under its private /tmp, it would keep the pages alive after the first
+    // instance ended, for as long as the later one lives).
+    let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", hello.pid().expect("pid")))
+        .expect("mountinfo");
+    let first = instance.dir().display().to_string();
+    assert!(
+        !theirs
+            .lines()
+            .any(|line| line.split(' ').nth(4) == Some(first.as_str())),
+        "{first} is mounted in another instance's namespace:\n{theirs}"
+    );
+
+    for instance in [&instance, &hello] {
+        let dir = instance.dir().to_path_buf();
+        instance.kill();
+        assert!(
+            !dir.exists(),
+            "{} stays in place at the kill",
+            dir.display()
+        );
+        instance.wait_gone().await;
+        assert_eq!(mount_on(&dir), None, "{} still mounted", dir.display());
+    }
+    assert!(is_empty_dir(&fx.sockets), "instance directories left");
+}
+
+/// An instance directory a runner killed outright left with its tmpfs mounted is unmounted
+/// and removed when a runner takes the socket root again (a mount point cannot be removed).
+#[tokio::test]
+async fn a_runner_sweeps_an_instance_directory_an_earlier_run_left_mounted() {
+    if !nix::unistd::geteuid().is_root() {
+        fn_test_support::skip_or_fail("mounting a tmpfs needs root");
+        return;
+    }
+    let tmp = tempdir();
+    let sockets = tmp.path().join("sockets");
+    std::fs::create_dir(&sockets).expect("mkdir");
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let left = sockets.join("deadbeef-3");
+    std::fs::create_dir(&left).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &left,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("mount");
+    std::fs::write(left.join("data"), "left").expect("write");
+    let canonical = std::fs::canonicalize(&left).expect("canonical");
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(fn_test_support::functions_dir(), &sockets)
+            .with_memory_limits(MemoryLimits::Off),
+    )
+    .expect("driver");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left.exists() {
+        if Instant::now() > deadline {
+            // Not to leave a mount behind the test.
+            let _ = nix::mount::umount2(&left, nix::mount::MntFlags::MNT_DETACH);
+            panic!("the leftover {} was not swept", left.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mount_on(&canonical), None, "still mounted");
+    drop(driver);
 }

@@ -10,7 +10,10 @@
 //! It also tries what a function in a container must not be able to do: run as root, write
 //! to the root file system, and see a network interface other than loopback. With
 //! `allocate_mb=N` it first allocates and touches N MiB, to test memory limits (it only
-//! answers when it survives).
+//! answers when it survives). With `fill_mb=N` it only writes N MiB into `fill` in its own
+//! instance directory (beside its socket, from `FN_LISTENER`), and answers how much it wrote
+//! and, if a write failed, the error (what bounds the directory: `No space left on
+//! device`).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -33,6 +36,9 @@ fn main() -> ExitCode {
             // Read it back so that the allocation is neither elided nor left untouched.
             let sum: usize = hog.iter().step_by(4096).map(|b| usize::from(*b)).sum();
             return Ok(Response::new(format!("allocated {mb} MiB ({sum} pages)\n")));
+        }
+        if let Ok(mb) = get("fill_mb").parse::<usize>() {
+            return Ok(Response::new(fill_instance_dir(mb)));
         }
         let pid = Pid::from_raw(get("pid").parse().unwrap_or(0));
         let mut report = String::new();
@@ -156,4 +162,26 @@ fn main() -> ExitCode {
         });
         Ok(Response::new(report))
     })
+}
+
+/// Writes up to `mb` MiB, 1 MiB at a time, into `fill` in the directory of this instance's
+/// socket, and says how far it got: `wrote N MiB into DIR` and, when a write failed,
+/// `, then: ERROR`. The file is left there for the test to find.
+fn fill_instance_dir(mb: usize) -> String {
+    use std::io::Write as _;
+    let listener = std::env::var("FN_LISTENER").unwrap_or_default();
+    let Some(dir) = std::path::Path::new(listener.trim_start_matches("unix:")).parent() else {
+        return format!("no instance directory in FN_LISTENER={listener:?}\n");
+    };
+    let chunk = vec![0x5a_u8; 1024 * 1024];
+    let mut file = match std::fs::File::create(dir.join("fill")) {
+        Ok(file) => file,
+        Err(e) => return format!("wrote 0 MiB into {}, then: {e}\n", dir.display()),
+    };
+    for written in 0..mb {
+        if let Err(e) = file.write_all(&chunk) {
+            return format!("wrote {written} MiB into {}, then: {e}\n", dir.display());
+        }
+    }
+    format!("wrote {mb} MiB into {}\n", dir.display())
 }

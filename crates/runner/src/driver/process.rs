@@ -14,6 +14,7 @@
 //! - `uids`: the host's table of function uids (`FN_FUNCTION_UID_TABLE`);
 //! - `cgroup`: detecting cgroup support and per-instance memory and pids cgroups;
 //! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
+//! - `tmpfs`: the tmpfs an instance in namespaces gets as its directory;
 //!
 //! Shared with the other drivers (in `driver`): `socket` (calls over the instance's socket,
 //! waiting for its listener), `http_stream` (the contract's header translation) and `output`
@@ -24,13 +25,16 @@
 //! environment, its own process group, and — when a [`FunctionUser`] is configured — an
 //! unprivileged uid/gid (the standard library drops supplementary groups when a root parent sets
 //! a uid). Each instance's socket lives in its own `0700` directory owned by the function user,
-//! under a `0711` socket root, so functions cannot reach each other's sockets. Every child
+//! under a `0711` socket root, so functions cannot reach each other's sockets (in namespaces
+//! the directory is a tmpfs of its own, so what a function writes there is bounded memory,
+//! not the host's disk). Every child
 //! starts under a small `/bin/sh` wrapper (`WRAPPER_SCRIPT`) that holds it until it is in its
 //! cgroups and kills its process group if the runner dies.
 
 mod cgroup;
 mod command;
 mod instance;
+mod tmpfs;
 mod uids;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -50,7 +54,7 @@ pub use instance::ProcessInstance;
 pub use uids::DEFAULT_UID_TABLE;
 
 use super::output::Labels;
-use super::socket::{remove_instance_dir, wait_for_listener};
+use super::socket::{remove_instance_dir, unmount_instance_dir, wait_for_listener};
 use super::{Driver, DriverError, Instance, InstanceSpec};
 use instance::Spawned;
 
@@ -123,7 +127,8 @@ const FUNCTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Name of the listener socket inside an instance directory (the FDK symlinks it into place).
 const LISTENER_NAME: &str = "lsnr.sock";
-/// The function's private `TMPDIR`, inside its instance directory.
+/// The function's private `TMPDIR`, inside its instance directory, outside namespaces (in
+/// them `TMPDIR` is the private `/tmp`).
 const INSTANCE_TMP: &str = "tmp";
 
 /// Room left in a unix socket path (at most 107 bytes on Linux) after the instance directory,
@@ -492,7 +497,7 @@ impl ProcessDriver {
 
         let user = self.user_for(spec, start_timeout).await?;
         self.check_socket_root()?;
-        self.create_instance_dir(&dir, user)?;
+        self.create_instance_dir(&dir, user, spec.memory_mb)?;
         let cgroup = match cgroup::InstanceCgroup::create(
             &self.memory,
             &self.pids,
@@ -647,21 +652,34 @@ impl ProcessDriver {
         Ok(Some(user))
     }
 
-    /// Creates the instance's private directory (mode 0700) and its `tmp` (the function's
-    /// `TMPDIR`), both owned by `user`; they go with the instance.
+    /// Whether instances run as `user` get namespaces of their own, and which: only a
+    /// function user can have them (`fn-isolate` never runs a program as root).
+    fn namespaces_for(&self, user: Option<FunctionUser>) -> Option<(&Isolation, FunctionUser)> {
+        self.isolation.as_ref().zip(user)
+    }
+
+    /// Creates the instance's private directory (mode 0700), owned by `user`; it goes with
+    /// the instance.
     ///
-    /// Both are made first and given away after, `tmp` before the directory holding it:
-    /// once the directory is the user's, the user's code (another instance of the function)
-    /// could swap `tmp` for a link, and a root `chown` by path would follow it to any file.
-    /// Until its own `chown` the directory is root's, mode 0700, and nobody else can enter
-    /// it; `lchown` follows no link either way.
+    /// In namespaces the directory is a tmpfs of its own, at most `memory_mb` MiB (see
+    /// `tmpfs`): made root's, mode 0700, then the tmpfs mounted on it owned by the user.
+    ///
+    /// Outside them it holds `tmp`, the function's `TMPDIR`. Both are made first and given
+    /// away after, `tmp` before the directory holding it: once the directory is the user's,
+    /// the user's code (another instance of the function) could swap `tmp` for a link, and a
+    /// root `chown` by path would follow it to any file. Until its own `chown` the directory
+    /// is root's, mode 0700, and nobody else can enter it; `lchown` follows no link either
+    /// way.
+    ///
+    /// # Errors
+    /// [`DriverError::Start`] naming the directory and the error; nothing is left behind.
     fn create_instance_dir(
         &self,
         dir: &Path,
         user: Option<FunctionUser>,
+        memory_mb: u64,
     ) -> Result<(), DriverError> {
-        let tmp = dir.join(INSTANCE_TMP);
-        for path in [dir, tmp.as_path()] {
+        let make = |path: &Path| {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(path)
@@ -671,8 +689,17 @@ impl ProcessDriver {
                         "cannot create instance directory {}: {e}",
                         path.display()
                     ))
-                })?;
+                })
+        };
+        make(dir)?;
+        if let Some((_, user)) = self.namespaces_for(user) {
+            return tmpfs::mount_on(dir, memory_mb, user).map_err(|e| {
+                remove_instance_dir(dir);
+                DriverError::Start(e)
+            });
         }
+        let tmp = dir.join(INSTANCE_TMP);
+        make(&tmp)?;
         if let Some(user) = user {
             for path in [tmp.as_path(), dir] {
                 if let Err(e) = std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)) {
@@ -732,7 +759,7 @@ impl ProcessDriver {
         user: Option<FunctionUser>,
     ) -> Command {
         // In namespaces, the helper starts as root and runs the program as the user.
-        let isolated = self.isolation.as_ref().zip(user);
+        let isolated = self.namespaces_for(user);
         let start: &Path = isolated.map_or(program, |(isolation, _)| &isolation.helper);
         let mut cmd = match self.wrapper.as_deref() {
             Some(shell) => {
@@ -760,7 +787,11 @@ impl ProcessDriver {
                 .arg("--keep")
                 .arg(dir)
                 .arg("--keep")
-                .arg(&self.functions_dir);
+                .arg(&self.functions_dir)
+                // The other instances' tmpfs, copied into the new mount namespace, are
+                // detached from it: a copy would keep their pages after they end.
+                .arg("--socket-root")
+                .arg(&self.socket_root);
             if isolation.network_none {
                 cmd.arg("--net-none");
             }
@@ -820,8 +851,7 @@ impl ProcessDriver {
             .env("FN_MEMORY", spec.memory_mb.to_string())
             .env("FN_TYPE", "sync");
         // In namespaces `/tmp` is the instance's own tmpfs, whose pages count in its memory
-        // limit; the instance directory is the host's, bound in, where what a function
-        // writes went to the host's disk without a bound.
+        // limit (the instance directory is a tmpfs too, see `tmpfs`, but holds the socket).
         if isolated.is_some() {
             cmd.env("HOME", "/tmp").env("TMPDIR", "/tmp");
         } else {
@@ -1044,7 +1074,9 @@ fn claim_socket_root(root: &Path) -> Option<RootClaim> {
 
 /// Removes what an earlier run of a runner left in the socket root it now holds alone
 /// (killed with SIGKILL, or past its shutdown timeout): instance directories (`<8 hex>-<n>`)
-/// and those set aside for removal. In the background: a tenant's `TMPDIR` may be large.
+/// and those set aside for removal, the tmpfs on one unmounted first (an instance in
+/// namespaces; its processes died with that runner). In the background: a tenant's `TMPDIR`
+/// may be large.
 fn sweep_leftovers(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
@@ -1057,6 +1089,7 @@ fn sweep_leftovers(root: &Path) {
             .is_ok_and(|t| t.is_dir() && !t.is_symlink());
         if is_dir && is_instance_dir_name(name) {
             tracing::info!(dir = %entry.path().display(), "removing an instance directory an earlier run left");
+            unmount_instance_dir(&entry.path());
             drop(fn_lifecycle::fs::remove_tree(entry.path()));
         }
     }

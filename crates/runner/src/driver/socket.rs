@@ -478,11 +478,54 @@ fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
+/// Most file systems [`unmount_instance_dir`] takes off one directory: one is the process
+/// driver's tmpfs; a few more cover a directory mounted twice by hand, and the bound keeps
+/// a directory that somehow stays a mount point from holding the caller.
+const MAX_UNMOUNTS: usize = 4;
+
+/// Takes what is mounted on an instance directory off it: the process driver mounts a tmpfs
+/// on each instance's directory in namespaces (see `process::tmpfs`), and a mount point can
+/// be neither renamed nor removed. A directory on the same device as its parent is no mount
+/// point, and is left alone without a system call; a missing one or a link is none either
+/// (neither is followed). Detached (`MNT_DETACH`): the host's path leaves the tmpfs at once,
+/// and the file system goes when the last namespace holding it (the dying instance's) does.
+/// Failures are logged: the caller's removal then reports what stayed.
+pub(crate) fn unmount_instance_dir(dir: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = dir.parent() else {
+        return;
+    };
+    for _ in 0..MAX_UNMOUNTS {
+        let (Ok(meta), Ok(above)) = (
+            std::fs::symlink_metadata(dir),
+            std::fs::symlink_metadata(parent),
+        ) else {
+            return;
+        };
+        if !meta.is_dir() || meta.dev() == above.dev() {
+            return;
+        }
+        let flags = nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+        if let Err(e) = nix::mount::umount2(dir, flags) {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot unmount the file system on an instance directory; it stays mounted \
+                 until it is unmounted by hand (umount -l)"
+            );
+            return;
+        }
+    }
+}
+
 /// Takes an instance directory out of its place (renamed aside, as [`remove_instance_dir`]
 /// does), so that nothing can connect to the socket in it, and leaves the removal of its
 /// tree to whoever removes the instance (once its process is gone): a single remover, where
-/// two on one tree raced (one finding the top empty while the other moved entries up).
+/// two on one tree raced (one finding the top empty while the other moved entries up). A
+/// tmpfs on it is unmounted first: the host's path then reaches nothing the dying instance
+/// writes, and the directory under it, empty, can be renamed.
 pub(crate) fn set_instance_dir_aside(dir: &Path) {
+    unmount_instance_dir(dir);
     let mut aside = dir.as_os_str().to_owned();
     aside.push(".removing");
     if let Err(e) = std::fs::rename(dir, &aside)
@@ -496,8 +539,10 @@ pub(crate) fn set_instance_dir_aside(dir: &Path) {
 /// directory leaves its place at once (renamed aside, so nothing can connect to the socket
 /// in it), and its tree is removed on a thread of its own, never on the runtime (a wide
 /// or deep tree took seconds). The returned receiver completes when the tree is gone;
-/// dropping it leaves the removal to finish in the background.
+/// dropping it leaves the removal to finish in the background. A tmpfs on the directory is
+/// unmounted first ([`unmount_instance_dir`]).
 pub(crate) fn remove_instance_dir(dir: &Path) -> tokio::sync::oneshot::Receiver<()> {
+    unmount_instance_dir(dir);
     let mut aside = dir.as_os_str().to_owned();
     aside.push(".removing");
     let target = match std::fs::rename(dir, &aside) {
