@@ -584,17 +584,8 @@ async fn the_total_cap_bounds_runners_across_groups() {
 /// acted on at once.
 #[tokio::test(start_paused = true)]
 async fn adverts_that_keep_raising_demand_do_not_run_ticks_back_to_back() {
-    let shared = Arc::new(Shared::default());
     let cp = Arc::new(FakeControlPlane::default());
-    let control = ControlLoop::new(
-        Arc::clone(&shared),
-        cp.clone(),
-        Arc::new(FakeProbe::default()),
-        config(),
-        &mut Registry::default(),
-    );
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let loop_task = tokio::spawn(control.run(cancel.clone()));
+    let (shared, cancel, loop_task) = running_loop(&cp);
     // The first tick, at once, and one advert raising demand from zero a second later.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = cp.lists();
@@ -915,14 +906,14 @@ async fn a_list_that_hangs_holds_a_tick_only_for_its_bound() {
     assert_eq!(h.members("g"), vec!["r1", "r2"]);
 }
 
-/// A control loop over `cp` running beside the test, with demand for one runner of `g`
-/// advertised; returns once the runner's provisioning is under way.
-async fn running_with_a_provisioning(
+/// The task of a control loop over `cp` running beside the test.
+type LoopTask = tokio::task::JoinHandle<Result<(), std::convert::Infallible>>;
+
+/// A control loop over `cp` running beside the test: its shared state, the token that stops
+/// it, and its task.
+fn running_loop(
     cp: &Arc<FakeControlPlane>,
-) -> (
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
-) {
+) -> (Arc<Shared>, tokio_util::sync::CancellationToken, LoopTask) {
     let shared = Arc::new(Shared::default());
     let control = ControlLoop::new(
         Arc::clone(&shared),
@@ -933,6 +924,15 @@ async fn running_with_a_provisioning(
     );
     let cancel = tokio_util::sync::CancellationToken::new();
     let loop_task = tokio::spawn(control.run(cancel.clone()));
+    (shared, cancel, loop_task)
+}
+
+/// A control loop over `cp` running beside the test, with demand for one runner of `g`
+/// advertised; returns once the runner's provisioning is under way.
+async fn running_with_a_provisioning(
+    cp: &Arc<FakeControlPlane>,
+) -> (tokio_util::sync::CancellationToken, LoopTask) {
+    let (shared, cancel, loop_task) = running_loop(cp);
     shared
         .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
         .expect("recorded");
