@@ -630,22 +630,15 @@ impl ProcessDriver {
             return Ok(Some(user));
         }
         let (table, app, function) = (Arc::clone(uids), spec.app.clone(), spec.function.clone());
-        let lookup = tokio::task::spawn_blocking(move || table.user_for(&app, &function));
-        let (user, new) = match tokio::time::timeout(within, lookup).await {
-            Ok(Ok(found)) => found?,
-            Ok(Err(e)) => {
-                return Err(DriverError::Start(format!(
-                    "FN_FUNCTION_UID_TABLE: the lookup failed: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(DriverError::Start(format!(
-                    "FN_FUNCTION_UID_TABLE {}: still locked by another process after {within:?} \
-                     (a stalled runner of this host, or a table on a network file system?)",
-                    uids.path().display()
-                )));
-            }
-        };
+        // The lookup gives up by itself at the deadline: a thread left waiting for the lock
+        // would hold the runtime's shutdown (its blocking pool is waited for) and pile up.
+        let deadline = std::time::Instant::now() + within;
+        let (user, new) =
+            tokio::task::spawn_blocking(move || table.user_for(&app, &function, deadline))
+                .await
+                .map_err(|e| {
+                    DriverError::Start(format!("FN_FUNCTION_UID_TABLE: the lookup failed: {e}"))
+                })??;
         if new {
             tracing::info!(app = %spec.app, function = %spec.function, uid = user.uid, "function gets a uid of its own");
         }

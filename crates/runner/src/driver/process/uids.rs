@@ -25,6 +25,10 @@ use std::sync::{Mutex, PoisonError};
 use super::{FunctionUser, SetupError, UidRange};
 use crate::driver::DriverError;
 
+/// How often a lookup tries the table's lock again while another runner holds it (each
+/// holds it for microseconds).
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// `FN_FUNCTION_UID_TABLE` unless set.
 pub const DEFAULT_UID_TABLE: &str = "/run/fn-runner/function-uids";
 
@@ -130,14 +134,20 @@ impl UidTable {
     /// the file (another runner, or an earlier run, gave it one), else the first uid that
     /// no line of the file holds, from where the function's name hashes to in the range on.
     ///
+    /// Blocks (call it off the runtime) while another runner holds the file's lock, until
+    /// `deadline` at most: the lock is tried again every [`LOCK_RETRY`] rather than waited
+    /// for, so that a holder that never lets go (a frozen runner, a network file system)
+    /// keeps no thread here past the deadline.
+    ///
     /// # Errors
-    /// [`DriverError::Start`] when the file cannot be read or written, or every uid of the
-    /// range is held; [`DriverError::Invalid`] for a name a line could not record (the
-    /// catalog allows none).
+    /// [`DriverError::Start`] when the file cannot be read or written, stays locked until
+    /// `deadline`, or every uid of the range is held; [`DriverError::Invalid`] for a name a
+    /// line could not record (the catalog allows none).
     pub(super) fn user_for(
         &self,
         app: &str,
         function: &str,
+        deadline: std::time::Instant,
     ) -> Result<(FunctionUser, bool), DriverError> {
         if let Some(known) = self.known(app, function) {
             return Ok((known, false));
@@ -159,9 +169,26 @@ impl UidTable {
         };
         // Every runner of the host appends under this lock, so what is read under it is
         // every uid given so far.
-        let file = open_file(&self.path).map_err(table)?;
-        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, errno)| table(format!("cannot lock: {errno}")))?;
+        let mut file = open_file(&self.path).map_err(table)?;
+        let mut file = loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => break locked,
+                Err((unlocked, nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    file = unlocked;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(table(
+                        "still locked by another process at the start's deadline (a stalled \
+                         runner of this host, or a table on a network file system?)"
+                            .into(),
+                    ));
+                }
+                Err((_, errno)) => return Err(table(format!("cannot lock: {errno}"))),
+            }
+        };
         let mut text = Vec::new();
         file.read_to_end(&mut text)
             .map_err(|e| table(format!("cannot read: {e}")))?;
@@ -205,11 +232,6 @@ impl UidTable {
     /// call.
     pub(super) fn known(&self, app: &str, function: &str) -> Option<FunctionUser> {
         self.known_map().get(app)?.get(function).copied().map(user)
-    }
-
-    /// The table file's path.
-    pub(super) fn path(&self) -> &Path {
-        &self.path
     }
 
     fn known_map(&self) -> std::sync::MutexGuard<'_, ByFunction> {
@@ -389,6 +411,11 @@ fn home_offset(app: &str, function: &str, len: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deadline no test's lookup comes near.
+    fn soon() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(30)
+    }
     use std::os::unix::fs::PermissionsExt as _;
 
     const SMALL: UidRange = UidRange {
@@ -409,7 +436,44 @@ mod tests {
     }
 
     fn uid(table: &UidTable, function: &str) -> u32 {
-        table.user_for("app", function).expect("uid").0.uid
+        table.user_for("app", function, soon()).expect("uid").0.uid
+    }
+
+    /// A lookup that finds the file locked by a holder that does not let go gives up at its
+    /// deadline, naming the table, and leaves no thread waiting; once the lock is let go, a
+    /// lookup gets its uid.
+    #[test]
+    fn a_lookup_gives_up_at_its_deadline_while_the_table_stays_locked() {
+        let (_dir, path) = table_path();
+        let table = std::sync::Arc::new(runner(&path, SMALL));
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("table");
+        let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .expect("lock");
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let table = std::sync::Arc::clone(&table);
+            move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+                drop(done.send(table.user_for("app", "f", deadline)));
+            }
+        });
+        let outcome = outcome.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        let Ok(Err(DriverError::Start(said))) = outcome else {
+            panic!("the lookup did not give up at its deadline: {outcome:?}");
+        };
+        assert!(
+            said.contains("FN_FUNCTION_UID_TABLE") && said.contains("still locked"),
+            "{said}"
+        );
+        assert_eq!(
+            uid(&table, "f"),
+            SMALL.first + home_offset("app", "f", SMALL.len()) as u32
+        );
     }
 
     /// Two function names of `app` whose names hash to the same uid of `range`.
@@ -454,7 +518,7 @@ mod tests {
         let after = runner(&path, SMALL);
         assert_eq!((uid(&after, &b), uid(&after, &a)), (uid_b, uid_a));
         // A hit from memory says the uid is not new; the first reading did not either.
-        let (user, new) = after.user_for("app", &a).expect("uid");
+        let (user, new) = after.user_for("app", &a, soon()).expect("uid");
         assert_eq!((user.uid, user.gid, new), (uid_a, uid_a, false));
         let text = std::fs::read_to_string(&path).expect("table");
         assert_eq!(text.lines().count(), 2, "{text}");
@@ -471,7 +535,7 @@ mod tests {
         let two = runner(&path, range);
         let (x, y) = (uid(&one, "x"), uid(&two, "y"));
         assert_ne!(x, y);
-        let err = one.user_for("app", "z").expect_err("full");
+        let err = one.user_for("app", "z", soon()).expect_err("full");
         let message = err.to_string();
         assert!(matches!(err, DriverError::Start(_)), "{message}");
         for setting in [
@@ -508,7 +572,9 @@ mod tests {
         };
         let table = runner(&path, only_the_old);
         assert_eq!(uid(&table, "old"), 1000);
-        let err = table.user_for("app", "new").expect_err("1000 is held");
+        let err = table
+            .user_for("app", "new", soon())
+            .expect_err("1000 is held");
         assert!(err.to_string().contains("FN_FUNCTION_UIDS"), "{err}");
     }
 
@@ -528,7 +594,9 @@ mod tests {
         .expect("write");
         let table = runner(&path, range);
         assert_eq!(uid(&table, "x"), 1002);
-        let err = table.user_for("app", "y").expect_err("every uid is held");
+        let err = table
+            .user_for("app", "y", soon())
+            .expect_err("every uid is held");
         assert!(err.to_string().contains("FN_FUNCTION_UIDS"), "{err}");
         assert_eq!(uid(&table, "cu"), 1003);
 
@@ -547,7 +615,10 @@ mod tests {
         let table = runner(&path, SMALL);
         for (app, function) in [("app", "a/b"), ("a b", "f"), ("app", ""), ("app", "f\n")] {
             assert!(
-                matches!(table.user_for(app, function), Err(DriverError::Invalid(_))),
+                matches!(
+                    table.user_for(app, function, soon()),
+                    Err(DriverError::Invalid(_))
+                ),
                 "{app:?}/{function:?}"
             );
         }
