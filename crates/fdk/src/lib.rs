@@ -61,7 +61,9 @@
 //!   `spawn_blocking` and check [`Context::remaining`]);
 //! - a call that comes with its deadline already past does not reach the handler;
 //! - an answer already under way (its status and headers sent) whose body still streams at
-//!   the deadline is stopped too (a [`BodySender`] gets [`Closed`]);
+//!   the deadline is stopped too (a [`BodySender`] gets [`Closed`]): at the deadline while
+//!   the runner reads it, else when the runner next reads (the FDK's server polls the body
+//!   only when it has room to write; the runner's own timeout ends the call then anyway);
 //! - a call without `Fn-Deadline`, or with one that is not RFC 3339, has no limit here (the
 //!   latter is reported on stderr).
 //!
@@ -153,9 +155,11 @@ where
 
 /// Serves calls with the process environment until SIGTERM or SIGINT.
 ///
-/// On a runtime of the caller's choosing: a function whose handlers never call
-/// `block_in_place` may run it on a current-thread runtime (`#[tokio::main(flavor =
-/// "current_thread")]`), which [`run`] does not use for that reason. Measured with fn-echo
+/// On a runtime of the caller's choosing, with its I/O and time drivers enabled (the
+/// deadline of each call is a timer; `#[tokio::main]` enables both): a function whose
+/// handlers never call `block_in_place` may run it on a current-thread runtime
+/// (`#[tokio::main(flavor = "current_thread")]`), which [`run`] does not use for that
+/// reason. Measured with fn-echo
 /// behind a runner, one instance per call: 4% less CPU per call at c=1, 10% at c=64
 /// (docs/performance-log.md, session 29).
 ///
@@ -173,7 +177,8 @@ where
 }
 
 /// Serves calls on `env`'s listener until `shutdown` completes, then lets in-flight calls finish
-/// and removes the socket files. Returns once the socket is gone.
+/// and removes the socket files. Returns once the socket is gone. As [`serve`], on a runtime
+/// with its I/O and time drivers enabled.
 ///
 /// # Errors
 ///

@@ -17,8 +17,10 @@
 //! dropped), and a call whose deadline has passed when it comes does not reach the handler;
 //! both answer 504 (also in `Fn-Http-Status`), [`RUNNER_FIRST`] after the deadline, unless the
 //! runner has cut the call off by then. An answer whose head has gone and whose body still
-//! streams at the deadline is stopped then and broken off as late (the connection is closed
-//! mid-body), so the runner sees it incomplete. Without a readable deadline, no limit.
+//! streams at the deadline is stopped then (or, when the runner is not reading, at its next
+//! read: the body is polled only when there is room to write) and broken off as late (the
+//! connection is closed mid-body), so the runner sees it incomplete. Without a readable
+//! deadline, no limit.
 //!
 //! Shutdown: when the shutdown future completes the FDK stops accepting, lets in-flight calls
 //! finish (idle connections close at once), and removes its socket files.
