@@ -504,7 +504,13 @@ impl DockerControlPlane {
                 });
             }
             let failure = match self.engine.is_running(&name).await {
-                Ok(false) => Some("exited before answering health".to_owned()),
+                // Docker: the container exited. Swarm: every task failed or was rejected,
+                // or none was placed within the start timeout (its output quotes why).
+                Ok(false) => Some(
+                    "exited before answering health (as a swarm service: or no node took its \
+                     task)"
+                        .to_owned(),
+                ),
                 Err(EngineError::NotFound(_)) => {
                     Some("was removed while it started (by hand, or by another npm)".to_owned())
                 }
