@@ -1,7 +1,7 @@
 //! fn-isolate: starts one function instance in namespaces of its own, for pure-runner.
 //!
-//! The runner (root) starts `fn-isolate [--net-none] --uid U --gid G [--keep DIR]...
-//! [--socket-root DIR] -- PROGRAM ARGS...` in place of the program, with the function's environment, working
+//! The runner (root) starts `fn-isolate [--net-none] --uid U --gid G [--keep DIR]... --
+//! PROGRAM ARGS...` in place of the program, with the function's environment, working
 //! directory, output pipes and memory cgroup already set. Not a user-facing tool.
 //!
 //! 1. **Outside** (the runner's child): unshares a PID, a mount and an IPC namespace, and a network
@@ -9,8 +9,7 @@
 //!    own unix socket). Then starts itself again as the first process of the new PID
 //!    namespace, and exits with its status. Its stdin to the inside is a *lifeline*: when the
 //!    outside process dies (the runner killed the instance), the inside sees end-of-file.
-//! 2. **Inside** (PID 1 of the namespace, still root): makes every mount private, detaches
-//!    the copies of the other instances' directories (`--socket-root`, below), mounts a
+//! 2. **Inside** (PID 1 of the namespace, still root): makes every mount private, mounts a
 //!    `/proc` of the namespace (the function sees only its own processes), and a fresh tmpfs
 //!    on `/tmp` with the `--keep` directories (the instance directory with its socket) bound
 //!    back in, and fresh ones on `/var/tmp`, `/dev/shm` and `/run/lock` and the IPC
@@ -21,13 +20,6 @@
 //!    every process the namespace leaves behind, and exits with the program's status. When
 //!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
 //!    outside process goes, it exits.
-//!
-//! The runner mounts a tmpfs on each instance's directory in its socket root. A new mount
-//! namespace starts as a copy of the runner's, with those of every instance running then:
-//! hidden under the private `/tmp` or not, a copy would keep the other instance's tmpfs, and
-//! the pages written there, alive after that instance ended, for as long as this one lives.
-//! So every mount on a directory directly in `--socket-root` but the kept ones is detached
-//! from this namespace (after the mounts are made private: the runner's stay).
 //!
 //! The function's config comes in variables named `FN_ISOLATE_CONFIG_<name>` (the runner's
 //! `ISOLATED_CONFIG_PREFIX`): this process and the shell before it run as root, and must not
@@ -89,7 +81,6 @@ struct Options {
     uid: Option<u32>,
     gid: Option<u32>,
     keep: Vec<PathBuf>,
-    socket_root: Option<PathBuf>,
     program: Option<OsString>,
     args: Vec<OsString>,
 }
@@ -105,7 +96,6 @@ fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Options, String> {
             "--uid" => options.uid = Some(number(&value("--uid")?, "--uid")?),
             "--gid" => options.gid = Some(number(&value("--gid")?, "--gid")?),
             "--keep" => options.keep.push(PathBuf::from(value("--keep")?)),
-            "--socket-root" => options.socket_root = Some(PathBuf::from(value("--socket-root")?)),
             "--" => {
                 options.program = argv.next();
                 options.args = argv.collect();
@@ -280,9 +270,6 @@ fn private_mounts(options: &Options) -> Result<(), String> {
         std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| format!("cannot make the mounts private: {e}"))?;
-    if let Some(root) = &options.socket_root {
-        detach_other_instances(root, &options.keep)?;
-    }
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), hardened, none)
         .map_err(|e| format!("cannot mount /proc for the namespace: {e}"))?;
@@ -370,61 +357,6 @@ fn private_mounts(options: &Options) -> Result<(), String> {
     })
 }
 
-/// Detaches from this (private) namespace every mount on a directory directly in `root`
-/// but those in `keep`: the copies of other instances' tmpfs, which would otherwise outlive
-/// them here (see the module's documentation). Lazily, as the runner does: nothing here
-/// uses them.
-fn detach_other_instances(root: &Path, keep: &[PathBuf]) -> Result<(), String> {
-    use nix::mount::{MntFlags, umount2};
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read the namespace's mounts: {e}"))?;
-    for point in mounts
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|point| PathBuf::from(unescape_mount_point(point)))
-        .filter(|point| point.parent() == Some(root) && !keep.contains(point))
-    {
-        // A directory mounted twice is listed twice; the second finds nothing left (EINVAL),
-        // and one removed meanwhile nothing at all.
-        match umount2(&point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => {}
-            Err(e) => {
-                return Err(format!(
-                    "cannot detach another instance's directory {} from the namespace: {e}",
-                    point.display()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A mount point as `/proc/self/mountinfo` writes it, its space, tab, newline and backslash
-/// escaped as `\ooo` (octal), given back its bytes.
-fn unescape_mount_point(escaped: &str) -> OsString {
-    use std::os::unix::ffi::OsStringExt as _;
-    let bytes = escaped.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let octal = bytes
-            .get(at + 1..at + 4)
-            .filter(|digits| bytes[at] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
-            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
-        match octal {
-            Some(byte) => {
-                out.push(byte);
-                at += 4;
-            }
-            None => {
-                out.push(bytes[at]);
-                at += 1;
-            }
-        }
-    }
-    OsString::from_vec(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,30 +422,6 @@ mod tests {
                 ("PATH".into(), "/usr/bin".into()),
             ]
         );
-    }
-
-    #[test]
-    fn mount_points_get_their_escaped_bytes_back() {
-        assert_eq!(
-            unescape_mount_point(r"/tmp/a\040b\011c\134d\012"),
-            OsString::from("/tmp/a b\tc\\d\n")
-        );
-        assert_eq!(
-            unescape_mount_point(r"/tmp/x\9\04"),
-            OsString::from(r"/tmp/x\9\04")
-        );
-        let options = parse(args(&[
-            "--socket-root",
-            "/tmp/fn-runner",
-            "--uid",
-            "5",
-            "--gid",
-            "5",
-            "--",
-            "p",
-        ]))
-        .expect("valid");
-        assert_eq!(options.socket_root, Some(PathBuf::from("/tmp/fn-runner")));
     }
 
     #[test]

@@ -1249,20 +1249,23 @@ async fn in_namespaces_what_a_function_writes_into_its_directory_is_bounded_by_i
         .expect("start");
     let (status, _, body) = call(&hello, HeaderMap::new(), "Ann").await.expect("call");
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"Hello, Ann!\n"[..]));
-    // The mount namespace of an instance started later holds no copy of the first one's
-    // tmpfs (hidden under its private /tmp, it would keep the pages alive after the first
-    // instance ended, for as long as the later one lives).
-    let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", hello.pid().expect("pid")))
-        .expect("mountinfo");
-    let first = instance.dir().display().to_string();
-    assert!(
-        !theirs
+    // The mount namespace of an instance started later began with a copy of the first
+    // one's tmpfs, hidden under its private /tmp: once the first instance's directory is
+    // removed, the copy goes too (the kernel detaches every mount on a directory removed),
+    // and keeps none of its pages alive for as long as the later instance lives.
+    let first = instance.dir().to_path_buf();
+    let first_text = first.display().to_string();
+    let holds_first = |later: &fn_runner::driver::process::ProcessInstance| {
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", later.pid().expect("pid")))
+            .expect("mountinfo")
             .lines()
-            .any(|line| line.split(' ').nth(4) == Some(first.as_str())),
-        "{first} is mounted in another instance's namespace:\n{theirs}"
+            .any(|line| line.split(' ').nth(4) == Some(first_text.as_str()))
+    };
+    assert!(
+        holds_first(&hello),
+        "the later instance's namespace began with a copy of {first_text}"
     );
-
-    for instance in [&instance, &hello] {
+    for (instance, later) in [(&instance, Some(&hello)), (&hello, None)] {
         let dir = instance.dir().to_path_buf();
         instance.kill();
         assert!(
@@ -1272,6 +1275,12 @@ async fn in_namespaces_what_a_function_writes_into_its_directory_is_bounded_by_i
         );
         instance.wait_gone().await;
         assert_eq!(mount_on(&dir), None, "{} still mounted", dir.display());
+        if let Some(later) = later {
+            assert!(
+                !holds_first(later),
+                "{first_text} is still mounted in another instance's namespace"
+            );
+        }
     }
     assert!(is_empty_dir(&fx.sockets), "instance directories left");
 }
@@ -1298,6 +1307,16 @@ async fn a_runner_sweeps_an_instance_directory_an_earlier_run_left_mounted() {
         Some("size=1m"),
     )
     .expect("mount");
+    // Not to leave a mount behind a failing test (its temporary directory could not go).
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            if self.0.exists() {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let _unmount = Unmount(&left);
     std::fs::write(left.join("data"), "left").expect("write");
     let canonical = std::fs::canonicalize(&left).expect("canonical");
     let driver = ProcessDriver::new(
@@ -1308,8 +1327,6 @@ async fn a_runner_sweeps_an_instance_directory_an_earlier_run_left_mounted() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while left.exists() {
         if Instant::now() > deadline {
-            // Not to leave a mount behind the test.
-            let _ = nix::mount::umount2(&left, nix::mount::MntFlags::MNT_DETACH);
             panic!("the leftover {} was not swept", left.display());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

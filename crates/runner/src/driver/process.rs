@@ -780,11 +780,7 @@ impl ProcessDriver {
                 .arg("--keep")
                 .arg(dir)
                 .arg("--keep")
-                .arg(&self.functions_dir)
-                // The other instances' tmpfs, copied into the new mount namespace, are
-                // detached from it: a copy would keep their pages after they end.
-                .arg("--socket-root")
-                .arg(&self.socket_root);
+                .arg(&self.functions_dir);
             if isolation.network_none {
                 cmd.arg("--net-none");
             }
