@@ -181,10 +181,35 @@ fn main() -> ExitCode {
     // one) inherits it: no exec of a setuid program gives a function more privileges than it
     // started with. The runner itself only ever drops privileges.
     let no_new_privs = nix::sys::prctl::set_no_new_privs();
-    fn_lifecycle::run_daemon(&common, daemon(cli, no_new_privs))
+    // Before any other thread exists too: a new mount namespace is the calling thread's
+    // alone. Only where instances may get namespaces, which a root runner's probe decides
+    // later: the tmpfs it mounts on their directories are then in this namespace.
+    let own_mounts =
+        (cli.function_namespaces && nix::unistd::geteuid().is_root()).then(own_mount_namespace);
+    fn_lifecycle::run_daemon(&common, daemon(cli, no_new_privs, own_mounts))
 }
 
-async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
+/// Moves the runner into a mount namespace of its own that receives the host's mounts and
+/// sends none back (a slave of the host's): the tmpfs mounted on instance directories (see
+/// the process driver) then stay out of the host's mount table and of every namespace
+/// that shares it, and go with the runner's namespace when the runner and its children
+/// are gone, so a runner killed outright leaves no mount on a directory its npm removes.
+fn own_mount_namespace() -> nix::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+}
+
+async fn daemon(
+    cli: Cli,
+    no_new_privs: nix::Result<()>,
+    own_mounts: Option<nix::Result<()>>,
+) -> ExitCode {
     // First: what loading the configuration warns of (a node certificate its own CA bundle
     // does not trust, one not valid yet) is logged.
     fn_lifecycle::logging::init(&cli.common.log_level, cli.common.log_format)
@@ -265,6 +290,9 @@ async fn daemon(cli: Cli, no_new_privs: nix::Result<()>) -> ExitCode {
 
     if let Err(e) = no_new_privs {
         tracing::warn!(error = %e, "cannot set no_new_privs; functions could gain privileges through setuid programs");
+    }
+    if let Some(Err(e)) = own_mounts {
+        tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own: the tmpfs of instances in namespaces are mounted in the host's, and those of a runner killed outright stay until a runner takes its socket root again");
     }
 
     let isolation = isolation(&cli, &function_users)
