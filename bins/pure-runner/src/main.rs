@@ -291,13 +291,15 @@ async fn daemon(
     if let Err(e) = no_new_privs {
         tracing::warn!(error = %e, "cannot set no_new_privs; functions could gain privileges through setuid programs");
     }
-    if let Some(Err(e)) = own_mounts {
-        tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own: the tmpfs of instances in namespaces are mounted in the host's, and those of a runner killed outright stay until a runner takes its socket root again");
-    }
 
     let isolation = isolation(&cli, &function_users)
         .await
         .unwrap_or_else(|e| exit_config_error(e));
+    // Said only where it matters: a runner that may not make namespaces (a container
+    // without CAP_SYS_ADMIN) has said so above, and mounts nothing.
+    if let (Some(_), Some(Err(e))) = (&isolation, own_mounts) {
+        tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own: the tmpfs of instances in namespaces are mounted in the host's, and those of a runner killed outright stay until a runner takes its socket root again");
+    }
     // Each instance holds a few descriptors (its socket, its output pipes, its lifeline), and
     // each lb-agent a connection; functions get back the limit the runner was given.
     let open_files = fn_lifecycle::limits::raise_open_file_limit();
