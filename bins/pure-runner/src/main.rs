@@ -182,10 +182,10 @@ fn main() -> ExitCode {
     // started with. The runner itself only ever drops privileges.
     let no_new_privs = nix::sys::prctl::set_no_new_privs();
     // Before any other thread exists too: a new mount namespace is the calling thread's
-    // alone. Only where instances may get namespaces, which a root runner's probe decides
-    // later: the tmpfs it mounts on their directories are then in this namespace.
-    let own_mounts =
-        (cli.function_namespaces && nix::unistd::geteuid().is_root()).then(own_mount_namespace);
+    // alone. Tried wherever instances may get namespaces, which the runner's probe decides
+    // later (the tmpfs it mounts on their directories are then in this namespace); a runner
+    // that may not make them fails here too, which is said only if the probe finds it may.
+    let own_mounts = cli.function_namespaces.then(own_mount_namespace);
     fn_lifecycle::run_daemon(&common, daemon(cli, no_new_privs, own_mounts))
 }
 
@@ -298,7 +298,7 @@ async fn daemon(
     // Said only where it matters: a runner that may not make namespaces (a container
     // without CAP_SYS_ADMIN) has said so above, and mounts nothing.
     if let (Some(_), Some(Err(e))) = (&isolation, own_mounts) {
-        tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own: the tmpfs of instances in namespaces are mounted in the host's, and those of a runner killed outright stay until a runner takes its socket root again");
+        tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own (or share none of its mounts with the host's): the tmpfs on the directories of instances in namespaces are in the host's mount table, and those of a runner killed outright stay mounted there until a runner takes its socket root again (umount -l them; an npm cannot remove that runner's socket directory until then)");
     }
     // Each instance holds a few descriptors (its socket, its output pipes, its lifeline), and
     // each lb-agent a connection; functions get back the limit the runner was given.

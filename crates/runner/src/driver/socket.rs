@@ -487,8 +487,9 @@ const MAX_UNMOUNTS: usize = 4;
 /// on each instance's directory in namespaces (see `process::tmpfs`), and a mount point can
 /// be neither renamed nor removed. A directory on the same device as its parent is no mount
 /// point, and is left alone without a system call; a missing one or a link is none either
-/// (neither is followed). Detached (`MNT_DETACH`): the host's path leaves the tmpfs at once,
-/// and the file system goes when the last namespace holding it (the dying instance's) does.
+/// (neither is followed). Detached (`MNT_DETACH`): the runner's path leaves the tmpfs at
+/// once, and the file system goes when the last namespace holding it (the dying
+/// instance's) does.
 /// Failures are logged: the caller's removal then reports what stayed.
 pub(crate) fn unmount_instance_dir(dir: &Path) {
     use std::os::unix::fs::MetadataExt as _;
