@@ -11,8 +11,9 @@
 //! size below besides.
 //!
 //! This module mounts; the directory's removal unmounts (`socket::unmount_instance_dir`),
-//! wherever an instance directory is removed or set aside, and the socket root's sweep at
-//! start does for what a killed runner left mounted.
+//! wherever an instance directory is removed or set aside. The pure-runner mounts in a
+//! mount namespace of its own, so what a runner killed outright left mounted goes with its
+//! namespace; where it could not make one, the socket root's sweep at start unmounts it.
 
 use std::path::Path;
 
