@@ -1150,6 +1150,11 @@ fn mount_on(dir: &Path) -> Option<(String, String)> {
 /// A root runner whose instances run in namespaces (`fn-isolate`) as `nobody`; `None` where
 /// this machine cannot make them and skips are allowed.
 fn isolated_fixture() -> Option<Fixture> {
+    isolated_fixture_with(MemoryLimits::Off)
+}
+
+/// [`isolated_fixture`] with `memory_limits`.
+fn isolated_fixture_with(memory_limits: MemoryLimits) -> Option<Fixture> {
     if !nix::unistd::geteuid().is_root() {
         fn_test_support::skip_or_fail("namespaces per instance need a root runner");
         return None;
@@ -1172,7 +1177,7 @@ fn isolated_fixture() -> Option<Fixture> {
     let driver = ProcessDriver::new(
         ProcessDriverConfig::new(fn_test_support::functions_dir(), &sockets)
             .with_function_user(user)
-            .with_memory_limits(MemoryLimits::Off)
+            .with_memory_limits(memory_limits)
             .with_isolation(Some(Isolation {
                 helper,
                 network_none: false,
@@ -1282,6 +1287,128 @@ async fn in_namespaces_what_a_function_writes_into_its_directory_is_bounded_by_i
             );
         }
     }
+    assert!(is_empty_dir(&fx.sockets), "instance directories left");
+}
+
+/// Watches, in one inotify queue (so in the order they happen), the end of the tmpfs on
+/// `instance`'s directory (`IN_UNMOUNT`: the file system is gone, its pages freed) and the
+/// removal of each of its cgroups (`IN_DELETE` of its id in the cgroup's parent).
+struct CleanupWatch {
+    inotify: nix::sys::inotify::Inotify,
+    tmpfs: nix::sys::inotify::WatchDescriptor,
+    cgroup_parents: Vec<nix::sys::inotify::WatchDescriptor>,
+    id: std::ffi::OsString,
+}
+
+impl CleanupWatch {
+    fn new(instance: &fn_runner::driver::process::ProcessInstance) -> Self {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let inotify =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).expect("inotify");
+        // `IN_UNMOUNT` comes whatever the mask; the root of a tmpfs is never deleted.
+        let tmpfs = inotify
+            .add_watch(instance.dir(), AddWatchFlags::IN_DELETE_SELF)
+            .expect("watch the instance directory");
+        let cgroup_parents = instance
+            .cgroup_dirs()
+            .iter()
+            .map(|dir| {
+                let parent = dir.parent().expect("a cgroup's parent");
+                inotify
+                    .add_watch(parent, AddWatchFlags::IN_DELETE | AddWatchFlags::IN_ONLYDIR)
+                    .expect("watch a cgroup's parent")
+            })
+            .collect();
+        CleanupWatch {
+            inotify,
+            tmpfs,
+            cgroup_parents,
+            id: instance.id().into(),
+        }
+    }
+
+    /// What happened so far, in order: `"tmpfs gone"` and `"cgroup removed"` (one per
+    /// cgroup).
+    fn happened(&self) -> Vec<&'static str> {
+        use nix::sys::inotify::AddWatchFlags;
+        let mut seen = Vec::new();
+        loop {
+            match self.inotify.read_events() {
+                Ok(events) => {
+                    for event in events {
+                        if event.wd == self.tmpfs && event.mask.contains(AddWatchFlags::IN_UNMOUNT)
+                        {
+                            seen.push("tmpfs gone");
+                        } else if self.cgroup_parents.contains(&event.wd)
+                            && event.mask.contains(AddWatchFlags::IN_DELETE)
+                            && event.name.as_deref() == Some(self.id.as_os_str())
+                        {
+                            seen.push("cgroup removed");
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => return seen,
+                Err(e) => panic!("inotify: {e}"),
+            }
+        }
+    }
+}
+
+/// In namespaces an instance's directory goes before its cgroup, killed or ended on its own:
+/// the pages of its tmpfs, charged to its memory cgroup, are freed before that cgroup is
+/// removed (removed first, it stayed in the kernel, dying, until the unmount) — even where
+/// an instance started later holds a copy of that tmpfs in its mount namespace.
+#[tokio::test]
+async fn in_namespaces_an_instances_tmpfs_is_gone_before_its_cgroup_is_removed() {
+    let Some(fx) = isolated_fixture_with(MemoryLimits::default()) else {
+        return;
+    };
+    if let MemoryLimitMode::Unenforced { reason } = fx.driver.memory_limit_mode() {
+        fn_test_support::skip_or_fail(&format!("memory limits cannot be enforced here: {reason}"));
+        return;
+    }
+    let hostile = InstanceSpec {
+        memory_mb: 16,
+        ..spec("fn-hostile")
+    };
+    let killed = fx
+        .driver
+        .start_process(&hostile, "c", START)
+        .await
+        .expect("start");
+    let (status, _, answer) = call(&killed, HeaderMap::new(), "fill_mb=4")
+        .await
+        .expect("call");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Started later: its mount namespace holds a copy of the first one's tmpfs.
+    let crashing = fx
+        .driver
+        .start_process(&spec("fn-crash"), "d", START)
+        .await
+        .expect("start");
+    let cgroups = killed.cgroup_dirs().len();
+    assert!(cgroups > 0, "no cgroup for an instance with a memory limit");
+
+    let watch = CleanupWatch::new(&killed);
+    killed.kill();
+    killed.wait_gone().await;
+    let mut expected = vec!["tmpfs gone"];
+    expected.extend(std::iter::repeat_n("cgroup removed", cgroups));
+    assert_eq!(watch.happened(), expected, "a kill's clean-up");
+
+    // Ended on its own: the reaper's clean-up, with the runner's own mount still on.
+    let watch = CleanupWatch::new(&crashing);
+    assert!(
+        call(&crashing, HeaderMap::new(), "x").await.is_err(),
+        "fn-crash answered"
+    );
+    crashing.wait_gone().await;
+    assert_eq!(watch.happened(), expected, "the clean-up after an exit");
     assert!(is_empty_dir(&fx.sockets), "instance directories left");
 }
 

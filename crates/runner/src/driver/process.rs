@@ -516,7 +516,9 @@ impl ProcessDriver {
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                remove_instance_dir(&dir);
+                // The directory before the cgroup, as the reaper does (nothing ran, so both
+                // are empty: this only keeps one order everywhere).
+                drop(remove_instance_dir(&dir).await);
                 if let Some(cgroup) = cgroup {
                     cgroup.remove().await;
                 }

@@ -417,6 +417,15 @@ impl InstanceCgroup {
         &self.dirs
     }
 
+    /// Kills whatever is in the cgroups now (processes that left the instance's process
+    /// group): one round, which [`InstanceCgroup::remove`] repeats for what forked meanwhile
+    /// where the kernel has no `cgroup.kill`.
+    pub(super) fn kill_members(&self) {
+        for dir in &self.dirs {
+            kill_members(dir);
+        }
+    }
+
     /// Kills whatever is left in the cgroups (processes that left the instance's process
     /// group) and removes them, retrying briefly while the kernel still counts dying tasks.
     pub(super) async fn remove(&self) {
@@ -446,12 +455,15 @@ impl InstanceCgroup {
     }
 
     /// [`InstanceCgroup::remove`] on a thread of its own, for when there is no runtime left
-    /// to run it (the runner is shutting down with instances still around).
-    pub(super) fn remove_in_background(&self) {
+    /// to run it (the runner is shutting down with instances still around), once `after`
+    /// (the instance directory's removal) has completed or been dropped.
+    pub(super) fn remove_in_background(&self, after: tokio::sync::oneshot::Receiver<()>) {
         let dirs = self.dirs.clone();
         let spawned = std::thread::Builder::new()
             .name("fn-cgroup-cleanup".into())
             .spawn(move || {
+                // Dropped unsent: the removal could not start, and there is nothing to wait for.
+                drop(after.blocking_recv());
                 for dir in dirs {
                     let mut backoff = removal_backoff();
                     for _ in 0..12 {
@@ -471,7 +483,7 @@ impl InstanceCgroup {
     }
 
     /// Best-effort synchronous removal, for error paths before any process joined.
-    fn remove_now(&self) {
+    pub(super) fn remove_now(&self) {
         for dir in &self.dirs {
             if let Err(e) = std::fs::remove_dir(dir) {
                 tracing::debug!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");

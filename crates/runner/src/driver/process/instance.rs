@@ -2,10 +2,15 @@
 //!
 //! A reaper task owns the `Child`: it waits for the process to exit (or for a kill request,
 //! which it carries out while the process is still unreaped, so the process group id cannot
-//! have been reused), publishes the exit status, kills what is left of the process group,
-//! removes the cgroups and the instance directory. Everything else reads the exit
-//! status from a `watch` channel, so "has it exited?" is an event, not a poll. If the runtime
-//! drops the reaper first (shutdown), a drop guard does the same cleanup, best effort.
+//! have been reused), publishes the exit status, kills what is left of the process group
+//! and of the cgroups, removes the instance directory and only then the cgroups: what the
+//! function wrote into its directory (a tmpfs in namespaces, see `tmpfs`; the page cache of
+//! its files otherwise) is charged to its memory cgroup, and a cgroup removed while those
+//! pages live stays in the kernel, dying, until they are freed. The directory's removal also
+//! takes the copies of its tmpfs out of the mount namespaces of instances started later.
+//! Everything else reads the exit status from a `watch` channel, so "has it exited?" is an
+//! event, not a poll. If the runtime drops the reaper first (shutdown), a drop guard does the
+//! same cleanup in the same order, best effort.
 //!
 //! The instance also holds the wrapper shell's *lifeline* (its stdin pipe): when that closes
 //! — the instance is dropped, or the runner dies — the wrapper's watchdog kills the process
@@ -125,6 +130,10 @@ impl ProcessInstance {
         let labels = Arc::new(labels);
         let Some(pid) = child.id() else {
             remove_instance_dir(&dir);
+            // Nothing joined it.
+            if let Some(cgroup) = &cgroup {
+                cgroup.remove_now();
+            }
             return Err("the process exited before it could be watched".into());
         };
         let join_error = cgroup.as_ref().and_then(|cgroup| cgroup.add(pid).err());
@@ -286,9 +295,13 @@ impl Drop for ReaperAbandoned {
             // Not reaped (the child is dropped with this future), so the pid is still ours.
             signal_group(&self.shared);
         }
-        remove_instance_dir(&self.shared.dir);
         if let Some(cgroup) = &self.shared.cgroup {
-            cgroup.remove_in_background();
+            cgroup.kill_members();
+        }
+        // The directory first, the cgroup once it is gone (see `reap`).
+        let dir_removed = remove_instance_dir(&self.shared.dir);
+        if let Some(cgroup) = &self.shared.cgroup {
+            cgroup.remove_in_background(dir_removed);
         }
     }
 }
@@ -314,13 +327,19 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
     tracing::debug!(instance = %shared.labels.instance, pid = shared.pid, %exit, "function process ended");
     exit_tx.send_replace(Some(exit.to_string()));
     // The leader exited on its own: kill what it left in its group. Its pid cannot be
-    // reused while any member remains; if none does this finds nothing (ESRCH).
+    // reused while any member remains; if none does this finds nothing (ESRCH). Then what
+    // left the group, so that nothing writes into the directory while it is removed.
     signal_group(&shared);
+    if let Some(cgroup) = &shared.cgroup {
+        cgroup.kill_members();
+    }
+    // The directory (its tmpfs) before the cgroup its pages are charged to (see the module
+    // docs). Gone means gone: a runner shutting down waits for this. An error only says the
+    // removal's thread is gone, which `remove_tree` logs.
+    let _ = remove_instance_dir(&shared.dir).await;
     if let Some(cgroup) = &shared.cgroup {
         cgroup.remove().await;
     }
-    // Gone means gone: a runner shutting down waits for this.
-    let _ = remove_instance_dir(&shared.dir).await;
     abandoned.finished = true;
     shared.gone.cancel();
 }
