@@ -8,10 +8,10 @@
 //!
 //! Calls: every connection is HTTP/1.1. `POST /call` runs the handler in its own task (a panic
 //! fails the call, not the server) and answers HTTP 200 with the function's status in
-//! `Fn-Http-Status`, its headers as `Fn-Http-H-*` (plus a plain `Content-Type`) and
-//! `Fn-Fdk-Version`; the body streams. A handler `Err` or panic answers HTTP 502 (also in
-//! `Fn-Http-Status`) with a one-line message, and serving goes on. Other paths answer 404, other
-//! methods on `/call` 405.
+//! `Fn-Http-Status`, its headers as `Fn-Http-H-*` but for `Content-Type`, which goes plainly
+//! only (as Fn's Go FDK sends it), and `Fn-Fdk-Version`; the body streams. A handler `Err` or
+//! panic answers HTTP 502 (also in `Fn-Http-Status`) with a one-line message, and serving goes
+//! on. Other paths answer 404, other methods on `/call` 405.
 //!
 //! Deadline: a handler still running at the call's `Fn-Deadline` is aborted (its future
 //! dropped), and a call whose deadline has passed when it comes does not reach the handler;
@@ -331,16 +331,22 @@ impl Limit {
 /// The function's answer in wire form; a body still streaming at `deadline` is stopped then
 /// and broken off [`RUNNER_FIRST`] later.
 fn to_wire(response: Response, deadline: Option<Instant>) -> http::Response<ResponseBody> {
-    let (status, function_headers, body) = response.into_parts();
+    let (status, mut function_headers, body) = response.into_parts();
     let body = match deadline {
         Some(deadline) => body.until(deadline, runner_first(deadline)),
         None => body,
     };
+    // The function's `Content-Type` goes plainly only, every value, as Fn's Go FDK sends it
+    // (its `encapHeaders` passes it over); the runner gives it to the client.
+    let content_types: Vec<HeaderValue> = match function_headers.entry(CONTENT_TYPE) {
+        http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    };
     let mut wire = http::Response::new(body);
     let headers = wire.headers_mut();
     *headers = headers::to_fn(&function_headers);
-    if let Some(content_type) = function_headers.get(CONTENT_TYPE) {
-        headers.insert(CONTENT_TYPE, content_type.clone());
+    for content_type in content_types {
+        headers.append(CONTENT_TYPE, content_type);
     }
     headers.insert(headers::FN_HTTP_STATUS, HeaderValue::from(status.as_u16()));
     headers.insert(

@@ -246,7 +246,10 @@ async fn a_call_is_translated_both_ways_and_the_response_streams() {
     let version = headers["fn-fdk-version"].to_str().expect("ASCII");
     assert!(version.starts_with("fdk-rust/"), "{version}");
     assert_eq!(headers[CONTENT_TYPE], "application/x-test");
-    assert_eq!(headers["fn-http-h-content-type"], "application/x-test");
+    assert!(
+        !headers.contains_key("fn-http-h-content-type"),
+        "the content type travels plainly only"
+    );
     assert_eq!(headers["fn-http-h-x-call-id"], "01CALL");
     assert_eq!(headers["fn-http-h-x-method"], "PUT");
     assert_eq!(headers["fn-http-h-x-url"], "http://lb:8080/r/shop/cart?x=1");
@@ -278,6 +281,35 @@ async fn a_call_is_translated_both_ways_and_the_response_streams() {
     }
     assert_eq!(rest, b"payload");
 
+    running.stop_cleanly().await;
+}
+
+/// The function's `Content-Type` goes plainly only, every value in order, as fdk-go sends it
+/// (its `encapHeaders` passes it over); the runner gives the plain one to the client.
+#[tokio::test]
+async fn the_functions_content_type_goes_plainly_only() {
+    let running = start(
+        |_ctx: Context, _body: Body| async move {
+            Ok(Response::new("{}")
+                .with_header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .with_header(CONTENT_TYPE, HeaderValue::from_static("text/plain")))
+        },
+        |_| {},
+    )
+    .await;
+    let mut client = connect(&running.link).await;
+    let response = client
+        .send_request(call(Empty::<Bytes>::new()))
+        .await
+        .expect("a response");
+    let headers = response.headers();
+    let plain: Vec<_> = headers.get_all(CONTENT_TYPE).iter().collect();
+    assert_eq!(plain, ["application/json", "text/plain"]);
+    assert!(
+        !headers.contains_key("fn-http-h-content-type"),
+        "{headers:?}"
+    );
+    assert_eq!(text(response).await, "{}");
     running.stop_cleanly().await;
 }
 
