@@ -444,11 +444,18 @@ impl ControlLoop {
                 () = self.tick() => {}
             }
         }
-        // Runners being removed are the control plane's to remove with the others (a
-        // removal cut short leaves its runner listed). Provisionings are not cut short: one
-        // inside an engine request would make its runner after the shutdown's list, and
-        // leave it behind; they stop at their next safe point.
+        // Removals under way are dropped, not waited for: a removal waits for its runner's
+        // drain, up to the control plane's stop grace (40 s on docker), past the npm's own
+        // bound, and the shutdown stops that runner anyway, with its shorter grace. Every
+        // plane leaves a removal cut short at any point where its shutdown (or, for runners
+        // kept, the next npm) finishes it (see `ControlPlane::remove`): docker removes the
+        // runner container last, after what it left; process keeps the runner in its table
+        // until it has exited; swarm makes one request. Provisionings are not cut short:
+        // one inside an engine request would make its runner after the shutdown's list,
+        // and leave it behind; they stop at their next safe point.
         self.removing.abort_all();
+        // Gone before the shutdown begins: an aborted task ends only when it is next polled.
+        while self.removing.join_next().await.is_some() {}
         self.stop_provisioning().await;
         self.control_plane.shutdown().await;
         Ok(())

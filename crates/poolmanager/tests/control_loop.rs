@@ -994,3 +994,45 @@ async fn a_provisioning_that_does_not_stop_holds_the_shutdown_only_for_its_bound
         "the control plane's shutdown came"
     );
 }
+
+/// At the npm's shutdown a removal under way (its runner given its stop grace to drain) is
+/// dropped, not waited for: each control plane leaves a removal cut short for its shutdown
+/// to finish. And it is gone before the control plane's shutdown begins: an aborted task
+/// ends only when it is next polled, and beside the shutdown it could still act on the
+/// runner the shutdown removes.
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_removals_under_way_end_before_the_control_plane_shuts_down() {
+    let cp = Arc::new(FakeControlPlane::default());
+    *cp.remove_delay.lock().expect("lock") = Some(Duration::from_secs(60));
+    let (shared, cancel, loop_task) = running_loop(&cp);
+    shared
+        .record_advert("lb1", vec![("g".into(), RUNNER_MB)], Instant::now())
+        .expect("recorded");
+    // The runner comes; the demand goes; the runner drains and its removal begins.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while cp.runners_of("g") == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shared.lb_left("lb1");
+        while cp.removals() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a removal began");
+
+    let stopping = Instant::now();
+    cancel.cancel();
+    loop_task.await.expect("the loop ends").expect("infallible");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "the removal was waited for: {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        cp.removals_at_shutdown(),
+        Some(0),
+        "a removal still alive beside the control plane's shutdown"
+    );
+    assert!(cp.removed().is_empty(), "{:?}", cp.removed());
+}

@@ -9,13 +9,16 @@
 //! - **List**: the containers carrying this npm's label. Running ones are the runner set;
 //!   exited ones are removed. Because the set lives in the engine, not in the npm, a
 //!   restarted npm finds its runners again and never provisions twice.
-//! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove.
+//! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
+//!   removal the npm's shutdown cuts short leaves nothing for good: see below.
 //! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
 //!   function containers labelled with its `FN_RUNNER_ID`, which the npm sets to the
 //!   runner's container (or service) name. A runner removes its own when it drains; when it
 //!   could not (it crashed, or was killed), the npm removes what is left under its name once
-//!   the runner container is gone: after removing it, after finding it exited, and at
-//!   shutdown. On swarm the npm does not sweep (a deleted service's task still drains after
+//!   the runner has stopped, before its container: when removing it, after finding it
+//!   exited, and at shutdown. The runner container goes last, so that a removal cut short in
+//!   between leaves it for the next list (the shutdown's, or the next npm's) to finish. On
+//!   swarm the npm does not sweep (a deleted service's task still drains after
 //!   the npm's call returns, and its containers are on its node's engine, not the
 //!   manager's); a service's restarted task keeps the service's name as its id, so the new
 //!   runner removes its predecessor's at start.
@@ -24,7 +27,8 @@
 //!   still starting are among them: a provisioning stops when the npm does (it is
 //!   cancelled, see [`ControlPlane::provision`]) only where it waits, never inside the
 //!   request that creates the container (or service), and the control loop waits for it
-//!   before the shutdown lists what to remove.
+//!   before the shutdown lists what to remove. Removals under way are dropped, and their
+//!   runners are among those the shutdown lists (or the next npm finds stopped).
 //!
 //! What runners share with the npm is settled once, at start ([`Placement`]): the network
 //! (`FN_DOCKER_NETWORK`, else the one network of the npm's own container), the certificates
@@ -239,6 +243,10 @@ pub struct DockerControlPlane {
     /// Runners being provisioned: one that stops while it starts is its provisioner's to
     /// report (with its output) and remove, not `list`'s.
     starting: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Runners being removed: one found stopped is its removal's, which is sweeping what
+    /// it left before removing it (see [`DockerControlPlane::remove_runner`]), not an
+    /// exited runner for `list` to report and remove.
+    removing: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -249,24 +257,24 @@ pub struct DockerControlPlane {
 /// this is the backstop, so that the provisioning ends whatever the engine does.
 const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
 
-/// Takes a name off [`DockerControlPlane::starting`] when its provisioning ends, however
-/// it ends.
-struct Starting {
+/// Takes a name off [`DockerControlPlane::starting`] (or `removing`) when its provisioning
+/// (or removal) ends, however it ends.
+struct Claim {
     set: Arc<std::sync::Mutex<HashSet<String>>>,
     name: String,
 }
 
-impl Starting {
+impl Claim {
     fn new(set: &Arc<std::sync::Mutex<HashSet<String>>>, name: &str) -> Self {
         lock(set).insert(name.to_owned());
-        Starting {
+        Claim {
             set: Arc::clone(set),
             name: name.to_owned(),
         }
     }
 }
 
-impl Drop for Starting {
+impl Drop for Claim {
     fn drop(&mut self) {
         lock(&self.set).remove(&self.name);
     }
@@ -394,6 +402,7 @@ impl DockerControlPlane {
             ready,
             functions: None,
             starting: Arc::default(),
+            removing: Arc::default(),
             own_service: None,
         }
     }
@@ -457,6 +466,37 @@ impl DockerControlPlane {
         futures::future::join_all(removals).await;
     }
 
+    /// Removes runner container `name`, giving it `grace` to drain, and the function
+    /// containers it left.
+    ///
+    /// With a function engine, in this order: stop it, remove what it left, remove it. The
+    /// runner container is what says that function containers of its may be left, so it
+    /// goes last: whatever cuts this short (the control loop drops the removals under way
+    /// when the npm stops, the npm's bound cuts its shutdown) leaves it in the engine,
+    /// stopping or stopped, for whoever lists it next to finish: this npm's shutdown, or,
+    /// with `FN_DOCKER_KEEP_RUNNERS`, the next npm's list, which removes an exited runner's
+    /// function containers before the runner. Removed first, a removal cut between the two
+    /// left its function containers to nobody, for good. So a removal needs no waiting for
+    /// at the npm's shutdown (see [`ControlPlane::remove`]).
+    async fn remove_runner(&self, name: &str, grace: Duration) -> Result<(), EngineError> {
+        if self.functions.is_none() {
+            // Nothing to sweep (swarm, or no engine given to runners): one request, which
+            // the engine completes or not; either way nothing is left that the next list
+            // does not find.
+            return self.engine.remove(name, grace).await;
+        }
+        let _removing = Claim::new(&self.removing, name);
+        match self.engine.stop(name, grace).await {
+            // Gone already: what it left may still be there.
+            Ok(()) | Err(EngineError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(container = name, error = %e, "stopping a runner container failed; removing what it left, then it by force");
+            }
+        }
+        self.remove_function_containers(name).await;
+        self.engine.remove(name, Duration::ZERO).await
+    }
+
     /// Makes one runner and waits until it answers health. Cut by `cancel` only where it
     /// waits (for health, between probes, for a failed runner's output), never inside the
     /// request that makes the container (or service): what it made is then in the engine,
@@ -477,7 +517,7 @@ impl DockerControlPlane {
         );
         let created = SystemTime::now();
         let spec = build_spec(&self.config, &self.placement, group, &name, created);
-        let _starting = Starting::new(&self.starting, &name);
+        let _starting = Claim::new(&self.starting, &name);
         if let Err(e) = self.engine.run(&spec).await {
             self.discard(&name).await;
             return Err(ControlPlaneError::Failed(format!(
@@ -573,6 +613,9 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Stopped if lock(&self.starting).contains(&container.name) => {
                         // Its provisioner reports why, with its output, and removes it.
                     }
+                    ContainerState::Stopped if lock(&self.removing).contains(&container.name) => {
+                        // Stopped by its removal, which removes what it left, then it.
+                    }
                     ContainerState::Stopped => {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
                         // Its function containers first: a list cut short in between (the
@@ -619,8 +662,7 @@ impl ControlPlane for DockerControlPlane {
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
         Box::pin(async move {
-            self.engine
-                .remove(&runner.id, self.config.stop_grace)
+            self.remove_runner(&runner.id, self.config.stop_grace)
                 .await
                 .map_err(|e| {
                     ControlPlaneError::Failed(format!(
@@ -629,7 +671,6 @@ impl ControlPlane for DockerControlPlane {
                     ))
                 })?;
             tracing::info!(runner = %runner.id, "runner container removed");
-            self.remove_function_containers(&runner.id).await;
             Ok(())
         })
     }
@@ -667,11 +708,8 @@ impl ControlPlane for DockerControlPlane {
             }
             let removals = containers.iter().map(|c| async move {
                 let grace = self.config.stop_grace.min(self.config.shutdown_grace);
-                match self.engine.remove(&c.name, grace).await {
-                    Ok(()) => self.remove_function_containers(&c.name).await,
-                    Err(e) => {
-                        tracing::warn!(container = %c.name, error = %e, "cannot remove a runner container at shutdown");
-                    }
+                if let Err(e) = self.remove_runner(&c.name, grace).await {
+                    tracing::warn!(container = %c.name, error = %e, "cannot remove a runner container at shutdown");
                 }
             });
             futures::future::join_all(removals).await;

@@ -99,6 +99,13 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
     /// Removes a runner (it has drained or overrun its drain time).
+    ///
+    /// When the npm stops, the control loop drops the removals under way, at whatever await
+    /// point they are, and does not wait for them: a removal waits for its runner's drain,
+    /// longer than the npm's shutdown bound leaves. So a removal cut short anywhere must
+    /// leave its runner, and whatever the runner left, where [`ControlPlane::shutdown`]
+    /// finds it (and, where the shutdown keeps the runners for the next npm, where that
+    /// npm's [`ControlPlane::list`] finishes the removal).
     fn remove<'a>(&'a self, runner: &'a RunnerInfo)
     -> BoxFuture<'a, Result<(), ControlPlaneError>>;
 

@@ -499,6 +499,9 @@ impl ControlPlane for ProcessControlPlane {
         Box::pin(async move {
             // The grace its drain was sized for: a runner still draining (past
             // FN_MAX_DRAIN_TIME) ends its calls and cleans up its instances within it.
+            // Cut short (the npm is stopping), the runner stays in the table, `Stopping`,
+            // with its record, until the shutdown stops it again (a second SIGTERM does not
+            // cut the runner's drain) and removes what it leaves: nothing to wait for.
             self.stop_and_forget(&runner.id, self.config.stop_grace, RunnerLog::Remove)
                 .await;
             Ok(())
@@ -981,6 +984,83 @@ mod tests {
         plane.shutdown().await;
         assert!(!pid_alive(pid), "the shutdown stopped the runner");
         assert!(!record.exists());
+    }
+
+    /// A removal cut short while its runner drains (the control loop drops the removals
+    /// under way when the npm stops, without waiting for them) leaves the runner in the
+    /// table, stopping and unlisted, with its record: the shutdown stops it and removes
+    /// the record.
+    #[tokio::test]
+    async fn a_removal_cut_short_leaves_its_runner_to_the_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A runner whose drain outlasts the grace: SIGTERM leaves it running.
+        let binary = dir.path().join("pure-runner");
+        std::fs::write(&binary, "#!/bin/sh\ntrap '' TERM\nexec sleep 30\n").expect("write");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mut config = ProcessConfig::new(
+            binary,
+            dir.path().to_owned(),
+            dir.path().join("state"),
+            TlsMode::Insecure,
+        );
+        config.stop_grace = Duration::from_secs(1);
+        let plane = ProcessControlPlane::new(config).await.expect("plane");
+        // A ready runner, as its provisioning leaves it.
+        let id = "r-00000000cafe".to_owned();
+        let child = plane
+            .runner_command(1, &socket_dir(&id))
+            .stdin(Stdio::null())
+            .kill_on_drop(false)
+            .spawn()
+            .expect("spawn");
+        let pid = child.id().expect("running");
+        let info = RunnerInfo {
+            id: id.clone(),
+            address: "127.0.0.1:1".into(),
+            group: "g".into(),
+            created: SystemTime::now(),
+        };
+        let record = plane.record_path(&id);
+        write_record(&record, &info, pid).expect("record");
+        plane.lock().push(Spawned {
+            info: info.clone(),
+            pid,
+            child: Some(child),
+            phase: Phase::Ready,
+        });
+        // Its trap is set once it runs the script's sleep.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.starts_with("sleep"))
+        {
+            assert!(std::time::Instant::now() < deadline, "the runner never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let cut = tokio::time::timeout(Duration::from_millis(300), plane.remove(&info)).await;
+        assert!(cut.is_err(), "the removal ended: {cut:?}");
+        assert!(pid_alive(pid), "the runner is still draining");
+        let phases: Vec<(String, Phase)> = plane
+            .lock()
+            .iter()
+            .map(|r| (r.info.id.clone(), r.phase))
+            .collect();
+        assert_eq!(phases, vec![(id.clone(), Phase::Stopping)]);
+        assert!(plane.list().await.expect("lists").is_empty());
+        assert!(record.exists());
+
+        plane.shutdown().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shutdown left the runner running"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!record.exists());
+        assert!(plane.lock().is_empty());
     }
 
     #[test]

@@ -49,6 +49,22 @@ pub struct FakeControlPlane {
     stopped: Mutex<usize>,
     /// Provisionings under way when `shutdown` was called, if it was.
     at_shutdown: Mutex<Option<usize>>,
+    /// Removals under way: begun, and neither ended nor dropped.
+    removals: Mutex<usize>,
+    /// Removals under way when `shutdown` was called, if it was.
+    removals_at_shutdown: Mutex<Option<usize>>,
+}
+
+/// Counts a removal under way for as long as it lives, however it ends.
+struct UnderWay<'a>(&'a Mutex<usize>);
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+    }
 }
 
 impl FakeControlPlane {
@@ -127,6 +143,16 @@ impl FakeControlPlane {
     /// did.
     pub fn provisionings_at_shutdown(&self) -> Option<usize> {
         *self.at_shutdown.lock().expect("lock")
+    }
+
+    /// Removals under way (begun, and neither ended nor dropped).
+    pub fn removals(&self) -> usize {
+        *self.removals.lock().expect("lock")
+    }
+
+    /// Removals under way when the npm's shutdown reached the control plane, if it did.
+    pub fn removals_at_shutdown(&self) -> Option<usize> {
+        *self.removals_at_shutdown.lock().expect("lock")
     }
 
     /// Calls of `list` so far (one per control-loop tick).
@@ -221,7 +247,10 @@ impl ControlPlane for FakeControlPlane {
         runner: &'a RunnerInfo,
     ) -> BoxFuture<'a, Result<(), ControlPlaneError>> {
         let delay = *self.remove_delay.lock().expect("lock");
+        *self.removals.lock().expect("lock") += 1;
+        let under_way = UnderWay(&self.removals);
         Box::pin(async move {
+            let _under_way = under_way;
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
@@ -236,6 +265,7 @@ impl ControlPlane for FakeControlPlane {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         *self.at_shutdown.lock().expect("lock") = Some(self.provisionings());
+        *self.removals_at_shutdown.lock().expect("lock") = Some(self.removals());
         Box::pin(async {})
     }
 }

@@ -66,6 +66,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// unavailable).
     fn logs_tail<'a>(&'a self, name: &'a str, lines: usize) -> BoxFuture<'a, String>;
 
+    /// Stops the container (SIGTERM, SIGKILL after `grace`) and leaves it, stopped: what it
+    /// holds (its name, its labels) stays until [`Engine::remove`]. One already stopped is
+    /// not an error; one that is gone is [`EngineError::NotFound`].
+    fn stop<'a>(&'a self, name: &'a str, grace: Duration)
+    -> BoxFuture<'a, Result<(), EngineError>>;
+
     /// Stops the container (SIGTERM, SIGKILL after `grace`) and removes it. A container that
     /// is already gone is not an error.
     fn remove<'a>(
@@ -302,7 +308,7 @@ impl Engine for BollardEngine {
         })
     }
 
-    fn remove<'a>(
+    fn stop<'a>(
         &'a self,
         name: &'a str,
         grace: Duration,
@@ -315,13 +321,24 @@ impl Engine for BollardEngine {
                 Ok(())
                 | Err(BollardError::DockerResponseServerError {
                     status_code: 304, ..
-                }) => {}
-                Err(e) => match classify(e, name) {
-                    EngineError::NotFound(_) => return Ok(()),
-                    other => {
-                        tracing::warn!(container = name, error = %other, "stopping the container failed; removing it by force")
-                    }
-                },
+                }) => Ok(()),
+                Err(e) => Err(classify(e, name)),
+            }
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        name: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            match self.stop(name, grace).await {
+                Ok(()) => {}
+                Err(EngineError::NotFound(_)) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(container = name, error = %e, "stopping the container failed; removing it by force")
+                }
             }
             let remove = RemoveContainerOptionsBuilder::default().force(true).build();
             match self.docker.remove_container(name, Some(remove)).await {

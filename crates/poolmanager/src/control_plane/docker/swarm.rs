@@ -456,6 +456,21 @@ impl Engine for SwarmEngine {
         })
     }
 
+    /// Refused: a service has no stopped state to be left in (its task is stopped by
+    /// deleting it). The plane stops a runner apart from its removal only to sweep the
+    /// function containers it left, which it never does on swarm.
+    fn stop<'a>(
+        &'a self,
+        name: &'a str,
+        _grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            Err(EngineError::Failed(format!(
+                "runner service {name}: a service is not stopped apart from its removal"
+            )))
+        })
+    }
+
     fn remove<'a>(
         &'a self,
         name: &'a str,

@@ -145,6 +145,24 @@ impl Engine for FakeEngine {
         Box::pin(async { "error: FN_FUNCTIONS_DIR: required".to_owned() })
     }
 
+    fn stop<'a>(
+        &'a self,
+        name: &'a str,
+        _grace: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let found = self
+            .lock()
+            .iter_mut()
+            .find(|(c, _)| c.name == name)
+            .map(|(c, _)| c.state = ContainerState::Stopped)
+            .is_some();
+        Box::pin(async move {
+            found
+                .then_some(())
+                .ok_or_else(|| EngineError::NotFound(name.to_owned()))
+        })
+    }
+
     fn remove<'a>(
         &'a self,
         name: &'a str,

@@ -1,6 +1,6 @@
-//! The npm's shutdown with provisionings under way, through the control loop and the docker
-//! plane over the fake engine (the swarm plane is the same plane over another engine: a
-//! service created is what a container created is here).
+//! The npm's shutdown with provisionings and removals under way, through the control loop
+//! and the docker plane over the fake engine (the swarm plane is the same plane over another
+//! engine: a service created is what a container created is here).
 
 use std::time::Duration;
 
@@ -77,6 +77,97 @@ async fn a_runner_the_engine_makes_after_the_shutdown_began_is_removed() {
         engine.names()
     );
     assert_eq!(engine.removed.lock().expect("lock").len(), 1);
+}
+
+/// A plane over `engine` that sweeps what its runners leave; `keep` is
+/// `FN_DOCKER_KEEP_RUNNERS`.
+fn plane(engine: &Arc<FakeEngine>, ready: bool, keep: bool) -> DockerControlPlane {
+    let mut config = config();
+    config.keep_runners = keep;
+    DockerControlPlane::with_engine(
+        config,
+        placement(),
+        Arc::clone(engine) as Arc<dyn Engine>,
+        Arc::new(FakeReady {
+            ready: AtomicBool::new(ready),
+        }),
+    )
+    .with_function_engine(Arc::clone(engine) as _)
+}
+
+/// A removal cut short (the control loop drops its removals under way when the npm stops)
+/// after its runner stopped, while it removes the function containers the runner left,
+/// leaves nothing for good: the runner container is still there, stopped, and whoever
+/// lists it next removes what it left: the shutdown, or, with the runners kept, the next
+/// npm. A removal that took the runner container first left its function containers to
+/// nobody.
+#[tokio::test(start_paused = true)]
+async fn a_removal_cut_short_leaves_no_function_container_behind() {
+    for keep in [false, true] {
+        let engine = Arc::new(FakeEngine::default());
+        let cp = plane(&engine, true, keep);
+        let runner = cp
+            .provision("g", 1, &CancellationToken::new())
+            .await
+            .expect("provisioned")
+            .remove(0);
+        engine.add(
+            &format!("fn-{}-1", runner.id),
+            ContainerState::Running,
+            &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
+        );
+        engine.function_removal_hangs.store(true, Ordering::SeqCst);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), cp.remove(&runner))
+                .await
+                .is_err(),
+            "the removal is cut short"
+        );
+        engine.function_removal_hangs.store(false, Ordering::SeqCst);
+        cp.shutdown().await;
+        if keep {
+            let next = plane(&engine, true, true);
+            let adopted = next.list().await.expect("lists");
+            assert!(adopted.is_empty(), "the next npm adopted {adopted:?}");
+        }
+        assert!(
+            engine.names().is_empty(),
+            "runners kept: {keep}; left behind: {:?}",
+            engine.names()
+        );
+    }
+}
+
+/// While a removal sweeps what its stopped runner left, a tick's list leaves the runner to
+/// it (it is not an exited runner to warn of and remove a second time).
+#[tokio::test(start_paused = true)]
+async fn a_runner_being_removed_is_its_removals_not_lists() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = Arc::new(plane(&engine, true, false));
+    let runner = cp
+        .provision("g", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned")
+        .remove(0);
+    engine.add(
+        &format!("fn-{}-1", runner.id),
+        ContainerState::Running,
+        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
+    );
+    engine.function_removal_hangs.store(true, Ordering::SeqCst);
+    let removal = tokio::spawn({
+        let (cp, runner) = (Arc::clone(&cp), runner.clone());
+        async move { cp.remove(&runner).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = tokio::time::timeout(Duration::from_secs(1), cp.list())
+        .await
+        .expect("the list does not sweep in the removal's stead")
+        .expect("lists");
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(engine.names().len(), 2, "{:?}", engine.names());
+    assert!(engine.removed.lock().expect("lock").is_empty());
+    removal.abort();
 }
 
 /// A provisioning waiting for its runner to answer health stops at once when cancelled (it
