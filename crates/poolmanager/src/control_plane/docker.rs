@@ -23,10 +23,11 @@
 //!   manager's); a service's restarted task keeps the service's name as its id, so the new
 //!   runner removes its predecessor's at start.
 //! - **Shutdown**: removes this npm's runners, so `docker compose down` leaves nothing
-//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt. Those
-//!   still starting are among them: a provisioning stops when the npm does (it is
-//!   cancelled, see [`ControlPlane::provision`]) only where it waits, never inside the
-//!   request that creates the container (or service), and the control loop waits for it
+//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt. Not
+//!   those still starting: a provisioning stops when the npm does (it is cancelled, see
+//!   [`ControlPlane::provision`]) only where it waits, never inside the request that creates
+//!   the container (or service), and removes the runner it made, which never answered
+//!   health (kept, the next npm took it for a ready one); the control loop waits for it
 //!   before the shutdown lists what to remove. Removals under way are dropped, and their
 //!   runners are among those the shutdown lists (or the next npm finds stopped).
 //!
@@ -499,8 +500,9 @@ impl DockerControlPlane {
 
     /// Makes one runner and waits until it answers health. Cut by `cancel` only where it
     /// waits (for health, between probes, for a failed runner's output), never inside the
-    /// request that makes the container (or service): what it made is then in the engine,
-    /// listed by [`ControlPlane::shutdown`], or removed here.
+    /// request that makes the container (or service); cut, it removes what it made (see
+    /// [`DockerControlPlane::cancelled`]). Dropped instead (the control loop's bound on
+    /// that stop ran out), what it made is in the engine, for [`ControlPlane::shutdown`].
     async fn provision_one(
         &self,
         group: &str,
@@ -529,10 +531,10 @@ impl DockerControlPlane {
         let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
-            // Until it answers, the runner is not the control loop's: at shutdown it is left
-            // in the engine, for the shutdown to remove with the others.
+            // Until it answers, the runner is not the control loop's: cancelled, this
+            // removes it.
             let Some(ready) = cancel.run_until_cancelled(self.ready.ready(&address)).await else {
-                return Err(ControlPlaneError::Cancelled);
+                return Err(self.cancelled(&name).await);
             };
             if ready {
                 tracing::info!(runner = %name, %address, group, "runner container ready");
@@ -564,7 +566,7 @@ impl DockerControlPlane {
                 let tail =
                     tokio::time::timeout(FAILURE_OUTPUT_BOUND, self.engine.logs_tail(&name, 10));
                 let Some(output) = cancel.run_until_cancelled(tail).await else {
-                    return Err(ControlPlaneError::Cancelled);
+                    return Err(self.cancelled(&name).await);
                 };
                 let output = output.unwrap_or_else(|_| {
                     format!("(the engine gave none within {FAILURE_OUTPUT_BOUND:?})")
@@ -576,9 +578,20 @@ impl DockerControlPlane {
                 )));
             }
             if cancel.run_until_cancelled(backoff.sleep()).await.is_none() {
-                return Err(ControlPlaneError::Cancelled);
+                return Err(self.cancelled(&name).await);
             }
         }
+    }
+
+    /// Ends a provisioning cancelled after it made runner `name` (the npm is stopping): the
+    /// runner is removed at once, whatever the shutdown does with the others. It has never
+    /// answered health; left in the engine when the runners stay for the next npm
+    /// (`FN_DOCKER_KEEP_RUNNERS`, or an npm service that stays for its next task), that npm
+    /// listed it as a ready runner, without a health check, and gave it to the LBs
+    /// (and one that never came up, for ever).
+    async fn cancelled(&self, name: &str) -> ControlPlaneError {
+        self.discard(name).await;
+        ControlPlaneError::Cancelled
     }
 }
 

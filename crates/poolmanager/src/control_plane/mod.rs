@@ -64,8 +64,8 @@ pub enum ControlPlaneError {
     /// Provisioning or removal failed.
     #[error("control plane operation failed: {0}")]
     Failed(String),
-    /// The npm is stopping: the provisioning ended before its runner was ready (the
-    /// control plane's shutdown removes what it made).
+    /// The npm is stopping: the provisioning ended before its runner was ready (what it
+    /// made is removed, by the provisioning itself or by the control plane's shutdown).
     #[error("provisioning stopped: the npm is shutting down")]
     Cancelled,
 }

@@ -95,6 +95,60 @@ fn plane(engine: &Arc<FakeEngine>, ready: bool, keep: bool) -> DockerControlPlan
     .with_function_engine(Arc::clone(engine) as _)
 }
 
+/// A provisioning waiting for its runner to answer health stops at once when cancelled (it
+/// would wait out the start timeout, 30 s, past the npm's shutdown bound), and removes the
+/// runners it made, even where the shutdown keeps the others (`FN_DOCKER_KEEP_RUNNERS`):
+/// left there, a runner that never answered health was listed by the next npm as a ready
+/// one, and given to the LBs.
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_cancelled_while_waiting_for_health_removes_its_runners() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = Arc::new(plane(&engine, false, true));
+    let cancel = CancellationToken::new();
+    let provisioning = tokio::spawn({
+        let (cp, cancel) = (Arc::clone(&cp), cancel.clone());
+        async move { cp.provision("g", 2, &cancel).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let starting = engine.names();
+    assert_eq!(starting.len(), 2, "both runners are starting");
+
+    let stopping = Instant::now();
+    cancel.cancel();
+    let result = provisioning.await.expect("task");
+    assert!(
+        matches!(result, Err(ControlPlaneError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        stopping.elapsed()
+    );
+    cp.shutdown().await;
+    let next = plane(&engine, true, true);
+    let adopted = next.list().await.expect("lists");
+    assert!(adopted.is_empty(), "the next npm adopted {adopted:?}");
+    assert!(
+        engine.names().is_empty(),
+        "left behind: {:?}",
+        engine.names()
+    );
+    let mut removed = engine.removed.lock().expect("lock").clone();
+    removed.sort();
+    let mut made = starting;
+    made.sort();
+    assert_eq!(removed, made, "removed by their provisioning");
+
+    // Asked for after the cancellation, no runner is made.
+    let result = cp.provision("g", 1, &cancel).await;
+    assert!(
+        matches!(result, Err(ControlPlaneError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(engine.names().is_empty());
+}
+
 /// A removal cut short (the control loop drops its removals under way when the npm stops)
 /// after its runner stopped, while it removes the function containers the runner left,
 /// leaves nothing for good: the runner container is still there, stopped, and whoever
@@ -168,48 +222,4 @@ async fn a_runner_being_removed_is_its_removals_not_lists() {
     assert_eq!(engine.names().len(), 2, "{:?}", engine.names());
     assert!(engine.removed.lock().expect("lock").is_empty());
     removal.abort();
-}
-
-/// A provisioning waiting for its runner to answer health stops at once when cancelled (it
-/// would wait out the start timeout, 30 s, past the npm's shutdown bound); its runners stay
-/// in the engine for the shutdown to remove.
-#[tokio::test(start_paused = true)]
-async fn a_provisioning_waiting_for_health_stops_and_leaves_its_runner_to_the_shutdown() {
-    let engine = Arc::new(FakeEngine::default());
-    let cp = Arc::new(control_plane(&engine, false));
-    let cancel = CancellationToken::new();
-    let provisioning = tokio::spawn({
-        let (cp, cancel) = (Arc::clone(&cp), cancel.clone());
-        async move { cp.provision("g", 2, &cancel).await }
-    });
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(engine.names().len(), 2, "both runners are starting");
-
-    let stopping = Instant::now();
-    cancel.cancel();
-    let result = provisioning.await.expect("task");
-    assert!(
-        matches!(result, Err(ControlPlaneError::Cancelled)),
-        "{result:?}"
-    );
-    assert!(
-        stopping.elapsed() < Duration::from_millis(100),
-        "{:?}",
-        stopping.elapsed()
-    );
-    assert_eq!(engine.names().len(), 2, "left to the shutdown");
-    cp.shutdown().await;
-    assert!(
-        engine.names().is_empty(),
-        "left behind: {:?}",
-        engine.names()
-    );
-
-    // Asked for after the cancellation, no runner is made.
-    let result = cp.provision("g", 1, &cancel).await;
-    assert!(
-        matches!(result, Err(ControlPlaneError::Cancelled)),
-        "{result:?}"
-    );
-    assert!(engine.names().is_empty());
 }
