@@ -516,11 +516,11 @@ impl ProcessDriver {
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                // The directory before the cgroup, as the reaper does (nothing ran, so both
-                // are empty: this only keeps one order everywhere).
-                drop(remove_instance_dir(&dir).await);
+                // Nothing ran, so neither holds anything: no order to keep, and nothing to
+                // wait for (a wait cut short by a shutdown would leave the cgroup).
+                remove_instance_dir(&dir);
                 if let Some(cgroup) = cgroup {
-                    cgroup.remove().await;
+                    cgroup.remove_now();
                 }
                 return Err(DriverError::Start(format!(
                     "cannot run {}: {e}",

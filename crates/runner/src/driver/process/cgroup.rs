@@ -426,6 +426,25 @@ impl InstanceCgroup {
         }
     }
 
+    /// Kills whatever is in the cgroups until none is listed, retrying briefly: where the
+    /// kernel has no `cgroup.kill`, a round reads `cgroup.procs` and signals each pid, and a
+    /// process forked after the read lives on to the next round. The reaper waits for this
+    /// before it removes the instance directory, which a live member could keep filling.
+    /// Gives up after the same bounded retries as [`InstanceCgroup::remove`], which tries
+    /// again.
+    pub(super) async fn kill_all_members(&self) {
+        for dir in &self.dirs {
+            let mut backoff = removal_backoff();
+            for _ in 0..12 {
+                if !has_members(dir) {
+                    break;
+                }
+                kill_members(dir);
+                backoff.sleep().await;
+            }
+        }
+    }
+
     /// Kills whatever is left in the cgroups (processes that left the instance's process
     /// group) and removes them, retrying briefly while the kernel still counts dying tasks.
     pub(super) async fn remove(&self) {
@@ -501,6 +520,13 @@ fn write_limit(dir: &Path, file: &str, value: &str) -> Result<(), String> {
 /// 5.14 on: atomic, so a process forking meanwhile cannot slip out), otherwise one
 /// `SIGKILL` per listed process (each round of the caller's retries catches what forked
 /// since; the pids limit bounds how many there can be).
+/// Whether cgroup `dir` lists a process (one that cannot be read lists none: there is
+/// nothing this runner could kill in it either).
+fn has_members(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|text| text.split_ascii_whitespace().next().is_some())
+}
+
 fn kill_members(dir: &Path) {
     let kill_file = dir.join("cgroup.kill");
     if kill_file.is_file() {

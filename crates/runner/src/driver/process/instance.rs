@@ -331,7 +331,7 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
     // left the group, so that nothing writes into the directory while it is removed.
     signal_group(&shared);
     if let Some(cgroup) = &shared.cgroup {
-        cgroup.kill_members();
+        cgroup.kill_all_members().await;
     }
     // The directory (its tmpfs) before the cgroup its pages are charged to (see the module
     // docs). Gone means gone: a runner shutting down waits for this. An error only says the
