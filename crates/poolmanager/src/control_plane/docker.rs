@@ -491,7 +491,15 @@ impl DockerControlPlane {
             // Gone already: what it left may still be there.
             Ok(()) | Err(EngineError::NotFound(_)) => {}
             Err(e) => {
-                tracing::warn!(container = name, error = %e, "stopping a runner container failed; removing what it left, then it by force");
+                // It may still run, and a function container it starts while its others
+                // are swept would be left once the runner container goes: killed first.
+                tracing::warn!(container = name, error = %e, "stopping a runner container failed; killing it, then removing what it left, then it");
+                match self.engine.stop(name, Duration::ZERO).await {
+                    Ok(()) | Err(EngineError::NotFound(_)) => {}
+                    // Left as it is, with what it runs, for the removal's next try (the
+                    // control loop's next tick) or the next list.
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.remove_function_containers(name).await;

@@ -29,6 +29,10 @@ struct FakeEngine {
     function_removal_hangs: AtomicBool,
     /// What `service_exists` answers.
     service: Mutex<Option<bool>>,
+    /// A stop with a grace fails, leaving the container as it was.
+    stop_fails: AtomicBool,
+    /// `stop <name> <grace>` and `remove <name>`, in the order asked.
+    events: Mutex<Vec<String>>,
 }
 
 impl FakeEngine {
@@ -148,8 +152,15 @@ impl Engine for FakeEngine {
     fn stop<'a>(
         &'a self,
         name: &'a str,
-        _grace: Duration,
+        grace: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.events
+            .lock()
+            .expect("events lock")
+            .push(format!("stop {name} {grace:?}"));
+        if !grace.is_zero() && self.stop_fails.load(Ordering::SeqCst) {
+            return Box::pin(async move { Err(EngineError::Failed(format!("stop {name}"))) });
+        }
         let found = self
             .lock()
             .iter_mut()
@@ -168,6 +179,10 @@ impl Engine for FakeEngine {
         name: &'a str,
         _grace: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.events
+            .lock()
+            .expect("events lock")
+            .push(format!("remove {name}"));
         if name.starts_with("fn-") && self.function_removal_hangs.load(Ordering::SeqCst) {
             return Box::pin(std::future::pending());
         }
@@ -652,6 +667,35 @@ async fn the_function_containers_a_runner_left_go_once_it_is_gone() {
 
     // Shutdown: the last runner and what it left.
     cp.shutdown().await;
+    assert!(engine.names().is_empty(), "{:?}", engine.names());
+}
+
+/// A runner whose stop failed may still run, and start a function container while what it
+/// left is swept (left for good once the runner container goes): it is killed first.
+#[tokio::test]
+async fn a_runner_whose_stop_failed_is_killed_before_what_it_left_is_swept() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
+    let runner = cp
+        .provision("default", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned")
+        .remove(0);
+    engine.add(
+        &format!("fn-{}-1", runner.id),
+        ContainerState::Running,
+        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
+    );
+    engine.stop_fails.store(true, Ordering::SeqCst);
+    cp.remove(&runner).await.expect("removed");
+    let events = engine.events.lock().expect("lock").clone();
+    let at = |event: String| events.iter().position(|e| *e == event);
+    let killed = at(format!("stop {} 0ns", runner.id));
+    let swept = at(format!("remove fn-{}-1", runner.id));
+    assert!(
+        matches!((killed, swept), (Some(k), Some(s)) if k < s),
+        "{events:?}"
+    );
     assert!(engine.names().is_empty(), "{:?}", engine.names());
 }
 
