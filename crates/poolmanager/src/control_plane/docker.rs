@@ -46,13 +46,16 @@
 //!
 //! Layout: this file decides what a runner container is and drives its life; `setup`
 //! holds the settings and settles the [`Placement`]; `engine` is the [`Engine`] trait (the
-//! few Engine API calls needed, faked in the tests) and its bollard implementation.
+//! few Engine API calls needed, faked in the tests) and its bollard implementation;
+//! `tracking` is what the plane knows of its runners beyond the engine (names claimed by
+//! work under way).
 
 mod engine;
 mod setup;
 mod swarm;
+mod tracking;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +73,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
+use tracking::Claims;
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
@@ -243,11 +247,11 @@ pub struct DockerControlPlane {
     functions: Option<Arc<dyn Engine>>,
     /// Runners being provisioned: one that stops while it starts is its provisioner's to
     /// report (with its output) and remove, not `list`'s.
-    starting: Arc<std::sync::Mutex<HashSet<String>>>,
+    starting: Claims,
     /// Runners being removed: one found stopped is its removal's, which is sweeping what
     /// it left before removing it (see [`DockerControlPlane::remove_runner`]), not an
     /// exited runner for `list` to report and remove.
-    removing: Arc<std::sync::Mutex<HashSet<String>>>,
+    removing: Claims,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -257,35 +261,6 @@ pub struct DockerControlPlane {
 /// logs themselves ([`engine::LOGS_BOUND`]) and swarm's then asks for the tasks' errors;
 /// this is the backstop, so that the provisioning ends whatever the engine does.
 const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
-
-/// Takes a name off [`DockerControlPlane::starting`] (or `removing`) when its provisioning
-/// (or removal) ends, however it ends.
-struct Claim {
-    set: Arc<std::sync::Mutex<HashSet<String>>>,
-    name: String,
-}
-
-impl Claim {
-    fn new(set: &Arc<std::sync::Mutex<HashSet<String>>>, name: &str) -> Self {
-        lock(set).insert(name.to_owned());
-        Claim {
-            set: Arc::clone(set),
-            name: name.to_owned(),
-        }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        lock(&self.set).remove(&self.name);
-    }
-}
-
-fn lock(set: &std::sync::Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
-    // The set holds names only: one a panicking holder left is still right.
-    set.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
@@ -402,8 +377,8 @@ impl DockerControlPlane {
             engine,
             ready,
             functions: None,
-            starting: Arc::default(),
-            removing: Arc::default(),
+            starting: Claims::default(),
+            removing: Claims::default(),
             own_service: None,
         }
     }
@@ -486,7 +461,7 @@ impl DockerControlPlane {
             // does not find.
             return self.engine.remove(name, grace).await;
         }
-        let _removing = Claim::new(&self.removing, name);
+        let _removing = self.removing.claim(name);
         match self.engine.stop(name, grace).await {
             // Gone already: what it left may still be there.
             Ok(()) | Err(EngineError::NotFound(_)) => {}
@@ -527,7 +502,7 @@ impl DockerControlPlane {
         );
         let created = SystemTime::now();
         let spec = build_spec(&self.config, &self.placement, group, &name, created);
-        let _starting = Claim::new(&self.starting, &name);
+        let _starting = self.starting.claim(&name);
         if let Err(e) = self.engine.run(&spec).await {
             self.discard(&name).await;
             return Err(ControlPlaneError::Failed(format!(
@@ -622,7 +597,7 @@ impl ControlPlane for DockerControlPlane {
             let mut runners = Vec::new();
             for container in self.own_containers().await? {
                 match container.state {
-                    ContainerState::Running if lock(&self.starting).contains(&container.name) => {
+                    ContainerState::Running if self.starting.contains(&container.name) => {
                         // Its provisioning reports it once it answers health.
                     }
                     ContainerState::Running => match runner_info(&container) {
@@ -631,10 +606,10 @@ impl ControlPlane for DockerControlPlane {
                             tracing::warn!(container = %container.name, "container carries this npm's label but not valid runner labels; ignored")
                         }
                     },
-                    ContainerState::Stopped if lock(&self.starting).contains(&container.name) => {
+                    ContainerState::Stopped if self.starting.contains(&container.name) => {
                         // Its provisioner reports why, with its output, and removes it.
                     }
-                    ContainerState::Stopped if lock(&self.removing).contains(&container.name) => {
+                    ContainerState::Stopped if self.removing.contains(&container.name) => {
                         // Stopped by its removal, which removes what it left, then it.
                     }
                     ContainerState::Stopped => {
