@@ -8,7 +8,11 @@
 //!   silent past the start timeout is removed, and the error quotes its last output.
 //! - **List**: the containers carrying this npm's label. Running ones are the runner set;
 //!   exited ones are removed. Because the set lives in the engine, not in the npm, a
-//!   restarted npm finds its runners again and never provisions twice.
+//!   restarted npm finds its runners again and never provisions twice. A running one this
+//!   npm has not seen answer health (it did not make it) is listed once it does, asked at
+//!   each list until then, and removed when it has not within a bound: a kept runner still
+//!   draining after its removal was cut short says NOT_SERVING, and one whose npm was
+//!   killed while it started may never answer (see [`DockerControlPlane::adopt`]).
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
 //!   removal the npm's shutdown cuts short leaves nothing for good: see below.
 //! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
@@ -27,9 +31,10 @@
 //!   those still starting: a provisioning stops when the npm does (it is cancelled, see
 //!   [`ControlPlane::provision`]) only where it waits, never inside the request that creates
 //!   the container (or service), and removes the runner it made, which never answered
-//!   health (kept, the next npm took it for a ready one); the control loop waits for it
-//!   before the shutdown lists what to remove. Removals under way are dropped, and their
-//!   runners are among those the shutdown lists (or the next npm finds stopped).
+//!   health; the control loop waits for it before the shutdown lists what to remove.
+//!   Removals under way are dropped, and their runners are among those the shutdown lists;
+//!   kept, the next npm finds them stopped, or running and NOT_SERVING (cut while they
+//!   drained), and does not adopt them.
 //!
 //! What runners share with the npm is settled once, at start ([`Placement`]): the network
 //! (`FN_DOCKER_NETWORK`, else the one network of the npm's own container), the certificates
@@ -48,7 +53,7 @@
 //! holds the settings and settles the [`Placement`]; `engine` is the [`Engine`] trait (the
 //! few Engine API calls needed, faked in the tests) and its bollard implementation;
 //! `tracking` is what the plane knows of its runners beyond the engine (names claimed by
-//! work under way).
+//! work under way, runners seen answering health).
 
 mod engine;
 mod setup;
@@ -73,7 +78,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
-use tracking::Claims;
+use tracking::{Adoption, Claims};
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
 
@@ -252,6 +257,9 @@ pub struct DockerControlPlane {
     /// it left before removing it (see [`DockerControlPlane::remove_runner`]), not an
     /// exited runner for `list` to report and remove.
     removing: Claims,
+    /// The running runners seen answering health: only those are listed (see
+    /// [`ControlPlane::list`]).
+    adoption: Adoption,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -379,6 +387,7 @@ impl DockerControlPlane {
             functions: None,
             starting: Claims::default(),
             removing: Claims::default(),
+            adoption: Adoption::default(),
             own_service: None,
         }
     }
@@ -449,11 +458,12 @@ impl DockerControlPlane {
     /// runner container is what says that function containers of its may be left, so it
     /// goes last: whatever cuts this short (the control loop drops the removals under way
     /// when the npm stops, the npm's bound cuts its shutdown) leaves it in the engine,
-    /// stopping or stopped, for whoever lists it next to finish: this npm's shutdown, or,
-    /// with `FN_DOCKER_KEEP_RUNNERS`, the next npm's list, which removes an exited runner's
-    /// function containers before the runner. Removed first, a removal cut between the two
-    /// left its function containers to nobody, for good. So a removal needs no waiting for
-    /// at the npm's shutdown (see [`ControlPlane::remove`]).
+    /// draining (SIGTERM sent, so NOT_SERVING) or stopped, for whoever lists it next to
+    /// finish: this npm's shutdown, or, with `FN_DOCKER_KEEP_RUNNERS`, the next npm's list,
+    /// which does not adopt a runner that does not answer health and removes an exited
+    /// runner's function containers before the runner. Removed first, a removal cut between
+    /// the two left its function containers to nobody, for good. So a removal needs no
+    /// waiting for at the npm's shutdown (see [`ControlPlane::remove`]).
     async fn remove_runner(&self, name: &str, grace: Duration) -> Result<(), EngineError> {
         if self.functions.is_none() {
             // Nothing to sweep (swarm, or no engine given to runners): one request, which
@@ -521,6 +531,7 @@ impl DockerControlPlane {
             };
             if ready {
                 tracing::info!(runner = %name, %address, group, "runner container ready");
+                self.adoption.serving(&name);
                 return Ok(RunnerInfo {
                     id: name,
                     address,
@@ -566,12 +577,57 @@ impl DockerControlPlane {
         }
     }
 
+    /// The runners among `found` (running, not seen answering health by this npm) that
+    /// answer health now, probed together. One that does not is not reported: a runner whose
+    /// removal was cut short while it drained (it says NOT_SERVING from its SIGTERM on,
+    /// then stops answering), or one whose npm stopped (or was killed) before it answered;
+    /// given to the LBs, either refused their calls. It joins when it answers; it is left
+    /// to exit (the next list removes it, and what it left) for [`Self::silence_bound`],
+    /// then killed and removed.
+    async fn adopt(&self, found: Vec<RunnerInfo>) -> Vec<RunnerInfo> {
+        let probes = found.into_iter().map(|info| async move {
+            let serving = self.ready.ready(&info.address).await;
+            (info, serving)
+        });
+        let bound = self.silence_bound();
+        let mut adopted = Vec::new();
+        for (info, serving) in futures::future::join_all(probes).await {
+            if serving {
+                tracing::info!(runner = %info.id, group = %info.group, "adopted a running runner container: it answers health");
+                self.adoption.serving(&info.id);
+                adopted.push(info);
+                continue;
+            }
+            match self.adoption.silent(&info.id, tokio::time::Instant::now()) {
+                None => {
+                    tracing::warn!(runner = %info.id, ?bound, "a running runner container does not answer health (it drains, or its npm stopped before it answered): not given to the LBs until it does; removed if it has not within the bound");
+                }
+                Some(silent) if silent > bound => {
+                    tracing::warn!(runner = %info.id, ?bound, "removing a running runner container that has not answered health within the bound");
+                    if let Err(e) = self.remove_runner(&info.id, Duration::ZERO).await {
+                        tracing::warn!(container = %info.id, error = %e, "cannot remove a runner container that does not answer health");
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        adopted
+    }
+
+    /// How long a running runner container found silent is given before it is removed: the
+    /// start timeout, which its provisioning would have given it, or the stop grace, within
+    /// which a draining runner's removal would have seen it exit (or killed it), whichever
+    /// is longer.
+    fn silence_bound(&self) -> Duration {
+        self.config.start_timeout.max(self.config.stop_grace)
+    }
+
     /// Ends a provisioning cancelled after it made runner `name` (the npm is stopping): the
     /// runner is removed at once, whatever the shutdown does with the others. It has never
     /// answered health; left in the engine when the runners stay for the next npm
     /// (`FN_DOCKER_KEEP_RUNNERS`, or an npm service that stays for its next task), that npm
-    /// listed it as a ready runner, without a health check, and gave it to the LBs
-    /// (and one that never came up, for ever).
+    /// would adopt it only once it answers, and remove it after a bound if it never does
+    /// (see [`DockerControlPlane::adopt`]): nothing is left waiting for that.
     async fn cancelled(&self, name: &str) -> ControlPlaneError {
         self.discard(name).await;
         ControlPlaneError::Cancelled
@@ -594,14 +650,19 @@ impl ControlPlane for DockerControlPlane {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
+            let containers = self.own_containers().await?;
+            self.adoption
+                .retain(&containers.iter().map(|c| c.name.as_str()).collect());
             let mut runners = Vec::new();
-            for container in self.own_containers().await? {
+            let mut unproven = Vec::new();
+            for container in containers {
                 match container.state {
                     ContainerState::Running if self.starting.contains(&container.name) => {
                         // Its provisioning reports it once it answers health.
                     }
                     ContainerState::Running => match runner_info(&container) {
-                        Some(info) => runners.push(info),
+                        Some(info) if self.adoption.is_serving(&info.id) => runners.push(info),
+                        Some(info) => unproven.push(info),
                         None => {
                             tracing::warn!(container = %container.name, "container carries this npm's label but not valid runner labels; ignored")
                         }
@@ -635,6 +696,7 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Other => {}
                 }
             }
+            runners.extend(self.adopt(unproven).await);
             Ok(runners)
         })
     }

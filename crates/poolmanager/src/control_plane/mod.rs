@@ -76,8 +76,10 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     fn runner_memory_mb(&self) -> u64;
 
     /// Every runner this control plane currently has, in any group, but for runners whose
-    /// provisioning is under way and that have not answered yet: the npm publishes what is
-    /// listed, and a runner the LBs are given before it serves refuses their calls.
+    /// provisioning is under way and that have not answered yet, and (where a plane finds
+    /// runners it did not make, kept by an npm before it) those not seen answering health:
+    /// the npm publishes what is listed, and a runner the LBs are given before it serves,
+    /// or while it drains, refuses their calls.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
     /// Provisions up to `count` new runners for `group` and returns those that are ready

@@ -29,8 +29,14 @@ struct FakeEngine {
     function_removal_hangs: AtomicBool,
     /// What `service_exists` answers.
     service: Mutex<Option<bool>>,
+    /// A stop with a grace drains for ever: the container got SIGTERM (see `not_serving`)
+    /// and runs on. A stop without grace (a kill) still stops it at once.
+    stop_drains: AtomicBool,
     /// A stop with a grace fails, leaving the container as it was.
     stop_fails: AtomicBool,
+    /// Runners that do not answer SERVING (see [`EngineHealth`]): those a stop signalled,
+    /// and those a test names (still starting).
+    not_serving: Mutex<std::collections::HashSet<String>>,
     /// `stop <name> <grace>` and `remove <name>`, in the order asked.
     events: Mutex<Vec<String>>,
 }
@@ -161,6 +167,13 @@ impl Engine for FakeEngine {
         if !grace.is_zero() && self.stop_fails.load(Ordering::SeqCst) {
             return Box::pin(async move { Err(EngineError::Failed(format!("stop {name}"))) });
         }
+        if !grace.is_zero() && self.stop_drains.load(Ordering::SeqCst) {
+            self.not_serving
+                .lock()
+                .expect("not serving lock")
+                .insert(name.to_owned());
+            return Box::pin(std::future::pending());
+        }
         let found = self
             .lock()
             .iter_mut()
@@ -205,6 +218,43 @@ impl ReadyProbe for FakeReady {
     fn ready<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, bool> {
         let ready = self.ready.load(Ordering::SeqCst);
         Box::pin(async move { ready })
+    }
+}
+
+/// The runners' own health, as the fake engine has them: SERVING when running and not
+/// signalled to stop (a runner says NOT_SERVING from its SIGTERM on) nor named not serving.
+#[derive(Debug)]
+struct EngineHealth {
+    engine: Arc<FakeEngine>,
+    /// Probes asked for.
+    probes: std::sync::atomic::AtomicUsize,
+}
+
+impl EngineHealth {
+    fn new(engine: &Arc<FakeEngine>) -> Arc<Self> {
+        Arc::new(EngineHealth {
+            engine: Arc::clone(engine),
+            probes: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+}
+
+impl ReadyProbe for EngineHealth {
+    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        let name = address.split(':').next().unwrap_or_default();
+        let running = self
+            .engine
+            .lock()
+            .iter()
+            .any(|(c, _)| c.name == name && c.state == ContainerState::Running);
+        let silent = self
+            .engine
+            .not_serving
+            .lock()
+            .expect("not serving lock")
+            .contains(name);
+        Box::pin(async move { running && !silent })
     }
 }
 
@@ -970,4 +1020,5 @@ async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
     assert_eq!(text, "(no output within 5s)");
 }
 
+mod adoption;
 mod shutdown;

@@ -1,12 +1,16 @@
 //! What the docker plane knows of its runner containers beyond what the engine lists: the
-//! names a provisioning or a removal under way has claimed ([`Claims`]). Names only, in
-//! memory: a restarted npm starts with none.
+//! names a provisioning or a removal under way has claimed ([`Claims`]), and those seen
+//! answering health ([`Adoption`]). Names only, in memory: a restarted npm starts with
+//! none, and learns again from the engine and the health probe.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Names only: what a panicking holder left is still right.
+    // Names and instants only: what a panicking holder left is still right.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -45,6 +49,57 @@ impl Drop for Claim<'_> {
                 claims.remove(&self.name);
             }
         }
+    }
+}
+
+/// Which running runner containers the plane reports. One it has seen answer health (it
+/// provisioned it, or a probe of it said SERVING) is reported without asking again, so a
+/// tick's list costs no probe per known runner. One it has not (another npm's: a runner
+/// kept by `FN_DOCKER_KEEP_RUNNERS` or for the npm service's next task, one whose removal
+/// was cut short while it drained, one still starting when its npm was killed) is probed
+/// at each list until it answers; one silent (or NOT_SERVING, as a draining runner says)
+/// for longer than a bound is removed.
+#[derive(Debug, Default)]
+pub(super) struct Adoption(Mutex<Known>);
+
+#[derive(Debug, Default)]
+struct Known {
+    /// Seen answering health.
+    serving: HashSet<String>,
+    /// Found running without answering health: since when.
+    silent: HashMap<String, Instant>,
+}
+
+impl Adoption {
+    /// `name` answered health.
+    pub(super) fn serving(&self, name: &str) {
+        let mut known = lock(&self.0);
+        known.silent.remove(name);
+        known.serving.insert(name.to_owned());
+    }
+
+    pub(super) fn is_serving(&self, name: &str) -> bool {
+        lock(&self.0).serving.contains(name)
+    }
+
+    /// `name` did not answer health at `now`: for how long it has not, since it was first
+    /// found silent; `None` when this is the first time.
+    pub(super) fn silent(&self, name: &str, now: Instant) -> Option<Duration> {
+        let mut known = lock(&self.0);
+        match known.silent.get(name) {
+            Some(since) => Some(now.saturating_duration_since(*since)),
+            None => {
+                known.silent.insert(name.to_owned(), now);
+                None
+            }
+        }
+    }
+
+    /// Forgets the names not in `listed` (the containers are gone).
+    pub(super) fn retain(&self, listed: &HashSet<&str>) {
+        let mut known = lock(&self.0);
+        known.serving.retain(|n| listed.contains(n.as_str()));
+        known.silent.retain(|n, _| listed.contains(n.as_str()));
     }
 }
 
