@@ -15,7 +15,9 @@ use crate::body::ResponseBody;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// No function at this path (client).
-    #[error("no function at {0}")]
+    #[error(
+        "no function at {0}: calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}, as the catalog names them"
+    )]
     NotFound(String),
     /// Wrong method on a fixed route (client).
     #[error("method {method} not allowed on {path}; use {allow}")]

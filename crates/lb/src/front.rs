@@ -59,6 +59,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// rather than a 431.
 const CLIENT_READ_BUFFER: usize = 128 * 1024;
 
+/// Most bytes of an HTTP/2 request's header list (as HTTP/2 counts it: each field's name
+/// and value and 32 more), advertised in the connection's SETTINGS: the head HTTP/1.1 takes
+/// ([`CLIENT_READ_BUFFER`]). Up to [`CLIENT_MAX_STREAMS`] such heads can be held at once per
+/// connection, half of what its window lets its bodies hold.
+#[allow(clippy::cast_possible_truncation)]
+const CLIENT_HEAD_LIMIT: u32 = CLIENT_READ_BUFFER as u32;
+
 /// HTTP/2 flow-control window of one client stream (one call's request body): what a call
 /// whose body is not being read (placement still waiting, a function that ignores its
 /// input) holds at the LB. A quarter of hyper's default, so that a connection's worth
@@ -182,7 +189,17 @@ impl Front {
         response
     }
 
+    /// The request's route. A request that goes to no function has its `Host` checked
+    /// here (a call's is checked as its spec is built, once).
     fn route<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
+        let routed = self.route_path(req);
+        if !matches!(routed, Ok(Route::Function(_))) {
+            crate::invoke::request_host(req.version(), req.headers())?;
+        }
+        routed
+    }
+
+    fn route_path<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
         let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();
         if path == "/health" {
@@ -276,7 +293,10 @@ impl Front {
             .keep_alive_timeout(self.limits.ping)
             .initial_stream_window_size(CLIENT_STREAM_WINDOW)
             .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
-            .max_concurrent_streams(CLIENT_MAX_STREAMS);
+            .max_concurrent_streams(CLIENT_MAX_STREAMS)
+            // A request head as large as HTTP/1.1's (hyper's default is 16 KiB, so a
+            // cookie an HTTP/1.1 client may send got a 431 through an h2c proxy).
+            .max_header_list_size(CLIENT_HEAD_LIMIT);
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,

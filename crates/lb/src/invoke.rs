@@ -273,26 +273,12 @@ fn call_spec(
 ) -> Result<CallSpec, CallError> {
     // The request target's authority when it has one (absolute form, HTTP/2's
     // `:authority`), which a Host header must not override (RFC 9112, 3.2.2); else Host.
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let first_host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(CallError::BadRequest(
-            "more than one Host header (RFC 9112, 3.2)".into(),
-        ));
-    }
+    let header_host = request_host(parts.version, &parts.headers)?;
     let host = match parts.uri.authority() {
         // Without the userinfo a client may have put there.
         Some(authority) => authority.as_str().rsplit('@').next().unwrap_or_default(),
-        None => match first_host {
-            Some(value) => host_of(value)?,
-            // HTTP/1.0 needs no Host; HTTP/2 without `:authority` is left to its `Host`.
-            None if parts.version == http::Version::HTTP_11 => {
-                return Err(CallError::BadRequest(
-                    "no Host header: an HTTP/1.1 request must name its host (RFC 9112, 3.2)".into(),
-                ));
-            }
-            None => "localhost",
-        },
+        // HTTP/1.0 needs no Host; HTTP/2 without `:authority` is left to its `Host`.
+        None => header_host.unwrap_or("localhost"),
     };
     let path = parts
         .uri
@@ -891,6 +877,33 @@ where
 /// an optional port (RFC 9110, 7.2), nothing else. A value holding `/`, `?`, `#`, `@` or
 /// spaces would otherwise reshape that URL (`Host: x/admin?a=` made the function see the
 /// path `/admin`), so it is refused with 400, as RFC 9112 (3.2) asks for an invalid Host.
+/// The request's `Host` header, checked as RFC 9112 (3.2) asks of a server whatever the
+/// request's target: at most one, a host and port, and present on HTTP/1.1 (also in the
+/// absolute form, whose authority then wins: see `call_spec`). `None` where there is none
+/// and none is needed (HTTP/1.0, HTTP/2).
+///
+/// # Errors
+/// A 400 naming what is wrong.
+pub(crate) fn request_host(
+    version: http::Version,
+    headers: &HeaderMap,
+) -> Result<Option<&str>, CallError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(CallError::BadRequest(
+            "more than one Host header (RFC 9112, 3.2)".into(),
+        ));
+    }
+    match first {
+        Some(value) => host_of(value).map(Some),
+        None if version == http::Version::HTTP_11 => Err(CallError::BadRequest(
+            "no Host header: an HTTP/1.1 request must name its host (RFC 9112, 3.2)".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
 fn host_of(value: &HeaderValue) -> Result<&str, CallError> {
     // The characters of a registered name or an IP literal (RFC 3986, 3.2.2), and `:` for
     // the port; checked by hand, where parsing an `Authority` would copy the value per call.

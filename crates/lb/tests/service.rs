@@ -828,6 +828,8 @@ async fn unknown_functions_and_paths_get_404_json() {
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "{method} {path}");
         let message = reply.json_error();
         assert!(message.contains(path), "{path}: {message}");
+        // And says where calls go.
+        assert!(message.contains("/r/{app}/{route}"), "{path}: {message}");
         reply.call_id();
     }
     assert!(runners[0].seen().is_empty());
@@ -1452,8 +1454,29 @@ async fn an_h2_client_that_answers_no_ping_is_closed_and_a_huge_h2_head_reaches_
     assert!(closed.is_ok(), "still open after {BOUND:?}");
     assert!(started.elapsed() >= ping);
 
-    // A head of 300 KiB reaches no runner (hyper's h2 takes 16 KiB). HPACK sends a repeated
-    // header as a one-byte reference, so its block on the wire is small.
+    // A head of 60 KiB goes through, as it would over HTTP/1.1 (hyper's h2 default took
+    // 16 KiB), and one of 300 KiB reaches no runner (the LB takes 128 KiB). HPACK sends a
+    // repeated header as a one-byte reference, so its block on the wire is small.
+    let mut sender = h2c(&lb.address).await;
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/r/demo/echo", lb.address))
+        .body(Full::new(Bytes::from_static(b"large")))
+        .expect("request");
+    let value = HeaderValue::from_str(&"c".repeat(3000)).expect("value");
+    for _ in 0..20 {
+        req.headers_mut().append(header::COOKIE, value.clone());
+    }
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK, "{response:?}");
+    assert_eq!(
+        runners[0].seen().len(),
+        1,
+        "the large head reached the runner"
+    );
     let mut sender = h2c(&lb.address).await;
     let mut req = Request::builder()
         .method(Method::POST)
@@ -1474,7 +1497,7 @@ async fn an_h2_client_that_answers_no_ping_is_closed_and_a_huge_h2_head_reaches_
             "{response:?}"
         );
     }
-    assert!(runners[0].seen().is_empty(), "no call for the huge head");
+    assert_eq!(runners[0].seen().len(), 1, "no call for the huge head");
     // A client that answers pings stays, and its calls go through.
     let mut sender = h2c(&lb.address).await;
     tokio::time::sleep(ping * 3).await;
@@ -3681,6 +3704,40 @@ async fn a_host_that_is_no_host_or_none_on_http11_gets_400() {
             "http://localhost/r/demo/echo"
         ]
     );
+}
+
+/// RFC 9112 (3.2) asks for a 400 to any HTTP/1.1 request without a `Host`, or with one
+/// that is no host, whatever its target: a target in absolute form (whose authority the
+/// function then sees), `/health` and a path of no function included. HTTP/1.0 needs none.
+#[tokio::test]
+async fn every_http11_request_needs_a_host_whatever_its_target() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for request in [
+        "POST http://abs.test/r/demo/echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        "POST http://abs.test/r/demo/echo HTTP/1.1\r\nHost: a/admin?x\r\nContent-Length: 0\r\n\r\n",
+        "GET /health HTTP/1.1\r\n\r\n",
+        "GET /health HTTP/1.1\r\nHost: x#y\r\n\r\n",
+        "GET /nothing/here HTTP/1.1\r\n\r\n",
+        "CONNECT /r/demo/echo HTTP/1.1\r\n\r\n",
+    ] {
+        let head = raw_head(&lb.address, request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{request:?}: {head}");
+        assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+    }
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+    for (request, status) in [
+        (
+            "GET /health HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        ("GET /health HTTP/1.0\r\n\r\n", "HTTP/1.0 200"),
+        ("GET /nothing/here HTTP/1.0\r\n\r\n", "HTTP/1.0 404"),
+    ] {
+        let head = raw_head(&lb.address, request).await;
+        assert!(head.starts_with(status), "{request:?}: {head}");
+    }
 }
 
 #[tokio::test]
