@@ -873,10 +873,6 @@ where
     Ok(early)
 }
 
-/// The host a `Host` header names, as the function's request URL will carry it: a host and
-/// an optional port (RFC 9110, 7.2), nothing else. A value holding `/`, `?`, `#`, `@` or
-/// spaces would otherwise reshape that URL (`Host: x/admin?a=` made the function see the
-/// path `/admin`), so it is refused with 400, as RFC 9112 (3.2) asks for an invalid Host.
 /// The request's `Host` header, checked as RFC 9112 (3.2) asks of a server whatever the
 /// request's target: at most one, a host and port, and present on HTTP/1.1 (also in the
 /// absolute form, whose authority then wins: see `call_spec`). `None` where there is none
@@ -904,6 +900,10 @@ pub(crate) fn request_host(
     }
 }
 
+/// The host a `Host` header names, as the function's request URL will carry it: a host and
+/// an optional port (RFC 9110, 7.2), nothing else. A value holding `/`, `?`, `#`, `@` or
+/// spaces would otherwise reshape that URL (`Host: x/admin?a=` made the function see the
+/// path `/admin`), so it is refused with 400, as RFC 9112 (3.2) asks for an invalid Host.
 fn host_of(value: &HeaderValue) -> Result<&str, CallError> {
     // The characters of a registered name or an IP literal (RFC 3986, 3.2.2), and `:` for
     // the port; checked by hand, where parsing an `Authority` would copy the value per call.
