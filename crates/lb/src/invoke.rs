@@ -1017,6 +1017,7 @@ mod tests {
         let catalog = Catalog::parse(Path::new("c.toml"), &text).expect("at the limits");
         let function = catalog.by_name("a", "f").expect("function");
         let request = http::Request::post("http://lb.test/r/a/x?q=1")
+            .header(header::HOST, "lb.test")
             .body(())
             .expect("request");
         let (parts, ()) = request.into_parts();
