@@ -8,11 +8,14 @@
 //!   silent past the start timeout is removed, and the error quotes its last output.
 //! - **List**: the containers carrying this npm's label. Running ones are the runner set;
 //!   exited ones are removed. Because the set lives in the engine, not in the npm, a
-//!   restarted npm finds its runners again and never provisions twice. A running one this
-//!   npm has not seen answer health (it did not make it) is listed once it does, asked at
-//!   each list until then, and removed when it has not within a bound: a kept runner still
-//!   draining after its removal was cut short says NOT_SERVING, and one whose npm was
-//!   killed while it started may never answer (see [`DockerControlPlane::adopt`]).
+//!   restarted npm finds its runners again, and the control loop provisions nothing in
+//!   place of those it lists. A running one this npm has not seen answer SERVING (it did
+//!   not make it) is probed at each list until it does: listed while no probe reaches it
+//!   (the LBs probe it themselves), but kept out once it answers NOT_SERVING (a kept runner
+//!   still draining after its removal was cut short, one whose npm was killed while it
+//!   started), and removed if it still does not serve after a bound; kept out, it does not
+//!   count, and the control loop may provision in its place (see
+//!   [`DockerControlPlane::adopt`]).
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
 //!   removal the npm's shutdown cuts short leaves nothing for good: see below.
 //! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
@@ -64,6 +67,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::retry::Backoff;
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
@@ -78,9 +82,9 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
-use tracking::{Adoption, Claims};
+use tracking::{Adoption, Claims, Observed, Standing};
 
-use super::{ControlPlane, ControlPlaneError, RunnerInfo};
+use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
 
 /// Label present on every runner container: `runner`.
 pub const LABEL_ROLE: &str = "fn.dataplane.role";
@@ -216,10 +220,11 @@ fn name_prefix(npm_id: &str) -> String {
     }
 }
 
-/// Whether a runner answers its health check.
+/// What a runner answers its health check.
 pub trait ReadyProbe: Send + Sync + std::fmt::Debug {
-    /// True once the runner at `address` (`host:port`) reports SERVING.
-    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool>;
+    /// What the runner at `address` (`host:port`) answers: SERVING once it is ready, and
+    /// whether it answered at all when it is not.
+    fn health<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Health>;
 }
 
 /// The gRPC health check, over the npm's TLS.
@@ -235,8 +240,8 @@ impl GrpcHealth {
 }
 
 impl ReadyProbe for GrpcHealth {
-    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(super::answers_health(&self.tls, address))
+    fn health<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Health> {
+        Box::pin(super::health_of(&self.tls, address))
     }
 }
 
@@ -257,9 +262,11 @@ pub struct DockerControlPlane {
     /// it left before removing it (see [`DockerControlPlane::remove_runner`]), not an
     /// exited runner for `list` to report and remove.
     removing: Claims,
-    /// The running runners seen answering health: only those are listed (see
-    /// [`ControlPlane::list`]).
+    /// What the health probe said of the running runners this npm did not see start: which
+    /// are listed (see [`DockerControlPlane::adopt`]).
     adoption: Adoption,
+    /// Repeats of the warnings about runners not adopted yet, at each tick's list.
+    adoption_warnings: Throttle,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -269,6 +276,11 @@ pub struct DockerControlPlane {
 /// logs themselves ([`engine::LOGS_BOUND`]) and swarm's then asks for the tasks' errors;
 /// this is the backstop, so that the provisioning ends whatever the engine does.
 const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
+
+/// Longest a list waits for its removals of runners held out past the bound (see
+/// [`DockerControlPlane::remove_held_out`]): well inside the control loop's bound on a
+/// list, 10 s, which also covers the engine's listing and the probes (3 s at most).
+const HELD_OUT_REMOVAL_BOUND: Duration = Duration::from_secs(4);
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
@@ -388,6 +400,7 @@ impl DockerControlPlane {
             starting: Claims::default(),
             removing: Claims::default(),
             adoption: Adoption::default(),
+            adoption_warnings: Throttle::new(Duration::from_secs(60)),
             own_service: None,
         }
     }
@@ -465,13 +478,15 @@ impl DockerControlPlane {
     /// the two left its function containers to nobody, for good. So a removal needs no
     /// waiting for at the npm's shutdown (see [`ControlPlane::remove`]).
     async fn remove_runner(&self, name: &str, grace: Duration) -> Result<(), EngineError> {
+        // Claimed either way: while the runner drains it says NOT_SERVING, and a list must
+        // not take it for one to hold out and kill (see [`DockerControlPlane::adopt`]).
+        let _removing = self.removing.claim(name);
         if self.functions.is_none() {
             // Nothing to sweep (swarm, or no engine given to runners): one request, which
             // the engine completes or not; either way nothing is left that the next list
             // does not find.
             return self.engine.remove(name, grace).await;
         }
-        let _removing = self.removing.claim(name);
         match self.engine.stop(name, grace).await {
             // Gone already: what it left may still be there.
             Ok(()) | Err(EngineError::NotFound(_)) => {}
@@ -526,10 +541,13 @@ impl DockerControlPlane {
         loop {
             // Until it answers, the runner is not the control loop's: cancelled, this
             // removes it.
-            let Some(ready) = cancel.run_until_cancelled(self.ready.ready(&address)).await else {
+            let Some(health) = cancel
+                .run_until_cancelled(self.ready.health(&address))
+                .await
+            else {
                 return Err(self.cancelled(&name).await);
             };
-            if ready {
+            if health.is_serving() {
                 tracing::info!(runner = %name, %address, group, "runner container ready");
                 self.adoption.serving(&name);
                 return Ok(RunnerInfo {
@@ -577,41 +595,92 @@ impl DockerControlPlane {
         }
     }
 
-    /// The runners among `found` (running, not seen answering health by this npm) that
-    /// answer health now, probed together. One that does not is not reported: a runner whose
-    /// removal was cut short while it drained (it says NOT_SERVING from its SIGTERM on,
-    /// then stops answering), or one whose npm stopped (or was killed) before it answered;
-    /// given to the LBs, either refused their calls. It joins when it answers; it is left
-    /// to exit (the next list removes it, and what it left) for [`Self::silence_bound`],
-    /// then killed and removed.
+    /// The runners among `found` (running, not seen answering SERVING by this npm) to list,
+    /// each probed (together) and taken by what it answers:
+    /// - SERVING: adopted, listed from now on without probes.
+    /// - No answer (not reached, or not within the probe's bound): listed, as before the npm
+    ///   probed the runners it finds (the LBs probe each runner themselves, and do not call
+    ///   one that does not answer them), and never removed for it: an npm cut off from its
+    ///   runners (a network fault, a certificate problem) hid healthy runners from the LBs
+    ///   and killed them. Probed again at each list.
+    /// - Another status (NOT_SERVING: a runner whose removal was cut short while it drained
+    ///   says so from its SIGTERM on, and one whose npm was killed while it started says so
+    ///   until it is ready): held out, from then on until it answers SERVING, even when a
+    ///   later probe cannot reach it (a draining runner stops answering before it exits);
+    ///   given to the LBs, it refused their calls. A draining runner exits on its own, and
+    ///   the next list removes it, with what it left; one held out for longer than
+    ///   [`Self::silence_bound`] is killed and removed.
+    ///
+    /// A runner being removed is its removal's: not probed (it says NOT_SERVING while it
+    /// drains), never killed here, and listed as it was.
     async fn adopt(&self, found: Vec<RunnerInfo>) -> Vec<RunnerInfo> {
-        let probes = found.into_iter().map(|info| async move {
-            let serving = self.ready.ready(&info.address).await;
-            (info, serving)
-        });
-        let bound = self.silence_bound();
-        let mut adopted = Vec::new();
-        for (info, serving) in futures::future::join_all(probes).await {
-            if serving {
-                tracing::info!(runner = %info.id, group = %info.group, "adopted a running runner container: it answers health");
-                self.adoption.serving(&info.id);
-                adopted.push(info);
-                continue;
-            }
-            match self.adoption.silent(&info.id, tokio::time::Instant::now()) {
-                None => {
-                    tracing::warn!(runner = %info.id, ?bound, "a running runner container does not answer health (it drains, or its npm stopped before it answered): not given to the LBs until it does; removed if it has not within the bound");
-                }
-                Some(silent) if silent > bound => {
-                    tracing::warn!(runner = %info.id, ?bound, "removing a running runner container that has not answered health within the bound");
-                    if let Err(e) = self.remove_runner(&info.id, Duration::ZERO).await {
-                        tracing::warn!(container = %info.id, error = %e, "cannot remove a runner container that does not answer health");
-                    }
-                }
-                Some(_) => {}
+        let mut listed = Vec::new();
+        let mut to_probe = Vec::new();
+        for info in found {
+            if !self.removing.contains(&info.id) {
+                to_probe.push(info);
+            } else if self.adoption.standing(&info.id) == Some(Standing::Unreached) {
+                listed.push(info);
             }
         }
-        adopted
+        let probes = to_probe.into_iter().map(|info| async move {
+            let health = self.ready.health(&info.address).await;
+            (info, health)
+        });
+        let probed = futures::future::join_all(probes).await;
+        let now = tokio::time::Instant::now();
+        let bound = self.silence_bound();
+        let mut overdue = Vec::new();
+        for (info, health) in probed {
+            let (runner, address, group) = (&info.id, &info.address, &info.group);
+            match self.adoption.observe(runner, &health, now) {
+                Observed::Adopted => {
+                    tracing::info!(%runner, %address, %group, "adopted a running runner container: it answers health SERVING");
+                    listed.push(info);
+                }
+                Observed::Unreached { first: true } => {
+                    tracing::warn!(%runner, %address, %group, %health, "a running runner container this npm did not start does not answer its health probe: listed, as the LBs probe it themselves; probed again at each list");
+                    listed.push(info);
+                }
+                Observed::Unreached { first: false } => {
+                    fn_lifecycle::warn_throttled!(self.adoption_warnings, %runner, %address, %group, %health, "a running runner container this npm did not start still does not answer its health probe (listed)");
+                    listed.push(info);
+                }
+                Observed::HeldOut { held, .. } if held > bound => overdue.push(info),
+                Observed::HeldOut { first: true, .. } => {
+                    tracing::warn!(%runner, %address, %group, %health, ?bound, "a running runner container this npm did not start does not serve (it drains, or still starts): kept from the LBs until it answers SERVING; removed if it has not within the bound");
+                }
+                Observed::HeldOut { held, first: false } => {
+                    fn_lifecycle::warn_throttled!(self.adoption_warnings, %runner, %address, %group, %health, ?held, ?bound, "a running runner container this npm did not start still does not serve: kept from the LBs");
+                }
+            }
+        }
+        self.remove_held_out(overdue).await;
+        listed
+    }
+
+    /// Kills and removes, together, the runners held out past [`Self::silence_bound`], for
+    /// at most [`HELD_OUT_REMOVAL_BOUND`]: the list they run in is bounded (the control
+    /// loop's `LIST_BOUND`), and its runners must come out of it. A removal cut short is
+    /// finished by a later list (the runner is still held out, or found stopped).
+    async fn remove_held_out(&self, overdue: Vec<RunnerInfo>) {
+        if overdue.is_empty() {
+            return;
+        }
+        let bound = self.silence_bound();
+        let removals = overdue.iter().map(|info| async move {
+            let (runner, address) = (&info.id, &info.address);
+            tracing::warn!(%runner, %address, ?bound, "removing a running runner container that has not answered health SERVING within the bound");
+            if let Err(e) = self.remove_runner(runner, Duration::ZERO).await {
+                tracing::warn!(%runner, error = %e, "cannot remove a runner container that does not serve");
+            }
+        });
+        if tokio::time::timeout(HELD_OUT_REMOVAL_BOUND, futures::future::join_all(removals))
+            .await
+            .is_err()
+        {
+            tracing::warn!(runners = overdue.len(), bound = ?HELD_OUT_REMOVAL_BOUND, "removing runner containers that do not serve took longer than the bound; the next list goes on");
+        }
     }
 
     /// How long a running runner container found silent is given before it is removed: the
@@ -626,8 +695,9 @@ impl DockerControlPlane {
     /// runner is removed at once, whatever the shutdown does with the others. It has never
     /// answered health; left in the engine when the runners stay for the next npm
     /// (`FN_DOCKER_KEEP_RUNNERS`, or an npm service that stays for its next task), that npm
-    /// would adopt it only once it answers, and remove it after a bound if it never does
-    /// (see [`DockerControlPlane::adopt`]): nothing is left waiting for that.
+    /// would hold it out while it says NOT_SERVING and remove it after a bound, but list it
+    /// while its probes cannot reach it (see [`DockerControlPlane::adopt`]): nothing is
+    /// left for that.
     async fn cancelled(&self, name: &str) -> ControlPlaneError {
         self.discard(name).await;
         ControlPlaneError::Cancelled
@@ -650,9 +720,10 @@ impl ControlPlane for DockerControlPlane {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
+            let began = self.adoption.begin_list();
             let containers = self.own_containers().await?;
             self.adoption
-                .retain(&containers.iter().map(|c| c.name.as_str()).collect());
+                .retain(&containers.iter().map(|c| c.name.as_str()).collect(), began);
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
             for container in containers {
@@ -661,7 +732,11 @@ impl ControlPlane for DockerControlPlane {
                         // Its provisioning reports it once it answers health.
                     }
                     ContainerState::Running => match runner_info(&container) {
-                        Some(info) if self.adoption.is_serving(&info.id) => runners.push(info),
+                        Some(info)
+                            if self.adoption.standing(&info.id) == Some(Standing::Adopted) =>
+                        {
+                            runners.push(info)
+                        }
                         Some(info) => unproven.push(info),
                         None => {
                             tracing::warn!(container = %container.name, "container carries this npm's label but not valid runner labels; ignored")

@@ -77,9 +77,11 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
 
     /// Every runner this control plane currently has, in any group, but for runners whose
     /// provisioning is under way and that have not answered yet, and (where a plane finds
-    /// runners it did not make, kept by an npm before it) those not seen answering health:
-    /// the npm publishes what is listed, and a runner the LBs are given before it serves,
-    /// or while it drains, refuses their calls.
+    /// runners it did not make, kept by an npm before it) those that answered health with
+    /// another status than SERVING: the npm publishes what is listed, and a runner the LBs
+    /// are given before it serves, or while it drains, refuses their calls. A found runner
+    /// the npm's probe cannot reach is listed: the LBs probe it themselves, and a probe
+    /// outage must not hide healthy runners from them.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
     /// Provisions up to `count` new runners for `group` and returns those that are ready
@@ -141,29 +143,78 @@ pub(crate) fn gather_provisioned(
     }
 }
 
+/// What a runner said to the standard gRPC health check (the whole server's status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// It answered SERVING.
+    Serving,
+    /// It answered, with another status: NOT_SERVING (a runner says so until it has started,
+    /// and from its SIGTERM on, while it drains), UNKNOWN, or SERVICE_UNKNOWN (also as a
+    /// `NotFound` status). The status, as the health protocol names it.
+    NotServing(String),
+    /// No answer: not reached (no route, a name not resolved, a connection refused, a TLS
+    /// handshake refused) or no answer within the probe's bound. Why, for the logs.
+    Unreachable(String),
+}
+
+impl Health {
+    pub fn is_serving(&self) -> bool {
+        *self == Health::Serving
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Health::Serving => f.write_str("SERVING"),
+            Health::NotServing(status) => write!(f, "answered {status}"),
+            Health::Unreachable(why) => write!(f, "no answer: {why}"),
+        }
+    }
+}
+
 /// Whether the runner at `address` answers the standard gRPC health check with SERVING,
 /// within a short bound. Control planes report a runner only once it does.
 pub(crate) async fn answers_health(tls: &fn_tls::TlsMode, address: &str) -> bool {
+    health_of(tls, address).await.is_serving()
+}
+
+/// What the runner at `address` answers the standard gRPC health check, within a short
+/// bound (a second to connect, two for the answer).
+pub(crate) async fn health_of(tls: &fn_tls::TlsMode, address: &str) -> Health {
+    use fn_lifecycle::logging::error_chain;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let Ok(endpoint) = fn_tls::grpc_endpoint(tls, address) else {
-        return false;
+    let endpoint = match fn_tls::grpc_endpoint(tls, address) {
+        Ok(endpoint) => endpoint,
+        Err(e) => return Health::Unreachable(error_chain(&e)),
     };
-    let Ok(channel) = endpoint
+    let channel = match endpoint
         .with(|e| {
             e.connect_timeout(std::time::Duration::from_secs(1))
                 .timeout(std::time::Duration::from_secs(2))
         })
         .connect()
         .await
-    else {
-        return false;
+    {
+        Ok(channel) => channel,
+        Err(e) => return Health::Unreachable(error_chain(&e)),
     };
-    HealthClient::new(fn_tls::WithoutStatusDetails(channel))
+    match HealthClient::new(fn_tls::WithoutStatusDetails(channel))
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+    {
+        Ok(answer) => match answer.into_inner().status() {
+            ServingStatus::Serving => Health::Serving,
+            other => Health::NotServing(other.as_str_name().to_owned()),
+        },
+        // The health service's answer for a service it does not know.
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            Health::NotServing(ServingStatus::ServiceUnknown.as_str_name().to_owned())
+        }
+        Err(status) => Health::Unreachable(error_chain(&status)),
+    }
 }

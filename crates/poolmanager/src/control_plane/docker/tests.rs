@@ -32,11 +32,22 @@ struct FakeEngine {
     /// A stop with a grace drains for ever: the container got SIGTERM (see `not_serving`)
     /// and runs on. A stop without grace (a kill) still stops it at once.
     stop_drains: AtomicBool,
+    /// A removal with a grace (swarm's, or docker's without a function engine: stop, then
+    /// remove, in one request) drains for ever, as `stop_drains`.
+    remove_drains: AtomicBool,
     /// A stop with a grace fails, leaving the container as it was.
     stop_fails: AtomicBool,
     /// Runners that do not answer SERVING (see [`EngineHealth`]): those a stop signalled,
     /// and those a test names (still starting).
     not_serving: Mutex<std::collections::HashSet<String>>,
+    /// Runners whose health probes get no answer (the npm is cut off from them), whatever
+    /// their state.
+    unreachable: Mutex<std::collections::HashSet<String>>,
+    /// When set, a list takes its snapshot at once but answers only once a permit is
+    /// added (a swarm's list takes seconds with many services).
+    held_lists: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// A held list came in.
+    list_held: tokio::sync::Notify,
     /// `stop <name> <grace>` and `remove <name>`, in the order asked.
     events: Mutex<Vec<String>>,
 }
@@ -101,7 +112,14 @@ impl Engine for FakeEngine {
             .filter(|(c, _)| c.labels.get(label_key).map(String::as_str) == Some(label_value))
             .map(|(c, _)| c.clone())
             .collect();
-        Box::pin(async move { Ok(listed) })
+        let Some(gate) = self.held_lists.lock().expect("fake engine lock").clone() else {
+            return Box::pin(async move { Ok(listed) });
+        };
+        self.list_held.notify_one();
+        Box::pin(async move {
+            let _permit = gate.acquire().await.expect("gate open");
+            Ok(listed)
+        })
     }
 
     fn run<'a>(&'a self, spec: &'a RunnerSpec) -> BoxFuture<'a, Result<(), EngineError>> {
@@ -190,12 +208,19 @@ impl Engine for FakeEngine {
     fn remove<'a>(
         &'a self,
         name: &'a str,
-        _grace: Duration,
+        grace: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         self.events
             .lock()
             .expect("events lock")
             .push(format!("remove {name}"));
+        if !grace.is_zero() && self.remove_drains.load(Ordering::SeqCst) {
+            self.not_serving
+                .lock()
+                .expect("not serving lock")
+                .insert(name.to_owned());
+            return Box::pin(std::future::pending());
+        }
         if name.starts_with("fn-") && self.function_removal_hangs.load(Ordering::SeqCst) {
             return Box::pin(std::future::pending());
         }
@@ -215,14 +240,19 @@ struct FakeReady {
 }
 
 impl ReadyProbe for FakeReady {
-    fn ready<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, bool> {
-        let ready = self.ready.load(Ordering::SeqCst);
-        Box::pin(async move { ready })
+    fn health<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, Health> {
+        let health = if self.ready.load(Ordering::SeqCst) {
+            Health::Serving
+        } else {
+            Health::NotServing("NOT_SERVING".into())
+        };
+        Box::pin(async move { health })
     }
 }
 
 /// The runners' own health, as the fake engine has them: SERVING when running and not
-/// signalled to stop (a runner says NOT_SERVING from its SIGTERM on) nor named not serving.
+/// signalled to stop (a runner says NOT_SERVING from its SIGTERM on) nor named not serving;
+/// no answer when not running or named unreachable.
 #[derive(Debug)]
 struct EngineHealth {
     engine: Arc<FakeEngine>,
@@ -240,7 +270,7 @@ impl EngineHealth {
 }
 
 impl ReadyProbe for EngineHealth {
-    fn ready<'a>(&'a self, address: &'a str) -> BoxFuture<'a, bool> {
+    fn health<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Health> {
         self.probes.fetch_add(1, Ordering::SeqCst);
         let name = address.split(':').next().unwrap_or_default();
         let running = self
@@ -254,7 +284,20 @@ impl ReadyProbe for EngineHealth {
             .lock()
             .expect("not serving lock")
             .contains(name);
-        Box::pin(async move { running && !silent })
+        let cut_off = self
+            .engine
+            .unreachable
+            .lock()
+            .expect("unreachable lock")
+            .contains(name);
+        let health = if cut_off || !running {
+            Health::Unreachable("connection refused".into())
+        } else if silent {
+            Health::NotServing("NOT_SERVING".into())
+        } else {
+            Health::Serving
+        };
+        Box::pin(async move { health })
     }
 }
 
@@ -886,11 +929,11 @@ struct GatedReady {
 }
 
 impl ReadyProbe for GatedReady {
-    fn ready<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, bool> {
+    fn health<'a>(&'a self, _address: &'a str) -> BoxFuture<'a, Health> {
         Box::pin(async move {
             self.entered.notify_one();
             self.release.notified().await;
-            false
+            Health::NotServing("NOT_SERVING".into())
         })
     }
 }

@@ -1,6 +1,6 @@
 //! What the docker plane knows of its runner containers beyond what the engine lists: the
-//! names a provisioning or a removal under way has claimed ([`Claims`]), and those seen
-//! answering health ([`Adoption`]). Names only, in memory: a restarted npm starts with
+//! names a provisioning or a removal under way has claimed ([`Claims`]), and what the
+//! health probe said of the running ones ([`Adoption`]). Names only, in memory: a restarted npm starts with
 //! none, and learns again from the engine and the health probe.
 
 use std::collections::{HashMap, HashSet};
@@ -8,6 +8,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::control_plane::Health;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Names and instants only: what a panicking holder left is still right.
@@ -52,56 +54,136 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Which running runner containers the plane reports. One it has seen answer health (it
-/// provisioned it, or a probe of it said SERVING) is reported without asking again, so a
-/// tick's list costs no probe per known runner. One it has not (another npm's: a runner
-/// kept by `FN_DOCKER_KEEP_RUNNERS` or for the npm service's next task, one whose removal
-/// was cut short while it drained, one still starting when its npm was killed) is probed
-/// at each list until it answers; one silent (or NOT_SERVING, as a draining runner says)
-/// for longer than a bound is removed.
+/// Which running runner containers the plane reports, by what their health probe said. One
+/// it has seen answer SERVING (it provisioned it, or adopted it) is reported without asking
+/// again, so a tick's list costs no probe per known runner. One it has not (another npm's:
+/// a runner kept by `FN_DOCKER_KEEP_RUNNERS` or for the npm service's next task, one whose
+/// removal was cut short while it drained, one still starting when its npm was killed) is
+/// probed at each list until it answers SERVING: one that cannot be reached is reported
+/// meanwhile, as any runner was before probes (the LBs probe it themselves, and a probe
+/// outage must not hide healthy runners from them); one that answers otherwise (NOT_SERVING
+/// as a draining or starting runner says) is held out from then on, and removed once held
+/// out longer than a bound.
 #[derive(Debug, Default)]
 pub(super) struct Adoption(Mutex<Known>);
 
 #[derive(Debug, Default)]
 struct Known {
-    /// Seen answering health.
-    serving: HashSet<String>,
-    /// Found running without answering health: since when.
-    silent: HashMap<String, Instant>,
+    /// Bumped as a list begins (see [`Adoption::begin_list`]).
+    generation: u64,
+    runners: HashMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    standing: Standing,
+    /// The generation it was last learned in: a list prunes only what it learned before it
+    /// began.
+    generation: u64,
+}
+
+/// Where a running runner container stands with the plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Standing {
+    /// Seen answering SERVING: reported, not probed again.
+    Adopted,
+    /// Not reached by any probe yet: reported, probed at each list.
+    Unreached,
+    /// Answered, but not SERVING, first at `since`: not reported, probed at each list.
+    HeldOut { since: Instant },
+}
+
+/// What a probe's outcome made of a runner not adopted before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Observed {
+    /// It answered SERVING: reported from now on.
+    Adopted,
+    /// Still not reached; `first` when it was not known so before.
+    Unreached { first: bool },
+    /// Held out for `held` (it answered, not SERVING, that long ago); `first` when it
+    /// was not held out before.
+    HeldOut { held: Duration, first: bool },
 }
 
 impl Adoption {
-    /// `name` answered health.
+    /// `name` answered SERVING (its provisioning saw it ready).
     pub(super) fn serving(&self, name: &str) {
         let mut known = lock(&self.0);
-        known.silent.remove(name);
-        known.serving.insert(name.to_owned());
+        let generation = known.generation;
+        known.runners.insert(
+            name.to_owned(),
+            Entry {
+                standing: Standing::Adopted,
+                generation,
+            },
+        );
     }
 
-    pub(super) fn is_serving(&self, name: &str) -> bool {
-        lock(&self.0).serving.contains(name)
+    pub(super) fn standing(&self, name: &str) -> Option<Standing> {
+        lock(&self.0).runners.get(name).map(|e| e.standing)
     }
 
-    /// `name` did not answer health at `now`: for how long it has not, since it was first
-    /// found silent; `None` when this is the first time.
-    pub(super) fn silent(&self, name: &str, now: Instant) -> Option<Duration> {
+    /// Records what a probe of `name`, not adopted before, found at `now`. One held out
+    /// stays so until it answers SERVING, through probes that do not reach it: a draining
+    /// runner stops answering before it exits, and is never given back to the LBs.
+    pub(super) fn observe(&self, name: &str, health: &Health, now: Instant) -> Observed {
         let mut known = lock(&self.0);
-        match known.silent.get(name) {
-            Some(since) => Some(now.saturating_duration_since(*since)),
-            None => {
-                known.silent.insert(name.to_owned(), now);
-                None
-            }
-        }
+        let generation = known.generation;
+        let before = known.runners.get(name).map(|e| e.standing);
+        let (standing, observed) = match (health, before) {
+            (Health::Serving, _) => (Standing::Adopted, Observed::Adopted),
+            (_, Some(Standing::HeldOut { since })) => (
+                Standing::HeldOut { since },
+                Observed::HeldOut {
+                    held: now.saturating_duration_since(since),
+                    first: false,
+                },
+            ),
+            (Health::NotServing(_), _) => (
+                Standing::HeldOut { since: now },
+                Observed::HeldOut {
+                    held: Duration::ZERO,
+                    first: true,
+                },
+            ),
+            (Health::Unreachable(_), before) => (
+                Standing::Unreached,
+                Observed::Unreached {
+                    first: before != Some(Standing::Unreached),
+                },
+            ),
+        };
+        known.runners.insert(
+            name.to_owned(),
+            Entry {
+                standing,
+                generation,
+            },
+        );
+        observed
     }
 
-    /// Forgets the names not in `listed` (the containers are gone).
-    pub(super) fn retain(&self, listed: &HashSet<&str>) {
+    /// A list begins: what is learned from now on is not pruned by it (see
+    /// [`Self::retain`]), whatever its engine listing, taken meanwhile, shows.
+    pub(super) fn begin_list(&self) -> ListGeneration {
         let mut known = lock(&self.0);
-        known.serving.retain(|n| listed.contains(n.as_str()));
-        known.silent.retain(|n, _| listed.contains(n.as_str()));
+        known.generation += 1;
+        ListGeneration(known.generation)
+    }
+
+    /// Forgets the names not in `listed` (the containers are gone) that were learned before
+    /// the list that took `listed` began: a provisioning that saw its runner ready while
+    /// the engine listed (a swarm's list takes seconds with many services) is kept.
+    pub(super) fn retain(&self, listed: &HashSet<&str>, began: ListGeneration) {
+        lock(&self.0)
+            .runners
+            .retain(|n, e| e.generation >= began.0 || listed.contains(n.as_str()));
     }
 }
+
+/// When a list began, for [`Adoption::retain`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ListGeneration(u64);
 
 #[cfg(test)]
 mod tests {

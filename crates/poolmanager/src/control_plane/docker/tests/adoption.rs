@@ -1,7 +1,8 @@
 //! Which running runner containers the docker plane lists: those it has seen answer health
-//! without asking again, the others (kept by an npm before it, one whose removal was cut
-//! short while it drained, one whose npm stopped before it answered) once they answer, and
-//! one that stays silent past the bound is removed.
+//! without asking again; the others (kept by an npm before it, one whose removal was cut
+//! short while it drained, one whose npm stopped before it answered) by what they answer:
+//! SERVING, listed from then on; no answer, listed all the same and never killed for it;
+//! NOT_SERVING, held out, and removed once held out past the bound.
 
 use std::time::Duration;
 
@@ -86,11 +87,11 @@ async fn a_runner_whose_removal_was_cut_short_while_it_drained_is_not_adopted() 
     );
 }
 
-/// A running runner that never answers (a draining one that does not exit, one stuck
-/// starting when its npm was killed) is left for the start timeout or the stop grace,
-/// whichever is longer, then killed and removed, with what it left.
+/// A running runner that answers NOT_SERVING (a draining one that does not exit, one stuck
+/// starting when its npm was killed) is kept from the LBs for the start timeout or the stop
+/// grace, whichever is longer, then killed and removed, with what it left.
 #[tokio::test(start_paused = true)]
-async fn a_running_runner_silent_past_the_bound_is_removed() {
+async fn a_running_runner_not_serving_past_the_bound_is_removed() {
     let engine = Arc::new(FakeEngine::default());
     let first = plane(&engine, &EngineHealth::new(&engine), true);
     let runner = first
@@ -169,4 +170,230 @@ async fn a_found_runner_joins_once_it_answers_and_known_ones_are_not_probed_agai
     );
     assert_eq!(ids(&next.list().await.expect("lists")), ids(&made));
     assert_eq!(health.probes.load(Ordering::SeqCst), 3, "none");
+}
+
+/// The runner a first npm made, kept for the next one, which starts with nothing known.
+async fn kept_runner(engine: &Arc<FakeEngine>) -> RunnerInfo {
+    let first = plane(engine, &EngineHealth::new(engine), true);
+    let runner = first
+        .provision("g", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned")
+        .remove(0);
+    function_of(engine, &runner.id);
+    drop(first);
+    runner
+}
+
+fn bound() -> Duration {
+    config().start_timeout.max(config().stop_grace)
+}
+
+fn killed(engine: &FakeEngine, runner: &RunnerInfo) -> bool {
+    let kill = format!("stop {} 0ns", runner.id);
+    engine.events.lock().expect("lock").contains(&kill)
+}
+
+/// An npm restarted while it cannot reach its runners (a network fault, a certificate
+/// problem) lists those the LBs may still reach, as before it probed them, and never kills
+/// one for not answering. Before, each was hidden from the LBs and killed after the bound.
+#[tokio::test(start_paused = true)]
+async fn a_runner_the_npm_cannot_reach_is_listed_and_never_killed() {
+    let engine = Arc::new(FakeEngine::default());
+    let runner = kept_runner(&engine).await;
+    engine
+        .unreachable
+        .lock()
+        .expect("lock")
+        .insert(runner.id.clone());
+
+    let health = EngineHealth::new(&engine);
+    let next = plane(&engine, &health, true);
+    for _ in 0..3 {
+        assert_eq!(
+            ids(&next.list().await.expect("lists")),
+            vec![runner.id.clone()]
+        );
+        tokio::time::advance(bound()).await;
+    }
+    assert_eq!(engine.names().len(), 2, "left: {:?}", engine.names());
+    assert!(!killed(&engine, &runner));
+    assert_eq!(
+        health.probes.load(Ordering::SeqCst),
+        3,
+        "probed at each list"
+    );
+    // Reached at last, and SERVING: adopted, not probed again.
+    engine.unreachable.lock().expect("lock").clear();
+    assert_eq!(ids(&next.list().await.expect("lists")), vec![runner.id]);
+    assert_eq!(ids(&next.list().await.expect("lists")).len(), 1);
+    assert_eq!(health.probes.load(Ordering::SeqCst), 4);
+}
+
+/// A runner listed while it could not be reached that then answers NOT_SERVING (it
+/// drains) is pulled out of the lists, and the bound starts then, not when it was found:
+/// it stays out when it stops answering again (a draining runner does before it exits),
+/// and is removed once held out past the bound.
+#[tokio::test(start_paused = true)]
+async fn a_runner_unreachable_then_not_serving_is_pulled_out_then_removed() {
+    let engine = Arc::new(FakeEngine::default());
+    let runner = kept_runner(&engine).await;
+    let cut_off = |on: bool| {
+        let mut unreachable = engine.unreachable.lock().expect("lock");
+        if on {
+            unreachable.insert(runner.id.clone());
+        } else {
+            unreachable.remove(&runner.id);
+        }
+    };
+    cut_off(true);
+    let next = plane(&engine, &EngineHealth::new(&engine), true);
+    assert_eq!(ids(&next.list().await.expect("lists")).len(), 1);
+    tokio::time::advance(Duration::from_secs(30)).await;
+
+    cut_off(false);
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(runner.id.clone());
+    assert!(next.list().await.expect("lists").is_empty(), "pulled out");
+    cut_off(true);
+    tokio::time::advance(bound() - Duration::from_secs(1)).await;
+    assert!(next.list().await.expect("lists").is_empty(), "stays out");
+    assert!(!killed(&engine, &runner), "the bound runs from NOT_SERVING");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(next.list().await.expect("lists").is_empty());
+    assert!(killed(&engine, &runner));
+    assert!(
+        engine.names().is_empty(),
+        "left behind: {:?}",
+        engine.names()
+    );
+}
+
+/// A runner whose provisioning sees it ready while a list waits for the engine (a swarm's
+/// list takes seconds with many services) is not forgotten by that list, whose snapshot
+/// was taken before the runner was there: forgotten, it was probed again at the next list,
+/// and held out if it did not answer SERVING then.
+#[tokio::test(start_paused = true)]
+async fn a_runner_made_while_the_engine_lists_stays_known() {
+    let engine = Arc::new(FakeEngine::default());
+    let health = EngineHealth::new(&engine);
+    let cp = Arc::new(plane(&engine, &health, true));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *engine.held_lists.lock().expect("lock") = Some(Arc::clone(&gate));
+    let listing = tokio::spawn({
+        let cp = Arc::clone(&cp);
+        async move { cp.list().await }
+    });
+    engine.list_held.notified().await;
+    let runner = cp
+        .provision("g", 1, &CancellationToken::new())
+        .await
+        .expect("provisioned")
+        .remove(0);
+    gate.add_permits(1);
+    assert!(listing.await.expect("task").expect("lists").is_empty());
+    *engine.held_lists.lock().expect("lock") = None;
+
+    // A moment it does not serve (it would be held out if probed now): it is known.
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(runner.id.clone());
+    let probes = health.probes.load(Ordering::SeqCst);
+    assert_eq!(ids(&cp.list().await.expect("lists")), vec![runner.id]);
+    assert_eq!(health.probes.load(Ordering::SeqCst), probes, "not probed");
+}
+
+/// A runner in its graceful removal (it says NOT_SERVING from its SIGTERM on) is its
+/// removal's: a list neither holds it out nor kills it past the bound, whether the removal
+/// sweeps what the runner left (docker with a function engine) or is one request (swarm, or
+/// no engine given to runners). Before, a listed runner not yet reached by a probe was
+/// probed while it drained, held out, and killed in the middle of its drain.
+#[tokio::test(start_paused = true)]
+async fn a_runner_being_removed_is_not_killed_by_a_list() {
+    for sweeps in [true, false] {
+        let engine = Arc::new(FakeEngine::default());
+        let runner = kept_runner(&engine).await;
+        engine
+            .unreachable
+            .lock()
+            .expect("lock")
+            .insert(runner.id.clone());
+        let health = EngineHealth::new(&engine);
+        let next = if sweeps {
+            plane(&engine, &health, true)
+        } else {
+            DockerControlPlane::with_engine(
+                config(),
+                placement(),
+                Arc::clone(&engine) as Arc<dyn Engine>,
+                Arc::clone(&health) as Arc<dyn ReadyProbe>,
+            )
+        };
+        let next = Arc::new(next);
+        assert_eq!(ids(&next.list().await.expect("lists")).len(), 1);
+        engine.unreachable.lock().expect("lock").clear();
+
+        // The removal's request drains for ever, the runner NOT_SERVING meanwhile.
+        engine.stop_drains.store(true, Ordering::SeqCst);
+        engine.remove_drains.store(true, Ordering::SeqCst);
+        let removal = tokio::spawn({
+            let next = Arc::clone(&next);
+            let runner = runner.clone();
+            async move { next.remove(&runner).await }
+        });
+        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            assert_eq!(
+                ids(&next.list().await.expect("lists")),
+                vec![runner.id.clone()],
+                "listed as it was while its removal runs (sweeps: {sweeps})"
+            );
+            tokio::time::advance(bound()).await;
+        }
+        assert!(
+            !killed(&engine, &runner),
+            "killed in its drain (sweeps: {sweeps})"
+        );
+        removal.abort();
+    }
+}
+
+/// Runners held out past the bound are removed together, and a removal that hangs (here
+/// in the sweep of what the runner left) does not hold the list past its own bound: the
+/// list still answers within the control loop's bound on it. Before, they were removed
+/// one after another inside the list, which timed out at every tick.
+#[tokio::test(start_paused = true)]
+async fn removals_of_runners_held_out_run_together_within_a_bound() {
+    let engine = Arc::new(FakeEngine::default());
+    let first = plane(&engine, &EngineHealth::new(&engine), true);
+    let made = first
+        .provision("g", 2, &CancellationToken::new())
+        .await
+        .expect("provisioned");
+    drop(first);
+    for runner in &made {
+        function_of(&engine, &runner.id);
+        engine
+            .not_serving
+            .lock()
+            .expect("lock")
+            .insert(runner.id.clone());
+    }
+    engine.function_removal_hangs.store(true, Ordering::SeqCst);
+
+    let next = plane(&engine, &EngineHealth::new(&engine), true);
+    assert!(next.list().await.expect("lists").is_empty());
+    tokio::time::advance(bound() + Duration::from_secs(1)).await;
+    let listed = tokio::time::timeout(crate::manager::LIST_BOUND, next.list())
+        .await
+        .expect("the list answers within its bound");
+    assert!(listed.expect("lists").is_empty());
+    for runner in &made {
+        assert!(killed(&engine, runner), "both removals began");
+    }
 }
