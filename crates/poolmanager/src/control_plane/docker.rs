@@ -277,10 +277,11 @@ pub struct DockerControlPlane {
 /// this is the backstop, so that the provisioning ends whatever the engine does.
 const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
 
-/// Longest a list waits for its removals of runners held out past the bound (see
-/// [`DockerControlPlane::remove_held_out`]): well inside the control loop's bound on a
-/// list, 10 s, which also covers the engine's listing and the probes (3 s at most).
-const HELD_OUT_REMOVAL_BOUND: Duration = Duration::from_secs(4);
+/// Longest a list waits for its removals, of runners that exited and of runners held out
+/// past the bound (see [`DockerControlPlane::remove_found`]): well inside the control
+/// loop's bound on a list, 10 s, which also covers the engine's listing and the probes
+/// (3 s at most).
+const LIST_REMOVALS_BOUND: Duration = Duration::from_secs(4);
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
@@ -613,7 +614,10 @@ impl DockerControlPlane {
     ///
     /// A runner being removed is its removal's: not probed (it says NOT_SERVING while it
     /// drains), never killed here, and listed as it was.
-    async fn adopt(&self, found: Vec<RunnerInfo>) -> Vec<RunnerInfo> {
+    ///
+    /// Returns the runners to list, and those held out past the bound, for the list to
+    /// remove (see [`Self::remove_found`]).
+    async fn adopt(&self, found: Vec<RunnerInfo>) -> (Vec<RunnerInfo>, Vec<RunnerInfo>) {
         let mut listed = Vec::new();
         let mut to_probe = Vec::new();
         for info in found {
@@ -655,31 +659,45 @@ impl DockerControlPlane {
                 }
             }
         }
-        self.remove_held_out(overdue).await;
-        listed
+        (listed, overdue)
     }
 
-    /// Kills and removes, together, the runners held out past [`Self::silence_bound`], for
-    /// at most [`HELD_OUT_REMOVAL_BOUND`]: the list they run in is bounded (the control
-    /// loop's `LIST_BOUND`), and its runners must come out of it. A removal cut short is
-    /// finished by a later list (the runner is still held out, or found stopped).
-    async fn remove_held_out(&self, overdue: Vec<RunnerInfo>) {
-        if overdue.is_empty() {
+    /// Removes what a list found to remove, all together, for at most
+    /// [`LIST_REMOVALS_BOUND`]: the runner containers that `exited` (the function
+    /// containers each left first, then it), and the runners held out past
+    /// [`Self::silence_bound`] (`overdue`: killed, then the same). The list they run in is
+    /// bounded (the control loop's `LIST_BOUND`), and its runners must come out of it: one
+    /// after another, a removal that hangs (a sweep the engine does not answer) timed out
+    /// that list, and, for a runner it had killed, every list after it. A removal cut short
+    /// is finished by a later list (the runner is still held out, or found stopped).
+    async fn remove_found(&self, exited: Vec<String>, overdue: Vec<RunnerInfo>) {
+        if exited.is_empty() && overdue.is_empty() {
             return;
         }
+        let exited_removals = exited.iter().map(|name| async move {
+            // Its function containers first: a removal cut short in between finds the
+            // runner again next time and goes on, where the other order would leave them
+            // behind for good.
+            self.remove_function_containers(name).await;
+            self.discard(name).await;
+        });
         let bound = self.silence_bound();
-        let removals = overdue.iter().map(|info| async move {
+        let overdue_removals = overdue.iter().map(|info| async move {
             let (runner, address) = (&info.id, &info.address);
             tracing::warn!(%runner, %address, ?bound, "removing a running runner container that has not answered health SERVING within the bound");
             if let Err(e) = self.remove_runner(runner, Duration::ZERO).await {
                 tracing::warn!(%runner, error = %e, "cannot remove a runner container that does not serve");
             }
         });
-        if tokio::time::timeout(HELD_OUT_REMOVAL_BOUND, futures::future::join_all(removals))
+        let removals = futures::future::join(
+            futures::future::join_all(exited_removals),
+            futures::future::join_all(overdue_removals),
+        );
+        if tokio::time::timeout(LIST_REMOVALS_BOUND, removals)
             .await
             .is_err()
         {
-            tracing::warn!(runners = overdue.len(), bound = ?HELD_OUT_REMOVAL_BOUND, "removing runner containers that do not serve took longer than the bound; the next list goes on");
+            tracing::warn!(exited = exited.len(), not_serving = overdue.len(), bound = ?LIST_REMOVALS_BOUND, "removing runner containers that exited or do not serve took longer than the bound; the next list goes on");
         }
     }
 
@@ -726,6 +744,7 @@ impl ControlPlane for DockerControlPlane {
                 .retain(&containers.iter().map(|c| c.name.as_str()).collect(), began);
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
+            let mut exited = Vec::new();
             for container in containers {
                 match container.state {
                     ContainerState::Running if self.starting.contains(&container.name) => {
@@ -750,11 +769,7 @@ impl ControlPlane for DockerControlPlane {
                     }
                     ContainerState::Stopped => {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
-                        // Its function containers first: a list cut short in between (the
-                        // tick bounds it) finds the runner again next time and goes on,
-                        // where the other order would leave them behind for good.
-                        self.remove_function_containers(&container.name).await;
-                        self.discard(&container.name).await;
+                        exited.push(container.name);
                     }
                     ContainerState::Created => {
                         // Left over from a provisioning the npm did not finish (it was
@@ -771,7 +786,9 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Other => {}
                 }
             }
-            runners.extend(self.adopt(unproven).await);
+            let (adopted, overdue) = self.adopt(unproven).await;
+            runners.extend(adopted);
+            self.remove_found(exited, overdue).await;
             Ok(runners)
         })
     }

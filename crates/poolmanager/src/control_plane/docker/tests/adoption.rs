@@ -366,7 +366,9 @@ async fn a_runner_being_removed_is_not_killed_by_a_list() {
 /// Runners held out past the bound are removed together, and a removal that hangs (here
 /// in the sweep of what the runner left) does not hold the list past its own bound: the
 /// list still answers within the control loop's bound on it. Before, they were removed
-/// one after another inside the list, which timed out at every tick.
+/// one after another inside the list, which timed out at every tick. Nor does the next
+/// list, which finds them killed (stopped) and removes them as exited runners: before,
+/// one after another and unbounded, so that list and every one after it timed out.
 #[tokio::test(start_paused = true)]
 async fn removals_of_runners_held_out_run_together_within_a_bound() {
     let engine = Arc::new(FakeEngine::default());
@@ -395,5 +397,17 @@ async fn removals_of_runners_held_out_run_together_within_a_bound() {
     assert!(listed.expect("lists").is_empty());
     for runner in &made {
         assert!(killed(&engine, runner), "both removals began");
+    }
+    let listed = tokio::time::timeout(crate::manager::LIST_BOUND, next.list())
+        .await
+        .expect("the next list, which finds them stopped, answers within its bound");
+    assert!(listed.expect("lists").is_empty());
+    let sweeps = |runner: &RunnerInfo| {
+        let sweep = format!("remove fn-{}-1", runner.id);
+        let events = engine.events.lock().expect("lock");
+        events.iter().filter(|e| **e == sweep).count()
+    };
+    for runner in &made {
+        assert_eq!(sweeps(runner), 2, "each list began each removal");
     }
 }
