@@ -350,6 +350,26 @@ fn control_plane(engine: &Arc<FakeEngine>, ready: bool) -> DockerControlPlane {
     )
 }
 
+/// Provisions one runner of `group` on `cp` and gives it a running function container, as
+/// a runner that has taken a call has: what a removal must sweep.
+async fn runner_with_a_function(
+    cp: &DockerControlPlane,
+    engine: &FakeEngine,
+    group: &str,
+) -> RunnerInfo {
+    let runner = cp
+        .provision(group, 1, &CancellationToken::new())
+        .await
+        .expect("provisioned")
+        .remove(0);
+    engine.add(
+        &format!("fn-{}-1", runner.id),
+        ContainerState::Running,
+        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
+    );
+    runner
+}
+
 #[test]
 fn spec_carries_labels_env_mount_and_limits() {
     let created = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
@@ -769,16 +789,7 @@ async fn the_function_containers_a_runner_left_go_once_it_is_gone() {
 async fn a_runner_whose_stop_failed_is_killed_before_what_it_left_is_swept() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
-    let runner = cp
-        .provision("default", 1, &CancellationToken::new())
-        .await
-        .expect("provisioned")
-        .remove(0);
-    engine.add(
-        &format!("fn-{}-1", runner.id),
-        ContainerState::Running,
-        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
-    );
+    let runner = runner_with_a_function(&cp, &engine, "default").await;
     engine.stop_fails.store(true, Ordering::SeqCst);
     cp.remove(&runner).await.expect("removed");
     let events = engine.events.lock().expect("lock").clone();
@@ -1022,16 +1033,7 @@ async fn a_logs_request_that_hangs_does_not_hold_a_failed_provisioning() {
 async fn a_cleanup_cut_short_is_finished_by_the_next_list() {
     let engine = Arc::new(FakeEngine::default());
     let cp = control_plane(&engine, true).with_function_engine(Arc::clone(&engine) as _);
-    let runner = cp
-        .provision("default", 1, &CancellationToken::new())
-        .await
-        .expect("provisioned")
-        .remove(0);
-    engine.add(
-        &format!("fn-{}-1", runner.id),
-        ContainerState::Running,
-        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
-    );
+    let runner = runner_with_a_function(&cp, &engine, "default").await;
     engine
         .lock()
         .iter_mut()

@@ -160,16 +160,7 @@ async fn a_removal_cut_short_leaves_no_function_container_behind() {
     for keep in [false, true] {
         let engine = Arc::new(FakeEngine::default());
         let cp = plane(&engine, true, keep);
-        let runner = cp
-            .provision("g", 1, &CancellationToken::new())
-            .await
-            .expect("provisioned")
-            .remove(0);
-        engine.add(
-            &format!("fn-{}-1", runner.id),
-            ContainerState::Running,
-            &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
-        );
+        let runner = runner_with_a_function(&cp, &engine, "g").await;
         engine.function_removal_hangs.store(true, Ordering::SeqCst);
         assert!(
             tokio::time::timeout(Duration::from_secs(1), cp.remove(&runner))
@@ -198,16 +189,7 @@ async fn a_removal_cut_short_leaves_no_function_container_behind() {
 async fn a_runner_being_removed_is_its_removals_not_lists() {
     let engine = Arc::new(FakeEngine::default());
     let cp = Arc::new(plane(&engine, true, false));
-    let runner = cp
-        .provision("g", 1, &CancellationToken::new())
-        .await
-        .expect("provisioned")
-        .remove(0);
-    engine.add(
-        &format!("fn-{}-1", runner.id),
-        ContainerState::Running,
-        &[(fn_docker::LABEL_RUNNER, runner.id.as_str())],
-    );
+    let runner = runner_with_a_function(&cp, &engine, "g").await;
     engine.function_removal_hangs.store(true, Ordering::SeqCst);
     let removal = tokio::spawn({
         let (cp, runner) = (Arc::clone(&cp), runner.clone());
