@@ -22,7 +22,7 @@ use bytes::Bytes;
 use fn_lifecycle::Health;
 use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::shards::Shards;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -137,6 +137,7 @@ impl Front {
         B::Error: std::fmt::Display + Send,
     {
         let call_id = new_call_id();
+        let version = req.version();
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -186,6 +187,9 @@ impl Front {
             }
         };
         stamp_call_id(&mut response, &call_id);
+        if version == Version::HTTP_10 {
+            close_an_unknown_length(&mut response);
+        }
         response
     }
 
@@ -575,6 +579,19 @@ fn new_call_id() -> String {
         .hyphenated()
         .encode_lower(&mut uuid::Uuid::encode_buffer())
         .to_owned()
+}
+
+/// Marks the answer to an HTTP/1.0 request as HTTP/1.0 when its length is not known, so
+/// that it does not promise a connection it cannot keep. HTTP/1.0 has no chunked coding:
+/// such an answer ends when the connection closes. hyper, answering a keep-alive request
+/// with an answer left as HTTP/1.1, says `connection: keep-alive` and then closes anyway;
+/// with an HTTP/1.0 answer it says nothing of keep-alive, and closes.
+fn close_an_unknown_length(response: &mut Response<ResponseBody>) {
+    if response.body().size_hint().exact().is_none()
+        && !response.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        *response.version_mut() = Version::HTTP_10;
+    }
 }
 
 /// Gives `response` its `Fn-Call-Id`.

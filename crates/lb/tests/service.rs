@@ -3706,6 +3706,29 @@ async fn a_host_that_is_no_host_or_none_on_http11_gets_400() {
     );
 }
 
+/// An HTTP/1.0 client that asks to keep its connection is told so only where the answer's
+/// length is known: an answer of unknown length ends with the connection (HTTP/1.0 has no
+/// chunked coding), and must not first say `keep-alive`.
+#[tokio::test]
+async fn an_http10_answer_of_unknown_length_does_not_promise_keep_alive() {
+    let pki = TestPki::new();
+    let request =
+        "POST /r/demo/echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+    let streaming = fakes(&pki, &[Behaviour::AnswerHeadThenStall]).await;
+    let lb = start_lb(&pki, &addresses(&streaming), Options::default()).await;
+    let head = raw_head(&lb.address, request).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    // With a length, keep-alive stands.
+    let sized = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&sized), Options::default()).await;
+    let head = raw_head(&lb.address, request).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains("content-length: 0"), "{head}");
+    assert!(head.contains("connection: keep-alive"), "{head}");
+}
+
 /// RFC 9112 (3.2) asks for a 400 to any HTTP/1.1 request without a `Host`, or with one
 /// that is no host, whatever its target: a target in absolute form (whose authority the
 /// function then sees), `/health` and a path of no function included. HTTP/1.0 needs none.
