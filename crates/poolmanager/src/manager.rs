@@ -69,8 +69,8 @@ pub struct ManagerConfig {
     pub group_retention: Duration,
     /// Most runners per group.
     pub max_runners: usize,
-    /// Most runners in all groups together, draining ones and those being provisioned
-    /// included.
+    /// Most runners in all groups together, draining ones, those being provisioned and
+    /// those the control plane holds from the LBs ([`ControlPlane::held_out`]) included.
     pub max_total_runners: usize,
     /// How long demand must stay low before runners drain.
     pub scale_down_delay: Duration,
@@ -744,13 +744,15 @@ impl ControlLoop {
                 }
             }
             let short = short.saturating_sub(coming);
-            // Runners of every group count, draining ones (they still run) and those
-            // coming: the cap bounds what the control plane runs.
+            // Runners of every group count, draining ones (they still run), those coming,
+            // and those the control plane runs but holds from the LBs: the cap bounds what
+            // the control plane runs.
             let all_coming: usize = self.in_flight.runners.values().sum();
+            let held_out = self.control_plane.held_out();
             let room = self
                 .config
                 .max_total_runners
-                .saturating_sub(self.runners.len() + all_coming);
+                .saturating_sub(self.runners.len() + all_coming + held_out);
             if short > room {
                 let max_total = self.config.max_total_runners;
                 fn_lifecycle::warn_throttled!(
@@ -759,6 +761,7 @@ impl ControlLoop {
                     short,
                     room,
                     max_total,
+                    held_out,
                     "FN_MAX_TOTAL_RUNNERS reached: the group gets fewer runners than its demand asks for"
                 );
             }

@@ -14,8 +14,9 @@
 //!   (the LBs probe it themselves), but kept out once it answers NOT_SERVING (a kept runner
 //!   still draining after its removal was cut short, one whose npm was killed while it
 //!   started), and removed if it still does not serve after a bound; kept out, it does not
-//!   count, and the control loop may provision in its place (see
-//!   [`DockerControlPlane::adopt`]).
+//!   count for its group, and the control loop may provision in its place, but it counts
+//!   against the bound on all runners, as it still runs (see [`DockerControlPlane::adopt`]
+//!   and [`ControlPlane::held_out`]).
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
 //!   removal the npm's shutdown cuts short leaves nothing for good: see below.
 //! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
@@ -65,6 +66,7 @@ mod tracking;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_lifecycle::logging::Throttle;
@@ -267,6 +269,9 @@ pub struct DockerControlPlane {
     adoption: Adoption,
     /// Repeats of the warnings about runners not adopted yet, at each tick's list.
     adoption_warnings: Throttle,
+    /// The running runners the last list did not report (held out, see
+    /// [`ControlPlane::held_out`]).
+    held_out: AtomicUsize,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -402,6 +407,7 @@ impl DockerControlPlane {
             removing: Claims::default(),
             adoption: Adoption::default(),
             adoption_warnings: Throttle::new(Duration::from_secs(60)),
+            held_out: AtomicUsize::new(0),
             own_service: None,
         }
     }
@@ -670,9 +676,11 @@ impl DockerControlPlane {
     /// after another, a removal that hangs (a sweep the engine does not answer) timed out
     /// that list, and, for a runner it had killed, every list after it. A removal cut short
     /// is finished by a later list (the runner is still held out, or found stopped).
-    async fn remove_found(&self, exited: Vec<String>, overdue: Vec<RunnerInfo>) {
+    ///
+    /// Returns how many of the `overdue` runners were not seen removed: they may still run.
+    async fn remove_found(&self, exited: Vec<String>, overdue: Vec<RunnerInfo>) -> usize {
         if exited.is_empty() && overdue.is_empty() {
-            return;
+            return 0;
         }
         let exited_removals = exited.iter().map(|name| async move {
             // Its function containers first: a removal cut short in between finds the
@@ -682,11 +690,17 @@ impl DockerControlPlane {
             self.discard(name).await;
         });
         let bound = self.silence_bound();
+        let removed = &AtomicUsize::new(0);
         let overdue_removals = overdue.iter().map(|info| async move {
             let (runner, address) = (&info.id, &info.address);
             tracing::warn!(%runner, %address, ?bound, "removing a running runner container that has not answered health SERVING within the bound");
-            if let Err(e) = self.remove_runner(runner, Duration::ZERO).await {
-                tracing::warn!(%runner, error = %e, "cannot remove a runner container that does not serve");
+            match self.remove_runner(runner, Duration::ZERO).await {
+                Ok(()) => {
+                    removed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(%runner, error = %e, "cannot remove a runner container that does not serve");
+                }
             }
         });
         let removals = futures::future::join(
@@ -699,6 +713,9 @@ impl DockerControlPlane {
         {
             tracing::warn!(exited = exited.len(), not_serving = overdue.len(), bound = ?LIST_REMOVALS_BOUND, "removing runner containers that exited or do not serve took longer than the bound; the next list goes on");
         }
+        overdue
+            .len()
+            .saturating_sub(removed.load(Ordering::Relaxed))
     }
 
     /// How long a running runner container found silent is given before it is removed: the
@@ -736,12 +753,16 @@ impl ControlPlane for DockerControlPlane {
         self.config.runner_memory_mb
     }
 
+    fn held_out(&self) -> usize {
+        self.held_out.load(Ordering::Relaxed)
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
             let began = self.adoption.begin_list();
             let containers = self.own_containers().await?;
-            self.adoption
-                .retain(&containers.iter().map(|c| c.name.as_str()).collect(), began);
+            let names = containers.iter().map(|c| c.name.as_str()).collect();
+            self.adoption.retain(&names, began);
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
             let mut exited = Vec::new();
@@ -786,9 +807,15 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Other => {}
                 }
             }
+            let found = unproven.len();
             let (adopted, overdue) = self.adopt(unproven).await;
+            // Held out (by the probe, or as its removal's), or overdue and not removed yet:
+            // running all the same.
+            let held_within_bound = found.saturating_sub(adopted.len() + overdue.len());
             runners.extend(adopted);
-            self.remove_found(exited, overdue).await;
+            let overdue_left = self.remove_found(exited, overdue).await;
+            self.held_out
+                .store(held_within_bound + overdue_left, Ordering::Relaxed);
             Ok(runners)
         })
     }

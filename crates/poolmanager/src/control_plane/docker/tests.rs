@@ -350,6 +350,19 @@ fn control_plane(engine: &Arc<FakeEngine>, ready: bool) -> DockerControlPlane {
     )
 }
 
+/// Every runner is idle, for a control loop over the plane.
+#[derive(Debug)]
+struct Idle;
+
+impl crate::manager::RunnerProbe for Idle {
+    fn calls_in_flight<'a>(
+        &'a self,
+        _runner: &'a RunnerInfo,
+    ) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(async { Ok(0) })
+    }
+}
+
 /// Provisions one runner of `group` on `cp` and gives it a running function container, as
 /// a runner that has taken a call has: what a removal must sweep.
 async fn runner_with_a_function(

@@ -2,11 +2,16 @@
 //! without asking again; the others (kept by an npm before it, one whose removal was cut
 //! short while it drained, one whose npm stopped before it answered) by what they answer:
 //! SERVING, listed from then on; no answer, listed all the same and never killed for it;
-//! NOT_SERVING, held out, and removed once held out past the bound.
+//! NOT_SERVING, held out, counted against the bound on all runners, and removed once held
+//! out past the bound.
 
 use std::time::Duration;
 
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
 use super::*;
+use crate::manager::{ControlLoop, ManagerConfig, Shared};
 
 /// A plane over `engine` whose probe is `health` and that sweeps what its runners leave;
 /// `keep` is `FN_DOCKER_KEEP_RUNNERS`.
@@ -410,4 +415,64 @@ async fn removals_of_runners_held_out_run_together_within_a_bound() {
     for runner in &made {
         assert_eq!(sweeps(runner), 2, "each list began each removal");
     }
+}
+
+/// A runner held out (it answers NOT_SERVING) still runs, and takes a machine's resources:
+/// the control loop counts it against `FN_MAX_TOTAL_RUNNERS`, without giving it to the
+/// LBs, so the engine never runs more runner containers than the bound, and the group gets
+/// its runner once the held-out one is removed. Before, the loop provisioned beside it at
+/// once, and for the 40 s it was held out there was one runner more than the bound.
+#[tokio::test(start_paused = true)]
+async fn runners_held_out_count_against_the_bound_on_all_runners() {
+    let engine = Arc::new(FakeEngine::default());
+    let held = kept_runner(&engine).await;
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(held.id.clone());
+    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    let shared = Arc::new(Shared::default());
+    let mut control = ControlLoop::new(
+        Arc::clone(&shared),
+        Arc::clone(&next) as Arc<dyn ControlPlane>,
+        Arc::new(Idle),
+        ManagerConfig {
+            max_runners: 1,
+            max_total_runners: 1,
+            ..ManagerConfig::default()
+        },
+        &mut Registry::default(),
+    );
+    let running = || {
+        engine
+            .lock()
+            .iter()
+            .filter(|(c, _)| {
+                c.state == ContainerState::Running
+                    && c.labels.get(LABEL_ROLE).map(String::as_str) == Some("runner")
+            })
+            .count()
+    };
+    for second in 0..bound().as_secs() + 5 {
+        shared
+            .record_advert(
+                "lb1",
+                vec![("g".into(), config().runner_memory_mb)],
+                Instant::now(),
+            )
+            .expect("recorded");
+        control.tick().await;
+        assert_eq!(running(), 1, "runner containers at {second} s");
+        if second == 0 {
+            assert_eq!(next.held_out(), 1);
+            assert!(shared.group("g").is_empty(), "held out of the LBs' lists");
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert!(killed(&engine, &held), "held out past the bound");
+    assert_eq!(next.held_out(), 0);
+    let published = shared.group("g");
+    assert_eq!(published.len(), 1, "the group got its runner");
+    assert_ne!(published[0].id, held.id);
 }

@@ -8,20 +8,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::*;
-use crate::manager::{ControlLoop, ManagerConfig, RunnerProbe, Shared};
-
-/// Every runner is idle.
-#[derive(Debug)]
-struct Idle;
-
-impl RunnerProbe for Idle {
-    fn calls_in_flight<'a>(
-        &'a self,
-        _runner: &'a RunnerInfo,
-    ) -> BoxFuture<'a, Result<u64, String>> {
-        Box::pin(async { Ok(0) })
-    }
-}
+use crate::manager::{ControlLoop, ManagerConfig, Shared};
 
 /// A control loop over `cp` running beside the test, with demand for one runner.
 fn run_loop(
