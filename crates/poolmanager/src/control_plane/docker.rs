@@ -282,10 +282,10 @@ pub struct DockerControlPlane {
 /// this is the backstop, so that the provisioning ends whatever the engine does.
 const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
 
-/// Longest a list waits for its removals, of runners that exited and of runners held out
-/// past the bound (see [`DockerControlPlane::remove_found`]): well inside the control
-/// loop's bound on a list, 10 s, which also covers the engine's listing and the probes
-/// (3 s at most).
+/// Longest a list waits for its removals, of runner containers never started, of runners
+/// that exited and of runners held out past the bound (see
+/// [`DockerControlPlane::remove_found`]): well inside the control loop's bound on a list,
+/// 10 s, which also covers the engine's listing and the probes (3 s at most).
 const LIST_REMOVALS_BOUND: Duration = Duration::from_secs(4);
 
 impl DockerControlPlane {
@@ -669,19 +669,26 @@ impl DockerControlPlane {
     }
 
     /// Removes what a list found to remove, all together, for at most
-    /// [`LIST_REMOVALS_BOUND`]: the runner containers that `exited` (the function
-    /// containers each left first, then it), and the runners held out past
-    /// [`Self::silence_bound`] (`overdue`: killed, then the same). The list they run in is
-    /// bounded (the control loop's `LIST_BOUND`), and its runners must come out of it: one
-    /// after another, a removal that hangs (a sweep the engine does not answer) timed out
-    /// that list, and, for a runner it had killed, every list after it. A removal cut short
-    /// is finished by a later list (the runner is still held out, or found stopped).
+    /// [`LIST_REMOVALS_BOUND`]: the runner containers `never_started` (one request each),
+    /// those that `exited` (the function containers each left first, then it), and the
+    /// runners held out past [`Self::silence_bound`] (`overdue`: killed, then the same). The
+    /// list they run in is bounded (the control loop's `LIST_BOUND`), and its runners must
+    /// come out of it: one after another, a removal that hangs (a sweep, or a removal, the
+    /// engine does not answer) timed out that list, and, for a runner it had killed, every
+    /// list after it. A removal cut short is finished by a later list (the runner is still
+    /// held out, or found stopped, or still never started).
     ///
     /// Returns how many of the `overdue` runners were not seen removed: they may still run.
-    async fn remove_found(&self, exited: Vec<String>, overdue: Vec<RunnerInfo>) -> usize {
-        if exited.is_empty() && overdue.is_empty() {
+    async fn remove_found(
+        &self,
+        never_started: Vec<String>,
+        exited: Vec<String>,
+        overdue: Vec<RunnerInfo>,
+    ) -> usize {
+        if never_started.is_empty() && exited.is_empty() && overdue.is_empty() {
             return 0;
         }
+        let never_started_removals = never_started.iter().map(|name| self.discard(name));
         let exited_removals = exited.iter().map(|name| async move {
             // Its function containers first: a removal cut short in between finds the
             // runner again next time and goes on, where the other order would leave them
@@ -703,7 +710,8 @@ impl DockerControlPlane {
                 }
             }
         });
-        let removals = futures::future::join(
+        let removals = futures::future::join3(
+            futures::future::join_all(never_started_removals),
             futures::future::join_all(exited_removals),
             futures::future::join_all(overdue_removals),
         );
@@ -711,7 +719,7 @@ impl DockerControlPlane {
             .await
             .is_err()
         {
-            tracing::warn!(exited = exited.len(), not_serving = overdue.len(), bound = ?LIST_REMOVALS_BOUND, "removing runner containers that exited or do not serve took longer than the bound; the next list goes on");
+            tracing::warn!(never_started = never_started.len(), exited = exited.len(), not_serving = overdue.len(), bound = ?LIST_REMOVALS_BOUND, "removing runner containers that never started, exited or do not serve took longer than the bound; the next list goes on");
         }
         overdue
             .len()
@@ -766,6 +774,7 @@ impl ControlPlane for DockerControlPlane {
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
             let mut exited = Vec::new();
+            let mut never_started = Vec::new();
             for container in containers {
                 match container.state {
                     ContainerState::Running if self.starting.contains(&container.name) => {
@@ -801,7 +810,7 @@ impl ControlPlane for DockerControlPlane {
                         });
                         if stale {
                             tracing::warn!(container = %container.name, "removing a runner container that was never started");
-                            self.discard(&container.name).await;
+                            never_started.push(container.name);
                         }
                     }
                     ContainerState::Other => {}
@@ -813,7 +822,7 @@ impl ControlPlane for DockerControlPlane {
             // running all the same.
             let held_within_bound = found.saturating_sub(adopted.len() + overdue.len());
             runners.extend(adopted);
-            let overdue_left = self.remove_found(exited, overdue).await;
+            let overdue_left = self.remove_found(never_started, exited, overdue).await;
             self.held_out
                 .store(held_within_bound + overdue_left, Ordering::Relaxed);
             Ok(runners)

@@ -27,6 +27,8 @@ struct FakeEngine {
     logs_hang: AtomicBool,
     /// Removing a container whose name starts with `fn-` (a function's) never answers.
     function_removal_hangs: AtomicBool,
+    /// Removing a container that was never started never answers.
+    created_removal_hangs: AtomicBool,
     /// What `service_exists` answers.
     service: Mutex<Option<bool>>,
     /// A stop with a grace drains for ever: the container got SIGTERM (see `not_serving`)
@@ -222,6 +224,13 @@ impl Engine for FakeEngine {
             return Box::pin(std::future::pending());
         }
         if name.starts_with("fn-") && self.function_removal_hangs.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        let created = self
+            .lock()
+            .iter()
+            .any(|(c, _)| c.name == name && c.state == ContainerState::Created);
+        if created && self.created_removal_hangs.load(Ordering::SeqCst) {
             return Box::pin(std::future::pending());
         }
         self.lock().retain(|(c, _)| c.name != name);

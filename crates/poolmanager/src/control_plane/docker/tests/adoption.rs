@@ -3,7 +3,7 @@
 //! short while it drained, one whose npm stopped before it answered) by what they answer:
 //! SERVING, listed from then on; no answer, listed all the same and never killed for it;
 //! NOT_SERVING, held out, counted against the bound on all runners, and removed once held
-//! out past the bound.
+//! out past the bound. The removals a list makes.
 
 use std::time::Duration;
 
@@ -475,4 +475,49 @@ async fn runners_held_out_count_against_the_bound_on_all_runners() {
     let published = shared.group("g");
     assert_eq!(published.len(), 1, "the group got its runner");
     assert_ne!(published[0].id, held.id);
+}
+
+/// Runner containers never started (an npm killed between create and start left them)
+/// are removed together with the list's other removals, within their bound: one after
+/// another, and unbounded, an engine that does not answer the first removal held that list
+/// past the control loop's bound on it, and every list after it.
+#[tokio::test(start_paused = true)]
+async fn runner_containers_never_started_are_removed_together_within_the_bound() {
+    let engine = Arc::new(FakeEngine::default());
+    let cp = plane(&engine, &EngineHealth::new(&engine), true);
+    let npm_id = placement().npm_id;
+    let names = ["stack-backend-runner-a", "stack-backend-runner-b"];
+    for name in names {
+        engine.add(
+            name,
+            ContainerState::Created,
+            &[
+                (LABEL_NPM, npm_id.as_str()),
+                (LABEL_ROLE, "runner"),
+                (LABEL_GROUP, "g"),
+                (LABEL_CREATED, "0"),
+                (LABEL_PORT, "9190"),
+            ],
+        );
+    }
+    engine.created_removal_hangs.store(true, Ordering::SeqCst);
+    let listed = tokio::time::timeout(crate::manager::LIST_BOUND, cp.list())
+        .await
+        .expect("the list answers within its bound");
+    assert!(listed.expect("lists").is_empty());
+    let events = engine.events.lock().expect("lock").clone();
+    for name in names {
+        assert!(
+            events.contains(&format!("remove {name}")),
+            "both removals began: {events:?}"
+        );
+    }
+    // The engine answers again: the next list finishes.
+    engine.created_removal_hangs.store(false, Ordering::SeqCst);
+    assert!(cp.list().await.expect("lists").is_empty());
+    assert!(
+        engine.names().is_empty(),
+        "left behind: {:?}",
+        engine.names()
+    );
 }
