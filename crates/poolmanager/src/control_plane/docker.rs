@@ -69,7 +69,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::retry::Backoff;
 use fn_tls::TlsMode;
 use futures::future::BoxFuture;
@@ -84,7 +83,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
-use tracking::{Adoption, Claims, Observed, Standing};
+use tracking::{Adoption, Claims, Observed, Standing, Warnings};
 
 use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
 
@@ -267,8 +266,9 @@ pub struct DockerControlPlane {
     /// What the health probe said of the running runners this npm did not see start: which
     /// are listed (see [`DockerControlPlane::adopt`]).
     adoption: Adoption,
-    /// Repeats of the warnings about runners not adopted yet, at each tick's list.
-    adoption_warnings: Throttle,
+    /// Repeats of the warnings about runners not adopted yet, at each tick's list: once a
+    /// minute at most for each runner.
+    adoption_warnings: Warnings,
     /// The running runners the last list did not report (held out, see
     /// [`ControlPlane::held_out`]).
     held_out: AtomicUsize,
@@ -287,6 +287,10 @@ const FAILURE_OUTPUT_BOUND: Duration = Duration::from_secs(15);
 /// [`DockerControlPlane::remove_found`]): well inside the control loop's bound on a list,
 /// 10 s, which also covers the engine's listing and the probes (3 s at most).
 const LIST_REMOVALS_BOUND: Duration = Duration::from_secs(4);
+
+/// Least time between two repeats of the warnings about one runner not adopted yet (see
+/// [`DockerControlPlane::adopt`]).
+const ADOPTION_WARNINGS_INTERVAL: Duration = Duration::from_secs(60);
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
@@ -406,7 +410,7 @@ impl DockerControlPlane {
             starting: Claims::default(),
             removing: Claims::default(),
             adoption: Adoption::default(),
-            adoption_warnings: Throttle::new(Duration::from_secs(60)),
+            adoption_warnings: Warnings::new(ADOPTION_WARNINGS_INTERVAL),
             held_out: AtomicUsize::new(0),
             own_service: None,
         }
@@ -649,19 +653,21 @@ impl DockerControlPlane {
                     listed.push(info);
                 }
                 Observed::Unreached { first: true } => {
+                    self.adoption_warnings.first(runner, now);
                     tracing::warn!(%runner, %address, %group, %health, "a running runner container this npm did not start does not answer its health probe: listed, as the LBs probe it themselves; probed again at each list");
                     listed.push(info);
                 }
                 Observed::Unreached { first: false } => {
-                    fn_lifecycle::warn_throttled!(self.adoption_warnings, %runner, %address, %group, %health, "a running runner container this npm did not start still does not answer its health probe (listed)");
+                    fn_lifecycle::warn_throttled!(self.adoption_warnings.repeat(runner, now), %runner, %address, %group, %health, "a running runner container this npm did not start still does not answer its health probe (listed)");
                     listed.push(info);
                 }
                 Observed::HeldOut { held, .. } if held > bound => overdue.push(info),
                 Observed::HeldOut { first: true, .. } => {
+                    self.adoption_warnings.first(runner, now);
                     tracing::warn!(%runner, %address, %group, %health, ?bound, "a running runner container this npm did not start does not serve (it drains, or still starts): kept from the LBs until it answers SERVING; removed if it has not within the bound");
                 }
                 Observed::HeldOut { held, first: false } => {
-                    fn_lifecycle::warn_throttled!(self.adoption_warnings, %runner, %address, %group, %health, ?held, ?bound, "a running runner container this npm did not start still does not serve: kept from the LBs");
+                    fn_lifecycle::warn_throttled!(self.adoption_warnings.repeat(runner, now), %runner, %address, %group, %health, ?held, ?bound, "a running runner container this npm did not start still does not serve: kept from the LBs");
                 }
             }
         }
@@ -771,6 +777,7 @@ impl ControlPlane for DockerControlPlane {
             let containers = self.own_containers().await?;
             let names = containers.iter().map(|c| c.name.as_str()).collect();
             self.adoption.retain(&names, began);
+            self.adoption_warnings.retain(&names);
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
             let mut exited = Vec::new();

@@ -1,7 +1,8 @@
 //! What the docker plane knows of its runner containers beyond what the engine lists: the
-//! names a provisioning or a removal under way has claimed ([`Claims`]), and what the
-//! health probe said of the running ones ([`Adoption`]). Names only, in memory: a restarted npm starts with
-//! none, and learns again from the engine and the health probe.
+//! names a provisioning or a removal under way has claimed ([`Claims`]), what the health
+//! probe said of the running ones ([`Adoption`]), and when each was last warned about
+//! ([`Warnings`]). Names only, in memory: a restarted npm starts with none, and learns
+//! again from the engine and the health probe.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -185,6 +186,101 @@ impl Adoption {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ListGeneration(u64);
 
+/// The repeats of the warnings about one runner not adopted yet, let through at most once
+/// per interval for each runner: one throttle over all runners let the first runner's
+/// repeat through and held back every other's for that interval, so a second runner that
+/// misbehaved could go unseen. Names are forgotten once the engine no longer lists them
+/// ([`Self::retain`]), so what is kept is bounded by the runner containers there are.
+#[derive(Debug)]
+pub(super) struct Warnings {
+    interval: Duration,
+    runners: Mutex<HashMap<String, Warned>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Warned {
+    /// When a warning about the runner was last let through.
+    at: Instant,
+    /// Its repeats held back since.
+    held_back: u64,
+}
+
+impl Warnings {
+    pub(super) fn new(interval: Duration) -> Self {
+        Warnings {
+            interval,
+            runners: Mutex::default(),
+        }
+    }
+
+    /// A first warning about `name` (of either kind) was logged at `now`, as they all are:
+    /// its repeats wait an interval from then.
+    pub(super) fn first(&self, name: &str, now: Instant) {
+        lock(&self.runners)
+            .entry(name.to_owned())
+            .and_modify(|w| w.at = now)
+            .or_insert(Warned {
+                at: now,
+                held_back: 0,
+            });
+    }
+
+    /// Whether a repeat about `name` at `now` is let through, for
+    /// [`fn_lifecycle::warn_throttled`] (which calls `admit` on it).
+    pub(super) fn repeat<'a>(&'a self, name: &'a str, now: Instant) -> Repeat<'a> {
+        Repeat {
+            warnings: self,
+            name,
+            now,
+        }
+    }
+
+    fn admit(&self, name: &str, now: Instant) -> Option<u64> {
+        let mut runners = lock(&self.runners);
+        let Some(warned) = runners.get_mut(name) else {
+            runners.insert(
+                name.to_owned(),
+                Warned {
+                    at: now,
+                    held_back: 0,
+                },
+            );
+            return Some(0);
+        };
+        if now.saturating_duration_since(warned.at) >= self.interval {
+            let held_back = warned.held_back;
+            *warned = Warned {
+                at: now,
+                held_back: 0,
+            };
+            Some(held_back)
+        } else {
+            warned.held_back = warned.held_back.saturating_add(1);
+            None
+        }
+    }
+
+    /// Forgets the runners not in `listed` (their containers are gone).
+    pub(super) fn retain(&self, listed: &HashSet<&str>) {
+        lock(&self.runners).retain(|n, _| listed.contains(n.as_str()));
+    }
+}
+
+/// One repeat of a warning about a runner, for [`fn_lifecycle::warn_throttled`].
+pub(super) struct Repeat<'a> {
+    warnings: &'a Warnings,
+    name: &'a str,
+    now: Instant,
+}
+
+impl Repeat<'_> {
+    /// `Some(held back)` when the repeat is let through (the first of its interval for its
+    /// runner), `None` when it is held back (logged at DEBUG).
+    pub(super) fn admit(&self) -> Option<u64> {
+        self.warnings.admit(self.name, self.now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +294,25 @@ mod tests {
         assert!(claims.contains("r"), "the second claim still holds it");
         drop(second);
         assert!(!claims.contains("r"));
+    }
+
+    #[test]
+    fn warnings_repeat_once_an_interval_per_runner_and_forget_runners_gone() {
+        let minute = Duration::from_secs(60);
+        let warnings = Warnings::new(minute);
+        let start = Instant::now();
+        warnings.first("a", start);
+        assert_eq!(warnings.repeat("a", start).admit(), None, "after its first");
+        assert_eq!(
+            warnings.repeat("b", start).admit(),
+            Some(0),
+            "another runner's repeat is its own"
+        );
+        assert_eq!(warnings.repeat("a", start + minute).admit(), Some(1));
+        assert_eq!(warnings.repeat("a", start + minute).admit(), None);
+        // "a" is no longer listed: forgotten, its next warning is let through.
+        warnings.retain(&HashSet::from(["b"]));
+        assert_eq!(lock(&warnings.runners).len(), 1);
+        assert_eq!(warnings.repeat("a", start + minute).admit(), Some(0));
     }
 }

@@ -3,7 +3,7 @@
 //! short while it drained, one whose npm stopped before it answered) by what they answer:
 //! SERVING, listed from then on; no answer, listed all the same and never killed for it;
 //! NOT_SERVING, held out, counted against the bound on all runners, and removed once held
-//! out past the bound. The removals a list makes.
+//! out past the bound. Their warnings, and the removals a list makes.
 
 use std::time::Duration;
 
@@ -520,4 +520,95 @@ async fn runner_containers_never_started_are_removed_together_within_the_bound()
         "left behind: {:?}",
         engine.names()
     );
+}
+
+/// What the plane logs at WARN and above, as text.
+#[derive(Debug, Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Logs to this until the guard is dropped (on this thread: the tests' runtime).
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let out = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(move || out.clone())
+                .finish(),
+        )
+    }
+
+    /// The lines that name `runner` and say `what`.
+    fn count(&self, runner: &RunnerInfo, what: &str) -> usize {
+        let text = String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned();
+        let named = format!("runner={} ", runner.id);
+        text.lines()
+            .filter(|l| l.contains(&named) && l.contains(what))
+            .count()
+    }
+}
+
+/// Each runner's warnings repeat at most once a minute, on their own: a second runner
+/// that does not answer gets its repeats as the first does. Before, one throttle over all
+/// runners let the first runner's repeat through and held back the second's.
+#[tokio::test(start_paused = true)]
+async fn each_runners_warnings_repeat_once_a_minute_of_their_own() {
+    let captured = Captured::default();
+    let _log = captured.install();
+    let engine = Arc::new(FakeEngine::default());
+    let first = plane(&engine, &EngineHealth::new(&engine), true);
+    let made = first
+        .provision("g", 2, &CancellationToken::new())
+        .await
+        .expect("provisioned");
+    drop(first);
+    for runner in &made {
+        engine
+            .unreachable
+            .lock()
+            .expect("lock")
+            .insert(runner.id.clone());
+    }
+    let next = plane(&engine, &EngineHealth::new(&engine), true);
+    let repeats = |runner| captured.count(runner, "still does not answer");
+    assert_eq!(next.list().await.expect("lists").len(), 2);
+    for runner in &made {
+        assert_eq!(
+            captured.count(runner, "does not answer its health probe"),
+            1
+        );
+        assert_eq!(repeats(runner), 0, "the first warning only");
+    }
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(next.list().await.expect("lists").len(), 2);
+    for runner in &made {
+        assert_eq!(repeats(runner), 1, "each runner's repeat comes");
+    }
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(next.list().await.expect("lists").len(), 2);
+    for runner in &made {
+        assert_eq!(repeats(runner), 1, "held back within a minute of the last");
+    }
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(next.list().await.expect("lists").len(), 2);
+    for runner in &made {
+        assert_eq!(repeats(runner), 2);
+        assert_eq!(
+            captured.count(runner, "held_back=1"),
+            1,
+            "with the one held back"
+        );
+    }
 }
