@@ -32,6 +32,14 @@ pub enum CallError {
     /// The client's request could not be read or is malformed (client).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The asterisk-form target (`*`) with a method other than OPTIONS: it names no
+    /// resource, only the server, and only OPTIONS asks about the server (client; RFC 9112,
+    /// 3.2.4).
+    #[error(
+        "bad request: the request target * is for OPTIONS only (RFC 9112, 3.2.4), not \
+         {0}; calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}"
+    )]
+    AsteriskNotOptions(String),
     /// The request URL (`http://` + host + path and query) is longer than a runner takes
     /// (client).
     #[error("request URL of {len} bytes is longer than the limit of {max}")]
@@ -95,7 +103,7 @@ impl CallError {
             CallError::NotFound(_) => StatusCode::NOT_FOUND,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CallError::BadRequest(_) | CallError::AsteriskNotOptions(_) => StatusCode::BAD_REQUEST,
             CallError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             CallError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -119,6 +127,7 @@ impl CallError {
             self,
             CallError::TooLarge { .. }
                 | CallError::BadRequest(_)
+                | CallError::AsteriskNotOptions(_)
                 | CallError::UnsupportedTransferCoding(_)
                 | CallError::UriTooLong { .. }
                 | CallError::TooManyHeaders { .. }

@@ -4,7 +4,9 @@
 //! Routes (DESIGN.md, fixed):
 //! - `ANY /r/{app}/{route...}`: the function bound to that route;
 //! - `POST /invoke/{app}/{function}`: a function by name;
-//! - `GET /health`: 200 while serving, 503 while draining.
+//! - `GET /health`: 200 while serving, 503 while draining;
+//! - `OPTIONS *`: 200 with `Allow`, a question about the server (RFC 9110, 9.3.7), answered
+//!   as Go's `net/http` server answers it; `*` with any other method is a 400.
 //!
 //! Shutdown comes in two steps. First health goes NOT_SERVING (`GET /health` answers 503)
 //! while calls are still taken, for `FN_DRAIN_DELAY`, so that an upstream balancer notices
@@ -45,6 +47,11 @@ use crate::metrics::CallOutcome;
 
 /// The call id header on every response.
 pub const CALL_ID_HEADER: HeaderName = HeaderName::from_static("fn-call-id");
+
+/// The methods a route (`/r/...`) takes, for an `Allow`: RFC 9110's and PATCH (RFC 5789),
+/// all but CONNECT. Any other (extension) method goes to the function as well; an `Allow`
+/// cannot list every token.
+pub const ROUTE_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 /// How long a client may take to send a request head (HTTP/1.1), and how long an idle
 /// keep-alive connection stays open. Without it a client that trickles its head byte by
@@ -103,6 +110,8 @@ pub struct Front {
 
 enum Route {
     Health,
+    /// `OPTIONS *`: what the server takes.
+    Server,
     Function(Arc<Function>),
 }
 
@@ -141,6 +150,7 @@ impl Front {
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            Ok(Route::Server) => server_options(),
             Ok(Route::Function(_)) if self.stopping.load(Ordering::Acquire) => {
                 self.invoker.metrics().refused(CallOutcome::ShuttingDown);
                 CallError::ShuttingDown.to_response()
@@ -204,6 +214,15 @@ impl Front {
     }
 
     fn route_path<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
+        // The asterisk form (RFC 9112, 3.2.4): hyper hands it over as the path `*`, which no
+        // other form can have (an origin-form path starts with `/`).
+        if req.uri().path() == "*" {
+            return if req.method() == Method::OPTIONS {
+                Ok(Route::Server)
+            } else {
+                Err(CallError::AsteriskNotOptions(req.method().to_string()))
+            };
+        }
         let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();
         if path == "/health" {
@@ -599,6 +618,17 @@ fn stamp_call_id<B>(response: &mut Response<B>, call_id: &str) {
     if let Ok(value) = HeaderValue::from_str(call_id) {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }
+}
+
+/// The answer to `OPTIONS *`, as Go's `net/http` server gives it (Fn's Go dataplane ran
+/// on it): 200 with `Content-Length: 0`, plus the `Allow` of the methods the server takes
+/// on some resource. A body the request may carry is read and dropped as any unread body is.
+fn server_options() -> Response<ResponseBody> {
+    let mut response = plain(StatusCode::OK, "");
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    headers.insert(header::ALLOW, HeaderValue::from_static(ROUTE_METHODS));
+    response
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {

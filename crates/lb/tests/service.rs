@@ -3794,3 +3794,99 @@ async fn two_host_headers_get_400_an_absolute_target_names_the_host_and_escapes_
         assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
     }
 }
+
+/// `OPTIONS *` asks about the server, not a resource (RFC 9110, 9.3.7): 200 with
+/// `Content-Length: 0` and an `Allow`, as Go's `net/http` answers it, with the call id.
+/// `*` with any other method is a 400 (RFC 9112, 3.2.4), and it still needs its Host.
+#[tokio::test]
+async fn options_asterisk_is_answered_and_asterisk_with_another_method_gets_400() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for request in [
+        "OPTIONS * HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 5\r\n\r\nhello",
+        "OPTIONS * HTTP/1.0\r\n\r\n",
+    ] {
+        let head = raw_head(&lb.address, request).await.to_ascii_lowercase();
+        assert_eq!(head.split(' ').nth(1), Some("200"), "{request:?}: {head}");
+        assert!(head.contains("\r\ncontent-length: 0\r\n"), "{head}");
+        assert!(
+            head.contains("\r\nallow: get, head, post, put, delete, options, trace, patch\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nfn-call-id: "), "{head}");
+    }
+    for method in ["GET", "POST", "DELETE", "PROPFIND"] {
+        let request = format!("{method} * HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n");
+        let (head, body) = raw_answer(&lb.address, &request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{method}: {head}");
+        assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+        assert!(body.contains("is for OPTIONS only"), "{method}: {body}");
+        assert!(body.contains(method), "{method}: {body}");
+    }
+    let head = raw_head(&lb.address, "OPTIONS * HTTP/1.1\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "no Host: {head}");
+
+    // Over HTTP/2, `:path` `*`.
+    let mut sender = h2c(&lb.address).await;
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(lb.address.as_str())
+        .path_and_query("*")
+        .build()
+        .expect("uri");
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK, "{response:?}");
+    assert!(
+        response.headers().contains_key(header::ALLOW),
+        "{response:?}"
+    );
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+}
+
+/// Writes `request` on a new connection; the response head and its body (as long as its
+/// `Content-Length` says), bounded.
+async fn raw_answer(address: &str, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                let length = head
+                    .lines()
+                    .filter_map(|line| line.split_once(':'))
+                    .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    let body = String::from_utf8_lossy(&got[end + 4..end + 4 + length]);
+                    return (head, body.into_owned());
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    return (String::from_utf8_lossy(&got).into_owned(), String::new());
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, exchange)
+        .await
+        .expect("the LB answers in time")
+}
