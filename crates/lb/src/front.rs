@@ -236,25 +236,27 @@ impl Front {
             };
         }
         let not_found = || CallError::NotFound(path.to_owned());
+        // A path that names no function is a 404 whatever the method, CONNECT included: a
+        // 405 says the resource exists, and its `Allow` would have no methods to list.
         if let Some(rest) = path.strip_prefix("/r/") {
             let (app, _) = rest.split_once('/').ok_or_else(not_found)?;
+            // The route with its leading slash, as the catalog spells it: a slice of the path.
+            let route = &rest[app.len()..];
+            let function = self
+                .catalog
+                .current()
+                .by_route(app, route)
+                .ok_or_else(not_found)?;
             if req.method() == Method::CONNECT {
                 // A 2xx answer to CONNECT turns the connection into a tunnel: hyper would
                 // send no body, or no answer at all.
                 return Err(CallError::MethodNotAllowed {
                     method: req.method().to_string(),
                     path: path.to_owned(),
-                    allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+                    allow: ROUTE_METHODS,
                 });
             }
-            // The route with its leading slash, as the catalog spells it: a slice of the path.
-            let route = &rest[app.len()..];
-            return self
-                .catalog
-                .current()
-                .by_route(app, route)
-                .map(Route::Function)
-                .ok_or_else(not_found);
+            return Ok(Route::Function(function));
         }
         if let Some(rest) = path.strip_prefix("/invoke/") {
             let (app, name) = rest.split_once('/').ok_or_else(not_found)?;

@@ -870,7 +870,10 @@ async fn invoke_takes_post_only_and_get_gets_405_with_allow() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
-    assert!(head.contains("allow: GET, HEAD, POST"), "{head}");
+    assert!(
+        head.contains("\r\nallow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n"),
+        "{head}"
+    );
     let seen = runners[0].seen().len();
     assert_eq!(seen, 3, "CONNECT reached no runner");
     let reply = post(&lb, "/health", "").await;
@@ -3889,4 +3892,74 @@ async fn raw_answer(address: &str, request: &str) -> (String, String) {
     tokio::time::timeout(BOUND, exchange)
         .await
         .expect("the LB answers in time")
+}
+
+/// A 405's `Allow` lists what the target takes (RFC 9110, 10.2.1): on a route, every method
+/// but CONNECT, TRACE and extension methods included, which do reach the function. CONNECT
+/// to a path of no function is a 404, as any method there is; to `/invoke/...`, a 405 with
+/// `Allow: POST` as any other method but POST.
+#[tokio::test]
+async fn a_405_allow_lists_what_the_target_takes_and_connect_elsewhere_gets_404() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let (head, body) = raw_answer(
+        &lb.address,
+        "CONNECT /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    let allow: Vec<String> = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("allow"))
+        .map(|(_, value)| value.split(',').map(|m| m.trim().to_owned()).collect())
+        .unwrap_or_else(|| panic!("no Allow: {head}"));
+    assert!(body.contains("TRACE"), "{body}");
+    // Each method the Allow lists reaches the function, and so does one it cannot list.
+    for method in allow.iter().map(String::as_str).chain(["PROPFIND"]) {
+        let head = raw_head(
+            &lb.address,
+            &format!(
+                "{method} /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{method}: {head}");
+    }
+    let expected = allow.len() + 1;
+    assert_eq!(runners[0].seen().len(), expected, "each reached a runner");
+    assert!(allow.iter().any(|m| m == "TRACE"), "{allow:?}");
+    assert!(!allow.iter().any(|m| m == "CONNECT"), "{allow:?}");
+
+    for (request, status, allow) in [
+        ("CONNECT /r/demo/nope HTTP/1.1", "HTTP/1.1 404", None),
+        ("CONNECT /nothing/here HTTP/1.1", "HTTP/1.1 404", None),
+        ("CONNECT /invoke/demo/nope HTTP/1.1", "HTTP/1.1 404", None),
+        (
+            "CONNECT /invoke/demo/echo HTTP/1.1",
+            "HTTP/1.1 405",
+            Some("POST"),
+        ),
+        (
+            "CONNECT /health HTTP/1.1",
+            "HTTP/1.1 405",
+            Some("GET, HEAD"),
+        ),
+    ] {
+        let head = raw_head(&lb.address, &format!("{request}\r\nHost: lb.test\r\n\r\n")).await;
+        assert!(head.starts_with(status), "{request}: {head}");
+        assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+        if let Some(allow) = allow {
+            assert!(
+                head.contains(&format!("\r\nallow: {allow}\r\n")),
+                "{request}: {head}"
+            );
+        }
+    }
+    assert_eq!(
+        runners[0].seen().len(),
+        expected,
+        "no CONNECT reached a runner"
+    );
 }
