@@ -32,6 +32,13 @@ pub enum CallError {
     /// The client's request could not be read or is malformed (client).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An absolute-form target (or HTTP/2 `:scheme`) of a scheme other than http and https:
+    /// the LB is no proxy, and the function's request URL would carry it (client).
+    #[error(
+        "bad request: the request target's scheme {0:?} is not http or https; send the \
+         path alone (/r/...) or an http or https URL"
+    )]
+    UnsupportedScheme(String),
     /// The asterisk-form target (`*`) with a method other than OPTIONS: it names no
     /// resource, only the server, and only OPTIONS asks about the server (client; RFC 9112,
     /// 3.2.4).
@@ -40,8 +47,8 @@ pub enum CallError {
          {0}; calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}"
     )]
     AsteriskNotOptions(String),
-    /// The request URL (`http://` + host + path and query) is longer than a runner takes
-    /// (client).
+    /// The request URL (scheme + `://` + host + path and query) is longer than a runner
+    /// takes (client).
     #[error("request URL of {len} bytes is longer than the limit of {max}")]
     UriTooLong { len: usize, max: usize },
     /// The client stopped sending its request body before its end (client).
@@ -103,7 +110,9 @@ impl CallError {
             CallError::NotFound(_) => StatusCode::NOT_FOUND,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::BadRequest(_) | CallError::AsteriskNotOptions(_) => StatusCode::BAD_REQUEST,
+            CallError::BadRequest(_)
+            | CallError::UnsupportedScheme(_)
+            | CallError::AsteriskNotOptions(_) => StatusCode::BAD_REQUEST,
             CallError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             CallError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             CallError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -127,6 +136,7 @@ impl CallError {
             self,
             CallError::TooLarge { .. }
                 | CallError::BadRequest(_)
+                | CallError::UnsupportedScheme(_)
                 | CallError::AsteriskNotOptions(_)
                 | CallError::UnsupportedTransferCoding(_)
                 | CallError::UriTooLong { .. }

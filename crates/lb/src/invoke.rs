@@ -265,7 +265,7 @@ impl Invoker {
 /// What a runner would refuse in the client's request, as the client's error rather than
 /// the function's: a request URL over [`MAX_URL_LEN`] (414), more headers than
 /// [`MAX_HEADERS`] (431), a `Host` with control characters (400; a tab passes HTTP's own
-/// checks).
+/// checks), a target of a scheme other than http and https (400).
 fn call_spec(
     function: &Function,
     id: String,
@@ -274,6 +274,7 @@ fn call_spec(
     // The request target's authority when it has one (absolute form, HTTP/2's
     // `:authority`), which a Host header must not override (RFC 9112, 3.2.2); else Host.
     let header_host = request_host(parts.version, &parts.headers)?;
+    let scheme = target_scheme(&parts.uri)?;
     let host = match parts.uri.authority() {
         // Without the userinfo a client may have put there.
         Some(authority) => authority.as_str().rsplit('@').next().unwrap_or_default(),
@@ -293,7 +294,7 @@ fn call_spec(
             return Err(CallError::UnsupportedTransferCoding(other.to_owned()));
         }
     }
-    let url_len = "http://".len() + host.len() + path.len();
+    let url_len = scheme.len() + "://".len() + host.len() + path.len();
     if url_len > MAX_URL_LEN {
         return Err(CallError::UriTooLong {
             len: url_len,
@@ -328,7 +329,7 @@ fn call_spec(
         function: function.name.clone(),
         route: function.route.clone(),
         method: parts.method.clone(),
-        request_url: ["http://", host, path].concat(),
+        request_url: [scheme, "://", host, path].concat(),
         headers,
         memory_mb: function.memory_mb,
         concurrency: function.concurrency,
@@ -871,6 +872,23 @@ where
         }
     }
     Ok(early)
+}
+
+/// The scheme of the URL the function sees (Fn's `Fn-Http-Request-Url`): the one the
+/// request target names, an absolute-form target's or HTTP/2's `:scheme` (`https` where a
+/// proxy that ended TLS says so), as Fn's Go server kept it; else `http`, since the LB
+/// itself takes no TLS.
+///
+/// # Errors
+/// A scheme other than http and https (400): the LB is no proxy for it.
+pub(crate) fn target_scheme(uri: &http::Uri) -> Result<&'static str, CallError> {
+    match uri.scheme() {
+        None => Ok("http"),
+        // `http::Uri` takes either in any case and spells it in lower case.
+        Some(scheme) if *scheme == http::uri::Scheme::HTTP => Ok("http"),
+        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => Ok("https"),
+        Some(other) => Err(CallError::UnsupportedScheme(other.as_str().to_owned())),
+    }
 }
 
 /// The request's `Host` header, checked as RFC 9112 (3.2) asks of a server whatever the

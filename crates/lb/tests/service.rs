@@ -3963,3 +3963,83 @@ async fn a_405_allow_lists_what_the_target_takes_and_connect_elsewhere_gets_404(
         "no CONNECT reached a runner"
     );
 }
+
+/// The URL the function sees carries the client's scheme: an absolute-form target's
+/// (`https` from a proxy that ended TLS), or HTTP/2's `:scheme`, as Fn's Go server kept it;
+/// `http` otherwise. Its length counts that scheme against what a runner takes. A scheme
+/// other than http and https gets 400.
+#[tokio::test]
+async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for request in [
+        "POST https://abs.test/r/demo/echo?q=1 HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "POST HTTPS://abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "POST http://abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        let head = raw_head(&lb.address, request).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{request:?}: {head}");
+    }
+    let mut sender = h2c(&lb.address).await;
+    for scheme in ["https", "http"] {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{scheme}://h2.test/r/demo/echo"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = tokio::time::timeout(BOUND, sender.send_request(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "{response:?}");
+    }
+    let urls: Vec<String> = runners[0]
+        .seen()
+        .into_iter()
+        .map(|c| c.request_url)
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "https://abs.test/r/demo/echo?q=1",
+            "https://abs.test/r/demo/echo",
+            "http://abs.test/r/demo/echo",
+            "http://lb.test/r/demo/echo",
+            "https://h2.test/r/demo/echo",
+            "http://h2.test/r/demo/echo",
+        ]
+    );
+
+    // The length of the URL counts `https`: at the limit it is served, one byte over it
+    // is a 414, though the same target would fit as `http`.
+    let max = fn_protocol::call::MAX_URL_LEN;
+    let prefix = "https://abs.test/r/demo/echo?q=";
+    let target_of = |len: usize| format!("{prefix}{}", "x".repeat(len - prefix.len()));
+    for (len, status) in [(max, "HTTP/1.1 200"), (max + 1, "HTTP/1.1 414")] {
+        let head = raw_head(
+            &lb.address,
+            &format!(
+                "POST {} HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+                target_of(len)
+            ),
+        )
+        .await;
+        assert!(head.starts_with(status), "{len}: {head}");
+    }
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen[6].request_url.len(), max);
+
+    for request in [
+        "POST ftp://abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "GET ws://abs.test/health HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+    ] {
+        let (head, body) = raw_answer(&lb.address, request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{request:?}: {head}");
+        assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+        assert!(body.contains("is not http or https"), "{body}");
+    }
+    assert_eq!(runners[0].seen().len(), 7, "no runner saw them");
+}
