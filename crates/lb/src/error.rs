@@ -32,6 +32,15 @@ pub enum CallError {
     /// The client's request could not be read or is malformed (client).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request target names a user (`http://user:pw@host/...`): RFC 9110 (4.2.4) asks a
+    /// recipient to take userinfo in an http(s) URI as an error, and dropping it served a
+    /// request whose credentials went nowhere (client). The message does not repeat them.
+    #[error(
+        "bad request: the request target carries userinfo (user@host), which an http or \
+         https URI must not (RFC 9110, 4.2.4); send credentials in a header such as \
+         Authorization, not in the URL"
+    )]
+    UserinfoInTarget,
     /// An absolute-form target (or HTTP/2 `:scheme`) of a scheme other than http and https:
     /// the LB is no proxy, and the function's request URL would carry it (client).
     #[error(
@@ -111,6 +120,7 @@ impl CallError {
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_)
+            | CallError::UserinfoInTarget
             | CallError::UnsupportedScheme(_)
             | CallError::AsteriskNotOptions(_) => StatusCode::BAD_REQUEST,
             CallError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
@@ -136,6 +146,7 @@ impl CallError {
             self,
             CallError::TooLarge { .. }
                 | CallError::BadRequest(_)
+                | CallError::UserinfoInTarget
                 | CallError::UnsupportedScheme(_)
                 | CallError::AsteriskNotOptions(_)
                 | CallError::UnsupportedTransferCoding(_)

@@ -204,12 +204,13 @@ impl Front {
     }
 
     /// The request's route. A request that goes to no function has its `Host` and its
-    /// target's scheme checked here (a call's are checked as its spec is built, once).
+    /// target's scheme and authority checked here (a call's are checked as its spec is
+    /// built, once).
     fn route<B>(&self, req: &Request<B>) -> Result<Route, CallError> {
         let routed = self.route_path(req);
         if !matches!(routed, Ok(Route::Function(_))) {
             crate::invoke::request_host(req.version(), req.headers())?;
-            crate::invoke::target_scheme(req.uri())?;
+            crate::invoke::request_target(req.uri())?;
         }
         routed
     }

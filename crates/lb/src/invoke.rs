@@ -265,7 +265,7 @@ impl Invoker {
 /// What a runner would refuse in the client's request, as the client's error rather than
 /// the function's: a request URL over [`MAX_URL_LEN`] (414), more headers than
 /// [`MAX_HEADERS`] (431), a `Host` with control characters (400; a tab passes HTTP's own
-/// checks), a target of a scheme other than http and https (400).
+/// checks), a target of a scheme other than http and https or with userinfo (400).
 fn call_spec(
     function: &Function,
     id: String,
@@ -274,13 +274,9 @@ fn call_spec(
     // The request target's authority when it has one (absolute form, HTTP/2's
     // `:authority`), which a Host header must not override (RFC 9112, 3.2.2); else Host.
     let header_host = request_host(parts.version, &parts.headers)?;
-    let scheme = target_scheme(&parts.uri)?;
-    let host = match parts.uri.authority() {
-        // Without the userinfo a client may have put there.
-        Some(authority) => authority.as_str().rsplit('@').next().unwrap_or_default(),
-        // HTTP/1.0 needs no Host; HTTP/2 without `:authority` is left to its `Host`.
-        None => header_host.unwrap_or("localhost"),
-    };
+    let (scheme, target_host) = request_target(&parts.uri)?;
+    // HTTP/1.0 needs no Host; HTTP/2 without `:authority` is left to its `Host`.
+    let host = target_host.or(header_host).unwrap_or("localhost");
     let path = parts
         .uri
         .path_and_query()
@@ -874,21 +870,31 @@ where
     Ok(early)
 }
 
-/// The scheme of the URL the function sees (Fn's `Fn-Http-Request-Url`): the one the
-/// request target names, an absolute-form target's or HTTP/2's `:scheme` (`https` where a
-/// proxy that ended TLS says so), as Fn's Go server kept it; else `http`, since the LB
-/// itself takes no TLS.
+/// What the request target says of the URL the function sees (Fn's
+/// `Fn-Http-Request-Url`): its scheme, and its host and port where it names them (an
+/// absolute-form target, HTTP/2's `:scheme` and `:authority`).
+///
+/// The scheme is the one the target names (`https` where a proxy that ended TLS says so),
+/// as Fn's Go server kept it; else `http`, since the LB itself takes no TLS.
 ///
 /// # Errors
-/// A scheme other than http and https (400): the LB is no proxy for it.
-pub(crate) fn target_scheme(uri: &http::Uri) -> Result<&'static str, CallError> {
-    match uri.scheme() {
-        None => Ok("http"),
+/// A scheme other than http and https (400: the LB is no proxy for it); an authority with
+/// userinfo (`user:pw@host`, 400: RFC 9110, 4.2.4).
+pub(crate) fn request_target(uri: &http::Uri) -> Result<(&'static str, Option<&str>), CallError> {
+    let scheme = match uri.scheme() {
+        None => "http",
         // `http::Uri` takes either in any case and spells it in lower case.
-        Some(scheme) if *scheme == http::uri::Scheme::HTTP => Ok("http"),
-        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => Ok("https"),
-        Some(other) => Err(CallError::UnsupportedScheme(other.as_str().to_owned())),
-    }
+        Some(scheme) if *scheme == http::uri::Scheme::HTTP => "http",
+        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => "https",
+        Some(other) => return Err(CallError::UnsupportedScheme(other.as_str().to_owned())),
+    };
+    let host = match uri.authority() {
+        Some(authority) if authority.as_str().contains('@') => {
+            return Err(CallError::UserinfoInTarget);
+        }
+        authority => authority.map(http::uri::Authority::as_str),
+    };
+    Ok((scheme, host))
 }
 
 /// The request's `Host` header, checked as RFC 9112 (3.2) asks of a server whatever the
@@ -1076,6 +1082,35 @@ mod tests {
             let err = Catalog::parse(Path::new("c.toml"), &text).expect_err(field);
             assert!(err.to_string().contains(field), "{err} should name {field}");
         }
+    }
+
+    #[test]
+    fn a_target_gives_its_scheme_and_host_and_no_userinfo() {
+        let target = |uri: &str| {
+            let uri: http::Uri = uri.parse().expect("a URI");
+            request_target(&uri).map(|(scheme, host)| (scheme, host.map(str::to_owned)))
+        };
+        assert_eq!(target("/r/a/x").ok(), Some(("http", None)));
+        assert_eq!(
+            target("https://h.test:8443/r/a/x").ok(),
+            Some(("https", Some("h.test:8443".into())))
+        );
+        assert_eq!(
+            target("HTTP://h.test/r/a/x?to=a@b").ok(),
+            Some(("http", Some("h.test".into())))
+        );
+        assert!(matches!(
+            target("http://u:pw@h.test/r/a/x"),
+            Err(CallError::UserinfoInTarget)
+        ));
+        assert!(matches!(
+            target("https://u@h.test/"),
+            Err(CallError::UserinfoInTarget)
+        ));
+        assert!(matches!(
+            target("ftp://h.test/r/a/x"),
+            Err(CallError::UnsupportedScheme(s)) if s == "ftp"
+        ));
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl From<&CallError> for CallOutcome {
             CallError::MethodNotAllowed { .. } => CallOutcome::MethodNotAllowed,
             CallError::TooLarge { .. } => CallOutcome::TooLarge,
             CallError::BadRequest(_)
+            | CallError::UserinfoInTarget
             | CallError::UnsupportedScheme(_)
             | CallError::AsteriskNotOptions(_)
             | CallError::UnsupportedTransferCoding(_)

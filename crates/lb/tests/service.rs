@@ -4043,3 +4043,59 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
     }
     assert_eq!(runners[0].seen().len(), 7, "no runner saw them");
 }
+
+/// A target with userinfo (`http://user:pw@host/...`) gets 400 saying so, on every path:
+/// RFC 9110 (4.2.4) asks a recipient to take it as an error, and the LB dropped it and
+/// served the call. The answer does not repeat the credentials.
+#[tokio::test]
+async fn a_target_with_userinfo_gets_400_naming_it() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    for request in [
+        "POST http://user:s3cret@abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "POST https://user@abs.test/invoke/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+        "GET http://user:s3cret@abs.test/health HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+        "GET http://user:s3cret@abs.test/nothing/here HTTP/1.1\r\nHost: lb.test\r\n\r\n",
+    ] {
+        let (head, body) = raw_answer(&lb.address, request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{request:?}: {head}");
+        assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
+        assert!(body.contains("userinfo"), "{body}");
+        assert!(body.contains("Authorization"), "says what to do: {body}");
+        assert!(!body.contains("s3cret"), "{body}");
+    }
+    // Over HTTP/2, in `:authority`.
+    let mut sender = h2c(&lb.address).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("http://user:s3cret@h2.test/r/demo/echo")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{response:?}");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("userinfo"),
+        "{body:?}"
+    );
+    assert!(runners[0].seen().is_empty(), "{:?}", runners[0].seen());
+    // An `@` further on, in the path or the query, is no userinfo.
+    let head = raw_head(
+        &lb.address,
+        "POST http://abs.test/r/demo/echo?to=a@b HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = runners[0].seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].request_url, "http://abs.test/r/demo/echo?to=a@b");
+}
