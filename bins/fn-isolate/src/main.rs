@@ -15,8 +15,10 @@
 //!    back in, and fresh ones on `/var/tmp`, `/dev/shm` and `/run/lock` and the IPC
 //!    namespace's own `/dev/mqueue` (kept directories under them bound back too: nothing
 //!    there is shared with other tenants or outlives the instance). It enters its working
-//!    directory again in the new tree. Then it starts the program as `U`:`G` (required, never
-//!    0) with no supplementary groups, reaps
+//!    directory again in the new tree. It leaves the runner's session for one of its own,
+//!    so the program has no controlling terminal (a runner started from a terminal would
+//!    otherwise give it the operator's). Then it starts the program as `U`:`G` (required,
+//!    never 0) with no supplementary groups, reaps
 //!    every process the namespace leaves behind, and exits with the program's status. When
 //!    it exits, the kernel kills whatever is left in the namespace; when the lifeline or the
 //!    outside process goes, it exits.
@@ -206,6 +208,16 @@ fn run_inside(options: &Options) -> ExitCode {
             }
         }
     });
+    // A session of its own, with no controlling terminal: the program and all it forks
+    // cannot open `/dev/tty` to reach the terminal the runner was started from (read and
+    // write the operator's, or push keystrokes into their shell with `TIOCSTI`). Never a
+    // process group leader (the outside process started it in its own group), so this
+    // cannot fail with `EPERM`; it leaves the outside's group, which the runner kills, but
+    // dies with the outside all the same (its lifeline, `PR_SET_PDEATHSIG`), and the
+    // namespace with it.
+    if let Err(e) = nix::unistd::setsid() {
+        return fail(&format!("cannot start a session of its own: {e}"));
+    }
     if let Err(e) = private_mounts(options) {
         return fail(&e);
     }

@@ -1412,6 +1412,93 @@ async fn in_namespaces_an_instances_tmpfs_is_gone_before_its_cgroup_is_removed()
     assert!(is_empty_dir(&fx.sockets), "instance directories left");
 }
 
+/// The live descendants of `root` (not `root` itself), from the parent ids in `/proc`.
+fn descendants(root: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut at = 0;
+    while at < found.len() {
+        let parent = found[at];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        at += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// In namespaces a function has no controlling terminal: the namespace's first process
+/// leads a session of its own, so nothing the function runs can open `/dev/tty` to reach
+/// the terminal a runner was started from (write to it, read it, or push keystrokes into
+/// the operator's shell with `TIOCSTI`). It was in the runner's session, led from outside
+/// its PID namespace (session 0 seen from inside). Killed, the instance still leaves no
+/// process, though they left its process group with the session.
+#[tokio::test]
+async fn in_namespaces_a_function_is_in_a_session_of_its_own_and_dies_with_its_instance() {
+    let Some(fx) = isolated_fixture() else {
+        return;
+    };
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-hostile"), "c", START)
+        .await
+        .expect("start");
+    let (status, _, answer) = call(&instance, HeaderMap::new(), "session=1")
+        .await
+        .expect("call");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(
+        answer.contains(" sid 1 "),
+        "not in the session of its namespace's first process: {answer}"
+    );
+    assert!(!answer.contains("tty: opened"), "{answer}");
+    // Seen from the host: neither the namespace's first process nor the function is in
+    // this process's (the runner's) session. (The wrapper shell's watchdog, root and
+    // outside the namespace, stays in it.)
+    let leader = i32::try_from(instance.pid().expect("pid")).expect("pid");
+    let pid_namespace = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let own_namespace = pid_namespace(leader);
+    let family: Vec<i32> = descendants(leader)
+        .into_iter()
+        .filter(|pid| pid_namespace(*pid) != own_namespace)
+        .collect();
+    assert!(family.len() >= 2, "the namespace's processes: {family:?}");
+    let own = nix::unistd::getsid(None).expect("own session");
+    for pid in &family {
+        let session = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(*pid)));
+        assert_ne!(session, Ok(own), "process {pid} is in the runner's session");
+    }
+
+    instance.kill();
+    instance.wait_gone().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while family.iter().any(|pid| is_running(*pid as u32)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the kill: {:?}",
+            family
+                .iter()
+                .filter(|pid| is_running(**pid as u32))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(is_empty_dir(&fx.sockets), "instance directories left");
+}
+
 /// An instance directory a runner killed outright left with its tmpfs mounted is unmounted
 /// and removed when a runner takes the socket root again (a mount point cannot be removed).
 #[tokio::test]

@@ -13,7 +13,9 @@
 //! answers when it survives). With `fill_mb=N` it only writes N MiB into `fill` in its own
 //! instance directory (beside its socket, from `FN_LISTENER`), and answers how much it wrote
 //! and, if a write failed, the error (what bounds the directory: `No space left on
-//! device`).
+//! device`). With `session=1` it only answers `pid P sid S`, its own process and session ids
+//! as its `/proc/self/stat` gives them (0: a session led from outside its PID namespace),
+//! and `tty: ` what opening `/dev/tty`, its controlling terminal, gave.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -39,6 +41,9 @@ fn main() -> ExitCode {
         }
         if let Ok(mb) = get("fill_mb").parse::<usize>() {
             return Ok(Response::new(fill_instance_dir(mb)));
+        }
+        if get("session") == "1" {
+            return Ok(Response::new(session()));
         }
         let pid = Pid::from_raw(get("pid").parse().unwrap_or(0));
         let mut report = String::new();
@@ -184,4 +189,25 @@ fn fill_instance_dir(mb: usize) -> String {
         }
     }
     format!("wrote {mb} MiB into {}\n", dir.display())
+}
+
+/// `pid P sid S tty: OUTCOME`: fields 1 and 6 of `/proc/self/stat` (after the command name,
+/// which may hold spaces), and whether `/dev/tty` opened (`opened`) or the error.
+fn session() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let pid = stat.split(' ').next().unwrap_or("?");
+    // After `(comm)`: state, ppid, pgrp, session.
+    let sid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+        .unwrap_or("?");
+    let tty = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    {
+        Ok(_) => "opened".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    format!("pid {pid} sid {sid} tty: {tty}\n")
 }
