@@ -146,7 +146,6 @@ impl Front {
         B::Error: std::fmt::Display + Send,
     {
         let call_id = new_call_id();
-        let version = req.version();
         let mut response = match self.route(&req) {
             Ok(Route::Health) if self.health.is_serving() => plain(StatusCode::OK, "ok\n"),
             Ok(Route::Health) => json_error(StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -197,9 +196,6 @@ impl Front {
             }
         };
         stamp_call_id(&mut response, &call_id);
-        if version == Version::HTTP_10 {
-            close_an_unknown_length(&mut response);
-        }
         response
     }
 
@@ -372,7 +368,7 @@ impl Front {
                         front.invoker.metrics().refused(CallOutcome::from(&error));
                         let mut response = error.to_response();
                         stamp_call_id(&mut response, &new_call_id());
-                        if version == http::Version::HTTP_2 {
+                        if version == Version::HTTP_2 {
                             // Given up like any answer the client does not take: a refusal
                             // held for a shut window would keep a closing connection open.
                             let limit = front.limits.send_timeout;
@@ -385,15 +381,19 @@ impl Front {
                     let (parts, body) = req.into_parts();
                     let (body, leftover) = leftover::track(body, version, &parts.headers);
                     let mut response = front.handle(Request::from_parts(parts, body)).await;
-                    if version == http::Version::HTTP_2 {
+                    if version == Version::HTTP_2 {
                         let limit = front.limits.send_timeout;
                         response = response.map(|body| stream_send_timeout(body, limit, stuck));
                     }
-                    if leftover.closes_after(response.status()) {
+                    let closes = leftover.closes_after(response.status());
+                    if closes {
                         // Answered with the body unread, and it will not be read: say so.
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    if version == Version::HTTP_10 {
+                        http10_answer(&mut response, closes);
                     }
                     Ok::<_, Infallible>(response.map(|body| Guarded { body, _busy: busy }))
                 }
@@ -604,15 +604,17 @@ fn new_call_id() -> String {
         .to_owned()
 }
 
-/// Marks the answer to an HTTP/1.0 request as HTTP/1.0 when its length is not known, so
-/// that it does not promise a connection it cannot keep. HTTP/1.0 has no chunked coding:
-/// such an answer ends when the connection closes. hyper, answering a keep-alive request
-/// with an answer left as HTTP/1.1, says `connection: keep-alive` and then closes anyway;
-/// with an HTTP/1.0 answer it says nothing of keep-alive, and closes.
-fn close_an_unknown_length(response: &mut Response<ResponseBody>) {
-    if response.body().size_hint().exact().is_none()
-        && !response.headers().contains_key(header::CONTENT_LENGTH)
-    {
+/// Marks the answer to an HTTP/1.0 request as HTTP/1.0 where the connection ends with it,
+/// so that it does not promise a connection it will not keep: where it says `close`, and
+/// where its length is not known (HTTP/1.0 has no chunked coding: such an answer ends when
+/// the connection closes). hyper, answering a keep-alive HTTP/1.0 request with an answer
+/// left as HTTP/1.1, adds `connection: keep-alive` unless the answer already says it (so
+/// `close, keep-alive`), then closes anyway; with an HTTP/1.0 answer it adds nothing, and
+/// closes.
+fn http10_answer<B: Body>(response: &mut Response<B>, closes: bool) {
+    let unknown_length = response.body().size_hint().exact().is_none()
+        && !response.headers().contains_key(header::CONTENT_LENGTH);
+    if closes || unknown_length {
         *response.version_mut() = Version::HTTP_10;
     }
 }

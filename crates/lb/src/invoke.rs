@@ -875,7 +875,9 @@ where
 /// absolute-form target, HTTP/2's `:scheme` and `:authority`).
 ///
 /// The scheme is the one the target names (`https` where a proxy that ended TLS says so),
-/// as Fn's Go server kept it; else `http`, since the LB itself takes no TLS.
+/// as Fn's Go server kept an HTTP/1.1 absolute-form target's; else `http`, since the LB
+/// itself takes no TLS. HTTP/2 gives `:scheme` only with `:authority` (the h2 crate drops
+/// it otherwise).
 ///
 /// # Errors
 /// A scheme other than http and https (400: the LB is no proxy for it); an authority with
@@ -883,9 +885,10 @@ where
 pub(crate) fn request_target(uri: &http::Uri) -> Result<(&'static str, Option<&str>), CallError> {
     let scheme = match uri.scheme() {
         None => "http",
-        // `http::Uri` takes either in any case and spells it in lower case.
-        Some(scheme) if *scheme == http::uri::Scheme::HTTP => "http",
-        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => "https",
+        // In any case (RFC 9110, 4.2.3): an HTTP/1.1 target's is spelt in lower case as it
+        // is parsed, an HTTP/2 `:scheme` is kept as the client sent it.
+        Some(scheme) if scheme.as_str().eq_ignore_ascii_case("http") => "http",
+        Some(scheme) if scheme.as_str().eq_ignore_ascii_case("https") => "https",
         Some(other) => return Err(CallError::UnsupportedScheme(other.as_str().to_owned())),
     };
     let host = match uri.authority() {

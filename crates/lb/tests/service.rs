@@ -3730,6 +3730,16 @@ async fn an_http10_answer_of_unknown_length_does_not_promise_keep_alive() {
     assert!(head.starts_with("http/1.0 200"), "{head}");
     assert!(head.contains("content-length: 0"), "{head}");
     assert!(head.contains("connection: keep-alive"), "{head}");
+    // An answer after which the connection closes (a body left unread) says `close` alone.
+    let head = raw_head(
+        &lb.address,
+        "POST /nothing HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 100000000\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 404"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
 }
 
 /// RFC 9112 (3.2) asks for a 400 to any HTTP/1.1 request without a `Host`, or with one
@@ -3983,10 +3993,18 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
         assert!(head.starts_with("HTTP/1.1 200"), "{request:?}: {head}");
     }
     let mut sender = h2c(&lb.address).await;
-    for scheme in ["https", "http"] {
+    // An HTTP/2 `:scheme` goes as the client spells it (the builder keeps `HTTPS`, where
+    // parsing a whole URI would spell it in lower case).
+    for scheme in ["https", "http", "HTTPS"] {
+        let uri = http::Uri::builder()
+            .scheme(scheme)
+            .authority("h2.test")
+            .path_and_query("/r/demo/echo")
+            .build()
+            .expect("uri");
         let req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{scheme}://h2.test/r/demo/echo"))
+            .uri(uri)
             .body(Full::new(Bytes::new()))
             .expect("request");
         let response = tokio::time::timeout(BOUND, sender.send_request(req))
@@ -4009,6 +4027,7 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
             "http://lb.test/r/demo/echo",
             "https://h2.test/r/demo/echo",
             "http://h2.test/r/demo/echo",
+            "https://h2.test/r/demo/echo",
         ]
     );
 
@@ -4029,8 +4048,8 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
         assert!(head.starts_with(status), "{len}: {head}");
     }
     let seen = runners[0].seen();
-    assert_eq!(seen.len(), 7, "{seen:?}");
-    assert_eq!(seen[6].request_url.len(), max);
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert_eq!(seen[7].request_url.len(), max);
 
     for request in [
         "POST ftp://abs.test/r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 0\r\n\r\n",
@@ -4041,7 +4060,7 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
         assert!(head.to_ascii_lowercase().contains("fn-call-id:"), "{head}");
         assert!(body.contains("is not http or https"), "{body}");
     }
-    assert_eq!(runners[0].seen().len(), 7, "no runner saw them");
+    assert_eq!(runners[0].seen().len(), 8, "no runner saw them");
 }
 
 /// A target with userinfo (`http://user:pw@host/...`) gets 400 saying so, on every path:
