@@ -300,6 +300,24 @@ async fn daemon(
     if let (Some(_), Some(Err(e))) = (&isolation, own_mounts) {
         tracing::warn!(error = %e, "cannot make a mount namespace of the runner's own (or share none of its mounts with the host's): the tmpfs on the directories of instances in namespaces are in the host's mount table, and those of a runner killed outright stay mounted there until a runner takes its socket root again (umount -l them; an npm cannot remove that runner's socket directory until then)");
     }
+    // Instances in namespaces get a session of their own from fn-isolate; the others are in
+    // the runner's, and share the terminal it was started from (see `fn_runner::terminal`).
+    if isolation.is_none() {
+        match fn_runner::terminal::controlling_terminal() {
+            Ok(false) => {}
+            Ok(true) => tracing::warn!(
+                "the runner has a controlling terminal, and functions run without namespaces \
+                 in its session: any function can open /dev/tty to read and write that \
+                 terminal, and push keystrokes into its shell where the kernel allows TIOCSTI \
+                 (sysctl dev.tty.legacy_tiocsti); start the runner without a terminal \
+                 (`setsid -w pure-runner ...` with its output sent to a file, or as a \
+                 service), or where namespaces are allowed"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell whether the runner has a controlling terminal")
+            }
+        }
+    }
     // Each instance holds a few descriptors (its socket, its output pipes, its lifeline), and
     // each lb-agent a connection; functions get back the limit the runner was given.
     let open_files = fn_lifecycle::limits::raise_open_file_limit();

@@ -10,6 +10,8 @@
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, refusals, memory, hot
 //!   instances), registered into the registry passed to [`RunnerService::new`].
 //! - [`memory`]: detection of the machine's memory for the default capacity.
+//! - [`terminal`]: whether the runner has a controlling terminal, which instances outside
+//!   namespaces inherit.
 //!
 //! The runner is stateless: everything it needs about a call arrives in the call.
 
@@ -18,6 +20,7 @@ pub mod engage;
 pub mod memory;
 pub mod metrics;
 pub mod pool;
+pub mod terminal;
 
 #[cfg(test)]
 mod testing;
