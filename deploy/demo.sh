@@ -42,15 +42,26 @@ export FN_LISTEN_ADDR=127.0.0.1
 export FN_WORKER_THREADS=1
 
 pids=()
+# Stops the daemons and exits with `status`. The messages may go to a terminal that is gone
+# (a hangup): they must not stop the clean-up.
 cleanup() {
-  trap - INT TERM EXIT
-  echo
-  echo "demo: stopping (the npm stops the runners it spawned)..."
+  local status=$1 signal=$2
+  trap - INT TERM HUP EXIT
+  { echo; echo "demo: stopping (the npm stops the runners it spawned)..."; } 2>/dev/null || true
+  # A terminal's Ctrl-C reaches the daemons too (they are in this script's process group):
+  # let them take it first, or the SIGTERM below may arrive first and the Ctrl-C count as
+  # a second one, which ends a daemon at once, cutting its calls.
+  if [ "$signal" = INT ]; then sleep 1; fi
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  echo "demo: stopped; logs are in $DEMO/logs"
+  echo "demo: stopped; logs are in $DEMO/logs" 2>/dev/null || true
+  exit "$status"
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup 130 INT' INT
+trap 'cleanup 143 TERM' TERM
+# The terminal closed: the daemons take SIGHUP as "reload", so they are stopped here.
+trap 'cleanup 129 HUP' HUP
+trap 'cleanup $? EXIT' EXIT
 
 FN_GRPC_PORT=$NPM_PORT \
 FN_CONTROL_PLANE=process \
