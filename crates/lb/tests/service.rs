@@ -304,6 +304,24 @@ async fn h2c(address: &str) -> hyper::client::conn::http2::SendRequest<Full<Byte
     sender
 }
 
+/// Sends an empty-bodied `method` request to `uri` on `sender` and returns the answer's
+/// head, failing the test when none comes within [`BOUND`].
+async fn h2_empty(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    method: Method,
+    uri: http::Uri,
+) -> http::Response<hyper::body::Incoming> {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response")
+}
+
 /// [`h2c`] with the client's own flow-control windows (`None`: hyper's), and the task that
 /// drives the connection (it ends when the connection does).
 async fn h2c_windows<B>(
@@ -3849,15 +3867,7 @@ async fn options_asterisk_is_answered_and_asterisk_with_another_method_gets_400(
         .path_and_query("*")
         .build()
         .expect("uri");
-    let req = Request::builder()
-        .method(Method::OPTIONS)
-        .uri(uri)
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = tokio::time::timeout(BOUND, sender.send_request(req))
-        .await
-        .expect("in time")
-        .expect("response");
+    let response = h2_empty(&mut sender, Method::OPTIONS, uri).await;
     assert_eq!(response.status(), StatusCode::OK, "{response:?}");
     assert!(
         response.headers().contains_key(header::ALLOW),
@@ -4002,15 +4012,7 @@ async fn the_function_sees_the_clients_scheme_and_other_schemes_get_400() {
             .path_and_query("/r/demo/echo")
             .build()
             .expect("uri");
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let response = tokio::time::timeout(BOUND, sender.send_request(req))
-            .await
-            .expect("in time")
-            .expect("response");
+        let response = h2_empty(&mut sender, Method::POST, uri).await;
         assert_eq!(response.status(), StatusCode::OK, "{response:?}");
     }
     let urls: Vec<String> = runners[0]
@@ -4086,15 +4088,8 @@ async fn a_target_with_userinfo_gets_400_naming_it() {
     }
     // Over HTTP/2, in `:authority`.
     let mut sender = h2c(&lb.address).await;
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri("http://user:s3cret@h2.test/r/demo/echo")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = tokio::time::timeout(BOUND, sender.send_request(req))
-        .await
-        .expect("in time")
-        .expect("response");
+    let uri = http::Uri::from_static("http://user:s3cret@h2.test/r/demo/echo");
+    let response = h2_empty(&mut sender, Method::POST, uri).await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{response:?}");
     let body = response
         .into_body()
