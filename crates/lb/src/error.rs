@@ -19,6 +19,13 @@ pub enum CallError {
         "no function at {0}: calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}, as the catalog names them"
     )]
     NotFound(String),
+    /// An authority-form target (`CONNECT host:port`): a request for a tunnel, which only a
+    /// proxy makes, and the lb-agent is none. A 404 as any target of no function (client).
+    #[error(
+        "no function at {0}: CONNECT host:port asks for a tunnel, and the lb-agent is no \
+         proxy; calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}"
+    )]
+    NoTunnel(String),
     /// Wrong method on a fixed route (client).
     #[error("method {method} not allowed on {path}; use {allow}")]
     MethodNotAllowed {
@@ -116,7 +123,7 @@ pub enum CallError {
 impl CallError {
     pub fn status(&self) -> StatusCode {
         match self {
-            CallError::NotFound(_) => StatusCode::NOT_FOUND,
+            CallError::NotFound(_) | CallError::NoTunnel(_) => StatusCode::NOT_FOUND,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_)

@@ -221,6 +221,13 @@ impl Front {
                 Err(CallError::AsteriskNotOptions(req.method().to_string()))
             };
         }
+        // The authority form (RFC 9112, 3.2.3): CONNECT's `host:port`, which hyper hands over
+        // with no path at all.
+        if req.uri().path().is_empty() {
+            if let Some(authority) = req.uri().authority() {
+                return Err(CallError::NoTunnel(authority.to_string()));
+            }
+        }
         let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();
         if path == "/health" {

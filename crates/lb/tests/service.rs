@@ -3917,7 +3917,7 @@ async fn raw_answer(address: &str, request: &str) -> (String, String) {
 /// A 405's `Allow` lists what the target takes (RFC 9110, 10.2.1): on a route, every method
 /// but CONNECT, TRACE and extension methods included, which do reach the function. CONNECT
 /// to a path of no function is a 404, as any method there is; to `/invoke/...`, a 405 with
-/// `Allow: POST` as any other method but POST.
+/// `Allow: POST` as any other method but POST; to `host:port` (a tunnel), a 404 that says so.
 #[tokio::test]
 async fn a_405_allow_lists_what_the_target_takes_and_connect_elsewhere_gets_404() {
     let pki = TestPki::new();
@@ -3977,6 +3977,18 @@ async fn a_405_allow_lists_what_the_target_takes_and_connect_elsewhere_gets_404(
             );
         }
     }
+    // The authority form asks for a tunnel: a 404 that says the LB is no proxy, naming the
+    // authority it was asked for.
+    let (head, body) = raw_answer(
+        &lb.address,
+        "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(
+        body.contains("no function at example.test:443: CONNECT host:port asks for a tunnel"),
+        "{body}"
+    );
     assert_eq!(
         runners[0].seen().len(),
         expected,
