@@ -200,7 +200,7 @@ impl DemandBook {
     }
 
     /// Retains `groups` as if advertised at `now` (a restarted npm does so for the groups of
-    /// the runners it adopts).
+    /// the runners it finds, adopted or held out).
     pub fn retain_groups(&mut self, groups: impl IntoIterator<Item = String>, now: Instant) {
         for group in groups {
             if let Some(seen) = self.advertised.get_mut(&group) {

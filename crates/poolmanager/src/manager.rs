@@ -639,8 +639,16 @@ impl ControlLoop {
             let relearn = self.config.lb_purge_after + self.config.tick * 2;
             let _ = self.shared.relearning_until.set(Instant::now() + relearn);
             // The groups of adopted runners are retained as if just advertised: a restart
-            // must not take their minimum away before the LBs advertise again.
-            let groups: BTreeSet<String> = listed.iter().map(|r| r.group.clone()).collect();
+            // must not take their minimum away before the LBs advertise again (an LB
+            // advertises a group only while it has calls for it). So are those of the
+            // runners the control plane holds from the LBs: the minimum is provisioned in
+            // their place, and would otherwise be lost with them.
+            let held_out = self.control_plane.held_out();
+            let groups: BTreeSet<String> = listed
+                .iter()
+                .chain(&held_out)
+                .map(|r| r.group.clone())
+                .collect();
             let now = Instant::now();
             self.shared.with_demand(|d| d.retain_groups(groups, now));
         }
@@ -748,7 +756,7 @@ impl ControlLoop {
             // and those the control plane runs but holds from the LBs: the cap bounds what
             // the control plane runs.
             let all_coming: usize = self.in_flight.runners.values().sum();
-            let held_out = self.control_plane.held_out();
+            let held_out = self.control_plane.held_out().len();
             let room = self
                 .config
                 .max_total_runners

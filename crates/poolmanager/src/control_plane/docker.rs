@@ -14,7 +14,8 @@
 //!   (the LBs probe it themselves), but kept out once it answers NOT_SERVING (a kept runner
 //!   still draining after its removal was cut short, one whose npm was killed while it
 //!   started), and removed if it still does not serve after a bound; kept out, it does not
-//!   count for its group, and the control loop may provision in its place, but it counts
+//!   count for its group, and the control loop may provision in its place (a restarted npm
+//!   retains its group, as a listed runner's, for the group's minimum), but it counts
 //!   against the bound on all runners, as it still runs (see [`DockerControlPlane::adopt`]
 //!   and [`ControlPlane::held_out`]).
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
@@ -65,8 +66,8 @@ mod swarm;
 mod tracking;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_lifecycle::retry::Backoff;
@@ -83,7 +84,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
-use tracking::{Adoption, Claims, Observed, Standing, Warnings};
+use tracking::{Adoption, Claims, Observed, Standing, Warnings, lock};
 
 use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
 
@@ -271,7 +272,7 @@ pub struct DockerControlPlane {
     adoption_warnings: Warnings,
     /// The running runners the last list did not report (held out, see
     /// [`ControlPlane::held_out`]).
-    held_out: AtomicUsize,
+    held_out: Mutex<Vec<RunnerInfo>>,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -411,7 +412,7 @@ impl DockerControlPlane {
             removing: Claims::default(),
             adoption: Adoption::default(),
             adoption_warnings: Warnings::new(ADOPTION_WARNINGS_INTERVAL),
-            held_out: AtomicUsize::new(0),
+            held_out: Mutex::default(),
             own_service: None,
         }
     }
@@ -623,18 +624,20 @@ impl DockerControlPlane {
     ///   [`Self::silence_bound`] is killed and removed.
     ///
     /// A runner being removed is its removal's: not probed (it says NOT_SERVING while it
-    /// drains), never killed here, and listed as it was.
+    /// drains), never killed here, and listed, or held out, as it was.
     ///
-    /// Returns the runners to list, and those held out past the bound, for the list to
-    /// remove (see [`Self::remove_found`]).
-    async fn adopt(&self, found: Vec<RunnerInfo>) -> (Vec<RunnerInfo>, Vec<RunnerInfo>) {
-        let mut listed = Vec::new();
+    /// Returns the runners to list, those held out within the bound, and those held out
+    /// past it, for the list to remove (see [`Self::remove_found`]).
+    async fn adopt(&self, found: Vec<RunnerInfo>) -> Adopted {
+        let mut adopted = Adopted::default();
         let mut to_probe = Vec::new();
         for info in found {
             if !self.removing.contains(&info.id) {
                 to_probe.push(info);
             } else if self.adoption.standing(&info.id) == Some(Standing::Unreached) {
-                listed.push(info);
+                adopted.listed.push(info);
+            } else {
+                adopted.held.push(info);
             }
         }
         let probes = to_probe.into_iter().map(|info| async move {
@@ -644,34 +647,35 @@ impl DockerControlPlane {
         let probed = futures::future::join_all(probes).await;
         let now = tokio::time::Instant::now();
         let bound = self.silence_bound();
-        let mut overdue = Vec::new();
         for (info, health) in probed {
             let (runner, address, group) = (&info.id, &info.address, &info.group);
             match self.adoption.observe(runner, &health, now) {
                 Observed::Adopted => {
                     tracing::info!(%runner, %address, %group, "adopted a running runner container: it answers health SERVING");
-                    listed.push(info);
+                    adopted.listed.push(info);
                 }
                 Observed::Unreached { first: true } => {
                     self.adoption_warnings.first(runner, now);
                     tracing::warn!(%runner, %address, %group, %health, "a running runner container this npm did not start does not answer its health probe: listed, as the LBs probe it themselves; probed again at each list");
-                    listed.push(info);
+                    adopted.listed.push(info);
                 }
                 Observed::Unreached { first: false } => {
                     fn_lifecycle::warn_throttled!(self.adoption_warnings.repeat(runner, now), %runner, %address, %group, %health, "a running runner container this npm did not start still does not answer its health probe (listed)");
-                    listed.push(info);
+                    adopted.listed.push(info);
                 }
-                Observed::HeldOut { held, .. } if held > bound => overdue.push(info),
+                Observed::HeldOut { held, .. } if held > bound => adopted.overdue.push(info),
                 Observed::HeldOut { first: true, .. } => {
                     self.adoption_warnings.first(runner, now);
                     tracing::warn!(%runner, %address, %group, %health, ?bound, "a running runner container this npm did not start does not serve (it drains, or still starts): kept from the LBs until it answers SERVING; removed if it has not within the bound");
+                    adopted.held.push(info);
                 }
                 Observed::HeldOut { held, first: false } => {
                     fn_lifecycle::warn_throttled!(self.adoption_warnings.repeat(runner, now), %runner, %address, %group, %health, ?held, ?bound, "a running runner container this npm did not start still does not serve: kept from the LBs");
+                    adopted.held.push(info);
                 }
             }
         }
-        (listed, overdue)
+        adopted
     }
 
     /// Removes what a list found to remove, all together, for at most
@@ -684,15 +688,15 @@ impl DockerControlPlane {
     /// list after it. A removal cut short is finished by a later list (the runner is still
     /// held out, or found stopped, or still never started).
     ///
-    /// Returns how many of the `overdue` runners were not seen removed: they may still run.
+    /// Returns the `overdue` runners not seen removed: they may still run.
     async fn remove_found(
         &self,
         never_started: Vec<String>,
         exited: Vec<String>,
         overdue: Vec<RunnerInfo>,
-    ) -> usize {
+    ) -> Vec<RunnerInfo> {
         if never_started.is_empty() && exited.is_empty() && overdue.is_empty() {
-            return 0;
+            return overdue;
         }
         let never_started_removals = never_started.iter().map(|name| self.discard(name));
         let exited_removals = exited.iter().map(|name| async move {
@@ -703,14 +707,12 @@ impl DockerControlPlane {
             self.discard(name).await;
         });
         let bound = self.silence_bound();
-        let removed = &AtomicUsize::new(0);
-        let overdue_removals = overdue.iter().map(|info| async move {
+        let removed: Vec<AtomicBool> = overdue.iter().map(|_| AtomicBool::new(false)).collect();
+        let overdue_removals = overdue.iter().zip(&removed).map(|(info, removed)| async move {
             let (runner, address) = (&info.id, &info.address);
             tracing::warn!(%runner, %address, ?bound, "removing a running runner container that has not answered health SERVING within the bound");
             match self.remove_runner(runner, Duration::ZERO).await {
-                Ok(()) => {
-                    removed.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => removed.store(true, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!(%runner, error = %e, "cannot remove a runner container that does not serve");
                 }
@@ -728,8 +730,11 @@ impl DockerControlPlane {
             tracing::warn!(never_started = never_started.len(), exited = exited.len(), not_serving = overdue.len(), bound = ?LIST_REMOVALS_BOUND, "removing runner containers that never started, exited or do not serve took longer than the bound; the next list goes on");
         }
         overdue
-            .len()
-            .saturating_sub(removed.load(Ordering::Relaxed))
+            .into_iter()
+            .zip(removed)
+            .filter(|(_, removed)| !removed.load(Ordering::Relaxed))
+            .map(|(info, _)| info)
+            .collect()
     }
 
     /// How long a running runner container found silent is given before it is removed: the
@@ -753,6 +758,17 @@ impl DockerControlPlane {
     }
 }
 
+/// What [`DockerControlPlane::adopt`] made of the running runners not seen serving.
+#[derive(Debug, Default)]
+struct Adopted {
+    /// To list: they answered SERVING, or no probe reaches them.
+    listed: Vec<RunnerInfo>,
+    /// Held out within the bound (they answered another status), or as their removal's.
+    held: Vec<RunnerInfo>,
+    /// Held out past the bound: to remove.
+    overdue: Vec<RunnerInfo>,
+}
+
 /// The npm's own container id, if it runs in one: Docker sets the hostname to it.
 fn own_container_id() -> Option<String> {
     std::env::var("HOSTNAME")
@@ -767,8 +783,8 @@ impl ControlPlane for DockerControlPlane {
         self.config.runner_memory_mb
     }
 
-    fn held_out(&self) -> usize {
-        self.held_out.load(Ordering::Relaxed)
+    fn held_out(&self) -> Vec<RunnerInfo> {
+        lock(&self.held_out).clone()
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
@@ -823,15 +839,16 @@ impl ControlPlane for DockerControlPlane {
                     ContainerState::Other => {}
                 }
             }
-            let found = unproven.len();
-            let (adopted, overdue) = self.adopt(unproven).await;
+            let Adopted {
+                listed,
+                mut held,
+                overdue,
+            } = self.adopt(unproven).await;
+            runners.extend(listed);
             // Held out (by the probe, or as its removal's), or overdue and not removed yet:
             // running all the same.
-            let held_within_bound = found.saturating_sub(adopted.len() + overdue.len());
-            runners.extend(adopted);
-            let overdue_left = self.remove_found(never_started, exited, overdue).await;
-            self.held_out
-                .store(held_within_bound + overdue_left, Ordering::Relaxed);
+            held.extend(self.remove_found(never_started, exited, overdue).await);
+            *lock(&self.held_out) = held;
             Ok(runners)
         })
     }

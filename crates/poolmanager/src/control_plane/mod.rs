@@ -84,14 +84,16 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     /// outage must not hide healthy runners from them.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>>;
 
-    /// How many running runners the last [`ControlPlane::list`] did not report because
-    /// they answered health with another status than SERVING (found runners held out from
-    /// the LBs until they serve, or until they are removed). They take a machine's
-    /// resources as any runner does, so the control loop counts them against its bound on
-    /// all runners (`FN_MAX_TOTAL_RUNNERS`), though not for their group nor in the LBs'
-    /// lists. None for a plane that lists every runner it runs (the default).
-    fn held_out(&self) -> usize {
-        0
+    /// The running runners the last [`ControlPlane::list`] did not report because they
+    /// answered health with another status than SERVING (found runners held out from the
+    /// LBs until they serve, or until they are removed). They take a machine's resources as
+    /// any runner does, so the control loop counts them against its bound on all runners
+    /// (`FN_MAX_TOTAL_RUNNERS`), though not for their group nor in the LBs' lists; and a
+    /// restarted npm retains their groups, as it does the listed runners' (each keeps its
+    /// `FN_MIN_RUNNERS`, provisioned in place of those held out). None for a plane that
+    /// lists every runner it runs (the default).
+    fn held_out(&self) -> Vec<RunnerInfo> {
+        Vec::new()
     }
 
     /// Provisions up to `count` new runners for `group` and returns those that are ready

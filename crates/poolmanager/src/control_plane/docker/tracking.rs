@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::control_plane::Health;
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Names and instants only: what a panicking holder left is still right.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Names, runners and instants only: what a panicking holder left is still right.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

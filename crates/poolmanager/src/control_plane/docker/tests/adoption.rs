@@ -2,8 +2,9 @@
 //! without asking again; the others (kept by an npm before it, one whose removal was cut
 //! short while it drained, one whose npm stopped before it answered) by what they answer:
 //! SERVING, listed from then on; no answer, listed all the same and never killed for it;
-//! NOT_SERVING, held out, counted against the bound on all runners, and removed once held
-//! out past the bound. Their warnings, and the removals a list makes.
+//! NOT_SERVING, held out, counted against the bound on all runners, their groups keeping
+//! their minimum, and removed once held out past the bound. Their warnings, and the
+//! removals a list makes.
 
 use std::time::Duration;
 
@@ -465,15 +466,64 @@ async fn runners_held_out_count_against_the_bound_on_all_runners() {
         control.tick().await;
         assert_eq!(running(), 1, "runner containers at {second} s");
         if second == 0 {
-            assert_eq!(next.held_out(), 1);
+            assert_eq!(next.held_out().len(), 1);
             assert!(shared.group("g").is_empty(), "held out of the LBs' lists");
         }
         tokio::time::advance(Duration::from_secs(1)).await;
     }
     assert!(killed(&engine, &held), "held out past the bound");
-    assert_eq!(next.held_out(), 0);
+    assert_eq!(next.held_out().len(), 0);
     let published = shared.group("g");
     assert_eq!(published.len(), 1, "the group got its runner");
+    assert_ne!(published[0].id, held.id);
+}
+
+/// A restarted npm keeps the minimum (`FN_MIN_RUNNERS`) of the group of a runner it holds
+/// out, as it keeps the minimum of the groups of the runners it lists, though no LB
+/// advertises the group (an LB advertises a group only while it has calls for it): the
+/// minimum is provisioned in the held-out runner's place, and stays once that runner is
+/// killed. Before, the group was not retained: nothing was provisioned for it, and once
+/// its held-out runner was killed it had none, and was forgotten.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_npm_keeps_the_minimum_of_the_group_of_a_runner_it_holds_out() {
+    let engine = Arc::new(FakeEngine::default());
+    let held = kept_runner(&engine).await;
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(held.id.clone());
+    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    let shared = Arc::new(Shared::default());
+    let mut control = ControlLoop::new(
+        Arc::clone(&shared),
+        Arc::clone(&next) as Arc<dyn ControlPlane>,
+        Arc::new(Idle),
+        ManagerConfig {
+            min_runners: 1,
+            ..ManagerConfig::default()
+        },
+        &mut Registry::default(),
+    );
+    for _ in 0..2 {
+        control.tick().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(next.held_out().len(), 1);
+    let published = shared.group(&held.group);
+    assert_eq!(
+        published.len(),
+        1,
+        "the group's minimum, in the held-out runner's place"
+    );
+    assert_ne!(published[0].id, held.id);
+    for _ in 0..bound().as_secs() + 5 {
+        control.tick().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert!(killed(&engine, &held), "held out past the bound");
+    let published = shared.group(&held.group);
+    assert_eq!(published.len(), 1, "the group keeps its minimum");
     assert_ne!(published[0].id, held.id);
 }
 
