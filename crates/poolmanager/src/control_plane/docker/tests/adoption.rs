@@ -478,6 +478,44 @@ async fn runners_held_out_count_against_the_bound_on_all_runners() {
     assert_ne!(published[0].id, held.id);
 }
 
+/// A runner held out past the bound whose container is gone when its removal comes (removed
+/// by hand, or by anything else, between the engine's listing and the removal) is no longer
+/// counted held out from that list on: its removal ends finding nothing (the engine's
+/// removal of a container gone is no error), so the control loop, which reads the count
+/// after the list, has the room at that same tick.
+#[tokio::test(start_paused = true)]
+async fn a_runner_held_out_found_gone_at_its_removal_is_no_longer_counted() {
+    let engine = Arc::new(FakeEngine::default());
+    let held = kept_runner(&engine).await;
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(held.id.clone());
+    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    assert!(next.list().await.expect("lists").is_empty());
+    assert_eq!(next.held_out().len(), 1);
+    tokio::time::advance(bound() + Duration::from_secs(1)).await;
+
+    // The engine lists it; it is gone before the list removes it.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *engine.held_lists.lock().expect("lock") = Some(Arc::clone(&gate));
+    let listing = tokio::spawn({
+        let next = Arc::clone(&next);
+        async move { next.list().await }
+    });
+    engine.list_held.notified().await;
+    engine.lock().retain(|(c, _)| c.name != held.id);
+    gate.add_permits(1);
+    assert!(listing.await.expect("task").expect("lists").is_empty());
+    assert!(killed(&engine, &held), "its removal came");
+    assert_eq!(
+        next.held_out().len(),
+        0,
+        "counted held out after its removal ended"
+    );
+}
+
 /// A restarted npm keeps the minimum (`FN_MIN_RUNNERS`) of the group of a runner it holds
 /// out, as it keeps the minimum of the groups of the runners it lists, though no LB
 /// advertises the group (an LB advertises a group only while it has calls for it): the
