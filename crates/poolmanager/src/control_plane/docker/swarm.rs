@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, Mount, MountType, NetworkAttachmentConfig, ServiceSpec,
-    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
+    EndpointSpec, EndpointSpecModeEnum, Mount, MountType, NetworkAttachmentConfig, ResourceObject,
+    ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
     TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources,
     TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
@@ -304,6 +304,14 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
                 memory_bytes: Some(spec.memory_limit_bytes),
                 pids: Some(super::RUNNER_PIDS_LIMIT),
                 ..bollard::models::Limit::default()
+            }),
+            // Swarm's scheduler places a task by its reservations alone, never by its limits:
+            // without this, every runner fits every node, a node (a manager too) takes more
+            // runners than its memory holds, and a task never waits for a node with the
+            // memory free. Reserved as much as it may use: the runner fills its capacity.
+            reservations: Some(ResourceObject {
+                memory_bytes: Some(spec.memory_limit_bytes),
+                ..ResourceObject::default()
             }),
             ..TaskSpecResources::default()
         }),

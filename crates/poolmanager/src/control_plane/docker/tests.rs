@@ -919,6 +919,23 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
             .and_then(|l| l.pids),
         Some(RUNNER_PIDS_LIMIT)
     );
+    // Swarm places by reservations only: the runner's memory is reserved, all of it.
+    let memory = i64::try_from((512 + RUNNER_OVERHEAD_MB) * 1024 * 1024).expect("fits");
+    assert_eq!(
+        task.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.memory_bytes),
+        Some(memory)
+    );
+    assert_eq!(
+        task.resources
+            .as_ref()
+            .and_then(|r| r.reservations.as_ref())
+            .and_then(|r| r.memory_bytes),
+        Some(memory),
+        "the scheduler counts the runner's memory on its node"
+    );
     assert_eq!(
         task.restart_policy.and_then(|r| r.condition),
         Some(bollard::models::TaskSpecRestartPolicyConditionEnum::ON_FAILURE)
