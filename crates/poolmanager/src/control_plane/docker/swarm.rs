@@ -17,10 +17,11 @@ use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, Mount, MountType, NetworkAttachmentConfig, ResourceObject,
-    ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources,
-    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpec, EndpointSpecModeEnum, HealthConfig, Mount, MountType, NetworkAttachmentConfig,
+    ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
@@ -45,11 +46,37 @@ const FAILED_TASKS_GIVE_UP: usize = 3;
 /// not record whether it reached `running`: one that failed while starting and one that
 /// crashed after hours both end `failed`, and a crash loop's tasks do reach `running` for a
 /// moment. A loop's task lasts the restart delay (1 s), scheduling, attaching the overlay
-/// network, starting and crashing: the test swarm takes 11 s from asking for a service to
-/// its runner answering health, and a runner that serves answered within the control plane's
+/// network, starting and crashing: the test swarm took 11 s from asking for a service to
+/// its runner answering health (10 s of it waiting for the image's first health check,
+/// before [`HEALTH_INTERVAL`]), and a runner that serves answered within the control plane's
 /// start timeout (30 s by default). Both times are the manager's (a task's status timestamp
 /// is its node's clock).
 const RAN_FOR: Duration = Duration::from_secs(60);
+
+/// How often Swarm runs the runner image's health check (`fn-probe`, an exec in the runner's
+/// container) on each runner task. Swarm adds a task to the overlay's DNS only once its
+/// container's health check first passes (moby's swarm executor, `controller.Start`), so
+/// the npm's own probe of `<service>:9190`, and every LB, cannot reach a new runner before
+/// that: with the image's 10 s, a scale from zero waited ~10 s for it after the runner was
+/// ready, and so does every restart after a crash and every move to another node. API 1.41
+/// has no start interval (a faster cadence while starting only). At 2 s that wait is 2 s at
+/// most, for an exec every 2 s per runner, for the runner's whole life: the probe is small,
+/// but each exec costs the node's engine, containerd and runc a process set up in the
+/// container's namespaces. 1 s would take a second more off each start for twice the
+/// execs on every runner of every node. The check is kept rather than turned off: it is what makes Swarm restart a runner
+/// that hangs (it stops answering health; the npm's probe only keeps it from a list).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long one health check may take: a loaded runner answers slowly (the image's 5 s).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Failed health checks in a row after which Swarm takes the runner for hung and restarts
+/// it: 30 s of failures, as the image's 3 at 10 s, so that a runner busy for a moment is
+/// not restarted sooner than before.
+const HEALTH_RETRIES: i64 = 15;
+
+/// After the container starts, how long failed health checks do not count (the image's).
+const HEALTH_START_PERIOD: Duration = Duration::from_secs(5);
 
 /// Runner services through a swarm manager's Engine API.
 #[derive(Debug, Clone)]
@@ -110,8 +137,9 @@ impl SwarmEngine {
 /// A service's state as the control plane sees it at `now`. The service *is* the runner: it
 /// stays `Running` (listed, in the LBs' lists) while Swarm starts or restarts its task, after
 /// a crash or a node loss, so that it keeps its place; only a service whose task cannot come
-/// up is `Stopped` (the control plane removes it). A task is also "starting" until the
-/// image's health check first passes, well after the runner answers the npm's own probe.
+/// up is `Stopped` (the control plane removes it). A task is "starting" until its health
+/// check first passes (at most [`HEALTH_INTERVAL`] after the runner is ready), and the npm's
+/// own probe cannot reach it before: Swarm gives it a DNS name only then.
 fn service_state(
     tasks: &[bollard::models::Task],
     now: SystemTime,
@@ -295,6 +323,15 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
                 .collect(),
         ),
         stop_grace_period: Some(nanos(spec.stop_grace)),
+        // The image's check (its `test`, left empty, is inherited), at this plane's pace.
+        health_check: Some(HealthConfig {
+            test: None,
+            interval: Some(nanos(HEALTH_INTERVAL)),
+            timeout: Some(nanos(HEALTH_TIMEOUT)),
+            retries: Some(HEALTH_RETRIES),
+            start_period: Some(nanos(HEALTH_START_PERIOD)),
+            ..HealthConfig::default()
+        }),
         ..TaskSpecContainerSpec::default()
     };
     let task = TaskSpec {
@@ -551,7 +588,7 @@ mod tests {
         assert_eq!(
             state(&[task(0, 0, STARTING, RUNNING)]),
             ContainerState::Running,
-            "starting until the image's health check passes"
+            "starting until its first health check passes"
         );
         assert_eq!(
             state(&[task(0, 5, FAILED, SHUTDOWN), task(5, 0, PENDING, RUNNING)]),

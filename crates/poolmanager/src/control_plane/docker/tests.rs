@@ -968,6 +968,21 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
             .contains(&"FN_NODE_CERT_KEY=/run/secrets/fn_node-key.pem".to_owned())
     );
     assert_eq!(container.stop_grace_period, Some(40_000_000_000));
+    // Swarm gives a task a DNS name only once its health check passes: the runner's is run
+    // every 2 s, not the image's 10 s, its command still the image's.
+    let health = container
+        .health_check
+        .expect("a health check of the plane's own");
+    assert_eq!(health.interval, Some(2_000_000_000));
+    assert_eq!(health.test, None, "the image's command");
+    assert_eq!(
+        health
+            .retries
+            .zip(health.interval)
+            .map(|(retries, interval)| retries * interval),
+        Some(30_000_000_000),
+        "a hung runner is restarted after 30 s of failed checks, as with the image's"
+    );
 }
 
 /// A health probe that says "not yet" once it is let go, so that a test can act while a
