@@ -81,7 +81,7 @@ pub use engine::{
 };
 pub use setup::{
     CertsSource, DockerConfig, DockerSetupError, Placement, RUNNER_ENGINE_SOCKET, RunnerEngine,
-    SECRETS_DIR, SwarmConfig, TlsFiles, resolve_placement,
+    SECRETS_DIR, SwarmConfig, TlsFiles, image_missing, resolve_placement,
 };
 pub use swarm::{SwarmEngine, service_spec};
 use tracking::{Adoption, Claims, Observed, Standing, Warnings, lock};
@@ -295,7 +295,8 @@ const ADOPTION_WARNINGS_INTERVAL: Duration = Duration::from_secs(60);
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
-    /// the network and the certificates volume exist.
+    /// the network and the certificates volume exist (under swarm an image missing on the
+    /// manager is only warned of: the nodes pull it, see [`image_missing`]).
     ///
     /// # Errors
     /// [`DockerSetupError`] naming the variable at fault and what to do.
@@ -309,10 +310,8 @@ impl DockerControlPlane {
         match engine.check_image(&config.runner_image).await {
             Ok(()) => {}
             Err(EngineError::NotFound(image)) => {
-                return Err(DockerSetupError::Image {
-                    var: config.image_var(),
-                    image,
-                });
+                let warning = image_missing(&config, &image)?;
+                tracing::warn!(image = %image, "{warning}");
             }
             Err(e) => return Err(DockerSetupError::Api(e.to_string())),
         }

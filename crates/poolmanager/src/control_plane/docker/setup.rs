@@ -235,6 +235,27 @@ pub enum DockerSetupError {
     Api(String),
 }
 
+/// What to do when the runner image is not on the engine the npm talks to: on `docker`,
+/// a configuration error (every runner would fail to start); on `swarm`, a warning to log
+/// and go on, since the manager need not have the image: nodes pull it themselves when
+/// their task starts (the documented registry setup pulls it on the runners' nodes only),
+/// and one that cannot rejects the task, which the plane reports.
+///
+/// # Errors
+/// [`DockerSetupError::Image`] on `docker`.
+pub fn image_missing(config: &DockerConfig, image: &str) -> Result<String, DockerSetupError> {
+    if config.swarm.is_none() {
+        return Err(DockerSetupError::Image {
+            var: config.image_var(),
+            image: image.to_owned(),
+        });
+    }
+    Ok(format!(
+        "{}: image {image} is not on this manager; runner services are created with it          anyway, and every node that may run one (see FN_SWARM_CONSTRAINTS) must have it or          be able to pull it (a node that cannot rejects the runner's task, and the npm removes          the service with the task's error in its log)",
+        config.image_var()
+    ))
+}
+
 /// Decides where runners go from the configuration and, for what it leaves open, from the
 /// npm's own container (`own`, when the npm runs in one).
 ///

@@ -866,6 +866,32 @@ async fn without_a_function_engine_the_npm_touches_no_function_container() {
     assert_eq!(engine.names(), vec!["fn-left".to_owned()]);
 }
 
+/// A runner image missing from the engine the npm talks to: the docker plane cannot start
+/// a runner and stops with a configuration error; under swarm the nodes pull it, and the
+/// manager need not have it, so the npm warns and goes on (it exited, and Swarm restarted it
+/// for ever, in the documented registry setup).
+#[test]
+fn a_runner_image_missing_on_the_manager_is_a_warning_under_swarm_only() {
+    let docker = config();
+    let err = image_missing(&docker, "registry.example.com/fn/pure-runner:1")
+        .expect_err("the docker plane needs the image on its engine");
+    assert!(matches!(err, DockerSetupError::Image { .. }), "{err}");
+    assert!(err.to_string().contains("FN_DOCKER_RUNNER_IMAGE"), "{err}");
+
+    let mut swarm = config();
+    swarm.swarm = Some(SwarmConfig::default());
+    let warning = image_missing(&swarm, "registry.example.com/fn/pure-runner:1")
+        .expect("the swarm plane goes on");
+    for said in [
+        "FN_SWARM_RUNNER_IMAGE",
+        "registry.example.com/fn/pure-runner:1",
+        "every node",
+        "pull it",
+    ] {
+        assert!(warning.contains(said), "{said}: {warning}");
+    }
+}
+
 #[test]
 fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constraints() {
     let mut swarm = config();
