@@ -83,7 +83,7 @@ pub use setup::{
     CertsSource, DockerConfig, DockerSetupError, Placement, RUNNER_ENGINE_SOCKET, RunnerEngine,
     SECRETS_DIR, SwarmConfig, TlsFiles, image_missing, resolve_placement,
 };
-pub use swarm::{SwarmEngine, service_spec};
+pub use swarm::{SecretRef, SwarmEngine, own_secrets, service_spec};
 use tracking::{Adoption, Claims, Observed, Standing, Warnings, lock};
 
 use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
@@ -364,16 +364,20 @@ impl DockerControlPlane {
         let functions: Option<Arc<dyn Engine>> = (config.runner_engine.is_some()
             && config.swarm.is_none())
         .then(|| Arc::new(engine.clone()) as Arc<dyn Engine>);
-        let engine: Arc<dyn Engine> = if config.swarm.is_some() {
-            Arc::new(SwarmEngine::new(engine, config.start_timeout))
-        } else {
-            Arc::new(engine)
-        };
         let own_service = config
             .swarm
             .as_ref()
             .and(own.as_ref())
             .and_then(|view| view.service_id.clone());
+        let engine: Arc<dyn Engine> = if config.swarm.is_some() {
+            Arc::new(SwarmEngine::new(
+                engine,
+                config.start_timeout,
+                own_service.clone(),
+            ))
+        } else {
+            Arc::new(engine)
+        };
         let plane = Self::with_engine(
             config.clone(),
             placement,

@@ -108,6 +108,11 @@ pub struct SelfView {
 }
 
 impl BollardEngine {
+    /// The engine behind a client already connected (tests: a fake Engine API).
+    pub fn with_docker(docker: Docker) -> Self {
+        BollardEngine { docker }
+    }
+
     /// The engine client, for the swarm engine built on this one.
     pub fn docker(&self) -> &Docker {
         &self.docker

@@ -18,8 +18,10 @@ pub enum CertsSource {
     Volume(String),
     /// An absolute path on the Docker host.
     Bind(String),
-    /// Swarm secrets of these names (swarm only): the npm's own TLS files are secrets in
-    /// `/run/secrets`, and runner services get the same secrets at the same paths.
+    /// Swarm secrets mounted at these file names in [`SECRETS_DIR`] (swarm only): the npm's
+    /// own TLS files are secrets there, and runner services get the same secrets at the
+    /// same paths: those the npm's own service mounts there, else those named as the files
+    /// (see the swarm engine).
     Secrets(Vec<String>),
 }
 
@@ -50,7 +52,8 @@ impl TlsFiles {
             .all(|p| p.parent() == Some(Path::new(SECRETS_DIR)))
     }
 
-    /// The secrets' names: the files' names (swarm's default target).
+    /// The files' names: where the secrets are mounted (their targets), and the secrets'
+    /// names when the npm's own service does not say which secrets they are.
     fn secret_names(&self) -> Vec<String> {
         [&self.cert, &self.key, &self.ca]
             .iter()

@@ -9,10 +9,13 @@
 //! - the runner is reached at `<service>:9190` on the overlay network, a name that resolves
 //!   to its task (`dnsrr`: no virtual IP, so no IPVS needed in the nodes' kernels);
 //! - the certificates are swarm secrets when the npm's own are (see [`CertsSource::Secrets`]),
-//!   mounted at the same paths and readable by the runner (root in its container) only;
+//!   mounted at the same paths and readable by the runner (root in its container) only: the
+//!   secrets the npm's own service mounts there, which a rotation changes while the paths
+//!   stay;
 //! - runner services are placed by `FN_SWARM_CONSTRAINTS`.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
@@ -31,7 +34,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount, collect_logs, tail_options};
-use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec};
+use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec, SECRETS_DIR};
 
 /// Task lists asked for at once while listing the runner services.
 const TASK_QUERIES_AT_ONCE: usize = 8;
@@ -84,15 +87,20 @@ pub struct SwarmEngine {
     engine: BollardEngine,
     /// How long a task may wait for a node that can take it (see [`unplaced`]).
     place_within: Duration,
+    /// The npm's own service, when the npm is a task of one: the certificate secrets it
+    /// mounts are what runners get (see [`SwarmEngine::secrets`]).
+    own_service: Option<String>,
 }
 
 impl SwarmEngine {
     /// Runner services through `engine`; a service whose task no node has taken within
-    /// `place_within` (the plane's start timeout) counts as not coming up.
-    pub fn new(engine: BollardEngine, place_within: Duration) -> Self {
+    /// `place_within` (the plane's start timeout) counts as not coming up. Runners get the
+    /// certificate secrets `own_service` (the npm's service) mounts, when it is given.
+    pub fn new(engine: BollardEngine, place_within: Duration, own_service: Option<String>) -> Self {
         SwarmEngine {
             engine,
             place_within,
+            own_service,
         }
     }
 
@@ -108,6 +116,65 @@ impl SwarmEngine {
             .list_tasks(Some(options))
             .await
             .map_err(|e| classify(e, service))
+    }
+
+    /// The secrets runners mount at `targets` (file names in [`SECRETS_DIR`]), in that
+    /// order: those the npm's own service mounts there, else (the npm is not a service, or
+    /// its spec has no secret there) the secrets named as the files. The file name says
+    /// nothing of the secret behind it once it is rotated (a new secret, mounted at the same
+    /// target): by name, runners got the old secret, and none once it was deleted.
+    async fn secrets(&self, targets: &[String]) -> Result<Vec<SecretRef>, EngineError> {
+        let own = match &self.own_service {
+            Some(service) => match self
+                .docker()
+                .inspect_service(
+                    service,
+                    None::<bollard::query_parameters::InspectServiceOptions>,
+                )
+                .await
+            {
+                Ok(own) => own
+                    .spec
+                    .and_then(|s| s.task_template)
+                    .and_then(|t| t.container_spec)
+                    .and_then(|c| c.secrets)
+                    .unwrap_or_default(),
+                // The npm's service is going (`docker stack rm`): the files' names.
+                Err(e) => match classify(e, service) {
+                    EngineError::NotFound(_) => Vec::new(),
+                    other => return Err(other),
+                },
+            },
+            None => Vec::new(),
+        };
+        let found = own_secrets(targets, &own);
+        let by_name: Vec<String> = targets
+            .iter()
+            .zip(&found)
+            .filter(|(_, found)| found.is_none())
+            .map(|(target, _)| target.clone())
+            .collect();
+        let mut named = if by_name.is_empty() {
+            Vec::new()
+        } else {
+            self.secret_ids(&by_name).await?
+        }
+        .into_iter();
+        targets
+            .iter()
+            .zip(found)
+            .map(|(target, found)| match found {
+                Some(found) => Ok(found),
+                None => named
+                    .next()
+                    .map(|id| SecretRef {
+                        target: target.clone(),
+                        id,
+                        name: target.clone(),
+                    })
+                    .ok_or_else(|| EngineError::NotFound(format!("secret {target}"))),
+            })
+            .collect()
     }
 
     /// Ids of the secrets named in `names`, in that order.
@@ -132,6 +199,41 @@ impl SwarmEngine {
             })
             .collect()
     }
+}
+
+/// A swarm secret a runner service mounts: which one (its id and name), at which file name
+/// in [`SECRETS_DIR`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub target: String,
+    pub id: String,
+    pub name: String,
+}
+
+/// For each of `targets`, the secret the npm's own service mounts there (`own`, its spec's
+/// secret references), if any. A reference's target is a file name in [`SECRETS_DIR`] or
+/// an absolute path.
+pub fn own_secrets(
+    targets: &[String],
+    own: &[TaskSpecContainerSpecSecrets],
+) -> Vec<Option<SecretRef>> {
+    let at = |name: &str| Path::new(SECRETS_DIR).join(name);
+    targets
+        .iter()
+        .map(|target| {
+            own.iter().find_map(|secret| {
+                let mounted = secret.file.as_ref()?.name.as_deref()?;
+                if at(mounted) != at(target) {
+                    return None;
+                }
+                Some(SecretRef {
+                    target: target.clone(),
+                    id: secret.secret_id.clone()?,
+                    name: secret.secret_name.clone().unwrap_or_default(),
+                })
+            })
+        })
+        .collect()
 }
 
 /// A service's state as the control plane sees it at `now`. The service *is* the runner: it
@@ -270,9 +372,9 @@ fn task_time(date: Option<&String>) -> Option<SystemTime> {
     humantime::parse_rfc3339(date?).ok()
 }
 
-/// The service spec of a runner. `secret_ids` are the ids of the certificate secrets, in
-/// the order of [`CertsSource::Secrets`].
-pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
+/// The service spec of a runner. `secrets` are the certificate secrets (see
+/// [`CertsSource::Secrets`]).
+pub fn service_spec(spec: &RunnerSpec, secrets: &[SecretRef]) -> ServiceSpec {
     let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
     let mut mounts: Vec<Mount> = certs_mount(spec).into_iter().collect();
     mounts.push(Mount {
@@ -288,20 +390,19 @@ pub fn service_spec(spec: &RunnerSpec, secret_ids: &[String]) -> ServiceSpec {
         ..Mount::default()
     }));
     let secrets = match &spec.certs {
-        Some((CertsSource::Secrets(names), _)) => Some(
-            names
+        Some((CertsSource::Secrets(_), _)) => Some(
+            secrets
                 .iter()
-                .zip(secret_ids)
-                .map(|(name, id)| TaskSpecContainerSpecSecrets {
+                .map(|secret| TaskSpecContainerSpecSecrets {
                     file: Some(TaskSpecContainerSpecFile {
-                        name: Some(name.clone()),
+                        name: Some(secret.target.clone()),
                         uid: Some("0".to_owned()),
                         gid: Some("0".to_owned()),
                         // The runner is root in its container; its functions are not.
                         mode: Some(0o400),
                     }),
-                    secret_id: Some(id.clone()),
-                    secret_name: Some(name.clone()),
+                    secret_id: Some(secret.id.clone()),
+                    secret_name: Some(secret.name.clone()),
                 })
                 .collect(),
         ),
@@ -466,12 +567,12 @@ impl Engine for SwarmEngine {
 
     fn run<'a>(&'a self, spec: &'a RunnerSpec) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let secret_ids = match &spec.certs {
-                Some((CertsSource::Secrets(names), _)) => self.secret_ids(names).await?,
+            let secrets = match &spec.certs {
+                Some((CertsSource::Secrets(targets), _)) => self.secrets(targets).await?,
                 _ => Vec::new(),
             };
             self.docker()
-                .create_service(service_spec(spec, &secret_ids), None)
+                .create_service(service_spec(spec, &secrets), None)
                 .await
                 .map(drop)
                 .map_err(|e| fn_docker::classify_action(e, &spec.name))

@@ -922,8 +922,17 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
         ))
     );
     let spec = build_spec(&swarm, &placement, "g", "fn-runner-1", SystemTime::now());
-    let ids = vec!["s1".to_owned(), "s2".to_owned(), "s3".to_owned()];
-    let service = service_spec(&spec, &ids);
+    let secret = |target: &str, id: &str| SecretRef {
+        target: target.into(),
+        id: id.into(),
+        name: format!("{target}.2"),
+    };
+    let refs = [
+        secret("fn_node.pem", "s1"),
+        secret("fn_node-key.pem", "s2"),
+        secret("fn_ca.pem", "s3"),
+    ];
+    let service = service_spec(&spec, &refs);
     assert_eq!(service.name.as_deref(), Some("fn-runner-1"));
     assert_eq!(
         service.labels.as_ref().map(|l| l[LABEL_GROUP].as_str()),
@@ -978,6 +987,7 @@ fn swarm_runners_are_one_restarting_service_each_with_the_npm_secrets_and_constr
     let secrets = container.secrets.expect("secrets");
     assert_eq!(secrets.len(), 3);
     assert_eq!(secrets[1].secret_id.as_deref(), Some("s2"));
+    assert_eq!(secrets[1].secret_name.as_deref(), Some("fn_node-key.pem.2"));
     let file = secrets[1].file.clone().expect("file");
     assert_eq!(file.name.as_deref(), Some("fn_node-key.pem"));
     assert_eq!(
@@ -1146,4 +1156,5 @@ async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
 }
 
 mod adoption;
+mod secrets;
 mod shutdown;
