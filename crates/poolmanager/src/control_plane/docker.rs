@@ -50,8 +50,11 @@
 //!
 //! Runner containers are hardened the way the compose file's runners are: read-only root,
 //! a private `/tmp`, all capabilities dropped but those needed to start functions as another
-//! user, `no-new-privileges`, an init process, and a memory limit of the runner's capacity
-//! plus a margin for the runner itself (inside a container the runner cannot create memory
+//! user, `no-new-privileges` (not on swarm: Engine API 1.41 has no such setting for a
+//! service; there the runner's own `no_new_privs`, set before its first thread, is what its
+//! functions inherit, and execs into the container, such as its health check, lack it), an
+//! init process, and a memory limit of the runner's capacity plus a margin for the runner
+//! itself (inside a container the runner cannot create memory
 //! cgroups per function, so this limit is what bounds the functions together).
 //!
 //! Layout: this file decides what a runner container is and drives its life; `setup`
