@@ -254,7 +254,10 @@ pub fn image_missing(config: &DockerConfig, image: &str) -> Result<String, Docke
         });
     }
     Ok(format!(
-        "{}: image {image} is not on this manager; runner services are created with it          anyway, and every node that may run one (see FN_SWARM_CONSTRAINTS) must have it or          be able to pull it (a node that cannot rejects the runner's task, and the npm removes          the service with the task's error in its log)",
+        "{}: image {image} is not on this manager; runner services are created with it \
+         anyway, and every node that may run one (see FN_SWARM_CONSTRAINTS) must have it or \
+         be able to pull it (a node that cannot rejects the runner's task, and the npm removes \
+         the service with the task's error in its log)",
         config.image_var()
     ))
 }

@@ -66,8 +66,9 @@ const RAN_FOR: Duration = Duration::from_secs(60);
 /// most, for an exec every 2 s per runner, for the runner's whole life: the probe is small,
 /// but each exec costs the node's engine, containerd and runc a process set up in the
 /// container's namespaces. 1 s would take a second more off each start for twice the
-/// execs on every runner of every node. The check is kept rather than turned off: it is what makes Swarm restart a runner
-/// that hangs (it stops answering health; the npm's probe only keeps it from a list).
+/// execs on every runner of every node. The check is kept rather than turned off: it is
+/// what makes Swarm restart a runner that hangs (it stops answering health; the npm's probe
+/// only keeps it from a list).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How long one health check may take: a loaded runner answers slowly (the image's 5 s).
