@@ -31,7 +31,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// The npm's gRPC server: the dataplane's HTTP/2 settings ([`fn_tls::grpc_server`]) with
 /// [`MAX_STREAMS_PER_CONNECTION`]. Feed it [`fn_tls::grpc_incoming`].
-pub fn grpc_server() -> tonic::transport::Server {
+pub fn grpc_server() -> fn_tls::GrpcServer {
     fn_tls::grpc_server().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
 }
 

@@ -8,6 +8,8 @@
 //! - [`transport`]: the gRPC sockets: servers accept and clients dial with those configs.
 //! - `open`: the connections open under a [`NodeTls`], verified again when trust changes
 //!   ([`NodeTls::recheck_connections`]).
+//! - `refuse`: a server refuses new calls on a connection retired because its client is no
+//!   longer trusted.
 //! - [`cork`]: the writer under their HTTP/2 that lets a call's frames leave in one write.
 //! - [`watch`]: reloads the files when they change or on SIGHUP, and keeps the expiry gauge.
 //! - [`dev`]: generation of a development CA and node certificates (rcgen), used by the
@@ -21,6 +23,7 @@ mod dynamic;
 pub mod expiry;
 mod material;
 mod open;
+mod refuse;
 pub mod transport;
 pub mod watch;
 
@@ -34,10 +37,11 @@ pub use channel::DirectChannel;
 pub use details::{StrippedBody, WithoutStatusDetails};
 use material::{Check, Material, Origin, Pems};
 pub use open::{CONTROL_GRACE, RENEW_AHEAD, RETIRE_GRACE, Recheck};
+pub use refuse::{RefuseRetired, RefuseRetiredLayer};
 pub use transport::{
-    CONNECTION_WINDOW, GrpcConn, GrpcEndpoint, GrpcIncoming, LOCAL_ERROR_RESETS, MAX_FRAME_SIZE,
-    RESET_STREAMS_REMEMBERED, STREAM_WINDOW, grpc_endpoint, grpc_incoming, grpc_incoming_sharded,
-    grpc_server, peer_certificate,
+    CONNECTION_WINDOW, GrpcConn, GrpcConnectInfo, GrpcEndpoint, GrpcIncoming, GrpcServer,
+    GrpcServerLayer, LOCAL_ERROR_RESETS, MAX_FRAME_SIZE, RESET_STREAMS_REMEMBERED, STREAM_WINDOW,
+    grpc_endpoint, grpc_incoming, grpc_incoming_sharded, grpc_server, peer_certificate,
 };
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start, before any

@@ -8,7 +8,8 @@
 //! connections is until a restart. [`NodeTls::recheck_connections`] verifies each open
 //! connection's peer chain again, as its handshake did, against the bundle in use now; one
 //! that fails is retired: a [`crate::DirectChannel`] stops giving it new calls at once and
-//! dials a new connection, and after a grace (for the calls on it to finish) its socket is
+//! dials a new connection, a server refuses new calls on one it accepted
+//! ([`crate::refuse`]), and after a grace (for the calls on it to finish) its socket is
 //! shut down, which ends it at both ends whatever its peer does. A connection whose peer
 //! verifies again before then (the old bundle put back) is kept. A connection this node
 //! dialled for a channel that does not move its calls off (tonic's: the control plane's
@@ -372,7 +373,7 @@ impl OpenConnections {
                 "gRPC connections retired: their peer's certificate no longer verifies under \
                  the certificates in use (a CA removed from FN_NODE_CERT_AUTHORITY, or the \
                  peer's certificate expired); an lb-agent moves its calls to runners off them \
-                 at once, those dialled for control-plane calls are closed 2 s later, and \
+                 at once, a server refuses new calls on those it accepted, those dialled for control-plane calls are closed 2 s later, and \
                  the rest when the grace ends"
             );
         }

@@ -112,13 +112,25 @@ pub const MAX_HANDSHAKING_PER_PEER: usize = MAX_HANDSHAKING / 4;
 /// fifth was refused until one of their connections timed out.
 pub const HANDSHAKING_RESERVE: usize = MAX_HANDSHAKING / 8;
 
+/// The server builder [`grpc_server`] gives: tonic's, with
+/// [`RefuseRetiredLayer`](crate::refuse::RefuseRetiredLayer) in front of every service.
+pub type GrpcServer = tonic::transport::Server<GrpcServerLayer>;
+
+/// The layers of a [`GrpcServer`].
+pub type GrpcServerLayer =
+    tower_layer::Stack<crate::refuse::RefuseRetiredLayer, tower_layer::Identity>;
+
 /// A tonic server builder with the dataplane's HTTP/2 settings. Feed it
 /// [`grpc_incoming`], which does the TLS.
 ///
 /// HTTP/2 keepalive pings find peers that vanished without closing their connection (a
 /// crashed host, a partition), so their streams end instead of waiting for a deadline.
-pub fn grpc_server() -> tonic::transport::Server {
+///
+/// Every call first passes [`RefuseRetiredLayer`](crate::refuse::RefuseRetiredLayer): a new
+/// call on a connection retired because its client is no longer trusted is refused.
+pub fn grpc_server() -> GrpcServer {
     tonic::transport::Server::builder()
+        .layer(crate::refuse::RefuseRetiredLayer)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(STREAM_WINDOW)
@@ -386,7 +398,7 @@ impl Admit {
                 io: Io::Plain(Corked::new(tcp)),
                 first_read: Some(Box::pin(tokio::time::sleep_until(self.deadline))),
                 _load: self.load,
-                _open: None,
+                registration: None,
             };
             let _server_gone = self.queue.send(conn).await;
             return;
@@ -403,7 +415,7 @@ impl Admit {
                     io: Io::Tls(Box::new(Corked::new(tls))),
                     first_read: Some(first_read),
                     _load: self.load,
-                    _open: open,
+                    registration: open,
                 };
                 let _server_gone = self.queue.send(conn).await;
             }
@@ -486,7 +498,7 @@ pub struct GrpcConn {
     /// Under `FN_SHARDS`: counts the connection on its shard while it is open.
     _load: Option<ShardLoad>,
     /// Under mutual TLS: its place among the connections checked again when trust changes.
-    _open: Option<Registration>,
+    registration: Option<Registration>,
 }
 
 #[derive(Debug)]
@@ -507,11 +519,37 @@ impl GrpcConn {
     }
 }
 
+/// What a server knows of the connection a call came on, in the call's request extensions
+/// (in place of tonic's [`TcpConnectInfo`], so tonic's `Request::remote_addr` gives `None`:
+/// read [`GrpcConnectInfo::tcp`]).
+#[derive(Debug, Clone)]
+pub struct GrpcConnectInfo {
+    tcp: TcpConnectInfo,
+    /// Under mutual TLS: set once the client's certificate no longer verifies.
+    retirement: Option<Arc<crate::open::Entry>>,
+}
+
+impl GrpcConnectInfo {
+    /// The connection's addresses.
+    pub fn tcp(&self) -> &TcpConnectInfo {
+        &self.tcp
+    }
+
+    /// Whether the connection has been retired: its client is no longer trusted, and it
+    /// takes no new calls ([`crate::refuse`]).
+    pub fn is_retired(&self) -> bool {
+        self.retirement.as_ref().is_some_and(|r| r.is_retired())
+    }
+}
+
 impl Connected for GrpcConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp().connect_info()
+        GrpcConnectInfo {
+            tcp: self.tcp().connect_info(),
+            retirement: self.registration.as_ref().map(Registration::entry),
+        }
     }
 }
 

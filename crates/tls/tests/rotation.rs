@@ -15,6 +15,9 @@ use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Node material read from the PKI directory `dir`, as a daemon loads it.
 fn from_files(dir: &Path) -> NodeTls {
@@ -565,10 +568,11 @@ fn roll_over(dir: &Path, after: impl Fn(RolloverStep)) {
 }
 
 /// The connections of a CA rollover's client that did not follow it (its certificate is
-/// the old CA's): once the server trusts the new CA alone, a check retires them; calls go
-/// on during the grace, and the next check after it closes them at the socket, so neither
-/// a tonic channel nor a [`DirectChannel`] on them carries another call (before, both did
-/// until a restart).
+/// the old CA's): once the server trusts the new CA alone, a check retires them; the calls
+/// on them go on during the grace, new calls on them are refused at once (before, they
+/// were served for the whole grace), and the next check after it closes them at the
+/// socket, so neither a tonic channel nor a [`DirectChannel`] on them carries another call
+/// (before, both did until a restart).
 #[tokio::test]
 async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
     let LeftBehind {
@@ -581,6 +585,16 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
     let direct = direct_channel(&left_behind, &server.address);
     common::direct_health(&direct).await.expect("direct call");
     health(open.clone()).await.expect("tonic call");
+    // A call in flight across the retirement: a watch of the server's health.
+    let mut watch = HealthClient::new(open.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a watch")
+        .into_inner();
+    let first = watch.message().await.expect("the watch runs");
+    assert_eq!(first.map(|m| m.status), Some(ServingStatus::Serving as i32));
     let now = SystemTime::now();
     let kept = server_tls.recheck_connections(now, Duration::ZERO);
     assert_eq!(
@@ -599,9 +613,34 @@ async fn connections_whose_peer_no_longer_verifies_are_retired_then_closed() {
         (2, 2, 0),
         "{retired:?}"
     );
-    health(open.clone())
+    let refused = health(open.clone())
         .await
-        .expect("a retired connection serves its grace");
+        .expect_err("a retired connection takes no new call");
+    assert!(
+        refused.contains("Unavailable") && refused.contains("no longer trusts"),
+        "{refused}"
+    );
+    let refused = common::direct_health(&direct)
+        .await
+        .expect_err("nor a new call of the DirectChannel");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer trusts"),
+        "{refused:?}"
+    );
+    // The call in flight goes on for the grace.
+    server
+        .reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch is answered")
+        .expect("the call in flight goes on");
+    assert_eq!(
+        next.map(|m| m.status),
+        Some(ServingStatus::NotServing as i32)
+    );
 
     tokio::time::sleep(grace).await;
     let closed = server_tls.recheck_connections(SystemTime::now(), grace);

@@ -12,6 +12,8 @@ use tonic_health::pb::health_client::HealthClient;
 /// A health server; stops when dropped.
 pub struct Server {
     pub address: String,
+    /// Sets the status the server's health service reports.
+    pub reporter: tonic_health::server::HealthReporter,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -33,7 +35,6 @@ pub async fn start_server_at(tls: &NodeTls, address: &str) -> Server {
     let incoming =
         fn_tls::grpc_incoming(&TlsMode::Mutual(tls.clone()), listener).expect("server config");
     tokio::spawn(async move {
-        let _reporter = reporter;
         fn_tls::grpc_server()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
@@ -44,6 +45,7 @@ pub async fn start_server_at(tls: &NodeTls, address: &str) -> Server {
     });
     Server {
         address,
+        reporter,
         _stop: stop,
     }
 }
@@ -91,7 +93,9 @@ pub async fn direct_health(channel: &DirectChannel) -> Result<(), tonic::Status>
 /// loopback, and a [`DirectChannel`] to it from another node of the same CA. The server
 /// stops with the test's runtime.
 pub async fn direct_to(
-    route: impl FnOnce(&mut tonic::transport::Server) -> tonic::transport::server::Router,
+    route: impl FnOnce(
+        &mut fn_tls::GrpcServer,
+    ) -> tonic::transport::server::Router<fn_tls::GrpcServerLayer>,
 ) -> DirectChannel {
     fn_tls::install_crypto_provider();
     let ca = fn_tls::dev::DevCa::new("ca").expect("ca");
