@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use fn_lifecycle::logging::Throttle;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioTimer;
 use tonic::Status;
@@ -23,7 +24,7 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::transport::Uri;
 
-use crate::open::Entry;
+use crate::open::{Entry, Moved};
 use crate::transport::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PlainDialer};
 use crate::{
     CONNECTION_WINDOW, LOCAL_ERROR_RESETS, MAX_FRAME_SIZE, NodeTls, RESET_STREAMS_REMEMBERED,
@@ -31,6 +32,10 @@ use crate::{
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long calls stay on a connection moved off (its peer still trusted) once a dial to
+/// replace it has failed, before the next call tries again.
+pub(crate) const REPLACE_RETRY: Duration = Duration::from_secs(10);
 
 /// A gRPC channel to one server over one HTTP/2 connection, dialled on first use and again
 /// whenever the connection has closed. Cheap to clone; every clone shares the connection.
@@ -57,6 +62,13 @@ struct Inner {
     /// fails with its error rather than dialling again (one after another, waiting calls
     /// would otherwise each spend a whole connect timeout on a server that does not answer).
     failed: Mutex<Option<(Instant, Status)>>,
+    /// Set when a dial to replace a connection moved off (its peer still trusted: this
+    /// node's certificate was rotated, or the peer's ends soon) failed: until then, calls go
+    /// on that connection, which still works, rather than fail or dial for each call. A
+    /// retired connection (its peer no longer trusted) is never kept so.
+    keep_moved_until: Mutex<Option<Instant>>,
+    /// The warning that such a dial failed, at most once a minute.
+    replace_failed: Throttle,
 }
 
 /// An open connection of the channel.
@@ -70,7 +82,21 @@ struct Connection {
 impl Connection {
     /// Whether new calls may go on it.
     fn takes_calls(&self) -> bool {
-        !self.sender.is_closed() && !self.retirement.as_ref().is_some_and(|r| r.is_retired())
+        !self.sender.is_closed()
+            && !self
+                .retirement
+                .as_ref()
+                .is_some_and(|r| r.is_retired() || r.moved().is_some())
+    }
+
+    /// Why it was moved off while it is open and its peer still trusted: it may then carry
+    /// calls while no new connection can be had.
+    fn moved(&self) -> Option<Moved> {
+        let retirement = self.retirement.as_ref()?;
+        if self.sender.is_closed() || retirement.is_retired() {
+            return None;
+        }
+        retirement.moved()
     }
 }
 
@@ -103,6 +129,8 @@ impl DirectChannel {
                 current: Mutex::new(Vec::new()),
                 dialling: tokio::sync::Mutex::new(()),
                 failed: Mutex::new(None),
+                keep_moved_until: Mutex::new(None),
+                replace_failed: Throttle::new(Duration::from_secs(60)),
             }),
         })
     }
@@ -115,14 +143,45 @@ impl DirectChannel {
 }
 
 impl Inner {
-    /// The calling shard's open connection's handle, if there is one that takes calls.
+    /// The calling shard's open connection's handle, if there is one that takes calls: one
+    /// moved off is kept for [`REPLACE_RETRY`] after a dial to replace it failed.
     fn open(&self) -> Option<http2::SendRequest<Body>> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current
+        let connection = current
             .get(fn_lifecycle::shards::current())
-            .and_then(Option::as_ref)
-            .filter(|c| c.takes_calls())
-            .map(|c| c.sender.clone())
+            .and_then(Option::as_ref)?;
+        if connection.takes_calls() {
+            return Some(connection.sender.clone());
+        }
+        let kept = connection.moved().is_some()
+            && self
+                .keep_moved_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|until| Instant::now() < until);
+        kept.then(|| connection.sender.clone())
+    }
+
+    /// After a dial failed with `error`: the calling shard's connection, when it was moved
+    /// off though its peer is still trusted and is still open; calls stay on it for
+    /// [`REPLACE_RETRY`] before a dial is tried again.
+    fn keep_moved(&self, error: &str) -> Option<http2::SendRequest<Body>> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let connection = current
+            .get(fn_lifecycle::shards::current())
+            .and_then(Option::as_ref)?;
+        let moved = connection.moved()?;
+        *self
+            .keep_moved_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + REPLACE_RETRY);
+        let message = "a new gRPC connection to replace one this node moved its calls off \
+                       failed: calls stay on the old connection, which its peer still accepts, \
+                       and a new one is tried again after `retry` (does the peer trust this \
+                       node's new certificate yet? each step of a CA rollover must reach every \
+                       daemon before the next)";
+        fn_lifecycle::warn_throttled!(self.replace_failed, origin = %self.origin, moved = moved.why(), error, retry = ?REPLACE_RETRY, "{message}");
+        Some(connection.sender.clone())
     }
 
     /// A new connection's handle, for a call that found none open: dials unless another
@@ -154,12 +213,18 @@ impl Inner {
                 self.origin, self.connect_timeout
             )),
         };
-        let connection = dialled.map_err(|message| {
-            let status = Status::unavailable(message);
-            *self.failed.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some((Instant::now(), status.clone()));
-            status
-        })?;
+        let connection = match dialled {
+            Ok(connection) => connection,
+            Err(message) => {
+                if let Some(sender) = self.keep_moved(&message) {
+                    return Ok(sender);
+                }
+                let status = Status::unavailable(message);
+                *self.failed.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), status.clone()));
+                return Err(status);
+            }
+        };
         {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             let shard = fn_lifecycle::shards::current();
@@ -182,7 +247,10 @@ impl Inner {
                     tls: tls.clone(),
                     follows: true,
                 };
-                let io = dialer.call(origin).await?;
+                let mut io = dialer.call(origin).await?;
+                // A server that refuses this node's certificate says so after the client's
+                // side of the handshake: a dial is good once the server has spoken.
+                io.inner_mut().server_speaks().await?;
                 let retirement = io.inner().retirement();
                 Ok(Connection {
                     sender: self.handshake(io).await?,

@@ -18,7 +18,8 @@
 //! A connection this node dialled is also moved off, without being closed, while its peer
 //! is still trusted: when the certificate it presented has been replaced, and when the
 //! peer's expires within [`RENEW_AHEAD`] (or a third of its lifetime, when shorter). It
-//! drains and closes once idle, so that in a rotation done in its steps (renewals ahead of
+//! drains and closes once idle (unless a new connection cannot be had: a
+//! [`crate::DirectChannel`] then keeps calling on it, as it still works), so that in a rotation done in its steps (renewals ahead of
 //! expiry; a CA rollover's switch before its finish) the connections the grace would cut
 //! are already gone.
 //!
@@ -28,7 +29,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -98,17 +99,58 @@ pub(crate) struct Entry {
     /// not with the entry, which a channel may hold longer: the socket would stay open
     /// (in CLOSE_WAIT, its FIN never sent) for as long.
     socket: Mutex<Option<std::net::TcpStream>>,
+    /// Set while the peer no longer verifies: the connection takes no new calls, and closes
+    /// when `close_at` comes.
     retired: AtomicBool,
+    /// A dialled connection moved off though its peer is still trusted: why, as a
+    /// [`Moved`] (0 while it is not), so that a channel that cannot dial a new connection
+    /// can go on with this one, and say why it tried.
+    moved: AtomicU8,
     /// Set once the socket has been shut down.
     shut: AtomicBool,
     /// When a retired connection is shut down.
     close_at: Mutex<Option<Instant>>,
 }
 
+/// Why a dialled connection whose peer is still trusted takes no new calls ([`Entry::stale`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Moved {
+    /// The certificate this node presented on it has been replaced.
+    OwnReplaced = 1,
+    /// The peer's certificate expires within [`RENEW_AHEAD`] (or its last third of life).
+    PeerEndsSoon = 2,
+}
+
+impl Moved {
+    fn from_u8(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Moved::OwnReplaced),
+            2 => Some(Moved::PeerEndsSoon),
+            _ => None,
+        }
+    }
+
+    /// The reason, for the log.
+    pub(crate) fn why(self) -> &'static str {
+        match self {
+            Moved::OwnReplaced => "the certificate this node presented on it has been replaced",
+            Moved::PeerEndsSoon => "the peer's certificate expires soon",
+        }
+    }
+}
+
 impl Entry {
-    /// Whether the peer no longer verifies: the connection should take no new calls.
+    /// Whether the peer no longer verifies: the connection should take no new calls, and
+    /// will be closed.
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// Why a connection whose peer is still trusted should take no new calls, when it
+    /// should not: it still works, and may carry them when no new connection can be had.
+    pub(crate) fn moved(&self) -> Option<Moved> {
+        Moved::from_u8(self.moved.load(Ordering::Acquire))
     }
 
     /// Shut down [`CONTROL_GRACE`] after it is retired rather than after the grace: a
@@ -182,17 +224,17 @@ impl Entry {
     /// one, which the peer will still trust when the old one's CA has left the bundle), or
     /// the peer's expires within [`RENEW_AHEAD`]. The connection then drains and closes
     /// once idle, before anything would close it with calls on it.
-    fn stale(&self, material: &Material, now: SystemTime) -> Option<&'static str> {
+    fn stale(&self, material: &Material, now: SystemTime) -> Option<Moved> {
         let Peer::Server { presented, .. } = &self.peer else {
             return None;
         };
         if presented.cert.first() != material.certified.cert.first() {
-            return Some("the certificate this node presented on it has been replaced");
+            return Some(Moved::OwnReplaced);
         }
         let ends_soon = self
             .peer_end
             .is_some_and(|(end, ahead)| end.duration_since(now).map_or(true, |left| left < ahead));
-        ends_soon.then_some("the peer's certificate expires soon")
+        ends_soon.then_some(Moved::PeerEndsSoon)
     }
 
     fn close_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -288,6 +330,7 @@ impl OpenConnections {
             peer_end,
             socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
+            moved: AtomicU8::new(0),
             shut: AtomicBool::new(false),
             close_at: Mutex::new(None),
         });
@@ -326,12 +369,12 @@ impl OpenConnections {
             let mut shut = false;
             match (failure, *close_at) {
                 (None, None) => {
-                    if !entry.is_retired()
-                        && let Some(why) = entry.stale(material, wall)
+                    if entry.moved().is_none()
+                        && let Some(moved) = entry.stale(material, wall)
                     {
-                        entry.retired.store(true, Ordering::Release);
+                        entry.moved.store(moved as u8, Ordering::Release);
                         outcome.moved += 1;
-                        tracing::debug!(peer = %entry.address, why, "gRPC connection: new calls go on a new connection");
+                        tracing::debug!(peer = %entry.address, why = moved.why(), "gRPC connection: new calls go on a new connection");
                     }
                 }
                 (None, Some(_)) => {

@@ -805,6 +805,7 @@ impl Service<Uri> for Dialer {
             Ok(TokioIo::new(Dialled {
                 io: Corked::new(stream),
                 open,
+                early: Vec::new(),
             }))
         })
     }
@@ -816,6 +817,33 @@ impl Service<Uri> for Dialer {
 pub(crate) struct Dialled<T> {
     io: T,
     open: Option<Registration>,
+    /// Bytes [`Dialled::server_speaks`] read, given to the first reads.
+    early: Vec<u8>,
+}
+
+impl<T: AsyncRead + Unpin> Dialled<T> {
+    /// Waits for the server's first bytes (HTTP/2's SETTINGS, which a server sends at once),
+    /// kept for the first reads. Under TLS 1.3 the client's handshake ends before the server
+    /// has verified the client's certificate: a server that refuses it says so only now,
+    /// and without this wait the dial would look good and its first call fail.
+    ///
+    /// # Errors
+    /// The server's refusal (`received fatal alert: UnknownCA`, say), or the connection
+    /// closed before it said anything.
+    pub(crate) async fn server_speaks(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncReadExt as _;
+        let mut first = [0u8; 512];
+        let read = self.io.read(&mut first).await?;
+        if read == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection before it sent anything (does it trust this \
+                 node's certificate?)",
+            ));
+        }
+        self.early.extend_from_slice(&first[..read]);
+        Ok(())
+    }
 }
 
 impl<T> Dialled<T> {
@@ -831,7 +859,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Dialled<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let given = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..given]);
+            this.early.drain(..given);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 

@@ -772,6 +772,72 @@ async fn a_direct_channel_moves_to_a_new_connection_after_its_own_certificate_is
     assert_eq!((settled.open, settled.moved), (1, 0), "{settled:?}");
 }
 
+/// A client whose own certificate is rotated to one its server does not trust yet (it ran
+/// a CA rollover's first two steps before the server ran the first) moves its calls off its
+/// connection, but when the new connection is refused it goes on calling on the old one,
+/// which the server still accepts (before, every call failed with the server's UnknownCA).
+#[tokio::test]
+async fn a_direct_channel_keeps_a_moved_connection_when_no_new_one_can_be_had() {
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(server_dir.path(), &[]).expect("pki");
+    let client_dir = tempfile::tempdir().expect("tempdir");
+    for file in [
+        files::NODE,
+        files::NODE_KEY,
+        files::BUNDLE,
+        files::ISSUER,
+        files::ISSUER_KEY,
+    ] {
+        std::fs::copy(server_dir.path().join(file), client_dir.path().join(file)).expect("copy");
+    }
+    let server_tls = from_files(server_dir.path());
+    let client_tls = from_files(client_dir.path());
+    let server = start_server(&server_tls).await;
+    let direct = direct_channel(&client_tls, &server.address);
+    common::direct_health(&direct).await.expect("first call");
+    for step in [RolloverStep::Begin, RolloverStep::Switch] {
+        dev::ca_rollover(client_dir.path(), step, &[]).expect("step");
+        assert_eq!(client_tls.reload().expect("client"), Reloaded::Replaced);
+    }
+    let grace = Duration::from_secs(600);
+    let moved = client_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!((moved.moved, moved.retired), (1, 0), "{moved:?}");
+    assert!(
+        check(&client_tls, &server.address).await.is_err(),
+        "the server refuses a new connection with the client's new certificate"
+    );
+    for call in 0..3 {
+        common::direct_health(&direct)
+            .await
+            .unwrap_or_else(|e| panic!("call {call} goes on the old connection: {e:?}"));
+    }
+    let open = server_tls.recheck_connections(SystemTime::now(), grace);
+    assert_eq!(open.open, 1, "the old connection, still in use: {open:?}");
+}
+
+/// A connection retired because its server is no longer trusted is not kept when no new
+/// connection can be had: calls fail, saying why, rather than go to an untrusted peer.
+#[tokio::test]
+async fn a_direct_channel_does_not_keep_a_retired_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dev::write_dev_pki(dir.path(), &[]).expect("pki");
+    let server_tls = snapshot(dir.path());
+    let client_tls = from_files(dir.path());
+    let server = start_server(&server_tls).await;
+    let direct = direct_channel(&client_tls, &server.address);
+    common::direct_health(&direct).await.expect("first call");
+    roll_over(dir.path(), |_| {
+        assert_eq!(client_tls.reload().expect("client"), Reloaded::Replaced);
+    });
+    let retired = client_tls.recheck_connections(SystemTime::now(), Duration::from_secs(600));
+    assert_eq!(retired.retired, 1, "{retired:?}");
+    let refused = common::direct_health(&direct)
+        .await
+        .expect_err("no call goes to a server no longer trusted");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("cannot connect"), "{refused:?}");
+}
+
 /// A server whose certificate ends in two days, serving, and a client of its CA; and when
 /// the server's certificate ends.
 async fn short_lived_server() -> (NodeTls, NodeTls, common::Server, SystemTime) {
