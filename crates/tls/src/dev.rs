@@ -141,6 +141,33 @@ impl DevCa {
         })
     }
 
+    /// An intermediate CA signed by this one, valid from yesterday until `days` from now
+    /// (tests of chains): its node certificates are presented with it after them.
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn intermediate_expiring_in(
+        &self,
+        common_name: &str,
+        days: i64,
+    ) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(days);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(DevCa {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
     /// The CA certificate, PEM encoded.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

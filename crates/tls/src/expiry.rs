@@ -1,5 +1,6 @@
 //! Certificate expiry made visible: a gauge of the seconds left on this node's certificate
-//! (`fn_tls_certificate_expiry_seconds`, negative once it has expired) and on the CA
+//! chain (`fn_tls_certificate_expiry_seconds`, to the earliest end of the certificate and the
+//! intermediates presented with it; negative once it has expired) and on the CA
 //! bundle's first certificate to expire (`fn_tls_ca_expiry_seconds`) on every daemon's
 //! `/metrics`, and a warning in the log once a day from [`WARN_BEFORE`] before the node
 //! certificate's end.
@@ -254,6 +255,37 @@ mod tests {
             .expect("a number");
         assert!((ca_left - 3650.0 * 86_400.0).abs() < 120.0, "{ca_left}");
         assert!(seconds_left(expiry.end(), expiry.end() + DAY) + 86_400.0 < 1.0);
+    }
+
+    /// An intermediate CA in `FN_NODE_CERT` that ends before the node certificate ends the
+    /// chain, for the gauge as for peers (before, the gauge showed the leaf's year).
+    #[test]
+    fn an_intermediate_ending_first_is_the_end_of_the_chain() {
+        let root = DevCa::new("expiry test root").expect("root");
+        let intermediate = root
+            .intermediate_expiring_in("expiry test intermediate", 2)
+            .expect("intermediate");
+        let node = intermediate.node(&[]).expect("a node valid for a year");
+        let tls = NodeTls::from_pem(
+            format!("{}{}", node.cert_pem, intermediate.cert_pem()).into_bytes(),
+            node.key_pem.into_bytes(),
+            root.cert_pem().as_bytes().to_vec(),
+        )
+        .expect("valid material");
+        let mut registry = Registry::default();
+        let _expiry = CertExpiry::register(&tls, &mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let left: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fn_tls_certificate_expiry_seconds "))
+            .unwrap_or_else(|| panic!("no gauge in {text}"))
+            .parse()
+            .expect("a number");
+        assert!(
+            (left - 2.0 * 86_400.0).abs() < 120.0,
+            "two days left: {left}"
+        );
     }
 
     #[test]

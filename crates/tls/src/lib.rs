@@ -352,7 +352,9 @@ impl NodeTls {
             .is_some_and(|pems| self.current().pems != pems))
     }
 
-    /// The end of the validity of the certificate in use.
+    /// The end of the validity of the certificate in use: the earliest `notAfter` of the
+    /// chain the node presents (its certificate and the intermediates after it), as peers
+    /// refuse the chain once any of them has ended.
     pub fn not_after(&self) -> SystemTime {
         self.current().not_after
     }

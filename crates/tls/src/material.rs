@@ -98,7 +98,8 @@ pub(crate) struct Material {
     pub(crate) client_verifier: Arc<dyn ClientCertVerifier>,
     /// Verifies servers against the CA bundle.
     pub(crate) server_verifier: Arc<WebPkiServerVerifier>,
-    /// The end of the node certificate's validity.
+    /// The end of the validity of the chain the node presents: the earliest `notAfter` of
+    /// the node certificate and the intermediates after it in `FN_NODE_CERT`.
     pub(crate) not_after: SystemTime,
     /// The names the node certificate is valid for.
     pub(crate) names: Vec<String>,
@@ -194,7 +195,13 @@ impl Material {
             .ok_or_else(|| origin.invalid("FN_NODE_CERT", "holds no certificate"))?;
         let validity = crate::expiry::Validity::of(end_entity)
             .map_err(|reason| origin.invalid("FN_NODE_CERT", reason))?;
-        let not_after = validity.not_after;
+        // The chain the node presents ends with its first certificate to end: a peer checks
+        // every intermediate's dates as it checks the leaf's.
+        let not_after = intermediates
+            .iter()
+            .filter_map(|cert| crate::expiry::Validity::of(cert).ok())
+            .map(|v| v.not_after)
+            .fold(validity.not_after, SystemTime::min);
         let now = SystemTime::now();
         let early = validity.not_before > now;
 
@@ -226,7 +233,12 @@ impl Material {
             Check::Replacement => {
                 if not_after <= now {
                     let end = humantime::format_rfc3339_seconds(not_after);
-                    return Err(origin.invalid("FN_NODE_CERT", format!("expired at {end}")));
+                    let what = if not_after < validity.not_after {
+                        "an intermediate CA certificate in it expired"
+                    } else {
+                        "expired"
+                    };
+                    return Err(origin.invalid("FN_NODE_CERT", format!("{what} at {end}")));
                 }
                 if early {
                     let start = humantime::format_rfc3339_seconds(validity.not_before);
