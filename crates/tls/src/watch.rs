@@ -16,12 +16,15 @@
 //!
 //! Metrics: `fn_tls_certificate_reloads_total` (sets put in use),
 //! `fn_tls_certificate_reload_rejections_total` (replacements rejected),
+//! `fn_tls_certificate_files_rejected` (1 while the files on disk are a rejected set and the
+//! old one is served, 0 otherwise),
 //! `fn_tls_connections_retired_total` (open connections whose peer stopped verifying), and
 //! the expiry gauge of [`crate::expiry`].
 
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +45,9 @@ pub struct CertWatch {
     hangups: Option<Signal>,
     reloads: Counter,
     rejections: Counter,
+    /// 1 while the files on disk are a rejected set (the old one still served): the
+    /// rejection is logged and counted once, and an alert needs to see it last.
+    rejected: Gauge,
     retired: Counter,
     /// How long a retired connection is kept for its calls.
     grace: Duration,
@@ -101,6 +107,7 @@ impl CertWatch {
         let expiry = CertExpiry::register(&tls, registry);
         let reloads = Counter::default();
         let rejections = Counter::default();
+        let rejected = Gauge::default();
         let retired = Counter::default();
         registry.register(
             "fn_tls_connections_retired",
@@ -118,6 +125,12 @@ impl CertWatch {
             "Replacement certificate sets rejected; the set in use was kept",
             rejections.clone(),
         );
+        registry.register(
+            "fn_tls_certificate_files_rejected",
+            "Whether the certificate files on disk (FN_NODE_CERT*) are a rejected set while \
+             the set loaded before is served (1), or the set in use (0)",
+            rejected.clone(),
+        );
         CertWatch {
             tls,
             expiry,
@@ -125,6 +138,7 @@ impl CertWatch {
             hangups,
             reloads,
             rejections,
+            rejected,
             retired,
             grace: RETIRE_GRACE,
             next_close: None,
@@ -185,6 +199,7 @@ impl CertWatch {
         match changed {
             Ok(false) => {
                 self.last_rejection = None;
+                self.rejected.set(0);
             }
             Ok(true) => {
                 tokio::time::sleep(SETTLE).await;
@@ -233,6 +248,7 @@ impl CertWatch {
         match outcome {
             Ok(Reloaded::Replaced) => {
                 self.last_rejection = None;
+                self.rejected.set(0);
                 self.reloads.inc();
                 self.expiry.replaced(SystemTime::now());
                 let not_after = humantime::format_rfc3339_seconds(self.tls.not_after());
@@ -243,11 +259,13 @@ impl CertWatch {
                 self.recheck().await;
             }
             Ok(Reloaded::Unchanged) => {
+                self.rejected.set(0);
                 if asked {
                     tracing::info!("the certificate files are unchanged");
                 }
             }
             Err(e) => {
+                self.rejected.set(1);
                 let message = e.to_string();
                 if asked || self.last_rejection.as_ref() != Some(&message) {
                     self.rejections.inc();

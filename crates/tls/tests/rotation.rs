@@ -332,6 +332,10 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
         text.contains("fn_tls_certificate_reload_rejections_total 0"),
         "{text}"
     );
+    assert!(
+        text.contains("fn_tls_certificate_files_rejected 0"),
+        "{text}"
+    );
     assert_eq!(tls.not_after(), end);
     assert_eq!(
         checks.load(std::sync::atomic::Ordering::SeqCst),
@@ -353,7 +357,7 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
         "the gauge follows the new certificate: {gauge} against {left}"
     );
 
-    // A bad replacement is counted once, however many checks see it.
+    // A bad replacement is counted once, however many checks see it...
     std::fs::write(dir.path().join(files::NODE_KEY), "garbage").expect("key");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     text.clear();
@@ -362,7 +366,19 @@ async fn the_watch_picks_up_a_replacement_and_moves_the_expiry_gauge() {
         text.contains("fn_tls_certificate_reload_rejections_total 1"),
         "{text}"
     );
+    // ... and shown for as long as it stays on disk, until the files are good again.
+    assert!(
+        text.lines()
+            .any(|l| l == "fn_tls_certificate_files_rejected 1"),
+        "{text}"
+    );
     assert_eq!(tls.not_after(), end, "the good set stays");
+    std::fs::write(dir.path().join(files::NODE_KEY), &short.key_pem).expect("key");
+    let text = scrape_once(&registry, "fn_tls_certificate_files_rejected 0").await;
+    assert!(
+        text.contains("fn_tls_certificate_reloads_total 1"),
+        "the files put back are the set in use: {text}"
+    );
 
     cancel.cancel();
     task.await.expect("joins").expect("ends");
