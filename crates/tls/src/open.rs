@@ -19,9 +19,9 @@
 //! is still trusted: when the certificate it presented has been replaced, and when the
 //! peer's expires within [`RENEW_AHEAD`] (or a third of its lifetime, when shorter). It
 //! drains and closes once idle (unless a new connection cannot be had: a
-//! [`crate::DirectChannel`] then keeps calling on it, as it still works), so that in a rotation done in its steps (renewals ahead of
-//! expiry; a CA rollover's switch before its finish) the connections the grace would cut
-//! are already gone.
+//! [`crate::DirectChannel`] then keeps calling on it, as it still works), so that in a
+//! rotation done in its steps (renewals ahead of expiry; a CA rollover's switch before its
+//! finish) the connections the grace would cut are already gone.
 //!
 //! [`crate::watch::CertWatch`] runs the check after each new set is put in use, every minute
 //! (certificates expire), and when a grace ends.
@@ -416,8 +416,8 @@ impl OpenConnections {
                 "gRPC connections retired: their peer's certificate no longer verifies under \
                  the certificates in use (a CA removed from FN_NODE_CERT_AUTHORITY, or the \
                  peer's certificate expired); an lb-agent moves its calls to runners off them \
-                 at once, a server refuses new calls on those it accepted, those dialled for control-plane calls are closed 2 s later, and \
-                 the rest when the grace ends"
+                 at once, a server refuses new calls on those it accepted, those dialled for \
+                 control-plane calls are closed 2 s later, and the rest when the grace ends"
             );
         }
         if let Some(peer) = first_closed {
