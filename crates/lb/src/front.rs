@@ -223,10 +223,10 @@ impl Front {
         }
         // The authority form (RFC 9112, 3.2.3): CONNECT's `host:port`, which hyper hands over
         // with no path at all.
-        if req.uri().path().is_empty() {
-            if let Some(authority) = req.uri().authority() {
-                return Err(CallError::NoTunnel(authority.to_string()));
-            }
+        if req.uri().path().is_empty()
+            && let Some(authority) = req.uri().authority()
+        {
+            return Err(CallError::NoTunnel(authority.to_string()));
         }
         let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();
