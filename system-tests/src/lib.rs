@@ -382,6 +382,31 @@ pub async fn run_to_exit(
     Ok((status, daemon.log()))
 }
 
+/// An executable in `dir` that runs `runner_binary` with a table of function uids in `dir`
+/// (`FN_FUNCTION_UID_TABLE`), for runners an npm starts: it gives them none of the test's
+/// environment, and the default table is the host's, in /run. The npm's runners share it,
+/// as runners of one host do.
+///
+/// # Errors
+/// When the executable cannot be written.
+pub fn runner_with_uid_table(dir: &Path, runner_binary: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("runner");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh
+FN_FUNCTION_UID_TABLE='{}'
+export FN_FUNCTION_UID_TABLE
+exec '{}' \"$@\"\n",
+            dir.join("uids").join("function-uids").display(),
+            runner_binary.display()
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
 /// Environment pairs from string slices.
 pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

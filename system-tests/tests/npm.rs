@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use fn_system_tests::{Certs, Daemon, env, free_port, http, merge};
+use fn_system_tests::{Certs, Daemon, env, free_port, http, merge, runner_with_uid_table};
 use fn_tls::TlsMode;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -77,7 +77,7 @@ impl Cluster {
         let state_dir = tempfile::tempdir()?;
         let state = state_dir.path().to_path_buf();
         let runner_dir = tempfile::tempdir()?;
-        let runner_binary = with_uid_table(runner_dir.path(), runner_binary)?;
+        let runner_binary = runner_with_uid_table(runner_dir.path(), runner_binary)?;
         let reaper = Reaper {
             state: state.clone(),
             certs: certs.dir().display().to_string(),
@@ -829,26 +829,6 @@ async fn npm_killed_during_load_lb_keeps_serving_and_a_restarted_npm_adopts_the_
 
     cluster.stop_lb().await?;
     cluster.stop_npm().await
-}
-
-/// `runner_binary` with a table of function uids in `dir` (`FN_FUNCTION_UID_TABLE`): the
-/// npm gives its runners none of the test's environment, and the default is the host's, in
-/// /run. The npm's runners share it, as runners of one host do.
-fn with_uid_table(dir: &Path, runner_binary: &Path) -> anyhow::Result<PathBuf> {
-    let path = dir.join("runner");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh
-FN_FUNCTION_UID_TABLE='{}'
-export FN_FUNCTION_UID_TABLE
-exec '{}' \"$@\"\n",
-            dir.join("uids").join("function-uids").display(),
-            runner_binary.display()
-        ),
-    )?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-    Ok(path)
 }
 
 /// A runner executable that waits a second before it becomes the real `pure-runner` (same
