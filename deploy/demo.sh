@@ -19,18 +19,43 @@ done
 
 # Runners start only programs inside their functions directory: give them the examples
 # only, in a directory the unprivileged function user can reach even when this checkout
-# sits under a private one.
-FUNCTIONS=${FN_DEMO_FUNCTIONS_DIR:-${TMPDIR:-/tmp}/fn-demo-$(id -u)/functions}
+# sits under a private one: the demo's own (made here), or FN_DEMO_FUNCTIONS_DIR.
+OWN=${TMPDIR:-/tmp}/fn-demo-$(id -u)
+FUNCTIONS=${FN_DEMO_FUNCTIONS_DIR:-$OWN/functions}
+ABOVE=$(dirname "$FUNCTIONS")
 mkdir -p "$FUNCTIONS" "$DEMO/logs"
-# Under a shared /tmp another user may have made these first, and could then swap the
-# programs the runners start: use them only if they are this user's.
-for dir in "$(dirname "$FUNCTIONS")" "$FUNCTIONS"; do
-  if [ "$(stat -c %u "$dir")" != "$(id -u)" ] || [ -L "$dir" ]; then
-    echo "demo: $dir belongs to another user (or is a link); remove it or set FN_DEMO_FUNCTIONS_DIR" >&2
-    exit 1
+# Under a shared /tmp another user may have made these first, or may replace them, and
+# could then swap the programs the runners start. The functions' directory must be this
+# user's; so must the demo's own above it, which the function users pass through. A
+# directory above that was given (/tmp, a home directory) is left as it is, but must be
+# this user's or root's, and writable by no one else unless sticky (as /tmp).
+me=$(id -u)
+refuse() {
+  echo "demo: $1; remove it or set FN_DEMO_FUNCTIONS_DIR elsewhere" >&2
+  exit 1
+}
+if [ -L "$FUNCTIONS" ] || [ "$(stat -c %u "$FUNCTIONS")" != "$me" ]; then
+  refuse "$FUNCTIONS belongs to another user (or is a link)"
+fi
+if [ "$ABOVE" = "$OWN" ]; then
+  if [ -L "$OWN" ] || [ "$(stat -c %u "$OWN")" != "$me" ]; then
+    refuse "$OWN belongs to another user (or is a link)"
   fi
-done
-chmod 0755 "$(dirname "$FUNCTIONS")" "$FUNCTIONS"
+  chmod 0755 "$OWN"
+else
+  owner=$(stat -c %u "$ABOVE")
+  mode=$((8#$(stat -c %a "$ABOVE")))
+  if [ -L "$ABOVE" ] || { [ "$owner" != "$me" ] && [ "$owner" != 0 ]; } ||
+    { [ $((mode & 8#022)) != 0 ] && [ $((mode & 8#1000)) = 0 ]; }; then
+    refuse "$ABOVE is a link, another user's, or others may write it and replace $FUNCTIONS"
+  fi
+  # Root's runners run each function as a user of its own, and start only when those can
+  # reach the functions (their logs name any directory further up that is closed).
+  if [ "$me" = 0 ] && [ $((mode & 8#001)) = 0 ]; then
+    refuse "$ABOVE is closed to other users, so the functions (each run as a user of its own) could not reach $FUNCTIONS"
+  fi
+fi
+chmod 0755 "$FUNCTIONS"
 cp -f "$BIN"/fn-hello "$BIN"/fn-echo "$BIN"/fn-sleep "$BIN"/fn-crash "$FUNCTIONS/"
 "$BIN/fn-certs" --out "$DEMO/certs" --keep >/dev/null
 

@@ -9,7 +9,10 @@
 //!   in flight finish, and the script exits 130 leaving no process behind: no lb-agent,
 //!   npm, runner or function instance, and no runner's socket directory;
 //! - a closed terminal (its hangup: SIGHUP to the script, the session's leader) stops
-//!   everything as well, and the script exits 129.
+//!   everything as well, and the script exits 129;
+//! - a functions directory given (`FN_DEMO_FUNCTIONS_DIR`) under a shared one, as /tmp,
+//!   leaves that one as it was; under one that others may write and is not sticky, or (as
+//!   root) one closed to the function users, it is refused.
 //!
 //! The demo runs the workspace's built binaries through a directory of links (`BIN`), with
 //! its state, its functions and its runners' table of function uids in the test's temporary
@@ -19,7 +22,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -178,6 +181,103 @@ fn a_closed_terminal_stops_everything() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `FN_DEMO_FUNCTIONS_DIR` in a directory others share, as /tmp (sticky, writable by all):
+/// the demo runs its functions from there and leaves the directory above as it was, where it
+/// made it 0755 (`FN_DEMO_FUNCTIONS_DIR=/tmp/fns` as root took /tmp's sticky bit and its
+/// writability by all; `~/fns` opened the home directory to every user).
+#[test]
+fn a_functions_dir_given_leaves_the_one_above_it_as_it_was() -> anyhow::Result<()> {
+    let mut demo = Demo::start_with(|root| {
+        let dir = root.join("shared");
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))?;
+        Ok(dir.join("functions"))
+    })?;
+    demo.read_until(BANNER_END, START)?;
+    let hello = format!(
+        "curl -i http://127.0.0.1:{}/r/demo/hello -d you",
+        demo.lb_port
+    );
+    let answer = curl(&hello).and_then(|o| reply(&o));
+    let dir = demo.root.path().join("shared");
+    let mode = std::fs::metadata(&dir)?.permissions().mode() & 0o7777;
+    demo.ctrl_c()?;
+    let status = demo.wait_exit(STOP)?;
+    let mut failures = Vec::new();
+    if mode != 0o1777 {
+        failures.push(format!(
+            "the demo made {} {mode:o}, not 1777",
+            dir.display()
+        ));
+    }
+    match answer {
+        Ok((200, _)) => {}
+        Ok((code, body)) => failures.push(format!("hello got {code}: {body}")),
+        Err(e) => failures.push(format!("hello: {e:#}")),
+    }
+    if status.code() != Some(130) {
+        failures.push(format!("after Ctrl-C the demo exits 130, not {status}"));
+    }
+    failures.extend(demo.left_behind());
+    ensure!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        demo.report()
+    );
+    Ok(())
+}
+
+/// `FN_DEMO_FUNCTIONS_DIR` in a directory others may write and that is not sticky: another
+/// user could replace the functions' directory, and with it the programs the runners start.
+/// The demo refuses it, saying why, and starts nothing.
+#[test]
+fn a_functions_dir_others_can_replace_is_refused() -> anyhow::Result<()> {
+    let mut demo = Demo::start_with(|root| {
+        let dir = root.join("open");
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        Ok(dir.join("functions"))
+    })?;
+    let status = demo.wait_exit(START)?;
+    ensure!(
+        status.code() == Some(1) && demo.screen().contains("others may write it"),
+        "the demo ran functions from a directory others can replace: {status}\n{}",
+        demo.report()
+    );
+    ensure!(demo.processes().is_empty(), "{:#?}", demo.processes());
+    Ok(())
+}
+
+/// `FN_DEMO_FUNCTIONS_DIR` under a directory closed to other users (a home directory):
+/// root's runners run each function as a user of its own, who could not reach it, and would
+/// not start; the demo refuses it, saying why. Run by another user, whose functions run as
+/// that user, the demo starts.
+#[test]
+fn a_functions_dir_root_s_function_users_cannot_reach_is_refused_as_root() -> anyhow::Result<()> {
+    let mut demo = Demo::start_with(|root| {
+        let dir = root.join("home");
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(dir.join("functions"))
+    })?;
+    if nix::unistd::geteuid().is_root() {
+        let status = demo.wait_exit(START)?;
+        ensure!(
+            status.code() == Some(1) && demo.screen().contains("closed to other users"),
+            "the demo did not refuse functions its function users cannot reach: {status}\n{}",
+            demo.report()
+        );
+    } else {
+        demo.read_until(BANNER_END, START)?;
+        demo.ctrl_c()?;
+        let status = demo.wait_exit(STOP)?;
+        ensure!(status.code() == Some(130), "{status}\n{}", demo.report());
+    }
+    ensure!(demo.processes().is_empty(), "{:#?}", demo.processes());
+    Ok(())
+}
+
 /// Makes every call of the banner at once and checks each against its promise.
 fn check_promises(calls: &[String]) -> anyhow::Result<()> {
     let mut matched = BTreeSet::new();
@@ -292,8 +392,19 @@ struct Demo {
 }
 
 impl Demo {
+    /// The demo with its functions in a directory of the test's (`FN_DEMO_FUNCTIONS_DIR`).
     fn start() -> anyhow::Result<Demo> {
+        Self::start_with(|root| Ok(root.join("functions")))
+    }
+
+    /// The demo with `FN_DEMO_FUNCTIONS_DIR` where `functions` says, given the test's
+    /// directory (open to the function users, as /tmp is).
+    fn start_with(
+        functions: impl FnOnce(&Path) -> anyhow::Result<PathBuf>,
+    ) -> anyhow::Result<Demo> {
         let root = tempfile::tempdir()?;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
+        let functions = functions(root.path())?;
         let bin = root.path().join("bin");
         std::fs::create_dir(&bin)?;
         for name in [
@@ -322,7 +433,7 @@ impl Demo {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("BIN", &bin)
             .env("DEMO_DIR", root.path().join("demo"))
-            .env("FN_DEMO_FUNCTIONS_DIR", root.path().join("functions"))
+            .env("FN_DEMO_FUNCTIONS_DIR", functions)
             .env("FN_PORT", lb_port.to_string())
             .env("FN_NPM_PORT", free_port()?.to_string())
             .stdin(Stdio::from(slave.try_clone()?))
