@@ -358,8 +358,12 @@ impl ProcessControlPlane {
             };
             if let Some(status) = exited {
                 self.forget(&id, RunnerLog::Keep);
+                // Its last words are why (a setting it refused, say): in the npm's log too.
+                let said = last_line(&log_path)
+                    .map(|line| format!(": {line}"))
+                    .unwrap_or_default();
                 return Err(failed(format!(
-                    "runner {id} exited with {status} before answering health; see {}",
+                    "runner {id} exited with {status} before answering health{said}; see {}",
                     log_path.display()
                 )));
             }
@@ -700,6 +704,32 @@ fn remove_quietly(path: &Path) {
     }
 }
 
+/// Most of a runner's log read for its last line: an error line, with its fields.
+const LAST_LINE_READ: u64 = 4096;
+
+/// Longest last line given in an error, in characters.
+const LAST_LINE_CHARS: usize = 600;
+
+/// The last line of the log at `path` that is not blank, if it can be read: what a runner
+/// said before it exited. Reads at most [`LAST_LINE_READ`] bytes from its end, and gives at
+/// most [`LAST_LINE_CHARS`] characters of it.
+fn last_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LAST_LINE_READ)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.take(LAST_LINE_READ).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut shown: String = line.chars().take(LAST_LINE_CHARS).collect();
+    if shown.len() < line.len() {
+        shown.push('…');
+    }
+    Some(shown)
+}
+
 /// Removes a runner's directory (its socket directory holds its functions' instance
 /// directories, trees a function may have made deep) off the runtime, in the background.
 fn remove_dir_quietly(path: &Path) {
@@ -932,6 +962,58 @@ mod tests {
             .expect("wait");
         assert!(!status.success(), "stopped by a signal: {status:?}");
         stopping.await.expect("stop returns");
+    }
+
+    /// A runner that exits before it answers health fails its provisioning with its last
+    /// words in the error (the npm's log), not only in its own log; the log is kept.
+    #[tokio::test]
+    async fn a_runner_that_exits_at_start_fails_its_provisioning_saying_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = dir.path().join("pure-runner");
+        std::fs::write(
+            &binary,
+            "#!/bin/sh\necho 'starting'\necho 'ERROR FN_SOCKET_DIR /x: too long' >&2\necho >&2\nexit 2\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let config = ProcessConfig::new(
+            binary,
+            dir.path().to_owned(),
+            dir.path().join("state"),
+            TlsMode::Insecure,
+        );
+        let plane = ProcessControlPlane::new(config).await.expect("plane");
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            plane.provision("g", 1, &CancellationToken::new()),
+        )
+        .await
+        .expect("the exit is seen within the bound");
+        let Err(ControlPlaneError::Failed(message)) = result else {
+            panic!("the provisioning failed: {result:?}");
+        };
+        assert!(
+            message.contains("before answering health: ERROR FN_SOCKET_DIR /x: too long; see "),
+            "{message}"
+        );
+        assert!(plane.list().await.expect("lists").is_empty());
+    }
+
+    #[test]
+    fn the_last_line_is_bounded_and_skips_blank_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("runner.log");
+        let long = "x".repeat(10_000);
+        std::fs::write(&log, format!("first\n{long}\nlast words\n\n  \n")).expect("write");
+        assert_eq!(last_line(&log).as_deref(), Some("last words"));
+        std::fs::write(&log, format!("first\n{long}\n")).expect("write");
+        let shown = last_line(&log).expect("a line");
+        assert_eq!(shown.chars().count(), LAST_LINE_CHARS + 1, "{shown}");
+        assert!(shown.ends_with('…'));
+        std::fs::write(&log, "").expect("write");
+        assert_eq!(last_line(&log), None);
+        assert_eq!(last_line(&dir.path().join("none")), None);
     }
 
     /// A provisioning waiting for its runner to answer health stops at once when cancelled
