@@ -287,12 +287,15 @@ async fn draining(daemon: &fn_system_tests::Daemon, address: &str) -> anyhow::Re
     Ok(())
 }
 
-/// A second Ctrl-C (SIGINT) during the drain ends the daemon at once (before, it did
-/// nothing, and a 60 s drain delay could only be cut short with SIGKILL).
+/// A second Ctrl-C (SIGINT) during the drain, once the window that groups the signals of
+/// one stop has passed, ends the daemon at once (before, it did nothing, and a 60 s drain
+/// delay could only be cut short with SIGKILL).
 #[tokio::test]
 async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
     let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "60s")]).await?;
     draining(&daemon, &address).await?;
+    // The subject is a span of time: a person's second Ctrl-C comes after it.
+    tokio::time::sleep(fn_lifecycle::signal::SAME_STOP_WINDOW + Duration::from_millis(100)).await;
     daemon.signal(Signal::SIGINT)?;
     let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
     assert_eq!(status.code(), Some(130), "log:\n{}", daemon.log());
@@ -304,18 +307,49 @@ async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A terminal's Ctrl-C reaches a script and the daemons of its process group at once, and
+/// a script that passes the stop on (`trap 'kill $pids' INT`) signals them again within
+/// milliseconds, often before the daemon has taken the terminal's SIGINT: SIGTERM then
+/// SIGINT. Within the window they are one stop, and the daemon drains and exits 0 (before,
+/// the SIGINT counted as an operator's second Ctrl-C and cut every call in flight, 130).
+#[tokio::test]
+async fn sigint_right_after_sigterm_is_the_same_stop() -> anyhow::Result<()> {
+    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "1s")]).await?;
+    let sent = std::time::Instant::now();
+    // The daemon has taken the SIGTERM (it reports draining) when the SIGINT arrives.
+    draining(&daemon, &address).await?;
+    daemon.signal(Signal::SIGINT)?;
+    let between = sent.elapsed();
+    anyhow::ensure!(
+        between < fn_lifecycle::signal::SAME_STOP_WINDOW / 2,
+        "the SIGINT went {between:?} after the SIGTERM, too late to test the window \
+         (a machine this slow cannot run this test)"
+    );
+    let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(
+        log.contains("same stop") && log.contains("shutdown complete"),
+        "log:\n{log}"
+    );
+    Ok(())
+}
+
 /// SIGTERM again during the drain is the same stop delivered twice (a terminal's Ctrl-C or
 /// a service manager signals the whole group, then a script or the npm signals again), not
 /// an operator's second signal: the drain goes on and the daemon exits cleanly.
 #[tokio::test]
 async fn sigterm_again_during_the_drain_keeps_draining() -> anyhow::Result<()> {
-    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "1s")]).await?;
+    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "3s")]).await?;
     draining(&daemon, &address).await?;
+    // After the window, where a SIGINT would end the drain.
+    tokio::time::sleep(fn_lifecycle::signal::SAME_STOP_WINDOW + Duration::from_millis(100)).await;
     daemon.signal(Signal::SIGTERM)?;
     let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log());
     assert!(
-        daemon.log().contains("still draining") && daemon.log().contains("shutdown complete"),
+        daemon.log().contains("during the shutdown: still draining")
+            && daemon.log().contains("shutdown complete"),
         "log:\n{}",
         daemon.log()
     );
