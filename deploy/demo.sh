@@ -70,22 +70,22 @@ pids=()
 # Stops the daemons and exits with `status`. The messages may go to a terminal that is gone
 # (a hangup): they must not stop the clean-up.
 cleanup() {
-  local status=$1 signal=$2
+  local status=$1
   trap - INT TERM HUP EXIT
   { echo; echo "demo: stopping (the npm stops the runners it spawned)..."; } 2>/dev/null || true
-  # A terminal's Ctrl-C reaches the daemons too (they are in this script's process group):
-  # let them take it first, or the SIGTERM below may arrive first and the Ctrl-C count as
-  # a second one, which ends a daemon at once, cutting its calls.
-  if [ "$signal" = INT ]; then sleep 1; fi
+  # A terminal's Ctrl-C reaches the daemons too (they are in this script's process group),
+  # and they may take it just before or just after the SIGTERM below: either way, a signal
+  # within half a second of the first is the same stop to them (SAME_STOP_WINDOW in
+  # crates/lifecycle/src/signal.rs), never a second Ctrl-C that would cut their calls.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "demo: stopped; logs are in $DEMO/logs" 2>/dev/null || true
   exit "$status"
 }
-trap 'cleanup 130 INT' INT
-trap 'cleanup 143 TERM' TERM
+trap 'cleanup 130' INT
+trap 'cleanup 143' TERM
 # The terminal closed: the daemons take SIGHUP as "reload", so they are stopped here.
-trap 'cleanup 129 HUP' HUP
+trap 'cleanup 129' HUP
 trap 'cleanup $? EXIT' EXIT
 
 FN_GRPC_PORT=$NPM_PORT \
