@@ -32,7 +32,9 @@
 //!   manager's); a service's restarted task keeps the service's name as its id, so the new
 //!   runner removes its predecessor's at start.
 //! - **Shutdown**: removes this npm's runners, so `docker compose down` leaves nothing
-//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt. Not
+//!   behind; with `FN_DOCKER_KEEP_RUNNERS=true` they stay for the next npm to adopt, and so
+//!   they do under swarm while the npm's own service is still there, or while the engine
+//!   cannot say whether it is (see [`DockerControlPlane::own_service_stays`]). Not
 //!   those still starting: a provisioning stops when the npm does (it is cancelled, see
 //!   [`ControlPlane::provision`]) only where it waits, never inside the request that creates
 //!   the container (or service), and removes the runner it made, which never answered
@@ -295,6 +297,15 @@ const LIST_REMOVALS_BOUND: Duration = Duration::from_secs(4);
 /// Least time between two repeats of the warnings about one runner not adopted yet (see
 /// [`DockerControlPlane::adopt`]).
 const ADOPTION_WARNINGS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Most times the shutdown asks whether the npm's own service is still there when the
+/// engine cannot say (see [`DockerControlPlane::own_service_stays`]).
+const OWN_SERVICE_CHECKS: u32 = 4;
+
+/// The pause before the shutdown asks again whether the npm's own service is still there:
+/// the first, growing ×2 up to the second (a leader election takes a few seconds).
+const OWN_SERVICE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(500), Duration::from_secs(2));
 
 impl DockerControlPlane {
     /// Connects to the Docker engine, settles the [`Placement`] and checks that the image,
@@ -751,6 +762,30 @@ impl DockerControlPlane {
         self.config.start_timeout.max(self.config.stop_grace)
     }
 
+    /// Whether the npm's own swarm service `service` is still there at its shutdown: asked
+    /// up to [`OWN_SERVICE_CHECKS`] times, with a short backoff, while the engine cannot say
+    /// (a manager that loses its leader, or times out, answers errors for seconds), within
+    /// the runners' stop grace at shutdown, which a swarm removal does not wait for (Swarm
+    /// drains a deleted service's task itself). `None` when still unsure at the end.
+    async fn own_service_stays(&self, service: &str) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        let (first, max) = OWN_SERVICE_BACKOFF;
+        let mut backoff = Backoff::new(first, max);
+        for attempt in 1..=OWN_SERVICE_CHECKS {
+            match tokio::time::timeout_at(deadline, self.engine.service_exists(service)).await {
+                Ok(Some(exists)) => return Some(exists),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            let pause = backoff.next_delay();
+            if attempt == OWN_SERVICE_CHECKS || tokio::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        None
+    }
+
     /// Ends a provisioning cancelled after it made runner `name` (the npm is stopping): the
     /// runner is removed at once, whatever the shutdown does with the others. It has never
     /// answered health; left in the engine when the runners stay for the next npm
@@ -910,17 +945,35 @@ impl ControlPlane for DockerControlPlane {
             // A task of the npm's service that stops while the service stays (a rolling
             // update, a restart, a node drained) is followed by another, which adopts the
             // runners: removing them cut every call and started the groups from zero.
-            // `docker stack rm` removes the service first, and then the runners go.
-            if let Some(service) = &self.own_service
-                && self.engine.service_exists(service).await == Some(true)
-            {
-                tracing::info!(
-                    runners = containers.len(),
-                    service = %service,
-                    "the npm's service is still there (an update or a restart of its task): \
-                     leaving the runner services for its next task"
-                );
-                return;
+            // `docker stack rm` removes the service first, and then the runners go. When
+            // the engine cannot say, they stay: runner services left behind can be found by
+            // their label and removed later (and a next npm of the same id adopts them),
+            // where calls cut cannot be had back.
+            if let Some(service) = &self.own_service {
+                match self.own_service_stays(service).await {
+                    Some(true) => {
+                        tracing::info!(
+                            runners = containers.len(),
+                            service = %service,
+                            "the npm's service is still there (an update or a restart of its \
+                             task): leaving the runner services for its next task"
+                        );
+                        return;
+                    }
+                    Some(false) => {}
+                    None => {
+                        let npm = &self.placement.npm_id;
+                        tracing::warn!(
+                            runners = containers.len(),
+                            service = %service,
+                            "cannot tell whether the npm's service is still there: leaving the \
+                             runner services, for its next task if it stays; if the stack was \
+                             removed, remove them by hand: docker service rm $(docker service ls \
+                             -q --filter label={LABEL_NPM}={npm} --filter label={LABEL_ROLE}=runner)"
+                        );
+                        return;
+                    }
+                }
             }
             let removals = containers.iter().map(|c| async move {
                 let grace = self.config.stop_grace.min(self.config.shutdown_grace);

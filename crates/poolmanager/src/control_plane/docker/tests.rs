@@ -29,8 +29,15 @@ struct FakeEngine {
     function_removal_hangs: AtomicBool,
     /// Removing a container that was never started never answers.
     created_removal_hangs: AtomicBool,
-    /// What `service_exists` answers.
+    /// What `service_exists` answers, once `service_answers` is empty.
     service: Mutex<Option<bool>>,
+    /// What `service_exists` answers first, one answer a call (`None`: the engine cannot
+    /// say).
+    service_answers: Mutex<std::collections::VecDeque<Option<bool>>>,
+    /// A `service_exists` never answers (a manager that does not answer).
+    service_hangs: AtomicBool,
+    /// `service_exists` calls.
+    service_checks: std::sync::atomic::AtomicUsize,
     /// A stop with a grace drains for ever: the container got SIGTERM (see `not_serving`)
     /// and runs on. A stop without grace (a kill) still stops it at once.
     stop_drains: AtomicBool,
@@ -99,7 +106,16 @@ impl FakeEngine {
 
 impl Engine for FakeEngine {
     fn service_exists<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Option<bool>> {
-        let answer = *self.service.lock().expect("fake engine lock");
+        self.service_checks.fetch_add(1, Ordering::SeqCst);
+        if self.service_hangs.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        let scripted = self
+            .service_answers
+            .lock()
+            .expect("fake engine lock")
+            .pop_front();
+        let answer = scripted.unwrap_or(*self.service.lock().expect("fake engine lock"));
         Box::pin(async move { answer })
     }
 
@@ -722,11 +738,11 @@ async fn remove_and_shutdown_remove_containers_unless_kept() {
 }
 
 /// Under swarm, an npm whose service is still there when it stops (a rolling update, its
-/// task restarted) leaves the runners for its next task; one whose service is gone
-/// (`docker stack rm`), or that cannot tell, removes them.
-#[tokio::test]
+/// task restarted) leaves the runners for its next task, and so does one that cannot tell
+/// (see `tests/shutdown.rs`); one whose service is gone (`docker stack rm`) removes them.
+#[tokio::test(start_paused = true)]
 async fn an_npm_whose_service_stays_leaves_its_runners_to_its_next_task() {
-    for (service, kept) in [(Some(true), true), (Some(false), false), (None, false)] {
+    for (service, kept) in [(Some(true), true), (Some(false), false), (None, true)] {
         let engine = Arc::new(FakeEngine::default());
         *engine.service.lock().expect("lock") = service;
         let cp = control_plane(&engine, true).with_own_service(Some("npm-service-id".into()));

@@ -192,3 +192,41 @@ async fn a_runner_being_removed_is_its_removals_not_lists() {
     assert!(engine.removed.lock().expect("lock").is_empty());
     removal.abort();
 }
+
+/// Under swarm, an engine that cannot say at the npm's shutdown whether the npm's own
+/// service is still there (a manager electing a leader, or timing out) is asked again a
+/// few times, within the runners' stop grace at shutdown: what it then says decides; still
+/// unsure, or silent, the runners stay. Removed on an error, as if the stack were going,
+/// every call was cut and every group started from zero at a rolling update of the npm.
+#[tokio::test(start_paused = true)]
+async fn an_npm_unsure_whether_its_service_stays_asks_again_then_keeps_its_runners() {
+    let grace = config().shutdown_grace;
+    // (scripted answers, hangs, runners left, checks made)
+    let cases: [(&[Option<bool>], bool, usize, usize); 5] = [
+        (&[None, None, Some(false)], false, 0, 3),
+        (&[None, Some(true)], false, 2, 2),
+        (&[None, None, None, None, Some(false)], false, 2, 4),
+        (&[], true, 2, 1),
+        (&[Some(false)], false, 0, 1),
+    ];
+    for (answers, hangs, left, checks) in cases {
+        let engine = Arc::new(FakeEngine::default());
+        *engine.service_answers.lock().expect("lock") = answers.iter().copied().collect();
+        engine.service_hangs.store(hangs, Ordering::SeqCst);
+        let cp = control_plane(&engine, true).with_own_service(Some("npm-service-id".into()));
+        cp.provision("default", 2, &CancellationToken::new())
+            .await
+            .expect("provisioned");
+        let stopping = Instant::now();
+        cp.shutdown().await;
+        let took = stopping.elapsed();
+        let case = format!("answers {answers:?}, hangs: {hangs}");
+        assert_eq!(engine.names().len(), left, "{case}");
+        assert_eq!(
+            engine.service_checks.load(Ordering::SeqCst),
+            checks,
+            "{case}"
+        );
+        assert!(took <= grace, "{case}: took {took:?}");
+    }
+}
