@@ -30,14 +30,10 @@ use bollard::query_parameters::{
     ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
 };
 use fn_docker::{EngineError, classify};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount, collect_logs, tail_options};
 use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec, SECRETS_DIR};
-
-/// Task lists asked for at once while listing the runner services.
-const TASK_QUERIES_AT_ONCE: usize = 8;
 
 /// Failed tasks in a row, none of which ran (see [`RAN_FOR`]), after which a runner service
 /// counts as not coming up: Swarm would restart its task for ever (the restart policy sets no
@@ -506,6 +502,20 @@ impl Engine for SwarmEngine {
         })
     }
 
+    /// The runner services carrying the label, each in the state its tasks say (see
+    /// [`service_state`]), in two requests whatever their number: the tasks of all of them
+    /// (a task carries its service's labels as they were when Swarm made it, which a
+    /// runner service's never change, and the Engine API filters tasks by them), then
+    /// the services. One request per service's tasks, a few at a time, shared the control
+    /// loop's bound on a list (10 s, probes and removals included) with a hundred requests
+    /// or more on a swarm of a hundred runners, and one service whose tasks could not be
+    /// listed failed the whole list.
+    ///
+    /// The tasks first: a service removed between the two requests is not listed (its tasks,
+    /// shutting down, would have made it a runner that exited), and one created between them
+    /// is taken as a new service whose first task Swarm has not made yet: it may come up. Each service's tasks come
+    /// from the one snapshot, so a task Swarm replaces is never seen without its
+    /// replacement.
     fn list<'a>(
         &'a self,
         label_key: &'a str,
@@ -513,6 +523,18 @@ impl Engine for SwarmEngine {
     ) -> BoxFuture<'a, Result<Vec<Container>, EngineError>> {
         Box::pin(async move {
             let filters = fn_docker::label_filter(label_key, label_value);
+            let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+            let tasks = self
+                .docker()
+                .list_tasks(Some(options))
+                .await
+                .map_err(|e| classify(e, "listing the runner services' tasks"))?;
+            let mut tasks_of: HashMap<String, Vec<bollard::models::Task>> = HashMap::new();
+            for task in tasks {
+                if let Some(service) = task.service_id.clone() {
+                    tasks_of.entry(service).or_default().push(task);
+                }
+            }
             let options = ListServicesOptionsBuilder::default()
                 .filters(&filters)
                 .build();
@@ -521,27 +543,16 @@ impl Engine for SwarmEngine {
                 .list_services(Some(options))
                 .await
                 .map_err(|e| classify(e, "listing services"))?;
-            // Each service's tasks are a request of their own: a few at a time, so that a
-            // swarm of many runners is listed within the control loop's bound.
-            let named = services.into_iter().filter_map(|service| {
-                let spec = service.spec?;
-                Some((spec.name?, spec.labels.unwrap_or_default()))
-            });
-            let mut listed = futures::stream::iter(named)
-                .map(|(name, labels)| async move {
-                    let tasks = self.tasks(&name).await;
-                    (name, labels, tasks)
-                })
-                .buffered(TASK_QUERIES_AT_ONCE);
-            let mut found = Vec::new();
             let now = SystemTime::now();
-            while let Some((name, labels, tasks)) = listed.next().await {
-                let tasks = match tasks {
-                    Ok(tasks) => tasks,
-                    // Removed since it was listed (by this npm draining it, or by hand).
-                    Err(EngineError::NotFound(_)) => continue,
-                    Err(e) => return Err(e),
+            let mut found = Vec::new();
+            for service in services {
+                let (Some(id), Some(spec)) = (service.id, service.spec) else {
+                    continue;
                 };
+                let Some(name) = spec.name else {
+                    continue;
+                };
+                let tasks = tasks_of.remove(&id).unwrap_or_default();
                 let state = service_state(&tasks, now, self.place_within);
                 if state == ContainerState::Stopped
                     && let Some((reason, waited)) = unplaced(&tasks, now, self.place_within)
@@ -559,7 +570,7 @@ impl Engine for SwarmEngine {
                 found.push(Container {
                     name,
                     state,
-                    labels,
+                    labels: spec.labels.unwrap_or_default(),
                 });
             }
             Ok(found)

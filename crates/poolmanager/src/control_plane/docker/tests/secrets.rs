@@ -4,13 +4,10 @@
 
 use std::sync::Mutex;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
+use super::fake_api::{Answer, Request, client, serve};
 use super::*;
-
-/// A request the fake Engine API answered: method, path (query included) and body.
-type Request = (String, String, String);
 
 /// The npm's own service: a task of it mounts the secrets a rotation made (`.2`) at the
 /// files' names, and the CA under its own name, as `docker service update --secret-rm
@@ -28,78 +25,25 @@ const SECRETS: &str = r#"[
 {"ID":"id-key-1","Spec":{"Name":"fn_node-key.pem"}}
 ]"#;
 
-/// Serves the Engine API calls a runner service's creation makes, on `listener`, and keeps
-/// what was asked in `seen`. `own` is what inspecting the npm's service answers (`None`:
-/// 404). Ends when the listener is dropped with the test.
-async fn fake_api(
-    listener: UnixListener,
-    own: Option<&'static str>,
-    seen: Arc<Mutex<Vec<Request>>>,
-) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let seen = Arc::clone(&seen);
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut read = BufReader::new(read);
-            // One request after another on the connection, until the client closes it.
-            for _ in 0..100 {
-                let mut line = String::new();
-                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut parts = line.split_whitespace();
-                let method = parts.next().unwrap_or_default().to_owned();
-                let path = parts.next().unwrap_or_default().to_owned();
-                let mut length = 0;
-                for _ in 0..100 {
-                    let mut header = String::new();
-                    if read.read_line(&mut header).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let header = header.trim_end();
-                    if header.is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = header.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; length];
-                if read.read_exact(&mut body).await.is_err() {
-                    return;
-                }
-                let (status, answer) = if path.contains("/services/npm-svc") {
-                    match own {
-                        Some(own) => ("200 OK", own),
-                        None => (
-                            "404 Not Found",
-                            r#"{"message":"service npm-svc not found"}"#,
-                        ),
-                    }
-                } else if path.contains("/secrets") {
-                    ("200 OK", SECRETS)
-                } else if path.contains("/services/create") {
-                    ("201 Created", r#"{"ID":"runner-svc"}"#)
-                } else {
-                    ("404 Not Found", r#"{"message":"not in the fake"}"#)
-                };
-                seen.lock().expect("seen lock").push((
-                    method,
-                    path,
-                    String::from_utf8_lossy(&body).into_owned(),
-                ));
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-                    answer.len()
-                );
-                if write.write_all(response.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+/// What the fake Engine API answers the calls a runner service's creation makes. `own` is
+/// what inspecting the npm's service answers (`None`: 404).
+fn answer(own: Option<&'static str>, path: &str) -> Answer {
+    let (status, answer) = if path.contains("/services/npm-svc") {
+        match own {
+            Some(own) => ("200 OK", own),
+            None => (
+                "404 Not Found",
+                r#"{"message":"service npm-svc not found"}"#,
+            ),
+        }
+    } else if path.contains("/secrets") {
+        ("200 OK", SECRETS)
+    } else if path.contains("/services/create") {
+        ("201 Created", r#"{"ID":"runner-svc"}"#)
+    } else {
+        ("404 Not Found", r#"{"message":"not in the fake"}"#)
+    };
+    (status, answer.to_owned())
 }
 
 /// Creates one runner service through a swarm engine whose npm is `own_service`, against
@@ -113,13 +57,12 @@ async fn create_runner(
     let socket = dir.path().join("docker.sock");
     let listener = UnixListener::bind(&socket).expect("bind");
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let server = tokio::spawn(fake_api(listener, own, Arc::clone(&seen)));
-    let docker = bollard::Docker::connect_with_unix(
-        &socket.display().to_string(),
-        10,
-        bollard::API_DEFAULT_VERSION,
-    )
-    .expect("client");
+    let server = tokio::spawn(serve(
+        listener,
+        move |_: &str, path: &str| answer(own, path),
+        Arc::clone(&seen),
+    ));
+    let docker = client(&socket);
     let engine = SwarmEngine::new(
         BollardEngine::with_docker(docker),
         Duration::from_secs(30),
