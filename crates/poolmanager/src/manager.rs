@@ -69,8 +69,9 @@ pub struct ManagerConfig {
     pub group_retention: Duration,
     /// Most runners per group.
     pub max_runners: usize,
-    /// Most runners in all groups together, draining ones, those being provisioned and
-    /// those the control plane holds from the LBs ([`ControlPlane::held_out`]) included.
+    /// Most runners in all groups together, draining ones, those being provisioned, those
+    /// the control plane holds from the LBs ([`ControlPlane::held_out`]) and those it has
+    /// removed that still run ([`ControlPlane::leaving`]) included.
     pub max_total_runners: usize,
     /// How long demand must stay low before runners drain.
     pub scale_down_delay: Duration,
@@ -753,14 +754,15 @@ impl ControlLoop {
             }
             let short = short.saturating_sub(coming);
             // Runners of every group count, draining ones (they still run), those coming,
-            // and those the control plane runs but holds from the LBs: the cap bounds what
-            // the control plane runs.
+            // those the control plane runs but holds from the LBs, and those it removed that
+            // still run: the cap bounds what the control plane runs.
             let all_coming: usize = self.in_flight.runners.values().sum();
             let held_out = self.control_plane.held_out().len();
+            let leaving = self.control_plane.leaving();
             let room = self
                 .config
                 .max_total_runners
-                .saturating_sub(self.runners.len() + all_coming + held_out);
+                .saturating_sub(self.runners.len() + all_coming + held_out + leaving);
             if short > room {
                 let max_total = self.config.max_total_runners;
                 fn_lifecycle::warn_throttled!(
@@ -770,6 +772,7 @@ impl ControlLoop {
                     room,
                     max_total,
                     held_out,
+                    leaving,
                     "FN_MAX_TOTAL_RUNNERS reached: the group gets fewer runners than its demand asks for"
                 );
             }

@@ -17,7 +17,10 @@
 //!   count for its group, and the control loop may provision in its place (a restarted npm
 //!   retains its group, as a listed runner's, for the group's minimum), but it counts
 //!   against the bound on all runners, as it still runs (see [`DockerControlPlane::adopt`]
-//!   and [`ControlPlane::held_out`]).
+//!   and [`ControlPlane::held_out`]). On swarm, a runner service removed whose task still
+//!   drains on its node (Swarm deletes the service at once, and stops its task afterwards)
+//!   counts against the bound on all runners too, until its task stops, and for at most
+//!   the stop grace from the list that first found it so (see [`ControlPlane::leaving`]).
 //! - **Remove**: stop (SIGTERM; the runner drains, SIGKILL after a grace) and remove. A
 //!   removal the npm's shutdown cuts short leaves nothing for good: see below.
 //! - **Function containers**: a runner given the engine (`FN_DOCKER_RUNNER_ENGINE`) starts
@@ -89,7 +92,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, image_missing, resolve_placement,
 };
 pub use swarm::{SecretRef, SwarmEngine, own_secrets, service_spec};
-use tracking::{Adoption, Claims, Observed, Standing, Warnings, lock};
+use tracking::{Adoption, Claims, Leaving, Observed, Standing, Warnings, lock};
 
 use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
 
@@ -278,6 +281,11 @@ pub struct DockerControlPlane {
     /// The running runners the last list did not report (held out, see
     /// [`ControlPlane::held_out`]).
     held_out: Mutex<Vec<RunnerInfo>>,
+    /// Since when each removed runner still running has been seen (swarm: a service
+    /// deleted whose task still drains).
+    leaving: Leaving,
+    /// How many of those the last list counted (see [`ControlPlane::leaving`]).
+    leaving_count: std::sync::atomic::AtomicUsize,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -430,6 +438,8 @@ impl DockerControlPlane {
             adoption: Adoption::default(),
             adoption_warnings: Warnings::new(ADOPTION_WARNINGS_INTERVAL),
             held_out: Mutex::default(),
+            leaving: Leaving::default(),
+            leaving_count: std::sync::atomic::AtomicUsize::new(0),
             own_service: None,
         }
     }
@@ -828,6 +838,10 @@ impl ControlPlane for DockerControlPlane {
         lock(&self.held_out).clone()
     }
 
+    fn leaving(&self) -> usize {
+        self.leaving_count.load(Ordering::Relaxed)
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, ControlPlaneError>> {
         Box::pin(async move {
             let began = self.adoption.begin_list();
@@ -835,6 +849,9 @@ impl ControlPlane for DockerControlPlane {
             let names = containers.iter().map(|c| c.name.as_str()).collect();
             self.adoption.retain(&names, began);
             self.adoption_warnings.retain(&names);
+            self.leaving.retain(&names);
+            let now = tokio::time::Instant::now();
+            let mut leaving = 0;
             let mut runners = Vec::new();
             let mut unproven = Vec::new();
             let mut exited = Vec::new();
@@ -877,6 +894,16 @@ impl ControlPlane for DockerControlPlane {
                             never_started.push(container.name);
                         }
                     }
+                    ContainerState::Leaving if self.removing.contains(&container.name) => {
+                        // Its removal has not returned: the control loop counts it still.
+                    }
+                    ContainerState::Leaving => {
+                        // Removed, and draining on its node until it stops, or its stop
+                        // grace has passed (then it is killed, or its node is lost).
+                        if self.leaving.seen_for(&container.name, now) < self.config.stop_grace {
+                            leaving += 1;
+                        }
+                    }
                     ContainerState::Other => {}
                 }
             }
@@ -890,6 +917,7 @@ impl ControlPlane for DockerControlPlane {
             // running all the same.
             held.extend(self.remove_found(never_started, exited, overdue).await);
             *lock(&self.held_out) = held;
+            self.leaving_count.store(leaving, Ordering::Relaxed);
             Ok(runners)
         })
     }
@@ -928,13 +956,15 @@ impl ControlPlane for DockerControlPlane {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let containers = match self.own_containers().await {
+            let mut containers = match self.own_containers().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list runner containers at shutdown; they stay");
                     return;
                 }
             };
+            // Removed already (a swarm service deleted, its task still draining).
+            containers.retain(|c| c.state != ContainerState::Leaving);
             if self.config.keep_runners {
                 tracing::info!(
                     runners = containers.len(),

@@ -96,6 +96,15 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
+    /// How many runners this control plane has removed that still ran at the last
+    /// [`ControlPlane::list`]: a removal that returns before its runner has stopped (a swarm
+    /// service's deletion; its task drains on its node for up to its stop grace). The control
+    /// loop counts them against `FN_MAX_TOTAL_RUNNERS`, and for nothing else. None for a plane
+    /// whose removal returns once its runner is gone (the default).
+    fn leaving(&self) -> usize {
+        0
+    }
+
     /// Provisions up to `count` new runners for `group` and returns those that are ready
     /// (answering health). May return fewer than asked.
     ///

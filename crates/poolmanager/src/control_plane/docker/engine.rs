@@ -45,6 +45,11 @@ pub enum ContainerState {
     Stopped,
     /// Restarting, paused, being removed, ...: leave it alone this time.
     Other,
+    /// Removed, but still running: a swarm runner service deleted whose task still drains
+    /// on its node (Swarm stops it with SIGTERM, and kills it after the service's stop
+    /// grace, after the deletion has returned). Never listed nor removed again, but it
+    /// takes its node's memory until it stops.
+    Leaving,
 }
 
 /// Container operations of the Docker Engine API.

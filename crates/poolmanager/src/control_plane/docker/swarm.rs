@@ -351,6 +351,28 @@ fn unplaced(
     })
 }
 
+/// The runner of a service removed, from the tasks Swarm still keeps of it, when one of them
+/// is on a node and has not ended (`assigned` to `running`): Swarm deletes a service at
+/// once, and stops its task afterwards (SIGTERM, then SIGKILL after the service's stop
+/// grace). Named as the service was (its `FN_RUNNER_ID`), with its labels.
+fn leaving(tasks: &[bollard::models::Task]) -> Option<Container> {
+    use TaskState::{ASSIGNED, RUNNING};
+    let task = tasks
+        .iter()
+        .find(|t| task_state(t).is_some_and(|s| (ASSIGNED..=RUNNING).contains(&s)))?;
+    let container = task.spec.as_ref()?.container_spec.as_ref()?;
+    let name = container
+        .env
+        .as_ref()?
+        .iter()
+        .find_map(|pair| pair.strip_prefix("FN_RUNNER_ID="))?;
+    Some(Container {
+        name: name.to_owned(),
+        state: ContainerState::Leaving,
+        labels: container.labels.clone().unwrap_or_default(),
+    })
+}
+
 /// Whether a task that ended lasted [`RAN_FOR`] from its creation to its last update.
 fn ran(task: &bollard::models::Task) -> bool {
     match (
@@ -573,6 +595,9 @@ impl Engine for SwarmEngine {
                     labels: spec.labels.unwrap_or_default(),
                 });
             }
+            // What is left are the tasks of services removed: one still on its node drains
+            // there until Swarm has stopped it.
+            found.extend(tasks_of.values().filter_map(|tasks| leaving(tasks)));
             Ok(found)
         })
     }

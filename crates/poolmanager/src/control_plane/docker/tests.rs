@@ -46,6 +46,9 @@ struct FakeEngine {
     remove_drains: AtomicBool,
     /// A stop with a grace fails, leaving the container as it was.
     stop_fails: AtomicBool,
+    /// A removal returns at once and leaves the runner running, `Leaving`, as Swarm's
+    /// deletion of a service leaves its task draining on its node.
+    remove_leaves: AtomicBool,
     /// Runners that do not answer SERVING (see [`EngineHealth`]): those a stop signalled,
     /// and those a test names (still starting).
     not_serving: Mutex<std::collections::HashSet<String>>,
@@ -238,6 +241,12 @@ impl Engine for FakeEngine {
                 .expect("not serving lock")
                 .insert(name.to_owned());
             return Box::pin(std::future::pending());
+        }
+        if self.remove_leaves.load(Ordering::SeqCst) {
+            for (c, _) in self.lock().iter_mut().filter(|(c, _)| c.name == name) {
+                c.state = ContainerState::Leaving;
+            }
+            return Box::pin(async { Ok(()) });
         }
         if name.starts_with("fn-") && self.function_removal_hangs.load(Ordering::SeqCst) {
             return Box::pin(std::future::pending());
@@ -1173,6 +1182,7 @@ async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
 
 mod adoption;
 mod fake_api;
+mod leaving;
 mod secrets;
 mod shutdown;
 mod swarm_list;

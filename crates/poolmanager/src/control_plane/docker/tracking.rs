@@ -1,7 +1,8 @@
 //! What the docker plane knows of its runner containers beyond what the engine lists: the
 //! names a provisioning or a removal under way has claimed ([`Claims`]), what the health
-//! probe said of the running ones ([`Adoption`]), and when each was last warned about
-//! ([`Warnings`]). Names only, in memory: a restarted npm starts with none, and learns
+//! probe said of the running ones ([`Adoption`]), when each was last warned about
+//! ([`Warnings`]), and since when each removed one has been seen still running
+//! ([`Leaving`]). Names only, in memory: a restarted npm starts with none, and learns
 //! again from the engine and the health probe.
 
 use std::collections::{HashMap, HashSet};
@@ -278,6 +279,27 @@ impl Repeat<'_> {
     /// runner), `None` when it is held back (logged at DEBUG).
     pub(super) fn admit(&self) -> Option<u64> {
         self.warnings.admit(self.name, self.now)
+    }
+}
+
+/// When the plane first saw each runner it removed that still runs (a swarm service deleted
+/// whose task still drains, [`super::ContainerState::Leaving`]): such a runner counts against
+/// the bound on all runners for at most the runners' stop grace from then, after which its
+/// node has killed it, or is lost (Swarm then reports the task running until the node comes
+/// back, or for 24 h). Names are forgotten once the engine no longer lists them.
+#[derive(Debug, Default)]
+pub(super) struct Leaving(Mutex<HashMap<String, Instant>>);
+
+impl Leaving {
+    /// How long before `now` `name` was first seen leaving (zero the first time).
+    pub(super) fn seen_for(&self, name: &str, now: Instant) -> Duration {
+        let since = *lock(&self.0).entry(name.to_owned()).or_insert(now);
+        now.saturating_duration_since(since)
+    }
+
+    /// Forgets the runners not in `listed` (their tasks are gone).
+    pub(super) fn retain(&self, listed: &HashSet<&str>) {
+        lock(&self.0).retain(|n, _| listed.contains(n.as_str()));
     }
 }
 

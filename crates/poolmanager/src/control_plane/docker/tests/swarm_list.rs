@@ -66,7 +66,7 @@ fn tasks_of(id: &str, i: usize) -> (Vec<String>, ContainerState) {
 }
 
 /// The fake swarm: services `svc-<i>` named `fn-runner-<i>`, each with its tasks, and the
-/// tasks of a service removed already (still shutting down, carrying the label).
+/// tasks of services removed already (carrying the label).
 struct Swarm {
     services: Vec<(String, String, Vec<String>)>,
     gone: Vec<String>,
@@ -81,9 +81,20 @@ impl Swarm {
                 (id, format!("fn-runner-{i}"), tasks)
             })
             .collect();
+        // A runner service removed whose task still drains on its node, and one whose
+        // task has stopped (Swarm forgets it soon).
+        let draining = task("svc-gone", 0, 0, 3_600, "running", "remove").replace(
+            r#""Spec":{}"#,
+            &format!(
+                r#""Spec":{{"ContainerSpec":{{"Env":["FN_GRPC_PORT=9190","FN_RUNNER_ID=fn-runner-gone"],"Labels":{{"{LABEL_ROLE}":"runner","{LABEL_NPM}":"stack_backend"}}}}}}"#
+            ),
+        );
         Swarm {
             services,
-            gone: vec![task("svc-gone", 0, 0, 3_600, "running", "shutdown")],
+            gone: vec![
+                draining,
+                task("svc-stopped", 0, 0, 3_600, "shutdown", "remove"),
+            ],
         }
     }
 
@@ -143,8 +154,9 @@ impl Swarm {
 
 /// A list of many runner services makes two requests, the tasks of all of them filtered
 /// by the npm's label, then the services, and gives each service the state its own tasks
-/// make; the tasks of a service gone are passed over. One request per service's tasks
-/// made 151 here.
+/// make. One request per service's tasks made 151 here. A service removed whose task
+/// still runs is reported leaving, by its runner's name; one whose task has stopped, not
+/// at all.
 #[tokio::test]
 async fn a_list_of_many_runner_services_is_two_requests() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -171,7 +183,14 @@ async fn a_list_of_many_runner_services_is_two_requests() {
     .expect("listed");
     server.abort();
 
-    assert_eq!(listed.len(), SERVICES);
+    assert_eq!(listed.len(), SERVICES + 1);
+    let (leaving, listed) = listed.split_last().expect("listed");
+    assert_eq!(leaving.name, "fn-runner-gone");
+    assert_eq!(leaving.state, ContainerState::Leaving);
+    assert_eq!(
+        leaving.labels.get(LABEL_ROLE).map(String::as_str),
+        Some("runner")
+    );
     for (i, container) in listed.iter().enumerate() {
         let (_, expected) = tasks_of(&format!("svc-{i}"), i);
         assert_eq!(container.name, format!("fn-runner-{i}"));
