@@ -535,9 +535,9 @@ impl Engine for SwarmEngine {
     ///
     /// The tasks first: a service removed between the two requests is not listed (its tasks,
     /// shutting down, would have made it a runner that exited), and one created between them
-    /// is taken as a new service whose first task Swarm has not made yet: it may come up. Each service's tasks come
-    /// from the one snapshot, so a task Swarm replaces is never seen without its
-    /// replacement.
+    /// is taken as a new service whose first task Swarm has not made yet: it may come up.
+    /// Each service's tasks come from the one snapshot, so a task Swarm replaces is never
+    /// seen without its replacement.
     fn list<'a>(
         &'a self,
         label_key: &'a str,
