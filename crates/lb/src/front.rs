@@ -392,9 +392,16 @@ impl Front {
                         let limit = front.limits.send_timeout;
                         response = response.map(|body| stream_send_timeout(body, limit, stuck));
                     }
-                    let closes = leftover.closes_after(response.status());
+                    // Answered with the body unread, and it will not be read; or the LB is
+                    // draining (its drain delay: health says NOT_SERVING, the listener still
+                    // takes connections), and tells each HTTP/1 client to take its next
+                    // request elsewhere now. Kept alive, an idle connection is closed when the
+                    // drain delay ends, and a request the client sends at that moment is
+                    // lost without an answer (a POST is not retried by clients). HTTP/2 gets
+                    // GOAWAY then, which tells the client which streams were not taken.
+                    let closes = leftover.closes_after(response.status())
+                        || (version != Version::HTTP_2 && front.draining());
                     if closes {
-                        // Answered with the body unread, and it will not be read: say so.
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -446,6 +453,12 @@ impl Front {
         tracing::info!("HTTP front stopped accepting; waiting for open requests");
         graceful.shutdown().await;
         Ok(())
+    }
+
+    /// Whether the LB is draining: health says NOT_SERVING (the drain delay, before the
+    /// listener closes), so that load balancers and clients move off it.
+    fn draining(&self) -> bool {
+        !self.health.is_serving()
     }
 
     /// Logs that connections are refused at the cap, at most once a minute.

@@ -91,6 +91,8 @@ struct Lb {
     capacity: CapacityTracker,
     /// Where the LB's metrics are registered.
     registry: Registry,
+    /// The LB's health: set NOT_SERVING, it drains (as during `FN_DRAIN_DELAY`).
+    health: Health,
     cancel: CancellationToken,
 }
 
@@ -149,7 +151,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
     let catalog = Arc::new(CatalogHandle::from_catalog("test.toml", catalog));
     let (health, _grpc) = Health::new(&[]);
     health.set_serving().await;
-    let front = Front::with_limits(catalog, invoker, health, options.limits);
+    let front = Front::with_limits(catalog, invoker, health.clone(), options.limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -161,6 +163,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
         pool,
         capacity,
         registry,
+        health,
         cancel,
     }
 }
@@ -4124,4 +4127,82 @@ async fn a_target_with_userinfo_gets_400_naming_it() {
     let seen = runners[0].seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].request_url, "http://abs.test/r/demo/echo?to=a@b");
+}
+
+/// While the LB drains (health NOT_SERVING, the listener still open), every HTTP/1 answer
+/// says `Connection: close` and the connection closes after it, so that a client takes its
+/// next request elsewhere now: kept alive until the drain delay ends, an idle connection
+/// was closed then under a request the client had just sent, which was lost without an
+/// answer. HTTP/2 is served as before (it gets GOAWAY when the delay ends).
+#[tokio::test]
+async fn a_draining_lb_closes_each_http1_connection_after_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+    let call = "POST /r/demo/echo HTTP/1.1\r\nHost: lb.test\r\nContent-Length: 2\r\n\r\nhi";
+    let mut stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    stream.write_all(call.as_bytes()).await.expect("write");
+    let before = echo_answer(&mut stream).await;
+    assert!(before.starts_with("http/1.1 200"), "{before}");
+    assert!(!before.contains("connection: close"), "{before}");
+
+    lb.health.set_not_serving().await;
+    stream.write_all(call.as_bytes()).await.expect("write");
+    let during = echo_answer(&mut stream).await;
+    assert!(
+        during.starts_with("http/1.1 200"),
+        "served while draining: {during}"
+    );
+    assert!(during.contains("\r\nconnection: close\r\n"), "{during}");
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(BOUND, stream.read(&mut rest))
+        .await
+        .expect("the LB closes the connection in time");
+    assert!(
+        matches!(closed, Ok(0)),
+        "closed after the answer: {closed:?}"
+    );
+
+    // HTTP/1.0 asking to be kept alive is not.
+    let head = raw_head(
+        &lb.address,
+        "GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 503"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+
+    // HTTP/2 is served on as it was.
+    let mut sender = h2c(&lb.address).await;
+    let uri: http::Uri = format!("http://{}/r/demo/echo", lb.address)
+        .parse()
+        .expect("uri");
+    let answer = h2_empty(&mut sender, Method::POST, uri.clone()).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(answer.headers().get(header::CONNECTION).is_none());
+    let again = h2_empty(&mut sender, Method::POST, uri).await;
+    assert_eq!(
+        again.status(),
+        StatusCode::OK,
+        "the h2 connection stays open"
+    );
+}
+
+/// One answer of the echo runner to `hi` on `stream`, read to its end (or until the LB
+/// closes or stalls), lower-cased.
+async fn echo_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"hi")) {
+        match tokio::time::timeout(BOUND, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).to_ascii_lowercase()
 }
