@@ -13,7 +13,8 @@
 //!   provisions, removals, purges), registered into the registry passed to
 //!   [`ControlLoop::new`].
 //! - [`service`]: the gRPC services the LBs call.
-//! - [`probe`]: asking runners how many calls they have in flight.
+//! - [`probe`]: asking runners how many calls they have in flight, and following their health
+//!   (a runner that drains on its own).
 
 pub mod config;
 pub mod control_plane;

@@ -6,7 +6,10 @@
 //!
 //! 1. list the control plane's runners: the first successful list loads the runner set
 //!    (nothing is scaled before it, so a restarted npm never provisions twice); later lists
-//!    drop runners the control plane no longer reports;
+//!    drop runners the control plane no longer reports; an active runner that says it
+//!    drains on its own (stopped by someone else: an operator's SIGTERM, `docker stop`, a
+//!    service removed) leaves its group's runners and the LBs' lists at once (see
+//!    [`RunnerState::Stopping`]), and comes back if it answers SERVING again;
 //! 2. purge LBs that went silent — unless the loop itself stalled (the npm was stopped or
 //!    starved for longer than the purge interval): then the LBs' silence was the npm's, so
 //!    they get a fresh purge interval instead of having their demand dropped, and each group
@@ -130,8 +133,51 @@ pub trait RunnerProbe: Send + Sync + std::fmt::Debug {
     /// Calls in flight on `runner`.
     fn calls_in_flight<'a>(&'a self, runner: &'a RunnerInfo) -> BoxFuture<'a, Result<u64, String>>;
 
+    /// Follows `runner`'s own health from now on, reporting each change of whether it
+    /// drains into `reports` until the runner is forgotten; a runner already followed is
+    /// left as it is (the control loop calls this for every runner at every tick). The
+    /// default follows nothing: its runners are never taken for draining on their own.
+    fn watch(&self, _runner: &RunnerInfo, _reports: &Arc<HealthReports>) {}
+
     /// `runner` is gone (removed, or no longer reported): release what was kept for it.
     fn forget(&self, _runner: &RunnerInfo) {}
+}
+
+/// What the runners' health watches ([`RunnerProbe::watch`]) last said of each runner: that
+/// it drains on its own (NOT_SERVING: a runner says so from its SIGTERM on), or that it
+/// serves. Written by the watches, read by the control loop at each tick.
+#[derive(Debug, Default)]
+pub struct HealthReports {
+    /// Runner id → whether it said it drains.
+    draining: Mutex<HashMap<String, bool>>,
+    /// Woken when a runner's report changes: the control loop acts at once (a runner that
+    /// began draining is replaced without waiting for the tick).
+    changed: tokio::sync::Notify,
+}
+
+impl HealthReports {
+    /// Records what runner `id` said: that it drains (`true`) or that it serves.
+    pub fn report(&self, id: &str, draining: bool) {
+        let before = self.lock().insert(id.to_owned(), draining);
+        if before != Some(draining) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether runner `id` last said it drains; `None` before its first report.
+    pub fn draining(&self, id: &str) -> Option<bool> {
+        self.lock().get(id).copied()
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.draining
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Each group's active runners, in LB order.
@@ -281,7 +327,18 @@ impl Shared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerState {
     Active,
-    Draining { since: Instant },
+    /// The npm drains it (scale-down): out of the LBs' lists, removed once idle.
+    Draining {
+        since: Instant,
+    },
+    /// It said it drains on its own (NOT_SERVING), stopped by someone else than the npm:
+    /// out of its group's runners (a replacement is provisioned when the group needs one)
+    /// and of the LBs' lists, still counted against `max_total_runners` until the control
+    /// plane no longer lists it (it exits by itself, and is not removed unless it stays so
+    /// past `max_drain_time`). Active again if it answers SERVING again.
+    Stopping {
+        since: Instant,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -363,6 +420,8 @@ pub struct ControlLoop {
     shared: Arc<Shared>,
     control_plane: Arc<dyn ControlPlane>,
     probe: Arc<dyn RunnerProbe>,
+    /// What the runners' health watches say (see [`RunnerProbe::watch`]).
+    health: Arc<HealthReports>,
     config: ManagerConfig,
     /// Ordered by (created, id): oldest first.
     runners: Vec<Entry>,
@@ -399,6 +458,7 @@ impl ControlLoop {
             shared,
             control_plane,
             probe,
+            health: Arc::default(),
             config,
             runners: Vec::new(),
             predictors: HashMap::new(),
@@ -427,6 +487,8 @@ impl ControlLoop {
                 _ = interval.tick() => {}
                 // New demand: act now, not at the next tick.
                 () = self.shared.demand_rose.notified() => interval.reset(),
+                // A runner began draining on its own (or serves again): act now.
+                () = self.health.changed.notified() => interval.reset(),
                 // A runner came up: publish it now, not at the next tick.
                 Some(done) = self.in_flight.tasks.join_next_with_id(), if !self.in_flight.tasks.is_empty() => {
                     self.provisioned(done);
@@ -527,6 +589,7 @@ impl ControlLoop {
             self.last_tick_end = Some(Instant::now());
             return;
         }
+        self.follow_health(now);
         if let Some(gap) = stalled {
             tracing::warn!(
                 ?gap,
@@ -655,6 +718,7 @@ impl ControlLoop {
         }
         let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
         let probe = &self.probe;
+        let health = &self.health;
         let removing = &self.removing_ids;
         self.runners.retain(|e| {
             let keep = listed_ids.contains(e.info.id.as_str());
@@ -663,6 +727,7 @@ impl ControlLoop {
                     tracing::warn!(runner = %e.info.id, address = %e.info.address, "runner no longer reported by the control plane; dropped");
                 }
                 probe.forget(&e.info);
+                health.forget(&e.info.id);
             }
             keep
         });
@@ -680,6 +745,40 @@ impl ControlLoop {
         }
         self.sort();
         true
+    }
+
+    /// Takes in what the runners' health watches said: a runner that drains on its own
+    /// (stopped by someone else than the npm) is `Stopping` from now on, out of its group's
+    /// runners and of the LBs' lists; one that serves again is active again. Runners the
+    /// npm is removing are left as they are (they say NOT_SERVING because the npm stopped
+    /// them). Every runner is followed (see [`RunnerProbe::watch`]).
+    fn follow_health(&mut self, now: Instant) {
+        for entry in &mut self.runners {
+            self.probe.watch(&entry.info, &self.health);
+            if self.removing_ids.contains(&entry.info.id) {
+                continue;
+            }
+            let id = &entry.info.id;
+            let group = &entry.info.group;
+            match (entry.state, self.health.draining(id)) {
+                (RunnerState::Active | RunnerState::Draining { .. }, Some(true)) => {
+                    tracing::warn!(
+                        runner = %id,
+                        address = %entry.info.address,
+                        %group,
+                        "runner drains on its own (health NOT_SERVING: stopped by someone \
+                         else than the npm); out of its group and the LBs' lists, counted \
+                         against FN_MAX_TOTAL_RUNNERS until it has exited"
+                    );
+                    entry.state = RunnerState::Stopping { since: now };
+                }
+                (RunnerState::Stopping { .. }, Some(false)) => {
+                    tracing::info!(runner = %id, %group, "runner answers SERVING again; active again");
+                    entry.state = RunnerState::Active;
+                }
+                _ => {}
+            }
+        }
     }
 
     fn sort(&mut self) {
@@ -930,7 +1029,14 @@ impl ControlLoop {
             .filter(|e| !self.removing_ids.contains(&e.info.id))
             .filter_map(|e| match e.state {
                 RunnerState::Draining { since } => Some((e.info.clone(), since)),
-                RunnerState::Active => None,
+                // It exits by itself; removed only once it overran the drain time (a runner
+                // stuck saying NOT_SERVING would hold its place under the bound for ever).
+                RunnerState::Stopping { since }
+                    if now.duration_since(since) >= self.config.max_drain_time =>
+                {
+                    Some((e.info.clone(), since))
+                }
+                RunnerState::Stopping { .. } | RunnerState::Active => None,
             })
             .collect();
         // Probed together, each for at most PROBE_TIMEOUT: a runner that does not answer
@@ -1007,6 +1113,7 @@ impl ControlLoop {
                 self.metrics.removed();
                 self.runners.retain(|e| e.info.id != info.id);
                 self.probe.forget(&info);
+                self.health.forget(&info.id);
             }
             Err(e) => {
                 tracing::error!(runner = %info.id, error = %e, "removing a runner failed; retrying next tick")

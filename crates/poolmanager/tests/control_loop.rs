@@ -1036,3 +1036,137 @@ async fn at_shutdown_removals_under_way_end_before_the_control_plane_shuts_down(
     );
     assert!(cp.removed().is_empty(), "{:?}", cp.removed());
 }
+
+fn stopping(control: &ControlLoop) -> Vec<String> {
+    control
+        .runner_states()
+        .into_iter()
+        .filter(|(_, s)| matches!(s, RunnerState::Stopping { .. }))
+        .map(|(r, _)| r.id)
+        .collect()
+}
+
+/// A runner stopped by someone else than the npm (an operator's SIGTERM, `docker stop`)
+/// says NOT_SERVING and drains, while the control plane lists it until it has exited: it
+/// leaves its group and the LBs' list at once, a replacement is provisioned within a tick
+/// (before it exits), it still counts against FN_MAX_TOTAL_RUNNERS until it is gone, and the
+/// npm does not remove it. Counted as active, it left a group of one without capacity for
+/// its whole drain.
+#[tokio::test(start_paused = true)]
+async fn a_runner_draining_on_its_own_is_replaced_at_once_and_counts_against_the_total() {
+    let mut cfg = config();
+    cfg.min_runners = 1;
+    cfg.max_total_runners = 2;
+    let mut h = harness(FakeControlPlane::with_runners("default", 1), cfg);
+    h.tick().await;
+    assert_eq!(h.members("default"), ["r1"]);
+    assert_eq!(h.probe.watched(), ["r1"], "the runner's health is followed");
+
+    h.probe.say_draining("r1", true);
+    h.tick().await;
+    assert_eq!(stopping(&h.control), ["r1"]);
+    assert_eq!(h.cp.provisioned(), 1, "a replacement at once");
+    assert_eq!(
+        h.members("default"),
+        ["r2"],
+        "the draining runner left the LBs' list"
+    );
+    assert_eq!(h.cp.runners_of("default"), 2, "r1 has not exited yet");
+
+    // Demand for two: r1 still runs, so the total of two leaves no room.
+    for _ in 0..5 {
+        h.advertise("lb1", "default", 2);
+        h.tick().await;
+    }
+    assert_eq!(h.cp.provisioned(), 1, "{:?}", h.cp.batches());
+    assert!(
+        h.cp.removed().is_empty(),
+        "the npm does not remove it: it exits by itself"
+    );
+    assert_eq!(h.members("default"), ["r2"]);
+    h.assert_metrics(&[
+        "fn_npm_runners{lb_group=\"default\",state=\"active\"} 1",
+        "fn_npm_runners{lb_group=\"default\",state=\"draining\"} 1",
+    ]);
+
+    // It exits: forgotten, and its room goes to the demand.
+    h.cp.vanish("r1");
+    h.advertise("lb1", "default", 2);
+    h.tick().await;
+    assert!(!h.probe.watched().contains(&"r1".to_owned()));
+    assert_eq!(h.cp.provisioned(), 2);
+    assert_eq!(h.members("default"), ["r2", "r3"]);
+}
+
+/// A runner that said NOT_SERVING and answers SERVING again (a blip) is active again, in its
+/// group and the LBs' list.
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_serves_again_comes_back() {
+    let mut cfg = config();
+    cfg.min_runners = 1;
+    let mut h = harness(FakeControlPlane::with_runners("default", 1), cfg);
+    h.tick().await;
+    h.probe.say_draining("r1", true);
+    h.tick().await;
+    assert_eq!(h.members("default"), ["r2"]);
+    h.probe.say_draining("r1", false);
+    h.tick().await;
+    assert!(stopping(&h.control).is_empty());
+    // Back in the LBs' list; the group's minimum of one then drains the newest.
+    assert_eq!(h.members("default"), ["r1"]);
+    assert_eq!(h.draining(), ["r2"]);
+}
+
+/// A runner that keeps saying NOT_SERVING past the maximum drain time is removed: it would
+/// otherwise hold its place under FN_MAX_TOTAL_RUNNERS for ever.
+#[tokio::test(start_paused = true)]
+async fn a_runner_draining_on_its_own_past_the_maximum_drain_time_is_removed() {
+    let mut h = harness(FakeControlPlane::with_runners("g", 1), config());
+    h.tick().await;
+    h.probe.say_draining("r1", true);
+    h.tick().await;
+    let r1 = "r1".to_owned();
+    for _ in 0..58 {
+        h.tick().await;
+        assert!(
+            !h.cp.removed().contains(&r1),
+            "removed before the maximum drain time"
+        );
+    }
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert!(h.cp.removed().contains(&r1));
+}
+
+/// A runner saying it drains wakes the running loop: the replacement is asked for at once,
+/// not at the next tick.
+#[tokio::test(start_paused = true)]
+async fn a_runner_draining_on_its_own_wakes_the_loop() {
+    let cp = Arc::new(FakeControlPlane::with_runners("default", 1));
+    let probe = Arc::new(FakeProbe::default());
+    let mut cfg = config();
+    cfg.min_runners = 1;
+    cfg.tick = Duration::from_secs(10);
+    let control = ControlLoop::new(
+        Arc::new(Shared::default()),
+        cp.clone(),
+        probe.clone(),
+        cfg,
+        &mut Registry::default(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(control.run(cancel.clone()));
+    // The first tick, at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(cp.provisioned(), 0);
+    probe.say_draining("r1", true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        cp.provisioned(),
+        1,
+        "provisioned within the least gap between ticks"
+    );
+    cancel.cancel();
+    loop_task.await.expect("the loop ends").expect("infallible");
+}

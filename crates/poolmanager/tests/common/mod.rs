@@ -3,11 +3,11 @@
 #![allow(dead_code)] // Each test file uses a different part.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fn_poolmanager::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
-use fn_poolmanager::manager::RunnerProbe;
+use fn_poolmanager::manager::{HealthReports, RunnerProbe};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -271,14 +271,31 @@ impl ControlPlane for FakeControlPlane {
 }
 
 /// A probe that reports the configured calls in flight (0 unless set); a wedged runner
-/// never answers.
+/// never answers. Runners' health is what the test says ([`FakeProbe::say_draining`]).
 #[derive(Debug, Default)]
 pub struct FakeProbe {
     in_flight: Mutex<HashMap<String, u64>>,
     wedged: Mutex<Vec<String>>,
+    /// Where the control loop takes in runners' health, once it has watched one.
+    reports: Mutex<Option<Arc<HealthReports>>>,
+    /// Runners watched and not forgotten since.
+    watched: Mutex<Vec<String>>,
 }
 
 impl FakeProbe {
+    /// Runner `id`'s health watch says it drains (NOT_SERVING), or that it serves again.
+    pub fn say_draining(&self, id: &str, draining: bool) {
+        let reports = self.reports.lock().expect("lock").clone();
+        reports
+            .expect("the control loop watches its runners' health")
+            .report(id, draining);
+    }
+
+    /// Runners whose health is followed now.
+    pub fn watched(&self) -> Vec<String> {
+        self.watched.lock().expect("lock").clone()
+    }
+
     pub fn set(&self, id: &str, n: u64) {
         self.in_flight
             .lock()
@@ -305,5 +322,20 @@ impl RunnerProbe for FakeProbe {
             .copied()
             .unwrap_or(0);
         Box::pin(async move { Ok(n) })
+    }
+
+    fn watch(&self, runner: &RunnerInfo, reports: &Arc<HealthReports>) {
+        *self.reports.lock().expect("lock") = Some(Arc::clone(reports));
+        let mut watched = self.watched.lock().expect("lock");
+        if !watched.contains(&runner.id) {
+            watched.push(runner.id.clone());
+        }
+    }
+
+    fn forget(&self, runner: &RunnerInfo) {
+        self.watched
+            .lock()
+            .expect("lock")
+            .retain(|id| *id != runner.id);
     }
 }
