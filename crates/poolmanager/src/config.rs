@@ -59,6 +59,11 @@ pub struct ControlPlaneArgs {
         default_value = "/tmp/fn-npm-runners"
     )]
     pub runner_state_dir: PathBuf,
+    /// process: leave the ready runners running at shutdown, with their records, for the
+    /// next npm to adopt.
+    #[arg(long, env = "FN_PROCESS_KEEP_RUNNERS", default_value_t = false,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub process_keep_runners: bool,
     /// docker: the image runner containers are created from.
     #[arg(
         long,
@@ -305,6 +310,7 @@ impl ControlPlaneArgs {
                 config.tls_env = tls_env(tls_args);
                 config.extra_env = runner_env;
                 config.stop_grace = stop_grace;
+                config.keep_runners = self.process_keep_runners;
                 Arc::new(
                     ProcessControlPlane::new(config)
                         .await

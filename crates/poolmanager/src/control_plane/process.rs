@@ -11,7 +11,9 @@
 //!   the end of its stop, in a [`Phase`], so a control-loop pass cut short by shutdown
 //!   (a provisioning waiting for health, a removal waiting for the exit) leaves nothing
 //!   behind. A provisioning cancelled at shutdown ends its wait for health at once and
-//!   spawns nothing more.
+//!   spawns nothing more. With `FN_PROCESS_KEEP_RUNNERS` the ready runners stay running
+//!   instead, with their records, for the next npm to adopt (as after a SIGKILL); those
+//!   starting or being removed are stopped all the same.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -57,6 +59,9 @@ pub struct ProcessConfig {
     /// How long a runner may drain at the npm's shutdown before it is killed
     /// ([`super::shutdown_stop_grace`] of the npm's own bound).
     pub stop_grace: Duration,
+    /// Leave the ready runners running at npm shutdown, with their records, for the next
+    /// npm to adopt (`FN_PROCESS_KEEP_RUNNERS`).
+    pub keep_runners: bool,
 }
 
 impl ProcessConfig {
@@ -92,6 +97,7 @@ impl ProcessConfig {
             start_timeout: Duration::from_secs(15),
             extra_env: Vec::new(),
             stop_grace: super::SHUTDOWN_STOP_GRACE,
+            keep_runners: false,
         }
     }
 }
@@ -515,8 +521,20 @@ impl ControlPlane for ProcessControlPlane {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Every phase: a starting runner whose provisioning was cut short, a stopping one
-            // whose removal was, are stopped like the ready ones.
-            let all: Vec<Spawned> = std::mem::take(&mut *self.lock());
+            // whose removal was, are stopped like the ready ones; but for the ready ones
+            // kept for the next npm, which adopts them from their records. Their child
+            // handles are dropped, which leaves them running (`kill_on_drop(false)`).
+            let mut all: Vec<Spawned> = std::mem::take(&mut *self.lock());
+            if self.config.keep_runners {
+                let kept = all.iter().filter(|s| s.phase == Phase::Ready).count();
+                all.retain(|s| s.phase != Phase::Ready);
+                tracing::info!(
+                    runners = kept,
+                    state_dir = %self.config.state_dir.display(),
+                    "FN_PROCESS_KEEP_RUNNERS: leaving the ready runners running, with their \
+                     records, for the next npm"
+                );
+            }
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, &s.info.id, s.child.as_mut(), self.config.stop_grace).await;
                 remove_quietly(&self.record_path(&s.info.id));
@@ -525,7 +543,11 @@ impl ControlPlane for ProcessControlPlane {
                 let _ = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id)).await;
             });
             futures::future::join_all(stops).await;
-            tracing::info!("all spawned runners stopped");
+            if self.config.keep_runners {
+                tracing::info!("the runners starting or being removed are stopped");
+            } else {
+                tracing::info!("all spawned runners stopped");
+            }
         })
     }
 }
@@ -1143,6 +1165,110 @@ mod tests {
         }
         assert!(!record.exists());
         assert!(plane.lock().is_empty());
+    }
+
+    /// With `FN_PROCESS_KEEP_RUNNERS`, the npm's shutdown leaves a ready runner running with
+    /// its record (and stops one still starting), and the next npm adopts it.
+    #[tokio::test]
+    async fn kept_runners_outlive_the_shutdown_and_the_next_npm_adopts_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = dir.path().join("pure-runner");
+        std::fs::write(&binary, "#!/bin/sh\nexec sleep 30\n").expect("write");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        // The runners' health, answered in this process for both.
+        let (health, service) = fn_lifecycle::health::Health::new(&[]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let address = listener.local_addr().expect("address").to_string();
+        let incoming = fn_tls::grpc_incoming(&TlsMode::Insecure, listener).expect("incoming");
+        tokio::spawn(
+            fn_tls::grpc_server()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        health.set_serving().await;
+        let mut config = ProcessConfig::new(
+            binary,
+            dir.path().to_owned(),
+            dir.path().join("state"),
+            TlsMode::Insecure,
+        );
+        config.stop_grace = Duration::from_secs(2);
+        config.keep_runners = true;
+        let plane = ProcessControlPlane::new(config.clone())
+            .await
+            .expect("plane");
+        // A ready runner and one still starting, as their provisionings leave them.
+        let mut made = Vec::new();
+        for (id, phase) in [
+            ("r-00000000c0de", Phase::Ready),
+            ("r-00000000beef", Phase::Starting),
+        ] {
+            let child = plane
+                .runner_command(1, &socket_dir(id))
+                .stdin(Stdio::null())
+                .kill_on_drop(false)
+                .spawn()
+                .expect("spawn");
+            let pid = child.id().expect("running");
+            let info = RunnerInfo {
+                id: id.to_owned(),
+                address: address.clone(),
+                group: "g".into(),
+                created: SystemTime::now(),
+            };
+            write_record(&plane.record_path(id), &info, pid).expect("record");
+            plane.lock().push(Spawned {
+                info,
+                pid,
+                child: Some(child),
+                phase,
+            });
+            made.push((id, pid));
+        }
+        let [(kept, kept_pid), (starting, starting_pid)] = made[..] else {
+            unreachable!("two runners made");
+        };
+        // Both past their script's last exec: while a process execs, its environment reads
+        // empty, and it would not be taken for its runner.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for pid in [kept_pid, starting_pid] {
+            while !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep"))
+            {
+                assert!(std::time::Instant::now() < deadline, "a runner never ran");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        plane.shutdown().await;
+        assert!(
+            is_runner_process(kept_pid, kept),
+            "the ready runner still runs"
+        );
+        assert!(plane.record_path(kept).exists(), "with its record");
+        assert!(
+            !is_runner_process(starting_pid, starting),
+            "the starting one is stopped"
+        );
+        assert!(!plane.record_path(starting).exists());
+        drop(plane);
+
+        // The next npm adopts it (and, not keeping them, stops it at its own shutdown).
+        config.keep_runners = false;
+        let next = ProcessControlPlane::new(config).await.expect("plane");
+        let listed: Vec<String> = next
+            .list()
+            .await
+            .expect("lists")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(listed, [kept]);
+        next.shutdown().await;
+        assert!(!is_runner_process(kept_pid, kept));
     }
 
     #[test]
