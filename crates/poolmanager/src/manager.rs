@@ -747,11 +747,11 @@ impl ControlLoop {
         true
     }
 
-    /// Takes in what the runners' health watches said: a runner that drains on its own
-    /// (stopped by someone else than the npm) is `Stopping` from now on, out of its group's
-    /// runners and of the LBs' lists; one that serves again is active again. Runners the
-    /// npm is removing are left as they are (they say NOT_SERVING because the npm stopped
-    /// them). Every runner is followed (see [`RunnerProbe::watch`]).
+    /// Takes in what the runners' health watches said: an active runner that drains on its
+    /// own (stopped by someone else than the npm) is `Stopping` from now on, out of its
+    /// group's runners and of the LBs' lists; one that serves again is active again.
+    /// Runners the npm is removing are left as they are (they say NOT_SERVING because the
+    /// npm stopped them). Every runner is followed (see [`RunnerProbe::watch`]).
     fn follow_health(&mut self, now: Instant) {
         for entry in &mut self.runners {
             self.probe.watch(&entry.info, &self.health);
@@ -761,7 +761,9 @@ impl ControlLoop {
             let id = &entry.info.id;
             let group = &entry.info.group;
             match (entry.state, self.health.draining(id)) {
-                (RunnerState::Active | RunnerState::Draining { .. }, Some(true)) => {
+                // One the npm drains itself stays so: its removal goes on (and is retried
+                // if it fails), and it is not re-activated while it says it drains.
+                (RunnerState::Active, Some(true)) => {
                     tracing::warn!(
                         runner = %id,
                         address = %entry.info.address,
@@ -836,8 +838,9 @@ impl ControlLoop {
         if desired > active {
             let mut short = desired - active;
             // Newest draining runners first: they are the most recently warmed. Not one whose
-            // removal has begun: it is stopping, and would leave the group short (counted
-            // active, nothing provisioned) when it goes.
+            // removal has begun, nor one that says it drains (stopped by someone else): it
+            // is stopping, and would leave the group short (counted active, nothing
+            // provisioned) when it goes.
             for entry in self.runners.iter_mut().rev() {
                 if short == 0 {
                     break;
@@ -845,6 +848,7 @@ impl ControlLoop {
                 if entry.info.group == group
                     && matches!(entry.state, RunnerState::Draining { .. })
                     && !self.removing_ids.contains(&entry.info.id)
+                    && self.health.draining(&entry.info.id) != Some(true)
                 {
                     entry.state = RunnerState::Active;
                     short -= 1;

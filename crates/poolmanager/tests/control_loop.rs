@@ -1170,3 +1170,35 @@ async fn a_runner_draining_on_its_own_wakes_the_loop() {
     cancel.cancel();
     loop_task.await.expect("the loop ends").expect("infallible");
 }
+
+/// A runner the npm drains itself that then says it drains (someone stopped it meanwhile)
+/// is not re-activated when demand returns: a replacement is provisioned instead; and the
+/// npm's removal of it goes on.
+#[tokio::test(start_paused = true)]
+async fn a_draining_runner_that_says_it_drains_is_not_reactivated() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert_eq!(h.members("g"), ["r1"]);
+    // No demand for the window: r1 drains; busy, it is not removed yet.
+    h.probe.set("r1", 1);
+    for _ in 0..30 {
+        h.tick().await;
+        if !h.draining().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(h.draining(), ["r1"]);
+    h.probe.say_draining("r1", true);
+    h.advertise("lb1", "g", 1);
+    h.tick().await;
+    assert_eq!(h.draining(), ["r1"], "still the npm's to remove");
+    assert_eq!(h.cp.provisioned(), 2, "a replacement: {:?}", h.cp.batches());
+    assert_eq!(h.members("g"), ["r2"]);
+    h.probe.set("r1", 0);
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.cp.removed(), ["r1"]);
+}
