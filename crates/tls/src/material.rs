@@ -195,14 +195,14 @@ impl Material {
             .ok_or_else(|| origin.invalid("FN_NODE_CERT", "holds no certificate"))?;
         let validity = crate::expiry::Validity::of(end_entity)
             .map_err(|reason| origin.invalid("FN_NODE_CERT", reason))?;
-        // The chain the node presents ends with its first certificate to end: a peer checks
-        // every intermediate's dates as it checks the leaf's.
-        let not_after = intermediates
-            .iter()
-            .filter_map(|cert| crate::expiry::Validity::of(cert).ok())
-            .map(|v| v.not_after)
-            .fold(validity.not_after, SystemTime::min);
         let now = SystemTime::now();
+        let not_after = chain_end(
+            client_verifier.as_ref(),
+            end_entity,
+            intermediates,
+            validity.not_after,
+            now,
+        );
         let early = validity.not_before > now;
 
         match check {
@@ -334,4 +334,124 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("holds no PEM CERTIFICATE".to_owned());
     }
     Ok(certs)
+}
+
+/// When the chain the node presents stops verifying under its own CA bundle (the one its
+/// peers hold): the first end among the certificates of the path a peer builds, the leaf's
+/// and the intermediates' it uses (webpki checks each one's dates as it checks the leaf's).
+/// An extra certificate the path does not use (a root, or an expired cross-sign, sent along
+/// in a full chain) moves nothing. Found by verifying at each intermediate's end, in order;
+/// when the chain does not verify even now (a certificate from another CA: the start says
+/// so), the first end of any certificate in it.
+fn chain_end(
+    verifier: &dyn ClientCertVerifier,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    leaf_end: SystemTime,
+    now: SystemTime,
+) -> SystemTime {
+    let at = |time: SystemTime| {
+        let since = time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::since_unix_epoch(since))
+            .is_ok()
+    };
+    let mut ends: Vec<SystemTime> = intermediates
+        .iter()
+        .filter_map(|cert| crate::expiry::Validity::of(cert).ok())
+        .map(|v| v.not_after)
+        .filter(|&end| end < leaf_end)
+        .collect();
+    if !at(now) {
+        return ends.into_iter().fold(leaf_end, SystemTime::min);
+    }
+    ends.retain(|&end| end > now);
+    ends.sort_unstable();
+    ends.dedup();
+    ends.into_iter()
+        .find(|&end| !at(end + std::time::Duration::from_secs(1)))
+        .unwrap_or(leaf_end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::DevCa;
+
+    fn parse(cert: String, key: String, ca: &str) -> Result<Material, TlsError> {
+        let pems = Pems {
+            cert: cert.into_bytes(),
+            key: key.into_bytes(),
+            ca: ca.as_bytes().to_vec(),
+        };
+        let provider = Arc::new(crate::crypto_provider());
+        Material::parse(pems, &Origin::Memory, &provider, Check::Replacement)
+    }
+
+    fn days_left(material: &Material) -> f64 {
+        let left = material
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        left.as_secs_f64() / 86_400.0
+    }
+
+    /// The chain's end is that of the path a peer builds: an intermediate on it that ends
+    /// first ends the chain; certificates sent along that the path does not use (an expired
+    /// cross-sign, another intermediate ending soon) move nothing, and do not get a valid
+    /// replacement rejected.
+    #[test]
+    fn the_chain_ends_with_the_first_end_on_the_path_a_peer_builds() {
+        let root = DevCa::new("chain test root").expect("root");
+        let soon = root
+            .intermediate_expiring_in("chain test intermediate", 2)
+            .expect("intermediate");
+        let expired = root
+            .intermediate_expiring_in("chain test expired cross-sign", -1)
+            .expect("an expired intermediate");
+
+        let under_soon = soon.node(&[]).expect("node");
+        let used = parse(
+            format!("{}{}", under_soon.cert_pem, soon.cert_pem()),
+            under_soon.key_pem,
+            root.cert_pem(),
+        )
+        .expect("a valid chain");
+        assert!(
+            (days_left(&used) - 2.0).abs() < 0.01,
+            "{}",
+            days_left(&used)
+        );
+
+        let direct = root.node(&[]).expect("node");
+        let unused = parse(
+            format!(
+                "{}{}{}",
+                direct.cert_pem,
+                soon.cert_pem(),
+                expired.cert_pem()
+            ),
+            direct.key_pem,
+            root.cert_pem(),
+        )
+        .expect("a valid chain with certificates it does not use is accepted");
+        assert!(days_left(&unused) > 364.0, "{}", days_left(&unused));
+
+        let under_expired = expired.node(&[]).expect("node");
+        let Err(refused) = parse(
+            format!("{}{}", under_expired.cert_pem, expired.cert_pem()),
+            under_expired.key_pem,
+            root.cert_pem(),
+        ) else {
+            panic!("a chain through an expired intermediate is refused");
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("an intermediate CA certificate in it expired"),
+            "{refused}"
+        );
+    }
 }
