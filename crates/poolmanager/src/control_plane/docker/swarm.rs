@@ -71,9 +71,11 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Failed health checks in a row after which Swarm takes the runner for hung and restarts
-/// it: 30 s of failures, as the image's 3 at 10 s, so that a runner busy for a moment is
-/// not restarted sooner than before.
-const HEALTH_RETRIES: i64 = 15;
+/// it. The engine runs its checks one after another, each [`HEALTH_INTERVAL`] after the
+/// last one ended, and a check of a hung runner ends at the probe's own bound (`fn-probe`'s
+/// 3 s): 6 take about 6 × (2 + 3) = 30 s, about the image's 3 × (10 + 3) s, so that a
+/// runner busy for a moment is not restarted sooner than before (15 took some 75 s).
+const HEALTH_RETRIES: i64 = 6;
 
 /// After the container starts, how long failed health checks do not count (the image's).
 const HEALTH_START_PERIOD: Duration = Duration::from_secs(5);
