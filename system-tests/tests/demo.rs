@@ -38,15 +38,20 @@ use nix::unistd::Pid;
 /// Bound for the demo to print its banner (the binaries are built already).
 const START: Duration = Duration::from_secs(30);
 /// Bound for the script to exit once told to stop: the lb-agent's drain delay (5 s), the
-/// script's second after Ctrl-C, the runners' stop.
+/// runners' stop.
 const STOP: Duration = Duration::from_secs(40);
 /// Bound for each call, curl's `--max-time` (seconds).
 const CALL_BOUND: &str = "20";
 /// How long the script's processes may take to leave the process table after it exited:
 /// a function killed with SIGKILL dies a moment after the signal.
 const GONE: Duration = Duration::from_secs(2);
-/// How long after its start a call is taken as reaching its function, on a warm runner.
-const IN_FLIGHT_AFTER: Duration = Duration::from_millis(500);
+/// How long after its start a call is taken as reaching its function, on a warm runner: a
+/// call that had not reached it at Ctrl-C would find every runner draining (the terminal's
+/// SIGINT reaches them too) and get 503. Half of `IN_FLIGHT_SLEEP`, so that the call is
+/// still running at Ctrl-C on a fast machine and has room to arrive on a loaded one.
+const IN_FLIGHT_AFTER: Duration = Duration::from_millis(1500);
+/// What the call in flight at Ctrl-C asks fn-sleep for, in milliseconds (its timeout is 5 s).
+const IN_FLIGHT_SLEEP: u64 = 3000;
 /// The banner's first and last words.
 const BANNER: &str = "The dataplane is running";
 const BANNER_END: &str = "Ctrl-C stops everything.";
@@ -113,7 +118,7 @@ fn the_banners_calls_answer_as_it_says_and_ctrl_c_stops_everything() -> anyhow::
     // Ctrl-C with a call in flight, on a runner the calls above left warm.
     let address = format!("http://127.0.0.1:{}/r/demo/sleep", demo.lb_port);
     let in_flight = std::thread::spawn(move || {
-        let output = curl(&format!("curl -i {address} -d 2000"));
+        let output = curl(&format!("curl -i {address} -d {IN_FLIGHT_SLEEP}"));
         (output, Instant::now())
     });
     std::thread::sleep(IN_FLIGHT_AFTER);
@@ -126,7 +131,7 @@ fn the_banners_calls_answer_as_it_says_and_ctrl_c_stops_everything() -> anyhow::
     // Every check, so that a failure tells all that went wrong.
     let mut failures = Vec::new();
     match output.and_then(|o| reply(&o)) {
-        Ok((200, body)) if body.contains("slept 2000ms") => {}
+        Ok((200, body)) if body.contains(&format!("slept {IN_FLIGHT_SLEEP}ms")) => {}
         Ok((code, body)) => {
             failures.push(format!("the call in flight at Ctrl-C got {code}: {body}"))
         }
