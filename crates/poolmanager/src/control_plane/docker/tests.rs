@@ -384,6 +384,22 @@ fn control_plane(engine: &Arc<FakeEngine>, ready: bool) -> DockerControlPlane {
     )
 }
 
+/// A control loop over `plane` with `config`, its runners all idle, and what it shares.
+fn control_loop(
+    plane: Arc<dyn ControlPlane>,
+    config: crate::manager::ManagerConfig,
+) -> (Arc<crate::manager::Shared>, crate::manager::ControlLoop) {
+    let shared = Arc::new(crate::manager::Shared::default());
+    let control = crate::manager::ControlLoop::new(
+        Arc::clone(&shared),
+        plane,
+        Arc::new(Idle),
+        config,
+        &mut prometheus_client::registry::Registry::default(),
+    );
+    (shared, control)
+}
+
 /// Every runner is idle, for a control loop over the plane.
 #[derive(Debug)]
 struct Idle;

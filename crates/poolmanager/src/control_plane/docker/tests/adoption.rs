@@ -8,11 +8,10 @@
 
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::*;
-use crate::manager::{ControlLoop, ManagerConfig, Shared};
+use crate::manager::ManagerConfig;
 
 /// A plane over `engine` whose probe is `health` and that sweeps what its runners leave;
 /// `keep` is `FN_DOCKER_KEEP_RUNNERS`.
@@ -433,17 +432,13 @@ async fn runners_held_out_count_against_the_bound_on_all_runners() {
         .expect("lock")
         .insert(held.id.clone());
     let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
-    let shared = Arc::new(Shared::default());
-    let mut control = ControlLoop::new(
-        Arc::clone(&shared),
+    let (shared, mut control) = control_loop(
         Arc::clone(&next) as Arc<dyn ControlPlane>,
-        Arc::new(Idle),
         ManagerConfig {
             max_runners: 1,
             max_total_runners: 1,
             ..ManagerConfig::default()
         },
-        &mut Registry::default(),
     );
     let running = || {
         engine
@@ -532,16 +527,12 @@ async fn a_restarted_npm_keeps_the_minimum_of_the_group_of_a_runner_it_holds_out
         .expect("lock")
         .insert(held.id.clone());
     let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
-    let shared = Arc::new(Shared::default());
-    let mut control = ControlLoop::new(
-        Arc::clone(&shared),
+    let (shared, mut control) = control_loop(
         Arc::clone(&next) as Arc<dyn ControlPlane>,
-        Arc::new(Idle),
         ManagerConfig {
             min_runners: 1,
             ..ManagerConfig::default()
         },
-        &mut Registry::default(),
     );
     for _ in 0..2 {
         control.tick().await;

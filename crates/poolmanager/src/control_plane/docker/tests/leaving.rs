@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::*;
-use crate::manager::{ControlLoop, ManagerConfig, Shared};
+use crate::manager::ManagerConfig;
 
 /// At the bound on all runners (1), a group asking for a runner gets none while a runner
 /// removed still drains: once its task has stopped (10 s in), or, when its node is lost and
@@ -29,17 +28,13 @@ async fn a_removed_runner_still_draining_counts_against_the_bound_on_all_runners
             .expect("provisioned")
             .remove(0);
         cp.remove(&old).await.expect("removed");
-        let shared = Arc::new(Shared::default());
-        let mut control = ControlLoop::new(
-            Arc::clone(&shared),
+        let (shared, mut control) = control_loop(
             Arc::clone(&cp) as Arc<dyn ControlPlane>,
-            Arc::new(Idle),
             ManagerConfig {
                 max_runners: 1,
                 max_total_runners: 1,
                 ..ManagerConfig::default()
             },
-            &mut Registry::default(),
         );
         let of_g = || {
             engine

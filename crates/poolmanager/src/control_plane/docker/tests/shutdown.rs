@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::*;
-use crate::manager::{ControlLoop, ManagerConfig, Shared};
+use crate::manager::ManagerConfig;
 
 /// A control loop over `cp` running beside the test, with demand for one runner.
 fn run_loop(
@@ -17,14 +16,7 @@ fn run_loop(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
 ) {
-    let shared = Arc::new(Shared::default());
-    let control = ControlLoop::new(
-        Arc::clone(&shared),
-        cp,
-        Arc::new(Idle),
-        ManagerConfig::default(),
-        &mut Registry::default(),
-    );
+    let (shared, control) = control_loop(cp, ManagerConfig::default());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(control.run(cancel.clone()));
     shared
