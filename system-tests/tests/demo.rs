@@ -113,7 +113,9 @@ fn the_banners_calls_answer_as_it_says_and_ctrl_c_stops_everything() -> anyhow::
     let mut demo = Demo::start()?;
     demo.read_until(BANNER_END, START)?;
     let calls = demo.banner_calls()?;
-    check_promises(&calls)?;
+    if let Err(e) = check_promises(&calls) {
+        anyhow::bail!("{e:#}\n{}", demo.report());
+    }
 
     // Ctrl-C with a call in flight, on a runner the calls above left warm.
     let address = format!("http://127.0.0.1:{}/r/demo/sleep", demo.lb_port);
@@ -146,14 +148,7 @@ fn the_banners_calls_answer_as_it_says_and_ctrl_c_stops_everything() -> anyhow::
     if demo.screen().contains("a daemon exited") {
         failures.push("after Ctrl-C the demo tells of a daemon that exited".into());
     }
-    failures.extend(demo.left_behind());
-    ensure!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        demo.report()
-    );
-    Ok(())
+    demo.verdict(failures)
 }
 
 #[test]
@@ -176,14 +171,7 @@ fn a_closed_terminal_stops_everything() -> anyhow::Result<()> {
             "after its terminal closed the demo exits 129, not {status}"
         ));
     }
-    failures.extend(demo.left_behind());
-    ensure!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        demo.report()
-    );
-    Ok(())
+    demo.verdict(failures)
 }
 
 /// `FN_DEMO_FUNCTIONS_DIR` in a directory others share, as /tmp (sticky, writable by all):
@@ -223,14 +211,7 @@ fn a_functions_dir_given_leaves_the_one_above_it_as_it_was() -> anyhow::Result<(
     if status.code() != Some(130) {
         failures.push(format!("after Ctrl-C the demo exits 130, not {status}"));
     }
-    failures.extend(demo.left_behind());
-    ensure!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        demo.report()
-    );
-    Ok(())
+    demo.verdict(failures)
 }
 
 /// `FN_DEMO_FUNCTIONS_DIR` in a directory others may write and that is not sticky: another
@@ -318,21 +299,11 @@ fn check_promises(calls: &[String]) -> anyhow::Result<()> {
             promise.call
         );
     }
-    let outputs: Vec<anyhow::Result<Output>> = std::thread::scope(|s| {
-        let running: Vec<_> = checks
-            .iter()
-            .map(|(call, _)| s.spawn(move || curl(call)))
-            .collect();
-        running
-            .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a call's thread panicked")))
-            })
-            .collect()
-    });
-    for ((call, promise), output) in checks.iter().zip(outputs) {
-        let output = output?;
+    // One after another, as a user tries them: all at once, the calls of the banner's last
+    // line and the 9 s sleep competed for the runners while the npm scaled up, and a call
+    // could get 503 (no room within its placement wait) on a loaded machine.
+    for (call, promise) in &checks {
+        let output = curl(call)?;
         let (status, body) = match promise.status {
             Some(_) => {
                 let (status, body) = reply(&output)?;
@@ -394,7 +365,14 @@ struct Demo {
     /// Everything the terminal showed so far.
     screen: Vec<u8>,
     lb_port: u16,
+    /// Held while the demo runs (released after its clean-up, as fields drop after `drop`).
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One demo at a time: each is a whole dataplane (an npm spawning runners as its calls ask,
+/// an lb-agent on two shards, their functions), and several at once on a loaded machine
+/// left calls waiting past their placement time (503) while their runners came up.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Demo {
     /// The demo with its functions in a directory of the test's (`FN_DEMO_FUNCTIONS_DIR`).
@@ -407,6 +385,10 @@ impl Demo {
     fn start_with(
         functions: impl FnOnce(&Path) -> anyhow::Result<PathBuf>,
     ) -> anyhow::Result<Demo> {
+        // A demo test that failed still released it: what it guards is the machine's load.
+        let alone = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let root = tempfile::tempdir()?;
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
         let functions = functions(root.path())?;
@@ -455,6 +437,7 @@ impl Demo {
             terminal: Some(terminal),
             screen: Vec::new(),
             lb_port,
+            _alone: alone,
         };
         // `env` execs `setsid`, which makes the session and execs the script.
         let start = Instant::now();
@@ -562,6 +545,19 @@ impl Demo {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The test's outcome: `failures`, and whatever the script left behind once it exited,
+    /// all told together with what the demo printed and logged.
+    fn verdict(&self, mut failures: Vec<String>) -> anyhow::Result<()> {
+        failures.extend(self.left_behind());
+        ensure!(
+            failures.is_empty(),
+            "{}\n{}",
+            failures.join("\n"),
+            self.report()
+        );
+        Ok(())
     }
 
     /// What the script left behind, once it exited: its processes (after [`GONE`]), the
