@@ -762,6 +762,15 @@ fn remove_dir_quietly(path: &Path) {
 mod tests {
     use super::*;
 
+    /// A runner binary in `dir`: the shell script `script`.
+    fn runner_script(dir: &Path, script: &str) -> PathBuf {
+        let binary = dir.join("pure-runner");
+        std::fs::write(&binary, script).expect("write");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        binary
+    }
+
     /// A plane's configuration over `state_dir`, with a runner binary that is never run.
     fn config_over(dir: &Path, state_dir: PathBuf) -> ProcessConfig {
         let binary = dir.join("pure-runner");
@@ -991,14 +1000,10 @@ mod tests {
     #[tokio::test]
     async fn a_runner_that_exits_at_start_fails_its_provisioning_saying_why() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let binary = dir.path().join("pure-runner");
-        std::fs::write(
-            &binary,
+        let binary = runner_script(
+            dir.path(),
             "#!/bin/sh\necho 'starting'\necho 'ERROR FN_SOCKET_DIR /x: too long' >&2\necho >&2\nexit 2\n",
-        )
-        .expect("write");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        );
         let config = ProcessConfig::new(
             binary,
             dir.path().to_owned(),
@@ -1045,10 +1050,7 @@ mod tests {
     async fn a_provisioning_cancelled_while_its_runner_starts_leaves_it_to_the_shutdown() {
         let dir = tempfile::tempdir().expect("tempdir");
         // A runner that never answers health.
-        let binary = dir.path().join("pure-runner");
-        std::fs::write(&binary, "#!/bin/sh\nexec sleep 30\n").expect("write");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        let binary = runner_script(dir.path(), "#!/bin/sh\nexec sleep 30\n");
         let state = dir.path().join("state");
         let config = ProcessConfig::new(
             binary,
@@ -1098,10 +1100,7 @@ mod tests {
     async fn a_removal_cut_short_leaves_its_runner_to_the_shutdown() {
         let dir = tempfile::tempdir().expect("tempdir");
         // A runner whose drain outlasts the grace: SIGTERM leaves it running.
-        let binary = dir.path().join("pure-runner");
-        std::fs::write(&binary, "#!/bin/sh\ntrap '' TERM\nexec sleep 30\n").expect("write");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        let binary = runner_script(dir.path(), "#!/bin/sh\ntrap '' TERM\nexec sleep 30\n");
         let mut config = ProcessConfig::new(
             binary,
             dir.path().to_owned(),
@@ -1172,10 +1171,7 @@ mod tests {
     #[tokio::test]
     async fn kept_runners_outlive_the_shutdown_and_the_next_npm_adopts_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let binary = dir.path().join("pure-runner");
-        std::fs::write(&binary, "#!/bin/sh\nexec sleep 30\n").expect("write");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        let binary = runner_script(dir.path(), "#!/bin/sh\nexec sleep 30\n");
         // The runners' health, answered in this process for both.
         let (health, service) = fn_lifecycle::health::Health::new(&[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

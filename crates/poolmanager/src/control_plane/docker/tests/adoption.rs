@@ -417,6 +417,21 @@ async fn removals_of_runners_held_out_run_together_within_a_bound() {
     }
 }
 
+/// A runner kept from an npm that stopped, answering NOT_SERVING, and the next npm's plane
+/// over the same engine, which holds it out.
+async fn a_next_npm_holding_out_a_kept_runner(
+    engine: &Arc<FakeEngine>,
+) -> (RunnerInfo, Arc<DockerControlPlane>) {
+    let held = kept_runner(engine).await;
+    engine
+        .not_serving
+        .lock()
+        .expect("lock")
+        .insert(held.id.clone());
+    let next = Arc::new(plane(engine, &EngineHealth::new(engine), true));
+    (held, next)
+}
+
 /// A runner held out (it answers NOT_SERVING) still runs, and takes a machine's resources:
 /// the control loop counts it against `FN_MAX_TOTAL_RUNNERS`, without giving it to the
 /// LBs, so the engine never runs more runner containers than the bound, and the group gets
@@ -425,13 +440,7 @@ async fn removals_of_runners_held_out_run_together_within_a_bound() {
 #[tokio::test(start_paused = true)]
 async fn runners_held_out_count_against_the_bound_on_all_runners() {
     let engine = Arc::new(FakeEngine::default());
-    let held = kept_runner(&engine).await;
-    engine
-        .not_serving
-        .lock()
-        .expect("lock")
-        .insert(held.id.clone());
-    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    let (held, next) = a_next_npm_holding_out_a_kept_runner(&engine).await;
     let (shared, mut control) = control_loop(
         Arc::clone(&next) as Arc<dyn ControlPlane>,
         ManagerConfig {
@@ -481,13 +490,7 @@ async fn runners_held_out_count_against_the_bound_on_all_runners() {
 #[tokio::test(start_paused = true)]
 async fn a_runner_held_out_found_gone_at_its_removal_is_no_longer_counted() {
     let engine = Arc::new(FakeEngine::default());
-    let held = kept_runner(&engine).await;
-    engine
-        .not_serving
-        .lock()
-        .expect("lock")
-        .insert(held.id.clone());
-    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    let (held, next) = a_next_npm_holding_out_a_kept_runner(&engine).await;
     assert!(next.list().await.expect("lists").is_empty());
     assert_eq!(next.held_out().len(), 1);
     tokio::time::advance(bound() + Duration::from_secs(1)).await;
@@ -520,13 +523,7 @@ async fn a_runner_held_out_found_gone_at_its_removal_is_no_longer_counted() {
 #[tokio::test(start_paused = true)]
 async fn a_restarted_npm_keeps_the_minimum_of_the_group_of_a_runner_it_holds_out() {
     let engine = Arc::new(FakeEngine::default());
-    let held = kept_runner(&engine).await;
-    engine
-        .not_serving
-        .lock()
-        .expect("lock")
-        .insert(held.id.clone());
-    let next = Arc::new(plane(&engine, &EngineHealth::new(&engine), true));
+    let (held, next) = a_next_npm_holding_out_a_kept_runner(&engine).await;
     let (shared, mut control) = control_loop(
         Arc::clone(&next) as Arc<dyn ControlPlane>,
         ManagerConfig {
