@@ -304,9 +304,10 @@ impl Dispatcher {
         let deadline = started + self.config.placer_timeout.min(share);
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let mut attempts = 0u32;
-        let no_capacity = |attempts| CallError::NoCapacity {
+        let no_capacity = |attempts, draining| CallError::NoCapacity {
             waited: started.elapsed(),
             attempts,
+            draining,
         };
         let informed = self.placer.uses_reports();
         // The last refusal of the call as invalid, and whether any runner refused it for
@@ -334,6 +335,8 @@ impl Dispatcher {
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
             let mut unavailable = 0usize;
+            // Runners known to drain (their reports), or that refused the call as draining.
+            let mut draining = 0usize;
             let pass = if informed {
                 // A runner marked down or ejected takes no call whatever it reports: its
                 // load is no part of the group's (the load bound), and its busy instances
@@ -348,6 +351,10 @@ impl Dispatcher {
                         }
                     })
                     .collect();
+                draining = views
+                    .iter()
+                    .filter(|v| matches!(v, RunnerView::Known(load) if load.draining))
+                    .count();
                 let ranked = self.placer.rank(&key, &views);
                 // The first runner the pass would offer the call to: one marked down is
                 // skipped (it ranks where a runner without a report does).
@@ -428,6 +435,7 @@ impl Dispatcher {
                     }
                     Err(e) => {
                         refused_for_room |= matches!(e, TryCallError::Refused { .. });
+                        draining += usize::from(e.is_draining());
                         tracing::debug!(error = %e, "not placed; trying the next runner");
                     }
                 }
@@ -469,7 +477,9 @@ impl Dispatcher {
                         waited: started.elapsed(),
                     });
                 }
-                return Err(no_capacity(attempts));
+                // Every runner that could be asked drains: not a matter of room either.
+                let all_draining = draining > 0 && draining + unavailable >= runners.len();
+                return Err(no_capacity(attempts, all_draining));
             }
             if informed && offered < runners.len() && asked == 0 {
                 // Every runner is known to be unable to take it: wait for the next report.

@@ -84,8 +84,18 @@ pub enum CallError {
     #[error("{count} request headers are more than the limit of {max}")]
     TooManyHeaders { count: usize, max: usize },
     /// No runner took the call before the placer deadline (capacity; retry later).
-    #[error("no runner had room for the call within {waited:?} ({attempts} attempts); retry later")]
-    NoCapacity { waited: Duration, attempts: u32 },
+    /// `draining`: every runner of the group that could be asked was draining (stopping, or
+    /// scaled down), which says more than "room" (a rolling restart of a group's last
+    /// runners, say).
+    #[error(
+        "no runner had room for the call within {waited:?} ({attempts} attempts){}; retry later",
+        if *.draining { ": every runner of its group is draining (stopping or scaled down)" } else { "" }
+    )]
+    NoCapacity {
+        waited: Duration,
+        attempts: u32,
+        draining: bool,
+    },
     /// When the placer deadline came, no runner of the group could be asked: it has none,
     /// or every one is unreachable or ejected (runners or the network; retry later).
     #[error("no runner of LB group {group} is reachable after {waited:?}: {why}; retry later")]
@@ -262,6 +272,7 @@ mod tests {
         let busy = CallError::NoCapacity {
             waited: Duration::from_secs(1),
             attempts: 3,
+            draining: false,
         }
         .to_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -272,6 +283,28 @@ mod tests {
         assert_eq!(
             CallError::TooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    /// A 503 for want of room says when every runner that could be asked drains.
+    #[test]
+    fn no_capacity_says_when_every_runner_drains() {
+        let message = |draining| {
+            CallError::NoCapacity {
+                waited: Duration::from_secs(1),
+                attempts: 0,
+                draining,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            message(false),
+            "no runner had room for the call within 1s (0 attempts); retry later"
+        );
+        assert_eq!(
+            message(true),
+            "no runner had room for the call within 1s (0 attempts): every runner of its \
+             group is draining (stopping or scaled down); retry later"
         );
     }
 

@@ -441,6 +441,7 @@ mod tests {
         let err = CallError::NoCapacity {
             waited: Duration::from_secs(1),
             attempts: 1,
+            draining: false,
         };
         assert_eq!(CallOutcome::from(&err).as_str(), "no_capacity");
         assert_eq!(

@@ -3125,6 +3125,38 @@ async fn warm_placer_skips_full_and_draining_runners_without_asking_them() {
     assert!(lb.metrics().contains("fn_lb_placement_attempts_total 3\n"));
 }
 
+/// When every runner of the group drains (a rolling restart of its last runners), the 503
+/// says so, not only that no runner had room; when one is busy instead, it says room alone.
+#[tokio::test]
+async fn a_503_says_when_every_runner_of_the_group_drains() {
+    let pki = TestPki::new();
+    for (behaviours, says_draining) in [
+        ([Behaviour::RefuseDraining, Behaviour::RefuseDraining], true),
+        ([Behaviour::RefuseDraining, Behaviour::Refuse], false),
+    ] {
+        let runners = fakes(&pki, &behaviours).await;
+        let lb = start_lb(
+            &pki,
+            &addresses(&runners),
+            Options {
+                placer_timeout: Duration::from_millis(500),
+                ..Options::default()
+            },
+        )
+        .await;
+        let reply = post(&lb, "/r/demo/echo", "nowhere").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+        assert_eq!(
+            reply
+                .json_error()
+                .contains("every runner of its group is draining"),
+            says_draining,
+            "{behaviours:?}: {reply:?}"
+        );
+        assert!(runners.iter().all(|r| !r.seen().is_empty()), "each asked");
+    }
+}
+
 /// The home runner keeps its function until its load is over (1 + ε) times the mean; then
 /// the call goes to the next runner of the ring, even though the home is warm.
 #[tokio::test]

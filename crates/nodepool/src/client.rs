@@ -177,6 +177,18 @@ impl TryCallError {
         )
     }
 
+    /// Whether the runner refused the call because it drains (it is stopping, or scaled
+    /// down).
+    pub fn is_draining(&self) -> bool {
+        matches!(
+            self,
+            TryCallError::Refused {
+                reason: RefusalReason::Draining,
+                ..
+            }
+        )
+    }
+
     /// The runner's address and what it said of a refused call; `None` for the other
     /// failures.
     pub fn refusal(&self) -> Option<(&str, &str)> {

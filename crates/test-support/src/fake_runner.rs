@@ -50,6 +50,8 @@ pub enum Behaviour {
     RefuseTooLarge,
     /// Refuse as invalid, for a reason of this runner's own (it has no container engine).
     RefuseInvalid,
+    /// Refuse as draining (the runner is stopping).
+    RefuseDraining,
     /// Commit, then fail the stream with an error status before any result.
     CommitThenFail,
     /// Commit, then end the stream cleanly without a result or `CallFinished`.
@@ -586,6 +588,7 @@ async fn run(
             RefusalReason::Invalid,
             "fake runner: this runner has no container engine",
         )),
+        Behaviour::RefuseDraining => Some((RefusalReason::Draining, "fake runner: draining")),
         _ => None,
     } {
         let refusal = runner_msg::Body::Acknowledged(CallAcknowledged {
@@ -616,6 +619,7 @@ async fn run(
         Behaviour::Refuse
         | Behaviour::RefuseTooLarge
         | Behaviour::RefuseInvalid
+        | Behaviour::RefuseDraining
         | Behaviour::NeverAcknowledge
         | Behaviour::HangUpUnacknowledged => Ending::Refused,
         Behaviour::CommitThenFail => {
