@@ -28,7 +28,7 @@ pub mod transport;
 pub mod watch;
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -168,6 +168,19 @@ pub enum TlsError {
         path: PathBuf,
         reason: String,
     },
+    /// A read of the files that has not returned within the watch's bound (a hung network
+    /// or secrets mount); another is started only once it returns.
+    #[error(
+        "{var}: reading {} has not finished after {}; the certificates in use are kept, and \
+         the files are read again once that read returns (a hung network or secrets mount?)",
+        path.display(),
+        humantime::format_duration(*waited)
+    )]
+    Stalled {
+        var: &'static str,
+        path: PathBuf,
+        waited: Duration,
+    },
     #[error("FN_INSECURE=true conflicts with {var}: unset one of them")]
     Conflict { var: &'static str },
 }
@@ -224,6 +237,8 @@ struct Shared {
     provider: Arc<CryptoProvider>,
     /// The connections open under this material, for [`NodeTls::recheck_connections`].
     open: Arc<open::OpenConnections>,
+    /// The variable whose file is being read, while it is: names a read that hangs.
+    reading: Mutex<Option<&'static str>>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -270,6 +285,7 @@ impl NodeTls {
                 origin,
                 provider,
                 open: Arc::default(),
+                reading: Mutex::new(None),
             }),
             server_name: None,
         })
@@ -292,7 +308,7 @@ impl NodeTls {
     /// A [`TlsError`] for a file that cannot be read or a set that is rejected. Material
     /// built from memory has nothing to reload and answers [`Reloaded::Unchanged`].
     pub fn reload(&self) -> Result<Reloaded, TlsError> {
-        let Some(pems) = self.shared.origin.read()? else {
+        let Some(pems) = self.shared.origin.read_noting(&self.shared.reading)? else {
             return Ok(Reloaded::Unchanged);
         };
         if self.current().pems == pems {
@@ -348,8 +364,24 @@ impl NodeTls {
         Ok(self
             .shared
             .origin
-            .read()?
+            .read_noting(&self.shared.reading)?
             .is_some_and(|pems| self.current().pems != pems))
+    }
+
+    /// `var` and its file.
+    pub(crate) fn file(&self, var: &'static str) -> (&'static str, PathBuf) {
+        (var, self.shared.origin.file(var))
+    }
+
+    /// The variable and file being read now by [`NodeTls::reload`] or
+    /// [`NodeTls::changed_on_disk`], if any: names a read that hangs.
+    pub(crate) fn reading(&self) -> Option<(&'static str, PathBuf)> {
+        let var = (*self
+            .shared
+            .reading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
+        Some((var, self.shared.origin.file(var)))
     }
 
     /// The end of the validity of the certificate in use: the earliest `notAfter` of the

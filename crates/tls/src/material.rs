@@ -5,7 +5,7 @@
 //! (see [`crate::NodeTls::reload`]); handshakes already under way keep the one they started with.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use rustls::RootCertStore;
@@ -61,19 +61,47 @@ impl Origin {
 
     /// Reads the three files.
     pub(crate) fn read(&self) -> Result<Option<Pems>, TlsError> {
+        self.read_noting(&Mutex::new(None))
+    }
+
+    /// Reads the three files, with the variable of the one being read in `reading` while
+    /// it is read, so that a read that hangs (a hung network or secrets mount) can be named.
+    pub(crate) fn read_noting(
+        &self,
+        reading: &Mutex<Option<&'static str>>,
+    ) -> Result<Option<Pems>, TlsError> {
         let Origin::Files { cert, key, ca } = self else {
             return Ok(None);
         };
+        let read = |var: &'static str, path: &Path| {
+            *reading.lock().unwrap_or_else(PoisonError::into_inner) = Some(var);
+            let bytes = read_file(var, path);
+            *reading.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            bytes
+        };
         Ok(Some(Pems {
-            cert: read_file("FN_NODE_CERT", cert)?,
-            key: read_file("FN_NODE_CERT_KEY", key)?,
-            ca: read_file("FN_NODE_CERT_AUTHORITY", ca)?,
+            cert: read("FN_NODE_CERT", cert)?,
+            key: read("FN_NODE_CERT_KEY", key)?,
+            ca: read("FN_NODE_CERT_AUTHORITY", ca)?,
         }))
+    }
+
+    /// The file of `var`.
+    pub(crate) fn file(&self, var: &'static str) -> PathBuf {
+        self.path(var)
     }
 }
 
+/// The bytes of the file at `path`, a regular file (or a link to one).
+///
+/// Opened without blocking: a FIFO put in place of a certificate would block an ordinary
+/// open until some writer came, and a device could be read for ever, so anything but a
+/// regular file is refused at once, told by the file opened (no race with a rename).
+/// `O_NONBLOCK` changes nothing for the read of a regular file.
 pub(crate) fn read_file(var: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let unreadable = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::NotFound {
             TlsError::NotFound {
                 var,
@@ -86,7 +114,42 @@ pub(crate) fn read_file(var: &'static str, path: &Path) -> Result<Vec<u8>, TlsEr
                 source,
             }
         }
-    })
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(unreadable)?;
+    let kind = file.metadata().map_err(unreadable)?.file_type();
+    if !kind.is_file() {
+        return Err(TlsError::Invalid {
+            var,
+            path: path.to_owned(),
+            reason: format!(
+                "is not a regular file ({}): put the PEM file itself there, or a link to it",
+                describe(kind)
+            ),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(unreadable)?;
+    Ok(bytes)
+}
+
+/// What a file that is not a regular one is, for an error message.
+fn describe(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "an unusual kind of file"
+    }
 }
 
 /// A parsed, consistent set.

@@ -10,6 +10,11 @@
 //! naming the file and the reason; the daemon keeps the set it has, and a later good
 //! replacement is picked up. The same rejection is logged once, not at every check.
 //!
+//! Each read of the files is bounded ([`READ_BOUND`]): one that hangs (a hung network or
+//! secrets mount) is rejected, left running, and none other is started until it returns,
+//! so that the watch's other work goes on (`Reads`). A FIFO or a device in place of a file
+//! is refused without waiting (`crate::material::read_file`).
+//!
 //! Connections opened before a change are checked again ([`NodeTls::recheck_connections`]):
 //! after each new set is put in use, and every minute (certificates expire). One whose peer
 //! no longer verifies is retired, and closed [`RETIRE_GRACE`] later.
@@ -36,6 +41,8 @@ use crate::{NodeTls, RETIRE_GRACE, Recheck, Reloaded, TlsArgs, TlsError, TlsMode
 pub const SETTLE: Duration = Duration::from_millis(500);
 /// How often the expiry warning is considered (the gauge is computed when scraped).
 const EXPIRY_TICK: Duration = Duration::from_secs(60);
+/// How long a read of the files may take before the watch goes on without it.
+pub const READ_BOUND: Duration = Duration::from_secs(10);
 
 /// The certificate watch of one daemon.
 pub struct CertWatch {
@@ -57,6 +64,8 @@ pub struct CertWatch {
     last_rejection: Option<String>,
     /// Run after each new set is put in use.
     on_replaced: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The reads of the files, bounded in time.
+    reads: Reads,
 }
 
 impl std::fmt::Debug for CertWatch {
@@ -144,6 +153,7 @@ impl CertWatch {
             next_close: None,
             last_rejection: None,
             on_replaced: None,
+            reads: Reads::new(READ_BOUND),
         }
     }
 
@@ -189,12 +199,12 @@ impl CertWatch {
 
     /// A periodic check: reload only when the files changed, after they settle.
     async fn poll(&mut self) {
-        let mut changed = off_thread(&self.tls, NodeTls::changed_on_disk).await;
-        if changed.is_err() {
+        let mut changed = self.reads.read(&self.tls, NodeTls::changed_on_disk).await;
+        if changed.as_ref().is_err_and(|e| !stalled(e)) {
             // A file caught between a writer's removal and its replacement (tools that
             // delete, then create): one more look before it is logged and counted.
             tokio::time::sleep(SETTLE).await;
-            changed = off_thread(&self.tls, NodeTls::changed_on_disk).await;
+            changed = self.reads.read(&self.tls, NodeTls::changed_on_disk).await;
         }
         match changed {
             Ok(false) => {
@@ -203,14 +213,7 @@ impl CertWatch {
             }
             Ok(true) => {
                 tokio::time::sleep(SETTLE).await;
-                let mut outcome = off_thread(&self.tls, NodeTls::reload).await;
-                if outcome.is_err() {
-                    // Caught between a writer's files (a key renamed into place before its
-                    // certificate, or a writer slower than the settling time): one more look
-                    // before a good rotation is logged and counted as rejected.
-                    tokio::time::sleep(SETTLE).await;
-                    outcome = off_thread(&self.tls, NodeTls::reload).await;
-                }
+                let outcome = self.settled_reload().await;
                 self.record(outcome, false).await;
             }
             Err(e) => self.record(Err(e), false).await,
@@ -240,8 +243,24 @@ impl CertWatch {
 
     async fn on_hangup(&mut self) {
         tracing::info!("SIGHUP: checking the certificate files");
-        let outcome = off_thread(&self.tls, NodeTls::reload).await;
+        let outcome = self.reads.read(&self.tls, NodeTls::reload).await;
         self.record(outcome, true).await;
+    }
+
+    /// Reads the files and puts them in use when they changed; a set that is rejected gets
+    /// one more look after [`SETTLE`]: it may have been caught between a writer's files (a
+    /// key renamed into place before its certificate, or a writer slower than the settling
+    /// time), and a good rotation is not to be logged and counted as rejected. A read that
+    /// hung is not tried again: it is still running.
+    async fn settled_reload(&mut self) -> Result<Reloaded, TlsError> {
+        let outcome = self.reads.read(&self.tls, NodeTls::reload).await;
+        match outcome {
+            Err(e) if !stalled(&e) => {
+                tokio::time::sleep(SETTLE).await;
+                self.reads.read(&self.tls, NodeTls::reload).await
+            }
+            outcome => outcome,
+        }
     }
 
     async fn record(&mut self, outcome: Result<Reloaded, TlsError>, asked: bool) {
@@ -277,14 +296,81 @@ impl CertWatch {
     }
 }
 
-/// `read` of `tls` on the blocking pool: file reads (a slow network volume, a secrets
-/// mount) must not hold up a runtime thread, which on a sharded daemon carries calls. Run
-/// here when the pool is gone (the runtime shutting down).
-async fn off_thread<T: Send + 'static>(tls: &NodeTls, read: fn(&NodeTls) -> T) -> T {
-    let moved = tls.clone();
-    match tokio::task::spawn_blocking(move || read(&moved)).await {
-        Ok(value) => value,
-        Err(_) => read(tls),
+/// Whether `e` is a read that has not returned.
+fn stalled(e: &TlsError) -> bool {
+    matches!(e, TlsError::Stalled { .. })
+}
+
+/// The reads of the files, each on a thread of its own (a slow network volume, a secrets
+/// mount must not hold up a runtime thread, which on a sharded daemon carries calls) and
+/// waited for `bound` at most: a read that hangs (a hung NFS or FUSE mount) must not stop
+/// the watch's other work, closing retired connections and warning of expiry. Such a read
+/// is left running, and none other is started until it returns, so that a mount that hangs
+/// costs one thread and not one per check. A thread of its own rather than the blocking
+/// pool: the runtime waits for that pool's tasks when it shuts down, so a read that never
+/// returns would keep the daemon from exiting.
+struct Reads {
+    bound: Duration,
+    /// The read that outlived its bound, while it runs.
+    stuck: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reads {
+    fn new(bound: Duration) -> Self {
+        Reads { bound, stuck: None }
+    }
+
+    /// `read` of `tls`, or [`TlsError::Stalled`] when it has not returned within the bound
+    /// (or an earlier one still has not).
+    async fn read<T: Send + 'static>(
+        &mut self,
+        tls: &NodeTls,
+        read: fn(&NodeTls) -> Result<T, TlsError>,
+    ) -> Result<T, TlsError> {
+        if let Some(stuck) = &self.stuck {
+            if !stuck.is_finished() {
+                return Err(self.stalled(tls));
+            }
+            tracing::info!("the read of the certificate files that hung has returned");
+            self.stuck = None;
+        }
+        let (sender, answer) = std::sync::mpsc::sync_channel(1);
+        let moved = tls.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fn-tls-read".into())
+            .spawn(move || {
+                // The watch may have stopped waiting (the bound passed): nothing to tell.
+                let _ = sender.send(read(&moved));
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to read the certificate files; reading them on this one");
+                return read(tls);
+            }
+        };
+        // Waited for on the blocking pool, for `bound` at most: tokio's paused clock (tests)
+        // does not jump ahead while a blocking task runs, as it would over an async wait.
+        let bound = self.bound;
+        match tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await {
+            Ok(Ok(outcome)) => outcome,
+            // The thread ended without an answer: `read` panicked, and said so on stderr.
+            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => read(tls),
+            // The bound passed, or the runtime is shutting down: the read is left running.
+            Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) | Err(_) => {
+                self.stuck = Some(thread);
+                Err(self.stalled(tls))
+            }
+        }
+    }
+
+    fn stalled(&self, tls: &NodeTls) -> TlsError {
+        let (var, path) = tls.reading().unwrap_or_else(|| tls.file("FN_NODE_CERT"));
+        TlsError::Stalled {
+            var,
+            path,
+            waited: self.bound,
+        }
     }
 }
 
@@ -304,4 +390,71 @@ async fn next_hangup(hangups: Option<&mut Signal>) {
         return;
     }
     std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Set by the test when the reads below are to return.
+    static RELEASED: AtomicBool = AtomicBool::new(false);
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+
+    /// A read that hangs until [`RELEASED`] (30 s at most).
+    fn hanging(_: &NodeTls) -> Result<Reloaded, TlsError> {
+        STARTED.fetch_add(1, Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        while !RELEASED.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Reloaded::Unchanged)
+    }
+
+    /// A read that hangs (a hung NFS or FUSE mount) is given up after the bound, and no
+    /// other is started while it still hangs (each check would leave a thread blocked);
+    /// once it returns, the next check reads again.
+    #[tokio::test]
+    async fn a_read_that_hangs_is_bounded_and_not_started_again_until_it_returns() {
+        let tls = crate::dev::DevCa::new("test CA")
+            .expect("ca")
+            .node_tls(&[])
+            .expect("tls");
+        let bound = Duration::from_millis(200);
+        let mut reads = Reads::new(bound);
+
+        let start = std::time::Instant::now();
+        let first = reads.read(&tls, hanging).await;
+        let waited = start.elapsed();
+        assert!(matches!(first, Err(TlsError::Stalled { .. })), "{first:?}");
+        assert!(
+            waited >= bound && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(STARTED.load(Ordering::SeqCst), 1);
+
+        let start = std::time::Instant::now();
+        let again = reads.read(&tls, hanging).await;
+        assert!(matches!(again, Err(TlsError::Stalled { .. })), "{again:?}");
+        assert!(start.elapsed() < bound, "{:?}", start.elapsed());
+        assert_eq!(
+            STARTED.load(Ordering::SeqCst),
+            1,
+            "a second read started while the first hangs"
+        );
+
+        RELEASED.store(true, Ordering::SeqCst);
+        let returned = std::time::Instant::now();
+        while reads.stuck.as_ref().is_some_and(|t| !t.is_finished()) {
+            assert!(
+                returned.elapsed() < Duration::from_secs(5),
+                "the read never returned"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let after = reads.read(&tls, hanging).await;
+        assert!(matches!(after, Ok(Reloaded::Unchanged)), "{after:?}");
+        assert_eq!(STARTED.load(Ordering::SeqCst), 2);
+    }
 }

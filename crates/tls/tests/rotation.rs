@@ -1038,3 +1038,77 @@ async fn the_watch_retires_and_closes_what_a_new_ca_bundle_no_longer_trusts() {
     cancel.cancel();
     task.await.expect("joins").expect("ends");
 }
+
+/// A FIFO put in place of the node certificate (opened as before, a read blocked until some
+/// writer came, and the watch with it, for ever) is refused at once as not a regular file:
+/// the watch keeps closing retired connections at the end of their grace, the rejection is
+/// counted and shown, and a good file put back is picked up.
+#[tokio::test]
+async fn a_fifo_in_place_of_the_certificate_is_refused_and_the_watch_goes_on() {
+    let LeftBehind {
+        dir,
+        server_tls,
+        server: _server,
+        open,
+        ..
+    } = LeftBehind::start().await;
+    // A call in flight across the retirement: it ends when its connection is closed.
+    let mut in_flight = HealthClient::new(open)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a watch")
+        .into_inner();
+    in_flight.message().await.expect("the watch runs");
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(
+        server_tls.clone(),
+        Duration::from_millis(100),
+        None,
+        &mut registry,
+    )
+    .retire_grace(Duration::from_secs(2));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+
+    roll_over(dir.path(), |_| {});
+    scrape_once(&registry, "fn_tls_connections_retired_total 1").await;
+    let node = dir.path().join(files::NODE);
+    let good = std::fs::read(&node).expect("node certificate");
+    std::fs::remove_file(&node).expect("remove");
+    nix::unistd::mkfifo(
+        &node,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .expect("mkfifo");
+
+    // Closed at the end of the grace (2 s), well before a hung read's bound (10 s).
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = in_flight.message().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the retired connection was not closed at the end of its grace"
+    );
+    let text = scrape_once(&registry, "fn_tls_certificate_files_rejected 1").await;
+    assert!(
+        text.contains("fn_tls_certificate_reload_rejections_total 1"),
+        "{text}"
+    );
+    let refused = server_tls
+        .changed_on_disk()
+        .expect_err("a FIFO is no certificate")
+        .to_string();
+    assert!(
+        refused.contains("FN_NODE_CERT") && refused.contains("not a regular file (a FIFO)"),
+        "{refused}"
+    );
+
+    std::fs::remove_file(&node).expect("remove the FIFO");
+    std::fs::write(&node, &good).expect("put the certificate back");
+    scrape_once(&registry, "fn_tls_certificate_files_rejected 0").await;
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+}
