@@ -309,7 +309,8 @@ impl Material {
                         "FN_NODE_CERT",
                         format!(
                             "not valid until {start}: is this host's clock, or its issuer's, \
-                             wrong? (it is tried again at the next check)"
+                             wrong? (it is tried again at the next check, or with \
+                             FN_TLS_RELOAD_INTERVAL=0s at the next SIGHUP)"
                         ),
                     ));
                 }

@@ -8,7 +8,8 @@
 //! that is still inconsistent after that (a key that does not match, unparsable PEM, an
 //! expired certificate, one that does not chain to the bundle) is rejected with a log line
 //! naming the file and the reason; the daemon keeps the set it has, and a later good
-//! replacement is picked up. The same rejection is logged once, not at every check.
+//! replacement is picked up. The same rejection is logged once, not at every check. A
+//! SIGHUP reads at once, and gives a set it finds inconsistent the same second look.
 //!
 //! Each read of the files is bounded ([`READ_BOUND`]): one that hangs (a hung network or
 //! secrets mount) is rejected, left running, and none other is started until it returns,
@@ -243,7 +244,7 @@ impl CertWatch {
 
     async fn on_hangup(&mut self) {
         tracing::info!("SIGHUP: checking the certificate files");
-        let outcome = self.reads.read(&self.tls, NodeTls::reload).await;
+        let outcome = self.settled_reload().await;
         self.record(outcome, true).await;
     }
 
