@@ -1009,16 +1009,7 @@ async fn the_watch_retires_and_closes_what_a_new_ca_bundle_no_longer_trusts() {
         ..
     } = LeftBehind::start().await;
     health(open.clone()).await.expect("call");
-    let mut registry = Registry::default();
-    let watch = CertWatch::new(
-        server_tls.clone(),
-        Duration::from_millis(100),
-        None,
-        &mut registry,
-    )
-    .retire_grace(Duration::from_millis(300));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(watch.run(cancel.clone()));
+    let (registry, cancel, task) = watch_retiring_after(&server_tls, Duration::from_millis(300));
 
     roll_over(dir.path(), |_| {});
     let start = std::time::Instant::now();
@@ -1061,16 +1052,7 @@ async fn a_fifo_in_place_of_the_certificate_is_refused_and_the_watch_goes_on() {
         .expect("a watch")
         .into_inner();
     in_flight.message().await.expect("the watch runs");
-    let mut registry = Registry::default();
-    let watch = CertWatch::new(
-        server_tls.clone(),
-        Duration::from_millis(100),
-        None,
-        &mut registry,
-    )
-    .retire_grace(Duration::from_secs(2));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(watch.run(cancel.clone()));
+    let (registry, cancel, task) = watch_retiring_after(&server_tls, Duration::from_secs(2));
 
     roll_over(dir.path(), |_| {});
     scrape_once(&registry, "fn_tls_connections_retired_total 1").await;
@@ -1111,4 +1093,22 @@ async fn a_fifo_in_place_of_the_certificate_is_refused_and_the_watch_goes_on() {
     scrape_once(&registry, "fn_tls_certificate_files_rejected 0").await;
     cancel.cancel();
     task.await.expect("joins").expect("ends");
+}
+
+/// A certificate watch of `tls` that checks every 100 ms and retires a connection whose
+/// peer no longer verifies after `grace`, running: its metrics, what stops it, its task.
+fn watch_retiring_after(
+    tls: &NodeTls,
+    grace: Duration,
+) -> (
+    Registry,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    let mut registry = Registry::default();
+    let watch = CertWatch::new(tls.clone(), Duration::from_millis(100), None, &mut registry)
+        .retire_grace(grace);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(cancel.clone()));
+    (registry, cancel, task)
 }

@@ -771,6 +771,11 @@ mod tests {
         binary
     }
 
+    /// A plane's configuration in `dir` (its state in `dir/state`), starting `binary`.
+    fn config_in(dir: &Path, binary: PathBuf) -> ProcessConfig {
+        ProcessConfig::new(binary, dir.to_owned(), dir.join("state"), TlsMode::Insecure)
+    }
+
     /// A plane's configuration over `state_dir`, with a runner binary that is never run.
     fn config_over(dir: &Path, state_dir: PathBuf) -> ProcessConfig {
         let binary = dir.join("pure-runner");
@@ -897,12 +902,7 @@ mod tests {
         let binary = dir.path().join("pure-runner");
         std::fs::write(&binary, "").expect("write");
         for npm_bound in [Duration::from_secs(30), Duration::from_secs(15)] {
-            let mut config = ProcessConfig::new(
-                binary.clone(),
-                dir.path().to_owned(),
-                dir.path().join("state"),
-                TlsMode::Insecure,
-            );
+            let mut config = config_in(dir.path(), binary.clone());
             config.extra_env = vec![("FN_LOG_LEVEL".into(), "debug".into())];
             config.stop_grace = super::super::shutdown_stop_grace(npm_bound);
             let grace = config.stop_grace;
@@ -1004,12 +1004,7 @@ mod tests {
             dir.path(),
             "#!/bin/sh\necho 'starting'\necho 'ERROR FN_SOCKET_DIR /x: too long' >&2\necho >&2\nexit 2\n",
         );
-        let config = ProcessConfig::new(
-            binary,
-            dir.path().to_owned(),
-            dir.path().join("state"),
-            TlsMode::Insecure,
-        );
+        let config = config_in(dir.path(), binary);
         let plane = ProcessControlPlane::new(config).await.expect("plane");
         let result = tokio::time::timeout(
             Duration::from_secs(10),
@@ -1101,12 +1096,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // A runner whose drain outlasts the grace: SIGTERM leaves it running.
         let binary = runner_script(dir.path(), "#!/bin/sh\ntrap '' TERM\nexec sleep 30\n");
-        let mut config = ProcessConfig::new(
-            binary,
-            dir.path().to_owned(),
-            dir.path().join("state"),
-            TlsMode::Insecure,
-        );
+        let mut config = config_in(dir.path(), binary);
         config.stop_grace = Duration::from_secs(1);
         let plane = ProcessControlPlane::new(config).await.expect("plane");
         // A ready runner, as its provisioning leaves it.
@@ -1185,12 +1175,7 @@ mod tests {
                 .serve_with_incoming(incoming),
         );
         health.set_serving().await;
-        let mut config = ProcessConfig::new(
-            binary,
-            dir.path().to_owned(),
-            dir.path().join("state"),
-            TlsMode::Insecure,
-        );
+        let mut config = config_in(dir.path(), binary);
         config.stop_grace = Duration::from_secs(2);
         config.keep_runners = true;
         let plane = ProcessControlPlane::new(config.clone())
