@@ -19,13 +19,15 @@ pub enum CallError {
         "no function at {0}: calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}, as the catalog names them"
     )]
     NotFound(String),
-    /// An authority-form target (`CONNECT host:port`): a request for a tunnel, which only a
-    /// proxy makes, and the lb-agent is none. A 404 as any target of no function (client).
+    /// An authority-form target (`host:port`): CONNECT's, a request for a tunnel, which only
+    /// a proxy makes, and the lb-agent is none; with any other method, a target no client
+    /// should send. A 404 as any target of no function (client).
     #[error(
-        "no function at {0}: CONNECT host:port asks for a tunnel, and the lb-agent is no \
-         proxy; calls go to /r/{{app}}/{{route}} or /invoke/{{app}}/{{function}}"
+        "no function at {authority}: {}; calls go to /r/{{app}}/{{route}} or \
+         /invoke/{{app}}/{{function}}",
+        authority_form_reason(method)
     )]
-    NoTunnel(String),
+    NoTunnel { method: String, authority: String },
     /// Wrong method on a fixed route (client).
     #[error("method {method} not allowed on {path}; use {allow}")]
     MethodNotAllowed {
@@ -130,10 +132,20 @@ pub enum CallError {
     ConnectionClosing,
 }
 
+/// Why a target of the form `host:port` names no function: CONNECT's asks for a tunnel;
+/// with another method it is a malformed request (RFC 9112, 3.2.3: the form is CONNECT's).
+fn authority_form_reason(method: &str) -> String {
+    if method == "CONNECT" {
+        "CONNECT host:port asks for a tunnel, and the lb-agent is no proxy".to_owned()
+    } else {
+        format!("a target of the form host:port is CONNECT's alone, and {method} needs a path")
+    }
+}
+
 impl CallError {
     pub fn status(&self) -> StatusCode {
         match self {
-            CallError::NotFound(_) | CallError::NoTunnel(_) => StatusCode::NOT_FOUND,
+            CallError::NotFound(_) | CallError::NoTunnel { .. } => StatusCode::NOT_FOUND,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::BadRequest(_)

@@ -222,11 +222,14 @@ impl Front {
             };
         }
         // The authority form (RFC 9112, 3.2.3): CONNECT's `host:port`, which hyper hands over
-        // with no path at all.
+        // with no path at all, whatever the method.
         if req.uri().path().is_empty()
             && let Some(authority) = req.uri().authority()
         {
-            return Err(CallError::NoTunnel(authority.to_string()));
+            return Err(CallError::NoTunnel {
+                method: req.method().to_string(),
+                authority: authority.to_string(),
+            });
         }
         let normalized = decode_route_escapes(req.uri().path());
         let path = normalized.as_ref();

@@ -88,7 +88,7 @@ impl CallOutcome {
 impl From<&CallError> for CallOutcome {
     fn from(err: &CallError) -> Self {
         match err {
-            CallError::NotFound(_) | CallError::NoTunnel(_) => CallOutcome::NotFound,
+            CallError::NotFound(_) | CallError::NoTunnel { .. } => CallOutcome::NotFound,
             CallError::MethodNotAllowed { .. } => CallOutcome::MethodNotAllowed,
             CallError::TooLarge { .. } => CallOutcome::TooLarge,
             CallError::BadRequest(_)

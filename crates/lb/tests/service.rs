@@ -4024,6 +4024,20 @@ async fn a_405_allow_lists_what_the_target_takes_and_connect_elsewhere_gets_404(
         body.contains("no function at example.test:443: CONNECT host:port asks for a tunnel"),
         "{body}"
     );
+    // Any other method with that form gets the same 404, saying the form is CONNECT's.
+    let (head, body) = raw_answer(
+        &lb.address,
+        "GET example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(
+        body.contains(
+            "no function at example.test:443: a target of the form host:port is CONNECT's \
+             alone, and GET needs a path"
+        ),
+        "{body}"
+    );
     assert_eq!(
         runners[0].seen().len(),
         expected,
