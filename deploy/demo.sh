@@ -98,8 +98,11 @@ FN_SCALE_DOWN_DELAY=${FN_SCALE_DOWN_DELAY:-20s} \
   "$BIN/npm" >"$DEMO/logs/npm.log" 2>&1 &
 pids+=($!)
 
-# The lb-agent takes every call first: one shard (event-loop thread) per CPU.
+# The lb-agent takes every call first: one shard (event-loop thread) per CPU. No balancer
+# in front of it has to see its /health fail before it stops taking calls, so it stops at
+# once on Ctrl-C (calls in flight still finish).
 FN_SHARDS=${FN_LB_SHARDS:-auto} \
+FN_DRAIN_DELAY=${FN_DRAIN_DELAY:-0s} \
 FN_PORT=$LB_PORT \
 FN_NPM_ADDRESS=127.0.0.1:$NPM_PORT \
 FN_FUNCTIONS_FILE="${FN_DEMO_FUNCTIONS_FILE:-$PWD/deploy/functions.toml}" \

@@ -37,8 +37,8 @@ use nix::unistd::Pid;
 
 /// Bound for the demo to print its banner (the binaries are built already).
 const START: Duration = Duration::from_secs(30);
-/// Bound for the script to exit once told to stop: the lb-agent's drain delay (5 s), the
-/// runners' stop.
+/// Bound for the script to exit once told to stop: calls in flight, the runners' stop (the
+/// demo's lb-agent has no drain delay).
 const STOP: Duration = Duration::from_secs(40);
 /// Bound for each call, curl's `--max-time` (seconds).
 const CALL_BOUND: &str = "20";
