@@ -40,6 +40,9 @@
 //! refuses, instead of being removed. Removing it would shift every later index and re-home most
 //! functions on this LB only. Which value is a placeholder is the caller's business: this crate
 //! only ever sees indices, and `select`'s `accept` closure is where a caller skips placeholders.
+//! The npm, for its part, appends a runner that joins a group and puts the group's last runner
+//! in the place of one that leaves (`fn_poolmanager::order`), the two changes after which jump
+//! hashing moves few keys.
 //!
 //! # Example
 //!

@@ -12,6 +12,8 @@
 //! - [`metrics`]: the Prometheus metric families (runners, demand, LBs per group;
 //!   provisions, removals, purges), registered into the registry passed to
 //!   [`ControlLoop::new`].
+//! - [`order`]: the order in which each group's runners are published (appended on a join,
+//!   swap-removed on a leave, so that the LBs' consistent hashing moves few functions).
 //! - [`service`]: the gRPC services the LBs call.
 //! - [`probe`]: asking runners how many calls they have in flight, and following their health
 //!   (a runner that drains on its own).
@@ -21,6 +23,7 @@ pub mod control_plane;
 pub mod demand;
 pub mod manager;
 pub mod metrics;
+pub mod order;
 pub mod predictor;
 pub mod probe;
 pub mod service;

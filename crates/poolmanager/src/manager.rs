@@ -18,7 +18,8 @@
 //! 3. per group, ask the predictor for the desired runner count (bounded by min/max):
 //!    scale up by re-activating draining runners (newest first), then provisioning a
 //!    bounded batch (runners being provisioned count as coming); scale down by moving the
-//!    newest active runners to draining. Provisioning runs beside the loop: a tick waits for
+//!    active runners at the end of the group's published list (the newest, unless a leave
+//!    moved one there) to draining. Provisioning runs beside the loop: a tick waits for
 //!    it at most one tick interval, and each runner that is ready later joins at a later
 //!    tick, when the control plane lists it (none lists a runner before it answers), not
 //!    with the slowest of its batch; so a slow control plane (a swarm service takes seconds
@@ -28,8 +29,10 @@
 //!    tick comes before the LBs have advertised to the new process);
 //! 4. remove draining runners that have no calls in flight, or that overran the maximum
 //!    drain time;
-//! 5. publish each group's active runners, oldest first (a stable order shared by all LBs).
-//!    Until the first publication the services answer `GetLBGroup` with `UNAVAILABLE`.
+//! 5. publish each group's active runners in the group's own order ([`PublishedOrder`]: a
+//!    runner that joins is appended, one that leaves gets the last in its place), shared by
+//!    all LBs. Until the first publication the services answer `GetLBGroup` with
+//!    `UNAVAILABLE`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -44,6 +47,7 @@ use fn_lifecycle::logging::Throttle;
 use crate::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
 use crate::demand::DemandBook;
 use crate::metrics::{GroupFigures, NpmMetrics};
+use crate::order::PublishedOrder;
 use crate::predictor::{Predictor, WindowPredictor};
 
 /// The group of functions that name none; it keeps `min_runners` whatever LBs advertise.
@@ -425,6 +429,9 @@ pub struct ControlLoop {
     config: ManagerConfig,
     /// Ordered by (created, id): oldest first.
     runners: Vec<Entry>,
+    /// Each group's list as the LBs get it: not `runners`' order, so that a runner leaving
+    /// from the middle does not shift the others' indices (the LBs' consistent hashing).
+    order: PublishedOrder,
     predictors: HashMap<String, WindowPredictor>,
     loaded: bool,
     /// Start of the previous tick, to keep ticks apart.
@@ -461,6 +468,7 @@ impl ControlLoop {
             health: Arc::default(),
             config,
             runners: Vec::new(),
+            order: PublishedOrder::default(),
             predictors: HashMap::new(),
             loaded: false,
             last_tick: None,
@@ -916,7 +924,7 @@ impl ControlLoop {
                 self.in_flight.asked.insert(task.id(), (group, batch));
             }
         } else if desired < active {
-            let mut excess = active - desired;
+            let excess = active - desired;
             tracing::info!(
                 group,
                 wanted_mb = wanted,
@@ -925,14 +933,25 @@ impl ControlLoop {
                 draining = excess,
                 "scaling down"
             );
-            for entry in self.runners.iter_mut().rev() {
-                if excess == 0 {
-                    break;
-                }
-                if entry.info.group == group && entry.state == RunnerState::Active {
+            // The last of the group's list: the LBs' consistent hashing then moves only the
+            // functions of the runners that leave.
+            let members = self
+                .runners
+                .iter()
+                .filter(|e| e.info.group == group && e.state == RunnerState::Active)
+                .map(|e| e.info.id.as_str());
+            let leaving: Vec<String> = self
+                .order
+                .update(group, members)
+                .iter()
+                .rev()
+                .take(excess)
+                .cloned()
+                .collect();
+            for id in leaving {
+                if let Some(entry) = self.runners.iter_mut().find(|e| e.info.id == id) {
                     entry.state = RunnerState::Draining { since: now };
-                    excess -= 1;
-                    tracing::info!(runner = %entry.info.id, group, "runner draining");
+                    tracing::info!(runner = %id, group, "runner draining");
                 }
             }
         }
@@ -1125,21 +1144,34 @@ impl ControlLoop {
         }
     }
 
-    fn publish(&self) {
-        let mut lists: BTreeMap<String, Vec<RunnerInfo>> = BTreeMap::new();
+    fn publish(&mut self) {
+        // Each group's active runners, oldest first: the order in which those that join
+        // together are appended.
+        let mut active: BTreeMap<&str, Vec<&RunnerInfo>> = BTreeMap::new();
         for entry in self
             .runners
             .iter()
             .filter(|e| e.state == RunnerState::Active)
         {
-            lists
-                .entry(entry.info.group.clone())
+            active
+                .entry(&entry.info.group)
                 .or_default()
-                .push(entry.info.clone());
+                .push(&entry.info);
         }
-        let membership = lists
+        self.order.retain(|group| active.contains_key(group));
+        let membership = active
             .into_iter()
-            .map(|(group, list)| (group, Arc::new(list)))
+            .map(|(group, runners)| {
+                let by_id: HashMap<&str, &RunnerInfo> =
+                    runners.iter().map(|r| (r.id.as_str(), *r)).collect();
+                let list = self
+                    .order
+                    .update(group, runners.iter().map(|r| r.id.as_str()))
+                    .iter()
+                    .filter_map(|id| by_id.get(id.as_str()).map(|r| (*r).clone()))
+                    .collect();
+                (group.to_owned(), Arc::new(list))
+            })
             .collect();
         self.shared.publish(membership);
     }

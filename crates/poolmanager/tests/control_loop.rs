@@ -383,7 +383,11 @@ async fn draining_runners_are_reactivated_newest_first_before_provisioning() {
     );
     h.advertise("lb1", "g", 3);
     h.tick().await;
-    assert_eq!(h.members("g"), vec!["r1", "r2", "r3"]);
+    assert_eq!(
+        h.members("g"),
+        vec!["r1", "r3", "r2"],
+        "a runner that joins the list is appended"
+    );
     assert_eq!(
         h.cp.provisioned(),
         provisioned_before,
@@ -473,6 +477,56 @@ async fn a_runner_the_control_plane_no_longer_lists_is_dropped() {
     h.advertise("lb1", "g", 2);
     h.tick().await;
     assert_eq!(h.members("g"), vec!["r2", "r3"]);
+}
+
+/// A runner that leaves from the middle of its group's list (here: gone from the control
+/// plane, as after a crash) gets the group's last runner in its place, and its replacement
+/// is appended: the LBs' consistent hashing then moves the functions of two runners, not
+/// those of every runner after it.
+#[tokio::test(start_paused = true)]
+async fn a_runner_leaving_from_the_middle_gets_the_last_in_its_place() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 4);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), ["r1", "r2", "r3", "r4"]);
+    h.cp.vanish("r2");
+    h.advertise("lb1", "g", 4);
+    h.tick().await;
+    assert_eq!(h.members("g"), ["r1", "r4", "r3", "r5"]);
+    // The list is the npm's state, not a sort: later ticks keep it.
+    h.advertise("lb1", "g", 4);
+    h.tick().await;
+    assert_eq!(h.members("g"), ["r1", "r4", "r3", "r5"]);
+}
+
+/// A scale-down drains the runners at the end of the group's list, which is not always the
+/// newest: draining the newest from the middle would move the last one into its place, and
+/// the functions of two runners with it.
+#[tokio::test(start_paused = true)]
+async fn a_scale_down_drains_the_end_of_the_list() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..2 {
+        h.advertise("lb1", "g", 4);
+        h.tick().await;
+    }
+    h.cp.vanish("r1");
+    h.advertise("lb1", "g", 4);
+    h.tick().await;
+    assert_eq!(h.members("g"), ["r4", "r2", "r3", "r5"]);
+    // Demand for three from now on: past the window one runner drains.
+    for _ in 0..12 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), ["r4", "r2", "r3"]);
+    // Two more: r4, the newest left, is not at the end of the list, and stays.
+    for _ in 0..12 {
+        h.advertise("lb1", "g", 1);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g"), ["r4"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1112,9 +1166,10 @@ async fn a_runner_that_serves_again_comes_back() {
     h.probe.say_draining("r1", false);
     h.tick().await;
     assert!(stopping(&h.control).is_empty());
-    // Back in the LBs' list; the group's minimum of one then drains the newest.
-    assert_eq!(h.members("default"), ["r1"]);
-    assert_eq!(h.draining(), ["r2"]);
+    // Active again, it would join the end of the LBs' list; the group's minimum of one
+    // drains the end of that list, r1 itself, so the LBs' list does not change.
+    assert_eq!(h.members("default"), ["r2"]);
+    assert_eq!(h.draining(), ["r1"]);
 }
 
 /// A runner that keeps saying NOT_SERVING past the maximum drain time is removed: it would

@@ -50,8 +50,9 @@ pub struct RunnerInfo {
     pub address: String,
     /// The LB group it serves.
     pub group: String,
-    /// When it was provisioned; the control loop orders runners by it (oldest first), so
-    /// newly added runners go to the end of LB lists.
+    /// When it was provisioned; the control loop orders runners by it (oldest first): runners
+    /// that join together are appended to their group's LB list in this order, and an npm
+    /// that restarts publishes its runners so (see [`crate::order`]).
     pub created: SystemTime,
 }
 
