@@ -148,8 +148,9 @@ pub trait RunnerProbe: Send + Sync + std::fmt::Debug {
 }
 
 /// What the runners' health watches ([`RunnerProbe::watch`]) last said of each runner: that
-/// it drains on its own (NOT_SERVING: a runner says so from its SIGTERM on), or that it
-/// serves. Written by the watches, read by the control loop at each tick.
+/// it drains on its own (NOT_SERVING after SERVING: a runner says so from its SIGTERM on, and
+/// also while it starts, which does not count), or that it serves. Written by the watches,
+/// read by the control loop at each tick.
 #[derive(Debug, Default)]
 pub struct HealthReports {
     /// Runner id → whether it said it drains.
