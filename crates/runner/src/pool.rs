@@ -627,9 +627,11 @@ impl Pool {
     }
 
     /// Kills every instance and waits until each is gone and cleaned up (see
-    /// [`Instance::wait_gone`]), with those killed before and not gone yet: the last step of
-    /// a shutdown, once the drain has ended (an instance still busy then had its calls cut
-    /// off by the drain's bound). Bound it with a timeout.
+    /// [`Instance::wait_gone`]), with those killed before and not gone yet, and until the
+    /// driver has ended the starts under way and its own clean-up ([`Driver::shutdown`]: a
+    /// start that had not ended left its container running): the last step of a shutdown,
+    /// once the drain has ended (an instance still busy then had its calls cut off by the
+    /// drain's bound). Bound it with a timeout.
     pub async fn shutdown(&self) {
         let idle = self.lock().take_idle_where(|_| true);
         for old in &idle {
@@ -646,7 +648,8 @@ impl Pool {
         }
         self.changed();
         let dying = std::mem::take(&mut *self.dying.lock().unwrap_or_else(PoisonError::into_inner));
-        futures::future::join_all(dying.iter().map(|instance| instance.wait_gone())).await;
+        let gone = futures::future::join_all(dying.iter().map(|instance| instance.wait_gone()));
+        futures::future::join(gone, self.driver.shutdown()).await;
     }
 
     /// Background task: expires idle instances until cancelled (the drain begins), then

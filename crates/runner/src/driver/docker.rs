@@ -48,6 +48,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::output::{self, Labels, LineSplitter, MAX_LINE, Stream as OutputStream};
 use super::process::check_config;
@@ -139,6 +140,22 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// First and longest pause between removals of a container the engine failed to remove.
 const REMOVE_RETRY: Duration = Duration::from_secs(1);
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long a container's watch is asked again, after the engine's answer broke off (an
+/// engine restarting with live-restore, a socket proxy that cuts long requests), before the
+/// container is taken as lost. The container may well still run meanwhile: it stays an
+/// instance of the pool, its memory counted.
+const WAIT_LOST_AFTER: Duration = Duration::from_secs(60);
+/// First and longest pause between two asks.
+const WAIT_RETRY: Duration = Duration::from_millis(100);
+const WAIT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A watch that broke after this long had reached the engine: the time without one starts
+/// again (a proxy that cuts every request after a while must not end the container).
+const WAIT_HELD: Duration = Duration::from_secs(1);
+
+/// How long a shutdown waits for the driver's starts and removals under way, before it
+/// removes by label what is left of this runner's.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// The engine socket the driver uses (`DOCKER_HOST`, else the local socket), for messages.
 pub fn engine_socket() -> String {
@@ -357,6 +374,13 @@ pub struct DockerDriver {
     pulls: PullLocks,
     /// The engine's warnings about containers it made, each logged once.
     warned: std::sync::Mutex<HashSet<String>>,
+    /// Cancelled as the runner stops ([`Driver::shutdown`]): no start begins, starts under
+    /// way end, and every container's watcher removes it (each watcher's kill token is a
+    /// child of this one).
+    stopping: CancellationToken,
+    /// Starts, watchers and background removals, for [`Driver::shutdown`] to wait for: a
+    /// runner that exited while they ran left their containers running.
+    tasks: TaskTracker,
 }
 
 impl DockerDriver {
@@ -371,6 +395,15 @@ impl DockerDriver {
         metrics: DockerMetrics,
     ) -> Result<Self, String> {
         let docker = fn_docker::connect().await?;
+        Self::with_engine(docker, config, metrics).await
+    }
+
+    /// [`DockerDriver::connect`] with an engine client already made.
+    async fn with_engine(
+        docker: Docker,
+        config: DockerDriverConfig,
+        metrics: DockerMetrics,
+    ) -> Result<Self, String> {
         let iofs_root = prepare_iofs_root(&config.iofs_root)?;
         let chown = nix::unistd::Uid::effective().is_root();
         if !chown {
@@ -391,6 +424,8 @@ impl DockerDriver {
             next_id: AtomicU64::new(1),
             pulls: PullLocks::default(),
             warned: std::sync::Mutex::default(),
+            stopping: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         };
         driver.remove_leftovers().await;
         Ok(driver)
@@ -529,7 +564,10 @@ impl DockerDriver {
         call_id: &str,
         start_timeout: Duration,
     ) -> Result<DockerInstance, DriverError> {
-        self.ensure_image(image).await?;
+        tokio::select! {
+            ensured = self.ensure_image(image) => ensured?,
+            () = self.stopping.cancelled() => return Err(shutting_down()),
+        }
         let began = Instant::now();
         let id = format!(
             "{}-{}",
@@ -552,8 +590,7 @@ impl DockerDriver {
                 // makes all the same, perhaps after a removal would find none: remove it by
                 // name now and a few times more, in the background. An answer means none.
                 if !matches!(e, BollardError::DockerResponseServerError { .. }) {
-                    remove_in_background(
-                        self.docker.clone(),
+                    self.remove_in_background(
                         name.clone(),
                         true,
                         "a container whose creation got no answer",
@@ -572,12 +609,7 @@ impl DockerDriver {
             let e = fn_docker::classify_action(e, &name);
             // Retried: an engine too slow to start it may be too slow to remove it at once,
             // and a container left running would hold memory the pool no longer counts.
-            remove_in_background(
-                self.docker.clone(),
-                container,
-                false,
-                "a container that did not start",
-            );
+            self.remove_in_background(container, false, "a container that did not start");
             remove_instance_dir(&dir);
             return Err(DriverError::Start(format!(
                 "cannot start a container of image {image:?}: {e}"
@@ -591,14 +623,19 @@ impl DockerDriver {
             call_id,
         ));
         let instance = DockerInstance::watch(
-            self.docker.clone(),
+            self,
             container,
             labels,
             dir,
             spec.concurrency,
             spec.memory_mb,
         );
-        if let Err(e) = wait_for_listener(&instance.client, start_timeout).await {
+        // A runner stopping ends the start: its watcher removes the container.
+        let listening = tokio::select! {
+            listening = wait_for_listener(&instance.client, start_timeout) => listening,
+            () = instance.shared.kill.cancelled() => Err(shutting_down()),
+        };
+        if let Err(e) = listening {
             instance.kill();
             return Err(e);
         }
@@ -673,10 +710,134 @@ impl Driver for DockerDriver {
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
         let spec = spec.clone();
         let call_id = call_id.to_owned();
-        Box::pin(async move {
+        if self.stopping.is_cancelled() {
+            return Box::pin(std::future::ready(Err(shutting_down())));
+        }
+        // Tracked: a shutdown waits for it (it may have made a container).
+        Box::pin(self.tasks.track_future(async move {
             let instance = self.start_container(&spec, &call_id, start_timeout).await?;
             Ok(Box::new(instance) as Box<dyn Instance>)
-        })
+        }))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.stop())
+    }
+}
+
+/// The error of a start the runner's shutdown ended, or refused.
+fn shutting_down() -> DriverError {
+    DriverError::Start("the runner is shutting down".into())
+}
+
+impl DockerDriver {
+    /// See [`Driver::shutdown`]: refuses new starts, ends those under way and has every
+    /// container's watcher remove it, waits for them and the background removals at most
+    /// [`SHUTDOWN_WAIT`], then removes by label whatever of this runner's is left (one
+    /// removal each: what the engine keeps, the runner's next start removes).
+    async fn stop(&self) {
+        self.stopping.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "function container starts or removals still under way after \
+                 {SHUTDOWN_WAIT:?}; removing this runner's containers by label"
+            );
+        }
+        self.sweep().await;
+    }
+
+    /// Removes every container labelled with this runner's id, then this run's instance
+    /// directories, once none is left.
+    async fn sweep(&self) {
+        let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = match self.docker.list_containers(Some(options)).await {
+            Ok(containers) => containers,
+            Err(e) => {
+                tracing::warn!(
+                    error = %classify(e, "listing containers"),
+                    "cannot look for function containers left as the runner stops; its next \
+                     start removes them"
+                );
+                return;
+            }
+        };
+        let removals = containers
+            .into_iter()
+            .filter_map(|c| c.id)
+            .map(|id| async move {
+                let removal = remove_container(&self.docker, &id).await;
+                if let Err(e) = &removal {
+                    tracing::warn!(
+                        container = %id,
+                        error = %e,
+                        "cannot remove a function container as the runner stops; its next start \
+                         removes it"
+                    );
+                }
+                matches!(removal, Ok(Removal::Gone))
+            });
+        let gone = futures::future::join_all(removals).await;
+        if gone.iter().all(|gone| *gone) {
+            self.remove_own_dirs().await;
+        }
+    }
+
+    /// Removes the instance directories this run made (named `<id prefix>-<n>`, perhaps
+    /// set aside), once none of its containers is left: those whose watcher did not get to
+    /// it.
+    async fn remove_own_dirs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.iofs_root) else {
+            return;
+        };
+        let own = format!("{}-", self.id_prefix);
+        let removals: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&own)))
+            .map(|e| remove_instance_dir(&e.path()))
+            .collect();
+        futures::future::join_all(removals).await;
+    }
+
+    /// Removes container `name` in the background until the engine says it is gone, at
+    /// pauses of 0, 5, 30 and 120 s (the runner's next start removes one still there after
+    /// them). `every` keeps removing after a success: a creation that got no answer may make
+    /// the container after a removal found none. A shutdown cuts the pauses short: one
+    /// removal more, then [`DockerDriver::sweep`] takes over.
+    fn remove_in_background(&self, name: String, every: bool, what: &'static str) {
+        let docker = self.docker.clone();
+        let stopping = self.stopping.clone();
+        self.tasks.spawn(async move {
+            for pause in [0, 5, 30, 120] {
+                let stopped = tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(pause)) => false,
+                    () = stopping.cancelled() => true,
+                };
+                match remove_container(&docker, &name).await {
+                    Ok(Removal::Gone) if !every => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(
+                            container = %name,
+                            error = %e,
+                            "cannot remove {what}; retrying, and the runner's next start \
+                             removes it"
+                        );
+                    }
+                }
+                if stopped {
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -705,7 +866,7 @@ pub struct DockerInstance {
 impl DockerInstance {
     /// Takes over a started container: follows its output and starts its watcher.
     fn watch(
-        docker: Docker,
+        driver: &DockerDriver,
         container: String,
         labels: Arc<Labels>,
         dir: PathBuf,
@@ -715,16 +876,18 @@ impl DockerInstance {
         let (liveness, ended_tx) = Liveness::new(CONTAINER_END_GRACE);
         let shared = Arc::new(Shared {
             liveness: liveness.clone(),
-            kill: CancellationToken::new(),
+            // Cancelled by the runner's shutdown too.
+            kill: driver.stopping.child_token(),
             gone: CancellationToken::new(),
             dir: dir.clone(),
         });
+        let docker = driver.docker.clone();
         tokio::spawn(follow_output(
             docker.clone(),
             container.clone(),
             labels.clone(),
         ));
-        tokio::spawn(watch_container(
+        driver.tasks.spawn(watch_container(
             docker,
             container.clone(),
             memory_mb,
@@ -805,28 +968,10 @@ async fn watch_container(
     ended_tx: watch::Sender<Option<String>>,
     shared: Arc<Shared>,
 ) {
-    let options = WaitContainerOptionsBuilder::default()
-        .condition("not-running")
-        .build();
-    let mut wait = docker.wait_container(&container, Some(options));
-    let ended = tokio::select! {
-        outcome = wait.next() => Some(outcome),
-        () = shared.kill.cancelled() => None,
-    };
-    let ended = match ended {
+    let ended = match wait_stopped(&docker, &container, &shared.kill).await {
         None => "killed by the runner".to_owned(),
-        Some(outcome) => {
-            let code = match outcome {
-                Some(Ok(answer)) => Ok(answer.status_code),
-                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
-                Some(Err(e)) => Err(format!("the runner lost track of the container: {e}")),
-                None => Err("the runner lost track of the container".to_owned()),
-            };
-            match code {
-                Ok(code) => describe_exit(&docker, &container, code, memory_mb).await,
-                Err(lost) => lost,
-            }
-        }
+        Some(Ok(code)) => describe_exit(&docker, &container, code, memory_mb).await,
+        Some(Err(lost)) => lost,
     };
     tracing::debug!(%container, %ended, "function container ended");
     ended_tx.send_replace(Some(ended));
@@ -858,6 +1003,67 @@ async fn watch_container(
     }
     let _ = remove_instance_dir(&shared.dir).await;
     shared.gone.cancel();
+}
+
+/// Waits for the container to stop: its exit status; `None` once `kill` is cancelled;
+/// `Err` when the engine says it is gone, or its answers broke off for
+/// [`WAIT_LOST_AFTER`]. A wait whose answer broke off (a restarting engine, a proxy that
+/// cuts long requests) is asked again: for a container that stopped meanwhile, the engine
+/// answers at once (`condition=not-running`).
+async fn wait_stopped(
+    docker: &Docker,
+    container: &str,
+    kill: &CancellationToken,
+) -> Option<Result<i64, String>> {
+    let options = WaitContainerOptionsBuilder::default()
+        .condition("not-running")
+        .build();
+    let mut backoff = fn_lifecycle::retry::Backoff::new(WAIT_RETRY, WAIT_RETRY_MAX);
+    let mut unsure_since: Option<Instant> = None;
+    loop {
+        let asked = Instant::now();
+        let mut wait = docker.wait_container(container, Some(options.clone()));
+        let outcome = tokio::select! {
+            outcome = wait.next() => outcome,
+            () = kill.cancelled() => return None,
+        };
+        let broke = match outcome {
+            Some(Ok(answer)) => return Some(Ok(answer.status_code)),
+            Some(Err(BollardError::DockerContainerWaitError { code, .. })) => {
+                return Some(Ok(code));
+            }
+            Some(Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            })) => {
+                return Some(Err(
+                    "the container is gone from the engine (removed by someone else?)".into(),
+                ));
+            }
+            Some(Err(e)) => e.to_string(),
+            None => "the engine's answer ended without a status".to_owned(),
+        };
+        if asked.elapsed() >= WAIT_HELD {
+            // It had reached the engine: the time without a watch starts again.
+            unsure_since = None;
+            backoff.reset();
+        }
+        let since = *unsure_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= WAIT_LOST_AFTER {
+            return Some(Err(format!(
+                "the runner lost track of the container: the engine did not answer its \
+                 watch for {WAIT_LOST_AFTER:?}: {broke}"
+            )));
+        }
+        tracing::debug!(
+            %container,
+            error = %broke,
+            "the watch of a function container broke off; asking again"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = kill.cancelled() => return None,
+        }
+    }
 }
 
 /// How a stopped container ended: killed out of memory, or its exit status.
@@ -950,25 +1156,6 @@ async fn remove_container(docker: &Docker, container: &str) -> Result<Removal, E
             other => Err(other),
         },
     }
-}
-
-/// Removes container `name` in the background until the engine says it is gone, at pauses
-/// of 0, 5, 30 and 120 s (the runner's next start removes one still there after them).
-/// `every` keeps removing after a success: a creation that got no answer may make the
-/// container after a removal found none.
-fn remove_in_background(docker: Docker, name: String, every: bool, what: &'static str) {
-    tokio::spawn(async move {
-        for pause in [0, 5, 30, 120] {
-            tokio::time::sleep(Duration::from_secs(pause)).await;
-            match remove_container(&docker, &name).await {
-                Ok(Removal::Gone) if !every => return,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(container = %name, error = %e, "cannot remove {what}; retrying, and the runner's next start removes it");
-                }
-            }
-        }
-    });
 }
 
 /// Logs the container's output line by line, as the process driver logs a child's.
@@ -1213,6 +1400,9 @@ fn untagged(image: &str) -> bool {
     let last = image.rsplit('/').next().unwrap_or(image);
     !last.contains(':') && !image.contains('@')
 }
+
+#[cfg(test)]
+mod engine_tests;
 
 #[cfg(test)]
 mod tests {

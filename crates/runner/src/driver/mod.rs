@@ -191,6 +191,15 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
         call_id: &str,
         start_timeout: Duration,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, DriverError>>;
+
+    /// The runner stops: starts under way end (what they made is removed), no new start
+    /// begins, and what the driver cleans up in tasks of its own is waited for, so that
+    /// nothing is left when the runner exits (its runtime drops those tasks). Called once the
+    /// pool has killed its instances; bound it with a timeout. The default has nothing to
+    /// wait for.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A per-driver value that makes instance ids unlikely to repeat across runner restarts
@@ -302,6 +311,17 @@ impl Driver for Drivers {
             Ok(driver) => driver.start(spec, call_id, start_timeout),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let docker = async {
+                if let Some(docker) = self.docker.driver.get() {
+                    docker.shutdown().await;
+                }
+            };
+            futures::future::join(self.process.shutdown(), docker).await;
+        })
     }
 }
 
