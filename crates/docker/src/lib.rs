@@ -79,9 +79,11 @@ pub fn label_filter(key: &str, value: &str) -> HashMap<&'static str, Vec<String>
 }
 
 /// Sorts a bollard error about `what` (a container, image, network or volume name):
-/// 404 is [`EngineError::NotFound`]; everything else keeps the engine's status and message.
+/// 404 is [`EngineError::NotFound`]; an engine that cannot be reached is said so, naming its
+/// socket; everything else keeps the engine's status and message.
 pub fn classify(e: BollardError, what: &str) -> EngineError {
     match e {
+        BollardError::HyperLegacyError { err } if err.is_connect() => unreachable(what, &err),
         BollardError::DockerResponseServerError {
             status_code: 404, ..
         } => EngineError::NotFound(what.to_owned()),
@@ -98,12 +100,24 @@ pub fn classify(e: BollardError, what: &str) -> EngineError {
 /// keeps the engine's message ("No such image: ...").
 pub fn classify_action(e: BollardError, what: &str) -> EngineError {
     match e {
+        BollardError::HyperLegacyError { err } if err.is_connect() => unreachable(what, &err),
         BollardError::DockerResponseServerError {
             status_code,
             message,
         } => EngineError::Failed(format!("{what}: Docker answered {status_code}: {message}")),
         other => EngineError::Failed(format!("{what}: {other}")),
     }
+}
+
+/// The error of a request about `what` that could not reach the engine (stopped,
+/// restarting, its socket gone): "Error in the hyper legacy client: client error
+/// (Connect)" said neither which engine nor what to do.
+fn unreachable(what: &str, e: &impl std::fmt::Display) -> EngineError {
+    EngineError::Failed(format!(
+        "{what}: the Docker engine at {} cannot be reached ({e}): check that it runs and that \
+         its socket is there (DOCKER_HOST)",
+        socket()
+    ))
 }
 
 #[cfg(test)]

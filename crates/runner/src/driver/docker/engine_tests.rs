@@ -322,3 +322,36 @@ async fn a_broken_wait_is_asked_again_and_the_instance_lives_on() {
     let removed = eventually(Duration::from_secs(5), || engine.count() == 0).await;
     assert!(removed, "the stopped container was not removed");
 }
+
+/// An engine gone after the runner connected (stopped, restarting): a start fails saying
+/// that the engine cannot be reached, where it said "Error in the hyper legacy client:
+/// client error (Connect)".
+#[tokio::test]
+async fn a_start_on_an_engine_gone_says_it_cannot_be_reached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = dir.path().join("no-engine.sock");
+    // A socket nobody listens on any more: connections are refused.
+    drop(std::os::unix::net::UnixListener::bind(&gone).expect("bind"));
+    let docker = Docker::connect_with_unix(
+        &gone.display().to_string(),
+        10,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("a client");
+    let config = DockerDriverConfig::new("runner-under-test", dir.path().join("iofs"));
+    let metrics = DockerMetrics::register(&mut Registry::default());
+    let driver = DockerDriver::with_engine(docker, config, metrics)
+        .await
+        .expect("the driver");
+    let err = driver
+        .start_container(&image_spec(), "c1", Duration::from_secs(5))
+        .await
+        .expect_err("no engine");
+    let text = err.to_string();
+    assert!(
+        text.contains("slow:1")
+            && text.contains("Docker engine at")
+            && text.contains("cannot be reached"),
+        "{text}"
+    );
+}
