@@ -330,7 +330,7 @@ memory_mb = 128
 app = "images"
 name = "missing"
 route = "/missing"
-image = "fn-dataplane-test/does-not-exist:nope"
+image = "127.0.0.1:1/fn-dataplane-test/does-not-exist:nope"
 memory_mb = 64
 "#;
 
@@ -572,14 +572,16 @@ async fn containers_are_isolated_limited_and_fail_clearly() -> anyhow::Result<()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // An image that exists nowhere: a prompt error that names it.
+    // An image that exists nowhere: a prompt error that names it. Its registry is a closed
+    // port on loopback, so that the pull fails at once (one on Docker Hub waited for DNS
+    // and the registry, and a slow resolver could pass the bound below).
     let start = Instant::now();
     let reply = cluster.call("/r/images/missing", "").await?;
     ensure!(
         reply.status >= 500
             && reply
                 .text()
-                .contains("fn-dataplane-test/does-not-exist:nope"),
+                .contains("127.0.0.1:1/fn-dataplane-test/does-not-exist:nope"),
         "a missing image: {} {}",
         reply.status,
         reply.text()

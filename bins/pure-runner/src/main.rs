@@ -24,7 +24,7 @@ use fn_lifecycle::retry::Backoff;
 use fn_lifecycle::shards::Shards;
 use fn_lifecycle::{CancellationToken, Health, Services};
 use fn_runner::driver::docker::{
-    ContainerUser, DockerDriver, DockerDriverConfig, DockerMetrics, PullPolicy,
+    ContainerUser, DockerDriver, DockerDriverConfig, DockerMetrics, PullPolicy, parse_network,
 };
 use fn_runner::driver::process::{
     FunctionUser, FunctionUsers, Isolation, ProcessDriver, ProcessDriverConfig, UidRange,
@@ -111,8 +111,9 @@ struct Cli {
     /// Bound for one image pull.
     #[arg(long, env = "FN_DOCKER_PULL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     docker_pull_timeout: Duration,
-    /// Network of function containers: `none` (no network at all), or a network's name.
-    #[arg(long, env = "FN_DOCKER_FUNCTION_NETWORK", default_value = "none", value_parser = non_blank)]
+    /// Network of function containers: `none` (no network at all), or a network's name
+    /// (`host` and `container:<id>` are refused).
+    #[arg(long, env = "FN_DOCKER_FUNCTION_NETWORK", default_value = "none", value_parser = parse_network)]
     docker_function_network: String,
     /// Numeric uid[:gid] function containers run as (never root).
     #[arg(long, env = "FN_DOCKER_FUNCTION_USER", default_value = "65534:65534", value_parser = ContainerUser::parse)]
@@ -717,6 +718,12 @@ mod tests {
             };
             assert!(line.starts_with(&format!("{var}: ")), "{line}");
         }
+        let parsed =
+            try_parse_from::<Cli, _, _>(["pure-runner", "--docker-function-network", "host"]);
+        let Err(ParseOutcome::Invalid(line)) = parsed else {
+            panic!("FN_DOCKER_FUNCTION_NETWORK=host was accepted");
+        };
+        assert!(line.starts_with("FN_DOCKER_FUNCTION_NETWORK: "), "{line}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -222,6 +222,23 @@ impl ContainerUser {
         }
         Ok(user)
     }
+}
+
+/// Parses `FN_DOCKER_FUNCTION_NETWORK`: `none`, or a network's name.
+///
+/// # Errors
+/// A blank value (the engine reads it as its default network); `host`, and
+/// `container:<id>`: a function container would share the host's network namespace, or
+/// another container's (its loopback ports, its addresses), which isolation forbids.
+pub fn parse_network(text: &str) -> Result<String, String> {
+    let text = fn_lifecycle::config::non_blank(text)?;
+    if text == "host" || text.starts_with("container:") {
+        return Err(format!(
+            "{text:?}: function containers never share the host's network namespace nor \
+             another container's; give none, or the name of a network made for them"
+        ));
+    }
+    Ok(text)
 }
 
 /// Settings of the `docker` driver; built by the runner from its `FN_*` configuration.
@@ -1250,7 +1267,13 @@ fn create_body(
     let memory = i64::try_from(spec.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
     let host_config = HostConfig {
         network_mode: Some(config.network.clone()),
-        binds: Some(vec![format!("{}:{IOFS_MOUNT}", dir.display())]),
+        // A mount, not a bind string: a ':' or ',' in the path would be read as a separator.
+        mounts: Some(vec![Mount {
+            typ: Some(MountType::BIND),
+            source: Some(dir.to_string_lossy().into_owned()),
+            target: Some(IOFS_MOUNT.to_owned()),
+            ..Mount::default()
+        }]),
         readonly_rootfs: Some(true),
         tmpfs: Some(HashMap::from([(
             "/tmp".to_owned(),
@@ -1662,10 +1685,12 @@ mod tests {
         assert_eq!(host.memory, Some(128 * 1024 * 1024));
         assert_eq!(host.memory_swap, host.memory, "no swap");
         assert_eq!(host.pids_limit, Some(256));
-        assert_eq!(
-            host.binds,
-            Some(vec!["/tmp/iofs-root/a-1:/tmp/iofs".to_owned()])
-        );
+        assert_eq!(host.binds, None);
+        let mounts = host.mounts.expect("mounts");
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(mounts[0].source.as_deref(), Some("/tmp/iofs-root/a-1"));
+        assert_eq!(mounts[0].target.as_deref(), Some("/tmp/iofs"));
         assert!(host.tmpfs.is_some_and(|t| t.contains_key("/tmp")));
         assert_eq!(body.user.as_deref(), Some("65534:65534"));
         let labels = body.labels.expect("labels");
@@ -1706,6 +1731,36 @@ mod tests {
         }
         assert_eq!(PullPolicy::parse("never"), Ok(PullPolicy::Never));
         assert!(PullPolicy::parse("always").is_err());
+    }
+
+    /// `host` and `container:<id>` would put functions in the host's network namespace or
+    /// another container's: refused, as a blank value is; `none` and named networks pass.
+    #[test]
+    fn functions_never_share_the_hosts_network_namespace() {
+        for good in ["none", "fn-functions", "bridge"] {
+            assert_eq!(parse_network(good), Ok(good.to_owned()));
+        }
+        for bad in ["host", "container:abc", "container:fn-runner-1"] {
+            let err = parse_network(bad).expect_err(bad);
+            assert!(err.contains("never share the host's network"), "{err}");
+        }
+        assert!(parse_network(" ").is_err());
+    }
+
+    /// The instance directory is mounted as it is named, whatever it holds: as a bind
+    /// string, a ':' in `FN_DOCKER_IOFS_DIR` was read as the separator of the target and a
+    /// ',' of the options, and every start failed.
+    #[test]
+    fn an_iofs_dir_with_a_colon_or_a_comma_is_mounted_as_it_is() {
+        let config = DockerDriverConfig::new("runner-7", "/srv/fn:iofs,a");
+        let dir = Path::new("/srv/fn:iofs,a/a-1");
+        let host = create_body(&config, &spec(), "shop/cart:2", dir, "a-1")
+            .host_config
+            .expect("host config");
+        assert_eq!(host.binds, None);
+        let mounts = host.mounts.expect("mounts");
+        assert_eq!(mounts[0].source.as_deref(), Some("/srv/fn:iofs,a/a-1"));
+        assert_eq!(mounts[0].target.as_deref(), Some(IOFS_MOUNT));
     }
 
     #[test]
