@@ -219,13 +219,8 @@ async fn daemon(
     let Some(functions_dir) = cli.functions_dir.clone() else {
         exit_config_error("FN_FUNCTIONS_DIR: required (the directory function commands run from)")
     };
-    let total_mb = match cli.max_memory_mb {
-        Some(0) => exit_config_error("FN_MAX_MEMORY_MB: must be at least 1"),
-        Some(mb) => mb,
-        None => fn_runner::memory::detect_total_mb().unwrap_or_else(|| {
-            exit_config_error("FN_MAX_MEMORY_MB: cannot detect the machine's memory; set it")
-        }),
-    };
+    let total_mb =
+        fn_runner::memory::total_mb(cli.max_memory_mb).unwrap_or_else(|e| exit_config_error(e));
     let root = nix::unistd::Uid::effective().is_root();
     let function_users = match &cli.function_user {
         Some(name) => {

@@ -307,6 +307,13 @@ fn validate(
     if memory_mb == 0 {
         return Err(invalid("memory_mb", "must be at least 1".into()));
     }
+    let max = fn_protocol::call::MAX_MEMORY_MB;
+    if memory_mb > max {
+        return Err(invalid(
+            "memory_mb",
+            format!("{memory_mb} is more than the most accepted, {max} (2^40 MB)"),
+        ));
+    }
     let concurrency = raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     let max = fn_protocol::call::MAX_CONCURRENCY;
     if !(1..=max).contains(&concurrency) {
@@ -559,6 +566,11 @@ GREETING = "Hi"
     fn errors_name_file_function_and_field() {
         let cases = [
             ("memory_mb = 0", "function demo/f: field `memory_mb`"),
+            // More than any runner may have (2^40 MB): refused, not summed past u64 there.
+            (
+                "memory_mb = 1099511627777",
+                "function demo/f: field `memory_mb`",
+            ),
             ("concurrency = 0", "function demo/f: field `concurrency`"),
             ("concurrency = 1001", "function demo/f: field `concurrency`"),
             ("timeout = \"soon\"", "function demo/f: field `timeout`"),

@@ -24,6 +24,10 @@ pub const MAX_CONFIG_ENTRIES: usize = 256;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most calls one instance may take at once.
 pub const MAX_CONCURRENCY: u32 = 1000;
+/// Most memory in MB anything is said to have or need: a function (the catalog's
+/// `memory_mb`, a call's), a runner (`FN_MAX_MEMORY_MB`). 2^40 MB, an exabyte, is more than
+/// any machine has, and sums of a runner's reservations stay far from `u64::MAX`.
+pub const MAX_MEMORY_MB: u64 = 1 << 40;
 
 /// A validated function call.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +266,12 @@ impl TryFrom<runner::Call> for CallSpec {
         if call.memory_mb == 0 {
             return Err(InvalidCall::Missing("memory_mb"));
         }
+        if call.memory_mb > MAX_MEMORY_MB {
+            return Err(invalid(
+                "memory_mb",
+                format!("{} is more than {MAX_MEMORY_MB}", call.memory_mb),
+            ));
+        }
         if call.timeout_ms == 0 {
             return Err(InvalidCall::Missing("timeout_ms"));
         }
@@ -448,6 +458,26 @@ mod tests {
         let spec = CallSpec::try_from(call).expect("valid");
         assert_eq!(spec.concurrency, 8);
         assert_eq!(runner::Call::from(&spec).concurrency, 8);
+    }
+
+    #[test]
+    fn memory_over_the_bound_is_invalid() {
+        let mut call = wire();
+        call.memory_mb = MAX_MEMORY_MB;
+        assert!(CallSpec::try_from(call).is_ok());
+        let mut call = wire();
+        call.memory_mb = 1 << 63;
+        let refused = CallSpec::try_from(call).expect_err("more than any runner has");
+        assert!(
+            matches!(
+                refused,
+                InvalidCall::Invalid {
+                    field: "memory_mb",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
     }
 
     #[test]

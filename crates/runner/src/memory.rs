@@ -3,6 +3,28 @@
 
 use std::path::Path;
 
+use fn_protocol::call::MAX_MEMORY_MB;
+
+/// The memory the runner hands out, in MB: `configured` (`FN_MAX_MEMORY_MB`), or else
+/// what [`detect_total_mb`] finds, at most [`MAX_MEMORY_MB`].
+///
+/// # Errors
+/// A message naming `FN_MAX_MEMORY_MB` when it is 0 or more than [`MAX_MEMORY_MB`], or
+/// when it is not given and the machine's memory cannot be read.
+pub fn total_mb(configured: Option<u64>) -> Result<u64, String> {
+    match configured {
+        Some(0) => Err("FN_MAX_MEMORY_MB: must be at least 1".to_owned()),
+        Some(mb) if mb > MAX_MEMORY_MB => Err(format!(
+            "FN_MAX_MEMORY_MB: {mb} is more than the most accepted, {MAX_MEMORY_MB} (2^40 MB); \
+             give the memory functions may use on this machine, in MB"
+        )),
+        Some(mb) => Ok(mb),
+        None => detect_total_mb()
+            .map(|mb| mb.min(MAX_MEMORY_MB))
+            .ok_or_else(|| "FN_MAX_MEMORY_MB: cannot detect the machine's memory; set it".into()),
+    }
+}
+
 /// Memory available to the runner in MB: the smaller of the machine's total memory and the
 /// memory limit of the runner's own cgroup (v2 `memory.max` or v1 `memory.limit_in_bytes`).
 /// `None` when neither can be read.
@@ -89,6 +111,21 @@ fn read_limit_mb(file: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configured_total_is_at_least_1_and_at_most_the_bound() {
+        assert_eq!(total_mb(Some(4096)), Ok(4096));
+        assert_eq!(total_mb(Some(MAX_MEMORY_MB)), Ok(MAX_MEMORY_MB));
+        let zero = total_mb(Some(0)).expect_err("0 MB");
+        assert!(zero.starts_with("FN_MAX_MEMORY_MB"), "{zero}");
+        for huge in [MAX_MEMORY_MB + 1, u64::MAX] {
+            let error = total_mb(Some(huge)).expect_err("more than the bound");
+            assert!(
+                error.starts_with("FN_MAX_MEMORY_MB") && error.contains("2^40"),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn reads_meminfo() {

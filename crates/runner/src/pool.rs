@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use fn_protocol::call::MAX_MEMORY_MB;
 use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -332,11 +333,13 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool with `total_mb` of memory to hand out, starting instances with `driver`.
+    /// A pool with `total_mb` of memory to hand out, starting instances with `driver`; at
+    /// most [`MAX_MEMORY_MB`] (more is taken as that), so that no sum of reservations
+    /// overflows (see [`crate::memory::total_mb`], which refuses more).
     pub fn new(driver: Arc<dyn Driver>, total_mb: u64, start_timeout: Duration) -> Arc<Self> {
         Arc::new(Pool {
             driver,
-            total_mb,
+            total_mb: total_mb.min(MAX_MEMORY_MB),
             start_timeout,
             draining: AtomicBool::new(false),
             state: Mutex::new(State::default()),
@@ -444,6 +447,9 @@ impl Pool {
     /// [`Refusal`] when draining, or when the memory does not fit even after evicting idle
     /// instances.
     pub fn admit(self: &Arc<Self>, spec: InstanceSpec) -> Result<Reservation, Refusal> {
+        // From the network (the LB's offer): checked against the total before any sum, and
+        // the total is at most MAX_MEMORY_MB, so no sum below nears u64::MAX; saturating all
+        // the same.
         let needed_mb = spec.memory_mb;
         if needed_mb > self.total_mb {
             return Err(Refusal::TooLarge {
@@ -480,17 +486,22 @@ impl Pool {
             } else {
                 // Evict only when that makes room: a call that cannot fit even with every
                 // idle instance gone is refused without killing any of them.
-                let fits_after_eviction = st.committed_mb + needed_mb <= self.total_mb;
+                let fits_after_eviction =
+                    st.committed_mb.saturating_add(needed_mb) <= self.total_mb;
                 while fits_after_eviction
-                    && st.committed_mb + st.idle_mb + needed_mb > self.total_mb
+                    && st
+                        .committed_mb
+                        .saturating_add(st.idle_mb)
+                        .saturating_add(needed_mb)
+                        > self.total_mb
                 {
                     match st.evict_one() {
                         Some(old) => evicted.push(old),
                         None => break,
                     }
                 }
-                let used = st.committed_mb + st.idle_mb;
-                if used + needed_mb <= self.total_mb {
+                let used = st.committed_mb.saturating_add(st.idle_mb);
+                if used.saturating_add(needed_mb) <= self.total_mb {
                     st.committed_mb += needed_mb;
                     st.calls_in_flight += 1;
                     // In the pool at once, starting, so that calls arriving meanwhile join it.
@@ -522,7 +533,7 @@ impl Pool {
                 } else {
                     Err(Refusal::Busy {
                         needed_mb,
-                        free_mb: self.total_mb - used,
+                        free_mb: self.total_mb.saturating_sub(used),
                         total_mb: self.total_mb,
                     })
                 }
@@ -931,6 +942,31 @@ mod tests {
             Pool::new(driver.clone(), total_mb, Duration::from_secs(1)),
             driver,
         )
+    }
+
+    /// Memory from the network (a call's) or from the configuration (the total) never
+    /// overflows a sum: a pool given more than MAX_MEMORY_MB hands out that much, a call
+    /// needing more is too large, and one that does not fit beside another is busy.
+    #[tokio::test]
+    async fn huge_memory_figures_are_refused_not_summed_past_u64() {
+        let (pool, _) = pool(u64::MAX);
+        assert_eq!(pool.stats().total_mb, MAX_MEMORY_MB);
+        let refused = pool
+            .admit(spec("f", 1 << 63))
+            .expect_err("more than the total");
+        assert!(matches!(refused, Refusal::TooLarge { .. }), "{refused}");
+        let first = pool
+            .admit(spec("f", MAX_MEMORY_MB))
+            .expect("the whole total fits");
+        let refused = pool
+            .admit(spec("g", MAX_MEMORY_MB))
+            .expect_err("no room beside it");
+        assert!(
+            matches!(refused, Refusal::Busy { free_mb: 0, .. }),
+            "{refused}"
+        );
+        drop(first);
+        assert_eq!(pool.stats().committed_mb, 0);
     }
 
     #[tokio::test]
