@@ -741,8 +741,15 @@ impl Pool {
                     }
                 }
             } else {
-                // Its entry is gone (a failed start already removed it): only memory was held.
-                st.committed_mb -= memory_mb;
+                // Never: an entry leaves the pool only with no call on it (evicted or
+                // expired idle, a failed start with no call left, or here, at its last
+                // call's release), and this call's is still counted in it. Its memory went
+                // with the entry, so none is given back here: doing so would free it twice.
+                debug_assert!(false, "a reservation outlived its pool entry");
+                tracing::error!(
+                    entry = reservation.id,
+                    "a call ended on an instance no longer in the pool; its memory went with it"
+                );
             }
         }
         if let Some(old) = doomed {
