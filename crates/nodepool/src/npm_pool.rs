@@ -6,7 +6,8 @@
 //! hashing depends on every LB having the same list. Clients are reused by address, so a
 //! runner that stays in the list keeps its connection; a runner that leaves the list is
 //! dropped from it, and its connection closes once the calls still streaming on it end.
-//! When the npm cannot be reached, the last known list stays in use.
+//! When the npm cannot be reached, the last known list stays in use, and a group that has
+//! none says so (see [`RunnerPool::list_trouble`]).
 //!
 //! The npm also streams a message each time its membership changes (`WatchMembership`):
 //! every group is then fetched at once, so a new runner takes calls as soon as the npm
@@ -26,6 +27,7 @@ use fn_protocol::poolmanager::LbGroupId;
 use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
 use fn_tls::{TlsMode, WithoutStatusDetails};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -57,6 +59,10 @@ struct Inner {
     signals: RwLock<HashMap<String, ReportSignal>>,
     /// Groups to poll.
     groups: Mutex<BTreeSet<String>>,
+    /// Groups whose last fetch failed, since when their fetches fail and how the last one
+    /// did: each is warned about once, when it starts failing, and told about again when it
+    /// is back; a call of such a group without runners is told the npm cannot be reached.
+    failing: Mutex<HashMap<String, (Instant, tonic::Code)>>,
     /// Wakes the poller when a new group is seen.
     new_group: Notify,
     /// Wakes the poller when the npm says its membership changed.
@@ -102,6 +108,7 @@ impl NpmPool {
                 lists: RwLock::new(HashMap::new()),
                 signals: RwLock::new(HashMap::new()),
                 groups: Mutex::new(BTreeSet::new()),
+                failing: Mutex::new(HashMap::new()),
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
                 watching: AtomicBool::new(false),
@@ -122,30 +129,33 @@ impl NpmPool {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
         let watcher = tokio::spawn(Arc::clone(&self.inner).watch(cancel.clone()));
         let _stop_watching = AbortOnDrop(watcher);
-        // The groups whose last fetch failed: each is warned about once, when it starts
-        // failing, and told about again when it is back, however the others fare.
-        let mut failing: BTreeSet<String> = BTreeSet::new();
         loop {
             let groups: Vec<String> = self.inner.lock_groups().iter().cloned().collect();
             for group in groups {
-                match self.refresh(&group).await {
+                let fetched = self.refresh(&group).await;
+                let mut failing = self.inner.lock_failing();
+                match fetched {
                     Ok(()) => {
-                        if failing.remove(&group) {
+                        if failing.remove(&group).is_some() {
                             tracing::info!(group, "runner list from the npm again");
                         }
                     }
-                    Err(status) if failing.contains(&group) => {
-                        tracing::debug!(group, error = %status, "GetLBGroup failed")
-                    }
-                    Err(status) => {
-                        tracing::warn!(group, error = %status, "cannot get the group's runner list from the npm; keeping the last known list");
-                        failing.insert(group);
-                    }
+                    Err(status) => match failing.get_mut(&group) {
+                        Some((_, code)) => {
+                            tracing::debug!(group, error = %status, "GetLBGroup failed");
+                            *code = status.code();
+                        }
+                        None => {
+                            tracing::warn!(group, error = %status, "cannot get the group's runner list from the npm; keeping the last known list");
+                            failing.insert(group, (Instant::now(), status.code()));
+                        }
+                    },
                 }
             }
             // While the npm answers with errors, keep asking at the configured interval:
             // a watch that is up says nothing about whether the lists can be fetched.
-            let pause = if self.inner.watching.load(Ordering::Acquire) && failing.is_empty() {
+            let failing = !self.inner.lock_failing().is_empty();
+            let pause = if self.inner.watching.load(Ordering::Acquire) && !failing {
                 WATCHED_POLL_INTERVAL.max(self.inner.poll_interval)
             } else {
                 self.inner.poll_interval
@@ -301,6 +311,13 @@ impl Inner {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, tonic::Code)>> {
+        // A map edited in single inserts and removals: a panic elsewhere cannot tear it.
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl RunnerPool for NpmPool {
@@ -319,6 +336,22 @@ impl RunnerPool for NpmPool {
             self.inner.new_group.notify_one();
         }
         Arc::new(Vec::new())
+    }
+
+    fn list_trouble(&self, group: &str) -> Option<String> {
+        let (since, code) = *self.inner.lock_failing().get(group)?;
+        // Whole milliseconds: the answer is read by people.
+        let failing_for =
+            Duration::from_millis(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+        // The code, not the status's message, which may name addresses: this goes to clients.
+        let how = match code {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "cannot be reached",
+            _ => "refuses to give it",
+        };
+        Some(format!(
+            "the npm (FN_NPM_ADDRESS) has not given its runner list for {failing_for:?}: it \
+             {how} ({code:?}); check that the npm runs and that FN_NPM_ADDRESS names it"
+        ))
     }
 
     fn report_signal(&self, group: &str) -> ReportSignal {

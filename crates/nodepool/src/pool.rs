@@ -19,6 +19,13 @@ pub trait RunnerPool: Send + Sync + std::fmt::Debug {
     /// Woken by the reports of `group`'s runners and by the ends of their calls (see
     /// [`ReportSignal`]): what a call waiting for room in `group` waits on.
     fn report_signal(&self, group: &str) -> ReportSignal;
+
+    /// Why `group`'s runner list may be missing or out of date, when the pool knows (the
+    /// npm cannot be reached): what a call of a group without runners is told instead of
+    /// "it has none". `None` when the list is as its source gives it.
+    fn list_trouble(&self, _group: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A fixed runner list (`FN_RUNNER_ADDRESSES`) serving every LB group.

@@ -689,3 +689,46 @@ async fn an_advert_over_the_npms_limit_carries_the_groups_with_the_most_demand()
     cancel.cancel();
     task.await.expect("joins").expect("ends");
 }
+
+/// A group whose runner list cannot be fetched says why to the calls that find it empty:
+/// the npm cannot be reached, naming `FN_NPM_ADDRESS`, and for how long; a group whose list
+/// came says nothing.
+#[tokio::test]
+async fn a_group_whose_list_cannot_be_fetched_says_the_npm_cannot_be_reached() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let pool = NpmPool::new(&closed, &tls, ClientConfig::default(), POLL).expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    assert!(pool.runners("g").is_empty());
+    let start = tokio::time::Instant::now();
+    let why = loop {
+        if let Some(why) = pool.list_trouble("g") {
+            break why;
+        }
+        assert!(start.elapsed() < BOUND, "no trouble said for the group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        why.contains("FN_NPM_ADDRESS") && why.contains("cannot be reached"),
+        "{why}"
+    );
+    assert!(
+        !why.contains(&closed),
+        "the npm's address is no client's to know: {why}"
+    );
+    stop_pool(cancel, poller).await;
+
+    let (state, _adverts) = NpmState::new();
+    state.set("g", &["127.0.0.1:7201"]);
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
+    assert!(pool.runners("g").is_empty());
+    wait_for_list(&pool, "g", &["127.0.0.1:7201"]).await;
+    assert_eq!(pool.list_trouble("g"), None);
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
