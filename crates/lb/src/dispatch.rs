@@ -4,7 +4,10 @@
 //! (unreachable runners, which keep their slot). A refusal moves on to the next runner. When
 //! a pass ends with no commit, the whole list is tried again after a backoff, until the
 //! placer deadline (`FN_PLACER_TIMEOUT`, never past the call's own deadline); the last pause
-//! is shortened so that a last pass starts just before the deadline. A committed call is
+//! is shortened so that a last pass starts just before the deadline (a quarter of the wait
+//! before it at most, so that a short wait gets more than one pass). After the last pass the
+//! call waits out the rest of its wait for a call of its function to end or a report, and is
+//! offered once more if one comes, then answered. A committed call is
 //! returned at once and never offered to another runner. One offer waits for its runner's
 //! acknowledgement at most half of the wait left (see [`attempt_bound`]): a runner that
 //! accepts calls and never acknowledges them is marked down and the next one asked.
@@ -16,9 +19,12 @@
 //!
 //! The wait is bounded by the call too: at most a share of its timeout (half by default, as
 //! Fn's slot deadline was), so that a call that waited in vain gets 503 with time to retry,
-//! and a 504 always means that the function itself ran too long. What is left of the budget
-//! goes to the runner. When every runner of the group refuses the call as larger than its
-//! whole memory, no wait can help: the answer is 503 at once.
+//! and a 504 means that the function itself ran too long, or (a share of 1, a function with a
+//! timeout of a few milliseconds) that the call's time ran out before a runner could start
+//! it: a runner then refuses it as invalid, and the LB, whose deadline has passed as well,
+//! answers 504, not 500. What is left of the budget goes to the runner. When every runner
+//! of the group refuses the call as larger than its whole memory, no wait can help: the
+//! answer is 503 at once.
 //!
 //! The pause between two passes ends early at a report of a runner of the group, or when a
 //! call of the function ends on one and leaves its instance idle (one paused call is woken
@@ -53,8 +59,16 @@ use crate::error::CallError;
 const MIN_OFFER: Duration = Duration::from_millis(10);
 
 /// The last pass starts no later than this before the placer deadline: room for a round
-/// trip to a runner that has capacity.
+/// trip to a runner that has capacity. A wait shorter than four times this gives its last
+/// pass a quarter of it (see [`last_pass`]).
 const LAST_PASS: Duration = Duration::from_millis(50);
+
+/// How long before the placer deadline the last pass starts when the call may wait `wait`
+/// in all: [`LAST_PASS`], or a quarter of the wait when that is less, so that a short wait
+/// (a function with a timeout of 100 ms waits 50 ms) has room for a pass after a refusal.
+fn last_pass(wait: Duration) -> Duration {
+    LAST_PASS.min(wait / 4)
+}
 
 /// The shortest wait for one runner's acknowledgement while the placer deadline allows it
 /// (see [`attempt_bound`]); a runner acknowledges in about a millisecond. A shorter wait
@@ -113,19 +127,41 @@ impl Iterator for Pass {
 /// Waits for the next report of a runner of the call's group (`report`), for a call of its
 /// function to end and leave an instance idle (once the call holds its place among the
 /// waiting calls, `queued`, which it takes at its first wait: an end while it was not
-/// waiting on it is kept for it), or until `until`.
+/// waiting on it is kept for it), or until `until`. Returns whether it was woken before
+/// `until`.
 async fn wait_for_room(
     signal: &ReportSignal,
     call: &CallSpec,
     report: Pin<&mut Notified<'_>>,
     queued: &mut Option<Waiting>,
     until: Instant,
-) {
+) -> bool {
     let waiting = queued.get_or_insert_with(|| signal.waiting(&call.app, &call.function));
     tokio::select! {
-        () = report => {}
-        () = waiting.released() => {}
-        () = tokio::time::sleep_until(until) => {}
+        () = report => true,
+        () = waiting.released() => true,
+        () = tokio::time::sleep_until(until) => false,
+    }
+}
+
+/// What a runner's refusal of `call` as invalid (`refused`) answers, after `attempts`
+/// offers: the runner's reason ([`CallError::Unrunnable`]), or, when the call's own deadline
+/// has passed, [`CallError::TimedOutUnplaced`]. A runner's deadline for the call is its
+/// receipt of the offer plus the time the LB had left, so the LB's own has passed when a
+/// runner refuses the call because its deadline has ("invalid call: its deadline has
+/// passed", heard when the LB's wait for the answer was late to end): the call's time ran
+/// out on the way, which no runner will change, and no fault of the function's definition.
+fn invalid_refusal(call: &CallSpec, refused: &TryCallError, attempts: u32) -> CallError {
+    if call.remaining().is_zero() {
+        return CallError::TimedOutUnplaced {
+            timeout: call.timeout,
+            attempts,
+        };
+    }
+    let (runner, details) = refused.refusal().unwrap_or_default();
+    CallError::Unrunnable {
+        runner: runner.to_owned(),
+        details: details.to_owned(),
     }
 }
 
@@ -244,7 +280,7 @@ impl Dispatcher {
         first: Option<&RunnerView>,
         waiting: bool,
         evicting_since: &mut Option<Instant>,
-        deadline: Instant,
+        last_pass_at: Instant,
     ) -> Hold {
         let evicts_first = first.is_some_and(
             |view| matches!(view, RunnerView::Known(load) if !load.warm && load.evicts),
@@ -264,8 +300,7 @@ impl Dispatcher {
             .fold(0, u32::saturating_add);
         let wait = self.cold_starts.expected(key, self.config.warm_wait);
         // Never into the last pass's time: a wait to the deadline left no offer.
-        let last_pass = deadline.checked_sub(LAST_PASS).unwrap_or(deadline);
-        let until = (since + wait.min(MAX_WARM_WAIT)).min(last_pass);
+        let until = (since + wait.min(MAX_WARM_WAIT)).min(last_pass_at);
         if instances > 0 && Instant::now() < until {
             // Its function runs elsewhere, busy: one of those instances is likely to free
             // up before a new one would have started.
@@ -293,7 +328,9 @@ impl Dispatcher {
     /// [`CallError::NoCapacity`] when no runner committed before the placer deadline;
     /// [`CallError::NoRunnerLargeEnough`] when every runner of the group is too small for it;
     /// [`CallError::Unrunnable`] when a runner says the call itself is invalid;
-    /// [`CallError::NoRunnerReachable`] when none could be asked. Each `TryCall` sent is
+    /// [`CallError::NoRunnerReachable`] when none could be asked;
+    /// [`CallError::TimedOutUnplaced`] when a runner refused the call for its deadline passed
+    /// on the way. Each `TryCall` sent is
     /// counted at once (see [`Dispatcher::count_attempts_in`]), whatever the call's end.
     pub async fn place(&self, call: &CallSpec, early: &EarlyBody) -> Result<Placed, CallError> {
         let key = PlacementKey::new(call.app.as_str(), call.function.as_str());
@@ -301,7 +338,13 @@ impl Dispatcher {
         let share = call
             .remaining()
             .mul_f64(self.config.wait_share.clamp(0.0, 1.0));
-        let deadline = started + self.config.placer_timeout.min(share);
+        let wait = self.config.placer_timeout.min(share);
+        let deadline = started + wait;
+        let last_pass = last_pass(wait);
+        let last_pass_at = deadline.checked_sub(last_pass).unwrap_or(deadline);
+        // Whether the call has had its pass after the last one, when a call of its function
+        // ended or a report came in the last stretch of its wait: one at most.
+        let mut had_last_chance = false;
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let mut attempts = 0u32;
         let no_capacity = |attempts, draining| CallError::NoCapacity {
@@ -334,6 +377,7 @@ impl Dispatcher {
             report.as_mut().enable();
             let runners = self.pool.runners(&call.lb_group);
             let (mut asked, mut too_small, mut invalid) = (0u32, 0u32, 0u32);
+            // Placeholders, and runners found unreachable by this pass's offers.
             let mut unavailable = 0usize;
             // Runners known to drain (their reports), or that refused the call as draining.
             let mut draining = 0usize;
@@ -362,7 +406,14 @@ impl Dispatcher {
                     .iter()
                     .find(|&&i| runners.get(i).is_some_and(|r| r.is_available()))
                     .and_then(|&i| views.get(i));
-                let hold = self.hold(&key, &views, first, waiting, &mut evicting_since, deadline);
+                let hold = self.hold(
+                    &key,
+                    &views,
+                    first,
+                    waiting,
+                    &mut evicting_since,
+                    last_pass_at,
+                );
                 match hold {
                     Hold::Offer => {}
                     Hold::ForWarm(until) => {
@@ -421,13 +472,14 @@ impl Dispatcher {
                         });
                     }
                     Err(e) if e.is_invalid_call() => {
+                        let refusal = invalid_refusal(call, &e, attempts);
+                        if matches!(refusal, CallError::TimedOutUnplaced { .. }) {
+                            tracing::debug!(error = %e, "the call's time ran out on the way");
+                            return Err(refusal);
+                        }
                         invalid += 1;
                         tracing::debug!(error = %e, "runner refused the call as invalid; trying the next");
-                        let (runner, details) = e.refusal().unwrap_or_default();
-                        refused_as_invalid = Some(CallError::Unrunnable {
-                            runner: runner.to_owned(),
-                            details: details.to_owned(),
-                        });
+                        refused_as_invalid = Some(refusal);
                     }
                     Err(e) if e.is_too_large() => {
                         too_small += 1;
@@ -435,6 +487,10 @@ impl Dispatcher {
                     }
                     Err(e) => {
                         refused_for_room |= matches!(e, TryCallError::Refused { .. });
+                        unavailable += usize::from(matches!(
+                            e,
+                            TryCallError::Unreachable { .. } | TryCallError::Unavailable { .. }
+                        ));
                         draining += usize::from(e.is_draining());
                         tracing::debug!(error = %e, "not placed; trying the next runner");
                     }
@@ -460,7 +516,20 @@ impl Dispatcher {
             }
             // The last pass starts just before the deadline rather than one pause early.
             let left = deadline.saturating_duration_since(Instant::now());
-            if left <= LAST_PASS {
+            if left <= last_pass {
+                let unrunnable = refused_as_invalid.is_some() && !refused_for_room;
+                if !unrunnable && !had_last_chance && left >= MIN_OFFER {
+                    // The rest of the wait, for a call of the function that ends on a runner
+                    // of the group or a report that follows the pass (as the pauses below):
+                    // one more pass if one comes, never two.
+                    had_last_chance = true;
+                    let after = signal.next_report();
+                    tokio::pin!(after);
+                    let woken = wait_for_room(&signal, call, after, &mut queued, deadline).await;
+                    if woken && deadline.saturating_duration_since(Instant::now()) >= MIN_OFFER {
+                        continue;
+                    }
+                }
                 if let Some(unrunnable) = refused_as_invalid.take()
                     && !refused_for_room
                 {
@@ -471,7 +540,10 @@ impl Dispatcher {
                     return Err(CallError::NoRunnerReachable {
                         group: call.lb_group.clone(),
                         why: match runners.len() {
-                            0 => "it has none".to_owned(),
+                            0 => self
+                                .pool
+                                .list_trouble(&call.lb_group)
+                                .unwrap_or_else(|| "it has none".to_owned()),
                             n => format!("all {n} of its runners are unreachable or ejected"),
                         },
                         waited: started.elapsed(),
@@ -484,14 +556,14 @@ impl Dispatcher {
             if informed && offered < runners.len() && asked == 0 {
                 // Every runner is known to be unable to take it: wait for the next report.
                 waiting = true;
-                let until = Instant::now() + REPORT_WAIT.min(left - LAST_PASS);
+                let until = Instant::now() + REPORT_WAIT.min(left - last_pass);
                 wait_for_room(&signal, call, report, &mut queued, until).await;
             } else {
                 // Refused for want of room, say: a call of its function ending on a runner of
                 // the group, or a report that follows the refusals, may show an instance it
                 // can take. (Not the reports during the offers, which any group with calls
                 // in flight has: the pause would end at once.)
-                let until = Instant::now() + backoff.next_delay().min(left - LAST_PASS);
+                let until = Instant::now() + backoff.next_delay().min(left - last_pass);
                 let after = signal.next_report();
                 tokio::pin!(after);
                 wait_for_room(&signal, call, after, &mut queued, until).await;
@@ -511,5 +583,98 @@ mod tests {
         assert_eq!(attempt_bound(ms(300)), ms(200), "the floor");
         assert_eq!(attempt_bound(ms(120)), ms(120), "never past the deadline");
         assert_eq!(attempt_bound(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_short_wait_keeps_a_quarter_of_it_for_its_last_pass() {
+        let ms = Duration::from_millis;
+        assert_eq!(last_pass(ms(10_000)), LAST_PASS);
+        assert_eq!(last_pass(ms(200)), LAST_PASS);
+        assert_eq!(last_pass(ms(50)), Duration::from_micros(12_500));
+        assert_eq!(last_pass(Duration::ZERO), Duration::ZERO);
+    }
+
+    /// A call of `group` whose deadline is `left` away.
+    fn call(group: &str, left: Duration) -> CallSpec {
+        CallSpec {
+            id: "c1".into(),
+            app: "demo".into(),
+            function: "f".into(),
+            route: "/f".into(),
+            method: http::Method::POST,
+            request_url: "http://lb/r/demo/f".into(),
+            headers: http::HeaderMap::new(),
+            memory_mb: 128,
+            concurrency: 1,
+            timeout: Duration::from_millis(100),
+            idle_timeout: Duration::from_secs(30),
+            command: vec!["f".into()],
+            image: None,
+            config: std::collections::BTreeMap::new(),
+            lb_group: group.into(),
+            deadline: std::time::Instant::now() + left,
+        }
+    }
+
+    /// A runner that refuses a call whose deadline passed on the way says it is invalid; the
+    /// LB's own deadline has passed then too, and the answer is the call's time that ran
+    /// out (504), not the function's definition (500).
+    #[test]
+    fn an_invalid_refusal_after_the_deadline_is_the_calls_time_running_out() {
+        let refused = TryCallError::Refused {
+            address: "10.0.0.7:9190".into(),
+            reason: fn_protocol::runner::RefusalReason::Invalid,
+            details: "invalid call: its deadline has passed".into(),
+        };
+        let late = invalid_refusal(&call("g", Duration::ZERO), &refused, 2);
+        assert!(
+            matches!(late, CallError::TimedOutUnplaced { attempts: 2, .. }),
+            "{late:?}"
+        );
+        assert_eq!(late.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        let early = invalid_refusal(&call("g", Duration::from_secs(5)), &refused, 1);
+        assert!(matches!(early, CallError::Unrunnable { .. }), "{early:?}");
+    }
+
+    /// A pool whose one group's runner list never came: the npm cannot be reached.
+    #[derive(Debug, Default)]
+    struct Unlisted {
+        signal: ReportSignal,
+    }
+
+    impl RunnerPool for Unlisted {
+        fn runners(&self, _group: &str) -> fn_nodepool::RunnerList {
+            Arc::new(Vec::new())
+        }
+
+        fn report_signal(&self, _group: &str) -> ReportSignal {
+            self.signal.clone()
+        }
+
+        fn list_trouble(&self, _group: &str) -> Option<String> {
+            Some("the npm (FN_NPM_ADDRESS) has not given its runner list for 3s".into())
+        }
+    }
+
+    /// A group without runners because its list could not be fetched says why, not that
+    /// the group has none.
+    #[tokio::test]
+    async fn a_group_without_a_list_says_why_it_has_no_runners() {
+        let dispatcher = Dispatcher::new(
+            Arc::new(Unlisted::default()),
+            Arc::new(fn_placement::NaivePlacer::new()),
+            DispatchConfig {
+                placer_timeout: Duration::from_millis(40),
+                ..DispatchConfig::default()
+            },
+        );
+        let placed = dispatcher
+            .place(&call("g", Duration::from_secs(5)), &EarlyBody::default())
+            .await;
+        let Err(CallError::NoRunnerReachable { why, .. }) = placed else {
+            panic!("expected NoRunnerReachable, got {placed:?}");
+        };
+        assert!(why.contains("FN_NPM_ADDRESS"), "{why}");
+        assert!(!why.contains("it has none"), "{why}");
     }
 }

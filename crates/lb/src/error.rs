@@ -118,6 +118,14 @@ pub enum CallError {
     /// The call passed its timeout (function).
     #[error("the function did not answer within its timeout of {0:?}")]
     Timeout(Duration),
+    /// The call's timeout passed before a runner could start it: a runner refused it for
+    /// its deadline had passed on the way (a function whose timeout is a few milliseconds,
+    /// or `FN_PLACER_WAIT_SHARE` 1). Not the function's definition, which a 500 would blame.
+    #[error(
+        "the call's timeout of {timeout:?} passed before a runner could start it ({attempts} \
+         attempts); give the function a longer timeout"
+    )]
+    TimedOutUnplaced { timeout: Duration, attempts: u32 },
     /// The runner failed after committing the call (function or runner); never re-placed.
     #[error("the call failed on runner {runner}: {details}")]
     RunnerFailed { runner: String, details: String },
@@ -162,7 +170,9 @@ impl CallError {
             | CallError::ConnectionClosing
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Unrunnable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            CallError::Timeout(_) | CallError::TimedOutUnplaced { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             CallError::RunnerFailed { .. } => StatusCode::BAD_GATEWAY,
         }
     }

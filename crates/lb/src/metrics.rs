@@ -103,7 +103,7 @@ impl From<&CallError> for CallOutcome {
             CallError::NoRunnerReachable { .. } => CallOutcome::NoRunnerReachable,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
-            CallError::Timeout(_) => CallOutcome::Timeout,
+            CallError::Timeout(_) | CallError::TimedOutUnplaced { .. } => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
             CallError::ShuttingDown => CallOutcome::ShuttingDown,
             CallError::ConnectionClosing => CallOutcome::ConnectionShed,

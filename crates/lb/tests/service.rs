@@ -2760,6 +2760,137 @@ async fn waiting_for_a_runner_is_bounded_by_half_the_call_s_timeout_and_ends_in_
     );
 }
 
+/// The catalog with `demo/short`, whose timeout is `timeout`.
+fn with_short(timeout: &str) -> String {
+    format!(
+        "{CATALOG}\n[[functions]]\napp = \"demo\"\nname = \"short\"\nroute = \"/short\"\n\
+         command = [\"fn-echo\"]\ntimeout = \"{timeout}\"\n"
+    )
+}
+
+/// A function with a short timeout (100 ms: a wait of 50 ms for a runner) gets more than
+/// one pass: the runner that refused its first offer takes the second. Its last pass used to
+/// start 50 ms before the end of any wait, so such a call had one pass and its 503 some
+/// 2 ms later, where the README promises retries until half its timeout.
+#[tokio::test]
+async fn a_short_wait_gets_a_second_pass() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let catalog = with_short("100ms");
+    let options = Options {
+        catalog,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    lb.dial_runners().await;
+    runners[0].script([Behaviour::Refuse, Behaviour::Echo]);
+    let reply = post(&lb, "/r/demo/short", "x").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let offers = runners[0]
+        .seen()
+        .iter()
+        .filter(|c| c.id == reply.call_id())
+        .count();
+    assert_eq!(offers, 2, "refused, then taken");
+}
+
+/// A call whose last pass is refused waits out the rest of its wait (the last 50 ms) for a
+/// call of its function to end, and is placed on the instance that call leaves; it used to
+/// get its 503 at once after its last pass.
+#[tokio::test]
+async fn a_call_ending_after_the_last_pass_still_serves_a_waiting_call() {
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::Echo]).await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            placer_timeout: Duration::from_millis(400),
+            // No pause ends before the last pass but by a call's end or a report.
+            retry_initial: Duration::from_secs(10),
+            ..Options::default()
+        },
+    )
+    .await;
+    lb.dial_runners().await;
+    // A call in flight until its body ends.
+    let (body, first) = fed("/r/demo/echo");
+    let address = lb.address.clone();
+    let first = tokio::spawn(async move { send(&address, first).await });
+    runners[0]
+        .wait_until(BOUND, |seen| seen.len() == 1)
+        .await
+        .expect("the first call reaches the runner");
+    // The waiting call's first pass (at once) and last pass (50 ms before its deadline) are
+    // refused; the first call ends after the last.
+    runners[0].script([Behaviour::Refuse, Behaviour::Refuse]);
+    let end_first = async {
+        runners[0]
+            .wait_until(BOUND, |seen| seen.len() == 3)
+            .await
+            .expect("the waiting call's two passes");
+        body.send(Ok(Frame::data(Bytes::from_static(b"done"))))
+            .await
+            .expect("the first call's body is read");
+        drop(body);
+    };
+    let (reply, ()) = tokio::join!(post(&lb, "/r/demo/echo", "waiting"), end_first);
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), "waiting");
+    let offers = runners[0]
+        .seen()
+        .iter()
+        .filter(|c| c.id == reply.call_id())
+        .count();
+    assert_eq!(
+        offers, 3,
+        "two passes refused, then one more after the first call's end"
+    );
+    let first = first.await.expect("join");
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+}
+
+/// Runners found unreachable by a call's last pass make its 503 say that no runner of the
+/// group is reachable, as placeholders do: it used to say that no runner had room, counting
+/// only the runners that were placeholders when the pass began.
+#[tokio::test]
+async fn runners_lost_during_the_last_pass_give_a_503_that_says_they_are_unreachable() {
+    let pki = TestPki::new();
+    let runners = fakes(
+        &pki,
+        &[Behaviour::NeverAcknowledge, Behaviour::NeverAcknowledge],
+    )
+    .await;
+    let lb = start_lb(
+        &pki,
+        &addresses(&runners),
+        Options {
+            // A wait of 500 ms: 250 ms for the first silent runner, 200 for the second (each
+            // at least FAIR_ACK_WAIT, so each is marked down), and no pass after.
+            catalog: with_short("1s"),
+            client: ClientConfig {
+                probe_initial: Duration::from_secs(60),
+                probe_max: Duration::from_secs(60),
+                ..ClientConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    lb.dial_runners().await;
+    let reply = post(&lb, "/r/demo/short", "x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    let message = reply.json_error();
+    assert!(
+        message.contains("no runner of LB group default is reachable")
+            && message.contains("all 2 of its runners are unreachable or ejected"),
+        "{message}"
+    );
+    for runner in &runners {
+        assert_eq!(runner.seen().len(), 1, "{}: one pass", runner.name());
+    }
+}
+
 /// A function larger than every runner of its group gets 503 at once, saying so; a runner
 /// too small for it does not stop a larger one from taking it.
 #[tokio::test]
