@@ -115,9 +115,10 @@ pub enum CallError {
     /// A runner says the call itself is invalid, so none will run it (configuration).
     #[error("runner {runner} refuses this function: {details}")]
     Unrunnable { runner: String, details: String },
-    /// The call passed its timeout (function).
-    #[error("the function did not answer within its timeout of {0:?}")]
-    Timeout(Duration),
+    /// The call passed its timeout (function); with the runner's word on why, when it has
+    /// one (the instance was still starting, the FDK said the deadline passed).
+    #[error("the function did not answer within its timeout of {0:?}{why}", why = why_suffix(.1))]
+    Timeout(Duration, String),
     /// The call's timeout passed before a runner could start it: a runner refused it for
     /// its deadline had passed on the way (a function whose timeout is a few milliseconds,
     /// or `FN_PLACER_WAIT_SHARE` 1). Not the function's definition, which a 500 would blame.
@@ -138,6 +139,15 @@ pub enum CallError {
          retry on a new connection"
     )]
     ConnectionClosing,
+}
+
+/// `: why`, or nothing for no reason given.
+fn why_suffix(why: &str) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(": {why}")
+    }
 }
 
 /// Why a target of the form `host:port` names no function: CONNECT's asks for a tunnel;
@@ -170,7 +180,7 @@ impl CallError {
             | CallError::ConnectionClosing
             | CallError::NoRunnerLargeEnough { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Unrunnable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            CallError::Timeout(_) | CallError::TimedOutUnplaced { .. } => {
+            CallError::Timeout(..) | CallError::TimedOutUnplaced { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             CallError::RunnerFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -280,7 +290,7 @@ mod tests {
     fn only_the_clients_own_errors_are_the_clients() {
         assert!(CallError::TooLarge { limit: 1 }.is_clients());
         assert!(CallError::BodyStalled(Duration::from_secs(1)).is_clients());
-        assert!(!CallError::Timeout(Duration::from_secs(1)).is_clients());
+        assert!(!CallError::Timeout(Duration::from_secs(1), String::new()).is_clients());
         assert!(!CallError::ShuttingDown.is_clients());
         let failed = CallError::RunnerFailed {
             runner: "r".into(),
@@ -299,12 +309,28 @@ mod tests {
         .to_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
-        let timeout = CallError::Timeout(Duration::from_secs(1)).to_response();
+        let timeout = CallError::Timeout(Duration::from_secs(1), String::new()).to_response();
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(timeout.headers().get(header::RETRY_AFTER).is_none());
         assert_eq!(
             CallError::TooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    /// A 504 carries the runner's word on why, when it gives one (its instance was still
+    /// starting), after the LB's own.
+    #[test]
+    fn a_timeout_says_why_when_the_runner_does() {
+        let plain = CallError::Timeout(Duration::from_secs(2), String::new());
+        assert_eq!(
+            plain.client_message(),
+            "the function did not answer within its timeout of 2s"
+        );
+        let starting = CallError::Timeout(Duration::from_secs(2), "it was starting".into());
+        assert_eq!(
+            starting.client_message(),
+            "the function did not answer within its timeout of 2s: it was starting"
         );
     }
 

@@ -457,7 +457,7 @@ impl CallBody {
 
     fn finished_error(&self, f: &CallFinished) -> CallError {
         match f.kind() {
-            ErrorKind::Timeout => CallError::Timeout(self.timeout),
+            ErrorKind::Timeout => CallError::Timeout(self.timeout, f.details.clone()),
             kind => self.failed(format!("{kind:?}: {}", f.details)),
         }
     }
@@ -486,7 +486,7 @@ impl CallBody {
                     self.pump = None;
                     pumped.map_err(|e| e.into_call_error(self.max_request_body))?;
                 }
-                HeadEvent::Expired => return Err(CallError::Timeout(self.timeout)),
+                HeadEvent::Expired => return Err(CallError::Timeout(self.timeout, String::new())),
                 HeadEvent::Message(Ok(Some(m))) => {
                     return match m.body {
                         Some(runner_msg::Body::ResultStart(start)) => {

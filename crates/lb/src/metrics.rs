@@ -103,7 +103,7 @@ impl From<&CallError> for CallOutcome {
             CallError::NoRunnerReachable { .. } => CallOutcome::NoRunnerReachable,
             CallError::NoRunnerLargeEnough { .. } => CallOutcome::NoRunnerLargeEnough,
             CallError::Unrunnable { .. } => CallOutcome::Unrunnable,
-            CallError::Timeout(_) | CallError::TimedOutUnplaced { .. } => CallOutcome::Timeout,
+            CallError::Timeout(..) | CallError::TimedOutUnplaced { .. } => CallOutcome::Timeout,
             CallError::RunnerFailed { .. } => CallOutcome::RunnerFailed,
             CallError::ShuttingDown => CallOutcome::ShuttingDown,
             CallError::ConnectionClosing => CallOutcome::ConnectionShed,
@@ -445,7 +445,7 @@ mod tests {
         };
         assert_eq!(CallOutcome::from(&err).as_str(), "no_capacity");
         assert_eq!(
-            CallOutcome::from(&CallError::Timeout(Duration::from_secs(1))).as_str(),
+            CallOutcome::from(&CallError::Timeout(Duration::from_secs(1), String::new())).as_str(),
             "timeout"
         );
         // A request refused on a connection closed to make room is not a shutdown.
