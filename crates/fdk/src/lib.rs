@@ -81,7 +81,7 @@
 //! Decisions where the contract is silent: a handler error or panic answers HTTP 502 (also as
 //! `Fn-Http-Status`) with a one-line body and the FDK keeps serving; the 504 above (Fn's Go FDK
 //! sends what a late handler writes once its context is cancelled; 504 is the status the
-//! runner's own timeout gives the client, and one it passes from an FDK as it is); requests
+//! runner's own timeout gives the client, as it does for an FDK's 504); requests
 //! other than `POST /call` get 404/405.
 
 pub mod body;

@@ -606,19 +606,20 @@ impl Outbound {
 struct Outcome {
     kind: ErrorKind,
     details: String,
+    /// The instance answered as its contract says (its FDK reported the function's
+    /// failure or timeout): it takes the next call.
+    serves_on: bool,
 }
 
 impl Outcome {
     fn ok() -> Self {
-        Outcome {
-            kind: ErrorKind::None,
-            details: String::new(),
-        }
+        Outcome::of(ErrorKind::None, String::new())
     }
     fn of(kind: ErrorKind, details: impl Into<String>) -> Self {
         Outcome {
             kind,
             details: details.into(),
+            serves_on: false,
         }
     }
 }
@@ -628,9 +629,13 @@ impl From<DriverError> for Outcome {
         let kind = match &err {
             DriverError::Invalid(_) | DriverError::Start(_) => ErrorKind::Start,
             DriverError::Crashed(_) => ErrorKind::Crashed,
-            DriverError::Function(_) => ErrorKind::Function,
+            DriverError::Function(_) | DriverError::Failed(_) => ErrorKind::Function,
+            DriverError::TimedOut(_) => ErrorKind::Timeout,
         };
-        Outcome::of(kind, err.to_string())
+        Outcome {
+            serves_on: err.instance_serves_on(),
+            ..Outcome::of(kind, err.to_string())
+        }
     }
 }
 
@@ -849,15 +854,17 @@ impl RunnerService {
                 }
                 executed = &mut execute => break match executed {
                     Err(_elapsed) => {
-                        // Before the reservation drops with `execute`.
-                        self.pool.retire(entry);
-                        Some(Outcome::of(
-                            ErrorKind::Timeout,
-                            format!("call exceeded its timeout of {timeout:?}"),
-                        ))
+                        // Before the reservation drops with `execute`. The details reach
+                        // the client after the LB's own words on the timeout.
+                        let starting = self.pool.retire(entry);
+                        Some(Outcome::of(ErrorKind::Timeout, if starting {
+                            STILL_STARTING
+                        } else {
+                            ""
+                        }))
                     }
                     Ok(Ok(Executed { reservation, outcome })) => {
-                        if outcome.kind == ErrorKind::None {
+                        if outcome.kind == ErrorKind::None || outcome.serves_on {
                             reservation.finish_ok();
                         }
                         Some(outcome)
@@ -875,7 +882,9 @@ impl RunnerService {
         if let Some(outcome) = outcome {
             match outcome.kind {
                 ErrorKind::None => tracing::debug!("call finished"),
-                kind => tracing::info!(?kind, details = %outcome.details, "call failed"),
+                kind => {
+                    tracing::info!(?kind, details = %outcome.details, ?timeout, "call failed");
+                }
             }
             // Read now: the reservation was let go of above.
             let pool_version = self.pool.version();
@@ -884,6 +893,12 @@ impl RunnerService {
         }
     }
 }
+
+/// Why a call timed out while its instance was starting (as Fn's "Container initialization
+/// timed out").
+const STILL_STARTING: &str = "its instance was still starting: it had not opened its \
+    listener (FN_LISTENER) yet; a start that takes longer than the function's timeout, or \
+    fails, is in the function's output in the runner's log";
 
 /// How long a deferred acknowledgement waits for the answer to leave with.
 const ACK_COALESCE: Duration = Duration::from_millis(2);

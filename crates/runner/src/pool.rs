@@ -690,12 +690,16 @@ impl Pool {
     /// no new calls, whatever its concurrency (one that takes several is otherwise kept when
     /// a call is cut off), and is killed once its calls have ended. A call that timed out
     /// while its instance was still starting never reached the function: nothing changes.
-    pub fn retire(&self, entry: EntryId) {
+    /// Returns whether the instance was still starting (its listener not open yet).
+    pub fn retire(&self, entry: EntryId) -> bool {
         let mut st = self.lock();
-        if let Some(hot) = st.hot.iter_mut().find(|h| h.id == entry.0)
-            && hot.running().is_some()
-        {
-            hot.retired = true;
+        match st.hot.iter_mut().find(|h| h.id == entry.0) {
+            Some(hot) if hot.running().is_some() => {
+                hot.retired = true;
+                false
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
@@ -784,6 +788,7 @@ impl Pool {
             })
             .map(Arc::<dyn Instance>::from);
         let mut orphan = None;
+        let mut unheard = false;
         {
             let mut st = self.lock();
             let st = &mut *st;
@@ -804,14 +809,29 @@ impl Pool {
                     let hot = &mut st.hot[pos];
                     hot.retired = true;
                     if hot.idle() {
+                        unheard = true;
                         st.committed_mb -= hot.spec.memory_mb;
                         st.hot.swap_remove(pos);
                     }
                 }
                 // Nobody wants it any more (its last call was cut off before it ran).
                 (None, Ok(instance)) => orphan = Some(Arc::clone(instance)),
-                (None, Err(_)) => {}
+                (None, Err(_)) => unheard = true,
             }
+        }
+        // A call of the instance hears of a failed start (and the runner logs it with the
+        // call); once its calls have gone (their timeout was shorter than the start's),
+        // nobody would.
+        if let Err(e) = &started
+            && unheard
+        {
+            tracing::warn!(
+                app = %spec.app,
+                function = %spec.function,
+                error = %e,
+                "an instance failed to start after its calls had gone (their timeout was \
+                 shorter than the start's): look at the function's output for why"
+            );
         }
         if let Some(instance) = orphan {
             self.bury(&instance);

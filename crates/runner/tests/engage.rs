@@ -1584,3 +1584,258 @@ async fn a_body_cut_short_by_an_early_answer_never_reaches_the_function_as_compl
     assert!(matches!(end, Ok(1024)), "{end:?}");
     runner.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// An FDK's own report on a call, and an instance that does not start in time.
+
+/// Starts instances that answer `ok`, unless a call carries `x-report: failed` (the FDK's
+/// own 502: the function raised) or `x-report: timed-out` (its 504); counts its starts.
+/// With `start_after`, a start takes that long and then fails.
+#[derive(Debug, Default)]
+struct Reporting {
+    starts: AtomicU64,
+    start_after: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct ReportingInstance;
+
+impl Driver for Reporting {
+    fn start(
+        &self,
+        _spec: &InstanceSpec,
+        _call_id: &str,
+        _start_timeout: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<Box<dyn Instance>, DriverError>> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        let start_after = self.start_after;
+        Box::pin(async move {
+            if let Some(after) = start_after {
+                tokio::time::sleep(after).await;
+                return Err(DriverError::Start(
+                    "did not open its listener within 1s".into(),
+                ));
+            }
+            Ok(Box::new(ReportingInstance) as Box<dyn Instance>)
+        })
+    }
+}
+
+impl Instance for ReportingInstance {
+    fn call(
+        &self,
+        request: FunctionRequest,
+        _body: BodyStream<std::io::Error>,
+    ) -> futures::future::BoxFuture<'_, Result<FunctionResponse, DriverError>> {
+        let report = request.headers.get("x-report").cloned();
+        Box::pin(async move {
+            match report.as_ref().map(http::HeaderValue::as_bytes) {
+                Some(b"failed") => Err(DriverError::Failed(
+                    "its FDK answered 502 (a body of 12 bytes, not passed on)".into(),
+                )),
+                Some(b"timed-out") => Err(DriverError::TimedOut(
+                    "its FDK answered 504: it saw the call's deadline pass".into(),
+                )),
+                _ => Ok(FunctionResponse {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"ok"))])),
+                }),
+            }
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+
+    fn kill(&self) {}
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// An FDK's 502 (the function raised) ends the call as the function's failure, and its 504
+/// as a timeout, with no answer for the client (the LB answers with its JSON error), and
+/// the instance takes the next call, as under Fn's agent: before, the FDK's answer went to
+/// the client, body and all, and the call counted as a success.
+#[tokio::test]
+async fn an_fdks_report_of_a_failure_or_a_timeout_ends_the_call_so_and_keeps_the_instance() {
+    let driver = Arc::new(Reporting::default());
+    let runner = start_runner_on(
+        Arc::clone(&driver) as Arc<dyn Driver>,
+        shared_tempdir(),
+        1024,
+        EngageConfig::default(),
+    )
+    .await;
+    let mut fresh = runner
+        .run(call("fn-report", Duration::from_secs(10)), Bytes::new())
+        .await;
+    fresh.assert_ok(200);
+    for (report, kind, said) in [
+        ("failed", ErrorKind::Function, "function failed"),
+        (
+            "timed-out",
+            ErrorKind::Timeout,
+            "saw the call's deadline pass",
+        ),
+    ] {
+        let mut reported = call("fn-report", Duration::from_secs(10));
+        reported.headers.push(header("x-report", report));
+        let result = runner.run(reported, Bytes::new()).await;
+        assert_eq!(result.kind(), kind, "{result:?}");
+        assert_eq!(
+            result.status, None,
+            "an answer went to the client: {result:?}"
+        );
+        let finished = result.finished.as_ref().expect("CallFinished");
+        assert!(finished.details.contains(said), "{finished:?}");
+        // The same instance takes the next call.
+        fresh = runner
+            .run(call("fn-report", Duration::from_secs(10)), Bytes::new())
+            .await;
+        fresh.assert_ok(200);
+        assert_eq!(fresh.cold_start_us, 0, "a new instance after {report}");
+    }
+    assert_eq!(driver.starts.load(Ordering::SeqCst), 1);
+    let text = fn_lifecycle::metrics::encode(&runner.registry).expect("encodes");
+    for line in [
+        "fn_runner_calls_total{outcome=\"success\"} 3\n",
+        "fn_runner_calls_total{outcome=\"function_error\"} 1\n",
+        "fn_runner_calls_total{outcome=\"timeout\"} 1\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from\n{text}");
+    }
+    runner.stop().await;
+}
+
+/// Records the message and `error` field of every WARN event.
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Visit(String);
+        impl tracing::field::Visit for Visit {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut visit = Visit(String::new());
+            event.record(&mut visit);
+            self.0.lock().expect("lock").push(visit.0);
+        }
+    }
+}
+
+/// A call whose timeout passes while its instance is still starting gets a timeout that
+/// says so (Fn: "Container initialization timed out"), and the start's failure after the
+/// call has gone is logged as a warning naming the function and why.
+#[tokio::test]
+async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_failure_is_logged() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
+    // The test's runtime has one thread: the runner's tasks log on it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let driver = Arc::new(Reporting {
+        start_after: Some(Duration::from_millis(800)),
+        ..Reporting::default()
+    });
+    let runner = start_runner_on(driver, shared_tempdir(), 1024, EngageConfig::default()).await;
+    let result = runner
+        .run(
+            call("fn-slow-start", Duration::from_millis(200)),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(result.kind(), ErrorKind::Timeout, "{result:?}");
+    let finished = result.finished.as_ref().expect("CallFinished");
+    assert!(
+        finished.details.contains("had not opened its listener"),
+        "{finished:?}"
+    );
+    runner
+        .status_until("the start ended", |s| s.capacity_committed_mb == 0)
+        .await;
+    let warned = warnings.lock().expect("lock").clone();
+    assert!(
+        warned.iter().any(|w| w.contains("function=slow-start")
+            && w.contains("did not open its listener within 1s")),
+        "{warned:?}"
+    );
+    runner.stop().await;
+}
+
+const PYTHON_MODES: &str = r#"import io
+import json
+import os
+
+from fdk import response
+
+
+def handler(ctx, data: io.BytesIO = None):
+    mode = ctx.HTTPHeaders().get("x-mode")
+    if mode == "raise":
+        raise Exception("the password is hunter2")
+    headers = {"X-Fn-Pid": str(os.getpid())}
+    if mode == "headers":
+        for i in range(150):
+            headers["X-H%d" % i] = "v%d" % i
+    return response.Response(
+        ctx,
+        response_data=json.dumps({"x-many": ctx.HTTPHeaders().get("x-many")}),
+        headers=headers,
+    )
+"#;
+
+/// An unmodified Python function as Fn runs it: an exception fails its call as the
+/// function's failure, with no word of the exception to the client, and the instance takes
+/// the next call; an answer of 150 headers reaches the client whole; a header the client
+/// sent twice reaches the function with both values (the FDK keeps one line of a name).
+#[tokio::test]
+async fn a_python_function_that_raises_fails_its_call_and_serves_on() {
+    let fdk = python_fdk_path();
+    let functions = shared_tempdir();
+    std::fs::write(functions.path().join("func.py"), PYTHON_MODES).expect("write func.py");
+    let wrapper = functions.path().join("py-func");
+    std::fs::write(&wrapper, PYTHON_WRAPPER).expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let runner = start_runner(4 * MEMORY_MB, functions.path()).await;
+    let py = |mode: &str| {
+        let mut py = call("py-func", Duration::from_secs(30));
+        py.function = "python-modes".into();
+        py.headers.push(header("x-mode", mode));
+        py.headers.push(header("x-many", "a"));
+        py.headers.push(header("x-many", "b"));
+        py.config
+            .insert("PYTHONPATH".into(), fdk.display().to_string());
+        py
+    };
+
+    let first = runner.run(py("plain"), Bytes::new()).await;
+    first.assert_ok(200);
+    assert_eq!(&first.body[..], br#"{"x-many": "a, b"}"#);
+    let pid = first.pid();
+
+    let raised = runner.run(py("raise"), Bytes::new()).await;
+    assert_eq!(raised.kind(), ErrorKind::Function, "{raised:?}");
+    assert_eq!(raised.status, None, "the FDK's answer went to the client");
+    let details = &raised.finished.as_ref().expect("CallFinished").details;
+    assert!(details.contains("function failed"), "{details}");
+    assert!(!details.contains("hunter2"), "{details}");
+
+    let many = runner.run(py("headers"), Bytes::new()).await;
+    many.assert_ok(200);
+    assert_eq!(many.pid(), pid, "the instance that raised serves on");
+    for i in [0, 149] {
+        assert_eq!(many.header(&format!("x-h{i}")), Some(format!("v{i}")));
+    }
+    runner.stop().await;
+}

@@ -3,11 +3,12 @@
 //!
 //! Request: `Fn-Call-Id`, `Fn-Deadline` (RFC 3339, UTC, milliseconds), `Fn-Http-Method`,
 //! `Fn-Http-Request-Url`, `Fn-Intent: httprequest`, every client header `X` as
-//! `Fn-Http-H-X` (all values), and the client's `Content-Type` plainly as well.
+//! `Fn-Http-H-X` (one line, its values joined), and the client's `Content-Type` plainly as
+//! well.
 //!
-//! Reply: the client status is `Fn-Http-Status`, unless the FDK itself answered 502 or 504
-//! (its own "function failed" / "function timed out"), which pass through; without
-//! `Fn-Http-Status` the reply's status is used. `Fn-Http-H-X` becomes `X`; a plain
+//! Reply: the client status is `Fn-Http-Status` of a 200 (200 without it). The FDK's own 502
+//! and 504 ("function failed" / "function timed out") are no answer for the client: the call
+//! failed or timed out, as under Fn's agent. `Fn-Http-H-X` becomes `X`; a plain
 //! `Content-Type` is used when there is no `Fn-Http-H-Content-Type`, and the reply's own
 //! `Content-Length` (its framing) is kept: the client gets the same length. Everything else —
 //! other `Fn-*` headers, hop-by-hop and other framing headers — is dropped; hop-by-hop and
@@ -117,25 +118,32 @@ pub(crate) fn call_headers(request: &FunctionRequest) -> Result<HeaderMap, Drive
     Ok(headers)
 }
 
-/// Adds each client header `X` to `out` as `Fn-Http-H-X` (all values, in order), and the
-/// `Content-Type` plainly too. Hop-by-hop headers are left out. A valid client
-/// `Content-Length` also frames the `POST /call` (the body is the client's, byte for byte),
-/// so the function sees a length rather than a chunked body.
+/// Adds each client header `X` to `out` as `Fn-Http-H-X`, and the `Content-Type` plainly
+/// too. Hop-by-hop headers are left out. A valid client `Content-Length` also frames the
+/// `POST /call` (the body is the client's, byte for byte), so the function sees a length
+/// rather than a chunked body.
 ///
-/// Several `Cookie` fields (HTTP/2 sends each cookie as one, RFC 9113 8.2.3) become one,
-/// joined with `; `, as the HTTP/1.1 request to the function needs: FDKs read one `Cookie`
-/// header and would see one cookie.
+/// A header the client sent several times reaches the function as one line, its values
+/// joined in order with `, ` (RFC 9110 5.3: the same field), and `Cookie` with `; ` (HTTP/2
+/// sends each cookie as a field of its own, RFC 9113 8.2.3): FDKs keep one line of a name
+/// (the Python FDK's `dict(headers)` the last), and would see one value.
 ///
 /// One pass over the client's values: `HeaderMap::iter` yields a name's values together and
-/// in order, so each name is translated once and no value is looked up again.
+/// in order, so each name is translated once and no value is looked up again. A header
+/// sent once is not copied.
 pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
     let mut scratch = String::new();
     let mut length = OneLength::default();
-    let mut cookies: Vec<&HeaderValue> = Vec::new();
     let mut last: Option<&HeaderName> = None;
+    // The current name's translation, its first value and the rest joined to it.
     let mut target: Option<HeaderName> = None;
+    let mut first: Option<&HeaderValue> = None;
+    let mut joined: Vec<u8> = Vec::new();
     for (name, value) in client {
         if last != Some(name) {
+            if let Some(previous) = last {
+                emit(previous, target.take(), first.take(), &mut joined, out);
+            }
             last = Some(name);
             // `None` for hop-by-hop names, and (unreachable for valid names) for a name
             // that cannot be prefixed: skipping is the safe answer either way.
@@ -145,39 +153,57 @@ pub(crate) fn client_to_fn(client: &HeaderMap, out: &mut HeaderMap) {
                 prefixed(name, &mut scratch)
             };
         }
-        let Some(target) = &target else { continue };
-        if name == COOKIE {
-            cookies.push(value);
+        if target.is_none() {
             continue;
         }
-        out.append(target.clone(), value.clone());
-        if name == CONTENT_TYPE {
-            out.append(CONTENT_TYPE, value.clone());
-        } else if name == CONTENT_LENGTH {
+        if name == CONTENT_LENGTH {
             length.see(value);
         }
+        match first {
+            None => first = Some(value),
+            Some(one) => {
+                if joined.is_empty() {
+                    joined.extend_from_slice(one.as_bytes());
+                }
+                joined.extend_from_slice(if name == COOKIE { b"; " } else { b", " });
+                joined.extend_from_slice(value.as_bytes());
+            }
+        }
+    }
+    if let Some(previous) = last {
+        emit(previous, target, first, &mut joined, out);
     }
     if let Some(length) = length.valid() {
         out.insert(CONTENT_LENGTH, length);
     }
-    let cookie = match cookies.as_slice() {
-        [] => None,
-        [one] => Some((*one).clone()),
-        many => {
-            let mut joined = Vec::with_capacity(many.iter().map(|v| v.len() + 2).sum());
-            for (i, value) in many.iter().enumerate() {
-                if i > 0 {
-                    joined.extend_from_slice(b"; ");
-                }
-                joined.extend_from_slice(value.as_bytes());
-            }
-            // Valid values joined by valid bytes: always valid.
-            HeaderValue::from_bytes(&joined).ok()
+}
+
+/// Adds the client header `name`'s line to `out` as `target`: `first`, or all its values
+/// `joined` when there were several (left empty for the next name).
+fn emit(
+    name: &HeaderName,
+    target: Option<HeaderName>,
+    first: Option<&HeaderValue>,
+    joined: &mut Vec<u8>,
+    out: &mut HeaderMap,
+) {
+    let (Some(target), Some(first)) = (target, first) else {
+        return;
+    };
+    let value = if joined.is_empty() {
+        first.clone()
+    } else {
+        // Valid values joined by valid bytes: always valid.
+        match HeaderValue::from_bytes(joined) {
+            Ok(value) => value,
+            Err(_) => first.clone(),
         }
     };
-    if let (Some(cookie), Some(name)) = (cookie, prefixed(&COOKIE, &mut scratch)) {
-        out.insert(name, cookie);
+    joined.clear();
+    if name == CONTENT_TYPE {
+        out.append(CONTENT_TYPE, value.clone());
     }
+    out.append(target, value);
 }
 
 /// The `Content-Length` of a message whose values are seen one at a time: valid only when
@@ -254,24 +280,42 @@ pub(crate) fn declared_length(reply: &HeaderMap) -> Option<HeaderValue> {
     length.valid()
 }
 
+/// What a reply that is not the function's answer says instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotAnswered {
+    /// The FDK's own 502: the function failed (an exception in its handler).
+    Failed,
+    /// The FDK's own 504: it saw the call's deadline pass.
+    TimedOut,
+    /// A reply outside the contract: the FDK failing.
+    Invalid(String),
+}
+
 /// The client status of a reply with HTTP status `http` and headers `reply`, as Fn's agent
-/// holds an FDK to it: 200 is the FDK's answer, with the function's status in
-/// `Fn-Http-Status` (200 without it); 502 (the function failed) and 504 (the FDK saw the
-/// deadline pass) go to the client as they are; any other status is the FDK failing.
+/// holds an FDK to it ("Enforce 200/502/504 expectations"): 200 is the FDK's answer, with
+/// the function's status in `Fn-Http-Status` (200 without it); 502 (the function failed)
+/// and 504 (the FDK saw the deadline pass) are the FDK's report on the call, not an answer
+/// for the client; any other status is the FDK failing.
 ///
 /// # Errors
-/// A message when the reply's status is another than 200, 502 or 504, or `Fn-Http-Status`
-/// is present but not a status from 200 to 599.
-pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<StatusCode, String> {
-    if http == StatusCode::BAD_GATEWAY || http == StatusCode::GATEWAY_TIMEOUT {
-        return Ok(http);
+/// [`NotAnswered`] for a 502 or 504, for another status than 200, and for a
+/// `Fn-Http-Status` that is present but not a status from 200 to 599.
+pub(crate) fn client_status(
+    http: StatusCode,
+    reply: &HeaderMap,
+) -> Result<StatusCode, NotAnswered> {
+    if http == StatusCode::BAD_GATEWAY {
+        return Err(NotAnswered::Failed);
+    }
+    if http == StatusCode::GATEWAY_TIMEOUT {
+        return Err(NotAnswered::TimedOut);
     }
     if http != StatusCode::OK {
-        return Err(format!(
+        return Err(NotAnswered::Invalid(format!(
             "the function's FDK answered HTTP status {}: the http-stream contract allows 200 \
              (with the function's status in Fn-Http-Status), 502 and 504",
             http.as_u16()
-        ));
+        )));
     }
     let Some(value) = reply.get(&FN_HTTP_STATUS) else {
         return Ok(http);
@@ -279,9 +323,9 @@ pub(crate) fn client_status(http: StatusCode, reply: &HeaderMap) -> Result<Statu
     let text = value.to_str().unwrap_or_default().trim();
     match text.parse::<u16>().ok().map(StatusCode::from_u16) {
         Some(Ok(status)) if (200..600).contains(&status.as_u16()) => Ok(status),
-        _ => Err(format!(
+        _ => Err(NotAnswered::Invalid(format!(
             "invalid Fn-Http-Status {value:?}: a status from 200 to 599"
-        )),
+        ))),
     }
 }
 
@@ -345,7 +389,8 @@ mod tests {
             ["http://lb/r/demo/echo?x=1"]
         );
         assert_eq!(values(&headers, "fn-intent"), ["httprequest"]);
-        assert_eq!(values(&headers, "fn-http-h-x-many"), ["a", "b"]);
+        // One line, as FDKs keep one line of a name.
+        assert_eq!(values(&headers, "fn-http-h-x-many"), ["a, b"]);
         assert_eq!(values(&headers, "fn-http-h-content-type"), ["text/plain"]);
         assert_eq!(values(&headers, "content-type"), ["text/plain"]);
         // The client's length frames the call too.
@@ -365,7 +410,7 @@ mod tests {
         assert_eq!(framing(&[("content-length", "7")]), ("7".into(), 1));
         assert_eq!(
             framing(&[("content-length", "7"), ("content-length", "7")]),
-            (String::new(), 2)
+            (String::new(), 1)
         );
         assert_eq!(framing(&[("content-length", "seven")]), (String::new(), 1));
         assert_eq!(framing(&[("x-other", "7")]), (String::new(), 0));
@@ -477,22 +522,27 @@ mod tests {
                 "{bad:?}"
             );
         }
-        // The FDK's own failure statuses pass through.
+        // The FDK's own failure statuses are its report on the call, whatever
+        // Fn-Http-Status says (the Python FDK adds the function's 502 to its own).
         let failed = map(&[("fn-http-status", "200")]);
         assert_eq!(
             client_status(StatusCode::BAD_GATEWAY, &failed),
-            Ok(StatusCode::BAD_GATEWAY)
+            Err(NotAnswered::Failed)
         );
         assert_eq!(
             client_status(StatusCode::GATEWAY_TIMEOUT, &map(&[])),
-            Ok(StatusCode::GATEWAY_TIMEOUT)
+            Err(NotAnswered::TimedOut)
         );
         // Any other HTTP status is the FDK failing, whatever Fn-Http-Status says (fdk-java
         // answers 500 when it fails after the function's headers were added).
         for other in [201, 404, 500, 503] {
             let http = StatusCode::from_u16(other).expect("a status");
-            let error = client_status(http, &failed).expect_err("not in the contract");
-            assert!(error.contains(&other.to_string()), "{error}");
+            match client_status(http, &failed) {
+                Err(NotAnswered::Invalid(error)) => {
+                    assert!(error.contains(&other.to_string()), "{error}");
+                }
+                other => panic!("not in the contract, yet {other:?}"),
+            }
         }
     }
 
@@ -535,7 +585,12 @@ mod tests {
     }
 
     fn header_map() -> impl Strategy<Value = HeaderMap> {
-        prop::collection::vec((header_name(), "[!-~][ -~]{0,30}"), 0..12).prop_map(headers_from)
+        // Some names often, so that headers repeat.
+        let name = prop_oneof![
+            3 => header_name(),
+            1 => prop::sample::select(vec!["cookie", "accept", "x-many"]).prop_map(str::to_owned),
+        ];
+        prop::collection::vec((name, "[!-~][ -~]{0,30}"), 0..12).prop_map(headers_from)
     }
 
     /// Names a function's reply might carry: prefixed client headers (hop-by-hop and framing
@@ -603,8 +658,8 @@ mod tests {
         }
 
         // Any `Fn-Http-Status` on a 200 either maps to that status (200 to 599) or is
-        // reported as invalid; the FDK's own 502/504 always pass through; any other reply
-        // status is an FDK failure; no header keeps the reply's 200.
+        // reported as invalid; the FDK's own 502/504 are always its report of a failure or a
+        // timeout; any other reply status is an FDK failure; no header keeps the reply's 200.
         #[test]
         fn fn_http_status_maps_or_is_rejected(
             value in prop_oneof!["[0-9]{1,4}", " ?[1-9][0-9]{2} ?", "[ -~]{0,6}"],
@@ -614,17 +669,22 @@ mod tests {
             let http = StatusCode::from_u16(reply_status).expect("valid status");
             let headers = if present { map(&[(FN_HTTP_STATUS.as_str(), &value)]) } else { map(&[]) };
             let result = client_status(http, &headers);
-            if reply_status == 502 || reply_status == 504 || (reply_status == 200 && !present) {
+            if reply_status == 502 {
+                prop_assert_eq!(result, Err(NotAnswered::Failed));
+            } else if reply_status == 504 {
+                prop_assert_eq!(result, Err(NotAnswered::TimedOut));
+            } else if reply_status == 200 && !present {
                 prop_assert_eq!(result, Ok(http));
             } else if reply_status != 200 {
-                prop_assert!(result.is_err());
+                prop_assert!(matches!(result, Err(NotAnswered::Invalid(_))));
             } else {
                 match result {
                     Ok(status) => {
                         prop_assert!((200..600).contains(&status.as_u16()));
                         prop_assert_eq!(Ok(status.as_u16()), value.trim().parse::<u16>());
                     }
-                    Err(e) => prop_assert!(e.contains("Fn-Http-Status")),
+                    Err(NotAnswered::Invalid(e)) => prop_assert!(e.contains("Fn-Http-Status")),
+                    Err(other) => prop_assert!(false, "{other:?}"),
                 }
             }
         }
@@ -674,11 +734,28 @@ mod tests {
     }
 
     proptest! {
+        // Whatever the client sends, the function's answer with the headers it got gives
+        // the client the same headers, a header sent several times as one line of its
+        // values (`; ` between cookies).
         #[test]
         fn client_headers_round_trip(client in header_map()) {
             let mut wire = HeaderMap::new();
             client_to_fn(&client, &mut wire);
-            prop_assert_eq!(fn_to_client(&wire), client);
+            let mut joined = HeaderMap::new();
+            for name in client.keys() {
+                let separator = if name == COOKIE { "; " } else { ", " };
+                let all: Vec<&str> = client
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().expect("visible ASCII"))
+                    .collect();
+                let value = HeaderValue::from_str(&all.join(separator)).expect("valid");
+                joined.insert(name.clone(), value);
+            }
+            for name in wire.keys() {
+                prop_assert_eq!(wire.get_all(name).iter().count(), 1, "{} repeated", name);
+            }
+            prop_assert_eq!(fn_to_client(&wire), joined);
         }
     }
 }

@@ -139,6 +139,22 @@ pub enum DriverError {
     /// The instance answered something that is not a valid http-stream reply.
     #[error("function error: {0}")]
     Function(String),
+    /// The function's FDK answered that the function failed (its own 502, an exception
+    /// in the handler): the call failed, and the instance serves on, as under Fn's agent.
+    #[error("function failed: {0}")]
+    Failed(String),
+    /// The function's FDK answered that it saw the call's deadline pass (its own 504): the
+    /// call timed out, and the instance serves on, as under Fn's agent.
+    #[error("function timed out: {0}")]
+    TimedOut(String),
+}
+
+impl DriverError {
+    /// Whether the instance answered the call as its contract says and can take the next
+    /// one: the FDK reported the function's failure or timeout itself.
+    pub fn instance_serves_on(&self) -> bool {
+        matches!(self, DriverError::Failed(_) | DriverError::TimedOut(_))
+    }
 }
 
 /// A running function instance. It takes at most its spec's `concurrency` calls at once;

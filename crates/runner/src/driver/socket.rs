@@ -22,10 +22,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::client::conn::http1::{self, SendRequest};
 
-// A function's answer may carry hyper's default of 100 header lines. Raising it (the LB
-// passes up to 256 on) makes hyper set up that many slots on the heap for every answer it
-// parses: 512 cost the runner 5,000 instructions a call, 3.4% (bench_instructions.py).
-
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -47,6 +43,14 @@ pub(crate) const CONTAINER_END_GRACE: Duration = Duration::from_secs(5);
 /// How long a kept connection may take to become ready for the next request before it is
 /// replaced by a new one.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most header lines of a function's answer: the 256 headers the README promises (and the
+/// LB passes on) and the FDK's own lines (`Content-Length`, `Date`, `Fn-Http-Status`,
+/// `Fn-Fdk-Version`, ...; the Python FDK adds 7). hyper's default of 100 failed an answer of
+/// 94 headers from a Python function as "message head is too large". Above 100, hyper sets
+/// up the slots on the heap for every answer it parses (512 cost the runner 5,000
+/// instructions a call, 3.4%, bench_instructions.py, session 17).
+const MAX_ANSWER_HEADER_LINES: usize = 256 + 16;
 
 /// Most bytes read ahead from a function's connection. Answers leave in chunks of at most
 /// this size and each is held until the LB's stream takes it; hyper's default (about
@@ -268,6 +272,7 @@ impl SocketClient {
         };
         let handshake = http1::Builder::new()
             .max_buf_size(FUNCTION_READ_BUFFER)
+            .max_headers(MAX_ANSWER_HEADER_LINES)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
@@ -310,6 +315,30 @@ impl SocketClient {
         }
     }
 
+    /// The error of a reply that is not the function's answer. The FDK's own body (the
+    /// Python FDK's carries the exception's text, which may hold secrets) goes neither to
+    /// the client nor to the log: only its length, as the reply frames it.
+    #[cold]
+    fn not_answered(
+        &self,
+        not: http_stream::NotAnswered,
+        body: &hyper::body::Incoming,
+    ) -> DriverError {
+        let length = match hyper::body::Body::size_hint(body).exact() {
+            Some(bytes) => format!("a body of {bytes} bytes"),
+            None => "a body of unknown length".to_owned(),
+        };
+        match not {
+            http_stream::NotAnswered::Failed => DriverError::Failed(format!(
+                "its FDK answered 502 ({length}, not passed on); the function's log says why"
+            )),
+            http_stream::NotAnswered::TimedOut => DriverError::TimedOut(format!(
+                "its FDK answered 504: it saw the call's deadline pass ({length}, not passed on)"
+            )),
+            http_stream::NotAnswered::Invalid(why) => DriverError::Function(why),
+        }
+    }
+
     /// Sends one call and returns once the response head has arrived; the body streams
     /// afterwards.
     pub(crate) async fn send(
@@ -338,8 +367,10 @@ impl SocketClient {
         self.keep(shard, sender, task.clone());
 
         let (head, incoming) = reply.into_parts();
-        let status = http_stream::client_status(head.status, &head.headers)
-            .map_err(DriverError::Function)?;
+        let status = match http_stream::client_status(head.status, &head.headers) {
+            Ok(status) => status,
+            Err(not) => return Err(self.not_answered(not, &incoming)),
+        };
         let mut headers = http_stream::fn_to_client(&head.headers);
         // The length hyper decoded, not the header: a reply with both Transfer-Encoding and
         // Content-Length is framed by the first. A 204 has none (RFC 9110 8.6). The answer
@@ -592,10 +623,12 @@ mod tests {
 
     /// A function listening at `path` that answers every call with `reply`, then holds the
     /// connection open (so a body ends by its framing).
-    fn serve(path: &Path, reply: &'static str) {
+    fn serve(path: &Path, reply: &str) {
         let listener = tokio::net::UnixListener::bind(path).expect("bind");
+        let reply: Arc<str> = reply.into();
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
+                let reply = Arc::clone(&reply);
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();
@@ -992,6 +1025,66 @@ mod tests {
                 .get(http::header::CONTENT_LENGTH)
                 .map(|v| v.to_str().expect("ascii").to_owned());
             assert_eq!(length.as_deref(), expected, "{} {reply:?}", method.method);
+        }
+    }
+
+    /// An answer of 150 headers (the README promises up to 256) reaches the caller whole:
+    /// hyper's default of 100 header lines failed one of 94 from a Python function.
+    #[tokio::test]
+    async fn an_answer_of_150_headers_reaches_the_caller() {
+        let mut reply = String::from("HTTP/1.1 200 OK\r\nfn-fdk-version: fdk-python/0.1.128\r\n");
+        for i in 0..150 {
+            reply.push_str(&format!("fn-http-h-x-h{i}: v{i}\r\n"));
+        }
+        reply.push_str("content-length: 2\r\n\r\nok");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        serve(&path, &reply);
+        let response = call(path).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status, http::StatusCode::OK);
+        for i in [0, 99, 149] {
+            let got = response.headers.get(format!("x-h{i}"));
+            assert_eq!(got.map(|v| v.as_bytes()), Some(format!("v{i}").as_bytes()));
+        }
+        // 150 of the function's and the length.
+        assert_eq!(response.headers.len(), 151, "{:?}", response.headers);
+    }
+
+    /// The FDK's own 502 (the function raised) and 504 (it saw the deadline pass) are its
+    /// report on the call, as Fn's agent takes them: not an answer for the client, whose
+    /// body (an exception's text) goes neither to the client nor to the error.
+    #[tokio::test]
+    async fn an_fdks_own_502_and_504_are_the_functions_failure_and_timeout() {
+        for (reply, want_timeout) in [
+            (
+                "HTTP/1.1 502 Bad Gateway\r\nfn-http-status: 502\r\n\
+                 fn-http-h-content-type: application/json\r\ncontent-length: 21\r\n\r\n\
+                 password=hunter2 oops",
+                false,
+            ),
+            (
+                "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 21\r\n\r\n\
+                 password=hunter2 late",
+                true,
+            ),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("fn.sock");
+            serve(&path, reply);
+            let error = match call(path).await {
+                Ok(response) => panic!("passed on to the client as {}", response.status),
+                Err(e) => e,
+            };
+            let message = error.to_string();
+            assert!(!message.contains("hunter2"), "{message}");
+            assert!(message.contains("21 bytes"), "{message}");
+            match &error {
+                DriverError::TimedOut(_) => assert!(want_timeout, "{message}"),
+                DriverError::Failed(_) => assert!(!want_timeout, "{message}"),
+                other => panic!("{other:?}"),
+            }
+            // The instance answered as its contract says: it takes the next call.
+            assert!(error.instance_serves_on(), "{message}");
         }
     }
 }
