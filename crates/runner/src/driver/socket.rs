@@ -52,6 +52,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// instructions a call, 3.4%, bench_instructions.py, session 17).
 const MAX_ANSWER_HEADER_LINES: usize = 256 + 16;
 
+/// How long a kept connection may sit idle before it is replaced by a new one rather than
+/// used. FDKs close idle connections (the Python FDK after 75 s, `Keep-Alive: 75`); a call
+/// sent as the FDK closes its connection breaks, as a crash would, and its instance would
+/// be retired. Fn's agent keeps an idle connection 1 s.
+const KEPT_IDLE_LIMIT: Duration = Duration::from_secs(60);
+
 /// Most bytes read ahead from a function's connection. Answers leave in chunks of at most
 /// this size and each is held until the LB's stream takes it; hyper's default (about
 /// 400 KiB) multiplies memory by the calls in flight for no throughput (the LB's client
@@ -69,6 +75,9 @@ type CallBody =
 
 /// A kept connection: the shard it lives on, its sender and its task.
 type Kept = (usize, SendRequest<CallBody>, Arc<ConnectionTask>);
+
+/// A kept connection waiting for a call, and since when.
+type Idle = (Kept, Instant);
 
 /// A function connection's task, aborted once neither the kept sender nor a call's answer
 /// holds it. Letting go of hyper's sender does not end a connection whose request body is
@@ -191,10 +200,15 @@ pub(crate) struct SocketClient {
     /// The instance id, for logs.
     instance: Arc<str>,
     liveness: Arc<Liveness>,
-    /// Kept connections with the shard each lives on (see [`SocketClient::connection`]); a
-    /// call takes one out for its round trip to the response head and puts it back.
-    conns: std::sync::Mutex<Vec<Kept>>,
+    /// Kept connections with the shard each lives on (see [`SocketClient::connection`]) and
+    /// since when each is idle; a call takes one out for its round trip to the response
+    /// head and puts it back.
+    conns: std::sync::Mutex<Vec<Idle>>,
     concurrency: usize,
+    /// How long a kept connection may be idle and still be used ([`KEPT_IDLE_LIMIT`]).
+    idle_limit: Duration,
+    /// Whether the FDK's name and version were logged (once per instance).
+    fdk_logged: AtomicBool,
 }
 
 impl fmt::Debug for SocketClient {
@@ -219,6 +233,8 @@ impl SocketClient {
             liveness,
             conns: std::sync::Mutex::new(Vec::new()),
             concurrency: usize::try_from(concurrency.max(1)).unwrap_or(1),
+            idle_limit: KEPT_IDLE_LIMIT,
+            fdk_logged: AtomicBool::new(false),
         }
     }
 
@@ -226,7 +242,7 @@ impl SocketClient {
         &self.socket
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -246,15 +262,20 @@ impl SocketClient {
     async fn connection(&self, deadline: Instant) -> Result<Kept, DriverError> {
         let candidate = {
             let here = fn_lifecycle::shards::current();
+            let now = Instant::now();
             let mut kept = self.kept();
-            kept.retain(|(_, sender, _)| !sender.is_closed());
+            // A connection idle too long may be closing at the FDK's end: a new one is safe.
+            kept.retain(|((_, sender, _), since)| {
+                !sender.is_closed() && now.saturating_duration_since(*since) < self.idle_limit
+            });
             let pick = if self.concurrency == 1 {
                 // Its one connection (ready, or still finishing an answer), on any shard.
                 (!kept.is_empty()).then_some(0)
             } else {
-                kept.iter().position(|(s, c, _)| *s == here && c.is_ready())
+                kept.iter()
+                    .position(|((s, c, _), _)| *s == here && c.is_ready())
             };
-            pick.map(|pos| kept.swap_remove(pos))
+            pick.map(|pos| kept.swap_remove(pos).0)
         };
         if let Some((shard, mut sender, task)) = candidate
             && matches!(
@@ -304,15 +325,35 @@ impl SocketClient {
     /// keeps as many as it takes calls already: a one-call instance one over every shard,
     /// another as many on each shard.
     fn keep(&self, shard: usize, sender: SendRequest<CallBody>, task: Arc<ConnectionTask>) {
+        let now = Instant::now();
         let mut kept = self.kept();
         let on_shard = if self.concurrency == 1 {
             kept.len()
         } else {
-            kept.iter().filter(|(s, _, _)| *s == shard).count()
+            kept.iter().filter(|((s, _, _), _)| *s == shard).count()
         };
         if on_shard < self.concurrency {
-            kept.push((shard, sender, task));
+            kept.push(((shard, sender, task), now));
         }
+    }
+
+    /// Logs the FDK an instance runs (its `Fn-Fdk-Version` and `Fn-Fdk-Runtime`), once.
+    #[cold]
+    fn log_fdk(&self, reply: &http::HeaderMap) {
+        if self.fdk_logged.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let named = |name: &str| {
+            reply
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        };
+        tracing::debug!(
+            instance = %self.instance,
+            fdk_version = ?named("fn-fdk-version"),
+            fdk_runtime = ?named("fn-fdk-runtime"),
+            "the function's FDK"
+        );
     }
 
     /// The error of a reply that is not the function's answer. The FDK's own body (the
@@ -367,6 +408,9 @@ impl SocketClient {
         self.keep(shard, sender, task.clone());
 
         let (head, incoming) = reply.into_parts();
+        if !self.fdk_logged.load(Ordering::Relaxed) {
+            self.log_fdk(&head.headers);
+        }
         let status = match http_stream::client_status(head.status, &head.headers) {
             Ok(status) => status,
             Err(not) => return Err(self.not_answered(not, &incoming)),
@@ -703,7 +747,8 @@ mod tests {
                             }
                         };
                         got.drain(..end);
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        let reply = b"HTTP/1.1 200 OK\r\nfn-fdk-version: fdk-test/1.0\r\n\
+                                      content-length: 2\r\n\r\nok";
                         if conn.write_all(reply).await.is_err() {
                             return;
                         }
@@ -1086,5 +1131,128 @@ mod tests {
             // The instance answered as its contract says: it takes the next call.
             assert!(error.instance_serves_on(), "{message}");
         }
+    }
+
+    /// A function that answers `200 ok` to calls one after another on each connection, but
+    /// closes a connection idle for `idle_close` when the next call arrives on it, unanswered
+    /// (as a call sent just as an FDK closes an idle connection meets it).
+    fn serve_closing_idle(path: &Path, idle_close: Duration) {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    let mut answered: Option<Instant> = None;
+                    loop {
+                        let end = loop {
+                            if let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n")
+                                && let Some(at) =
+                                    got[head + 4..].windows(5).position(|w| w == b"0\r\n\r\n")
+                            {
+                                break head + 4 + at + 5;
+                            }
+                            match conn.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                            if answered.is_some_and(|at| at.elapsed() >= idle_close) {
+                                return;
+                            }
+                        };
+                        got.drain(..end);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if conn.write_all(reply).await.is_err() {
+                            return;
+                        }
+                        answered = Some(Instant::now());
+                    }
+                });
+            }
+        });
+    }
+
+    /// A kept connection idle longer than the runner keeps one is not used: the FDK may be
+    /// closing it (the Python FDK closes one idle 75 s), and a call on it would break as if
+    /// the function had crashed.
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_replaced_before_a_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        serve_closing_idle(&path, Duration::from_millis(200));
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let mut client = SocketClient::new(path, "test".into(), liveness, 1);
+        client.idle_limit = Duration::from_millis(100);
+        wait_for_listener(&client, Duration::from_secs(2))
+            .await
+            .expect("listening");
+        for round in 0..2 {
+            let response = client
+                .send(request(), Box::pin(futures::stream::empty()))
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let body: Vec<_> = response.body.collect().await;
+            assert!(matches!(&body[..], [Ok(b)] if &b[..] == b"ok"), "{body:?}");
+            // Past the runner's limit and the function's: its connection is closing.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Records the `fdk_version` field of each event that has one.
+    struct FdkVersions(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FdkVersions {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Visit(Option<String>);
+            impl tracing::field::Visit for Visit {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    if field.name() == "fdk_version" {
+                        self.0 = Some(format!("{value:?}"));
+                    }
+                }
+            }
+            let mut visit = Visit(None);
+            event.record(&mut visit);
+            if let Some(version) = visit.0 {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(version);
+            }
+        }
+    }
+
+    /// The FDK an instance runs is logged once, at its first answer, not with every call.
+    #[tokio::test]
+    async fn an_instances_fdk_is_logged_once() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(FdkVersions(Arc::clone(&seen)));
+        // The test's runtime has one thread: the calls log on it.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fn.sock");
+        serve_counting(&path);
+        let (liveness, _ended) = Liveness::new(Duration::from_millis(100));
+        let client = SocketClient::new(path.clone(), "test".into(), liveness, 1);
+        wait_for_listener(&client, Duration::from_secs(2))
+            .await
+            .expect("listening");
+        for _ in 0..3 {
+            let response = client
+                .send(request(), Box::pin(futures::stream::empty()))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let _: Vec<_> = response.body.collect().await;
+        }
+        let seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(seen, [r#"Some("fdk-test/1.0")"#]);
     }
 }
