@@ -44,13 +44,13 @@ pub(crate) const CONTAINER_END_GRACE: Duration = Duration::from_secs(5);
 /// replaced by a new one.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Most header lines of a function's answer: the 256 headers the README promises (and the
-/// LB passes on) and the FDK's own lines (`Content-Length`, `Date`, `Fn-Http-Status`,
-/// `Fn-Fdk-Version`, ...; the Python FDK adds 7). hyper's default of 100 failed an answer of
-/// 94 headers from a Python function as "message head is too large". Above 100, hyper sets
-/// up the slots on the heap for every answer it parses (512 cost the runner 5,000
-/// instructions a call, 3.4%, bench_instructions.py, session 17).
-const MAX_ANSWER_HEADER_LINES: usize = 256 + 16;
+/// Most header lines of a function's answer, the FDK's own included (`Content-Length`,
+/// `Date`, `Fn-Http-Status`, `Fn-Fdk-Version`, ...: the Python FDK adds 7): hyper's default,
+/// which it parses into slots on the stack. More makes hyper set up that many slots on the
+/// heap for every answer it parses: 512 cost the runner 5,000 instructions a call, 3.4%
+/// (bench_instructions.py, session 17), for answers that few functions send. An answer with
+/// more fails its call at once, saying so (see [`SocketClient::call`]).
+const MAX_ANSWER_HEADER_LINES: usize = 100;
 
 /// How long a kept connection may sit idle before it is replaced by a new one rather than
 /// used. FDKs close idle connections (the Python FDK after 75 s, `Keep-Alive: 75`); a call
@@ -68,6 +68,15 @@ const KEPT_IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// runner's peak RSS under 0–1 MiB bodies at c=64 rose from about 30 to 40 MB
 /// (docs/performance-log.md, session 18).
 const FUNCTION_READ_BUFFER: usize = 256 * 1024;
+
+/// The error of an answer whose head the runner does not take.
+#[cold]
+fn head_too_large() -> DriverError {
+    DriverError::Function(format!(
+        "its answer's head is too large: more than {MAX_ANSWER_HEADER_LINES} header lines \
+         (the FDK's own included) or {FUNCTION_READ_BUFFER} bytes; send fewer headers"
+    ))
+}
 
 /// The request body type sent to functions: the LB's chunks as they arrive.
 type CallBody =
@@ -293,7 +302,6 @@ impl SocketClient {
         };
         let handshake = http1::Builder::new()
             .max_buf_size(FUNCTION_READ_BUFFER)
-            .max_headers(MAX_ANSWER_HEADER_LINES)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
@@ -403,6 +411,9 @@ impl SocketClient {
         let (shard, mut sender, task) = self.connection(deadline).await?;
         let reply = match sender.send_request(http_request).await {
             Ok(reply) => reply,
+            // The function answered, with a head the runner does not take: no end of the
+            // instance to wait for.
+            Err(e) if e.is_parse_too_large() => return Err(head_too_large()),
             Err(e) => return Err(self.liveness.failure("call failed", e, deadline).await),
         };
         self.keep(shard, sender, task.clone());
@@ -1073,26 +1084,40 @@ mod tests {
         }
     }
 
-    /// An answer of 150 headers (the README promises up to 256) reaches the caller whole:
-    /// hyper's default of 100 header lines failed one of 94 from a Python function.
+    /// An answer of 90 headers reaches the caller whole; one of more header lines than
+    /// [`MAX_ANSWER_HEADER_LINES`] fails its call at once as the function's, saying why (it
+    /// was hyper's "message head is too large", after waiting for the instance's end).
     #[tokio::test]
-    async fn an_answer_of_150_headers_reaches_the_caller() {
-        let mut reply = String::from("HTTP/1.1 200 OK\r\nfn-fdk-version: fdk-python/0.1.128\r\n");
-        for i in 0..150 {
-            reply.push_str(&format!("fn-http-h-x-h{i}: v{i}\r\n"));
-        }
-        reply.push_str("content-length: 2\r\n\r\nok");
+    async fn an_answer_of_90_headers_reaches_the_caller_and_one_of_150_is_refused() {
+        let answer = |headers: usize| {
+            let mut reply =
+                String::from("HTTP/1.1 200 OK\r\nfn-fdk-version: fdk-python/0.1.128\r\n");
+            for i in 0..headers {
+                reply.push_str(&format!("fn-http-h-x-h{i}: v{i}\r\n"));
+            }
+            reply.push_str("content-length: 2\r\n\r\nok");
+            reply
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("fn.sock");
-        serve(&path, &reply);
+        serve(&path, &answer(90));
         let response = call(path).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(response.status, http::StatusCode::OK);
-        for i in [0, 99, 149] {
+        for i in [0, 89] {
             let got = response.headers.get(format!("x-h{i}"));
             assert_eq!(got.map(|v| v.as_bytes()), Some(format!("v{i}").as_bytes()));
         }
-        // 150 of the function's and the length.
-        assert_eq!(response.headers.len(), 151, "{:?}", response.headers);
+        // 90 of the function's and the length.
+        assert_eq!(response.headers.len(), 91, "{:?}", response.headers);
+
+        let path = dir.path().join("many.sock");
+        serve(&path, &answer(150));
+        match call(path).await {
+            Err(DriverError::Function(why)) => {
+                assert!(why.contains("more than 100 header lines"), "{why}");
+            }
+            other => panic!("an answer of 150 headers: {other:?}"),
+        }
     }
 
     /// The FDK's own 502 (the function raised) and 504 (it saw the deadline pass) are its
