@@ -58,6 +58,9 @@ const DEFAULT_GROUP: &str = "default";
 /// otherwise run a tick, and a control-plane list, per advert.
 const MIN_TICK_GAP: Duration = Duration::from_millis(200);
 
+/// How often the loop's [`Pulse`] beats while it runs.
+const PULSE: Duration = Duration::from_millis(250);
+
 /// Longest wait for the control plane's list in one tick: an engine that hangs on it (a
 /// `docker ps` that never answers) must not hold every tick for its own timeout, with
 /// new runners unpublished and drained ones not removed meanwhile.
@@ -440,6 +443,9 @@ pub struct ControlLoop {
     /// End of the previous tick, to notice the loop itself stalling (not running between
     /// ticks, as opposed to a tick that took long over its own work).
     last_tick_end: Option<Instant>,
+    /// Beats beside the loop while it runs ([`ControlLoop::run`]), to notice a stall that
+    /// fell inside a tick.
+    pulse: Arc<Pulse>,
     /// Removals under way, beside the loop (a busy runner may take its stop grace to go).
     removing: tokio::task::JoinSet<(RunnerInfo, Result<(), ControlPlaneError>)>,
     /// The runners in `removing`.
@@ -474,6 +480,7 @@ impl ControlLoop {
             loaded: false,
             last_tick: None,
             last_tick_end: None,
+            pulse: Arc::default(),
             removing: tokio::task::JoinSet::new(),
             removing_ids: std::collections::HashSet::new(),
             in_flight: InFlight::default(),
@@ -490,6 +497,9 @@ impl ControlLoop {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
         let mut interval = tokio::time::interval(self.config.tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let _pulse = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self.pulse).beat_every(PULSE, self.stall_bound()),
+        ));
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -681,11 +691,23 @@ impl ControlLoop {
     /// (and at least two ticks): the loop was not running, so it cannot tell silent LBs
     /// apart. A tick that took long over its own work (a slow control plane) is no stall:
     /// adverts went on being recorded meanwhile.
+    ///
+    /// A stall that fell inside a tick (the process stopped while the tick awaited the
+    /// control plane, say) ends that tick after it, and the next one starts at once: the
+    /// gap between them is short, and the LBs' silence during the stall would be taken for
+    /// theirs. The loop's [`Pulse`], which beats beside it, sees that one.
     fn stalled(&mut self, now: Instant) -> Option<Duration> {
-        let previous = self.last_tick_end?;
-        let gap = now.saturating_duration_since(previous);
-        let bound = self.config.lb_purge_after.max(self.config.tick * 2);
-        (gap > bound).then_some(gap)
+        let bound = self.stall_bound();
+        let between_ticks = self
+            .last_tick_end
+            .map(|previous| now.saturating_duration_since(previous))
+            .filter(|gap| *gap > bound);
+        between_ticks.max(self.pulse.stall(now, bound))
+    }
+
+    /// The longest the loop may not run before its LBs' silence may be its own.
+    fn stall_bound(&self) -> Duration {
+        self.config.lb_purge_after.max(self.config.tick * 2)
     }
 
     /// Returns false while the runner set has never been loaded.
@@ -1178,9 +1200,97 @@ impl ControlLoop {
     }
 }
 
+/// The control loop's own pulse: a task that beats every [`PULSE`] beside the loop while it
+/// runs. A gap between two beats longer than the stall bound is a time when the process did
+/// not run (stopped, starved of CPU): the loop was not waiting on anything, so a slow
+/// control plane is no stall.
+#[derive(Debug, Default)]
+struct Pulse {
+    beats: Mutex<Beats>,
+}
+
+#[derive(Debug, Default)]
+struct Beats {
+    /// The last beat (or stall taken).
+    last: Option<Instant>,
+    /// The longest gap over the bound seen since a stall was last taken.
+    stall: Option<Duration>,
+}
+
+impl Pulse {
+    fn beats(&self) -> std::sync::MutexGuard<'_, Beats> {
+        self.beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Beats at `now`: a gap since the last beat over `bound` is a stall.
+    fn beat(&self, now: Instant, bound: Duration) {
+        let mut beats = self.beats();
+        if let Some(last) = beats.last {
+            let gap = now.saturating_duration_since(last);
+            if gap > bound {
+                beats.stall = beats.stall.max(Some(gap));
+            }
+        }
+        beats.last = Some(now);
+    }
+
+    /// Beats every `every` until dropped (aborted).
+    async fn beat_every(self: Arc<Self>, every: Duration, bound: Duration) {
+        loop {
+            self.beat(Instant::now(), bound);
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// The stall seen since the last call, if any, taken: a gap between beats over
+    /// `bound`, or no beat for longer than `bound` up to `now` (the process runs again and
+    /// the pulse has not beaten yet). Counts as a beat at `now`. Nothing without beats (a
+    /// loop ticked by hand).
+    fn stall(&self, now: Instant, bound: Duration) -> Option<Duration> {
+        let mut beats = self.beats();
+        let last = beats.last?;
+        let silent = Some(now.saturating_duration_since(last)).filter(|gap| *gap > bound);
+        let stall = beats.stall.take().max(silent);
+        beats.last = Some(now.max(last));
+        stall
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gap between two beats over the bound is a stall, taken once; so is a silence over
+    /// the bound up to the tick that asks (the process runs again, the pulse not yet);
+    /// beats close together, or no beats at all, are none.
+    #[test]
+    fn the_pulse_sees_the_process_stop_whether_or_not_it_beat_since() {
+        let bound = Duration::from_secs(3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let pulse = Pulse::default();
+        assert_eq!(
+            pulse.stall(at(100), bound),
+            None,
+            "no beats: a loop ticked by hand"
+        );
+
+        pulse.beat(at(0), bound);
+        pulse.beat(at(1), bound);
+        assert_eq!(pulse.stall(at(2), bound), None);
+        // Stopped for 30 s: the pulse beats first, then the tick asks.
+        pulse.beat(at(32), bound);
+        assert_eq!(pulse.stall(at(32), bound), Some(Duration::from_secs(30)));
+        assert_eq!(pulse.stall(at(33), bound), None, "taken once");
+
+        // Stopped again: the tick asks before the pulse has beaten, and its late beat is
+        // no second stall.
+        assert_eq!(pulse.stall(at(63), bound), Some(Duration::from_secs(30)));
+        pulse.beat(at(63), bound);
+        assert_eq!(pulse.stall(at(64), bound), None);
+    }
 
     #[tokio::test]
     async fn an_advert_that_raises_demand_wakes_the_control_loop() {
