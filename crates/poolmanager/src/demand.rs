@@ -268,24 +268,30 @@ impl DemandBook {
 
     /// Forgets LBs not heard from for `purge_after`; returns their ids.
     pub fn purge(&mut self, now: Instant, purge_after: Duration) -> Vec<String> {
-        let silent: Vec<String> = self
+        let silent: Vec<(String, Duration)> = self
             .lbs
             .iter()
-            .filter(|(_, a)| now.duration_since(a.last_seen) > purge_after)
-            .map(|(id, _)| id.clone())
+            .map(|(id, a)| (id, now.saturating_duration_since(a.last_seen)))
+            .filter(|(_, silent_for)| *silent_for > purge_after)
+            .map(|(id, silent_for)| (id.clone(), silent_for))
             .collect();
         self.purged
             .retain(|_, at| now.saturating_duration_since(*at) <= RETURN_WINDOW);
-        for id in &silent {
+        for (id, silent_for) in &silent {
             if let Some(advert) = self.lbs.remove(id) {
                 self.subtract(&advert.groups);
             }
             if self.purged.len() < MAX_LBS {
                 self.purged.insert(id.clone(), now);
             }
-            tracing::warn!(lb_id = %id, silent_for = ?purge_after, "purged an LB that stopped advertising; its demand is dropped");
+            tracing::warn!(
+                lb_id = %id,
+                ?silent_for,
+                ?purge_after,
+                "purged an LB that stopped advertising; its demand is dropped"
+            );
         }
-        silent
+        silent.into_iter().map(|(id, _)| id).collect()
     }
 
     /// Total MB wanted by all live LBs for `group`.
