@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::config::parse_duration;
+use fn_protocol::call::MAX_MEMORY_MB;
 use fn_tls::{TlsArgs, TlsMode};
 
 use crate::ManagerConfig;
@@ -40,7 +41,8 @@ pub struct ControlPlaneArgs {
     /// Where runners come from.
     #[arg(long, env = "FN_CONTROL_PLANE", value_enum, default_value_t = ControlPlaneKind::Process)]
     pub control_plane: ControlPlaneKind,
-    /// Capacity of one runner in MB (a spawned runner's FN_MAX_MEMORY_MB).
+    /// Capacity of one runner in MB (a spawned runner's FN_MAX_MEMORY_MB): 1 to
+    /// [`MAX_MEMORY_MB`], the runner's own bound.
     #[arg(long, env = "FN_RUNNER_MEMORY_MB", default_value_t = 1024)]
     pub runner_memory_mb: u64,
     /// static: the runner addresses (host:port, comma-separated).
@@ -248,6 +250,15 @@ impl ControlPlaneArgs {
             return Err(ConfigError(
                 "FN_RUNNER_MEMORY_MB: must be at least 1".into(),
             ));
+        }
+        if self.runner_memory_mb > MAX_MEMORY_MB {
+            // The runner refuses an FN_MAX_MEMORY_MB above the bound: every runner spawned
+            // with it would fail to start.
+            return Err(ConfigError(format!(
+                "FN_RUNNER_MEMORY_MB: {} is more than the most accepted, {MAX_MEMORY_MB} \
+                 (2^40 MB, a runner's FN_MAX_MEMORY_MB bound); give one runner's capacity in MB",
+                self.runner_memory_mb
+            )));
         }
         match self.control_plane {
             ControlPlaneKind::Static if self.addresses().is_empty() => Err(ConfigError(
@@ -513,6 +524,25 @@ mod tests {
             assert!(
                 err.to_string().starts_with(var),
                 "{err} should start with {var}"
+            );
+        }
+    }
+
+    /// FN_RUNNER_MEMORY_MB is bounded as the runner's FN_MAX_MEMORY_MB is: above the bound,
+    /// every runner the npm spawned would refuse its configuration.
+    #[test]
+    fn runner_memory_is_bounded_as_the_runners_own() {
+        let with = |mb: u64| {
+            let mut cli = parse(&["--control-plane", "docker"]);
+            cli.control_plane.runner_memory_mb = mb;
+            cli.control_plane.validate()
+        };
+        assert!(with(MAX_MEMORY_MB).is_ok());
+        for huge in [MAX_MEMORY_MB + 1, u64::MAX] {
+            let error = with(huge).expect_err("above the bound").to_string();
+            assert!(
+                error.starts_with("FN_RUNNER_MEMORY_MB") && error.contains("2^40"),
+                "{error}"
             );
         }
     }
