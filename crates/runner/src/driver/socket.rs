@@ -525,8 +525,9 @@ pub(crate) async fn wait_for_listener(
 
 /// The socket an instance listens on, opened as a path (`O_PATH`) without following links.
 /// The FDK contract lets `lsnr.sock` be a link to the socket the function bound, and FDKs
-/// make it a link to a sibling (`phony*.sock`): a link to a bare name in the same directory is
-/// followed, any other is refused (`PermissionDenied`). The runner reaches every instance's
+/// make it a link to a sibling (`phony*.sock`): a link to a bare name in the same directory,
+/// written `name` or `./name` (as Fn's agent takes it), is followed, any other is refused
+/// (`PermissionDenied`). The runner reaches every instance's
 /// directory, so following a function's link elsewhere would let it send its calls to
 /// another function's instance, or to any socket on the host.
 fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
@@ -534,7 +535,10 @@ fn open_listener(socket: &Path) -> std::io::Result<std::fs::File> {
     let mut target = socket.to_path_buf();
     if std::fs::symlink_metadata(socket)?.file_type().is_symlink() {
         let link = std::fs::read_link(socket)?;
-        let mut parts = link.components();
+        // A leading `.` is the only one `components` keeps (`././x` is `./x`).
+        let mut parts = link
+            .components()
+            .skip_while(|part| *part == std::path::Component::CurDir);
         match (parts.next(), parts.next(), socket.parent()) {
             (Some(std::path::Component::Normal(name)), None, Some(dir)) => target = dir.join(name),
             _ => {
@@ -906,7 +910,20 @@ mod tests {
             &theirs.join("real.sock"),
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\ntheir",
         );
-        for link in [theirs.join("real.sock"), PathBuf::from("../b/real.sock")] {
+        // And one in a directory of its own, which a link to `sub/real.sock` would reach.
+        std::fs::create_dir(mine.join("sub")).expect("sub");
+        serve(
+            &mine.join("sub").join("real.sock"),
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nsub",
+        );
+        for link in [
+            theirs.join("real.sock"),
+            PathBuf::from("../b/real.sock"),
+            PathBuf::from("./../b/real.sock"),
+            PathBuf::from("sub/real.sock"),
+            PathBuf::from("./sub/real.sock"),
+            PathBuf::from("."),
+        ] {
             let listener = mine.join("lsnr.sock");
             let _ = std::fs::remove_file(&listener);
             std::os::unix::fs::symlink(&link, &listener).expect("symlink");
@@ -921,18 +938,30 @@ mod tests {
                 "refused at once"
             );
         }
-        // As FDKs do it: a link to a sibling socket.
-        serve(
-            &mine.join("phony.sock"),
-            "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmine",
-        );
-        let listener = mine.join("lsnr.sock");
-        std::fs::remove_file(&listener).expect("unlink");
-        std::os::unix::fs::symlink("phony.sock", &listener).expect("symlink");
-        let response = call(listener).await.unwrap_or_else(|e| panic!("{e}"));
-        let body: Vec<_> = response.body.collect().await;
-        assert_eq!(body.len(), 1);
-        assert!(matches!(&body[0], Ok(b) if &b[..] == b"mine"), "{body:?}");
+        // As FDKs do it: a link to a sibling socket, by its name or as `./name` (Fn's agent
+        // takes both).
+        let linked = [
+            ("phony.sock", "phony.sock", "mine"),
+            ("phonylsnr.sock", "./phonylsnr.sock", "dot/"),
+        ];
+        for (name, link, answer) in linked {
+            serve(
+                &mine.join(name),
+                &format!("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n{answer}"),
+            );
+            let listener = mine.join("lsnr.sock");
+            std::fs::remove_file(&listener).expect("unlink");
+            std::os::unix::fs::symlink(link, &listener).expect("symlink");
+            let response = call(listener)
+                .await
+                .unwrap_or_else(|e| panic!("through {link}: {e}"));
+            let body: Vec<_> = response.body.collect().await;
+            assert_eq!(body.len(), 1);
+            assert!(
+                matches!(&body[0], Ok(b) if &b[..] == answer.as_bytes()),
+                "through {link}: {body:?}"
+            );
+        }
     }
 
     #[tokio::test]
