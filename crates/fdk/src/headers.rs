@@ -9,8 +9,8 @@
 //! case, so `FN-HTTP-H-Foo`, `fn-http-h-foo` and `Fn-Http-H-FOO` are the same header. A header
 //! with several values keeps all of them, in order.
 //!
-//! This module does not decide which other headers a reply carries (status, FDK version,
-//! plain `Content-Type`); that is the server's part of the contract.
+//! This module does not decide which other headers a reply carries (status, FDK version and
+//! runtime, plain `Content-Type`); that is the server's part of the contract.
 
 use http::{HeaderMap, HeaderName};
 
@@ -31,6 +31,8 @@ pub const FN_INTENT: HeaderName = HeaderName::from_static("fn-intent");
 pub const FN_HTTP_STATUS: HeaderName = HeaderName::from_static("fn-http-status");
 /// Which FDK answered, e.g. `fdk-rust/0.1.0`.
 pub const FN_FDK_VERSION: HeaderName = HeaderName::from_static("fn-fdk-version");
+/// Which language the FDK runs on, e.g. `rust` (`go1.22.1` from Fn's Go FDK).
+pub const FN_FDK_RUNTIME: HeaderName = HeaderName::from_static("fn-fdk-runtime");
 
 /// Puts every header into its wire form: `X` becomes `Fn-Http-H-X`, all values kept in order.
 ///

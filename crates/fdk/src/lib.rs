@@ -107,6 +107,11 @@ pub use response::Response;
 /// `Fn-Fdk-Version` of every reply.
 pub const FDK_VERSION: &str = concat!("fdk-rust/", env!("CARGO_PKG_VERSION"));
 
+/// `Fn-Fdk-Runtime` of every reply: the language, as Fn's FDKs name theirs (`go1.22.1`,
+/// `python/3.11.4 final`, `node/20.11.0`), without its version: Cargo tells a crate the
+/// compiler's version only through a build script, which this one does without.
+pub const FDK_RUNTIME: &str = "rust";
+
 /// Worker threads of [`run`]'s runtime. An instance takes one call at a time unless its
 /// catalog entry sets `concurrency`, and with an instance per concurrent call every thread is
 /// one more for the kernel to schedule: a second worker was woken by each call to look for

@@ -9,9 +9,10 @@
 //! Calls: every connection is HTTP/1.1. `POST /call` runs the handler in its own task (a panic
 //! fails the call, not the server) and answers HTTP 200 with the function's status in
 //! `Fn-Http-Status`, its headers as `Fn-Http-H-*` but for `Content-Type`, which goes plainly
-//! only (as Fn's Go FDK sends it), and `Fn-Fdk-Version`; the body streams. A handler `Err` or
-//! panic answers HTTP 502 (also in `Fn-Http-Status`) with a one-line message, and serving goes
-//! on. Other paths answer 404, other methods on `/call` 405.
+//! only (as Fn's Go FDK sends it), and `Fn-Fdk-Version` and `Fn-Fdk-Runtime` (as every answer
+//! does); the body streams. A handler `Err` or panic answers HTTP 502 (also in
+//! `Fn-Http-Status`) with a one-line message, and serving goes on. Other paths answer 404,
+//! other methods on `/call` 405.
 //!
 //! Deadline: a handler still running at the call's `Fn-Deadline` is aborted (its future
 //! dropped), and a call whose deadline has passed when it comes does not reach the handler;
@@ -51,7 +52,7 @@ use crate::context::Context;
 use crate::env::FnEnv;
 use crate::headers;
 use crate::response::Response;
-use crate::{Error, FDK_VERSION};
+use crate::{Error, FDK_RUNTIME, FDK_VERSION};
 
 /// The only path of the contract.
 const CALL_PATH: &str = "/call";
@@ -349,11 +350,20 @@ fn to_wire(response: Response, deadline: Option<Instant>) -> http::Response<Resp
         headers.append(CONTENT_TYPE, content_type);
     }
     headers.insert(headers::FN_HTTP_STATUS, HeaderValue::from(status.as_u16()));
+    name_the_fdk(headers);
+    wire
+}
+
+/// `Fn-Fdk-Version` and `Fn-Fdk-Runtime`, on every reply as Fn's FDKs send them.
+fn name_the_fdk(headers: &mut http::HeaderMap) {
     headers.insert(
         headers::FN_FDK_VERSION,
         HeaderValue::from_static(FDK_VERSION),
     );
-    wire
+    headers.insert(
+        headers::FN_FDK_RUNTIME,
+        HeaderValue::from_static(FDK_RUNTIME),
+    );
 }
 
 /// A failed call: HTTP 502, also as the function's status.
@@ -388,10 +398,7 @@ fn plain(status: StatusCode, message: impl Into<ResponseBody>) -> http::Response
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert(
-        headers::FN_FDK_VERSION,
-        HeaderValue::from_static(FDK_VERSION),
-    );
+    name_the_fdk(headers);
     response
 }
 

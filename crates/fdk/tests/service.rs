@@ -245,6 +245,7 @@ async fn a_call_is_translated_both_ways_and_the_response_streams() {
     assert_eq!(headers["fn-http-status"], "201");
     let version = headers["fn-fdk-version"].to_str().expect("ASCII");
     assert!(version.starts_with("fdk-rust/"), "{version}");
+    assert_eq!(headers["fn-fdk-runtime"], "rust");
     assert_eq!(headers[CONTENT_TYPE], "application/x-test");
     assert!(
         !headers.contains_key("fn-http-h-content-type"),
@@ -762,6 +763,7 @@ async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
             .expect("a response");
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{input}");
         assert_eq!(response.headers()["fn-http-status"], "502", "{input}");
+        assert_eq!(response.headers()["fn-fdk-runtime"], "rust", "{input}");
         assert_eq!(text(response).await, message);
     }
 
@@ -784,6 +786,7 @@ async fn handler_errors_and_panics_answer_502_and_serving_goes_on() {
     ] {
         let response = client.send_request(request).await.expect("a response");
         assert_eq!(response.status(), status);
+        assert_eq!(response.headers()["fn-fdk-runtime"], "rust", "{status}");
     }
 }
 
