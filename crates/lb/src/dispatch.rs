@@ -59,15 +59,27 @@ use crate::error::CallError;
 const MIN_OFFER: Duration = Duration::from_millis(10);
 
 /// The last pass starts no later than this before the placer deadline: room for a round
-/// trip to a runner that has capacity. A wait shorter than four times this gives its last
-/// pass a quarter of it (see [`last_pass`]).
-const LAST_PASS: Duration = Duration::from_millis(50);
+/// trip to a runner that has capacity (the default of [`DispatchConfig::last_pass`]). A wait
+/// shorter than four times it gives its last pass a quarter of it (see [`last_pass`]).
+pub const LAST_PASS: Duration = Duration::from_millis(50);
 
 /// How long before the placer deadline the last pass starts when the call may wait `wait`
-/// in all: [`LAST_PASS`], or a quarter of the wait when that is less, so that a short wait
-/// (a function with a timeout of 100 ms waits 50 ms) has room for a pass after a refusal.
-fn last_pass(wait: Duration) -> Duration {
-    LAST_PASS.min(wait / 4)
+/// in all: `most` ([`LAST_PASS`] by default), or a quarter of the wait when that is less, so
+/// that a short wait (a function with a timeout of 100 ms waits 50 ms) has room for a pass
+/// after a refusal.
+fn last_pass(most: Duration, wait: Duration) -> Duration {
+    most.min(wait / 4)
+}
+
+/// What ended a wait for room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// A report of a runner of the group.
+    Report,
+    /// A call of the function ended and left its instance idle: this call holds that wake.
+    Released,
+    /// Neither came before the wait's end.
+    Timeout,
 }
 
 /// The shortest wait for one runner's acknowledgement while the placer deadline allows it
@@ -127,20 +139,19 @@ impl Iterator for Pass {
 /// Waits for the next report of a runner of the call's group (`report`), for a call of its
 /// function to end and leave an instance idle (once the call holds its place among the
 /// waiting calls, `queued`, which it takes at its first wait: an end while it was not
-/// waiting on it is kept for it), or until `until`. Returns whether it was woken before
-/// `until`.
+/// waiting on it is kept for it), or until `until`. Returns what woke it.
 async fn wait_for_room(
     signal: &ReportSignal,
     call: &CallSpec,
     report: Pin<&mut Notified<'_>>,
     queued: &mut Option<Waiting>,
     until: Instant,
-) -> bool {
+) -> Woken {
     let waiting = queued.get_or_insert_with(|| signal.waiting(&call.app, &call.function));
     tokio::select! {
-        () = report => true,
-        () = waiting.released() => true,
-        () = tokio::time::sleep_until(until) => false,
+        () = report => Woken::Report,
+        () = waiting.released() => Woken::Released,
+        () = tokio::time::sleep_until(until) => Woken::Timeout,
     }
 }
 
@@ -181,6 +192,9 @@ pub struct DispatchConfig {
     /// average (waiting never costs much more than starting would), at most
     /// [`MAX_WARM_WAIT`].
     pub warm_wait: Duration,
+    /// How long before the placer deadline the last pass starts at most ([`LAST_PASS`]; a
+    /// short wait gives it a quarter of the wait).
+    pub last_pass: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -191,6 +205,7 @@ impl Default for DispatchConfig {
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(500),
             warm_wait: Duration::from_millis(25),
+            last_pass: LAST_PASS,
         }
     }
 }
@@ -340,7 +355,7 @@ impl Dispatcher {
             .mul_f64(self.config.wait_share.clamp(0.0, 1.0));
         let wait = self.config.placer_timeout.min(share);
         let deadline = started + wait;
-        let last_pass = last_pass(wait);
+        let last_pass = last_pass(self.config.last_pass, wait);
         let last_pass_at = deadline.checked_sub(last_pass).unwrap_or(deadline);
         // Whether the call has had its pass after the last one, when a call of its function
         // ended or a report came in the last stretch of its wait: one at most.
@@ -526,8 +541,15 @@ impl Dispatcher {
                     let after = signal.next_report();
                     tokio::pin!(after);
                     let woken = wait_for_room(&signal, call, after, &mut queued, deadline).await;
-                    if woken && deadline.saturating_duration_since(Instant::now()) >= MIN_OFFER {
+                    let room = deadline.saturating_duration_since(Instant::now()) >= MIN_OFFER;
+                    if woken != Woken::Timeout && room {
                         continue;
+                    }
+                    if woken == Woken::Released
+                        && let Some(waiting) = &queued
+                    {
+                        // Too late to use it: another call waiting for the function may.
+                        waiting.pass_on();
                     }
                 }
                 if let Some(unrunnable) = refused_as_invalid.take()
@@ -588,10 +610,11 @@ mod tests {
     #[test]
     fn a_short_wait_keeps_a_quarter_of_it_for_its_last_pass() {
         let ms = Duration::from_millis;
-        assert_eq!(last_pass(ms(10_000)), LAST_PASS);
-        assert_eq!(last_pass(ms(200)), LAST_PASS);
-        assert_eq!(last_pass(ms(50)), Duration::from_micros(12_500));
-        assert_eq!(last_pass(Duration::ZERO), Duration::ZERO);
+        assert_eq!(last_pass(LAST_PASS, ms(10_000)), LAST_PASS);
+        assert_eq!(last_pass(LAST_PASS, ms(200)), LAST_PASS);
+        assert_eq!(last_pass(LAST_PASS, ms(50)), Duration::from_micros(12_500));
+        assert_eq!(last_pass(LAST_PASS, Duration::ZERO), Duration::ZERO);
+        assert_eq!(last_pass(ms(2_000), ms(500)), ms(125));
     }
 
     /// A call of `group` whose deadline is `left` away.

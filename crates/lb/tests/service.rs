@@ -66,6 +66,8 @@ struct Options {
     body_idle_timeout: Duration,
     /// The first pause between two passes of a call no runner took.
     retry_initial: Duration,
+    /// How long before the placer deadline the last pass starts at most.
+    last_pass: Duration,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
             catalog: CATALOG.to_owned(),
             body_idle_timeout: fn_lb::invoke::BODY_IDLE_TIMEOUT,
             retry_initial: DispatchConfig::default().retry_initial,
+            last_pass: DispatchConfig::default().last_pass,
         }
     }
 }
@@ -132,6 +135,7 @@ async fn start_lb(pki: &TestPki, runners: &[&str], options: Options) -> Lb {
             placer_timeout: options.placer_timeout,
             warm_wait: options.warm_wait,
             retry_initial: options.retry_initial,
+            last_pass: options.last_pass,
             retry_max: options
                 .retry_initial
                 .max(DispatchConfig::default().retry_max),
@@ -2768,17 +2772,20 @@ fn with_short(timeout: &str) -> String {
     )
 }
 
-/// A function with a short timeout (100 ms: a wait of 50 ms for a runner) gets more than
-/// one pass: the runner that refused its first offer takes the second. Its last pass used to
-/// start 50 ms before the end of any wait, so such a call had one pass and its 503 some
-/// 2 ms later, where the README promises retries until half its timeout.
+/// A short wait gets more than one pass: its last pass starts a quarter of the wait before
+/// its end, not the whole last-pass time (50 ms by default, 2 s here, which would leave a
+/// wait of 500 ms no pass after the first), so the runner that refused its first offer
+/// takes the second. A function with a timeout of 100 ms (a wait of 50 ms) had one pass and
+/// its 503 some 2 ms later, where the README promises retries until half its timeout; the
+/// times are scaled up here so that a loaded machine keeps the test's margin.
 #[tokio::test]
 async fn a_short_wait_gets_a_second_pass() {
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::Echo]).await;
-    let catalog = with_short("100ms");
+    let catalog = with_short("1s");
     let options = Options {
         catalog,
+        last_pass: Duration::from_secs(2),
         ..Options::default()
     };
     let lb = start_lb(&pki, &addresses(&runners), options).await;
@@ -2794,9 +2801,9 @@ async fn a_short_wait_gets_a_second_pass() {
     assert_eq!(offers, 2, "refused, then taken");
 }
 
-/// A call whose last pass is refused waits out the rest of its wait (the last 50 ms) for a
-/// call of its function to end, and is placed on the instance that call leaves; it used to
-/// get its 503 at once after its last pass.
+/// A call whose last pass is refused waits out the rest of its wait (the last-pass time,
+/// 500 ms here) for a call of its function to end, and is placed on the instance that call
+/// leaves; it used to get its 503 at once after its last pass.
 #[tokio::test]
 async fn a_call_ending_after_the_last_pass_still_serves_a_waiting_call() {
     let pki = TestPki::new();
@@ -2805,7 +2812,8 @@ async fn a_call_ending_after_the_last_pass_still_serves_a_waiting_call() {
         &pki,
         &addresses(&runners),
         Options {
-            placer_timeout: Duration::from_millis(400),
+            placer_timeout: Duration::from_secs(2),
+            last_pass: Duration::from_millis(500),
             // No pause ends before the last pass but by a call's end or a report.
             retry_initial: Duration::from_secs(10),
             ..Options::default()
@@ -2821,8 +2829,8 @@ async fn a_call_ending_after_the_last_pass_still_serves_a_waiting_call() {
         .wait_until(BOUND, |seen| seen.len() == 1)
         .await
         .expect("the first call reaches the runner");
-    // The waiting call's first pass (at once) and last pass (50 ms before its deadline) are
-    // refused; the first call ends after the last.
+    // The waiting call's first pass (at once) and last pass (500 ms before its deadline)
+    // are refused; the first call ends after the last.
     runners[0].script([Behaviour::Refuse, Behaviour::Refuse]);
     let end_first = async {
         runners[0]

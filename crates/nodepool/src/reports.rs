@@ -256,6 +256,12 @@ impl Waiting {
     pub fn released(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
+
+    /// Hands a wake this waiter got from [`Waiting::released`] and cannot use (its call
+    /// gives up) to the next waiter of the function, or to the next to arm.
+    pub fn pass_on(&self) {
+        self.notify.notify_one();
+    }
 }
 
 impl Drop for Waiting {
