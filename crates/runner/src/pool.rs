@@ -821,9 +821,10 @@ impl Pool {
         }
         // A call of the instance hears of a failed start (and the runner logs it with the
         // call); once its calls have gone (their timeout was shorter than the start's),
-        // nobody would.
+        // nobody would. Not a start the runner's own stop ended (it drains first).
         if let Err(e) = &started
             && unheard
+            && !self.draining.load(Ordering::Acquire)
         {
             tracing::warn!(
                 app = %spec.app,

@@ -1773,6 +1773,38 @@ async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_f
     runner.stop().await;
 }
 
+/// A start the runner's own stop ends (it drains first) is no warning: the runner's stop
+/// cut it short, not the function.
+#[tokio::test]
+async fn a_start_that_fails_while_the_runner_drains_is_no_warning() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let driver = Arc::new(Reporting {
+        start_after: Some(Duration::from_millis(800)),
+        ..Reporting::default()
+    });
+    let runner = start_runner_on(driver, shared_tempdir(), 1024, EngageConfig::default()).await;
+    let result = runner
+        .run(
+            call("fn-slow-start", Duration::from_millis(200)),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(result.kind(), ErrorKind::Timeout, "{result:?}");
+    runner.pool.drain();
+    runner
+        .status_until("the start ended", |s| s.capacity_committed_mb == 0)
+        .await;
+    let warned = warnings.lock().expect("lock").clone();
+    assert!(
+        !warned.iter().any(|w| w.contains("function=slow-start")),
+        "{warned:?}"
+    );
+    runner.stop().await;
+}
+
 const PYTHON_MODES: &str = r#"import io
 import json
 import os
