@@ -62,7 +62,7 @@ struct Inner {
     /// Groups whose last fetch failed, since when their fetches fail and how the last one
     /// did: each is warned about once, when it starts failing, and told about again when it
     /// is back; a call of such a group without runners is told the npm cannot be reached.
-    failing: Mutex<HashMap<String, (Instant, tonic::Code)>>,
+    failing: Mutex<HashMap<String, (Instant, Failure)>>,
     /// Wakes the poller when a new group is seen.
     new_group: Notify,
     /// Wakes the poller when the npm says its membership changed.
@@ -141,13 +141,13 @@ impl NpmPool {
                         }
                     }
                     Err(status) => match failing.get_mut(&group) {
-                        Some((_, code)) => {
+                        Some((_, failure)) => {
                             tracing::debug!(group, error = %status, "GetLBGroup failed");
-                            *code = status.code();
+                            *failure = Failure::of(&status);
                         }
                         None => {
                             tracing::warn!(group, error = %status, "cannot get the group's runner list from the npm; keeping the last known list");
-                            failing.insert(group, (Instant::now(), status.code()));
+                            failing.insert(group, (Instant::now(), Failure::of(&status)));
                         }
                     },
                 }
@@ -312,11 +312,29 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, tonic::Code)>> {
+    fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Failure)>> {
         // A map edited in single inserts and removals: a panic elsewhere cannot tear it.
         self.failing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Why a group's list could not be fetched: the status's code, and whether the npm itself
+/// answered it (a status without a transport error as its source) or it was the
+/// connection's (a refused connection, a timeout).
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    code: tonic::Code,
+    answered: bool,
+}
+
+impl Failure {
+    fn of(status: &tonic::Status) -> Self {
+        Failure {
+            code: status.code(),
+            answered: std::error::Error::source(status).is_none(),
+        }
     }
 }
 
@@ -339,19 +357,26 @@ impl RunnerPool for NpmPool {
     }
 
     fn list_trouble(&self, group: &str) -> Option<String> {
-        let (since, code) = *self.inner.lock_failing().get(group)?;
+        let (since, Failure { code, answered }) = *self.inner.lock_failing().get(group)?;
         // Whole milliseconds: the answer is read by people.
         let failing_for =
             Duration::from_millis(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let head =
+            format!("the npm (FN_NPM_ADDRESS) has not given its runner list for {failing_for:?}");
         // The code, not the status's message, which may name addresses: this goes to clients.
-        let how = match code {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "cannot be reached",
-            _ => "refuses to give it",
-        };
-        Some(format!(
-            "the npm (FN_NPM_ADDRESS) has not given its runner list for {failing_for:?}: it \
-             {how} ({code:?}); check that the npm runs and that FN_NPM_ADDRESS names it"
-        ))
+        Some(match code {
+            // The npm's own answer while it loads its runner set or relearns its groups
+            // after a restart: it runs, and lists will come.
+            tonic::Code::Unavailable if answered => format!(
+                "{head}: it answers that it has none yet ({code:?}: it is starting, or \
+                 relearning its groups from the LBs' adverts after a restart)"
+            ),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => format!(
+                "{head}: it cannot be reached ({code:?}); check that the npm runs and that \
+                 FN_NPM_ADDRESS names it"
+            ),
+            _ => format!("{head}: it refuses to give it ({code:?}); see the npm's log"),
+        })
     }
 
     fn report_signal(&self, group: &str) -> ReportSignal {

@@ -723,10 +723,26 @@ async fn a_group_whose_list_cannot_be_fetched_says_the_npm_cannot_be_reached() {
     );
     stop_pool(cancel, poller).await;
 
+    // An npm that answers UNAVAILABLE itself (starting, relearning its groups after a
+    // restart) runs: the message says so, not that it cannot be reached.
     let (state, _adverts) = NpmState::new();
     state.set("g", &["127.0.0.1:7201"]);
+    state.failing.store(true, Ordering::SeqCst);
     let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
     assert!(pool.runners("g").is_empty());
+    let start = tokio::time::Instant::now();
+    let why = loop {
+        if let Some(why) = pool.list_trouble("g") {
+            break why;
+        }
+        assert!(start.elapsed() < BOUND, "no trouble said for the group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        why.contains("it answers that it has none yet") && !why.contains("cannot be reached"),
+        "{why}"
+    );
+    state.failing.store(false, Ordering::SeqCst);
     wait_for_list(&pool, "g", &["127.0.0.1:7201"]).await;
     assert_eq!(pool.list_trouble("g"), None);
     stop_pool(cancel, poller).await;
