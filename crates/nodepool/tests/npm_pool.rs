@@ -690,6 +690,18 @@ async fn an_advert_over_the_npms_limit_carries_the_groups_with_the_most_demand()
     task.await.expect("joins").expect("ends");
 }
 
+/// What `pool` says of `group`'s missing list, once it says something (within [`BOUND`]).
+async fn trouble_of(pool: &NpmPool, group: &str) -> String {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(why) = pool.list_trouble(group) {
+            return why;
+        }
+        assert!(start.elapsed() < BOUND, "no trouble said for {group}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A group whose runner list cannot be fetched says why to the calls that find it empty:
 /// the npm cannot be reached, naming `FN_NPM_ADDRESS`, and for how long; a group whose list
 /// came says nothing.
@@ -705,14 +717,7 @@ async fn a_group_whose_list_cannot_be_fetched_says_the_npm_cannot_be_reached() {
     let cancel = CancellationToken::new();
     let poller = tokio::spawn(pool.clone().run(cancel.clone()));
     assert!(pool.runners("g").is_empty());
-    let start = tokio::time::Instant::now();
-    let why = loop {
-        if let Some(why) = pool.list_trouble("g") {
-            break why;
-        }
-        assert!(start.elapsed() < BOUND, "no trouble said for the group");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let why = trouble_of(&pool, "g").await;
     assert!(
         why.contains("FN_NPM_ADDRESS") && why.contains("cannot be reached"),
         "{why}"
@@ -730,14 +735,7 @@ async fn a_group_whose_list_cannot_be_fetched_says_the_npm_cannot_be_reached() {
     state.failing.store(true, Ordering::SeqCst);
     let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
     assert!(pool.runners("g").is_empty());
-    let start = tokio::time::Instant::now();
-    let why = loop {
-        if let Some(why) = pool.list_trouble("g") {
-            break why;
-        }
-        assert!(start.elapsed() < BOUND, "no trouble said for the group");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let why = trouble_of(&pool, "g").await;
     assert!(
         why.contains("it answers that it has none yet") && !why.contains("cannot be reached"),
         "{why}"

@@ -1734,16 +1734,21 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
     }
 }
 
-/// A call whose timeout passes while its instance is still starting gets a timeout that
-/// says so (Fn: "Container initialization timed out"), and the start's failure after the
-/// call has gone is logged as a warning naming the function and why.
-#[tokio::test]
-async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_failure_is_logged() {
+/// Records every WARN event of this thread until the guard is dropped (the tests' runtime
+/// has one thread: the runner's tasks log on it).
+fn record_warnings() -> (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    tracing::subscriber::DefaultGuard,
+) {
     use tracing_subscriber::layer::SubscriberExt;
     let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
-    // The test's runtime has one thread: the runner's tasks log on it.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (warnings, tracing::subscriber::set_default(subscriber))
+}
+
+/// A runner whose instances take 800 ms to start and then fail, and a call of 200 ms on it,
+/// which has timed out while its instance starts.
+async fn time_out_a_call_of_a_slow_start() -> (Runner, CallResult) {
     let driver = Arc::new(Reporting {
         start_after: Some(Duration::from_millis(800)),
         ..Reporting::default()
@@ -1756,6 +1761,16 @@ async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_f
         )
         .await;
     assert_eq!(result.kind(), ErrorKind::Timeout, "{result:?}");
+    (runner, result)
+}
+
+/// A call whose timeout passes while its instance is still starting gets a timeout that
+/// says so (Fn: "Container initialization timed out"), and the start's failure after the
+/// call has gone is logged as a warning naming the function and why.
+#[tokio::test]
+async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_failure_is_logged() {
+    let (warnings, _guard) = record_warnings();
+    let (runner, result) = time_out_a_call_of_a_slow_start().await;
     let finished = result.finished.as_ref().expect("CallFinished");
     assert!(
         finished.details.contains("had not opened its listener"),
@@ -1777,22 +1792,8 @@ async fn a_call_that_times_out_while_its_instance_starts_says_so_and_the_start_f
 /// cut it short, not the function.
 #[tokio::test]
 async fn a_start_that_fails_while_the_runner_drains_is_no_warning() {
-    use tracing_subscriber::layer::SubscriberExt;
-    let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let driver = Arc::new(Reporting {
-        start_after: Some(Duration::from_millis(800)),
-        ..Reporting::default()
-    });
-    let runner = start_runner_on(driver, shared_tempdir(), 1024, EngageConfig::default()).await;
-    let result = runner
-        .run(
-            call("fn-slow-start", Duration::from_millis(200)),
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(result.kind(), ErrorKind::Timeout, "{result:?}");
+    let (warnings, _guard) = record_warnings();
+    let (runner, _) = time_out_a_call_of_a_slow_start().await;
     runner.pool.drain();
     runner
         .status_until("the start ended", |s| s.capacity_committed_mb == 0)

@@ -460,15 +460,10 @@ impl DockerDriver {
     /// leftovers must not hold up the runner's start (it waits a bounded time for the
     /// engine, then serves without image functions).
     async fn remove_leftovers(&self) {
-        let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = match self.docker.list_containers(Some(options)).await {
+        let containers = match self.own_containers().await {
             Ok(containers) => containers,
             Err(e) => {
-                tracing::warn!(error = %classify(e, "listing containers"), "cannot look for leftover function containers");
+                tracing::warn!(error = %e, "cannot look for leftover function containers");
                 return;
             }
         };
@@ -485,6 +480,19 @@ impl DockerDriver {
             });
             futures::future::join_all(removals).await;
         });
+    }
+
+    /// The containers labelled with this runner's id, running or not.
+    async fn own_containers(&self) -> Result<Vec<bollard::models::ContainerSummary>, EngineError> {
+        let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| classify(e, "listing containers"))
     }
 
     /// Makes sure `image` is on the engine, pulling it when the policy allows.
@@ -771,16 +779,11 @@ impl DockerDriver {
     /// Removes every container labelled with this runner's id, then this run's instance
     /// directories, once none is left.
     async fn sweep(&self) {
-        let filters = fn_docker::label_filter(LABEL_RUNNER, &self.config.runner_id);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = match self.docker.list_containers(Some(options)).await {
+        let containers = match self.own_containers().await {
             Ok(containers) => containers,
             Err(e) => {
                 tracing::warn!(
-                    error = %classify(e, "listing containers"),
+                    error = %e,
                     "cannot look for function containers left as the runner stops; its next \
                      start removes them"
                 );
