@@ -705,9 +705,14 @@ impl ControlLoop {
         between_ticks.max(self.pulse.stall(now, bound))
     }
 
-    /// The longest the loop may not run before its LBs' silence may be its own.
+    /// The longest the loop may not run before its LBs' silence may be its own: half the
+    /// purge interval (at least two ticks). An LB's silence at a tick after a stall is the
+    /// stall and the time from its last advert to the stall, up to its advert interval
+    /// (which README asks to keep well under the purge interval): a stall shorter than the
+    /// whole purge interval already made live LBs look dead. Forgiving a stall that was
+    /// not one costs a dead LB one purge interval more.
     fn stall_bound(&self) -> Duration {
-        self.config.lb_purge_after.max(self.config.tick * 2)
+        (self.config.lb_purge_after / 2).max(self.config.tick * 2)
     }
 
     /// Returns false while the runner set has never been loaded.

@@ -710,6 +710,33 @@ async fn a_stalled_npm_does_not_take_its_own_silence_for_the_lbs() {
     );
 }
 
+/// A stall shorter than the purge interval, after an LB's usual silence between two adverts,
+/// still made the LB look silent for longer than the interval: a stall over half the
+/// interval is the npm's own, and the live LB is not purged.
+#[tokio::test(start_paused = true)]
+async fn a_stall_shorter_than_the_purge_interval_is_the_npms_own_too() {
+    let mut h = harness(FakeControlPlane::default(), config());
+    for _ in 0..3 {
+        h.advertise("lb1", "g", 3);
+        h.tick().await;
+    }
+    assert_eq!(h.members("g").len(), 3);
+    // The LB's last advert, then 0.9 s of its usual silence and a tick...
+    h.advertise("lb1", "g", 3);
+    tokio::time::advance(Duration::from_millis(900)).await;
+    h.control.tick().await;
+    // ...then 4.5 s without a tick (the purge interval is 5 s): 5.4 s of silence.
+    tokio::time::advance(Duration::from_millis(4500)).await;
+    h.control.tick().await;
+    h.assert_metrics(&["fn_npm_lbs_purged_total 0"]);
+    h.advertise("lb1", "g", 3);
+    for _ in 0..8 {
+        h.tick().await;
+        assert_eq!(h.members("g").len(), 3, "drained after the npm's own stall");
+        h.advertise("lb1", "g", 3);
+    }
+}
+
 /// A removal that takes the runner's whole stop grace (a busy runner that overran its
 /// drain) runs beside the loop: another group's new demand is served at the next tick, not
 /// after the removal; and the slow tick is not taken for the npm's own stall (a dead LB is
