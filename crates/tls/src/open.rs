@@ -6,7 +6,8 @@
 //! a CA withdrawn after a compromise), or before its peer's certificate expired, would keep
 //! carrying calls for as long as it stays open, which on the dataplane's long-lived gRPC
 //! connections is until a restart. [`NodeTls::recheck_connections`] verifies each open
-//! connection's peer chain again, as its handshake did, against the bundle in use now; one
+//! connection's peer chain again, as its handshake did, against the bundle in use now (at
+//! now, or at its handshake when the clock has been stepped back since); one
 //! that fails is retired: a [`crate::DirectChannel`] stops giving it new calls at once and
 //! dials a new connection, a server refuses new calls on one it accepted
 //! ([`crate::refuse`]), and after a grace (for the calls on it to finish) its socket is
@@ -88,6 +89,9 @@ pub(crate) struct Entry {
     peer: Peer,
     /// The chain the peer presented, end entity first.
     chain: Vec<CertificateDer<'static>>,
+    /// When the connection was registered, by the wall clock: its peer verified then, so a
+    /// later check verifies at no earlier time ([`OpenConnections::recheck`]).
+    opened: UnixTime,
     /// When the peer's certificate ends, when it could be read.
     /// When the peer's certificate ends, and how long before that a dialled connection to
     /// it takes no new calls: [`RENEW_AHEAD`], or a third of the certificate's lifetime when
@@ -327,6 +331,7 @@ impl OpenConnections {
             address,
             peer,
             chain,
+            opened: UnixTime::now(),
             peer_end,
             socket: Mutex::new(Some(socket)),
             retired: AtomicBool::new(false),
@@ -364,7 +369,11 @@ impl OpenConnections {
             if entry.shut.load(Ordering::Acquire) {
                 continue; // closed, on its way out of the registry
             }
-            let failure = entry.fails(material, now);
+            // Never before the handshake: a clock stepped back (an NTP step, a VM resumed)
+            // would find a certificate issued since then not yet valid, and retire
+            // connections whose peer did verify, which no new handshake can replace until
+            // the clock passes the certificate's start again.
+            let failure = entry.fails(material, now.max(entry.opened));
             let mut close_at = entry.close_at();
             let mut shut = false;
             match (failure, *close_at) {

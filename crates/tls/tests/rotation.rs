@@ -997,6 +997,29 @@ async fn a_connection_whose_peer_certificate_expires_is_retired() {
     health(open).await.expect("the kept connection serves");
 }
 
+/// A clock stepped back past the start of a certificate the peer presented (an NTP step, a
+/// VM resumed) does not retire a connection whose peer verified at its handshake: the check
+/// verifies at no earlier time than that. fn-certs' certificates start a day before they are
+/// made, so three days back is before this one's start.
+#[tokio::test]
+async fn a_clock_stepped_back_before_the_peers_certificate_keeps_its_connection() {
+    let ca = DevCa::new("ca").expect("ca");
+    let server_tls = ca.node_tls(&[]).expect("server");
+    let client_tls = ca.node_tls(&[]).expect("client");
+    let server = start_server(&server_tls).await;
+    let open = channel(&client_tls, &server.address)
+        .await
+        .expect("connects");
+    health(open.clone()).await.expect("call");
+    let three_days_back = SystemTime::now() - Duration::from_secs(3 * 86_400);
+    let grace = Duration::from_secs(600);
+    for (side, tls) in [("server", &server_tls), ("client", &client_tls)] {
+        let back = tls.recheck_connections(three_days_back, grace);
+        assert_eq!((back.open, back.retired), (1, 0), "{side}: {back:?}");
+    }
+    health(open).await.expect("the connection still serves");
+}
+
 /// The watch checks the open connections after it puts a new set in use, and closes a
 /// retired one when its grace ends, without another reload; the metric counts it.
 #[tokio::test]
