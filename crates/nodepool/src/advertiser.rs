@@ -1,6 +1,11 @@
 //! The LB's capacity advertiser: tells the npm, every interval, how much memory each LB
-//! group needs (calls in flight or waiting for a runner), and at once when a group's demand
-//! rises from zero, so that scaling from zero waits for no tick.
+//! group needed (the most its calls in flight or waiting for a runner took at once since the
+//! previous advert: a snapshot of the moment reads zero between two calls of a busy group
+//! under light traffic), and at once when demand rises from zero in a group the npm believes
+//! idle (its last advert named it at zero, left it out, or never named it), so that scaling
+//! from zero waits for no tick. Early adverts come at least [`early_gap`] apart, so groups
+//! the npm keeps seeing as idle (those cut from adverts over the npm's limit) cannot send
+//! adverts back to back; a group the npm knows busy waits for the tick.
 //!
 //! It reads the [`CapacityTracker`] and never touches the call path. A group that went idle
 //! is advertised once more at zero and then forgotten. A failed advert is logged and the
@@ -9,6 +14,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::time::Instant;
+
 use fn_protocol::poolmanager::node_pool_scaler_client::NodePoolScalerClient;
 use fn_protocol::poolmanager::{CapacitySnapshot, CapacitySnapshotList, MAX_GROUPS_PER_ADVERT};
 use fn_tls::{TlsMode, WithoutStatusDetails};
@@ -16,6 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::CapacityTracker;
+
+/// Least time between two early adverts (those for a rise from zero): a tenth of `interval`,
+/// and 20 ms at least.
+#[must_use]
+pub fn early_gap(interval: Duration) -> Duration {
+    (interval / 10).max(Duration::from_millis(20))
+}
 
 /// Sends capacity adverts to the npm.
 #[derive(Debug)]
@@ -65,13 +79,27 @@ impl Advertiser {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let gap = early_gap(self.interval);
+        // When the last rise from zero was looked at: each wake is, at most once a gap.
+        let mut last_early: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = tick.tick() => self.advertise(false).await,
                 () = self.tracker.risen_from_zero() => {
-                    self.advertise(false).await;
-                    tick.reset();
+                    if let Some(last) = last_early {
+                        tokio::select! {
+                            () = cancel.cancelled() => break,
+                            () = tokio::time::sleep_until(last + gap) => {}
+                        }
+                    }
+                    last_early = Some(Instant::now());
+                    // The call that woke us may have ended (the next tick carries it), or a
+                    // tick may have told the npm already.
+                    if self.tracker.unannounced_demand() {
+                        self.advertise(false).await;
+                        tick.reset();
+                    }
                 }
             }
         }
@@ -109,7 +137,8 @@ impl Advertiser {
         totals
     }
 
-    /// Sends the current totals of every group (including groups that just went to zero).
+    /// Sends the demand of every group since the previous advert (including groups that
+    /// just went to zero).
     pub async fn advertise_once(&mut self) {
         self.advertise(false).await;
     }
@@ -118,7 +147,7 @@ impl Advertiser {
     async fn advertise(&mut self, leaving: bool) {
         // Sent even when empty: an advert is also the LB's heartbeat, so the npm purges
         // only LBs that are really gone.
-        let totals = self.within_the_npms_limit(self.tracker.snapshot());
+        let totals = self.within_the_npms_limit(self.tracker.snapshot_for_advert());
         let ts_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -140,12 +169,9 @@ impl Advertiser {
                     tracing::info!("capacity adverts reach the npm again");
                     self.failing = false;
                 }
-                let zero: Vec<&String> = totals
-                    .iter()
-                    .filter(|(_, mb)| *mb == 0)
-                    .map(|(g, _)| g)
-                    .collect();
-                self.tracker.forget_idle(zero);
+                let sent: BTreeMap<&str, u64> =
+                    totals.iter().map(|(g, mb)| (g.as_str(), *mb)).collect();
+                self.tracker.advertised(&sent);
             }
             Err(status) => {
                 if self.failing {

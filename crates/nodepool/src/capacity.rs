@@ -1,19 +1,46 @@
 //! Per-LB-group accounting of the memory the LB needs: a call's memory is assigned to its
 //! group when the call arrives and released when it ends (the guard's drop), so the totals
 //! cover calls waiting for a runner as well as calls running.
+//!
+//! Beside each group's current total it keeps the most the group needed since the last
+//! advert (its high-water mark), which is what the advertiser sends: under light traffic a
+//! snapshot of the current total often reads zero between two calls of a busy group. And it
+//! keeps whether the npm believes the group idle (its last advert said zero or left the group
+//! out), so that only a rise from zero the npm has not heard of wakes the advertiser.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// One group's figures.
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    /// MB of the calls in flight or waiting now.
+    now: u64,
+    /// The most `now` has been since the last advert's snapshot.
+    peak: u64,
+    /// Whether the npm believes the group idle: no advert the npm took named it above zero
+    /// since it was last named at zero (or left out). A rise from zero wakes the advertiser
+    /// only then: one the npm already sees as busy waits for the tick.
+    idle_at_npm: bool,
+}
+
+impl Demand {
+    const NEW: Demand = Demand {
+        now: 0,
+        peak: 0,
+        idle_at_npm: true,
+    };
+}
+
 /// Memory in MB per LB group. Cheap to clone; shared by the call path and the advertiser.
 #[derive(Debug, Clone, Default)]
 pub struct CapacityTracker {
-    /// Group → MB. Groups stay listed at 0 once seen, so the advertiser can send a final
-    /// zero; [`CapacityTracker::forget_idle`] removes them afterwards. `Arc<str>` keys: a
-    /// call's guard shares its group's name instead of copying it.
-    groups: Arc<Mutex<BTreeMap<Arc<str>, u64>>>,
-    /// Woken when a group's demand rises from zero: the advertiser tells the npm at once
-    /// instead of at its next tick (scale from zero without waiting).
+    /// Group → figures. Groups stay listed at 0 once seen, so the advertiser can send a
+    /// final zero; [`CapacityTracker::advertised`] removes them afterwards. `Arc<str>` keys:
+    /// a call's guard shares its group's name instead of copying it.
+    groups: Arc<Mutex<BTreeMap<Arc<str>, Demand>>>,
+    /// Woken when the demand of a group the npm believes idle rises from zero: the advertiser
+    /// tells the npm at once instead of at its next tick (scale from zero without waiting).
     rose: Arc<tokio::sync::Notify>,
 }
 
@@ -22,7 +49,7 @@ impl CapacityTracker {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, u64>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, Demand>> {
         // Updates are single map operations; a poisoned lock still holds consistent data.
         self.groups
             .lock()
@@ -38,9 +65,10 @@ impl CapacityTracker {
                 Some((name, _)) => Arc::clone(name),
                 None => Arc::from(group),
             };
-            let total = groups.entry(Arc::clone(&group)).or_insert(0);
-            let from_zero = *total == 0 && memory_mb > 0;
-            *total = total.saturating_add(memory_mb);
+            let demand = groups.entry(Arc::clone(&group)).or_insert(Demand::NEW);
+            let from_zero = demand.now == 0 && memory_mb > 0 && demand.idle_at_npm;
+            demand.now = demand.now.saturating_add(memory_mb);
+            demand.peak = demand.peak.max(demand.now);
             (group, from_zero)
         };
         if from_zero {
@@ -53,8 +81,8 @@ impl CapacityTracker {
         }
     }
 
-    /// Completes when a group's demand has risen from zero since the last time this
-    /// completed (one waiter: the advertiser).
+    /// Completes when the demand of a group the npm believes idle has risen from zero since
+    /// the last time this completed (one waiter: the advertiser).
     pub async fn risen_from_zero(&self) {
         self.rose.notified().await;
     }
@@ -63,17 +91,44 @@ impl CapacityTracker {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         self.lock()
             .iter()
-            .map(|(group, mb)| (group.to_string(), *mb))
+            .map(|(group, d)| (group.to_string(), d.now))
             .collect()
     }
 
-    /// Removes the groups in `groups` whose total is still zero.
-    pub fn forget_idle<'a>(&self, groups: impl IntoIterator<Item = &'a String>) {
-        let mut map = self.lock();
-        for g in groups {
-            if map.get(g.as_str()) == Some(&0) {
-                map.remove(g.as_str());
-            }
+    /// What an advert carries: the most each group seen and not forgotten needed since the
+    /// previous call of this (its high-water mark), which restarts from the current total. A
+    /// call that began and ended between two adverts is in the next one.
+    pub fn snapshot_for_advert(&self) -> BTreeMap<String, u64> {
+        self.lock()
+            .iter_mut()
+            .map(|(group, d)| {
+                let peak = d.peak.max(d.now);
+                d.peak = d.now;
+                (group.to_string(), peak)
+            })
+            .collect()
+    }
+
+    /// Whether a group the npm believes idle has demand now: what an early advert is for.
+    pub fn unannounced_demand(&self) -> bool {
+        self.lock().values().any(|d| d.now > 0 && d.idle_at_npm)
+    }
+
+    /// Records an advert the npm took, which said `sent` (group → MB; a group left out counts
+    /// as zero at the npm): a group it named above zero is busy to the npm, every other idle.
+    /// A group it named at zero that has had no call since is forgotten; one that has calls
+    /// now (they came while the advert was on its way) wakes the advertiser, as their rise
+    /// from zero would have.
+    pub fn advertised(&self, sent: &BTreeMap<&str, u64>) {
+        let mut unannounced = false;
+        self.lock().retain(|group, d| {
+            let said = sent.get(&**group).copied();
+            d.idle_at_npm = said.unwrap_or(0) == 0;
+            unannounced |= d.idle_at_npm && d.now > 0;
+            !(said == Some(0) && d.now == 0 && d.peak == 0)
+        });
+        if unannounced {
+            self.rose.notify_one();
         }
     }
 }
@@ -89,8 +144,8 @@ pub struct CapacityGuard {
 impl Drop for CapacityGuard {
     fn drop(&mut self) {
         let mut map = self.tracker.lock();
-        if let Some(total) = map.get_mut(&self.group) {
-            *total = total.saturating_sub(self.memory_mb);
+        if let Some(demand) = map.get_mut(&self.group) {
+            demand.now = demand.now.saturating_sub(self.memory_mb);
         }
     }
 }
@@ -111,8 +166,15 @@ mod tests {
         drop(c);
         assert_eq!(t.snapshot()["g1"], 256);
         assert_eq!(t.snapshot()["g2"], 0);
-        t.forget_idle(&["g1".to_string(), "g2".to_string()]);
-        assert_eq!(t.snapshot().len(), 1, "g1 still busy, g2 forgotten");
+        assert_eq!(t.snapshot_for_advert()["g2"], 64, "g2's call, ended since");
+        t.advertised(&BTreeMap::from([("g1", 384), ("g2", 64)]));
+        assert_eq!(t.snapshot_for_advert()["g2"], 0);
+        t.advertised(&BTreeMap::from([("g1", 256), ("g2", 0)]));
+        assert_eq!(
+            t.snapshot().len(),
+            1,
+            "g1 still busy, g2 forgotten at its final zero"
+        );
         drop(b);
         assert_eq!(t.snapshot()["g1"], 0);
     }
@@ -149,5 +211,69 @@ mod tests {
         tokio::time::timeout(soon, t.risen_from_zero())
             .await
             .expect("from zero again: woken");
+    }
+
+    /// The advert's figure is the most a group needed since the previous advert: a call that
+    /// began and ended between two adverts is in the next one, and only in that one.
+    #[test]
+    fn an_advert_carries_the_most_each_group_needed_since_the_previous_one() {
+        let t = CapacityTracker::new();
+        let busy = t.assign("g1", 64);
+        drop(t.assign("g2", 128));
+        let first = t.assign("g1", 256);
+        drop(first);
+        assert_eq!(t.snapshot()["g1"], 64, "the current total");
+        assert_eq!(t.snapshot()["g2"], 0, "the current total");
+        let advert = t.snapshot_for_advert();
+        assert_eq!(advert["g1"], 320, "both calls of g1 ran at once");
+        assert_eq!(
+            advert["g2"], 128,
+            "g2's call came and went before the advert"
+        );
+        let next = t.snapshot_for_advert();
+        assert_eq!(next["g1"], 64, "the mark restarts from the current total");
+        assert_eq!(next["g2"], 0);
+        drop(busy);
+    }
+
+    /// Only a rise from zero the npm has not heard of wakes the advertiser: a group the
+    /// last advert named above zero waits for the tick, one it named at zero or left out
+    /// wakes it again; a group forgotten after its final zero is new again.
+    #[tokio::test]
+    async fn only_a_rise_the_npm_has_not_heard_of_wakes_the_advertiser() {
+        let t = CapacityTracker::new();
+        let soon = std::time::Duration::from_millis(20);
+        let woken = |t: &CapacityTracker| {
+            let t = t.clone();
+            async move {
+                tokio::time::timeout(soon, t.risen_from_zero())
+                    .await
+                    .is_ok()
+            }
+        };
+        drop(t.assign("g", 128));
+        assert!(woken(&t).await, "a new group: woken");
+        t.advertised(&BTreeMap::from([("g", 128)]));
+        drop(t.assign("g", 128));
+        assert!(!woken(&t).await, "the npm sees g busy: no wake");
+        assert!(!t.unannounced_demand());
+
+        // Left out (cut from an advert over the npm's limit): idle to the npm.
+        t.advertised(&BTreeMap::new());
+        let call = t.assign("g", 128);
+        assert!(woken(&t).await, "left out: woken");
+        assert!(t.unannounced_demand());
+        drop(call);
+        assert!(!t.unannounced_demand(), "no demand now");
+
+        // Named at zero while a call came: that call wakes the advertiser when the advert
+        // is taken, its rise having found the group busy at the npm.
+        t.advertised(&BTreeMap::from([("g", 128)]));
+        let during = t.assign("g", 64);
+        assert!(!woken(&t).await);
+        t.advertised(&BTreeMap::from([("g", 0)]));
+        assert!(woken(&t).await, "idle to the npm, busy here: woken");
+        assert_eq!(t.snapshot()["g"], 64, "not forgotten: it has a call");
+        drop(during);
     }
 }

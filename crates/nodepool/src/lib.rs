@@ -10,7 +10,7 @@
 //!   the capacity adverts to the npm.
 //! - [`reports`]: [`Reports`], what a runner last reported of itself, for the `warm` placer.
 //! - [`npm_pool`]: the [`NpmPool`], runner lists polled from the npm per LB group.
-//! - [`advertiser`]: the [`Advertiser`], sending the capacity totals to the npm.
+//! - [`advertiser`]: the [`Advertiser`], sending each group's demand to the npm.
 
 pub mod advertiser;
 pub mod capacity;

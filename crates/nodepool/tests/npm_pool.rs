@@ -533,12 +533,25 @@ fn advertise(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
 ) {
+    advertise_every(tracker, server, tls, POLL)
+}
+
+/// [`advertise`], every `interval`.
+fn advertise_every(
+    tracker: &CapacityTracker,
+    server: &Server,
+    tls: &TlsMode,
+    interval: Duration,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
     let advertiser = Advertiser::new(
         "lb-test",
         tracker.clone(),
         &server.address.to_string(),
         tls,
-        POLL,
+        interval,
     )
     .expect("advertiser");
     let cancel = CancellationToken::new();
@@ -638,6 +651,84 @@ async fn advertiser_sends_group_totals_a_final_zero_and_heartbeats() {
         last.leaving,
         "the last advert says the LB is leaving: {last:?}"
     );
+    server.stop().await;
+}
+
+/// Calls one after another (each rises from zero) send an advert per interval, not one per
+/// round trip to the npm; the first call of an idle group still reaches the npm at once.
+#[tokio::test]
+async fn sequential_calls_send_no_adverts_back_to_back() {
+    let interval = Duration::from_secs(1);
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, mut rx) = NpmState::new();
+    let server = Server::start(&tls, &state, None).await;
+    let tracker = CapacityTracker::new();
+    let (cancel, task) = advertise_every(&tracker, &server, &tls, interval);
+    // The first tick comes at once; the next one an interval later.
+    assert!(next_advert(&mut rx).await.snapshots.is_empty());
+
+    // The first call of an idle group: told at once, well before the tick.
+    let start = tokio::time::Instant::now();
+    let first = tracker.assign("g", 128);
+    let told = totals(&next_advert(&mut rx).await);
+    let took = start.elapsed();
+    assert_eq!(told.get("g"), Some(&128), "{told:?}");
+    assert!(
+        took < interval / 4,
+        "the first call waited {took:?} for its advert"
+    );
+    drop(first);
+
+    // A second of calls one after another, each a few ms long.
+    let start = tokio::time::Instant::now();
+    let mut calls = 0;
+    while start.elapsed() < interval {
+        let call = tracker.assign("g", 128);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        drop(call);
+        tokio::task::yield_now().await;
+        calls += 1;
+    }
+    let mut adverts = Vec::new();
+    while let Ok(advert) = rx.try_recv() {
+        adverts.push(totals(&advert));
+    }
+    assert!(
+        adverts.len() <= 4,
+        "{calls} sequential calls in {interval:?} sent {} adverts",
+        adverts.len()
+    );
+    // The group stays busy to the npm between its calls.
+    assert!(
+        adverts.iter().all(|t| t.get("g") == Some(&128)),
+        "{adverts:?}"
+    );
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+    server.stop().await;
+}
+
+/// A call that begins and ends between two adverts is in the next advert (the most its
+/// group needed since the previous one), not missed by a snapshot of the moment; the advert
+/// after it says the group is idle again.
+#[tokio::test]
+async fn a_call_between_two_adverts_is_in_the_next_one() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, mut rx) = NpmState::new();
+    let server = Server::start(&tls, &state, None).await;
+    let tracker = CapacityTracker::new();
+    let (cancel, task) = advertise(&tracker, &server, &tls);
+    assert!(next_advert(&mut rx).await.snapshots.is_empty());
+    // On this (current-thread) runtime nothing else runs between these two lines.
+    drop(tracker.assign("g", 128));
+    let next = totals(&next_advert(&mut rx).await);
+    assert_eq!(next.get("g"), Some(&128), "{next:?}");
+    let after = totals(&next_advert(&mut rx).await);
+    assert_eq!(after.get("g"), Some(&0), "the final zero: {after:?}");
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
     server.stop().await;
 }
 

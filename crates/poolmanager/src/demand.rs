@@ -1,6 +1,9 @@
 //! Demand per LB group: the sum of the latest capacity adverts of every live LB.
 //!
-//! Each LB reports, per group, the memory of its calls in flight or waiting. The npm keeps
+//! Each LB reports, per group, the most memory its calls in flight or waiting took at once
+//! since its previous advert (a figure held until the next, which the predictor's window
+//! then holds for the scale-down delay: one advert interval more than the figure of the
+//! moment would, and a busy group under light traffic is not read as idle). The npm keeps
 //! the latest figure of each LB with the time it arrived; an LB silent for longer than the
 //! purge interval is forgotten (it crashed or was partitioned away), and its demand with it.
 //!
