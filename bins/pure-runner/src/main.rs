@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fn_lifecycle::config::{
-    CommonArgs, exit_config_error, non_blank, parse_duration, parse_or_exit,
+    CommonArgs, duration_at_least, exit_config_error, non_blank, parse_duration, parse_or_exit,
 };
 use fn_lifecycle::metrics::Registry;
 use fn_lifecycle::retry::Backoff;
@@ -108,8 +108,9 @@ struct Cli {
     /// already there.
     #[arg(long, env = "FN_DOCKER_PULL", default_value = "missing", value_parser = PullPolicy::parse)]
     docker_pull: PullPolicy,
-    /// Bound for one image pull.
-    #[arg(long, env = "FN_DOCKER_PULL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    /// Bound for one image pull (at least 1s).
+    #[arg(long, env = "FN_DOCKER_PULL_TIMEOUT", default_value = "5m",
+          value_parser = duration_at_least(Duration::from_secs(1), "every pull would fail at once; an image takes time to fetch"))]
     docker_pull_timeout: Duration,
     /// Network of function containers: `none` (no network at all), or a network's name
     /// (`host` and `container:<id>` are refused).
@@ -719,6 +720,23 @@ mod tests {
             panic!("FN_DOCKER_FUNCTION_NETWORK=host was accepted");
         };
         assert!(line.starts_with("FN_DOCKER_FUNCTION_NETWORK: "), "{line}");
+    }
+
+    /// A pull timeout of zero (or below a second) would fail every pull at once, as taking
+    /// longer than it: refused at start, naming the variable.
+    #[test]
+    fn a_pull_timeout_leaves_a_pull_time_to_fetch() {
+        for bad in ["0s", "500ms"] {
+            let parsed = try_parse_from::<Cli, _, _>(["pure-runner", "--docker-pull-timeout", bad]);
+            let Err(ParseOutcome::Invalid(line)) = parsed else {
+                panic!("FN_DOCKER_PULL_TIMEOUT={bad} was accepted");
+            };
+            assert!(line.starts_with("FN_DOCKER_PULL_TIMEOUT: "), "{line}");
+            assert!(line.contains("every pull would fail"), "{line}");
+        }
+        let cli = try_parse_from::<Cli, _, _>(["pure-runner", "--docker-pull-timeout", "1s"])
+            .unwrap_or_else(|_| panic!("1s is enough"));
+        assert_eq!(cli.docker_pull_timeout, std::time::Duration::from_secs(1));
     }
 
     #[test]
