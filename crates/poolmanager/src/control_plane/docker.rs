@@ -882,6 +882,10 @@ impl ControlPlane for DockerControlPlane {
                         tracing::warn!(container = %container.name, "runner container exited; removing it");
                         exited.push(container.name);
                     }
+                    ContainerState::Created if self.starting.contains(&container.name) => {
+                        // Being started: its provisioner's, whatever its created label says
+                        // (the npm's wall clock may have stepped forward since it was made).
+                    }
                     ContainerState::Created => {
                         // Left over from a provisioning the npm did not finish (it was
                         // killed between create and start).

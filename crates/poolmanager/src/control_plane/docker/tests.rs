@@ -20,6 +20,10 @@ struct FakeEngine {
     held_runs: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// A held request came in.
     run_held: tokio::sync::Notify,
+    /// A held request makes its container at once, `Created`, and starts it once let go;
+    /// its created label an hour old, as the npm's wall clock gives it when it stepped
+    /// forward between the two.
+    created_then_clock_steps: AtomicBool,
     removed: Mutex<Vec<String>>,
     /// New containers exit at once.
     exit_on_start: AtomicBool,
@@ -163,10 +167,30 @@ impl Engine for FakeEngine {
         };
         // The engine's own work, which goes on whether the caller waits or not.
         let containers = Arc::clone(&self.containers);
-        let engine_side = tokio::spawn(async move {
-            let _permit = gate.acquire().await.expect("gate open");
-            containers.lock().expect("fake engine lock").push(made);
-        });
+        let engine_side = if self.created_then_clock_steps.load(Ordering::SeqCst) {
+            let (mut container, spec) = made;
+            let started = container.state;
+            container.state = ContainerState::Created;
+            if let Some(created) = container.labels.get_mut(LABEL_CREATED) {
+                let ms: u64 = created.parse().expect("the npm's created label");
+                *created = ms.saturating_sub(3_600_000).to_string();
+            }
+            let name = container.name.clone();
+            self.lock().push((container, spec));
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.expect("gate open");
+                for (c, _) in containers.lock().expect("fake engine lock").iter_mut() {
+                    if c.name == name {
+                        c.state = started;
+                    }
+                }
+            })
+        } else {
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.expect("gate open");
+                containers.lock().expect("fake engine lock").push(made);
+            })
+        };
         self.run_held.notify_one();
         Box::pin(async move {
             engine_side.await.expect("the engine's side");
@@ -1134,6 +1158,58 @@ async fn a_runner_that_stops_while_starting_is_its_provisioners_to_report() {
     );
     cp.list().await.expect("lists");
     assert!(engine.names().is_empty());
+}
+
+/// A runner created and not started yet is its provisioner's, whatever its created label
+/// says: with the npm's clock stepped forward between create and start, the tick's list
+/// took it for one a killed npm left and removed it (before, only running and stopped
+/// runners being started were left alone).
+#[tokio::test]
+async fn a_runner_created_and_not_started_yet_is_its_provisioners() {
+    let engine = Arc::new(FakeEngine::default());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *engine.held_runs.lock().expect("fake engine lock") = Some(Arc::clone(&gate));
+    engine
+        .created_then_clock_steps
+        .store(true, Ordering::SeqCst);
+    let cp = Arc::new(control_plane(&engine, true));
+    let run_held = engine.run_held.notified();
+    let provisioning = tokio::spawn({
+        let cp = Arc::clone(&cp);
+        async move { cp.provision("default", 1, &CancellationToken::new()).await }
+    });
+    run_held.await;
+    assert!(cp.list().await.expect("lists").is_empty(), "not ready yet");
+    assert_eq!(
+        engine.names().len(),
+        1,
+        "list left the runner being started"
+    );
+    assert!(engine.removed.lock().expect("removed lock").is_empty());
+    gate.add_permits(1);
+    let runners = tokio::time::timeout(Duration::from_secs(10), provisioning)
+        .await
+        .expect("provisioned within the bound")
+        .expect("task")
+        .expect("the runner started");
+    assert_eq!(runners.len(), 1);
+    let listed: Vec<String> = cp
+        .list()
+        .await
+        .expect("lists")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, vec![runners[0].id.clone()]);
+
+    // Once no provisioning claims it, a stale created runner is list's to remove again.
+    engine.add(
+        "stack-backend-runner-old",
+        ContainerState::Created,
+        &[(LABEL_ROLE, "runner"), (LABEL_NPM, "stack_backend")],
+    );
+    cp.list().await.expect("lists");
+    assert_eq!(engine.names(), vec![runners[0].id.clone()]);
 }
 
 /// An engine that never gives a failed runner's output does not hold its provisioning (and
