@@ -314,17 +314,30 @@ async fn a_second_signal_cuts_the_drain_short() -> anyhow::Result<()> {
 /// the SIGINT counted as an operator's second Ctrl-C and cut every call in flight, 130).
 #[tokio::test]
 async fn sigint_right_after_sigterm_is_the_same_stop() -> anyhow::Result<()> {
-    let (mut daemon, address, _files) = lb_agent(&[("FN_DRAIN_DELAY", "1s")]).await?;
-    let sent = std::time::Instant::now();
-    // The daemon has taken the SIGTERM (it reports draining) when the SIGINT arrives.
-    draining(&daemon, &address).await?;
-    daemon.signal(Signal::SIGINT)?;
-    let between = sent.elapsed();
-    anyhow::ensure!(
-        between < fn_lifecycle::signal::SAME_STOP_WINDOW / 2,
-        "the SIGINT went {between:?} after the SIGTERM, too late to test the window \
-         (a machine this slow cannot run this test)"
-    );
+    // The SIGINT must come well inside the window, after the health checks that show the
+    // SIGTERM taken: a stall of the loaded machine there says nothing of the daemon, so a
+    // fresh daemon tries again (a few times at most) rather than the test failing.
+    const TRIES: usize = 3;
+    let mut tries = 0;
+    let (mut daemon, _files) = loop {
+        tries += 1;
+        let (daemon, address, files) = lb_agent(&[("FN_DRAIN_DELAY", "1s")]).await?;
+        let sent = std::time::Instant::now();
+        // The daemon has taken the SIGTERM (it reports draining) when the SIGINT arrives.
+        draining(&daemon, &address).await?;
+        daemon.signal(Signal::SIGINT)?;
+        let between = sent.elapsed();
+        if between < fn_lifecycle::signal::SAME_STOP_WINDOW / 2 {
+            break (daemon, files);
+        }
+        anyhow::ensure!(
+            tries < TRIES,
+            "the SIGINT went {between:?} after the SIGTERM {TRIES} times in a row, too late \
+             to test the window (a machine this slow cannot run this test)"
+        );
+        // This daemon is killed on drop.
+        eprintln!("the SIGINT went {between:?} after the SIGTERM: trying again");
+    };
     let status = daemon.wait_exit(SHUTDOWN_BOUND).await?;
     let log = daemon.log();
     assert_eq!(status.code(), Some(0), "log:\n{log}");
