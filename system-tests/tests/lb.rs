@@ -669,13 +669,30 @@ async fn warm_placer_uses_the_runners_reports_and_never_asks_a_full_runner() -> 
     // not yet acknowledged is counted on top of any report (which may already show it), so
     // a call placed in the instant between such a report and the acknowledgement may see
     // the home full and start elsewhere.
-    let mut long = vec![tokio::spawn(call("1500"))];
+    // Long: the third must be placed while the first two still run, seconds away on a
+    // loaded machine (the function's timeout is 10 s).
+    let mut long = vec![tokio::spawn(call("5000"))];
     in_flight_at(&cluster, home, 1).await?;
-    long.push(tokio::spawn(call("1500")));
+    // And the LB has its acknowledgement (the runner counts the call a moment before): the
+    // third placed call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = fn_system_tests::metrics::scrape(&lb_metrics).await?;
+        let placed = fn_system_tests::metrics::sum(&text, "fn_lb_placement_seconds_count");
+        if placed >= 3.0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{placed} calls placed, not 3, after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    long.push(tokio::spawn(call("5000")));
     in_flight_at(&cluster, home, 2).await?;
     // Time for the report that shows it full to reach the LB.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let third = tokio::spawn(call("1500"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let third = tokio::spawn(call("5000"));
     let mut runners = Vec::new();
     for task in long.into_iter().chain([third]) {
         runners.push(cluster.runner_of(task.await??.fn_pid()?)?);
