@@ -880,12 +880,18 @@ async fn a_missing_socket_directory_is_a_startup_error() {
 async fn a_runner_that_hangs_up_stops_the_handler() {
     let (stopped_tx, stopped) = oneshot::channel();
     let stopped_tx = Arc::new(std::sync::Mutex::new(Some(stopped_tx)));
+    let (started_tx, started) = oneshot::channel();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
     let running = start(
         move |_ctx: Context, body: Body| {
             let guard = Dropped(stopped_tx.lock().expect("not poisoned").take());
+            let started_tx = started_tx.lock().expect("not poisoned").take();
             async move {
                 let _guard = guard;
                 body.bytes().await?;
+                if let Some(tx) = started_tx {
+                    let _ = tx.send(());
+                }
                 tokio::time::sleep(PATIENCE * 2).await;
                 Ok(Response::new("too late"))
             }
@@ -895,9 +901,16 @@ async fn a_runner_that_hangs_up_stops_the_handler() {
     .await;
     let mut client = connect(&running.link).await;
     let request = call_with_deadline(Full::new(Bytes::from_static(b"slow")), None);
-    let answer =
-        tokio::time::timeout(Duration::from_millis(100), client.send_request(request)).await;
-    assert!(answer.is_err(), "no answer yet");
+    // The runner hangs up once the handler runs (it has read the body).
+    let running_call = async {
+        tokio::select! {
+            answer = client.send_request(request) => panic!("an answer: {answer:?}"),
+            started = started => started.expect("the handler says it started"),
+        }
+    };
+    tokio::time::timeout(PATIENCE, running_call)
+        .await
+        .expect("the handler started in time");
     drop(client);
     tokio::time::timeout(PATIENCE, stopped)
         .await
