@@ -45,6 +45,43 @@ async fn call(socket: &Path, body: &'static str) -> anyhow::Result<(u16, Bytes)>
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
+/// A `POST /call` of `body` sent over a connection of its own, returned once the function's
+/// handler is reading the body: the request says `Expect: 100-continue`, the function
+/// answers `100 Continue` when its handler first asks for the body, and only then does the
+/// body go. The answer is left unread on the returned connection.
+async fn call_in_flight(socket: &Path, body: &str) -> anyhow::Result<UnixStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = UnixStream::connect(socket).await?;
+    let head = format!(
+        "POST /call HTTP/1.1\r\nHost: fn\r\nFn-Call-Id: 01FDKRUN\r\n\
+         Fn-Deadline: 2099-01-02T03:04:05Z\r\nFn-Http-Method: POST\r\n\
+         Fn-Http-Request-Url: http://lb/r/app/echo\r\nFn-Intent: httprequest\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut got = Vec::new();
+    let read_continue = async {
+        let mut buf = [0u8; 256];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await?;
+            ensure!(n > 0, "the function closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(PATIENCE, read_continue)
+        .await
+        .context("no 100 Continue: the handler never asked for the body")??;
+    let text = String::from_utf8_lossy(&got);
+    ensure!(
+        text.starts_with("HTTP/1.1 100 "),
+        "not 100 Continue: {text}"
+    );
+    stream.write_all(body.as_bytes()).await?;
+    Ok(stream)
+}
+
 /// The function `binary` started as a runner starts it, its socket `lsnr.sock` in the
 /// returned directory, once the socket is there.
 async fn function_started(binary: &str, name: &str) -> anyhow::Result<(tempfile::TempDir, Daemon)> {
@@ -112,11 +149,8 @@ async fn a_second_signal_ends_a_function_whose_call_is_still_running() -> anyhow
     // to the pause below), so the long call is in flight when the first signal comes.
     let (status, _) = call(&socket, "0").await?;
     ensure!(status == 200, "the first call: {status}");
-    let long = {
-        let socket = socket.clone();
-        tokio::spawn(async move { call(&socket, "60000").await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The long call's handler runs (it reads the body) when the first signal comes.
+    let long = call_in_flight(&socket, "60000").await?;
     function.signal(Signal::SIGTERM)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     ensure!(
@@ -128,6 +162,6 @@ async fn a_second_signal_ends_a_function_whose_call_is_still_running() -> anyhow
     function.signal(Signal::SIGINT)?;
     let status = function.wait_exit(Duration::from_secs(5)).await?;
     assert_eq!(status.code(), Some(130), "log:\n{}", function.log());
-    long.abort();
+    drop(long);
     Ok(())
 }
