@@ -43,15 +43,22 @@ const STOP: Duration = Duration::from_secs(40);
 /// Bound for each call, curl's `--max-time` (seconds).
 const CALL_BOUND: &str = "20";
 /// How long the script's processes may take to leave the process table after it exited:
-/// a function killed with SIGKILL dies a moment after the signal.
-const GONE: Duration = Duration::from_secs(2);
+/// a function killed with SIGKILL dies a moment after the signal, a moment that a loaded
+/// machine stretches (the wait ends as soon as they are gone).
+const GONE: Duration = Duration::from_secs(10);
 /// How long after its start a call is taken as reaching its function, on a warm runner: a
 /// call that had not reached it at Ctrl-C would find every runner draining (the terminal's
-/// SIGINT reaches them too) and get 503. Half of `IN_FLIGHT_SLEEP`, so that the call is
-/// still running at Ctrl-C on a fast machine and has room to arrive on a loaded one.
-const IN_FLIGHT_AFTER: Duration = Duration::from_millis(1500);
-/// What the call in flight at Ctrl-C asks fn-sleep for, in milliseconds (its timeout is 5 s).
-const IN_FLIGHT_SLEEP: u64 = 3000;
+/// SIGINT reaches them too) and get 503. A third of `IN_FLIGHT_SLEEP`, so that the call is
+/// still running at Ctrl-C and has seconds to arrive on a loaded machine. (The demo's
+/// daemons serve no metrics, which could have told when the call arrived.)
+const IN_FLIGHT_AFTER: Duration = Duration::from_secs(4);
+/// What the call in flight at Ctrl-C asks `demo/linger` for, in milliseconds.
+const IN_FLIGHT_SLEEP: u64 = 12_000;
+/// `demo/linger`: fn-sleep with a timeout room for `IN_FLIGHT_SLEEP` (the catalog's
+/// `demo/sleep` has 5 s), added to the demo's catalog (`FN_DEMO_FUNCTIONS_FILE`).
+const LINGER: &str = "\n[[functions]]\napp = \"demo\"\nname = \"linger\"\n\
+                      route = \"/linger\"\ncommand = [\"fn-sleep\"]\nmemory_mb = 128\n\
+                      timeout = \"30s\"\n";
 /// The banner's first and last words.
 const BANNER: &str = "The dataplane is running";
 const BANNER_END: &str = "Ctrl-C stops everything.";
@@ -118,7 +125,7 @@ fn the_banners_calls_answer_as_it_says_and_ctrl_c_stops_everything() -> anyhow::
     }
 
     // Ctrl-C with a call in flight, on a runner the calls above left warm.
-    let address = format!("http://127.0.0.1:{}/r/demo/sleep", demo.lb_port);
+    let address = format!("http://127.0.0.1:{}/r/demo/linger", demo.lb_port);
     let in_flight = std::thread::spawn(move || {
         let output = curl(&format!("curl -i {address} -d {IN_FLIGHT_SLEEP}"));
         (output, Instant::now())
@@ -408,6 +415,10 @@ impl Demo {
         let (terminal, slave) = pseudo_terminal()?;
         let lb_port = free_port()?;
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog = root.path().join("functions.toml");
+        let mut functions_toml = std::fs::read_to_string(workspace.join("deploy/functions.toml"))?;
+        functions_toml.push_str(LINGER);
+        std::fs::write(&catalog, functions_toml)?;
         let mut command = Command::new("env");
         // INT and HUP as a terminal's shell leaves them, whatever this test run inherited
         // (a background job of a script ignores SIGINT, and bash cannot trap a signal
@@ -421,6 +432,7 @@ impl Demo {
             .env("BIN", &bin)
             .env("DEMO_DIR", root.path().join("demo"))
             .env("FN_DEMO_FUNCTIONS_DIR", functions)
+            .env("FN_DEMO_FUNCTIONS_FILE", &catalog)
             .env("FN_PORT", lb_port.to_string())
             .env("FN_NPM_PORT", free_port()?.to_string())
             .stdin(Stdio::from(slave.try_clone()?))
