@@ -90,7 +90,9 @@ async fn calls_waiting_for_a_dial_that_fails_fail_with_it() {
     let ca = DevCa::new("ca").expect("ca");
     let address = silent_server().await;
     let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
-    let timeout = Duration::from_millis(500);
+    // A second: dialling in turn (4 s) is then seconds away from the bound (3 s), and one
+    // dial (1 s) too.
+    let timeout = Duration::from_secs(1);
     let channel = DirectChannel::new(&mode, &address, timeout).expect("a valid address");
     let start = Instant::now();
     let calls: Vec<_> = (0..4)

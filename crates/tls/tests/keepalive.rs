@@ -5,7 +5,7 @@
 //! every call on the channel timed out meanwhile.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -44,12 +44,15 @@ async fn pump(
 }
 
 /// A TCP proxy to `upstream`. Setting the flag it returns freezes every connection open at
-/// that moment; connections made later pass (the peer is reachable again, by a new path).
-async fn freezing_proxy(upstream: String) -> (String, Arc<AtomicBool>) {
+/// that moment (at the proxy's next accept, which the count it returns counts); connections
+/// made later pass (the peer is reachable again, by a new path).
+async fn freezing_proxy(upstream: String) -> (String, Arc<AtomicBool>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     let freeze = Arc::new(AtomicBool::new(false));
     let freezing = Arc::clone(&freeze);
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::clone(&accepts);
     tokio::spawn(async move {
         // Each connection has its own flag, set by a freeze that finds it open.
         let mut open: Vec<Arc<AtomicBool>> = Vec::new();
@@ -62,6 +65,8 @@ async fn freezing_proxy(upstream: String) -> (String, Arc<AtomicBool>) {
                     connection.store(true, Ordering::Release);
                 }
             }
+            // Counted once a freeze it found has taken effect.
+            accepted.fetch_add(1, Ordering::AcqRel);
             let Ok(server) = TcpStream::connect(&upstream).await else {
                 continue;
             };
@@ -73,14 +78,14 @@ async fn freezing_proxy(upstream: String) -> (String, Arc<AtomicBool>) {
             tokio::spawn(pump(server_read, client_write, frozen));
         }
     });
-    (address, freeze)
+    (address, freeze, accepts)
 }
 
 #[tokio::test]
 async fn a_silent_connection_is_found_by_keepalive_and_the_channel_dials_again() {
     let ca = DevCa::new("ca").expect("ca");
     let server = start_server(&ca.node_tls(&[]).expect("node")).await;
-    let (address, freeze) = freezing_proxy(server.address.clone()).await;
+    let (address, freeze, accepts) = freezing_proxy(server.address.clone()).await;
     let mode = TlsMode::Mutual(ca.node_tls(&[]).expect("client"));
     // As the LB's unary channels to the npm: calls time out well before a keepalive
     // interval, so no ping is ever sent for a call in flight.
@@ -100,9 +105,17 @@ async fn a_silent_connection_is_found_by_keepalive_and_the_channel_dials_again()
 
     // Freeze the connection the channel holds. The flag takes effect at the next accept:
     // make one, so that the channel's connection is frozen before it is used again.
+    let before = accepts.load(Ordering::Acquire);
     freeze.store(true, Ordering::Release);
     drop(TcpStream::connect(&address).await.expect("poke the proxy"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let poked = Instant::now();
+    while accepts.load(Ordering::Acquire) == before {
+        assert!(
+            poked.elapsed() < Duration::from_secs(10),
+            "the proxy never accepted the poke"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let stuck = client.check(check.clone()).await;
     assert!(
         stuck.is_err(),
