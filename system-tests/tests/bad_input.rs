@@ -559,7 +559,7 @@ async fn http_cases(m: &mut Matrix<'_>) {
         let took = started.elapsed();
         expect_status(&answer, 504)?;
         ensure!(
-            took < Duration::from_secs(4),
+            took < Duration::from_secs(8),
             "504 only after {took:?} (function timeout 2 s)"
         );
         ensure!(answer.text.contains("timeout"), "{}", answer.text);
@@ -1263,7 +1263,7 @@ async fn rejected_and_logged(
     let start = Instant::now();
     while count(&daemon_log(cluster, npm)) <= before {
         ensure!(
-            start.elapsed() < Duration::from_secs(3),
+            start.elapsed() < Duration::from_secs(6),
             "the server logged no rejected handshake mentioning {reason:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

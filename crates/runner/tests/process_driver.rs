@@ -598,7 +598,7 @@ async fn a_function_that_never_listens_fails_to_start_in_time() {
     }
     let took = started.elapsed();
     assert!(
-        took >= timeout && took < timeout + Duration::from_secs(2),
+        took >= timeout && took < timeout + Duration::from_secs(4),
         "{took:?}"
     );
     // Removed off the runtime, on a thread of its own, at once.
