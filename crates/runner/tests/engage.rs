@@ -1743,7 +1743,13 @@ fn record_warnings() -> (
     use tracing_subscriber::layer::SubscriberExt;
     let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
-    (warnings, tracing::subscriber::set_default(subscriber))
+    let guard = tracing::subscriber::set_default(subscriber);
+    // tracing caches whether an event is wanted when a thread first meets it; another test's
+    // thread meeting it just as this subscriber came in may have cached "never" for every
+    // thread (tracing-core registers the callsite, then reads the subscribers). Worked out
+    // again now, with this subscriber in place.
+    tracing::callsite::rebuild_interest_cache();
+    (warnings, guard)
 }
 
 /// A runner whose instances take 800 ms to start and then fail, and a call of 200 ms on it,
