@@ -378,7 +378,7 @@ async fn daemon(
         Ok(incoming) => incoming,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let mut server = fn_tls::grpc_server().layer(EngageFirst::new(runner.clone().into_server()));
+    let mut server = fn_runner::grpc_server().layer(EngageFirst::new(runner.clone().into_server()));
     let (health, health_service) = Health::new(&["dataplane.runner.v1.RunnerProtocol"]);
     let router = server
         .add_service(health_service)

@@ -42,6 +42,34 @@ use crate::pool::{Pool, PoolState, Refusal, Reservation};
 /// Largest data frame the runner sends; larger function output is split.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// Most streams one connection may have open on the runner at once (HTTP/2's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; tonic sets none unless asked, and h2 then allows any
+/// number). A stream costs the runner its task (some 20 KB) from its opening, and one that
+/// sends nothing holds it for the first-message timeout (10 s): without a bound one peer
+/// holding a valid certificate could open streams until the runner ran out of memory. This
+/// one bounds such a connection at some 330 MB.
+///
+/// An honest LB opens one Engage stream per call it has in flight on this runner, over one
+/// connection (one per shard under its `FN_SHARDS`, each with its share), beside one
+/// `WatchState`, a `Status` probe and offers refused within a millisecond. A stream past the
+/// limit waits for a slot: its offer's acknowledgement would be late and the runner look
+/// unreachable, so the limit sits far above what a runner runs. Its calls in flight are its
+/// hot instances times their `concurrency` (1 by default, as in Fn), its instances at most
+/// `FN_MAX_MEMORY_MB` over the functions' memory: at Fn's default of 128 MB a runner of
+/// 1 TiB holds 8,192 one-call instances, and the npm's default runner (1024 MB) holds 1,024
+/// calls only of functions given 1 MB each. Only functions that take hundreds of calls per
+/// instance at once on many instances of one runner, all from one LB, come near it; such an
+/// LB spreads them over more connections with `FN_SHARDS`. (`FN_FUNCTION_UIDS` bounds the
+/// functions a runner holds, not their instances or calls.)
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
+
+/// The runner's gRPC server: the dataplane's HTTP/2 settings ([`fn_tls::grpc_server`]) with
+/// [`MAX_STREAMS_PER_CONNECTION`]. Feed it [`fn_tls::grpc_incoming`]; put [`EngageFirst`]
+/// in front of its router, as the pure-runner does.
+pub fn grpc_server() -> fn_tls::GrpcServer {
+    fn_tls::grpc_server().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+}
+
 /// How long a stream still waiting for its `TryCall` when a drain starts may take to send it.
 const DRAINING_FIRST_MESSAGE_GRACE: Duration = Duration::from_millis(500);
 

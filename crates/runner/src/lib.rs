@@ -25,6 +25,8 @@ pub mod terminal;
 #[cfg(test)]
 mod testing;
 
-pub use engage::{EngageConfig, EngageFirst, RunnerService};
+pub use engage::{
+    EngageConfig, EngageFirst, MAX_STREAMS_PER_CONNECTION, RunnerService, grpc_server,
+};
 pub use metrics::RunnerMetrics;
 pub use pool::{Pool, PoolStats, Refusal};

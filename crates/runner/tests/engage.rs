@@ -116,7 +116,7 @@ async fn start_runner_on(
     let stop = CancellationToken::new();
     let incoming = fn_tls::grpc_incoming(&pki.mode(), listener).expect("tls server");
     // As the pure-runner serves it: Engage ahead of the router.
-    let server = fn_tls::grpc_server()
+    let server = fn_runner::grpc_server()
         .layer(EngageFirst::new(service.clone().into_server()))
         .add_service(service.clone().into_server())
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
@@ -1877,4 +1877,56 @@ async fn a_python_function_that_raises_fails_its_call_and_serves_on() {
         assert_eq!(many.header(&format!("x-h{i}")), Some(format!("v{i}")));
     }
     runner.stop().await;
+}
+
+/// The runner's server tells every connection how many streams it may have open at once
+/// (HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS`), where tonic's default sent no limit and
+/// one peer could open any number of Engage streams, each a task held until its first
+/// message's timeout.
+#[tokio::test]
+async fn the_server_bounds_the_streams_one_connection_may_open() {
+    let dir = shared_tempdir();
+    let driver = ProcessDriver::new(
+        ProcessDriverConfig::new(dir.path(), dir.path().join("s"))
+            .with_function_user(function_user()),
+    )
+    .expect("process driver");
+    let pool = Pool::new(Arc::new(driver), MEMORY_MB, START_TIMEOUT);
+    let service = RunnerService::new(pool, EngageConfig::default(), &mut Registry::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("local address");
+    // Plaintext: the settings are the same under TLS, and an h2 client reads them here.
+    let incoming = fn_tls::grpc_incoming(&fn_tls::TlsMode::Insecure, listener).expect("server");
+    let stop = CancellationToken::new();
+    let server = fn_runner::grpc_server()
+        .layer(EngageFirst::new(service.clone().into_server()))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    tokio::spawn(server);
+
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    // The answer to a request comes after the server's SETTINGS, which the client has
+    // applied by then (any answer will do: this path has no service).
+    let request = http::Request::post(format!("http://{address}/no.Such/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let mut client = client.ready().await.expect("ready");
+    let (response, _) = client.send_request(request, true).expect("sent");
+    tokio::time::timeout(RECV_BOUND, response)
+        .await
+        .expect("answered in time")
+        .expect("an answer");
+    assert_eq!(
+        client.current_max_send_streams(),
+        fn_runner::MAX_STREAMS_PER_CONNECTION as usize
+    );
+    stop.cancel();
 }
