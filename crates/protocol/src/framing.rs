@@ -46,6 +46,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// into the shared frame, which costs less than one more frame.
 const OWN_FRAME_MIN: usize = 4 * 1024;
 
+/// Received frames a [`Decoded`] keeps as they came (slices of the connection's read
+/// buffer, no copy) before it copies short ones into a buffer of its own; see
+/// [`Decoded::receive`].
+const KEPT_FRAMES: usize = 16;
+
 /// A frame of encoded messages is handed on once it holds this much (tonic's yield
 /// threshold), so that a long run of ready messages does not grow it without bound.
 const FRAME_TARGET: usize = 32 * 1024;
@@ -389,8 +394,12 @@ fn status_of_http(status: StatusCode) -> Status {
 #[derive(Debug)]
 pub struct Decoded<M, B> {
     body: B,
-    /// Received bytes not yet decoded, in order; none empty.
+    /// Received bytes not yet decoded, in order; none empty. `tail` follows them.
     chunks: VecDeque<Bytes>,
+    /// Short frames received while `chunks` already held [`KEPT_FRAMES`], copied: received
+    /// after everything in `chunks`, before any frame pushed later.
+    tail: BytesMut,
+    /// Bytes in `chunks` and `tail`.
     buffered: usize,
     /// Length of the message being received, once its header is in.
     message_len: Option<usize>,
@@ -410,6 +419,7 @@ impl<M, B> Decoded<M, B> {
         Decoded {
             body,
             chunks: VecDeque::new(),
+            tail: BytesMut::new(),
             buffered: 0,
             message_len: None,
             done: false,
@@ -435,14 +445,46 @@ impl<M, B> Decoded<M, B> {
         decoded
     }
 
+    /// Keeps a received frame (not empty) until its message is whole.
+    ///
+    /// A frame is kept as it came, a slice of the connection's read buffer: the slice holds
+    /// that whole buffer, and a peer sending a message as frames of a byte each would make
+    /// each byte hold ten or more of it, and an entry here, hundreds of MB for one message
+    /// of 4 MiB. So once [`KEPT_FRAMES`] are kept, frames shorter than [`OWN_FRAME_MIN`]
+    /// (which an honest sender copies into its own frames anyway) are copied into `tail`,
+    /// and what is held stays near the message's own bytes. A long frame (a body chunk in a
+    /// frame of its own) is still kept as it came, behind the tail.
+    fn receive(&mut self, data: Bytes) {
+        self.buffered += data.len();
+        if data.len() < OWN_FRAME_MIN && (!self.tail.is_empty() || self.chunks.len() >= KEPT_FRAMES)
+        {
+            self.tail.extend_from_slice(&data);
+            return;
+        }
+        self.flush_tail();
+        self.chunks.push_back(data);
+    }
+
+    /// The copied frames join the kept ones, in order.
+    fn flush_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks
+                .push_back(std::mem::take(&mut self.tail).freeze());
+        }
+    }
+
     /// The next `n` buffered bytes (`n <= self.buffered`), as the slices of the received
-    /// frames that hold them: nothing is copied.
+    /// frames (or of the copied tail) that hold them: nothing is copied here.
     fn take(&mut self, n: usize) -> Received {
         self.buffered -= n;
         let mut received = Received::default();
         while received.remaining() < n {
             let Some(mut front) = self.chunks.pop_front() else {
-                break;
+                if self.tail.is_empty() {
+                    break;
+                }
+                self.flush_tail();
+                continue;
             };
             let want = n - received.remaining();
             if front.len() > want {
@@ -623,8 +665,7 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         if !data.is_empty() {
-                            this.buffered += data.len();
-                            this.chunks.push_back(data);
+                            this.receive(data);
                         }
                         continue;
                     }
@@ -649,6 +690,7 @@ impl<M, B> Decoded<M, B> {
     fn fail(&mut self) {
         self.done = true;
         self.chunks.clear();
+        self.tail = BytesMut::new();
         self.buffered = 0;
         self.message_len = None;
     }
@@ -658,7 +700,7 @@ impl<M, B> Decoded<M, B> {
 mod tests {
     use super::*;
     use crate::runner::{Call, TryCall};
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
     use http_body_util::{BodyExt, StreamBody};
     use proptest::prelude::*;
 
@@ -871,6 +913,65 @@ mod tests {
         assert!(
             range.contains(&(frame.data.as_ptr() as usize)),
             "not copied"
+        );
+    }
+
+    /// A message sent as frames of a byte each (by a peer that means harm: kept as they
+    /// came, each would hold a slice of the connection's read buffer and an entry) is held
+    /// in a few chunks, the rest copied, and decodes as sent; a long chunk in a frame of its
+    /// own that follows on the same stream is still handed on without a copy.
+    #[test]
+    fn a_message_sent_a_byte_a_frame_is_held_in_few_chunks_and_decodes_as_sent() {
+        let sent = data(vec![3u8; 64 * 1024], false);
+        let wire = tonic_wire(std::slice::from_ref(&sent));
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, Status>>();
+        let mut decoded = Decoded::<ClientMsg, _>::request(StreamBody::new(rx));
+        let send = |bytes: Bytes| tx.unbounded_send(Ok(Frame::data(bytes))).expect("open");
+        let (last, rest) = wire.split_last().expect("a message");
+        for byte in rest {
+            send(Bytes::copy_from_slice(std::slice::from_ref(byte)));
+        }
+        assert!(decoded.next().now_or_never().is_none(), "not whole yet");
+        assert!(
+            decoded.chunks.len() <= KEPT_FRAMES,
+            "{} frames kept for one message",
+            decoded.chunks.len()
+        );
+        assert_eq!(
+            decoded.buffered,
+            rest.len() - HEADER_BYTES,
+            "all but the header held"
+        );
+        send(Bytes::copy_from_slice(std::slice::from_ref(last)));
+        let got = decoded.next().now_or_never().expect("whole");
+        assert_eq!(got.expect("a message").expect("decodes"), sent);
+        assert!(decoded.chunks.is_empty() && decoded.tail.is_empty());
+
+        let chunk = Bytes::from(vec![7u8; OWN_FRAME_MIN]);
+        let honest = ClientMsg {
+            body: Some(client_msg::Body::Data(DataFrame {
+                data: chunk.clone(),
+                eof: true,
+            })),
+        };
+        for frame in block_on(frames_of(vec![honest.clone()])) {
+            send(frame);
+        }
+        drop(tx);
+        let got = decoded.next().now_or_never().expect("whole");
+        let received = got.expect("a message").expect("decodes");
+        assert_eq!(received, honest);
+        let Some(client_msg::Body::Data(frame)) = &received.body else {
+            panic!("a data message: {received:?}");
+        };
+        assert_eq!(
+            frame.data.as_ptr(),
+            chunk.as_ptr(),
+            "the sent chunk's memory"
+        );
+        assert!(
+            matches!(decoded.next().now_or_never(), Some(None)),
+            "ends OK"
         );
     }
 
