@@ -798,13 +798,9 @@ fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
             continue;
         };
         if name == header::CONTENT_LENGTH {
-            // Framing for the client: one valid length, or none (then chunked).
-            if value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some()
-            {
+            // Framing for the client: one valid length (digits alone: hyper writes a
+            // HEAD's as it is), or none (then chunked).
+            if fn_protocol::content_length(value.as_bytes()).is_some() {
                 headers.insert(name, value);
             }
             continue;
@@ -1114,6 +1110,36 @@ mod tests {
             target("ftp://h.test/r/a/x"),
             Err(CallError::UnsupportedScheme(s)) if s == "ftp"
         ));
+    }
+
+    /// A runner's answer head with `status` and `headers`.
+    fn meta(status: u32, headers: &[(&str, &str)]) -> Option<HttpRespMeta> {
+        Some(HttpRespMeta {
+            status_code: status,
+            headers: headers
+                .iter()
+                .map(|(name, value)| fn_protocol::runner::Header {
+                    name: Bytes::copy_from_slice(name.as_bytes()),
+                    value: Bytes::copy_from_slice(value.as_bytes()),
+                })
+                .collect(),
+        })
+    }
+
+    /// A runner's `Content-Length` reaches the client only as digits: hyper writes a HEAD's
+    /// as it is, and `"+5".parse::<u64>()` succeeds.
+    #[test]
+    fn a_content_length_from_a_runner_is_digits_alone() {
+        let length = |value: &str| {
+            let head = head_of(meta(200, &[("content-length", value)])).expect("a head");
+            head.headers
+                .get(header::CONTENT_LENGTH)
+                .map(|v| v.to_str().expect("ascii").to_owned())
+        };
+        assert_eq!(length("5").as_deref(), Some("5"));
+        for bad in ["+5", "-5", " 5", "5 ", "five", ""] {
+            assert_eq!(length(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -34,6 +34,22 @@ pub mod poolmanager {
 
 pub use call::{CallSpec, InvalidCall};
 
+/// The length a `Content-Length` value gives: one or more ASCII digits (RFC 9110 8.6), at
+/// most `u64::MAX`. `str::parse` would also take a leading `+` (`+5`), which no HTTP peer
+/// need accept, and the value is passed on to clients as it came.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
 /// Most bytes of a name ([`valid_name`]).
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -48,4 +64,30 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_length_is_digits_alone() {
+        for (value, length) in [
+            ("0", Some(0)),
+            ("5", Some(5)),
+            ("007", Some(7)),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("+5", None),
+            ("-5", None),
+            ("", None),
+            (" 5", None),
+            ("5 ", None),
+            ("5,5", None),
+            ("0x5", None),
+            ("٥", None),
+        ] {
+            assert_eq!(content_length(value.as_bytes()), length, "{value:?}");
+        }
+    }
 }

@@ -225,8 +225,7 @@ impl<'a> OneLength<'a> {
 
     fn valid(&self) -> Option<HeaderValue> {
         let value = self.first.filter(|_| !self.more)?;
-        let valid = value.to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
-        valid.then(|| value.clone())
+        fn_protocol::content_length(value.as_bytes()).map(|_| value.clone())
     }
 }
 
@@ -413,7 +412,27 @@ mod tests {
             (String::new(), 1)
         );
         assert_eq!(framing(&[("content-length", "seven")]), (String::new(), 1));
+        assert_eq!(framing(&[("content-length", "+7")]), (String::new(), 1));
         assert_eq!(framing(&[("x-other", "7")]), (String::new(), 0));
+    }
+
+    /// The length a function declares for a HEAD's answer goes to the client as it came,
+    /// so it must be one: digits alone (`"+5".parse::<u64>()` succeeds).
+    #[test]
+    fn a_declared_length_is_digits_alone() {
+        let declared = |value: &str| {
+            declared_length(&map(&[("fn-http-h-content-length", value)]))
+                .map(|v| v.to_str().expect("ascii").to_owned())
+        };
+        assert_eq!(declared("5").as_deref(), Some("5"));
+        for bad in ["+5", "-5", " 5", "5 ", "five", ""] {
+            assert_eq!(declared(bad), None, "{bad:?}");
+        }
+        let twice = map(&[
+            ("fn-http-h-content-length", "5"),
+            ("fn-http-h-content-length", "5"),
+        ]);
+        assert_eq!(declared_length(&twice), None);
     }
 
     #[test]
@@ -628,7 +647,7 @@ mod tests {
             let client = fn_to_client(&reply);
             let lengths: Vec<&HeaderValue> = reply.get_all(CONTENT_LENGTH).iter().collect();
             let valid = lengths.len() == 1
-                && lengths[0].to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
+                && fn_protocol::content_length(lengths[0].as_bytes()).is_some();
             let expected = if valid { lengths } else { Vec::new() };
             prop_assert_eq!(client.get_all(CONTENT_LENGTH).iter().collect::<Vec<_>>(), expected);
             for name in client.keys() {
