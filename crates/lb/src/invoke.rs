@@ -766,8 +766,11 @@ fn server_timing(placement: Duration, cold_start: Option<Duration>, exec: Durati
 /// Translates the runner's response head; `Err` when it is unusable.
 fn head_of(meta: Option<HttpRespMeta>) -> Result<Head, String> {
     let meta = meta.ok_or("CallResultStart without a status")?;
+    // 100 to 599 (RFC 9110 15): `StatusCode` takes up to 999, which no client expects
+    // (the runner holds FDKs to 200-599; a runner that sends more breaks the contract).
     let status = u16::try_from(meta.status_code)
         .ok()
+        .filter(|s| (100..600).contains(s))
         .and_then(|s| StatusCode::from_u16(s).ok())
         .ok_or_else(|| format!("invalid status {} from the function", meta.status_code))?;
     if status.is_informational() {

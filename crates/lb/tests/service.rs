@@ -2530,6 +2530,10 @@ async fn answers_that_cannot_go_to_a_client_get_502_and_the_lb_keeps_serving() {
     for (header, value, named) in [
         ("x-fake-status", "101", "status 101"),
         ("x-fake-status", "103", "status 103"),
+        // RFC 9110's statuses end at 599; http's StatusCode takes up to 999.
+        ("x-fake-status", "600", "invalid status 600"),
+        ("x-fake-status", "999", "invalid status 999"),
+        ("x-fake-status", "99", "invalid status 99"),
         // Past http's HeaderMap limit (32,768): building the map would panic.
         (
             "x-fake-headers",
