@@ -455,10 +455,14 @@ impl CallBody {
         }
     }
 
-    fn finished_error(&self, f: &CallFinished) -> CallError {
-        match f.kind() {
-            ErrorKind::Timeout => CallError::Timeout(self.timeout, f.details.clone()),
-            kind => self.failed(format!("{kind:?}: {}", f.details)),
+    /// What the runner said of a call it ended, its words cut to a few KiB
+    /// ([`fn_protocol::cut_details`]): they go to the client and the log.
+    fn finished_error(&self, f: CallFinished) -> CallError {
+        let kind = f.kind();
+        let details = fn_protocol::cut_details(f.details);
+        match kind {
+            ErrorKind::Timeout => CallError::Timeout(self.timeout, details),
+            kind => self.failed(format!("{kind:?}: {details}")),
         }
     }
 
@@ -501,7 +505,7 @@ impl CallBody {
                         }
                         Some(runner_msg::Body::Finished(f)) => {
                             self.finished = true;
-                            Err(self.finished_error(&f))
+                            Err(self.finished_error(f))
                         }
                         _ => Err(self.failed("protocol error: expected CallResultStart")),
                     };
@@ -510,7 +514,7 @@ impl CallBody {
                     return Err(self.failed("the runner ended the stream without a result"));
                 }
                 HeadEvent::Message(Err(status)) => {
-                    return Err(self.failed(format!("{}: {}", status.code(), status.message())));
+                    return Err(self.failed(format!("{}: {}", status.code(), words(&status))));
                 }
             }
         }
@@ -581,7 +585,7 @@ impl CallBody {
                     return self.end(CallOutcome::RunnerFailed, Some(why));
                 }
                 Poll::Ready(Some(Err(status))) => {
-                    let why = format!("runner {} failed: {}", self.runner, status.message());
+                    let why = format!("runner {} failed: {}", self.runner, words(&status));
                     return self.end(CallOutcome::RunnerFailed, Some(why));
                 }
             };
@@ -610,7 +614,7 @@ impl CallBody {
                 }
                 Some(runner_msg::Body::Finished(f)) if !self.finished => {
                     self.finished = true;
-                    let err = self.finished_error(&f);
+                    let err = self.finished_error(f);
                     return self.end(CallOutcome::from(&err), Some(err.to_string()));
                 }
                 _ => {
@@ -761,6 +765,11 @@ fn server_timing(placement: Duration, cold_start: Option<Duration>, exec: Durati
     }
     metric("exec", exec);
     out
+}
+
+/// A runner's error status's message, cut to a few KiB ([`fn_protocol::cut_details`]).
+fn words(status: &tonic::Status) -> String {
+    fn_protocol::cut_details(status.message().to_owned())
 }
 
 /// Translates the runner's response head; `Err` when it is unusable.

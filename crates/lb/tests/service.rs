@@ -3045,6 +3045,43 @@ async fn one_runners_invalid_refusal_moves_the_call_on_and_everyones_is_a_500() 
     );
 }
 
+/// What a runner says of a call it refused or failed (up to 4 MiB on the wire) reaches the
+/// client, and the LB's log, cut to a few KiB, and says it was cut.
+#[tokio::test]
+async fn a_runners_long_details_reach_the_client_cut_to_a_few_kib() {
+    use fn_protocol::MAX_DETAILS_SHOWN;
+    use fn_test_support::fake_runner::VERBOSE_DETAILS_BYTES;
+    let pki = TestPki::new();
+    for (behaviour, status, said) in [
+        (
+            Behaviour::RefuseInvalidVerbosely,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "runners refuse this function: \u{20ac}",
+        ),
+        (
+            Behaviour::CommitThenFailVerbosely,
+            StatusCode::BAD_GATEWAY,
+            "the call failed after a runner took it: Crashed: \u{20ac}",
+        ),
+    ] {
+        let runners = fakes(&pki, &[behaviour]).await;
+        let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
+        let reply = post(&lb, "/r/demo/echo", "x").await;
+        assert_eq!(reply.status, status, "{behaviour:?}");
+        let message = reply.json_error();
+        assert!(
+            message.len() < MAX_DETAILS_SHOWN + 200,
+            "{behaviour:?}: a message of {} bytes",
+            message.len()
+        );
+        assert!(message.starts_with(said), "{behaviour:?}: {message}");
+        assert!(
+            message.ends_with(&format!(" of {VERBOSE_DETAILS_BYTES} bytes)")),
+            "{behaviour:?}: {message}"
+        );
+    }
+}
+
 /// A runner's report as the warm placer tests need it: `free_mb` free of 1024, `in_flight`
 /// calls, and `demo/echo` warm with one idle slot when `warm`.
 fn report(free_mb: u64, in_flight: u64, warm: bool) -> RunnerState {

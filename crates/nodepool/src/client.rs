@@ -459,12 +459,13 @@ impl RunnerClient {
                 Err(TryCallError::Refused {
                     address: self.address.clone(),
                     reason: ack.refusal(),
-                    details: ack.details,
+                    details: fn_protocol::cut_details(ack.details),
                 })
             }
-            Some(runner_msg::Body::Finished(f)) => {
-                Err(self.unanswered(format!("finished before acknowledging: {}", f.details)))
-            }
+            Some(runner_msg::Body::Finished(f)) => Err(self.unanswered(format!(
+                "finished before acknowledging: {}",
+                fn_protocol::cut_details(f.details)
+            ))),
             Some(_) => Err(self.unanswered("first message was not CallAcknowledged")),
             None => Err(self.unanswered("stream ended without an acknowledgement")),
         }

@@ -50,6 +50,28 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// Most bytes of a peer's own words (a refusal's or a `CallFinished`'s `details`) a receiver
+/// passes on to a client or logs ([`cut_details`]). A message may carry 4 MiB of them.
+pub const MAX_DETAILS_SHOWN: usize = 2048;
+
+/// `details` as a peer sent them, or, past [`MAX_DETAILS_SHOWN`] bytes, their first ones (cut
+/// at a character's boundary) and a note that says so, so that what a runner says cannot
+/// fill a client's error answer or the LB's log. Short details are handed back as they are.
+pub fn cut_details(mut details: String) -> String {
+    if details.len() <= MAX_DETAILS_SHOWN {
+        return details;
+    }
+    let whole = details.len();
+    let mut cut = MAX_DETAILS_SHOWN;
+    while !details.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    details.truncate(cut);
+    details.push_str(&format!(" ... (cut at {cut} of {whole} bytes)"));
+    details.shrink_to_fit();
+    details
+}
+
 /// Most bytes of a name ([`valid_name`]).
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -69,6 +91,18 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_details_are_cut_at_a_char_boundary_and_say_so() {
+        let short = "x".repeat(MAX_DETAILS_SHOWN);
+        assert_eq!(cut_details(short.clone()), short);
+        let long = "\u{20ac}".repeat(1000);
+        let kept = MAX_DETAILS_SHOWN / 3 * 3;
+        assert_eq!(
+            cut_details(long.clone()),
+            format!("{} ... (cut at {kept} of 3000 bytes)", &long[..kept])
+        );
+    }
 
     #[test]
     fn a_content_length_is_digits_alone() {

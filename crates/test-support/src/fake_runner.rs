@@ -52,6 +52,11 @@ pub enum Behaviour {
     RefuseInvalid,
     /// Refuse as draining (the runner is stopping).
     RefuseDraining,
+    /// Refuse as invalid, with [`VERBOSE_DETAILS_BYTES`] of details.
+    RefuseInvalidVerbosely,
+    /// Commit, then end the call as crashed before any result, with
+    /// [`VERBOSE_DETAILS_BYTES`] of details.
+    CommitThenFailVerbosely,
     /// Commit, then fail the stream with an error status before any result.
     CommitThenFail,
     /// Commit, then end the stream cleanly without a result or `CallFinished`.
@@ -77,6 +82,15 @@ pub enum Behaviour {
     /// Commit and answer 200 `unread` at once, without reading the request body (a function
     /// that ignores its input).
     AnswerUnread,
+}
+
+/// How long the details of [`Behaviour::RefuseInvalidVerbosely`] and
+/// [`Behaviour::CommitThenFailVerbosely`] are: `€` (3 bytes) over and over.
+pub const VERBOSE_DETAILS_BYTES: usize = 900_000;
+
+/// The details a verbose behaviour sends.
+fn verbose_details() -> String {
+    "\u{20ac}".repeat(VERBOSE_DETAILS_BYTES / 3)
 }
 
 /// The cold start a fake runner reports for the first call of each function.
@@ -589,11 +603,17 @@ async fn run(
             "fake runner: this runner has no container engine",
         )),
         Behaviour::RefuseDraining => Some((RefusalReason::Draining, "fake runner: draining")),
+        Behaviour::RefuseInvalidVerbosely => Some((RefusalReason::Invalid, "")),
         _ => None,
     } {
+        let details = if behaviour == Behaviour::RefuseInvalidVerbosely {
+            verbose_details()
+        } else {
+            details.into()
+        };
         let refusal = runner_msg::Body::Acknowledged(CallAcknowledged {
             committed: false,
-            details: details.into(),
+            details,
             slot_allocation_latency_us: 1,
             refusal: reason as i32,
             pool_version: 0,
@@ -620,6 +640,7 @@ async fn run(
         | Behaviour::RefuseTooLarge
         | Behaviour::RefuseInvalid
         | Behaviour::RefuseDraining
+        | Behaviour::RefuseInvalidVerbosely
         | Behaviour::NeverAcknowledge
         | Behaviour::HangUpUnacknowledged => Ending::Refused,
         Behaviour::CommitThenFail => {
@@ -630,6 +651,18 @@ async fn run(
             }
         }
         Behaviour::CommitThenHangUp => Ending::Failed, // dropping `tx` ends the stream
+        Behaviour::CommitThenFailVerbosely => {
+            let finished = runner_msg::Body::Finished(CallFinished {
+                success: false,
+                details: verbose_details(),
+                kind: ErrorKind::Crashed as i32,
+                pool_version: state.next_pool_version(),
+            });
+            match send(tx, finished).await {
+                Ok(()) => Ending::Failed,
+                Err(Gone) => Ending::LbWentAway,
+            }
+        }
         Behaviour::AnswerUnread => {
             let answer = [
                 runner_msg::Body::ResultStart(CallResultStart {
