@@ -796,6 +796,18 @@ mod tests {
         Decoded::<M, _>::response(body).collect().await
     }
 
+    /// `received`, a data message, holds `chunk`'s own memory: handed on without a copy.
+    fn assert_handed_on(received: &ClientMsg, chunk: &Bytes) {
+        let Some(client_msg::Body::Data(frame)) = &received.body else {
+            panic!("a data message: {received:?}");
+        };
+        assert_eq!(
+            frame.data.as_ptr(),
+            chunk.as_ptr(),
+            "the sent chunk's memory"
+        );
+    }
+
     #[test]
     fn the_engage_path_is_the_generated_services() {
         assert_eq!(
@@ -849,14 +861,7 @@ mod tests {
             panic!("the data message: {got:?}");
         };
         assert_eq!(received, &sent);
-        let Some(client_msg::Body::Data(frame)) = &received.body else {
-            panic!("a data message: {received:?}");
-        };
-        assert_eq!(
-            frame.data.as_ptr(),
-            chunk.as_ptr(),
-            "the sent chunk's memory"
-        );
+        assert_handed_on(received, &chunk);
     }
 
     #[test]
@@ -961,14 +966,7 @@ mod tests {
         let got = decoded.next().now_or_never().expect("whole");
         let received = got.expect("a message").expect("decodes");
         assert_eq!(received, honest);
-        let Some(client_msg::Body::Data(frame)) = &received.body else {
-            panic!("a data message: {received:?}");
-        };
-        assert_eq!(
-            frame.data.as_ptr(),
-            chunk.as_ptr(),
-            "the sent chunk's memory"
-        );
+        assert_handed_on(&received, &chunk);
         assert!(
             matches!(decoded.next().now_or_never(), Some(None)),
             "ends OK"
