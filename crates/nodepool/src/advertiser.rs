@@ -9,7 +9,8 @@
 //!
 //! It reads the [`CapacityTracker`] and never touches the call path. A group that went idle
 //! is advertised once more at zero and then forgotten. A failed advert is logged and the
-//! next tick tries again; tonic reconnects the channel underneath.
+//! next tick tries again with the figures it could not send (each group's high-water mark
+//! is kept until an advert reaches the npm); tonic reconnects the channel underneath.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -112,9 +113,10 @@ impl Advertiser {
     /// ([`MAX_GROUPS_PER_ADVERT`]; the npm refuses a longer one whole), those with the most
     /// demand, in name order among equals. The rest count as zero at the npm until they
     /// fit; the groups just gone idle are among them, and are sent when there is room.
-    fn within_the_npms_limit(&mut self, totals: BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    fn within_the_npms_limit(&mut self, totals: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
         let groups = totals.len();
-        let mut totals: Vec<(String, u64)> = totals.into_iter().collect();
+        let mut totals: Vec<(String, u64)> =
+            totals.iter().map(|(g, mb)| (g.clone(), *mb)).collect();
         if groups <= MAX_GROUPS_PER_ADVERT {
             if self.cut {
                 tracing::info!(groups, "capacity adverts carry every group's demand again");
@@ -147,7 +149,8 @@ impl Advertiser {
     async fn advertise(&mut self, leaving: bool) {
         // Sent even when empty: an advert is also the LB's heartbeat, so the npm purges
         // only LBs that are really gone.
-        let totals = self.within_the_npms_limit(self.tracker.snapshot_for_advert());
+        let demand = self.tracker.snapshot_for_advert();
+        let totals = self.within_the_npms_limit(&demand);
         let ts_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -172,8 +175,18 @@ impl Advertiser {
                 let sent: BTreeMap<&str, u64> =
                     totals.iter().map(|(g, mb)| (g.as_str(), *mb)).collect();
                 self.tracker.advertised(&sent);
+                // Groups cut from the advert keep their high-water mark for the next one.
+                self.tracker.not_advertised(
+                    demand
+                        .iter()
+                        .filter(|(g, _)| !sent.contains_key(g.as_str()))
+                        .map(|(g, mb)| (g.as_str(), *mb)),
+                );
             }
             Err(status) => {
+                // The npm heard none of it: the next advert carries this one's figures too.
+                self.tracker
+                    .not_advertised(demand.iter().map(|(g, mb)| (g.as_str(), *mb)));
                 if self.failing {
                     tracing::debug!(error = %status, "capacity advert failed");
                 } else {

@@ -109,6 +109,18 @@ impl CapacityTracker {
             .collect()
     }
 
+    /// Gives back high-water marks taken by [`CapacityTracker::snapshot_for_advert`] that
+    /// the npm did not hear (the advert failed, or left the group out), so that the next
+    /// advert carries them: a failed advert otherwise lost its interval's most demand.
+    pub fn not_advertised<'a>(&self, peaks: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut groups = self.lock();
+        for (group, mb) in peaks {
+            if let Some(d) = groups.get_mut(group) {
+                d.peak = d.peak.max(mb);
+            }
+        }
+    }
+
     /// Whether a group the npm believes idle has demand now: what an early advert is for.
     pub fn unannounced_demand(&self) -> bool {
         self.lock().values().any(|d| d.now > 0 && d.idle_at_npm)
@@ -177,6 +189,20 @@ mod tests {
         );
         drop(b);
         assert_eq!(t.snapshot()["g1"], 0);
+    }
+
+    #[test]
+    fn a_high_water_mark_not_advertised_is_kept_for_the_next_advert() {
+        let t = CapacityTracker::new();
+        drop(t.assign("g", 128));
+        let taken = t.snapshot_for_advert();
+        assert_eq!(taken["g"], 128);
+        assert_eq!(t.snapshot_for_advert()["g"], 0, "taken: the mark restarts");
+        t.not_advertised(taken.iter().map(|(g, mb)| (g.as_str(), *mb)));
+        t.not_advertised([("unknown", 512)]);
+        let again = t.snapshot_for_advert();
+        assert_eq!(again["g"], 128, "given back: {again:?}");
+        assert!(!again.contains_key("unknown"), "{again:?}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ struct NpmState {
     changes: tokio::sync::watch::Sender<u64>,
     /// When set, `WatchMembership` answers UNIMPLEMENTED (an npm from before the watch).
     no_watch: AtomicBool,
+    /// When set, `AdvertiseCapacity` fails with UNAVAILABLE; each refusal is counted.
+    refuse_adverts: AtomicBool,
+    refused_adverts: AtomicUsize,
 }
 
 impl NpmState {
@@ -50,6 +53,8 @@ impl NpmState {
             adverts: tx,
             changes: tokio::sync::watch::Sender::new(0),
             no_watch: AtomicBool::new(false),
+            refuse_adverts: AtomicBool::new(false),
+            refused_adverts: AtomicUsize::new(0),
         };
         (Arc::new(state), rx)
     }
@@ -80,6 +85,10 @@ impl NodePoolScaler for FakeNpm {
         &self,
         request: Request<CapacitySnapshotList>,
     ) -> Result<Response<()>, Status> {
+        if self.0.refuse_adverts.load(Ordering::SeqCst) {
+            self.0.refused_adverts.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::unavailable("adverts refused by the test"));
+        }
         // The receiver may be gone at the end of a test; nothing to report then.
         self.0.adverts.send(request.into_inner()).ok();
         Ok(Response::new(()))
@@ -733,6 +742,54 @@ async fn a_call_between_two_adverts_is_in_the_next_one() {
     assert_eq!(next.get("g"), Some(&128), "{next:?}");
     let after = totals(&next_advert(&mut rx).await);
     assert_eq!(after.get("g"), Some(&0), "the final zero: {after:?}");
+    cancel.cancel();
+    task.await.expect("joins").expect("ends");
+    server.stop().await;
+}
+
+/// Waits until the fake npm has refused more than `seen` adverts; returns how many.
+async fn refused_after(state: &NpmState, seen: usize) -> usize {
+    let start = tokio::time::Instant::now();
+    loop {
+        let refused = state.refused_adverts.load(Ordering::SeqCst);
+        if refused > seen {
+            return refused;
+        }
+        assert!(start.elapsed() < BOUND, "no advert refused after {seen}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An advert the npm did not take loses nothing: a call that came and went in its interval
+/// is in the first advert that reaches the npm afterwards.
+#[tokio::test]
+async fn a_failed_advert_leaves_its_figures_to_the_next_one() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, mut rx) = NpmState::new();
+    let server = Server::start(&tls, &state, None).await;
+    let tracker = CapacityTracker::new();
+    // Known to the npm as busy, so that the call below wakes no early advert.
+    let busy = tracker.assign("other", 64);
+    let (cancel, task) = advertise(&tracker, &server, &tls);
+    adverts_until(&mut rx, |_| {}, |t| t.get("other") == Some(&64)).await;
+
+    state.refuse_adverts.store(true, Ordering::SeqCst);
+    let refused = refused_after(&state, 0).await;
+    // On this (current-thread) runtime nothing else runs between these two lines.
+    drop(tracker.assign("g", 128));
+    // An advert with the call's figure is refused, and then one more.
+    let refused = refused_after(&state, refused).await;
+    refused_after(&state, refused).await;
+    while rx.try_recv().is_ok() {}
+    state.refuse_adverts.store(false, Ordering::SeqCst);
+    let next = totals(&next_advert(&mut rx).await);
+    assert_eq!(
+        next.get("g"),
+        Some(&128),
+        "the call's demand was lost: {next:?}"
+    );
+    drop(busy);
     cancel.cancel();
     task.await.expect("joins").expect("ends");
     server.stop().await;
