@@ -2534,10 +2534,17 @@ async fn answers_that_cannot_go_to_a_client_get_502_and_the_lb_keeps_serving() {
         ("x-fake-status", "600", "invalid status 600"),
         ("x-fake-status", "999", "invalid status 999"),
         ("x-fake-status", "99", "invalid status 99"),
-        // Past http's HeaderMap limit (32,768): building the map would panic.
+        // Past http's HeaderMap limit (32,768): building the map would panic. Refused
+        // before prost decodes them (`fn_protocol::wire`).
         (
             "x-fake-headers",
             "40000",
+            "more than 256 response headers in one message",
+        ),
+        // Fewer, in a message too short to be counted first: refused once decoded.
+        (
+            "x-fake-headers",
+            "300",
             "response headers from the function; at most 256",
         ),
     ] {

@@ -20,6 +20,8 @@ pub const MAX_URL_LEN: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 256;
 /// Most config entries accepted on one call.
 pub const MAX_CONFIG_ENTRIES: usize = 256;
+/// Most words in a function's command (the program and its arguments).
+pub const MAX_COMMAND_ARGS: usize = 1024;
 /// Longest call timeout accepted.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most calls one instance may take at once.
@@ -151,6 +153,13 @@ impl Definition<'_> {
         }
         if self.command.is_empty() && self.image.is_none_or(str::is_empty) {
             return Err(InvalidCall::Missing("command or image"));
+        }
+        if self.command.len() > MAX_COMMAND_ARGS {
+            return Err(InvalidCall::TooLong {
+                field: "command",
+                len: self.command.len(),
+                max: MAX_COMMAND_ARGS,
+            });
         }
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(invalid("command", "contains a NUL byte"));
@@ -602,6 +611,10 @@ mod tests {
             (|c| c.command = vec![String::new()], "command"),
             (|c| c.command = vec!["/usr/bin/env".into()], "command"),
             (|c| c.command = vec!["bin/../../x".into()], "command"),
+            (
+                |c| c.command = vec!["fn-echo".into(); MAX_COMMAND_ARGS + 1],
+                "command",
+            ),
             (
                 |c| {
                     c.config.insert("1BAD".into(), "x".into());

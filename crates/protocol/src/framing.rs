@@ -18,7 +18,9 @@
 //!
 //! Everything received is checked as tonic checks it: compressed or oversize messages, a
 //! body that ends inside a message, and a stream that ends without `grpc-status` are errors
-//! (a [`tonic::Status`]), and the stream ends after the first.
+//! (a [`tonic::Status`]), and the stream ends after the first. So is a message whose
+//! repeated fields hold more entries than a call may have ([`crate::wire`]), counted before
+//! prost decodes them.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
@@ -34,6 +36,7 @@ use tonic::{Code, Status};
 use crate::call::{CallSpec, SendTimes};
 use crate::opening::Opening;
 use crate::runner::{ClientMsg, DataFrame, RunnerMsg, client_msg, runner_msg};
+use crate::wire::{CHECKED_FROM, WireLimits};
 
 /// The Engage method's HTTP/2 path (`/<package>.<service>/<method>`), for the client and
 /// the server that frame its stream with this module.
@@ -564,7 +567,7 @@ impl<M, B> Decoded<M, B> {
 /// long body chunk in a frame of its own ([`EncodeBody`]), so a chunk arrives as one or a
 /// few frames of its own and is handed on without being copied, though its message starts
 /// in the frame before and ends in the frame after.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Received {
     /// The slice being read; empty only when everything is read.
     first: Bytes,
@@ -634,7 +637,7 @@ impl Buf for Received {
 
 impl<M, B> Stream for Decoded<M, B>
 where
-    M: prost::Message + Default,
+    M: prost::Message + Default + WireLimits,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -646,6 +649,15 @@ where
             if !this.done || this.buffered > 0 {
                 match this.next_message() {
                     Ok(Some(bytes)) => {
+                        // Counted before prost decodes them: see `crate::wire`.
+                        if bytes.remaining() >= CHECKED_FROM
+                            && let Err(too_many) = M::check_wire(bytes.clone())
+                        {
+                            this.fail();
+                            return Poll::Ready(Some(Err(Status::out_of_range(format!(
+                                "a message refused before decoding: {too_many}"
+                            )))));
+                        }
                         return Poll::Ready(Some(M::decode(bytes).map_err(|e| {
                             this.fail();
                             Status::internal(format!("cannot decode a message: {e}"))
@@ -792,7 +804,9 @@ mod tests {
             .block_on(f)
     }
 
-    async fn decode_all<M: prost::Message + Default>(body: TestBody) -> Vec<Result<M, Status>> {
+    async fn decode_all<M: prost::Message + Default + WireLimits>(
+        body: TestBody,
+    ) -> Vec<Result<M, Status>> {
         Decoded::<M, _>::response(body).collect().await
     }
 
@@ -996,6 +1010,30 @@ mod tests {
         };
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(status.message().contains("broke"), "{status:?}");
+    }
+
+    /// A message of 2 million empty headers (4 MiB, within the size limit) is refused by
+    /// their count before prost decodes them into some 128 MiB, however its frames are cut.
+    #[test]
+    fn a_message_of_too_many_headers_is_refused_before_it_is_decoded() {
+        let msg = crate::wire::empty_headers(2_000_000);
+        assert!(msg.len() < MAX_MESSAGE_BYTES);
+        let mut wire = vec![0];
+        wire.extend_from_slice(&u32::try_from(msg.len()).expect("small").to_be_bytes());
+        wire.extend_from_slice(&msg);
+        for cuts in [vec![], vec![3, 70_000, 1_000_000]] {
+            let got: Vec<Result<ClientMsg, Status>> =
+                block_on(Decoded::request(body_of(&wire, &cuts, None)).collect());
+            assert_eq!(got.len(), 1, "the error alone: {} items", got.len());
+            let Err(status) = &got[0] else {
+                panic!("decoded: {cuts:?}");
+            };
+            assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+            assert!(
+                status.message().contains("more than 256 request headers"),
+                "{status:?}"
+            );
+        }
     }
 
     #[test]

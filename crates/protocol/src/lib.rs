@@ -8,6 +8,8 @@
 //! - [`batch`]: messages gathered into batches that leave in one write.
 //! - [`framing`]: gRPC's message framing for the Engage stream, without copying body chunks,
 //!   and (`opening`) the message that opens it, encoded straight from a [`CallSpec`].
+//! - [`wire`]: counts of a received message's repeated fields, checked before prost
+//!   decodes it.
 //!
 //! This crate depends on no daemon; daemons meet only through it.
 
@@ -15,6 +17,7 @@ pub mod batch;
 pub mod call;
 pub mod framing;
 mod opening;
+pub mod wire;
 
 /// Generated types of `proto/runner.proto` (package `dataplane.runner.v1`).
 #[allow(missing_debug_implementations, clippy::all)]

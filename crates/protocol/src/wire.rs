@@ -1,0 +1,442 @@
+//! Counts of a message's repeated fields, read from its wire bytes before prost decodes it.
+//!
+//! prost decodes a repeated field whole before anything can count it, and an entry that is
+//! two bytes on the wire (a key and a zero length) becomes a struct of its own: a `Header`
+//! of two `Bytes` is 64 bytes, a `String` of `command` 24, and their `Vec` doubles as it
+//! grows. A 4 MiB message ([`crate::framing::MAX_MESSAGE_BYTES`]) of empty headers decoded
+//! into some 2 million of them, 128–192 MiB held at once before the call's own check
+//! ([`crate::call::MAX_HEADERS`]) refused it. [`WireLimits::check_wire`] counts those
+//! fields first, over the bytes as received, and refuses a message over a limit before any
+//! of it is decoded; [`crate::framing::Decoded`] calls it for every message long enough to
+//! matter ([`CHECKED_FROM`]).
+//!
+//! The walk follows protobuf's rules where they decide a count: every occurrence of a
+//! submessage field counts toward the same total (prost merges them into one), and groups
+//! are skipped as prost skips them. Bytes it cannot read (a truncated length, a field
+//! number 0, a reserved wire type) end the walk without an error: prost refuses the same
+//! bytes with its own message.
+
+use bytes::Buf;
+
+use crate::call::{MAX_COMMAND_ARGS, MAX_CONFIG_ENTRIES, MAX_HEADERS};
+use crate::runner::{ClientMsg, RunnerMsg};
+
+/// Messages shorter than this are decoded unchecked: their repeated fields cannot take
+/// more than some 512 KiB once decoded, and the call's own checks refuse them after.
+pub const CHECKED_FROM: usize = 16 * 1024;
+
+/// Limits on the repeated fields of a message type, checked on its wire bytes.
+pub trait WireLimits {
+    /// Refuses a message whose repeated fields hold more entries than their limits.
+    ///
+    /// # Errors
+    /// Which field, and its limit.
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany>;
+}
+
+/// A repeated field over its limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("more than {max} {field} in one message")]
+pub struct TooMany {
+    pub field: &'static str,
+    pub max: usize,
+}
+
+/// A repeated field to count: its number in the message at the end of a path.
+struct Counted {
+    number: u32,
+    field: &'static str,
+    max: usize,
+}
+
+impl WireLimits for ClientMsg {
+    /// `ClientMsg.try_call` (1) → `TryCall.call` (1) → `Call`'s headers (7), command (11)
+    /// and config (13).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const CALL: [Counted; 3] = [
+            Counted {
+                number: 7,
+                field: "request headers",
+                max: MAX_HEADERS,
+            },
+            Counted {
+                number: 11,
+                field: "command arguments",
+                max: MAX_COMMAND_ARGS,
+            },
+            Counted {
+                number: 13,
+                field: "config entries",
+                max: MAX_CONFIG_ENTRIES,
+            },
+        ];
+        check(bytes, &[1, 1], &CALL)
+    }
+}
+
+impl WireLimits for RunnerMsg {
+    /// `RunnerMsg.result_start` (2) → `CallResultStart.http` (1) → `HttpRespMeta`'s
+    /// headers (2).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const META: [Counted; 1] = [Counted {
+            number: 2,
+            field: "response headers",
+            max: MAX_HEADERS,
+        }];
+        check(bytes, &[2, 1], &META)
+    }
+}
+
+/// Counts `counted` in every submessage at `path` within `bytes`.
+fn check(mut bytes: impl Buf, path: &[u32], counted: &[Counted]) -> Result<(), TooMany> {
+    let mut counts = [0usize; 4];
+    debug_assert!(counted.len() <= counts.len());
+    // Stopped early or not: what was not read is for prost to refuse.
+    let _read = walk(&mut bytes, 0, path, counted, &mut counts)?;
+    Ok(())
+}
+
+/// The walk stopped at bytes it cannot read (prost refuses them).
+struct Unreadable;
+
+/// Walks the fields of one message: `buf`'s bytes until `end` of them remain. The
+/// submessages at `path` are walked in place (their end is another `end`), so that every
+/// level reads the same `buf`. `Ok(Err(Unreadable))` when it stopped early.
+fn walk<B: Buf>(
+    buf: &mut B,
+    end: usize,
+    path: &[u32],
+    counted: &[Counted],
+    counts: &mut [usize],
+) -> Result<Result<(), Unreadable>, TooMany> {
+    while buf.remaining() > end {
+        let Some((number, wire_type)) = key(buf, end) else {
+            return Ok(Err(Unreadable));
+        };
+        let read = match wire_type {
+            0 => varint(buf, end).map(drop).ok_or(Unreadable),
+            1 => skip(buf, end, 8),
+            5 => skip(buf, end, 4),
+            3 => skip_group(buf, end, number, 0),
+            2 => {
+                let Some(len) = length(buf, end) else {
+                    return Ok(Err(Unreadable));
+                };
+                match path.split_first() {
+                    Some((&next, deeper)) if number == next => {
+                        let inner_end = buf.remaining() - len;
+                        match walk(buf, inner_end, deeper, counted, counts)? {
+                            // What the inner walk left unread, for the walk to go on.
+                            Ok(()) => Ok(()),
+                            Err(Unreadable) => skip(buf, end, buf.remaining() - inner_end),
+                        }
+                    }
+                    Some(_) => skip(buf, end, len),
+                    None => {
+                        for (c, count) in counted.iter().zip(counts.iter_mut()) {
+                            if c.number == number {
+                                *count += 1;
+                                if *count > c.max {
+                                    return Err(TooMany {
+                                        field: c.field,
+                                        max: c.max,
+                                    });
+                                }
+                            }
+                        }
+                        skip(buf, end, len)
+                    }
+                }
+            }
+            // An end of group with no start, or a reserved wire type.
+            _ => Err(Unreadable),
+        };
+        if let Err(unreadable) = read {
+            return Ok(Err(unreadable));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Deepest nesting of groups skipped (prost's own recursion limit).
+const MAX_GROUP_DEPTH: u32 = 100;
+
+/// Skips a group's fields up to its end (the end group of the same number).
+fn skip_group(buf: &mut impl Buf, end: usize, number: u32, depth: u32) -> Result<(), Unreadable> {
+    if depth >= MAX_GROUP_DEPTH {
+        return Err(Unreadable);
+    }
+    loop {
+        let (inner, wire_type) = key(buf, end).ok_or(Unreadable)?;
+        match wire_type {
+            0 => varint(buf, end).map(drop).ok_or(Unreadable)?,
+            1 => skip(buf, end, 8)?,
+            5 => skip(buf, end, 4)?,
+            2 => {
+                let len = length(buf, end).ok_or(Unreadable)?;
+                skip(buf, end, len)?;
+            }
+            3 => skip_group(buf, end, inner, depth + 1)?,
+            4 if inner == number => return Ok(()),
+            _ => return Err(Unreadable),
+        }
+    }
+}
+
+/// A field's number and wire type; `None` for a number 0 or past `u32`.
+fn key(buf: &mut impl Buf, end: usize) -> Option<(u32, u8)> {
+    let key = varint(buf, end)?;
+    let number = u32::try_from(key >> 3).ok().filter(|&n| n > 0)?;
+    // Three bits: the cast keeps them all.
+    #[allow(clippy::cast_possible_truncation)]
+    let wire_type = (key & 7) as u8;
+    Some((number, wire_type))
+}
+
+/// A length-delimited field's length, when that many bytes follow before `end`.
+fn length(buf: &mut impl Buf, end: usize) -> Option<usize> {
+    let len = usize::try_from(varint(buf, end)?).ok()?;
+    (len <= buf.remaining() - end).then_some(len)
+}
+
+/// Skips `len` bytes, when that many come before `end`.
+fn skip(buf: &mut impl Buf, end: usize, len: usize) -> Result<(), Unreadable> {
+    if len > buf.remaining().saturating_sub(end) {
+        return Err(Unreadable);
+    }
+    buf.advance(len);
+    Ok(())
+}
+
+/// A base-128 varint of at most 10 bytes, all before `end`.
+fn varint(buf: &mut impl Buf, end: usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..70).step_by(7) {
+        if buf.remaining() <= end {
+            return None;
+        }
+        let byte = buf.get_u8();
+        value |= u64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// A `ClientMsg` opening a call of `n` empty headers, 2 bytes each on the wire (as no
+/// honest LB sends them: prost would decode them all).
+#[cfg(test)]
+pub(crate) fn empty_headers(n: usize) -> Vec<u8> {
+    // ClientMsg.try_call → TryCall.call → Call with headers (field 7) each `3a 00`.
+    let call: Vec<u8> = std::iter::repeat_n([0x3a, 0x00], n).flatten().collect();
+    let mut try_call = vec![0x0a];
+    prost::encoding::encode_varint(call.len() as u64, &mut try_call);
+    try_call.extend_from_slice(&call);
+    let mut msg = vec![0x0a];
+    prost::encoding::encode_varint(try_call.len() as u64, &mut msg);
+    msg.extend_from_slice(&try_call);
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::{
+        Call, CallResultStart, DataFrame, Header, HttpRespMeta, TryCall, client_msg, runner_msg,
+    };
+    use prost::Message;
+
+    fn opening(call: Call) -> Vec<u8> {
+        ClientMsg {
+            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
+                call: Some(call),
+            }))),
+        }
+        .encode_to_vec()
+    }
+
+    fn headers(n: usize) -> Vec<Header> {
+        (0..n)
+            .map(|i| Header {
+                name: format!("x-h{i}").into_bytes().into(),
+                value: bytes::Bytes::from_static(b"v"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_call_within_the_limits_passes_and_one_over_them_is_refused() {
+        let at_limit = Call {
+            headers: headers(MAX_HEADERS),
+            command: vec!["a".into(); MAX_COMMAND_ARGS],
+            config: (0..MAX_CONFIG_ENTRIES)
+                .map(|i| (format!("K{i}"), "v".into()))
+                .collect(),
+            ..Call::default()
+        };
+        assert_eq!(
+            ClientMsg::check_wire(&opening(at_limit.clone())[..]),
+            Ok(())
+        );
+
+        let mut over = at_limit.clone();
+        over.headers = headers(MAX_HEADERS + 1);
+        let err = ClientMsg::check_wire(&opening(over)[..]).expect_err("headers");
+        assert_eq!(err.field, "request headers");
+        let mut over = at_limit.clone();
+        over.command.push("b".into());
+        let err = ClientMsg::check_wire(&opening(over)[..]).expect_err("command");
+        assert_eq!(err.field, "command arguments");
+        let mut over = at_limit;
+        over.config.insert("extra".into(), String::new());
+        let err = ClientMsg::check_wire(&opening(over)[..]).expect_err("config");
+        assert_eq!(err.field, "config entries");
+    }
+
+    /// Empty entries, the cheapest on the wire and the dearest decoded, are counted.
+    #[test]
+    fn two_million_empty_headers_are_refused_before_decoding() {
+        let msg = empty_headers(2_000_000);
+        let err = ClientMsg::check_wire(&msg[..]).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!("more than {MAX_HEADERS} request headers in one message")
+        );
+    }
+
+    /// prost merges every occurrence of a submessage field into one, so their entries add up.
+    #[test]
+    fn entries_spread_over_repeated_submessages_add_up() {
+        let half = opening(Call {
+            headers: headers(MAX_HEADERS / 2 + 1),
+            ..Call::default()
+        });
+        let twice = [half.clone(), half].concat();
+        let decoded = ClientMsg::decode(&twice[..]).expect("prost merges them");
+        let Some(client_msg::Body::TryCall(try_call)) = decoded.body else {
+            panic!("not a TryCall");
+        };
+        let call = try_call.call.expect("a call");
+        assert_eq!(call.headers.len(), MAX_HEADERS + 2, "merged by prost");
+        assert!(ClientMsg::check_wire(&twice[..]).is_err());
+    }
+
+    /// A group (which prost skips) before the call does not hide the call's fields.
+    #[test]
+    fn a_group_before_the_call_is_skipped_not_a_stop() {
+        let over = opening(Call {
+            headers: headers(MAX_HEADERS + 1),
+            ..Call::default()
+        });
+        // Field 9 as a group holding a varint field and a nested group, then its end.
+        let mut msg = vec![0x4b, 0x08, 0x01, 0x53, 0x54, 0x4c];
+        msg.extend_from_slice(&over);
+        let decoded = ClientMsg::decode(&msg[..]).expect("prost skips the group");
+        assert!(decoded.body.is_some());
+        assert!(ClientMsg::check_wire(&msg[..]).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The walk refuses exactly the calls whose decoded fields are over their limits,
+        /// their entries spread over one or two `TryCall`s (which prost merges).
+        #[test]
+        fn refuses_exactly_what_is_over_a_limit(
+            headers_n in 0..MAX_HEADERS + 8,
+            command_n in 0..MAX_COMMAND_ARGS + 8,
+            config_n in 0..MAX_CONFIG_ENTRIES + 8,
+            split in 0usize..3,
+            id in "[a-z0-9]{0,40}",
+        ) {
+            let whole = Call {
+                id,
+                headers: headers(headers_n),
+                command: vec!["a".into(); command_n],
+                config: (0..config_n).map(|i| (format!("K{i}"), "v".into())).collect(),
+                ..Call::default()
+            };
+            let bytes = if split == 0 {
+                opening(whole)
+            } else {
+                // Each field's entries spread over two messages (config by distinct keys).
+                let mut first = whole.clone();
+                let mut second = Call {
+                    headers: first.headers.split_off(headers_n / 2),
+                    command: first.command.split_off(command_n / 2),
+                    ..Call::default()
+                };
+                let keys: Vec<String> = first.config.keys().skip(config_n / 2).cloned().collect();
+                for k in keys {
+                    let v = first.config.remove(&k).expect("listed");
+                    second.config.insert(k, v);
+                }
+                [opening(first), opening(second)].concat()
+            };
+            let decoded = ClientMsg::decode(&bytes[..]).expect("decodes");
+            let Some(client_msg::Body::TryCall(try_call)) = decoded.body else {
+                panic!("not a TryCall");
+            };
+            let call = try_call.call.expect("a call");
+            let over = call.headers.len() > MAX_HEADERS
+                || call.command.len() > MAX_COMMAND_ARGS
+                || call.config.len() > MAX_CONFIG_ENTRIES;
+            proptest::prop_assert_eq!(ClientMsg::check_wire(&bytes[..]).is_err(), over);
+        }
+
+        /// Any bytes at all: the walk ends, without a panic.
+        #[test]
+        fn any_bytes_are_walked_without_a_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = ClientMsg::check_wire(&bytes[..]);
+            let _ = RunnerMsg::check_wire(&bytes[..]);
+        }
+    }
+
+    #[test]
+    fn a_response_with_too_many_headers_is_refused() {
+        let start = |n| {
+            RunnerMsg {
+                body: Some(runner_msg::Body::ResultStart(CallResultStart {
+                    http: Some(HttpRespMeta {
+                        status_code: 200,
+                        headers: headers(n),
+                    }),
+                    cold_start_us: 0,
+                })),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(RunnerMsg::check_wire(&start(MAX_HEADERS)[..]), Ok(()));
+        let err = RunnerMsg::check_wire(&start(MAX_HEADERS + 1)[..]).expect_err("over");
+        assert_eq!(err.field, "response headers");
+    }
+
+    #[test]
+    fn data_and_unreadable_bytes_pass_to_prost() {
+        let data = RunnerMsg {
+            body: Some(runner_msg::Body::Data(DataFrame {
+                data: vec![0x3a; 100_000].into(),
+                eof: false,
+            })),
+        }
+        .encode_to_vec();
+        assert_eq!(RunnerMsg::check_wire(&data[..]), Ok(()));
+        for bytes in [
+            &[0x0a, 0x05, 0x0a][..], // a length past the end
+            &[0x00, 0x01][..],       // field number 0
+            &[0x0e][..],             // wire type 6
+            &[0x0c][..],             // an end group with no start
+            &[0xff; 11][..],         // a varint of 11 bytes
+            &[0x0b, 0x08, 0x01][..], // a group with no end
+        ] {
+            assert_eq!(ClientMsg::check_wire(bytes), Ok(()), "{bytes:02x?}");
+            assert!(
+                ClientMsg::decode(bytes).is_err(),
+                "prost refuses {bytes:02x?}"
+            );
+        }
+    }
+}
