@@ -349,8 +349,16 @@ impl DockerMetrics {
     }
 
     /// The function's label, or the empty one once [`MAX_FUNCTION_SERIES`] functions have
-    /// one.
+    /// one, or for names no catalog accepts ([`fn_protocol::valid_name`]): an honest LB
+    /// sends its catalog's names, and the wire allows 256 bytes of almost anything, which
+    /// a peer making names up could turn into scrapes of megabytes.
     fn label(&self, spec: &InstanceSpec) -> FunctionLabel {
+        if !fn_protocol::valid_name(&spec.app) || !fn_protocol::valid_name(&spec.function) {
+            return FunctionLabel {
+                app: String::new(),
+                function: String::new(),
+            };
+        }
         let label = FunctionLabel {
             app: spec.app.clone(),
             function: spec.function.clone(),
@@ -1461,6 +1469,8 @@ mod tests {
         }
         metrics.failed(&other("_other"));
         metrics.failed(&spec("f0".into()));
+        // A name no catalog accepts (the wire takes 256 bytes of almost anything).
+        metrics.failed(&spec("f 0 \"é\"".repeat(20)));
         let text = fn_lifecycle::metrics::encode(&registry).expect("encoded");
         let series = text
             .lines()
@@ -1468,8 +1478,8 @@ mod tests {
             .count();
         assert_eq!(series, MAX_FUNCTION_SERIES + 1, "one for the rest");
         assert!(
-            text.contains(r#"fn_runner_container_start_failures_total{app="",function=""} 501"#),
-            "the rest counted together"
+            text.contains(r#"fn_runner_container_start_failures_total{app="",function=""} 502"#),
+            "the rest counted together, and the names no catalog accepts"
         );
         assert!(
             text.contains(
