@@ -659,6 +659,7 @@ impl From<DriverError> for Outcome {
             DriverError::Crashed(_) => ErrorKind::Crashed,
             DriverError::Function(_) | DriverError::Failed(_) => ErrorKind::Function,
             DriverError::TimedOut(_) => ErrorKind::Timeout,
+            DriverError::Runner(_) => ErrorKind::Internal,
         };
         Outcome {
             serves_on: err.instance_serves_on(),

@@ -1589,7 +1589,8 @@ async fn a_body_cut_short_by_an_early_answer_never_reaches_the_function_as_compl
 // An FDK's own report on a call, and an instance that does not start in time.
 
 /// Starts instances that answer `ok`, unless a call carries `x-report: failed` (the FDK's
-/// own 502: the function raised) or `x-report: timed-out` (its 504); counts its starts.
+/// own 502: the function raised), `x-report: timed-out` (its 504) or `x-report: exhausted`
+/// (the runner out of descriptors to connect); counts its starts.
 /// With `start_after`, a start takes that long and then fails.
 #[derive(Debug, Default)]
 struct Reporting {
@@ -1636,6 +1637,9 @@ impl Instance for ReportingInstance {
                 Some(b"timed-out") => Err(DriverError::TimedOut(
                     "its FDK answered 504: it saw the call's deadline pass".into(),
                 )),
+                Some(b"exhausted") => Err(DriverError::Runner(
+                    "cannot connect: Too many open files (os error 24)".into(),
+                )),
                 _ => Ok(FunctionResponse {
                     status: http::StatusCode::OK,
                     headers: http::HeaderMap::new(),
@@ -1659,7 +1663,9 @@ impl Instance for ReportingInstance {
 /// An FDK's 502 (the function raised) ends the call as the function's failure, and its 504
 /// as a timeout, with no answer for the client (the LB answers with its JSON error), and
 /// the instance takes the next call, as under Fn's agent: before, the FDK's answer went to
-/// the client, body and all, and the call counted as a success.
+/// the client, body and all, and the call counted as a success. The runner out of
+/// descriptors to reach the instance ends the call as its own (internal) fault, and the
+/// instance serves on: it was retired as a misbehaving function's.
 #[tokio::test]
 async fn an_fdks_report_of_a_failure_or_a_timeout_ends_the_call_so_and_keeps_the_instance() {
     let driver = Arc::new(Reporting::default());
@@ -1681,6 +1687,7 @@ async fn an_fdks_report_of_a_failure_or_a_timeout_ends_the_call_so_and_keeps_the
             ErrorKind::Timeout,
             "saw the call's deadline pass",
         ),
+        ("exhausted", ErrorKind::Internal, "Too many open files"),
     ] {
         let mut reported = call("fn-report", Duration::from_secs(10));
         reported.headers.push(header("x-report", report));
@@ -1702,9 +1709,10 @@ async fn an_fdks_report_of_a_failure_or_a_timeout_ends_the_call_so_and_keeps_the
     assert_eq!(driver.starts.load(Ordering::SeqCst), 1);
     let text = fn_lifecycle::metrics::encode(&runner.registry).expect("encodes");
     for line in [
-        "fn_runner_calls_total{outcome=\"success\"} 3\n",
+        "fn_runner_calls_total{outcome=\"success\"} 4\n",
         "fn_runner_calls_total{outcome=\"function_error\"} 1\n",
         "fn_runner_calls_total{outcome=\"timeout\"} 1\n",
+        "fn_runner_calls_total{outcome=\"internal\"} 1\n",
     ] {
         assert!(text.contains(line), "{line:?} missing from\n{text}");
     }

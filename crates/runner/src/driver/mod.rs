@@ -147,13 +147,22 @@ pub enum DriverError {
     /// call timed out, and the instance serves on, as under Fn's agent.
     #[error("function timed out: {0}")]
     TimedOut(String),
+    /// The runner could not reach the instance for want of its own resources (out of file
+    /// descriptors or memory: `EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`): the runner's fault,
+    /// not the function's. The call never reached the instance, which serves on.
+    #[error("runner error: {0}")]
+    Runner(String),
 }
 
 impl DriverError {
     /// Whether the instance answered the call as its contract says and can take the next
-    /// one: the FDK reported the function's failure or timeout itself.
+    /// one: the FDK reported the function's failure or timeout itself, or the call never
+    /// reached it (the runner's own fault).
     pub fn instance_serves_on(&self) -> bool {
-        matches!(self, DriverError::Failed(_) | DriverError::TimedOut(_))
+        matches!(
+            self,
+            DriverError::Failed(_) | DriverError::TimedOut(_) | DriverError::Runner(_)
+        )
     }
 }
 

@@ -10,11 +10,12 @@ use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fn_lifecycle::logging::Throttle;
 use fn_lifecycle::retry::Backoff;
 use futures::{Stream, StreamExt};
 use http::Request;
@@ -68,6 +69,37 @@ const KEPT_IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// runner's peak RSS under 0–1 MiB bodies at c=64 rose from about 30 to 40 MB
 /// (docs/performance-log.md, session 18).
 const FUNCTION_READ_BUFFER: usize = 256 * 1024;
+
+/// Warnings of the runner out of descriptors or memory when reaching an instance: one a
+/// second for the whole runner (the condition is the process's own, and every call to
+/// every instance may meet it), the rest at DEBUG.
+static EXHAUSTION_WARNINGS: LazyLock<Throttle> =
+    LazyLock::new(|| Throttle::new(Duration::from_secs(1)));
+
+/// Whether `error` is the runner's own want of a resource (file descriptors, the system's
+/// file table, memory, socket buffers) rather than anything the instance did.
+fn runner_exhausted(error: &std::io::Error) -> bool {
+    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(
+        error.raw_os_error(),
+        Some(EMFILE | ENFILE | ENOMEM | ENOBUFS)
+    )
+}
+
+/// The error of reaching `instance` when the runner is out of a resource
+/// ([`runner_exhausted`]): the runner's fault, reported at once (there is no end of the
+/// instance to wait for) and leaving the instance in service.
+#[cold]
+fn exhausted(instance: &str, what: &str, error: &std::io::Error) -> DriverError {
+    fn_lifecycle::warn_throttled!(
+        EXHAUSTION_WARNINGS,
+        %instance,
+        %error,
+        "{what}: the runner is out of file descriptors or memory (raise its RLIMIT_NOFILE or \
+         memory); the call fails as the runner's fault and the instance serves on"
+    );
+    DriverError::Runner(format!("{what}: {error}"))
+}
 
 /// The error of an answer whose head the runner does not take.
 #[cold]
@@ -298,6 +330,9 @@ impl SocketClient {
         // unless a call's answer still holds it.
         let stream = match self.connect().await {
             Ok(stream) => stream,
+            Err(e) if runner_exhausted(&e) => {
+                return Err(exhausted(&self.instance, "cannot connect", &e));
+            }
             Err(e) => return Err(self.liveness.failure("cannot connect", e, deadline).await),
         };
         let handshake = http1::Builder::new()
@@ -478,8 +513,9 @@ impl SocketClient {
 /// as an event.
 ///
 /// # Errors
-/// [`DriverError::Start`] when the instance ended first or the time ran out; the caller kills
-/// the instance then.
+/// [`DriverError::Start`] when the instance ended first or the time ran out,
+/// [`DriverError::Runner`] when the runner is out of descriptors or memory to look; the
+/// caller kills the instance then.
 pub(crate) async fn wait_for_listener(
     client: &SocketClient,
     start_timeout: Duration,
@@ -505,6 +541,14 @@ pub(crate) async fn wait_for_listener(
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 return Err(DriverError::Start(e.to_string()));
+            }
+            // The runner cannot look: waiting on would end in a timeout blaming the function.
+            Err(e) if runner_exhausted(&e) => {
+                return Err(exhausted(
+                    &client.instance,
+                    "cannot look for the listener",
+                    &e,
+                ));
             }
             // Not there yet, or not a socket yet.
             Err(_) => {}
