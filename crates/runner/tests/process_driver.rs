@@ -161,6 +161,25 @@ async fn echo_is_byte_exact_and_reuses_one_process() {
     assert!(instance.is_alive());
 }
 
+/// A function is the OOM killer's pick before the runner it shares a memory cgroup with:
+/// the wrapper raises the instance's `oom_score_adj` to the most (1000) before the program
+/// runs, where it had the runner's.
+#[tokio::test]
+async fn a_function_is_the_oom_killers_pick_before_the_runner() {
+    let fx = fixture();
+    let instance = fx
+        .driver
+        .start(&spec("fn-echo"), "c", START)
+        .await
+        .expect("start");
+    let pid = instance.pid().expect("pid");
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).expect("read");
+    assert_eq!(adj.trim(), "1000", "the instance's oom_score_adj");
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").expect("read");
+    assert_ne!(own.trim(), "1000", "the test's own was raised");
+    instance.kill();
+}
+
 #[tokio::test]
 async fn headers_translate_both_ways() {
     let fx = fixture();

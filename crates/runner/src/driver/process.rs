@@ -73,7 +73,11 @@ const WRAPPER_SHELL: &str = "/bin/sh";
 ///    whole process group when the lifeline closes — when the runner drops the instance or
 ///    dies, even by `SIGKILL` (the kernel closes its end). Without it a crashed runner would
 ///    leave its functions running as orphans;
-/// 3. it execs the program with stdin from `/dev/null` and the lifeline closed: same pid,
+/// 3. it raises its own `oom_score_adj` to 1000 (any process may raise its own; the
+///    program and its children inherit it; the watchdog, started before, does not), so that
+///    a function sharing the runner's memory cgroup is the OOM killer's pick before the
+///    runner. A failure (no `/proc`) is ignored: the function runs as before;
+/// 4. it execs the program with stdin from `/dev/null` and the lifeline closed: same pid,
 ///    process group and user, so the program is the instance's process.
 ///
 /// If the runner goes away before the gate opens, `read` sees end-of-file and the program
@@ -83,6 +87,7 @@ for n in $FN_RESTORE_CONFIG; do eval "export $n=\"\${FN_ISOLATE_CONFIG_$n}\"; un
 unset FN_RESTORE_CONFIG
 exec 3<&0 </dev/null
 ( read -r gone <&3; kill -9 0 ) >/dev/null 2>&1 &
+{ echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null || true
 exec 3<&- "$0" "$@"
 "#;
 
