@@ -863,8 +863,10 @@ impl RunnerService {
                     Err(InboundError::Protocol(msg)) => {
                         break Some(Outcome::of(ErrorKind::Protocol, format!("protocol error: {msg}")));
                     }
+                    // Any HTTP client can cause it at every call (it hangs up): DEBUG, as
+                    // the LB logs it; counted as `lb_went_away`.
                     Err(InboundError::Gone(msg)) => {
-                        tracing::info!(reason = %msg, "LB stream ended mid-call; aborting the call");
+                        tracing::debug!(reason = %msg, "LB stream ended mid-call; aborting the call");
                         break None;
                     }
                 },
@@ -872,7 +874,7 @@ impl RunnerService {
                 // receiver closing. Not only once the body is in: a pump waiting for the
                 // function to take the body it has reads nothing from the LB meanwhile.
                 () = out.lb_gone() => {
-                    tracing::info!("LB went away mid-call; aborting the call");
+                    tracing::debug!("LB went away mid-call; aborting the call");
                     break None;
                 }
                 // The answer is taking long: the acknowledgement goes alone.

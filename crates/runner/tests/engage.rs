@@ -1509,9 +1509,13 @@ impl Drop for DropReport {
     }
 }
 
+/// The LB going away mid-call (its client gone, any HTTP client can do so at every call) is
+/// no news for the runner's log at INFO or above: it is counted
+/// (`fn_runner_calls_total{outcome="lb_went_away"}`) and logged at DEBUG.
 #[tokio::test]
 async fn an_lb_that_cancels_while_the_function_leaves_its_body_unread_ends_the_call() {
     let (runner, mut ended) = early_answer_runner().await;
+    let (logged, _guard) = record_events(tracing::Level::INFO);
     let mut engage = runner.open().await;
     let mut held = call("fn-held", Duration::from_secs(30));
     held.headers.push(header("x-hold", "1"));
@@ -1536,6 +1540,8 @@ async fn an_lb_that_cancels_while_the_function_leaves_its_body_unread_ends_the_c
         matches!(&end, Ok(Some(Err(e))) if e == "dropped"),
         "the function's call was not dropped: {end:?}"
     );
+    let logged = logged.lock().expect("lock").clone();
+    assert!(logged.is_empty(), "logged at INFO or above: {logged:?}");
     runner.stop().await;
 }
 
@@ -1719,10 +1725,11 @@ async fn an_fdks_report_of_a_failure_or_a_timeout_ends_the_call_so_and_keeps_the
     runner.stop().await;
 }
 
-/// Records the message and `error` field of every WARN event.
-struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+/// Records the fields (message and `error` among them) of every event at the level given
+/// or a more severe one, each line led by its level and target.
+struct Recorded(Arc<std::sync::Mutex<Vec<String>>>, tracing::Level);
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
     fn on_event(
         &self,
         event: &tracing::Event<'_>,
@@ -1734,8 +1741,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
                 self.0.push_str(&format!(" {}={value:?}", field.name()));
             }
         }
-        if *event.metadata().level() == tracing::Level::WARN {
-            let mut visit = Visit(String::new());
+        // tracing orders levels from the most severe up: ERROR < WARN < INFO.
+        let meta = event.metadata();
+        if *meta.level() <= self.1 {
+            let mut visit = Visit(format!("{} {}:", meta.level(), meta.target()));
             event.record(&mut visit);
             self.0.lock().expect("lock").push(visit.0);
         }
@@ -1748,16 +1757,27 @@ fn record_warnings() -> (
     Arc<std::sync::Mutex<Vec<String>>>,
     tracing::subscriber::DefaultGuard,
 ) {
+    record_events(tracing::Level::WARN)
+}
+
+/// Records every event of this thread at `level` or a more severe one until the guard is
+/// dropped.
+fn record_events(
+    level: tracing::Level,
+) -> (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    tracing::subscriber::DefaultGuard,
+) {
     use tracing_subscriber::layer::SubscriberExt;
-    let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Warnings(Arc::clone(&warnings)));
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Recorded(Arc::clone(&events), level));
     let guard = tracing::subscriber::set_default(subscriber);
     // tracing caches whether an event is wanted when a thread first meets it; another test's
     // thread meeting it just as this subscriber came in may have cached "never" for every
     // thread (tracing-core registers the callsite, then reads the subscribers). Worked out
     // again now, with this subscriber in place.
     tracing::callsite::rebuild_interest_cache();
-    (warnings, guard)
+    (events, guard)
 }
 
 /// A runner whose instances take 800 ms to start and then fail, and a call of 200 ms on it,
