@@ -616,13 +616,43 @@ fn write_record(path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<()>
         .created
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    std::fs::write(
+    write_whole(
         path,
         format!(
             "{} {} {} {created} {pid}\n",
             info.id, info.address, info.group
-        ),
+        )
+        .as_bytes(),
     )
+}
+
+/// Writes `contents` to `path` whole or not at all: into a hidden sibling (`.NAME.new`,
+/// which the scan for records passes over), synced, then renamed over `path`. A failure (a
+/// full disk, the npm killed mid-write) leaves whatever was at `path` as it was and removes
+/// the sibling, where `std::fs::write` left an empty or cut record that a restarted npm
+/// removes as unreadable, orphaning its still-running runner.
+fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let Some(name) = path.file_name() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        ));
+    };
+    let mut staged = std::ffi::OsString::from(".");
+    staged.push(name);
+    staged.push(".new");
+    let staged = path.with_file_name(staged);
+    let written = std::fs::File::create(&staged)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&staged, path));
+    if written.is_err() {
+        remove_quietly(&staged);
+    }
+    written
 }
 
 fn read_record(path: &Path) -> Option<(RunnerInfo, u32)> {
@@ -940,6 +970,41 @@ mod tests {
         assert_eq!(read_record(&path), Some((info, 42)));
         std::fs::write(&path, "garbage").expect("write");
         assert_eq!(read_record(&path), None);
+    }
+
+    /// A record written over one that is there is whole or not written: a write that fails
+    /// leaves the previous record readable and no staged file behind, where
+    /// `std::fs::write` truncated it first.
+    #[test]
+    fn a_record_that_cannot_be_written_leaves_the_previous_one_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r-00000000abcd.runner");
+        let info = |address: &str| RunnerInfo {
+            id: "r-00000000abcd".into(),
+            address: address.into(),
+            group: "default".into(),
+            created: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        write_record(&path, &info("127.0.0.1:4000"), 42).expect("write");
+        // The staged file cannot be created: a directory holds its name.
+        let staged = dir.path().join(".r-00000000abcd.runner.new");
+        std::fs::create_dir(&staged).expect("mkdir");
+        assert!(write_record(&path, &info("127.0.0.1:5000"), 43).is_err());
+        assert_eq!(read_record(&path), Some((info("127.0.0.1:4000"), 42)));
+        std::fs::remove_dir(&staged).expect("rmdir");
+        // The rename fails (a directory where the record goes): the staged file goes.
+        let blocked = dir.path().join("r-00000000beef.runner");
+        std::fs::create_dir_all(blocked.join("in")).expect("mkdir");
+        assert!(write_record(&blocked, &info("127.0.0.1:5000"), 43).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        // A write that succeeds replaces the record whole.
+        write_record(&path, &info("127.0.0.1:5000"), 43).expect("write");
+        assert_eq!(read_record(&path), Some((info("127.0.0.1:5000"), 43)));
     }
 
     #[test]
