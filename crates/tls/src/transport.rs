@@ -112,6 +112,15 @@ pub const MAX_HANDSHAKING_PER_PEER: usize = MAX_HANDSHAKING / 4;
 /// fifth was refused until one of their connections timed out.
 pub const HANDSHAKING_RESERVE: usize = MAX_HANDSHAKING / 8;
 
+/// Most connections one peer address may hold open on a gRPC listener, served or still in
+/// their handshake; beyond it a new connection from that address is closed at once. An LB
+/// opens one connection to a runner per shard (`FN_SHARDS`), and all the lb-agents of a
+/// host share its address (behind swarm's routing mesh, all those of a node), so honest
+/// peers stay far below it; without it one peer holding a valid certificate could open
+/// connections until the process ran out of descriptors, each holding its buffers and
+/// up to 16,384 streams on a runner (`fn_runner::MAX_STREAMS_PER_CONNECTION`).
+pub const MAX_OPEN_PER_PEER: usize = 1024;
+
 /// The server builder [`grpc_server`] gives: tonic's, with
 /// [`RefuseRetiredLayer`](crate::refuse::RefuseRetiredLayer) in front of every service.
 pub type GrpcServer = tonic::transport::Server<GrpcServerLayer>;
@@ -175,20 +184,32 @@ pub fn grpc_incoming_sharded(
         mode,
         listener,
         shards,
-        MAX_HANDSHAKING,
-        MAX_HANDSHAKING_PER_PEER,
+        Limits {
+            handshaking: MAX_HANDSHAKING,
+            handshaking_per_peer: MAX_HANDSHAKING_PER_PEER,
+            open_per_peer: MAX_OPEN_PER_PEER,
+        },
     )
 }
 
-/// [`grpc_incoming_sharded`] holding at most `limit` connections before they are served,
-/// at most `per_peer` of them from one address, the last `limit / 8` of them (see
-/// [`HANDSHAKING_RESERVE`]) for addresses that hold none.
+/// How many connections a listener holds.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Connections before they are served ([`MAX_HANDSHAKING`]), the last eighth of them
+    /// (see [`HANDSHAKING_RESERVE`]) for addresses that hold none.
+    handshaking: usize,
+    /// Of those, from one address ([`MAX_HANDSHAKING_PER_PEER`]).
+    handshaking_per_peer: usize,
+    /// Connections from one address, served or not ([`MAX_OPEN_PER_PEER`]).
+    open_per_peer: usize,
+}
+
+/// [`grpc_incoming_sharded`] within `limits`.
 fn incoming_limited(
     mode: &TlsMode,
     listener: TcpListener,
     shards: Option<Arc<Shards>>,
-    limit: usize,
-    per_peer: usize,
+    limits: Limits,
 ) -> Result<Vec<GrpcIncoming>, rustls::Error> {
     let acceptor = match mode {
         TlsMode::Mutual(tls) => Some(Acceptor {
@@ -205,10 +226,14 @@ fn incoming_limited(
         })
         .unzip();
     let handshaking = Handshaking {
-        all: Arc::new(Semaphore::new(limit)),
-        reserve: limit / 8,
+        all: Arc::new(Semaphore::new(limits.handshaking)),
+        reserve: limits.handshaking / 8,
         per_peer: Arc::new(PerPeer {
-            limit: per_peer,
+            limit: limits.handshaking_per_peer,
+            counts: std::sync::Mutex::default(),
+        }),
+        open_per_peer: Arc::new(PerPeer {
+            limit: limits.open_per_peer,
             counts: std::sync::Mutex::default(),
         }),
     };
@@ -252,9 +277,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(open_place) = handshaking.open_per_peer.claim(peer.ip()) else {
+            warnings.open_too_many(peer, handshaking.open_per_peer.limit);
+            continue; // drops the socket: the peer sees the connection close
+        };
         let Some(peer_place) = handshaking.per_peer.claim(peer.ip()) else {
             warnings.crowded_by(peer);
-            continue; // drops the socket: the peer sees the connection close
+            continue;
         };
         // Only this task takes places, so the count can only grow until the next check.
         if !peer_place.first && handshaking.all.available_permits() <= handshaking.reserve {
@@ -284,6 +313,7 @@ async fn accept_loop(
             queue: queues[shard].clone(),
             warnings: Arc::clone(&warnings),
             load,
+            open_place,
             _place: place,
             _peer_place: peer_place,
         };
@@ -315,6 +345,8 @@ struct Admit {
     queue: mpsc::Sender<GrpcConn>,
     warnings: Arc<Warnings>,
     load: Option<ShardLoad>,
+    /// Its place among its address's [`MAX_OPEN_PER_PEER`], which the connection keeps.
+    open_place: PeerPlace,
     /// Its place among the [`MAX_HANDSHAKING`], given up once the server has it.
     _place: OwnedSemaphorePermit,
     /// Its place among its address's [`MAX_HANDSHAKING_PER_PEER`].
@@ -327,6 +359,8 @@ struct Handshaking {
     /// The last places of `all`, for a connection from an address holding none.
     reserve: usize,
     per_peer: Arc<PerPeer>,
+    /// The places of connections per address, served or not.
+    open_per_peer: Arc<PerPeer>,
 }
 
 /// Places per peer address.
@@ -398,6 +432,7 @@ impl Admit {
                 io: Io::Plain(Corked::new(tcp)),
                 first_read: Some(Box::pin(tokio::time::sleep_until(self.deadline))),
                 _load: self.load,
+                _open_place: self.open_place,
                 registration: None,
             };
             let _server_gone = self.queue.send(conn).await;
@@ -415,6 +450,7 @@ impl Admit {
                     io: Io::Tls(Box::new(Corked::new(tls))),
                     first_read: Some(first_read),
                     _load: self.load,
+                    _open_place: self.open_place,
                     registration: open,
                 };
                 let _server_gone = self.queue.send(conn).await;
@@ -467,6 +503,12 @@ impl Warnings {
         fn_lifecycle::warn_throttled!(self.crowded, %peer, limit = MAX_HANDSHAKING_PER_PEER, "{message}");
     }
 
+    fn open_too_many(&self, peer: std::net::SocketAddr, limit: usize) {
+        let message = "gRPC connection refused: this address holds too many connections \
+                       already (a peer opening connections and never closing them?)";
+        fn_lifecycle::warn_throttled!(self.crowded, %peer, limit, "{message}");
+    }
+
     fn crowded(&self, peer: std::net::SocketAddr) {
         let message = "gRPC connection refused: too many connections are still in their TLS \
                        handshake (a peer opening connections and sending nothing?)";
@@ -497,6 +539,8 @@ pub struct GrpcConn {
     first_read: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Under `FN_SHARDS`: counts the connection on its shard while it is open.
     _load: Option<ShardLoad>,
+    /// Its place among its address's [`MAX_OPEN_PER_PEER`] while it is open.
+    _open_place: PeerPlace,
     /// Under mutual TLS: its place among the connections checked again when trust changes.
     registration: Option<Registration>,
 }
@@ -1093,7 +1137,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let mode = TlsMode::Mutual(tls.clone());
-        let _incoming = incoming_limited(&mode, listener, None, 2, 2).expect("incoming");
+        let _incoming =
+            incoming_limited(&mode, listener, None, handshakes(2, 2)).expect("incoming");
         // Two peers that connect and say nothing take both places, for up to
         // HANDSHAKE_TIMEOUT (10 s).
         let silent = TcpStream::connect(address).await.expect("connect");
@@ -1123,6 +1168,63 @@ mod tests {
         assert!(!cert.is_empty());
     }
 
+    /// Limits of `handshaking` connections, `per_peer` from one address, and no lower limit
+    /// on open ones.
+    fn handshakes(handshaking: usize, per_peer: usize) -> Limits {
+        Limits {
+            handshaking,
+            handshaking_per_peer: per_peer,
+            open_per_peer: MAX_OPEN_PER_PEER,
+        }
+    }
+
+    /// An address holding its limit of open connections, served ones, gets no more until
+    /// one closes; another address still does.
+    #[tokio::test]
+    async fn one_address_cannot_hold_more_than_its_open_connections() {
+        use tokio_stream::StreamExt;
+        const BOUND: Duration = Duration::from_secs(5);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let limits = Limits {
+            open_per_peer: 2,
+            ..handshakes(8, 8)
+        };
+        let mut incoming = incoming_limited(&TlsMode::Insecure, listener, None, limits)
+            .expect("incoming")
+            .remove(0);
+        let from = |ip: [u8; 4]| connect_from(ip, address);
+        let mut served = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            peers.push(from([127, 0, 0, 1]).await);
+            let conn = tokio::time::timeout(BOUND, incoming.next())
+                .await
+                .expect("served in time")
+                .expect("a connection")
+                .expect("accepted");
+            served.push(conn);
+        }
+        assert!(
+            closed_within(from([127, 0, 0, 1]).await, BOUND).await,
+            "a third from the same address is refused"
+        );
+        assert!(
+            !closed_within(from([127, 0, 0, 2]).await, Duration::from_millis(500)).await,
+            "another address still gets a place"
+        );
+        // One closes: the address has a place again.
+        drop(served.pop());
+        let mut placed = false;
+        for _ in 0..20 {
+            if !closed_within(from([127, 0, 0, 1]).await, Duration::from_millis(300)).await {
+                placed = true;
+                break;
+            }
+        }
+        assert!(placed, "no place given back when a connection closed");
+    }
+
     /// A connection to `address` from the loopback address `ip`.
     async fn connect_from(ip: [u8; 4], address: std::net::SocketAddr) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1149,7 +1251,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let mode = TlsMode::Mutual(tls);
-        let _incoming = incoming_limited(&mode, listener, None, 8, 2).expect("incoming");
+        let _incoming =
+            incoming_limited(&mode, listener, None, handshakes(8, 2)).expect("incoming");
         let from = |ip: [u8; 4]| connect_from(ip, address);
         let _first = from([127, 0, 0, 1]).await;
         let _second = from([127, 0, 0, 1]).await;
@@ -1172,7 +1275,8 @@ mod tests {
         let address = listener.local_addr().expect("address");
         let mode = TlsMode::Mutual(tls);
         // Eight places, four per address, one (8 / 8) in reserve.
-        let _incoming = incoming_limited(&mode, listener, None, 8, 4).expect("incoming");
+        let _incoming =
+            incoming_limited(&mode, listener, None, handshakes(8, 4)).expect("incoming");
         let from = |ip: [u8; 4]| connect_from(ip, address);
         // Accepted in the order they connect: seven places taken, the reserve left.
         let mut held = Vec::new();
