@@ -688,6 +688,32 @@ async fn memory_limit_in_the_real_cgroup() {
     }
 }
 
+/// A function killed at its memory limit says so, where "killed by signal 9" left the
+/// operator to guess.
+#[tokio::test]
+async fn a_function_killed_at_its_memory_limit_is_said_to_be() {
+    let fx = fixture_with(&fn_test_support::functions_dir(), MemoryLimits::default());
+    if let MemoryLimitMode::Unenforced { reason } = fx.driver.memory_limit_mode() {
+        fn_test_support::skip_or_fail(&format!("memory limits cannot be enforced here: {reason}"));
+        return;
+    }
+    let instance = fx
+        .driver
+        .start_process(&spec("fn-hostile"), "c", START)
+        .await
+        .expect("start");
+    // Four times its 64 MB.
+    let err = call(&instance, HeaderMap::new(), "allocate_mb=256\n")
+        .await
+        .expect_err("killed");
+    let message = err.to_string();
+    assert!(
+        message.contains("it used more than its memory limit (the kernel's OOM killer)"),
+        "{message}"
+    );
+    instance.wait_gone().await;
+}
+
 /// Pids of live processes whose command line is exactly `args`.
 fn processes_running(args: &[&str]) -> Vec<i32> {
     let wanted: Vec<u8> = args

@@ -412,6 +412,23 @@ impl InstanceCgroup {
         Ok(())
     }
 
+    /// How many times the kernel's OOM killer killed a process in the instance's memory
+    /// cgroup: `oom_kill` of `memory.events` (v2) or `memory.oom_control` (v1, kernels from
+    /// 4.13); 0 when neither says.
+    pub(super) fn oom_kills(&self) -> u64 {
+        self.dirs
+            .iter()
+            .flat_map(|dir| ["memory.events", "memory.oom_control"].map(|f| dir.join(f)))
+            .filter_map(|file| std::fs::read_to_string(file).ok())
+            .find_map(|text| {
+                text.lines().find_map(|line| {
+                    line.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
     /// The cgroup directories, the memory one first when there is one.
     pub(super) fn dirs(&self) -> &[PathBuf] {
         &self.dirs
@@ -574,6 +591,35 @@ mod tests {
         CgroupMode::Unenforced {
             reason: "test".into(),
         }
+    }
+
+    #[test]
+    fn counts_the_oom_kills_of_v2_and_v1() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cgroup = |dir: &str, file: &str, text: &str| {
+            let dir = tmp.path().join(dir);
+            mkdirs(&dir);
+            std::fs::write(dir.join(file), text).expect("write");
+            InstanceCgroup { dirs: vec![dir] }
+        };
+        let v2 = cgroup(
+            "v2",
+            "memory.events",
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n",
+        );
+        assert_eq!(v2.oom_kills(), 2);
+        let v1 = cgroup(
+            "v1",
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        );
+        assert_eq!(v1.oom_kills(), 1);
+        let none = cgroup("none", "memory.events", "low 0\noom 0\noom_kill 0\n");
+        assert_eq!(none.oom_kills(), 0);
+        let missing = InstanceCgroup {
+            dirs: vec![tmp.path().join("gone")],
+        };
+        assert_eq!(missing.oom_kills(), 0);
     }
 
     #[test]

@@ -63,6 +63,25 @@ impl fmt::Display for Exit {
     }
 }
 
+/// How the process ended, for the call's error and the log: with the OOM killer named
+/// when it killed a process in the instance's cgroup (`oom_kills`), where "killed by signal
+/// 9" left the operator to guess.
+fn exit_message(exit: &Exit, oom_kills: u64) -> String {
+    if oom_kills == 0 {
+        return exit.to_string();
+    }
+    let killed =
+        matches!(exit, Exit::Status(status) if status.signal() == Some(Signal::SIGKILL as i32));
+    if killed {
+        format!("{exit}: it used more than its memory limit (the kernel's OOM killer)")
+    } else {
+        format!(
+            "{exit}, after the kernel's OOM killer killed a process of it for using more than \
+             its memory limit"
+        )
+    }
+}
+
 /// A freshly spawned child and what belongs to it.
 pub(super) struct Spawned {
     pub(super) child: Child,
@@ -324,8 +343,10 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
         Ok(status) => Exit::Status(status),
         Err(e) => Exit::Unknown(e.to_string()),
     };
+    let oom_kills = shared.cgroup.as_ref().map_or(0, InstanceCgroup::oom_kills);
+    let exit = exit_message(&exit, oom_kills);
     tracing::debug!(instance = %shared.labels.instance, pid = shared.pid, %exit, "function process ended");
-    exit_tx.send_replace(Some(exit.to_string()));
+    exit_tx.send_replace(Some(exit));
     // The leader exited on its own: kill what it left in its group. Its pid cannot be
     // reused while any member remains; if none does this finds nothing (ESRCH). Then what
     // left the group, so that nothing writes into the directory while it is removed.
@@ -342,4 +363,29 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
     }
     abandoned.finished = true;
     shared.gone.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn an_exit_names_the_oom_killer_when_it_struck() {
+        let killed = Exit::Status(ExitStatus::from_raw(9));
+        let failed = Exit::Status(ExitStatus::from_raw(1 << 8));
+        assert_eq!(exit_message(&killed, 0), "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            exit_message(&killed, 1),
+            "killed by signal 9 (SIGKILL): it used more than its memory limit (the kernel's OOM \
+             killer)"
+        );
+        assert_eq!(exit_message(&failed, 0), "exited with status 1");
+        assert_eq!(
+            exit_message(&failed, 2),
+            "exited with status 1, after the kernel's OOM killer killed a process of it for using \
+             more than its memory limit"
+        );
+    }
 }
