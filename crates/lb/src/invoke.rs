@@ -543,7 +543,13 @@ impl CallBody {
         }
         match why {
             Some(why) => {
-                tracing::info!(call_id = %self.call_id, runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
+                // The client's own errors at debug, where a client making them by the
+                // thousand cannot fill the log (README, "Errors").
+                if outcome.is_clients() {
+                    tracing::debug!(call_id = %self.call_id, runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
+                } else {
+                    tracing::info!(call_id = %self.call_id, runner = %self.runner, reason = %why, "call failed after its response started; the answer is cut off");
+                }
                 Poll::Ready(Some(Err(why.into())))
             }
             None => Poll::Ready(None),

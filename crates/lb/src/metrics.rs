@@ -83,6 +83,15 @@ impl CallOutcome {
             CallOutcome::ConnectionShed => "connection_shed",
         }
     }
+
+    /// The client's own doing (a request too large or malformed, a body that stalled, a
+    /// client gone): logged at debug level, as [`CallError::is_clients`] is.
+    pub fn is_clients(self) -> bool {
+        matches!(
+            self,
+            CallOutcome::TooLarge | CallOutcome::BadRequest | CallOutcome::ClientGone
+        )
+    }
 }
 
 impl From<&CallError> for CallOutcome {

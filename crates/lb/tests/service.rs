@@ -534,7 +534,76 @@ async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
     );
 }
 
-/// A log sink for [`a_call_cut_off_mid_response_is_logged_once_under_its_call_id`].
+/// A client's own error after its answer started (its body went over the limit) is logged
+/// at debug level, as its errors before the answer are: a client sending such requests by
+/// the thousand cannot fill the log at INFO.
+#[tokio::test]
+async fn a_body_over_the_limit_after_the_answer_started_is_logged_at_debug() {
+    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let captured = Arc::clone(&captured);
+        move || Capture(Arc::clone(&captured))
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    // This test's runtime has one thread: the LB's tasks log on it.
+    let _subscriber = tracing::subscriber::set_default(subscriber);
+    let pki = TestPki::new();
+    let runners = fakes(&pki, &[Behaviour::AnswerHeadFirst]).await;
+    let options = Options {
+        max_request_body: 10,
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &addresses(&runners), options).await;
+    // As in the test above: worked out again with this subscriber in place.
+    tracing::callsite::rebuild_interest_cache();
+    let (tx, req) = fed("/r/demo/echo");
+    tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+        .await
+        .expect("send");
+    let stream = tokio::net::TcpStream::connect(&lb.address)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(conn);
+    let response = tokio::time::timeout(BOUND, sender.send_request(req))
+        .await
+        .expect("the head in time")
+        .expect("a head");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Past the limit of 10 once the answer has started.
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 64]))))
+        .await
+        .expect("send");
+    let outcome = tokio::time::timeout(BOUND, response.into_body().collect())
+        .await
+        .expect("the LB ends the response in time");
+    assert!(outcome.is_err(), "the answer is cut off");
+    conn.abort();
+    let text = String::from_utf8_lossy(&captured.lock().expect("lock")).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("call failed after its response started"))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once:\n{text}");
+    assert!(
+        lines[0].contains("over the limit of 10 bytes"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(" DEBUG ") && !lines[0].contains(" INFO "),
+        "at debug level: {}",
+        lines[0]
+    );
+}
+
+/// A log sink for the tests of the LB's log lines.
 struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Capture {

@@ -82,6 +82,10 @@ pub enum Behaviour {
     /// Commit and answer 200 `unread` at once, without reading the request body (a function
     /// that ignores its input).
     AnswerUnread,
+    /// Commit, send the response head and a first body chunk at once, then read the request
+    /// body until the LB goes away (a function that streams its answer while its input
+    /// arrives).
+    AnswerHeadFirst,
 }
 
 /// How long the details of [`Behaviour::RefuseInvalidVerbosely`] and
@@ -694,6 +698,28 @@ async fn run(
             Ending::Completed
         }
         Behaviour::CommitThenStall => {
+            stall(inbound, tx).await;
+            Ending::LbWentAway
+        }
+        Behaviour::AnswerHeadFirst => {
+            let answer = [
+                runner_msg::Body::ResultStart(CallResultStart {
+                    cold_start_us: state.cold_start_us(index),
+                    http: Some(HttpRespMeta {
+                        status_code: 200,
+                        headers: Vec::new(),
+                    }),
+                }),
+                runner_msg::Body::Data(DataFrame {
+                    data: b"partial".as_slice().into(),
+                    eof: false,
+                }),
+            ];
+            for msg in answer {
+                if send(tx, msg).await.is_err() {
+                    return Ending::LbWentAway;
+                }
+            }
             stall(inbound, tx).await;
             Ending::LbWentAway
         }
