@@ -326,7 +326,7 @@ async fn reload_on_sighup(
                     Ok(count) => {
                         tracing::info!(functions = count, "catalog reloaded");
                         let current = catalog.current();
-                        metrics.forget_functions(|app, name| current.by_name(app, name).is_some());
+                        metrics.forget_functions(current.names());
                     }
                     Err(e) => {
                         rejections.inc();

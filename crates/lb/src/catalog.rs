@@ -177,6 +177,13 @@ impl Catalog {
         self.by_name.get(app)?.get(name).cloned()
     }
 
+    /// Every function's (app, name).
+    pub fn names(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_name
+            .iter()
+            .flat_map(|(app, names)| names.keys().map(move |name| (app.as_str(), name.as_str())))
+    }
+
     /// Number of functions.
     pub fn len(&self) -> usize {
         self.len

@@ -138,9 +138,21 @@ pub struct LbMetrics {
     execution: Histogram,
     cold_start: HistogramFamily<FunctionLabel>,
     cold_starts: Family<FunctionLabel, Counter>,
-    /// The functions the per-function families have series for, so that those of functions
-    /// gone from the catalog can be removed (a family cannot be listed).
-    functions: Arc<Mutex<HashSet<FunctionLabel>>>,
+    /// The functions the per-function families have series for, and those of the catalog.
+    functions: Arc<Mutex<Functions>>,
+}
+
+/// Which functions may have per-function series. One lock over both sets, so that a
+/// series is never created between a reload's removal of its function and its record.
+#[derive(Debug, Default)]
+struct Functions {
+    /// Those the families have series for, so that those of functions gone from the
+    /// catalog can be removed (a family cannot be listed).
+    series: HashSet<FunctionLabel>,
+    /// The catalog's, as of the last reload (`None` before one: any function). A call
+    /// started before a reload still holds its function's old spec; when its answer comes,
+    /// a function not among these gets no series back.
+    catalog: Option<HashSet<FunctionLabel>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -253,26 +265,45 @@ impl LbMetrics {
                 app: app.to_owned(),
                 function: function.to_owned(),
             };
+            let mut functions = lock(&self.functions);
+            if functions
+                .catalog
+                .as_ref()
+                .is_some_and(|catalog| !catalog.contains(&label))
+            {
+                // Removed from the catalog while the call ran: its series stay gone.
+                return;
+            }
             self.cold_start
                 .get_or_create(&label)
                 .observe(cold.as_secs_f64());
             self.cold_starts.get_or_create(&label).inc();
-            lock(&self.functions).insert(label);
+            functions.series.insert(label);
         }
     }
 
-    /// Removes the per-function series of every function `keep` says no to (after a catalog
-    /// reload: those gone from it), so that an lb-agent's series follow its catalog rather
+    /// After a catalog reload, `current` being the catalog's functions (app, name): removes
+    /// the per-function series of every other function, and keeps them from coming back for
+    /// a call that was under way, so that an lb-agent's series follow its catalog rather
     /// than every function it ever had.
-    pub fn forget_functions(&self, keep: impl Fn(&str, &str) -> bool) {
-        lock(&self.functions).retain(|label| {
-            let kept = keep(&label.app, &label.function);
+    pub fn forget_functions<'a>(&self, current: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let catalog: HashSet<FunctionLabel> = current
+            .into_iter()
+            .map(|(app, function)| FunctionLabel {
+                app: app.to_owned(),
+                function: function.to_owned(),
+            })
+            .collect();
+        let mut functions = lock(&self.functions);
+        functions.series.retain(|label| {
+            let kept = catalog.contains(label);
             if !kept {
                 self.cold_start.remove(label);
                 self.cold_starts.remove(label);
             }
             kept
         });
+        functions.catalog = Some(catalog);
     }
 
     pub(crate) fn connection_opened(&self) {
@@ -436,11 +467,35 @@ mod tests {
                 Some(Duration::from_millis(5)),
             );
         }
-        metrics.forget_functions(|app, function| app == "a" && function == "kept");
+        metrics.forget_functions([("a", "kept")]);
         let text = scrape(&registry);
         assert!(!text.contains("function=\"gone\""), "{text}");
         assert!(
             text.contains("fn_lb_cold_starts_total{app=\"a\",function=\"kept\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    /// A call started before the reload that removed its function answers after it: its
+    /// cold start brings no series of the function back.
+    #[test]
+    fn a_call_answered_after_its_function_was_removed_brings_no_series_back() {
+        let mut registry = Registry::default();
+        let metrics = LbMetrics::register(&mut registry);
+        let cold = Some(Duration::from_millis(5));
+        metrics.answered("a", "gone", Duration::from_millis(1), cold);
+        metrics.forget_functions([("a", "kept")]);
+        metrics.answered("a", "gone", Duration::from_millis(1), cold);
+        metrics.answered("a", "kept", Duration::from_millis(1), cold);
+        let text = scrape(&registry);
+        assert!(!text.contains("function=\"gone\""), "{text}");
+        assert!(
+            text.contains("fn_lb_cold_starts_total{app=\"a\",function=\"kept\"} 1\n"),
+            "{text}"
+        );
+        // The call's execution is counted all the same.
+        assert!(
+            text.contains("\nfn_lb_execution_seconds_count 3\n"),
             "{text}"
         );
     }
