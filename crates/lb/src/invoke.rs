@@ -715,13 +715,39 @@ async fn settle(mut engaged: Engaged, record: CallRecord, call_id: String) {
             body: Some(runner_msg::Body::Finished(f)),
         }))) if f.kind() == ErrorKind::Timeout => CallOutcome::Timeout,
         other => {
-            tracing::info!(call_id, runner = %engaged.runner, answer = ?other.map(|m| m.map(|m| m.map(|m| m.body))), "no CallFinished after the body's end");
+            tracing::info!(call_id, runner = %engaged.runner, answer = %instead_of_finished(&other), "no CallFinished after the body's end");
             record.finish(CallOutcome::RunnerFailed);
             return; // dropping the stream resets it
         }
     };
     record.finish(outcome);
     engaged.finish(FINISH_BOUND).await;
+}
+
+/// What came instead of `CallFinished` after a body's end, for the log: a message's kind
+/// (a data frame's length, a failure's kind), never its contents, which may be a 4 MiB data
+/// frame; a status's message is cut and escaped ([`words`]).
+fn instead_of_finished(
+    got: &Result<Result<Option<RunnerMsg>, tonic::Status>, tokio::time::error::Elapsed>,
+) -> String {
+    match got {
+        Err(_) => format!("nothing within {FINISH_BOUND:?}"),
+        Ok(Err(status)) => format!("error status {}: {}", status.code(), words(status)),
+        Ok(Ok(None)) => "the stream's end".into(),
+        Ok(Ok(Some(msg))) => match &msg.body {
+            None => "a message without a body".into(),
+            Some(runner_msg::Body::Acknowledged(_)) => "CallAcknowledged".into(),
+            Some(runner_msg::Body::ResultStart(_)) => "CallResultStart".into(),
+            Some(runner_msg::Body::Data(frame)) => format!(
+                "a data frame of {} bytes (eof {})",
+                frame.data.len(),
+                frame.eof
+            ),
+            Some(runner_msg::Body::Finished(f)) => {
+                format!("CallFinished without success ({:?})", f.kind())
+            }
+        },
+    }
 }
 
 /// Lets go of a call's stream. A call the runner finished ends its stream cleanly: the
@@ -1032,6 +1058,28 @@ mod tests {
     use super::*;
     use crate::catalog::Catalog;
     use std::path::Path;
+
+    /// A runner's 4 MiB data frame where `CallFinished` should be is logged as its kind and
+    /// length, not its contents (its Debug was some 20 MB of text in one log line).
+    #[test]
+    fn what_came_instead_of_call_finished_is_logged_in_a_few_words() {
+        let frame = RunnerMsg {
+            body: Some(runner_msg::Body::Data(fn_protocol::runner::DataFrame {
+                data: vec![b'\n'; 4 * 1024 * 1024].into(),
+                eof: false,
+            })),
+        };
+        let shown = instead_of_finished(&Ok(Ok(Some(frame))));
+        assert_eq!(shown, "a data frame of 4194304 bytes (eof false)");
+        let status = tonic::Status::unavailable(format!("gone\n{}", "x".repeat(1 << 20)));
+        let shown = instead_of_finished(&Ok(Err(status)));
+        assert!(
+            shown.len() < 2 * fn_protocol::MAX_DETAILS_SHOWN,
+            "{}",
+            shown.len()
+        );
+        assert!(!shown.contains('\n'), "{shown}");
+    }
 
     /// What the catalog takes at its limits, a runner takes on every call; one step past a
     /// limit, the catalog refuses it at load instead of every call failing with 500.

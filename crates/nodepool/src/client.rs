@@ -532,7 +532,9 @@ impl RunnerClient {
     }
 
     fn unreachable(self: &Arc<Self>, status: &tonic::Status) -> TryCallError {
-        self.mark_down(format!("{}: {}", status.code(), status.message()))
+        // The message is the peer's words: cut and on one line.
+        let words = fn_protocol::cut_details(status.message().to_owned());
+        self.mark_down(format!("{}: {words}", status.code()))
     }
 
     fn ejected_until(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {

@@ -59,20 +59,36 @@ pub const MAX_DETAILS_SHOWN: usize = 2048;
 
 /// `details` as a peer sent them, or, past [`MAX_DETAILS_SHOWN`] bytes, their first ones (cut
 /// at a character's boundary) and a note that says so, so that what a runner says cannot
-/// fill a client's error answer or the LB's log. Short details are handed back as they are.
-pub fn cut_details(mut details: String) -> String {
-    if details.len() <= MAX_DETAILS_SHOWN {
+/// fill a client's error answer or the LB's log. Control characters but tab are escaped as
+/// Rust writes them (a line feed as the two characters `\n`, a carriage return as `\r`,
+/// ESC as `\u{1b}`), so that what is returned is one line: a log line that shows it cannot
+/// be made to look like several (tracing's text format writes them as they are). The bytes
+/// counted are those shown, escapes included; the note's N counts the peer's. Details
+/// within the bound and without a control character are handed back as they are.
+pub fn cut_details(details: String) -> String {
+    let escaped = |c: char| c.is_control() && c != '\t';
+    if details.len() <= MAX_DETAILS_SHOWN && !details.chars().any(escaped) {
         return details;
     }
-    let whole = details.len();
-    let mut cut = MAX_DETAILS_SHOWN;
-    while !details.is_char_boundary(cut) {
-        cut -= 1;
+    let mut shown = String::with_capacity(details.len().min(MAX_DETAILS_SHOWN));
+    let mut taken = 0;
+    for c in details.chars() {
+        let before = shown.len();
+        if escaped(c) {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+        if shown.len() > MAX_DETAILS_SHOWN {
+            shown.truncate(before);
+            break;
+        }
+        taken += c.len_utf8();
     }
-    details.truncate(cut);
-    details.push_str(&format!(" ... (cut at {cut} of {whole} bytes)"));
-    details.shrink_to_fit();
-    details
+    if taken < details.len() {
+        shown.push_str(&format!(" ... (cut at {taken} of {} bytes)", details.len()));
+    }
+    shown
 }
 
 /// Most bytes of a name ([`valid_name`]).
@@ -104,6 +120,25 @@ mod tests {
         assert_eq!(
             cut_details(long.clone()),
             format!("{} ... (cut at {kept} of 3000 bytes)", &long[..kept])
+        );
+    }
+
+    #[test]
+    fn details_are_one_line_with_their_control_characters_escaped() {
+        let forged = "refused\n2026-01-01T00:00:00Z  INFO forged line\r\x1b[2J\x7f\tend";
+        let shown = cut_details(forged.to_owned());
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\t'),
+            "{shown:?}"
+        );
+        assert_eq!(
+            shown,
+            "refused\\n2026-01-01T00:00:00Z  INFO forged line\\r\\u{1b}[2J\\u{7f}\tend"
+        );
+        // The bound counts the escapes: 2,000 line feeds show as 1,024 `\n`, 2,048 bytes.
+        assert_eq!(
+            cut_details("\n".repeat(2000)),
+            format!("{} ... (cut at 1024 of 2000 bytes)", "\\n".repeat(1024))
         );
     }
 
