@@ -777,9 +777,36 @@ fn host_port(uri: &Uri) -> std::io::Result<(&str, u16)> {
 /// A TCP connection to `host:port` with `TCP_NODELAY` set (small frames must not wait for
 /// the peer's delayed ACK).
 async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let tcp = TcpStream::connect((host, port)).await?;
+    let addresses = resolve(host, port).await?;
+    let tcp = TcpStream::connect(addresses.as_slice()).await?;
     tcp.set_nodelay(true)?;
     Ok(tcp)
+}
+
+/// `host:port`'s addresses (an address's own at once). tokio resolves a name on its
+/// blocking pool, and panics (`OS can't spawn worker thread`) when that pool has no thread
+/// and cannot start one: here that is an error, so that a dial under thread exhaustion fails
+/// as any other dial does, where the panic ended the task dialling (a runner's probe).
+async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let addresses = caught(tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|panic| std::io::Error::other(format!("resolving {host}: {panic}")))??;
+    Ok(addresses.collect())
+}
+
+/// `fut`'s output, or what it panicked with.
+async fn caught<T>(fut: impl Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())
+        })
 }
 
 /// Dials a server over TCP and does the TLS handshake with the current material. The
@@ -980,6 +1007,26 @@ mod tests {
 
     use super::*;
     use crate::dev::DevCa;
+
+    /// A dial whose resolution panics (tokio's, with no blocking thread and none to be had)
+    /// gets an error naming the cause, where the panic ended the task dialling. tokio's
+    /// blocking pool cannot be made to fail here, so a future that panics stands for it.
+    #[tokio::test]
+    async fn a_panic_while_resolving_is_an_error_that_names_it() {
+        let message = "OS can't spawn worker thread: Resource temporarily unavailable";
+        let got = caught::<u8>(async {
+            panic!("OS can't spawn worker thread: Resource temporarily unavailable")
+        })
+        .await;
+        assert_eq!(got, Err(message.to_owned()));
+        let errno = 11;
+        let got = caught::<u8>(async move { panic!("os error {errno}") }).await;
+        assert_eq!(got, Err("os error 11".to_owned()));
+        assert_eq!(caught(async { 7 }).await, Ok(7));
+        // An address needs no resolver.
+        let addresses = resolve("127.0.0.1", 9).await.expect("an address");
+        assert_eq!(addresses, ["127.0.0.1:9".parse().expect("an address")]);
+    }
 
     /// An address's places are its own, an IPv4-mapped address's those of its IPv4 address.
     #[test]
