@@ -23,8 +23,8 @@
 //! [`STALE_AFTER`](crate::reports::STALE_AFTER); a runner that does not
 //! implement the RPC is never asked again, and placement treats it as unknown.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -537,6 +537,21 @@ impl RunnerClient {
         self.mark_down(format!("{}: {words}", status.code()))
     }
 
+    /// Probes the runner until it answers, then makes the client available again (nothing
+    /// else does). Called with `probing` just set. A probe task that ends by a panic clears
+    /// `probing` and starts the next probe ([`Probing`]), so that one probe gone wrong cannot
+    /// leave the runner out of service for good.
+    fn probe(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        let cancel = self.cancel.clone();
+        let backoff = Backoff::new(self.config.probe_initial, self.config.probe_max);
+        tokio::spawn(async move {
+            let mut probing = Probing(Some(this.clone()));
+            probe_until_up(this, cancel, backoff).await;
+            probing.0 = None; // ended as it should
+        });
+    }
+
     fn ejected_until(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
         // A plain value: a panic elsewhere cannot leave it half-written.
         self.ejected_until
@@ -587,49 +602,7 @@ impl RunnerClient {
             tracing::warn!(runner = %self.address, %reason, "runner unreachable; probing until it answers");
         }
         if !self.probing.swap(true, Ordering::AcqRel) {
-            let this = Arc::downgrade(self);
-            let cancel = self.cancel.clone();
-            let mut backoff = Backoff::new(self.config.probe_initial, self.config.probe_max);
-            tokio::spawn(async move {
-                loop {
-                    let mut wake = tokio::time::Instant::now() + backoff.next_delay();
-                    loop {
-                        // Read again after each sleep: an ejection may have begun during it.
-                        if let Some(client) = this.upgrade()
-                            && let Some(until) = *client.ejected_until()
-                        {
-                            wake = wake.max(until);
-                        }
-                        if tokio::time::Instant::now() >= wake {
-                            break;
-                        }
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = tokio::time::sleep_until(wake) => {}
-                        }
-                    }
-                    let Some(client) = this.upgrade() else { return };
-                    match client.status().await {
-                        Ok(_) => {
-                            // Clear `probing` first: a failure right after `available`
-                            // flips must be able to start a new probe.
-                            client.probing.store(false, Ordering::Release);
-                            *client.ejected_until() = None;
-                            client.available.store(true, Ordering::Release);
-                            if client.ejected.swap(false, Ordering::AcqRel) {
-                                client.config.ejection_metrics.ejected.dec();
-                                tracing::info!(runner = %client.address, "ejected runner passed its health check; back in service");
-                            } else {
-                                tracing::info!(runner = %client.address, "runner reachable again");
-                            }
-                            return;
-                        }
-                        Err(status) => {
-                            tracing::debug!(runner = %client.address, error = %status, "probe failed");
-                        }
-                    }
-                }
-            });
+            self.probe();
         }
         TryCallError::Unreachable {
             address: self.address.clone(),
@@ -874,4 +847,129 @@ pub struct EarlyBody {
     pub chunks: Vec<Bytes>,
     /// The body ends with these chunks: it goes with the `TryCall`.
     pub complete: bool,
+}
+
+/// The loop of [`RunnerClient::probe`]: health checks with backoff (none while ejected)
+/// until one passes, the client is dropped, or `cancel`.
+async fn probe_until_up(this: Weak<RunnerClient>, cancel: CancellationToken, mut backoff: Backoff) {
+    loop {
+        let mut wake = tokio::time::Instant::now() + backoff.next_delay();
+        loop {
+            // Read again after each sleep: an ejection may have begun during it.
+            if let Some(client) = this.upgrade()
+                && let Some(until) = *client.ejected_until()
+            {
+                wake = wake.max(until);
+            }
+            if tokio::time::Instant::now() >= wake {
+                break;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        let Some(client) = this.upgrade() else { return };
+        #[cfg(test)]
+        tests::panic_if_asked(&client.address);
+        match client.status().await {
+            Ok(_) => {
+                // Clear `probing` first: a failure right after `available`
+                // flips must be able to start a new probe.
+                client.probing.store(false, Ordering::Release);
+                *client.ejected_until() = None;
+                client.available.store(true, Ordering::Release);
+                if client.ejected.swap(false, Ordering::AcqRel) {
+                    client.config.ejection_metrics.ejected.dec();
+                    tracing::info!(runner = %client.address, "ejected runner passed its health check; back in service");
+                } else {
+                    tracing::info!(runner = %client.address, "runner reachable again");
+                }
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(runner = %client.address, error = %status, "probe failed");
+            }
+        }
+    }
+}
+
+/// Held by a probe task. Dropped with its `Weak` still in it, the task ended other than by
+/// its loop's end: by a panic (then `probing` is cleared and the next probe starts, where
+/// the client would stay a placeholder with `probing` set, taking no call and probed by no
+/// one), or with its runtime (then `probing` is only cleared).
+struct Probing(Option<Weak<RunnerClient>>);
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take().and_then(|this| this.upgrade()) else {
+            return;
+        };
+        client.probing.store(false, Ordering::Release);
+        if std::thread::panicking()
+            && !client.cancel.is_cancelled()
+            && !client.is_available()
+            && tokio::runtime::Handle::try_current().is_ok()
+            && !client.probing.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(runner = %client.address, "a probe of the runner panicked; probing it again");
+            client.probe();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fn_test_support::TestPki;
+    use fn_test_support::fake_runner::{Behaviour, FakeRunner};
+
+    /// Addresses whose next probe panics.
+    static PANIC_NEXT_PROBE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    /// The test seam of [`probe_until_up`]: panics if a test asked that `address`'s next probe
+    /// panic.
+    pub(super) fn panic_if_asked(address: &str) {
+        let mut asked = PANIC_NEXT_PROBE.lock().expect("lock");
+        if let Some(i) = asked.iter().position(|a| a == address) {
+            asked.remove(i);
+            drop(asked);
+            panic!("test: the probe of {address} panics");
+        }
+    }
+
+    /// A probe that panics does not leave its runner a placeholder for good: the next probe
+    /// finds the runner up and makes it available again.
+    #[tokio::test]
+    async fn a_probe_that_panics_is_followed_by_another() {
+        let pki = TestPki::new();
+        let runner = FakeRunner::start("up", &pki.mode(), Behaviour::Echo)
+            .await
+            .expect("a fake runner");
+        let config = ClientConfig {
+            probe_initial: Duration::from_millis(10),
+            probe_max: Duration::from_millis(50),
+            ..ClientConfig::default()
+        };
+        let client =
+            RunnerClient::new("r", runner.address(), &pki.mode(), config).expect("a client");
+        PANIC_NEXT_PROBE
+            .lock()
+            .expect("lock")
+            .push(runner.address().to_owned());
+        drop(client.mark_down("test: down".into()));
+        assert!(!client.is_available());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !client.is_available() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still a placeholder 5 s after a probe panicked"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            PANIC_NEXT_PROBE.lock().expect("lock").is_empty(),
+            "the first probe panicked"
+        );
+    }
 }
