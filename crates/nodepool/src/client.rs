@@ -542,9 +542,16 @@ impl RunnerClient {
     /// `probing` and starts the next probe ([`Probing`]), so that one probe gone wrong cannot
     /// leave the runner out of service for good.
     fn probe(self: &Arc<Self>) {
+        self.probe_with(Backoff::new(
+            self.config.probe_initial,
+            self.config.probe_max,
+        ));
+    }
+
+    /// [`RunnerClient::probe`], the first probe `backoff`'s first delay away.
+    fn probe_with(self: &Arc<Self>, backoff: Backoff) {
         let this = Arc::downgrade(self);
         let cancel = self.cancel.clone();
-        let backoff = Backoff::new(self.config.probe_initial, self.config.probe_max);
         tokio::spawn(async move {
             let mut probing = Probing(Some(this.clone()));
             probe_until_up(this, cancel, backoff).await;
@@ -895,9 +902,9 @@ async fn probe_until_up(this: Weak<RunnerClient>, cancel: CancellationToken, mut
 }
 
 /// Held by a probe task. Dropped with its `Weak` still in it, the task ended other than by
-/// its loop's end: by a panic (then `probing` is cleared and the next probe starts, where
-/// the client would stay a placeholder with `probing` set, taking no call and probed by no
-/// one), or with its runtime (then `probing` is only cleared).
+/// its loop's end: by a panic (then `probing` is cleared and the next probe starts, at
+/// `probe_max`, where the client would stay a placeholder with `probing` set, taking no
+/// call and probed by no one), or with its runtime (then `probing` is only cleared).
 struct Probing(Option<Weak<RunnerClient>>);
 
 impl Drop for Probing {
@@ -912,8 +919,12 @@ impl Drop for Probing {
             && tokio::runtime::Handle::try_current().is_ok()
             && !client.probing.swap(true, Ordering::AcqRel)
         {
-            tracing::error!(runner = %client.address, "a probe of the runner panicked; probing it again");
-            client.probe();
+            // At the slowest pace: a probe that panics every time (one runner's malformed
+            // answer, say) probes, and logs this, once every `probe_max`, not at the first
+            // delay over and over.
+            let slowest = client.config.probe_max;
+            tracing::error!(runner = %client.address, again_in = ?slowest, "a probe of the runner panicked; probing it again");
+            client.probe_with(Backoff::new(slowest, slowest));
         }
     }
 }
@@ -968,8 +979,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
-            PANIC_NEXT_PROBE.lock().expect("lock").is_empty(),
+            !PANIC_NEXT_PROBE
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|a| a == runner.address()),
             "the first probe panicked"
         );
+    }
+
+    /// Probes that panic every time come once every `probe_max`, not at the first delay
+    /// over and over; the runner is back once one does not.
+    #[tokio::test]
+    async fn probes_that_keep_panicking_come_at_the_slowest_pace() {
+        let pki = TestPki::new();
+        let runner = FakeRunner::start("up", &pki.mode(), Behaviour::Echo)
+            .await
+            .expect("a fake runner");
+        let probe_max = Duration::from_millis(200);
+        let config = ClientConfig {
+            probe_initial: Duration::from_millis(10),
+            probe_max,
+            ..ClientConfig::default()
+        };
+        let client =
+            RunnerClient::new("r", runner.address(), &pki.mode(), config).expect("a client");
+        let address = runner.address().to_owned();
+        let asked = 1000;
+        PANIC_NEXT_PROBE
+            .lock()
+            .expect("lock")
+            .extend(std::iter::repeat_n(address.clone(), asked));
+        drop(client.mark_down("test: down".into()));
+        let watched = Duration::from_millis(1200);
+        tokio::time::sleep(watched).await;
+        let panicked = {
+            let mut left = PANIC_NEXT_PROBE.lock().expect("lock");
+            let remaining = left.iter().filter(|a| **a == address).count();
+            left.retain(|a| *a != address);
+            asked - remaining
+        };
+        // The first at 10 ms, then one every 140-260 ms (probe_max with its jitter).
+        assert!(
+            (1..=12).contains(&panicked),
+            "{panicked} probes panicked in {watched:?}"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !client.is_available() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still a placeholder 5 s after the probes stopped panicking"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
