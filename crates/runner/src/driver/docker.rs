@@ -381,6 +381,13 @@ impl DockerMetrics {
     }
 }
 
+/// Whether a failed start counts against the function in
+/// `fn_runner_container_start_failures_total`: not when the runner itself was out of
+/// descriptors or memory ([`DriverError::Runner`]).
+fn is_the_functions(error: &DriverError) -> bool {
+    !matches!(error, DriverError::Runner(_))
+}
+
 /// Runs function instances as containers. See the module docs.
 #[derive(Debug)]
 pub struct DockerDriver {
@@ -584,7 +591,9 @@ impl DockerDriver {
         let result = self
             .start_checked(spec, image, call_id, start_timeout)
             .await;
-        if result.is_err() {
+        if let Err(e) = &result
+            && is_the_functions(e)
+        {
             self.metrics.failed(spec);
         }
         result
@@ -1491,6 +1500,18 @@ mod tests {
             text.contains(r#"fn_runner_container_start_failures_total{app="a",function="f0"} 2"#),
             "a function with a series keeps it"
         );
+    }
+
+    /// A start the runner's own exhaustion failed is not the function's failure.
+    #[test]
+    fn only_the_functions_own_start_failures_are_counted_against_it() {
+        assert!(is_the_functions(&DriverError::Start("no listener".into())));
+        assert!(is_the_functions(&DriverError::Function(
+            "pull failed".into()
+        )));
+        assert!(!is_the_functions(&DriverError::Runner(
+            "cannot look for the listener: Too many open files".into()
+        )));
     }
 
     /// The container's environment: the config, then the contract's variables, which win;
