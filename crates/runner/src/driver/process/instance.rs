@@ -331,19 +331,24 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
         shared: shared.clone(),
         finished: false,
     };
-    let exit = tokio::select! {
-        status = child.wait() => status,
+    let (exit, killed_here) = tokio::select! {
+        status = child.wait() => (status, false),
         () = shared.kill.cancelled() => {
             // The leader is not reaped yet, so its pid still names this process group.
             signal_group(&shared);
-            child.wait().await
+            (child.wait().await, true)
         }
     };
     let exit = match exit {
         Ok(status) => Exit::Status(status),
         Err(e) => Exit::Unknown(e.to_string()),
     };
-    let oom_kills = shared.cgroup.as_ref().map_or(0, InstanceCgroup::oom_kills);
+    // The count covers the instance's whole life: a process the OOM killer took earlier
+    // is no reason for an end the runner brought about.
+    let oom_kills = match &shared.cgroup {
+        Some(cgroup) if !killed_here => cgroup.oom_kills(),
+        _ => 0,
+    };
     let exit = exit_message(&exit, oom_kills);
     tracing::debug!(instance = %shared.labels.instance, pid = shared.pid, %exit, "function process ended");
     exit_tx.send_replace(Some(exit));
