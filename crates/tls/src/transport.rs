@@ -473,6 +473,7 @@ struct Warnings {
     refused: Throttle,
     accept_failed: Throttle,
     crowded: Throttle,
+    open_too_many: Throttle,
 }
 
 impl Default for Warnings {
@@ -482,6 +483,7 @@ impl Default for Warnings {
             refused: Throttle::new(second),
             accept_failed: Throttle::new(second),
             crowded: Throttle::new(second),
+            open_too_many: Throttle::new(second),
         }
     }
 }
@@ -506,7 +508,7 @@ impl Warnings {
     fn open_too_many(&self, peer: std::net::SocketAddr, limit: usize) {
         let message = "gRPC connection refused: this address holds too many connections \
                        already (a peer opening connections and never closing them?)";
-        fn_lifecycle::warn_throttled!(self.crowded, %peer, limit, "{message}");
+        fn_lifecycle::warn_throttled!(self.open_too_many, %peer, limit, "{message}");
     }
 
     fn crowded(&self, peer: std::net::SocketAddr) {
