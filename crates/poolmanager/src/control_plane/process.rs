@@ -189,11 +189,21 @@ impl ProcessControlPlane {
                 path: config.state_dir.clone(),
                 source,
             })?;
-        let records: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(RECORD_EXT))
-            .collect();
+        let mut records = Vec::new();
+        let mut staged = Vec::new();
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().and_then(|e| e.to_str()) == Some(RECORD_EXT) {
+                records.push(path);
+            } else if let Some(record) = staged_record(&path) {
+                staged.push((path, record));
+            }
+        }
+        // Records staged by an npm that died before renaming them (see `write_whole`).
+        for (path, record) in staged {
+            if put_staged_in_place(&path, &record) && !records.contains(&record) {
+                records.push(record);
+            }
+        }
         let checks = records.iter().map(|path| adopt(&config, path));
         let adopted = futures::future::join_all(checks)
             .await
@@ -443,6 +453,38 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
     }
 }
 
+/// The record that the file at `path` was staged for, when it is one (`.NAME.new`, where
+/// `NAME` is a record's: see [`write_whole`]).
+fn staged_record(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let record = name.strip_prefix('.')?.strip_suffix(".new")?;
+    let record = path.with_file_name(record);
+    (record.extension().and_then(|e| e.to_str()) == Some(RECORD_EXT)).then_some(record)
+}
+
+/// Puts a record staged at `path` in place at `record` when it reads whole (the npm that
+/// wrote it died between its sync and its rename), so that the runner it names is adopted or
+/// cleaned up as any recorded one; otherwise (the npm died mid-write) removes it, with a
+/// warning, as an unreadable record is. Whether there is a record at `record` now.
+fn put_staged_in_place(path: &Path, record: &Path) -> bool {
+    if read_record(path).is_none() {
+        tracing::warn!(record = %path.display(), "removing a runner record cut short while it was written");
+        remove_quietly(path);
+        return false;
+    }
+    match std::fs::rename(path, record) {
+        Ok(()) => {
+            tracing::info!(record = %record.display(), "put in place a runner record written whole before the previous npm stopped");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(record = %path.display(), error = %e, "removing a staged runner record that cannot be put in place");
+            remove_quietly(path);
+            false
+        }
+    }
+}
+
 /// Whether process `pid` is the runner `id` this control plane spawned: its environment
 /// names the runner's socket directory (which holds the unique id).
 fn is_runner_process(pid: u32, id: &str) -> bool {
@@ -626,11 +668,12 @@ fn write_record(path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<()>
     )
 }
 
-/// Writes `contents` to `path` whole or not at all: into a hidden sibling (`.NAME.new`,
-/// which the scan for records passes over), synced, then renamed over `path`. A failure (a
-/// full disk, the npm killed mid-write) leaves whatever was at `path` as it was and removes
-/// the sibling, where `std::fs::write` left an empty or cut record that a restarted npm
-/// removes as unreadable, orphaning its still-running runner.
+/// Writes `contents` to `path` whole or not at all: into a hidden sibling (`.NAME.new`),
+/// synced, then renamed over `path`. A failure (a full disk) leaves whatever was at `path` as
+/// it was and removes the sibling, where `std::fs::write` left an empty or cut record that a
+/// restarted npm removes as unreadable, orphaning its still-running runner. A sibling left by
+/// an npm killed before the rename is put in place by the next npm's scan when it reads whole,
+/// and removed otherwise (see [`put_staged_in_place`]).
 fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let Some(name) = path.file_name() else {
@@ -804,6 +847,24 @@ mod tests {
     /// A plane's configuration in `dir` (its state in `dir/state`), starting `binary`.
     fn config_in(dir: &Path, binary: PathBuf) -> ProcessConfig {
         ProcessConfig::new(binary, dir.to_owned(), dir.join("state"), TlsMode::Insecure)
+    }
+
+    /// A health service answering SERVING in this process (runners' health, faked): its
+    /// switch, held by the test, and its address.
+    async fn health_answered_here() -> (fn_lifecycle::health::Health, String) {
+        let (health, service) = fn_lifecycle::health::Health::new(&[]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let address = listener.local_addr().expect("address").to_string();
+        let incoming = fn_tls::grpc_incoming(&TlsMode::Insecure, listener).expect("incoming");
+        tokio::spawn(
+            fn_tls::grpc_server()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        health.set_serving().await;
+        (health, address)
     }
 
     /// A plane's configuration over `state_dir`, with a runner binary that is never run.
@@ -1005,6 +1066,77 @@ mod tests {
         // A write that succeeds replaces the record whole.
         write_record(&path, &info("127.0.0.1:5000"), 43).expect("write");
         assert_eq!(read_record(&path), Some((info("127.0.0.1:5000"), 43)));
+    }
+
+    /// A record the previous npm synced but had not renamed into place when it was killed
+    /// is taken as the record: its runner, alive, is adopted, and the staged file is gone.
+    #[tokio::test]
+    async fn a_record_staged_whole_is_put_in_place_and_its_runner_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_health, address) = health_answered_here().await;
+        let id = "r-00000000f00d";
+        let mut runner = std::process::Command::new("sleep")
+            .arg("30")
+            .env("FN_SOCKET_DIR", socket_dir(id))
+            .spawn()
+            .expect("spawn sleep");
+        let pid = runner.id();
+        // Until it has exec'd, the child's environment is still this process's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_runner_process(pid, id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the runner never exec'd"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let config = config_over(dir.path(), dir.path().join("state"));
+        prepare_state_dir(&config.state_dir).expect("state dir");
+        let record = config.state_dir.join(format!("{id}.{RECORD_EXT}"));
+        let staged = config.state_dir.join(format!(".{id}.{RECORD_EXT}.new"));
+        let info = RunnerInfo {
+            id: id.to_owned(),
+            address,
+            group: "g".into(),
+            created: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        // Written whole, then (as at a kill before the rename) left under its staged name.
+        write_record(&record, &info, pid).expect("record");
+        std::fs::rename(&record, &staged).expect("rename");
+
+        let plane = ProcessControlPlane::new(config).await.expect("plane");
+        let listed = plane.list().await.expect("lists");
+        assert_eq!(listed, std::slice::from_ref(&info));
+        assert_eq!(read_record(&record), Some((info, pid)));
+        assert!(!staged.exists(), "the staged file stays");
+        plane.shutdown().await;
+        let status = tokio::task::spawn_blocking(move || runner.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert!(!status.success(), "stopped by the shutdown: {status:?}");
+        assert!(!record.exists());
+    }
+
+    /// A record cut short while it was staged (the previous npm killed mid-write) is removed,
+    /// and no record is made of it; a file that is no staged record is left alone.
+    #[tokio::test]
+    async fn a_record_cut_short_while_staged_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_over(dir.path(), dir.path().join("state"));
+        prepare_state_dir(&config.state_dir).expect("state dir");
+        let id = "r-00000000dead";
+        let record = config.state_dir.join(format!("{id}.{RECORD_EXT}"));
+        let staged = config.state_dir.join(format!(".{id}.{RECORD_EXT}.new"));
+        std::fs::write(&staged, format!("{id} 127.0.0.1:1 g 17")).expect("write");
+        let other = config.state_dir.join(".notes.new");
+        std::fs::write(&other, "kept").expect("write");
+
+        let plane = ProcessControlPlane::new(config).await.expect("plane");
+        assert!(!staged.exists(), "the cut staged record stays");
+        assert!(!record.exists(), "a record was made of it");
+        assert!(other.exists(), "another file was removed");
+        assert!(plane.lock().is_empty());
     }
 
     #[test]
@@ -1228,18 +1360,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let binary = runner_script(dir.path(), "#!/bin/sh\nexec sleep 30\n");
         // The runners' health, answered in this process for both.
-        let (health, service) = fn_lifecycle::health::Health::new(&[]);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binds");
-        let address = listener.local_addr().expect("address").to_string();
-        let incoming = fn_tls::grpc_incoming(&TlsMode::Insecure, listener).expect("incoming");
-        tokio::spawn(
-            fn_tls::grpc_server()
-                .add_service(service)
-                .serve_with_incoming(incoming),
-        );
-        health.set_serving().await;
+        let (_health, address) = health_answered_here().await;
         let mut config = config_in(dir.path(), binary);
         config.stop_grace = Duration::from_secs(2);
         config.keep_runners = true;
