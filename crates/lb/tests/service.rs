@@ -486,18 +486,8 @@ async fn a_runner_failing_after_commit_gives_502_and_no_other_runner_sees_the_ca
 /// line names the id itself.
 #[tokio::test]
 async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
-    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let writer = {
-        let captured = Arc::clone(&captured);
-        move || Capture(Arc::clone(&captured))
-    };
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
     // This test's runtime has one thread: the LB's tasks log on it.
-    let _subscriber = tracing::subscriber::set_default(subscriber);
+    let (captured, _subscriber) = capture_logs(tracing::Level::INFO);
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::CommitThenDieMidResponse]).await;
     let lb = start_lb(&pki, &addresses(&runners), Options::default()).await;
@@ -539,18 +529,8 @@ async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
 /// the thousand cannot fill the log at INFO.
 #[tokio::test]
 async fn a_body_over_the_limit_after_the_answer_started_is_logged_at_debug() {
-    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let writer = {
-        let captured = Arc::clone(&captured);
-        move || Capture(Arc::clone(&captured))
-    };
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
     // This test's runtime has one thread: the LB's tasks log on it.
-    let _subscriber = tracing::subscriber::set_default(subscriber);
+    let (captured, _subscriber) = capture_logs(tracing::Level::DEBUG);
     let pki = TestPki::new();
     let runners = fakes(&pki, &[Behaviour::AnswerHeadFirst]).await;
     let options = Options {
@@ -605,6 +585,26 @@ async fn a_body_over_the_limit_after_the_answer_started_is_logged_at_debug() {
 
 /// A log sink for the tests of the LB's log lines.
 struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+/// Captures this thread's log lines up to `level`, as text, until the guard drops.
+fn capture_logs(
+    level: tracing::Level,
+) -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    let captured = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let captured = Arc::clone(&captured);
+        move || Capture(Arc::clone(&captured))
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_max_level(level)
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
 
 impl std::io::Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
