@@ -13,8 +13,9 @@
 //! The walk follows protobuf's rules where they decide a count: every occurrence of a
 //! submessage field counts toward the same total (prost merges them into one), and groups
 //! are skipped as prost skips them. Bytes it cannot read (a truncated length, a field
-//! number 0, a reserved wire type) end the walk without an error: prost refuses the same
-//! bytes with its own message.
+//! number 0, a reserved wire type) end the walk of the message they are in, without an
+//! error (the walk of an enclosing message goes on past it): prost refuses the same bytes
+//! with its own message.
 
 use bytes::Buf;
 
