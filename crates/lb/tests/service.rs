@@ -511,16 +511,11 @@ async fn a_call_cut_off_mid_response_is_logged_once_under_its_call_id() {
     let seen = runners[0].seen();
     assert_eq!(seen.len(), 1);
     let call_id = seen[0].id.clone();
-    let text = String::from_utf8_lossy(&captured.lock().expect("lock")).into_owned();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("call failed after its response started"))
-        .collect();
-    assert_eq!(lines.len(), 1, "logged once:\n{text}");
+    let line = the_cut_off_line(&captured);
     assert!(
-        lines[0].contains(&format!("call_id={call_id}")),
+        line.contains(&format!("call_id={call_id}")),
         "under the call's id {call_id}: {}",
-        lines[0]
+        line
     );
 }
 
@@ -565,22 +560,24 @@ async fn a_body_over_the_limit_after_the_answer_started_is_logged_at_debug() {
         .expect("the LB ends the response in time");
     assert!(outcome.is_err(), "the answer is cut off");
     conn.abort();
+    let line = the_cut_off_line(&captured);
+    assert!(line.contains("over the limit of 10 bytes"), "{}", line);
+    assert!(
+        line.contains(" DEBUG ") && !line.contains(" INFO "),
+        "at debug level: {}",
+        line
+    );
+}
+
+/// The one line `captured` holds of a call cut off after its answer started.
+fn the_cut_off_line(captured: &std::sync::Mutex<Vec<u8>>) -> String {
     let text = String::from_utf8_lossy(&captured.lock().expect("lock")).into_owned();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("call failed after its response started"))
         .collect();
     assert_eq!(lines.len(), 1, "logged once:\n{text}");
-    assert!(
-        lines[0].contains("over the limit of 10 bytes"),
-        "{}",
-        lines[0]
-    );
-    assert!(
-        lines[0].contains(" DEBUG ") && !lines[0].contains(" INFO "),
-        "at debug level: {}",
-        lines[0]
-    );
+    lines[0].to_owned()
 }
 
 /// A log sink for the tests of the LB's log lines.

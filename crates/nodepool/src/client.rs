@@ -949,6 +949,15 @@ mod tests {
         }
     }
 
+    /// Waits until `client` is available again, failing with `why` after 5 s.
+    async fn available_within_5s(client: &RunnerClient, why: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !client.is_available() {
+            assert!(tokio::time::Instant::now() < deadline, "{why}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A probe that panics does not leave its runner a placeholder for good: the next probe
     /// finds the runner up and makes it available again.
     #[tokio::test]
@@ -970,14 +979,7 @@ mod tests {
             .push(runner.address().to_owned());
         drop(client.mark_down("test: down".into()));
         assert!(!client.is_available());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !client.is_available() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "still a placeholder 5 s after a probe panicked"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        available_within_5s(&client, "still a placeholder 5 s after a probe panicked").await;
         assert!(
             !PANIC_NEXT_PROBE
                 .lock()
@@ -1024,13 +1026,10 @@ mod tests {
             (1..=12).contains(&panicked),
             "{panicked} probes panicked in {watched:?}"
         );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !client.is_available() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "still a placeholder 5 s after the probes stopped panicking"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        available_within_5s(
+            &client,
+            "still a placeholder 5 s after the probes stopped panicking",
+        )
+        .await;
     }
 }
