@@ -56,6 +56,10 @@ struct RawFunction {
     config: BTreeMap<String, String>,
 }
 
+/// The least `memory_mb` a function may have: docker refuses a container limit under
+/// 6 MiB, and the process driver's wrapper does not start under a much smaller one.
+pub const MIN_MEMORY_MB: u64 = 6;
+
 /// Defaults of DESIGN.md's catalog format.
 pub const DEFAULT_MEMORY_MB: u64 = 128;
 pub const DEFAULT_CONCURRENCY: u32 = 1;
@@ -311,8 +315,15 @@ fn validate(
         return Err(invalid(field, reason));
     }
     let memory_mb = raw.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
-    if memory_mb == 0 {
-        return Err(invalid("memory_mb", "must be at least 1".into()));
+    if memory_mb < MIN_MEMORY_MB {
+        return Err(invalid(
+            "memory_mb",
+            format!(
+                "{memory_mb} is less than the least a function can run in, {MIN_MEMORY_MB} \
+                 (docker's smallest container limit; a process under a smaller cgroup limit \
+                 is killed before it starts)"
+            ),
+        ));
     }
     let max = fn_protocol::call::MAX_MEMORY_MB;
     if memory_mb > max {
@@ -332,7 +343,11 @@ fn validate(
     let duration = |field: &'static str, value: Option<String>, default: Duration| match value {
         None => Ok(default),
         Some(s) => match humantime::parse_duration(&s) {
-            Ok(d) if !d.is_zero() && d <= fn_protocol::call::MAX_TIMEOUT => Ok(d),
+            // At least 1ms: the wire carries whole milliseconds, rounded down (a 500us
+            // idle timeout would arrive as 0 and end every instance after its call).
+            Ok(d) if d >= Duration::from_millis(1) && d <= fn_protocol::call::MAX_TIMEOUT => {
+                Ok(d)
+            }
             Ok(_) => Err(invalid(field, format!("{s:?} must be between 1ms and 1h"))),
             Err(e) => Err(invalid(
                 field,
@@ -573,6 +588,11 @@ GREETING = "Hi"
     fn errors_name_file_function_and_field() {
         let cases = [
             ("memory_mb = 0", "function demo/f: field `memory_mb`"),
+            // Below docker's smallest limit: no instance could ever start.
+            ("memory_mb = 5", "function demo/f: field `memory_mb`"),
+            // Below a millisecond: 0 on the wire.
+            ("idle_timeout = \"500us\"", "function demo/f: field `idle_timeout`"),
+            ("timeout = \"999us\"", "function demo/f: field `timeout`"),
             // More than any runner may have (2^40 MB): refused, not summed past u64 there.
             (
                 "memory_mb = 1099511627777",
