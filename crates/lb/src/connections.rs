@@ -263,8 +263,11 @@ impl Drop for Busy {
 
 /// The default cap for a process allowed `open_files` descriptors: three quarters of them,
 /// leaving the rest for connections to runners and the npm, the listeners and accepts in
-/// progress.
+/// progress; counted from at most 2^20 descriptors (a limit inherited already higher, as
+/// under systemd's `LimitNOFILE=infinity` with its `fs.nr_open` of 2^30, is kept, but would
+/// make a cap of some 800 million: none).
 pub fn default_cap(open_files: u64) -> usize {
+    let open_files = open_files.min(fn_lifecycle::limits::MAX_OPEN_FILES);
     usize::try_from(open_files / 4 * 3)
         .unwrap_or(usize::MAX)
         .max(1)
@@ -375,5 +378,7 @@ mod tests {
         assert_eq!(default_cap(1024), 768);
         assert_eq!(default_cap(20_000), 15_000);
         assert_eq!(default_cap(0), 1);
+        // A limit inherited far above what the LB raises to counts as 2^20.
+        assert_eq!(default_cap(1 << 30), 786_432);
     }
 }

@@ -1,7 +1,7 @@
 //! The process's open-file limit, raised at start.
 
 /// Highest open-file limit asked for (an unlimited hard limit is not a usable soft one).
-const MAX_OPEN_FILES: u64 = 1 << 20;
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
 
 /// The open-file limit (`RLIMIT_NOFILE`) before and after [`raise_open_file_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -101,7 +101,7 @@ pub struct TlsArgs {
     /// How often the certificate files are checked for a replacement (SIGHUP checks at
     /// once); `0s` checks only on SIGHUP.
     #[arg(long, env = "FN_TLS_RELOAD_INTERVAL", default_value = "10s",
-          value_parser = parse_interval)]
+          value_parser = parse_reload_interval)]
     pub tls_reload_interval: Duration,
     /// How long a connection whose peer no longer verifies (its CA left the bundle, or its
     /// certificate expired) is kept for the calls on it before it is closed.
@@ -125,6 +125,21 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         // A retirement's deadline is the instant it was seen plus the grace.
         return Err(format!(
             "{s:?} is longer than 100 years, the most any setting takes"
+        ));
+    }
+    Ok(interval)
+}
+
+/// The shortest `FN_TLS_RELOAD_INTERVAL` but `0s`: each check reads every certificate file.
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+fn parse_reload_interval(s: &str) -> Result<Duration, String> {
+    let interval = parse_interval(s)?;
+    if !interval.is_zero() && interval < MIN_RELOAD_INTERVAL {
+        // "1ms" would read the files a thousand times a second.
+        return Err(format!(
+            "{s:?} is shorter than 100ms, the shortest accepted (each check reads every \
+             certificate file); use e.g. 10s, or 0s to check only on SIGHUP"
         ));
     }
     Ok(interval)
@@ -472,6 +487,13 @@ mod tests {
         assert_eq!(parse_interval("0s"), Ok(Duration::ZERO));
         let err = parse_interval("18446744073709551615s").expect_err("overflows a deadline");
         assert!(err.contains("100 years"), "{err}");
+        assert_eq!(parse_reload_interval("0s"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_reload_interval("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        let err = parse_reload_interval("1ms").expect_err("a thousand reads a second");
+        assert!(err.contains("shorter than 100ms"), "{err}");
     }
 
     #[test]
