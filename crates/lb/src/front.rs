@@ -41,6 +41,7 @@ use crate::catalog::{CatalogHandle, Function};
 use crate::client_io::{ClientIo, ClientLimits, stream_send_timeout};
 use crate::connections::{Busy, Connections};
 use crate::error::{CallError, json_error};
+use crate::failure_log::FailureLog;
 use crate::invoke::Invoker;
 use crate::leftover;
 use crate::metrics::CallOutcome;
@@ -106,6 +107,8 @@ pub struct Front {
     cap_warnings: Throttle,
     /// Failed `accept`s (out of descriptors): one warning a second.
     accept_warnings: Throttle,
+    /// The "call failed" lines: those the LB answered itself, throttled per kind.
+    failures: FailureLog,
 }
 
 enum Route {
@@ -136,6 +139,7 @@ impl Front {
             stopping: AtomicBool::new(false),
             cap_warnings: Throttle::new(Duration::from_secs(60)),
             accept_warnings: Throttle::new(Duration::from_secs(1)),
+            failures: FailureLog::default(),
         })
     }
 
@@ -179,13 +183,8 @@ impl Front {
                         response
                     }
                     Err(e) => {
-                        let (status, elapsed_ms) =
-                            (e.status().as_u16(), started.elapsed().as_millis() as u64);
-                        if e.is_clients() {
-                            tracing::debug!(status, error = %e, elapsed_ms, "call refused");
-                        } else {
-                            tracing::info!(status, error = %e, elapsed_ms, "call failed");
-                        }
+                        let elapsed_ms = started.elapsed().as_millis() as u64;
+                        self.failures.failed(&e, e.status().as_u16(), elapsed_ms);
                         e.to_response()
                     }
                 }

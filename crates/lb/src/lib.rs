@@ -16,6 +16,8 @@
 //! - [`leftover`]: the rest of a request body answered before it was read, read and
 //!   dropped so that the client's connection stays usable.
 //! - [`error`]: the one place where call failures become HTTP statuses.
+//! - [`failure_log`]: the log line of a failed call; those the LB answers itself (no
+//!   runner took the call) throttled per kind.
 //! - [`metrics`]: the Prometheus metric families (calls by outcome, durations, placement),
 //!   registered into the registry the binary passes to [`Invoker::new`].
 
@@ -25,6 +27,7 @@ pub mod client_io;
 pub mod connections;
 pub mod dispatch;
 pub mod error;
+pub mod failure_log;
 pub mod front;
 pub mod invoke;
 pub mod leftover;

@@ -691,6 +691,76 @@ async fn a_group_with_no_reachable_runner_gets_a_503_that_says_so() {
     assert!(reply.json_error().contains("it has none"), "{reply:?}");
 }
 
+/// During an outage the LB's own answers (here: a group with no runner) are logged through
+/// a throttle, one line a second, and the next line says how many it held back: a client
+/// sending thousands of calls a second made as many INFO lines. Every call is counted.
+#[tokio::test]
+async fn failures_no_runner_took_are_logged_at_most_once_a_second_with_the_count_held_back() {
+    // This test's runtime has one thread: the LB's tasks log on it.
+    let (captured, _subscriber) = capture_logs(tracing::Level::INFO);
+    let pki = TestPki::new();
+    let options = Options {
+        placer_timeout: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let lb = start_lb(&pki, &[], options).await;
+    // As in the cut-off tests: worked out again with this subscriber in place.
+    tracing::callsite::rebuild_interest_cache();
+    let interval = fn_lb::failure_log::UNPLACED_LOG_INTERVAL;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let address = lb.address.clone();
+            tokio::spawn(async move {
+                send(&address, request(Method::POST, "/r/demo/echo", "anyone")).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let reply = call.await.expect("task");
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    }
+    // One interval on, the next failure's line says how many were held back.
+    tokio::time::sleep(interval + Duration::from_millis(100)).await;
+    let reply = post(&lb, "/r/demo/echo", "anyone").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    let text = String::from_utf8_lossy(&captured.lock().expect("lock")).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" INFO ") && l.contains("call failed"))
+        .collect();
+    // At most one a second from the first, however the 201 spread over the test's time.
+    let seconds = started.elapsed().as_secs_f64() / interval.as_secs_f64();
+    assert!(
+        lines.len() as f64 <= seconds.ceil() + 1.0,
+        "{} lines for 201 failures in {seconds:.1} s:\n{}",
+        lines.len(),
+        lines[..lines.len().min(5)].join("\n")
+    );
+    // Each line stands for itself and those it held back: all 201 are accounted for.
+    let held_back: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            l.split_once("held_back=")
+                .and_then(|(_, n)| n.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no held_back count in {l}"))
+        })
+        .collect();
+    assert_eq!(
+        held_back.iter().sum::<u64>() + lines.len() as u64,
+        201,
+        "{}",
+        lines.join("\n")
+    );
+    assert!(held_back.iter().any(|&n| n > 0), "{}", lines.join("\n"));
+    assert!(
+        lb.metrics()
+            .contains("fn_lb_calls_total{outcome=\"no_runner_reachable\"} 201\n"),
+        "every failure is counted"
+    );
+}
+
 #[tokio::test]
 async fn refusal_by_every_runner_until_the_placer_deadline_gives_503_with_retry_after() {
     let pki = TestPki::new();
