@@ -73,6 +73,7 @@ const FUNCTION_READ_BUFFER: usize = 256 * 1024;
 /// Warnings of the runner out of descriptors or memory when reaching an instance: one a
 /// second for the whole runner (the condition is the process's own, and every call to
 /// every instance may meet it), the rest at DEBUG.
+// Not a driver's field: both drivers and all instances share the process's fds and memory.
 static EXHAUSTION_WARNINGS: LazyLock<Throttle> =
     LazyLock::new(|| Throttle::new(Duration::from_secs(1)));
 
