@@ -23,6 +23,9 @@
 //! connection is closed mid-body), so the runner sees it incomplete. Without a readable
 //! deadline, no limit.
 //!
+//! Accept: a failed `accept` (out of descriptors) is tried again after 50 ms; the first is
+//! printed on stderr, then at most one line every 5 s with the count since.
+//!
 //! Shutdown: when the shutdown future completes the FDK stops accepting, lets in-flight calls
 //! finish (idle connections close at once), and removes its socket files.
 
@@ -59,6 +62,42 @@ const CALL_PATH: &str = "/call";
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Most one line about failed `accept`s per this long on the function's stderr: out of
+/// descriptors, each pause ([`ACCEPT_BACKOFF`]) printed one, 20 lines a second.
+const ACCEPT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the function's stderr is told of failed `accept`s: the first at once, then at most
+/// one line per [`ACCEPT_REPORT_INTERVAL`], saying how many failed unsaid since the last
+/// line. Owned by the accept loop alone. (The daemons' `fn_lifecycle::logging::Throttle`
+/// is the same idea; the FDK, linked into every function, does not take that crate's
+/// tonic and tracing for it.)
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// When the next line may be printed; `None` before the first failure.
+    next_line: Option<Instant>,
+    /// Failures not printed since the last line.
+    unsaid: u64,
+}
+
+impl AcceptFailures {
+    /// The line to print for the failure `err` at `now`, if one is due.
+    fn failed(&mut self, err: &io::Error, now: Instant) -> Option<String> {
+        if self.next_line.is_some_and(|next| now < next) {
+            self.unsaid += 1;
+            return None;
+        }
+        self.next_line = Some(now + ACCEPT_REPORT_INTERVAL);
+        let line = match std::mem::take(&mut self.unsaid) {
+            0 => format!("fn-fdk: accepting a connection failed: {err}"),
+            unsaid => format!(
+                "fn-fdk: accepting a connection failed: {err} ({unsaid} more failures since \
+                 the last line, at most one line per {ACCEPT_REPORT_INTERVAL:?})"
+            ),
+        };
+        Some(line)
+    }
+}
 
 /// What every connection task shares.
 pub(crate) struct Shared<F> {
@@ -130,6 +169,7 @@ pub(crate) async fn serve<F, Fut>(
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut accept_failures = AcceptFailures::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -140,7 +180,9 @@ pub(crate) async fn serve<F, Fut>(
                     connections.spawn(serve_connection(stream, Arc::clone(&shared), stop_rx.clone()));
                 }
                 Err(err) => {
-                    eprintln!("fn-fdk: accepting a connection failed: {err}");
+                    if let Some(line) = accept_failures.failed(&err, Instant::now()) {
+                        eprintln!("{line}");
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
