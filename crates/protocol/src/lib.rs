@@ -59,14 +59,16 @@ pub const MAX_DETAILS_SHOWN: usize = 2048;
 
 /// `details` as a peer sent them, or, past [`MAX_DETAILS_SHOWN`] bytes, their first ones (cut
 /// at a character's boundary) and a note that says so, so that what a runner says cannot
-/// fill a client's error answer or the LB's log. Control characters but tab are escaped as
-/// Rust writes them (a line feed as the two characters `\n`, a carriage return as `\r`,
-/// ESC as `\u{1b}`), so that what is returned is one line: a log line that shows it cannot
-/// be made to look like several (tracing's text format writes them as they are). The bytes
-/// counted are those shown, escapes included; the note's N counts the peer's. Details
-/// within the bound and without a control character are handed back as they are.
+/// fill a client's error answer or the LB's log. Control characters but tab (C1's NEL,
+/// U+0085, among them) and the line and paragraph separators U+2028 and U+2029 (which some
+/// log viewers break lines at) are escaped as Rust writes them (a line feed as the two
+/// characters `\n`, a carriage return as `\r`, ESC as `\u{1b}`, U+2028 as `\u{2028}`), so
+/// that what is returned is one line: a log line that shows it cannot be made to look like
+/// several (tracing's text format writes them as they are). The bytes counted are those
+/// shown, escapes included; the note's N counts the peer's. Details within the bound and
+/// with none of those characters are handed back as they are.
 pub fn cut_details(details: String) -> String {
-    let escaped = |c: char| c.is_control() && c != '\t';
+    let escaped = |c: char| (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}');
     if details.len() <= MAX_DETAILS_SHOWN && !details.chars().any(escaped) {
         return details;
     }
@@ -139,6 +141,17 @@ mod tests {
         assert_eq!(
             cut_details("\n".repeat(2000)),
             format!("{} ... (cut at 1024 of 2000 bytes)", "\\n".repeat(1024))
+        );
+    }
+
+    /// Line breaks outside ASCII: NEL (a C1 control) and the Unicode line and paragraph
+    /// separators, which some log viewers show as new lines.
+    #[test]
+    fn unicode_line_breaks_in_details_are_escaped_too() {
+        let forged = "refused\u{2028}WARN forged\u{2029}para\u{85}nel \u{20ac}";
+        assert_eq!(
+            cut_details(forged.to_owned()),
+            "refused\\u{2028}WARN forged\\u{2029}para\\u{85}nel \u{20ac}"
         );
     }
 
