@@ -13,9 +13,14 @@
 //!   secrets the npm's own service mounts there, which a rotation changes while the paths
 //!   stay;
 //! - runner services are placed by `FN_SWARM_CONSTRAINTS`.
+//!
+//! `sightings` is the npm's own clock for how long a task has waited for a node.
 
-use std::collections::HashMap;
+mod sightings;
+
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
@@ -31,9 +36,12 @@ use bollard::query_parameters::{
 };
 use fn_docker::{EngineError, classify};
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 
 use super::engine::{BollardEngine, RUNNER_CAPABILITIES, certs_mount, collect_logs, tail_options};
+use super::tracking::lock;
 use super::{CertsSource, Container, ContainerState, Engine, RunnerSpec, SECRETS_DIR};
+use sightings::{Sightings, Waits};
 
 /// Failed tasks in a row, none of which ran (see [`RAN_FOR`]), after which a runner service
 /// counts as not coming up: Swarm would restart its task for ever (the restart policy sets no
@@ -89,6 +97,10 @@ pub struct SwarmEngine {
     /// The npm's own service, when the npm is a task of one: the certificate secrets it
     /// mounts are what runners get (see [`SwarmEngine::secrets`]).
     own_service: Option<String>,
+    /// When this npm first saw each task waiting for a node: how long one has waited is
+    /// timed on the npm's clock, not from its creation on the manager's. A std mutex,
+    /// never held across an await: a few map operations per listing.
+    sightings: Arc<Mutex<Sightings>>,
 }
 
 impl SwarmEngine {
@@ -100,6 +112,7 @@ impl SwarmEngine {
             engine,
             place_within,
             own_service,
+            sightings: Arc::default(),
         }
     }
 
@@ -235,18 +248,19 @@ pub fn own_secrets(
         .collect()
 }
 
-/// A service's state as the control plane sees it at `now`. The service *is* the runner: it
-/// stays `Running` (listed, in the LBs' lists) while Swarm starts or restarts its task, after
-/// a crash or a node loss, so that it keeps its place; only a service whose task cannot come
-/// up is `Stopped` (the control plane removes it). A task is "starting" until its health
-/// check first passes (at most [`HEALTH_INTERVAL`] after the runner is ready), and the npm's
-/// own probe cannot reach it before: Swarm gives it a DNS name only then.
+/// A service's state as the control plane sees it, its tasks waiting for a node having
+/// waited `waits`. The service *is* the runner: it stays `Running` (listed, in the LBs'
+/// lists) while Swarm starts or restarts its task, after a crash or a node loss, so that it
+/// keeps its place; only a service whose task cannot come up is `Stopped` (the control plane
+/// removes it). A task is "starting" until its health check first passes (at most
+/// [`HEALTH_INTERVAL`] after the runner is ready), and the npm's own probe cannot reach it
+/// before: Swarm gives it a DNS name only then.
 fn service_state(
     tasks: &[bollard::models::Task],
-    now: SystemTime,
+    waits: &Waits,
     place_within: Duration,
 ) -> ContainerState {
-    if may_come_up(tasks, now, place_within) {
+    if may_come_up(tasks, waits, place_within) {
         ContainerState::Running
     } else {
         ContainerState::Stopped
@@ -275,7 +289,7 @@ fn service_state(
 /// that a crash loop is told even if something stopped one of its tasks. A task whose times
 /// are missing or unreadable counts the same way, and one without a readable creation time
 /// sorts as the oldest.
-fn may_come_up(tasks: &[bollard::models::Task], now: SystemTime, place_within: Duration) -> bool {
+fn may_come_up(tasks: &[bollard::models::Task], waits: &Waits, place_within: Duration) -> bool {
     use TaskState::{FAILED, REJECTED, RUNNING};
     if tasks
         .iter()
@@ -286,7 +300,7 @@ fn may_come_up(tasks: &[bollard::models::Task], now: SystemTime, place_within: D
     if !tasks.is_empty() && !tasks.iter().any(meant_to_run) {
         return false;
     }
-    if unplaced(tasks, now, place_within).is_some() {
+    if unplaced(tasks, waits, place_within).is_some() {
         return false;
     }
     // Newest first. The times are RFC 3339 with as many fraction digits as needed (Go drops
@@ -324,21 +338,29 @@ fn meant_to_run(task: &bollard::models::Task) -> bool {
     task.desired_state.is_some_and(|d| d <= TaskState::RUNNING)
 }
 
-/// A task Swarm means to run and has given to no node (`new`, `allocated` or `pending`)
-/// although it was made more than `place_within` before `now`, and says why (`no suitable
-/// node (...)`: no node meets the constraints or has the memory; Swarm writes it after a
-/// scheduling pass that found none): with its reason and how long it has waited.
+/// Whether `task` is one Swarm means to run and has given to no node yet (`new`,
+/// `allocated` or `pending`).
+fn waiting_for_node(task: &bollard::models::Task) -> bool {
+    meant_to_run(task) && task_state(task).is_some_and(|s| s <= TaskState::PENDING)
+}
+
+/// A task waiting for a node (see [`waiting_for_node`]) that has waited more than
+/// `place_within` by `waits`, and says why (`no suitable node (...)`: no node meets the
+/// constraints or has the memory; Swarm writes it after a scheduling pass that found
+/// none): with its reason and how long it has waited.
 ///
-/// Swarm never rejects such a task; it waits for a node for ever. The time is the manager's
-/// (its creation) against the npm's clock; the reason keeps a task that a skewed clock
-/// makes look old from counting before Swarm has found no node for it.
-fn unplaced(
-    tasks: &[bollard::models::Task],
-    now: SystemTime,
+/// Swarm never rejects such a task; it waits for a node for ever. How long it has waited is
+/// the npm's own measure, from its first sight of the task (see [`sightings`]), never its
+/// creation time: that is the manager's clock, and against the npm's a skewed clock made a
+/// new task look a year old, or never old. The reason keeps a task Swarm has not yet tried
+/// to place from counting.
+fn unplaced<'t>(
+    tasks: &'t [bollard::models::Task],
+    waits: &Waits,
     place_within: Duration,
-) -> Option<(&str, Duration)> {
+) -> Option<(&'t str, Duration)> {
     tasks.iter().find_map(|task| {
-        if !meant_to_run(task) || task_state(task).is_none_or(|s| s > TaskState::PENDING) {
+        if !waiting_for_node(task) {
             return None;
         }
         let reason = task
@@ -346,9 +368,7 @@ fn unplaced(
             .as_ref()
             .and_then(|s| s.err.as_deref())
             .filter(|err| !err.trim().is_empty())?;
-        let waited = now
-            .duration_since(task_time(task.created_at.as_ref())?)
-            .ok()?;
+        let waited = waits.of(task)?;
         (waited > place_within).then_some((reason, waited))
     })
 }
@@ -567,7 +587,20 @@ impl Engine for SwarmEngine {
                 .list_services(Some(options))
                 .await
                 .map_err(|e| classify(e, "listing services"))?;
-            let now = SystemTime::now();
+            let now = Instant::now();
+            let mut sightings = lock(&self.sightings);
+            {
+                let listed: HashSet<&str> = tasks_of
+                    .values()
+                    .flatten()
+                    .filter_map(|t| t.id.as_deref())
+                    .collect();
+                let names: HashSet<&str> = services
+                    .iter()
+                    .filter_map(|s| s.spec.as_ref()?.name.as_deref())
+                    .collect();
+                sightings.forget_gone(&listed, &names, now, self.place_within);
+            }
             let mut found = Vec::new();
             for service in services {
                 let (Some(id), Some(spec)) = (service.id, service.spec) else {
@@ -577,9 +610,10 @@ impl Engine for SwarmEngine {
                     continue;
                 };
                 let tasks = tasks_of.remove(&id).unwrap_or_default();
-                let state = service_state(&tasks, now, self.place_within);
+                let waits = sightings.waits(&name, &tasks, now);
+                let state = service_state(&tasks, &waits, self.place_within);
                 if state == ContainerState::Stopped
-                    && let Some((reason, waited)) = unplaced(&tasks, now, self.place_within)
+                    && let Some((reason, waited)) = unplaced(&tasks, &waits, self.place_within)
                 {
                     tracing::warn!(
                         service = %name,
@@ -597,6 +631,7 @@ impl Engine for SwarmEngine {
                     labels: spec.labels.unwrap_or_default(),
                 });
             }
+            drop(sightings);
             // What is left are the tasks of services removed: one still on its node drains
             // there until Swarm has stopped it.
             found.extend(tasks_of.values().filter_map(|tasks| leaving(tasks)));
@@ -610,6 +645,7 @@ impl Engine for SwarmEngine {
                 Some((CertsSource::Secrets(targets), _)) => self.secrets(targets).await?,
                 _ => Vec::new(),
             };
+            lock(&self.sightings).asking(&spec.name, Instant::now());
             self.docker()
                 .create_service(service_spec(spec, &secrets), None)
                 .await
@@ -621,7 +657,8 @@ impl Engine for SwarmEngine {
     fn is_running<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
         Box::pin(async move {
             let tasks = self.tasks(name).await?;
-            Ok(may_come_up(&tasks, SystemTime::now(), self.place_within))
+            let waits = lock(&self.sightings).waits(name, &tasks, Instant::now());
+            Ok(may_come_up(&tasks, &waits, self.place_within))
         })
     }
 
@@ -664,6 +701,7 @@ impl Engine for SwarmEngine {
         // The grace is the service's own (`stop_grace_period`, set at creation): Swarm stops
         // the task with SIGTERM and kills it after that.
         Box::pin(async move {
+            lock(&self.sightings).forget_service(name);
             match self.docker().delete_service(name).await {
                 Ok(()) => Ok(()),
                 Err(e) => match classify(e, name) {
@@ -692,15 +730,24 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
     }
 
-    /// The state of a service with `tasks` long after they were made: only a task that says
-    /// why no node took it counts as waiting too long.
+    /// Each of `tasks` timed as having waited `secs` seconds for a node (whether it waits
+    /// for one or not: [`unplaced`] tells).
+    fn waited(tasks: &[Task], secs: u64) -> Waits {
+        tasks
+            .iter()
+            .filter_map(|t| Some((t.id.clone()?, Duration::from_secs(secs))))
+            .collect()
+    }
+
+    /// The state of a service with `tasks` long after the npm first saw them: only a task
+    /// that says why no node took it counts as waiting too long.
     fn state(tasks: &[Task]) -> ContainerState {
-        service_state(tasks, at(10_000_000), PLACE_WITHIN)
+        service_state(tasks, &waited(tasks, 10_000_000), PLACE_WITHIN)
     }
 
     /// [`may_come_up`], as [`state`] asks it.
     fn comes_up(tasks: &[Task]) -> bool {
-        may_come_up(tasks, at(10_000_000), PLACE_WITHIN)
+        may_come_up(tasks, &waited(tasks, 10_000_000), PLACE_WITHIN)
     }
 
     /// A task created `created` seconds into the test and last updated `lasted` seconds
@@ -708,6 +755,7 @@ mod tests {
     fn task(created: u64, lasted: u64, state: TaskState, desired: TaskState) -> Task {
         let stamp = |secs: u64| humantime::format_rfc3339_nanos(at(secs)).to_string();
         Task {
+            id: Some(format!("t{created}-{state}")),
             created_at: Some(stamp(created)),
             updated_at: Some(stamp(created + lasted)),
             status: Some(TaskStatus {
@@ -875,50 +923,52 @@ mod tests {
         // no node left can take the replacement.
         let lost = task(0, 3_600, RUNNING, SHUTDOWN);
         let tasks = [lost.clone(), unplaceable(3_605)];
-        let verdict = |secs| service_state(&tasks, at(secs), PLACE_WITHIN);
+        let verdict = |secs| service_state(&tasks, &waited(&tasks, secs), PLACE_WITHIN);
         assert_eq!(
-            verdict(3_620),
+            verdict(15),
             ContainerState::Running,
             "a node may free up within the bound"
         );
-        assert_eq!(verdict(3_636), ContainerState::Stopped, "waited 31 s");
-        let (reason, waited) = unplaced(&tasks, at(3_636), PLACE_WITHIN).expect("unplaced");
+        assert_eq!(verdict(31), ContainerState::Stopped, "waited 31 s");
+        let (reason, waits) =
+            unplaced(&tasks, &waited(&tasks, 31), PLACE_WITHIN).expect("unplaced");
         assert!(reason.starts_with("no suitable node ("), "{reason}");
-        assert_eq!(waited, Duration::from_secs(31));
+        assert_eq!(waits, Duration::from_secs(31));
 
         // A new runner whose first task no node takes: the same.
+        let first = [unplaceable(0)];
         assert_eq!(
-            service_state(&[unplaceable(0)], at(31), PLACE_WITHIN),
+            service_state(&first, &waited(&first, 31), PLACE_WITHIN),
             ContainerState::Stopped
         );
-
-        // Not counted: a task Swarm has not tried to place yet (no reason: the npm's clock
-        // may be ahead of the manager's), one a node took (it may pull its image for
-        // minutes), one Swarm no longer means to run, and a replacement while another task
-        // meant to run runs.
+        // Untimed (the npm has not seen it waiting): not counted, however old it is.
         assert_eq!(
-            service_state(
-                &[lost.clone(), task(3_605, 0, PENDING, RUNNING)],
-                at(9_999),
-                PLACE_WITHIN
-            ),
+            service_state(&first, &Waits::default(), PLACE_WITHIN),
+            ContainerState::Running
+        );
+
+        // Not counted: a task Swarm has not tried to place yet (no reason), one a node took
+        // (it may pull its image for minutes), one Swarm no longer means to run, and a
+        // replacement while another task meant to run runs.
+        let fresh = [lost.clone(), task(3_605, 0, PENDING, RUNNING)];
+        assert_eq!(
+            service_state(&fresh, &waited(&fresh, 9_999), PLACE_WITHIN),
             ContainerState::Running
         );
         let mut preparing = unplaceable(3_605);
         preparing.status.as_mut().expect("status").state = Some(PREPARING);
+        let taken = [lost.clone(), preparing];
         assert_eq!(
-            service_state(&[lost.clone(), preparing], at(9_999), PLACE_WITHIN),
+            service_state(&taken, &waited(&taken, 9_999), PLACE_WITHIN),
             ContainerState::Running
         );
         let mut dropped = unplaceable(0);
         dropped.desired_state = Some(SHUTDOWN);
-        assert!(unplaced(&[dropped], at(9_999), PLACE_WITHIN).is_none());
+        let dropped = [dropped];
+        assert!(unplaced(&dropped, &waited(&dropped, 9_999), PLACE_WITHIN).is_none());
+        let replacing = [unplaceable(0), task(5, 0, RUNNING, RUNNING)];
         assert_eq!(
-            service_state(
-                &[unplaceable(0), task(5, 0, RUNNING, RUNNING)],
-                at(9_999),
-                PLACE_WITHIN
-            ),
+            service_state(&replacing, &waited(&replacing, 9_999), PLACE_WITHIN),
             ContainerState::Running
         );
     }

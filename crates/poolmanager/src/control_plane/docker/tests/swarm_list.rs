@@ -222,3 +222,83 @@ async fn a_list_of_many_runner_services_is_two_requests() {
     );
     assert!(paths[1].contains("/services"), "{paths:?}");
 }
+
+/// A task of service `service` that no node can take, made at `created` on the manager's
+/// clock: Swarm keeps it pending, meant to run, and says why.
+fn unplaceable(service: &str, created: SystemTime) -> String {
+    let stamp = humantime::format_rfc3339_nanos(created).to_string();
+    format!(
+        r#"{{"ID":"{service}-t0","ServiceID":"{service}","CreatedAt":"{stamp}","UpdatedAt":"{stamp}","Status":{{"State":"pending","Err":"no suitable node (scheduling constraints not satisfied on 3 nodes)"}},"DesiredState":"running","Spec":{{}}}}"#
+    )
+}
+
+/// A task no node takes counts as not coming up once it has waited the bound as the npm
+/// timed it, from its first listing, whatever the manager's clock says of its creation: a
+/// year before the npm's clock (a manager behind, or an npm ahead), the task is not taken
+/// for one that waited a year at its first listing; a year after (the other way round), it
+/// is still taken for one that waited once the bound has passed.
+#[tokio::test(start_paused = true)]
+async fn a_task_no_node_takes_is_timed_on_the_npms_clock_from_its_first_listing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("docker.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let year = Duration::from_secs(365 * 24 * 3_600);
+    let now = SystemTime::now();
+    let swarm = Swarm {
+        services: vec![
+            (
+                "svc-past".to_owned(),
+                "fn-runner-past".to_owned(),
+                vec![unplaceable("svc-past", now - year)],
+            ),
+            (
+                "svc-future".to_owned(),
+                "fn-runner-future".to_owned(),
+                vec![unplaceable("svc-future", now + year)],
+            ),
+        ],
+        gone: Vec::new(),
+    };
+    let server = tokio::spawn(serve(
+        listener,
+        move |_: &str, path: &str| swarm.answer(path),
+        Arc::new(Mutex::new(Vec::new())),
+    ));
+    let bound = Duration::from_secs(30);
+    let engine = SwarmEngine::new(BollardEngine::with_docker(client(&socket)), bound, None);
+    let states = || async {
+        let listed = engine
+            .list(LABEL_NPM, "stack_backend")
+            .await
+            .expect("listed");
+        listed
+            .into_iter()
+            .map(|c| (c.name, c.state))
+            .collect::<Vec<_>>()
+    };
+    let all = |state| {
+        vec![
+            ("fn-runner-past".to_owned(), state),
+            ("fn-runner-future".to_owned(), state),
+        ]
+    };
+
+    assert_eq!(
+        states().await,
+        all(ContainerState::Running),
+        "at the first listing"
+    );
+    tokio::time::advance(bound - Duration::from_secs(1)).await;
+    assert_eq!(
+        states().await,
+        all(ContainerState::Running),
+        "within the bound"
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(
+        states().await,
+        all(ContainerState::Stopped),
+        "past the bound"
+    );
+    server.abort();
+}
