@@ -27,6 +27,7 @@
 //! `fn_tls_connections_retired_total` (open connections whose peer stopped verifying), and
 //! the expiry gauge of [`crate::expiry`].
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -44,6 +45,10 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 const EXPIRY_TICK: Duration = Duration::from_secs(60);
 /// How long a read of the files may take before the watch goes on without it.
 pub const READ_BOUND: Duration = Duration::from_secs(10);
+
+/// Checks a node's open connections at a time with a grace: [`NodeTls::recheck_connections`]
+/// (another in tests).
+type CheckConnections = Arc<dyn Fn(&NodeTls, SystemTime, Duration) -> Recheck + Send + Sync>;
 
 /// The certificate watch of one daemon.
 pub struct CertWatch {
@@ -67,6 +72,8 @@ pub struct CertWatch {
     on_replaced: Option<Box<dyn Fn() + Send + Sync>>,
     /// The reads of the files, bounded in time.
     reads: Reads,
+    /// How the open connections are checked, on the blocking pool.
+    check: CheckConnections,
 }
 
 impl std::fmt::Debug for CertWatch {
@@ -155,6 +162,7 @@ impl CertWatch {
             last_rejection: None,
             on_replaced: None,
             reads: Reads::new(READ_BOUND),
+            check: Arc::new(|tls, now, grace| tls.recheck_connections(now, grace)),
         }
     }
 
@@ -224,9 +232,15 @@ impl CertWatch {
     /// Checks the open connections' peers again, on the blocking pool (a signature check
     /// per connection: thousands of them must not hold up a runtime thread); see
     /// [`NodeTls::recheck_connections`].
+    ///
+    /// A check that fails (it panicked) leaves a close still to come as it was, and forgets
+    /// one that is due: kept, a due close would end the next wait of [`CertWatch::run`] at
+    /// once, and the next, each time with a check that may fail the same way, for ever (a
+    /// loop of checks and ERROR lines). The minute's check tries again, and closes then the
+    /// retired connections whose grace is over.
     async fn recheck(&mut self) {
-        let (tls, grace) = (self.tls.clone(), self.grace);
-        let check = move || tls.recheck_connections(SystemTime::now(), grace);
+        let (tls, grace, check) = (self.tls.clone(), self.grace, Arc::clone(&self.check));
+        let check = move || check(&tls, SystemTime::now(), grace);
         let Recheck {
             retired,
             next_close,
@@ -234,7 +248,9 @@ impl CertWatch {
         } = match tokio::task::spawn_blocking(check).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                tracing::error!(error = %e, "checking the open connections failed");
+                tracing::error!(error = %e, "checking the open connections failed; the next check is within a minute");
+                let now = tokio::time::Instant::now();
+                self.next_close = self.next_close.filter(|at| *at > now);
                 return;
             }
         };
@@ -398,6 +414,47 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
+
+    /// A check of the open connections that fails when a retired connection's grace ends
+    /// is not run again and again: the close it was due for is forgotten, and the minute's
+    /// check tries again. It ran without a pause before, each time at once (the close
+    /// stayed due), an ERROR line and a panic each.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_fails_at_a_close_is_not_run_again_at_once() {
+        let tls = crate::dev::DevCa::new("test CA")
+            .expect("ca")
+            .node_tls(&[])
+            .expect("tls");
+        let cancel = CancellationToken::new();
+        let checks = Arc::new(AtomicUsize::new(0));
+        let mut watch = CertWatch::new(tls, Duration::ZERO, None, &mut Registry::default());
+        watch.check = {
+            let (checks, cancel) = (Arc::clone(&checks), cancel.clone());
+            Arc::new(move |_, _, _| {
+                let n = checks.fetch_add(1, Ordering::SeqCst) + 1;
+                if n > 20 {
+                    cancel.cancel(); // a loop: ended here, so that the test ends
+                }
+                assert!(n == 1, "a check that fails (check {n})");
+                // The first check (the minute's first tick, at once) retires a connection,
+                // to be closed in a second.
+                Recheck {
+                    retired: 1,
+                    next_close: Some(tokio::time::Instant::now() + Duration::from_secs(1)),
+                    ..Recheck::default()
+                }
+            })
+        };
+        let running = tokio::spawn(watch.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        cancel.cancel();
+        running.await.expect("the watch ends").expect("infallible");
+        assert_eq!(
+            checks.load(Ordering::SeqCst),
+            2,
+            "the minute's first, and the close's (which failed)"
+        );
+    }
 
     /// Set by the test when the reads below are to return.
     static RELEASED: AtomicBool = AtomicBool::new(false);
