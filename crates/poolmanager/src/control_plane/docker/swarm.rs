@@ -568,6 +568,7 @@ impl Engine for SwarmEngine {
         Box::pin(async move {
             let filters = fn_docker::label_filter(label_key, label_value);
             let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+            let began = Instant::now();
             let tasks = self
                 .docker()
                 .list_tasks(Some(options))
@@ -599,7 +600,7 @@ impl Engine for SwarmEngine {
                     .iter()
                     .filter_map(|s| s.spec.as_ref()?.name.as_deref())
                     .collect();
-                sightings.forget_gone(&listed, &names, now, self.place_within);
+                sightings.forget_gone(&listed, &names, began, self.place_within);
             }
             let mut found = Vec::new();
             for service in services {

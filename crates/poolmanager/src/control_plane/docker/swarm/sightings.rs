@@ -38,15 +38,23 @@ impl FromIterator<(String, Duration)> for Waits {
 /// When this npm first saw each waiting task, and when it asked for the services it made.
 #[derive(Debug, Default)]
 pub(super) struct Sightings {
-    /// Tasks Swarm means to run that no node has taken (see [`waiting_for_node`]), by id:
-    /// when this npm first listed each.
-    first_seen: HashMap<String, Instant>,
+    /// Tasks Swarm means to run that no node has taken (see [`waiting_for_node`]), by id.
+    first_seen: HashMap<String, Sighting>,
     /// Runner services this npm asked for and has listed no task of yet, by name: when it
     /// asked. Their first task cannot be older than the request, so it is timed from it, as
     /// its creation would be: a provisioning's checks start after the service is made, and
     /// timed from their first sight it would reach the bound only after the plane's start
     /// timeout (the same length) had ended the provisioning for another reason.
     asked: HashMap<String, Instant>,
+}
+
+/// A waiting task's first sight.
+#[derive(Debug, Clone, Copy)]
+struct Sighting {
+    /// What its wait is timed from: when this npm first listed it, or asked for its service.
+    since: Instant,
+    /// When it was noted: a listing that began before may not have it, and does not forget it.
+    noted: Instant,
 }
 
 impl Sightings {
@@ -78,28 +86,33 @@ impl Sightings {
                 self.first_seen.remove(id);
                 continue;
             }
-            let first = *self
+            let first = self
                 .first_seen
                 .entry(id.to_owned())
-                .or_insert_with(|| asked.unwrap_or(now));
-            waits.insert(id.to_owned(), now.saturating_duration_since(first));
+                .or_insert_with(|| Sighting {
+                    since: asked.unwrap_or(now),
+                    noted: now,
+                });
+            waits.insert(id.to_owned(), now.saturating_duration_since(first.since));
         }
         Waits(waits)
     }
 
-    /// Forgets, after a listing of every runner task and service at `now`, the tasks it did
-    /// not list (Swarm dropped them, or their service went), and requests older than
-    /// `bound` for services it did not list either (their creation failed).
+    /// Forgets, after a listing of every runner task and service that `began` then, the
+    /// tasks it did not list (Swarm dropped them, or their service went), and requests older
+    /// than `bound` for services it did not list either (their creation failed). What was
+    /// noted since it began (by a provisioning's own look at its service) stays.
     pub(super) fn forget_gone(
         &mut self,
         tasks: &HashSet<&str>,
         services: &HashSet<&str>,
-        now: Instant,
+        began: Instant,
         bound: Duration,
     ) {
-        self.first_seen.retain(|id, _| tasks.contains(id.as_str()));
+        self.first_seen
+            .retain(|id, seen| tasks.contains(id.as_str()) || seen.noted >= began);
         self.asked.retain(|name, at| {
-            services.contains(name.as_str()) || now.saturating_duration_since(*at) <= bound
+            services.contains(name.as_str()) || began.saturating_duration_since(*at) <= bound
         });
     }
 }
@@ -139,14 +152,16 @@ mod tests {
         );
         assert!(seen.first_seen.is_empty());
 
-        // Gone from a listing of every task: forgotten.
+        // Gone from a listing of every task: forgotten, unless noted after it began.
+        let began = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
         seen.waits("svc", &pending, Instant::now());
-        seen.forget_gone(
-            &HashSet::new(),
-            &HashSet::from(["svc"]),
-            Instant::now(),
-            Duration::from_secs(30),
-        );
+        let (none, services) = (HashSet::new(), HashSet::from(["svc"]));
+        let bound = Duration::from_secs(30);
+        seen.forget_gone(&none, &services, began, bound);
+        assert!(seen.first_seen.contains_key("t1"), "noted since");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        seen.forget_gone(&none, &services, Instant::now(), bound);
         assert!(seen.first_seen.is_empty());
     }
 
