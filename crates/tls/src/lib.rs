@@ -196,6 +196,19 @@ pub enum TlsError {
         path: PathBuf,
         waited: Duration,
     },
+    /// A read of the files that could not be made off the runtime: no thread could be
+    /// started for it, or it panicked. Not made on a runtime thread instead, where a hung
+    /// mount would stall every call; the next check tries again.
+    #[error(
+        "{var}: {} was not read: {reason}; the certificates in use are kept, and the files \
+         are read again at the next check",
+        path.display()
+    )]
+    NotRead {
+        var: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("FN_INSECURE=true conflicts with {var}: unset one of them")]
     Conflict { var: &'static str },
 }

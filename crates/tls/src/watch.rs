@@ -13,8 +13,10 @@
 //!
 //! Each read of the files is bounded ([`READ_BOUND`]): one that hangs (a hung network or
 //! secrets mount) is rejected, left running, and none other is started until it returns,
-//! so that the watch's other work goes on (`Reads`). A FIFO or a device in place of a file
-//! is refused without waiting (`crate::material::read_file`).
+//! so that the watch's other work goes on (`Reads`). A read is never made on the runtime's
+//! thread: one that cannot be started or that panics is rejected, and the next check reads
+//! again. A FIFO or a device in place of a file is refused without waiting
+//! (`crate::material::read_file`).
 //!
 //! Connections opened before a change are checked again ([`NodeTls::recheck_connections`]):
 //! after each new set is put in use, and every minute (certificates expire). One whose peer
@@ -313,9 +315,10 @@ impl CertWatch {
     }
 }
 
-/// Whether `e` is a read that has not returned.
+/// Whether `e` is a read that was not made or has not returned (rather than files found
+/// wrong): not looked at again after [`SETTLE`], as a set caught mid-write is.
 fn stalled(e: &TlsError) -> bool {
-    matches!(e, TlsError::Stalled { .. })
+    matches!(e, TlsError::Stalled { .. } | TlsError::NotRead { .. })
 }
 
 /// The reads of the files, each on a thread of its own (a slow network volume, a secrets
@@ -325,20 +328,30 @@ fn stalled(e: &TlsError) -> bool {
 /// is left running, and none other is started until it returns, so that a mount that hangs
 /// costs one thread and not one per check. A thread of its own rather than the blocking
 /// pool: the runtime waits for that pool's tasks when it shuts down, so a read that never
-/// returns would keep the daemon from exiting.
+/// returns would keep the daemon from exiting. A read that cannot be made so (no thread
+/// can be started, or it panicked) is an error, never made on the runtime thread instead.
 struct Reads {
     bound: Duration,
     /// The read that outlived its bound, while it runs.
     stuck: Option<std::thread::JoinHandle<()>>,
+    /// Tests: starting a thread fails, as it does when the process is out of them.
+    #[cfg(test)]
+    no_threads: bool,
 }
 
 impl Reads {
     fn new(bound: Duration) -> Self {
-        Reads { bound, stuck: None }
+        Reads {
+            bound,
+            stuck: None,
+            #[cfg(test)]
+            no_threads: false,
+        }
     }
 
     /// `read` of `tls`, or [`TlsError::Stalled`] when it has not returned within the bound
-    /// (or an earlier one still has not).
+    /// (or an earlier one still has not), or [`TlsError::NotRead`] when no thread could be
+    /// started for it or it panicked.
     async fn read<T: Send + 'static>(
         &mut self,
         tls: &NodeTls,
@@ -353,17 +366,15 @@ impl Reads {
         }
         let (sender, answer) = std::sync::mpsc::sync_channel(1);
         let moved = tls.clone();
-        let spawned = std::thread::Builder::new()
-            .name("fn-tls-read".into())
-            .spawn(move || {
-                // The watch may have stopped waiting (the bound passed): nothing to tell.
-                let _ = sender.send(read(&moved));
-            });
-        let thread = match spawned {
+        let thread = match self.start(move || {
+            // The watch may have stopped waiting (the bound passed): nothing to tell.
+            let _ = sender.send(read(&moved));
+        }) {
             Ok(thread) => thread,
+            // Not read on this thread instead: a runtime thread, which a hung mount would
+            // hold with every call on it.
             Err(e) => {
-                tracing::warn!(error = %e, "cannot start a thread to read the certificate files; reading them on this one");
-                return read(tls);
+                return Err(self.not_read(tls, format!("no thread could be started for it ({e})")));
             }
         };
         // Waited for on the blocking pool, for `bound` at most: tokio's paused clock (tests)
@@ -372,13 +383,34 @@ impl Reads {
         match tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await {
             Ok(Ok(outcome)) => outcome,
             // The thread ended without an answer: `read` panicked, and said so on stderr.
-            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => read(tls),
+            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => {
+                Err(self.not_read(tls, "it panicked".into()))
+            }
             // The bound passed, or the runtime is shutting down: the read is left running.
             Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) | Err(_) => {
                 self.stuck = Some(thread);
                 Err(self.stalled(tls))
             }
         }
+    }
+
+    /// Starts `read` on a thread of its own.
+    fn start(
+        &self,
+        read: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        #[cfg(test)]
+        if self.no_threads {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::EAGAIN));
+        }
+        std::thread::Builder::new()
+            .name("fn-tls-read".into())
+            .spawn(read)
+    }
+
+    fn not_read(&self, tls: &NodeTls, reason: String) -> TlsError {
+        let (var, path) = tls.reading().unwrap_or_else(|| tls.file("FN_NODE_CERT"));
+        TlsError::NotRead { var, path, reason }
     }
 
     fn stalled(&self, tls: &NodeTls) -> TlsError {
@@ -514,5 +546,68 @@ mod tests {
         let after = reads.read(&tls, hanging).await;
         assert!(matches!(after, Ok(Reloaded::Unchanged)), "{after:?}");
         assert_eq!(STARTED.load(Ordering::SeqCst), 2);
+    }
+
+    static PANICKED: AtomicUsize = AtomicUsize::new(0);
+
+    /// A read that panics, as a bug in the parsing of a file might.
+    fn panicking(_: &NodeTls) -> Result<Reloaded, TlsError> {
+        PANICKED.fetch_add(1, Ordering::SeqCst);
+        panic!("a read that panics (test)");
+    }
+
+    static READ_HERE: AtomicUsize = AtomicUsize::new(0);
+
+    /// A read that counts those made on the test's own thread.
+    fn counting(_: &NodeTls) -> Result<Reloaded, TlsError> {
+        if std::thread::current().name() != Some("fn-tls-read") {
+            READ_HERE.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(Reloaded::Unchanged)
+    }
+
+    /// A read whose thread cannot be started, or that panics, is an error (counted as a
+    /// rejected reload, and tried again at the next check), never made again on the
+    /// runtime's thread, where a hung mount would stall every call.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_without_a_thread_or_that_panics_is_an_error_not_read_on_the_runtime() {
+        let tls = crate::dev::DevCa::new("test CA")
+            .expect("ca")
+            .node_tls(&[])
+            .expect("tls");
+        let mut reads = Reads::new(Duration::from_secs(5));
+
+        let panicked = reads.read(&tls, panicking).await;
+        let Err(TlsError::NotRead { reason, .. }) = &panicked else {
+            panic!("{panicked:?}");
+        };
+        assert!(reason.contains("panicked"), "{reason}");
+        assert_eq!(
+            PANICKED.load(Ordering::SeqCst),
+            1,
+            "read again after its panic"
+        );
+        assert!(reads.stuck.is_none());
+
+        reads.no_threads = true;
+        let refused = reads.read(&tls, counting).await;
+        assert_eq!(
+            READ_HERE.load(Ordering::SeqCst),
+            0,
+            "read on the runtime's thread"
+        );
+        let Err(e @ TlsError::NotRead { .. }) = &refused else {
+            panic!("{refused:?}");
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("no thread could be started") && message.contains("next check"),
+            "{message}"
+        );
+
+        reads.no_threads = false;
+        let read = reads.read(&tls, counting).await;
+        assert!(matches!(read, Ok(Reloaded::Unchanged)), "{read:?}");
+        assert_eq!(READ_HERE.load(Ordering::SeqCst), 0);
     }
 }
