@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fn_lb::{CatalogHandle, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker, LbMetrics};
+use fn_lb::{
+    CatalogHandle, CatalogReload, ClientLimits, DispatchConfig, Dispatcher, Front, Invoker,
+};
 use fn_lifecycle::config::{
     CommonArgs, duration_at_least, exit_config_error, parse_duration, parse_or_exit,
 };
@@ -29,8 +31,7 @@ use fn_nodepool::{
 };
 use fn_placement::PlacerKind;
 use fn_tls::TlsArgs;
-use prometheus_client::metrics::counter::Counter;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// HTTP front end of the function dataplane.
 #[derive(Debug, Parser)]
@@ -247,12 +248,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let reload_rejections = Counter::default();
-    registry.register(
-        "fn_lb_catalog_reload_rejections",
-        "Catalog reloads (SIGHUP) rejected for a bad file; the previous catalog stays",
-        reload_rejections.clone(),
-    );
+    let catalog_reload = CatalogReload::new(Arc::clone(&catalog), lb_metrics, &mut registry);
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
         Ok(m) => m,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
@@ -284,7 +280,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         services.spawn("cert-watch", move |cancel| watch.run(cancel));
     }
     services.spawn("catalog-reload", move |cancel| {
-        reload_on_sighup(catalog, hangups, lb_metrics, reload_rejections, cancel)
+        catalog_reload.run(hangups, cancel)
     });
     if let Some((pool, advertiser)) = npm_tasks {
         services.spawn("npm-runner-lists", move |cancel| pool.run(cancel));
@@ -303,39 +299,6 @@ async fn daemon(cli: Cli) -> ExitCode {
     // The shards stop once every service has: connections on them drained first.
     drop(shards);
     fn_lifecycle::exit_status(result)
-}
-
-/// Reloads the catalog on every SIGHUP, and drops the metrics series of functions no
-/// longer in it; a bad file keeps the old catalog, and is counted in `rejections`.
-async fn reload_on_sighup(
-    catalog: Arc<CatalogHandle>,
-    hangups: std::io::Result<Signal>,
-    metrics: LbMetrics,
-    rejections: Counter,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
-    let mut hup = hangups?;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            received = hup.recv() => {
-                if received.is_none() {
-                    return Ok(());
-                }
-                match catalog.reload() {
-                    Ok(count) => {
-                        tracing::info!(functions = count, "catalog reloaded");
-                        let current = catalog.current();
-                        metrics.forget_functions(current.names());
-                    }
-                    Err(e) => {
-                        rejections.inc();
-                        tracing::error!(error = %e, "catalog reload rejected; keeping the previous catalog");
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,9 @@
 //! routed and how they run.
 //!
 //! A [`Catalog`] is immutable once loaded; [`CatalogHandle`] publishes the current one and
-//! swaps in a new one on reload (SIGHUP). Calls in flight keep the `Arc<Function>` they
-//! resolved, so a reload never disturbs them. A reload that fails validation keeps the old
-//! catalog and reports why.
+//! swaps in a new one on reload (SIGHUP, [`crate::reload`], which reads the file off the
+//! runtime). Calls in flight keep the `Arc<Function>` they resolved, so a reload never
+//! disturbs them. A reload that fails validation keeps the old catalog and reports why.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -91,6 +91,17 @@ pub enum CatalogError {
         path.display()
     )]
     Emptied { path: PathBuf, current: usize },
+    /// A reload whose read did not return in time (a hung network mount), or could not be
+    /// made off the runtime.
+    #[error(
+        "{}: not read: {source}; kept the current catalog (a hung network mount? check that \
+         the file can be read, then send SIGHUP again)",
+        path.display()
+    )]
+    NotRead {
+        path: PathBuf,
+        source: fn_lifecycle::fs::Unfinished,
+    },
 }
 
 /// A validated set of functions, indexed for lookup.
@@ -424,14 +435,20 @@ impl CatalogHandle {
         Arc::clone(&guard)
     }
 
-    /// Re-reads the file; on error the old catalog stays. A file with no functions does
-    /// not replace a catalog that has some: an empty file is far more often one caught while
-    /// it is being rewritten than an intent to answer every call 404.
+    /// The catalog's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Puts `catalog`, loaded again from [`Self::path`], in use; on error the old catalog
+    /// stays. A file with no functions does not replace a catalog that has some: an empty
+    /// file is far more often one caught while it is being rewritten than an intent to
+    /// answer every call 404. The file is read by the caller ([`crate::reload`] does it off
+    /// the runtime): this only swaps.
     ///
     /// # Errors
-    /// Why the new file was rejected.
-    pub fn reload(&self) -> Result<usize, CatalogError> {
-        let catalog = Catalog::load(&self.path)?;
+    /// [`CatalogError::Emptied`].
+    pub fn replace(&self, catalog: Catalog) -> Result<usize, CatalogError> {
         let count = catalog.len();
         let mut guard = self
             .current
@@ -707,20 +724,21 @@ GREETING = "Hi"
         let path = dir.path().join("functions.toml");
         std::fs::write(&path, GOOD).expect("write");
         let handle = CatalogHandle::load(&path).expect("loads");
+        let reload = || Catalog::load(&path).and_then(|catalog| handle.replace(catalog));
         let before = handle.current();
         std::fs::write(&path, "[[functions]]\napp = 1\n").expect("write");
-        let err = handle.reload().expect_err("bad file");
+        let err = reload().expect_err("bad file");
         assert!(err.to_string().contains("functions.toml"), "{err}");
         assert_eq!(handle.current().len(), 2);
         // A file caught empty while being rewritten.
         std::fs::write(&path, "").expect("write");
-        let err = handle.reload().expect_err("empty file");
+        let err = reload().expect_err("empty file");
         assert!(err.to_string().contains("lists no functions"), "{err}");
         assert_eq!(handle.current().len(), 2);
         let extra =
             format!("{GOOD}\n[[functions]]\napp = \"demo\"\nname = \"new\"\ncommand = [\"x\"]\n");
         std::fs::write(&path, extra).expect("write");
-        assert_eq!(handle.reload().expect("good file"), 3);
+        assert_eq!(reload().expect("good file"), 3);
         assert!(handle.current().by_name("demo", "new").is_some());
         assert_eq!(
             before.len(),

@@ -4,6 +4,7 @@
 //! Layout:
 //! - [`body`]: the response body type (a leaf every other module may use).
 //! - [`catalog`]: the function catalog (TOML), validated, reloadable.
+//! - [`reload`]: the catalog's reload on SIGHUP, its file read off the runtime in a bound.
 //! - [`dispatch`]: placement: walks the placer's order over the group's runners, retrying
 //!   whole passes with backoff until the placer deadline; never re-places a committed call.
 //! - [`invoke`]: one call end to end: capacity accounting, placement, request body out,
@@ -32,6 +33,7 @@ pub mod front;
 pub mod invoke;
 pub mod leftover;
 pub mod metrics;
+pub mod reload;
 
 pub use catalog::{Catalog, CatalogHandle, Function};
 pub use client_io::ClientLimits;
@@ -39,3 +41,4 @@ pub use dispatch::{DispatchConfig, Dispatcher};
 pub use front::Front;
 pub use invoke::Invoker;
 pub use metrics::LbMetrics;
+pub use reload::CatalogReload;

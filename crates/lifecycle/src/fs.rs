@@ -1,10 +1,12 @@
-//! File-system chores that must not run on the async runtime.
+//! File-system chores that must not run on the async runtime: removing trees
+//! ([`remove_tree`]), and reads bounded in time on a thread of their own ([`BoundedReads`]).
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
@@ -46,6 +48,141 @@ pub fn remove_tree(path: PathBuf) -> tokio::sync::oneshot::Receiver<()> {
         tracing::warn!(path = %shown, error = %e, "cannot start removing a directory; it is left in place");
     }
     removed
+}
+
+/// Reads of files on a mount that may hang (network, FUSE, secrets), each run on a thread of
+/// its own and waited for a bound at most ([`BoundedReads::read`]), so that neither a
+/// runtime thread (with `FN_WORKER_THREADS=1`, the one carrying every call) nor the task
+/// waiting is held by one. A read that outlives its bound is left running, and none other
+/// is started until it returns: a mount that hangs costs one thread, not one per attempt.
+///
+/// A thread of its own rather than tokio's blocking pool: the runtime waits for that pool's
+/// tasks when it shuts down, so a read that never returns would keep the daemon from exiting.
+/// A read that cannot be made so (no thread can be started, or it panicked) is an error,
+/// never made on the caller's thread instead.
+#[derive(Debug)]
+pub struct BoundedReads {
+    /// The threads' name.
+    thread_name: &'static str,
+    /// What is read, for the log line when a read that hung returns.
+    what: String,
+    bound: Duration,
+    /// The read that outlived its bound, while it runs.
+    stuck: Option<std::thread::JoinHandle<()>>,
+    /// Tests: starting a thread fails, as it does when the process is out of them.
+    #[cfg(test)]
+    no_threads: bool,
+}
+
+/// Why [`BoundedReads::read`] has no outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfinished {
+    /// The read did not return within the bound; it is left running.
+    #[error(
+        "it has not finished after {}, and is left running",
+        humantime::format_duration(*waited)
+    )]
+    TimedOut { waited: Duration },
+    /// An earlier read, given up after the bound, has still not returned: none other is
+    /// started.
+    #[error(
+        "an earlier read of it, given up after {}, has still not finished",
+        humantime::format_duration(*waited)
+    )]
+    StillRunning { waited: Duration },
+    /// No thread could be started for it (the process is out of them).
+    #[error("no thread could be started for it ({0})")]
+    NoThread(std::io::Error),
+    /// It panicked (and said so on stderr).
+    #[error("it panicked")]
+    Panicked,
+}
+
+impl Unfinished {
+    /// Whether the read has not returned (rather than not been made, or not to its end).
+    pub fn is_stalled(&self) -> bool {
+        matches!(
+            self,
+            Unfinished::TimedOut { .. } | Unfinished::StillRunning { .. }
+        )
+    }
+}
+
+impl BoundedReads {
+    /// Reads on threads named `thread_name`, waited for `bound`; `what` names what is read
+    /// in the log ("the certificate files").
+    pub fn new(thread_name: &'static str, what: impl Into<String>, bound: Duration) -> Self {
+        BoundedReads {
+            thread_name,
+            what: what.into(),
+            bound,
+            stuck: None,
+            #[cfg(test)]
+            no_threads: false,
+        }
+    }
+
+    /// How long a read is waited for.
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    /// Whether a read given up after the bound is still running.
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// What `read` returns, run on a thread of its own.
+    ///
+    /// # Errors
+    /// [`Unfinished`]: it has not returned within the bound (or an earlier read still has
+    /// not), no thread could be started for it, or it panicked.
+    pub async fn read<T: Send + 'static>(
+        &mut self,
+        read: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Unfinished> {
+        if let Some(stuck) = &self.stuck {
+            if !stuck.is_finished() {
+                return Err(Unfinished::StillRunning { waited: self.bound });
+            }
+            tracing::info!("the read of {} that hung has returned", self.what);
+            self.stuck = None;
+        }
+        let (sender, answer) = std::sync::mpsc::sync_channel(1);
+        let thread = self
+            .start(move || {
+                // The caller may have stopped waiting (the bound passed): nothing to tell.
+                let _ = sender.send(read());
+            })
+            .map_err(Unfinished::NoThread)?;
+        // Waited for on the blocking pool, for `bound` at most: tokio's paused clock (tests)
+        // does not jump ahead while a blocking task runs, as it would over an async wait.
+        let bound = self.bound;
+        match tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            // The thread ended without an answer: `read` panicked (and said so on stderr).
+            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => Err(Unfinished::Panicked),
+            // The bound passed, or the runtime is shutting down: the read is left running.
+            Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) | Err(_) => {
+                self.stuck = Some(thread);
+                Err(Unfinished::TimedOut { waited: bound })
+            }
+        }
+    }
+
+    /// Starts `read` on a thread of its own.
+    fn start(
+        &self,
+        read: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        #[cfg(test)]
+        if self.no_threads {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::EAGAIN));
+        }
+        std::thread::Builder::new()
+            .name(self.thread_name.into())
+            .spawn(read)
+    }
 }
 
 /// Removes the tree at `path` (a symlink or file there is removed itself, never followed)
@@ -178,7 +315,127 @@ fn gone_is<T: Copy>(value: T) -> impl Fn(Errno) -> Result<T, Errno> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
     use super::*;
+
+    /// A read that hangs (a hung NFS or FUSE mount) is given up after the bound, and no
+    /// other is started while it still hangs (each attempt would leave a thread blocked);
+    /// once it returns, the next attempt reads again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_that_hangs_is_bounded_and_not_started_again_until_it_returns() {
+        let released = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
+        let hanging = || {
+            let (released, started) = (Arc::clone(&released), Arc::clone(&started));
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                let start = std::time::Instant::now();
+                while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                "read"
+            }
+        };
+        let bound = Duration::from_millis(200);
+        let mut reads = BoundedReads::new("test-read", "a test file", bound);
+
+        let start = std::time::Instant::now();
+        let first = reads.read(hanging()).await;
+        let waited = start.elapsed();
+        assert!(
+            matches!(first, Err(Unfinished::TimedOut { .. })),
+            "{first:?}"
+        );
+        assert!(
+            waited >= bound && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert!(reads.is_stuck());
+
+        let start = std::time::Instant::now();
+        let again = reads.read(hanging()).await;
+        let Err(e @ Unfinished::StillRunning { .. }) = &again else {
+            panic!("{again:?}");
+        };
+        assert!(e.is_stalled());
+        assert!(start.elapsed() < bound, "{:?}", start.elapsed());
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "a second read started while the first hangs"
+        );
+
+        released.store(true, Ordering::SeqCst);
+        let returned = std::time::Instant::now();
+        while reads.is_stuck() {
+            assert!(
+                returned.elapsed() < Duration::from_secs(5),
+                "the read never returned"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let after = reads.read(hanging()).await;
+        assert!(matches!(after, Ok("read")), "{after:?}");
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+    }
+
+    /// A read whose thread cannot be started, or that panics, is an error, never made (again)
+    /// on the caller's thread: a runtime thread, which a hung mount would hold with every
+    /// call on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_without_a_thread_or_that_panics_is_an_error_not_made_on_the_runtime() {
+        let mut reads = BoundedReads::new("test-read", "a test file", Duration::from_secs(5));
+        let made = Arc::new(AtomicUsize::new(0));
+        let panicking = {
+            let made = Arc::clone(&made);
+            move || -> &'static str {
+                made.fetch_add(1, Ordering::SeqCst);
+                panic!("a read that panics (test)");
+            }
+        };
+        let panicked = reads.read(panicking).await;
+        assert!(
+            matches!(panicked, Err(Unfinished::Panicked)),
+            "{panicked:?}"
+        );
+        assert_eq!(made.load(Ordering::SeqCst), 1, "read again after its panic");
+        assert!(!reads.is_stuck());
+
+        let caller = std::thread::current().id();
+        let on_caller = Arc::new(AtomicBool::new(false));
+        let counting = || {
+            let on_caller = Arc::clone(&on_caller);
+            move || {
+                if std::thread::current().id() == caller {
+                    on_caller.store(true, Ordering::SeqCst);
+                }
+                "read"
+            }
+        };
+        reads.no_threads = true;
+        let refused = reads.read(counting()).await;
+        assert!(
+            !on_caller.load(Ordering::SeqCst),
+            "read on the caller's thread"
+        );
+        let Err(e @ Unfinished::NoThread(_)) = &refused else {
+            panic!("{refused:?}");
+        };
+        assert!(!e.is_stalled());
+        assert!(
+            e.to_string()
+                .starts_with("no thread could be started for it"),
+            "{e}"
+        );
+
+        reads.no_threads = false;
+        let read = reads.read(counting()).await;
+        assert!(matches!(read, Ok("read")), "{read:?}");
+        assert!(!on_caller.load(Ordering::SeqCst));
+    }
 
     /// `depth` nested directories `d/d/d/...` under `root`, made through relative paths.
     fn chain(root: &Path, depth: usize) {

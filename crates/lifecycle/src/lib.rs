@@ -17,6 +17,8 @@
 //! - [`retry`]: [`retry::Backoff`], the growing pause of every retry and poll loop (the one
 //!   place that uses the `backoff` crate).
 //! - [`shards`]: `FN_SHARDS`, a daemon's connections spread over current-thread runtimes.
+//! - [`fs`]: file-system work kept off the runtime: removing trees, and reads of files on
+//!   mounts that may hang, bounded in time ([`fs::BoundedReads`]).
 //!
 //! Shutdown order, for every daemon: health NOT_SERVING → services see their token cancelled
 //! and stop accepting → in-flight work drains within `FN_SHUTDOWN_TIMEOUT` → exit 0.

@@ -38,6 +38,8 @@ use prometheus_client::registry::Registry;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use fn_lifecycle::fs::BoundedReads;
+
 use crate::expiry::CertExpiry;
 use crate::{NodeTls, RETIRE_GRACE, Recheck, Reloaded, TlsArgs, TlsError, TlsMode};
 
@@ -325,27 +327,17 @@ fn stalled(e: &TlsError) -> bool {
 /// mount must not hold up a runtime thread, which on a sharded daemon carries calls) and
 /// waited for `bound` at most: a read that hangs (a hung NFS or FUSE mount) must not stop
 /// the watch's other work, closing retired connections and warning of expiry. Such a read
-/// is left running, and none other is started until it returns, so that a mount that hangs
-/// costs one thread and not one per check. A thread of its own rather than the blocking
-/// pool: the runtime waits for that pool's tasks when it shuts down, so a read that never
-/// returns would keep the daemon from exiting. A read that cannot be made so (no thread
-/// can be started, or it panicked) is an error, never made on the runtime thread instead.
+/// is left running, and none other is started until it returns
+/// ([`fn_lifecycle::fs::BoundedReads`]). A read that cannot be made so (no thread can be
+/// started, or it panicked) is an error, never made on the runtime thread instead.
 struct Reads {
-    bound: Duration,
-    /// The read that outlived its bound, while it runs.
-    stuck: Option<std::thread::JoinHandle<()>>,
-    /// Tests: starting a thread fails, as it does when the process is out of them.
-    #[cfg(test)]
-    no_threads: bool,
+    work: BoundedReads,
 }
 
 impl Reads {
     fn new(bound: Duration) -> Self {
         Reads {
-            bound,
-            stuck: None,
-            #[cfg(test)]
-            no_threads: false,
+            work: BoundedReads::new("fn-tls-read", "the certificate files", bound),
         }
     }
 
@@ -357,68 +349,25 @@ impl Reads {
         tls: &NodeTls,
         read: fn(&NodeTls) -> Result<T, TlsError>,
     ) -> Result<T, TlsError> {
-        if let Some(stuck) = &self.stuck {
-            if !stuck.is_finished() {
-                return Err(self.stalled(tls));
-            }
-            tracing::info!("the read of the certificate files that hung has returned");
-            self.stuck = None;
-        }
-        let (sender, answer) = std::sync::mpsc::sync_channel(1);
         let moved = tls.clone();
-        let thread = match self.start(move || {
-            // The watch may have stopped waiting (the bound passed): nothing to tell.
-            let _ = sender.send(read(&moved));
-        }) {
-            Ok(thread) => thread,
-            // Not read on this thread instead: a runtime thread, which a hung mount would
-            // hold with every call on it.
+        match self.work.read(move || read(&moved)).await {
+            Ok(outcome) => outcome,
             Err(e) => {
-                return Err(self.not_read(tls, format!("no thread could be started for it ({e})")));
+                let (var, path) = tls.reading().unwrap_or_else(|| tls.file("FN_NODE_CERT"));
+                Err(if e.is_stalled() {
+                    TlsError::Stalled {
+                        var,
+                        path,
+                        waited: self.work.bound(),
+                    }
+                } else {
+                    TlsError::NotRead {
+                        var,
+                        path,
+                        reason: e.to_string(),
+                    }
+                })
             }
-        };
-        // Waited for on the blocking pool, for `bound` at most: tokio's paused clock (tests)
-        // does not jump ahead while a blocking task runs, as it would over an async wait.
-        let bound = self.bound;
-        match tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await {
-            Ok(Ok(outcome)) => outcome,
-            // The thread ended without an answer: `read` panicked, and said so on stderr.
-            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => {
-                Err(self.not_read(tls, "it panicked".into()))
-            }
-            // The bound passed, or the runtime is shutting down: the read is left running.
-            Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) | Err(_) => {
-                self.stuck = Some(thread);
-                Err(self.stalled(tls))
-            }
-        }
-    }
-
-    /// Starts `read` on a thread of its own.
-    fn start(
-        &self,
-        read: impl FnOnce() + Send + 'static,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        #[cfg(test)]
-        if self.no_threads {
-            return Err(std::io::Error::from_raw_os_error(nix::libc::EAGAIN));
-        }
-        std::thread::Builder::new()
-            .name("fn-tls-read".into())
-            .spawn(read)
-    }
-
-    fn not_read(&self, tls: &NodeTls, reason: String) -> TlsError {
-        let (var, path) = tls.reading().unwrap_or_else(|| tls.file("FN_NODE_CERT"));
-        TlsError::NotRead { var, path, reason }
-    }
-
-    fn stalled(&self, tls: &NodeTls) -> TlsError {
-        let (var, path) = tls.reading().unwrap_or_else(|| tls.file("FN_NODE_CERT"));
-        TlsError::Stalled {
-            var,
-            path,
-            waited: self.bound,
         }
     }
 }
@@ -536,7 +485,7 @@ mod tests {
 
         RELEASED.store(true, Ordering::SeqCst);
         let returned = std::time::Instant::now();
-        while reads.stuck.as_ref().is_some_and(|t| !t.is_finished()) {
+        while reads.work.is_stuck() {
             assert!(
                 returned.elapsed() < Duration::from_secs(5),
                 "the read never returned"
@@ -556,21 +505,11 @@ mod tests {
         panic!("a read that panics (test)");
     }
 
-    static READ_HERE: AtomicUsize = AtomicUsize::new(0);
-
-    /// A read that counts those made on the test's own thread.
-    fn counting(_: &NodeTls) -> Result<Reloaded, TlsError> {
-        if std::thread::current().name() != Some("fn-tls-read") {
-            READ_HERE.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(Reloaded::Unchanged)
-    }
-
-    /// A read whose thread cannot be started, or that panics, is an error (counted as a
-    /// rejected reload, and tried again at the next check), never made again on the
-    /// runtime's thread, where a hung mount would stall every call.
+    /// A read that panics is an error (counted as a rejected reload, and tried again at
+    /// the next check), never made again on the runtime's thread, where a hung mount would
+    /// stall every call. (A thread that cannot be started: fn_lifecycle::fs's tests.)
     #[tokio::test(flavor = "current_thread")]
-    async fn a_read_without_a_thread_or_that_panics_is_an_error_not_read_on_the_runtime() {
+    async fn a_read_that_panics_is_an_error_not_made_again_on_the_runtime() {
         let tls = crate::dev::DevCa::new("test CA")
             .expect("ca")
             .node_tls(&[])
@@ -578,36 +517,19 @@ mod tests {
         let mut reads = Reads::new(Duration::from_secs(5));
 
         let panicked = reads.read(&tls, panicking).await;
-        let Err(TlsError::NotRead { reason, .. }) = &panicked else {
+        let Err(e @ TlsError::NotRead { .. }) = &panicked else {
             panic!("{panicked:?}");
         };
-        assert!(reason.contains("panicked"), "{reason}");
+        let message = e.to_string();
+        assert!(
+            message.contains("was not read: it panicked") && message.contains("next check"),
+            "{message}"
+        );
         assert_eq!(
             PANICKED.load(Ordering::SeqCst),
             1,
             "read again after its panic"
         );
-        assert!(reads.stuck.is_none());
-
-        reads.no_threads = true;
-        let refused = reads.read(&tls, counting).await;
-        assert_eq!(
-            READ_HERE.load(Ordering::SeqCst),
-            0,
-            "read on the runtime's thread"
-        );
-        let Err(e @ TlsError::NotRead { .. }) = &refused else {
-            panic!("{refused:?}");
-        };
-        let message = e.to_string();
-        assert!(
-            message.contains("no thread could be started") && message.contains("next check"),
-            "{message}"
-        );
-
-        reads.no_threads = false;
-        let read = reads.read(&tls, counting).await;
-        assert!(matches!(read, Ok(Reloaded::Unchanged)), "{read:?}");
-        assert_eq!(READ_HERE.load(Ordering::SeqCst), 0);
+        assert!(!reads.work.is_stuck());
     }
 }
