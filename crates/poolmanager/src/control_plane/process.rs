@@ -233,13 +233,13 @@ impl ProcessControlPlane {
     }
 
     /// Drops a runner that is gone from the table, with its record and socket directory,
-    /// and its log unless it is to be kept.
+    /// and its log unless it is to be kept (in the background: a log may be large).
     fn forget(&self, id: &str, log: RunnerLog) {
         self.lock().retain(|r| r.info.id != id);
         remove_quietly(&self.record_path(id));
-        remove_dir_quietly(&socket_dir(id));
+        remove_in_background(&socket_dir(id));
         if log == RunnerLog::Remove {
-            remove_quietly(&self.log_path(id));
+            remove_in_background(&self.log_path(id));
         }
     }
 
@@ -331,15 +331,23 @@ impl ProcessControlPlane {
             group: group.to_owned(),
             created: SystemTime::now(),
         };
-        if let Err(e) = write_record(&self.record_path(&id), &info, pid) {
-            tracing::warn!(error = %e, "cannot record the runner; a restarted npm will not adopt it");
-        }
+        // In the table before anything is awaited: a shutdown that drops this future from
+        // here on finds the runner and stops it.
         self.lock().push(Spawned {
             info: info.clone(),
             pid,
             child: Some(child),
             phase: Phase::Starting,
         });
+        // Written (and synced) on the blocking pool, not on the runtime's thread, and waited
+        // for: the record is on disk before the runner is reported provisioned.
+        let (record, recorded) = (self.record_path(&id), info.clone());
+        let written = tokio::task::spawn_blocking(move || write_record(&record, &recorded, pid))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record the runner; a restarted npm will not adopt it");
+        }
 
         // Ready only once it answers health.
         let started = tokio::time::Instant::now();
@@ -421,7 +429,7 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
     let forget = |what: &str| {
         tracing::info!(runner = %info.id, pid, "{what}");
         remove_quietly(path);
-        remove_dir_quietly(&socket_dir(&info.id));
+        remove_in_background(&socket_dir(&info.id));
     };
     if !pid_alive(pid) || !is_runner_process(pid, &info.id) {
         forget("removing the record of a runner that is gone");
@@ -519,7 +527,7 @@ impl ControlPlane for ProcessControlPlane {
                 let log = self.log_path(&r.info.id);
                 tracing::warn!(runner = %r.info.id, pid = r.pid, log = %log.display(), "runner process exited");
                 remove_quietly(&self.record_path(&r.info.id));
-                remove_dir_quietly(&socket_dir(&r.info.id));
+                remove_in_background(&socket_dir(&r.info.id));
             }
             !exited
         });
@@ -580,9 +588,12 @@ impl ControlPlane for ProcessControlPlane {
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, &s.info.id, s.child.as_mut(), self.config.stop_grace).await;
                 remove_quietly(&self.record_path(&s.info.id));
-                remove_quietly(&self.log_path(&s.info.id));
-                // Waited for: the npm exits next, and would leave the rest behind.
-                let _ = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id)).await;
+                // Off the runtime (a log may be large, a socket directory deep), and waited
+                // for: the npm exits next, and would leave the rest behind. A removal that
+                // could not start said so.
+                let log = fn_lifecycle::fs::remove_tree(self.log_path(&s.info.id));
+                let sockets = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id));
+                let _ = futures::future::join(log, sockets).await;
             });
             futures::future::join_all(stops).await;
             if self.config.keep_runners {
@@ -826,8 +837,9 @@ fn last_line(path: &Path) -> Option<String> {
 }
 
 /// Removes a runner's directory (its socket directory holds its functions' instance
-/// directories, trees a function may have made deep) off the runtime, in the background.
-fn remove_dir_quietly(path: &Path) {
+/// directories, trees a function may have made deep), or its log (large: all that its
+/// functions wrote), off the runtime, in the background.
+fn remove_in_background(path: &Path) {
     drop(fn_lifecycle::fs::remove_tree(path.to_path_buf()));
 }
 
@@ -1278,10 +1290,14 @@ mod tests {
         };
         let (_, pid) = read_record(record).expect("a runner's record");
         assert!(pid_alive(pid), "the runner is still starting");
+        let log = record.with_extension("log");
+        assert!(log.exists(), "its log: {}", log.display());
 
         plane.shutdown().await;
         assert!(!pid_alive(pid), "the shutdown stopped the runner");
         assert!(!record.exists());
+        // Removed off the runtime, and waited for.
+        assert!(!log.exists(), "the shutdown left its log");
     }
 
     /// A removal cut short while its runner drains (the control loop drops the removals
