@@ -567,7 +567,10 @@ impl<M, B> Decoded<M, B> {
 /// long body chunk in a frame of its own ([`EncodeBody`]), so a chunk arrives as one or a
 /// few frames of its own and is handed on without being copied, though its message starts
 /// in the frame before and ends in the frame after.
-#[derive(Debug, Default, Clone)]
+///
+/// Not `Clone`: what reads a message without taking it (the walk of [`crate::wire`])
+/// reads it through a [`Cursor`], which borrows the slices.
+#[derive(Debug, Default)]
 struct Received {
     /// The slice being read; empty only when everything is read.
     first: Bytes,
@@ -593,6 +596,52 @@ impl Received {
         {
             self.rest_len -= next.len();
             self.first = next;
+        }
+    }
+
+    /// A read of the same bytes that leaves these as they are.
+    fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            chunk: &self.first,
+            rest: self.rest.iter(),
+            rest_len: self.rest_len,
+        }
+    }
+}
+
+/// A read of a [`Received`] message through borrowed slices, for the walk that counts its
+/// repeated fields before prost takes the message ([`crate::wire`]): it allocates and copies
+/// nothing, where a clone of the message allocated its list of slices.
+#[derive(Debug)]
+struct Cursor<'a> {
+    /// The slice being read; empty only when everything is read.
+    chunk: &'a [u8],
+    /// The slices after it; none empty.
+    rest: std::collections::vec_deque::Iter<'a, Bytes>,
+    rest_len: usize,
+}
+
+impl Buf for Cursor<'_> {
+    fn remaining(&self) -> usize {
+        self.chunk.len() + self.rest_len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunk
+    }
+
+    /// Past the end, stops at the end, as [`Received`] does.
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 && !self.chunk.is_empty() {
+            let step = cnt.min(self.chunk.len());
+            self.chunk = &self.chunk[step..];
+            cnt -= step;
+            if self.chunk.is_empty()
+                && let Some(next) = self.rest.next()
+            {
+                self.rest_len -= next.len();
+                self.chunk = next;
+            }
         }
     }
 }
@@ -651,7 +700,7 @@ where
                     Ok(Some(bytes)) => {
                         // Counted before prost decodes them: see `crate::wire`.
                         if bytes.remaining() >= CHECKED_FROM
-                            && let Err(too_many) = M::check_wire(bytes.clone())
+                            && let Err(too_many) = M::check_wire(bytes.cursor())
                         {
                             this.fail();
                             return Poll::Ready(Some(Err(Status::out_of_range(format!(
@@ -711,10 +760,12 @@ impl<M, B> Decoded<M, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::call::MAX_HEADERS;
     use crate::runner::{Call, TryCall};
     use futures::{FutureExt, StreamExt};
     use http_body_util::{BodyExt, StreamBody};
     use proptest::prelude::*;
+    use prost::Message as _;
 
     fn data(bytes: Vec<u8>, eof: bool) -> ClientMsg {
         ClientMsg {
@@ -1217,6 +1268,83 @@ mod tests {
                 at = end;
             }
             prop_assert_eq!(received.remaining(), whole.len() - at);
+        }
+
+        /// A cursor reads the slices as one buffer, as `Received` itself does, and leaves
+        /// them unread.
+        #[test]
+        fn a_cursor_reads_the_slices_as_one_buffer_and_leaves_them(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..6),
+            steps in proptest::collection::vec((0usize..60, any::<bool>()), 0..12),
+        ) {
+            let whole: Vec<u8> = parts.concat();
+            let mut received = Received::default();
+            for part in parts {
+                received.push(Bytes::from(part));
+            }
+            let mut cursor = received.cursor();
+            let mut at = 0;
+            for (step, by_byte) in steps {
+                prop_assert_eq!(cursor.remaining(), whole.len() - at);
+                prop_assert_eq!(cursor.chunk().is_empty(), at == whole.len());
+                let end = (at + step).min(whole.len());
+                if by_byte {
+                    for &expected in &whole[at..end] {
+                        prop_assert_eq!(cursor.get_u8(), expected);
+                    }
+                } else {
+                    cursor.advance(step);
+                }
+                at = end;
+            }
+            prop_assert_eq!(cursor.remaining(), whole.len() - at);
+            prop_assert_eq!(&received.copy_to_bytes(whole.len())[..], &whole[..]);
+        }
+
+        /// The walk over a message received in several frames, read through a cursor, says
+        /// what it says over the same bytes in one slice, around the limit and on any bytes.
+        #[test]
+        fn the_walk_over_slices_gives_the_verdict_of_one_slice(
+            whole in prop_oneof![
+                (MAX_HEADERS - 3..MAX_HEADERS + 3, 1usize..3, "[a-z]{0,20}").prop_map(
+                    |(n, times, name)| {
+                        let call = Call {
+                            headers: vec![crate::runner::Header {
+                                name: Bytes::from(name.into_bytes()),
+                                value: Bytes::new(),
+                            }; n / times],
+                            ..Call::default()
+                        };
+                        let one = ClientMsg {
+                            body: Some(client_msg::Body::TryCall(Box::new(TryCall {
+                                call: Some(call),
+                            }))),
+                        }
+                        .encode_to_vec();
+                        one.repeat(times)
+                    }
+                ),
+                proptest::collection::vec(any::<u8>(), 0..600),
+            ],
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (whole.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut received = Received::default();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([whole.len()]) {
+                received.push(Bytes::copy_from_slice(&whole[at..cut]));
+                at = cut;
+            }
+            prop_assert_eq!(
+                ClientMsg::check_wire(received.cursor()),
+                ClientMsg::check_wire(&whole[..])
+            );
+            prop_assert_eq!(
+                RunnerMsg::check_wire(received.cursor()),
+                RunnerMsg::check_wire(&whole[..])
+            );
+            prop_assert_eq!(&received.copy_to_bytes(whole.len())[..], &whole[..]);
         }
 
         /// Byte for byte what tonic's codec sends, so that a peer on tonic reads it; and read
