@@ -10,9 +10,14 @@
 //! of it is decoded; [`crate::framing::Decoded`] calls it for every message long enough to
 //! matter ([`CHECKED_FROM`]).
 //!
-//! The walk follows protobuf's rules where they decide a count: every occurrence of a
-//! submessage field counts toward the same total (prost merges them into one), and groups
-//! are skipped as prost skips them. Bytes it cannot read (a truncated length, a field
+//! The walk follows prost's rules where they decide a count: every occurrence of a
+//! submessage field counts toward the same total (prost merges them into one), except
+//! that a member of a oneof followed by another member of it is replaced (prost keeps the
+//! last member's value: a `TryCall`, then a data frame, then a `TryCall` decode as the
+//! second `TryCall` alone), so what was counted under it goes; and groups are skipped as
+//! prost skips them. The one count above prost's is a map's: an entry whose key came
+//! before replaces the earlier one in prost's map, and counts again here (an honest peer
+//! encodes a map, with each key once). Bytes it cannot read (a truncated length, a field
 //! number 0, a reserved wire type) end the walk of the message they are in, without an
 //! error (the walk of an enclosing message goes on past it): prost refuses the same bytes
 //! with its own message.
@@ -44,57 +49,100 @@ pub struct TooMany {
 }
 
 /// A repeated field to count: its number in the message at the end of a path.
+#[derive(Debug, Clone, Copy)]
 struct Counted {
     number: u32,
     field: &'static str,
     max: usize,
 }
 
+/// One step of a path to the counted fields: a submessage field.
+struct Step {
+    number: u32,
+    /// The members of the oneof the field is a member of (itself among them); empty when
+    /// it is in none. Another member replaces it in prost's decoding.
+    oneof: &'static [u32],
+}
+
+/// `ClientMsg.try_call` (1, in the oneof `body` with `data`, 2) → `TryCall.call` (1).
+const CALL_PATH: [Step; 2] = [
+    Step {
+        number: 1,
+        oneof: &[1, 2],
+    },
+    Step {
+        number: 1,
+        oneof: &[],
+    },
+];
+
+/// `Call`'s headers (7), command (11) and config (13).
+const CALL_FIELDS: [Counted; 3] = [
+    Counted {
+        number: 7,
+        field: "request headers",
+        max: MAX_HEADERS,
+    },
+    Counted {
+        number: 11,
+        field: "command arguments",
+        max: MAX_COMMAND_ARGS,
+    },
+    Counted {
+        number: 13,
+        field: "config entries",
+        max: MAX_CONFIG_ENTRIES,
+    },
+];
+
+/// `RunnerMsg.result_start` (2, in the oneof `body` with `acknowledged`, `data` and
+/// `finished`: 1, 3, 4) → `CallResultStart.http` (1).
+const META_PATH: [Step; 2] = [
+    Step {
+        number: 2,
+        oneof: &[1, 2, 3, 4],
+    },
+    Step {
+        number: 1,
+        oneof: &[],
+    },
+];
+
+/// `HttpRespMeta`'s headers (2).
+const META_FIELDS: [Counted; 1] = [Counted {
+    number: 2,
+    field: "response headers",
+    max: MAX_HEADERS,
+}];
+
 impl WireLimits for ClientMsg {
-    /// `ClientMsg.try_call` (1) → `TryCall.call` (1) → `Call`'s headers (7), command (11)
-    /// and config (13).
     fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
-        const CALL: [Counted; 3] = [
-            Counted {
-                number: 7,
-                field: "request headers",
-                max: MAX_HEADERS,
-            },
-            Counted {
-                number: 11,
-                field: "command arguments",
-                max: MAX_COMMAND_ARGS,
-            },
-            Counted {
-                number: 13,
-                field: "config entries",
-                max: MAX_CONFIG_ENTRIES,
-            },
-        ];
-        check(bytes, &[1, 1], &CALL)
+        count(bytes, &CALL_PATH, &CALL_FIELDS).map(drop)
     }
 }
 
 impl WireLimits for RunnerMsg {
-    /// `RunnerMsg.result_start` (2) → `CallResultStart.http` (1) → `HttpRespMeta`'s
-    /// headers (2).
     fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
-        const META: [Counted; 1] = [Counted {
-            number: 2,
-            field: "response headers",
-            max: MAX_HEADERS,
-        }];
-        check(bytes, &[2, 1], &META)
+        count(bytes, &META_PATH, &META_FIELDS).map(drop)
     }
 }
 
-/// Counts `counted` in every submessage at `path` within `bytes`.
-fn check(mut bytes: impl Buf, path: &[u32], counted: &[Counted]) -> Result<(), TooMany> {
-    let mut counts = [0usize; 4];
+/// Most fields counted in one message type.
+const MAX_COUNTED: usize = 4;
+
+/// Counts `counted` in the submessage at `path` within `bytes`, as prost decodes it: the
+/// counts of what prost holds at the end (in `counted`'s order), or the first field over
+/// its limit at any point of the decoding.
+fn count(
+    mut bytes: impl Buf,
+    path: &[Step],
+    counted: &[Counted],
+) -> Result<[usize; MAX_COUNTED], TooMany> {
+    let mut counts = [0usize; MAX_COUNTED];
     debug_assert!(counted.len() <= counts.len());
     // Stopped early or not: what was not read is for prost to refuse.
     let _read = walk(&mut bytes, 0, path, counted, &mut counts)?;
-    Ok(())
+    Ok(counts)
 }
 
 /// The walk stopped at bytes it cannot read (prost refuses them).
@@ -106,7 +154,7 @@ struct Unreadable;
 fn walk<B: Buf>(
     buf: &mut B,
     end: usize,
-    path: &[u32],
+    path: &[Step],
     counted: &[Counted],
     counts: &mut [usize],
 ) -> Result<Result<(), Unreadable>, TooMany> {
@@ -114,6 +162,15 @@ fn walk<B: Buf>(
         let Some((number, wire_type)) = key(buf, end) else {
             return Ok(Err(Unreadable));
         };
+        if let Some(step) = path.first()
+            && number != step.number
+            && step.oneof.contains(&number)
+        {
+            // Another member of the oneof: prost decodes it and replaces the one counted
+            // so far with it (or refuses the message, if it cannot), so everything counted
+            // goes: it was all under that member.
+            counts.fill(0);
+        }
         let read = match wire_type {
             0 => varint(buf, end).map(drop).ok_or(Unreadable),
             1 => skip(buf, end, 8),
@@ -124,7 +181,7 @@ fn walk<B: Buf>(
                     return Ok(Err(Unreadable));
                 };
                 match path.split_first() {
-                    Some((&next, deeper)) if number == next => {
+                    Some((next, deeper)) if number == next.number => {
                         let inner_end = buf.remaining() - len;
                         match walk(buf, inner_end, deeper, counted, counts)? {
                             // What the inner walk left unread, for the walk to go on.
@@ -244,7 +301,8 @@ pub(crate) fn empty_headers(n: usize) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::runner::{
-        Call, CallResultStart, DataFrame, Header, HttpRespMeta, TryCall, client_msg, runner_msg,
+        Call, CallFinished, CallResultStart, DataFrame, Header, HttpRespMeta, TryCall, client_msg,
+        runner_msg,
     };
     use prost::Message;
 
@@ -264,6 +322,202 @@ mod tests {
                 value: bytes::Bytes::from_static(b"v"),
             })
             .collect()
+    }
+
+    /// The walk's counts of a call's headers, command words and config entries, with no
+    /// limit.
+    fn call_counts(bytes: &[u8]) -> [usize; 3] {
+        let unlimited = CALL_FIELDS.map(|c| Counted {
+            max: usize::MAX,
+            ..c
+        });
+        let counts = count(bytes, &CALL_PATH, &unlimited).expect("no limit");
+        [counts[0], counts[1], counts[2]]
+    }
+
+    /// The same counts of what prost decoded.
+    fn held_by(msg: &ClientMsg) -> [usize; 3] {
+        match &msg.body {
+            Some(client_msg::Body::TryCall(try_call)) => {
+                try_call.call.as_ref().map_or([0; 3], |call| {
+                    [call.headers.len(), call.command.len(), call.config.len()]
+                })
+            }
+            _ => [0; 3],
+        }
+    }
+
+    /// The walk's count of an answer's headers, with no limit.
+    fn meta_count(bytes: &[u8]) -> usize {
+        let unlimited = META_FIELDS.map(|c| Counted {
+            max: usize::MAX,
+            ..c
+        });
+        count(bytes, &META_PATH, &unlimited).expect("no limit")[0]
+    }
+
+    /// One message of the opening of a stream: a `TryCall` with some entries, or a data
+    /// frame.
+    #[derive(Debug, Clone)]
+    enum Part {
+        Call {
+            headers: usize,
+            command: usize,
+            config: usize,
+        },
+        Data,
+    }
+
+    impl Part {
+        /// The message, the `i`th of its stream (its config keys are its own).
+        fn encode(&self, i: usize, id: &str) -> Vec<u8> {
+            match *self {
+                Part::Call {
+                    headers: h,
+                    command,
+                    config,
+                } => opening(Call {
+                    id: id.to_owned(),
+                    headers: headers(h),
+                    command: vec!["a".into(); command],
+                    config: (0..config)
+                        .map(|j| (format!("K{i}_{j}"), "v".into()))
+                        .collect(),
+                    ..Call::default()
+                }),
+                Part::Data => data_frame(),
+            }
+        }
+    }
+
+    fn arb_part() -> impl proptest::strategy::Strategy<Value = Part> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (
+                0..MAX_HEADERS + 8,
+                0..MAX_COMMAND_ARGS + 8,
+                0..MAX_CONFIG_ENTRIES + 8,
+                // A call whole in one message, or a part of it.
+                1usize..4,
+            )
+                .prop_map(|(h, c, k, d)| Part::Call {
+                    headers: h / d,
+                    command: c / d,
+                    config: k / d,
+                }),
+            1 => Just(Part::Data),
+        ]
+    }
+
+    fn data_frame() -> Vec<u8> {
+        ClientMsg {
+            body: Some(client_msg::Body::Data(DataFrame {
+                data: bytes::Bytes::from_static(b"body"),
+                eof: false,
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    /// prost keeps the last member of a oneof: a `TryCall` followed by a data frame is
+    /// gone, and the next `TryCall` starts afresh. Its entries are counted afresh too.
+    #[test]
+    fn a_call_replaced_by_a_data_frame_is_counted_afresh() {
+        let part = opening(Call {
+            headers: headers(MAX_HEADERS - 10),
+            ..Call::default()
+        });
+        let bytes = [part.clone(), data_frame(), part.clone()].concat();
+        let decoded = ClientMsg::decode(&bytes[..]).expect("decodes");
+        assert_eq!(
+            held_by(&decoded),
+            [MAX_HEADERS - 10, 0, 0],
+            "the last alone"
+        );
+        assert_eq!(call_counts(&bytes), held_by(&decoded));
+        assert_eq!(ClientMsg::check_wire(&bytes[..]), Ok(()));
+        // Without the data frame between them, prost merges the two.
+        let twice = [part.clone(), part].concat();
+        let decoded = ClientMsg::decode(&twice[..]).expect("decodes");
+        assert_eq!(call_counts(&twice), held_by(&decoded));
+        assert!(ClientMsg::check_wire(&twice[..]).is_err());
+    }
+
+    /// The same for an answer: a `CallResultStart`, then another member of the oneof,
+    /// then a `CallResultStart` hold the last one's headers alone.
+    #[test]
+    fn an_answer_replaced_by_another_message_is_counted_afresh() {
+        let start = RunnerMsg {
+            body: Some(runner_msg::Body::ResultStart(CallResultStart {
+                http: Some(HttpRespMeta {
+                    status_code: 200,
+                    headers: headers(MAX_HEADERS - 10),
+                }),
+                cold_start_us: 0,
+            })),
+        }
+        .encode_to_vec();
+        let finished = RunnerMsg {
+            body: Some(runner_msg::Body::Finished(CallFinished::default())),
+        }
+        .encode_to_vec();
+        let held = |bytes: &[u8]| match RunnerMsg::decode(bytes).expect("decodes").body {
+            Some(runner_msg::Body::ResultStart(start)) => {
+                start.http.map_or(0, |http| http.headers.len())
+            }
+            _ => 0,
+        };
+        let replaced = [start.clone(), finished, start.clone()].concat();
+        assert_eq!(held(&replaced), MAX_HEADERS - 10);
+        assert_eq!(meta_count(&replaced), held(&replaced));
+        assert_eq!(RunnerMsg::check_wire(&replaced[..]), Ok(()));
+        let merged = [start.clone(), start].concat();
+        assert_eq!(held(&merged), 2 * (MAX_HEADERS - 10));
+        assert_eq!(meta_count(&merged), held(&merged));
+        assert!(RunnerMsg::check_wire(&merged[..]).is_err());
+    }
+
+    /// The oneofs the paths list are prost's: after the counted member, a field that
+    /// replaces it in prost's decoding resets the walk's counts, and no other field does
+    /// (each field number tried as an empty submessage, valid for any message member).
+    #[test]
+    fn the_paths_list_the_oneof_members_prost_replaces() {
+        let call = opening(Call {
+            headers: headers(3),
+            ..Call::default()
+        });
+        let start = RunnerMsg {
+            body: Some(runner_msg::Body::ResultStart(CallResultStart {
+                http: Some(HttpRespMeta {
+                    status_code: 200,
+                    headers: headers(3),
+                }),
+                cold_start_us: 0,
+            })),
+        }
+        .encode_to_vec();
+        for n in 1..64 {
+            let mut bytes = call.clone();
+            prost::encoding::encode_key(n, prost::encoding::WireType::LengthDelimited, &mut bytes);
+            bytes.push(0);
+            let decoded = ClientMsg::decode(&bytes[..]).expect("decodes");
+            assert_eq!(
+                call_counts(&bytes),
+                held_by(&decoded),
+                "ClientMsg field {n}"
+            );
+
+            let mut bytes = start.clone();
+            prost::encoding::encode_key(n, prost::encoding::WireType::LengthDelimited, &mut bytes);
+            bytes.push(0);
+            let held = match RunnerMsg::decode(&bytes[..]).expect("decodes").body {
+                Some(runner_msg::Body::ResultStart(start)) => {
+                    start.http.map_or(0, |http| http.headers.len())
+                }
+                _ => 0,
+            };
+            assert_eq!(meta_count(&bytes), held, "RunnerMsg field {n}");
+        }
     }
 
     #[test]
@@ -341,48 +595,27 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-        /// The walk refuses exactly the calls whose decoded fields are over their limits,
-        /// their entries spread over one or two `TryCall`s (which prost merges).
+        /// The walk counts what prost holds once it has decoded the messages, and refuses
+        /// exactly those whose decoding holds more entries than a limit at some point: the
+        /// call's entries spread over `TryCall`s (which prost merges), data frames between
+        /// them (after which prost holds the data frame alone).
         #[test]
-        fn refuses_exactly_what_is_over_a_limit(
-            headers_n in 0..MAX_HEADERS + 8,
-            command_n in 0..MAX_COMMAND_ARGS + 8,
-            config_n in 0..MAX_CONFIG_ENTRIES + 8,
-            split in 0usize..3,
+        fn counts_what_prost_holds_and_refuses_exactly_what_is_over_a_limit(
+            parts in proptest::collection::vec(arb_part(), 1..5),
             id in "[a-z0-9]{0,40}",
         ) {
-            let whole = Call {
-                id,
-                headers: headers(headers_n),
-                command: vec!["a".into(); command_n],
-                config: (0..config_n).map(|i| (format!("K{i}"), "v".into())).collect(),
-                ..Call::default()
-            };
-            let bytes = if split == 0 {
-                opening(whole)
-            } else {
-                // Each field's entries spread over two messages (config by distinct keys).
-                let mut first = whole.clone();
-                let mut second = Call {
-                    headers: first.headers.split_off(headers_n / 2),
-                    command: first.command.split_off(command_n / 2),
-                    ..Call::default()
-                };
-                let keys: Vec<String> = first.config.keys().skip(config_n / 2).cloned().collect();
-                for k in keys {
-                    let v = first.config.remove(&k).expect("listed");
-                    second.config.insert(k, v);
-                }
-                [opening(first), opening(second)].concat()
-            };
-            let decoded = ClientMsg::decode(&bytes[..]).expect("decodes");
-            let Some(client_msg::Body::TryCall(try_call)) = decoded.body else {
-                panic!("not a TryCall");
-            };
-            let call = try_call.call.expect("a call");
-            let over = call.headers.len() > MAX_HEADERS
-                || call.command.len() > MAX_COMMAND_ARGS
-                || call.config.len() > MAX_CONFIG_ENTRIES;
+            let mut bytes = Vec::new();
+            let mut over = false;
+            let mut held = [0; 3];
+            for (i, part) in parts.into_iter().enumerate() {
+                bytes.extend(part.encode(i, &id));
+                // Within a message, prost's counts only grow: their most is at its end.
+                held = held_by(&ClientMsg::decode(&bytes[..]).expect("decodes"));
+                over |= held[0] > MAX_HEADERS
+                    || held[1] > MAX_COMMAND_ARGS
+                    || held[2] > MAX_CONFIG_ENTRIES;
+            }
+            proptest::prop_assert_eq!(call_counts(&bytes), held);
             proptest::prop_assert_eq!(ClientMsg::check_wire(&bytes[..]).is_err(), over);
         }
 
