@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // data messages that make up the rest of it (48 bytes rather than 304), and each move
         // of one through the channels and encoders is a few words, not a `memcpy`.
         .boxed(".dataplane.runner.v1.ClientMsg.body.try_call")
+        // prost's codec, with the repeated fields of a received message counted before it
+        // is decoded (`codec`).
+        .codec_path("crate::codec::CheckedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

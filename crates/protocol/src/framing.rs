@@ -703,9 +703,7 @@ where
                             && let Err(too_many) = M::check_wire(bytes.cursor())
                         {
                             this.fail();
-                            return Poll::Ready(Some(Err(Status::out_of_range(format!(
-                                "a message refused before decoding: {too_many}"
-                            )))));
+                            return Poll::Ready(Some(Err(too_many.into())));
                         }
                         return Poll::Ready(Some(M::decode(bytes).map_err(|e| {
                             this.fail();

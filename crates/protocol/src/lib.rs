@@ -9,12 +9,14 @@
 //! - [`framing`]: gRPC's message framing for the Engage stream, without copying body chunks,
 //!   and (`opening`) the message that opens it, encoded straight from a [`CallSpec`].
 //! - [`wire`]: counts of a received message's repeated fields, checked before prost
-//!   decodes it.
+//!   decodes it, and [`codec`]: the generated clients' and servers' codec, which checks
+//!   them.
 //!
 //! This crate depends on no daemon; daemons meet only through it.
 
 pub mod batch;
 pub mod call;
+pub mod codec;
 pub mod framing;
 mod opening;
 pub mod wire;

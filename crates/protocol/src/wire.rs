@@ -8,7 +8,9 @@
 //! ([`crate::call::MAX_HEADERS`]) refused it. [`WireLimits::check_wire`] counts those
 //! fields first, over the bytes as received, and refuses a message over a limit before any
 //! of it is decoded; [`crate::framing::Decoded`] calls it for every message long enough to
-//! matter ([`CHECKED_FROM`]).
+//! matter ([`CHECKED_FROM`]), and so does the codec of the generated clients and servers
+//! ([`crate::codec`]) for the messages of the other calls: a runner's reports, an npm's
+//! runner lists, an LB's adverts.
 //!
 //! The walk follows prost's rules where they decide a count: every occurrence of a
 //! submessage field counts toward the same total (prost merges them into one), except
@@ -25,7 +27,8 @@
 use bytes::Buf;
 
 use crate::call::{MAX_COMMAND_ARGS, MAX_CONFIG_ENTRIES, MAX_HEADERS};
-use crate::runner::{ClientMsg, RunnerMsg};
+use crate::poolmanager::{CapacitySnapshotList, LbGroupId, LbGroupMembership, MembershipChanged};
+use crate::runner::{ClientMsg, RunnerMsg, RunnerState, RunnerStatus};
 
 /// Messages shorter than this are decoded unchecked: their repeated fields cannot take
 /// more than some 512 KiB once decoded, and the call's own checks refuse them after.
@@ -39,6 +42,21 @@ pub trait WireLimits {
     /// Which field, and its limit.
     fn check_wire(bytes: impl Buf) -> Result<(), TooMany>;
 }
+
+/// Most entries of a runner's report's `warm` list (`RunnerState`, 56 bytes each decoded,
+/// at most 14 MiB): four times the 65,536 an LB keeps (it ignores the rest, as before for
+/// any list up to this).
+pub const MAX_WARM_ENTRIES: usize = 4 * 65_536;
+
+/// Most runners in an npm's list of a group (`LBGroupMembership`, 48 bytes each decoded,
+/// 768 KiB): sixteen times the 1,024 an LB keeps (it warns and keeps the first ones, as
+/// before for any list up to this).
+pub const MAX_LISTED_RUNNERS: usize = 16 * 1024;
+
+/// Most groups in an LB's advert (`CapacitySnapshotList`, 32 bytes each decoded, 512 KiB):
+/// sixteen times the [`crate::poolmanager::MAX_GROUPS_PER_ADVERT`] an npm accepts (it
+/// refuses a longer advert itself, as before for any advert up to this).
+pub const MAX_ADVERTISED_GROUPS: usize = 16 * crate::poolmanager::MAX_GROUPS_PER_ADVERT;
 
 /// A repeated field over its limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,6 +142,63 @@ impl WireLimits for ClientMsg {
 impl WireLimits for RunnerMsg {
     fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
         count(bytes, &META_PATH, &META_FIELDS).map(drop)
+    }
+}
+
+impl WireLimits for RunnerState {
+    /// `warm` (6).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const WARM: [Counted; 1] = [Counted {
+            number: 6,
+            field: "warm functions",
+            max: MAX_WARM_ENTRIES,
+        }];
+        count(bytes, &[], &WARM).map(drop)
+    }
+}
+
+impl WireLimits for LbGroupMembership {
+    /// `runners` (2).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const RUNNERS: [Counted; 1] = [Counted {
+            number: 2,
+            field: "runners",
+            max: MAX_LISTED_RUNNERS,
+        }];
+        count(bytes, &[], &RUNNERS).map(drop)
+    }
+}
+
+impl WireLimits for CapacitySnapshotList {
+    /// `snapshots` (3).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const SNAPSHOTS: [Counted; 1] = [Counted {
+            number: 3,
+            field: "capacity snapshots",
+            max: MAX_ADVERTISED_GROUPS,
+        }];
+        count(bytes, &[], &SNAPSHOTS).map(drop)
+    }
+}
+
+/// Messages with no repeated field: nothing to count.
+macro_rules! nothing_repeated {
+    ($($message:ty),*) => {
+        $(impl WireLimits for $message {
+            fn check_wire(_: impl Buf) -> Result<(), TooMany> {
+                Ok(())
+            }
+        })*
+    };
+}
+
+// `()` is `google.protobuf.Empty`.
+nothing_repeated!((), RunnerStatus, MembershipChanged, LbGroupId);
+
+impl From<TooMany> for tonic::Status {
+    /// `OUT_OF_RANGE`, as a message over the size limit.
+    fn from(too_many: TooMany) -> Self {
+        tonic::Status::out_of_range(format!("a message refused before decoding: {too_many}"))
     }
 }
 
