@@ -6,7 +6,9 @@
 //! Cases, each over 1, 64 and 512 idle running instances:
 //! - `same`: all of them instances of the called function;
 //! - `others`: one instance of the called function and the rest of other functions
-//!   (one instance each).
+//!   (one instance each);
+//! - `state`: not a call but one read of [`Pool::state`], as each `WatchState` report
+//!   takes, over a pool like `others`' (one instance per function).
 //!
 //! Each case is warmed up, then timed in batches sized for about 50 ms each, ten batches;
 //! the table shows the median batch in ns per call, and the fastest and slowest batch.
@@ -124,12 +126,13 @@ async fn run(pool: &Arc<Pool>, called: &InstanceSpec, iterations: u64) -> Durati
     start.elapsed()
 }
 
-/// Median, fastest and slowest batch of a case, in ns per call.
-async fn measure(pool: &Arc<Pool>, called: &InstanceSpec) -> (f64, f64, f64) {
+/// Median, fastest and slowest batch of a case, in ns per iteration; `run(n)` times `n`
+/// iterations.
+fn measure(mut run: impl FnMut(u64) -> Duration) -> (f64, f64, f64) {
     let mut iterations = 1u64;
     let warm_start = Instant::now();
     let per_call = loop {
-        let elapsed = run(pool, called, iterations).await;
+        let elapsed = run(iterations);
         if warm_start.elapsed() >= WARM_UP && elapsed > Duration::from_millis(1) {
             break (elapsed.as_secs_f64() / iterations as f64).max(1e-10);
         }
@@ -138,7 +141,7 @@ async fn measure(pool: &Arc<Pool>, called: &InstanceSpec) -> (f64, f64, f64) {
     let batch = ((BATCH_TIME.as_secs_f64() / per_call) as u64).max(1);
     let mut samples = Vec::with_capacity(BATCHES);
     for _ in 0..BATCHES {
-        samples.push(run(pool, called, batch).await.as_secs_f64() * 1e9 / batch as f64);
+        samples.push(run(batch).as_secs_f64() * 1e9 / batch as f64);
     }
     samples.sort_by(f64::total_cmp);
     (
@@ -146,6 +149,15 @@ async fn measure(pool: &Arc<Pool>, called: &InstanceSpec) -> (f64, f64, f64) {
         samples[0],
         samples[samples.len() - 1],
     )
+}
+
+/// Times `iterations` reads of the pool's state, as each `WatchState` report takes one.
+fn run_state(pool: &Pool, iterations: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iterations {
+        std::hint::black_box(pool.state().warm.len());
+    }
+    start.elapsed()
 }
 
 fn main() {
@@ -163,17 +175,19 @@ fn main() {
         "{:<8} {:>9} {:>14} {:>12} {:>12}",
         "hot", "instances", "ns/call (med)", "fastest", "slowest"
     );
-    for same in [true, false] {
-        let kind = if same { "same" } else { "others" };
+    for kind in ["same", "others", "state"] {
         for n in SIZES {
             let case = format!("{kind}/{n}");
             if !filters.is_empty() && !filters.iter().any(|f| case.contains(f.as_str())) {
                 continue;
             }
-            let (median, fastest, slowest) = runtime.block_on(async {
-                let pool = hot_pool(n, same, &called).await;
-                measure(&pool, &called).await
-            });
+            // `state` reads a pool of one instance per function, the costliest to group.
+            let pool = runtime.block_on(hot_pool(n, kind == "same", &called));
+            let (median, fastest, slowest) = if kind == "state" {
+                measure(|iterations| run_state(&pool, iterations))
+            } else {
+                measure(|iterations| runtime.block_on(run(&pool, &called, iterations)))
+            };
             println!("{kind:<8} {n:>9} {median:>14.1} {fastest:>12.1} {slowest:>12.1}");
         }
     }

@@ -383,30 +383,22 @@ impl Pool {
     }
 
     /// What the pool holds now, for placement.
+    ///
+    /// Under the pool's lock it only takes each running instance's spec (a reference
+    /// count) and free slots; the grouping by function and the sort run after the lock is
+    /// released, so a report over many instances of many functions holds up no admission
+    /// (every `WatchState` stream builds one, up to every 20 ms).
     pub fn state(&self) -> PoolState {
         let st = self.lock();
-        let mut warm: Vec<WarmFunction> = Vec::new();
-        for hot in &st.hot {
-            if hot.running().is_none() || !hot.usable() {
-                continue;
-            }
-            let free = hot.spec.concurrency.saturating_sub(hot.calls);
-            match warm
-                .iter_mut()
-                .find(|w| w.app == hot.spec.app && w.function == hot.spec.function)
-            {
-                Some(w) => {
-                    w.idle_slots = w.idle_slots.saturating_add(free);
-                    w.instances = w.instances.saturating_add(1);
-                }
-                None => warm.push(WarmFunction {
-                    app: hot.spec.app.clone(),
-                    function: hot.spec.function.clone(),
-                    idle_slots: free,
-                    instances: 1,
-                }),
-            }
-        }
+        let mut running: Vec<(Arc<InstanceSpec>, u32)> = st
+            .hot
+            .iter()
+            .filter(|hot| hot.running().is_some() && hot.usable())
+            .map(|hot| {
+                let free = hot.spec.concurrency.saturating_sub(hot.calls);
+                (Arc::clone(&hot.spec), free)
+            })
+            .collect();
         let free_mb = self.total_mb.saturating_sub(st.committed_mb);
         let idle_mb = st.idle_mb;
         let calls_in_flight = st.calls_in_flight;
@@ -415,7 +407,23 @@ impl Pool {
         // newer than its contents, so an LB may count that change late, never twice (see
         // `CallFinished.pool_version`).
         let version = self.version();
-        warm.sort_by(|a, b| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
+        running
+            .sort_unstable_by(|(a, _), (b, _)| (&a.app, &a.function).cmp(&(&b.app, &b.function)));
+        let mut warm: Vec<WarmFunction> = Vec::new();
+        for (spec, free) in running {
+            match warm.last_mut() {
+                Some(w) if w.app == spec.app && w.function == spec.function => {
+                    w.idle_slots = w.idle_slots.saturating_add(free);
+                    w.instances = w.instances.saturating_add(1);
+                }
+                _ => warm.push(WarmFunction {
+                    app: spec.app.clone(),
+                    function: spec.function.clone(),
+                    idle_slots: free,
+                    instances: 1,
+                }),
+            }
+        }
         PoolState {
             version,
             total_mb: self.total_mb,
