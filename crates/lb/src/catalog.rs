@@ -356,9 +356,7 @@ fn validate(
         Some(s) => match humantime::parse_duration(&s) {
             // At least 1ms: the wire carries whole milliseconds, rounded down (a 500us
             // idle timeout would arrive as 0 and end every instance after its call).
-            Ok(d) if d >= Duration::from_millis(1) && d <= fn_protocol::call::MAX_TIMEOUT => {
-                Ok(d)
-            }
+            Ok(d) if d >= Duration::from_millis(1) && d <= fn_protocol::call::MAX_TIMEOUT => Ok(d),
             Ok(_) => Err(invalid(field, format!("{s:?} must be between 1ms and 1h"))),
             Err(e) => Err(invalid(
                 field,
@@ -608,7 +606,10 @@ GREETING = "Hi"
             // Below docker's smallest limit: no instance could ever start.
             ("memory_mb = 5", "function demo/f: field `memory_mb`"),
             // Below a millisecond: 0 on the wire.
-            ("idle_timeout = \"500us\"", "function demo/f: field `idle_timeout`"),
+            (
+                "idle_timeout = \"500us\"",
+                "function demo/f: field `idle_timeout`",
+            ),
             ("timeout = \"999us\"", "function demo/f: field `timeout`"),
             // More than any runner may have (2^40 MB): refused, not summed past u64 there.
             (
