@@ -7,7 +7,9 @@
 //!   resolves container names on a user-defined network). A runner that exits or stays
 //!   silent past the start timeout is removed, and the error quotes its last output.
 //! - **List**: the containers carrying this npm's label. Running ones are the runner set;
-//!   exited ones are removed. Because the set lives in the engine, not in the npm, a
+//!   exited ones are removed, and so are ones never started (an npm killed between create
+//!   and start left them) once twice the start timeout old by their created label, or seen
+//!   so that long by this npm. Because the set lives in the engine, not in the npm, a
 //!   restarted npm finds its runners again, and the control loop provisions nothing in
 //!   place of those it lists. A running one this npm has not seen answer SERVING (it did
 //!   not make it) is probed at each list until it does: listed while no probe reaches it
@@ -92,7 +94,7 @@ pub use setup::{
     SECRETS_DIR, SwarmConfig, TlsFiles, image_missing, resolve_placement,
 };
 pub use swarm::{SecretRef, SwarmEngine, own_secrets, service_spec};
-use tracking::{Adoption, Claims, Leaving, Observed, Standing, Warnings, lock};
+use tracking::{Adoption, Claims, FirstSeen, Observed, Standing, Warnings, lock};
 
 use super::{ControlPlane, ControlPlaneError, Health, RunnerInfo};
 
@@ -283,9 +285,13 @@ pub struct DockerControlPlane {
     held_out: Mutex<Vec<RunnerInfo>>,
     /// Since when each removed runner still running has been seen (swarm: a service
     /// deleted whose task still drains).
-    leaving: Leaving,
+    leaving: FirstSeen,
     /// How many of those the last list counted (see [`ControlPlane::leaving`]).
     leaving_count: std::sync::atomic::AtomicUsize,
+    /// Since when each runner container created and never started, and not being started,
+    /// has been seen: it is removed twice the start timeout after, where its created label
+    /// (the npm's wall clock, which steps) may say it is not old yet for hours.
+    never_started: FirstSeen,
     /// Under swarm, the npm's own service: while it exists when the npm stops (a rolling
     /// update, its task restarted or moved), the runners stay for its next task.
     own_service: Option<String>,
@@ -438,8 +444,9 @@ impl DockerControlPlane {
             adoption: Adoption::default(),
             adoption_warnings: Warnings::new(ADOPTION_WARNINGS_INTERVAL),
             held_out: Mutex::default(),
-            leaving: Leaving::default(),
+            leaving: FirstSeen::default(),
             leaving_count: std::sync::atomic::AtomicUsize::new(0),
+            never_started: FirstSeen::default(),
             own_service: None,
         }
     }
@@ -850,6 +857,12 @@ impl ControlPlane for DockerControlPlane {
             self.adoption.retain(&names, began);
             self.adoption_warnings.retain(&names);
             self.leaving.retain(&names);
+            let created = containers
+                .iter()
+                .filter(|c| c.state == ContainerState::Created)
+                .map(|c| c.name.as_str())
+                .collect();
+            self.never_started.retain(&created);
             let now = tokio::time::Instant::now();
             let mut leaving = 0;
             let mut runners = Vec::new();
@@ -888,10 +901,17 @@ impl ControlPlane for DockerControlPlane {
                     }
                     ContainerState::Created => {
                         // Left over from a provisioning the npm did not finish (it was
-                        // killed between create and start).
+                        // killed between create and start). Stale twice the start timeout
+                        // after this npm first saw it so, on its monotonic clock: its created
+                        // label is the npm's wall clock, which may have stepped back since
+                        // (NTP, a VM restored), and a label in the future never aged. A label
+                        // plainly older than that still removes it at first sight, so that a
+                        // restarted npm (or one restarting again and again, which never sees
+                        // it that long) clears its predecessors' at once.
+                        let bound = self.config.start_timeout * 2;
                         let stale = runner_info(&container).is_none_or(|info| {
-                            info.created.elapsed().unwrap_or_default()
-                                > self.config.start_timeout * 2
+                            info.created.elapsed().is_ok_and(|age| age > bound)
+                                || self.never_started.seen_for(&container.name, now) > bound
                         });
                         if stale {
                             tracing::warn!(container = %container.name, "removing a runner container that was never started");

@@ -1,9 +1,9 @@
 //! What the docker plane knows of its runner containers beyond what the engine lists: the
 //! names a provisioning or a removal under way has claimed ([`Claims`]), what the health
 //! probe said of the running ones ([`Adoption`]), when each was last warned about
-//! ([`Warnings`]), and since when each removed one has been seen still running
-//! ([`Leaving`]). Names only, in memory: a restarted npm starts with none, and learns
-//! again from the engine and the health probe.
+//! ([`Warnings`]), and since when each has been seen in a state it should leave: a removed
+//! one still running, one created and never started ([`FirstSeen`]). Names only, in memory:
+//! a restarted npm starts with none, and learns again from the engine and the health probe.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -282,22 +282,26 @@ impl Repeat<'_> {
     }
 }
 
-/// When the plane first saw each runner it removed that still runs (a swarm service deleted
-/// whose task still drains, [`super::ContainerState::Leaving`]): such a runner counts against
-/// the bound on all runners for at most the runners' stop grace from then, after which its
-/// node has killed it, or is lost (Swarm then reports the task running until the node comes
-/// back, or for 24 h). Names are forgotten once the engine no longer lists them.
+/// When the plane first saw each runner container in one state, on this npm's monotonic
+/// clock, to time how long it has stayed so. The plane keeps one for runners it removed
+/// that still run (a swarm service deleted whose task still drains on its node,
+/// [`super::ContainerState::Leaving`]), and one for runner containers created and never
+/// started ([`super::ContainerState::Created`], left by an npm killed between create and
+/// start): the engine's or a label's timestamps are another clock's, or the npm's wall
+/// clock, which steps (NTP, a VM restored). Each list forgets the names it no longer finds
+/// so ([`Self::retain`]: gone, or for a never-started one, no longer created), so what is
+/// kept is bounded by the runner containers there are.
 #[derive(Debug, Default)]
-pub(super) struct Leaving(Mutex<HashMap<String, Instant>>);
+pub(super) struct FirstSeen(Mutex<HashMap<String, Instant>>);
 
-impl Leaving {
-    /// How long before `now` `name` was first seen leaving (zero the first time).
+impl FirstSeen {
+    /// How long before `now` `name` was first seen (zero the first time).
     pub(super) fn seen_for(&self, name: &str, now: Instant) -> Duration {
         let since = *lock(&self.0).entry(name.to_owned()).or_insert(now);
         now.saturating_duration_since(since)
     }
 
-    /// Forgets the runners not in `listed` (their tasks are gone).
+    /// Forgets the runners not in `listed` (gone, or no longer in the state timed).
     pub(super) fn retain(&self, listed: &HashSet<&str>) {
         lock(&self.0).retain(|n, _| listed.contains(n.as_str()));
     }
@@ -316,6 +320,20 @@ mod tests {
         assert!(claims.contains("r"), "the second claim still holds it");
         drop(second);
         assert!(!claims.contains("r"));
+    }
+
+    #[test]
+    fn a_first_sight_is_kept_until_the_name_is_no_longer_listed() {
+        let seen = FirstSeen::default();
+        let start = Instant::now();
+        let minute = Duration::from_secs(60);
+        assert_eq!(seen.seen_for("a", start), Duration::ZERO);
+        assert_eq!(seen.seen_for("b", start + minute), Duration::ZERO);
+        assert_eq!(seen.seen_for("a", start + minute), minute);
+        // "a" is no longer listed so: forgotten, timed again from its next sight.
+        seen.retain(&HashSet::from(["b"]));
+        assert_eq!(seen.seen_for("a", start + minute * 2), Duration::ZERO);
+        assert_eq!(seen.seen_for("b", start + minute * 2), minute);
     }
 
     #[test]
