@@ -14,6 +14,7 @@
 //! - `uids`: the host's table of function uids (`FN_FUNCTION_UID_TABLE`);
 //! - `cgroup`: detecting cgroup support and per-instance memory and pids cgroups;
 //! - `instance`: [`ProcessInstance`]: the running child, its reaper, calls over its socket;
+//! - `setup`: an instance's directory, cgroups and process, made on a blocking thread;
 //! - `tmpfs`: the tmpfs an instance in namespaces gets as its directory;
 //!
 //! Shared with the other drivers (in `driver`): `socket` (calls over the instance's socket,
@@ -34,6 +35,7 @@
 mod cgroup;
 mod command;
 mod instance;
+mod setup;
 mod tmpfs;
 mod uids;
 
@@ -54,9 +56,9 @@ pub use instance::ProcessInstance;
 pub use uids::DEFAULT_UID_TABLE;
 
 use super::output::Labels;
-use super::socket::{remove_instance_dir, unmount_instance_dir, wait_for_listener};
+use super::socket::{unmount_instance_dir, wait_for_listener};
 use super::{Driver, DriverError, Instance, InstanceSpec};
-use instance::Spawned;
+use setup::{Setup, set_up_off_the_runtime_thread};
 
 /// In namespaces, the prefix of the function's config variables until `fn-isolate` starts
 /// the program (its `CONFIG_PREFIX`); see [`ProcessDriver::command`].
@@ -320,6 +322,9 @@ pub struct ProcessDriver {
     /// The socket root's device and inode as last checked (see
     /// [`ProcessDriver::check_socket_root`]).
     root_seen: std::sync::Mutex<Option<(u64, u64, u32, u32)>>,
+    /// A test's hold inside the next instance's set-up (see `setup`'s tests).
+    #[cfg(test)]
+    setup_hold: std::sync::Mutex<Option<setup::tests::Hold>>,
 }
 
 /// Most programs remembered as vetted; past it the memory starts over.
@@ -433,6 +438,8 @@ impl ProcessDriver {
             vetted: std::sync::Mutex::new(std::collections::HashSet::new()),
             root_lock: std::sync::Mutex::new(root_lock),
             root_seen,
+            #[cfg(test)]
+            setup_hold: std::sync::Mutex::default(),
         })
     }
 
@@ -502,51 +509,29 @@ impl ProcessDriver {
 
         let user = self.user_for(spec, start_timeout).await?;
         self.check_socket_root()?;
-        self.create_instance_dir(&dir, user, spec.memory_mb)?;
-        let cgroup = match cgroup::InstanceCgroup::create(
-            &self.memory,
-            &self.pids,
-            &id,
-            spec.memory_mb,
-            self.pids_limit,
-        ) {
-            Ok(cgroup) => cgroup,
-            Err(e) => {
-                remove_instance_dir(&dir);
-                return Err(DriverError::Start(e));
-            }
-        };
-
-        let mut cmd = self.command(spec, &program, &dir, &socket, user);
-        let mut child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                // Nothing ran, so neither holds anything: no order to keep, and nothing to
-                // wait for (a wait cut short by a shutdown would leave the cgroup).
-                remove_instance_dir(&dir);
-                if let Some(cgroup) = cgroup {
-                    cgroup.remove_now();
-                }
-                return Err(DriverError::Start(format!(
-                    "cannot run {}: {e}",
-                    program.display()
-                )));
-            }
-        };
-
-        let lifeline = child.stdin.take();
-        // Joins the cgroup; on failure the lifeline is dropped, so the wrapper exits without
-        // running the program.
-        let mut instance = ProcessInstance::spawned(Spawned {
-            child,
-            labels,
+        let cmd = self.command(spec, &program, &dir, &socket, user);
+        let setup = Setup {
+            id,
             dir,
             socket,
-            cgroup,
-            lifeline,
+            labels,
+            user,
+            namespaced: self.namespaces_for(user).is_some(),
+            memory_mb: spec.memory_mb,
             concurrency: spec.concurrency,
-        })
-        .map_err(DriverError::Start)?;
+            memory: self.memory.clone(),
+            pids: self.pids.clone(),
+            pids_limit: self.pids_limit,
+            cmd,
+            program: program.clone(),
+            #[cfg(test)]
+            hold: self
+                .setup_hold
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        };
+        let mut instance = set_up_off_the_runtime_thread(setup).await?;
         instance.open_gate().await;
         tracing::debug!(
             instance = %instance.id(),
@@ -656,63 +641,6 @@ impl ProcessDriver {
     /// function user can have them (`fn-isolate` never runs a program as root).
     fn namespaces_for(&self, user: Option<FunctionUser>) -> Option<(&Isolation, FunctionUser)> {
         self.isolation.as_ref().zip(user)
-    }
-
-    /// Creates the instance's private directory (mode 0700), owned by `user`; it goes with
-    /// the instance.
-    ///
-    /// In namespaces the directory is a tmpfs of its own, at most `memory_mb` MiB (see
-    /// `tmpfs`): made root's, mode 0700, then the tmpfs mounted on it owned by the user.
-    ///
-    /// Outside them it holds `tmp`, the function's `TMPDIR`. Both are made first and given
-    /// away after, `tmp` before the directory holding it: once the directory is the user's,
-    /// the user's code (another instance of the function) could swap `tmp` for a link, and a
-    /// root `chown` by path would follow it to any file. Until its own `chown` the directory
-    /// is root's, mode 0700, and nobody else can enter it; `lchown` follows no link either
-    /// way.
-    ///
-    /// # Errors
-    /// [`DriverError::Start`] naming the directory and the error; nothing is left behind.
-    fn create_instance_dir(
-        &self,
-        dir: &Path,
-        user: Option<FunctionUser>,
-        memory_mb: u64,
-    ) -> Result<(), DriverError> {
-        let make = |path: &Path| {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(path)
-                .map_err(|e| {
-                    remove_instance_dir(dir);
-                    DriverError::Start(format!(
-                        "cannot create instance directory {}: {e}",
-                        path.display()
-                    ))
-                })
-        };
-        make(dir)?;
-        if let Some((_, user)) = self.namespaces_for(user) {
-            return tmpfs::mount_on(dir, memory_mb, user).map_err(|e| {
-                remove_instance_dir(dir);
-                DriverError::Start(e)
-            });
-        }
-        let tmp = dir.join(INSTANCE_TMP);
-        make(&tmp)?;
-        if let Some(user) = user {
-            for path in [tmp.as_path(), dir] {
-                if let Err(e) = std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)) {
-                    remove_instance_dir(dir);
-                    return Err(DriverError::Start(format!(
-                        "cannot give instance directory {} to uid {}: {e}",
-                        path.display(),
-                        user.uid
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Checks, before an instance directory is made in it, that the socket root is still the
@@ -1187,6 +1115,7 @@ mod tests {
             vetted: std::sync::Mutex::default(),
             root_lock: std::sync::Mutex::default(),
             root_seen: std::sync::Mutex::default(),
+            setup_hold: std::sync::Mutex::default(),
         }
     }
     use std::os::unix::fs::PermissionsExt;

@@ -34,7 +34,9 @@
 //!
 //! The cgroupfs root and the membership file are configurable ([`CgroupPaths`]) so tests can
 //! point the driver at a fake cgroupfs made of plain files. Writes to cgroupfs are small
-//! synchronous file operations on a pseudo file system; they do not block meaningfully.
+//! synchronous file operations on a pseudo file system, mostly quick but now and then some
+//! milliseconds on v1: an instance's are made on a blocking thread with the rest of its
+//! set-up (see `setup`).
 
 use std::fmt;
 use std::io::ErrorKind;

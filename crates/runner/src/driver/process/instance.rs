@@ -131,7 +131,8 @@ impl fmt::Debug for ProcessInstance {
 
 impl ProcessInstance {
     /// Takes over a spawned child: moves it into its cgroup, starts the output loggers and
-    /// the reaper.
+    /// the reaper. Called on a blocking thread of the runtime (see `setup`), where
+    /// `tokio::spawn` reaches the runtime that started it.
     ///
     /// # Errors
     /// A message when the child has no pid (already reaped) or cannot join its cgroup; the
