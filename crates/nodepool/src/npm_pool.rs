@@ -14,8 +14,15 @@
 //! publishes it. While that stream is up and fetching works, polling slows to
 //! [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches fail (an npm that has no such RPC, or a broken stream) polling goes on
 //! at the configured interval.
+//!
+//! A catalog reload that no longer names a group forgets it ([`RunnerPool::retain_groups`]):
+//! its list, its runners' clients (once the calls still on them end), its signal and its
+//! failure are dropped and it is no longer fetched; named again, it is fetched afresh. A
+//! call of a forgotten group still placing finds its list empty from its next pass on and
+//! fails as a call of a group without runners does, told the catalog no longer names the
+//! group; one already running keeps its runner's client to its end.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -57,8 +64,10 @@ struct Inner {
     /// Group → what its runners' clients wake: a report of one group's runner wakes no
     /// call waiting in another.
     signals: RwLock<HashMap<String, ReportSignal>>,
-    /// Groups to poll.
-    groups: Mutex<BTreeSet<String>>,
+    /// Groups to poll, and those the catalog names. Taken before `lists`, `signals` and
+    /// `failing` whenever a group's entry in them is added or removed, so that a group
+    /// forgotten while its list was being fetched is not put back.
+    groups: Mutex<Groups>,
     /// Groups whose last fetch failed, since when their fetches fail and how the last one
     /// did: each is warned about once, when it starts failing, and told about again when it
     /// is back; a call of such a group without runners is told the npm cannot be reached.
@@ -107,7 +116,10 @@ impl NpmPool {
             inner: Arc::new(Inner {
                 lists: RwLock::new(HashMap::new()),
                 signals: RwLock::new(HashMap::new()),
-                groups: Mutex::new(BTreeSet::new()),
+                groups: Mutex::new(Groups {
+                    polled: BTreeSet::new(),
+                    named: None,
+                }),
                 failing: Mutex::new(HashMap::new()),
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
@@ -130,9 +142,13 @@ impl NpmPool {
         let watcher = tokio::spawn(Arc::clone(&self.inner).watch(cancel.clone()));
         let _stop_watching = AbortOnDrop(watcher);
         loop {
-            let groups: Vec<String> = self.inner.lock_groups().iter().cloned().collect();
+            let groups: Vec<String> = self.inner.lock_groups().polled.iter().cloned().collect();
             for group in groups {
                 let fetched = self.refresh(&group).await;
+                let known = self.inner.lock_groups();
+                if !known.polled.contains(&group) {
+                    continue; // forgotten while it was fetched
+                }
                 let mut failing = self.inner.lock_failing();
                 match fetched {
                     Ok(()) => {
@@ -230,6 +246,10 @@ impl NpmPool {
                 .zip(current.iter())
                 .any(|(a, b)| !Arc::ptr_eq(a, b));
         if changed {
+            let groups = self.inner.lock_groups();
+            if !groups.polled.contains(group) {
+                return Ok(()); // forgotten while it was fetched
+            }
             let addresses: Vec<&str> = next.iter().map(|c| c.address()).collect();
             tracing::info!(group, runners = ?addresses, "runner list changed");
             self.inner
@@ -237,6 +257,7 @@ impl NpmPool {
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(group.to_owned(), Arc::new(next));
+            drop(groups);
             // Calls waiting for room look at the new list now, not at their next retry
             // (a runner from zero, under any placer).
             self.report_signal(group).report();
@@ -306,7 +327,7 @@ impl Inner {
         }
     }
 
-    fn lock_groups(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, Groups> {
         self.groups
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -317,6 +338,26 @@ impl Inner {
         self.failing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The groups the pool knows of.
+#[derive(Debug)]
+struct Groups {
+    /// Groups to poll: each seen in a call, and named by the catalog once it is known.
+    polled: BTreeSet<String>,
+    /// The groups the catalog names, once the LB has said ([`RunnerPool::retain_groups`]);
+    /// until then any group seen in a call is polled. A call of a group outside it (one
+    /// that found its function in the catalog before a reload) registers nothing.
+    named: Option<HashSet<String>>,
+}
+
+impl Groups {
+    /// Whether the catalog names `group` (or the LB has not said which it names).
+    fn named(&self, group: &str) -> bool {
+        self.named
+            .as_ref()
+            .is_none_or(|named| named.contains(group))
     }
 }
 
@@ -349,7 +390,8 @@ impl RunnerPool for NpmPool {
         {
             return Arc::clone(list);
         }
-        if self.inner.lock_groups().insert(group.to_owned()) {
+        let mut groups = self.inner.lock_groups();
+        if groups.named(group) && groups.polled.insert(group.to_owned()) {
             tracing::info!(group, "new LB group; asking the npm for its runners");
             self.inner.new_group.notify_one();
         }
@@ -357,6 +399,13 @@ impl RunnerPool for NpmPool {
     }
 
     fn list_trouble(&self, group: &str) -> Option<String> {
+        if !self.inner.lock_groups().named(group) {
+            return Some(
+                "the catalog no longer names the group (a reload took its functions out or \
+                 moved them)"
+                    .to_owned(),
+            );
+        }
         let (since, Failure { code, answered }) = *self.inner.lock_failing().get(group)?;
         // Whole milliseconds: the answer is read by people.
         let failing_for =
@@ -389,11 +438,79 @@ impl RunnerPool for NpmPool {
         {
             return signal.clone();
         }
+        let groups = self.inner.lock_groups();
+        if !groups.named(group) {
+            // No runner of a group the catalog does not name reports: a signal of its own,
+            // kept by no one but the caller.
+            return ReportSignal::default();
+        }
         signals
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(group.to_owned())
             .or_default()
             .clone()
+    }
+
+    fn retain_groups(&self, named: &BTreeSet<&str>) {
+        let mut groups = self.inner.lock_groups();
+        groups.named = Some(named.iter().map(|&g| g.to_owned()).collect());
+        let forgotten: Vec<String> = groups
+            .polled
+            .iter()
+            .filter(|g| !named.contains(g.as_str()))
+            .cloned()
+            .collect();
+        // Signals of groups seen but never polled (a call's first step) go too.
+        self.inner
+            .signals
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|g, _| named.contains(g.as_str()));
+        if forgotten.is_empty() {
+            return;
+        }
+        let mut lists = self
+            .inner
+            .lists
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut failing = self.inner.lock_failing();
+        for group in &forgotten {
+            groups.polled.remove(group);
+            lists.remove(group);
+            failing.remove(group);
+        }
+        drop((lists, failing, groups));
+        tracing::info!(groups = ?forgotten, "LB groups no longer in the catalog; their runner lists are forgotten and no longer fetched");
+    }
+}
+
+impl NpmPool {
+    /// The groups the pool keeps anything of (polled, listed, signalled or failing): for
+    /// tests.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn groups_held(&self) -> BTreeSet<String> {
+        let groups = self.inner.lock_groups();
+        let mut held = groups.polled.clone();
+        held.extend(
+            self.inner
+                .lists
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .cloned(),
+        );
+        held.extend(
+            self.inner
+                .signals
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .cloned(),
+        );
+        held.extend(self.inner.lock_failing().keys().cloned());
+        held
     }
 }

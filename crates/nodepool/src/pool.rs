@@ -1,5 +1,6 @@
 //! Runner pools: which runners serve an LB group, in an order every LB agrees on.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use fn_tls::TlsMode;
@@ -26,6 +27,12 @@ pub trait RunnerPool: Send + Sync + std::fmt::Debug {
     fn list_trouble(&self, _group: &str) -> Option<String> {
         None
     }
+
+    /// The groups the catalog names now (after a reload): the pool forgets what it keeps
+    /// of any other group and stops fetching its list; a group named again later is
+    /// fetched afresh. A pool that keeps nothing per group (the [`StaticPool`]: one list
+    /// and one signal for every group) has nothing to forget.
+    fn retain_groups(&self, _named: &BTreeSet<&str>) {}
 }
 
 /// A fixed runner list (`FN_RUNNER_ADDRESSES`) serving every LB group.

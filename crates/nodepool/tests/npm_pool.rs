@@ -1,7 +1,7 @@
 //! Service tests of the LB's npm plumbing: the [`NpmPool`] and the [`Advertiser`] against a
 //! fake npm (the generated `NodePoolScaler` and `RunnerManager` traits) over mutual TLS.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,8 @@ struct NpmState {
     failing: AtomicBool,
     /// `GetLBGroup` requests answered with an error.
     failed_polls: AtomicUsize,
+    /// `GetLBGroup` requests per group.
+    asked: Mutex<HashMap<String, usize>>,
     adverts: mpsc::UnboundedSender<CapacitySnapshotList>,
     /// Bumped by every `set`: what `WatchMembership` streams follow.
     changes: tokio::sync::watch::Sender<u64>,
@@ -50,6 +52,7 @@ impl NpmState {
             lists: Mutex::new(HashMap::new()),
             failing: AtomicBool::new(false),
             failed_polls: AtomicUsize::new(0),
+            asked: Mutex::new(HashMap::new()),
             adverts: tx,
             changes: tokio::sync::watch::Sender::new(0),
             no_watch: AtomicBool::new(false),
@@ -72,6 +75,16 @@ impl NpmState {
             .expect("lock")
             .insert(group.to_owned(), runners);
         self.changes.send_modify(|version| *version += 1);
+    }
+
+    /// `GetLBGroup` requests for `group` so far.
+    fn asked(&self, group: &str) -> usize {
+        self.asked
+            .lock()
+            .expect("lock")
+            .get(group)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -101,11 +114,18 @@ impl RunnerManager for FakeNpm {
         &self,
         request: Request<LbGroupId>,
     ) -> Result<Response<LbGroupMembership>, Status> {
+        let group = request.into_inner().id;
+        *self
+            .0
+            .asked
+            .lock()
+            .expect("lock")
+            .entry(group.clone())
+            .or_default() += 1;
         if self.0.failing.load(Ordering::SeqCst) {
             self.0.failed_polls.fetch_add(1, Ordering::SeqCst);
             return Err(Status::unavailable("fake npm told to fail"));
         }
-        let group = request.into_inner().id;
         let runners = self
             .0
             .lists
@@ -897,6 +917,79 @@ async fn a_group_whose_list_cannot_be_fetched_says_the_npm_cannot_be_reached() {
     state.failing.store(false, Ordering::SeqCst);
     wait_for_list(&pool, "g", &["127.0.0.1:7201"]).await;
     assert_eq!(pool.list_trouble("g"), None);
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
+/// Waits until the fake npm has been asked for `group` `count` times.
+async fn asked_at_least(state: &NpmState, group: &str, count: usize) {
+    let start = tokio::time::Instant::now();
+    while state.asked(group) < count {
+        assert!(
+            start.elapsed() < BOUND,
+            "{group} asked for {} times, expected {count}",
+            state.asked(group)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A group a catalog reload no longer names is forgotten: no longer fetched (with K such
+/// groups, each refresh pass waited on K needless round trips), nothing of it kept; a call
+/// of it still placing registers nothing and is told why its list is empty; named again, it
+/// is fetched afresh.
+#[tokio::test]
+async fn a_group_no_longer_named_is_forgotten_and_no_longer_fetched() {
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    // Without the watch the pool polls every POLL: the intervals come quickly.
+    state.no_watch.store(true, Ordering::SeqCst);
+    state.set("a", &["127.0.0.1:7301"]);
+    state.set("b", &["127.0.0.1:7302"]);
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
+    assert!(pool.runners("a").is_empty() && pool.runners("b").is_empty());
+    wait_for_list(&pool, "a", &["127.0.0.1:7301"]).await;
+    wait_for_list(&pool, "b", &["127.0.0.1:7302"]).await;
+    let both: BTreeSet<String> = ["a", "b"].map(String::from).into();
+    assert_eq!(pool.groups_held(), both);
+
+    pool.retain_groups(&["a"].into());
+    // A pass that began before the reload may still ask for b once: its last request is
+    // in before the second request for a after the reload, which comes from a later pass.
+    asked_at_least(&state, "a", state.asked("a") + 2).await;
+    let asked_b = state.asked("b");
+    asked_at_least(&state, "a", state.asked("a") + 5).await;
+    assert_eq!(
+        state.asked("b"),
+        asked_b,
+        "the npm is still asked for a group no longer named"
+    );
+    let only_a: BTreeSet<String> = ["a"].map(String::from).into();
+    assert_eq!(pool.groups_held(), only_a);
+    assert_eq!(addresses(&pool, "a"), ["127.0.0.1:7301"]);
+
+    // A call of b that found its function before the reload: an empty list, the reason,
+    // and nothing registered.
+    assert!(pool.runners("b").is_empty());
+    let _signal = pool.report_signal("b");
+    let why = pool.list_trouble("b").expect("a reason");
+    assert!(
+        why.contains("the catalog no longer names the group"),
+        "{why}"
+    );
+    asked_at_least(&state, "a", state.asked("a") + 3).await;
+    assert_eq!(state.asked("b"), asked_b);
+    assert_eq!(pool.groups_held(), only_a);
+
+    // Named again: its first call registers it, and its list is fetched anew.
+    pool.retain_groups(&["a", "b"].into());
+    assert!(pool.runners("b").is_empty());
+    wait_for_list(&pool, "b", &["127.0.0.1:7302"]).await;
+    assert!(state.asked("b") > asked_b);
+    assert_eq!(pool.list_trouble("b"), None);
+    assert_eq!(pool.groups_held(), both);
+
     stop_pool(cancel, poller).await;
     server.stop().await;
 }
