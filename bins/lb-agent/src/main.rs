@@ -219,7 +219,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         ),
     };
     let dispatcher = Dispatcher::new(
-        pool,
+        Arc::clone(&pool),
         cli.placer.build_with_epsilon(cli.placer_epsilon),
         DispatchConfig {
             placer_timeout: cli.placer_timeout,
@@ -248,7 +248,7 @@ async fn daemon(cli: Cli) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),
     };
-    let catalog_reload = CatalogReload::new(Arc::clone(&catalog), lb_metrics, &mut registry);
+    let catalog_reload = CatalogReload::new(Arc::clone(&catalog), lb_metrics, pool, &mut registry);
     let metrics = match fn_lifecycle::metrics::listen(&cli.common, registry).await {
         Ok(m) => m,
         Err(e) => return fn_lifecycle::exit_status(Err(e)),

@@ -6,7 +6,7 @@
 //! runtime). Calls in flight keep the `Arc<Function>` they resolved, so a reload never
 //! disturbs them. A reload that fails validation keeps the old catalog and reports why.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -197,6 +197,15 @@ impl Catalog {
         self.by_name
             .iter()
             .flat_map(|(app, names)| names.keys().map(move |name| (app.as_str(), name.as_str())))
+    }
+
+    /// Every LB group a function of the catalog is in.
+    pub fn lb_groups(&self) -> BTreeSet<&str> {
+        self.by_name
+            .values()
+            .flat_map(HashMap::values)
+            .map(|function| function.lb_group.as_str())
+            .collect()
     }
 
     /// Number of functions.

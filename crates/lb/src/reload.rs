@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fn_lifecycle::fs::BoundedReads;
+use fn_nodepool::RunnerPool;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::Signal;
@@ -23,21 +24,30 @@ use crate::metrics::LbMetrics;
 /// How long a read of the catalog may take before the reload is given up.
 pub const READ_BOUND: Duration = Duration::from_secs(10);
 
-/// Reloads the catalog on every SIGHUP, and drops the metrics series of functions no longer
-/// in it; a bad file, or one that cannot be read in time, keeps the old catalog and is
+/// Reloads the catalog on every SIGHUP, drops the metrics series of functions no longer in
+/// it, and has the runner pool forget the LB groups it no longer names (their runner lists,
+/// and fetching them from the npm); a bad file, or one that cannot be read in time, keeps the old catalog and is
 /// counted as a rejection.
 #[derive(Debug)]
 pub struct CatalogReload {
     catalog: Arc<CatalogHandle>,
     metrics: LbMetrics,
+    /// Told the catalog's groups after each reload.
+    pool: Arc<dyn RunnerPool>,
     rejections: Counter,
     /// The reads of the file, bounded in time, one stuck at most.
     reads: BoundedReads,
 }
 
 impl CatalogReload {
-    /// Reloads of `catalog`, whose rejections are registered in `registry`.
-    pub fn new(catalog: Arc<CatalogHandle>, metrics: LbMetrics, registry: &mut Registry) -> Self {
+    /// Reloads of `catalog`, whose rejections are registered in `registry`; `pool` forgets
+    /// the groups a reload no longer names.
+    pub fn new(
+        catalog: Arc<CatalogHandle>,
+        metrics: LbMetrics,
+        pool: Arc<dyn RunnerPool>,
+        registry: &mut Registry,
+    ) -> Self {
         let rejections = Counter::default();
         registry.register(
             "fn_lb_catalog_reload_rejections",
@@ -49,6 +59,7 @@ impl CatalogReload {
             reads: reads_of(&catalog, READ_BOUND),
             catalog,
             metrics,
+            pool,
             rejections,
         }
     }
@@ -101,6 +112,7 @@ impl CatalogReload {
                 tracing::info!(functions = count, "catalog reloaded");
                 let current = self.catalog.current();
                 self.metrics.forget_functions(current.names());
+                self.pool.retain_groups(&current.lb_groups());
             }
             Err(e) => {
                 self.rejections.inc();
@@ -133,6 +145,77 @@ mod tests {
             .collect()
     }
 
+    /// A pool with no runners, which keeps nothing per group.
+    fn no_pool() -> Arc<dyn RunnerPool> {
+        let pool = fn_nodepool::StaticPool::new(
+            &[],
+            &fn_tls::TlsMode::Insecure,
+            &fn_nodepool::ClientConfig::default(),
+        )
+        .expect("no addresses");
+        Arc::new(pool)
+    }
+
+    /// A pool that records the groups each reload names.
+    #[derive(Debug, Default)]
+    struct Named(std::sync::Mutex<Vec<Vec<String>>>);
+
+    impl RunnerPool for Named {
+        fn runners(&self, _group: &str) -> fn_nodepool::RunnerList {
+            Arc::new(Vec::new())
+        }
+
+        fn report_signal(&self, _group: &str) -> fn_nodepool::ReportSignal {
+            fn_nodepool::ReportSignal::default()
+        }
+
+        fn retain_groups(&self, named: &std::collections::BTreeSet<&str>) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push(named.iter().map(|&g| g.to_owned()).collect());
+        }
+    }
+
+    /// A reload tells the pool the groups the new catalog names (each once), and a rejected
+    /// one tells it nothing: its groups stay.
+    #[tokio::test]
+    async fn a_reload_tells_the_pool_the_groups_the_catalog_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("functions.toml");
+        let in_group = |name: &str, group: &str| {
+            format!(
+                "[[functions]]\napp = \"demo\"\nname = \"{name}\"\ncommand = [\"x\"]\n\
+                 lb_group = \"{group}\"\n"
+            )
+        };
+        std::fs::write(&path, in_group("one", "a") + &in_group("two", "b")).expect("write");
+        let handle = Arc::new(CatalogHandle::load(&path).expect("loads"));
+        let mut registry = Registry::default();
+        let metrics = LbMetrics::register(&mut registry);
+        let pool = Arc::new(Named::default());
+        let mut reload = CatalogReload::new(
+            Arc::clone(&handle),
+            metrics,
+            Arc::clone(&pool) as Arc<dyn RunnerPool>,
+            &mut registry,
+        );
+
+        std::fs::write(
+            &path,
+            in_group("one", "a") + &in_group("three", "a") + &catalog_of(&["four"]),
+        )
+        .expect("write");
+        assert_eq!(reload.reload().await.expect("reloads"), 3);
+        std::fs::write(&path, "not toml [").expect("write");
+        assert!(reload.reload().await.is_err());
+        assert_eq!(
+            *pool.0.lock().expect("lock"),
+            [["a", "default"]],
+            "b is no longer named; the rejected reload names nothing"
+        );
+    }
+
     fn rejections(registry: &Registry) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
@@ -159,8 +242,8 @@ mod tests {
         let mut registry = Registry::default();
         let metrics = LbMetrics::register(&mut registry);
         let bound = Duration::from_millis(300);
-        let mut reload =
-            CatalogReload::new(Arc::clone(&handle), metrics, &mut registry).read_bound(bound);
+        let mut reload = CatalogReload::new(Arc::clone(&handle), metrics, no_pool(), &mut registry)
+            .read_bound(bound);
 
         // The writer that ends the hung read: when the test says so, or after 3 s, so that
         // a read made on the runtime's thread returns and the test fails rather than hangs.
