@@ -115,6 +115,25 @@ pub const RUNNER_PORT: u16 = 9190;
 /// container the runner cannot limit each function's (the cgroup file system is read-only
 /// there), so this bounds them together, and no fork bomb takes the host's pids.
 pub const RUNNER_PIDS_LIMIT: i64 = 4096;
+/// Log driver of runner containers and services: the engine's `json-file`, bounded below,
+/// whatever the engine's default. A runner's stderr carries every line its functions write
+/// (up to ~1 MiB/s per instance), and `json-file` without `max-size` keeps them all.
+pub const RUNNER_LOG_DRIVER: &str = "json-file";
+/// Size at which a runner container's log file is rotated. 10x a function container's
+/// (`1m`): a runner's log is its functions' lines and its own.
+pub const RUNNER_LOG_MAX_SIZE: &str = "10m";
+/// Log files kept per runner container (the current one included): 30 MiB at most, with
+/// `docker logs` (and the npm's tail of a failed runner) still reading the recent lines.
+pub const RUNNER_LOG_MAX_FILE: &str = "3";
+
+/// The log driver's options for a runner container or service: `max-size` and `max-file`.
+pub fn runner_log_options() -> HashMap<String, String> {
+    HashMap::from([
+        ("max-size".to_owned(), RUNNER_LOG_MAX_SIZE.to_owned()),
+        ("max-file".to_owned(), RUNNER_LOG_MAX_FILE.to_owned()),
+    ])
+}
+
 /// Memory a runner container gets beyond its capacity, for the runner process itself.
 const RUNNER_OVERHEAD_MB: u64 = 128;
 

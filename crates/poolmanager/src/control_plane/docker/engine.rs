@@ -11,8 +11,8 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, Mount, MountType,
-    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig,
+    HostConfigLogConfig, Mount, MountType, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectContainerOptions, InspectNetworkOptions,
@@ -450,6 +450,11 @@ pub fn create_body(spec: &RunnerSpec) -> ContainerCreateBody {
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,
+        }),
+        // Bounded: the runner's stderr is its functions' output too.
+        log_config: Some(HostConfigLogConfig {
+            typ: Some(super::RUNNER_LOG_DRIVER.to_owned()),
+            config: Some(super::runner_log_options()),
         }),
         ..HostConfig::default()
     };

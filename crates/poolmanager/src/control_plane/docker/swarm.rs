@@ -28,7 +28,7 @@ use bollard::models::{
     EndpointSpec, EndpointSpecModeEnum, HealthConfig, Mount, MountType, NetworkAttachmentConfig,
     ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
     TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
-    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecLogDriver, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
@@ -507,6 +507,12 @@ pub fn service_spec(spec: &RunnerSpec, secrets: &[SecretRef]) -> ServiceSpec {
             target: Some(spec.network.clone()),
             ..NetworkAttachmentConfig::default()
         }]),
+        // Bounded on whichever node runs the task: the runner's stderr is its functions'
+        // output too.
+        log_driver: Some(TaskSpecLogDriver {
+            name: Some(super::RUNNER_LOG_DRIVER.to_owned()),
+            options: Some(super::runner_log_options()),
+        }),
         ..TaskSpec::default()
     };
     ServiceSpec {

@@ -1277,6 +1277,7 @@ async fn a_logs_stream_that_never_ends_gives_way_at_its_bound() {
 mod adoption;
 mod fake_api;
 mod leaving;
+mod log_bounds;
 mod never_started;
 mod secrets;
 mod shutdown;
