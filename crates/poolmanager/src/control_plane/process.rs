@@ -14,6 +14,9 @@
 //!   spawns nothing more. With `FN_PROCESS_KEEP_RUNNERS` the ready runners stay running
 //!   instead, with their records, for the next npm to adopt (as after a SIGKILL); those
 //!   starting or being removed are stopped all the same.
+//! - Each runner writes its log (with its functions' output) in the state directory, rotated
+//!   past a bound by the npm, and the logs of failed runners kept are bounded in number:
+//!   see its `logs` module.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -30,6 +33,9 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::{ControlPlane, ControlPlaneError, RunnerInfo};
+
+mod logs;
+pub use logs::{KEPT_LOGS, LOG_BOUND};
 
 /// What a runner needs after its drain, before the npm's stop grace runs out: the clean-up
 /// of its instances (at most 5 s: memory cgroups, socket directories) and a second.
@@ -62,6 +68,10 @@ pub struct ProcessConfig {
     /// Leave the ready runners running at npm shutdown, with their records, for the next
     /// npm to adopt (`FN_PROCESS_KEEP_RUNNERS`).
     pub keep_runners: bool,
+    /// Size past which a runner's log is rotated to `<id>.log.1` ([`LOG_BOUND`]).
+    pub log_bound: u64,
+    /// Most logs kept of runners that failed or ended on their own ([`KEPT_LOGS`]).
+    pub kept_logs: usize,
 }
 
 impl ProcessConfig {
@@ -98,6 +108,8 @@ impl ProcessConfig {
             extra_env: Vec::new(),
             stop_grace: super::SHUTDOWN_STOP_GRACE,
             keep_runners: false,
+            log_bound: LOG_BOUND,
+            kept_logs: KEPT_LOGS,
         }
     }
 }
@@ -132,6 +144,10 @@ pub struct ProcessControlPlane {
     /// The state directory's lock, held for the plane's life: a second npm on the same
     /// directory would adopt this one's runners, or kill them as unhealthy.
     _state_lock: nix::fcntl::Flock<std::fs::File>,
+    /// The rotation of the runners' logs, started by each list (a control-loop tick).
+    rotation: logs::Rotation,
+    /// The logs of gone runners kept for the operator, at most `kept_logs`.
+    kept: logs::Kept,
 }
 
 /// A setup problem of the process control plane (configuration: exit 2).
@@ -205,15 +221,19 @@ impl ProcessControlPlane {
             }
         }
         let checks = records.iter().map(|path| adopt(&config, path));
-        let adopted = futures::future::join_all(checks)
+        let adopted: Vec<Spawned> = futures::future::join_all(checks)
             .await
             .into_iter()
             .flatten()
             .collect();
+        let live: Vec<&str> = adopted.iter().map(|s| s.info.id.as_str()).collect();
+        let kept = logs::Kept::scan(&config.state_dir, &live, config.kept_logs);
         Ok(ProcessControlPlane {
             config,
             runners: Mutex::new(adopted),
             _state_lock: state_lock,
+            rotation: logs::Rotation::default(),
+            kept,
         })
     }
 
@@ -229,7 +249,7 @@ impl ProcessControlPlane {
 
     /// Where a runner's stdout and stderr go: its own log and its functions' output.
     fn log_path(&self, id: &str) -> PathBuf {
-        self.config.state_dir.join(format!("{id}.log"))
+        logs::log_path(&self.config.state_dir, id)
     }
 
     /// Drops a runner that is gone from the table, with its record and socket directory,
@@ -238,8 +258,9 @@ impl ProcessControlPlane {
         self.lock().retain(|r| r.info.id != id);
         remove_quietly(&self.record_path(id));
         remove_in_background(&socket_dir(id));
-        if log == RunnerLog::Remove {
-            remove_in_background(&self.log_path(id));
+        match log {
+            RunnerLog::Remove => logs::remove_in_background(&self.log_path(id)),
+            RunnerLog::Keep => self.kept.keep(self.log_path(id)),
         }
     }
 
@@ -299,17 +320,14 @@ impl ProcessControlPlane {
         let address = SocketAddr::new(self.config.listen_ip, port).to_string();
         let sock_dir = socket_dir(&id);
         let log_path = self.log_path(&id);
-        // Its functions' output is in it: for the npm's user alone.
-        let log = std::os::unix::fs::OpenOptionsExt::mode(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true),
-            0o600,
-        )
-        .open(&log_path)
-        .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
-        let log_err = log.try_clone().map_err(|e| failed(e.to_string()))?;
+        let log = logs::create(&log_path)
+            .map_err(|e| failed(format!("creating {}: {e}", log_path.display())))?;
+        // No runner to keep a log of: the error says why.
+        let no_runner = |what: String| {
+            remove_quietly(&log_path);
+            failed(what)
+        };
+        let log_err = log.try_clone().map_err(|e| no_runner(e.to_string()))?;
         let mut cmd = self.runner_command(port, &sock_dir);
         cmd.stdin(Stdio::null())
             .stdout(log)
@@ -317,14 +335,14 @@ impl ProcessControlPlane {
             // Survives an npm crash on purpose: a restarted npm adopts it.
             .kill_on_drop(false);
         let child = cmd.spawn().map_err(|e| {
-            failed(format!(
+            no_runner(format!(
                 "starting {}: {e}",
                 self.config.runner_binary.display()
             ))
         })?;
         let pid = child
             .id()
-            .ok_or_else(|| failed("runner exited at once".into()))?;
+            .ok_or_else(|| no_runner("runner exited at once".into()))?;
         let info = RunnerInfo {
             id: id.clone(),
             address: address.clone(),
@@ -411,7 +429,8 @@ impl ProcessControlPlane {
 /// (removed after its drain, or at shutdown) takes its log with it: kept, the logs of every
 /// runner a long-running npm ever scaled up (with every line its functions wrote) filled
 /// `FN_RUNNER_STATE_DIR`. One that failed to start, or ended on its own, keeps it for the
-/// operator (the error or warning names it).
+/// operator (the error or warning names it), among the [`ProcessConfig::kept_logs`] newest
+/// kept (a group whose runner cannot start is tried again every minute).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RunnerLog {
     Keep,
@@ -528,6 +547,7 @@ impl ControlPlane for ProcessControlPlane {
                 tracing::warn!(runner = %r.info.id, pid = r.pid, log = %log.display(), "runner process exited");
                 remove_quietly(&self.record_path(&r.info.id));
                 remove_in_background(&socket_dir(&r.info.id));
+                self.kept.keep(log);
             }
             !exited
         });
@@ -536,6 +556,10 @@ impl ControlPlane for ProcessControlPlane {
             .filter(|r| r.phase == Phase::Ready)
             .map(|r| r.info.clone())
             .collect();
+        // Every runner in the table writes its log, starting and stopping ones too.
+        let logs = runners.iter().map(|r| self.log_path(&r.info.id)).collect();
+        drop(runners);
+        drop(self.rotation.start(logs, self.config.log_bound));
         Box::pin(async move { Ok(listed) })
     }
 
@@ -591,7 +615,7 @@ impl ControlPlane for ProcessControlPlane {
                 // Off the runtime (a log may be large, a socket directory deep), and waited
                 // for: the npm exits next, and would leave the rest behind. A removal that
                 // could not start said so.
-                let log = fn_lifecycle::fs::remove_tree(self.log_path(&s.info.id));
+                let log = logs::remove_and_wait(self.log_path(&s.info.id));
                 let sockets = fn_lifecycle::fs::remove_tree(socket_dir(&s.info.id));
                 let _ = futures::future::join(log, sockets).await;
             });
