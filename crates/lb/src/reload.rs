@@ -104,7 +104,16 @@ impl CatalogReload {
         let path = self.catalog.path().to_owned();
         let read = path.clone();
         let outcome = match self.reads.read(move || Catalog::load(&read)).await {
-            Ok(loaded) => loaded.and_then(|catalog| self.catalog.replace(catalog)),
+            Ok(loaded) => loaded.and_then(|catalog| {
+                // The pool takes the groups of both catalogs while the new one goes in: a
+                // call of a group it adds, looked up once it is in and before the pool is
+                // told below, would be refused a place in the pool (its wake-ups lost).
+                let old = self.catalog.current();
+                let mut both = old.lb_groups();
+                both.extend(catalog.lb_groups());
+                self.pool.retain_groups(&both);
+                self.catalog.replace(catalog)
+            }),
             Err(source) => Err(CatalogError::NotRead { path, source }),
         };
         match &outcome {
@@ -211,8 +220,9 @@ mod tests {
         assert!(reload.reload().await.is_err());
         assert_eq!(
             *pool.0.lock().expect("lock"),
-            [["a", "default"]],
-            "b is no longer named; the rejected reload names nothing"
+            [vec!["a", "b", "default"], vec!["a", "default"]],
+            "the groups of both catalogs while the new one goes in (default is new), then b \
+             is no longer named; the rejected reload names nothing"
         );
     }
 
