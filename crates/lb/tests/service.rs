@@ -600,7 +600,10 @@ fn capture_logs(
         .with_ansi(false)
         .with_max_level(level)
         .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    (
+        captured,
+        fn_test_support::logs::scoped_subscriber(subscriber),
+    )
 }
 
 impl std::io::Write for Capture {

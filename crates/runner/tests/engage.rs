@@ -1771,7 +1771,7 @@ fn record_events(
     use tracing_subscriber::layer::SubscriberExt;
     let events = Arc::new(std::sync::Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::registry().with(Recorded(Arc::clone(&events), level));
-    let guard = tracing::subscriber::set_default(subscriber);
+    let guard = fn_test_support::logs::scoped_subscriber(subscriber);
     // tracing caches whether an event is wanted when a thread first meets it; another test's
     // thread meeting it just as this subscriber came in may have cached "never" for every
     // thread (tracing-core registers the callsite, then reads the subscribers). Worked out

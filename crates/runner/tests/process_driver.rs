@@ -453,7 +453,7 @@ async fn a_hot_instance_logs_its_output_under_the_call_it_is_taking() {
         seen: Arc::clone(&seen),
     });
     // The test's runtime has one thread: the instance's output task logs on it.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = fn_test_support::logs::scoped_subscriber(subscriber);
     let fx = fixture();
     let instance = fx
         .driver
@@ -483,7 +483,7 @@ async fn a_tenants_loader_variables_reach_the_program_not_the_shell_before_the_g
         seen: Arc::clone(&lines),
     });
     // The test's runtime has one thread: the instance's output task logs on it.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = fn_test_support::logs::scoped_subscriber(subscriber);
     let fx = fixture();
     let mut echo = spec("fn-echo");
     echo.config.insert(

@@ -4,6 +4,7 @@
 //! implement, in their crates' `testing` modules; this crate holds what every test needs.
 
 pub mod fake_runner;
+pub mod logs;
 
 use std::time::{Duration, Instant};
 

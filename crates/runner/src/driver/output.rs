@@ -414,7 +414,7 @@ mod tests {
         }
         // A subscriber of its own, as the tally test beside it has: the first to reach a
         // callsite with none caches it as disabled, and the tally's lines went unseen.
-        let _guard = tracing::subscriber::set_default(
+        let _guard = fn_test_support::logs::scoped_subscriber(
             tracing_subscriber::registry().with(TallyLayer(Arc::default())),
         );
         let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -438,7 +438,7 @@ mod tests {
         use tracing_subscriber::layer::SubscriberExt;
         let tally = Arc::new(Tally::default());
         let subscriber = tracing_subscriber::registry().with(TallyLayer(Arc::clone(&tally)));
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = fn_test_support::logs::scoped_subscriber(subscriber);
         let written = 3 * u64::from(MAX_LINES_PER_SECOND);
         let text: Vec<u8> = (0..written)
             .flat_map(|i| format!("line {i}\n").into_bytes())

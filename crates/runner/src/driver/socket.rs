@@ -1332,7 +1332,7 @@ mod tests {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::registry().with(FdkVersions(Arc::clone(&seen)));
         // The test's runtime has one thread: the calls log on it.
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = fn_test_support::logs::scoped_subscriber(subscriber);
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("fn.sock");
         serve_counting(&path);

@@ -617,7 +617,7 @@ impl Captured {
     /// Logs to this until the guard is dropped (on this thread: the tests' runtime).
     fn install(&self) -> tracing::subscriber::DefaultGuard {
         let out = self.clone();
-        tracing::subscriber::set_default(
+        fn_test_support::logs::scoped_subscriber(
             tracing_subscriber::fmt()
                 .with_ansi(false)
                 .with_max_level(tracing::Level::WARN)
