@@ -872,7 +872,7 @@ mod tests {
     use super::*;
 
     /// A runner binary in `dir`: the shell script `script`.
-    fn runner_script(dir: &Path, script: &str) -> PathBuf {
+    pub(super) fn runner_script(dir: &Path, script: &str) -> PathBuf {
         let binary = dir.join("pure-runner");
         std::fs::write(&binary, script).expect("write");
         std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -881,7 +881,7 @@ mod tests {
     }
 
     /// A plane's configuration in `dir` (its state in `dir/state`), starting `binary`.
-    fn config_in(dir: &Path, binary: PathBuf) -> ProcessConfig {
+    pub(super) fn config_in(dir: &Path, binary: PathBuf) -> ProcessConfig {
         ProcessConfig::new(binary, dir.to_owned(), dir.join("state"), TlsMode::Insecure)
     }
 

@@ -229,20 +229,16 @@ impl Kept {
 mod tests {
     use std::time::Duration;
 
-    use fn_tls::TlsMode;
     use tokio_util::sync::CancellationToken;
 
+    use super::super::tests::{config_in, runner_script};
     use super::super::{ControlPlane, ControlPlaneError, ProcessConfig, ProcessControlPlane};
     use super::*;
 
     /// A plane's configuration in `dir` (its state in `dir/state`) whose runner binary is the
     /// shell script `script`.
     fn config_running(dir: &Path, script: &str) -> ProcessConfig {
-        let binary = dir.join("pure-runner");
-        std::fs::write(&binary, script).expect("write");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
-        ProcessConfig::new(binary, dir.to_owned(), dir.join("state"), TlsMode::Insecure)
+        config_in(dir, runner_script(dir, script))
     }
 
     /// The names in `state` that end with `suffix`, sorted.
