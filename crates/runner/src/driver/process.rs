@@ -74,7 +74,9 @@ const WRAPPER_SHELL: &str = "/bin/sh";
 /// 2. **watchdog**: it leaves a background subshell reading the lifeline, which kills the
 ///    whole process group when the lifeline closes — when the runner drops the instance or
 ///    dies, even by `SIGKILL` (the kernel closes its end). Without it a crashed runner would
-///    leave its functions running as orphans;
+///    leave its functions running as orphans. It starts before the config held back until
+///    the gate is given back (see [`read_before_the_gate`]), so a function's `TMOUT`, which
+///    bash takes as every `read`'s time limit, cannot end its wait and kill the instance;
 /// 3. it raises its own `oom_score_adj` to 1000 (any process may raise its own; the
 ///    program and its children inherit it; the watchdog, started before, does not), so that
 ///    a function sharing the runner's memory cgroup is the OOM killer's pick before the
@@ -85,10 +87,10 @@ const WRAPPER_SHELL: &str = "/bin/sh";
 /// If the runner goes away before the gate opens, `read` sees end-of-file and the program
 /// never runs.
 const WRAPPER_SCRIPT: &str = r#"read -r gate || exit 1
-for n in $FN_RESTORE_CONFIG; do eval "export $n=\"\${FN_ISOLATE_CONFIG_$n}\"; unset FN_ISOLATE_CONFIG_$n"; done
-unset FN_RESTORE_CONFIG
 exec 3<&0 </dev/null
 ( read -r gone <&3; kill -9 0 ) >/dev/null 2>&1 &
+for n in $FN_RESTORE_CONFIG; do eval "export $n=\"\${FN_ISOLATE_CONFIG_$n}\"; unset FN_ISOLATE_CONFIG_$n"; done
+unset FN_RESTORE_CONFIG
 { echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null || true
 exec 3<&- "$0" "$@"
 "#;
@@ -106,7 +108,9 @@ fn wrapper_script(open_files: Option<u64>) -> String {
 /// Whether a config variable is one the dynamic loader (`LD_*`) or a shell reads as the
 /// wrapper shell starts, before its gate, to run code or change how it runs: `ENV` and,
 /// where `/bin/sh` is bash (RHEL, Fedora, Arch), `BASH_ENV`, `PS4` (with `SHELLOPTS=xtrace`
-/// bash runs what it expands), `BASH_XTRACEFD`, `POSIXLY_CORRECT` and `IFS`. Only plain
+/// bash runs what it expands), `BASH_XTRACEFD`, `POSIXLY_CORRECT`, `IFS` and `TMOUT` (the
+/// time limit of the gate's and the watchdog's `read`: a function's `TMOUT=5` had every
+/// instance killed 5 s after it started). Only plain
 /// names: the wrapper restores them with `eval`, and the loader reads no other kind.
 /// `SHELLOPTS` and `BASHOPTS` are not among them: bash makes them read-only, so the
 /// restore would fail and end the wrapper; with `PS4` held back, they run nothing.
@@ -116,7 +120,7 @@ fn read_before_the_gate(name: &str) -> bool {
         && (name.starts_with("LD_")
             || matches!(
                 name,
-                "BASH_ENV" | "ENV" | "PS4" | "BASH_XTRACEFD" | "POSIXLY_CORRECT" | "IFS"
+                "BASH_ENV" | "ENV" | "PS4" | "BASH_XTRACEFD" | "POSIXLY_CORRECT" | "IFS" | "TMOUT"
             ))
 }
 
@@ -1306,30 +1310,10 @@ mod tests {
             "in namespaces all the config waits under the prefix"
         );
 
-        let Some(bash) = ["/bin/bash", "/usr/bin/bash"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.is_file())
-        else {
+        let Some((driver, user)) = bash_wrapped_driver(dir.path()) else {
             return; // no bash here: nothing more to try
         };
-        // bash named `sh` runs in POSIX mode, as it does as /bin/sh. As root it ignores a
-        // PS4 from its environment: a root runner's functions run as another user.
-        let sh = dir.path().join("sh");
-        std::fs::copy(bash, &sh).expect("copy bash");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
-            .expect("chmod");
         let marker = dir.path().join("ran-before-the-gate");
-        let (users, user) = if nix::unistd::geteuid().is_root() {
-            let nobody = FunctionUser {
-                uid: 65534,
-                gid: 65534,
-            };
-            (FunctionUsers::Shared(nobody), Some(nobody))
-        } else {
-            (FunctionUsers::Runner, None)
-        };
-        let driver = unprobed_driver(dir.path().to_owned(), users, None, Some(sh));
         let spec = InstanceSpec {
             app: "a".into(),
             function: "f".into(),
@@ -1404,6 +1388,85 @@ mod tests {
         for var in ["SHELLOPTS=", "PS4=+ ", "IFS=:"] {
             assert!(env.lines().any(|l| l.starts_with(var)), "{var} in {env}");
         }
+    }
+
+    /// A driver whose wrapper shell is bash named `sh` in `dir` (POSIX mode, as bash runs as
+    /// /bin/sh), with the user its functions run as; `None` where there is no bash. As root
+    /// bash ignores a PS4 from its environment: a root runner's functions run as another user.
+    fn bash_wrapped_driver(dir: &Path) -> Option<(ProcessDriver, Option<FunctionUser>)> {
+        let bash = ["/bin/bash", "/usr/bin/bash"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())?;
+        let sh = dir.join("sh");
+        std::fs::copy(bash, &sh).expect("copy bash");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let (users, user) = if nix::unistd::geteuid().is_root() {
+            let nobody = FunctionUser {
+                uid: 65534,
+                gid: 65534,
+            };
+            (FunctionUsers::Shared(nobody), Some(nobody))
+        } else {
+            (FunctionUsers::Runner, None)
+        };
+        Some((unprobed_driver(dir.to_owned(), users, None, Some(sh)), user))
+    }
+
+    /// Where `/bin/sh` is bash, a function's `TMOUT` (bash's time limit for every `read`)
+    /// reaches neither the gate's wait nor the watchdog's, which would end the instance
+    /// `TMOUT` seconds after it started; the program still gets it.
+    #[tokio::test]
+    async fn a_function_tmout_times_out_neither_of_the_wrappers_waits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((driver, user)) = bash_wrapped_driver(dir.path()) else {
+            return; // no bash here: nothing to try
+        };
+        let spec = InstanceSpec {
+            app: "a".into(),
+            function: "f".into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "sleep 2; echo TMOUT=$TMOUT".into(),
+            ],
+            image: None,
+            memory_mb: 64,
+            concurrency: 1,
+            idle_timeout: Duration::from_secs(30),
+            config: [("TMOUT".to_owned(), "1".to_owned())].into(),
+        };
+        let mut child = driver
+            .command(
+                &spec,
+                Path::new("/bin/sh"),
+                dir.path(),
+                &dir.path().join("s"),
+                user,
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut lifeline = child.stdin.take().expect("the lifeline");
+        // The gate opens after more than TMOUT seconds, as it may on a busy runner.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut lifeline, b"open\n")
+            .await
+            .expect("open the gate");
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("in time")
+            .expect("output");
+        drop(lifeline);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{:?}: {said} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(said.trim(), "TMOUT=1");
     }
 
     /// The socket root's claim holds when a `/tmp` cleaner removes `.runner.lock` (a file
