@@ -563,6 +563,11 @@ impl Outbound {
         self.tx.closed().await;
     }
 
+    /// Whether the LB has gone already (see [`Outbound::lb_gone`]).
+    fn is_gone(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Sends the stream's last message with whatever is queued, and ends the stream: into the
     /// place kept for it (see `last_slot`), else waiting at most `final_send_timeout` for
     /// the LB to make room. An LB that reads nothing for that long is treated as gone.
@@ -798,6 +803,14 @@ impl RunnerService {
                 "invalid call: its deadline has passed".into(),
             )
             .await;
+            return;
+        }
+
+        // An LB that gave up its offer while the TryCall waited in the stream's buffer (its
+        // handshake timed out, its client left) waits for nothing: no instance is taken for
+        // the call, and none evicted to make room for it.
+        if out.is_gone() {
+            tracing::debug!("LB went away before the call was admitted");
             return;
         }
 

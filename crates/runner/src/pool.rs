@@ -35,8 +35,9 @@
 //! A [`Reservation`] holds the call's slot and (once started) its instance. Dropping it
 //! releases the slot exactly once on every path — success, error, timeout, cancellation,
 //! panic. Only [`Reservation::finish_ok`], called when a call completed cleanly, keeps a
-//! one-call instance: one whose call was cut off in an unknown state is killed and never
-//! reused. An instance that takes several calls at once is kept when one of them fails (its
+//! one-call instance once the call had it: one whose call was cut off in an unknown state is
+//! killed and never reused (a call given up before it had its instance sent it nothing, and
+//! leaves it as it was). An instance that takes several calls at once is kept when one of them fails (its
 //! other calls are not to be cut off for it) unless it has died; when its last call ends it
 //! becomes idle like any other.
 
@@ -560,6 +561,7 @@ impl Pool {
             spec,
             id,
             instance: None,
+            handed_over: false,
             released: false,
         })
     }
@@ -723,8 +725,16 @@ impl Pool {
                 let hot = &mut st.hot[pos];
                 hot.calls -= 1;
                 match hot.running() {
-                    // One call per instance, cut off in an unknown state: never reused.
-                    Some(_) if !clean && reservation.spec.concurrency <= 1 => hot.retired = true,
+                    // One call per instance, cut off in an unknown state: never reused. A
+                    // call given up before it had its instance (the LB gave up its offer,
+                    // its client left) sent nothing to it: the instance serves on.
+                    Some(_)
+                        if !clean
+                            && reservation.handed_over
+                            && reservation.spec.concurrency <= 1 =>
+                    {
+                        hot.retired = true;
+                    }
                     Some(instance) if !instance.is_alive() => hot.retired = true,
                     _ => {}
                 }
@@ -859,6 +869,9 @@ pub struct Reservation {
     id: u64,
     instance: Option<Arc<dyn Instance>>,
     reused: bool,
+    /// The call was given its instance to send the call to (see [`Reservation::instance`]):
+    /// from then on a call cut off leaves a one-call instance in a state nobody knows.
+    handed_over: bool,
     released: bool,
 }
 
@@ -930,7 +943,10 @@ impl Reservation {
             }
         }
         match &self.instance {
-            Some(instance) => Ok(instance.as_ref()),
+            Some(instance) => {
+                self.handed_over = true;
+                Ok(instance.as_ref())
+            }
             None => Err(DriverError::Start("instance vanished".into())),
         }
     }
@@ -1099,6 +1115,23 @@ mod tests {
         assert_eq!(driver.killed(), 1);
         let s = pool.stats();
         assert_eq!((s.committed_mb, s.idle_mb, s.hot_instances), (0, 0, 0));
+    }
+
+    /// A call given up after it was admitted on a warm instance but before it had the
+    /// instance (an LB that gave up its offer, a client gone while the acknowledgement was on
+    /// its way) sent the function nothing: the instance stays warm for the next call.
+    #[tokio::test]
+    async fn a_call_given_up_before_it_had_its_instance_leaves_it_warm() {
+        let (pool, driver) = pool(256);
+        run_once(&pool, "f").await;
+        let r = pool.admit(spec("f", 128)).expect("fits");
+        assert!(r.reused());
+        drop(r); // the LB went away before the call reached the instance
+        assert_eq!(driver.killed(), 0, "the warm instance was killed");
+        let s = pool.stats();
+        assert_eq!((s.committed_mb, s.idle_mb, s.hot_instances), (0, 128, 1));
+        let again = pool.admit(spec("f", 128)).expect("fits");
+        assert!(again.reused(), "the next call found no warm instance");
     }
 
     #[tokio::test]
