@@ -148,9 +148,15 @@ async fn wait_for_room(
     until: Instant,
 ) -> Woken {
     let waiting = queued.get_or_insert_with(|| signal.waiting(&call.app, &call.function));
+    // A wake it held took it through a pass, and it waits again: spent.
+    waiting.spend_wake();
     tokio::select! {
         () = report => Woken::Report,
-        () = waiting.released() => Woken::Released,
+        () = waiting.released() => {
+            // Passed on if the call goes away before its next pass ends (its client left).
+            waiting.hold_wake();
+            Woken::Released
+        }
         () = tokio::time::sleep_until(until) => Woken::Timeout,
     }
 }
@@ -473,6 +479,9 @@ impl Dispatcher {
                     .await;
                 match tried {
                     Ok(engaged) => {
+                        if let Some(waiting) = &queued {
+                            waiting.spend_wake();
+                        }
                         return Ok(Placed {
                             engaged,
                             attempts,

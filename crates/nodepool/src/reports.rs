@@ -41,7 +41,7 @@
 //! [`ClientConfig::watch_reports`]: crate::ClientConfig::watch_reports
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -213,6 +213,7 @@ impl ReportSignal {
             signals: Arc::clone(&self.0),
             key,
             notify,
+            holds_wake: AtomicBool::new(false),
         }
     }
 
@@ -245,6 +246,8 @@ pub struct Waiting {
     signals: Arc<Signals>,
     key: u64,
     notify: Arc<Notify>,
+    /// A wake from [`Waiting::released`] not yet spent (see [`Waiting::hold_wake`]).
+    holds_wake: AtomicBool,
 }
 
 impl Waiting {
@@ -260,12 +263,30 @@ impl Waiting {
     /// Hands a wake this waiter got from [`Waiting::released`] and cannot use (its call
     /// gives up) to the next waiter of the function, or to the next to arm.
     pub fn pass_on(&self) {
+        self.holds_wake.store(false, Ordering::Relaxed);
         self.notify.notify_one();
+    }
+
+    /// Notes that this waiter holds a wake from [`Waiting::released`] until it spends it
+    /// ([`Waiting::spend_wake`]): dropped before then (its client left while it looked for
+    /// the instance), it passes the wake on, so that the instance the wake was for is not
+    /// left idle while another call of the function waits.
+    pub fn hold_wake(&self) {
+        self.holds_wake.store(true, Ordering::Relaxed);
+    }
+
+    /// The wake this waiter held was spent: its call was placed, or looked at the runners
+    /// and waits again.
+    pub fn spend_wake(&self) {
+        self.holds_wake.store(false, Ordering::Relaxed);
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        if *self.holds_wake.get_mut() {
+            self.notify.notify_one();
+        }
         let mut released = self.signals.lock_released();
         let last = released.get_mut(&self.key).is_some_and(|(_, holders)| {
             *holders = holders.saturating_sub(1);
@@ -1017,6 +1038,39 @@ mod tests {
         armed.as_mut().enable();
         reports.finished(&call_of_f(), Some(6));
         assert!(armed.as_mut().now_or_never().is_none());
+    }
+
+    /// A call woken for an idle instance that goes away before it spent the wake (its client
+    /// left during its offer) hands the wake to the next call waiting for the function; one
+    /// that spent it does not.
+    #[tokio::test]
+    async fn a_wake_held_by_a_call_that_goes_away_passes_to_the_next_waiter() {
+        let signal = ReportSignal::default();
+        let reports = Reports::with_signal(signal.clone());
+        reports.update(state(0, &[("a", "f", 0)]));
+        let bound = Duration::from_secs(5);
+        let (first, second) = (signal.waiting("a", "f"), signal.waiting("a", "f"));
+        {
+            let woken = first.released();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            reports.finished(&call_of_f(), Some(2));
+            tokio::time::timeout(bound, woken).await.expect("woken");
+        }
+        first.hold_wake();
+        drop(first); // its client left while it was being placed
+        tokio::time::timeout(bound, second.released())
+            .await
+            .expect("the wake passed on to the next call");
+
+        let third = signal.waiting("a", "f");
+        second.hold_wake();
+        second.spend_wake(); // placed
+        drop(second);
+        assert!(
+            third.released().now_or_never().is_none(),
+            "a spent wake woke another call"
+        );
     }
 
     /// Report `version`: 64 MB free, all of it held by one idle instance of a/f.
