@@ -379,7 +379,7 @@ fn validate(
     if !fn_protocol::valid_name(&lb_group) {
         return Err(invalid(
             "lb_group",
-            format!("{lb_group:?} must be 1-128 of [A-Za-z0-9._-]"),
+            format!("{lb_group:?} must be 1-128 of [A-Za-z0-9._-], not . or .."),
         ));
     }
     if let Some(key) = raw.config.keys().find(|k| !valid_env_name(k)) {

@@ -123,7 +123,7 @@ impl Collector for PoolCollector {
             ),
             (
                 "fn_runner_memory_committed_mb",
-                "Memory of the calls in flight, in MB",
+                "Memory of the calls in flight and of instances starting, in MB",
                 stats.committed_mb,
             ),
             (
