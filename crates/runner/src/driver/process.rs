@@ -385,9 +385,6 @@ impl ProcessDriver {
         let socket_root = prepare_socket_root(&config.socket_root, typical)?;
         let root_seen = std::sync::Mutex::new(dir_identity(&socket_root));
         let root_lock = claim_socket_root(&socket_root);
-        if root_lock.is_some() {
-            sweep_leftovers(&socket_root);
-        }
 
         let memory = cgroup::detect(&config.memory_limits, cgroup::Controller::Memory);
         match &memory {
@@ -414,6 +411,11 @@ impl ProcessDriver {
             mode => {
                 tracing::info!(mode = %mode, limit = config.pids_limit, "function process limits enforced")
             }
+        }
+
+        // Once the cgroups are known: a leftover instance's go with its directory.
+        if root_lock.is_some() {
+            sweep_leftovers(&socket_root, &memory, &pids);
         }
 
         let wrapper = command::wrapper_shell();
@@ -1003,23 +1005,54 @@ fn claim_socket_root(root: &Path) -> Option<RootClaim> {
 /// Removes what an earlier run of a runner left in the socket root it now holds alone
 /// (killed with SIGKILL, or past its shutdown timeout): instance directories (`<8 hex>-<n>`)
 /// and those set aside for removal, the tmpfs on one unmounted first (an instance in
-/// namespaces; its processes died with that runner). In the background: a tenant's `TMPDIR`
-/// may be large.
-fn sweep_leftovers(root: &Path) {
+/// namespaces; its processes died with that runner), and the cgroups of the same names
+/// under this runner's cgroup parents (`memory`, `pids`), whatever is in them killed first.
+/// Only the names found here: another runner, with a socket root of its own, may share the
+/// cgroup parents. In the background: a tenant's `TMPDIR` may be large, and a cgroup whose
+/// members were just killed is removed once the kernel has finished with them (after its
+/// directory, as the reaper does).
+fn sweep_leftovers(root: &Path, memory: &CgroupMode, pids: &CgroupMode) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
+    let mut ids = std::collections::HashSet::new();
+    let mut dirs = 0_usize;
+    let mut cgroups = 0_usize;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let is_dir = entry
             .file_type()
             .is_ok_and(|t| t.is_dir() && !t.is_symlink());
-        if is_dir && is_instance_dir_name(name) {
-            tracing::info!(dir = %entry.path().display(), "removing an instance directory an earlier run left");
-            unmount_instance_dir(&entry.path());
-            drop(fn_lifecycle::fs::remove_tree(entry.path()));
+        if !is_dir || !is_instance_dir_name(name) {
+            continue;
         }
+        tracing::info!(dir = %entry.path().display(), "removing an instance directory an earlier run left");
+        let id = name.strip_suffix(".removing").unwrap_or(name);
+        // Once per id (an instance's directory and its set-aside one).
+        let cgroup = ids
+            .insert(id.to_owned())
+            .then(|| cgroup::InstanceCgroup::existing(memory, pids, id))
+            .flatten();
+        // Nothing writes into the directory while it is removed.
+        if let Some(cgroup) = &cgroup {
+            cgroup.kill_members();
+        }
+        unmount_instance_dir(&entry.path());
+        let removed = fn_lifecycle::fs::remove_tree(entry.path());
+        dirs += 1;
+        if let Some(cgroup) = cgroup {
+            cgroup.remove_in_background(removed);
+            cgroups += 1;
+        }
+    }
+    if dirs > 0 {
+        tracing::info!(
+            directories = dirs,
+            cgroups,
+            socket_root = %root.display(),
+            "swept the instance directories and cgroups an earlier run left"
+        );
     }
 }
 
@@ -1516,6 +1549,97 @@ mod tests {
             };
             assert!(said.contains("owned by uid 65534"), "{said}");
         }
+    }
+
+    /// What a runner killed with SIGKILL left (instance directories, one set aside, and
+    /// their cgroups, one with a process still in it) is swept at the next start; a cgroup
+    /// of a name it did not leave is kept: another runner may share the cgroup parent.
+    #[test]
+    fn a_start_sweeps_the_cgroups_of_the_instance_directories_an_earlier_run_left() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A fake cgroupfs of plain directories, v1: the runner's memory and pids cgroups.
+        let paths = CgroupPaths {
+            root: tmp.path().join("cgroup"),
+            membership: tmp.path().join("self-cgroup"),
+        };
+        std::fs::write(&paths.membership, "8:pids:/p\n4:memory:/m\n0::/\n").expect("membership");
+        let memory = paths.root.join("memory/m");
+        let pids = paths.root.join("pids/p");
+        let sockets = tmp.path().join("s");
+        let functions = tmp.path().join("f");
+        for dir in [&memory, &pids, &sockets, &functions] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
+        for name in ["deadbeef-1", "deadbeef-2.removing", "deadbeef-3"] {
+            let dir = sockets.join(name);
+            std::fs::create_dir(&dir).expect("a leftover directory");
+            std::fs::write(dir.join("written"), "by the function").expect("write");
+        }
+        let swept = [
+            memory.join("deadbeef-1"),
+            pids.join("deadbeef-1"),
+            memory.join("deadbeef-2"),
+        ];
+        // Another runner's instance, with no directory in this socket root.
+        let kept = memory.join("cafef00d-1");
+        // A process still in a leftover cgroup (the fake's cgroup.procs, a plain file, keeps
+        // that cgroup in place: only the kill is checked).
+        let busy = pids.join("deadbeef-3");
+        for dir in swept.iter().chain([&kept, &busy]) {
+            std::fs::create_dir(dir).expect("a cgroup");
+        }
+        let mut member = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn");
+        std::fs::write(busy.join("cgroup.procs"), member.id().to_string()).expect("procs");
+
+        let driver = ProcessDriver::new(
+            ProcessDriverConfig::new(&functions, &sockets)
+                .with_memory_limits(MemoryLimits::Cgroup(paths)),
+        )
+        .expect("driver");
+        assert_eq!(
+            (driver.memory_limit_mode(), driver.pids_limit_mode()),
+            (
+                &CgroupMode::V1 {
+                    parent: memory.clone()
+                },
+                &CgroupMode::V1 {
+                    parent: pids.clone()
+                }
+            )
+        );
+        let left = |member: &mut std::process::Child| {
+            let mut left: Vec<String> = std::fs::read_dir(&sockets)
+                .expect("the socket root")
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("deadbeef"))
+                .collect();
+            left.extend(
+                swept
+                    .iter()
+                    .filter(|dir| dir.exists())
+                    .map(|dir| dir.display().to_string()),
+            );
+            if member.try_wait().expect("try_wait").is_none() {
+                left.push(format!("process {}", member.id()));
+            }
+            left
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut remaining = left(&mut member);
+        while !remaining.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            remaining = left(&mut member);
+        }
+        if member.try_wait().expect("try_wait").is_none() {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+        assert!(remaining.is_empty(), "left behind: {remaining:?}");
+        assert!(kept.is_dir(), "another runner's cgroup was swept");
     }
 
     #[test]

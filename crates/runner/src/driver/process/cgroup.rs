@@ -361,6 +361,20 @@ impl InstanceCgroup {
         Ok((!cgroup.dirs.is_empty()).then_some(cgroup))
     }
 
+    /// The cgroups of instance `id` that exist under the parents of `memory` and `pids`
+    /// (those an earlier run of the runner left, for the sweep at start); `None` when there
+    /// is none. `id` must be an instance id, a plain name.
+    pub(super) fn existing(memory: &CgroupMode, pids: &CgroupMode, id: &str) -> Option<Self> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (parent, _) in [memory, pids].into_iter().filter_map(CgroupMode::parent) {
+            let dir = parent.join(id);
+            if !dirs.contains(&dir) && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                dirs.push(dir);
+            }
+        }
+        (!dirs.is_empty()).then_some(InstanceCgroup { dirs })
+    }
+
     fn limit_memory(&mut self, mode: &CgroupMode, id: &str, memory_mb: u64) -> Result<(), String> {
         let Some((parent, version)) = mode.parent() else {
             return Ok(());
