@@ -10,7 +10,9 @@
 //! takes the copies of its tmpfs out of the mount namespaces of instances started later.
 //! Everything else reads the exit status from a `watch` channel, so "has it exited?" is an
 //! event, not a poll. If the runtime drops the reaper first (shutdown), a drop guard does the
-//! same cleanup in the same order, best effort.
+//! same cleanup in the same order, best effort: made with the instance and moved into the
+//! reaper's task, so that a task dropped without ever being polled (spawned by a set-up on
+//! the blocking pool after the scheduler closed) cleans up too.
 //!
 //! The instance also holds the wrapper shell's *lifeline* (its stdin pipe): when that closes
 //! — the instance is dropped, or the runner dies — the wrapper's watchdog kills the process
@@ -183,7 +185,15 @@ impl ProcessInstance {
             kill: CancellationToken::new(),
             gone: CancellationToken::new(),
         });
-        tokio::spawn(reap(child, exit_tx, shared.clone()));
+        // The guard before the task: a task spawned while the runtime shuts down (this runs
+        // on the blocking pool, which outlives the scheduler) is dropped without ever being
+        // polled, and the guard still cleans up then.
+        let charge = Reaped {
+            shared: Arc::clone(&shared),
+            child,
+            finished: false,
+        };
+        tokio::spawn(reap(charge, exit_tx));
         let instance = ProcessInstance {
             shared,
             client: SocketClient::new(
@@ -298,21 +308,29 @@ fn signal_group(shared: &Shared) {
     }
 }
 
-/// Cleans up when the reaper is dropped before it finished — the runtime is shutting down
-/// with the instance still around. Synchronous and best effort: kill the group, remove the
-/// directory, and leave the cgroup removal (which must wait for the kernel) to a thread.
-struct ReaperAbandoned {
+/// The reaper's charge: the child and what belongs to it. Made where the instance is
+/// spawned, before the reaper's task, and moved into it, so that it cleans up whenever the
+/// reaper is dropped before it finished — the runtime shutting down with the instance still
+/// around, the task polled or not (a task spawned once the scheduler has closed never is).
+/// Synchronous and best effort: kill the group, remove the directory, and leave the cgroup
+/// removal (which must wait for the kernel) to a thread.
+struct Reaped {
     shared: Arc<Shared>,
+    /// Dropped after [`Drop::drop`] has signalled the group (a struct's fields are dropped
+    /// after its `drop`): tokio's `Child`, dropped, kills its leader (`kill_on_drop`) and
+    /// reaps it if it has exited, and from then on its pid, the group's id, could name
+    /// another process group.
+    child: Child,
     finished: bool,
 }
 
-impl Drop for ReaperAbandoned {
+impl Drop for Reaped {
     fn drop(&mut self) {
         if self.finished {
             return;
         }
         if self.shared.liveness.ended().borrow().is_none() {
-            // Not reaped (the child is dropped with this future), so the pid is still ours.
+            // Not reaped (the child is dropped after this), so the pid is still ours.
             signal_group(&self.shared);
         }
         if let Some(cgroup) = &self.shared.cgroup {
@@ -326,18 +344,15 @@ impl Drop for ReaperAbandoned {
     }
 }
 
-/// Owns the child until it is reaped, then cleans up after it.
-async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: Arc<Shared>) {
-    let mut abandoned = ReaperAbandoned {
-        shared: shared.clone(),
-        finished: false,
-    };
+/// Owns the child (in `charge`) until it is reaped, then cleans up after it.
+async fn reap(mut charge: Reaped, exit_tx: watch::Sender<Option<String>>) {
+    let shared = Arc::clone(&charge.shared);
     let (exit, killed_here) = tokio::select! {
-        status = child.wait() => (status, false),
+        status = charge.child.wait() => (status, false),
         () = shared.kill.cancelled() => {
             // The leader is not reaped yet, so its pid still names this process group.
             signal_group(&shared);
-            (child.wait().await, true)
+            (charge.child.wait().await, true)
         }
     };
     let exit = match exit {
@@ -367,15 +382,127 @@ async fn reap(mut child: Child, exit_tx: watch::Sender<Option<String>>, shared: 
     if let Some(cgroup) = &shared.cgroup {
         cgroup.remove().await;
     }
-    abandoned.finished = true;
+    charge.finished = true;
     shared.gone.cancel();
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
 
+    use super::super::cgroup::CgroupMode;
     use super::*;
+
+    /// Whether process `pid` runs (a zombie does not: it only waits to be reaped).
+    fn runs(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    }
+
+    /// A reaper whose task never ran — spawned by a set-up on the blocking pool after the
+    /// scheduler closed (a runner shutting down), and dropped with the scheduler — leaves no
+    /// process, directory or cgroup: its guard goes with the task.
+    #[test]
+    fn a_reaper_dropped_before_it_ran_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let id = "deadbeef-1";
+        let dir = tmp.path().join(id);
+        std::fs::create_dir(&dir).expect("the instance directory");
+        // A fake cgroupfs: a plain directory under a v1 parent.
+        let parent = tmp.path().join("memory");
+        let cgroup_dir = parent.join(id);
+        std::fs::create_dir_all(&cgroup_dir).expect("the cgroup");
+        let cgroup = InstanceCgroup::existing(
+            &CgroupMode::V1 { parent },
+            &CgroupMode::Unenforced {
+                reason: "test".into(),
+            },
+            id,
+        )
+        .expect("the cgroup");
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let entered = runtime.enter();
+        // A process group of two: the leader, and a member only the group's signal reaches.
+        let member_file = tmp.path().join("member");
+        let child = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep 600 & echo $! > {0}.new && mv {0}.new {0}; exec sleep 600",
+                member_file.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let leader = child.id().expect("the leader's pid");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let member = loop {
+            if let Ok(pid) = std::fs::read_to_string(&member_file) {
+                break pid.trim().parse::<u32>().expect("the member's pid");
+            }
+            assert!(Instant::now() < deadline, "the member never started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let instance = ProcessInstance::spawned(Spawned {
+            child,
+            labels: Labels::new("a".into(), "f".into(), id.into(), "call"),
+            dir: dir.clone(),
+            socket: dir.join("lsnr.sock"),
+            cgroup: Some(cgroup),
+            lifeline: None,
+            concurrency: 1,
+        })
+        .expect("spawned");
+        // The fake's cgroup.procs is a plain file, which would keep the fake cgroup from
+        // being removed; the kernel's goes with its cgroup.
+        let procs = cgroup_dir.join("cgroup.procs");
+        assert_eq!(
+            std::fs::read_to_string(&procs).expect("procs"),
+            leader.to_string()
+        );
+        std::fs::remove_file(&procs).expect("procs removed");
+        drop(entered);
+        // The reaper's task is queued, never polled: the scheduler drops it as it shuts down.
+        drop(runtime);
+        drop(instance);
+
+        let removing = tmp.path().join(format!("{id}.removing"));
+        let left = || {
+            let mut left: Vec<String> = [&dir, &removing, &cgroup_dir]
+                .into_iter()
+                .filter(|path| path.exists())
+                .map(|path| path.display().to_string())
+                .collect();
+            left.extend(
+                [leader, member]
+                    .into_iter()
+                    .filter(|pid| runs(*pid))
+                    .map(|pid| format!("process {pid}")),
+            );
+            left
+        };
+        let mut remaining = left();
+        while !remaining.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            remaining = left();
+        }
+        if runs(member) {
+            // Not the test's child: nothing else reaps it.
+            let _ = nix::sys::signal::kill(Pid::from_raw(member as i32), Signal::SIGKILL);
+        }
+        assert!(remaining.is_empty(), "left behind: {remaining:?}");
+    }
 
     #[test]
     fn an_exit_names_the_oom_killer_when_it_struck() {

@@ -59,7 +59,10 @@ pub(super) struct Setup {
 /// If the start is given up (its future dropped) while the set-up runs, the set-up still
 /// finishes, and tokio drops its outcome where nobody waits for it: an instance dropped is
 /// an instance killed (`ProcessInstance`'s `Drop`), whose reaper removes its directory and
-/// cgroups, as for any instance. A set-up that fails removes what it made itself.
+/// cgroups, as for any instance. The blocking pool outlives the scheduler: a set-up that
+/// ends after the runtime began shutting down spawns a reaper that never runs, and the
+/// reaper's guard, made before its task, cleans up then (see `instance`). A set-up that
+/// fails removes what it made itself.
 ///
 /// # Errors
 /// What [`Setup::run`] reports; [`DriverError::Runner`] when the blocking pool has no
