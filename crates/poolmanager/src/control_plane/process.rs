@@ -6,6 +6,8 @@
 //! - Remove: SIGTERM (the runner drains), SIGKILL if it has not exited in time.
 //! - Every spawned runner is recorded as a small file in the state directory, so an npm that
 //!   was killed and restarted adopts the runners still alive instead of spawning new ones.
+//!   The record is written on the blocking pool; one still being written when its runner is
+//!   removed (or the npm stops) is not put in place after the removal (see [`Record`]).
 //! - On npm shutdown every runner is stopped and its record removed: ready ones, ones still
 //!   starting and ones being removed alike. Each runner is in the table from its spawn to
 //!   the end of its stop, in a [`Phase`], so a control-loop pass cut short by shutdown
@@ -21,7 +23,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fn_lifecycle::retry::Backoff;
@@ -134,6 +136,51 @@ struct Spawned {
     /// the handle is waiting for the exit.
     child: Option<Child>,
     phase: Phase,
+    /// Its record's write and removal, serialised: see [`Record`].
+    record: Arc<Record>,
+}
+
+/// A runner's record file, written on tokio's blocking pool and removed once the runner is
+/// gone. The write may outlive the provisioning that started it (dropped by a shutdown, or
+/// the runner removed meanwhile): it stages and syncs the file, then renames it into place
+/// under `removed`'s lock, which the removal takes to mark the record removed before it
+/// deletes the file. So a write still running when its runner was removed puts nothing in
+/// place after it (it deletes its staged file instead), where it renamed back a record of a
+/// runner that no longer existed, whose pid a later npm could find reused.
+#[derive(Debug, Default)]
+struct Record {
+    /// Whether the record was removed: no write puts it in place after that.
+    removed: Mutex<bool>,
+}
+
+impl Record {
+    fn removed(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.removed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the record at `path` whole (see [`write_whole`]) unless it has been removed;
+    /// blocking, for the blocking pool. Whether it was put in place. One line:
+    /// `id address group created_unix_ms pid`.
+    fn write(&self, path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<bool> {
+        let created = info
+            .created
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let line = format!(
+            "{} {} {} {created} {pid}\n",
+            info.id, info.address, info.group
+        );
+        write_whole(path, line.as_bytes(), || self.removed())
+    }
+
+    /// Removes the record at `path`, and any write of it still running from putting it
+    /// back. Waits at most for a rename under way (the write itself is not under the lock).
+    fn remove(&self, path: &Path) {
+        *self.removed() = true;
+        remove_quietly(path);
+    }
 }
 
 /// Spawns local runner processes.
@@ -148,6 +195,9 @@ pub struct ProcessControlPlane {
     rotation: logs::Rotation,
     /// The logs of gone runners kept for the operator, at most `kept_logs`.
     kept: logs::Kept,
+    /// Tests: holds the next record write on its blocking thread.
+    #[cfg(test)]
+    record_gate: Mutex<Option<tests::RecordGate>>,
 }
 
 /// A setup problem of the process control plane (configuration: exit 2).
@@ -234,6 +284,8 @@ impl ProcessControlPlane {
             _state_lock: state_lock,
             rotation: logs::Rotation::default(),
             kept,
+            #[cfg(test)]
+            record_gate: Mutex::default(),
         })
     }
 
@@ -255,8 +307,16 @@ impl ProcessControlPlane {
     /// Drops a runner that is gone from the table, with its record and socket directory,
     /// and its log unless it is to be kept (in the background: a log may be large).
     fn forget(&self, id: &str, log: RunnerLog) {
-        self.lock().retain(|r| r.info.id != id);
-        remove_quietly(&self.record_path(id));
+        let record = {
+            let mut runners = self.lock();
+            let at = runners.iter().position(|r| r.info.id == id);
+            at.map(|at| runners.remove(at).record)
+        };
+        match record {
+            Some(record) => record.remove(&self.record_path(id)),
+            // Taken by the shutdown, which removes its record.
+            None => remove_quietly(&self.record_path(id)),
+        }
         remove_in_background(&socket_dir(id));
         match log {
             RunnerLog::Remove => logs::remove_in_background(&self.log_path(id)),
@@ -351,18 +411,27 @@ impl ProcessControlPlane {
         };
         // In the table before anything is awaited: a shutdown that drops this future from
         // here on finds the runner and stops it.
+        let record = Arc::new(Record::default());
         self.lock().push(Spawned {
             info: info.clone(),
             pid,
             child: Some(child),
             phase: Phase::Starting,
+            record: Arc::clone(&record),
         });
         // Written (and synced) on the blocking pool, not on the runtime's thread, and waited
-        // for: the record is on disk before the runner is reported provisioned.
-        let (record, recorded) = (self.record_path(&id), info.clone());
-        let written = tokio::task::spawn_blocking(move || write_record(&record, &recorded, pid))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        // for: the record is on disk before the runner is reported provisioned. Dropped here,
+        // the write goes on, but puts no record in place once the runner's is removed.
+        let (path, recorded) = (self.record_path(&id), info.clone());
+        #[cfg(test)]
+        let gate = self.record_gate.lock().ok().and_then(|mut g| g.take());
+        let written = tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            let _held = gate.map(tests::RecordGate::pass);
+            record.write(&path, &recorded, pid)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = written {
             tracing::warn!(error = %e, "cannot record the runner; a restarted npm will not adopt it");
         }
@@ -464,6 +533,7 @@ async fn adopt(config: &ProcessConfig, path: &Path) -> Option<Spawned> {
                 pid,
                 child: None,
                 phase: Phase::Ready,
+                record: Arc::default(),
             });
         }
         if !is_runner_process(pid, &info.id) {
@@ -545,7 +615,7 @@ impl ControlPlane for ProcessControlPlane {
             if exited {
                 let log = self.log_path(&r.info.id);
                 tracing::warn!(runner = %r.info.id, pid = r.pid, log = %log.display(), "runner process exited");
-                remove_quietly(&self.record_path(&r.info.id));
+                r.record.remove(&self.record_path(&r.info.id));
                 remove_in_background(&socket_dir(&r.info.id));
                 self.kept.keep(log);
             }
@@ -611,7 +681,7 @@ impl ControlPlane for ProcessControlPlane {
             }
             let stops = all.into_iter().map(|mut s| async move {
                 stop(s.pid, &s.info.id, s.child.as_mut(), self.config.stop_grace).await;
-                remove_quietly(&self.record_path(&s.info.id));
+                s.record.remove(&self.record_path(&s.info.id));
                 // Off the runtime (a log may be large, a socket directory deep), and waited
                 // for: the npm exits next, and would leave the rest behind. A removal that
                 // could not start said so.
@@ -687,29 +757,20 @@ fn pid_alive(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-/// Record format, one line: `id address group created_unix_ms pid`.
-fn write_record(path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<()> {
-    let created = info
-        .created
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    write_whole(
-        path,
-        format!(
-            "{} {} {} {created} {pid}\n",
-            info.id, info.address, info.group
-        )
-        .as_bytes(),
-    )
-}
-
 /// Writes `contents` to `path` whole or not at all: into a hidden sibling (`.NAME.new`),
 /// synced, then renamed over `path`. A failure (a full disk) leaves whatever was at `path` as
 /// it was and removes the sibling, where `std::fs::write` left an empty or cut record that a
 /// restarted npm removes as unreadable, orphaning its still-running runner. A sibling left by
 /// an npm killed before the rename is put in place by the next npm's scan when it reads whole,
 /// and removed otherwise (see [`put_staged_in_place`]).
-fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+///
+/// The rename is made under the lock `removed` takes, and not at all (the sibling removed)
+/// when that says the file was removed meanwhile. Whether the file was put in place.
+fn write_whole<G: std::ops::Deref<Target = bool>>(
+    path: &Path,
+    contents: &[u8],
+    removed: impl FnOnce() -> G,
+) -> std::io::Result<bool> {
     use std::io::Write as _;
     let Some(name) = path.file_name() else {
         return Err(std::io::Error::new(
@@ -726,8 +787,14 @@ fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
             file.write_all(contents)?;
             file.sync_all()
         })
-        .and_then(|()| std::fs::rename(&staged, path));
-    if written.is_err() {
+        .and_then(|()| {
+            let removed = removed();
+            if *removed {
+                return Ok(false);
+            }
+            std::fs::rename(&staged, path).map(|()| true)
+        });
+    if !matches!(written, Ok(true)) {
         remove_quietly(&staged);
     }
     written
@@ -870,6 +937,29 @@ fn remove_in_background(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a record as a provisioning does, of a runner not removed.
+    fn write_record(path: &Path, info: &RunnerInfo, pid: u32) -> std::io::Result<()> {
+        Record::default().write(path, info, pid).map(drop)
+    }
+
+    /// Holds a record write on its blocking thread until released; `entered` is closed once
+    /// the write has ended.
+    #[derive(Debug)]
+    pub(super) struct RecordGate {
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl RecordGate {
+        /// Says the write is held, and waits to be released (or for the test to end): what
+        /// it returns is held until the write has ended.
+        pub(super) fn pass(self) -> Self {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(Duration::from_secs(10));
+            self
+        }
+    }
 
     /// A runner binary in `dir`: the shell script `script`.
     pub(super) fn runner_script(dir: &Path, script: &str) -> PathBuf {
@@ -1324,6 +1414,96 @@ mod tests {
         assert!(!log.exists(), "the shutdown left its log");
     }
 
+    /// A record write still running when its runner is removed (by the shutdown, its
+    /// provisioning dropped; or by a removal) puts no record in place after the removal,
+    /// where it renamed back the record of a runner that no longer existed.
+    #[tokio::test]
+    async fn a_record_written_after_its_runner_was_removed_is_not_put_in_place() {
+        for by_shutdown in [true, false] {
+            let left = record_write_held_while_removed(by_shutdown).await;
+            assert!(
+                left.is_empty(),
+                "removed by {}: left {left:?}",
+                if by_shutdown {
+                    "the shutdown"
+                } else {
+                    "remove"
+                }
+            );
+        }
+    }
+
+    /// Provisions a runner whose record write is held until its runner has been removed
+    /// (`by_shutdown`: its provisioning dropped, then the plane shut down; or removed), then
+    /// released. The records and staged records left once the write has ended.
+    async fn record_write_held_while_removed(by_shutdown: bool) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A runner that never answers health.
+        let binary = runner_script(dir.path(), "#!/bin/sh\nexec sleep 30\n");
+        let plane = Arc::new(
+            ProcessControlPlane::new(config_in(dir.path(), binary))
+                .await
+                .expect("plane"),
+        );
+        let (entered, entered_rx) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        *plane.record_gate.lock().expect("gate") = Some(RecordGate {
+            entered,
+            release: release_rx,
+        });
+        let cancel = CancellationToken::new();
+        let provisioning = tokio::spawn({
+            let (plane, cancel) = (Arc::clone(&plane), cancel.clone());
+            async move { plane.provision("g", 1, &cancel).await }
+        });
+        let entered_rx = tokio::task::spawn_blocking(move || {
+            entered_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the record write is held");
+            entered_rx
+        })
+        .await
+        .expect("waited");
+        let info = match plane.lock().as_slice() {
+            [runner] => runner.info.clone(),
+            other => panic!("one runner starting: {other:?}"),
+        };
+
+        let provisioning = if by_shutdown {
+            provisioning.abort();
+            assert!(provisioning.await.is_err_and(|e| e.is_cancelled()));
+            plane.shutdown().await;
+            None
+        } else {
+            plane.remove(&info).await.expect("removed");
+            Some(provisioning)
+        };
+        assert!(plane.lock().is_empty());
+        release.send(()).expect("the write is held");
+        let ended =
+            tokio::task::spawn_blocking(move || entered_rx.recv_timeout(Duration::from_secs(5)))
+                .await
+                .expect("waited");
+        assert!(
+            matches!(ended, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)),
+            "the write has not ended: {ended:?}"
+        );
+        if let Some(provisioning) = provisioning {
+            let result = provisioning.await.expect("provisioning");
+            assert!(
+                matches!(&result, Err(ControlPlaneError::Failed(m)) if m.contains("was stopped while starting")),
+                "{result:?}"
+            );
+            plane.shutdown().await;
+        }
+        std::fs::read_dir(&plane.config.state_dir)
+            .expect("state dir")
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.contains(&info.id) && name.contains(RECORD_EXT))
+            .collect()
+    }
+
     /// A removal cut short while its runner drains (the control loop drops the removals
     /// under way when the npm stops, without waiting for them) leaves the runner in the
     /// table, stopping and unlisted, with its record: the shutdown stops it and removes
@@ -1358,6 +1538,7 @@ mod tests {
             pid,
             child: Some(child),
             phase: Phase::Ready,
+            record: Arc::default(),
         });
         // Its trap is set once it runs the script's sleep.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -1432,6 +1613,7 @@ mod tests {
                 pid,
                 child: Some(child),
                 phase,
+                record: Arc::default(),
             });
             made.push((id, pid));
         }
