@@ -149,22 +149,36 @@ impl BoundedReads {
             self.stuck = None;
         }
         let (sender, answer) = std::sync::mpsc::sync_channel(1);
+        let abandon = sender.clone();
         let thread = self
             .start(move || {
-                // The caller may have stopped waiting (the bound passed): nothing to tell.
-                let _ = sender.send(read());
+                // Caught to be told: the waiter's channel stays open while it waits.
+                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+                // The caller may have stopped waiting (the bound passed, or it was dropped):
+                // nothing to tell.
+                let _ = sender.try_send(read.map_or(Answer::Panicked, Answer::Read));
             })
             .map_err(Unfinished::NoThread)?;
+        // Dropped before the answer (the caller is shutting down), this ends the wait and
+        // keeps the read as stuck.
+        let mut waiting = Waiting {
+            stuck: &mut self.stuck,
+            thread: Some(thread),
+            abandon,
+        };
         // Waited for on the blocking pool, for `bound` at most: tokio's paused clock (tests)
         // does not jump ahead while a blocking task runs, as it would over an async wait.
         let bound = self.bound;
-        match tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            // The thread ended without an answer: `read` panicked (and said so on stderr).
-            Ok(Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) => Err(Unfinished::Panicked),
+        let answered = tokio::task::spawn_blocking(move || answer.recv_timeout(bound)).await;
+        let thread = waiting.thread.take();
+        match answered {
+            Ok(Ok(Answer::Read(outcome))) => Ok(outcome),
+            // `read` panicked (and said so on stderr).
+            Ok(Ok(Answer::Panicked)) => Err(Unfinished::Panicked),
             // The bound passed, or the runtime is shutting down: the read is left running.
-            Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) | Err(_) => {
-                self.stuck = Some(thread);
+            // (`Abandoned` is sent only once this future is dropped: not seen here.)
+            Ok(Ok(Answer::Abandoned) | Err(_)) | Err(_) => {
+                *waiting.stuck = thread;
                 Err(Unfinished::TimedOut { waited: bound })
             }
         }
@@ -182,6 +196,36 @@ impl BoundedReads {
         std::thread::Builder::new()
             .name(self.thread_name.into())
             .spawn(read)
+    }
+}
+
+/// What a read's thread, or its dropped caller, tells the waiter.
+enum Answer<T> {
+    Read(T),
+    Panicked,
+    /// The caller was dropped: no one waits for the answer any more.
+    Abandoned,
+}
+
+/// A [`BoundedReads::read`] waiting for its answer. Dropped with the caller's future (a
+/// shutdown that does not wait for a read on a hung mount), it tells the waiter on the
+/// blocking pool to stop, where the waiter went on for the bound and held the runtime's
+/// shutdown as long (the runtime waits for its blocking pool's tasks), and keeps the read's
+/// thread as stuck, so that no other read starts while it runs.
+struct Waiting<'a, T> {
+    stuck: &'a mut Option<std::thread::JoinHandle<()>>,
+    /// The read's thread, until its answer (or the bound) was waited for.
+    thread: Option<std::thread::JoinHandle<()>>,
+    abandon: std::sync::mpsc::SyncSender<Answer<T>>,
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // Full: the read answered first, and the waiter returns with it.
+            let _ = self.abandon.try_send(Answer::Abandoned);
+            *self.stuck = Some(thread);
+        }
     }
 }
 
@@ -380,6 +424,57 @@ mod tests {
         let after = reads.read(hanging()).await;
         assert!(matches!(after, Ok("read")), "{after:?}");
         assert_eq!(started.load(Ordering::SeqCst), 2);
+    }
+
+    /// A read dropped by its caller while it hangs (a shutdown that does not wait for it)
+    /// ends its wait on the blocking pool, which held the runtime's shutdown for the bound,
+    /// and is kept as stuck: no other read starts while it runs.
+    #[test]
+    fn a_read_dropped_while_it_hangs_holds_not_the_runtime_s_shutdown() {
+        let released = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
+        let hanging = || {
+            let (released, started) = (Arc::clone(&released), Arc::clone(&started));
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                let start = std::time::Instant::now();
+                while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                "read"
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut reads = BoundedReads::new("test-read", "a test file", Duration::from_secs(10));
+        runtime.block_on(async {
+            tokio::select! {
+                read = reads.read(hanging()) => panic!("answered: {read:?}"),
+                () = async {
+                    while started.load(Ordering::SeqCst) == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                } => {}
+            }
+            assert!(reads.is_stuck(), "the dropped read is not kept");
+            let again = reads.read(hanging()).await;
+            assert!(
+                matches!(again, Err(Unfinished::StillRunning { .. })),
+                "{again:?}"
+            );
+            assert_eq!(started.load(Ordering::SeqCst), 1);
+        });
+        let start = std::time::Instant::now();
+        drop(runtime);
+        let waited = start.elapsed();
+        released.store(true, Ordering::SeqCst);
+        assert!(
+            waited < Duration::from_secs(2),
+            "the runtime's shutdown waited {waited:?} for a read no one waits for"
+        );
     }
 
     /// A read whose thread cannot be started, or that panics, is an error, never made (again)
