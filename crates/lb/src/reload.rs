@@ -3,7 +3,8 @@
 //! the parsed catalog is swapped in on the runtime. A read that hangs (the catalog on a hung
 //! network mount) must not hold a runtime thread: with `FN_WORKER_THREADS=1` that thread
 //! carries every call. Such a read is left running and the old catalog kept; the next SIGHUP
-//! reads again once it has returned.
+//! reads again once it has returned. A shutdown does not wait for the read: the reload is
+//! dropped, and the read left to its thread.
 //!
 //! Metric: `fn_lb_catalog_reload_rejections_total` (reloads rejected: a bad file, or one
 //! that could not be read in time).
@@ -71,7 +72,10 @@ impl CatalogReload {
         self
     }
 
-    /// Reloads at each of `hangups` until cancelled.
+    /// Reloads at each of `hangups` until cancelled. A cancellation while a reload reads the
+    /// file ends it at once: the read is left to its thread (and [`BoundedReads`]' bound),
+    /// and nothing is put in use after it; the shutdown waited for a read that hung, up to
+    /// [`READ_BOUND`].
     ///
     /// # Errors
     /// When the SIGHUP handler could not be installed.
@@ -88,8 +92,11 @@ impl CatalogReload {
                     if received.is_none() {
                         return Ok(());
                     }
-                    // Logged and counted within.
-                    let _ = self.reload().await;
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        // Logged and counted within.
+                        _ = self.reload() => {}
+                    }
                 }
             }
         }
@@ -224,6 +231,75 @@ mod tests {
             "the groups of both catalogs while the new one goes in (default is new), then b \
              is no longer named; the rejected reload names nothing"
         );
+    }
+
+    /// A shutdown while a SIGHUP's reload reads a catalog that hangs (a FIFO opened by no
+    /// writer, and then written nothing) ends the loop at once, and the runtime's shutdown
+    /// too, where both waited for the read's bound (10 s); the old catalog stays.
+    #[test]
+    fn a_shutdown_does_not_wait_for_a_catalog_read_that_hangs() {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("functions.toml");
+        std::fs::write(&path, catalog_of(&["one"])).expect("write");
+        let handle = Arc::new(CatalogHandle::load(&path).expect("loads"));
+        std::fs::remove_file(&path).expect("remove");
+        nix::unistd::mkfifo(&path, Mode::S_IRWXU).expect("mkfifo");
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let writer = runtime.block_on(async {
+            let mut registry = Registry::default();
+            let metrics = LbMetrics::register(&mut registry);
+            let reload = CatalogReload::new(Arc::clone(&handle), metrics, no_pool(), &mut registry);
+            assert_eq!(reload.reads.bound(), READ_BOUND);
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            let cancel = CancellationToken::new();
+            let running = tokio::spawn(reload.run(hangups, cancel.clone()));
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+            // The read is under way once the FIFO has a reader: then opening its other end
+            // succeeds, and holding it open, writing nothing, keeps the read waiting.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let writer = loop {
+                match nix::fcntl::open(&path, OFlag::O_WRONLY | OFlag::O_NONBLOCK, Mode::empty()) {
+                    Ok(end) => break end,
+                    Err(nix::errno::Errno::ENXIO) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("the reload never read the catalog: {e}"),
+                }
+            };
+
+            let start = std::time::Instant::now();
+            cancel.cancel();
+            let ran = tokio::time::timeout(Duration::from_secs(15), running)
+                .await
+                .expect("the loop ended")
+                .expect("joined");
+            assert!(ran.is_ok(), "{ran:?}");
+            let waited = start.elapsed();
+            assert!(
+                waited < Duration::from_secs(1),
+                "the loop waited {waited:?} for the read after its cancellation"
+            );
+            writer
+        });
+        let start = std::time::Instant::now();
+        drop(runtime);
+        let waited = start.elapsed();
+        // The mount comes back: the read returns (to no one).
+        let catalog = catalog_of(&["one", "two"]);
+        nix::unistd::write(&writer, catalog.as_bytes()).expect("write the FIFO");
+        drop(writer);
+        assert!(
+            waited < Duration::from_secs(1),
+            "the runtime's shutdown waited {waited:?} for the read"
+        );
+        assert_eq!(handle.current().len(), 1, "a catalog was put in use");
     }
 
     fn rejections(registry: &Registry) -> String {
