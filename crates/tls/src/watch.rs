@@ -185,7 +185,10 @@ impl CertWatch {
         self
     }
 
-    /// Watches until cancelled.
+    /// Watches until cancelled. A cancellation while the watch reads the files or checks
+    /// the open connections ends it at once: the read or the check is left to its thread
+    /// (what a reload it made put in use stays), where the shutdown waited for a read on a
+    /// hung mount up to the reads' bound.
     ///
     /// # Errors
     /// Never; the signature fits the lifecycle's service runner.
@@ -197,15 +200,26 @@ impl CertWatch {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.reset();
         loop {
-            tokio::select! {
+            let work = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 _ = expiry_tick.tick() => {
                     self.expiry.check(SystemTime::now());
-                    self.recheck().await;
+                    Work::Recheck
                 }
-                () = close_due(self.next_close) => self.recheck().await,
-                _ = poll.tick(), if polling => self.poll().await,
-                () = next_hangup(self.hangups.as_mut()) => self.on_hangup().await,
+                () = close_due(self.next_close) => Work::Recheck,
+                _ = poll.tick(), if polling => Work::Poll,
+                () = next_hangup(self.hangups.as_mut()) => Work::Hangup,
+            };
+            let done = async {
+                match work {
+                    Work::Recheck => self.recheck().await,
+                    Work::Poll => self.poll().await,
+                    Work::Hangup => self.on_hangup().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = done => {}
             }
         }
     }
@@ -372,6 +386,16 @@ impl Reads {
     }
 }
 
+/// What woke [`CertWatch::run`].
+enum Work {
+    /// Check the open connections (the minute's tick, or a retired connection's close).
+    Recheck,
+    /// Look whether the files changed.
+    Poll,
+    /// SIGHUP: read the files.
+    Hangup,
+}
+
 /// When the next retired connection is to be closed; never without one.
 async fn close_due(at: Option<tokio::time::Instant>) {
     match at {
@@ -434,6 +458,55 @@ mod tests {
             checks.load(Ordering::SeqCst),
             2,
             "the minute's first, and the close's (which failed)"
+        );
+    }
+
+    /// A shutdown while the watch waits for work on a thread (here a check of the open
+    /// connections that hangs; a read of the files on a hung mount is the same) ends the
+    /// watch at once, where it waited for the work to end.
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_the_watchs_work_on_a_thread() {
+        let tls = crate::dev::DevCa::new("test CA")
+            .expect("ca")
+            .node_tls(&[])
+            .expect("tls");
+        let cancel = CancellationToken::new();
+        let (started, released) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut watch = CertWatch::new(tls, Duration::ZERO, None, &mut Registry::default());
+        watch.check = {
+            let (started, released) = (Arc::clone(&started), Arc::clone(&released));
+            Arc::new(move |_, _, _| {
+                started.store(true, Ordering::SeqCst);
+                let start = std::time::Instant::now();
+                while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Recheck::default()
+            })
+        };
+        let running = tokio::spawn(watch.run(cancel.clone()));
+        // The minute's first tick comes at once, with a check.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !started.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "no check started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cancelled = std::time::Instant::now();
+        cancel.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(15), running).await;
+        let waited = cancelled.elapsed();
+        released.store(true, Ordering::SeqCst);
+        ended
+            .expect("the watch ends")
+            .expect("joined")
+            .expect("infallible");
+        assert!(
+            waited < Duration::from_secs(1),
+            "the watch waited {waited:?} for its check after the cancellation"
         );
     }
 
