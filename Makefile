@@ -231,7 +231,7 @@ stack-up: images
 	@# The catalog's config is named after its content: a swarm config cannot change, so an
 	@# edited functions.toml is a new config (the same name would fail the deploy).
 	cd deploy && FN_IMAGE_PREFIX=$(IMAGE_PREFIX) FN_IMAGE_TAG=$(IMAGE_TAG) \
-	  FN_FUNCTIONS_CONFIG=$(STACK)_functions_$$(sha256sum functions.toml | cut -c1-12) \
+	  FN_FUNCTIONS_CONFIG=$(STACK)_functions_$$(sha256sum catalog/functions.toml | cut -c1-12) \
 	  FN_LB_REPLICAS=$${FN_LB_REPLICAS:-$$(n=$$(docker node ls --format '{{.Status}} {{.Availability}}' | grep -c '^Ready Active'); [ "$$n" -ge 2 ] && echo 2 || echo 1)} \
 	  docker stack deploy --resolve-image never -c docker-stack.yml $(STACK)
 

@@ -105,7 +105,7 @@ FN_SHARDS=${FN_LB_SHARDS:-auto} \
 FN_DRAIN_DELAY=${FN_DRAIN_DELAY:-0s} \
 FN_PORT=$LB_PORT \
 FN_NPM_ADDRESS=127.0.0.1:$NPM_PORT \
-FN_FUNCTIONS_FILE="${FN_DEMO_FUNCTIONS_FILE:-$PWD/deploy/functions.toml}" \
+FN_FUNCTIONS_FILE="${FN_DEMO_FUNCTIONS_FILE:-$PWD/deploy/catalog/functions.toml}" \
   "$BIN/lb-agent" >"$DEMO/logs/lb-agent.log" 2>&1 &
 pids+=($!)
 

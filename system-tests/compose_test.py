@@ -9,8 +9,9 @@ Drives deploy/docker-compose.yml as a user would, on images `make images` built:
    reaches the runners and the npm by name); the certificates are rotated in the volume and
    every daemon picks them up without a restart; a function given as an image (built here
    FROM scratch from the static fn-hello) answers from a hardened container, which the
-   runners remove when they stop; the runner serving a function is stopped and calls still
-   succeed;
+   runners remove when they stop; a catalog renamed over the one in the mounted catalog
+   directory is what a SIGHUP to the LB loads; the runner serving a function is stopped and
+   calls still succeed;
 2. the autoscale override (deploy/docker-compose.autoscale.yml, FN_CONTROL_PLANE=docker):
    no runner until there is load; load makes the npm provision a runner container, labelled
    with its LB group, and calls succeed; a killed and restarted npm adopts that container
@@ -201,7 +202,29 @@ def expect_examples(stack, rounds=1):
     check(status == 502 and b'"error"' in body, f"crash -> {status} {body[:80]!r}")
 
 
-def static_stack(stack):
+def catalog_reload(stack, catalog):
+    """A catalog renamed over the mounted one, as the README says to replace it, is the one a
+    SIGHUP loads (a mount of the file alone would keep the file it found at `up`)."""
+    status, _, _ = stack.call("/r/demo/hello-reloaded", b"reload")
+    check(status == 404, f"hello-reloaded is not in the catalog yet: {status}")
+    new = catalog.with_name("functions.toml.new")
+    new.write_text(
+        catalog.read_text()
+        + '\n[[functions]]\napp = "demo"\nname = "hello-reloaded"\nroute = "/hello-reloaded"\n'
+        'command = ["fn-hello"]\nmemory_mb = 64\n'
+    )
+    new.chmod(0o644)
+    os.replace(new, catalog)
+    run(["docker", "kill", "--signal", "HUP", stack.container("lb-agent")])
+
+    def reloaded():
+        status, _, body = stack.call("/r/demo/hello-reloaded", b"reload")
+        return status == 200 and body.strip() == b"Hello, reload!"
+
+    wait_until("a catalog renamed over the mounted one is loaded at SIGHUP", reloaded, 20)
+
+
+def static_stack(stack, catalog):
     print(f"== static stack (project {PROJECT}, LB on 127.0.0.1:{stack.port})", flush=True)
     stack("up", "-d")
     wait_until("the LB answers /health", stack.lb_healthy, 60)
@@ -217,6 +240,7 @@ def static_stack(stack):
     )
     expect_examples(stack)
     image_function(stack)
+    catalog_reload(stack, catalog)
 
     # Certificate rotation without a restart, as `make certs-rotate` runs it: new files in
     # the certs volume, picked up by every daemon within FN_TLS_RELOAD_INTERVAL (10s).
@@ -395,10 +419,13 @@ def main():
             '      FN_SCALE_DOWN_DELAY: "20s"\n'
             '      FN_MAX_DRAIN_TIME: "20s"\n'
         )
-        # The example catalog plus a function given as an image, for the LB of the static stack.
-        catalog = Path(tmp) / "functions.toml"
+        # The example catalog plus a function given as an image, for the LB of the static
+        # stack, in a directory of its own mounted where the compose file mounts deploy/catalog.
+        catalog = Path(tmp) / "catalog" / "functions.toml"
+        catalog.parent.mkdir(mode=0o755)
+        catalog.parent.chmod(0o755)
         catalog.write_text(
-            (ROOT / "deploy" / "functions.toml").read_text()
+            (ROOT / "deploy" / "catalog" / "functions.toml").read_text()
             + f'\n[[functions]]\napp = "demo"\nname = "hello-image"\nroute = "/hello-image"\n'
             f'image = "{FUNCTION_IMAGE}"\nmemory_mb = 64\n'
         )
@@ -408,14 +435,14 @@ def main():
             "services:\n"
             "  lb-agent:\n"
             "    volumes:\n"
-            f"      - {catalog}:/etc/fn/functions.toml:ro\n"
+            f"      - {catalog.parent}:/etc/fn:ro\n"
         )
         Path(tmp).chmod(0o755)
         iofs = Path(tempfile.mkdtemp(prefix=f"{PROJECT}-iofs", dir="/tmp"))
         try:
             build_function_image(tmp)
             stack = Stack(port, [BASE, IMAGES, with_image], {"FN_DOCKER_IOFS_DIR": str(iofs)})
-            static_stack(stack)
+            static_stack(stack, catalog)
             stack("down", "-v", "--remove-orphans", "-t", "10")
             check(leftovers() == [], "the static stack's down -v leaves nothing (function containers included)")
             stack = Stack(

@@ -289,7 +289,8 @@ def main():
             deploy = Path(tmp) / "deploy"
             deploy.mkdir()
             (deploy / STACK_FILE.name).write_text(STACK_FILE.read_text())
-            (deploy / "functions.toml").write_text(CATALOG)
+            (deploy / "catalog").mkdir()
+            (deploy / "catalog" / "functions.toml").write_text(CATALOG)
             print(f"== stack {STACK}, LBs on port {port}", flush=True)
             subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c",
                             STACK_FILE.name, STACK], cwd=deploy, env=env,

@@ -416,7 +416,8 @@ impl Demo {
         let lb_port = free_port()?;
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let catalog = root.path().join("functions.toml");
-        let mut functions_toml = std::fs::read_to_string(workspace.join("deploy/functions.toml"))?;
+        let mut functions_toml =
+            std::fs::read_to_string(workspace.join("deploy/catalog/functions.toml"))?;
         functions_toml.push_str(LINGER);
         std::fs::write(&catalog, functions_toml)?;
         let mut command = Command::new("env");
