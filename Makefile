@@ -212,20 +212,19 @@ test-swarm: images
 	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) IMAGE_PROFILE=$(IMAGE_PROFILE) $(PYTHON) system-tests/swarm_test.py
 
 # The dataplane as a swarm stack: images, the development certificates as swarm secrets
-# (kept when they exist), then `docker stack deploy`. The engine must be a swarm manager
-# (`docker swarm init` once). Images must be on every node (README, "Across machines").
+# (kept when they exist: a secret never changes, so stack-up warns on stderr when a file in
+# deploy/certs is no longer what its secret was made from, as after a renewal), then
+# `docker stack deploy`. The engine must be a swarm manager (`docker swarm init` once).
+# Images must be on every node (README, "Across machines"). STACK_SECRETS names the secrets
+# the stack file uses, each with its file in deploy/certs (new names after a rotation).
 STACK ?= fn
-STACK_SECRETS := fn-dataplane-ca.pem:ca.pem fn-dataplane-node.pem:node.pem fn-dataplane-node-key.pem:node-key.pem
+STACK_SECRETS ?= fn-dataplane-ca.pem:ca.pem fn-dataplane-node.pem:node.pem fn-dataplane-node-key.pem:node-key.pem
 
 stack-up: images
 	@[ "$$(docker info --format '{{.Swarm.ControlAvailable}}')" = true ] || \
 	  { echo "make stack-up: this engine is not a swarm manager; run 'docker swarm init' first" >&2; exit 1; }
 	$(IMAGE_BIN_DIR)/fn-certs --out deploy/certs --keep --san fn-node
-	@for pair in $(STACK_SECRETS); do \
-	  name=$${pair%%:*}; file=$${pair#*:}; \
-	  docker secret inspect $$name >/dev/null 2>&1 || \
-	    { docker secret create $$name deploy/certs/$$file >/dev/null && echo "created secret $$name"; }; \
-	done
+	@sh deploy/stack-secrets.sh deploy/certs $(STACK_SECRETS)
 	@# One LB per node, two at most unless FN_LB_REPLICAS says otherwise: on a single node a
 	@# second replica would stay pending for ever (max_replicas_per_node: 1).
 	@# The catalog's config is named after its content: a swarm config cannot change, so an

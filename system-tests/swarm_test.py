@@ -19,6 +19,7 @@ they exist (then they are left), and removed if made here. Every wait is bounded
 happens, the stack, its runner services and what the test made are removed.
 """
 
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import compose_test as ct  # noqa: E402  (check, run, wait_until and the counter
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_FILE = ROOT / "deploy" / "docker-stack.yml"
+SECRETS_SCRIPT = ROOT / "deploy" / "stack-secrets.sh"
 # Where `make images` put the static binaries: its IMAGE_PROFILE (dist unless told).
 STATIC_BIN = (ROOT / "target" / f"{platform.machine()}-unknown-linux-gnu"
               / os.environ.get("IMAGE_PROFILE", "dist"))
@@ -143,19 +145,60 @@ def burst(lbs, calls, path, body):
 
 
 def make_secrets(tmp):
-    """Creates the certificate secrets that do not exist; returns those it created."""
+    """Creates the certificate secrets that do not exist, as `make stack-up` does; returns
+    those it created and the directory of their files."""
     existing = set(run(["docker", "secret", "ls", "--format", "{{.Name}}"]).split())
     missing = [name for name in SECRETS if name not in existing]
-    if not missing:
-        return []
     certs = Path(tmp) / "certs"
+    if not missing:
+        return [], certs
     fn_certs = STATIC_BIN / "fn-certs"
     if not fn_certs.is_file():
         raise Failed(f"{fn_certs} is missing: run `make images` first")
     run([str(fn_certs), "--out", str(certs), "--san", "fn-node"])
-    for name in missing:
-        run(["docker", "secret", "create", name, str(certs / SECRETS[name])])
-    return missing
+    run(["sh", str(SECRETS_SCRIPT), str(certs), *[f"{name}:{SECRETS[name]}" for name in missing]])
+    return missing, certs
+
+
+def secrets_script(certs, pairs):
+    """deploy/stack-secrets.sh over `certs`; returns its stderr (its warnings)."""
+    done = subprocess.run(["sh", str(SECRETS_SCRIPT), str(certs), *pairs], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    check(done.returncode == 0, f"stack-secrets.sh exits 0: {done.returncode} {done.stderr}")
+    return done.stderr
+
+
+def secret_checks(certs, created):
+    """The secrets stack-up makes carry their files' hash, and a renewed file is warned of.
+    Only over secrets this run made (others' files are not here)."""
+    if sorted(created) != sorted(SECRETS):
+        print("  skip the secrets' checks: the certificate secrets were there before", flush=True)
+        return
+    pairs = [f"{name}:{file}" for name, file in SECRETS.items()]
+    label = run(["docker", "secret", "inspect", "--format", '{{index .Spec.Labels "fn.sha256"}}',
+                 "fn-dataplane-node.pem"]).strip()
+    check(label == hashlib.sha256((certs / "node.pem").read_bytes()).hexdigest(),
+          f"the node certificate's secret is labelled with the file's sha256: {label!r}")
+    check(secrets_script(certs, pairs) == "", "stack-secrets.sh says nothing when the files are the secrets'")
+    fn_certs = STATIC_BIN / "fn-certs"
+    run([str(fn_certs), "--out", str(certs), "--rotate"])
+    warned = secrets_script(certs, pairs)
+    check("WARNING: the swarm secret fn-dataplane-node.pem is not" in warned
+          and "Rotating the certificates" in warned and "fn-dataplane-ca.pem" not in warned,
+          f"a renewed node certificate is warned of, naming its secret: {warned!r}")
+    # A secret made without the label (by hand, or an older make stack-up).
+    unlabelled = f"{STACK}-unlabelled"
+    created.append(unlabelled)
+    run(["docker", "secret", "create", unlabelled, str(certs / "ca.pem")])
+    warned = secrets_script(certs, [f"{unlabelled}:ca.pem"])
+    check(f"WARNING: cannot tell whether the swarm secret {unlabelled}" in warned,
+          f"a secret without the label cannot be compared: {warned!r}")
+
+
+def capabilities(service):
+    spec = json.loads(run(["docker", "service", "inspect", "--format",
+                           "{{json .Spec.TaskTemplate.ContainerSpec}}", service]))
+    return spec.get("CapabilityDrop"), spec.get("CapabilityAdd")
 
 
 def scenario(lbs):
@@ -282,7 +325,8 @@ def main():
                 had_gwbridge = "docker_gwbridge" in networks()
                 run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
                 initialised = True
-            created = make_secrets(tmp)
+            created, certs = make_secrets(tmp)
+            secret_checks(certs, created)
             # The stack file as it is, beside a catalog whose sleep function may wait for a new
             # runner service: a call waits for room at most half its timeout, and a runner
             # service takes about 10 s to come up here.
