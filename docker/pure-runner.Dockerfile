@@ -15,8 +15,11 @@ ENV FN_FUNCTION_UID_TABLE=/tmp/fn-runner-uids/function-uids
 # Root on purpose: function code is untrusted and the runner starts each function as a uid
 # of its own (FN_FUNCTION_UIDS, 100000-165535), which needs setuid/setgid. Root here is a
 # container root with a reduced capability set (see deploy/docker-compose.yml and the docker
-# control plane); the runner reads the certificates through the fn group (see
-# rootfs/etc/group), which no function uid is in.
+# control plane). It reads the certificates (/certs, 0750 fn:fn) through CAP_DAC_OVERRIDE,
+# which it keeps: `USER 0:0` names the group, so Docker gives it no supplementary groups
+# (root's membership of fn in rootfs/etc/group does not apply). No function uid is in fn.
+# Run it with an init as PID 1 (compose `init: true`, `docker run --init`): the runner
+# reaps only its own children, not what its functions leave behind.
 USER 0:0
 EXPOSE 9190
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \

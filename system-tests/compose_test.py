@@ -238,6 +238,9 @@ def static_stack(stack, catalog):
         run(["docker", "inspect", "--format", "{{.Config.User}}", stack.container("lb-agent")]).strip() == "10001:10001",
         "lb-agent runs as an unprivileged user",
     )
+    for service in ["npm", "lb-agent"]:
+        caps = run(["docker", "inspect", "--format", "{{json .HostConfig.CapDrop}}", stack.container(service)]).strip()
+        check(caps == '["ALL"]', f"{service} runs with every capability dropped: {caps}")
     expect_examples(stack)
     image_function(stack)
     catalog_reload(stack, catalog)

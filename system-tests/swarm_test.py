@@ -11,10 +11,14 @@ machine's engine as a single-node swarm, and drives it through the LBs' publishe
 - a killed npm, restarted by Swarm, adopts the runner services instead of making more;
 - a killed runner is restarted by Swarm under the same service (its place in the lists);
 - without load the runner services drain and are removed;
-- `docker stack rm` leaves no service or container (the npm removes its runners first).
+- `docker stack rm` leaves no service or container (the npm removes its runners first);
+- the npm and the LBs run with every capability dropped (the npm keeps DAC_READ_SEARCH);
+- the certificate secrets are made as `make stack-up` makes them (deploy/stack-secrets.sh),
+  labelled with their files' SHA-256: a renewed file is warned of, and a secret without the
+  label is said to be one it cannot compare.
 
-If the engine is not in a swarm, the test initialises one on 127.0.0.1 and leaves it at the
-end; a swarm that was there is left as it was. The certificate secrets are made here unless
+If the engine is not in a swarm, the test initialises one on 127.0.0.1 (its management port
+too, 2377, not on every address) and leaves it at the end; a swarm that was there is left as it was. The certificate secrets are made here unless
 they exist (then they are left), and removed if made here. Every wait is bounded; whatever
 happens, the stack, its runner services and what the test made are removed.
 """
@@ -203,6 +207,10 @@ def capabilities(service):
 
 def scenario(lbs):
     wait_until("the LBs answer /health through the published port", lbs.healthy, 120)
+    check(capabilities(f"{STACK}_lb-agent") == (["ALL"], None),
+          f"the LBs run with every capability dropped: {capabilities(f'{STACK}_lb-agent')}")
+    check(capabilities(f"{STACK}_npm") == (["ALL"], ["DAC_READ_SEARCH"]),
+          f"the npm runs with every capability dropped but DAC_READ_SEARCH: {capabilities(f'{STACK}_npm')}")
     wait_until("the npm service runs",
                lambda: "1/1" in run(["docker", "service", "ls", "--filter", f"name={STACK}_npm",
                                      "--format", "{{.Replicas}}"]), 60)
@@ -319,11 +327,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if swarm_state() != "active":
-                print("== docker swarm init --advertise-addr 127.0.0.1 (left at the end)", flush=True)
+                print("== docker swarm init on 127.0.0.1 (left at the end)", flush=True)
                 # `swarm init` makes the docker_gwbridge network and `swarm leave` keeps it:
                 # remembered, so that a network the test made goes with its swarm.
                 had_gwbridge = "docker_gwbridge" in networks()
-                run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
+                # The management port on loopback too: the default listens on every address.
+                run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1",
+                     "--listen-addr", "127.0.0.1:2377"])
                 initialised = True
             created, certs = make_secrets(tmp)
             secret_checks(certs, created)
