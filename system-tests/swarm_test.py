@@ -200,9 +200,14 @@ def secret_checks(certs, created):
 
 
 def capabilities(service):
+    """A service's dropped and added capabilities, without the CAP_ prefix the CLI adds."""
     spec = json.loads(run(["docker", "service", "inspect", "--format",
                            "{{json .Spec.TaskTemplate.ContainerSpec}}", service]))
-    return spec.get("CapabilityDrop"), spec.get("CapabilityAdd")
+
+    def names(caps):
+        return None if caps is None else [c.removeprefix("CAP_") for c in caps]
+
+    return names(spec.get("CapabilityDrop")), names(spec.get("CapabilityAdd"))
 
 
 def scenario(lbs):
