@@ -364,6 +364,22 @@ mod tests {
 
     use super::*;
 
+    /// A read that counts itself in `started` and hangs until `released` (30 s at most).
+    fn hanging_read(
+        released: &Arc<AtomicBool>,
+        started: &Arc<AtomicUsize>,
+    ) -> impl FnOnce() -> &'static str + Send + 'static {
+        let (released, started) = (Arc::clone(released), Arc::clone(started));
+        move || {
+            started.fetch_add(1, Ordering::SeqCst);
+            let start = std::time::Instant::now();
+            while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            "read"
+        }
+    }
+
     /// A read that hangs (a hung NFS or FUSE mount) is given up after the bound, and no
     /// other is started while it still hangs (each attempt would leave a thread blocked);
     /// once it returns, the next attempt reads again.
@@ -371,18 +387,7 @@ mod tests {
     async fn a_read_that_hangs_is_bounded_and_not_started_again_until_it_returns() {
         let released = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicUsize::new(0));
-        let hanging = || {
-            let (released, started) = (Arc::clone(&released), Arc::clone(&started));
-            move || {
-                started.fetch_add(1, Ordering::SeqCst);
-                let start = std::time::Instant::now();
-                while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30)
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                "read"
-            }
-        };
+        let hanging = || hanging_read(&released, &started);
         let bound = Duration::from_millis(200);
         let mut reads = BoundedReads::new("test-read", "a test file", bound);
 
@@ -433,18 +438,7 @@ mod tests {
     fn a_read_dropped_while_it_hangs_holds_not_the_runtime_s_shutdown() {
         let released = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicUsize::new(0));
-        let hanging = || {
-            let (released, started) = (Arc::clone(&released), Arc::clone(&started));
-            move || {
-                started.fetch_add(1, Ordering::SeqCst);
-                let start = std::time::Instant::now();
-                while !released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30)
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                "read"
-            }
-        };
+        let hanging = || hanging_read(&released, &started);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1390,7 +1390,7 @@ mod tests {
             ]),
             ..spec
         };
-        let mut child = driver
+        let child = driver
             .command(
                 &spec,
                 Path::new("/usr/bin/env"),
@@ -1402,22 +1402,7 @@ mod tests {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
-        let mut gate = child.stdin.take().expect("the lifeline");
-        tokio::io::AsyncWriteExt::write_all(&mut gate, b"open\n")
-            .await
-            .expect("open the gate");
-        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-            .await
-            .expect("in time")
-            .expect("output");
-        drop(gate);
-        let env = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{:?}: {env} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let env = through_the_gate(child, Duration::ZERO).await;
         for var in ["SHELLOPTS=", "PS4=+ ", "IFS=:"] {
             assert!(env.lines().any(|l| l.starts_with(var)), "{var} in {env}");
         }
@@ -1469,7 +1454,7 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             config: [("TMOUT".to_owned(), "1".to_owned())].into(),
         };
-        let mut child = driver
+        let child = driver
             .command(
                 &spec,
                 Path::new("/bin/sh"),
@@ -1481,9 +1466,16 @@ mod tests {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
-        let mut lifeline = child.stdin.take().expect("the lifeline");
         // The gate opens after more than TMOUT seconds, as it may on a busy runner.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let said = through_the_gate(child, Duration::from_millis(1500)).await;
+        assert_eq!(said.trim(), "TMOUT=1");
+    }
+
+    /// Opens a wrapped child's gate after `delay` and returns what its program wrote to
+    /// stdout once it has exited, which it must have done successfully within 10 s.
+    async fn through_the_gate(mut child: tokio::process::Child, delay: Duration) -> String {
+        let mut lifeline = child.stdin.take().expect("the lifeline");
+        tokio::time::sleep(delay).await;
         tokio::io::AsyncWriteExt::write_all(&mut lifeline, b"open\n")
             .await
             .expect("open the gate");
@@ -1492,14 +1484,14 @@ mod tests {
             .expect("in time")
             .expect("output");
         drop(lifeline);
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
             "{:?}: {said} {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(said.trim(), "TMOUT=1");
+        said
     }
 
     /// The socket root's claim holds when a `/tmp` cleaner removes `.runner.lock` (a file
