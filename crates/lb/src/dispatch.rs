@@ -152,11 +152,8 @@ async fn wait_for_room(
     waiting.spend_wake();
     tokio::select! {
         () = report => Woken::Report,
-        () = waiting.released() => {
-            // Passed on if the call goes away before its next pass ends (its client left).
-            waiting.hold_wake();
-            Woken::Released
-        }
+        // Held: passed on if the call goes away before its next pass ends (its client left).
+        () = waiting.take_release() => Woken::Released,
         () = tokio::time::sleep_until(until) => Woken::Timeout,
     }
 }

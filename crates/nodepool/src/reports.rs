@@ -246,7 +246,7 @@ pub struct Waiting {
     signals: Arc<Signals>,
     key: u64,
     notify: Arc<Notify>,
-    /// A wake from [`Waiting::released`] not yet spent (see [`Waiting::hold_wake`]).
+    /// A wake from [`Waiting::take_release`] not yet spent.
     holds_wake: AtomicBool,
 }
 
@@ -267,11 +267,12 @@ impl Waiting {
         self.notify.notify_one();
     }
 
-    /// Notes that this waiter holds a wake from [`Waiting::released`] until it spends it
-    /// ([`Waiting::spend_wake`]): dropped before then (its client left while it looked for
+    /// [`Waiting::released`], and the wake it completes with held until this waiter spends
+    /// it ([`Waiting::spend_wake`]): dropped before then (its client left while it looked for
     /// the instance), it passes the wake on, so that the instance the wake was for is not
     /// left idle while another call of the function waits.
-    pub fn hold_wake(&self) {
+    pub async fn take_release(&self) {
+        self.notify.notified().await;
         self.holds_wake.store(true, Ordering::Relaxed);
     }
 
@@ -1050,21 +1051,16 @@ mod tests {
         reports.update(state(0, &[("a", "f", 0)]));
         let bound = Duration::from_secs(5);
         let (first, second) = (signal.waiting("a", "f"), signal.waiting("a", "f"));
-        {
-            let woken = first.released();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            reports.finished(&call_of_f(), Some(2));
-            tokio::time::timeout(bound, woken).await.expect("woken");
-        }
-        first.hold_wake();
+        reports.finished(&call_of_f(), Some(2));
+        tokio::time::timeout(bound, first.take_release())
+            .await
+            .expect("woken");
         drop(first); // its client left while it was being placed
-        tokio::time::timeout(bound, second.released())
+        tokio::time::timeout(bound, second.take_release())
             .await
             .expect("the wake passed on to the next call");
 
         let third = signal.waiting("a", "f");
-        second.hold_wake();
         second.spend_wake(); // placed
         drop(second);
         assert!(
