@@ -29,6 +29,9 @@ for pair in "$@"; do
     exit 1
   fi
   sum=$(sha256sum <"$file" | cut -c1-64)
+  case $sum in
+    *[!0-9a-f]* | "") echo "$0: cannot hash $file (sha256sum failed or is missing)" >&2; exit 1 ;;
+  esac
   if ! docker secret inspect "$name" >/dev/null 2>&1; then
     docker secret create --label "fn.sha256=$sum" "$name" "$file" >/dev/null
     echo "created secret $name from $file"

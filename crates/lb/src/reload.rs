@@ -235,7 +235,7 @@ mod tests {
 
     /// A shutdown while a SIGHUP's reload reads a catalog that hangs (a FIFO opened by no
     /// writer, and then written nothing) ends the loop at once, and the runtime's shutdown
-    /// too, where both waited for the read's bound (10 s); the old catalog stays.
+    /// too, where both waited for the read's bound (10 s).
     #[test]
     fn a_shutdown_does_not_wait_for_a_catalog_read_that_hangs() {
         use nix::fcntl::OFlag;
@@ -299,7 +299,6 @@ mod tests {
             waited < Duration::from_secs(1),
             "the runtime's shutdown waited {waited:?} for the read"
         );
-        assert_eq!(handle.current().len(), 1, "a catalog was put in use");
     }
 
     fn rejections(registry: &Registry) -> String {

@@ -186,9 +186,10 @@ impl CertWatch {
     }
 
     /// Watches until cancelled. A cancellation while the watch reads the files or checks
-    /// the open connections ends it at once: the read or the check is left to its thread
-    /// (what a reload it made put in use stays), where the shutdown waited for a read on a
-    /// hung mount up to the reads' bound.
+    /// the open connections ends it at once, where it waited for a read on a hung mount up
+    /// to the reads' bound: a read is left to its own thread (what a reload it made put in
+    /// use stays); a check of the connections, on the blocking pool, still holds the
+    /// runtime's drop until it ends (it is a signature check per connection, not a read).
     ///
     /// # Errors
     /// Never; the signature fits the lifecycle's service runner.
