@@ -483,25 +483,11 @@ impl InstanceCgroup {
     pub(super) async fn remove(&self) {
         for dir in &self.dirs {
             let mut backoff = removal_backoff();
-            let mut removed = false;
-            for _ in 0..12 {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => removed = true,
-                    Err(e) if e.kind() == ErrorKind::NotFound => removed = true,
-                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-                        kill_members(dir);
-                        backoff.sleep().await;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");
-                        removed = true;
-                    }
+            for attempt in 1..=REMOVAL_ATTEMPTS {
+                if try_remove(dir, attempt) {
+                    break;
                 }
-                break;
-            }
-            if !removed {
-                tracing::warn!(cgroup = %dir.display(), "instance cgroup still busy; left in place");
+                backoff.sleep().await;
             }
         }
     }
@@ -518,14 +504,11 @@ impl InstanceCgroup {
                 drop(after.blocking_recv());
                 for dir in dirs {
                     let mut backoff = removal_backoff();
-                    for _ in 0..12 {
-                        match std::fs::remove_dir(&dir) {
-                            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-                                kill_members(&dir);
-                                std::thread::sleep(backoff.next_delay());
-                            }
-                            _ => break,
+                    for attempt in 1..=REMOVAL_ATTEMPTS {
+                        if try_remove(&dir, attempt) {
+                            break;
                         }
+                        std::thread::sleep(backoff.next_delay());
                     }
                 }
             });
@@ -540,6 +523,31 @@ impl InstanceCgroup {
             if let Err(e) = std::fs::remove_dir(dir) {
                 tracing::debug!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");
             }
+        }
+    }
+}
+
+/// How many times a busy cgroup's removal is tried (over about a second and a half).
+const REMOVAL_ATTEMPTS: u32 = 12;
+
+/// One try, the `attempt`th, at removing cgroup `dir`: whether it is over (removed, gone, or
+/// given up with a warning naming it). A cgroup still busy (dying tasks) has its members
+/// killed again and is worth another try, but the last.
+fn try_remove(dir: &Path, attempt: u32) -> bool {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
+            if attempt >= REMOVAL_ATTEMPTS {
+                tracing::warn!(cgroup = %dir.display(), "instance cgroup still busy; left in place");
+                return true;
+            }
+            kill_members(dir);
+            false
+        }
+        Err(e) => {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove instance cgroup");
+            true
         }
     }
 }
@@ -598,6 +606,67 @@ mod tests {
 
     fn mkdirs(dir: &Path) {
         std::fs::create_dir_all(dir).expect("mkdir");
+    }
+
+    /// What a removal step logs at WARN, as text.
+    #[derive(Clone, Default)]
+    struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Warnings {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A cgroup that cannot be removed is named in a warning, by the removal that runs on
+    /// the runtime and by the one on a thread of its own alike (both take this step; the
+    /// thread's gave up in silence): a cgroup gone or removed says nothing.
+    #[test]
+    fn a_cgroup_left_in_place_is_named_in_a_warning() {
+        let warnings = Warnings::default();
+        let out = warnings.clone();
+        let _guard = fn_test_support::logs::scoped_subscriber(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(move || out.clone())
+                .finish(),
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (gone, empty, kept) = (
+            tmp.path().join("gone"),
+            tmp.path().join("empty"),
+            tmp.path().join("kept"),
+        );
+        mkdirs(&empty);
+        mkdirs(&kept);
+        // A plain file in the fake: not a cgroup's, so the directory cannot be removed.
+        std::fs::write(kept.join("cgroup.procs"), "42").expect("write");
+        for dir in [&gone, &empty, &kept] {
+            assert!(try_remove(dir, 1), "{} is over", dir.display());
+        }
+        assert!(!empty.exists());
+        let text = String::from_utf8_lossy(
+            &warnings
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("cannot remove instance cgroup")
+                && text.contains(&*kept.to_string_lossy()),
+            "{text}"
+        );
     }
 
     const HYBRID: &str =
