@@ -6,6 +6,11 @@
 //!   takes the call);
 //! - `walk`: `order(&key, n)` walked to the end (every runner refused: one full pass).
 //!
+//! And for `warm`, over 10, 100 and 300 runners, `rank`: `rank(&key, &views)`, the ranking one
+//! placement pass makes, over views built once outside the timed loop (a mix as a pass sees
+//! it: mostly runners with room, some warm, some evicting, full, draining, too small or
+//! without a report, and loads spread around the mean).
+//!
 //! Each case is warmed up, then timed in batches sized for about 50 ms each, ten batches
 //! (about 0.5 s per case); the table shows the median batch in ns per operation, and the
 //! spread (fastest and slowest batch). Keys cycle through 1024 distinct functions so `ch`
@@ -20,10 +25,15 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use fn_placement::{ConsistentHashPlacer, NaivePlacer, Order, PlacementKey, Placer};
+use fn_placement::{
+    ConsistentHashPlacer, DEFAULT_EPSILON, NaivePlacer, Order, PlacementKey, Placer, RunnerLoad,
+    RunnerView, WarmPlacer,
+};
 
 /// Runner-list lengths measured.
 const POOLS: [usize; 4] = [3, 10, 100, 1000];
+/// Runner-list lengths measured for `warm`'s `rank` (an LB group of a few to hundreds).
+const RANKED_POOLS: [usize; 3] = [10, 100, 300];
 /// Distinct keys cycled through.
 const KEYS: usize = 1024;
 /// Timed batches per case; the median is reported.
@@ -72,14 +82,33 @@ fn run(placer: &dyn Placer, keys: &[PlacementKey], n: usize, op: Op, iterations:
     start.elapsed()
 }
 
-/// Median, fastest and slowest batch of a case, in ns per operation.
-fn measure(placer: &dyn Placer, keys: &[PlacementKey], n: usize, op: Op) -> (f64, f64, f64) {
+/// One timed run of `iterations` rankings over `views`; returns the elapsed time.
+fn run_rank(
+    placer: &dyn Placer,
+    keys: &[PlacementKey],
+    views: &[RunnerView],
+    iterations: u64,
+) -> Duration {
+    let start = Instant::now();
+    let mut k = 0usize;
+    for _ in 0..iterations {
+        let key = black_box(&keys[k]);
+        let ranked = placer.rank(key, black_box(views));
+        black_box(ranked.first().copied());
+        k = (k + 1) % keys.len();
+    }
+    start.elapsed()
+}
+
+/// Median, fastest and slowest batch of a case, in ns per operation; `run(iterations)` times
+/// one batch.
+fn measure(mut run: impl FnMut(u64) -> Duration) -> (f64, f64, f64) {
     // Warm up, doubling the iteration count until the warm-up time is spent; the last
     // round's rate sizes the batches.
     let mut iterations = 1u64;
     let warm_start = Instant::now();
     let mut per_op = loop {
-        let elapsed = run(placer, keys, n, op, iterations);
+        let elapsed = run(iterations);
         if warm_start.elapsed() >= WARM_UP && elapsed > Duration::from_millis(1) {
             break elapsed.as_secs_f64() / iterations as f64;
         }
@@ -88,11 +117,57 @@ fn measure(placer: &dyn Placer, keys: &[PlacementKey], n: usize, op: Op) -> (f64
     per_op = per_op.max(1e-10);
     let batch = ((BATCH_TIME.as_secs_f64() / per_op) as u64).max(1);
     let mut samples: Vec<f64> = (0..BATCHES)
-        .map(|_| run(placer, keys, n, op, batch).as_secs_f64() * 1e9 / batch as f64)
+        .map(|_| run(batch).as_secs_f64() * 1e9 / batch as f64)
         .collect();
     samples.sort_by(f64::total_cmp);
     let median = samples[samples.len() / 2];
     (median, samples[0], samples[samples.len() - 1])
+}
+
+/// `n` runners' views as one pass of a busy group sees them, the same on every run (a fixed
+/// linear congruential sequence): about 10% warm, 55% with room (a fifth of them only by
+/// evicting), 10% full, 5% draining, 5% too small, 15% without a fresh report; loads 0 to 15
+/// calls in flight, so the bound (ε = 0.25, mean about 7) puts some over it.
+fn views(n: usize) -> Vec<RunnerView> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        state >> 33
+    };
+    (0..n)
+        .map(|_| {
+            let kind = next() % 100;
+            let calls_in_flight = next() % 16;
+            let load = RunnerLoad {
+                calls_in_flight,
+                ..RunnerLoad::default()
+            };
+            match kind {
+                0..10 => RunnerView::Known(RunnerLoad {
+                    warm: true,
+                    instances: 1,
+                    fits: true,
+                    ..load
+                }),
+                10..54 => RunnerView::Known(RunnerLoad { fits: true, ..load }),
+                54..65 => RunnerView::Known(RunnerLoad {
+                    fits: true,
+                    evicts: true,
+                    ..load
+                }),
+                65..75 => RunnerView::Known(load),
+                75..80 => RunnerView::Known(RunnerLoad {
+                    fits: true,
+                    draining: true,
+                    ..load
+                }),
+                80..85 => RunnerView::TooSmall,
+                _ => RunnerView::Unknown,
+            }
+        })
+        .collect()
 }
 
 fn main() {
@@ -119,12 +194,24 @@ fn main() {
                 if !filters.is_empty() && !filters.iter().any(|f| case.contains(f.as_str())) {
                     continue;
                 }
-                let (median, fastest, slowest) = measure(placer.as_ref(), &keys, n, op);
+                let (median, fastest, slowest) =
+                    measure(|iterations| run(placer.as_ref(), &keys, n, op, iterations));
                 println!(
                     "{name:<6} {n:>6} {:<6} {median:>12.1} {fastest:>12.1} {slowest:>12.1}",
                     op.name()
                 );
             }
         }
+    }
+    let warm = WarmPlacer::new(DEFAULT_EPSILON);
+    for n in RANKED_POOLS {
+        let case = format!("warm/{n}/rank");
+        if !filters.is_empty() && !filters.iter().any(|f| case.contains(f.as_str())) {
+            continue;
+        }
+        let views = views(n);
+        let (median, fastest, slowest) =
+            measure(|iterations| run_rank(&warm, &keys, &views, iterations));
+        println!("warm   {n:>6} rank   {median:>12.1} {fastest:>12.1} {slowest:>12.1}");
     }
 }
