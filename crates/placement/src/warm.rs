@@ -127,34 +127,64 @@ impl Placer for WarmPlacer {
 
     fn rank(&self, key: &PlacementKey, views: &[RunnerView]) -> Vec<usize> {
         let bound = self.bound(views);
-        let tier = |view: &RunnerView| -> Option<u8> {
-            let load = match view {
-                RunnerView::Unknown => return Some(1),
-                RunnerView::TooSmall => return Some(5),
-                RunnerView::Known(load) => load,
-            };
-            if load.draining || !(load.warm || load.fits) {
-                return None;
+        // The six tiers, each in ring order, without a sort: a first walk counts each tier's
+        // runners (the order of counting does not matter), which gives where each tier starts
+        // in the answer; a walk in ring order then puts each runner at the next place of its
+        // tier. The same order as a stable sort by tier of the ring order, in one allocation
+        // (the answer's) and no comparison, where a pass of a group of hundreds of runners
+        // sorted a list of them.
+        let mut starts = [0usize; TIERS];
+        for view in views {
+            if let Some(tier) = tier(view, bound) {
+                starts[usize::from(tier)] += 1;
             }
-            // Reported by the runner: saturating, so a report of u64::MAX ranks it last.
-            let over = bound.is_some_and(|bound| load.calls_in_flight.saturating_add(1) > bound);
-            Some(match (over, load.warm, load.evicts) {
-                (false, true, _) => 0,
-                (false, false, false) => 1,
-                (true, true, _) => 2,
-                (false, false, true) => 3,
-                (true, false, _) => 4,
-            })
-        };
-        let mut ranked: Vec<(u8, usize)> = self
-            .ring
-            .order(key, views.len())
-            .filter_map(|idx| Some((tier(views.get(idx)?)?, idx)))
-            .collect();
-        // Stable: ring order within a tier.
-        ranked.sort_by_key(|(tier, _)| *tier);
-        ranked.into_iter().map(|(_, idx)| idx).collect()
+        }
+        let mut next = 0;
+        for start in &mut starts {
+            let count = *start;
+            *start = next;
+            next += count;
+        }
+        let mut ranked = vec![0; next];
+        for idx in self.ring.order(key, views.len()) {
+            let Some(tier) = views.get(idx).and_then(|view| tier(view, bound)) else {
+                continue;
+            };
+            // Each tier's places were counted above from the same views, so its cursor
+            // stays within them.
+            let place = &mut starts[usize::from(tier)];
+            if let Some(slot) = ranked.get_mut(*place) {
+                *slot = idx;
+            }
+            *place += 1;
+        }
+        ranked
     }
+}
+
+/// How many tiers [`tier`] ranks runners in.
+const TIERS: usize = 6;
+
+/// The tier a runner is asked in (see [`WarmPlacer`]), 0 first; `None` when it is not asked.
+/// `bound`: [`WarmPlacer::bound`] of the pass's views.
+fn tier(view: &RunnerView, bound: Option<u64>) -> Option<u8> {
+    let load = match view {
+        RunnerView::Unknown => return Some(1),
+        RunnerView::TooSmall => return Some(5),
+        RunnerView::Known(load) => load,
+    };
+    if load.draining || !(load.warm || load.fits) {
+        return None;
+    }
+    // Reported by the runner: saturating, so a report of u64::MAX ranks it last.
+    let over = bound.is_some_and(|bound| load.calls_in_flight.saturating_add(1) > bound);
+    Some(match (over, load.warm, load.evicts) {
+        (false, true, _) => 0,
+        (false, false, false) => 1,
+        (true, true, _) => 2,
+        (false, false, true) => 3,
+        (true, false, _) => 4,
+    })
 }
 
 #[cfg(test)]
@@ -355,5 +385,87 @@ mod tests {
         assert_eq!(ranked.len(), asked);
         let full = (0..50).filter(|i| i % 4 == 3).count();
         assert_eq!(asked, 50 - full, "the full ones are left out");
+    }
+}
+
+/// The ranking checked against the stable sort it replaced.
+#[cfg(test)]
+mod same_as_the_sort {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `rank` as it was before the tiers were counted (every pass sorted): the six tiers'
+    /// definition, inline, then a stable sort by tier of the ring order. The reference.
+    fn sorted_rank(placer: &WarmPlacer, key: &PlacementKey, views: &[RunnerView]) -> Vec<usize> {
+        let bound = placer.bound(views);
+        let tier = |view: &RunnerView| -> Option<u8> {
+            let load = match view {
+                RunnerView::Unknown => return Some(1),
+                RunnerView::TooSmall => return Some(5),
+                RunnerView::Known(load) => load,
+            };
+            if load.draining || !(load.warm || load.fits) {
+                return None;
+            }
+            let over = bound.is_some_and(|bound| load.calls_in_flight.saturating_add(1) > bound);
+            Some(match (over, load.warm, load.evicts) {
+                (false, true, _) => 0,
+                (false, false, false) => 1,
+                (true, true, _) => 2,
+                (false, false, true) => 3,
+                (true, false, _) => 4,
+            })
+        };
+        let mut ranked: Vec<(u8, usize)> = placer
+            .ring
+            .order(key, views.len())
+            .filter_map(|idx| Some((tier(views.get(idx)?)?, idx)))
+            .collect();
+        ranked.sort_by_key(|(tier, _)| *tier);
+        ranked.into_iter().map(|(_, idx)| idx).collect()
+    }
+
+    /// Any view: loads mostly around a few calls (so that some are over the bound and some
+    /// not), sometimes anything a runner could report.
+    fn view() -> impl Strategy<Value = RunnerView> {
+        let load = (
+            any::<bool>(),
+            0u32..4,
+            any::<bool>(),
+            any::<bool>(),
+            prop::bool::weighted(0.1),
+            prop_oneof![9 => 0u64..24, 1 => any::<u64>()],
+        )
+            .prop_map(
+                |(warm, instances, fits, evicts, draining, calls_in_flight)| {
+                    RunnerView::Known(RunnerLoad {
+                        warm,
+                        instances,
+                        fits,
+                        evicts,
+                        draining,
+                        calls_in_flight,
+                    })
+                },
+            );
+        prop_oneof![
+            1 => Just(RunnerView::Unknown),
+            1 => Just(RunnerView::TooSmall),
+            8 => load,
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_counted_tiers_give_the_stable_sorts_order(
+            views in prop::collection::vec(view(), 0..120),
+            epsilon in prop_oneof![Just(0.0), Just(DEFAULT_EPSILON), 0.0f64..3.0],
+            function in "[a-z]{1,12}",
+        ) {
+            let placer = WarmPlacer::new(epsilon);
+            let key = PlacementKey::new("app", function);
+            prop_assert_eq!(placer.rank(&key, &views), sorted_rank(&placer, &key, &views));
+        }
     }
 }
