@@ -403,20 +403,20 @@ impl Dispatcher {
                 // A runner marked down or ejected takes no call whatever it reports: its
                 // load is no part of the group's (the load bound), and its busy instances
                 // free up for nobody (the warm wait). It is skipped below, as with `ch`.
+                // The draining ones counted on the way (one walk of the group, not two).
                 let views: Vec<RunnerView> = runners
                     .iter()
                     .map(|r| {
-                        if r.is_available() {
-                            r.reports().view(&call.app, &call.function, call.memory_mb)
-                        } else {
-                            RunnerView::Unknown
+                        if !r.is_available() {
+                            return RunnerView::Unknown;
                         }
+                        let view = r.reports().view(&call.app, &call.function, call.memory_mb);
+                        if matches!(view, RunnerView::Known(load) if load.draining) {
+                            draining += 1;
+                        }
+                        view
                     })
                     .collect();
-                draining = views
-                    .iter()
-                    .filter(|v| matches!(v, RunnerView::Known(load) if load.draining))
-                    .count();
                 let ranked = self.placer.rank(&key, &views);
                 // The first runner the pass would offer the call to: one marked down is
                 // skipped (it ranks where a runner without a report does).
