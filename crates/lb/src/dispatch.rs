@@ -403,14 +403,18 @@ impl Dispatcher {
                 // A runner marked down or ejected takes no call whatever it reports: its
                 // load is no part of the group's (the load bound), and its busy instances
                 // free up for nobody (the warm wait). It is skipped below, as with `ch`.
-                // The draining ones counted on the way (one walk of the group, not two).
+                // The draining ones counted on the way (one walk of the group, not two), and
+                // the clock read once for the pass.
+                let now = Instant::now();
                 let views: Vec<RunnerView> = runners
                     .iter()
                     .map(|r| {
                         if !r.is_available() {
                             return RunnerView::Unknown;
                         }
-                        let view = r.reports().view(&call.app, &call.function, call.memory_mb);
+                        let view =
+                            r.reports()
+                                .view_at(now, &call.app, &call.function, call.memory_mb);
                         if matches!(view, RunnerView::Known(load) if load.draining) {
                             draining += 1;
                         }

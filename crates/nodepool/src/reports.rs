@@ -637,13 +637,19 @@ impl Reports {
     /// last, so that the runner says so, and a call no runner can ever hold gets its 503 at
     /// once).
     pub fn view(&self, app: &str, function: &str, memory_mb: u64) -> RunnerView {
+        self.view_at(Instant::now(), app, function, memory_mb)
+    }
+
+    /// [`Reports::view`] as of `now`: a placement pass reads the clock once for all the
+    /// runners of its group, not once per runner. A report received after `now` (during
+    /// the pass) is fresh.
+    pub fn view_at(&self, now: Instant, app: &str, function: &str, memory_mb: u64) -> RunnerView {
         let mut mirror = self.lock();
         let Mirror { observed, late, .. } = &mut *mirror;
         let Some(observed) = observed.as_mut() else {
             return RunnerView::Unknown;
         };
         if !late.is_empty() {
-            let now = Instant::now();
             late.retain(|l| {
                 let due = l.due <= now;
                 if due {
@@ -652,7 +658,7 @@ impl Reports {
                 !due
             });
         }
-        if observed.received.elapsed() > STALE_AFTER {
+        if now.saturating_duration_since(observed.received) > STALE_AFTER {
             return RunnerView::Unknown;
         }
         if memory_mb > observed.total_mb {
@@ -1039,6 +1045,26 @@ mod tests {
         armed.as_mut().enable();
         reports.finished(&call_of_f(), Some(6));
         assert!(armed.as_mut().now_or_never().is_none());
+    }
+
+    /// A pass's views are as of its start: a report received during the pass is fresh, and
+    /// one older than [`STALE_AFTER`] at the pass's time is unknown, whatever the clock says
+    /// when each runner is looked at.
+    #[tokio::test(start_paused = true)]
+    async fn a_view_is_as_of_the_time_it_is_given() {
+        let reports = Reports::with_signal(ReportSignal::default());
+        let pass_started = Instant::now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        reports.update(state(64, &[("a", "f", 1)]));
+        let view = reports.view_at(pass_started, "a", "f", 64);
+        assert!(
+            matches!(view, RunnerView::Known(load) if load.warm),
+            "{view:?}"
+        );
+        let later = Instant::now() + STALE_AFTER + Duration::from_millis(1);
+        let view = reports.view_at(later, "a", "f", 64);
+        assert_eq!(view, RunnerView::Unknown, "stale as of the pass's time");
+        assert!(matches!(reports.view("a", "f", 64), RunnerView::Known(_)));
     }
 
     /// A call woken for an idle instance that goes away before it spent the wake (its client
