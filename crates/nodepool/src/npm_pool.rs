@@ -10,8 +10,9 @@
 //! none says so (see [`RunnerPool::list_trouble`]).
 //!
 //! The npm also streams a message each time its membership changes (`WatchMembership`):
-//! every group is then fetched at once, so a new runner takes calls as soon as the npm
-//! publishes it. While that stream is up and fetching works, polling slows to
+//! every group is then fetched at once, up to [`MAX_FETCHES_IN_FLIGHT`] requests together
+//! (the last of many groups waits about one round trip, not one per group before it), so a
+//! new runner takes calls as soon as the npm publishes it. While that stream is up and fetching works, polling slows to
 //! [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches fail (an npm that has no such RPC, or a broken stream) polling goes on
 //! at the configured interval.
 //!
@@ -33,6 +34,7 @@ use fn_lifecycle::retry::Backoff;
 use fn_protocol::poolmanager::LbGroupId;
 use fn_protocol::poolmanager::runner_manager_client::RunnerManagerClient;
 use fn_tls::{TlsMode, WithoutStatusDetails};
+use futures::StreamExt as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,11 @@ use crate::reports::ReportSignal;
 
 /// The poll interval while the npm's membership watch is up.
 pub const WATCHED_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Most `GetLBGroup` requests the poller has in flight at once (each group's list is its own
+/// request): enough that a pass over many groups takes a few round trips, few enough that an
+/// LB does not flood the npm (which bounds each connection's streams) after a change.
+pub const MAX_FETCHES_IN_FLIGHT: usize = 16;
 
 /// Most runners of one group the LB takes from the npm's list (the first ones, in the npm's
 /// order, so every LB keeps the same). The npm caps all its runners at
@@ -143,8 +150,16 @@ impl NpmPool {
         let _stop_watching = AbortOnDrop(watcher);
         loop {
             let groups: Vec<String> = self.inner.lock_groups().polled.iter().cloned().collect();
-            for group in groups {
-                let fetched = self.refresh(&group).await;
+            // Fetched together, a bounded number at once: one after another, a change in
+            // the last of G groups reached the LB G round trips after the watch said so.
+            let pool = &self;
+            let mut fetches = futures::stream::iter(groups)
+                .map(|group| async move {
+                    let fetched = pool.refresh(&group).await;
+                    (group, fetched)
+                })
+                .buffer_unordered(MAX_FETCHES_IN_FLIGHT);
+            while let Some((group, fetched)) = fetches.next().await {
                 let known = self.inner.lock_groups();
                 if !known.polled.contains(&group) {
                     continue; // forgotten while it was fetched

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ struct NpmState {
     failed_polls: AtomicUsize,
     /// `GetLBGroup` requests per group.
     asked: Mutex<HashMap<String, usize>>,
+    /// How long each `GetLBGroup` takes to answer, in milliseconds (a distant npm).
+    answer_delay_ms: AtomicU64,
     adverts: mpsc::UnboundedSender<CapacitySnapshotList>,
     /// Bumped by every `set`: what `WatchMembership` streams follow.
     changes: tokio::sync::watch::Sender<u64>,
@@ -53,6 +55,7 @@ impl NpmState {
             failing: AtomicBool::new(false),
             failed_polls: AtomicUsize::new(0),
             asked: Mutex::new(HashMap::new()),
+            answer_delay_ms: AtomicU64::new(0),
             adverts: tx,
             changes: tokio::sync::watch::Sender::new(0),
             no_watch: AtomicBool::new(false),
@@ -122,6 +125,10 @@ impl RunnerManager for FakeNpm {
             .expect("lock")
             .entry(group.clone())
             .or_default() += 1;
+        let delay = self.0.answer_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         if self.0.failing.load(Ordering::SeqCst) {
             self.0.failed_polls.fetch_add(1, Ordering::SeqCst);
             return Err(Status::unavailable("fake npm told to fail"));
@@ -521,6 +528,52 @@ async fn a_published_runner_reaches_the_list_at_once_through_the_watch() {
     wait_for_list(&pool, "g", &["127.0.0.1:7201", "127.0.0.1:7202"]).await;
     cancel.cancel();
     poller.await.expect("poller").expect("ends");
+    server.stop().await;
+}
+
+/// After a change, the LB's groups are fetched together: a runner new in the last of many
+/// groups reaches the LB about one round trip after the watch said so, not one per group
+/// (fetched one after another, the last of 12 groups came 12 answers later).
+#[tokio::test]
+async fn after_a_change_every_group_is_fetched_together() {
+    const GROUPS: usize = 12;
+    const DELAY: Duration = Duration::from_millis(400);
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    let groups: Vec<String> = (0..GROUPS).map(|i| format!("g-{i:02}")).collect();
+    for group in &groups {
+        state.set(group, &["127.0.0.1:7301"]);
+    }
+    let (server, pool, cancel, poller) = start_pool(&tls, &state).await;
+    for group in &groups {
+        assert!(pool.runners(group).is_empty());
+    }
+    for group in &groups {
+        wait_for_list(&pool, group, &["127.0.0.1:7301"]).await;
+    }
+    let opening = tokio::time::Instant::now();
+    while state.changes.receiver_count() == 0 {
+        assert!(opening.elapsed() < BOUND, "the pool never opened the watch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Every answer now takes DELAY; a runner joins the group fetched last (in name order).
+    state.answer_delay_ms.store(
+        u64::try_from(DELAY.as_millis()).expect("small"),
+        Ordering::SeqCst,
+    );
+    let last = &groups[GROUPS - 1];
+    let start = tokio::time::Instant::now();
+    state.set(last, &["127.0.0.1:7301", "127.0.0.1:7302"]);
+    wait_for_list(&pool, last, &["127.0.0.1:7301", "127.0.0.1:7302"]).await;
+    let took = start.elapsed();
+    assert!(
+        took < DELAY * 3,
+        "the last of {GROUPS} groups got its new runner after {took:?}, answers taking {DELAY:?} each"
+    );
+
+    stop_pool(cancel, poller).await;
     server.stop().await;
 }
 

@@ -23,7 +23,8 @@ pub use fn_protocol::poolmanager::MAX_GROUPS_PER_ADVERT;
 pub const MAX_ID_LEN: usize = 256;
 
 /// Most streams one connection may have open on the npm at once. An LB holds one
-/// membership watch and asks one thing at a time beside it, so a handful is all it uses;
+/// membership watch, and beside it, on another connection, asks for up to 16 groups' lists
+/// at once (`fn_nodepool::npm_pool::MAX_FETCHES_IN_FLIGHT`), so 16 is the most it uses;
 /// without a limit one peer could hold any number of watches, each a task and a receiver.
 /// A peer past it waits for one of its streams to end (HTTP/2's
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`), as it does at any HTTP/2 server.
