@@ -34,7 +34,7 @@
 //!    all LBs. Until the first publication the services answer `GetLBGroup` with
 //!    `UNAVAILABLE`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -349,6 +349,14 @@ pub enum RunnerState {
     },
 }
 
+/// A group's runners at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupCount {
+    active: usize,
+    /// Draining or stopping.
+    other: usize,
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     info: RunnerInfo,
@@ -622,11 +630,10 @@ impl ControlLoop {
             // its runners for a scale-down window, as after a restart, instead of acting on
             // the last (momentary) advert alone.
             let window = self.config.scale_down_delay;
-            let groups: Vec<String> = self.predictors.keys().cloned().collect();
-            for group in groups {
-                let active = self.count(&group, |s| s == RunnerState::Active);
-                self.predictors
-                    .insert(group, WindowPredictor::holding(window, active, now));
+            let counts = self.counts();
+            for (group, predictor) in &mut self.predictors {
+                let active = counts.get(group).map_or(0, |c| c.active);
+                *predictor = WindowPredictor::holding(window, active, now);
             }
         }
         let retention = self.config.group_retention;
@@ -648,8 +655,12 @@ impl ControlLoop {
         self.in_flight
             .failing
             .retain(|group, _| groups.contains(group));
+        // Counted once for all groups: a group's scaling changes only its own runners'
+        // states, and adds none (a provisioning's runners join later).
+        let counts = self.counts();
         for group in &groups {
-            self.scale_group(group, now);
+            let active = counts.get(group).map_or(0, |c| c.active);
+            self.scale_group(group, active, now);
         }
         self.await_provisioned(now + self.config.tick).await;
         self.remove_drained(now).await;
@@ -668,6 +679,7 @@ impl ControlLoop {
 
     /// Updates the per-group gauges.
     fn show_figures(&self) {
+        let counts = self.counts();
         let figures: Vec<(String, GroupFigures)> = self
             .known_groups()
             .into_iter()
@@ -675,9 +687,10 @@ impl ControlLoop {
                 let (wanted_mb, lbs) = self
                     .shared
                     .with_demand(|d| (d.wanted_mb(&group), d.lbs_in(&group)));
+                let count = counts.get(&group).copied().unwrap_or_default();
                 let figures = GroupFigures {
-                    active: self.count(&group, |s| s == RunnerState::Active),
-                    draining: self.count(&group, |s| s != RunnerState::Active),
+                    active: count.active,
+                    draining: count.other,
                     wanted_mb,
                     lbs,
                 };
@@ -769,8 +782,9 @@ impl ControlLoop {
         });
         // A runner being provisioned is not listed before it answers (the control plane's
         // contract): each joins when it is ready, not when the slowest of its batch is.
+        let mut known: HashSet<String> = self.runners.iter().map(|e| e.info.id.clone()).collect();
         for info in listed {
-            if !self.runners.iter().any(|e| e.info.id == info.id) {
+            if known.insert(info.id.clone()) {
                 tracing::info!(runner = %info.id, address = %info.address, group = %info.group, "runner joined");
                 self.in_flight.joined(&info.group, &info.id);
                 self.runners.push(Entry {
@@ -830,7 +844,11 @@ impl ControlLoop {
         let mut groups: BTreeSet<String> = self
             .shared
             .with_demand(|d| d.groups().chain(d.retained_groups()).cloned().collect());
-        groups.extend(self.runners.iter().map(|e| e.info.group.clone()));
+        for entry in &self.runners {
+            if !groups.contains(&entry.info.group) {
+                groups.insert(entry.info.group.clone());
+            }
+        }
         groups.extend(
             self.in_flight
                 .runners
@@ -854,11 +872,11 @@ impl ControlLoop {
         }
     }
 
-    fn scale_group(&mut self, group: &str, now: Instant) {
+    /// Scales `group`, which has `active` active runners.
+    fn scale_group(&mut self, group: &str, active: usize, now: Instant) {
         let wanted = self.shared.with_demand(|d| d.wanted_mb(group));
         let runner_mb = self.control_plane.runner_memory_mb();
         let window = self.config.scale_down_delay;
-        let active = self.count(group, |s| s == RunnerState::Active);
         // A group seen for the first time keeps the runners it has (adopted after a
         // restart) until its demand has been watched for a whole window.
         let predicted = self
@@ -1066,11 +1084,22 @@ impl ControlLoop {
         }
     }
 
-    fn count(&self, group: &str, pred: impl Fn(RunnerState) -> bool) -> usize {
-        self.runners
-            .iter()
-            .filter(|e| e.info.group == group && pred(e.state))
-            .count()
+    /// Each group's runners, active or not, in one pass over them (a count per group
+    /// scanned every runner once per group, each tick).
+    fn counts(&self) -> HashMap<String, GroupCount> {
+        let mut counts: HashMap<&str, GroupCount> = HashMap::new();
+        for entry in &self.runners {
+            let count = counts.entry(entry.info.group.as_str()).or_default();
+            if entry.state == RunnerState::Active {
+                count.active += 1;
+            } else {
+                count.other += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(group, count)| (group.to_owned(), count))
+            .collect()
     }
 
     async fn remove_drained(&mut self, now: Instant) {
