@@ -9,12 +9,15 @@
 //! When the npm cannot be reached, the last known list stays in use, and a group that has
 //! none says so (see [`RunnerPool::list_trouble`]).
 //!
-//! The npm also streams a message each time its membership changes (`WatchMembership`):
-//! every group is then fetched at once, up to [`MAX_FETCHES_IN_FLIGHT`] requests together
-//! (the last of many groups waits about one round trip, not one per group before it), so a
-//! new runner takes calls as soon as the npm publishes it. While that stream is up and fetching works, polling slows to
-//! [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches fail (an npm that has no such RPC, or a broken stream) polling goes on
-//! at the configured interval.
+//! The npm also streams a message each time its membership changes (`WatchMembership`),
+//! naming the groups whose lists changed: those of them the LB uses are then fetched at once
+//! (every group when it names none: the stream's first message, an npm from before the
+//! field), up to [`MAX_FETCHES_IN_FLIGHT`] requests together (the last of many groups waits
+//! about one round trip, not one per group before it), so a new runner takes calls as soon
+//! as the npm publishes it. While that stream is up and fetching works, polling (of every
+//! group) slows to [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches
+//! fail (an npm that has no such RPC, or a broken stream) polling goes on at the configured
+//! interval.
 //!
 //! A catalog reload that no longer names a group forgets it ([`RunnerPool::retain_groups`]):
 //! its list, its runners' clients (once the calls still on them end), its signal and its
@@ -83,6 +86,9 @@ struct Inner {
     new_group: Notify,
     /// Wakes the poller when the npm says its membership changed.
     membership_changed: Notify,
+    /// The groups the npm said changed since the poller last looked: it fetches only
+    /// those after a change.
+    changed: Mutex<Changed>,
     /// Whether the membership watch is up (polling slows down).
     watching: AtomicBool,
     /// A channel without a per-request timeout, for the watch stream.
@@ -130,6 +136,7 @@ impl NpmPool {
                 failing: Mutex::new(HashMap::new()),
                 new_group: Notify::new(),
                 membership_changed: Notify::new(),
+                changed: Mutex::new(Changed::Groups(BTreeSet::new())),
                 watching: AtomicBool::new(false),
                 watch: RunnerManagerClient::new(WithoutStatusDetails(watch_channel)),
                 tls: tls.clone(),
@@ -148,8 +155,24 @@ impl NpmPool {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), std::convert::Infallible> {
         let watcher = tokio::spawn(Arc::clone(&self.inner).watch(cancel.clone()));
         let _stop_watching = AbortOnDrop(watcher);
+        // What woke the poller: anything but a membership message (the start, a new group,
+        // the poll interval) has it fetch every group.
+        let mut fetch_all = true;
         loop {
-            let groups: Vec<String> = self.inner.lock_groups().polled.iter().cloned().collect();
+            let changed = std::mem::replace(
+                &mut *self.inner.lock_changed(),
+                Changed::Groups(BTreeSet::new()),
+            );
+            let groups: Vec<String> = {
+                let polled = &self.inner.lock_groups().polled;
+                match changed {
+                    Changed::Groups(changed) if !fetch_all => changed
+                        .into_iter()
+                        .filter(|group| polled.contains(group))
+                        .collect(),
+                    _ => polled.iter().cloned().collect(),
+                }
+            };
             // Fetched together, a bounded number at once: one after another, a change in
             // the last of G groups reached the LB G round trips after the watch said so.
             let pool = &self;
@@ -191,12 +214,12 @@ impl NpmPool {
             } else {
                 self.inner.poll_interval
             };
-            tokio::select! {
+            fetch_all = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                () = self.inner.new_group.notified() => {}
-                () = self.inner.membership_changed.notified() => {}
-                () = tokio::time::sleep(pause) => {}
-            }
+                () = self.inner.new_group.notified() => true,
+                () = self.inner.membership_changed.notified() => false,
+                () = tokio::time::sleep(pause) => true,
+            };
         }
     }
 
@@ -311,11 +334,12 @@ impl Inner {
                             message = stream.message() => message,
                         };
                         match message {
-                            Ok(Some(_)) => {
+                            Ok(Some(message)) => {
                                 if !self.watching.swap(true, Ordering::AcqRel) {
                                     tracing::debug!("following the npm's membership changes");
                                 }
                                 backoff.reset();
+                                self.note_changed(message.groups);
                                 self.membership_changed.notify_one();
                             }
                             Ok(None) => break,
@@ -342,6 +366,27 @@ impl Inner {
         }
     }
 
+    /// Notes the groups a membership message names for the poller: those it polls, or every
+    /// group when it names none (its stream's first message, an npm that names none).
+    fn note_changed(&self, named: Vec<String>) {
+        let polled = &self.lock_groups().polled;
+        let mut changed = self.lock_changed();
+        match &mut *changed {
+            Changed::All => {}
+            Changed::Groups(_) if named.is_empty() => *changed = Changed::All,
+            Changed::Groups(groups) => {
+                groups.extend(named.into_iter().filter(|group| polled.contains(group)));
+            }
+        }
+    }
+
+    fn lock_changed(&self) -> std::sync::MutexGuard<'_, Changed> {
+        // Replaced or extended whole: a panic elsewhere cannot tear it.
+        self.changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn lock_groups(&self) -> std::sync::MutexGuard<'_, Groups> {
         self.groups
             .lock()
@@ -354,6 +399,15 @@ impl Inner {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The groups the npm said changed since the poller last looked.
+#[derive(Debug)]
+enum Changed {
+    /// These (only groups the pool polls).
+    Groups(BTreeSet<String>),
+    /// Any may have: every group is fetched.
+    All,
 }
 
 /// The groups the pool knows of.

@@ -40,6 +40,10 @@ struct NpmState {
     adverts: mpsc::UnboundedSender<CapacitySnapshotList>,
     /// Bumped by every `set`: what `WatchMembership` streams follow.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The group each version's `set` changed.
+    changed: Mutex<Vec<(u64, String)>>,
+    /// When set, `WatchMembership` names no group (an npm from before the field).
+    names_no_groups: AtomicBool,
     /// When set, `WatchMembership` answers UNIMPLEMENTED (an npm from before the watch).
     no_watch: AtomicBool,
     /// When set, `AdvertiseCapacity` fails with UNAVAILABLE; each refusal is counted.
@@ -58,6 +62,8 @@ impl NpmState {
             answer_delay_ms: AtomicU64::new(0),
             adverts: tx,
             changes: tokio::sync::watch::Sender::new(0),
+            changed: Mutex::new(Vec::new()),
+            names_no_groups: AtomicBool::new(false),
             no_watch: AtomicBool::new(false),
             refuse_adverts: AtomicBool::new(false),
             refused_adverts: AtomicUsize::new(0),
@@ -77,7 +83,10 @@ impl NpmState {
             .lock()
             .expect("lock")
             .insert(group.to_owned(), runners);
-        self.changes.send_modify(|version| *version += 1);
+        let mut changed = self.changed.lock().expect("lock");
+        let version = *self.changes.borrow() + 1;
+        changed.push((version, group.to_owned()));
+        self.changes.send_modify(|v| *v = version);
     }
 
     /// `GetLBGroup` requests for `group` so far.
@@ -158,17 +167,37 @@ impl RunnerManager for FakeNpm {
         if self.0.no_watch.load(Ordering::SeqCst) {
             return Err(Status::unimplemented("an npm from before the watch"));
         }
+        // As the npm does: the first message names no group, each later one those changed
+        // since the previous one.
+        let state = Arc::clone(&self.0);
         let stream = futures::stream::unfold(
-            (true, self.0.changes.subscribe(), self.1.clone()),
-            |(first, mut changes, stop)| async move {
-                if !first {
-                    tokio::select! {
-                        () = stop.cancelled() => return None,
-                        changed = changes.changed() => changed.ok()?,
+            (None, self.0.changes.subscribe(), self.1.clone()),
+            move |(sent, mut changes, stop)| {
+                let state = Arc::clone(&state);
+                async move {
+                    if sent.is_some() {
+                        tokio::select! {
+                            () = stop.cancelled() => return None,
+                            changed = changes.changed() => changed.ok()?,
+                        }
                     }
+                    let version = *changes.borrow_and_update();
+                    let mut groups: Vec<String> = match sent {
+                        Some(sent) if !state.names_no_groups.load(Ordering::SeqCst) => state
+                            .changed
+                            .lock()
+                            .expect("lock")
+                            .iter()
+                            .filter(|(v, _)| *v > sent && *v <= version)
+                            .map(|(_, group)| group.clone())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    groups.sort();
+                    groups.dedup();
+                    let message = MembershipChanged { version, groups };
+                    Some((Ok(message), (Some(version), changes, stop)))
                 }
-                let version = *changes.borrow_and_update();
-                Some((Ok(MembershipChanged { version }), (false, changes, stop)))
             },
         );
         Ok(Response::new(Box::pin(stream)))
@@ -572,6 +601,85 @@ async fn after_a_change_every_group_is_fetched_together() {
         took < DELAY * 3,
         "the last of {GROUPS} groups got its new runner after {took:?}, answers taking {DELAY:?} each"
     );
+
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
+/// A change fetches only the groups the npm says changed; a message naming none (an npm from
+/// before the field) fetches every group, as before.
+#[tokio::test]
+async fn after_a_change_only_the_groups_the_npm_names_are_fetched() {
+    const ROUNDS: usize = 6;
+    let pki = TestPki::new();
+    let tls = pki.mode();
+    let (state, _adverts) = NpmState::new();
+    let groups = ["a", "b", "c"];
+    for group in groups {
+        state.set(group, &["127.0.0.1:7401"]);
+    }
+    let server = Server::start(&tls, &state, None).await;
+    // A poll interval no round reaches: every fetch comes from the watch.
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        &tls,
+        ClientConfig::default(),
+        Duration::from_secs(60),
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    for group in groups {
+        assert!(pool.runners(group).is_empty());
+    }
+    for group in groups {
+        wait_for_list(&pool, group, &["127.0.0.1:7401"]).await;
+    }
+    let opening = tokio::time::Instant::now();
+    while state.changes.receiver_count() == 0 {
+        assert!(opening.elapsed() < BOUND, "the pool never opened the watch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Each round changes "b" alone and waits for the LB to have it.
+    let rounds = |base: u16| {
+        let state = &state;
+        let pool = &pool;
+        async move {
+            for round in 0..ROUNDS {
+                let added = format!("127.0.0.1:{}", base + u16::try_from(round).expect("small"));
+                state.set("b", &["127.0.0.1:7401", &added]);
+                wait_for_list(pool, "b", &["127.0.0.1:7401", &added]).await;
+            }
+        }
+    };
+    let asked = |state: &NpmState| groups.map(|g| state.asked(g));
+    let before = asked(&state);
+    rounds(7410).await;
+    let after = asked(&state);
+    assert!(after[1] >= before[1] + ROUNDS, "b: {before:?} -> {after:?}");
+    // Two passes over every group may still have been on their way: the wake-up of the
+    // groups' first lookups and the watch's first message.
+    for i in [0, 2] {
+        assert!(
+            after[i] <= before[i] + 2,
+            "{} was fetched at changes of b alone: {before:?} -> {after:?}",
+            groups[i]
+        );
+    }
+
+    // An npm whose messages name no group: every group at each change.
+    state.names_no_groups.store(true, Ordering::SeqCst);
+    let before = after;
+    rounds(7420).await;
+    let after = asked(&state);
+    for i in 0..groups.len() {
+        assert!(
+            after[i] >= before[i] + ROUNDS,
+            "{} not fetched at each change: {before:?} -> {after:?}",
+            groups[i]
+        );
+    }
 
     stop_pool(cancel, poller).await;
     server.stop().await;

@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use fn_lifecycle::logging::Throttle;
+use fn_protocol::poolmanager::MAX_GROUPS_NAMED;
 
 use crate::control_plane::{ControlPlane, ControlPlaneError, RunnerInfo};
 use crate::demand::DemandBook;
@@ -205,6 +206,10 @@ pub struct Shared {
     /// The version of the published membership, bumped when it changes; `WatchMembership`
     /// streams follow it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The groups each of the last [`CHANGES_REMEMBERED`] versions changed (`None`: too
+    /// many to name, or the first publication), oldest first: a watch names the groups
+    /// changed since its previous message, and the LBs fetch only those.
+    changed_groups: Mutex<std::collections::VecDeque<(u64, Option<BTreeSet<String>>)>>,
     /// Cancelled when the npm stops: membership watches end, so the graceful shutdown does
     /// not wait for streams that would never end.
     watches_closed: tokio_util::sync::CancellationToken,
@@ -298,13 +303,57 @@ impl Shared {
                 .membership
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let changed = published.as_deref() != Some(&membership);
+            let changed = match published.as_deref() {
+                None => Some(None),
+                Some(before) if *before == membership => None,
+                Some(before) => Some(groups_changed(before, &membership)),
+            };
             *published = Some(Arc::new(membership));
             changed
         };
-        if changed {
-            self.changes.send_modify(|version| *version += 1);
+        if let Some(groups) = changed {
+            // Noted before the version is bumped: a watch that reads the new version finds
+            // its groups.
+            let version = *self.changes.borrow() + 1;
+            {
+                let mut noted = self
+                    .changed_groups
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                noted.push_back((version, groups));
+                while noted.len() > CHANGES_REMEMBERED {
+                    noted.pop_front();
+                }
+            }
+            self.changes.send_modify(|v| *v = version);
         }
+    }
+
+    /// The groups changed by the versions after `after` up to `upto`, in name order; empty
+    /// when the LB should fetch every group (a version no longer remembered, or one that
+    /// changed too many to name, or more than [`MAX_GROUPS_NAMED`] together).
+    pub fn changed_groups(&self, after: u64, upto: u64) -> Vec<String> {
+        let noted = self
+            .changed_groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let remembered = noted
+            .front()
+            .is_some_and(|(oldest, _)| *oldest <= after.saturating_add(1));
+        if !remembered {
+            return Vec::new();
+        }
+        let mut groups = BTreeSet::new();
+        for (_, changed) in noted.iter().filter(|(v, _)| *v > after && *v <= upto) {
+            let Some(changed) = changed else {
+                return Vec::new();
+            };
+            groups.extend(changed.iter().cloned());
+            if groups.len() > MAX_GROUPS_NAMED {
+                return Vec::new();
+            }
+        }
+        groups.into_iter().collect()
     }
 
     /// Follows the version of the published membership (see `WatchMembership`), and the
@@ -329,6 +378,25 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
+}
+
+/// Publications whose changed groups the npm remembers for the membership watches (a watch
+/// that fell further behind has its LB fetch every group).
+const CHANGES_REMEMBERED: usize = 64;
+
+/// The groups whose lists differ between two publications (`None` past
+/// [`MAX_GROUPS_NAMED`]).
+fn groups_changed(before: &Membership, after: &Membership) -> Option<BTreeSet<String>> {
+    let mut changed = BTreeSet::new();
+    for group in before.keys().chain(after.keys()) {
+        if before.get(group) != after.get(group) && !changed.contains(group) {
+            if changed.len() == MAX_GROUPS_NAMED {
+                return None;
+            }
+            changed.insert(group.clone());
+        }
+    }
+    Some(changed)
 }
 
 /// A runner's place in the life cycle.
@@ -1324,6 +1392,60 @@ mod tests {
         assert_eq!(pulse.stall(at(63), bound), Some(Duration::from_secs(30)));
         pulse.beat(at(63), bound);
         assert_eq!(pulse.stall(at(64), bound), None);
+    }
+
+    /// A watch behind by some versions is told the groups of them all; one behind by more
+    /// than are remembered, or past a publication that named none, is told none (fetch all).
+    #[test]
+    fn a_watch_is_told_the_groups_changed_since_its_last_message() {
+        let shared = Shared::default();
+        let runner = |id: &str| RunnerInfo {
+            id: id.to_owned(),
+            address: format!("{id}:1"),
+            group: String::new(),
+            created: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let membership = |lists: &[(&str, &[&str])]| -> Membership {
+            lists
+                .iter()
+                .map(|(group, ids)| {
+                    let list = ids.iter().map(|id| runner(id)).collect();
+                    ((*group).to_owned(), Arc::new(list))
+                })
+                .collect()
+        };
+        shared.publish(membership(&[("a", &["1"]), ("b", &["2"])]));
+        shared.publish(membership(&[("a", &["1", "3"]), ("b", &["2"])]));
+        shared.publish(membership(&[("a", &["1", "3"]), ("b", &["2"])]));
+        shared.publish(membership(&[("a", &["1", "3"]), ("c", &["4"])]));
+        assert_eq!(
+            *shared.changes.borrow(),
+            3,
+            "an unchanged publication is no version"
+        );
+        assert!(
+            shared.changed_groups(0, 1).is_empty(),
+            "the first publication"
+        );
+        assert_eq!(shared.changed_groups(1, 2), ["a"]);
+        assert_eq!(shared.changed_groups(2, 3), ["b", "c"]);
+        assert_eq!(shared.changed_groups(1, 3), ["a", "b", "c"]);
+        assert_eq!(shared.changed_groups(1, 2), ["a"], "up to the version sent");
+        for i in 0..CHANGES_REMEMBERED {
+            let id = i.to_string();
+            shared.publish(membership(&[("a", &[id.as_str()])]));
+        }
+        let latest = *shared.changes.borrow();
+        assert_eq!(
+            shared.changed_groups(3, latest),
+            ["a", "c"],
+            "the oldest remembered"
+        );
+        assert!(
+            shared.changed_groups(2, latest).is_empty(),
+            "no longer remembered"
+        );
+        assert_eq!(shared.changed_groups(latest - 2, latest), ["a"]);
     }
 
     #[tokio::test]

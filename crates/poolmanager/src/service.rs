@@ -146,20 +146,30 @@ impl RunnerManager for NpmService {
         &self,
         _request: Request<()>,
     ) -> Result<Response<Self::WatchMembershipStream>, Status> {
-        // The current version at once, then each change; changes published while the LB
-        // was slow to read merge into one message, which is all the LB needs.
+        // The current version at once, naming no group (the LB fetches all it uses), then
+        // each change with the groups it changed; changes published while the LB was slow
+        // to read merge into one message, naming the groups of them all.
         let (changes, closed) = self.shared.watch_membership();
+        let shared = Arc::clone(&self.shared);
         let stream = futures::stream::unfold(
-            (true, changes, closed),
-            |(first, mut changes, closed)| async move {
-                if !first {
-                    tokio::select! {
-                        () = closed.cancelled() => return None,
-                        changed = changes.changed() => changed.ok()?,
+            (None, changes, closed),
+            move |(sent, mut changes, closed)| {
+                let shared = Arc::clone(&shared);
+                async move {
+                    if sent.is_some() {
+                        tokio::select! {
+                            () = closed.cancelled() => return None,
+                            changed = changes.changed() => changed.ok()?,
+                        }
                     }
+                    let version = *changes.borrow_and_update();
+                    let groups = match sent {
+                        Some(sent) => shared.changed_groups(sent, version),
+                        None => Vec::new(),
+                    };
+                    let message = MembershipChanged { version, groups };
+                    Some((Ok(message), (Some(version), changes, closed)))
                 }
-                let version = *changes.borrow_and_update();
-                Some((Ok(MembershipChanged { version }), (false, changes, closed)))
             },
         );
         Ok(Response::new(Box::pin(stream)))

@@ -263,6 +263,13 @@ async fn the_membership_watch_says_when_the_published_lists_change_and_ends_on_s
     npm.control.tick().await;
     let changed = watch.message().await.expect("stream").expect("changed");
     assert!(changed.version > loaded.version);
+    // The first message and the first publication name no group (the LB fetches all it
+    // uses); a change names the groups it changed, for the LB to fetch those alone.
+    assert!(
+        first.groups.is_empty() && loaded.groups.is_empty(),
+        "{first:?} {loaded:?}"
+    );
+    assert_eq!(changed.groups, ["g"]);
     assert_eq!(npm.get_group("g").await.expect("g").len(), 1);
 
     // Stopping the npm ends the stream, so its graceful shutdown does not wait for it.

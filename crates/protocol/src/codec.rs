@@ -88,10 +88,13 @@ mod tests {
     use crate::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
     use crate::poolmanager::runner_manager_client::RunnerManagerClient;
     use crate::poolmanager::{
-        CapacitySnapshot, CapacitySnapshotList, LbGroupId, LbGroupMembership, Runner,
+        CapacitySnapshot, CapacitySnapshotList, LbGroupId, LbGroupMembership, MembershipChanged,
+        Runner,
     };
     use crate::runner::{RunnerState, WarmFunction};
-    use crate::wire::{MAX_ADVERTISED_GROUPS, MAX_LISTED_RUNNERS, MAX_WARM_ENTRIES};
+    use crate::wire::{
+        MAX_ADVERTISED_GROUPS, MAX_CHANGED_GROUPS, MAX_LISTED_RUNNERS, MAX_WARM_ENTRIES,
+    };
     use bytes::Bytes;
     use http_body::Frame;
     use http_body_util::{BodyExt, Full, StreamBody};
@@ -184,6 +187,20 @@ mod tests {
         );
         let at = decoded::<CapacitySnapshotList>(&advert(MAX_ADVERTISED_GROUPS)).await;
         assert_eq!(at.expect("decodes").snapshots.len(), MAX_ADVERTISED_GROUPS);
+
+        let changed = |n| {
+            MembershipChanged {
+                version: 1,
+                groups: vec![String::new(); n],
+            }
+            .encode_to_vec()
+        };
+        assert_refused(
+            decoded::<MembershipChanged>(&changed(TONIC_MAX / 2 - 8)).await,
+            "changed groups",
+        );
+        let at = decoded::<MembershipChanged>(&changed(MAX_CHANGED_GROUPS)).await;
+        assert_eq!(at.expect("decodes").groups.len(), MAX_CHANGED_GROUPS);
     }
 
     /// An npm that would take any advert.

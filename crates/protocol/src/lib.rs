@@ -35,6 +35,10 @@ pub mod poolmanager {
     /// Most groups an npm accepts in one `AdvertiseCapacity`. An advert replaces the LB's
     /// previous one, so an LB with demand in more groups sends those with the most.
     pub const MAX_GROUPS_PER_ADVERT: usize = 1024;
+
+    /// Most groups an npm names in one `MembershipChanged`: past it, it names none, and the
+    /// LBs fetch every group they use.
+    pub const MAX_GROUPS_NAMED: usize = 256;
 }
 
 pub use call::{CallSpec, InvalidCall};

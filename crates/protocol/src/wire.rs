@@ -10,7 +10,7 @@
 //! of it is decoded; [`crate::framing::Decoded`] calls it for every message long enough to
 //! matter ([`CHECKED_FROM`]), and so does the codec of the generated clients and servers
 //! ([`crate::codec`]) for the messages of the other calls: a runner's reports, an npm's
-//! runner lists, an LB's adverts.
+//! runner lists and membership messages, an LB's adverts.
 //!
 //! The walk follows prost's rules where they decide a count: every occurrence of a
 //! submessage field counts toward the same total (prost merges them into one), except
@@ -57,6 +57,10 @@ pub const MAX_LISTED_RUNNERS: usize = 16 * 1024;
 /// sixteen times the [`crate::poolmanager::MAX_GROUPS_PER_ADVERT`] an npm accepts (it
 /// refuses a longer advert itself, as before for any advert up to this).
 pub const MAX_ADVERTISED_GROUPS: usize = 16 * crate::poolmanager::MAX_GROUPS_PER_ADVERT;
+
+/// Most groups named in a membership message (`MembershipChanged`, 24 bytes each decoded,
+/// 96 KiB): sixteen times the [`crate::poolmanager::MAX_GROUPS_NAMED`] an npm names.
+pub const MAX_CHANGED_GROUPS: usize = 16 * crate::poolmanager::MAX_GROUPS_NAMED;
 
 /// A repeated field over its limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +185,18 @@ impl WireLimits for CapacitySnapshotList {
     }
 }
 
+impl WireLimits for MembershipChanged {
+    /// `groups` (2).
+    fn check_wire(bytes: impl Buf) -> Result<(), TooMany> {
+        const GROUPS: [Counted; 1] = [Counted {
+            number: 2,
+            field: "changed groups",
+            max: MAX_CHANGED_GROUPS,
+        }];
+        count(bytes, &[], &GROUPS).map(drop)
+    }
+}
+
 /// Messages with no repeated field: nothing to count.
 macro_rules! nothing_repeated {
     ($($message:ty),*) => {
@@ -193,7 +209,7 @@ macro_rules! nothing_repeated {
 }
 
 // `()` is `google.protobuf.Empty`.
-nothing_repeated!((), RunnerStatus, MembershipChanged, LbGroupId);
+nothing_repeated!((), RunnerStatus, LbGroupId);
 
 impl From<TooMany> for tonic::Status {
     /// `OUT_OF_RANGE`, as a message over the size limit.
