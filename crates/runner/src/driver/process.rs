@@ -1390,19 +1390,15 @@ mod tests {
             ]),
             ..spec
         };
-        let child = driver
-            .command(
-                &spec,
-                Path::new("/usr/bin/env"),
-                dir.path(),
-                &dir.path().join("s"),
-                user,
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let env = through_the_gate(child, Duration::ZERO).await;
+        let env = through_the_gate(
+            &driver,
+            &spec,
+            Path::new("/usr/bin/env"),
+            dir.path(),
+            user,
+            Duration::ZERO,
+        )
+        .await;
         for var in ["SHELLOPTS=", "PS4=+ ", "IFS=:"] {
             assert!(env.lines().any(|l| l.starts_with(var)), "{var} in {env}");
         }
@@ -1454,26 +1450,37 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             config: [("TMOUT".to_owned(), "1".to_owned())].into(),
         };
-        let child = driver
-            .command(
-                &spec,
-                Path::new("/bin/sh"),
-                dir.path(),
-                &dir.path().join("s"),
-                user,
-            )
+        // The gate opens after more than TMOUT seconds, as it may on a busy runner.
+        let delay = Duration::from_millis(1500);
+        let said = through_the_gate(
+            &driver,
+            &spec,
+            Path::new("/bin/sh"),
+            dir.path(),
+            user,
+            delay,
+        )
+        .await;
+        assert_eq!(said.trim(), "TMOUT=1");
+    }
+
+    /// Starts `program` for `spec` wrapped in `dir`, opens its gate after `delay` and returns
+    /// what the program wrote to stdout once it has exited, which it must have done
+    /// successfully within 10 s.
+    async fn through_the_gate(
+        driver: &ProcessDriver,
+        spec: &InstanceSpec,
+        program: &Path,
+        dir: &Path,
+        user: Option<FunctionUser>,
+        delay: Duration,
+    ) -> String {
+        let mut child = driver
+            .command(spec, program, dir, &dir.join("s"), user)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
-        // The gate opens after more than TMOUT seconds, as it may on a busy runner.
-        let said = through_the_gate(child, Duration::from_millis(1500)).await;
-        assert_eq!(said.trim(), "TMOUT=1");
-    }
-
-    /// Opens a wrapped child's gate after `delay` and returns what its program wrote to
-    /// stdout once it has exited, which it must have done successfully within 10 s.
-    async fn through_the_gate(mut child: tokio::process::Child, delay: Duration) -> String {
         let mut lifeline = child.stdin.take().expect("the lifeline");
         tokio::time::sleep(delay).await;
         tokio::io::AsyncWriteExt::write_all(&mut lifeline, b"open\n")
