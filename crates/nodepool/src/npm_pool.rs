@@ -14,10 +14,11 @@
 //! (every group when it names none: the stream's first message, an npm from before the
 //! field), up to [`MAX_FETCHES_IN_FLIGHT`] requests together (the last of many groups waits
 //! about one round trip, not one per group before it), so a new runner takes calls as soon
-//! as the npm publishes it. While that stream is up and fetching works, polling (of every
-//! group) slows to [`WATCHED_POLL_INTERVAL`], a safety net; without it, or while fetches
-//! fail (an npm that has no such RPC, or a broken stream) polling goes on at the configured
-//! interval.
+//! as the npm publishes it; a group whose fetch failed is asked again at every message,
+//! whichever groups it names. While that stream is up and fetching works, polling (of every
+//! group) slows to [`WATCHED_POLL_INTERVAL`], a safety net, counted from the last pass over
+//! every group however many messages come; without it, or while fetches fail (an npm that
+//! has no such RPC, or a broken stream) polling goes on at the configured interval.
 //!
 //! A catalog reload that no longer names a group forgets it ([`RunnerPool::retain_groups`]):
 //! its list, its runners' clients (once the calls still on them end), its signal and its
@@ -158,18 +159,29 @@ impl NpmPool {
         // What woke the poller: anything but a membership message (the start, a new group,
         // the poll interval) has it fetch every group.
         let mut fetch_all = true;
+        // When the last pass over every group ended: the next is due the poll interval after
+        // it, however many membership messages wake the poller meanwhile (a sleep begun
+        // afresh at each wake-up never ended while messages came closer than the interval).
+        let mut fetched_all = Instant::now();
         loop {
             let changed = std::mem::replace(
                 &mut *self.inner.lock_changed(),
                 Changed::Groups(BTreeSet::new()),
             );
+            // Every group, whatever woke the poller, when the npm could not say which changed.
+            let all = fetch_all || matches!(changed, Changed::All);
             let groups: Vec<String> = {
                 let polled = &self.inner.lock_groups().polled;
                 match changed {
-                    Changed::Groups(changed) if !fetch_all => changed
-                        .into_iter()
-                        .filter(|group| polled.contains(group))
-                        .collect(),
+                    // The groups named, and those whose last fetch failed: each pass tries
+                    // them again, whichever groups woke it.
+                    Changed::Groups(mut changed) if !fetch_all => {
+                        changed.extend(self.inner.lock_failing().keys().cloned());
+                        changed
+                            .into_iter()
+                            .filter(|group| polled.contains(group))
+                            .collect()
+                    }
                     _ => polled.iter().cloned().collect(),
                 }
             };
@@ -206,6 +218,9 @@ impl NpmPool {
                     },
                 }
             }
+            if all {
+                fetched_all = Instant::now();
+            }
             // While the npm answers with errors, keep asking at the configured interval:
             // a watch that is up says nothing about whether the lists can be fetched.
             let failing = !self.inner.lock_failing().is_empty();
@@ -218,7 +233,7 @@ impl NpmPool {
                 () = cancel.cancelled() => return Ok(()),
                 () = self.inner.new_group.notified() => true,
                 () = self.inner.membership_changed.notified() => false,
-                () = tokio::time::sleep(pause) => true,
+                () = tokio::time::sleep_until(fetched_all + pause) => true,
             };
         }
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fn_nodepool::npm_pool::WATCHED_POLL_INTERVAL;
 use fn_nodepool::{Advertiser, CapacityTracker, ClientConfig, NpmPool, RunnerPool};
 use fn_protocol::poolmanager::node_pool_scaler_server::{NodePoolScaler, NodePoolScalerServer};
 use fn_protocol::poolmanager::runner_manager_server::{RunnerManager, RunnerManagerServer};
@@ -612,34 +613,10 @@ async fn after_a_change_every_group_is_fetched_together() {
 async fn after_a_change_only_the_groups_the_npm_names_are_fetched() {
     const ROUNDS: usize = 6;
     let pki = TestPki::new();
-    let tls = pki.mode();
-    let (state, _adverts) = NpmState::new();
     let groups = ["a", "b", "c"];
-    for group in groups {
-        state.set(group, &["127.0.0.1:7401"]);
-    }
-    let server = Server::start(&tls, &state, None).await;
     // A poll interval no round reaches: every fetch comes from the watch.
-    let pool = NpmPool::new(
-        &server.address.to_string(),
-        &tls,
-        ClientConfig::default(),
-        Duration::from_secs(60),
-    )
-    .expect("pool");
-    let cancel = CancellationToken::new();
-    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
-    for group in groups {
-        assert!(pool.runners(group).is_empty());
-    }
-    for group in groups {
-        wait_for_list(&pool, group, &["127.0.0.1:7401"]).await;
-    }
-    let opening = tokio::time::Instant::now();
-    while state.changes.receiver_count() == 0 {
-        assert!(opening.elapsed() < BOUND, "the pool never opened the watch");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (state, server, pool, cancel, poller) =
+        watched_pool(&pki.mode(), &groups, Duration::from_secs(60)).await;
 
     // Each round changes "b" alone and waits for the LB to have it.
     let rounds = |base: u16| {
@@ -681,6 +658,122 @@ async fn after_a_change_only_the_groups_the_npm_names_are_fetched() {
         );
     }
 
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
+/// A fake npm listing `127.0.0.1:7401` in each of `groups`, and a pool polling it every
+/// `poll` that has every list and has opened the membership watch.
+async fn watched_pool(
+    tls: &TlsMode,
+    groups: &[&str],
+    poll: Duration,
+) -> (
+    Arc<NpmState>,
+    Server,
+    NpmPool,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    let (state, _adverts) = NpmState::new();
+    for group in groups {
+        state.set(group, &["127.0.0.1:7401"]);
+    }
+    let server = Server::start(tls, &state, None).await;
+    let pool = NpmPool::new(
+        &server.address.to_string(),
+        tls,
+        ClientConfig::default(),
+        poll,
+    )
+    .expect("pool");
+    let cancel = CancellationToken::new();
+    let poller = tokio::spawn(pool.clone().run(cancel.clone()));
+    for group in groups {
+        assert!(pool.runners(group).is_empty());
+    }
+    for group in groups {
+        wait_for_list(&pool, group, &["127.0.0.1:7401"]).await;
+    }
+    let opening = tokio::time::Instant::now();
+    while state.changes.receiver_count() == 0 {
+        assert!(opening.elapsed() < BOUND, "the pool never opened the watch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (state, server, pool, cancel, poller)
+}
+
+/// A group named by a membership message whose fetch fails is asked again at the next
+/// message, whichever group that one names; before, only the next pass over every group
+/// asked again, and here none comes (a poll interval of a minute).
+#[tokio::test]
+async fn a_named_group_whose_fetch_failed_is_asked_again_at_the_next_message() {
+    let pki = TestPki::new();
+    let (state, server, pool, cancel, poller) =
+        watched_pool(&pki.mode(), &["a", "b"], Duration::from_secs(60)).await;
+    state.failing.store(true, Ordering::SeqCst);
+    let failed = state.failed_polls.load(Ordering::SeqCst);
+    state.set("b", &["127.0.0.1:7401", "127.0.0.1:7402"]);
+    let start = tokio::time::Instant::now();
+    while state.failed_polls.load(Ordering::SeqCst) == failed {
+        assert!(start.elapsed() < BOUND, "b was never asked for");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    state.failing.store(false, Ordering::SeqCst);
+    // Messages that name only "a", until b's new list is in.
+    let mut round = 0u16;
+    while addresses(&pool, "b") != ["127.0.0.1:7401", "127.0.0.1:7402"] {
+        assert!(
+            start.elapsed() < BOUND,
+            "b's list never came: {:?}",
+            addresses(&pool, "b")
+        );
+        round += 1;
+        state.set(
+            "a",
+            &["127.0.0.1:7401", &format!("127.0.0.1:{}", 7500 + round)],
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_pool(cancel, poller).await;
+    server.stop().await;
+}
+
+/// The pass over every group comes every [`WATCHED_POLL_INTERVAL`] while the watch is up,
+/// however often messages come; before, each message began the wait afresh, and messages
+/// closer together than it kept every group no message named from ever being asked again.
+#[tokio::test]
+async fn the_safety_net_poll_comes_however_often_messages_come() {
+    let pki = TestPki::new();
+    let (state, server, _pool, cancel, poller) =
+        watched_pool(&pki.mode(), &["a", "quiet"], Duration::from_millis(100)).await;
+    // The passes over every group of the start (the groups' first lookups, the watch's
+    // first message) are over within this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = state.asked("quiet");
+    let start = tokio::time::Instant::now();
+    let mut round = 0u16;
+    while state.asked("quiet") == quiet {
+        assert!(
+            start.elapsed() < WATCHED_POLL_INTERVAL + BOUND,
+            "the group no message names was not asked for in {:?}",
+            start.elapsed()
+        );
+        round = round.wrapping_add(1);
+        state.set(
+            "a",
+            &[
+                "127.0.0.1:7401",
+                &format!("127.0.0.1:{}", 7600 + round % 100),
+            ],
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        start.elapsed() >= WATCHED_POLL_INTERVAL / 2,
+        "asked for after {:?}: the watch was not up",
+        start.elapsed()
+    );
     stop_pool(cancel, poller).await;
     server.stop().await;
 }
