@@ -970,6 +970,21 @@ mod tests {
         binary
     }
 
+    /// The message of a provisioning in group `g` that must fail (its runner exits), seen
+    /// within 10 s.
+    pub(super) async fn failed_provisioning(plane: &ProcessControlPlane) -> String {
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            plane.provision("g", 1, &CancellationToken::new()),
+        )
+        .await
+        .expect("the exit is seen within the bound");
+        let Err(ControlPlaneError::Failed(message)) = result else {
+            panic!("the provisioning failed: {result:?}");
+        };
+        message
+    }
+
     /// A plane's configuration in `dir` (its state in `dir/state`), starting `binary`.
     pub(super) fn config_in(dir: &Path, binary: PathBuf) -> ProcessConfig {
         ProcessConfig::new(binary, dir.to_owned(), dir.join("state"), TlsMode::Insecure)
@@ -1329,15 +1344,7 @@ mod tests {
         );
         let config = config_in(dir.path(), binary);
         let plane = ProcessControlPlane::new(config).await.expect("plane");
-        let result = tokio::time::timeout(
-            Duration::from_secs(10),
-            plane.provision("g", 1, &CancellationToken::new()),
-        )
-        .await
-        .expect("the exit is seen within the bound");
-        let Err(ControlPlaneError::Failed(message)) = result else {
-            panic!("the provisioning failed: {result:?}");
-        };
+        let message = failed_provisioning(&plane).await;
         assert!(
             message.contains("before answering health: ERROR FN_SOCKET_DIR /x: too long; see "),
             "{message}"

@@ -231,7 +231,7 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
-    use super::super::tests::{config_in, runner_script};
+    use super::super::tests::{config_in, failed_provisioning, runner_script};
     use super::super::{ControlPlane, ControlPlaneError, ProcessConfig, ProcessControlPlane};
     use super::*;
 
@@ -343,15 +343,7 @@ mod tests {
             .expect("plane");
         let mut failed = Vec::new();
         for _ in 0..20 {
-            let result = tokio::time::timeout(
-                Duration::from_secs(10),
-                plane.provision("g", 1, &CancellationToken::new()),
-            )
-            .await
-            .expect("the exit is seen within the bound");
-            let Err(ControlPlaneError::Failed(message)) = result else {
-                panic!("the provisioning failed: {result:?}");
-            };
+            let message = failed_provisioning(&plane).await;
             let id = message.split_whitespace().nth(1).expect("a runner id");
             failed.push(format!("{id}.log"));
         }
